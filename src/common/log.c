@@ -1,0 +1,80 @@
+/* log.c — see log.h. Each line is formatted into one buffer and written with a single write(2),
+ * so lines from concurrent processes sharing a terminal do not interleave. */
+#include "common/log.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+#include <unistd.h>
+
+static bt_log_level g_level = BT_LOG_INFO;
+static bool g_jsonl = false;
+static char g_component[32] = "baton";
+
+static const char *level_names[] = {"ERROR", "WARN", "INFO", "DEBUG", "TRACE"};
+
+void bt_log_init(const char *component) {
+    const char *lvl = getenv("DYN_LOG");
+    if (lvl) {
+        for (int i = 0; i <= BT_LOG_TRACE; i++)
+            if (strncasecmp(lvl, level_names[i], strlen(level_names[i])) == 0) g_level = (bt_log_level)i;
+        if (strncasecmp(lvl, "warning", 7) == 0) g_level = BT_LOG_WARN;
+    }
+    const char *j = getenv("DYN_LOGGING_JSONL");
+    g_jsonl = j && (strcmp(j, "1") == 0 || strcasecmp(j, "true") == 0);
+    if (component) snprintf(g_component, sizeof g_component, "%s", component);
+}
+
+bool bt_log_enabled(bt_log_level lvl) { return lvl <= g_level; }
+
+/* Appends `s` to out as JSON string content (no quotes). Returns the new length. */
+static size_t json_escape_into(char *out, size_t len, size_t cap, const char *s) {
+    for (; *s && len + 7 < cap; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\') {
+            out[len++] = '\\';
+            out[len++] = (char)c;
+        } else if (c < 0x20) {
+            len += (size_t)snprintf(out + len, cap - len, "\\u%04x", c);
+        } else {
+            out[len++] = (char)c;
+        }
+    }
+    return len;
+}
+
+void bt_log(bt_log_level lvl, const char *fmt, ...) {
+    if (lvl > g_level) return;
+    char msg[2048];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    struct tm tm;
+    gmtime_r(&ts.tv_sec, &tm);
+    char when[40];
+    size_t n = strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%S", &tm);
+    snprintf(when + n, sizeof when - n, ".%03ldZ", ts.tv_nsec / 1000000);
+
+    char line[4608];
+    size_t len;
+    if (g_jsonl) {
+        len = (size_t)snprintf(line, sizeof line,
+                               "{\"time\":\"%s\",\"level\":\"%s\",\"component\":\"%s\",\"pid\":%d,\"message\":\"",
+                               when, level_names[lvl], g_component, (int)getpid());
+        len = json_escape_into(line, len, sizeof line - 4, msg);
+        len += (size_t)snprintf(line + len, sizeof line - len, "\"}\n");
+    } else {
+        len = (size_t)snprintf(line, sizeof line, "%s %-5s %s[%d]: %s\n", when, level_names[lvl],
+                               g_component, (int)getpid(), msg);
+    }
+    if (len >= sizeof line) len = sizeof line - 1, line[len - 1] = '\n';
+    ssize_t w = write(STDERR_FILENO, line, len);
+    (void)w;
+}

@@ -1,0 +1,24 @@
+/* log.h — one line per event, to stderr.
+ *
+ * Human-readable by default ("2026-11-26T10:00:00.123Z INFO  worker: message"); JSON lines when
+ * DYN_LOGGING_JSONL is 1/true. The level comes from DYN_LOG (error, warn, info, debug, trace;
+ * default info). Messages are printf-style; the component is a short fixed word. */
+#ifndef BATON_LOG_H
+#define BATON_LOG_H
+
+#include <stdbool.h>
+
+typedef enum { BT_LOG_ERROR = 0, BT_LOG_WARN, BT_LOG_INFO, BT_LOG_DEBUG, BT_LOG_TRACE } bt_log_level;
+
+/* Reads DYN_LOG and DYN_LOGGING_JSONL; `component` names the process role ("frontend"). */
+void bt_log_init(const char *component);
+bool bt_log_enabled(bt_log_level lvl);
+void bt_log(bt_log_level lvl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+#define BT_ERROR(...) bt_log(BT_LOG_ERROR, __VA_ARGS__)
+#define BT_WARN(...)  bt_log(BT_LOG_WARN, __VA_ARGS__)
+#define BT_INFO(...)  bt_log(BT_LOG_INFO, __VA_ARGS__)
+#define BT_DEBUG(...) do { if (bt_log_enabled(BT_LOG_DEBUG)) bt_log(BT_LOG_DEBUG, __VA_ARGS__); } while (0)
+#define BT_TRACE(...) do { if (bt_log_enabled(BT_LOG_TRACE)) bt_log(BT_LOG_TRACE, __VA_ARGS__); } while (0)
+
+#endif

@@ -1,0 +1,114 @@
+/* opts.c — see opts.h. Hand-written because getopt_long has no notion of environment twins,
+ * typed ranges or collecting the options of other subcommands (`baton run` forwards them). */
+#include "common/opts.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/util.h"
+
+const bt_opt *bt_opts_find(const bt_opt *opts, int nopts, const char *flag) {
+    for (int i = 0; i < nopts; i++)
+        if (strcmp(opts[i].flag, flag) == 0) return &opts[i];
+    return NULL;
+}
+
+static bool apply(const bt_opt *o, const char *val, const char *origin, char *err, int errlen) {
+    switch (o->type) {
+    case BT_OPT_STR:
+        *(const char **)o->dst = val;
+        return true;
+    case BT_OPT_INT: {
+        int64_t v;
+        if (!bt_parse_i64(val, (int64_t)o->min, (int64_t)o->max, &v)) {
+            snprintf(err, (size_t)errlen, "%s: invalid value '%s' for %s (expected an integer from %lld to %lld)",
+                     origin, val, o->flag, (long long)o->min, (long long)o->max);
+            return false;
+        }
+        *(int64_t *)o->dst = v;
+        return true;
+    }
+    case BT_OPT_DOUBLE: {
+        double v;
+        if (strcmp(val, "none") == 0 || strcmp(val, "None") == 0) {
+            *(double *)o->dst = NAN;
+            return true;
+        }
+        if (!bt_parse_double(val, o->min, o->max, &v)) {
+            snprintf(err, (size_t)errlen, "%s: invalid value '%s' for %s (expected a number from %g to %g)", origin,
+                     val, o->flag, o->min, o->max);
+            return false;
+        }
+        *(double *)o->dst = v;
+        return true;
+    }
+    case BT_OPT_BOOL: {
+        bool v;
+        if (!bt_parse_bool(val, &v)) {
+            snprintf(err, (size_t)errlen, "%s: invalid value '%s' for %s (expected true or false)", origin, val,
+                     o->flag);
+            return false;
+        }
+        *(bool *)o->dst = v;
+        return true;
+    }
+    }
+    return false;
+}
+
+bool bt_opts_parse(const bt_opt *opts, int nopts, int argc, char **argv, int first, const char **rest,
+                   int rest_cap, int *nrest, char *err, int errlen) {
+    if (nrest) *nrest = 0;
+    for (int i = 0; i < nopts; i++) {
+        const char *v = opts[i].env ? getenv(opts[i].env) : NULL;
+        if (v && *v && !apply(&opts[i], v, opts[i].env, err, errlen)) return false;
+    }
+    for (int i = first; i < argc; i++) {
+        const char *a = argv[i];
+        char name[128];
+        const char *val = NULL;
+        const char *eq = strchr(a, '=');
+        if (strncmp(a, "--", 2) == 0 && eq && (size_t)(eq - a) < sizeof name) {
+            memcpy(name, a, (size_t)(eq - a));
+            name[eq - a] = '\0';
+            val = eq + 1;
+        } else {
+            snprintf(name, sizeof name, "%s", a);
+        }
+        const bt_opt *o = bt_opts_find(opts, nopts, name);
+        if (!o) {
+            if (rest && strncmp(a, "--", 2) == 0) {
+                /* forward an unknown flag (with its value, when it has one) */
+                if (*nrest >= rest_cap - 1) {
+                    snprintf(err, (size_t)errlen, "too many arguments");
+                    return false;
+                }
+                rest[(*nrest)++] = a;
+                if (!eq && i + 1 < argc && strncmp(argv[i + 1], "--", 2) != 0) rest[(*nrest)++] = argv[++i];
+                continue;
+            }
+            snprintf(err, (size_t)errlen, "unknown argument '%s' (see --help)", a);
+            return false;
+        }
+        if (!val) {
+            if (o->type == BT_OPT_BOOL && (i + 1 >= argc || strncmp(argv[i + 1], "--", 2) == 0)) {
+                val = "true";
+            } else if (i + 1 < argc) {
+                val = argv[++i];
+            } else {
+                snprintf(err, (size_t)errlen, "%s needs a value", name);
+                return false;
+            }
+        }
+        if (!apply(o, val, "argument", err, errlen)) return false;
+    }
+    return true;
+}
+
+void bt_opts_usage(const char *cmd, const bt_opt *opts, int nopts) {
+    printf("usage: baton %s [options]\n\noptions (each flag has an environment twin; the flag wins):\n", cmd);
+    for (int i = 0; i < nopts; i++)
+        printf("  %-38s %-38s %s\n", opts[i].flag, opts[i].env ? opts[i].env : "", opts[i].help ? opts[i].help : "");
+}

@@ -1,0 +1,47 @@
+/* status.h — the one status type of baton.
+ *
+ * Every fallible function returns a bt_status. The table below is the only place where codes,
+ * names and messages are defined; the request plane carries the numeric code on the wire (ERROR
+ * frames), so values are stable: append, never renumber. `migratable` says whether the frontend
+ * may retry a stream that failed with this code on another worker. */
+#ifndef BATON_STATUS_H
+#define BATON_STATUS_H
+
+#include <stdbool.h>
+
+/*   name                 code  migratable  message */
+#define BT_STATUS_TABLE(X)                                                             \
+    X(BT_OK,                 0, false, "ok")                                           \
+    X(BT_ERR_INVALID,        1, false, "invalid argument")                             \
+    X(BT_ERR_NOMEM,          2, false, "out of memory")                                \
+    X(BT_ERR_IO,             3, false, "i/o error")                                    \
+    X(BT_ERR_PROTOCOL,       4, true,  "protocol error")                               \
+    X(BT_ERR_TOO_LARGE,      5, false, "too large")                                    \
+    X(BT_ERR_NOT_FOUND,      6, false, "not found")                                    \
+    X(BT_ERR_CANNOT_CONNECT, 7, true,  "cannot connect")                               \
+    X(BT_ERR_DISCONNECTED,   8, true,  "stream ended before generation completed")    \
+    X(BT_ERR_TIMEOUT,        9, true,  "timed out")                                    \
+    X(BT_ERR_CANCELLED,     10, false, "cancelled")                                    \
+    X(BT_ERR_OVERLOADED,    11, false, "all workers are busy, please retry later")     \
+    X(BT_ERR_SHUTDOWN,      12, true,  "engine shutting down")                         \
+    X(BT_ERR_ENGINE,        13, false, "engine error")                                 \
+    X(BT_ERR_NO_WORKER,     14, false, "no worker available")                          \
+    X(BT_ERR_DRAINING,      15, true,  "worker is draining")                           \
+    X(BT_ERR_AGAIN,         16, false, "try again")                                    \
+    X(BT_ERR_UNAUTHORIZED,  17, false, "unauthorized")                                 \
+    X(BT_ERR_INTERNAL,      18, false, "internal error")
+
+typedef enum {
+#define BT_X(name, code, mig, msg) name = code,
+    BT_STATUS_TABLE(BT_X)
+#undef BT_X
+    BT_STATUS_COUNT_
+} bt_status;
+
+/* Symbolic name ("BT_ERR_TIMEOUT") and human message of a status; unknown codes give "unknown". */
+const char *bt_status_name(int code);
+const char *bt_status_msg(int code);
+/* True when a stream that failed with this status may be continued on another worker. */
+bool bt_status_migratable(int code);
+
+#endif

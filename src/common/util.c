@@ -1,0 +1,213 @@
+/* util.c — see util.h. */
+#include "common/util.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/random.h>
+#include <time.h>
+
+uint64_t bt_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+int64_t bt_wall_s(void) { return (int64_t)time(NULL); }
+
+void bt_buf_init(bt_buf *b, size_t cap) {
+    b->data = NULL;
+    b->len = 0;
+    b->alloc = 0;
+    b->cap = cap;
+}
+
+void bt_buf_free(bt_buf *b) {
+    free(b->data);
+    b->data = NULL;
+    b->len = b->alloc = 0;
+}
+
+void bt_buf_reset(bt_buf *b) { b->len = 0; }
+
+bt_status bt_buf_reserve(bt_buf *b, size_t extra) {
+    if (extra > b->cap || b->len > b->cap - extra) return BT_ERR_TOO_LARGE;
+    size_t need = b->len + extra + 1; /* room for a NUL terminator */
+    if (need <= b->alloc) return BT_OK;
+    size_t n = b->alloc ? b->alloc : 256;
+    while (n < need) n *= 2;
+    if (n > b->cap + 1) n = b->cap + 1;
+    char *p = realloc(b->data, n);
+    if (!p) return BT_ERR_NOMEM;
+    b->data = p;
+    b->alloc = n;
+    return BT_OK;
+}
+
+bt_status bt_buf_append(bt_buf *b, const void *p, size_t n) {
+    bt_status st = bt_buf_reserve(b, n);
+    if (st != BT_OK) return st;
+    if (n) memcpy(b->data + b->len, p, n);
+    b->len += n;
+    b->data[b->len] = '\0';
+    return BT_OK;
+}
+
+bt_status bt_buf_append_str(bt_buf *b, const char *s) { return bt_buf_append(b, s, strlen(s)); }
+
+bt_status bt_buf_appendf(bt_buf *b, const char *fmt, ...) {
+    char tmp[512];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
+    va_end(ap);
+    if (n < 0) return BT_ERR_INVALID;
+    if ((size_t)n < sizeof tmp) return bt_buf_append(b, tmp, (size_t)n);
+    bt_status st = bt_buf_reserve(b, (size_t)n);
+    if (st != BT_OK) return st;
+    va_start(ap, fmt);
+    vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    b->len += (size_t)n;
+    return BT_OK;
+}
+
+/* Length of the valid UTF-8 sequence at s (1..4), or 0 if it is invalid. */
+static size_t utf8_seq_len(const unsigned char *s, size_t n) {
+    unsigned char c = s[0];
+    size_t len;
+    uint32_t cp;
+    if (c < 0x80) return 1;
+    if ((c & 0xE0) == 0xC0) len = 2, cp = c & 0x1F;
+    else if ((c & 0xF0) == 0xE0) len = 3, cp = c & 0x0F;
+    else if ((c & 0xF8) == 0xF0) len = 4, cp = c & 0x07;
+    else return 0;
+    if (len > n) return 0;
+    for (size_t i = 1; i < len; i++) {
+        if ((s[i] & 0xC0) != 0x80) return 0;
+        cp = (cp << 6) | (s[i] & 0x3F);
+    }
+    if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000) ||
+        cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+        return 0;
+    return len;
+}
+
+bt_status bt_buf_append_json_str(bt_buf *b, const char *s, size_t n) {
+    /* Worst case every byte becomes \u00XX (6 bytes). Reserve once, then write directly. */
+    if (n > b->cap / 6 + 1 && bt_buf_reserve(b, n) != BT_OK) return BT_ERR_TOO_LARGE;
+    bt_status st = bt_buf_reserve(b, n * 6 < b->cap - b->len ? n * 6 : b->cap - b->len);
+    if (st != BT_OK) return st;
+    static const char hex[] = "0123456789abcdef";
+    const unsigned char *p = (const unsigned char *)s;
+    size_t i = 0;
+    while (i < n) {
+        /* fast path: a run of bytes that need no escaping */
+        size_t j = i;
+        while (j < n && p[j] >= 0x20 && p[j] < 0x80 && p[j] != '"' && p[j] != '\\') j++;
+        if (j > i) {
+            st = bt_buf_append(b, s + i, j - i);
+            if (st != BT_OK) return st;
+            i = j;
+            continue;
+        }
+        unsigned char c = p[i];
+        char esc[8];
+        size_t el = 0;
+        if (c == '"' || c == '\\') {
+            esc[0] = '\\', esc[1] = (char)c, el = 2;
+        } else if (c == '\n') {
+            esc[0] = '\\', esc[1] = 'n', el = 2;
+        } else if (c == '\r') {
+            esc[0] = '\\', esc[1] = 'r', el = 2;
+        } else if (c == '\t') {
+            esc[0] = '\\', esc[1] = 't', el = 2;
+        } else if (c < 0x20) {
+            memcpy(esc, "\\u00", 4);
+            esc[4] = hex[c >> 4], esc[5] = hex[c & 15], el = 6;
+        } else {
+            size_t sl = utf8_seq_len(p + i, n - i);
+            if (sl == 0) {
+                st = bt_buf_append(b, "\xEF\xBF\xBD", 3);
+                i++;
+            } else {
+                st = bt_buf_append(b, s + i, sl);
+                i += sl;
+            }
+            if (st != BT_OK) return st;
+            continue;
+        }
+        st = bt_buf_append(b, esc, el);
+        if (st != BT_OK) return st;
+        i++;
+    }
+    return BT_OK;
+}
+
+void bt_buf_consume(bt_buf *b, size_t n) {
+    if (n >= b->len) {
+        b->len = 0;
+        return;
+    }
+    memmove(b->data, b->data + n, b->len - n);
+    b->len -= n;
+    b->data[b->len] = '\0';
+}
+
+char *bt_buf_steal(bt_buf *b, size_t *len) {
+    char *p = b->data;
+    if (len) *len = b->len;
+    b->data = NULL;
+    b->len = b->alloc = 0;
+    return p;
+}
+
+uint64_t bt_random64(void) {
+    uint64_t v = 0;
+    if (getrandom(&v, sizeof v, 0) != (ssize_t)sizeof v) v = bt_mix64(bt_now_ns() ^ (uint64_t)clock());
+    return v;
+}
+
+void bt_uuid4(char out[37]) {
+    uint8_t r[16];
+    uint64_t a = bt_random64(), c = bt_random64();
+    memcpy(r, &a, 8);
+    memcpy(r + 8, &c, 8);
+    r[6] = (uint8_t)((r[6] & 0x0F) | 0x40);
+    r[8] = (uint8_t)((r[8] & 0x3F) | 0x80);
+    snprintf(out, 37, "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", r[0], r[1],
+             r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15]);
+}
+
+bool bt_parse_i64(const char *s, int64_t min, int64_t max, int64_t *out) {
+    if (!s || !*s) return false;
+    errno = 0;
+    char *end;
+    long long v = strtoll(s, &end, 10);
+    if (errno || *end || v < min || v > max) return false;
+    *out = v;
+    return true;
+}
+
+bool bt_parse_double(const char *s, double min, double max, double *out) {
+    if (!s || !*s) return false;
+    errno = 0;
+    char *end;
+    double v = strtod(s, &end);
+    if (errno || *end || !isfinite(v) || v < min || v > max) return false;
+    *out = v;
+    return true;
+}
+
+bool bt_parse_bool(const char *s, bool *out) {
+    if (!s) return false;
+    if (!strcasecmp(s, "1") || !strcasecmp(s, "true") || !strcasecmp(s, "yes") || !strcasecmp(s, "on"))
+        return *out = true, true;
+    if (!strcasecmp(s, "0") || !strcasecmp(s, "false") || !strcasecmp(s, "no") || !strcasecmp(s, "off"))
+        return *out = false, true;
+    return false;
+}

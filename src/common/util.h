@@ -1,0 +1,60 @@
+/* util.h — small shared helpers: clocks, a capped growable byte buffer, ids, number parsing. */
+#ifndef BATON_UTIL_H
+#define BATON_UTIL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/status.h"
+
+/* Monotonic clock in nanoseconds / microseconds / milliseconds. */
+uint64_t bt_now_ns(void);
+static inline uint64_t bt_now_us(void) { return bt_now_ns() / 1000u; }
+static inline uint64_t bt_now_ms(void) { return bt_now_ns() / 1000000u; }
+/* Wall clock, seconds since the epoch. */
+int64_t bt_wall_s(void);
+
+/* A growable byte buffer with a hard cap. Appends beyond `cap` fail with BT_ERR_TOO_LARGE and
+ * leave the buffer unchanged: a peer can never make it grow without bound. */
+typedef struct {
+    char *data;
+    size_t len;
+    size_t alloc;
+    size_t cap;
+} bt_buf;
+
+void bt_buf_init(bt_buf *b, size_t cap);
+void bt_buf_free(bt_buf *b);
+void bt_buf_reset(bt_buf *b);
+bt_status bt_buf_reserve(bt_buf *b, size_t extra);
+bt_status bt_buf_append(bt_buf *b, const void *p, size_t n);
+bt_status bt_buf_appendf(bt_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+bt_status bt_buf_append_str(bt_buf *b, const char *s);
+/* Appends `s[0..n)` as the content of a JSON string (escaped, without quotes). Invalid UTF-8 bytes
+ * are replaced with U+FFFD so the output is always valid JSON. */
+bt_status bt_buf_append_json_str(bt_buf *b, const char *s, size_t n);
+/* Removes the first n bytes. */
+void bt_buf_consume(bt_buf *b, size_t n);
+/* Hands the storage to the caller (who frees it with free()) and empties the buffer. */
+char *bt_buf_steal(bt_buf *b, size_t *len);
+
+/* 64-bit mixing (splitmix64 finaliser): a fast, well-distributed pure function. */
+static inline uint64_t bt_mix64(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+/* A random 64-bit value from the OS (getrandom); used for instance ids and request ids. */
+uint64_t bt_random64(void);
+/* Writes a random UUID v4 string (37 bytes with NUL) into out. */
+void bt_uuid4(char out[37]);
+
+/* Strict number parsing: the whole string must be a number in range. */
+bool bt_parse_i64(const char *s, int64_t min, int64_t max, int64_t *out);
+bool bt_parse_double(const char *s, double min, double max, double *out);
+bool bt_parse_bool(const char *s, bool *out);
+
+#endif

@@ -1,0 +1,56 @@
+/* discovery.h — the discovery plane: who serves what, where.
+ *
+ * Keys follow Dynamo: v1/instances/{namespace}/{component}/{endpoint}/{instance_id:x}, the value
+ * a JSON object (see docs/discovery.md). A process writes its own keys with bt_discovery_put();
+ * they live while the process keeps them alive (file mtime refresh, etcd lease) and vanish after
+ * the TTL when it dies. Watchers see every key under a prefix: first the keys that exist, then
+ * each change. Backends: "file" (a directory, inotify) and "etcd" (v3 JSON gateway).
+ *
+ * Everything runs on the caller's loop; no call blocks it. Callbacks are never made from inside
+ * the call that registered them. */
+#ifndef BATON_DISCOVERY_H
+#define BATON_DISCOVERY_H
+
+#include <jansson.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "common/status.h"
+
+typedef struct {
+    const char *backend;        /* "file" (default) or "etcd" */
+    const char *dir;            /* file: the directory (created if missing) */
+    int64_t ttl_s;              /* lifetime without refresh, 10 */
+    const char *etcd_endpoints; /* etcd: comma-separated URLs */
+} bt_discovery_config;
+
+typedef struct {
+    /* A key appeared or changed. `value` is borrowed for the call. */
+    void (*on_put)(void *ud, const char *key, const json_t *value);
+    /* A key was deleted or expired. */
+    void (*on_delete)(void *ud, const char *key);
+} bt_discovery_watcher;
+
+typedef struct bt_discovery bt_discovery;
+
+/* Fills defaults: backend "file", dir $DYN_FILE_KV or $TMPDIR/baton_store_kv, ttl 10. */
+void bt_discovery_config_default(bt_discovery_config *c);
+
+bt_status bt_discovery_create(uv_loop_t *loop, const bt_discovery_config *cfg, bt_discovery **out, char *err,
+                              size_t errlen);
+/* Writes key=value (value is copied) owned by this process and keeps it alive until deleted. */
+bt_status bt_discovery_put(bt_discovery *d, const char *key, const json_t *value);
+/* Removes a key this process put, as fast as the backend allows (file: unlink now). */
+bt_status bt_discovery_delete(bt_discovery *d, const char *key);
+/* Watches every key that starts with `prefix`. One watch per handle is enough for baton. */
+bt_status bt_discovery_watch(bt_discovery *d, const char *prefix, const bt_discovery_watcher *w, void *ud);
+/* Removes this process's keys, stops watching, closes handles, then calls done(ud) from the loop
+ * and frees the handle. Safe to call once; d must not be used afterwards. */
+void bt_discovery_close(bt_discovery *d, void (*done)(void *ud), void *ud);
+
+/* Key helpers. */
+int bt_discovery_instance_key(char *out, size_t cap, const char *ns, const char *component, const char *endpoint,
+                              uint64_t instance_id);
+
+#endif

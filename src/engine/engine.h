@@ -1,0 +1,114 @@
+/* engine.h — the interface between a worker and the engine it hosts.
+ *
+ * An engine runs on the worker's libuv loop and never blocks it. The worker submits sequences;
+ * the engine reports their output through a per-sequence sink and its overall load through the
+ * engine hooks. Implementations: the mocker (engine/mocker/) and, later, an OpenAI-compatible
+ * upstream proxy.
+ *
+ * Ownership and call rules:
+ *  - bt_engine_submit() copies everything it needs from the request; the caller keeps ownership.
+ *  - A sequence's sink receives zero or more on_tokens calls, then exactly one of on_finish or
+ *    on_error, after which the sequence handle is dead and must not be used. Sink callbacks are
+ *    never made from inside bt_engine_submit(), bt_engine_stop() or bt_engine_kill().
+ *  - bt_engine_kill() removes the sequence at once (waiting queue or running batch), returns its
+ *    KV blocks to the free pool and makes no further sink callback. The handle is dead on return.
+ *  - bt_engine_stop() asks for a graceful end: the sequence ends soon with on_finish(reason
+ *    BT_FINISH_CANCELLED) and the usage so far.
+ *  - Tokens are delivered only once they are final: text held back for stop-string matching is
+ *    delivered with its token ids, never before, so "ids sent" always equals "text sent". */
+#ifndef BATON_ENGINE_H
+#define BATON_ENGINE_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "common/status.h"
+
+typedef enum { BT_API_CHAT = 0, BT_API_COMPLETION = 1 } bt_api;
+
+typedef enum {
+    BT_FINISH_STOP = 0,      /* a stop string or end of sequence */
+    BT_FINISH_LENGTH = 1,    /* max_tokens reached */
+    BT_FINISH_CANCELLED = 2, /* stopped on request */
+} bt_finish_reason;
+
+const char *bt_finish_reason_name(bt_finish_reason r); /* "stop", "length", "cancelled" */
+
+typedef struct {
+    uint32_t prompt_tokens;     /* the original prompt (carried tokens not included) */
+    uint32_t completion_tokens; /* every generated token, carried ones included */
+} bt_usage;
+
+#define BT_MAX_STOP 4 /* OpenAI allows up to 4 stop sequences */
+
+typedef struct {
+    const char *request_id;
+    bt_api api;
+    const json_t *body; /* the original OpenAI request body (messages or prompt live here) */
+    /* Tokens already generated (and delivered to the client) by earlier attempts: the engine
+     * continues from prompt + carried, and counts them in usage.completion_tokens. */
+    const uint32_t *carried;
+    uint32_t n_carried;
+    uint32_t max_tokens; /* new tokens still allowed (already reduced by n_carried) */
+    double temperature;
+    uint64_t seed;
+    const char *stop[BT_MAX_STOP];
+    int n_stop;
+} bt_engine_request;
+
+typedef struct {
+    void (*on_tokens)(void *ud, const uint32_t *ids, size_t n, const char *text, size_t text_len);
+    void (*on_finish)(void *ud, bt_finish_reason reason, const bt_usage *usage);
+    void (*on_error)(void *ud, bt_status code, const char *msg);
+} bt_engine_sink;
+
+typedef struct {
+    uint64_t active_decode_blocks;  /* KV blocks in use */
+    uint64_t total_blocks;          /* KV capacity */
+    uint64_t active_prefill_tokens; /* prompt tokens admitted but not yet prefilled */
+    uint64_t waiting;               /* sequences queued, not yet admitted */
+    uint64_t running;               /* sequences admitted (prefill or decode) */
+    uint64_t max_num_batched_tokens;
+} bt_engine_load;
+
+/* Engine-wide notifications to the worker. */
+typedef struct {
+    void (*on_load)(void *ud);                  /* load changed; read it with bt_engine_get_load */
+    void (*on_dead)(void *ud, const char *why); /* the engine failed; the worker shuts down, exit 1 */
+} bt_engine_hooks;
+
+typedef struct bt_engine bt_engine;
+typedef struct bt_engine_seq bt_engine_seq;
+
+typedef struct {
+    bt_status (*submit)(bt_engine *e, const bt_engine_request *req, const bt_engine_sink *sink, void *ud,
+                        bt_engine_seq **out, char *err, size_t errlen);
+    void (*stop)(bt_engine *e, bt_engine_seq *s);
+    void (*kill)(bt_engine *e, bt_engine_seq *s);
+    void (*get_load)(bt_engine *e, bt_engine_load *out);
+    /* Fills the model card fields this engine knows ("total_kv_blocks", "block_size", ...). */
+    void (*card)(bt_engine *e, json_t *card);
+    /* Destroys the engine; every live sequence is dropped without callbacks. */
+    void (*destroy)(bt_engine *e);
+} bt_engine_ops;
+
+struct bt_engine {
+    const bt_engine_ops *ops;
+};
+
+static inline bt_status bt_engine_submit(bt_engine *e, const bt_engine_request *req, const bt_engine_sink *sink,
+                                         void *ud, bt_engine_seq **out, char *err, size_t errlen) {
+    return e->ops->submit(e, req, sink, ud, out, err, errlen);
+}
+static inline void bt_engine_stop(bt_engine *e, bt_engine_seq *s) { e->ops->stop(e, s); }
+static inline void bt_engine_kill(bt_engine *e, bt_engine_seq *s) { e->ops->kill(e, s); }
+static inline void bt_engine_get_load(bt_engine *e, bt_engine_load *out) { e->ops->get_load(e, out); }
+static inline void bt_engine_card(bt_engine *e, json_t *card) { e->ops->card(e, card); }
+static inline void bt_engine_destroy(bt_engine *e) {
+    if (e) e->ops->destroy(e);
+}
+
+#endif

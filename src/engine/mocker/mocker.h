@@ -1,0 +1,59 @@
+/* mocker.h — the simulated engine: Dynamo's mocker timing model with a deterministic token
+ * function.
+ *
+ * Scheduling follows Dynamo's mocker (waiting → prefill → decode, paged KV blocks with a
+ * watermark, max sequences, max batched tokens, chunked prefill, preemption) and each step lasts
+ * prefill_ms + decode_ms divided by the speedup ratio, on a libuv timer. The next token id is a
+ * pure function of (seed, temperature, the whole token prefix): a continuation from
+ * prompt + first k generated tokens yields exactly the rest of an uninterrupted run. */
+#ifndef BATON_MOCKER_H
+#define BATON_MOCKER_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "engine/engine.h"
+
+typedef struct {
+    int64_t num_gpu_blocks;         /* --num-gpu-blocks-override, 16384 */
+    int64_t block_size;             /* --block-size, 64 */
+    int64_t max_num_seqs;           /* --max-num-seqs, 256 */
+    int64_t max_num_batched_tokens; /* --max-num-batched-tokens, 8192 */
+    double watermark;               /* --watermark, 0.01 */
+    double speedup_ratio;           /* --speedup-ratio, 1.0 */
+    int64_t default_max_tokens;     /* when a request sets none, 256 */
+    /* Fault hooks for tests, 0 = off. Counted over all tokens the engine emitted. */
+    int64_t fault_die_after_tokens;   /* the engine declares itself dead (hooks.on_dead) */
+    int64_t fault_stall_after_tokens; /* the scheduler stops making progress (a hung engine) */
+    int64_t fault_error_after_tokens; /* every running sequence fails with BT_ERR_ENGINE */
+} bt_mocker_config;
+
+typedef enum {
+    BT_MOCKER_FAULT_DIE = 1,   /* engine dead now */
+    BT_MOCKER_FAULT_STALL = 2, /* scheduler stops stepping */
+    BT_MOCKER_FAULT_RESUME = 3 /* undo a stall */
+} bt_mocker_fault;
+
+void bt_mocker_config_default(bt_mocker_config *c);
+/* Validates a configuration; on error writes why into err. */
+bt_status bt_mocker_config_check(const bt_mocker_config *c, char *err, size_t errlen);
+
+/* Creates the engine on `loop`. `hooks` (copied) may be NULL. */
+bt_engine *bt_mocker_create(uv_loop_t *loop, const bt_mocker_config *cfg, const bt_engine_hooks *hooks,
+                            void *hooks_ud);
+/* Injects a fault at once (used by the worker's fault signals and by tests). */
+void bt_mocker_inject(bt_engine *e, bt_mocker_fault f);
+
+/* The mocker's tokenizer and vocabulary: pure functions, usable without an engine. */
+#define BT_MOCKER_VOCAB 4096u
+/* Tokenizes text into ids (at most cap written); returns the number of tokens it has. */
+size_t bt_mocker_tokenize(const char *text, size_t len, uint32_t *out, size_t cap);
+/* The text of one token id (e.g. " fenlo", ",", "."); never NULL. */
+const char *bt_mocker_token_text(uint32_t id, size_t *len);
+/* The next token after a prefix whose rolling state is `state` (see bt_mocker_state_push). */
+uint32_t bt_mocker_next_token(uint64_t state, uint64_t seed, double temperature);
+/* Rolling prefix state: state' = push(state, token); the empty prefix has state 0. */
+uint64_t bt_mocker_state_push(uint64_t state, uint32_t token);
+
+#endif

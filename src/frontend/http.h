@@ -1,0 +1,90 @@
+/* http.h — the frontend's HTTP/1.1 server on libuv + http-parser.
+ *
+ * Keep-alive, one request in flight per connection (pipelined requests wait, reading is paused),
+ * hard caps on header and body sizes (413 / 431 answered here), idle and header timeouts. The
+ * server parses; the handler decides. A request object is owned by its connection and is valid
+ * from on_request until the handler ends the response (bt_http_respond / bt_http_stream_end) or
+ * until on_abort is called, whichever comes first; after either, the handler must not touch it.
+ *
+ * Responses either go out whole (bt_http_respond) or streamed with chunked transfer encoding
+ * (bt_http_stream_begin / _write / _end), which is how SSE is served. */
+#ifndef BATON_HTTP_H
+#define BATON_HTTP_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "common/status.h"
+
+typedef struct bt_http_server bt_http_server;
+typedef struct bt_http_req bt_http_req;
+
+typedef enum { BT_HTTP_GET = 1, BT_HTTP_POST = 2, BT_HTTP_OTHER = 3 } bt_http_method;
+
+struct bt_http_req {
+    bt_http_method method;
+    const char *path;         /* URL path without the query, NUL-terminated */
+    const char *query;        /* after '?', or "" */
+    const char *body;         /* NUL-terminated for convenience; body_len excludes the NUL */
+    size_t body_len;
+    const char *request_id;   /* X-Request-Id header value, or NULL */
+    const char *authorization;/* Authorization header value, or NULL */
+    const char *content_type; /* Content-Type header value, or NULL */
+    void *user;               /* free for the handler */
+};
+
+typedef struct {
+    /* A complete request arrived. The handler must eventually answer or get on_abort. */
+    void (*on_request)(void *ud, bt_http_req *req);
+    /* The client went away (read EOF/error, write error, or timeout) before the response ended.
+     * The request object dies after this call returns. */
+    void (*on_abort)(void *ud, bt_http_req *req);
+    /* Optional: the connection's write backlog fell below the low-water mark after having
+     * exceeded the high-water mark (for SSE backpressure). */
+    void (*on_drain)(void *ud, bt_http_req *req);
+} bt_http_handlers;
+
+typedef struct {
+    const char *host;            /* "0.0.0.0" */
+    int port;                    /* 0 picks a free port */
+    size_t max_header_bytes;     /* 16 KiB: larger → 431 and close */
+    size_t max_body_bytes;       /* 4 MiB: larger → 413 and close */
+    uint32_t idle_timeout_ms;    /* keep-alive idle, 60 s */
+    uint32_t header_timeout_ms;  /* a request must arrive whole within this, 30 s (slowloris) */
+    size_t max_connections;      /* beyond this new connections are closed at once; 0 = 10000 */
+    size_t write_backlog_max;    /* a client that does not read: past this many queued bytes
+                                    the connection is closed and on_abort called; 8 MiB */
+} bt_http_config;
+
+void bt_http_config_default(bt_http_config *c);
+
+bt_status bt_http_server_start(uv_loop_t *loop, const bt_http_config *cfg, const bt_http_handlers *h, void *ud,
+                               bt_http_server **out, char *err, size_t errlen);
+/* The port actually bound (useful with port 0). */
+int bt_http_server_port(const bt_http_server *s);
+/* Stops accepting new connections (existing ones continue). */
+void bt_http_server_stop_accepting(bt_http_server *s);
+/* Number of open client connections and of requests in flight. */
+size_t bt_http_server_connections(const bt_http_server *s);
+/* Closes every connection (in-flight requests get on_abort) and frees the server once all
+ * handles are closed, then calls done(ud). */
+void bt_http_server_close(bt_http_server *s, void (*done)(void *ud), void *ud);
+
+/* A whole response. `headers` is extra header lines, each ending in "\r\n", or NULL. Copies body. */
+void bt_http_respond(bt_http_req *req, int status, const char *content_type, const char *headers, const char *body,
+                     size_t len);
+/* Starts a chunked response (e.g. text/event-stream). */
+void bt_http_stream_begin(bt_http_req *req, int status, const char *content_type, const char *headers);
+/* Queues one chunk (copied). Returns false if the connection is already gone. */
+bool bt_http_stream_write(bt_http_req *req, const char *data, size_t len);
+/* Ends the chunked response. If close is true the connection closes after it (no keep-alive). */
+void bt_http_stream_end(bt_http_req *req, bool close);
+/* Bytes queued for the client and not yet written. */
+size_t bt_http_backlog(const bt_http_req *req);
+
+/* Reason phrase of a status code ("Service Unavailable"). */
+const char *bt_http_reason(int status);
+
+#endif

@@ -1,0 +1,98 @@
+/* proto.h — the request-plane frame codec (no I/O).
+ *
+ * One persistent TCP connection per frontend–worker pair carries many streams. Every frame is
+ *
+ *     u32 length | u8 type | u8 flags | u16 reserved | u32 stream_id | payload
+ *
+ * all integers big-endian; `length` counts every byte after itself (so length = 8 + payload
+ * size). stream_id 0 is the connection itself. docs/protocol.md is the full specification.
+ *
+ * Decoding is bounds-checked and never trusts a length: a frame longer than the decoder's cap,
+ * a length below 8, an unknown type or a payload of the wrong size is BT_ERR_PROTOCOL (or
+ * BT_ERR_TOO_LARGE), after which the caller closes the connection. */
+#ifndef BATON_PROTO_H
+#define BATON_PROTO_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/status.h"
+#include "common/util.h"
+
+#define BT_PROTO_VERSION 1
+#define BT_FRAME_HEADER 12u                     /* bytes before the payload */
+#define BT_FRAME_DEFAULT_MAX (16u * 1024 * 1024) /* default cap on `length` */
+#define BT_TOKENS_MAX 4096u                     /* max token ids in one TOKENS frame */
+
+typedef enum {
+    BT_FRAME_HELLO = 1,    /* both ways, stream 0: u16 version, u16 role, u64 instance_id */
+    BT_FRAME_REQUEST = 2,  /* FE→W: JSON request (see docs/protocol.md) */
+    BT_FRAME_TOKENS = 3,   /* W→FE: u16 n, n × u32 token id, then UTF-8 text (rest of payload) */
+    BT_FRAME_FINISH = 4,   /* W→FE: u8 reason, u8[3] zero, u32 prompt_tokens, u32 completion_tokens */
+    BT_FRAME_ERROR = 5,    /* W→FE: u16 status code, then UTF-8 message (rest); stream 0 = connection */
+    BT_FRAME_STOP = 6,     /* FE→W: empty; finish gracefully */
+    BT_FRAME_KILL = 7,     /* FE→W: empty; drop at once */
+    BT_FRAME_PING = 8,     /* both ways, stream 0: u64 opaque */
+    BT_FRAME_PONG = 9,     /* answer to PING, stream 0: the same u64 */
+    BT_FRAME_LOAD = 10,    /* W→FE, stream 0: see bt_load_report */
+    BT_FRAME_GOAWAY = 11,  /* W→FE, stream 0: u16 status code, then UTF-8 reason; route nothing new */
+    BT_FRAME_TYPE_MAX_ = 11
+} bt_frame_type;
+
+typedef enum { BT_ROLE_FRONTEND = 1, BT_ROLE_WORKER = 2 } bt_role;
+
+/* LOAD flags */
+#define BT_LOAD_READY 0x1u /* the worker's endpoint is ready (canary passing, not draining) */
+
+typedef struct {
+    uint8_t type;
+    uint8_t flags;
+    uint32_t stream;
+    const uint8_t *payload; /* points into the decoded buffer */
+    uint32_t len;           /* payload size */
+} bt_frame;
+
+typedef struct {
+    uint64_t active_decode_blocks;
+    uint64_t total_blocks;
+    uint64_t active_prefill_tokens;
+    uint64_t waiting;
+    uint64_t running;
+    uint64_t max_num_batched_tokens;
+    uint32_t flags; /* BT_LOAD_* */
+} bt_load_report;     /* payload: 6 × u64, u32 flags = 52 bytes */
+
+/* Parses one frame at the start of p[0..n). BT_OK: *out describes it and *consumed is its whole
+ * size. BT_ERR_AGAIN: more bytes are needed (nothing consumed). BT_ERR_TOO_LARGE: length above
+ * max_len. BT_ERR_PROTOCOL: anything malformed (err gets a short reason if non-NULL). Payload
+ * sizes of fixed-size types are checked here. */
+bt_status bt_frame_parse(const uint8_t *p, size_t n, uint32_t max_len, bt_frame *out, size_t *consumed,
+                         const char **err);
+
+/* Encoders append one complete frame to out (BT_ERR_TOO_LARGE if out's cap is hit). */
+bt_status bt_frame_put(bt_buf *out, uint8_t type, uint32_t stream, const void *payload, size_t len);
+bt_status bt_frame_put_hello(bt_buf *out, uint16_t role, uint64_t instance_id);
+bt_status bt_frame_put_tokens(bt_buf *out, uint32_t stream, const uint32_t *ids, size_t n, const char *text,
+                              size_t text_len);
+bt_status bt_frame_put_finish(bt_buf *out, uint32_t stream, uint8_t reason, uint32_t prompt_tokens,
+                              uint32_t completion_tokens);
+bt_status bt_frame_put_error(bt_buf *out, uint32_t stream, uint16_t code, const char *msg);
+bt_status bt_frame_put_ping(bt_buf *out, uint8_t type /* PING or PONG */, uint64_t opaque);
+bt_status bt_frame_put_load(bt_buf *out, const bt_load_report *r);
+bt_status bt_frame_put_goaway(bt_buf *out, uint16_t code, const char *reason);
+
+/* Payload decoders for a frame returned by bt_frame_parse (type already checked by caller). */
+bt_status bt_frame_get_hello(const bt_frame *f, uint16_t *version, uint16_t *role, uint64_t *instance_id);
+/* ids: up to cap ids are copied; *n gets the count (BT_ERR_PROTOCOL if it exceeds cap or the payload). */
+bt_status bt_frame_get_tokens(const bt_frame *f, uint32_t *ids, size_t cap, size_t *n, const char **text,
+                              size_t *text_len);
+bt_status bt_frame_get_finish(const bt_frame *f, uint8_t *reason, uint32_t *prompt_tokens,
+                              uint32_t *completion_tokens);
+bt_status bt_frame_get_error(const bt_frame *f, uint16_t *code, const char **msg, size_t *msg_len);
+bt_status bt_frame_get_ping(const bt_frame *f, uint64_t *opaque);
+bt_status bt_frame_get_load(const bt_frame *f, bt_load_report *r);
+
+const char *bt_frame_type_name(uint8_t type);
+
+#endif
