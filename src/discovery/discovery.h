@@ -34,7 +34,9 @@ typedef struct {
 
 typedef struct bt_discovery bt_discovery;
 
-/* Fills defaults: backend "file", dir $DYN_FILE_KV or $TMPDIR/baton_store_kv, ttl 10. */
+/* Fills defaults: backend "file", dir $DYN_FILE_KV or $TMPDIR/baton_store_kv, ttl 10, etcd endpoints
+ * $ETCD_ENDPOINTS or http://localhost:2379. The strings point into the environment or thread-local
+ * storage (overwritten by the next call); bt_discovery_create() copies what it keeps. */
 void bt_discovery_config_default(bt_discovery_config *c);
 
 bt_status bt_discovery_create(uv_loop_t *loop, const bt_discovery_config *cfg, bt_discovery **out, char *err,
@@ -43,13 +45,16 @@ bt_status bt_discovery_create(uv_loop_t *loop, const bt_discovery_config *cfg, b
 bt_status bt_discovery_put(bt_discovery *d, const char *key, const json_t *value);
 /* Removes a key this process put, as fast as the backend allows (file: unlink now). */
 bt_status bt_discovery_delete(bt_discovery *d, const char *key);
-/* Watches every key that starts with `prefix`. One watch per handle is enough for baton. */
+/* Watches every key that starts with `prefix`. One watch per handle is enough for baton (a second
+ * call fails with BT_ERR_INVALID). The keys that exist are delivered later from the loop, never
+ * from inside this call. */
 bt_status bt_discovery_watch(bt_discovery *d, const char *prefix, const bt_discovery_watcher *w, void *ud);
 /* Removes this process's keys, stops watching, closes handles, then calls done(ud) from the loop
  * and frees the handle. Safe to call once; d must not be used afterwards. */
 void bt_discovery_close(bt_discovery *d, void (*done)(void *ud), void *ud);
 
-/* Key helpers. */
+/* Key helpers. Writes "v1/instances/{ns}/{component}/{endpoint}/{instance_id:x}"; returns its
+ * length, or -1 (and an empty string) if it does not fit in cap. */
 int bt_discovery_instance_key(char *out, size_t cap, const char *ns, const char *component, const char *endpoint,
                               uint64_t instance_id);
 

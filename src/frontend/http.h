@@ -68,6 +68,7 @@ int bt_http_server_port(const bt_http_server *s);
 void bt_http_server_stop_accepting(bt_http_server *s);
 /* Number of open client connections and of requests in flight. */
 size_t bt_http_server_connections(const bt_http_server *s);
+size_t bt_http_server_requests(const bt_http_server *s);
 /* Closes every connection (in-flight requests get on_abort) and frees the server once all
  * handles are closed, then calls done(ud). */
 void bt_http_server_close(bt_http_server *s, void (*done)(void *ud), void *ud);

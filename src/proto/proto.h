@@ -70,7 +70,10 @@ typedef struct {
 bt_status bt_frame_parse(const uint8_t *p, size_t n, uint32_t max_len, bt_frame *out, size_t *consumed,
                          const char **err);
 
-/* Encoders append one complete frame to out (BT_ERR_TOO_LARGE if out's cap is hit). */
+/* Encoders append one complete frame to out (BT_ERR_TOO_LARGE if out's cap is hit; out is then
+ * unchanged). They return BT_ERR_INVALID instead of writing a frame bt_frame_parse would reject
+ * (unknown type, wrong stream for the type, wrong fixed payload size, more than BT_TOKENS_MAX
+ * ids, FINISH reason above 2). Flags are written as 0. */
 bt_status bt_frame_put(bt_buf *out, uint8_t type, uint32_t stream, const void *payload, size_t len);
 bt_status bt_frame_put_hello(bt_buf *out, uint16_t role, uint64_t instance_id);
 bt_status bt_frame_put_tokens(bt_buf *out, uint32_t stream, const uint32_t *ids, size_t n, const char *text,
@@ -82,7 +85,10 @@ bt_status bt_frame_put_ping(bt_buf *out, uint8_t type /* PING or PONG */, uint64
 bt_status bt_frame_put_load(bt_buf *out, const bt_load_report *r);
 bt_status bt_frame_put_goaway(bt_buf *out, uint16_t code, const char *reason);
 
-/* Payload decoders for a frame returned by bt_frame_parse (type already checked by caller). */
+/* Payload decoders for a frame returned by bt_frame_parse (type already checked by caller). They
+ * re-check type (BT_ERR_INVALID if wrong) and size (BT_ERR_PROTOCOL), so they are safe on any
+ * bt_frame. Output pointers may be NULL. Text and messages point into the payload and are not
+ * NUL-terminated. bt_frame_get_error also decodes GOAWAY (same layout). */
 bt_status bt_frame_get_hello(const bt_frame *f, uint16_t *version, uint16_t *role, uint64_t *instance_id);
 /* ids: up to cap ids are copied; *n gets the count (BT_ERR_PROTOCOL if it exceeds cap or the payload). */
 bt_status bt_frame_get_tokens(const bt_frame *f, uint32_t *ids, size_t cap, size_t *n, const char **text,

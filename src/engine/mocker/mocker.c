@@ -1,0 +1,989 @@
+/* mocker.c — the simulated engine: Dynamo's mocker scheduler and timing model on a libuv timer,
+ * producing the deterministic token stream of vocab.c.
+ *
+ * Sequences move waiting → running (prefill, then decode) → done. Each scheduler step admits
+ * waiting sequences in FIFO order while their KV blocks fit under the watermark, the batched-token
+ * budget and max_num_seqs allow; prefills up to max_num_batched_tokens prompt tokens (a longer
+ * prompt is prefilled in chunks over several steps); then lets every decoding sequence emit one
+ * token, allocating a block when a sequence crosses a block boundary and preempting the most
+ * recently admitted decoding sequence when none is free. A step lasts
+ * (prefill_ms + decode_ms) / speedup_ratio of a virtual clock; the timer callback runs the steps
+ * whose start time has come (at most 64 or 2 ms of work per callback) and delivers their output
+ * once real time has reached the end of the last step, coalesced into one on_tokens call per
+ * sequence. Sink and hook callbacks are only ever made from the timer callback, never from
+ * submit, stop, kill or inject; a callback may submit, stop or kill any sequence (its own
+ * included) and may even destroy the engine. KV accounting is a counter of blocks per sequence:
+ * there is no prefix caching, so no block is shared. */
+#include "engine/mocker/mocker.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "common/util.h"
+#include "engine/mocker/mocker_internal.h"
+
+#define MK_MAX_STEPS_PER_CB 64
+#define MK_MAX_NS_PER_CB 2000000ull
+#define MK_TEXT_CAP ((size_t)1 << 30) /* hard cap on any per-sequence text buffer */
+
+typedef enum { SEQ_WAITING, SEQ_PREFILL, SEQ_DECODE, SEQ_DONE } mk_phase;
+typedef enum { END_NONE, END_FINISH, END_ERROR } mk_end;
+
+typedef struct mk_engine mk_engine;
+
+struct bt_engine_seq {
+    bt_engine_sink sink;
+    void *ud;
+    mk_phase phase;
+    bt_engine_seq *prev, *next;   /* waiting or running list, by phase */
+    bt_engine_seq *dprev, *dnext; /* list of sequences with output or an ending to deliver */
+    bool in_dirty;
+    bool killed; /* killed from inside its own callback: freed when that callback returns */
+
+    /* Token function. */
+    uint64_t state; /* rolling state over prompt + carried + generated */
+    uint64_t seed;
+    double temperature;
+
+    /* Accounting. */
+    uint32_t prompt_tokens, n_carried;
+    uint32_t max_new, generated;
+    uint64_t seq_len;   /* tokens whose KV the sequence needs: prompt + carried + generated */
+    uint64_t prefilled; /* of seq_len, computed since the last admission */
+    uint64_t blocks;    /* KV blocks held */
+
+    /* Outcome, set once. */
+    mk_end end;
+    bt_finish_reason reason;
+    bt_status err;
+    const char *errmsg; /* a static string */
+
+    /* Stop strings. `win` holds up to max_stop-1 bytes of final text (ctx_len, already delivered
+     * or carried) followed by the text of the held-back tokens `held`. */
+    int n_stop;
+    char *stop[BT_MAX_STOP];
+    size_t stop_len[BT_MAX_STOP];
+    size_t max_stop;
+    bt_buf win;
+    size_t ctx_len;
+    uint32_t *held;
+    size_t held_n, held_cap;
+
+    /* Output not yet handed to the sink: ids and their text. */
+    uint32_t *out;
+    size_t out_n, out_cap;
+    bt_buf out_text;
+};
+
+typedef struct {
+    bt_engine_seq *head, *tail;
+    uint64_t n;
+} mk_list;
+
+struct mk_engine {
+    bt_engine base; /* first: the engine handle is a pointer to it */
+    uv_loop_t *loop;
+    uv_timer_t timer;
+    bt_mocker_config cfg;
+    bt_engine_hooks hooks;
+    void *hooks_ud;
+    uint64_t usable_blocks; /* floor((1 - watermark) * num_gpu_blocks): the admission limit */
+
+    mk_list waiting, running;
+    bt_engine_seq *dirty_head, *dirty_tail;
+    uint64_t used_blocks;
+    uint64_t prefill_pending; /* prompt tokens of admitted sequences not yet prefilled */
+    uint64_t total_emitted;   /* tokens generated since creation, for the fault hooks */
+    uint64_t vclock;          /* virtual time (bt_now_ns scale) at which the next step starts */
+
+    bt_engine_seq *cur; /* the sequence whose sink is being called */
+    bool in_cb, stalled, dead, dead_notified, destroying;
+    bool stall_fired, error_fired, error_now;
+    bt_engine_load last_load; /* as last reported through hooks.on_load */
+};
+
+/* ---- lists ---------------------------------------------------------------------------------- */
+
+static void list_remove(mk_list *l, bt_engine_seq *s) {
+    if (s->prev) s->prev->next = s->next;
+    else l->head = s->next;
+    if (s->next) s->next->prev = s->prev;
+    else l->tail = s->prev;
+    s->prev = s->next = NULL;
+    l->n--;
+}
+
+static void list_push_tail(mk_list *l, bt_engine_seq *s) {
+    s->next = NULL;
+    s->prev = l->tail;
+    if (l->tail) l->tail->next = s;
+    else l->head = s;
+    l->tail = s;
+    l->n++;
+}
+
+static void list_push_head(mk_list *l, bt_engine_seq *s) {
+    s->prev = NULL;
+    s->next = l->head;
+    if (l->head) l->head->prev = s;
+    else l->tail = s;
+    l->head = s;
+    l->n++;
+}
+
+static void dirty_add(mk_engine *e, bt_engine_seq *s) {
+    if (s->in_dirty || s == e->cur) return; /* the flush loop re-examines `cur` itself */
+    s->in_dirty = true;
+    s->dnext = NULL;
+    s->dprev = e->dirty_tail;
+    if (e->dirty_tail) e->dirty_tail->dnext = s;
+    else e->dirty_head = s;
+    e->dirty_tail = s;
+}
+
+static void dirty_remove(mk_engine *e, bt_engine_seq *s) {
+    if (!s->in_dirty) return;
+    if (s->dprev) s->dprev->dnext = s->dnext;
+    else e->dirty_head = s->dnext;
+    if (s->dnext) s->dnext->dprev = s->dprev;
+    else e->dirty_tail = s->dprev;
+    s->dprev = s->dnext = NULL;
+    s->in_dirty = false;
+}
+
+/* ---- sequence lifecycle --------------------------------------------------------------------- */
+
+/* Takes the sequence out of the scheduler and returns its KV blocks to the pool. */
+static void seq_unschedule(mk_engine *e, bt_engine_seq *s) {
+    if (s->phase == SEQ_WAITING) {
+        list_remove(&e->waiting, s);
+    } else if (s->phase == SEQ_PREFILL || s->phase == SEQ_DECODE) {
+        if (s->phase == SEQ_PREFILL) e->prefill_pending -= s->seq_len - s->prefilled;
+        list_remove(&e->running, s);
+    }
+    e->used_blocks -= s->blocks;
+    s->blocks = 0;
+    s->phase = SEQ_DONE;
+}
+
+static void seq_free(mk_engine *e, bt_engine_seq *s) {
+    seq_unschedule(e, s);
+    dirty_remove(e, s);
+    for (int i = 0; i < s->n_stop; i++) free(s->stop[i]);
+    bt_buf_free(&s->win);
+    bt_buf_free(&s->out_text);
+    free(s->held);
+    free(s->out);
+    free(s);
+}
+
+/* Ends the sequence: it leaves the scheduler now (so the load shows its blocks freed) and its
+ * sink hears the ending at the next flush. */
+static void seq_end(mk_engine *e, bt_engine_seq *s, mk_end end, bt_finish_reason reason, bt_status err,
+                    const char *msg) {
+    if (s->end != END_NONE) return;
+    seq_unschedule(e, s);
+    s->end = end;
+    s->reason = reason;
+    s->err = err;
+    s->errmsg = msg;
+    dirty_add(e, s);
+}
+
+/* Grows an id array geometrically; callers bound n by the sequence's max_tokens. */
+static bt_status ids_reserve(uint32_t **a, size_t *cap, size_t need) {
+    if (need <= *cap) return BT_OK;
+    size_t n = *cap ? *cap : 16;
+    while (n < need) n *= 2;
+    uint32_t *p = realloc(*a, n * sizeof *p);
+    if (!p) return BT_ERR_NOMEM;
+    *a = p;
+    *cap = n;
+    return BT_OK;
+}
+
+/* Appends one token (and `text_len` bytes of its text) to the output batch. */
+static bt_status out_add(bt_engine_seq *s, uint32_t id, size_t text_len) {
+    if (ids_reserve(&s->out, &s->out_cap, s->out_n + 1) != BT_OK) return BT_ERR_NOMEM;
+    bt_status st = bt_buf_append(&s->out_text, bt_mocker_token_text(id, NULL), text_len);
+    if (st != BT_OK) return st;
+    s->out[s->out_n++] = id;
+    return BT_OK;
+}
+
+/* Releases every held-back token with its full text (used when the sequence ends for a reason
+ * other than a stop string: nothing can complete a stop any more). */
+static bt_status held_release_all(bt_engine_seq *s) {
+    for (size_t i = 0; i < s->held_n; i++) {
+        bt_status st = out_add(s, s->held[i], mk_token_len(s->held[i]));
+        if (st != BT_OK) return st;
+    }
+    s->held_n = 0;
+    bt_buf_reset(&s->win);
+    s->ctx_len = 0;
+    return BT_OK;
+}
+
+/* Finds the earliest stop string in win; returns its start or SIZE_MAX. Matches lying entirely in
+ * the context bytes were already looked for when those bytes were new. */
+static size_t stop_find(const bt_engine_seq *s) {
+    size_t best = SIZE_MAX;
+    if (s->win.len == 0) return best;
+    for (int i = 0; i < s->n_stop; i++) {
+        const char *p = memmem(s->win.data, s->win.len, s->stop[i], s->stop_len[i]);
+        if (p && (size_t)(p - s->win.data) < best) best = (size_t)(p - s->win.data);
+    }
+    return best;
+}
+
+/* Length of the longest suffix of win that is a proper prefix of some stop string. */
+static size_t stop_partial(const bt_engine_seq *s) {
+    size_t best = 0;
+    for (int i = 0; i < s->n_stop; i++) {
+        size_t l = s->stop_len[i] - 1;
+        if (l > s->win.len) l = s->win.len;
+        for (; l > best; l--)
+            if (memcmp(s->win.data + s->win.len - l, s->stop[i], l) == 0) {
+                best = l;
+                break;
+            }
+    }
+    return best;
+}
+
+/* Keeps only the last max_stop-1 bytes of the final (context) text in win. */
+static void ctx_trim(bt_engine_seq *s) {
+    size_t keep = s->max_stop - 1;
+    if (s->ctx_len > keep) {
+        bt_buf_consume(&s->win, s->ctx_len - keep);
+        s->ctx_len = keep;
+    }
+}
+
+/* Passes a newly generated token through stop-string matching: whole tokens are held back while
+ * the text could still be the start of a stop string and released (ids with their text) once it
+ * cannot. On a match the sequence finishes with BT_FINISH_STOP and only the text before the stop
+ * string is delivered. When the stop string begins inside a token, that token's id is delivered
+ * with just the text before the stop; tokens wholly inside or after it are not delivered. */
+static bt_status emit(mk_engine *e, bt_engine_seq *s, uint32_t id) {
+    size_t tl = mk_token_len(id);
+    if (s->n_stop == 0) return out_add(s, id, tl);
+
+    bt_status st = ids_reserve(&s->held, &s->held_cap, s->held_n + 1);
+    if (st == BT_OK) st = bt_buf_append(&s->win, bt_mocker_token_text(id, NULL), tl);
+    if (st != BT_OK) return st;
+    s->held[s->held_n++] = id;
+
+    size_t m = stop_find(s);
+    size_t off = s->ctx_len;
+    if (m != SIZE_MAX) {
+        for (size_t i = 0; i < s->held_n && off < m; i++) {
+            size_t l = mk_token_len(s->held[i]);
+            st = out_add(s, s->held[i], off + l <= m ? l : m - off);
+            if (st != BT_OK) return st;
+            off += l;
+        }
+        s->held_n = 0;
+        seq_end(e, s, END_FINISH, BT_FINISH_STOP, BT_OK, NULL);
+        return BT_OK;
+    }
+    size_t boundary = s->win.len - stop_partial(s); /* text before it can no longer change */
+    size_t i = 0;
+    while (i < s->held_n) {
+        size_t l = mk_token_len(s->held[i]);
+        if (off + l > boundary) break;
+        st = out_add(s, s->held[i], l);
+        if (st != BT_OK) return st;
+        off += l;
+        i++;
+    }
+    if (i) {
+        memmove(s->held, s->held + i, (s->held_n - i) * sizeof *s->held);
+        s->held_n -= i;
+        s->ctx_len = off;
+        ctx_trim(s);
+    }
+    return BT_OK;
+}
+
+/* ---- the scheduler -------------------------------------------------------------------------- */
+
+static uint64_t blocks_for(const mk_engine *e, uint64_t tokens) {
+    uint64_t bs = (uint64_t)e->cfg.block_size;
+    return (tokens + bs - 1) / bs;
+}
+
+static void admit(mk_engine *e) {
+    bt_engine_seq *s;
+    while ((s = e->waiting.head) != NULL) {
+        uint64_t need = blocks_for(e, s->seq_len);
+        if (e->used_blocks + need > e->usable_blocks) break;
+        /* Chunked prefill: the candidate's own prompt is not counted against the budget. */
+        if (e->prefill_pending >= (uint64_t)e->cfg.max_num_batched_tokens) break;
+        if (e->running.n + 1 > (uint64_t)e->cfg.max_num_seqs) break;
+        list_remove(&e->waiting, s);
+        list_push_tail(&e->running, s);
+        s->phase = SEQ_PREFILL;
+        s->prefilled = 0;
+        s->blocks = need;
+        e->used_blocks += need;
+        e->prefill_pending += s->seq_len;
+    }
+}
+
+/* Preemption by recomputation: the sequence gives back its blocks and returns to the front of the
+ * waiting queue; on readmission it prefills prompt + everything generated so far and continues
+ * from its rolling state, so no token is generated or delivered twice. */
+static void preempt(mk_engine *e, bt_engine_seq *s) {
+    BT_DEBUG("mocker: preempting a sequence of %llu tokens holding %llu blocks", (unsigned long long)s->seq_len,
+             (unsigned long long)s->blocks);
+    list_remove(&e->running, s);
+    e->used_blocks -= s->blocks;
+    s->blocks = 0;
+    s->prefilled = 0;
+    s->phase = SEQ_WAITING;
+    list_push_head(&e->waiting, s);
+}
+
+static bt_engine_seq *last_decoding(mk_engine *e) {
+    for (bt_engine_seq *s = e->running.tail; s; s = s->prev)
+        if (s->phase == SEQ_DECODE) return s;
+    return NULL;
+}
+
+/* Generates one token for s; returns false when a fault says the step must stop now. */
+static bool generate(mk_engine *e, bt_engine_seq *s) {
+    uint32_t tok = bt_mocker_next_token(s->state, s->seed, s->temperature);
+    s->state = bt_mocker_state_push(s->state, tok);
+    s->seq_len++;
+    s->generated++;
+    e->total_emitted++;
+    if (emit(e, s, tok) != BT_OK) {
+        seq_end(e, s, END_ERROR, BT_FINISH_STOP, BT_ERR_NOMEM, "mocker: out of memory for output");
+    } else if (s->end == END_NONE && s->generated >= s->max_new) {
+        seq_end(e, s, END_FINISH, BT_FINISH_LENGTH, BT_OK, NULL);
+    } else if (s->out_n) {
+        dirty_add(e, s);
+    }
+
+    const bt_mocker_config *c = &e->cfg;
+    bool halt = false;
+    if (c->fault_die_after_tokens > 0 && e->total_emitted >= (uint64_t)c->fault_die_after_tokens) {
+        BT_WARN("mocker: fault hook: engine dies after %llu tokens", (unsigned long long)e->total_emitted);
+        e->dead = true;
+        halt = true;
+    }
+    if (c->fault_stall_after_tokens > 0 && !e->stall_fired &&
+        e->total_emitted >= (uint64_t)c->fault_stall_after_tokens) {
+        BT_WARN("mocker: fault hook: engine stalls after %llu tokens", (unsigned long long)e->total_emitted);
+        e->stall_fired = e->stalled = true;
+        halt = true;
+    }
+    if (c->fault_error_after_tokens > 0 && !e->error_fired &&
+        e->total_emitted >= (uint64_t)c->fault_error_after_tokens) {
+        BT_WARN("mocker: fault hook: engine error after %llu tokens", (unsigned long long)e->total_emitted);
+        e->error_fired = e->error_now = true;
+        halt = true;
+    }
+    return !halt;
+}
+
+static double prefill_ms(uint64_t n) {
+    double x = (double)n;
+    double ms = 4.209989e-07 * x * x + 1.518344e-02 * x + 16.50142;
+    return ms > 0 ? ms : 0;
+}
+
+static double decode_ms(double p) {
+    double ms = -25.74 * p * p + 54.01 * p + 5.74;
+    return ms > 1.0 ? ms : 1.0;
+}
+
+/* Runs one scheduler step; returns its duration in virtual nanoseconds. */
+static uint64_t step(mk_engine *e) {
+    admit(e);
+
+    uint64_t budget = (uint64_t)e->cfg.max_num_batched_tokens, n_prefill = 0;
+    for (bt_engine_seq *s = e->running.head; s; s = s->next) {
+        if (s->phase != SEQ_PREFILL) continue;
+        uint64_t rem = s->seq_len - s->prefilled;
+        uint64_t chunk = rem < budget ? rem : budget;
+        s->prefilled += chunk;
+        e->prefill_pending -= chunk;
+        budget -= chunk;
+        n_prefill += chunk;
+        if (s->prefilled == s->seq_len) s->phase = SEQ_DECODE;
+    }
+
+    double ms = n_prefill ? prefill_ms(n_prefill) : 0.0;
+    if (last_decoding(e)) {
+        double p = (double)e->used_blocks / (double)e->cfg.num_gpu_blocks;
+        ms += decode_ms(p);
+    }
+
+    uint64_t bs = (uint64_t)e->cfg.block_size, cap = (uint64_t)e->cfg.num_gpu_blocks;
+    bt_engine_seq *nx;
+    for (bt_engine_seq *s = e->running.head; s; s = nx) {
+        nx = s->next;
+        if (s->phase != SEQ_DECODE) continue;
+        if (s->seq_len + 1 > s->blocks * bs) {
+            bool self = false;
+            while (e->used_blocks >= cap) {
+                bt_engine_seq *v = last_decoding(e); /* s itself at worst: never NULL here */
+                if (v == s) {
+                    nx = s->next; /* only prefilling sequences follow s */
+                    preempt(e, s);
+                    self = true;
+                    break;
+                }
+                preempt(e, v);
+            }
+            if (self) continue;
+            nx = s->next; /* victims came after s and have left the list */
+            s->blocks++;
+            e->used_blocks++;
+        }
+        if (!generate(e, s)) break;
+    }
+
+    if (e->error_now) {
+        e->error_now = false;
+        while ((nx = e->running.head) != NULL)
+            seq_end(e, nx, END_ERROR, BT_FINISH_STOP, BT_ERR_ENGINE, "mocker fault: engine error");
+    }
+
+    double ns = ms * 1e6 / e->cfg.speedup_ratio;
+    return ns >= 1.0 ? (uint64_t)ns : 1u;
+}
+
+/* ---- delivery ------------------------------------------------------------------------------- */
+
+/* Hands every pending output and ending to the sinks. A callback may submit, stop or kill any
+ * sequence or destroy the engine: the loop takes one sequence off the dirty list at a time,
+ * re-examines it after each callback and stops at once if the engine was destroyed. */
+static void flush(mk_engine *e) {
+    bt_engine_seq *s;
+    while ((s = e->dirty_head) != NULL) {
+        dirty_remove(e, s);
+        e->cur = s;
+        for (;;) {
+            if (s->killed) break;
+            if (s->end == END_FINISH && s->held_n && held_release_all(s) != BT_OK) {
+                s->end = END_ERROR;
+                s->err = BT_ERR_NOMEM;
+                s->errmsg = "mocker: out of memory for output";
+            }
+            if (s->out_n == 0) break;
+            s->sink.on_tokens(s->ud, s->out, s->out_n, s->out_text.data ? s->out_text.data : "", s->out_text.len);
+            if (e->destroying) return;
+            s->out_n = 0;
+            bt_buf_reset(&s->out_text);
+        }
+        if (!s->killed && s->end != END_NONE) {
+            if (s->end == END_ERROR) {
+                s->sink.on_error(s->ud, s->err, s->errmsg);
+            } else {
+                bt_usage u = {.prompt_tokens = s->prompt_tokens, .completion_tokens = s->n_carried + s->generated};
+                s->sink.on_finish(s->ud, s->reason, &u);
+            }
+            if (e->destroying) return;
+            s->killed = true; /* the handle is dead now */
+        }
+        e->cur = NULL;
+        if (s->killed) seq_free(e, s);
+    }
+}
+
+static void load_snapshot(const mk_engine *e, bt_engine_load *l) {
+    l->active_decode_blocks = e->used_blocks;
+    l->total_blocks = (uint64_t)e->cfg.num_gpu_blocks;
+    l->active_prefill_tokens = e->prefill_pending;
+    l->waiting = e->waiting.n;
+    l->running = e->running.n;
+    l->max_num_batched_tokens = (uint64_t)e->cfg.max_num_batched_tokens;
+}
+
+static bool load_changed(const mk_engine *e) {
+    bt_engine_load l;
+    load_snapshot(e, &l);
+    return memcmp(&l, &e->last_load, sizeof l) != 0;
+}
+
+static void on_timer(uv_timer_t *t);
+
+/* Arms the timer for the next thing to do, or stops it when there is nothing. */
+static void schedule(mk_engine *e) {
+    if (e->destroying) return;
+    if (e->dead) {
+        if (!e->dead_notified) uv_timer_start(&e->timer, on_timer, 0, 0);
+        else uv_timer_stop(&e->timer);
+        return;
+    }
+    bool work = (!e->stalled && (e->waiting.n || e->running.n)) || e->dirty_head || load_changed(e);
+    if (!work) {
+        uv_timer_stop(&e->timer);
+        return;
+    }
+    uint64_t now = bt_now_ns(), delay = 0;
+    if (e->vclock > now) delay = (e->vclock - now + 999999u) / 1000000u;
+    uv_update_time(e->loop); /* the timer counts from now, not from the start of this iteration */
+    uv_timer_start(&e->timer, on_timer, delay, 0);
+}
+
+/* Wakes the timer after submit/stop/kill/inject; a no-op while it is armed or running, since the
+ * end of the callback re-arms it for whatever is now pending. */
+static void kick(mk_engine *e) {
+    if (e->dead || e->destroying || e->in_cb) return;
+    if (uv_is_active((uv_handle_t *)&e->timer)) return;
+    uint64_t now = bt_now_ns();
+    if (e->vclock < now) e->vclock = now; /* time spent idle is not simulated */
+    uv_timer_start(&e->timer, on_timer, 0, 0);
+}
+
+/* The engine died: deliver what was already produced, then tell the worker once. */
+static void die(mk_engine *e) {
+    if (!e->dead_notified) {
+        flush(e);
+        if (e->destroying) return;
+        e->dead_notified = true;
+        uv_timer_stop(&e->timer);
+        if (e->hooks.on_dead) e->hooks.on_dead(e->hooks_ud, "mocker fault: engine dead");
+        return;
+    }
+    uv_timer_stop(&e->timer);
+}
+
+static void on_timer(uv_timer_t *t) {
+    mk_engine *e = t->data;
+    e->in_cb = true;
+    uint64_t now = bt_now_ns();
+    if (e->dead) {
+        die(e);
+        if (!e->destroying) e->in_cb = false;
+        return;
+    }
+    if (e->vclock <= now) {
+        uint64_t t0 = now;
+        for (int n = 0; n < MK_MAX_STEPS_PER_CB && !e->stalled && !e->dead; n++) {
+            if (!e->waiting.n && !e->running.n) break;
+            if (e->vclock > now) break; /* the last step has not ended yet */
+            e->vclock += step(e);
+            now = bt_now_ns();
+            if (now - t0 >= MK_MAX_NS_PER_CB) break;
+        }
+        if (e->dead) {
+            die(e);
+            if (!e->destroying) e->in_cb = false;
+            return;
+        }
+        /* Output is delivered when real time reaches the end of the step that produced it. */
+        if (e->vclock <= now) {
+            flush(e);
+            if (e->destroying) return;
+        }
+    }
+    if (!e->dead && load_changed(e)) {
+        load_snapshot(e, &e->last_load);
+        if (e->hooks.on_load) {
+            e->hooks.on_load(e->hooks_ud);
+            if (e->destroying) return;
+        }
+    }
+    e->in_cb = false;
+    schedule(e);
+}
+
+/* ---- prompts -------------------------------------------------------------------------------- */
+
+static bt_status append_content(bt_buf *b, const json_t *content, char *err, size_t errlen) {
+    if (!content || json_is_null(content)) return BT_OK;
+    if (json_is_string(content)) return bt_buf_append(b, json_string_value(content), json_string_length(content));
+    if (!json_is_array(content)) {
+        snprintf(err, errlen, "message content must be a string or an array of parts");
+        return BT_ERR_INVALID;
+    }
+    size_t i;
+    const json_t *part;
+    json_array_foreach(content, i, part) {
+        const json_t *text = json_object_get(part, "text");
+        const char *type = json_string_value(json_object_get(part, "type"));
+        if (!json_is_string(text) || (type && strcmp(type, "text") != 0)) continue; /* images etc. carry no text */
+        bt_status st = bt_buf_append(b, json_string_value(text), json_string_length(text));
+        if (st != BT_OK) return st;
+    }
+    return BT_OK;
+}
+
+/* Renders chat messages as "<role>: <content>\n" each, then "assistant:". */
+static bt_status render_chat(const json_t *body, bt_buf *b, char *err, size_t errlen) {
+    const json_t *msgs = json_object_get(body, "messages");
+    if (!json_is_array(msgs)) {
+        snprintf(err, errlen, "chat request has no \"messages\" array");
+        return BT_ERR_INVALID;
+    }
+    size_t i;
+    const json_t *m;
+    json_array_foreach(msgs, i, m) {
+        if (!json_is_object(m)) {
+            snprintf(err, errlen, "messages[%zu] is not an object", i);
+            return BT_ERR_INVALID;
+        }
+        const char *role = json_string_value(json_object_get(m, "role"));
+        bt_status st = bt_buf_append_str(b, role ? role : "user");
+        if (st == BT_OK) st = bt_buf_append(b, ": ", 2);
+        if (st == BT_OK) st = append_content(b, json_object_get(m, "content"), err, errlen);
+        if (st == BT_OK) st = bt_buf_append(b, "\n", 1);
+        if (st != BT_OK) {
+            if (st != BT_ERR_INVALID) snprintf(err, errlen, "chat prompt too large");
+            return st;
+        }
+    }
+    if (bt_buf_append_str(b, "assistant:") != BT_OK) {
+        snprintf(err, errlen, "chat prompt too large");
+        return BT_ERR_TOO_LARGE;
+    }
+    return BT_OK;
+}
+
+static bt_status tokenize_alloc(const char *text, size_t len, uint32_t **ids, size_t *n) {
+    *ids = malloc((len + 1) * sizeof **ids); /* every token covers at least one byte */
+    if (!*ids) return BT_ERR_NOMEM;
+    *n = bt_mocker_tokenize(text, len, *ids, len + 1);
+    return BT_OK;
+}
+
+/* The prompt's token ids (malloc'd into *ids). */
+static bt_status prompt_ids(const bt_engine_request *req, uint32_t **ids, size_t *n, char *err, size_t errlen) {
+    *ids = NULL;
+    *n = 0;
+    if (!req->body || !json_is_object(req->body)) {
+        snprintf(err, errlen, "request has no JSON body");
+        return BT_ERR_INVALID;
+    }
+    if (req->api == BT_API_CHAT) {
+        bt_buf b;
+        bt_buf_init(&b, MK_TEXT_CAP);
+        bt_status st = render_chat(req->body, &b, err, errlen);
+        if (st == BT_OK) st = tokenize_alloc(b.data ? b.data : "", b.len, ids, n);
+        bt_buf_free(&b);
+        return st;
+    }
+    const json_t *p = json_object_get(req->body, "prompt");
+    if (json_is_string(p)) return tokenize_alloc(json_string_value(p), json_string_length(p), ids, n);
+    if (!json_is_array(p)) {
+        snprintf(err, errlen, "completion request has no \"prompt\" (a string or an array of token ids)");
+        return BT_ERR_INVALID;
+    }
+    size_t len = json_array_size(p);
+    if (len == 1 && json_is_string(json_array_get(p, 0))) {
+        const json_t *s = json_array_get(p, 0);
+        return tokenize_alloc(json_string_value(s), json_string_length(s), ids, n);
+    }
+    *ids = malloc((len + 1) * sizeof **ids);
+    if (!*ids) return BT_ERR_NOMEM;
+    for (size_t i = 0; i < len; i++) {
+        const json_t *v = json_array_get(p, i);
+        json_int_t id = json_is_integer(v) ? json_integer_value(v) : -1;
+        if (!json_is_integer(v) || id < 0 || id >= (json_int_t)BT_MOCKER_VOCAB) {
+            if (json_is_integer(v))
+                snprintf(err, errlen, "prompt token id %lld is outside the vocabulary [0, %u)", (long long)id,
+                         BT_MOCKER_VOCAB);
+            else
+                snprintf(err, errlen, "a prompt array must hold token ids or exactly one string");
+            free(*ids);
+            *ids = NULL;
+            return BT_ERR_INVALID;
+        }
+        (*ids)[i] = (uint32_t)id;
+    }
+    *n = len;
+    return BT_OK;
+}
+
+/* max_tokens as the request means it: req->max_tokens when the body states a limit (or the caller
+ * filled one in); otherwise default_max_tokens less what earlier attempts generated. */
+static uint32_t effective_max_tokens(const mk_engine *e, const bt_engine_request *req) {
+    const json_t *mt = json_object_get(req->body, "max_tokens");
+    const json_t *mct = json_object_get(req->body, "max_completion_tokens");
+    bool explicit_limit = json_is_integer(mt) || json_is_integer(mct);
+    if (explicit_limit || req->max_tokens > 0) return req->max_tokens;
+    uint64_t d = (uint64_t)e->cfg.default_max_tokens;
+    return d > req->n_carried ? (uint32_t)(d - req->n_carried) : 0;
+}
+
+/* ---- engine operations ---------------------------------------------------------------------- */
+
+static bt_status mk_submit(bt_engine *be, const bt_engine_request *req, const bt_engine_sink *sink, void *ud,
+                           bt_engine_seq **out, char *err, size_t errlen) {
+    mk_engine *e = (mk_engine *)be;
+    char dummy[1];
+    if (!err || errlen == 0) {
+        err = dummy;
+        errlen = sizeof dummy;
+    }
+    err[0] = '\0';
+    if (out) *out = NULL;
+    if (!req || !sink || !out || !sink->on_tokens || !sink->on_finish || !sink->on_error) {
+        snprintf(err, errlen, "submit needs a request, a complete sink and an output handle");
+        return BT_ERR_INVALID;
+    }
+    if (e->dead) {
+        snprintf(err, errlen, "mocker engine is dead");
+        return BT_ERR_ENGINE;
+    }
+    if (req->n_carried && !req->carried) {
+        snprintf(err, errlen, "n_carried is %u but carried is NULL", req->n_carried);
+        return BT_ERR_INVALID;
+    }
+
+    uint32_t *ids = NULL;
+    size_t n_ids = 0;
+    bt_status st = prompt_ids(req, &ids, &n_ids, err, errlen);
+    if (st != BT_OK) {
+        if (st == BT_ERR_NOMEM) snprintf(err, errlen, "out of memory tokenizing the prompt");
+        return st;
+    }
+    uint32_t max_new = effective_max_tokens(e, req);
+    uint64_t total = (uint64_t)n_ids + req->n_carried + max_new;
+    uint64_t need = blocks_for(e, total);
+    if (n_ids > UINT32_MAX || need > e->usable_blocks) {
+        snprintf(err, errlen,
+                 "prompt of %zu tokens + %u carried + max_tokens %u needs %llu KV blocks of %lld tokens; "
+                 "the engine admits at most %llu",
+                 n_ids, req->n_carried, max_new, (unsigned long long)need, (long long)e->cfg.block_size,
+                 (unsigned long long)e->usable_blocks);
+        free(ids);
+        return BT_ERR_TOO_LARGE;
+    }
+
+    bt_engine_seq *s = calloc(1, sizeof *s);
+    if (!s) {
+        free(ids);
+        snprintf(err, errlen, "out of memory");
+        return BT_ERR_NOMEM;
+    }
+    s->sink = *sink;
+    s->ud = ud;
+    s->seed = req->seed;
+    s->temperature = req->temperature;
+    s->prompt_tokens = (uint32_t)n_ids;
+    s->n_carried = req->n_carried;
+    s->max_new = max_new;
+    s->seq_len = n_ids + req->n_carried;
+    bt_buf_init(&s->win, MK_TEXT_CAP);
+    bt_buf_init(&s->out_text, MK_TEXT_CAP);
+    for (size_t i = 0; i < n_ids; i++) s->state = bt_mocker_state_push(s->state, ids[i]);
+    for (uint32_t i = 0; i < req->n_carried; i++) s->state = bt_mocker_state_push(s->state, req->carried[i]);
+    free(ids);
+
+    int n_stop = req->n_stop < BT_MAX_STOP ? req->n_stop : BT_MAX_STOP;
+    for (int i = 0; i < n_stop; i++) {
+        if (!req->stop[i] || !req->stop[i][0]) continue; /* an empty stop string matches nothing */
+        size_t l = strlen(req->stop[i]);
+        char *c = malloc(l + 1);
+        if (!c) goto nomem;
+        memcpy(c, req->stop[i], l + 1);
+        s->stop[s->n_stop] = c;
+        s->stop_len[s->n_stop++] = l;
+        if (l > s->max_stop) s->max_stop = l;
+    }
+
+    if (s->n_stop) {
+        /* Carried text was delivered by an earlier attempt: it is context for matching. A stop
+         * string wholly inside it means the stream had already ended; one that starts in it can
+         * still be completed by the first new tokens. */
+        for (uint32_t i = 0; i < req->n_carried; i++) {
+            size_t l;
+            const char *t = bt_mocker_token_text(req->carried[i], &l);
+            if (bt_buf_append(&s->win, t, l) != BT_OK) goto nomem;
+        }
+        s->ctx_len = s->win.len;
+        if (stop_find(s) != SIZE_MAX) seq_end(e, s, END_FINISH, BT_FINISH_STOP, BT_OK, NULL);
+        ctx_trim(s);
+    }
+    if (s->end == END_NONE && max_new == 0) seq_end(e, s, END_FINISH, BT_FINISH_LENGTH, BT_OK, NULL);
+    if (s->end == END_NONE) {
+        s->phase = SEQ_WAITING;
+        list_push_tail(&e->waiting, s);
+    }
+    BT_DEBUG("mocker: submitted %s: %u prompt + %u carried tokens, max_tokens %u", req->request_id ? req->request_id : "-",
+             s->prompt_tokens, s->n_carried, max_new);
+    *out = s;
+    kick(e);
+    return BT_OK;
+
+nomem:
+    seq_free(e, s);
+    snprintf(err, errlen, "out of memory");
+    return BT_ERR_NOMEM;
+}
+
+static void mk_stop(bt_engine *be, bt_engine_seq *s) {
+    mk_engine *e = (mk_engine *)be;
+    if (!s || s->killed || s->end != END_NONE || e->dead) return;
+    seq_end(e, s, END_FINISH, BT_FINISH_CANCELLED, BT_OK, NULL);
+    kick(e);
+}
+
+static void mk_kill(bt_engine *be, bt_engine_seq *s) {
+    mk_engine *e = (mk_engine *)be;
+    if (!s || s->killed) return;
+    if (s == e->cur) {
+        /* Killed from inside its own callback: free it when that callback returns. */
+        seq_unschedule(e, s);
+        s->killed = true;
+    } else {
+        seq_free(e, s);
+    }
+    kick(e);
+}
+
+static void mk_get_load(bt_engine *be, bt_engine_load *out) { load_snapshot((mk_engine *)be, out); }
+
+static void mk_card(bt_engine *be, json_t *card) {
+    mk_engine *e = (mk_engine *)be;
+    json_object_set_new(card, "total_kv_blocks", json_integer(e->cfg.num_gpu_blocks));
+    json_object_set_new(card, "block_size", json_integer(e->cfg.block_size));
+    json_object_set_new(card, "max_num_seqs", json_integer(e->cfg.max_num_seqs));
+    json_object_set_new(card, "max_num_batched_tokens", json_integer(e->cfg.max_num_batched_tokens));
+}
+
+static void on_close(uv_handle_t *h) { free(h->data); }
+
+/* Drops every sequence without callbacks and closes the timer; the engine's memory is freed by
+ * the close callback, so the loop must run once more (as for any libuv handle). Safe to call from
+ * inside a sink or hook callback of this engine. */
+static void mk_destroy(bt_engine *be) {
+    mk_engine *e = (mk_engine *)be;
+    if (e->destroying) return;
+    e->destroying = true;
+    bt_engine_seq *s;
+    while ((s = e->waiting.head) != NULL) {
+        if (s == e->cur) e->cur = NULL;
+        seq_free(e, s);
+    }
+    while ((s = e->running.head) != NULL) {
+        if (s == e->cur) e->cur = NULL;
+        seq_free(e, s);
+    }
+    while ((s = e->dirty_head) != NULL) {
+        if (s == e->cur) e->cur = NULL;
+        seq_free(e, s);
+    }
+    if (e->cur) seq_free(e, e->cur);
+    e->cur = NULL;
+    uv_timer_stop(&e->timer);
+    uv_close((uv_handle_t *)&e->timer, on_close);
+}
+
+static const bt_engine_ops mk_ops = {
+    .submit = mk_submit,
+    .stop = mk_stop,
+    .kill = mk_kill,
+    .get_load = mk_get_load,
+    .card = mk_card,
+    .destroy = mk_destroy,
+};
+
+/* ---- public --------------------------------------------------------------------------------- */
+
+void bt_mocker_config_default(bt_mocker_config *c) {
+    memset(c, 0, sizeof *c);
+    c->num_gpu_blocks = 16384;
+    c->block_size = 64;
+    c->max_num_seqs = 256;
+    c->max_num_batched_tokens = 8192;
+    c->watermark = 0.01;
+    c->speedup_ratio = 1.0;
+    c->default_max_tokens = 256;
+}
+
+bt_status bt_mocker_config_check(const bt_mocker_config *c, char *err, size_t errlen) {
+    char dummy[1];
+    if (!err || errlen == 0) {
+        err = dummy;
+        errlen = sizeof dummy;
+    }
+    if (c->block_size <= 1) {
+        snprintf(err, errlen, "block_size must be greater than 1 (got %lld)", (long long)c->block_size);
+    } else if (c->num_gpu_blocks <= 0) {
+        snprintf(err, errlen, "num_gpu_blocks must be positive (got %lld)", (long long)c->num_gpu_blocks);
+    } else if (c->num_gpu_blocks > INT64_MAX / c->block_size) {
+        snprintf(err, errlen, "num_gpu_blocks × block_size overflows (%lld × %lld)", (long long)c->num_gpu_blocks,
+                 (long long)c->block_size);
+    } else if (c->max_num_seqs <= 0) {
+        snprintf(err, errlen, "max_num_seqs must be positive (got %lld)", (long long)c->max_num_seqs);
+    } else if (c->max_num_batched_tokens <= 0) {
+        snprintf(err, errlen, "max_num_batched_tokens must be positive (got %lld)",
+                 (long long)c->max_num_batched_tokens);
+    } else if (!(c->watermark >= 0.0 && c->watermark < 1.0)) {
+        snprintf(err, errlen, "watermark must be in [0, 1) (got %g)", c->watermark);
+    } else if (floor((1.0 - c->watermark) * (double)c->num_gpu_blocks) < 1.0) {
+        snprintf(err, errlen, "watermark %g leaves none of the %lld KV blocks usable", c->watermark,
+                 (long long)c->num_gpu_blocks);
+    } else if (!(c->speedup_ratio > 0.0) || isinf(c->speedup_ratio)) {
+        snprintf(err, errlen, "speedup_ratio must be a positive finite number (got %g)", c->speedup_ratio);
+    } else if (c->default_max_tokens <= 0 || c->default_max_tokens > UINT32_MAX) {
+        snprintf(err, errlen, "default_max_tokens must be in [1, %u] (got %lld)", UINT32_MAX,
+                 (long long)c->default_max_tokens);
+    } else if (c->fault_die_after_tokens < 0 || c->fault_stall_after_tokens < 0 || c->fault_error_after_tokens < 0) {
+        snprintf(err, errlen, "fault hook token counts must be >= 0 (0 = off)");
+    } else {
+        err[0] = '\0';
+        return BT_OK;
+    }
+    return BT_ERR_INVALID;
+}
+
+bt_engine *bt_mocker_create(uv_loop_t *loop, const bt_mocker_config *cfg, const bt_engine_hooks *hooks,
+                            void *hooks_ud) {
+    char err[256];
+    if (!loop || !cfg) return NULL;
+    if (bt_mocker_config_check(cfg, err, sizeof err) != BT_OK) {
+        BT_ERROR("mocker: bad configuration: %s", err);
+        return NULL;
+    }
+    mk_engine *e = calloc(1, sizeof *e);
+    if (!e) return NULL;
+    e->base.ops = &mk_ops;
+    e->loop = loop;
+    e->cfg = *cfg;
+    if (hooks) e->hooks = *hooks;
+    e->hooks_ud = hooks_ud;
+    e->usable_blocks = (uint64_t)floor((1.0 - cfg->watermark) * (double)cfg->num_gpu_blocks);
+    if (uv_timer_init(loop, &e->timer) != 0) {
+        free(e);
+        return NULL;
+    }
+    e->timer.data = e;
+    load_snapshot(e, &e->last_load);
+    bt_mocker_token_text(0, NULL); /* build the vocabulary now rather than on the first request */
+    BT_INFO("mocker: %lld KV blocks of %lld tokens (watermark %g), %lld seqs, %lld batched tokens, speedup %g",
+            (long long)cfg->num_gpu_blocks, (long long)cfg->block_size, cfg->watermark, (long long)cfg->max_num_seqs,
+            (long long)cfg->max_num_batched_tokens, cfg->speedup_ratio);
+    return &e->base;
+}
+
+void bt_mocker_inject(bt_engine *be, bt_mocker_fault f) {
+    mk_engine *e = (mk_engine *)be;
+    if (!e || e->destroying || e->dead) return;
+    switch (f) {
+    case BT_MOCKER_FAULT_DIE:
+        BT_WARN("mocker: fault injected: engine dead");
+        e->dead = true;
+        if (!e->in_cb) uv_timer_start(&e->timer, on_timer, 0, 0); /* on_dead comes from the loop */
+        break;
+    case BT_MOCKER_FAULT_STALL:
+        BT_WARN("mocker: fault injected: engine stalled");
+        e->stalled = true;
+        break;
+    case BT_MOCKER_FAULT_RESUME:
+        if (e->stalled) BT_WARN("mocker: fault cleared: engine resumes");
+        e->stalled = false;
+        kick(e);
+        break;
+    }
+}

@@ -1,0 +1,198 @@
+/* fe.h — the frontend's internal types, shared by its modules (not a public interface).
+ *
+ *   frontend.c  process: options, HTTP routing, probes, /v1/models, shutdown
+ *   workers.c   the worker set: discovery watch, request-plane connections, load, quarantine, routing
+ *   request.c   one client request: validation, dispatch, token relay (SSE or JSON), migration, cancel
+ *   metrics.c   per-model counters and histograms, Prometheus text
+ *
+ * Everything runs on one libuv loop. A request lives on that loop from start to end. */
+#ifndef BATON_FE_H
+#define BATON_FE_H
+
+#include <jansson.h>
+#include <math.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "common/map.h"
+#include "common/util.h"
+#include "discovery/discovery.h"
+#include "engine/engine.h"
+#include "frontend/http.h"
+#include "proto/proto.h"
+#include "rpc/conn.h"
+
+typedef struct fe fe;
+typedef struct fe_worker fe_worker;
+typedef struct fe_req fe_req;
+typedef struct fe_model fe_model;
+
+/* ---- metrics ---- */
+#define FE_HIST_BUCKETS 16
+typedef struct {
+    uint64_t counts[FE_HIST_BUCKETS + 1]; /* last = +Inf */
+    double sum;
+    uint64_t n;
+} fe_hist;
+
+typedef enum { FE_OUT_SUCCESS = 0, FE_OUT_ERROR = 1, FE_OUT_CANCELLED = 2, FE_OUT_REJECTED = 3, FE_OUT_N_ } fe_outcome;
+
+typedef struct {
+    uint64_t requests[2][2][FE_OUT_N_]; /* [api][streaming][outcome] */
+    int64_t inflight;
+    fe_hist ttft, itl, migration_stall, duration;
+    uint64_t migrations_new, migrations_ongoing, migrations_exhausted;
+    uint64_t cancellations[2]; /* [streaming] */
+    uint64_t rejections[2];    /* [api] */
+    uint64_t tokens_out;
+} fe_stats;
+
+struct fe_model {
+    char name[128];
+    fe_stats st;
+    double decode_threshold;  /* NaN = unset */
+    double prefill_threshold; /* NaN = unset */
+    fe_model *next;
+};
+
+/* ---- workers ---- */
+typedef enum { FW_CONNECTING, FW_READY, FW_DOWN } fw_state;
+
+struct fe_worker {
+    fe *fe;
+    uint64_t id;
+    char key[256];
+    char host[64];
+    int port;
+    char transport[96];
+    char model[128];
+    char ns[64], component[64], endpoint[64];
+    bt_rpc_conn *conn;
+    fw_state state;
+    bool in_discovery; /* false once its key is gone: finish streams, then forget */
+    bool goaway;       /* the worker is draining: route nothing new */
+    uint64_t quarantined_until_ms;
+    bt_load_report load;
+    uint64_t load_ms; /* when the last LOAD arrived (0 = never) */
+    uint64_t total_blocks_card;
+    bt_map streams; /* stream id → fe_req */
+    uint32_t next_stream;
+    uint32_t backoff_ms;
+    uv_timer_t retry_timer;
+    bool retry_timer_inited;
+    bool freeing;
+    uint64_t routed_total;
+    fe_worker *next;
+};
+
+/* ---- requests ---- */
+typedef enum { RQ_ROUTING, RQ_STREAMING, RQ_DONE } rq_state;
+
+struct fe_req {
+    fe *fe;
+    fe_model *model;
+    bt_http_req *http; /* NULL once the client is gone */
+    char rid[80];
+    bt_api api;
+    json_t *body;
+    bool stream, include_usage, return_ids;
+    int64_t max_tokens; /* as the client asked (after defaults) */
+    uint32_t *ids;      /* every token id delivered to the client */
+    size_t nids, ids_cap;
+    bt_buf text;   /* non-streaming: text so far */
+    bt_buf prefix; /* streaming: the constant head of every chunk, built once */
+    int attempts_left;
+    int attempts;
+    fe_worker *worker; /* current attempt, or NULL */
+    uint32_t stream_id;
+    uint32_t attempt_tokens; /* tokens received on the current attempt */
+    uint64_t failed_worker;  /* id of the worker that failed last, avoided for the retry */
+    rq_state state;
+    bool headers_sent;
+    bool role_sent;
+    bool stopping; /* an operator asked for a graceful stop */
+    uint64_t t_start_us, t_first_us, t_last_us, t_fail_us;
+    int64_t created;
+    uint32_t prompt_tokens, completion_tokens;
+    fe_req *prev, *next; /* all live requests */
+};
+
+/* ---- options and process ---- */
+typedef struct {
+    int64_t http_port;
+    const char *http_host;
+    const char *ns;
+    const char *discovery;
+    const char *discovery_dir;
+    const char *etcd_endpoints;
+    int64_t migration_limit;
+    const char *router_mode;
+    double decode_threshold;
+    double prefill_threshold;
+    double stall_timeout;
+    const char *api_key;
+    int64_t max_body;
+    int64_t drain_timeout;
+    int64_t accept_window_ms;
+} fe_opts;
+
+typedef enum { ROUTE_ROUND_ROBIN, ROUTE_RANDOM, ROUTE_LEAST_LOADED } fe_route_mode;
+
+struct fe {
+    uv_loop_t *loop;
+    fe_opts o;
+    fe_route_mode mode;
+    bt_http_server *http;
+    bt_discovery *disc;
+    fe_worker *workers;
+    size_t nworkers;
+    fe_model *models;
+    fe_req *reqs;
+    size_t nreqs;
+    uint64_t rr;
+    uint64_t instance_id;
+    bool shutting_down;
+    uv_signal_t sig_term, sig_int;
+    uv_timer_t shutdown_timer;
+    uint64_t shutdown_started_ms;
+    bt_buf scratch; /* reused for building SSE chunks */
+    uint64_t disconnected_clients;
+    uint64_t requests_seen;
+    uint64_t started_ms;
+    int exit_code;
+};
+
+/* workers.c */
+void fe_workers_start(fe *f);
+void fe_workers_stop(fe *f);
+/* Picks a worker for `model`, avoiding `avoid` when another is available. NULL if none. */
+fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, bool *all_busy);
+bool fe_worker_routable(const fe_worker *w);
+bool fe_worker_busy(const fe_worker *w, const fe_model *m);
+void fe_worker_quarantine(fe_worker *w, const char *why);
+/* Sends a REQUEST for req on w; returns the stream id or 0 if the connection is unusable. */
+uint32_t fe_worker_send_request(fe_worker *w, fe_req *req);
+void fe_worker_send_cancel(fe_worker *w, uint32_t stream, bool kill);
+void fe_worker_stream_done(fe_worker *w, uint32_t stream);
+size_t fe_worker_inflight(const fe_worker *w);
+fe_model *fe_model_get(fe *f, const char *name, bool create);
+
+/* request.c */
+void fe_request_start(fe *f, bt_http_req *http, bt_api api);
+void fe_request_abort(fe *f, bt_http_req *http);
+void fe_request_on_tokens(fe_req *r, const uint32_t *ids, size_t n, const char *text, size_t len);
+void fe_request_on_finish(fe_req *r, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens);
+/* The current attempt failed (worker error frame, connection lost, worker declared dead). */
+void fe_request_on_attempt_failed(fe_req *r, bt_status code, const char *msg);
+/* Operator cancel: stop (graceful) or kill. Returns false if no such request. */
+bool fe_request_cancel_by_id(fe *f, const char *rid, bool kill);
+/* Answers with OpenAI's error shape {"error":{"message","type","code"}}; rid may be NULL. */
+void fe_json_error(bt_http_req *http, const char *rid, int status, const char *type, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+
+/* metrics.c */
+void fe_hist_observe(fe_hist *h, double seconds);
+void fe_metrics_render(fe *f, bt_buf *out);
+
+#endif

@@ -1,0 +1,369 @@
+/* frontend.c — `baton frontend`: process set-up, HTTP routing, probes, models, operator
+ * endpoints and shutdown.
+ *
+ * Shutdown (SIGTERM/SIGINT): /live turns 503 at once; new requests are still accepted for the
+ * accept window (--shutdown-accept-window-ms, so that a load balancer has time to notice), then
+ * refused with 503; running streams get --shutdown-drain-timeout seconds to finish; then every
+ * connection closes and the process exits 0. A second signal exits at once. */
+#include "frontend/frontend.h"
+
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/log.h"
+#include "common/opts.h"
+#include "frontend/fe.h"
+
+static void respond_json(bt_http_req *http, int status, json_t *j) {
+    char *s = json_dumps(j, JSON_COMPACT);
+    bt_http_respond(http, status, "application/json", NULL, s ? s : "{}", s ? strlen(s) : 2);
+    free(s);
+    json_decref(j);
+}
+
+static void handle_health(fe *f, bt_http_req *http) {
+    json_t *eps = json_array();
+    json_t *insts = json_array();
+    for (fe_worker *w = f->workers; w; w = w->next) {
+        if (!fe_worker_routable(w)) continue;
+        char ep[256];
+        snprintf(ep, sizeof ep, "dyn://%s.%s.%s", w->ns, w->component, w->endpoint);
+        bool seen = false;
+        size_t i;
+        json_t *v;
+        json_array_foreach(eps, i, v) seen = seen || strcmp(json_string_value(v), ep) == 0;
+        if (!seen) json_array_append_new(eps, json_string(ep));
+        json_array_append_new(insts, json_pack("{s:s, s:s, s:s, s:I, s:{s:s}, s:s}", "namespace", w->ns, "component",
+                                               w->component, "endpoint", w->endpoint, "instance_id",
+                                               (json_int_t)w->id, "transport", "tcp", w->transport, "model", w->model));
+    }
+    respond_json(http, 200, json_pack("{s:s, s:o, s:o}", "status", "healthy", "endpoints", eps, "instances", insts));
+}
+
+static void handle_models(fe *f, bt_http_req *http) {
+    json_t *data = json_array();
+    for (fe_model *m = f->models; m; m = m->next) {
+        bool served = false;
+        for (fe_worker *w = f->workers; w; w = w->next) served = served || strcmp(w->model, m->name) == 0;
+        if (served)
+            json_array_append_new(data, json_pack("{s:s, s:s, s:I, s:s}", "id", m->name, "object", "model", "created",
+                                                  (json_int_t)(f->started_ms / 1000), "owned_by", "baton"));
+    }
+    respond_json(http, 200, json_pack("{s:s, s:o}", "object", "list", "data", data));
+}
+
+static json_t *threshold_json(const fe_model *m) {
+    return json_pack("{s:s, s:o, s:o}", "model", m->name, "active_decode_blocks_threshold",
+                     isnan(m->decode_threshold) ? json_null() : json_real(m->decode_threshold),
+                     "active_prefill_tokens_threshold",
+                     isnan(m->prefill_threshold) ? json_null() : json_integer((json_int_t)m->prefill_threshold));
+}
+
+/* GET/POST /busy_threshold with Dynamo's bodies and codes (400 out of range, 404 unknown model,
+ * 422 bad JSON). */
+static void handle_busy_threshold(fe *f, bt_http_req *http) {
+    if (http->method == BT_HTTP_GET) {
+        json_t *arr = json_array();
+        for (fe_model *m = f->models; m; m = m->next) json_array_append_new(arr, threshold_json(m));
+        respond_json(http, 200, json_pack("{s:o}", "thresholds", arr));
+        return;
+    }
+    json_error_t jerr;
+    json_t *b = json_loadb(http->body, http->body_len, 0, &jerr);
+    const char *name = json_string_value(json_object_get(b, "model"));
+    if (!json_is_object(b) || !name) {
+        respond_json(http, 422, json_pack("{s:s}", "error", b ? "'model' (string) is required" : jerr.text));
+        json_decref(b);
+        return;
+    }
+    fe_model *m = fe_model_get(f, name, false);
+    if (!m) {
+        char msg[300];
+        snprintf(msg, sizeof msg, "Model '%s' not found. Thresholds can only be set for discovered models.", name);
+        respond_json(http, 404, json_pack("{s:s}", "error", msg));
+        json_decref(b);
+        return;
+    }
+    json_t *d = json_object_get(b, "active_decode_blocks_threshold");
+    json_t *p = json_object_get(b, "active_prefill_tokens_threshold");
+    if ((d && !json_is_number(d) && !json_is_null(d)) || (p && !json_is_number(p) && !json_is_null(p))) {
+        respond_json(http, 422, json_pack("{s:s}", "error", "thresholds must be numbers or null"));
+        json_decref(b);
+        return;
+    }
+    if (json_is_number(d) && (json_number_value(d) < 0 || json_number_value(d) > 1)) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "active_decode_blocks_threshold must be between 0.0 and 1.0, got %g",
+                 json_number_value(d));
+        respond_json(http, 400, json_pack("{s:s}", "error", msg));
+        json_decref(b);
+        return;
+    }
+    if (json_is_number(p) && json_number_value(p) < 0) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "active_prefill_tokens_threshold must be non-negative, got %g", json_number_value(p));
+        respond_json(http, 400, json_pack("{s:s}", "error", msg));
+        json_decref(b);
+        return;
+    }
+    if (d) m->decode_threshold = json_is_null(d) ? NAN : json_number_value(d);
+    if (p) m->prefill_threshold = json_is_null(p) ? NAN : json_number_value(p);
+    if (d || p)
+        BT_INFO("Updated busy thresholds for model '%s': decode %g, prefill tokens %g", m->name, m->decode_threshold,
+                m->prefill_threshold);
+    json_decref(b);
+    respond_json(http, 200, threshold_json(m));
+}
+
+/* POST /v1/requests/{id}/cancel, body {"mode":"stop"|"kill"} (default stop). */
+static void handle_cancel(fe *f, bt_http_req *http, const char *rid) {
+    json_t *b = http->body_len ? json_loadb(http->body, http->body_len, 0, NULL) : json_object();
+    const char *mode = json_string_value(json_object_get(b, "mode"));
+    if (!b || (mode && strcmp(mode, "stop") != 0 && strcmp(mode, "kill") != 0)) {
+        fe_json_error(http, NULL, 400, "invalid_request_error", "body must be {\"mode\":\"stop\"|\"kill\"}");
+        json_decref(b);
+        return;
+    }
+    bool kill = mode && strcmp(mode, "kill") == 0;
+    json_decref(b);
+    if (!fe_request_cancel_by_id(f, rid, kill)) {
+        fe_json_error(http, NULL, 404, "not_found_error", "no running request with id '%s'", rid);
+        return;
+    }
+    respond_json(http, 200, json_pack("{s:s, s:s, s:s}", "request_id", rid, "mode", kill ? "kill" : "stop", "status",
+                                      "cancelling"));
+}
+
+static bool authorized(fe *f, bt_http_req *http) {
+    if (!f->o.api_key || !*f->o.api_key) return true;
+    const char *a = http->authorization;
+    return a && strncmp(a, "Bearer ", 7) == 0 && strcmp(a + 7, f->o.api_key) == 0;
+}
+
+static void on_http_request(void *ud, bt_http_req *http) {
+    fe *f = ud;
+    const char *p = http->path;
+    bool get = http->method == BT_HTTP_GET, post = http->method == BT_HTTP_POST;
+    /* probes and metrics stay open */
+    if (strcmp(p, "/live") == 0 && get) {
+        if (f->shutting_down)
+            bt_http_respond(http, 503, "application/json", NULL,
+                            "{\"status\":\"shutting_down\",\"message\":\"Service is shutting down\"}", 63);
+        else
+            bt_http_respond(http, 200, "application/json", NULL, "{\"status\":\"live\",\"message\":\"Service is live\"}",
+                            46);
+        return;
+    }
+    if (strcmp(p, "/health") == 0 && get) return handle_health(f, http);
+    if (strcmp(p, "/metrics") == 0 && get) {
+        bt_buf b;
+        bt_buf_init(&b, (size_t)16 << 20);
+        fe_metrics_render(f, &b);
+        bt_http_respond(http, 200, "text/plain; version=0.0.4", NULL, b.data ? b.data : "", b.len);
+        bt_buf_free(&b);
+        return;
+    }
+    if (!authorized(f, http)) {
+        fe_json_error(http, NULL, 401, "authentication_error", "missing or invalid API key");
+        return;
+    }
+    if (strcmp(p, "/v1/chat/completions") == 0 && post) return fe_request_start(f, http, BT_API_CHAT);
+    if (strcmp(p, "/v1/completions") == 0 && post) return fe_request_start(f, http, BT_API_COMPLETION);
+    if (strcmp(p, "/v1/models") == 0 && get) return handle_models(f, http);
+    if (strcmp(p, "/busy_threshold") == 0 && (get || post)) return handle_busy_threshold(f, http);
+    if (strncmp(p, "/v1/requests/", 13) == 0 && post) {
+        const char *rid = p + 13;
+        const char *slash = strchr(rid, '/');
+        if (slash && strcmp(slash, "/cancel") == 0 && slash > rid && slash - rid < 80) {
+            char id[80];
+            snprintf(id, sizeof id, "%.*s", (int)(slash - rid), rid);
+            return handle_cancel(f, http, id);
+        }
+    }
+    bool known = strcmp(p, "/v1/chat/completions") == 0 || strcmp(p, "/v1/completions") == 0 ||
+                 strcmp(p, "/v1/models") == 0 || strcmp(p, "/busy_threshold") == 0;
+    if (known) fe_json_error(http, NULL, 405, "invalid_request_error", "method not allowed on %s", p);
+    else fe_json_error(http, NULL, 404, "not_found_error", "no route for %s", p);
+}
+
+static void on_http_abort(void *ud, bt_http_req *http) { fe_request_abort(ud, http); }
+
+/* ---- shutdown ---- */
+
+static void walk_close(uv_handle_t *h, void *arg) {
+    (void)arg;
+    if (!uv_is_closing(h)) uv_close(h, NULL);
+}
+
+static void on_disc_closed(void *ud) {
+    fe *f = ud;
+    uv_walk(f->loop, walk_close, NULL);
+}
+
+static void on_http_closed(void *ud) {
+    fe *f = ud;
+    f->http = NULL;
+    fe_workers_stop(f);
+    bt_discovery_close(f->disc, on_disc_closed, f);
+    f->disc = NULL;
+}
+
+static void shutdown_tick(uv_timer_t *t) {
+    fe *f = t->data;
+    uint64_t el = bt_now_ms() - f->shutdown_started_ms;
+    if (f->http && el >= (uint64_t)f->o.accept_window_ms) bt_http_server_stop_accepting(f->http);
+    bool window_over = el >= (uint64_t)f->o.accept_window_ms;
+    bool drained = f->nreqs == 0;
+    bool bound = el >= (uint64_t)f->o.accept_window_ms + (uint64_t)f->o.drain_timeout * 1000;
+    if ((window_over && drained) || bound) {
+        if (!drained) BT_WARN("shutdown bound reached with %zu requests running; closing them", f->nreqs);
+        BT_INFO("frontend shutting down after %llu ms", (unsigned long long)el);
+        uv_timer_stop(t);
+        if (f->http) bt_http_server_close(f->http, on_http_closed, f);
+        else on_http_closed(f);
+    }
+}
+
+static void on_signal(uv_signal_t *h, int signum) {
+    fe *f = h->data;
+    if (f->shutting_down) {
+        BT_WARN("second signal: exiting at once");
+        _exit(0);
+    }
+    f->shutting_down = true;
+    f->shutdown_started_ms = bt_now_ms();
+    BT_INFO("HTTP server shutdown requested (%s): /live answers 503; accepting for %lld ms more, then draining %zu "
+            "requests for up to %llds",
+            signum == SIGINT ? "SIGINT" : "SIGTERM", (long long)f->o.accept_window_ms, f->nreqs,
+            (long long)f->o.drain_timeout);
+    uv_timer_start(&f->shutdown_timer, shutdown_tick, 0, 50);
+}
+
+int bt_frontend_main(int argc, char **argv) {
+    bt_log_init("frontend");
+    fe *f = calloc(1, sizeof *f);
+    if (!f) return 1;
+    fe_opts *o = &f->o;
+    o->http_port = 8000;
+    o->http_host = "0.0.0.0";
+    o->ns = "dynamo";
+    o->discovery = "file";
+    o->etcd_endpoints = "http://localhost:2379";
+    o->migration_limit = 3;
+    o->router_mode = "round-robin";
+    o->decode_threshold = NAN;
+    o->prefill_threshold = NAN;
+    o->stall_timeout = 2.0;
+    o->max_body = 4 << 20;
+    o->drain_timeout = 30;
+    o->accept_window_ms = 1000;
+    const bt_opt opts[] = {
+        {"--http-port", "DYN_HTTP_PORT", BT_OPT_INT, &o->http_port, 0, 65535, "HTTP port"},
+        {"--http-host", "DYN_HTTP_HOST", BT_OPT_STR, &o->http_host, 0, 0, "HTTP address"},
+        {"--namespace", "DYN_NAMESPACE", BT_OPT_STR, &o->ns, 0, 0, "discovery namespace"},
+        {"--discovery", "DYN_DISCOVERY_BACKEND", BT_OPT_STR, &o->discovery, 0, 0, "file or etcd"},
+        {"--discovery-dir", "DYN_FILE_KV", BT_OPT_STR, &o->discovery_dir, 0, 0, "file discovery directory"},
+        {"--etcd-endpoints", "ETCD_ENDPOINTS", BT_OPT_STR, &o->etcd_endpoints, 0, 0, "comma-separated URLs"},
+        {"--migration-limit", "DYN_MIGRATION_LIMIT", BT_OPT_INT, &o->migration_limit, 0, 1000,
+         "extra attempts per request (0 = off)"},
+        {"--router-mode", "DYN_ROUTER_MODE", BT_OPT_STR, &o->router_mode, 0, 0, "round-robin, random, least-loaded"},
+        {"--active-decode-blocks-threshold", "DYN_ACTIVE_DECODE_BLOCKS_THRESHOLD", BT_OPT_DOUBLE, &o->decode_threshold,
+         0, 1, "busy above this fraction of KV blocks"},
+        {"--active-prefill-tokens-threshold", "DYN_ACTIVE_PREFILL_TOKENS_THRESHOLD", BT_OPT_DOUBLE,
+         &o->prefill_threshold, 0, 1e12, "busy above this many prefill tokens"},
+        {"--stream-stall-timeout", "DYN_STREAM_STALL_TIMEOUT", BT_OPT_DOUBLE, &o->stall_timeout, 0.1, 3600,
+         "seconds of silence before a worker is declared dead"},
+        {"--api-key", "DYN_API_KEY", BT_OPT_STR, &o->api_key, 0, 0, "require Authorization: Bearer KEY"},
+        {"--max-body-bytes", "DYN_HTTP_MAX_BODY_BYTES", BT_OPT_INT, &o->max_body, 1024, 1 << 30, "request body cap"},
+        {"--shutdown-drain-timeout", "DYN_HTTP_DRAIN_TIMEOUT", BT_OPT_INT, &o->drain_timeout, 0, 86400,
+         "seconds running streams get after SIGTERM"},
+        {"--shutdown-accept-window-ms", "DYN_HTTP_ACCEPT_WINDOW_MS", BT_OPT_INT, &o->accept_window_ms, 0, 600000,
+         "milliseconds new requests are still accepted after SIGTERM"},
+    };
+    int nopts = (int)(sizeof opts / sizeof opts[0]);
+    for (int i = 1; i < argc; i++)
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            bt_opts_usage("frontend", opts, nopts);
+            free(f);
+            return 0;
+        }
+    char err[256];
+    if (!bt_opts_parse(opts, nopts, argc, argv, 1, NULL, 0, NULL, err, sizeof err)) {
+        fprintf(stderr, "baton frontend: %s\n", err);
+        free(f);
+        return 2;
+    }
+    if (strcmp(o->router_mode, "round-robin") == 0) f->mode = ROUTE_ROUND_ROBIN;
+    else if (strcmp(o->router_mode, "random") == 0) f->mode = ROUTE_RANDOM;
+    else if (strcmp(o->router_mode, "least-loaded") == 0) f->mode = ROUTE_LEAST_LOADED;
+    else {
+        fprintf(stderr, "baton frontend: unknown --router-mode '%s' (round-robin, random, least-loaded)\n",
+                o->router_mode);
+        free(f);
+        return 2;
+    }
+
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    f->loop = &loop;
+    f->started_ms = bt_now_ms();
+    f->instance_id = bt_random64() & 0x7fffffffffffffffull;
+    bt_buf_init(&f->scratch, (size_t)64 << 20);
+    int rc = 0;
+
+    bt_discovery_config dc;
+    bt_discovery_config_default(&dc);
+    dc.backend = o->discovery;
+    if (o->discovery_dir) dc.dir = o->discovery_dir;
+    dc.etcd_endpoints = o->etcd_endpoints;
+    if (bt_discovery_create(&loop, &dc, &f->disc, err, sizeof err) != BT_OK) {
+        BT_ERROR("discovery: %s", err);
+        rc = 1;
+        goto out;
+    }
+    fe_workers_start(f);
+
+    bt_http_config hc;
+    bt_http_config_default(&hc);
+    hc.host = o->http_host;
+    hc.port = (int)o->http_port;
+    hc.max_body_bytes = (size_t)o->max_body;
+    bt_http_handlers hh = {on_http_request, on_http_abort, NULL};
+    if (bt_http_server_start(&loop, &hc, &hh, f, &f->http, err, sizeof err) != BT_OK) {
+        BT_ERROR("%s", err);
+        rc = 1;
+        goto out;
+    }
+    uv_signal_init(&loop, &f->sig_term);
+    uv_signal_init(&loop, &f->sig_int);
+    f->sig_term.data = f->sig_int.data = f;
+    uv_signal_start(&f->sig_term, on_signal, SIGTERM);
+    uv_signal_start(&f->sig_int, on_signal, SIGINT);
+    uv_timer_init(&loop, &f->shutdown_timer);
+    f->shutdown_timer.data = f;
+    BT_INFO("Request migration %s (limit: %lld); router %s; stall timeout %.1fs", o->migration_limit ? "enabled" : "disabled",
+            (long long)o->migration_limit, o->router_mode, o->stall_timeout);
+    BT_INFO("frontend listening on http://%s:%d (discovery %s, namespace %s)", o->http_host,
+            bt_http_server_port(f->http), o->discovery, o->ns);
+    uv_run(&loop, UV_RUN_DEFAULT);
+
+out:
+    if (rc != 0) {
+        if (f->disc) bt_discovery_close(f->disc, NULL, NULL);
+        uv_walk(&loop, walk_close, NULL);
+        uv_run(&loop, UV_RUN_DEFAULT);
+    }
+    uv_loop_close(&loop);
+    for (fe_model *m = f->models, *n; m; m = n) {
+        n = m->next;
+        free(m);
+    }
+    bt_buf_free(&f->scratch);
+    rc = rc ? rc : f->exit_code;
+    free(f);
+    return rc;
+}

@@ -1,0 +1,989 @@
+/* http.c — the frontend's HTTP/1.1 server (see http.h): a libuv TCP listener, one http_parser per
+ * connection, capped request collection, whole and chunked responses with write-backlog
+ * accounting, and per-connection timeouts driven by a single uv_timer.
+ *
+ * A connection is a small state machine: READING (parsing the next request, or idle between
+ * requests), IN_FLIGHT (the handler owns the request; bytes that arrive are buffered, capped and
+ * unparsed, so EOF is still noticed and reported as on_abort) and LINGER (the last response is
+ * out, the write side is shut down and input is discarded until the peer closes, so that a
+ * client still sending a rejected body sees our answer instead of a reset). Nothing is freed
+ * inside a callback of the object being freed: connections are uv_close'd and freed in the last
+ * close callback, which is also where a pending on_abort is delivered. That keeps every API
+ * entry point (respond, stream_write, ...) safe to call from any handler callback, including
+ * on_request itself, and means on_abort is never re-entered from inside a handler's own call. */
+#include "frontend/http.h"
+
+#include <http_parser.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "common/log.h"
+#include "common/util.h"
+
+/* on_drain fires when the backlog falls under LOW_WATER after having exceeded HIGH_WATER. */
+#define HIGH_WATER (256u * 1024u)
+#define LOW_WATER (64u * 1024u)
+/* Reads land in one server-wide buffer: callbacks run one at a time on the loop and every read is
+ * consumed (parsed or copied) before the callback returns. */
+#define READ_BUF_SIZE (64u * 1024u)
+/* Pipelined bytes that arrive while a request is in flight are kept up to this much; beyond it
+ * reading pauses until the in-flight response ends (one more read may land, hence the + below). */
+#define PIPELINE_SOFT_CAP (64u * 1024u)
+/* After the final response of a connection, how long we wait for the peer to close (restarted on
+ * write progress). Capped by idle_timeout_ms when that is smaller. */
+#define LINGER_MS 5000u
+/* Response header sections we build (status line + caller's extra headers). */
+#define OUT_HEADER_CAP (64u * 1024u)
+#define HDR_NAME_MAX 32
+
+typedef enum { CS_READING = 0, CS_IN_FLIGHT, CS_LINGER } conn_state;
+
+/* What the connection's one timer currently means. */
+typedef enum { TM_NONE = 0, TM_IDLE, TM_HEADER, TM_RESUME, TM_LINGER } timer_mode;
+
+/* The request headers baton looks at. */
+enum { H_REQUEST_ID = 0, H_AUTHORIZATION, H_CONTENT_TYPE, H_EXPECT, H_COUNT };
+static const char *const interesting_headers[H_COUNT] = {"x-request-id", "authorization", "content-type",
+                                                         "expect"};
+
+typedef struct conn conn;
+
+struct bt_http_server {
+    uv_loop_t *loop;
+    uv_tcp_t listener;
+    uv_timer_t aux; /* never started; closed by bt_http_server_close so completion is always async */
+    bt_http_config cfg;
+    bt_http_handlers h;
+    void *ud;
+    int port;
+    conn *conns; /* doubly linked list of every connection not yet freed */
+    size_t nconns, ninflight, nrejecting;
+    bool listener_closing, listener_closed, aux_closed, closing;
+    void (*done)(void *ud);
+    void *done_ud;
+    char rbuf[READ_BUF_SIZE];
+};
+
+struct conn {
+    uv_tcp_t tcp;
+    uv_timer_t timer;
+    uv_shutdown_t shutdown;
+    bt_http_server *srv;
+    conn *prev, *next;
+    http_parser parser;
+    conn_state state;
+    timer_mode tmode;
+    int pending_closes;
+    bool closing;      /* uv_close issued; the connection is gone for every purpose but memory */
+    bool reading;      /* uv_read_start is in effect */
+    /* parsing of the current request */
+    bool in_message;   /* on_message_begin seen, message not yet complete */
+    bool msg_complete; /* the parser paused on a complete message that awaits dispatch */
+    bool headers_done;
+    bool hdr_in_value;
+    bool keep_alive, is_head, http10;
+    int err_status; /* 413 / 431 chosen by a parser callback that failed on purpose */
+    int cur_hdr;    /* index into interesting_headers of the header being read, or -1 */
+    size_t hdr_bytes;
+    char hdr_name[HDR_NAME_MAX];
+    size_t hdr_name_len;
+    bool hdr_name_long;
+    bool have_hdr[H_COUNT];
+    bt_buf hdr[H_COUNT];
+    bt_buf url, body;
+    bt_buf pending; /* pipelined bytes received while a request was in flight */
+    /* the response */
+    bool req_active; /* the handler owns req: dispatched, not ended, not aborted */
+    bool resp_started, streaming, raw_stream;
+    size_t backlog; /* bytes handed to uv_write and not yet written */
+    bool above_high;
+    bt_http_req req;
+};
+
+typedef struct {
+    uv_write_t req;
+    conn *c;
+    size_t len;
+    char data[];
+} wreq;
+
+typedef struct {
+    uv_tcp_t tcp;
+    bt_http_server *srv;
+} reject_conn;
+
+#define REQ_CONN(r) ((conn *)(void *)((char *)(r) - offsetof(conn, req)))
+
+static void conn_close(conn *c);
+static void conn_linger(conn *c);
+static void conn_resume(conn *c);
+static void server_maybe_finish(bt_http_server *s);
+
+/* ---------------------------------------------------------------------------------------------
+ * Small helpers */
+
+const char *bt_http_reason(int status) {
+    switch (status) {
+    case 100: return "Continue";
+    case 200: return "OK";
+    case 201: return "Created";
+    case 202: return "Accepted";
+    case 204: return "No Content";
+    case 301: return "Moved Permanently";
+    case 302: return "Found";
+    case 304: return "Not Modified";
+    case 400: return "Bad Request";
+    case 401: return "Unauthorized";
+    case 403: return "Forbidden";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 408: return "Request Timeout";
+    case 409: return "Conflict";
+    case 413: return "Payload Too Large";
+    case 414: return "URI Too Long";
+    case 415: return "Unsupported Media Type";
+    case 422: return "Unprocessable Entity";
+    case 429: return "Too Many Requests";
+    case 431: return "Request Header Fields Too Large";
+    case 499: return "Client Closed Request";
+    case 500: return "Internal Server Error";
+    case 501: return "Not Implemented";
+    case 502: return "Bad Gateway";
+    case 503: return "Service Unavailable";
+    case 504: return "Gateway Timeout";
+    default: return status >= 500 ? "Server Error" : status >= 400 ? "Client Error" : "Unknown";
+    }
+}
+
+void bt_http_config_default(bt_http_config *c) {
+    c->host = "0.0.0.0";
+    c->port = 8000;
+    c->max_header_bytes = 16u * 1024u;
+    c->max_body_bytes = 4u * 1024u * 1024u;
+    c->idle_timeout_ms = 60000;
+    c->header_timeout_ms = 30000;
+    c->max_connections = 10000;
+    c->write_backlog_max = 8u * 1024u * 1024u;
+}
+
+static uint64_t timer_ms(const conn *c, timer_mode m) {
+    const bt_http_config *cfg = &c->srv->cfg;
+    switch (m) {
+    case TM_IDLE: return cfg->idle_timeout_ms;
+    case TM_HEADER: return cfg->header_timeout_ms;
+    case TM_LINGER:
+        return cfg->idle_timeout_ms && cfg->idle_timeout_ms < LINGER_MS ? cfg->idle_timeout_ms : LINGER_MS;
+    default: return 0;
+    }
+}
+
+static void on_timer(uv_timer_t *t);
+
+/* Gives the connection's timer a new meaning. A zero timeout disables IDLE/HEADER timers; RESUME
+ * always fires on the next loop iteration. */
+static void conn_timer(conn *c, timer_mode m) {
+    if (c->closing) return;
+    uint64_t ms = timer_ms(c, m);
+    if (m == TM_NONE || (m != TM_RESUME && ms == 0)) {
+        c->tmode = TM_NONE;
+        uv_timer_stop(&c->timer);
+        return;
+    }
+    c->tmode = m;
+    uv_timer_start(&c->timer, on_timer, ms, 0);
+}
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b) {
+    (void)suggested;
+    conn *c = h->data;
+    b->base = c->srv->rbuf;
+    b->len = sizeof c->srv->rbuf;
+}
+
+static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf);
+
+/* Reads unless pipelined input has piled up past its cap (then the in-flight response must end
+ * first). While lingering we always read, to discard. */
+static void conn_update_reading(conn *c) {
+    if (c->closing) return;
+    bool want = c->state == CS_LINGER || c->pending.len < PIPELINE_SOFT_CAP;
+    if (want && !c->reading) {
+        int r = uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+        if (r < 0) {
+            BT_DEBUG("http: read_start: %s", uv_strerror(r));
+            conn_close(c);
+            return;
+        }
+        c->reading = true;
+    } else if (!want && c->reading) {
+        uv_read_stop((uv_stream_t *)&c->tcp);
+        c->reading = false;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Writing */
+
+static void on_write(uv_write_t *r, int status) {
+    wreq *w = (wreq *)(void *)r;
+    conn *c = w->c;
+    c->backlog -= w->len;
+    free(w);
+    if (c->closing) return; /* UV_ECANCELED while closing, or the connection already failed */
+    if (status < 0) {
+        BT_DEBUG("http: write failed: %s", uv_strerror(status));
+        conn_close(c);
+        return;
+    }
+    /* Progress on a slow reader is not idleness. */
+    if (c->tmode == TM_IDLE || c->tmode == TM_LINGER) conn_timer(c, c->tmode);
+    if (c->above_high && c->backlog < LOW_WATER) {
+        c->above_high = false;
+        if (c->req_active && c->srv->h.on_drain) c->srv->h.on_drain(c->srv->ud, &c->req);
+    }
+}
+
+/* Writes bufs in order: as much as the socket takes now (uv_try_write), the rest copied into one
+ * queued uv_write. Returns false, and closes the connection, on a write error or when the queue
+ * would exceed write_backlog_max (a client that does not read); one write onto an empty queue is
+ * always accepted so a large whole response can still go out. */
+static bool conn_write(conn *c, const uv_buf_t *bufs, unsigned n) {
+    if (c->closing) return false;
+    size_t total = 0;
+    for (unsigned i = 0; i < n; i++) total += bufs[i].len;
+    if (total == 0) return true;
+    size_t done = 0;
+    if (c->backlog == 0) {
+        int r = uv_try_write((uv_stream_t *)&c->tcp, bufs, n);
+        if (r >= 0) {
+            done = (size_t)r;
+        } else if (r != UV_EAGAIN) {
+            BT_DEBUG("http: write failed: %s", uv_strerror(r));
+            conn_close(c);
+            return false;
+        }
+    }
+    if (done == total) return true;
+    size_t rest = total - done;
+    if (c->backlog > 0 && (c->backlog + rest > c->srv->cfg.write_backlog_max || c->backlog + rest < rest)) {
+        BT_WARN("http: client is not reading (%zu bytes queued, limit %zu); closing the connection",
+                c->backlog + rest, c->srv->cfg.write_backlog_max);
+        conn_close(c);
+        return false;
+    }
+    wreq *w = malloc(sizeof *w + rest);
+    if (!w) {
+        BT_ERROR("http: out of memory queueing %zu bytes", rest);
+        conn_close(c);
+        return false;
+    }
+    w->c = c;
+    w->len = rest;
+    size_t skip = done, off = 0;
+    for (unsigned i = 0; i < n; i++) {
+        size_t len = bufs[i].len;
+        if (skip >= len) {
+            skip -= len;
+            continue;
+        }
+        memcpy(w->data + off, bufs[i].base + skip, len - skip);
+        off += len - skip;
+        skip = 0;
+    }
+    uv_buf_t b = uv_buf_init(w->data, (unsigned)rest);
+    int r = uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_write);
+    if (r < 0) {
+        free(w);
+        BT_DEBUG("http: write failed: %s", uv_strerror(r));
+        conn_close(c);
+        return false;
+    }
+    c->backlog += rest;
+    if (c->backlog > HIGH_WATER) c->above_high = true;
+    return true;
+}
+
+/* Answers a request we could not accept (400/413/431) with a JSON error body and closes. */
+static void conn_error_close(conn *c, int status, const char *msg) {
+    bt_buf body, head;
+    bt_buf_init(&body, 4096);
+    bt_buf_init(&head, 1024);
+    bt_buf_append_str(&body, "{\"error\":{\"message\":\"");
+    bt_buf_append_json_str(&body, msg, strlen(msg));
+    bt_buf_appendf(&body, "\",\"type\":\"invalid_request_error\",\"code\":%d}}", status);
+    bt_buf_appendf(&head,
+                   "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n"
+                   "Connection: close\r\n\r\n",
+                   status, bt_http_reason(status), body.len);
+    uv_buf_t bufs[2] = {uv_buf_init(head.data, (unsigned)head.len), uv_buf_init(body.data, (unsigned)body.len)};
+    BT_DEBUG("http: %d: %s", status, msg);
+    conn_write(c, bufs, 2);
+    bt_buf_free(&body);
+    bt_buf_free(&head);
+    conn_linger(c);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Parser callbacks. They only collect; a complete message pauses the parser and is dispatched
+ * after http_parser_execute returns, so the handler never runs inside the parser. */
+
+static void conn_reset_request(conn *c) {
+    c->headers_done = c->hdr_in_value = false;
+    c->err_status = 0;
+    c->cur_hdr = -1;
+    c->hdr_bytes = 0;
+    c->hdr_name_len = 0;
+    c->hdr_name_long = false;
+    for (int i = 0; i < H_COUNT; i++) {
+        c->have_hdr[i] = false;
+        bt_buf_reset(&c->hdr[i]);
+    }
+    bt_buf_reset(&c->url);
+    /* Do not let one large body pin memory on an idle keep-alive connection. */
+    if (c->body.alloc > 64u * 1024u) bt_buf_free(&c->body);
+    bt_buf_reset(&c->body);
+}
+
+static bool count_header_bytes(conn *c, size_t n) {
+    c->hdr_bytes += n;
+    if (c->hdr_bytes > c->srv->cfg.max_header_bytes) {
+        c->err_status = 431;
+        return false;
+    }
+    return true;
+}
+
+static int cb_message_begin(http_parser *p) {
+    conn *c = p->data;
+    conn_reset_request(c);
+    c->in_message = true;
+    conn_timer(c, TM_HEADER);
+    return 0;
+}
+
+static int cb_url(http_parser *p, const char *at, size_t len) {
+    conn *c = p->data;
+    if (!count_header_bytes(c, len) || bt_buf_append(&c->url, at, len) != BT_OK) {
+        c->err_status = 431;
+        return -1;
+    }
+    return 0;
+}
+
+static int cb_header_field(http_parser *p, const char *at, size_t len) {
+    conn *c = p->data;
+    if (c->hdr_in_value || (c->hdr_name_len == 0 && !c->hdr_name_long)) {
+        /* a new header line: its ": " and CRLF count too */
+        c->hdr_in_value = false;
+        c->hdr_name_len = 0;
+        c->hdr_name_long = false;
+        if (!count_header_bytes(c, 4)) return -1;
+    }
+    if (!count_header_bytes(c, len)) return -1;
+    if (c->hdr_name_len + len >= HDR_NAME_MAX) {
+        c->hdr_name_long = true; /* longer than anything we look at */
+    } else {
+        memcpy(c->hdr_name + c->hdr_name_len, at, len);
+        c->hdr_name_len += len;
+    }
+    return 0;
+}
+
+static int cb_header_value(http_parser *p, const char *at, size_t len) {
+    conn *c = p->data;
+    if (!c->hdr_in_value) {
+        c->hdr_in_value = true;
+        c->cur_hdr = -1;
+        if (!c->headers_done && !c->hdr_name_long) { /* trailers never override headers */
+            c->hdr_name[c->hdr_name_len] = '\0';
+            for (int i = 0; i < H_COUNT; i++) {
+                if (strcasecmp(c->hdr_name, interesting_headers[i]) == 0) {
+                    c->cur_hdr = i;
+                    c->have_hdr[i] = true;
+                    bt_buf_reset(&c->hdr[i]); /* a repeated header: the last one wins */
+                    bt_buf_append(&c->hdr[i], "", 0);
+                    break;
+                }
+            }
+        }
+        c->hdr_name_len = 0;
+        c->hdr_name_long = false;
+    }
+    if (!count_header_bytes(c, len)) return -1;
+    if (c->cur_hdr >= 0 && bt_buf_append(&c->hdr[c->cur_hdr], at, len) != BT_OK) {
+        c->err_status = 431;
+        return -1;
+    }
+    return 0;
+}
+
+static int cb_headers_complete(http_parser *p) {
+    conn *c = p->data;
+    c->headers_done = true;
+    c->hdr_in_value = false;
+    c->hdr_name_len = 0;
+    size_t max_body = c->srv->cfg.max_body_bytes;
+    bool has_cl = (p->flags & F_CONTENTLENGTH) != 0;
+    if (has_cl && p->content_length > max_body) {
+        c->err_status = 413;
+        return -1;
+    }
+    c->is_head = p->method == HTTP_HEAD;
+    c->http10 = p->http_major < 1 || (p->http_major == 1 && p->http_minor == 0);
+    bool has_body = (p->flags & F_CHUNKED) || (has_cl && p->content_length > 0);
+    if (has_body && !c->http10 && c->have_hdr[H_EXPECT] && c->hdr[H_EXPECT].data &&
+        strcasecmp(c->hdr[H_EXPECT].data, "100-continue") == 0) {
+        static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+        uv_buf_t b = uv_buf_init((char *)cont, sizeof cont - 1);
+        if (!conn_write(c, &b, 1)) return -1;
+    }
+    if (has_cl && p->content_length > 0) bt_buf_reserve(&c->body, (size_t)p->content_length);
+    return 0;
+}
+
+static int cb_body(http_parser *p, const char *at, size_t len) {
+    conn *c = p->data;
+    if (bt_buf_append(&c->body, at, len) != BT_OK) {
+        c->err_status = 413;
+        return -1;
+    }
+    return 0;
+}
+
+static int cb_message_complete(http_parser *p) {
+    conn *c = p->data;
+    c->keep_alive = http_should_keep_alive(p) && !p->upgrade;
+    c->in_message = false;
+    c->msg_complete = true;
+    http_parser_pause(p, 1);
+    return 0;
+}
+
+static const http_parser_settings parser_settings = {
+    .on_message_begin = cb_message_begin,
+    .on_url = cb_url,
+    .on_header_field = cb_header_field,
+    .on_header_value = cb_header_value,
+    .on_headers_complete = cb_headers_complete,
+    .on_body = cb_body,
+    .on_message_complete = cb_message_complete,
+};
+
+/* Runs the parser over data and returns how many bytes it consumed. Afterwards either the
+ * connection is answered-and-lingering / closed (parse error or cap), or c->msg_complete is set
+ * (parser paused right after the message), or all bytes were consumed. */
+static size_t conn_parse(conn *c, const char *data, size_t len) {
+    size_t n = http_parser_execute(&c->parser, &parser_settings, data, len);
+    if (c->closing || c->state != CS_READING) return len;
+    enum http_errno e = HTTP_PARSER_ERRNO(&c->parser);
+    if (e == HPE_PAUSED && c->msg_complete) return n;
+    char msg[160];
+    if (e == HPE_OK && n == len) return n;
+    if (c->err_status == 413) {
+        snprintf(msg, sizeof msg, "request body too large (limit %zu bytes)", c->srv->cfg.max_body_bytes);
+        conn_error_close(c, 413, msg);
+    } else if (c->err_status == 431 || e == HPE_HEADER_OVERFLOW) {
+        snprintf(msg, sizeof msg, "request header section too large (limit %zu bytes)",
+                 c->srv->cfg.max_header_bytes);
+        conn_error_close(c, 431, msg);
+    } else {
+        snprintf(msg, sizeof msg, "malformed HTTP request: %s",
+                 e == HPE_OK ? "unexpected data" : http_errno_description(e));
+        conn_error_close(c, 400, msg);
+    }
+    return len;
+}
+
+/* Hands the complete request to the handler. */
+static void conn_dispatch(conn *c) {
+    bt_http_server *s = c->srv;
+    c->msg_complete = false;
+    conn_timer(c, TM_NONE);
+
+    bt_http_req *r = &c->req;
+    memset(r, 0, sizeof *r);
+    switch (c->parser.method) {
+    case HTTP_GET: r->method = BT_HTTP_GET; break;
+    case HTTP_POST: r->method = BT_HTTP_POST; break;
+    default: r->method = BT_HTTP_OTHER; break;
+    }
+    if (bt_buf_append(&c->url, "", 0) != BT_OK || !c->url.data) { /* ensures storage and a NUL */
+        r->path = "/";
+        r->query = "";
+    } else {
+        char *u = c->url.data;
+        /* absolute-form ("http://host/path") → path */
+        if (strncasecmp(u, "http://", 7) == 0 || strncasecmp(u, "https://", 8) == 0) {
+            char *slash = strchr(strstr(u, "//") + 2, '/');
+            u = slash ? slash : (char *)"/";
+        }
+        char *hash = strchr(u, '#');
+        if (hash) *hash = '\0';
+        char *q = strchr(u, '?');
+        if (q) *q = '\0';
+        r->path = u;
+        r->query = q ? q + 1 : "";
+    }
+    bt_buf_append(&c->body, "", 0);
+    r->body = c->body.data ? c->body.data : "";
+    r->body_len = c->body.len;
+    r->request_id = c->have_hdr[H_REQUEST_ID] ? c->hdr[H_REQUEST_ID].data : NULL;
+    r->authorization = c->have_hdr[H_AUTHORIZATION] ? c->hdr[H_AUTHORIZATION].data : NULL;
+    r->content_type = c->have_hdr[H_CONTENT_TYPE] ? c->hdr[H_CONTENT_TYPE].data : NULL;
+
+    c->state = CS_IN_FLIGHT;
+    c->req_active = true;
+    c->resp_started = c->streaming = c->raw_stream = false;
+    s->ninflight++;
+    s->h.on_request(s->ud, r);
+}
+
+/* Bytes from the socket while READING. */
+static void conn_feed(conn *c, const char *data, size_t len) {
+    size_t n = conn_parse(c, data, len);
+    if (c->closing || c->state != CS_READING || !c->msg_complete) return;
+    /* pending is empty here: bytes only go there while a request is in flight or queued */
+    if (n < len && bt_buf_append(&c->pending, data + n, len - n) != BT_OK) {
+        conn_close(c);
+        return;
+    }
+    conn_dispatch(c);
+    conn_update_reading(c);
+}
+
+/* Parses pipelined bytes buffered during the previous request (runs from the timer, never from
+ * inside a handler call). */
+static void conn_resume(conn *c) {
+    if (c->pending.len == 0 || c->state != CS_READING) return;
+    size_t n = conn_parse(c, c->pending.data, c->pending.len);
+    if (c->closing || c->state != CS_READING) return;
+    bt_buf_consume(&c->pending, n);
+    if (c->msg_complete) {
+        conn_dispatch(c);
+    } else if (!c->in_message) {
+        conn_timer(c, TM_IDLE); /* only blank lines were buffered */
+    }
+    conn_update_reading(c);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Connection life cycle */
+
+static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
+    conn *c = st->data;
+    if (c->closing || nread == 0) return;
+    if (nread < 0) {
+        /* EOF or error: a request in flight is aborted (delivered from the close callback). */
+        if (nread != UV_EOF) BT_DEBUG("http: read: %s", uv_strerror((int)nread));
+        conn_close(c);
+        return;
+    }
+    if (c->state == CS_LINGER) return; /* discard */
+    if (c->state == CS_IN_FLIGHT || c->pending.len > 0) {
+        if (bt_buf_append(&c->pending, buf->base, (size_t)nread) != BT_OK) {
+            conn_close(c);
+            return;
+        }
+        conn_update_reading(c);
+        return;
+    }
+    conn_feed(c, buf->base, (size_t)nread);
+}
+
+static void on_shutdown(uv_shutdown_t *r, int status) {
+    conn *c = r->data;
+    if (c->closing) return;
+    if (status < 0) conn_close(c);
+    /* otherwise wait for the peer's EOF or the linger timer */
+}
+
+/* The final response is written (or queued): half-close after the queue drains and discard input
+ * until the peer closes or the linger timer fires. */
+static void conn_linger(conn *c) {
+    if (c->closing || c->state == CS_LINGER) return;
+    c->state = CS_LINGER;
+    bt_buf_free(&c->pending);
+    c->shutdown.data = c;
+    int r = uv_shutdown(&c->shutdown, (uv_stream_t *)&c->tcp, on_shutdown);
+    if (r < 0) {
+        conn_close(c);
+        return;
+    }
+    conn_timer(c, TM_LINGER);
+    conn_update_reading(c);
+}
+
+static void on_timer(uv_timer_t *t) {
+    conn *c = t->data;
+    if (c->closing) return;
+    timer_mode m = c->tmode;
+    c->tmode = TM_NONE;
+    switch (m) {
+    case TM_RESUME: conn_resume(c); break;
+    case TM_HEADER:
+        BT_DEBUG("http: request not received within %u ms; closing", c->srv->cfg.header_timeout_ms);
+        conn_close(c);
+        break;
+    case TM_IDLE:
+    case TM_LINGER: conn_close(c); break;
+    case TM_NONE: break;
+    }
+}
+
+static void conn_free(conn *c) {
+    for (int i = 0; i < H_COUNT; i++) bt_buf_free(&c->hdr[i]);
+    bt_buf_free(&c->url);
+    bt_buf_free(&c->body);
+    bt_buf_free(&c->pending);
+    free(c);
+}
+
+/* Last close callback: deliver a pending abort, then free. */
+static void on_conn_closed(uv_handle_t *h) {
+    conn *c = h->data;
+    if (--c->pending_closes > 0) return;
+    bt_http_server *s = c->srv;
+    if (c->req_active) {
+        c->req_active = false;
+        s->ninflight--;
+        if (s->h.on_abort) s->h.on_abort(s->ud, &c->req);
+    }
+    if (c->prev) c->prev->next = c->next;
+    else s->conns = c->next;
+    if (c->next) c->next->prev = c->prev;
+    s->nconns--;
+    conn_free(c);
+    server_maybe_finish(s);
+}
+
+/* Closes the connection now. A request the handler still owns gets on_abort from the close
+ * callback (never synchronously: we may be inside one of the handler's own calls). */
+static void conn_close(conn *c) {
+    if (c->closing) return;
+    c->closing = true;
+    c->reading = false;
+    c->pending_closes = 2;
+    uv_close((uv_handle_t *)&c->tcp, on_conn_closed);
+    uv_close((uv_handle_t *)&c->timer, on_conn_closed);
+}
+
+static void on_reject_closed(uv_handle_t *h) {
+    reject_conn *r = h->data;
+    bt_http_server *s = r->srv;
+    free(r);
+    s->nrejecting--;
+    server_maybe_finish(s);
+}
+
+/* Over max_connections: accept, say 503 if the socket takes it at once, close. */
+static void server_reject(bt_http_server *s) {
+    reject_conn *r = malloc(sizeof *r);
+    if (!r) return;
+    r->srv = s;
+    uv_tcp_init(s->loop, &r->tcp);
+    r->tcp.data = r;
+    s->nrejecting++;
+    if (uv_accept((uv_stream_t *)&s->listener, (uv_stream_t *)&r->tcp) == 0) {
+        static const char body[] =
+            "{\"error\":{\"message\":\"too many connections\",\"type\":\"overloaded_error\",\"code\":503}}";
+        char head[160];
+        int hn = snprintf(head, sizeof head,
+                          "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                          "Content-Length: %zu\r\nConnection: close\r\n\r\n",
+                          sizeof body - 1);
+        uv_buf_t bufs[2] = {uv_buf_init(head, (unsigned)hn), uv_buf_init((char *)body, sizeof body - 1)};
+        (void)uv_try_write((uv_stream_t *)&r->tcp, bufs, 2);
+    }
+    uv_close((uv_handle_t *)&r->tcp, on_reject_closed);
+}
+
+static void on_connection(uv_stream_t *server, int status) {
+    bt_http_server *s = server->data;
+    if (status < 0) {
+        BT_WARN("http: accept failed: %s", uv_strerror(status));
+        return;
+    }
+    if (s->closing) return;
+    if (s->nconns >= s->cfg.max_connections) {
+        BT_WARN("http: %zu connections open (limit %zu); rejecting a new one", s->nconns, s->cfg.max_connections);
+        server_reject(s);
+        return;
+    }
+    conn *c = calloc(1, sizeof *c);
+    if (!c) {
+        BT_ERROR("http: out of memory accepting a connection");
+        server_reject(s);
+        return;
+    }
+    c->srv = s;
+    uv_tcp_init(s->loop, &c->tcp);
+    uv_timer_init(s->loop, &c->timer);
+    c->tcp.data = c;
+    c->timer.data = c;
+    c->next = s->conns;
+    if (s->conns) s->conns->prev = c;
+    s->conns = c;
+    s->nconns++;
+    c->cur_hdr = -1;
+    for (int i = 0; i < H_COUNT; i++) bt_buf_init(&c->hdr[i], s->cfg.max_header_bytes);
+    bt_buf_init(&c->url, s->cfg.max_header_bytes);
+    bt_buf_init(&c->body, s->cfg.max_body_bytes);
+    bt_buf_init(&c->pending, PIPELINE_SOFT_CAP + READ_BUF_SIZE);
+    http_parser_init(&c->parser, HTTP_REQUEST);
+    c->parser.data = c;
+    int r = uv_accept(server, (uv_stream_t *)&c->tcp);
+    if (r < 0) {
+        BT_WARN("http: accept failed: %s", uv_strerror(r));
+        conn_close(c);
+        return;
+    }
+    uv_tcp_nodelay(&c->tcp, 1);
+    /* A fresh connection must start its first request within the header timeout. */
+    c->state = CS_READING;
+    c->tmode = TM_HEADER;
+    if (s->cfg.header_timeout_ms) uv_timer_start(&c->timer, on_timer, s->cfg.header_timeout_ms, 0);
+    else c->tmode = TM_NONE;
+    conn_update_reading(c);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Responses */
+
+/* The handler no longer owns the request (it ended the response). */
+static void req_finish(conn *c) {
+    c->req_active = false;
+    c->srv->ninflight--;
+}
+
+/* The response ended: keep the connection for the next request or close it. */
+static void conn_response_done(conn *c, bool close) {
+    req_finish(c);
+    if (c->closing) return;
+    c->state = CS_READING;
+    if (close || !c->keep_alive) {
+        conn_linger(c);
+        return;
+    }
+    http_parser_pause(&c->parser, 0);
+    /* Buffered pipelined bytes are parsed on the next loop iteration, not here: we may be inside
+     * the handler's on_request, which must not be re-entered. */
+    conn_timer(c, c->pending.len ? TM_RESUME : TM_IDLE);
+}
+
+static bool req_usable(conn *c, const char *what) {
+    if (!c->req_active) {
+        BT_WARN("http: %s on a request that already ended", what);
+        return false;
+    }
+    return true;
+}
+
+void bt_http_respond(bt_http_req *req, int status, const char *content_type, const char *headers, const char *body,
+                     size_t len) {
+    conn *c = REQ_CONN(req);
+    if (!req_usable(c, "respond")) return;
+    if (c->resp_started) {
+        BT_WARN("http: respond after the response started; ignored");
+        return;
+    }
+    c->resp_started = true;
+    if (!c->closing) {
+        bool no_body = status == 204 || status == 304 || (status >= 100 && status < 200);
+        bt_buf h;
+        bt_buf_init(&h, OUT_HEADER_CAP);
+        bt_buf_appendf(&h, "HTTP/1.1 %d %s\r\n", status, bt_http_reason(status));
+        if (content_type) bt_buf_appendf(&h, "Content-Type: %s\r\n", content_type);
+        if (!no_body) bt_buf_appendf(&h, "Content-Length: %zu\r\n", len);
+        bt_buf_appendf(&h, "Connection: %s\r\n", c->keep_alive ? "keep-alive" : "close");
+        bt_status st = headers ? bt_buf_append_str(&h, headers) : BT_OK;
+        if (st == BT_OK) st = bt_buf_append(&h, "\r\n", 2);
+        if (st != BT_OK) {
+            BT_ERROR("http: response headers exceed %u bytes; closing the connection", OUT_HEADER_CAP);
+            conn_close(c);
+        } else {
+            uv_buf_t bufs[2] = {uv_buf_init(h.data, (unsigned)h.len), uv_buf_init((char *)body, (unsigned)len)};
+            conn_write(c, bufs, (no_body || c->is_head || !body || !len) ? 1 : 2);
+        }
+        bt_buf_free(&h);
+    }
+    conn_response_done(c, false);
+}
+
+void bt_http_stream_begin(bt_http_req *req, int status, const char *content_type, const char *headers) {
+    conn *c = REQ_CONN(req);
+    if (!req_usable(c, "stream_begin")) return;
+    if (c->resp_started) {
+        BT_WARN("http: stream_begin after the response started; ignored");
+        return;
+    }
+    c->resp_started = c->streaming = true;
+    if (c->closing) return; /* on_abort follows from the close callback */
+    /* HTTP/1.0 has no chunked encoding: stream raw bytes and delimit by closing. */
+    c->raw_stream = c->http10;
+    if (c->raw_stream) c->keep_alive = false;
+    bt_buf h;
+    bt_buf_init(&h, OUT_HEADER_CAP);
+    bt_buf_appendf(&h, "HTTP/1.1 %d %s\r\n", status, bt_http_reason(status));
+    if (content_type) bt_buf_appendf(&h, "Content-Type: %s\r\n", content_type);
+    bt_buf_append_str(&h, "Cache-Control: no-cache\r\n");
+    if (!c->raw_stream) bt_buf_append_str(&h, "Transfer-Encoding: chunked\r\n");
+    bt_buf_appendf(&h, "Connection: %s\r\n", c->keep_alive ? "keep-alive" : "close");
+    bt_status st = headers ? bt_buf_append_str(&h, headers) : BT_OK;
+    if (st == BT_OK) st = bt_buf_append(&h, "\r\n", 2);
+    if (st != BT_OK) {
+        BT_ERROR("http: response headers exceed %u bytes; closing the connection", OUT_HEADER_CAP);
+        conn_close(c);
+    } else {
+        uv_buf_t b = uv_buf_init(h.data, (unsigned)h.len);
+        conn_write(c, &b, 1);
+    }
+    bt_buf_free(&h);
+}
+
+bool bt_http_stream_write(bt_http_req *req, const char *data, size_t len) {
+    conn *c = REQ_CONN(req);
+    if (!c->req_active || !c->streaming || c->closing) return false;
+    if (len == 0 || c->is_head) return true; /* an empty chunk would end the stream */
+    if (c->raw_stream) {
+        uv_buf_t b = uv_buf_init((char *)data, (unsigned)len);
+        return conn_write(c, &b, 1);
+    }
+    char pre[24];
+    int pn = snprintf(pre, sizeof pre, "%zx\r\n", len);
+    uv_buf_t bufs[3] = {uv_buf_init(pre, (unsigned)pn), uv_buf_init((char *)data, (unsigned)len),
+                        uv_buf_init((char *)"\r\n", 2)};
+    return conn_write(c, bufs, 3);
+}
+
+void bt_http_stream_end(bt_http_req *req, bool close) {
+    conn *c = REQ_CONN(req);
+    if (!req_usable(c, "stream_end")) return;
+    if (!c->streaming) {
+        BT_WARN("http: stream_end without stream_begin; closing the connection");
+        conn_close(c);
+        close = true;
+    }
+    if (!c->closing && !c->is_head && !c->raw_stream) {
+        uv_buf_t b = uv_buf_init((char *)"0\r\n\r\n", 5);
+        conn_write(c, &b, 1);
+    }
+    conn_response_done(c, close || c->raw_stream);
+}
+
+size_t bt_http_backlog(const bt_http_req *req) {
+    const conn *c = (const conn *)(const void *)((const char *)req - offsetof(conn, req));
+    return c->backlog;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * The server */
+
+static void server_maybe_finish(bt_http_server *s) {
+    if (!s->closing || !s->listener_closed || !s->aux_closed || s->nconns || s->nrejecting) return;
+    void (*done)(void *) = s->done;
+    void *dud = s->done_ud;
+    free(s);
+    if (done) done(dud);
+}
+
+static void on_listener_closed(uv_handle_t *h) {
+    bt_http_server *s = h->data;
+    s->listener_closed = true;
+    server_maybe_finish(s);
+}
+
+static void on_aux_closed(uv_handle_t *h) {
+    bt_http_server *s = h->data;
+    s->aux_closed = true;
+    server_maybe_finish(s);
+}
+
+bt_status bt_http_server_start(uv_loop_t *loop, const bt_http_config *cfg, const bt_http_handlers *h, void *ud,
+                               bt_http_server **out, char *err, size_t errlen) {
+    *out = NULL;
+    if (!loop || !cfg || !h || !h->on_request) {
+        snprintf(err, errlen, "http server: missing loop, config or on_request handler");
+        return BT_ERR_INVALID;
+    }
+    bt_http_config def;
+    bt_http_config_default(&def);
+    const char *host = cfg->host ? cfg->host : def.host;
+    if (cfg->port < 0 || cfg->port > 65535) {
+        snprintf(err, errlen, "cannot listen on %s:%d: port out of range", host, cfg->port);
+        return BT_ERR_INVALID;
+    }
+    struct sockaddr_storage ss;
+    memset(&ss, 0, sizeof ss);
+    if (uv_ip4_addr(host, cfg->port, (struct sockaddr_in *)&ss) != 0 &&
+        uv_ip6_addr(host, cfg->port, (struct sockaddr_in6 *)&ss) != 0) {
+        snprintf(err, errlen, "cannot listen on %s:%d: not a numeric IPv4 or IPv6 address", host, cfg->port);
+        return BT_ERR_INVALID;
+    }
+    bt_http_server *s = calloc(1, sizeof *s);
+    if (!s) {
+        snprintf(err, errlen, "cannot listen on %s:%d: out of memory", host, cfg->port);
+        return BT_ERR_NOMEM;
+    }
+    s->loop = loop;
+    s->cfg = *cfg;
+    s->cfg.host = NULL; /* not kept: the caller's string need not outlive the call */
+    /* Zero sizes mean the defaults; zero timeouts mean "no timeout". */
+    if (!s->cfg.max_header_bytes) s->cfg.max_header_bytes = def.max_header_bytes;
+    if (!s->cfg.max_body_bytes) s->cfg.max_body_bytes = def.max_body_bytes;
+    if (!s->cfg.max_connections) s->cfg.max_connections = def.max_connections;
+    if (!s->cfg.write_backlog_max) s->cfg.write_backlog_max = def.write_backlog_max;
+    s->h = *h;
+    s->ud = ud;
+    uv_tcp_init(loop, &s->listener);
+    uv_timer_init(loop, &s->aux);
+    s->listener.data = s;
+    s->aux.data = s;
+
+    /* libuv sets SO_REUSEADDR on every TCP bind on Unix; bind errors may surface at listen. */
+    int r = uv_tcp_bind(&s->listener, (const struct sockaddr *)&ss, 0);
+    if (r == 0) r = uv_listen((uv_stream_t *)&s->listener, 511, on_connection);
+    if (r == 0) {
+        struct sockaddr_storage bound;
+        int blen = sizeof bound;
+        r = uv_tcp_getsockname(&s->listener, (struct sockaddr *)&bound, &blen);
+        if (r == 0)
+            s->port = ntohs(bound.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&bound)->sin6_port
+                                                        : ((struct sockaddr_in *)&bound)->sin_port);
+    }
+    if (r != 0) {
+        snprintf(err, errlen, "cannot listen on %s:%d: %s", host, cfg->port, uv_strerror(r));
+        s->closing = true;
+        s->listener_closing = true;
+        uv_close((uv_handle_t *)&s->listener, on_listener_closed);
+        uv_close((uv_handle_t *)&s->aux, on_aux_closed); /* the server is freed once both are closed */
+        return BT_ERR_IO;
+    }
+    BT_INFO("http: listening on %s:%d", host, s->port);
+    *out = s;
+    return BT_OK;
+}
+
+int bt_http_server_port(const bt_http_server *s) { return s ? s->port : 0; }
+
+void bt_http_server_stop_accepting(bt_http_server *s) {
+    if (!s || s->listener_closing) return;
+    s->listener_closing = true;
+    uv_close((uv_handle_t *)&s->listener, on_listener_closed);
+}
+
+size_t bt_http_server_connections(const bt_http_server *s) { return s ? s->nconns : 0; }
+
+size_t bt_http_server_requests(const bt_http_server *s) { return s ? s->ninflight : 0; }
+
+void bt_http_server_close(bt_http_server *s, void (*done)(void *ud), void *ud) {
+    if (!s || s->closing) return;
+    s->closing = true;
+    s->done = done;
+    s->done_ud = ud;
+    bt_http_server_stop_accepting(s);
+    for (conn *c = s->conns; c; c = c->next) conn_close(c);
+    uv_close((uv_handle_t *)&s->aux, on_aux_closed);
+}

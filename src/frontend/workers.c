@@ -1,0 +1,422 @@
+/* workers.c — the frontend's view of the workers: discovery, connections, load and routing.
+ *
+ * A worker appears when its discovery key appears; the frontend then keeps one request-plane
+ * connection to it, reconnecting with backoff while the key exists. A worker is routable when its
+ * connection is open, it has not sent GOAWAY, it is not quarantined, its last load report says
+ * ready, and it is not busy by the shedding thresholds. A failure quarantines it until it proves
+ * itself again (a successful reconnect and handshake) or discovery re-announces it.
+ *
+ * When the key disappears the worker is draining or dead: nothing new is routed to it, running
+ * streams continue, and it is forgotten once the last one ends. */
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "frontend/fe.h"
+
+#define LOAD_STALE_MS 5000u     /* a load report older than this says nothing about busy-ness */
+#define QUARANTINE_MS 5000u     /* how long a failed worker is skipped unless it proves itself */
+#define BACKOFF_MIN_MS 50u
+#define BACKOFF_MAX_MS 2000u
+
+static const char *fw_state_names[] = {"connecting", "ready", "down"};
+
+static void set_state(fe_worker *w, fw_state s, const char *why) {
+    if (w->state == s) return;
+    BT_INFO("worker %" PRIx64 " (%s): %s -> %s (%s)", w->id, w->transport, fw_state_names[w->state],
+            fw_state_names[s], why);
+    w->state = s;
+}
+
+fe_model *fe_model_get(fe *f, const char *name, bool create) {
+    for (fe_model *m = f->models; m; m = m->next)
+        if (strcmp(m->name, name) == 0) return m;
+    if (!create) return NULL;
+    fe_model *m = calloc(1, sizeof *m);
+    if (!m) return NULL;
+    snprintf(m->name, sizeof m->name, "%s", name);
+    m->decode_threshold = f->o.decode_threshold;
+    m->prefill_threshold = f->o.prefill_threshold;
+    m->next = f->models;
+    f->models = m;
+    return m;
+}
+
+static fe_worker *find_by_key(fe *f, const char *key) {
+    for (fe_worker *w = f->workers; w; w = w->next)
+        if (strcmp(w->key, key) == 0) return w;
+    return NULL;
+}
+
+static fe_worker *find_by_id(fe *f, uint64_t id) {
+    for (fe_worker *w = f->workers; w; w = w->next)
+        if (w->id == id) return w;
+    return NULL;
+}
+
+static void worker_connect(fe_worker *w);
+
+static void free_worker_cb(uv_handle_t *h) {
+    fe_worker *w = h->data;
+    bt_map_free(&w->streams);
+    free(w);
+}
+
+/* Unlinks and frees a worker whose connection is closed (or never existed). */
+static void worker_forget(fe_worker *w) {
+    fe *f = w->fe;
+    for (fe_worker **pp = &f->workers; *pp; pp = &(*pp)->next)
+        if (*pp == w) {
+            *pp = w->next;
+            break;
+        }
+    f->nworkers--;
+    BT_INFO("worker %" PRIx64 " (%s) forgotten", w->id, w->transport);
+    w->freeing = true;
+    uv_close((uv_handle_t *)&w->retry_timer, free_worker_cb);
+}
+
+/* Fails every stream on the worker (connection lost / worker dead); each may migrate. */
+static void fail_streams(fe_worker *w, bt_status code, const char *msg) {
+    uint64_t k;
+    void *v;
+    size_t it = 0;
+    while (bt_map_next(&w->streams, &it, &k, &v)) {
+        bt_map_del(&w->streams, k);
+        fe_req *r = v;
+        if (r->worker == w && r->stream_id == (uint32_t)k) {
+            r->worker = NULL;
+            r->failed_worker = w->id;
+            fe_request_on_attempt_failed(r, code, msg);
+        }
+        it = 0;
+    }
+}
+
+static void on_retry_timer(uv_timer_t *t) {
+    fe_worker *w = t->data;
+    if (w->in_discovery && !w->conn && !w->fe->shutting_down) worker_connect(w);
+}
+
+static void on_conn_open(void *ud, bt_rpc_conn *c) {
+    fe_worker *w = ud;
+    if (bt_rpc_peer_instance(c) != w->id) {
+        BT_WARN("worker at %s answers as instance %" PRIx64 ", expected %" PRIx64 "; closing", w->transport,
+                bt_rpc_peer_instance(c), w->id);
+        bt_rpc_conn_close(c, BT_ERR_PROTOCOL, "instance id mismatch");
+        return;
+    }
+    w->backoff_ms = 0;
+    w->quarantined_until_ms = 0; /* it proved itself: a fresh handshake */
+    set_state(w, FW_READY, "connected");
+}
+
+static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
+    (void)c;
+    fe_worker *w = ud;
+    switch (f->type) {
+    case BT_FRAME_TOKENS: {
+        fe_req *r = bt_map_get(&w->streams, f->stream);
+        if (!r) return;
+        uint32_t ids[BT_TOKENS_MAX];
+        size_t n, tl;
+        const char *text;
+        if (bt_frame_get_tokens(f, ids, BT_TOKENS_MAX, &n, &text, &tl) != BT_OK) return;
+        fe_request_on_tokens(r, ids, n, text, tl);
+        return;
+    }
+    case BT_FRAME_FINISH: {
+        fe_req *r = bt_map_get(&w->streams, f->stream);
+        if (!r) return;
+        uint8_t reason;
+        uint32_t pt, ct;
+        bt_frame_get_finish(f, &reason, &pt, &ct);
+        fe_worker_stream_done(w, f->stream);
+        r->worker = NULL;
+        fe_request_on_finish(r, reason, pt, ct);
+        return;
+    }
+    case BT_FRAME_ERROR: {
+        uint16_t code;
+        const char *msg;
+        size_t ml;
+        if (bt_frame_get_error(f, &code, &msg, &ml) != BT_OK) return;
+        char m[256];
+        snprintf(m, sizeof m, "%.*s", (int)(ml < 255 ? ml : 255), msg);
+        if (f->stream == 0) {
+            BT_WARN("worker %" PRIx64 " reports a connection error: %s (%s)", w->id, m, bt_status_name(code));
+            return;
+        }
+        fe_req *r = bt_map_get(&w->streams, f->stream);
+        if (!r) return;
+        fe_worker_stream_done(w, f->stream);
+        r->worker = NULL;
+        r->failed_worker = w->id;
+        if (code == BT_ERR_DRAINING || code == BT_ERR_SHUTDOWN) w->goaway = true;
+        fe_request_on_attempt_failed(r, (bt_status)code, m);
+        return;
+    }
+    case BT_FRAME_LOAD: {
+        bt_load_report lr;
+        if (bt_frame_get_load(f, &lr) != BT_OK) return;
+        w->load = lr;
+        w->load_ms = bt_now_ms();
+        return;
+    }
+    case BT_FRAME_GOAWAY: {
+        if (!w->goaway) BT_INFO("worker %" PRIx64 " (%s) is draining: routing nothing new to it", w->id, w->transport);
+        w->goaway = true;
+        return;
+    }
+    default:
+        return;
+    }
+}
+
+static void on_conn_close(void *ud, bt_rpc_conn *c, bt_status why, const char *reason) {
+    (void)c;
+    fe_worker *w = ud;
+    w->conn = NULL;
+    bool was_ready = w->state == FW_READY;
+    set_state(w, FW_DOWN, reason);
+    if (why != BT_OK && !w->goaway) fe_worker_quarantine(w, reason);
+    if (w->streams.len) {
+        BT_WARN("worker %" PRIx64 " lost with %zu streams in flight: %s", w->id, w->streams.len, reason);
+        fail_streams(w, why == BT_ERR_TIMEOUT ? BT_ERR_TIMEOUT : BT_ERR_DISCONNECTED, reason);
+    }
+    if (!w->in_discovery || w->fe->shutting_down) {
+        worker_forget(w);
+        return;
+    }
+    /* still announced: try again, backing off */
+    w->backoff_ms = w->backoff_ms ? w->backoff_ms * 2 : (was_ready ? BACKOFF_MIN_MS : BACKOFF_MIN_MS * 2);
+    if (w->backoff_ms > BACKOFF_MAX_MS) w->backoff_ms = BACKOFF_MAX_MS;
+    uv_timer_start(&w->retry_timer, on_retry_timer, w->backoff_ms, 0);
+}
+
+static const bt_rpc_handlers conn_handlers = {on_conn_open, on_conn_frame, on_conn_close};
+
+static void worker_connect(fe_worker *w) {
+    bt_rpc_config rc;
+    bt_rpc_config_default(&rc, BT_ROLE_FRONTEND, w->fe->instance_id);
+    uint32_t dead = (uint32_t)(w->fe->o.stall_timeout * 1000.0);
+    rc.dead_after_ms = dead < 100 ? 100 : dead;
+    rc.ping_interval_ms = rc.dead_after_ms / 4;
+    rc.connect_timeout_ms = rc.dead_after_ms;
+    set_state(w, FW_CONNECTING, "dialing");
+    w->conn = bt_rpc_dial(w->fe->loop, w->host, w->port, &rc, &conn_handlers, w);
+}
+
+/* ---- discovery ---- */
+
+static bool parse_transport(const char *t, char *host, size_t hcap, int *port) {
+    const char *colon = strrchr(t, ':');
+    if (!colon || colon == t) return false;
+    int64_t p;
+    char ps[16];
+    const char *end = strchr(colon + 1, '/');
+    size_t pl = end ? (size_t)(end - colon - 1) : strlen(colon + 1);
+    if (pl == 0 || pl >= sizeof ps) return false;
+    memcpy(ps, colon + 1, pl);
+    ps[pl] = '\0';
+    if (!bt_parse_i64(ps, 1, 65535, &p)) return false;
+    size_t hl = (size_t)(colon - t);
+    if (hl >= hcap) return false;
+    memcpy(host, t, hl);
+    host[hl] = '\0';
+    if (host[0] == '[' && hl > 2 && host[hl - 1] == ']') { /* [v6]:port */
+        memmove(host, host + 1, hl - 2);
+        host[hl - 2] = '\0';
+    }
+    *port = (int)p;
+    return true;
+}
+
+static void on_disc_put(void *ud, const char *key, const json_t *v) {
+    fe *f = ud;
+    json_t *jid = json_object_get(v, "instance_id");
+    json_t *jtr = json_object_get(json_object_get(v, "transport"), "tcp");
+    json_t *jmodel = json_object_get(v, "model");
+    json_t *jname = json_object_get(jmodel, "name");
+    if (!json_is_integer(jid) || !json_is_string(jtr) || !json_is_string(jname)) {
+        BT_WARN("discovery key %s has no usable instance (need instance_id, transport.tcp, model.name)", key);
+        return;
+    }
+    fe_worker *w = find_by_key(f, key);
+    if (w) {
+        /* re-announced (e.g. it re-registered): it proves itself again */
+        w->in_discovery = true;
+        w->quarantined_until_ms = 0;
+        return;
+    }
+    if (f->shutting_down) return;
+    w = calloc(1, sizeof *w);
+    if (!w) return;
+    w->fe = f;
+    w->id = (uint64_t)json_integer_value(jid);
+    snprintf(w->key, sizeof w->key, "%s", key);
+    snprintf(w->transport, sizeof w->transport, "%s", json_string_value(jtr));
+    snprintf(w->model, sizeof w->model, "%s", json_string_value(jname));
+    const char *s;
+    if ((s = json_string_value(json_object_get(v, "namespace")))) snprintf(w->ns, sizeof w->ns, "%s", s);
+    if ((s = json_string_value(json_object_get(v, "component")))) snprintf(w->component, sizeof w->component, "%s", s);
+    if ((s = json_string_value(json_object_get(v, "endpoint")))) snprintf(w->endpoint, sizeof w->endpoint, "%s", s);
+    json_t *tb = json_object_get(jmodel, "total_kv_blocks");
+    if (json_is_integer(tb)) w->total_blocks_card = (uint64_t)json_integer_value(tb);
+    if (!parse_transport(w->transport, w->host, sizeof w->host, &w->port)) {
+        BT_WARN("discovery key %s: cannot parse transport '%s'", key, w->transport);
+        free(w);
+        return;
+    }
+    if (find_by_id(f, w->id)) {
+        BT_WARN("discovery key %s repeats instance %" PRIx64 "; ignored", key, w->id);
+        free(w);
+        return;
+    }
+    bt_map_init(&w->streams);
+    w->in_discovery = true;
+    w->next_stream = 1;
+    uv_timer_init(f->loop, &w->retry_timer);
+    w->retry_timer.data = w;
+    w->next = f->workers;
+    f->workers = w;
+    f->nworkers++;
+    fe_model_get(f, w->model, true);
+    BT_INFO("discovered worker %" PRIx64 " at %s serving '%s'", w->id, w->transport, w->model);
+    worker_connect(w);
+}
+
+static void on_disc_delete(void *ud, const char *key) {
+    fe *f = ud;
+    fe_worker *w = find_by_key(f, key);
+    if (!w || !w->in_discovery) return;
+    w->in_discovery = false;
+    BT_INFO("worker %" PRIx64 " (%s) left discovery with %zu streams in flight", w->id, w->transport,
+            w->streams.len);
+    if (w->streams.len == 0) {
+        if (w->conn) bt_rpc_conn_close(w->conn, BT_OK, "left discovery");
+        else worker_forget(w);
+    }
+}
+
+static const bt_discovery_watcher disc_watcher = {on_disc_put, on_disc_delete};
+
+void fe_workers_start(fe *f) {
+    char prefix[160];
+    snprintf(prefix, sizeof prefix, "v1/instances/%s/", f->o.ns);
+    bt_discovery_watch(f->disc, prefix, &disc_watcher, f);
+}
+
+void fe_workers_stop(fe *f) {
+    for (fe_worker *w = f->workers, *next; w; w = next) {
+        next = w->next;
+        uv_timer_stop(&w->retry_timer);
+        if (w->conn) bt_rpc_conn_close(w->conn, BT_OK, "frontend exiting");
+        else worker_forget(w);
+    }
+}
+
+/* ---- routing ---- */
+
+bool fe_worker_busy(const fe_worker *w, const fe_model *m) {
+    if (!w->load_ms || bt_now_ms() - w->load_ms > LOAD_STALE_MS) return false;
+    const bt_load_report *l = &w->load;
+    uint64_t total = l->total_blocks ? l->total_blocks : w->total_blocks_card;
+    if (!isnan(m->decode_threshold) && total > 0 &&
+        (double)l->active_decode_blocks > m->decode_threshold * (double)total)
+        return true;
+    if (!isnan(m->prefill_threshold) && (double)l->active_prefill_tokens > m->prefill_threshold) return true;
+    return false;
+}
+
+bool fe_worker_routable(const fe_worker *w) {
+    if (w->state != FW_READY || !w->in_discovery || w->goaway || !bt_rpc_is_open(w->conn)) return false;
+    if (w->quarantined_until_ms && bt_now_ms() < w->quarantined_until_ms) return false;
+    if (w->load_ms && !(w->load.flags & BT_LOAD_READY)) return false;
+    return true;
+}
+
+size_t fe_worker_inflight(const fe_worker *w) { return w->streams.len; }
+
+fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, bool *all_busy) {
+    fe_worker *cand[256];
+    size_t n = 0, nbusy = 0;
+    fe_worker *avoided = NULL;
+    for (fe_worker *w = f->workers; w && n < 256; w = w->next) {
+        if (strcmp(w->model, m->name) != 0 || !fe_worker_routable(w)) continue;
+        if (fe_worker_busy(w, m)) {
+            nbusy++;
+            continue;
+        }
+        if (avoid && w->id == avoid) {
+            avoided = w;
+            continue;
+        }
+        cand[n++] = w;
+    }
+    if (all_busy) *all_busy = n == 0 && !avoided && nbusy > 0;
+    if (n == 0) return avoided; /* only the failed one is left: better than nothing */
+    switch (f->mode) {
+    case ROUTE_RANDOM:
+        return cand[bt_random64() % n];
+    case ROUTE_LEAST_LOADED: {
+        fe_worker *best = NULL;
+        double best_score = 0;
+        for (size_t i = 0; i < n; i++) {
+            fe_worker *w = cand[i];
+            double blocks = w->load_ms && w->load.total_blocks
+                                ? (double)w->load.active_decode_blocks / (double)w->load.total_blocks
+                                : 0.0;
+            double score = (double)w->streams.len + (w->load_ms ? (double)w->load.waiting : 0.0) + blocks;
+            if (!best || score < best_score) best = w, best_score = score;
+        }
+        return best;
+    }
+    case ROUTE_ROUND_ROBIN:
+    default:
+        return cand[f->rr++ % n];
+    }
+}
+
+void fe_worker_quarantine(fe_worker *w, const char *why) {
+    w->quarantined_until_ms = bt_now_ms() + QUARANTINE_MS;
+    BT_INFO("worker %" PRIx64 " (%s) quarantined: %s", w->id, w->transport, why);
+}
+
+uint32_t fe_worker_send_request(fe_worker *w, fe_req *r) {
+    bt_buf *b = w->conn ? bt_rpc_wbuf(w->conn) : NULL;
+    if (!b) return 0;
+    uint32_t id = w->next_stream;
+    w->next_stream += 2;
+    if (w->next_stream > 0x7fffffffu) w->next_stream = 1;
+    /* REQUEST payload: {"request_id","api","body","carried","max_tokens"} */
+    json_t *carried = json_array();
+    for (size_t i = 0; i < r->nids; i++) json_array_append_new(carried, json_integer(r->ids[i]));
+    int64_t remaining = r->max_tokens - (int64_t)r->nids;
+    if (remaining < 0) remaining = 0;
+    json_t *msg = json_pack("{s:s, s:s, s:O, s:o, s:I}", "request_id", r->rid, "api",
+                            r->api == BT_API_CHAT ? "chat" : "completion", "body", r->body, "carried", carried,
+                            "max_tokens", (json_int_t)remaining);
+    char *payload = msg ? json_dumps(msg, JSON_COMPACT) : NULL;
+    json_decref(msg);
+    if (!payload) return 0;
+    bt_status st = bt_frame_put(b, BT_FRAME_REQUEST, id, payload, strlen(payload));
+    free(payload);
+    if (st != BT_OK || bt_map_put(&w->streams, id, r) != 0) return 0;
+    w->routed_total++;
+    return id;
+}
+
+void fe_worker_send_cancel(fe_worker *w, uint32_t stream, bool kill) {
+    bt_buf *b = w->conn ? bt_rpc_wbuf(w->conn) : NULL;
+    if (b) bt_frame_put(b, kill ? BT_FRAME_KILL : BT_FRAME_STOP, stream, NULL, 0);
+}
+
+void fe_worker_stream_done(fe_worker *w, uint32_t stream) {
+    bt_map_del(&w->streams, stream);
+    if (!w->in_discovery && w->streams.len == 0 && !w->freeing) {
+        if (w->conn) bt_rpc_conn_close(w->conn, BT_OK, "left discovery, last stream ended");
+    }
+}

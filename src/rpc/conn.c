@@ -1,0 +1,460 @@
+/* conn.c — request-plane connections: framing, corked writes, handshake, heartbeats. See conn.h. */
+#include "rpc/conn.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+
+#define READ_CHUNK (64u * 1024)
+
+typedef enum { CONN_CONNECTING, CONN_HANDSHAKE, CONN_OPEN, CONN_CLOSING } conn_state;
+
+struct bt_rpc_conn {
+    uv_loop_t *loop;
+    uv_tcp_t tcp;
+    uv_timer_t timer; /* connect timeout, then heartbeat */
+    uv_idle_t flusher;
+    uv_connect_t connect_req;
+    uv_getaddrinfo_t gai;
+    int port;
+    int pending_closes;
+    conn_state state;
+    bool flush_scheduled;
+    bool tcp_inited;
+    bool resolving; /* a getaddrinfo request references this connection */
+    bt_rpc_config cfg;
+    bt_rpc_handlers h;
+    void *ud;
+    bt_buf rbuf;
+    bt_buf wbuf;
+    size_t queued; /* bytes handed to uv_write and not yet written */
+    uint64_t last_rx_ms, last_tx_ms;
+    uint64_t peer_instance;
+    bt_status close_why;
+    char close_reason[160];
+    char peer[64];
+};
+
+typedef struct {
+    uv_write_t req;
+    char *data;
+    size_t len;
+    bt_rpc_conn *c;
+} write_req;
+
+struct bt_rpc_listener {
+    uv_tcp_t tcp;
+    uv_loop_t *loop;
+    bt_rpc_config cfg;
+    bt_rpc_handlers h;
+    void *ud;
+    int port;
+};
+
+void bt_rpc_config_default(bt_rpc_config *c, uint16_t role, uint64_t instance_id) {
+    c->role = role;
+    c->instance_id = instance_id;
+    c->max_frame = BT_FRAME_DEFAULT_MAX;
+    c->ping_interval_ms = 500;
+    c->dead_after_ms = 2000;
+    c->connect_timeout_ms = 3000;
+    c->max_out_bytes = 64u * 1024 * 1024;
+}
+
+static void conn_fail(bt_rpc_conn *c, bt_status why, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* Drops one reference held by a pending close or request; the last one finishes the connection. */
+static void conn_release(bt_rpc_conn *c) {
+    if (--c->pending_closes > 0) return;
+    if (c->h.on_close) c->h.on_close(c->ud, c, c->close_why, c->close_reason);
+    bt_buf_free(&c->rbuf);
+    bt_buf_free(&c->wbuf);
+    free(c);
+}
+
+static void on_handle_closed(uv_handle_t *h) { conn_release(h->data); }
+
+void bt_rpc_conn_close(bt_rpc_conn *c, bt_status why, const char *reason) {
+    if (!c || c->state == CONN_CLOSING) return;
+    bool was_connecting = c->state == CONN_CONNECTING;
+    c->state = CONN_CLOSING;
+    c->close_why = why;
+    snprintf(c->close_reason, sizeof c->close_reason, "%s", reason ? reason : "closed");
+    if (!was_connecting && c->tcp_inited && c->wbuf.len > 0 && c->queued == 0) {
+        /* best effort: push out what is corked (e.g. ERROR frames) before closing */
+        uv_buf_t b = uv_buf_init(c->wbuf.data, (unsigned)c->wbuf.len);
+        (void)uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
+    }
+    c->pending_closes = 2 + (c->tcp_inited ? 1 : 0) + (c->resolving ? 1 : 0);
+    if (c->resolving) uv_cancel((uv_req_t *)&c->gai);
+    uv_close((uv_handle_t *)&c->timer, on_handle_closed);
+    uv_close((uv_handle_t *)&c->flusher, on_handle_closed);
+    if (c->tcp_inited) uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
+}
+
+static void conn_fail(bt_rpc_conn *c, bt_status why, const char *fmt, ...) {
+    char msg[160];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    bt_rpc_conn_close(c, why, msg);
+}
+
+static void on_write(uv_write_t *req, int status) {
+    write_req *w = (write_req *)req;
+    bt_rpc_conn *c = w->c;
+    c->queued -= w->len;
+    free(w->data);
+    free(w);
+    if (status < 0 && status != UV_ECANCELED)
+        conn_fail(c, BT_ERR_DISCONNECTED, "write to %s failed: %s", c->peer, uv_strerror(status));
+}
+
+void bt_rpc_flush(bt_rpc_conn *c) {
+    c->flush_scheduled = false;
+    uv_idle_stop(&c->flusher);
+    if (c->state == CONN_CLOSING || c->state == CONN_CONNECTING || c->wbuf.len == 0) return;
+    size_t off = 0;
+    if (c->queued == 0) {
+        uv_buf_t b = uv_buf_init(c->wbuf.data, (unsigned)c->wbuf.len);
+        int n = uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
+        if (n > 0) off = (size_t)n;
+        else if (n < 0 && n != UV_EAGAIN) {
+            conn_fail(c, BT_ERR_DISCONNECTED, "write to %s failed: %s", c->peer, uv_strerror(n));
+            return;
+        }
+    }
+    c->last_tx_ms = bt_now_ms();
+    if (off == c->wbuf.len) {
+        c->wbuf.len = 0;
+        return;
+    }
+    /* hand the unwritten rest to libuv; the request owns its copy */
+    write_req *w = malloc(sizeof *w);
+    size_t len;
+    char *data;
+    if (off == 0) {
+        data = bt_buf_steal(&c->wbuf, &len);
+    } else {
+        len = c->wbuf.len - off;
+        data = malloc(len);
+        if (data) memcpy(data, c->wbuf.data + off, len);
+        c->wbuf.len = 0;
+    }
+    if (!w || !data) {
+        free(w);
+        free(data);
+        conn_fail(c, BT_ERR_NOMEM, "out of memory writing to %s", c->peer);
+        return;
+    }
+    w->data = data;
+    w->len = len;
+    w->c = c;
+    c->queued += len;
+    uv_buf_t b = uv_buf_init(data, (unsigned)len);
+    int rc = uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_write);
+    if (rc < 0) {
+        c->queued -= len;
+        free(data);
+        free(w);
+        conn_fail(c, BT_ERR_DISCONNECTED, "write to %s failed: %s", c->peer, uv_strerror(rc));
+        return;
+    }
+    if (c->queued > c->cfg.max_out_bytes)
+        conn_fail(c, BT_ERR_TIMEOUT, "peer %s is not reading (%zu bytes unsent)", c->peer, c->queued);
+}
+
+static void on_flush_idle(uv_idle_t *h) { bt_rpc_flush(h->data); }
+
+bt_buf *bt_rpc_wbuf(bt_rpc_conn *c) {
+    if (c->state == CONN_CLOSING) return NULL;
+    if (!c->flush_scheduled) {
+        c->flush_scheduled = true;
+        uv_idle_start(&c->flusher, on_flush_idle);
+    }
+    return &c->wbuf;
+}
+
+static void handle_frame(bt_rpc_conn *c, const bt_frame *f) {
+    if (c->state == CONN_HANDSHAKE) {
+        uint16_t ver, role;
+        uint64_t inst;
+        if (f->type != BT_FRAME_HELLO || bt_frame_get_hello(f, &ver, &role, &inst) != BT_OK) {
+            conn_fail(c, BT_ERR_PROTOCOL, "peer %s did not start with HELLO (got %s)", c->peer,
+                      bt_frame_type_name(f->type));
+            return;
+        }
+        if (ver != BT_PROTO_VERSION) {
+            bt_buf *w = bt_rpc_wbuf(c);
+            if (w) bt_frame_put_error(w, 0, BT_ERR_PROTOCOL, "unsupported protocol version");
+            conn_fail(c, BT_ERR_PROTOCOL, "peer %s speaks protocol version %u, this is %u", c->peer, ver,
+                      BT_PROTO_VERSION);
+            return;
+        }
+        if (role == c->cfg.role) {
+            conn_fail(c, BT_ERR_PROTOCOL, "peer %s has the same role as this process", c->peer);
+            return;
+        }
+        c->peer_instance = inst;
+        c->state = CONN_OPEN;
+        if (c->h.on_open) c->h.on_open(c->ud, c);
+        return;
+    }
+    switch (f->type) {
+    case BT_FRAME_PING: {
+        uint64_t v;
+        bt_buf *w;
+        if (bt_frame_get_ping(f, &v) == BT_OK && (w = bt_rpc_wbuf(c))) bt_frame_put_ping(w, BT_FRAME_PONG, v);
+        return;
+    }
+    case BT_FRAME_PONG:
+        return;
+    case BT_FRAME_HELLO:
+        conn_fail(c, BT_ERR_PROTOCOL, "peer %s sent a second HELLO", c->peer);
+        return;
+    default:
+        if (c->h.on_frame) c->h.on_frame(c->ud, c, f);
+    }
+}
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+    (void)suggested;
+    bt_rpc_conn *c = h->data;
+    if (bt_buf_reserve(&c->rbuf, READ_CHUNK) != BT_OK) {
+        buf->base = NULL;
+        buf->len = 0;
+        return;
+    }
+    buf->base = c->rbuf.data + c->rbuf.len;
+    buf->len = c->rbuf.alloc - c->rbuf.len - 1;
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+    (void)buf;
+    bt_rpc_conn *c = s->data;
+    if (nread == UV_ENOBUFS) {
+        conn_fail(c, BT_ERR_TOO_LARGE, "read buffer from %s exceeded its cap", c->peer);
+        return;
+    }
+    if (nread < 0) {
+        if (nread == UV_EOF) conn_fail(c, BT_ERR_DISCONNECTED, "%s closed the connection", c->peer);
+        else conn_fail(c, BT_ERR_DISCONNECTED, "read from %s failed: %s", c->peer, uv_strerror((int)nread));
+        return;
+    }
+    if (nread == 0) return;
+    c->rbuf.len += (size_t)nread;
+    c->last_rx_ms = bt_now_ms();
+    size_t off = 0;
+    while (c->state != CONN_CLOSING) {
+        bt_frame f;
+        size_t used;
+        const char *why = NULL;
+        bt_status st = bt_frame_parse((const uint8_t *)c->rbuf.data + off, c->rbuf.len - off, c->cfg.max_frame, &f,
+                                      &used, &why);
+        if (st == BT_ERR_AGAIN) break;
+        if (st != BT_OK) {
+            BT_WARN("malformed frame from %s: %s; closing the connection", c->peer, why ? why : bt_status_msg(st));
+            conn_fail(c, st, "malformed frame from %s: %s", c->peer, why ? why : bt_status_msg(st));
+            return;
+        }
+        off += used;
+        handle_frame(c, &f);
+    }
+    if (c->state != CONN_CLOSING) bt_buf_consume(&c->rbuf, off);
+}
+
+static void on_heartbeat(uv_timer_t *t) {
+    bt_rpc_conn *c = t->data;
+    uint64_t now = bt_now_ms();
+    if (c->state == CONN_CONNECTING) {
+        conn_fail(c, BT_ERR_CANNOT_CONNECT, "connect to %s timed out after %u ms", c->peer, c->cfg.connect_timeout_ms);
+        return;
+    }
+    if (now - c->last_rx_ms >= c->cfg.dead_after_ms) {
+        conn_fail(c, BT_ERR_TIMEOUT, "no frame from %s for %llu ms: peer declared dead", c->peer,
+                  (unsigned long long)(now - c->last_rx_ms));
+        return;
+    }
+    if (now - c->last_tx_ms >= c->cfg.ping_interval_ms) {
+        bt_buf *w = bt_rpc_wbuf(c);
+        if (w) bt_frame_put_ping(w, BT_FRAME_PING, now);
+        c->last_tx_ms = now;
+    }
+}
+
+static void start_session(bt_rpc_conn *c) {
+    c->state = CONN_HANDSHAKE;
+    c->last_rx_ms = c->last_tx_ms = bt_now_ms();
+    uv_tcp_nodelay(&c->tcp, 1);
+    int rc = uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+    if (rc < 0) {
+        conn_fail(c, BT_ERR_DISCONNECTED, "read from %s failed: %s", c->peer, uv_strerror(rc));
+        return;
+    }
+    bt_frame_put_hello(bt_rpc_wbuf(c), c->cfg.role, c->cfg.instance_id);
+    uint32_t tick = c->cfg.ping_interval_ms < c->cfg.dead_after_ms / 4 ? c->cfg.ping_interval_ms
+                                                                       : c->cfg.dead_after_ms / 4;
+    if (tick < 10) tick = 10;
+    uv_timer_start(&c->timer, on_heartbeat, tick, tick);
+}
+
+static bt_rpc_conn *conn_new(uv_loop_t *loop, const bt_rpc_config *cfg, const bt_rpc_handlers *h, void *ud) {
+    bt_rpc_conn *c = calloc(1, sizeof *c);
+    if (!c) return NULL;
+    c->loop = loop;
+    c->cfg = *cfg;
+    c->h = *h;
+    c->ud = ud;
+    bt_buf_init(&c->rbuf, (size_t)cfg->max_frame + 4 + READ_CHUNK);
+    bt_buf_init(&c->wbuf, SIZE_MAX / 2);
+    uv_timer_init(loop, &c->timer);
+    uv_idle_init(loop, &c->flusher);
+    c->timer.data = c->flusher.data = c->tcp.data = c;
+    c->state = CONN_CONNECTING;
+    return c;
+}
+
+static void on_connect(uv_connect_t *req, int status) {
+    bt_rpc_conn *c = req->data;
+    if (c->state == CONN_CLOSING) return;
+    if (status < 0) {
+        conn_fail(c, BT_ERR_CANNOT_CONNECT, "connect to %s failed: %s", c->peer, uv_strerror(status));
+        return;
+    }
+    uv_timer_stop(&c->timer);
+    start_session(c);
+}
+
+static void connect_addr(bt_rpc_conn *c, const struct sockaddr *sa) {
+    int rc = uv_tcp_init(c->loop, &c->tcp);
+    if (rc == 0) {
+        c->tcp_inited = true;
+        c->connect_req.data = c;
+        rc = uv_tcp_connect(&c->connect_req, &c->tcp, sa, on_connect);
+    }
+    if (rc < 0) conn_fail(c, BT_ERR_CANNOT_CONNECT, "connect to %s failed: %s", c->peer, uv_strerror(rc));
+}
+
+static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res) {
+    bt_rpc_conn *c = req->data;
+    c->resolving = false;
+    if (c->state == CONN_CLOSING) {
+        uv_freeaddrinfo(res);
+        conn_release(c);
+        return;
+    }
+    if (status < 0 || !res) {
+        conn_fail(c, BT_ERR_CANNOT_CONNECT, "cannot resolve %s: %s", c->peer, uv_strerror(status));
+    } else {
+        struct sockaddr_storage ss;
+        memcpy(&ss, res->ai_addr, res->ai_addrlen);
+        if (ss.ss_family == AF_INET6) ((struct sockaddr_in6 *)&ss)->sin6_port = htons((uint16_t)c->port);
+        else ((struct sockaddr_in *)&ss)->sin_port = htons((uint16_t)c->port);
+        connect_addr(c, (struct sockaddr *)&ss);
+    }
+    uv_freeaddrinfo(res);
+}
+
+bt_rpc_conn *bt_rpc_dial(uv_loop_t *loop, const char *host, int port, const bt_rpc_config *cfg,
+                         const bt_rpc_handlers *h, void *ud) {
+    bt_rpc_conn *c = conn_new(loop, cfg, h, ud);
+    if (!c) return NULL;
+    c->port = port;
+    snprintf(c->peer, sizeof c->peer, "%s:%d", host, port);
+    uv_timer_start(&c->timer, on_heartbeat, cfg->connect_timeout_ms, 0);
+    struct sockaddr_in a4;
+    struct sockaddr_in6 a6;
+    if (uv_ip4_addr(host, port, &a4) == 0) connect_addr(c, (struct sockaddr *)&a4);
+    else if (uv_ip6_addr(host, port, &a6) == 0) connect_addr(c, (struct sockaddr *)&a6);
+    else {
+        c->gai.data = c;
+        c->resolving = true;
+        struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM};
+        int rc = uv_getaddrinfo(loop, &c->gai, on_resolved, host, NULL, &hints);
+        if (rc < 0) {
+            c->resolving = false;
+            conn_fail(c, BT_ERR_CANNOT_CONNECT, "cannot resolve %s: %s", c->peer, uv_strerror(rc));
+        }
+    }
+    return c;
+}
+
+bool bt_rpc_is_open(const bt_rpc_conn *c) { return c && c->state == CONN_OPEN; }
+uint64_t bt_rpc_peer_instance(const bt_rpc_conn *c) { return c->peer_instance; }
+const char *bt_rpc_peer_name(const bt_rpc_conn *c) { return c->peer; }
+uint64_t bt_rpc_last_rx_ms(const bt_rpc_conn *c) { return c->last_rx_ms; }
+void bt_rpc_set_ud(bt_rpc_conn *c, void *ud) { c->ud = ud; }
+void *bt_rpc_get_ud(const bt_rpc_conn *c) { return c->ud; }
+
+static void on_accept(uv_stream_t *server, int status) {
+    bt_rpc_listener *l = server->data;
+    if (status < 0) {
+        BT_WARN("request-plane accept failed: %s", uv_strerror(status));
+        return;
+    }
+    bt_rpc_conn *c = conn_new(l->loop, &l->cfg, &l->h, l->ud);
+    if (!c) return;
+    uv_tcp_init(l->loop, &c->tcp);
+    c->tcp_inited = true;
+    if (uv_accept(server, (uv_stream_t *)&c->tcp) < 0) {
+        bt_rpc_conn_close(c, BT_ERR_IO, "accept failed");
+        return;
+    }
+    struct sockaddr_storage ss;
+    int len = sizeof ss;
+    char ip[48] = "?";
+    if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&ss, &len) == 0) {
+        if (ss.ss_family == AF_INET) {
+            uv_ip4_name((struct sockaddr_in *)&ss, ip, sizeof ip);
+            snprintf(c->peer, sizeof c->peer, "%s:%d", ip, ntohs(((struct sockaddr_in *)&ss)->sin_port));
+        } else {
+            uv_ip6_name((struct sockaddr_in6 *)&ss, ip, sizeof ip);
+            snprintf(c->peer, sizeof c->peer, "[%s]:%d", ip, ntohs(((struct sockaddr_in6 *)&ss)->sin6_port));
+        }
+    }
+    start_session(c);
+}
+
+static void free_listener(uv_handle_t *h) { free(h->data); }
+
+bt_status bt_rpc_listen(uv_loop_t *loop, const char *host, int port, const bt_rpc_config *cfg,
+                        const bt_rpc_handlers *h, void *ud, bt_rpc_listener **out, char *err, size_t errlen) {
+    bt_rpc_listener *l = calloc(1, sizeof *l);
+    if (!l) return BT_ERR_NOMEM;
+    l->loop = loop;
+    l->cfg = *cfg;
+    l->h = *h;
+    l->ud = ud;
+    struct sockaddr_storage ss;
+    int rc = uv_ip4_addr(host, port, (struct sockaddr_in *)&ss);
+    if (rc < 0) rc = uv_ip6_addr(host, port, (struct sockaddr_in6 *)&ss);
+    if (rc < 0) {
+        snprintf(err, errlen, "invalid request-plane host '%s' (an IP address is expected)", host);
+        free(l);
+        return BT_ERR_INVALID;
+    }
+    uv_tcp_init(loop, &l->tcp);
+    l->tcp.data = l;
+    rc = uv_tcp_bind(&l->tcp, (struct sockaddr *)&ss, 0);
+    if (rc == 0) rc = uv_listen((uv_stream_t *)&l->tcp, 511, on_accept);
+    if (rc < 0) {
+        snprintf(err, errlen, "cannot listen on %s:%d: %s", host, port, uv_strerror(rc));
+        uv_close((uv_handle_t *)&l->tcp, free_listener);
+        return BT_ERR_IO;
+    }
+    int len = sizeof ss;
+    uv_tcp_getsockname(&l->tcp, (struct sockaddr *)&ss, &len);
+    l->port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+    *out = l;
+    return BT_OK;
+}
+
+int bt_rpc_listener_port(const bt_rpc_listener *l) { return l->port; }
+
+void bt_rpc_listener_close(bt_rpc_listener *l) {
+    if (l) uv_close((uv_handle_t *)&l->tcp, free_listener);
+}

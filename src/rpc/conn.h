@@ -1,0 +1,77 @@
+/* conn.h — one request-plane connection (either side) over libuv TCP.
+ *
+ * A connection frames and unframes (proto.h), handshakes with HELLO, keeps itself alive with
+ * PING/PONG and declares the peer dead when nothing arrives for `dead_after_ms`. Outgoing frames
+ * are appended to a corked buffer and written once per loop iteration (one syscall for every
+ * token frame produced in a scheduler step), with uv_try_write first.
+ *
+ * Lifetime: the owner creates a connection with bt_rpc_dial() or receives it from a listener,
+ * and ends it with bt_rpc_conn_close(). on_close is called exactly once, from the loop (never
+ * from inside a bt_rpc_* call), after which the connection memory is freed. No on_frame call
+ * happens after bt_rpc_conn_close() or after a fatal error. */
+#ifndef BATON_RPC_CONN_H
+#define BATON_RPC_CONN_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "common/status.h"
+#include "common/util.h"
+#include "proto/proto.h"
+
+typedef struct bt_rpc_conn bt_rpc_conn;
+
+typedef struct {
+    /* The peer's HELLO arrived: the connection is usable. */
+    void (*on_open)(void *ud, bt_rpc_conn *c);
+    /* A frame other than HELLO/PING/PONG. The frame's payload is valid during the call only. */
+    void (*on_frame)(void *ud, bt_rpc_conn *c, const bt_frame *f);
+    /* The connection ended (error, EOF, dead peer, or bt_rpc_conn_close). `why` is BT_OK for a
+     * local close. The connection is freed when this returns. */
+    void (*on_close)(void *ud, bt_rpc_conn *c, bt_status why, const char *reason);
+} bt_rpc_handlers;
+
+typedef struct {
+    uint16_t role;            /* BT_ROLE_FRONTEND or BT_ROLE_WORKER */
+    uint64_t instance_id;     /* sent in HELLO */
+    uint32_t max_frame;       /* cap on a frame's length field */
+    uint32_t ping_interval_ms;/* send PING after this long without sending anything */
+    uint32_t dead_after_ms;   /* peer declared dead after this long without receiving anything */
+    uint32_t connect_timeout_ms;
+    size_t max_out_bytes;     /* unsent bytes beyond this close the connection (a stuck peer) */
+} bt_rpc_config;
+
+void bt_rpc_config_default(bt_rpc_config *c, uint16_t role, uint64_t instance_id);
+
+/* Connects to host:port (an IP literal or a name, resolved asynchronously). Failures arrive as
+ * on_close(BT_ERR_CANNOT_CONNECT). */
+bt_rpc_conn *bt_rpc_dial(uv_loop_t *loop, const char *host, int port, const bt_rpc_config *cfg,
+                         const bt_rpc_handlers *h, void *ud);
+
+/* Starts closing. Safe to call more than once and from inside handlers. */
+void bt_rpc_conn_close(bt_rpc_conn *c, bt_status why, const char *reason);
+
+/* Outgoing buffer for appending frames, or NULL if the connection is closing. Frames appended
+ * are flushed later in this loop iteration. */
+bt_buf *bt_rpc_wbuf(bt_rpc_conn *c);
+/* Flushes now instead of at the end of the iteration (e.g. before a close). */
+void bt_rpc_flush(bt_rpc_conn *c);
+
+bool bt_rpc_is_open(const bt_rpc_conn *c);   /* handshake done and not closing */
+uint64_t bt_rpc_peer_instance(const bt_rpc_conn *c);
+const char *bt_rpc_peer_name(const bt_rpc_conn *c); /* "ip:port" */
+uint64_t bt_rpc_last_rx_ms(const bt_rpc_conn *c);
+void bt_rpc_set_ud(bt_rpc_conn *c, void *ud);
+void *bt_rpc_get_ud(const bt_rpc_conn *c);
+
+/* Listener: accepted connections use `h` and start with ud = listener's ud. */
+typedef struct bt_rpc_listener bt_rpc_listener;
+bt_status bt_rpc_listen(uv_loop_t *loop, const char *host, int port, const bt_rpc_config *cfg,
+                        const bt_rpc_handlers *h, void *ud, bt_rpc_listener **out, char *err, size_t errlen);
+int bt_rpc_listener_port(const bt_rpc_listener *l);
+/* Stops accepting and frees the listener (asynchronously). Open connections are unaffected. */
+void bt_rpc_listener_close(bt_rpc_listener *l);
+
+#endif
