@@ -150,12 +150,10 @@ static void on_http_request(void *ud, bt_http_req *http) {
     bool get = http->method == BT_HTTP_GET, post = http->method == BT_HTTP_POST;
     /* probes and metrics stay open */
     if (strcmp(p, "/live") == 0 && get) {
-        if (f->shutting_down)
-            bt_http_respond(http, 503, "application/json", NULL,
-                            "{\"status\":\"shutting_down\",\"message\":\"Service is shutting down\"}", 63);
-        else
-            bt_http_respond(http, 200, "application/json", NULL, "{\"status\":\"live\",\"message\":\"Service is live\"}",
-                            46);
+        static const char down[] = "{\"status\":\"shutting_down\",\"message\":\"Service is shutting down\"}";
+        static const char live[] = "{\"status\":\"live\",\"message\":\"Service is live\"}";
+        if (f->shutting_down) bt_http_respond(http, 503, "application/json", NULL, down, sizeof down - 1);
+        else bt_http_respond(http, 200, "application/json", NULL, live, sizeof live - 1);
         return;
     }
     if (strcmp(p, "/health") == 0 && get) return handle_health(f, http);

@@ -1,6 +1,7 @@
 /* http.h — the frontend's HTTP/1.1 server on libuv + http-parser.
  *
- * Keep-alive, one request in flight per connection (pipelined requests wait, reading is paused),
+ * Keep-alive, one request in flight per connection (pipelined requests wait, buffered unparsed and
+ * capped; reading goes on so that a client closing its socket is noticed and becomes on_abort),
  * hard caps on header and body sizes (413 / 431 answered here), idle and header timeouts. The
  * server parses; the handler decides. A request object is owned by its connection and is valid
  * from on_request until the handler ends the response (bt_http_respond / bt_http_stream_end) or
@@ -56,7 +57,7 @@ typedef struct {
     size_t max_connections;      /* beyond this new connections are closed at once; 0 = 10000 */
     size_t write_backlog_max;    /* a client that does not read: past this many queued bytes
                                     the connection is closed and on_abort called; 8 MiB */
-} bt_http_config;
+} bt_http_config;               /* zero sizes mean the defaults; a zero timeout disables it */
 
 void bt_http_config_default(bt_http_config *c);
 
@@ -66,7 +67,8 @@ bt_status bt_http_server_start(uv_loop_t *loop, const bt_http_config *cfg, const
 int bt_http_server_port(const bt_http_server *s);
 /* Stops accepting new connections (existing ones continue). */
 void bt_http_server_stop_accepting(bt_http_server *s);
-/* Number of open client connections and of requests in flight. */
+/* Number of open client connections and of requests in flight (handed to on_request, not yet
+ * ended or aborted). */
 size_t bt_http_server_connections(const bt_http_server *s);
 size_t bt_http_server_requests(const bt_http_server *s);
 /* Closes every connection (in-flight requests get on_abort) and frees the server once all
@@ -78,7 +80,9 @@ void bt_http_respond(bt_http_req *req, int status, const char *content_type, con
                      size_t len);
 /* Starts a chunked response (e.g. text/event-stream). */
 void bt_http_stream_begin(bt_http_req *req, int status, const char *content_type, const char *headers);
-/* Queues one chunk (copied). Returns false if the connection is already gone. */
+/* Queues one chunk (copied). Returns false if the connection is already gone (write error or
+ * backlog cap); on_abort then follows from the loop unless the handler ends the response first.
+ * on_abort is never called from inside one of these calls. The process must ignore SIGPIPE. */
 bool bt_http_stream_write(bt_http_req *req, const char *data, size_t len);
 /* Ends the chunked response. If close is true the connection closes after it (no keep-alive). */
 void bt_http_stream_end(bt_http_req *req, bool close);
