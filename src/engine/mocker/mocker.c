@@ -566,6 +566,9 @@ static void on_timer(uv_timer_t *t) {
         return;
     }
     if (e->vclock <= now) {
+        /* the steps run so far have all ended by now: their output is due before the next step */
+        flush(e);
+        if (e->destroying) return;
         uint64_t t0 = now;
         for (int n = 0; n < MK_MAX_STEPS_PER_CB && !e->stalled && !e->dead; n++) {
             if (!e->waiting.n && !e->running.n) break;

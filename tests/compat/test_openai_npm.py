@@ -1,0 +1,133 @@
+"""The official `openai` npm SDK, unmodified, against a baton frontend with one mocker worker.
+
+Installs the pinned SDK once into a cache directory (reused while the version matches), starts a
+cluster, runs tests/compat/openai_client.mjs with node and asserts on every check it reports:
+model listing, a streamed chat completion, a non-streamed completion with exact usage, a streamed
+chat with stream_options.include_usage, and the SDK's NotFoundError for an unknown model.
+If the SDK cannot be installed (no registry), the test fails: it never passes without running.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import batonlib as bl
+
+OPENAI_VERSION = "5.23.2"  # last 5.x; no dependencies, uses the built-in fetch of node >= 18
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def fail(msg):
+    bl.mark_failed()
+    sys.stderr.write(f"FAIL: {msg}\n")
+    sys.exit(1)
+
+
+def cache_dir():
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base and os.environ.get("HOME"):
+        base = os.path.join(os.environ["HOME"], ".cache")
+    if base:
+        try:
+            os.makedirs(os.path.join(base, "baton"), exist_ok=True)
+            return os.path.join(base, "baton", f"openai-node-{OPENAI_VERSION}")
+        except OSError:
+            pass
+    return os.path.join(os.path.dirname(bl.baton_bin()), "compat-node", f"openai-{OPENAI_VERSION}")
+
+
+def installed_version(d):
+    try:
+        with open(os.path.join(d, "node_modules", "openai", "package.json")) as f:
+            return json.load(f).get("version")
+    except (OSError, ValueError):
+        return None
+
+
+def ensure_sdk():
+    """Returns a directory whose node_modules/ holds openai@OPENAI_VERSION."""
+    for tool in ("node", "npm"):
+        if not shutil.which(tool):
+            fail(f"`{tool}` is not on the PATH; scripts/setup installs Node.js and npm")
+    major = subprocess.run(["node", "-p", "process.versions.node.split('.')[0]"], capture_output=True, text=True)
+    if major.returncode != 0 or int(major.stdout.strip() or 0) < 18:
+        fail(f"node >= 18 is needed for openai@{OPENAI_VERSION}; found {major.stdout.strip() or major.stderr}")
+    d = cache_dir()
+    if installed_version(d) == OPENAI_VERSION:
+        return d
+    tmp = f"{d}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, "package.json"), "w") as f:
+        json.dump({"name": "baton-compat", "private": True, "version": "0.0.0"}, f)
+    cmd = ["npm", "install", "--no-audit", "--no-fund", "--no-package-lock", "--loglevel=error",
+           "--fetch-retries=1", "--fetch-timeout=60000", f"openai@{OPENAI_VERSION}"]
+    try:
+        r = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        shutil.rmtree(tmp, ignore_errors=True)
+        fail(f"`{' '.join(cmd)}` did not finish within 180 s: is the npm registry reachable?")
+    if r.returncode != 0 or installed_version(tmp) != OPENAI_VERSION:
+        shutil.rmtree(tmp, ignore_errors=True)
+        fail(f"could not install openai@{OPENAI_VERSION} from the npm registry (exit {r.returncode}); "
+             f"the compatibility test cannot run without it.\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    shutil.rmtree(d, ignore_errors=True)
+    try:
+        os.rename(tmp, d)
+    except OSError:  # another run installed it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+        if installed_version(d) != OPENAI_VERSION:
+            fail(f"could not place the SDK in {d}")
+    return d
+
+
+def main():
+    bl.deadline(280)
+    sdk_dir = ensure_sdk()
+
+    with bl.Cluster() as c:
+        # The script runs from a private directory beside a link to the cached node_modules, so
+        # that `import 'openai'` resolves to the pinned SDK and nothing is written to the cache.
+        work = os.path.join(c.dir, "node")
+        os.makedirs(work)
+        shutil.copy(os.path.join(HERE, "openai_client.mjs"), work)
+        os.symlink(os.path.join(sdk_dir, "node_modules"), os.path.join(work, "node_modules"))
+
+        fe = c.start_frontend()
+        c.start_worker(speedup_ratio=50)
+        c.wait_workers(fe, 1, timeout=30)
+
+        env = dict(os.environ, BATON_BASE_URL=f"{fe.url}/v1", BATON_MODEL="mock-model")
+        try:
+            r = subprocess.run(["node", "openai_client.mjs"], cwd=work, env=env, capture_output=True, text=True,
+                               timeout=180, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as e:
+            raise AssertionError(f"the node client did not finish within 180 s; stderr: {e.stderr!r}")
+        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+        if r.returncode != 0 or not lines:
+            raise AssertionError(f"node client failed (exit {r.returncode})\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}")
+        result = json.loads(lines[-1])
+        print(f"openai npm SDK {result['sdk']} against {fe.url}")
+        expected = ["models.list", "chat.stream", "completions.create", "chat.stream.include_usage",
+                    "unknown_model.404"]
+        names = [ch["name"] for ch in result["checks"]]
+        if names != expected:
+            raise AssertionError(f"the client ran checks {names}, expected {expected}")
+        failed = []
+        for ch in result["checks"]:
+            mark = "ok  " if ch["ok"] else "FAIL"
+            print(f"  {mark} {ch['name']}: {json.dumps(ch['detail'])[:300]}")
+            if not ch["ok"]:
+                failed.append(ch["name"])
+        if r.stderr.strip():
+            print("node stderr:\n" + r.stderr)
+        if failed:
+            raise AssertionError(f"openai SDK checks failed: {', '.join(failed)}")
+        if not fe.proc.alive():
+            raise AssertionError(f"the frontend exited ({fe.proc.returncode}) during the test")
+
+
+if __name__ == "__main__":
+    main()
