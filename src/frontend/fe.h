@@ -76,6 +76,12 @@ struct fe_worker {
     bt_load_report load;
     uint64_t load_ms; /* when the last LOAD arrived (0 = never) */
     uint64_t total_blocks_card;
+    uint64_t block_size; /* tokens per KV block, from the model card (0 = unknown) */
+    /* Shedding: KV blocks that requests routed since the last LOAD will need (the report does
+     * not show them yet), and the rate at which finished requests release blocks. */
+    uint64_t pending_blocks;
+    double release_rate; /* blocks/s, exponentially decayed, read through fe_worker_release_rate */
+    uint64_t release_us; /* time of the last update of release_rate */
     bt_map streams; /* stream id → fe_req */
     uint32_t next_stream;
     uint32_t backoff_ms;
@@ -170,6 +176,8 @@ void fe_workers_stop(fe *f);
 fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, bool *all_busy);
 bool fe_worker_routable(const fe_worker *w);
 bool fe_worker_busy(const fe_worker *w, const fe_model *m);
+/* Seconds a client should wait before retrying when every worker of m is busy (Retry-After). */
+int fe_retry_after_s(fe *f, const fe_model *m);
 void fe_worker_quarantine(fe_worker *w, const char *why);
 /* Sends a REQUEST for req on w; returns the stream id or 0 if the connection is unusable. */
 uint32_t fe_worker_send_request(fe_worker *w, fe_req *req);

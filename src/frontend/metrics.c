@@ -98,6 +98,10 @@ void fe_metrics_render(fe *f, bt_buf *b) {
                       "baton_frontend_workers{state=\"routable\"} %zu\n", f->nworkers, routable);
     bt_buf_appendf(b, "# TYPE baton_frontend_http_connections gauge\nbaton_frontend_http_connections %zu\n",
                    f->http ? bt_http_server_connections(f->http) : 0);
+    bt_buf_append_str(b, "# TYPE baton_frontend_worker_routed_total counter\n");
+    for (fe_worker *w = f->workers; w; w = w->next)
+        bt_buf_appendf(b, "baton_frontend_worker_routed_total{model=\"%s\",worker_id=\"%" PRIx64 "\"} %" PRIu64 "\n",
+                       w->model, w->id, w->routed_total);
     static const char *wg[] = {"active_decode_blocks", "total_blocks", "active_prefill_tokens", "waiting_requests",
                                "busy", "inflight"};
     for (size_t g = 0; g < sizeof wg / sizeof wg[0]; g++) {

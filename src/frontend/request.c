@@ -244,8 +244,13 @@ static void dispatch(fe_req *r) {
                 r->model->st.rejections[r->api]++;
                 BT_WARN("rejecting request %s: all workers are busy", r->rid);
                 if (r->http) {
-                    fe_json_error(r->http, r->rid, 503, "service_unavailable",
-                                  "Service temporarily unavailable: All workers are busy, please retry later");
+                    char hdr[160];
+                    snprintf(hdr, sizeof hdr, "X-Request-Id: %s\r\nRetry-After: %d\r\n", r->rid,
+                             fe_retry_after_s(f, r->model));
+                    static const char body[] = "{\"error\":{\"message\":\"Service temporarily unavailable: All "
+                                               "workers are busy, please retry later\",\"type\":\"Service "
+                                               "Unavailable\",\"code\":503}}";
+                    bt_http_respond(r->http, 503, "application/json", hdr, body, sizeof body - 1);
                     r->http->user = NULL;
                     r->http = NULL;
                 }

@@ -16,7 +16,11 @@
 #include "common/log.h"
 #include "frontend/fe.h"
 
-#define LOAD_STALE_MS 5000u     /* a load report older than this says nothing about busy-ness */
+#define LOAD_STALE_MS 3000u     /* a load report older than this says nothing about busy-ness */
+#define RELEASE_TAU_S 5.0       /* time constant of the block release rate estimate */
+#define RETRY_AFTER_MIN_S 1
+#define RETRY_AFTER_MAX_S 30
+#define RETRY_AFTER_UNKNOWN_S 5 /* nothing has finished recently: no rate to go by */
 #define QUARANTINE_MS 5000u     /* how long a failed worker is skipped unless it proves itself */
 #define BACKOFF_MIN_MS 50u
 #define BACKOFF_MAX_MS 2000u
@@ -113,6 +117,21 @@ static void on_conn_open(void *ud, bt_rpc_conn *c) {
     set_state(w, FW_READY, "connected");
 }
 
+/* A request finished on w and gave back the KV blocks of its prompt and output. */
+static void worker_note_release(fe_worker *w, uint32_t prompt_tokens, uint32_t completion_tokens) {
+    uint64_t bs = w->block_size ? w->block_size : 16;
+    double blocks = (double)((prompt_tokens + completion_tokens + bs - 1) / bs);
+    uint64_t now = bt_now_us();
+    if (w->release_us) w->release_rate *= exp(-(double)(now - w->release_us) / 1e6 / RELEASE_TAU_S);
+    w->release_rate += blocks / RELEASE_TAU_S;
+    w->release_us = now;
+}
+
+static double fe_worker_release_rate(const fe_worker *w) {
+    if (!w->release_us) return 0.0;
+    return w->release_rate * exp(-(double)(bt_now_us() - w->release_us) / 1e6 / RELEASE_TAU_S);
+}
+
 static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
     (void)c;
     fe_worker *w = ud;
@@ -133,6 +152,7 @@ static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
         uint8_t reason;
         uint32_t pt, ct;
         bt_frame_get_finish(f, &reason, &pt, &ct);
+        worker_note_release(w, pt, ct);
         fe_worker_stream_done(w, f->stream);
         r->worker = NULL;
         fe_request_on_finish(r, reason, pt, ct);
@@ -163,6 +183,7 @@ static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
         if (bt_frame_get_load(f, &lr) != BT_OK) return;
         w->load = lr;
         w->load_ms = bt_now_ms();
+        w->pending_blocks = 0; /* the report now covers what was routed before it */
         return;
     }
     case BT_FRAME_GOAWAY: {
@@ -265,6 +286,8 @@ static void on_disc_put(void *ud, const char *key, const json_t *v) {
     if ((s = json_string_value(json_object_get(v, "endpoint")))) snprintf(w->endpoint, sizeof w->endpoint, "%s", s);
     json_t *tb = json_object_get(jmodel, "total_kv_blocks");
     if (json_is_integer(tb)) w->total_blocks_card = (uint64_t)json_integer_value(tb);
+    json_t *bsz = json_object_get(jmodel, "block_size");
+    if (json_is_integer(bsz) && json_integer_value(bsz) > 0) w->block_size = (uint64_t)json_integer_value(bsz);
     if (!parse_transport(w->transport, w->host, sizeof w->host, &w->port)) {
         BT_WARN("discovery key %s: cannot parse transport '%s'", key, w->transport);
         free(w);
@@ -320,15 +343,37 @@ void fe_workers_stop(fe *f) {
 
 /* ---- routing ---- */
 
+/* Busy when a fresh load report, plus what was routed since it, exceeds a threshold. */
 bool fe_worker_busy(const fe_worker *w, const fe_model *m) {
+    if (isnan(m->decode_threshold) && isnan(m->prefill_threshold)) return false;
     if (!w->load_ms || bt_now_ms() - w->load_ms > LOAD_STALE_MS) return false;
     const bt_load_report *l = &w->load;
     uint64_t total = l->total_blocks ? l->total_blocks : w->total_blocks_card;
     if (!isnan(m->decode_threshold) && total > 0 &&
-        (double)l->active_decode_blocks > m->decode_threshold * (double)total)
+        (double)(l->active_decode_blocks + w->pending_blocks) > m->decode_threshold * (double)total)
         return true;
     if (!isnan(m->prefill_threshold) && (double)l->active_prefill_tokens > m->prefill_threshold) return true;
     return false;
+}
+
+int fe_retry_after_s(fe *f, const fe_model *m) {
+    double best = -1;
+    for (fe_worker *w = f->workers; w; w = w->next) {
+        if (strcmp(w->model, m->name) != 0 || !fe_worker_routable(w)) continue;
+        const bt_load_report *l = &w->load;
+        uint64_t total = l->total_blocks ? l->total_blocks : w->total_blocks_card;
+        double excess = 0;
+        if (!isnan(m->decode_threshold) && total > 0)
+            excess = (double)(l->active_decode_blocks + w->pending_blocks) - m->decode_threshold * (double)total;
+        if (excess < 1) excess = 1;
+        double rate = fe_worker_release_rate(w);
+        if (rate <= 0) continue;
+        double t = excess / rate;
+        if (best < 0 || t < best) best = t;
+    }
+    if (best < 0) return RETRY_AFTER_UNKNOWN_S;
+    int s = (int)ceil(best);
+    return s < RETRY_AFTER_MIN_S ? RETRY_AFTER_MIN_S : s > RETRY_AFTER_MAX_S ? RETRY_AFTER_MAX_S : s;
 }
 
 bool fe_worker_routable(const fe_worker *w) {
@@ -402,10 +447,16 @@ uint32_t fe_worker_send_request(fe_worker *w, fe_req *r) {
     char *payload = msg ? json_dumps(msg, JSON_COMPACT) : NULL;
     json_decref(msg);
     if (!payload) return 0;
-    bt_status st = bt_frame_put(b, BT_FRAME_REQUEST, id, payload, strlen(payload));
+    size_t payload_len = strlen(payload);
+    bt_status st = bt_frame_put(b, BT_FRAME_REQUEST, id, payload, payload_len);
     free(payload);
     if (st != BT_OK || bt_map_put(&w->streams, id, r) != 0) return 0;
     w->routed_total++;
+    /* until the next LOAD shows it, assume the request holds blocks for its prompt (estimated
+     * at 4 bytes of body per token) and its whole output */
+    uint64_t bs = w->block_size ? w->block_size : 16;
+    uint64_t est_tokens = (uint64_t)remaining + r->nids + payload_len / 4;
+    w->pending_blocks += (est_tokens + bs - 1) / bs;
     return id;
 }
 

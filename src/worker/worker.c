@@ -98,6 +98,8 @@ struct worker {
     uv_signal_t sig_term, sig_int, sig_usr1, sig_usr2;
     uv_timer_t drain_timer;
     uv_timer_t dead_timer;
+    uv_timer_t load_timer; /* re-sends LOAD when nothing changed for a while: keeps reports fresh */
+    uint64_t load_sent_ms;
     uint64_t started_ms;
     uint64_t drain_started_ms;
     /* counters for /metrics */
@@ -130,7 +132,9 @@ static void fill_load(worker *w, bt_load_report *r) {
 
 static void send_load(worker *w, peer *only) {
     bt_load_report r;
+    if (!w->engine) return;
     fill_load(w, &r);
+    if (!only) w->load_sent_ms = bt_now_ms();
     for (peer *p = w->peers; p; p = p->next) {
         if (only && p != only) continue;
         bt_buf *b = bt_rpc_wbuf(p->conn);
@@ -139,6 +143,13 @@ static void send_load(worker *w, peer *only) {
 }
 
 static void on_engine_load(void *ud) { send_load(ud, NULL); }
+
+#define LOAD_REFRESH_MS 1000u /* frontends treat reports older than 3 s as stale */
+
+static void on_load_timer(uv_timer_t *t) {
+    worker *w = t->data;
+    if (bt_now_ms() - w->load_sent_ms >= LOAD_REFRESH_MS) send_load(w, NULL);
+}
 
 /* ---- streams ----------------------------------------------------------------------------- */
 
@@ -628,7 +639,9 @@ static int worker_run(worker *w) {
     }
     uv_timer_init(loop, &w->drain_timer);
     uv_timer_init(loop, &w->dead_timer);
-    w->drain_timer.data = w->dead_timer.data = w;
+    uv_timer_init(loop, &w->load_timer);
+    w->drain_timer.data = w->dead_timer.data = w->load_timer.data = w;
+    uv_timer_start(&w->load_timer, on_load_timer, LOAD_REFRESH_MS, LOAD_REFRESH_MS / 2);
     bt_engine_hooks hooks = {on_engine_load, on_engine_dead};
     w->engine = bt_mocker_create(loop, &o->mocker, &hooks, w);
     if (!w->engine) {
