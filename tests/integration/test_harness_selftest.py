@@ -398,12 +398,12 @@ class HelperTests(unittest.TestCase):
 
     def test_run_concurrently(self):
         def f(a, b):
-            time.sleep(0.05 * (5 - a))
+            time.sleep(0.1 * (5 - a))  # the first call ends last: results must still be in order
             return a * b
 
         t0 = time.monotonic()
         self.assertEqual(bl.run_concurrently(f, [(i, 10) for i in range(5)], max_workers=5), [0, 10, 20, 30, 40])
-        self.assertLess(time.monotonic() - t0, 0.25 * 5 * 0.8)  # really in parallel
+        self.assertLess(time.monotonic() - t0, 1.2)  # in parallel: 0.5 s; one after another: 1.5 s
         self.assertEqual(bl.run_concurrently(lambda x: x + 1, [1, 2]), [2, 3])
 
         def g(x):
@@ -658,6 +658,22 @@ class ClusterTests(unittest.TestCase):
         self.assertEqual(sorted(codes.values()), [0, 0, 0])
         for p in c.procs():
             self.assertFalse(p.alive())
+
+    def test_close_reports_sanitizer_errors(self):
+        c = bl.Cluster(bin=self.fake)
+        w = c.start_worker()
+        fake_record(w.proc)
+        c.start_worker()
+        with open(w.proc.log_path, "a") as f:  # as ASan would write it
+            f.write("==4242==ERROR: AddressSanitizer: heap-use-after-free on address 0x602\n"
+                    "    #0 0x55 in bt_conn_close src/rpc/conn.c:120\n")
+        with self.assertRaisesRegex(AssertionError, r"(?s)sanitizer reports.*heap-use-after-free.*conn.c:120"):
+            c.close()
+        self.assertFalse(w.proc.alive())
+        self.assertIsNone(c.workers[1].proc.sanitizer_report())
+        ub = bl.Proc([sys.executable, "-c", "print('src/x.c:3:5: runtime error: signed integer overflow')"])
+        ub.wait(10)
+        self.assertIn("signed integer overflow", ub.sanitizer_report())
 
     def test_start_frontend_fails_fast_when_process_dies(self):
         with bl.Cluster(bin="/bin/false") as c:

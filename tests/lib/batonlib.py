@@ -205,6 +205,10 @@ def _pgroup_members(pgid):
     return out
 
 
+_SANITIZER_RX = re.compile(r"ERROR: (AddressSanitizer|LeakSanitizer)|runtime error: |"
+                           r"SUMMARY: UndefinedBehaviorSanitizer")
+
+
 class Proc:
     """A child process whose stdout and stderr go to a log file.
 
@@ -296,6 +300,16 @@ class Proc:
                 return f.read().decode("utf-8", "replace")
         except OSError:
             return ""
+
+    def sanitizer_report(self):
+        """The first AddressSanitizer / LeakSanitizer / UndefinedBehaviorSanitizer report in the
+        log (up to 40 lines from it), or None. Under scripts/test --sanitize a report means a bug
+        even when the process went on or exited 0."""
+        lines = self.log_text().splitlines()
+        for i, line in enumerate(lines):
+            if _SANITIZER_RX.search(line):
+                return "\n".join(lines[i:i + 40])
+        return None
 
     def log_tail(self, lines=60):
         return "\n".join(self.log_text().splitlines()[-lines:])
@@ -883,7 +897,13 @@ class Cluster:
             mark_failed()
             sys.stderr.write(f"\ntest failed ({etype.__name__}: {value}); process logs:\n")
             self.dump_logs()
-        self.close()
+            self.close(check_sanitizers=False)
+            return False
+        try:
+            self.close()
+        except AssertionError:
+            mark_failed()
+            raise
         return False
 
     def _log(self, role):
@@ -981,9 +1001,10 @@ class Cluster:
     def dump_logs(self, lines=60):
         dump_logs(self.procs(), lines)
 
-    def close(self, timeout=10.0):
+    def close(self, timeout=10.0, check_sanitizers=True):
         """Stops every process of the cluster: SIGTERM to all at once, SIGKILL to those still
-        running after `timeout` s. Returns {proc name: exit status}."""
+        running after `timeout` s. Returns {proc name: exit status}. Then, with check_sanitizers,
+        raises AssertionError if any process log holds a sanitizer report."""
         procs = self.procs()
         for p in procs:
             if p.alive():
@@ -999,7 +1020,14 @@ class Cluster:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        return {p.name: p.returncode for p in procs}
+        codes = {p.name: p.returncode for p in procs}
+        if check_sanitizers:
+            reports = [(p, p.sanitizer_report()) for p in procs]
+            reports = [(p, r) for p, r in reports if r]
+            if reports:
+                raise AssertionError("sanitizer reports in process logs:\n" + "\n".join(
+                    f"----- {p.name} (pid {p.pid}, exit {p.returncode}) {p.log_path}\n{r}" for p, r in reports))
+        return codes
 
 
 def wait_http(url, proc=None, timeout=20.0):
