@@ -1,7 +1,10 @@
 /* main.c — the `baton` binary: dispatches to a subcommand. */
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
+#include <unistd.h>
 
 #include "cli/run.h"
 #include "frontend/frontend.h"
@@ -19,6 +22,13 @@ static void usage(void) {
 int main(int argc, char **argv) {
     /* a peer that vanishes mid-write must be an error code, never a signal that kills the process */
     signal(SIGPIPE, SIG_IGN);
+    /* children of `baton run` stop with it, even when it is killed with SIGKILL */
+    const char *ppid = getenv("BATON_PARENT_PID");
+    if (ppid) {
+        prctl(PR_SET_PDEATHSIG, SIGTERM);
+        if (strtol(ppid, NULL, 10) != (long)getppid()) return 1; /* the parent is already gone */
+        unsetenv("BATON_PARENT_PID");
+    }
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
         usage();
         return argc < 2 ? 2 : 0;

@@ -50,6 +50,7 @@ struct run_ctx {
     bool stopping;
     int signals;
     uv_signal_t sig_int, sig_term;
+    char **env; /* this process's environment plus BATON_PARENT_PID */
 };
 
 /* Flags `baton run` forwards to the frontend; everything else unknown goes to the workers. */
@@ -162,6 +163,7 @@ static void start_child(child *c) {
     po.exit_cb = on_exit_cb;
     po.stdio = stdio;
     po.stdio_count = 3;
+    po.env = r->env;
     c->proc.data = c;
     int rc = uv_spawn(r->loop, &c->proc, &po);
     if (rc < 0) {
@@ -242,6 +244,15 @@ int bt_run_main(int argc, char **argv) {
         fprintf(stderr, "baton run: cannot create a discovery directory under %s\n", tmp ? tmp : "/tmp");
         return 1;
     }
+    extern char **environ;
+    size_t nenv = 0;
+    while (environ[nenv]) nenv++;
+    r.env = calloc(nenv + 2, sizeof *r.env);
+    static char parent[48];
+    snprintf(parent, sizeof parent, "BATON_PARENT_PID=%d", (int)getpid());
+    if (!r.env) return 1;
+    for (size_t i = 0; i < nenv; i++) r.env[i] = environ[i];
+    r.env[nenv] = parent;
     uv_loop_t loop;
     uv_loop_init(&loop);
     r.loop = &loop;
@@ -274,5 +285,6 @@ int bt_run_main(int argc, char **argv) {
     fflush(stdout);
     uv_run(&loop, UV_RUN_DEFAULT);
     uv_loop_close(&loop);
+    free(r.env);
     return 0;
 }
