@@ -217,14 +217,15 @@ static void on_conn_close(void *ud, bt_rpc_conn *c, bt_status why, const char *r
     uv_timer_start(&w->retry_timer, on_retry_timer, w->backoff_ms, 0);
 }
 
-static const bt_rpc_handlers conn_handlers = {on_conn_open, on_conn_frame, on_conn_close};
+static const bt_rpc_handlers conn_handlers = {on_conn_open, on_conn_frame, on_conn_close, NULL};
 
 static void worker_connect(fe_worker *w) {
     bt_rpc_config rc;
     bt_rpc_config_default(&rc, BT_ROLE_FRONTEND, w->fe->instance_id);
     uint32_t dead = (uint32_t)(w->fe->o.stall_timeout * 1000.0);
     rc.dead_after_ms = dead < 100 ? 100 : dead;
-    rc.ping_interval_ms = rc.dead_after_ms / 4;
+    /* pings are cheap; a worker drops a frontend it has not heard from for a few seconds */
+    rc.ping_interval_ms = rc.dead_after_ms / 4 < 500 ? rc.dead_after_ms / 4 : 500;
     rc.connect_timeout_ms = rc.dead_after_ms;
     set_state(w, FW_CONNECTING, "dialing");
     w->conn = bt_rpc_dial(w->fe->loop, w->host, w->port, &rc, &conn_handlers, w);

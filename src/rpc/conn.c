@@ -416,6 +416,7 @@ static void on_accept(uv_stream_t *server, int status) {
             snprintf(c->peer, sizeof c->peer, "[%s]:%d", ip, ntohs(((struct sockaddr_in6 *)&ss)->sin6_port));
         }
     }
+    if (l->h.on_accept) l->h.on_accept(l->ud, c);
     start_session(c);
 }
 

@@ -31,6 +31,9 @@ typedef struct {
     /* The connection ended (error, EOF, dead peer, or bt_rpc_conn_close). `why` is BT_OK for a
      * local close. The connection is freed when this returns. */
     void (*on_close)(void *ud, bt_rpc_conn *c, bt_status why, const char *reason);
+    /* Optional, listeners only: a connection was accepted (before its handshake), so that the
+     * owner can track and close every connection, not only those that completed HELLO. */
+    void (*on_accept)(void *ud, bt_rpc_conn *c);
 } bt_rpc_handlers;
 
 typedef struct {

@@ -131,13 +131,20 @@ with bl.Cluster() as c:
 
 with bl.Cluster() as c:
     # --- one busy worker among free ones receives nothing new
-    fe = c.start_frontend(active_decode_blocks_threshold=0.5, stream_stall_timeout=15)
-    a = c.start_worker(**dict(WORKER, speedup_ratio=0.5))
+    # no threshold yet: A must take all its load first; the threshold is set at runtime below
+    fe = c.start_frontend(stream_stall_timeout=15)
+    a = c.start_worker(**dict(WORKER, speedup_ratio=1))
     c.wait_workers(fe, 1)
-    bg = [threading.Thread(target=bl.stream_chat, args=(fe.url, body(i)), kwargs={"timeout": 120}) for i in range(4)]
+    # six long requests need far more than A's 64 blocks: its KV stays full (queueing, preemption)
+    long_body = lambda i: bl.chat_body(f"long {i}", max_tokens=600)
+    bg = [threading.Thread(target=bl.stream_chat, args=(fe.url, long_body(i)), kwargs={"timeout": 120})
+          for i in range(6)]
     for t in bg:
         t.start()
-    bl.wait_for(lambda: bl.metric_sum(bl.metrics(fe.url), "baton_frontend_worker_busy") == 1, 10, what="worker A busy")
+    bl.wait_for(lambda: bl.metric_sum(bl.metrics(fe.url), "baton_frontend_worker_active_decode_blocks") > 40, 20,
+                what="worker A's KV blocks to fill")
+    st, _, r = bl.post_json(fe.url + "/busy_threshold", {"model": "mock-model", "active_decode_blocks_threshold": 0.5})
+    assert st == 200, r
     b = c.start_worker(**WORKER)
     c.wait_workers(fe, 2)
     m0 = bl.metrics(fe.url)
