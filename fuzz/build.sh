@@ -19,6 +19,7 @@ fi
 sources_for() {
     case "$1" in
     proto) echo "src/proto/proto.c src/common/*.c" ;;
+    sse) echo "src/engine/openai/sse_parse.c src/engine/openai/openai_wire.c src/common/*.c -ljansson" ;;
     *) echo "src/common/*.c" ;;
     esac
 }

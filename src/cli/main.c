@@ -1,9 +1,12 @@
 /* main.c — the `baton` binary: dispatches to a subcommand. */
+#include <errno.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "cli/run.h"
@@ -15,13 +18,66 @@ static void usage(void) {
            "commands:\n"
            "  run        a frontend and N simulated workers on this machine (start here)\n"
            "  frontend   the OpenAI-compatible HTTP frontend and router\n"
-           "  worker     one engine behind the request plane\n\n"
+           "  worker     one engine behind the request plane\n"
+           "  chaos      fault scenarios against baton, checked byte for byte (docs/chaos.md)\n\n"
            "`baton <command> --help` lists a command's options.\n");
+}
+
+/* `baton chaos ...`: the fault-testing tool is a Python program in the source tree
+ * (tools/chaos/chaos.py), found through $BATON_CHAOS_DIR or relative to this binary
+ * (build/baton -> ../tools/chaos). It is exec'd with the remaining arguments and, unless
+ * BATON_BIN says otherwise, starts this very binary for the processes it tests. */
+static int chaos_main(int argc, char **argv) {
+    char self[PATH_MAX];
+    char tool[PATH_MAX + 32];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (n <= 0) {
+        fprintf(stderr, "baton chaos: cannot find this binary's path: %s\n", strerror(errno));
+        return 2;
+    }
+    self[n] = '\0';
+    const char *dir = getenv("BATON_CHAOS_DIR");
+    int len;
+    if (dir && *dir) {
+        len = snprintf(tool, sizeof tool, "%s/chaos.py", dir);
+    } else {
+        char bindir[PATH_MAX];
+        snprintf(bindir, sizeof bindir, "%s", self);
+        char *slash = strrchr(bindir, '/');
+        if (slash) *slash = '\0';
+        len = snprintf(tool, sizeof tool, "%s/../tools/chaos/chaos.py", bindir);
+    }
+    if (len < 0 || (size_t)len >= sizeof tool) {
+        fprintf(stderr, "baton chaos: tool path too long\n");
+        return 2;
+    }
+    if (access(tool, R_OK) != 0) {
+        fprintf(stderr, "baton chaos: the chaos tool is not at %s (%s); set BATON_CHAOS_DIR to the directory "
+                        "holding chaos.py (tools/chaos in the source tree)\n", tool, strerror(errno));
+        return 2;
+    }
+    setenv("BATON_BIN", self, 0);
+    char **args = calloc((size_t)argc + 2, sizeof *args);
+    if (!args) return 2;
+    args[0] = "python3";
+    args[1] = tool;
+    for (int i = 1; i < argc; i++) args[i + 1] = argv[i];
+    execvp("python3", args);
+    fprintf(stderr, "baton chaos: cannot run python3 (%s); the chaos tool needs Python 3.11 or newer\n",
+            strerror(errno));
+    free(args);
+    return 127;
 }
 
 int main(int argc, char **argv) {
     /* a peer that vanishes mid-write must be an error code, never a signal that kills the process */
     signal(SIGPIPE, SIG_IGN);
+    /* a frontend holds one descriptor per client: use all the descriptors the system allows */
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
     /* children of `baton run` stop with it, even when it is killed with SIGKILL */
     const char *ppid = getenv("BATON_PARENT_PID");
     if (ppid) {
@@ -37,6 +93,7 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "run") == 0) return bt_run_main(argc - 1, argv + 1);
     if (strcmp(cmd, "frontend") == 0) return bt_frontend_main(argc - 1, argv + 1);
     if (strcmp(cmd, "worker") == 0) return bt_worker_main(argc - 1, argv + 1);
+    if (strcmp(cmd, "chaos") == 0) return chaos_main(argc - 1, argv + 1);
     fprintf(stderr, "baton: unknown command '%s'\n", cmd);
     usage();
     return 2;

@@ -139,6 +139,9 @@ static void start_child(child *c) {
         args[n++] = r->dir;
         args[n++] = "--migration-limit";
         args[n++] = mig;
+        /* no load balancer in front of a one-machine group: Ctrl-C need not wait for one */
+        args[n++] = "--shutdown-accept-window-ms";
+        args[n++] = "0";
         for (int i = 0; i < r->n_fe_args; i++) args[n++] = r->fe_args[i];
     } else {
         snprintf(speed, sizeof speed, "%g", r->speedup);

@@ -203,6 +203,32 @@ bool bt_parse_double(const char *s, double min, double max, double *out) {
     return true;
 }
 
+bt_status bt_load_secret(const char *file, const char *value, char **out, char *err, size_t errlen) {
+    *out = NULL;
+    if (file && *file) {
+        FILE *fp = fopen(file, "r");
+        if (!fp) {
+            snprintf(err, errlen, "cannot read the secret file %s: %s", file, strerror(errno));
+            return BT_ERR_IO;
+        }
+        char buf[4097];
+        size_t n = fread(buf, 1, sizeof buf - 1, fp);
+        fclose(fp);
+        buf[n] = '\0';
+        while (n && (buf[n - 1] == '\n' || buf[n - 1] == '\r')) buf[--n] = '\0';
+        if (n == 0) {
+            snprintf(err, errlen, "the secret file %s is empty", file);
+            return BT_ERR_INVALID;
+        }
+        *out = strdup(buf);
+    } else if (value && *value) {
+        *out = strdup(value);
+    } else {
+        return BT_OK;
+    }
+    return *out ? BT_OK : BT_ERR_NOMEM;
+}
+
 bool bt_parse_bool(const char *s, bool *out) {
     if (!s) return false;
     if (!strcasecmp(s, "1") || !strcasecmp(s, "true") || !strcasecmp(s, "yes") || !strcasecmp(s, "on"))

@@ -57,4 +57,8 @@ bool bt_parse_i64(const char *s, int64_t min, int64_t max, int64_t *out);
 bool bt_parse_double(const char *s, double min, double max, double *out);
 bool bt_parse_bool(const char *s, bool *out);
 
+/* The request-plane shared secret: the contents of `file` (trailing newlines removed) if given,
+ * else `value`, else none (*out = NULL). Read once at start-up. The caller frees *out. */
+bt_status bt_load_secret(const char *file, const char *value, char **out, char *err, size_t errlen);
+
 #endif

@@ -1,8 +1,7 @@
 /* discovery.c — the discovery plane's front door: default configuration, key helpers, and the
  * choice of backend by name. Every public call checks its arguments here and is then dispatched
  * through the handle's operation table (discovery_internal.h), so backends implement behaviour
- * only. The etcd backend is listed but not built yet; it will be added as etcd.c with its create
- * function in the table below. */
+ * only: file.c and etcd.c, listed in the table below. */
 #include "discovery/discovery_internal.h"
 
 #include <limits.h>
@@ -18,7 +17,7 @@ typedef struct {
 
 static const backend_entry backends[] = {
     {"file", bt_discovery_file_create, NULL},
-    {"etcd", NULL, "etcd discovery backend is not built yet"},
+    {"etcd", bt_discovery_etcd_create, NULL},
 };
 
 /* The returned strings point into the environment or into thread-local storage that the next
@@ -42,6 +41,9 @@ void bt_discovery_config_default(bt_discovery_config *c) {
     }
     const char *ep = getenv("ETCD_ENDPOINTS");
     c->etcd_endpoints = (ep && *ep) ? ep : "http://localhost:2379";
+    const char *user = getenv("ETCD_AUTH_USERNAME");
+    c->etcd_username = (user && *user) ? user : NULL;
+    c->etcd_password = getenv("ETCD_AUTH_PASSWORD");
 }
 
 bt_status bt_discovery_create(uv_loop_t *loop, const bt_discovery_config *cfg, bt_discovery **out, char *err,

@@ -4,7 +4,9 @@
  * a JSON object (see docs/discovery.md). A process writes its own keys with bt_discovery_put();
  * they live while the process keeps them alive (file mtime refresh, etcd lease) and vanish after
  * the TTL when it dies. Watchers see every key under a prefix: first the keys that exist, then
- * each change. Backends: "file" (a directory, inotify) and "etcd" (v3 JSON gateway).
+ * each change. Backends: "file" (a directory, inotify) and "etcd" (v3 JSON gateway, a lease per
+ * process). A backend that loses its store for a while keeps the watcher's view as it was (no
+ * deletes are reported for keys it can no longer see) and reconciles when the store is back.
  *
  * Everything runs on the caller's loop; no call blocks it. Callbacks are never made from inside
  * the call that registered them. */
@@ -22,7 +24,9 @@ typedef struct {
     const char *backend;        /* "file" (default) or "etcd" */
     const char *dir;            /* file: the directory (created if missing) */
     int64_t ttl_s;              /* lifetime without refresh, 10 */
-    const char *etcd_endpoints; /* etcd: comma-separated URLs */
+    const char *etcd_endpoints; /* etcd: comma-separated URLs, tried in order, failing over */
+    const char *etcd_username;  /* etcd: optional auth, with etcd_password */
+    const char *etcd_password;
 } bt_discovery_config;
 
 typedef struct {
@@ -35,7 +39,8 @@ typedef struct {
 typedef struct bt_discovery bt_discovery;
 
 /* Fills defaults: backend "file", dir $DYN_FILE_KV or $TMPDIR/baton_store_kv, ttl 10, etcd endpoints
- * $ETCD_ENDPOINTS or http://localhost:2379. The strings point into the environment or thread-local
+ * $ETCD_ENDPOINTS or http://localhost:2379, etcd user and password $ETCD_AUTH_USERNAME and
+ * $ETCD_AUTH_PASSWORD (NULL when unset: no auth). The strings point into the environment or thread-local
  * storage (overwritten by the next call); bt_discovery_create() copies what it keeps. */
 void bt_discovery_config_default(bt_discovery_config *c);
 

@@ -52,6 +52,10 @@ typedef struct {
      * continues from prompt + carried, and counts them in usage.completion_tokens. */
     const uint32_t *carried;
     uint32_t n_carried;
+    /* The text the client received with the carried tokens (NULL when the frontend sent none).
+     * Engines whose token ids cannot be turned back into text continue from it. */
+    const char *carried_text;
+    size_t carried_text_len;
     uint32_t max_tokens; /* new tokens still allowed (already reduced by n_carried) */
     double temperature;
     uint64_t seed;

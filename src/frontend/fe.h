@@ -15,10 +15,12 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include "common/cancel.h"
 #include "common/map.h"
 #include "common/util.h"
 #include "discovery/discovery.h"
 #include "engine/engine.h"
+#include "events/events.h"
 #include "frontend/http.h"
 #include "proto/proto.h"
 #include "rpc/conn.h"
@@ -72,9 +74,16 @@ struct fe_worker {
     fw_state state;
     bool in_discovery; /* false once its key is gone: finish streams, then forget */
     bool goaway;       /* the worker is draining: route nothing new */
-    uint64_t quarantined_until_ms;
+    /* Skipped for new attempts after a failure, until a fresh connection completes its handshake
+     * (the probe) or discovery re-announces the worker. No time limit: a worker that cannot prove
+     * itself stays out. */
+    bool quarantined;
     bt_load_report load;
     uint64_t load_ms; /* when the last LOAD arrived (0 = never) */
+    /* Load reports: [0] LOAD frames applied, [1] event-plane reports applied, [2] LOAD frames not
+     * applied because the event plane is this worker's source (see fe_workers_apply_load). */
+    uint64_t load_reports[3];
+    uint64_t event_load_ms; /* when the last event-plane report for it arrived (0 = never) */
     uint64_t total_blocks_card;
     uint64_t block_size; /* tokens per KV block, from the model card (0 = unknown) */
     /* Shedding: KV blocks that requests routed since the last LOAD will need (the report does
@@ -106,7 +115,8 @@ struct fe_req {
     int64_t max_tokens; /* as the client asked (after defaults) */
     uint32_t *ids;      /* every token id delivered to the client */
     size_t nids, ids_cap;
-    bt_buf text;   /* non-streaming: text so far */
+    bt_buf text;   /* text delivered so far (streaming too: a continuation may need it) */
+    bool text_lost; /* streaming: text went past the cap of `text`; no longer sent on migration */
     bt_buf prefix; /* streaming: the constant head of every chunk, built once */
     int attempts_left;
     int attempts;
@@ -114,11 +124,16 @@ struct fe_req {
     uint32_t stream_id;
     uint32_t attempt_tokens; /* tokens received on the current attempt */
     uint64_t failed_worker;  /* id of the worker that failed last, avoided for the retry */
+    bt_status fail_code;     /* why the last attempt failed, for the migration log line */
+    char fail_msg[128];
     rq_state state;
     bool headers_sent;
     bool role_sent;
-    bool stopping; /* an operator asked for a graceful stop */
-    uint64_t t_start_us, t_first_us, t_last_us, t_fail_us;
+    bt_ctx *ctx;          /* the request's cancellation context (the root) */
+    bt_ctx *actx;         /* the running attempt's context, a child of ctx; NULL between attempts */
+    uint64_t t_cancel_us; /* when a stop or kill was asked for (0 = never) */
+    uint64_t t_start_us, t_first_us, t_last_us;
+    uint64_t t_fail_us; /* when the last failed attempt was seen to fail (0 = no migration pending) */
     int64_t created;
     uint32_t prompt_tokens, completion_tokens;
     fe_req *prev, *next; /* all live requests */
@@ -141,6 +156,14 @@ typedef struct {
     int64_t max_body;
     int64_t drain_timeout;
     int64_t accept_window_ms;
+    const char *event_plane; /* "direct" or "nats" */
+    const char *nats_server;
+    const char *rpc_secret_file;
+    int64_t header_timeout_ms;
+    int64_t idle_timeout_ms;
+    int64_t max_connections;
+    int64_t max_requests; /* concurrent requests; beyond it 503 */
+    int64_t max_backlog;  /* bytes queued for a client that does not read, then it is dropped */
 } fe_opts;
 
 typedef enum { ROUTE_ROUND_ROBIN, ROUTE_RANDOM, ROUTE_LEAST_LOADED } fe_route_mode;
@@ -162,17 +185,26 @@ struct fe {
     uv_signal_t sig_term, sig_int;
     uv_timer_t shutdown_timer;
     uint64_t shutdown_started_ms;
+    uint64_t shutdown_close_deadline_ms; /* after shutdown_started_ms: stop waiting for connections */
     bt_buf scratch; /* reused for building SSE chunks */
     uint64_t disconnected_clients;
+    uint64_t limit_rejections; /* requests refused by --max-concurrent-requests */
     uint64_t requests_seen;
     uint64_t started_ms;
     int exit_code;
+    bt_events *events;         /* the NATS event plane, NULL for direct */
+    uint64_t events_unknown;   /* event-plane reports naming no known worker */
+    char *rpc_secret; /* request-plane shared secret, NULL = none */
 };
 
 /* workers.c */
 void fe_workers_start(fe *f);
 void fe_workers_stop(fe *f);
-/* Picks a worker for `model`, avoiding `avoid` when another is available. NULL if none. */
+/* A load report for worker `id` from the event plane; false if no such worker is known. */
+bool fe_workers_apply_load(fe *f, uint64_t id, const bt_load_report *r);
+/* Picks a worker for `model`, avoiding `avoid` when another is available. NULL if none. With
+ * all_busy, busy workers (shedding thresholds) are skipped and *all_busy says whether that is why
+ * none was found; without it (a migration: the request was admitted already) they are eligible. */
 fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, bool *all_busy);
 bool fe_worker_routable(const fe_worker *w);
 bool fe_worker_busy(const fe_worker *w, const fe_model *m);
@@ -193,6 +225,8 @@ void fe_request_on_tokens(fe_req *r, const uint32_t *ids, size_t n, const char *
 void fe_request_on_finish(fe_req *r, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens);
 /* The current attempt failed (worker error frame, connection lost, worker declared dead). */
 void fe_request_on_attempt_failed(fe_req *r, bt_status code, const char *msg);
+/* Ends a running request at once with an error the client can read; r is freed. */
+void fe_request_fail(fe_req *r, bt_status code, const char *msg);
 /* Operator cancel: stop (graceful) or kill. Returns false if no such request. */
 bool fe_request_cancel_by_id(fe *f, const char *rid, bool kill);
 /* Answers with OpenAI's error shape {"error":{"message","type","code"}}; rid may be NULL. */

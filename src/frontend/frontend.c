@@ -2,8 +2,11 @@
  * endpoints and shutdown.
  *
  * Shutdown (SIGTERM/SIGINT): /live turns 503 at once; new requests are still accepted for the
- * accept window (--shutdown-accept-window-ms, so that a load balancer has time to notice), then
- * refused with 503; running streams get --shutdown-drain-timeout seconds to finish; then every
+ * accept window (--shutdown-accept-window-ms, default 5 s as Dynamo's
+ * DYN_HTTP_GRACEFUL_SHUTDOWN_TIMEOUT_SECS, which is honoured: a load balancer needs that long to
+ * notice), then refused with 503 (the listener stays open so that late clients get an answer
+ * they can read, not a refused connection); running streams get --shutdown-drain-timeout seconds
+ * to finish, and any still running at that bound end with an explicit SSE error; then every
  * connection closes and the process exits 0. A second signal exits at once. */
 #include "frontend/frontend.h"
 
@@ -197,28 +200,61 @@ static void walk_close(uv_handle_t *h, void *arg) {
     if (!uv_is_closing(h)) uv_close(h, NULL);
 }
 
-static void on_disc_closed(void *ud) {
+static void on_events_closed(void *ud) {
     fe *f = ud;
     uv_walk(f->loop, walk_close, NULL);
+}
+
+static void on_disc_closed(void *ud) {
+    fe *f = ud;
+    bt_events *e = f->events;
+    f->events = NULL;
+    bt_events_close(e, on_events_closed, f); /* calls back at once for the direct plane */
+}
+
+/* A worker's load from the event plane (NATS). */
+static void on_event_load(void *ud, uint64_t worker_id, const bt_load_report *r) {
+    fe *f = ud;
+    if (!fe_workers_apply_load(f, worker_id, r)) f->events_unknown++;
+}
+
+/* Discovery (and then every remaining handle) closes only once every worker connection has
+ * finished closing: a connection's close callback still uses its worker's handles. */
+static void workers_gone_tick(uv_timer_t *t) {
+    fe *f = t->data;
+    if (f->nworkers > 0 && bt_now_ms() - f->shutdown_started_ms < f->shutdown_close_deadline_ms) return;
+    if (f->nworkers > 0) BT_WARN("%zu worker connections still closing; exiting anyway", f->nworkers);
+    uv_timer_stop(t);
+    bt_discovery_close(f->disc, on_disc_closed, f);
+    f->disc = NULL;
 }
 
 static void on_http_closed(void *ud) {
     fe *f = ud;
     f->http = NULL;
     fe_workers_stop(f);
-    bt_discovery_close(f->disc, on_disc_closed, f);
-    f->disc = NULL;
+    f->shutdown_close_deadline_ms = bt_now_ms() - f->shutdown_started_ms + 2000;
+    uv_timer_start(&f->shutdown_timer, workers_gone_tick, 0, 5);
 }
 
 static void shutdown_tick(uv_timer_t *t) {
     fe *f = t->data;
+    static bool window_logged = false; /* one frontend per process */
     uint64_t el = bt_now_ms() - f->shutdown_started_ms;
-    if (f->http && el >= (uint64_t)f->o.accept_window_ms) bt_http_server_stop_accepting(f->http);
     bool window_over = el >= (uint64_t)f->o.accept_window_ms;
     bool drained = f->nreqs == 0;
     bool bound = el >= (uint64_t)f->o.accept_window_ms + (uint64_t)f->o.drain_timeout * 1000;
+    if (window_over && !window_logged && !drained) {
+        window_logged = true;
+        BT_INFO("accept window over: new requests get 503; %zu running requests have %llds to finish", f->nreqs,
+                (long long)f->o.drain_timeout);
+    }
     if ((window_over && drained) || bound) {
-        if (!drained) BT_WARN("shutdown bound reached with %zu requests running; closing them", f->nreqs);
+        if (!drained) {
+            BT_WARN("shutdown bound reached with %zu requests running; ending them with an error", f->nreqs);
+            for (size_t n = f->nreqs; f->reqs && n > 0; n--) /* each call frees the request */
+                fe_request_fail(f->reqs, BT_ERR_SHUTDOWN, "the frontend is shutting down");
+        }
         BT_INFO("frontend shutting down after %llu ms", (unsigned long long)el);
         uv_timer_stop(t);
         if (f->http) bt_http_server_close(f->http, on_http_closed, f);
@@ -258,7 +294,14 @@ int bt_frontend_main(int argc, char **argv) {
     o->stall_timeout = 2.0;
     o->max_body = 4 << 20;
     o->drain_timeout = 30;
-    o->accept_window_ms = 1000;
+    o->accept_window_ms = 5000;
+    o->event_plane = "direct";
+    o->nats_server = "nats://localhost:4222";
+    o->header_timeout_ms = 30000;
+    o->idle_timeout_ms = 60000;
+    o->max_connections = 20000;
+    o->max_requests = 20000;
+    o->max_backlog = 8 << 20;
     const bt_opt opts[] = {
         {"--http-port", "DYN_HTTP_PORT", BT_OPT_INT, &o->http_port, 0, 65535, "HTTP port"},
         {"--http-host", "DYN_HTTP_HOST", BT_OPT_STR, &o->http_host, 0, 0, "HTTP address"},
@@ -279,6 +322,21 @@ int bt_frontend_main(int argc, char **argv) {
         {"--max-body-bytes", "DYN_HTTP_MAX_BODY_BYTES", BT_OPT_INT, &o->max_body, 1024, 1 << 30, "request body cap"},
         {"--shutdown-drain-timeout", "DYN_HTTP_DRAIN_TIMEOUT", BT_OPT_INT, &o->drain_timeout, 0, 86400,
          "seconds running streams get after SIGTERM"},
+        {"--http-header-timeout-ms", "DYN_HTTP_HEADER_TIMEOUT_MS", BT_OPT_INT, &o->header_timeout_ms, 10, 3600000,
+         "a request must arrive whole within this (slowloris guard)"},
+        {"--http-idle-timeout-ms", "DYN_HTTP_IDLE_TIMEOUT_MS", BT_OPT_INT, &o->idle_timeout_ms, 10, 86400000,
+         "idle keep-alive connections close after this"},
+        {"--max-connections", "DYN_HTTP_MAX_CONNECTIONS", BT_OPT_INT, &o->max_connections, 1, 10000000,
+         "open client connections; more are refused"},
+        {"--max-client-backlog-bytes", "DYN_HTTP_MAX_CLIENT_BACKLOG_BYTES", BT_OPT_INT, &o->max_backlog, 4096,
+         1 << 30, "bytes queued for a client that does not read before it is dropped"},
+        {"--max-concurrent-requests", "DYN_MAX_CONCURRENT_REQUESTS", BT_OPT_INT, &o->max_requests, 1, 10000000,
+         "requests in flight; more get 503"},
+        {"--rpc-secret-file", "DYN_RPC_SECRET_FILE", BT_OPT_STR, &o->rpc_secret_file, 0, 0,
+         "file holding the request-plane shared secret (or DYN_RPC_SECRET)"},
+        {"--event-plane", "DYN_EVENT_PLANE", BT_OPT_STR, &o->event_plane, 0, 0,
+         "direct (load on the request plane) or nats (also namespace.{ns}.kv_metrics)"},
+        {"--nats-server", "NATS_SERVER", BT_OPT_STR, &o->nats_server, 0, 0, "nats://host:port[,nats://...]"},
         {"--shutdown-accept-window-ms", "DYN_HTTP_ACCEPT_WINDOW_MS", BT_OPT_INT, &o->accept_window_ms, 0, 600000,
          "milliseconds new requests are still accepted after SIGTERM"},
     };
@@ -290,6 +348,18 @@ int bt_frontend_main(int argc, char **argv) {
             return 0;
         }
     char err[256];
+    /* Dynamo's name for the accept window (seconds); the baton flag and its twin override it */
+    const char *dyn_window = getenv("DYN_HTTP_GRACEFUL_SHUTDOWN_TIMEOUT_SECS");
+    if (dyn_window && *dyn_window) {
+        double secs;
+        if (!bt_parse_double(dyn_window, 0, 600, &secs)) {
+            fprintf(stderr, "baton frontend: DYN_HTTP_GRACEFUL_SHUTDOWN_TIMEOUT_SECS='%s' is not a number of seconds "
+                            "from 0 to 600\n", dyn_window);
+            free(f);
+            return 2;
+        }
+        o->accept_window_ms = (int64_t)(secs * 1000.0 + 0.5);
+    }
     if (!bt_opts_parse(opts, nopts, argc, argv, 1, NULL, 0, NULL, err, sizeof err)) {
         fprintf(stderr, "baton frontend: %s\n", err);
         free(f);
@@ -305,6 +375,11 @@ int bt_frontend_main(int argc, char **argv) {
         return 2;
     }
 
+    if (bt_load_secret(o->rpc_secret_file, getenv("DYN_RPC_SECRET"), &f->rpc_secret, err, sizeof err) != BT_OK) {
+        fprintf(stderr, "baton frontend: %s\n", err);
+        free(f);
+        return 2;
+    }
     uv_loop_t loop;
     uv_loop_init(&loop);
     f->loop = &loop;
@@ -330,6 +405,10 @@ int bt_frontend_main(int argc, char **argv) {
     hc.host = o->http_host;
     hc.port = (int)o->http_port;
     hc.max_body_bytes = (size_t)o->max_body;
+    hc.header_timeout_ms = (uint32_t)o->header_timeout_ms;
+    hc.idle_timeout_ms = (uint32_t)o->idle_timeout_ms;
+    hc.max_connections = (size_t)o->max_connections;
+    hc.write_backlog_max = (size_t)o->max_backlog;
     bt_http_handlers hh = {on_http_request, on_http_abort, NULL};
     if (bt_http_server_start(&loop, &hc, &hh, f, &f->http, err, sizeof err) != BT_OK) {
         BT_ERROR("%s", err);
@@ -343,10 +422,31 @@ int bt_frontend_main(int argc, char **argv) {
     uv_signal_start(&f->sig_int, on_signal, SIGINT);
     uv_timer_init(&loop, &f->shutdown_timer);
     f->shutdown_timer.data = f;
+    /* last, so that no failure below leaves a connecting event plane behind */
+    bt_events_config ec;
+    bt_events_config_default(&ec);
+    ec.plane = o->event_plane;
+    ec.nats_server = o->nats_server;
+    ec.ns = o->ns;
+    char ename[64];
+    snprintf(ename, sizeof ename, "baton-frontend-%" PRIx64, f->instance_id);
+    ec.name = ename;
+    if (bt_events_create(&loop, &ec, &f->events, err, sizeof err) != BT_OK) {
+        BT_ERROR("event plane: %s", err);
+        rc = 2;
+        goto out;
+    }
+    if (bt_events_subscribe_load(f->events, on_event_load, f) != BT_OK) {
+        BT_ERROR("event plane: cannot subscribe to load reports");
+        bt_events_close(f->events, NULL, NULL);
+        f->events = NULL;
+        rc = 1;
+        goto out;
+    }
     BT_INFO("Request migration %s (limit: %lld); router %s; stall timeout %.1fs", o->migration_limit ? "enabled" : "disabled",
             (long long)o->migration_limit, o->router_mode, o->stall_timeout);
-    BT_INFO("frontend listening on http://%s:%d (discovery %s, namespace %s)", o->http_host,
-            bt_http_server_port(f->http), o->discovery, o->ns);
+    BT_INFO("frontend listening on http://%s:%d (discovery %s, namespace %s, event plane %s)", o->http_host,
+            bt_http_server_port(f->http), o->discovery, o->ns, bt_events_plane(f->events));
     uv_run(&loop, UV_RUN_DEFAULT);
 
 out:
@@ -361,6 +461,7 @@ out:
         free(m);
     }
     bt_buf_free(&f->scratch);
+    free(f->rpc_secret);
     rc = rc ? rc : f->exit_code;
     free(f);
     return rc;

@@ -92,6 +92,8 @@ void fe_metrics_render(fe *f, bt_buf *b) {
                            m->name, api_endpoint[a], m->st.rejections[a]);
     bt_buf_appendf(b, "# TYPE dynamo_frontend_disconnected_clients counter\ndynamo_frontend_disconnected_clients %" PRIu64
                       "\n", f->disconnected_clients);
+    bt_buf_appendf(b, "# TYPE baton_frontend_limit_rejections_total counter\nbaton_frontend_limit_rejections_total %" PRIu64
+                      "\n", f->limit_rejections);
     size_t routable = 0;
     for (fe_worker *w = f->workers; w; w = w->next) routable += fe_worker_routable(w);
     bt_buf_appendf(b, "# TYPE baton_frontend_workers gauge\nbaton_frontend_workers{state=\"known\"} %zu\n"
@@ -102,6 +104,29 @@ void fe_metrics_render(fe *f, bt_buf *b) {
     for (fe_worker *w = f->workers; w; w = w->next)
         bt_buf_appendf(b, "baton_frontend_worker_routed_total{model=\"%s\",worker_id=\"%" PRIx64 "\"} %" PRIu64 "\n",
                        w->model, w->id, w->routed_total);
+    bt_buf_append_str(b, "# TYPE baton_frontend_worker_load_reports_total counter\n");
+    for (fe_worker *w = f->workers; w; w = w->next)
+        for (int src = 0; src < 3; src++)
+            bt_buf_appendf(b,
+                           "baton_frontend_worker_load_reports_total{model=\"%s\",worker_id=\"%" PRIx64
+                           "\",source=\"%s\"} %" PRIu64 "\n",
+                           w->model, w->id, (const char *[]){"request_plane", "event_plane", "request_plane_unused"}[src],
+                           w->load_reports[src]);
+    bt_events_stats es;
+    bt_events_get_stats(f->events, &es);
+    bt_buf_appendf(b,
+                   "# TYPE baton_frontend_event_plane_connected gauge\n"
+                   "baton_frontend_event_plane_connected{plane=\"%s\"} %d\n"
+                   "# TYPE baton_frontend_event_plane_connects_total counter\n"
+                   "baton_frontend_event_plane_connects_total %" PRIu64 "\n"
+                   "# TYPE baton_frontend_event_plane_messages_total counter\n"
+                   "baton_frontend_event_plane_messages_total{result=\"applied\"} %" PRIu64 "\n"
+                   "baton_frontend_event_plane_messages_total{result=\"unknown_worker\"} %" PRIu64 "\n"
+                   "baton_frontend_event_plane_messages_total{result=\"invalid\"} %" PRIu64 "\n"
+                   "baton_frontend_event_plane_messages_total{result=\"overflow\"} %" PRIu64 "\n",
+                   bt_events_plane(f->events), es.connected ? 1 : 0, es.connects,
+                   es.received - (es.received < f->events_unknown ? es.received : f->events_unknown),
+                   f->events_unknown, es.invalid, es.overflow);
     static const char *wg[] = {"active_decode_blocks", "total_blocks", "active_prefill_tokens", "waiting_requests",
                                "busy", "inflight"};
     for (size_t g = 0; g < sizeof wg / sizeof wg[0]; g++) {

@@ -5,8 +5,12 @@
  * with a migratable error the next attempt carries them and the worker continues from
  * prompt + delivered tokens with max_tokens reduced by their number: the client sees one
  * continuous stream. The attempt budget (--migration-limit + 1) is shared by failures before the
- * first token and failures mid-stream. Cancellations (client gone, operator kill) are never
- * migrated; a kill reaches the engine as a KILL frame.
+ * first token and failures mid-stream.
+ *
+ * Cancellation (common/cancel.h): each request has a root context and each attempt a child
+ * context whose callback sends STOP or KILL for the attempt's stream. A client that goes away
+ * kills the root; the operator endpoint stops or kills it. A stopped or killed request never gets
+ * another attempt (checked before every one), so it is never migrated.
  *
  * Streaming responses are OpenAI SSE chunks; headers go out with the first token, so that a
  * request that cannot be served at all still gets a proper HTTP status. */
@@ -29,6 +33,9 @@ void fe_json_error(bt_http_req *http, const char *rid, int status, const char *t
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
+    /* client mistakes at debug level (a hostile client must not flood the log), the rest at info */
+    if (status >= 500) BT_INFO("request %s answered %d: %s", rid ? rid : "-", status, msg);
+    else BT_DEBUG("request %s answered %d: %s", rid ? rid : "-", status, msg);
     bt_buf b;
     bt_buf_init(&b, 4096);
     bt_buf_append_str(&b, "{\"error\":{\"message\":\"");
@@ -78,6 +85,8 @@ static void req_free(fe_req *r) {
     free(r->ids);
     bt_buf_free(&r->text);
     bt_buf_free(&r->prefix);
+    bt_ctx_free(r->actx);
+    bt_ctx_free(r->ctx);
     free(r);
 }
 
@@ -85,10 +94,15 @@ static void req_free(fe_req *r) {
 static void req_done(fe_req *r, fe_outcome out) {
     r->state = RQ_DONE;
     if (r->worker) {
-        fe_worker_send_cancel(r->worker, r->stream_id, true);
+        /* nothing generates for a request that has ended: the attempt's context sends KILL
+         * (once: not again when the kill came from the request's own context) */
+        if (r->actx) bt_ctx_kill(r->actx);
+        else fe_worker_send_cancel(r->worker, r->stream_id, true);
         fe_worker_stream_done(r->worker, r->stream_id);
         r->worker = NULL;
     }
+    bt_ctx_free(r->actx);
+    r->actx = NULL;
     if (r->model) {
         r->model->st.requests[r->api][r->stream][out]++;
         fe_hist_observe(&r->model->st.duration, (double)(bt_now_us() - r->t_start_us) / 1e6);
@@ -227,95 +241,191 @@ static void fail_request(fe_req *r, bt_status code, const char *msg) {
     req_done(r, out);
 }
 
-/* ---- dispatch and migration ---- */
+/* Ends a running request with an error the client can read (the frontend's shutdown bound). */
+void fe_request_fail(fe_req *r, bt_status code, const char *msg) { fail_request(r, code, msg); }
 
-static void dispatch(fe_req *r) {
-    fe *f = r->fe;
-    for (;;) {
-        if (r->attempts_left <= 0) {
-            if (r->attempts > 1) r->model->st.migrations_exhausted++;
-            fail_request(r, BT_ERR_NO_WORKER, "migration limit exhausted");
-            return;
-        }
-        bool all_busy = false;
-        fe_worker *w = fe_route(f, r->model, r->failed_worker, &all_busy);
-        if (!w) {
-            if (all_busy && r->attempts == 0) {
-                r->model->st.rejections[r->api]++;
-                BT_WARN("rejecting request %s: all workers are busy", r->rid);
-                if (r->http) {
-                    char hdr[160];
-                    snprintf(hdr, sizeof hdr, "X-Request-Id: %s\r\nRetry-After: %d\r\n", r->rid,
-                             fe_retry_after_s(f, r->model));
-                    static const char body[] = "{\"error\":{\"message\":\"Service temporarily unavailable: All "
-                                               "workers are busy, please retry later\",\"type\":\"Service "
-                                               "Unavailable\",\"code\":503}}";
-                    bt_http_respond(r->http, 503, "application/json", hdr, body, sizeof body - 1);
-                    r->http->user = NULL;
-                    r->http = NULL;
-                }
-                req_done(r, FE_OUT_REJECTED);
-                return;
-            }
-            fail_request(r, BT_ERR_NO_WORKER,
-                         r->attempts ? "no worker left to continue the request" : "no worker available for the model");
-            return;
-        }
-        r->attempts_left--;
-        r->attempts++;
-        uint32_t id = fe_worker_send_request(w, r);
-        if (id == 0) {
-            fe_worker_quarantine(w, "cannot send a request");
-            r->failed_worker = w->id;
-            continue;
-        }
-        r->worker = w;
-        r->stream_id = id;
-        r->attempt_tokens = 0;
-        if (r->attempts > 1)
-            BT_INFO("request %s continues on worker %" PRIx64 " with %zu tokens carried (attempt %d)", r->rid, w->id,
-                    r->nids, r->attempts);
+/* ---- cancellation ---- */
+
+/* Ends a request whose context is stopped or killed and that has no attempt running: a stopped
+ * one with what was generated and finish_reason "cancelled", a killed one with an error (or
+ * quietly when the client is gone). */
+static void end_cancelled(fe_req *r) {
+    if (!r->http) {
+        req_done(r, FE_OUT_CANCELLED);
         return;
     }
+    if (bt_ctx_is_killed(r->ctx)) {
+        fail_request(r, BT_ERR_CANCELLED, "request cancelled");
+        return;
+    }
+    r->completion_tokens = (uint32_t)r->nids;
+    if (r->stream) finish_streaming(r, "cancelled");
+    else finish_unary(r, "cancelled");
+    r->http->user = NULL;
+    r->http = NULL;
+    req_done(r, FE_OUT_CANCELLED);
+}
+
+/* The request's (root) context changed state; it runs after every attempt's callback. A kill
+ * ends the request now. A stop waits for the attempt's FINISH (reason cancelled), which brings
+ * what the engine generated, unless no attempt is running. */
+static void on_req_cancel(bt_ctx *c, bt_ctx_state s, void *ud) {
+    (void)c;
+    fe_req *r = ud;
+    if (r->state == RQ_DONE) return;
+    if (s == BT_CTX_KILLED || !r->worker) end_cancelled(r);
+}
+
+/* An attempt's context changed state: a STOP or KILL frame for its stream goes to its worker,
+ * written now rather than at the end of the loop iteration (a KILL frees the engine's KV blocks;
+ * there is no reason to wait). */
+static void on_attempt_cancel(bt_ctx *c, bt_ctx_state s, void *ud) {
+    (void)c;
+    fe_req *r = ud;
+    fe_worker *w = r->worker;
+    if (!w) return;
+    bool kill = s == BT_CTX_KILLED;
+    uint64_t t_write = bt_now_us();
+    fe_worker_send_cancel(w, r->stream_id, kill);
+    if (w->conn) bt_rpc_flush(w->conn);
+    uint64_t now = bt_now_us();
+    /* monotonic timestamps, for bench/cancel_latency.py */
+    BT_DEBUG("request %s: %s written to worker %" PRIx64 " stream %u, %" PRIu64 " us after the cancel (cancel t=%" PRIu64
+             " us, write t=%" PRIu64 " us; %u tokens on this attempt, %zu delivered)",
+             r->rid, kill ? "KILL" : "STOP", w->id, r->stream_id, r->t_cancel_us ? now - r->t_cancel_us : 0,
+             r->t_cancel_us, t_write, r->attempt_tokens, r->nids);
+}
+
+/* ---- dispatch and migration ---- */
+
+static void attempt_failed(fe_req *r, bt_status code, const char *msg);
+
+/* Sends the next attempt to a routable worker, preferring one other than the worker that failed
+ * last. Called once per attempt: the first, and each migration (attempts > 0), which logs the
+ * one line that records it. */
+static void dispatch(fe_req *r) {
+    fe *f = r->fe;
+    if (bt_ctx_is_stopped(r->ctx)) { /* a stopped or killed request never gets another attempt */
+        end_cancelled(r);
+        return;
+    }
+    bool all_busy = false;
+    /* a continuation was admitted already: it may go to a busy worker rather than fail */
+    fe_worker *w = fe_route(f, r->model, r->failed_worker, r->attempts ? NULL : &all_busy);
+    if (!w) {
+        if (all_busy) {
+            r->model->st.rejections[r->api]++;
+            BT_WARN("rejecting request %s: all workers are busy", r->rid);
+            if (r->http) {
+                char hdr[160];
+                snprintf(hdr, sizeof hdr, "X-Request-Id: %s\r\nRetry-After: %d\r\n", r->rid,
+                         fe_retry_after_s(f, r->model));
+                static const char body[] = "{\"error\":{\"message\":\"Service temporarily unavailable: All "
+                                           "workers are busy, please retry later\",\"type\":\"Service "
+                                           "Unavailable\",\"code\":503}}";
+                bt_http_respond(r->http, 503, "application/json", hdr, body, sizeof body - 1);
+                r->http->user = NULL;
+                r->http = NULL;
+            }
+            req_done(r, FE_OUT_REJECTED);
+            return;
+        }
+        if (r->attempts) {
+            char m[256];
+            snprintf(m, sizeof m, "no worker left to continue the request (last attempt: %s)", r->fail_msg);
+            fail_request(r, BT_ERR_NO_WORKER, m);
+        } else {
+            fail_request(r, BT_ERR_NO_WORKER, "no worker available for the model");
+        }
+        return;
+    }
+    r->attempts_left--;
+    r->attempts++;
+    uint32_t id = fe_worker_send_request(w, r);
+    if (id == 0) { /* the connection is going away under us: that attempt failed at once */
+        fe_worker_quarantine(w, "cannot send a request");
+        r->failed_worker = w->id;
+        attempt_failed(r, BT_ERR_CANNOT_CONNECT, "cannot send the request to the worker");
+        return;
+    }
+    r->worker = w;
+    r->stream_id = id;
+    r->attempt_tokens = 0;
+    r->actx = bt_ctx_new(r->rid, on_attempt_cancel, r);
+    if (!r->actx) {
+        fail_request(r, BT_ERR_NOMEM, "out of memory"); /* req_done kills the stream */
+        return;
+    }
+    bt_ctx_link(r->ctx, r->actx); /* the request is live (checked above): no callback here */
+    if (r->attempts > 1)
+        BT_WARN("request %s migrated from worker %" PRIx64 " to worker %" PRIx64
+                " with %zu tokens carried (%s after %s: %s; attempt %d of %d)",
+                r->rid, r->failed_worker, w->id, r->nids, r->nids ? "ongoing_request" : "new_request",
+                bt_status_name(r->fail_code), r->fail_msg, r->attempts, r->attempts + r->attempts_left);
+    /* for bench/migration_recovery.py: CLOCK_MONOTONIC, comparable across local processes */
+    if (r->attempts > 1 && r->t_fail_us)
+        BT_DEBUG("request %s: failure seen at t=%" PRIu64 " us, re-dispatched at t=%" PRIu64 " us", r->rid,
+                 r->t_fail_us, bt_now_us());
 }
 
 void fe_request_on_attempt_failed(fe_req *r, bt_status code, const char *msg) {
     if (r->state == RQ_DONE) return;
     fe_worker *failed = r->worker; /* usually already detached by the caller */
     if (failed) {
+        r->failed_worker = failed->id;
         fe_worker_stream_done(failed, r->stream_id);
         r->worker = NULL;
     }
+    bt_ctx_free(r->actx);
+    r->actx = NULL;
+    attempt_failed(r, code, msg);
+}
+
+/* Ends the failed attempt: a cancellation or a non-migratable error ends the request; a
+ * migratable one counts a migration (new_request before the first token reached the client,
+ * ongoing_request after) and starts the next attempt while the budget lasts. */
+static void attempt_failed(fe_req *r, bt_status code, const char *msg) {
     if (!r->http) {
         req_done(r, FE_OUT_CANCELLED);
         return;
     }
-    if (r->stopping) { /* an operator stop in flight: end with what was generated */
-        r->completion_tokens = (uint32_t)r->nids;
-        if (r->stream) finish_streaming(r, "cancelled");
-        else finish_unary(r, "cancelled");
-        r->http->user = NULL;
-        r->http = NULL;
-        req_done(r, FE_OUT_CANCELLED);
+    if (bt_ctx_is_stopped(r->ctx)) { /* cancelled: never migrated; ends with what was generated */
+        end_cancelled(r);
         return;
     }
     if (!bt_status_migratable(code)) {
         fail_request(r, code, msg);
         return;
     }
-    bool ongoing = r->nids > 0;
-    if (ongoing) r->model->st.migrations_ongoing++;
+    if (code == BT_ERR_DRAINING && r->attempt_tokens == 0) {
+        /* refused before it ran: the REQUEST crossed the worker's GOAWAY (docs/protocol.md §10).
+         * Not a migration and not charged to the budget, so it holds with migration off too; the
+         * worker is marked draining, so the retry goes elsewhere and cannot repeat there. */
+        r->attempts_left++;
+        r->fail_code = code;
+        snprintf(r->fail_msg, sizeof r->fail_msg, "%s", msg);
+        BT_INFO("request %s refused by draining worker %" PRIx64 " before it started; routing it elsewhere", r->rid,
+                r->failed_worker);
+        dispatch(r);
+        return;
+    }
+    /* counted whether or not budget is left, as Dynamo does: the counters show how many
+     * requests a failure touched; the exhausted counter shows how many of them it cost */
+    if (r->nids > 0) r->model->st.migrations_ongoing++;
     else r->model->st.migrations_new++;
     if (r->attempts_left <= 0) {
         if (r->fe->o.migration_limit > 0) r->model->st.migrations_exhausted++;
-        fail_request(r, code, msg);
+        char m[256];
+        if (r->fe->o.migration_limit > 0)
+            snprintf(m, sizeof m, "%s (migration limit of %lld exhausted)", msg, (long long)r->fe->o.migration_limit);
+        else
+            snprintf(m, sizeof m, "%s (migration is disabled)", msg);
+        fail_request(r, code, m);
         return;
     }
-    r->t_fail_us = bt_now_us();
-    /* remember which worker failed so that the retry goes elsewhere */
-    BT_WARN("request %s: attempt %d failed after %zu tokens (%s: %s); migrating (%s, %d attempts left)", r->rid,
-            r->attempts, r->nids, bt_status_name(code), msg, ongoing ? "ongoing_request" : "new_request",
-            r->attempts_left);
+    if (!r->t_fail_us) r->t_fail_us = bt_now_us(); /* kept across back-to-back failures */
+    r->fail_code = code;
+    snprintf(r->fail_msg, sizeof r->fail_msg, "%s", msg);
     dispatch(r);
 }
 
@@ -331,7 +441,10 @@ void fe_request_on_tokens(fe_req *r, const uint32_t *ids, size_t n, const char *
         for (size_t i = 0; i < n; i++) fe_hist_observe(&st->itl, itl);
     }
     if (r->t_fail_us) {
-        fe_hist_observe(&st->migration_stall, (double)(now - r->t_fail_us) / 1e6);
+        /* the stall the client saw: from the last token before the failure (or the request's
+         * start, if none had come) to this one; it includes the detection time */
+        fe_hist_observe(&st->migration_stall, (double)(now - (r->nids ? r->t_last_us : r->t_start_us)) / 1e6);
+        BT_DEBUG("request %s: first token after the migration at t=%" PRIu64 " us", r->rid, now);
         r->t_fail_us = 0;
     }
     r->t_last_us = now;
@@ -356,6 +469,11 @@ void fe_request_on_tokens(fe_req *r, const uint32_t *ids, size_t n, const char *
     if (r->stream) {
         begin_stream(r);
         write_chunk(r, ids, n, text, len, NULL);
+        /* kept for continuations on engines that resume from text (docs/protocol.md §6) */
+        if (!r->text_lost && bt_buf_append(&r->text, text, len) != BT_OK) {
+            r->text_lost = true;
+            bt_buf_free(&r->text);
+        }
     } else if (bt_buf_append(&r->text, text, len) != BT_OK) {
         fail_request(r, BT_ERR_TOO_LARGE, "response too large");
     }
@@ -363,6 +481,8 @@ void fe_request_on_tokens(fe_req *r, const uint32_t *ids, size_t n, const char *
 
 void fe_request_on_finish(fe_req *r, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens) {
     if (r->state == RQ_DONE) return;
+    bt_ctx_free(r->actx); /* the attempt is over (the caller detached it from its worker) */
+    r->actx = NULL;
     if (!r->http) {
         req_done(r, FE_OUT_CANCELLED);
         return;
@@ -377,32 +497,40 @@ void fe_request_on_finish(fe_req *r, uint8_t reason, uint32_t prompt_tokens, uin
     req_done(r, reason == BT_FINISH_CANCELLED ? FE_OUT_CANCELLED : FE_OUT_SUCCESS);
 }
 
-/* The client went away: kill the attempt (the KILL frame reaches the engine) and forget it. */
+/* The client went away (socket closed or reset, a write failed, or it stopped reading past the
+ * backlog cap), at any point: queued in an engine, streaming, or waiting for a whole answer. The
+ * request's context is killed: the attempt's KILL frame reaches the engine, which drops the
+ * sequence and frees its KV blocks, and the request ends in its context's callback. */
 void fe_request_abort(fe *f, bt_http_req *http) {
     fe_req *r = http->user;
     if (!r) return;
     f->disconnected_clients++;
-    r->model->st.cancellations[r->stream]++;
-    BT_INFO("request %s: client disconnected after %zu tokens; cancelling", r->rid, r->nids);
+    if (!bt_ctx_is_stopped(r->ctx)) r->model->st.cancellations[r->stream]++;
+    BT_INFO("request %s: client disconnected after %zu tokens (%s, attempt %d); killing it", r->rid, r->nids,
+            r->stream ? "streaming" : "unary", r->attempts);
     http->user = NULL;
     r->http = NULL;
-    req_done(r, FE_OUT_CANCELLED); /* sends KILL for a running attempt */
+    r->t_cancel_us = bt_now_us();
+    bt_ctx_kill(r->ctx); /* r is freed by the time this returns */
 }
 
+/* Operator stop or kill of every running request with this id (client-chosen ids may repeat).
+ * A stop lets the attempt finish with what it generated (finish_reason "cancelled"); a kill ends
+ * the request with an error at once. Either way nothing is migrated any more. */
 bool fe_request_cancel_by_id(fe *f, const char *rid, bool kill) {
-    for (fe_req *r = f->reqs; r; r = r->next) {
+    bool found = false;
+    for (fe_req *r = f->reqs, *next; r; r = next) {
+        next = r->next; /* a kill frees r, and only r */
         if (strcmp(r->rid, rid) != 0 || r->state == RQ_DONE) continue;
-        r->model->st.cancellations[r->stream]++;
-        BT_INFO("request %s: %s by operator after %zu tokens", r->rid, kill ? "killed" : "stopped", r->nids);
-        if (kill) {
-            fail_request(r, BT_ERR_CANCELLED, "request cancelled");
-        } else {
-            r->stopping = true;
-            if (r->worker) fe_worker_send_cancel(r->worker, r->stream_id, false);
-        }
-        return true;
+        found = true;
+        if (!bt_ctx_is_stopped(r->ctx)) r->model->st.cancellations[r->stream]++;
+        BT_INFO("request %s: %s by the operator after %zu tokens (attempt %d)", r->rid, kill ? "killed" : "stopped",
+                r->nids, r->attempts);
+        if (!r->t_cancel_us) r->t_cancel_us = bt_now_us();
+        if (kill) bt_ctx_kill(r->ctx);
+        else bt_ctx_stop(r->ctx);
     }
-    return false;
+    return found;
 }
 
 /* ---- validation ---- */
@@ -521,10 +649,24 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
         json_decref(body);
         return;
     }
+    if (f->nreqs >= (size_t)f->o.max_requests) {
+        f->limit_rejections++;
+        fe_json_error(http, rid, 503, "service_unavailable", "too many concurrent requests (limit %lld)",
+                      (long long)f->o.max_requests);
+        json_decref(body);
+        return;
+    }
     fe_req *r = calloc(1, sizeof *r);
     if (!r) {
         fe_json_error(http, rid, 500, "internal_error", "out of memory");
         json_decref(body);
+        return;
+    }
+    r->ctx = bt_ctx_new(rid, on_req_cancel, r);
+    if (!r->ctx) {
+        fe_json_error(http, rid, 500, "internal_error", "out of memory");
+        json_decref(body);
+        free(r);
         return;
     }
     r->fe = f;

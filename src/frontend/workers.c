@@ -4,7 +4,8 @@
  * connection to it, reconnecting with backoff while the key exists. A worker is routable when its
  * connection is open, it has not sent GOAWAY, it is not quarantined, its last load report says
  * ready, and it is not busy by the shedding thresholds. A failure quarantines it until it proves
- * itself again (a successful reconnect and handshake) or discovery re-announces it.
+ * itself again (a successful reconnect and handshake: the probe) or discovery re-announces it;
+ * there is no time limit, so a worker that keeps failing its probe is never routed to.
  *
  * When the key disappears the worker is draining or dead: nothing new is routed to it, running
  * streams continue, and it is forgotten once the last one ends. */
@@ -17,11 +18,11 @@
 #include "frontend/fe.h"
 
 #define LOAD_STALE_MS 3000u     /* a load report older than this says nothing about busy-ness */
+#define EVENT_FRESH_MS 2000u    /* workers publish at least every second; past this, LOAD frames count */
 #define RELEASE_TAU_S 5.0       /* time constant of the block release rate estimate */
 #define RETRY_AFTER_MIN_S 1
 #define RETRY_AFTER_MAX_S 30
 #define RETRY_AFTER_UNKNOWN_S 5 /* nothing has finished recently: no rate to go by */
-#define QUARANTINE_MS 5000u     /* how long a failed worker is skipped unless it proves itself */
 #define BACKOFF_MIN_MS 50u
 #define BACKOFF_MAX_MS 2000u
 
@@ -113,7 +114,10 @@ static void on_conn_open(void *ud, bt_rpc_conn *c) {
         return;
     }
     w->backoff_ms = 0;
-    w->quarantined_until_ms = 0; /* it proved itself: a fresh handshake */
+    if (w->quarantined) { /* it proved itself: a fresh handshake */
+        w->quarantined = false;
+        BT_INFO("worker %" PRIx64 " (%s) out of quarantine: reconnected", w->id, w->transport);
+    }
     set_state(w, FW_READY, "connected");
 }
 
@@ -130,6 +134,18 @@ static void worker_note_release(fe_worker *w, uint32_t prompt_tokens, uint32_t c
 static double fe_worker_release_rate(const fe_worker *w) {
     if (!w->release_us) return 0.0;
     return w->release_rate * exp(-(double)(bt_now_us() - w->release_us) / 1e6 / RELEASE_TAU_S);
+}
+
+/* A worker sends each load report twice when the event plane is on: as a LOAD frame and, a few
+ * milliseconds later (debounce, broker hop), over NATS. Applying both would let the later, older
+ * copy overwrite the newer one and would reset pending_blocks twice per report. So one source is
+ * used per worker: its NATS reports while the frontend's NATS connection is up and the worker was
+ * heard from on it recently; otherwise (NATS down, the worker not publishing) its LOAD frames. */
+static bool event_plane_is_source(const fe_worker *w) {
+    if (!w->event_load_ms || bt_now_ms() - w->event_load_ms > EVENT_FRESH_MS) return false;
+    bt_events_stats st;
+    bt_events_get_stats(w->fe->events, &st);
+    return st.connected;
 }
 
 static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
@@ -171,19 +187,25 @@ static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
         }
         fe_req *r = bt_map_get(&w->streams, f->stream);
         if (!r) return;
-        fe_worker_stream_done(w, f->stream);
         r->worker = NULL;
         r->failed_worker = w->id;
         if (code == BT_ERR_DRAINING || code == BT_ERR_SHUTDOWN) w->goaway = true;
+        else if (bt_status_migratable(code)) fe_worker_quarantine(w, m); /* the probe follows below */
+        fe_worker_stream_done(w, f->stream);
         fe_request_on_attempt_failed(r, (bt_status)code, m);
         return;
     }
     case BT_FRAME_LOAD: {
         bt_load_report lr;
         if (bt_frame_get_load(f, &lr) != BT_OK) return;
+        if (event_plane_is_source(w)) {
+            w->load_reports[2]++;
+            return;
+        }
         w->load = lr;
         w->load_ms = bt_now_ms();
         w->pending_blocks = 0; /* the report now covers what was routed before it */
+        w->load_reports[0]++;
         return;
     }
     case BT_FRAME_GOAWAY: {
@@ -222,11 +244,18 @@ static const bt_rpc_handlers conn_handlers = {on_conn_open, on_conn_frame, on_co
 static void worker_connect(fe_worker *w) {
     bt_rpc_config rc;
     bt_rpc_config_default(&rc, BT_ROLE_FRONTEND, w->fe->instance_id);
-    uint32_t dead = (uint32_t)(w->fe->o.stall_timeout * 1000.0);
-    rc.dead_after_ms = dead < 100 ? 100 : dead;
-    /* pings are cheap; a worker drops a frontend it has not heard from for a few seconds */
-    rc.ping_interval_ms = rc.dead_after_ms / 4 < 500 ? rc.dead_after_ms / 4 : 500;
-    rc.connect_timeout_ms = rc.dead_after_ms;
+    /* --stream-stall-timeout bounds the silence a stream sees before it is re-dispatched. The
+     * connection checks for a dead peer once per heartbeat tick (= the ping interval here), so it
+     * declares the peer dead after stall - tick of silence: detection then lands within
+     * [stall - tick, stall). Pings are cheap: at least every 500 ms, and a worker drops a
+     * frontend it has not heard from for a few seconds. */
+    uint32_t stall = (uint32_t)(w->fe->o.stall_timeout * 1000.0);
+    if (stall < 100) stall = 100;
+    uint32_t tick = stall / 10 < 10 ? 10 : stall / 10 > 500 ? 500 : stall / 10;
+    rc.ping_interval_ms = tick;
+    rc.dead_after_ms = stall - tick;
+    rc.connect_timeout_ms = stall;
+    rc.secret = w->fe->rpc_secret;
     set_state(w, FW_CONNECTING, "dialing");
     w->conn = bt_rpc_dial(w->fe->loop, w->host, w->port, &rc, &conn_handlers, w);
 }
@@ -270,7 +299,10 @@ static void on_disc_put(void *ud, const char *key, const json_t *v) {
     if (w) {
         /* re-announced (e.g. it re-registered): it proves itself again */
         w->in_discovery = true;
-        w->quarantined_until_ms = 0;
+        if (w->quarantined) {
+            w->quarantined = false;
+            BT_INFO("worker %" PRIx64 " (%s) out of quarantine: re-announced by discovery", w->id, w->transport);
+        }
         return;
     }
     if (f->shutting_down) return;
@@ -342,6 +374,16 @@ void fe_workers_stop(fe *f) {
     }
 }
 
+bool fe_workers_apply_load(fe *f, uint64_t id, const bt_load_report *r) {
+    fe_worker *w = find_by_id(f, id);
+    if (!w) return false;
+    w->load = *r;
+    w->load_ms = w->event_load_ms = bt_now_ms();
+    w->pending_blocks = 0; /* as for a LOAD frame: the report covers what was routed before it */
+    w->load_reports[1]++;
+    return true;
+}
+
 /* ---- routing ---- */
 
 /* Busy when a fresh load report, plus what was routed since it, exceeds a threshold. */
@@ -379,7 +421,7 @@ int fe_retry_after_s(fe *f, const fe_model *m) {
 
 bool fe_worker_routable(const fe_worker *w) {
     if (w->state != FW_READY || !w->in_discovery || w->goaway || !bt_rpc_is_open(w->conn)) return false;
-    if (w->quarantined_until_ms && bt_now_ms() < w->quarantined_until_ms) return false;
+    if (w->quarantined) return false;
     if (w->load_ms && !(w->load.flags & BT_LOAD_READY)) return false;
     return true;
 }
@@ -392,7 +434,7 @@ fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, bool *all_busy) {
     fe_worker *avoided = NULL;
     for (fe_worker *w = f->workers; w && n < 256; w = w->next) {
         if (strcmp(w->model, m->name) != 0 || !fe_worker_routable(w)) continue;
-        if (fe_worker_busy(w, m)) {
+        if (all_busy && fe_worker_busy(w, m)) {
             nbusy++;
             continue;
         }
@@ -427,8 +469,9 @@ fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, bool *all_busy) {
 }
 
 void fe_worker_quarantine(fe_worker *w, const char *why) {
-    w->quarantined_until_ms = bt_now_ms() + QUARANTINE_MS;
-    BT_INFO("worker %" PRIx64 " (%s) quarantined: %s", w->id, w->transport, why);
+    if (w->quarantined) return;
+    w->quarantined = true;
+    BT_INFO("worker %" PRIx64 " (%s) quarantined until it reconnects or is re-announced: %s", w->id, w->transport, why);
 }
 
 uint32_t fe_worker_send_request(fe_worker *w, fe_req *r) {
@@ -437,7 +480,7 @@ uint32_t fe_worker_send_request(fe_worker *w, fe_req *r) {
     uint32_t id = w->next_stream;
     w->next_stream += 2;
     if (w->next_stream > 0x7fffffffu) w->next_stream = 1;
-    /* REQUEST payload: {"request_id","api","body","carried","max_tokens"} */
+    /* REQUEST payload: {"request_id","api","body","carried","max_tokens"[,"carried_text"]} */
     json_t *carried = json_array();
     for (size_t i = 0; i < r->nids; i++) json_array_append_new(carried, json_integer(r->ids[i]));
     int64_t remaining = r->max_tokens - (int64_t)r->nids;
@@ -445,6 +488,8 @@ uint32_t fe_worker_send_request(fe_worker *w, fe_req *r) {
     json_t *msg = json_pack("{s:s, s:s, s:O, s:o, s:I}", "request_id", r->rid, "api",
                             r->api == BT_API_CHAT ? "chat" : "completion", "body", r->body, "carried", carried,
                             "max_tokens", (json_int_t)remaining);
+    if (msg && r->nids && !r->text_lost) /* the delivered text, for engines that resume from text */
+        json_object_set_new(msg, "carried_text", json_stringn(r->text.data ? r->text.data : "", r->text.len));
     char *payload = msg ? json_dumps(msg, JSON_COMPACT) : NULL;
     json_decref(msg);
     if (!payload) return 0;
@@ -468,7 +513,12 @@ void fe_worker_send_cancel(fe_worker *w, uint32_t stream, bool kill) {
 
 void fe_worker_stream_done(fe_worker *w, uint32_t stream) {
     bt_map_del(&w->streams, stream);
-    if (!w->in_discovery && w->streams.len == 0 && !w->freeing) {
-        if (w->conn) bt_rpc_conn_close(w->conn, BT_OK, "left discovery, last stream ended");
+    if (w->streams.len || w->freeing || !w->conn) return;
+    if (!w->in_discovery) {
+        bt_rpc_conn_close(w->conn, BT_OK, "left discovery, last stream ended");
+    } else if (w->quarantined && !w->goaway) {
+        /* quarantined on an open connection (a stream failed but the connection lives on): once
+         * its streams are over, reconnect; a completed handshake is the probe that lifts it */
+        bt_rpc_conn_close(w->conn, BT_OK, "quarantined: reconnecting to probe it");
     }
 }

@@ -42,10 +42,11 @@ static uint8_t *wr64(uint8_t *p, uint64_t v) { return wr32(wr32(p, (uint32_t)(v 
 #define FINISH_LEN 12u
 #define PING_LEN 8u
 #define LOAD_LEN 52u
+#define AUTH_PAYLOAD_LEN (1u + BT_AUTH_LEN)
 
 static bool on_stream0(uint8_t type) {
     return type == BT_FRAME_HELLO || type == BT_FRAME_PING || type == BT_FRAME_PONG || type == BT_FRAME_LOAD ||
-           type == BT_FRAME_GOAWAY;
+           type == BT_FRAME_GOAWAY || type == BT_FRAME_AUTH;
 }
 
 /* Checks everything the 12-byte header decides: type, stream rule, payload size. Returns NULL
@@ -62,6 +63,7 @@ static const char *check_header(uint8_t type, uint32_t stream, uint64_t plen) {
     case BT_FRAME_PING:
     case BT_FRAME_PONG: return plen == PING_LEN ? NULL : "bad PING/PONG payload size";
     case BT_FRAME_LOAD: return plen == LOAD_LEN ? NULL : "bad LOAD payload size";
+    case BT_FRAME_AUTH: return plen == AUTH_PAYLOAD_LEN ? NULL : "bad AUTH payload size";
     case BT_FRAME_STOP:
     case BT_FRAME_KILL: return plen == 0 ? NULL : "STOP/KILL payload must be empty";
     case BT_FRAME_TOKENS: return plen >= 2 ? NULL : "TOKENS payload too short";
@@ -324,9 +326,27 @@ bt_status bt_frame_get_load(const bt_frame *f, bt_load_report *r) {
     return BT_OK;
 }
 
+bt_status bt_frame_put_auth(bt_buf *out, uint8_t kind, const uint8_t bytes[BT_AUTH_LEN]) {
+    if (kind != BT_AUTH_CHALLENGE && kind != BT_AUTH_RESPONSE) return BT_ERR_INVALID;
+    uint8_t p[AUTH_PAYLOAD_LEN];
+    p[0] = kind;
+    memcpy(p + 1, bytes, BT_AUTH_LEN);
+    return bt_frame_put(out, BT_FRAME_AUTH, 0, p, sizeof p);
+}
+
+bt_status bt_frame_get_auth(const bt_frame *f, uint8_t *kind, const uint8_t **bytes) {
+    if (!f || f->type != BT_FRAME_AUTH) return BT_ERR_INVALID;
+    if (f->len != AUTH_PAYLOAD_LEN || !f->payload) return BT_ERR_PROTOCOL;
+    if (f->payload[0] != BT_AUTH_CHALLENGE && f->payload[0] != BT_AUTH_RESPONSE) return BT_ERR_PROTOCOL;
+    *kind = f->payload[0];
+    *bytes = f->payload + 1;
+    return BT_OK;
+}
+
 const char *bt_frame_type_name(uint8_t type) {
     static const char *const names[] = {NULL,   "HELLO", "REQUEST", "TOKENS", "FINISH", "ERROR",
-                                        "STOP", "KILL",  "PING",    "PONG",   "LOAD",   "GOAWAY"};
+                                        "STOP", "KILL",  "PING",    "PONG",   "LOAD",   "GOAWAY",
+                                        "AUTH"};
     if (type >= 1 && type <= BT_FRAME_TYPE_MAX_) return names[type];
     return "UNKNOWN";
 }

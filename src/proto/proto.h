@@ -37,7 +37,8 @@ typedef enum {
     BT_FRAME_PONG = 9,     /* answer to PING, stream 0: the same u64 */
     BT_FRAME_LOAD = 10,    /* W→FE, stream 0: see bt_load_report */
     BT_FRAME_GOAWAY = 11,  /* W→FE, stream 0: u16 status code, then UTF-8 reason; route nothing new */
-    BT_FRAME_TYPE_MAX_ = 11
+    BT_FRAME_AUTH = 12,    /* both ways, stream 0: u8 kind (1 challenge, 2 response), 32 bytes */
+    BT_FRAME_TYPE_MAX_ = 12
 } bt_frame_type;
 
 typedef enum { BT_ROLE_FRONTEND = 1, BT_ROLE_WORKER = 2 } bt_role;
@@ -98,6 +99,13 @@ bt_status bt_frame_get_finish(const bt_frame *f, uint8_t *reason, uint32_t *prom
 bt_status bt_frame_get_error(const bt_frame *f, uint16_t *code, const char **msg, size_t *msg_len);
 bt_status bt_frame_get_ping(const bt_frame *f, uint64_t *opaque);
 bt_status bt_frame_get_load(const bt_frame *f, bt_load_report *r);
+
+/* AUTH: a challenge carries a random nonce, a response the HMAC-SHA256 that proves the secret. */
+#define BT_AUTH_CHALLENGE 1
+#define BT_AUTH_RESPONSE 2
+#define BT_AUTH_LEN 32u
+bt_status bt_frame_put_auth(bt_buf *out, uint8_t kind, const uint8_t bytes[BT_AUTH_LEN]);
+bt_status bt_frame_get_auth(const bt_frame *f, uint8_t *kind, const uint8_t **bytes);
 
 const char *bt_frame_type_name(uint8_t type);
 

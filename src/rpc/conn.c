@@ -6,11 +6,16 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+
 #include "common/log.h"
 
 #define READ_CHUNK (64u * 1024)
 
-typedef enum { CONN_CONNECTING, CONN_HANDSHAKE, CONN_OPEN, CONN_CLOSING } conn_state;
+/* CONN_AUTH: the worker got the frontend's HELLO and waits for the answer to its challenge. */
+typedef enum { CONN_CONNECTING, CONN_HANDSHAKE, CONN_AUTH, CONN_OPEN, CONN_CLOSING } conn_state;
 
 struct bt_rpc_conn {
     uv_loop_t *loop;
@@ -32,6 +37,9 @@ struct bt_rpc_conn {
     bt_buf wbuf;
     size_t queued; /* bytes handed to uv_write and not yet written */
     uint64_t last_rx_ms, last_tx_ms;
+    uint64_t session_ms;                 /* when the TCP session started */
+    uint8_t nonce[BT_AUTH_LEN];          /* our challenge (worker with a secret) */
+    bool challenged;
     uint64_t peer_instance;
     bt_status close_why;
     char close_reason[160];
@@ -179,6 +187,62 @@ bt_buf *bt_rpc_wbuf(bt_rpc_conn *c) {
     return &c->wbuf;
 }
 
+/* HMAC-SHA256(secret, "baton-rpc-auth-v1" || nonce || worker instance id, big-endian). */
+static void auth_mac(const char *secret, const uint8_t nonce[BT_AUTH_LEN], uint64_t instance,
+                     uint8_t out[BT_AUTH_LEN]) {
+    uint8_t msg[17 + BT_AUTH_LEN + 8];
+    memcpy(msg, "baton-rpc-auth-v1", 17);
+    memcpy(msg + 17, nonce, BT_AUTH_LEN);
+    for (int i = 0; i < 8; i++) msg[17 + BT_AUTH_LEN + i] = (uint8_t)(instance >> (56 - 8 * i));
+    unsigned int len = BT_AUTH_LEN;
+    HMAC(EVP_sha256(), secret, (int)strlen(secret), msg, sizeof msg, out, &len);
+}
+
+static void conn_opened(bt_rpc_conn *c) {
+    c->state = CONN_OPEN;
+    if (c->h.on_open) c->h.on_open(c->ud, c);
+}
+
+static void handle_auth(bt_rpc_conn *c, const bt_frame *f) {
+    uint8_t kind;
+    const uint8_t *bytes;
+    if (bt_frame_get_auth(f, &kind, &bytes) != BT_OK) {
+        conn_fail(c, BT_ERR_PROTOCOL, "malformed AUTH from %s", c->peer);
+        return;
+    }
+    if (kind == BT_AUTH_CHALLENGE) { /* we are the frontend */
+        if (c->cfg.role != BT_ROLE_FRONTEND) {
+            conn_fail(c, BT_ERR_PROTOCOL, "unexpected AUTH challenge from %s", c->peer);
+            return;
+        }
+        if (!c->cfg.secret || !*c->cfg.secret) {
+            conn_fail(c, BT_ERR_UNAUTHORIZED, "worker %s requires a shared secret (--rpc-secret-file)", c->peer);
+            return;
+        }
+        uint8_t mac[BT_AUTH_LEN];
+        auth_mac(c->cfg.secret, bytes, c->peer_instance, mac);
+        bt_buf *w = bt_rpc_wbuf(c);
+        if (w) bt_frame_put_auth(w, BT_AUTH_RESPONSE, mac);
+        return;
+    }
+    /* a response: we are the worker that challenged */
+    if (!c->challenged || c->state != CONN_AUTH) {
+        conn_fail(c, BT_ERR_PROTOCOL, "unexpected AUTH response from %s", c->peer);
+        return;
+    }
+    uint8_t want[BT_AUTH_LEN];
+    auth_mac(c->cfg.secret, c->nonce, c->cfg.instance_id, want);
+    if (CRYPTO_memcmp(want, bytes, BT_AUTH_LEN) != 0) {
+        BT_WARN("frontend %s failed authentication; closing", c->peer);
+        bt_buf *w = bt_rpc_wbuf(c);
+        if (w) bt_frame_put_error(w, 0, BT_ERR_UNAUTHORIZED, "authentication failed");
+        conn_fail(c, BT_ERR_UNAUTHORIZED, "frontend %s failed authentication", c->peer);
+        return;
+    }
+    c->challenged = false;
+    conn_opened(c);
+}
+
 static void handle_frame(bt_rpc_conn *c, const bt_frame *f) {
     if (c->state == CONN_HANDSHAKE) {
         uint16_t ver, role;
@@ -200,8 +264,19 @@ static void handle_frame(bt_rpc_conn *c, const bt_frame *f) {
             return;
         }
         c->peer_instance = inst;
-        c->state = CONN_OPEN;
-        if (c->h.on_open) c->h.on_open(c->ud, c);
+        if (c->challenged) c->state = CONN_AUTH;
+        else conn_opened(c);
+        return;
+    }
+    if (f->type == BT_FRAME_AUTH) {
+        handle_auth(c, f);
+        return;
+    }
+    if (c->state == CONN_AUTH && f->type != BT_FRAME_PING && f->type != BT_FRAME_PONG) {
+        bt_buf *w = bt_rpc_wbuf(c);
+        if (w) bt_frame_put_error(w, 0, BT_ERR_UNAUTHORIZED, "authenticate first");
+        conn_fail(c, BT_ERR_UNAUTHORIZED, "unauthenticated frontend %s sent %s", c->peer,
+                  bt_frame_type_name(f->type));
         return;
     }
     switch (f->type) {
@@ -274,6 +349,11 @@ static void on_heartbeat(uv_timer_t *t) {
         conn_fail(c, BT_ERR_CANNOT_CONNECT, "connect to %s timed out after %u ms", c->peer, c->cfg.connect_timeout_ms);
         return;
     }
+    if ((c->state == CONN_AUTH || c->state == CONN_HANDSHAKE) && now - c->session_ms >= c->cfg.connect_timeout_ms) {
+        conn_fail(c, BT_ERR_UNAUTHORIZED, "%s did not complete its handshake within %u ms", c->peer,
+                  c->cfg.connect_timeout_ms);
+        return;
+    }
     if (now - c->last_rx_ms >= c->cfg.dead_after_ms) {
         conn_fail(c, BT_ERR_TIMEOUT, "no frame from %s for %llu ms: peer declared dead", c->peer,
                   (unsigned long long)(now - c->last_rx_ms));
@@ -295,7 +375,16 @@ static void start_session(bt_rpc_conn *c) {
         conn_fail(c, BT_ERR_DISCONNECTED, "read from %s failed: %s", c->peer, uv_strerror(rc));
         return;
     }
+    c->session_ms = c->last_rx_ms;
     bt_frame_put_hello(bt_rpc_wbuf(c), c->cfg.role, c->cfg.instance_id);
+    if (c->cfg.role == BT_ROLE_WORKER && c->cfg.secret && *c->cfg.secret) {
+        for (size_t i = 0; i < BT_AUTH_LEN; i += 8) {
+            uint64_t r = bt_random64();
+            memcpy(c->nonce + i, &r, 8);
+        }
+        c->challenged = true;
+        bt_frame_put_auth(bt_rpc_wbuf(c), BT_AUTH_CHALLENGE, c->nonce);
+    }
     uint32_t tick = c->cfg.ping_interval_ms < c->cfg.dead_after_ms / 4 ? c->cfg.ping_interval_ms
                                                                        : c->cfg.dead_after_ms / 4;
     if (tick < 10) tick = 10;

@@ -44,6 +44,10 @@ typedef struct {
     uint32_t dead_after_ms;   /* peer declared dead after this long without receiving anything */
     uint32_t connect_timeout_ms;
     size_t max_out_bytes;     /* unsent bytes beyond this close the connection (a stuck peer) */
+    /* Shared secret (NULL = none). A worker with a secret challenges every frontend after HELLO
+     * and accepts nothing until it proves the secret (HMAC-SHA256 of a fresh nonce; the secret
+     * never crosses the wire). A frontend with a secret answers such challenges. */
+    const char *secret;
 } bt_rpc_config;
 
 void bt_rpc_config_default(bt_rpc_config *c, uint16_t role, uint64_t instance_id);

@@ -1,15 +1,15 @@
 /* worker.c — `baton worker`: hosts one engine behind the request plane.
  *
- * Lifecycle (one traced state variable, see set_state): registering → ready → draining → gone.
+ * Lifecycle (one traced state variable, see wk_set_state): registering → ready → draining → gone.
  * Each accepted frontend connection is a peer with its own stream table; a stream is one engine
  * sequence. The worker never keeps generating for nobody: when a peer's connection ends, every
  * sequence of that peer is killed and its KV blocks are freed.
  *
- * Drain (SIGTERM/SIGINT): unregister from discovery first, then GOAWAY to every peer and refuse
- * new requests with the migratable BT_ERR_DRAINING, let running streams finish for up to
- * --graceful-shutdown-timeout seconds, end the rest with the migratable BT_ERR_SHUTDOWN so the
- * frontends continue them elsewhere, then close everything and exit 0. A second signal exits at
- * once. An engine failure takes the same path without the wait and exits 1. */
+ * This file holds the process (options, start-up), the peers, the streams and the load reports.
+ * The shutdown sequence is in drain.c, the status server in status.c, canaries and the engine
+ * monitor in canary.c (see worker_internal.h and docs/operations.md). A worker is ready for new
+ * work (BT_LOAD_READY in its load reports, 200 on /health) while it serves, is not draining and
+ * its endpoint is healthy by the canary. */
 #include "worker/worker.h"
 
 #include <inttypes.h>
@@ -20,105 +20,28 @@
 #include <unistd.h>
 
 #include "common/log.h"
-#include "common/map.h"
 #include "common/opts.h"
 #include "common/util.h"
-#include "discovery/discovery.h"
-#include "engine/mocker/mocker.h"
-#include "frontend/http.h"
 #include "proto/proto.h"
-#include "rpc/conn.h"
+#include "worker/worker_internal.h"
 
-typedef enum { W_REGISTERING, W_READY, W_DRAINING, W_GONE } wstate;
-static const char *wstate_names[] = {"registering", "ready", "draining", "gone"};
+static const char *state_names[] = {"registering", "ready", "draining", "gone"};
 
-typedef struct worker worker;
-typedef struct peer peer;
+const char *wk_state_name(wk_state s) { return state_names[s]; }
 
-typedef struct {
-    peer *p;
-    uint32_t id;
-    bt_engine_seq *seq;
-    uint32_t tokens; /* tokens sent on this attempt */
-    uint32_t carried;
-    uint64_t t0_us;
-    char rid[72];
-} wstream;
-
-/* Both the worker and a peer serve as a connection's user data (before and after the
- * handshake); the first member tells them apart. */
-enum { KIND_WORKER = 1, KIND_PEER = 2 };
-
-struct peer {
-    int kind;
-    worker *w;
-    bt_rpc_conn *conn;
-    bt_map streams;
-    peer *prev, *next;
-};
-
-typedef struct {
-    /* flags */
-    const char *engine;
-    const char *model_name;
-    const char *endpoint;
-    const char *rpc_host;
-    int64_t rpc_port;
-    const char *discovery;
-    const char *discovery_dir;
-    int64_t discovery_ttl;
-    int64_t graceful_timeout;
-    int64_t system_port;
-    const char *system_host;
-    int64_t frontend_dead_after;
-    bool fault_signals;
-    bt_mocker_config mocker;
-    /* derived */
-    char ns[64], component[64], ep[64];
-} wopts;
-
-struct worker {
-    int kind;
-    uv_loop_t *loop;
-    wopts o;
-    bt_engine *engine;
-    bt_discovery *disc;
-    bt_rpc_listener *listener;
-    bt_http_server *status;
-    peer *peers;
-    size_t npeers;
-    size_t nstreams;
-    uint64_t instance_id;
-    char key[256];
-    char transport[96];
-    wstate state;
-    int exit_code;
-    bool finishing;
-    int signals_seen;
-    uv_signal_t sig_term, sig_int, sig_usr1, sig_usr2;
-    uv_timer_t drain_timer;
-    uv_timer_t dead_timer;
-    uv_timer_t load_timer; /* re-sends LOAD when nothing changed for a while: keeps reports fresh */
-    uint64_t load_sent_ms;
-    uint64_t started_ms;
-    uint64_t drain_started_ms;
-    /* counters for /metrics */
-    uint64_t requests_total, requests_ok, requests_error, tokens_total;
-    uint64_t cancel_kill, cancel_stop, cancel_peer_lost, handed_back;
-};
-
-static void worker_finish(worker *w);
-static void worker_finish_soon(worker *w);
-
-static void set_state(worker *w, wstate s) {
+void wk_set_state(wk_worker *w, wk_state s) {
     if (w->state == s) return;
-    BT_INFO("worker %" PRIx64 ": %s -> %s", w->instance_id, wstate_names[w->state], wstate_names[s]);
+    BT_INFO("worker %" PRIx64 ": %s -> %s", w->instance_id, state_names[w->state], state_names[s]);
     w->state = s;
+}
+
+bool wk_ready(const wk_worker *w) {
+    return w->state == WK_READY && !w->engine_failed && (!w->o.canary_enabled || w->canary.ready);
 }
 
 /* ---- load reports ------------------------------------------------------------------------ */
 
-static void fill_load(worker *w, bt_load_report *r) {
+static void fill_load(wk_worker *w, bt_load_report *r) {
     bt_engine_load l;
     bt_engine_get_load(w->engine, &l);
     r->active_decode_blocks = l.active_decode_blocks;
@@ -127,46 +50,53 @@ static void fill_load(worker *w, bt_load_report *r) {
     r->waiting = l.waiting;
     r->running = l.running;
     r->max_num_batched_tokens = l.max_num_batched_tokens;
-    r->flags = w->state == W_READY ? BT_LOAD_READY : 0;
+    r->flags = wk_ready(w) ? BT_LOAD_READY : 0;
 }
 
-static void send_load(worker *w, peer *only) {
+void wk_send_load(wk_worker *w, wk_peer *only) {
     bt_load_report r;
     if (!w->engine) return;
     fill_load(w, &r);
     if (!only) w->load_sent_ms = bt_now_ms();
-    for (peer *p = w->peers; p; p = p->next) {
+    for (wk_peer *p = w->peers; p; p = p->next) {
         if (only && p != only) continue;
         bt_buf *b = bt_rpc_wbuf(p->conn);
         if (b) bt_frame_put_load(b, &r);
     }
+    if (!only) bt_events_publish_load(w->events, w->instance_id, &r); /* debounced */
 }
 
-static void on_engine_load(void *ud) { send_load(ud, NULL); }
+static void on_engine_load(void *ud) { wk_send_load(ud, NULL); }
 
 #define LOAD_REFRESH_MS 1000u /* frontends treat reports older than 3 s as stale */
 
 static void on_load_timer(uv_timer_t *t) {
-    worker *w = t->data;
-    if (bt_now_ms() - w->load_sent_ms >= LOAD_REFRESH_MS) send_load(w, NULL);
+    wk_worker *w = t->data;
+    if (bt_now_ms() - w->load_sent_ms >= LOAD_REFRESH_MS) wk_send_load(w, NULL);
 }
 
 /* ---- streams ----------------------------------------------------------------------------- */
 
-static void stream_free(wstream *s) {
-    peer *p = s->p;
+static void on_stream_cancel(bt_ctx *c, bt_ctx_state state, void *ud);
+
+void wk_stream_free(wk_stream *s) {
+    wk_peer *p = s->p;
+    wk_worker *w = p->w;
     bt_map_del(&p->streams, s->id);
-    p->w->nstreams--;
+    w->nstreams--;
+    bt_ctx_free(s->ctx); /* may be the context whose callback is running: cancel.h allows it */
     free(s);
-    if (p->w->state == W_DRAINING && p->w->nstreams == 0) worker_finish_soon(p->w);
+    if (w->state == WK_DRAINING) wk_drain_stream_ended(w);
 }
 
 static void on_seq_tokens(void *ud, const uint32_t *ids, size_t n, const char *text, size_t text_len) {
-    wstream *s = ud;
+    wk_stream *s = ud;
+    wk_worker *w = s->p->w;
     bt_buf *b = bt_rpc_wbuf(s->p->conn);
     s->tokens += (uint32_t)n;
-    s->p->w->tokens_total += n;
-    if (!b) return;
+    w->tokens_total += n;
+    wk_monitor_progress(w);
+    if (!b || s->ignored_kill) return;
     /* a batch longer than one frame allows is split; text goes with the last piece */
     while (n > BT_TOKENS_MAX) {
         bt_frame_put_tokens(b, s->id, ids, BT_TOKENS_MAX, "", 0);
@@ -177,27 +107,32 @@ static void on_seq_tokens(void *ud, const uint32_t *ids, size_t n, const char *t
 }
 
 static void on_seq_finish(void *ud, bt_finish_reason reason, const bt_usage *u) {
-    wstream *s = ud;
-    bt_buf *b = bt_rpc_wbuf(s->p->conn);
+    wk_stream *s = ud;
+    wk_worker *w = s->p->w;
+    bt_buf *b = s->ignored_kill ? NULL : bt_rpc_wbuf(s->p->conn);
     if (b) bt_frame_put_finish(b, s->id, (uint8_t)reason, u->prompt_tokens, u->completion_tokens);
-    s->p->w->requests_ok++;
+    w->requests_ok++;
+    wk_monitor_progress(w);
+    if (reason != BT_FINISH_CANCELLED) wk_canary_activity(w);
     BT_DEBUG("request %s finished (%s) after %u new tokens in %.1f ms", s->rid, bt_finish_reason_name(reason),
              s->tokens, (double)(bt_now_us() - s->t0_us) / 1000.0);
-    stream_free(s);
+    wk_stream_free(s);
 }
 
 static void on_seq_error(void *ud, bt_status code, const char *msg) {
-    wstream *s = ud;
-    bt_buf *b = bt_rpc_wbuf(s->p->conn);
+    wk_stream *s = ud;
+    wk_worker *w = s->p->w;
+    bt_buf *b = s->ignored_kill ? NULL : bt_rpc_wbuf(s->p->conn);
     if (b) bt_frame_put_error(b, s->id, (uint16_t)code, msg);
-    s->p->w->requests_error++;
+    w->requests_error++;
+    wk_monitor_progress(w);
     BT_WARN("request %s failed after %u tokens: %s", s->rid, s->tokens, msg);
-    stream_free(s);
+    wk_stream_free(s);
 }
 
 static const bt_engine_sink seq_sink = {on_seq_tokens, on_seq_finish, on_seq_error};
 
-static void send_stream_error(peer *p, uint32_t id, bt_status code, const char *msg) {
+void wk_send_stream_error(wk_peer *p, uint32_t id, bt_status code, const char *msg) {
     bt_buf *b = bt_rpc_wbuf(p->conn);
     if (b) bt_frame_put_error(b, id, (uint16_t)code, msg);
 }
@@ -226,22 +161,24 @@ static bt_status sampling_from_body(const json_t *body, bt_engine_request *er, c
     return BT_OK;
 }
 
-static void handle_request(peer *p, uint32_t id, const bt_frame *f) {
-    worker *w = p->w;
+static void handle_request(wk_peer *p, uint32_t id, const bt_frame *f) {
+    wk_worker *w = p->w;
     char err[256] = "";
     json_error_t jerr;
     uint32_t *carried = NULL;
     json_t *root = NULL;
-    wstream *s = NULL;
+    wk_stream *s = NULL;
     bt_status st;
 
     w->requests_total++;
     if (bt_map_get(&p->streams, id)) {
-        send_stream_error(p, id, BT_ERR_PROTOCOL, "stream id already in use");
+        wk_send_stream_error(p, id, BT_ERR_PROTOCOL, "stream id already in use");
         return;
     }
-    if (w->state != W_READY) {
-        send_stream_error(p, id, BT_ERR_DRAINING, "worker is draining");
+    if (w->state != WK_READY) {
+        /* it crossed the GOAWAY in flight; the frontend retries it elsewhere */
+        wk_drain_note_refused(w);
+        wk_send_stream_error(p, id, BT_ERR_DRAINING, "worker is draining");
         return;
     }
     root = json_loadb((const char *)f->payload, f->len, 0, &jerr);
@@ -260,7 +197,16 @@ static void handle_request(peer *p, uint32_t id, const bt_frame *f) {
     er.request_id = json_string_value(jrid);
     er.api = strcmp(json_string_value(japi), "chat") == 0 ? BT_API_CHAT : BT_API_COMPLETION;
     er.body = body;
-    size_t ncar = jcar ? json_array_size(jcar) : 0;
+    /* A client (an openai-engine worker in front of this frontend, continuing a stream) may name
+     * tokens already generated in the body: they come before those of this frontend's attempts. */
+    json_t *jbcar = json_object_get(body, "carried_token_ids");
+    if (jbcar && !json_is_array(jbcar)) {
+        st = BT_ERR_INVALID;
+        snprintf(err, sizeof err, "carried_token_ids must be an array of token ids");
+        goto fail;
+    }
+    size_t nbcar = jbcar ? json_array_size(jbcar) : 0;
+    size_t ncar = nbcar + (jcar ? json_array_size(jcar) : 0);
     if (ncar) {
         carried = malloc(ncar * sizeof *carried);
         if (!carried) {
@@ -269,7 +215,7 @@ static void handle_request(peer *p, uint32_t id, const bt_frame *f) {
             goto fail;
         }
         for (size_t i = 0; i < ncar; i++) {
-            json_t *v = json_array_get(jcar, i);
+            json_t *v = i < nbcar ? json_array_get(jbcar, i) : json_array_get(jcar, i - nbcar);
             if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) > UINT32_MAX) {
                 st = BT_ERR_INVALID;
                 snprintf(err, sizeof err, "carried token %zu is not a token id", i);
@@ -280,6 +226,11 @@ static void handle_request(peer *p, uint32_t id, const bt_frame *f) {
     }
     er.carried = carried;
     er.n_carried = (uint32_t)ncar;
+    json_t *jtext = root ? json_object_get(root, "carried_text") : NULL;
+    if (json_is_string(jtext) && !jbcar) { /* body-carried ids come with no text of theirs */
+        er.carried_text = json_string_value(jtext);
+        er.carried_text_len = json_string_length(jtext);
+    }
     int64_t max_tokens = jmax ? json_integer_value(jmax) : w->o.mocker.default_max_tokens;
     if (max_tokens < 0) max_tokens = 0;
     er.max_tokens = max_tokens > UINT32_MAX ? UINT32_MAX : (uint32_t)max_tokens;
@@ -297,6 +248,14 @@ static void handle_request(peer *p, uint32_t id, const bt_frame *f) {
     s->carried = (uint32_t)ncar;
     s->t0_us = bt_now_us();
     snprintf(s->rid, sizeof s->rid, "%s", er.request_id);
+    s->ctx = bt_ctx_new(s->rid, on_stream_cancel, s);
+    if (!s->ctx) {
+        st = BT_ERR_NOMEM;
+        snprintf(err, sizeof err, "out of memory");
+        goto fail;
+    }
+    bt_ctx_link(p->ctx, s->ctx); /* the peer's context is live while frames arrive */
+    wk_monitor_busy(w);
     st = bt_engine_submit(w->engine, &er, &seq_sink, s, &s->seq, err, sizeof err);
     if (st != BT_OK) goto fail;
     if (bt_map_put(&p->streams, id, s) != 0) {
@@ -315,40 +274,95 @@ static void handle_request(peer *p, uint32_t id, const bt_frame *f) {
 fail:
     w->requests_error++;
     BT_WARN("request on stream %u rejected: %s", id, err[0] ? err : bt_status_msg(st));
-    send_stream_error(p, id, st, err[0] ? err : bt_status_msg(st));
+    wk_send_stream_error(p, id, st, err[0] ? err : bt_status_msg(st));
+    if (s) bt_ctx_free(s->ctx);
     free(s);
     free(carried);
     json_decref(root);
 }
 
-static void kill_stream(worker *w, wstream *s, const char *why) {
+static void kill_stream(wk_worker *w, wk_stream *s, const char *why) {
     BT_INFO("request %s killed (%s) after %u new tokens (%u carried)", s->rid, why, s->tokens, s->carried);
     bt_engine_kill(w->engine, s->seq);
-    stream_free(s);
+    wk_stream_free(s);
+}
+
+static const double cancel_bounds[WK_CANCEL_BUCKETS] = {1e-6,   2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5,
+                                                        1e-4,   2.5e-4, 5e-4, 1e-3, 1e-2,   1e-1};
+
+/* Renders baton_worker_cancel_latency_seconds (for status.c). */
+void wk_cancel_metrics(const wk_worker *w, bt_buf *b) {
+    const char *name = "baton_worker_cancel_latency_seconds";
+    uint64_t cum = 0;
+    bt_buf_appendf(b, "# HELP %s KILL frame arrival to the engine dropping the sequence\n# TYPE %s histogram\n", name,
+                   name);
+    for (int i = 0; i < WK_CANCEL_BUCKETS; i++) {
+        cum += w->cancel_lat_counts[i];
+        bt_buf_appendf(b, "%s_bucket{le=\"%g\"} %" PRIu64 "\n", name, cancel_bounds[i], cum);
+    }
+    cum += w->cancel_lat_counts[WK_CANCEL_BUCKETS];
+    bt_buf_appendf(b, "%s_bucket{le=\"+Inf\"} %" PRIu64 "\n%s_sum %.9f\n%s_count %" PRIu64 "\n", name, cum, name,
+                   w->cancel_lat_sum, name, cum);
+}
+
+/* A stream's context changed state (a STOP or KILL frame, or its frontend's connection lost).
+ * Stop: the engine ends the sequence soon with FINISH(cancelled) and what it generated. Kill: the
+ * engine drops the sequence now (waiting queue or running batch) and its KV blocks return to the
+ * free pool; the stream is freed here. With --fault-ignore-kill a KILL frame is counted and
+ * acknowledged but the sequence is left to run out (tests use it to prove that their baseline
+ * check sees a leak). */
+static void on_stream_cancel(bt_ctx *c, bt_ctx_state state, void *ud) {
+    (void)c;
+    wk_stream *s = ud;
+    wk_worker *w = s->p->w;
+    if (state == BT_CTX_STOPPED) {
+        w->cancel_stop++;
+        BT_INFO("request %s stopped by the frontend after %u new tokens (%u carried)", s->rid, s->tokens, s->carried);
+        bt_engine_stop(w->engine, s->seq);
+        return;
+    }
+    bool lost = s->p->lost;
+    if (lost) w->cancel_peer_lost++;
+    else w->cancel_kill++;
+    if (w->o.fault_ignore_kill && !lost) {
+        BT_WARN("request %s: KILL ignored on purpose (--fault-ignore-kill) after %u new tokens", s->rid, s->tokens);
+        s->ignored_kill = true;
+        return;
+    }
+    uint64_t t0 = s->t_kill_us;
+    bt_engine_kill(w->engine, s->seq);
+    uint64_t now = bt_now_us();
+    if (t0) {
+        double lat = (double)(now - t0) / 1e6;
+        int i = 0;
+        while (i < WK_CANCEL_BUCKETS && lat > cancel_bounds[i]) i++;
+        w->cancel_lat_counts[i]++;
+        w->cancel_lat_sum += lat;
+        BT_DEBUG("request %s: engine dropped the sequence %" PRIu64 " us after the KILL arrived (t=%" PRIu64 " us)",
+                 s->rid, now - t0, now);
+    }
+    BT_INFO("request %s killed (%s) after %u new tokens (%u carried)", s->rid,
+            lost ? "frontend connection lost" : "kill from the frontend", s->tokens, s->carried);
+    wk_stream_free(s);
 }
 
 static void on_peer_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
     (void)c;
-    peer *p = ud;
-    worker *w = p->w;
+    wk_peer *p = ud;
     switch (f->type) {
     case BT_FRAME_REQUEST:
         handle_request(p, f->stream, f);
         break;
     case BT_FRAME_STOP: {
-        wstream *s = bt_map_get(&p->streams, f->stream);
-        if (s) {
-            w->cancel_stop++;
-            BT_INFO("request %s stopped by the frontend after %u new tokens", s->rid, s->tokens);
-            bt_engine_stop(w->engine, s->seq);
-        }
+        wk_stream *s = bt_map_get(&p->streams, f->stream);
+        if (s) bt_ctx_stop(s->ctx); /* a repeated STOP, or a STOP after a KILL, does nothing */
         break;
     }
     case BT_FRAME_KILL: {
-        wstream *s = bt_map_get(&p->streams, f->stream);
-        if (s) {
-            w->cancel_kill++;
-            kill_stream(w, s, "kill from the frontend");
+        wk_stream *s = bt_map_get(&p->streams, f->stream);
+        if (s && !bt_ctx_is_killed(s->ctx)) {
+            s->t_kill_us = bt_now_us();
+            bt_ctx_kill(s->ctx); /* frees s */
         }
         break;
     }
@@ -357,16 +371,32 @@ static void on_peer_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
     }
 }
 
+/* Tracks every accepted connection so that exiting closes those still in their handshake too. */
+static void on_peer_accept(void *ud, bt_rpc_conn *c) {
+    wk_worker *w = ud;
+    if (w->finishing) {
+        bt_rpc_conn_close(c, BT_OK, "worker exiting");
+        return;
+    }
+    bt_map_put(&w->conns, (uint64_t)(uintptr_t)c, c);
+}
+
 static void on_peer_open(void *ud, bt_rpc_conn *c) {
-    worker *w = ud;
-    peer *p = calloc(1, sizeof *p);
+    wk_worker *w = ud;
+    wk_peer *p = calloc(1, sizeof *p);
     if (!p) {
         bt_rpc_conn_close(c, BT_ERR_NOMEM, "out of memory");
         return;
     }
-    p->kind = KIND_PEER;
+    p->kind = WK_KIND_PEER;
     p->w = w;
     p->conn = c;
+    p->ctx = bt_ctx_new(bt_rpc_peer_name(c), NULL, NULL);
+    if (!p->ctx) {
+        free(p);
+        bt_rpc_conn_close(c, BT_ERR_NOMEM, "out of memory");
+        return;
+    }
     bt_map_init(&p->streams);
     p->next = w->peers;
     if (w->peers) w->peers->prev = p;
@@ -374,233 +404,50 @@ static void on_peer_open(void *ud, bt_rpc_conn *c) {
     w->npeers++;
     bt_rpc_set_ud(c, p);
     BT_INFO("frontend %s connected", bt_rpc_peer_name(c));
-    send_load(w, p);
-    if (w->state == W_DRAINING) {
+    wk_send_load(w, p);
+    if (w->state == WK_DRAINING) {
         bt_buf *b = bt_rpc_wbuf(c);
         if (b) bt_frame_put_goaway(b, BT_ERR_DRAINING, "worker is draining");
     }
 }
 
 static void on_peer_close(void *ud, bt_rpc_conn *c, bt_status why, const char *reason) {
-    (void)c;
-    if (*(int *)ud != KIND_PEER) return; /* closed before its handshake: nothing was created */
-    peer *p = ud;
-    worker *w = p->w;
+    (void)why;
+    if (*(int *)ud != WK_KIND_PEER) { /* closed before its handshake: no peer was made */
+        bt_map_del(&((wk_worker *)ud)->conns, (uint64_t)(uintptr_t)c);
+        return;
+    }
+    wk_peer *p = ud;
+    wk_worker *w = p->w;
+    bt_map_del(&w->conns, (uint64_t)(uintptr_t)c);
     BT_INFO("frontend %s disconnected (%s): %zu of its streams stop", bt_rpc_peer_name(c), reason,
             p->streams.len);
-    (void)why;
     uint64_t k;
     void *v;
     size_t it = 0;
-    while (bt_map_next(&p->streams, &it, &k, &v)) {
-        w->cancel_peer_lost++;
-        kill_stream(w, v, "frontend connection lost");
-        it = 0;
-    }
-    bt_map_free(&p->streams);
+    /* unlink first: a stream ending here may finish the drain, which walks the peer list */
     if (p->prev) p->prev->next = p->next;
     else w->peers = p->next;
     if (p->next) p->next->prev = p->prev;
     w->npeers--;
+    /* nothing generates for nobody: the peer's context kills every stream's context, in the
+     * order the streams arrived; streams whose KILL was ignored on purpose go too */
+    p->lost = true;
+    bt_ctx_kill(p->ctx);
+    while (bt_map_next(&p->streams, &it, &k, &v)) {
+        kill_stream(w, v, "frontend connection lost");
+        it = 0;
+    }
+    bt_map_free(&p->streams);
+    bt_ctx_free(p->ctx);
     free(p);
 }
 
-static const bt_rpc_handlers peer_handlers = {on_peer_open, on_peer_frame, on_peer_close};
-
-/* ---- drain and exit ---------------------------------------------------------------------- */
-
-static void close_all(uv_handle_t *h, void *arg) {
-    (void)arg;
-    if (!uv_is_closing(h)) uv_close(h, NULL);
-}
-
-static void on_discovery_closed(void *ud) {
-    worker *w = ud;
-    set_state(w, W_GONE);
-    /* every remaining handle (signals, timers, status server pieces) closes; the loop ends */
-    uv_walk(w->loop, close_all, NULL);
-}
-
-static void on_status_closed(void *ud) {
-    worker *w = ud;
-    w->status = NULL;
-    bt_discovery_close(w->disc, on_discovery_closed, w);
-    w->disc = NULL;
-}
-
-/* Everything in flight is over (finished or handed back): close and let the loop end. */
-static void worker_finish(worker *w) {
-    if (w->finishing) return;
-    w->finishing = true;
-    uv_timer_stop(&w->drain_timer);
-    BT_INFO("worker %" PRIx64 ": drained in %llu ms; closing (exit code %d)", w->instance_id,
-            (unsigned long long)(bt_now_ms() - w->drain_started_ms), w->exit_code);
-    if (w->listener) bt_rpc_listener_close(w->listener);
-    w->listener = NULL;
-    for (peer *p = w->peers; p; p = p->next) {
-        bt_rpc_flush(p->conn);
-        bt_rpc_conn_close(p->conn, BT_OK, "worker exiting");
-    }
-    bt_engine_destroy(w->engine);
-    w->engine = NULL;
-    if (w->status) bt_http_server_close(w->status, on_status_closed, w);
-    else on_status_closed(w);
-}
-
-/* Ends every running stream with a migratable error so that frontends continue it elsewhere. */
-static void hand_back_all(worker *w, const char *why) {
-    for (peer *p = w->peers; p; p = p->next) {
-        uint64_t k;
-        void *v;
-        size_t it = 0;
-        while (bt_map_next(&p->streams, &it, &k, &v)) {
-            wstream *s = v;
-            BT_INFO("request %s handed back for migration after %u new tokens (%s)", s->rid, s->tokens, why);
-            send_stream_error(p, s->id, BT_ERR_SHUTDOWN, "engine shutting down");
-            bt_engine_kill(w->engine, s->seq);
-            w->handed_back++;
-            bt_map_del(&p->streams, k);
-            w->nstreams--;
-            free(s);
-            it = 0;
-        }
-        bt_rpc_flush(p->conn);
-    }
-}
-
-static void on_finish_timer(uv_timer_t *t) { worker_finish(t->data); }
-
-/* Finishing destroys the engine, which must not happen inside one of its callbacks. */
-static void worker_finish_soon(worker *w) {
-    if (!w->finishing) uv_timer_start(&w->drain_timer, on_finish_timer, 0, 0);
-}
-
-static void on_drain_timeout(uv_timer_t *t) {
-    worker *w = t->data;
-    BT_WARN("graceful shutdown timeout (%llds) reached with %zu streams running; handing them back",
-            (long long)w->o.graceful_timeout, w->nstreams);
-    hand_back_all(w, "drain bound reached");
-    worker_finish(w);
-}
-
-static void begin_drain(worker *w, const char *why, bool immediate) {
-    if (w->state == W_DRAINING || w->state == W_GONE) return;
-    w->drain_started_ms = bt_now_ms();
-    BT_INFO("worker %" PRIx64 ": %s; unregistering from discovery, draining %zu streams", w->instance_id, why,
-            w->nstreams);
-    /* 1. out of discovery first, so no frontend picks this worker from now on */
-    if (w->disc && w->key[0]) bt_discovery_delete(w->disc, w->key);
-    set_state(w, W_DRAINING);
-    /* 2. tell every connected frontend at once */
-    for (peer *p = w->peers; p; p = p->next) {
-        bt_buf *b = bt_rpc_wbuf(p->conn);
-        if (b) bt_frame_put_goaway(b, BT_ERR_DRAINING, why);
-    }
-    send_load(w, NULL);
-    for (peer *p = w->peers; p; p = p->next) bt_rpc_flush(p->conn);
-    /* 3. let running streams finish, within the bound */
-    if (immediate) hand_back_all(w, why);
-    if (w->nstreams == 0) {
-        worker_finish_soon(w);
-        return;
-    }
-    uv_timer_start(&w->drain_timer, on_drain_timeout, (uint64_t)w->o.graceful_timeout * 1000, 0);
-}
-
-static void on_signal(uv_signal_t *h, int signum) {
-    worker *w = h->data;
-    if (signum == SIGUSR1 || signum == SIGUSR2) {
-        if (!w->o.fault_signals || !w->engine || strcmp(w->o.engine, "mocker") != 0) return;
-        BT_WARN("fault signal %s: %s", signum == SIGUSR1 ? "SIGUSR1" : "SIGUSR2",
-                signum == SIGUSR1 ? "engine death" : "engine stall toggle");
-        static bool stalled = false;
-        if (signum == SIGUSR1) bt_mocker_inject(w->engine, BT_MOCKER_FAULT_DIE);
-        else {
-            stalled = !stalled;
-            bt_mocker_inject(w->engine, stalled ? BT_MOCKER_FAULT_STALL : BT_MOCKER_FAULT_RESUME);
-        }
-        return;
-    }
-    if (++w->signals_seen > 1) {
-        BT_WARN("second signal (%s): exiting at once", signum == SIGINT ? "SIGINT" : "SIGTERM");
-        _exit(w->exit_code);
-    }
-    begin_drain(w, signum == SIGINT ? "SIGINT received" : "SIGTERM received", false);
-}
-
-static void on_engine_dead_timer(uv_timer_t *t) { begin_drain(t->data, "engine failed", true); }
-
-/* Called by the engine from its own callback: the drain (which kills sequences) runs later. */
-static void on_engine_dead(void *ud, const char *why) {
-    worker *w = ud;
-    BT_ERROR("engine failed: %s; shutting down (exit code 1)", why);
-    w->exit_code = 1;
-    uv_timer_start(&w->dead_timer, on_engine_dead_timer, 0, 0);
-}
-
-/* ---- status server (DYN_SYSTEM_PORT) ----------------------------------------------------- */
-
-static void status_metrics(worker *w, bt_buf *b) {
-    bt_engine_load l = {0};
-    if (w->engine) bt_engine_get_load(w->engine, &l);
-    const char *m = w->o.model_name;
-    bt_buf_appendf(b, "# TYPE dynamo_component_requests_total counter\n"
-                      "dynamo_component_requests_total{model=\"%s\"} %" PRIu64 "\n", m, w->requests_total);
-    bt_buf_appendf(b, "# TYPE dynamo_component_errors_total counter\n"
-                      "dynamo_component_errors_total{model=\"%s\"} %" PRIu64 "\n", m, w->requests_error);
-    bt_buf_appendf(b, "# TYPE dynamo_component_inflight_requests gauge\n"
-                      "dynamo_component_inflight_requests{model=\"%s\"} %zu\n", m, w->nstreams);
-    bt_buf_appendf(b, "# TYPE dynamo_component_tokens_total counter\n"
-                      "dynamo_component_tokens_total{model=\"%s\"} %" PRIu64 "\n", m, w->tokens_total);
-    bt_buf_appendf(b, "# TYPE dynamo_component_cancellation_total counter\n"
-                      "dynamo_component_cancellation_total{model=\"%s\",kind=\"kill\"} %" PRIu64 "\n"
-                      "dynamo_component_cancellation_total{model=\"%s\",kind=\"stop\"} %" PRIu64 "\n"
-                      "dynamo_component_cancellation_total{model=\"%s\",kind=\"frontend_lost\"} %" PRIu64 "\n",
-                   m, w->cancel_kill, m, w->cancel_stop, m, w->cancel_peer_lost);
-    bt_buf_appendf(b, "# TYPE baton_worker_handed_back_total counter\n"
-                      "baton_worker_handed_back_total{model=\"%s\"} %" PRIu64 "\n", m, w->handed_back);
-    bt_buf_appendf(b, "# TYPE baton_worker_active_sequences gauge\nbaton_worker_active_sequences %" PRIu64 "\n",
-                   l.running + l.waiting);
-    bt_buf_appendf(b, "# TYPE baton_worker_kv_active_blocks gauge\nbaton_worker_kv_active_blocks %" PRIu64 "\n",
-                   l.active_decode_blocks);
-    bt_buf_appendf(b, "# TYPE baton_worker_kv_total_blocks gauge\nbaton_worker_kv_total_blocks %" PRIu64 "\n",
-                   l.total_blocks);
-    bt_buf_appendf(b, "# TYPE baton_worker_waiting_requests gauge\nbaton_worker_waiting_requests %" PRIu64 "\n",
-                   l.waiting);
-    bt_buf_appendf(b, "# TYPE baton_worker_frontend_connections gauge\nbaton_worker_frontend_connections %zu\n",
-                   w->npeers);
-}
-
-static void on_status_request(void *ud, bt_http_req *req) {
-    worker *w = ud;
-    bt_buf b;
-    bt_buf_init(&b, 1 << 20);
-    if (strcmp(req->path, "/metrics") == 0) {
-        status_metrics(w, &b);
-        bt_http_respond(req, 200, "text/plain; version=0.0.4", NULL, b.data ? b.data : "", b.len);
-    } else if (strcmp(req->path, "/health") == 0 || strcmp(req->path, "/live") == 0) {
-        bool ready = w->state == W_READY;
-        uint64_t up = bt_now_ms() - w->started_ms;
-        bt_buf_appendf(&b,
-                       "{\"status\":\"%s\",\"uptime\":{\"secs\":%" PRIu64 ",\"nanos\":%" PRIu64
-                       "},\"endpoints\":{\"%s\":\"%s\"},\"state\":\"%s\",\"instance_id\":%" PRIu64 "}",
-                       ready ? "ready" : "notready", up / 1000, (up % 1000) * 1000000, w->o.ep,
-                       ready ? "ready" : "notready", wstate_names[w->state], w->instance_id);
-        bt_http_respond(req, ready ? 200 : 503, "application/json", NULL, b.data, b.len);
-    } else {
-        bt_http_respond(req, 404, "text/plain", NULL, "Route not found", 15);
-    }
-    bt_buf_free(&b);
-}
-
-static void on_status_abort(void *ud, bt_http_req *req) {
-    (void)ud;
-    (void)req;
-}
+static const bt_rpc_handlers peer_handlers = {on_peer_open, on_peer_frame, on_peer_close, on_peer_accept};
 
 /* ---- start-up ---------------------------------------------------------------------------- */
 
-static bool parse_endpoint(wopts *o, char *err, size_t errlen) {
+static bool parse_endpoint(wk_opts *o, char *err, size_t errlen) {
     const char *e = o->endpoint;
     if (strncmp(e, "dyn://", 6) == 0) e += 6;
     char tmp[192];
@@ -621,20 +468,31 @@ static bool parse_endpoint(wopts *o, char *err, size_t errlen) {
     return true;
 }
 
-static int worker_run(worker *w) {
+static int worker_run(wk_worker *w) {
     char err[256];
     uv_loop_t *loop = w->loop;
-    wopts *o = &w->o;
+    wk_opts *o = &w->o;
     w->started_ms = bt_now_ms();
+    w->progress_ms = w->started_ms;
     w->instance_id = bt_random64() & 0x7fffffffffffffffull;
     if (!w->instance_id) w->instance_id = 1;
 
-    if (strcmp(o->engine, "mocker") != 0) {
-        BT_ERROR("unknown engine '%s' (this build supports: mocker)", o->engine);
+    bool openai = strcmp(o->engine, "openai") == 0;
+    if (!openai && strcmp(o->engine, "mocker") != 0) {
+        BT_ERROR("unknown engine '%s' (this build supports: mocker, openai)", o->engine);
         return 2;
     }
     if (bt_mocker_config_check(&o->mocker, err, sizeof err) != BT_OK) {
         BT_ERROR("invalid mocker configuration: %s", err);
+        return 2;
+    }
+    o->openai.served_model = o->model_name;
+    if (openai && bt_openai_config_check(&o->openai, err, sizeof err) != BT_OK) {
+        BT_ERROR("invalid openai engine configuration: %s", err);
+        return 2;
+    }
+    if (!wk_canary_init(w, err, sizeof err)) {
+        BT_ERROR("health check: %s", err);
         return 2;
     }
     uv_timer_init(loop, &w->drain_timer);
@@ -642,16 +500,29 @@ static int worker_run(worker *w) {
     uv_timer_init(loop, &w->load_timer);
     w->drain_timer.data = w->dead_timer.data = w->load_timer.data = w;
     uv_timer_start(&w->load_timer, on_load_timer, LOAD_REFRESH_MS, LOAD_REFRESH_MS / 2);
-    bt_engine_hooks hooks = {on_engine_load, on_engine_dead};
-    w->engine = bt_mocker_create(loop, &o->mocker, &hooks, w);
+    bt_engine_hooks hooks = {on_engine_load, wk_engine_dead_hook};
+    w->engine = openai ? bt_openai_create(loop, &o->openai, &hooks, w) : bt_mocker_create(loop, &o->mocker, &hooks, w);
     if (!w->engine) {
         BT_ERROR("cannot create the engine");
+        return 1;
+    }
+
+    /* The status server first: a port already taken is a start-up error, before the worker is
+     * announced anywhere. */
+    if (wk_status_start(w, err, sizeof err) != BT_OK) {
+        BT_ERROR("%s", err);
         return 1;
     }
 
     bt_rpc_config rc;
     bt_rpc_config_default(&rc, BT_ROLE_WORKER, w->instance_id);
     rc.dead_after_ms = (uint32_t)o->frontend_dead_after * 1000;
+    if (bt_load_secret(o->rpc_secret_file, getenv("DYN_RPC_SECRET"), &o->rpc_secret, err, sizeof err) != BT_OK) {
+        BT_ERROR("%s", err);
+        return 2;
+    }
+    rc.secret = o->rpc_secret;
+    if (o->rpc_secret) BT_INFO("request plane: frontends must prove the shared secret");
     if (bt_rpc_listen(loop, o->rpc_host, (int)o->rpc_port, &rc, &peer_handlers, w, &w->listener, err, sizeof err) !=
         BT_OK) {
         BT_ERROR("%s", err);
@@ -659,24 +530,11 @@ static int worker_run(worker *w) {
     }
     snprintf(w->transport, sizeof w->transport, "%s:%d", o->rpc_host, bt_rpc_listener_port(w->listener));
 
-    if (o->system_port >= 0) {
-        bt_http_config hc;
-        bt_http_config_default(&hc);
-        hc.host = o->system_host;
-        hc.port = (int)o->system_port;
-        bt_http_handlers hh = {on_status_request, on_status_abort, NULL};
-        if (bt_http_server_start(loop, &hc, &hh, w, &w->status, err, sizeof err) != BT_OK) {
-            BT_ERROR("status server (DYN_SYSTEM_PORT): %s", err);
-            return 1;
-        }
-        BT_INFO("status server listening on %s:%d (/health, /live, /metrics)", o->system_host,
-                bt_http_server_port(w->status));
-    }
-
     bt_discovery_config dc;
     bt_discovery_config_default(&dc);
     dc.backend = o->discovery;
     if (o->discovery_dir) dc.dir = o->discovery_dir;
+    if (o->etcd_endpoints) dc.etcd_endpoints = o->etcd_endpoints;
     dc.ttl_s = o->discovery_ttl;
     if (bt_discovery_create(loop, &dc, &w->disc, err, sizeof err) != BT_OK) {
         BT_ERROR("discovery: %s", err);
@@ -696,29 +554,40 @@ static int worker_run(worker *w) {
         return 1;
     }
 
-    uv_signal_init(loop, &w->sig_term);
-    uv_signal_init(loop, &w->sig_int);
-    uv_signal_init(loop, &w->sig_usr1);
-    uv_signal_init(loop, &w->sig_usr2);
-    w->sig_term.data = w->sig_int.data = w->sig_usr1.data = w->sig_usr2.data = w;
-    uv_signal_start(&w->sig_term, on_signal, SIGTERM);
-    uv_signal_start(&w->sig_int, on_signal, SIGINT);
-    uv_signal_start(&w->sig_usr1, on_signal, SIGUSR1);
-    uv_signal_start(&w->sig_usr2, on_signal, SIGUSR2);
+    bt_events_config ec;
+    bt_events_config_default(&ec);
+    ec.plane = o->event_plane;
+    ec.nats_server = o->nats_server;
+    ec.ns = o->ns;
+    char ename[64];
+    snprintf(ename, sizeof ename, "baton-worker-%" PRIx64, w->instance_id);
+    ec.name = ename;
+    if (bt_events_create(loop, &ec, &w->events, err, sizeof err) != BT_OK) {
+        BT_ERROR("event plane: %s", err);
+        return 2;
+    }
 
-    set_state(w, W_READY);
-    BT_INFO("worker %" PRIx64 " serving model '%s' on %s (endpoint dyn://%s.%s.%s, discovery %s)", w->instance_id,
-            o->model_name, w->transport, o->ns, o->component, o->ep, o->discovery);
+    wk_drain_init(w);
+    wk_set_state(w, WK_READY);
+    wk_canary_start(w);
+    BT_INFO("worker %" PRIx64 " serving model '%s' on %s (endpoint dyn://%s.%s.%s, discovery %s, drain bound %llds)",
+            w->instance_id, o->model_name, w->transport, o->ns, o->component, o->ep, o->discovery,
+            (long long)o->graceful_timeout);
     uv_run(loop, UV_RUN_DEFAULT);
     return w->exit_code;
 }
 
+static void close_all(uv_handle_t *h, void *arg) {
+    (void)arg;
+    if (!uv_is_closing(h)) uv_close(h, NULL);
+}
+
 int bt_worker_main(int argc, char **argv) {
     bt_log_init("worker");
-    worker *w = calloc(1, sizeof *w);
+    wk_worker *w = calloc(1, sizeof *w);
     if (!w) return 1;
-    w->kind = KIND_WORKER;
-    wopts *o = &w->o;
+    w->kind = WK_KIND_WORKER;
+    wk_opts *o = &w->o;
     o->engine = "mocker";
     o->model_name = "mock-model";
     o->endpoint = "dyn://dynamo.backend.generate";
@@ -730,8 +599,18 @@ int bt_worker_main(int argc, char **argv) {
     o->graceful_timeout = 30;
     o->system_port = 9090;
     o->system_host = "0.0.0.0";
+    o->health_path = "/health";
+    o->live_path = "/live";
     o->frontend_dead_after = 5;
+    o->event_plane = "direct";
+    o->nats_server = "nats://localhost:4222";
+    o->canary_enabled = false;
+    o->canary_wait = 10;
+    o->canary_timeout = 3;
+    o->canary_payload = NULL;
+    o->engine_stuck_timeout = 30;
     bt_mocker_config_default(&o->mocker);
+    bt_openai_config_default(&o->openai);
     const char *ns_env = getenv("DYN_NAMESPACE");
     static char ep_default[160];
     if (ns_env && *ns_env) {
@@ -740,7 +619,23 @@ int bt_worker_main(int argc, char **argv) {
     }
 
     const bt_opt opts[] = {
-        {"--engine", "DYN_ENGINE", BT_OPT_STR, &o->engine, 0, 0, "mocker"},
+        {"--engine", "DYN_ENGINE", BT_OPT_STR, &o->engine, 0, 0, "mocker or openai (an OpenAI-compatible server)"},
+        {"--upstream", "DYN_UPSTREAM_URL", BT_OPT_STR, &o->openai.upstream, 0, 0,
+         "openai engine: base URL of the engine server"},
+        {"--upstream-model", "DYN_UPSTREAM_MODEL", BT_OPT_STR, &o->openai.model, 0, 0,
+         "openai engine: model name upstream (default: from its /v1/models)"},
+        {"--upstream-kind", "DYN_UPSTREAM_KIND", BT_OPT_STR, &o->openai.kind, 0, 0,
+         "openai engine: auto, baton, vllm, sglang, llamacpp or openai"},
+        {"--upstream-api-key", "DYN_UPSTREAM_API_KEY", BT_OPT_STR, &o->openai.api_key, 0, 0,
+         "openai engine: bearer token for the upstream"},
+        {"--upstream-total-blocks", "DYN_UPSTREAM_TOTAL_BLOCKS", BT_OPT_INT, &o->openai.total_blocks, 1, 1e12,
+         "openai engine: KV blocks reported (usage x this)"},
+        {"--upstream-health-interval", "DYN_UPSTREAM_HEALTH_INTERVAL", BT_OPT_DOUBLE, &o->openai.health_interval,
+         0.01, 3600, "openai engine: seconds between health polls"},
+        {"--upstream-health-failures", "DYN_UPSTREAM_HEALTH_FAILURES", BT_OPT_INT, &o->openai.health_failures, 1,
+         1000, "openai engine: failed polls in a row that make the upstream dead"},
+        {"--upstream-startup-timeout", "DYN_UPSTREAM_STARTUP_TIMEOUT", BT_OPT_DOUBLE, &o->openai.startup_timeout,
+         0.01, 86400, "openai engine: seconds the upstream may take to answer at first"},
         {"--model-name", "DYN_MODEL_NAME", BT_OPT_STR, &o->model_name, 0, 0, "model name served"},
         {"--endpoint", "DYN_ENDPOINT", BT_OPT_STR, &o->endpoint, 0, 0, "dyn://namespace.component.endpoint"},
         {"--rpc-host", "DYN_TCP_RPC_HOST", BT_OPT_STR, &o->rpc_host, 0, 0, "request-plane listen address"},
@@ -748,13 +643,32 @@ int bt_worker_main(int argc, char **argv) {
         {"--discovery", "DYN_DISCOVERY_BACKEND", BT_OPT_STR, &o->discovery, 0, 0, "file"},
         {"--discovery-dir", "DYN_FILE_KV", BT_OPT_STR, &o->discovery_dir, 0, 0, "file discovery directory"},
         {"--discovery-ttl", "DYN_DISCOVERY_TTL", BT_OPT_INT, &o->discovery_ttl, 1, 3600, "seconds"},
+        {"--etcd-endpoints", "ETCD_ENDPOINTS", BT_OPT_STR, &o->etcd_endpoints, 0, 0, "comma-separated URLs"},
         {"--graceful-shutdown-timeout", "DYN_GRACEFUL_SHUTDOWN_TIMEOUT", BT_OPT_INT, &o->graceful_timeout, 0, 86400,
          "seconds of drain before streams are handed back"},
         {"--system-port", "DYN_SYSTEM_PORT", BT_OPT_INT, &o->system_port, -1, 65535,
          "status server port (-1 off, 0 any)"},
         {"--system-host", "DYN_SYSTEM_HOST", BT_OPT_STR, &o->system_host, 0, 0, "status server address"},
+        {"--system-health-path", "DYN_SYSTEM_HEALTH_PATH", BT_OPT_STR, &o->health_path, 0, 0,
+         "readiness probe path (/health)"},
+        {"--system-live-path", "DYN_SYSTEM_LIVE_PATH", BT_OPT_STR, &o->live_path, 0, 0, "liveness probe path (/live)"},
+        {"--health-check-enabled", "DYN_HEALTH_CHECK_ENABLED", BT_OPT_BOOL, &o->canary_enabled, 0, 0,
+         "send canary requests when idle"},
+        {"--canary-wait-time", "DYN_CANARY_WAIT_TIME", BT_OPT_DOUBLE, &o->canary_wait, 0.01, 86400,
+         "seconds without a completed request before a canary"},
+        {"--health-check-request-timeout", "DYN_HEALTH_CHECK_REQUEST_TIMEOUT", BT_OPT_DOUBLE, &o->canary_timeout, 0.01,
+         3600, "seconds a canary has for its first token"},
+        {"--health-check-payload", "DYN_HEALTH_CHECK_PAYLOAD", BT_OPT_STR, &o->canary_payload, 0, 0,
+         "canary request body: JSON object or @file"},
+        {"--engine-stuck-timeout", "DYN_ENGINE_STUCK_TIMEOUT", BT_OPT_DOUBLE, &o->engine_stuck_timeout, 0, 86400,
+         "seconds without engine progress while busy before the engine counts as failed (0 = off)"},
+        {"--rpc-secret-file", "DYN_RPC_SECRET_FILE", BT_OPT_STR, &o->rpc_secret_file, 0, 0,
+         "file holding the request-plane shared secret (or DYN_RPC_SECRET)"},
         {"--frontend-dead-after", "DYN_FRONTEND_DEAD_AFTER", BT_OPT_INT, &o->frontend_dead_after, 1, 3600,
          "seconds of silence before a frontend connection is dropped"},
+        {"--event-plane", "DYN_EVENT_PLANE", BT_OPT_STR, &o->event_plane, 0, 0,
+         "direct (load on the request plane) or nats (also namespace.{ns}.kv_metrics)"},
+        {"--nats-server", "NATS_SERVER", BT_OPT_STR, &o->nats_server, 0, 0, "nats://host:port[,nats://...]"},
         {"--fault-signals", "DYN_FAULT_SIGNALS", BT_OPT_BOOL, &o->fault_signals, 0, 0,
          "SIGUSR1 kills the engine, SIGUSR2 toggles a stall (tests)"},
         {"--num-gpu-blocks-override", NULL, BT_OPT_INT, &o->mocker.num_gpu_blocks, 1, 1e9, "mocker KV blocks"},
@@ -770,6 +684,8 @@ int bt_worker_main(int argc, char **argv) {
         {"--fault-die-after-tokens", NULL, BT_OPT_INT, &o->mocker.fault_die_after_tokens, 0, 1e15, "test hook"},
         {"--fault-stall-after-tokens", NULL, BT_OPT_INT, &o->mocker.fault_stall_after_tokens, 0, 1e15, "test hook"},
         {"--fault-error-after-tokens", NULL, BT_OPT_INT, &o->mocker.fault_error_after_tokens, 0, 1e15, "test hook"},
+        {"--fault-ignore-kill", NULL, BT_OPT_BOOL, &o->fault_ignore_kill, 0, 0,
+         "test hook: KILL frames do not reach the engine (the sequence runs out)"},
     };
     int nopts = (int)(sizeof opts / sizeof opts[0]);
     for (int i = 1; i < argc; i++)
@@ -790,12 +706,22 @@ int bt_worker_main(int argc, char **argv) {
         free(w);
         return 2;
     }
+    if (o->health_path[0] != '/' || o->live_path[0] != '/') {
+        fprintf(stderr, "baton worker: DYN_SYSTEM_HEALTH_PATH and DYN_SYSTEM_LIVE_PATH must start with '/'\n");
+        free(w);
+        return 2;
+    }
     uv_loop_t loop;
     uv_loop_init(&loop);
     w->loop = &loop;
     int rc = worker_run(w);
-    if (rc != 0 && w->state != W_GONE) {
+    if (rc != 0 && w->state != WK_GONE) {
         /* start-up failed: release what was made and let the loop wind down */
+        wk_canary_stop(w);
+        if (w->status) bt_http_server_close(w->status, NULL, NULL);
+        w->status = NULL;
+        if (w->listener) bt_rpc_listener_close(w->listener);
+        w->listener = NULL;
         if (w->disc) bt_discovery_close(w->disc, NULL, NULL);
         w->disc = NULL;
         bt_engine_destroy(w->engine);
@@ -803,7 +729,10 @@ int bt_worker_main(int argc, char **argv) {
         uv_walk(&loop, close_all, NULL);
         uv_run(&loop, UV_RUN_DEFAULT);
     }
+    wk_canary_free(w);
     uv_loop_close(&loop);
+    bt_map_free(&w->conns);
+    free(o->rpc_secret);
     free(w);
     return rc;
 }

@@ -923,6 +923,9 @@ class Cluster:
         127.0.0.1. Keyword flags become --flags. With wait, returns once GET /live answers."""
         port = flags.pop("http_port", None) or free_port()
         flags.setdefault("http_host", "127.0.0.1")
+        # no load balancer in front of a test frontend: the 5 s default accept window after
+        # SIGTERM would only slow every close (tests of the window set it themselves)
+        flags.setdefault("shutdown_accept_window_ms", 0)
         flags = self._common(flags)
         args = [self.bin, "frontend", "--http-port", str(port)] + flags_to_args(flags)
         e = dict(self.env)
@@ -1050,3 +1053,149 @@ def wait_http(url, proc=None, timeout=20.0):
             tail = f"; log:\n{proc.log_tail()}" if proc is not None else ""
             raise AssertionError(f"{url} did not answer within {timeout} s (last: {last!r}){tail}")
         time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# etcd (discovery tests).
+
+
+class Etcd:
+    """A real etcd cluster of n members (Debian's etcd-server) on free loopback ports, each member
+    a Proc (so it is killed at exit like any other) with its data in <dir>/etcd-<name>.
+
+        e = bl.Etcd(3).start()
+        c.start_worker(discovery="etcd", etcd_endpoints=e.endpoints)
+        e.kill_member(e.leader())
+        e.get_prefix("v1/instances/")  # {key: (value, lease)} via etcdctl
+
+    A stopped member restarts from its data directory with start_member(i). extra_args go to every
+    member (e.g. ["--auth-token", "simple"]); etcdctl() runs the client against the live members."""
+
+    def __init__(self, n=1, dir=None, extra_args=(), name="etcd"):
+        self.etcd_bin = shutil.which("etcd") or "/usr/bin/etcd"
+        self.etcdctl_bin = shutil.which("etcdctl") or "/usr/bin/etcdctl"
+        for b in (self.etcd_bin, self.etcdctl_bin):
+            if not os.access(b, os.X_OK):
+                raise AssertionError(f"{b} not found: install etcd-server and etcd-client (scripts/setup does)")
+        self.dir = dir or tmpdir()
+        self.n = n
+        self.name = name
+        self.names = [f"{name}{i}" for i in range(n)]
+        self.client_ports = [free_port() for _ in range(n)]
+        self.peer_ports = [free_port() for _ in range(n)]
+        self.procs = [None] * n
+        self.extra = list(extra_args)
+        self.cluster_token = f"{name}-{os.getpid()}-{self.client_ports[0]}"
+        self.auth = None  # "user:password" for etcdctl once auth is on
+
+    @property
+    def urls(self):
+        return [f"http://127.0.0.1:{p}" for p in self.client_ports]
+
+    @property
+    def endpoints(self):
+        """The comma-separated client URLs, in member order (ETCD_ENDPOINTS)."""
+        return ",".join(self.urls)
+
+    def endpoints_from(self, first):
+        """The client URLs with member `first` first, then the others in order."""
+        order = [first] + [i for i in range(self.n) if i != first]
+        return ",".join(self.urls[i] for i in order)
+
+    def _args(self, i):
+        initial = ",".join(f"{self.names[j]}=http://127.0.0.1:{self.peer_ports[j]}" for j in range(self.n))
+        return [self.etcd_bin, "--name", self.names[i], "--data-dir", os.path.join(self.dir, f"etcd-{self.names[i]}"),
+                "--listen-client-urls", self.urls[i], "--advertise-client-urls", self.urls[i],
+                "--listen-peer-urls", f"http://127.0.0.1:{self.peer_ports[i]}",
+                "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_ports[i]}",
+                "--initial-cluster", initial, "--initial-cluster-state", "new",
+                "--initial-cluster-token", self.cluster_token] + self.extra
+
+    def start_member(self, i):
+        log = os.path.join(self.dir, f"etcd-{self.names[i]}.log")
+        self.procs[i] = Proc(self._args(i), log=log, name=f"etcd:{self.names[i]}")
+        return self.procs[i]
+
+    def start(self, timeout=30.0):
+        """Starts every member and waits until all of them report healthy. Returns self."""
+        for i in range(self.n):
+            self.start_member(i)
+        self.wait_healthy(timeout=timeout)
+        return self
+
+    def alive(self, i):
+        return self.procs[i] is not None and self.procs[i].alive()
+
+    def live_members(self):
+        return [i for i in range(self.n) if self.alive(i)]
+
+    def kill_member(self, i, sig=signal.SIGKILL, timeout=10.0):
+        """Sends `sig` to member i and waits for it to exit; returns its exit status."""
+        p = self.procs[i]
+        p.kill(sig)
+        rc = p.wait(timeout)
+        if rc is None:
+            raise AssertionError(f"etcd member {self.names[i]} did not exit within {timeout} s of signal {sig}")
+        return rc
+
+    def stop(self):
+        for i in self.live_members():
+            self.kill_member(i, signal.SIGTERM)
+
+    def etcdctl(self, *args, members=None, timeout=10.0, check=True):
+        """Runs etcdctl against the given members (default: the live ones); returns stdout.
+        check: raise AssertionError (with stderr) on a non-zero exit."""
+        members = self.live_members() if members is None else members
+        eps = ",".join(self.urls[i] for i in members) or self.urls[0]
+        cmd = [self.etcdctl_bin, "--endpoints", eps, "--command-timeout", f"{max(1, int(timeout) - 1)}s"]
+        if self.auth:
+            cmd += ["--user", self.auth]
+        env = dict(os.environ, ETCDCTL_API="3")
+        for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+            env.pop(k, None)
+        r = subprocess.run(cmd + [str(a) for a in args], capture_output=True, timeout=timeout + 5, env=env)
+        out = r.stdout.decode("utf-8", "replace")
+        if check and r.returncode != 0:
+            raise AssertionError(f"etcdctl {' '.join(map(str, args))} failed ({r.returncode}): "
+                                 f"{r.stderr.decode('utf-8', 'replace').strip()}")
+        return out
+
+    def wait_healthy(self, members=None, timeout=30.0):
+        """Waits until each given member (default: the live ones) answers `endpoint health`."""
+        members = self.live_members() if members is None else members
+
+        def healthy():
+            for i in members:
+                if not self.alive(i):
+                    raise AssertionError(f"etcd member {self.names[i]} exited with {self.procs[i].returncode}; "
+                                         f"log:\n{self.procs[i].log_tail()}")
+                self.etcdctl("endpoint", "health", members=[i], timeout=3)
+            return True
+
+        return wait_for(healthy, timeout, interval=0.2, what=f"etcd members {members} healthy")
+
+    def get_prefix(self, prefix, members=None):
+        """{key: (value text, lease id or 0)} of every key starting with `prefix`."""
+        import base64
+        out = self.etcdctl("get", "--prefix", prefix, "-w", "json", members=members)
+        kvs = json.loads(out).get("kvs") or []
+        return {base64.b64decode(kv["key"]).decode(): (base64.b64decode(kv.get("value", "")).decode(),
+                                                      int(kv.get("lease", 0)))
+                for kv in kvs}
+
+    def leases(self):
+        """The ids of every lease etcd holds, as ints."""
+        out = self.etcdctl("lease", "list")
+        return {int(line.strip(), 16) for line in out.splitlines()[1:] if line.strip()}
+
+    def leader(self):
+        """Index of the current leader among the live members (AssertionError if none agrees)."""
+        out = self.etcdctl("endpoint", "status", "-w", "json")
+        ids = {}
+        leaders = set()
+        for st in json.loads(out):
+            ids[st["Status"]["header"]["member_id"]] = st["Endpoint"]
+            leaders.add(st["Status"]["leader"])
+        if len(leaders) != 1 or next(iter(leaders)) not in ids:
+            raise AssertionError(f"no agreed leader among the live members: {out}")
+        return self.urls.index(ids[next(iter(leaders))])

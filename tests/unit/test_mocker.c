@@ -655,7 +655,9 @@ static void tok_watch(run_t *r) {
     watch_check(g_watch);
 }
 
-/* Many requests against a tiny KV cache: all complete, each exactly as it would alone. */
+/* Many requests against a constrained engine: all complete, each exactly as it would alone.
+ * Request i asks for max_tokens + i % 4 tokens. The workloads are sized to need many ticks (a tick
+ * runs at most 64 steps), so that the watch sees intermediate states. */
 static void run_pressure(bt_mocker_config cfg, int nreq, uint32_t max_tokens, watch_t *w, bool long_prompts) {
     uv_loop_t loop;
     uv_loop_init(&loop);
@@ -674,7 +676,8 @@ static void run_pressure(bt_mocker_config cfg, int nreq, uint32_t max_tokens, wa
         int words = long_prompts ? 90 + i : 2 + i % 3;
         size_t len = 0;
         for (int k = 0; k < words; k++) len += (size_t)snprintf(prompts[i] + len, 512 - len, "w%d ", (i * 7 + k) % 13);
-        req_t q = {.api = BT_API_COMPLETION, .prompt = prompts[i], .max_tokens = max_tokens, .seed = (uint64_t)i};
+        req_t q = {.api = BT_API_COMPLETION, .prompt = prompts[i], .max_tokens = max_tokens + (uint32_t)(i % 4),
+                   .seed = (uint64_t)i};
         assert_int_equal(submit_q(e, &q, runs[i], err, sizeof err), BT_OK);
     }
     uv_run(&loop, UV_RUN_DEFAULT);
@@ -689,11 +692,12 @@ static void run_pressure(bt_mocker_config cfg, int nreq, uint32_t max_tokens, wa
     for (int i = 0; i < nreq; i++) {
         assert_int_equal(runs[i]->finished, 1);
         assert_int_equal(runs[i]->reason, BT_FINISH_LENGTH);
-        assert_int_equal(runs[i]->n, max_tokens);
-        /* scheduling never changes the tokens */
-        req_t q = {.api = BT_API_COMPLETION, .prompt = prompts[i], .max_tokens = max_tokens, .seed = (uint64_t)i};
+        uint32_t want = max_tokens + (uint32_t)(i % 4);
+        assert_int_equal(runs[i]->n, want);
+        /* scheduling (waiting, preemption, chunking) never changes the tokens */
+        req_t q = {.api = BT_API_COMPLETION, .prompt = prompts[i], .max_tokens = want, .seed = (uint64_t)i};
         run_t *alone = run_one(&q);
-        assert_memory_equal(alone->ids, runs[i]->ids, max_tokens * sizeof(uint32_t));
+        assert_memory_equal(alone->ids, runs[i]->ids, want * sizeof(uint32_t));
         free(alone);
         free(runs[i]);
     }
@@ -710,7 +714,7 @@ static void test_kv_tiny(void **st) {
     cfg.max_num_seqs = 8;
     cfg.max_num_batched_tokens = 16;
     watch_t w = {0};
-    run_pressure(cfg, 20, 10, &w, false);
+    run_pressure(cfg, 40, 20, &w, false); /* each needs up to 27 tokens = 7 of the 8 blocks */
     assert_true(w.max_waiting > 0);
     assert_true(w.max_blocks <= 8);
 }
@@ -720,10 +724,10 @@ static void test_chunked_prefill(void **st) {
     bt_mocker_config cfg = fast_cfg();
     cfg.num_gpu_blocks = 200;
     cfg.block_size = 4;
-    cfg.max_num_batched_tokens = 16;
+    cfg.max_num_batched_tokens = 4;
     watch_t w = {0};
-    run_pressure(cfg, 3, 5, &w, true); /* prompts of ~90 tokens, 16 prefilled per step */
-    assert_true(w.max_prefill > 16);
+    run_pressure(cfg, 6, 5, &w, true); /* prompts of ~90 tokens, 4 prefilled per step */
+    assert_true(w.max_prefill > 4);
 }
 
 static void test_max_num_seqs(void **st) {
@@ -731,8 +735,8 @@ static void test_max_num_seqs(void **st) {
     bt_mocker_config cfg = fast_cfg();
     cfg.max_num_seqs = 3;
     watch_t w = {0};
-    run_pressure(cfg, 10, 8, &w, false);
-    assert_int_equal(w.max_running, 3);
+    run_pressure(cfg, 10, 40, &w, false);
+    assert_true(w.max_running >= 1 && w.max_running <= 3); /* ≤ 3 is also checked at every observation */
     assert_true(w.max_waiting > 0);
 }
 
@@ -1152,8 +1156,9 @@ static void test_timing(void **st) {
     assert_int_equal(r->n, 4);
     assert_true(ms >= 38.0);
     assert_true(ms < 400.0);
-    /* tokens arrive one per step at this speed */
-    assert_int_equal(r->calls, 4);
+    /* at this speed a tick runs one step, so tokens arrive one per step (a tick delayed by a loaded
+     * machine may merge two) */
+    assert_true(r->calls >= 2 && r->calls <= 4);
     free(r);
 
     /* a high speedup coalesces many tokens per on_tokens call */

@@ -7,10 +7,11 @@
  * prompt is prefilled in chunks over several steps); then lets every decoding sequence emit one
  * token, allocating a block when a sequence crosses a block boundary and preempting the most
  * recently admitted decoding sequence when none is free. A step lasts
- * (prefill_ms + decode_ms) / speedup_ratio of a virtual clock; the timer callback runs the steps
- * whose start time has come (at most 64 or 2 ms of work per callback) and delivers their output
- * once real time has reached the end of the last step, coalesced into one on_tokens call per
- * sequence. Sink and hook callbacks are only ever made from the timer callback, never from
+ * (prefill_ms + decode_ms) / speedup_ratio of a virtual clock; each tick (a uv_timer set for the
+ * end of the current step, or a uv_idle when the clock is behind real time) runs the steps whose
+ * start time has come (at most 64 or 2 ms of work, then it yields to the loop) and delivers
+ * their output once real time has reached the end of the step that produced it, coalesced into
+ * one on_tokens call per sequence per tick. Sink and hook callbacks are only made from a tick, never from
  * submit, stop, kill or inject; a callback may submit, stop or kill any sequence (its own
  * included) and may even destroy the engine. KV accounting is a counter of blocks per sequence:
  * there is no prefix caching, so no block is shared. */
@@ -29,7 +30,8 @@
 #define MK_MAX_NS_PER_CB 2000000ull
 #define MK_TEXT_CAP ((size_t)1 << 30) /* hard cap on any per-sequence text buffer */
 
-typedef enum { SEQ_WAITING, SEQ_PREFILL, SEQ_DECODE, SEQ_DONE } mk_phase;
+/* SEQ_NEW (0, from calloc) until the sequence first enters a queue; SEQ_DONE once it has ended. */
+typedef enum { SEQ_NEW = 0, SEQ_WAITING, SEQ_PREFILL, SEQ_DECODE, SEQ_DONE } mk_phase;
 typedef enum { END_NONE, END_FINISH, END_ERROR } mk_end;
 
 typedef struct mk_engine mk_engine;
@@ -86,7 +88,9 @@ typedef struct {
 struct mk_engine {
     bt_engine base; /* first: the engine handle is a pointer to it */
     uv_loop_t *loop;
-    uv_timer_t timer;
+    uv_timer_t timer; /* the next step's end, when it lies in the future */
+    uv_idle_t idle;   /* an immediate tick (see arm) */
+    int open_handles; /* freed when both handles have closed */
     bt_mocker_config cfg;
     bt_engine_hooks hooks;
     void *hooks_ud;
@@ -513,52 +517,74 @@ static bool load_changed(const mk_engine *e) {
 }
 
 static void on_timer(uv_timer_t *t);
+static void on_idle(uv_idle_t *h);
 
-/* Arms the timer for the next thing to do, or stops it when there is nothing. */
+static void disarm(mk_engine *e) {
+    uv_timer_stop(&e->timer);
+    uv_idle_stop(&e->idle);
+}
+
+/* Runs tick() after delay_ms, or on the next loop iteration when 0. An immediate tick uses the idle
+ * handle, not a 0 ms timer: libuv (1.44) runs a timer re-armed with 0 from its own callback again in
+ * the same pass, which would starve the loop's I/O while the engine catches up with real time. */
+static void arm(mk_engine *e, uint64_t delay_ms) {
+    if (delay_ms == 0) {
+        uv_timer_stop(&e->timer);
+        if (!uv_is_active((uv_handle_t *)&e->idle)) uv_idle_start(&e->idle, on_idle);
+    } else {
+        uv_idle_stop(&e->idle);
+        uv_update_time(e->loop); /* count from now, not from the start of this loop iteration */
+        uv_timer_start(&e->timer, on_timer, delay_ms, 0);
+    }
+}
+
+static bool armed(mk_engine *e) {
+    return uv_is_active((uv_handle_t *)&e->timer) || uv_is_active((uv_handle_t *)&e->idle);
+}
+
+/* Arms the driver for the next thing to do, or stops it when there is nothing. */
 static void schedule(mk_engine *e) {
     if (e->destroying) return;
     if (e->dead) {
-        if (!e->dead_notified) uv_timer_start(&e->timer, on_timer, 0, 0);
-        else uv_timer_stop(&e->timer);
+        if (!e->dead_notified) arm(e, 0);
+        else disarm(e);
         return;
     }
     bool work = (!e->stalled && (e->waiting.n || e->running.n)) || e->dirty_head || load_changed(e);
     if (!work) {
-        uv_timer_stop(&e->timer);
+        disarm(e);
         return;
     }
     uint64_t now = bt_now_ns(), delay = 0;
     if (e->vclock > now) delay = (e->vclock - now + 999999u) / 1000000u;
-    uv_update_time(e->loop); /* the timer counts from now, not from the start of this iteration */
-    uv_timer_start(&e->timer, on_timer, delay, 0);
+    arm(e, delay);
 }
 
-/* Wakes the timer after submit/stop/kill/inject; a no-op while it is armed or running, since the
- * end of the callback re-arms it for whatever is now pending. */
+/* Wakes the driver after submit/stop/kill/inject; a no-op while it is armed or running, since the
+ * end of a tick re-arms it for whatever is pending then. */
 static void kick(mk_engine *e) {
     if (e->dead || e->destroying || e->in_cb) return;
-    if (uv_is_active((uv_handle_t *)&e->timer)) return;
+    if (armed(e)) return;
     uint64_t now = bt_now_ns();
     if (e->vclock < now) e->vclock = now; /* time spent idle is not simulated */
-    uv_timer_start(&e->timer, on_timer, 0, 0);
+    arm(e, 0);
 }
 
 /* The engine died: deliver what was already produced, then tell the worker once. */
 static void die(mk_engine *e) {
-    if (!e->dead_notified) {
-        flush(e);
-        if (e->destroying) return;
-        e->dead_notified = true;
-        uv_timer_stop(&e->timer);
-        if (e->hooks.on_dead) e->hooks.on_dead(e->hooks_ud, "mocker fault: engine dead");
-        return;
-    }
-    uv_timer_stop(&e->timer);
+    disarm(e);
+    if (e->dead_notified) return;
+    flush(e);
+    if (e->destroying) return;
+    e->dead_notified = true;
+    if (e->hooks.on_dead) e->hooks.on_dead(e->hooks_ud, "mocker fault: engine dead");
 }
 
-static void on_timer(uv_timer_t *t) {
-    mk_engine *e = t->data;
+/* One turn of the engine: deliver output that is due, run the steps whose start time has come
+ * (bounded), deliver their output if they have ended, report a changed load, re-arm. */
+static void tick(mk_engine *e) {
     e->in_cb = true;
+    disarm(e);
     uint64_t now = bt_now_ns();
     if (e->dead) {
         die(e);
@@ -566,7 +592,7 @@ static void on_timer(uv_timer_t *t) {
         return;
     }
     if (e->vclock <= now) {
-        /* the steps run so far have all ended by now: their output is due before the next step */
+        /* The steps run so far have all ended by now: their output is due before the next step. */
         flush(e);
         if (e->destroying) return;
         uint64_t t0 = now;
@@ -588,7 +614,7 @@ static void on_timer(uv_timer_t *t) {
             if (e->destroying) return;
         }
     }
-    if (!e->dead && load_changed(e)) {
+    if (load_changed(e)) {
         load_snapshot(e, &e->last_load);
         if (e->hooks.on_load) {
             e->hooks.on_load(e->hooks_ud);
@@ -598,6 +624,9 @@ static void on_timer(uv_timer_t *t) {
     e->in_cb = false;
     schedule(e);
 }
+
+static void on_timer(uv_timer_t *t) { tick(t->data); }
+static void on_idle(uv_idle_t *h) { tick(h->data); }
 
 /* ---- prompts -------------------------------------------------------------------------------- */
 
@@ -627,6 +656,12 @@ static bt_status render_chat(const json_t *body, bt_buf *b, char *err, size_t er
         snprintf(err, errlen, "chat request has no \"messages\" array");
         return BT_ERR_INVALID;
     }
+    /* vLLM's continue_final_message: a final assistant message stays open (no line end, no new
+     * "assistant:" turn), so generation continues its text */
+    size_t n = json_array_size(msgs);
+    const char *last_role = n ? json_string_value(json_object_get(json_array_get(msgs, n - 1), "role")) : NULL;
+    bool open_last = json_is_true(json_object_get(body, "continue_final_message")) && last_role &&
+                     strcmp(last_role, "assistant") == 0;
     size_t i;
     const json_t *m;
     json_array_foreach(msgs, i, m) {
@@ -638,12 +673,13 @@ static bt_status render_chat(const json_t *body, bt_buf *b, char *err, size_t er
         bt_status st = bt_buf_append_str(b, role ? role : "user");
         if (st == BT_OK) st = bt_buf_append(b, ": ", 2);
         if (st == BT_OK) st = append_content(b, json_object_get(m, "content"), err, errlen);
-        if (st == BT_OK) st = bt_buf_append(b, "\n", 1);
+        if (st == BT_OK && !(open_last && i + 1 == n)) st = bt_buf_append(b, "\n", 1);
         if (st != BT_OK) {
             if (st != BT_ERR_INVALID) snprintf(err, errlen, "chat prompt too large");
             return st;
         }
     }
+    if (open_last) return BT_OK;
     if (bt_buf_append_str(b, "assistant:") != BT_OK) {
         snprintf(err, errlen, "chat prompt too large");
         return BT_ERR_TOO_LARGE;
@@ -854,10 +890,13 @@ static void mk_card(bt_engine *be, json_t *card) {
     json_object_set_new(card, "max_num_batched_tokens", json_integer(e->cfg.max_num_batched_tokens));
 }
 
-static void on_close(uv_handle_t *h) { free(h->data); }
+static void on_close(uv_handle_t *h) {
+    mk_engine *e = h->data;
+    if (--e->open_handles == 0) free(e);
+}
 
-/* Drops every sequence without callbacks and closes the timer; the engine's memory is freed by
- * the close callback, so the loop must run once more (as for any libuv handle). Safe to call from
+/* Drops every sequence without callbacks and closes the handles; the engine's memory is freed by
+ * the close callbacks, so the loop must run once more (as for any libuv handle). Safe to call from
  * inside a sink or hook callback of this engine. */
 static void mk_destroy(bt_engine *be) {
     mk_engine *e = (mk_engine *)be;
@@ -878,8 +917,9 @@ static void mk_destroy(bt_engine *be) {
     }
     if (e->cur) seq_free(e, e->cur);
     e->cur = NULL;
-    uv_timer_stop(&e->timer);
+    disarm(e);
     uv_close((uv_handle_t *)&e->timer, on_close);
+    uv_close((uv_handle_t *)&e->idle, on_close);
 }
 
 static const bt_engine_ops mk_ops = {
@@ -961,7 +1001,15 @@ bt_engine *bt_mocker_create(uv_loop_t *loop, const bt_mocker_config *cfg, const 
         free(e);
         return NULL;
     }
+    if (uv_idle_init(loop, &e->idle) != 0) { /* cannot fail on Unix; close the timer all the same */
+        e->timer.data = e;
+        e->open_handles = 1;
+        uv_close((uv_handle_t *)&e->timer, on_close);
+        return NULL;
+    }
     e->timer.data = e;
+    e->idle.data = e;
+    e->open_handles = 2;
     load_snapshot(e, &e->last_load);
     bt_mocker_token_text(0, NULL); /* build the vocabulary now rather than on the first request */
     BT_INFO("mocker: %lld KV blocks of %lld tokens (watermark %g), %lld seqs, %lld batched tokens, speedup %g",
@@ -977,7 +1025,7 @@ void bt_mocker_inject(bt_engine *be, bt_mocker_fault f) {
     case BT_MOCKER_FAULT_DIE:
         BT_WARN("mocker: fault injected: engine dead");
         e->dead = true;
-        if (!e->in_cb) uv_timer_start(&e->timer, on_timer, 0, 0); /* on_dead comes from the loop */
+        if (!e->in_cb) arm(e, 0); /* on_dead comes from the loop, never from here */
         break;
     case BT_MOCKER_FAULT_STALL:
         BT_WARN("mocker: fault injected: engine stalled");

@@ -1,0 +1,1330 @@
+/* openai.c — the openai engine (see openai.h): sequences as streaming HTTP requests to an
+ * OpenAI-compatible upstream, through libcurl's multi interface on the worker's loop.
+ *
+ * libcurl is fed by uv_poll handles (one per socket it asks us to watch) and one uv_timer, so no
+ * call blocks the loop. libcurl callbacks only append bytes to a bounded per-transfer buffer and
+ * list the transfer as having data; everything else (SSE parsing, sink callbacks, ending
+ * transfers) runs after curl_multi_socket_action returns, where curl_multi_remove_handle is
+ * allowed. Sink callbacks may kill, stop or submit any sequence and may destroy the engine: while
+ * the engine is inside one of its own loop callbacks (depth > 0) a killed sequence keeps its
+ * memory until that callback unwinds, and a destroy is finished there too. Endings that do not
+ * come from upstream data (stop, errors found at submit time, max_tokens 0) are delivered from a
+ * uv_idle, never from submit, stop or kill.
+ *
+ * Sequence states: pending (the upstream has not answered its first probe yet) → preparing (a
+ * continuation asks the upstream's /tokenize for the prompt's ids) → streaming → ended. The
+ * upstream itself: unknown until GET /v1/models answers (which also tells its kind and model
+ * name), then up; a refused connection after it was up, `health_failures` failed polls in a row,
+ * or no answer at all within `startup_timeout` make it dead, which calls hooks.on_dead once. */
+#include "engine/openai/openai.h"
+
+#include <curl/curl.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "common/log.h"
+#include "common/util.h"
+#include "engine/openai/openai_wire.h"
+#include "engine/openai/sse_parse.h"
+
+#define OA_SSE_MAX_LINE ((size_t)4 << 20)     /* one SSE line */
+#define OA_SSE_MAX_EVENT ((size_t)8 << 20)    /* one event's data */
+#define OA_RX_STREAM_CAP ((size_t)16 << 20)   /* unparsed stream bytes, or a whole non-SSE answer */
+#define OA_RX_PROBE_CAP ((size_t)8 << 20)     /* a probe's answer (/metrics of a big server included) */
+#define OA_PROBE_TIMEOUT_MS 5000L             /* a health, models or metrics poll */
+#define OA_TOKENIZE_TIMEOUT_MS 30000L         /* a /tokenize call before a continuation */
+#define OA_ORPHAN_MS 5000u                    /* a finished stream's transfer may drain this long */
+#define OA_METRICS_ABSENT_RETRY_MS 30000u     /* /metrics without vLLM gauges: look again this late */
+
+typedef struct oa_engine oa_engine;
+typedef enum { X_SEQ, X_TOKENIZE, X_MODELS, X_HEALTH, X_METRICS } xfer_kind;
+static const char *xfer_names[] = {"stream", "tokenize", "models", "health", "metrics"};
+
+typedef struct oa_xfer {
+    oa_engine *e;
+    xfer_kind kind;
+    bt_engine_seq *seq; /* X_SEQ, X_TOKENIZE; NULL once the sequence ended (an orphan draining) */
+    CURL *easy;
+    struct curl_slist *hdrs;
+    char *body;
+    bt_buf rx; /* response bytes not yet parsed */
+    bool overflow, head_checked, sse, dirty;
+    bool completing; /* libcurl reported it done: after_curl frees it, nothing else does */
+    uint64_t orphan_ms; /* when it became an orphan */
+    char errbuf[CURL_ERROR_SIZE];
+    struct oa_xfer *prev, *next;   /* every transfer */
+    struct oa_xfer *dprev, *dnext; /* transfers with new bytes */
+} oa_xfer;
+
+typedef struct oa_sock {
+    uv_poll_t poll;
+    curl_socket_t fd;
+    oa_engine *e;
+    struct oa_sock *prev, *next;
+} oa_sock;
+
+typedef enum { S_PENDING, S_PREPARING, S_STREAMING, S_ENDED } seq_state;
+typedef enum { END_NONE, END_FINISH, END_ERROR } seq_end_kind;
+typedef enum { MODE_UNDECIDED, MODE_IDS, MODE_TEXT } seq_mode;
+
+struct bt_engine_seq {
+    oa_engine *e;
+    bt_engine_seq *prev, *next; /* every live sequence */
+    bt_engine_seq *rnext;       /* ready list (an ending to deliver) */
+    bool in_ready, killed;
+    bt_engine_seq *gnext; /* graveyard: killed while the engine was busy */
+    bt_engine_sink sink;
+    void *ud;
+    seq_state state;
+    char rid[72];
+    /* the request, copied */
+    bt_api api;
+    json_t *body;
+    uint32_t *carried;
+    size_t n_carried;
+    uint32_t max_tokens;
+    bt_oa_carried_kind carried_kind;
+    bt_buf carried_text;
+    uint32_t *prompt_ids;
+    size_t n_prompt_ids;
+    bool have_prompt_ids;
+    bool carried_in_body; /* sent as carried_token_ids: the upstream's usage already counts them */
+    bool carried_in_prompt; /* appended to a token-id prompt: the upstream counts them as prompt */
+    /* the attempt */
+    oa_xfer *x;
+    bt_sse_parser sse;
+    seq_mode mode;
+    bt_buf held_text; /* ids mode: text that came before its ids */
+    uint64_t emitted; /* ids delivered on this attempt */
+    bool usage_seen;
+    uint32_t up_prompt, up_completion;
+    int finish; /* from the upstream: a bt_finish_reason or BT_OA_FINISH_NONE */
+    /* the ending, set once */
+    seq_end_kind end;
+    bt_finish_reason reason;
+    bt_status err;
+    char msg[256];
+};
+
+struct oa_engine {
+    bt_engine base; /* first: the engine handle is a pointer to it */
+    uv_loop_t *loop;
+    bt_openai_config cfg;
+    char *url, *model_cfg, *served, *api_key; /* owned copies */
+    bt_oa_kind kind_cfg;
+    bt_engine_hooks hooks;
+    void *hooks_ud;
+
+    CURLM *multi;
+    uv_timer_t curl_timer, health_timer, metrics_timer;
+    uv_idle_t idle;
+    int open_handles;
+    oa_sock *socks;
+    oa_xfer *xfers;
+    oa_xfer *dirty_head, *dirty_tail;
+
+    bt_engine_seq *seqs;
+    bt_engine_seq *ready_head, *ready_tail;
+    bt_engine_seq *graveyard;
+    size_t n_pending, n_preparing, n_streaming;
+
+    int depth; /* > 0 while one of the engine's loop callbacks runs */
+    bool destroying, torn_down;
+
+    /* the upstream */
+    bool detected, ever_up, dead, probe_failed, use_models_for_health;
+    bt_oa_kind kind;
+    char model[256];
+    unsigned failures;
+    uint64_t created_ms, last_ok_ms;
+    oa_xfer *probe, *metrics_x;
+    char last_err[256];
+
+    /* load */
+    bool have_vm, metrics_absent;
+    uint64_t metrics_next_ms;
+    bt_oa_vllm_metrics vm;
+    bt_engine_load last_load;
+};
+
+static void after_curl(oa_engine *e);
+static void enter(oa_engine *e) { e->depth++; }
+static void leave(oa_engine *e);
+static void teardown(oa_engine *e);
+static void start_probe(oa_engine *e);
+static void on_idle(uv_idle_t *h);
+static void on_metrics_timer(uv_timer_t *t);
+static void seq_fail(bt_engine_seq *s, bt_status code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* ---- libcurl on the loop ------------------------------------------------------------------ */
+
+static void on_handle_closed(uv_handle_t *h) {
+    oa_engine *e = h->data;
+    if (--e->open_handles == 0 && e->torn_down) {
+        free(e->url);
+        free(e->model_cfg);
+        free(e->served);
+        free(e->api_key);
+        free(e);
+    }
+}
+
+static void on_sock_closed(uv_handle_t *h) {
+    oa_sock *c = h->data;
+    oa_engine *e = c->e;
+    free(c);
+    if (--e->open_handles == 0 && e->torn_down) {
+        free(e->url);
+        free(e->model_cfg);
+        free(e->served);
+        free(e->api_key);
+        free(e);
+    }
+}
+
+static void sock_release(oa_engine *e, oa_sock *c) {
+    if (c->prev) c->prev->next = c->next;
+    else e->socks = c->next;
+    if (c->next) c->next->prev = c->prev;
+    uv_poll_stop(&c->poll);
+    uv_close((uv_handle_t *)&c->poll, on_sock_closed);
+}
+
+static void on_poll(uv_poll_t *h, int status, int events) {
+    oa_sock *c = h->data;
+    oa_engine *e = c->e;
+    int flags = 0;
+    if (status < 0) flags = CURL_CSELECT_ERR;
+    if (events & UV_READABLE) flags |= CURL_CSELECT_IN;
+    if (events & UV_WRITABLE) flags |= CURL_CSELECT_OUT;
+    int running;
+    enter(e);
+    curl_multi_socket_action(e->multi, c->fd, flags, &running);
+    after_curl(e);
+    leave(e);
+}
+
+static int sock_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp) {
+    (void)easy;
+    oa_engine *e = userp;
+    oa_sock *c = socketp;
+    if (what == CURL_POLL_REMOVE) {
+        if (c) {
+            curl_multi_assign(e->multi, s, NULL);
+            sock_release(e, c);
+        }
+        return 0;
+    }
+    if (!c) {
+        c = calloc(1, sizeof *c);
+        if (!c) return -1;
+        c->fd = s;
+        c->e = e;
+        if (uv_poll_init_socket(e->loop, &c->poll, s) != 0) {
+            free(c);
+            return -1;
+        }
+        c->poll.data = c;
+        e->open_handles++;
+        c->next = e->socks;
+        if (e->socks) e->socks->prev = c;
+        e->socks = c;
+        curl_multi_assign(e->multi, s, c);
+    }
+    int ev = 0;
+    if (what & CURL_POLL_IN) ev |= UV_READABLE;
+    if (what & CURL_POLL_OUT) ev |= UV_WRITABLE;
+    uv_poll_start(&c->poll, ev, on_poll);
+    return 0;
+}
+
+static void on_curl_timer(uv_timer_t *t) {
+    oa_engine *e = t->data;
+    int running;
+    enter(e);
+    curl_multi_socket_action(e->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+    after_curl(e);
+    leave(e);
+}
+
+static int timer_cb(CURLM *multi, long timeout_ms, void *userp) {
+    (void)multi;
+    oa_engine *e = userp;
+    if (timeout_ms < 0) uv_timer_stop(&e->curl_timer);
+    else uv_timer_start(&e->curl_timer, on_curl_timer, (uint64_t)timeout_ms, 0);
+    return 0;
+}
+
+/* libcurl's write callback: only buffers (bounded) and lists the transfer; parsing and sink
+ * callbacks happen in after_curl, outside libcurl. */
+static size_t on_write(char *ptr, size_t size, size_t nmemb, void *ud) {
+    oa_xfer *x = ud;
+    size_t n = size * nmemb;
+    if (!x->seq && x->kind == X_SEQ) return n; /* an orphan draining after [DONE]: discard */
+    if (bt_buf_append(&x->rx, ptr, n) != BT_OK) {
+        x->overflow = true;
+        return 0; /* aborts the transfer */
+    }
+    if (x->kind == X_SEQ && !x->dirty) {
+        oa_engine *e = x->e;
+        x->dirty = true;
+        x->dnext = NULL;
+        x->dprev = e->dirty_tail;
+        if (e->dirty_tail) e->dirty_tail->dnext = x;
+        else e->dirty_head = x;
+        e->dirty_tail = x;
+    }
+    return n;
+}
+
+static void dirty_remove(oa_engine *e, oa_xfer *x) {
+    if (!x->dirty) return;
+    if (x->dprev) x->dprev->dnext = x->dnext;
+    else e->dirty_head = x->dnext;
+    if (x->dnext) x->dnext->dprev = x->dprev;
+    else e->dirty_tail = x->dprev;
+    x->dprev = x->dnext = NULL;
+    x->dirty = false;
+}
+
+/* Stops a transfer (closing its connection if it is still running) and frees it. Never called
+ * from inside a libcurl callback. */
+static void xfer_free(oa_engine *e, oa_xfer *x) {
+    if (!x) return;
+    dirty_remove(e, x);
+    if (x->easy) {
+        if (e->multi) curl_multi_remove_handle(e->multi, x->easy);
+        curl_easy_cleanup(x->easy);
+    }
+    if (x->prev) x->prev->next = x->next;
+    else e->xfers = x->next;
+    if (x->next) x->next->prev = x->prev;
+    if (e->probe == x) e->probe = NULL;
+    if (e->metrics_x == x) e->metrics_x = NULL;
+    curl_slist_free_all(x->hdrs);
+    bt_buf_free(&x->rx);
+    free(x->body);
+    free(x);
+}
+
+static bool rid_is_header_safe(const char *s) {
+    if (!*s) return false;
+    for (; *s; s++)
+        if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || (*s >= '0' && *s <= '9') || *s == '-' ||
+              *s == '_' || *s == '.' || *s == ':'))
+            return false;
+    return true;
+}
+
+/* Starts GET (body NULL) or POST (body taken over) of url+path. NULL when out of memory or
+ * libcurl refuses; body is freed then. */
+static oa_xfer *xfer_start(oa_engine *e, xfer_kind kind, const char *path, char *body, long timeout_ms,
+                           const char *rid) {
+    oa_xfer *x = calloc(1, sizeof *x);
+    if (!x) {
+        free(body);
+        return NULL;
+    }
+    x->e = e;
+    x->kind = kind;
+    x->body = body;
+    bt_buf_init(&x->rx, kind == X_SEQ || kind == X_TOKENIZE ? OA_RX_STREAM_CAP : OA_RX_PROBE_CAP);
+    x->next = e->xfers;
+    if (e->xfers) e->xfers->prev = x;
+    e->xfers = x;
+    x->easy = curl_easy_init();
+    if (!x->easy) goto fail;
+    char url[1200];
+    snprintf(url, sizeof url, "%s%s", e->url, path);
+    char hdr[600];
+    if (e->api_key) {
+        snprintf(hdr, sizeof hdr, "Authorization: Bearer %s", e->api_key);
+        x->hdrs = curl_slist_append(x->hdrs, hdr);
+    }
+    if (body) {
+        x->hdrs = curl_slist_append(x->hdrs, "Content-Type: application/json");
+        x->hdrs = curl_slist_append(x->hdrs, "Expect:");
+    }
+    if (kind == X_SEQ) x->hdrs = curl_slist_append(x->hdrs, "Accept: text/event-stream");
+    if (rid && rid_is_header_safe(rid)) {
+        snprintf(hdr, sizeof hdr, "X-Request-Id: %s", rid);
+        x->hdrs = curl_slist_append(x->hdrs, hdr);
+    }
+    CURL *c = x->easy;
+    curl_easy_setopt(c, CURLOPT_URL, url);
+    if (body) {
+        curl_easy_setopt(c, CURLOPT_POST, 1L);
+        curl_easy_setopt(c, CURLOPT_POSTFIELDS, x->body);
+        curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE, (long)strlen(x->body));
+    }
+    if (x->hdrs) curl_easy_setopt(c, CURLOPT_HTTPHEADER, x->hdrs);
+    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_write);
+    curl_easy_setopt(c, CURLOPT_WRITEDATA, x);
+    curl_easy_setopt(c, CURLOPT_PRIVATE, x);
+    curl_easy_setopt(c, CURLOPT_ERRORBUFFER, x->errbuf);
+    curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(c, CURLOPT_PROXY, ""); /* the upstream is reached directly, whatever *_proxy says */
+    curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, (long)(e->cfg.connect_timeout * 1000.0));
+    curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, timeout_ms); /* 0 = none: a stream lasts as long as it must */
+    curl_easy_setopt(c, CURLOPT_TCP_KEEPALIVE, 1L);
+    curl_easy_setopt(c, CURLOPT_TCP_KEEPIDLE, 10L);
+    curl_easy_setopt(c, CURLOPT_TCP_KEEPINTVL, 5L);
+    curl_easy_setopt(c, CURLOPT_TCP_NODELAY, 1L);
+    if (curl_multi_add_handle(e->multi, c) != CURLM_OK) goto fail;
+    return x;
+fail:
+    if (x->easy) {
+        curl_easy_cleanup(x->easy);
+        x->easy = NULL;
+    }
+    xfer_free(e, x);
+    return NULL;
+}
+
+/* ---- load ----------------------------------------------------------------------------------- */
+
+static void load_snapshot(oa_engine *e, bt_engine_load *out) {
+    memset(out, 0, sizeof *out);
+    out->total_blocks = (uint64_t)e->cfg.total_blocks;
+    out->running = e->n_streaming + e->n_preparing;
+    out->waiting = e->n_pending;
+    if (e->have_vm) {
+        if (e->vm.have_usage) out->active_decode_blocks = (uint64_t)llround(e->vm.kv_usage * (double)out->total_blocks);
+        if (e->vm.have_running) out->running = (uint64_t)llround(e->vm.running);
+        if (e->vm.have_waiting) out->waiting = (uint64_t)llround(e->vm.waiting);
+    }
+}
+
+static void report_load(oa_engine *e) {
+    if (e->destroying) return;
+    bt_engine_load l;
+    load_snapshot(e, &l);
+    if (memcmp(&l, &e->last_load, sizeof l) == 0) return;
+    e->last_load = l;
+    if (e->hooks.on_load) e->hooks.on_load(e->hooks_ud);
+}
+
+/* ---- sequences ------------------------------------------------------------------------------ */
+
+static void count_state(oa_engine *e, seq_state st, int d) {
+    size_t *c = st == S_PENDING ? &e->n_pending : st == S_PREPARING ? &e->n_preparing
+                : st == S_STREAMING ? &e->n_streaming : NULL;
+    if (c) *c = (size_t)((long)*c + d);
+}
+
+static void seq_set_state(bt_engine_seq *s, seq_state st) {
+    count_state(s->e, s->state, -1);
+    s->state = st;
+    count_state(s->e, st, +1);
+}
+
+static void seq_free(bt_engine_seq *s) {
+    json_decref(s->body);
+    free(s->carried);
+    free(s->prompt_ids);
+    bt_buf_free(&s->carried_text);
+    bt_buf_free(&s->held_text);
+    bt_sse_free(&s->sse);
+    free(s);
+}
+
+static void ready_remove(oa_engine *e, bt_engine_seq *s) {
+    if (!s->in_ready) return;
+    bt_engine_seq **pp = &e->ready_head, *prev = NULL;
+    while (*pp && *pp != s) {
+        prev = *pp;
+        pp = &(*pp)->rnext;
+    }
+    if (*pp) *pp = s->rnext;
+    if (e->ready_tail == s) e->ready_tail = prev;
+    s->rnext = NULL;
+    s->in_ready = false;
+}
+
+/* Lets the sequence's transfer go: a running stream is cut (closing the connection, which makes
+ * the upstream abort), a finished one may drain to its end as an orphan. */
+static void seq_detach(bt_engine_seq *s, bool cut) {
+    oa_xfer *x = s->x;
+    if (!x) return;
+    s->x = NULL;
+    if (x->completing) { /* after_curl frees it */
+        dirty_remove(s->e, x);
+        x->seq = NULL;
+        return;
+    }
+    if (cut) {
+        xfer_free(s->e, x);
+    } else {
+        dirty_remove(s->e, x);
+        x->seq = NULL;
+        x->orphan_ms = bt_now_ms();
+    }
+}
+
+/* Removes the sequence from the engine; its memory goes now or, while the engine is busy, when
+ * the engine's callback unwinds. No callback is made for it any more. */
+static void seq_unlink(bt_engine_seq *s) {
+    oa_engine *e = s->e;
+    seq_detach(s, true);
+    ready_remove(e, s);
+    seq_set_state(s, S_ENDED);
+    if (s->prev) s->prev->next = s->next;
+    else e->seqs = s->next;
+    if (s->next) s->next->prev = s->prev;
+    s->prev = s->next = NULL;
+    s->killed = true;
+    if (e->depth > 0) {
+        s->gnext = e->graveyard;
+        e->graveyard = s;
+    } else {
+        seq_free(s);
+    }
+}
+
+static void idle_arm(oa_engine *e) {
+    if (!e->destroying && !uv_is_active((uv_handle_t *)&e->idle)) uv_idle_start(&e->idle, on_idle);
+}
+
+/* Sets the sequence's ending (once); the sink hears it from the ready list. */
+static void seq_end(bt_engine_seq *s, seq_end_kind k, bt_finish_reason reason, bt_status err, const char *msg,
+                    bool cut) {
+    oa_engine *e = s->e;
+    if (s->end != END_NONE || s->killed) return;
+    s->end = k;
+    s->reason = reason;
+    s->err = err;
+    snprintf(s->msg, sizeof s->msg, "%s", msg ? msg : "");
+    seq_detach(s, cut);
+    seq_set_state(s, S_ENDED);
+    s->rnext = NULL;
+    s->in_ready = true;
+    if (e->ready_tail) e->ready_tail->rnext = s;
+    else e->ready_head = s;
+    e->ready_tail = s;
+    idle_arm(e);
+}
+
+static void seq_fail(bt_engine_seq *s, bt_status code, const char *fmt, ...) {
+    char msg[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    seq_end(s, END_ERROR, BT_FINISH_STOP, code, msg, true);
+}
+
+static void seq_usage(const bt_engine_seq *s, bt_usage *u) {
+    uint32_t pt = s->usage_seen ? s->up_prompt : 0;
+    if (s->carried_in_prompt && pt >= s->n_carried) pt -= (uint32_t)s->n_carried;
+    if (s->carried_in_prompt && s->have_prompt_ids) pt = (uint32_t)s->n_prompt_ids;
+    uint64_t ct;
+    if (s->carried_in_body && s->usage_seen) ct = s->up_completion; /* the upstream counted them */
+    else ct = s->n_carried + (s->usage_seen ? s->up_completion : s->emitted);
+    u->prompt_tokens = pt;
+    u->completion_tokens = ct > UINT32_MAX ? UINT32_MAX : (uint32_t)ct;
+}
+
+/* Delivers the endings on the ready list. */
+static void flush_ready(oa_engine *e) {
+    bt_engine_seq *s;
+    while (!e->destroying && (s = e->ready_head) != NULL) {
+        e->ready_head = s->rnext;
+        if (!e->ready_head) e->ready_tail = NULL;
+        s->rnext = NULL;
+        s->in_ready = false;
+        bt_engine_sink sink = s->sink;
+        void *ud = s->ud;
+        seq_end_kind k = s->end;
+        bt_usage u;
+        seq_usage(s, &u);
+        char msg[256];
+        snprintf(msg, sizeof msg, "%s", s->msg);
+        bt_status err = s->err;
+        bt_finish_reason reason = s->reason;
+        BT_DEBUG("openai: %s %s after %llu ids (%s)", s->rid, k == END_FINISH ? "finished" : "failed",
+                 (unsigned long long)s->emitted, k == END_FINISH ? bt_finish_reason_name(reason) : msg);
+        seq_unlink(s); /* the handle is dead once the sink hears the ending */
+        if (k == END_FINISH) sink.on_finish(ud, reason, &u);
+        else sink.on_error(ud, err, msg);
+    }
+}
+
+static void on_idle(uv_idle_t *h) {
+    oa_engine *e = h->data;
+    enter(e);
+    flush_ready(e);
+    if (!e->ready_head) uv_idle_stop(&e->idle);
+    leave(e);
+}
+
+/* Delivers one chunk's tokens. Returns false when the sequence is gone or ended afterwards. */
+static bool seq_emit(bt_engine_seq *s, const bt_oa_chunk *c) {
+    const char *text = c->text ? c->text : "";
+    size_t tl = c->text ? c->text_len : 0;
+    if (s->mode == MODE_UNDECIDED) {
+        if (c->has_ids && (c->n_ids > 0 || tl > 0)) s->mode = MODE_IDS;
+        else if (tl > 0) s->mode = MODE_TEXT;
+        else return true;
+        BT_DEBUG("openai: %s: the upstream gives %s", s->rid, s->mode == MODE_IDS ? "token ids" : "text only");
+    }
+    if (s->mode == MODE_IDS) {
+        if (!c->has_ids) {
+            if (tl == 0) return true;
+            seq_fail(s, BT_ERR_PROTOCOL, "the upstream sent text without token ids after sending token ids");
+            return false;
+        }
+        if (c->n_ids == 0) { /* text ahead of its ids: it goes with the next ids */
+            if (tl && bt_buf_append(&s->held_text, text, tl) != BT_OK) {
+                seq_fail(s, BT_ERR_TOO_LARGE, "text without token ids exceeds the engine's cap");
+                return false;
+            }
+            return true;
+        }
+        if (s->held_text.len) {
+            if (bt_buf_append(&s->held_text, text, tl) != BT_OK) {
+                seq_fail(s, BT_ERR_TOO_LARGE, "text without token ids exceeds the engine's cap");
+                return false;
+            }
+            text = s->held_text.data;
+            tl = s->held_text.len;
+        }
+        s->emitted += c->n_ids;
+        s->sink.on_tokens(s->ud, c->ids, c->n_ids, text, tl);
+        if (!s->killed) bt_buf_reset(&s->held_text);
+    } else {
+        if (tl == 0) return true;
+        uint32_t id = bt_oa_text_id(s->n_carried + s->emitted); /* one per chunk: its position */
+        s->emitted++;
+        s->sink.on_tokens(s->ud, &id, 1, text, tl);
+    }
+    return !s->killed && s->end == END_NONE && !s->e->destroying;
+}
+
+/* The upstream's finish: delivered when [DONE] or the end of the transfer comes. The transfer
+ * is not cut: it may read the rest of the response, so the upstream sees no client disconnect. */
+static void seq_complete(bt_engine_seq *s) {
+    bt_finish_reason r = s->finish == BT_OA_FINISH_NONE ? BT_FINISH_STOP : (bt_finish_reason)s->finish;
+    seq_end(s, END_FINISH, r, BT_OK, NULL, false);
+}
+
+/* One SSE data payload. Returns false when the sequence is gone or ended. */
+static bool seq_event(bt_engine_seq *s, const char *data, size_t len) {
+    bt_oa_chunk c;
+    char err[256];
+    bt_status st = bt_oa_parse_chunk(data, len, false, &c, err, sizeof err);
+    bool live = true;
+    if (st != BT_OK) {
+        seq_fail(s, st == BT_ERR_NOMEM ? st : BT_ERR_PROTOCOL, "%s", err);
+        live = false;
+    } else if (c.done) {
+        seq_complete(s);
+        live = false;
+    } else if (c.is_error) {
+        seq_fail(s, c.err_code, "upstream error: %s", c.err_msg);
+        live = false;
+    } else {
+        if (c.has_usage) {
+            s->usage_seen = true;
+            s->up_prompt = c.prompt_tokens;
+            s->up_completion = c.completion_tokens;
+        }
+        live = seq_emit(s, &c);
+        if (live && c.finish != BT_OA_FINISH_NONE) {
+            if (c.finish == BT_OA_FINISH_ABORT) {
+                seq_fail(s, BT_ERR_DISCONNECTED, "the upstream aborted the request");
+                live = false;
+            } else {
+                s->finish = c.finish;
+            }
+        }
+    }
+    bt_oa_chunk_free(&c);
+    return live;
+}
+
+/* Parses what a stream transfer received. */
+static void xfer_process(oa_engine *e, oa_xfer *x) {
+    bt_engine_seq *s = x->seq;
+    if (!s) return;
+    if (!x->head_checked) {
+        long code = 0;
+        char *ctype = NULL;
+        curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &code);
+        curl_easy_getinfo(x->easy, CURLINFO_CONTENT_TYPE, &ctype);
+        x->head_checked = true;
+        x->sse = code == 200 && ctype && strncasecmp(ctype, "text/event-stream", 17) == 0;
+    }
+    if (!x->sse) return; /* a whole answer (or an error body): read when the transfer ends */
+    size_t off = 0;
+    while (s->x == x && !s->killed && s->end == END_NONE && !e->destroying && off < x->rx.len) {
+        size_t used = 0;
+        bt_sse_event ev;
+        const char *perr = NULL;
+        bt_status st = bt_sse_next(&s->sse, x->rx.data + off, x->rx.len - off, &used, &ev, &perr);
+        off += used;
+        if (st == BT_ERR_AGAIN) break;
+        if (st != BT_OK) {
+            seq_fail(s, st, "upstream event stream: %s", perr ? perr : bt_status_msg(st));
+            return;
+        }
+        if (ev.event_len == 5 && memcmp(ev.event, "error", 5) == 0) {
+            seq_fail(s, BT_ERR_ENGINE, "upstream error event: %.200s", ev.data);
+            return;
+        }
+        if (!seq_event(s, ev.data, ev.data_len)) return;
+    }
+    if (s->x == x) bt_buf_consume(&x->rx, off);
+}
+
+/* The upstream answered a stream request with something other than 200 + SSE, or a stream
+ * transfer ended: decides how the sequence ends. */
+static void stream_done(oa_engine *e, oa_xfer *x, CURLcode cc) {
+    bt_engine_seq *s = x->seq;
+    if (!s || s->x != x) return;
+    if (cc == CURLE_OK) xfer_process(e, x);
+    if (s->x != x || s->killed || s->end != END_NONE || e->destroying) return;
+    long code = 0;
+    curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &code);
+    if (cc != CURLE_OK) {
+        if (x->overflow) {
+            seq_fail(s, BT_ERR_TOO_LARGE, "the upstream's answer exceeds the engine's cap");
+        } else if (cc == CURLE_COULDNT_CONNECT || cc == CURLE_COULDNT_RESOLVE_HOST) {
+            seq_fail(s, BT_ERR_CANNOT_CONNECT, "cannot connect to the upstream %s: %s", e->url,
+                     x->errbuf[0] ? x->errbuf : curl_easy_strerror(cc));
+            start_probe(e); /* find out now whether the upstream is gone */
+        } else if (cc == CURLE_OPERATION_TIMEDOUT) {
+            seq_fail(s, BT_ERR_TIMEOUT, "the upstream timed out: %s", x->errbuf[0] ? x->errbuf : curl_easy_strerror(cc));
+        } else {
+            seq_fail(s, BT_ERR_DISCONNECTED, "the upstream stream broke after %llu ids: %s",
+                     (unsigned long long)s->emitted, x->errbuf[0] ? x->errbuf : curl_easy_strerror(cc));
+            start_probe(e);
+        }
+        return;
+    }
+    if (code != 200) {
+        bt_oa_chunk c;
+        char err[256];
+        const char *what = "";
+        if (bt_oa_parse_chunk(x->rx.data ? x->rx.data : "", x->rx.len, true, &c, err, sizeof err) == BT_OK &&
+            c.is_error)
+            what = c.err_msg;
+        seq_fail(s, bt_oa_status_for_http(code), "the upstream answered HTTP %ld%s%.200s", code, *what ? ": " : "",
+                 what);
+        bt_oa_chunk_free(&c);
+        return;
+    }
+    if (x->sse) {
+        bt_sse_event ev;
+        if (bt_sse_end(&s->sse, &ev, NULL) == BT_OK && !seq_event(s, ev.data, ev.data_len)) return;
+        if (s->x != x || s->end != END_NONE || s->killed) return;
+        if (s->finish != BT_OA_FINISH_NONE) seq_complete(s);
+        else
+            seq_fail(s, BT_ERR_DISCONNECTED, "the upstream ended the stream after %llu ids without finishing it",
+                     (unsigned long long)s->emitted);
+        return;
+    }
+    /* a whole (non-streamed) answer, from a server that ignored "stream": true */
+    bt_oa_chunk c;
+    char err[256];
+    bt_status st = bt_oa_parse_chunk(x->rx.data ? x->rx.data : "", x->rx.len, true, &c, err, sizeof err);
+    if (st != BT_OK) seq_fail(s, BT_ERR_PROTOCOL, "%s", err);
+    else if (c.is_error) seq_fail(s, c.err_code, "upstream error: %s", c.err_msg);
+    else {
+        if (c.has_usage) {
+            s->usage_seen = true;
+            s->up_prompt = c.prompt_tokens;
+            s->up_completion = c.completion_tokens;
+        }
+        if (seq_emit(s, &c)) {
+            s->finish = c.finish == BT_OA_FINISH_NONE || c.finish == BT_OA_FINISH_ABORT ? BT_FINISH_STOP : c.finish;
+            seq_complete(s);
+        }
+    }
+    bt_oa_chunk_free(&c);
+}
+
+static void fill_build(oa_engine *e, const bt_engine_seq *s, bt_oa_build *b) {
+    memset(b, 0, sizeof *b);
+    b->api = s->api;
+    b->body = s->body;
+    b->model = e->model[0] ? e->model : NULL;
+    b->kind = e->kind;
+    b->max_tokens = s->max_tokens;
+    b->carried = s->carried;
+    b->n_carried = s->n_carried;
+    b->carried_text = s->carried_text.data ? s->carried_text.data : "";
+    b->carried_text_len = s->carried_text.len;
+    b->prompt_ids = s->prompt_ids;
+    b->n_prompt_ids = s->n_prompt_ids;
+    b->have_prompt_ids = s->have_prompt_ids;
+}
+
+static void seq_start_stream(bt_engine_seq *s) {
+    oa_engine *e = s->e;
+    bt_oa_build b;
+    fill_build(e, s, &b);
+    const char *path;
+    json_t *body = NULL;
+    char err[256];
+    bt_status st = bt_oa_build_request(&b, &path, &body, err, sizeof err);
+    if (st != BT_OK) {
+        seq_fail(s, st, "%s", err);
+        return;
+    }
+    s->carried_in_body = s->carried_kind == BT_OA_CARRIED_IDS && json_object_get(body, "carried_token_ids") != NULL;
+    s->carried_in_prompt = s->carried_kind == BT_OA_CARRIED_IDS && !s->carried_in_body;
+    char *text = json_dumps(body, JSON_COMPACT);
+    json_decref(body);
+    oa_xfer *x = text ? xfer_start(e, X_SEQ, path, text, 0, s->rid) : NULL;
+    if (!x) {
+        seq_fail(s, BT_ERR_NOMEM, "cannot start the upstream request (out of memory)");
+        return;
+    }
+    x->seq = s;
+    s->x = x;
+    seq_set_state(s, S_STREAMING);
+    BT_DEBUG("openai: %s: POST %s%s (%zu carried, max_tokens %u)", s->rid, e->url, path, s->n_carried, s->max_tokens);
+}
+
+/* Starts the sequence once the upstream is known: a continuation that needs the prompt's token
+ * ids asks /tokenize first. */
+static void seq_start(bt_engine_seq *s) {
+    oa_engine *e = s->e;
+    bt_oa_build b;
+    fill_build(e, s, &b);
+    char err[256];
+    switch (bt_oa_plan_for(&b, err, sizeof err)) {
+    case BT_OA_PLAN_IMPOSSIBLE: seq_fail(s, BT_ERR_INVALID, "%s", err); return;
+    case BT_OA_PLAN_DIRECT: seq_start_stream(s); return;
+    case BT_OA_PLAN_TOKENIZE: break;
+    }
+    json_t *t = bt_oa_tokenize_body(&b);
+    char *text = t ? json_dumps(t, JSON_COMPACT) : NULL;
+    json_decref(t);
+    oa_xfer *x = text ? xfer_start(e, X_TOKENIZE, "/tokenize", text, OA_TOKENIZE_TIMEOUT_MS, s->rid) : NULL;
+    if (!x) {
+        seq_fail(s, BT_ERR_NOMEM, "cannot start the /tokenize request (out of memory)");
+        return;
+    }
+    x->seq = s;
+    s->x = x;
+    seq_set_state(s, S_PREPARING);
+}
+
+static void tokenize_done(oa_xfer *x, CURLcode cc) {
+    bt_engine_seq *s = x->seq;
+    if (!s || s->x != x) return;
+    long code = 0;
+    curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &code);
+    if (cc != CURLE_OK || code != 200) {
+        bt_status st = cc != CURLE_OK ? BT_ERR_CANNOT_CONNECT : bt_oa_status_for_http(code);
+        if (cc == CURLE_OK && code == 404) st = BT_ERR_INVALID; /* no /tokenize there: no use retrying */
+        seq_fail(s, st, "the upstream's /tokenize failed: %s",
+                 cc != CURLE_OK ? (x->errbuf[0] ? x->errbuf : curl_easy_strerror(cc)) : "non-200 answer");
+        return;
+    }
+    char err[256];
+    bt_status st = bt_oa_read_tokens(x->rx.data ? x->rx.data : "", x->rx.len, &s->prompt_ids, &s->n_prompt_ids, err,
+                                     sizeof err);
+    if (st != BT_OK) {
+        seq_fail(s, st, "%s", err);
+        return;
+    }
+    s->have_prompt_ids = true;
+    s->x = NULL; /* this transfer is over (after_curl frees it); the stream's starts now */
+    x->seq = NULL;
+    seq_start_stream(s);
+}
+
+/* ---- the upstream's health ------------------------------------------------------------------ */
+
+static void upstream_dead(oa_engine *e, const char *why) {
+    if (e->dead) return;
+    e->dead = true;
+    uv_timer_stop(&e->health_timer);
+    uv_timer_stop(&e->metrics_timer);
+    BT_ERROR("openai: upstream %s is dead: %s", e->url, why);
+    /* sequences still waiting for the upstream end now; running ones are the worker's to hand back */
+    for (bt_engine_seq *s = e->seqs; s; s = s->next)
+        if (s->state == S_PENDING) seq_fail(s, BT_ERR_CANNOT_CONNECT, "upstream %s is dead: %s", e->url, why);
+    if (e->hooks.on_dead) {
+        char msg[320];
+        snprintf(msg, sizeof msg, "upstream %s: %s", e->url, why);
+        e->hooks.on_dead(e->hooks_ud, msg);
+    }
+}
+
+static void upstream_up(oa_engine *e) {
+    e->failures = 0;
+    e->last_ok_ms = bt_now_ms();
+    if (!e->ever_up) {
+        e->ever_up = true;
+        BT_INFO("openai: upstream %s is up (kind %s%s, model '%s')", e->url, bt_oa_kind_name(e->kind),
+                e->kind_cfg == BT_OA_KIND_AUTO ? ", detected" : "", e->model);
+        e->metrics_next_ms = 0;
+        uint64_t iv = (uint64_t)(e->cfg.metrics_interval * 1000.0 + 0.5);
+        uv_timer_start(&e->metrics_timer, on_metrics_timer, 0, iv ? iv : 1);
+    }
+    /* sequences that waited for the first answer start now */
+    for (bt_engine_seq *s = e->seqs; s && !e->destroying; s = s->next)
+        if (s->state == S_PENDING && s->end == END_NONE) seq_start(s);
+}
+
+static void upstream_failed(oa_engine *e, const char *what, bool refused) {
+    snprintf(e->last_err, sizeof e->last_err, "%s", what);
+    e->failures++;
+    if (e->ever_up) {
+        if (refused) {
+            upstream_dead(e, "connection refused");
+            return;
+        }
+        BT_WARN("openai: upstream %s health check failed (%u of %lld in a row): %s", e->url, e->failures,
+                (long long)e->cfg.health_failures, what);
+        if (e->failures >= (unsigned)e->cfg.health_failures) {
+            char why[300];
+            snprintf(why, sizeof why, "%u health checks failed in a row (last: %s)", e->failures, what);
+            upstream_dead(e, why);
+        }
+        return;
+    }
+    /* not up yet: requests fail fast (migratable) instead of waiting; the startup bound applies */
+    if (!e->probe_failed || e->failures % 15 == 1)
+        BT_WARN("openai: upstream %s not reachable yet (%s); requests are refused until it answers", e->url, what);
+    e->probe_failed = true;
+    for (bt_engine_seq *s = e->seqs; s; s = s->next)
+        if (s->state == S_PENDING) seq_fail(s, BT_ERR_CANNOT_CONNECT, "upstream %s is not reachable yet: %s", e->url, what);
+    if ((double)(bt_now_ms() - e->created_ms) >= e->cfg.startup_timeout * 1000.0) {
+        char why[300];
+        snprintf(why, sizeof why, "no answer within the start-up bound of %gs (last: %s)", e->cfg.startup_timeout, what);
+        upstream_dead(e, why);
+    }
+}
+
+static void probe_done(oa_engine *e, oa_xfer *x, CURLcode cc) {
+    long code = 0;
+    curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &code);
+    char what[300];
+    if (cc != CURLE_OK) {
+        snprintf(what, sizeof what, "GET %s: %s", x->kind == X_MODELS ? "/v1/models" : "/health",
+                 x->errbuf[0] ? x->errbuf : curl_easy_strerror(cc));
+        upstream_failed(e, what, cc == CURLE_COULDNT_CONNECT);
+        return;
+    }
+    if (x->kind == X_HEALTH && (code == 404 || code == 405)) {
+        BT_INFO("openai: upstream %s has no GET /health (HTTP %ld); polling GET /v1/models instead", e->url, code);
+        e->use_models_for_health = true;
+        start_probe(e);
+        return;
+    }
+    if (code < 200 || code > 299) {
+        snprintf(what, sizeof what, "GET %s answered HTTP %ld", x->kind == X_MODELS ? "/v1/models" : "/health", code);
+        upstream_failed(e, what, false);
+        return;
+    }
+    if (x->kind == X_MODELS && !e->detected) {
+        bt_oa_kind k;
+        char model[256], err[256];
+        if (!bt_oa_read_models(x->rx.data ? x->rx.data : "", x->rx.len, e->model_cfg ? e->model_cfg : e->served,
+                               e->served, &k, model, sizeof model, err, sizeof err)) {
+            upstream_failed(e, err, false);
+            return;
+        }
+        e->kind = e->kind_cfg == BT_OA_KIND_AUTO ? k : e->kind_cfg;
+        snprintf(e->model, sizeof e->model, "%s", e->model_cfg ? e->model_cfg : model);
+        e->detected = true;
+    }
+    upstream_up(e);
+}
+
+static void start_probe(oa_engine *e) {
+    if (e->probe || e->dead || e->destroying) return;
+    bool models = !e->detected || e->use_models_for_health;
+    e->probe = xfer_start(e, models ? X_MODELS : X_HEALTH, models ? "/v1/models" : "/health", NULL,
+                          OA_PROBE_TIMEOUT_MS, NULL);
+}
+
+static void on_health_timer(uv_timer_t *t) {
+    oa_engine *e = t->data;
+    enter(e);
+    /* finished streams whose transfers never completed are cut now */
+    uint64_t now = bt_now_ms();
+    for (oa_xfer *x = e->xfers, *next; x; x = next) {
+        next = x->next;
+        if (x->kind == X_SEQ && !x->seq && now - x->orphan_ms >= OA_ORPHAN_MS) xfer_free(e, x);
+    }
+    start_probe(e);
+    leave(e);
+}
+
+/* ---- the upstream's load -------------------------------------------------------------------- */
+
+static void on_metrics_timer(uv_timer_t *t) {
+    oa_engine *e = t->data;
+    if (e->metrics_x || e->dead || e->destroying) return;
+    uint64_t now = bt_now_ms();
+    if (e->metrics_absent && now < e->metrics_next_ms) return;
+    enter(e);
+    e->metrics_x = xfer_start(e, X_METRICS, "/metrics", NULL, OA_PROBE_TIMEOUT_MS, NULL);
+    leave(e);
+}
+
+static void metrics_done(oa_engine *e, oa_xfer *x, CURLcode cc) {
+    long code = 0;
+    curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &code);
+    bt_oa_vllm_metrics vm;
+    bool found = cc == CURLE_OK && code == 200 &&
+                 bt_oa_parse_vllm_metrics(x->rx.data ? x->rx.data : "", x->rx.len, &vm);
+    if (found) {
+        if (!e->have_vm) BT_INFO("openai: upstream %s exposes vLLM metrics: they feed the load reports", e->url);
+        e->vm = vm;
+        e->have_vm = true;
+        e->metrics_absent = false;
+    } else {
+        if (e->have_vm || !e->metrics_absent)
+            BT_INFO("openai: upstream %s gives no vLLM metrics on /metrics (%s); load comes from this engine's own "
+                    "request counts", e->url, cc != CURLE_OK ? curl_easy_strerror(cc) : code != 200 ? "not HTTP 200"
+                                                                                                   : "no vllm: gauges");
+        e->have_vm = false;
+        e->metrics_absent = true;
+        e->metrics_next_ms = bt_now_ms() + OA_METRICS_ABSENT_RETRY_MS;
+    }
+}
+
+/* ---- after every libcurl step --------------------------------------------------------------- */
+
+static void after_curl(oa_engine *e) {
+    oa_xfer *x;
+    /* stream bytes first, so that the events that came just before a transfer's end are seen */
+    while (!e->destroying && (x = e->dirty_head) != NULL) {
+        dirty_remove(e, x);
+        xfer_process(e, x);
+    }
+    CURLMsg *msg;
+    int left;
+    while (!e->destroying && (msg = curl_multi_info_read(e->multi, &left)) != NULL) {
+        if (msg->msg != CURLMSG_DONE) continue;
+        CURLcode cc = msg->data.result;
+        x = NULL;
+        curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&x);
+        if (!x) continue;
+        BT_TRACE("openai: %s transfer done: %s", xfer_names[x->kind], curl_easy_strerror(cc));
+        x->completing = true;
+        switch (x->kind) {
+        case X_SEQ: stream_done(e, x, cc); break;
+        case X_TOKENIZE: tokenize_done(x, cc); break;
+        case X_MODELS:
+        case X_HEALTH:
+            e->probe = NULL;
+            probe_done(e, x, cc);
+            break;
+        case X_METRICS:
+            e->metrics_x = NULL;
+            metrics_done(e, x, cc);
+            break;
+        }
+        if (x->seq && x->seq->x == x) x->seq->x = NULL; /* cannot happen: each handler ends or moves it */
+        xfer_free(e, x);
+    }
+    flush_ready(e);
+}
+
+static void leave(oa_engine *e) {
+    if (--e->depth > 0) return;
+    if (!e->destroying) report_load(e);
+    while (e->graveyard) {
+        bt_engine_seq *s = e->graveyard;
+        e->graveyard = s->gnext;
+        seq_free(s);
+    }
+    if (e->destroying && !e->torn_down) teardown(e);
+}
+
+/* ---- engine operations ---------------------------------------------------------------------- */
+
+static bt_status oa_submit(bt_engine *be, const bt_engine_request *req, const bt_engine_sink *sink, void *ud,
+                           bt_engine_seq **out, char *err, size_t errlen) {
+    oa_engine *e = (oa_engine *)be;
+    char dummy[1];
+    if (!err || errlen == 0) {
+        err = dummy;
+        errlen = sizeof dummy;
+    }
+    err[0] = '\0';
+    if (out) *out = NULL;
+    if (!req || !sink || !out || !sink->on_tokens || !sink->on_finish || !sink->on_error) {
+        snprintf(err, errlen, "submit needs a request, a complete sink and an output handle");
+        return BT_ERR_INVALID;
+    }
+    if (e->dead) {
+        snprintf(err, errlen, "upstream %s is dead", e->url);
+        return BT_ERR_ENGINE;
+    }
+    if (!e->ever_up && e->probe_failed) {
+        snprintf(err, errlen, "upstream %s is not reachable yet (%s)", e->url, e->last_err);
+        return BT_ERR_CANNOT_CONNECT;
+    }
+    if (!json_is_object(req->body)) {
+        snprintf(err, errlen, "request has no JSON body");
+        return BT_ERR_INVALID;
+    }
+    if (req->n_carried && !req->carried) {
+        snprintf(err, errlen, "n_carried is %u but carried is NULL", req->n_carried);
+        return BT_ERR_INVALID;
+    }
+    bt_oa_carried_kind ck = bt_oa_carried_classify(req->carried, req->n_carried);
+    if (ck == BT_OA_CARRIED_MIXED) {
+        snprintf(err, errlen, "the carried tokens mix upstream token ids and text-mode ids: the workers of one model "
+                              "must front upstreams of one kind");
+        return BT_ERR_INVALID;
+    }
+    bt_engine_seq *s = calloc(1, sizeof *s);
+    if (!s) goto nomem;
+    s->e = e;
+    s->sink = *sink;
+    s->ud = ud;
+    s->state = S_ENDED; /* not counted until placed below */
+    s->api = req->api;
+    s->max_tokens = req->max_tokens;
+    s->carried_kind = ck;
+    s->finish = BT_OA_FINISH_NONE;
+    s->mode = ck == BT_OA_CARRIED_IDS ? MODE_IDS : ck == BT_OA_CARRIED_TEXT ? MODE_TEXT : MODE_UNDECIDED;
+    snprintf(s->rid, sizeof s->rid, "%s", req->request_id ? req->request_id : "-");
+    bt_buf_init(&s->carried_text, (size_t)64 << 20);
+    bt_buf_init(&s->held_text, (size_t)1 << 20);
+    bt_sse_init(&s->sse, OA_SSE_MAX_LINE, OA_SSE_MAX_EVENT);
+    s->body = json_deep_copy(req->body);
+    if (!s->body) goto nomem_seq;
+    if (req->n_carried) {
+        s->carried = malloc(req->n_carried * sizeof *s->carried);
+        if (!s->carried) goto nomem_seq;
+        memcpy(s->carried, req->carried, req->n_carried * sizeof *s->carried);
+        s->n_carried = req->n_carried;
+    }
+    if (ck == BT_OA_CARRIED_TEXT) {
+        if (!req->carried_text) {
+            seq_free(s);
+            snprintf(err, errlen, "continuing on a text-only upstream needs the delivered text, which the frontend "
+                                  "did not send (carried_text)");
+            return BT_ERR_INVALID;
+        }
+        if (bt_buf_append(&s->carried_text, req->carried_text, req->carried_text_len) != BT_OK) {
+            seq_free(s);
+            snprintf(err, errlen, "the carried text is too large");
+            return BT_ERR_TOO_LARGE;
+        }
+    }
+    s->next = e->seqs;
+    if (e->seqs) e->seqs->prev = s;
+    e->seqs = s;
+    seq_set_state(s, S_PENDING);
+    *out = s;
+    if (s->max_tokens == 0) {
+        seq_end(s, END_FINISH, BT_FINISH_LENGTH, BT_OK, NULL, true);
+    } else if (e->detected) {
+        seq_start(s); /* failures here end it through the ready list, never with a callback now */
+    }
+    BT_DEBUG("openai: submitted %s: %s, %zu carried (%s), max_tokens %u%s", s->rid,
+             s->api == BT_API_CHAT ? "chat" : "completion", s->n_carried,
+             ck == BT_OA_CARRIED_IDS ? "ids" : ck == BT_OA_CARRIED_TEXT ? "text" : "none", s->max_tokens,
+             e->detected ? "" : " (waiting for the upstream's first answer)");
+    return BT_OK;
+
+nomem_seq:
+    seq_free(s);
+nomem:
+    snprintf(err, errlen, "out of memory");
+    return BT_ERR_NOMEM;
+}
+
+static void oa_stop(bt_engine *be, bt_engine_seq *s) {
+    (void)be;
+    if (!s || s->killed || s->end != END_NONE) return;
+    BT_DEBUG("openai: %s stopped after %llu ids", s->rid, (unsigned long long)s->emitted);
+    seq_end(s, END_FINISH, BT_FINISH_CANCELLED, BT_OK, NULL, true);
+}
+
+static void oa_kill(bt_engine *be, bt_engine_seq *s) {
+    (void)be;
+    if (!s || s->killed) return;
+    BT_DEBUG("openai: %s killed after %llu ids%s", s->rid, (unsigned long long)s->emitted,
+             s->x ? ": upstream connection closed" : "");
+    seq_unlink(s);
+}
+
+static void oa_get_load(bt_engine *be, bt_engine_load *out) { load_snapshot((oa_engine *)be, out); }
+
+static void oa_card(bt_engine *be, json_t *card) {
+    oa_engine *e = (oa_engine *)be;
+    json_object_set_new(card, "total_kv_blocks", json_integer(e->cfg.total_blocks));
+    json_object_set_new(card, "block_size", json_integer(16)); /* vLLM's default; only an estimate here */
+    json_object_set_new(card, "engine", json_string("openai"));
+    json_object_set_new(card, "upstream", json_string(e->url));
+}
+
+/* Drops every sequence and transfer and closes the handles; memory goes with the last close. */
+static void teardown(oa_engine *e) {
+    e->torn_down = true;
+    while (e->seqs) {
+        bt_engine_seq *s = e->seqs;
+        e->seqs = s->next;
+        seq_detach(s, true);
+        seq_free(s);
+    }
+    e->ready_head = e->ready_tail = NULL;
+    while (e->graveyard) {
+        bt_engine_seq *s = e->graveyard;
+        e->graveyard = s->gnext;
+        seq_free(s);
+    }
+    while (e->xfers) xfer_free(e, e->xfers);
+    curl_multi_cleanup(e->multi); /* closes cached connections; their polls go through sock_cb */
+    e->multi = NULL;
+    while (e->socks) sock_release(e, e->socks);
+    uv_idle_stop(&e->idle);
+    uv_timer_stop(&e->curl_timer);
+    uv_timer_stop(&e->health_timer);
+    uv_timer_stop(&e->metrics_timer);
+    uv_close((uv_handle_t *)&e->curl_timer, on_handle_closed);
+    uv_close((uv_handle_t *)&e->health_timer, on_handle_closed);
+    uv_close((uv_handle_t *)&e->metrics_timer, on_handle_closed);
+    uv_close((uv_handle_t *)&e->idle, on_handle_closed);
+}
+
+static void oa_destroy(bt_engine *be) {
+    oa_engine *e = (oa_engine *)be;
+    if (e->destroying) return;
+    e->destroying = true;
+    if (e->depth == 0) teardown(e); /* else when the running callback unwinds (leave) */
+}
+
+static const bt_engine_ops oa_ops = {
+    .submit = oa_submit,
+    .stop = oa_stop,
+    .kill = oa_kill,
+    .get_load = oa_get_load,
+    .card = oa_card,
+    .destroy = oa_destroy,
+};
+
+/* ---- public --------------------------------------------------------------------------------- */
+
+void bt_openai_config_default(bt_openai_config *c) {
+    memset(c, 0, sizeof *c);
+    c->kind = "auto";
+    c->total_blocks = 1000;
+    c->health_interval = 2.0;
+    c->health_failures = 3;
+    c->metrics_interval = 1.0;
+    c->connect_timeout = 5.0;
+    c->startup_timeout = 600.0;
+}
+
+bt_status bt_openai_config_check(const bt_openai_config *c, char *err, size_t errlen) {
+    char dummy[1];
+    bt_oa_kind k;
+    if (!err || errlen == 0) {
+        err = dummy;
+        errlen = sizeof dummy;
+    }
+    if (!c->upstream || !*c->upstream) {
+        snprintf(err, errlen, "the openai engine needs --upstream (or DYN_UPSTREAM_URL), e.g. http://127.0.0.1:8000");
+    } else if (strncmp(c->upstream, "http://", 7) != 0 && strncmp(c->upstream, "https://", 8) != 0) {
+        snprintf(err, errlen, "--upstream '%s' must be an http:// or https:// URL", c->upstream);
+    } else if (strlen(c->upstream) > 900) {
+        snprintf(err, errlen, "--upstream is longer than 900 characters");
+    } else if (!bt_oa_kind_parse(c->kind ? c->kind : "auto", &k)) {
+        snprintf(err, errlen, "unknown --upstream-kind '%s' (auto, baton, vllm, sglang, llamacpp or openai)", c->kind);
+    } else if (c->total_blocks <= 0) {
+        snprintf(err, errlen, "--upstream-total-blocks must be positive (got %lld)", (long long)c->total_blocks);
+    } else if (!(c->health_interval > 0) || !(c->metrics_interval > 0) || !(c->connect_timeout > 0) ||
+               !(c->startup_timeout > 0)) {
+        snprintf(err, errlen, "the openai engine's intervals and timeouts must be positive");
+    } else if (c->health_failures < 1) {
+        snprintf(err, errlen, "health_failures must be at least 1");
+    } else if (c->api_key && strlen(c->api_key) > 400) {
+        snprintf(err, errlen, "--upstream-api-key is longer than 400 characters");
+    } else {
+        err[0] = '\0';
+        return BT_OK;
+    }
+    return BT_ERR_INVALID;
+}
+
+static char *dup_or_null(const char *s) {
+    if (!s || !*s) return NULL;
+    size_t n = strlen(s);
+    char *d = malloc(n + 1);
+    if (d) memcpy(d, s, n + 1);
+    return d;
+}
+
+bt_engine *bt_openai_create(uv_loop_t *loop, const bt_openai_config *cfg, const bt_engine_hooks *hooks,
+                            void *hooks_ud) {
+    static bool curl_ready = false;
+    char err[256];
+    if (!loop || !cfg) return NULL;
+    if (bt_openai_config_check(cfg, err, sizeof err) != BT_OK) {
+        BT_ERROR("openai: bad configuration: %s", err);
+        return NULL;
+    }
+    if (!curl_ready) {
+        /* once per process, before any transfer; the process is single-threaded at start-up */
+        if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+            BT_ERROR("openai: libcurl initialisation failed");
+            return NULL;
+        }
+        curl_ready = true;
+    }
+    oa_engine *e = calloc(1, sizeof *e);
+    if (!e) return NULL;
+    e->base.ops = &oa_ops;
+    e->loop = loop;
+    e->cfg = *cfg;
+    bt_oa_kind_parse(cfg->kind ? cfg->kind : "auto", &e->kind_cfg);
+    e->kind = e->kind_cfg == BT_OA_KIND_AUTO ? BT_OA_KIND_OPENAI : e->kind_cfg;
+    e->url = dup_or_null(cfg->upstream);
+    e->model_cfg = dup_or_null(cfg->model);
+    e->served = dup_or_null(cfg->served_model);
+    e->api_key = dup_or_null(cfg->api_key);
+    e->multi = curl_multi_init();
+    if (!e->url || !e->multi || (cfg->model && *cfg->model && !e->model_cfg) ||
+        (cfg->served_model && *cfg->served_model && !e->served) || (cfg->api_key && *cfg->api_key && !e->api_key)) {
+        if (e->multi) curl_multi_cleanup(e->multi);
+        free(e->url);
+        free(e->model_cfg);
+        free(e->served);
+        free(e->api_key);
+        free(e);
+        return NULL;
+    }
+    /* the base URL without a trailing slash or /v1: paths are appended as /v1/... and /health */
+    size_t n = strlen(e->url);
+    while (n > 0 && e->url[n - 1] == '/') e->url[--n] = '\0';
+    if (n >= 3 && strcmp(e->url + n - 3, "/v1") == 0) e->url[n -= 3] = '\0';
+    if (hooks) e->hooks = *hooks;
+    e->hooks_ud = hooks_ud;
+    e->created_ms = bt_now_ms();
+    snprintf(e->last_err, sizeof e->last_err, "no answer yet");
+    curl_multi_setopt(e->multi, CURLMOPT_SOCKETFUNCTION, sock_cb);
+    curl_multi_setopt(e->multi, CURLMOPT_SOCKETDATA, e);
+    curl_multi_setopt(e->multi, CURLMOPT_TIMERFUNCTION, timer_cb);
+    curl_multi_setopt(e->multi, CURLMOPT_TIMERDATA, e);
+    uv_timer_init(loop, &e->curl_timer);
+    uv_timer_init(loop, &e->health_timer);
+    uv_timer_init(loop, &e->metrics_timer);
+    uv_idle_init(loop, &e->idle);
+    e->curl_timer.data = e->health_timer.data = e->metrics_timer.data = e;
+    e->idle.data = e;
+    e->open_handles = 4;
+    load_snapshot(e, &e->last_load);
+    uint64_t iv = (uint64_t)(cfg->health_interval * 1000.0 + 0.5);
+    uv_timer_start(&e->health_timer, on_health_timer, 0, iv ? iv : 1); /* the first probe at once */
+    BT_INFO("openai: upstream %s (kind %s, model %s), health every %gs (dead after %lld failures), %lld KV blocks",
+            e->url, bt_oa_kind_name(e->kind_cfg), e->model_cfg ? e->model_cfg : "from /v1/models", cfg->health_interval,
+            (long long)cfg->health_failures, (long long)cfg->total_blocks);
+    return &e->base;
+}

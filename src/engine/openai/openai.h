@@ -1,0 +1,43 @@
+/* openai.h — the `openai` engine: a baton worker in front of any OpenAI-compatible engine server
+ * (vLLM, SGLang, llama.cpp's server, another baton frontend, ...), the "upstream".
+ *
+ * Each sequence is one streaming HTTP request to the upstream's /v1/chat/completions or
+ * /v1/completions, driven by libcurl's multi interface on the worker's libuv loop. Token ids come
+ * from the upstream when it offers them (a baton frontend and vLLM do, with "return_token_ids"),
+ * so a continuation is token-exact; from a text-only upstream the engine delivers one tagged id
+ * per text chunk, and a continuation re-sends the text the frontend delivered (docs/engines.md
+ * says what each guarantees). A kill closes the upstream connection at once, which makes vLLM-like servers abort
+ * the request; a stop ends the sequence with what was delivered. The engine polls the upstream's
+ * health and, when it exposes vLLM's Prometheus gauges, its KV-cache usage and queue lengths. */
+#ifndef BATON_OPENAI_H
+#define BATON_OPENAI_H
+
+#include <stdint.h>
+#include <uv.h>
+
+#include "engine/engine.h"
+
+typedef struct {
+    const char *upstream;     /* --upstream / DYN_UPSTREAM_URL: base URL, e.g. http://127.0.0.1:8000 */
+    const char *model;        /* --upstream-model: the model name the upstream serves; NULL = ask it */
+    const char *served_model; /* the worker's --model-name, used upstream when the upstream lists it */
+    const char *kind;         /* --upstream-kind: auto, baton, vllm, sglang, llamacpp, openai */
+    const char *api_key;      /* --upstream-api-key: sent as "Authorization: Bearer"; NULL = none */
+    int64_t total_blocks;     /* --upstream-total-blocks: KV capacity reported in load and card (1000) */
+    double health_interval;   /* seconds between health polls (2) */
+    int64_t health_failures;  /* consecutive failed polls that make the upstream dead (3) */
+    double metrics_interval;  /* seconds between /metrics polls (1) */
+    double connect_timeout;   /* seconds to connect to the upstream (5) */
+    double startup_timeout;   /* seconds an upstream may take to answer at all before it is dead (600) */
+} bt_openai_config;
+
+void bt_openai_config_default(bt_openai_config *c);
+/* Validates a configuration; on error writes why into err. */
+bt_status bt_openai_config_check(const bt_openai_config *c, char *err, size_t errlen);
+
+/* Creates the engine on `loop` and starts probing the upstream. `hooks` (copied) may be NULL.
+ * Strings of cfg are copied. Returns NULL (logged) on a bad configuration or out of memory. */
+bt_engine *bt_openai_create(uv_loop_t *loop, const bt_openai_config *cfg, const bt_engine_hooks *hooks,
+                            void *hooks_ud);
+
+#endif

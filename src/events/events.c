@@ -1,0 +1,148 @@
+/* events.c — see events.h: configuration defaults and checks, plane selection, and the ActiveLoad
+ * JSON codec. The encoder is hand-written (one snprintf, no allocation: a worker publishes on
+ * every load change); the decoder uses jansson because it reads what other programs wrote. */
+#include "events/events.h"
+
+#include <inttypes.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "events/events_internal.h"
+
+static const char *env_or_null(const char *name) {
+    const char *v = getenv(name);
+    return v && *v ? v : NULL;
+}
+
+void bt_events_config_default(bt_events_config *c) {
+    memset(c, 0, sizeof *c);
+    c->plane = "direct";
+    c->nats_server = "nats://localhost:4222";
+    c->ns = "dynamo";
+    c->name = "baton";
+    c->user = env_or_null("NATS_AUTH_USERNAME");
+    c->password = env_or_null("NATS_AUTH_PASSWORD");
+    c->token = env_or_null("NATS_AUTH_TOKEN");
+    c->creds_file = env_or_null("NATS_AUTH_CREDENTIALS_FILE");
+    c->debounce_ms = 2;
+    c->reconnect_min_ms = 100;
+    c->reconnect_max_ms = 2000;
+    c->connect_timeout_ms = 2000;
+    c->ping_interval_ms = 5000;
+    c->max_pending_bytes = 256 * 1024;
+    c->max_queued_msgs = 4096;
+}
+
+/* Every comma-separated element must be a nats:// or tls:// URL with something after the scheme
+ * (Dynamo requires nats://; tls:// is what nats.c takes for a TLS server). */
+static bool urls_ok(const char *s, char *err, size_t errlen) {
+    if (!s || !*s) {
+        snprintf(err, errlen, "NATS_SERVER is empty");
+        return false;
+    }
+    const char *p = s;
+    for (;;) {
+        const char *end = strchr(p, ',');
+        size_t n = end ? (size_t)(end - p) : strlen(p);
+        while (n && *p == ' ') p++, n--;
+        bool ok = (n > 7 && strncmp(p, "nats://", 7) == 0) || (n > 6 && strncmp(p, "tls://", 6) == 0);
+        if (!ok) {
+            snprintf(err, errlen, "invalid NATS server URL '%.*s' in '%s' (expected nats://host:port)", (int)n, p, s);
+            return false;
+        }
+        if (!end) return true;
+        p = end + 1;
+    }
+}
+
+bt_status bt_events_create(uv_loop_t *loop, const bt_events_config *c, bt_events **out, char *err, size_t errlen) {
+    *out = NULL;
+    if (!c->plane || strcmp(c->plane, "direct") == 0) return BT_OK;
+    if (strcmp(c->plane, "nats") != 0) {
+        snprintf(err, errlen, "unknown event plane '%s' (direct or nats)", c->plane);
+        return BT_ERR_INVALID;
+    }
+    if (!urls_ok(c->nats_server, err, errlen)) return BT_ERR_INVALID;
+    if (!c->ns || !*c->ns || strpbrk(c->ns, " .*>\t\r\n")) {
+        snprintf(err, errlen, "namespace '%s' cannot be part of a NATS subject", c->ns ? c->ns : "");
+        return BT_ERR_INVALID;
+    }
+    if (c->debounce_ms < 1 || c->debounce_ms > 1000 || c->reconnect_min_ms < 1 ||
+        c->reconnect_max_ms < c->reconnect_min_ms || c->max_queued_msgs < 1) {
+        snprintf(err, errlen, "invalid event-plane timing configuration");
+        return BT_ERR_INVALID;
+    }
+    return bt__events_nats_create(loop, c, out, err, errlen);
+}
+
+/* ---- codec ---- */
+
+size_t bt_events_encode_load(char *buf, size_t cap, uint64_t worker_id, const bt_load_report *r) {
+    int n = snprintf(buf, cap,
+                     "{\"worker_id\":%" PRIu64 ",\"dp_rank\":0,\"active_decode_blocks\":%" PRIu64
+                     ",\"active_prefill_tokens\":%" PRIu64 ",\"total_blocks\":%" PRIu64 ",\"waiting\":%" PRIu64
+                     ",\"running\":%" PRIu64 ",\"max_num_batched_tokens\":%" PRIu64 ",\"ready\":%s}",
+                     worker_id, r->active_decode_blocks, r->active_prefill_tokens, r->total_blocks, r->waiting,
+                     r->running, r->max_num_batched_tokens, (r->flags & BT_LOAD_READY) ? "true" : "false");
+    if (n < 0 || (size_t)n >= cap) {
+        if (cap) buf[0] = '\0';
+        return 0;
+    }
+    return (size_t)n;
+}
+
+/* A count field: missing or null is 0; otherwise a non-negative integer. */
+static bool get_count(const json_t *o, const char *k, uint64_t *v, char *err, size_t errlen) {
+    const json_t *j = json_object_get(o, k);
+    if (!j || json_is_null(j)) {
+        *v = 0;
+        return true;
+    }
+    if (!json_is_integer(j) || json_integer_value(j) < 0) {
+        snprintf(err, errlen, "'%s' must be a non-negative integer or null", k);
+        return false;
+    }
+    *v = (uint64_t)json_integer_value(j);
+    return true;
+}
+
+bt_status bt_events_decode_load(const char *p, size_t n, uint64_t *worker_id, bt_load_report *r, char *err,
+                                size_t errlen) {
+    json_error_t jerr;
+    bt_status st = BT_ERR_INVALID;
+    memset(r, 0, sizeof *r);
+    json_t *o = json_loadb(p, n, JSON_REJECT_DUPLICATES, &jerr);
+    if (!json_is_object(o)) {
+        snprintf(err, errlen, "not a JSON object%s%s", o ? "" : ": ", o ? "" : jerr.text);
+        goto out;
+    }
+    const json_t *id = json_object_get(o, "worker_id");
+    if (!json_is_integer(id) || json_integer_value(id) < 0) {
+        snprintf(err, errlen, "'worker_id' must be a non-negative integer");
+        goto out;
+    }
+    *worker_id = (uint64_t)json_integer_value(id);
+    const json_t *dp = json_object_get(o, "dp_rank");
+    if (dp && !json_is_null(dp) && (!json_is_integer(dp) || json_integer_value(dp) < 0)) {
+        snprintf(err, errlen, "'dp_rank' must be a non-negative integer");
+        goto out;
+    }
+    if (!get_count(o, "active_decode_blocks", &r->active_decode_blocks, err, errlen) ||
+        !get_count(o, "active_prefill_tokens", &r->active_prefill_tokens, err, errlen) ||
+        !get_count(o, "total_blocks", &r->total_blocks, err, errlen) ||
+        !get_count(o, "waiting", &r->waiting, err, errlen) || !get_count(o, "running", &r->running, err, errlen) ||
+        !get_count(o, "max_num_batched_tokens", &r->max_num_batched_tokens, err, errlen))
+        goto out;
+    const json_t *ready = json_object_get(o, "ready");
+    if (ready && !json_is_boolean(ready)) {
+        snprintf(err, errlen, "'ready' must be a boolean");
+        goto out;
+    }
+    r->flags = (!ready || json_is_true(ready)) ? BT_LOAD_READY : 0;
+    st = BT_OK;
+out:
+    json_decref(o);
+    return st;
+}

@@ -1,0 +1,738 @@
+/* nats.c — the NATS event plane (see events.h): the nats.c client driven by our libuv loop.
+ *
+ * nats.c runs in its external-event-loop mode (natsOptions_SetEventLoop): it never reads or
+ * writes the socket from its own threads while attached, it asks us to poll for readability and
+ * writability, and we call natsConnection_ProcessReadEvent/ProcessWriteEvent from the loop. Its
+ * remaining threads — the reconnect thread (blocking connects with a timeout), the ping timer, the
+ * per-subscription delivery thread — talk to the loop only through the queue and the uv_async_t
+ * below. The connect and close handshakes, which block for up to the connect timeout, run on the
+ * libuv thread pool.
+ *
+ * Why a small adapter here instead of <nats/adapters/libuv.h>: the adapter nats.c 3.4 ships (the
+ * Debian libnats-dev one) refuses the first attach from any thread but the loop's
+ * (NATS_ILLEGAL_STATE), and with natsOptions_SetRetryOnFailedConnect the first successful connect
+ * of a process that started while NATS was down happens on nats.c's reconnect thread, so such a
+ * process would never connect. It also polls nats.c's own descriptor, which nats.c closes right
+ * after asking (possibly from another thread) to stop polling it; the number can be reused by one
+ * of our sockets before the loop gets to the request, and stopping the poll then removes our other
+ * socket from epoll. Here every attach/read/write/detach request is applied at once when it comes
+ * from the loop thread with nothing queued, and queued in order otherwise; and the poll watches a
+ * dup() of the socket that only we close, so its number cannot be reused underneath it.
+ *
+ * Lifetime: the bt_events object outlives the natsConnection (destroyed on the loop in
+ * finish_close, after the poll is closed), so every nats.c callback may use it. The message queue
+ * lives in a separate refcounted `inbox` because the subscription's delivery thread can outlive
+ * the connection; its last reference goes when nats.c reports the subscription complete. */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <nats/nats.h>
+
+#include "common/log.h"
+#include "common/util.h"
+#include "events/events_internal.h"
+
+#define MAX_MSG_BYTES 4096     /* an ActiveLoad is ~250 bytes; anything this large is not one */
+#define RECONNECT_BUF (64 * 1024)
+#define SUB_PENDING_MSGS 65536 /* nats.c's own per-subscription cap before our queue */
+#define SUB_PENDING_BYTES (16 * 1024 * 1024)
+
+/* ---- requests from nats.c to the loop ---- */
+
+typedef enum { OP_ATTACH, OP_READ, OP_WRITE, OP_DETACH } op_type;
+
+typedef struct op {
+    op_type type;
+    bool add;
+    int fd; /* OP_ATTACH: our dup() of the socket, owned by the op until applied */
+    natsConnection *nc;
+    struct op *next;
+} op;
+
+/* ---- received messages, shared with the delivery thread ---- */
+
+typedef struct qmsg {
+    struct qmsg *next;
+    size_t len;
+    char data[];
+} qmsg;
+
+typedef struct {
+    uv_mutex_t mu;
+    uv_async_t *async; /* NULL once the loop side is gone: messages are then discarded */
+    qmsg *head, *tail;
+    size_t n, cap;
+    uint64_t overflow, too_big;
+    int refs; /* the bt_events, plus the subscription until nats.c reports it complete */
+} inbox;
+
+typedef struct {
+    uv_poll_t h;
+    int fd;
+    struct bt_events *e;
+} pollw;
+
+typedef enum { ST_IDLE, ST_CONNECTING, ST_RUNNING, ST_CLOSING, ST_CLOSED } ev_state;
+
+struct bt_events {
+    uv_loop_t *loop;
+    uv_thread_t loop_thread;
+    char *url, *subject, *name;
+    bt_events_config c; /* string fields point at the copies above (auth: see make_options) */
+    char *user, *password, *token, *creds;
+    natsOptions *opts;
+    natsConnection *nc; /* set on the loop once the connect work returns */
+    natsSubscription *sub;
+    ev_state state;
+    /* loop */
+    uv_async_t async;
+    uv_timer_t kick;     /* starts the connect work on the first loop iteration */
+    uv_timer_t debounce; /* publisher */
+    pollw *poll;
+    int poll_events;
+    natsConnection *poll_nc;
+    bool live;           /* the loop has attached a connected socket and not lost it */
+    bool shutting;       /* finish_close has begun: attaches are refused */
+    atomic_bool up;      /* nats.c says the socket is attached (set from any thread) */
+    /* queued requests */
+    uv_mutex_t op_mu;
+    op *op_head, *op_tail;
+    /* thread-pool work */
+    uv_work_t work;
+    bool work_busy;
+    natsStatus work_status;
+    char work_err[256];
+    natsConnection *work_nc;
+    natsSubscription *work_sub;
+    /* subscriber */
+    inbox *in;
+    bt_events_load_cb cb;
+    void *cb_ud;
+    /* publisher */
+    bool pending;
+    uint64_t pending_id;
+    bt_load_report pending_r;
+    uint64_t last_drop_log_ms;
+    /* close */
+    int handles_open;
+    void (*done)(void *ud);
+    void *done_ud;
+    bt_events_stats st;
+};
+
+static void apply_op(bt_events *e, const op *o);
+
+/* ---- the poll on our copy of the socket ---- */
+
+static void handle_released(bt_events *e);
+
+static void on_poll_closed(uv_handle_t *h) {
+    pollw *p = h->data;
+    close(p->fd);
+    bt_events *e = p->e;
+    free(p);
+    handle_released(e);
+}
+
+static void poll_close(bt_events *e) {
+    pollw *p = e->poll;
+    if (!p) return;
+    e->poll = NULL;
+    e->poll_events = 0;
+    uv_poll_stop(&p->h);
+    uv_close((uv_handle_t *)&p->h, on_poll_closed);
+}
+
+static void on_poll(uv_poll_t *h, int status, int events) {
+    pollw *p = h->data;
+    bt_events *e = p->e;
+    natsConnection *nc = e->poll_nc;
+    if (!nc || e->poll != p) return;
+    /* an error is handed to the read side, which fails and starts nats.c's reconnect */
+    if (status < 0 || (events & (UV_READABLE | UV_DISCONNECT))) natsConnection_ProcessReadEvent(nc);
+    if (e->poll != p) return; /* the read closed the connection (and this poll) */
+    if (status == 0 && (events & UV_WRITABLE)) natsConnection_ProcessWriteEvent(nc);
+}
+
+static void poll_set(bt_events *e, int flag, bool add) {
+    if (!e->poll) return;
+    int ev = add ? (e->poll_events | flag) : (e->poll_events & ~flag);
+    if (ev == e->poll_events) return;
+    e->poll_events = ev;
+    int rc = ev ? uv_poll_start(&e->poll->h, ev, on_poll) : uv_poll_stop(&e->poll->h);
+    if (rc != 0) BT_WARN("NATS: cannot change polling of the socket: %s", uv_strerror(rc));
+}
+
+static bool poll_open(bt_events *e, int fd) {
+    pollw *p = calloc(1, sizeof *p);
+    if (!p) return false;
+    int rc = uv_poll_init(e->loop, &p->h, fd);
+    if (rc != 0) {
+        BT_ERROR("NATS: cannot poll the socket: %s", uv_strerror(rc));
+        free(p);
+        return false;
+    }
+    p->fd = fd;
+    p->e = e;
+    p->h.data = p;
+    e->handles_open++;
+    e->poll = p;
+    e->poll_events = 0;
+    poll_set(e, UV_READABLE, true);
+    return true;
+}
+
+/* ---- requests from nats.c (any thread) ---- */
+
+static void run_ops(bt_events *e) {
+    for (;;) {
+        uv_mutex_lock(&e->op_mu);
+        op *o = e->op_head;
+        if (o) {
+            e->op_head = o->next;
+            if (!e->op_head) e->op_tail = NULL;
+        }
+        uv_mutex_unlock(&e->op_mu);
+        if (!o) return;
+        apply_op(e, o); /* never calls into nats.c, so no lock-order question arises */
+        free(o);
+    }
+}
+
+/* Applies the request now when on the loop thread with nothing queued before it (the common case:
+ * nats.c reacting to a read or write event we gave it), else queues it for the loop, in order. */
+static natsStatus submit(bt_events *e, op_type t, bool add, int fd, natsConnection *nc) {
+    uv_thread_t self = uv_thread_self();
+    uv_mutex_lock(&e->op_mu);
+    bool direct = uv_thread_equal(&self, &e->loop_thread) && !e->op_head;
+    if (direct) {
+        uv_mutex_unlock(&e->op_mu);
+        op o = {t, add, fd, nc, NULL};
+        apply_op(e, &o);
+        return NATS_OK;
+    }
+    op *o = malloc(sizeof *o);
+    if (!o) {
+        uv_mutex_unlock(&e->op_mu);
+        return NATS_NO_MEMORY;
+    }
+    *o = (op){t, add, fd, nc, NULL};
+    if (e->op_tail) e->op_tail->next = o;
+    else e->op_head = o;
+    e->op_tail = o;
+    uv_mutex_unlock(&e->op_mu);
+    uv_async_send(&e->async);
+    return NATS_OK;
+}
+
+static natsStatus ev_attach(void **user, void *loop, natsConnection *nc, natsSock sock) {
+    bt_events *e = loop;
+    int fd = fcntl(sock, F_DUPFD_CLOEXEC, 0);
+    if (fd < 0) return NATS_SYS_ERROR;
+    *user = e;
+    atomic_store(&e->up, true);
+    natsStatus s = submit(e, OP_ATTACH, true, fd, nc);
+    if (s != NATS_OK) {
+        close(fd);
+        atomic_store(&e->up, false);
+    }
+    return s;
+}
+
+static natsStatus ev_read(void *user, bool add) {
+    bt_events *e = user;
+    if (!add) atomic_store(&e->up, false);
+    return submit(e, OP_READ, add, -1, NULL);
+}
+
+static natsStatus ev_write(void *user, bool add) { return submit(user, OP_WRITE, add, -1, NULL); }
+
+static natsStatus ev_detach(void *user) {
+    bt_events *e = user;
+    atomic_store(&e->up, false);
+    return submit(e, OP_DETACH, false, -1, NULL);
+}
+
+static void lost(bt_events *e, const char *why) {
+    if (!e->live) return;
+    e->live = false;
+    e->st.disconnects++;
+    if (e->state != ST_CLOSING)
+        BT_WARN("NATS connection to %s lost (%s); reconnecting in the background — load reports go on the "
+                "request plane only until then",
+                e->url, why);
+}
+
+static void apply_op(bt_events *e, const op *o) {
+    switch (o->type) {
+    case OP_ATTACH:
+        poll_close(e); /* the socket of a previous connection, if still polled */
+        if (e->shutting || !poll_open(e, o->fd)) {
+            close(o->fd);
+            return;
+        }
+        e->poll_nc = o->nc;
+        e->live = true;
+        e->st.connects++;
+        BT_INFO("NATS connected to %s (%s %s)", e->url, e->cb ? "subscribed to" : "publishing on", e->subject);
+        return;
+    case OP_READ:
+        if (o->add) {
+            poll_set(e, UV_READABLE, true);
+            return;
+        }
+        /* nats.c stops reading only when the socket is done (lost, or closing) */
+        lost(e, "socket closed");
+        poll_close(e);
+        return;
+    case OP_WRITE:
+        poll_set(e, UV_WRITABLE, o->add);
+        return;
+    case OP_DETACH:
+        lost(e, "connection closed");
+        poll_close(e);
+        return;
+    }
+}
+
+/* ---- nats.c callbacks on its own threads ---- */
+
+static void on_connected(natsConnection *nc, void *closure) {
+    /* required for the asynchronous first connect; the loop logs the attach instead */
+    (void)nc;
+    (void)closure;
+}
+
+static void on_async_error(natsConnection *nc, natsSubscription *sub, natsStatus err, void *closure) {
+    (void)nc;
+    (void)sub;
+    (void)closure;
+    BT_WARN("NATS: asynchronous error: %s", natsStatus_GetText(err));
+}
+
+/* Backoff between rounds over the server list: min, doubling, capped, plus up to 25 % jitter so
+ * that a fleet of workers does not reconnect in lock step. */
+static int64_t reconnect_delay(natsConnection *nc, int attempts, void *closure) {
+    (void)nc;
+    bt_events *e = closure;
+    uint64_t d = e->c.reconnect_min_ms;
+    for (int i = 1; i < attempts && d < e->c.reconnect_max_ms; i++) d *= 2;
+    if (d > e->c.reconnect_max_ms) d = e->c.reconnect_max_ms;
+    d += bt_random64() % (d / 4 + 1);
+    if (attempts > 1 && attempts % 30 == 0)
+        BT_INFO("NATS: %s still unreachable after %d attempts; retrying every ~%" PRIu64 " ms", e->url, attempts, d);
+    return (int64_t)d;
+}
+
+static void inbox_unref(inbox *in) {
+    uv_mutex_lock(&in->mu);
+    int refs = --in->refs;
+    uv_mutex_unlock(&in->mu);
+    if (refs > 0) return;
+    for (qmsg *q = in->head, *n; q; q = n) {
+        n = q->next;
+        free(q);
+    }
+    uv_mutex_destroy(&in->mu);
+    free(in);
+}
+
+static void on_sub_complete(void *closure) { inbox_unref(closure); }
+
+/* Delivery thread: copy the payload into the loop's queue (bounded) and wake the loop. */
+static void on_msg(natsConnection *nc, natsSubscription *sub, natsMsg *m, void *closure) {
+    (void)nc;
+    (void)sub;
+    inbox *in = closure;
+    int len = natsMsg_GetDataLength(m);
+    qmsg *q = NULL;
+    if (len >= 0 && len <= MAX_MSG_BYTES) {
+        q = malloc(sizeof *q + (size_t)len);
+        if (q) {
+            q->next = NULL;
+            q->len = (size_t)len;
+            memcpy(q->data, natsMsg_GetData(m), (size_t)len);
+        }
+    }
+    natsMsg_Destroy(m);
+    uv_mutex_lock(&in->mu);
+    if (!q) {
+        in->too_big += len > MAX_MSG_BYTES;
+        in->overflow += len <= MAX_MSG_BYTES;
+    } else if (!in->async || in->n >= in->cap) {
+        if (in->async) in->overflow++;
+        free(q);
+    } else {
+        if (in->tail) in->tail->next = q;
+        else in->head = q;
+        in->tail = q;
+        in->n++;
+        uv_async_send(in->async);
+    }
+    uv_mutex_unlock(&in->mu);
+}
+
+/* ---- the loop side ---- */
+
+static void drain_inbox(bt_events *e) {
+    inbox *in = e->in;
+    if (!in) return;
+    uv_mutex_lock(&in->mu);
+    qmsg *q = in->head;
+    in->head = in->tail = NULL;
+    in->n = 0;
+    uv_mutex_unlock(&in->mu);
+    while (q) {
+        qmsg *next = q->next;
+        uint64_t id;
+        bt_load_report r;
+        char err[128];
+        if (bt_events_decode_load(q->data, q->len, &id, &r, err, sizeof err) == BT_OK) {
+            e->st.received++;
+            if (e->cb && !e->shutting) e->cb(e->cb_ud, id, &r);
+        } else {
+            if (e->st.invalid++ == 0 || e->st.invalid % 1000 == 0)
+                BT_WARN("NATS: ignoring a message on %s that is not an ActiveLoad (%s; %" PRIu64 " so far)",
+                        e->subject, err, e->st.invalid);
+        }
+        free(q);
+        q = next;
+    }
+}
+
+static void on_async(uv_async_t *a) {
+    bt_events *e = a->data;
+    run_ops(e);
+    drain_inbox(e);
+}
+
+static void publish_now(bt_events *e) {
+    if (!e->pending) return;
+    e->pending = false;
+    const char *why = NULL;
+    if (!e->nc || !atomic_load(&e->up) || !e->live) {
+        why = "not connected";
+    } else if (natsConnection_Buffered(e->nc) > (int)e->c.max_pending_bytes) {
+        why = "send buffer full";
+    } else {
+        char buf[512];
+        size_t n = bt_events_encode_load(buf, sizeof buf, e->pending_id, &e->pending_r);
+        natsStatus s = n ? natsConnection_Publish(e->nc, e->subject, buf, (int)n) : NATS_INSUFFICIENT_BUFFER;
+        if (s == NATS_OK) {
+            e->st.published++;
+            return;
+        }
+        why = natsStatus_GetText(s);
+    }
+    e->st.dropped++;
+    uint64_t now = bt_now_ms();
+    if (e->live && now - e->last_drop_log_ms > 10000) {
+        e->last_drop_log_ms = now;
+        BT_WARN("NATS: load report not published (%s; %" PRIu64 " dropped so far)", why, e->st.dropped);
+    }
+}
+
+static void on_debounce(uv_timer_t *t) { publish_now(t->data); }
+
+/* ---- connect and close, off the loop ---- */
+
+static void connect_work(uv_work_t *w) {
+    bt_events *e = w->data;
+    natsConnection *nc = NULL;
+    natsStatus s = natsConnection_Connect(&nc, e->opts);
+    e->work_status = s;
+    if (s != NATS_OK && s != NATS_NOT_YET_CONNECTED) {
+        snprintf(e->work_err, sizeof e->work_err, "%s", nats_GetLastError(NULL));
+        return;
+    }
+    e->work_nc = nc;
+    if (!e->cb) return;
+    natsSubscription *sub = NULL;
+    /* the subscription is registered now and (re)sent by nats.c on every (re)connect */
+    natsStatus ss = natsConnection_Subscribe(&sub, nc, e->subject, on_msg, e->in);
+    if (ss == NATS_OK) {
+        natsSubscription_SetPendingLimits(sub, SUB_PENDING_MSGS, SUB_PENDING_BYTES);
+        uv_mutex_lock(&e->in->mu);
+        e->in->refs++;
+        uv_mutex_unlock(&e->in->mu);
+        if (natsSubscription_SetOnCompleteCB(sub, on_sub_complete, e->in) != NATS_OK) inbox_unref(e->in);
+        e->work_sub = sub;
+    } else {
+        e->work_status = ss;
+        snprintf(e->work_err, sizeof e->work_err, "subscribe to %s: %s", e->subject, nats_GetLastError(NULL));
+    }
+}
+
+static void close_step(bt_events *e);
+
+static void after_connect(uv_work_t *w, int status) {
+    (void)status;
+    bt_events *e = w->data;
+    e->work_busy = false;
+    e->nc = e->work_nc;
+    e->sub = e->work_sub;
+    if (e->work_status == NATS_NOT_YET_CONNECTED)
+        BT_WARN("NATS server %s is not reachable yet; connecting in the background (load reports go on the "
+                "request plane only until then)",
+                e->url);
+    else if (e->work_status != NATS_OK)
+        BT_ERROR("NATS event plane: %s (%s); load reports go on the request plane only",
+                 natsStatus_GetText(e->work_status), e->work_err);
+    if (e->state == ST_CLOSING) close_step(e);
+    else e->state = ST_RUNNING;
+}
+
+static void close_work(uv_work_t *w) {
+    bt_events *e = w->data;
+    natsConnection_Close(e->nc); /* flushes what is buffered, joins nats.c's reconnect thread */
+}
+
+/* One of our handles finished closing; the last one (while closing) frees the object. */
+static void handle_released(bt_events *e) {
+    if (--e->handles_open > 0 || e->state != ST_CLOSING || !e->shutting) return;
+    e->state = ST_CLOSED;
+    void (*done)(void *) = e->done;
+    void *ud = e->done_ud;
+    free(e->url);
+    free(e->subject);
+    free(e->name);
+    free(e->user);
+    free(e->password);
+    free(e->token);
+    free(e->creds);
+    uv_mutex_destroy(&e->op_mu);
+    free(e);
+    if (done) done(ud);
+}
+
+static void on_handle_closed(uv_handle_t *h) { handle_released(h->data); }
+
+/* On the loop, with the connection closed (or never made): nats.c calls us no more after the
+ * destroy below, so the remaining requests are applied (fds closed) and the handles go. */
+static void finish_close(bt_events *e) {
+    e->shutting = true;
+    run_ops(e);
+    poll_close(e);
+    if (e->sub) natsSubscription_Destroy(e->sub);
+    e->sub = NULL;
+    if (e->nc) natsConnection_Destroy(e->nc);
+    e->nc = NULL;
+    natsOptions_Destroy(e->opts);
+    e->opts = NULL;
+    run_ops(e);
+    poll_close(e);
+    if (e->in) {
+        uv_mutex_lock(&e->in->mu);
+        e->in->async = NULL;
+        uv_mutex_unlock(&e->in->mu);
+        inbox_unref(e->in);
+        e->in = NULL;
+    }
+    /* +1 so that the count cannot reach 0 before every close below is issued */
+    e->handles_open += 1;
+    uv_close((uv_handle_t *)&e->async, on_handle_closed);
+    uv_close((uv_handle_t *)&e->kick, on_handle_closed);
+    uv_close((uv_handle_t *)&e->debounce, on_handle_closed);
+    e->handles_open -= 1;
+}
+
+static void after_close(uv_work_t *w, int status) {
+    (void)status;
+    bt_events *e = w->data;
+    e->work_busy = false;
+    finish_close(e);
+}
+
+static void close_step(bt_events *e) {
+    if (e->nc) {
+        e->work_busy = true;
+        int rc = uv_queue_work(e->loop, &e->work, close_work, after_close);
+        if (rc == 0) return;
+        e->work_busy = false;
+        BT_WARN("NATS: cannot close in the background (%s); closing on the loop", uv_strerror(rc));
+        natsConnection_Close(e->nc);
+    }
+    finish_close(e);
+}
+
+static void on_kick(uv_timer_t *t) {
+    bt_events *e = t->data;
+    if (e->state != ST_IDLE) return;
+    e->state = ST_CONNECTING;
+    e->work_busy = true;
+    int rc = uv_queue_work(e->loop, &e->work, connect_work, after_connect);
+    if (rc != 0) {
+        e->work_busy = false;
+        e->state = ST_RUNNING;
+        BT_ERROR("NATS event plane: cannot start connecting: %s", uv_strerror(rc));
+    }
+}
+
+/* ---- options ---- */
+
+static char *dup_or_null(const char *s) { return s && *s ? strdup(s) : NULL; }
+
+static bool make_options(bt_events *e, char *err, size_t errlen) {
+    natsOptions *o = NULL;
+    natsStatus s = natsOptions_Create(&o);
+    const char *what = "create options";
+#define TRY(call, w)                                                                                                   \
+    do {                                                                                                               \
+        if (s == NATS_OK) {                                                                                            \
+            s = (call);                                                                                                \
+            what = (w);                                                                                                \
+        }                                                                                                              \
+    } while (0)
+    TRY(natsOptions_SetURL(o, e->url), "server URL");
+    TRY(natsOptions_SetName(o, e->name), "name");
+    TRY(natsOptions_SetTimeout(o, e->c.connect_timeout_ms), "connect timeout");
+    TRY(natsOptions_SetPingInterval(o, e->c.ping_interval_ms), "ping interval");
+    TRY(natsOptions_SetMaxPingsOut(o, 2), "max pings out");
+    TRY(natsOptions_SetAllowReconnect(o, true), "allow reconnect");
+    TRY(natsOptions_SetMaxReconnect(o, -1), "max reconnect");
+    TRY(natsOptions_SetReconnectWait(o, e->c.reconnect_min_ms), "reconnect wait");
+    TRY(natsOptions_SetCustomReconnectDelay(o, reconnect_delay, e), "reconnect delay");
+    TRY(natsOptions_SetReconnectBufSize(o, RECONNECT_BUF), "reconnect buffer");
+    TRY(natsOptions_SetRetryOnFailedConnect(o, true, on_connected, NULL), "retry on failed connect");
+    TRY(natsOptions_SetSendAsap(o, true), "send asap");
+    TRY(natsOptions_SetErrorHandler(o, on_async_error, NULL), "error handler");
+    TRY(natsOptions_SetEventLoop(o, e, ev_attach, ev_read, ev_write, ev_detach), "event loop");
+    /* authentication, first match wins (Dynamo's order) */
+    if (e->user && e->password) TRY(natsOptions_SetUserInfo(o, e->user, e->password), "NATS_AUTH_USERNAME/PASSWORD");
+    else if (e->token) TRY(natsOptions_SetToken(o, e->token), "NATS_AUTH_TOKEN");
+    else if (e->creds) TRY(natsOptions_SetUserCredentialsFromFiles(o, e->creds, NULL), "NATS_AUTH_CREDENTIALS_FILE");
+#undef TRY
+    if (s != NATS_OK) {
+        snprintf(err, errlen, "NATS options (%s): %s", what, nats_GetLastError(NULL));
+        natsOptions_Destroy(o);
+        return false;
+    }
+    e->opts = o;
+    return true;
+}
+
+/* ---- public ---- */
+
+bt_status bt__events_nats_create(uv_loop_t *loop, const bt_events_config *c, bt_events **out, char *err,
+                                 size_t errlen) {
+    bt_events *e = calloc(1, sizeof *e);
+    if (!e) {
+        snprintf(err, errlen, "out of memory");
+        return BT_ERR_NOMEM;
+    }
+    e->loop = loop;
+    e->loop_thread = uv_thread_self();
+    e->c = *c;
+    size_t sl = strlen(c->ns) + 32;
+    e->subject = malloc(sl);
+    if (e->subject) snprintf(e->subject, sl, "namespace.%s.kv_metrics", c->ns);
+    e->url = strdup(c->nats_server);
+    e->name = strdup(c->name ? c->name : "baton");
+    e->user = dup_or_null(c->user);
+    e->password = dup_or_null(c->password);
+    e->token = dup_or_null(c->token);
+    e->creds = dup_or_null(c->creds_file);
+    e->c.nats_server = e->url;
+    e->c.name = e->name;
+    e->c.ns = NULL;
+    e->c.user = e->c.password = e->c.token = e->c.creds_file = NULL;
+    atomic_init(&e->up, false);
+    if (!e->subject || !e->url || !e->name || uv_mutex_init(&e->op_mu) != 0) {
+        free(e->subject);
+        free(e->url);
+        free(e->name);
+        free(e->user);
+        free(e->password);
+        free(e->token);
+        free(e->creds);
+        free(e);
+        snprintf(err, errlen, "out of memory");
+        return BT_ERR_NOMEM;
+    }
+    if (!make_options(e, err, errlen)) {
+        uv_mutex_destroy(&e->op_mu);
+        free(e->subject);
+        free(e->url);
+        free(e->name);
+        free(e->user);
+        free(e->password);
+        free(e->token);
+        free(e->creds);
+        free(e);
+        return BT_ERR_INVALID;
+    }
+    uv_async_init(loop, &e->async, on_async);
+    uv_timer_init(loop, &e->kick);
+    uv_timer_init(loop, &e->debounce);
+    e->async.data = e->kick.data = e->debounce.data = e;
+    e->work.data = e;
+    e->handles_open = 3;
+    /* connecting starts on the next loop iteration, so that a frontend can subscribe first */
+    uv_timer_start(&e->kick, on_kick, 0, 0);
+    BT_INFO("event plane: NATS at %s, subject %s", e->url, e->subject);
+    *out = e;
+    return BT_OK;
+}
+
+bt_status bt_events_subscribe_load(bt_events *e, bt_events_load_cb cb, void *ud) {
+    if (!e) return BT_OK;
+    if (e->cb || e->state != ST_IDLE) return BT_ERR_INVALID;
+    inbox *in = calloc(1, sizeof *in);
+    if (!in || uv_mutex_init(&in->mu) != 0) {
+        free(in);
+        return BT_ERR_NOMEM;
+    }
+    in->async = &e->async;
+    in->cap = e->c.max_queued_msgs;
+    in->refs = 1;
+    e->in = in;
+    e->cb = cb;
+    e->cb_ud = ud;
+    return BT_OK;
+}
+
+void bt_events_publish_load(bt_events *e, uint64_t worker_id, const bt_load_report *r) {
+    if (!e || e->state == ST_CLOSING || e->state == ST_CLOSED) return;
+    e->pending = true;
+    e->pending_id = worker_id;
+    e->pending_r = *r;
+    if (!uv_is_active((uv_handle_t *)&e->debounce)) uv_timer_start(&e->debounce, on_debounce, e->c.debounce_ms, 0);
+}
+
+void bt_events_get_stats(const bt_events *e, bt_events_stats *s) {
+    memset(s, 0, sizeof *s);
+    if (!e) return;
+    *s = e->st;
+    s->connected = e->live;
+    if (e->in) {
+        uv_mutex_lock(&e->in->mu);
+        s->overflow = e->in->overflow;
+        s->invalid += e->in->too_big;
+        uv_mutex_unlock(&e->in->mu);
+    }
+}
+
+const char *bt_events_plane(const bt_events *e) { return e ? "nats" : "direct"; }
+
+void bt_events_close(bt_events *e, void (*done)(void *ud), void *ud) {
+    if (!e) {
+        if (done) done(ud);
+        return;
+    }
+    if (e->state == ST_CLOSING || e->state == ST_CLOSED) return;
+    bool idle = e->state == ST_IDLE;
+    e->state = ST_CLOSING;
+    e->done = done;
+    e->done_ud = ud;
+    uv_timer_stop(&e->kick);
+    uv_timer_stop(&e->debounce);
+    publish_now(e); /* the last word, e.g. a draining worker's ready=false */
+    if (idle || !e->work_busy) close_step(e);
+    /* else after_connect continues */
+}

@@ -1,0 +1,155 @@
+/* status.c — the worker's status server on DYN_SYSTEM_PORT (Dynamo's system status server).
+ *
+ *   GET /health  readiness: 200 {"status":"ready","uptime":{"secs","nanos"},"endpoints":{"generate":"ready"}}
+ *                while the worker serves, is not draining and its endpoint passes the canary;
+ *                otherwise 503 with "notready". Extra fields: "state", "instance_id".
+ *   GET /live    liveness: 200 {"status":"live",...} while the process and its engine work (also
+ *                while draining or while a canary fails: a restart would not help either), 503
+ *                {"status":"dead",...} once the engine has failed and the worker is on its way out.
+ *                Dynamo serves /live with the /health handler; baton separates them so that a
+ *                Kubernetes liveness probe does not kill a worker that is draining on purpose.
+ *   GET /metrics Prometheus text.
+ *
+ * The paths follow DYN_SYSTEM_HEALTH_PATH / DYN_SYSTEM_LIVE_PATH. DYN_SYSTEM_PORT -1 turns the
+ * server off, 0 picks a free port (logged); a port that cannot be bound is a start-up error. */
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "common/util.h"
+#include "worker/worker_internal.h"
+
+static void status_metrics(wk_worker *w, bt_buf *b) {
+    bt_engine_load l = {0};
+    if (w->engine) bt_engine_get_load(w->engine, &l);
+    const char *m = w->o.model_name;
+    const wk_canary *c = &w->canary;
+    bt_buf_appendf(b, "# TYPE dynamo_component_requests_total counter\n"
+                      "dynamo_component_requests_total{model=\"%s\"} %" PRIu64 "\n", m, w->requests_total);
+    bt_buf_appendf(b, "# TYPE dynamo_component_errors_total counter\n"
+                      "dynamo_component_errors_total{model=\"%s\"} %" PRIu64 "\n", m, w->requests_error);
+    bt_buf_appendf(b, "# TYPE dynamo_component_inflight_requests gauge\n"
+                      "dynamo_component_inflight_requests{model=\"%s\"} %zu\n", m, w->nstreams);
+    bt_buf_appendf(b, "# TYPE dynamo_component_tokens_total counter\n"
+                      "dynamo_component_tokens_total{model=\"%s\"} %" PRIu64 "\n", m, w->tokens_total);
+    bt_buf_appendf(b, "# TYPE dynamo_component_cancellation_total counter\n"
+                      "dynamo_component_cancellation_total{model=\"%s\",kind=\"kill\"} %" PRIu64 "\n"
+                      "dynamo_component_cancellation_total{model=\"%s\",kind=\"stop\"} %" PRIu64 "\n"
+                      "dynamo_component_cancellation_total{model=\"%s\",kind=\"frontend_lost\"} %" PRIu64 "\n",
+                   m, w->cancel_kill, m, w->cancel_stop, m, w->cancel_peer_lost);
+    wk_cancel_metrics(w, b);
+    bt_buf_appendf(b, "# TYPE baton_worker_handed_back_total counter\n"
+                      "baton_worker_handed_back_total{model=\"%s\"} %" PRIu64 "\n", m, w->drain.handed_back);
+    bt_buf_appendf(b, "# TYPE baton_worker_refused_draining_total counter\n"
+                      "baton_worker_refused_draining_total{model=\"%s\"} %" PRIu64 "\n", m, w->drain.refused);
+    bt_buf_appendf(b, "# TYPE baton_worker_ready gauge\nbaton_worker_ready %d\n", wk_ready(w) ? 1 : 0);
+    bt_buf_appendf(b, "# TYPE baton_worker_draining gauge\nbaton_worker_draining %d\n",
+                   w->state == WK_DRAINING ? 1 : 0);
+    bt_buf_appendf(b, "# TYPE baton_worker_uptime_seconds gauge\nbaton_worker_uptime_seconds %.3f\n",
+                   (double)(bt_now_ms() - w->started_ms) / 1000.0);
+    bt_buf_appendf(b, "# TYPE baton_worker_canary_total counter\n"
+                      "baton_worker_canary_total{result=\"success\"} %" PRIu64 "\n"
+                      "baton_worker_canary_total{result=\"late_success\"} %" PRIu64 "\n"
+                      "baton_worker_canary_total{result=\"timeout\"} %" PRIu64 "\n"
+                      "baton_worker_canary_total{result=\"error\"} %" PRIu64 "\n"
+                      "baton_worker_canary_total{result=\"no_response\"} %" PRIu64 "\n",
+                   c->n_success, c->n_late, c->n_timeout, c->n_error, c->n_empty);
+    bt_buf_appendf(b, "# TYPE baton_worker_canary_last_latency_seconds gauge\n"
+                      "baton_worker_canary_last_latency_seconds %.6f\n", c->last_latency_ms / 1000.0);
+    bt_buf_appendf(b, "# TYPE baton_worker_active_sequences gauge\nbaton_worker_active_sequences %" PRIu64 "\n",
+                   l.running + l.waiting);
+    bt_buf_appendf(b, "# TYPE baton_worker_kv_active_blocks gauge\nbaton_worker_kv_active_blocks %" PRIu64 "\n",
+                   l.active_decode_blocks);
+    bt_buf_appendf(b, "# TYPE baton_worker_kv_total_blocks gauge\nbaton_worker_kv_total_blocks %" PRIu64 "\n",
+                   l.total_blocks);
+    bt_buf_appendf(b, "# TYPE baton_worker_waiting_requests gauge\nbaton_worker_waiting_requests %" PRIu64 "\n",
+                   l.waiting);
+    bt_buf_appendf(b, "# TYPE baton_worker_frontend_connections gauge\nbaton_worker_frontend_connections %zu\n",
+                   w->npeers);
+    bt_events_stats es;
+    bt_events_get_stats(w->events, &es);
+    bt_buf_appendf(b,
+                   "# TYPE baton_worker_event_plane_connected gauge\n"
+                   "baton_worker_event_plane_connected{plane=\"%s\"} %d\n"
+                   "# TYPE baton_worker_event_plane_connects_total counter\n"
+                   "baton_worker_event_plane_connects_total %" PRIu64 "\n"
+                   "# TYPE baton_worker_event_plane_load_reports_total counter\n"
+                   "baton_worker_event_plane_load_reports_total{result=\"published\"} %" PRIu64 "\n"
+                   "baton_worker_event_plane_load_reports_total{result=\"dropped\"} %" PRIu64 "\n",
+                   bt_events_plane(w->events), es.connected ? 1 : 0, es.connects, es.published, es.dropped);
+}
+
+static void health_body(wk_worker *w, bt_buf *b, bool ready) {
+    uint64_t up = bt_now_ms() - w->started_ms;
+    bool ep_ready = !w->engine_failed && (!w->o.canary_enabled || w->canary.ready) && w->state == WK_READY;
+    bt_buf_appendf(b,
+                   "{\"status\":\"%s\",\"uptime\":{\"secs\":%" PRIu64 ",\"nanos\":%" PRIu64
+                   "},\"endpoints\":{\"%s\":\"%s\"},\"state\":\"%s\",\"instance_id\":%" PRIu64 "}",
+                   ready ? "ready" : "notready", up / 1000, (up % 1000) * 1000000, w->o.ep,
+                   ep_ready ? "ready" : "notready", wk_state_name(w->state), w->instance_id);
+}
+
+static void on_status_request(void *ud, bt_http_req *req) {
+    wk_worker *w = ud;
+    bt_buf b;
+    bt_buf_init(&b, 1 << 20);
+    bool get = req->method == BT_HTTP_GET;
+    if (get && strcmp(req->path, "/metrics") == 0) {
+        status_metrics(w, &b);
+        bt_http_respond(req, 200, "text/plain; version=0.0.4", NULL, b.data ? b.data : "", b.len);
+    } else if (get && strcmp(req->path, w->o.health_path) == 0) {
+        bool ready = wk_ready(w);
+        health_body(w, &b, ready);
+        bt_http_respond(req, ready ? 200 : 503, "application/json", NULL, b.data, b.len);
+    } else if (get && strcmp(req->path, w->o.live_path) == 0) {
+        uint64_t up = bt_now_ms() - w->started_ms;
+        bool live = !w->engine_failed;
+        bt_buf_appendf(&b, "{\"status\":\"%s\",\"message\":\"%s\",\"uptime\":{\"secs\":%" PRIu64 ",\"nanos\":%" PRIu64
+                           "},\"state\":\"%s\"}",
+                       live ? "live" : "dead", live ? "Worker is live" : "Engine failed; worker is shutting down",
+                       up / 1000, (up % 1000) * 1000000, wk_state_name(w->state));
+        bt_http_respond(req, live ? 200 : 503, "application/json", NULL, b.data, b.len);
+    } else {
+        bt_http_respond(req, 404, "text/plain", NULL, "Route not found", 15);
+    }
+    bt_buf_free(&b);
+}
+
+static void on_status_abort(void *ud, bt_http_req *req) {
+    (void)ud;
+    (void)req;
+}
+
+bt_status wk_status_start(wk_worker *w, char *err, size_t errlen) {
+    wk_opts *o = &w->o;
+    if (o->system_port < 0) {
+        BT_INFO("status server off (DYN_SYSTEM_PORT=-1)");
+        return BT_OK;
+    }
+    bt_http_config hc;
+    bt_http_config_default(&hc);
+    hc.host = o->system_host;
+    hc.port = (int)o->system_port;
+    hc.max_body_bytes = 64 << 10;
+    bt_http_handlers hh = {on_status_request, on_status_abort, NULL};
+    char why[200];
+    bt_status st = bt_http_server_start(w->loop, &hc, &hh, w, &w->status, why, sizeof why);
+    if (st != BT_OK) {
+        snprintf(err, errlen,
+                 "cannot start the status server (DYN_SYSTEM_PORT=%lld): %s; choose another port, 0 for a free "
+                 "one, or -1 to turn the status server off",
+                 (long long)o->system_port, why);
+        return st;
+    }
+    BT_INFO("status server listening on %s:%d (%s, %s, /metrics)", o->system_host, bt_http_server_port(w->status),
+            o->health_path, o->live_path);
+    return BT_OK;
+}
+
+void wk_status_close(wk_worker *w, void (*done)(void *ud)) {
+    bt_http_server *s = w->status;
+    w->status = NULL;
+    if (s) bt_http_server_close(s, done, w);
+    else done(w);
+}

@@ -1,0 +1,219 @@
+/* worker_internal.h — the worker's internal types, shared by its modules (not a public interface).
+ *
+ *   worker.c   process: options, start-up, frontend connections, streams, load reports
+ *   drain.c    shutdown: signals, unregister → GOAWAY → bounded drain → hand-back → exit;
+ *              the engine-failure path (exit 1)
+ *   status.c   the status server on DYN_SYSTEM_PORT: /health, /live, /metrics
+ *   canary.c   canary health checks (endpoint ready / not ready) and the engine monitor that
+ *              declares a stuck engine failed
+ *
+ * Everything runs on the worker's one libuv loop. Symbols shared between these files carry the
+ * wk_ prefix; everything else is static. */
+#ifndef BATON_WORKER_INTERNAL_H
+#define BATON_WORKER_INTERNAL_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "common/cancel.h"
+#include "common/map.h"
+#include "discovery/discovery.h"
+#include "engine/engine.h"
+#include "engine/mocker/mocker.h"
+#include "engine/openai/openai.h"
+#include "events/events.h"
+#include "frontend/http.h"
+#include "rpc/conn.h"
+
+/* Lifecycle, changed only through wk_set_state (which logs the transition). */
+typedef enum { WK_REGISTERING, WK_READY, WK_DRAINING, WK_GONE } wk_state;
+
+typedef struct wk_worker wk_worker;
+typedef struct wk_peer wk_peer;
+
+/* One request-plane stream: one engine sequence. */
+typedef struct {
+    wk_peer *p;
+    uint32_t id;
+    bt_engine_seq *seq;
+    uint32_t tokens; /* tokens sent on this attempt */
+    uint32_t carried;
+     uint64_t t0_us;
+    char rid[72];
+    /* Cancellation: a child of its peer's context. Its callback stops or kills the engine
+     * sequence (worker.c); a kill also frees the stream. */
+    bt_ctx *ctx;
+    uint64_t t_kill_us; /* when the KILL frame arrived (0 = none) */
+    bool ignored_kill;  /* --fault-ignore-kill: killed for the frontend, left running in the engine */
+} wk_stream;
+
+/* Both the worker and a peer serve as a connection's user data (before and after the
+ * handshake); the first member tells them apart. */
+enum { WK_KIND_WORKER = 1, WK_KIND_PEER = 2 };
+
+/* One connected frontend. */
+struct wk_peer {
+    int kind;
+    wk_worker *w;
+    bt_rpc_conn *conn;
+     bt_map streams; /* stream id → wk_stream */
+    bt_ctx *ctx;    /* parent of its streams' contexts: killed when the connection is lost */
+    bool lost;      /* the connection ended: kills count as frontend_lost */
+    wk_peer *prev, *next;
+};
+
+typedef struct {
+    const char *engine;
+    const char *model_name;
+    const char *endpoint;
+    const char *rpc_host;
+    int64_t rpc_port;
+    const char *discovery;
+    const char *discovery_dir;
+    int64_t discovery_ttl;
+    const char *etcd_endpoints; /* NULL: $ETCD_ENDPOINTS or the default */
+    int64_t graceful_timeout; /* seconds of drain before the rest is handed back */
+    int64_t system_port;      /* -1 off, 0 any */
+    const char *system_host;
+    const char *health_path; /* DYN_SYSTEM_HEALTH_PATH */
+    const char *live_path;   /* DYN_SYSTEM_LIVE_PATH */
+    int64_t frontend_dead_after;
+    const char *rpc_secret_file;
+    const char *event_plane; /* "direct" or "nats" (DYN_EVENT_PLANE) */
+    const char *nats_server; /* NATS_SERVER */
+    char *rpc_secret; /* loaded at start-up; NULL = frontends need no secret */
+    bool fault_signals;
+    bool fault_ignore_kill; /* test hook: a KILL frame does not reach the engine */
+    /* canary and engine monitor */
+    bool canary_enabled;         /* DYN_HEALTH_CHECK_ENABLED */
+    double canary_wait;          /* DYN_CANARY_WAIT_TIME, seconds */
+    double canary_timeout;       /* DYN_HEALTH_CHECK_REQUEST_TIMEOUT, seconds */
+    const char *canary_payload;  /* DYN_HEALTH_CHECK_PAYLOAD: inline JSON or @file */
+    double engine_stuck_timeout; /* seconds without progress while busy → engine failed; 0 = off */
+    bt_mocker_config mocker;
+    bt_openai_config openai; /* --engine openai: the upstream server */
+    /* derived */
+    char ns[64], component[64], ep[64];
+} wk_opts;
+
+/* Canary state (canary.c). */
+typedef struct {
+    json_t *body;        /* the request body sent to the engine (owned) */
+    bt_api api;
+    bool ready;          /* the endpoint's health: true when the last canary succeeded */
+    bool in_flight;      /* a canary sequence is in the engine */
+    bool answered;       /* ... and has produced its first token */
+    bool timed_out;      /* ... and missed its deadline (a late token still counts as success) */
+    bt_engine_seq *seq;
+    uint64_t sent_us;
+    uint64_t seq_no;
+    uv_timer_t idle_timer;    /* fires after canary_wait seconds without a completed request */
+    uv_timer_t timeout_timer; /* fires when the canary's first token is late */
+    uv_timer_t monitor_timer; /* the engine monitor's periodic check */
+    bool timers_inited;
+    uint64_t n_success, n_timeout, n_error, n_empty, n_late;
+    double last_latency_ms;
+} wk_canary;
+
+/* What the drain saw (drain.c), logged in one summary line and exported in /metrics. */
+typedef struct {
+    uint64_t started_us;      /* when the drain began (0 = not draining) */
+    uint64_t last_request_us; /* arrival of the last REQUEST after the drain began (0 = none) */
+    uint64_t refused;         /* REQUESTs refused with BT_ERR_DRAINING */
+    size_t streams_at_start;
+    uint64_t ok_at_start; /* requests_ok when the drain began */
+    uint64_t handed_back;
+    uint64_t handback_us; /* when the streams were handed back (0 = none were) */
+} wk_drain_stats;
+
+struct wk_worker {
+    int kind;
+    uv_loop_t *loop;
+    wk_opts o;
+    bt_engine *engine;
+    bt_discovery *disc;
+    bt_rpc_listener *listener;
+    bt_http_server *status;
+    bt_events *events; /* the NATS event plane (load reports), NULL for direct */
+    wk_peer *peers;
+    size_t npeers; /* peers whose handshake is done */
+    bt_map conns; /* every accepted connection (key: pointer), handshake done or not */
+    size_t nstreams;
+    uint64_t instance_id;
+    char key[256];
+    char transport[96];
+    wk_state state;
+    int exit_code;
+    bool finishing;
+    bool engine_failed;
+    char engine_failure[160];
+    int signals_seen;
+    bool stalled; /* fault signal SIGUSR2 toggles */
+    uv_signal_t sig_term, sig_int, sig_usr1, sig_usr2;
+    uv_timer_t drain_timer;
+    uv_timer_t dead_timer;
+    uv_timer_t load_timer; /* re-sends LOAD when nothing changed for a while: keeps reports fresh */
+    uint64_t load_sent_ms;
+    uint64_t started_ms;
+    uint64_t progress_ms; /* last time the engine showed progress, or went from idle to busy */
+    wk_canary canary;
+    wk_drain_stats drain;
+    /* counters for /metrics */
+    uint64_t requests_total, requests_ok, requests_error, tokens_total;
+    uint64_t cancel_kill, cancel_stop, cancel_peer_lost;
+    /* KILL frame arrival → engine drop, seconds (status.c renders it) */
+#define WK_CANCEL_BUCKETS 12
+    uint64_t cancel_lat_counts[WK_CANCEL_BUCKETS + 1];
+    double cancel_lat_sum;
+};
+
+/* worker.c */
+void wk_set_state(wk_worker *w, wk_state s);
+const char *wk_state_name(wk_state s);
+/* Sends a LOAD snapshot to every peer (only == NULL) or to one. */
+void wk_send_load(wk_worker *w, wk_peer *only);
+void wk_send_stream_error(wk_peer *p, uint32_t id, bt_status code, const char *msg);
+/* Removes a stream from its peer and frees it (the engine sequence must be over or killed). */
+void wk_stream_free(wk_stream *s);
+/* Appends baton_worker_cancel_latency_seconds to a /metrics body. */
+void wk_cancel_metrics(const wk_worker *w, bt_buf *b);
+/* True when new work may be routed here: serving, not draining, endpoint healthy. */
+bool wk_ready(const wk_worker *w);
+
+/* drain.c */
+void wk_drain_init(wk_worker *w);
+/* Starts the shutdown sequence. immediate: hand every stream back at once (engine failure). */
+void wk_drain_begin(wk_worker *w, const char *why, bool immediate);
+/* A REQUEST arrived while draining (it is refused). */
+void wk_drain_note_refused(wk_worker *w);
+/* A stream ended while draining: finishes the drain when it was the last. */
+void wk_drain_stream_ended(wk_worker *w);
+/* The engine failed (engine hook, engine monitor): shutdown with hand-back, exit code 1. Safe to
+ * call from inside an engine callback. */
+void wk_engine_failed(wk_worker *w, const char *why);
+void wk_engine_dead_hook(void *ud, const char *why);
+
+/* status.c */
+bt_status wk_status_start(wk_worker *w, char *err, size_t errlen);
+/* Closes the status server (if any) and then calls done(w). */
+void wk_status_close(wk_worker *w, void (*done)(void *ud));
+
+/* canary.c */
+/* Validates the canary options and builds its payload; false with a message on error. */
+bool wk_canary_init(wk_worker *w, char *err, size_t errlen);
+/* Starts canaries (the first one at once) and the engine monitor; call when the worker is ready. */
+void wk_canary_start(wk_worker *w);
+/* Stops canaries and the monitor and drops an in-flight canary (drain, exit). */
+void wk_canary_stop(wk_worker *w);
+void wk_canary_free(wk_worker *w);
+/* A request completed normally: the engine works, the idle wait restarts. */
+void wk_canary_activity(wk_worker *w);
+/* The engine produced output for some sequence (the monitor's notion of progress). */
+void wk_monitor_progress(wk_worker *w);
+/* A sequence is about to be submitted: an idle engine becomes busy now. */
+void wk_monitor_busy(wk_worker *w);
+
+#endif

@@ -1,0 +1,329 @@
+"""Self-test of `baton chaos`'s checkers, injectors' evidence, scenario parser and report.
+
+A checker that cannot fail is a defect, so each one is fed a correct run (it must pass) and broken
+ones (it must fail): a dropped token, a duplicated token, reordered tokens, changed text, a partial
+output that is not a prefix, a hung request, a request over its bound, an error the scenario does
+not allow or no fault explains, a leaked gauge, a grown descriptor table, a fault that never
+happened, a fault without evidence, migrations out of bounds, a failed fresh request, no recovery,
+an unexpected process exit, a sanitizer report. The fault injectors are run against throw-away
+`sleep` processes to see that their evidence records a real effect and reports a missing one.
+No baton process is started.
+"""
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+
+import batonlib as bl
+
+bl.deadline(60, "test_chaos_checkers")
+sys.path.insert(0, os.path.join(bl.repo_root(), "tools", "chaos"))
+
+from chaoslib import checks, faults, report, scenario  # noqa: E402
+
+REF = [101, 7, 7, 42, 9, 13, 8, 77, 5, 3]
+TEXT = "".join(f"t{i} " for i in REF)
+
+
+def rec(seq, kind="requests", outcome="ok", ids=None, text=None, t_send=1.0, t_end=2.0, shape=0, url="http://fe0",
+        finish="length"):
+    ids = list(REF if ids is None else ids)
+    return {"kind": kind, "seq": seq, "shape": shape, "api": "chat", "stream": True, "url": url, "t_send": t_send,
+            "t_first": t_send + 0.1, "t_end": t_end,
+            "events": [[t_send + 0.1 + 0.05 * i, 1] for i in range(len(ids))], "status": 200, "outcome": outcome,
+            "error": {"message": "worker lost"} if outcome == "error" else None,
+            "text": "".join(f"t{i} " for i in ids) if text is None else text, "token_ids": ids,
+            "finish_reason": finish if outcome == "ok" else None, "usage": None, "request_id": f"r{seq}",
+            "exception": None}
+
+
+def good_run():
+    fault = {"index": 0, "label": "kill9 worker[0]", "what": "kill9", "target": "worker[0]", "t_trigger": 2.0,
+             "t_inject": 2.0, "t_restore": None, "t_end": 3.0, "pids": [111], "urls": [],
+             "evidence": ["ok: worker[0] (pid 111) died; exit status -9"], "evidence_ok": True, "error": None,
+             "restarted": [{"name": "worker[0]", "pid": 112, "t": 3.0}]}
+    gauges = {"frontend[0]": {"pid": 10, "up": True, "inflight": 0.0, "http_connections": 1.0, "fds": 20},
+              "worker[0]": {"pid": 111, "up": True, "kv_active_blocks": 0.0, "active_sequences": 0.0, "fds": 12}}
+    after = copy.deepcopy(gauges)
+    after["worker[0]"]["pid"] = 112  # restarted: descriptors not compared, gauges are
+    after["worker[0]"]["fds"] = 15
+    return {
+        "references": {"0": rec(0, "reference", t_send=0, t_end=1), "-1": rec(0, "reference", ids=REF[:3])},
+        "requests": [rec(i, t_send=1.0 + i * 0.5, t_end=2.0 + i * 0.5) for i in range(8)],
+        "probes": [dict(rec(i, "probe", ids=REF[:3], shape=-1, t_send=0.5 * i, t_end=0.5 * i + 0.1)) for i in
+                   range(10)],
+        "fresh": [rec(i, "fresh", t_send=10.0, t_end=10.5) for i in range(2)],
+        "storm": [],
+        "faults": [fault],
+        "baseline": {"before": gauges, "after": after, "waited": 0.5, "expected_gone": []},
+        "migrations": 3,
+        "processes": {"unexpected_exits": [], "teardown": {"frontend[0]": 0}, "sanitizer": []},
+    }
+
+
+CFG = scenario.build({"load": {}, "topology": {}, "checks": {"min_migrations": 1, "fresh_requests": 2,
+                                                           "max_stall": "5s", "max_recovery": "5s"}}).checks
+
+
+def verdict(run, cfg=CFG):
+    v, results = checks.evaluate(run, cfg)
+    return v, {r["name"]: r for r in results}
+
+
+def expect_fail(name, mutate, check, cfg=CFG):
+    run = good_run()
+    mutate(run)
+    v, res = verdict(run, cfg)
+    r = res[check]
+    assert r["ok"] is False and v == "FAIL", f"{name}: {check} did not fail: {r}"
+    print(f"ok - broken run '{name}' fails {check}: {r['detail'][:110]}")
+    return r
+
+
+def test_good_run_passes():
+    v, res = verdict(good_run())
+    assert v == "PASS", {k: r for k, r in res.items() if r["ok"] is False}
+    for name in ("byte_exact", "all_ended", "baseline", "fresh_request", "evidence", "migrations", "stall",
+                 "recovery", "processes"):
+        assert res[name]["ok"] is True, (name, res[name])
+    print("ok - a correct run passes every check")
+
+
+def test_byte_exact():
+    r = expect_fail("dropped token", lambda run: run["requests"][3]["token_ids"].pop(4), "byte_exact")
+    assert r["stats"]["lost"] == 1 and r["stats"]["duplicated"] == 0, r["stats"]
+    r = expect_fail("duplicated token", lambda run: run["requests"][5]["token_ids"].insert(6, REF[5]), "byte_exact")
+    assert r["stats"]["duplicated"] == 1 and r["stats"]["lost"] == 0, r["stats"]
+
+    def reorder(run):
+        ids = run["requests"][1]["token_ids"]
+        ids[2], ids[3] = ids[3], ids[2]
+    expect_fail("reordered tokens", reorder, "byte_exact")
+    expect_fail("text differs, ids equal", lambda run: run["requests"][0].update(text=TEXT.replace("t42", "t24")),
+                "byte_exact")
+    expect_fail("wrong finish_reason", lambda run: run["requests"][2].update(finish_reason="stop"), "byte_exact")
+    expect_fail("probe output differs", lambda run: run["probes"][4]["token_ids"].append(1), "byte_exact")
+    expect_fail("fresh output differs", lambda run: run["fresh"][1]["token_ids"].pop(), "byte_exact")
+
+    # a request that ended early must be a prefix of its reference
+    cfg = dict(CFG, allow=["error"], max_errors=("count", 1))
+
+    def partial_ok(run):
+        run["requests"][2] = rec(2, outcome="error", ids=REF[:4], t_send=1.9, t_end=2.1)
+    run = good_run()
+    partial_ok(run)
+    v, res = verdict(run, cfg)
+    assert res["byte_exact"]["ok"] is True and res["all_ended"]["ok"] is True, (res["byte_exact"], res["all_ended"])
+    expect_fail("partial output not a prefix",
+                lambda run: run["requests"].__setitem__(2, rec(2, outcome="error", ids=REF[:2] + [REF[3]],
+                                                               t_send=1.9, t_end=2.1)), "byte_exact", cfg)
+    expect_fail("storm stream not a prefix",
+                lambda run: run["storm"].append(rec(0, "storm", outcome="aborted", ids=[REF[0], 55])), "byte_exact")
+    assert checks.token_diff([1, 2, 3, 4], [1, 2, 2, 3, 4]) == (0, 1)
+    assert checks.token_diff([1, 2, 3, 4], [1, 3, 4]) == (1, 0)
+    print("ok - byte_exact counts lost and duplicated tokens")
+
+
+def test_all_ended():
+    expect_fail("hung request", lambda run: run["requests"][4].update(outcome="timeout", t_end=61.0), "all_ended")
+    expect_fail("over its bound", lambda run: run["requests"][4].update(t_end=run["requests"][4]["t_send"] + 31),
+                "all_ended")
+    expect_fail("never ended", lambda run: run["requests"][4].update(t_end=None), "all_ended")
+    expect_fail("protocol error", lambda run: run["requests"][4].update(outcome="protocol"), "all_ended")
+    expect_fail("error not allowed", lambda run: run["requests"].__setitem__(
+        2, rec(2, outcome="error", ids=REF[:3], t_send=1.9, t_end=2.1)), "all_ended")
+    cfg = dict(CFG, allow=["error"], max_errors=("count", 5))
+    expect_fail("cut when only errors are allowed", lambda run: run["requests"].__setitem__(
+        2, rec(2, outcome="cut", ids=REF[:3], t_send=1.9, t_end=2.1)), "all_ended", cfg)
+    expect_fail("error no fault explains", lambda run: run["requests"].__setitem__(
+        2, rec(2, outcome="error", ids=REF[:3], t_send=0.2, t_end=0.5)), "all_ended", cfg)
+
+    def other_frontend(run):
+        run["faults"][0]["urls"] = ["http://fe1"]
+        run["requests"][2] = rec(2, outcome="error", ids=REF[:3], t_send=1.9, t_end=2.1, url="http://fe0")
+    expect_fail("error on a frontend the fault did not hit", other_frontend, "all_ended", cfg)
+    cfg1 = dict(CFG, allow=["error"], max_errors=("count", 1))
+
+    def two_errors(run):
+        for i in (2, 3):
+            run["requests"][i] = rec(i, outcome="error", ids=REF[:3], t_send=1.9, t_end=2.1)
+    expect_fail("more errors than allowed", two_errors, "all_ended", cfg1)
+    cfgf = dict(CFG, allow=["error"], max_errors=("fraction", 0.25))
+    run = good_run()
+    two_errors(run)
+    assert verdict(run, cfgf)[1]["all_ended"]["ok"] is True  # 2 of 8 = 25 %
+    expect_fail("no requests at all", lambda run: run.update(requests=[]), "all_ended")
+    print("ok - all_ended rejects hangs, overruns, unexplained and excess errors")
+
+
+def test_baseline():
+    expect_fail("leaked in-flight gauge", lambda run: run["baseline"]["after"]["frontend[0]"].update(inflight=1.0),
+                "baseline")
+    expect_fail("leaked KV blocks", lambda run: run["baseline"]["after"]["worker[0]"].update(kv_active_blocks=3.0),
+                "baseline")
+    expect_fail("leaked connection", lambda run: run["baseline"]["after"]["frontend[0]"].update(http_connections=2.0),
+                "baseline")
+    expect_fail("descriptor leak", lambda run: run["baseline"]["after"]["frontend[0]"].update(fds=21), "baseline")
+    expect_fail("endpoint down after the run", lambda run: run["baseline"]["after"]["worker[0]"].update(up=False),
+                "baseline")
+    expect_fail("gauge missing after the run", lambda run: run["baseline"]["after"]["worker[0]"].pop(
+        "active_sequences"), "baseline")
+    run = good_run()
+    run["baseline"]["after"]["worker[0]"] = {"up": False}
+    run["baseline"]["expected_gone"] = ["worker[0]"]
+    assert verdict(run)[1]["baseline"]["ok"] is True
+    print("ok - baseline catches leaked gauges and descriptors")
+
+
+def test_evidence():
+    expect_fail("fault never happened", lambda run: run["faults"][0].update(t_inject=None, evidence=[],
+                                                                              evidence_ok=None), "evidence")
+    expect_fail("evidence missing", lambda run: run["faults"][0].update(
+        evidence=["MISSING: worker[0] (pid 111) still running 5 s after the fault"], evidence_ok=False), "evidence")
+    expect_fail("no evidence recorded", lambda run: run["faults"][0].update(evidence=[], evidence_ok=None), "evidence")
+    expect_fail("injector error", lambda run: run["faults"][0].update(error="FaultError: no live worker"), "evidence")
+    print("ok - evidence fails a fault that did not happen")
+
+
+def test_migrations_fresh_recovery_processes():
+    expect_fail("no migration where one is needed", lambda run: run.update(migrations=0), "migrations")
+    expect_fail("migration counter unreadable", lambda run: run.update(migrations=None), "migrations")
+    expect_fail("migrations where none may happen", lambda run: None, "migrations", dict(CFG, max_migrations=0))
+    expect_fail("fresh request failed", lambda run: run["fresh"][0].update(outcome="error"), "fresh_request")
+    expect_fail("fresh request missing", lambda run: run["fresh"].pop(), "fresh_request")
+
+    def never_recovers(run):
+        for p in run["probes"]:
+            if p["t_send"] >= 2.0:
+                p["outcome"] = "cut"
+    expect_fail("never recovers", never_recovers, "recovery")
+
+    def slow(run):
+        for p in run["probes"]:
+            if 2.0 <= p["t_send"] < 4.0:
+                p["outcome"] = "error"
+    r = expect_fail("recovers too slowly", slow, "recovery", dict(CFG, max_recovery=1.0))
+    assert abs(r["stats"]["recovery"] - 2.1) < 1e-6, r
+    expect_fail("stall over its bound", lambda run: run["requests"][0]["events"][5].__setitem__(0, 9.0), "stall")
+    expect_fail("unexpected exit", lambda run: run["processes"]["unexpected_exits"].append(
+        {"name": "frontend[0]", "pid": 10, "status": -11}), "processes")
+    expect_fail("unclean shutdown", lambda run: run["processes"]["teardown"].update({"worker[1]": 1}), "processes")
+    expect_fail("sanitizer report", lambda run: run["processes"]["sanitizer"].append(
+        {"name": "worker[1]", "report": "ERROR: AddressSanitizer: heap-use-after-free"}), "processes")
+    print("ok - migrations, fresh requests, recovery, stall and processes fail when broken")
+
+
+def _sleeper(ignore_usr1=False):
+    code = "import signal,time\n"
+    if ignore_usr1:
+        code += "signal.signal(signal.SIGUSR1, signal.SIG_IGN)\n"
+    code += "print('ready', flush=True)\ntime.sleep(60)\n"
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    p.stdout.readline()
+    return p
+
+
+def _fault(spec_raw, pid):
+    spec = scenario.from_cli(["http://127.0.0.1:9"], [spec_raw.format(pid=pid)], None, None, None, "m").faults[0]
+    env = faults.Env(time.monotonic(), seed=1)
+    f = faults.Fault(spec, env, 0)
+    f.start()
+    f.join(20)
+    return f.record
+
+
+def test_injector_evidence():
+    p = _sleeper()
+    r = _fault("kill9 pid={pid} at=0s", p.pid)
+    p.wait(5)
+    assert r["evidence_ok"] is True and r["t_inject"] is not None, r
+    print(f"ok - kill9 evidence: {r['evidence']}")
+    p = _sleeper()
+    r = _fault("sigstop pid={pid} at=0s duration=0.3s", p.pid)
+    assert r["evidence_ok"] is True and any("state T" in e for e in r["evidence"]), r
+    p.kill()
+    p.wait()
+    print(f"ok - sigstop evidence: {r['evidence']}")
+    # engine death of a process that ignores SIGUSR1: nothing happens, and the evidence says so
+    p = _sleeper(ignore_usr1=True)
+    r = _fault("engine_death pid={pid} at=0s exit_within=1s", p.pid)
+    assert r["evidence_ok"] is False, r
+    assert verdict(dict(good_run(), faults=[r]))[1]["evidence"]["ok"] is False
+    p.kill()
+    p.wait()
+    print(f"ok - a fault with no effect is reported: {r['evidence']}")
+    # a target that does not exist: never injected
+    r = _fault("kill9 pid={pid} at=0s", 2 ** 22 + 12345)
+    assert r["t_inject"] is None and r["error"], r
+    print(f"ok - a fault on a missing pid is reported: {r['error']}")
+    p.stdout.close()
+
+
+def test_scenario_parser():
+    def bad(raw, what):
+        try:
+            scenario.build(raw)
+        except (scenario.ScenarioError, ValueError) as e:
+            print(f"ok - rejects {what}: {e}")
+            return
+        raise AssertionError(f"accepted {what}: {raw}")
+    bad({"load": {"concurency": 3}}, "a misspelt key")
+    bad({"faults": [{"what": "kill9"}]}, "a fault without a time")
+    bad({"faults": [{"what": "melt", "at": "1s"}]}, "an unknown fault")
+    bad({"topology": {}, "faults": [{"what": "partition", "target": "worker[random]", "at": "1s", "duration": "1s"}]},
+        "a partition of a random worker")
+    bad({"topology": {"workers": 2}, "faults": [{"what": "kill9", "target": "worker[2]", "at": "1s"}]},
+        "a target beyond the topology")
+    bad({"topology": {}, "faults": [{"what": "etcd_outage", "at": "1s", "duration": "2s"}]},
+        "an etcd fault without etcd")
+    bad({"topology": {}, "faults": [{"what": "sigstop", "at": "1s"}]}, "a sigstop without duration")
+    bad({"topology": {}, "target": {"url": "http://x"}}, "both topology and target")
+    bad({"checks": {"allow": ["oops"]}}, "an unknown outcome kind")
+    sc = scenario.from_cli(["http://h:8000/"], ["kill9 pid=1234 at=2s", "sigstop target=w1 at=3s duration=500ms"],
+                           "concurrency=4 duration=10s stream=false", 'allow=["cut"] max_errors=3', None, None)
+    assert sc.target["urls"] == ["http://h:8000"]
+    f0, f1 = sc.faults
+    assert f0["what"] == "kill9" and f0["target_parsed"] == ("pid", 1234) and f0["at"] == 2.0, f0
+    assert f1["target_parsed"] == ("proc", "w1") and f1["duration"] == 0.5, f1
+    assert sc.load["concurrency"] == 4 and sc.load["duration"] == 10.0 and sc.load["stream"] is False
+    assert sc.checks["allow"] == ["cut"] and sc.checks["max_errors"] == ("count", 3)
+    raw = {"topology": {"workers": 2}, "faults": [{"what": "engine_death", "at": "1s"}]}
+    scenario.apply_overrides(raw, ["topology.workers=3", "faults.0.at=4s", "load.stream=false"])
+    sc = scenario.build(raw)
+    assert sc.topology["workers"] == 3 and sc.faults[0]["at"] == 4.0 and sc.load["stream"] is False
+    assert sc.topology["worker_flags"].get("fault_signals") is True  # engine faults turn the hook on
+    for path in sorted(os.listdir(os.path.join(bl.repo_root(), "tools", "chaos", "scenarios"))):
+        scenario.load_file(os.path.join(bl.repo_root(), "tools", "chaos", "scenarios", path))
+    print("ok - scenario parser: one-liners, overrides and every shipped scenario")
+
+
+def test_report():
+    run = good_run()
+    run["requests"][2] = rec(2, outcome="cut", ids=REF[:3], t_send=1.9, t_end=2.1)
+    svg = report.timeline_svg(run, "t <&> title")
+    root = ET.fromstring(svg)
+    assert root.tag.endswith("svg"), root.tag
+    assert "kill9 worker[0]" in svg and "restart worker[0]" in svg and "t &lt;&amp;&gt; title" in svg
+    v, results = checks.evaluate(run, CFG)
+    row = report.scenario_result("demo", "", v, run, results, "demo/timeline.svg", "demo/")
+    md = report.table([row, {"name": "etcd", "verdict": "SKIP", "reason": "etcd is not installed"}])
+    lines = md.splitlines()
+    assert lines[0].startswith("| scenario | requests | completed | errors | lost / dup tokens | migrations |"), md
+    assert "| demo | 8 | 7 | 1 | 0 / 0 | 3 |" in md and "**FAIL**" in md and "**SKIP**" in md, md
+    print("ok - report: table row and well-formed SVG with fault markers")
+
+
+test_good_run_passes()
+test_byte_exact()
+test_all_ended()
+test_baseline()
+test_evidence()
+test_migrations_fresh_recovery_processes()
+test_injector_evidence()
+test_scenario_parser()
+test_report()
+print("test_chaos_checkers: all passed")

@@ -1,0 +1,525 @@
+"""The `openai` engine: baton workers in front of OpenAI-compatible servers, through the real binaries.
+
+Part A uses baton itself as the upstream (a frontend + mocker worker gives token ids): two upstream
+stacks U1 and U2; an outer frontend F0 whose workers P1, P2 run `--engine openai` against U1 and U2
+(token ids, the baton dialect); and a second outer frontend T0 whose workers T1, T2 front the same
+stacks as a text-only upstream (`--upstream-kind sglang`: no token ids, continue_final_message).
+  1. Streaming and non-streaming chat and completions through F0 and T0 equal the same requests
+     sent to U1 directly: text byte for byte, finish reason, usage, and through F0 the token ids;
+     through T0 the ids are text-mode ids (bit 31 set, consecutive positions). Finished requests
+     leave no disconnect behind upstream.
+  2. A client that goes away closes the upstream request: the upstream frontend counts a
+     disconnected client and the mocker's active sequences return to 0 (they were > 0 before).
+     An operator stop on F0 ends the stream with finish_reason "cancelled" and the text delivered
+     so far (equal to the reference of that length), and also closes the upstream request.
+  3. U1's frontend is killed (SIGKILL) while eight streams run (four through F0, four through T0):
+     every stream ends exactly as its fault-free reference computed on U2, the migration counters
+     moved, and P1 and T1 exit with code 1 (their upstream is dead) while P2 and T2 keep serving.
+Part B puts a worker in front of a third-party OpenAI-compatible mock server from the npm registry
+(@dwmkerr/mock-llm, installed by the test into a cache directory): streamed and whole chat answers
+through baton equal the mock's echo, with text-mode ids (it gives no token ids and no usage).
+
+A self-check first proves the comparison rejects a result with a dropped, duplicated or altered
+token. If the npm package cannot be installed the test fails: it never passes without running.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import batonlib as bl
+
+bl.deadline(280, "test_openai_engine")
+
+MOCK_PKG = "@dwmkerr/mock-llm"
+MOCK_VERSION = "0.1.29"
+SPEEDUP = 1.0  # the upstream mockers: ~6 ms a token
+TEXT_BIT = 1 << 31
+
+
+def fail(msg):
+    raise AssertionError(msg)  # main() marks the run failed (logs and temporary directories kept)
+
+
+# ---------------------------------------------------------------------------------------------
+# Results and their comparison.
+
+
+def outcome(fe_url, api, body, stream, **kw):
+    """Runs one request; returns a dict with text, token_ids, finish_reason, usage, ok, raw."""
+    if stream:
+        fn = bl.stream_chat if api == "chat" else bl.stream_completion
+        s = fn(fe_url, body, **kw)
+        return {"ok": s.ok, "text": s.text, "token_ids": s.token_ids, "finish_reason": s.finish_reason,
+                "usage": s.usage, "raw": s.summary(), "stream": s}
+    path = "/v1/chat/completions" if api == "chat" else "/v1/completions"
+    st, _, j = bl.post_json(fe_url + path, body, timeout=kw.get("timeout", 60))
+    if st != 200 or not isinstance(j, dict):
+        return {"ok": False, "raw": f"HTTP {st}: {j!r}"}
+    c = j["choices"][0]
+    text = c["message"]["content"] if api == "chat" else c["text"]
+    return {"ok": True, "text": text, "token_ids": c.get("token_ids", []), "finish_reason": c["finish_reason"],
+            "usage": j.get("usage"), "raw": json.dumps(j)[:300]}
+
+
+def diff_at(a, b):
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+def check_same(got, ref, what, ids=True, usage=True):
+    """got must equal ref: text byte for byte, finish reason, usage, token ids (when asked)."""
+    if not got.get("ok"):
+        fail(f"{what}: did not complete: {got.get('raw')}")
+    if got["text"] != ref["text"]:
+        i = diff_at(got["text"], ref["text"])
+        fail(f"{what}: text differs at byte {i}: got ...{got['text'][max(0, i - 20):i + 20]!r}, "
+             f"want ...{ref['text'][max(0, i - 20):i + 20]!r} (lengths {len(got['text'])} / {len(ref['text'])})")
+    if got["finish_reason"] != ref["finish_reason"]:
+        fail(f"{what}: finish_reason {got['finish_reason']!r}, want {ref['finish_reason']!r}")
+    if ids and got["token_ids"] != ref["token_ids"]:
+        fail(f"{what}: token ids differ at {diff_at(got['token_ids'], ref['token_ids'])} "
+             f"({len(got['token_ids'])} / {len(ref['token_ids'])})")
+    if usage and got["usage"] != ref["usage"]:
+        fail(f"{what}: usage {got['usage']}, want {ref['usage']}")
+
+
+def check_text_ids(got, what):
+    """Text-mode ids: every id tagged, positions 0, 1, 2, ... without a gap or repeat."""
+    ids = got["token_ids"]
+    if not ids:
+        fail(f"{what}: no text-mode ids: {got.get('raw')}")
+    for i, t in enumerate(ids):
+        if not t & TEXT_BIT or (t & (TEXT_BIT - 1)) != i:
+            fail(f"{what}: text-mode id {i} is {t} (want {TEXT_BIT | i}): ids {ids[:40]}")
+
+
+def selftest():
+    ref = {"ok": True, "text": " a b c", "token_ids": [1, 2, 3], "finish_reason": "length",
+           "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}}
+    bad = [dict(ref, text=" a c", token_ids=[1, 3]), dict(ref, text=" a b b c", token_ids=[1, 2, 2, 3]),
+           dict(ref, text=" a b d"), dict(ref, finish_reason="stop"), dict(ref, token_ids=[1, 3, 2]),
+           dict(ref, usage={"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}), dict(ref, ok=False)]
+    for b in bad:
+        try:
+            check_same(b, ref, "selftest")
+        except AssertionError:
+            continue
+        raise AssertionError(f"the checker accepted a broken result: {b}")
+    check_same(dict(ref), ref, "selftest")
+    for ids in ([TEXT_BIT | 0, TEXT_BIT | 2], [TEXT_BIT | 0, 1], []):
+        try:
+            check_text_ids({"token_ids": ids}, "selftest")
+        except AssertionError:
+            continue
+        raise AssertionError(f"the text-id checker accepted {ids}")
+    check_text_ids({"token_ids": [TEXT_BIT, TEXT_BIT | 1]}, "selftest")
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics.
+
+
+def msum(url, name, **labels):
+    return bl.metric_sum(bl.metrics(url), name, **labels)
+
+
+def active_seqs(w):
+    return msum(w.system_url, "baton_worker_active_sequences")
+
+
+def disconnects(fe):
+    return msum(fe.url, "dynamo_frontend_disconnected_clients")
+
+
+def migrations(fe):
+    return msum(fe.url, "dynamo_frontend_model_migration_total")
+
+
+# ---------------------------------------------------------------------------------------------
+# Part A: baton upstreams.
+
+
+def start_upstream(name):
+    c = bl.Cluster(tmpdir_path=bl.tmpdir(f"baton-{name}-"))
+    fe = c.start_frontend()
+    w = c.start_worker(system_port=True, wait=True, speedup_ratio=SPEEDUP)
+    c.wait_workers(fe, 1)
+    return c, fe, w
+
+
+def equality_phase(u1, f0, t0):
+    """Outer answers equal direct ones, streamed and whole, both APIs, ids and text mode."""
+    cases = [
+        ("chat", bl.chat_body("Hello there", max_tokens=30, seed=1, return_token_ids=True,
+                              stream_options={"include_usage": True})),
+        ("chat", bl.chat_body("Tell me a story", max_completion_tokens=25, temperature=0.7, seed=9,
+                              return_token_ids=True)),
+        ("completion", bl.completion_body("Once upon a time", max_tokens=28, seed=4, return_token_ids=True,
+                                          stream_options={"include_usage": True})),
+        ("completion", bl.completion_body([101, 202, 303], max_tokens=20, return_token_ids=True)),
+    ]
+    # one case with a stop string picked from the reference's middle
+    base = bl.chat_body("Stop somewhere", max_tokens=40, seed=2, return_token_ids=True)
+    full = outcome(u1.url, "chat", base, False)
+    words = full["text"].split(" ")
+    stop = " " + words[len(words) // 2]
+    cases.append(("chat", dict(base, stop=[stop])))
+    n = 0
+    for api, body in cases:
+        for stream in (True, False):
+            ref = outcome(u1.url, api, body, stream)
+            if not ref["ok"]:
+                fail(f"reference failed: {ref['raw']}")
+            got = outcome(f0.url, api, body, stream)
+            check_same(got, ref, f"F0 {api} stream={stream} {body}")
+            got = outcome(t0.url, api, body, stream)
+            # text mode: same text, finish and usage; its ids are its own
+            check_same(got, ref, f"T0 {api} stream={stream} {body}", ids=False)
+            check_text_ids(got, f"T0 {api} stream={stream}")
+            n += 1
+    if outcome(u1.url, "chat", dict(base, stop=[stop]), False)["finish_reason"] != "stop":
+        fail("the stop-string case did not stop on its stop string")
+    print(f"equality: {n} request shapes equal through F0 (ids) and T0 (text)")
+
+
+def cancel_phase(ups, f0):
+    """Client disconnect and operator stop close the upstream request."""
+    (c1, u1, w1), (c2, u2, w2) = ups
+    before = disconnects(u1) + disconnects(u2)
+    seen = {}
+
+    def on_event(st, obj):
+        if len(st.token_ids) >= 3:
+            seen["active"] = active_seqs(w1) + active_seqs(w2)
+            return True  # abort: close the connection
+        return False
+
+    s = bl.stream_chat(f0.url, bl.chat_body("A very long answer", max_tokens=5000, seed=11, return_token_ids=True),
+                       on_event=on_event, timeout=60)
+    if not s.aborted:
+        fail(f"client abort did not happen: {s.summary()}")
+    if seen.get("active", 0) < 1:
+        fail(f"no upstream sequence was active while the stream ran: {seen}")
+    bl.wait_for(lambda: disconnects(u1) + disconnects(u2) == before + 1, 15, what="upstream sees its client go")
+    bl.wait_for(lambda: active_seqs(w1) + active_seqs(w2) == 0, 15, what="upstream sequences freed")
+    print(f"cancel: client abort after {len(s.token_ids)} tokens closed the upstream request "
+          f"(active upstream sequences {seen['active']:.0f} -> 0)")
+
+    # operator stop: finish_reason cancelled with what was delivered
+    rid = "oa-stop-1"
+    body = bl.chat_body("Another long answer", max_tokens=5000, seed=12, return_token_ids=True)
+    before = disconnects(u1) + disconnects(u2)
+    stopped = {}
+
+    def on_event2(st, obj):
+        if len(st.token_ids) >= 5 and not stopped:
+            stopped["status"] = bl.post_json(f0.url + f"/v1/requests/{rid}/cancel", {"mode": "stop"})[0]
+        return False
+
+    s = bl.stream_chat(f0.url, body, on_event=on_event2, headers={"X-Request-Id": rid}, timeout=60)
+    if stopped.get("status") != 200:
+        fail(f"operator stop answered {stopped}")
+    if not s.ok or s.finish_reason != "cancelled":
+        fail(f"stopped stream did not end with finish_reason cancelled: {s.summary()}")
+    n = len(s.token_ids)
+    if n < 5 or n >= 5000:
+        fail(f"stopped stream delivered {n} tokens")
+    ref = outcome(u1.url, "chat", dict(body, max_tokens=n), False)
+    if ref["text"] != s.text or ref["token_ids"] != s.token_ids:
+        fail(f"stopped stream's {n} tokens differ from the reference of that length")
+    bl.wait_for(lambda: disconnects(u1) + disconnects(u2) == before + 1, 15, what="stop closes the upstream request")
+    bl.wait_for(lambda: active_seqs(w1) + active_seqs(w2) == 0, 15, what="upstream sequences freed after stop")
+    print(f"stop: operator stop after {n} tokens -> finish_reason cancelled, upstream request closed")
+
+
+class Runner:
+    """Runs requests on threads; records streams as they go."""
+
+    def __init__(self, fe_url, reqs):
+        self.fe_url = fe_url
+        self.reqs = reqs  # list of (name, api, body)
+        self.results = {}
+        self.progress = {name: 0 for name, _, _ in reqs}
+        self.threads = [threading.Thread(target=self._run, args=r, daemon=True) for r in reqs]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, name, api, body):
+        def on_event(st, obj):
+            self.progress[name] = len(st.events)
+            return False
+
+        self.results[name] = outcome(self.fe_url, api, body, True, on_event=on_event, timeout=120)
+
+    def join(self):
+        for t in self.threads:
+            t.join(150)
+            if t.is_alive():
+                fail("a stream did not end within 150 s")
+
+
+def migration_phase(ups, f0, t0, p1, p2, t1, t2):
+    (c1, u1, w1), (c2, u2, w2) = ups
+    # ids mode: plain max_tokens; text mode: a stop string well after the kill (docs/engines.md:
+    # in text mode the token budget counts chunks, so exactness needs the stream to end by itself)
+    ids_reqs, text_reqs, refs = [], [], {}
+    for i in range(4):
+        api = "chat" if i % 2 == 0 else "completion"
+        mk = bl.chat_body if api == "chat" else bl.completion_body
+        body = mk(f"migrating request {i}", max_tokens=280 + 10 * i, seed=20 + i, return_token_ids=True)
+        ids_reqs.append((f"ids-{i}", api, body))
+        text_reqs.append((f"text-{i}", api, mk(f"text request {i}", max_tokens=400, seed=40 + i,
+                                                return_token_ids=True)))
+    probes = bl.run_concurrently(lambda r: outcome(u2.url, r[1], r[2], False), [(r,) for r in text_reqs])
+    for i, ((name, api, tb), probe) in enumerate(zip(list(text_reqs), probes)):
+        toks = probe["text"].split(" ")
+        # a word whose first appearance lies between 40 % and 75 % of the way
+        stop = None
+        for k in range(int(len(toks) * 0.4), int(len(toks) * 0.75)):
+            w = toks[k].strip(",.\n")
+            if w and (" " + w) not in " ".join(toks[:k]) and "\n" not in toks[k]:
+                stop = " " + w
+                break
+        if not stop:
+            fail(f"no stop word found for text request {i}")
+        text_reqs[i] = (name, api, dict(tb, stop=[stop]))
+    all_reqs = ids_reqs + text_reqs
+    outs = bl.run_concurrently(lambda r: outcome(u2.url, r[1], r[2], True), [(r,) for r in all_reqs])
+    for (name, _, _), o in zip(all_reqs, outs):
+        refs[name] = o
+        if not refs[name]["ok"]:
+            fail(f"reference {name} failed: {refs[name]['raw']}")
+    for name, _, _ in text_reqs:
+        if refs[name]["finish_reason"] != "stop":
+            fail(f"reference {name} did not end on its stop string")
+
+    mig0 = migrations(f0) + migrations(t0)
+    ra = Runner(f0.url, ids_reqs)
+    rb = Runner(t0.url, text_reqs)
+    bl.wait_for(lambda: all(v >= 10 for v in list(ra.progress.values()) + list(rb.progress.values())), 60,
+                what="every stream has 10 events")
+    u1.proc.kill(signal.SIGKILL)
+    u1.proc.wait(10)
+    killed_at = dict(ra.progress, **rb.progress)
+    ra.join()
+    rb.join()
+    for name, _, _ in ids_reqs:
+        check_same(ra.results[name], refs[name], f"after upstream kill: {name}")
+    for name, _, _ in text_reqs:
+        check_same(rb.results[name], refs[name], f"after upstream kill: {name}", ids=False, usage=False)
+        check_text_ids(rb.results[name], f"after upstream kill: {name}")
+    moved = migrations(f0) + migrations(t0) - mig0
+    if moved < 2:  # at least one stream of each outer frontend was on U1
+        fail(f"the kill migrated {moved} streams; some must have been on U1 (progress at kill {killed_at})")
+    # the workers whose upstream died exit 1; the others keep serving
+    for p, name in ((p1, "P1"), (t1, "T1")):
+        if p.proc.wait(20) is None:
+            fail(f"{name} did not exit after its upstream died:\n{p.proc.log_tail()}")
+        if p.proc.returncode != 1:
+            fail(f"{name} exited with {p.proc.returncode}, want 1:\n{p.proc.log_tail()}")
+        if "upstream" not in p.proc.log_text() or "is dead" not in p.proc.log_text():
+            fail(f"{name}'s log does not say its upstream is dead")
+    for p, name in ((p2, "P2"), (t2, "T2")):
+        if not p.proc.alive():
+            fail(f"{name} died with U1")
+    print(f"migration: 8 streams byte-exact after U1 was killed (progress at kill {sorted(killed_at.values())}); "
+          f"{moved:.0f} migrations; P1 and T1 exited 1")
+    # baseline: one instance each, fresh requests succeed, upstream idle
+    for fe in (f0, t0):
+        bl.wait_for(lambda: len(bl.get_json(fe.url + "/health")[2].get("instances", [])) == 1, 20,
+                    what="dead worker leaves the instance list")
+    body = bl.completion_body("after the fault", max_tokens=12, return_token_ids=True)
+    check_same(outcome(f0.url, "completion", body, True), outcome(u2.url, "completion", body, True), "after fault F0")
+    check_same(outcome(t0.url, "completion", body, False), outcome(u2.url, "completion", body, False),
+               "after fault T0", ids=False)
+    bl.wait_for(lambda: active_seqs(w2) == 0, 15, what="U2 idle after the fault")
+    for fe in (f0, t0):
+        bl.wait_for(lambda: msum(fe.url, "dynamo_frontend_inflight_requests") == 0, 15, what="no request in flight")
+
+
+def part_a():
+    ups = [start_upstream("oa-u1"), start_upstream("oa-u2")]
+    (c1, u1, w1), (c2, u2, w2) = ups
+    outer = bl.Cluster(tmpdir_path=bl.tmpdir("baton-oa-outer-"))
+    text = bl.Cluster(tmpdir_path=bl.tmpdir("baton-oa-text-"))
+    try:
+        f0 = outer.start_frontend(migration_limit=3)
+        p1 = outer.start_worker(engine="openai", upstream=u1.url)
+        p2 = outer.start_worker(engine="openai", upstream=u2.url)
+        outer.wait_workers(f0, 2)
+        t0 = text.start_frontend(migration_limit=3)
+        t1 = text.start_worker(engine="openai", upstream=u1.url, upstream_kind="sglang")
+        t2 = text.start_worker(engine="openai", upstream=u2.url + "/v1/", upstream_kind="sglang")
+        text.wait_workers(t0, 2)
+        for p in (p1, p2):
+            p.proc.wait_log(r"upstream http://127\.0\.0\.1:\d+ is up \(kind baton, detected", 10)
+        for p in (t1, t2):
+            p.proc.wait_log(r"upstream http://127\.0\.0\.1:\d+ is up \(kind sglang, model 'mock-model'\)", 10)
+
+        equality_phase(u1, f0, t0)
+        if disconnects(u1) + disconnects(u2) != 0:
+            fail("finished requests left disconnected clients upstream: the engine cut a finished stream")
+        cancel_phase(ups, f0)
+        migration_phase(ups, f0, t0, p1, p2, t1, t2)
+    except BaseException:
+        bl.mark_failed()
+        for c in (c1, c2, outer, text):
+            c.dump_logs(40)
+        raise
+    finally:
+        for c in (outer, text, c1, c2):
+            c.close(check_sanitizers=False)
+    for c in (outer, text, c1, c2):  # sanitizer reports (in a sanitizer build) fail the test
+        for p in c.procs():
+            r = p.sanitizer_report()
+            if r:
+                fail(f"sanitizer report in {p.name}:\n{r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Part B: a third-party mock server from the npm registry.
+
+
+def mock_cache_dir():
+    base = os.environ.get("XDG_CACHE_HOME") or (os.path.join(os.environ["HOME"], ".cache") if os.environ.get("HOME")
+                                                else None)
+    if base:
+        try:
+            os.makedirs(os.path.join(base, "baton"), exist_ok=True)
+            return os.path.join(base, "baton", f"mock-llm-{MOCK_VERSION}")
+        except OSError:
+            pass
+    return os.path.join(os.path.dirname(bl.baton_bin()), "compat-node", f"mock-llm-{MOCK_VERSION}")
+
+
+def mock_main(d):
+    return os.path.join(d, "node_modules", "@dwmkerr", "mock-llm", "dist", "main.js")
+
+
+def installed(d):
+    try:
+        with open(os.path.join(d, "node_modules", "@dwmkerr", "mock-llm", "package.json")) as f:
+            return json.load(f).get("version") == MOCK_VERSION and os.path.exists(mock_main(d))
+    except (OSError, ValueError):
+        return False
+
+
+def ensure_mock():
+    for tool in ("node", "npm"):
+        if not shutil.which(tool):
+            fail(f"`{tool}` is not on the PATH; scripts/setup installs Node.js and npm")
+    d = mock_cache_dir()
+    if installed(d):
+        return d
+    tmp = f"{d}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, "package.json"), "w") as f:
+        json.dump({"name": "baton-mock-upstream", "private": True, "version": "0.0.0"}, f)
+    cmd = ["npm", "install", "--no-audit", "--no-fund", "--no-package-lock", "--loglevel=error",
+           "--fetch-retries=1", "--fetch-timeout=60000", f"{MOCK_PKG}@{MOCK_VERSION}"]
+    try:
+        r = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        shutil.rmtree(tmp, ignore_errors=True)
+        fail(f"`{' '.join(cmd)}` did not finish within 240 s: is the npm registry reachable?")
+    if r.returncode != 0 or not installed(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+        fail(f"could not install {MOCK_PKG}@{MOCK_VERSION} (exit {r.returncode}):\n{r.stdout[-2000:]}\n"
+             f"{r.stderr[-2000:]}")
+    shutil.rmtree(d, ignore_errors=True)
+    try:
+        os.rename(tmp, d)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return d
+
+
+MOCK_CONFIG = {
+    "streaming": {"chunkSize": 7, "chunkIntervalMs": 15},
+    "rules": [
+        {"path": "/v1/chat/completions", "method": "POST", "match": "@",
+         "response": {"status": 200, "content": json.dumps({
+             "id": "chatcmpl-{{timestamp}}", "object": "chat.completion", "model": "{{jmes request body.model}}",
+             "choices": [{"index": 0, "message": {"role": "assistant",
+                                                  "content": "{{jmes request body.messages[-1].content}}"},
+                          "finish_reason": "stop"}]})}},
+        {"path": "/v1/models", "method": "GET",
+         "response": {"status": 200, "content": json.dumps(
+             {"object": "list", "data": [{"id": "mock-model", "object": "model", "owned_by": "mock-llm"}]})}},
+    ],
+}
+
+
+def part_b():
+    d = ensure_mock()
+    work = bl.tmpdir("baton-oa-npm-")
+    cfg = os.path.join(work, "mock-llm.yaml")
+    with open(cfg, "w") as f:
+        json.dump(MOCK_CONFIG, f)  # JSON is YAML
+    port = bl.free_port()
+    mock = bl.Proc(["node", mock_main(d), "--config", cfg], env={"PORT": str(port), "HOST": "127.0.0.1"},
+                   log=os.path.join(work, "mock-llm.log"), name="mock-llm", cwd=work)
+    url = f"http://127.0.0.1:{port}"
+    c = bl.Cluster(tmpdir_path=os.path.join(work, "cluster"))
+    try:
+        bl.wait_http(url + "/health", mock, timeout=30)
+        fe = c.start_frontend()
+        w = c.start_worker(engine="openai", upstream=url, system_port=True, wait=True)
+        c.wait_workers(fe, 1)
+        w.proc.wait_log(r"is up \(kind openai, detected, model 'mock-model'\)", 10)
+        msg = "Hello from baton, in pieces of seven bytes!"  # the mock echoes the last message
+        want_chunks = (len(msg) + 6) // 7
+        body = bl.chat_body(msg, max_tokens=100, return_token_ids=True)
+        s = outcome(fe.url, "chat", body, True)
+        u = outcome(fe.url, "chat", body, False)
+        for got, what in ((s, "streamed"), (u, "whole")):
+            if not got["ok"] or got["text"] != msg or got["finish_reason"] != "stop":
+                fail(f"{what} chat through baton from mock-llm: {got.get('raw')}")
+            check_text_ids(got, f"mock-llm {what}")
+            if len(got["token_ids"]) != want_chunks:
+                fail(f"{what}: {len(got['token_ids'])} text-mode ids for {want_chunks} chunks")
+            # no usage upstream: the engine counts the chunks it delivered
+            if got["usage"] is not None and got["usage"]["completion_tokens"] != want_chunks:
+                fail(f"{what}: usage {got['usage']}")
+        if len(s["stream"].events) < want_chunks:
+            fail(f"the stream came in {len(s['stream'].events)} events: it was not streamed through")
+        direct = bl.stream_chat(url, dict(body, model="mock-model"))
+        if not direct.ok or direct.text != msg:
+            fail(f"mock-llm itself: {direct.summary()}")
+        # several at once, and the engine's own load counts return to 0
+        outs = bl.run_concurrently(lambda i: outcome(fe.url, "chat", bl.chat_body(f"parallel {i} " * 3), True),
+                                   list(range(6)))
+        for i, o in enumerate(outs):
+            if not o["ok"] or o["text"] != f"parallel {i} " * 3:
+                fail(f"parallel request {i}: {o.get('raw')}")
+        bl.wait_for(lambda: msum(w.system_url, "baton_worker_active_sequences") == 0, 10, what="engine idle")
+        print(f"npm mock-llm {MOCK_VERSION}: streamed and whole chat through baton equal the echo "
+              f"({want_chunks} chunks, text-mode ids); 6 concurrent streams")
+    except BaseException:
+        bl.mark_failed()
+        c.dump_logs(40)
+        sys.stderr.write(mock.log_tail(40) + "\n")
+        raise
+    finally:
+        c.close(check_sanitizers=False)
+        mock.kill()
+
+
+if __name__ == "__main__":
+    try:
+        selftest()
+        part_a()
+        part_b()
+    except BaseException:
+        bl.mark_failed()
+        raise
+    print("test_openai_engine: all checks passed")

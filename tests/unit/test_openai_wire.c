@@ -1,0 +1,390 @@
+/* test_openai_wire.c — unit tests of the openai engine's pure helpers
+ * (src/engine/openai/openai_wire.c).
+ *
+ * Covers: text-mode ids and the classification of carried ids (none, upstream ids, text, mixed);
+ * chunk parsing for chat and completion streams, the usage chunk, [DONE], error objects (and which
+ * of them are migratable), finish reasons, unary answers and every malformed shape; the upstream
+ * request for a first attempt and for each continuation plan (baton carried_token_ids, token-id
+ * prompts, vLLM /tokenize, text continuation for completions and chats, impossible cases); the
+ * /tokenize body and answer; upstream kind and model detection from /v1/models; and vLLM's
+ * Prometheus gauges. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "engine/openai/openai_wire.h"
+
+/* ---- text-mode ids ------------------------------------------------------------------------ */
+
+static void test_text_ids(void **state) {
+    (void)state;
+    uint32_t t[3] = {bt_oa_text_id(0), bt_oa_text_id(1), bt_oa_text_id(0x80000005ull)};
+    for (int i = 0; i < 3; i++) assert_true(bt_oa_is_text_id(t[i]));
+    assert_int_equal(t[1] & 0x7fffffffu, 1);
+    assert_int_equal(t[2] & 0x7fffffffu, 5); /* positions wrap; only the tag matters */
+    assert_false(bt_oa_is_text_id(0x7fffffffu));
+    assert_int_equal(bt_oa_carried_classify(NULL, 0), BT_OA_CARRIED_NONE);
+    assert_int_equal(bt_oa_carried_classify(t, 3), BT_OA_CARRIED_TEXT);
+    uint32_t real[] = {0, 17, 0x7fffffffu};
+    assert_int_equal(bt_oa_carried_classify(real, 3), BT_OA_CARRIED_IDS);
+    uint32_t mixed[] = {t[0], 17};
+    assert_int_equal(bt_oa_carried_classify(mixed, 2), BT_OA_CARRIED_MIXED);
+}
+
+/* ---- chunks --------------------------------------------------------------------------------- */
+
+static bt_oa_chunk parse(const char *s, bool unary, bt_status want) {
+    bt_oa_chunk c;
+    char err[256] = "";
+    bt_status st = bt_oa_parse_chunk(s, strlen(s), unary, &c, err, sizeof err);
+    if (st != want) fprintf(stderr, "parse %s: %d (%s)\n", s, st, err);
+    assert_int_equal(st, want);
+    if (st != BT_OK) assert_true(err[0] != '\0');
+    return c;
+}
+
+static void test_chunks(void **state) {
+    (void)state;
+    bt_oa_chunk c = parse("{\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\" hi\"},"
+                          "\"finish_reason\":null,\"token_ids\":[5,4095]}]}",
+                          false, BT_OK);
+    assert_int_equal(c.text_len, 3);
+    assert_memory_equal(c.text, " hi", 3);
+    assert_true(c.has_ids);
+    assert_int_equal(c.n_ids, 2);
+    assert_int_equal(c.ids[1], 4095);
+    assert_int_equal(c.finish, BT_OA_FINISH_NONE);
+    assert_false(c.has_usage || c.done || c.is_error);
+    bt_oa_chunk_free(&c);
+
+    c = parse("{\"choices\":[{\"index\":0,\"text\":\"x\",\"finish_reason\":\"length\"}]}", false, BT_OK);
+    assert_int_equal(c.text_len, 1);
+    assert_false(c.has_ids);
+    assert_int_equal(c.finish, BT_FINISH_LENGTH);
+    bt_oa_chunk_free(&c);
+
+    c = parse("{\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}", false, BT_OK);
+    assert_null(c.text);
+    assert_int_equal(c.finish, BT_FINISH_STOP);
+    bt_oa_chunk_free(&c);
+    c = parse("{\"choices\":[{\"delta\":{\"content\":null},\"finish_reason\":\"abort\"}]}", false, BT_OK);
+    assert_int_equal(c.finish, BT_OA_FINISH_ABORT);
+    bt_oa_chunk_free(&c);
+    c = parse("{\"choices\":[{\"text\":\"\",\"finish_reason\":\"cancelled\"}]}", false, BT_OK);
+    assert_int_equal(c.finish, BT_FINISH_CANCELLED);
+    bt_oa_chunk_free(&c);
+
+    c = parse("{\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":20,\"total_tokens\":27}}",
+              false, BT_OK);
+    assert_true(c.has_usage);
+    assert_int_equal(c.prompt_tokens, 7);
+    assert_int_equal(c.completion_tokens, 20);
+    bt_oa_chunk_free(&c);
+
+    c = parse(" [DONE] ", false, BT_OK);
+    assert_true(c.done);
+    bt_oa_chunk_free(&c);
+
+    /* choices other than index 0 are not ours */
+    c = parse("{\"choices\":[{\"index\":1,\"text\":\"no\"},{\"index\":0,\"text\":\"yes\"}]}", false, BT_OK);
+    assert_memory_equal(c.text, "yes", 3);
+    bt_oa_chunk_free(&c);
+
+    /* unary answers */
+    c = parse("{\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":\"whole\"},"
+              "\"finish_reason\":\"stop\",\"token_ids\":[1,2,3]}],\"usage\":{\"prompt_tokens\":1,"
+              "\"completion_tokens\":3}}",
+              true, BT_OK);
+    assert_memory_equal(c.text, "whole", 5);
+    assert_int_equal(c.n_ids, 3);
+    assert_true(c.has_usage);
+    bt_oa_chunk_free(&c);
+}
+
+static void test_errors(void **state) {
+    (void)state;
+    bt_oa_chunk c = parse("{\"error\":{\"message\":\"All workers are busy\",\"type\":\"Service Unavailable\",\"code\":503}}",
+                          false, BT_OK);
+    assert_true(c.is_error);
+    assert_int_equal(c.err_code, BT_ERR_CANNOT_CONNECT);
+    assert_true(bt_status_migratable(c.err_code));
+    assert_string_equal(c.err_msg, "All workers are busy");
+    bt_oa_chunk_free(&c);
+    c = parse("{\"error\":{\"message\":\"bad\",\"type\":\"invalid_request_error\",\"code\":null}}", false, BT_OK);
+    assert_int_equal(c.err_code, BT_ERR_INVALID);
+    assert_false(bt_status_migratable(c.err_code));
+    bt_oa_chunk_free(&c);
+    c = parse("{\"error\":\"plain\"}", false, BT_OK);
+    assert_int_equal(c.err_code, BT_ERR_ENGINE);
+    assert_string_equal(c.err_msg, "plain");
+    bt_oa_chunk_free(&c);
+    /* malformed */
+    const char *bad[] = {"not json", "[1,2]", "{\"choices\":{}}", "{\"choices\":[7]}",
+                         "{\"choices\":[{\"text\":5}]}", "{\"choices\":[{\"text\":\"a\",\"token_ids\":\"x\"}]}",
+                         "{\"choices\":[{\"text\":\"a\",\"token_ids\":[-1]}]}",
+                         "{\"choices\":[{\"text\":\"a\",\"token_ids\":[1.5]}]}",
+                         "{\"choices\":[{\"text\":\"a\",\"token_ids\":[2147483648]}]}", ""};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        c = parse(bad[i], false, BT_ERR_PROTOCOL);
+        bt_oa_chunk_free(&c);
+    }
+    /* HTTP statuses: those another worker's upstream might serve are migratable */
+    long mig[] = {408, 429, 502, 503, 504};
+    for (size_t i = 0; i < 5; i++) assert_true(bt_status_migratable(bt_oa_status_for_http(mig[i])));
+    long not_mig[] = {400, 401, 403, 404, 413, 422, 500, 501};
+    for (size_t i = 0; i < 8; i++) assert_false(bt_status_migratable(bt_oa_status_for_http(not_mig[i])));
+}
+
+/* ---- requests ------------------------------------------------------------------------------- */
+
+static json_t *js(const char *s) {
+    json_t *j = json_loads(s, 0, NULL);
+    assert_non_null(j);
+    return j;
+}
+
+static json_t *build_ok(const bt_oa_build *b, const char *want_path) {
+    const char *path = NULL;
+    json_t *out = NULL;
+    char err[256] = "";
+    bt_status st = bt_oa_build_request(b, &path, &out, err, sizeof err);
+    if (st != BT_OK) fprintf(stderr, "build: %s\n", err);
+    assert_int_equal(st, BT_OK);
+    assert_string_equal(path, want_path);
+    assert_true(json_is_true(json_object_get(out, "stream")));
+    assert_true(json_is_true(json_object_get(json_object_get(out, "stream_options"), "include_usage")));
+    assert_int_equal(json_integer_value(json_object_get(out, "max_tokens")), b->max_tokens);
+    assert_null(json_object_get(out, "max_completion_tokens"));
+    return out;
+}
+
+static void ids_eq(const json_t *arr, const uint32_t *want, size_t n) {
+    assert_true(json_is_array(arr));
+    assert_int_equal(json_array_size(arr), n);
+    for (size_t i = 0; i < n; i++) assert_int_equal(json_integer_value(json_array_get(arr, i)), want[i]);
+}
+
+static void test_first_attempt(void **state) {
+    (void)state;
+    json_t *body = js("{\"model\":\"front\",\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}],"
+                      "\"max_completion_tokens\":50,\"temperature\":0.5,\"seed\":3,\"stream\":false,\"n\":1,"
+                      "\"logprobs\":true,\"stop\":[\"x\"]}");
+    bt_oa_build b = {.api = BT_API_CHAT, .body = body, .model = "up-model", .kind = BT_OA_KIND_BATON, .max_tokens = 50};
+    json_t *out = build_ok(&b, "/v1/chat/completions");
+    assert_string_equal(json_string_value(json_object_get(out, "model")), "up-model");
+    assert_true(json_is_true(json_object_get(out, "return_token_ids")));
+    assert_null(json_object_get(out, "n"));
+    assert_null(json_object_get(out, "logprobs"));
+    assert_null(json_object_get(out, "carried_token_ids"));
+    assert_true(json_equal(json_object_get(out, "messages"), json_object_get(body, "messages")));
+    assert_true(json_equal(json_object_get(out, "stop"), json_object_get(body, "stop")));
+    assert_int_equal(json_integer_value(json_object_get(out, "seed")), 3);
+    json_decref(out);
+    /* a server of unknown kind gets nothing beyond the OpenAI API */
+    b.kind = BT_OA_KIND_OPENAI;
+    b.model = NULL;
+    out = build_ok(&b, "/v1/chat/completions");
+    assert_null(json_object_get(out, "return_token_ids"));
+    assert_string_equal(json_string_value(json_object_get(out, "model")), "front");
+    json_decref(out);
+    /* the client's body is never modified */
+    assert_int_equal(json_integer_value(json_object_get(body, "max_completion_tokens")), 50);
+    assert_true(json_is_false(json_object_get(body, "stream")));
+    json_decref(body);
+}
+
+static void test_continuations(void **state) {
+    (void)state;
+    char err[256];
+    uint32_t car[] = {11, 12, 13};
+    json_t *chat = js("{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}],\"tools\":[]}");
+    json_t *comp_s = js("{\"model\":\"m\",\"prompt\":\"Once upon\"}");
+    json_t *comp_ids = js("{\"model\":\"m\",\"prompt\":[1,2]}");
+
+    /* baton: the ids go as carried_token_ids, on either API */
+    bt_oa_build b = {.api = BT_API_CHAT, .body = chat, .kind = BT_OA_KIND_BATON, .max_tokens = 7, .carried = car,
+                     .n_carried = 3};
+    assert_int_equal(bt_oa_plan_for(&b, err, sizeof err), BT_OA_PLAN_DIRECT);
+    json_t *out = build_ok(&b, "/v1/chat/completions");
+    ids_eq(json_object_get(out, "carried_token_ids"), car, 3);
+    json_decref(out);
+
+    /* a token-id prompt takes the carried ids on any kind that gives ids */
+    b = (bt_oa_build){.api = BT_API_COMPLETION, .body = comp_ids, .kind = BT_OA_KIND_VLLM, .max_tokens = 7,
+                      .carried = car, .n_carried = 3};
+    assert_int_equal(bt_oa_plan_for(&b, err, sizeof err), BT_OA_PLAN_DIRECT);
+    out = build_ok(&b, "/v1/completions");
+    uint32_t want1[] = {1, 2, 11, 12, 13};
+    ids_eq(json_object_get(out, "prompt"), want1, 5);
+    json_decref(out);
+
+    /* vLLM, chat or text prompt: /tokenize first, then a completion of prompt ids + carried */
+    b = (bt_oa_build){.api = BT_API_CHAT, .body = chat, .kind = BT_OA_KIND_VLLM, .max_tokens = 7, .carried = car,
+                      .n_carried = 3, .model = "up"};
+    assert_int_equal(bt_oa_plan_for(&b, err, sizeof err), BT_OA_PLAN_TOKENIZE);
+    const char *path;
+    assert_int_equal(bt_oa_build_request(&b, &path, &out, err, sizeof err), BT_ERR_INVALID);
+    json_t *tk = bt_oa_tokenize_body(&b);
+    assert_string_equal(json_string_value(json_object_get(tk, "model")), "up");
+    assert_true(json_equal(json_object_get(tk, "messages"), json_object_get(chat, "messages")));
+    assert_true(json_is_true(json_object_get(tk, "add_generation_prompt")));
+    assert_non_null(json_object_get(tk, "tools"));
+    json_decref(tk);
+    uint32_t pids[] = {100, 101};
+    b.prompt_ids = pids;
+    b.n_prompt_ids = 2;
+    b.have_prompt_ids = true;
+    out = build_ok(&b, "/v1/completions");
+    uint32_t want2[] = {100, 101, 11, 12, 13};
+    ids_eq(json_object_get(out, "prompt"), want2, 5);
+    assert_null(json_object_get(out, "messages"));
+    assert_null(json_object_get(out, "tools"));
+    json_decref(out);
+    b = (bt_oa_build){.api = BT_API_COMPLETION, .body = comp_s, .kind = BT_OA_KIND_VLLM, .carried = car,
+                      .n_carried = 3};
+    assert_int_equal(bt_oa_plan_for(&b, err, sizeof err), BT_OA_PLAN_TOKENIZE);
+    tk = bt_oa_tokenize_body(&b);
+    assert_string_equal(json_string_value(json_object_get(tk, "prompt")), "Once upon");
+    json_decref(tk);
+
+    /* no way to tokenize: impossible, with a reason */
+    b.kind = BT_OA_KIND_OPENAI;
+    err[0] = '\0';
+    assert_int_equal(bt_oa_plan_for(&b, err, sizeof err), BT_OA_PLAN_IMPOSSIBLE);
+    assert_true(err[0] != '\0');
+    assert_int_equal(bt_oa_build_request(&b, &path, &out, err, sizeof err), BT_ERR_INVALID);
+
+    /* text: appended to a text prompt; an open assistant message for a chat */
+    uint32_t packed[] = {bt_oa_text_id(0), bt_oa_text_id(1)};
+    size_t np = 2;
+    b = (bt_oa_build){.api = BT_API_COMPLETION, .body = comp_s, .kind = BT_OA_KIND_OPENAI, .max_tokens = 4,
+                      .carried = packed, .n_carried = np, .carried_text = " there", .carried_text_len = 6};
+    out = build_ok(&b, "/v1/completions");
+    assert_string_equal(json_string_value(json_object_get(out, "prompt")), "Once upon there");
+    json_decref(out);
+    b.api = BT_API_CHAT;
+    b.body = chat;
+    b.kind = BT_OA_KIND_VLLM;
+    out = build_ok(&b, "/v1/chat/completions");
+    json_t *msgs = json_object_get(out, "messages");
+    assert_int_equal(json_array_size(msgs), 2);
+    json_t *last = json_array_get(msgs, 1);
+    assert_string_equal(json_string_value(json_object_get(last, "role")), "assistant");
+    assert_string_equal(json_string_value(json_object_get(last, "content")), " there");
+    assert_true(json_is_true(json_object_get(out, "continue_final_message")));
+    assert_true(json_is_false(json_object_get(out, "add_generation_prompt")));
+    json_decref(out);
+    b.kind = BT_OA_KIND_OPENAI; /* only the message: the API has no such flag */
+    out = build_ok(&b, "/v1/chat/completions");
+    assert_null(json_object_get(out, "continue_final_message"));
+    assert_int_equal(json_array_size(json_object_get(out, "messages")), 2);
+    json_decref(out);
+    assert_int_equal(json_array_size(json_object_get(chat, "messages")), 1); /* untouched */
+    /* text cannot follow a token-id prompt; ids and text cannot be mixed */
+    b = (bt_oa_build){.api = BT_API_COMPLETION, .body = comp_ids, .kind = BT_OA_KIND_OPENAI, .carried = packed,
+                      .n_carried = np};
+    assert_int_equal(bt_oa_plan_for(&b, err, sizeof err), BT_OA_PLAN_IMPOSSIBLE);
+    uint32_t mixed[] = {packed[0], 5};
+    b = (bt_oa_build){.api = BT_API_CHAT, .body = chat, .kind = BT_OA_KIND_BATON, .carried = mixed, .n_carried = 2};
+    assert_int_equal(bt_oa_plan_for(&b, err, sizeof err), BT_OA_PLAN_IMPOSSIBLE);
+
+    json_decref(chat);
+    json_decref(comp_s);
+    json_decref(comp_ids);
+}
+
+static void test_tokens_answer(void **state) {
+    (void)state;
+    uint32_t *ids;
+    size_t n;
+    char err[256];
+    const char *ok = "{\"count\":3,\"max_model_len\":4096,\"tokens\":[1,22,333]}";
+    assert_int_equal(bt_oa_read_tokens(ok, strlen(ok), &ids, &n, err, sizeof err), BT_OK);
+    assert_int_equal(n, 3);
+    assert_int_equal(ids[2], 333);
+    free(ids);
+    const char *bad[] = {"{}", "{\"tokens\":[1,-2]}", "{\"tokens\":\"x\"}", "nope"};
+    for (size_t i = 0; i < 4; i++) {
+        assert_int_equal(bt_oa_read_tokens(bad[i], strlen(bad[i]), &ids, &n, err, sizeof err), BT_ERR_PROTOCOL);
+        assert_null(ids);
+    }
+}
+
+/* ---- detection and metrics ------------------------------------------------------------------ */
+
+static void test_models(void **state) {
+    (void)state;
+    bt_oa_kind k;
+    char model[64], err[128];
+    const char *vllm = "{\"object\":\"list\",\"data\":[{\"id\":\"meta/llama\",\"owned_by\":\"vllm\"}]}";
+    assert_true(bt_oa_read_models(vllm, strlen(vllm), "mock-model", "mock-model", &k, model, sizeof model, err,
+                                  sizeof err));
+    assert_int_equal(k, BT_OA_KIND_VLLM);
+    assert_string_equal(model, "meta/llama"); /* the served name is not listed: the upstream's model */
+    const char *baton = "{\"data\":[{\"id\":\"a\",\"owned_by\":\"baton\"},{\"id\":\"mock-model\",\"owned_by\":\"baton\"}]}";
+    assert_true(bt_oa_read_models(baton, strlen(baton), "mock-model", "x", &k, model, sizeof model, err, sizeof err));
+    assert_int_equal(k, BT_OA_KIND_BATON);
+    assert_string_equal(model, "mock-model");
+    const char *other[] = {"{\"data\":[{\"id\":\"gpt\",\"owned_by\":\"openai\"}]}", "{\"data\":[{\"id\":\"g\"}]}",
+                           "{\"data\":[{\"id\":\"l\",\"owned_by\":\"llamacpp\"}]}",
+                           "{\"data\":[{\"id\":\"s\",\"owned_by\":\"sglang\"}]}"};
+    bt_oa_kind want[] = {BT_OA_KIND_OPENAI, BT_OA_KIND_OPENAI, BT_OA_KIND_LLAMACPP, BT_OA_KIND_SGLANG};
+    for (int i = 0; i < 4; i++) {
+        assert_true(bt_oa_read_models(other[i], strlen(other[i]), NULL, "fb", &k, model, sizeof model, err, sizeof err));
+        assert_int_equal(k, want[i]);
+    }
+    const char *empty = "{\"data\":[]}";
+    assert_true(bt_oa_read_models(empty, strlen(empty), "want", "fb", &k, model, sizeof model, err, sizeof err));
+    assert_string_equal(model, "want");
+    assert_true(bt_oa_read_models(empty, strlen(empty), NULL, "fb", &k, model, sizeof model, err, sizeof err));
+    assert_string_equal(model, "fb");
+    const char *bad = "{\"models\":[]}";
+    assert_false(bt_oa_read_models(bad, strlen(bad), NULL, "fb", &k, model, sizeof model, err, sizeof err));
+    bt_oa_kind pk;
+    assert_true(bt_oa_kind_parse("llama.cpp", &pk) && pk == BT_OA_KIND_LLAMACPP);
+    assert_true(bt_oa_kind_parse("VLLM", &pk) && pk == BT_OA_KIND_VLLM);
+    assert_false(bt_oa_kind_parse("tgi", &pk));
+}
+
+static void test_vllm_metrics(void **state) {
+    (void)state;
+    const char *t = "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+                    "# TYPE vllm:num_requests_running gauge\n"
+                    "vllm:num_requests_running{engine=\"0\",model_name=\"m\"} 3.0\n"
+                    "vllm:num_requests_running{engine=\"1\",model_name=\"m}\\\"x\"} 2.0\n"
+                    "vllm:num_requests_waiting{engine=\"0\",model_name=\"m\"} 4.0\n"
+                    "vllm:gpu_cache_usage_perc{engine=\"0\",model_name=\"m\"} 0.25\n"
+                    "vllm:kv_cache_usage_perc{engine=\"1\",model_name=\"m\"} 0.75 1700000000000\n"
+                    "vllm:num_requests_running_total 99\n"
+                    "dynamo_frontend_inflight_requests 7\n";
+    bt_oa_vllm_metrics m;
+    assert_true(bt_oa_parse_vllm_metrics(t, strlen(t), &m));
+    assert_true(m.have_usage && m.have_running && m.have_waiting);
+    assert_true(m.running == 5.0);
+    assert_true(m.waiting == 4.0);
+    assert_true(m.kv_usage > 0.499 && m.kv_usage < 0.501);
+    const char *none = "# TYPE dynamo_frontend_requests_total counter\ndynamo_frontend_requests_total 4\n";
+    assert_false(bt_oa_parse_vllm_metrics(none, strlen(none), &m));
+    const char *junk = "vllm:num_requests_waiting NaN\nvllm:num_requests_running {\nvllm:gpu_cache_usage_perc -1\n";
+    assert_false(bt_oa_parse_vllm_metrics(junk, strlen(junk), &m));
+    const char *unlabelled = "vllm:gpu_cache_usage_perc 7";
+    assert_true(bt_oa_parse_vllm_metrics(unlabelled, strlen(unlabelled), &m));
+    assert_true(m.kv_usage == 1.0); /* clamped */
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_text_ids),
+        cmocka_unit_test(test_chunks),         cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_first_attempt),  cmocka_unit_test(test_continuations),
+        cmocka_unit_test(test_tokens_answer),  cmocka_unit_test(test_models),
+        cmocka_unit_test(test_vllm_metrics),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

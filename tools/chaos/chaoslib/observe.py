@@ -1,0 +1,251 @@
+"""observe — what the tool reads from the system under test: Prometheus gauges and counters of
+frontends and workers, process state and open descriptors from /proc, and port reachability.
+
+Endpoints are the frontend's /metrics and each worker's status server /metrics (DYN_SYSTEM_PORT).
+A Sampler polls them during a run (for the timeline and the migration count, which must survive a
+frontend being killed); snapshot() reads the gauges that must return to baseline after a fault.
+"""
+
+import os
+import socket
+import threading
+import time
+
+from .util import batonlib
+
+# gauges that must return to their pre-fault value, by role
+FRONTEND_GAUGES = {
+    "inflight": ("dynamo_frontend_inflight_requests", {}),
+    "http_connections": ("baton_frontend_http_connections", {}),
+    "worker_streams": ("baton_frontend_worker_inflight", {}),
+    "routable_workers": ("baton_frontend_workers", {"state": "routable"}),
+}
+WORKER_GAUGES = {
+    "active_sequences": ("baton_worker_active_sequences", {}),
+    "kv_active_blocks": ("baton_worker_kv_active_blocks", {}),
+    "inflight": ("dynamo_component_inflight_requests", {}),
+    "frontend_connections": ("baton_worker_frontend_connections", {}),
+}
+# counters the report and the checks use
+FRONTEND_COUNTERS = {
+    "migrations": ("dynamo_frontend_model_migration_total", {}),
+    "migrations_exhausted": ("dynamo_frontend_model_migration_exhausted_total", {}),
+    "migration_limit": ("dynamo_frontend_model_migration_limit", {}),
+    "disconnected_clients": ("dynamo_frontend_disconnected_clients", {}),
+    "cancellations": ("dynamo_frontend_model_cancellation_total", {}),
+    "output_tokens": ("dynamo_frontend_output_tokens_total", {}),
+}
+WORKER_COUNTERS = {
+    "tokens": ("dynamo_component_tokens_total", {}),
+    "kills": ("dynamo_component_cancellation_total", {"kind": "kill"}),
+    "handed_back": ("baton_worker_handed_back_total", {}),
+}
+
+
+def read_metrics(url, timeout=1.0):
+    """Parsed samples of <url>/metrics, or None when it does not answer."""
+    bl = batonlib()
+    try:
+        return bl.metrics(url, timeout=timeout)
+    except (OSError, AssertionError, ValueError):
+        return None
+
+
+def has_metric(samples, name):
+    for key in samples:
+        if key == name or key.startswith(name + "{"):
+            return True
+    return False
+
+
+def extract(samples, table):
+    """{short name: value} for each metric of `table` that the endpoint exposes."""
+    bl = batonlib()
+    out = {}
+    for short, (name, labels) in table.items():
+        if has_metric(samples, name):
+            out[short] = bl.metric_sum(samples, name, **labels)
+    return out
+
+
+def proc_state(pid):
+    """The one-letter state of a process (R, S, D, T, t, Z...) or None if it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    rest = stat[stat.rfind(")") + 2:].split()
+    return rest[0] if rest else None
+
+
+def _socket_ports(pid):
+    """{socket inode: (local port, remote port)} of the TCP sockets in pid's network namespace."""
+    out = {}
+    for fam in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{fam}") as f:
+                next(f)
+                for line in f:
+                    parts = line.split()
+                    if len(parts) < 10:
+                        continue
+                    lport = int(parts[1].rsplit(":", 1)[1], 16)
+                    rport = int(parts[2].rsplit(":", 1)[1], 16)
+                    out[parts[9]] = (lport, rport)
+        except (OSError, StopIteration, ValueError):
+            continue
+    return out
+
+
+def fd_count(pid, exclude_ports=()):
+    """Open descriptors of pid, not counting TCP connections to exclude_ports (etcd and NATS:
+    their clients keep a pool of connections that may legitimately reach another member after a
+    failover). None if the process is gone."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    if not exclude_ports:
+        return len(fds)
+    ports = _socket_ports(pid)
+    n = 0
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            lr = ports.get(target[8:-1])
+            if lr is not None and lr[1] in exclude_ports:
+                continue
+        n += 1
+    return n
+
+
+def port_reachable(host, port, timeout=1.0):
+    """True if a TCP connection to host:port succeeds within timeout."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class Endpoint:
+    """A metrics endpoint of one process: name ('frontend[0]', 'worker[1]', or an operator's
+    name), role ('frontend' | 'worker'), a callable giving the current metrics URL, and one giving
+    the current pid (None when unknown, e.g. a remote process)."""
+
+    def __init__(self, name, role, url_fn, pid_fn=lambda: None):
+        self.name = name
+        self.role = role
+        self.url_fn = url_fn
+        self.pid_fn = pid_fn
+
+    def tables(self):
+        if self.role == "frontend":
+            return FRONTEND_GAUGES, FRONTEND_COUNTERS
+        return WORKER_GAUGES, WORKER_COUNTERS
+
+
+def snapshot(endpoints, with_fds=True, timeout=1.0, exclude_ports=()):
+    """{endpoint name: {"pid", "up", gauge: value..., "fds"}} read now; exclude_ports as for
+    fd_count."""
+    snap = {}
+    for ep in endpoints:
+        gauges, _ = ep.tables()
+        pid = ep.pid_fn()
+        s = read_metrics(ep.url_fn(), timeout)
+        entry = {"pid": pid, "up": s is not None}
+        if s is not None:
+            entry.update(extract(s, gauges))
+        if with_fds and pid:
+            entry["fds"] = fd_count(pid, exclude_ports)
+        snap[ep.name] = entry
+    return snap
+
+
+class Sampler:
+    """Polls every endpoint's gauges and counters every `interval` seconds on a thread."""
+
+    def __init__(self, endpoints, t0, interval=0.5):
+        self.endpoints = endpoints
+        self.t0 = t0
+        self.interval = interval
+        self.samples = []  # {"t", "name", "role", "pid", values...}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.thread = None
+
+    def sample_once(self):
+        t = round(time.monotonic() - self.t0, 4)  # one time per round, so rows of a round add up
+        for ep in self.endpoints:
+            gauges, counters = ep.tables()
+            s = read_metrics(ep.url_fn(), 1.0)
+            if s is None:
+                continue
+            row = {"t": t, "name": ep.name, "role": ep.role, "pid": ep.pid_fn()}
+            row.update(extract(s, gauges))
+            row.update(extract(s, counters))
+            with self._lock:
+                self.samples.append(row)
+
+    def _run(self):
+        while not self._stop.is_set():
+            start = time.monotonic()
+            self.sample_once()
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - start)))
+
+    def start(self):
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self._stop.set()
+        if self.thread:
+            self.thread.join(10)
+        self.sample_once()
+
+    def latest(self, name):
+        with self._lock:
+            for row in reversed(self.samples):
+                if row["name"] == name:
+                    return row
+        return None
+
+    def _deltas(self, counter, role, baseline_pids):
+        first, last = {}, {}
+        with self._lock:
+            rows = list(self.samples)
+        for row in rows:
+            if row["role"] != role or counter not in row:
+                continue
+            key = (row["name"], row["pid"])
+            fresh = baseline_pids is not None and row["pid"] is not None and row["pid"] not in baseline_pids
+            first.setdefault(key, 0.0 if fresh else row[counter])
+            last[key] = row[counter]
+        return {k: last[k] - first[k] for k in last}, last
+
+    def counter_delta(self, counter, role="frontend", baseline_pids=None):
+        """Sum over processes (each pid counted separately, so a restarted process adds its own
+        count) of the counter's last value less its first; a process not in baseline_pids (started
+        during the run) counts from 0. None if no endpoint exposes the counter."""
+        d, _ = self._deltas(counter, role, baseline_pids)
+        return sum(d.values()) if d else None
+
+    def migrations_performed(self, baseline_pids=None):
+        """Migrations the frontends actually attempted: dynamo_frontend_model_migration_total counts
+        every failure that could have migrated, even with no budget left (as Dynamo does), so the
+        exhausted ones are taken off, and a frontend whose migration limit is 0 performed none."""
+        total, _ = self._deltas("migrations", "frontend", baseline_pids)
+        if not total:
+            return None
+        exhausted, _ = self._deltas("migrations_exhausted", "frontend", baseline_pids)
+        _, limit = self._deltas("migration_limit", "frontend", baseline_pids)
+        out = 0.0
+        for k, v in total.items():
+            if limit.get(k, 1) <= 0:
+                continue
+            out += v - exhausted.get(k, 0.0)
+        return out
