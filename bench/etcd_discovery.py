@@ -91,8 +91,8 @@ def leader_round(c, etcd):
     nid = el.worker_id(newcomer)
     t_resume = log_time(fe.proc, r"etcd: watch on v1/instances/dynamo/ resumed") - t0
     t_ka = [log_time(w.proc, r"etcd: reachable again via") - t0 for w in ws]
-    t_ka_gap = [log_time(w.proc, r"etcd: reachable again via") - log_time(w.proc, r"etcd: lease keep-alive via .* failed")
-                for w in ws]
+    t_ka_gap = [log_time(w.proc, r"etcd: reachable again via")
+                - log_time(w.proc, r"etcd: lease keep-alive via .* failed") for w in ws]
     t_new = log_time(fe.proc, rf"discovered worker {nid}") - t0
     time.sleep(2)
     after = etcd.get_prefix(el.PREFIX)
@@ -118,7 +118,11 @@ def main():
         etcd = bl.Etcd(3).start()
         lat = sigterm_rounds(c, etcd, a.sigterm_rounds)
         print(f"A. SIGTERM -> key deletion seen by the frontend (p50 / p90 / max): {stats(lat)}")
+        print(f"   in round order (ms): {[round(x * 1000) for x in lat]}")
         rounds = [leader_round(c, etcd) for _ in range(a.leader_rounds)]
+        if not rounds:
+            etcd.stop()
+            return
         for r in rounds:
             print(f"   round: leader {r['leader']} killed, {r['new_leader']} elected; {r['streams']} streams, "
                   f"{r['failed']} failed")

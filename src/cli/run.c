@@ -135,6 +135,8 @@ static void start_child(child *c) {
         args[n++] = port;
         args[n++] = "--http-host";
         args[n++] = r->http_host;
+        args[n++] = "--discovery"; /* explicit: DYN_DISCOVERY_BACKEND in the environment must not win */
+        args[n++] = "file";
         args[n++] = "--discovery-dir";
         args[n++] = r->dir;
         args[n++] = "--migration-limit";
@@ -147,6 +149,8 @@ static void start_child(child *c) {
         snprintf(speed, sizeof speed, "%g", r->speedup);
         snprintf(wport, sizeof wport, "0");
         args[n++] = "worker";
+        args[n++] = "--discovery";
+        args[n++] = "file";
         args[n++] = "--discovery-dir";
         args[n++] = r->dir;
         args[n++] = "--model-name";
@@ -230,6 +234,13 @@ int bt_run_main(int argc, char **argv) {
         return 2;
     }
     for (int i = 0; i < nrest; i++) {
+        /* One machine, one private directory: the group's discovery is not the user's to choose. */
+        if (strncmp(rest[i], "--discovery", 11) == 0 || strncmp(rest[i], "--etcd-endpoints", 16) == 0) {
+            fprintf(stderr, "baton run: %s is not supported: `baton run` always uses file discovery in a private "
+                            "directory; for etcd, start `baton frontend` and `baton worker` with --discovery etcd "
+                            "(docs/operations.md)\n", rest[i]);
+            return 2;
+        }
         bool fe_flag = is_frontend_flag(rest[i]);
         const char **dst = fe_flag ? r.fe_args : r.w_args;
         int *nd = fe_flag ? &r.n_fe_args : &r.n_w_args;

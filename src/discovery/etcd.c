@@ -288,7 +288,8 @@ bt_etcd_result bt_etcd_classify(bool transport_ok, long http, const json_t *body
         /* Unavailable (no leader, stopping), deadline exceeded (request timed out, leader changed
          * under it), resource exhausted (too many requests), aborted: another member may do. */
         if (code == 14 || code == 4 || code == 8 || code == 10 || contains(msg, "no leader") ||
-            contains(msg, "leader changed") || contains(msg, "timed out") || contains(msg, "not capable"))
+            contains(msg, "leader changed") || contains(msg, "timed out") || contains(msg, "deadline exceeded") ||
+            contains(msg, "not capable"))
             return BT_ETCD_RETRY;
         if (code == 16) return BT_ETCD_AUTH;
         return BT_ETCD_FAIL;

@@ -208,6 +208,13 @@ def test_migrations_fresh_recovery_processes():
                 p["outcome"] = "error"
     r = expect_fail("recovers too slowly", slow, "recovery", dict(CFG, max_recovery=1.0))
     assert abs(r["stats"]["recovery"] - 2.1) < 1e-6, r
+
+    def slow_but_ok(run):  # probes that only succeed after waiting out the fault are not recovery
+        for p in run["probes"]:
+            if 2.0 <= p["t_send"] < 3.0:
+                p["t_end"] = p["t_send"] + 1.5
+    r = expect_fail("probes succeed only slowly", slow_but_ok, "recovery", dict(CFG, max_recovery=1.0))
+    assert abs(r["stats"]["recovery"] - 1.1) < 1e-6, r
     expect_fail("stall over its bound", lambda run: run["requests"][0]["events"][5].__setitem__(0, 9.0), "stall")
     expect_fail("unexpected exit", lambda run: run["processes"]["unexpected_exits"].append(
         {"name": "frontend[0]", "pid": 10, "status": -11}), "processes")

@@ -17,7 +17,15 @@ stacks as a text-only upstream (`--upstream-kind sglang`: no token ids, continue
      moved, and P1 and T1 exit with code 1 (their upstream is dead) while P2 and T2 keep serving.
 Part B puts a worker in front of a third-party OpenAI-compatible mock server from the npm registry
 (@dwmkerr/mock-llm, installed by the test into a cache directory): streamed and whole chat answers
-through baton equal the mock's echo, with text-mode ids (it gives no token ids and no usage).
+through baton equal the mock's echo, with text-mode ids (it gives no token ids and no usage); a
+worker whose upstream never answers refuses work at once and exits 1 after its start-up bound.
+Part A also runs canaries on P2: its start-up canary must succeed through the engine.
+Part C runs a small vLLM-shaped server of this file's own (separate processes, deterministic
+tokens, vLLM's field names: return_token_ids, prompt_token_ids, /tokenize, vllm:* gauges) to
+cover the vLLM dialect: answers equal the server's own; its KV usage and queue feed the worker's
+load (and so shedding: a threshold below its usage makes the frontend answer 503); a client abort
+reaches it; and when one such server is killed mid-stream, the streams continue on the other
+through /tokenize + a token-id prompt, byte for byte.
 
 A self-check first proves the comparison rejects a result with a dropped, duplicated or altered
 token. If the npm package cannot be installed the test fails: it never passes without running.
@@ -33,8 +41,6 @@ import threading
 import time
 
 import batonlib as bl
-
-bl.deadline(280, "test_openai_engine")
 
 MOCK_PKG = "@dwmkerr/mock-llm"
 MOCK_VERSION = "0.1.29"
@@ -353,7 +359,9 @@ def part_a():
     try:
         f0 = outer.start_frontend(migration_limit=3)
         p1 = outer.start_worker(engine="openai", upstream=u1.url)
-        p2 = outer.start_worker(engine="openai", upstream=u2.url)
+        # P2 runs canaries (the start-up one only): they go through the engine to U2
+        p2 = outer.start_worker(engine="openai", upstream=u2.url, system_port=True,
+                                env={"DYN_HEALTH_CHECK_ENABLED": "true", "DYN_CANARY_WAIT_TIME": "3600"})
         outer.wait_workers(f0, 2)
         t0 = text.start_frontend(migration_limit=3)
         t1 = text.start_worker(engine="openai", upstream=u1.url, upstream_kind="sglang")
@@ -364,6 +372,8 @@ def part_a():
         for p in (t1, t2):
             p.proc.wait_log(r"upstream http://127\.0\.0\.1:\d+ is up \(kind sglang, model 'mock-model'\)", 10)
 
+        if msum(p2.system_url, "baton_worker_canary_total", result="success") < 1:
+            fail("P2's start-up canary did not succeed through the openai engine")
         equality_phase(u1, f0, t0)
         if disconnects(u1) + disconnects(u2) != 0:
             fail("finished requests left disconnected clients upstream: the engine cut a finished stream")
@@ -502,6 +512,18 @@ def part_b():
             if not o["ok"] or o["text"] != f"parallel {i} " * 3:
                 fail(f"parallel request {i}: {o.get('raw')}")
         bl.wait_for(lambda: msum(w.system_url, "baton_worker_active_sequences") == 0, 10, what="engine idle")
+        # an upstream that never answers: work is refused at once, the worker exits 1 at its bound
+        wd = c.start_worker(engine="openai", upstream=f"http://127.0.0.1:{bl.free_port()}", model_name="nowhere",
+                            upstream_startup_timeout=3)
+        c.wait_workers(fe, 2)
+        t0 = time.monotonic()
+        st, _, j = bl.post_json(fe.url + "/v1/chat/completions", bl.chat_body("hi", model="nowhere"))
+        if st != 503 or "not reachable" not in json.dumps(j):
+            fail(f"a request to a worker whose upstream is unreachable: {st} {j}")
+        if time.monotonic() - t0 > 5:
+            fail("the request to an unreachable upstream was not refused at once")
+        if wd.proc.wait(20) != 1 or "no answer within the start-up bound" not in wd.proc.log_text():
+            fail(f"the worker of an upstream that never answered: exit {wd.proc.returncode}\n{wd.proc.log_tail()}")
         print(f"npm mock-llm {MOCK_VERSION}: streamed and whole chat through baton equal the echo "
               f"({want_chunks} chunks, text-mode ids); 6 concurrent streams")
     except BaseException:
@@ -514,11 +536,253 @@ def part_b():
         mock.kill()
 
 
+# ---------------------------------------------------------------------------------------------
+# Part C: a vLLM-shaped upstream.
+
+
+def fake_vllm(port, kv_usage):
+    """A deterministic stand-in for vLLM's OpenAI server (one process). Token i has the text " w<i>";
+    the next token is a hash of the whole prefix (prompt ids + generated ids) and the seed, so a
+    continuation from prompt + carried ids equals an uninterrupted run. Chat messages render as
+    "role: content" lines plus "assistant:", tokenized by words. It streams one token per chunk,
+    8 ms apart, with vLLM's shapes; counts aborted streams and /tokenize calls in /metrics."""
+    import http.server
+    import struct
+    import zlib
+
+    lock = threading.Lock()
+    stats = {"running": 0, "aborted": 0, "tokenize": 0}
+
+    def tokenize(text):
+        return [zlib.crc32(w.encode()) % 997 + 3 for w in text.split(" ") if w]
+
+    def render(msgs):
+        return "\n".join(f"{m['role']}: {m['content']}" for m in msgs) + "\nassistant:"
+
+    class H(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def send_json(self, code, obj, ctype="application/json"):
+            data = (json.dumps(obj) if not isinstance(obj, str) else obj).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path == "/health":
+                self.send_json(200, "", "text/plain")
+            elif self.path == "/v1/models":
+                self.send_json(200, {"object": "list", "data": [{"id": "fake/llama", "object": "model",
+                                                                 "owned_by": "vllm"}]})
+            elif self.path == "/metrics":
+                with lock:
+                    t = ("# TYPE vllm:num_requests_running gauge\n"
+                         f'vllm:num_requests_running{{engine="0",model_name="fake/llama"}} {stats["running"]}.0\n'
+                         f'vllm:num_requests_waiting{{engine="0",model_name="fake/llama"}} 7.0\n'
+                         f'vllm:kv_cache_usage_perc{{engine="0",model_name="fake/llama"}} {kv_usage}\n'
+                         f'fake_vllm_aborted_total {stats["aborted"]}\n'
+                         f'fake_vllm_tokenize_total {stats["tokenize"]}\n')
+                self.send_json(200, t, "text/plain; version=0.0.4")
+            else:
+                self.send_json(404, {"detail": "Not Found"})
+
+        def chunk(self, obj):
+            data = b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))) or b"{}")
+            if self.path == "/tokenize":
+                with lock:
+                    stats["tokenize"] += 1
+                ids = tokenize(render(body["messages"])) if "messages" in body else tokenize(body["prompt"])
+                return self.send_json(200, {"count": len(ids), "max_model_len": 4096, "tokens": ids})
+            chat = self.path == "/v1/chat/completions"
+            if not chat and self.path != "/v1/completions":
+                return self.send_json(404, {"detail": "Not Found"})
+            if body.get("stream") is not True:
+                return self.send_json(400, {"object": "error", "message": "this fake streams only", "code": 400})
+            if chat:
+                prompt = tokenize(render(body["messages"]))
+            elif isinstance(body["prompt"], list):
+                prompt = list(body["prompt"])
+            else:
+                prompt = tokenize(body["prompt"])
+            ids_on = body.get("return_token_ids") is True
+            state = zlib.crc32(struct.pack("<q", int(body.get("seed") or 0)))
+            for t in prompt:
+                state = zlib.crc32(struct.pack("<I", t), state)
+            n = int(body.get("max_tokens") or 16)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            head = {"id": "x", "object": "chat.completion.chunk" if chat else "text_completion", "created": 1,
+                    "model": body.get("model")}
+            with lock:
+                stats["running"] += 1
+            try:
+                if chat:
+                    first = dict(head, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}])
+                    if ids_on:
+                        first["prompt_token_ids"] = prompt
+                    self.chunk(first)
+                for k in range(n):
+                    tok = state % 997 + 3
+                    state = zlib.crc32(struct.pack("<I", tok), state)
+                    c = {"index": 0, "logprobs": None, "finish_reason": "length" if k == n - 1 else None}
+                    if chat:
+                        c["delta"] = {"content": f" w{tok}"}
+                    else:
+                        c["text"] = f" w{tok}"
+                        if ids_on and k == 0:
+                            c["prompt_token_ids"] = prompt
+                    if ids_on:
+                        c["token_ids"] = [tok]
+                    self.chunk(dict(head, choices=[c]))
+                    time.sleep(0.008)
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    self.chunk(dict(head, choices=[], usage={"prompt_tokens": len(prompt), "completion_tokens": n,
+                                                             "total_tokens": len(prompt) + n}))
+                self.chunk(b"[DONE]")
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                with lock:
+                    stats["aborted"] += 1
+                self.close_connection = True
+            finally:
+                with lock:
+                    stats["running"] -= 1
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), H)
+    srv.daemon_threads = True
+    srv.serve_forever()
+
+
+def start_fake(kv):
+    port = bl.free_port()
+    p = bl.Proc([sys.executable, os.path.abspath(__file__), "--fake-vllm", str(port), str(kv)],
+                name=f"fake-vllm:{port}")
+    url = f"http://127.0.0.1:{port}"
+    bl.wait_http(url + "/health", p, timeout=20)
+    return p, url
+
+
+def direct_fake(url, api, body, stream):
+    """The fake's own answer to an OpenAI request (model name changed to its own)."""
+    b = dict(body, model="fake/llama", stream_options={"include_usage": True})
+    b.pop("max_completion_tokens", None)
+    return outcome(url, api, b, True) if stream else collect_unary(url, api, b)
+
+
+def collect_unary(url, api, b):
+    """The fake streams only: a whole answer is its stream collected (what baton's frontend does)."""
+    o = outcome(url, api, b, True)
+    return dict(o, usage=o["usage"])
+
+
+def part_c():
+    fa, ua = start_fake(0.5)
+    fb, ub = start_fake(0.5)
+    c = bl.Cluster(tmpdir_path=bl.tmpdir("baton-oa-vllm-"))
+    try:
+        fe = c.start_frontend(migration_limit=3)
+        v1 = c.start_worker(engine="openai", upstream=ua, system_port=True, wait=True)
+        v2 = c.start_worker(engine="openai", upstream=ub, system_port=True, wait=True)
+        c.wait_workers(fe, 2)
+        for v in (v1, v2):
+            v.proc.wait_log(r"is up \(kind vllm, detected, model 'fake/llama'\)", 10)
+        # answers equal the server's own, ids and usage included
+        cases = [("chat", bl.chat_body("Hello vLLM", max_tokens=20, seed=3, return_token_ids=True,
+                                       stream_options={"include_usage": True})),
+                 ("completion", bl.completion_body("Once upon a time", max_tokens=15, seed=5, return_token_ids=True,
+                                                   stream_options={"include_usage": True})),
+                 ("completion", bl.completion_body([7, 8, 9], max_tokens=12, return_token_ids=True,
+                                                   stream_options={"include_usage": True}))]
+        for api, body in cases:
+            ref = direct_fake(ua, api, body, True)
+            for stream in (True, False):
+                check_same(outcome(fe.url, api, body, stream), ref, f"vLLM {api} stream={stream}")
+        # load: usage x --upstream-total-blocks, the upstream's queue
+        for v in (v1, v2):
+            bl.wait_for(lambda: msum(v.system_url, "baton_worker_kv_active_blocks") == 500 and
+                        msum(v.system_url, "baton_worker_waiting_requests") == 7, 15, what="vLLM gauges in the load")
+        # ... and so shedding
+        st, _, j = bl.post_json(fe.url + "/busy_threshold", {"model": "mock-model", "active_decode_blocks_threshold": 0.4})
+        if st != 200:
+            fail(f"/busy_threshold answered {st} {j}")
+        st, hdrs, j = bl.post_json(fe.url + "/v1/chat/completions", bl.chat_body("shed me", max_tokens=3))
+        if st != 503 or not hdrs.get("retry-after"):
+            fail(f"a worker at 50 % KV (threshold 40 %) was not shed: {st} {hdrs} {j}")
+        bl.post_json(fe.url + "/busy_threshold", {"model": "mock-model", "active_decode_blocks_threshold": 0.9})
+        st, _, j = bl.post_json(fe.url + "/v1/chat/completions", bl.chat_body("serve me", max_tokens=3))
+        if st != 200:
+            fail(f"with the threshold above the usage the request failed: {st} {j}")
+        # a client abort reaches the vLLM-like server
+        ab0 = msum(ua, "fake_vllm_aborted_total") + msum(ub, "fake_vllm_aborted_total")
+        s = bl.stream_chat(fe.url, bl.chat_body("abort me", max_tokens=2000, return_token_ids=True), abort_after=3)
+        if not s.aborted:
+            fail(f"abort did not happen: {s.summary()}")
+        bl.wait_for(lambda: msum(ua, "fake_vllm_aborted_total") + msum(ub, "fake_vllm_aborted_total") == ab0 + 1, 15,
+                    what="the upstream sees the abort")
+        # kill one server mid-stream: /tokenize + token-id prompt on the other, byte for byte
+        reqs = []
+        for i in range(4):
+            api = "chat" if i % 2 == 0 else "completion"
+            mk = bl.chat_body if api == "chat" else bl.completion_body
+            reqs.append((f"vllm-{i}", api, mk(f"vllm migrating {i}", max_tokens=180 + 7 * i, seed=60 + i,
+                                              return_token_ids=True, stream_options={"include_usage": True})))
+        refs = dict(zip([r[0] for r in reqs],
+                        bl.run_concurrently(lambda r: direct_fake(ub, r[1], r[2], True), [(r,) for r in reqs])))
+        tk0 = msum(ub, "fake_vllm_tokenize_total")
+        mig0 = migrations(fe)
+        run = Runner(fe.url, reqs)
+        bl.wait_for(lambda: all(v >= 10 for v in run.progress.values()), 60, what="every stream has 10 events")
+        fa.kill(signal.SIGKILL)
+        fa.wait(10)
+        run.join()
+        for name, _, _ in reqs:
+            check_same(run.results[name], refs[name], f"after vLLM kill: {name}")
+        moved = migrations(fe) - mig0
+        tk = msum(ub, "fake_vllm_tokenize_total") - tk0
+        if moved < 1 or tk != moved:
+            fail(f"{moved} streams migrated and {tk} /tokenize calls: each continuation must tokenize once")
+        if v1.proc.wait(20) != 1:
+            fail(f"V1 did not exit 1 after its upstream died: {v1.proc.returncode}\n{v1.proc.log_tail()}")
+        print(f"vLLM dialect: 6 answers equal the server's; KV 50 % -> 500 of 1000 blocks, waiting 7; shed at "
+              f"threshold 0.4; abort reached it; {moved:.0f} streams continued via /tokenize byte-exact; V1 exited 1")
+    except BaseException:
+        bl.mark_failed()
+        c.dump_logs(40)
+        raise
+    finally:
+        c.close(check_sanitizers=False)
+        fa.kill()
+        fb.kill()
+    for p in c.procs():
+        r = p.sanitizer_report()
+        if r:
+            fail(f"sanitizer report in {p.name}:\n{r}")
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--fake-vllm":
+        fake_vllm(int(sys.argv[2]), float(sys.argv[3]))
+        sys.exit(0)
+    bl.deadline(280, "test_openai_engine")
     try:
         selftest()
         part_a()
         part_b()
+        part_c()
     except BaseException:
         bl.mark_failed()
         raise

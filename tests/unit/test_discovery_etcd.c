@@ -90,8 +90,8 @@ static void test_endpoints(void **state) {
     char **eps;
     size_t n;
     char err[200];
-    assert_int_equal(bt_etcd_parse_endpoints(" 127.0.0.1:2379, http://h2:2379/ ,,https://h3 ", &eps, &n, err, sizeof err),
-                     BT_OK);
+    const char *list = " 127.0.0.1:2379, http://h2:2379/ ,,https://h3 ";
+    assert_int_equal(bt_etcd_parse_endpoints(list, &eps, &n, err, sizeof err), BT_OK);
     assert_int_equal(n, 3);
     assert_string_equal(eps[0], "http://127.0.0.1:2379");
     assert_string_equal(eps[1], "http://h2:2379");
@@ -215,11 +215,20 @@ static void test_classify(void **state) {
                                    "{\"error\":\"etcdserver: authentication failed, invalid user ID or password\","
                                    "\"code\":3}"),
                      BT_ETCD_FAIL);
-    assert_int_equal(classify_text(true, 403, "{\"error\":\"etcdserver: permission denied\",\"code\":7}"), BT_ETCD_FAIL);
+    assert_int_equal(classify_text(true, 403, "{\"error\":\"etcdserver: permission denied\",\"code\":7}"),
+                     BT_ETCD_FAIL);
     assert_int_equal(classify_text(true, 503, "{\"error\":\"etcdserver: no leader\",\"code\":14}"), BT_ETCD_RETRY);
     assert_int_equal(classify_text(true, 504, "{\"error\":\"etcdserver: request timed out\",\"code\":4}"),
                      BT_ETCD_RETRY);
     assert_int_equal(classify_text(true, 503, "{\"error\":\"etcdserver: too many requests\",\"code\":8}"),
+                     BT_ETCD_RETRY);
+    /* a member without a leader, seen on etcd 3.4.23: a unary call without the require-leader
+     * metadata, and a streamed call (keep-alive) with it */
+    assert_int_equal(classify_text(true, 500, "{\"error\":\"context deadline exceeded\",\"code\":2}"),
+                     BT_ETCD_RETRY);
+    assert_int_equal(classify_text(true, 503,
+                                   "{\"error\":{\"grpc_code\":14,\"http_code\":503,\"message\":\"etcdserver: no "
+                                   "leader\",\"http_status\":\"Service Unavailable\"}}"),
                      BT_ETCD_RETRY);
     assert_int_equal(classify_text(true, 502, NULL), BT_ETCD_RETRY); /* a proxy's HTML error page */
     assert_int_equal(classify_text(true, 404, "{}"), BT_ETCD_FAIL);     /* wrong path: retrying will not help */

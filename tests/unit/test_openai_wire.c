@@ -109,7 +109,8 @@ static void test_chunks(void **state) {
 
 static void test_errors(void **state) {
     (void)state;
-    bt_oa_chunk c = parse("{\"error\":{\"message\":\"All workers are busy\",\"type\":\"Service Unavailable\",\"code\":503}}",
+    bt_oa_chunk c = parse("{\"error\":{\"message\":\"All workers are busy\",\"type\":\"Service Unavailable\","
+                          "\"code\":503}}",
                           false, BT_OK);
     assert_true(c.is_error);
     assert_int_equal(c.err_code, BT_ERR_CANNOT_CONNECT);
@@ -327,7 +328,8 @@ static void test_models(void **state) {
                                   sizeof err));
     assert_int_equal(k, BT_OA_KIND_VLLM);
     assert_string_equal(model, "meta/llama"); /* the served name is not listed: the upstream's model */
-    const char *baton = "{\"data\":[{\"id\":\"a\",\"owned_by\":\"baton\"},{\"id\":\"mock-model\",\"owned_by\":\"baton\"}]}";
+    const char *baton = "{\"data\":[{\"id\":\"a\",\"owned_by\":\"baton\"},"
+                        "{\"id\":\"mock-model\",\"owned_by\":\"baton\"}]}";
     assert_true(bt_oa_read_models(baton, strlen(baton), "mock-model", "x", &k, model, sizeof model, err, sizeof err));
     assert_int_equal(k, BT_OA_KIND_BATON);
     assert_string_equal(model, "mock-model");
@@ -336,7 +338,8 @@ static void test_models(void **state) {
                            "{\"data\":[{\"id\":\"s\",\"owned_by\":\"sglang\"}]}"};
     bt_oa_kind want[] = {BT_OA_KIND_OPENAI, BT_OA_KIND_OPENAI, BT_OA_KIND_LLAMACPP, BT_OA_KIND_SGLANG};
     for (int i = 0; i < 4; i++) {
-        assert_true(bt_oa_read_models(other[i], strlen(other[i]), NULL, "fb", &k, model, sizeof model, err, sizeof err));
+        assert_true(
+            bt_oa_read_models(other[i], strlen(other[i]), NULL, "fb", &k, model, sizeof model, err, sizeof err));
         assert_int_equal(k, want[i]);
     }
     const char *empty = "{\"data\":[]}";

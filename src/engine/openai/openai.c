@@ -697,7 +697,8 @@ static void stream_done(oa_engine *e, oa_xfer *x, CURLcode cc) {
                      x->errbuf[0] ? x->errbuf : curl_easy_strerror(cc));
             start_probe(e); /* find out now whether the upstream is gone */
         } else if (cc == CURLE_OPERATION_TIMEDOUT) {
-            seq_fail(s, BT_ERR_TIMEOUT, "the upstream timed out: %s", x->errbuf[0] ? x->errbuf : curl_easy_strerror(cc));
+            seq_fail(s, BT_ERR_TIMEOUT, "the upstream timed out: %s",
+                     x->errbuf[0] ? x->errbuf : curl_easy_strerror(cc));
         } else {
             seq_fail(s, BT_ERR_DISCONNECTED, "the upstream stream broke after %llu ids: %s",
                      (unsigned long long)s->emitted, x->errbuf[0] ? x->errbuf : curl_easy_strerror(cc));
@@ -896,10 +897,12 @@ static void upstream_failed(oa_engine *e, const char *what, bool refused) {
         BT_WARN("openai: upstream %s not reachable yet (%s); requests are refused until it answers", e->url, what);
     e->probe_failed = true;
     for (bt_engine_seq *s = e->seqs; s; s = s->next)
-        if (s->state == S_PENDING) seq_fail(s, BT_ERR_CANNOT_CONNECT, "upstream %s is not reachable yet: %s", e->url, what);
+        if (s->state == S_PENDING)
+            seq_fail(s, BT_ERR_CANNOT_CONNECT, "upstream %s is not reachable yet: %s", e->url, what);
     if ((double)(bt_now_ms() - e->created_ms) >= e->cfg.startup_timeout * 1000.0) {
         char why[300];
-        snprintf(why, sizeof why, "no answer within the start-up bound of %gs (last: %s)", e->cfg.startup_timeout, what);
+        snprintf(why, sizeof why, "no answer within the start-up bound of %gs (last: %s)", e->cfg.startup_timeout,
+                 what);
         upstream_dead(e, why);
     }
 }
@@ -1059,9 +1062,9 @@ static bt_status oa_submit(bt_engine *be, const bt_engine_request *req, const bt
         snprintf(err, errlen, "submit needs a request, a complete sink and an output handle");
         return BT_ERR_INVALID;
     }
-    if (e->dead) {
+    if (e->dead) { /* migratable: the worker is about to shut down, another one serves it */
         snprintf(err, errlen, "upstream %s is dead", e->url);
-        return BT_ERR_ENGINE;
+        return BT_ERR_CANNOT_CONNECT;
     }
     if (!e->ever_up && e->probe_failed) {
         snprintf(err, errlen, "upstream %s is not reachable yet (%s)", e->url, e->last_err);

@@ -134,8 +134,8 @@ bt_status bt_oa_parse_chunk(const char *data, size_t len, bool unary, bt_oa_chun
     json_error_t jerr;
     out->root = json_loadb(data, len, 0, &jerr);
     if (!json_is_object(out->root)) {
-        snprintf(err, errlen, "upstream sent %s: %.120s", out->root ? "a JSON value that is not an object" : "invalid JSON",
-                 out->root ? "" : jerr.text);
+        snprintf(err, errlen, "upstream sent %s: %.120s",
+                 out->root ? "a JSON value that is not an object" : "invalid JSON", out->root ? "" : jerr.text);
         return BT_ERR_PROTOCOL;
     }
     json_t *e = json_object_get(out->root, "error");
@@ -185,7 +185,8 @@ bt_status bt_oa_parse_chunk(const char *data, size_t len, bool unary, bt_oa_chun
     json_t *holder = json_object_get(c, unary ? "message" : "delta");
     if (json_is_object(holder)) t = json_object_get(holder, "content");
     else if (json_object_get(c, "text")) t = json_object_get(c, "text");
-    else if (json_is_object(json_object_get(c, "message"))) t = json_object_get(json_object_get(c, "message"), "content");
+    else if (json_is_object(json_object_get(c, "message")))
+        t = json_object_get(json_object_get(c, "message"), "content");
     if (t && !json_is_null(t)) {
         if (!json_is_string(t)) {
             snprintf(err, errlen, "upstream sent text content that is not a string");

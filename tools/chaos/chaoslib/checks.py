@@ -317,13 +317,33 @@ def check_stall(run, cfg):
     return _result("stall", True, f"worst wait {w:.2f} s (request #{seq}) <= {bound:.2f} s", worst=w)
 
 
+HEALTHY_FLOOR = 0.25  # seconds: a probe this fast is healthy whatever the pre-fault latency
+
+
+def probe_healthy_bound(run):
+    """A probe is healthy when it completes within this many seconds: three times the median
+    duration of the probes that ended before the first fault, and at least HEALTHY_FLOOR."""
+    first = min((f["t_inject"] for f in run.get("faults") or [] if f.get("t_inject") is not None), default=None)
+    pre = sorted(p["t_end"] - p["t_send"] for p in run.get("probes") or []
+                 if p["outcome"] == "ok" and p["t_end"] is not None and (first is None or p["t_end"] < first))
+    med = pre[len(pre) // 2] if pre else 0.0
+    return max(HEALTHY_FLOOR, 3.0 * med)
+
+
 def recovery_times(run):
     """For each injected fault: seconds from the injection to the end of the first probe, sent at
-    or after it, from which every probe up to the next fault succeeded (None: never recovered, or
-    no probe ran)."""
+    or after it, from which every probe up to the next fault was healthy (completed, within
+    probe_healthy_bound). None: never recovered, or no probe ran. A probe that succeeded only
+    after waiting out the fault (a migration after a stall timeout) is not healthy: recovery
+    counts until the service answers at its normal speed again."""
     probes = sorted(run.get("probes") or [], key=lambda r: r["t_send"] if r["t_send"] is not None else 0)
     faults = sorted([f for f in run.get("faults") or [] if f.get("t_inject") is not None],
                     key=lambda f: f["t_inject"])
+    bound = probe_healthy_bound(run)
+
+    def healthy(p):
+        return p["outcome"] == "ok" and p["t_end"] is not None and p["t_end"] - p["t_send"] <= bound
+
     out = []
     for i, f in enumerate(faults):
         t = f["t_inject"]
@@ -331,7 +351,7 @@ def recovery_times(run):
         window = [p for p in probes if p["t_send"] is not None and t <= p["t_send"] < nxt]
         rec = None
         for j, p in enumerate(window):
-            if all(q["outcome"] == "ok" for q in window[j:]):
+            if all(healthy(q) for q in window[j:]):
                 rec = p["t_end"] - t
                 break
         out.append({"label": f["label"], "recovery": rec, "probes": len(window)})
