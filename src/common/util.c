@@ -97,53 +97,100 @@ static size_t utf8_seq_len(const unsigned char *s, size_t n) {
     return len;
 }
 
-bt_status bt_buf_append_json_str(bt_buf *b, const char *s, size_t n) {
-    /* Worst case every byte becomes \u00XX (6 bytes). Reserve once, then write directly. */
-    if (n > b->cap / 6 + 1 && bt_buf_reserve(b, n) != BT_OK) return BT_ERR_TOO_LARGE;
-    bt_status st = bt_buf_reserve(b, n * 6 < b->cap - b->len ? n * 6 : b->cap - b->len);
-    if (st != BT_OK) return st;
+/* Escapes one byte that is not plain printable ASCII (a quote, a backslash, a control character,
+ * or the start of a UTF-8 sequence at p[0..left)) into out, which has room for 6 bytes; returns
+ * the bytes written and sets *used to the input bytes consumed. */
+static size_t json_escape_one(const unsigned char *p, size_t left, char *out, size_t *used) {
     static const char hex[] = "0123456789abcdef";
+    unsigned char c = p[0];
+    *used = 1;
+    switch (c) {
+    case '"': out[0] = '\\', out[1] = '"'; return 2;
+    case '\\': out[0] = '\\', out[1] = '\\'; return 2;
+    case '\n': out[0] = '\\', out[1] = 'n'; return 2;
+    case '\r': out[0] = '\\', out[1] = 'r'; return 2;
+    case '\t': out[0] = '\\', out[1] = 't'; return 2;
+    default: break;
+    }
+    if (c < 0x20) {
+        memcpy(out, "\\u00", 4);
+        out[4] = hex[c >> 4], out[5] = hex[c & 15];
+        return 6;
+    }
+    size_t sl = utf8_seq_len(p, left);
+    if (sl == 0) {
+        memcpy(out, "\xEF\xBF\xBD", 3); /* U+FFFD for an invalid byte */
+        return 3;
+    }
+    memcpy(out, p, sl);
+    *used = sl;
+    return sl;
+}
+
+/* SWAR test of 8 bytes at once: non-zero iff one of them is below 0x20, is '"' or '\\', or has
+ * its top bit set, i.e. cannot be copied into a JSON string as it is. Exact (no false positive
+ * for the "is there any" question); the byte-wise loop then finds which. */
+static inline uint64_t json_needs_escape8(uint64_t x) {
+    const uint64_t ones = 0x0101010101010101ull, high = 0x8080808080808080ull;
+    uint64_t q = x ^ (ones * '"'), bs = x ^ (ones * '\\');
+    uint64_t lt20 = (x - ones * 0x20) & ~x;
+    uint64_t zq = (q - ones) & ~q, zb = (bs - ones) & ~bs;
+    return (lt20 | zq | zb | x) & high;
+}
+
+/* Per-token hot path of the frontend: every SSE chunk's text goes through here. The output is
+ * written in place into space reserved once per piece of input (worst case 6 output bytes per
+ * input byte, so a piece of PIECE bytes never needs a second check), and runs of plain ASCII are
+ * found 8 bytes at a time. Near the buffer's cap, where the worst-case reservation would fail
+ * although the real output may fit, it falls back to checked appends. */
+#define JSON_PIECE 4096u
+bt_status bt_buf_append_json_str(bt_buf *b, const char *s, size_t n) {
     const unsigned char *p = (const unsigned char *)s;
     size_t i = 0;
+    if (n == 0) { /* still leaves an allocated, NUL-terminated buffer, as any append does */
+        bt_status st = bt_buf_reserve(b, 0);
+        if (st == BT_OK) b->data[b->len] = '\0';
+        return st;
+    }
     while (i < n) {
-        /* fast path: a run of bytes that need no escaping */
+        size_t piece = n - i < JSON_PIECE ? n - i : JSON_PIECE;
+        /* + 3: a UTF-8 sequence starting inside the piece may end up to 3 bytes past it */
+        if (bt_buf_reserve(b, (piece + 3) * 6) != BT_OK) break;
+        size_t stop = i + piece;
+        char *o = b->data + b->len;
+        while (i < stop) {
+            while (i + 8 <= stop) {
+                uint64_t x;
+                memcpy(&x, p + i, 8);
+                if (json_needs_escape8(x)) break;
+                memcpy(o, p + i, 8);
+                o += 8, i += 8;
+            }
+            while (i < stop && p[i] >= 0x20 && p[i] < 0x80 && p[i] != '"' && p[i] != '\\') *o++ = (char)p[i++];
+            if (i < stop) {
+                size_t used;
+                o += json_escape_one(p + i, n - i, o, &used);
+                i += used;
+            }
+        }
+        b->len = (size_t)(o - b->data);
+        b->data[b->len] = '\0';
+    }
+    /* the slow path: checked appends, one escape or run at a time */
+    while (i < n) {
         size_t j = i;
         while (j < n && p[j] >= 0x20 && p[j] < 0x80 && p[j] != '"' && p[j] != '\\') j++;
         if (j > i) {
-            st = bt_buf_append(b, s + i, j - i);
+            bt_status st = bt_buf_append(b, s + i, j - i);
             if (st != BT_OK) return st;
             i = j;
             continue;
         }
-        unsigned char c = p[i];
         char esc[8];
-        size_t el = 0;
-        if (c == '"' || c == '\\') {
-            esc[0] = '\\', esc[1] = (char)c, el = 2;
-        } else if (c == '\n') {
-            esc[0] = '\\', esc[1] = 'n', el = 2;
-        } else if (c == '\r') {
-            esc[0] = '\\', esc[1] = 'r', el = 2;
-        } else if (c == '\t') {
-            esc[0] = '\\', esc[1] = 't', el = 2;
-        } else if (c < 0x20) {
-            memcpy(esc, "\\u00", 4);
-            esc[4] = hex[c >> 4], esc[5] = hex[c & 15], el = 6;
-        } else {
-            size_t sl = utf8_seq_len(p + i, n - i);
-            if (sl == 0) {
-                st = bt_buf_append(b, "\xEF\xBF\xBD", 3);
-                i++;
-            } else {
-                st = bt_buf_append(b, s + i, sl);
-                i += sl;
-            }
-            if (st != BT_OK) return st;
-            continue;
-        }
-        st = bt_buf_append(b, esc, el);
+        size_t used, el = json_escape_one(p + i, n - i, esc, &used);
+        bt_status st = bt_buf_append(b, esc, el);
         if (st != BT_OK) return st;
-        i++;
+        i += used;
     }
     return BT_OK;
 }

@@ -152,7 +152,7 @@ bt_status bt_etcd_parse_endpoints(const char *list, char ***out, size_t *nout, c
             snprintf(err, errlen, "etcd endpoint '%.*s': only http:// and https:// are supported", (int)len, a);
             goto fail;
         }
-        if ((has_scheme && (size_t)(b - sep) <= 3) || len > 512) {
+        if ((has_scheme ? (size_t)(b - sep) <= 3 : len == 0) || len > 512) { /* nothing but '/'s */
             snprintf(err, errlen, "etcd endpoint '%.*s' is not a URL", (int)(len > 80 ? 80 : len), a);
             goto fail;
         }
@@ -1683,7 +1683,8 @@ static void finish_close(etcd_disc *d) {
 
 /* Stops the machines and every transfer, then revokes the lease, which removes every key written
  * with it at once. Safe inside a watcher callback: the code that made the callback checks
- * `closing` before touching anything again, and nothing is freed before a later loop turn. */
+ * `closing` before touching anything again, and the handle itself is freed only from the close
+ * callbacks of its libuv handles, on a later loop turn. */
 static void etcd_close(bt_discovery *base, void (*done)(void *ud), void *ud) {
     etcd_disc *d = (etcd_disc *)base;
     if (d->closing) return;

@@ -198,6 +198,12 @@ struct fe {
 };
 
 /* workers.c */
+/* Parses a discovery instance value (instance_id, transport.tcp "host:port", model.name and the
+ * optional namespace, component, endpoint, model.total_kv_blocks, model.block_size) into the
+ * identity fields of a zeroed w: id, transport, model, ns, component, endpoint,
+ * total_blocks_card, block_size, host and port (1..65535). Strings longer than their field are
+ * cut. Nothing else of w is touched. False with a reason in err if the value is unusable. */
+bool fe_parse_instance(const json_t *v, fe_worker *w, char *err, size_t errlen);
 void fe_workers_start(fe *f);
 void fe_workers_stop(fe *f);
 /* A load report for worker `id` from the event plane; false if no such worker is known. */
@@ -219,6 +225,11 @@ size_t fe_worker_inflight(const fe_worker *w);
 fe_model *fe_model_get(fe *f, const char *name, bool create);
 
 /* request.c */
+/* Checks an OpenAI request body for `api` (types and ranges of the fields baton reads). Accepted:
+ * an object with a string "model"; chat: "messages" a non-empty array of objects with a string
+ * "role"; completions: "prompt" a string, one string in an array, or token ids in [0, 2^32).
+ * Otherwise false with a one-line reason in err. Exposed for the fuzz driver. */
+bool fe_validate_body(json_t *body, bt_api api, char *err, size_t errlen);
 void fe_request_start(fe *f, bt_http_req *http, bt_api api);
 void fe_request_abort(fe *f, bt_http_req *http);
 void fe_request_on_tokens(fe_req *r, const uint32_t *ids, size_t n, const char *text, size_t len);
@@ -235,6 +246,8 @@ void fe_json_error(bt_http_req *http, const char *rid, int status, const char *t
 
 /* metrics.c */
 void fe_hist_observe(fe_hist *h, double seconds);
+/* n observations of the same value (a batch of tokens that arrived together) */
+void fe_hist_observe_n(fe_hist *h, double seconds, uint64_t n);
 void fe_metrics_render(fe *f, bt_buf *out);
 
 #endif

@@ -843,6 +843,46 @@ void bt_http_stream_begin(bt_http_req *req, int status, const char *content_type
     bt_buf_free(&h);
 }
 
+/* The chunk-size line of a chunk of len bytes ("1a3\r\n") into out (room for 18); its length. */
+static size_t chunk_size_line(char *out, size_t len) {
+    static const char hex[] = "0123456789abcdef";
+    char tmp[16];
+    size_t n = 0;
+    do {
+        tmp[n++] = hex[len & 15];
+        len >>= 4;
+    } while (len);
+    for (size_t i = 0; i < n; i++) out[i] = tmp[n - 1 - i];
+    out[n] = '\r', out[n + 1] = '\n';
+    return n + 2;
+}
+
+/* Chunks up to this size (every SSE event of a stream) are framed in one stack buffer. */
+#define SMALL_CHUNK 2048u
+
+/* Writes data as one chunk and, when last, the terminating zero-size chunk after it. This is the
+ * per-token path of every stream, so it makes exactly one write(2) per call: a small chunk is
+ * framed (size line, data, CRLF) in one contiguous buffer, which costs a copy of a few hundred
+ * bytes but neither a formatted print nor a three-part iovec for the kernel to walk; a large one
+ * goes out as an iovec of its three parts, uncopied. */
+static bool conn_write_chunk(conn *c, const char *data, size_t len, bool last) {
+    char pre[18];
+    size_t pn = chunk_size_line(pre, len);
+    static const char tail[] = "\r\n0\r\n\r\n";
+    size_t tn = last ? sizeof tail - 1 : 2;
+    if (len <= SMALL_CHUNK) {
+        char buf[sizeof pre + SMALL_CHUNK + sizeof tail];
+        memcpy(buf, pre, pn);
+        memcpy(buf + pn, data, len);
+        memcpy(buf + pn + len, tail, tn);
+        uv_buf_t b = uv_buf_init(buf, (unsigned)(pn + len + tn));
+        return conn_write(c, &b, 1);
+    }
+    uv_buf_t bufs[3] = {uv_buf_init(pre, (unsigned)pn), uv_buf_init((char *)data, (unsigned)len),
+                        uv_buf_init((char *)tail, (unsigned)tn)};
+    return conn_write(c, bufs, 3);
+}
+
 bool bt_http_stream_write(bt_http_req *req, const char *data, size_t len) {
     conn *c = REQ_CONN(req);
     if (!c->req_active || !c->streaming || c->closing) return false;
@@ -851,11 +891,7 @@ bool bt_http_stream_write(bt_http_req *req, const char *data, size_t len) {
         uv_buf_t b = uv_buf_init((char *)data, (unsigned)len);
         return conn_write(c, &b, 1);
     }
-    char pre[24];
-    int pn = snprintf(pre, sizeof pre, "%zx\r\n", len);
-    uv_buf_t bufs[3] = {uv_buf_init(pre, (unsigned)pn), uv_buf_init((char *)data, (unsigned)len),
-                        uv_buf_init((char *)"\r\n", 2)};
-    return conn_write(c, bufs, 3);
+    return conn_write_chunk(c, data, len, false);
 }
 
 void bt_http_stream_end(bt_http_req *req, bool close) {
@@ -871,6 +907,18 @@ void bt_http_stream_end(bt_http_req *req, bool close) {
         conn_write(c, &b, 1);
     }
     conn_response_done(c, close || c->raw_stream);
+}
+
+void bt_http_stream_finish(bt_http_req *req, const char *data, size_t len) {
+    conn *c = REQ_CONN(req);
+    if (!req_usable(c, "stream_finish")) return;
+    if (!c->streaming || c->closing || c->is_head || c->raw_stream || len == 0) {
+        bt_http_stream_write(req, data, len); /* the general path handles every special case */
+        bt_http_stream_end(req, false);
+        return;
+    }
+    conn_write_chunk(c, data, len, true);
+    conn_response_done(c, false);
 }
 
 size_t bt_http_backlog(const bt_http_req *req) {

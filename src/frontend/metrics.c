@@ -11,12 +11,14 @@
 static const double bounds[FE_HIST_BUCKETS] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                                                0.25,   0.5,   1,      2.5,   5,    10,    30,    60};
 
-void fe_hist_observe(fe_hist *h, double s) {
+void fe_hist_observe(fe_hist *h, double s) { fe_hist_observe_n(h, s, 1); }
+
+void fe_hist_observe_n(fe_hist *h, double s, uint64_t n) {
     size_t i = 0;
     while (i < FE_HIST_BUCKETS && s > bounds[i]) i++;
-    h->counts[i]++;
-    h->sum += s;
-    h->n++;
+    h->counts[i] += n;
+    h->sum += s * (double)n;
+    h->n += n;
 }
 
 static void hist(bt_buf *b, const char *name, const char *model, const fe_hist *h) {

@@ -140,10 +140,9 @@ static void build_prefix(fe_req *r) {
     bt_buf_append_str(p, "\",\"choices\":[{\"index\":0,");
 }
 
-/* One SSE chunk with new text (and ids), or the final chunk when finish != NULL. */
-static void write_chunk(fe_req *r, const uint32_t *ids, size_t n, const char *text, size_t len, const char *finish) {
-    bt_buf *b = &r->fe->scratch;
-    bt_buf_reset(b);
+/* Appends one SSE event with new text (and ids), or the final one when finish != NULL, to b. */
+static void build_chunk(fe_req *r, bt_buf *b, const uint32_t *ids, size_t n, const char *text, size_t len,
+                        const char *finish) {
     bt_buf_append(b, r->prefix.data, r->prefix.len);
     if (r->api == BT_API_CHAT) {
         if (finish) bt_buf_append_str(b, "\"delta\":{}");
@@ -165,6 +164,13 @@ static void write_chunk(fe_req *r, const uint32_t *ids, size_t n, const char *te
         append_ids(b, ids, n);
     }
     bt_buf_append_str(b, "}]}\n\n");
+}
+
+/* One SSE event with new text (and ids): one write to the client. */
+static void write_chunk(fe_req *r, const uint32_t *ids, size_t n, const char *text, size_t len) {
+    bt_buf *b = &r->fe->scratch;
+    bt_buf_reset(b);
+    build_chunk(r, b, ids, n, text, len, NULL);
     bt_http_stream_write(r->http, b->data, b->len);
 }
 
@@ -172,22 +178,23 @@ static void usage_json(bt_buf *b, uint32_t pt, uint32_t ct) {
     bt_buf_appendf(b, "{\"prompt_tokens\":%u,\"completion_tokens\":%u,\"total_tokens\":%u}", pt, ct, pt + ct);
 }
 
+/* The final event, the usage event if asked for, [DONE] and the end of the chunked body go out
+ * in one write (one HTTP chunk holding the three SSE events). */
 static void finish_streaming(fe_req *r, const char *reason) {
     begin_stream(r);
-    write_chunk(r, NULL, 0, NULL, 0, reason);
+    bt_buf *b = &r->fe->scratch;
+    bt_buf_reset(b);
+    build_chunk(r, b, NULL, 0, NULL, 0, reason);
     if (r->include_usage) {
-        bt_buf *b = &r->fe->scratch;
-        bt_buf_reset(b);
         /* the prefix ends inside "choices":[{ — a usage chunk has an empty choices list */
         size_t head = r->prefix.len - strlen("[{\"index\":0,");
         bt_buf_append(b, r->prefix.data, head);
         bt_buf_append_str(b, "[],\"usage\":");
         usage_json(b, r->prompt_tokens, r->completion_tokens);
         bt_buf_append_str(b, "}\n\n");
-        bt_http_stream_write(r->http, b->data, b->len);
     }
-    bt_http_stream_write(r->http, "data: [DONE]\n\n", 14);
-    bt_http_stream_end(r->http, false);
+    bt_buf_append_str(b, "data: [DONE]\n\n");
+    bt_http_stream_finish(r->http, b->data, b->len);
 }
 
 static void finish_unary(fe_req *r, const char *reason) {
@@ -438,7 +445,7 @@ void fe_request_on_tokens(fe_req *r, const uint32_t *ids, size_t n, const char *
         fe_hist_observe(&st->ttft, (double)(now - r->t_start_us) / 1e6);
     } else {
         double itl = (double)(now - r->t_last_us) / 1e6 / (double)n;
-        for (size_t i = 0; i < n; i++) fe_hist_observe(&st->itl, itl);
+        fe_hist_observe_n(&st->itl, itl, n); /* n tokens, each after itl: one bucket search */
     }
     if (r->t_fail_us) {
         /* the stall the client saw: from the last token before the failure (or the request's
@@ -468,7 +475,7 @@ void fe_request_on_tokens(fe_req *r, const uint32_t *ids, size_t n, const char *
     st->tokens_out += n;
     if (r->stream) {
         begin_stream(r);
-        write_chunk(r, ids, n, text, len, NULL);
+        write_chunk(r, ids, n, text, len);
         /* kept for continuations on engines that resume from text (docs/protocol.md §6) */
         if (!r->text_lost && bt_buf_append(&r->text, text, len) != BT_OK) {
             r->text_lost = true;
@@ -547,8 +554,8 @@ static bool valid_rid(const char *s) {
     return true;
 }
 
-/* Checks the OpenAI body; on error writes a message and returns false. */
-static bool validate(json_t *body, bt_api api, char *err, size_t errlen) {
+/* Checks the OpenAI body (see fe.h); on error writes a message and returns false. */
+bool fe_validate_body(json_t *body, bt_api api, char *err, size_t errlen) {
     if (!json_is_object(body)) return snprintf(err, errlen, "request body must be a JSON object"), false;
     if (!json_is_string(json_object_get(body, "model")))
         return snprintf(err, errlen, "'model' is required and must be a string"), false;
@@ -631,7 +638,7 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
                       jerr.text, jerr.line, jerr.column);
         return;
     }
-    if (!validate(body, api, err, sizeof err)) {
+    if (!fe_validate_body(body, api, err, sizeof err)) {
         fe_json_error(http, rid, 400, "invalid_request_error", "%s", err);
         json_decref(body);
         return;

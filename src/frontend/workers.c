@@ -285,32 +285,16 @@ static bool parse_transport(const char *t, char *host, size_t hcap, int *port) {
     return true;
 }
 
-static void on_disc_put(void *ud, const char *key, const json_t *v) {
-    fe *f = ud;
+bool fe_parse_instance(const json_t *v, fe_worker *w, char *err, size_t errlen) {
     json_t *jid = json_object_get(v, "instance_id");
     json_t *jtr = json_object_get(json_object_get(v, "transport"), "tcp");
     json_t *jmodel = json_object_get(v, "model");
     json_t *jname = json_object_get(jmodel, "name");
     if (!json_is_integer(jid) || !json_is_string(jtr) || !json_is_string(jname)) {
-        BT_WARN("discovery key %s has no usable instance (need instance_id, transport.tcp, model.name)", key);
-        return;
+        snprintf(err, errlen, "no usable instance (need instance_id, transport.tcp, model.name)");
+        return false;
     }
-    fe_worker *w = find_by_key(f, key);
-    if (w) {
-        /* re-announced (e.g. it re-registered): it proves itself again */
-        w->in_discovery = true;
-        if (w->quarantined) {
-            w->quarantined = false;
-            BT_INFO("worker %" PRIx64 " (%s) out of quarantine: re-announced by discovery", w->id, w->transport);
-        }
-        return;
-    }
-    if (f->shutting_down) return;
-    w = calloc(1, sizeof *w);
-    if (!w) return;
-    w->fe = f;
     w->id = (uint64_t)json_integer_value(jid);
-    snprintf(w->key, sizeof w->key, "%s", key);
     snprintf(w->transport, sizeof w->transport, "%s", json_string_value(jtr));
     snprintf(w->model, sizeof w->model, "%s", json_string_value(jname));
     const char *s;
@@ -322,10 +306,40 @@ static void on_disc_put(void *ud, const char *key, const json_t *v) {
     json_t *bsz = json_object_get(jmodel, "block_size");
     if (json_is_integer(bsz) && json_integer_value(bsz) > 0) w->block_size = (uint64_t)json_integer_value(bsz);
     if (!parse_transport(w->transport, w->host, sizeof w->host, &w->port)) {
-        BT_WARN("discovery key %s: cannot parse transport '%s'", key, w->transport);
+        snprintf(err, errlen, "cannot parse transport '%s'", w->transport);
+        return false;
+    }
+    return true;
+}
+
+static void on_disc_put(void *ud, const char *key, const json_t *v) {
+    fe *f = ud;
+    char why[192];
+    fe_worker *w = calloc(1, sizeof *w);
+    if (!w) return;
+    if (!fe_parse_instance(v, w, why, sizeof why)) {
+        BT_WARN("discovery key %s: %s", key, why);
         free(w);
         return;
     }
+    fe_worker *known = find_by_key(f, key);
+    if (known) {
+        free(w);
+        /* re-announced (e.g. it re-registered): it proves itself again */
+        known->in_discovery = true;
+        if (known->quarantined) {
+            known->quarantined = false;
+            BT_INFO("worker %" PRIx64 " (%s) out of quarantine: re-announced by discovery", known->id,
+                    known->transport);
+        }
+        return;
+    }
+    if (f->shutting_down) {
+        free(w);
+        return;
+    }
+    w->fe = f;
+    snprintf(w->key, sizeof w->key, "%s", key);
     if (find_by_id(f, w->id)) {
         BT_WARN("discovery key %s repeats instance %" PRIx64 "; ignored", key, w->id);
         free(w);

@@ -12,7 +12,6 @@ No baton process is started.
 
 import copy
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -116,7 +115,7 @@ def test_byte_exact():
         run["requests"][2] = rec(2, outcome="error", ids=REF[:4], t_send=1.9, t_end=2.1)
     run = good_run()
     partial_ok(run)
-    v, res = verdict(run, cfg)
+    _, res = verdict(run, cfg)
     assert res["byte_exact"]["ok"] is True and res["all_ended"]["ok"] is True, (res["byte_exact"], res["all_ended"])
     expect_fail("partial output not a prefix",
                 lambda run: run["requests"].__setitem__(2, rec(2, outcome="error", ids=REF[:2] + [REF[3]],

@@ -205,8 +205,13 @@ def _pgroup_members(pgid):
     return out
 
 
+# ASan/LSan/UBSan reports, and valgrind memcheck's errors and error summary (under
+# BATON_BIN=scripts/valgrind-baton).
 _SANITIZER_RX = re.compile(r"ERROR: (AddressSanitizer|LeakSanitizer)|runtime error: |"
-                           r"SUMMARY: UndefinedBehaviorSanitizer")
+                           r"SUMMARY: UndefinedBehaviorSanitizer|"
+                           r"==\d+== (Invalid (read|write|free)|Conditional jump|Use of uninitialised|"
+                           r"Syscall param|Mismatched free|Source and destination overlap)|"
+                           r"are definitely lost in loss record|==\d+== ERROR SUMMARY: [1-9]")
 
 
 class Proc:
@@ -302,9 +307,9 @@ class Proc:
             return ""
 
     def sanitizer_report(self):
-        """The first AddressSanitizer / LeakSanitizer / UndefinedBehaviorSanitizer report in the
-        log (up to 40 lines from it), or None. Under scripts/test --sanitize a report means a bug
-        even when the process went on or exited 0."""
+        """The first AddressSanitizer / LeakSanitizer / UndefinedBehaviorSanitizer report, or
+        valgrind error, in the log (up to 40 lines from it), or None. Under scripts/test --sanitize
+        (or scripts/valgrind-baton) a report means a bug even when the process went on or exited 0."""
         lines = self.log_text().splitlines()
         for i, line in enumerate(lines):
             if _SANITIZER_RX.search(line):

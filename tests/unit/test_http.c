@@ -186,6 +186,12 @@ static void h_request(void *ud, bt_http_req *req) {
         bt_http_stream_write(req, "a", 1);
         bt_http_stream_write(req, "bc", 2);
         bt_http_stream_end(req, false);
+    } else if (strcmp(p, "/finish-stream") == 0 || strcmp(p, "/finish-big") == 0) {
+        /* bt_http_stream_finish: a small last chunk (framed in one buffer) or a large one (an iovec) */
+        bt_http_stream_begin(req, 200, "text/event-stream", NULL);
+        bt_http_stream_write(req, "a", 1);
+        if (p[8] == 's') bt_http_stream_finish(req, "bcd", 3);
+        else bt_http_stream_finish(req, big_chunk, 5000);
     } else if (strcmp(p, "/forever") == 0) {
         bt_http_stream_begin(req, 200, "text/event-stream", NULL);
         f->held = req;
@@ -734,12 +740,30 @@ static void cl_stream(fixture *f) {
     CHECK(f, cl_response(c) == 200);
     CHECK(f, body_is(c, "GET /after? rid=- auth=- ct=- body="));
 
+    /* The last chunk and the end of the body in one write, small and large; keep-alive goes on. */
+    CHECK(f, cl_sends(c, "GET /finish-stream HTTP/1.1\r\nHost: t\r\n\r\n"));
+    CHECK(f, cl_response(c) == 200);
+    CHECK(f, body_is(c, "abcd"));
+    CHECK(f, cl_sends(c, "GET /finish-big HTTP/1.1\r\nHost: t\r\n\r\n"));
+    CHECK(f, cl_response(c) == 200);
+    CHECK(f, c->body.len == 5001 && c->body.data[0] == 'a' && memcmp(c->body.data + 1, big_chunk, 5000) == 0);
+    CHECK(f, cl_sends(c, "GET /after HTTP/1.1\r\nHost: t\r\n\r\n"));
+    CHECK(f, cl_response(c) == 200);
+    CHECK(f, body_is(c, "GET /after? rid=- auth=- ct=- body="));
+
     /* HTTP/1.0 gets the stream raw, delimited by close. */
     client *c10 = cl_open(f, 0);
     CHECK(f, c10);
     CHECK(f, cl_sends(c10, "GET /sync-stream HTTP/1.0\r\n\r\n"));
     CHECK(f, cl_response(c10) == 200);
     CHECK(f, body_is(c10, "abc"));
+    CHECK(f, !has_header(c10, "transfer-encoding"));
+    cl_close(c10);
+    c10 = cl_open(f, 0); /* and bt_http_stream_finish falls back to raw bytes and a close */
+    CHECK(f, c10);
+    CHECK(f, cl_sends(c10, "GET /finish-stream HTTP/1.0\r\n\r\n"));
+    CHECK(f, cl_response(c10) == 200);
+    CHECK(f, body_is(c10, "abcd"));
     CHECK(f, !has_header(c10, "transfer-encoding"));
     cl_close(c10);
     cl_close(c);
@@ -750,7 +774,7 @@ static void test_stream(void **state) {
     fixture f;
     fixture_init(&f);
     run(&f, cl_stream);
-    assert_int_equal(f.requests, 4);
+    assert_int_equal(f.requests, 8);
     assert_int_equal(f.aborts, 0);
 }
 

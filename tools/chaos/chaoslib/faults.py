@@ -10,13 +10,17 @@ Evidence, by fault:
   engine_death        the worker exited with expect_exit (1: engine failure) within exit_within
   engine_stall        the worker's token counter stood still while it held sequences, or the
                       engine monitor ended the worker (exit 1)
-  etcd_member_kill    the member's pid died and the others elected a leader
+  etcd_member_kill    the member's pid died, the others elected a leader, and every live worker
+                      is registered in etcd before and after
   etcd_outage         every client port refused connections; after the restart a leader exists
-  nats_restart        the port refused connections while down and answered after the restart
+                      and every live worker is registered again (leases may have expired)
+  nats_restart        clients were connected; the port refused connections while down, answered
+                      after the restart, and as many clients connected again
   partition           the worker's request-plane port was unreachable from the host while cut,
                       and reachable again after healing
-  client_disconnect_storm   the streams were dropped mid-way and the frontend's
-                      disconnected-clients counter moved by at least as many
+  client_disconnect_storm   the streams were dropped mid-way, and the frontend's
+                      disconnected-clients counter and the workers' kill counters moved by at
+                      least as many
   command             the command exited 0 (and, with `unreachable`, that port stopped answering)
 """
 
@@ -359,8 +363,21 @@ class Fault(threading.Thread):
 
     # ---- etcd, nats ----------------------------------------------------------------------------
 
+    def _registrations(self, topo, want, timeout, when):
+        """Evidence that every live worker is registered in etcd (after `when`)."""
+        end = time.monotonic() + timeout
+        n = None
+        while time.monotonic() < end:
+            n = topo.etcd_instances()
+            if n == want:
+                break
+            time.sleep(0.2)
+        self.ev(n == want, f"{n} worker registrations in etcd {when} ({want} live workers)")
+
     def do_etcd_member_kill(self, handles):
         topo = self.env.topology
+        n0 = topo.etcd_instances()
+        self.ev(bool(n0), f"{n0} worker registrations in etcd before the fault")
         for h in handles:
             h.signal(signal.SIGKILL)
         self.mark("t_inject")
@@ -385,9 +402,12 @@ class Fault(threading.Thread):
                 topo.restart(h.member)
                 self.record["restarted"].append({"name": h.name, "pid": h.member.pid, "t": round(self.env.now(), 4)})
             self.mark("t_restore")
+        self._registrations(topo, sum(1 for w in topo.workers if w.alive()), 15, "after the member kill")
 
     def do_etcd_outage(self, handles):
         topo = self.env.topology
+        n0 = topo.etcd_instances()
+        self.ev(bool(n0), f"{n0} worker registrations in etcd before the outage")
         for h in handles:
             h.signal(signal.SIGKILL)
         self.mark("t_inject")
@@ -409,10 +429,13 @@ class Fault(threading.Thread):
             leader = topo.etcd_leader()
             time.sleep(0.1)
         self.ev(leader is not None, f"etcd back with leader {leader.name if leader else None}")
+        self._registrations(topo, sum(1 for w in topo.workers if w.alive()), 20, "after the outage")
 
     def do_nats_restart(self, handles):
         topo = self.env.topology
         h = handles[0]
+        c0 = topo.nats_clients()
+        self.ev(bool(c0), f"{c0} clients connected to nats-server before the fault")
         h.signal(signal.SIGKILL)
         self.mark("t_inject")
         log(f"fault: nats-server down for {self.spec['duration']} s")
@@ -425,6 +448,14 @@ class Fault(threading.Thread):
         self.mark("t_restore")
         self.ev(observe.port_reachable("127.0.0.1", h.member.port, 2.0),
                 f"nats port {h.member.port} answered after the restart")
+        end = time.monotonic() + 15
+        c1 = None
+        while time.monotonic() < end:
+            c1 = topo.nats_clients()
+            if c0 and c1 is not None and c1 >= c0:
+                break
+            time.sleep(0.2)
+        self.ev(bool(c0) and c1 is not None and c1 >= c0, f"{c1} clients reconnected to nats-server after the restart")
 
     # ---- network -------------------------------------------------------------------------------
 

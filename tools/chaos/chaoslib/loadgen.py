@@ -273,6 +273,7 @@ class Load:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._next = 0
+        self.open = {}  # seq -> (shape, url, t_send) of requests in flight
         self.tokens = 0
         self.started = False
         self.finished = False
@@ -314,8 +315,12 @@ class Load:
                 return
             shape = self.shapes[i % len(self.shapes)]
             url = self.urls[i % len(self.urls)]
+            with self._lock:
+                self.open[i] = (shape, url, time.monotonic() - self.t0)
             rec = send(url, shape, self.t0, self.cfg["request_timeout"], "load", i, on_tokens=self.add_tokens)
             with self._lock:
+                if self.open.pop(i, None) is None:
+                    return  # join() gave up on this request and recorded it as hung
                 self.records.append(rec)
             if rec.outcome != "ok":
                 time.sleep(0.1)  # a client backs off after a failure instead of spinning on a dead port
@@ -328,11 +333,21 @@ class Load:
             self.threads.append(t)
 
     def join(self, timeout):
+        """Waits for the clients; requests still open after timeout are recorded as hung
+        (outcome timeout). Returns True when every client finished."""
         end = time.monotonic() + timeout
         for t in self.threads:
             t.join(max(0.0, end - time.monotonic()))
         with self._cond:
             self.finished = True
+            self.stop_flag = True
+            for i, (shape, url, t_send) in sorted(self.open.items()):
+                rec = Record("load", i, shape, url)
+                rec.t_send = t_send
+                rec.outcome = "timeout"
+                rec.exception = f"still open when the load was given up after {timeout:.0f} s"
+                self.records.append(rec)
+            self.open.clear()
             self._cond.notify_all()
         return not any(t.is_alive() for t in self.threads)
 

@@ -65,6 +65,7 @@ def write(out_dir, results, header_lines=()):
         for f in r.get("faults") or []:
             when = f"at {f['t_inject']:.2f} s" if f.get("t_inject") is not None else "not injected"
             extra = f", restored at {f['t_restore']:.2f} s" if f.get("t_restore") is not None else ""
+            extra += "".join(f", {x['name']} restarted at {x['t']:.2f} s" for x in f.get("restarted") or [])
             parts.append(f"- fault `{f['label']}` {when}{extra}" + (f" (error: {_md(f['error'])})" if f.get("error")
                                                                       else ""))
         if r.get("faults"):

@@ -13,6 +13,7 @@ Everything is stopped by pid in stop(), and batonlib kills what is left if the t
 """
 
 import atexit
+import base64
 import json
 import os
 import shutil
@@ -45,6 +46,7 @@ class Member:
         self.generation = 0
         self.etcd_name = None
         self.member_id = None
+        self.monitor_port = None  # nats-server monitoring
 
     @property
     def name(self):
@@ -112,6 +114,30 @@ class Topology:
                                          method="POST")
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 return json.loads(r.read())
+        except (OSError, ValueError):
+            return None
+
+    def etcd_instances(self):
+        """How many keys live under v1/instances/ (worker registrations), asking each member in
+        turn; None when no member answers."""
+        body = json.dumps({"key": base64.b64encode(b"v1/instances/").decode(),
+                           "range_end": base64.b64encode(b"v1/instances0").decode(), "count_only": True}).encode()
+        for m in self.etcd:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{m.port}/v3/kv/range", data=body, method="POST")
+                with urllib.request.urlopen(req, timeout=1.0) as r:
+                    return int(json.loads(r.read()).get("count", 0))
+            except (OSError, ValueError):
+                continue
+        return None
+
+    def nats_clients(self):
+        """Connections nats-server holds now (its monitoring /connz), or None."""
+        if self.nats is None or not self.nats.monitor_port:
+            return None
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.nats.monitor_port}/connz", timeout=1.0) as r:
+                return int(json.loads(r.read()).get("num_connections", 0))
         except (OSError, ValueError):
             return None
 
@@ -268,12 +294,13 @@ class Topology:
             raise SetupError("nats-server is not installed (the scenario asks for event_plane = \"nats\")")
         m = Member("nats", 0)
         m.port = self.bl.free_port()
+        m.monitor_port = self.bl.free_port()
         self.nats = m
         self._spawn_nats(m)
         self.wait_port("127.0.0.1", m.port, m, timeout)
 
     def _spawn_nats(self, m):
-        self._spawn(m, [shutil.which("nats-server"), "-a", "127.0.0.1", "-p", str(m.port)])
+        self._spawn(m, [shutil.which("nats-server"), "-a", "127.0.0.1", "-p", str(m.port), "-m", str(m.monitor_port)])
 
     def wait_port(self, host, port, m, timeout):
         end = time.monotonic() + timeout

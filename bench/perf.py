@@ -1,0 +1,578 @@
+#!/usr/bin/env python3
+"""Frontend performance: proxy-tier CPU per streamed token against nginx and HAProxy, latency the
+frontend adds, memory per stream at 10,000 streams, and the throughput ceiling.
+
+Every run starts baton and its anchor side by side and drives them with baton-sse-load
+(bench/sse_load.c, built beside baton by CMake), a C client on libuv that holds thousands of SSE
+streams cheaply; CPU is read from /proc (the sum of every thread's run time, in ns) over the load
+only; memory is VmRSS. Each phase also checks exactness: every request must end properly and the
+digest of all streamed text must be the same through every path (direct, nginx, HAProxy, the
+worker's own request plane). Numbers are printed, never asserted (docs/benchmarks.md, Performance).
+
+usage (from the repository root; BATON_BIN defaults to build/baton):
+  BATON_BIN=build/baton python3 bench/perf.py cost     [--streams 400] [--tokens 200] [--rounds 3]
+        [--speedup 1] [--anchors nginx,haproxy] [--compare-bin OTHER_BUILD/baton]
+      a. CPU-seconds per million tokens of the baton frontend (client -> frontend -> workers)
+         and of nginx / HAProxy relaying the same SSE stream (client -> proxy -> frontend ->
+         workers; only the proxy process is counted), same streams, tokens and token rate.
+         --compare-bin adds a frontend of another build on the same workers (before/after).
+  BATON_BIN=build/baton python3 bench/perf.py latency  [--concurrency 1,100,1000] [--tokens 30]
+        [--speedup 0.2] [--anchor nginx] [--pin 0:1]
+      b. TTFT and per-token delay p50/p99 through the frontend and straight at the worker's
+         request plane (the same engine, one worker), and the difference. The per-token delay is
+         measured against a probe stream on the request plane that runs through every phase.
+         The anchor row is nginx proxying to the frontend: what one plain proxy hop adds.
+         --pin puts baton on one CPU and the load generators on the other.
+  BATON_BIN=build/baton python3 bench/perf.py scale    [--streams 10000] [--workers 4]
+        [--tokens 50] [--speedup 0.02]
+      c. N concurrent slow streams; RSS growth of the frontend and of the workers per stream.
+  BATON_BIN=build/baton python3 bench/perf.py ceiling  [--configs 100000:200:20000,10:2000:300]
+      d. tokens/s and chunks/s one frontend delivers with the mocker far faster than real time
+         (speedup:streams:max_tokens): large chunks (many tokens per chunk) and small ones.
+  BATON_BIN=build/baton python3 bench/perf.py profile  [--streams 400] [--tokens 200] [--speedup 1]
+      perf record (cpu-clock) of the frontend under the `cost` load; prints the top symbols.
+      --allocs counts its malloc/calloc/realloc calls per chunk and per request instead (uprobes).
+nginx and haproxy must be installed for `cost` and nginx for `latency`'s anchor, perf for `profile`
+(Debian: apt-get install nginx-light haproxy linux-perf).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "lib"))
+import batonlib as bl  # noqa: E402
+
+MAX_SEQS = 20000  # the mocker's sequence cap, raised so that the engine never queues here
+
+
+def load_bin():
+    path = os.path.join(os.path.dirname(bl.baton_bin()), "baton-sse-load")
+    if not os.access(path, os.X_OK):
+        raise SystemExit(f"{path} not found: build it (cmake --build <dir> --target baton-sse-load)")
+    return path
+
+
+def cpu_ns(pid):
+    """CPU time of every thread of pid, in ns (schedstat: more precise than /proc/pid/stat ticks)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+CLIENT_CPU = None  # --pin: the CPU the load generator runs on
+
+
+def pin_client():
+    if CLIENT_CPU is not None:
+        os.sched_setaffinity(0, {CLIENT_CPU})
+
+
+def run_load(target, streams, tokens, requests=None, rate=5000, timeout=600, ready_file=None, rpc=False,
+             timestamps=None):
+    args = [load_bin(), "--rpc" if rpc else "--url", target, "--streams", str(streams), "--max-tokens",
+            str(tokens), "--rate", str(rate), "--timeout", str(timeout)]
+    if timestamps:
+        args += ["--timestamps", timestamps]
+    if requests:
+        args += ["--requests", str(requests)]
+    if ready_file:
+        args += ["--ready-file", ready_file]
+    p = subprocess.run(args, capture_output=True, text=True, timeout=timeout + 30, preexec_fn=pin_client)
+    try:
+        res = json.loads(p.stdout)
+    except ValueError:
+        raise SystemExit(f"baton-sse-load printed no result (exit {p.returncode}): {p.stdout!r} {p.stderr!r}")
+    res["exit"] = p.returncode
+    return res
+
+
+def check(res, what, digest=None):
+    """Fails loudly on a run that lost a request or whose text differs from the reference."""
+    if res["exit"] != 0 or res["failed"] or res["ok"] != res["requests"]:
+        raise SystemExit(f"{what}: {res['failed']} of {res['requests']} requests failed: {res['errors']}")
+    if digest is not None and res["digest"] != digest:
+        raise SystemExit(f"{what}: streamed text differs from the reference (digest {res['digest']} != {digest})")
+
+
+class Meter:
+    """CPU of a set of processes over a window."""
+
+    def __init__(self, pids):
+        self.pids = dict(pids)
+        self.t0 = {k: cpu_ns(p) for k, p in self.pids.items()}
+
+    def stop(self):
+        return {k: (cpu_ns(p) - self.t0[k]) / 1e9 for k, p in self.pids.items()}
+
+
+def start_cluster(c, workers, speedup, **wflags):
+    fe = c.start_frontend(max_connections=30000, max_concurrent_requests=100000, http_idle_timeout_ms=600000)
+    ws = [c.start_worker(speedup_ratio=speedup, max_num_seqs=MAX_SEQS, **wflags) for _ in range(workers)]
+    c.wait_workers(fe, workers)
+    return fe, ws
+
+
+def pct_row(res, key):
+    d = res[key]
+    return d.get("p50", float("nan")), d.get("p99", float("nan"))
+
+
+# ---------------------------------------------------------------------------------------------
+# a. proxy-tier cost
+
+NGINX_CONF = """
+daemon off;
+master_process off;
+worker_processes 1;
+worker_rlimit_nofile 20000;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 19000; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    upstream baton {{ server 127.0.0.1:{upstream}; keepalive 4096; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        keepalive_requests 1000000;
+        location / {{
+            proxy_pass http://baton;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_read_timeout 600s;
+        }}
+    }}
+}}
+"""
+
+HAPROXY_CONF = """
+global
+    nbthread 1
+    maxconn 9000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 600s
+    timeout server 600s
+    timeout http-keep-alive 600s
+frontend clients
+    bind 127.0.0.1:{port}
+    default_backend baton
+backend baton
+    http-reuse always
+    server fe 127.0.0.1:{upstream}
+"""
+
+
+def start_anchor(kind, d, upstream):
+    port = bl.free_port()
+    if kind == "nginx":
+        conf = os.path.join(d, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(NGINX_CONF.format(dir=d, upstream=upstream, port=port))
+        p = bl.Proc([shutil.which("nginx") or "/usr/sbin/nginx", "-p", d, "-c", conf, "-e", d + "/nginx-error.log"],
+                    name="nginx", log=os.path.join(d, "nginx.log"))
+    else:
+        conf = os.path.join(d, "haproxy.cfg")
+        with open(conf, "w") as f:
+            f.write(HAPROXY_CONF.format(upstream=upstream, port=port))
+        p = bl.Proc([shutil.which("haproxy") or "/usr/sbin/haproxy", "-db", "-f", conf], name="haproxy",
+                    log=os.path.join(d, "haproxy.log"))
+    bl.wait_http(f"http://127.0.0.1:{port}/live", p, timeout=20)
+    return p, f"http://127.0.0.1:{port}"
+
+
+def cmd_cost(a):
+    bl.deadline(3600, "perf cost")
+    anchors = [x for x in a.anchors.split(",") if x]
+    with bl.Cluster() as c:
+        fe, ws = start_cluster(c, a.workers, a.speedup)
+        procs = {}
+        for kind in anchors:
+            procs[kind] = start_anchor(kind, c.dir, fe.port)
+        paths = [("baton", fe.url)]
+        other = None
+        if a.compare_bin:  # a second frontend from another build, on the same workers
+            own, c.bin = c.bin, a.compare_bin
+            other = c.start_frontend(max_connections=30000, max_concurrent_requests=100000,
+                                     http_idle_timeout_ms=600000)
+            c.bin = own
+            c.wait_workers(other, a.workers)
+            paths.append(("compare", other.url))
+        check(run_load(fe.url, 10, 10), "warm-up")
+        if other:
+            check(run_load(other.url, 10, 10), "warm-up")
+        paths += [(k, procs[k][1]) for k in anchors]
+        rows = {k: [] for k, _ in paths}
+        ref = None
+        requests = a.streams * a.requests_per_stream
+        for rnd in range(a.rounds):
+            for name, url in paths:
+                pids = {"frontend": (other if name == "compare" else fe).proc.pid}
+                pids.update({f"worker{i}": w.proc.pid for i, w in enumerate(ws)})
+                if name not in ("baton", "compare"):
+                    pids[name] = procs[name][0].pid
+                m = Meter(pids)
+                res = run_load(url, a.streams, a.tokens, requests=requests, rate=a.rate)
+                cpu = m.stop()
+                check(res, f"{name} round {rnd + 1}", ref)
+                ref = ref or res["digest"]
+                rows[name].append((res, cpu))
+                tok = res["tokens"]
+                print(f"round {rnd + 1} {name:8s}: {tok} tokens in {res['wall_s']:.2f} s "
+                      f"({tok / res['wall_s']:,.0f} tok/s, {tok / max(res['chunks'], 1):.2f} tok/chunk); "
+                      + ", ".join(f"{k} {v:.2f} s" for k, v in cpu.items()), flush=True)
+    print()
+    print(f"streams={a.streams} requests={requests} max_tokens={a.tokens} speedup={a.speedup} workers={a.workers} "
+          f"rounds={a.rounds}; every request complete and identical on every path")
+    per_m = {}
+    for name, rs in rows.items():
+        proc_name = "frontend" if name in ("baton", "compare") else name
+        tok = sum(r["tokens"] for r, _ in rs)
+        cpu = sum(cpu[proc_name] for _, cpu in rs)
+        wall = sum(r["wall_s"] for r, _ in rs)
+        chunks = sum(r["chunks"] for r, _ in rs)
+        per_m[name] = cpu / tok * 1e6
+        fe_cpu = sum(cpu["frontend"] for _, cpu in rs)
+        gaps = [r["gap_us"]["p99"] for r, _ in rs]
+        print(f"{name:8s}: {per_m[name]:6.2f} CPU-s per 1M tokens ({cpu / wall * 100:.0f}% of a core; "
+              f"{cpu / chunks * 1e6:.2f} us per chunk; {tok / wall:,.0f} tok/s; {tok / chunks:.2f} tok/chunk; "
+              f"client gap p99 {max(gaps)} us)"
+              + (f"; the baton frontend behind it: {fe_cpu / tok * 1e6:.2f} CPU-s per 1M tokens"
+                 if proc_name != "frontend" else ""))
+    for k in anchors + (["compare"] if a.compare_bin else []):
+        print(f"ratio baton / {k}: {per_m['baton'] / per_m[k]:.2f}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# b. added latency
+
+def read_ts(path):
+    with open(path) as f:
+        return [int(x) for x in f.read().split()]
+
+
+def pctl(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p * (len(xs) - 1)))] if xs else float("nan")
+
+
+def transit(probe, arrivals):
+    """Per-token transit relative to the probe: every engine step delivers the tokens of all its
+    running sequences at once, so a chunk that arrives d after the probe's token of the same step
+    took d longer to come than the probe's did. Arrivals more than half a step after the last
+    probe token (the probe between two of its requests) are left out."""
+    import bisect
+    gaps = sorted(b - a for a, b in zip(probe, probe[1:]))
+    if not gaps:
+        return [], 0
+    limit = gaps[len(gaps) // 2] / 2
+    out, unmatched = [], 0
+    for t in arrivals:
+        i = bisect.bisect_right(probe, t) - 1
+        if i < 0 or t - probe[i] > limit:
+            unmatched += 1
+        else:
+            out.append((t - probe[i]) / 1000.0)
+    return out, unmatched
+
+
+def cmd_latency(a):
+    global CLIENT_CPU
+    bl.deadline(3600, "perf latency")
+    levels = [int(x) for x in a.concurrency.split(",")]
+    out = []
+    with bl.Cluster() as c:
+        fe, ws = start_cluster(c, 1, a.speedup)
+        w = ws[0]
+        rpc = f"127.0.0.1:{w.rpc_port}"
+        paths = [("direct", rpc, True), ("frontend", fe.url, False)]
+        anchor = None
+        if a.anchor:
+            anchor = start_anchor(a.anchor, c.dir, fe.port)
+            paths.append((a.anchor, anchor[1], False))
+        if a.pin:
+            baton_cpu, CLIENT_CPU = (int(x) for x in a.pin.split(":"))
+            for p in [fe.proc, w.proc] + ([anchor[0]] if anchor else []):
+                os.sched_setaffinity(p.pid, {baton_cpu})
+        check(run_load(fe.url, 10, 10), "warm-up")
+        check(run_load(rpc, 10, 10, rpc=True), "warm-up (request plane)")
+        for n in levels:
+            requests = max(n * a.rounds, a.min_requests)
+            res = {"unmatched": 0}
+            for name, _, _ in paths:
+                res[name], res["transit_" + name] = [], []
+            for rnd in range(2):  # direct, frontend, direct, frontend: drift shows as a difference
+                for name, target, is_rpc in paths:
+                    # the probe: one request-plane stream on the same worker, running throughout
+                    pts, lts, ready = (os.path.join(c.dir, x) for x in ("probe.ts", "load.ts", "probe.ready"))
+                    for f in (pts, lts, ready):
+                        if os.path.exists(f):
+                            os.unlink(f)
+                    probe = subprocess.Popen([load_bin(), "--rpc", rpc, "--streams", "1", "--max-tokens", "1000000",
+                                              "--timestamps", pts, "--ready-file", ready], stdout=subprocess.PIPE,
+                                             stderr=subprocess.PIPE, text=True, preexec_fn=pin_client)
+                    bl.wait_for(lambda: os.path.exists(ready), 30, what="the probe stream's first token")
+                    time.sleep(0.2)
+                    r = run_load(target, n, a.tokens, requests=requests // 2, rpc=is_rpc, rate=2000,
+                                 timestamps=lts)
+                    probe.send_signal(2)
+                    pout, perr = probe.communicate(timeout=30)
+                    if probe.returncode != 0:
+                        raise SystemExit(f"probe failed: {pout} {perr}")
+                    check(r, f"{name} at {n} streams", res.get("digest"))
+                    res.setdefault("digest", r["digest"])
+                    res[name].append(r)
+                    tr, um = transit(read_ts(pts), read_ts(lts))
+                    res["transit_" + name] += tr
+                    if name != "direct":
+                        res["unmatched"] += um
+            out.append((n, requests, res))
+            print(f"{n} streams done", flush=True)
+    print()
+    print(f"speedup={a.speedup} max_tokens={a.tokens}, one worker"
+          + (f", baton on CPU {a.pin.split(':')[0]} and the clients on CPU {a.pin.split(':')[1]}" if a.pin else "")
+          + "; every request complete and identical on every path")
+    print("| streams | requests per path | TTFT p50 direct / frontend / added | TTFT p99 direct / frontend / added "
+          "| per-token delay p50 direct / frontend / added | p99 direct / frontend / added | gap p99 direct / frontend |")
+    print("|---|---|---|---|---|---|---|")
+    for n, requests, res in out:
+        def merged(name, key, p):
+            vals = [r[key][p] for r in res[name]]
+            return sum(vals) / len(vals)
+        cells = []
+        for key, p in (("ttft_us", "p50"), ("ttft_us", "p99")):
+            d, f = merged("direct", key, p), merged("frontend", key, p)
+            cells.append(f"{d / 1000:.2f} ms / {f / 1000:.2f} ms / {(f - d):+.0f} us")
+        for p in (0.5, 0.99):
+            d, f = pctl(res["transit_direct"], p), pctl(res["transit_frontend"], p)
+            cells.append(f"{d:.0f} / {f:.0f} / {f - d:+.0f} us")
+        cells.append(f"{merged('direct', 'gap_us', 'p99') / 1000:.2f} / {merged('frontend', 'gap_us', 'p99') / 1000:.2f} ms")
+        print(f"| {n} | {requests} | " + " | ".join(cells) + " |")
+        if a.anchor:  # what one more plain proxy hop (anchor -> frontend) adds on top of the frontend
+            k = a.anchor
+            d, f = merged("frontend", "ttft_us", "p50"), merged(k, "ttft_us", "p50")
+            t50 = pctl(res["transit_" + k], 0.5) - pctl(res["transit_frontend"], 0.5)
+            t99 = pctl(res["transit_" + k], 0.99) - pctl(res["transit_frontend"], 0.99)
+            print(f"| {n}, {k} hop in front | {requests} | TTFT p50 {f / 1000:.2f} ms ({f - d:+.0f} us over the frontend)"
+                  f" | | per-token p50 {pctl(res['transit_' + k], 0.5):.0f} us ({t50:+.0f} us) "
+                  f"| p99 {pctl(res['transit_' + k], 0.99):.0f} us ({t99:+.0f} us) | |")
+    print("(TTFT: mean over two interleaved runs of each path. Per-token delay: arrival of each token chunk minus "
+          "the arrival of the same engine step's token of a probe stream on the worker's request plane, over "
+          + ", ".join(f"{len(res['transit_frontend'])} chunks at {n}" for n, _, res in out)
+          + "; 'added' = frontend - direct)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# c. scale
+
+def cmd_scale(a):
+    bl.deadline(3600, "perf scale")
+    with bl.Cluster() as c:
+        fe, ws = start_cluster(c, a.workers, a.speedup, num_gpu_blocks_override=a.blocks)
+        check(run_load(fe.url, 100, 10), "warm-up")
+        time.sleep(0.5)
+        pids = {"frontend": fe.proc.pid}
+        pids.update({f"worker{i}": w.proc.pid for i, w in enumerate(ws)})
+        base = {k: rss_kib(p) for k, p in pids.items()}
+        ready = os.path.join(c.dir, "ready")
+        peak = dict(base)
+        at_ready = {}
+        stop = threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                for k, p in pids.items():
+                    try:
+                        peak[k] = max(peak[k], rss_kib(p))
+                    except OSError:
+                        pass
+                if not at_ready and os.path.exists(ready):
+                    at_ready.update({k: rss_kib(p) for k, p in pids.items()})
+                    at_ready["t"] = time.monotonic()
+                stop.wait(0.2)
+
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        m = Meter(pids)
+        res = run_load(fe.url, a.streams, a.tokens, rate=a.rate, ready_file=ready, timeout=900)
+        cpu = m.stop()
+        stop.set()
+        th.join()
+        after = {k: rss_kib(p) for k, p in pids.items()}
+        check(res, f"{a.streams} streams")
+    if not at_ready:
+        raise SystemExit("the streams were never all running at once (raise --tokens or lower --speedup)")
+    print(f"streams={a.streams} workers={a.workers} max_tokens={a.tokens} speedup={a.speedup} "
+          f"blocks/worker={a.blocks}: {res['ok']} ok, {res['failed']} failed, {res['tokens']} tokens in "
+          f"{res['wall_s']:.1f} s; TTFT p50 {res['ttft_us']['p50'] / 1000:.1f} ms p99 "
+          f"{res['ttft_us']['p99'] / 1000:.1f} ms; gap p50 {res['gap_us']['p50'] / 1000:.1f} ms p99 "
+          f"{res['gap_us']['p99'] / 1000:.1f} ms; client CPU {res['client_cpu_s']:.1f} s")
+    print("| process | RSS idle | RSS, all streams running | peak RSS | per stream (at all running) "
+          "| per stream (peak) | RSS after | CPU during the run |")
+    print("|---|---|---|---|---|---|---|---|")
+    per_worker = a.streams / a.workers
+    for k in pids:
+        n = a.streams if k == "frontend" else per_worker
+        print(f"| {k} | {base[k] / 1024:.1f} MiB | {at_ready[k] / 1024:.1f} MiB | {peak[k] / 1024:.1f} MiB | "
+              f"{(at_ready[k] - base[k]) / n:.2f} KiB | {(peak[k] - base[k]) / n:.2f} KiB | {after[k] / 1024:.1f} MiB "
+              f"| {cpu[k]:.1f} s |")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# d. throughput ceiling
+
+def cmd_ceiling(a):
+    bl.deadline(1800, "perf ceiling")
+    for conf in a.configs.split(","):
+        speedup, streams, tokens = (float(x) for x in conf.split(":"))
+        streams, tokens = int(streams), int(tokens)
+        with bl.Cluster() as c:
+            fe, ws = start_cluster(c, a.workers, speedup)
+            check(run_load(fe.url, 10, 10), "warm-up")
+            pids = {"frontend": fe.proc.pid}
+            pids.update({f"worker{i}": w.proc.pid for i, w in enumerate(ws)})
+            for rnd in range(a.rounds):
+                m = Meter(pids)
+                res = run_load(fe.url, streams, tokens, requests=streams * a.requests_per_stream)
+                cpu = m.stop()
+                check(res, "ceiling")
+                wall = res["wall_s"]
+                print(f"speedup {speedup:g}, {streams} streams x {a.requests_per_stream} requests x {tokens} tokens, "
+                      f"round {rnd + 1}: {res['tokens']:,} tokens in {wall:.2f} s = {res['tokens'] / wall:,.0f} tokens/s, "
+                      f"{res['chunks'] / wall:,.0f} chunks/s ({res['tokens'] / res['chunks']:.1f} tok/chunk), "
+                      f"{res['bytes'] / wall / 1e6:.0f} MB/s; frontend CPU {cpu['frontend']:.2f} s "
+                      f"({cpu['frontend'] / wall * 100:.0f}% of a core, "
+                      f"{cpu['frontend'] / res['chunks'] * 1e6:.2f} us per chunk); workers "
+                      + ", ".join(f"{cpu[k]:.2f} s" for k in pids if k != "frontend")
+                      + f"; client {res['client_cpu_s']:.2f} s", flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# profile of the frontend under the `cost` load
+
+def cmd_profile(a):
+    bl.deadline(1800, "perf profile")
+    perf = shutil.which("perf")
+    if not perf:
+        raise SystemExit("perf not found (Debian: apt-get install linux-perf)")
+    with bl.Cluster() as c:
+        fe, ws = start_cluster(c, a.workers, a.speedup)
+        check(run_load(fe.url, 10, 10), "warm-up")
+        data = a.output or os.path.join(c.dir, "perf.data")
+        if a.allocs:  # count malloc/calloc/realloc calls of the frontend with uprobes instead of sampling
+            libc = "/lib/x86_64-linux-gnu/libc.so.6"
+            for fn in ("malloc", "calloc", "realloc"):
+                subprocess.run([perf, "probe", "-q", "-x", libc, "--add", fn], capture_output=True)
+            rec = subprocess.Popen([perf, "stat", "-x", ",", "-o", data + ".stat", "-e",
+                                    "probe_libc:malloc,probe_libc:calloc,probe_libc:realloc", "-p", str(fe.proc.pid)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        else:
+            rec = subprocess.Popen([perf, "record", "-e", "cpu-clock", "-F", "4999", "-o", data] +
+                                   (["--call-graph", "dwarf"] if a.call_graph else []) + ["-p", str(fe.proc.pid)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(0.5)
+        m = Meter({"frontend": fe.proc.pid})
+        res = run_load(fe.url, a.streams, a.tokens, requests=a.streams * 2, rate=2000)
+        cpu = m.stop()
+        rec.send_signal(2)
+        rec.wait(60)
+        check(res, "profile load")
+        print(f"{res['tokens']} tokens, {res['chunks']} chunks, {res['requests']} requests; frontend "
+              f"{cpu['frontend']:.2f} s = {cpu['frontend'] / res['chunks'] * 1e6:.2f} us per chunk")
+        if a.allocs:
+            subprocess.run([perf, "probe", "-q", "--del", "probe_libc:*"], capture_output=True)
+            with open(data + ".stat") as f:
+                counts = {ln.split(",")[2]: int(ln.split(",")[0]) for ln in f
+                          if ln.count(",") > 2 and ln.split(",")[0].isdigit()}
+            total = sum(counts.values())
+            print(", ".join(f"{k.split(':')[1]} {v}" for k, v in counts.items())
+                  + f": {total / res['chunks']:.3f} allocations per chunk, {total / res['requests']:.1f} per request "
+                  "(the load and the 0.5 s before it)")
+            return 0
+        rep = subprocess.run([perf, "report", "-i", data, "--no-children", "--sort", "dso,symbol", "--stdio",
+                              "--percent-limit", str(a.percent_limit)], capture_output=True, text=True)
+        lines = [ln for ln in rep.stdout.splitlines() if ln.strip() and not ln.startswith("#")]
+        print("\n".join(lines[:a.top]))
+    return 0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("cost")
+    p.add_argument("--streams", type=int, default=400)
+    p.add_argument("--tokens", type=int, default=200)
+    p.add_argument("--requests-per-stream", type=int, default=2)
+    p.add_argument("--speedup", type=float, default=1.0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rate", type=int, default=2000)
+    p.add_argument("--anchors", default="nginx,haproxy")
+    p.add_argument("--compare-bin", help="also run a frontend of this baton binary (before/after figures)")
+    p = sub.add_parser("latency")
+    p.add_argument("--concurrency", default="1,100,1000")
+    p.add_argument("--tokens", type=int, default=30)
+    p.add_argument("--speedup", type=float, default=0.2)
+    p.add_argument("--rounds", type=int, default=2, help="requests per stream")
+    p.add_argument("--min-requests", type=int, default=40)
+    p.add_argument("--anchor", default="nginx", help="also measure this proxy in front of the frontend ('' = none)")
+    p.add_argument("--pin", help="BATON_CPU:CLIENT_CPU, e.g. 0:1: pin baton (and the anchor) and the clients")
+    p = sub.add_parser("scale")
+    p.add_argument("--streams", type=int, default=10000)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--tokens", type=int, default=50)
+    p.add_argument("--speedup", type=float, default=0.02)
+    p.add_argument("--blocks", type=int, default=65536)
+    p.add_argument("--rate", type=int, default=2000)
+    p = sub.add_parser("ceiling")
+    p.add_argument("--configs", default="100000:200:20000,10:2000:300",
+                   help="speedup:streams:max_tokens, comma-separated")
+    p.add_argument("--requests-per-stream", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p = sub.add_parser("profile")
+    p.add_argument("--streams", type=int, default=400)
+    p.add_argument("--tokens", type=int, default=200)
+    p.add_argument("--speedup", type=float, default=1.0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--percent-limit", type=float, default=0.5)
+    p.add_argument("--call-graph", action="store_true")
+    p.add_argument("--output", help="keep perf.data here")
+    p.add_argument("--allocs", action="store_true", help="count the frontend's allocations (uprobes) instead")
+    a = ap.parse_args()
+    return {"cost": cmd_cost, "latency": cmd_latency, "scale": cmd_scale, "ceiling": cmd_ceiling,
+            "profile": cmd_profile}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

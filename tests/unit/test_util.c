@@ -1,0 +1,226 @@
+/* test_util.c — unit tests of the JSON string escaper of src/common/util.c
+ * (bt_buf_append_json_str), which every streamed token's text goes through in the frontend.
+ *
+ * Covers: the exact escape of each class of byte (quote, backslash, \n \r \t, other control
+ * characters, DEL, valid UTF-8 of 2-4 bytes, invalid UTF-8 replaced with U+FFFD: lone
+ * continuation bytes, truncated sequences, overlong forms, surrogates, code points above
+ * U+10FFFF); agreement, byte for byte, with a plain byte-at-a-time reference escaper on many
+ * random strings, at every length and offset around the 8-byte fast path and across the 4 KiB
+ * pieces the output is reserved in (a UTF-8 sequence straddling a piece boundary included); the
+ * checked slow path near the buffer's cap giving the same bytes; and the cap itself (an append
+ * that does not fit fails with BT_ERR_TOO_LARGE). The self-check feeds the comparison a wrong
+ * reference and expects it to notice. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "common/util.h"
+
+/* ---- the reference: one byte at a time, as JSON (RFC 8259) and the replacement rule say ---- */
+
+static size_t ref_utf8_len(const unsigned char *s, size_t n) {
+    unsigned char c = s[0];
+    size_t len;
+    uint32_t cp;
+    if (c < 0x80) return 1;
+    if (c >= 0xC2 && c <= 0xDF) len = 2, cp = c & 0x1F;
+    else if (c >= 0xE0 && c <= 0xEF) len = 3, cp = c & 0x0F;
+    else if (c >= 0xF0 && c <= 0xF4) len = 4, cp = c & 0x07;
+    else return 0;
+    if (len > n) return 0;
+    for (size_t i = 1; i < len; i++) {
+        if ((s[i] & 0xC0) != 0x80) return 0;
+        cp = (cp << 6) | (s[i] & 0x3F);
+    }
+    if ((len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000) || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+        return 0;
+    return len;
+}
+
+/* Appends the escaped form of s[0..n) to out (sized by the caller: 6 n + 1). */
+static size_t ref_escape(const char *s, size_t n, char *out, int flavour) {
+    const unsigned char *p = (const unsigned char *)s;
+    size_t o = 0;
+    for (size_t i = 0; i < n;) {
+        unsigned char c = p[i];
+        if (c == '"' || c == '\\') {
+            out[o++] = '\\', out[o++] = (char)c, i++;
+        } else if (c == '\n') {
+            out[o++] = '\\', out[o++] = 'n', i++;
+        } else if (c == '\r') {
+            out[o++] = '\\', out[o++] = 'r', i++;
+        } else if (c == '\t') {
+            out[o++] = '\\', out[o++] = 't', i++;
+        } else if (c < 0x20) {
+            o += (size_t)snprintf(out + o, 7, "\\u%04x", c);
+            i++;
+        } else if (c < 0x80) {
+            out[o++] = (char)c, i++;
+        } else {
+            size_t l = ref_utf8_len(p + i, n - i);
+            if (l == 0) {
+                memcpy(out + o, "\xEF\xBF\xBD", 3), o += 3, i++;
+            } else {
+                memcpy(out + o, p + i, l), o += l, i += l;
+            }
+        }
+        if (flavour == 1 && c == 'x') out[o - 1] = 'y'; /* a deliberately wrong reference */
+    }
+    out[o] = '\0';
+    return o;
+}
+
+static uint64_t rng = 0x1234567;
+static uint32_t rnd(void) { return (uint32_t)((rng = bt_mix64(rng)) >> 32); }
+
+/* A random string drawn mostly from plain text with the odd special byte, so that runs of every
+ * length occur between escapes, plus valid and broken UTF-8. */
+static void random_text(char *s, size_t n) {
+    static const char *const pieces[] = {"\xC3\xA9", "\xE2\x82\xAC", "\xF0\x9F\x98\x80", "\xC3", "\xE2\x82", "\x80",
+                                         "\xED\xA0\x80", "\xF4\x90\x80\x80", "\xC0\xAF", "\xFF"};
+    size_t i = 0;
+    while (i < n) {
+        uint32_t r = rnd() % 100;
+        if (r < 80) {
+            s[i++] = (char)(' ' + rnd() % 95);
+        } else if (r < 90) {
+            static const char sp[] = "\"\\\n\r\t\x01\x1f\x7f";
+            s[i++] = sp[rnd() % (sizeof sp - 1)];
+        } else {
+            const char *p = pieces[rnd() % (sizeof pieces / sizeof *pieces)];
+            size_t l = strlen(p);
+            if (i + l > n) l = n - i;
+            memcpy(s + i, p, l);
+            i += l;
+        }
+    }
+}
+
+static void expect_escape(const char *in, size_t n, const char *want) {
+    bt_buf b;
+    bt_buf_init(&b, 1 << 20);
+    assert_int_equal(bt_buf_append_json_str(&b, in, n), BT_OK);
+    assert_int_equal(b.len, strlen(want));
+    assert_memory_equal(b.data, want, b.len);
+    assert_int_equal(b.data[b.len], '\0');
+    bt_buf_free(&b);
+}
+
+static void test_each_class(void **state) {
+    (void)state;
+    expect_escape("plain text", 10, "plain text");
+    expect_escape("a\"b\\c", 5, "a\\\"b\\\\c");
+    expect_escape("\n\r\t", 3, "\\n\\r\\t");
+    expect_escape("\x01\x1f\x7f", 3, "\\u0001\\u001f\x7f");
+    expect_escape("\0x", 2, "\\u0000x");
+    expect_escape("caf\xC3\xA9 \xE2\x82\xAC \xF0\x9F\x98\x80", 14, "caf\xC3\xA9 \xE2\x82\xAC \xF0\x9F\x98\x80");
+    expect_escape("\x80", 1, "\xEF\xBF\xBD");
+    expect_escape("\xC3", 1, "\xEF\xBF\xBD");                           /* truncated */
+    expect_escape("\xE2\x82x", 3, "\xEF\xBF\xBD\xEF\xBF\xBDx");         /* truncated, then text */
+    expect_escape("\xC0\xAF", 2, "\xEF\xBF\xBD\xEF\xBF\xBD");           /* overlong */
+    expect_escape("\xED\xA0\x80", 3, "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD"); /* surrogate */
+    expect_escape("\xF4\x90\x80\x80", 4, "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD"); /* > U+10FFFF */
+    expect_escape("", 0, "");
+    /* every special byte at every offset of an 8-byte word, and just past one */
+    for (int special = 0; special < 256; special++) {
+        for (size_t at = 0; at < 17; at++) {
+            char in[17], want[17 * 6 + 1];
+            memset(in, 'a', sizeof in);
+            in[at] = (char)special;
+            ref_escape(in, sizeof in, want, 0);
+            expect_escape(in, sizeof in, want);
+        }
+    }
+}
+
+/* The comparison used by the tests below; returns 0 when equal. */
+static int compare_with_ref(const char *in, size_t n, size_t cap, size_t prefill, int flavour) {
+    char *want = malloc(6 * n + 1);
+    size_t wl = ref_escape(in, n, want, flavour);
+    bt_buf b;
+    bt_buf_init(&b, cap);
+    for (size_t i = 0; i < prefill; i++) bt_buf_append(&b, "-", 1);
+    bt_status st = bt_buf_append_json_str(&b, in, n);
+    int bad = st != BT_OK || b.len != prefill + wl || memcmp(b.data + prefill, want, wl) != 0 || b.data[b.len] != '\0';
+    bt_buf_free(&b);
+    free(want);
+    return bad;
+}
+
+static void test_random_against_reference(void **state) {
+    (void)state;
+    char *s = malloc(20000);
+    for (int iter = 0; iter < 3000; iter++) {
+        size_t n = iter < 200 ? (size_t)iter : rnd() % (iter % 10 == 0 ? 20000 : 300);
+        random_text(s, n);
+        /* and at every alignment of the output, so the 8-byte copies land everywhere */
+        if (compare_with_ref(s, n, 1 << 26, rnd() % 9, 0)) fail_msg("differs at iteration %d (n=%zu)", iter, n);
+    }
+    free(s);
+}
+
+/* A 4-byte UTF-8 sequence starting 0..3 bytes before a 4 KiB piece boundary, and a special byte
+ * right at it. */
+static void test_piece_boundaries(void **state) {
+    (void)state;
+    size_t n = 3 * 4096 + 50;
+    char *s = malloc(n);
+    for (size_t back = 0; back <= 8; back++) {
+        for (size_t piece = 1; piece <= 2; piece++) {
+            memset(s, 'w', n);
+            size_t at = piece * 4096 - back;
+            memcpy(s + at, "\xF0\x9F\x98\x80", 4);
+            assert_int_equal(compare_with_ref(s, n, 1 << 26, 0, 0), 0);
+            memset(s, 'w', n);
+            s[at] = '"';
+            assert_int_equal(compare_with_ref(s, n, 1 << 26, 0, 0), 0);
+        }
+    }
+    free(s);
+}
+
+/* Near the cap the worst-case reservation fails; the checked path must give the same bytes,
+ * and fail cleanly when the output really does not fit. */
+static void test_near_cap(void **state) {
+    (void)state;
+    char s[600];
+    for (int iter = 0; iter < 500; iter++) {
+        size_t n = rnd() % sizeof s;
+        random_text(s, n);
+        char want[6 * sizeof s + 1];
+        size_t wl = ref_escape(s, n, want, 0);
+        /* a cap that leaves exactly room for the output: fits, via the slow path when wl < 6 n */
+        assert_int_equal(compare_with_ref(s, n, wl + 3, 3, 0), 0);
+        if (wl == 0) continue;
+        bt_buf b;
+        bt_buf_init(&b, wl - 1);
+        assert_int_equal(bt_buf_append_json_str(&b, s, n), BT_ERR_TOO_LARGE);
+        assert_true(b.len <= wl - 1);
+        bt_buf_free(&b);
+    }
+}
+
+/* Self-check: the comparison notices a wrong reference. */
+static void test_self_check(void **state) {
+    (void)state;
+    const char *s = "text with an x in it";
+    assert_int_equal(compare_with_ref(s, strlen(s), 1 << 20, 0, 0), 0);
+    assert_int_not_equal(compare_with_ref(s, strlen(s), 1 << 20, 0, 1), 0);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_each_class),
+        cmocka_unit_test(test_random_against_reference),
+        cmocka_unit_test(test_piece_boundaries),
+        cmocka_unit_test(test_near_cap),
+        cmocka_unit_test(test_self_check),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
