@@ -25,7 +25,7 @@ import time
 
 import batonlib as bl
 
-bl.deadline(280, "test_drain")
+bl.deadline(280 + 60, "test_drain")
 
 PROMPTS = [f"drain prompt {i}" for i in range(10)]
 SUMMARY_RX = re.compile(r"drain summary: streams_at_start=(\d+) finished=(\d+) handed_back=(\d+) refused=(\d+) "
@@ -281,43 +281,53 @@ with bl.Cluster() as c:
     assert bl.metric_sum(m, "dynamo_frontend_model_migration_total", migration_type="ongoing_request") >= 30
     baseline(c, fe)
 # ---- 4. requests crossing the GOAWAY are re-routed, migration off ---------------------------------
-with bl.Cluster() as c:
-    fe = c.start_frontend(migration_limit=0)
-    a = c.start_worker(speedup_ratio=0.2, graceful_shutdown_timeout=60)
-    c.wait_workers(fe, 1)
-    keeper = Wave(fe, 1, 120, offset=7)  # keeps A draining (alive) until the frontend resumes
-    keeper.wait_started()
-    c.start_worker(speedup_ratio=50)
-    c.wait_workers(fe, 2)
-    n = 24
-    conns = [http.client.HTTPConnection("127.0.0.1", fe.port, timeout=60) for _ in range(n)]
-    for cn in conns:
-        cn.connect()
-    payload = json.dumps(bl.chat_body("crossing", max_tokens=4)).encode()
-    fe.proc.kill(signal.SIGSTOP)
-    try:
-        for cn in conns:  # queued in the stopped frontend's sockets, ahead of the GOAWAY below
-            cn.request("POST", "/v1/chat/completions", body=payload, headers={"Content-Type": "application/json"})
-        time.sleep(0.2)
-        a.proc.kill(signal.SIGTERM)
-        time.sleep(0.3)
-    finally:
-        fe.proc.kill(signal.SIGCONT)
-    answers = []
-    for cn in conns:
-        r = cn.getresponse()
-        answers.append((r.status, r.read()))
-        cn.close()
-    bad = [(st, b[:200]) for st, b in answers if st != 200]
-    assert not bad, f"{len(bad)} of {n} requests that crossed the GOAWAY failed with migration off: {bad[:3]}"
-    texts = {json.loads(b)["choices"][0]["message"]["content"] for _, b in answers}
-    assert len(texts) == 1, f"identical requests that crossed the GOAWAY answered differently: {texts}"
-    assert a.proc.wait(60) == 0
-    check_streams(keeper.jobs, keeper.join(), references(fe, 120), "the stream that kept A draining")
-    sm = summary(a)
-    print(f"crossing requests: {n} answered 200; worker refused {sm['refused']:.0f} of them "
-          f"(last {sm['last_request_after_ms']:.1f} ms after its signal)")
-    assert sm["refused"] >= 1, f"no request crossed the GOAWAY, so this proved nothing: {sm}"
-    assert bl.metric_sum(bl.metrics(fe.url), "dynamo_frontend_model_migration_total",
-                         migration_type="ongoing_request") == 0
+# Whether a request crosses the GOAWAY depends on the order in which the resumed frontend sees its
+# events; a round where none crossed proves nothing and is run again (at most 3 rounds).
+def crossing_round():
+    with bl.Cluster() as c:
+        fe = c.start_frontend(migration_limit=0)
+        a = c.start_worker(speedup_ratio=0.2, graceful_shutdown_timeout=60)
+        c.wait_workers(fe, 1)
+        keeper = Wave(fe, 1, 120, offset=7)  # keeps A draining (alive) until the frontend resumes
+        keeper.wait_started()
+        c.start_worker(speedup_ratio=50)
+        c.wait_workers(fe, 2)
+        n = 24
+        conns = [http.client.HTTPConnection("127.0.0.1", fe.port, timeout=60) for _ in range(n)]
+        for cn in conns:
+            cn.connect()
+        payload = json.dumps(bl.chat_body("crossing", max_tokens=4)).encode()
+        fe.proc.kill(signal.SIGSTOP)
+        try:
+            for cn in conns:  # queued in the stopped frontend's sockets, ahead of the GOAWAY below
+                cn.request("POST", "/v1/chat/completions", body=payload, headers={"Content-Type": "application/json"})
+            time.sleep(0.2)
+            a.proc.kill(signal.SIGTERM)
+            time.sleep(0.3)
+        finally:
+            fe.proc.kill(signal.SIGCONT)
+        answers = []
+        for cn in conns:
+            r = cn.getresponse()
+            answers.append((r.status, r.read()))
+            cn.close()
+        bad = [(st, b[:200]) for st, b in answers if st != 200]
+        assert not bad, f"{len(bad)} of {n} requests that crossed the GOAWAY failed with migration off: {bad[:3]}"
+        texts = {json.loads(b)["choices"][0]["message"]["content"] for _, b in answers}
+        assert len(texts) == 1, f"identical requests that crossed the GOAWAY answered differently: {texts}"
+        assert a.proc.wait(60) == 0
+        check_streams(keeper.jobs, keeper.join(), references(fe, 120), "the stream that kept A draining")
+        sm = summary(a)
+        print(f"crossing requests: {n} answered 200; worker refused {sm['refused']:.0f} of them "
+              f"(last {sm['last_request_after_ms']:.1f} ms after its signal)")
+        assert bl.metric_sum(bl.metrics(fe.url), "dynamo_frontend_model_migration_total",
+                             migration_type="ongoing_request") == 0
+        return sm
+
+
+for _round in range(3):
+    sm = crossing_round()
+    if sm["refused"] >= 1:
+        break
+assert sm["refused"] >= 1, f"no request crossed the GOAWAY in 3 rounds, so this proved nothing: {sm}"
 print("test_drain: ok")
