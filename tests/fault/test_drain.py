@@ -296,6 +296,10 @@ def crossing_round():
         conns = [http.client.HTTPConnection("127.0.0.1", fe.port, timeout=60) for _ in range(n)]
         for cn in conns:
             cn.connect()
+        # let the frontend accept them all while it runs: otherwise, after SIGCONT, it would accept
+        # them in one loop iteration and read their requests only after handling the GOAWAY
+        bl.wait_for(lambda: bl.metric_sum(bl.metrics(fe.url), "baton_frontend_http_connections") >= n + 1, 10,
+                    what="the frontend to accept the crossing connections")
         payload = json.dumps(bl.chat_body("crossing", max_tokens=4)).encode()
         fe.proc.kill(signal.SIGSTOP)
         try:
