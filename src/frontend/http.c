@@ -61,6 +61,7 @@ struct bt_http_server {
     int port;
     conn *conns; /* doubly linked list of every connection not yet freed */
     size_t nconns, ninflight, nrejecting;
+    bt_http_stats stats;
     bool listener_closing, listener_closed, aux_closed, closing;
     void (*done)(void *ud);
     void *done_ud;
@@ -271,6 +272,7 @@ static bool conn_write(conn *c, const uv_buf_t *bufs, unsigned n) {
     if (c->backlog > 0 && (c->backlog + rest > c->srv->cfg.write_backlog_max || c->backlog + rest < rest)) {
         BT_WARN("http: client is not reading (%zu bytes queued, limit %zu); closing the connection",
                 c->backlog + rest, c->srv->cfg.write_backlog_max);
+        c->srv->stats.slow_reader++;
         conn_close(c);
         return false;
     }
@@ -320,6 +322,9 @@ static void conn_error_close(conn *c, int status, const char *msg) {
                    status, bt_http_reason(status), body.len);
     uv_buf_t bufs[2] = {uv_buf_init(head.data, (unsigned)head.len), uv_buf_init(body.data, (unsigned)body.len)};
     BT_DEBUG("http: %d: %s", status, msg);
+    if (status == 413) c->srv->stats.body_too_large++;
+    else if (status == 431) c->srv->stats.header_too_large++;
+    else c->srv->stats.bad_request++;
     conn_write(c, bufs, 2);
     bt_buf_free(&body);
     bt_buf_free(&head);
@@ -625,6 +630,7 @@ static void on_timer(uv_timer_t *t) {
     case TM_RESUME: conn_resume(c); break;
     case TM_HEADER:
         BT_DEBUG("http: request not received within %u ms; closing", c->srv->cfg.header_timeout_ms);
+        c->srv->stats.header_timeout++;
         conn_close(c);
         break;
     case TM_IDLE:
@@ -709,6 +715,7 @@ static void on_connection(uv_stream_t *server, int status) {
     if (s->closing) return;
     if (s->nconns >= s->cfg.max_connections) {
         BT_WARN("http: %zu connections open (limit %zu); rejecting a new one", s->nconns, s->cfg.max_connections);
+        s->stats.max_connections++;
         server_reject(s);
         return;
     }
@@ -1023,6 +1030,11 @@ void bt_http_server_stop_accepting(bt_http_server *s) {
 }
 
 size_t bt_http_server_connections(const bt_http_server *s) { return s ? s->nconns : 0; }
+
+void bt_http_server_stats(const bt_http_server *s, bt_http_stats *out) {
+    if (s) *out = s->stats;
+    else memset(out, 0, sizeof *out);
+}
 
 size_t bt_http_server_requests(const bt_http_server *s) { return s ? s->ninflight : 0; }
 

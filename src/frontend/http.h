@@ -71,6 +71,17 @@ void bt_http_server_stop_accepting(bt_http_server *s);
  * ended or aborted). */
 size_t bt_http_server_connections(const bt_http_server *s);
 size_t bt_http_server_requests(const bt_http_server *s);
+
+/* Limits hit since start: every refusal the server decides on its own is counted here. */
+typedef struct {
+    uint64_t max_connections; /* connections refused at the connection limit */
+    uint64_t bad_request;     /* 400: not HTTP */
+    uint64_t body_too_large;  /* 413 */
+    uint64_t header_too_large;/* 431 */
+    uint64_t header_timeout;  /* a request not received whole in time (slowloris, idle opener) */
+    uint64_t slow_reader;     /* a client that stopped reading past the backlog cap */
+} bt_http_stats;
+void bt_http_server_stats(const bt_http_server *s, bt_http_stats *out);
 /* Closes every connection (in-flight requests get on_abort) and frees the server once all
  * handles are closed, then calls done(ud). */
 void bt_http_server_close(bt_http_server *s, void (*done)(void *ud), void *ud);

@@ -94,6 +94,19 @@ void fe_metrics_render(fe *f, bt_buf *b) {
                            m->name, api_endpoint[a], m->st.rejections[a]);
     bt_buf_appendf(b, "# TYPE dynamo_frontend_disconnected_clients counter\ndynamo_frontend_disconnected_clients %" PRIu64
                       "\n", f->disconnected_clients);
+    bt_http_stats hstat;
+    bt_http_server_stats(f->http, &hstat);
+    bt_buf_appendf(b,
+                   "# TYPE baton_frontend_http_rejections_total counter\n"
+                   "baton_frontend_http_rejections_total{reason=\"max_connections\"} %" PRIu64 "\n"
+                   "baton_frontend_http_rejections_total{reason=\"bad_request\"} %" PRIu64 "\n"
+                   "baton_frontend_http_rejections_total{reason=\"body_too_large\"} %" PRIu64 "\n"
+                   "baton_frontend_http_rejections_total{reason=\"header_too_large\"} %" PRIu64 "\n"
+                   "baton_frontend_http_rejections_total{reason=\"header_timeout\"} %" PRIu64 "\n"
+                   "baton_frontend_http_rejections_total{reason=\"slow_reader\"} %" PRIu64 "\n",
+                   hstat.max_connections, hstat.bad_request, hstat.body_too_large, hstat.header_too_large,
+                   hstat.header_timeout,
+                   hstat.slow_reader);
     bt_buf_appendf(b, "# TYPE baton_frontend_limit_rejections_total counter\nbaton_frontend_limit_rejections_total %" PRIu64
                       "\n", f->limit_rejections);
     size_t routable = 0;

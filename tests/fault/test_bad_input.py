@@ -136,6 +136,11 @@ with bl.Cluster() as c:
     assert closed > n_idle * 0.95, f"only {closed} of {n_idle} idle connections were closed"
     still_serving(fe)
 
+    m = bl.metrics(fe.url)
+    for reason, least in (("bad_request", 2), ("header_too_large", 1), ("body_too_large", 1),
+                          ("header_timeout", n_idle * 0.95)):
+        got = bl.metric_sum(m, "baton_frontend_http_rejections_total", reason=reason)
+        assert got >= least, f"rejections for {reason}: {got}, expected at least {least}"
     # --- a client that never reads its stream: bounded backlog, then disconnect and cancellation
     before = bl.metric_sum(bl.metrics(fe.url), "dynamo_frontend_disconnected_clients")
     s = socket.socket()
@@ -149,6 +154,7 @@ with bl.Cluster() as c:
     s.close()
     bl.wait_for(lambda: bl.metric_sum(bl.metrics(fe.url), "dynamo_frontend_inflight_requests") == 0, 10,
                 what="in-flight requests back to 0")
+    assert bl.metric_sum(bl.metrics(fe.url), "baton_frontend_http_rejections_total", reason="slow_reader") >= 1
     still_serving(fe)
 
     # --- garbage and oversized frames on the worker's request-plane port
