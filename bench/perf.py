@@ -316,9 +316,25 @@ def cmd_latency(a):
         if a.anchor:
             anchor = start_anchor(a.anchor, c.dir, fe.port)
             paths.append((a.anchor, anchor[1], False))
+        extra, multi = [], []  # more frontends on the same worker, measured as more paths
+        if a.threads > 1:  # one frontend process with N event loops
+            t = c.start_frontend(max_connections=30000, max_concurrent_requests=100000, http_idle_timeout_ms=600000,
+                                 threads=a.threads)
+            c.wait_workers(t, 1)
+            extra.append(t)
+            multi.append(f"frontend --threads {a.threads}")
+            paths.append((multi[-1], t.url, False))
+        if a.frontends > 1:  # N frontend processes; one client spreads its connections over them
+            procs = [c.start_frontend(max_connections=30000, max_concurrent_requests=100000,
+                                      http_idle_timeout_ms=600000) for _ in range(a.frontends - 1)]
+            for f in procs:
+                c.wait_workers(f, 1)
+            extra += procs
+            multi.append(f"{a.frontends} frontend processes")
+            paths.append((multi[-1], ",".join([fe.url] + [f.url for f in procs]), False))
         if a.pin:
             baton_cpu, CLIENT_CPU = (int(x) for x in a.pin.split(":"))
-            for p in [fe.proc, w.proc] + ([anchor[0]] if anchor else []):
+            for p in [fe.proc, w.proc] + [f.proc for f in extra] + ([anchor[0]] if anchor else []):
                 os.sched_setaffinity(p.pid, {baton_cpu})
         check(run_load(fe.url, 10, 10), "warm-up")
         check(run_load(rpc, 10, 10, rpc=True), "warm-up (request plane)")
@@ -374,13 +390,17 @@ def cmd_latency(a):
             cells.append(f"{d:.0f} / {f:.0f} / {f - d:+.0f} us")
         cells.append(f"{merged('direct', 'gap_us', 'p99') / 1000:.2f} / {merged('frontend', 'gap_us', 'p99') / 1000:.2f} ms")
         print(f"| {n} | {requests} | " + " | ".join(cells) + " |")
-        if a.anchor:  # what one more plain proxy hop (anchor -> frontend) adds on top of the frontend
-            k = a.anchor
-            d, f = merged("frontend", "ttft_us", "p50"), merged(k, "ttft_us", "p50")
-            t50 = pctl(res["transit_" + k], 0.5) - pctl(res["transit_frontend"], 0.5)
-            t99 = pctl(res["transit_" + k], 0.99) - pctl(res["transit_frontend"], 0.99)
-            print(f"| {n}, {k} hop in front | {requests} | TTFT p50 {f / 1000:.2f} ms ({f - d:+.0f} us over the frontend)"
-                  f" | | per-token p50 {pctl(res['transit_' + k], 0.5):.0f} us ({t50:+.0f} us) "
+        # the same load on N event loops (against direct), and one more proxy hop in front of the
+        # frontend (against the frontend alone)
+        rows = [(k, "direct", k, "direct") for k in multi]
+        if a.anchor:
+            rows.append((a.anchor, "frontend", f"{a.anchor} hop in front", "the frontend"))
+        for k, base, label, base_name in rows:
+            d, f = merged(base, "ttft_us", "p50"), merged(k, "ttft_us", "p50")
+            t50 = pctl(res["transit_" + k], 0.5) - pctl(res["transit_" + base], 0.5)
+            t99 = pctl(res["transit_" + k], 0.99) - pctl(res["transit_" + base], 0.99)
+            print(f"| {n}, {label} | {requests} | TTFT p50 {f / 1000:.2f} ms ({f - d:+.0f} us over {base_name})"
+                  f" | | per-token p50 {pctl(res['transit_' + k], 0.5):.0f} us ({t50:+.0f} us over {base_name}) "
                   f"| p99 {pctl(res['transit_' + k], 0.99):.0f} us ({t99:+.0f} us) | |")
     print("(TTFT: mean over two interleaved runs of each path. Per-token delay: arrival of each token chunk minus "
           "the arrival of the same engine step's token of a probe stream on the worker's request plane, over "
@@ -456,23 +476,31 @@ def cmd_ceiling(a):
         streams, tokens = int(streams), int(tokens)
         with bl.Cluster() as c:
             fe, ws = start_cluster(c, a.workers, speedup)
-            check(run_load(fe.url, 10, 10), "warm-up")
-            pids = {"frontend": fe.proc.pid}
-            pids.update({f"worker{i}": w.proc.pid for i, w in enumerate(ws)})
+            # one frontend per --threads value, all on the same workers, measured in turn
+            fes = {}
+            for n in (int(x) for x in a.threads.split(",")):
+                fes[n] = fe if n == 1 and 1 not in fes else c.start_frontend(
+                    max_connections=30000, max_concurrent_requests=100000, http_idle_timeout_ms=600000, threads=n)
+                c.wait_workers(fes[n], a.workers)
+                check(run_load(fes[n].url, 10, 10), "warm-up")
             for rnd in range(a.rounds):
-                m = Meter(pids)
-                res = run_load(fe.url, streams, tokens, requests=streams * a.requests_per_stream)
-                cpu = m.stop()
-                check(res, "ceiling")
-                wall = res["wall_s"]
-                print(f"speedup {speedup:g}, {streams} streams x {a.requests_per_stream} requests x {tokens} tokens, "
-                      f"round {rnd + 1}: {res['tokens']:,} tokens in {wall:.2f} s = {res['tokens'] / wall:,.0f} tokens/s, "
-                      f"{res['chunks'] / wall:,.0f} chunks/s ({res['tokens'] / res['chunks']:.1f} tok/chunk), "
-                      f"{res['bytes'] / wall / 1e6:.0f} MB/s; frontend CPU {cpu['frontend']:.2f} s "
-                      f"({cpu['frontend'] / wall * 100:.0f}% of a core, "
-                      f"{cpu['frontend'] / res['chunks'] * 1e6:.2f} us per chunk); workers "
-                      + ", ".join(f"{cpu[k]:.2f} s" for k in pids if k != "frontend")
-                      + f"; client {res['client_cpu_s']:.2f} s", flush=True)
+                for n, f in fes.items():
+                    pids = {"frontend": f.proc.pid}
+                    pids.update({f"worker{i}": w.proc.pid for i, w in enumerate(ws)})
+                    m = Meter(pids)
+                    res = run_load(f.url, streams, tokens, requests=streams * a.requests_per_stream)
+                    cpu = m.stop()
+                    check(res, "ceiling")
+                    wall = res["wall_s"]
+                    print(f"speedup {speedup:g}, {streams} streams x {a.requests_per_stream} requests x {tokens} tokens, "
+                          f"frontend --threads {n}, "
+                          f"round {rnd + 1}: {res['tokens']:,} tokens in {wall:.2f} s = {res['tokens'] / wall:,.0f} tokens/s, "
+                          f"{res['chunks'] / wall:,.0f} chunks/s ({res['tokens'] / res['chunks']:.1f} tok/chunk), "
+                          f"{res['bytes'] / wall / 1e6:.0f} MB/s; frontend CPU {cpu['frontend']:.2f} s "
+                          f"({cpu['frontend'] / wall * 100:.0f}% of a core, "
+                          f"{cpu['frontend'] / res['chunks'] * 1e6:.2f} us per chunk); workers "
+                          + ", ".join(f"{cpu[k]:.2f} s" for k in pids if k != "frontend")
+                          + f"; client {res['client_cpu_s']:.2f} s", flush=True)
     return 0
 
 
@@ -546,6 +574,10 @@ def main():
     p.add_argument("--min-requests", type=int, default=40)
     p.add_argument("--anchor", default="nginx", help="also measure this proxy in front of the frontend ('' = none)")
     p.add_argument("--pin", help="BATON_CPU:CLIENT_CPU, e.g. 0:1: pin baton (and the anchor) and the clients")
+    p.add_argument("--threads", type=int, default=1,
+                   help="also measure a frontend with this many event loops (--threads)")
+    p.add_argument("--frontends", type=int, default=1,
+                   help="also measure the load spread over this many frontend processes (one event loop each)")
     p = sub.add_parser("scale")
     p.add_argument("--streams", type=int, default=10000)
     p.add_argument("--workers", type=int, default=4)
@@ -554,6 +586,7 @@ def main():
     p.add_argument("--blocks", type=int, default=65536)
     p.add_argument("--rate", type=int, default=2000)
     p = sub.add_parser("ceiling")
+    p.add_argument("--threads", default="1", help="comma-separated --threads values of the frontends to compare")
     p.add_argument("--configs", default="100000:200:20000,10:2000:300",
                    help="speedup:streams:max_tokens, comma-separated")
     p.add_argument("--requests-per-stream", type=int, default=2)

@@ -71,6 +71,14 @@ static struct {
 } opt = {.path = "/v1/chat/completions", .model = "mock-model", .streams = 1, .requests = 0, .max_tokens = 100,
          .prompt_words = 8, .rate = 5000, .timeout_s = 600};
 
+typedef struct target {
+    char host[64];
+    int port;
+} target;
+#define MAX_TARGETS 16
+static target targets[MAX_TARGETS];
+static int n_targets;
+
 static uv_loop_t *loop;
 static uv_timer_t ramp_timer, deadline_timer;
 static uint64_t t_start_ns, t_end_ns;
@@ -178,6 +186,7 @@ typedef struct client {
     uv_connect_t creq;
     uv_write_t wreq;
     http_parser parser;
+    const struct target *t; /* the server this connection talks to */
     bool closing, in_request;
     rq r;
     int status;
@@ -409,7 +418,7 @@ static void client_next(client *c) {
     int n = snprintf(c->wbuf, sizeof c->wbuf,
                      "POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\nAccept: "
                      "text/event-stream\r\nContent-Length: %d\r\n\r\n%s",
-                     opt.path, opt.host, opt.port, bl, body);
+                     opt.path, c->t->host, c->t->port, bl, body);
     rq_begin(&c->r, index);
     c->in_request = true;
     c->status = 0;
@@ -446,9 +455,10 @@ static void start_client(void) {
     c->tcp.data = c;
     c->creq.data = c;
     open_clients++;
+    c->t = &targets[clients_started % n_targets];
     clients_started++;
     struct sockaddr_in sa;
-    uv_ip4_addr(opt.host, opt.port, &sa);
+    uv_ip4_addr(c->t->host, c->t->port, &sa);
     int r = uv_tcp_connect(&c->creq, &c->tcp, (const struct sockaddr *)&sa, on_connect);
     if (r < 0) {
         note_error(-1, "connect: %s", uv_strerror(r));
@@ -620,7 +630,8 @@ static void print_pct(const char *name, samples *s) {
 
 static void usage(void) {
     fprintf(stderr,
-            "usage: baton-sse-load (--url http://HOST:PORT | --rpc HOST:PORT) [options]\n"
+            "usage: baton-sse-load (--url http://HOST:PORT[,http://HOST:PORT...] | --rpc HOST:PORT) [options]\n"
+            "  --url A,B,...     several servers: connection k goes to server k mod n\n"
             "  --streams N       concurrent streams (HTTP: connections) [1]\n"
             "  --requests R      requests in all, back to back on the streams [= streams]\n"
             "  --max-tokens T    max_tokens of each request [100]\n"
@@ -635,22 +646,36 @@ static void usage(void) {
             "Prints one JSON object; exit status 0 only if every request succeeded.\n");
 }
 
+/* One HOST:PORT, or (HTTP) a comma-separated list of URLs: connection k then goes to target
+ * k mod n, which spreads one client's load over several frontends (bench/perf.py --frontends). */
 static bool parse_hostport(const char *s, bool url) {
-    if (url) {
-        if (strncmp(s, "http://", 7) != 0) return false;
-        s += 7;
+    n_targets = 0;
+    while (*s) {
+        if (n_targets == MAX_TARGETS) return false;
+        if (url) {
+            if (strncmp(s, "http://", 7) != 0) return false;
+            s += 7;
+        }
+        target *t = &targets[n_targets];
+        size_t len = strcspn(s, ",");
+        const char *colon = memrchr(s, ':', len);
+        if (!colon || (size_t)(colon - s) >= sizeof t->host || (!url && len != strlen(s))) return false;
+        memcpy(t->host, s, (size_t)(colon - s));
+        t->host[colon - s] = '\0';
+        char port[8];
+        size_t plen = strcspn(colon + 1, "/,");
+        if (plen >= sizeof port) return false;
+        snprintf(port, sizeof port, "%.*s", (int)plen, colon + 1);
+        int64_t p;
+        if (!bt_parse_i64(port, 1, 65535, &p)) return false;
+        t->port = (int)p;
+        n_targets++;
+        s += len;
+        if (*s == ',') s++;
     }
-    static char host[64];
-    const char *colon = strrchr(s, ':');
-    if (!colon || (size_t)(colon - s) >= sizeof host) return false;
-    memcpy(host, s, (size_t)(colon - s));
-    host[colon - s] = '\0';
-    char port[8];
-    snprintf(port, sizeof port, "%.*s", (int)strcspn(colon + 1, "/"), colon + 1);
-    int64_t p;
-    if (!bt_parse_i64(port, 1, 65535, &p)) return false;
-    opt.host = host;
-    opt.port = (int)p;
+    if (n_targets == 0) return false;
+    opt.host = targets[0].host;
+    opt.port = targets[0].port;
     return true;
 }
 

@@ -23,13 +23,7 @@
 #include "events/events.h"
 #include "frontend/fe.h"
 
-#define CHECK(cond)                                                                                    \
-    do {                                                                                               \
-        if (!(cond)) {                                                                                 \
-            fprintf(stderr, "fuzz_discovery: invariant failed: %s (line %d)\n", #cond, __LINE__);      \
-            abort();                                                                                   \
-        }                                                                                              \
-    } while (0)
+#include "check.h"
 
 /* s is a NUL-terminated string inside a char array of `cap` bytes */
 #define TERMINATED(arr) (memchr((arr), 0, sizeof(arr)) != NULL)

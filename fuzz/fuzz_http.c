@@ -27,17 +27,10 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include "check.h"
 #include "common/log.h"
 #include "common/util.h"
 #include "frontend/http.h"
-
-#define CHECK(cond)                                                                                    \
-    do {                                                                                               \
-        if (!(cond)) {                                                                                 \
-            fprintf(stderr, "fuzz_http: invariant failed: %s (line %d)\n", #cond, __LINE__);           \
-            abort();                                                                                   \
-        }                                                                                              \
-    } while (0)
 
 #define MAX_HEADER 512u
 #define MAX_BODY 1024u
@@ -340,7 +333,9 @@ static void check_responses(void) {
 
 /* ---- setup and the per-input run ---- */
 
-static void init_once(void) {
+/* Called by libFuzzer once, before the first input. */
+int LLVMFuzzerInitialize(int *argc, char ***argv) {
+    (void)argc, (void)argv;
     g_verbose = getenv("FUZZ_HTTP_VERBOSE") != NULL;
     setenv("DYN_LOG", "error", 1);
     bt_log_init("fuzz");
@@ -363,14 +358,10 @@ static void init_once(void) {
     for (int i = 0; i < MAX_EXPECTED; i++) bt_buf_init(&g_ans[i].body, 64u * 1024);
     for (size_t i = 0; i < sizeof g_got / sizeof g_got[0]; i++) bt_buf_init(&g_got[i].body, RESP_CAP);
     bt_buf_init(&g_resp, RESP_CAP);
+    return 0;
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-    static bool inited;
-    if (!inited) {
-        init_once();
-        inited = true;
-    }
     if (size < 1) return 0;
     uint8_t mode = data[0];
     g_in = data + 1;

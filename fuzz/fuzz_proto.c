@@ -14,13 +14,7 @@
 
 #include "proto/proto.h"
 
-#define CHECK(cond)                                                                                    \
-    do {                                                                                               \
-        if (!(cond)) {                                                                                 \
-            fprintf(stderr, "fuzz_proto: invariant failed: %s (line %d)\n", #cond, __LINE__);          \
-            abort();                                                                                   \
-        }                                                                                              \
-    } while (0)
+#include "check.h"
 
 static uint32_t ids[BT_TOKENS_MAX];
 

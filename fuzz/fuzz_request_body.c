@@ -26,18 +26,11 @@
 #include <string.h>
 #include <uv.h>
 
+#include "check.h"
 #include "common/log.h"
 #include "common/util.h"
 #include "engine/mocker/mocker.h"
 #include "frontend/fe.h"
-
-#define CHECK(cond)                                                                                    \
-    do {                                                                                               \
-        if (!(cond)) {                                                                                 \
-            fprintf(stderr, "fuzz_request_body: invariant failed: %s (line %d)\n", #cond, __LINE__);   \
-            abort();                                                                                   \
-        }                                                                                              \
-    } while (0)
 
 #define MAX_NEW 16u
 #define MAX_CARRIED 64u
@@ -262,7 +255,9 @@ static void run_mocker(const json_t *body, bt_api api) {
     CHECK(l.waiting == 0 && l.running == 0 && l.active_decode_blocks == 0 && l.active_prefill_tokens == 0);
 }
 
-static void init_once(void) {
+/* Called by libFuzzer once, before the first input. */
+int LLVMFuzzerInitialize(int *argc, char ***argv) {
+    (void)argc, (void)argv;
     setenv("DYN_LOG", "error", 1);
     bt_log_init("fuzz");
     CHECK(uv_loop_init(&g_loop) == 0);
@@ -273,14 +268,10 @@ static void init_once(void) {
     c.block_size = 16;
     g_engine = bt_mocker_create(&g_loop, &c, NULL, NULL);
     CHECK(g_engine != NULL);
+    return 0;
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-    static bool inited;
-    if (!inited) {
-        init_once();
-        inited = true;
-    }
     if (size < 1) return 0;
     bt_api api = (data[0] & 1) ? BT_API_COMPLETION : BT_API_CHAT;
     const char *text = (const char *)data + 1;

@@ -16,13 +16,7 @@
 #include "engine/openai/openai_wire.h"
 #include "engine/openai/sse_parse.h"
 
-#define CHECK(cond)                                                                                    \
-    do {                                                                                               \
-        if (!(cond)) {                                                                                 \
-            fprintf(stderr, "fuzz_sse: invariant failed: %s (line %d)\n", #cond, __LINE__);            \
-            abort();                                                                                   \
-        }                                                                                              \
-    } while (0)
+#include "check.h"
 
 typedef struct {
     bt_buf all; /* every event as name, 0x01, data, 0x02 */

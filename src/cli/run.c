@@ -41,6 +41,9 @@ struct run_ctx {
     const char *model, *http_host;
     double speedup;
     int64_t migration_limit;
+    const char *event_plane, *nats_server; /* NULL: not given (nor in the environment) */
+    const char *ns;      /* --namespace, NULL if not given */
+    bool endpoint_given; /* --endpoint was given for the workers */
     const char *fe_args[MAX_ARGS];
     int n_fe_args;
     const char *w_args[MAX_ARGS];
@@ -53,16 +56,21 @@ struct run_ctx {
     char **env; /* this process's environment plus BATON_PARENT_PID */
 };
 
-/* Flags `baton run` forwards to the frontend; everything else unknown goes to the workers. */
-static const char *frontend_flags[] = {"--namespace", "--router-mode", "--active-decode-blocks-threshold",
+/* Flags `baton run` forwards to the frontend only; --rpc-secret-file goes to the frontend and to
+ * every worker, and --namespace to the frontend and, as the namespace of --endpoint, to the
+ * workers; everything else unknown goes to the workers. */
+static const char *frontend_flags[] = {"--router-mode", "--active-decode-blocks-threshold",
                                        "--active-prefill-tokens-threshold", "--stream-stall-timeout", "--api-key",
                                        "--max-body-bytes", "--shutdown-drain-timeout", "--shutdown-accept-window-ms",
+                                       "--http-header-timeout-ms", "--http-idle-timeout-ms", "--max-connections",
+                                       "--max-client-backlog-bytes", "--max-concurrent-requests", "--threads",
                                        NULL};
+static const char *shared_flags[] = {"--rpc-secret-file", NULL};
 
-static bool is_frontend_flag(const char *a) {
-    for (int i = 0; frontend_flags[i]; i++) {
-        size_t n = strlen(frontend_flags[i]);
-        if (strncmp(a, frontend_flags[i], n) == 0 && (a[n] == '\0' || a[n] == '=')) return true;
+static bool flag_in(const char *a, const char **list) {
+    for (int i = 0; list[i]; i++) {
+        size_t n = strlen(list[i]);
+        if (strncmp(a, list[i], n) == 0 && (a[n] == '\0' || a[n] == '=')) return true;
     }
     return false;
 }
@@ -121,6 +129,20 @@ static void on_exit_cb(uv_process_t *p, int64_t status, int sig) {
     uv_timer_start(&c->restart, on_restart_timer, 1000, 0);
 }
 
+/* The event plane is the whole group's: the frontend subscribes to what the workers publish, so
+ * both get the same flags. (NATS credentials, NATS_AUTH_*, reach them through the environment.) */
+static int event_plane_args(const run_ctx *r, const char **args, int n) {
+    if (r->event_plane) {
+        args[n++] = "--event-plane";
+        args[n++] = r->event_plane;
+    }
+    if (r->nats_server) {
+        args[n++] = "--nats-server";
+        args[n++] = r->nats_server;
+    }
+    return n;
+}
+
 static void start_child(child *c) {
     run_ctx *r = c->ctx;
     const char *args[MAX_ARGS * 2];
@@ -144,6 +166,7 @@ static void start_child(child *c) {
         /* no load balancer in front of a one-machine group: Ctrl-C need not wait for one */
         args[n++] = "--shutdown-accept-window-ms";
         args[n++] = "0";
+        n = event_plane_args(r, args, n);
         for (int i = 0; i < r->n_fe_args; i++) args[n++] = r->fe_args[i];
     } else {
         snprintf(speed, sizeof speed, "%g", r->speedup);
@@ -159,6 +182,7 @@ static void start_child(child *c) {
         args[n++] = speed;
         args[n++] = "--system-port";
         args[n++] = wport;
+        n = event_plane_args(r, args, n);
         for (int i = 0; i < r->n_w_args; i++) args[n++] = r->w_args[i];
     }
     args[n] = NULL;
@@ -218,6 +242,10 @@ int bt_run_main(int argc, char **argv) {
         {"--model-name", "DYN_MODEL_NAME", BT_OPT_STR, &r.model, 0, 0, "model name"},
         {"--migration-limit", "DYN_MIGRATION_LIMIT", BT_OPT_INT, &r.migration_limit, 0, 1000, "migration attempts"},
         {"--speedup-ratio", "DYN_SPEEDUP_RATIO", BT_OPT_DOUBLE, &r.speedup, 1e-6, 1e9, "mocker time scale"},
+        {"--event-plane", "DYN_EVENT_PLANE", BT_OPT_STR, &r.event_plane, 0, 0,
+         "direct or nats, for the frontend and every worker"},
+        {"--nats-server", "NATS_SERVER", BT_OPT_STR, &r.nats_server, 0, 0,
+         "nats://host:port[,nats://...], for the frontend and every worker"},
     };
     int nopts = (int)(sizeof opts / sizeof opts[0]);
     for (int i = 1; i < argc; i++)
@@ -233,19 +261,50 @@ int bt_run_main(int argc, char **argv) {
         fprintf(stderr, "baton run: %s\n", err);
         return 2;
     }
+    if (r.event_plane && strcmp(r.event_plane, "direct") != 0 && strcmp(r.event_plane, "nats") != 0) {
+        fprintf(stderr, "baton run: unknown event plane '%s' (direct or nats)\n", r.event_plane);
+        return 2;
+    }
     for (int i = 0; i < nrest; i++) {
         /* One machine, one private directory: the group's discovery is not the user's to choose. */
-        if (strncmp(rest[i], "--discovery", 11) == 0 || strncmp(rest[i], "--etcd-endpoints", 16) == 0) {
+        if (strncmp(rest[i], "--discovery", 11) == 0 || strncmp(rest[i], "--etcd-", 7) == 0) {
             fprintf(stderr, "baton run: %s is not supported: `baton run` always uses file discovery in a private "
                             "directory; for etcd, start `baton frontend` and `baton worker` with --discovery etcd "
                             "(docs/operations.md)\n", rest[i]);
             return 2;
         }
-        bool fe_flag = is_frontend_flag(rest[i]);
-        const char **dst = fe_flag ? r.fe_args : r.w_args;
-        int *nd = fe_flag ? &r.n_fe_args : &r.n_w_args;
-        dst[(*nd)++] = rest[i];
-        if (!strchr(rest[i], '=') && i + 1 < nrest && strncmp(rest[i + 1], "--", 2) != 0) dst[(*nd)++] = rest[++i];
+        const char *flag = rest[i], *value = NULL;
+        if (!strchr(flag, '=') && i + 1 < nrest && strncmp(rest[i + 1], "--", 2) != 0) value = rest[++i];
+        if (r.n_fe_args + 2 > MAX_ARGS || r.n_w_args + 2 > MAX_ARGS) {
+            fprintf(stderr, "baton run: too many flags\n");
+            return 2;
+        }
+        if (flag_in(flag, (const char *[]){"--namespace", NULL})) {
+            const char *ns = value ? value : strchr(flag, '=') ? strchr(flag, '=') + 1 : "";
+            r.fe_args[r.n_fe_args++] = "--namespace";
+            r.fe_args[r.n_fe_args++] = ns;
+            r.ns = ns;
+            continue;
+        }
+        bool to_fe = flag_in(flag, frontend_flags) || flag_in(flag, shared_flags);
+        bool to_w = !flag_in(flag, frontend_flags);
+        if (to_w && flag_in(flag, (const char *[]){"--endpoint", NULL})) r.endpoint_given = true;
+        if (to_fe) {
+            r.fe_args[r.n_fe_args++] = flag;
+            if (value) r.fe_args[r.n_fe_args++] = value;
+        }
+        if (to_w) {
+            r.w_args[r.n_w_args++] = flag;
+            if (value) r.w_args[r.n_w_args++] = value;
+        }
+    }
+    const char *env_ns = getenv("DYN_NAMESPACE"), *env_ep = getenv("DYN_ENDPOINT");
+    if (!r.ns && env_ns && *env_ns && !(env_ep && *env_ep)) r.ns = env_ns;
+    if (r.ns && !r.endpoint_given) { /* the workers serve in the frontend's namespace */
+        static char ep[300];
+        snprintf(ep, sizeof ep, "dyn://%s.backend.generate", r.ns);
+        r.w_args[r.n_w_args++] = "--endpoint";
+        r.w_args[r.n_w_args++] = ep;
     }
     size_t len = sizeof r.exe;
     if (uv_exepath(r.exe, &len) != 0) {

@@ -44,6 +44,11 @@ void bt_discovery_config_default(bt_discovery_config *c) {
     const char *user = getenv("ETCD_AUTH_USERNAME");
     c->etcd_username = (user && *user) ? user : NULL;
     c->etcd_password = getenv("ETCD_AUTH_PASSWORD");
+    const char *ca = getenv("ETCD_AUTH_CA"), *cert = getenv("ETCD_AUTH_CLIENT_CERT"),
+               *key = getenv("ETCD_AUTH_CLIENT_KEY");
+    c->etcd_ca = (ca && *ca) ? ca : NULL;
+    c->etcd_client_cert = (cert && *cert) ? cert : NULL;
+    c->etcd_client_key = (key && *key) ? key : NULL;
 }
 
 bt_status bt_discovery_create(uv_loop_t *loop, const bt_discovery_config *cfg, bt_discovery **out, char *err,

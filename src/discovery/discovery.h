@@ -27,6 +27,9 @@ typedef struct {
     const char *etcd_endpoints; /* etcd: comma-separated URLs, tried in order, failing over */
     const char *etcd_username;  /* etcd: optional auth, with etcd_password */
     const char *etcd_password;
+    const char *etcd_ca;          /* etcd over https://: PEM CA bundle that signs the members' certs */
+    const char *etcd_client_cert; /* etcd over https://: PEM client certificate, with etcd_client_key */
+    const char *etcd_client_key;
 } bt_discovery_config;
 
 typedef struct {
@@ -40,7 +43,8 @@ typedef struct bt_discovery bt_discovery;
 
 /* Fills defaults: backend "file", dir $DYN_FILE_KV or $TMPDIR/baton_store_kv, ttl 10, etcd endpoints
  * $ETCD_ENDPOINTS or http://localhost:2379, etcd user and password $ETCD_AUTH_USERNAME and
- * $ETCD_AUTH_PASSWORD (NULL when unset: no auth). The strings point into the environment or thread-local
+ * $ETCD_AUTH_PASSWORD (NULL when unset: no auth), etcd TLS files $ETCD_AUTH_CA, $ETCD_AUTH_CLIENT_CERT
+ * and $ETCD_AUTH_CLIENT_KEY (NULL when unset). The strings point into the environment or thread-local
  * storage (overwritten by the next call); bt_discovery_create() copies what it keeps. */
 void bt_discovery_config_default(bt_discovery_config *c);
 

@@ -21,12 +21,14 @@
 #include "discovery/discovery_internal.h"
 
 #include <curl/curl.h>
+#include <errno.h>
 #include <inttypes.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/curl_uv.h"
 #include "common/log.h"
 #include "common/util.h"
 
@@ -505,20 +507,10 @@ typedef struct {
     size_t len;
 } kent;
 
-/* A socket libcurl asked us to watch. Listed so that close can reach those libcurl never removed. */
-typedef struct sockctx {
-    uv_poll_t poll;
-    curl_socket_t fd;
-    etcd_disc *d;
-    struct sockctx *prev, *next;
-} sockctx;
-
 struct etcd_disc {
     bt_discovery base;
     uv_loop_t *loop;
-    CURLM *multi;
-    uv_timer_t curl_timer;
-    sockctx *socks;
+    bt_curl_uv *cu; /* libcurl on the loop; NULL once closed */
 
     char **eps;
     size_t neps;
@@ -529,6 +521,7 @@ struct etcd_disc {
     char last_err[256];
 
     char *user, *pass, *token;
+    char *ca, *cert, *key; /* TLS files for https:// members (NULL: libcurl's defaults, no client cert) */
     ereq *auth_req;
     uv_timer_t auth_timer;
     unsigned auth_fails;
@@ -634,84 +627,6 @@ static void ep_failed(etcd_disc *d, size_t ep, rq_kind kind, const char *why) {
 
 /* ---- libcurl on the loop ------------------------------------------------------------------ */
 
-static void after_curl(etcd_disc *d);
-
-static void sock_closed(uv_handle_t *h) {
-    sockctx *c = h->data;
-    etcd_disc *d = c->d;
-    free(c);
-    if (--d->handles_open == 0 && d->finishing) finish_close(d);
-}
-
-static void sock_release(etcd_disc *d, sockctx *c) {
-    if (c->prev) c->prev->next = c->next;
-    else d->socks = c->next;
-    if (c->next) c->next->prev = c->prev;
-    uv_poll_stop(&c->poll);
-    uv_close((uv_handle_t *)&c->poll, sock_closed);
-}
-
-static void on_poll(uv_poll_t *h, int status, int events) {
-    sockctx *c = h->data;
-    etcd_disc *d = c->d;
-    int flags = 0;
-    if (status < 0) flags = CURL_CSELECT_ERR;
-    if (events & UV_READABLE) flags |= CURL_CSELECT_IN;
-    if (events & UV_WRITABLE) flags |= CURL_CSELECT_OUT;
-    int running;
-    curl_multi_socket_action(d->multi, c->fd, flags, &running);
-    after_curl(d);
-}
-
-static int sock_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp) {
-    (void)easy;
-    etcd_disc *d = userp;
-    sockctx *c = socketp;
-    if (what == CURL_POLL_REMOVE) {
-        if (c) {
-            curl_multi_assign(d->multi, s, NULL);
-            sock_release(d, c);
-        }
-        return 0;
-    }
-    if (!c) {
-        c = calloc(1, sizeof *c);
-        if (!c) return -1;
-        c->fd = s;
-        c->d = d;
-        if (uv_poll_init_socket(d->loop, &c->poll, s) != 0) {
-            free(c);
-            return -1;
-        }
-        c->poll.data = c;
-        d->handles_open++;
-        c->next = d->socks;
-        if (d->socks) d->socks->prev = c;
-        d->socks = c;
-        curl_multi_assign(d->multi, s, c);
-    }
-    int ev = 0;
-    if (what & CURL_POLL_IN) ev |= UV_READABLE;
-    if (what & CURL_POLL_OUT) ev |= UV_WRITABLE;
-    uv_poll_start(&c->poll, ev, on_poll);
-    return 0;
-}
-
-static void on_curl_timer(uv_timer_t *t) {
-    etcd_disc *d = t->data;
-    int running;
-    curl_multi_socket_action(d->multi, CURL_SOCKET_TIMEOUT, 0, &running);
-    after_curl(d);
-}
-
-static int timer_cb(CURLM *multi, long timeout_ms, void *userp) {
-    (void)multi;
-    etcd_disc *d = userp;
-    if (timeout_ms < 0) uv_timer_stop(&d->curl_timer);
-    else uv_timer_start(&d->curl_timer, on_curl_timer, (uint64_t)timeout_ms, 0);
-    return 0;
-}
-
 static size_t on_write(char *ptr, size_t size, size_t nmemb, void *ud) {
     ereq *r = ud;
     size_t n = size * nmemb;
@@ -743,7 +658,7 @@ static void req_unlink(etcd_disc *d, ereq *r) {
 /* Stops a transfer in flight and frees it. Never called from inside a libcurl callback. */
 static void req_abort(etcd_disc *d, ereq *r) {
     if (!r) return;
-    curl_multi_remove_handle(d->multi, r->easy);
+    bt_curl_uv_remove(d->cu, r->easy);
     req_unlink(d, r);
     req_free(r);
 }
@@ -777,6 +692,11 @@ static ereq *req_start(etcd_disc *d, rq_kind kind, size_t ep, const char *path, 
     if (!r->hdrs) goto fail;
     CURL *e = r->easy;
     curl_easy_setopt(e, CURLOPT_URL, url);
+    if (strncmp(d->eps[ep], "https://", 8) == 0) {
+        if (d->ca) curl_easy_setopt(e, CURLOPT_CAINFO, d->ca);
+        if (d->cert) curl_easy_setopt(e, CURLOPT_SSLCERT, d->cert);
+        if (d->key) curl_easy_setopt(e, CURLOPT_SSLKEY, d->key);
+    }
     curl_easy_setopt(e, CURLOPT_POST, 1L);
     curl_easy_setopt(e, CURLOPT_POSTFIELDS, r->body);
     curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE, (long)strlen(r->body));
@@ -792,7 +712,7 @@ static ereq *req_start(etcd_disc *d, rq_kind kind, size_t ep, const char *path, 
     curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
     curl_easy_setopt(e, CURLOPT_TCP_KEEPIDLE, 5L);
     curl_easy_setopt(e, CURLOPT_TCP_KEEPINTVL, 2L);
-    if (curl_multi_add_handle(d->multi, e) != CURLM_OK) goto fail;
+    if (bt_curl_uv_add(d->cu, e) != BT_OK) goto fail;
     r->next = d->reqs;
     if (d->reqs) d->reqs->prev = r;
     d->reqs = r;
@@ -1566,31 +1486,33 @@ static void forget_req(etcd_disc *d, ereq *r) {
         if (*slots[i] == r) *slots[i] = NULL;
 }
 
-/* Runs after every libcurl step: stream data first (so that events that came just before a
- * stream's end are delivered), then finished transfers. User callbacks run only from here, never
- * from inside libcurl. */
-static void after_curl(etcd_disc *d) {
-    if (d->finishing) return;
+/* Run after every libcurl step (common/curl_uv.h): stream data first (so that events that came
+ * just before a stream's end are delivered), then finished transfers. User callbacks run only from
+ * here, never from inside libcurl. */
+static bool on_curl_step(void *ud) {
+    etcd_disc *d = ud;
+    if (d->finishing) return false;
     if (d->watch_req && d->watch_req->resp.len > d->watch_req->parsed) watch_drain(d);
-    CURLMsg *msg;
-    int left;
-    while (!d->finishing && (msg = curl_multi_info_read(d->multi, &left)) != NULL) {
-        if (msg->msg != CURLMSG_DONE) continue;
-        CURL *e = msg->easy_handle;
-        CURLcode cc = msg->data.result;
-        ereq *r = NULL;
-        curl_easy_getinfo(e, CURLINFO_PRIVATE, (char **)&r);
-        curl_multi_remove_handle(d->multi, e);
-        if (r->kind == RQ_WATCH && r == d->watch_req && !d->closing) {
-            watch_ended(d, r, cc); /* ends with r freed through watch_broke */
-            continue;
-        }
-        req_unlink(d, r);
-        forget_req(d, r);
-        if (!d->closing || r->kind == RQ_REVOKE || r->kind == RQ_AUTH) req_done(d, r, cc);
-        req_free(r);
-    }
+    return !d->finishing;
 }
+
+static bool on_curl_done(void *ud, CURL *e, CURLcode cc) {
+    etcd_disc *d = ud;
+    ereq *r = NULL;
+    curl_easy_getinfo(e, CURLINFO_PRIVATE, (char **)&r);
+    bt_curl_uv_remove(d->cu, e);
+    if (r->kind == RQ_WATCH && r == d->watch_req && !d->closing) {
+        watch_ended(d, r, cc); /* ends with r freed through watch_broke */
+        return !d->finishing;
+    }
+    req_unlink(d, r);
+    forget_req(d, r);
+    if (!d->closing || r->kind == RQ_REVOKE || r->kind == RQ_AUTH) req_done(d, r, cc);
+    req_free(r);
+    return !d->finishing;
+}
+
+static const bt_curl_uv_hooks curl_hooks = {on_curl_step, on_curl_done, NULL};
 
 /* ---- close -------------------------------------------------------------------------------- */
 
@@ -1647,11 +1569,19 @@ static void free_disc(etcd_disc *d) {
     free(d->user);
     free(d->pass);
     free(d->token);
+    free(d->ca);
+    free(d->cert);
+    free(d->key);
     free(d);
 }
 
 static void handle_closed(uv_handle_t *h) {
     etcd_disc *d = h->data;
+    if (--d->handles_open == 0) finish_close(d);
+}
+
+static void on_cu_closed(void *ud) {
+    etcd_disc *d = ud;
     if (--d->handles_open == 0) finish_close(d);
 }
 
@@ -1662,12 +1592,11 @@ static void finish_close(etcd_disc *d) {
         d->finishing = true;
         while (d->reqs) req_abort(d, d->reqs);
         d->auth_req = d->w_req = d->ka_req = d->list_req = d->watch_req = d->probe_req = d->revoke_req = NULL;
-        /* Closes cached connections; their sockets' poll handles are closed through sock_cb. */
-        curl_multi_cleanup(d->multi);
-        d->multi = NULL;
-        while (d->socks) sock_release(d, d->socks);
-        uv_timer_t *timers[] = {&d->curl_timer, &d->auth_timer, &d->w_timer,
-                                &d->ka_timer,   &d->watch_timer, &d->probe_timer};
+        /* Closes cached connections, libcurl's timer and its sockets' polls. */
+        d->handles_open++;
+        bt_curl_uv_close(d->cu, on_cu_closed, d);
+        d->cu = NULL;
+        uv_timer_t *timers[] = {&d->auth_timer, &d->w_timer, &d->ka_timer, &d->watch_timer, &d->probe_timer};
         for (size_t i = 0; i < sizeof timers / sizeof timers[0]; i++) {
             d->handles_open++;
             uv_close((uv_handle_t *)timers[i], handle_closed);
@@ -1710,9 +1639,50 @@ static const bt_discovery_ops etcd_ops = {
     .close = etcd_close,
 };
 
+/* A TLS file must be readable at start-up: a wrong path is reported now, not as TLS failures
+ * retried for ever. Start-up only (before the loop runs): the read blocks. */
+static bool tls_file_ok(const char *what, const char *path, char *err, size_t errlen) {
+    FILE *f = fopen(path, "rb");
+    int en = errno;
+    if (f) {
+        char c;
+        size_t n = fread(&c, 1, 1, f);
+        en = ferror(f) ? errno : 0;
+        fclose(f);
+        if (n == 1) return true;
+    }
+    snprintf(err, errlen, "%s '%s' cannot be read: %s", what, path, en ? strerror(en) : "the file is empty");
+    return false;
+}
+
+/* Checks the TLS settings; true when they can be used. */
+static bool tls_config_ok(const bt_discovery_config *cfg, char *err, size_t errlen) {
+    bool has_cert = cfg->etcd_client_cert && *cfg->etcd_client_cert;
+    bool has_key = cfg->etcd_client_key && *cfg->etcd_client_key;
+    if (has_cert != has_key) {
+        snprintf(err, errlen, "etcd client TLS needs both a certificate and its key: ETCD_AUTH_%s "
+                              "(--etcd-client-%s) is not set", has_cert ? "CLIENT_KEY" : "CLIENT_CERT",
+                 has_cert ? "key" : "cert");
+        return false;
+    }
+    if (cfg->etcd_ca && *cfg->etcd_ca && !tls_file_ok("ETCD_AUTH_CA (--etcd-ca)", cfg->etcd_ca, err, errlen))
+        return false;
+    if (has_cert && !tls_file_ok("ETCD_AUTH_CLIENT_CERT (--etcd-client-cert)", cfg->etcd_client_cert, err, errlen))
+        return false;
+    if (has_key && !tls_file_ok("ETCD_AUTH_CLIENT_KEY (--etcd-client-key)", cfg->etcd_client_key, err, errlen))
+        return false;
+    return true;
+}
+
+static bool opt_dup(const char *s, char **out) {
+    *out = NULL;
+    if (!s || !*s) return true;
+    *out = xstrdup(s);
+    return *out != NULL;
+}
+
 bt_status bt_discovery_etcd_create(uv_loop_t *loop, const bt_discovery_config *cfg, bt_discovery **out, char *err,
                                    size_t errlen) {
-    static bool curl_ready = false;
     if (cfg->ttl_s < 1 || cfg->ttl_s > 86400) {
         snprintf(err, errlen, "discovery ttl must be between 1 and 86400 seconds, got %lld", (long long)cfg->ttl_s);
         return BT_ERR_INVALID;
@@ -1724,14 +1694,14 @@ bt_status bt_discovery_etcd_create(uv_loop_t *loop, const bt_discovery_config *c
     size_t neps = 0;
     bt_status st = bt_etcd_parse_endpoints(list, &eps, &neps, err, errlen);
     if (st != BT_OK) return st;
-    if (!curl_ready) {
-        /* Once per process, before any transfer; the process is single-threaded at start-up. */
-        if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
-            bt_etcd_endpoints_free(eps, neps);
-            snprintf(err, errlen, "libcurl initialisation failed");
-            return BT_ERR_INTERNAL;
-        }
-        curl_ready = true;
+    if (!tls_config_ok(cfg, err, errlen)) {
+        bt_etcd_endpoints_free(eps, neps);
+        return BT_ERR_INVALID;
+    }
+    if (!bt_curl_uv_global_init()) {
+        bt_etcd_endpoints_free(eps, neps);
+        snprintf(err, errlen, "libcurl initialisation failed");
+        return BT_ERR_INTERNAL;
     }
     etcd_disc *d = calloc(1, sizeof *d);
     if (!d) goto nomem;
@@ -1743,18 +1713,16 @@ bt_status bt_discovery_etcd_create(uv_loop_t *loop, const bt_discovery_config *c
         d->pass = xstrdup(cfg->etcd_password ? cfg->etcd_password : "");
         if (!d->user || !d->pass) goto nomem;
     }
-    d->multi = curl_multi_init();
-    if (!d->multi) goto nomem;
+    if (!opt_dup(cfg->etcd_ca, &d->ca) || !opt_dup(cfg->etcd_client_cert, &d->cert) ||
+        !opt_dup(cfg->etcd_client_key, &d->key))
+        goto nomem;
+    d->cu = bt_curl_uv_create(loop, &curl_hooks, d);
+    if (!d->cu) goto nomem;
     d->base.ops = &etcd_ops;
     d->loop = loop;
     d->ttl_s = cfg->ttl_s;
     d->contact = true;
-    curl_multi_setopt(d->multi, CURLMOPT_SOCKETFUNCTION, sock_cb);
-    curl_multi_setopt(d->multi, CURLMOPT_SOCKETDATA, d);
-    curl_multi_setopt(d->multi, CURLMOPT_TIMERFUNCTION, timer_cb);
-    curl_multi_setopt(d->multi, CURLMOPT_TIMERDATA, d);
-    uv_timer_t *timers[] = {&d->curl_timer, &d->auth_timer, &d->w_timer,
-                            &d->ka_timer,   &d->watch_timer, &d->probe_timer};
+    uv_timer_t *timers[] = {&d->auth_timer, &d->w_timer, &d->ka_timer, &d->watch_timer, &d->probe_timer};
     for (size_t i = 0; i < sizeof timers / sizeof timers[0]; i++) {
         uv_timer_init(loop, timers[i]);
         timers[i]->data = d;
@@ -1763,17 +1731,26 @@ bt_status bt_discovery_etcd_create(uv_loop_t *loop, const bt_discovery_config *c
     size_t off = 0;
     for (size_t i = 0; i < d->neps && off < sizeof eplist; i++)
         off += (size_t)snprintf(eplist + off, sizeof eplist - off, "%s%s", i ? "," : "", d->eps[i]);
-    BT_INFO("discovery(etcd): endpoints %s, lease TTL %lld s%s%s", eplist, (long long)d->ttl_s,
-            d->user ? ", auth as " : "", d->user ? d->user : "");
+    bool https = false;
+    for (size_t i = 0; i < d->neps; i++) https = https || strncmp(d->eps[i], "https://", 8) == 0;
+    BT_INFO("discovery(etcd): endpoints %s, lease TTL %lld s%s%s%s%s", eplist, (long long)d->ttl_s,
+            d->user ? ", auth as " : "", d->user ? d->user : "", https && d->ca ? ", CA " : "",
+            https && d->ca ? d->ca : "");
+    if (https && d->cert) BT_INFO("discovery(etcd): TLS client certificate %s", d->cert);
+    if (!https && (d->ca || d->cert))
+        BT_WARN("discovery(etcd): ETCD_AUTH_CA / ETCD_AUTH_CLIENT_CERT are set but no endpoint is https://: "
+                "they are not used");
     *out = &d->base;
     return BT_OK;
 nomem:
     bt_etcd_endpoints_free(eps, neps);
     if (d) {
-        if (d->multi) curl_multi_cleanup(d->multi);
         bt_etcd_endpoints_free(d->eps, d->neps);
         free(d->user);
         free(d->pass);
+        free(d->ca);
+        free(d->cert);
+        free(d->key);
         free(d);
     }
     snprintf(err, errlen, "out of memory");

@@ -25,6 +25,7 @@ void bt_events_config_default(bt_events_config *c) {
     c->user = env_or_null("NATS_AUTH_USERNAME");
     c->password = env_or_null("NATS_AUTH_PASSWORD");
     c->token = env_or_null("NATS_AUTH_TOKEN");
+    c->nkey = env_or_null("NATS_AUTH_NKEY");
     c->creds_file = env_or_null("NATS_AUTH_CREDENTIALS_FILE");
     c->debounce_ms = 2;
     c->reconnect_min_ms = 100;

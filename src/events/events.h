@@ -37,9 +37,9 @@ typedef struct {
     const char *ns;          /* namespace: the subject is namespace.{ns}.kv_metrics */
     const char *name;        /* client name shown by the server (e.g. "baton-worker-1a2b") */
     /* Authentication, in Dynamo's priority order; NULL or "" = not set. Filled from
-     * NATS_AUTH_USERNAME / NATS_AUTH_PASSWORD, NATS_AUTH_TOKEN, NATS_AUTH_CREDENTIALS_FILE by
-     * bt_events_config_default(). */
-    const char *user, *password, *token, *creds_file;
+     * NATS_AUTH_USERNAME / NATS_AUTH_PASSWORD, NATS_AUTH_TOKEN, NATS_AUTH_NKEY (a user nkey
+     * seed, "SU…"), NATS_AUTH_CREDENTIALS_FILE by bt_events_config_default(). */
+    const char *user, *password, *token, *nkey, *creds_file;
     uint32_t debounce_ms;        /* publisher: at most one message per this many ms (1–5) */
     uint32_t reconnect_min_ms;   /* first reconnect delay; doubles per failed round */
     uint32_t reconnect_max_ms;   /* cap of the reconnect delay */
@@ -55,7 +55,8 @@ typedef struct {
 void bt_events_config_default(bt_events_config *c);
 
 /* Validates the configuration and, for the nats plane, starts connecting in the background.
- * *out is NULL for the direct plane. Errors (unknown plane, a URL that is not nats://) go to err. */
+ * *out is NULL for the direct plane. Errors (unknown plane, a URL that is not nats://, a
+ * malformed nkey seed when it is the credential in use) go to err. */
 bt_status bt_events_create(uv_loop_t *loop, const bt_events_config *c, bt_events **out, char *err, size_t errlen);
 
 /* Publisher: the latest load of worker `worker_id`. Sent after the debounce interval; a newer

@@ -33,10 +33,12 @@
 #include <unistd.h>
 
 #include <nats/nats.h>
+#include <openssl/crypto.h>
 
 #include "common/log.h"
 #include "common/util.h"
 #include "events/events_internal.h"
+#include "events/nkey.h"
 
 #define MAX_MSG_BYTES 4096     /* an ActiveLoad is ~250 bytes; anything this large is not one */
 #define RECONNECT_BUF (64 * 1024)
@@ -85,7 +87,12 @@ struct bt_events {
     uv_thread_t loop_thread;
     char *url, *subject, *name;
     bt_events_config c; /* string fields point at the copies above (auth: see make_options) */
-    char *user, *password, *token, *creds;
+    char *user, *password, *token, *nkey, *creds;
+    char nkey_pub[BT_NKEY_PUBLIC_LEN + 1]; /* derived from the seed `nkey` when that is the credential */
+    const char *auth;                      /* which credential is used, for the logs */
+    atomic_uint sig_refusals;              /* signatures sign_nonce would not hand over ... */
+    _Atomic uint64_t sig_refused_ms;       /* ... and when the last one was (bt_now_ms) */
+    struct bt_events *reg_next;            /* the registry of live objects (on_closed) */
     natsOptions *opts;
     natsConnection *nc; /* set on the loop once the connect work returns */
     natsSubscription *sub;
@@ -107,6 +114,7 @@ struct bt_events {
     uv_work_t work;
     bool work_busy;
     natsStatus work_status;
+    natsStatus work_last; /* the connection's last error when the first connect is left to retry */
     char work_err[256];
     natsConnection *work_nc;
     natsSubscription *work_sub;
@@ -316,6 +324,55 @@ static void on_async_error(natsConnection *nc, natsSubscription *sub, natsStatus
     BT_WARN("NATS: asynchronous error: %s", natsStatus_GetText(err));
 }
 
+/* nats.c posts the closed callback to its own callback thread, which may run it after
+ * bt_events_close() has freed the object; so the callback touches an object only while it is in
+ * this registry, which bt_events_close() leaves first. */
+static uv_once_t reg_once = UV_ONCE_INIT;
+static uv_mutex_t reg_mu;
+static bt_events *reg_head;
+
+static void reg_init(void) {
+    if (uv_mutex_init(&reg_mu) != 0) abort();
+}
+
+static void reg_add(bt_events *e) {
+    uv_once(&reg_once, reg_init);
+    uv_mutex_lock(&reg_mu);
+    e->reg_next = reg_head;
+    reg_head = e;
+    uv_mutex_unlock(&reg_mu);
+}
+
+static void reg_remove(bt_events *e) {
+    uv_mutex_lock(&reg_mu);
+    for (bt_events **p = &reg_head; *p; p = &(*p)->reg_next)
+        if (*p == e) {
+            *p = e->reg_next;
+            break;
+        }
+    uv_mutex_unlock(&reg_mu);
+}
+
+/* With unlimited reconnects nats.c closes a connection by itself only when it has dropped every
+ * server from its list, which it does to a server that refuses the credentials: the event plane
+ * is then down until the process restarts. */
+static void on_closed(natsConnection *nc, void *closure) {
+    uv_once(&reg_once, reg_init);
+    uv_mutex_lock(&reg_mu);
+    bt_events *e = reg_head;
+    while (e && e != closure) e = e->reg_next;
+    /* a close that follows a signature sign_nonce kept back is connect_work's to retry */
+    if (e && bt_now_ms() - atomic_load(&e->sig_refused_ms) < 2000) e = NULL;
+    if (e) {
+        const char *txt = NULL;
+        natsStatus s = natsConnection_GetLastError(nc, &txt);
+        BT_ERROR("NATS event plane: the client gave up on %s (%s) after the server refused its credentials (%s); "
+                 "load reports go on the request plane only until this process restarts",
+                 e->url, txt && *txt ? txt : natsStatus_GetText(s), e->auth);
+    }
+    uv_mutex_unlock(&reg_mu);
+}
+
 /* Backoff between rounds over the server list: min, doubling, capped, plus up to 25 % jitter so
  * that a fleet of workers does not reconnect in lock step. */
 static int64_t reconnect_delay(natsConnection *nc, int attempts, void *closure) {
@@ -445,11 +502,27 @@ static void on_debounce(uv_timer_t *t) { publish_now(t->data); }
 static void connect_work(uv_work_t *w) {
     bt_events *e = w->data;
     natsConnection *nc = NULL;
-    natsStatus s = natsConnection_Connect(&nc, e->opts);
+    natsStatus s;
+    for (int attempt = 1;; attempt++) {
+        unsigned refusals = atomic_load(&e->sig_refusals);
+        s = natsConnection_Connect(&nc, e->opts);
+        /* When this first attempt reaches the server and fails its handshake, nats.c gives up on
+         * it for good; after a signature kept back by sign_nonce a new connection (a new nonce)
+         * is what is needed. */
+        if (s != NATS_NOT_YET_CONNECTED || atomic_load(&e->sig_refusals) == refusals || attempt == 8) break;
+        natsConnection_Destroy(nc);
+        nc = NULL;
+    }
     e->work_status = s;
     if (s != NATS_OK && s != NATS_NOT_YET_CONNECTED) {
         snprintf(e->work_err, sizeof e->work_err, "%s", nats_GetLastError(NULL));
         return;
+    }
+    if (s == NATS_NOT_YET_CONNECTED) {
+        /* why the first attempt failed: unreachable, or refused (then nats.c will not retry) */
+        const char *txt = NULL;
+        e->work_last = natsConnection_GetLastError(nc, &txt);
+        snprintf(e->work_err, sizeof e->work_err, "%s", txt ? txt : "");
     }
     e->work_nc = nc;
     if (!e->cb) return;
@@ -477,7 +550,11 @@ static void after_connect(uv_work_t *w, int status) {
     e->work_busy = false;
     e->nc = e->work_nc;
     e->sub = e->work_sub;
-    if (e->work_status == NATS_NOT_YET_CONNECTED)
+    if (e->work_status == NATS_NOT_YET_CONNECTED && e->work_last == NATS_CONNECTION_AUTH_FAILED)
+        BT_ERROR("NATS server %s refused this client's credentials (%s: %s); load reports go on the request plane "
+                 "only",
+                 e->url, e->auth, e->work_err);
+    else if (e->work_status == NATS_NOT_YET_CONNECTED)
         BT_WARN("NATS server %s is not reachable yet; connecting in the background (load reports go on the "
                 "request plane only until then)",
                 e->url);
@@ -493,6 +570,19 @@ static void close_work(uv_work_t *w) {
     natsConnection_Close(e->nc); /* flushes what is buffered, joins nats.c's reconnect thread */
 }
 
+static void free_secret(char *s) {
+    if (s) OPENSSL_cleanse(s, strlen(s));
+    free(s);
+}
+
+static void free_auth(bt_events *e) {
+    free(e->user);
+    free_secret(e->password);
+    free_secret(e->token);
+    free_secret(e->nkey);
+    free(e->creds);
+}
+
 /* One of our handles finished closing; the last one (while closing) frees the object. */
 static void handle_released(bt_events *e) {
     if (--e->handles_open > 0 || e->state != ST_CLOSING || !e->shutting) return;
@@ -502,10 +592,7 @@ static void handle_released(bt_events *e) {
     free(e->url);
     free(e->subject);
     free(e->name);
-    free(e->user);
-    free(e->password);
-    free(e->token);
-    free(e->creds);
+    free_auth(e);
     uv_mutex_destroy(&e->op_mu);
     free(e);
     if (done) done(ud);
@@ -578,10 +665,74 @@ static void on_kick(uv_timer_t *t) {
 
 static char *dup_or_null(const char *s) { return s && *s ? strdup(s) : NULL; }
 
+/* A copy without surrounding whitespace (a seed read into the environment from a file keeps its
+ * newline), or NULL when nothing is left. */
+static char *dup_trimmed(const char *s) {
+    if (!s) return NULL;
+    while (*s == ' ' || *s == '\t' || *s == '\r' || *s == '\n') s++;
+    size_t n = strlen(s);
+    while (n && (s[n - 1] == ' ' || s[n - 1] == '\t' || s[n - 1] == '\r' || s[n - 1] == '\n')) n--;
+    return n ? strndup(s, n) : NULL;
+}
+
+/* NATS_AUTH_NKEY holds the seed itself, as in Dynamo. nats.c's natsOptions_SetNKeyFromSeed()
+ * wants a seed file, and writing the secret to disk is what a seed in the environment avoids; so
+ * the public key is derived here (nkey.c) and each server nonce is signed with nats_Sign(), the
+ * library's own signer, from the seed in memory. Runs on nats.c's threads; reads only e->nkey.
+ *
+ * nats.c 3.4 base64-encodes a signature whose first byte is 0 as an empty string, which the
+ * server refuses; that is one nonce in 256, and nats.c never retries a server that refused its
+ * credentials. Such a signature is not handed over: the attempt fails as a connect error, which
+ * nats.c retries on a new connection, with a new nonce. */
+static natsStatus sign_nonce(char **custom_err, unsigned char **sig, int *sig_len, const char *nonce, void *closure) {
+    bt_events *e = closure;
+    natsStatus s = nats_Sign(e->nkey, nonce, sig, sig_len);
+    if (s != NATS_OK) {
+        *custom_err = strdup("NATS_AUTH_NKEY: cannot sign the server's nonce");
+        return s;
+    }
+    if (*sig_len > 0 && (*sig)[0] == 0) {
+        free(*sig);
+        *sig = NULL;
+        *sig_len = 0;
+        *custom_err = strdup("NATS_AUTH_NKEY: this nonce's signature cannot be sent; connecting again");
+        atomic_store(&e->sig_refused_ms, bt_now_ms());
+        atomic_fetch_add(&e->sig_refusals, 1);
+        BT_INFO("NATS: the signature of this server nonce cannot be sent by the NATS library; connecting again "
+                "for a new nonce");
+        return NATS_ERR;
+    }
+    return NATS_OK;
+}
+
+/* Checks the seed and derives its public key; a seed nats.c cannot sign with is refused here too,
+ * so that a bad one stops the process at start instead of failing every connect. */
+static bool nkey_prepare(bt_events *e, char *err, size_t errlen) {
+    char why[160];
+    if (!bt__nkey_user_public(e->nkey, e->nkey_pub, why, sizeof why)) {
+        snprintf(err, errlen, "NATS_AUTH_NKEY: %s", why);
+        return false;
+    }
+    unsigned char *sig = NULL;
+    int len = 0;
+    natsStatus s = nats_Sign(e->nkey, "baton", &sig, &len);
+    free(sig);
+    if (s != NATS_OK) {
+        snprintf(err, errlen, "NATS_AUTH_NKEY: the NATS library cannot sign with this seed: %s", natsStatus_GetText(s));
+        return false;
+    }
+    return true;
+}
+
 static bool make_options(bt_events *e, char *err, size_t errlen) {
+    bool use_nkey = e->nkey && !(e->user && e->password) && !e->token;
     natsOptions *o = NULL;
-    natsStatus s = natsOptions_Create(&o);
+    natsStatus s = natsOptions_Create(&o); /* also initializes the library, which nats_Sign needs */
     const char *what = "create options";
+    if (s == NATS_OK && use_nkey && !nkey_prepare(e, err, errlen)) {
+        natsOptions_Destroy(o);
+        return false;
+    }
 #define TRY(call, w)                                                                                                   \
     do {                                                                                                               \
         if (s == NATS_OK) {                                                                                            \
@@ -602,11 +753,18 @@ static bool make_options(bt_events *e, char *err, size_t errlen) {
     TRY(natsOptions_SetRetryOnFailedConnect(o, true, on_connected, NULL), "retry on failed connect");
     TRY(natsOptions_SetSendAsap(o, true), "send asap");
     TRY(natsOptions_SetErrorHandler(o, on_async_error, NULL), "error handler");
+    TRY(natsOptions_SetClosedCB(o, on_closed, e), "closed callback");
     TRY(natsOptions_SetEventLoop(o, e, ev_attach, ev_read, ev_write, ev_detach), "event loop");
-    /* authentication, first match wins (Dynamo's order) */
+    /* authentication, first match wins (Dynamo's order); e->auth names it in the logs */
     if (e->user && e->password) TRY(natsOptions_SetUserInfo(o, e->user, e->password), "NATS_AUTH_USERNAME/PASSWORD");
     else if (e->token) TRY(natsOptions_SetToken(o, e->token), "NATS_AUTH_TOKEN");
+    else if (use_nkey) TRY(natsOptions_SetNKey(o, e->nkey_pub, sign_nonce, e), "NATS_AUTH_NKEY");
     else if (e->creds) TRY(natsOptions_SetUserCredentialsFromFiles(o, e->creds, NULL), "NATS_AUTH_CREDENTIALS_FILE");
+    e->auth = e->user && e->password ? "NATS_AUTH_USERNAME/PASSWORD"
+              : e->token             ? "NATS_AUTH_TOKEN"
+              : use_nkey             ? "NATS_AUTH_NKEY"
+              : e->creds             ? "NATS_AUTH_CREDENTIALS_FILE"
+                                     : "no credentials";
 #undef TRY
     if (s != NATS_OK) {
         snprintf(err, errlen, "NATS options (%s): %s", what, nats_GetLastError(NULL));
@@ -637,20 +795,20 @@ bt_status bt__events_nats_create(uv_loop_t *loop, const bt_events_config *c, bt_
     e->user = dup_or_null(c->user);
     e->password = dup_or_null(c->password);
     e->token = dup_or_null(c->token);
+    e->nkey = dup_trimmed(c->nkey);
     e->creds = dup_or_null(c->creds_file);
     e->c.nats_server = e->url;
     e->c.name = e->name;
     e->c.ns = NULL;
-    e->c.user = e->c.password = e->c.token = e->c.creds_file = NULL;
+    e->c.user = e->c.password = e->c.token = e->c.nkey = e->c.creds_file = NULL;
     atomic_init(&e->up, false);
+    atomic_init(&e->sig_refusals, 0);
+    atomic_init(&e->sig_refused_ms, 0);
     if (!e->subject || !e->url || !e->name || uv_mutex_init(&e->op_mu) != 0) {
         free(e->subject);
         free(e->url);
         free(e->name);
-        free(e->user);
-        free(e->password);
-        free(e->token);
-        free(e->creds);
+        free_auth(e);
         free(e);
         snprintf(err, errlen, "out of memory");
         return BT_ERR_NOMEM;
@@ -660,10 +818,7 @@ bt_status bt__events_nats_create(uv_loop_t *loop, const bt_events_config *c, bt_
         free(e->subject);
         free(e->url);
         free(e->name);
-        free(e->user);
-        free(e->password);
-        free(e->token);
-        free(e->creds);
+        free_auth(e);
         free(e);
         return BT_ERR_INVALID;
     }
@@ -674,6 +829,7 @@ bt_status bt__events_nats_create(uv_loop_t *loop, const bt_events_config *c, bt_
     e->work.data = e;
     e->handles_open = 3;
     /* connecting starts on the next loop iteration, so that a frontend can subscribe first */
+    reg_add(e);
     uv_timer_start(&e->kick, on_kick, 0, 0);
     BT_INFO("event plane: NATS at %s, subject %s", e->url, e->subject);
     *out = e;
@@ -726,6 +882,7 @@ void bt_events_close(bt_events *e, void (*done)(void *ud), void *ud) {
         return;
     }
     if (e->state == ST_CLOSING || e->state == ST_CLOSED) return;
+    reg_remove(e); /* from now on our own close is under way: on_closed keeps quiet */
     bool idle = e->state == ST_IDLE;
     e->state = ST_CLOSING;
     e->done = done;

@@ -11,12 +11,14 @@
 
 #include <jansson.h>
 #include <math.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <uv.h>
 
 #include "common/cancel.h"
 #include "common/map.h"
+#include "common/proc.h"
 #include "common/util.h"
 #include "discovery/discovery.h"
 #include "engine/engine.h"
@@ -29,6 +31,9 @@ typedef struct fe fe;
 typedef struct fe_worker fe_worker;
 typedef struct fe_req fe_req;
 typedef struct fe_model fe_model;
+typedef struct fe_group fe_group;
+typedef struct fe_job fe_job;
+typedef struct fe_gather fe_gather;
 
 /* ---- metrics ---- */
 #define FE_HIST_BUCKETS 16
@@ -144,9 +149,7 @@ typedef struct {
     int64_t http_port;
     const char *http_host;
     const char *ns;
-    const char *discovery;
-    const char *discovery_dir;
-    const char *etcd_endpoints;
+    bt_proc_opts p; /* discovery, event plane, request-plane secret */
     int64_t migration_limit;
     const char *router_mode;
     double decode_threshold;
@@ -156,14 +159,12 @@ typedef struct {
     int64_t max_body;
     int64_t drain_timeout;
     int64_t accept_window_ms;
-    const char *event_plane; /* "direct" or "nats" */
-    const char *nats_server;
-    const char *rpc_secret_file;
     int64_t header_timeout_ms;
     int64_t idle_timeout_ms;
     int64_t max_connections;
     int64_t max_requests; /* concurrent requests; beyond it 503 */
     int64_t max_backlog;  /* bytes queued for a client that does not read, then it is dropped */
+    int64_t threads;      /* event loops (shards.c) */
 } fe_opts;
 
 typedef enum { ROUTE_ROUND_ROBIN, ROUTE_RANDOM, ROUTE_LEAST_LOADED } fe_route_mode;
@@ -182,7 +183,7 @@ struct fe {
     uint64_t rr;
     uint64_t instance_id;
     bool shutting_down;
-    uv_signal_t sig_term, sig_int;
+    uv_signal_t sigs[2]; /* SIGTERM, SIGINT */
     uv_timer_t shutdown_timer;
     uint64_t shutdown_started_ms;
     uint64_t shutdown_close_deadline_ms; /* after shutdown_started_ms: stop waiting for connections */
@@ -193,8 +194,30 @@ struct fe {
     uint64_t started_ms;
     int exit_code;
     bt_events *events;         /* the NATS event plane, NULL for direct */
+    bt_proc_closer closer;     /* closes discovery and the event plane at the end of a shutdown */
     uint64_t events_unknown;   /* event-plane reports naming no known worker */
     char *rpc_secret; /* request-plane shared secret, NULL = none */
+    bool window_logged; /* the end of the accept window was logged */
+    /* shards.c: the other loops of this process (--threads) */
+    fe_group *grp;
+    int shard; /* index in grp->shard; 0 runs on the main thread and takes the signals */
+    uv_thread_t thread;
+    uv_async_t mail;
+    uv_mutex_t mail_mu;
+    fe_job *mail_head, *mail_tail;
+    bool mail_inited, mail_closed;
+    fe_gather *gathers; /* this shard's gathers still waiting for other shards */
+};
+
+#define FE_MAX_THREADS 64
+
+/* The shards of one frontend process. Everything here but the counters is written before the
+ * threads start and only read afterwards. */
+struct fe_group {
+    int n;
+    fe *shard[FE_MAX_THREADS];
+    atomic_size_t nreqs; /* requests in flight in all shards (--max-concurrent-requests) */
+    atomic_size_t nconns; /* client connections open in all shards (--max-connections) */
 };
 
 /* workers.c */
@@ -243,6 +266,34 @@ bool fe_request_cancel_by_id(fe *f, const char *rid, bool kill);
 /* Answers with OpenAI's error shape {"error":{"message","type","code"}}; rid may be NULL. */
 void fe_json_error(bt_http_req *http, const char *rid, int status, const char *type, const char *fmt, ...)
     __attribute__((format(printf, 5, 6)));
+
+/* shards.c */
+void fe_mail_init(fe *f);
+/* Runs fn(to, arg) on shard `to`'s loop. False if that shard has stopped taking jobs (it is
+ * exiting); then fn never runs and arg is the caller's to free. */
+bool fe_shard_post(fe *to, void (*fn)(fe *f, void *arg), void *arg);
+void fe_mail_close(fe *f);
+void fe_mail_destroy(fe *f);
+/* /metrics of the whole process: this shard's text merged with every other shard's. */
+void fe_shards_metrics(fe *f, bt_http_req *http);
+/* Operator cancel of request `rid` on whichever shards hold it; answers http. */
+void fe_shards_cancel(fe *f, bt_http_req *http, const char *rid, bool kill);
+/* The thresholds of m were changed on f: the same change on every other shard. */
+void fe_shards_set_threshold(fe *f, const fe_model *m, bool set_decode, bool set_prefill);
+/* f (shard 0) began shutting down: the others begin the same shutdown. */
+void fe_shards_shutdown(fe *f);
+/* True if http was waiting for a gather, which then answers no one. */
+bool fe_gather_abort(fe *f, bt_http_req *http);
+/* Merges n shards' Prometheus texts into one (exposed for the unit test). */
+void fe_metrics_merge(const bt_buf *parts, int n, bt_buf *out);
+/* Takes a place under --max-concurrent-requests (process-wide); false at the limit. */
+bool fe_reqs_reserve(fe *f);
+void fe_reqs_release(fe *f);
+
+/* frontend.c */
+void fe_cancel_respond(bt_http_req *http, const char *rid, bool kill, bool found);
+/* Begins the shutdown sequence on f as if its signal had arrived at started_ms. */
+void fe_shutdown_begin(fe *f, uint64_t started_ms);
 
 /* metrics.c */
 void fe_hist_observe(fe_hist *h, double seconds);

@@ -12,6 +12,7 @@
 
 #include <inttypes.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +20,7 @@
 
 #include "common/log.h"
 #include "common/opts.h"
+#include "common/proc.h"
 #include "frontend/fe.h"
 
 static void respond_json(bt_http_req *http, int status, json_t *j) {
@@ -115,6 +117,7 @@ static void handle_busy_threshold(fe *f, bt_http_req *http) {
     }
     if (d) m->decode_threshold = json_is_null(d) ? NAN : json_number_value(d);
     if (p) m->prefill_threshold = json_is_null(p) ? NAN : json_number_value(p);
+    if (d || p) fe_shards_set_threshold(f, m, d != NULL, p != NULL);
     if (d || p)
         BT_INFO("Updated busy thresholds for model '%s': decode %g, prefill tokens %g", m->name, m->decode_threshold,
                 m->prefill_threshold);
@@ -133,7 +136,11 @@ static void handle_cancel(fe *f, bt_http_req *http, const char *rid) {
     }
     bool kill = mode && strcmp(mode, "kill") == 0;
     json_decref(b);
-    if (!fe_request_cancel_by_id(f, rid, kill)) {
+    fe_shards_cancel(f, http, rid, kill); /* the request may live on another shard */
+}
+
+void fe_cancel_respond(bt_http_req *http, const char *rid, bool kill, bool found) {
+    if (!found) {
         fe_json_error(http, NULL, 404, "not_found_error", "no running request with id '%s'", rid);
         return;
     }
@@ -160,14 +167,7 @@ static void on_http_request(void *ud, bt_http_req *http) {
         return;
     }
     if (strcmp(p, "/health") == 0 && get) return handle_health(f, http);
-    if (strcmp(p, "/metrics") == 0 && get) {
-        bt_buf b;
-        bt_buf_init(&b, (size_t)16 << 20);
-        fe_metrics_render(f, &b);
-        bt_http_respond(http, 200, "text/plain; version=0.0.4", NULL, b.data ? b.data : "", b.len);
-        bt_buf_free(&b);
-        return;
-    }
+    if (strcmp(p, "/metrics") == 0 && get) return fe_shards_metrics(f, http); /* every shard's */
     if (!authorized(f, http)) {
         fe_json_error(http, NULL, 401, "authentication_error", "missing or invalid API key");
         return;
@@ -191,32 +191,21 @@ static void on_http_request(void *ud, bt_http_req *http) {
     else fe_json_error(http, NULL, 404, "not_found_error", "no route for %s", p);
 }
 
-static void on_http_abort(void *ud, bt_http_req *http) { fe_request_abort(ud, http); }
+static void on_http_abort(void *ud, bt_http_req *http) {
+    if (!fe_gather_abort(ud, http)) fe_request_abort(ud, http);
+}
 
 /* ---- shutdown ---- */
-
-static void walk_close(uv_handle_t *h, void *arg) {
-    (void)arg;
-    if (!uv_is_closing(h)) uv_close(h, NULL);
-}
-
-static void on_events_closed(void *ud) {
-    fe *f = ud;
-    uv_walk(f->loop, walk_close, NULL);
-}
-
-static void on_disc_closed(void *ud) {
-    fe *f = ud;
-    bt_events *e = f->events;
-    f->events = NULL;
-    bt_events_close(e, on_events_closed, f); /* calls back at once for the direct plane */
-}
 
 /* A worker's load from the event plane (NATS). */
 static void on_event_load(void *ud, uint64_t worker_id, const bt_load_report *r) {
     fe *f = ud;
     if (!fe_workers_apply_load(f, worker_id, r)) f->events_unknown++;
 }
+
+/* The last step of a shutdown: the shard stops taking jobs from the others (then its handles
+ * close and its loop ends). */
+static void on_planes_closed(void *ud) { fe_mail_close(ud); }
 
 /* Discovery (and then every remaining handle) closes only once every worker connection has
  * finished closing: a connection's close callback still uses its worker's handles. */
@@ -225,8 +214,7 @@ static void workers_gone_tick(uv_timer_t *t) {
     if (f->nworkers > 0 && bt_now_ms() - f->shutdown_started_ms < f->shutdown_close_deadline_ms) return;
     if (f->nworkers > 0) BT_WARN("%zu worker connections still closing; exiting anyway", f->nworkers);
     uv_timer_stop(t);
-    bt_discovery_close(f->disc, on_disc_closed, f);
-    f->disc = NULL;
+    bt_proc_close_planes(&f->closer, f->loop, &f->disc, &f->events, on_planes_closed, f);
 }
 
 static void on_http_closed(void *ud) {
@@ -239,13 +227,12 @@ static void on_http_closed(void *ud) {
 
 static void shutdown_tick(uv_timer_t *t) {
     fe *f = t->data;
-    static bool window_logged = false; /* one frontend per process */
     uint64_t el = bt_now_ms() - f->shutdown_started_ms;
     bool window_over = el >= (uint64_t)f->o.accept_window_ms;
     bool drained = f->nreqs == 0;
     bool bound = el >= (uint64_t)f->o.accept_window_ms + (uint64_t)f->o.drain_timeout * 1000;
-    if (window_over && !window_logged && !drained) {
-        window_logged = true;
+    if (window_over && !f->window_logged && !drained) {
+        f->window_logged = true;
         BT_INFO("accept window over: new requests get 503; %zu running requests have %llds to finish", f->nreqs,
                 (long long)f->o.drain_timeout);
     }
@@ -268,13 +255,84 @@ static void on_signal(uv_signal_t *h, int signum) {
         BT_WARN("second signal: exiting at once");
         _exit(0);
     }
+    BT_INFO("HTTP server shutdown requested (%s): /live answers 503; accepting for %lld ms more, then draining "
+            "running requests for up to %llds",
+            signum == SIGINT ? "SIGINT" : "SIGTERM", (long long)f->o.accept_window_ms, (long long)f->o.drain_timeout);
+    fe_shutdown_begin(f, bt_now_ms());
+    fe_shards_shutdown(f);
+}
+
+void fe_shutdown_begin(fe *f, uint64_t started_ms) {
+    if (f->shutting_down) return;
     f->shutting_down = true;
-    f->shutdown_started_ms = bt_now_ms();
-    BT_INFO("HTTP server shutdown requested (%s): /live answers 503; accepting for %lld ms more, then draining %zu "
-            "requests for up to %llds",
-            signum == SIGINT ? "SIGINT" : "SIGTERM", (long long)f->o.accept_window_ms, f->nreqs,
-            (long long)f->o.drain_timeout);
+    f->shutdown_started_ms = started_ms;
+    if (f->nreqs) BT_INFO("%zu requests running%s", f->nreqs, f->grp->n > 1 ? " on this thread" : "");
     uv_timer_start(&f->shutdown_timer, shutdown_tick, 0, 50);
+}
+
+/* Opens one shard: its loop, discovery, worker connections, listener (on `port`; with several
+ * shards each listens with SO_REUSEPORT), signals (shard 0 only), mailbox and event plane.
+ * Returns 0 or the process's exit code; what was opened is closed by the caller. */
+static int shard_open(fe *f, int port, char *err, size_t errlen) {
+    fe_opts *o = &f->o;
+    f->loop = malloc(sizeof *f->loop);
+    if (!f->loop || uv_loop_init(f->loop) != 0) {
+        free(f->loop);
+        f->loop = NULL;
+        BT_ERROR("cannot create an event loop");
+        return 1;
+    }
+    f->started_ms = bt_now_ms();
+    f->instance_id = bt_random64() & 0x7fffffffffffffffull;
+    bt_buf_init(&f->scratch, (size_t)64 << 20);
+    fe_mail_init(f);
+    if (bt_proc_discovery_create(f->loop, &o->p, 0, &f->disc, err, errlen) != BT_OK) {
+        BT_ERROR("discovery: %s", err);
+        return 1;
+    }
+    fe_workers_start(f);
+
+    bt_http_config hc;
+    bt_http_config_default(&hc);
+    hc.host = o->http_host;
+    hc.port = port;
+    hc.max_body_bytes = (size_t)o->max_body;
+    hc.header_timeout_ms = (uint32_t)o->header_timeout_ms;
+    hc.idle_timeout_ms = (uint32_t)o->idle_timeout_ms;
+    hc.max_connections = (size_t)o->max_connections;
+    hc.write_backlog_max = (size_t)o->max_backlog;
+    if (f->grp->n > 1) {
+        hc.reuse_port = true;
+        hc.shared_conns = &f->grp->nconns;
+    }
+    bt_http_handlers hh = {on_http_request, on_http_abort, NULL};
+    if (bt_http_server_start(f->loop, &hc, &hh, f, &f->http, err, errlen) != BT_OK) {
+        BT_ERROR("%s", err);
+        return 1;
+    }
+    if (f->shard == 0) {
+        static const int signums[] = {SIGTERM, SIGINT};
+        bt_proc_signals_start(f->loop, f->sigs, signums, 2, on_signal, f);
+    }
+    uv_timer_init(f->loop, &f->shutdown_timer);
+    f->shutdown_timer.data = f;
+    /* last, so that no failure below leaves a connecting event plane behind */
+    if (bt_proc_events_create(f->loop, &o->p, o->ns, "frontend", f->instance_id, &f->events, err, errlen) != BT_OK) {
+        BT_ERROR("event plane: %s", err);
+        return 2;
+    }
+    if (bt_events_subscribe_load(f->events, on_event_load, f) != BT_OK) {
+        BT_ERROR("event plane: cannot subscribe to load reports");
+        bt_events_close(f->events, NULL, NULL);
+        f->events = NULL;
+        return 1;
+    }
+    return 0;
+}
+
+static void shard_run(void *arg) {
+    fe *f = arg;
+    uv_run(f->loop, UV_RUN_DEFAULT);
 }
 
 int bt_frontend_main(int argc, char **argv) {
@@ -285,8 +343,7 @@ int bt_frontend_main(int argc, char **argv) {
     o->http_port = 8000;
     o->http_host = "0.0.0.0";
     o->ns = "dynamo";
-    o->discovery = "file";
-    o->etcd_endpoints = "http://localhost:2379";
+    bt_proc_opts_default(&o->p);
     o->migration_limit = 3;
     o->router_mode = "round-robin";
     o->decode_threshold = NAN;
@@ -295,20 +352,22 @@ int bt_frontend_main(int argc, char **argv) {
     o->max_body = 4 << 20;
     o->drain_timeout = 30;
     o->accept_window_ms = 5000;
-    o->event_plane = "direct";
-    o->nats_server = "nats://localhost:4222";
     o->header_timeout_ms = 30000;
     o->idle_timeout_ms = 60000;
     o->max_connections = 20000;
     o->max_requests = 20000;
     o->max_backlog = 8 << 20;
+    o->threads = 1;
     const bt_opt opts[] = {
         {"--http-port", "DYN_HTTP_PORT", BT_OPT_INT, &o->http_port, 0, 65535, "HTTP port"},
         {"--http-host", "DYN_HTTP_HOST", BT_OPT_STR, &o->http_host, 0, 0, "HTTP address"},
         {"--namespace", "DYN_NAMESPACE", BT_OPT_STR, &o->ns, 0, 0, "discovery namespace"},
-        {"--discovery", "DYN_DISCOVERY_BACKEND", BT_OPT_STR, &o->discovery, 0, 0, "file or etcd"},
-        {"--discovery-dir", "DYN_FILE_KV", BT_OPT_STR, &o->discovery_dir, 0, 0, "file discovery directory"},
-        {"--etcd-endpoints", "ETCD_ENDPOINTS", BT_OPT_STR, &o->etcd_endpoints, 0, 0, "comma-separated URLs"},
+        BT_PROC_OPT_DISCOVERY(&o->p, "file or etcd"),
+        BT_PROC_OPT_DISCOVERY_DIR(&o->p),
+        BT_PROC_OPT_ETCD_ENDPOINTS(&o->p),
+        BT_PROC_OPT_ETCD_CA(&o->p),
+        BT_PROC_OPT_ETCD_CLIENT_CERT(&o->p),
+        BT_PROC_OPT_ETCD_CLIENT_KEY(&o->p),
         {"--migration-limit", "DYN_MIGRATION_LIMIT", BT_OPT_INT, &o->migration_limit, 0, 1000,
          "extra attempts per request (0 = off)"},
         {"--router-mode", "DYN_ROUTER_MODE", BT_OPT_STR, &o->router_mode, 0, 0, "round-robin, random, least-loaded"},
@@ -332,137 +391,115 @@ int bt_frontend_main(int argc, char **argv) {
          1 << 30, "bytes queued for a client that does not read before it is dropped"},
         {"--max-concurrent-requests", "DYN_MAX_CONCURRENT_REQUESTS", BT_OPT_INT, &o->max_requests, 1, 10000000,
          "requests in flight; more get 503"},
-        {"--rpc-secret-file", "DYN_RPC_SECRET_FILE", BT_OPT_STR, &o->rpc_secret_file, 0, 0,
-         "file holding the request-plane shared secret (or DYN_RPC_SECRET)"},
-        {"--event-plane", "DYN_EVENT_PLANE", BT_OPT_STR, &o->event_plane, 0, 0,
-         "direct (load on the request plane) or nats (also namespace.{ns}.kv_metrics)"},
-        {"--nats-server", "NATS_SERVER", BT_OPT_STR, &o->nats_server, 0, 0, "nats://host:port[,nats://...]"},
+        BT_PROC_OPT_RPC_SECRET_FILE(&o->p),
+        BT_PROC_OPT_EVENT_PLANE(&o->p),
+        BT_PROC_OPT_NATS_SERVER(&o->p),
         {"--shutdown-accept-window-ms", "DYN_HTTP_ACCEPT_WINDOW_MS", BT_OPT_INT, &o->accept_window_ms, 0, 600000,
          "milliseconds new requests are still accepted after SIGTERM"},
+        {"--threads", "DYN_HTTP_THREADS", BT_OPT_INT, &o->threads, 1, FE_MAX_THREADS,
+         "event loops, one per core to use; connections are spread over them (SO_REUSEPORT)"},
     };
     int nopts = (int)(sizeof opts / sizeof opts[0]);
-    for (int i = 1; i < argc; i++)
-        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-            bt_opts_usage("frontend", opts, nopts);
-            free(f);
-            return 0;
-        }
+    if (bt_proc_help("frontend", opts, nopts, argc, argv)) {
+        free(f);
+        return 0;
+    }
     char err[256];
     /* Dynamo's name for the accept window (seconds); the baton flag and its twin override it */
     const char *dyn_window = getenv("DYN_HTTP_GRACEFUL_SHUTDOWN_TIMEOUT_SECS");
     if (dyn_window && *dyn_window) {
         double secs;
         if (!bt_parse_double(dyn_window, 0, 600, &secs)) {
-            fprintf(stderr, "baton frontend: DYN_HTTP_GRACEFUL_SHUTDOWN_TIMEOUT_SECS='%s' is not a number of seconds "
-                            "from 0 to 600\n", dyn_window);
-            free(f);
-            return 2;
+            bt_proc_error("frontend", "DYN_HTTP_GRACEFUL_SHUTDOWN_TIMEOUT_SECS='%s' is not a number of seconds from 0 "
+                                      "to 600", dyn_window);
+            goto bad_usage;
         }
         o->accept_window_ms = (int64_t)(secs * 1000.0 + 0.5);
     }
-    if (!bt_opts_parse(opts, nopts, argc, argv, 1, NULL, 0, NULL, err, sizeof err)) {
-        fprintf(stderr, "baton frontend: %s\n", err);
-        free(f);
-        return 2;
-    }
+    if (!bt_proc_parse("frontend", opts, nopts, argc, argv)) goto bad_usage;
     if (strcmp(o->router_mode, "round-robin") == 0) f->mode = ROUTE_ROUND_ROBIN;
     else if (strcmp(o->router_mode, "random") == 0) f->mode = ROUTE_RANDOM;
     else if (strcmp(o->router_mode, "least-loaded") == 0) f->mode = ROUTE_LEAST_LOADED;
     else {
-        fprintf(stderr, "baton frontend: unknown --router-mode '%s' (round-robin, random, least-loaded)\n",
-                o->router_mode);
-        free(f);
-        return 2;
+        bt_proc_error("frontend", "unknown --router-mode '%s' (round-robin, random, least-loaded)", o->router_mode);
+        goto bad_usage;
     }
-
-    if (bt_load_secret(o->rpc_secret_file, getenv("DYN_RPC_SECRET"), &f->rpc_secret, err, sizeof err) != BT_OK) {
-        fprintf(stderr, "baton frontend: %s\n", err);
-        free(f);
-        return 2;
+    if (bt_proc_load_secret(&o->p, &f->rpc_secret, err, sizeof err) != BT_OK) {
+        bt_proc_error("frontend", "%s", err);
+        goto bad_usage;
     }
-    uv_loop_t loop;
-    uv_loop_init(&loop);
-    f->loop = &loop;
-    f->started_ms = bt_now_ms();
-    f->instance_id = bt_random64() & 0x7fffffffffffffffull;
-    bt_buf_init(&f->scratch, (size_t)64 << 20);
-    int rc = 0;
-
-    bt_discovery_config dc;
-    bt_discovery_config_default(&dc);
-    dc.backend = o->discovery;
-    if (o->discovery_dir) dc.dir = o->discovery_dir;
-    dc.etcd_endpoints = o->etcd_endpoints;
-    if (bt_discovery_create(&loop, &dc, &f->disc, err, sizeof err) != BT_OK) {
-        BT_ERROR("discovery: %s", err);
-        rc = 1;
-        goto out;
+    fe_group *g = calloc(1, sizeof *g);
+    if (!g) goto bad_usage;
+    g->n = (int)o->threads;
+    g->shard[0] = f;
+    int rc = 0, opened = 0;
+    for (int i = 0; i < g->n && rc == 0; i++) {
+        fe *s = g->shard[i];
+        if (i > 0) {
+            s = calloc(1, sizeof *s);
+            if (!s) {
+                BT_ERROR("out of memory starting thread %d", i);
+                rc = 1;
+                break;
+            }
+            s->o = f->o;
+            s->mode = f->mode;
+            s->rpc_secret = f->rpc_secret; /* shard 0's, shared read-only */
+            g->shard[i] = s;
+        }
+        s->grp = g;
+        s->shard = i;
+        opened = i + 1;
+        /* shard 0 may have picked the port (0 = a free one); the others join it */
+        rc = shard_open(s, i == 0 ? (int)o->http_port : bt_http_server_port(f->http), err, sizeof err);
     }
-    fe_workers_start(f);
-
-    bt_http_config hc;
-    bt_http_config_default(&hc);
-    hc.host = o->http_host;
-    hc.port = (int)o->http_port;
-    hc.max_body_bytes = (size_t)o->max_body;
-    hc.header_timeout_ms = (uint32_t)o->header_timeout_ms;
-    hc.idle_timeout_ms = (uint32_t)o->idle_timeout_ms;
-    hc.max_connections = (size_t)o->max_connections;
-    hc.write_backlog_max = (size_t)o->max_backlog;
-    bt_http_handlers hh = {on_http_request, on_http_abort, NULL};
-    if (bt_http_server_start(&loop, &hc, &hh, f, &f->http, err, sizeof err) != BT_OK) {
-        BT_ERROR("%s", err);
-        rc = 1;
-        goto out;
+    if (rc == 0) {
+        BT_INFO("Request migration %s (limit: %lld); router %s; stall timeout %.1fs",
+                o->migration_limit ? "enabled" : "disabled", (long long)o->migration_limit, o->router_mode,
+                o->stall_timeout);
+        BT_INFO("frontend listening on http://%s:%d (discovery %s, namespace %s, event plane %s, %d thread%s)",
+                o->http_host, bt_http_server_port(f->http), o->p.discovery, o->ns, bt_events_plane(f->events), g->n,
+                g->n > 1 ? "s" : "");
+        int started = 1;
+        for (int i = 1; i < g->n; i++, started++)
+            if (uv_thread_create(&g->shard[i]->thread, shard_run, g->shard[i]) != 0) {
+                /* the shards already running stop through the normal shutdown */
+                BT_ERROR("cannot start thread %d of %d; shutting down", i, g->n);
+                f->exit_code = 1;
+                kill(getpid(), SIGTERM);
+                break;
+            }
+        uv_run(f->loop, UV_RUN_DEFAULT);
+        for (int i = 1; i < started; i++) uv_thread_join(&g->shard[i]->thread);
+    } else {
+        for (int i = 0; i < opened; i++) {
+            fe *s = g->shard[i];
+            if (!s || !s->loop) continue;
+            bt_proc_unwind(s->loop, &s->disc, &s->events);
+        }
     }
-    uv_signal_init(&loop, &f->sig_term);
-    uv_signal_init(&loop, &f->sig_int);
-    f->sig_term.data = f->sig_int.data = f;
-    uv_signal_start(&f->sig_term, on_signal, SIGTERM);
-    uv_signal_start(&f->sig_int, on_signal, SIGINT);
-    uv_timer_init(&loop, &f->shutdown_timer);
-    f->shutdown_timer.data = f;
-    /* last, so that no failure below leaves a connecting event plane behind */
-    bt_events_config ec;
-    bt_events_config_default(&ec);
-    ec.plane = o->event_plane;
-    ec.nats_server = o->nats_server;
-    ec.ns = o->ns;
-    char ename[64];
-    snprintf(ename, sizeof ename, "baton-frontend-%" PRIx64, f->instance_id);
-    ec.name = ename;
-    if (bt_events_create(&loop, &ec, &f->events, err, sizeof err) != BT_OK) {
-        BT_ERROR("event plane: %s", err);
-        rc = 2;
-        goto out;
+    for (int i = 0; i < opened; i++) {
+        fe *s = g->shard[i];
+        if (!s) continue;
+        if (s->loop) {
+            uv_loop_close(s->loop);
+            free(s->loop);
+        }
+        for (fe_model *m = s->models, *n; m; m = n) {
+            n = m->next;
+            free(m);
+        }
+        bt_buf_free(&s->scratch);
+        fe_mail_destroy(s);
+        if (rc == 0 && s->exit_code) rc = s->exit_code;
+        if (i > 0) free(s);
     }
-    if (bt_events_subscribe_load(f->events, on_event_load, f) != BT_OK) {
-        BT_ERROR("event plane: cannot subscribe to load reports");
-        bt_events_close(f->events, NULL, NULL);
-        f->events = NULL;
-        rc = 1;
-        goto out;
-    }
-    BT_INFO("Request migration %s (limit: %lld); router %s; stall timeout %.1fs", o->migration_limit ? "enabled" : "disabled",
-            (long long)o->migration_limit, o->router_mode, o->stall_timeout);
-    BT_INFO("frontend listening on http://%s:%d (discovery %s, namespace %s, event plane %s)", o->http_host,
-            bt_http_server_port(f->http), o->discovery, o->ns, bt_events_plane(f->events));
-    uv_run(&loop, UV_RUN_DEFAULT);
-
-out:
-    if (rc != 0) {
-        if (f->disc) bt_discovery_close(f->disc, NULL, NULL);
-        uv_walk(&loop, walk_close, NULL);
-        uv_run(&loop, UV_RUN_DEFAULT);
-    }
-    uv_loop_close(&loop);
-    for (fe_model *m = f->models, *n; m; m = n) {
-        n = m->next;
-        free(m);
-    }
-    bt_buf_free(&f->scratch);
     free(f->rpc_secret);
-    rc = rc ? rc : f->exit_code;
+    free(g);
     free(f);
     return rc;
+
+bad_usage:
+    free(f);
+    return 2;
 }

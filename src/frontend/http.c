@@ -13,12 +13,14 @@
  * on_request itself, and means on_abort is never re-entered from inside a handler's own call. */
 #include "frontend/http.h"
 
+#include <errno.h>
 #include <http_parser.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
 
 #include "common/log.h"
 #include "common/util.h"
@@ -168,6 +170,8 @@ void bt_http_config_default(bt_http_config *c) {
     c->header_timeout_ms = 30000;
     c->max_connections = 10000;
     c->write_backlog_max = 8u * 1024u * 1024u;
+    c->reuse_port = false;
+    c->shared_conns = NULL;
 }
 
 static uint64_t timer_ms(const conn *c, timer_mode m) {
@@ -661,6 +665,7 @@ static void on_conn_closed(uv_handle_t *h) {
     else s->conns = c->next;
     if (c->next) c->next->prev = c->prev;
     s->nconns--;
+    if (s->cfg.shared_conns) atomic_fetch_sub(s->cfg.shared_conns, 1);
     conn_free(c);
     server_maybe_finish(s);
 }
@@ -713,14 +718,18 @@ static void on_connection(uv_stream_t *server, int status) {
         return;
     }
     if (s->closing) return;
-    if (s->nconns >= s->cfg.max_connections) {
-        BT_WARN("http: %zu connections open (limit %zu); rejecting a new one", s->nconns, s->cfg.max_connections);
+    /* With a shared counter the limit is over every server that shares it (the frontend's shards) */
+    size_t open = s->cfg.shared_conns ? atomic_fetch_add(s->cfg.shared_conns, 1) : s->nconns;
+    if (open >= s->cfg.max_connections) {
+        if (s->cfg.shared_conns) atomic_fetch_sub(s->cfg.shared_conns, 1);
+        BT_WARN("http: %zu connections open (limit %zu); rejecting a new one", open, s->cfg.max_connections);
         s->stats.max_connections++;
         server_reject(s);
         return;
     }
     conn *c = calloc(1, sizeof *c);
     if (!c) {
+        if (s->cfg.shared_conns) atomic_fetch_sub(s->cfg.shared_conns, 1);
         BT_ERROR("http: out of memory accepting a connection");
         server_reject(s);
         return;
@@ -992,13 +1001,26 @@ bt_status bt_http_server_start(uv_loop_t *loop, const bt_http_config *cfg, const
     if (!s->cfg.write_backlog_max) s->cfg.write_backlog_max = def.write_backlog_max;
     s->h = *h;
     s->ud = ud;
-    uv_tcp_init(loop, &s->listener);
+    int r = 0;
+    if (cfg->reuse_port) {
+        /* The socket must exist before the bind to carry SO_REUSEPORT, which libuv 1.44 does not
+         * set itself (UV_TCP_REUSEPORT came in 1.49). */
+        r = uv_tcp_init_ex(loop, &s->listener, ss.ss_family);
+        uv_os_fd_t fd;
+        int one = 1;
+        if (r != 0) uv_tcp_init(loop, &s->listener); /* a handle for the error path to close */
+        else if (uv_fileno((uv_handle_t *)&s->listener, &fd) == 0 &&
+                 setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0)
+            r = -errno;
+    } else {
+        uv_tcp_init(loop, &s->listener);
+    }
     uv_timer_init(loop, &s->aux);
     s->listener.data = s;
     s->aux.data = s;
 
     /* libuv sets SO_REUSEADDR on every TCP bind on Unix; bind errors may surface at listen. */
-    int r = uv_tcp_bind(&s->listener, (const struct sockaddr *)&ss, 0);
+    if (r == 0) r = uv_tcp_bind(&s->listener, (const struct sockaddr *)&ss, 0);
     if (r == 0) r = uv_listen((uv_stream_t *)&s->listener, 511, on_connection);
     if (r == 0) {
         struct sockaddr_storage bound;

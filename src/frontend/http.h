@@ -12,6 +12,7 @@
 #ifndef BATON_HTTP_H
 #define BATON_HTTP_H
 
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -57,6 +58,9 @@ typedef struct {
     size_t max_connections;      /* beyond this new connections are closed at once; 0 = 10000 */
     size_t write_backlog_max;    /* a client that does not read: past this many queued bytes
                                     the connection is closed and on_abort called; 8 MiB */
+    bool reuse_port;             /* SO_REUSEPORT: several servers (threads) listen on one port */
+    atomic_size_t *shared_conns; /* if set, max_connections counts the connections of every
+                                    server sharing this counter */
 } bt_http_config;               /* zero sizes mean the defaults; a zero timeout disables it */
 
 void bt_http_config_default(bt_http_config *c);

@@ -109,6 +109,10 @@ void fe_metrics_render(fe *f, bt_buf *b) {
                    hstat.slow_reader);
     bt_buf_appendf(b, "# TYPE baton_frontend_limit_rejections_total counter\nbaton_frontend_limit_rejections_total %" PRIu64
                       "\n", f->limit_rejections);
+    /* per event loop (--threads): how the kernel spread the load; the merge keeps one series each */
+    bt_buf_appendf(b, "# TYPE baton_frontend_thread_requests_total counter\n"
+                      "baton_frontend_thread_requests_total{thread=\"%d\"} %" PRIu64 "\n",
+                   f->shard, f->requests_seen);
     size_t routable = 0;
     for (fe_worker *w = f->workers; w; w = w->next) routable += fe_worker_routable(w);
     bt_buf_appendf(b, "# TYPE baton_frontend_workers gauge\nbaton_frontend_workers{state=\"known\"} %zu\n"

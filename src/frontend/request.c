@@ -79,6 +79,7 @@ static void req_free(fe_req *r) {
     else f->reqs = r->next;
     if (r->next) r->next->prev = r->prev;
     f->nreqs--;
+    fe_reqs_release(f);
     if (r->model) r->model->st.inflight--;
     if (r->http) r->http->user = NULL;
     json_decref(r->body);
@@ -656,7 +657,7 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
         json_decref(body);
         return;
     }
-    if (f->nreqs >= (size_t)f->o.max_requests) {
+    if (!fe_reqs_reserve(f)) { /* the limit is the process's, over every shard */
         f->limit_rejections++;
         fe_json_error(http, rid, 503, "service_unavailable", "too many concurrent requests (limit %lld)",
                       (long long)f->o.max_requests);
@@ -665,12 +666,14 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
     }
     fe_req *r = calloc(1, sizeof *r);
     if (!r) {
+        fe_reqs_release(f);
         fe_json_error(http, rid, 500, "internal_error", "out of memory");
         json_decref(body);
         return;
     }
     r->ctx = bt_ctx_new(rid, on_req_cancel, r);
     if (!r->ctx) {
+        fe_reqs_release(f);
         fe_json_error(http, rid, 500, "internal_error", "out of memory");
         json_decref(body);
         free(r);

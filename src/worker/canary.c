@@ -33,6 +33,7 @@ static void set_ready(wk_worker *w, bool ready, const char *why) {
     wk_canary *c = &w->canary;
     if (c->ready == ready) return;
     c->ready = ready;
+    if (wk_ready(w)) w->was_ready = true; /* ends the starting health status (status.c) */
     if (ready) BT_INFO("endpoint %s: notready -> ready (%s)", w->o.ep, why);
     else BT_WARN("endpoint %s: ready -> notready (%s); frontends route nothing new here", w->o.ep, why);
     wk_send_load(w, NULL); /* tell the frontends now, not at the next periodic report */

@@ -33,30 +33,12 @@ static void worker_finish(wk_worker *w);
 
 /* ---- closing ----------------------------------------------------------------------------- */
 
-static void close_all(uv_handle_t *h, void *arg) {
-    (void)arg;
-    if (!uv_is_closing(h)) uv_close(h, NULL);
-}
+static void on_planes_closed(void *ud) { wk_set_state(ud, WK_GONE); }
 
-static void on_events_closed(void *ud) {
-    wk_worker *w = ud;
-    wk_set_state(w, WK_GONE);
-    /* every remaining handle (signals, timers) closes; the loop ends */
-    uv_walk(w->loop, close_all, NULL);
-}
-
-static void on_discovery_closed(void *ud) {
-    wk_worker *w = ud;
-    bt_events *e = w->events;
-    w->events = NULL;
-    bt_events_close(e, on_events_closed, w); /* calls back at once for the direct plane */
-}
-
+/* then every remaining handle (signals, timers) closes; the loop ends */
 static void on_status_closed(void *ud) {
     wk_worker *w = ud;
-    if (w->disc) bt_discovery_close(w->disc, on_discovery_closed, w);
-    else on_discovery_closed(w);
-    w->disc = NULL;
+    bt_proc_close_planes(&w->closer, w->loop, &w->disc, &w->events, on_planes_closed, w);
 }
 
 static void log_summary(wk_worker *w) {
@@ -246,14 +228,6 @@ static void on_signal(uv_signal_t *h, int signum) {
 }
 
 void wk_drain_init(wk_worker *w) {
-    uv_loop_t *loop = w->loop;
-    uv_signal_init(loop, &w->sig_term);
-    uv_signal_init(loop, &w->sig_int);
-    uv_signal_init(loop, &w->sig_usr1);
-    uv_signal_init(loop, &w->sig_usr2);
-    w->sig_term.data = w->sig_int.data = w->sig_usr1.data = w->sig_usr2.data = w;
-    uv_signal_start(&w->sig_term, on_signal, SIGTERM);
-    uv_signal_start(&w->sig_int, on_signal, SIGINT);
-    uv_signal_start(&w->sig_usr1, on_signal, SIGUSR1);
-    uv_signal_start(&w->sig_usr2, on_signal, SIGUSR2);
+    static const int signums[] = {SIGTERM, SIGINT, SIGUSR1, SIGUSR2};
+    bt_proc_signals_start(w->loop, w->sigs, signums, 4, on_signal, w);
 }

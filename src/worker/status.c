@@ -2,7 +2,9 @@
  *
  *   GET /health  readiness: 200 {"status":"ready","uptime":{"secs","nanos"},"endpoints":{"generate":"ready"}}
  *                while the worker serves, is not draining and its endpoint passes the canary;
- *                otherwise 503 with "notready". Extra fields: "state", "instance_id".
+ *                otherwise 503 with "notready". Extra fields: "state", "instance_id". Before the
+ *                endpoint is first ready, DYN_SYSTEM_STARTING_HEALTH_STATUS decides instead, unless
+ *                DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS names the endpoint (wk_health_ready).
  *   GET /live    liveness: 200 {"status":"live",...} while the process and its engine work (also
  *                while draining or while a canary fails: a restart would not help either), 503
  *                {"status":"dead",...} once the engine has failed and the worker is on its way out.
@@ -13,6 +15,7 @@
  * The paths follow DYN_SYSTEM_HEALTH_PATH / DYN_SYSTEM_LIVE_PATH. DYN_SYSTEM_PORT -1 turns the
  * server off, 0 picks a free port (logged); a port that cannot be bound is a start-up error. */
 #include <inttypes.h>
+#include <jansson.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -80,9 +83,64 @@ static void status_metrics(wk_worker *w, bt_buf *b) {
                    bt_events_plane(w->events), es.connected ? 1 : 0, es.connects, es.published, es.dropped);
 }
 
+/* ---- health settings ---------------------------------------------------------------------- */
+
+bool wk_health_config(wk_opts *o, char *err, size_t errlen) {
+    if (strcmp(o->starting_health, "ready") == 0) {
+        o->starting_ready = true;
+    } else if (strcmp(o->starting_health, "notready") == 0) {
+        o->starting_ready = false;
+    } else {
+        snprintf(err, errlen,
+                 "invalid DYN_SYSTEM_STARTING_HEALTH_STATUS (--system-starting-health-status) '%.64s': expected "
+                 "ready or notready",
+                 o->starting_health);
+        return false;
+    }
+    o->health_listed = false;
+    json_t *list = json_loads(o->endpoint_health, 0, NULL);
+    bool ok = json_is_array(list);
+    size_t i;
+    json_t *v;
+    json_array_foreach(list, i, v) ok = ok && json_is_string(v);
+    if (!ok) {
+        json_decref(list);
+        snprintf(err, errlen,
+                 "invalid DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS (--system-use-endpoint-health-status) '%.64s': "
+                 "expected a JSON list of endpoint names, such as [\"%s\"]",
+                 o->endpoint_health, o->ep);
+        return false;
+    }
+    /* baton serves one endpoint per worker: a name that is not it could never be ready */
+    json_array_foreach(list, i, v) {
+        if (strcmp(json_string_value(v), o->ep) != 0) {
+            snprintf(err, errlen,
+                     "DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS names endpoint '%.64s', which this worker does not "
+                     "serve: it serves '%s' (--endpoint %.100s)",
+                     json_string_value(v), o->ep, o->endpoint);
+            json_decref(list);
+            return false;
+        }
+        o->health_listed = true;
+    }
+    json_decref(list);
+    return true;
+}
+
+bool wk_health_ready(const wk_worker *w) {
+    if (wk_ready(w)) return true;
+    /* the endpoint's readiness alone, once it has been ready or when the list names it; never
+     * ready while draining or after an engine failure */
+    if (w->o.health_listed || w->was_ready || w->engine_failed || w->state == WK_DRAINING || w->state == WK_GONE)
+        return false;
+    return w->o.starting_ready; /* registering, or waiting for the first canary */
+}
+
+/* ---- the server ---------------------------------------------------------------------------- */
+
 static void health_body(wk_worker *w, bt_buf *b, bool ready) {
     uint64_t up = bt_now_ms() - w->started_ms;
-    bool ep_ready = !w->engine_failed && (!w->o.canary_enabled || w->canary.ready) && w->state == WK_READY;
+    bool ep_ready = wk_ready(w);
     bt_buf_appendf(b,
                    "{\"status\":\"%s\",\"uptime\":{\"secs\":%" PRIu64 ",\"nanos\":%" PRIu64
                    "},\"endpoints\":{\"%s\":\"%s\"},\"state\":\"%s\",\"instance_id\":%" PRIu64 "}",
@@ -99,7 +157,7 @@ static void on_status_request(void *ud, bt_http_req *req) {
         status_metrics(w, &b);
         bt_http_respond(req, 200, "text/plain; version=0.0.4", NULL, b.data ? b.data : "", b.len);
     } else if (get && strcmp(req->path, w->o.health_path) == 0) {
-        bool ready = wk_ready(w);
+        bool ready = wk_health_ready(w);
         health_body(w, &b, ready);
         bt_http_respond(req, ready ? 200 : 503, "application/json", NULL, b.data, b.len);
     } else if (get && strcmp(req->path, w->o.live_path) == 0) {
@@ -144,6 +202,13 @@ bt_status wk_status_start(wk_worker *w, char *err, size_t errlen) {
     }
     BT_INFO("status server listening on %s:%d (%s, %s, /metrics)", o->system_host, bt_http_server_port(w->status),
             o->health_path, o->live_path);
+    if (o->health_listed)
+        BT_INFO("%s follows endpoint %s from the start (DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS)", o->health_path,
+                o->ep);
+    else if (o->starting_ready)
+        BT_INFO("%s reports ready until endpoint %s is first ready, then follows it "
+                "(DYN_SYSTEM_STARTING_HEALTH_STATUS=ready)",
+                o->health_path, o->ep);
     return BT_OK;
 }
 

@@ -21,6 +21,7 @@
 
 #include "common/log.h"
 #include "common/opts.h"
+#include "common/proc.h"
 #include "common/util.h"
 #include "proto/proto.h"
 #include "worker/worker_internal.h"
@@ -33,6 +34,7 @@ void wk_set_state(wk_worker *w, wk_state s) {
     if (w->state == s) return;
     BT_INFO("worker %" PRIx64 ": %s -> %s", w->instance_id, state_names[w->state], state_names[s]);
     w->state = s;
+    if (wk_ready(w)) w->was_ready = true; /* ends the starting health status (status.c) */
 }
 
 bool wk_ready(const wk_worker *w) {
@@ -517,7 +519,7 @@ static int worker_run(wk_worker *w) {
     bt_rpc_config rc;
     bt_rpc_config_default(&rc, BT_ROLE_WORKER, w->instance_id);
     rc.dead_after_ms = (uint32_t)o->frontend_dead_after * 1000;
-    if (bt_load_secret(o->rpc_secret_file, getenv("DYN_RPC_SECRET"), &o->rpc_secret, err, sizeof err) != BT_OK) {
+    if (bt_proc_load_secret(&o->p, &o->rpc_secret, err, sizeof err) != BT_OK) {
         BT_ERROR("%s", err);
         return 2;
     }
@@ -530,13 +532,7 @@ static int worker_run(wk_worker *w) {
     }
     snprintf(w->transport, sizeof w->transport, "%s:%d", o->rpc_host, bt_rpc_listener_port(w->listener));
 
-    bt_discovery_config dc;
-    bt_discovery_config_default(&dc);
-    dc.backend = o->discovery;
-    if (o->discovery_dir) dc.dir = o->discovery_dir;
-    if (o->etcd_endpoints) dc.etcd_endpoints = o->etcd_endpoints;
-    dc.ttl_s = o->discovery_ttl;
-    if (bt_discovery_create(loop, &dc, &w->disc, err, sizeof err) != BT_OK) {
+    if (bt_proc_discovery_create(loop, &o->p, o->discovery_ttl, &w->disc, err, sizeof err) != BT_OK) {
         BT_ERROR("discovery: %s", err);
         return 1;
     }
@@ -554,15 +550,7 @@ static int worker_run(wk_worker *w) {
         return 1;
     }
 
-    bt_events_config ec;
-    bt_events_config_default(&ec);
-    ec.plane = o->event_plane;
-    ec.nats_server = o->nats_server;
-    ec.ns = o->ns;
-    char ename[64];
-    snprintf(ename, sizeof ename, "baton-worker-%" PRIx64, w->instance_id);
-    ec.name = ename;
-    if (bt_events_create(loop, &ec, &w->events, err, sizeof err) != BT_OK) {
+    if (bt_proc_events_create(loop, &o->p, o->ns, "worker", w->instance_id, &w->events, err, sizeof err) != BT_OK) {
         BT_ERROR("event plane: %s", err);
         return 2;
     }
@@ -571,15 +559,10 @@ static int worker_run(wk_worker *w) {
     wk_set_state(w, WK_READY);
     wk_canary_start(w);
     BT_INFO("worker %" PRIx64 " serving model '%s' on %s (endpoint dyn://%s.%s.%s, discovery %s, drain bound %llds)",
-            w->instance_id, o->model_name, w->transport, o->ns, o->component, o->ep, o->discovery,
+            w->instance_id, o->model_name, w->transport, o->ns, o->component, o->ep, o->p.discovery,
             (long long)o->graceful_timeout);
     uv_run(loop, UV_RUN_DEFAULT);
     return w->exit_code;
-}
-
-static void close_all(uv_handle_t *h, void *arg) {
-    (void)arg;
-    if (!uv_is_closing(h)) uv_close(h, NULL);
 }
 
 int bt_worker_main(int argc, char **argv) {
@@ -593,17 +576,16 @@ int bt_worker_main(int argc, char **argv) {
     o->endpoint = "dyn://dynamo.backend.generate";
     o->rpc_host = "127.0.0.1";
     o->rpc_port = 0;
-    o->discovery = "file";
-    o->discovery_dir = NULL;
+    bt_proc_opts_default(&o->p);
     o->discovery_ttl = 10;
     o->graceful_timeout = 30;
     o->system_port = 9090;
     o->system_host = "0.0.0.0";
     o->health_path = "/health";
     o->live_path = "/live";
+    o->starting_health = "notready";
+    o->endpoint_health = "[]";
     o->frontend_dead_after = 5;
-    o->event_plane = "direct";
-    o->nats_server = "nats://localhost:4222";
     o->canary_enabled = false;
     o->canary_wait = 10;
     o->canary_timeout = 3;
@@ -640,10 +622,13 @@ int bt_worker_main(int argc, char **argv) {
         {"--endpoint", "DYN_ENDPOINT", BT_OPT_STR, &o->endpoint, 0, 0, "dyn://namespace.component.endpoint"},
         {"--rpc-host", "DYN_TCP_RPC_HOST", BT_OPT_STR, &o->rpc_host, 0, 0, "request-plane listen address"},
         {"--rpc-port", "DYN_TCP_RPC_PORT", BT_OPT_INT, &o->rpc_port, 0, 65535, "request-plane port (0 = any)"},
-        {"--discovery", "DYN_DISCOVERY_BACKEND", BT_OPT_STR, &o->discovery, 0, 0, "file"},
-        {"--discovery-dir", "DYN_FILE_KV", BT_OPT_STR, &o->discovery_dir, 0, 0, "file discovery directory"},
+        BT_PROC_OPT_DISCOVERY(&o->p, "file"),
+        BT_PROC_OPT_DISCOVERY_DIR(&o->p),
         {"--discovery-ttl", "DYN_DISCOVERY_TTL", BT_OPT_INT, &o->discovery_ttl, 1, 3600, "seconds"},
-        {"--etcd-endpoints", "ETCD_ENDPOINTS", BT_OPT_STR, &o->etcd_endpoints, 0, 0, "comma-separated URLs"},
+        BT_PROC_OPT_ETCD_ENDPOINTS(&o->p),
+        BT_PROC_OPT_ETCD_CA(&o->p),
+        BT_PROC_OPT_ETCD_CLIENT_CERT(&o->p),
+        BT_PROC_OPT_ETCD_CLIENT_KEY(&o->p),
         {"--graceful-shutdown-timeout", "DYN_GRACEFUL_SHUTDOWN_TIMEOUT", BT_OPT_INT, &o->graceful_timeout, 0, 86400,
          "seconds of drain before streams are handed back"},
         {"--system-port", "DYN_SYSTEM_PORT", BT_OPT_INT, &o->system_port, -1, 65535,
@@ -652,6 +637,10 @@ int bt_worker_main(int argc, char **argv) {
         {"--system-health-path", "DYN_SYSTEM_HEALTH_PATH", BT_OPT_STR, &o->health_path, 0, 0,
          "readiness probe path (/health)"},
         {"--system-live-path", "DYN_SYSTEM_LIVE_PATH", BT_OPT_STR, &o->live_path, 0, 0, "liveness probe path (/live)"},
+        {"--system-starting-health-status", "DYN_SYSTEM_STARTING_HEALTH_STATUS", BT_OPT_STR, &o->starting_health, 0,
+         0, "ready or notready: /health until the endpoint is first ready (notready)"},
+        {"--system-use-endpoint-health-status", "DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS", BT_OPT_STR,
+         &o->endpoint_health, 0, 0, "JSON list of endpoints that alone decide /health, e.g. [\"generate\"] ([])"},
         {"--health-check-enabled", "DYN_HEALTH_CHECK_ENABLED", BT_OPT_BOOL, &o->canary_enabled, 0, 0,
          "send canary requests when idle"},
         {"--canary-wait-time", "DYN_CANARY_WAIT_TIME", BT_OPT_DOUBLE, &o->canary_wait, 0.01, 86400,
@@ -662,13 +651,11 @@ int bt_worker_main(int argc, char **argv) {
          "canary request body: JSON object or @file"},
         {"--engine-stuck-timeout", "DYN_ENGINE_STUCK_TIMEOUT", BT_OPT_DOUBLE, &o->engine_stuck_timeout, 0, 86400,
          "seconds without engine progress while busy before the engine counts as failed (0 = off)"},
-        {"--rpc-secret-file", "DYN_RPC_SECRET_FILE", BT_OPT_STR, &o->rpc_secret_file, 0, 0,
-         "file holding the request-plane shared secret (or DYN_RPC_SECRET)"},
+        BT_PROC_OPT_RPC_SECRET_FILE(&o->p),
         {"--frontend-dead-after", "DYN_FRONTEND_DEAD_AFTER", BT_OPT_INT, &o->frontend_dead_after, 1, 3600,
          "seconds of silence before a frontend connection is dropped"},
-        {"--event-plane", "DYN_EVENT_PLANE", BT_OPT_STR, &o->event_plane, 0, 0,
-         "direct (load on the request plane) or nats (also namespace.{ns}.kv_metrics)"},
-        {"--nats-server", "NATS_SERVER", BT_OPT_STR, &o->nats_server, 0, 0, "nats://host:port[,nats://...]"},
+        BT_PROC_OPT_EVENT_PLANE(&o->p),
+        BT_PROC_OPT_NATS_SERVER(&o->p),
         {"--fault-signals", "DYN_FAULT_SIGNALS", BT_OPT_BOOL, &o->fault_signals, 0, 0,
          "SIGUSR1 kills the engine, SIGUSR2 toggles a stall (tests)"},
         {"--num-gpu-blocks-override", NULL, BT_OPT_INT, &o->mocker.num_gpu_blocks, 1, 1e9, "mocker KV blocks"},
@@ -688,28 +675,27 @@ int bt_worker_main(int argc, char **argv) {
          "test hook: KILL frames do not reach the engine (the sequence runs out)"},
     };
     int nopts = (int)(sizeof opts / sizeof opts[0]);
-    for (int i = 1; i < argc; i++)
-        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-            bt_opts_usage("worker", opts, nopts);
-            free(w);
-            return 0;
-        }
-    char err[256];
-    if (!bt_opts_parse(opts, nopts, argc, argv, 1, NULL, 0, NULL, err, sizeof err) ||
-        !parse_endpoint(o, err, sizeof err)) {
-        fprintf(stderr, "baton worker: %s\n", err);
+    if (bt_proc_help("worker", opts, nopts, argc, argv)) {
         free(w);
-        return 2;
+        return 0;
     }
-    if (strcmp(o->discovery, "file") != 0 && strcmp(o->discovery, "etcd") != 0) {
-        fprintf(stderr, "baton worker: unknown --discovery '%s' (file or etcd)\n", o->discovery);
-        free(w);
-        return 2;
+    char err[512];
+    if (!bt_proc_parse("worker", opts, nopts, argc, argv)) goto bad_usage;
+    if (!parse_endpoint(o, err, sizeof err)) {
+        bt_proc_error("worker", "%s", err);
+        goto bad_usage;
+    }
+    if (strcmp(o->p.discovery, "file") != 0 && strcmp(o->p.discovery, "etcd") != 0) {
+        bt_proc_error("worker", "unknown --discovery '%s' (file or etcd)", o->p.discovery);
+        goto bad_usage;
     }
     if (o->health_path[0] != '/' || o->live_path[0] != '/') {
-        fprintf(stderr, "baton worker: DYN_SYSTEM_HEALTH_PATH and DYN_SYSTEM_LIVE_PATH must start with '/'\n");
-        free(w);
-        return 2;
+        bt_proc_error("worker", "DYN_SYSTEM_HEALTH_PATH and DYN_SYSTEM_LIVE_PATH must start with '/'");
+        goto bad_usage;
+    }
+    if (!wk_health_config(o, err, sizeof err)) {
+        bt_proc_error("worker", "%s", err);
+        goto bad_usage;
     }
     uv_loop_t loop;
     uv_loop_init(&loop);
@@ -722,12 +708,9 @@ int bt_worker_main(int argc, char **argv) {
         w->status = NULL;
         if (w->listener) bt_rpc_listener_close(w->listener);
         w->listener = NULL;
-        if (w->disc) bt_discovery_close(w->disc, NULL, NULL);
-        w->disc = NULL;
         bt_engine_destroy(w->engine);
         w->engine = NULL;
-        uv_walk(&loop, close_all, NULL);
-        uv_run(&loop, UV_RUN_DEFAULT);
+        bt_proc_unwind(&loop, &w->disc, &w->events);
     }
     wk_canary_free(w);
     uv_loop_close(&loop);
@@ -735,4 +718,8 @@ int bt_worker_main(int argc, char **argv) {
     free(o->rpc_secret);
     free(w);
     return rc;
+
+bad_usage:
+    free(w);
+    return 2;
 }

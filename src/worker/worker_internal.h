@@ -20,6 +20,7 @@
 
 #include "common/cancel.h"
 #include "common/map.h"
+#include "common/proc.h"
 #include "discovery/discovery.h"
 #include "engine/engine.h"
 #include "engine/mocker/mocker.h"
@@ -71,19 +72,16 @@ typedef struct {
     const char *endpoint;
     const char *rpc_host;
     int64_t rpc_port;
-    const char *discovery;
-    const char *discovery_dir;
+    bt_proc_opts p; /* discovery, event plane, request-plane secret */
     int64_t discovery_ttl;
-    const char *etcd_endpoints; /* NULL: $ETCD_ENDPOINTS or the default */
     int64_t graceful_timeout; /* seconds of drain before the rest is handed back */
     int64_t system_port;      /* -1 off, 0 any */
     const char *system_host;
     const char *health_path; /* DYN_SYSTEM_HEALTH_PATH */
     const char *live_path;   /* DYN_SYSTEM_LIVE_PATH */
+    const char *starting_health; /* DYN_SYSTEM_STARTING_HEALTH_STATUS: "ready" or "notready" */
+    const char *endpoint_health; /* DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS: JSON list of endpoint names */
     int64_t frontend_dead_after;
-    const char *rpc_secret_file;
-    const char *event_plane; /* "direct" or "nats" (DYN_EVENT_PLANE) */
-    const char *nats_server; /* NATS_SERVER */
     char *rpc_secret; /* loaded at start-up; NULL = frontends need no secret */
     bool fault_signals;
     bool fault_ignore_kill; /* test hook: a KILL frame does not reach the engine */
@@ -97,6 +95,8 @@ typedef struct {
     bt_openai_config openai; /* --engine openai: the upstream server */
     /* derived */
     char ns[64], component[64], ep[64];
+    bool starting_ready; /* /health is ready until the endpoint is first ready (wk_health_config) */
+    bool health_listed;  /* the endpoint list names this worker's endpoint: its readiness rules /health */
 } wk_opts;
 
 /* Canary state (canary.c). */
@@ -147,12 +147,14 @@ struct wk_worker {
     char transport[96];
     wk_state state;
     int exit_code;
+    bool was_ready; /* wk_ready has held once: the starting health status no longer applies */
     bool finishing;
     bool engine_failed;
     char engine_failure[160];
     int signals_seen;
     bool stalled; /* fault signal SIGUSR2 toggles */
-    uv_signal_t sig_term, sig_int, sig_usr1, sig_usr2;
+    uv_signal_t sigs[4]; /* SIGTERM, SIGINT, SIGUSR1, SIGUSR2 */
+    bt_proc_closer closer; /* closes discovery and the event plane at the end */
     uv_timer_t drain_timer;
     uv_timer_t dead_timer;
     uv_timer_t load_timer; /* re-sends LOAD when nothing changed for a while: keeps reports fresh */
@@ -180,7 +182,8 @@ void wk_send_stream_error(wk_peer *p, uint32_t id, bt_status code, const char *m
 void wk_stream_free(wk_stream *s);
 /* Appends baton_worker_cancel_latency_seconds to a /metrics body. */
 void wk_cancel_metrics(const wk_worker *w, bt_buf *b);
-/* True when new work may be routed here: serving, not draining, endpoint healthy. */
+/* True when new work may be routed here: serving, not draining, endpoint healthy. The endpoint's
+ * readiness, as /health reports it under "endpoints". */
 bool wk_ready(const wk_worker *w);
 
 /* drain.c */
@@ -197,6 +200,12 @@ void wk_engine_failed(wk_worker *w, const char *why);
 void wk_engine_dead_hook(void *ud, const char *why);
 
 /* status.c */
+/* Checks DYN_SYSTEM_STARTING_HEALTH_STATUS and DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS (after the
+ * endpoint is parsed) and sets starting_ready and health_listed; false with a message naming the
+ * variable on a bad value. */
+bool wk_health_config(wk_opts *o, char *err, size_t errlen);
+/* What /health answers: true for 200 "ready" (docs/operations.md, "Worker status server"). */
+bool wk_health_ready(const wk_worker *w);
 bt_status wk_status_start(wk_worker *w, char *err, size_t errlen);
 /* Closes the status server (if any) and then calls done(w). */
 void wk_status_close(wk_worker *w, void (*done)(void *ud));

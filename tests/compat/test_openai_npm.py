@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import batonlib as bl
+import npmlib
 
 OPENAI_VERSION = "5.23.2"  # last 5.x; no dependencies, uses the built-in fetch of node >= 18
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -25,62 +26,17 @@ def fail(msg):
     sys.exit(1)
 
 
-def cache_dir():
-    base = os.environ.get("XDG_CACHE_HOME")
-    if not base and os.environ.get("HOME"):
-        base = os.path.join(os.environ["HOME"], ".cache")
-    if base:
-        try:
-            os.makedirs(os.path.join(base, "baton"), exist_ok=True)
-            return os.path.join(base, "baton", f"openai-node-{OPENAI_VERSION}")
-        except OSError:
-            pass
-    return os.path.join(os.path.dirname(bl.baton_bin()), "compat-node", f"openai-{OPENAI_VERSION}")
-
-
-def installed_version(d):
-    try:
-        with open(os.path.join(d, "node_modules", "openai", "package.json")) as f:
-            return json.load(f).get("version")
-    except (OSError, ValueError):
-        return None
-
-
 def ensure_sdk():
     """Returns a directory whose node_modules/ holds openai@OPENAI_VERSION."""
-    for tool in ("node", "npm"):
-        if not shutil.which(tool):
-            fail(f"`{tool}` is not on the PATH; scripts/setup installs Node.js and npm")
+    if not shutil.which("node"):
+        fail("`node` is not on the PATH; scripts/setup installs Node.js and npm")
     major = subprocess.run(["node", "-p", "process.versions.node.split('.')[0]"], capture_output=True, text=True)
     if major.returncode != 0 or int(major.stdout.strip() or 0) < 18:
         fail(f"node >= 18 is needed for openai@{OPENAI_VERSION}; found {major.stdout.strip() or major.stderr}")
-    d = cache_dir()
-    if installed_version(d) == OPENAI_VERSION:
-        return d
-    tmp = f"{d}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    with open(os.path.join(tmp, "package.json"), "w") as f:
-        json.dump({"name": "baton-compat", "private": True, "version": "0.0.0"}, f)
-    cmd = ["npm", "install", "--no-audit", "--no-fund", "--no-package-lock", "--loglevel=error",
-           "--fetch-retries=1", "--fetch-timeout=60000", f"openai@{OPENAI_VERSION}"]
     try:
-        r = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        shutil.rmtree(tmp, ignore_errors=True)
-        fail(f"`{' '.join(cmd)}` did not finish within 180 s: is the npm registry reachable?")
-    if r.returncode != 0 or installed_version(tmp) != OPENAI_VERSION:
-        shutil.rmtree(tmp, ignore_errors=True)
-        fail(f"could not install openai@{OPENAI_VERSION} from the npm registry (exit {r.returncode}); "
-             f"the compatibility test cannot run without it.\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-    shutil.rmtree(d, ignore_errors=True)
-    try:
-        os.rename(tmp, d)
-    except OSError:  # another run installed it meanwhile
-        shutil.rmtree(tmp, ignore_errors=True)
-        if installed_version(d) != OPENAI_VERSION:
-            fail(f"could not place the SDK in {d}")
-    return d
+        return npmlib.ensure_package("openai", OPENAI_VERSION, f"openai-node-{OPENAI_VERSION}")
+    except AssertionError as e:
+        fail(str(e))
 
 
 def main():

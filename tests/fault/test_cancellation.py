@@ -146,6 +146,15 @@ def fresh_requests_match(fe, refs, what):
 
 # ---- scenarios ----------------------------------------------------------------------------------------
 
+def one_worker(c, **flags):
+    """A frontend (migration limit 3) and one worker with WORKER and `flags`; returns the frontend,
+    the worker and its baseline state."""
+    fe = c.start_frontend(migration_limit=3)
+    w = c.start_worker(system_port=True, wait=True, **WORKER, **flags)
+    c.wait_workers(fe, 1)
+    return fe, w, [worker_state(w)]
+
+
 def storm_streaming(fe, workers, base, refs, n=200):
     m0 = fe_metrics(fe)
     kills0 = sum(worker_counter(w, "kill") for w in workers)
@@ -191,10 +200,7 @@ def storm_unary(fe, workers, base, refs, n=200):
 
 def queued(c):
     """One worker that runs one sequence at a time: later requests wait in the engine's queue."""
-    fe = c.start_frontend(migration_limit=3)
-    w = c.start_worker(system_port=True, wait=True, max_num_seqs=1, **WORKER)
-    c.wait_workers(fe, 1)
-    base = [worker_state(w)]
+    fe, w, base = one_worker(c, max_num_seqs=1)
     blocker = raw_request(fe, "/v1/completions", body(0, "completion", stream=False), "blocker")
     bl.wait_for(lambda: worker_state(w)["active"] == 1, 10, what="the blocking request running")
     for streaming in (True, False):
@@ -299,14 +305,24 @@ def frozen_worker(c, after_stall):
 
 
 def operator_endpoint(c):
-    fe = c.start_frontend(migration_limit=3)
-    w = c.start_worker(system_port=True, wait=True, **WORKER)
-    c.wait_workers(fe, 1)
-    base = [worker_state(w)]
+    fe, w, base = one_worker(c)
     ref = stream(fe, body(4, max_tokens=300)).assert_ok("reference for the operator cases")
 
     def cancel(rid, mode):
         return bl.post_json(fe.url + f"/v1/requests/{rid}/cancel", {"mode": mode})
+
+    def cancelled_stream(i, rid, after, modes):
+        """A long stream of body(i) with request id rid, cancelled with each of modes in turn once
+        `after` tokens have arrived; returns the stream and the answers to the cancels."""
+        answers = []
+
+        def on_event(s, ev):
+            if len(s.token_ids) >= after and not answers:
+                answers.extend(cancel(rid, mode) for mode in modes)
+            return False
+
+        s = stream(fe, body(i, max_tokens=LONG), on_event=on_event, headers={"X-Request-Id": rid}, timeout=30)
+        return s, answers
 
     # unknown id and bad body
     st, _, b = cancel("no-such-request", "stop")
@@ -316,16 +332,8 @@ def operator_endpoint(c):
 
     # stop, streaming: the stream ends normally with what was generated and finish_reason cancelled
     stop0 = worker_counter(w, "stop")
-    answers = {}
-
-    def stop_after(s, ev):
-        if len(s.token_ids) >= 20 and "stop" not in answers:
-            answers["stop"] = cancel("op-stop-stream", "stop")
-        return False
-
-    s = stream(fe, body(4, max_tokens=LONG), on_event=stop_after, headers={"X-Request-Id": "op-stop-stream"},
-               timeout=30)
-    assert answers["stop"][0] == 200 and answers["stop"][2]["mode"] == "stop", answers
+    s, answers = cancelled_stream(4, "op-stop-stream", 20, ["stop"])
+    assert answers[0][0] == 200 and answers[0][2]["mode"] == "stop", answers
     s.assert_ok("operator stop (stream)")
     assert s.finish_reason == "cancelled", s.summary()
     assert 20 <= len(s.token_ids) < LONG, s.summary()
@@ -355,15 +363,8 @@ def operator_endpoint(c):
 
     # kill, streaming: an error event, no [DONE]; the engine drops the sequence
     kill0 = worker_counter(w, "kill")
-
-    def kill_after(s, ev):
-        if len(s.token_ids) >= 10 and "kill" not in answers:
-            answers["kill"] = cancel("op-kill-stream", "kill")
-        return False
-
-    s = stream(fe, body(4, max_tokens=LONG), on_event=kill_after, headers={"X-Request-Id": "op-kill-stream"},
-               timeout=30)
-    assert answers["kill"][0] == 200, answers
+    s, answers = cancelled_stream(4, "op-kill-stream", 10, ["kill"])
+    assert answers[0][0] == 200, answers
     assert not s.done and s.error is not None and s.error.get("type") == "cancelled", s.summary()
     assert s.token_ids == ref.token_ids[:len(s.token_ids)]
     t = time.monotonic()
@@ -383,14 +384,8 @@ def operator_endpoint(c):
     assert_baseline([w], base, time.monotonic(), "operator kill (unary)")
 
     # stop then kill: the kill still reaches the engine (no downgrade, no hang)
-    def stop_then_kill(s, ev):
-        if len(s.token_ids) >= 5 and "sk" not in answers:
-            answers["sk"] = (cancel("op-stop-kill", "stop"), cancel("op-stop-kill", "kill"))
-        return False
-
-    s = stream(fe, body(6, max_tokens=LONG), on_event=stop_then_kill, headers={"X-Request-Id": "op-stop-kill"},
-               timeout=30)
-    assert all(a[0] in (200, 404) for a in answers["sk"]), answers["sk"]
+    s, answers = cancelled_stream(6, "op-stop-kill", 5, ["stop", "kill"])
+    assert len(answers) == 2 and all(a[0] in (200, 404) for a in answers), answers
     assert s.t_end - s.t_start < 10 and (s.done or s.error), s.summary()
     assert_baseline([w], base, time.monotonic(), "operator stop then kill")
     m = fe_metrics(fe)
@@ -401,10 +396,7 @@ def operator_endpoint(c):
 
 
 def frontend_killed(c):
-    fe = c.start_frontend(migration_limit=3)
-    w = c.start_worker(system_port=True, wait=True, **WORKER)
-    c.wait_workers(fe, 1)
-    base = [worker_state(w)]
+    fe, w, base = one_worker(c)
     lost0 = worker_counter(w, "frontend_lost")
     n = 20
     threads = [threading.Thread(target=stream, args=(fe, body(i, max_tokens=LONG)), kwargs={"timeout": 30})
@@ -431,10 +423,7 @@ def frontend_killed(c):
 def selftest_ignore_kill(c):
     """The same storm and the same check against a worker that ignores KILL frames: the check must
     report the leak (and the frontend alone would not have shown it)."""
-    fe = c.start_frontend(migration_limit=3)
-    w = c.start_worker(system_port=True, wait=True, fault_ignore_kill=True, **WORKER)
-    c.wait_workers(fe, 1)
-    base = [worker_state(w)]
+    fe, w, base = one_worker(c, fault_ignore_kill=True)
     kills0 = worker_counter(w, "kill")
     n = 20
     plan = [(i, "chat", rng.randint(1, 10)) for i in range(n)]

@@ -163,31 +163,46 @@ def baseline(c, fe):
     bl.stream_chat(fe.url, bl.chat_body("after", max_tokens=5)).assert_ok("a fresh request after the faults")
 
 
-def rolling_restart(c, fe, worker_flags, wave_tokens, expect):
-    refs = references(fe, wave_tokens)
-    srefs = short_refs(fe)
-    traffic = Traffic(fe, 4, srefs)
-    summaries = []
-    for k in range(3):
-        victim = c.workers[k]
-        wave = Wave(fe, 100, wave_tokens, offset=k * 100)
-        wave.wait_started()
-        t0 = time.monotonic()
-        victim.proc.kill(signal.SIGTERM)
-        rc = victim.proc.wait(60)
-        took = time.monotonic() - t0
-        assert rc == 0, f"worker {k} exited with {rc} after SIGTERM:\n{victim.proc.log_tail()}"
-        sm = summary(victim)
-        summaries.append(sm)
-        print(f"  worker {k}: exit 0 after {took:.2f}s; {sm}")
-        c.start_worker(**worker_flags)
-        c.wait_workers(fe, 3, timeout=30)
-        results = wave.join()
-        check_streams(wave.jobs, results, refs, f"wave {k}")
-    traffic.finish()
-    expect(summaries, bl.metrics(fe.url))
-    baseline(c, fe)
-    return refs
+def sigterm(worker, timeout, what):
+    """Sends SIGTERM to a worker and asserts that it exits 0 within timeout; returns the time of the
+    signal and the seconds the exit took."""
+    t0 = time.monotonic()
+    worker.proc.kill(signal.SIGTERM)
+    rc = worker.proc.wait(timeout)
+    took = time.monotonic() - t0
+    assert rc == 0, f"{what} exited with {rc} after SIGTERM:\n{worker.proc.log_tail()}"
+    return t0, took
+
+
+def rolling_restart(migration_limit, worker_flags, wave_tokens, expect):
+    """One frontend and 3 workers; each worker in turn gets SIGTERM while a wave of 100 streams and
+    light traffic run, and a replacement joins before the next. expect(summaries, metrics) checks
+    the drains. Returns the wave's references."""
+    with bl.Cluster() as c:
+        fe = c.start_frontend(migration_limit=migration_limit)
+        for _ in range(3):
+            c.start_worker(**worker_flags)
+        c.wait_workers(fe, 3)
+        refs = references(fe, wave_tokens)
+        srefs = short_refs(fe)
+        traffic = Traffic(fe, 4, srefs)
+        summaries = []
+        for k in range(3):
+            victim = c.workers[k]
+            wave = Wave(fe, 100, wave_tokens, offset=k * 100)
+            wave.wait_started()
+            _, took = sigterm(victim, 60, f"worker {k}")
+            sm = summary(victim)
+            summaries.append(sm)
+            print(f"  worker {k}: exit 0 after {took:.2f}s; {sm}")
+            c.start_worker(**worker_flags)
+            c.wait_workers(fe, 3, timeout=30)
+            results = wave.join()
+            check_streams(wave.jobs, results, refs, f"wave {k}")
+        traffic.finish()
+        expect(summaries, bl.metrics(fe.url))
+        baseline(c, fe)
+        return refs
 
 
 def self_check(refs):
@@ -218,41 +233,32 @@ def self_check(refs):
 
 
 # ---- 1. rolling restart, migration on, drain bound shorter than the streams -------------------
-WORKER = dict(speedup_ratio=0.15, graceful_shutdown_timeout=1)
-with bl.Cluster() as c:
-    fe = c.start_frontend(migration_limit=3)
-    for _ in range(3):
-        c.start_worker(**WORKER)
-    c.wait_workers(fe, 3)
+def expect_migrations(sums, m):
+    handed = sum(s["handed_back"] for s in sums)
+    assert handed > 0, f"no stream was handed back: the drain bound did not cut any ({sums})"
+    ongoing = bl.metric_sum(m, "dynamo_frontend_model_migration_total", migration_type="ongoing_request")
+    assert ongoing >= handed, f"{handed} streams handed back but only {ongoing} ongoing migrations counted"
+    for s in sums:
+        assert s["duration_ms"] < 6000, f"a drain with a 1 s bound took {s['duration_ms']} ms"
 
-    def expect_migrations(sums, m):
-        handed = sum(s["handed_back"] for s in sums)
-        assert handed > 0, f"no stream was handed back: the drain bound did not cut any ({sums})"
-        ongoing = bl.metric_sum(m, "dynamo_frontend_model_migration_total", migration_type="ongoing_request")
-        assert ongoing >= handed, f"{handed} streams handed back but only {ongoing} ongoing migrations counted"
-        for s in sums:
-            assert s["duration_ms"] < 6000, f"a drain with a 1 s bound took {s['duration_ms']} ms"
-    print("rolling restart, migration on:")
-    refs1 = rolling_restart(c, fe, WORKER, 60, expect_migrations)
+
+print("rolling restart, migration on:")
+refs1 = rolling_restart(3, dict(speedup_ratio=0.15, graceful_shutdown_timeout=1), 60, expect_migrations)
 self_check(refs1)
 
-# ---- 2. rolling restart, migration off, drain bound longer than the streams --------------------
-WORKER = dict(speedup_ratio=0.15, graceful_shutdown_timeout=60)
-with bl.Cluster() as c:
-    fe = c.start_frontend(migration_limit=0)
-    for _ in range(3):
-        c.start_worker(**WORKER)
-    c.wait_workers(fe, 3)
 
-    def expect_no_migration(sums, m):
-        for s in sums:
-            assert s["handed_back"] == 0, f"a stream was handed back with a 60 s bound: {s}"
-            assert s["streams_at_start"] > 0, f"the worker had no stream when it was stopped: {s}"
-            assert s["finished"] >= s["streams_at_start"], f"not every running stream finished on its worker: {s}"
-        ongoing = bl.metric_sum(m, "dynamo_frontend_model_migration_total", migration_type="ongoing_request")
-        assert ongoing == 0, f"{ongoing} mid-stream migrations with migration off"
-    print("rolling restart, migration off:")
-    rolling_restart(c, fe, WORKER, 40, expect_no_migration)
+# ---- 2. rolling restart, migration off, drain bound longer than the streams --------------------
+def expect_no_migration(sums, m):
+    for s in sums:
+        assert s["handed_back"] == 0, f"a stream was handed back with a 60 s bound: {s}"
+        assert s["streams_at_start"] > 0, f"the worker had no stream when it was stopped: {s}"
+        assert s["finished"] >= s["streams_at_start"], f"not every running stream finished on its worker: {s}"
+    ongoing = bl.metric_sum(m, "dynamo_frontend_model_migration_total", migration_type="ongoing_request")
+    assert ongoing == 0, f"{ongoing} mid-stream migrations with migration off"
+
+
+print("rolling restart, migration off:")
+rolling_restart(0, dict(speedup_ratio=0.15, graceful_shutdown_timeout=60), 40, expect_no_migration)
 
 # ---- 3. drain bound exceeded: leftover streams migrate ---------------------------------------
 with bl.Cluster() as c:
@@ -264,11 +270,7 @@ with bl.Cluster() as c:
     wave.wait_started()
     c.start_worker(speedup_ratio=0.1)
     c.wait_workers(fe, 2)
-    t0 = time.monotonic()
-    a.proc.kill(signal.SIGTERM)
-    rc = a.proc.wait(30)
-    took = time.monotonic() - t0
-    assert rc == 0, f"worker exited with {rc}"
+    t0, took = sigterm(a, 30, "the worker")
     sm = summary(a)
     print(f"drain bound exceeded: exit 0 after {took:.2f}s; {sm}")
     assert sm["streams_at_start"] == 30 and sm["handed_back"] == 30, sm

@@ -420,14 +420,18 @@ N_STREAMS = 100
 UNARY = list(range(100, 120))
 
 
-def scenario_kill_one(refs):
-    """kill -9 one of three workers while 100 streams and 20 non-streaming requests run."""
+def scenario_kill_one(refs, prefix="k1", streams=range(N_STREAMS), unary=UNARY, fe_flags=None, on_load=None):
+    """kill -9 one of three workers while 100 streams and 20 non-streaming requests run.
+    test_threads.py runs the same with other flags for the frontend; on_load(fe, load) is called
+    once every stream is under way, before the kill."""
     with bl.Cluster() as c:
-        fe, ws, ids = start_cluster(c, 3)
+        fe, ws, ids = start_cluster(c, 3, fe_flags)
         before = counters(fe)
         assert before["limit"] == 3, f"default migration limit gauge is {before['limit']}, want 3"
-        load = Load(fe, make_reqs("k1", range(N_STREAMS), True) + make_reqs("k1u", UNARY, False))
+        load = Load(fe, make_reqs(prefix, streams, True) + make_reqs(prefix + "u", unary, False))
         load.wait_tokens(30)
+        if on_load:
+            on_load(fe, load)
         victim = ws[0]
         vid = ids[victim.rpc_port]
         inflight = worker_gauge(fe, "inflight")[vid]
@@ -436,7 +440,7 @@ def scenario_kill_one(refs):
         reqs = load.join()
         after = counters(fe)
         assert_no_problems(reqs, refs, "kill -9 of one worker")
-        migs = migrations(fe, "k1") + migrations(fe, "k1u")
+        migs = migrations(fe, prefix) + migrations(fe, prefix + "u")
         d = delta(after, before)
         print(f"kill one: victim had {inflight:.0f} requests; {len(migs)} migrated; deltas {d}")
         assert len(migs) == inflight, f"{len(migs)} migration log lines for {inflight:.0f} requests on the victim"
@@ -444,10 +448,10 @@ def scenario_kill_one(refs):
         for m in migs:
             assert m["from"] == vid and m["to"] != vid and m["to"] in ids.values(), m
             assert m["type"] == "ongoing_request" and m["carried"] > 0 and m["code"] == "BT_ERR_DISCONNECTED", m
-        assert any(m["rid"].startswith("k1u-") for m in migs), "no non-streaming request migrated"
+        assert any(m["rid"].startswith(prefix + "u-") for m in migs), "no non-streaming request migrated"
         assert d["ongoing"] == len(migs) and d["new"] == 0 and d["exhausted"] == 0, d
         assert d["stall_count"] == len(migs), f"stall histogram counted {d['stall_count']}, want {len(migs)}"
-        check_baseline(c, fe, refs, 2, "k1")
+        check_baseline(c, fe, refs, 2, prefix)
 
 
 def scenario_kill_until_one(refs):

@@ -23,15 +23,13 @@ Every checker that decides pass or fail is fed a doctored input once and must re
 """
 
 import json
-import os
 import re
-import shutil
-import signal
 import socket
 import threading
 import time
 
 import batonlib as bl
+import natslib
 
 bl.deadline(280, "test_nats")
 
@@ -40,36 +38,6 @@ WORKER = dict(speedup_ratio=4, num_gpu_blocks_override=64, block_size=16)
 MAX_TOKENS = 160
 ACTIVE_LOAD_FIELDS = ("worker_id", "dp_rank", "active_decode_blocks", "active_prefill_tokens", "total_blocks",
                       "waiting", "running", "ready")
-
-
-def nats_server_bin():
-    path = shutil.which("nats-server") or ("/usr/sbin/nats-server" if os.access("/usr/sbin/nats-server", os.X_OK)
-                                           else None)
-    if not path:
-        raise AssertionError("nats-server not found (Debian package nats-server); this test needs a real server")
-    return path
-
-
-class NatsServer:
-    """A nats-server on 127.0.0.1:port, started and killed by this test (by pid)."""
-
-    def __init__(self, cluster, port):
-        self.cluster, self.port, self.proc, self.n = cluster, port, None, 0
-
-    def start(self):
-        self.n += 1
-        log = os.path.join(self.cluster.dir, f"nats-server-{self.n}.log")
-        self.proc = bl.Proc([nats_server_bin(), "-a", "127.0.0.1", "-p", str(self.port)], log=log,
-                            name=f"nats-server:{self.port}")
-
-        def up():
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                return s.recv(5) == b"INFO "
-        bl.wait_for(up, 15, what=f"nats-server on port {self.port}")
-
-    def kill(self):
-        self.proc.kill(signal.SIGKILL)
-        assert self.proc.wait(10) == -signal.SIGKILL, f"nats-server did not die of SIGKILL: {self.proc.returncode}"
 
 
 class RawNats:
@@ -364,9 +332,8 @@ class Traffic:
 
 
 with bl.Cluster() as c:
-    port = bl.free_port()
-    url = f"nats://127.0.0.1:{port}"
-    nats = NatsServer(c, port)
+    nats = natslib.NatsServer(c.dir)  # not started yet: the processes start while NATS is down
+    port, url = nats.port, nats.url
     plane = dict(event_plane="nats", nats_server=url)
 
     # --- 1. everything starts while NATS is down, and serves

@@ -33,14 +33,13 @@ token. If the npm package cannot be installed the test fails: it never passes wi
 
 import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
 
 import batonlib as bl
+import npmlib
 
 MOCK_PKG = "@dwmkerr/mock-llm"
 MOCK_VERSION = "0.1.29"
@@ -398,59 +397,13 @@ def part_a():
 # Part B: a third-party mock server from the npm registry.
 
 
-def mock_cache_dir():
-    base = os.environ.get("XDG_CACHE_HOME") or (os.path.join(os.environ["HOME"], ".cache") if os.environ.get("HOME")
-                                                else None)
-    if base:
-        try:
-            os.makedirs(os.path.join(base, "baton"), exist_ok=True)
-            return os.path.join(base, "baton", f"mock-llm-{MOCK_VERSION}")
-        except OSError:
-            pass
-    return os.path.join(os.path.dirname(bl.baton_bin()), "compat-node", f"mock-llm-{MOCK_VERSION}")
-
-
 def mock_main(d):
     return os.path.join(d, "node_modules", "@dwmkerr", "mock-llm", "dist", "main.js")
 
 
-def installed(d):
-    try:
-        with open(os.path.join(d, "node_modules", "@dwmkerr", "mock-llm", "package.json")) as f:
-            return json.load(f).get("version") == MOCK_VERSION and os.path.exists(mock_main(d))
-    except (OSError, ValueError):
-        return False
-
-
 def ensure_mock():
-    for tool in ("node", "npm"):
-        if not shutil.which(tool):
-            fail(f"`{tool}` is not on the PATH; scripts/setup installs Node.js and npm")
-    d = mock_cache_dir()
-    if installed(d):
-        return d
-    tmp = f"{d}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    with open(os.path.join(tmp, "package.json"), "w") as f:
-        json.dump({"name": "baton-mock-upstream", "private": True, "version": "0.0.0"}, f)
-    cmd = ["npm", "install", "--no-audit", "--no-fund", "--no-package-lock", "--loglevel=error",
-           "--fetch-retries=1", "--fetch-timeout=60000", f"{MOCK_PKG}@{MOCK_VERSION}"]
-    try:
-        r = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        shutil.rmtree(tmp, ignore_errors=True)
-        fail(f"`{' '.join(cmd)}` did not finish within 240 s: is the npm registry reachable?")
-    if r.returncode != 0 or not installed(tmp):
-        shutil.rmtree(tmp, ignore_errors=True)
-        fail(f"could not install {MOCK_PKG}@{MOCK_VERSION} (exit {r.returncode}):\n{r.stdout[-2000:]}\n"
-             f"{r.stderr[-2000:]}")
-    shutil.rmtree(d, ignore_errors=True)
-    try:
-        os.rename(tmp, d)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return d
+    return npmlib.ensure_package(MOCK_PKG, MOCK_VERSION, f"mock-llm-{MOCK_VERSION}", timeout=240,
+                                 check=lambda d: os.path.exists(mock_main(d)))
 
 
 MOCK_CONFIG = {

@@ -205,9 +205,9 @@ def _pgroup_members(pgid):
     return out
 
 
-# ASan/LSan/UBSan reports, and valgrind memcheck's errors and error summary (under
+# ASan/LSan/UBSan/TSan reports, and valgrind memcheck's errors and error summary (under
 # BATON_BIN=scripts/valgrind-baton).
-_SANITIZER_RX = re.compile(r"ERROR: (AddressSanitizer|LeakSanitizer)|runtime error: |"
+_SANITIZER_RX = re.compile(r"ERROR: (AddressSanitizer|LeakSanitizer)|runtime error: |WARNING: ThreadSanitizer|"
                            r"SUMMARY: UndefinedBehaviorSanitizer|"
                            r"==\d+== (Invalid (read|write|free)|Conditional jump|Use of uninitialised|"
                            r"Syscall param|Mismatched free|Source and destination overlap)|"
@@ -1092,10 +1092,12 @@ class Etcd:
         self.extra = list(extra_args)
         self.cluster_token = f"{name}-{os.getpid()}-{self.client_ports[0]}"
         self.auth = None  # "user:password" for etcdctl once auth is on
+        self.scheme = "http"  # of the client URLs; a TLS subclass (etcdlib.TlsEtcd) sets https
+        self.ctl_args = []  # extra etcdctl flags (TLS files)
 
     @property
     def urls(self):
-        return [f"http://127.0.0.1:{p}" for p in self.client_ports]
+        return [f"{self.scheme}://127.0.0.1:{p}" for p in self.client_ports]
 
     @property
     def endpoints(self):
@@ -1155,6 +1157,7 @@ class Etcd:
         cmd = [self.etcdctl_bin, "--endpoints", eps, "--command-timeout", f"{max(1, int(timeout) - 1)}s"]
         if self.auth:
             cmd += ["--user", self.auth]
+        cmd += self.ctl_args
         env = dict(os.environ, ETCDCTL_API="3")
         for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
             env.pop(k, None)

@@ -5,12 +5,16 @@ Standard library only, on top of batonlib (whose Etcd class starts the real serv
     and held, nothing answers) and restore, to cut one process off from etcd and no one else;
   * Load: steady streaming traffic on background threads, every stream checked against a
     fault-free reference (check_results, which self_check() proves can fail);
-  * small helpers to name a worker's discovery key and wait for keys to come and go.
+  * small helpers to name a worker's discovery key and wait for keys to come and go;
+  * TLS: make_tls_certs() writes a CA, a server and a client certificate with the openssl CLI,
+    and TlsEtcd is an Etcd whose client URLs are https:// and that requires client certificates.
 """
 
+import os
 import re
 import select
 import socket
+import subprocess
 import threading
 import time
 
@@ -255,3 +259,61 @@ def log_has(proc, pattern):
 def routed(fe, wid):
     """How many requests the frontend routed to worker wid."""
     return bl.metric_sum(bl.metrics(fe.url), "baton_frontend_worker_routed_total", worker_id=wid)
+
+
+# ---------------------------------------------------------------------------------------------
+# TLS.
+
+
+def _openssl(*args, cwd):
+    r = subprocess.run(["openssl"] + list(args), cwd=cwd, capture_output=True, timeout=30)
+    if r.returncode != 0:
+        raise AssertionError(f"openssl {' '.join(args)} failed ({r.returncode}): "
+                             f"{r.stderr.decode('utf-8', 'replace').strip()}")
+
+
+def make_tls_certs(dir):
+    """Writes into `dir`, with the openssl CLI: a CA (ca.pem), a server certificate for 127.0.0.1
+    (server.pem / server.key, subjectAltName IP:127.0.0.1) and a client certificate (client.pem /
+    client.key), both signed by the CA, and a second CA (other-ca.pem) that signed neither.
+    The server certificate may also serve as a client one: etcd's JSON gateway dials etcd's own
+    gRPC port with it when --client-cert-auth is on. Returns {name: path}."""
+    os.makedirs(dir, exist_ok=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for ca in ("ca", "other-ca"):
+        _openssl("req", "-x509", *ec, "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-days", "2",
+                 "-subj", f"/CN=baton test {ca}", cwd=dir)
+    exts = {"server": "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+            "client": "extendedKeyUsage=clientAuth\n"}
+    for name, ext in exts.items():
+        with open(os.path.join(dir, f"{name}.ext"), "w") as f:
+            f.write(ext)
+        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj",
+                 "/CN=127.0.0.1" if name == "server" else "/CN=baton-client", cwd=dir)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=dir)
+    return {n: os.path.join(dir, f) for n, f in (("ca", "ca.pem"), ("other_ca", "other-ca.pem"),
+                                                 ("server_cert", "server.pem"), ("server_key", "server.key"),
+                                                 ("client_cert", "client.pem"), ("client_key", "client.key"))}
+
+
+class TlsEtcd(bl.Etcd):
+    """An Etcd whose client URLs are https:// with the server certificate of make_tls_certs(),
+    requiring a client certificate signed by its CA (--client-cert-auth). etcdctl is run with the
+    client certificate. Peers stay on plain http (loopback)."""
+
+    def __init__(self, certs, n=1, **kw):
+        super().__init__(n, **kw)
+        self.certs = certs
+        self.scheme = "https"
+        self.extra += ["--cert-file", certs["server_cert"], "--key-file", certs["server_key"],
+                       "--trusted-ca-file", certs["ca"], "--client-cert-auth"]
+        self.ctl_args = ["--cacert", certs["ca"], "--cert", certs["client_cert"], "--key", certs["client_key"]]
+
+    def tls_env(self, client_cert=True):
+        """The environment that points baton at this etcd's CA (and, with client_cert, at the
+        client certificate and key)."""
+        env = {"ETCD_AUTH_CA": self.certs["ca"]}
+        if client_cert:
+            env.update(ETCD_AUTH_CLIENT_CERT=self.certs["client_cert"], ETCD_AUTH_CLIENT_KEY=self.certs["client_key"])
+        return env

@@ -53,6 +53,32 @@ static void mk(node *n, cb_log *log, const char *id) {
     assert_non_null(n->ctx);
 }
 
+/* A NULL-terminated list of nodes, for the helpers below. */
+#define NODES(...) ((node *const[]){__VA_ARGS__, NULL})
+
+/* Makes each node of ns, logging to log, with the ids of the space-separated list ids in order. */
+static void mk_all(cb_log *log, const char *ids, node *const *ns) {
+    for (; *ns; ns++) {
+        char id[32];
+        size_t len = strcspn(ids, " ");
+        assert_true(len > 0 && len < sizeof id);
+        memcpy(id, ids, len);
+        id[len] = '\0';
+        mk(*ns, log, id);
+        ids += len + (ids[len] == ' ');
+    }
+    assert_int_equal(*ids, '\0'); /* as many ids as nodes */
+}
+
+/* Links each node of kids under parent, in order; the parent is live. */
+static void link_all(node *parent, node *const *kids) {
+    for (; *kids; kids++) assert_int_equal(bt_ctx_link(parent->ctx, (*kids)->ctx), BT_CTX_LIVE);
+}
+
+static void free_all(node *const *ns) {
+    for (; *ns; ns++) bt_ctx_free((*ns)->ctx);
+}
+
 static void expect_log(const cb_log *log, const char *const *want, int nwant) {
     if (log->n != nwant) {
         for (int i = 0; i < log->n; i++) fprintf(stderr, "  got[%d] %s\n", i, log->what[i]);
@@ -117,17 +143,9 @@ static void test_propagation_order(void **state) {
     (void)state;
     cb_log log = {0};
     node r, a, b, c, a1, a2;
-    mk(&r, &log, "r");
-    mk(&a, &log, "a");
-    mk(&b, &log, "b");
-    mk(&c, &log, "c");
-    mk(&a1, &log, "a1");
-    mk(&a2, &log, "a2");
-    assert_int_equal(bt_ctx_link(r.ctx, a.ctx), BT_CTX_LIVE);
-    bt_ctx_link(r.ctx, b.ctx);
-    bt_ctx_link(r.ctx, c.ctx);
-    bt_ctx_link(a.ctx, a1.ctx);
-    bt_ctx_link(a.ctx, a2.ctx);
+    mk_all(&log, "r a b c a1 a2", NODES(&r, &a, &b, &c, &a1, &a2));
+    link_all(&r, NODES(&a, &b, &c));
+    link_all(&a, NODES(&a1, &a2));
     assert_int_equal(bt_ctx_children(r.ctx), 3);
     assert_ptr_equal(bt_ctx_parent(a1.ctx), a.ctx);
     bt_ctx_stop(r.ctx);
@@ -140,25 +158,20 @@ static void test_propagation_order(void **state) {
     /* a kill of a subtree does not go up */
     log.n = 0;
     node s, t;
-    mk(&s, &log, "s");
-    mk(&t, &log, "t");
-    bt_ctx_link(s.ctx, t.ctx);
+    mk_all(&log, "s t", NODES(&s, &t));
+    link_all(&s, NODES(&t));
     bt_ctx_kill(t.ctx);
     assert_false(bt_ctx_is_stopped(s.ctx));
     const char *want3[] = {"t:killed"};
     expect_log(&log, want3, 1);
-    node *all[] = {&r, &a, &b, &c, &a1, &a2, &s, &t};
-    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) bt_ctx_free(all[i]->ctx);
+    free_all(NODES(&r, &a, &b, &c, &a1, &a2, &s, &t));
 }
 
 static void test_link_to_cancelled_parent(void **state) {
     (void)state;
     cb_log log = {0};
     node p, c1, c2, c3;
-    mk(&p, &log, "p");
-    mk(&c1, &log, "c1");
-    mk(&c2, &log, "c2");
-    mk(&c3, &log, "c3");
+    mk_all(&log, "p c1 c2 c3", NODES(&p, &c1, &c2, &c3));
     bt_ctx_stop(p.ctx);
     log.n = 0;
     /* the child's callback runs inside link */
@@ -179,19 +192,15 @@ static void test_link_to_cancelled_parent(void **state) {
     bt_ctx_free(p.ctx); /* orphans the children */
     assert_null(bt_ctx_parent(c1.ctx));
     assert_int_equal(bt_ctx_state_of(c1.ctx), BT_CTX_KILLED); /* the parent's kill reached it */
-    bt_ctx_free(c1.ctx);
-    bt_ctx_free(c2.ctx);
-    bt_ctx_free(c3.ctx);
+    free_all(NODES(&c1, &c2, &c3));
 }
 
 static void test_unlink_and_relink(void **state) {
     (void)state;
     cb_log log = {0};
     node p, q, c;
-    mk(&p, &log, "p");
-    mk(&q, &log, "q");
-    mk(&c, &log, "c");
-    bt_ctx_link(p.ctx, c.ctx);
+    mk_all(&log, "p q c", NODES(&p, &q, &c));
+    link_all(&p, NODES(&c));
     bt_ctx_unlink(c.ctx);
     assert_null(bt_ctx_parent(c.ctx));
     assert_int_equal(bt_ctx_children(p.ctx), 0);
@@ -216,17 +225,15 @@ static void test_unlink_and_relink(void **state) {
     expect_log(&log, want, 1);
     /* cycles are refused */
     node x, y;
-    mk(&x, &log, "x");
-    mk(&y, &log, "y");
-    bt_ctx_link(x.ctx, y.ctx);
+    mk_all(&log, "x y", NODES(&x, &y));
+    link_all(&x, NODES(&y));
     bt_ctx_link(y.ctx, x.ctx);
     assert_null(bt_ctx_parent(x.ctx));
     bt_ctx_link(x.ctx, x.ctx);
     assert_null(bt_ctx_parent(x.ctx));
     bt_ctx_kill(x.ctx); /* terminates */
     assert_true(bt_ctx_is_killed(y.ctx));
-    node *all[] = {&p, &q, &c, &x, &y};
-    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) bt_ctx_free(all[i]->ctx);
+    free_all(NODES(&p, &q, &c, &x, &y));
 }
 
 /* ---- callbacks that change the tree ------------------------------------------------------- */
@@ -249,11 +256,8 @@ static void test_callback_frees(void **state) {
     cb_log log = {0};
     /* every context frees itself in its callback */
     node r, a, b;
-    mk(&r, &log, "r");
-    mk(&a, &log, "a");
-    mk(&b, &log, "b");
-    bt_ctx_link(r.ctx, a.ctx);
-    bt_ctx_link(r.ctx, b.ctx);
+    mk_all(&log, "r a b", NODES(&r, &a, &b));
+    link_all(&r, NODES(&a, &b));
     r.action = a.action = b.action = act_free_self;
     bt_ctx_kill(r.ctx);
     const char *want[] = {"a:killed", "b:killed", "r:killed"};
@@ -263,13 +267,8 @@ static void test_callback_frees(void **state) {
     /* the first child frees the root (its parent) and a sibling not yet visited */
     log.n = 0;
     node r2, c1, c2, c3;
-    mk(&r2, &log, "r2");
-    mk(&c1, &log, "c1");
-    mk(&c2, &log, "c2");
-    mk(&c3, &log, "c3");
-    bt_ctx_link(r2.ctx, c1.ctx);
-    bt_ctx_link(r2.ctx, c2.ctx);
-    bt_ctx_link(r2.ctx, c3.ctx);
+    mk_all(&log, "r2 c1 c2 c3", NODES(&r2, &c1, &c2, &c3));
+    link_all(&r2, NODES(&c1, &c2, &c3));
     c1.action = act_free_arg;
     c1.arg = &c2;
     node *pr = &r2;
@@ -281,8 +280,7 @@ static void test_callback_frees(void **state) {
     expect_log(&log, want2, 2);
     assert_int_equal(c2.calls, 0);
     assert_int_equal(r2.calls, 0);
-    bt_ctx_free(c1.ctx);
-    bt_ctx_free(c3.ctx);
+    free_all(NODES(&c1, &c3));
 }
 
 static node *g_newborn;
@@ -300,10 +298,8 @@ static void test_callback_links_during_propagation(void **state) {
     (void)state;
     cb_log log = {0};
     node r, a, nb;
-    mk(&r, &log, "r");
-    mk(&a, &log, "a");
-    mk(&nb, &log, "new");
-    bt_ctx_link(r.ctx, a.ctx);
+    mk_all(&log, "r a new", NODES(&r, &a, &nb));
+    link_all(&r, NODES(&a));
     a.action = act_link_new;
     a.arg = &r;
     g_newborn = &nb;
@@ -313,9 +309,7 @@ static void test_callback_links_during_propagation(void **state) {
     const char *want[] = {"a:killed", "new:killed", "r:killed"};
     expect_log(&log, want, 3);
     assert_int_equal(nb.calls, 1);
-    bt_ctx_free(r.ctx);
-    bt_ctx_free(a.ctx);
-    bt_ctx_free(nb.ctx);
+    free_all(NODES(&r, &a, &nb));
 }
 
 static void act_kill_arg(node *n, bt_ctx_state s) {
@@ -327,11 +321,8 @@ static void test_kill_overtakes_stop(void **state) {
     (void)state;
     cb_log log = {0};
     node r, a, b;
-    mk(&r, &log, "r");
-    mk(&a, &log, "a");
-    mk(&b, &log, "b");
-    bt_ctx_link(r.ctx, a.ctx);
-    bt_ctx_link(r.ctx, b.ctx);
+    mk_all(&log, "r a b", NODES(&r, &a, &b));
+    link_all(&r, NODES(&a, &b));
     a.action = act_kill_arg; /* a's stop callback kills the root */
     a.arg = &r;
     bt_ctx_stop(r.ctx);
@@ -341,9 +332,7 @@ static void test_kill_overtakes_stop(void **state) {
     expect_log(&log, want, 4);
     assert_int_equal(r.calls, 1);
     assert_int_equal(b.calls, 1);
-    bt_ctx_free(r.ctx);
-    bt_ctx_free(a.ctx);
-    bt_ctx_free(b.ctx);
+    free_all(NODES(&r, &a, &b));
 }
 
 static void act_unlink_next(node *n, bt_ctx_state s) {
@@ -355,21 +344,15 @@ static void test_callback_unlinks_sibling(void **state) {
     (void)state;
     cb_log log = {0};
     node r, a, b, c;
-    mk(&r, &log, "r");
-    mk(&a, &log, "a");
-    mk(&b, &log, "b");
-    mk(&c, &log, "c");
-    bt_ctx_link(r.ctx, a.ctx);
-    bt_ctx_link(r.ctx, b.ctx);
-    bt_ctx_link(r.ctx, c.ctx);
+    mk_all(&log, "r a b c", NODES(&r, &a, &b, &c));
+    link_all(&r, NODES(&a, &b, &c));
     a.action = act_unlink_next;
     a.arg = &b;
     bt_ctx_stop(r.ctx);
     const char *want[] = {"a:stopped", "c:stopped", "r:stopped"};
     expect_log(&log, want, 3);
     assert_false(bt_ctx_is_stopped(b.ctx));
-    node *all[] = {&r, &a, &b, &c};
-    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) bt_ctx_free(all[i]->ctx);
+    free_all(NODES(&r, &a, &b, &c));
 }
 
 /* ---- randomised: callbacks free, kill, stop, link at random; invariants hold ------------------- */

@@ -116,67 +116,60 @@ static void test_endpoints(void **state) {
 
 /* ---- request bodies ----------------------------------------------------------------------- */
 
-/* Decodes the base64 string field `name` of obj into out (NUL-terminated); returns its length. */
-static int b64_field(const json_t *obj, const char *name, char *out, size_t cap) {
+/* Checks that the string field `name` of obj is the base64 of want. */
+static void expect_b64_field(const json_t *obj, const char *name, const char *want) {
+    char out[256];
     const char *s = json_string_value(json_object_get(obj, name));
     assert_non_null(s);
-    int n = bt_etcd_b64_decode(s, strlen(s), out, cap - 1);
+    int n = bt_etcd_b64_decode(s, strlen(s), out, sizeof out - 1);
     assert_true(n >= 0);
     out[n] = '\0';
-    return n;
+    assert_string_equal(out, want);
+}
+
+/* Parses a request body (which it frees); the body must be JSON. */
+static json_t *body_json(char *body) {
+    assert_non_null(body);
+    json_t *j = json_loads(body, 0, NULL);
+    free(body);
+    assert_non_null(j);
+    return j;
 }
 
 static void test_bodies(void **state) {
     (void)state;
-    char buf[256];
-    char *s = bt_etcd_body_put("v1/instances/ns/c/e/1f", "{\"a\":1}", 7, 7587869302440558853LL);
-    json_t *j = json_loads(s, 0, NULL);
-    assert_non_null(j);
-    b64_field(j, "key", buf, sizeof buf);
-    assert_string_equal(buf, "v1/instances/ns/c/e/1f");
-    b64_field(j, "value", buf, sizeof buf);
-    assert_string_equal(buf, "{\"a\":1}");
+    json_t *j = body_json(bt_etcd_body_put("v1/instances/ns/c/e/1f", "{\"a\":1}", 7, 7587869302440558853LL));
+    expect_b64_field(j, "key", "v1/instances/ns/c/e/1f");
+    expect_b64_field(j, "value", "{\"a\":1}");
     assert_string_equal(json_string_value(json_object_get(j, "lease")), "7587869302440558853");
     json_decref(j);
-    free(s);
 
-    s = bt_etcd_body_put("k", "", 0, 0); /* no lease: no lease field; empty value */
-    j = json_loads(s, 0, NULL);
+    j = body_json(bt_etcd_body_put("k", "", 0, 0)); /* no lease: no lease field; empty value */
     assert_null(json_object_get(j, "lease"));
     assert_string_equal(json_string_value(json_object_get(j, "value")), "");
     json_decref(j);
-    free(s);
 
-    s = bt_etcd_body_watch("v1/instances/dynamo/", 42);
-    j = json_loads(s, 0, NULL);
+    j = body_json(bt_etcd_body_watch("v1/instances/dynamo/", 42));
     json_t *c = json_object_get(j, "create_request");
     assert_non_null(c);
-    b64_field(c, "key", buf, sizeof buf);
-    assert_string_equal(buf, "v1/instances/dynamo/");
-    b64_field(c, "range_end", buf, sizeof buf);
-    assert_string_equal(buf, "v1/instances/dynamo0");
+    expect_b64_field(c, "key", "v1/instances/dynamo/");
+    expect_b64_field(c, "range_end", "v1/instances/dynamo0");
     assert_string_equal(json_string_value(json_object_get(c, "start_revision")), "42");
     json_decref(j);
-    free(s);
 
-    s = bt_etcd_body_watch("", 0); /* whole keyspace, from now */
-    j = json_loads(s, 0, NULL);
+    j = body_json(bt_etcd_body_watch("", 0)); /* whole keyspace, from now */
     c = json_object_get(j, "create_request");
     assert_string_equal(json_string_value(json_object_get(c, "key")), "AA==");
     assert_string_equal(json_string_value(json_object_get(c, "range_end")), "AA==");
     assert_null(json_object_get(c, "start_revision"));
     json_decref(j);
-    free(s);
 
-    s = bt_etcd_body_range("v1/", true);
-    j = json_loads(s, 0, NULL);
+    j = body_json(bt_etcd_body_range("v1/", true));
     assert_true(json_is_true(json_object_get(j, "count_only")));
-    b64_field(j, "range_end", buf, sizeof buf);
-    assert_string_equal(buf, "v10");
+    expect_b64_field(j, "range_end", "v10");
     json_decref(j);
-    free(s);
 
-    s = bt_etcd_body_lease(-1); /* any int64, as a string */
+    char *s = bt_etcd_body_lease(-1); /* any int64, as a string */
     assert_string_equal(s, "{\"ID\":\"-1\"}");
     free(s);
     s = bt_etcd_body_delete("a/b");
@@ -381,20 +374,27 @@ static void run_ms(uv_loop_t *loop, uint64_t ms, bool *stop) {
     uv_run(loop, UV_RUN_NOWAIT);
 }
 
+/* An etcd handle on loop for the endpoints; ttl_s 0 keeps the default lease TTL. */
+static bt_discovery *etcd_handle(uv_loop_t *loop, const char *endpoints, int64_t ttl_s) {
+    bt_discovery_config c;
+    bt_discovery_config_default(&c);
+    c.backend = "etcd";
+    c.etcd_endpoints = endpoints;
+    if (ttl_s) c.ttl_s = ttl_s;
+    bt_discovery *d = NULL;
+    char err[256];
+    assert_int_equal(bt_discovery_create(loop, &c, &d, err, sizeof err), BT_OK);
+    assert_non_null(d);
+    return d;
+}
+
 static void test_unreachable(void **state) {
     (void)state;
     uv_loop_t loop;
     uv_loop_init(&loop);
     char eps[128];
     snprintf(eps, sizeof eps, "http://127.0.0.1:%d,127.0.0.1:%d", dead_port(), dead_port());
-    bt_discovery_config c;
-    bt_discovery_config_default(&c);
-    c.backend = "etcd";
-    c.etcd_endpoints = eps;
-    c.ttl_s = 3;
-    bt_discovery *d = NULL;
-    char err[256];
-    assert_int_equal(bt_discovery_create(&loop, &c, &d, err, sizeof err), BT_OK);
+    bt_discovery *d = etcd_handle(&loop, eps, 3);
     static const bt_discovery_watcher w = {w_put, w_del};
     calls = 0;
     json_t *v = json_pack("{s:s}", "type", "Endpoint");
@@ -431,13 +431,7 @@ static void test_close_at_once(void **state) {
     (void)state;
     uv_loop_t loop;
     uv_loop_init(&loop);
-    bt_discovery_config c;
-    bt_discovery_config_default(&c);
-    c.backend = "etcd";
-    c.etcd_endpoints = "127.0.0.1:1";
-    bt_discovery *d = NULL;
-    char err[256];
-    assert_int_equal(bt_discovery_create(&loop, &c, &d, err, sizeof err), BT_OK);
+    bt_discovery *d = etcd_handle(&loop, "127.0.0.1:1", 0);
     bool done = false;
     bt_discovery_close(d, done_cb, &done);
     assert_false(done);

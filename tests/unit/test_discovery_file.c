@@ -189,6 +189,33 @@ static bool wait_for(fx *f, rec *r, char kind, const char *key, int n, uint64_t 
     return run_until(&f->loop, rec_has, r, timeout_ms);
 }
 
+/* ---- a writer and a reader ------------------------------------------------------------------ */
+
+/* Two processes on one directory: a writer handle, a reader handle whose watch on "v1/" records
+ * into rr, and a value for the writer to put. */
+typedef struct {
+    bt_discovery *w, *r;
+    rec rr;
+    json_t *v; /* {"x":1} */
+} duo;
+
+static void duo_open(fx *f, duo *h, int64_t ttl) {
+    h->w = make(f, ttl);
+    h->r = make(f, ttl);
+    memset(&h->rr, 0, sizeof h->rr);
+    assert_int_equal(bt_discovery_watch(h->r, "v1/", &rec_watcher, &h->rr), BT_OK);
+    h->v = json_pack("{s:i}", "x", 1);
+    assert_non_null(h->v);
+}
+
+/* Closes both handles; a test that closed the writer itself sets w to NULL. */
+static void duo_close(fx *f, duo *h) {
+    json_decref(h->v);
+    if (h->w) close_disc(f, h->w);
+    close_disc(f, h->r);
+    rec_free(&h->rr);
+}
+
 /* ---- file helpers ------------------------------------------------------------------------- */
 
 static void key_file(const fx *f, const char *key, char *out, size_t cap) {
@@ -417,40 +444,35 @@ static void test_two_handles_see_each_other(void **state) {
 
 static void test_delete_latency(void **state) {
     fx *f = *state;
-    bt_discovery *w = make(f, 10), *r = make(f, 10);
-    rec rr = {0};
-    assert_int_equal(bt_discovery_watch(r, "v1/", &rec_watcher, &rr), BT_OK);
+    duo h;
+    duo_open(f, &h, 10);
     run_for(&f->loop, 20); /* let the first (empty) scan finish so the put is seen via inotify */
-    json_t *v = json_pack("{s:i}", "x", 1);
     uint64_t t0 = bt_now_us();
-    assert_int_equal(bt_discovery_put(w, K1, v), BT_OK);
-    assert_true(wait_for(f, &rr, 'P', K1, 1, 2000));
-    double put_ms = (last(&rr, 'P', K1)->at_us - t0) / 1000.0;
+    assert_int_equal(bt_discovery_put(h.w, K1, h.v), BT_OK);
+    assert_true(wait_for(f, &h.rr, 'P', K1, 1, 2000));
+    double put_ms = (last(&h.rr, 'P', K1)->at_us - t0) / 1000.0;
 
     t0 = bt_now_us();
-    assert_int_equal(bt_discovery_delete(w, K1), BT_OK);
-    assert_true(wait_for(f, &rr, 'D', K1, 1, 2000));
-    double del_ms = (last(&rr, 'D', K1)->at_us - t0) / 1000.0;
+    assert_int_equal(bt_discovery_delete(h.w, K1), BT_OK);
+    assert_true(wait_for(f, &h.rr, 'D', K1, 1, 2000));
+    double del_ms = (last(&h.rr, 'D', K1)->at_us - t0) / 1000.0;
     assert_false(key_exists(f, K1));
 
     /* A key removed behind our back (an operator, another process's sweep). */
-    assert_int_equal(bt_discovery_put(w, K2, v), BT_OK);
-    assert_true(wait_for(f, &rr, 'P', K2, 1, 2000));
+    assert_int_equal(bt_discovery_put(h.w, K2, h.v), BT_OK);
+    assert_true(wait_for(f, &h.rr, 'P', K2, 1, 2000));
     char p[512];
     key_file(f, K2, p, sizeof p);
     t0 = bt_now_us();
     assert_int_equal(unlink(p), 0);
-    assert_true(wait_for(f, &rr, 'D', K2, 1, 2000));
-    double unlink_ms = (last(&rr, 'D', K2)->at_us - t0) / 1000.0;
+    assert_true(wait_for(f, &h.rr, 'D', K2, 1, 2000));
+    double unlink_ms = (last(&h.rr, 'D', K2)->at_us - t0) / 1000.0;
     printf("    put-to-notice %.2f ms, delete-to-notice %.2f ms, external unlink-to-notice %.2f ms\n", put_ms,
            del_ms, unlink_ms);
     assert_true(put_ms < 500);
     assert_true(del_ms < 50); /* the frontend must stop routing to a draining worker within 50 ms */
     assert_true(unlink_ms < 500);
-    json_decref(v);
-    close_disc(f, w);
-    close_disc(f, r);
-    rec_free(&rr);
+    duo_close(f, &h);
 }
 
 static void test_expiry(void **state) {
@@ -506,15 +528,13 @@ static void test_expiry(void **state) {
 
 static void test_refresh_keeps_key_alive(void **state) {
     fx *f = *state;
-    bt_discovery *w = make(f, 2), *r = make(f, 2);
-    rec rr = {0};
-    assert_int_equal(bt_discovery_watch(r, "v1/", &rec_watcher, &rr), BT_OK);
-    json_t *v = json_pack("{s:i}", "x", 1);
-    assert_int_equal(bt_discovery_put(w, K1, v), BT_OK);
-    assert_true(wait_for(f, &rr, 'P', K1, 1, 2000));
+    duo h;
+    duo_open(f, &h, 2);
+    assert_int_equal(bt_discovery_put(h.w, K1, h.v), BT_OK);
+    assert_true(wait_for(f, &h.rr, 'P', K1, 1, 2000));
     run_for(&f->loop, 2600); /* past the 2 s TTL */
-    assert_int_equal(count(&rr, 'D', K1), 0);
-    assert_int_equal(count(&rr, 'P', K1), 1); /* refreshes touch the mtime only: no re-put */
+    assert_int_equal(count(&h.rr, 'D', K1), 0);
+    assert_int_equal(count(&h.rr, 'P', K1), 1); /* refreshes touch the mtime only: no re-put */
     assert_true(key_exists(f, K1));
 
     /* Someone removes it (an expiry sweep while we were paused): the writer puts it back. */
@@ -522,14 +542,11 @@ static void test_refresh_keeps_key_alive(void **state) {
     key_file(f, K1, p, sizeof p);
     uint64_t t0 = bt_now_us();
     assert_int_equal(unlink(p), 0);
-    assert_true(wait_for(f, &rr, 'D', K1, 1, 1000));
-    assert_true(wait_for(f, &rr, 'P', K1, 2, 2000));
-    printf("    vanished key rewritten and seen after %.0f ms\n", (last(&rr, 'P', K1)->at_us - t0) / 1000.0);
+    assert_true(wait_for(f, &h.rr, 'D', K1, 1, 1000));
+    assert_true(wait_for(f, &h.rr, 'P', K1, 2, 2000));
+    printf("    vanished key rewritten and seen after %.0f ms\n", (last(&h.rr, 'P', K1)->at_us - t0) / 1000.0);
     assert_true(key_exists(f, K1));
-    json_decref(v);
-    close_disc(f, w);
-    close_disc(f, r);
-    rec_free(&rr);
+    duo_close(f, &h);
 }
 
 static void test_malformed_skipped(void **state) {
@@ -568,46 +585,38 @@ static void test_malformed_skipped(void **state) {
 
 static void test_close_removes_own_keys(void **state) {
     fx *f = *state;
-    bt_discovery *w = make(f, 10), *r = make(f, 10);
-    rec rr = {0};
-    assert_int_equal(bt_discovery_watch(r, "v1/", &rec_watcher, &rr), BT_OK);
-    json_t *v = json_pack("{s:i}", "x", 1);
-    assert_int_equal(bt_discovery_put(w, K1, v), BT_OK);
-    assert_int_equal(bt_discovery_put(w, K2, v), BT_OK);
-    assert_true(wait_for(f, &rr, 'P', NULL, 2, 2000));
+    duo h;
+    duo_open(f, &h, 10);
+    assert_int_equal(bt_discovery_put(h.w, K1, h.v), BT_OK);
+    assert_int_equal(bt_discovery_put(h.w, K2, h.v), BT_OK);
+    assert_true(wait_for(f, &h.rr, 'P', NULL, 2, 2000));
     uint64_t t0 = bt_now_us();
-    close_disc(f, w); /* done is only called after the unlinks have completed */
+    close_disc(f, h.w); /* done is only called after the unlinks have completed */
+    h.w = NULL;
     assert_false(key_exists(f, K1));
     assert_false(key_exists(f, K2));
-    assert_true(wait_for(f, &rr, 'D', NULL, 2, 2000));
+    assert_true(wait_for(f, &h.rr, 'D', NULL, 2, 2000));
     printf("    close-to-notice: %.2f ms\n", (bt_now_us() - t0) / 1000.0);
-    json_decref(v);
-    close_disc(f, r);
-    rec_free(&rr);
+    duo_close(f, &h);
 }
 
 static void test_put_then_delete_ends_absent(void **state) {
     fx *f = *state;
-    bt_discovery *w = make(f, 10), *r = make(f, 10);
-    rec rr = {0};
-    assert_int_equal(bt_discovery_watch(r, "v1/", &rec_watcher, &rr), BT_OK);
-    json_t *v = json_pack("{s:i}", "x", 1);
-    assert_int_equal(bt_discovery_put(w, K1, v), BT_OK);
-    assert_int_equal(bt_discovery_delete(w, K1), BT_OK);
+    duo h;
+    duo_open(f, &h, 10);
+    assert_int_equal(bt_discovery_put(h.w, K1, h.v), BT_OK);
+    assert_int_equal(bt_discovery_delete(h.w, K1), BT_OK);
     for (int i = 0; i < 20; i++) { /* interleaved while earlier operations are still running */
-        assert_int_equal(bt_discovery_put(w, K2, v), BT_OK);
-        assert_int_equal(bt_discovery_delete(w, K2), BT_OK);
+        assert_int_equal(bt_discovery_put(h.w, K2, h.v), BT_OK);
+        assert_int_equal(bt_discovery_delete(h.w, K2), BT_OK);
         if (i % 5 == 0) uv_run(&f->loop, UV_RUN_NOWAIT);
     }
-    assert_int_equal(bt_discovery_put(w, K2, v), BT_OK); /* ... and a final put wins */
-    assert_true(wait_for(f, &rr, 'P', K2, 1, 2000));
+    assert_int_equal(bt_discovery_put(h.w, K2, h.v), BT_OK); /* ... and a final put wins */
+    assert_true(wait_for(f, &h.rr, 'P', K2, 1, 2000));
     run_for(&f->loop, 100);
     assert_false(key_exists(f, K1));
     assert_true(key_exists(f, K2));
-    json_decref(v);
-    close_disc(f, w);
-    close_disc(f, r);
-    rec_free(&rr);
+    duo_close(f, &h);
 }
 
 static void test_close_from_callback(void **state) {

@@ -1,15 +1,15 @@
 /* openai.c — the openai engine (see openai.h): sequences as streaming HTTP requests to an
  * OpenAI-compatible upstream, through libcurl's multi interface on the worker's loop.
  *
- * libcurl is fed by uv_poll handles (one per socket it asks us to watch) and one uv_timer, so no
- * call blocks the loop. libcurl callbacks only append bytes to a bounded per-transfer buffer and
- * list the transfer as having data; everything else (SSE parsing, sink callbacks, ending
- * transfers) runs after curl_multi_socket_action returns, where curl_multi_remove_handle is
- * allowed. Sink callbacks may kill, stop or submit any sequence and may destroy the engine: while
- * the engine is inside one of its own loop callbacks (depth > 0) a killed sequence keeps its
- * memory until that callback unwinds, and a destroy is finished there too. Endings that do not
- * come from upstream data (stop, errors found at submit time, max_tokens 0) are delivered from a
- * uv_idle, never from submit, stop or kill.
+ * libcurl is fed by uv_poll handles (one per socket it asks us to watch) and one uv_timer
+ * (common/curl_uv.h), so no call blocks the loop. libcurl callbacks only append bytes to a
+ * bounded per-transfer buffer and list the transfer as having data; everything else (SSE parsing,
+ * sink callbacks, ending transfers) runs after curl_multi_socket_action returns, where
+ * curl_multi_remove_handle is allowed. Sink callbacks may kill, stop or submit any sequence and
+ * may destroy the engine: while the engine is inside one of its own loop callbacks (depth > 0) a
+ * killed sequence keeps its memory until that callback unwinds, and a destroy is finished there
+ * too. Endings that do not come from upstream data (stop, errors found at submit time,
+ * max_tokens 0) are delivered from a uv_idle, never from submit, stop or kill.
  *
  * Sequence states: pending (the upstream has not answered its first probe yet) → preparing (a
  * continuation asks the upstream's /tokenize for the prompt's ids) → streaming → ended. The
@@ -26,6 +26,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "common/curl_uv.h"
 #include "common/log.h"
 #include "common/util.h"
 #include "engine/openai/openai_wire.h"
@@ -53,19 +54,12 @@ typedef struct oa_xfer {
     char *body;
     bt_buf rx; /* response bytes not yet parsed */
     bool overflow, head_checked, sse, dirty;
-    bool completing; /* libcurl reported it done: after_curl frees it, nothing else does */
+    bool completing; /* libcurl reported it done: on_curl_done frees it, nothing else does */
     uint64_t orphan_ms; /* when it became an orphan */
     char errbuf[CURL_ERROR_SIZE];
     struct oa_xfer *prev, *next;   /* every transfer */
     struct oa_xfer *dprev, *dnext; /* transfers with new bytes */
 } oa_xfer;
-
-typedef struct oa_sock {
-    uv_poll_t poll;
-    curl_socket_t fd;
-    oa_engine *e;
-    struct oa_sock *prev, *next;
-} oa_sock;
 
 typedef enum { S_PENDING, S_PREPARING, S_STREAMING, S_ENDED } seq_state;
 typedef enum { END_NONE, END_FINISH, END_ERROR } seq_end_kind;
@@ -119,11 +113,10 @@ struct oa_engine {
     bt_engine_hooks hooks;
     void *hooks_ud;
 
-    CURLM *multi;
-    uv_timer_t curl_timer, health_timer, metrics_timer;
+    bt_curl_uv *cu; /* libcurl on the loop; NULL once torn down */
+    uv_timer_t health_timer, metrics_timer;
     uv_idle_t idle;
-    int open_handles;
-    oa_sock *socks;
+    int open_handles; /* the timers, the idle and cu, until their close callbacks */
     oa_xfer *xfers;
     oa_xfer *dirty_head, *dirty_tail;
 
@@ -151,7 +144,6 @@ struct oa_engine {
     bt_engine_load last_load;
 };
 
-static void after_curl(oa_engine *e);
 static void enter(oa_engine *e) { e->depth++; }
 static void leave(oa_engine *e);
 static void teardown(oa_engine *e);
@@ -162,8 +154,7 @@ static void seq_fail(bt_engine_seq *s, bt_status code, const char *fmt, ...) __a
 
 /* ---- libcurl on the loop ------------------------------------------------------------------ */
 
-static void on_handle_closed(uv_handle_t *h) {
-    oa_engine *e = h->data;
+static void engine_release(oa_engine *e) {
     if (--e->open_handles == 0 && e->torn_down) {
         free(e->url);
         free(e->model_cfg);
@@ -173,94 +164,12 @@ static void on_handle_closed(uv_handle_t *h) {
     }
 }
 
-static void on_sock_closed(uv_handle_t *h) {
-    oa_sock *c = h->data;
-    oa_engine *e = c->e;
-    free(c);
-    if (--e->open_handles == 0 && e->torn_down) {
-        free(e->url);
-        free(e->model_cfg);
-        free(e->served);
-        free(e->api_key);
-        free(e);
-    }
-}
+static void on_handle_closed(uv_handle_t *h) { engine_release(h->data); }
 
-static void sock_release(oa_engine *e, oa_sock *c) {
-    if (c->prev) c->prev->next = c->next;
-    else e->socks = c->next;
-    if (c->next) c->next->prev = c->prev;
-    uv_poll_stop(&c->poll);
-    uv_close((uv_handle_t *)&c->poll, on_sock_closed);
-}
-
-static void on_poll(uv_poll_t *h, int status, int events) {
-    oa_sock *c = h->data;
-    oa_engine *e = c->e;
-    int flags = 0;
-    if (status < 0) flags = CURL_CSELECT_ERR;
-    if (events & UV_READABLE) flags |= CURL_CSELECT_IN;
-    if (events & UV_WRITABLE) flags |= CURL_CSELECT_OUT;
-    int running;
-    enter(e);
-    curl_multi_socket_action(e->multi, c->fd, flags, &running);
-    after_curl(e);
-    leave(e);
-}
-
-static int sock_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp) {
-    (void)easy;
-    oa_engine *e = userp;
-    oa_sock *c = socketp;
-    if (what == CURL_POLL_REMOVE) {
-        if (c) {
-            curl_multi_assign(e->multi, s, NULL);
-            sock_release(e, c);
-        }
-        return 0;
-    }
-    if (!c) {
-        c = calloc(1, sizeof *c);
-        if (!c) return -1;
-        c->fd = s;
-        c->e = e;
-        if (uv_poll_init_socket(e->loop, &c->poll, s) != 0) {
-            free(c);
-            return -1;
-        }
-        c->poll.data = c;
-        e->open_handles++;
-        c->next = e->socks;
-        if (e->socks) e->socks->prev = c;
-        e->socks = c;
-        curl_multi_assign(e->multi, s, c);
-    }
-    int ev = 0;
-    if (what & CURL_POLL_IN) ev |= UV_READABLE;
-    if (what & CURL_POLL_OUT) ev |= UV_WRITABLE;
-    uv_poll_start(&c->poll, ev, on_poll);
-    return 0;
-}
-
-static void on_curl_timer(uv_timer_t *t) {
-    oa_engine *e = t->data;
-    int running;
-    enter(e);
-    curl_multi_socket_action(e->multi, CURL_SOCKET_TIMEOUT, 0, &running);
-    after_curl(e);
-    leave(e);
-}
-
-static int timer_cb(CURLM *multi, long timeout_ms, void *userp) {
-    (void)multi;
-    oa_engine *e = userp;
-    if (timeout_ms < 0) uv_timer_stop(&e->curl_timer);
-    else uv_timer_start(&e->curl_timer, on_curl_timer, (uint64_t)timeout_ms, 0);
-    return 0;
-}
+static void on_cu_closed(void *ud) { engine_release(ud); }
 
 /* libcurl's write callback: only buffers (bounded) and lists the transfer; parsing and sink
- * callbacks happen in after_curl, outside libcurl. */
+ * callbacks happen in on_curl_step and on_curl_done, outside libcurl. */
 static size_t on_write(char *ptr, size_t size, size_t nmemb, void *ud) {
     oa_xfer *x = ud;
     size_t n = size * nmemb;
@@ -297,7 +206,7 @@ static void xfer_free(oa_engine *e, oa_xfer *x) {
     if (!x) return;
     dirty_remove(e, x);
     if (x->easy) {
-        if (e->multi) curl_multi_remove_handle(e->multi, x->easy);
+        bt_curl_uv_remove(e->cu, x->easy);
         curl_easy_cleanup(x->easy);
     }
     if (x->prev) x->prev->next = x->next;
@@ -374,7 +283,7 @@ static oa_xfer *xfer_start(oa_engine *e, xfer_kind kind, const char *path, char 
     curl_easy_setopt(c, CURLOPT_TCP_KEEPIDLE, 10L);
     curl_easy_setopt(c, CURLOPT_TCP_KEEPINTVL, 5L);
     curl_easy_setopt(c, CURLOPT_TCP_NODELAY, 1L);
-    if (curl_multi_add_handle(e->multi, c) != CURLM_OK) goto fail;
+    if (bt_curl_uv_add(e->cu, c) != BT_OK) goto fail;
     return x;
 fail:
     if (x->easy) {
@@ -451,7 +360,7 @@ static void seq_detach(bt_engine_seq *s, bool cut) {
     oa_xfer *x = s->x;
     if (!x) return;
     s->x = NULL;
-    if (x->completing) { /* after_curl frees it */
+    if (x->completing) { /* on_curl_done frees it */
         dirty_remove(s->e, x);
         x->seq = NULL;
         return;
@@ -764,6 +673,19 @@ static void fill_build(oa_engine *e, const bt_engine_seq *s, bt_oa_build *b) {
     b->have_prompt_ids = s->have_prompt_ids;
 }
 
+/* Gives the sequence its new transfer x (NULL: it could not start, out of memory, which fails the
+ * sequence) and moves it to state st. True when x started. */
+static bool seq_attach(bt_engine_seq *s, oa_xfer *x, seq_state st, const char *what) {
+    if (!x) {
+        seq_fail(s, BT_ERR_NOMEM, "cannot start %s (out of memory)", what);
+        return false;
+    }
+    x->seq = s;
+    s->x = x;
+    seq_set_state(s, st);
+    return true;
+}
+
 static void seq_start_stream(bt_engine_seq *s) {
     oa_engine *e = s->e;
     bt_oa_build b;
@@ -781,13 +703,7 @@ static void seq_start_stream(bt_engine_seq *s) {
     char *text = json_dumps(body, JSON_COMPACT);
     json_decref(body);
     oa_xfer *x = text ? xfer_start(e, X_SEQ, path, text, 0, s->rid) : NULL;
-    if (!x) {
-        seq_fail(s, BT_ERR_NOMEM, "cannot start the upstream request (out of memory)");
-        return;
-    }
-    x->seq = s;
-    s->x = x;
-    seq_set_state(s, S_STREAMING);
+    if (!seq_attach(s, x, S_STREAMING, "the upstream request")) return;
     BT_DEBUG("openai: %s: POST %s%s (%zu carried, max_tokens %u)", s->rid, e->url, path, s->n_carried, s->max_tokens);
 }
 
@@ -807,13 +723,7 @@ static void seq_start(bt_engine_seq *s) {
     char *text = t ? json_dumps(t, JSON_COMPACT) : NULL;
     json_decref(t);
     oa_xfer *x = text ? xfer_start(e, X_TOKENIZE, "/tokenize", text, OA_TOKENIZE_TIMEOUT_MS, s->rid) : NULL;
-    if (!x) {
-        seq_fail(s, BT_ERR_NOMEM, "cannot start the /tokenize request (out of memory)");
-        return;
-    }
-    x->seq = s;
-    s->x = x;
-    seq_set_state(s, S_PREPARING);
+    seq_attach(s, x, S_PREPARING, "the /tokenize request");
 }
 
 static void tokenize_done(oa_xfer *x, CURLcode cc) {
@@ -836,7 +746,7 @@ static void tokenize_done(oa_xfer *x, CURLcode cc) {
         return;
     }
     s->have_prompt_ids = true;
-    s->x = NULL; /* this transfer is over (after_curl frees it); the stream's starts now */
+    s->x = NULL; /* this transfer is over (on_curl_done frees it); the stream's starts now */
     x->seq = NULL;
     seq_start_stream(s);
 }
@@ -999,41 +909,50 @@ static void metrics_done(oa_engine *e, oa_xfer *x, CURLcode cc) {
 
 /* ---- after every libcurl step --------------------------------------------------------------- */
 
-static void after_curl(oa_engine *e) {
+/* Stream bytes first, so that the events that came just before a transfer's end are seen. */
+static bool on_curl_step(void *ud) {
+    oa_engine *e = ud;
     oa_xfer *x;
-    /* stream bytes first, so that the events that came just before a transfer's end are seen */
+    enter(e);
     while (!e->destroying && (x = e->dirty_head) != NULL) {
         dirty_remove(e, x);
         xfer_process(e, x);
     }
-    CURLMsg *msg;
-    int left;
-    while (!e->destroying && (msg = curl_multi_info_read(e->multi, &left)) != NULL) {
-        if (msg->msg != CURLMSG_DONE) continue;
-        CURLcode cc = msg->data.result;
-        x = NULL;
-        curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&x);
-        if (!x) continue;
-        BT_TRACE("openai: %s transfer done: %s", xfer_names[x->kind], curl_easy_strerror(cc));
-        x->completing = true;
-        switch (x->kind) {
-        case X_SEQ: stream_done(e, x, cc); break;
-        case X_TOKENIZE: tokenize_done(x, cc); break;
-        case X_MODELS:
-        case X_HEALTH:
-            e->probe = NULL;
-            probe_done(e, x, cc);
-            break;
-        case X_METRICS:
-            e->metrics_x = NULL;
-            metrics_done(e, x, cc);
-            break;
-        }
-        if (x->seq && x->seq->x == x) x->seq->x = NULL; /* cannot happen: each handler ends or moves it */
-        xfer_free(e, x);
-    }
-    flush_ready(e);
+    return !e->destroying;
 }
+
+static bool on_curl_done(void *ud, CURL *easy, CURLcode cc) {
+    oa_engine *e = ud;
+    oa_xfer *x = NULL;
+    curl_easy_getinfo(easy, CURLINFO_PRIVATE, (char **)&x);
+    if (!x) return true;
+    BT_TRACE("openai: %s transfer done: %s", xfer_names[x->kind], curl_easy_strerror(cc));
+    x->completing = true;
+    switch (x->kind) {
+    case X_SEQ: stream_done(e, x, cc); break;
+    case X_TOKENIZE: tokenize_done(x, cc); break;
+    case X_MODELS:
+    case X_HEALTH:
+        e->probe = NULL;
+        probe_done(e, x, cc);
+        break;
+    case X_METRICS:
+        e->metrics_x = NULL;
+        metrics_done(e, x, cc);
+        break;
+    }
+    if (x->seq && x->seq->x == x) x->seq->x = NULL; /* cannot happen: each handler ends or moves it */
+    xfer_free(e, x);
+    return !e->destroying;
+}
+
+static void on_curl_step_end(void *ud) {
+    oa_engine *e = ud;
+    flush_ready(e);
+    leave(e);
+}
+
+static const bt_curl_uv_hooks curl_hooks = {on_curl_step, on_curl_done, on_curl_step_end};
 
 static void leave(oa_engine *e) {
     if (--e->depth > 0) return;
@@ -1184,14 +1103,11 @@ static void teardown(oa_engine *e) {
         seq_free(s);
     }
     while (e->xfers) xfer_free(e, e->xfers);
-    curl_multi_cleanup(e->multi); /* closes cached connections; their polls go through sock_cb */
-    e->multi = NULL;
-    while (e->socks) sock_release(e, e->socks);
+    bt_curl_uv_close(e->cu, on_cu_closed, e);
+    e->cu = NULL;
     uv_idle_stop(&e->idle);
-    uv_timer_stop(&e->curl_timer);
     uv_timer_stop(&e->health_timer);
     uv_timer_stop(&e->metrics_timer);
-    uv_close((uv_handle_t *)&e->curl_timer, on_handle_closed);
     uv_close((uv_handle_t *)&e->health_timer, on_handle_closed);
     uv_close((uv_handle_t *)&e->metrics_timer, on_handle_closed);
     uv_close((uv_handle_t *)&e->idle, on_handle_closed);
@@ -1267,20 +1183,15 @@ static char *dup_or_null(const char *s) {
 
 bt_engine *bt_openai_create(uv_loop_t *loop, const bt_openai_config *cfg, const bt_engine_hooks *hooks,
                             void *hooks_ud) {
-    static bool curl_ready = false;
     char err[256];
     if (!loop || !cfg) return NULL;
     if (bt_openai_config_check(cfg, err, sizeof err) != BT_OK) {
         BT_ERROR("openai: bad configuration: %s", err);
         return NULL;
     }
-    if (!curl_ready) {
-        /* once per process, before any transfer; the process is single-threaded at start-up */
-        if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
-            BT_ERROR("openai: libcurl initialisation failed");
-            return NULL;
-        }
-        curl_ready = true;
+    if (!bt_curl_uv_global_init()) {
+        BT_ERROR("openai: libcurl initialisation failed");
+        return NULL;
     }
     oa_engine *e = calloc(1, sizeof *e);
     if (!e) return NULL;
@@ -1293,10 +1204,10 @@ bt_engine *bt_openai_create(uv_loop_t *loop, const bt_openai_config *cfg, const 
     e->model_cfg = dup_or_null(cfg->model);
     e->served = dup_or_null(cfg->served_model);
     e->api_key = dup_or_null(cfg->api_key);
-    e->multi = curl_multi_init();
-    if (!e->url || !e->multi || (cfg->model && *cfg->model && !e->model_cfg) ||
-        (cfg->served_model && *cfg->served_model && !e->served) || (cfg->api_key && *cfg->api_key && !e->api_key)) {
-        if (e->multi) curl_multi_cleanup(e->multi);
+    if (e->url && !(cfg->model && *cfg->model && !e->model_cfg) &&
+        !(cfg->served_model && *cfg->served_model && !e->served) && !(cfg->api_key && *cfg->api_key && !e->api_key))
+        e->cu = bt_curl_uv_create(loop, &curl_hooks, e);
+    if (!e->cu) {
         free(e->url);
         free(e->model_cfg);
         free(e->served);
@@ -1312,17 +1223,12 @@ bt_engine *bt_openai_create(uv_loop_t *loop, const bt_openai_config *cfg, const 
     e->hooks_ud = hooks_ud;
     e->created_ms = bt_now_ms();
     snprintf(e->last_err, sizeof e->last_err, "no answer yet");
-    curl_multi_setopt(e->multi, CURLMOPT_SOCKETFUNCTION, sock_cb);
-    curl_multi_setopt(e->multi, CURLMOPT_SOCKETDATA, e);
-    curl_multi_setopt(e->multi, CURLMOPT_TIMERFUNCTION, timer_cb);
-    curl_multi_setopt(e->multi, CURLMOPT_TIMERDATA, e);
-    uv_timer_init(loop, &e->curl_timer);
     uv_timer_init(loop, &e->health_timer);
     uv_timer_init(loop, &e->metrics_timer);
     uv_idle_init(loop, &e->idle);
-    e->curl_timer.data = e->health_timer.data = e->metrics_timer.data = e;
+    e->health_timer.data = e->metrics_timer.data = e;
     e->idle.data = e;
-    e->open_handles = 4;
+    e->open_handles = 4; /* health_timer, metrics_timer, idle, cu */
     load_snapshot(e, &e->last_load);
     uint64_t iv = (uint64_t)(cfg->health_interval * 1000.0 + 0.5);
     uv_timer_start(&e->health_timer, on_health_timer, 0, iv ? iv : 1); /* the first probe at once */

@@ -40,6 +40,16 @@ class FaultError(RuntimeError):
     pass
 
 
+def poll(fn, done, timeout, interval):
+    """Calls fn until done(its value) holds or timeout seconds have passed; returns the last value."""
+    end = time.monotonic() + timeout
+    v = fn()
+    while not done(v) and time.monotonic() < end:
+        time.sleep(interval)
+        v = fn()
+    return v
+
+
 class Handle:
     """A process a fault acts on: a Member the tool started, or an outside pid."""
 
@@ -215,7 +225,10 @@ class Fault(threading.Thread):
         if not spec["restart"] or h.member is None or self.env.topology is None:
             return
         time.sleep(spec["restart_after"])
-        self.env.topology.restart(h.member)
+        self.restart_now(h)
+
+    def restart_now(self, h, wait=True):
+        self.env.topology.restart(h.member, wait=wait)
         self.record["restarted"].append({"name": h.name, "pid": h.member.pid, "t": round(self.env.now(), 4)})
 
     def mark(self, key):
@@ -263,39 +276,36 @@ class Fault(threading.Thread):
         self.ev(True, f"{h} {how}; exit status {status}")
         return True
 
-    def do_kill9(self, handles):
+    def _inject_signal(self, handles, sig, what):
+        """Sends sig to every target and marks the injection; `what` goes to the log."""
         for h in handles:
-            h.signal(signal.SIGKILL)
+            h.signal(sig)
         self.mark("t_inject")
-        log(f"fault: SIGKILL -> {', '.join(str(h) for h in handles)}")
+        log(f"fault: {what}")
+
+    def _signal_exit_restart(self, handles, sig, what, timeout, want_status, how="exited"):
+        """A fault that ends its targets: evidence that each exited (with want_status, when it is
+        known) within timeout, then the restarts the spec asks for."""
+        self._inject_signal(handles, sig, what)
         for h in handles:
-            self._wait_death(h, 5.0, -9 if h.proc is not None else None, "died")
+            self._wait_death(h, timeout, want_status, how)
         for h in handles:
             self.restart(h)
+
+    def do_kill9(self, handles):
+        # an outside pid's status is unknown, so -9 is checked only for our children
+        self._signal_exit_restart(handles, signal.SIGKILL, f"SIGKILL -> {', '.join(str(h) for h in handles)}",
+                                  5.0, -9, "died")
 
     def do_sigterm(self, handles):
-        for h in handles:
-            h.signal(signal.SIGTERM)
-        self.mark("t_inject")
-        log(f"fault: SIGTERM -> {', '.join(str(h) for h in handles)}")
-        for h in handles:
-            self._wait_death(h, self.spec["exit_within"], self.spec["expect_exit"])
-        for h in handles:
-            self.restart(h)
+        self._signal_exit_restart(handles, signal.SIGTERM, f"SIGTERM -> {', '.join(str(h) for h in handles)}",
+                                  self.spec["exit_within"], self.spec["expect_exit"])
 
     def do_sigstop(self, handles):
+        self._inject_signal(handles, signal.SIGSTOP,
+                            f"SIGSTOP -> {', '.join(h.name for h in handles)} for {self.spec['duration']} s")
         for h in handles:
-            h.signal(signal.SIGSTOP)
-        self.mark("t_inject")
-        log(f"fault: SIGSTOP -> {', '.join(h.name for h in handles)} for {self.spec['duration']} s")
-        for h in handles:
-            st = None
-            end = time.monotonic() + 2.0
-            while time.monotonic() < end:
-                st = observe.proc_state(h.pid)
-                if st in ("T", "t"):
-                    break
-                time.sleep(0.02)
+            st = poll(lambda: observe.proc_state(h.pid), lambda st: st in ("T", "t"), 2.0, 0.02)
             self.ev(st in ("T", "t"), f"{h} state {st} after SIGSTOP")
         self.sleep_until(self.record["t_inject"] + self.spec["duration"])
         for h in handles:
@@ -308,15 +318,9 @@ class Fault(threading.Thread):
             self.ev(st not in ("T", "t") and st is not None, f"{h} state {st} after SIGCONT")
 
     def do_engine_death(self, handles):
-        for h in handles:
-            h.signal(signal.SIGUSR1)
-        self.mark("t_inject")
-        log(f"fault: engine death (SIGUSR1) -> {', '.join(h.name for h in handles)}")
-        for h in handles:
-            self._wait_death(h, self.spec["exit_within"], self.spec["expect_exit"],
-                             "exited after its engine died")
-        for h in handles:
-            self.restart(h)
+        self._signal_exit_restart(handles, signal.SIGUSR1,
+                                  f"engine death (SIGUSR1) -> {', '.join(h.name for h in handles)}",
+                                  self.spec["exit_within"], self.spec["expect_exit"], "exited after its engine died")
 
     def _worker_counters(self, h):
         s = observe.read_metrics(h.metrics_url, 1.0) if h.metrics_url else None
@@ -328,10 +332,8 @@ class Fault(threading.Thread):
 
     def do_engine_stall(self, handles):
         dur = self.spec["duration"]
-        for h in handles:
-            h.signal(signal.SIGUSR2)
-        self.mark("t_inject")
-        log(f"fault: engine stall (SIGUSR2) -> {', '.join(h.name for h in handles)} for {dur} s")
+        self._inject_signal(handles, signal.SIGUSR2,
+                            f"engine stall (SIGUSR2) -> {', '.join(h.name for h in handles)} for {dur} s")
         window = min(0.8, max(0.3, dur / 3))
         time.sleep(0.25)
         before = {h.name: self._worker_counters(h) for h in handles}
@@ -365,42 +367,30 @@ class Fault(threading.Thread):
 
     def _registrations(self, topo, want, timeout, when):
         """Evidence that every live worker is registered in etcd (after `when`)."""
-        end = time.monotonic() + timeout
-        n = None
-        while time.monotonic() < end:
-            n = topo.etcd_instances()
-            if n == want:
-                break
-            time.sleep(0.2)
+        n = poll(topo.etcd_instances, lambda n: n == want, timeout, 0.2)
         self.ev(n == want, f"{n} worker registrations in etcd {when} ({want} live workers)")
 
     def do_etcd_member_kill(self, handles):
         topo = self.env.topology
         n0 = topo.etcd_instances()
         self.ev(bool(n0), f"{n0} worker registrations in etcd before the fault")
-        for h in handles:
-            h.signal(signal.SIGKILL)
-        self.mark("t_inject")
+        self._inject_signal(handles, signal.SIGKILL,
+                            f"SIGKILL -> etcd {', '.join(h.name for h in handles)} (was leader: "
+                            f"{self.spec['target_parsed'][1] == 'leader'})")
         killed = {h.member.member_id for h in handles}
-        log(f"fault: SIGKILL -> etcd {', '.join(h.name for h in handles)} (was leader: "
-            f"{self.spec['target_parsed'][1] == 'leader'})")
         for h in handles:
             self._wait_death(h, 5.0, -9, "died")
-        end = time.monotonic() + 15
-        leader = None
-        while time.monotonic() < end:
-            leader = topo.etcd_leader()
-            if leader is not None and leader.member_id not in killed:
-                break
-            time.sleep(0.1)
-        ok = leader is not None and leader.member_id not in killed
-        self.ev(ok, f"etcd leader after the kill: {leader.name if leader else None}")
+
+        def elected(leader):
+            return leader is not None and leader.member_id not in killed
+
+        leader = poll(topo.etcd_leader, elected, 15, 0.1)
+        self.ev(elected(leader), f"etcd leader after the kill: {leader.name if leader else None}")
         if self.spec["duration"]:
             self.sleep_until(self.record["t_inject"] + self.spec["duration"])
         if self.spec["restart"]:
             for h in handles:
-                topo.restart(h.member)
-                self.record["restarted"].append({"name": h.name, "pid": h.member.pid, "t": round(self.env.now(), 4)})
+                self.restart_now(h)
             self.mark("t_restore")
         self._registrations(topo, sum(1 for w in topo.workers if w.alive()), 15, "after the member kill")
 
@@ -408,10 +398,8 @@ class Fault(threading.Thread):
         topo = self.env.topology
         n0 = topo.etcd_instances()
         self.ev(bool(n0), f"{n0} worker registrations in etcd before the outage")
-        for h in handles:
-            h.signal(signal.SIGKILL)
-        self.mark("t_inject")
-        log(f"fault: etcd outage: SIGKILL -> {len(handles)} members for {self.spec['duration']} s")
+        self._inject_signal(handles, signal.SIGKILL,
+                            f"etcd outage: SIGKILL -> {len(handles)} members for {self.spec['duration']} s")
         for h in handles:
             h.wait_exit(5.0)
         time.sleep(0.2)
@@ -420,14 +408,9 @@ class Fault(threading.Thread):
                            f"{sum(down)}/{len(handles)}")
         self.sleep_until(self.record["t_inject"] + self.spec["duration"])
         for h in handles:
-            topo.restart(h.member, wait=False)
-            self.record["restarted"].append({"name": h.name, "pid": h.member.pid, "t": round(self.env.now(), 4)})
+            self.restart_now(h, wait=False)
         self.mark("t_restore")
-        end = time.monotonic() + 20
-        leader = None
-        while time.monotonic() < end and leader is None:
-            leader = topo.etcd_leader()
-            time.sleep(0.1)
+        leader = poll(topo.etcd_leader, lambda leader: leader is not None, 20, 0.1)
         self.ev(leader is not None, f"etcd back with leader {leader.name if leader else None}")
         self._registrations(topo, sum(1 for w in topo.workers if w.alive()), 20, "after the outage")
 
@@ -436,26 +419,21 @@ class Fault(threading.Thread):
         h = handles[0]
         c0 = topo.nats_clients()
         self.ev(bool(c0), f"{c0} clients connected to nats-server before the fault")
-        h.signal(signal.SIGKILL)
-        self.mark("t_inject")
-        log(f"fault: nats-server down for {self.spec['duration']} s")
+        self._inject_signal([h], signal.SIGKILL, f"nats-server down for {self.spec['duration']} s")
         h.wait_exit(5.0)
         self.ev(not observe.port_reachable("127.0.0.1", h.member.port, 0.5),
                 f"nats port {h.member.port} refused connections while down")
         self.sleep_until(self.record["t_inject"] + self.spec["duration"])
-        topo.restart(h.member)
-        self.record["restarted"].append({"name": h.name, "pid": h.member.pid, "t": round(self.env.now(), 4)})
+        self.restart_now(h)
         self.mark("t_restore")
         self.ev(observe.port_reachable("127.0.0.1", h.member.port, 2.0),
                 f"nats port {h.member.port} answered after the restart")
-        end = time.monotonic() + 15
-        c1 = None
-        while time.monotonic() < end:
-            c1 = topo.nats_clients()
-            if c0 and c1 is not None and c1 >= c0:
-                break
-            time.sleep(0.2)
-        self.ev(bool(c0) and c1 is not None and c1 >= c0, f"{c1} clients reconnected to nats-server after the restart")
+
+        def reconnected(c1):
+            return bool(c0) and c1 is not None and c1 >= c0
+
+        c1 = poll(topo.nats_clients, reconnected, 15, 0.2)
+        self.ev(reconnected(c1), f"{c1} clients reconnected to nats-server after the restart")
 
     # ---- network -------------------------------------------------------------------------------
 
@@ -471,10 +449,7 @@ class Fault(threading.Thread):
         self.sleep_until(self.record["t_inject"] + self.spec["duration"])
         topo.set_partitioned(m.index, False)
         self.mark("t_restore")
-        end = time.monotonic() + 10
-        back = False
-        while time.monotonic() < end and not back:
-            back = observe.port_reachable(m.host, m.rpc_port, 1.0)
+        back = poll(lambda: observe.port_reachable(m.host, m.rpc_port, 1.0), bool, 10, 0.05)
         self.ev(back, f"{h.name} request-plane port reachable again after healing")
 
     # ---- clients -------------------------------------------------------------------------------
@@ -484,8 +459,7 @@ class Fault(threading.Thread):
         spec = self.spec
         url = h.member.url if h.member is not None else self.env.urls[0]
         shape = self.env.storm_shapes[self.index]
-        before = observe.read_metrics(url, 2.0)
-        c0 = observe.extract(before, observe.FRONTEND_COUNTERS).get("disconnected_clients") if before else None
+        c0 = self._disconnects(url, 2.0)
         workers = [m for m in self.env.topology.workers if m.alive()] if self.env.topology is not None else []
         k0 = self._kills(workers)
         lo, hi = spec["abort_after"]
@@ -512,28 +486,25 @@ class Fault(threading.Thread):
         if c0 is None:
             self.ev(False, f"{h.name} exposes no dynamo_frontend_disconnected_clients counter")
             return
-        end = time.monotonic() + 5
-        c1 = c0
-        while time.monotonic() < end:
-            s = observe.read_metrics(url, 1.0)
-            c1 = observe.extract(s, observe.FRONTEND_COUNTERS).get("disconnected_clients", c0) if s else c1
-            if c1 - c0 >= n_aborted:
-                break
-            time.sleep(0.1)
-        self.ev(c1 - c0 >= n_aborted and n_aborted > 0,
-                f"{h.name} dynamo_frontend_disconnected_clients moved by {int(c1 - c0)} (dropped {n_aborted})")
+        def moved(v0):
+            return lambda v: v is not None and v - v0 >= n_aborted
+
+        c1 = poll(lambda: self._disconnects(url, 1.0), moved(c0), 5, 0.1)
+        self.ev(moved(c0)(c1) and n_aborted > 0,
+                f"{h.name} dynamo_frontend_disconnected_clients moved by "
+                f"{int(c1 - c0) if c1 is not None else '?'} (dropped {n_aborted})")
         if workers and k0 is not None:
             # every dropped stream had produced tokens, so it ran on a worker that must have killed it
-            end = time.monotonic() + 5
-            k1 = k0
-            while time.monotonic() < end:
-                k1 = self._kills(workers)
-                if k1 is not None and k1 - k0 >= n_aborted:
-                    break
-                time.sleep(0.1)
-            self.ev(k1 is not None and k1 - k0 >= n_aborted,
+            k1 = poll(lambda: self._kills(workers), moved(k0), 5, 0.1)
+            self.ev(moved(k0)(k1),
                     f"workers' dynamo_component_cancellation_total{{kind=\"kill\"}} moved by "
                     f"{int(k1 - k0) if k1 is not None else '?'} (dropped {n_aborted})")
+
+    @staticmethod
+    def _disconnects(url, timeout):
+        """A frontend's disconnected-clients counter, or None if it does not answer or lacks it."""
+        s = observe.read_metrics(url, timeout)
+        return observe.extract(s, observe.FRONTEND_COUNTERS).get("disconnected_clients") if s else None
 
     def _kills(self, workers):
         """Sum of the workers' kill-cancellation counters, or None if one does not answer."""

@@ -1,0 +1,128 @@
+/* proc.c — see proc.h. */
+#include "common/proc.h"
+
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/util.h"
+
+void bt_proc_opts_default(bt_proc_opts *p) {
+    memset(p, 0, sizeof *p);
+    p->discovery = "file";
+    p->event_plane = "direct";
+    p->nats_server = "nats://localhost:4222";
+}
+
+bool bt_proc_help(const char *cmd, const bt_opt *opts, int nopts, int argc, char **argv) {
+    for (int i = 1; i < argc; i++)
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            bt_opts_usage(cmd, opts, nopts);
+            return true;
+        }
+    return false;
+}
+
+bool bt_proc_parse(const char *cmd, const bt_opt *opts, int nopts, int argc, char **argv) {
+    char err[256];
+    if (bt_opts_parse(opts, nopts, argc, argv, 1, NULL, 0, NULL, err, sizeof err)) return true;
+    bt_proc_error(cmd, "%s", err);
+    return false;
+}
+
+int bt_proc_error(const char *cmd, const char *fmt, ...) {
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "baton %s: %s\n", cmd, msg);
+    return 2;
+}
+
+bt_status bt_proc_load_secret(const bt_proc_opts *p, char **out, char *err, size_t errlen) {
+    return bt_load_secret(p->rpc_secret_file, getenv("DYN_RPC_SECRET"), out, err, errlen);
+}
+
+bt_status bt_proc_discovery_create(uv_loop_t *loop, const bt_proc_opts *p, int64_t ttl_s, bt_discovery **out,
+                                   char *err, size_t errlen) {
+    bt_discovery_config dc;
+    bt_discovery_config_default(&dc);
+    dc.backend = p->discovery;
+    if (p->discovery_dir) dc.dir = p->discovery_dir;
+    if (p->etcd_endpoints) dc.etcd_endpoints = p->etcd_endpoints;
+    if (p->etcd_ca) dc.etcd_ca = p->etcd_ca;
+    if (p->etcd_client_cert) dc.etcd_client_cert = p->etcd_client_cert;
+    if (p->etcd_client_key) dc.etcd_client_key = p->etcd_client_key;
+    if (ttl_s > 0) dc.ttl_s = ttl_s;
+    return bt_discovery_create(loop, &dc, out, err, errlen);
+}
+
+bt_status bt_proc_events_create(uv_loop_t *loop, const bt_proc_opts *p, const char *ns, const char *role,
+                                uint64_t id, bt_events **out, char *err, size_t errlen) {
+    bt_events_config ec;
+    bt_events_config_default(&ec);
+    ec.plane = p->event_plane;
+    ec.nats_server = p->nats_server;
+    ec.ns = ns;
+    char name[64];
+    snprintf(name, sizeof name, "baton-%s-%" PRIx64, role, id);
+    ec.name = name;
+    return bt_events_create(loop, &ec, out, err, errlen);
+}
+
+void bt_proc_signals_start(uv_loop_t *loop, uv_signal_t *handles, const int *signums, size_t n, uv_signal_cb cb,
+                           void *data) {
+    for (size_t i = 0; i < n; i++) {
+        uv_signal_init(loop, &handles[i]);
+        handles[i].data = data;
+        uv_signal_start(&handles[i], cb, signums[i]);
+    }
+}
+
+/* ---- teardown ---------------------------------------------------------------------------- */
+
+static void close_one(uv_handle_t *h, void *arg) {
+    (void)arg;
+    if (!uv_is_closing(h)) uv_close(h, NULL);
+}
+
+void bt_proc_close_handles(uv_loop_t *loop) { uv_walk(loop, close_one, NULL); }
+
+
+static void on_events_closed(void *ud) {
+    bt_proc_closer *c = ud;
+    if (c->done) c->done(c->ud);
+    bt_proc_close_handles(c->loop);
+}
+
+static void on_discovery_closed(void *ud) {
+    bt_proc_closer *c = ud;
+    bt_events *e = *c->events;
+    *c->events = NULL;
+    bt_events_close(e, on_events_closed, c); /* calls back at once for the direct plane */
+}
+
+void bt_proc_close_planes(bt_proc_closer *c, uv_loop_t *loop, bt_discovery **disc, bt_events **events,
+                          void (*done)(void *ud), void *ud) {
+    c->loop = loop;
+    c->events = events;
+    c->done = done;
+    c->ud = ud;
+    bt_discovery *d = *disc;
+    *disc = NULL;
+    if (d) bt_discovery_close(d, on_discovery_closed, c);
+    else on_discovery_closed(c);
+}
+
+/* Discovery closes some of its handles itself once its pending work is done: closing every handle
+ * of the loop before that would close them twice. So the planes close first, in order, and the
+ * remaining handles after (bt_proc_close_planes). */
+void bt_proc_unwind(uv_loop_t *loop, bt_discovery **disc, bt_events **events) {
+    bt_proc_closer c;
+    bt_events *none = NULL;
+    bt_proc_close_planes(&c, loop, disc, events ? events : &none, NULL, NULL);
+    uv_run(loop, UV_RUN_DEFAULT);
+}

@@ -1,0 +1,109 @@
+/* proc.h — the process scaffolding that `baton frontend` and `baton worker` share.
+ *
+ *   - the options of the planes both use (discovery, event plane, request-plane secret), as one
+ *     struct and as rows for a bt_opt table;
+ *   - the command line: --help, and start-up errors printed as "baton <cmd>: <reason>";
+ *   - discovery, the event plane and the request-plane secret set up from those options;
+ *   - signal handlers, and the teardown of the loop: discovery, then the event plane, then every
+ *     remaining handle (a clean exit), or every handle at once (a failed start-up).
+ *
+ * What differs between the commands (their own options and checks, what a signal does, what they
+ * log) stays in frontend.c and worker.c / drain.c. Nothing here logs. */
+#ifndef BATON_PROC_H
+#define BATON_PROC_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "common/opts.h"
+#include "common/status.h"
+#include "discovery/discovery.h"
+#include "events/events.h"
+
+/* The options of the planes every long-running command uses. */
+typedef struct {
+    const char *discovery;       /* DYN_DISCOVERY_BACKEND: "file" or "etcd" */
+    const char *discovery_dir;   /* DYN_FILE_KV; NULL: the discovery default */
+    const char *etcd_endpoints;  /* ETCD_ENDPOINTS; NULL: the discovery default */
+    const char *etcd_ca;          /* ETCD_AUTH_CA; NULL: the discovery default (the same variable) */
+    const char *etcd_client_cert; /* ETCD_AUTH_CLIENT_CERT; likewise */
+    const char *etcd_client_key;  /* ETCD_AUTH_CLIENT_KEY; likewise */
+    const char *event_plane;     /* DYN_EVENT_PLANE: "direct" or "nats" */
+    const char *nats_server;     /* NATS_SERVER */
+    const char *rpc_secret_file; /* DYN_RPC_SECRET_FILE; NULL: DYN_RPC_SECRET, else no secret */
+} bt_proc_opts;
+
+/* file discovery, direct event plane, nats://localhost:4222, the rest NULL */
+void bt_proc_opts_default(bt_proc_opts *p);
+
+/* Rows of a command's bt_opt table for the fields of a bt_proc_opts *p: one macro a row, so that
+ * each command keeps its own order in --help. */
+#define BT_PROC_OPT_DISCOVERY(p, help) {"--discovery", "DYN_DISCOVERY_BACKEND", BT_OPT_STR, &(p)->discovery, 0, 0, help}
+#define BT_PROC_OPT_DISCOVERY_DIR(p)                                                                                  \
+    {"--discovery-dir", "DYN_FILE_KV", BT_OPT_STR, &(p)->discovery_dir, 0, 0, "file discovery directory"}
+#define BT_PROC_OPT_ETCD_ENDPOINTS(p)                                                                                 \
+    {"--etcd-endpoints", "ETCD_ENDPOINTS", BT_OPT_STR, &(p)->etcd_endpoints, 0, 0, "comma-separated URLs"}
+#define BT_PROC_OPT_ETCD_CA(p)                                                                                        \
+    {"--etcd-ca", "ETCD_AUTH_CA", BT_OPT_STR, &(p)->etcd_ca, 0, 0, "PEM CA file for https:// etcd endpoints"}
+#define BT_PROC_OPT_ETCD_CLIENT_CERT(p)                                                                               \
+    {"--etcd-client-cert", "ETCD_AUTH_CLIENT_CERT", BT_OPT_STR, &(p)->etcd_client_cert, 0, 0,                       \
+     "PEM client certificate for https:// etcd endpoints"}
+#define BT_PROC_OPT_ETCD_CLIENT_KEY(p)                                                                                \
+    {"--etcd-client-key", "ETCD_AUTH_CLIENT_KEY", BT_OPT_STR, &(p)->etcd_client_key, 0, 0,                          \
+     "PEM key of --etcd-client-cert"}
+#define BT_PROC_OPT_RPC_SECRET_FILE(p)                                                                                \
+    {"--rpc-secret-file", "DYN_RPC_SECRET_FILE", BT_OPT_STR, &(p)->rpc_secret_file, 0, 0,                           \
+     "file holding the request-plane shared secret (or DYN_RPC_SECRET)"}
+#define BT_PROC_OPT_EVENT_PLANE(p)                                                                                    \
+    {"--event-plane", "DYN_EVENT_PLANE", BT_OPT_STR, &(p)->event_plane, 0, 0,                                        \
+     "direct (load on the request plane) or nats (also namespace.{ns}.kv_metrics)"}
+#define BT_PROC_OPT_NATS_SERVER(p)                                                                                    \
+    {"--nats-server", "NATS_SERVER", BT_OPT_STR, &(p)->nats_server, 0, 0, "nats://host:port[,nats://...]"}
+
+/* True, after printing the usage of `baton <cmd>`, when --help or -h is among argv[1..argc). */
+bool bt_proc_help(const char *cmd, const bt_opt *opts, int nopts, int argc, char **argv);
+/* bt_opts_parse over argv[1..argc) with no forwarding; on an error prints "baton <cmd>: <reason>"
+ * to stderr and returns false. */
+bool bt_proc_parse(const char *cmd, const bt_opt *opts, int nopts, int argc, char **argv);
+/* Prints "baton <cmd>: <message>" and a newline to stderr: a start-up error found before the
+ * process runs. Returns 2, the exit code of a usage error. */
+int bt_proc_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* The request-plane secret from --rpc-secret-file, else $DYN_RPC_SECRET (bt_load_secret). */
+bt_status bt_proc_load_secret(const bt_proc_opts *p, char **out, char *err, size_t errlen);
+/* Creates discovery from the options; ttl_s > 0 sets the lease of what this process puts (0: the
+ * default). As bt_discovery_create. */
+bt_status bt_proc_discovery_create(uv_loop_t *loop, const bt_proc_opts *p, int64_t ttl_s, bt_discovery **out,
+                                   char *err, size_t errlen);
+/* Creates the event plane of one process: namespace ns, client name "baton-<role>-<id in hex>".
+ * As bt_events_create (*out is NULL for the direct plane). */
+bt_status bt_proc_events_create(uv_loop_t *loop, const bt_proc_opts *p, const char *ns, const char *role,
+                                uint64_t id, bt_events **out, char *err, size_t errlen);
+
+/* Initializes and starts handles[i] for signums[i] (n of each), every one with cb and data. */
+void bt_proc_signals_start(uv_loop_t *loop, uv_signal_t *handles, const int *signums, size_t n, uv_signal_cb cb,
+                           void *data);
+
+/* Closing the planes at the end of a clean shutdown (bt_proc_close_planes). */
+typedef struct {
+    uv_loop_t *loop;
+    bt_events **events;
+    void (*done)(void *ud);
+    void *ud;
+} bt_proc_closer;
+
+/* Closes discovery (*disc, which may be NULL; set to NULL at once), then the event plane
+ * (*events, set to NULL when discovery has closed), then calls done(ud) (may be NULL) and closes
+ * every handle left on the loop, so that uv_run returns. c holds the state in between and must
+ * stay valid until then. */
+void bt_proc_close_planes(bt_proc_closer *c, uv_loop_t *loop, bt_discovery **disc, bt_events **events,
+                          void (*done)(void *ud), void *ud);
+/* Closes every handle of the loop that is not closing already. */
+void bt_proc_close_handles(uv_loop_t *loop);
+/* After a failed start-up: closes discovery (*disc, may be NULL), then the event plane (*events;
+ * events may be NULL), then every other handle, and runs the loop until all have closed. */
+void bt_proc_unwind(uv_loop_t *loop, bt_discovery **disc, bt_events **events);
+
+#endif
