@@ -107,8 +107,32 @@ bool bt_opts_parse(const bt_opt *opts, int nopts, int argc, char **argv, int fir
     return true;
 }
 
+/* The value an option holds now: before parsing, its default. */
+static void opt_value(const bt_opt *o, char *out, size_t n) {
+    switch (o->type) {
+    case BT_OPT_STR: {
+        const char *v = *(const char *const *)o->dst;
+        snprintf(out, n, "%s", v ? (*v ? v : "\"\"") : "none");
+        break;
+    }
+    case BT_OPT_INT: snprintf(out, n, "%lld", (long long)*(const int64_t *)o->dst); break;
+    case BT_OPT_DOUBLE: {
+        double v = *(const double *)o->dst;
+        if (isnan(v)) snprintf(out, n, "none");
+        else snprintf(out, n, "%g", v);
+        break;
+    }
+    case BT_OPT_BOOL: snprintf(out, n, "%s", *(const bool *)o->dst ? "true" : "false"); break;
+    default: snprintf(out, n, "?");
+    }
+}
+
 void bt_opts_usage(const char *cmd, const bt_opt *opts, int nopts) {
     printf("usage: baton %s [options]\n\noptions (each flag has an environment twin; the flag wins):\n", cmd);
-    for (int i = 0; i < nopts; i++)
-        printf("  %-38s %-38s %s\n", opts[i].flag, opts[i].env ? opts[i].env : "", opts[i].help ? opts[i].help : "");
+    for (int i = 0; i < nopts; i++) {
+        char def[160];
+        opt_value(&opts[i], def, sizeof def);
+        printf("  %-38s %-38s %s [default: %s]\n", opts[i].flag, opts[i].env ? opts[i].env : "",
+               opts[i].help ? opts[i].help : "", def);
+    }
 }
