@@ -509,7 +509,6 @@ typedef struct {
 
 struct etcd_disc {
     bt_discovery base;
-    uv_loop_t *loop;
     bt_curl_uv *cu; /* libcurl on the loop; NULL once closed */
 
     char **eps;
@@ -1719,7 +1718,6 @@ bt_status bt_discovery_etcd_create(uv_loop_t *loop, const bt_discovery_config *c
     d->cu = bt_curl_uv_create(loop, &curl_hooks, d);
     if (!d->cu) goto nomem;
     d->base.ops = &etcd_ops;
-    d->loop = loop;
     d->ttl_s = cfg->ttl_s;
     d->contact = true;
     uv_timer_t *timers[] = {&d->auth_timer, &d->w_timer, &d->ka_timer, &d->watch_timer, &d->probe_timer};
