@@ -651,6 +651,12 @@ static void close_step(bt_events *e) {
 static void on_kick(uv_timer_t *t) {
     bt_events *e = t->data;
     if (e->state != ST_IDLE) return;
+    /* The loop's thread is the one running it now, not necessarily the one that created the
+     * object (a frontend with --threads opens every loop on the main thread). Nothing of nats.c
+     * runs before this: the connect starts below. */
+    uv_mutex_lock(&e->op_mu);
+    e->loop_thread = uv_thread_self();
+    uv_mutex_unlock(&e->op_mu);
     e->state = ST_CONNECTING;
     e->work_busy = true;
     int rc = uv_queue_work(e->loop, &e->work, connect_work, after_connect);

@@ -218,6 +218,7 @@ struct fe_group {
     fe *shard[FE_MAX_THREADS];
     atomic_size_t nreqs; /* requests in flight in all shards (--max-concurrent-requests) */
     atomic_size_t nconns; /* client connections open in all shards (--max-connections) */
+    atomic_int running;   /* threads of shards 1..n-1 whose loop has not ended */
 };
 
 /* workers.c */

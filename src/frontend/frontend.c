@@ -303,6 +303,7 @@ static int shard_open(fe *f, int port, char *err, size_t errlen) {
     hc.write_backlog_max = (size_t)o->max_backlog;
     if (f->grp->n > 1) {
         hc.reuse_port = true;
+        hc.reuse_port_first = f->shard == 0;
         hc.shared_conns = &f->grp->nconns;
     }
     bt_http_handlers hh = {on_http_request, on_http_abort, NULL};
@@ -333,6 +334,15 @@ static int shard_open(fe *f, int port, char *err, size_t errlen) {
 static void shard_run(void *arg) {
     fe *f = arg;
     uv_run(f->loop, UV_RUN_DEFAULT);
+    atomic_fetch_sub(&f->grp->running, 1);
+}
+
+/* Shard 0 has finished its shutdown while others still drain: its signal handles were closed with
+ * the rest, and a second signal must still exit at once (not kill the process by its default
+ * action). They are opened again until the other threads are done. */
+static void others_done_tick(uv_timer_t *t) {
+    fe *f = t->data;
+    if (atomic_load(&f->grp->running) == 0) bt_proc_close_handles(f->loop);
 }
 
 int bt_frontend_main(int argc, char **argv) {
@@ -461,20 +471,34 @@ int bt_frontend_main(int argc, char **argv) {
                 o->http_host, bt_http_server_port(f->http), o->p.discovery, o->ns, bt_events_plane(f->events), g->n,
                 g->n > 1 ? "s" : "");
         int started = 1;
-        for (int i = 1; i < g->n; i++, started++)
+        for (int i = 1; i < g->n; i++, started++) {
+            atomic_fetch_add(&g->running, 1);
             if (uv_thread_create(&g->shard[i]->thread, shard_run, g->shard[i]) != 0) {
                 /* the shards already running stop through the normal shutdown */
+                atomic_fetch_sub(&g->running, 1);
                 BT_ERROR("cannot start thread %d of %d; shutting down", i, g->n);
                 f->exit_code = 1;
                 kill(getpid(), SIGTERM);
                 break;
             }
+        }
         uv_run(f->loop, UV_RUN_DEFAULT);
+        if (atomic_load(&g->running) > 0) {
+            static const int signums[] = {SIGTERM, SIGINT};
+            bt_proc_signals_start(f->loop, f->sigs, signums, 2, on_signal, f);
+            uv_timer_init(f->loop, &f->shutdown_timer); /* closed with the rest; serves again */
+            f->shutdown_timer.data = f;
+            uv_timer_start(&f->shutdown_timer, others_done_tick, 0, 20);
+            uv_run(f->loop, UV_RUN_DEFAULT);
+        }
         for (int i = 1; i < started; i++) uv_thread_join(&g->shard[i]->thread);
     } else {
         for (int i = 0; i < opened; i++) {
             fe *s = g->shard[i];
             if (!s || !s->loop) continue;
+            /* its close callbacks free the server (closing its handles by uv_walk would not) */
+            bt_http_server_close(s->http, NULL, NULL);
+            s->http = NULL;
             bt_proc_unwind(s->loop, &s->disc, &s->events);
         }
     }

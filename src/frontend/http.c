@@ -21,6 +21,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include "common/log.h"
 #include "common/util.h"
@@ -171,6 +172,7 @@ void bt_http_config_default(bt_http_config *c) {
     c->max_connections = 10000;
     c->write_backlog_max = 8u * 1024u * 1024u;
     c->reuse_port = false;
+    c->reuse_port_first = false;
     c->shared_conns = NULL;
 }
 
@@ -1002,7 +1004,20 @@ bt_status bt_http_server_start(uv_loop_t *loop, const bt_http_config *cfg, const
     s->h = *h;
     s->ud = ud;
     int r = 0;
-    if (cfg->reuse_port) {
+    if (cfg->reuse_port && cfg->reuse_port_first && cfg->port != 0) {
+        /* A listener of the same user with SO_REUSEPORT (another frontend) would let our bind
+         * succeed and take half its connections: a plain bind finds the port in use. */
+        int probe = socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        int one = 1;
+        if (probe < 0 || setsockopt(probe, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
+            bind(probe, (const struct sockaddr *)&ss,
+                 ss.ss_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in)) != 0)
+            r = -errno;
+        if (probe >= 0) close(probe);
+    }
+    if (r != 0) {
+        uv_tcp_init(loop, &s->listener); /* a handle for the error path to close */
+    } else if (cfg->reuse_port) {
         /* The socket must exist before the bind to carry SO_REUSEPORT, which libuv 1.44 does not
          * set itself (UV_TCP_REUSEPORT came in 1.49). */
         r = uv_tcp_init_ex(loop, &s->listener, ss.ss_family);

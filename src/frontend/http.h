@@ -59,6 +59,8 @@ typedef struct {
     size_t write_backlog_max;    /* a client that does not read: past this many queued bytes
                                     the connection is closed and on_abort called; 8 MiB */
     bool reuse_port;             /* SO_REUSEPORT: several servers (threads) listen on one port */
+    bool reuse_port_first;       /* with reuse_port: the first of them; fails if the port is in use
+                                    (SO_REUSEPORT alone would join another process's listener) */
     atomic_size_t *shared_conns; /* if set, max_connections counts the connections of every
                                     server sharing this counter */
 } bt_http_config;               /* zero sizes mean the defaults; a zero timeout disables it */

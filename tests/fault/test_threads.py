@@ -11,7 +11,14 @@ process crosses loops. Checked here:
   - an operator cancel reaches its request whichever loop the cancel lands on; an unknown id is
     404 from every loop; a busy threshold set through one connection is what every loop reports;
   - --max-concurrent-requests and --max-connections are limits of the process, not of each loop;
-  - SIGTERM drains the streams of both loops, which end complete, and the process exits 0.
+  - SIGTERM drains the streams of both loops, which end complete, and the process exits 0;
+  - a second signal while loop 1 still drains (loop 0 has finished) exits 0 at once;
+  - a port another frontend with several loops listens on is in use: SO_REUSEPORT must not let a
+    second process join it;
+  - with the NATS event plane every loop keeps one steady connection (each loop's NATS client is
+    driven from that loop's own thread), load reports arriving;
+  - a loop that cannot open (no descriptors left) fails the start-up with exit 1, and what the
+    loops before it opened is closed and freed (a leak is a report under ASan).
 """
 
 import signal
@@ -20,6 +27,7 @@ import threading
 import time
 
 import batonlib as bl
+import natslib as nl
 from test_migration import MODEL, references, scenario_kill_one
 
 THREADS = 2
@@ -206,6 +214,82 @@ def scenario_drain():
         assert log.count("frontend shutting down after") == THREADS, log[-2000:]
 
 
+def scenario_second_signal():
+    with bl.Cluster() as c:
+        fe = c.start_frontend(threads=THREADS, shutdown_drain_timeout=60)
+        c.start_worker(speedup_ratio=0.3)
+        c.wait_workers(fe, 1)
+        # one long stream on loop 1 and none on loop 0: a stream that lands on loop 0 is killed
+        held = None
+        for i in range(40):
+            rid = f"late-{i}"
+            before = thread_requests(fe)
+            t = threading.Thread(target=bl.stream_chat, args=(fe.url, bl.chat_body(rid, max_tokens=2000)),
+                                 kwargs={"headers": {"X-Request-Id": rid}, "timeout": 60}, daemon=True)
+            t.start()
+            bl.wait_for(lambda: sum(thread_requests(fe).values()) == sum(before.values()) + 1, 10, 0.02,
+                        f"stream {rid} to arrive")
+            if thread_requests(fe).get("1", 0) > before.get("1", 0):
+                held = t
+                break
+            st, _, b = bl.post_json(fe.url + f"/v1/requests/{rid}/cancel", {"mode": "kill"})
+            assert st == 200, (rid, st, b)
+            t.join(30)
+            assert not t.is_alive(), f"killed stream {rid} did not end"
+        assert held is not None, f"40 connections all landed on loop 0: {thread_requests(fe)}"
+        fe.proc.kill(signal.SIGTERM)
+        fe.proc.wait_log(r"frontend shutting down after", 10)  # loop 0: nothing to drain
+        time.sleep(0.5)  # loop 0 closes its handles (its signal handles too) and ends
+        assert fe.proc.alive(), "the frontend exited with a stream still draining on loop 1"
+        fe.proc.kill(signal.SIGTERM)
+        rc = fe.proc.wait(5)
+        assert rc == 0, f"second signal: exit status {rc}, not 0"
+        fe.proc.wait_log(r"second signal: exiting at once", 1)
+        held.join(10)
+
+
+def scenario_port_in_use():
+    with bl.Cluster() as c:
+        fe = c.start_frontend(threads=THREADS)
+        other = c.start_frontend(threads=THREADS, http_port=fe.port, wait=False)
+        rc = other.proc.wait(10)
+        assert rc is not None and rc != 0, f"a second frontend started on port {fe.port} in use (exit {rc})"
+        assert "address already in use" in other.proc.log_text(), other.proc.log_tail()
+        st, _, b = bl.get_json(fe.url + "/live")
+        assert st == 200, (st, b)
+
+
+def scenario_nats():
+    with bl.Cluster() as c:
+        ns = nl.NatsServer(c.dir).start()
+        fe = c.start_frontend(threads=THREADS, event_plane="nats", nats_server=ns.url)
+        c.start_worker(speedup_ratio=2, event_plane="nats", nats_server=ns.url)
+        c.wait_workers(fe, 1)
+        bl.wait_for(lambda: bl.metrics(fe.url)['baton_frontend_event_plane_connected{plane="nats"}'] == 1, 10, 0.05,
+                    "every loop's NATS connection")
+        for i in range(4):
+            bl.stream_chat(fe.url, bl.chat_body(f"nats {i}", max_tokens=40), timeout=30).assert_ok("a stream")
+        time.sleep(1)
+        m = bl.metrics(fe.url)
+        assert m['baton_frontend_event_plane_connected{plane="nats"}'] == 1, m
+        assert m["baton_frontend_event_plane_connects_total"] == THREADS, m["baton_frontend_event_plane_connects_total"]
+        assert m['baton_frontend_event_plane_messages_total{result="applied"}'] > 0, m
+        assert "NATS connection to" not in fe.proc.log_text(), fe.proc.log_tail()
+
+
+def scenario_startup_failure():
+    with bl.Cluster() as c:
+        args = ["sh", "-c", 'ulimit -n 40 && exec "$@"', "sh", c.bin, "frontend", "--http-host", "127.0.0.1",
+                "--http-port", bl.free_port(), "--threads", 16, "--discovery-dir", c.discovery_dir]
+        proc = bl.Proc(args, env=c.env, log=c._log("frontend"), name="frontend:40-fds")
+        rc = proc.wait(20)
+        log = proc.log_text()
+        assert rc == 1, f"exit status {rc} with 40 descriptors for 16 loops: {log[-1500:]}"
+        assert "http: listening on" in log and "frontend listening on" not in log, log[-1500:]
+        report = proc.sanitizer_report()
+        assert report is None, report
+
+
 def main():
     bl.deadline(300, "test_threads")
     refs = references(STREAMS, UNARY)
@@ -213,6 +297,10 @@ def main():
     scenario_operator()
     scenario_limits()
     scenario_drain()
+    scenario_second_signal()
+    scenario_port_in_use()
+    scenario_startup_failure()
+    scenario_nats()
     print("test_threads: OK")
 
 
