@@ -121,7 +121,9 @@ with bl.Cluster() as c:
     assert "follows endpoint generate from the start" in logs["starting ready, listed (flags)"]
 
     for name, w in workers.items():
-        bl.wait_for(lambda: health(w)[0] == 200, 30, interval=0.05, what=f"{name}: /health 200 after the canary")
+        # with a starting status of ready, /health is 200 before the endpoint is: wait for the endpoint
+        bl.wait_for(lambda: health(w)[1].get("endpoints") == {"generate": "ready"}, 30, interval=0.05,
+                    what=f"{name}: the endpoint ready after the canary")
         st, body = health(w)
         check_health(st, body, ready=True, endpoint_ready=True)
         n, m = canary_successes(w)
