@@ -156,9 +156,7 @@ static void gather_start(fe *f, fe_gather *g) {
         if (i == f->shard) continue;
         if (!fe_shard_post(f->grp->shard[i], gather_part, g)) gather_part_done(g); /* that shard has exited */
     }
-    if (g->kind == G_METRICS) fe_metrics_render(f, &g->parts[f->shard]);
-    else if (fe_request_cancel_by_id(f, g->rid, g->kill)) atomic_store(&g->found, true);
-    gather_part_done(g);
+    gather_part(f, g); /* the origin's own part, and the release of its hold */
 }
 
 static void gather_unlink(fe *f, fe_gather *g) {
