@@ -44,11 +44,12 @@ int bt_discovery_file_encode_key(const char *key, char *out, size_t cap);
  * has a malformed escape, decodes to an empty key or a NUL byte, or does not fit in `cap`. */
 int bt_discovery_file_decode_name(const char *name, char *out, size_t cap);
 
-/* etcd.c */
+/* etcd.c (the handle; its pieces are in etcd_internal.h) */
 bt_status bt_discovery_etcd_create(uv_loop_t *loop, const bt_discovery_config *cfg, bt_discovery **out, char *err,
                                    size_t errlen);
 
-/* The pure pieces of the etcd backend, exposed for the unit tests: no I/O, no loop. */
+/* etcd_wire.c: the pure pieces of the etcd backend (request bodies, answer parsers), exposed for the
+ * unit tests and the fuzz driver: no I/O, no loop. */
 
 /* Standard base64 with padding (the gateway's encoding of bytes fields). encode returns the
  * length written (NUL added) or -1 if it does not fit in cap; decode accepts padded or unpadded
@@ -75,6 +76,14 @@ char *bt_etcd_body_delete(const char *key);
 char *bt_etcd_body_range(const char *prefix, bool count_only);
 char *bt_etcd_body_watch(const char *prefix, int64_t start_revision);
 char *bt_etcd_body_lease(int64_t id); /* keepalive and revoke */
+char *bt_etcd_body_grant(int64_t ttl_s);
+char *bt_etcd_body_auth(const char *user, const char *password);
+
+/* The gateway writes 64-bit integers as strings; accept numbers too. Missing = 0 (and true);
+ * false when v is neither. */
+bool bt_etcd_json_i64(const json_t *v, int64_t *out);
+/* True when a watch's cancel reason says the token or the permissions were refused. */
+bool bt_etcd_reason_is_auth(const char *reason);
 
 /* How a unary gateway answer is to be treated. */
 typedef enum {
