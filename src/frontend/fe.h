@@ -2,7 +2,8 @@
  *
  *   frontend.c  process: options, HTTP routing, probes, /v1/models, shutdown
  *   workers.c   the worker set: discovery watch, request-plane connections, load, quarantine, routing
- *   request.c   one client request: validation, dispatch, token relay (SSE or JSON), migration, cancel
+ *   request.c   one client request: validation, its lifecycle state, output (SSE or JSON), cancel
+ *   migrate.c   the attempts of a request: dispatch, the attempt budget, the continuation
  *   metrics.c   per-model counters and histograms, Prometheus text
  *
  * Everything runs on one libuv loop. A request lives on that loop from start to end. */
@@ -30,6 +31,7 @@
 typedef struct fe fe;
 typedef struct fe_worker fe_worker;
 typedef struct fe_req fe_req;
+typedef struct fe_attempt fe_attempt;
 typedef struct fe_model fe_model;
 typedef struct fe_group fe_group;
 typedef struct fe_job fe_job;
@@ -107,7 +109,30 @@ struct fe_worker {
 };
 
 /* ---- requests ---- */
-typedef enum { RQ_ROUTING, RQ_STREAMING, RQ_DONE } rq_state;
+
+/* A request's life (docs/architecture.md has the diagram). Changed only by fe_req_set_state,
+ * which logs each change as "request <id>: <from> -> <to> (<reason>)".
+ *   ADMITTED   validated and counted; no attempt yet
+ *   ROUTING    its first attempt is on a worker; no token has reached the client
+ *   STREAMING  tokens flow from the current attempt
+ *   MIGRATING  an attempt failed with a migratable error; from then until the next attempt's first
+ *              token (a continuation carries every token delivered so far)
+ *   DONE       answered, failed or cancelled; nothing more happens to it */
+typedef enum { FE_REQ_ADMITTED, FE_REQ_ROUTING, FE_REQ_STREAMING, FE_REQ_MIGRATING, FE_REQ_DONE } fe_req_state;
+
+/* One try of a request on one worker: one REQUEST frame and the stream it opens. Owned by its
+ * request (r->attempt, NULL between attempts); created by migrate.c when it dispatches, and ended
+ * by exactly one of: its FINISH, its failure (an ERROR frame, the connection lost, the worker
+ * declared dead) or the request's end. The worker connection code only hands it frames
+ * (fe_attempt_on_tokens / _on_finish / _on_error) and never touches the request. */
+struct fe_attempt {
+    fe_req *req;
+    fe_worker *worker;
+    uint32_t stream_id;
+    bt_ctx *ctx;     /* a child of the request's context: its callback sends STOP or KILL */
+    uint32_t tokens; /* tokens received on this attempt */
+    int number;      /* 1 = the first attempt */
+};
 
 struct fe_req {
     fe *fe;
@@ -123,22 +148,19 @@ struct fe_req {
     bt_buf text;   /* text delivered so far (streaming too: a continuation may need it) */
     bool text_lost; /* streaming: text went past the cap of `text`; no longer sent on migration */
     bt_buf prefix; /* streaming: the constant head of every chunk, built once */
-    int attempts_left;
-    int attempts;
-    fe_worker *worker; /* current attempt, or NULL */
-    uint32_t stream_id;
-    uint32_t attempt_tokens; /* tokens received on the current attempt */
+    fe_req_state state;
+    fe_attempt *attempt;     /* the running attempt, or NULL */
+    int attempts_left;       /* the budget: --migration-limit + 1, less each attempt charged */
+    int attempts;            /* attempts made */
     uint64_t failed_worker;  /* id of the worker that failed last, avoided for the retry */
     bt_status fail_code;     /* why the last attempt failed, for the migration log line */
     char fail_msg[128];
-    rq_state state;
     bool headers_sent;
     bool role_sent;
     bt_ctx *ctx;          /* the request's cancellation context (the root) */
-    bt_ctx *actx;         /* the running attempt's context, a child of ctx; NULL between attempts */
     uint64_t t_cancel_us; /* when a stop or kill was asked for (0 = never) */
     uint64_t t_start_us, t_first_us, t_last_us;
-    uint64_t t_fail_us; /* when the last failed attempt was seen to fail (0 = no migration pending) */
+    uint64_t t_fail_us; /* when the attempt that started the current migration failed */
     int64_t created;
     uint32_t prompt_tokens, completion_tokens;
     fe_req *prev, *next; /* all live requests */
@@ -241,8 +263,10 @@ bool fe_worker_busy(const fe_worker *w, const fe_model *m);
 /* Seconds a client should wait before retrying when every worker of m is busy (Retry-After). */
 int fe_retry_after_s(fe *f, const fe_model *m);
 void fe_worker_quarantine(fe_worker *w, const char *why);
-/* Sends a REQUEST for req on w; returns the stream id or 0 if the connection is unusable. */
-uint32_t fe_worker_send_request(fe_worker *w, fe_req *req);
+/* Sends a REQUEST frame with `payload` for attempt a on w and files a under its new stream id;
+ * est_tokens (prompt and output, estimated) counts towards w's pending KV blocks until its next
+ * LOAD. Returns the stream id, or 0 if the connection is unusable. */
+uint32_t fe_worker_send_request(fe_worker *w, fe_attempt *a, const char *payload, size_t len, uint64_t est_tokens);
 void fe_worker_send_cancel(fe_worker *w, uint32_t stream, bool kill);
 void fe_worker_stream_done(fe_worker *w, uint32_t stream);
 size_t fe_worker_inflight(const fe_worker *w);
@@ -256,10 +280,16 @@ fe_model *fe_model_get(fe *f, const char *name, bool create);
 bool fe_validate_body(json_t *body, bt_api api, char *err, size_t errlen);
 void fe_request_start(fe *f, bt_http_req *http, bt_api api);
 void fe_request_abort(fe *f, bt_http_req *http);
-void fe_request_on_tokens(fe_req *r, const uint32_t *ids, size_t n, const char *text, size_t len);
-void fe_request_on_finish(fe_req *r, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens);
-/* The current attempt failed (worker error frame, connection lost, worker declared dead). */
-void fe_request_on_attempt_failed(fe_req *r, bt_status code, const char *msg);
+/* The one place a request's state changes; logs the change with its reason (debug level). */
+void fe_req_set_state(fe_req *r, fe_req_state s, const char *reason);
+const char *fe_req_state_name(fe_req_state s);
+/* Output, for migrate.c: n new tokens reached the request from its current attempt; the
+ * attempt's finish; a request refused because every worker is busy (503 with Retry-After). */
+void fe_request_deliver(fe_req *r, const uint32_t *ids, size_t n, const char *text, size_t len);
+void fe_request_finish(fe_req *r, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens);
+void fe_request_reject_busy(fe_req *r);
+/* Ends a request whose context is stopped or killed and that has no attempt running. */
+void fe_request_end_cancelled(fe_req *r);
 /* Ends a running request at once with an error the client can read; r is freed. */
 void fe_request_fail(fe_req *r, bt_status code, const char *msg);
 /* Operator cancel: stop (graceful) or kill. Returns false if no such request. */
@@ -267,6 +297,19 @@ bool fe_request_cancel_by_id(fe *f, const char *rid, bool kill);
 /* Answers with OpenAI's error shape {"error":{"message","type","code"}}; rid may be NULL. */
 void fe_json_error(bt_http_req *http, const char *rid, int status, const char *type, const char *fmt, ...)
     __attribute__((format(printf, 5, 6)));
+
+/* migrate.c */
+/* Starts the request's next attempt on a routable worker (the first, or a continuation carrying
+ * every token delivered), or ends the request when there is none or it was cancelled. */
+void fe_migrate_dispatch(fe_req *r);
+/* Frames of an attempt's stream, from the worker connection. on_finish and on_error end the
+ * attempt (it is detached from its worker and freed); on_error decides whether the request
+ * migrates (a migratable error, budget left, not cancelled) or ends. */
+void fe_attempt_on_tokens(fe_attempt *a, const uint32_t *ids, size_t n, const char *text, size_t len);
+void fe_attempt_on_finish(fe_attempt *a, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens);
+void fe_attempt_on_error(fe_attempt *a, bt_status code, const char *msg);
+/* The request ended while a was running: KILL its stream (once), detach it, free it. */
+void fe_attempt_abandon(fe_attempt *a);
 
 /* shards.c */
 void fe_mail_init(fe *f);

@@ -1,11 +1,10 @@
 /* request.c — one client request from validation to its last byte.
  *
- * Lifecycle (rq_state): routing → streaming → done. An attempt is one REQUEST frame on one
- * worker; the request keeps every token id it delivered to the client, so when an attempt fails
- * with a migratable error the next attempt carries them and the worker continues from
- * prompt + delivered tokens with max_tokens reduced by their number: the client sees one
- * continuous stream. The attempt budget (--migration-limit + 1) is shared by failures before the
- * first token and failures mid-stream.
+ * Lifecycle (fe_req_state, fe.h): admitted → routing → streaming → done, with migrating between
+ * an attempt's failure and the next attempt's first token; every change goes through
+ * fe_req_set_state, which logs it. The attempts themselves — dispatch, the budget, the
+ * continuation — are migrate.c's; this file validates and admits the request, writes what its
+ * attempts deliver to the client, and ends it.
  *
  * Cancellation (common/cancel.h): each request has a root context and each attempt a child
  * context whose callback sends STOP or KILL for the attempt's stream. A client that goes away
@@ -73,6 +72,16 @@ static const char *type_for(int status) {
 
 /* ---- lifetime ---- */
 
+static const char *const state_names[] = {"admitted", "routing", "streaming", "migrating", "done"};
+
+const char *fe_req_state_name(fe_req_state s) { return state_names[s]; }
+
+void fe_req_set_state(fe_req *r, fe_req_state s, const char *reason) {
+    if (r->state == s) return;
+    BT_DEBUG("request %s: %s -> %s (%s)", r->rid, state_names[r->state], state_names[s], reason);
+    r->state = s;
+}
+
 static void req_free(fe_req *r) {
     fe *f = r->fe;
     if (r->prev) r->prev->next = r->next;
@@ -86,24 +95,15 @@ static void req_free(fe_req *r) {
     free(r->ids);
     bt_buf_free(&r->text);
     bt_buf_free(&r->prefix);
-    bt_ctx_free(r->actx);
     bt_ctx_free(r->ctx);
     free(r);
 }
 
 /* Ends the request: counts the outcome, releases the attempt, frees the request. */
 static void req_done(fe_req *r, fe_outcome out) {
-    r->state = RQ_DONE;
-    if (r->worker) {
-        /* nothing generates for a request that has ended: the attempt's context sends KILL
-         * (once: not again when the kill came from the request's own context) */
-        if (r->actx) bt_ctx_kill(r->actx);
-        else fe_worker_send_cancel(r->worker, r->stream_id, true);
-        fe_worker_stream_done(r->worker, r->stream_id);
-        r->worker = NULL;
-    }
-    bt_ctx_free(r->actx);
-    r->actx = NULL;
+    static const char *const outcome_names[] = {"answered", "failed", "cancelled", "rejected: every worker is busy"};
+    fe_req_set_state(r, FE_REQ_DONE, outcome_names[out]);
+    if (r->attempt) fe_attempt_abandon(r->attempt);
     if (r->model) {
         r->model->st.requests[r->api][r->stream][out]++;
         fe_hist_observe(&r->model->st.duration, (double)(bt_now_us() - r->t_start_us) / 1e6);
@@ -257,7 +257,7 @@ void fe_request_fail(fe_req *r, bt_status code, const char *msg) { fail_request(
 /* Ends a request whose context is stopped or killed and that has no attempt running: a stopped
  * one with what was generated and finish_reason "cancelled", a killed one with an error (or
  * quietly when the client is gone). */
-static void end_cancelled(fe_req *r) {
+void fe_request_end_cancelled(fe_req *r) {
     if (!r->http) {
         req_done(r, FE_OUT_CANCELLED);
         return;
@@ -280,165 +280,30 @@ static void end_cancelled(fe_req *r) {
 static void on_req_cancel(bt_ctx *c, bt_ctx_state s, void *ud) {
     (void)c;
     fe_req *r = ud;
-    if (r->state == RQ_DONE) return;
-    if (s == BT_CTX_KILLED || !r->worker) end_cancelled(r);
+    if (r->state == FE_REQ_DONE) return;
+    if (s == BT_CTX_KILLED || !r->attempt) fe_request_end_cancelled(r);
 }
 
-/* An attempt's context changed state: a STOP or KILL frame for its stream goes to its worker,
- * written now rather than at the end of the loop iteration (a KILL frees the engine's KV blocks;
- * there is no reason to wait). */
-static void on_attempt_cancel(bt_ctx *c, bt_ctx_state s, void *ud) {
-    (void)c;
-    fe_req *r = ud;
-    fe_worker *w = r->worker;
-    if (!w) return;
-    bool kill = s == BT_CTX_KILLED;
-    uint64_t t_write = bt_now_us();
-    fe_worker_send_cancel(w, r->stream_id, kill);
-    if (w->conn) bt_rpc_flush(w->conn);
-    uint64_t now = bt_now_us();
-    /* monotonic timestamps, for bench/cancel_latency.py */
-    BT_DEBUG("request %s: %s written to worker %" PRIx64 " stream %u, %" PRIu64 " us after the cancel (cancel t=%" PRIu64
-             " us, write t=%" PRIu64 " us; %u tokens on this attempt, %zu delivered)",
-             r->rid, kill ? "KILL" : "STOP", w->id, r->stream_id, r->t_cancel_us ? now - r->t_cancel_us : 0,
-             r->t_cancel_us, t_write, r->attempt_tokens, r->nids);
+/* ---- admission and output, for migrate.c ---- */
+
+/* Every worker of the model is over its busy thresholds: 503 with a Retry-After. */
+void fe_request_reject_busy(fe_req *r) {
+    r->model->st.rejections[r->api]++;
+    BT_WARN("rejecting request %s: all workers are busy", r->rid);
+    if (r->http) {
+        char hdr[160];
+        snprintf(hdr, sizeof hdr, "X-Request-Id: %s\r\nRetry-After: %d\r\n", r->rid, fe_retry_after_s(r->fe, r->model));
+        static const char body[] = "{\"error\":{\"message\":\"Service temporarily unavailable: All "
+                                   "workers are busy, please retry later\",\"type\":\"Service "
+                                   "Unavailable\",\"code\":503}}";
+        bt_http_respond(r->http, 503, "application/json", hdr, body, sizeof body - 1);
+        r->http->user = NULL;
+        r->http = NULL;
+    }
+    req_done(r, FE_OUT_REJECTED);
 }
 
-/* ---- dispatch and migration ---- */
-
-static void attempt_failed(fe_req *r, bt_status code, const char *msg);
-
-/* Sends the next attempt to a routable worker, preferring one other than the worker that failed
- * last. Called once per attempt: the first, and each migration (attempts > 0), which logs the
- * one line that records it. */
-static void dispatch(fe_req *r) {
-    fe *f = r->fe;
-    if (bt_ctx_is_stopped(r->ctx)) { /* a stopped or killed request never gets another attempt */
-        end_cancelled(r);
-        return;
-    }
-    bool all_busy = false;
-    /* a continuation was admitted already: it may go to a busy worker rather than fail */
-    fe_worker *w = fe_route(f, r->model, r->failed_worker, r->attempts ? NULL : &all_busy);
-    if (!w) {
-        if (all_busy) {
-            r->model->st.rejections[r->api]++;
-            BT_WARN("rejecting request %s: all workers are busy", r->rid);
-            if (r->http) {
-                char hdr[160];
-                snprintf(hdr, sizeof hdr, "X-Request-Id: %s\r\nRetry-After: %d\r\n", r->rid,
-                         fe_retry_after_s(f, r->model));
-                static const char body[] = "{\"error\":{\"message\":\"Service temporarily unavailable: All "
-                                           "workers are busy, please retry later\",\"type\":\"Service "
-                                           "Unavailable\",\"code\":503}}";
-                bt_http_respond(r->http, 503, "application/json", hdr, body, sizeof body - 1);
-                r->http->user = NULL;
-                r->http = NULL;
-            }
-            req_done(r, FE_OUT_REJECTED);
-            return;
-        }
-        if (r->attempts) {
-            char m[256];
-            snprintf(m, sizeof m, "no worker left to continue the request (last attempt: %s)", r->fail_msg);
-            fail_request(r, BT_ERR_NO_WORKER, m);
-        } else {
-            fail_request(r, BT_ERR_NO_WORKER, "no worker available for the model");
-        }
-        return;
-    }
-    r->attempts_left--;
-    r->attempts++;
-    uint32_t id = fe_worker_send_request(w, r);
-    if (id == 0) { /* the connection is going away under us: that attempt failed at once */
-        fe_worker_quarantine(w, "cannot send a request");
-        r->failed_worker = w->id;
-        attempt_failed(r, BT_ERR_CANNOT_CONNECT, "cannot send the request to the worker");
-        return;
-    }
-    r->worker = w;
-    r->stream_id = id;
-    r->attempt_tokens = 0;
-    r->actx = bt_ctx_new(r->rid, on_attempt_cancel, r);
-    if (!r->actx) {
-        fail_request(r, BT_ERR_NOMEM, "out of memory"); /* req_done kills the stream */
-        return;
-    }
-    bt_ctx_link(r->ctx, r->actx); /* the request is live (checked above): no callback here */
-    if (r->attempts > 1)
-        BT_WARN("request %s migrated from worker %" PRIx64 " to worker %" PRIx64
-                " with %zu tokens carried (%s after %s: %s; attempt %d of %d)",
-                r->rid, r->failed_worker, w->id, r->nids, r->nids ? "ongoing_request" : "new_request",
-                bt_status_name(r->fail_code), r->fail_msg, r->attempts, r->attempts + r->attempts_left);
-    /* for bench/migration_recovery.py: CLOCK_MONOTONIC, comparable across local processes */
-    if (r->attempts > 1 && r->t_fail_us)
-        BT_DEBUG("request %s: failure seen at t=%" PRIu64 " us, re-dispatched at t=%" PRIu64 " us", r->rid,
-                 r->t_fail_us, bt_now_us());
-}
-
-void fe_request_on_attempt_failed(fe_req *r, bt_status code, const char *msg) {
-    if (r->state == RQ_DONE) return;
-    fe_worker *failed = r->worker; /* usually already detached by the caller */
-    if (failed) {
-        r->failed_worker = failed->id;
-        fe_worker_stream_done(failed, r->stream_id);
-        r->worker = NULL;
-    }
-    bt_ctx_free(r->actx);
-    r->actx = NULL;
-    attempt_failed(r, code, msg);
-}
-
-/* Ends the failed attempt: a cancellation or a non-migratable error ends the request; a
- * migratable one counts a migration (new_request before the first token reached the client,
- * ongoing_request after) and starts the next attempt while the budget lasts. */
-static void attempt_failed(fe_req *r, bt_status code, const char *msg) {
-    if (!r->http) {
-        req_done(r, FE_OUT_CANCELLED);
-        return;
-    }
-    if (bt_ctx_is_stopped(r->ctx)) { /* cancelled: never migrated; ends with what was generated */
-        end_cancelled(r);
-        return;
-    }
-    if (!bt_status_migratable(code)) {
-        fail_request(r, code, msg);
-        return;
-    }
-    if (code == BT_ERR_DRAINING && r->attempt_tokens == 0) {
-        /* refused before it ran: the REQUEST crossed the worker's GOAWAY (docs/protocol.md §10).
-         * Not a migration and not charged to the budget, so it holds with migration off too; the
-         * worker is marked draining, so the retry goes elsewhere and cannot repeat there. */
-        r->attempts_left++;
-        r->fail_code = code;
-        snprintf(r->fail_msg, sizeof r->fail_msg, "%s", msg);
-        BT_INFO("request %s refused by draining worker %" PRIx64 " before it started; routing it elsewhere", r->rid,
-                r->failed_worker);
-        dispatch(r);
-        return;
-    }
-    /* counted whether or not budget is left, as Dynamo does: the counters show how many
-     * requests a failure touched; the exhausted counter shows how many of them it cost */
-    if (r->nids > 0) r->model->st.migrations_ongoing++;
-    else r->model->st.migrations_new++;
-    if (r->attempts_left <= 0) {
-        if (r->fe->o.migration_limit > 0) r->model->st.migrations_exhausted++;
-        char m[256];
-        if (r->fe->o.migration_limit > 0)
-            snprintf(m, sizeof m, "%s (migration limit of %lld exhausted)", msg, (long long)r->fe->o.migration_limit);
-        else
-            snprintf(m, sizeof m, "%s (migration is disabled)", msg);
-        fail_request(r, code, m);
-        return;
-    }
-    if (!r->t_fail_us) r->t_fail_us = bt_now_us(); /* kept across back-to-back failures */
-    r->fail_code = code;
-    snprintf(r->fail_msg, sizeof r->fail_msg, "%s", msg);
-    dispatch(r);
-}
-
-void fe_request_on_tokens(fe_req *r, const uint32_t *ids, size_t n, const char *text, size_t len) {
-    if (r->state == RQ_DONE || !r->http || n == 0) return;
+void fe_request_deliver(fe_req *r, const uint32_t *ids, size_t n, const char *text, size_t len) {
     fe_stats *st = &r->model->st;
     uint64_t now = bt_now_us();
     if (r->nids == 0) {
@@ -448,15 +313,7 @@ void fe_request_on_tokens(fe_req *r, const uint32_t *ids, size_t n, const char *
         double itl = (double)(now - r->t_last_us) / 1e6 / (double)n;
         fe_hist_observe_n(&st->itl, itl, n); /* n tokens, each after itl: one bucket search */
     }
-    if (r->t_fail_us) {
-        /* the stall the client saw: from the last token before the failure (or the request's
-         * start, if none had come) to this one; it includes the detection time */
-        fe_hist_observe(&st->migration_stall, (double)(now - (r->nids ? r->t_last_us : r->t_start_us)) / 1e6);
-        BT_DEBUG("request %s: first token after the migration at t=%" PRIu64 " us", r->rid, now);
-        r->t_fail_us = 0;
-    }
     r->t_last_us = now;
-    r->state = RQ_STREAMING;
     /* the delivered ids are exactly what a continuation must carry; never more than max_tokens */
     if (r->nids + n > (size_t)r->max_tokens) n = (size_t)r->max_tokens - r->nids;
     if (r->nids + n > r->ids_cap) {
@@ -472,7 +329,6 @@ void fe_request_on_tokens(fe_req *r, const uint32_t *ids, size_t n, const char *
     }
     memcpy(r->ids + r->nids, ids, n * sizeof *ids);
     r->nids += n;
-    r->attempt_tokens += (uint32_t)n;
     st->tokens_out += n;
     if (r->stream) {
         begin_stream(r);
@@ -487,10 +343,7 @@ void fe_request_on_tokens(fe_req *r, const uint32_t *ids, size_t n, const char *
     }
 }
 
-void fe_request_on_finish(fe_req *r, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens) {
-    if (r->state == RQ_DONE) return;
-    bt_ctx_free(r->actx); /* the attempt is over (the caller detached it from its worker) */
-    r->actx = NULL;
+void fe_request_finish(fe_req *r, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens) {
     if (!r->http) {
         req_done(r, FE_OUT_CANCELLED);
         return;
@@ -529,7 +382,7 @@ bool fe_request_cancel_by_id(fe *f, const char *rid, bool kill) {
     bool found = false;
     for (fe_req *r = f->reqs, *next; r; r = next) {
         next = r->next; /* a kill frees r, and only r */
-        if (strcmp(r->rid, rid) != 0 || r->state == RQ_DONE) continue;
+        if (strcmp(r->rid, rid) != 0 || r->state == FE_REQ_DONE) continue;
         found = true;
         if (!bt_ctx_is_stopped(r->ctx)) r->model->st.cancellations[r->stream]++;
         BT_INFO("request %s: %s by the operator after %zu tokens (attempt %d)", r->rid, kill ? "killed" : "stopped",
@@ -702,5 +555,7 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
     f->reqs = r;
     f->nreqs++;
     m->st.inflight++;
-    dispatch(r);
+    BT_DEBUG("request %s: admitted (%s, %s, max_tokens %" PRId64 ")", r->rid, api == BT_API_CHAT ? "chat" : "completion",
+             r->stream ? "streaming" : "unary", r->max_tokens);
+    fe_migrate_dispatch(r);
 }

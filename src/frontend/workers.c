@@ -89,13 +89,7 @@ static void fail_streams(fe_worker *w, bt_status code, const char *msg) {
     void *v;
     size_t it = 0;
     while (bt_map_next(&w->streams, &it, &k, &v)) {
-        bt_map_del(&w->streams, k);
-        fe_req *r = v;
-        if (r->worker == w && r->stream_id == (uint32_t)k) {
-            r->worker = NULL;
-            r->failed_worker = w->id;
-            fe_request_on_attempt_failed(r, code, msg);
-        }
+        fe_attempt_on_error(v, code, msg); /* detaches it: the map loses k */
         it = 0;
     }
 }
@@ -153,25 +147,23 @@ static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
     fe_worker *w = ud;
     switch (f->type) {
     case BT_FRAME_TOKENS: {
-        fe_req *r = bt_map_get(&w->streams, f->stream);
-        if (!r) return;
+        fe_attempt *a = bt_map_get(&w->streams, f->stream);
+        if (!a) return;
         uint32_t ids[BT_TOKENS_MAX];
         size_t n, tl;
         const char *text;
         if (bt_frame_get_tokens(f, ids, BT_TOKENS_MAX, &n, &text, &tl) != BT_OK) return;
-        fe_request_on_tokens(r, ids, n, text, tl);
+        fe_attempt_on_tokens(a, ids, n, text, tl);
         return;
     }
     case BT_FRAME_FINISH: {
-        fe_req *r = bt_map_get(&w->streams, f->stream);
-        if (!r) return;
+        fe_attempt *a = bt_map_get(&w->streams, f->stream);
+        if (!a) return;
         uint8_t reason;
         uint32_t pt, ct;
         bt_frame_get_finish(f, &reason, &pt, &ct);
         worker_note_release(w, pt, ct);
-        fe_worker_stream_done(w, f->stream);
-        r->worker = NULL;
-        fe_request_on_finish(r, reason, pt, ct);
+        fe_attempt_on_finish(a, reason, pt, ct);
         return;
     }
     case BT_FRAME_ERROR: {
@@ -185,14 +177,11 @@ static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
             BT_WARN("worker %" PRIx64 " reports a connection error: %s (%s)", w->id, m, bt_status_name(code));
             return;
         }
-        fe_req *r = bt_map_get(&w->streams, f->stream);
-        if (!r) return;
-        r->worker = NULL;
-        r->failed_worker = w->id;
+        fe_attempt *a = bt_map_get(&w->streams, f->stream);
+        if (!a) return;
         if (code == BT_ERR_DRAINING || code == BT_ERR_SHUTDOWN) w->goaway = true;
         else if (bt_status_migratable(code)) fe_worker_quarantine(w, m); /* the probe follows below */
-        fe_worker_stream_done(w, f->stream);
-        fe_request_on_attempt_failed(r, (bt_status)code, m);
+        fe_attempt_on_error(a, (bt_status)code, m);
         return;
     }
     case BT_FRAME_LOAD: {
@@ -488,34 +477,16 @@ void fe_worker_quarantine(fe_worker *w, const char *why) {
     BT_INFO("worker %" PRIx64 " (%s) quarantined until it reconnects or is re-announced: %s", w->id, w->transport, why);
 }
 
-uint32_t fe_worker_send_request(fe_worker *w, fe_req *r) {
+uint32_t fe_worker_send_request(fe_worker *w, fe_attempt *a, const char *payload, size_t len, uint64_t est_tokens) {
     bt_buf *b = w->conn ? bt_rpc_wbuf(w->conn) : NULL;
     if (!b) return 0;
     uint32_t id = w->next_stream;
     w->next_stream += 2;
     if (w->next_stream > 0x7fffffffu) w->next_stream = 1;
-    /* REQUEST payload: {"request_id","api","body","carried","max_tokens"[,"carried_text"]} */
-    json_t *carried = json_array();
-    for (size_t i = 0; i < r->nids; i++) json_array_append_new(carried, json_integer(r->ids[i]));
-    int64_t remaining = r->max_tokens - (int64_t)r->nids;
-    if (remaining < 0) remaining = 0;
-    json_t *msg = json_pack("{s:s, s:s, s:O, s:o, s:I}", "request_id", r->rid, "api",
-                            r->api == BT_API_CHAT ? "chat" : "completion", "body", r->body, "carried", carried,
-                            "max_tokens", (json_int_t)remaining);
-    if (msg && r->nids && !r->text_lost) /* the delivered text, for engines that resume from text */
-        json_object_set_new(msg, "carried_text", json_stringn(r->text.data ? r->text.data : "", r->text.len));
-    char *payload = msg ? json_dumps(msg, JSON_COMPACT) : NULL;
-    json_decref(msg);
-    if (!payload) return 0;
-    size_t payload_len = strlen(payload);
-    bt_status st = bt_frame_put(b, BT_FRAME_REQUEST, id, payload, payload_len);
-    free(payload);
-    if (st != BT_OK || bt_map_put(&w->streams, id, r) != 0) return 0;
+    if (bt_frame_put(b, BT_FRAME_REQUEST, id, payload, len) != BT_OK || bt_map_put(&w->streams, id, a) != 0) return 0;
     w->routed_total++;
-    /* until the next LOAD shows it, assume the request holds blocks for its prompt (estimated
-     * at 4 bytes of body per token) and its whole output */
+    /* until the next LOAD shows it, assume the request holds blocks for its prompt and output */
     uint64_t bs = w->block_size ? w->block_size : 16;
-    uint64_t est_tokens = (uint64_t)remaining + r->nids + payload_len / 4;
     w->pending_blocks += (est_tokens + bs - 1) / bs;
     return id;
 }

@@ -24,6 +24,7 @@
 #include "common/proc.h"
 #include "common/util.h"
 #include "proto/proto.h"
+#include "proto/request.h"
 #include "worker/worker_internal.h"
 
 static const char *state_names[] = {"registering", "ready", "draining", "gone"};
@@ -166,9 +167,8 @@ static bt_status sampling_from_body(const json_t *body, bt_engine_request *er, c
 static void handle_request(wk_peer *p, uint32_t id, const bt_frame *f) {
     wk_worker *w = p->w;
     char err[256] = "";
-    json_error_t jerr;
     uint32_t *carried = NULL;
-    json_t *root = NULL;
+    bt_request_msg msg = {0};
     wk_stream *s = NULL;
     bt_status st;
 
@@ -183,21 +183,12 @@ static void handle_request(wk_peer *p, uint32_t id, const bt_frame *f) {
         wk_send_stream_error(p, id, BT_ERR_DRAINING, "worker is draining");
         return;
     }
-    root = json_loadb((const char *)f->payload, f->len, 0, &jerr);
-    json_t *body = root ? json_object_get(root, "body") : NULL;
-    json_t *jrid = root ? json_object_get(root, "request_id") : NULL;
-    json_t *japi = root ? json_object_get(root, "api") : NULL;
-    json_t *jcar = root ? json_object_get(root, "carried") : NULL;
-    json_t *jmax = root ? json_object_get(root, "max_tokens") : NULL;
-    if (!json_is_object(body) || !json_is_string(jrid) || !json_is_string(japi) ||
-        (jcar && !json_is_array(jcar)) || (jmax && !json_is_integer(jmax))) {
-        snprintf(err, sizeof err, "malformed request payload%s%s", root ? "" : ": ", root ? "" : jerr.text);
-        st = BT_ERR_INVALID;
-        goto fail;
-    }
+    st = bt_request_decode(f->payload, f->len, &msg, err, sizeof err);
+    if (st != BT_OK) goto fail;
+    json_t *body = (json_t *)msg.rq.body;
     bt_engine_request er = {0};
-    er.request_id = json_string_value(jrid);
-    er.api = strcmp(json_string_value(japi), "chat") == 0 ? BT_API_CHAT : BT_API_COMPLETION;
+    er.request_id = msg.rq.request_id;
+    er.api = msg.rq.api;
     er.body = body;
     /* A client (an openai-engine worker in front of this frontend, continuing a stream) may name
      * tokens already generated in the body: they come before those of this frontend's attempts. */
@@ -208,7 +199,7 @@ static void handle_request(wk_peer *p, uint32_t id, const bt_frame *f) {
         goto fail;
     }
     size_t nbcar = jbcar ? json_array_size(jbcar) : 0;
-    size_t ncar = nbcar + (jcar ? json_array_size(jcar) : 0);
+    size_t ncar = nbcar + msg.rq.n_carried;
     if (ncar) {
         carried = malloc(ncar * sizeof *carried);
         if (!carried) {
@@ -216,8 +207,8 @@ static void handle_request(wk_peer *p, uint32_t id, const bt_frame *f) {
             snprintf(err, sizeof err, "out of memory");
             goto fail;
         }
-        for (size_t i = 0; i < ncar; i++) {
-            json_t *v = i < nbcar ? json_array_get(jbcar, i) : json_array_get(jcar, i - nbcar);
+        for (size_t i = 0; i < nbcar; i++) {
+            json_t *v = json_array_get(jbcar, i);
             if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) > UINT32_MAX) {
                 st = BT_ERR_INVALID;
                 snprintf(err, sizeof err, "carried token %zu is not a token id", i);
@@ -225,15 +216,15 @@ static void handle_request(wk_peer *p, uint32_t id, const bt_frame *f) {
             }
             carried[i] = (uint32_t)json_integer_value(v);
         }
+        if (msg.rq.n_carried) memcpy(carried + nbcar, msg.rq.carried, msg.rq.n_carried * sizeof *carried);
     }
     er.carried = carried;
     er.n_carried = (uint32_t)ncar;
-    json_t *jtext = root ? json_object_get(root, "carried_text") : NULL;
-    if (json_is_string(jtext) && !jbcar) { /* body-carried ids come with no text of theirs */
-        er.carried_text = json_string_value(jtext);
-        er.carried_text_len = json_string_length(jtext);
+    if (msg.rq.carried_text && !jbcar) { /* body-carried ids come with no text of theirs */
+        er.carried_text = msg.rq.carried_text;
+        er.carried_text_len = msg.rq.carried_text_len;
     }
-    int64_t max_tokens = jmax ? json_integer_value(jmax) : w->o.mocker.default_max_tokens;
+    int64_t max_tokens = msg.rq.has_max_tokens ? msg.rq.max_tokens : w->o.mocker.default_max_tokens;
     if (max_tokens < 0) max_tokens = 0;
     er.max_tokens = max_tokens > UINT32_MAX ? UINT32_MAX : (uint32_t)max_tokens;
     st = sampling_from_body(body, &er, err, sizeof err);
@@ -270,7 +261,7 @@ static void handle_request(wk_peer *p, uint32_t id, const bt_frame *f) {
     BT_DEBUG("request %s accepted on stream %u (%zu carried tokens, max_tokens %u)", s->rid, id, ncar,
              er.max_tokens);
     free(carried);
-    json_decref(root);
+    bt_request_msg_free(&msg);
     return;
 
 fail:
@@ -280,7 +271,7 @@ fail:
     if (s) bt_ctx_free(s->ctx);
     free(s);
     free(carried);
-    json_decref(root);
+    bt_request_msg_free(&msg);
 }
 
 static void kill_stream(wk_worker *w, wk_stream *s, const char *why) {

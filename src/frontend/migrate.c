@@ -1,0 +1,236 @@
+/* migrate.c — the attempts of one request: where migration lives.
+ *
+ * An attempt (fe_attempt, fe.h) is one REQUEST frame on one worker and the stream it opens. The
+ * request keeps every token id it delivered to the client; when an attempt fails with a
+ * migratable error (the connection lost, the worker declared dead, draining or shutting down, an
+ * engine failure) the next attempt is a continuation: it carries those ids (and the delivered
+ * text, for engines that continue from text) with max_tokens reduced by their number, and the
+ * worker continues from prompt + delivered tokens, so the client sees one uninterrupted stream.
+ *
+ * The budget: --migration-limit + 1 attempts, shared by failures before the first token
+ * (new_request migrations) and failures mid-stream (ongoing_request). A REQUEST that crossed a
+ * worker's GOAWAY and was refused before it ran is re-routed without being charged. A stopped or
+ * killed request never gets another attempt (checked before every one), and a non-migratable
+ * error ends the request. The request's state goes ROUTING (first attempt) or MIGRATING (from a
+ * failure until the next attempt's first token) to STREAMING; request.c owns the output and the
+ * end of the request.
+ *
+ * Everything runs on the request's loop; the worker connection code (workers.c) only hands each
+ * stream's frames to its attempt. */
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "frontend/fe.h"
+#include "proto/request.h"
+
+static void attempt_failed(fe_req *r, bt_status code, const char *msg);
+
+/* The attempt's context changed state: a STOP or KILL frame for its stream goes to its worker,
+ * written now rather than at the end of the loop iteration (a KILL frees the engine's KV blocks;
+ * there is no reason to wait). */
+static void on_attempt_cancel(bt_ctx *c, bt_ctx_state s, void *ud) {
+    (void)c;
+    fe_attempt *a = ud;
+    fe_req *r = a->req;
+    fe_worker *w = a->worker;
+    bool kill = s == BT_CTX_KILLED;
+    uint64_t t_write = bt_now_us();
+    fe_worker_send_cancel(w, a->stream_id, kill);
+    if (w->conn) bt_rpc_flush(w->conn);
+    uint64_t now = bt_now_us();
+    /* monotonic timestamps, for bench/cancel_latency.py */
+    BT_DEBUG("request %s: %s written to worker %" PRIx64 " stream %u, %" PRIu64 " us after the cancel (cancel t=%" PRIu64
+             " us, write t=%" PRIu64 " us; %u tokens on this attempt, %zu delivered)",
+             r->rid, kill ? "KILL" : "STOP", w->id, a->stream_id, r->t_cancel_us ? now - r->t_cancel_us : 0,
+             r->t_cancel_us, t_write, a->tokens, r->nids);
+}
+
+/* Ends the attempt's life: its stream is forgotten by its worker, its context freed, and the
+ * request has no attempt until the next dispatch. */
+static void attempt_detach(fe_attempt *a) {
+    fe_req *r = a->req;
+    fe_worker_stream_done(a->worker, a->stream_id);
+    bt_ctx_free(a->ctx);
+    if (r->attempt == a) r->attempt = NULL;
+    free(a);
+}
+
+void fe_attempt_abandon(fe_attempt *a) {
+    /* nothing generates for a request that has ended: the attempt's context sends KILL (once:
+     * not again when the kill came from the request's own context) */
+    if (a->ctx) bt_ctx_kill(a->ctx);
+    else fe_worker_send_cancel(a->worker, a->stream_id, true);
+    attempt_detach(a);
+}
+
+/* The continuation: the REQUEST payload (src/proto/request.h) of the request's next attempt.
+ * carried = every token id delivered to the client; max_tokens = what is left of the client's
+ * budget; carried_text = the delivered text, unless it outgrew its cap. *est_tokens estimates the
+ * tokens the attempt will hold in KV (4 bytes of body per prompt token). NULL when out of memory. */
+static char *continuation_payload(const fe_req *r, size_t *len, uint64_t *est_tokens) {
+    int64_t remaining = r->max_tokens - (int64_t)r->nids;
+    if (remaining < 0) remaining = 0;
+    bt_request rq = {
+        .request_id = r->rid,
+        .api = r->api,
+        .body = r->body,
+        .carried = r->ids,
+        .n_carried = r->nids,
+        .has_max_tokens = true,
+        .max_tokens = remaining,
+    };
+    if (r->nids && !r->text_lost) {
+        rq.carried_text = r->text.data ? r->text.data : "";
+        rq.carried_text_len = r->text.len;
+    }
+    char *payload = bt_request_encode(&rq, len);
+    if (payload) *est_tokens = (uint64_t)remaining + r->nids + *len / 4;
+    return payload;
+}
+
+void fe_migrate_dispatch(fe_req *r) {
+    fe *f = r->fe;
+    if (bt_ctx_is_stopped(r->ctx)) { /* a stopped or killed request never gets another attempt */
+        fe_request_end_cancelled(r);
+        return;
+    }
+    bool all_busy = false;
+    /* a continuation was admitted already: it may go to a busy worker rather than fail */
+    fe_worker *w = fe_route(f, r->model, r->failed_worker, r->attempts ? NULL : &all_busy);
+    if (!w) {
+        if (all_busy) {
+            fe_request_reject_busy(r);
+        } else if (r->attempts) {
+            char m[256];
+            snprintf(m, sizeof m, "no worker left to continue the request (last attempt: %s)", r->fail_msg);
+            fe_request_fail(r, BT_ERR_NO_WORKER, m);
+        } else {
+            fe_request_fail(r, BT_ERR_NO_WORKER, "no worker available for the model");
+        }
+        return;
+    }
+    fe_attempt *a = calloc(1, sizeof *a);
+    if (!a) {
+        fe_request_fail(r, BT_ERR_NOMEM, "out of memory");
+        return;
+    }
+    a->req = r;
+    a->worker = w;
+    a->number = r->attempts + 1;
+    r->attempts_left--;
+    r->attempts++;
+    size_t len = 0;
+    uint64_t est = 0;
+    char *payload = continuation_payload(r, &len, &est);
+    uint32_t id = payload ? fe_worker_send_request(w, a, payload, len, est) : 0;
+    free(payload);
+    if (id == 0) { /* the connection is going away under us: that attempt failed at once */
+        free(a);
+        fe_worker_quarantine(w, "cannot send a request");
+        r->failed_worker = w->id;
+        attempt_failed(r, BT_ERR_CANNOT_CONNECT, "cannot send the request to the worker");
+        return;
+    }
+    a->stream_id = id;
+    r->attempt = a;
+    a->ctx = bt_ctx_new(r->rid, on_attempt_cancel, a);
+    if (!a->ctx) {
+        fe_request_fail(r, BT_ERR_NOMEM, "out of memory"); /* the request's end kills the stream */
+        return;
+    }
+    bt_ctx_link(r->ctx, a->ctx); /* the request is live (checked above): no callback here */
+    if (r->state == FE_REQ_ADMITTED) {
+        char why[64];
+        snprintf(why, sizeof why, "sent to worker %" PRIx64, w->id);
+        fe_req_set_state(r, FE_REQ_ROUTING, why);
+    }
+    if (r->attempts > 1)
+        BT_WARN("request %s migrated from worker %" PRIx64 " to worker %" PRIx64
+                " with %zu tokens carried (%s after %s: %s; attempt %d of %d)",
+                r->rid, r->failed_worker, w->id, r->nids, r->nids ? "ongoing_request" : "new_request",
+                bt_status_name(r->fail_code), r->fail_msg, r->attempts, r->attempts + r->attempts_left);
+    /* for bench/migration_recovery.py: CLOCK_MONOTONIC, comparable across local processes */
+    if (r->attempts > 1 && r->t_fail_us)
+        BT_DEBUG("request %s: failure seen at t=%" PRIu64 " us, re-dispatched at t=%" PRIu64 " us", r->rid,
+                 r->t_fail_us, bt_now_us());
+}
+
+/* The failed attempt is detached: a cancellation or a non-migratable error ends the request; a
+ * migratable one counts a migration (new_request before the first token reached the client,
+ * ongoing_request after) and starts the next attempt while the budget lasts. */
+static void attempt_failed(fe_req *r, bt_status code, const char *msg) {
+    if (!r->http || bt_ctx_is_stopped(r->ctx)) { /* cancelled: never migrated */
+        fe_request_end_cancelled(r);
+        return;
+    }
+    if (!bt_status_migratable(code)) {
+        fe_request_fail(r, code, msg);
+        return;
+    }
+    r->fail_code = code;
+    snprintf(r->fail_msg, sizeof r->fail_msg, "%s", msg);
+    if (code == BT_ERR_DRAINING && r->state != FE_REQ_STREAMING) {
+        /* refused before it ran: the REQUEST crossed the worker's GOAWAY (docs/protocol.md §10).
+         * Not a migration and not charged to the budget, so it holds with migration off too; the
+         * worker is marked draining, so the retry goes elsewhere and cannot repeat there. */
+        r->attempts_left++;
+        BT_INFO("request %s refused by draining worker %" PRIx64 " before it started; routing it elsewhere", r->rid,
+                r->failed_worker);
+        fe_migrate_dispatch(r);
+        return;
+    }
+    /* counted whether or not budget is left, as Dynamo does: the counters show how many
+     * requests a failure touched; the exhausted counter shows how many of them it cost */
+    if (r->nids > 0) r->model->st.migrations_ongoing++;
+    else r->model->st.migrations_new++;
+    if (r->attempts_left <= 0) {
+        if (r->fe->o.migration_limit > 0) r->model->st.migrations_exhausted++;
+        char m[256];
+        if (r->fe->o.migration_limit > 0)
+            snprintf(m, sizeof m, "%s (migration limit of %lld exhausted)", msg, (long long)r->fe->o.migration_limit);
+        else snprintf(m, sizeof m, "%s (migration is disabled)", msg);
+        fe_request_fail(r, code, m);
+        return;
+    }
+    if (r->state != FE_REQ_MIGRATING) r->t_fail_us = bt_now_us(); /* kept across back-to-back failures */
+    fe_req_set_state(r, FE_REQ_MIGRATING, msg);
+    fe_migrate_dispatch(r);
+}
+
+void fe_attempt_on_tokens(fe_attempt *a, const uint32_t *ids, size_t n, const char *text, size_t len) {
+    fe_req *r = a->req;
+    if (r->state == FE_REQ_DONE || !r->http || n == 0) return;
+    a->tokens += (uint32_t)n;
+    if (r->state == FE_REQ_MIGRATING) {
+        /* the stall the client saw: from the last token before the failure (or the request's
+         * start, if none had come) to this one; it includes the detection time */
+        uint64_t now = bt_now_us();
+        fe_hist_observe(&r->model->st.migration_stall, (double)(now - (r->nids ? r->t_last_us : r->t_start_us)) / 1e6);
+        BT_DEBUG("request %s: first token after the migration at t=%" PRIu64 " us", r->rid, now);
+        r->t_fail_us = 0;
+    }
+    if (r->state != FE_REQ_STREAMING) {
+        char why[64];
+        snprintf(why, sizeof why, "first token from worker %" PRIx64, a->worker->id);
+        fe_req_set_state(r, FE_REQ_STREAMING, why);
+    }
+    fe_request_deliver(r, ids, n, text, len); /* may end the request (and free a) */
+}
+
+void fe_attempt_on_finish(fe_attempt *a, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens) {
+    fe_req *r = a->req;
+    attempt_detach(a);
+    if (r->state == FE_REQ_DONE) return;
+    fe_request_finish(r, reason, prompt_tokens, completion_tokens);
+}
+
+void fe_attempt_on_error(fe_attempt *a, bt_status code, const char *msg) {
+    fe_req *r = a->req;
+    r->failed_worker = a->worker->id;
+    attempt_detach(a);
+    if (r->state == FE_REQ_DONE) return;
+    attempt_failed(r, code, msg);
+}

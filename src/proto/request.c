@@ -1,0 +1,104 @@
+/* request.c — the REQUEST payload codec (see request.h for the format). jansson does the JSON;
+ * this file fixes the members, their types and ranges in one place for both ends. */
+#include "proto/request.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+char *bt_request_encode(const bt_request *rq, size_t *len) {
+    char *out = NULL;
+    json_t *carried = json_array();
+    json_t *msg = json_object();
+    if (!carried || !msg) goto done;
+    for (size_t i = 0; i < rq->n_carried; i++)
+        if (json_array_append_new(carried, json_integer(rq->carried[i])) != 0) goto done;
+    if (json_object_set_new(msg, "request_id", json_string(rq->request_id)) != 0 ||
+        json_object_set_new(msg, "api", json_string(rq->api == BT_API_CHAT ? "chat" : "completion")) != 0 ||
+        json_object_set(msg, "body", (json_t *)rq->body) != 0 || json_object_set(msg, "carried", carried) != 0)
+        goto done;
+    if (rq->has_max_tokens && json_object_set_new(msg, "max_tokens", json_integer(rq->max_tokens)) != 0) goto done;
+    if (rq->carried_text &&
+        json_object_set_new(msg, "carried_text", json_stringn(rq->carried_text, rq->carried_text_len)) != 0)
+        goto done;
+    out = json_dumps(msg, JSON_COMPACT);
+    if (out && len) *len = strlen(out);
+done:
+    json_decref(carried);
+    json_decref(msg);
+    return out;
+}
+
+#define FAIL(...)                                                                                                      \
+    do {                                                                                                               \
+        snprintf(err, errlen, __VA_ARGS__);                                                                            \
+        st = BT_ERR_INVALID;                                                                                           \
+        goto fail;                                                                                                     \
+    } while (0)
+
+bt_status bt_request_decode(const void *payload, size_t len, bt_request_msg *out, char *err, size_t errlen) {
+    bt_status st = BT_OK;
+    memset(out, 0, sizeof *out);
+    json_error_t jerr;
+    json_t *root = json_loadb(payload, len, JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
+    uint32_t *carried = NULL;
+    if (!root) FAIL("malformed request payload: %s", jerr.text);
+    if (!json_is_object(root)) FAIL("malformed request payload: not an object");
+    json_t *rid = json_object_get(root, "request_id");
+    json_t *api = json_object_get(root, "api");
+    json_t *body = json_object_get(root, "body");
+    json_t *jcar = json_object_get(root, "carried");
+    json_t *jmax = json_object_get(root, "max_tokens");
+    json_t *jtext = json_object_get(root, "carried_text");
+    if (!json_is_string(rid) || json_string_length(rid) == 0 || json_string_length(rid) > BT_REQUEST_ID_MAX ||
+        strlen(json_string_value(rid)) != json_string_length(rid))
+        FAIL("malformed request payload: request_id must be a string of 1 to %d bytes", BT_REQUEST_ID_MAX);
+    const char *a = json_string_value(api);
+    if (!a || (strcmp(a, "chat") != 0 && strcmp(a, "completion") != 0))
+        FAIL("malformed request payload: api must be \"chat\" or \"completion\"");
+    if (!json_is_object(body)) FAIL("malformed request payload: body must be an object");
+    if (jcar && !json_is_array(jcar)) FAIL("malformed request payload: carried must be an array");
+    if (jmax && (!json_is_integer(jmax) || json_integer_value(jmax) < 0))
+        FAIL("malformed request payload: max_tokens must be an integer >= 0");
+    if (jtext && !json_is_string(jtext)) FAIL("malformed request payload: carried_text must be a string");
+    size_t n = jcar ? json_array_size(jcar) : 0;
+    if (n) {
+        carried = malloc(n * sizeof *carried);
+        if (!carried) {
+            snprintf(err, errlen, "out of memory");
+            st = BT_ERR_NOMEM;
+            goto fail;
+        }
+        for (size_t i = 0; i < n; i++) {
+            json_t *v = json_array_get(jcar, i);
+            if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) > UINT32_MAX)
+                FAIL("malformed request payload: carried token %zu is not a token id", i);
+            carried[i] = (uint32_t)json_integer_value(v);
+        }
+    }
+    out->root = root;
+    out->carried = carried;
+    out->rq.request_id = json_string_value(rid);
+    out->rq.api = strcmp(a, "chat") == 0 ? BT_API_CHAT : BT_API_COMPLETION;
+    out->rq.body = body;
+    out->rq.carried = carried;
+    out->rq.n_carried = n;
+    out->rq.has_max_tokens = jmax != NULL;
+    out->rq.max_tokens = jmax ? json_integer_value(jmax) : 0;
+    if (jtext) {
+        out->rq.carried_text = json_string_value(jtext);
+        out->rq.carried_text_len = json_string_length(jtext);
+    }
+    return BT_OK;
+fail:
+    free(carried);
+    json_decref(root);
+    return st;
+}
+
+void bt_request_msg_free(bt_request_msg *m) {
+    if (!m) return;
+    free(m->carried);
+    json_decref(m->root);
+    memset(m, 0, sizeof *m);
+}

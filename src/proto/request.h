@@ -1,0 +1,57 @@
+/* request.h — the codec of the REQUEST frame's payload: one attempt of one client request, sent
+ * by the frontend (src/frontend/migrate.c) and read by the worker (src/worker/worker.c).
+ *
+ * The payload is a JSON object (docs/protocol.md §6):
+ *   request_id    string, 1..BT_REQUEST_ID_MAX bytes: the client-visible request id
+ *   api           "chat" or "completion"
+ *   body          object: the client's OpenAI request body, as received
+ *   carried       array of token ids in [0, 2^32) (optional, default []): tokens already
+ *                 delivered to the client by earlier attempts, which this one continues after
+ *   max_tokens    integer >= 0 (optional): new tokens still allowed; absent = the engine's default
+ *   carried_text  string (optional): the text delivered with the carried tokens, for engines that
+ *                 continue from text; absent when the frontend has not kept it
+ * Unknown members are ignored, so that a newer frontend can add some. No I/O: unit-tested
+ * (tests/unit/test_request.c) and fuzzed (fuzz/fuzz_request.c). */
+#ifndef BATON_PROTO_REQUEST_H
+#define BATON_PROTO_REQUEST_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/status.h"
+#include "engine/engine.h"
+
+#define BT_REQUEST_ID_MAX 128
+
+typedef struct {
+    const char *request_id;
+    bt_api api;
+    const json_t *body;
+    const uint32_t *carried;
+    size_t n_carried;
+    bool has_max_tokens;
+    int64_t max_tokens;
+    const char *carried_text; /* NULL: none */
+    size_t carried_text_len;
+} bt_request;
+
+/* Encodes rq as a payload: a malloc'd string (free with free()) of *len bytes, NUL-terminated;
+ * NULL when out of memory. rq is not checked: the encoder's caller builds it from checked data. */
+char *bt_request_encode(const bt_request *rq, size_t *len);
+
+/* A decoded payload: rq's pointers point into the message, which owns them. */
+typedef struct {
+    bt_request rq;
+    json_t *root;
+    uint32_t *carried;
+} bt_request_msg;
+
+/* Decodes and checks a payload (NUL bytes are allowed inside strings: a prompt may hold one). On success fills *out (release it with bt_request_msg_free);
+ * otherwise BT_ERR_INVALID (or BT_ERR_NOMEM) with a one-line reason in err, and *out holds
+ * nothing to release. */
+bt_status bt_request_decode(const void *payload, size_t len, bt_request_msg *out, char *err, size_t errlen);
+void bt_request_msg_free(bt_request_msg *m);
+
+#endif

@@ -1,0 +1,168 @@
+/* test_request.c — unit tests of the REQUEST payload codec (src/proto/request.c).
+ *
+ * Covers: a round trip of a first attempt (no carried tokens, no max_tokens) and of a
+ * continuation (carried ids at the edges of their range, max_tokens, carried text with a NUL and
+ * multi-byte UTF-8); the exact members the encoder writes; every malformed payload the decoder must
+ * refuse, each with its reason; unknown members ignored; and a loop over truncations of a valid
+ * payload, each in an exactly-sized heap block, so that AddressSanitizer catches a read past the
+ * end. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "proto/request.h"
+
+static bt_request_msg decode_ok(const char *p, size_t n) {
+    bt_request_msg m;
+    char err[256] = "";
+    bt_status st = bt_request_decode(p, n, &m, err, sizeof err);
+    if (st != BT_OK) fail_msg("decode failed: %s", err);
+    return m;
+}
+
+static void test_first_attempt_roundtrip(void **state) {
+    (void)state;
+    json_t *body = json_pack("{s:s, s:[{s:s, s:s}], s:b}", "model", "m", "messages", "role", "user", "content", "Hi",
+                             "stream", 1);
+    bt_request rq = {.request_id = "req-1", .api = BT_API_CHAT, .body = body};
+    size_t len = 0;
+    char *p = bt_request_encode(&rq, &len);
+    assert_non_null(p);
+    assert_int_equal(len, strlen(p));
+    /* a first attempt says nothing of max_tokens: the engine's default applies */
+    assert_null(strstr(p, "max_tokens"));
+    assert_null(strstr(p, "carried_text"));
+    bt_request_msg m = decode_ok(p, len);
+    assert_string_equal(m.rq.request_id, "req-1");
+    assert_int_equal(m.rq.api, BT_API_CHAT);
+    assert_true(json_equal((json_t *)m.rq.body, body));
+    assert_int_equal(m.rq.n_carried, 0);
+    assert_false(m.rq.has_max_tokens);
+    assert_null(m.rq.carried_text);
+    bt_request_msg_free(&m);
+    bt_request_msg_free(&m); /* a freed message frees again as nothing */
+    free(p);
+    json_decref(body);
+}
+
+static void test_continuation_roundtrip(void **state) {
+    (void)state;
+    json_t *body = json_pack("{s:s, s:s}", "model", "m", "prompt", "Once");
+    uint32_t ids[] = {0, 1, 4294967295u, 42};
+    static const char text[] = "a\0b \xc3\xa9 \xe2\x82\xac \"q\"\n";
+    bt_request rq = {.request_id = "cmpl-x.y:z_1",
+                     .api = BT_API_COMPLETION,
+                     .body = body,
+                     .carried = ids,
+                     .n_carried = 4,
+                     .has_max_tokens = true,
+                     .max_tokens = 123456,
+                     .carried_text = text,
+                     .carried_text_len = sizeof text - 1};
+    size_t len = 0;
+    char *p = bt_request_encode(&rq, &len);
+    assert_non_null(p);
+    bt_request_msg m = decode_ok(p, len);
+    assert_string_equal(m.rq.request_id, rq.request_id);
+    assert_int_equal(m.rq.api, BT_API_COMPLETION);
+    assert_int_equal(m.rq.n_carried, 4);
+    assert_memory_equal(m.rq.carried, ids, sizeof ids);
+    assert_true(m.rq.has_max_tokens);
+    assert_int_equal(m.rq.max_tokens, 123456);
+    assert_int_equal(m.rq.carried_text_len, sizeof text - 1);
+    assert_memory_equal(m.rq.carried_text, text, sizeof text - 1);
+    /* encoding the decoded request gives the same payload */
+    size_t len2 = 0;
+    char *p2 = bt_request_encode(&m.rq, &len2);
+    assert_non_null(p2);
+    assert_int_equal(len2, len);
+    assert_memory_equal(p2, p, len);
+    free(p2);
+    bt_request_msg_free(&m);
+    free(p);
+    json_decref(body);
+}
+
+static void expect_invalid(const char *payload, const char *reason) {
+    bt_request_msg m;
+    char err[256] = "";
+    assert_int_equal(bt_request_decode(payload, strlen(payload), &m, err, sizeof err), BT_ERR_INVALID);
+    if (!strstr(err, reason)) fail_msg("payload %s: reason '%s' does not mention '%s'", payload, err, reason);
+    assert_null(m.root);
+    assert_null(m.carried);
+}
+
+static void test_malformed(void **state) {
+    (void)state;
+    expect_invalid("", "malformed");
+    expect_invalid("{", "malformed");
+    expect_invalid("[]", "not an object");
+    expect_invalid("{\"api\":\"chat\",\"body\":{}}", "request_id");
+    expect_invalid("{\"request_id\":\"\",\"api\":\"chat\",\"body\":{}}", "request_id");
+    expect_invalid("{\"request_id\":7,\"api\":\"chat\",\"body\":{}}", "request_id");
+    expect_invalid("{\"request_id\":\"a\\u0000b\",\"api\":\"chat\",\"body\":{}}", "request_id");
+    expect_invalid("{\"request_id\":\"a\",\"api\":\"embeddings\",\"body\":{}}", "api");
+    expect_invalid("{\"request_id\":\"a\",\"body\":{}}", "api");
+    expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\"}", "body");
+    expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":[]}", "body");
+    expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"carried\":{}}", "carried");
+    expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"carried\":[1,-1]}", "carried token 1");
+    expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"carried\":[4294967296]}", "carried token 0");
+    expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"carried\":[\"1\"]}", "carried token 0");
+    expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"max_tokens\":-1}", "max_tokens");
+    expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"max_tokens\":1.5}", "max_tokens");
+    expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"carried_text\":3}", "carried_text");
+    expect_invalid("{\"request_id\":\"a\",\"request_id\":\"b\",\"api\":\"chat\",\"body\":{}}", "malformed");
+    char big[BT_REQUEST_ID_MAX + 64];
+    memset(big, 'r', sizeof big);
+    int n = snprintf(big, sizeof big, "{\"request_id\":\"");
+    memset(big + n, 'r', BT_REQUEST_ID_MAX + 1);
+    snprintf(big + n + BT_REQUEST_ID_MAX + 1, sizeof big - (size_t)n - BT_REQUEST_ID_MAX - 1,
+             "\",\"api\":\"chat\",\"body\":{}}");
+    expect_invalid(big, "request_id");
+}
+
+static void test_unknown_members_ignored(void **state) {
+    (void)state;
+    const char *p = "{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{\"x\":1},\"future\":[1,2],\"carried\":[]}";
+    bt_request_msg m = decode_ok(p, strlen(p));
+    assert_int_equal(m.rq.n_carried, 0);
+    assert_null(m.carried);
+    bt_request_msg_free(&m);
+}
+
+static void test_truncations(void **state) {
+    (void)state;
+    const char *p = "{\"request_id\":\"r\",\"api\":\"completion\",\"body\":{\"prompt\":\"x\"},\"carried\":[5,6,7],"
+                    "\"max_tokens\":9,\"carried_text\":\"abc\"}";
+    size_t n = strlen(p);
+    for (size_t i = 0; i < n; i++) {
+        char *b = malloc(i ? i : 1);
+        memcpy(b, p, i);
+        bt_request_msg m;
+        char err[128];
+        assert_int_equal(bt_request_decode(b, i, &m, err, sizeof err), BT_ERR_INVALID);
+        free(b);
+    }
+    bt_request_msg m = decode_ok(p, n);
+    assert_int_equal(m.rq.n_carried, 3);
+    assert_int_equal(m.rq.carried[2], 7);
+    bt_request_msg_free(&m);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_first_attempt_roundtrip),
+        cmocka_unit_test(test_continuation_roundtrip),
+        cmocka_unit_test(test_malformed),
+        cmocka_unit_test(test_unknown_members_ignored),
+        cmocka_unit_test(test_truncations),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
