@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
@@ -36,8 +37,13 @@ struct bt_rpc_conn {
     bt_buf rbuf;
     bt_buf wbuf;
     size_t queued; /* bytes handed to uv_write and not yet written */
+    /* last_rx_ms and session_ms are on the heartbeat clock: wall time minus the pauses of this
+     * process that on_heartbeat found (they move forward by each pause). */
     uint64_t last_rx_ms, last_tx_ms;
     uint64_t session_ms;                 /* when the TCP session started */
+    uint64_t last_tick_ms;               /* when on_heartbeat last ran */
+    uint32_t tick_ms;                    /* the heartbeat period */
+    bool verdict_deferred;               /* a dead verdict waited for waiting bytes to be read */
     uint8_t nonce[BT_AUTH_LEN];          /* our challenge (worker with a secret) */
     bool challenged;
     uint64_t peer_instance;
@@ -63,6 +69,7 @@ struct bt_rpc_listener {
 };
 
 void bt_rpc_config_default(bt_rpc_config *c, uint16_t role, uint64_t instance_id) {
+    memset(c, 0, sizeof *c);
     c->role = role;
     c->instance_id = instance_id;
     c->max_frame = BT_FRAME_DEFAULT_MAX;
@@ -323,6 +330,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     if (nread == 0) return;
     c->rbuf.len += (size_t)nread;
     c->last_rx_ms = bt_now_ms();
+    c->verdict_deferred = false;
     size_t off = 0;
     while (c->state != CONN_CLOSING) {
         bt_frame f;
@@ -342,6 +350,34 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     if (c->state != CONN_CLOSING) bt_buf_consume(&c->rbuf, off);
 }
 
+/* Bytes the kernel holds for us on the socket, not yet read (0 when unknown). */
+static size_t bytes_waiting(bt_rpc_conn *c) {
+    uv_os_fd_t fd;
+    int n = 0;
+    if (!c->tcp_inited || uv_fileno((const uv_handle_t *)&c->tcp, &fd) != 0) return 0;
+    if (ioctl(fd, FIONREAD, &n) != 0 || n < 0) return 0;
+    return (size_t)n;
+}
+
+/* The heartbeat clock counts only time this process ran. Ticks come every tick_ms; a tick that
+ * comes more than two periods after the previous one means the process did not run in between
+ * (SIGSTOP, a paused VM, swapping, CPU starvation, a blocked loop), so it could read nothing: the
+ * time beyond two periods is not the peer's silence, and the silence and handshake clocks move
+ * forward by it. Every tick still counts at least one period (a repeating timer never comes
+ * sooner), so a peer that really is silent is declared dead after at most dead_after / tick + 1
+ * ticks however slow the loop is. */
+static void heartbeat_skip_pause(bt_rpc_conn *c, uint64_t now) {
+    uint64_t gap = now - c->last_tick_ms;
+    uint64_t counted = 2 * (uint64_t)c->tick_ms;
+    c->last_tick_ms = now;
+    if (gap <= counted) return;
+    uint64_t skip = gap - counted;
+    c->last_rx_ms = c->last_rx_ms + skip < now ? c->last_rx_ms + skip : now;
+    c->session_ms = c->session_ms + skip < now ? c->session_ms + skip : now;
+    BT_DEBUG("request plane %s: this process did not run for %llu ms; not counted as the peer's silence", c->peer,
+             (unsigned long long)skip);
+}
+
 static void on_heartbeat(uv_timer_t *t) {
     bt_rpc_conn *c = t->data;
     uint64_t now = bt_now_ms();
@@ -349,15 +385,26 @@ static void on_heartbeat(uv_timer_t *t) {
         conn_fail(c, BT_ERR_CANNOT_CONNECT, "connect to %s timed out after %u ms", c->peer, c->cfg.connect_timeout_ms);
         return;
     }
+    heartbeat_skip_pause(c, now);
     if ((c->state == CONN_AUTH || c->state == CONN_HANDSHAKE) && now - c->session_ms >= c->cfg.connect_timeout_ms) {
         conn_fail(c, BT_ERR_UNAUTHORIZED, "%s did not complete its handshake within %u ms", c->peer,
                   c->cfg.connect_timeout_ms);
         return;
     }
     if (now - c->last_rx_ms >= c->cfg.dead_after_ms) {
-        conn_fail(c, BT_ERR_TIMEOUT, "no frame from %s for %llu ms: peer declared dead", c->peer,
-                  (unsigned long long)(now - c->last_rx_ms));
-        return;
+        /* libuv runs due timers before it polls for input, so after a pause of this process the
+         * peer's frames may be waiting unread. A verdict waits for them once: this iteration's
+         * poll reads them (on_read clears the flag); if the next tick still finds silence, the
+         * peer is dead whatever the socket holds. */
+        size_t waiting = c->verdict_deferred ? 0 : bytes_waiting(c);
+        if (waiting == 0) {
+            conn_fail(c, BT_ERR_TIMEOUT, "no frame from %s for %llu ms: peer declared dead", c->peer,
+                      (unsigned long long)(now - c->last_rx_ms));
+            return;
+        }
+        c->verdict_deferred = true;
+        BT_DEBUG("request plane %s: silent for %llu ms but %zu bytes are waiting: reading them first", c->peer,
+                 (unsigned long long)(now - c->last_rx_ms), waiting);
     }
     if (now - c->last_tx_ms >= c->cfg.ping_interval_ms) {
         bt_buf *w = bt_rpc_wbuf(c);
@@ -388,6 +435,8 @@ static void start_session(bt_rpc_conn *c) {
     uint32_t tick = c->cfg.ping_interval_ms < c->cfg.dead_after_ms / 4 ? c->cfg.ping_interval_ms
                                                                        : c->cfg.dead_after_ms / 4;
     if (tick < 10) tick = 10;
+    c->tick_ms = tick;
+    c->last_tick_ms = c->last_rx_ms;
     uv_timer_start(&c->timer, on_heartbeat, tick, tick);
 }
 

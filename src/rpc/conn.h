@@ -1,9 +1,11 @@
 /* conn.h — one request-plane connection (either side) over libuv TCP.
  *
  * A connection frames and unframes (proto.h), handshakes with HELLO, keeps itself alive with
- * PING/PONG and declares the peer dead when nothing arrives for `dead_after_ms`. Outgoing frames
- * are appended to a corked buffer and written once per loop iteration (one syscall for every
- * token frame produced in a scheduler step), with uv_try_write first.
+ * PING/PONG and declares the peer dead when nothing arrives for `dead_after_ms`, counted on a
+ * clock that leaves out the time this process did not run, and only once the bytes waiting on
+ * the socket have been read (docs/protocol.md §8). Outgoing frames are appended to a corked
+ * buffer and written once per loop iteration (one syscall for every token frame produced in a
+ * scheduler step), with uv_try_write first.
  *
  * Lifetime: the owner creates a connection with bt_rpc_dial() or receives it from a listener,
  * and ends it with bt_rpc_conn_close(). on_close is called exactly once, from the loop (never
@@ -41,7 +43,8 @@ typedef struct {
     uint64_t instance_id;     /* sent in HELLO */
     uint32_t max_frame;       /* cap on a frame's length field */
     uint32_t ping_interval_ms;/* send PING after this long without sending anything */
-    uint32_t dead_after_ms;   /* peer declared dead after this long without receiving anything */
+    uint32_t dead_after_ms;   /* peer declared dead after this long without receiving anything
+                               * (pauses of this process beyond two heartbeat ticks not counted) */
     uint32_t connect_timeout_ms;
     size_t max_out_bytes;     /* unsent bytes beyond this close the connection (a stuck peer) */
     /* Shared secret (NULL = none). A worker with a secret challenges every frontend after HELLO
@@ -69,6 +72,8 @@ void bt_rpc_flush(bt_rpc_conn *c);
 bool bt_rpc_is_open(const bt_rpc_conn *c);   /* handshake done and not closing */
 uint64_t bt_rpc_peer_instance(const bt_rpc_conn *c);
 const char *bt_rpc_peer_name(const bt_rpc_conn *c); /* "ip:port" */
+/* When bytes last arrived, moved forward by later pauses of this process: bt_now_ms() minus it is
+ * the silence that counts towards dead_after_ms. */
 uint64_t bt_rpc_last_rx_ms(const bt_rpc_conn *c);
 void bt_rpc_set_ud(bt_rpc_conn *c, void *ud);
 void *bt_rpc_get_ud(const bt_rpc_conn *c);
