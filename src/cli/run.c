@@ -42,8 +42,8 @@
 #define RUN_PROBE_TIMEOUT_MS 2000L   /* one probe */
 #define RUN_PROBE_MAX_BYTES (1 << 20) /* a /health body larger than this is not our frontend's */
 #define RUN_WAIT_REPORT_MS 10000     /* how often a slow start-up says what it is waiting for */
-#define RUN_MAX_START_FAILURES 5     /* restarts in a row that die before ready: give up */
-#define RUN_MAX_RESTART_DELAY_MS 16000
+#define RUN_MAX_START_FAILURES 4     /* restarts in a row that die before ready: give up */
+#define RUN_MAX_RESTART_DELAY_MS 8000
 #define RUN_KILL_AFTER_MS 5000       /* after a failed start-up, SIGKILL what SIGTERM did not stop */
 
 typedef struct run_ctx run_ctx;

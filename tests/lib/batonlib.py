@@ -939,7 +939,6 @@ class Cluster:
         fe = Frontend(f"http://127.0.0.1:{port}", port, proc)
         self.frontends.append(fe)
         if wait:
-            proc.wait_log(r"(?m)^baton: serving ", timeout=timeout)
             wait_http(fe.url + "/live", proc, timeout=timeout)
         return fe
 
