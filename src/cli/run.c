@@ -6,7 +6,8 @@
  *
  * Start-up is watched, not assumed: the launcher polls the frontend's GET /health and watches the
  * discovery directory, and prints "serving ..." only once the frontend answers and lists every
- * worker (known by the pid in its discovery record) among the instances it routes to. A child
+ * worker (known by the pid in its discovery record) among the instances it routes to. (A /health
+ * that lists none of them is not taken for the frontend's: another program may hold the port.) A child
  * that exits before that, or any child that exits with status 2 (a configuration error: the same
  * flags would fail again), stops the whole group with a non-zero exit status instead of being
  * restarted: a port that is taken is an error, not a loop.
@@ -378,7 +379,7 @@ static void mark_ready(child *c) {
     c->ready = true;
     c->start_failures = 0;
     if (r->serving) BT_INFO("%s %d (pid %d) is %s again", child_name(c), c->index, c->pid,
-                            c->is_frontend ? "answering" : "routable");
+                            c->is_frontend ? "serving" : "routable");
 }
 
 /* A /health body from the frontend: who it routes to now. */
@@ -386,17 +387,23 @@ static void probe_result(run_ctx *r, const char *body, size_t len) {
     json_t *j = json_loadb(body, len, 0, NULL);
     json_t *insts = json_object_get(j, "instances");
     if (!json_is_array(insts)) goto out;
-    if (r->frontend.running) mark_ready(&r->frontend);
     size_t i;
     json_t *inst;
+    int ours = 0;
     json_array_foreach(insts, i, inst) {
         json_t *id = json_object_get(inst, "instance_id");
         if (!json_is_integer(id)) continue;
         for (int k = 0; k < r->workers; k++) {
             child *c = &r->w[k];
-            if (c->running && c->instance_id && c->instance_id == (uint64_t)json_integer_value(id)) mark_ready(c);
+            if (c->running && c->instance_id && c->instance_id == (uint64_t)json_integer_value(id)) {
+                mark_ready(c);
+                ours++;
+            }
         }
     }
+    /* Whoever answers on the port is our frontend only if it routes to one of our workers (their
+     * ids are random 63-bit numbers): another program that took the port may answer /health too. */
+    if (ours > 0 && r->frontend.running) mark_ready(&r->frontend);
     if (all_ready(r)) {
         uv_timer_stop(&r->probe_timer);
         if (!r->serving) {
@@ -436,7 +443,7 @@ static void on_probe_timer(uv_timer_t *t) {
         r->last_report_ms = now;
         BT_INFO("still starting after %llu s: frontend %s, %d of %lld workers routable",
                 (unsigned long long)((now - r->started_ms) / 1000),
-                r->frontend.ready ? "answering" : "not answering yet", routable_workers(r), (long long)r->workers);
+                r->frontend.ready ? "ready" : "not ready yet", routable_workers(r), (long long)r->workers);
     }
     if (r->probe || !r->frontend.running) return;
     CURL *c = curl_easy_init();
