@@ -47,7 +47,8 @@ void bt_proc_opts_default(bt_proc_opts *p);
  * each command keeps its own order in --help. */
 #define BT_PROC_OPT_DISCOVERY(p, help) {"--discovery", "DYN_DISCOVERY_BACKEND", BT_OPT_STR, &(p)->discovery, 0, 0, help}
 #define BT_PROC_OPT_DISCOVERY_DIR(p)                                                                                  \
-    {"--discovery-dir", "DYN_FILE_KV", BT_OPT_STR, &(p)->discovery_dir, 0, 0, "file discovery directory (/tmp when TMPDIR is unset)"}
+    {"--discovery-dir", "DYN_FILE_KV", BT_OPT_STR, &(p)->discovery_dir, 0, 0,                                       \
+     "file discovery directory (/tmp when TMPDIR is unset)"}
 #define BT_PROC_OPT_ETCD_ENDPOINTS(p)                                                                                 \
     {"--etcd-endpoints", "ETCD_ENDPOINTS", BT_OPT_STR, &(p)->etcd_endpoints, 0, 0, "comma-separated URLs"}
 #define BT_PROC_OPT_ETCD_CA(p)                                                                                        \
