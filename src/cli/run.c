@@ -1,25 +1,51 @@
 /* run.c — `baton run`: a frontend and N mocker workers on one machine.
  *
  * The children are this same binary (`baton frontend`, `baton worker`) started with uv_spawn over
- * file discovery in a private temporary directory. A worker that exits while the group is
- * running is restarted after a short delay, with a log line, so a laptop demo heals itself. On
- * SIGINT/SIGTERM every child gets SIGTERM (workers drain), the group waits for them, removes the
- * directory and exits 0; a second signal sends SIGKILL. */
+ * file discovery in a private temporary directory. Everything they listen on is bound to the
+ * launcher's --http-host (the workers' status servers included).
+ *
+ * Start-up is watched, not assumed: the launcher polls the frontend's GET /health and watches the
+ * discovery directory, and prints "serving ..." only once the frontend answers and lists every
+ * worker (known by the pid in its discovery record) among the instances it routes to. (A /health
+ * that lists none of them is not taken for the frontend's: another program may hold the port.) A child
+ * that exits before that, or any child that exits with status 2 (a configuration error: the same
+ * flags would fail again), stops the whole group with a non-zero exit status instead of being
+ * restarted: a port that is taken is an error, not a loop.
+ *
+ * Once serving, a child that exits is restarted, with a log line, so a laptop demo heals itself.
+ * A restarted child that exits again before it is ready counts as a failed start; the delay
+ * doubles with each (1 s, 2 s, 4 s, ...) and after RUN_MAX_START_FAILURES in a row the group
+ * gives up and exits 1. A child that became ready again starts the count afresh.
+ *
+ * On SIGINT/SIGTERM every child gets SIGTERM (workers drain), the group waits for them, removes
+ * the directory and exits 0; a second signal sends SIGKILL. */
 #include "cli/run.h"
 
+#include <curl/curl.h>
+#include <jansson.h>
 #include <limits.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 #include <uv.h>
 
+#include "common/curl_uv.h"
 #include "common/log.h"
 #include "common/opts.h"
 #include "common/util.h"
+#include "discovery/discovery.h"
 
 #define MAX_WORKERS 64
 #define MAX_ARGS 160
+#define RUN_PROBE_MS 200             /* GET /health while a child is not ready yet */
+#define RUN_PROBE_TIMEOUT_MS 2000L   /* one probe */
+#define RUN_PROBE_MAX_BYTES (1 << 20) /* a /health body larger than this is not our frontend's */
+#define RUN_WAIT_REPORT_MS 10000     /* how often a slow start-up says what it is waiting for */
+#define RUN_MAX_START_FAILURES 4     /* restarts in a row that die before ready: give up */
+#define RUN_MAX_RESTART_DELAY_MS 8000
+#define RUN_KILL_AFTER_MS 5000       /* after a failed start-up, SIGKILL what SIGTERM did not stop */
 
 typedef struct run_ctx run_ctx;
 
@@ -29,8 +55,11 @@ typedef struct {
     uv_timer_t restart;
     bool running;
     bool is_frontend;
+    bool ready;            /* since its last start: the frontend answers /health; a worker is routable */
     int index;
-    int restarts;
+    int pid;               /* of the running process, 0 when none */
+    uint64_t instance_id;  /* a worker's id in discovery (matched by pid), 0 until seen */
+    int start_failures;    /* starts in a row that ended before the child was ready */
 } child;
 
 struct run_ctx {
@@ -40,10 +69,9 @@ struct run_ctx {
     int64_t http_port, workers;
     const char *model, *http_host;
     double speedup;
+    bool speedup_given; /* --speedup-ratio / DYN_SPEEDUP_RATIO: passed on; else the workers' default */
     int64_t migration_limit;
     const char *event_plane, *nats_server; /* NULL: not given (nor in the environment) */
-    const char *ns;      /* --namespace, NULL if not given */
-    bool endpoint_given; /* --endpoint was given for the workers */
     const char *fe_args[MAX_ARGS];
     int n_fe_args;
     const char *w_args[MAX_ARGS];
@@ -51,21 +79,30 @@ struct run_ctx {
     child frontend;
     child w[MAX_WORKERS];
     bool stopping;
+    bool serving; /* the group has been ready once ("serving" printed) */
+    int exit_code;
     int signals;
+    uint64_t started_ms, last_report_ms;
+    char shown[300];     /* http://host:port as printed to the user */
+    char probe_url[320]; /* the frontend's /health, over loopback when it listens on every address */
     uv_signal_t sig_int, sig_term;
-    char **env; /* this process's environment plus BATON_PARENT_PID */
+    uv_timer_t probe_timer, kill_timer;
+    bt_curl_uv *cu;
+    CURL *probe; /* the GET /health in flight, or NULL */
+    bt_buf probe_rx;
+    bt_discovery *disc; /* the launcher's own view of the directory: worker pid -> instance id */
+    char **env;         /* this process's environment plus BATON_PARENT_PID */
 };
 
-/* Flags `baton run` forwards to the frontend only; --rpc-secret-file goes to the frontend and to
- * every worker, and --namespace to the frontend and, as the namespace of --endpoint, to the
- * workers; everything else unknown goes to the workers. */
+/* Flags `baton run` forwards to the frontend only; the shared ones go to the frontend and to
+ * every worker; everything else unknown goes to the workers. */
 static const char *frontend_flags[] = {"--router-mode", "--active-decode-blocks-threshold",
                                        "--active-prefill-tokens-threshold", "--stream-stall-timeout", "--api-key",
                                        "--max-body-bytes", "--shutdown-drain-timeout", "--shutdown-accept-window-ms",
                                        "--http-header-timeout-ms", "--http-idle-timeout-ms", "--max-connections",
                                        "--max-client-backlog-bytes", "--max-concurrent-requests", "--threads",
                                        NULL};
-static const char *shared_flags[] = {"--rpc-secret-file", NULL};
+static const char *shared_flags[] = {"--rpc-secret-file", "--namespace", NULL};
 
 static bool flag_in(const char *a, const char **list) {
     for (int i = 0; list[i]; i++) {
@@ -75,7 +112,10 @@ static bool flag_in(const char *a, const char **list) {
     return false;
 }
 
+static const char *child_name(const child *c) { return c->is_frontend ? "frontend" : "worker"; }
+
 static void start_child(child *c);
+static void probe_arm(run_ctx *r);
 
 static void on_restart_timer(uv_timer_t *t) {
     child *c = t->data;
@@ -107,26 +147,107 @@ static void walk_close(uv_handle_t *h, void *arg) {
     if (!uv_is_closing(h)) uv_close(h, NULL);
 }
 
+static void on_disc_closed(void *ud) {
+    run_ctx *r = ud;
+    remove_dir(r->dir);
+    uv_walk(r->loop, walk_close, NULL);
+}
+
+/* Every child has exited: close what the launcher holds (discovery last: its close completes on
+ * a later turn, and the directory goes only then), and let the loop end. */
+static void finish(run_ctx *r) {
+    BT_INFO("all processes stopped");
+    uv_timer_stop(&r->probe_timer);
+    uv_timer_stop(&r->kill_timer);
+    if (r->probe) {
+        bt_curl_uv_remove(r->cu, r->probe);
+        curl_easy_cleanup(r->probe);
+        r->probe = NULL;
+    }
+    bt_curl_uv_close(r->cu, NULL, NULL);
+    r->cu = NULL;
+    bt_buf_free(&r->probe_rx);
+    bt_discovery *d = r->disc;
+    r->disc = NULL;
+    if (d) bt_discovery_close(d, on_disc_closed, r);
+    else on_disc_closed(r);
+}
+
+/* Sends `sig` to every running child and stops every pending restart. */
+static void signal_children(run_ctx *r, int sig) {
+    r->stopping = true;
+    uv_timer_stop(&r->frontend.restart);
+    if (r->frontend.running) uv_process_kill(&r->frontend.proc, sig);
+    for (int i = 0; i < r->workers; i++) {
+        uv_timer_stop(&r->w[i].restart);
+        if (r->w[i].running) uv_process_kill(&r->w[i].proc, sig);
+    }
+}
+
+static void on_kill_timer(uv_timer_t *t) {
+    run_ctx *r = t->data;
+    BT_WARN("children still running %d s after SIGTERM; sending SIGKILL", RUN_KILL_AFTER_MS / 1000);
+    signal_children(r, SIGKILL);
+}
+
+/* The group cannot serve: say why, stop every child and exit with `code` once they are gone. */
+static void fail_group(run_ctx *r, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void fail_group(run_ctx *r, int code, const char *fmt, ...) {
+    if (r->stopping) return;
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    BT_ERROR("%s; stopping", msg);
+    r->exit_code = code;
+    signal_children(r, SIGTERM);
+    if (running_children(r) == 0) finish(r);
+    else uv_timer_start(&r->kill_timer, on_kill_timer, RUN_KILL_AFTER_MS, 0);
+}
+
+static void describe_exit(char *out, size_t n, int64_t status, int sig) {
+    if (sig) snprintf(out, n, "signal %s", strsignal(sig));
+    else snprintf(out, n, "status %lld", (long long)status);
+}
+
 static void on_exit_cb(uv_process_t *p, int64_t status, int sig) {
     child *c = p->data;
     run_ctx *r = c->ctx;
+    bool was_ready = c->ready;
     c->running = false;
+    c->ready = false;
+    c->pid = 0;
+    c->instance_id = 0;
     uv_close((uv_handle_t *)p, NULL);
-    const char *what = c->is_frontend ? "frontend" : "worker";
+    const char *what = child_name(c);
+    char how[96];
+    describe_exit(how, sizeof how, status, sig);
     if (r->stopping) {
-        BT_INFO("%s %d exited (status %lld%s%s)", what, c->index, (long long)status, sig ? ", signal " : "",
-                sig ? strsignal(sig) : "");
-        if (running_children(r) == 0) {
-            remove_dir(r->dir);
-            BT_INFO("all processes stopped");
-            uv_walk(r->loop, walk_close, NULL);
-        }
+        BT_INFO("%s %d exited (%s)", what, c->index, how);
+        if (running_children(r) == 0) finish(r);
         return;
     }
-    BT_WARN("%s %d exited unexpectedly (status %lld%s%s); restarting it in 1 s", what, c->index, (long long)status,
-            sig ? ", signal " : "", sig ? strsignal(sig) : "");
-    c->restarts++;
-    uv_timer_start(&c->restart, on_restart_timer, 1000, 0);
+    if (!sig && status == 2) {
+        fail_group(r, 2, "%s %d exited with status 2: a configuration error (its message is above), which a restart "
+                         "would repeat", what, c->index);
+        return;
+    }
+    if (!r->serving) {
+        fail_group(r, 1, "%s %d exited during start-up (%s; its error is above): nothing is serving at %s", what,
+                   c->index, how, r->shown);
+        return;
+    }
+    if (!was_ready && ++c->start_failures >= RUN_MAX_START_FAILURES) {
+        fail_group(r, 1, "%s %d exited before it was ready %d times in a row (last: %s); giving up", what, c->index,
+                   c->start_failures, how);
+        return;
+    }
+    uint64_t delay = (uint64_t)1000 << c->start_failures;
+    if (delay > RUN_MAX_RESTART_DELAY_MS) delay = RUN_MAX_RESTART_DELAY_MS;
+    BT_WARN("%s %d exited unexpectedly (%s); restarting it in %llu s", what, c->index, how,
+            (unsigned long long)(delay / 1000));
+    uv_timer_start(&c->restart, on_restart_timer, delay, 0);
 }
 
 /* The event plane is the whole group's: the frontend subscribes to what the workers publish, so
@@ -147,7 +268,7 @@ static void start_child(child *c) {
     run_ctx *r = c->ctx;
     const char *args[MAX_ARGS * 2];
     int n = 0;
-    char port[32], wport[32], speed[64], mig[32];
+    char port[32], speed[64], mig[32];
     args[n++] = r->exe;
     if (c->is_frontend) {
         snprintf(port, sizeof port, "%lld", (long long)r->http_port);
@@ -169,8 +290,6 @@ static void start_child(child *c) {
         n = event_plane_args(r, args, n);
         for (int i = 0; i < r->n_fe_args; i++) args[n++] = r->fe_args[i];
     } else {
-        snprintf(speed, sizeof speed, "%g", r->speedup);
-        snprintf(wport, sizeof wport, "0");
         args[n++] = "worker";
         args[n++] = "--discovery";
         args[n++] = "file";
@@ -178,10 +297,20 @@ static void start_child(child *c) {
         args[n++] = r->dir;
         args[n++] = "--model-name";
         args[n++] = r->model;
-        args[n++] = "--speedup-ratio";
-        args[n++] = speed;
+        if (r->speedup_given) {
+            snprintf(speed, sizeof speed, "%.17g", r->speedup);
+            args[n++] = "--speedup-ratio";
+            args[n++] = speed;
+        }
         args[n++] = "--system-port";
-        args[n++] = wport;
+        args[n++] = "0";
+        /* the launcher's address is the group's: a status server must not listen wider than the
+         * frontend. DYN_SYSTEM_HOST or a forwarded --system-host (later, so it wins) overrides. */
+        const char *sh = getenv("DYN_SYSTEM_HOST");
+        if (!sh || !*sh) {
+            args[n++] = "--system-host";
+            args[n++] = r->http_host;
+        }
         n = event_plane_args(r, args, n);
         for (int i = 0; i < r->n_w_args; i++) args[n++] = r->w_args[i];
     }
@@ -196,34 +325,183 @@ static void start_child(child *c) {
     po.stdio_count = 3;
     po.env = r->env;
     c->proc.data = c;
+    c->ready = false;
+    c->instance_id = 0;
     int rc = uv_spawn(r->loop, &c->proc, &po);
     if (rc < 0) {
-        BT_ERROR("cannot start %s: %s", c->is_frontend ? "frontend" : "worker", uv_strerror(rc));
+        uv_close((uv_handle_t *)&c->proc, NULL); /* initialized even when the spawn failed */
+        if (!r->serving) {
+            fail_group(r, 1, "cannot start %s %d: %s", child_name(c), c->index, uv_strerror(rc));
+            return;
+        }
+        if (++c->start_failures >= RUN_MAX_START_FAILURES) {
+            fail_group(r, 1, "cannot start %s %d (%d times in a row): %s", child_name(c), c->index, c->start_failures,
+                       uv_strerror(rc));
+            return;
+        }
+        BT_ERROR("cannot start %s %d: %s; trying again in 2 s", child_name(c), c->index, uv_strerror(rc));
         uv_timer_start(&c->restart, on_restart_timer, 2000, 0);
         return;
     }
     c->running = true;
-    BT_INFO("started %s %d (pid %d)", c->is_frontend ? "frontend" : "worker", c->index, c->proc.pid);
+    c->pid = c->proc.pid;
+    BT_INFO("started %s %d (pid %d)", child_name(c), c->index, c->proc.pid);
+    probe_arm(r);
+}
+
+/* ---- readiness: the frontend's GET /health and the workers' discovery records ---- */
+
+static bool all_ready(const run_ctx *r) {
+    if (!r->frontend.running || !r->frontend.ready) return false;
+    for (int i = 0; i < r->workers; i++)
+        if (!r->w[i].running || !r->w[i].ready) return false;
+    return true;
+}
+
+static int routable_workers(const run_ctx *r) {
+    int n = 0;
+    for (int i = 0; i < r->workers; i++) n += r->w[i].running && r->w[i].ready;
+    return n;
+}
+
+static void print_serving(run_ctx *r) {
+    printf("baton: serving '%s' with %lld workers at %s/v1 (discovery in %s); Ctrl-C stops\n"
+           "try:   curl -N %s/v1/chat/completions -H 'Content-Type: application/json' "
+           "-d '{\"model\":\"%s\",\"messages\":[{\"role\":\"user\",\"content\":\"Hello\"}],\"stream\":true,"
+           "\"max_tokens\":20}'\n",
+           r->model, (long long)r->workers, r->shown, r->dir, r->shown, r->model);
+    fflush(stdout);
+}
+
+static void mark_ready(child *c) {
+    run_ctx *r = c->ctx;
+    if (c->ready) return;
+    c->ready = true;
+    c->start_failures = 0;
+    if (r->serving) BT_INFO("%s %d (pid %d) is %s again", child_name(c), c->index, c->pid,
+                            c->is_frontend ? "serving" : "routable");
+}
+
+/* A /health body from the frontend: who it routes to now. */
+static void probe_result(run_ctx *r, const char *body, size_t len) {
+    json_t *j = json_loadb(body, len, 0, NULL);
+    json_t *insts = json_object_get(j, "instances");
+    if (!json_is_array(insts)) goto out;
+    size_t i;
+    json_t *inst;
+    int ours = 0;
+    json_array_foreach(insts, i, inst) {
+        json_t *id = json_object_get(inst, "instance_id");
+        if (!json_is_integer(id)) continue;
+        for (int k = 0; k < r->workers; k++) {
+            child *c = &r->w[k];
+            if (c->running && c->instance_id && c->instance_id == (uint64_t)json_integer_value(id)) {
+                mark_ready(c);
+                ours++;
+            }
+        }
+    }
+    /* Whoever answers on the port is our frontend only if it routes to one of our workers (their
+     * ids are random 63-bit numbers): another program that took the port may answer /health too. */
+    if (ours > 0 && r->frontend.running) mark_ready(&r->frontend);
+    if (all_ready(r)) {
+        uv_timer_stop(&r->probe_timer);
+        if (!r->serving) {
+            r->serving = true;
+            print_serving(r);
+        }
+    }
+out:
+    json_decref(j);
+}
+
+static size_t on_probe_write(char *p, size_t size, size_t nmemb, void *ud) {
+    run_ctx *r = ud;
+    size_t n = size * nmemb;
+    return bt_buf_append(&r->probe_rx, p, n) == BT_OK ? n : 0; /* 0: libcurl aborts the transfer */
+}
+
+static bool on_probe_done(void *ud, CURL *easy, CURLcode result) {
+    run_ctx *r = ud;
+    long code = 0;
+    curl_easy_getinfo(easy, CURLINFO_RESPONSE_CODE, &code);
+    bt_curl_uv_remove(r->cu, easy);
+    curl_easy_cleanup(easy);
+    if (easy == r->probe) r->probe = NULL;
+    if (result == CURLE_OK && code == 200 && !r->stopping) probe_result(r, r->probe_rx.data, r->probe_rx.len);
+    bt_buf_reset(&r->probe_rx);
+    return true;
+}
+
+static const bt_curl_uv_hooks probe_hooks = {NULL, on_probe_done, NULL};
+
+static void on_probe_timer(uv_timer_t *t) {
+    run_ctx *r = t->data;
+    if (r->stopping) return;
+    uint64_t now = bt_now_ms();
+    if (!r->serving && now - r->last_report_ms >= RUN_WAIT_REPORT_MS) {
+        r->last_report_ms = now;
+        BT_INFO("still starting after %llu s: frontend %s, %d of %lld workers routable",
+                (unsigned long long)((now - r->started_ms) / 1000),
+                r->frontend.ready ? "ready" : "not ready yet", routable_workers(r), (long long)r->workers);
+    }
+    if (r->probe || !r->frontend.running) return;
+    CURL *c = curl_easy_init();
+    if (!c) return;
+    curl_easy_setopt(c, CURLOPT_URL, r->probe_url);
+    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_probe_write);
+    curl_easy_setopt(c, CURLOPT_WRITEDATA, r);
+    curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(c, CURLOPT_PROXY, ""); /* our own child, whatever *_proxy says */
+    curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, RUN_PROBE_TIMEOUT_MS);
+    if (bt_curl_uv_add(r->cu, c) != BT_OK) {
+        curl_easy_cleanup(c);
+        return;
+    }
+    r->probe = c;
+}
+
+/* Polls /health until every child is ready; called whenever a child (re)starts. */
+static void probe_arm(run_ctx *r) {
+    if (!r->stopping && !uv_is_active((uv_handle_t *)&r->probe_timer))
+        uv_timer_start(&r->probe_timer, on_probe_timer, RUN_PROBE_MS, RUN_PROBE_MS);
+}
+
+/* A worker's discovery record carries its pid: that is how the launcher tells which instance in
+ * the frontend's /health is which of its children. */
+static void on_disc_put(void *ud, const char *key, const json_t *value) {
+    run_ctx *r = ud;
+    (void)key;
+    json_t *pid = json_object_get(value, "pid"), *id = json_object_get(value, "instance_id");
+    if (!json_is_integer(pid) || !json_is_integer(id)) return;
+    for (int i = 0; i < r->workers; i++)
+        if (r->w[i].running && r->w[i].pid == (int)json_integer_value(pid))
+            r->w[i].instance_id = (uint64_t)json_integer_value(id);
+}
+
+static void on_disc_delete(void *ud, const char *key) {
+    (void)ud;
+    (void)key; /* a worker that is gone is known from its exit, not from its record */
 }
 
 static void on_signal(uv_signal_t *h, int signum) {
     run_ctx *r = h->data;
     r->signals++;
-    int sig = r->signals > 1 ? SIGKILL : SIGTERM;
     if (r->signals == 1)
         BT_INFO("%s received: stopping the frontend and %lld workers (again to force)",
                 signum == SIGINT ? "SIGINT" : "SIGTERM", (long long)r->workers);
-    r->stopping = true;
-    if (r->frontend.running) uv_process_kill(&r->frontend.proc, sig);
-    for (int i = 0; i < r->workers; i++) {
-        uv_timer_stop(&r->w[i].restart);
-        if (r->w[i].running) uv_process_kill(&r->w[i].proc, sig);
-    }
-    uv_timer_stop(&r->frontend.restart);
-    if (running_children(r) == 0) {
-        remove_dir(r->dir);
-        uv_walk(r->loop, walk_close, NULL);
-    }
+    bool was_stopping = r->stopping;
+    signal_children(r, r->signals > 1 ? SIGKILL : SIGTERM);
+    if (!was_stopping && running_children(r) == 0) finish(r);
+}
+
+/* "host" as it goes in a URL: an IPv6 literal in brackets; every address ("0.0.0.0", "::") as the
+ * loopback address of its family, or, shown to the user, as localhost. */
+static void url_host(const char *host, bool for_user, char *out, size_t n) {
+    if (strcmp(host, "0.0.0.0") == 0) snprintf(out, n, "%s", for_user ? "localhost" : "127.0.0.1");
+    else if (strcmp(host, "::") == 0) snprintf(out, n, "%s", for_user ? "localhost" : "[::1]");
+    else if (strchr(host, ':')) snprintf(out, n, "[%s]", host);
+    else snprintf(out, n, "%s", host);
 }
 
 int bt_run_main(int argc, char **argv) {
@@ -236,8 +514,9 @@ int bt_run_main(int argc, char **argv) {
     r.speedup = 1.0;
     r.migration_limit = 3;
     const bt_opt opts[] = {
-        {"--http-port", "DYN_HTTP_PORT", BT_OPT_INT, &r.http_port, 0, 65535, "frontend HTTP port"},
-        {"--http-host", "DYN_HTTP_HOST", BT_OPT_STR, &r.http_host, 0, 0, "frontend HTTP address"},
+        {"--http-port", "DYN_HTTP_PORT", BT_OPT_INT, &r.http_port, 1, 65535, "frontend HTTP port"},
+        {"--http-host", "DYN_HTTP_HOST", BT_OPT_STR, &r.http_host, 0, 0,
+         "numeric address the frontend and the workers' status servers listen on"},
         {"--workers", NULL, BT_OPT_INT, &r.workers, 1, MAX_WORKERS, "number of mocker workers"},
         {"--model-name", "DYN_MODEL_NAME", BT_OPT_STR, &r.model, 0, 0, "model name"},
         {"--migration-limit", "DYN_MIGRATION_LIMIT", BT_OPT_INT, &r.migration_limit, 0, 1000, "migration attempts"},
@@ -252,6 +531,7 @@ int bt_run_main(int argc, char **argv) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
             bt_opts_usage("run", opts, nopts);
             printf("\nany other frontend or worker flag is passed on to those processes\n");
+            bt_log_usage();
             return 0;
         }
     const char *rest[MAX_ARGS];
@@ -261,6 +541,7 @@ int bt_run_main(int argc, char **argv) {
         fprintf(stderr, "baton run: %s\n", err);
         return 2;
     }
+    r.speedup_given = bt_opts_origin(opts, nopts, argc, argv, 1, "--speedup-ratio") != NULL;
     if (r.event_plane && strcmp(r.event_plane, "direct") != 0 && strcmp(r.event_plane, "nats") != 0) {
         fprintf(stderr, "baton run: unknown event plane '%s' (direct or nats)\n", r.event_plane);
         return 2;
@@ -279,16 +560,8 @@ int bt_run_main(int argc, char **argv) {
             fprintf(stderr, "baton run: too many flags\n");
             return 2;
         }
-        if (flag_in(flag, (const char *[]){"--namespace", NULL})) {
-            const char *ns = value ? value : strchr(flag, '=') ? strchr(flag, '=') + 1 : "";
-            r.fe_args[r.n_fe_args++] = "--namespace";
-            r.fe_args[r.n_fe_args++] = ns;
-            r.ns = ns;
-            continue;
-        }
         bool to_fe = flag_in(flag, frontend_flags) || flag_in(flag, shared_flags);
         bool to_w = !flag_in(flag, frontend_flags);
-        if (to_w && flag_in(flag, (const char *[]){"--endpoint", NULL})) r.endpoint_given = true;
         if (to_fe) {
             r.fe_args[r.n_fe_args++] = flag;
             if (value) r.fe_args[r.n_fe_args++] = value;
@@ -298,17 +571,18 @@ int bt_run_main(int argc, char **argv) {
             if (value) r.w_args[r.n_w_args++] = value;
         }
     }
-    const char *env_ns = getenv("DYN_NAMESPACE"), *env_ep = getenv("DYN_ENDPOINT");
-    if (!r.ns && env_ns && *env_ns && !(env_ep && *env_ep)) r.ns = env_ns;
-    if (r.ns && !r.endpoint_given) { /* the workers serve in the frontend's namespace */
-        static char ep[300];
-        snprintf(ep, sizeof ep, "dyn://%s.backend.generate", r.ns);
-        r.w_args[r.n_w_args++] = "--endpoint";
-        r.w_args[r.n_w_args++] = ep;
-    }
+    char host[256];
+    url_host(r.http_host, true, host, sizeof host);
+    snprintf(r.shown, sizeof r.shown, "http://%s:%lld", host, (long long)r.http_port);
+    url_host(r.http_host, false, host, sizeof host);
+    snprintf(r.probe_url, sizeof r.probe_url, "http://%s:%lld/health", host, (long long)r.http_port);
     size_t len = sizeof r.exe;
     if (uv_exepath(r.exe, &len) != 0) {
         fprintf(stderr, "baton run: cannot find its own executable\n");
+        return 1;
+    }
+    if (!bt_curl_uv_global_init()) {
+        fprintf(stderr, "baton run: libcurl cannot start\n");
         return 1;
     }
     const char *tmp = getenv("TMPDIR");
@@ -317,23 +591,43 @@ int bt_run_main(int argc, char **argv) {
         fprintf(stderr, "baton run: cannot create a discovery directory under %s\n", tmp ? tmp : "/tmp");
         return 1;
     }
+    int rc = 1;
     extern char **environ;
     size_t nenv = 0;
     while (environ[nenv]) nenv++;
     r.env = calloc(nenv + 2, sizeof *r.env);
     static char parent[48];
     snprintf(parent, sizeof parent, "BATON_PARENT_PID=%d", (int)getpid());
-    if (!r.env) return 1;
+    if (!r.env) goto out;
     for (size_t i = 0; i < nenv; i++) r.env[i] = environ[i];
     r.env[nenv] = parent;
     uv_loop_t loop;
     uv_loop_init(&loop);
     r.loop = &loop;
+    bt_buf_init(&r.probe_rx, RUN_PROBE_MAX_BYTES);
+    r.cu = bt_curl_uv_create(&loop, &probe_hooks, &r);
+    bt_discovery_config dc;
+    bt_discovery_config_default(&dc);
+    dc.backend = "file";
+    dc.dir = r.dir;
+    static const bt_discovery_watcher dw = {on_disc_put, on_disc_delete};
+    if (!r.cu || bt_discovery_create(&loop, &dc, &r.disc, err, sizeof err) != BT_OK ||
+        bt_discovery_watch(r.disc, "v1/instances/", &dw, &r) != BT_OK) {
+        fprintf(stderr, "baton run: cannot watch its discovery directory %s: %s\n", r.dir,
+                r.cu ? (r.disc ? "watch refused" : err) : "libcurl refused");
+        finish(&r); /* closes what was made; the loop below runs the closes to their end */
+        uv_run(&loop, UV_RUN_DEFAULT);
+        uv_loop_close(&loop);
+        goto out;
+    }
     uv_signal_init(&loop, &r.sig_int);
     uv_signal_init(&loop, &r.sig_term);
     r.sig_int.data = r.sig_term.data = &r;
     uv_signal_start(&r.sig_int, on_signal, SIGINT);
     uv_signal_start(&r.sig_term, on_signal, SIGTERM);
+    uv_timer_init(&loop, &r.probe_timer);
+    uv_timer_init(&loop, &r.kill_timer);
+    r.probe_timer.data = r.kill_timer.data = &r;
     child *all[MAX_WORKERS + 1];
     all[0] = &r.frontend;
     r.frontend.is_frontend = true;
@@ -346,18 +640,16 @@ int bt_run_main(int argc, char **argv) {
         uv_timer_init(&loop, &all[i]->restart);
         all[i]->restart.data = all[i];
     }
-    for (int i = 1; i <= r.workers; i++) start_child(all[i]);
-    start_child(&r.frontend);
-    const char *shown = strcmp(r.http_host, "0.0.0.0") == 0 ? "localhost" : r.http_host;
-    printf("baton: serving '%s' with %lld workers at http://%s:%lld/v1 (discovery in %s); Ctrl-C stops\n"
-           "try:   curl -N http://%s:%lld/v1/chat/completions -H 'Content-Type: application/json' "
-           "-d '{\"model\":\"%s\",\"messages\":[{\"role\":\"user\",\"content\":\"Hello\"}],\"stream\":true,"
-           "\"max_tokens\":20}'\n",
-           r.model, (long long)r.workers, shown, (long long)r.http_port, r.dir, shown, (long long)r.http_port,
-           r.model);
-    fflush(stdout);
+    r.started_ms = r.last_report_ms = bt_now_ms();
+    BT_INFO("starting a frontend on %s and %lld workers (discovery in %s); \"serving\" follows once all are ready",
+            r.shown, (long long)r.workers, r.dir);
+    for (int i = 1; i <= r.workers && !r.stopping; i++) start_child(all[i]);
+    if (!r.stopping) start_child(&r.frontend);
     uv_run(&loop, UV_RUN_DEFAULT);
     uv_loop_close(&loop);
+    rc = r.exit_code;
+out:
     free(r.env);
-    return 0;
+    if (rc != 0) remove_dir(r.dir); /* after a clean run the directory is gone already */
+    return rc;
 }

@@ -28,6 +28,14 @@ void bt_log_init(const char *component) {
     if (component) snprintf(g_component, sizeof g_component, "%s", component);
 }
 
+void bt_log_usage(void) {
+    printf("\nlogging (environment only, every command):\n");
+    printf("  %-38s %s [default: %s]\n", "DYN_LOG",
+           "level: error, warn, info, debug or trace (case-insensitive)", "info");
+    printf("  %-38s %s [default: %s]\n", "DYN_LOGGING_JSONL",
+           "1 or true: each line one JSON object {time, level, component, pid, message}", "false");
+}
+
 bool bt_log_enabled(bt_log_level lvl) { return lvl <= g_level; }
 
 /* Appends `s` to out as JSON string content (no quotes). Returns the new length. */

@@ -12,6 +12,9 @@ typedef enum { BT_LOG_ERROR = 0, BT_LOG_WARN, BT_LOG_INFO, BT_LOG_DEBUG, BT_LOG_
 
 /* Reads DYN_LOG and DYN_LOGGING_JSONL; `component` names the process role ("frontend"). */
 void bt_log_init(const char *component);
+/* Prints the settings above for --help: a heading and one row per variable, in the layout of
+ * bt_opts_usage without its environment column ("  NAME  meaning [default: value]"). */
+void bt_log_usage(void);
 bool bt_log_enabled(bt_log_level lvl);
 void bt_log(bt_log_level lvl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 

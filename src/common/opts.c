@@ -107,6 +107,32 @@ bool bt_opts_parse(const bt_opt *opts, int nopts, int argc, char **argv, int fir
     return true;
 }
 
+const char *bt_opts_origin(const bt_opt *opts, int nopts, int argc, char **argv, int first, const char *flag) {
+    const bt_opt *want = bt_opts_find(opts, nopts, flag);
+    if (!want) return NULL;
+    for (int i = first; i < argc; i++) {
+        const char *a = argv[i];
+        char name[128];
+        const char *eq = strchr(a, '=');
+        bool inline_val = strncmp(a, "--", 2) == 0 && eq && (size_t)(eq - a) < sizeof name;
+        if (inline_val) {
+            memcpy(name, a, (size_t)(eq - a));
+            name[eq - a] = '\0';
+        } else {
+            snprintf(name, sizeof name, "%s", a);
+        }
+        const bt_opt *o = bt_opts_find(opts, nopts, name);
+        if (!o) { /* skipped as bt_opts_parse forwards it: with its value, when it has one */
+            if (strncmp(a, "--", 2) == 0 && !eq && i + 1 < argc && strncmp(argv[i + 1], "--", 2) != 0) i++;
+            continue;
+        }
+        if (o == want) return "argument";
+        if (!inline_val && !(o->type == BT_OPT_BOOL && (i + 1 >= argc || strncmp(argv[i + 1], "--", 2) == 0))) i++;
+    }
+    const char *v = want->env ? getenv(want->env) : NULL;
+    return v && *v ? want->env : NULL;
+}
+
 /* The value an option holds now: before parsing, its default. */
 static void opt_value(const bt_opt *o, char *out, size_t n) {
     switch (o->type) {

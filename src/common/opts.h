@@ -31,6 +31,11 @@ typedef struct {
  * (pointers) to rest[] (capacity rest_cap) and counted in *nrest. */
 bool bt_opts_parse(const bt_opt *opts, int nopts, int argc, char **argv, int first, const char **rest,
                    int rest_cap, int *nrest, char *err, int errlen);
+/* Where the value of `flag` comes from in bt_opts_parse over the same arguments: "argument" when
+ * the command line gives it, its environment variable's name when only that is set (non-empty),
+ * NULL when it keeps its default. The command line is read exactly as bt_opts_parse reads it
+ * (a value that looks like a flag is still a value), so the two cannot disagree. */
+const char *bt_opts_origin(const bt_opt *opts, int nopts, int argc, char **argv, int first, const char *flag);
 /* Prints a usage table of the options to stdout. */
 void bt_opts_usage(const char *cmd, const bt_opt *opts, int nopts);
 /* Finds the option row by flag name, or NULL. */

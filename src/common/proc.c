@@ -7,11 +7,15 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/log.h"
 #include "common/util.h"
+
+const char bt_proc_discovery_dir_default[] = "$TMPDIR/baton_store_kv";
 
 void bt_proc_opts_default(bt_proc_opts *p) {
     memset(p, 0, sizeof *p);
     p->discovery = "file";
+    p->discovery_dir = bt_proc_discovery_dir_default;
     p->event_plane = "direct";
     p->nats_server = "nats://localhost:4222";
 }
@@ -20,6 +24,7 @@ bool bt_proc_help(const char *cmd, const bt_opt *opts, int nopts, int argc, char
     for (int i = 1; i < argc; i++)
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
             bt_opts_usage(cmd, opts, nopts);
+            bt_log_usage();
             return true;
         }
     return false;
@@ -51,7 +56,7 @@ bt_status bt_proc_discovery_create(uv_loop_t *loop, const bt_proc_opts *p, int64
     bt_discovery_config dc;
     bt_discovery_config_default(&dc);
     dc.backend = p->discovery;
-    if (p->discovery_dir) dc.dir = p->discovery_dir;
+    if (p->discovery_dir && p->discovery_dir != bt_proc_discovery_dir_default) dc.dir = p->discovery_dir;
     if (p->etcd_endpoints) dc.etcd_endpoints = p->etcd_endpoints;
     if (p->etcd_ca) dc.etcd_ca = p->etcd_ca;
     if (p->etcd_client_cert) dc.etcd_client_cert = p->etcd_client_cert;

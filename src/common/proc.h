@@ -25,7 +25,7 @@
 /* The options of the planes every long-running command uses. */
 typedef struct {
     const char *discovery;       /* DYN_DISCOVERY_BACKEND: "file" or "etcd" */
-    const char *discovery_dir;   /* DYN_FILE_KV; NULL: the discovery default */
+    const char *discovery_dir;   /* DYN_FILE_KV; bt_proc_discovery_dir_default: the discovery default */
     const char *etcd_endpoints;  /* ETCD_ENDPOINTS; NULL: the discovery default */
     const char *etcd_ca;          /* ETCD_AUTH_CA; NULL: the discovery default (the same variable) */
     const char *etcd_client_cert; /* ETCD_AUTH_CLIENT_CERT; likewise */
@@ -35,14 +35,20 @@ typedef struct {
     const char *rpc_secret_file; /* DYN_RPC_SECRET_FILE; NULL: DYN_RPC_SECRET, else no secret */
 } bt_proc_opts;
 
-/* file discovery, direct event plane, nats://localhost:4222, the rest NULL */
+/* --discovery-dir's default as --help shows it. The directory itself is computed by discovery at
+ * start-up (bt_discovery_config_default); a discovery_dir that is this very pointer means "that". */
+extern const char bt_proc_discovery_dir_default[];
+
+/* file discovery in bt_proc_discovery_dir_default, direct event plane, nats://localhost:4222, the
+ * rest NULL */
 void bt_proc_opts_default(bt_proc_opts *p);
 
 /* Rows of a command's bt_opt table for the fields of a bt_proc_opts *p: one macro a row, so that
  * each command keeps its own order in --help. */
 #define BT_PROC_OPT_DISCOVERY(p, help) {"--discovery", "DYN_DISCOVERY_BACKEND", BT_OPT_STR, &(p)->discovery, 0, 0, help}
 #define BT_PROC_OPT_DISCOVERY_DIR(p)                                                                                  \
-    {"--discovery-dir", "DYN_FILE_KV", BT_OPT_STR, &(p)->discovery_dir, 0, 0, "file discovery directory"}
+    {"--discovery-dir", "DYN_FILE_KV", BT_OPT_STR, &(p)->discovery_dir, 0, 0,                                       \
+     "file discovery directory (/tmp when TMPDIR is unset)"}
 #define BT_PROC_OPT_ETCD_ENDPOINTS(p)                                                                                 \
     {"--etcd-endpoints", "ETCD_ENDPOINTS", BT_OPT_STR, &(p)->etcd_endpoints, 0, 0, "comma-separated URLs"}
 #define BT_PROC_OPT_ETCD_CA(p)                                                                                        \

@@ -461,6 +461,70 @@ static bool parse_endpoint(wk_opts *o, char *err, size_t errlen) {
     return true;
 }
 
+/* How an option was given, for a message: the flag, or the environment variable standing for it. */
+static const char *given_as(const char *origin, const char *flag) {
+    return strcmp(origin, "argument") == 0 ? flag : origin;
+}
+
+/* Settings that one engine reads and the other ignores. Given with the other engine they would be
+ * dropped in silence (an --upstream without --engine openai used to run the mocker), so they are
+ * a configuration error instead. */
+static const char *const openai_only[] = {"--upstream", "--upstream-model", "--upstream-kind", "--upstream-api-key",
+                                          "--upstream-total-blocks", "--upstream-health-interval",
+                                          "--upstream-health-failures", "--upstream-startup-timeout", NULL};
+static const char *const mocker_only[] = {"--num-gpu-blocks-override", "--block-size", "--max-num-seqs",
+                                          "--max-num-batched-tokens", "--watermark", "--speedup-ratio",
+                                          "--fault-die-after-tokens", "--fault-stall-after-tokens",
+                                          "--fault-error-after-tokens", "--fault-signals", NULL};
+
+static bool engine_settings_check(const wk_opts *o, const bt_opt *opts, int nopts, int argc, char **argv, char *err,
+                                  size_t errlen) {
+    bool openai = strcmp(o->engine, "openai") == 0;
+    if (!openai && strcmp(o->engine, "mocker") != 0) return true; /* an unknown engine is reported at start-up */
+    const char *const *foreign = openai ? mocker_only : openai_only;
+    for (int i = 0; foreign[i]; i++) {
+        const char *origin = bt_opts_origin(opts, nopts, argc, argv, 1, foreign[i]);
+        if (!origin) continue;
+        if (openai)
+            snprintf(err, errlen, "%s is a setting of the mocker engine, which this worker does not run (--engine "
+                                  "openai): remove it", given_as(origin, foreign[i]));
+        else
+            snprintf(err, errlen, "%s is a setting of the openai engine, but this worker runs the mocker: add "
+                                  "--engine openai (or DYN_ENGINE=openai) to serve through an upstream",
+                     given_as(origin, foreign[i]));
+        return false;
+    }
+    return true;
+}
+
+/* The endpoint from --endpoint, else dyn://{--namespace}.backend.generate. A namespace given with
+ * an endpoint in another namespace is refused: the worker would serve where the frontends of that
+ * namespace never look. */
+static bool endpoint_from_opts(wk_opts *o, const bt_opt *opts, int nopts, int argc, char **argv, char *err,
+                               size_t errlen) {
+    const char *ns = o->namespace_name;
+    const char *ns_origin = bt_opts_origin(opts, nopts, argc, argv, 1, "--namespace");
+    const char *ep_origin = bt_opts_origin(opts, nopts, argc, argv, 1, "--endpoint");
+    if (!*ns || strchr(ns, '.') || strlen(ns) >= sizeof o->ns) {
+        snprintf(err, errlen, "invalid %s '%s' (a non-empty name of at most %zu characters without '.')",
+                 ns_origin ? given_as(ns_origin, "--namespace") : "--namespace", ns, sizeof o->ns - 1);
+        return false;
+    }
+    static char ep_default[sizeof o->ns + 32];
+    if (!ep_origin) {
+        snprintf(ep_default, sizeof ep_default, "dyn://%s.backend.generate", ns);
+        o->endpoint = ep_default;
+    }
+    if (!parse_endpoint(o, err, errlen)) return false;
+    if (ns_origin && ep_origin && strcmp(o->ns, ns) != 0) {
+        snprintf(err, errlen, "%s '%s' and %s '%s' name different namespaces: give one of them, or the same "
+                              "namespace in both", given_as(ns_origin, "--namespace"), ns,
+                 given_as(ep_origin, "--endpoint"), o->endpoint);
+        return false;
+    }
+    return true;
+}
+
 static int worker_run(wk_worker *w) {
     char err[256];
     uv_loop_t *loop = w->loop;
@@ -584,12 +648,7 @@ int bt_worker_main(int argc, char **argv) {
     o->engine_stuck_timeout = 30;
     bt_mocker_config_default(&o->mocker);
     bt_openai_config_default(&o->openai);
-    const char *ns_env = getenv("DYN_NAMESPACE");
-    static char ep_default[160];
-    if (ns_env && *ns_env) {
-        snprintf(ep_default, sizeof ep_default, "dyn://%s.backend.generate", ns_env);
-        o->endpoint = ep_default;
-    }
+    o->namespace_name = "dynamo";
 
     const bt_opt opts[] = {
         {"--engine", "DYN_ENGINE", BT_OPT_STR, &o->engine, 0, 0, "mocker or openai (an OpenAI-compatible server)"},
@@ -610,6 +669,8 @@ int bt_worker_main(int argc, char **argv) {
         {"--upstream-startup-timeout", "DYN_UPSTREAM_STARTUP_TIMEOUT", BT_OPT_DOUBLE, &o->openai.startup_timeout,
          0.01, 86400, "openai engine: seconds the upstream may take to answer at first"},
         {"--model-name", "DYN_MODEL_NAME", BT_OPT_STR, &o->model_name, 0, 0, "model name served"},
+        {"--namespace", "DYN_NAMESPACE", BT_OPT_STR, &o->namespace_name, 0, 0,
+         "namespace; without --endpoint the worker serves dyn://NAMESPACE.backend.generate"},
         {"--endpoint", "DYN_ENDPOINT", BT_OPT_STR, &o->endpoint, 0, 0, "dyn://namespace.component.endpoint"},
         {"--rpc-host", "DYN_TCP_RPC_HOST", BT_OPT_STR, &o->rpc_host, 0, 0, "request-plane listen address"},
         {"--rpc-port", "DYN_TCP_RPC_PORT", BT_OPT_INT, &o->rpc_port, 0, 65535, "request-plane port (0 = any)"},
@@ -648,7 +709,7 @@ int bt_worker_main(int argc, char **argv) {
         BT_PROC_OPT_EVENT_PLANE(&o->p),
         BT_PROC_OPT_NATS_SERVER(&o->p),
         {"--fault-signals", "DYN_FAULT_SIGNALS", BT_OPT_BOOL, &o->fault_signals, 0, 0,
-         "SIGUSR1 kills the engine, SIGUSR2 toggles a stall (tests)"},
+         "mocker: SIGUSR1 kills the engine, SIGUSR2 toggles a stall (tests)"},
         {"--num-gpu-blocks-override", NULL, BT_OPT_INT, &o->mocker.num_gpu_blocks, 1, 1e9, "mocker KV blocks"},
         {"--block-size", NULL, BT_OPT_INT, &o->mocker.block_size, 2, 1e6, "mocker tokens per block"},
         {"--max-num-seqs", NULL, BT_OPT_INT, &o->mocker.max_num_seqs, 1, 1e7, "mocker max sequences"},
@@ -659,9 +720,12 @@ int bt_worker_main(int argc, char **argv) {
          "mocker time scale"},
         {"--default-max-tokens", NULL, BT_OPT_INT, &o->mocker.default_max_tokens, 0, 1e7,
          "max_tokens when a request sets none"},
-        {"--fault-die-after-tokens", NULL, BT_OPT_INT, &o->mocker.fault_die_after_tokens, 0, 1e15, "test hook"},
-        {"--fault-stall-after-tokens", NULL, BT_OPT_INT, &o->mocker.fault_stall_after_tokens, 0, 1e15, "test hook"},
-        {"--fault-error-after-tokens", NULL, BT_OPT_INT, &o->mocker.fault_error_after_tokens, 0, 1e15, "test hook"},
+        {"--fault-die-after-tokens", NULL, BT_OPT_INT, &o->mocker.fault_die_after_tokens, 0, 1e15,
+         "mocker test hook"},
+        {"--fault-stall-after-tokens", NULL, BT_OPT_INT, &o->mocker.fault_stall_after_tokens, 0, 1e15,
+         "mocker test hook"},
+        {"--fault-error-after-tokens", NULL, BT_OPT_INT, &o->mocker.fault_error_after_tokens, 0, 1e15,
+         "mocker test hook"},
         {"--fault-ignore-kill", NULL, BT_OPT_BOOL, &o->fault_ignore_kill, 0, 0,
          "test hook: KILL frames do not reach the engine (the sequence runs out)"},
     };
@@ -672,7 +736,8 @@ int bt_worker_main(int argc, char **argv) {
     }
     char err[512];
     if (!bt_proc_parse("worker", opts, nopts, argc, argv)) goto bad_usage;
-    if (!parse_endpoint(o, err, sizeof err)) {
+    if (!engine_settings_check(o, opts, nopts, argc, argv, err, sizeof err) ||
+        !endpoint_from_opts(o, opts, nopts, argc, argv, err, sizeof err)) {
         bt_proc_error("worker", "%s", err);
         goto bad_usage;
     }

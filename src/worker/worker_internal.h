@@ -70,6 +70,7 @@ typedef struct {
     const char *engine;
     const char *model_name;
     const char *endpoint;
+    const char *namespace_name; /* --namespace / DYN_NAMESPACE: the namespace of the default endpoint */
     const char *rpc_host;
     int64_t rpc_port;
     bt_proc_opts p; /* discovery, event plane, request-plane secret */

@@ -968,7 +968,9 @@ class Cluster:
         return w
 
     def start_run(self, env=None, wait=True, timeout=30.0, **flags):
-        """Starts `baton run` (all-in-one) on a free --http-port; returns a Frontend for it."""
+        """Starts `baton run` (all-in-one) on a free --http-port; returns a Frontend for it. With wait,
+        returns once `baton run` has printed "baton: serving", which it does only when its frontend
+        answers and routes to every worker it started."""
         port = flags.pop("http_port", None) or free_port()
         flags.setdefault("http_host", "127.0.0.1")
         e = dict(self.env)
@@ -979,6 +981,7 @@ class Cluster:
         fe = Frontend(f"http://127.0.0.1:{port}", port, proc)
         self.runs.append(fe)
         if wait:
+            proc.wait_log(r"(?m)^baton: serving ", timeout=timeout)
             wait_http(fe.url + "/live", proc, timeout=timeout)
         return fe
 

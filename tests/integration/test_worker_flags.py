@@ -1,0 +1,175 @@
+"""Worker settings: the wrong engine's settings are refused, --namespace, and what --help tells.
+
+  1. Each openai-engine setting (as a flag, and --upstream also as DYN_UPSTREAM_URL) given to a
+     worker that runs the mocker: exit 2 at once with a message naming the setting and
+     `--engine openai`, nothing registered in discovery. Each mocker setting (flag, and
+     DYN_SPEEDUP_RATIO) given with --engine openai: exit 2 naming it. A setting both engines read
+     (--default-max-tokens) is accepted with either.
+  2. `baton run --engine openai --upstream URL` serves through that upstream: the launcher adds no
+     mocker setting of its own.
+  3. --namespace / DYN_NAMESPACE: the worker serves dyn://NS.backend.generate; the frontend of that
+     namespace routes to it, the frontend of another does not. A namespace and an --endpoint in
+     another namespace are refused (exit 2), as is a namespace with a '.'.
+  4. --help: the worker lists --namespace with DYN_NAMESPACE; --discovery-dir's default reads
+     $TMPDIR/baton_store_kv, and a worker and a frontend started without one meet there; run,
+     frontend and worker list DYN_LOG and DYN_LOGGING_JSONL, which do what the help says."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+
+import batonlib as bl
+
+bl.deadline(180, "test_worker_flags")
+BIN = bl.baton_bin()
+
+
+def children(pid):
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def cmdline(pid):
+    with open(f"/proc/{pid}/cmdline") as f:
+        return f.read().split("\0")
+
+
+def refused(c, args, env=None, rx=None):
+    """Starts `baton worker args` in cluster c; asserts exit 2 within 10 s, nothing registered, and
+    the message matching rx. Returns the output."""
+    before = set(os.listdir(c.discovery_dir))
+    p = bl.Proc([BIN, "worker", "--discovery-dir", c.discovery_dir, "--system-port", "-1"] + args,
+                env=env, log=c._log("refused"), name="worker-refused")
+    rc = p.wait(10)
+    out = p.log_text()
+    assert rc == 2, f"worker {args} {env or ''}: exit {rc} (expected 2); output:\n{out}"
+    assert rx is None or re.search(rx, out), f"worker {args} {env or ''}: output does not match {rx!r}:\n{out}"
+    assert set(os.listdir(c.discovery_dir)) == before, f"worker {args} registered before refusing"
+    return out
+
+
+# --- 1. a setting of the other engine is refused
+OPENAI_ONLY = [("--upstream", "http://127.0.0.1:9"), ("--upstream-model", "m"), ("--upstream-kind", "vllm"),
+               ("--upstream-api-key", "k"), ("--upstream-total-blocks", "10"), ("--upstream-health-interval", "1"),
+               ("--upstream-health-failures", "2"), ("--upstream-startup-timeout", "5")]
+MOCKER_ONLY = [("--num-gpu-blocks-override", "100"), ("--block-size", "16"), ("--max-num-seqs", "4"),
+               ("--max-num-batched-tokens", "100"), ("--watermark", "0.1"), ("--speedup-ratio", "2"),
+               ("--fault-die-after-tokens", "5"), ("--fault-stall-after-tokens", "5"),
+               ("--fault-error-after-tokens", "5"), ("--fault-signals", None)]
+with bl.Cluster() as c:
+    for flag, value in OPENAI_ONLY:
+        refused(c, [flag, value], rx=re.escape(flag) + r" is a setting of the openai engine, but this worker runs the "
+                                                     r"mocker: add --engine openai")
+        refused(c, ["--engine", "mocker", f"{flag}={value}"], rx=re.escape(flag) + r" .*--engine openai")
+    refused(c, [], env={"DYN_UPSTREAM_URL": "http://127.0.0.1:9"},
+            rx=r"DYN_UPSTREAM_URL is a setting of the openai engine.*add --engine openai")
+    up = ["--engine", "openai", "--upstream", "http://127.0.0.1:9"]
+    for flag, value in MOCKER_ONLY:
+        refused(c, up + [flag] + ([value] if value else []),
+                rx=re.escape(flag) + r" is a setting of the mocker engine, which this worker does not run")
+    refused(c, up, env={"DYN_SPEEDUP_RATIO": "3"}, rx=r"DYN_SPEEDUP_RATIO is a setting of the mocker engine")
+    # a setting both engines read is accepted with either
+    dead = bl.free_port()  # nothing listens: the openai worker waits for its upstream
+    w = c.start_worker(engine="openai", upstream=f"http://127.0.0.1:{dead}", default_max_tokens=5,
+                       upstream_startup_timeout=60)
+    w.proc.wait_log(r"openai: upstream http://127\.0\.0\.1:%d" % dead, timeout=10)
+    assert w.proc.alive(), w.proc.log_tail()
+    w.proc.stop()
+    fe = c.start_frontend()
+    c.start_worker(speedup_ratio=50, default_max_tokens=5)
+    c.wait_workers(fe, 1)
+print(f"wrong engine: {len(OPENAI_ONLY) * 2 + 1} openai and {len(MOCKER_ONLY) + 1} mocker settings refused with exit 2")
+
+# --- 2. baton run in front of an openai-compatible upstream
+with bl.Cluster() as up:
+    ufe = up.start_frontend()
+    up.start_worker(speedup_ratio=50)
+    up.wait_workers(ufe, 1)
+    with bl.Cluster() as c:
+        fe = c.start_run(workers=1, engine="openai", upstream=ufe.url)
+        wargs = [a for a in (cmdline(p) for p in children(fe.proc.pid)) if a[1] == "worker"]
+        assert len(wargs) == 1 and "--speedup-ratio" not in wargs[0] and ufe.url in wargs[0], wargs
+        s = bl.stream_chat(fe.url, bl.chat_body("through the upstream", max_tokens=8)).assert_ok("stream via run")
+        assert bl.metric_sum(bl.metrics(ufe.url), "dynamo_frontend_requests_total") >= 1
+        fe.proc.kill(signal.SIGINT)
+        assert fe.proc.wait(30) == 0, fe.proc.returncode
+print("baton run --engine openai: served through the upstream")
+
+# --- 3. --namespace
+with bl.Cluster() as c:
+    fe_b = c.start_frontend(namespace="team-b")
+    fe_default = c.start_frontend()
+    c.start_worker(namespace="team-b", speedup_ratio=50)
+    c.start_worker(env={"DYN_NAMESPACE": "team-b"}, speedup_ratio=50)
+    insts = c.wait_workers(fe_b, 2)
+    assert all(i["namespace"] == "team-b" and i["component"] == "backend" and i["endpoint"] == "generate"
+               for i in insts), insts
+    bl.stream_chat(fe_b.url, bl.chat_body("namespaced", max_tokens=6)).assert_ok("stream in team-b")
+    st, _, body = bl.get_json(fe_default.url + "/health")
+    assert st == 200 and body["instances"] == [], body
+    refused(c, ["--namespace", "a", "--endpoint", "dyn://b.backend.generate"],
+            rx=r"--namespace 'a' and --endpoint 'dyn://b\.backend\.generate' name different namespaces")
+    refused(c, ["--endpoint", "dyn://b.backend.generate"], env={"DYN_NAMESPACE": "a"},
+            rx=r"DYN_NAMESPACE 'a' and --endpoint 'dyn://b\.backend\.generate' name different namespaces")
+    refused(c, ["--namespace", "a.b"], rx=r"invalid --namespace 'a\.b'")
+    # the same namespace in both is fine
+    c.start_worker(namespace="team-b", endpoint="dyn://team-b.backend.generate", speedup_ratio=50)
+    c.wait_workers(fe_b, 3)
+print("--namespace: team-b workers (flag and DYN_NAMESPACE) routed by the team-b frontend only; conflicts refused")
+
+
+# --- 4. --help: real defaults, logging variables
+def help_of(cmd):
+    return subprocess.run([BIN, cmd, "--help"], capture_output=True, text=True, timeout=10, check=True,
+                          env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")}).stdout
+
+
+for cmd in ("run", "frontend", "worker"):
+    h = help_of(cmd)
+    assert re.search(r"(?m)^  DYN_LOG +level: error, warn, info, debug or trace.* \[default: info\]$", h), (cmd, h)
+    assert re.search(r"(?m)^  DYN_LOGGING_JSONL +1 or true: each line one JSON object.* \[default: false\]$", h), \
+        (cmd, h)
+    if cmd != "run":
+        assert re.search(r"(?m)^  --discovery-dir +DYN_FILE_KV +.*\[default: \$TMPDIR/baton_store_kv\]$", h), (cmd, h)
+assert re.search(r"(?m)^  --namespace +DYN_NAMESPACE +.*\[default: dynamo\]$", help_of("worker"))
+
+with bl.Cluster() as c:
+    tmp = bl.tmpdir()
+    env = {"DYN_FILE_KV": None, "TMPDIR": tmp}
+    w = bl.Proc([BIN, "worker", "--system-port", "-1", "--speedup-ratio", "50"], env=env, log=c._log("worker"),
+                name="worker-default-dir")
+    c.workers.append(bl.Worker(w, 0, None))
+    kv = os.path.join(tmp, "baton_store_kv")
+    bl.wait_for(lambda: [n for n in os.listdir(kv) if not n.startswith(".")], 10,
+                what=f"the worker registering in {kv}")
+    port = bl.free_port()
+    f = bl.Proc([BIN, "frontend", "--http-host", "127.0.0.1", "--http-port", str(port),
+                 "--shutdown-accept-window-ms", "0"], env=env, log=c._log("frontend"), name="frontend-default-dir")
+    fe = bl.Frontend(f"http://127.0.0.1:{port}", port, f)
+    c.frontends.append(fe)
+    bl.wait_http(fe.url + "/live", f)
+    c.wait_workers(fe, 1)
+
+    # DYN_LOGGING_JSONL: every line one JSON object; DYN_LOG=warn: no INFO line
+    j = c.start_worker(env={"DYN_LOGGING_JSONL": "1"}, speedup_ratio=50)
+    q = c.start_worker(env={"DYN_LOG": "warn"}, speedup_ratio=50)
+    bl.wait_for(lambda: len([n for n in os.listdir(c.discovery_dir) if not n.startswith(".")]) == 2, 10,
+                what="both logging workers registered")
+    j.proc.wait_log(r"serving model", timeout=10)
+    for line in j.proc.log_text().splitlines():
+        obj = json.loads(line)
+        assert set(obj) == {"time", "level", "component", "pid", "message"} and obj["component"] == "worker", obj
+    assert any(json.loads(l)["level"] == "INFO" for l in j.proc.log_text().splitlines())
+    assert q.proc.alive() and not re.search(r" (INFO|DEBUG) ", q.proc.log_text()), q.proc.log_text()
+print("--help: --namespace, $TMPDIR/baton_store_kv (a worker and a frontend met there), DYN_LOG, DYN_LOGGING_JSONL")
+print("test_worker_flags: ok")
