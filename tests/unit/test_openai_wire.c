@@ -261,35 +261,36 @@ static void test_continuations(void **state) {
     assert_true(err[0] != '\0');
     assert_int_equal(bt_oa_build_request(&b, &path, &out, err, sizeof err), BT_ERR_INVALID);
 
-    /* text: appended to a text prompt; an open assistant message for a chat */
+    /* text: only a raw completion the operator declared, prompt text + delivered text */
     uint32_t packed[] = {bt_oa_text_id(0), bt_oa_text_id(1)};
     size_t np = 2;
     b = (bt_oa_build){.api = BT_API_COMPLETION, .body = comp_s, .kind = BT_OA_KIND_OPENAI, .max_tokens = 4,
-                      .carried = packed, .n_carried = np, .carried_text = " there", .carried_text_len = 6};
+                      .carried = packed, .n_carried = np, .carried_text = " there", .carried_text_len = 6,
+                      .raw_completions = true};
     out = build_ok(&b, "/v1/completions");
     assert_string_equal(json_string_value(json_object_get(out, "prompt")), "Once upon there");
     json_decref(out);
-    b.api = BT_API_CHAT;
-    b.body = chat;
-    b.kind = BT_OA_KIND_VLLM;
-    out = build_ok(&b, "/v1/chat/completions");
-    json_t *msgs = json_object_get(out, "messages");
-    assert_int_equal(json_array_size(msgs), 2);
-    json_t *last = json_array_get(msgs, 1);
-    assert_string_equal(json_string_value(json_object_get(last, "role")), "assistant");
-    assert_string_equal(json_string_value(json_object_get(last, "content")), " there");
-    assert_true(json_is_true(json_object_get(out, "continue_final_message")));
-    assert_true(json_is_false(json_object_get(out, "add_generation_prompt")));
-    json_decref(out);
-    b.kind = BT_OA_KIND_OPENAI; /* only the message: the API has no such flag */
-    out = build_ok(&b, "/v1/chat/completions");
-    assert_null(json_object_get(out, "continue_final_message"));
-    assert_int_equal(json_array_size(json_object_get(out, "messages")), 2);
-    json_decref(out);
+    assert_string_equal(json_string_value(json_object_get(comp_s, "prompt")), "Once upon"); /* untouched */
+    b.raw_completions = false; /* not declared: refused, and it says so */
+    err[0] = '\0';
+    assert_int_equal(bt_oa_plan_for(&b, err, sizeof err), BT_OA_PLAN_IMPOSSIBLE);
+    assert_non_null(strstr(err, "--upstream-raw-completions"));
+    assert_int_equal(bt_oa_build_request(&b, &path, &out, err, sizeof err), BT_ERR_INVALID);
+    assert_null(out);
+    /* a chat is never continued from text: no prefill, no continue_final_message, whatever the kind */
+    for (int k = BT_OA_KIND_BATON; k <= BT_OA_KIND_OPENAI; k++) {
+        b = (bt_oa_build){.api = BT_API_CHAT, .body = chat, .kind = (bt_oa_kind)k, .max_tokens = 4, .carried = packed,
+                          .n_carried = np, .carried_text = " there", .carried_text_len = 6, .raw_completions = true};
+        err[0] = '\0';
+        assert_int_equal(bt_oa_plan_for(&b, err, sizeof err), BT_OA_PLAN_IMPOSSIBLE);
+        assert_true(err[0] != '\0');
+        assert_int_equal(bt_oa_build_request(&b, &path, &out, err, sizeof err), BT_ERR_INVALID);
+        assert_null(out);
+    }
     assert_int_equal(json_array_size(json_object_get(chat, "messages")), 1); /* untouched */
     /* text cannot follow a token-id prompt; ids and text cannot be mixed */
     b = (bt_oa_build){.api = BT_API_COMPLETION, .body = comp_ids, .kind = BT_OA_KIND_OPENAI, .carried = packed,
-                      .n_carried = np};
+                      .n_carried = np, .raw_completions = true};
     assert_int_equal(bt_oa_plan_for(&b, err, sizeof err), BT_OA_PLAN_IMPOSSIBLE);
     uint32_t mixed[] = {packed[0], 5};
     b = (bt_oa_build){.api = BT_API_CHAT, .body = chat, .kind = BT_OA_KIND_BATON, .carried = mixed, .n_carried = 2};
@@ -298,6 +299,59 @@ static void test_continuations(void **state) {
     json_decref(chat);
     json_decref(comp_s);
     json_decref(comp_ids);
+}
+
+/* The capability table, row by row (docs/engines.md §2.2), and the plan it gives for every kind,
+ * carried form, API and declaration: a continuation is planned only where the table says the kind
+ * honours it. */
+static void test_capability_table(void **state) {
+    (void)state;
+    static const struct {
+        bt_oa_kind kind;
+        bool wants_ids;
+        bt_oa_cont ids, text;
+    } want[] = {
+        {BT_OA_KIND_AUTO, false, BT_OA_CONT_NONE, BT_OA_CONT_NONE},
+        {BT_OA_KIND_BATON, true, BT_OA_CONT_CARRIED_IDS, BT_OA_CONT_RAW_COMPLETION},
+        {BT_OA_KIND_VLLM, true, BT_OA_CONT_TOKEN_PROMPT, BT_OA_CONT_RAW_COMPLETION},
+        {BT_OA_KIND_SGLANG, false, BT_OA_CONT_NONE, BT_OA_CONT_RAW_COMPLETION},
+        {BT_OA_KIND_LLAMACPP, false, BT_OA_CONT_NONE, BT_OA_CONT_RAW_COMPLETION},
+        {BT_OA_KIND_OPENAI, false, BT_OA_CONT_NONE, BT_OA_CONT_RAW_COMPLETION},
+    };
+    for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
+        const bt_oa_caps *c = bt_oa_kind_caps(want[i].kind);
+        assert_int_equal(c->wants_ids, want[i].wants_ids);
+        assert_int_equal(bt_oa_kind_wants_ids(want[i].kind), want[i].wants_ids);
+        assert_int_equal(c->ids, want[i].ids);
+        assert_int_equal(c->text, want[i].text);
+    }
+    assert_int_equal(bt_oa_kind_caps((bt_oa_kind)99)->ids, BT_OA_CONT_NONE);
+
+    json_t *chat = js("{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}]}");
+    json_t *comp_s = js("{\"model\":\"m\",\"prompt\":\"Once\"}");
+    uint32_t ids[] = {5, 6};
+    uint32_t tids[] = {bt_oa_text_id(0), bt_oa_text_id(1)};
+    char err[256];
+    for (int k = BT_OA_KIND_BATON; k <= BT_OA_KIND_OPENAI; k++) {
+        const bt_oa_caps *c = bt_oa_kind_caps((bt_oa_kind)k);
+        for (int api = 0; api < 2; api++) {
+            for (int decl = 0; decl < 2; decl++) {
+                bt_oa_build b = {.api = api ? BT_API_COMPLETION : BT_API_CHAT, .body = api ? comp_s : chat,
+                                 .kind = (bt_oa_kind)k, .max_tokens = 3, .carried = ids, .n_carried = 2,
+                                 .carried_text = " a b", .carried_text_len = 4, .raw_completions = decl};
+                bt_oa_plan p = bt_oa_plan_for(&b, err, sizeof err);
+                if (c->ids == BT_OA_CONT_NONE) assert_int_equal(p, BT_OA_PLAN_IMPOSSIBLE);
+                else if (c->ids == BT_OA_CONT_CARRIED_IDS) assert_int_equal(p, BT_OA_PLAN_DIRECT);
+                else assert_int_equal(p, BT_OA_PLAN_TOKENIZE);
+                b.carried = tids;
+                p = bt_oa_plan_for(&b, err, sizeof err);
+                bool can = c->text == BT_OA_CONT_RAW_COMPLETION && decl && b.api == BT_API_COMPLETION;
+                assert_int_equal(p, can ? BT_OA_PLAN_DIRECT : BT_OA_PLAN_IMPOSSIBLE);
+            }
+        }
+    }
+    json_decref(chat);
+    json_decref(comp_s);
 }
 
 static void test_tokens_answer(void **state) {
@@ -386,6 +440,7 @@ int main(void) {
         cmocka_unit_test(test_text_ids),
         cmocka_unit_test(test_chunks),         cmocka_unit_test(test_errors),
         cmocka_unit_test(test_first_attempt),  cmocka_unit_test(test_continuations),
+        cmocka_unit_test(test_capability_table),
         cmocka_unit_test(test_tokens_answer),  cmocka_unit_test(test_models),
         cmocka_unit_test(test_vllm_metrics),
     };

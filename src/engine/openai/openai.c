@@ -437,6 +437,16 @@ static void seq_usage(const bt_engine_seq *s, bt_usage *u) {
     u->completion_tokens = ct > UINT32_MAX ? UINT32_MAX : (uint32_t)ct;
 }
 
+/* A continuation this upstream cannot make exactly. BT_ERR_NO_WORKER is not migratable, so the
+ * frontend ends the stream with its error event (503) instead of trying the next worker, which
+ * would refuse it the same way in a fleet of one kind; and a worker that refuses is not faulty,
+ * so it is not quarantined either. */
+static void seq_refuse(bt_engine_seq *s, const char *why) {
+    BT_WARN("openai: %s: refusing to continue a stream after %zu delivered tokens: %s", s->rid, s->n_carried, why);
+    seq_fail(s, BT_ERR_NO_WORKER, "no worker can continue this stream exactly after %zu tokens: %s", s->n_carried,
+             why);
+}
+
 /* Delivers the endings on the ready list. */
 static void flush_ready(oa_engine *e) {
     bt_engine_seq *s;
@@ -671,6 +681,7 @@ static void fill_build(oa_engine *e, const bt_engine_seq *s, bt_oa_build *b) {
     b->prompt_ids = s->prompt_ids;
     b->n_prompt_ids = s->n_prompt_ids;
     b->have_prompt_ids = s->have_prompt_ids;
+    b->raw_completions = e->cfg.raw_completions;
 }
 
 /* Gives the sequence its new transfer x (NULL: it could not start, out of memory, which fails the
@@ -715,7 +726,7 @@ static void seq_start(bt_engine_seq *s) {
     fill_build(e, s, &b);
     char err[256];
     switch (bt_oa_plan_for(&b, err, sizeof err)) {
-    case BT_OA_PLAN_IMPOSSIBLE: seq_fail(s, BT_ERR_INVALID, "%s", err); return;
+    case BT_OA_PLAN_IMPOSSIBLE: seq_refuse(s, err); return;
     case BT_OA_PLAN_DIRECT: seq_start_stream(s); return;
     case BT_OA_PLAN_TOKENIZE: break;
     }
@@ -999,9 +1010,9 @@ static bt_status oa_submit(bt_engine *be, const bt_engine_request *req, const bt
     }
     bt_oa_carried_kind ck = bt_oa_carried_classify(req->carried, req->n_carried);
     if (ck == BT_OA_CARRIED_MIXED) {
-        snprintf(err, errlen, "the carried tokens mix upstream token ids and text-mode ids: the workers of one model "
-                              "must front upstreams of one kind");
-        return BT_ERR_INVALID;
+        snprintf(err, errlen, "no worker can continue this stream exactly: the carried tokens mix upstream token ids "
+                              "and text-mode ids (the workers of one model must front upstreams of one kind)");
+        return BT_ERR_NO_WORKER; /* refused, not migrated: see seq_refuse */
     }
     bt_engine_seq *s = calloc(1, sizeof *s);
     if (!s) goto nomem;
@@ -1029,9 +1040,9 @@ static bt_status oa_submit(bt_engine *be, const bt_engine_request *req, const bt
     if (ck == BT_OA_CARRIED_TEXT) {
         if (!req->carried_text) {
             seq_free(s);
-            snprintf(err, errlen, "continuing on a text-only upstream needs the delivered text, which the frontend "
-                                  "did not send (carried_text)");
-            return BT_ERR_INVALID;
+            snprintf(err, errlen, "no worker can continue this stream exactly: continuing from text needs the "
+                                  "delivered text, which the frontend did not send (carried_text)");
+            return BT_ERR_NO_WORKER;
         }
         if (bt_buf_append(&s->carried_text, req->carried_text, req->carried_text_len) != BT_OK) {
             seq_free(s);
@@ -1232,8 +1243,9 @@ bt_engine *bt_openai_create(uv_loop_t *loop, const bt_openai_config *cfg, const 
     load_snapshot(e, &e->last_load);
     uint64_t iv = (uint64_t)(cfg->health_interval * 1000.0 + 0.5);
     uv_timer_start(&e->health_timer, on_health_timer, 0, iv ? iv : 1); /* the first probe at once */
-    BT_INFO("openai: upstream %s (kind %s, model %s), health every %gs (dead after %lld failures), %lld KV blocks",
-            e->url, bt_oa_kind_name(e->kind_cfg), e->model_cfg ? e->model_cfg : "from /v1/models", cfg->health_interval,
+    BT_INFO("openai: upstream %s (kind %s, model %s%s), health every %gs (dead after %lld failures), %lld KV blocks",
+            e->url, bt_oa_kind_name(e->kind_cfg), e->model_cfg ? e->model_cfg : "from /v1/models",
+            cfg->raw_completions ? ", raw completions declared" : "", cfg->health_interval,
             (long long)cfg->health_failures, (long long)cfg->total_blocks);
     return &e->base;
 }
