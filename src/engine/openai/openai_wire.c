@@ -276,18 +276,18 @@ bt_oa_plan bt_oa_plan_for(const bt_oa_build *b, char *err, size_t errlen) {
             return BT_OA_PLAN_TOKENIZE;
         default: break;
         }
-        snprintf(err, errlen, "a %s upstream has no way to continue from token ids", kn);
+        snprintf(err, errlen, "upstream kind %s has no way to continue from token ids", kn);
         return BT_OA_PLAN_IMPOSSIBLE;
     case BT_OA_CARRIED_TEXT:
         if (caps->text != BT_OA_CONT_RAW_COMPLETION) {
-            snprintf(err, errlen, "a %s upstream has no way to continue from text", kn);
+            snprintf(err, errlen, "upstream kind %s has no way to continue from text", kn);
         } else if (b->api == BT_API_CHAT) {
-            snprintf(err, errlen, "a %s upstream gives text only and a chat cannot be continued from text "
-                                  "exactly (servers ignore prefills)", kn);
+            snprintf(err, errlen, "a chat cannot be continued exactly from its delivered text (servers ignore "
+                                  "prefills; upstream kind %s)", kn);
         } else if (!prompt_string(b->body)) {
-            snprintf(err, errlen, "a prompt of token ids cannot be continued from text on a text-only %s upstream", kn);
+            snprintf(err, errlen, "a prompt of token ids cannot be continued from text (upstream kind %s)", kn);
         } else if (!b->raw_completions) {
-            snprintf(err, errlen, "a %s upstream continues text only as a raw completion, which the operator did "
+            snprintf(err, errlen, "upstream kind %s continues text only as a raw completion, which the operator did "
                                   "not declare (--upstream-raw-completions)", kn);
         } else {
             return BT_OA_PLAN_DIRECT;
