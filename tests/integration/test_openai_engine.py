@@ -804,31 +804,32 @@ def part_c():
 # ---------------------------------------------------------------------------------------------
 # Part D: an upstream that ignores prefills, like most OpenAI-compatible servers.
 
-PLAIN_CHAT_LEN = 300  # a chat answer ends by itself ("stop") after this many tokens
+PLAIN_CHAT_LEN = 300  # an assistant turn ends by itself ("stop") after this many words
 PLAIN_DELAY = 0.02  # seconds between streamed tokens
 
 
-def plain_server(port):
-    """A deterministic OpenAI-compatible server of no known kind (owned_by "acme-inference") that,
-    like most servers, ignores a prefill: a chat's answer is a function of its user and system
-    messages and the seed only, so a final assistant message (and continue_final_message) changes
-    nothing and the answer starts from its beginning again. Its /v1/completions is a raw
-    completion: the text continues the prompt (split into words), so prompt + delivered text
-    continues exactly. One token " w<n>" per chunk, no token ids, no usage unless asked. /metrics
-    counts requests, prefills received, and requests whose X-Request-Id came before (continuations)."""
+def plain_server(port, flavour):
+    """A deterministic OpenAI-compatible server that, like most servers, ignores a prefill: a chat
+    is rendered from its non-assistant messages only ("role: content" lines, then "assistant:"), so
+    a final assistant message (or continue_final_message) changes nothing and the answer starts
+    from its beginning again. Its /v1/completions is a raw completion: the text continues the
+    prompt, split into words, so prompt + delivered text continues exactly. An assistant turn
+    (the words after the last "assistant:") ends with "stop" after PLAIN_CHAT_LEN words. One word
+    " w<n>" per chunk, no token ids, no usage. flavour "openai": owned_by "acme-inference";
+    "llamacpp": owned_by "llamacpp" and llama.cpp's POST /apply-template ({"prompt": rendered}).
+    /metrics counts requests, prefills received, renders, and requests whose X-Request-Id came
+    before (continuations)."""
     import http.server
     import struct
     import zlib
 
     lock = threading.Lock()
-    stats = {"requests": 0, "prefills": 0, "continuations": 0}
+    stats = {"requests": 0, "prefills": 0, "continuations": 0, "renders": 0}
     seen = set()
 
-    def chain(words, seed):
-        st = zlib.crc32(struct.pack("<q", int(seed or 0)))
-        for w in words:
-            st = zlib.crc32(w.encode(), st)
-        return st
+    def render(msgs):
+        return "".join(f"{m.get('role')}: {m.get('content')}\n" for m in msgs if m.get("role") != "assistant") + \
+            "assistant:"
 
     class H(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -848,8 +849,9 @@ def plain_server(port):
             if self.path == "/health":
                 self.send_json(200, "", "text/plain")
             elif self.path == "/v1/models":
+                owner = "llamacpp" if flavour == "llamacpp" else "acme-inference"
                 self.send_json(200, {"object": "list", "data": [{"id": "plain-model", "object": "model",
-                                                                 "owned_by": "acme-inference"}]})
+                                                                 "owned_by": owner}]})
             elif self.path == "/metrics":
                 with lock:
                     self.send_json(200, "".join(f"plain_{k}_total {v}\n" for k, v in stats.items()), "text/plain")
@@ -863,25 +865,28 @@ def plain_server(port):
 
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))) or b"{}")
+            if self.path == "/apply-template" and flavour == "llamacpp":
+                with lock:
+                    stats["renders"] += 1
+                return self.send_json(200, {"prompt": render(body.get("messages") or [])})
             chat = self.path == "/v1/chat/completions"
             if not chat and self.path != "/v1/completions":
                 return self.send_json(404, {"error": {"message": "not found"}})
             rid = self.headers.get("X-Request-Id")
+            msgs = body.get("messages") or []
             with lock:
                 stats["requests"] += 1
                 if rid and rid in seen:
                     stats["continuations"] += 1
                 seen.add(rid)
-                msgs = body.get("messages") or []
                 if chat and (msgs and msgs[-1].get("role") == "assistant" or "continue_final_message" in body):
                     stats["prefills"] += 1
-            if chat:  # the prefill is ignored: only what the user side said counts
-                words = [w for m in msgs if m.get("role") != "assistant" for w in str(m.get("content")).split()]
-                limit = PLAIN_CHAT_LEN
-            else:
-                words = str(body.get("prompt")).split()
-                limit = 1 << 30
-            st = chain(words, body.get("seed"))
+            words = (render(msgs) if chat else str(body.get("prompt"))).split()
+            st = zlib.crc32(struct.pack("<q", int(body.get("seed") or 0)))
+            for w in words:
+                st = zlib.crc32(w.encode(), st)
+            turn = len(words) - 1 - words[::-1].index("assistant:") if "assistant:" in words else None
+            limit = PLAIN_CHAT_LEN - (len(words) - 1 - turn) if turn is not None else 1 << 30
             n = min(int(body.get("max_tokens") or 16), limit)
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
@@ -912,84 +917,69 @@ def plain_server(port):
     srv.serve_forever()
 
 
-def part_d():
-    """Two workers in front of one prefill-ignoring server; the worker serving every stream is
-    killed (-9) mid-stream. Chats cannot be continued exactly there: each ends with the error event
-    after an exact prefix. Completions continue as raw completions (declared): byte for byte."""
+def plain_round(flavour, n_chat, n_comp):
+    """One plain server of `flavour`, a frontend and W1 (raw completions declared); n_chat chats and
+    n_comp completions start on W1; W2 joins; W1 is killed (-9) mid-stream, so every stream moves
+    to W2. Returns (requests, results, references, W2, upstream metric deltas, kill progress)."""
     port = bl.free_port()
-    srv = bl.Proc([sys.executable, os.path.abspath(__file__), "--plain-server", str(port)], name=f"plain:{port}")
+    srv = bl.Proc([sys.executable, os.path.abspath(__file__), "--plain-server", str(port), flavour],
+                  name=f"plain-{flavour}:{port}")
     url = f"http://127.0.0.1:{port}"
-    c = bl.Cluster(tmpdir_path=bl.tmpdir("baton-oa-plain-"))
+    c = bl.Cluster(tmpdir_path=bl.tmpdir(f"baton-oa-plain-{flavour}-"))
+    kind = "llamacpp" if flavour == "llamacpp" else "openai"
     try:
         bl.wait_http(url + "/health", srv, timeout=20)
         fe = c.start_frontend(migration_limit=3)
         wk = dict(engine="openai", upstream=url, upstream_raw_completions=True, system_port=True, wait=True)
         w1 = c.start_worker(**wk)
         c.wait_workers(fe, 1)
-        w1.proc.wait_log(r"is up \(kind openai, detected, model 'plain-model'\)", 10)
-        reqs = []
-        for i in range(3):
-            reqs.append((f"plain-chat-{i}", "chat", bl.chat_body(f"plain chat {i}", max_tokens=1000, seed=70 + i,
-                                                                 return_token_ids=True)))
-            reqs.append((f"plain-comp-{i}", "completion",
-                         bl.completion_body(f"plain completion {i}", max_tokens=PLAIN_CHAT_LEN - 20, seed=80 + i,
-                                           return_token_ids=True)))
-        refs = dict(zip([r[0] for r in reqs], bl.run_concurrently(
-            lambda r: outcome(url, r[1], dict(r[2], model="plain-model"), True, timeout=60), [(r,) for r in reqs])))
+        w1.proc.wait_log(rf"is up \(kind {kind}, detected, model 'plain-model'\)", 10)
+        reqs = [(f"{flavour}-chat-{i}", "chat", bl.chat_body(f"plain chat {i}", max_tokens=1000, seed=70 + i,
+                                                             return_token_ids=True)) for i in range(n_chat)]
+        reqs += [(f"{flavour}-comp-{i}", "completion",
+                  bl.completion_body(f"plain completion {i}", max_tokens=PLAIN_CHAT_LEN - 20, seed=80 + i,
+                                     return_token_ids=True)) for i in range(n_comp)]
+        # the references, straight from the server; alongside, fault-free through baton: the same
+        pair = (reqs[0], reqs[-1])
+        outs = bl.run_concurrently(lambda u, r: outcome(u, r[1], dict(r[2], model="plain-model") if u == url else r[2],
+                                                        True, timeout=60),
+                                   [(url, r) for r in reqs] + [(fe.url, r) for r in pair])
+        refs = dict(zip([r[0] for r in reqs], outs))
         for name, o in refs.items():
             if not o["ok"] or len(o["text"].split()) != PLAIN_CHAT_LEN - (20 if "comp" in name else 0):
-                fail(f"reference {name} from the plain server: {o['raw']}")
-        # fault-free, through baton: the same answers
-        for (name, api, body), got in zip(reqs[:2], bl.run_concurrently(
-                lambda r: outcome(fe.url, r[1], r[2], True, timeout=60), [(r,) for r in reqs[:2]])):
-            check_same(got, refs[name], f"plain {name} through baton", ids=False, usage=False)
-            check_text_ids(got, f"plain {name}")
+                fail(f"reference {name} from the {flavour} server: {o['raw']}")
+        for (name, api, body), got in zip(pair, outs[len(reqs):]):
+            check_same(got, refs[name], f"{name} through baton", ids=False, usage=False)
+            check_text_ids(got, name)
         m0 = bl.metrics(url)
         mig0 = migrations(fe)
-        # every stream starts on W1; W2 joins; W1 dies mid-stream: every stream moves to W2
         run = Runner(fe.url, reqs)
         bl.wait_for(lambda: all(v >= 10 for v in run.progress.values()), 60, what="every stream has 10 events")
         w2 = c.start_worker(**wk)
         c.wait_workers(fe, 2)
-        w2.proc.wait_log(r"is up \(kind openai, detected, model 'plain-model'\)", 10)
+        w2.proc.wait_log(rf"is up \(kind {kind}, detected, model 'plain-model'\)", 10)
         at_kill = dict(run.progress)
-        if min(at_kill.values()) >= PLAIN_CHAT_LEN - 40:
+        if max(at_kill.values()) >= PLAIN_CHAT_LEN - 40:
             fail(f"the streams were nearly over before the kill (events {at_kill}): the test proves nothing")
         w1.proc.kill(signal.SIGKILL)
         if w1.proc.wait(10) is None:
             fail("W1 did not die")
         run.join()
         m1 = bl.metrics(url)
-        verdicts = {}
-        for name, api, _ in reqs:
-            got = run.results[name]
-            verdicts[name] = check_exact_or_refused(got, refs[name], f"after W1's kill: {name}")
-            want = "refused" if api == "chat" else "exact"
-            if verdicts[name] != want:
-                fail(f"{name} ({api}) was {verdicts[name]}, want {want}: {got['raw']}")
-            if want == "exact":
-                check_text_ids(got, f"after W1's kill: {name}")
-            else:
-                msg = got["stream"].error["message"]
-                if "continue" not in msg or "exactly" not in msg:
-                    fail(f"{name}: the error event does not say why: {msg!r}")
+        delta = {k: bl.metric_sum(m1, f"plain_{k}_total") - bl.metric_sum(m0, f"plain_{k}_total")
+                 for k in ("continuations", "prefills", "renders")}
+        delta["prefills"] = bl.metric_sum(m1, "plain_prefills_total")  # none ever, not only during the fault
         moved = migrations(fe) - mig0
         if moved != len(reqs):
             fail(f"{moved} migrations counted, want {len(reqs)} (every stream was on W1 at its kill)")
-        conts = bl.metric_sum(m1, "plain_continuations_total") - bl.metric_sum(m0, "plain_continuations_total")
-        prefills = bl.metric_sum(m1, "plain_prefills_total")
-        if conts != 3 or prefills != 0:
-            fail(f"upstream saw {conts} continuations (want 3: the completions only) and {prefills} prefills (want 0)")
-        if "refusing to continue a stream" not in w2.proc.log_text():
-            fail("W2's log does not record the refusals")
-        # the refusing worker is healthy: not quarantined, a fresh request goes through it
+        # the worker that refused or continued is healthy: a fresh request goes through it
         name, api, body = reqs[0]
-        check_same(outcome(fe.url, api, body, True, timeout=60), refs[name], "fresh chat after the refusals",
+        body = dict(body, max_tokens=20)
+        check_same(outcome(fe.url, api, body, True, timeout=60),
+                   outcome(url, api, dict(body, model="plain-model"), True, timeout=60), f"fresh {name} after the fault",
                    ids=False, usage=False)
         bl.wait_for(lambda: msum(fe.url, "dynamo_frontend_inflight_requests") == 0, 15, what="no request in flight")
-        print(f"prefill-ignoring upstream: W1 killed at events {sorted(at_kill.values())}; 3 chats ended with the "
-              f"503 error event after an exact prefix, 3 completions continued byte-exact as raw completions; "
-              f"{moved:.0f} migrations, {conts:.0f} upstream continuations, 0 prefills sent")
+        return reqs, dict(run.results), refs, w2.proc.log_text(), delta, at_kill
     except BaseException:
         bl.mark_failed()
         c.dump_logs(40)
@@ -997,18 +987,55 @@ def part_d():
     finally:
         c.close(check_sanitizers=False)
         srv.kill()
-    for p in c.procs():
-        r = p.sanitizer_report()
-        if r:
-            fail(f"sanitizer report in {p.name}:\n{r}")
+        for p in c.procs():
+            r = p.sanitizer_report()
+            if r:
+                fail(f"sanitizer report in {p.name}:\n{r}")
+
+
+def part_d():
+    """Prefill-ignoring servers behind two workers; the worker serving every stream is killed (-9)
+    mid-stream. Kind openai: a chat cannot continue exactly, it ends with the error event after an
+    exact prefix; a completion continues as a declared raw completion, byte for byte. Kind
+    llamacpp: a chat continues too, as a raw completion of the server's own /apply-template
+    rendering + the delivered text, byte for byte."""
+    reqs, res, refs, w2log, d, at_kill = plain_round("openai", 3, 3)
+    for name, api, _ in reqs:
+        got = res[name]
+        v = check_exact_or_refused(got, refs[name], f"after W1's kill: {name}")
+        want = "refused" if api == "chat" else "exact"
+        if v != want:
+            fail(f"{name} ({api}) was {v}, want {want}: {got['raw']}")
+        if want == "exact":
+            check_text_ids(got, f"after W1's kill: {name}")
+        else:
+            msg = got["stream"].error["message"]
+            if "continue" not in msg or "exactly" not in msg:
+                fail(f"{name}: the error event does not say why: {msg!r}")
+    if d != {"continuations": 3, "prefills": 0, "renders": 0}:
+        fail(f"upstream counters {d}: want 3 continuations (the completions only) and no prefill")
+    if "refusing to continue a stream" not in w2log:
+        fail("W2's log does not record the refusals")
+    print(f"prefill-ignoring upstream (kind openai): W1 killed at events {sorted(at_kill.values())}; 3 chats ended "
+          f"with the 503 error event after an exact prefix, 3 completions continued byte-exact as raw completions; "
+          f"upstream saw {d}")
+    reqs, res, refs, w2log, d, at_kill = plain_round("llamacpp", 2, 1)
+    for name, api, _ in reqs:
+        check_same(res[name], refs[name], f"after W1's kill: {name}", ids=False, usage=False)
+        check_text_ids(res[name], f"after W1's kill: {name}")
+    if d != {"continuations": 3, "prefills": 0, "renders": 2}:
+        fail(f"upstream counters {d}: want 3 continuations, 2 renders (one per chat) and no prefill")
+    print(f"prefill-ignoring upstream (kind llamacpp): W1 killed at events {sorted(at_kill.values())}; 2 chats "
+          f"continued byte-exact via /apply-template + raw completion, 1 completion as a raw completion; "
+          f"upstream saw {d}")
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--fake-vllm":
         fake_vllm(int(sys.argv[2]), float(sys.argv[3]))
         sys.exit(0)
-    if len(sys.argv) == 3 and sys.argv[1] == "--plain-server":
-        plain_server(int(sys.argv[2]))
+    if len(sys.argv) == 4 and sys.argv[1] == "--plain-server":
+        plain_server(int(sys.argv[2]), sys.argv[3])
         sys.exit(0)
     if os.environ.get("OA_TEST_ONLY") == "plain":  # one part alone, for debugging
         selftest()

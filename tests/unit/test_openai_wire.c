@@ -277,8 +277,42 @@ static void test_continuations(void **state) {
     assert_non_null(strstr(err, "--upstream-raw-completions"));
     assert_int_equal(bt_oa_build_request(&b, &path, &out, err, sizeof err), BT_ERR_INVALID);
     assert_null(out);
-    /* a chat is never continued from text: no prefill, no continue_final_message, whatever the kind */
+    /* a chat continues from text only where the upstream renders it (llama.cpp): as a raw completion
+     * of the rendered prompt + the delivered text */
+    b = (bt_oa_build){.api = BT_API_CHAT, .body = chat, .kind = BT_OA_KIND_LLAMACPP, .max_tokens = 4,
+                      .carried = packed, .n_carried = np, .carried_text = " there", .carried_text_len = 6,
+                      .raw_completions = true};
+    assert_int_equal(bt_oa_plan_for(&b, err, sizeof err), BT_OA_PLAN_RENDER);
+    assert_int_equal(bt_oa_build_request(&b, &path, &out, err, sizeof err), BT_ERR_INVALID);
+    json_t *rb = bt_oa_render_body(&b);
+    assert_true(json_equal(json_object_get(rb, "messages"), json_object_get(chat, "messages")));
+    assert_non_null(json_object_get(rb, "tools"));
+    assert_null(json_object_get(rb, "model"));
+    json_decref(rb);
+    char *rendered;
+    size_t rl;
+    const char *ans = "{\"prompt\":\"<|user|>Hi<|assistant|>\"}";
+    assert_int_equal(bt_oa_read_rendered(ans, strlen(ans), &rendered, &rl, err, sizeof err), BT_OK);
+    assert_int_equal(rl, strlen("<|user|>Hi<|assistant|>"));
+    assert_int_equal(bt_oa_read_rendered("{\"tokens\":[1]}", 14, &rendered, &rl, err, sizeof err), BT_ERR_PROTOCOL);
+    assert_null(rendered);
+    assert_int_equal(bt_oa_read_rendered(ans, strlen(ans), &rendered, &rl, err, sizeof err), BT_OK);
+    b.rendered = rendered;
+    b.rendered_len = rl;
+    b.have_rendered = true;
+    assert_int_equal(bt_oa_plan_for(&b, err, sizeof err), BT_OA_PLAN_DIRECT);
+    out = build_ok(&b, "/v1/completions");
+    assert_string_equal(json_string_value(json_object_get(out, "prompt")), "<|user|>Hi<|assistant|> there");
+    assert_null(json_object_get(out, "messages"));
+    assert_null(json_object_get(out, "tools"));
+    assert_null(json_object_get(out, "continue_final_message"));
+    json_decref(out);
+    free(rendered);
+    b.raw_completions = false; /* still needs the declaration */
+    assert_int_equal(bt_oa_plan_for(&b, err, sizeof err), BT_OA_PLAN_IMPOSSIBLE);
+    /* elsewhere a chat is never continued from text: no prefill, no continue_final_message */
     for (int k = BT_OA_KIND_BATON; k <= BT_OA_KIND_OPENAI; k++) {
+        if (bt_oa_kind_caps((bt_oa_kind)k)->render_path) continue;
         b = (bt_oa_build){.api = BT_API_CHAT, .body = chat, .kind = (bt_oa_kind)k, .max_tokens = 4, .carried = packed,
                           .n_carried = np, .carried_text = " there", .carried_text_len = 6, .raw_completions = true};
         err[0] = '\0';
@@ -310,13 +344,14 @@ static void test_capability_table(void **state) {
         bt_oa_kind kind;
         bool wants_ids;
         bt_oa_cont ids, text;
+        const char *render;
     } want[] = {
-        {BT_OA_KIND_AUTO, false, BT_OA_CONT_NONE, BT_OA_CONT_NONE},
-        {BT_OA_KIND_BATON, true, BT_OA_CONT_CARRIED_IDS, BT_OA_CONT_RAW_COMPLETION},
-        {BT_OA_KIND_VLLM, true, BT_OA_CONT_TOKEN_PROMPT, BT_OA_CONT_RAW_COMPLETION},
-        {BT_OA_KIND_SGLANG, false, BT_OA_CONT_NONE, BT_OA_CONT_RAW_COMPLETION},
-        {BT_OA_KIND_LLAMACPP, false, BT_OA_CONT_NONE, BT_OA_CONT_RAW_COMPLETION},
-        {BT_OA_KIND_OPENAI, false, BT_OA_CONT_NONE, BT_OA_CONT_RAW_COMPLETION},
+        {BT_OA_KIND_AUTO, false, BT_OA_CONT_NONE, BT_OA_CONT_NONE, NULL},
+        {BT_OA_KIND_BATON, true, BT_OA_CONT_CARRIED_IDS, BT_OA_CONT_RAW_COMPLETION, NULL},
+        {BT_OA_KIND_VLLM, true, BT_OA_CONT_TOKEN_PROMPT, BT_OA_CONT_RAW_COMPLETION, NULL},
+        {BT_OA_KIND_SGLANG, false, BT_OA_CONT_NONE, BT_OA_CONT_RAW_COMPLETION, NULL},
+        {BT_OA_KIND_LLAMACPP, false, BT_OA_CONT_NONE, BT_OA_CONT_RAW_COMPLETION, "/apply-template"},
+        {BT_OA_KIND_OPENAI, false, BT_OA_CONT_NONE, BT_OA_CONT_RAW_COMPLETION, NULL},
     };
     for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
         const bt_oa_caps *c = bt_oa_kind_caps(want[i].kind);
@@ -324,6 +359,8 @@ static void test_capability_table(void **state) {
         assert_int_equal(bt_oa_kind_wants_ids(want[i].kind), want[i].wants_ids);
         assert_int_equal(c->ids, want[i].ids);
         assert_int_equal(c->text, want[i].text);
+        if (want[i].render) assert_string_equal(c->render_path, want[i].render);
+        else assert_null(c->render_path);
     }
     assert_int_equal(bt_oa_kind_caps((bt_oa_kind)99)->ids, BT_OA_CONT_NONE);
 
@@ -345,8 +382,8 @@ static void test_capability_table(void **state) {
                 else assert_int_equal(p, BT_OA_PLAN_TOKENIZE);
                 b.carried = tids;
                 p = bt_oa_plan_for(&b, err, sizeof err);
-                bool can = c->text == BT_OA_CONT_RAW_COMPLETION && decl && b.api == BT_API_COMPLETION;
-                assert_int_equal(p, can ? BT_OA_PLAN_DIRECT : BT_OA_PLAN_IMPOSSIBLE);
+                bool can = c->text == BT_OA_CONT_RAW_COMPLETION && decl && (api || c->render_path);
+                assert_int_equal(p, !can ? BT_OA_PLAN_IMPOSSIBLE : api ? BT_OA_PLAN_DIRECT : BT_OA_PLAN_RENDER);
             }
         }
     }

@@ -38,12 +38,14 @@ bool bt_oa_kind_parse(const char *s, bt_oa_kind *out) {
  * Chat prefills (a final assistant message, continue_final_message) are not here: most servers
  * ignore them without an error and answer from the start. */
 static const bt_oa_caps kind_caps[] = {
-    [BT_OA_KIND_AUTO] = {false, BT_OA_CONT_NONE, BT_OA_CONT_NONE}, /* resolved before use */
-    [BT_OA_KIND_BATON] = {true, BT_OA_CONT_CARRIED_IDS, BT_OA_CONT_RAW_COMPLETION},
-    [BT_OA_KIND_VLLM] = {true, BT_OA_CONT_TOKEN_PROMPT, BT_OA_CONT_RAW_COMPLETION},
-    [BT_OA_KIND_SGLANG] = {false, BT_OA_CONT_NONE, BT_OA_CONT_RAW_COMPLETION},
-    [BT_OA_KIND_LLAMACPP] = {false, BT_OA_CONT_NONE, BT_OA_CONT_RAW_COMPLETION},
-    [BT_OA_KIND_OPENAI] = {false, BT_OA_CONT_NONE, BT_OA_CONT_RAW_COMPLETION},
+    [BT_OA_KIND_AUTO] = {false, BT_OA_CONT_NONE, BT_OA_CONT_NONE, NULL}, /* resolved before use */
+    [BT_OA_KIND_BATON] = {true, BT_OA_CONT_CARRIED_IDS, BT_OA_CONT_RAW_COMPLETION, NULL},
+    [BT_OA_KIND_VLLM] = {true, BT_OA_CONT_TOKEN_PROMPT, BT_OA_CONT_RAW_COMPLETION, NULL},
+    [BT_OA_KIND_SGLANG] = {false, BT_OA_CONT_NONE, BT_OA_CONT_RAW_COMPLETION, NULL},
+    /* llama.cpp's /apply-template answers the very prompt its chat endpoint hands to its completion
+     * path, so that prompt + the delivered text, completed raw, continues the chat */
+    [BT_OA_KIND_LLAMACPP] = {false, BT_OA_CONT_NONE, BT_OA_CONT_RAW_COMPLETION, "/apply-template"},
+    [BT_OA_KIND_OPENAI] = {false, BT_OA_CONT_NONE, BT_OA_CONT_RAW_COMPLETION, NULL},
 };
 
 const bt_oa_caps *bt_oa_kind_caps(bt_oa_kind k) {
@@ -281,16 +283,16 @@ bt_oa_plan bt_oa_plan_for(const bt_oa_build *b, char *err, size_t errlen) {
     case BT_OA_CARRIED_TEXT:
         if (caps->text != BT_OA_CONT_RAW_COMPLETION) {
             snprintf(err, errlen, "upstream kind %s has no way to continue from text", kn);
-        } else if (b->api == BT_API_CHAT) {
+        } else if (b->api == BT_API_CHAT && !caps->render_path) {
             snprintf(err, errlen, "a chat cannot be continued exactly from its delivered text (servers ignore "
-                                  "prefills; upstream kind %s)", kn);
-        } else if (!prompt_string(b->body)) {
+                                  "prefills; upstream kind %s renders no chat prompt)", kn);
+        } else if (b->api == BT_API_COMPLETION && !prompt_string(b->body)) {
             snprintf(err, errlen, "a prompt of token ids cannot be continued from text (upstream kind %s)", kn);
         } else if (!b->raw_completions) {
             snprintf(err, errlen, "upstream kind %s continues text only as a raw completion, which the operator did "
                                   "not declare (--upstream-raw-completions)", kn);
         } else {
-            return BT_OA_PLAN_DIRECT;
+            return b->api == BT_API_CHAT && !b->have_rendered ? BT_OA_PLAN_RENDER : BT_OA_PLAN_DIRECT;
         }
         return BT_OA_PLAN_IMPOSSIBLE;
     }
@@ -331,6 +333,43 @@ json_t *bt_oa_tokenize_body(const bt_oa_build *b) {
         if (v) json_object_set(t, "add_special_tokens", v);
     }
     return t;
+}
+
+json_t *bt_oa_render_body(const bt_oa_build *b) {
+    json_t *t = json_object();
+    if (!t) return NULL;
+    static const char *keep[] = {"messages", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs"};
+    for (size_t i = 0; i < sizeof keep / sizeof keep[0]; i++) {
+        json_t *v = json_object_get(b->body, keep[i]);
+        if (v && json_object_set(t, keep[i], v) != 0) {
+            json_decref(t);
+            return NULL;
+        }
+    }
+    return t;
+}
+
+bt_status bt_oa_read_rendered(const char *body, size_t len, char **prompt, size_t *n, char *err, size_t errlen) {
+    *prompt = NULL;
+    *n = 0;
+    json_t *root = json_loadb(body, len, 0, NULL);
+    json_t *p = root ? json_object_get(root, "prompt") : NULL;
+    if (!json_is_string(p)) {
+        snprintf(err, errlen, "the upstream's chat rendering did not answer {\"prompt\": \"...\"}");
+        json_decref(root);
+        return BT_ERR_PROTOCOL;
+    }
+    size_t pl = json_string_length(p);
+    *prompt = malloc(pl + 1);
+    if (!*prompt) {
+        json_decref(root);
+        snprintf(err, errlen, "out of memory");
+        return BT_ERR_NOMEM;
+    }
+    memcpy(*prompt, json_string_value(p), pl + 1);
+    *n = pl;
+    json_decref(root);
+    return BT_OK;
 }
 
 bt_status bt_oa_read_tokens(const char *body, size_t len, uint32_t **ids, size_t *n, char *err, size_t errlen) {
@@ -384,8 +423,8 @@ bt_status bt_oa_build_request(const bt_oa_build *b, const char **path, json_t **
     }
     bt_oa_plan plan = bt_oa_plan_for(b, err, errlen);
     if (plan == BT_OA_PLAN_IMPOSSIBLE) return BT_ERR_INVALID;
-    if (plan == BT_OA_PLAN_TOKENIZE && !b->have_prompt_ids) {
-        snprintf(err, errlen, "the prompt's token ids are needed first");
+    if (plan == BT_OA_PLAN_TOKENIZE || plan == BT_OA_PLAN_RENDER) {
+        snprintf(err, errlen, "the prompt's %s is needed first", plan == BT_OA_PLAN_RENDER ? "rendering" : "token ids");
         return BT_ERR_INVALID;
     }
     json_t *body = json_deep_copy(b->body);
@@ -416,18 +455,29 @@ bt_status bt_oa_build_request(const bt_oa_build *b, const char **path, json_t **
                 if (json_array_append_new(orig, json_integer(b->carried[i])) != 0) goto nomem;
         }
         break;
-    case BT_OA_CARRIED_TEXT: { /* a raw completion: prompt text + delivered text */
-        const json_t *ps = prompt_string(body);
+    case BT_OA_CARRIED_TEXT: { /* a raw completion: prompt text (a chat's rendered) + delivered text */
+        const char *pt;
+        size_t pl;
+        if (b->api == BT_API_CHAT) {
+            pt = b->rendered;
+            pl = b->rendered_len;
+        } else {
+            const json_t *ps = prompt_string(body);
+            pt = json_string_value(ps);
+            pl = json_string_length(ps);
+        }
         bt_buf t;
         bt_buf_init(&t, (size_t)1 << 30);
-        if (bt_buf_append(&t, json_string_value(ps), json_string_length(ps)) != BT_OK ||
-            bt_buf_append(&t, b->carried_text, b->carried_text_len) != BT_OK) {
+        if (bt_buf_append(&t, pt, pl) != BT_OK || bt_buf_append(&t, b->carried_text, b->carried_text_len) != BT_OK) {
             bt_buf_free(&t);
             goto nomem;
         }
         json_t *s = json_stringn(t.data ? t.data : "", t.len);
         bt_buf_free(&t);
+        if (b->api == BT_API_CHAT)
+            for (size_t i = 0; i < sizeof chat_only / sizeof chat_only[0]; i++) json_object_del(body, chat_only[i]);
         if (!s || json_object_set_new(body, "prompt", s) != 0) goto nomem;
+        *path = "/v1/completions";
         break;
     }
     case BT_OA_CARRIED_MIXED: break; /* refused by the plan */

@@ -49,9 +49,12 @@ typedef enum {
 } bt_oa_cont;
 
 typedef struct {
-    bool wants_ids;  /* requests ask for token ids */
-    bt_oa_cont ids;  /* carried ids are the upstream's own token ids */
-    bt_oa_cont text; /* carried ids are text-mode ids: the delivered text is what is known */
+    bool wants_ids;          /* requests ask for token ids */
+    bt_oa_cont ids;          /* carried ids are the upstream's own token ids */
+    bt_oa_cont text;         /* carried ids are text-mode ids: the delivered text is what is known */
+    const char *render_path; /* where the upstream renders a chat into the prompt its chat endpoint
+                                completes (llama.cpp's POST /apply-template), so that a chat can
+                                continue as a raw completion; NULL: a chat cannot continue from text */
 } bt_oa_caps;
 
 /* The one capability table (docs/engines.md §2.2); AUTO and unknown values get the row of
@@ -136,13 +139,24 @@ typedef struct {
     bool have_prompt_ids;
     bool raw_completions; /* the operator declares that the upstream's /v1/completions continues a text
                              prompt as it is (--upstream-raw-completions) */
+    const char *rendered; /* a chat rendered by the upstream (render_path), when known */
+    size_t rendered_len;
+    bool have_rendered;
 } bt_oa_build;
 
 /* What continuing a request needs on top of the body, per the capability table: nothing, the
- * prompt's token ids first (ask the upstream's /tokenize), or it cannot be done exactly on this
- * upstream (why in err: the continuation must be refused). */
-typedef enum { BT_OA_PLAN_DIRECT, BT_OA_PLAN_TOKENIZE, BT_OA_PLAN_IMPOSSIBLE } bt_oa_plan;
+ * prompt's token ids first (ask the upstream's /tokenize), the chat rendered first (ask the
+ * upstream's render_path), or it cannot be done exactly on this upstream (why in err: the
+ * continuation must be refused). */
+typedef enum { BT_OA_PLAN_DIRECT, BT_OA_PLAN_TOKENIZE, BT_OA_PLAN_RENDER, BT_OA_PLAN_IMPOSSIBLE } bt_oa_plan;
 bt_oa_plan bt_oa_plan_for(const bt_oa_build *b, char *err, size_t errlen);
+
+/* The render request for a chat (llama.cpp's /apply-template: {"messages", and what shapes the
+ * template: tools, tool_choice, parallel_tool_calls, chat_template_kwargs}), or NULL when out of
+ * memory. */
+json_t *bt_oa_render_body(const bt_oa_build *b);
+/* Reads a render answer ({"prompt": "..."}) into a malloc'd, NUL-terminated copy. */
+bt_status bt_oa_read_rendered(const char *body, size_t len, char **prompt, size_t *n, char *err, size_t errlen);
 
 /* The /tokenize request for b (vLLM's shape: {"model","prompt"} or {"model","messages",
  * "add_generation_prompt":true}), or NULL when out of memory. */
@@ -151,8 +165,8 @@ json_t *bt_oa_tokenize_body(const bt_oa_build *b);
 bt_status bt_oa_read_tokens(const char *body, size_t len, uint32_t **ids, size_t *n, char *err, size_t errlen);
 
 /* Builds the streaming request for an attempt: *path gets "/v1/chat/completions" or
- * "/v1/completions", *out the body (owned by the caller). The plan must be DIRECT, or TOKENIZE with
- * prompt_ids filled in. */
+ * "/v1/completions", *out the body (owned by the caller). The plan must be DIRECT, TOKENIZE with
+ * prompt_ids filled in, or RENDER with rendered filled in. */
 bt_status bt_oa_build_request(const bt_oa_build *b, const char **path, json_t **out, char *err, size_t errlen);
 
 /* ---- load ---------------------------------------------------------------------------------- */
