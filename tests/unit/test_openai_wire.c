@@ -294,6 +294,7 @@ static void test_continuations(void **state) {
     const char *ans = "{\"prompt\":\"<|user|>Hi<|assistant|>\"}";
     assert_int_equal(bt_oa_read_rendered(ans, strlen(ans), &rendered, &rl, err, sizeof err), BT_OK);
     assert_int_equal(rl, strlen("<|user|>Hi<|assistant|>"));
+    free(rendered);
     assert_int_equal(bt_oa_read_rendered("{\"tokens\":[1]}", 14, &rendered, &rl, err, sizeof err), BT_ERR_PROTOCOL);
     assert_null(rendered);
     assert_int_equal(bt_oa_read_rendered(ans, strlen(ans), &rendered, &rl, err, sizeof err), BT_OK);
