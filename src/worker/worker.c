@@ -660,6 +660,9 @@ int bt_worker_main(int argc, char **argv) {
          "openai engine: auto, baton, vllm, sglang, llamacpp or openai"},
         {"--upstream-api-key", "DYN_UPSTREAM_API_KEY", BT_OPT_STR, &o->openai.api_key, 0, 0,
          "openai engine: bearer token for the upstream"},
+        {"--upstream-raw-completions", "DYN_UPSTREAM_RAW_COMPLETIONS", BT_OPT_BOOL, &o->openai.raw_completions, 0, 0,
+         "openai engine: the upstream's /v1/completions continues a text prompt as it is (migrated text-only "
+         "completions continue there; otherwise they end with an error)"},
         {"--upstream-total-blocks", "DYN_UPSTREAM_TOTAL_BLOCKS", BT_OPT_INT, &o->openai.total_blocks, 1, 1e12,
          "openai engine: KV blocks reported (usage x this)"},
         {"--upstream-health-interval", "DYN_UPSTREAM_HEALTH_INTERVAL", BT_OPT_DOUBLE, &o->openai.health_interval,

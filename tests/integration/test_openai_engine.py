@@ -3,7 +3,7 @@
 Part A uses baton itself as the upstream (a frontend + mocker worker gives token ids): two upstream
 stacks U1 and U2; an outer frontend F0 whose workers P1, P2 run `--engine openai` against U1 and U2
 (token ids, the baton dialect); and a second outer frontend T0 whose workers T1, T2 front the same
-stacks as a text-only upstream (`--upstream-kind sglang`: no token ids, continue_final_message).
+stacks as a text-only upstream (`--upstream-kind sglang`: no token ids; `--upstream-raw-completions` declared).
   1. Streaming and non-streaming chat and completions through F0 and T0 equal the same requests
      sent to U1 directly: text byte for byte, finish reason, usage, and through F0 the token ids;
      through T0 the ids are text-mode ids (bit 31 set, consecutive positions). Finished requests
@@ -13,8 +13,10 @@ stacks as a text-only upstream (`--upstream-kind sglang`: no token ids, continue
      An operator stop on F0 ends the stream with finish_reason "cancelled" and the text delivered
      so far (equal to the reference of that length), and also closes the upstream request.
   3. U1's frontend is killed (SIGKILL) while eight streams run (four through F0, four through T0):
-     every stream ends exactly as its fault-free reference computed on U2, the migration counters
-     moved, and P1 and T1 exit with code 1 (their upstream is dead) while P2 and T2 keep serving.
+     every stream ends exactly as its fault-free reference computed on U2, except that a text-mode
+     chat that had to move ends with the documented error event after an exact prefix (a text-only
+     upstream cannot continue a chat exactly); the migration counters moved, and P1 and T1 exit
+     with code 1 (their upstream is dead) while P2 and T2 keep serving.
 Part B puts a worker in front of a third-party OpenAI-compatible mock server from the npm registry
 (@dwmkerr/mock-llm, installed by the test into a cache directory): streamed and whole chat answers
 through baton equal the mock's echo, with text-mode ids (it gives no token ids and no usage); a
@@ -26,6 +28,11 @@ cover the vLLM dialect: answers equal the server's own; its KV usage and queue f
 load (and so shedding: a threshold below its usage makes the frontend answer 503); a client abort
 reaches it; and when one such server is killed mid-stream, the streams continue on the other
 through /tokenize + a token-id prompt, byte for byte.
+Part D puts two workers in front of one server of this file's own that, like most servers, ignores
+a prefill (a final assistant message), and kills (-9) the worker serving six streams: each chat
+ends with the documented error event after an exact prefix (never its text again with
+finish_reason "stop"), each completion continues byte-exact as a declared raw completion, the
+server never receives a prefill, and the refusing worker still serves fresh requests.
 
 A self-check first proves the comparison rejects a result with a dropped, duplicated or altered
 token. If the npm package cannot be installed the test fails: it never passes without running.
@@ -106,6 +113,33 @@ def check_text_ids(got, what):
             fail(f"{what}: text-mode id {i} is {t} (want {TEXT_BIT | i}): ids {ids[:40]}")
 
 
+def check_exact_or_refused(got, ref, what):
+    """A stream that moved to a worker which cannot continue it exactly: it either equals ref (text,
+    finish reason) or ends with the documented error event (a 503 service_unavailable error object,
+    no [DONE]) after a non-empty exact prefix of ref. Never other text, never a silent success.
+    Returns "exact" or "refused"."""
+    s = got.get("stream")
+    if s is None:
+        fail(f"{what}: not a stream: {got.get('raw')}")
+    if s.error is None:
+        if not got["ok"]:
+            fail(f"{what}: neither completed nor ended with an error event: {s.summary()}")
+        if got["text"] != ref["text"] or got["finish_reason"] != ref["finish_reason"]:
+            i = diff_at(got["text"], ref["text"])
+            fail(f"{what}: SILENTLY WRONG: finish_reason {got['finish_reason']!r} (want {ref['finish_reason']!r}) "
+                 f"and the text differs at byte {i} of {len(got['text'])} / {len(ref['text'])}: "
+                 f"got ...{got['text'][max(0, i - 20):i + 40]!r}, want ...{ref['text'][max(0, i - 20):i + 40]!r}")
+        return "exact"
+    e = s.error
+    if s.status != 200 or s.done or e.get("type") != "service_unavailable" or e.get("code") != 503 or \
+            not e.get("message") or s.finish_reason is not None:
+        fail(f"{what}: the error is not the documented mid-stream error event: {s.summary()}")
+    if not got["text"] or not ref["text"].startswith(got["text"]) or got["text"] == ref["text"]:
+        fail(f"{what}: the text before the error event is not a strict prefix of the reference: "
+             f"{len(got['text'])} bytes, {got['text'][:60]!r} / {ref['text'][:60]!r}")
+    return "refused"
+
+
 def selftest():
     ref = {"ok": True, "text": " a b c", "token_ids": [1, 2, 3], "finish_reason": "length",
            "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}}
@@ -126,6 +160,37 @@ def selftest():
             continue
         raise AssertionError(f"the text-id checker accepted {ids}")
     check_text_ids({"token_ids": [TEXT_BIT, TEXT_BIT | 1]}, "selftest")
+    # exact-or-refused: the bug's shape (delivered text, then the answer again from its start, stop)
+    # and every other wrong ending are rejected; the two right ones pass
+
+    class St:
+        def __init__(self, error=None, done=True, status=200, finish="stop"):
+            self.error, self.done, self.status, self.finish_reason = error, done, status, finish
+
+        def summary(self):
+            return "selftest"
+
+    ref = {"ok": True, "text": " a b c d", "finish_reason": "stop"}
+    err = {"message": "no worker can continue", "type": "service_unavailable", "code": 503}
+    good = [({"ok": True, "text": " a b c d", "finish_reason": "stop", "stream": St()}, "exact"),
+            ({"ok": False, "text": " a b", "finish_reason": None, "stream": St(err, False, finish=None)}, "refused")]
+    for g, want in good:
+        if check_exact_or_refused(g, ref, "selftest") != want:
+            raise AssertionError(f"exact-or-refused misread {g}")
+    bad = [{"ok": True, "text": " a b a b c d", "finish_reason": "stop", "stream": St()},
+           {"ok": True, "text": " a b c d", "finish_reason": "length", "stream": St()},
+           {"ok": False, "text": " a b", "finish_reason": None, "stream": St(None, False, finish=None)},
+           {"ok": False, "text": " a x", "finish_reason": None, "stream": St(err, False, finish=None)},
+           {"ok": False, "text": "", "finish_reason": None, "stream": St(err, False, finish=None)},
+           {"ok": False, "text": " a b", "finish_reason": None, "stream": St(err, True, finish=None)},
+           {"ok": False, "text": " a b", "finish_reason": None,
+            "stream": St(dict(err, type="internal_error", code=500), False, finish=None)}]
+    for b in bad:
+        try:
+            check_exact_or_refused(b, ref, "selftest")
+        except AssertionError:
+            continue
+        raise AssertionError(f"the exact-or-refused checker accepted {b}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,8 +383,16 @@ def migration_phase(ups, f0, t0, p1, p2, t1, t2):
     rb.join()
     for name, _, _ in ids_reqs:
         check_same(ra.results[name], refs[name], f"after upstream kill: {name}")
-    for name, _, _ in text_reqs:
-        check_same(rb.results[name], refs[name], f"after upstream kill: {name}", ids=False, usage=False)
+    # text mode: completions continue as raw completions (declared), byte for byte; a chat has no
+    # exact continuation on a text-only upstream: unmoved it completes, moved it ends with the error
+    # event after an exact prefix
+    refused = 0
+    for name, api, _ in text_reqs:
+        if api == "completion":
+            check_same(rb.results[name], refs[name], f"after upstream kill: {name}", ids=False, usage=False)
+        elif check_exact_or_refused(rb.results[name], refs[name], f"after upstream kill: {name}") == "refused":
+            refused += 1
+            continue
         check_text_ids(rb.results[name], f"after upstream kill: {name}")
     moved = migrations(f0) + migrations(t0) - mig0
     if moved < 2:  # at least one stream of each outer frontend was on U1
@@ -335,8 +408,9 @@ def migration_phase(ups, f0, t0, p1, p2, t1, t2):
     for p, name in ((p2, "P2"), (t2, "T2")):
         if not p.proc.alive():
             fail(f"{name} died with U1")
-    print(f"migration: 8 streams byte-exact after U1 was killed (progress at kill {sorted(killed_at.values())}); "
-          f"{moved:.0f} migrations; P1 and T1 exited 1")
+    print(f"migration: after U1 was killed (progress at kill {sorted(killed_at.values())}) every stream is "
+          f"byte-exact but {refused} text-mode chats that ended with the error event; {moved:.0f} migrations; "
+          f"P1 and T1 exited 1")
     # baseline: one instance each, fresh requests succeed, upstream idle
     for fe in (f0, t0):
         bl.wait_for(lambda: len(bl.get_json(fe.url + "/health")[2].get("instances", [])) == 1, 20,
@@ -363,8 +437,9 @@ def part_a():
                                 env={"DYN_HEALTH_CHECK_ENABLED": "true", "DYN_CANARY_WAIT_TIME": "3600"})
         outer.wait_workers(f0, 2)
         t0 = text.start_frontend(migration_limit=3)
-        t1 = text.start_worker(engine="openai", upstream=u1.url, upstream_kind="sglang")
-        t2 = text.start_worker(engine="openai", upstream=u2.url + "/v1/", upstream_kind="sglang")
+        t1 = text.start_worker(engine="openai", upstream=u1.url, upstream_kind="sglang", upstream_raw_completions=True)
+        t2 = text.start_worker(engine="openai", upstream=u2.url + "/v1/", upstream_kind="sglang",
+                               upstream_raw_completions=True)
         text.wait_workers(t0, 2)
         for p in (p1, p2):
             p.proc.wait_log(r"upstream http://127\.0\.0\.1:\d+ is up \(kind baton, detected", 10)
@@ -726,16 +801,254 @@ def part_c():
             fail(f"sanitizer report in {p.name}:\n{r}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Part D: an upstream that ignores prefills, like most OpenAI-compatible servers.
+
+PLAIN_CHAT_LEN = 300  # an assistant turn ends by itself ("stop") after this many words
+PLAIN_DELAY = 0.02  # seconds between streamed tokens
+
+
+def plain_server(port, flavour):
+    """A deterministic OpenAI-compatible server that, like most servers, ignores a prefill: a chat
+    is rendered from its non-assistant messages only ("role: content" lines, then "assistant:"), so
+    a final assistant message (or continue_final_message) changes nothing and the answer starts
+    from its beginning again. Its /v1/completions is a raw completion: the text continues the
+    prompt, split into words, so prompt + delivered text continues exactly. An assistant turn
+    (the words after the last "assistant:") ends with "stop" after PLAIN_CHAT_LEN words. One word
+    " w<n>" per chunk, no token ids, no usage. flavour "openai": owned_by "acme-inference";
+    "llamacpp": owned_by "llamacpp" and llama.cpp's POST /apply-template ({"prompt": rendered}).
+    /metrics counts requests, prefills received, renders, and requests whose X-Request-Id came
+    before (continuations)."""
+    import http.server
+    import struct
+    import zlib
+
+    lock = threading.Lock()
+    stats = {"requests": 0, "prefills": 0, "continuations": 0, "renders": 0}
+    seen = set()
+
+    def render(msgs):
+        return "".join(f"{m.get('role')}: {m.get('content')}\n" for m in msgs if m.get("role") != "assistant") + \
+            "assistant:"
+
+    class H(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def send_json(self, code, obj, ctype="application/json"):
+            data = (json.dumps(obj) if not isinstance(obj, str) else obj).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path == "/health":
+                self.send_json(200, "", "text/plain")
+            elif self.path == "/v1/models":
+                owner = "llamacpp" if flavour == "llamacpp" else "acme-inference"
+                self.send_json(200, {"object": "list", "data": [{"id": "plain-model", "object": "model",
+                                                                 "owned_by": owner}]})
+            elif self.path == "/metrics":
+                with lock:
+                    self.send_json(200, "".join(f"plain_{k}_total {v}\n" for k, v in stats.items()), "text/plain")
+            else:
+                self.send_json(404, {"error": {"message": "not found"}})
+
+        def chunk(self, obj):
+            data = b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))) or b"{}")
+            if self.path == "/apply-template" and flavour == "llamacpp":
+                with lock:
+                    stats["renders"] += 1
+                return self.send_json(200, {"prompt": render(body.get("messages") or [])})
+            chat = self.path == "/v1/chat/completions"
+            if not chat and self.path != "/v1/completions":
+                return self.send_json(404, {"error": {"message": "not found"}})
+            rid = self.headers.get("X-Request-Id")
+            msgs = body.get("messages") or []
+            with lock:
+                stats["requests"] += 1
+                if rid and rid in seen:
+                    stats["continuations"] += 1
+                seen.add(rid)
+                if chat and (msgs and msgs[-1].get("role") == "assistant" or "continue_final_message" in body):
+                    stats["prefills"] += 1
+            words = (render(msgs) if chat else str(body.get("prompt"))).split()
+            st = zlib.crc32(struct.pack("<q", int(body.get("seed") or 0)))
+            for w in words:
+                st = zlib.crc32(w.encode(), st)
+            turn = len(words) - 1 - words[::-1].index("assistant:") if "assistant:" in words else None
+            limit = PLAIN_CHAT_LEN - (len(words) - 1 - turn) if turn is not None else 1 << 30
+            n = min(int(body.get("max_tokens") or 16), limit)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            head = {"id": "p", "object": "chat.completion.chunk" if chat else "text_completion", "created": 1,
+                    "model": "plain-model"}
+            try:
+                for k in range(n):
+                    w = f"w{st % 9973}"
+                    st = zlib.crc32(w.encode(), st)
+                    fin = None if k < n - 1 else ("stop" if n == limit else "length")
+                    c = {"index": 0, "finish_reason": fin}
+                    if chat:
+                        c["delta"] = {"content": " " + w}
+                    else:
+                        c["text"] = " " + w
+                    self.chunk(dict(head, choices=[c]))
+                    time.sleep(PLAIN_DELAY)
+                self.chunk(b"[DONE]")
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), H)
+    srv.daemon_threads = True
+    srv.serve_forever()
+
+
+def plain_round(flavour, n_chat, n_comp):
+    """One plain server of `flavour`, a frontend and W1 (raw completions declared); n_chat chats and
+    n_comp completions start on W1; W2 joins; W1 is killed (-9) mid-stream, so every stream moves
+    to W2. Returns (requests, results, references, W2, upstream metric deltas, kill progress)."""
+    port = bl.free_port()
+    srv = bl.Proc([sys.executable, os.path.abspath(__file__), "--plain-server", str(port), flavour],
+                  name=f"plain-{flavour}:{port}")
+    url = f"http://127.0.0.1:{port}"
+    c = bl.Cluster(tmpdir_path=bl.tmpdir(f"baton-oa-plain-{flavour}-"))
+    kind = "llamacpp" if flavour == "llamacpp" else "openai"
+    try:
+        bl.wait_http(url + "/health", srv, timeout=20)
+        fe = c.start_frontend(migration_limit=3)
+        wk = dict(engine="openai", upstream=url, upstream_raw_completions=True, system_port=True, wait=True)
+        w1 = c.start_worker(**wk)
+        c.wait_workers(fe, 1)
+        w1.proc.wait_log(rf"is up \(kind {kind}, detected, model 'plain-model'\)", 10)
+        reqs = [(f"{flavour}-chat-{i}", "chat", bl.chat_body(f"plain chat {i}", max_tokens=1000, seed=70 + i,
+                                                             return_token_ids=True)) for i in range(n_chat)]
+        reqs += [(f"{flavour}-comp-{i}", "completion",
+                  bl.completion_body(f"plain completion {i}", max_tokens=PLAIN_CHAT_LEN - 20, seed=80 + i,
+                                     return_token_ids=True)) for i in range(n_comp)]
+        # the references, straight from the server; alongside, fault-free through baton: the same
+        pair = (reqs[0], reqs[-1])
+        outs = bl.run_concurrently(lambda u, r: outcome(u, r[1], dict(r[2], model="plain-model") if u == url else r[2],
+                                                        True, timeout=60),
+                                   [(url, r) for r in reqs] + [(fe.url, r) for r in pair])
+        refs = dict(zip([r[0] for r in reqs], outs))
+        for name, o in refs.items():
+            if not o["ok"] or len(o["text"].split()) != PLAIN_CHAT_LEN - (20 if "comp" in name else 0):
+                fail(f"reference {name} from the {flavour} server: {o['raw']}")
+        for (name, api, body), got in zip(pair, outs[len(reqs):]):
+            check_same(got, refs[name], f"{name} through baton", ids=False, usage=False)
+            check_text_ids(got, name)
+        m0 = bl.metrics(url)
+        mig0 = migrations(fe)
+        run = Runner(fe.url, reqs)
+        bl.wait_for(lambda: all(v >= 10 for v in run.progress.values()), 60, what="every stream has 10 events")
+        w2 = c.start_worker(**wk)
+        c.wait_workers(fe, 2)
+        w2.proc.wait_log(rf"is up \(kind {kind}, detected, model 'plain-model'\)", 10)
+        at_kill = dict(run.progress)
+        if max(at_kill.values()) >= PLAIN_CHAT_LEN - 40:
+            fail(f"the streams were nearly over before the kill (events {at_kill}): the test proves nothing")
+        w1.proc.kill(signal.SIGKILL)
+        if w1.proc.wait(10) is None:
+            fail("W1 did not die")
+        run.join()
+        m1 = bl.metrics(url)
+        delta = {k: bl.metric_sum(m1, f"plain_{k}_total") - bl.metric_sum(m0, f"plain_{k}_total")
+                 for k in ("continuations", "prefills", "renders")}
+        delta["prefills"] = bl.metric_sum(m1, "plain_prefills_total")  # none ever, not only during the fault
+        moved = migrations(fe) - mig0
+        if moved != len(reqs):
+            fail(f"{moved} migrations counted, want {len(reqs)} (every stream was on W1 at its kill)")
+        # the worker that refused or continued is healthy: a fresh request goes through it
+        name, api, body = reqs[0]
+        body = dict(body, max_tokens=20)
+        check_same(outcome(fe.url, api, body, True, timeout=60),
+                   outcome(url, api, dict(body, model="plain-model"), True, timeout=60), f"fresh {name} after the fault",
+                   ids=False, usage=False)
+        bl.wait_for(lambda: msum(fe.url, "dynamo_frontend_inflight_requests") == 0, 15, what="no request in flight")
+        return reqs, dict(run.results), refs, w2.proc.log_text(), delta, at_kill
+    except BaseException:
+        bl.mark_failed()
+        c.dump_logs(40)
+        raise
+    finally:
+        c.close(check_sanitizers=False)
+        srv.kill()
+        for p in c.procs():
+            r = p.sanitizer_report()
+            if r:
+                fail(f"sanitizer report in {p.name}:\n{r}")
+
+
+def part_d():
+    """Prefill-ignoring servers behind two workers; the worker serving every stream is killed (-9)
+    mid-stream. Kind openai: a chat cannot continue exactly, it ends with the error event after an
+    exact prefix; a completion continues as a declared raw completion, byte for byte. Kind
+    llamacpp: a chat continues too, as a raw completion of the server's own /apply-template
+    rendering + the delivered text, byte for byte."""
+    reqs, res, refs, w2log, d, at_kill = plain_round("openai", 3, 3)
+    for name, api, _ in reqs:
+        got = res[name]
+        v = check_exact_or_refused(got, refs[name], f"after W1's kill: {name}")
+        want = "refused" if api == "chat" else "exact"
+        if v != want:
+            fail(f"{name} ({api}) was {v}, want {want}: {got['raw']}")
+        if want == "exact":
+            check_text_ids(got, f"after W1's kill: {name}")
+        else:
+            msg = got["stream"].error["message"]
+            if "continue" not in msg or "exactly" not in msg:
+                fail(f"{name}: the error event does not say why: {msg!r}")
+    if d != {"continuations": 3, "prefills": 0, "renders": 0}:
+        fail(f"upstream counters {d}: want 3 continuations (the completions only) and no prefill")
+    if "refusing to continue a stream" not in w2log:
+        fail("W2's log does not record the refusals")
+    print(f"prefill-ignoring upstream (kind openai): W1 killed at events {sorted(at_kill.values())}; 3 chats ended "
+          f"with the 503 error event after an exact prefix, 3 completions continued byte-exact as raw completions; "
+          f"upstream saw {d}")
+    reqs, res, refs, w2log, d, at_kill = plain_round("llamacpp", 2, 1)
+    for name, api, _ in reqs:
+        check_same(res[name], refs[name], f"after W1's kill: {name}", ids=False, usage=False)
+        check_text_ids(res[name], f"after W1's kill: {name}")
+    if d != {"continuations": 3, "prefills": 0, "renders": 2}:
+        fail(f"upstream counters {d}: want 3 continuations, 2 renders (one per chat) and no prefill")
+    print(f"prefill-ignoring upstream (kind llamacpp): W1 killed at events {sorted(at_kill.values())}; 2 chats "
+          f"continued byte-exact via /apply-template + raw completion, 1 completion as a raw completion; "
+          f"upstream saw {d}")
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--fake-vllm":
         fake_vllm(int(sys.argv[2]), float(sys.argv[3]))
         sys.exit(0)
-    bl.deadline(280, "test_openai_engine")
+    if len(sys.argv) == 4 and sys.argv[1] == "--plain-server":
+        plain_server(int(sys.argv[2]), sys.argv[3])
+        sys.exit(0)
+    if os.environ.get("OA_TEST_ONLY") == "plain":  # one part alone, for debugging
+        selftest()
+        part_d()
+        print("test_openai_engine: part D passed")
+        sys.exit(0)
+    bl.deadline(340, "test_openai_engine")
     try:
         selftest()
         part_a()
         part_b()
         part_c()
+        part_d()
     except BaseException:
         bl.mark_failed()
         raise

@@ -261,35 +261,71 @@ static void test_continuations(void **state) {
     assert_true(err[0] != '\0');
     assert_int_equal(bt_oa_build_request(&b, &path, &out, err, sizeof err), BT_ERR_INVALID);
 
-    /* text: appended to a text prompt; an open assistant message for a chat */
+    /* text: only a raw completion the operator declared, prompt text + delivered text */
     uint32_t packed[] = {bt_oa_text_id(0), bt_oa_text_id(1)};
     size_t np = 2;
     b = (bt_oa_build){.api = BT_API_COMPLETION, .body = comp_s, .kind = BT_OA_KIND_OPENAI, .max_tokens = 4,
-                      .carried = packed, .n_carried = np, .carried_text = " there", .carried_text_len = 6};
+                      .carried = packed, .n_carried = np, .carried_text = " there", .carried_text_len = 6,
+                      .raw_completions = true};
     out = build_ok(&b, "/v1/completions");
     assert_string_equal(json_string_value(json_object_get(out, "prompt")), "Once upon there");
     json_decref(out);
-    b.api = BT_API_CHAT;
-    b.body = chat;
-    b.kind = BT_OA_KIND_VLLM;
-    out = build_ok(&b, "/v1/chat/completions");
-    json_t *msgs = json_object_get(out, "messages");
-    assert_int_equal(json_array_size(msgs), 2);
-    json_t *last = json_array_get(msgs, 1);
-    assert_string_equal(json_string_value(json_object_get(last, "role")), "assistant");
-    assert_string_equal(json_string_value(json_object_get(last, "content")), " there");
-    assert_true(json_is_true(json_object_get(out, "continue_final_message")));
-    assert_true(json_is_false(json_object_get(out, "add_generation_prompt")));
-    json_decref(out);
-    b.kind = BT_OA_KIND_OPENAI; /* only the message: the API has no such flag */
-    out = build_ok(&b, "/v1/chat/completions");
+    assert_string_equal(json_string_value(json_object_get(comp_s, "prompt")), "Once upon"); /* untouched */
+    b.raw_completions = false; /* not declared: refused, and it says so */
+    err[0] = '\0';
+    assert_int_equal(bt_oa_plan_for(&b, err, sizeof err), BT_OA_PLAN_IMPOSSIBLE);
+    assert_non_null(strstr(err, "--upstream-raw-completions"));
+    assert_int_equal(bt_oa_build_request(&b, &path, &out, err, sizeof err), BT_ERR_INVALID);
+    assert_null(out);
+    /* a chat continues from text only where the upstream renders it (llama.cpp): as a raw completion
+     * of the rendered prompt + the delivered text */
+    b = (bt_oa_build){.api = BT_API_CHAT, .body = chat, .kind = BT_OA_KIND_LLAMACPP, .max_tokens = 4,
+                      .carried = packed, .n_carried = np, .carried_text = " there", .carried_text_len = 6,
+                      .raw_completions = true};
+    assert_int_equal(bt_oa_plan_for(&b, err, sizeof err), BT_OA_PLAN_RENDER);
+    assert_int_equal(bt_oa_build_request(&b, &path, &out, err, sizeof err), BT_ERR_INVALID);
+    json_t *rb = bt_oa_render_body(&b);
+    assert_true(json_equal(json_object_get(rb, "messages"), json_object_get(chat, "messages")));
+    assert_non_null(json_object_get(rb, "tools"));
+    assert_null(json_object_get(rb, "model"));
+    json_decref(rb);
+    char *rendered;
+    size_t rl;
+    const char *ans = "{\"prompt\":\"<|user|>Hi<|assistant|>\"}";
+    assert_int_equal(bt_oa_read_rendered(ans, strlen(ans), &rendered, &rl, err, sizeof err), BT_OK);
+    assert_int_equal(rl, strlen("<|user|>Hi<|assistant|>"));
+    free(rendered);
+    assert_int_equal(bt_oa_read_rendered("{\"tokens\":[1]}", 14, &rendered, &rl, err, sizeof err), BT_ERR_PROTOCOL);
+    assert_null(rendered);
+    assert_int_equal(bt_oa_read_rendered(ans, strlen(ans), &rendered, &rl, err, sizeof err), BT_OK);
+    b.rendered = rendered;
+    b.rendered_len = rl;
+    b.have_rendered = true;
+    assert_int_equal(bt_oa_plan_for(&b, err, sizeof err), BT_OA_PLAN_DIRECT);
+    out = build_ok(&b, "/v1/completions");
+    assert_string_equal(json_string_value(json_object_get(out, "prompt")), "<|user|>Hi<|assistant|> there");
+    assert_null(json_object_get(out, "messages"));
+    assert_null(json_object_get(out, "tools"));
     assert_null(json_object_get(out, "continue_final_message"));
-    assert_int_equal(json_array_size(json_object_get(out, "messages")), 2);
     json_decref(out);
+    free(rendered);
+    b.raw_completions = false; /* still needs the declaration */
+    assert_int_equal(bt_oa_plan_for(&b, err, sizeof err), BT_OA_PLAN_IMPOSSIBLE);
+    /* elsewhere a chat is never continued from text: no prefill, no continue_final_message */
+    for (int k = BT_OA_KIND_BATON; k <= BT_OA_KIND_OPENAI; k++) {
+        if (bt_oa_kind_caps((bt_oa_kind)k)->render_path) continue;
+        b = (bt_oa_build){.api = BT_API_CHAT, .body = chat, .kind = (bt_oa_kind)k, .max_tokens = 4, .carried = packed,
+                          .n_carried = np, .carried_text = " there", .carried_text_len = 6, .raw_completions = true};
+        err[0] = '\0';
+        assert_int_equal(bt_oa_plan_for(&b, err, sizeof err), BT_OA_PLAN_IMPOSSIBLE);
+        assert_true(err[0] != '\0');
+        assert_int_equal(bt_oa_build_request(&b, &path, &out, err, sizeof err), BT_ERR_INVALID);
+        assert_null(out);
+    }
     assert_int_equal(json_array_size(json_object_get(chat, "messages")), 1); /* untouched */
     /* text cannot follow a token-id prompt; ids and text cannot be mixed */
     b = (bt_oa_build){.api = BT_API_COMPLETION, .body = comp_ids, .kind = BT_OA_KIND_OPENAI, .carried = packed,
-                      .n_carried = np};
+                      .n_carried = np, .raw_completions = true};
     assert_int_equal(bt_oa_plan_for(&b, err, sizeof err), BT_OA_PLAN_IMPOSSIBLE);
     uint32_t mixed[] = {packed[0], 5};
     b = (bt_oa_build){.api = BT_API_CHAT, .body = chat, .kind = BT_OA_KIND_BATON, .carried = mixed, .n_carried = 2};
@@ -298,6 +334,62 @@ static void test_continuations(void **state) {
     json_decref(chat);
     json_decref(comp_s);
     json_decref(comp_ids);
+}
+
+/* The capability table, row by row (docs/engines.md §2.2), and the plan it gives for every kind,
+ * carried form, API and declaration: a continuation is planned only where the table says the kind
+ * honours it. */
+static void test_capability_table(void **state) {
+    (void)state;
+    static const struct {
+        bt_oa_kind kind;
+        bool wants_ids;
+        bt_oa_cont ids, text;
+        const char *render;
+    } want[] = {
+        {BT_OA_KIND_AUTO, false, BT_OA_CONT_NONE, BT_OA_CONT_NONE, NULL},
+        {BT_OA_KIND_BATON, true, BT_OA_CONT_CARRIED_IDS, BT_OA_CONT_RAW_COMPLETION, NULL},
+        {BT_OA_KIND_VLLM, true, BT_OA_CONT_TOKEN_PROMPT, BT_OA_CONT_RAW_COMPLETION, NULL},
+        {BT_OA_KIND_SGLANG, false, BT_OA_CONT_NONE, BT_OA_CONT_RAW_COMPLETION, NULL},
+        {BT_OA_KIND_LLAMACPP, false, BT_OA_CONT_NONE, BT_OA_CONT_RAW_COMPLETION, "/apply-template"},
+        {BT_OA_KIND_OPENAI, false, BT_OA_CONT_NONE, BT_OA_CONT_RAW_COMPLETION, NULL},
+    };
+    for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
+        const bt_oa_caps *c = bt_oa_kind_caps(want[i].kind);
+        assert_int_equal(c->wants_ids, want[i].wants_ids);
+        assert_int_equal(bt_oa_kind_wants_ids(want[i].kind), want[i].wants_ids);
+        assert_int_equal(c->ids, want[i].ids);
+        assert_int_equal(c->text, want[i].text);
+        if (want[i].render) assert_string_equal(c->render_path, want[i].render);
+        else assert_null(c->render_path);
+    }
+    assert_int_equal(bt_oa_kind_caps((bt_oa_kind)99)->ids, BT_OA_CONT_NONE);
+
+    json_t *chat = js("{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}]}");
+    json_t *comp_s = js("{\"model\":\"m\",\"prompt\":\"Once\"}");
+    uint32_t ids[] = {5, 6};
+    uint32_t tids[] = {bt_oa_text_id(0), bt_oa_text_id(1)};
+    char err[256];
+    for (int k = BT_OA_KIND_BATON; k <= BT_OA_KIND_OPENAI; k++) {
+        const bt_oa_caps *c = bt_oa_kind_caps((bt_oa_kind)k);
+        for (int api = 0; api < 2; api++) {
+            for (int decl = 0; decl < 2; decl++) {
+                bt_oa_build b = {.api = api ? BT_API_COMPLETION : BT_API_CHAT, .body = api ? comp_s : chat,
+                                 .kind = (bt_oa_kind)k, .max_tokens = 3, .carried = ids, .n_carried = 2,
+                                 .carried_text = " a b", .carried_text_len = 4, .raw_completions = decl};
+                bt_oa_plan p = bt_oa_plan_for(&b, err, sizeof err);
+                if (c->ids == BT_OA_CONT_NONE) assert_int_equal(p, BT_OA_PLAN_IMPOSSIBLE);
+                else if (c->ids == BT_OA_CONT_CARRIED_IDS) assert_int_equal(p, BT_OA_PLAN_DIRECT);
+                else assert_int_equal(p, BT_OA_PLAN_TOKENIZE);
+                b.carried = tids;
+                p = bt_oa_plan_for(&b, err, sizeof err);
+                bool can = c->text == BT_OA_CONT_RAW_COMPLETION && decl && (api || c->render_path);
+                assert_int_equal(p, !can ? BT_OA_PLAN_IMPOSSIBLE : api ? BT_OA_PLAN_DIRECT : BT_OA_PLAN_RENDER);
+            }
+        }
+    }
+    json_decref(chat);
+    json_decref(comp_s);
 }
 
 static void test_tokens_answer(void **state) {
@@ -386,6 +478,7 @@ int main(void) {
         cmocka_unit_test(test_text_ids),
         cmocka_unit_test(test_chunks),         cmocka_unit_test(test_errors),
         cmocka_unit_test(test_first_attempt),  cmocka_unit_test(test_continuations),
+        cmocka_unit_test(test_capability_table),
         cmocka_unit_test(test_tokens_answer),  cmocka_unit_test(test_models),
         cmocka_unit_test(test_vllm_metrics),
     };

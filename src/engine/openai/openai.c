@@ -42,13 +42,13 @@
 #define OA_METRICS_ABSENT_RETRY_MS 30000u     /* /metrics without vLLM gauges: look again this late */
 
 typedef struct oa_engine oa_engine;
-typedef enum { X_SEQ, X_TOKENIZE, X_MODELS, X_HEALTH, X_METRICS } xfer_kind;
-static const char *xfer_names[] = {"stream", "tokenize", "models", "health", "metrics"};
+typedef enum { X_SEQ, X_TOKENIZE, X_RENDER, X_MODELS, X_HEALTH, X_METRICS } xfer_kind;
+static const char *xfer_names[] = {"stream", "tokenize", "render", "models", "health", "metrics"};
 
 typedef struct oa_xfer {
     oa_engine *e;
     xfer_kind kind;
-    bt_engine_seq *seq; /* X_SEQ, X_TOKENIZE; NULL once the sequence ended (an orphan draining) */
+    bt_engine_seq *seq; /* X_SEQ, X_TOKENIZE, X_RENDER; NULL once the sequence ended (an orphan draining) */
     CURL *easy;
     struct curl_slist *hdrs;
     char *body;
@@ -86,6 +86,9 @@ struct bt_engine_seq {
     uint32_t *prompt_ids;
     size_t n_prompt_ids;
     bool have_prompt_ids;
+    char *rendered; /* a chat rendered by the upstream, for a continuation from text */
+    size_t rendered_len;
+    bool have_rendered;
     bool carried_in_body; /* sent as carried_token_ids: the upstream's usage already counts them */
     bool carried_in_prompt; /* appended to a token-id prompt: the upstream counts them as prompt */
     /* the attempt */
@@ -241,7 +244,7 @@ static oa_xfer *xfer_start(oa_engine *e, xfer_kind kind, const char *path, char 
     x->e = e;
     x->kind = kind;
     x->body = body;
-    bt_buf_init(&x->rx, kind == X_SEQ || kind == X_TOKENIZE ? OA_RX_STREAM_CAP : OA_RX_PROBE_CAP);
+    bt_buf_init(&x->rx, kind == X_SEQ || kind == X_TOKENIZE || kind == X_RENDER ? OA_RX_STREAM_CAP : OA_RX_PROBE_CAP);
     x->next = e->xfers;
     if (e->xfers) e->xfers->prev = x;
     e->xfers = x;
@@ -335,6 +338,7 @@ static void seq_free(bt_engine_seq *s) {
     json_decref(s->body);
     free(s->carried);
     free(s->prompt_ids);
+    free(s->rendered);
     bt_buf_free(&s->carried_text);
     bt_buf_free(&s->held_text);
     bt_sse_free(&s->sse);
@@ -435,6 +439,16 @@ static void seq_usage(const bt_engine_seq *s, bt_usage *u) {
     else ct = s->n_carried + (s->usage_seen ? s->up_completion : s->emitted);
     u->prompt_tokens = pt;
     u->completion_tokens = ct > UINT32_MAX ? UINT32_MAX : (uint32_t)ct;
+}
+
+/* A continuation this upstream cannot make exactly. BT_ERR_NO_WORKER is not migratable, so the
+ * frontend ends the stream with its error event (503) instead of trying the next worker, which
+ * would refuse it the same way in a fleet of one kind; and a worker that refuses is not faulty,
+ * so it is not quarantined either. */
+static void seq_refuse(bt_engine_seq *s, const char *why) {
+    BT_WARN("openai: %s: refusing to continue a stream after %zu delivered tokens: %s", s->rid, s->n_carried, why);
+    seq_fail(s, BT_ERR_NO_WORKER, "no worker can continue this stream exactly after %zu tokens: %s", s->n_carried,
+             why);
 }
 
 /* Delivers the endings on the ready list. */
@@ -671,6 +685,10 @@ static void fill_build(oa_engine *e, const bt_engine_seq *s, bt_oa_build *b) {
     b->prompt_ids = s->prompt_ids;
     b->n_prompt_ids = s->n_prompt_ids;
     b->have_prompt_ids = s->have_prompt_ids;
+    b->raw_completions = e->cfg.raw_completions;
+    b->rendered = s->rendered;
+    b->rendered_len = s->rendered_len;
+    b->have_rendered = s->have_rendered;
 }
 
 /* Gives the sequence its new transfer x (NULL: it could not start, out of memory, which fails the
@@ -708,44 +726,62 @@ static void seq_start_stream(bt_engine_seq *s) {
 }
 
 /* Starts the sequence once the upstream is known: a continuation that needs the prompt's token
- * ids asks /tokenize first. */
+ * ids asks /tokenize first, one that needs a chat rendered asks the kind's render path first. */
 static void seq_start(bt_engine_seq *s) {
     oa_engine *e = s->e;
     bt_oa_build b;
     fill_build(e, s, &b);
     char err[256];
-    switch (bt_oa_plan_for(&b, err, sizeof err)) {
-    case BT_OA_PLAN_IMPOSSIBLE: seq_fail(s, BT_ERR_INVALID, "%s", err); return;
+    bt_oa_plan plan = bt_oa_plan_for(&b, err, sizeof err);
+    switch (plan) {
+    case BT_OA_PLAN_IMPOSSIBLE: seq_refuse(s, err); return;
     case BT_OA_PLAN_DIRECT: seq_start_stream(s); return;
-    case BT_OA_PLAN_TOKENIZE: break;
+    case BT_OA_PLAN_TOKENIZE:
+    case BT_OA_PLAN_RENDER: break;
     }
-    json_t *t = bt_oa_tokenize_body(&b);
+    bool render = plan == BT_OA_PLAN_RENDER;
+    const char *path = render ? bt_oa_kind_caps(e->kind)->render_path : "/tokenize";
+    json_t *t = render ? bt_oa_render_body(&b) : bt_oa_tokenize_body(&b);
     char *text = t ? json_dumps(t, JSON_COMPACT) : NULL;
     json_decref(t);
-    oa_xfer *x = text ? xfer_start(e, X_TOKENIZE, "/tokenize", text, OA_TOKENIZE_TIMEOUT_MS, s->rid) : NULL;
-    seq_attach(s, x, S_PREPARING, "the /tokenize request");
+    oa_xfer *x = text ? xfer_start(e, render ? X_RENDER : X_TOKENIZE, path, text, OA_TOKENIZE_TIMEOUT_MS, s->rid)
+                      : NULL;
+    seq_attach(s, x, S_PREPARING, render ? "the chat rendering request" : "the /tokenize request");
 }
 
-static void tokenize_done(oa_xfer *x, CURLcode cc) {
+/* The /tokenize or render answer came: the stream starts, or the sequence ends. */
+static void prepare_done(oa_xfer *x, CURLcode cc) {
     bt_engine_seq *s = x->seq;
     if (!s || s->x != x) return;
+    const char *what = x->kind == X_RENDER ? bt_oa_kind_caps(s->e->kind)->render_path : "/tokenize";
     long code = 0;
     curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &code);
+    char err[256];
+    if (cc == CURLE_OK && (code == 404 || code == 405 || code == 501)) {
+        /* the mechanism the continuation needs is not there: no other attempt would do better */
+        snprintf(err, sizeof err, "the upstream has no POST %s (HTTP %ld)", what, code);
+        seq_refuse(s, err);
+        return;
+    }
     if (cc != CURLE_OK || code != 200) {
         bt_status st = cc != CURLE_OK ? BT_ERR_CANNOT_CONNECT : bt_oa_status_for_http(code);
-        if (cc == CURLE_OK && code == 404) st = BT_ERR_INVALID; /* no /tokenize there: no use retrying */
-        seq_fail(s, st, "the upstream's /tokenize failed: %s",
+        seq_fail(s, st, "the upstream's %s failed: %s", what,
                  cc != CURLE_OK ? (x->errbuf[0] ? x->errbuf : curl_easy_strerror(cc)) : "non-200 answer");
         return;
     }
-    char err[256];
-    bt_status st = bt_oa_read_tokens(x->rx.data ? x->rx.data : "", x->rx.len, &s->prompt_ids, &s->n_prompt_ids, err,
-                                     sizeof err);
+    const char *body = x->rx.data ? x->rx.data : "";
+    bt_status st;
+    if (x->kind == X_RENDER) {
+        st = bt_oa_read_rendered(body, x->rx.len, &s->rendered, &s->rendered_len, err, sizeof err);
+        s->have_rendered = st == BT_OK;
+    } else {
+        st = bt_oa_read_tokens(body, x->rx.len, &s->prompt_ids, &s->n_prompt_ids, err, sizeof err);
+        s->have_prompt_ids = st == BT_OK;
+    }
     if (st != BT_OK) {
         seq_fail(s, st, "%s", err);
         return;
     }
-    s->have_prompt_ids = true;
     s->x = NULL; /* this transfer is over (on_curl_done frees it); the stream's starts now */
     x->seq = NULL;
     seq_start_stream(s);
@@ -930,7 +966,8 @@ static bool on_curl_done(void *ud, CURL *easy, CURLcode cc) {
     x->completing = true;
     switch (x->kind) {
     case X_SEQ: stream_done(e, x, cc); break;
-    case X_TOKENIZE: tokenize_done(x, cc); break;
+    case X_TOKENIZE:
+    case X_RENDER: prepare_done(x, cc); break;
     case X_MODELS:
     case X_HEALTH:
         e->probe = NULL;
@@ -999,9 +1036,9 @@ static bt_status oa_submit(bt_engine *be, const bt_engine_request *req, const bt
     }
     bt_oa_carried_kind ck = bt_oa_carried_classify(req->carried, req->n_carried);
     if (ck == BT_OA_CARRIED_MIXED) {
-        snprintf(err, errlen, "the carried tokens mix upstream token ids and text-mode ids: the workers of one model "
-                              "must front upstreams of one kind");
-        return BT_ERR_INVALID;
+        snprintf(err, errlen, "no worker can continue this stream exactly: the carried tokens mix upstream token ids "
+                              "and text-mode ids (the workers of one model must front upstreams of one kind)");
+        return BT_ERR_NO_WORKER; /* refused, not migrated: see seq_refuse */
     }
     bt_engine_seq *s = calloc(1, sizeof *s);
     if (!s) goto nomem;
@@ -1029,9 +1066,9 @@ static bt_status oa_submit(bt_engine *be, const bt_engine_request *req, const bt
     if (ck == BT_OA_CARRIED_TEXT) {
         if (!req->carried_text) {
             seq_free(s);
-            snprintf(err, errlen, "continuing on a text-only upstream needs the delivered text, which the frontend "
-                                  "did not send (carried_text)");
-            return BT_ERR_INVALID;
+            snprintf(err, errlen, "no worker can continue this stream exactly: continuing from text needs the "
+                                  "delivered text, which the frontend did not send (carried_text)");
+            return BT_ERR_NO_WORKER;
         }
         if (bt_buf_append(&s->carried_text, req->carried_text, req->carried_text_len) != BT_OK) {
             seq_free(s);
@@ -1232,8 +1269,9 @@ bt_engine *bt_openai_create(uv_loop_t *loop, const bt_openai_config *cfg, const 
     load_snapshot(e, &e->last_load);
     uint64_t iv = (uint64_t)(cfg->health_interval * 1000.0 + 0.5);
     uv_timer_start(&e->health_timer, on_health_timer, 0, iv ? iv : 1); /* the first probe at once */
-    BT_INFO("openai: upstream %s (kind %s, model %s), health every %gs (dead after %lld failures), %lld KV blocks",
-            e->url, bt_oa_kind_name(e->kind_cfg), e->model_cfg ? e->model_cfg : "from /v1/models", cfg->health_interval,
+    BT_INFO("openai: upstream %s (kind %s, model %s%s), health every %gs (dead after %lld failures), %lld KV blocks",
+            e->url, bt_oa_kind_name(e->kind_cfg), e->model_cfg ? e->model_cfg : "from /v1/models",
+            cfg->raw_completions ? ", raw completions declared" : "", cfg->health_interval,
             (long long)cfg->health_failures, (long long)cfg->total_blocks);
     return &e->base;
 }

@@ -5,13 +5,15 @@
  * /v1/completions, driven by libcurl's multi interface on the worker's libuv loop. Token ids come
  * from the upstream when it offers them (a baton frontend and vLLM do, with "return_token_ids"),
  * so a continuation is token-exact; from a text-only upstream the engine delivers one tagged id
- * per text chunk, and a continuation re-sends the text the frontend delivered (docs/engines.md
- * says what each guarantees). A kill closes the upstream connection at once, which makes vLLM-like servers abort
+ * per text chunk. A stream that moved here continues only through what the upstream kind provably
+ * honours (a capability table, openai_wire.h); otherwise it is refused with BT_ERR_NO_WORKER, so
+ * the frontend ends it with an error the client reads instead of wrong text (docs/engines.md). A kill closes the upstream connection at once, which makes vLLM-like servers abort
  * the request; a stop ends the sequence with what was delivered. The engine polls the upstream's
  * health and, when it exposes vLLM's Prometheus gauges, its KV-cache usage and queue lengths. */
 #ifndef BATON_OPENAI_H
 #define BATON_OPENAI_H
 
+#include <stdbool.h>
 #include <stdint.h>
 #include <uv.h>
 
@@ -23,6 +25,8 @@ typedef struct {
     const char *served_model; /* the worker's --model-name, used upstream when the upstream lists it */
     const char *kind;         /* --upstream-kind: auto, baton, vllm, sglang, llamacpp, openai */
     const char *api_key;      /* --upstream-api-key: sent as "Authorization: Bearer"; NULL = none */
+    bool raw_completions;     /* --upstream-raw-completions: the operator declares that the upstream's
+                                 /v1/completions continues a text prompt as it is (text continuation) */
     int64_t total_blocks;     /* --upstream-total-blocks: KV capacity reported in load and card (1000) */
     double health_interval;   /* seconds between health polls (2) */
     int64_t health_failures;  /* consecutive failed polls that make the upstream dead (3) */

@@ -32,7 +32,28 @@ bool bt_oa_kind_parse(const char *s, bt_oa_kind *out) {
     return false;
 }
 
-bool bt_oa_kind_wants_ids(bt_oa_kind k) { return k == BT_OA_KIND_BATON || k == BT_OA_KIND_VLLM; }
+/* What each upstream kind provably honours when a stream continues on it. Text is continued only
+ * as a raw completion (prompt text + delivered text), the one form whose meaning the OpenAI API
+ * fixes, and only where the operator declares it (a server may wrap completions in a template).
+ * Chat prefills (a final assistant message, continue_final_message) are not here: most servers
+ * ignore them without an error and answer from the start. */
+static const bt_oa_caps kind_caps[] = {
+    [BT_OA_KIND_AUTO] = {false, BT_OA_CONT_NONE, BT_OA_CONT_NONE, NULL}, /* resolved before use */
+    [BT_OA_KIND_BATON] = {true, BT_OA_CONT_CARRIED_IDS, BT_OA_CONT_RAW_COMPLETION, NULL},
+    [BT_OA_KIND_VLLM] = {true, BT_OA_CONT_TOKEN_PROMPT, BT_OA_CONT_RAW_COMPLETION, NULL},
+    [BT_OA_KIND_SGLANG] = {false, BT_OA_CONT_NONE, BT_OA_CONT_RAW_COMPLETION, NULL},
+    /* llama.cpp's /apply-template answers the very prompt its chat endpoint hands to its completion
+     * path, so that prompt + the delivered text, completed raw, continues the chat */
+    [BT_OA_KIND_LLAMACPP] = {false, BT_OA_CONT_NONE, BT_OA_CONT_RAW_COMPLETION, "/apply-template"},
+    [BT_OA_KIND_OPENAI] = {false, BT_OA_CONT_NONE, BT_OA_CONT_RAW_COMPLETION, NULL},
+};
+
+const bt_oa_caps *bt_oa_kind_caps(bt_oa_kind k) {
+    if ((int)k < 0 || (size_t)k >= sizeof kind_caps / sizeof kind_caps[0]) return &kind_caps[BT_OA_KIND_AUTO];
+    return &kind_caps[k];
+}
+
+bool bt_oa_kind_wants_ids(bt_oa_kind k) { return bt_oa_kind_caps(k)->wants_ids; }
 
 bool bt_oa_read_models(const char *body, size_t len, const char *want, const char *fallback, bt_oa_kind *kind,
                        char *model, size_t model_len, char *err, size_t errlen) {
@@ -241,6 +262,8 @@ static bool prompt_is_ids(const json_t *body) {
 }
 
 bt_oa_plan bt_oa_plan_for(const bt_oa_build *b, char *err, size_t errlen) {
+    const bt_oa_caps *caps = bt_oa_kind_caps(b->kind);
+    const char *kn = bt_oa_kind_name(b->kind);
     switch (bt_oa_carried_classify(b->carried, b->n_carried)) {
     case BT_OA_CARRIED_NONE: return BT_OA_PLAN_DIRECT;
     case BT_OA_CARRIED_MIXED:
@@ -248,15 +271,29 @@ bt_oa_plan bt_oa_plan_for(const bt_oa_build *b, char *err, size_t errlen) {
                               "must front upstreams of one kind");
         return BT_OA_PLAN_IMPOSSIBLE;
     case BT_OA_CARRIED_IDS:
-        if (b->kind == BT_OA_KIND_BATON || b->have_prompt_ids) return BT_OA_PLAN_DIRECT;
-        if (b->api == BT_API_COMPLETION && prompt_is_ids(b->body)) return BT_OA_PLAN_DIRECT;
-        if (b->kind == BT_OA_KIND_VLLM) return BT_OA_PLAN_TOKENIZE;
-        snprintf(err, errlen, "a %s upstream cannot continue a stream from token ids (it gives no way to turn the "
-                              "prompt into token ids)", bt_oa_kind_name(b->kind));
+        switch (caps->ids) {
+        case BT_OA_CONT_CARRIED_IDS: return BT_OA_PLAN_DIRECT;
+        case BT_OA_CONT_TOKEN_PROMPT:
+            if (b->have_prompt_ids || (b->api == BT_API_COMPLETION && prompt_is_ids(b->body))) return BT_OA_PLAN_DIRECT;
+            return BT_OA_PLAN_TOKENIZE;
+        default: break;
+        }
+        snprintf(err, errlen, "upstream kind %s has no way to continue from token ids", kn);
         return BT_OA_PLAN_IMPOSSIBLE;
     case BT_OA_CARRIED_TEXT:
-        if (b->api == BT_API_CHAT || prompt_string(b->body)) return BT_OA_PLAN_DIRECT;
-        snprintf(err, errlen, "a prompt of token ids cannot be continued with text on a text-only upstream");
+        if (caps->text != BT_OA_CONT_RAW_COMPLETION) {
+            snprintf(err, errlen, "upstream kind %s has no way to continue from text", kn);
+        } else if (b->api == BT_API_CHAT && !caps->render_path) {
+            snprintf(err, errlen, "a chat cannot be continued exactly from its delivered text (servers ignore "
+                                  "prefills; upstream kind %s renders no chat prompt)", kn);
+        } else if (b->api == BT_API_COMPLETION && !prompt_string(b->body)) {
+            snprintf(err, errlen, "a prompt of token ids cannot be continued from text (upstream kind %s)", kn);
+        } else if (!b->raw_completions) {
+            snprintf(err, errlen, "upstream kind %s continues text only as a raw completion, which the operator did "
+                                  "not declare (--upstream-raw-completions)", kn);
+        } else {
+            return b->api == BT_API_CHAT && !b->have_rendered ? BT_OA_PLAN_RENDER : BT_OA_PLAN_DIRECT;
+        }
         return BT_OA_PLAN_IMPOSSIBLE;
     }
     return BT_OA_PLAN_IMPOSSIBLE;
@@ -296,6 +333,43 @@ json_t *bt_oa_tokenize_body(const bt_oa_build *b) {
         if (v) json_object_set(t, "add_special_tokens", v);
     }
     return t;
+}
+
+json_t *bt_oa_render_body(const bt_oa_build *b) {
+    json_t *t = json_object();
+    if (!t) return NULL;
+    static const char *keep[] = {"messages", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs"};
+    for (size_t i = 0; i < sizeof keep / sizeof keep[0]; i++) {
+        json_t *v = json_object_get(b->body, keep[i]);
+        if (v && json_object_set(t, keep[i], v) != 0) {
+            json_decref(t);
+            return NULL;
+        }
+    }
+    return t;
+}
+
+bt_status bt_oa_read_rendered(const char *body, size_t len, char **prompt, size_t *n, char *err, size_t errlen) {
+    *prompt = NULL;
+    *n = 0;
+    json_t *root = json_loadb(body, len, 0, NULL);
+    json_t *p = root ? json_object_get(root, "prompt") : NULL;
+    if (!json_is_string(p)) {
+        snprintf(err, errlen, "the upstream's chat rendering did not answer {\"prompt\": \"...\"}");
+        json_decref(root);
+        return BT_ERR_PROTOCOL;
+    }
+    size_t pl = json_string_length(p);
+    *prompt = malloc(pl + 1);
+    if (!*prompt) {
+        json_decref(root);
+        snprintf(err, errlen, "out of memory");
+        return BT_ERR_NOMEM;
+    }
+    memcpy(*prompt, json_string_value(p), pl + 1);
+    *n = pl;
+    json_decref(root);
+    return BT_OK;
 }
 
 bt_status bt_oa_read_tokens(const char *body, size_t len, uint32_t **ids, size_t *n, char *err, size_t errlen) {
@@ -349,8 +423,8 @@ bt_status bt_oa_build_request(const bt_oa_build *b, const char **path, json_t **
     }
     bt_oa_plan plan = bt_oa_plan_for(b, err, errlen);
     if (plan == BT_OA_PLAN_IMPOSSIBLE) return BT_ERR_INVALID;
-    if (plan == BT_OA_PLAN_TOKENIZE && !b->have_prompt_ids) {
-        snprintf(err, errlen, "the prompt's token ids are needed first");
+    if (plan == BT_OA_PLAN_TOKENIZE || plan == BT_OA_PLAN_RENDER) {
+        snprintf(err, errlen, "the prompt's %s is needed first", plan == BT_OA_PLAN_RENDER ? "rendering" : "token ids");
         return BT_ERR_INVALID;
     }
     json_t *body = json_deep_copy(b->body);
@@ -363,10 +437,11 @@ bt_status bt_oa_build_request(const bt_oa_build *b, const char **path, json_t **
         goto nomem;
     if (bt_oa_kind_wants_ids(b->kind) && json_object_set_new(body, "return_token_ids", json_true()) != 0) goto nomem;
 
+    /* the plan above admitted only what the capability table allows */
     switch (bt_oa_carried_classify(b->carried, b->n_carried)) {
     case BT_OA_CARRIED_NONE: break;
     case BT_OA_CARRIED_IDS:
-        if (b->kind == BT_OA_KIND_BATON && !b->have_prompt_ids) {
+        if (bt_oa_kind_caps(b->kind)->ids == BT_OA_CONT_CARRIED_IDS) {
             json_t *c = ids_array(b->carried, b->n_carried, NULL, 0);
             if (!c || json_object_set_new(body, "carried_token_ids", c) != 0) goto nomem;
         } else if (b->have_prompt_ids) {
@@ -380,33 +455,31 @@ bt_status bt_oa_build_request(const bt_oa_build *b, const char **path, json_t **
                 if (json_array_append_new(orig, json_integer(b->carried[i])) != 0) goto nomem;
         }
         break;
-    case BT_OA_CARRIED_TEXT:
-        if (b->api == BT_API_COMPLETION) {
-            const json_t *ps = prompt_string(body);
-            bt_buf t;
-            bt_buf_init(&t, (size_t)1 << 30);
-            if (bt_buf_append(&t, json_string_value(ps), json_string_length(ps)) != BT_OK ||
-                bt_buf_append(&t, b->carried_text, b->carried_text_len) != BT_OK) {
-                bt_buf_free(&t);
-                goto nomem;
-            }
-            json_t *s = json_stringn(t.data ? t.data : "", t.len);
-            bt_buf_free(&t);
-            if (!s || json_object_set_new(body, "prompt", s) != 0) goto nomem;
+    case BT_OA_CARRIED_TEXT: { /* a raw completion: prompt text (a chat's rendered) + delivered text */
+        const char *pt;
+        size_t pl;
+        if (b->api == BT_API_CHAT) {
+            pt = b->rendered;
+            pl = b->rendered_len;
         } else {
-            json_t *msgs = json_object_get(body, "messages");
-            json_t *m = json_pack("{s:s, s:s%}", "role", "assistant", "content", b->carried_text ? b->carried_text : "",
-                                  b->carried_text_len);
-            if (!json_is_array(msgs) || !m || json_array_append_new(msgs, m) != 0) goto nomem;
-            /* vLLM and SGLang: render the last message open, without a new assistant turn; llama.cpp
-             * prefills a final assistant message by itself; an unknown server gets only the message */
-            if (b->kind != BT_OA_KIND_OPENAI && b->kind != BT_OA_KIND_LLAMACPP) {
-                if (json_object_set_new(body, "continue_final_message", json_true()) != 0 ||
-                    json_object_set_new(body, "add_generation_prompt", json_false()) != 0)
-                    goto nomem;
-            }
+            const json_t *ps = prompt_string(body);
+            pt = json_string_value(ps);
+            pl = json_string_length(ps);
         }
+        bt_buf t;
+        bt_buf_init(&t, (size_t)1 << 30);
+        if (bt_buf_append(&t, pt, pl) != BT_OK || bt_buf_append(&t, b->carried_text, b->carried_text_len) != BT_OK) {
+            bt_buf_free(&t);
+            goto nomem;
+        }
+        json_t *s = json_stringn(t.data ? t.data : "", t.len);
+        bt_buf_free(&t);
+        if (b->api == BT_API_CHAT)
+            for (size_t i = 0; i < sizeof chat_only / sizeof chat_only[0]; i++) json_object_del(body, chat_only[i]);
+        if (!s || json_object_set_new(body, "prompt", s) != 0) goto nomem;
+        *path = "/v1/completions";
         break;
+    }
     case BT_OA_CARRIED_MIXED: break; /* refused by the plan */
     }
     *out = body;

@@ -33,8 +33,33 @@ typedef enum {
 const char *bt_oa_kind_name(bt_oa_kind k);
 /* Parses "auto", "baton", "vllm", "sglang", "llamacpp" (or "llama.cpp"), "openai"; false if none. */
 bool bt_oa_kind_parse(const char *s, bt_oa_kind *out);
-/* Whether requests to this kind ask for token ids ("return_token_ids": true). */
+/* Whether requests to this kind ask for token ids ("return_token_ids": true); from the table below. */
 bool bt_oa_kind_wants_ids(bt_oa_kind k);
+
+/* How a stream that moved to this worker continues on its upstream. A continuation is made only
+ * through a mechanism the upstream kind provably honours; with none, it is refused (the stream
+ * ends with an error the client reads), never approximated: a server that ignores a prefill
+ * would otherwise answer from the start and the client would get repeated text as a success. */
+typedef enum {
+    BT_OA_CONT_NONE = 0,       /* nothing the kind honours: the continuation is refused */
+    BT_OA_CONT_CARRIED_IDS,    /* the body gets "carried_token_ids": [ids] (a baton frontend) */
+    BT_OA_CONT_TOKEN_PROMPT,   /* /v1/completions, prompt = the prompt's ids (/tokenize) + the delivered ids */
+    BT_OA_CONT_RAW_COMPLETION, /* /v1/completions, prompt = the prompt text + the delivered text; only where
+                                  the operator declares the upstream's completions raw (raw_completions) */
+} bt_oa_cont;
+
+typedef struct {
+    bool wants_ids;          /* requests ask for token ids */
+    bt_oa_cont ids;          /* carried ids are the upstream's own token ids */
+    bt_oa_cont text;         /* carried ids are text-mode ids: the delivered text is what is known */
+    const char *render_path; /* where the upstream renders a chat into the prompt its chat endpoint
+                                completes (llama.cpp's POST /apply-template), so that a chat can
+                                continue as a raw completion; NULL: a chat cannot continue from text */
+} bt_oa_caps;
+
+/* The one capability table (docs/engines.md §2.2); AUTO and unknown values get the row of
+ * nothing (no ids, no continuation). */
+const bt_oa_caps *bt_oa_kind_caps(bt_oa_kind k);
 
 /* Reads a GET /v1/models answer: the kind from the first model's owned_by ("baton", "vllm",
  * "sglang", "llamacpp"; anything else is BT_OA_KIND_OPENAI) and the upstream model to use: `want`
@@ -112,12 +137,26 @@ typedef struct {
     const uint32_t *prompt_ids; /* the prompt's token ids when known (from /tokenize) */
     size_t n_prompt_ids;
     bool have_prompt_ids;
+    bool raw_completions; /* the operator declares that the upstream's /v1/completions continues a text
+                             prompt as it is (--upstream-raw-completions) */
+    const char *rendered; /* a chat rendered by the upstream (render_path), when known */
+    size_t rendered_len;
+    bool have_rendered;
 } bt_oa_build;
 
-/* What continuing a request needs on top of the body: nothing, the prompt's token ids first
- * (ask the upstream's /tokenize), or it cannot be done on this upstream (message in err). */
-typedef enum { BT_OA_PLAN_DIRECT, BT_OA_PLAN_TOKENIZE, BT_OA_PLAN_IMPOSSIBLE } bt_oa_plan;
+/* What continuing a request needs on top of the body, per the capability table: nothing, the
+ * prompt's token ids first (ask the upstream's /tokenize), the chat rendered first (ask the
+ * upstream's render_path), or it cannot be done exactly on this upstream (why in err: the
+ * continuation must be refused). */
+typedef enum { BT_OA_PLAN_DIRECT, BT_OA_PLAN_TOKENIZE, BT_OA_PLAN_RENDER, BT_OA_PLAN_IMPOSSIBLE } bt_oa_plan;
 bt_oa_plan bt_oa_plan_for(const bt_oa_build *b, char *err, size_t errlen);
+
+/* The render request for a chat (llama.cpp's /apply-template: {"messages", and what shapes the
+ * template: tools, tool_choice, parallel_tool_calls, chat_template_kwargs}), or NULL when out of
+ * memory. */
+json_t *bt_oa_render_body(const bt_oa_build *b);
+/* Reads a render answer ({"prompt": "..."}) into a malloc'd, NUL-terminated copy. */
+bt_status bt_oa_read_rendered(const char *body, size_t len, char **prompt, size_t *n, char *err, size_t errlen);
 
 /* The /tokenize request for b (vLLM's shape: {"model","prompt"} or {"model","messages",
  * "add_generation_prompt":true}), or NULL when out of memory. */
@@ -126,8 +165,8 @@ json_t *bt_oa_tokenize_body(const bt_oa_build *b);
 bt_status bt_oa_read_tokens(const char *body, size_t len, uint32_t **ids, size_t *n, char *err, size_t errlen);
 
 /* Builds the streaming request for an attempt: *path gets "/v1/chat/completions" or
- * "/v1/completions", *out the body (owned by the caller). The plan must be DIRECT, or TOKENIZE with
- * prompt_ids filled in. */
+ * "/v1/completions", *out the body (owned by the caller). The plan must be DIRECT, TOKENIZE with
+ * prompt_ids filled in, or RENDER with rendered filled in. */
 bt_status bt_oa_build_request(const bt_oa_build *b, const char **path, json_t **out, char *err, size_t errlen);
 
 /* ---- load ---------------------------------------------------------------------------------- */
