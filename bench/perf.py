@@ -17,11 +17,13 @@ usage (from the repository root; BATON_BIN defaults to build/baton):
          workers; only the proxy process is counted), same streams, tokens and token rate.
          --compare-bin adds a frontend of another build on the same workers (before/after).
   BATON_BIN=build/baton python3 bench/perf.py latency  [--concurrency 1,100,1000] [--tokens 30]
-        [--speedup 0.2] [--anchor nginx] [--pin 0:1]
+        [--speedup 0.2] [--anchor nginx] [--pin 0:1] [--no-relay]
       b. TTFT and per-token delay p50/p99 through the frontend and straight at the worker's
          request plane (the same engine, one worker), and the difference. The per-token delay is
          measured against a probe stream on the request plane that runs through every phase.
-         The anchor row is nginx proxying to the frontend: what one plain proxy hop adds.
+         The anchor row is nginx proxying to the frontend: what one plain proxy hop adds. The
+         "minimal relay" row is bench/relay.c (baton-relay): only the work a frontend cannot avoid
+         (read the worker's multiplexed stream, write each chunk to its client socket), the floor.
          --pin puts baton on one CPU and the load generators on the other.
   BATON_BIN=build/baton python3 bench/perf.py scale    [--streams 10000] [--workers 4]
         [--tokens 50] [--speedup 0.02]
@@ -206,6 +208,18 @@ def start_anchor(kind, d, upstream):
     return p, f"http://127.0.0.1:{port}"
 
 
+def start_relay(d, rpc):
+    """bench/relay.c: the minimal relay (the frontend's unavoidable work only) on the worker `rpc`."""
+    exe = os.path.join(os.path.dirname(bl.baton_bin()), "baton-relay")
+    if not os.path.exists(exe):
+        raise SystemExit(f"{exe} not found: build it (cmake --build <dir> --target baton-relay)")
+    port = bl.free_port()
+    log = os.path.join(d, "relay.log")
+    p = bl.Proc([exe, "--listen", port, "--worker", rpc], name="relay", log=log)
+    bl.wait_for(lambda: "connected to the worker" in open(log).read(), 20, what="the relay's worker connection")
+    return p, f"http://127.0.0.1:{port}"
+
+
 def cmd_cost(a):
     bl.deadline(3600, "perf cost")
     anchors = [x for x in a.anchors.split(",") if x]
@@ -317,6 +331,11 @@ def cmd_latency(a):
             anchor = start_anchor(a.anchor, c.dir, fe.port)
             paths.append((a.anchor, anchor[1], False))
         extra, multi = [], []  # more frontends on the same worker, measured as more paths
+        relay = None
+        if a.relay:  # the floor: only the work a frontend cannot avoid, against direct like the rest
+            relay = start_relay(c.dir, rpc)
+            multi.append("minimal relay")
+            paths.append((multi[-1], relay[1], False))
         if a.threads > 1:  # one frontend process with N event loops
             t = c.start_frontend(max_connections=30000, max_concurrent_requests=100000, http_idle_timeout_ms=600000,
                                  threads=a.threads)
@@ -334,7 +353,8 @@ def cmd_latency(a):
             paths.append((multi[-1], ",".join([fe.url] + [f.url for f in procs]), False))
         if a.pin:
             baton_cpu, CLIENT_CPU = (int(x) for x in a.pin.split(":"))
-            for p in [fe.proc, w.proc] + [f.proc for f in extra] + ([anchor[0]] if anchor else []):
+            for p in ([fe.proc, w.proc] + [f.proc for f in extra] + ([anchor[0]] if anchor else [])
+                      + ([relay[0]] if relay else [])):
                 os.sched_setaffinity(p.pid, {baton_cpu})
         check(run_load(fe.url, 10, 10), "warm-up")
         check(run_load(rpc, 10, 10, rpc=True), "warm-up (request plane)")
@@ -578,6 +598,8 @@ def main():
                    help="also measure a frontend with this many event loops (--threads)")
     p.add_argument("--frontends", type=int, default=1,
                    help="also measure the load spread over this many frontend processes (one event loop each)")
+    p.add_argument("--no-relay", dest="relay", action="store_false",
+                   help="do not measure the minimal relay (bench/relay.c), the floor under the frontend")
     p = sub.add_parser("scale")
     p.add_argument("--streams", type=int, default=10000)
     p.add_argument("--workers", type=int, default=4)
