@@ -17,6 +17,9 @@
 #include "common/log.h"
 #include "frontend/fe.h"
 
+/* The output length assumed, for the pending-blocks estimate only, of a request whose limit is
+ * the worker's default (the frontend does not know it): the mocker's and vLLM's usual 256. */
+#define FE_MAX_TOKENS_GUESS 256u
 #define LOAD_STALE_MS 3000u     /* a load report older than this says nothing about busy-ness */
 #define EVENT_FRESH_MS 2000u    /* workers publish at least every second; past this, LOAD frames count */
 #define RELEASE_TAU_S 5.0       /* time constant of the block release rate estimate */
@@ -494,14 +497,16 @@ uint32_t fe_worker_send_request(fe_worker *w, fe_req *r) {
     uint32_t id = w->next_stream;
     w->next_stream += 2;
     if (w->next_stream > 0x7fffffffu) w->next_stream = 1;
-    /* REQUEST payload: {"request_id","api","body","carried","max_tokens"[,"carried_text"]} */
+    /* REQUEST payload: {"request_id","api","body","carried"[,"max_tokens"][,"carried_text"]}. With
+     * no max_tokens from the client none is sent: the worker's default, less the carried tokens,
+     * bounds the attempt (docs/protocol.md). */
     json_t *carried = json_array();
     for (size_t i = 0; i < r->nids; i++) json_array_append_new(carried, json_integer(r->ids[i]));
     int64_t remaining = r->max_tokens - (int64_t)r->nids;
     if (remaining < 0) remaining = 0;
-    json_t *msg = json_pack("{s:s, s:s, s:O, s:o, s:I}", "request_id", r->rid, "api",
-                            r->api == BT_API_CHAT ? "chat" : "completion", "body", r->body, "carried", carried,
-                            "max_tokens", (json_int_t)remaining);
+    json_t *msg = json_pack("{s:s, s:s, s:O, s:o}", "request_id", r->rid, "api",
+                            r->api == BT_API_CHAT ? "chat" : "completion", "body", r->body, "carried", carried);
+    if (msg && r->max_tokens >= 0) json_object_set_new(msg, "max_tokens", json_integer((json_int_t)remaining));
     if (msg && r->nids && !r->text_lost) /* the delivered text, for engines that resume from text */
         json_object_set_new(msg, "carried_text", json_stringn(r->text.data ? r->text.data : "", r->text.len));
     char *payload = msg ? json_dumps(msg, JSON_COMPACT) : NULL;
@@ -515,7 +520,8 @@ uint32_t fe_worker_send_request(fe_worker *w, fe_req *r) {
     /* until the next LOAD shows it, assume the request holds blocks for its prompt (estimated
      * at 4 bytes of body per token) and its whole output */
     uint64_t bs = w->block_size ? w->block_size : 16;
-    uint64_t est_tokens = (uint64_t)remaining + r->nids + payload_len / 4;
+    uint64_t est_out = r->max_tokens >= 0 ? (uint64_t)remaining : FE_MAX_TOKENS_GUESS; /* the worker decides */
+    uint64_t est_tokens = est_out + r->nids + payload_len / 4;
     w->pending_blocks += (est_tokens + bs - 1) / bs;
     return id;
 }
