@@ -6,7 +6,11 @@
  * vanished. Readers treat a file whose mtime is older than the TTL as expired and remove it, which
  * is how a crashed writer's keys go away. Watchers rescan the directory when inotify reports a
  * change (bursts coalesced: one scan in flight, at most one more queued) and every second, and
- * diff each snapshot against the previous one. All file-system work — writes, unlinks, listing,
+ * diff each snapshot against the previous one. Only a file that is not listed (or ENOENT when it
+ * is opened) is a deleted key: a listing that fails keeps the whole previous snapshot, and a key
+ * that is listed but cannot be opened or read (EMFILE under descriptor pressure, EIO, ...) keeps
+ * its previous value, so that resource trouble in the reader never looks like a worker leaving.
+ * All file-system work — writes, unlinks, listing,
  * stat and reads — runs on the libuv thread pool; the loop only diffs and calls back. Writes go
  * through one FIFO per handle, one batch at a time, so operations on a key happen in call order
  * (a put followed by a delete always ends absent). See docs/discovery.md. */
@@ -107,14 +111,17 @@ typedef struct owned {
 } owned;
 
 /* One key of a snapshot. `live` = reported to the watcher with on_put and not deleted since;
- * `bad` = its content was already warned about (malformed or too large). */
+ * `bad` = its content was already warned about (malformed or too large); `unread` = the scan
+ * listed the file but could not open or read it (EMFILE, EIO, ...): the loop keeps the previous
+ * snapshot's view of the key, or leaves the key out if it had none. */
 typedef struct {
     char *key;
-    char *text; /* NULL when too_large */
+    char *text; /* NULL when too_large or unread */
     size_t len;
     bool too_large;
     bool live;
     bool bad;
+    bool unread;
 } entry;
 
 typedef struct {
@@ -148,9 +155,13 @@ typedef struct {
     int scan_err;
     bool scan_truncated;
     size_t scan_expired;
+    int scan_read_err;       /* the first error opening or reading a listed key, or 0 */
+    char scan_read_key[BT_DISCOVERY_FILE_NAME_MAX + 1]; /* ... and that key */
+    size_t scan_unread;      /* how many listed keys could not be read */
     entry *snap; /* the last snapshot, sorted by key */
     size_t nsnap;
     int last_scan_err;
+    int last_read_err; /* scan_read_err of the last scan: a run of failures is logged once */
     bool warned_cap, warned_fs_event;
 
     /* Closing. */
@@ -476,15 +487,20 @@ static bool remove_if_expired(int dfd, const char *name, int64_t now, int64_t tt
 
 static int cmp_entry(const void *a, const void *b) { return strcmp(((const entry *)a)->key, ((const entry *)b)->key); }
 
-/* Reads a regular file of at most FILE_MAX_VALUE bytes; sets *too_large if it is bigger. */
-static char *read_capped(int fd, size_t *len, bool *too_large) {
+/* Reads a regular file of at most FILE_MAX_VALUE bytes; sets *too_large if it is bigger. Returns
+ * NULL with *err set (an errno) when reading fails or memory runs out. */
+static char *read_capped(int fd, size_t *len, bool *too_large, int *err) {
     char *buf = malloc(FILE_MAX_VALUE + 1);
-    if (!buf) return NULL;
+    if (!buf) {
+        *err = ENOMEM;
+        return NULL;
+    }
     size_t n = 0;
     while (n < FILE_MAX_VALUE + 1) {
         ssize_t r = read(fd, buf + n, FILE_MAX_VALUE + 1 - n);
         if (r < 0) {
             if (errno == EINTR) continue;
+            *err = errno;
             free(buf);
             return NULL;
         }
@@ -503,6 +519,45 @@ static char *read_capped(int fd, size_t *len, bool *too_large) {
     return buf;
 }
 
+/* Reads one listed key into *e (key not set). Returns false when the file is not a key after all
+ * (gone since readdir, a symlink, a socket, a FIFO, a directory, expired and removed); otherwise
+ * true, with e->unread set and *err holding the errno if it could not be opened or read. Only
+ * ENOENT means absent: an error such as EMFILE, ENFILE, EACCES or EIO says nothing about the key,
+ * and treating it as a deletion would drop a live worker from every watcher. ELOOP (O_NOFOLLOW on a
+ * symlink) and ENXIO (a socket) are answers about what the file is, like a non-regular fstat. */
+static bool scan_read_key(file_disc *d, int dfd, const char *name, int64_t now, int64_t ttl_ns, entry *e, int *err) {
+    *err = 0;
+    /* O_NONBLOCK: a FIFO someone dropped here must not hang the thread. */
+    int fd = openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) {
+        if (errno == ENOENT || errno == ELOOP || errno == ENXIO) return false;
+        *err = errno;
+        e->unread = true;
+        return true;
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        *err = errno;
+        e->unread = true;
+        close(fd);
+        return true;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        return false;
+    }
+    if (now - mtime_ns(&st) > ttl_ns) {
+        close(fd);
+        if (remove_if_expired(dfd, name, now, ttl_ns)) d->scan_expired++;
+        return false;
+    }
+    if (st.st_size > FILE_MAX_VALUE) e->too_large = true;
+    else e->text = read_capped(fd, &e->len, &e->too_large, err);
+    close(fd);
+    if (!e->text && !e->too_large) e->unread = true;
+    return true;
+}
+
 static void scan_work(uv_work_t *req) {
     file_disc *d = req->data;
     d->scan_v = NULL;
@@ -510,6 +565,9 @@ static void scan_work(uv_work_t *req) {
     d->scan_err = 0;
     d->scan_truncated = false;
     d->scan_expired = 0;
+    d->scan_read_err = 0;
+    d->scan_read_key[0] = '\0';
+    d->scan_unread = 0;
 
     DIR *dp = opendir(d->dir);
     if (!dp) {
@@ -522,7 +580,8 @@ static void scan_work(uv_work_t *req) {
     const int64_t ttl_ns = d->ttl_s * 1000000000;
     const size_t plen = strlen(d->prefix);
     struct dirent *de;
-    while ((de = readdir(dp)) != NULL) {
+    /* errno is cleared before each readdir: NULL with errno set is a failed listing, not its end */
+    while ((errno = 0, de = readdir(dp)) != NULL) {
         const char *name = de->d_name;
         if (name[0] == '.') {
             /* Temp files of writers that died between create and rename. */
@@ -536,24 +595,16 @@ static void scan_work(uv_work_t *req) {
             d->scan_truncated = true;
             break;
         }
-        /* O_NONBLOCK: a FIFO someone dropped here must not hang the thread. */
-        int fd = openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
-        if (fd < 0) continue; /* gone since readdir, or a symlink */
-        struct stat st;
-        if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-            close(fd);
-            continue;
-        }
-        if (now - mtime_ns(&st) > ttl_ns) {
-            close(fd);
-            if (remove_if_expired(dfd, name, now, ttl_ns)) d->scan_expired++;
-            continue;
-        }
         entry e = {0};
-        if (st.st_size > FILE_MAX_VALUE) e.too_large = true;
-        else e.text = read_capped(fd, &e.len, &e.too_large);
-        close(fd);
-        if (!e.text && !e.too_large) continue; /* read error or no memory: try again next scan */
+        int rerr;
+        if (!scan_read_key(d, dfd, name, now, ttl_ns, &e, &rerr)) continue;
+        if (e.unread) {
+            d->scan_unread++;
+            if (!d->scan_read_err) {
+                d->scan_read_err = rerr ? rerr : EIO;
+                snprintf(d->scan_read_key, sizeof d->scan_read_key, "%s", key);
+            }
+        }
         if (d->scan_n == d->scan_cap) {
             size_t ncap = d->scan_cap ? d->scan_cap * 2 : 64;
             entry *nv = realloc(d->scan_v, ncap * sizeof *nv);
@@ -573,6 +624,7 @@ static void scan_work(uv_work_t *req) {
         }
         d->scan_v[d->scan_n++] = e;
     }
+    if (!de && errno != 0 && !d->scan_err) d->scan_err = errno; /* the listing is incomplete */
     closedir(dp);
     if (d->scan_n) qsort(d->scan_v, d->scan_n, sizeof *d->scan_v, cmp_entry);
 }
@@ -633,6 +685,13 @@ static void scan_done(uv_work_t *req, int status) {
             d->warned_cap = true;
         }
         if (d->scan_expired) BT_INFO("discovery(file): removed %zu expired key(s) from %s", d->scan_expired, d->dir);
+        if (d->scan_read_err && d->scan_read_err != d->last_read_err)
+            BT_WARN("discovery(file): cannot read %zu key(s) in %s (%s: %s); keeping their last known values "
+                    "until they can be read",
+                    d->scan_unread, d->dir, d->scan_read_key, strerror(d->scan_read_err));
+        else if (!d->scan_read_err && d->last_read_err)
+            BT_INFO("discovery(file): every key in %s can be read again", d->dir);
+        d->last_read_err = d->scan_read_err;
         /* Both snapshots are sorted by key: one merge pass finds additions, changes, removals. */
         entry *pv = d->snap;
         size_t pn = d->nsnap;
@@ -643,14 +702,35 @@ static void scan_done(uv_work_t *req, int status) {
                 if (pv[i].live && !d->closing && d->w.on_delete) d->w.on_delete(d->wud, pv[i].key);
                 i++;
             } else if (c > 0) {
-                evaluate(d, NULL, &nv[j++]);
+                if (!nv[j].unread) evaluate(d, NULL, &nv[j]); /* unread and unknown: not seen yet */
+                j++;
+            } else if (nv[j].unread) {
+                /* listed but unreadable: the key is still there, so the previous view stands */
+                entry *p = &pv[i++], *e = &nv[j++];
+                e->text = p->text;
+                p->text = NULL;
+                e->len = p->len;
+                e->too_large = p->too_large;
+                e->live = p->live;
+                e->bad = p->bad;
+                e->unread = false;
             } else {
                 evaluate(d, &pv[i++], &nv[j++]);
             }
         }
+        /* Keys never read stay out of the snapshot: the next scan that reads them reports them. */
+        size_t kept = 0;
+        for (size_t k = 0; k < nn; k++) {
+            if (nv[k].unread) {
+                free(nv[k].key);
+                free(nv[k].text);
+            } else {
+                nv[kept++] = nv[k];
+            }
+        }
         free_entries(pv, pn);
         d->snap = nv;
-        d->nsnap = nn;
+        d->nsnap = kept;
     }
     d->scan_busy = false;
     if (d->closing) {

@@ -23,6 +23,9 @@
 #include "common/proc.h"
 #include "frontend/fe.h"
 
+/* The largest --active-prefill-tokens-threshold, on the command line and on POST /busy_threshold. */
+#define FE_PREFILL_THRESHOLD_MAX 1e12
+
 static void respond_json(bt_http_req *http, int status, json_t *j) {
     char *s = json_dumps(j, JSON_COMPACT);
     bt_http_respond(http, status, "application/json", NULL, s ? s : "{}", s ? strlen(s) : 2);
@@ -108,9 +111,12 @@ static void handle_busy_threshold(fe *f, bt_http_req *http) {
         json_decref(b);
         return;
     }
-    if (json_is_number(p) && json_number_value(p) < 0) {
+    /* Bounded as --active-prefill-tokens-threshold is: the value is stored as a double and shown as
+     * an integer, and a double beyond the int64 range has no integer (the conversion is undefined). */
+    if (json_is_number(p) && !(json_number_value(p) >= 0 && json_number_value(p) <= FE_PREFILL_THRESHOLD_MAX)) {
         char msg[160];
-        snprintf(msg, sizeof msg, "active_prefill_tokens_threshold must be non-negative, got %g", json_number_value(p));
+        snprintf(msg, sizeof msg, "active_prefill_tokens_threshold must be between 0 and %.0f, got %g",
+                 FE_PREFILL_THRESHOLD_MAX, json_number_value(p));
         respond_json(http, 400, json_pack("{s:s}", "error", msg));
         json_decref(b);
         return;
@@ -125,16 +131,19 @@ static void handle_busy_threshold(fe *f, bt_http_req *http) {
     respond_json(http, 200, threshold_json(m));
 }
 
-/* POST /v1/requests/{id}/cancel, body {"mode":"stop"|"kill"} (default stop). */
+/* POST /v1/requests/{id}/cancel, body {"mode":"stop"|"kill"}; an empty body means stop. Any other
+ * body ({}, [], a mode that is not one of the two strings) is a 400 and cancels nothing: an
+ * operator's typo must not end a request. */
 static void handle_cancel(fe *f, bt_http_req *http, const char *rid) {
-    json_t *b = http->body_len ? json_loadb(http->body, http->body_len, 0, NULL) : json_object();
+    json_t *b = http->body_len ? json_loadb(http->body, http->body_len, 0, NULL)
+                               : json_pack("{s:s}", "mode", "stop");
     const char *mode = json_string_value(json_object_get(b, "mode"));
-    if (!b || (mode && strcmp(mode, "stop") != 0 && strcmp(mode, "kill") != 0)) {
+    if (!json_is_object(b) || !mode || (strcmp(mode, "stop") != 0 && strcmp(mode, "kill") != 0)) {
         fe_json_error(http, NULL, 400, "invalid_request_error", "body must be {\"mode\":\"stop\"|\"kill\"}");
         json_decref(b);
         return;
     }
-    bool kill = mode && strcmp(mode, "kill") == 0;
+    bool kill = strcmp(mode, "kill") == 0;
     json_decref(b);
     fe_shards_cancel(f, http, rid, kill); /* the request may live on another shard */
 }
@@ -384,7 +393,7 @@ int bt_frontend_main(int argc, char **argv) {
         {"--active-decode-blocks-threshold", "DYN_ACTIVE_DECODE_BLOCKS_THRESHOLD", BT_OPT_DOUBLE, &o->decode_threshold,
          0, 1, "busy above this fraction of KV blocks"},
         {"--active-prefill-tokens-threshold", "DYN_ACTIVE_PREFILL_TOKENS_THRESHOLD", BT_OPT_DOUBLE,
-         &o->prefill_threshold, 0, 1e12, "busy above this many prefill tokens"},
+         &o->prefill_threshold, 0, FE_PREFILL_THRESHOLD_MAX, "busy above this many prefill tokens"},
         {"--stream-stall-timeout", "DYN_STREAM_STALL_TIMEOUT", BT_OPT_DOUBLE, &o->stall_timeout, 0.1, 3600,
          "seconds of silence before a worker is declared dead"},
         {"--api-key", "DYN_API_KEY", BT_OPT_STR, &o->api_key, 0, 0, "require Authorization: Bearer KEY"},

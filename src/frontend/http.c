@@ -3,8 +3,10 @@
  * accounting, and per-connection timeouts driven by a single uv_timer.
  *
  * A connection is a small state machine: READING (parsing the next request, or idle between
- * requests), IN_FLIGHT (the handler owns the request; bytes that arrive are buffered, capped and
- * unparsed, so EOF is still noticed and reported as on_abort) and LINGER (the last response is
+ * requests), IN_FLIGHT (the handler owns the request; bytes that arrive are buffered unparsed up
+ * to a cap, and past it dropped along with the rest of the connection's input, which then closes
+ * after the in-flight response: reading never stops, so EOF is always noticed and reported as
+ * on_abort) and LINGER (the last response is
  * out, the write side is shut down and input is discarded until the peer closes, so that a
  * client still sending a rejected body sees our answer instead of a reset). Nothing is freed
  * inside a callback of the object being freed: connections are uv_close'd and freed in the last
@@ -32,8 +34,13 @@
 /* Reads land in one server-wide buffer: callbacks run one at a time on the loop and every read is
  * consumed (parsed or copied) before the callback returns. */
 #define READ_BUF_SIZE (64u * 1024u)
-/* Pipelined bytes that arrive while a request is in flight are kept up to this much; beyond it
- * reading pauses until the in-flight response ends (one more read may land, hence the + below). */
+/* Pipelined bytes that arrive while a request is in flight are kept up to this much. Beyond it
+ * the connection stops taking requests: what is buffered and everything that follows is read and
+ * dropped, and the connection closes after the in-flight response (a pipelining client must be
+ * ready to resend what a closed connection did not answer, RFC 9112 §9.3.2). Reading must not
+ * pause instead: a client that closes its socket would then never be noticed, and its request
+ * would run for nobody. Between two requests (the parse of buffered bytes waits one loop turn)
+ * one more read may land, hence the + READ_BUF_SIZE of the buffer's hard cap. */
 #define PIPELINE_SOFT_CAP (64u * 1024u)
 /* After the final response of a connection, how long we wait for the peer to close (restarted on
  * write progress). Capped by idle_timeout_ms when that is smaller. */
@@ -99,6 +106,7 @@ struct conn {
     bt_buf hdr[H_COUNT];
     bt_buf url, body;
     bt_buf pending; /* pipelined bytes received while a request was in flight */
+    bool discarding; /* pipelined input overflowed: drop all input, close after the response */
     /* the response */
     bool req_active; /* the handler owns req: dispatched, not ended, not aborted */
     bool resp_started, streaming, raw_stream;
@@ -212,11 +220,12 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b) {
 
 static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf);
 
-/* Reads unless pipelined input has piled up past its cap (then the in-flight response must end
- * first). While lingering we always read, to discard. */
+/* Reads always, except for the one loop turn between a response and the parse of a full pending
+ * buffer (conn_resume). While a request is in flight or the connection lingers, reading goes on
+ * whatever is buffered: that is how a client that goes away is noticed. */
 static void conn_update_reading(conn *c) {
     if (c->closing) return;
-    bool want = c->state == CS_LINGER || c->pending.len < PIPELINE_SOFT_CAP;
+    bool want = c->state != CS_READING || c->pending.len < PIPELINE_SOFT_CAP;
     if (want && !c->reading) {
         int r = uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
         if (r < 0) {
@@ -592,7 +601,18 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
         conn_close(c);
         return;
     }
-    if (c->state == CS_LINGER) return; /* discard */
+    if (c->state == CS_LINGER || c->discarding) return; /* discard */
+    if (c->state == CS_IN_FLIGHT && c->pending.len + (size_t)nread > PIPELINE_SOFT_CAP) {
+        /* The client pipelines more than we keep: this connection takes no further request. The
+         * in-flight one goes on, and reading goes on (discarding) so that EOF still aborts it. */
+        BT_DEBUG("http: over %u bytes pipelined behind a request in flight; dropping the connection's "
+                 "further input and closing it after the response",
+                 PIPELINE_SOFT_CAP);
+        c->discarding = true;
+        c->keep_alive = false;
+        bt_buf_free(&c->pending);
+        return;
+    }
     if (c->state == CS_IN_FLIGHT || c->pending.len > 0) {
         if (bt_buf_append(&c->pending, buf->base, (size_t)nread) != BT_OK) {
             conn_close(c);

@@ -1,7 +1,8 @@
 /* http.h — the frontend's HTTP/1.1 server on libuv + http-parser.
  *
- * Keep-alive, one request in flight per connection (pipelined requests wait, buffered unparsed and
- * capped; reading goes on so that a client closing its socket is noticed and becomes on_abort),
+ * Keep-alive, one request in flight per connection (pipelined requests wait, buffered unparsed up
+ * to 64 KiB; past that the connection takes no more requests and closes after the in-flight
+ * response; reading never stops, so a client closing its socket is noticed and becomes on_abort),
  * hard caps on header and body sizes (413 / 431 answered here), idle and header timeouts. The
  * server parses; the handler decides. A request object is owned by its connection and is valid
  * from on_request until the handler ends the response (bt_http_respond / bt_http_stream_end) or

@@ -26,6 +26,10 @@
 #include "frontend/fe.h"
 #include "proto/request.h"
 
+/* The output a request with no max_tokens is assumed to take, for the worker's pending KV
+ * estimate until its next load report (the worker's --default-max-tokens decides the real one). */
+#define MAX_TOKENS_GUESS 256u
+
 static void attempt_failed(fe_req *r, bt_status code, const char *msg);
 
 /* The attempt's context changed state: a STOP or KILL frame for its stream goes to its worker,
@@ -68,26 +72,27 @@ void fe_attempt_abandon(fe_attempt *a) {
 
 /* The continuation: the REQUEST payload (src/proto/request.h) of the request's next attempt.
  * carried = every token id delivered to the client; max_tokens = what is left of the client's
- * budget; carried_text = the delivered text, unless it outgrew its cap. *est_tokens estimates the
+ * budget (none when the client set none: the worker's default, less the carried tokens, applies); carried_text = the delivered text, unless it outgrew its cap. *est_tokens estimates the
  * tokens the attempt will hold in KV (4 bytes of body per prompt token). NULL when out of memory. */
 static char *continuation_payload(const fe_req *r, size_t *len, uint64_t *est_tokens) {
     int64_t remaining = r->max_tokens - (int64_t)r->nids;
     if (remaining < 0) remaining = 0;
+    bool limited = r->max_tokens >= 0; /* else the worker's default, less the carried tokens, bounds it */
     bt_request rq = {
         .request_id = r->rid,
         .api = r->api,
         .body = r->body,
         .carried = r->ids,
         .n_carried = r->nids,
-        .has_max_tokens = true,
-        .max_tokens = remaining,
+        .has_max_tokens = limited,
+        .max_tokens = limited ? remaining : 0,
     };
     if (r->nids && !r->text_lost) {
         rq.carried_text = r->text.data ? r->text.data : "";
         rq.carried_text_len = r->text.len;
     }
     char *payload = bt_request_encode(&rq, len);
-    if (payload) *est_tokens = (uint64_t)remaining + r->nids + *len / 4;
+    if (payload) *est_tokens = (limited ? (uint64_t)remaining : MAX_TOKENS_GUESS) + r->nids + *len / 4;
     return payload;
 }
 

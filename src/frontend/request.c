@@ -22,7 +22,6 @@
 #include "common/log.h"
 #include "frontend/fe.h"
 
-#define MAX_TOKENS_DEFAULT 256
 #define MAX_TOKENS_LIMIT 1000000
 #define RID_MAX 64
 
@@ -314,8 +313,9 @@ void fe_request_deliver(fe_req *r, const uint32_t *ids, size_t n, const char *te
         fe_hist_observe_n(&st->itl, itl, n); /* n tokens, each after itl: one bucket search */
     }
     r->t_last_us = now;
-    /* the delivered ids are exactly what a continuation must carry; never more than max_tokens */
-    if (r->nids + n > (size_t)r->max_tokens) n = (size_t)r->max_tokens - r->nids;
+    /* the delivered ids are exactly what a continuation must carry; never more than max_tokens
+     * (with no limit from the client, the worker's default bounds the attempt) */
+    if (r->max_tokens >= 0 && r->nids + n > (size_t)r->max_tokens) n = (size_t)r->max_tokens - r->nids;
     if (r->nids + n > r->ids_cap) {
         size_t cap = r->ids_cap ? r->ids_cap * 2 : 64;
         while (cap < r->nids + n) cap *= 2;
@@ -544,7 +544,8 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
     r->return_ids = json_is_true(json_object_get(body, "return_token_ids"));
     json_t *mt = json_object_get(body, "max_completion_tokens");
     if (!json_is_integer(mt)) mt = json_object_get(body, "max_tokens");
-    r->max_tokens = json_is_integer(mt) ? json_integer_value(mt) : MAX_TOKENS_DEFAULT;
+    /* No limit from the client: none is sent, and the worker applies its --default-max-tokens */
+    r->max_tokens = json_is_integer(mt) ? json_integer_value(mt) : -1;
     r->attempts_left = (int)f->o.migration_limit + 1;
     r->t_start_us = bt_now_us();
     r->created = bt_wall_s();

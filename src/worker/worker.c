@@ -224,7 +224,10 @@ static void handle_request(wk_peer *p, uint32_t id, const bt_frame *f) {
         er.carried_text = msg.rq.carried_text;
         er.carried_text_len = msg.rq.carried_text_len;
     }
-    int64_t max_tokens = msg.rq.has_max_tokens ? msg.rq.max_tokens : w->o.mocker.default_max_tokens;
+    /* No max_tokens from the frontend (its client set none): this worker's default is the
+     * request's whole budget, so the tokens already carried count against it. */
+    int64_t max_tokens =
+        msg.rq.has_max_tokens ? msg.rq.max_tokens : w->o.mocker.default_max_tokens - (int64_t)ncar;
     if (max_tokens < 0) max_tokens = 0;
     er.max_tokens = max_tokens > UINT32_MAX ? UINT32_MAX : (uint32_t)max_tokens;
     st = sampling_from_body(body, &er, err, sizeof err);

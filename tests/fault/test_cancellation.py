@@ -5,6 +5,8 @@ return to their baseline — no active sequence, KV blocks in use back to the id
 one second of the last client leaving, then that fresh requests give byte-exact output):
   * 200 streaming clients drop at random points (after 1..40 events, chat and completions);
   * 200 non-streaming clients close their socket (FIN or RST) at a random time while waiting;
+  * a non-streaming client that pipelines 1 MiB behind its request (far past what the frontend
+    buffers) and then closes: the frontend must still notice and kill the request;
   * clients that leave while their request is queued in the engine behind a full batch
     (--max-num-seqs 1), streaming and not, before any token;
   * a client that leaves while its worker is frozen (SIGSTOP): before the stall timeout, so the
@@ -21,6 +23,7 @@ import json
 import random
 import signal
 import socket
+import sys
 import struct
 import threading
 import time
@@ -196,6 +199,42 @@ def storm_unary(fe, workers, base, refs, n=200):
     assert kills == n, f"workers saw {kills} KILL frames for {n} closed clients"
     assert_fe_idle(fe, "non-streaming storm")
     fresh_requests_match(fe, refs, "after the non-streaming storm")
+
+
+def pipelined_flood(c):
+    """A non-streaming request followed by 1 MiB of pipelined requests, then the client closes.
+    The frontend buffers 64 KiB behind a request in flight; it must keep reading (and dropping)
+    past that, or the close is never seen and the engine generates for nobody until max_tokens
+    (~6 s here)."""
+    fe, w, base = one_worker(c)
+    m0 = fe_metrics(fe)
+    kills0 = worker_counter(w, "kill")
+    s = raw_request(fe, "/v1/chat/completions", body(7, stream=False), "pipelined-flood")
+    bl.wait_for(lambda: worker_state(w)["active"] == 1, 10, what="the request running")
+    one = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    flood = one * ((1 << 20) // len(one))
+    s.settimeout(5)
+    sent = 0
+    try:  # a frontend that stopped reading lets the socket buffers fill: send what goes
+        while sent < len(flood):
+            sent += s.send(flood[sent:])
+    except socket.timeout:
+        pass
+    time.sleep(0.3)
+    assert nothing_received(s), "the request answered before its client left (not a disconnect test)"
+    assert worker_state(w)["active"] == 1, "the request ended before its client left"
+    t = close(s, rst=False)
+    print(f"pipelined flood: {sent} bytes pipelined behind the request, then closed", flush=True)
+    assert_baseline([w], base, t, "pipelined flood: client closed")
+    assert worker_counter(w, "kill") - kills0 == 1, "the worker saw no KILL for the closed client"
+    m1 = fe_metrics(fe)
+    assert fe_cancelled(m1, "unary") - fe_cancelled(m0, "unary") == 1
+    assert bl.metric_sum(m1, "dynamo_frontend_disconnected_clients") - \
+        bl.metric_sum(m0, "dynamo_frontend_disconnected_clients") == 1
+    assert_fe_idle(fe, "pipelined flood")
+    stream(fe, body(2, max_tokens=8)).assert_ok("fresh request after the pipelined flood")
+    for p in (fe.proc, w.proc):
+        p.kill()
 
 
 def queued(c):
@@ -441,6 +480,13 @@ def selftest_ignore_kill(c):
 
 
 def main():
+    only = set(sys.argv[1:])  # scenario names, to run some by hand; none = all
+    if only:
+        for name in sorted(only):
+            with bl.Cluster() as c:
+                globals()[name](c)
+        print("test_cancellation: ok (" + ", ".join(sorted(only)) + ")")
+        return
     with bl.Cluster() as c:
         fe = c.start_frontend(migration_limit=3)
         workers = [c.start_worker(system_port=True, wait=True, **WORKER) for _ in range(2)]
@@ -452,6 +498,8 @@ def main():
         storm_unary(fe, workers, base, refs)
         for p in [fe.proc] + [w.proc for w in workers]:
             p.kill()
+    with bl.Cluster() as c:
+        pipelined_flood(c)
     with bl.Cluster() as c:
         queued(c)
     with bl.Cluster() as c:

@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/time.h>
 #include <unistd.h>
@@ -583,6 +584,69 @@ static void test_malformed_skipped(void **state) {
     rec_free(&rr);
 }
 
+/* Descriptor pressure (EMFILE): a scan that can list the directory but cannot open the key files
+ * must keep what it knew about them. Only real absence is a deletion: a key unlinked under
+ * pressure is still reported deleted (which also proves that scans ran while the process was out
+ * of descriptors), and a key that appeared under pressure is reported once it can be read. */
+static void test_unreadable_keeps_previous_view(void **state) {
+    fx *f = *state;
+    bt_discovery *r = make(f, 10);
+    rec rr = {0};
+    write_key(f, K1, "{\"ok\":1}");
+    write_key(f, K2, "{\"ok\":2}");
+    /* K3 is staged under a name the scan ignores, to be renamed in (rename needs no descriptor) */
+    char k2p[512], k3p[512], staged[512];
+    key_file(f, K2, k2p, sizeof k2p);
+    key_file(f, K3, k3p, sizeof k3p);
+    snprintf(staged, sizeof staged, "%s/.staged", f->dir);
+    write_raw(staged, "{\"ok\":3}", 8);
+    assert_int_equal(bt_discovery_watch(r, "v1/", &rec_watcher, &rr), BT_OK);
+    assert_true(wait_for(f, &rr, 'P', NULL, 2, 2000));
+    run_for(&f->loop, 50);
+
+    /* Leave exactly one free descriptor: a scan's opendir takes it and every openat fails. */
+    struct rlimit old, low;
+    assert_int_equal(getrlimit(RLIMIT_NOFILE, &old), 0);
+    low = old;
+    low.rlim_cur = 64;
+    assert_int_equal(setrlimit(RLIMIT_NOFILE, &low), 0);
+    int fds[64], nf = 0, open_errno = 0;
+    while (nf < 64) {
+        int fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+        if (fd < 0) {
+            open_errno = errno;
+            break;
+        }
+        fds[nf++] = fd;
+    }
+    bool full = open_errno == EMFILE && nf > 0;
+    if (full) close(fds[--nf]);
+    int unlinked = unlink(k2p), renamed = rename(staged, k3p);
+    bool k2_gone = full && wait_for(f, &rr, 'D', K2, 1, 2000);
+    run_for(&f->loop, 1200); /* and at least one periodic rescan */
+    int k1_deleted = count(&rr, 'D', K1), k3_put = count(&rr, 'P', K3);
+    while (nf > 0) close(fds[--nf]);
+    assert_int_equal(setrlimit(RLIMIT_NOFILE, &old), 0);
+
+    /* Descriptors back: K3 is read and reported, K1 is unchanged (no repeat, no delete). */
+    bool k3_seen = wait_for(f, &rr, 'P', K3, 1, 2000);
+    run_for(&f->loop, 100);
+    close_disc(f, r); /* before any assertion: a failed one must not leave the loop running */
+    printf("    under EMFILE: %d delete(s) of the live key, %d put(s) of the unread new key; "
+           "unlinked key %s\n", k1_deleted, k3_put, k2_gone ? "reported deleted" : "NOT reported");
+    assert_true(full); /* the process really ran out of descriptors */
+    assert_int_equal(unlinked, 0);
+    assert_int_equal(renamed, 0);
+    assert_true(k2_gone);
+    assert_int_equal(k1_deleted, 0); /* before the fix: EMFILE on K1 read as its deletion */
+    assert_int_equal(k3_put, 0);     /* unread and unknown: nothing to report yet */
+    assert_true(k3_seen);
+    assert_string_equal(last(&rr, 'P', K3)->value, "{\"ok\":3}");
+    assert_int_equal(count(&rr, 'P', K1), 1);
+    assert_int_equal(count(&rr, 'D', K1), 0);
+    rec_free(&rr);
+}
+
 static void test_close_removes_own_keys(void **state) {
     fx *f = *state;
     duo h;
@@ -642,6 +706,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_expiry, setup, teardown),
         cmocka_unit_test_setup_teardown(test_refresh_keeps_key_alive, setup, teardown),
         cmocka_unit_test_setup_teardown(test_malformed_skipped, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_unreadable_keeps_previous_view, setup, teardown),
         cmocka_unit_test_setup_teardown(test_close_removes_own_keys, setup, teardown),
         cmocka_unit_test_setup_teardown(test_put_then_delete_ends_absent, setup, teardown),
         cmocka_unit_test_setup_teardown(test_close_from_callback, setup, teardown),

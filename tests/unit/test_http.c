@@ -799,6 +799,66 @@ static void test_abort_pending(void **state) {
     assert_int_equal(f.aborts, 1);
 }
 
+/* The request, then PIPE_FLOOD bytes of pipelined requests: far past what the server buffers
+ * behind a request in flight. */
+#define PIPE_FLOOD (1u << 20)
+static bool cl_send_flooded(client *c, const char *first) {
+    static const char one[] = "GET /p HTTP/1.1\r\nHost: t\r\n\r\n";
+    size_t n0 = strlen(first), per = sizeof one - 1, len = n0 + PIPE_FLOOD / per * per;
+    char *buf = malloc(len);
+    if (!buf) return false;
+    memcpy(buf, first, n0);
+    for (size_t off = n0; off < len; off += per) memcpy(buf + off, one, per);
+    bool ok = cl_send(c, buf, len);
+    free(buf);
+    return ok;
+}
+
+/* A client that pipelines more than the server keeps and then closes is still noticed: the
+ * server must not stop reading at its cap, or the request would run for nobody. */
+static void cl_abort_pending_flood(fixture *f) {
+    client *c = cl_open(f, 0);
+    CHECK(f, c);
+    CHECK(f, cl_send_flooded(c, "POST /hang HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi"));
+    CHECK(f, wait_for(&f->requests, 1, 3000));
+    sleep_ms(20);
+    close(c->fd);
+    c->fd = -1;
+    CHECK(f, wait_for(&f->aborts, 1, 3000));
+    cl_close(c);
+}
+
+static void test_abort_pending_flood(void **state) {
+    (void)state;
+    fixture f;
+    fixture_init(&f);
+    run(&f, cl_abort_pending_flood);
+    assert_int_equal(f.requests, 1);
+    assert_int_equal(f.aborts, 1);
+}
+
+/* Past the cap the in-flight request is still answered, with Connection: close, and the
+ * connection then closes: the dropped pipelined requests are never half-parsed. */
+static void cl_pipeline_overflow_answer(fixture *f) {
+    client *c = cl_open(f, 0);
+    CHECK(f, c);
+    CHECK(f, cl_send_flooded(c, "GET /slow?n=1 HTTP/1.1\r\nHost: t\r\n\r\n"));
+    CHECK(f, cl_response(c) == 200);
+    CHECK(f, body_is(c, "GET /slow?n=1 rid=- auth=- ct=- body="));
+    CHECK(f, has_header(c, "connection: close\n"));
+    CHECK(f, cl_wait_eof(c) == 0);
+    cl_close(c);
+}
+
+static void test_pipeline_overflow_answer(void **state) {
+    (void)state;
+    fixture f;
+    fixture_init(&f);
+    run(&f, cl_pipeline_overflow_answer);
+    assert_int_equal(f.requests, 1);
+    assert_int_equal(f.aborts, 0);
+}
+
 static void cl_abort_stream(fixture *f) {
     client *c = cl_open(f, 0);
     CHECK(f, c);
@@ -1044,6 +1104,8 @@ int main(void) {
         cmocka_unit_test(test_get_post),
         cmocka_unit_test(test_keepalive),
         cmocka_unit_test(test_pipelined),
+        cmocka_unit_test(test_abort_pending_flood),
+        cmocka_unit_test(test_pipeline_overflow_answer),
         cmocka_unit_test(test_chunked_body_and_continue),
         cmocka_unit_test(test_limits_and_errors),
         cmocka_unit_test(test_stream),
