@@ -62,6 +62,10 @@ struct fe_model {
     fe_stats st;
     double decode_threshold;  /* NaN = unset */
     double prefill_threshold; /* NaN = unset */
+    /* The known workers serving this model (routable or not), for routing: a request looks only
+     * at its model's workers, with no cap on their number. Order is not meaningful. */
+    fe_worker **ws;
+    size_t nws, capws;
     fe_model *next;
 };
 
@@ -70,6 +74,7 @@ typedef enum { FW_CONNECTING, FW_READY, FW_DOWN } fw_state;
 
 struct fe_worker {
     fe *fe;
+    fe_model *mdl; /* the model it serves (its entry in mdl->ws), NULL if it could not be filed */
     uint64_t id;
     char key[256];
     char host[64];
@@ -200,6 +205,7 @@ struct fe {
     bt_discovery *disc;
     fe_worker *workers;
     size_t nworkers;
+    bt_map workers_by_id; /* instance id -> fe_worker (event-plane load reports name workers by id) */
     fe_model *models;
     fe_req *reqs;
     size_t nreqs;

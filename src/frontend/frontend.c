@@ -294,6 +294,7 @@ static int shard_open(fe *f, int port, char *err, size_t errlen) {
     f->started_ms = bt_now_ms();
     f->instance_id = bt_random64() & 0x7fffffffffffffffull;
     bt_buf_init(&f->scratch, (size_t)64 << 20);
+    bt_map_init(&f->workers_by_id);
     fe_mail_init(f);
     if (bt_proc_discovery_create(f->loop, &o->p, 0, &f->disc, err, errlen) != BT_OK) {
         BT_ERROR("discovery: %s", err);
@@ -520,8 +521,10 @@ int bt_frontend_main(int argc, char **argv) {
         }
         for (fe_model *m = s->models, *n; m; m = n) {
             n = m->next;
+            free(m->ws);
             free(m);
         }
+        bt_map_free(&s->workers_by_id);
         bt_buf_free(&s->scratch);
         fe_mail_destroy(s);
         if (rc == 0 && s->exit_code) rc = s->exit_code;

@@ -55,10 +55,31 @@ static fe_worker *find_by_key(fe *f, const char *key) {
     return NULL;
 }
 
-static fe_worker *find_by_id(fe *f, uint64_t id) {
-    for (fe_worker *w = f->workers; w; w = w->next)
-        if (w->id == id) return w;
-    return NULL;
+static fe_worker *find_by_id(fe *f, uint64_t id) { return bt_map_get(&f->workers_by_id, id); }
+
+/* Files w under its model for routing; false when out of memory. */
+static bool model_add_worker(fe_model *m, fe_worker *w) {
+    if (m->nws == m->capws) {
+        size_t cap = m->capws ? m->capws * 2 : 8;
+        fe_worker **p = realloc(m->ws, cap * sizeof *p);
+        if (!p) return false;
+        m->ws = p;
+        m->capws = cap;
+    }
+    m->ws[m->nws++] = w;
+    w->mdl = m;
+    return true;
+}
+
+static void model_remove_worker(fe_worker *w) {
+    fe_model *m = w->mdl;
+    if (!m) return;
+    for (size_t i = 0; i < m->nws; i++)
+        if (m->ws[i] == w) {
+            m->ws[i] = m->ws[--m->nws]; /* order does not matter */
+            break;
+        }
+    w->mdl = NULL;
 }
 
 static void worker_connect(fe_worker *w);
@@ -78,6 +99,8 @@ static void worker_forget(fe_worker *w) {
             break;
         }
     f->nworkers--;
+    if (find_by_id(f, w->id) == w) bt_map_del(&f->workers_by_id, w->id);
+    model_remove_worker(w);
     BT_INFO("worker %" PRIx64 " (%s) forgotten", w->id, w->transport);
     w->freeing = true;
     uv_close((uv_handle_t *)&w->retry_timer, free_worker_cb);
@@ -334,6 +357,18 @@ static void on_disc_put(void *ud, const char *key, const json_t *v) {
         free(w);
         return;
     }
+    fe_model *m = fe_model_get(f, w->model, true);
+    if (!m || bt_map_put(&f->workers_by_id, w->id, w) != 0) {
+        BT_ERROR("worker %" PRIx64 " at %s: out of memory; ignored", w->id, w->transport);
+        free(w);
+        return;
+    }
+    if (!model_add_worker(m, w)) {
+        bt_map_del(&f->workers_by_id, w->id);
+        BT_ERROR("worker %" PRIx64 " at %s: out of memory; ignored", w->id, w->transport);
+        free(w);
+        return;
+    }
     bt_map_init(&w->streams);
     w->in_discovery = true;
     w->next_stream = 1;
@@ -342,7 +377,6 @@ static void on_disc_put(void *ud, const char *key, const json_t *v) {
     w->next = f->workers;
     f->workers = w;
     f->nworkers++;
-    fe_model_get(f, w->model, true);
     BT_INFO("discovered worker %" PRIx64 " at %s serving '%s'", w->id, w->transport, w->model);
     worker_connect(w);
 }
@@ -431,44 +465,51 @@ bool fe_worker_routable(const fe_worker *w) {
 
 size_t fe_worker_inflight(const fe_worker *w) { return w->streams.len; }
 
-fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, bool *all_busy) {
-    fe_worker *cand[256];
-    size_t n = 0, nbusy = 0;
-    fe_worker *avoided = NULL;
-    for (fe_worker *w = f->workers; w && n < 256; w = w->next) {
-        if (strcmp(w->model, m->name) != 0 || !fe_worker_routable(w)) continue;
-        if (all_busy && fe_worker_busy(w, m)) {
-            nbusy++;
-            continue;
-        }
-        if (avoid && w->id == avoid) {
-            avoided = w;
-            continue;
-        }
-        cand[n++] = w;
+/* Whether w may take a new attempt; counts the busy ones it skips. `avoid` is returned through
+ * *avoided instead (the worker that just failed, used only when nothing else is left). */
+static bool eligible(fe_worker *w, fe_model *m, uint64_t avoid, bool *all_busy, size_t *nbusy, fe_worker **avoided) {
+    if (!fe_worker_routable(w)) return false;
+    if (all_busy && fe_worker_busy(w, m)) {
+        (*nbusy)++;
+        return false;
     }
-    if (all_busy) *all_busy = n == 0 && !avoided && nbusy > 0;
-    if (n == 0) return avoided; /* only the failed one is left: better than nothing */
-    switch (f->mode) {
-    case ROUTE_RANDOM:
-        return cand[bt_random64() % n];
-    case ROUTE_LEAST_LOADED: {
+    if (avoid && w->id == avoid) {
+        *avoided = w;
+        return false;
+    }
+    return true;
+}
+
+/* Looks only at m's own workers (m->ws), however many there are. Round-robin and random take the
+ * first eligible worker from a rotating (or random) start, so a request usually costs one look;
+ * least-loaded scans them all. */
+fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, bool *all_busy) {
+    size_t n = m->nws, nbusy = 0;
+    fe_worker *avoided = NULL;
+    if (all_busy) *all_busy = false;
+    if (n == 0) return NULL;
+    if (f->mode == ROUTE_LEAST_LOADED) {
         fe_worker *best = NULL;
         double best_score = 0;
         for (size_t i = 0; i < n; i++) {
-            fe_worker *w = cand[i];
+            fe_worker *w = m->ws[i];
+            if (!eligible(w, m, avoid, all_busy, &nbusy, &avoided)) continue;
             double blocks = w->load_ms && w->load.total_blocks
                                 ? (double)w->load.active_decode_blocks / (double)w->load.total_blocks
                                 : 0.0;
             double score = (double)w->streams.len + (w->load_ms ? (double)w->load.waiting : 0.0) + blocks;
             if (!best || score < best_score) best = w, best_score = score;
         }
-        return best;
+        if (best) return best;
+    } else {
+        size_t start = f->mode == ROUTE_RANDOM ? (size_t)(bt_random64() % n) : (size_t)(f->rr++ % n);
+        for (size_t i = 0; i < n; i++) {
+            fe_worker *w = m->ws[(start + i) % n];
+            if (eligible(w, m, avoid, all_busy, &nbusy, &avoided)) return w;
+        }
     }
-    case ROUTE_ROUND_ROBIN:
-    default:
-        return cand[f->rr++ % n];
-    }
+    if (all_busy) *all_busy = !avoided && nbusy > 0;
+    return avoided; /* only the failed one is left: better than nothing (or NULL) */
 }
 
 void fe_worker_quarantine(fe_worker *w, const char *why) {
