@@ -79,6 +79,25 @@ for unit, role in (("baton-frontend.service", "frontend"), ("baton-worker@.servi
     orig = open(os.path.join(src, "deploy", "systemd", unit)).read()
     strip = lambda t: [ln for ln in t.splitlines() if not ln.startswith(("ExecStart=", "Documentation="))]
     assert strip(text) == strip(orig), f"{unit} differs from deploy/systemd/{unit} beyond its paths"
+# The installed units load (systemd-analyze verify also checks that ExecStart's binary exists) and
+# their sandboxing scores at most 3.0 ("OK"; docs/operations.md has the measured scores).
+analyze = shutil.which("systemd-analyze")
+scores = []
+if analyze:
+    for unit, inst in (("baton-frontend.service", "baton-frontend.service"), ("baton-worker@.service", "baton-worker@0.service")):
+        path = os.path.join(tmp, inst)
+        shutil.copy(os.path.join(unitdir, unit), path)
+        r = subprocess.run([analyze, "verify", path], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and not r.stderr.strip(), f"systemd-analyze verify {unit}:\n{r.stdout}{r.stderr}"
+        r = subprocess.run([analyze, "security", "--offline=true", "--threshold=30", path], capture_output=True,
+                           text=True, timeout=60)
+        m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", r.stdout)
+        assert m, f"systemd-analyze security {unit} printed no score ({r.returncode}):\n{r.stdout}{r.stderr}"
+        assert r.returncode == 0 and float(m.group(1)) <= 3.0, f"{unit} scores {m.group(1)} (> 3.0):\n{r.stdout}"
+        scores.append(f"{unit} {m.group(1)}")
+        os.unlink(path)
+else:
+    print("systemd-analyze not installed: unit verification and scores not checked")
 models = sorted(glob.glob(os.path.join(src, "models", "*.gguf")))
 modeldir = os.path.join(p1, "share", "baton", "models")
 for m in models:
@@ -144,5 +163,5 @@ unit = open(os.path.join(stage, "opt/baton/lib/systemd/system/baton-frontend.ser
 assert "ExecStart=/opt/baton/bin/baton frontend" in unit and stage not in unit, unit
 assert os.access(os.path.join(stage, "opt/baton/bin/baton"), os.X_OK)
 
-print(f"install: {len(same)} tool files, {len(names)} scenarios, units and docs installed; run, chaos list/"
-      f"validate/run worked from a moved prefix; {len(models)} model(s)")
+print(f"install: {len(same)} tool files, {len(names)} scenarios, units ({', '.join(scores) or 'not scored'}) and docs "
+      f"installed; run, chaos list/validate/run worked from a moved prefix; {len(models)} model(s)")
