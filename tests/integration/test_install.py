@@ -4,7 +4,9 @@ harness it imports), the systemd units naming the installed binary, the docs and
 `baton --help`, `baton run` serving requests, and `baton chaos` (list, validate and a real
 scenario run) all work from the installed location, also after the whole prefix has been moved;
 a binary copied without its data directory says where it looked; a DESTDIR staging install writes
-units that name the final prefix, not the staging directory."""
+units that name the final prefix, not the staging directory; the runtime component (what the image
+installs) is the binary and the models alone; a configure without options does not turn warnings
+into errors, and one with -DBATON_WERROR=ON does."""
 
 import filecmp
 import glob
@@ -25,12 +27,13 @@ assert os.path.isfile(os.path.join(build, "cmake_install.cmake")), \
 tmp = bl.tmpdir()
 
 
-def install(prefix, destdir=None):
+def install(prefix, destdir=None, component=None):
     env = dict(os.environ)
     env.pop("DESTDIR", None)
     if destdir:
         env["DESTDIR"] = destdir
-    r = subprocess.run(["cmake", "--install", build, "--prefix", prefix], env=env, capture_output=True,
+    extra = ["--component", component] if component else []
+    r = subprocess.run(["cmake", "--install", build, "--prefix", prefix] + extra, env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, f"cmake --install failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
 
@@ -162,6 +165,29 @@ install("/opt/baton", destdir=stage)
 unit = open(os.path.join(stage, "opt/baton/lib/systemd/system/baton-frontend.service")).read()
 assert "ExecStart=/opt/baton/bin/baton frontend" in unit and stage not in unit, unit
 assert os.access(os.path.join(stage, "opt/baton/bin/baton"), os.X_OK)
+
+# ---- 5. the runtime component alone (what the image installs): the binary and the models ---------
+rt = os.path.join(tmp, "runtime")
+install(rt, component="runtime")
+got = sorted(os.path.relpath(os.path.join(d, f), rt) for d, _, fs in os.walk(rt) for f in fs)
+want = sorted(["bin/baton"] + [f"share/baton/models/{os.path.basename(m)}" for m in models]
+              + [f"share/baton/models/{os.path.basename(n)}" for n in
+                 (glob.glob(os.path.join(src, "models", "*.md")) + glob.glob(os.path.join(src, "models", "LICENSE*"))
+                  if models else [])])
+assert got == want, f"--component runtime installed {got}, expected {want}"
+
+# ---- 6. warnings are errors only when asked for ---------------------------------------------
+# A user's configure (no options) must not add -Werror; BATON_WERROR=ON (scripts/setup, CI) must.
+for opt, want_werror in (([], False), (["-DBATON_WERROR=ON"], True)):
+    scratch = os.path.join(tmp, "configure-" + ("werror" if want_werror else "plain"))
+    r = subprocess.run(["cmake", "-S", src, "-B", scratch, "-DCMAKE_BUILD_TYPE=Release"] + opt, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, f"cmake configure {opt} failed:\n{r.stdout}\n{r.stderr}"
+    flags = open(os.path.join(scratch, "CMakeFiles", "batoncore.dir", "flags.make")).read()
+    cflags = re.search(r"^C_FLAGS = (.*)$", flags, re.M).group(1).split()
+    assert "-Wall" in cflags and "-Wextra" in cflags, cflags
+    assert ("-Werror" in cflags) == want_werror, f"configure {opt or '(no options)'}: C_FLAGS {cflags}"
+    shutil.rmtree(scratch)
 
 print(f"install: {len(same)} tool files, {len(names)} scenarios, units ({', '.join(scores) or 'not scored'}) and docs "
       f"installed; run, chaos list/validate/run worked from a moved prefix; {len(models)} model(s)")
