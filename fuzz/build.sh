@@ -22,7 +22,7 @@ sanflags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit
 echo "== build libbatoncore (clang, fuzzer instrumentation) in build-fuzz/core"
 mkdir -p build-fuzz
 log=build-fuzz/core-build.log
-cmake -S . -B build-fuzz/core -DCMAKE_C_COMPILER="$CC" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+cmake -S . -B build-fuzz/core -DCMAKE_C_COMPILER="$CC" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DBATON_WERROR=ON \
     -DCMAKE_C_FLAGS="-fsanitize=fuzzer-no-link $sanflags" >"$log" 2>&1 &&
     cmake --build build-fuzz/core --target batoncore -j"$(nproc 2>/dev/null || echo 2)" >>"$log" 2>&1 || {
     tail -n 40 "$log"

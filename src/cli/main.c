@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "cli/run.h"
+#include "common/paths.h"
 #include "frontend/frontend.h"
 #include "worker/worker.h"
 
@@ -23,37 +24,35 @@ static void usage(void) {
            "`baton <command> --help` lists a command's options.\n");
 }
 
-/* `baton chaos ...`: the fault-testing tool is a Python program in the source tree
- * (tools/chaos/chaos.py), found through $BATON_CHAOS_DIR or relative to this binary
- * (build/baton -> ../tools/chaos). It is exec'd with the remaining arguments and, unless
- * BATON_BIN says otherwise, starts this very binary for the processes it tests. */
+/* `baton chaos ...`: the fault-testing tool is a Python program, chaos.py. It is found through
+ * $BATON_CHAOS_DIR, else next to this binary: <prefix>/share/baton/chaos when installed, or
+ * tools/chaos in the source tree for a build directory inside it (build/baton). It is exec'd with
+ * the remaining arguments and, unless BATON_BIN says otherwise, starts this very binary for the
+ * processes it tests. */
 static int chaos_main(int argc, char **argv) {
     char self[PATH_MAX];
-    char tool[PATH_MAX + 32];
-    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
-    if (n <= 0) {
+    char dir[PATH_MAX];
+    char tool[PATH_MAX + 16];
+    if (!bt_paths_self(self, sizeof self)) {
         fprintf(stderr, "baton chaos: cannot find this binary's path: %s\n", strerror(errno));
         return 2;
     }
-    self[n] = '\0';
-    const char *dir = getenv("BATON_CHAOS_DIR");
-    int len;
-    if (dir && *dir) {
-        len = snprintf(tool, sizeof tool, "%s/chaos.py", dir);
-    } else {
-        char bindir[PATH_MAX];
-        snprintf(bindir, sizeof bindir, "%s", self);
-        char *slash = strrchr(bindir, '/');
-        if (slash) *slash = '\0';
-        len = snprintf(tool, sizeof tool, "%s/../tools/chaos/chaos.py", bindir);
-    }
-    if (len < 0 || (size_t)len >= sizeof tool) {
-        fprintf(stderr, "baton chaos: tool path too long\n");
+    const char *env = getenv("BATON_CHAOS_DIR");
+    if (env && *env) {
+        if (snprintf(dir, sizeof dir, "%s", env) >= (int)sizeof dir) {
+            fprintf(stderr, "baton chaos: BATON_CHAOS_DIR is too long\n");
+            return 2;
+        }
+    } else if (!bt_paths_data_dir(self, "chaos", "tools/chaos", dir, sizeof dir)) {
+        fprintf(stderr, "baton chaos: the chaos tool is not installed at %s (nor is this binary in a build "
+                        "directory of the source tree); set BATON_CHAOS_DIR to the directory holding chaos.py\n",
+                dir);
         return 2;
     }
+    snprintf(tool, sizeof tool, "%s/chaos.py", dir);
     if (access(tool, R_OK) != 0) {
-        fprintf(stderr, "baton chaos: the chaos tool is not at %s (%s); set BATON_CHAOS_DIR to the directory "
-                        "holding chaos.py (tools/chaos in the source tree)\n", tool, strerror(errno));
+        fprintf(stderr, "baton chaos: cannot read %s (%s); set BATON_CHAOS_DIR to the directory holding chaos.py\n",
+                tool, strerror(errno));
         return 2;
     }
     setenv("BATON_BIN", self, 0);

@@ -154,7 +154,9 @@ static void gather_start(fe *f, fe_gather *g) {
     atomic_store(&g->pending, g->n); /* n - 1 other shards, plus the origin's hold */
     for (int i = 0; i < g->n; i++) {
         if (i == f->shard) continue;
-        if (!fe_shard_post(f->grp->shard[i], gather_part, g)) gather_part_done(g); /* that shard has exited */
+        /* that shard has exited: its part will never come. Never the last part, since the
+         * origin's hold is still in, so the gather stays alive for the rest of this loop. */
+        if (!fe_shard_post(f->grp->shard[i], gather_part, g)) atomic_fetch_sub(&g->pending, 1);
     }
     gather_part(f, g); /* the origin's own part, and the release of its hold */
 }

@@ -1,7 +1,9 @@
 """util — small helpers shared by the chaos modules: durations, logging, the batonlib import.
 
-batonlib (tests/lib/batonlib.py) is imported by path from the repository this tool lives in, so
-the tool runs from a plain checkout without PYTHONPATH; BATON_CHAOS_BATONLIB names another copy.
+batonlib (tests/lib/batonlib.py) is imported by path: from BATON_CHAOS_BATONLIB if set, else from
+lib/ next to this tool (where `cmake --install` puts a copy: <prefix>/share/baton/chaos/lib), else
+from the repository this tool lives in, so the tool runs installed and from a plain checkout
+without PYTHONPATH.
 """
 
 import importlib.util
@@ -44,7 +46,10 @@ def batonlib():
     """The batonlib module, loaded once by path."""
     if "m" in _bl:
         return _bl["m"]
-    path = os.environ.get("BATON_CHAOS_BATONLIB") or os.path.join(repo_root(), "tests", "lib", "batonlib.py")
+    path = os.environ.get("BATON_CHAOS_BATONLIB")
+    if not path:
+        installed = os.path.join(tool_dir(), "lib", "batonlib.py")
+        path = installed if os.path.isfile(installed) else os.path.join(repo_root(), "tests", "lib", "batonlib.py")
     if not os.path.isfile(path):
         raise SystemExit(f"baton chaos: cannot find batonlib.py at {path} (set BATON_CHAOS_BATONLIB)")
     spec = importlib.util.spec_from_file_location("batonlib", path)
