@@ -519,6 +519,7 @@ static void conn_dispatch(conn *c) {
     switch (c->parser.method) {
     case HTTP_GET: r->method = BT_HTTP_GET; break;
     case HTTP_POST: r->method = BT_HTTP_POST; break;
+    case HTTP_HEAD: r->method = BT_HTTP_HEAD; break;
     default: r->method = BT_HTTP_OTHER; break;
     }
     if (bt_buf_append(&c->url, "", 0) != BT_OK || !c->url.data) { /* ensures storage and a NUL */

@@ -84,7 +84,7 @@ static void client_fail(fixture *f, int line, const char *what) {
     } while (0)
 
 static const char *method_name(bt_http_method m) {
-    return m == BT_HTTP_GET ? "GET" : m == BT_HTTP_POST ? "POST" : "OTHER";
+    return m == BT_HTTP_GET ? "GET" : m == BT_HTTP_POST ? "POST" : m == BT_HTTP_HEAD ? "HEAD" : "OTHER";
 }
 
 /* "<METHOD> <path>?<query> rid=<..> auth=<..> ct=<..> body=<..>" */
