@@ -259,8 +259,12 @@ static void handle_frame(bt_rpc_conn *c, const bt_frame *f) {
                       BT_PROTO_VERSION);
             return;
         }
-        if (role == c->cfg.role) {
-            conn_fail(c, BT_ERR_PROTOCOL, "peer %s has the same role as this process", c->peer);
+        /* only the opposite role: a frontend talks to workers and a worker to frontends, and a
+         * role this version does not know is no peer at all */
+        uint16_t want = c->cfg.role == BT_ROLE_FRONTEND ? BT_ROLE_WORKER : BT_ROLE_FRONTEND;
+        if (role != want) {
+            conn_fail(c, BT_ERR_PROTOCOL, "peer %s announced role %u in its HELLO; expected %u (%s)", c->peer, role,
+                      want, want == BT_ROLE_WORKER ? "worker" : "frontend");
             return;
         }
         c->peer_instance = inst;
