@@ -87,7 +87,8 @@ static int record(int status, bool sure, const char *body, size_t len) {
 }
 
 static void check_request(const bt_http_req *r) {
-    CHECK(r->method == BT_HTTP_GET || r->method == BT_HTTP_POST || r->method == BT_HTTP_OTHER);
+    CHECK(r->method == BT_HTTP_GET || r->method == BT_HTTP_POST || r->method == BT_HTTP_OTHER ||
+          r->method == BT_HTTP_HEAD);
     CHECK(r->path && r->query && r->body);
     CHECK(strlen(r->path) <= MAX_HEADER && strlen(r->query) <= MAX_HEADER);
     CHECK(!strchr(r->path, '?') && !strchr(r->path, '#'));
@@ -127,7 +128,7 @@ static void answer_stream(bt_http_req *r, char kind, bool sure) {
 }
 
 static void answer_whole(bt_http_req *r, bool sure) {
-    if (r->method == BT_HTTP_OTHER) { /* HEAD among them: no body, so the response parser needs none */
+    if (r->method == BT_HTTP_OTHER || r->method == BT_HTTP_HEAD) { /* HEAD among them: no body, so the response parser needs none */
         bt_http_respond(r, 204, NULL, NULL, NULL, 0);
         record(204, sure, NULL, 0);
         return;
@@ -144,13 +145,13 @@ static void on_request(void *ud, bt_http_req *r) {
     check_request(r);
     g_seq++;
     char k = r->path[0] == '/' ? r->path[1] : 0;
-    if (r->method != BT_HTTP_OTHER && (k == 's' || k == 'f' || k == 'c')) {
+    if (r->method != BT_HTTP_OTHER && r->method != BT_HTTP_HEAD && (k == 's' || k == 'f' || k == 'c')) {
         answer_stream(r, k, true);
     } else if (k == 'a' || k == 'd') {
         deferred *d = calloc(1, sizeof *d);
         CHECK(d != NULL);
         d->req = r;
-        d->stream = k == 'd' && r->method != BT_HTTP_OTHER;
+        d->stream = k == 'd' && r->method != BT_HTTP_OTHER && r->method != BT_HTTP_HEAD;
         r->user = d;
         d->next = g_deferred;
         g_deferred = d;

@@ -29,7 +29,8 @@
     X(BT_ERR_DRAINING,      15, true,  "worker is draining")                           \
     X(BT_ERR_AGAIN,         16, false, "try again")                                    \
     X(BT_ERR_UNAUTHORIZED,  17, false, "unauthorized")                                 \
-    X(BT_ERR_INTERNAL,      18, false, "internal error")
+    X(BT_ERR_INTERNAL,      18, false, "internal error")                              \
+    X(BT_ERR_CONTEXT_LENGTH, 19, false, "prompt + max_tokens exceed the model's context length")
 
 typedef enum {
 #define BT_X(name, code, mig, msg) name = code,

@@ -59,6 +59,20 @@ bt_status bt_buf_append(bt_buf *b, const void *p, size_t n) {
 
 bt_status bt_buf_append_str(bt_buf *b, const char *s) { return bt_buf_append(b, s, strlen(s)); }
 
+char *bt_prom_escape(const char *s, char *out, size_t cap) {
+    size_t o = 0;
+    for (; *s; s++) {
+        const char *e = *s == '\\' ? "\\\\" : *s == '"' ? "\\\"" : *s == '\n' ? "\\n" : NULL;
+        size_t n = e ? 2 : 1;
+        if (o + n >= cap) break;
+        if (e) memcpy(out + o, e, 2);
+        else out[o] = *s;
+        o += n;
+    }
+    out[o] = '\0';
+    return out;
+}
+
 bt_status bt_buf_appendf(bt_buf *b, const char *fmt, ...) {
     char tmp[512];
     va_list ap;

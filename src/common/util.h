@@ -34,6 +34,11 @@ bt_status bt_buf_append_str(bt_buf *b, const char *s);
 /* Appends `s[0..n)` as the content of a JSON string (escaped, without quotes). Invalid UTF-8 bytes
  * are replaced with U+FFFD so the output is always valid JSON. */
 bt_status bt_buf_append_json_str(bt_buf *b, const char *s, size_t n);
+/* Writes s into out (cap bytes, cap >= 1) as a Prometheus label value: backslash, double quote
+ * and line feed escaped as the text exposition format requires. Output that would not fit is cut
+ * before the escape or byte that overflows (never in the middle of an escape); always
+ * NUL-terminated. 2 * strlen(s) + 1 bytes always suffice. Returns out. */
+char *bt_prom_escape(const char *s, char *out, size_t cap);
 /* Removes the first n bytes. */
 void bt_buf_consume(bt_buf *b, size_t n);
 /* Hands the storage to the caller (who frees it with free()) and empties the buffer. */

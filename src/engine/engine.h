@@ -43,6 +43,10 @@ typedef struct {
 } bt_usage;
 
 #define BT_MAX_STOP 4 /* OpenAI allows up to 4 stop sequences */
+/* Bytes in one stop string. Every stop string is matched against the text after each token, so
+ * its length is work a client would otherwise choose: 4 stop strings of 1 MB slowed every other
+ * stream of a worker 8x. The frontend refuses longer ones (400) and so does the worker. */
+#define BT_MAX_STOP_LEN 1024
 
 typedef struct {
     const char *request_id;

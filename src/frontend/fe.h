@@ -98,6 +98,7 @@ struct fe_worker {
     uint64_t event_load_ms; /* when the last event-plane report for it arrived (0 = never) */
     uint64_t total_blocks_card;
     uint64_t block_size; /* tokens per KV block, from the model card (0 = unknown) */
+    uint64_t context_length; /* prompt + completion tokens the model takes, from the card (0 = unknown) */
     /* Shedding: KV blocks that requests routed since the last LOAD will need (the report does
      * not show them yet), and the rate at which finished requests release blocks. */
     uint64_t pending_blocks;
@@ -248,13 +249,14 @@ struct fe_group {
     atomic_size_t nreqs; /* requests in flight in all shards (--max-concurrent-requests) */
     atomic_size_t nconns; /* client connections open in all shards (--max-connections) */
     atomic_int running;   /* threads of shards 1..n-1 whose loop has not ended */
+    int64_t started_wall_s; /* Unix time the process started: "created" of /v1/models */
 };
 
 /* workers.c */
 /* Parses a discovery instance value (instance_id, transport.tcp "host:port", model.name and the
- * optional namespace, component, endpoint, model.total_kv_blocks, model.block_size) into the
- * identity fields of a zeroed w: id, transport, model, ns, component, endpoint,
- * total_blocks_card, block_size, host and port (1..65535). Strings longer than their field are
+ * optional namespace, component, endpoint, model.total_kv_blocks, model.block_size,
+ * model.context_length) into the identity fields of a zeroed w: id, transport, model, ns,
+ * component, endpoint, total_blocks_card, block_size, context_length, host and port (1..65535). Strings longer than their field are
  * cut. Nothing else of w is touched. False with a reason in err if the value is unusable. */
 bool fe_parse_instance(const json_t *v, fe_worker *w, char *err, size_t errlen);
 void fe_workers_start(fe *f);
@@ -285,6 +287,9 @@ fe_model *fe_model_get(fe *f, const char *name, bool create);
  * "role"; completions: "prompt" a string, one string in an array, or token ids in [0, 2^32).
  * Otherwise false with a one-line reason in err. Exposed for the fuzz driver. */
 bool fe_validate_body(json_t *body, bt_api api, char *err, size_t errlen);
+/* The same, and on a rejection *param names the offending field (NULL if none) and *code is the
+ * OpenAI error code ("invalid_value", "unsupported_value", ...). param and code may be NULL. */
+bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const char **param, const char **code);
 void fe_request_start(fe *f, bt_http_req *http, bt_api api);
 void fe_request_abort(fe *f, bt_http_req *http);
 /* The one place a request's state changes; logs the change with its reason (debug level). */
@@ -301,9 +306,20 @@ void fe_request_end_cancelled(fe_req *r);
 void fe_request_fail(fe_req *r, bt_status code, const char *msg);
 /* Operator cancel: stop (graceful) or kill. Returns false if no such request. */
 bool fe_request_cancel_by_id(fe *f, const char *rid, bool kill);
-/* Answers with OpenAI's error shape {"error":{"message","type","code"}}; rid may be NULL. */
-void fe_json_error(bt_http_req *http, const char *rid, int status, const char *type, const char *fmt, ...)
+/* Answers with OpenAI's error shape {"error":{"message","type","param","code"}}: `code` is a
+ * string such as "model_not_found" (NULL gives null), the type follows from the status
+ * (fe_error_type). rid may be NULL. */
+void fe_json_error(bt_http_req *http, const char *rid, int status, const char *code, const char *fmt, ...)
     __attribute__((format(printf, 5, 6)));
+/* The same with the offending parameter (NULL gives null) and extra header lines (each ending in
+ * "\r\n", or NULL). */
+void fe_json_error_ex(bt_http_req *http, const char *rid, int status, const char *code, const char *param,
+                      const char *headers, const char *fmt, ...) __attribute__((format(printf, 7, 8)));
+/* OpenAI's error type for an HTTP status: "invalid_request_error" for 4xx, "server_error" for 5xx,
+ * "cancelled" for 499 (a request cancelled by the operator). */
+const char *fe_error_type(int status);
+/* Appends {"error":{"message","type","param","code"}} to b (code and param NULL give null). */
+void fe_error_body(bt_buf *b, int status, const char *code, const char *param, const char *msg);
 
 /* migrate.c */
 /* Starts the request's next attempt on a routable worker (the first, or a continuation carrying

@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include "common/log.h"
@@ -52,16 +53,67 @@ static void handle_health(fe *f, bt_http_req *http) {
     respond_json(http, 200, json_pack("{s:s, s:o, s:o}", "status", "healthy", "endpoints", eps, "instances", insts));
 }
 
+/* A model is listed while at least one known worker serves it. "created" is Unix time: when this
+ * frontend started (baton does not know when a model was made). */
+static bool model_served(const fe *f, const char *name) {
+    for (const fe_worker *w = f->workers; w; w = w->next)
+        if (strcmp(w->model, name) == 0) return true;
+    return false;
+}
+
+static json_t *model_json(const fe *f, const fe_model *m) {
+    return json_pack("{s:s, s:s, s:I, s:s}", "id", m->name, "object", "model", "created",
+                     (json_int_t)f->grp->started_wall_s, "owned_by", "baton");
+}
+
 static void handle_models(fe *f, bt_http_req *http) {
     json_t *data = json_array();
-    for (fe_model *m = f->models; m; m = m->next) {
-        bool served = false;
-        for (fe_worker *w = f->workers; w; w = w->next) served = served || strcmp(w->model, m->name) == 0;
-        if (served)
-            json_array_append_new(data, json_pack("{s:s, s:s, s:I, s:s}", "id", m->name, "object", "model", "created",
-                                                  (json_int_t)(f->started_ms / 1000), "owned_by", "baton"));
-    }
+    for (fe_model *m = f->models; m; m = m->next)
+        if (model_served(f, m->name)) json_array_append_new(data, model_json(f, m));
     respond_json(http, 200, json_pack("{s:s, s:o}", "object", "list", "data", data));
+}
+
+static int hex_digit(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+/* Percent-decodes src into out (cap bytes). False if an escape is malformed, decodes to U+0000,
+ * or the result does not fit. */
+static bool percent_decode(const char *src, char *out, size_t cap) {
+    size_t o = 0;
+    for (const char *p = src; *p; p++) {
+        char c = *p;
+        if (c == '%') {
+            int hi = hex_digit(p[1]), lo = hi < 0 ? -1 : hex_digit(p[2]);
+            if (lo < 0 || (hi == 0 && lo == 0)) return false;
+            c = (char)(hi * 16 + lo);
+            p += 2;
+        }
+        if (o + 1 >= cap) return false;
+        out[o++] = c;
+    }
+    out[o] = '\0';
+    return true;
+}
+
+/* GET /v1/models/{id}: the id is percent-decoded and may hold '/' (as "org/model"), either raw or
+ * as %2F (the openai SDK encodes it). */
+static void handle_model(fe *f, bt_http_req *http, const char *raw_id) {
+    char id[sizeof f->models->name];
+    fe_model *m = NULL;
+    if (percent_decode(raw_id, id, sizeof id)) {
+        m = fe_model_get(f, id, false);
+        if (m && !model_served(f, m->name)) m = NULL;
+    }
+    if (!m) {
+        fe_json_error_ex(http, NULL, 404, "model_not_found", "model", NULL, "The model '%.200s' does not exist",
+                         raw_id);
+        return;
+    }
+    respond_json(http, 200, model_json(f, m));
 }
 
 static json_t *threshold_json(const fe_model *m) {
@@ -139,7 +191,7 @@ static void handle_cancel(fe *f, bt_http_req *http, const char *rid) {
                                : json_pack("{s:s}", "mode", "stop");
     const char *mode = json_string_value(json_object_get(b, "mode"));
     if (!json_is_object(b) || !mode || (strcmp(mode, "stop") != 0 && strcmp(mode, "kill") != 0)) {
-        fe_json_error(http, NULL, 400, "invalid_request_error", "body must be {\"mode\":\"stop\"|\"kill\"}");
+        fe_json_error_ex(http, NULL, 400, "invalid_value", "mode", NULL, "body must be {\"mode\":\"stop\"|\"kill\"}");
         json_decref(b);
         return;
     }
@@ -150,40 +202,57 @@ static void handle_cancel(fe *f, bt_http_req *http, const char *rid) {
 
 void fe_cancel_respond(bt_http_req *http, const char *rid, bool kill, bool found) {
     if (!found) {
-        fe_json_error(http, NULL, 404, "not_found_error", "no running request with id '%s'", rid);
+        fe_json_error(http, NULL, 404, "request_not_found", "no running request with id '%s'", rid);
         return;
     }
     respond_json(http, 200, json_pack("{s:s, s:s, s:s}", "request_id", rid, "mode", kill ? "kill" : "stop", "status",
                                       "cancelling"));
 }
 
+/* a == b in a time that depends on their lengths only, never on where they first differ: a
+ * client timing 401s learns nothing of the key byte by byte. */
+static bool equal_ct(const char *a, size_t alen, const char *b, size_t blen) {
+    volatile unsigned char diff = alen != blen;
+    for (size_t i = 0; i < alen; i++) diff |= (unsigned char)(a[i] ^ (blen ? b[i % blen] : 0));
+    return diff == 0;
+}
+
+/* "Authorization: Bearer KEY", the scheme in any case (RFC 9110 §11.1), one or more spaces after
+ * it; the key compared in constant time. */
 static bool authorized(fe *f, bt_http_req *http) {
     if (!f->o.api_key || !*f->o.api_key) return true;
     const char *a = http->authorization;
-    return a && strncmp(a, "Bearer ", 7) == 0 && strcmp(a + 7, f->o.api_key) == 0;
+    if (!a || strncasecmp(a, "Bearer ", 7) != 0) return false;
+    a += 7;
+    while (*a == ' ') a++;
+    return equal_ct(a, strlen(a), f->o.api_key, strlen(f->o.api_key));
 }
 
 static void on_http_request(void *ud, bt_http_req *http) {
     fe *f = ud;
     const char *p = http->path;
     bool get = http->method == BT_HTTP_GET, post = http->method == BT_HTTP_POST;
-    /* probes and metrics stay open */
-    if (strcmp(p, "/live") == 0 && get) {
+    /* probes and metrics stay open; HEAD gets the GET answer without its body (a load balancer's
+     * probe may use HEAD) */
+    bool probe = get || http->method == BT_HTTP_HEAD;
+    if (strcmp(p, "/live") == 0 && probe) {
         static const char down[] = "{\"status\":\"shutting_down\",\"message\":\"Service is shutting down\"}";
         static const char live[] = "{\"status\":\"live\",\"message\":\"Service is live\"}";
         if (f->shutting_down) bt_http_respond(http, 503, "application/json", NULL, down, sizeof down - 1);
         else bt_http_respond(http, 200, "application/json", NULL, live, sizeof live - 1);
         return;
     }
-    if (strcmp(p, "/health") == 0 && get) return handle_health(f, http);
-    if (strcmp(p, "/metrics") == 0 && get) return fe_shards_metrics(f, http); /* every shard's */
+    if (strcmp(p, "/health") == 0 && probe) return handle_health(f, http);
+    if (strcmp(p, "/metrics") == 0 && probe) return fe_shards_metrics(f, http); /* every shard's */
     if (!authorized(f, http)) {
-        fe_json_error(http, NULL, 401, "authentication_error", "missing or invalid API key");
+        fe_json_error_ex(http, NULL, 401, "invalid_api_key", NULL, "WWW-Authenticate: Bearer realm=\"baton\"\r\n",
+                         "missing or invalid API key");
         return;
     }
     if (strcmp(p, "/v1/chat/completions") == 0 && post) return fe_request_start(f, http, BT_API_CHAT);
     if (strcmp(p, "/v1/completions") == 0 && post) return fe_request_start(f, http, BT_API_COMPLETION);
     if (strcmp(p, "/v1/models") == 0 && get) return handle_models(f, http);
+    if (strncmp(p, "/v1/models/", 11) == 0 && p[11] && get) return handle_model(f, http, p + 11);
     if (strcmp(p, "/busy_threshold") == 0 && (get || post)) return handle_busy_threshold(f, http);
     if (strncmp(p, "/v1/requests/", 13) == 0 && post) {
         const char *rid = p + 13;
@@ -195,9 +264,10 @@ static void on_http_request(void *ud, bt_http_req *http) {
         }
     }
     bool known = strcmp(p, "/v1/chat/completions") == 0 || strcmp(p, "/v1/completions") == 0 ||
-                 strcmp(p, "/v1/models") == 0 || strcmp(p, "/busy_threshold") == 0;
-    if (known) fe_json_error(http, NULL, 405, "invalid_request_error", "method not allowed on %s", p);
-    else fe_json_error(http, NULL, 404, "not_found_error", "no route for %s", p);
+                 strcmp(p, "/v1/models") == 0 || strncmp(p, "/v1/models/", 11) == 0 ||
+                 strcmp(p, "/busy_threshold") == 0;
+    if (known) fe_json_error(http, NULL, 405, "method_not_allowed", "method not allowed on %s", p);
+    else fe_json_error(http, NULL, 404, "unknown_url", "no route for %s", p);
 }
 
 static void on_http_abort(void *ud, bt_http_req *http) {
@@ -451,6 +521,7 @@ int bt_frontend_main(int argc, char **argv) {
     fe_group *g = calloc(1, sizeof *g);
     if (!g) goto bad_usage;
     g->n = (int)o->threads;
+    g->started_wall_s = bt_wall_s();
     g->shard[0] = f;
     int rc = 0, opened = 0;
     for (int i = 0; i < g->n && rc == 0; i++) {

@@ -16,6 +16,7 @@
 #include "frontend/http.h"
 
 #include <errno.h>
+#include <inttypes.h>
 #include <http_parser.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -45,6 +46,9 @@
 /* After the final response of a connection, how long we wait for the peer to close (restarted on
  * write progress). Capped by idle_timeout_ms when that is smaller. */
 #define LINGER_MS 5000u
+/* At most one WARN per this many ms for connections refused over max_connections: a flood of
+ * them must not flood the log (each is counted in stats.max_connections). */
+#define REJECT_LOG_MS 10000u
 /* Response header sections we build (status line + caller's extra headers). */
 #define OUT_HEADER_CAP (64u * 1024u)
 #define HDR_NAME_MAX 32
@@ -73,6 +77,9 @@ struct bt_http_server {
     size_t nconns, ninflight, nrejecting;
     bt_http_stats stats;
     bool listener_closing, listener_closed, aux_closed, closing;
+    uint64_t reject_logged_ms; /* when the last max_connections WARN was logged */
+    uint64_t reject_quiet;     /* refusals since then that were counted but not logged */
+    bool reject_logged;
     void (*done)(void *ud);
     void *done_ud;
     char rbuf[READ_BUF_SIZE];
@@ -330,7 +337,9 @@ static void conn_error_close(conn *c, int status, const char *msg) {
     bt_buf_init(&head, 1024);
     bt_buf_append_str(&body, "{\"error\":{\"message\":\"");
     bt_buf_append_json_str(&body, msg, strlen(msg));
-    bt_buf_appendf(&body, "\",\"type\":\"invalid_request_error\",\"code\":%d}}", status);
+    /* OpenAI's error shape, as the frontend's own errors (a string code) */
+    bt_buf_appendf(&body, "\",\"type\":\"invalid_request_error\",\"param\":null,\"code\":\"%s\"}}",
+                   status == 413 ? "request_too_large" : status == 431 ? "headers_too_large" : "malformed_request");
     bt_buf_appendf(&head,
                    "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n"
                    "Connection: close\r\n\r\n",
@@ -528,6 +537,7 @@ static void conn_dispatch(conn *c) {
     switch (c->parser.method) {
     case HTTP_GET: r->method = BT_HTTP_GET; break;
     case HTTP_POST: r->method = BT_HTTP_POST; break;
+    case HTTP_HEAD: r->method = BT_HTTP_HEAD; break;
     default: r->method = BT_HTTP_OTHER; break;
     }
     if (bt_buf_append(&c->url, "", 0) != BT_OK || !c->url.data) { /* ensures storage and a NUL */
@@ -721,7 +731,8 @@ static void server_reject(bt_http_server *s) {
     s->nrejecting++;
     if (uv_accept((uv_stream_t *)&s->listener, (uv_stream_t *)&r->tcp) == 0) {
         static const char body[] =
-            "{\"error\":{\"message\":\"too many connections\",\"type\":\"overloaded_error\",\"code\":503}}";
+            "{\"error\":{\"message\":\"too many connections\",\"type\":\"server_error\",\"param\":null,"
+            "\"code\":\"too_many_connections\"}}";
         char head[160];
         int hn = snprintf(head, sizeof head,
                           "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -744,7 +755,17 @@ static void on_connection(uv_stream_t *server, int status) {
     size_t open = s->cfg.shared_conns ? atomic_fetch_add(s->cfg.shared_conns, 1) : s->nconns;
     if (open >= s->cfg.max_connections) {
         if (s->cfg.shared_conns) atomic_fetch_sub(s->cfg.shared_conns, 1);
-        BT_WARN("http: %zu connections open (limit %zu); rejecting a new one", open, s->cfg.max_connections);
+        uint64_t now = uv_now(s->loop);
+        if (!s->reject_logged || now - s->reject_logged_ms >= REJECT_LOG_MS) {
+            BT_WARN("http: %zu connections open (limit %zu); rejecting a new one (%" PRIu64
+                    " more rejected since the last such message; at most one every %u s)",
+                    open, s->cfg.max_connections, s->reject_quiet, REJECT_LOG_MS / 1000u);
+            s->reject_logged = true;
+            s->reject_logged_ms = now;
+            s->reject_quiet = 0;
+        } else {
+            s->reject_quiet++;
+        }
         s->stats.max_connections++;
         server_reject(s);
         return;

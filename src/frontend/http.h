@@ -24,7 +24,9 @@
 typedef struct bt_http_server bt_http_server;
 typedef struct bt_http_req bt_http_req;
 
-typedef enum { BT_HTTP_GET = 1, BT_HTTP_POST = 2, BT_HTTP_OTHER = 3 } bt_http_method;
+/* A HEAD request's response goes out without its body (the server drops it): a handler answers
+ * HEAD as it answers GET. */
+typedef enum { BT_HTTP_GET = 1, BT_HTTP_POST = 2, BT_HTTP_OTHER = 3, BT_HTTP_HEAD = 4 } bt_http_method;
 
 struct bt_http_req {
     bt_http_method method;

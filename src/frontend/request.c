@@ -25,32 +25,66 @@
 #define MAX_TOKENS_LIMIT 1000000
 #define RID_MAX 64
 
-void fe_json_error(bt_http_req *http, const char *rid, int status, const char *type, const char *fmt, ...) {
+const char *fe_error_type(int status) {
+    if (status == 499) return "cancelled";
+    return status >= 500 ? "server_error" : "invalid_request_error";
+}
+
+void fe_error_body(bt_buf *b, int status, const char *code, const char *param, const char *msg) {
+    bt_buf_append_str(b, "{\"error\":{\"message\":\"");
+    bt_buf_append_json_str(b, msg, strlen(msg));
+    bt_buf_appendf(b, "\",\"type\":\"%s\",\"param\":", fe_error_type(status));
+    if (param) {
+        bt_buf_append_str(b, "\"");
+        bt_buf_append_json_str(b, param, strlen(param));
+        bt_buf_append_str(b, "\"");
+    } else {
+        bt_buf_append_str(b, "null");
+    }
+    bt_buf_append_str(b, ",\"code\":");
+    if (code) bt_buf_appendf(b, "\"%s\"}}", code);
+    else bt_buf_append_str(b, "null}}");
+}
+
+static void json_error_v(bt_http_req *http, const char *rid, int status, const char *code, const char *param,
+                         const char *headers, const char *fmt, va_list ap) {
     char msg[512];
-    va_list ap;
-    va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
     /* client mistakes at debug level (a hostile client must not flood the log), the rest at info */
     if (status >= 500) BT_INFO("request %s answered %d: %s", rid ? rid : "-", status, msg);
     else BT_DEBUG("request %s answered %d: %s", rid ? rid : "-", status, msg);
     bt_buf b;
     bt_buf_init(&b, 4096);
-    bt_buf_append_str(&b, "{\"error\":{\"message\":\"");
-    bt_buf_append_json_str(&b, msg, strlen(msg));
-    bt_buf_appendf(&b, "\",\"type\":\"%s\",\"code\":%d}}", type, status);
-    char hdr[160] = "";
+    fe_error_body(&b, status, code, param, msg);
+    char hdr[320] = "";
     size_t hl = 0;
     if (rid) hl += (size_t)snprintf(hdr, sizeof hdr, "X-Request-Id: %s\r\n", rid);
-    if (status == 503 && hl < sizeof hdr) snprintf(hdr + hl, sizeof hdr - hl, "Retry-After: 1\r\n");
+    if (status == 503 && hl < sizeof hdr) hl += (size_t)snprintf(hdr + hl, sizeof hdr - hl, "Retry-After: 1\r\n");
+    if (headers && hl < sizeof hdr) snprintf(hdr + hl, sizeof hdr - hl, "%s", headers);
     bt_http_respond(http, status, "application/json", hdr, b.data, b.len);
     bt_buf_free(&b);
+}
+
+void fe_json_error(bt_http_req *http, const char *rid, int status, const char *code, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    json_error_v(http, rid, status, code, NULL, NULL, fmt, ap);
+    va_end(ap);
+}
+
+void fe_json_error_ex(bt_http_req *http, const char *rid, int status, const char *code, const char *param,
+                      const char *headers, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    json_error_v(http, rid, status, code, param, headers, fmt, ap);
+    va_end(ap);
 }
 
 static int status_for(bt_status code) {
     switch (code) {
     case BT_ERR_INVALID:
-    case BT_ERR_TOO_LARGE: return 400;
+    case BT_ERR_TOO_LARGE:
+    case BT_ERR_CONTEXT_LENGTH: return 400;
     case BT_ERR_NOT_FOUND: return 404;
     case BT_ERR_CANCELLED: return 499;
     case BT_ERR_OVERLOADED:
@@ -59,13 +93,20 @@ static int status_for(bt_status code) {
     }
 }
 
-static const char *type_for(int status) {
-    switch (status) {
-    case 400: return "invalid_request_error";
-    case 404: return "not_found_error";
-    case 499: return "cancelled";
-    case 503: return "service_unavailable";
-    default: return "internal_error";
+/* The OpenAI error code (a string) for a request that failed with `code`. */
+static const char *code_for(bt_status code) {
+    switch (code) {
+    case BT_ERR_INVALID: return "invalid_value";
+    case BT_ERR_TOO_LARGE: return "request_too_large";
+    case BT_ERR_CONTEXT_LENGTH: return "context_length_exceeded";
+    case BT_ERR_NOT_FOUND: return "not_found";
+    case BT_ERR_CANCELLED: return "request_cancelled";
+    case BT_ERR_OVERLOADED: return "overloaded";
+    case BT_ERR_NO_WORKER: return "no_worker_available";
+    case BT_ERR_SHUTDOWN: return "shutting_down";
+    case BT_ERR_ENGINE: return "engine_error";
+    case BT_ERR_NOMEM: return "out_of_memory";
+    default: return bt_status_migratable(code) ? "worker_unavailable" : "internal_error";
     }
 }
 
@@ -234,13 +275,15 @@ static void fail_request(fe_req *r, bt_status code, const char *msg) {
             /* mid-stream: a final data event with an OpenAI error object, then close, no [DONE] */
             bt_buf *b = &r->fe->scratch;
             bt_buf_reset(b);
-            bt_buf_append_str(b, "data: {\"error\":{\"message\":\"");
-            bt_buf_append_json_str(b, msg, strlen(msg));
-            bt_buf_appendf(b, "\",\"type\":\"%s\",\"code\":%d}}\n\n", type_for(status), status);
+            bt_buf_append_str(b, "data: ");
+            fe_error_body(b, status, code_for(code), NULL, msg);
+            bt_buf_append_str(b, "\n\n");
             bt_http_stream_write(r->http, b->data, b->len);
             bt_http_stream_end(r->http, true);
         } else {
-            fe_json_error(r->http, r->rid, status, type_for(status), "%s", msg);
+            fe_json_error_ex(r->http, r->rid, status, code_for(code),
+                             code == BT_ERR_CONTEXT_LENGTH ? (r->api == BT_API_CHAT ? "messages" : "prompt") : NULL,
+                             NULL, "%s", msg);
         }
         r->http->user = NULL;
         r->http = NULL;
@@ -292,10 +335,12 @@ void fe_request_reject_busy(fe_req *r) {
     if (r->http) {
         char hdr[160];
         snprintf(hdr, sizeof hdr, "X-Request-Id: %s\r\nRetry-After: %d\r\n", r->rid, fe_retry_after_s(r->fe, r->model));
-        static const char body[] = "{\"error\":{\"message\":\"Service temporarily unavailable: All "
-                                   "workers are busy, please retry later\",\"type\":\"Service "
-                                   "Unavailable\",\"code\":503}}";
-        bt_http_respond(r->http, 503, "application/json", hdr, body, sizeof body - 1);
+        bt_buf body;
+        bt_buf_init(&body, 1024);
+        fe_error_body(&body, 503, "overloaded", NULL,
+                      "Service temporarily unavailable: All workers are busy, please retry later");
+        bt_http_respond(r->http, 503, "application/json", hdr, body.data, body.len);
+        bt_buf_free(&body);
         r->http->user = NULL;
         r->http = NULL;
     }
@@ -408,41 +453,64 @@ static bool valid_rid(const char *s) {
     return true;
 }
 
-/* Checks the OpenAI body (see fe.h); on error writes a message and returns false. */
-bool fe_validate_body(json_t *body, bt_api api, char *err, size_t errlen) {
-    if (!json_is_object(body)) return snprintf(err, errlen, "request body must be a JSON object"), false;
-    if (!json_is_string(json_object_get(body, "model")))
-        return snprintf(err, errlen, "'model' is required and must be a string"), false;
+/* A rejection: the message, the field and the OpenAI code. */
+#define REJECT(prm, cd, ...)                                                                                      \
+    do {                                                                                                           \
+        snprintf(err, errlen, __VA_ARGS__);                                                                       \
+        if (param) *param = (prm);                                                                                 \
+        if (code) *code = (cd);                                                                                    \
+        return false;                                                                                              \
+    } while (0)
+
+/* A JSON string that holds U+0000 (jansson keeps it, C strings would be cut there). */
+static bool has_nul(const json_t *s) { return json_is_string(s) && strlen(json_string_value(s)) != json_string_length(s); }
+
+/* True if v is absent, null, false or 0: a field that asks for nothing. */
+static bool asks_nothing(const json_t *v) {
+    return !v || json_is_null(v) || json_is_false(v) || (json_is_integer(v) && json_integer_value(v) == 0);
+}
+
+/* Checks the OpenAI body (see fe.h). Fields baton does not read are ignored, except those that ask
+ * for a feature baton cannot give (log probabilities, several choices, tool calls, echo): those
+ * are refused with "unsupported_value" rather than silently answered without it. Their neutral
+ * values (n 1, logprobs false or 0, tools []) pass. */
+bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const char **param, const char **code) {
+    if (param) *param = NULL;
+    if (code) *code = NULL;
+    if (!json_is_object(body)) REJECT(NULL, "invalid_type", "request body must be a JSON object");
+    json_t *model = json_object_get(body, "model");
+    if (!json_is_string(model)) REJECT("model", "invalid_type", "'model' is required and must be a string");
+    if (has_nul(model)) REJECT("model", "invalid_value", "'model' must not contain U+0000");
     if (api == BT_API_CHAT) {
         json_t *msgs = json_object_get(body, "messages");
         if (!json_is_array(msgs) || json_array_size(msgs) == 0)
-            return snprintf(err, errlen, "'messages' is required and must be a non-empty array"), false;
+            REJECT("messages", "invalid_value", "'messages' is required and must be a non-empty array");
         size_t i;
         json_t *m;
         json_array_foreach(msgs, i, m) {
             json_t *c = json_object_get(m, "content");
             if (!json_is_object(m) || !json_is_string(json_object_get(m, "role")) ||
                 !(json_is_string(c) || json_is_array(c) || json_is_null(c)))
-                return snprintf(err, errlen, "messages[%zu] must have a string 'role' and a 'content'", i), false;
+                REJECT("messages", "invalid_value", "messages[%zu] must have a string 'role' and a 'content'", i);
         }
     } else {
         json_t *p = json_object_get(body, "prompt");
-        if (!p) return snprintf(err, errlen, "'prompt' is required"), false;
+        if (!p) REJECT("prompt", "invalid_value", "'prompt' is required");
         if (json_is_array(p)) {
-            if (json_array_size(p) == 0) return snprintf(err, errlen, "'prompt' must not be empty"), false;
+            if (json_array_size(p) == 0) REJECT("prompt", "invalid_value", "'prompt' must not be empty");
             size_t i;
             json_t *v;
             json_array_foreach(p, i, v) {
                 if (json_is_integer(v)) {
                     if (json_integer_value(v) < 0 || json_integer_value(v) > UINT32_MAX)
-                        return snprintf(err, errlen, "prompt token %zu is out of range", i), false;
+                        REJECT("prompt", "invalid_value", "prompt token %zu is out of range", i);
                 } else if (!json_is_string(v) || json_array_size(p) != 1) {
-                    return snprintf(err, errlen, "'prompt' must be a string, one string in an array, or token ids"),
-                           false;
+                    REJECT("prompt", "invalid_value",
+                           "'prompt' must be a string, one string in an array, or token ids");
                 }
             }
         } else if (!json_is_string(p)) {
-            return snprintf(err, errlen, "'prompt' must be a string or an array of token ids"), false;
+            REJECT("prompt", "invalid_type", "'prompt' must be a string or an array of token ids");
         }
     }
     const char *ints[] = {"max_tokens", "max_completion_tokens"};
@@ -450,32 +518,100 @@ bool fe_validate_body(json_t *body, bt_api api, char *err, size_t errlen) {
         json_t *v = json_object_get(body, ints[i]);
         if (v && !json_is_null(v) &&
             (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) > MAX_TOKENS_LIMIT))
-            return snprintf(err, errlen, "'%s' must be an integer from 0 to %d", ints[i], MAX_TOKENS_LIMIT), false;
+            REJECT(ints[i], "invalid_value", "'%s' must be an integer from 0 to %d", ints[i], MAX_TOKENS_LIMIT);
     }
     json_t *t = json_object_get(body, "temperature");
     if (t && !json_is_null(t) && (!json_is_number(t) || json_number_value(t) < 0 || json_number_value(t) > 2))
-        return snprintf(err, errlen, "'temperature' must be a number from 0 to 2"), false;
+        REJECT("temperature", "invalid_value", "'temperature' must be a number from 0 to 2");
     json_t *seed = json_object_get(body, "seed");
-    if (seed && !json_is_null(seed) && !json_is_integer(seed))
-        return snprintf(err, errlen, "'seed' must be an integer"), false;
+    if (seed && !json_is_null(seed) && !json_is_integer(seed)) REJECT("seed", "invalid_type", "'seed' must be an integer");
     json_t *stop = json_object_get(body, "stop");
     if (stop && !json_is_null(stop)) {
+        /* bounded: every stop string is matched against the text after each token */
         bool ok = json_is_string(stop) || (json_is_array(stop) && json_array_size(stop) <= BT_MAX_STOP);
         size_t i;
         json_t *v;
         if (json_is_array(stop)) json_array_foreach(stop, i, v) ok = ok && json_is_string(v) && json_string_length(v) > 0;
         if (json_is_string(stop)) ok = json_string_length(stop) > 0;
-        if (!ok) return snprintf(err, errlen, "'stop' must be a non-empty string or up to %d of them", BT_MAX_STOP), false;
+        if (!ok) REJECT("stop", "invalid_value", "'stop' must be a non-empty string or up to %d of them", BT_MAX_STOP);
+        json_t *one = json_is_string(stop) ? stop : NULL;
+        for (i = 0; json_is_array(stop) ? i < json_array_size(stop) : i < 1; i++) {
+            v = one ? one : json_array_get(stop, i);
+            if (json_string_length(v) > BT_MAX_STOP_LEN)
+                REJECT("stop", "invalid_value", "a stop string may be at most %d bytes long (got %zu)", BT_MAX_STOP_LEN,
+                       json_string_length(v));
+            if (has_nul(v)) REJECT("stop", "invalid_value", "stop strings must not contain U+0000");
+        }
     }
     json_t *st = json_object_get(body, "stream");
-    if (st && !json_is_null(st) && !json_is_boolean(st)) return snprintf(err, errlen, "'stream' must be a boolean"), false;
+    if (st && !json_is_null(st) && !json_is_boolean(st)) REJECT("stream", "invalid_type", "'stream' must be a boolean");
     json_t *so = json_object_get(body, "stream_options");
     if (so && !json_is_null(so) && !json_is_object(so))
-        return snprintf(err, errlen, "'stream_options' must be an object"), false;
+        REJECT("stream_options", "invalid_type", "'stream_options' must be an object");
+    /* features baton does not have */
     json_t *n = json_object_get(body, "n");
     if (n && !json_is_null(n) && !(json_is_integer(n) && json_integer_value(n) == 1))
-        return snprintf(err, errlen, "only n = 1 is supported"), false;
+        REJECT("n", "unsupported_value", "only n = 1 is supported");
+    json_t *lp = json_object_get(body, "logprobs");
+    if (lp && !json_is_null(lp) && !json_is_boolean(lp) && !json_is_integer(lp))
+        REJECT("logprobs", "invalid_type", "'logprobs' must be a boolean (chat) or an integer (completions)");
+    if (!asks_nothing(lp)) REJECT("logprobs", "unsupported_value", "log probabilities are not supported");
+    json_t *tlp = json_object_get(body, "top_logprobs");
+    if (!asks_nothing(tlp)) REJECT("top_logprobs", "unsupported_value", "log probabilities are not supported");
+    const char *lists[] = {"tools", "functions"};
+    for (int i = 0; i < 2; i++) {
+        json_t *v = json_object_get(body, lists[i]);
+        if (v && !json_is_null(v) && !json_is_array(v))
+            REJECT(lists[i], "invalid_type", "'%s' must be an array", lists[i]);
+        if (json_array_size(v) > 0) REJECT(lists[i], "unsupported_value", "tool and function calling are not supported");
+    }
+    if (json_is_true(json_object_get(body, "echo"))) REJECT("echo", "unsupported_value", "'echo' is not supported");
+    json_t *best = json_object_get(body, "best_of");
+    if (best && !json_is_null(best) && !(json_is_integer(best) && json_integer_value(best) == 1))
+        REJECT("best_of", "unsupported_value", "only best_of = 1 is supported");
     return true;
+}
+
+bool fe_validate_body(json_t *body, bt_api api, char *err, size_t errlen) {
+    return fe_check_body(body, api, err, errlen, NULL, NULL);
+}
+
+/* The context length of m as its workers advertise it: the smallest, so that a request that
+ * passes fits every worker it may be routed or migrated to (0 when none advertises one). */
+static uint64_t model_context(const fe *f, const fe_model *m) {
+    (void)f;
+    uint64_t ctx = 0;
+    for (size_t i = 0; i < m->nws; i++) { /* the model's own workers (fe_route's list) */
+        const fe_worker *w = m->ws[i];
+        if (w->context_length && (ctx == 0 || w->context_length < ctx)) ctx = w->context_length;
+    }
+    return ctx;
+}
+
+/* What the frontend can check of prompt + max_tokens against the context length without a
+ * tokenizer: max_tokens alone, and a prompt given as token ids. A text prompt is counted by the
+ * engine, which refuses with BT_ERR_CONTEXT_LENGTH (the same 400). False with a message. */
+static bool context_fits(const fe *f, const fe_model *m, const json_t *body, bt_api api, char *err, size_t errlen) {
+    uint64_t ctx = model_context(f, m);
+    if (!ctx) return true;
+    json_t *mt = json_object_get(body, "max_completion_tokens");
+    if (!json_is_integer(mt)) mt = json_object_get(body, "max_tokens");
+    uint64_t want = json_is_integer(mt) ? (uint64_t)json_integer_value(mt) : 0;
+    json_t *p = api == BT_API_COMPLETION ? json_object_get(body, "prompt") : NULL;
+    uint64_t prompt = json_is_array(p) && json_is_integer(json_array_get(p, 0)) ? json_array_size(p) : 0;
+    if (prompt + want <= ctx) return true;
+    if (prompt)
+        snprintf(err, errlen,
+                 "This model's maximum context length is %" PRIu64 " tokens. However, you requested %" PRIu64
+                 " tokens (%" PRIu64 " in the prompt, %" PRIu64 " in the completion). Please reduce the length "
+                 "of the prompt or completion.",
+                 ctx, prompt + want, prompt, want);
+    else
+        snprintf(err, errlen,
+                 "This model's maximum context length is %" PRIu64 " tokens. However, you requested %" PRIu64
+                 " tokens for the completion alone. Please reduce max_tokens.",
+                 ctx, want);
+    return false;
 }
 
 void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
@@ -486,33 +622,42 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
     f->requests_seen++;
 
     json_error_t jerr;
-    json_t *body = json_loadb(http->body, http->body_len, 0, &jerr);
+    /* U+0000 inside a string is valid JSON and OpenAI accepts it; jansson keeps the length */
+    json_t *body = json_loadb(http->body, http->body_len, JSON_ALLOW_NUL, &jerr);
     if (!body) {
-        fe_json_error(http, rid, 400, "invalid_request_error", "invalid JSON body: %s (line %d, column %d)",
-                      jerr.text, jerr.line, jerr.column);
+        fe_json_error(http, rid, 400, "invalid_json", "invalid JSON body: %s (line %d, column %d)", jerr.text,
+                      jerr.line, jerr.column);
         return;
     }
-    if (!fe_validate_body(body, api, err, sizeof err)) {
-        fe_json_error(http, rid, 400, "invalid_request_error", "%s", err);
+    const char *param, *code;
+    if (!fe_check_body(body, api, err, sizeof err, &param, &code)) {
+        fe_json_error_ex(http, rid, 400, code, param, NULL, "%s", err);
         json_decref(body);
         return;
     }
     const char *model_name = json_string_value(json_object_get(body, "model"));
     fe_model *m = fe_model_get(f, model_name, false);
     if (!m) {
-        fe_json_error(http, rid, 404, "not_found_error", "The model '%s' does not exist", model_name);
+        fe_json_error_ex(http, rid, 404, "model_not_found", "model", NULL, "The model '%s' does not exist",
+                         model_name);
+        json_decref(body);
+        return;
+    }
+    if (!context_fits(f, m, body, api, err, sizeof err)) {
+        fe_json_error_ex(http, rid, 400, "context_length_exceeded", api == BT_API_CHAT ? "messages" : "prompt", NULL,
+                         "%s", err);
         json_decref(body);
         return;
     }
     if (f->shutting_down && f->o.accept_window_ms >= 0 &&
         bt_now_ms() - f->shutdown_started_ms > (uint64_t)f->o.accept_window_ms) {
-        fe_json_error(http, rid, 503, "service_unavailable", "the frontend is shutting down");
+        fe_json_error(http, rid, 503, "shutting_down", "the frontend is shutting down");
         json_decref(body);
         return;
     }
     if (!fe_reqs_reserve(f)) { /* the limit is the process's, over every shard */
         f->limit_rejections++;
-        fe_json_error(http, rid, 503, "service_unavailable", "too many concurrent requests (limit %lld)",
+        fe_json_error(http, rid, 503, "overloaded", "too many concurrent requests (limit %lld)",
                       (long long)f->o.max_requests);
         json_decref(body);
         return;
@@ -520,14 +665,14 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
     fe_req *r = calloc(1, sizeof *r);
     if (!r) {
         fe_reqs_release(f);
-        fe_json_error(http, rid, 500, "internal_error", "out of memory");
+        fe_json_error(http, rid, 500, "out_of_memory", "out of memory");
         json_decref(body);
         return;
     }
     r->ctx = bt_ctx_new(rid, on_req_cancel, r);
     if (!r->ctx) {
         fe_reqs_release(f);
-        fe_json_error(http, rid, 500, "internal_error", "out of memory");
+        fe_json_error(http, rid, 500, "out_of_memory", "out of memory");
         json_decref(body);
         free(r);
         return;

@@ -16,9 +16,10 @@
  *  - SIGTERM/SIGINT arrive on shard 0, which tells the others to begin the same shutdown.
  *
  * The /metrics text of the shards is merged by series: counters and histograms add up; gauges
- * that count things held by a shard (in-flight requests, connections, streams on a worker) add
- * up; a connection state takes the minimum; gauges every shard reads from the same source (a
- * worker's reported load, the number of known workers) take the maximum. */
+ * that count things held by a shard (in-flight requests, connections, streams on a worker, and
+ * disconnected clients, a gauge as in Dynamo) add up; a connection state takes the minimum;
+ * gauges every shard reads from the same source (a worker's reported load, the number of known
+ * workers) take the maximum. */
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -202,7 +203,7 @@ typedef struct {
 static merge_rule rule_for(const char *name, const char *type) {
     if (strcmp(type, "gauge") != 0) return M_SUM; /* counters, histograms */
     static const char *summed[] = {"dynamo_frontend_inflight_requests", "baton_frontend_http_connections",
-                                   "baton_frontend_worker_inflight"};
+                                   "baton_frontend_worker_inflight", "dynamo_frontend_disconnected_clients"};
     for (size_t i = 0; i < sizeof summed / sizeof summed[0]; i++)
         if (strcmp(name, summed[i]) == 0) return M_SUM;
     if (strcmp(name, "baton_frontend_event_plane_connected") == 0) return M_MIN;

@@ -317,6 +317,8 @@ bool fe_parse_instance(const json_t *v, fe_worker *w, char *err, size_t errlen) 
     if (json_is_integer(tb)) w->total_blocks_card = (uint64_t)json_integer_value(tb);
     json_t *bsz = json_object_get(jmodel, "block_size");
     if (json_is_integer(bsz) && json_integer_value(bsz) > 0) w->block_size = (uint64_t)json_integer_value(bsz);
+    json_t *ctx = json_object_get(jmodel, "context_length");
+    if (json_is_integer(ctx) && json_integer_value(ctx) > 0) w->context_length = (uint64_t)json_integer_value(ctx);
     if (!parse_transport(w->transport, w->host, sizeof w->host, &w->port)) {
         snprintf(err, errlen, "cannot parse transport '%s'", w->transport);
         return false;

@@ -266,8 +266,13 @@ static void handle_frame(bt_rpc_conn *c, const bt_frame *f) {
                       BT_PROTO_VERSION);
             return;
         }
-        if (role == c->cfg.role) {
-            conn_fail(c, BT_ERR_PROTOCOL, "peer %s has the same role as this process", c->peer);
+        /* only the opposite role: a frontend talks to workers and a worker to frontends, and a
+         * role this version does not know is no peer at all */
+        uint16_t want = c->cfg.role == BT_ROLE_FRONTEND ? BT_ROLE_WORKER : BT_ROLE_FRONTEND;
+        if (role != want) {
+            BT_WARN("peer %s announced role %u in its HELLO, expected %u (%s); closing the connection", c->peer,
+                    role, want, want == BT_ROLE_WORKER ? "worker" : "frontend");
+            conn_fail(c, BT_ERR_PROTOCOL, "peer %s announced role %u in its HELLO; expected %u", c->peer, role, want);
             return;
         }
         c->peer_instance = inst;

@@ -11,76 +11,99 @@
  *                Dynamo serves /live with the /health handler; baton separates them so that a
  *                Kubernetes liveness probe does not kill a worker that is draining on purpose.
  *   GET /metrics Prometheus text.
+ *   HEAD on each answers as GET does, without the body.
  *
  * The paths follow DYN_SYSTEM_HEALTH_PATH / DYN_SYSTEM_LIVE_PATH. DYN_SYSTEM_PORT -1 turns the
  * server off, 0 picks a free port (logged); a port that cannot be bound is a start-up error. */
 #include <inttypes.h>
 #include <jansson.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "common/log.h"
 #include "common/util.h"
 #include "worker/worker_internal.h"
 
+/* The # HELP and # TYPE lines of one family: every family has both (promtool's lint). */
+static void family(bt_buf *b, const char *name, const char *type, const char *help) {
+    bt_buf_appendf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+/* One sample labelled with the model (m: the escaped model name). */
+static void model_sample(bt_buf *b, const char *name, const char *type, const char *help, const char *m,
+                         uint64_t v) {
+    family(b, name, type, help);
+    bt_buf_appendf(b, "%s{model=\"%s\"} %" PRIu64 "\n", name, m, v);
+}
+
 static void status_metrics(wk_worker *w, bt_buf *b) {
     bt_engine_load l = {0};
     if (w->engine) bt_engine_get_load(w->engine, &l);
-    const char *m = w->o.model_name;
+    /* the model name is any string the operator gave: escaped as a label value */
+    size_t mcap = 2 * strlen(w->o.model_name) + 1;
+    char *m = malloc(mcap);
+    if (!m) return;
+    bt_prom_escape(w->o.model_name, m, mcap);
     const wk_canary *c = &w->canary;
-    bt_buf_appendf(b, "# TYPE dynamo_component_requests_total counter\n"
-                      "dynamo_component_requests_total{model=\"%s\"} %" PRIu64 "\n", m, w->requests_total);
-    bt_buf_appendf(b, "# TYPE dynamo_component_errors_total counter\n"
-                      "dynamo_component_errors_total{model=\"%s\"} %" PRIu64 "\n", m, w->requests_error);
-    bt_buf_appendf(b, "# TYPE dynamo_component_inflight_requests gauge\n"
-                      "dynamo_component_inflight_requests{model=\"%s\"} %zu\n", m, w->nstreams);
-    bt_buf_appendf(b, "# TYPE dynamo_component_tokens_total counter\n"
-                      "dynamo_component_tokens_total{model=\"%s\"} %" PRIu64 "\n", m, w->tokens_total);
-    bt_buf_appendf(b, "# TYPE dynamo_component_cancellation_total counter\n"
-                      "dynamo_component_cancellation_total{model=\"%s\",kind=\"kill\"} %" PRIu64 "\n"
-                      "dynamo_component_cancellation_total{model=\"%s\",kind=\"stop\"} %" PRIu64 "\n"
-                      "dynamo_component_cancellation_total{model=\"%s\",kind=\"frontend_lost\"} %" PRIu64 "\n",
+    model_sample(b, "dynamo_component_requests_total", "counter", "Requests received from frontends", m,
+                 w->requests_total);
+    model_sample(b, "dynamo_component_errors_total", "counter", "Requests that ended with an error", m,
+                 w->requests_error);
+    model_sample(b, "dynamo_component_inflight_requests", "gauge", "Streams running on this worker", m, w->nstreams);
+    model_sample(b, "dynamo_component_tokens_total", "counter", "Tokens generated", m, w->tokens_total);
+    family(b, "dynamo_component_cancellation_total", "counter",
+           "Streams cancelled: by a KILL or STOP frame, or because their frontend's connection was lost");
+    bt_buf_appendf(b,
+                   "dynamo_component_cancellation_total{model=\"%s\",kind=\"kill\"} %" PRIu64 "\n"
+                   "dynamo_component_cancellation_total{model=\"%s\",kind=\"stop\"} %" PRIu64 "\n"
+                   "dynamo_component_cancellation_total{model=\"%s\",kind=\"frontend_lost\"} %" PRIu64 "\n",
                    m, w->cancel_kill, m, w->cancel_stop, m, w->cancel_peer_lost);
     wk_cancel_metrics(w, b);
-    bt_buf_appendf(b, "# TYPE baton_worker_handed_back_total counter\n"
-                      "baton_worker_handed_back_total{model=\"%s\"} %" PRIu64 "\n", m, w->drain.handed_back);
-    bt_buf_appendf(b, "# TYPE baton_worker_refused_draining_total counter\n"
-                      "baton_worker_refused_draining_total{model=\"%s\"} %" PRIu64 "\n", m, w->drain.refused);
-    bt_buf_appendf(b, "# TYPE baton_worker_ready gauge\nbaton_worker_ready %d\n", wk_ready(w) ? 1 : 0);
-    bt_buf_appendf(b, "# TYPE baton_worker_draining gauge\nbaton_worker_draining %d\n",
-                   w->state == WK_DRAINING ? 1 : 0);
-    bt_buf_appendf(b, "# TYPE baton_worker_uptime_seconds gauge\nbaton_worker_uptime_seconds %.3f\n",
-                   (double)(bt_now_ms() - w->started_ms) / 1000.0);
-    bt_buf_appendf(b, "# TYPE baton_worker_canary_total counter\n"
-                      "baton_worker_canary_total{result=\"success\"} %" PRIu64 "\n"
-                      "baton_worker_canary_total{result=\"late_success\"} %" PRIu64 "\n"
-                      "baton_worker_canary_total{result=\"timeout\"} %" PRIu64 "\n"
-                      "baton_worker_canary_total{result=\"error\"} %" PRIu64 "\n"
-                      "baton_worker_canary_total{result=\"no_response\"} %" PRIu64 "\n",
+    model_sample(b, "baton_worker_handed_back_total", "counter",
+                 "Streams handed back to their frontend when a drain ran out of time", m, w->drain.handed_back);
+    model_sample(b, "baton_worker_refused_draining_total", "counter", "Requests refused because the worker was draining",
+                 m, w->drain.refused);
+    free(m);
+    family(b, "baton_worker_ready", "gauge", "1 while the endpoint serves and passes its canary");
+    bt_buf_appendf(b, "baton_worker_ready %d\n", wk_ready(w) ? 1 : 0);
+    family(b, "baton_worker_draining", "gauge", "1 while the worker drains");
+    bt_buf_appendf(b, "baton_worker_draining %d\n", w->state == WK_DRAINING ? 1 : 0);
+    family(b, "baton_worker_uptime_seconds", "gauge", "Seconds since the worker started");
+    bt_buf_appendf(b, "baton_worker_uptime_seconds %.3f\n", (double)(bt_now_ms() - w->started_ms) / 1000.0);
+    family(b, "baton_worker_canary_total", "counter", "Canary requests, by result");
+    bt_buf_appendf(b,
+                   "baton_worker_canary_total{result=\"success\"} %" PRIu64 "\n"
+                   "baton_worker_canary_total{result=\"late_success\"} %" PRIu64 "\n"
+                   "baton_worker_canary_total{result=\"timeout\"} %" PRIu64 "\n"
+                   "baton_worker_canary_total{result=\"error\"} %" PRIu64 "\n"
+                   "baton_worker_canary_total{result=\"no_response\"} %" PRIu64 "\n",
                    c->n_success, c->n_late, c->n_timeout, c->n_error, c->n_empty);
-    bt_buf_appendf(b, "# TYPE baton_worker_canary_last_latency_seconds gauge\n"
-                      "baton_worker_canary_last_latency_seconds %.6f\n", c->last_latency_ms / 1000.0);
-    bt_buf_appendf(b, "# TYPE baton_worker_active_sequences gauge\nbaton_worker_active_sequences %" PRIu64 "\n",
-                   l.running + l.waiting);
-    bt_buf_appendf(b, "# TYPE baton_worker_kv_active_blocks gauge\nbaton_worker_kv_active_blocks %" PRIu64 "\n",
-                   l.active_decode_blocks);
-    bt_buf_appendf(b, "# TYPE baton_worker_kv_total_blocks gauge\nbaton_worker_kv_total_blocks %" PRIu64 "\n",
-                   l.total_blocks);
-    bt_buf_appendf(b, "# TYPE baton_worker_waiting_requests gauge\nbaton_worker_waiting_requests %" PRIu64 "\n",
-                   l.waiting);
-    bt_buf_appendf(b, "# TYPE baton_worker_frontend_connections gauge\nbaton_worker_frontend_connections %zu\n",
-                   w->npeers);
+    family(b, "baton_worker_canary_last_latency_seconds", "gauge", "Latency of the last canary request");
+    bt_buf_appendf(b, "baton_worker_canary_last_latency_seconds %.6f\n", c->last_latency_ms / 1000.0);
+    family(b, "baton_worker_active_sequences", "gauge", "Sequences in the engine, running or waiting");
+    bt_buf_appendf(b, "baton_worker_active_sequences %" PRIu64 "\n", l.running + l.waiting);
+    family(b, "baton_worker_kv_active_blocks", "gauge", "KV blocks in use");
+    bt_buf_appendf(b, "baton_worker_kv_active_blocks %" PRIu64 "\n", l.active_decode_blocks);
+    family(b, "baton_worker_kv_total_blocks", "gauge", "KV blocks of the engine");
+    bt_buf_appendf(b, "baton_worker_kv_total_blocks %" PRIu64 "\n", l.total_blocks);
+    family(b, "baton_worker_waiting_requests", "gauge", "Sequences queued in the engine, not yet admitted");
+    bt_buf_appendf(b, "baton_worker_waiting_requests %" PRIu64 "\n", l.waiting);
+    family(b, "baton_worker_frontend_connections", "gauge", "Frontends connected on the request plane");
+    bt_buf_appendf(b, "baton_worker_frontend_connections %zu\n", w->npeers);
     bt_events_stats es;
     bt_events_get_stats(w->events, &es);
+    family(b, "baton_worker_event_plane_connected", "gauge", "1 while the event plane is connected");
+    bt_buf_appendf(b, "baton_worker_event_plane_connected{plane=\"%s\"} %d\n", bt_events_plane(w->events),
+                   es.connected ? 1 : 0);
+    family(b, "baton_worker_event_plane_connects_total", "counter", "Connections made to the event plane");
+    bt_buf_appendf(b, "baton_worker_event_plane_connects_total %" PRIu64 "\n", es.connects);
+    family(b, "baton_worker_event_plane_load_reports_total", "counter",
+           "Load reports for the event plane, published or dropped");
     bt_buf_appendf(b,
-                   "# TYPE baton_worker_event_plane_connected gauge\n"
-                   "baton_worker_event_plane_connected{plane=\"%s\"} %d\n"
-                   "# TYPE baton_worker_event_plane_connects_total counter\n"
-                   "baton_worker_event_plane_connects_total %" PRIu64 "\n"
-                   "# TYPE baton_worker_event_plane_load_reports_total counter\n"
                    "baton_worker_event_plane_load_reports_total{result=\"published\"} %" PRIu64 "\n"
                    "baton_worker_event_plane_load_reports_total{result=\"dropped\"} %" PRIu64 "\n",
-                   bt_events_plane(w->events), es.connected ? 1 : 0, es.connects, es.published, es.dropped);
+                   es.published, es.dropped);
 }
 
 /* ---- health settings ---------------------------------------------------------------------- */
@@ -152,7 +175,7 @@ static void on_status_request(void *ud, bt_http_req *req) {
     wk_worker *w = ud;
     bt_buf b;
     bt_buf_init(&b, 1 << 20);
-    bool get = req->method == BT_HTTP_GET;
+    bool get = req->method == BT_HTTP_GET || req->method == BT_HTTP_HEAD; /* HEAD: the same, bodiless */
     if (get && strcmp(req->path, "/metrics") == 0) {
         status_metrics(w, &b);
         bt_http_respond(req, 200, "text/plain; version=0.0.4", NULL, b.data ? b.data : "", b.len);

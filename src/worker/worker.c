@@ -161,6 +161,14 @@ static bt_status sampling_from_body(const json_t *body, bt_engine_request *er, c
             er->stop[er->n_stop++] = json_string_value(v);
         }
     }
+    /* the frontend refuses these too; a worker does not rely on it (docs/security.md) */
+    for (int i = 0; i < er->n_stop; i++) {
+        json_t *v = json_is_string(stop) ? stop : json_array_get(stop, (size_t)i);
+        if (json_string_length(v) > BT_MAX_STOP_LEN || strlen(er->stop[i]) != json_string_length(v)) {
+            snprintf(err, errlen, "a stop string must be at most %d bytes and hold no U+0000", BT_MAX_STOP_LEN);
+            return BT_ERR_INVALID;
+        }
+    }
     return BT_OK;
 }
 
@@ -722,6 +730,8 @@ int bt_worker_main(int argc, char **argv) {
         {"--max-num-batched-tokens", NULL, BT_OPT_INT, &o->mocker.max_num_batched_tokens, 1, 1e9,
          "mocker tokens per step"},
         {"--watermark", NULL, BT_OPT_DOUBLE, &o->mocker.watermark, 0, 0.99, "mocker KV watermark"},
+        {"--context-length", "DYN_CONTEXT_LENGTH", BT_OPT_INT, &o->mocker.context_length, 0, 1e15,
+         "mocker prompt + max_tokens limit in tokens, advertised to frontends (0 = what the KV cache holds)"},
         {"--speedup-ratio", "DYN_SPEEDUP_RATIO", BT_OPT_DOUBLE, &o->mocker.speedup_ratio, 1e-6, 1e9,
          "mocker time scale"},
         {"--default-max-tokens", NULL, BT_OPT_INT, &o->mocker.default_max_tokens, 0, 1e7,

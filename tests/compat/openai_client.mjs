@@ -1,7 +1,11 @@
 // openai_client.mjs — drives a baton frontend with the unmodified official `openai` npm SDK.
 //
 // Run by tests/compat/test_openai_npm.py from a directory whose node_modules holds the SDK.
-// Environment: BATON_BASE_URL (e.g. http://127.0.0.1:8000/v1), BATON_MODEL (default mock-model).
+// Environment: BATON_BASE_URL (e.g. http://127.0.0.1:8000/v1), BATON_MODEL (default mock-model),
+// BATON_SLASHED_MODEL (a model whose id holds '/', served with a context length of BATON_CONTEXT
+// tokens), BATON_FAULTY_MODEL (its engine fails every sequence after a few tokens),
+// BATON_AUTH_URL + BATON_API_KEY (a frontend that requires that key), BATON_LIMITED_URL (a
+// frontend that takes one request at a time).
 // Prints one JSON object: {"sdk": version, "checks": [{"name", "ok", "detail"}...]}. Every check
 // runs even if an earlier one failed; the Python test asserts on all of them.
 import OpenAI from 'openai';
@@ -99,19 +103,96 @@ await check('chat.stream.include_usage', async () => {
   return { usage, text };
 });
 
-await check('unknown_model.404', async () => {
+// The SDK's error class, status and OpenAI fields (type, code, param) of a rejected call.
+async function expectError(fn, cls, status, type, code, param) {
   try {
-    await client.chat.completions.create({
-      model: 'no-such-model',
-      messages: [{ role: 'user', content: 'Hello' }],
-      max_tokens: 4,
-    });
+    await fn();
   } catch (e) {
-    expect(e instanceof OpenAI.NotFoundError, `OpenAI.NotFoundError, got ${e && e.constructor && e.constructor.name}: ${e && e.message}`);
-    expect(e.status === 404, `status 404, got ${e.status}`);
-    return { status: e.status, message: e.message };
+    const name = e && e.constructor ? e.constructor.name : typeof e;
+    expect(e instanceof cls, `${cls.name}, got ${name}: ${e && e.message}`);
+    expect(e.status === status, `status ${status}, got ${e.status}`);
+    expect(e.type === type, `type ${type}, got ${e.type}`);
+    expect(e.code === code, `code ${code}, got ${e.code}`);
+    expect(e.param === param, `param ${param}, got ${e.param}`);
+    return { class: name, status: e.status, type: e.type, code: e.code, param: e.param, message: e.message };
   }
-  throw new Error('expected the request for an unknown model to be rejected');
+  throw new Error(`expected ${cls.name}, the call succeeded`);
+}
+
+const chat = (c, extra) => c.chat.completions.create({
+  model, messages: [{ role: 'user', content: 'Hello' }], max_tokens: 4, ...extra,
+});
+
+await check('unknown_model.404', () => expectError(() => chat(client, { model: 'no-such-model' }),
+  OpenAI.NotFoundError, 404, 'invalid_request_error', 'model_not_found', 'model'));
+
+const slashed = process.env.BATON_SLASHED_MODEL;
+const context = Number(process.env.BATON_CONTEXT);
+
+await check('models.retrieve', async () => {
+  const m = await client.models.retrieve(model);
+  expect(m.id === model && m.object === 'model', `model ${model}, got ${JSON.stringify(m)}`);
+  const now = Date.now() / 1000;
+  expect(m.created > now - 3600 && m.created <= now + 5, `created in Unix seconds, got ${m.created}`);
+  const s = await client.models.retrieve(slashed); // the SDK sends the '/' as %2F
+  expect(s.id === slashed, `model ${slashed}, got ${JSON.stringify(s)}`);
+  return { ids: [m.id, s.id], created: m.created };
+});
+
+await check('models.retrieve.404', () => expectError(() => client.models.retrieve('no-such-model'),
+  OpenAI.NotFoundError, 404, 'invalid_request_error', 'model_not_found', 'model'));
+
+await check('bad_request.400', () => expectError(() => chat(client, { logprobs: true }),
+  OpenAI.BadRequestError, 400, 'invalid_request_error', 'unsupported_value', 'logprobs'));
+
+await check('context_length.400', () => expectError(() => chat(client, { model: slashed, max_tokens: context + 1 }),
+  OpenAI.BadRequestError, 400, 'invalid_request_error', 'context_length_exceeded', 'messages'));
+
+await check('neutral_parameters', async () => {
+  const r = await chat(client, { n: 1, logprobs: false, tools: [] });
+  expect(r.choices[0].message.content.length > 0, 'content');
+  return { content: r.choices[0].message.content };
+});
+
+await check('authentication.401', async () => {
+  const bad = new OpenAI({ baseURL: process.env.BATON_AUTH_URL, apiKey: 'wrong-key', maxRetries: 0, timeout: 30_000 });
+  const detail = await expectError(() => chat(bad), OpenAI.AuthenticationError, 401, 'invalid_request_error',
+    'invalid_api_key', null);
+  const good = new OpenAI({ baseURL: process.env.BATON_AUTH_URL, apiKey: process.env.BATON_API_KEY, maxRetries: 0,
+    timeout: 30_000 });
+  const r = await chat(good);
+  expect(r.choices[0].message.content.length > 0, 'an answer with the right key');
+  return detail;
+});
+
+await check('overloaded.503', async () => {
+  const lim = new OpenAI({ baseURL: process.env.BATON_LIMITED_URL, apiKey: 'unused', maxRetries: 0, timeout: 30_000 });
+  const held = await chat(lim, { stream: true, max_tokens: 100000 });
+  const it = held[Symbol.asyncIterator]();
+  await it.next(); // the first chunk: the request is in flight and holds the one place
+  try {
+    return await expectError(() => chat(lim), OpenAI.InternalServerError, 503, 'server_error', 'overloaded', null);
+  } finally {
+    held.controller.abort();
+  }
+});
+
+await check('stream_error.sse', async () => {
+  const stream = await chat(client, { model: process.env.BATON_FAULTY_MODEL, stream: true, max_tokens: 50 });
+  let text = '';
+  try {
+    for await (const chunk of stream) {
+      const c = chunk.choices && chunk.choices[0];
+      if (c && c.delta && typeof c.delta.content === 'string') text += c.delta.content;
+    }
+  } catch (e) {
+    expect(e instanceof OpenAI.APIError, `OpenAI.APIError, got ${e && e.constructor && e.constructor.name}: ${e.message}`);
+    expect(e.type === 'server_error' && e.code === 'engine_error' && e.param === null,
+      `type server_error, code engine_error, param null; got ${e.type} ${e.code} ${e.param}`);
+    expect(text.length > 0, 'some text before the error');
+    return { class: e.constructor.name, type: e.type, code: e.code, message: e.message, text };
+  }
+  throw new Error(`the stream ended without an error (text ${JSON.stringify(text)})`);
 });
 
 console.log(JSON.stringify({ sdk: sdkVersion, checks }));

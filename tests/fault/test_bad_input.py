@@ -58,12 +58,57 @@ def post_raw(fe, body_bytes, path="/v1/chat/completions"):
     return bl.request("POST", fe.url + path, body_bytes, {"Content-Type": "application/json"})
 
 
-def expect_error(fe, body_bytes, status, path="/v1/chat/completions"):
+def expect_error(fe, body_bytes, status, path="/v1/chat/completions", code=None, param=None):
+    """OpenAI's error shape: message, type (from the status), param and a string code."""
     st, hdrs, data = post_raw(fe, body_bytes, path)
     assert st == status, (body_bytes[:100], st, data[:200])
     err = json.loads(data)["error"]
-    assert err["code"] == status and err["message"] and err["type"], err
+    assert set(err) == {"message", "type", "param", "code"} and err["message"], err
+    assert err["type"] == ("server_error" if status >= 500 else "invalid_request_error"), err
+    assert isinstance(err["code"], str) and (code is None or err["code"] == code), (code, err)
+    assert param is None or err["param"] == param, (param, err)
     return err
+
+
+def frames(data):
+    """Request-plane frames in data: [(type, stream, payload)] (a partial last frame is dropped)."""
+    out = []
+    while len(data) >= 12:
+        length, ftype, _, _, stream = struct.unpack(">IBBHI", data[:12])
+        if len(data) < 4 + length:
+            break
+        out.append((ftype, stream, data[12:4 + length]))
+        data = data[4 + length:]
+    return out
+
+
+def rpc_request(port, body, role=1, wait_for=(4, 5), timeout=10.0):
+    """A raw frontend on a worker's request plane: HELLO with `role`, one REQUEST on stream 1 (if
+    body is not None), then reads frames until one of the types in wait_for arrives on stream 1,
+    the worker closes, or the timeout. Returns (frames, closed_by_worker)."""
+    g = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    g.sendall(struct.pack(">IBBHIHHQ", 8 + 12, 1, 0, 0, 0, 1, role, 4242))
+    if body is not None:
+        req = json.dumps({"request_id": "raw-1", "api": "chat", "body": body, "max_tokens": 3}).encode()
+        g.sendall(struct.pack(">IBBHI", 8 + len(req), 2, 0, 0, 1) + req)
+    data, closed, end = b"", False, time.monotonic() + timeout
+    try:
+        while time.monotonic() < end:
+            g.settimeout(max(0.05, end - time.monotonic()))
+            try:
+                chunk = g.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                closed = True
+                break
+            data += chunk
+            if any(t in wait_for and st == 1 for t, st, _ in frames(data)):
+                break
+    except ConnectionResetError:
+        closed = True
+    g.close()
+    return frames(data), closed
 
 
 with bl.Cluster() as c:
@@ -73,7 +118,7 @@ with bl.Cluster() as c:
 
     # --- malformed request line and headers
     r = raw_http(fe.port, b"THIS IS NOT HTTP\r\n\r\n")
-    assert status_of(r) == 400 and json_body(r)["error"]["code"] == 400, r[:200]
+    assert status_of(r) == 400 and json_body(r)["error"]["code"] == "malformed_request", r[:200]
     r = raw_http(fe.port, b"GET /live HTTP/1.1\r\nBad Header Line\r\n\r\n")
     assert status_of(r) == 400, r[:200]
     # --- oversized headers (431) and body (413)
@@ -82,7 +127,7 @@ with bl.Cluster() as c:
     big = b'{"model":"mock-model","messages":[{"role":"user","content":"' + b"x" * (5 << 20) + b'"}]}'
     r = raw_http(fe.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: " + str(len(big)).encode() + b"\r\n\r\n" + big)
-    assert status_of(r) == 413 and json_body(r)["error"]["code"] == 413, r[:200]
+    assert status_of(r) == 413 and json_body(r)["error"]["code"] == "request_too_large", r[:200]
     # --- JSON and field errors
     expect_error(fe, b"{not json", 400)
     expect_error(fe, b"[1,2,3]", 400)
@@ -92,12 +137,19 @@ with bl.Cluster() as c:
     expect_error(fe, json.dumps(bl.chat_body(max_tokens=-5)).encode(), 400)
     expect_error(fe, json.dumps(bl.chat_body(max_tokens=10 ** 12)).encode(), 400)
     expect_error(fe, json.dumps(bl.chat_body(stream="yes")).encode(), 400)
-    expect_error(fe, json.dumps(bl.chat_body(stop=["a", "b", "c", "d", "e"])).encode(), 400)
+    expect_error(fe, json.dumps(bl.chat_body(stop=["a", "b", "c", "d", "e"])).encode(), 400, param="stop")
+    # stop strings are matched after every token: at most 4 of at most 1024 bytes each
+    expect_error(fe, json.dumps(bl.chat_body(stop=["x" * 1025])).encode(), 400, code="invalid_value", param="stop")
+    expect_error(fe, json.dumps(bl.chat_body(stop="x" * (1 << 20))).encode(), 400, param="stop")
+    expect_error(fe, json.dumps(bl.chat_body(stop=["ok", "a\u0000b"])).encode(), 400, param="stop")
+    st, _, b = bl.post_json(fe.url + "/v1/chat/completions", bl.chat_body(max_tokens=3, stop=["y" * 1024] * 4))
+    assert st == 200 and b["choices"][0]["finish_reason"] == "length", (st, b)
     expect_error(fe, json.dumps(bl.chat_body(n=3)).encode(), 400)
     expect_error(fe, json.dumps({"model": "mock-model", "prompt": [-1]}).encode(), 400, "/v1/completions")
-    expect_error(fe, json.dumps(bl.chat_body(model="gpt-nope")).encode(), 404)
+    expect_error(fe, json.dumps(bl.chat_body(model="gpt-nope")).encode(), 404, code="model_not_found", param="model")
     # invalid UTF-8 inside a JSON string: rejected as invalid JSON, never crashes
-    expect_error(fe, b'{"model":"mock-model","messages":[{"role":"user","content":"\xff\xfe\xc3"}]}', 400)
+    expect_error(fe, b'{"model":"mock-model","messages":[{"role":"user","content":"\xff\xfe\xc3"}]}', 400,
+                 code="invalid_json")
     st, _, _ = bl.request("DELETE", fe.url + "/v1/chat/completions")
     assert st == 405, st
     still_serving(fe)
@@ -171,6 +223,22 @@ with bl.Cluster() as c:
     assert w.proc.alive(), "worker died on garbage frames"
     assert "malformed frame" in w.proc.log_text() or "did not start with HELLO" in w.proc.log_text()
     still_serving(fe)
+    # --- the worker bounds stop strings itself: a raw frontend that skips the frontend's check
+    fr, _ = rpc_request(w.rpc_port, bl.chat_body(max_tokens=3, stop=["z" * 4096] * 4))
+    errs = [p for t, st, p in fr if t == 5 and st == 1]
+    assert errs and struct.unpack(">H", errs[0][:2])[0] == 1 and b"stop string" in errs[0], fr
+    fr, _ = rpc_request(w.rpc_port, bl.chat_body(max_tokens=3, stop=["z" * 1024] * 4))
+    assert any(t == 4 and st == 1 for t, st, _ in fr), f"a stop string of 1024 bytes was not served: {fr}"
+    # --- a HELLO must announce the opposite role: a worker takes frontends (1) only
+    for role in (2, 3, 0xFFFF):
+        fr, closed = rpc_request(w.rpc_port, bl.chat_body(max_tokens=3), role=role, timeout=5)
+        assert closed and not any(st == 1 for _, st, _ in fr), f"HELLO with role {role}: served {fr}"
+        if role != 2:
+            assert f"announced role {role} in its HELLO" in w.proc.log_text(), w.proc.log_tail()
+    fr, closed = rpc_request(w.rpc_port, None, role=1, wait_for=(), timeout=1.5)
+    assert not closed and fr and fr[0][0] == 1, f"a frontend's HELLO was refused: closed={closed} {fr}"
+    assert w.proc.alive()
+    still_serving(fe)
 
 with bl.Cluster() as c:
     # --- API key on the frontend: 401 with JSON, probes stay open
@@ -178,13 +246,18 @@ with bl.Cluster() as c:
     c.start_worker(speedup_ratio=1000)
     c.wait_workers(fe, 1)
     st, hdrs, data = post_raw(fe, json.dumps(bl.chat_body()).encode())
-    assert st == 401 and json.loads(data)["error"]["code"] == 401, (st, data)
-    st, _, data = bl.request("POST", fe.url + "/v1/chat/completions", json.dumps(bl.chat_body()).encode(),
-                             {"Content-Type": "application/json", "Authorization": "Bearer wrong"})
-    assert st == 401, st
-    st, _, b = bl.post_json(fe.url + "/v1/chat/completions", bl.chat_body(max_tokens=3),
-                            headers={"Authorization": "Bearer sekrit"})
-    assert st == 200, b
+    assert st == 401 and json.loads(data)["error"]["code"] == "invalid_api_key", (st, data)
+    assert hdrs.get("www-authenticate", "").startswith("Bearer"), hdrs
+    # the key is compared whole (constant time); the scheme is case-insensitive
+    for auth in ("Bearer wrong", "Bearer sekri", "Bearer sekrit2", "Bearer  sekri", "Basic sekrit", "sekrit",
+                 "Bearer", "Bearer "):
+        st, hdrs, data = bl.request("POST", fe.url + "/v1/chat/completions", json.dumps(bl.chat_body()).encode(),
+                                    {"Content-Type": "application/json", "Authorization": auth})
+        assert st == 401 and hdrs.get("www-authenticate", "").startswith("Bearer"), (auth, st, hdrs)
+    for auth in ("Bearer sekrit", "bearer sekrit", "BEARER sekrit", "Bearer   sekrit"):
+        st, _, b = bl.post_json(fe.url + "/v1/chat/completions", bl.chat_body(max_tokens=3),
+                                headers={"Authorization": auth})
+        assert st == 200, (auth, st, b)
     for probe in ("/live", "/health", "/metrics"):
         st, _, _ = bl.request("GET", fe.url + probe)
         assert st == 200, (probe, st)
@@ -225,4 +298,33 @@ with bl.Cluster() as c:
     assert w.proc.alive()
     st, _, b = bl.post_json(good.url + "/v1/chat/completions", bl.chat_body(max_tokens=3))
     assert st == 200, b
+with bl.Cluster() as c:
+    # --- connections over --max-connections: each refused with a 503, the log bounded
+    fe = c.start_frontend(max_connections=4)
+    # hold 4 connections the frontend has certainly accepted: each got an answer and stays open
+    held = []
+    for _ in range(20):
+        if len(held) == 4:
+            break
+        h = socket.create_connection(("127.0.0.1", fe.port), timeout=5)
+        h.sendall(b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = h.recv(4096)
+        if status_of(got) == 200:
+            held.append(h)
+        else:  # a connection of start_frontend's readiness probe was still counted
+            h.close()
+    assert len(held) == 4, "could not hold 4 connections"
+    t0 = time.monotonic()
+    n_refused = 150
+    for _ in range(n_refused):
+        r = raw_http(fe.port, b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status_of(r) == 503 and json_body(r)["error"]["code"] == "too_many_connections", r[:200]
+    elapsed = time.monotonic() - t0
+    for s in held:
+        s.close()
+    bl.wait_for(lambda: bl.request("GET", fe.url + "/live")[0] == 200, 10, what="the frontend to take connections")
+    assert bl.metric_sum(bl.metrics(fe.url), "baton_frontend_http_rejections_total",
+                         reason="max_connections") >= n_refused
+    lines = [ln for ln in fe.proc.log_text().splitlines() if "rejecting a new one" in ln]
+    assert 1 <= len(lines) <= 2 + elapsed / 10, f"{len(lines)} log lines for {n_refused} refusals in {elapsed:.1f} s"
 print("test_bad_input: ok")

@@ -365,7 +365,7 @@ def operator_endpoint(c):
 
     # unknown id and bad body
     st, _, b = cancel("no-such-request", "stop")
-    assert st == 404 and b["error"]["type"] == "not_found_error", (st, b)
+    assert st == 404 and b["error"]["code"] == "request_not_found", (st, b)
     st, _, b = bl.post_json(fe.url + "/v1/requests/x/cancel", {"mode": "pause"})
     assert st == 400, (st, b)
 

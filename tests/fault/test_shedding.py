@@ -76,7 +76,7 @@ def check_rejection_shape(s):
     ra = s.headers.get("retry-after")
     assert ra is not None and ra.isdigit() and 1 <= int(ra) <= 30, f"bad Retry-After {ra!r}"
     err = json.loads(s.body)["error"]
-    assert err["code"] == 503 and "busy" in err["message"], err
+    assert err["code"] == "overloaded" and err["type"] == "server_error" and "busy" in err["message"], err
 
 
 with bl.Cluster() as c:

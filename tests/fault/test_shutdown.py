@@ -142,7 +142,7 @@ with bl.Cluster() as c:
     # after it: a 503 the client can read
     time.sleep(max(0.0, t0 + WINDOW + 0.3 - time.monotonic()))
     st, hdrs, b = bl.post_json(fe.url + "/v1/chat/completions", body("too late", 5), timeout=30)
-    assert st == 503 and b["error"]["code"] == 503 and "shutting down" in b["error"]["message"], (st, b)
+    assert st == 503 and b["error"]["code"] == "shutting_down" and "shutting down" in b["error"]["message"], (st, b)
     assert fe.proc.alive(), "the frontend exited before its bound with streams running"
     rc = fe.proc.wait(WINDOW + DRAIN + 10)
     exit_after = time.monotonic() - t0

@@ -111,7 +111,7 @@ def scenario_operator():
             assert s.finish_reason == "cancelled" and 5 <= len(s.token_ids) < 2000, s.summary()
         for i in range(6):
             st, _, b = bl.post_json(fe.url + f"/v1/requests/no-such-{i}/cancel", {"mode": "kill"})
-            assert st == 404 and b["error"]["type"] == "not_found_error", (st, b)
+            assert st == 404 and b["error"]["code"] == "request_not_found", (st, b)
         m = bl.metrics(fe.url)
         assert bl.metric_sum(m, "dynamo_frontend_model_cancellation_total", model=MODEL) == len(rids), m
         assert bl.metric_sum(m, "dynamo_frontend_requests_total", model=MODEL, status="cancelled") == len(rids)

@@ -279,7 +279,7 @@ def shed_check(fe, refs, ids, label, source):
     for (_, b), s in zip(jobs, res):
         if s.status == 503:
             err = json.loads(s.body)["error"]
-            assert err["code"] == 503 and "busy" in err["message"] and s.headers.get("retry-after"), s.summary()
+            assert err["code"] == "overloaded" and "busy" in err["message"] and s.headers.get("retry-after"), s.summary()
             rejected += 1
             continue
         check_stream(s, int(b["messages"][0]["content"].split()[-1]), refs, f"admitted stream ({label})")

@@ -85,7 +85,10 @@ def check_errors(fe):
         st, hdrs, data = bl.request("POST", fe.url + path, raw, headers or {"Content-Type": "application/json"})
         assert st == status, (path, raw[:80], st, data[:300])
         obj = json.loads(data)
-        assert isinstance(obj.get("error"), dict) and obj["error"]["message"] and obj["error"]["code"] == status, obj
+        # OpenAI's shape: a string code, the type that goes with the status
+        err = obj.get("error")
+        assert isinstance(err, dict) and err["message"] and isinstance(err["code"], str), obj
+        assert obj["error"]["type"] == ("server_error" if status >= 500 else "invalid_request_error"), obj
         return obj
     err("/v1/chat/completions", b"{not json", 400)
     err("/v1/chat/completions", json.dumps({"model": "mock-model"}).encode(), 400)

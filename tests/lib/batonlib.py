@@ -755,7 +755,8 @@ def parse_labels(text):
             if inner[pos:].strip(" ,") == "":
                 break
             raise ValueError(f"bad label set: {text!r}")
-        out[m.group(1)] = m.group(2).replace('\\"', '"').replace("\\n", "\n").replace("\\\\", "\\")
+        # one pass, so that an escaped backslash before an "n" stays a backslash and an "n"
+        out[m.group(1)] = re.sub(r'\\(.)', lambda e: "\n" if e.group(1) == "n" else e.group(1), m.group(2))
         pos = m.end()
     return out
 

@@ -84,7 +84,7 @@ static void client_fail(fixture *f, int line, const char *what) {
     } while (0)
 
 static const char *method_name(bt_http_method m) {
-    return m == BT_HTTP_GET ? "GET" : m == BT_HTTP_POST ? "POST" : "OTHER";
+    return m == BT_HTTP_GET ? "GET" : m == BT_HTTP_POST ? "POST" : m == BT_HTTP_HEAD ? "HEAD" : "OTHER";
 }
 
 /* "<METHOD> <path>?<query> rid=<..> auth=<..> ct=<..> body=<..>" */
@@ -597,7 +597,7 @@ static void test_chunked_body_and_continue(void **state) {
 
 static void cl_too_large(fixture *f) {
     const char *want = "{\"error\":{\"message\":\"request body too large (limit 1000 bytes)\","
-                       "\"type\":\"invalid_request_error\",\"code\":413}}";
+                       "\"type\":\"invalid_request_error\",\"param\":null,\"code\":\"request_too_large\"}}";
     /* Content-Length over the limit, body sent anyway: the server drains it and answers. */
     client *c = cl_open(f, 0);
     CHECK(f, c);
@@ -646,7 +646,7 @@ static void cl_too_large(fixture *f) {
     CHECK(f, cl_sends(c, "\r\n\r\n"));
     CHECK(f, cl_response(c) == 431);
     CHECK(f, body_is(c, "{\"error\":{\"message\":\"request header section too large (limit 1024 bytes)\","
-                        "\"type\":\"invalid_request_error\",\"code\":431}}"));
+                        "\"type\":\"invalid_request_error\",\"param\":null,\"code\":\"headers_too_large\"}}"));
     CHECK(f, cl_wait_eof(c) == 0);
     cl_close(c);
 
@@ -655,7 +655,7 @@ static void cl_too_large(fixture *f) {
     CHECK(f, c);
     CHECK(f, cl_sends(c, "GARBAGE\x01\r\n\r\n"));
     CHECK(f, cl_response(c) == 400);
-    CHECK(f, strstr(c->body.data, "\"type\":\"invalid_request_error\",\"code\":400}}") != NULL);
+    CHECK(f, strstr(c->body.data, "\"type\":\"invalid_request_error\",\"param\":null,\"code\":\"malformed_request\"}}") != NULL);
     CHECK(f, strncmp(c->body.data, "{\"error\":{\"message\":\"malformed HTTP request", 42) == 0);
     CHECK(f, cl_wait_eof(c) == 0);
     cl_close(c);

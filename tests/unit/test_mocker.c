@@ -583,7 +583,8 @@ static void test_bad_requests(void **st) {
     char err[256];
     run_t *r = calloc(1, sizeof *r);
     req_t q = {.api = BT_API_COMPLETION, .prompt = "a b c d e", .max_tokens = 28}; /* 5 + 28 > 32 */
-    assert_int_equal(submit_q(e, &q, r, err, sizeof err), BT_ERR_TOO_LARGE);
+    assert_int_equal(submit_q(e, &q, r, err, sizeof err), BT_ERR_CONTEXT_LENGTH); /* the context: the KV cache */
+    assert_non_null(strstr(err, "maximum context length is 32 tokens"));
     assert_true(strlen(err) > 0);
     assert_null(r->seq);
     q.max_tokens = 27; /* exactly 32 tokens = 8 blocks: fits */

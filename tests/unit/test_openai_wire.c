@@ -121,6 +121,22 @@ static void test_errors(void **state) {
     assert_int_equal(c.err_code, BT_ERR_INVALID);
     assert_false(bt_status_migratable(c.err_code));
     bt_oa_chunk_free(&c);
+    /* OpenAI's string codes, as a baton frontend upstream sends them */
+    c = parse("{\"error\":{\"message\":\"busy\",\"type\":\"server_error\",\"param\":null,"
+              "\"code\":\"worker_unavailable\"}}",
+              false, BT_OK);
+    assert_int_equal(c.err_code, BT_ERR_CANNOT_CONNECT);
+    bt_oa_chunk_free(&c);
+    c = parse("{\"error\":{\"message\":\"x\",\"type\":\"server_error\",\"param\":null,\"code\":\"engine_error\"}}",
+              false, BT_OK);
+    assert_int_equal(c.err_code, BT_ERR_ENGINE);
+    assert_false(bt_status_migratable(c.err_code));
+    bt_oa_chunk_free(&c);
+    c = parse("{\"error\":{\"message\":\"long\",\"type\":\"invalid_request_error\",\"param\":\"messages\","
+              "\"code\":\"context_length_exceeded\"}}",
+              false, BT_OK);
+    assert_int_equal(c.err_code, BT_ERR_CONTEXT_LENGTH);
+    bt_oa_chunk_free(&c);
     c = parse("{\"error\":\"plain\"}", false, BT_OK);
     assert_int_equal(c.err_code, BT_ERR_ENGINE);
     assert_string_equal(c.err_msg, "plain");

@@ -214,6 +214,22 @@ static void test_self_check(void **state) {
     assert_int_not_equal(compare_with_ref(s, strlen(s), 1 << 20, 0, 1), 0);
 }
 
+/* bt_prom_escape: the three escapes of the Prometheus text format, and a cut that never splits one. */
+static void test_prom_escape(void **state) {
+    (void)state;
+    char out[64];
+    assert_string_equal(bt_prom_escape("plain-model/1", out, sizeof out), "plain-model/1");
+    assert_string_equal(bt_prom_escape("a\"b\\c\nd", out, sizeof out), "a\\\"b\\\\c\\nd");
+    assert_string_equal(bt_prom_escape("", out, sizeof out), "");
+    /* room for 3 bytes + NUL: "ab" fits, the escaped quote (2 bytes) would not: cut before it */
+    assert_string_equal(bt_prom_escape("ab\"c", out, 4), "ab");
+    assert_string_equal(bt_prom_escape("abc", out, 1), "");
+    /* 2 * strlen + 1 always suffices */
+    const char *worst = "\"\"\"\\\n";
+    char exact[2 * 5 + 1];
+    assert_string_equal(bt_prom_escape(worst, exact, sizeof exact), "\\\"\\\"\\\"\\\\\\n");
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_each_class),
@@ -221,6 +237,7 @@ int main(void) {
         cmocka_unit_test(test_piece_boundaries),
         cmocka_unit_test(test_near_cap),
         cmocka_unit_test(test_self_check),
+        cmocka_unit_test(test_prom_escape),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -95,6 +95,7 @@ struct mk_engine {
     bt_engine_hooks hooks;
     void *hooks_ud;
     uint64_t usable_blocks; /* floor((1 - watermark) * num_gpu_blocks): the admission limit */
+    uint64_t context_length; /* tokens: cfg.context_length, or usable_blocks × block_size */
 
     mk_list waiting, running;
     bt_engine_seq *dirty_head, *dirty_tail;
@@ -786,7 +787,25 @@ static bt_status mk_submit(bt_engine *be, const bt_engine_request *req, const bt
         return st;
     }
     uint32_t max_new = effective_max_tokens(e, req);
-    uint64_t total = (uint64_t)n_ids + req->n_carried + max_new;
+    /* The context length, as OpenAI and vLLM apply it: prompt + completion (carried tokens are part
+     * of the completion). Without an explicit max_tokens the default shrinks to what fits. */
+    uint64_t used = (uint64_t)n_ids + req->n_carried;
+    const json_t *body_mt = json_object_get(req->body, "max_tokens");
+    const json_t *body_mct = json_object_get(req->body, "max_completion_tokens");
+    if (!json_is_integer(body_mt) && !json_is_integer(body_mct) && used < e->context_length &&
+        used + max_new > e->context_length)
+        max_new = (uint32_t)(e->context_length - used);
+    if (used + max_new > e->context_length) {
+        snprintf(err, errlen,
+                 "This model's maximum context length is %llu tokens. However, you requested %llu tokens (%zu in "
+                 "the %s, %llu in the completion). Please reduce the length of the %s or completion.",
+                 (unsigned long long)e->context_length, (unsigned long long)(used + max_new), n_ids,
+                 req->api == BT_API_CHAT ? "messages" : "prompt", (unsigned long long)req->n_carried + max_new,
+                 req->api == BT_API_CHAT ? "messages" : "prompt");
+        free(ids);
+        return BT_ERR_CONTEXT_LENGTH;
+    }
+    uint64_t total = used + max_new;
     uint64_t need = blocks_for(e, total);
     if (n_ids > UINT32_MAX || need > e->usable_blocks) {
         snprintf(err, errlen,
@@ -886,6 +905,7 @@ static void mk_card(bt_engine *be, json_t *card) {
     mk_engine *e = (mk_engine *)be;
     json_object_set_new(card, "total_kv_blocks", json_integer(e->cfg.num_gpu_blocks));
     json_object_set_new(card, "block_size", json_integer(e->cfg.block_size));
+    json_object_set_new(card, "context_length", json_integer((json_int_t)e->context_length));
     json_object_set_new(card, "max_num_seqs", json_integer(e->cfg.max_num_seqs));
     json_object_set_new(card, "max_num_batched_tokens", json_integer(e->cfg.max_num_batched_tokens));
 }
@@ -972,6 +992,16 @@ bt_status bt_mocker_config_check(const bt_mocker_config *c, char *err, size_t er
     } else if (c->default_max_tokens <= 0 || c->default_max_tokens > UINT32_MAX) {
         snprintf(err, errlen, "default_max_tokens must be in [1, %u] (got %lld)", UINT32_MAX,
                  (long long)c->default_max_tokens);
+    } else if (c->context_length < 0 ||
+               (uint64_t)c->context_length >
+                   (uint64_t)floor((1.0 - c->watermark) * (double)c->num_gpu_blocks) * (uint64_t)c->block_size) {
+        snprintf(err, errlen,
+                 "context_length %lld is more than the KV cache admits (%llu tokens: %lld blocks of %lld, watermark "
+                 "%g); 0 means exactly that",
+                 (long long)c->context_length,
+                 (unsigned long long)floor((1.0 - c->watermark) * (double)c->num_gpu_blocks) *
+                     (unsigned long long)c->block_size,
+                 (long long)c->num_gpu_blocks, (long long)c->block_size, c->watermark);
     } else if (c->fault_die_after_tokens < 0 || c->fault_stall_after_tokens < 0 || c->fault_error_after_tokens < 0) {
         snprintf(err, errlen, "fault hook token counts must be >= 0 (0 = off)");
     } else {
@@ -997,6 +1027,8 @@ bt_engine *bt_mocker_create(uv_loop_t *loop, const bt_mocker_config *cfg, const 
     if (hooks) e->hooks = *hooks;
     e->hooks_ud = hooks_ud;
     e->usable_blocks = (uint64_t)floor((1.0 - cfg->watermark) * (double)cfg->num_gpu_blocks);
+    e->context_length =
+        cfg->context_length ? (uint64_t)cfg->context_length : e->usable_blocks * (uint64_t)cfg->block_size;
     if (uv_timer_init(loop, &e->timer) != 0) {
         free(e);
         return NULL;
@@ -1012,9 +1044,11 @@ bt_engine *bt_mocker_create(uv_loop_t *loop, const bt_mocker_config *cfg, const 
     e->open_handles = 2;
     load_snapshot(e, &e->last_load);
     bt_mocker_token_text(0, NULL); /* build the vocabulary now rather than on the first request */
-    BT_INFO("mocker: %lld KV blocks of %lld tokens (watermark %g), %lld seqs, %lld batched tokens, speedup %g",
-            (long long)cfg->num_gpu_blocks, (long long)cfg->block_size, cfg->watermark, (long long)cfg->max_num_seqs,
-            (long long)cfg->max_num_batched_tokens, cfg->speedup_ratio);
+    BT_INFO("mocker: %lld KV blocks of %lld tokens (watermark %g), context length %llu, %lld seqs, %lld batched "
+            "tokens, speedup %g",
+            (long long)cfg->num_gpu_blocks, (long long)cfg->block_size, cfg->watermark,
+            (unsigned long long)e->context_length, (long long)cfg->max_num_seqs, (long long)cfg->max_num_batched_tokens,
+            cfg->speedup_ratio);
     return &e->base;
 }
 

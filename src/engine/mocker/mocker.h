@@ -23,6 +23,10 @@ typedef struct {
     double watermark;               /* --watermark, 0.01 */
     double speedup_ratio;           /* --speedup-ratio, 1.0 */
     int64_t default_max_tokens;     /* when a request sets none, 256 */
+    /* --context-length: prompt + completion tokens of one sequence; 0 = what the KV cache admits
+     * (usable blocks × block size), and more than that is a configuration error. Advertised in the
+     * model card ("context_length") so that the frontend checks what it can before routing. */
+    int64_t context_length;
     /* Fault hooks for tests, 0 = off. Counted over all tokens the engine emitted. */
     int64_t fault_die_after_tokens;   /* the engine declares itself dead (hooks.on_dead) */
     int64_t fault_stall_after_tokens; /* the scheduler stops making progress (a hung engine) */

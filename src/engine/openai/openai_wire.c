@@ -165,8 +165,16 @@ bt_status bt_oa_parse_chunk(const char *data, size_t len, bool unary, bt_oa_chun
         out->err_code = BT_ERR_ENGINE;
         const json_t *code = json_object_get(e, "code");
         const char *type = json_string_value(json_object_get(e, "type"));
+        const char *scode = json_string_value(code);
+        /* OpenAI's string codes (a baton frontend upstream sends them): those of a 503 are worth
+         * another worker, as the 503 of an integer code is */
+        static const char *const unavailable[] = {"overloaded", "worker_unavailable", "no_worker_available",
+                                                  "shutting_down", "too_many_connections"};
         if (json_is_integer(code)) out->err_code = bt_oa_status_for_http((long)json_integer_value(code));
+        else if (scode && strcmp(scode, "context_length_exceeded") == 0) out->err_code = BT_ERR_CONTEXT_LENGTH;
         else if (type && strcmp(type, "invalid_request_error") == 0) out->err_code = BT_ERR_INVALID;
+        for (size_t i = 0; scode && i < sizeof unavailable / sizeof unavailable[0]; i++)
+            if (strcmp(scode, unavailable[i]) == 0) out->err_code = bt_oa_status_for_http(503);
         out->err_msg = json_is_string(e) ? json_string_value(e) : json_string_value(json_object_get(e, "message"));
         if (!out->err_msg) out->err_msg = "upstream error without a message";
         return BT_OK;

@@ -1,0 +1,92 @@
+"""/metrics of the frontend (one event loop, and two merged) and of the worker pass Prometheus's own
+checker, `promtool check metrics`, with no error and no lint warning.
+
+The worker serves a model whose name holds a double quote, a backslash and a line feed: unescaped,
+such a label value breaks the whole text for a scraper. The test sends traffic for it and for a
+plain model, runs promtool on each /metrics text, and reads the counters back through the label
+values (which must round-trip to the exact name). A self-check first feeds promtool a broken text
+to prove the check can fail. promtool comes from Debian's `prometheus` package (scripts/setup);
+without it the test fails, it never passes without running.
+"""
+
+import shutil
+import subprocess
+
+import batonlib as bl
+
+bl.deadline(150, "test_metrics_promtool")
+
+WEIRD = 'we"ird\\name\nx'  # a double quote, a backslash and a line feed
+
+
+def promtool(text, what):
+    """Runs `promtool check metrics` on text; returns (exit code, its output)."""
+    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    return r.returncode, (r.stdout + r.stderr).strip()
+
+
+def assert_clean(text, what):
+    rc, out = promtool(text, what)
+    if rc != 0 or out:
+        raise AssertionError(f"promtool check metrics on {what}: exit {rc}\n{out}\n--- first 3000 bytes ---\n"
+                             f"{text[:3000]}")
+    print(f"  promtool: {what} clean ({len(text)} bytes, {text.count(chr(10))} lines)")
+
+
+def scrape(url):
+    st, _, data = bl.request("GET", url.rstrip("/") + "/metrics")
+    assert st == 200, (url, st)
+    return data.decode()
+
+
+def check_frontend(fe, n_weird, what):
+    text = scrape(fe.url)
+    assert_clean(text, what)
+    assert "# TYPE dynamo_frontend_disconnected_clients gauge\n" in text, "disconnected_clients is not a gauge"
+    m = bl.parse_metrics(text)
+    got = bl.metric_sum(m, "dynamo_frontend_requests_total", model=WEIRD, status="success")
+    assert got == n_weird, f"{what}: {got} successful requests for the odd model name, expected {n_weird}"
+    got = bl.metric_sum(m, "dynamo_frontend_requests_total", model="mock-model", status="success")
+    assert got == 2, f"{what}: {got} successful requests for mock-model, expected 2"
+    assert bl.metric_sum(m, "baton_frontend_worker_routed_total", model=WEIRD) == n_weird, what
+
+
+def main():
+    if not shutil.which("promtool"):
+        raise AssertionError("promtool is not on the PATH; scripts/setup installs Debian's prometheus package")
+    # the checker itself must be able to fail: an unescaped quote and a family with no HELP
+    rc, out = promtool('# TYPE x_total counter\nx_total{model="a"b"} 1\n', "a broken text")
+    assert rc != 0, f"promtool accepted a broken text: {out}"
+    rc, out = promtool("# TYPE y gauge\ny 1\n", "a family without HELP")
+    assert rc != 0 and "no help text" in out, f"promtool did not flag a missing HELP: {rc} {out}"
+
+    with bl.Cluster() as c:
+        w_odd = c.start_worker(speedup_ratio=1000, model_name=WEIRD, system_port=True, wait=True)
+        c.start_worker(speedup_ratio=1000)
+        fe1 = c.start_frontend()
+        fe2 = c.start_frontend(threads=2)
+        for fe in (fe1, fe2):
+            c.wait_workers(fe, 2)
+            # traffic on fresh connections (with two loops the kernel spreads them), an error, a 404
+            for i in range(3):
+                st, _, b = bl.post_json(fe.url + "/v1/chat/completions", bl.chat_body(f"odd {i}", model=WEIRD,
+                                                                                     max_tokens=3))
+                assert st == 200 and b["model"] == WEIRD, (st, b)
+            for i in range(2):
+                s = bl.stream_chat(fe.url, bl.chat_body(f"plain {i}", max_tokens=3, stream=True))
+                s.assert_ok()
+            st, _, _ = bl.post_json(fe.url + "/v1/chat/completions", bl.chat_body(model="absent"))
+            assert st == 404, st
+            st, _, _ = bl.post_json(fe.url + "/v1/chat/completions", bl.chat_body(max_tokens=-1))
+            assert st == 400, st
+        check_frontend(fe1, 3, "frontend, one event loop")
+        check_frontend(fe2, 3, "frontend, --threads 2 (merged)")
+        text = scrape(w_odd.system_url)
+        assert_clean(text, "worker")
+        m = bl.parse_metrics(text)
+        assert bl.metric_sum(m, "dynamo_component_requests_total", model=WEIRD) >= 6, text[:2000]
+    print("test_metrics_promtool: ok")
+
+
+if __name__ == "__main__":
+    main()

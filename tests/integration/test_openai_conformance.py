@@ -1,0 +1,227 @@
+"""What an OpenAI client expects of the frontend, through the real binaries (docs/security.md has
+the error table, docs/engines.md the context length):
+
+  * GET /v1/models lists "created" as Unix time; GET /v1/models/{id} answers one model, with the id
+    percent-decoded and allowed to hold '/' (raw or %2F), and a 404 model_not_found otherwise;
+  * every error body has OpenAI's shape {"error": {"message", "type", "param", "code"}} with a
+    string code and the type that goes with the status, from the frontend's own checks, from the
+    HTTP layer (400/413/431), from a worker (400), for a full frontend (503) and as the SSE event
+    that ends a stream that failed mid-way;
+  * parameters: only those that ask for a missing feature are refused (logprobs true, n > 1, tools,
+    echo); their neutral values pass; U+0000 inside content reaches the engine whole;
+  * prompt + max_tokens beyond the worker's --context-length is a 400 context_length_exceeded,
+    checked by the frontend where it can count (max_tokens alone, token-id prompts: the worker
+    sees nothing) and by the engine for text prompts; without max_tokens the answer fits the rest;
+  * HEAD /health and HEAD /live (frontend and worker) answer as GET without a body.
+"""
+
+import json
+import socket
+import threading
+import time
+import urllib.parse
+
+import batonlib as bl
+
+bl.deadline(200, "test_openai_conformance")
+
+SLASHED = "org/model-b"  # a model id with a slash, as Hugging Face names are
+CTX = 64
+
+
+def error_of(status, body, want_status, code, param=None, what=""):
+    """Asserts OpenAI's error shape with the given status, code and param; returns the error."""
+    assert status == want_status, f"{what}: status {status}, expected {want_status}: {body!r}"
+    assert isinstance(body, dict) and set(body) == {"error"}, f"{what}: not an error object: {body!r}"
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}, f"{what}: fields {sorted(err)}: {err}"
+    want_type = "server_error" if want_status >= 500 else "invalid_request_error"
+    assert err["type"] == want_type, f"{what}: type {err['type']!r}, expected {want_type!r}"
+    assert isinstance(err["code"], str) and err["code"] == code, f"{what}: code {err['code']!r}, expected {code!r}"
+    assert err["param"] == param, f"{what}: param {err['param']!r}, expected {param!r}"
+    assert isinstance(err["message"], str) and err["message"], f"{what}: empty message"
+    return err
+
+
+def raw(port, data, timeout=5.0):
+    """Sends data on a fresh connection and reads until the server closes."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        s.sendall(data)
+        out = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except (socket.timeout, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out
+    finally:
+        s.close()
+
+
+def split_response(resp):
+    head, _, body = resp.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    hdrs = {ln.split(":", 1)[0].strip().lower(): ln.split(":", 1)[1].strip() for ln in lines[1:] if ":" in ln}
+    return status, hdrs, body
+
+
+def check_head(port, path, what):
+    """HEAD answers as GET (status, type, length) and sends no body."""
+    g_status, g_hdrs, g_body = split_response(raw(port, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                                                  .encode()))
+    h_status, h_hdrs, h_body = split_response(raw(port, f"HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                                                  .encode()))
+    assert g_status == 200 and h_status == 200, f"{what} {path}: GET {g_status}, HEAD {h_status}"
+    assert h_body == b"", f"{what} HEAD {path} sent a body: {h_body[:100]!r}"
+    assert h_hdrs.get("content-type") == g_hdrs.get("content-type"), (what, path, h_hdrs, g_hdrs)
+    assert int(h_hdrs["content-length"]) > 0, (what, path, h_hdrs)
+    if path == "/live":  # a constant body: the length must be the GET body's
+        assert int(h_hdrs["content-length"]) == len(g_body), (what, h_hdrs, len(g_body))
+
+
+def metric(url, name, **labels):
+    return bl.metric_sum(bl.metrics(url), name, **labels)
+
+
+with bl.Cluster() as c:
+    t0 = time.time()
+    w = c.start_worker(speedup_ratio=1000, context_length=CTX, system_port=True, wait=True)
+    c.start_worker(speedup_ratio=1000, model_name=SLASHED)
+    # a worker whose engine fails every sequence after its first 4 tokens: the mid-stream error
+    c.start_worker(speedup_ratio=200, model_name="faulty", fault_error_after_tokens=4)
+    fe = c.start_frontend(migration_limit=0)
+    c.wait_workers(fe, 3)
+    u = fe.url
+
+    # ---- /v1/models and /v1/models/{id}
+    st, _, body = bl.get_json(u + "/v1/models")
+    assert st == 200 and body["object"] == "list", (st, body)
+    ids = sorted(m["id"] for m in body["data"])
+    assert ids == sorted(["mock-model", SLASHED, "faulty"]), ids
+    for m in body["data"]:
+        assert t0 - 60 <= m["created"] <= time.time() + 1, f"created is not Unix time: {m}"
+    for path in ("/v1/models/mock-model", "/v1/models/" + SLASHED, "/v1/models/" + urllib.parse.quote(SLASHED, safe=""),
+                 "/v1/models/%6Dock-model"):
+        st, _, m = bl.get_json(u + path)
+        want = SLASHED if "org" in path else "mock-model"
+        assert st == 200 and m["id"] == want and m["object"] == "model" and m["owned_by"] == "baton", (path, st, m)
+        assert t0 - 60 <= m["created"] <= time.time() + 1, m
+    for path in ("/v1/models/nope", "/v1/models/org", "/v1/models/mock-model%", "/v1/models/mock%00model"):
+        st, _, b = bl.get_json(u + path)
+        error_of(st, b, 404, "model_not_found", "model", path)
+    st, _, b = bl.post_json(u + "/v1/models/mock-model", {})
+    error_of(st, b, 405, "method_not_allowed", None, "POST /v1/models/{id}")
+
+    # ---- error shapes from the frontend's checks and from the HTTP layer
+    st, _, b = bl.post_json(u + "/v1/chat/completions", bl.chat_body(model="nope"))
+    error_of(st, b, 404, "model_not_found", "model", "unknown model")
+    st, _, data = bl.request("POST", u + "/v1/chat/completions", b"{oops", {"Content-Type": "application/json"})
+    error_of(st, json.loads(data), 400, "invalid_json", None, "bad JSON")
+    st, _, b = bl.post_json(u + "/v1/chat/completions", bl.chat_body(max_tokens="ten"))
+    error_of(st, b, 400, "invalid_value", "max_tokens", "max_tokens a string")
+    st, _, b = bl.get_json(u + "/v1/nowhere")
+    error_of(st, b, 404, "unknown_url", None, "unknown route")
+    st, _, body = split_response(raw(fe.port, b"NOT HTTP AT ALL\r\n\r\n"))
+    error_of(st, json.loads(body), 400, "malformed_request", None, "not HTTP")
+    st, _, body = split_response(raw(fe.port, b"GET /live HTTP/1.1\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n"))
+    error_of(st, json.loads(body), 431, "headers_too_large", None, "huge header")
+    big = b"x" * (5 << 20)
+    st, _, body = split_response(raw(fe.port, b"POST /v1/completions HTTP/1.1\r\nContent-Length: " +
+                                     str(len(big)).encode() + b"\r\n\r\n" + big))
+    error_of(st, json.loads(body), 413, "request_too_large", None, "huge body")
+
+    # ---- parameters: refuse only what asks for a missing feature
+    for extra, param in (({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"), ({"n": 2}, "n"),
+                         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools")):
+        st, _, b = bl.post_json(u + "/v1/chat/completions", bl.chat_body(max_tokens=2, **extra))
+        error_of(st, b, 400, "unsupported_value", param, f"chat {extra}")
+    for extra, param in (({"logprobs": 3}, "logprobs"), ({"echo": True}, "echo"), ({"best_of": 2}, "best_of")):
+        st, _, b = bl.post_json(u + "/v1/completions", bl.completion_body(max_tokens=2, **extra))
+        error_of(st, b, 400, "unsupported_value", param, f"completions {extra}")
+    st, _, b = bl.post_json(u + "/v1/chat/completions", bl.chat_body(max_tokens=2, logprobs="yes"))
+    error_of(st, b, 400, "invalid_type", "logprobs", "logprobs a string")
+    st, _, b = bl.post_json(u + "/v1/chat/completions",
+                            bl.chat_body(max_tokens=2, n=1, logprobs=False, top_logprobs=0, tools=[], tool_choice="none",
+                                         user="u1", presence_penalty=0, frequency_penalty=0, logit_bias={}))
+    assert st == 200 and b["choices"][0]["message"]["content"], (st, b)
+    st, _, b = bl.post_json(u + "/v1/completions", bl.completion_body(max_tokens=2, logprobs=0, echo=False, best_of=1))
+    assert st == 200 and b["choices"][0]["text"], (st, b)
+    # U+0000 inside content is valid JSON and reaches the engine whole (not cut at the NUL)
+    st, _, with_nul = bl.post_json(u + "/v1/chat/completions", bl.chat_body("alpha\u0000beta gamma", max_tokens=4))
+    assert st == 200, (st, with_nul)
+    st, _, cut = bl.post_json(u + "/v1/chat/completions", bl.chat_body("alpha", max_tokens=4))
+    assert st == 200, (st, cut)
+    assert with_nul["usage"]["prompt_tokens"] > cut["usage"]["prompt_tokens"], (with_nul["usage"], cut["usage"])
+    st, _, b = bl.post_json(u + "/v1/chat/completions", bl.chat_body(model="mock-model\u0000x"))
+    error_of(st, b, 400, "invalid_value", "model", "NUL in the model name")
+
+    # ---- context length (the worker's --context-length, from its model card)
+    before = metric(w.system_url, "dynamo_component_requests_total")
+    st, _, b = bl.post_json(u + "/v1/chat/completions", bl.chat_body("hi", max_tokens=CTX + 1))
+    err = error_of(st, b, 400, "context_length_exceeded", "messages", "max_tokens over the context")
+    assert f"maximum context length is {CTX} tokens" in err["message"], err
+    st, _, b = bl.post_json(u + "/v1/completions", {"model": "mock-model", "prompt": list(range(CTX - 9)),
+                                                    "max_tokens": 10})
+    error_of(st, b, 400, "context_length_exceeded", "prompt", "token-id prompt + max_tokens")
+    s = bl.stream_chat(u, bl.chat_body("hi", max_tokens=CTX + 5, stream=True))
+    assert s.status == 400 and s.error["code"] == "context_length_exceeded", s.summary()
+    after = metric(w.system_url, "dynamo_component_requests_total")
+    assert after == before, f"the frontend sent {after - before} requests it could refuse itself to the worker"
+    # a token-id prompt that fits exactly, and a text prompt the engine has to count
+    st, _, b = bl.post_json(u + "/v1/completions", {"model": "mock-model", "prompt": list(range(CTX - 10)),
+                                                    "max_tokens": 10})
+    assert st == 200 and b["usage"]["completion_tokens"] == 10, (st, b)
+    long_text = " ".join(["word"] * (CTX + 10))
+    st, _, b = bl.post_json(u + "/v1/chat/completions", bl.chat_body(long_text, max_tokens=5))
+    err = error_of(st, b, 400, "context_length_exceeded", "messages", "text prompt over the context")
+    assert "in the messages" in err["message"], err
+    s = bl.stream_chat(u, bl.chat_body(long_text, max_tokens=5, stream=True))
+    assert s.status == 400 and s.error["code"] == "context_length_exceeded" and not s.events, s.summary()
+    assert metric(w.system_url, "dynamo_component_errors_total") >= 2
+    # without max_tokens the completion takes what is left of the context
+    prompt = list(range(CTX - 7))
+    st, _, b = bl.post_json(u + "/v1/completions", {"model": "mock-model", "prompt": prompt})
+    assert st == 200 and b["usage"]["completion_tokens"] == 7 and b["choices"][0]["finish_reason"] == "length", b
+
+    # ---- a stream that fails mid-way ends with an SSE error event of the same shape
+    s = bl.stream_chat(u, bl.chat_body("fail later", model="faulty", max_tokens=50, stream=True))
+    assert s.status == 200 and s.text and not s.done and s.error, s.summary()
+    err = s.error
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert err["type"] == "server_error" and err["code"] == "engine_error" and err["param"] is None, err
+
+    # ---- HEAD probes
+    for path in ("/health", "/live"):
+        check_head(fe.port, path, "frontend")
+        check_head(w.system_port, path, "worker")
+
+with bl.Cluster() as c:
+    # ---- 503 from a full frontend, in the same shape
+    c.start_worker(speedup_ratio=5)
+    fe = c.start_frontend(max_concurrent_requests=1)
+    c.wait_workers(fe, 1)
+    hold = threading.Event()
+    first = threading.Event()
+
+    def hold_stream(s, obj):
+        first.set()
+        hold.wait(30)
+        return True
+
+    t = threading.Thread(target=bl.stream_chat, args=(fe.url, bl.chat_body("long", max_tokens=5000, stream=True)),
+                         kwargs={"on_event": hold_stream})
+    t.start()
+    try:
+        assert first.wait(20), "the first stream never started"
+        st, hdrs, b = bl.post_json(fe.url + "/v1/chat/completions", bl.chat_body(max_tokens=2))
+        error_of(st, b, 503, "overloaded", None, "over --max-concurrent-requests")
+        assert hdrs.get("retry-after"), hdrs
+    finally:
+        hold.set()
+        t.join(30)
+print("test_openai_conformance: ok")
