@@ -115,7 +115,7 @@ def check_text_ids(got, what):
 
 def check_exact_or_refused(got, ref, what):
     """A stream that moved to a worker which cannot continue it exactly: it either equals ref (text,
-    finish reason) or ends with the documented error event (a 503 service_unavailable error object,
+    finish reason) or ends with the documented error event (a server_error no_worker_available error object,
     no [DONE]) after a non-empty exact prefix of ref. Never other text, never a silent success.
     Returns "exact" or "refused"."""
     s = got.get("stream")
@@ -131,7 +131,7 @@ def check_exact_or_refused(got, ref, what):
                  f"got ...{got['text'][max(0, i - 20):i + 40]!r}, want ...{ref['text'][max(0, i - 20):i + 40]!r}")
         return "exact"
     e = s.error
-    if s.status != 200 or s.done or e.get("type") != "service_unavailable" or e.get("code") != 503 or \
+    if s.status != 200 or s.done or e.get("type") != "server_error" or e.get("code") != "no_worker_available" or \
             not e.get("message") or s.finish_reason is not None:
         fail(f"{what}: the error is not the documented mid-stream error event: {s.summary()}")
     if not got["text"] or not ref["text"].startswith(got["text"]) or got["text"] == ref["text"]:
@@ -171,7 +171,7 @@ def selftest():
             return "selftest"
 
     ref = {"ok": True, "text": " a b c d", "finish_reason": "stop"}
-    err = {"message": "no worker can continue", "type": "service_unavailable", "code": 503}
+    err = {"message": "no worker can continue", "type": "server_error", "param": None, "code": "no_worker_available"}
     good = [({"ok": True, "text": " a b c d", "finish_reason": "stop", "stream": St()}, "exact"),
             ({"ok": False, "text": " a b", "finish_reason": None, "stream": St(err, False, finish=None)}, "refused")]
     for g, want in good:
