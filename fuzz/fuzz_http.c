@@ -1,4 +1,4 @@
-/* fuzz_http.c — libFuzzer driver for the frontend's HTTP/1.1 server (src/frontend/http.c).
+/* fuzz_http.c — libFuzzer driver for the frontend's HTTP/1.1 server (src/http/http.c).
  *
  * The real server runs once, on 127.0.0.1 port 0 in its own libuv loop, with small header and
  * body caps (so 431 and 413 are reachable with small inputs) and a handler that answers every
@@ -30,7 +30,7 @@
 #include "check.h"
 #include "common/log.h"
 #include "common/util.h"
-#include "frontend/http.h"
+#include "http/http.h"
 
 #define MAX_HEADER 512u
 #define MAX_BODY 1024u

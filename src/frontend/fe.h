@@ -24,7 +24,7 @@
 #include "discovery/discovery.h"
 #include "engine/engine.h"
 #include "events/events.h"
-#include "frontend/http.h"
+#include "http/http.h"
 #include "proto/proto.h"
 #include "rpc/conn.h"
 

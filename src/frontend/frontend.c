@@ -23,6 +23,7 @@
 #include "common/opts.h"
 #include "common/proc.h"
 #include "frontend/fe.h"
+#include "http/route.h"
 
 /* The largest --active-prefill-tokens-threshold, on the command line and on POST /busy_threshold. */
 #define FE_PREFILL_THRESHOLD_MAX 1e12
@@ -228,46 +229,89 @@ static bool authorized(fe *f, bt_http_req *http) {
     return equal_ct(a, strlen(a), f->o.api_key, strlen(f->o.api_key));
 }
 
-static void on_http_request(void *ud, bt_http_req *http) {
+static void route_live(void *ud, bt_http_req *http, const char *tail) {
+    (void)tail;
     fe *f = ud;
-    const char *p = http->path;
-    bool get = http->method == BT_HTTP_GET, post = http->method == BT_HTTP_POST;
-    /* probes and metrics stay open; HEAD gets the GET answer without its body (a load balancer's
-     * probe may use HEAD) */
-    bool probe = get || http->method == BT_HTTP_HEAD;
-    if (strcmp(p, "/live") == 0 && probe) {
-        static const char down[] = "{\"status\":\"shutting_down\",\"message\":\"Service is shutting down\"}";
-        static const char live[] = "{\"status\":\"live\",\"message\":\"Service is live\"}";
-        if (f->shutting_down) bt_http_respond(http, 503, "application/json", NULL, down, sizeof down - 1);
-        else bt_http_respond(http, 200, "application/json", NULL, live, sizeof live - 1);
+    static const char down[] = "{\"status\":\"shutting_down\",\"message\":\"Service is shutting down\"}";
+    static const char live[] = "{\"status\":\"live\",\"message\":\"Service is live\"}";
+    if (f->shutting_down) bt_http_respond(http, 503, "application/json", NULL, down, sizeof down - 1);
+    else bt_http_respond(http, 200, "application/json", NULL, live, sizeof live - 1);
+}
+
+static void route_health(void *ud, bt_http_req *http, const char *tail) {
+    (void)tail;
+    handle_health(ud, http);
+}
+
+static void route_metrics(void *ud, bt_http_req *http, const char *tail) {
+    (void)tail;
+    fe_shards_metrics(ud, http); /* every shard's */
+}
+
+static void route_chat(void *ud, bt_http_req *http, const char *tail) {
+    (void)tail;
+    fe_request_start(ud, http, BT_API_CHAT);
+}
+
+static void route_completions(void *ud, bt_http_req *http, const char *tail) {
+    (void)tail;
+    fe_request_start(ud, http, BT_API_COMPLETION);
+}
+
+static void route_models(void *ud, bt_http_req *http, const char *tail) {
+    (void)tail;
+    handle_models(ud, http);
+}
+
+static void route_model(void *ud, bt_http_req *http, const char *tail) { handle_model(ud, http, tail); }
+
+static void route_busy_threshold(void *ud, bt_http_req *http, const char *tail) {
+    (void)tail;
+    handle_busy_threshold(ud, http);
+}
+
+/* /v1/requests/{id}/cancel */
+static void route_request_op(void *ud, bt_http_req *http, const char *tail) {
+    const char *slash = strchr(tail, '/');
+    if (!slash || strcmp(slash, "/cancel") != 0 || slash == tail || slash - tail >= 80) {
+        fe_json_error(http, NULL, 404, "unknown_url", "no route for %s", http->path);
         return;
     }
-    if (strcmp(p, "/health") == 0 && probe) return handle_health(f, http);
-    if (strcmp(p, "/metrics") == 0 && probe) return fe_shards_metrics(f, http); /* every shard's */
+    char id[80];
+    snprintf(id, sizeof id, "%.*s", (int)(slash - tail), tail);
+    handle_cancel(ud, http, id);
+}
+
+/* The frontend's routes, in order of precedence. Probes and metrics are open (a load balancer's
+ * probe or Prometheus carries no API key); everything else needs the key when one is set. */
+static const bt_http_route routes[] = {
+    {"/live", BT_ROUTE_GET, BT_ROUTE_OPEN, route_live},
+    {"/health", BT_ROUTE_GET, BT_ROUTE_OPEN, route_health},
+    {"/metrics", BT_ROUTE_GET, BT_ROUTE_OPEN, route_metrics},
+    {"/v1/chat/completions", BT_ROUTE_POST, 0, route_chat},
+    {"/v1/completions", BT_ROUTE_POST, 0, route_completions},
+    {"/v1/models", BT_ROUTE_GET, 0, route_models},
+    {"/v1/models/", BT_ROUTE_GET, 0, route_model},
+    {"/busy_threshold", BT_ROUTE_GET | BT_ROUTE_POST, 0, route_busy_threshold},
+    {"/v1/requests/", BT_ROUTE_POST, 0, route_request_op},
+};
+
+static void on_http_request(void *ud, bt_http_req *http) {
+    fe *f = ud;
+    const bt_http_route *r;
+    const char *tail;
+    bt_route_result res = bt_http_route_find(routes, sizeof routes / sizeof routes[0], http->method, http->path, &r,
+                                             &tail);
+    if (res == BT_ROUTE_FOUND && (r->flags & BT_ROUTE_OPEN)) return r->handler(f, http, tail);
+    /* past the open routes, nothing is said without the key, not even whether a path exists */
     if (!authorized(f, http)) {
         fe_json_error_ex(http, NULL, 401, "invalid_api_key", NULL, "WWW-Authenticate: Bearer realm=\"baton\"\r\n",
                          "missing or invalid API key");
         return;
     }
-    if (strcmp(p, "/v1/chat/completions") == 0 && post) return fe_request_start(f, http, BT_API_CHAT);
-    if (strcmp(p, "/v1/completions") == 0 && post) return fe_request_start(f, http, BT_API_COMPLETION);
-    if (strcmp(p, "/v1/models") == 0 && get) return handle_models(f, http);
-    if (strncmp(p, "/v1/models/", 11) == 0 && p[11] && get) return handle_model(f, http, p + 11);
-    if (strcmp(p, "/busy_threshold") == 0 && (get || post)) return handle_busy_threshold(f, http);
-    if (strncmp(p, "/v1/requests/", 13) == 0 && post) {
-        const char *rid = p + 13;
-        const char *slash = strchr(rid, '/');
-        if (slash && strcmp(slash, "/cancel") == 0 && slash > rid && slash - rid < 80) {
-            char id[80];
-            snprintf(id, sizeof id, "%.*s", (int)(slash - rid), rid);
-            return handle_cancel(f, http, id);
-        }
-    }
-    bool known = strcmp(p, "/v1/chat/completions") == 0 || strcmp(p, "/v1/completions") == 0 ||
-                 strcmp(p, "/v1/models") == 0 || strncmp(p, "/v1/models/", 11) == 0 ||
-                 strcmp(p, "/busy_threshold") == 0;
-    if (known) fe_json_error(http, NULL, 405, "method_not_allowed", "method not allowed on %s", p);
-    else fe_json_error(http, NULL, 404, "unknown_url", "no route for %s", p);
+    if (res == BT_ROUTE_FOUND) return r->handler(f, http, tail);
+    if (res == BT_ROUTE_BAD_METHOD) fe_json_error(http, NULL, 405, "method_not_allowed", "method not allowed on %s", http->path);
+    else fe_json_error(http, NULL, 404, "unknown_url", "no route for %s", http->path);
 }
 
 static void on_http_abort(void *ud, bt_http_req *http) {

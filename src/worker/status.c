@@ -23,6 +23,7 @@
 
 #include "common/log.h"
 #include "common/util.h"
+#include "http/route.h"
 #include "worker/worker_internal.h"
 
 /* The # HELP and # TYPE lines of one family: every family has both (promtool's lint). */
@@ -171,30 +172,56 @@ static void health_body(wk_worker *w, bt_buf *b, bool ready) {
                    ep_ready ? "ready" : "notready", wk_state_name(w->state), w->instance_id);
 }
 
-static void on_status_request(void *ud, bt_http_req *req) {
+static void route_metrics(void *ud, bt_http_req *req, const char *tail) {
+    (void)tail;
+    bt_buf b;
+    bt_buf_init(&b, 1 << 20);
+    status_metrics(ud, &b);
+    bt_http_respond(req, 200, "text/plain; version=0.0.4", NULL, b.data ? b.data : "", b.len);
+    bt_buf_free(&b);
+}
+
+static void route_health(void *ud, bt_http_req *req, const char *tail) {
+    (void)tail;
     wk_worker *w = ud;
     bt_buf b;
     bt_buf_init(&b, 1 << 20);
-    bool get = req->method == BT_HTTP_GET || req->method == BT_HTTP_HEAD; /* HEAD: the same, bodiless */
-    if (get && strcmp(req->path, "/metrics") == 0) {
-        status_metrics(w, &b);
-        bt_http_respond(req, 200, "text/plain; version=0.0.4", NULL, b.data ? b.data : "", b.len);
-    } else if (get && strcmp(req->path, w->o.health_path) == 0) {
-        bool ready = wk_health_ready(w);
-        health_body(w, &b, ready);
-        bt_http_respond(req, ready ? 200 : 503, "application/json", NULL, b.data, b.len);
-    } else if (get && strcmp(req->path, w->o.live_path) == 0) {
-        uint64_t up = bt_now_ms() - w->started_ms;
-        bool live = !w->engine_failed;
-        bt_buf_appendf(&b, "{\"status\":\"%s\",\"message\":\"%s\",\"uptime\":{\"secs\":%" PRIu64 ",\"nanos\":%" PRIu64
-                           "},\"state\":\"%s\"}",
-                       live ? "live" : "dead", live ? "Worker is live" : "Engine failed; worker is shutting down",
-                       up / 1000, (up % 1000) * 1000000, wk_state_name(w->state));
-        bt_http_respond(req, live ? 200 : 503, "application/json", NULL, b.data, b.len);
-    } else {
-        bt_http_respond(req, 404, "text/plain", NULL, "Route not found", 15);
-    }
+    bool ready = wk_health_ready(w);
+    health_body(w, &b, ready);
+    bt_http_respond(req, ready ? 200 : 503, "application/json", NULL, b.data, b.len);
     bt_buf_free(&b);
+}
+
+static void route_live(void *ud, bt_http_req *req, const char *tail) {
+    (void)tail;
+    wk_worker *w = ud;
+    bt_buf b;
+    bt_buf_init(&b, 1 << 20);
+    uint64_t up = bt_now_ms() - w->started_ms;
+    bool live = !w->engine_failed;
+    bt_buf_appendf(&b, "{\"status\":\"%s\",\"message\":\"%s\",\"uptime\":{\"secs\":%" PRIu64 ",\"nanos\":%" PRIu64
+                       "},\"state\":\"%s\"}",
+                   live ? "live" : "dead", live ? "Worker is live" : "Engine failed; worker is shutting down",
+                   up / 1000, (up % 1000) * 1000000, wk_state_name(w->state));
+    bt_http_respond(req, live ? 200 : 503, "application/json", NULL, b.data, b.len);
+    bt_buf_free(&b);
+}
+
+/* GET (and HEAD: the same answer without its body) only; the health and live paths are the
+ * operator's (DYN_SYSTEM_HEALTH_PATH, DYN_SYSTEM_LIVE_PATH), so the table is built per worker. */
+static void on_status_request(void *ud, bt_http_req *req) {
+    wk_worker *w = ud;
+    const bt_http_route routes[] = {
+        {"/metrics", BT_ROUTE_GET, BT_ROUTE_OPEN, route_metrics},
+        {w->o.health_path, BT_ROUTE_GET, BT_ROUTE_OPEN, route_health},
+        {w->o.live_path, BT_ROUTE_GET, BT_ROUTE_OPEN, route_live},
+    };
+    const bt_http_route *r;
+    const char *tail;
+    if (bt_http_route_find(routes, sizeof routes / sizeof routes[0], req->method, req->path, &r, &tail) ==
+        BT_ROUTE_FOUND)
+        r->handler(w, req, tail);
+    else bt_http_respond(req, 404, "text/plain", NULL, "Route not found", 15);
 }
 
 static void on_status_abort(void *ud, bt_http_req *req) {

@@ -26,7 +26,7 @@
 #include "engine/mocker/mocker.h"
 #include "engine/openai/openai.h"
 #include "events/events.h"
-#include "frontend/http.h"
+#include "http/http.h"
 #include "rpc/conn.h"
 
 /* Lifecycle, changed only through wk_set_state (which logs the transition). */

@@ -1,4 +1,4 @@
-/* test_http.c — unit tests of the frontend HTTP server (src/frontend/http.c).
+/* test_http.c — unit tests of the frontend HTTP server (src/http/http.c).
  *
  * Each test starts a real server on 127.0.0.1 (port 0) in its own uv loop on the main thread and
  * drives it from a client thread with plain blocking sockets (5 s receive/send timeouts), so the
@@ -31,7 +31,7 @@
 #include <uv.h>
 
 #include "common/util.h"
-#include "frontend/http.h"
+#include "http/http.h"
 
 /* ---------------------------------------------------------------------------------------------
  * Fixture: server + loop + client thread */

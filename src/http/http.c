@@ -1,4 +1,4 @@
-/* http.c — the frontend's HTTP/1.1 server (see http.h): a libuv TCP listener, one http_parser per
+/* http.c — baton's HTTP/1.1 server (see http.h): a libuv TCP listener, one http_parser per
  * connection, capped request collection, whole and chunked responses with write-backlog
  * accounting, and per-connection timeouts driven by a single uv_timer.
  *
@@ -13,7 +13,7 @@
  * close callback, which is also where a pending on_abort is delivered. That keeps every API
  * entry point (respond, stream_write, ...) safe to call from any handler callback, including
  * on_request itself, and means on_abort is never re-entered from inside a handler's own call. */
-#include "frontend/http.h"
+#include "http/http.h"
 
 #include <errno.h>
 #include <inttypes.h>

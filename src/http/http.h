@@ -1,4 +1,5 @@
-/* http.h — the frontend's HTTP/1.1 server on libuv + http-parser.
+/* http.h — baton's HTTP/1.1 server on libuv + http-parser: the frontend's API and the worker's
+ * status server (routes: http/route.h).
  *
  * Keep-alive, one request in flight per connection (pipelined requests wait, buffered unparsed up
  * to 64 KiB; past that the connection takes no more requests and closes after the in-flight
