@@ -111,6 +111,13 @@ void bt_deliver_error(bt_deliver *d, bt_deliver_seq *s, bt_status code, const ch
     stage_end(d, s, BT_DELIVER_END_ERROR);
 }
 
+void bt_deliver_verror(bt_deliver *d, bt_deliver_seq *s, bt_status code, const char *fmt, va_list ap) {
+    if (s->state != BT_DELIVER_LIVE) return;
+    s->err = code;
+    vsnprintf(s->msg, sizeof s->msg, fmt, ap);
+    stage_end(d, s, BT_DELIVER_END_ERROR);
+}
+
 void bt_deliver_kill(bt_deliver *d, bt_deliver_seq *s) {
     if (s->state == BT_DELIVER_DEAD) return;
     bury(d, s);

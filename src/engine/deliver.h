@@ -36,6 +36,7 @@
 #ifndef BATON_ENGINE_DELIVER_H
 #define BATON_ENGINE_DELIVER_H
 
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -92,7 +93,7 @@ typedef struct bt_deliver {
 } bt_deliver;
 
 /* The engine's `container_of`: the sequence handle that embeds the bt_deliver_seq `ds`. */
-#define BT_DELIVER_OWNER(ds, type, member) ((type *)(void *)((char *)(ds) - offsetof(type, member)))
+#define BT_DELIVER_OWNER(ds, type, member) ((type *)(void *)((char *)(ds)-offsetof(type, member)))
 
 void bt_deliver_init(bt_deliver *d, const bt_deliver_ops *ops, void *owner);
 
@@ -112,13 +113,15 @@ bt_status bt_deliver_stage(bt_deliver *d, bt_deliver_seq *s, const uint32_t *ids
 /* Delivers output at once, for an engine that parses its output inside one of its own loop
  * callbacks (depth > 0) and stages none for s. False when s is dead or its ending is staged
  * afterwards, or the engine was closed, so that the caller stops working on it. */
-bool bt_deliver_now(bt_deliver *d, bt_deliver_seq *s, const uint32_t *ids, size_t n, const char *text,
-                    size_t text_len);
+bool bt_deliver_now(bt_deliver *d, bt_deliver_seq *s, const uint32_t *ids, size_t n, const char *text, size_t text_len);
 
 /* Stages the ending (the first one counts; later ones and those of dead sequences are ignored);
  * delivered after the staged output at the next drain. msg may be NULL. */
 void bt_deliver_finish(bt_deliver *d, bt_deliver_seq *s, bt_finish_reason reason, const bt_usage *usage);
 void bt_deliver_error(bt_deliver *d, bt_deliver_seq *s, bt_status code, const char *msg);
+/* bt_deliver_error with the message formatted (truncated to BT_DELIVER_MSG_MAX - 1 bytes). */
+void bt_deliver_verror(bt_deliver *d, bt_deliver_seq *s, bt_status code, const char *fmt, va_list ap)
+    __attribute__((format(printf, 4, 0)));
 
 /* The worker killed s: it is dead now (no callback), leaves the queue, and is freed through
  * ops.free_seq at once, or at the outermost leave when a callback is on the stack. The engine has

@@ -62,7 +62,8 @@ static void logf_(fake_engine *e, const char *fmt, ...) {
 static void on_tokens(void *ud, const uint32_t *ids, size_t n, const char *text, size_t len) {
     fseq *s = ud;
     char ids_s[24] = "";
-    for (size_t i = 0; i < n && i < 4; i++) snprintf(ids_s + strlen(ids_s), sizeof ids_s - strlen(ids_s), "%u,", ids[i]);
+    for (size_t i = 0; i < n && i < 4; i++)
+        snprintf(ids_s + strlen(ids_s), sizeof ids_s - strlen(ids_s), "%u,", ids[i]);
     logf_(s->e, "%d tok %s%.*s", s->id, ids_s, (int)len, text);
     if (s->action) s->action(s, EV_TOKENS);
 }
@@ -133,9 +134,9 @@ static void test_order_and_coalescing(void **st) {
     stage(&e, a, 11, "z"); /* coalesced with a's first batch */
     finish(&e, a, 2);
     bt_deliver_error(&e.dl, &b->dl, BT_ERR_ENGINE, "boom");
-    finish(&e, b, 9); /* the first ending counts */
-    assert_int_equal(e.n_log, 0);  /* staging never calls a sink */
-    assert_int_equal(e.wakes, 2);  /* one per sequence queued */
+    finish(&e, b, 9);             /* the first ending counts */
+    assert_int_equal(e.n_log, 0); /* staging never calls a sink */
+    assert_int_equal(e.wakes, 2); /* one per sequence queued */
     assert_true(bt_deliver_ended(&a->dl));
     assert_false(bt_deliver_dead(&a->dl));
     bt_deliver_drain(&e.dl);

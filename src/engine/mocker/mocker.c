@@ -491,12 +491,17 @@ static void kick(mk_engine *e) {
     arm(e, 0);
 }
 
+/* Delivers the staged output and endings; false when a callback destroyed the engine. */
+static bool deliver_due(mk_engine *e) {
+    bt_deliver_drain(&e->dl);
+    return !bt_deliver_closed(&e->dl);
+}
+
 /* The engine died: deliver what was already produced, then tell the worker once. */
 static void die(mk_engine *e) {
     disarm(e);
     if (e->dead_notified) return;
-    bt_deliver_drain(&e->dl);
-    if (bt_deliver_closed(&e->dl)) return;
+    if (!deliver_due(e)) return;
     e->dead_notified = true;
     if (e->hooks.on_dead) e->hooks.on_dead(e->hooks_ud, "mocker fault: engine dead");
 }
@@ -512,8 +517,7 @@ static void tick_run(mk_engine *e) {
     }
     if (e->vclock <= now) {
         /* The steps run so far have all ended by now: their output is due before the next step. */
-        bt_deliver_drain(&e->dl);
-        if (bt_deliver_closed(&e->dl)) return;
+        if (!deliver_due(e)) return;
         uint64_t t0 = now;
         for (int n = 0; n < MK_MAX_STEPS_PER_CB && !e->stalled && !e->dead; n++) {
             if (!e->waiting.n && !e->running.n) break;
@@ -527,10 +531,7 @@ static void tick_run(mk_engine *e) {
             return;
         }
         /* Output is delivered when real time reaches the end of the step that produced it. */
-        if (e->vclock <= now) {
-            bt_deliver_drain(&e->dl);
-            if (bt_deliver_closed(&e->dl)) return;
-        }
+        if (e->vclock <= now && !deliver_due(e)) return;
     }
     if (load_changed(e)) {
         load_snapshot(e, &e->last_load);
@@ -679,17 +680,6 @@ static uint32_t effective_max_tokens(const mk_engine *e, const bt_engine_request
 static bt_status mk_submit(bt_engine *be, const bt_engine_request *req, const bt_engine_sink *sink, void *ud,
                            bt_engine_seq **out, char *err, size_t errlen) {
     mk_engine *e = (mk_engine *)be;
-    char dummy[1];
-    if (!err || errlen == 0) {
-        err = dummy;
-        errlen = sizeof dummy;
-    }
-    err[0] = '\0';
-    if (out) *out = NULL;
-    if (!req || !sink || !out || !sink->on_tokens || !sink->on_finish || !sink->on_error) {
-        snprintf(err, errlen, "submit needs a request, a complete sink and an output handle");
-        return BT_ERR_INVALID;
-    }
     if (e->dead) {
         snprintf(err, errlen, "mocker engine is dead");
         return BT_ERR_ENGINE;
@@ -822,26 +812,18 @@ static void mk_destroy(bt_engine *be) { bt_deliver_close(&((mk_engine *)be)->dl)
 
 static const bt_deliver_ops mk_deliver_ops = {.free_seq = seq_free, .wake = NULL, .teardown = teardown};
 
-static const bt_engine_ops mk_ops = {
-    .submit = mk_submit,
-    .stop = mk_stop,
-    .kill = mk_kill,
-    .get_load = mk_get_load,
-    .card = mk_card,
-    .destroy = mk_destroy,
-};
+static const bt_engine_ops mk_ops = BT_ENGINE_OPS(mk);
 
 /* ---- public --------------------------------------------------------------------------------- */
 
 void bt_mocker_config_default(bt_mocker_config *c) {
-    memset(c, 0, sizeof *c);
-    c->num_gpu_blocks = 16384;
-    c->block_size = 64;
-    c->max_num_seqs = 256;
-    c->max_num_batched_tokens = 8192;
-    c->watermark = 0.01;
-    c->speedup_ratio = 1.0;
-    c->default_max_tokens = 256;
+    *c = (bt_mocker_config){.num_gpu_blocks = 16384,
+                            .block_size = 64,
+                            .max_num_seqs = 256,
+                            .max_num_batched_tokens = 8192,
+                            .watermark = 0.01,
+                            .speedup_ratio = 1.0,
+                            .default_max_tokens = 256}; /* the fault hooks: 0, off */
 }
 
 bt_status bt_mocker_config_check(const bt_mocker_config *c, char *err, size_t errlen) {

@@ -64,7 +64,6 @@ typedef struct oa_xfer {
 } oa_xfer;
 
 typedef enum { S_PENDING, S_PREPARING, S_STREAMING, S_ENDED } seq_state;
-typedef enum { END_FINISH, END_ERROR } seq_end_kind;
 typedef enum { MODE_UNDECIDED, MODE_IDS, MODE_TEXT } seq_mode;
 
 struct bt_engine_seq {
@@ -353,31 +352,31 @@ static void idle_arm(void *owner) {
 
 static void seq_usage(const bt_engine_seq *s, bt_usage *u);
 
-/* Sets the sequence's ending (once); the sink hears it at the next drain. */
-static void seq_end(bt_engine_seq *s, seq_end_kind k, bt_finish_reason reason, bt_status err, const char *msg,
-                    bool cut) {
-    oa_engine *e = s->e;
-    if (bt_deliver_ended(&s->dl)) return;
+/* The sequence leaves the upstream's work, once: false when it had ended already. Its sink hears
+ * the ending at the next drain. */
+static bool seq_ending(bt_engine_seq *s, bool cut) {
+    if (bt_deliver_ended(&s->dl)) return false;
     seq_detach(s, cut);
     seq_set_state(s, S_ENDED);
-    BT_DEBUG("openai: %s %s after %llu ids (%s)", s->rid, k == END_FINISH ? "finished" : "failed",
-             (unsigned long long)s->emitted, k == END_FINISH ? bt_finish_reason_name(reason) : msg ? msg : "");
-    if (k == END_FINISH) {
-        bt_usage u;
-        seq_usage(s, &u);
-        bt_deliver_finish(&e->dl, &s->dl, reason, &u);
-    } else {
-        bt_deliver_error(&e->dl, &s->dl, err, msg);
-    }
+    return true;
+}
+
+static void seq_finish(bt_engine_seq *s, bt_finish_reason reason, bool cut) {
+    if (!seq_ending(s, cut)) return;
+    BT_DEBUG("openai: %s finished after %llu ids (%s)", s->rid, (unsigned long long)s->emitted,
+             bt_finish_reason_name(reason));
+    bt_usage u;
+    seq_usage(s, &u);
+    bt_deliver_finish(&s->e->dl, &s->dl, reason, &u);
 }
 
 static void seq_fail(bt_engine_seq *s, bt_status code, const char *fmt, ...) {
-    char msg[256];
+    if (!seq_ending(s, true)) return;
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    bt_deliver_verror(&s->e->dl, &s->dl, code, fmt, ap);
     va_end(ap);
-    seq_end(s, END_ERROR, BT_FINISH_STOP, code, msg, true);
+    BT_DEBUG("openai: %s failed after %llu ids (%s)", s->rid, (unsigned long long)s->emitted, s->dl.msg);
 }
 
 static void seq_usage(const bt_engine_seq *s, bt_usage *u) {
@@ -455,7 +454,7 @@ static bool seq_emit(bt_engine_seq *s, const bt_oa_chunk *c) {
  * is not cut: it may read the rest of the response, so the upstream sees no client disconnect. */
 static void seq_complete(bt_engine_seq *s) {
     bt_finish_reason r = s->finish == BT_OA_FINISH_NONE ? BT_FINISH_STOP : (bt_finish_reason)s->finish;
-    seq_end(s, END_FINISH, r, BT_OK, NULL, false);
+    seq_finish(s, r, false);
 }
 
 /* One SSE data payload. Returns false when the sequence is gone or ended. */
@@ -927,17 +926,6 @@ static void leave(oa_engine *e) {
 static bt_status oa_submit(bt_engine *be, const bt_engine_request *req, const bt_engine_sink *sink, void *ud,
                            bt_engine_seq **out, char *err, size_t errlen) {
     oa_engine *e = (oa_engine *)be;
-    char dummy[1];
-    if (!err || errlen == 0) {
-        err = dummy;
-        errlen = sizeof dummy;
-    }
-    err[0] = '\0';
-    if (out) *out = NULL;
-    if (!req || !sink || !out || !sink->on_tokens || !sink->on_finish || !sink->on_error) {
-        snprintf(err, errlen, "submit needs a request, a complete sink and an output handle");
-        return BT_ERR_INVALID;
-    }
     if (e->dead) { /* migratable: the worker is about to shut down, another one serves it */
         snprintf(err, errlen, "upstream %s is dead", e->url);
         return BT_ERR_CANNOT_CONNECT;
@@ -998,7 +986,7 @@ static bt_status oa_submit(bt_engine *be, const bt_engine_request *req, const bt
     seq_set_state(s, S_PENDING);
     *out = s;
     if (s->max_tokens == 0) {
-        seq_end(s, END_FINISH, BT_FINISH_LENGTH, BT_OK, NULL, true);
+        seq_finish(s, BT_FINISH_LENGTH, true);
     } else if (e->detected) {
         seq_start(s); /* failures here end it through the ready list, never with a callback now */
     }
@@ -1019,7 +1007,7 @@ static void oa_stop(bt_engine *be, bt_engine_seq *s) {
     (void)be;
     if (!s || bt_deliver_ended(&s->dl)) return;
     BT_DEBUG("openai: %s stopped after %llu ids", s->rid, (unsigned long long)s->emitted);
-    seq_end(s, END_FINISH, BT_FINISH_CANCELLED, BT_OK, NULL, true);
+    seq_finish(s, BT_FINISH_CANCELLED, true);
 }
 
 static void oa_kill(bt_engine *be, bt_engine_seq *s) {
@@ -1064,26 +1052,18 @@ static void oa_destroy(bt_engine *be) { bt_deliver_close(&((oa_engine *)be)->dl)
 
 static const bt_deliver_ops oa_deliver_ops = {.free_seq = free_seq, .wake = idle_arm, .teardown = teardown};
 
-static const bt_engine_ops oa_ops = {
-    .submit = oa_submit,
-    .stop = oa_stop,
-    .kill = oa_kill,
-    .get_load = oa_get_load,
-    .card = oa_card,
-    .destroy = oa_destroy,
-};
+static const bt_engine_ops oa_ops = BT_ENGINE_OPS(oa);
 
 /* ---- public --------------------------------------------------------------------------------- */
 
 void bt_openai_config_default(bt_openai_config *c) {
-    memset(c, 0, sizeof *c);
-    c->kind = "auto";
-    c->total_blocks = 1000;
-    c->health_interval = 2.0;
-    c->health_failures = 3;
-    c->metrics_interval = 1.0;
-    c->connect_timeout = 5.0;
-    c->startup_timeout = 600.0;
+    *c = (bt_openai_config){.kind = "auto",
+                            .total_blocks = 1000,
+                            .health_interval = 2.0,
+                            .health_failures = 3,
+                            .metrics_interval = 1.0,
+                            .connect_timeout = 5.0,
+                            .startup_timeout = 600.0}; /* the upstream, model and key: none */
 }
 
 bt_status bt_openai_config_check(const bt_openai_config *c, char *err, size_t errlen) {
