@@ -15,7 +15,8 @@
  *  - bt_engine_stop() asks for a graceful end: the sequence ends soon with on_finish(reason
  *    BT_FINISH_CANCELLED) and the usage so far.
  *  - Tokens are delivered only once they are final: text held back for stop-string matching is
- *    delivered with its token ids, never before, so "ids sent" always equals "text sent". */
+ *    delivered with its token ids, never before, so "ids sent" always equals "text sent".
+ * Implementations keep the callback rules above through one module, engine/deliver.h. */
 #ifndef BATON_ENGINE_H
 #define BATON_ENGINE_H
 
