@@ -28,9 +28,10 @@
  * bt_deliver_enter, moves each posted event in with bt_deliver_stage / bt_deliver_finish /
  * bt_deliver_error (dropping those of sequences that bt_deliver_dead reports), bt_deliver_drain,
  * then bt_deliver_leave. Its kill marks the handle with bt_deliver_kill and tells the thread;
- * because the thread may still name the handle in events on their way, its ops.free_seq releases
- * the module's part (bt_deliver_seq_release) and keeps the handle's memory until the thread's last
- * event for it has been taken off its queue (or the thread has been joined, in close).
+ * because the thread may still name the handle in events on their way, its ops.free_seq (called
+ * once the module has released its part of the handle; bt_deliver_dead stays readable) keeps the
+ * handle's memory until the thread's last event for it has been taken off its queue (or the
+ * thread has been joined, in close).
  *
  * Loop thread only. No function here blocks. */
 #ifndef BATON_ENGINE_DELIVER_H
