@@ -13,6 +13,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/queue.h>
 
 struct bt_ctx {
     bt_ctx_state state;
@@ -20,8 +21,8 @@ struct bt_ctx {
     bt_ctx_cb cb;
     void *ud;
     bt_ctx *parent;
-    bt_ctx *first, *last;  /* children, in link order */
-    bt_ctx *prev, *next;   /* siblings */
+    TAILQ_HEAD(ctx_children, bt_ctx) children; /* in link order */
+    TAILQ_ENTRY(bt_ctx) sibling;
     uint64_t seq;          /* link number under the parent: grows along the parent's list */
     uint64_t next_seq;     /* the next link number handed to a child of this context */
     size_t nchildren;
@@ -42,6 +43,7 @@ bt_ctx *bt_ctx_new(const char *id, bt_ctx_cb cb, void *ud) {
     c->cb = cb;
     c->ud = ud;
     c->refs = 1;
+    TAILQ_INIT(&c->children);
     snprintf(c->id, sizeof c->id, "%s", id ? id : "");
     return c;
 }
@@ -49,12 +51,9 @@ bt_ctx *bt_ctx_new(const char *id, bt_ctx_cb cb, void *ud) {
 static void detach(bt_ctx *c) {
     bt_ctx *p = c->parent;
     if (!p) return;
-    if (c->prev) c->prev->next = c->next;
-    else p->first = c->next;
-    if (c->next) c->next->prev = c->prev;
-    else p->last = c->prev;
+    TAILQ_REMOVE(&p->children, c, sibling);
     p->nchildren--;
-    c->parent = c->prev = c->next = NULL;
+    c->parent = NULL;
     c->seq = 0;
 }
 
@@ -64,7 +63,7 @@ void bt_ctx_free(bt_ctx *c) {
     c->cb = NULL;
     c->ud = NULL;
     detach(c);
-    while (c->first) detach(c->first);
+    while (!TAILQ_EMPTY(&c->children)) detach(TAILQ_FIRST(&c->children));
     ctx_unref(c);
 }
 
@@ -97,8 +96,8 @@ static void raise_state(bt_ctx *c, bt_ctx_state to) {
     c->state = to;
     uint64_t done = 0;
     for (;;) {
-        bt_ctx *ch = c->first;
-        while (ch && ch->seq <= done) ch = ch->next;
+        bt_ctx *ch = TAILQ_FIRST(&c->children);
+        while (ch && ch->seq <= done) ch = TAILQ_NEXT(ch, sibling);
         if (!ch) break;
         done = ch->seq;
         raise_state(ch, to);
@@ -129,11 +128,7 @@ bt_ctx_state bt_ctx_link(bt_ctx *parent, bt_ctx *child) {
         detach(child);
         child->parent = parent;
         child->seq = ++parent->next_seq;
-        child->prev = parent->last;
-        child->next = NULL;
-        if (parent->last) parent->last->next = child;
-        else parent->first = child;
-        parent->last = child;
+        TAILQ_INSERT_TAIL(&parent->children, child, sibling);
         parent->nchildren++;
     }
     ctx_ref(child);

@@ -5,22 +5,25 @@
 #include "common/curl_uv.h"
 
 #include <stdlib.h>
+#include <sys/queue.h>
+
+#include "common/closer.h"
 
 typedef struct cu_sock {
     uv_poll_t poll;
     curl_socket_t fd;
     bt_curl_uv *cu;
-    struct cu_sock *prev, *next;
+    LIST_ENTRY(cu_sock) link;
 } cu_sock;
 
 struct bt_curl_uv {
     uv_loop_t *loop;
     CURLM *multi;
     uv_timer_t timer;
-    cu_sock *socks;
+    LIST_HEAD(, cu_sock) socks;
     bt_curl_uv_hooks h;
     void *ud;
-    int open_handles; /* the timer and every poll, until their close callbacks */
+    bt_closer closer; /* every poll (held from its start) and the timer, until their close callbacks */
     bool closing;
     void (*closed)(void *ud);
     void *closed_ud;
@@ -32,27 +35,24 @@ bool bt_curl_uv_global_init(void) {
     return ready;
 }
 
-static void handle_closed(bt_curl_uv *cu) {
-    if (--cu->open_handles > 0 || !cu->closing) return;
+/* The closer's done: the last handle has closed after bt_curl_uv_close. */
+static void cu_free(void *ud) {
+    bt_curl_uv *cu = ud;
     void (*closed)(void *) = cu->closed;
-    void *ud = cu->closed_ud;
+    void *closed_ud = cu->closed_ud;
     free(cu);
-    if (closed) closed(ud);
+    if (closed) closed(closed_ud);
 }
-
-static void on_timer_closed(uv_handle_t *h) { handle_closed(h->data); }
 
 static void on_sock_closed(uv_handle_t *h) {
     cu_sock *c = h->data;
     bt_curl_uv *cu = c->cu;
     free(c);
-    handle_closed(cu);
+    bt_closer_release(&cu->closer);
 }
 
-static void sock_release(bt_curl_uv *cu, cu_sock *c) {
-    if (c->prev) c->prev->next = c->next;
-    else cu->socks = c->next;
-    if (c->next) c->next->prev = c->prev;
+static void sock_release(cu_sock *c) {
+    LIST_REMOVE(c, link);
     uv_poll_stop(&c->poll);
     uv_close((uv_handle_t *)&c->poll, on_sock_closed);
 }
@@ -88,7 +88,7 @@ static int sock_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *soc
     if (what == CURL_POLL_REMOVE) {
         if (c) {
             curl_multi_assign(cu->multi, s, NULL);
-            sock_release(cu, c);
+            sock_release(c);
         }
         return 0;
     }
@@ -102,10 +102,8 @@ static int sock_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *soc
             return -1;
         }
         c->poll.data = c;
-        cu->open_handles++;
-        c->next = cu->socks;
-        if (cu->socks) cu->socks->prev = c;
-        cu->socks = c;
+        bt_closer_hold(&cu->closer);
+        LIST_INSERT_HEAD(&cu->socks, c, link);
         curl_multi_assign(cu->multi, s, c);
     }
     int ev = 0;
@@ -147,7 +145,8 @@ bt_curl_uv *bt_curl_uv_create(uv_loop_t *loop, const bt_curl_uv_hooks *hooks, vo
     curl_multi_setopt(cu->multi, CURLMOPT_TIMERDATA, cu);
     uv_timer_init(loop, &cu->timer);
     cu->timer.data = cu;
-    cu->open_handles = 1;
+    LIST_INIT(&cu->socks);
+    bt_closer_init(&cu->closer, cu_free, cu);
     return cu;
 }
 
@@ -168,7 +167,8 @@ void bt_curl_uv_close(bt_curl_uv *cu, void (*closed)(void *ud), void *ud) {
     /* Closes cached connections; their sockets' polls are released through sock_cb. */
     curl_multi_cleanup(cu->multi);
     cu->multi = NULL;
-    while (cu->socks) sock_release(cu, cu->socks);
+    while (!LIST_EMPTY(&cu->socks)) sock_release(LIST_FIRST(&cu->socks));
     uv_timer_stop(&cu->timer);
-    uv_close((uv_handle_t *)&cu->timer, on_timer_closed);
+    bt_closer_close(&cu->closer, (uv_handle_t *)&cu->timer);
+    bt_closer_seal(&cu->closer);
 }

@@ -33,39 +33,30 @@ static void free_disc(etcd_disc *d) {
     free(d);
 }
 
-static void handle_closed(uv_handle_t *h) {
-    etcd_disc *d = h->data;
-    if (--d->handles_open == 0) etcd__finish_close(d);
-}
-
-static void on_cu_closed(void *ud) {
+/* The closer's done: every handle has closed. */
+static void on_all_closed(void *ud) {
     etcd_disc *d = ud;
-    if (--d->handles_open == 0) etcd__finish_close(d);
+    void (*done)(void *) = d->done;
+    void *done_ud = d->done_ud;
+    free_disc(d);
+    if (done) done(done_ud);
 }
 
 /* Tears everything down: transfers, libcurl, timers and polls; frees the handle and calls done
- * once the last libuv handle has closed. Called again from each close callback until then. */
+ * once the last libuv handle has closed. Later calls do nothing. */
 void etcd__finish_close(etcd_disc *d) {
-    if (!d->finishing) {
-        d->finishing = true;
-        while (d->reqs) etcd__call_abort(d, d->reqs);
-        d->auth_req = d->w_req = d->ka_req = d->list_req = d->watch_req = d->probe_req = d->revoke_req = NULL;
-        /* Closes cached connections, libcurl's timer and its sockets' polls. */
-        d->handles_open++;
-        bt_curl_uv_close(d->cu, on_cu_closed, d);
-        d->cu = NULL;
-        uv_timer_t *timers[] = {&d->auth_timer, &d->w_timer, &d->ka_timer, &d->watch_timer, &d->probe_timer};
-        for (size_t i = 0; i < sizeof timers / sizeof timers[0]; i++) {
-            d->handles_open++;
-            uv_close((uv_handle_t *)timers[i], handle_closed);
-        }
-        return;
-    }
-    if (d->handles_open > 0) return;
-    void (*done)(void *) = d->done;
-    void *ud = d->done_ud;
-    free_disc(d);
-    if (done) done(ud);
+    if (d->finishing) return;
+    d->finishing = true;
+    while (!LIST_EMPTY(&d->reqs)) etcd__call_abort(d, LIST_FIRST(&d->reqs));
+    d->auth_req = d->w_req = d->ka_req = d->list_req = d->watch_req = d->probe_req = d->revoke_req = NULL;
+    bt_closer_init(&d->closer, on_all_closed, d);
+    /* Closes cached connections, libcurl's timer and its sockets' polls. */
+    bt_closer_hold(&d->closer);
+    bt_curl_uv_close(d->cu, bt_closer_release, &d->closer);
+    d->cu = NULL;
+    uv_timer_t *timers[] = {&d->auth_timer, &d->w_timer, &d->ka_timer, &d->watch_timer, &d->probe_timer};
+    for (size_t i = 0; i < sizeof timers / sizeof timers[0]; i++) bt_closer_close(&d->closer, (uv_handle_t *)timers[i]);
+    bt_closer_seal(&d->closer);
 }
 
 /* Stops the machines and every transfer, then revokes the lease, which removes every key written
@@ -84,7 +75,7 @@ static void etcd_close(bt_discovery *base, void (*done)(void *ud), void *ud) {
     uv_timer_stop(&d->watch_timer);
     uv_timer_stop(&d->probe_timer);
     uv_timer_stop(&d->auth_timer);
-    while (d->reqs) etcd__call_abort(d, d->reqs);
+    while (!LIST_EMPTY(&d->reqs)) etcd__call_abort(d, LIST_FIRST(&d->reqs));
     d->auth_req = d->w_req = d->ka_req = d->list_req = d->watch_req = d->probe_req = NULL;
     if (d->lease_state == ETCD_LEASE_LIVE) {
         etcd__start_revoke(d);
@@ -168,6 +159,7 @@ bt_status bt_discovery_etcd_create(uv_loop_t *loop, const bt_discovery_config *c
     }
     etcd_disc *d = calloc(1, sizeof *d);
     if (!d) goto nomem;
+    LIST_INIT(&d->reqs);
     d->eps = eps;
     d->neps = neps;
     eps = NULL;

@@ -90,10 +90,8 @@ static void req_free(ereq *r) {
 }
 
 static void req_unlink(etcd_disc *d, ereq *r) {
-    if (r->prev) r->prev->next = r->next;
-    else d->reqs = r->next;
-    if (r->next) r->next->prev = r->prev;
-    r->prev = r->next = NULL;
+    (void)d;
+    LIST_REMOVE(r, link);
 }
 
 void etcd__call_abort(etcd_disc *d, ereq *r) {
@@ -153,9 +151,7 @@ ereq *etcd__call_start(etcd_disc *d, rq_kind kind, size_t ep, const char *path, 
     curl_easy_setopt(e, CURLOPT_TCP_KEEPIDLE, 5L);
     curl_easy_setopt(e, CURLOPT_TCP_KEEPINTVL, 2L);
     if (bt_curl_uv_add(d->cu, e) != BT_OK) goto fail;
-    r->next = d->reqs;
-    if (d->reqs) d->reqs->prev = r;
-    d->reqs = r;
+    LIST_INSERT_HEAD(&d->reqs, r, link);
     BT_TRACE("etcd: %s → %s%s", etcd__rq_name(kind), d->eps[ep], path);
     return r;
 fail:

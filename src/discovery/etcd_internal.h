@@ -17,7 +17,9 @@
 #include <curl/curl.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/queue.h>
 
+#include "common/closer.h"
 #include "common/curl_uv.h"
 #include "common/util.h"
 #include "discovery/discovery_internal.h"
@@ -79,7 +81,7 @@ typedef void (*etcd_call_done)(etcd_disc *d, ereq *r, bt_etcd_result res, const 
 
 /* One HTTP exchange with one member. */
 struct ereq {
-    struct ereq *prev, *next; /* the handle's list of transfers in flight */
+    LIST_ENTRY(ereq) link; /* the handle's list of transfers in flight */
     etcd_disc *d;
     rq_kind kind;
     etcd_call_done done; /* NULL for the watch stream, whose end goes to etcd__watch_ended */
@@ -138,7 +140,7 @@ struct etcd_disc {
     uv_timer_t auth_timer;
     unsigned auth_fails;
 
-    ereq *reqs; /* every transfer in flight */
+    LIST_HEAD(, ereq) reqs; /* every transfer in flight */
     int64_t ttl_s;
 
     /* writer and lease (etcd_lease.c) */
@@ -181,7 +183,7 @@ struct etcd_disc {
     bool closing, finishing;
     ereq *revoke_req;
     unsigned revoke_attempts;
-    int handles_open;
+    bt_closer closer; /* libcurl and the timers, from finish_close on */
     void (*done)(void *ud);
     void *done_ud;
 };

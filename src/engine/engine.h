@@ -15,7 +15,8 @@
  *  - bt_engine_stop() asks for a graceful end: the sequence ends soon with on_finish(reason
  *    BT_FINISH_CANCELLED) and the usage so far.
  *  - Tokens are delivered only once they are final: text held back for stop-string matching is
- *    delivered with its token ids, never before, so "ids sent" always equals "text sent". */
+ *    delivered with its token ids, never before, so "ids sent" always equals "text sent".
+ * Implementations keep the callback rules above through one module, engine/deliver.h. */
 #ifndef BATON_ENGINE_H
 #define BATON_ENGINE_H
 
@@ -92,6 +93,8 @@ typedef struct bt_engine bt_engine;
 typedef struct bt_engine_seq bt_engine_seq;
 
 typedef struct {
+    /* Called through bt_engine_submit, which has checked the arguments: req, sink (all three
+     * callbacks) and out are set, *out is NULL, err holds "" and errlen > 0. */
     bt_status (*submit)(bt_engine *e, const bt_engine_request *req, const bt_engine_sink *sink, void *ud,
                         bt_engine_seq **out, char *err, size_t errlen);
     void (*stop)(bt_engine *e, bt_engine_seq *s);
@@ -107,10 +110,17 @@ struct bt_engine {
     const bt_engine_ops *ops;
 };
 
-static inline bt_status bt_engine_submit(bt_engine *e, const bt_engine_request *req, const bt_engine_sink *sink,
-                                         void *ud, bt_engine_seq **out, char *err, size_t errlen) {
-    return e->ops->submit(e, req, sink, ud, out, err, errlen);
-}
+/* The ops table of an engine whose operations are named <prefix>_submit, <prefix>_stop, ... */
+#define BT_ENGINE_OPS(prefix)                                                                                          \
+    {                                                                                                                  \
+        .submit = prefix##_submit, .stop = prefix##_stop, .kill = prefix##_kill, .get_load = prefix##_get_load,        \
+        .card = prefix##_card, .destroy = prefix##_destroy                                                             \
+    }
+
+/* err may be NULL (or errlen 0): the message is then dropped. BT_ERR_INVALID without a request,
+ * a complete sink or an output handle. */
+bt_status bt_engine_submit(bt_engine *e, const bt_engine_request *req, const bt_engine_sink *sink, void *ud,
+                           bt_engine_seq **out, char *err, size_t errlen);
 static inline void bt_engine_stop(bt_engine *e, bt_engine_seq *s) { e->ops->stop(e, s); }
 static inline void bt_engine_kill(bt_engine *e, bt_engine_seq *s) { e->ops->kill(e, s); }
 static inline void bt_engine_get_load(bt_engine *e, bt_engine_load *out) { e->ops->get_load(e, out); }

@@ -35,6 +35,7 @@
 #include <nats/nats.h>
 #include <openssl/crypto.h>
 
+#include "common/closer.h"
 #include "common/log.h"
 #include "common/util.h"
 #include "events/events_internal.h"
@@ -128,7 +129,7 @@ struct bt_events {
     bt_load_report pending_r;
     uint64_t last_drop_log_ms;
     /* close */
-    int handles_open;
+    bt_closer closer; /* every poll (held from its start), then the three handles of finish_close */
     void (*done)(void *ud);
     void *done_ud;
     bt_events_stats st;
@@ -138,14 +139,12 @@ static void apply_op(bt_events *e, const op *o);
 
 /* ---- the poll on our copy of the socket ---- */
 
-static void handle_released(bt_events *e);
-
 static void on_poll_closed(uv_handle_t *h) {
     pollw *p = h->data;
     close(p->fd);
     bt_events *e = p->e;
     free(p);
-    handle_released(e);
+    bt_closer_release(&e->closer);
 }
 
 static void poll_close(bt_events *e) {
@@ -189,7 +188,7 @@ static bool poll_open(bt_events *e, int fd) {
     p->fd = fd;
     p->e = e;
     p->h.data = p;
-    e->handles_open++;
+    bt_closer_hold(&e->closer);
     e->poll = p;
     e->poll_events = 0;
     poll_set(e, UV_READABLE, true);
@@ -583,9 +582,9 @@ static void free_auth(bt_events *e) {
     free(e->creds);
 }
 
-/* One of our handles finished closing; the last one (while closing) frees the object. */
-static void handle_released(bt_events *e) {
-    if (--e->handles_open > 0 || e->state != ST_CLOSING || !e->shutting) return;
+/* The closer's done: finish_close has run and every handle has closed. */
+static void events_free(void *closer_ud) {
+    bt_events *e = closer_ud;
     e->state = ST_CLOSED;
     void (*done)(void *) = e->done;
     void *ud = e->done_ud;
@@ -597,8 +596,6 @@ static void handle_released(bt_events *e) {
     free(e);
     if (done) done(ud);
 }
-
-static void on_handle_closed(uv_handle_t *h) { handle_released(h->data); }
 
 /* On the loop, with the connection closed (or never made): nats.c calls us no more after the
  * destroy below, so the remaining requests are applied (fds closed) and the handles go. */
@@ -621,12 +618,10 @@ static void finish_close(bt_events *e) {
         inbox_unref(e->in);
         e->in = NULL;
     }
-    /* +1 so that the count cannot reach 0 before every close below is issued */
-    e->handles_open += 1;
-    uv_close((uv_handle_t *)&e->async, on_handle_closed);
-    uv_close((uv_handle_t *)&e->kick, on_handle_closed);
-    uv_close((uv_handle_t *)&e->debounce, on_handle_closed);
-    e->handles_open -= 1;
+    bt_closer_close(&e->closer, (uv_handle_t *)&e->async);
+    bt_closer_close(&e->closer, (uv_handle_t *)&e->kick);
+    bt_closer_close(&e->closer, (uv_handle_t *)&e->debounce);
+    bt_closer_seal(&e->closer);
 }
 
 static void after_close(uv_work_t *w, int status) {
@@ -833,7 +828,7 @@ bt_status bt__events_nats_create(uv_loop_t *loop, const bt_events_config *c, bt_
     uv_timer_init(loop, &e->debounce);
     e->async.data = e->kick.data = e->debounce.data = e;
     e->work.data = e;
-    e->handles_open = 3;
+    bt_closer_init(&e->closer, events_free, e);
     /* connecting starts on the next loop iteration, so that a frontend can subscribe first */
     reg_add(e);
     uv_timer_start(&e->kick, on_kick, 0, 0);

@@ -15,6 +15,7 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/queue.h>
 #include <uv.h>
 
 #include "common/cancel.h"
@@ -234,9 +235,9 @@ struct fe {
     uv_thread_t thread;
     uv_async_t mail;
     uv_mutex_t mail_mu;
-    fe_job *mail_head, *mail_tail;
+    STAILQ_HEAD(, fe_job) mail_jobs; /* under mail_mu; initialised by fe_mail_init */
     bool mail_inited, mail_closed;
-    fe_gather *gathers; /* this shard's gathers still waiting for other shards */
+    LIST_HEAD(, fe_gather) gathers; /* this shard's gathers still waiting for other shards */
 };
 
 #define FE_MAX_THREADS 64

@@ -31,24 +31,25 @@
 struct fe_job {
     void (*fn)(fe *f, void *arg);
     void *arg;
-    fe_job *next;
+    STAILQ_ENTRY(fe_job) link;
 };
 
 static void on_mail(uv_async_t *h) {
     fe *f = h->data;
+    STAILQ_HEAD(, fe_job) jobs = STAILQ_HEAD_INITIALIZER(jobs);
     uv_mutex_lock(&f->mail_mu);
-    fe_job *j = f->mail_head;
-    f->mail_head = f->mail_tail = NULL;
+    STAILQ_CONCAT(&jobs, &f->mail_jobs);
     uv_mutex_unlock(&f->mail_mu);
-    while (j) {
-        fe_job *next = j->next;
+    fe_job *j;
+    while ((j = STAILQ_FIRST(&jobs)) != NULL) {
+        STAILQ_REMOVE_HEAD(&jobs, link);
         j->fn(f, j->arg);
         free(j);
-        j = next;
     }
 }
 
 void fe_mail_init(fe *f) {
+    STAILQ_INIT(&f->mail_jobs);
     uv_mutex_init(&f->mail_mu);
     uv_async_init(f->loop, &f->mail, on_mail);
     f->mail.data = f;
@@ -60,13 +61,10 @@ bool fe_shard_post(fe *to, void (*fn)(fe *f, void *arg), void *arg) {
     if (!j) return false;
     j->fn = fn;
     j->arg = arg;
-    j->next = NULL;
     uv_mutex_lock(&to->mail_mu);
     bool open = to->mail_inited && !to->mail_closed;
     if (open) {
-        if (to->mail_tail) to->mail_tail->next = j;
-        else to->mail_head = j;
-        to->mail_tail = j;
+        STAILQ_INSERT_TAIL(&to->mail_jobs, j, link);
         uv_async_send(&to->mail); /* under the lock: fe_mail_close cannot close the handle meanwhile */
     }
     uv_mutex_unlock(&to->mail_mu);
@@ -97,7 +95,7 @@ struct fe_gather {
     gather_kind kind;
     fe *origin;
     bt_http_req *http;       /* origin thread only; NULL once the client is gone */
-    fe_gather *prev, *next;  /* origin->gathers, origin thread only */
+    LIST_ENTRY(fe_gather) link; /* origin->gathers while http is set, origin thread only */
     atomic_int pending;      /* parts not yet in, plus one held by the origin until it has posted all */
     int n;
     bt_buf *parts;           /* G_METRICS: the /metrics text of shard i */
@@ -149,9 +147,7 @@ static fe_gather *gather_new(fe *f, gather_kind kind, bt_http_req *http) {
 
 /* Runs the origin's own part at once, posts the others, and answers when all are in. */
 static void gather_start(fe *f, fe_gather *g) {
-    g->next = f->gathers;
-    if (f->gathers) f->gathers->prev = g;
-    f->gathers = g;
+    LIST_INSERT_HEAD(&f->gathers, g, link);
     atomic_store(&g->pending, g->n); /* n - 1 other shards, plus the origin's hold */
     for (int i = 0; i < g->n; i++) {
         if (i == f->shard) continue;
@@ -162,18 +158,12 @@ static void gather_start(fe *f, fe_gather *g) {
     gather_part(f, g); /* the origin's own part, and the release of its hold */
 }
 
-static void gather_unlink(fe *f, fe_gather *g) {
-    if (g->prev) g->prev->next = g->next;
-    else if (f->gathers == g) f->gathers = g->next;
-    if (g->next) g->next->prev = g->prev;
-    g->prev = g->next = NULL;
-}
-
 bool fe_gather_abort(fe *f, bt_http_req *http) {
-    for (fe_gather *g = f->gathers; g; g = g->next)
+    fe_gather *g;
+    LIST_FOREACH(g, &f->gathers, link)
         if (g->http == http) {
             g->http = NULL;
-            gather_unlink(f, g);
+            LIST_REMOVE(g, link);
             return true;
         }
     return false;
@@ -312,7 +302,7 @@ static void gather_finish(fe *f, void *arg) {
     fe_gather *g = arg;
     (void)f;
     if (g->http) {
-        gather_unlink(g->origin, g);
+        LIST_REMOVE(g, link);
         if (g->kind == G_METRICS) {
             bt_buf b;
             bt_buf_init(&b, (size_t)64 << 20);

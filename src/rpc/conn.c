@@ -11,6 +11,7 @@
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
 
+#include "common/closer.h"
 #include "common/log.h"
 
 #define READ_CHUNK (64u * 1024)
@@ -26,7 +27,7 @@ struct bt_rpc_conn {
     uv_connect_t connect_req;
     uv_getaddrinfo_t gai;
     int port;
-    int pending_closes;
+    bt_closer closer; /* the handles and a getaddrinfo in flight, once closing */
     conn_state state;
     bool flush_scheduled;
     bool tcp_inited;
@@ -81,16 +82,14 @@ void bt_rpc_config_default(bt_rpc_config *c, uint16_t role, uint64_t instance_id
 
 static void conn_fail(bt_rpc_conn *c, bt_status why, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
-/* Drops one reference held by a pending close or request; the last one finishes the connection. */
-static void conn_release(bt_rpc_conn *c) {
-    if (--c->pending_closes > 0) return;
+/* The closer's done: every handle has closed and no request references the connection. */
+static void conn_free(void *ud) {
+    bt_rpc_conn *c = ud;
     if (c->h.on_close) c->h.on_close(c->ud, c, c->close_why, c->close_reason);
     bt_buf_free(&c->rbuf);
     bt_buf_free(&c->wbuf);
     free(c);
 }
-
-static void on_handle_closed(uv_handle_t *h) { conn_release(h->data); }
 
 void bt_rpc_conn_close(bt_rpc_conn *c, bt_status why, const char *reason) {
     if (!c || c->state == CONN_CLOSING) return;
@@ -103,11 +102,15 @@ void bt_rpc_conn_close(bt_rpc_conn *c, bt_status why, const char *reason) {
         uv_buf_t b = uv_buf_init(c->wbuf.data, (unsigned)c->wbuf.len);
         (void)uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
     }
-    c->pending_closes = 2 + (c->tcp_inited ? 1 : 0) + (c->resolving ? 1 : 0);
-    if (c->resolving) uv_cancel((uv_req_t *)&c->gai);
-    uv_close((uv_handle_t *)&c->timer, on_handle_closed);
-    uv_close((uv_handle_t *)&c->flusher, on_handle_closed);
-    if (c->tcp_inited) uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
+    bt_closer_init(&c->closer, conn_free, c);
+    if (c->resolving) { /* on_resolved releases it */
+        bt_closer_hold(&c->closer);
+        uv_cancel((uv_req_t *)&c->gai);
+    }
+    bt_closer_close(&c->closer, (uv_handle_t *)&c->timer);
+    bt_closer_close(&c->closer, (uv_handle_t *)&c->flusher);
+    if (c->tcp_inited) bt_closer_close(&c->closer, (uv_handle_t *)&c->tcp);
+    bt_closer_seal(&c->closer);
 }
 
 static void conn_fail(bt_rpc_conn *c, bt_status why, const char *fmt, ...) {
@@ -487,7 +490,7 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
     c->resolving = false;
     if (c->state == CONN_CLOSING) {
         uv_freeaddrinfo(res);
-        conn_release(c);
+        bt_closer_release(&c->closer);
         return;
     }
     if (status < 0 || !res) {

@@ -101,7 +101,7 @@ static void worker_finish_soon(wk_worker *w) {
 /* Ends every running stream with a migratable error so that frontends continue it elsewhere. */
 static void hand_back_all(wk_worker *w, const char *why) {
     if (w->nstreams) w->drain.handback_us = bt_now_us();
-    for (wk_peer *p = w->peers; p; p = p->next) {
+    for (wk_peer *p = LIST_FIRST(&w->peers); p; p = LIST_NEXT(p, link)) {
         uint64_t k;
         void *v;
         size_t it = 0;
@@ -168,12 +168,12 @@ void wk_drain_begin(wk_worker *w, const char *why, bool immediate) {
     wk_canary_stop(w);
     /* 2. tell every connected frontend at once, and flush now rather than at the end of the
      * loop iteration: this is what makes routing stop within milliseconds */
-    for (wk_peer *p = w->peers; p; p = p->next) {
+    for (wk_peer *p = LIST_FIRST(&w->peers); p; p = LIST_NEXT(p, link)) {
         bt_buf *b = bt_rpc_wbuf(p->conn);
         if (b) bt_frame_put_goaway(b, BT_ERR_DRAINING, why);
     }
     wk_send_load(w, NULL);
-    for (wk_peer *p = w->peers; p; p = p->next) bt_rpc_flush(p->conn);
+    for (wk_peer *p = LIST_FIRST(&w->peers); p; p = LIST_NEXT(p, link)) bt_rpc_flush(p->conn);
     /* 3. let running streams finish, within the bound */
     if (immediate || w->o.graceful_timeout == 0) hand_back_all(w, immediate ? why : "drain bound is 0");
     if (w->nstreams == 0) {

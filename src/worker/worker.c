@@ -61,7 +61,7 @@ void wk_send_load(wk_worker *w, wk_peer *only) {
     if (!w->engine) return;
     fill_load(w, &r);
     if (!only) w->load_sent_ms = bt_now_ms();
-    for (wk_peer *p = w->peers; p; p = p->next) {
+    for (wk_peer *p = LIST_FIRST(&w->peers); p; p = LIST_NEXT(p, link)) {
         if (only && p != only) continue;
         bt_buf *b = bt_rpc_wbuf(p->conn);
         if (b) bt_frame_put_load(b, &r);
@@ -402,9 +402,7 @@ static void on_peer_open(void *ud, bt_rpc_conn *c) {
         return;
     }
     bt_map_init(&p->streams);
-    p->next = w->peers;
-    if (w->peers) w->peers->prev = p;
-    w->peers = p;
+    LIST_INSERT_HEAD(&w->peers, p, link);
     w->npeers++;
     bt_rpc_set_ud(c, p);
     BT_INFO("frontend %s connected", bt_rpc_peer_name(c));
@@ -430,9 +428,7 @@ static void on_peer_close(void *ud, bt_rpc_conn *c, bt_status why, const char *r
     void *v;
     size_t it = 0;
     /* unlink first: a stream ending here may finish the drain, which walks the peer list */
-    if (p->prev) p->prev->next = p->next;
-    else w->peers = p->next;
-    if (p->next) p->next->prev = p->prev;
+    LIST_REMOVE(p, link);
     w->npeers--;
     /* nothing generates for nobody: the peer's context kills every stream's context, in the
      * order the streams arrived; streams whose KILL was ignored on purpose go too */
@@ -635,6 +631,7 @@ int bt_worker_main(int argc, char **argv) {
     bt_log_init("worker");
     wk_worker *w = calloc(1, sizeof *w);
     if (!w) return 1;
+    LIST_INIT(&w->peers);
     w->kind = WK_KIND_WORKER;
     wk_opts *o = &w->o;
     o->engine = "mocker";

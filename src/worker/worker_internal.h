@@ -16,6 +16,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/queue.h>
 #include <uv.h>
 
 #include "common/cancel.h"
@@ -63,7 +64,7 @@ struct wk_peer {
      bt_map streams; /* stream id → wk_stream */
     bt_ctx *ctx;    /* parent of its streams' contexts: killed when the connection is lost */
     bool lost;      /* the connection ended: kills count as frontend_lost */
-    wk_peer *prev, *next;
+    LIST_ENTRY(wk_peer) link; /* wk_worker.peers */
 };
 
 typedef struct {
@@ -139,7 +140,7 @@ struct wk_worker {
     bt_rpc_listener *listener;
     bt_http_server *status;
     bt_events *events; /* the NATS event plane (load reports), NULL for direct */
-    wk_peer *peers;
+    LIST_HEAD(, wk_peer) peers;
     size_t npeers; /* peers whose handshake is done */
     bt_map conns; /* every accepted connection (key: pointer), handshake done or not */
     size_t nstreams;

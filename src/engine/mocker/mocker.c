@@ -12,8 +12,9 @@
  * start time has come (at most 64 or 2 ms of work, then it yields to the loop) and delivers
  * their output once real time has reached the end of the step that produced it, coalesced into
  * one on_tokens call per sequence per tick. Sink and hook callbacks are only made from a tick, never from
- * submit, stop, kill or inject; a callback may submit, stop or kill any sequence (its own
- * included) and may even destroy the engine. KV accounting is a counter of blocks per sequence:
+ * submit, stop, kill or inject; the staged output, the endings and the rules that let a callback
+ * submit, stop or kill any sequence (its own included) or destroy the engine are engine/deliver.h's.
+ * KV accounting is a counter of blocks per sequence:
  * there is no prefix caching, so no block is shared. */
 #include "engine/mocker/mocker.h"
 
@@ -22,8 +23,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/closer.h"
 #include "common/log.h"
 #include "common/util.h"
+#include "engine/deliver.h"
 #include "engine/mocker/mocker_internal.h"
 
 #define MK_MAX_STEPS_PER_CB 64
@@ -32,18 +35,14 @@
 
 /* SEQ_NEW (0, from calloc) until the sequence first enters a queue; SEQ_DONE once it has ended. */
 typedef enum { SEQ_NEW = 0, SEQ_WAITING, SEQ_PREFILL, SEQ_DECODE, SEQ_DONE } mk_phase;
-typedef enum { END_NONE, END_FINISH, END_ERROR } mk_end;
+typedef enum { END_FINISH, END_ERROR } mk_end;
 
 typedef struct mk_engine mk_engine;
 
 struct bt_engine_seq {
-    bt_engine_sink sink;
-    void *ud;
+    bt_deliver_seq dl; /* sink, staged output, ending, liveness */
     mk_phase phase;
-    bt_engine_seq *prev, *next;   /* waiting or running list, by phase */
-    bt_engine_seq *dprev, *dnext; /* list of sequences with output or an ending to deliver */
-    bool in_dirty;
-    bool killed; /* killed from inside its own callback: freed when that callback returns */
+    TAILQ_ENTRY(bt_engine_seq) link; /* waiting or running list, by phase */
 
     /* Token function. */
     uint64_t state; /* rolling state over prompt + carried + generated */
@@ -57,12 +56,6 @@ struct bt_engine_seq {
     uint64_t prefilled; /* of seq_len, computed since the last admission */
     uint64_t blocks;    /* KV blocks held */
 
-    /* Outcome, set once. */
-    mk_end end;
-    bt_finish_reason reason;
-    bt_status err;
-    const char *errmsg; /* a static string */
-
     /* Stop strings. `win` holds up to max_stop-1 bytes of final text (ctx_len, already delivered
      * or carried) followed by the text of the held-back tokens `held`. */
     int n_stop;
@@ -73,15 +66,12 @@ struct bt_engine_seq {
     size_t ctx_len;
     uint32_t *held;
     size_t held_n, held_cap;
-
-    /* Output not yet handed to the sink: ids and their text. */
-    uint32_t *out;
-    size_t out_n, out_cap;
-    bt_buf out_text;
 };
 
+TAILQ_HEAD(mk_seq_queue, bt_engine_seq);
+
 typedef struct {
-    bt_engine_seq *head, *tail;
+    struct mk_seq_queue q;
     uint64_t n;
 } mk_list;
 
@@ -90,7 +80,8 @@ struct mk_engine {
     uv_loop_t *loop;
     uv_timer_t timer; /* the next step's end, when it lies in the future */
     uv_idle_t idle;   /* an immediate tick (see arm) */
-    int open_handles; /* freed when both handles have closed */
+    bt_closer closer; /* freed when both handles have closed */
+    bt_deliver dl;    /* pending sink events; the re-entrancy and liveness rules */
     bt_mocker_config cfg;
     bt_engine_hooks hooks;
     void *hooks_ud;
@@ -98,14 +89,12 @@ struct mk_engine {
     uint64_t context_length; /* tokens: cfg.context_length, or usable_blocks × block_size */
 
     mk_list waiting, running;
-    bt_engine_seq *dirty_head, *dirty_tail;
     uint64_t used_blocks;
     uint64_t prefill_pending; /* prompt tokens of admitted sequences not yet prefilled */
     uint64_t total_emitted;   /* tokens generated since creation, for the fault hooks */
     uint64_t vclock;          /* virtual time (bt_now_ns scale) at which the next step starts */
 
-    bt_engine_seq *cur; /* the sequence whose sink is being called */
-    bool in_cb, stalled, dead, dead_notified, destroying;
+    bool stalled, dead, dead_notified;
     bool stall_fired, error_fired, error_now;
     bt_engine_load last_load; /* as last reported through hooks.on_load */
 };
@@ -113,50 +102,18 @@ struct mk_engine {
 /* ---- lists ---------------------------------------------------------------------------------- */
 
 static void list_remove(mk_list *l, bt_engine_seq *s) {
-    if (s->prev) s->prev->next = s->next;
-    else l->head = s->next;
-    if (s->next) s->next->prev = s->prev;
-    else l->tail = s->prev;
-    s->prev = s->next = NULL;
+    TAILQ_REMOVE(&l->q, s, link);
     l->n--;
 }
 
 static void list_push_tail(mk_list *l, bt_engine_seq *s) {
-    s->next = NULL;
-    s->prev = l->tail;
-    if (l->tail) l->tail->next = s;
-    else l->head = s;
-    l->tail = s;
+    TAILQ_INSERT_TAIL(&l->q, s, link);
     l->n++;
 }
 
 static void list_push_head(mk_list *l, bt_engine_seq *s) {
-    s->prev = NULL;
-    s->next = l->head;
-    if (l->head) l->head->prev = s;
-    else l->tail = s;
-    l->head = s;
+    TAILQ_INSERT_HEAD(&l->q, s, link);
     l->n++;
-}
-
-static void dirty_add(mk_engine *e, bt_engine_seq *s) {
-    if (s->in_dirty || s == e->cur) return; /* the flush loop re-examines `cur` itself */
-    s->in_dirty = true;
-    s->dnext = NULL;
-    s->dprev = e->dirty_tail;
-    if (e->dirty_tail) e->dirty_tail->dnext = s;
-    else e->dirty_head = s;
-    e->dirty_tail = s;
-}
-
-static void dirty_remove(mk_engine *e, bt_engine_seq *s) {
-    if (!s->in_dirty) return;
-    if (s->dprev) s->dprev->dnext = s->dnext;
-    else e->dirty_head = s->dnext;
-    if (s->dnext) s->dnext->dprev = s->dprev;
-    else e->dirty_tail = s->dprev;
-    s->dprev = s->dnext = NULL;
-    s->in_dirty = false;
 }
 
 /* ---- sequence lifecycle --------------------------------------------------------------------- */
@@ -174,28 +131,36 @@ static void seq_unschedule(mk_engine *e, bt_engine_seq *s) {
     s->phase = SEQ_DONE;
 }
 
-static void seq_free(mk_engine *e, bt_engine_seq *s) {
-    seq_unschedule(e, s);
-    dirty_remove(e, s);
+/* deliver's free_seq: the sequence is dead and no longer known to the delivery queue. */
+static void seq_free(void *owner, bt_deliver_seq *ds) {
+    bt_engine_seq *s = BT_DELIVER_OWNER(ds, bt_engine_seq, dl);
+    seq_unschedule(owner, s);
     for (int i = 0; i < s->n_stop; i++) free(s->stop[i]);
     bt_buf_free(&s->win);
-    bt_buf_free(&s->out_text);
     free(s->held);
-    free(s->out);
     free(s);
 }
 
+static bt_status held_release_all(mk_engine *e, bt_engine_seq *s);
+
 /* Ends the sequence: it leaves the scheduler now (so the load shows its blocks freed) and its
- * sink hears the ending at the next flush. */
+ * sink hears the ending at the next flush. A finish first releases the held-back tokens: nothing
+ * can complete a stop string any more. */
 static void seq_end(mk_engine *e, bt_engine_seq *s, mk_end end, bt_finish_reason reason, bt_status err,
                     const char *msg) {
-    if (s->end != END_NONE) return;
+    if (bt_deliver_ended(&s->dl)) return;
     seq_unschedule(e, s);
-    s->end = end;
-    s->reason = reason;
-    s->err = err;
-    s->errmsg = msg;
-    dirty_add(e, s);
+    if (end == END_FINISH && held_release_all(e, s) != BT_OK) {
+        end = END_ERROR;
+        err = BT_ERR_NOMEM;
+        msg = "mocker: out of memory for output";
+    }
+    if (end == END_ERROR) {
+        bt_deliver_error(&e->dl, &s->dl, err, msg);
+    } else {
+        bt_usage u = {.prompt_tokens = s->prompt_tokens, .completion_tokens = s->n_carried + s->generated};
+        bt_deliver_finish(&e->dl, &s->dl, reason, &u);
+    }
 }
 
 /* Grows an id array geometrically; callers bound n by the sequence's max_tokens. */
@@ -211,19 +176,15 @@ static bt_status ids_reserve(uint32_t **a, size_t *cap, size_t need) {
 }
 
 /* Appends one token (and `text_len` bytes of its text) to the output batch. */
-static bt_status out_add(bt_engine_seq *s, uint32_t id, size_t text_len) {
-    if (ids_reserve(&s->out, &s->out_cap, s->out_n + 1) != BT_OK) return BT_ERR_NOMEM;
-    bt_status st = bt_buf_append(&s->out_text, bt_mocker_token_text(id, NULL), text_len);
-    if (st != BT_OK) return st;
-    s->out[s->out_n++] = id;
-    return BT_OK;
+static bt_status out_add(mk_engine *e, bt_engine_seq *s, uint32_t id, size_t text_len) {
+    return bt_deliver_stage(&e->dl, &s->dl, &id, 1, bt_mocker_token_text(id, NULL), text_len);
 }
 
 /* Releases every held-back token with its full text (used when the sequence ends for a reason
  * other than a stop string: nothing can complete a stop any more). */
-static bt_status held_release_all(bt_engine_seq *s) {
+static bt_status held_release_all(mk_engine *e, bt_engine_seq *s) {
     for (size_t i = 0; i < s->held_n; i++) {
-        bt_status st = out_add(s, s->held[i], mk_token_len(s->held[i]));
+        bt_status st = out_add(e, s, s->held[i], mk_token_len(s->held[i]));
         if (st != BT_OK) return st;
     }
     s->held_n = 0;
@@ -275,7 +236,7 @@ static void ctx_trim(bt_engine_seq *s) {
  * with just the text before the stop; tokens wholly inside or after it are not delivered. */
 static bt_status emit(mk_engine *e, bt_engine_seq *s, uint32_t id) {
     size_t tl = mk_token_len(id);
-    if (s->n_stop == 0) return out_add(s, id, tl);
+    if (s->n_stop == 0) return out_add(e, s, id, tl);
 
     bt_status st = ids_reserve(&s->held, &s->held_cap, s->held_n + 1);
     if (st == BT_OK) st = bt_buf_append(&s->win, bt_mocker_token_text(id, NULL), tl);
@@ -287,7 +248,7 @@ static bt_status emit(mk_engine *e, bt_engine_seq *s, uint32_t id) {
     if (m != SIZE_MAX) {
         for (size_t i = 0; i < s->held_n && off < m; i++) {
             size_t l = mk_token_len(s->held[i]);
-            st = out_add(s, s->held[i], off + l <= m ? l : m - off);
+            st = out_add(e, s, s->held[i], off + l <= m ? l : m - off);
             if (st != BT_OK) return st;
             off += l;
         }
@@ -300,7 +261,7 @@ static bt_status emit(mk_engine *e, bt_engine_seq *s, uint32_t id) {
     while (i < s->held_n) {
         size_t l = mk_token_len(s->held[i]);
         if (off + l > boundary) break;
-        st = out_add(s, s->held[i], l);
+        st = out_add(e, s, s->held[i], l);
         if (st != BT_OK) return st;
         off += l;
         i++;
@@ -323,7 +284,7 @@ static uint64_t blocks_for(const mk_engine *e, uint64_t tokens) {
 
 static void admit(mk_engine *e) {
     bt_engine_seq *s;
-    while ((s = e->waiting.head) != NULL) {
+    while ((s = TAILQ_FIRST(&e->waiting.q)) != NULL) {
         uint64_t need = blocks_for(e, s->seq_len);
         if (e->used_blocks + need > e->usable_blocks) break;
         /* Chunked prefill: the candidate's own prompt is not counted against the budget. */
@@ -354,7 +315,7 @@ static void preempt(mk_engine *e, bt_engine_seq *s) {
 }
 
 static bt_engine_seq *last_decoding(mk_engine *e) {
-    for (bt_engine_seq *s = e->running.tail; s; s = s->prev)
+    for (bt_engine_seq *s = TAILQ_LAST(&e->running.q, mk_seq_queue); s; s = TAILQ_PREV(s, mk_seq_queue, link))
         if (s->phase == SEQ_DECODE) return s;
     return NULL;
 }
@@ -368,10 +329,8 @@ static bool generate(mk_engine *e, bt_engine_seq *s) {
     e->total_emitted++;
     if (emit(e, s, tok) != BT_OK) {
         seq_end(e, s, END_ERROR, BT_FINISH_STOP, BT_ERR_NOMEM, "mocker: out of memory for output");
-    } else if (s->end == END_NONE && s->generated >= s->max_new) {
+    } else if (!bt_deliver_ended(&s->dl) && s->generated >= s->max_new) {
         seq_end(e, s, END_FINISH, BT_FINISH_LENGTH, BT_OK, NULL);
-    } else if (s->out_n) {
-        dirty_add(e, s);
     }
 
     const bt_mocker_config *c = &e->cfg;
@@ -409,10 +368,11 @@ static double decode_ms(double p) {
 
 /* Runs one scheduler step; returns its duration in virtual nanoseconds. */
 static uint64_t step(mk_engine *e) {
+    bt_engine_seq *s, *nx;
     admit(e);
 
     uint64_t budget = (uint64_t)e->cfg.max_num_batched_tokens, n_prefill = 0;
-    for (bt_engine_seq *s = e->running.head; s; s = s->next) {
+    TAILQ_FOREACH(s, &e->running.q, link) {
         if (s->phase != SEQ_PREFILL) continue;
         uint64_t rem = s->seq_len - s->prefilled;
         uint64_t chunk = rem < budget ? rem : budget;
@@ -430,16 +390,15 @@ static uint64_t step(mk_engine *e) {
     }
 
     uint64_t bs = (uint64_t)e->cfg.block_size, cap = (uint64_t)e->cfg.num_gpu_blocks;
-    bt_engine_seq *nx;
-    for (bt_engine_seq *s = e->running.head; s; s = nx) {
-        nx = s->next;
+    for (s = TAILQ_FIRST(&e->running.q); s; s = nx) {
+        nx = TAILQ_NEXT(s, link);
         if (s->phase != SEQ_DECODE) continue;
         if (s->seq_len + 1 > s->blocks * bs) {
             bool self = false;
             while (e->used_blocks >= cap) {
                 bt_engine_seq *v = last_decoding(e); /* s itself at worst: never NULL here */
                 if (v == s) {
-                    nx = s->next; /* only prefilling sequences follow s */
+                    nx = TAILQ_NEXT(s, link); /* only prefilling sequences follow s */
                     preempt(e, s);
                     self = true;
                     break;
@@ -447,7 +406,7 @@ static uint64_t step(mk_engine *e) {
                 preempt(e, v);
             }
             if (self) continue;
-            nx = s->next; /* victims came after s and have left the list */
+            nx = TAILQ_NEXT(s, link); /* victims came after s and have left the list */
             s->blocks++;
             e->used_blocks++;
         }
@@ -456,50 +415,12 @@ static uint64_t step(mk_engine *e) {
 
     if (e->error_now) {
         e->error_now = false;
-        while ((nx = e->running.head) != NULL)
+        while ((nx = TAILQ_FIRST(&e->running.q)) != NULL)
             seq_end(e, nx, END_ERROR, BT_FINISH_STOP, BT_ERR_ENGINE, "mocker fault: engine error");
     }
 
     double ns = ms * 1e6 / e->cfg.speedup_ratio;
     return ns >= 1.0 ? (uint64_t)ns : 1u;
-}
-
-/* ---- delivery ------------------------------------------------------------------------------- */
-
-/* Hands every pending output and ending to the sinks. A callback may submit, stop or kill any
- * sequence or destroy the engine: the loop takes one sequence off the dirty list at a time,
- * re-examines it after each callback and stops at once if the engine was destroyed. */
-static void flush(mk_engine *e) {
-    bt_engine_seq *s;
-    while ((s = e->dirty_head) != NULL) {
-        dirty_remove(e, s);
-        e->cur = s;
-        for (;;) {
-            if (s->killed) break;
-            if (s->end == END_FINISH && s->held_n && held_release_all(s) != BT_OK) {
-                s->end = END_ERROR;
-                s->err = BT_ERR_NOMEM;
-                s->errmsg = "mocker: out of memory for output";
-            }
-            if (s->out_n == 0) break;
-            s->sink.on_tokens(s->ud, s->out, s->out_n, s->out_text.data ? s->out_text.data : "", s->out_text.len);
-            if (e->destroying) return;
-            s->out_n = 0;
-            bt_buf_reset(&s->out_text);
-        }
-        if (!s->killed && s->end != END_NONE) {
-            if (s->end == END_ERROR) {
-                s->sink.on_error(s->ud, s->err, s->errmsg);
-            } else {
-                bt_usage u = {.prompt_tokens = s->prompt_tokens, .completion_tokens = s->n_carried + s->generated};
-                s->sink.on_finish(s->ud, s->reason, &u);
-            }
-            if (e->destroying) return;
-            s->killed = true; /* the handle is dead now */
-        }
-        e->cur = NULL;
-        if (s->killed) seq_free(e, s);
-    }
 }
 
 static void load_snapshot(const mk_engine *e, bt_engine_load *l) {
@@ -545,13 +466,13 @@ static bool armed(mk_engine *e) {
 
 /* Arms the driver for the next thing to do, or stops it when there is nothing. */
 static void schedule(mk_engine *e) {
-    if (e->destroying) return;
+    if (bt_deliver_closed(&e->dl)) return;
     if (e->dead) {
         if (!e->dead_notified) arm(e, 0);
         else disarm(e);
         return;
     }
-    bool work = (!e->stalled && (e->waiting.n || e->running.n)) || e->dirty_head || load_changed(e);
+    bool work = (!e->stalled && (e->waiting.n || e->running.n)) || bt_deliver_pending(&e->dl) || load_changed(e);
     if (!work) {
         disarm(e);
         return;
@@ -564,38 +485,40 @@ static void schedule(mk_engine *e) {
 /* Wakes the driver after submit/stop/kill/inject; a no-op while it is armed or running, since the
  * end of a tick re-arms it for whatever is pending then. */
 static void kick(mk_engine *e) {
-    if (e->dead || e->destroying || e->in_cb) return;
+    if (e->dead || bt_deliver_closed(&e->dl) || bt_deliver_busy(&e->dl)) return;
     if (armed(e)) return;
     uint64_t now = bt_now_ns();
     if (e->vclock < now) e->vclock = now; /* time spent idle is not simulated */
     arm(e, 0);
 }
 
+/* Delivers the staged output and endings; false when a callback destroyed the engine. */
+static bool deliver_due(mk_engine *e) {
+    bt_deliver_drain(&e->dl);
+    return !bt_deliver_closed(&e->dl);
+}
+
 /* The engine died: deliver what was already produced, then tell the worker once. */
 static void die(mk_engine *e) {
     disarm(e);
     if (e->dead_notified) return;
-    flush(e);
-    if (e->destroying) return;
+    if (!deliver_due(e)) return;
     e->dead_notified = true;
     if (e->hooks.on_dead) e->hooks.on_dead(e->hooks_ud, "mocker fault: engine dead");
 }
 
 /* One turn of the engine: deliver output that is due, run the steps whose start time has come
- * (bounded), deliver their output if they have ended, report a changed load, re-arm. */
-static void tick(mk_engine *e) {
-    e->in_cb = true;
+ * (bounded), deliver their output if they have ended, report a changed load. */
+static void tick_run(mk_engine *e) {
     disarm(e);
     uint64_t now = bt_now_ns();
     if (e->dead) {
         die(e);
-        if (!e->destroying) e->in_cb = false;
         return;
     }
     if (e->vclock <= now) {
         /* The steps run so far have all ended by now: their output is due before the next step. */
-        flush(e);
-        if (e->destroying) return;
+        if (!deliver_due(e)) return;
         uint64_t t0 = now;
         for (int n = 0; n < MK_MAX_STEPS_PER_CB && !e->stalled && !e->dead; n++) {
             if (!e->waiting.n && !e->running.n) break;
@@ -606,24 +529,23 @@ static void tick(mk_engine *e) {
         }
         if (e->dead) {
             die(e);
-            if (!e->destroying) e->in_cb = false;
             return;
         }
         /* Output is delivered when real time reaches the end of the step that produced it. */
-        if (e->vclock <= now) {
-            flush(e);
-            if (e->destroying) return;
-        }
+        if (e->vclock <= now && !deliver_due(e)) return;
     }
     if (load_changed(e)) {
         load_snapshot(e, &e->last_load);
-        if (e->hooks.on_load) {
-            e->hooks.on_load(e->hooks_ud);
-            if (e->destroying) return;
-        }
+        if (e->hooks.on_load) e->hooks.on_load(e->hooks_ud);
     }
-    e->in_cb = false;
-    schedule(e);
+}
+
+/* A tick, then the driver armed for what is pending; a destroy from a callback in it is finished
+ * when it unwinds (bt_deliver_leave). */
+static void tick(mk_engine *e) {
+    bt_deliver_enter(&e->dl);
+    tick_run(e);
+    if (bt_deliver_leave(&e->dl)) schedule(e);
 }
 
 static void on_timer(uv_timer_t *t) { tick(t->data); }
@@ -759,17 +681,6 @@ static uint32_t effective_max_tokens(const mk_engine *e, const bt_engine_request
 static bt_status mk_submit(bt_engine *be, const bt_engine_request *req, const bt_engine_sink *sink, void *ud,
                            bt_engine_seq **out, char *err, size_t errlen) {
     mk_engine *e = (mk_engine *)be;
-    char dummy[1];
-    if (!err || errlen == 0) {
-        err = dummy;
-        errlen = sizeof dummy;
-    }
-    err[0] = '\0';
-    if (out) *out = NULL;
-    if (!req || !sink || !out || !sink->on_tokens || !sink->on_finish || !sink->on_error) {
-        snprintf(err, errlen, "submit needs a request, a complete sink and an output handle");
-        return BT_ERR_INVALID;
-    }
     if (e->dead) {
         snprintf(err, errlen, "mocker engine is dead");
         return BT_ERR_ENGINE;
@@ -823,8 +734,7 @@ static bt_status mk_submit(bt_engine *be, const bt_engine_request *req, const bt
         snprintf(err, errlen, "out of memory");
         return BT_ERR_NOMEM;
     }
-    s->sink = *sink;
-    s->ud = ud;
+    bt_deliver_add(&e->dl, &s->dl, sink, ud, MK_TEXT_CAP);
     s->seed = req->seed;
     s->temperature = req->temperature;
     s->prompt_tokens = (uint32_t)n_ids;
@@ -832,7 +742,6 @@ static bt_status mk_submit(bt_engine *be, const bt_engine_request *req, const bt
     s->max_new = max_new;
     s->seq_len = n_ids + req->n_carried;
     bt_buf_init(&s->win, MK_TEXT_CAP);
-    bt_buf_init(&s->out_text, MK_TEXT_CAP);
     for (size_t i = 0; i < n_ids; i++) s->state = bt_mocker_state_push(s->state, ids[i]);
     for (uint32_t i = 0; i < req->n_carried; i++) s->state = bt_mocker_state_push(s->state, req->carried[i]);
     free(ids);
@@ -862,8 +771,8 @@ static bt_status mk_submit(bt_engine *be, const bt_engine_request *req, const bt
         if (stop_find(s) != SIZE_MAX) seq_end(e, s, END_FINISH, BT_FINISH_STOP, BT_OK, NULL);
         ctx_trim(s);
     }
-    if (s->end == END_NONE && max_new == 0) seq_end(e, s, END_FINISH, BT_FINISH_LENGTH, BT_OK, NULL);
-    if (s->end == END_NONE) {
+    if (!bt_deliver_ended(&s->dl) && max_new == 0) seq_end(e, s, END_FINISH, BT_FINISH_LENGTH, BT_OK, NULL);
+    if (!bt_deliver_ended(&s->dl)) {
         s->phase = SEQ_WAITING;
         list_push_tail(&e->waiting, s);
     }
@@ -874,28 +783,23 @@ static bt_status mk_submit(bt_engine *be, const bt_engine_request *req, const bt
     return BT_OK;
 
 nomem:
-    seq_free(e, s);
+    bt_deliver_kill(&e->dl, &s->dl);
     snprintf(err, errlen, "out of memory");
     return BT_ERR_NOMEM;
 }
 
 static void mk_stop(bt_engine *be, bt_engine_seq *s) {
     mk_engine *e = (mk_engine *)be;
-    if (!s || s->killed || s->end != END_NONE || e->dead) return;
+    if (!s || bt_deliver_ended(&s->dl) || e->dead) return;
     seq_end(e, s, END_FINISH, BT_FINISH_CANCELLED, BT_OK, NULL);
     kick(e);
 }
 
 static void mk_kill(bt_engine *be, bt_engine_seq *s) {
     mk_engine *e = (mk_engine *)be;
-    if (!s || s->killed) return;
-    if (s == e->cur) {
-        /* Killed from inside its own callback: free it when that callback returns. */
-        seq_unschedule(e, s);
-        s->killed = true;
-    } else {
-        seq_free(e, s);
-    }
+    if (!s || bt_deliver_dead(&s->dl)) return;
+    seq_unschedule(e, s); /* the load shows its blocks free at once; its memory may go later */
+    bt_deliver_kill(&e->dl, &s->dl);
     kick(e);
 }
 
@@ -910,58 +814,36 @@ static void mk_card(bt_engine *be, json_t *card) {
     json_object_set_new(card, "max_num_batched_tokens", json_integer(e->cfg.max_num_batched_tokens));
 }
 
-static void on_close(uv_handle_t *h) {
-    mk_engine *e = h->data;
-    if (--e->open_handles == 0) free(e);
+static void engine_free(void *ud) { free(ud); }
+
+/* deliver's teardown: every sequence is gone; the handles close, the last close frees the engine. */
+static void teardown(void *owner) {
+    mk_engine *e = owner;
+    disarm(e);
+    bt_closer_close(&e->closer, (uv_handle_t *)&e->timer);
+    bt_closer_close(&e->closer, (uv_handle_t *)&e->idle);
+    bt_closer_seal(&e->closer);
 }
 
 /* Drops every sequence without callbacks and closes the handles; the engine's memory is freed by
  * the close callbacks, so the loop must run once more (as for any libuv handle). Safe to call from
- * inside a sink or hook callback of this engine. */
-static void mk_destroy(bt_engine *be) {
-    mk_engine *e = (mk_engine *)be;
-    if (e->destroying) return;
-    e->destroying = true;
-    bt_engine_seq *s;
-    while ((s = e->waiting.head) != NULL) {
-        if (s == e->cur) e->cur = NULL;
-        seq_free(e, s);
-    }
-    while ((s = e->running.head) != NULL) {
-        if (s == e->cur) e->cur = NULL;
-        seq_free(e, s);
-    }
-    while ((s = e->dirty_head) != NULL) {
-        if (s == e->cur) e->cur = NULL;
-        seq_free(e, s);
-    }
-    if (e->cur) seq_free(e, e->cur);
-    e->cur = NULL;
-    disarm(e);
-    uv_close((uv_handle_t *)&e->timer, on_close);
-    uv_close((uv_handle_t *)&e->idle, on_close);
-}
+ * inside a sink or hook callback of this engine: it is finished when that callback's tick unwinds. */
+static void mk_destroy(bt_engine *be) { bt_deliver_close(&((mk_engine *)be)->dl); }
 
-static const bt_engine_ops mk_ops = {
-    .submit = mk_submit,
-    .stop = mk_stop,
-    .kill = mk_kill,
-    .get_load = mk_get_load,
-    .card = mk_card,
-    .destroy = mk_destroy,
-};
+static const bt_deliver_ops mk_deliver_ops = {.free_seq = seq_free, .wake = NULL, .teardown = teardown};
+
+static const bt_engine_ops mk_ops = BT_ENGINE_OPS(mk);
 
 /* ---- public --------------------------------------------------------------------------------- */
 
 void bt_mocker_config_default(bt_mocker_config *c) {
-    memset(c, 0, sizeof *c);
-    c->num_gpu_blocks = 16384;
-    c->block_size = 64;
-    c->max_num_seqs = 256;
-    c->max_num_batched_tokens = 8192;
-    c->watermark = 0.01;
-    c->speedup_ratio = 1.0;
-    c->default_max_tokens = 256;
+    *c = (bt_mocker_config){.num_gpu_blocks = 16384,
+                            .block_size = 64,
+                            .max_num_seqs = 256,
+                            .max_num_batched_tokens = 8192,
+                            .watermark = 0.01,
+                            .speedup_ratio = 1.0,
+                            .default_max_tokens = 256}; /* the fault hooks: 0, off */
 }
 
 bt_status bt_mocker_config_check(const bt_mocker_config *c, char *err, size_t errlen) {
@@ -1029,19 +911,21 @@ bt_engine *bt_mocker_create(uv_loop_t *loop, const bt_mocker_config *cfg, const 
     e->usable_blocks = (uint64_t)floor((1.0 - cfg->watermark) * (double)cfg->num_gpu_blocks);
     e->context_length =
         cfg->context_length ? (uint64_t)cfg->context_length : e->usable_blocks * (uint64_t)cfg->block_size;
+    TAILQ_INIT(&e->waiting.q);
+    TAILQ_INIT(&e->running.q);
+    bt_deliver_init(&e->dl, &mk_deliver_ops, e);
+    bt_closer_init(&e->closer, engine_free, e);
     if (uv_timer_init(loop, &e->timer) != 0) {
         free(e);
         return NULL;
     }
     if (uv_idle_init(loop, &e->idle) != 0) { /* cannot fail on Unix; close the timer all the same */
-        e->timer.data = e;
-        e->open_handles = 1;
-        uv_close((uv_handle_t *)&e->timer, on_close);
+        bt_closer_close(&e->closer, (uv_handle_t *)&e->timer);
+        bt_closer_seal(&e->closer);
         return NULL;
     }
     e->timer.data = e;
     e->idle.data = e;
-    e->open_handles = 2;
     load_snapshot(e, &e->last_load);
     bt_mocker_token_text(0, NULL); /* build the vocabulary now rather than on the first request */
     BT_INFO("mocker: %lld KV blocks of %lld tokens (watermark %g), context length %llu, %lld seqs, %lld batched "
@@ -1054,12 +938,12 @@ bt_engine *bt_mocker_create(uv_loop_t *loop, const bt_mocker_config *cfg, const 
 
 void bt_mocker_inject(bt_engine *be, bt_mocker_fault f) {
     mk_engine *e = (mk_engine *)be;
-    if (!e || e->destroying || e->dead) return;
+    if (!e || bt_deliver_closed(&e->dl) || e->dead) return;
     switch (f) {
     case BT_MOCKER_FAULT_DIE:
         BT_WARN("mocker: fault injected: engine dead");
         e->dead = true;
-        if (!e->in_cb) arm(e, 0); /* on_dead comes from the loop, never from here */
+        if (!bt_deliver_busy(&e->dl)) arm(e, 0); /* on_dead comes from the loop, never from here */
         break;
     case BT_MOCKER_FAULT_STALL:
         BT_WARN("mocker: fault injected: engine stalled");

@@ -5,11 +5,11 @@
  * (common/curl_uv.h), so no call blocks the loop. libcurl callbacks only append bytes to a
  * bounded per-transfer buffer and list the transfer as having data; everything else (SSE parsing,
  * sink callbacks, ending transfers) runs after curl_multi_socket_action returns, where
- * curl_multi_remove_handle is allowed. Sink callbacks may kill, stop or submit any sequence and
- * may destroy the engine: while the engine is inside one of its own loop callbacks (depth > 0) a
- * killed sequence keeps its memory until that callback unwinds, and a destroy is finished there
- * too. Endings that do not come from upstream data (stop, errors found at submit time,
- * max_tokens 0) are delivered from a uv_idle, never from submit, stop or kill.
+ * curl_multi_remove_handle is allowed. Tokens go to the sink as they are parsed; endings are
+ * staged and delivered after the libcurl step or, when they do not come from upstream data (stop,
+ * errors found at submit time, max_tokens 0), from a uv_idle, never from submit, stop or kill.
+ * Which callbacks may kill, stop, submit or destroy what, and when memory goes, is
+ * engine/deliver.h's: every loop callback of the engine is bracketed by enter/leave.
  *
  * Sequence states: pending (the upstream has not answered its first probe yet) → preparing (a
  * continuation asks the upstream's /tokenize for the prompt's ids) → streaming → ended. The
@@ -26,9 +26,11 @@
 #include <string.h>
 #include <strings.h>
 
+#include "common/closer.h"
 #include "common/curl_uv.h"
 #include "common/log.h"
 #include "common/util.h"
+#include "engine/deliver.h"
 #include "engine/openai/openai_wire.h"
 #include "engine/openai/sse_parse.h"
 
@@ -57,22 +59,16 @@ typedef struct oa_xfer {
     bool completing; /* libcurl reported it done: on_curl_done frees it, nothing else does */
     uint64_t orphan_ms; /* when it became an orphan */
     char errbuf[CURL_ERROR_SIZE];
-    struct oa_xfer *prev, *next;   /* every transfer */
-    struct oa_xfer *dprev, *dnext; /* transfers with new bytes */
+    LIST_ENTRY(oa_xfer) link;   /* every transfer */
+    TAILQ_ENTRY(oa_xfer) dlink; /* transfers with new bytes, while `dirty` */
 } oa_xfer;
 
 typedef enum { S_PENDING, S_PREPARING, S_STREAMING, S_ENDED } seq_state;
-typedef enum { END_NONE, END_FINISH, END_ERROR } seq_end_kind;
 typedef enum { MODE_UNDECIDED, MODE_IDS, MODE_TEXT } seq_mode;
 
 struct bt_engine_seq {
+    bt_deliver_seq dl; /* sink, ending, liveness; the engine's list of sequences */
     oa_engine *e;
-    bt_engine_seq *prev, *next; /* every live sequence */
-    bt_engine_seq *rnext;       /* ready list (an ending to deliver) */
-    bool in_ready, killed;
-    bt_engine_seq *gnext; /* graveyard: killed while the engine was busy */
-    bt_engine_sink sink;
-    void *ud;
     seq_state state;
     char rid[72];
     /* the request, copied */
@@ -100,12 +96,9 @@ struct bt_engine_seq {
     bool usage_seen;
     uint32_t up_prompt, up_completion;
     int finish; /* from the upstream: a bt_finish_reason or BT_OA_FINISH_NONE */
-    /* the ending, set once */
-    seq_end_kind end;
-    bt_finish_reason reason;
-    bt_status err;
-    char msg[256];
 };
+
+#define SEQ_OF(ds) BT_DELIVER_OWNER(ds, bt_engine_seq, dl)
 
 struct oa_engine {
     bt_engine base; /* first: the engine handle is a pointer to it */
@@ -119,17 +112,12 @@ struct oa_engine {
     bt_curl_uv *cu; /* libcurl on the loop; NULL once torn down */
     uv_timer_t health_timer, metrics_timer;
     uv_idle_t idle;
-    int open_handles; /* the timers, the idle and cu, until their close callbacks */
-    oa_xfer *xfers;
-    oa_xfer *dirty_head, *dirty_tail;
+    bt_closer closer; /* the timers, the idle and cu, until their close callbacks */
+    LIST_HEAD(, oa_xfer) xfers;
+    TAILQ_HEAD(, oa_xfer) dirty;
 
-    bt_engine_seq *seqs;
-    bt_engine_seq *ready_head, *ready_tail;
-    bt_engine_seq *graveyard;
+    bt_deliver dl; /* the sequences, their pending endings, the re-entrancy rules */
     size_t n_pending, n_preparing, n_streaming;
-
-    int depth; /* > 0 while one of the engine's loop callbacks runs */
-    bool destroying, torn_down;
 
     /* the upstream */
     bool detected, ever_up, dead, probe_failed, use_models_for_health;
@@ -147,9 +135,8 @@ struct oa_engine {
     bt_engine_load last_load;
 };
 
-static void enter(oa_engine *e) { e->depth++; }
+static void enter(oa_engine *e) { bt_deliver_enter(&e->dl); }
 static void leave(oa_engine *e);
-static void teardown(oa_engine *e);
 static void start_probe(oa_engine *e);
 static void on_idle(uv_idle_t *h);
 static void on_metrics_timer(uv_timer_t *t);
@@ -157,19 +144,14 @@ static void seq_fail(bt_engine_seq *s, bt_status code, const char *fmt, ...) __a
 
 /* ---- libcurl on the loop ------------------------------------------------------------------ */
 
-static void engine_release(oa_engine *e) {
-    if (--e->open_handles == 0 && e->torn_down) {
-        free(e->url);
-        free(e->model_cfg);
-        free(e->served);
-        free(e->api_key);
-        free(e);
-    }
+static void engine_free(void *ud) {
+    oa_engine *e = ud;
+    free(e->url);
+    free(e->model_cfg);
+    free(e->served);
+    free(e->api_key);
+    free(e);
 }
-
-static void on_handle_closed(uv_handle_t *h) { engine_release(h->data); }
-
-static void on_cu_closed(void *ud) { engine_release(ud); }
 
 /* libcurl's write callback: only buffers (bounded) and lists the transfer; parsing and sink
  * callbacks happen in on_curl_step and on_curl_done, outside libcurl. */
@@ -182,24 +164,15 @@ static size_t on_write(char *ptr, size_t size, size_t nmemb, void *ud) {
         return 0; /* aborts the transfer */
     }
     if (x->kind == X_SEQ && !x->dirty) {
-        oa_engine *e = x->e;
         x->dirty = true;
-        x->dnext = NULL;
-        x->dprev = e->dirty_tail;
-        if (e->dirty_tail) e->dirty_tail->dnext = x;
-        else e->dirty_head = x;
-        e->dirty_tail = x;
+        TAILQ_INSERT_TAIL(&x->e->dirty, x, dlink);
     }
     return n;
 }
 
 static void dirty_remove(oa_engine *e, oa_xfer *x) {
     if (!x->dirty) return;
-    if (x->dprev) x->dprev->dnext = x->dnext;
-    else e->dirty_head = x->dnext;
-    if (x->dnext) x->dnext->dprev = x->dprev;
-    else e->dirty_tail = x->dprev;
-    x->dprev = x->dnext = NULL;
+    TAILQ_REMOVE(&e->dirty, x, dlink);
     x->dirty = false;
 }
 
@@ -212,9 +185,7 @@ static void xfer_free(oa_engine *e, oa_xfer *x) {
         bt_curl_uv_remove(e->cu, x->easy);
         curl_easy_cleanup(x->easy);
     }
-    if (x->prev) x->prev->next = x->next;
-    else e->xfers = x->next;
-    if (x->next) x->next->prev = x->prev;
+    LIST_REMOVE(x, link);
     if (e->probe == x) e->probe = NULL;
     if (e->metrics_x == x) e->metrics_x = NULL;
     curl_slist_free_all(x->hdrs);
@@ -245,9 +216,7 @@ static oa_xfer *xfer_start(oa_engine *e, xfer_kind kind, const char *path, char 
     x->kind = kind;
     x->body = body;
     bt_buf_init(&x->rx, kind == X_SEQ || kind == X_TOKENIZE || kind == X_RENDER ? OA_RX_STREAM_CAP : OA_RX_PROBE_CAP);
-    x->next = e->xfers;
-    if (e->xfers) e->xfers->prev = x;
-    e->xfers = x;
+    LIST_INSERT_HEAD(&e->xfers, x, link);
     x->easy = curl_easy_init();
     if (!x->easy) goto fail;
     char url[1200];
@@ -312,7 +281,7 @@ static void load_snapshot(oa_engine *e, bt_engine_load *out) {
 }
 
 static void report_load(oa_engine *e) {
-    if (e->destroying) return;
+    if (bt_deliver_closed(&e->dl)) return;
     bt_engine_load l;
     load_snapshot(e, &l);
     if (memcmp(&l, &e->last_load, sizeof l) == 0) return;
@@ -334,6 +303,7 @@ static void seq_set_state(bt_engine_seq *s, seq_state st) {
     count_state(s->e, st, +1);
 }
 
+/* Frees what the engine owns in s (deliver's part is released by its caller). */
 static void seq_free(bt_engine_seq *s) {
     json_decref(s->body);
     free(s->carried);
@@ -343,19 +313,6 @@ static void seq_free(bt_engine_seq *s) {
     bt_buf_free(&s->held_text);
     bt_sse_free(&s->sse);
     free(s);
-}
-
-static void ready_remove(oa_engine *e, bt_engine_seq *s) {
-    if (!s->in_ready) return;
-    bt_engine_seq **pp = &e->ready_head, *prev = NULL;
-    while (*pp && *pp != s) {
-        prev = *pp;
-        pp = &(*pp)->rnext;
-    }
-    if (*pp) *pp = s->rnext;
-    if (e->ready_tail == s) e->ready_tail = prev;
-    s->rnext = NULL;
-    s->in_ready = false;
 }
 
 /* Lets the sequence's transfer go: a running stream is cut (closing the connection, which makes
@@ -378,56 +335,48 @@ static void seq_detach(bt_engine_seq *s, bool cut) {
     }
 }
 
-/* Removes the sequence from the engine; its memory goes now or, while the engine is busy, when
- * the engine's callback unwinds. No callback is made for it any more. */
-static void seq_unlink(bt_engine_seq *s) {
-    oa_engine *e = s->e;
+/* deliver's free_seq: s is dead; its transfer is cut if it still has one. */
+static void free_seq(void *owner, bt_deliver_seq *ds) {
+    (void)owner;
+    bt_engine_seq *s = SEQ_OF(ds);
     seq_detach(s, true);
-    ready_remove(e, s);
     seq_set_state(s, S_ENDED);
-    if (s->prev) s->prev->next = s->next;
-    else e->seqs = s->next;
-    if (s->next) s->next->prev = s->prev;
-    s->prev = s->next = NULL;
-    s->killed = true;
-    if (e->depth > 0) {
-        s->gnext = e->graveyard;
-        e->graveyard = s;
-    } else {
-        seq_free(s);
-    }
+    seq_free(s);
 }
 
-static void idle_arm(oa_engine *e) {
-    if (!e->destroying && !uv_is_active((uv_handle_t *)&e->idle)) uv_idle_start(&e->idle, on_idle);
+/* deliver's wake: an ending was staged; it is delivered from the idle (or the step's end). */
+static void idle_arm(void *owner) {
+    oa_engine *e = owner;
+    if (!bt_deliver_closed(&e->dl) && !uv_is_active((uv_handle_t *)&e->idle)) uv_idle_start(&e->idle, on_idle);
 }
 
-/* Sets the sequence's ending (once); the sink hears it from the ready list. */
-static void seq_end(bt_engine_seq *s, seq_end_kind k, bt_finish_reason reason, bt_status err, const char *msg,
-                    bool cut) {
-    oa_engine *e = s->e;
-    if (s->end != END_NONE || s->killed) return;
-    s->end = k;
-    s->reason = reason;
-    s->err = err;
-    snprintf(s->msg, sizeof s->msg, "%s", msg ? msg : "");
+static void seq_usage(const bt_engine_seq *s, bt_usage *u);
+
+/* The sequence leaves the upstream's work, once: false when it had ended already. Its sink hears
+ * the ending at the next drain. */
+static bool seq_ending(bt_engine_seq *s, bool cut) {
+    if (bt_deliver_ended(&s->dl)) return false;
     seq_detach(s, cut);
     seq_set_state(s, S_ENDED);
-    s->rnext = NULL;
-    s->in_ready = true;
-    if (e->ready_tail) e->ready_tail->rnext = s;
-    else e->ready_head = s;
-    e->ready_tail = s;
-    idle_arm(e);
+    return true;
+}
+
+static void seq_finish(bt_engine_seq *s, bt_finish_reason reason, bool cut) {
+    if (!seq_ending(s, cut)) return;
+    BT_DEBUG("openai: %s finished after %llu ids (%s)", s->rid, (unsigned long long)s->emitted,
+             bt_finish_reason_name(reason));
+    bt_usage u;
+    seq_usage(s, &u);
+    bt_deliver_finish(&s->e->dl, &s->dl, reason, &u);
 }
 
 static void seq_fail(bt_engine_seq *s, bt_status code, const char *fmt, ...) {
-    char msg[256];
+    if (!seq_ending(s, true)) return;
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    bt_deliver_verror(&s->e->dl, &s->dl, code, fmt, ap);
     va_end(ap);
-    seq_end(s, END_ERROR, BT_FINISH_STOP, code, msg, true);
+    BT_DEBUG("openai: %s failed after %llu ids (%s)", s->rid, (unsigned long long)s->emitted, s->dl.msg);
 }
 
 static void seq_usage(const bt_engine_seq *s, bt_usage *u) {
@@ -451,36 +400,11 @@ static void seq_refuse(bt_engine_seq *s, const char *why) {
              why);
 }
 
-/* Delivers the endings on the ready list. */
-static void flush_ready(oa_engine *e) {
-    bt_engine_seq *s;
-    while (!e->destroying && (s = e->ready_head) != NULL) {
-        e->ready_head = s->rnext;
-        if (!e->ready_head) e->ready_tail = NULL;
-        s->rnext = NULL;
-        s->in_ready = false;
-        bt_engine_sink sink = s->sink;
-        void *ud = s->ud;
-        seq_end_kind k = s->end;
-        bt_usage u;
-        seq_usage(s, &u);
-        char msg[256];
-        snprintf(msg, sizeof msg, "%s", s->msg);
-        bt_status err = s->err;
-        bt_finish_reason reason = s->reason;
-        BT_DEBUG("openai: %s %s after %llu ids (%s)", s->rid, k == END_FINISH ? "finished" : "failed",
-                 (unsigned long long)s->emitted, k == END_FINISH ? bt_finish_reason_name(reason) : msg);
-        seq_unlink(s); /* the handle is dead once the sink hears the ending */
-        if (k == END_FINISH) sink.on_finish(ud, reason, &u);
-        else sink.on_error(ud, err, msg);
-    }
-}
-
 static void on_idle(uv_idle_t *h) {
     oa_engine *e = h->data;
     enter(e);
-    flush_ready(e);
-    if (!e->ready_head) uv_idle_stop(&e->idle);
+    bt_deliver_drain(&e->dl);
+    if (!bt_deliver_pending(&e->dl)) uv_idle_stop(&e->idle);
     leave(e);
 }
 
@@ -516,22 +440,21 @@ static bool seq_emit(bt_engine_seq *s, const bt_oa_chunk *c) {
             tl = s->held_text.len;
         }
         s->emitted += c->n_ids;
-        s->sink.on_tokens(s->ud, c->ids, c->n_ids, text, tl);
-        if (!s->killed) bt_buf_reset(&s->held_text);
-    } else {
-        if (tl == 0) return true;
-        uint32_t id = bt_oa_text_id(s->n_carried + s->emitted); /* one per chunk: its position */
-        s->emitted++;
-        s->sink.on_tokens(s->ud, &id, 1, text, tl);
+        bool live = bt_deliver_now(&s->e->dl, &s->dl, c->ids, c->n_ids, text, tl);
+        if (!bt_deliver_dead(&s->dl)) bt_buf_reset(&s->held_text);
+        return live;
     }
-    return !s->killed && s->end == END_NONE && !s->e->destroying;
+    if (tl == 0) return true;
+    uint32_t id = bt_oa_text_id(s->n_carried + s->emitted); /* one per chunk: its position */
+    s->emitted++;
+    return bt_deliver_now(&s->e->dl, &s->dl, &id, 1, text, tl);
 }
 
 /* The upstream's finish: delivered when [DONE] or the end of the transfer comes. The transfer
  * is not cut: it may read the rest of the response, so the upstream sees no client disconnect. */
 static void seq_complete(bt_engine_seq *s) {
     bt_finish_reason r = s->finish == BT_OA_FINISH_NONE ? BT_FINISH_STOP : (bt_finish_reason)s->finish;
-    seq_end(s, END_FINISH, r, BT_OK, NULL, false);
+    seq_finish(s, r, false);
 }
 
 /* One SSE data payload. Returns false when the sequence is gone or ended. */
@@ -583,7 +506,7 @@ static void xfer_process(oa_engine *e, oa_xfer *x) {
     }
     if (!x->sse) return; /* a whole answer (or an error body): read when the transfer ends */
     size_t off = 0;
-    while (s->x == x && !s->killed && s->end == END_NONE && !e->destroying && off < x->rx.len) {
+    while (s->x == x && !bt_deliver_ended(&s->dl) && !bt_deliver_closed(&e->dl) && off < x->rx.len) {
         size_t used = 0;
         bt_sse_event ev;
         const char *perr = NULL;
@@ -609,7 +532,7 @@ static void stream_done(oa_engine *e, oa_xfer *x, CURLcode cc) {
     bt_engine_seq *s = x->seq;
     if (!s || s->x != x) return;
     if (cc == CURLE_OK) xfer_process(e, x);
-    if (s->x != x || s->killed || s->end != END_NONE || e->destroying) return;
+    if (s->x != x || bt_deliver_ended(&s->dl) || bt_deliver_closed(&e->dl)) return;
     long code = 0;
     curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &code);
     if (cc != CURLE_OK) {
@@ -644,7 +567,7 @@ static void stream_done(oa_engine *e, oa_xfer *x, CURLcode cc) {
     if (x->sse) {
         bt_sse_event ev;
         if (bt_sse_end(&s->sse, &ev, NULL) == BT_OK && !seq_event(s, ev.data, ev.data_len)) return;
-        if (s->x != x || s->end != END_NONE || s->killed) return;
+        if (s->x != x || bt_deliver_ended(&s->dl)) return;
         if (s->finish != BT_OA_FINISH_NONE) seq_complete(s);
         else
             seq_fail(s, BT_ERR_DISCONNECTED, "the upstream ended the stream after %llu ids without finishing it",
@@ -796,8 +719,9 @@ static void upstream_dead(oa_engine *e, const char *why) {
     uv_timer_stop(&e->metrics_timer);
     BT_ERROR("openai: upstream %s is dead: %s", e->url, why);
     /* sequences still waiting for the upstream end now; running ones are the worker's to hand back */
-    for (bt_engine_seq *s = e->seqs; s; s = s->next)
-        if (s->state == S_PENDING) seq_fail(s, BT_ERR_CANNOT_CONNECT, "upstream %s is dead: %s", e->url, why);
+    for (bt_deliver_seq *ds = bt_deliver_first(&e->dl); ds; ds = bt_deliver_next(ds))
+        if (SEQ_OF(ds)->state == S_PENDING)
+            seq_fail(SEQ_OF(ds), BT_ERR_CANNOT_CONNECT, "upstream %s is dead: %s", e->url, why);
     if (e->hooks.on_dead) {
         char msg[320];
         snprintf(msg, sizeof msg, "upstream %s: %s", e->url, why);
@@ -817,8 +741,8 @@ static void upstream_up(oa_engine *e) {
         uv_timer_start(&e->metrics_timer, on_metrics_timer, 0, iv ? iv : 1);
     }
     /* sequences that waited for the first answer start now */
-    for (bt_engine_seq *s = e->seqs; s && !e->destroying; s = s->next)
-        if (s->state == S_PENDING && s->end == END_NONE) seq_start(s);
+    for (bt_deliver_seq *ds = bt_deliver_first(&e->dl); ds && !bt_deliver_closed(&e->dl); ds = bt_deliver_next(ds))
+        if (SEQ_OF(ds)->state == S_PENDING && !bt_deliver_ended(ds)) seq_start(SEQ_OF(ds));
 }
 
 static void upstream_failed(oa_engine *e, const char *what, bool refused) {
@@ -842,9 +766,9 @@ static void upstream_failed(oa_engine *e, const char *what, bool refused) {
     if (!e->probe_failed || e->failures % 15 == 1)
         BT_WARN("openai: upstream %s not reachable yet (%s); requests are refused until it answers", e->url, what);
     e->probe_failed = true;
-    for (bt_engine_seq *s = e->seqs; s; s = s->next)
-        if (s->state == S_PENDING)
-            seq_fail(s, BT_ERR_CANNOT_CONNECT, "upstream %s is not reachable yet: %s", e->url, what);
+    for (bt_deliver_seq *ds = bt_deliver_first(&e->dl); ds; ds = bt_deliver_next(ds))
+        if (SEQ_OF(ds)->state == S_PENDING)
+            seq_fail(SEQ_OF(ds), BT_ERR_CANNOT_CONNECT, "upstream %s is not reachable yet: %s", e->url, what);
     if ((double)(bt_now_ms() - e->created_ms) >= e->cfg.startup_timeout * 1000.0) {
         char why[300];
         snprintf(why, sizeof why, "no answer within the start-up bound of %gs (last: %s)", e->cfg.startup_timeout,
@@ -890,7 +814,7 @@ static void probe_done(oa_engine *e, oa_xfer *x, CURLcode cc) {
 }
 
 static void start_probe(oa_engine *e) {
-    if (e->probe || e->dead || e->destroying) return;
+    if (e->probe || e->dead || bt_deliver_closed(&e->dl)) return;
     bool models = !e->detected || e->use_models_for_health;
     e->probe = xfer_start(e, models ? X_MODELS : X_HEALTH, models ? "/v1/models" : "/health", NULL,
                           OA_PROBE_TIMEOUT_MS, NULL);
@@ -901,8 +825,8 @@ static void on_health_timer(uv_timer_t *t) {
     enter(e);
     /* finished streams whose transfers never completed are cut now */
     uint64_t now = bt_now_ms();
-    for (oa_xfer *x = e->xfers, *next; x; x = next) {
-        next = x->next;
+    for (oa_xfer *x = LIST_FIRST(&e->xfers), *next; x; x = next) {
+        next = LIST_NEXT(x, link);
         if (x->kind == X_SEQ && !x->seq && now - x->orphan_ms >= OA_ORPHAN_MS) xfer_free(e, x);
     }
     start_probe(e);
@@ -913,7 +837,7 @@ static void on_health_timer(uv_timer_t *t) {
 
 static void on_metrics_timer(uv_timer_t *t) {
     oa_engine *e = t->data;
-    if (e->metrics_x || e->dead || e->destroying) return;
+    if (e->metrics_x || e->dead || bt_deliver_closed(&e->dl)) return;
     uint64_t now = bt_now_ms();
     if (e->metrics_absent && now < e->metrics_next_ms) return;
     enter(e);
@@ -950,11 +874,11 @@ static bool on_curl_step(void *ud) {
     oa_engine *e = ud;
     oa_xfer *x;
     enter(e);
-    while (!e->destroying && (x = e->dirty_head) != NULL) {
+    while (!bt_deliver_closed(&e->dl) && (x = TAILQ_FIRST(&e->dirty)) != NULL) {
         dirty_remove(e, x);
         xfer_process(e, x);
     }
-    return !e->destroying;
+    return !bt_deliver_closed(&e->dl);
 }
 
 static bool on_curl_done(void *ud, CURL *easy, CURLcode cc) {
@@ -980,26 +904,21 @@ static bool on_curl_done(void *ud, CURL *easy, CURLcode cc) {
     }
     if (x->seq && x->seq->x == x) x->seq->x = NULL; /* cannot happen: each handler ends or moves it */
     xfer_free(e, x);
-    return !e->destroying;
+    return !bt_deliver_closed(&e->dl);
 }
 
 static void on_curl_step_end(void *ud) {
     oa_engine *e = ud;
-    flush_ready(e);
+    bt_deliver_drain(&e->dl);
     leave(e);
 }
 
 static const bt_curl_uv_hooks curl_hooks = {on_curl_step, on_curl_done, on_curl_step_end};
 
+/* The outermost leave reports a changed load (a destroy from on_load is finished right after). */
 static void leave(oa_engine *e) {
-    if (--e->depth > 0) return;
-    if (!e->destroying) report_load(e);
-    while (e->graveyard) {
-        bt_engine_seq *s = e->graveyard;
-        e->graveyard = s->gnext;
-        seq_free(s);
-    }
-    if (e->destroying && !e->torn_down) teardown(e);
+    if (e->dl.depth == 1) report_load(e);
+    bt_deliver_leave(&e->dl);
 }
 
 /* ---- engine operations ---------------------------------------------------------------------- */
@@ -1007,17 +926,6 @@ static void leave(oa_engine *e) {
 static bt_status oa_submit(bt_engine *be, const bt_engine_request *req, const bt_engine_sink *sink, void *ud,
                            bt_engine_seq **out, char *err, size_t errlen) {
     oa_engine *e = (oa_engine *)be;
-    char dummy[1];
-    if (!err || errlen == 0) {
-        err = dummy;
-        errlen = sizeof dummy;
-    }
-    err[0] = '\0';
-    if (out) *out = NULL;
-    if (!req || !sink || !out || !sink->on_tokens || !sink->on_finish || !sink->on_error) {
-        snprintf(err, errlen, "submit needs a request, a complete sink and an output handle");
-        return BT_ERR_INVALID;
-    }
     if (e->dead) { /* migratable: the worker is about to shut down, another one serves it */
         snprintf(err, errlen, "upstream %s is dead", e->url);
         return BT_ERR_CANNOT_CONNECT;
@@ -1043,8 +951,6 @@ static bt_status oa_submit(bt_engine *be, const bt_engine_request *req, const bt
     bt_engine_seq *s = calloc(1, sizeof *s);
     if (!s) goto nomem;
     s->e = e;
-    s->sink = *sink;
-    s->ud = ud;
     s->state = S_ENDED; /* not counted until placed below */
     s->api = req->api;
     s->max_tokens = req->max_tokens;
@@ -1076,13 +982,11 @@ static bt_status oa_submit(bt_engine *be, const bt_engine_request *req, const bt
             return BT_ERR_TOO_LARGE;
         }
     }
-    s->next = e->seqs;
-    if (e->seqs) e->seqs->prev = s;
-    e->seqs = s;
+    bt_deliver_add(&e->dl, &s->dl, sink, ud, 0); /* tokens are delivered as parsed, never staged */
     seq_set_state(s, S_PENDING);
     *out = s;
     if (s->max_tokens == 0) {
-        seq_end(s, END_FINISH, BT_FINISH_LENGTH, BT_OK, NULL, true);
+        seq_finish(s, BT_FINISH_LENGTH, true);
     } else if (e->detected) {
         seq_start(s); /* failures here end it through the ready list, never with a callback now */
     }
@@ -1101,17 +1005,19 @@ nomem:
 
 static void oa_stop(bt_engine *be, bt_engine_seq *s) {
     (void)be;
-    if (!s || s->killed || s->end != END_NONE) return;
+    if (!s || bt_deliver_ended(&s->dl)) return;
     BT_DEBUG("openai: %s stopped after %llu ids", s->rid, (unsigned long long)s->emitted);
-    seq_end(s, END_FINISH, BT_FINISH_CANCELLED, BT_OK, NULL, true);
+    seq_finish(s, BT_FINISH_CANCELLED, true);
 }
 
 static void oa_kill(bt_engine *be, bt_engine_seq *s) {
-    (void)be;
-    if (!s || s->killed) return;
+    oa_engine *e = (oa_engine *)be;
+    if (!s || bt_deliver_dead(&s->dl)) return;
     BT_DEBUG("openai: %s killed after %llu ids%s", s->rid, (unsigned long long)s->emitted,
              s->x ? ": upstream connection closed" : "");
-    seq_unlink(s);
+    seq_detach(s, true);
+    seq_set_state(s, S_ENDED);
+    bt_deliver_kill(&e->dl, &s->dl); /* its memory goes now, or when the running callback unwinds */
 }
 
 static void oa_get_load(bt_engine *be, bt_engine_load *out) { load_snapshot((oa_engine *)be, out); }
@@ -1124,59 +1030,40 @@ static void oa_card(bt_engine *be, json_t *card) {
     json_object_set_new(card, "upstream", json_string(e->url));
 }
 
-/* Drops every sequence and transfer and closes the handles; memory goes with the last close. */
-static void teardown(oa_engine *e) {
-    e->torn_down = true;
-    while (e->seqs) {
-        bt_engine_seq *s = e->seqs;
-        e->seqs = s->next;
-        seq_detach(s, true);
-        seq_free(s);
-    }
-    e->ready_head = e->ready_tail = NULL;
-    while (e->graveyard) {
-        bt_engine_seq *s = e->graveyard;
-        e->graveyard = s->gnext;
-        seq_free(s);
-    }
-    while (e->xfers) xfer_free(e, e->xfers);
-    bt_curl_uv_close(e->cu, on_cu_closed, e);
+/* deliver's teardown: the sequences are gone; drops every transfer and closes the handles.
+ * Memory goes with the last close. */
+static void teardown(void *owner) {
+    oa_engine *e = owner;
+    while (!LIST_EMPTY(&e->xfers)) xfer_free(e, LIST_FIRST(&e->xfers));
+    bt_closer_hold(&e->closer);
+    bt_curl_uv_close(e->cu, bt_closer_release, &e->closer);
     e->cu = NULL;
     uv_idle_stop(&e->idle);
     uv_timer_stop(&e->health_timer);
     uv_timer_stop(&e->metrics_timer);
-    uv_close((uv_handle_t *)&e->health_timer, on_handle_closed);
-    uv_close((uv_handle_t *)&e->metrics_timer, on_handle_closed);
-    uv_close((uv_handle_t *)&e->idle, on_handle_closed);
+    bt_closer_close(&e->closer, (uv_handle_t *)&e->health_timer);
+    bt_closer_close(&e->closer, (uv_handle_t *)&e->metrics_timer);
+    bt_closer_close(&e->closer, (uv_handle_t *)&e->idle);
+    bt_closer_seal(&e->closer);
 }
 
-static void oa_destroy(bt_engine *be) {
-    oa_engine *e = (oa_engine *)be;
-    if (e->destroying) return;
-    e->destroying = true;
-    if (e->depth == 0) teardown(e); /* else when the running callback unwinds (leave) */
-}
+/* Safe from inside a sink or hook callback: finished when the running callback unwinds. */
+static void oa_destroy(bt_engine *be) { bt_deliver_close(&((oa_engine *)be)->dl); }
 
-static const bt_engine_ops oa_ops = {
-    .submit = oa_submit,
-    .stop = oa_stop,
-    .kill = oa_kill,
-    .get_load = oa_get_load,
-    .card = oa_card,
-    .destroy = oa_destroy,
-};
+static const bt_deliver_ops oa_deliver_ops = {.free_seq = free_seq, .wake = idle_arm, .teardown = teardown};
+
+static const bt_engine_ops oa_ops = BT_ENGINE_OPS(oa);
 
 /* ---- public --------------------------------------------------------------------------------- */
 
 void bt_openai_config_default(bt_openai_config *c) {
-    memset(c, 0, sizeof *c);
-    c->kind = "auto";
-    c->total_blocks = 1000;
-    c->health_interval = 2.0;
-    c->health_failures = 3;
-    c->metrics_interval = 1.0;
-    c->connect_timeout = 5.0;
-    c->startup_timeout = 600.0;
+    *c = (bt_openai_config){.kind = "auto",
+                            .total_blocks = 1000,
+                            .health_interval = 2.0,
+                            .health_failures = 3,
+                            .metrics_interval = 1.0,
+                            .connect_timeout = 5.0,
+                            .startup_timeout = 600.0}; /* the upstream, model and key: none */
 }
 
 bt_status bt_openai_config_check(const bt_openai_config *c, char *err, size_t errlen) {
@@ -1235,6 +1122,10 @@ bt_engine *bt_openai_create(uv_loop_t *loop, const bt_openai_config *cfg, const 
     e->base.ops = &oa_ops;
     e->loop = loop;
     e->cfg = *cfg;
+    LIST_INIT(&e->xfers);
+    TAILQ_INIT(&e->dirty);
+    bt_deliver_init(&e->dl, &oa_deliver_ops, e);
+    bt_closer_init(&e->closer, engine_free, e);
     bt_oa_kind_parse(cfg->kind ? cfg->kind : "auto", &e->kind_cfg);
     e->kind = e->kind_cfg == BT_OA_KIND_AUTO ? BT_OA_KIND_OPENAI : e->kind_cfg;
     e->url = dup_or_null(cfg->upstream);
@@ -1265,7 +1156,6 @@ bt_engine *bt_openai_create(uv_loop_t *loop, const bt_openai_config *cfg, const 
     uv_idle_init(loop, &e->idle);
     e->health_timer.data = e->metrics_timer.data = e;
     e->idle.data = e;
-    e->open_handles = 4; /* health_timer, metrics_timer, idle, cu */
     load_snapshot(e, &e->last_load);
     uint64_t iv = (uint64_t)(cfg->health_interval * 1000.0 + 0.5);
     uv_timer_start(&e->health_timer, on_health_timer, 0, iv ? iv : 1); /* the first probe at once */

@@ -86,9 +86,8 @@ static bt_status process_line(bt_sse_parser *p, const char *s, size_t n, bool *d
     return BT_OK;
 }
 
-bt_status bt_sse_next(bt_sse_parser *p, const char *in, size_t len, size_t *used, bt_sse_event *ev,
-                      const char **err) {
-    *used = 0;
+/* Every call begins here: a failed parser stays failed; the event handed out last is dropped. */
+static bt_status resume(bt_sse_parser *p, const char **err) {
     if (p->failed) {
         if (err) *err = "the event stream failed earlier";
         return p->failed;
@@ -97,6 +96,14 @@ bt_status bt_sse_next(bt_sse_parser *p, const char *in, size_t len, size_t *used
         p->dispatched = false;
         reset_event(p);
     }
+    return BT_OK;
+}
+
+bt_status bt_sse_next(bt_sse_parser *p, const char *in, size_t len, size_t *used, bt_sse_event *ev,
+                      const char **err) {
+    *used = 0;
+    bt_status st = resume(p, err);
+    if (st != BT_OK) return st;
     size_t i = 0;
     while (i < len) {
         if (p->after_cr) {
@@ -143,14 +150,8 @@ bt_status bt_sse_next(bt_sse_parser *p, const char *in, size_t len, size_t *used
 }
 
 bt_status bt_sse_end(bt_sse_parser *p, bt_sse_event *ev, const char **err) {
-    if (p->failed) {
-        if (err) *err = "the event stream failed earlier";
-        return p->failed;
-    }
-    if (p->dispatched) {
-        p->dispatched = false;
-        reset_event(p);
-    }
+    bt_status st = resume(p, err);
+    if (st != BT_OK) return st;
     p->after_cr = false;
     if (p->line.len) {
         bool dispatch;
