@@ -24,17 +24,37 @@ void bt_buf_init(bt_buf *b, size_t cap) {
     b->len = 0;
     b->alloc = 0;
     b->cap = cap;
+    b->err = BT_OK;
 }
 
 void bt_buf_free(bt_buf *b) {
     free(b->data);
     b->data = NULL;
     b->len = b->alloc = 0;
+    b->err = BT_OK;
 }
 
-void bt_buf_reset(bt_buf *b) { b->len = 0; }
+void bt_buf_reset(bt_buf *b) {
+    b->len = 0;
+    b->err = BT_OK;
+}
 
-bt_status bt_buf_reserve(bt_buf *b, size_t extra) {
+void bt_buf_truncate(bt_buf *b, size_t mark) {
+    if (mark < b->len) {
+        b->len = mark;
+        b->data[mark] = '\0';
+    }
+    b->err = BT_OK;
+}
+
+/* Records the first failure (the sticky error) and returns it. */
+static bt_status buf_fail(bt_buf *b, bt_status st) {
+    if (b->err == BT_OK) b->err = st;
+    return b->err;
+}
+
+/* Makes room for `extra` more bytes without touching the sticky error. */
+static bt_status buf_try_reserve(bt_buf *b, size_t extra) {
     if (extra > b->cap || b->len > b->cap - extra) return BT_ERR_TOO_LARGE;
     size_t need = b->len + extra + 1; /* room for a NUL terminator */
     if (need <= b->alloc) return BT_OK;
@@ -46,6 +66,12 @@ bt_status bt_buf_reserve(bt_buf *b, size_t extra) {
     b->data = p;
     b->alloc = n;
     return BT_OK;
+}
+
+bt_status bt_buf_reserve(bt_buf *b, size_t extra) {
+    if (b->err != BT_OK) return b->err;
+    bt_status st = buf_try_reserve(b, extra);
+    return st == BT_OK ? BT_OK : buf_fail(b, st);
 }
 
 bt_status bt_buf_append(bt_buf *b, const void *p, size_t n) {
@@ -74,12 +100,13 @@ char *bt_prom_escape(const char *s, char *out, size_t cap) {
 }
 
 bt_status bt_buf_appendf(bt_buf *b, const char *fmt, ...) {
+    if (b->err != BT_OK) return b->err;
     char tmp[512];
     va_list ap;
     va_start(ap, fmt);
     int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
     va_end(ap);
-    if (n < 0) return BT_ERR_INVALID;
+    if (n < 0) return buf_fail(b, BT_ERR_INVALID);
     if ((size_t)n < sizeof tmp) return bt_buf_append(b, tmp, (size_t)n);
     bt_status st = bt_buf_reserve(b, (size_t)n);
     if (st != BT_OK) return st;
@@ -161,6 +188,8 @@ static inline uint64_t json_needs_escape8(uint64_t x) {
 bt_status bt_buf_append_json_str(bt_buf *b, const char *s, size_t n) {
     const unsigned char *p = (const unsigned char *)s;
     size_t i = 0;
+    if (b->err != BT_OK) return b->err;
+    size_t mark = b->len; /* on failure the string is taken back whole: never half of it */
     if (n == 0) { /* still leaves an allocated, NUL-terminated buffer, as any append does */
         bt_status st = bt_buf_reserve(b, 0);
         if (st == BT_OK) b->data[b->len] = '\0';
@@ -169,7 +198,7 @@ bt_status bt_buf_append_json_str(bt_buf *b, const char *s, size_t n) {
     while (i < n) {
         size_t piece = n - i < JSON_PIECE ? n - i : JSON_PIECE;
         /* + 3: a UTF-8 sequence starting inside the piece may end up to 3 bytes past it */
-        if (bt_buf_reserve(b, (piece + 3) * 6) != BT_OK) break;
+        if (buf_try_reserve(b, (piece + 3) * 6) != BT_OK) break; /* not sticky: the slow path may fit */
         size_t stop = i + piece;
         char *o = b->data + b->len;
         while (i < stop) {
@@ -196,17 +225,21 @@ bt_status bt_buf_append_json_str(bt_buf *b, const char *s, size_t n) {
         while (j < n && p[j] >= 0x20 && p[j] < 0x80 && p[j] != '"' && p[j] != '\\') j++;
         if (j > i) {
             bt_status st = bt_buf_append(b, s + i, j - i);
-            if (st != BT_OK) return st;
+            if (st != BT_OK) goto fail;
             i = j;
             continue;
         }
         char esc[8];
         size_t used, el = json_escape_one(p + i, n - i, esc, &used);
         bt_status st = bt_buf_append(b, esc, el);
-        if (st != BT_OK) return st;
+        if (st != BT_OK) goto fail;
         i += used;
     }
     return BT_OK;
+fail:
+    b->len = mark;
+    if (b->data) b->data[mark] = '\0';
+    return b->err;
 }
 
 void bt_buf_consume(bt_buf *b, size_t n) {
@@ -224,6 +257,7 @@ char *bt_buf_steal(bt_buf *b, size_t *len) {
     if (len) *len = b->len;
     b->data = NULL;
     b->len = b->alloc = 0;
+    b->err = BT_OK;
     return p;
 }
 

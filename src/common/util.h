@@ -15,18 +15,31 @@ static inline uint64_t bt_now_ms(void) { return bt_now_ns() / 1000000u; }
 /* Wall clock, seconds since the epoch. */
 int64_t bt_wall_s(void);
 
-/* A growable byte buffer with a hard cap. Appends beyond `cap` fail with BT_ERR_TOO_LARGE and
- * leave the buffer unchanged: a peer can never make it grow without bound. */
+/* A growable byte buffer with a hard cap. Appends beyond `cap` fail with BT_ERR_TOO_LARGE: a peer
+ * can never make it grow without bound.
+ *
+ * Errors are sticky: the first failed append (over the cap, out of memory) is kept in `err`, the
+ * bytes it would have added are not there (an escaped JSON string is added whole or not at all),
+ * and every later append fails at once with the same status until bt_buf_reset (or _free,
+ * _steal). So a caller that builds a message from many appends checks once, at the end, with
+ * bt_buf_status, and can never send half of it. */
 typedef struct {
     char *data;
     size_t len;
     size_t alloc;
     size_t cap;
+    bt_status err; /* the first failure since the last reset, BT_OK if none */
 } bt_buf;
 
 void bt_buf_init(bt_buf *b, size_t cap);
 void bt_buf_free(bt_buf *b);
+/* Empties the buffer and clears its error. */
 void bt_buf_reset(bt_buf *b);
+/* BT_OK, or the first append failure since the last reset. */
+static inline bt_status bt_buf_status(const bt_buf *b) { return b->err; }
+/* Undoes every append since len was `mark` (a length read before them) and clears the error:
+ * the caller drops a message that did not fit and keeps what came before it. */
+void bt_buf_truncate(bt_buf *b, size_t mark);
 bt_status bt_buf_reserve(bt_buf *b, size_t extra);
 bt_status bt_buf_append(bt_buf *b, const void *p, size_t n);
 bt_status bt_buf_appendf(bt_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -34,15 +47,16 @@ bt_status bt_buf_append_str(bt_buf *b, const char *s);
 /* Appends `s[0..n)` as the content of a JSON string (escaped, without quotes). Invalid UTF-8 bytes
  * are replaced with U+FFFD so the output is always valid JSON. */
 bt_status bt_buf_append_json_str(bt_buf *b, const char *s, size_t n);
+/* Removes the first n bytes. */
+void bt_buf_consume(bt_buf *b, size_t n);
+/* Hands the storage to the caller (who frees it with free()) and empties the buffer. */
+char *bt_buf_steal(bt_buf *b, size_t *len);
+
 /* Writes s into out (cap bytes, cap >= 1) as a Prometheus label value: backslash, double quote
  * and line feed escaped as the text exposition format requires. Output that would not fit is cut
  * before the escape or byte that overflows (never in the middle of an escape); always
  * NUL-terminated. 2 * strlen(s) + 1 bytes always suffice. Returns out. */
 char *bt_prom_escape(const char *s, char *out, size_t cap);
-/* Removes the first n bytes. */
-void bt_buf_consume(bt_buf *b, size_t n);
-/* Hands the storage to the caller (who frees it with free()) and empties the buffer. */
-char *bt_buf_steal(bt_buf *b, size_t *len);
 
 /* 64-bit mixing (splitmix64 finaliser): a fast, well-distributed pure function. */
 static inline uint64_t bt_mix64(uint64_t x) {

@@ -61,7 +61,10 @@ static void json_error_v(bt_http_req *http, const char *rid, int status, const c
     if (rid) hl += (size_t)snprintf(hdr, sizeof hdr, "X-Request-Id: %s\r\n", rid);
     if (status == 503 && hl < sizeof hdr) hl += (size_t)snprintf(hdr + hl, sizeof hdr - hl, "Retry-After: 1\r\n");
     if (headers && hl < sizeof hdr) snprintf(hdr + hl, sizeof hdr - hl, "%s", headers);
-    bt_http_respond(http, status, "application/json", hdr, b.data, b.len);
+    static const char fallback[] = "{\"error\":{\"message\":\"error\",\"type\":\"server_error\",\"param\":null,"
+                                   "\"code\":null}}"; /* the body could not be built (out of memory) */
+    if (bt_buf_status(&b) == BT_OK) bt_http_respond(http, status, "application/json", hdr, b.data, b.len);
+    else bt_http_respond(http, status, "application/json", hdr, fallback, sizeof fallback - 1);
     bt_buf_free(&b);
 }
 
@@ -207,12 +210,15 @@ static void build_chunk(fe_req *r, bt_buf *b, const uint32_t *ids, size_t n, con
     bt_buf_append_str(b, "}]}\n\n");
 }
 
-/* One SSE event with new text (and ids): one write to the client. */
-static void write_chunk(fe_req *r, const uint32_t *ids, size_t n, const char *text, size_t len) {
+/* One SSE event with new text (and ids): one write to the client. False, with nothing written,
+ * when the event did not fit the scratch buffer (the caller ends the request). */
+static bool write_chunk(fe_req *r, const uint32_t *ids, size_t n, const char *text, size_t len) {
     bt_buf *b = &r->fe->scratch;
     bt_buf_reset(b);
     build_chunk(r, b, ids, n, text, len, NULL);
+    if (bt_buf_status(b) != BT_OK) return false;
     bt_http_stream_write(r->http, b->data, b->len);
+    return true;
 }
 
 static void usage_json(bt_buf *b, uint32_t pt, uint32_t ct) {
@@ -235,6 +241,12 @@ static void finish_streaming(fe_req *r, const char *reason) {
         bt_buf_append_str(b, "}\n\n");
     }
     bt_buf_append_str(b, "data: [DONE]\n\n");
+    if (bt_buf_status(b) != BT_OK) { /* out of memory: end the stream short rather than malformed */
+        BT_ERROR("request %s: cannot build its last events (%s); closing the stream", r->rid,
+                 bt_status_msg(bt_buf_status(b)));
+        bt_http_stream_end(r->http, true);
+        return;
+    }
     bt_http_stream_finish(r->http, b->data, b->len);
 }
 
@@ -260,7 +272,9 @@ static void finish_unary(fe_req *r, const char *reason) {
     bt_buf_append_str(&b, "}");
     char hdr[128];
     snprintf(hdr, sizeof hdr, "X-Request-Id: %s\r\n", r->rid);
-    bt_http_respond(r->http, 200, "application/json", hdr, b.data, b.len);
+    if (bt_buf_status(&b) == BT_OK) bt_http_respond(r->http, 200, "application/json", hdr, b.data, b.len);
+    else fe_json_error_ex(r->http, r->rid, 500, "internal_error", NULL, NULL, "cannot build the response: %s",
+                          bt_status_msg(bt_buf_status(&b)));
     bt_buf_free(&b);
 }
 
@@ -278,7 +292,7 @@ static void fail_request(fe_req *r, bt_status code, const char *msg) {
             bt_buf_append_str(b, "data: ");
             fe_error_body(b, status, code_for(code), NULL, msg);
             bt_buf_append_str(b, "\n\n");
-            bt_http_stream_write(r->http, b->data, b->len);
+            if (bt_buf_status(b) == BT_OK) bt_http_stream_write(r->http, b->data, b->len);
             bt_http_stream_end(r->http, true);
         } else {
             fe_json_error_ex(r->http, r->rid, status, code_for(code),
@@ -377,7 +391,10 @@ void fe_request_deliver(fe_req *r, const uint32_t *ids, size_t n, const char *te
     st->tokens_out += n;
     if (r->stream) {
         begin_stream(r);
-        write_chunk(r, ids, n, text, len);
+        if (!write_chunk(r, ids, n, text, len)) {
+            fail_request(r, BT_ERR_TOO_LARGE, "a chunk is larger than the frontend's output buffer");
+            return;
+        }
         /* kept for continuations on engines that resume from text (docs/protocol.md §6) */
         if (!r->text_lost && bt_buf_append(&r->text, text, len) != BT_OK) {
             r->text_lost = true;

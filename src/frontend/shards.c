@@ -307,7 +307,7 @@ static void gather_finish(fe *f, void *arg) {
             bt_buf b;
             bt_buf_init(&b, (size_t)64 << 20);
             fe_metrics_merge(g->parts, g->n, &b);
-            bt_http_respond(g->http, 200, "text/plain; version=0.0.4", NULL, b.data ? b.data : "", b.len);
+            bt_http_respond_buf(g->http, 200, "text/plain; version=0.0.4", NULL, &b);
             bt_buf_free(&b);
         } else {
             fe_cancel_respond(g->http, g->rid, g->kill, atomic_load(&g->found));
@@ -322,7 +322,7 @@ void fe_shards_metrics(fe *f, bt_http_req *http) {
         bt_buf b;
         bt_buf_init(&b, (size_t)16 << 20);
         fe_metrics_render(f, &b);
-        bt_http_respond(http, 200, "text/plain; version=0.0.4", NULL, b.data ? b.data : "", b.len);
+        bt_http_respond_buf(http, 200, "text/plain; version=0.0.4", NULL, &b);
         bt_buf_free(&b);
         return;
     }

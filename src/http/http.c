@@ -840,6 +840,18 @@ static bool req_usable(conn *c, const char *what) {
     return true;
 }
 
+void bt_http_respond_buf(bt_http_req *req, int status, const char *content_type, const char *headers,
+                         const bt_buf *b) {
+    if (bt_buf_status(b) != BT_OK) {
+        char msg[160];
+        int n = snprintf(msg, sizeof msg, "the response could not be built: %s\n", bt_status_msg(bt_buf_status(b)));
+        BT_ERROR("http: %s %s: %s", req->method == BT_HTTP_POST ? "POST" : "GET", req->path, msg);
+        bt_http_respond(req, 500, "text/plain", NULL, msg, (size_t)n);
+        return;
+    }
+    bt_http_respond(req, status, content_type, headers, b->data ? b->data : "", b->len);
+}
+
 void bt_http_respond(bt_http_req *req, int status, const char *content_type, const char *headers, const char *body,
                      size_t len) {
     conn *c = REQ_CONN(req);

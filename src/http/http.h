@@ -21,6 +21,7 @@
 #include <uv.h>
 
 #include "common/status.h"
+#include "common/util.h"
 
 typedef struct bt_http_server bt_http_server;
 typedef struct bt_http_req bt_http_req;
@@ -99,6 +100,10 @@ void bt_http_server_close(bt_http_server *s, void (*done)(void *ud), void *ud);
 /* A whole response. `headers` is extra header lines, each ending in "\r\n", or NULL. Copies body. */
 void bt_http_respond(bt_http_req *req, int status, const char *content_type, const char *headers, const char *body,
                      size_t len);
+/* bt_http_respond with the bytes of b, or, when b holds a failed append (bt_buf_status), a 500
+ * with a one-line text instead: a response built in a capped buffer never goes out cut. */
+void bt_http_respond_buf(bt_http_req *req, int status, const char *content_type, const char *headers,
+                         const bt_buf *b);
 /* Starts a chunked response (e.g. text/event-stream). */
 void bt_http_stream_begin(bt_http_req *req, int status, const char *content_type, const char *headers);
 /* Queues one chunk (copied). Returns false if the connection is already gone (write error or

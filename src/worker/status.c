@@ -177,7 +177,7 @@ static void route_metrics(void *ud, bt_http_req *req, const char *tail) {
     bt_buf b;
     bt_buf_init(&b, 1 << 20);
     status_metrics(ud, &b);
-    bt_http_respond(req, 200, "text/plain; version=0.0.4", NULL, b.data ? b.data : "", b.len);
+    bt_http_respond_buf(req, 200, "text/plain; version=0.0.4", NULL, &b);
     bt_buf_free(&b);
 }
 

@@ -476,6 +476,10 @@ static void test_encoder_cap(void **state) {
     bt_buf_init(&b, 20);
     assert_int_equal(bt_frame_put_hello(&b, BT_ROLE_WORKER, 1), BT_ERR_TOO_LARGE); /* 24 bytes */
     assert_int_equal(b.len, 0);
+    /* the buffer's error is sticky (common/util.h): nothing more goes in until it is reset */
+    assert_int_equal(bt_frame_put_ping(&b, BT_FRAME_PING, 1), BT_ERR_TOO_LARGE);
+    assert_int_equal(b.len, 0);
+    bt_buf_reset(&b);
     assert_int_equal(bt_frame_put_ping(&b, BT_FRAME_PING, 1), BT_OK); /* 20 bytes: exactly the cap */
     assert_int_equal(b.len, 20);
     assert_int_equal(bt_frame_put(&b, BT_FRAME_STOP, 1, NULL, 0), BT_ERR_TOO_LARGE);

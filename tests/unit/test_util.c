@@ -201,9 +201,40 @@ static void test_near_cap(void **state) {
         bt_buf b;
         bt_buf_init(&b, wl - 1);
         assert_int_equal(bt_buf_append_json_str(&b, s, n), BT_ERR_TOO_LARGE);
-        assert_true(b.len <= wl - 1);
+        assert_int_equal(b.len, 0); /* all or nothing: no half-escaped string is left behind */
+        assert_int_equal(bt_buf_status(&b), BT_ERR_TOO_LARGE);
         bt_buf_free(&b);
     }
+}
+
+/* Sticky errors: the first failed append is kept, every later one fails at once (even one that
+ * would fit), reset clears it, truncate takes a message back to a mark. */
+static void test_sticky_errors(void **state) {
+    (void)state;
+    bt_buf b;
+    bt_buf_init(&b, 10);
+    assert_int_equal(bt_buf_append_str(&b, "head:"), BT_OK);
+    size_t mark = b.len;
+    assert_int_equal(bt_buf_append_str(&b, "0123456789"), BT_ERR_TOO_LARGE);
+    assert_int_equal(b.len, 5); /* the failed append added nothing */
+    assert_int_equal(bt_buf_append_str(&b, "x"), BT_ERR_TOO_LARGE); /* would fit, still refused */
+    assert_int_equal(bt_buf_appendf(&b, "%d", 1), BT_ERR_TOO_LARGE);
+    assert_int_equal(bt_buf_append_json_str(&b, "y", 1), BT_ERR_TOO_LARGE);
+    assert_int_equal(bt_buf_reserve(&b, 0), BT_ERR_TOO_LARGE);
+    assert_int_equal(b.len, 5);
+    assert_int_equal(bt_buf_status(&b), BT_ERR_TOO_LARGE);
+    bt_buf_truncate(&b, mark); /* the message is dropped, what came before stays */
+    assert_int_equal(bt_buf_status(&b), BT_OK);
+    assert_string_equal(b.data, "head:");
+    assert_int_equal(bt_buf_append_str(&b, "ok"), BT_OK);
+    assert_string_equal(b.data, "head:ok");
+    assert_int_equal(bt_buf_append_str(&b, "too long!"), BT_ERR_TOO_LARGE);
+    bt_buf_reset(&b);
+    assert_int_equal(bt_buf_status(&b), BT_OK);
+    assert_int_equal(bt_buf_append_str(&b, "again"), BT_OK);
+    assert_string_equal(b.data, "again");
+    bt_buf_free(&b);
+    assert_int_equal(bt_buf_status(&b), BT_OK);
 }
 
 /* Self-check: the comparison notices a wrong reference. */
@@ -237,6 +268,7 @@ int main(void) {
         cmocka_unit_test(test_piece_boundaries),
         cmocka_unit_test(test_near_cap),
         cmocka_unit_test(test_self_check),
+        cmocka_unit_test(test_sticky_errors),
         cmocka_unit_test(test_prom_escape),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
