@@ -158,6 +158,7 @@ bt_status bt_discovery_etcd_create(uv_loop_t *loop, const bt_discovery_config *c
         return BT_ERR_INTERNAL;
     }
     etcd_disc *d = calloc(1, sizeof *d);
+    if (d) bt_keyset_init(&d->owned);
     if (!d) goto nomem;
     LIST_INIT(&d->reqs);
     d->eps = eps;

@@ -23,6 +23,7 @@
 #include "common/curl_uv.h"
 #include "common/util.h"
 #include "discovery/discovery_internal.h"
+#include "discovery/keyset.h"
 
 #define ETCD_CONNECT_TIMEOUT_MS 1000  /* a member that does not accept within this is skipped */
 #define ETCD_REQUEST_TIMEOUT_MS 2000  /* bound on every unary call */
@@ -99,16 +100,11 @@ struct ereq {
     int64_t lease;
 };
 
-/* A key this process put. dirty = not yet written with the current lease. */
-typedef struct owned {
-    struct owned *next;
-    char *key;
-    char *text;
-    size_t len;
-    uint64_t seq;
-    bool dirty;
-    bool registered_once;
-} owned;
+/* The flags of a key this process put (bt_owned_key, keyset.h). */
+enum {
+    ETCD_OWNED_DIRTY = 1u,      /* not yet written with the current lease */
+    ETCD_OWNED_REGISTERED = 2u, /* written at least once (the first write is logged at info) */
+};
 
 typedef struct pdel {
     struct pdel *next;
@@ -145,7 +141,7 @@ struct etcd_disc {
 
     /* writer and lease (etcd_lease.c) */
     etcd_lease_state lease_state;
-    owned *owned;
+    bt_keyset owned; /* the keys this process put (keyset.h) */
     pdel *dels;
     ereq *w_req;
     uv_timer_t w_timer;

@@ -28,24 +28,12 @@ static void writer_done(etcd_disc *d, ereq *r, bt_etcd_result res, const json_t 
 static void ka_done(etcd_disc *d, ereq *r, bt_etcd_result res, const json_t *body, const char *why);
 static void revoke_done(etcd_disc *d, ereq *r, bt_etcd_result res, const json_t *body, const char *why);
 
-static owned *find_owned(etcd_disc *d, const char *key, owned ***link) {
-    owned **pp = &d->owned;
-    for (; *pp; pp = &(*pp)->next)
-        if (strcmp((*pp)->key, key) == 0) break;
-    if (link) *link = pp;
-    return *pp;
-}
-
-static void free_owned(owned *o) {
-    free(o->key);
-    free(o->text);
-    free(o);
-}
-
-static size_t count_owned(etcd_disc *d) {
-    size_t n = 0;
-    for (owned *o = d->owned; o; o = o->next) n++;
-    return n;
+/* The first key still to be written with the current lease, or NULL. */
+static bt_owned_key *first_dirty(etcd_disc *d) {
+    bt_owned_key *o;
+    BT_KEYSET_FOREACH(o, &d->owned)
+    if (o->flags & ETCD_OWNED_DIRTY) return o;
+    return NULL;
 }
 
 static void on_w_timer(uv_timer_t *t) { etcd__writer_step(t->data); }
@@ -55,8 +43,9 @@ static void w_retry(etcd_disc *d, uint64_t delay) { uv_timer_start(&d->w_timer, 
 /* The lease `id` is gone: every key must be written again under a new one. */
 static void lease_lost(etcd_disc *d, int64_t id, const char *why) {
     if (id == 0 || id != d->lease_id) return;
-    size_t n = 0;
-    for (owned *o = d->owned; o; o = o->next, n++) o->dirty = true;
+    size_t n = d->owned.n;
+    bt_owned_key *o;
+    BT_KEYSET_FOREACH(o, &d->owned) o->flags |= ETCD_OWNED_DIRTY;
     double since = d->lease_ok_ms ? (double)(bt_now_ms() - d->lease_ok_ms) / 1000.0 : 0.0;
     BT_WARN("etcd: lease %" PRIx64 " is gone (%s; last refreshed %.1f s ago): granting a new lease and registering "
             "%zu key(s) again",
@@ -73,11 +62,7 @@ static void lease_lost(etcd_disc *d, int64_t id, const char *why) {
 
 void etcd__writer_step(etcd_disc *d) {
     if (d->closing || d->w_req || uv_is_active((uv_handle_t *)&d->w_timer)) return;
-    if (!d->dels) {
-        owned *o = d->owned;
-        while (o && !o->dirty) o = o->next;
-        if (!o) return;
-    }
+    if (!d->dels && !first_dirty(d)) return;
     if (!etcd__ensure_auth(d)) return;
     ereq *r = NULL;
     if (d->dels) {
@@ -89,8 +74,7 @@ void etcd__writer_step(etcd_disc *d) {
                              ETCD_REQUEST_TIMEOUT_MS, writer_done);
         if (r) etcd__lease_set_state(d, ETCD_LEASE_GRANTING, "a key to write");
     } else {
-        owned *o = d->owned;
-        while (!o->dirty) o = o->next;
+        bt_owned_key *o = first_dirty(d);
         r = etcd__call_start(d, RQ_PUT, d->cur, "/v3/kv/put", bt_etcd_body_put(o->key, o->text, o->len, d->lease_id),
                              ETCD_REQUEST_TIMEOUT_MS, writer_done);
         if (r) {
@@ -136,18 +120,17 @@ static void writer_done(etcd_disc *d, ereq *r, bt_etcd_result res, const json_t 
             break;
         }
         case RQ_PUT: {
-            owned *o = find_owned(d, r->key, NULL);
+            bt_owned_key *o = bt_keyset_find(&d->owned, r->key);
             if (o && o->seq == r->seq && r->lease == d->lease_id) {
-                o->dirty = false;
-                if (!o->registered_once) BT_INFO("etcd: registered %s (lease %" PRIx64 ")", o->key, (uint64_t)r->lease);
+                o->flags &= ~(unsigned)ETCD_OWNED_DIRTY;
+                if (!(o->flags & ETCD_OWNED_REGISTERED))
+                    BT_INFO("etcd: registered %s (lease %" PRIx64 ")", o->key, (uint64_t)r->lease);
                 else BT_DEBUG("etcd: wrote %s (lease %" PRIx64 ")", o->key, (uint64_t)r->lease);
-                o->registered_once = true;
+                o->flags |= ETCD_OWNED_REGISTERED;
             }
             if (d->reregistering) {
-                bool all = true;
-                for (owned *p = d->owned; p; p = p->next) all = all && !p->dirty;
-                if (all) {
-                    BT_INFO("etcd: registered again: %zu key(s) under lease %" PRIx64, count_owned(d),
+                if (!first_dirty(d)) {
+                    BT_INFO("etcd: registered again: %zu key(s) under lease %" PRIx64, d->owned.n,
                             (uint64_t)d->lease_id);
                     d->reregistering = false;
                 }
@@ -204,22 +187,9 @@ bt_status etcd__put(bt_discovery *base, const char *key, const json_t *value) {
         free(text);
         return BT_ERR_TOO_LARGE;
     }
-    owned *o = find_owned(d, key, NULL);
-    if (!o) {
-        o = calloc(1, sizeof *o);
-        if (!o || !(o->key = etcd__strdup(key))) {
-            free(o);
-            free(text);
-            return BT_ERR_NOMEM;
-        }
-        o->next = d->owned;
-        d->owned = o;
-    }
-    free(o->text);
-    o->text = text;
-    o->len = len;
-    o->seq++;
-    o->dirty = true;
+    bt_owned_key *o = bt_keyset_put(&d->owned, key, text, len, NULL);
+    if (!o) return BT_ERR_NOMEM; /* text was freed */
+    o->flags |= ETCD_OWNED_DIRTY;
     for (pdel **pp = &d->dels; *pp; pp = &(*pp)->next) /* a put supersedes a queued delete */
         if (strcmp((*pp)->key, key) == 0) {
             pdel *x = *pp;
@@ -235,12 +205,7 @@ bt_status etcd__put(bt_discovery *base, const char *key, const json_t *value) {
 bt_status etcd__del(bt_discovery *base, const char *key) {
     etcd_disc *d = (etcd_disc *)base;
     if (d->closing) return BT_ERR_SHUTDOWN;
-    owned **link;
-    owned *o = find_owned(d, key, &link);
-    if (o) {
-        *link = o->next;
-        free_owned(o);
-    }
+    bt_keyset_del(&d->owned, key);
     pdel **pp = &d->dels;
     for (; *pp; pp = &(*pp)->next)
         if (strcmp((*pp)->key, key) == 0) break;
@@ -344,11 +309,7 @@ static void revoke_done(etcd_disc *d, ereq *r, bt_etcd_result res, const json_t 
 }
 
 void etcd__lease_free(etcd_disc *d) {
-    while (d->owned) {
-        owned *o = d->owned;
-        d->owned = o->next;
-        free_owned(o);
-    }
+    bt_keyset_free(&d->owned);
     while (d->dels) {
         pdel *x = d->dels;
         d->dels = x->next;

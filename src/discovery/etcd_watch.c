@@ -7,6 +7,7 @@
  * catches a member that stopped answering without closing the stream. The watcher's life is
  * etcd_watch_state (etcd_internal.h), changed only in etcd__watch_set_state. */
 #include "discovery/etcd_internal.h"
+#include "discovery/keyset.h"
 
 #include <inttypes.h>
 #include <stdio.h>
@@ -167,6 +168,26 @@ void etcd__watch_step(etcd_disc *d) {
     else watch_retry(d, ETCD_FAIL_DELAY_MS);
 }
 
+/* One key of the watcher's last view (o) and/or a fresh listing (n), in key order: a key gone is
+ * deleted, a new or changed one put (vals holds the listing's parsed values, parallel to nv). */
+struct list_diff {
+    etcd_disc *d;
+    kent *nv;
+    json_t **vals;
+};
+
+static bool list_visit(void *ud, void *old_entry, void *new_entry) {
+    struct list_diff *ld = ud;
+    etcd_disc *d = ld->d;
+    kent *o = old_entry, *n = new_entry;
+    if (!n) {
+        if (d->w.on_delete) d->w.on_delete(d->wud, o->key);
+    } else if (!o || o->len != n->len || memcmp(o->text, n->text, n->len) != 0) {
+        if (d->w.on_put) d->w.on_put(d->wud, n->key, ld->vals[n - ld->nv]);
+    }
+    return !d->closing; /* a callback may close the handle: stop telling */
+}
+
 /* A fresh listing: tell the watcher what changed since its last view, in key order. */
 static void list_done(etcd_disc *d, ereq *r, bt_etcd_result res, const json_t *body, const char *why) {
     d->list_req = NULL;
@@ -215,20 +236,8 @@ static void list_done(etcd_disc *d, ereq *r, bt_etcd_result res, const json_t *b
     snprintf(d->cluster_id, sizeof d->cluster_id, "%s", bt_etcd_cluster_id(body));
     BT_DEBUG("etcd: listed %zu key(s) under %s at revision %" PRId64 " via %s", nn, d->prefix, rev, d->eps[r->ep]);
     etcd__ep_ok(d, r->ep);
-    size_t i = 0, j = 0;
-    while ((i < on || j < nn) && !d->closing) {
-        int c = i >= on ? 1 : j >= nn ? -1 : strcmp(ov[i].key, nv[j].key);
-        if (c < 0) {
-            if (d->w.on_delete) d->w.on_delete(d->wud, ov[i].key);
-            i++;
-        } else if (c > 0 || ov[i].len != nv[j].len || memcmp(ov[i].text, nv[j].text, nv[j].len) != 0) {
-            if (d->w.on_put) d->w.on_put(d->wud, nv[j].key, vals[j]);
-            if (c == 0) i++;
-            j++;
-        } else {
-            i++, j++;
-        }
-    }
+    struct list_diff ld = {d, nv, vals};
+    bt_view_diff(ov, on, nv, nn, sizeof *nv, list_visit, &ld);
     for (size_t k = 0; k < nn; k++) json_decref(vals[k]);
     free(vals);
     known_free(ov, on);

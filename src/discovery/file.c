@@ -15,6 +15,7 @@
  * through one FIFO per handle, one batch at a time, so operations on a key happen in call order
  * (a put followed by a delete always ends absent). See docs/discovery.md. */
 #include "discovery/discovery_internal.h"
+#include "discovery/keyset.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -101,15 +102,6 @@ typedef struct op {
     bool rewrote; /* OP_TOUCH found the file gone and wrote it again */
 } op;
 
-/* A key this process put and keeps alive. */
-typedef struct owned {
-    struct owned *next;
-    char *key;
-    char *path;
-    char *text;
-    size_t len;
-} owned;
-
 /* One key of a snapshot. `live` = reported to the watcher with on_put and not deleted since;
  * `bad` = its content was already warned about (malformed or too large); `unread` = the scan
  * listed the file but could not open or read it (EMFILE, EIO, ...): the loop keeps the previous
@@ -135,7 +127,7 @@ typedef struct {
     uv_timer_t scan_timer;
     uv_fs_event_t fs_event;
 
-    owned *owned;
+    bt_keyset owned; /* the keys this process put and keeps alive (keyset.h) */
 
     /* The write queue: pend_* waits; op_running is owned by the thread while op_busy. */
     op *pend_head, *pend_tail;
@@ -229,13 +221,6 @@ static void free_entries(entry *v, size_t n) {
         free(v[i].text);
     }
     free(v);
-}
-
-static void free_owned(owned *o) {
-    free(o->key);
-    free(o->path);
-    free(o->text);
-    free(o);
 }
 
 /* ---- the write queue (thread side) -------------------------------------------------------- */
@@ -378,11 +363,16 @@ static bt_status enqueue(file_disc *d, op_kind kind, const char *key, const char
 
 /* ---- refresh ------------------------------------------------------------------------------ */
 
+static bt_status key_path(file_disc *d, const char *key, char *path, size_t cap);
+
 static void on_refresh_timer(uv_timer_t *t) {
     file_disc *d = t->data;
-    for (owned *o = d->owned; o; o = o->next) {
+    bt_owned_key *o;
+    BT_KEYSET_FOREACH(o, &d->owned) {
+        char path[PATH_MAX];
         if (pending_touch(d, o->key)) continue; /* the pool is backed up; one pending is enough */
-        if (enqueue(d, OP_TOUCH, o->key, o->path, o->text, o->len) != BT_OK)
+        if (key_path(d, o->key, path, sizeof path) != BT_OK ||
+            enqueue(d, OP_TOUCH, o->key, path, o->text, o->len) != BT_OK)
             BT_WARN("discovery(file): out of memory refreshing %s", o->key);
     }
 }
@@ -394,14 +384,6 @@ static bt_status key_path(file_disc *d, const char *key, char *path, size_t cap)
     if (bt_discovery_file_encode_key(key, name, sizeof name) < 0) return BT_ERR_INVALID;
     int n = snprintf(path, cap, "%s/%s", d->dir, name);
     return (n < 0 || (size_t)n >= cap) ? BT_ERR_INVALID : BT_OK;
-}
-
-static owned *find_owned(file_disc *d, const char *key, owned ***link) {
-    owned **pp = &d->owned;
-    for (; *pp; pp = &(*pp)->next)
-        if (strcmp((*pp)->key, key) == 0) break;
-    if (link) *link = pp;
-    return *pp;
 }
 
 static bt_status file_put(bt_discovery *base, const char *key, const json_t *value) {
@@ -421,27 +403,15 @@ static bt_status file_put(bt_discovery *base, const char *key, const json_t *val
         st = BT_ERR_TOO_LARGE;
         goto out;
     }
-    owned *o = find_owned(d, key, NULL);
-    if (o) {
-        free(o->text);
-        o->text = text;
-        o->len = len;
-        text = NULL;
-    } else {
-        o = calloc(1, sizeof *o);
-        if (!o || !(o->key = xstrdup(key)) || !(o->path = xstrdup(path))) {
-            if (o) free_owned(o);
-            st = BT_ERR_NOMEM;
-            goto out;
-        }
-        o->text = text;
-        o->len = len;
-        text = NULL;
-        o->next = d->owned;
-        d->owned = o;
-        if (!uv_is_active((uv_handle_t *)&d->refresh_timer))
-            uv_timer_start(&d->refresh_timer, on_refresh_timer, d->refresh_ms, d->refresh_ms);
+    bool created;
+    bt_owned_key *o = bt_keyset_put(&d->owned, key, text, len, &created);
+    text = NULL; /* the set's now (or freed) */
+    if (!o) {
+        st = BT_ERR_NOMEM;
+        goto out;
     }
+    if (created && !uv_is_active((uv_handle_t *)&d->refresh_timer))
+        uv_timer_start(&d->refresh_timer, on_refresh_timer, d->refresh_ms, d->refresh_ms);
     drop_pending_writes(d, key); /* superseded: this write carries the newest value */
     st = enqueue(d, OP_WRITE, key, path, o->text, o->len);
 out:
@@ -452,13 +422,8 @@ out:
 /* Forgets `key` as ours and queues its unlink (also for a key we never put: unlinking is how an
  * operator tool would remove a stale registration). */
 static bt_status forget_and_unlink(file_disc *d, const char *key, const char *path) {
-    owned **link;
-    owned *o = find_owned(d, key, &link);
-    if (o) {
-        *link = o->next;
-        free_owned(o);
-    }
-    if (!d->owned) uv_timer_stop(&d->refresh_timer);
+    bt_keyset_del(&d->owned, key);
+    if (d->owned.n == 0) uv_timer_stop(&d->refresh_timer);
     drop_pending_writes(d, key);
     return enqueue(d, OP_UNLINK, key, path, NULL, 0);
 }
@@ -662,6 +627,29 @@ static void evaluate(file_disc *d, const entry *prev, entry *e) {
     json_decref(v);
 }
 
+/* One key of the old snapshot (p) and/or the new scan (e), in key order (bt_view_diff). */
+static bool scan_visit(void *ud, void *old_entry, void *new_entry) {
+    file_disc *d = ud;
+    entry *p = old_entry, *e = new_entry;
+    if (!e) {
+        if (p->live && !d->closing && d->w.on_delete) d->w.on_delete(d->wud, p->key);
+    } else if (!p) {
+        if (!e->unread) evaluate(d, NULL, e); /* unread and unknown: not seen yet */
+    } else if (e->unread) {
+        /* listed but unreadable: the key is still there, so the previous view stands */
+        e->text = p->text;
+        p->text = NULL;
+        e->len = p->len;
+        e->too_large = p->too_large;
+        e->live = p->live;
+        e->bad = p->bad;
+        e->unread = false;
+    } else {
+        evaluate(d, p, e);
+    }
+    return true; /* the snapshot is replaced whole even when a callback closed the handle */
+}
+
 static void scan_done(uv_work_t *req, int status) {
     file_disc *d = req->data;
     (void)status; /* never cancelled */
@@ -695,29 +683,7 @@ static void scan_done(uv_work_t *req, int status) {
         /* Both snapshots are sorted by key: one merge pass finds additions, changes, removals. */
         entry *pv = d->snap;
         size_t pn = d->nsnap;
-        size_t i = 0, j = 0;
-        while (i < pn || j < nn) {
-            int c = i >= pn ? 1 : j >= nn ? -1 : strcmp(pv[i].key, nv[j].key);
-            if (c < 0) {
-                if (pv[i].live && !d->closing && d->w.on_delete) d->w.on_delete(d->wud, pv[i].key);
-                i++;
-            } else if (c > 0) {
-                if (!nv[j].unread) evaluate(d, NULL, &nv[j]); /* unread and unknown: not seen yet */
-                j++;
-            } else if (nv[j].unread) {
-                /* listed but unreadable: the key is still there, so the previous view stands */
-                entry *p = &pv[i++], *e = &nv[j++];
-                e->text = p->text;
-                p->text = NULL;
-                e->len = p->len;
-                e->too_large = p->too_large;
-                e->live = p->live;
-                e->bad = p->bad;
-                e->unread = false;
-            } else {
-                evaluate(d, &pv[i++], &nv[j++]);
-            }
-        }
+        bt_view_diff(pv, pn, nv, nn, sizeof *nv, scan_visit, d);
         /* Keys never read stay out of the snapshot: the next scan that reads them reports them. */
         size_t kept = 0;
         for (size_t k = 0; k < nn; k++) {
@@ -793,11 +759,7 @@ static bt_status file_watch(bt_discovery *base, const char *prefix, const bt_dis
 /* ---- lifecycle ---------------------------------------------------------------------------- */
 
 static void free_disc(file_disc *d) {
-    while (d->owned) {
-        owned *o = d->owned;
-        d->owned = o->next;
-        free_owned(o);
-    }
+    bt_keyset_free(&d->owned);
     free_ops(d->pend_head);
     free_entries(d->snap, d->nsnap);
     free(d->prefix);
@@ -835,14 +797,14 @@ static void file_close(bt_discovery *base, void (*done)(void *ud), void *ud) {
     uv_timer_stop(&d->scan_timer);
     uv_fs_event_stop(&d->fs_event);
     /* Our keys go now rather than after the TTL: watchers stop routing to us at once. */
-    while (d->owned) {
-        owned *o = d->owned;
-        d->owned = o->next;
+    bt_owned_key *o;
+    BT_KEYSET_FOREACH(o, &d->owned) {
+        char path[PATH_MAX];
         drop_pending_writes(d, o->key);
-        if (enqueue(d, OP_UNLINK, o->key, o->path, NULL, 0) != BT_OK)
+        if (key_path(d, o->key, path, sizeof path) != BT_OK || enqueue(d, OP_UNLINK, o->key, path, NULL, 0) != BT_OK)
             BT_WARN("discovery(file): out of memory removing %s; it expires after the TTL", o->key);
-        free_owned(o);
     }
+    bt_keyset_free(&d->owned);
     maybe_finish_close(d); /* never completes here: handle close callbacks run on a later turn */
 }
 
@@ -875,6 +837,7 @@ bt_status bt_discovery_file_create(uv_loop_t *loop, const bt_discovery_config *c
         snprintf(err, errlen, "out of memory");
         return BT_ERR_NOMEM;
     }
+    bt_keyset_init(&d->owned);
     /* Done synchronously, once, at start-up: a local mkdir is not worth an asynchronous dance, and
      * inotify needs the directory to exist before the first watch. */
     int e = mkdir_p(d->dir);
