@@ -146,6 +146,7 @@ void fe_metrics_render(fe *f, bt_buf *b) {
                    bt_events_plane(f->events), es.connected ? 1 : 0, es.connects,
                    es.received - (es.received < f->events_unknown ? es.received : f->events_unknown),
                    f->events_unknown, es.invalid, es.overflow);
+    fe_resume_metrics(f, b); /* resumable streams and their journal */
     static const char *wg[] = {"active_decode_blocks", "total_blocks", "active_prefill_tokens", "waiting_requests",
                                "busy", "inflight"};
     for (size_t g = 0; g < sizeof wg / sizeof wg[0]; g++) {
