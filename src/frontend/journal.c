@@ -223,14 +223,38 @@ static bool mem_append(fe_journal *j, fe_jrec *r, const uint32_t *ids, size_t n,
     return ok;
 }
 
+/* A finished stream's arrays keep only what they hold: what is retained is what a resume needs.
+ * Safe without the lock: while a record is live, nothing but its owner reads its arrays. */
+static void shrink(void **p, size_t *cap, size_t n, size_t sz) {
+    if (n == *cap) return;
+    if (n == 0) {
+        free(*p);
+        *p = NULL;
+        *cap = 0;
+        return;
+    }
+    void *q = realloc(*p, n * sz);
+    if (!q) return; /* keeps the larger block, still accounted */
+    *p = q;
+    *cap = n;
+}
+
 static void mem_close(fe_journal *j, fe_jrec *r, const fe_jtail *tail) {
     mem_journal *m = (mem_journal *)j;
+    if (r->state == REC_LIVE) {
+        shrink((void **)&r->s.ids, &r->ids_cap, r->s.nids, sizeof(uint32_t));
+        shrink((void **)&r->s.text, &r->text_cap, r->s.text_len, 1);
+        shrink((void **)&r->s.ev, &r->ev_cap, r->s.nev, sizeof(fe_jevent));
+    }
     uv_mutex_lock(&m->mu);
     if (r->state == REC_DROPPED) {
         uv_mutex_unlock(&m->mu);
         free(r);
         return;
     }
+    size_t b = rec_bytes(r);
+    m->st.bytes = m->st.bytes - r->bytes + b;
+    r->bytes = b;
     r->s.tail = *tail;
     r->state = REC_ENDED;
     r->expires_ms = bt_now_ms() + (uint64_t)(j->retention_s * 1000.0);
