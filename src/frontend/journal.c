@@ -185,8 +185,25 @@ static bool grow(void **p, size_t *cap, size_t need, size_t sz) {
     return true;
 }
 
+/* Copies one event into room the record already has. */
+static void rec_put(fe_jrec *r, const uint32_t *ids, size_t n, const char *text, size_t len) {
+    if (n) memcpy(r->s.ids + r->s.nids, ids, n * sizeof *ids);
+    r->s.nids += n;
+    if (len) memcpy(r->s.text + r->s.text_len, text, len);
+    r->s.text_len += len;
+    r->s.ev[r->s.nev++] = (fe_jevent){(uint32_t)r->s.nids, (uint32_t)r->s.text_len};
+}
+
 static bool mem_append(fe_journal *j, fe_jrec *r, const uint32_t *ids, size_t n, const char *text, size_t len) {
     mem_journal *m = (mem_journal *)j;
+    /* The per-event path takes no lock while the record has room: a live record's arrays and
+     * counts are its owner's alone (a claim reads them only once the record has ended), and its
+     * state changes only here, on the owner's thread. Growth takes the lock: it is accounted. */
+    if (r->state == REC_LIVE && r->s.nids + n <= r->ids_cap && r->s.text_len + len <= r->text_cap &&
+        r->s.nev < r->ev_cap) {
+        rec_put(r, ids, n, text, len);
+        return true;
+    }
     uv_mutex_lock(&m->mu);
     bool ok = r->state == REC_LIVE;
     if (ok && (r->s.nids + n > UINT32_MAX || r->s.text_len + len > UINT32_MAX)) {
@@ -205,11 +222,7 @@ static bool mem_append(fe_journal *j, fe_jrec *r, const uint32_t *ids, size_t n,
              grow((void **)&r->s.text, &r->text_cap, need_t, 1) &&
              grow((void **)&r->s.ev, &r->ev_cap, need_e, sizeof(fe_jevent));
         if (ok) {
-            memcpy(r->s.ids + r->s.nids, ids, n * sizeof *ids);
-            r->s.nids += n;
-            memcpy(r->s.text + r->s.text_len, text, len);
-            r->s.text_len += len;
-            r->s.ev[r->s.nev++] = (fe_jevent){(uint32_t)r->s.nids, (uint32_t)r->s.text_len};
+            rec_put(r, ids, n, text, len);
             size_t b = rec_bytes(r);
             m->st.bytes += b - r->bytes;
             r->bytes = b;

@@ -159,7 +159,24 @@ static void begin_stream(fe_req *r) { fe_request_begin_stream(r); }
  * ":usage", ":done" or ":error" for the events after the last token (resume.c parses it). */
 static void append_id(bt_buf *b, const fe_req *r, size_t pos, const char *mark) {
     if (!r->jrec) return;
-    bt_buf_appendf(b, "id: %s:%zu%s\n", r->stream_id, pos, mark);
+    /* on the per-token path: built by hand, not by a formatted print */
+    char line[4 + FE_STREAM_ID_LEN + 1 + 20 + 8 + 1];
+    size_t n = 0;
+    memcpy(line, "id: ", 4);
+    n = 4;
+    memcpy(line + n, r->stream_id, FE_STREAM_ID_LEN);
+    n += FE_STREAM_ID_LEN;
+    line[n++] = ':';
+    char digits[20];
+    size_t d = 0;
+    do digits[d++] = (char)('0' + pos % 10);
+    while ((pos /= 10) != 0);
+    while (d) line[n++] = digits[--d];
+    size_t ml = strlen(mark);
+    memcpy(line + n, mark, ml); /* "", ":end", ":usage", ":done" or ":error" */
+    n += ml;
+    line[n++] = '\n';
+    bt_buf_append(b, line, n);
 }
 
 static void append_ids(bt_buf *b, const uint32_t *ids, size_t n) {
