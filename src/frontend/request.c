@@ -366,7 +366,7 @@ void fe_request_replay_tail(fe_req *r, const fe_jtail *tail, int mark) {
     }
     r->http->user = NULL;
     r->http = NULL;
-    req_done(r, FE_OUT_SUCCESS);
+    req_done(r, tail->kind == FE_JTAIL_ERROR ? FE_OUT_CANCELLED : FE_OUT_SUCCESS);
 }
 
 /* ---- cancellation ---- */

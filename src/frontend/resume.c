@@ -145,6 +145,11 @@ static void supersede_job(fe *f, void *arg) {
  * NULL for the GET form. */
 static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64_t pos, int mark, const char *canon) {
     fe_journal *j = f->grp->journal;
+    if (f->shutting_down && f->o.accept_window_ms >= 0 &&
+        bt_now_ms() - f->shutdown_started_ms > (uint64_t)f->o.accept_window_ms) {
+        fe_json_error(http, NULL, 503, "service_unavailable", "the frontend is shutting down");
+        return;
+    }
     uint8_t mac[FE_KEY_MAC_LEN];
     fe_key_mac(f, http, mac);
     fe_jsnap *snap = calloc(1, sizeof *snap);
