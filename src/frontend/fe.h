@@ -39,6 +39,7 @@ typedef struct fe_model fe_model;
 typedef struct fe_group fe_group;
 typedef struct fe_job fe_job;
 typedef struct fe_gather fe_gather;
+typedef struct fe_pending_resume fe_pending_resume;
 
 /* ---- metrics ---- */
 #define FE_HIST_BUCKETS 16
@@ -210,7 +211,7 @@ typedef enum {
     FE_RESUME_SUPERSEDED, /* ... taken over from a request that still streamed it (client gone) */
     FE_RESUME_NOT_FOUND,  /* 404: unknown, expired or evicted id */
     FE_RESUME_INVALID,    /* 400: malformed id, a different body, a position it never sent */
-    FE_RESUME_CONFLICT,   /* 409: still streamed by another thread's request (being released) */
+    FE_RESUME_CONFLICT,   /* 409: still streamed by another thread's request after a second */
     FE_RESUME_N_
 } fe_resume_outcome;
 
@@ -255,6 +256,7 @@ struct fe {
     bool mail_inited, mail_closed;
     fe_gather *gathers; /* this shard's gathers still waiting for other shards */
     uint64_t resumes[FE_RESUME_N_]; /* resume.c: resume requests by outcome */
+    fe_pending_resume *pending_resumes; /* resume.c: resumes waiting for another shard */
 };
 
 #define FE_MAX_THREADS 64
@@ -358,6 +360,8 @@ void fe_attempt_abandon(fe_attempt *a);
 void fe_resume_post(fe *f, bt_http_req *http, bt_api api);
 /* GET /v1/chat/completions/{stream_id} or /v1/completions/{stream_id}: the EventSource form. */
 void fe_resume_get(fe *f, bt_http_req *http, bt_api api, const char *stream_id);
+/* True if http was a resume waiting for another shard, which is now dropped (its client left). */
+bool fe_resume_abort(fe *f, bt_http_req *http);
 /* The client's write backlog drained: a replay in progress writes its next events. */
 void fe_resume_on_drain(fe *f, bt_http_req *http);
 /* Parses an event id "<stream id>:<position>[:end|:usage|:done|:error]" (what the frontend

@@ -196,7 +196,7 @@ static void on_http_request(void *ud, bt_http_req *http) {
 }
 
 static void on_http_abort(void *ud, bt_http_req *http) {
-    if (!fe_gather_abort(ud, http)) fe_request_abort(ud, http);
+    if (!fe_gather_abort(ud, http) && !fe_resume_abort(ud, http)) fe_request_abort(ud, http);
 }
 
 static void on_http_drain(void *ud, bt_http_req *http) { fe_resume_on_drain(ud, http); }

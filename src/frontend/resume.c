@@ -17,10 +17,11 @@
  * answers it refuses: 404 for an id it does not hold (unknown, expired, evicted, or bound to
  * another API key: the record's credential MAC must match), never a fresh generation; 400 for a
  * malformed id, a re-POST whose body differs from the original (canonical JSON compared), a
- * position the stream never sent; 409 while another thread's request still streams it (that
- * request is being ended; a retry succeeds). A request still streaming the record on this thread
- * is superseded: its client is taken to be gone (a connection that died silently), it is killed on
- * its worker at once, and the resume continues from the journal.
+ * position the stream never sent. A request still streaming the record is superseded: its client
+ * is taken to be gone (a connection that died silently), it is killed on its worker at once, and
+ * the resume continues from the journal. When that request lives on another shard (--threads),
+ * that shard is asked to end it and the resume waits for the record (a 409 only if it is still
+ * held after a second).
  *
  * Cancellation keeps its guarantees: a disconnect kills the request on the engine at once
  * (request.c); nothing generates while no client is connected. */
@@ -141,9 +142,88 @@ static void supersede_job(fe *f, void *arg) {
     free(arg);
 }
 
+/* A resume waiting for another shard to end the request that still streams its record (its
+ * client vanished without the frontend noticing yet): retried every RETRY_MS, up to RETRY_MAX
+ * times, then answered 409. Owned by its shard's list (f->pending_resumes) until its timer's
+ * close callback frees it. */
+#define RETRY_MS 5
+#define RETRY_MAX 200
+struct fe_pending_resume {
+    fe *f;
+    bt_http_req *http;
+    bt_api api;
+    char sid[FE_STREAM_ID_LEN + 1];
+    uint64_t pos;
+    int mark;
+    char *canon;
+    int tries;
+    uv_timer_t timer;
+    fe_pending_resume *prev, *next;
+};
+
+static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64_t pos, int mark, const char *canon,
+                   int tries);
+
+static void pending_closed(uv_handle_t *h) {
+    fe_pending_resume *p = h->data;
+    free(p->canon);
+    free(p);
+}
+
+static void pending_unlink(fe_pending_resume *p) {
+    if (p->prev) p->prev->next = p->next;
+    else p->f->pending_resumes = p->next;
+    if (p->next) p->next->prev = p->prev;
+    p->prev = p->next = NULL;
+    uv_timer_stop(&p->timer);
+    uv_close((uv_handle_t *)&p->timer, pending_closed);
+}
+
+static void pending_tick(uv_timer_t *t) {
+    fe_pending_resume *p = t->data;
+    pending_unlink(p); /* freed on the next loop iteration: its fields stay valid below */
+    resume(p->f, p->http, p->api, p->sid, p->pos, p->mark, p->canon, p->tries + 1);
+}
+
+bool fe_resume_abort(fe *f, bt_http_req *http) {
+    for (fe_pending_resume *p = f->pending_resumes; p; p = p->next)
+        if (p->http == http) {
+            pending_unlink(p);
+            return true;
+        }
+    return false;
+}
+
+/* Defers the resume; false if it cannot (out of memory, or waited long enough). */
+static bool pending_add(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64_t pos, int mark,
+                        const char *canon, int tries) {
+    if (tries >= RETRY_MAX) return false;
+    fe_pending_resume *p = calloc(1, sizeof *p);
+    if (!p) return false;
+    if (canon && !(p->canon = strdup(canon))) {
+        free(p);
+        return false;
+    }
+    p->f = f;
+    p->http = http;
+    p->api = api;
+    memcpy(p->sid, sid, sizeof p->sid);
+    p->pos = pos;
+    p->mark = mark;
+    p->tries = tries;
+    uv_timer_init(f->loop, &p->timer);
+    p->timer.data = p;
+    p->next = f->pending_resumes;
+    if (p->next) p->next->prev = p;
+    f->pending_resumes = p;
+    uv_timer_start(&p->timer, pending_tick, RETRY_MS, 0);
+    return true;
+}
+
 /* The resume itself, once the id is parsed: canon is the re-POSTed body (canonical JSON), or
- * NULL for the GET form. */
-static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64_t pos, int mark, const char *canon) {
+ * NULL for the GET form; tries counts the times it waited for another shard. */
+static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64_t pos, int mark, const char *canon,
+                   int tries) {
     fe_journal *j = f->grp->journal;
     if (f->shutting_down && f->o.accept_window_ms >= 0 &&
         bt_now_ms() - f->shutdown_started_ms > (uint64_t)f->o.accept_window_ms) {
@@ -159,7 +239,7 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
     }
     fe_jrec *rec = NULL;
     int cur_shard = -1;
-    bool superseded = false;
+    bool superseded = tries > 0; /* it waited for another shard to end the request */
     fe_claim_result cr = fe_journal_claim(j, sid, mac, f->shard, snap, &rec, &cur_shard);
     if (cr == FE_CLAIM_LIVE && cur_shard == f->shard && supersede_local(f, sid)) {
         superseded = true;
@@ -169,11 +249,18 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
     if (cr != FE_CLAIM_OK) {
         free(snap);
         if (cr == FE_CLAIM_LIVE) {
-            char *arg = strdup(sid);
-            if (arg && (cur_shard < 0 || cur_shard >= f->grp->n || !fe_shard_post(f->grp->shard[cur_shard], supersede_job, arg)))
-                free(arg);
-            refuse(f, http, FE_RESUME_CONFLICT, 409, "conflict_error",
-                   "the stream is still attached to another connection, which is being closed; retry", sid);
+            /* another shard's request streams it: that shard ends it, and this resume waits */
+            if (tries == 0) {
+                BT_INFO("resume of stream %s waits for thread %d to end the request that streams it", sid,
+                        cur_shard);
+                char *arg = strdup(sid);
+                if (arg && (cur_shard < 0 || cur_shard >= f->grp->n ||
+                            !fe_shard_post(f->grp->shard[cur_shard], supersede_job, arg)))
+                    free(arg);
+            }
+            if (!pending_add(f, http, api, sid, pos, mark, canon, tries))
+                refuse(f, http, FE_RESUME_CONFLICT, 409, "conflict_error",
+                       "the stream is still attached to another connection, which is being closed; retry", sid);
         } else if (cr == FE_CLAIM_NOMEM) {
             fe_json_error(http, NULL, 500, "internal_error", "out of memory");
         } else {
@@ -278,7 +365,7 @@ void fe_resume_post(fe *f, bt_http_req *http, bt_api api) {
         refuse(f, http, FE_RESUME_INVALID, 400, "invalid_request_error", "invalid JSON body", sid);
         return;
     }
-    resume(f, http, api, sid, pos, mark, canon);
+    resume(f, http, api, sid, pos, mark, canon, 0);
     free(canon);
 }
 
@@ -330,7 +417,7 @@ void fe_resume_get(fe *f, bt_http_req *http, bt_api api, const char *stream_id) 
             return;
         }
     }
-    resume(f, http, api, sid, pos, mark, NULL);
+    resume(f, http, api, sid, pos, mark, NULL, 0);
 }
 
 void fe_resume_metrics(fe *f, bt_buf *b) {

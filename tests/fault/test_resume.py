@@ -160,6 +160,41 @@ def resumes(fe, outcome):
     return jstat(fe, "baton_frontend_stream_resumes_total", outcome=outcome)
 
 
+def silent_client(fe, api, b):
+    """Starts a stream on a raw socket, reads its first events and goes silent: it reads nothing
+    more and never closes. Returns the socket and the id of the last whole event it received."""
+    data = json.dumps(dict(b, stream=True)).encode()
+    path = "/v1/chat/completions" if api == "chat" else "/v1/completions"
+    s = socket.create_connection(("127.0.0.1", fe.port), timeout=10)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.sendall((f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(data)}\r\n\r\n").encode() + data)
+    got = b""
+    while got.count(b"\nid: ") < 3:
+        got += s.recv(1)
+    _, _, rest_bytes = got.partition(b"\r\n\r\n")
+    ids = re.findall(rb"\nid: (\S+)\n", b"\n" + rest_bytes)
+    return s, ids[-2].decode()  # the last event received whole
+
+
+def assert_closed(s):
+    """The silent client's response was ended by the frontend (EOF), without [DONE]."""
+    s.settimeout(10)
+    tail = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break  # EOF: the old response was closed after what was queued
+            tail += chunk
+    except ConnectionResetError:
+        pass  # closed with data unread: also closed
+    except socket.timeout:
+        raise AssertionError("the superseded request's connection was not closed")
+    s.close()
+    assert b"data: [DONE]" not in tail, "the superseded request ran to its end"
+
+
 def selftest(refs):
     """The exactness check must catch each kind of wrong answer."""
     api, ref = refs[0]
@@ -318,42 +353,56 @@ def main():
         api, b = body_for(300, max_tokens=400)
         ref = stream(fe, api, b).assert_ok("reference for the supersede")
         sup0 = resumes(fe, "superseded")
-        data = json.dumps(dict(b, stream=True)).encode()
-        path = "/v1/chat/completions" if api == "chat" else "/v1/completions"
-        s = socket.create_connection(("127.0.0.1", fe.port), timeout=10)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        s.sendall((f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                   f"Content-Length: {len(data)}\r\n\r\n").encode() + data)
-        got = b""
-        while got.count(b"\nid: ") < 3:
-            got += s.recv(1)
-        # the client goes silent here: it reads nothing more and never closes its socket
-        head, _, rest_bytes = got.partition(b"\r\n\r\n")
-        ids = re.findall(rb"\nid: (\S+)\n", b"\n" + rest_bytes)
-        last = ids[-2].decode()  # the last event received whole
+        s, last = silent_client(fe, api, b)
         rest = stream(fe, api, b, headers={"Last-Event-ID": last})
         assert rest.ok, rest.summary()
         pos = int(ID_RX.match(last).group(2))
         assert ref.token_ids[pos:] == rest.token_ids, "superseded: the resumed tokens are not the rest of the answer"
         assert resumes(fe, "superseded") - sup0 == 1, "the resume did not supersede the silent client's request"
-        s.settimeout(10)
-        tail = b""
-        try:
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break  # EOF: the old response was closed after what was queued
-                tail += chunk
-        except ConnectionResetError:
-            pass  # closed with data unread: also closed
-        s.close()
-        assert not tail.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"), "the superseded request ran to its end"
+        assert_closed(s)
         print("superseded: a silent client's stream resumed on a new connection, exact; the old connection "
               "was closed", flush=True)
         bl.wait_for(lambda: all(worker_active(w) == 0 for w in ws), 5, what="workers idle")
         m = bl.metrics(fe.url)
         assert bl.metric_sum(m, "dynamo_frontend_inflight_requests") == 0
         assert bl.metric_sum(m, "baton_frontend_stream_journal_streams", state="live") == 0
+
+    # ---- two event loops: a resume may land on the other loop than the request it supersedes
+    with bl.Cluster() as c:
+        fe = c.start_frontend(threads=2)
+        ws = [c.start_worker(system_port=True, wait=True, **WORKER) for _ in range(2)]
+        c.wait_workers(fe, 2)
+        sup0 = resumes(fe, "superseded")
+        # the kernel spreads connections over the loops by their addresses: go on until a resume
+        # has waited for the other loop at least twice (and at least 6 trials)
+        n = 0
+        for t in range(40):
+            cross = len(re.findall(r"waits for thread \d to end the request", fe.proc.log_text()))
+            if cross >= 2 and n >= 6:
+                break
+            n += 1
+            api, b = body_for(400 + t, max_tokens=300)
+            ref = stream(fe, api, b).assert_ok("reference on two loops")
+            s, last = silent_client(fe, api, b)
+            rest = stream(fe, api, b, headers={"Last-Event-ID": last})
+            pos = int(ID_RX.match(last).group(2))
+            assert rest.ok and rest.token_ids == ref.token_ids[pos:], f"two loops, silent client {t}: {rest.summary()}"
+            assert_closed(s)
+        sup = resumes(fe, "superseded") - sup0
+        assert sup == n, f"{sup} of {n} resumes superseded a silent client's request"
+        assert resumes(fe, "conflict") == 0
+        # clients that cut and reconnect at once, concurrently: whichever loop sees what first
+        plan = [body_for(500 + i, max_tokens=120) for i in range(16)]
+        refs2 = [stream(fe, api, b).assert_ok("reference") for api, b in plan]
+        got = bl.run_concurrently(lambda api, b, k: resume_with_cuts(fe, api, b, [k]),
+                                  [(api, b, rng.randint(1, 20)) for api, b in plan])
+        for i, pieces in enumerate(got):
+            why = check_exact(Joined(pieces), refs2[i])
+            assert why is None, f"two loops, stream {i}: {why}"
+        bl.wait_for(lambda: all(worker_active(w) == 0 for w in ws), 5, what="workers idle")
+        assert cross >= 2, f"in {n} trials no resume landed on the other loop than its silent client"
+        print(f"two event loops: {n} silent clients superseded ({cross} across loops), 16 cut streams resumed "
+              "exact, no 409", flush=True)
 
     # ---- expiry, the size cap, the API key
     with bl.Cluster() as c:
