@@ -172,6 +172,7 @@ struct fe_req {
     fe_jrec *jrec;
     char stream_id[FE_STREAM_ID_LEN + 1];
     fe_jtail jtail;
+    char body_digest[65];   /* of the client's body, before the frontend changes anything (resume.c) */
     bool resumed;           /* built from the journal by a resume: no new record, no admission */
     fe_jsnap *replay;       /* a resume's copy of the record while its events are being replayed */
     size_t replay_ev;       /* the next event of `replay` to write */
@@ -371,6 +372,8 @@ bool fe_resume_parse_id(const char *s, char sid[FE_STREAM_ID_LEN + 1], uint64_t 
 /* The caller's credential bound into a journal record: HMAC-SHA256 of its Authorization header
  * under the process's secret when --api-key is set, zeros otherwise. */
 void fe_key_mac(fe *f, const bt_http_req *http, uint8_t out[FE_KEY_MAC_LEN]);
+/* SHA-256, in hex, of body as canonical JSON (sorted keys, compact); false when out of memory. */
+bool fe_body_digest(const json_t *body, char out[65]);
 /* Journal metrics (shard 0 only: the journal is the process's). */
 void fe_resume_metrics(fe *f, bt_buf *out);
 /* Ends request r, which streams a record a resume wants: its client is taken to be gone. */

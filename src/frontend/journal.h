@@ -61,8 +61,11 @@ typedef struct {
     char rid[80];
     char model[128];
     bt_api api;
-    char *body; /* canonical JSON (sorted keys, compact), NUL-terminated */
+    char *body; /* the request as its attempts send it: canonical JSON (sorted keys, compact) */
     size_t body_len;
+    /* SHA-256 (hex) of the body as the client sent it, canonical JSON: what a re-POST must match
+     * (the frontend may add to `body`, e.g. a seed it chose; the client's re-POST will not have it) */
+    char body_digest[65];
     int64_t created, max_tokens;
     bool include_usage, return_ids;
     uint32_t *ids;

@@ -134,6 +134,7 @@ static void journal_open(fe_req *r) {
                      .max_tokens = r->max_tokens,
                      .include_usage = r->include_usage,
                      .return_ids = r->return_ids};
+    memcpy(meta.body_digest, r->body_digest, sizeof meta.body_digest);
     snprintf(meta.rid, sizeof meta.rid, "%s", r->rid);
     snprintf(meta.model, sizeof meta.model, "%s", r->model->name);
     uint8_t mac[FE_KEY_MAC_LEN];
@@ -649,6 +650,8 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
     }
     fe_req *r = fe_request_new(f, http, api, body, rid, m, 0);
     if (!r) return;
+    /* what a resume's re-POST must match: the body as the client sent it (resume.c) */
+    if (r->stream && f->grp->journal) fe_body_digest(r->body, r->body_digest);
     BT_DEBUG("request %s: admitted (%s, %s, max_tokens %" PRId64 ")", r->rid, api == BT_API_CHAT ? "chat" : "completion",
              r->stream ? "streaming" : "unary", r->max_tokens);
     fe_migrate_dispatch(r);

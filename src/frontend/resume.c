@@ -16,7 +16,7 @@
  * migration mechanism (migrate.c) carrying every journaled token, whose events follow live. The
  * answers it refuses: 404 for an id it does not hold (unknown, expired, evicted, or bound to
  * another API key: the record's credential MAC must match), never a fresh generation; 400 for a
- * malformed id, a re-POST whose body differs from the original (canonical JSON compared), a
+ * malformed id, a re-POST whose body differs from the original (the SHA-256 of canonical JSON), a
  * position the stream never sent. A request still streaming the record is superseded: its client
  * is taken to be gone (a connection that died silently), it is killed on its worker at once, and
  * the resume continues from the journal. When that request lives on another shard (--threads),
@@ -81,6 +81,23 @@ void fe_key_mac(fe *f, const bt_http_req *http, uint8_t out[FE_KEY_MAC_LEN]) {
     unsigned int len = FE_KEY_MAC_LEN;
     HMAC(EVP_sha256(), f->grp->mac_secret, (int)sizeof f->grp->mac_secret, (const unsigned char *)a, strlen(a), out,
          &len);
+}
+
+bool fe_body_digest(const json_t *body, char out[65]) {
+    out[0] = '\0';
+    char *canon = json_dumps(body, JSON_COMPACT | JSON_SORT_KEYS);
+    if (!canon) return false;
+    unsigned char md[32];
+    unsigned int len = 0;
+    bool ok = EVP_Digest(canon, strlen(canon), md, &len, EVP_sha256(), NULL) == 1 && len == sizeof md;
+    free(canon);
+    static const char hex[] = "0123456789abcdef";
+    for (size_t i = 0; ok && i < sizeof md; i++) {
+        out[2 * i] = hex[md[i] >> 4];
+        out[2 * i + 1] = hex[md[i] & 15];
+    }
+    out[ok ? 64 : 0] = '\0';
+    return ok;
 }
 
 static void refuse(fe *f, bt_http_req *http, fe_resume_outcome why, int status, const char *type, const char *msg,
@@ -220,8 +237,8 @@ static bool pending_add(fe *f, bt_http_req *http, bt_api api, const char *sid, u
     return true;
 }
 
-/* The resume itself, once the id is parsed: canon is the re-POSTed body (canonical JSON), or
- * NULL for the GET form; tries counts the times it waited for another shard. */
+/* The resume itself, once the id is parsed: canon is the digest of the re-POSTed body
+ * (fe_body_digest), or NULL for the GET form; tries counts the times it waited for another shard. */
 static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64_t pos, int mark, const char *canon,
                    int tries) {
     fe_journal *j = f->grp->journal;
@@ -281,7 +298,7 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
         refuse(f, http, FE_RESUME_NOT_FOUND, 404, "not_found_error", msg, sid);
         return;
     }
-    if (!bad && canon && strcmp(canon, snap->body) != 0)
+    if (!bad && canon && (!snap->body_digest[0] || strcmp(canon, snap->body_digest) != 0))
         bad = "the request body differs from the one the stream was created with";
     if (!bad && mark != FE_MARK_NONE) {
         /* after the last token: only the events that ended this stream */
@@ -359,14 +376,14 @@ void fe_resume_post(fe *f, bt_http_req *http, bt_api api) {
     }
     json_error_t jerr;
     json_t *body = json_loadb(http->body, http->body_len, 0, &jerr);
-    char *canon = body ? json_dumps(body, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
+    char digest[65];
+    bool ok = body && fe_body_digest(body, digest);
     json_decref(body);
-    if (!canon) {
+    if (!ok) {
         refuse(f, http, FE_RESUME_INVALID, 400, "invalid_request_error", "invalid JSON body", sid);
         return;
     }
-    resume(f, http, api, sid, pos, mark, canon, 0);
-    free(canon);
+    resume(f, http, api, sid, pos, mark, digest, 0);
 }
 
 /* The value of query parameter `name` in q ("a=1&b=2") into out; false if absent. */
