@@ -635,6 +635,10 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
         json_decref(body);
         return;
     }
+    /* what a resume's re-POST must match: the body exactly as the client sent it, taken before
+     * anything is added to it (resume.c) */
+    char digest[65] = "";
+    if (json_is_true(json_object_get(body, "stream")) && f->grp->journal) fe_body_digest(body, digest);
     const char *model_name = json_string_value(json_object_get(body, "model"));
     fe_model *m = fe_model_get(f, model_name, false);
     if (!m) {
@@ -650,8 +654,7 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
     }
     fe_req *r = fe_request_new(f, http, api, body, rid, m, 0);
     if (!r) return;
-    /* what a resume's re-POST must match: the body as the client sent it (resume.c) */
-    if (r->stream && f->grp->journal) fe_body_digest(r->body, r->body_digest);
+    memcpy(r->body_digest, digest, sizeof digest);
     BT_DEBUG("request %s: admitted (%s, %s, max_tokens %" PRId64 ")", r->rid, api == BT_API_CHAT ? "chat" : "completion",
              r->stream ? "streaming" : "unary", r->max_tokens);
     fe_migrate_dispatch(r);
