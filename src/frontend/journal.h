@@ -11,7 +11,10 @@
  * in-process one (fe_journal_mem_new, below) without touching the request code: a store shared
  * by several frontends keeps the same records. Every call is made on a frontend loop and
  * returns without blocking; the in-process store is one per process, shared by its shards
- * (--threads) under a mutex held only for copies.
+ * (--threads) under a mutex held to create, grow, close or copy a record (an event that fits in
+ * its record's room is appended without it). A store on the network would keep appends local and
+ * send them in batches, and answer a claim it cannot answer at once with FE_CLAIM_LIVE-like
+ * deferral: resume.c already waits and retries a claim (its pending resumes).
  *
  * Records are kept while their stream runs and for `retention_s` seconds after it ends; all of
  * them together are capped at `max_bytes` (the journal's accounting of its own allocations).
