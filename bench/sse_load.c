@@ -244,6 +244,13 @@ static bool hash_json_string(const char *s, const char *end, uint64_t *h) {
 }
 
 static void on_sse_event(client *c, const char *p, size_t n, uint64_t now) {
+    /* an event may begin with other fields (baton's resumable streams write an id: line first) */
+    while (n >= 6 && memcmp(p, "data: ", 6) != 0) {
+        const char *nl = memchr(p, '\n', n);
+        if (!nl) return;
+        n -= (size_t)(nl + 1 - p);
+        p = nl + 1;
+    }
     if (n < 6 || memcmp(p, "data: ", 6) != 0) return;
     p += 6;
     n -= 6;

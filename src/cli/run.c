@@ -101,7 +101,7 @@ static const char *frontend_flags[] = {"--router-mode", "--active-decode-blocks-
                                        "--max-body-bytes", "--shutdown-drain-timeout", "--shutdown-accept-window-ms",
                                        "--http-header-timeout-ms", "--http-idle-timeout-ms", "--max-connections",
                                        "--max-client-backlog-bytes", "--max-concurrent-requests", "--threads",
-                                       NULL};
+                                       "--stream-retention", "--stream-retention-bytes", NULL};
 static const char *shared_flags[] = {"--rpc-secret-file", "--namespace", NULL};
 
 static bool flag_in(const char *a, const char **list) {

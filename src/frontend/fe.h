@@ -4,6 +4,8 @@
  *   workers.c   the worker set: discovery watch, request-plane connections, load, quarantine, routing
  *   request.c   one client request: validation, its lifecycle state, output (SSE or JSON), cancel
  *   migrate.c   the attempts of a request: dispatch, the attempt budget, the continuation
+ *   resume.c    resumable streams: Last-Event-ID, the GET form, replay from the journal
+ *   journal.c   the in-process stream journal (journal.h: the interface)
  *   metrics.c   per-model counters and histograms, Prometheus text
  *
  * Everything runs on one libuv loop. A request lives on that loop from start to end. */
@@ -25,6 +27,7 @@
 #include "discovery/discovery.h"
 #include "engine/engine.h"
 #include "events/events.h"
+#include "frontend/journal.h"
 #include "http/http.h"
 #include "proto/proto.h"
 #include "rpc/conn.h"
@@ -37,6 +40,7 @@ typedef struct fe_model fe_model;
 typedef struct fe_group fe_group;
 typedef struct fe_job fe_job;
 typedef struct fe_gather fe_gather;
+typedef struct fe_pending_resume fe_pending_resume;
 
 /* ---- metrics ---- */
 #define FE_HIST_BUCKETS 16
@@ -171,6 +175,16 @@ struct fe_req {
     uint64_t t_fail_us; /* when the attempt that started the current migration failed */
     int64_t created;
     uint32_t prompt_tokens, completion_tokens;
+    /* resumable streams (resume.c): the journal record of this stream (NULL = not journaled),
+     * its id, and how the request ended, for the record */
+    fe_jrec *jrec;
+    char stream_id[FE_STREAM_ID_LEN + 1];
+    fe_jtail jtail;
+    char body_digest[65];   /* of the client's body, before the frontend changes anything (resume.c) */
+    bool resumed;           /* built from the journal by a resume: no new record, no admission */
+    fe_jsnap *replay;       /* a resume's copy of the record while its events are being replayed */
+    size_t replay_ev;       /* the next event of `replay` to write */
+    int replay_tail;        /* where the replay ends (resume.c) */
     fe_req *prev, *next; /* all live requests */
 };
 
@@ -195,7 +209,20 @@ typedef struct {
     int64_t max_requests; /* concurrent requests; beyond it 503 */
     int64_t max_backlog;  /* bytes queued for a client that does not read, then it is dropped */
     int64_t threads;      /* event loops (shards.c) */
+    double stream_retention;       /* seconds a stream's journal record is kept after it ends; 0 = off */
+    int64_t stream_retention_bytes; /* cap on the whole journal */
 } fe_opts;
+
+/* What became of a resume (resume.c; baton_frontend_stream_resumes_total{outcome}). */
+typedef enum {
+    FE_RESUME_REPLAYED,   /* a finished answer replayed from the journal */
+    FE_RESUME_CONTINUED,  /* an unfinished one replayed and continued by migration */
+    FE_RESUME_SUPERSEDED, /* ... taken over from a request that still streamed it (client gone) */
+    FE_RESUME_NOT_FOUND,  /* 404: unknown, expired or evicted id */
+    FE_RESUME_INVALID,    /* 400: malformed id, a different body, a position it never sent */
+    FE_RESUME_CONFLICT,   /* 409: still streamed by another thread's request after a second */
+    FE_RESUME_N_
+} fe_resume_outcome;
 
 typedef enum { ROUTE_ROUND_ROBIN, ROUTE_RANDOM, ROUTE_LEAST_LOADED } fe_route_mode;
 
@@ -238,6 +265,8 @@ struct fe {
     STAILQ_HEAD(, fe_job) mail_jobs; /* under mail_mu; initialised by fe_mail_init */
     bool mail_inited, mail_closed;
     LIST_HEAD(, fe_gather) gathers; /* this shard's gathers still waiting for other shards */
+    uint64_t resumes[FE_RESUME_N_]; /* resume.c: resume requests by outcome */
+    fe_pending_resume *pending_resumes; /* resume.c: resumes waiting for another shard */
 };
 
 #define FE_MAX_THREADS 64
@@ -251,6 +280,8 @@ struct fe_group {
     atomic_size_t nconns; /* client connections open in all shards (--max-connections) */
     atomic_int running;   /* threads of shards 1..n-1 whose loop has not ended */
     int64_t started_wall_s; /* Unix time the process started: "created" of /v1/models */
+    fe_journal *journal;  /* the stream journal of the process (NULL = resumable streams off) */
+    uint8_t mac_secret[32]; /* binds journal records to the caller's credential (random, per process) */
 };
 
 /* workers.c */
@@ -303,6 +334,20 @@ void fe_request_finish(fe_req *r, uint8_t reason, uint32_t prompt_tokens, uint32
 void fe_request_reject_busy(fe_req *r);
 /* Ends a request whose context is stopped or killed and that has no attempt running. */
 void fe_request_end_cancelled(fe_req *r);
+/* A new request with the given identity, admitted and linked (the caller dispatches it or ends
+ * it); NULL when over --max-concurrent-requests or out of memory (then http has been answered).
+ * Takes body. created: the chunks' "created" (0 = now). */
+fe_req *fe_request_new(fe *f, bt_http_req *http, bt_api api, json_t *body, const char *rid, fe_model *m,
+                       int64_t created);
+/* Resume (resume.c): appends one replayed token event to b, with its id (pos = the position
+ * after it; role = it was the stream's first event). */
+void fe_request_write_replayed(fe_req *r, bt_buf *b, const uint32_t *ids, size_t n, const char *text, size_t len,
+                               uint32_t pos, bool role);
+/* Ends a resumed request whose record had ended (tail): the events after `mark` (an FE_MARK_*),
+ * then the end of the response; r is freed. */
+void fe_request_replay_tail(fe_req *r, const fe_jtail *tail, int mark);
+/* Starts the SSE response of r: 200 with X-Request-Id, and X-Stream-Id when it is journaled. */
+void fe_request_begin_stream(fe_req *r);
 /* Ends a running request at once with an error the client can read; r is freed. */
 void fe_request_fail(fe_req *r, bt_status code, const char *msg);
 /* Operator cancel: stop (graceful) or kill. Returns false if no such request. */
@@ -334,6 +379,29 @@ void fe_attempt_on_finish(fe_attempt *a, uint8_t reason, uint32_t prompt_tokens,
 void fe_attempt_on_error(fe_attempt *a, bt_status code, const char *msg);
 /* The request ended while a was running: KILL its stream (once), detach it, free it. */
 void fe_attempt_abandon(fe_attempt *a);
+
+/* resume.c */
+/* A POST with Last-Event-ID: the same request again, resumed after that event. */
+void fe_resume_post(fe *f, bt_http_req *http, bt_api api);
+/* GET /v1/chat/completions/{stream_id} or /v1/completions/{stream_id}: the EventSource form. */
+void fe_resume_get(fe *f, bt_http_req *http, bt_api api, const char *stream_id);
+/* True if http was a resume waiting for another shard, which is now dropped (its client left). */
+bool fe_resume_abort(fe *f, bt_http_req *http);
+/* The client's write backlog drained: a replay in progress writes its next events. */
+void fe_resume_on_drain(fe *f, bt_http_req *http);
+/* Parses an event id "<stream id>:<position>[:end|:usage|:done|:error]" (what the frontend
+ * writes in `id:` lines). *mark is 0 for a token event, else FE_MARK_*. Exposed for the unit test. */
+enum { FE_MARK_NONE = 0, FE_MARK_END, FE_MARK_USAGE, FE_MARK_DONE, FE_MARK_ERROR };
+bool fe_resume_parse_id(const char *s, char sid[FE_STREAM_ID_LEN + 1], uint64_t *pos, int *mark);
+/* The caller's credential bound into a journal record: HMAC-SHA256 of its Authorization header
+ * under the process's secret when --api-key is set, zeros otherwise. */
+void fe_key_mac(fe *f, const bt_http_req *http, uint8_t out[FE_KEY_MAC_LEN]);
+/* SHA-256, in hex, of body as canonical JSON (sorted keys, compact); false when out of memory. */
+bool fe_body_digest(const json_t *body, char out[65]);
+/* Journal metrics (shard 0 only: the journal is the process's). */
+void fe_resume_metrics(fe *f, bt_buf *out);
+/* Ends request r, which streams a record a resume wants: its client is taken to be gone. */
+void fe_request_supersede(fe_req *r);
 
 /* shards.c */
 void fe_mail_init(fe *f);

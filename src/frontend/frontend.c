@@ -12,6 +12,7 @@
 
 #include <inttypes.h>
 #include <math.h>
+#include <openssl/rand.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -282,6 +283,15 @@ static void route_request_op(void *ud, bt_http_req *http, const char *tail) {
     handle_cancel(ud, http, id);
 }
 
+/* Resumable streams, the EventSource form: GET /v1/chat/completions/{stream id} (resume.c). */
+static void route_resume_chat(void *ud, bt_http_req *http, const char *tail) {
+    fe_resume_get(ud, http, BT_API_CHAT, tail);
+}
+
+static void route_resume_completion(void *ud, bt_http_req *http, const char *tail) {
+    fe_resume_get(ud, http, BT_API_COMPLETION, tail);
+}
+
 /* The frontend's routes, in order of precedence. Probes and metrics are open (a load balancer's
  * probe or Prometheus carries no API key); everything else needs the key when one is set. */
 static const bt_http_route routes[] = {
@@ -294,6 +304,8 @@ static const bt_http_route routes[] = {
     {"/v1/models/", BT_ROUTE_GET, 0, route_model},
     {"/busy_threshold", BT_ROUTE_GET | BT_ROUTE_POST, 0, route_busy_threshold},
     {"/v1/requests/", BT_ROUTE_POST, 0, route_request_op},
+    {"/v1/chat/completions/", BT_ROUTE_GET, 0, route_resume_chat},
+    {"/v1/completions/", BT_ROUTE_GET, 0, route_resume_completion},
 };
 
 static void on_http_request(void *ud, bt_http_req *http) {
@@ -315,8 +327,10 @@ static void on_http_request(void *ud, bt_http_req *http) {
 }
 
 static void on_http_abort(void *ud, bt_http_req *http) {
-    if (!fe_gather_abort(ud, http)) fe_request_abort(ud, http);
+    if (!fe_gather_abort(ud, http) && !fe_resume_abort(ud, http)) fe_request_abort(ud, http);
 }
+
+static void on_http_drain(void *ud, bt_http_req *http) { fe_resume_on_drain(ud, http); }
 
 /* ---- shutdown ---- */
 
@@ -430,7 +444,7 @@ static int shard_open(fe *f, int port, char *err, size_t errlen) {
         hc.reuse_port_first = f->shard == 0;
         hc.shared_conns = &f->grp->nconns;
     }
-    bt_http_handlers hh = {on_http_request, on_http_abort, NULL};
+    bt_http_handlers hh = {on_http_request, on_http_abort, on_http_drain};
     if (bt_http_server_start(f->loop, &hc, &hh, f, &f->http, err, errlen) != BT_OK) {
         BT_ERROR("%s", err);
         return 1;
@@ -492,6 +506,8 @@ int bt_frontend_main(int argc, char **argv) {
     o->max_requests = 20000;
     o->max_backlog = 8 << 20;
     o->threads = 1;
+    o->stream_retention = 300;
+    o->stream_retention_bytes = (int64_t)256 << 20;
     const bt_opt opts[] = {
         {"--http-port", "DYN_HTTP_PORT", BT_OPT_INT, &o->http_port, 0, 65535, "HTTP port"},
         {"--http-host", "DYN_HTTP_HOST", BT_OPT_STR, &o->http_host, 0, 0, "HTTP address"},
@@ -532,6 +548,10 @@ int bt_frontend_main(int argc, char **argv) {
          "milliseconds new requests are still accepted after SIGTERM"},
         {"--threads", "DYN_HTTP_THREADS", BT_OPT_INT, &o->threads, 1, FE_MAX_THREADS,
          "event loops, one per core to use; connections are spread over them (SO_REUSEPORT)"},
+        {"--stream-retention", "DYN_STREAM_RETENTION", BT_OPT_DOUBLE, &o->stream_retention, 0, 86400,
+         "seconds a stream stays resumable after it ends (0 = streams are not resumable)"},
+        {"--stream-retention-bytes", "DYN_STREAM_RETENTION_BYTES", BT_OPT_INT, &o->stream_retention_bytes, 4096,
+         (double)((int64_t)1 << 40), "memory cap of the stream journal (resumable streams)"},
     };
     int nopts = (int)(sizeof opts / sizeof opts[0]);
     if (bt_proc_help("frontend", opts, nopts, argc, argv)) {
@@ -567,6 +587,15 @@ int bt_frontend_main(int argc, char **argv) {
     g->n = (int)o->threads;
     g->started_wall_s = bt_wall_s();
     g->shard[0] = f;
+    if (o->stream_retention > 0) {
+        g->journal = fe_journal_mem_new(o->stream_retention, (uint64_t)o->stream_retention_bytes);
+        if (!g->journal || RAND_bytes(g->mac_secret, sizeof g->mac_secret) != 1) {
+            BT_ERROR("cannot create the stream journal");
+            fe_journal_destroy(g->journal);
+            free(g);
+            goto bad_usage;
+        }
+    }
     int rc = 0, opened = 0;
     for (int i = 0; i < g->n && rc == 0; i++) {
         fe *s = g->shard[i];
@@ -592,6 +621,10 @@ int bt_frontend_main(int argc, char **argv) {
         BT_INFO("Request migration %s (limit: %lld); router %s; stall timeout %.1fs",
                 o->migration_limit ? "enabled" : "disabled", (long long)o->migration_limit, o->router_mode,
                 o->stall_timeout);
+        if (g->journal)
+            BT_INFO("resumable streams: in-process journal, kept %gs after a stream ends, capped at %lld bytes",
+                    o->stream_retention, (long long)o->stream_retention_bytes);
+        else BT_INFO("resumable streams: off (--stream-retention 0)");
         BT_INFO("frontend listening on http://%s:%d (discovery %s, namespace %s, event plane %s, %d thread%s)",
                 o->http_host, bt_http_server_port(f->http), o->p.discovery, o->ns, bt_events_plane(f->events), g->n,
                 g->n > 1 ? "s" : "");
@@ -646,6 +679,7 @@ int bt_frontend_main(int argc, char **argv) {
         if (i > 0) free(s);
     }
     free(f->rpc_secret);
+    fe_journal_destroy(g->journal);
     free(g);
     free(f);
     return rc;

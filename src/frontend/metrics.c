@@ -183,6 +183,7 @@ void fe_metrics_render(fe *f, bt_buf *b) {
                    "baton_frontend_event_plane_messages_total{result=\"overflow\"} %" PRIu64 "\n",
                    es.received - (es.received < f->events_unknown ? es.received : f->events_unknown),
                    f->events_unknown, es.invalid, es.overflow);
+    fe_resume_metrics(f, b); /* resumable streams and their journal */
     static const char *wg[] = {"active_decode_blocks", "total_blocks", "active_prefill_tokens", "waiting_requests",
                                "busy", "inflight"};
     static const char *wg_help[] = {"KV blocks in use, as the worker last reported",

@@ -103,8 +103,9 @@ void fe_migrate_dispatch(fe_req *r) {
         return;
     }
     bool all_busy = false;
-    /* a continuation was admitted already: it may go to a busy worker rather than fail */
-    fe_worker *w = fe_route(f, r->model, r->failed_worker, r->attempts ? NULL : &all_busy);
+    /* a continuation (a migration, or a resumed stream whose response has begun) was admitted
+     * already: it may go to a busy worker rather than fail */
+    fe_worker *w = fe_route(f, r->model, r->failed_worker, r->attempts || r->resumed ? NULL : &all_busy);
     if (!w) {
         if (all_busy) {
             fe_request_reject_busy(r);

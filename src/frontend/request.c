@@ -12,7 +12,9 @@
  * another attempt (checked before every one), so it is never migrated.
  *
  * Streaming responses are OpenAI SSE chunks; headers go out with the first token, so that a
- * request that cannot be served at all still gets a proper HTTP status. */
+ * request that cannot be served at all still gets a proper HTTP status. Each event has an `id:`
+ * line naming the stream and the position (tokens delivered) after it, and is journaled first
+ * (journal.h), so that a client that loses its connection can resume after it (resume.c). */
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -127,6 +129,11 @@ void fe_req_set_state(fe_req *r, fe_req_state s, const char *reason) {
 
 static void req_free(fe_req *r) {
     fe *f = r->fe;
+    if (r->jrec) fe_journal_close(f->grp->journal, r->jrec, &r->jtail);
+    if (r->replay) {
+        fe_jsnap_free(r->replay);
+        free(r->replay);
+    }
     if (r->prev) r->prev->next = r->next;
     else f->reqs = r->next;
     if (r->next) r->next->prev = r->prev;
@@ -156,12 +163,64 @@ static void req_done(fe_req *r, fe_outcome out) {
 
 /* ---- output ---- */
 
-static void begin_stream(fe_req *r) {
+/* Opens the stream's journal record, unless journaling is off or full (then the stream has no
+ * ids and cannot be resumed) or the request is a resume (it has its record already). */
+static void journal_open(fe_req *r) {
+    fe_journal *j = r->fe->grp->journal;
+    if (!j || r->resumed || r->jrec) return;
+    char *body = json_dumps(r->body, JSON_COMPACT | JSON_SORT_KEYS);
+    if (!body) return;
+    fe_jsnap meta = {.api = r->api,
+                     .body = body,
+                     .body_len = strlen(body),
+                     .created = r->created,
+                     .max_tokens = r->max_tokens,
+                     .include_usage = r->include_usage,
+                     .return_ids = r->return_ids};
+    memcpy(meta.body_digest, r->body_digest, sizeof meta.body_digest);
+    snprintf(meta.rid, sizeof meta.rid, "%s", r->rid);
+    snprintf(meta.model, sizeof meta.model, "%s", r->model->name);
+    uint8_t mac[FE_KEY_MAC_LEN];
+    fe_key_mac(r->fe, r->http, mac);
+    r->jrec = fe_journal_open(j, &meta, mac, r->fe->shard);
+    if (r->jrec) memcpy(r->stream_id, meta.stream_id, sizeof r->stream_id);
+    free(body);
+}
+
+void fe_request_begin_stream(fe_req *r) {
     if (r->headers_sent || !r->http) return;
-    char hdr[160];
-    snprintf(hdr, sizeof hdr, "X-Request-Id: %s\r\n", r->rid);
+    journal_open(r);
+    char hdr[200];
+    if (r->jrec) snprintf(hdr, sizeof hdr, "X-Request-Id: %s\r\nX-Stream-Id: %s\r\n", r->rid, r->stream_id);
+    else snprintf(hdr, sizeof hdr, "X-Request-Id: %s\r\n", r->rid);
     bt_http_stream_begin(r->http, 200, "text/event-stream", hdr);
     r->headers_sent = true;
+}
+
+static void begin_stream(fe_req *r) { fe_request_begin_stream(r); }
+
+/* The SSE id line of an event: "<stream id>:<position>" for a token event, with ":end",
+ * ":usage", ":done" or ":error" for the events after the last token (resume.c parses it). */
+static void append_id(bt_buf *b, const fe_req *r, size_t pos, const char *mark) {
+    if (!r->jrec) return;
+    /* on the per-token path: built by hand, not by a formatted print */
+    char line[4 + FE_STREAM_ID_LEN + 1 + 20 + 8 + 1];
+    size_t n = 0;
+    memcpy(line, "id: ", 4);
+    n = 4;
+    memcpy(line + n, r->stream_id, FE_STREAM_ID_LEN);
+    n += FE_STREAM_ID_LEN;
+    line[n++] = ':';
+    char digits[20];
+    size_t d = 0;
+    do digits[d++] = (char)('0' + pos % 10);
+    while ((pos /= 10) != 0);
+    while (d) line[n++] = digits[--d];
+    size_t ml = strlen(mark);
+    memcpy(line + n, mark, ml); /* "", ":end", ":usage", ":done" or ":error" */
+    n += ml;
+    line[n++] = '\n';
+    bt_buf_append(b, line, n);
 }
 
 static void append_ids(bt_buf *b, const uint32_t *ids, size_t n) {
@@ -210,19 +269,53 @@ static void build_chunk(fe_req *r, bt_buf *b, const uint32_t *ids, size_t n, con
     bt_buf_append_str(b, "}]}\n\n");
 }
 
-/* One SSE event with new text (and ids): one write to the client. False, with nothing written,
- * when the event did not fit the scratch buffer (the caller ends the request). */
+/* One SSE event with new text (and ids): journaled, then one write to the client. False, with
+ * nothing written or journaled, when the event did not fit the scratch buffer (the caller ends the
+ * request). */
 static bool write_chunk(fe_req *r, const uint32_t *ids, size_t n, const char *text, size_t len) {
     bt_buf *b = &r->fe->scratch;
     bt_buf_reset(b);
+    append_id(b, r, r->nids, "");
     build_chunk(r, b, ids, n, text, len, NULL);
     if (bt_buf_status(b) != BT_OK) return false;
+    if (r->jrec && !fe_journal_append(r->fe->grp->journal, r->jrec, ids, n, text, len)) {
+        BT_WARN("request %s: stream journal full; stream %s is no longer resumable", r->rid, r->stream_id);
+        fe_journal_close(r->fe->grp->journal, r->jrec, &r->jtail); /* frees the dropped record */
+        r->jrec = NULL;
+    }
     bt_http_stream_write(r->http, b->data, b->len);
     return true;
 }
 
+void fe_request_write_replayed(fe_req *r, bt_buf *b, const uint32_t *ids, size_t n, const char *text, size_t len,
+                               uint32_t pos, bool role) {
+    r->role_sent = !role;
+    append_id(b, r, pos, "");
+    build_chunk(r, b, ids, n, text, len, NULL);
+}
+
 static void usage_json(bt_buf *b, uint32_t pt, uint32_t ct) {
     bt_buf_appendf(b, "{\"prompt_tokens\":%u,\"completion_tokens\":%u,\"total_tokens\":%u}", pt, ct, pt + ct);
+}
+
+/* The events after the last token, from the one after `mark` (FE_MARK_NONE: all of them): the
+ * final event, the usage event if asked for, [DONE]. */
+static void build_tail(fe_req *r, bt_buf *b, const char *reason, int mark) {
+    if (mark < FE_MARK_END) {
+        append_id(b, r, r->nids, ":end");
+        build_chunk(r, b, NULL, 0, NULL, 0, reason);
+    }
+    if (r->include_usage && mark < FE_MARK_USAGE) {
+        append_id(b, r, r->nids, ":usage");
+        /* the prefix ends inside "choices":[{ — a usage chunk has an empty choices list */
+        size_t head = r->prefix.len - strlen("[{\"index\":0,");
+        bt_buf_append(b, r->prefix.data, head);
+        bt_buf_append_str(b, "[],\"usage\":");
+        usage_json(b, r->prompt_tokens, r->completion_tokens);
+        bt_buf_append_str(b, "}\n\n");
+    }
+    append_id(b, r, r->nids, ":done");
+    bt_buf_append_str(b, "data: [DONE]\n\n");
 }
 
 /* The final event, the usage event if asked for, [DONE] and the end of the chunked body go out
@@ -231,23 +324,30 @@ static void finish_streaming(fe_req *r, const char *reason) {
     begin_stream(r);
     bt_buf *b = &r->fe->scratch;
     bt_buf_reset(b);
-    build_chunk(r, b, NULL, 0, NULL, 0, reason);
-    if (r->include_usage) {
-        /* the prefix ends inside "choices":[{ — a usage chunk has an empty choices list */
-        size_t head = r->prefix.len - strlen("[{\"index\":0,");
-        bt_buf_append(b, r->prefix.data, head);
-        bt_buf_append_str(b, "[],\"usage\":");
-        usage_json(b, r->prompt_tokens, r->completion_tokens);
-        bt_buf_append_str(b, "}\n\n");
-    }
-    bt_buf_append_str(b, "data: [DONE]\n\n");
+    build_tail(r, b, reason, FE_MARK_NONE);
     if (bt_buf_status(b) != BT_OK) { /* out of memory: end the stream short rather than malformed */
         BT_ERROR("request %s: cannot build its last events (%s); closing the stream", r->rid,
                  bt_status_msg(bt_buf_status(b)));
         bt_http_stream_end(r->http, true);
         return;
     }
+    r->jtail.kind = FE_JTAIL_FINISH;
+    snprintf(r->jtail.finish, sizeof r->jtail.finish, "%s", reason);
+    r->jtail.prompt_tokens = r->prompt_tokens;
+    r->jtail.completion_tokens = r->completion_tokens;
     bt_http_stream_finish(r->http, b->data, b->len);
+}
+
+/* Writes a mid-stream error event (with its id) and closes the response; no [DONE]. */
+static void write_error_event(fe_req *r, int status, const char *code, const char *msg) {
+    bt_buf *b = &r->fe->scratch;
+    bt_buf_reset(b);
+    append_id(b, r, r->nids, ":error");
+    bt_buf_append_str(b, "data: ");
+    fe_error_body(b, status, code, NULL, msg);
+    bt_buf_append_str(b, "\n\n");
+    if (bt_buf_status(b) == BT_OK) bt_http_stream_write(r->http, b->data, b->len);
+    bt_http_stream_end(r->http, true);
 }
 
 static void finish_unary(fe_req *r, const char *reason) {
@@ -286,14 +386,16 @@ static void fail_request(fe_req *r, bt_status code, const char *msg) {
             bt_status_name(code));
     if (r->http) {
         if (r->headers_sent) {
-            /* mid-stream: a final data event with an OpenAI error object, then close, no [DONE] */
-            bt_buf *b = &r->fe->scratch;
-            bt_buf_reset(b);
-            bt_buf_append_str(b, "data: ");
-            fe_error_body(b, status, code_for(code), NULL, msg);
-            bt_buf_append_str(b, "\n\n");
-            if (bt_buf_status(b) == BT_OK) bt_http_stream_write(r->http, b->data, b->len);
-            bt_http_stream_end(r->http, true);
+            /* mid-stream: a final data event with an OpenAI error object, then close, no [DONE].
+             * An operator's kill is an answer (a resume replays it); any other error leaves the
+             * stream unfinished: a resume continues it. */
+            if (code == BT_ERR_CANCELLED) {
+                r->jtail.kind = FE_JTAIL_ERROR;
+                r->jtail.status = status;
+                snprintf(r->jtail.code, sizeof r->jtail.code, "%s", code_for(code));
+                snprintf(r->jtail.message, sizeof r->jtail.message, "%s", msg);
+            }
+            write_error_event(r, status, code_for(code), msg);
         } else {
             fe_json_error_ex(r->http, r->rid, status, code_for(code),
                              code == BT_ERR_CONTEXT_LENGTH ? (r->api == BT_API_CHAT ? "messages" : "prompt") : NULL,
@@ -307,6 +409,24 @@ static void fail_request(fe_req *r, bt_status code, const char *msg) {
 
 /* Ends a running request with an error the client can read (the frontend's shutdown bound). */
 void fe_request_fail(fe_req *r, bt_status code, const char *msg) { fail_request(r, code, msg); }
+
+void fe_request_replay_tail(fe_req *r, const fe_jtail *tail, int mark) {
+    r->jtail = *tail;
+    if (tail->kind == FE_JTAIL_ERROR) {
+        write_error_event(r, tail->status, tail->code, tail->message);
+    } else {
+        r->prompt_tokens = tail->prompt_tokens;
+        r->completion_tokens = tail->completion_tokens;
+        bt_buf *b = &r->fe->scratch;
+        bt_buf_reset(b);
+        build_tail(r, b, tail->finish, mark);
+        if (bt_buf_status(b) == BT_OK) bt_http_stream_finish(r->http, b->data, b->len);
+        else bt_http_stream_end(r->http, true); /* out of memory: short, never malformed */
+    }
+    r->http->user = NULL;
+    r->http = NULL;
+    req_done(r, tail->kind == FE_JTAIL_ERROR ? FE_OUT_CANCELLED : FE_OUT_SUCCESS);
+}
 
 /* ---- cancellation ---- */
 
@@ -433,6 +553,22 @@ void fe_request_abort(fe *f, bt_http_req *http) {
             r->stream ? "streaming" : "unary", r->attempts);
     http->user = NULL;
     r->http = NULL;
+    r->t_cancel_us = bt_now_us();
+    bt_ctx_kill(r->ctx); /* r is freed by the time this returns */
+}
+
+/* A resume wants the stream r still holds: r's client is taken to be gone (a connection that died
+ * without a FIN or RST is noticed only by a later write). Its response is closed without [DONE],
+ * and the request is killed as on a disconnect; its record is left unfinished for the resume. */
+void fe_request_supersede(fe_req *r) {
+    BT_INFO("request %s: stream %s resumed by another connection after %zu tokens; ending this one", r->rid,
+            r->stream_id, r->nids);
+    if (r->http) {
+        bt_http_stream_end(r->http, true);
+        r->http->user = NULL;
+        r->http = NULL;
+    }
+    r->fe->disconnected_clients++;
     r->t_cancel_us = bt_now_us();
     bt_ctx_kill(r->ctx); /* r is freed by the time this returns */
 }
@@ -632,6 +768,10 @@ static bool context_fits(const fe *f, const fe_model *m, const json_t *body, bt_
 }
 
 void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
+    if (http->last_event_id) { /* the same request again, after a lost connection */
+        fe_resume_post(f, http, api);
+        return;
+    }
     char err[256];
     char rid[RID_MAX + 8];
     if (http->request_id && valid_rid(http->request_id)) snprintf(rid, sizeof rid, "%s", http->request_id);
@@ -652,6 +792,10 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
         json_decref(body);
         return;
     }
+    /* what a resume's re-POST must match: the body exactly as the client sent it, taken before
+     * anything is added to it (resume.c) */
+    char digest[65] = "";
+    if (json_is_true(json_object_get(body, "stream")) && f->grp->journal) fe_body_digest(body, digest);
     const char *model_name = json_string_value(json_object_get(body, "model"));
     fe_model *m = fe_model_get(f, model_name, false);
     if (!m) {
@@ -672,19 +816,29 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
         json_decref(body);
         return;
     }
+    fe_req *r = fe_request_new(f, http, api, body, rid, m, 0);
+    if (!r) return;
+    memcpy(r->body_digest, digest, sizeof digest);
+    BT_DEBUG("request %s: admitted (%s, %s, max_tokens %" PRId64 ")", r->rid, api == BT_API_CHAT ? "chat" : "completion",
+             r->stream ? "streaming" : "unary", r->max_tokens);
+    fe_migrate_dispatch(r);
+}
+
+fe_req *fe_request_new(fe *f, bt_http_req *http, bt_api api, json_t *body, const char *rid, fe_model *m,
+                       int64_t created) {
     if (!fe_reqs_reserve(f)) { /* the limit is the process's, over every shard */
         f->limit_rejections++;
         fe_json_error(http, rid, 503, "overloaded", "too many concurrent requests (limit %lld)",
                       (long long)f->o.max_requests);
         json_decref(body);
-        return;
+        return NULL;
     }
     fe_req *r = calloc(1, sizeof *r);
     if (!r) {
         fe_reqs_release(f);
         fe_json_error(http, rid, 500, "out_of_memory", "out of memory");
         json_decref(body);
-        return;
+        return NULL;
     }
     r->ctx = bt_ctx_new(rid, on_req_cancel, r);
     if (!r->ctx) {
@@ -692,7 +846,7 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
         fe_json_error(http, rid, 500, "out_of_memory", "out of memory");
         json_decref(body);
         free(r);
-        return;
+        return NULL;
     }
     r->fe = f;
     r->model = m;
@@ -710,7 +864,7 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
     r->max_tokens = json_is_integer(mt) ? json_integer_value(mt) : -1;
     r->attempts_left = (int)f->o.migration_limit + 1;
     r->t_start_us = bt_now_us();
-    r->created = bt_wall_s();
+    r->created = created ? created : bt_wall_s();
     bt_buf_init(&r->text, (size_t)64 << 20);
     build_prefix(r);
     r->next = f->reqs;
@@ -718,7 +872,5 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
     f->reqs = r;
     f->nreqs++;
     m->st.inflight++;
-    BT_DEBUG("request %s: admitted (%s, %s, max_tokens %" PRId64 ")", r->rid, api == BT_API_CHAT ? "chat" : "completion",
-             r->stream ? "streaming" : "unary", r->max_tokens);
-    fe_migrate_dispatch(r);
+    return r;
 }

@@ -39,6 +39,7 @@ struct bt_http_req {
     const char *request_id;   /* X-Request-Id header value, or NULL */
     const char *authorization;/* Authorization header value, or NULL */
     const char *content_type; /* Content-Type header value, or NULL */
+    const char *last_event_id;/* Last-Event-ID header value (an SSE client resuming), or NULL */
     void *user;               /* free for the handler */
 };
 

@@ -223,6 +223,23 @@ def test_migrations_fresh_recovery_processes():
     print("ok - migrations, fresh requests, recovery, stall and processes fail when broken")
 
 
+def test_resumes():
+    cfg = dict(CFG, min_resumes=3)
+
+    def resumed(run, n_client=3, n_server=3):
+        for i, r in enumerate(run["requests"]):
+            r["resumes"] = 1 if i < n_client else 0
+        run["resumes"] = n_server
+    run = good_run()
+    resumed(run)
+    v, res = verdict(run, cfg)
+    assert res["resumes"]["ok"] is True and v == "PASS", res["resumes"]
+    expect_fail("fewer resumes than required", lambda run: resumed(run, 2, 2), "resumes", cfg)
+    expect_fail("resumes the frontends did not count", lambda run: resumed(run, 3, 1), "resumes", cfg)
+    expect_fail("resume counter unreadable", lambda run: resumed(run, 3, None), "resumes", cfg)
+    print("ok - resumes fail when the load resumed too little or the frontends did not see it")
+
+
 def _sleeper(ignore_usr1=False):
     code = "import signal,time\n"
     if ignore_usr1:
@@ -329,6 +346,7 @@ test_all_ended()
 test_baseline()
 test_evidence()
 test_migrations_fresh_recovery_processes()
+test_resumes()
 test_injector_evidence()
 test_scenario_parser()
 test_report()

@@ -499,6 +499,9 @@ class Stream:
     bad_lines   data payloads that were not JSON
     after_done  data payloads that arrived after [DONE] (a protocol error)
     unterminated    [DONE] came but the response did not end within a few seconds after it
+    event_ids   the SSE `id:` of each data event, [DONE] included (None for an event without one)
+    last_event_id   the last `id:` received (what an SSE client sends back as Last-Event-ID)
+    raw         every byte of the body as received (SSE streams; for byte-exact comparisons)
     """
 
     def __init__(self):
@@ -525,6 +528,9 @@ class Stream:
         self.after_done = []
         self.unterminated = False
         self.t_done = None
+        self.event_ids = []
+        self.last_event_id = None
+        self.raw = b""
 
     @property
     def ok(self):
@@ -594,8 +600,9 @@ class Stream:
 _AFTER_DONE_S = 5.0
 
 
-def stream_sse(url, path, body, timeout=60.0, abort_after=None, on_event=None, headers=None):
-    """POSTs `body` (JSON) to url+path and reads the SSE answer incrementally.
+def stream_sse(url, path, body, timeout=60.0, abort_after=None, on_event=None, headers=None, method="POST"):
+    """POSTs `body` (JSON) to url+path (or GETs url+path with method="GET" and body None) and
+    reads the SSE answer incrementally.
 
     Never raises for what the server does: connection refused, resets, early EOF, a non-200
     answer and the overall `timeout` are all recorded on the returned Stream.
@@ -608,7 +615,7 @@ def stream_sse(url, path, body, timeout=60.0, abort_after=None, on_event=None, h
     full_path = _split_url(base + path)[2]
     hdrs = {"Accept": "text/event-stream"}
     hdrs.update(headers or {})
-    data = _encode_body(body, hdrs)
+    data = _encode_body(body, hdrs) if body is not None else None
     end = time.monotonic() + timeout
     conn = http.client.HTTPConnection(host, port, timeout=max(0.1, timeout))
     st.t_start = time.monotonic()
@@ -617,7 +624,7 @@ def stream_sse(url, path, body, timeout=60.0, abort_after=None, on_event=None, h
     try:
         conn.connect()
         sock = conn.sock  # kept: http.client may drop conn.sock while the response still reads it
-        conn.request("POST", full_path, body=data, headers=hdrs)
+        conn.request(method, full_path, body=data, headers=hdrs)
         resp = conn.getresponse()
         st.status = resp.status
         st.headers = _lower_headers(resp.headers)
@@ -629,6 +636,7 @@ def stream_sse(url, path, body, timeout=60.0, abort_after=None, on_event=None, h
                 st.error = err if isinstance(err, dict) else {"message": str(err)}
             return st
         datalines = []
+        cur_id = None
         while True:
             now = time.monotonic()
             remaining = end - now
@@ -652,11 +660,16 @@ def stream_sse(url, path, body, timeout=60.0, abort_after=None, on_event=None, h
                 raise
             if not raw:
                 break  # end of the response body
+            st.raw += raw
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
             if line == "":
                 if datalines:
                     payload = "\n".join(datalines)
                     datalines = []
+                    st.event_ids.append(cur_id)
+                    if cur_id is not None:
+                        st.last_event_id = cur_id
+                    cur_id = None
                     if st.done:
                         st.after_done.append(payload)
                         continue
@@ -678,6 +691,8 @@ def stream_sse(url, path, body, timeout=60.0, abort_after=None, on_event=None, h
                 value = value[1:]
             if field == "data":
                 datalines.append(value)
+            elif field == "id":
+                cur_id = value
         if datalines and not st.aborted and not st.timed_out and not st.done:
             st._on_data("\n".join(datalines), time.monotonic())  # last event without a blank line
     except socket.timeout as e:

@@ -290,6 +290,23 @@ def check_migrations(run, cfg):
     return _result("migrations", True, f"{m:g} migrations (bounds {lo}..{hi if hi >= 0 else 'any'})", migrations=m)
 
 
+def check_resumes(run, cfg):
+    """Load requests that resumed a cut stream (re-POST with Last-Event-ID), and the frontends'
+    resume counter, reached min_resumes."""
+    lo = cfg.get("min_resumes", 0)
+    client = sum(r.get("resumes") or 0 for r in run.get("requests") or [])
+    server = run.get("resumes")
+    if lo <= 0:
+        return _result("resumes", None, f"not bounded ({client} resumes by the load)", resumes=client)
+    if client < lo:
+        return _result("resumes", False, f"{client} resumes by the load, at least {lo} expected", resumes=client)
+    if server is None or server < client:
+        return _result("resumes", False, f"the load resumed {client} times but the frontends counted {server}",
+                       resumes=client)
+    return _result("resumes", True, f"{client} resumes by the load (frontends counted {server:g}; at least {lo})",
+                   resumes=client)
+
+
 def worst_stall(run):
     """(seconds, request seq) of the longest wait between progress points of a completed load
     request (send, then each token event)."""
@@ -399,8 +416,8 @@ def check_processes(run, cfg):
     return _result("processes", True, "no unexpected exits; clean shutdown")
 
 
-ALL = (check_byte_exact, check_all_ended, check_baseline, check_fresh, check_evidence, check_migrations, check_stall,
-       check_recovery, check_processes)
+ALL = (check_byte_exact, check_all_ended, check_baseline, check_fresh, check_evidence, check_migrations, check_resumes,
+       check_stall, check_recovery, check_processes)
 
 
 def evaluate(run, cfg):

@@ -14,6 +14,11 @@ full text and token ids, finish_reason and usage. Outcomes:
   timeout   the client's bound ran out: a hung request
   protocol  malformed answer (non-JSON data line, data after [DONE], non-JSON error page)
   aborted   the client dropped it on purpose (disconnect storms)
+
+With load.resume, a streaming client whose connection ends without [DONE] (cut by a fault, or by
+the client itself with load.client_cuts) resumes it: it POSTs the same body again with the
+Last-Event-ID of the last event it received, up to load.resume_attempts times, and the Record is
+the whole answer put together (`resumes` says how many times it reconnected).
 """
 
 import http.client
@@ -84,7 +89,8 @@ def probe_shape(model, seed):
 
 class Record:
     __slots__ = ("kind", "seq", "shape", "api", "stream", "url", "t_send", "t_first", "t_end", "events", "status",
-                 "outcome", "error", "text", "token_ids", "finish_reason", "usage", "request_id", "exception")
+                 "outcome", "error", "text", "token_ids", "finish_reason", "usage", "request_id", "exception",
+                 "resumes")
 
     def __init__(self, kind, seq, shape, url):
         self.kind = kind
@@ -104,6 +110,7 @@ class Record:
         self.usage = None
         self.request_id = None
         self.exception = None
+        self.resumes = 0
 
     def to_dict(self):
         return {k: getattr(self, k) for k in self.__slots__}
@@ -112,7 +119,8 @@ class Record:
     def from_dict(cls, d):
         r = cls.__new__(cls)
         for k in cls.__slots__:
-            setattr(r, k, d.get(k, [] if k in ("events", "token_ids") else "" if k == "text" else None))
+            setattr(r, k, d.get(k, [] if k in ("events", "token_ids") else "" if k == "text" else
+                                0 if k == "resumes" else None))
         return r
 
     @property
@@ -151,44 +159,73 @@ def _tokens_in(obj):
     return len(ids), bool(ids or piece)
 
 
-def send(url, shape, t0, timeout, kind="load", seq=0, on_tokens=None, abort_after=None):
+def send(url, shape, t0, timeout, kind="load", seq=0, on_tokens=None, abort_after=None, resume=0, cut_at=None):
     """Sends one request and returns its Record (times relative to t0). Never raises for what the
     server or the network does. on_tokens(n) is called as tokens arrive; abort_after=k drops the
-    connection after k events."""
+    connection after k events. resume=n: a stream cut without [DONE] is resumed with Last-Event-ID
+    up to n times; cut_at=k: the client cuts its first connection after k events itself (and
+    resumes)."""
     rec = Record(kind, seq, shape, url)
     if shape.stream:
-        _send_stream(rec, url, shape, t0, timeout, on_tokens, abort_after)
+        _send_stream(rec, url, shape, t0, timeout, on_tokens, abort_after, resume, cut_at)
     else:
         _send_unary(rec, url, shape, t0, timeout, on_tokens)
     return rec
 
 
-def _send_stream(rec, url, shape, t0, timeout, on_tokens, abort_after):
+def _resumable(st):
+    """A piece of a stream that ended without [DONE] and without an error it could read: its
+    connection was cut (or refused, while a frontend restarts)."""
+    if st.done or st.error is not None or st.timed_out:
+        return False
+    return st.aborted or st.closed_early or st.status is None
+
+
+def _send_stream(rec, url, shape, t0, timeout, on_tokens, abort_after, resume=0, cut_at=None):
     bl = batonlib()
-    counted = [0]
 
     def on_event(st, obj):
         n, carried = _tokens_in(obj)
         if carried and on_tokens is not None and n:
             on_tokens(n)
-        counted[0] += 1
         return False
 
-    st = bl.stream_sse(url, shape.path, shape.body, timeout=timeout, abort_after=abort_after, on_event=on_event)
-    rec.t_send = st.t_start - t0 if st.t_start is not None else None
+    end = time.monotonic() + timeout
+    pieces = []
+    last_id = None
+    while True:
+        first = not pieces
+        hdrs = {"Last-Event-ID": last_id} if last_id else None
+        k = abort_after if first and cut_at is None else cut_at if first else None
+        st = bl.stream_sse(url, shape.path, shape.body, timeout=max(0.1, end - time.monotonic()), abort_after=k,
+                           on_event=on_event, headers=hdrs)
+        pieces.append(st)
+        last_id = st.last_event_id or last_id
+        planned = first and cut_at is not None and st.aborted
+        if not (resume and len(pieces) <= resume and last_id and (planned or _resumable(st))):
+            break
+        if not planned and abort_after is not None and first:
+            break  # a disconnect storm's drop is the outcome itself
+        if time.monotonic() >= end:
+            break
+        time.sleep(0.05 if st.status is not None else 0.2)
+    st = pieces[-1]
+    rec.resumes = len(pieces) - 1
+    rec.t_send = pieces[0].t_start - t0 if pieces[0].t_start is not None else None
     rec.t_end = st.t_end - t0 if st.t_end is not None else None
     rec.status = st.status
     rec.error = st.error
-    rec.text = st.text
-    rec.token_ids = list(st.token_ids)
-    rec.finish_reason = st.finish_reason
-    rec.usage = st.usage
-    rec.request_id = st.headers.get("x-request-id") if st.headers else None
+    rec.text = "".join(p.text for p in pieces)
+    rec.token_ids = [t for p in pieces for t in p.token_ids]
+    rec.finish_reason = next((p.finish_reason for p in reversed(pieces) if p.finish_reason), None)
+    rec.usage = next((p.usage for p in reversed(pieces) if p.usage), None)
+    rec.request_id = next((p.headers.get("x-request-id") for p in pieces if p.headers), None)
     rec.exception = st.exception
-    for obj, t in zip(st.events, st.t_events):
-        n, carried = _tokens_in(obj)
-        if carried:
-            rec.events.append([round(t - t0, 6), n])
+    for p in pieces:
+        for obj, t in zip(p.events, p.t_events):
+            n, carried = _tokens_in(obj)
+            if carried:
+                rec.events.append([round(t - t0, 6), n])
     rec.t_first = rec.events[0][0] if rec.events else None
     if st.aborted:
         rec.outcome = "aborted"
@@ -317,7 +354,14 @@ class Load:
             url = self.urls[i % len(self.urls)]
             with self._lock:
                 self.open[i] = (shape, url, time.monotonic() - self.t0)
-            rec = send(url, shape, self.t0, self.cfg["request_timeout"], "load", i, on_tokens=self.add_tokens)
+            cut_at = None
+            if shape.stream and self.cfg.get("client_cuts"):
+                rng = random.Random(f"baton-chaos-cut-{i}")
+                if rng.random() < self.cfg["client_cuts"]:
+                    cut_at = rng.randint(*self.cfg["client_cut_events"])
+            resume = self.cfg["resume_attempts"] if self.cfg.get("resume") else 0
+            rec = send(url, shape, self.t0, self.cfg["request_timeout"], "load", i, on_tokens=self.add_tokens,
+                       resume=resume, cut_at=cut_at)
             with self._lock:
                 if self.open.pop(i, None) is None:
                     return  # join() gave up on this request and recorded it as hung

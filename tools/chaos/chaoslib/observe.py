@@ -34,6 +34,7 @@ FRONTEND_COUNTERS = {
     "disconnected_clients": ("dynamo_frontend_disconnected_clients", {}),
     "cancellations": ("dynamo_frontend_model_cancellation_total", {}),
     "output_tokens": ("dynamo_frontend_output_tokens_total", {}),
+    "resumes": ("baton_frontend_stream_resumes_total", {}),
 }
 WORKER_COUNTERS = {
     "tokens": ("dynamo_component_tokens_total", {}),

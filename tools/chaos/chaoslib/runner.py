@@ -258,6 +258,7 @@ def _run_with(sc, topo, urls, model, endpoints, processes, run_dir):
     sampler.stop()
     migrations = sampler.migrations_performed(baseline_pids)
     migration_events = sampler.counter_delta("migrations", "frontend", baseline_pids)
+    resumes = sampler.counter_delta("resumes", "frontend", baseline_pids)
     proc_info = None
     if topo is not None:
         proc_info = _process_outcomes(topo, [f.record for f in fts])
@@ -267,7 +268,7 @@ def _run_with(sc, topo, urls, model, endpoints, processes, run_dir):
            "storm": [r.to_dict() for r in env.storm_records], "faults": [f.record for f in fts],
            "baseline": {"before": before, "after": after, "waited": waited, "expected_gone": sorted(gone)},
            "migrations": migrations, "migration_events": migration_events, "processes": proc_info, "samples": sampler.samples,
-           "tokens_delivered": load.tokens}
+           "tokens_delivered": load.tokens, "resumes": resumes}
     return run
 
 

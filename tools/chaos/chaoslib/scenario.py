@@ -41,6 +41,11 @@ LOAD_DEFAULTS = {
     "request_timeout": 60.0,  # client-side bound on one request
     "probe_interval": 0.25,   # seconds between recovery probes (0: no prober)
     "model": None,            # default: the topology's model, or the first of GET /v1/models
+    "resume": False,          # a streaming client whose connection ends without [DONE] resumes
+                              # (re-POST with Last-Event-ID), up to resume_attempts times
+    "resume_attempts": 5,
+    "client_cuts": 0.0,       # fraction of streaming requests whose client cuts its own connection
+    "client_cut_events": [1, 40],  # ... after this many events (inclusive range); needs resume
 }
 
 TOPOLOGY_DEFAULTS = {
@@ -75,6 +80,7 @@ CHECK_DEFAULTS = {
     "evidence": True,
     "min_migrations": 0,
     "max_migrations": -1,     # -1: no upper bound
+    "min_resumes": 0,         # resumed load requests at least (client side, and the frontends' counter)
     "max_stall": None,        # seconds; worst gap between two tokens of a completed stream
     "max_recovery": None,     # seconds from the fault to the first stable successful probe
 }
@@ -250,6 +256,13 @@ def build(raw, path=None, name=None):
         load[k] = seconds(load[k], f"load.{k}")
     load["prompt_words"] = _range(load["prompt_words"], "load.prompt_words")
     load["output_tokens"] = _range(load["output_tokens"], "load.output_tokens")
+    load["client_cut_events"] = _range(load["client_cut_events"], "load.client_cut_events")
+    if not 0 <= load["client_cuts"] <= 1:
+        raise ScenarioError("load.client_cuts: a fraction from 0 to 1")
+    if load["client_cuts"] and not load["resume"]:
+        raise ScenarioError("load.client_cuts needs load.resume = true (a cut stream is resumed)")
+    if load["resume_attempts"] < 1:
+        raise ScenarioError("load.resume_attempts must be >= 1")
     if load["api"] not in ("chat", "completions", "mixed"):
         raise ScenarioError("load.api: chat, completions or mixed")
     if load["stream"] not in (True, False, "mixed"):

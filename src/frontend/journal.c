@@ -1,0 +1,372 @@
+/* journal.c — the in-process stream journal (see journal.h): one per frontend process, shared by
+ * its shards under one mutex.
+ *
+ * Records are found by their stream id (128 random bits; the map is keyed by the first 64 and the
+ * whole id is compared). A running stream's record is "live" and owned by its request; when the
+ * request ends the record joins the "ended" list, in the order streams ended, and expires
+ * `retention_s` later: since the window is the same for every record the list stays sorted, so
+ * expiry pops from its head. Expired records are freed by the next call into the journal (any
+ * open, claim or stats), so an idle frontend's /metrics still shows what it holds truthfully.
+ *
+ * Memory: each record accounts what it allocates (the struct, the body, the capacity of its id,
+ * text and event arrays); the sum is capped at max_bytes. Growth that would pass the cap first
+ * evicts ended records (oldest first); if that is not enough, a new record is refused and a live
+ * one is dropped: its data is freed and its stream goes on unjournaled. */
+#include "frontend/journal.h"
+
+#include <openssl/crypto.h>
+#include <openssl/rand.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <uv.h>
+
+#include "common/map.h"
+#include "common/util.h"
+
+typedef enum { REC_LIVE, REC_ENDED, REC_DROPPED } rec_state;
+
+struct fe_jrec {
+    fe_jsnap s; /* ids/text/ev capacities below */
+    size_t ids_cap, text_cap, ev_cap;
+    uint8_t key_mac[FE_KEY_MAC_LEN];
+    uint64_t key; /* map key: the id's first 64 bits */
+    rec_state state;
+    int shard;   /* LIVE: the shard of the request that streams it */
+    uint64_t expires_ms;     /* ENDED */
+    fe_jrec *prev, *next;    /* ENDED: the ended list */
+    size_t bytes;            /* accounted */
+};
+
+typedef struct {
+    fe_journal pub;
+    uv_mutex_t mu;
+    bt_map recs; /* key → fe_jrec (LIVE and ENDED; DROPPED ones are not in it) */
+    fe_jrec *ended_head, *ended_tail;
+    fe_journal_stats st;
+} mem_journal;
+
+void fe_jsnap_free(fe_jsnap *s) {
+    if (!s) return;
+    free(s->body);
+    free(s->ids);
+    free(s->text);
+    free(s->ev);
+    s->body = s->text = NULL;
+    s->ids = NULL;
+    s->ev = NULL;
+}
+
+static uint64_t id_key(const char *sid) {
+    uint64_t k = 0;
+    for (int i = 0; i < 16; i++) {
+        char c = sid[i];
+        k = (k << 4) | (uint64_t)(c <= '9' ? c - '0' : c - 'a' + 10);
+    }
+    return k ? k : 1;
+}
+
+static size_t rec_bytes(const fe_jrec *r) {
+    return sizeof *r + r->s.body_len + 1 + r->ids_cap * sizeof(uint32_t) + r->text_cap + r->ev_cap * sizeof(fe_jevent);
+}
+
+static void ended_unlink(mem_journal *m, fe_jrec *r) {
+    if (r->prev) r->prev->next = r->next;
+    else m->ended_head = r->next;
+    if (r->next) r->next->prev = r->prev;
+    else m->ended_tail = r->prev;
+    r->prev = r->next = NULL;
+}
+
+/* Frees a record's data; a LIVE record's struct stays with its owner (DROPPED) until close. */
+static void rec_release(mem_journal *m, fe_jrec *r) {
+    if (r->state != REC_DROPPED) bt_map_del(&m->recs, r->key);
+    m->st.bytes -= r->bytes;
+    r->bytes = 0;
+    fe_jsnap_free(&r->s);
+    r->ids_cap = r->text_cap = r->ev_cap = 0;
+    if (r->state == REC_ENDED) {
+        ended_unlink(m, r);
+        m->st.ended--;
+        free(r);
+    } else if (r->state == REC_LIVE) {
+        m->st.live--;
+        r->state = REC_DROPPED;
+    }
+}
+
+static void sweep(mem_journal *m, uint64_t now) {
+    while (m->ended_head && m->ended_head->expires_ms <= now) {
+        m->st.evicted_expired++;
+        rec_release(m, m->ended_head);
+    }
+}
+
+/* Makes room for `extra` more bytes by evicting ended records; false if there is not enough. */
+static bool make_room(mem_journal *m, size_t extra) {
+    while (m->st.bytes + extra > m->pub.max_bytes && m->ended_head) {
+        m->st.evicted_size++;
+        rec_release(m, m->ended_head);
+    }
+    return m->st.bytes + extra <= m->pub.max_bytes;
+}
+
+static void random_id(char out[FE_STREAM_ID_LEN + 1]) {
+    unsigned char b[FE_STREAM_ID_LEN / 2];
+    if (RAND_bytes(b, sizeof b) != 1) { /* the OS generator, then a mix of it: never a constant */
+        uint64_t a = bt_random64(), c = bt_random64();
+        memcpy(b, &a, 8);
+        memcpy(b + 8, &c, 8);
+    }
+    static const char hex[] = "0123456789abcdef";
+    for (size_t i = 0; i < sizeof b; i++) {
+        out[2 * i] = hex[b[i] >> 4];
+        out[2 * i + 1] = hex[b[i] & 15];
+    }
+    out[FE_STREAM_ID_LEN] = '\0';
+}
+
+static fe_jrec *mem_open(fe_journal *j, fe_jsnap *meta, const uint8_t key_mac[FE_KEY_MAC_LEN], int shard) {
+    mem_journal *m = (mem_journal *)j;
+    if (j->retention_s <= 0) return NULL;
+    fe_jrec *r = calloc(1, sizeof *r);
+    if (!r) return NULL;
+    r->s = *meta;
+    r->s.body = malloc(meta->body_len + 1);
+    if (!r->s.body) {
+        free(r);
+        return NULL;
+    }
+    memcpy(r->s.body, meta->body, meta->body_len + 1);
+    r->s.ids = NULL;
+    r->s.text = NULL;
+    r->s.ev = NULL;
+    r->s.nids = r->s.text_len = r->s.nev = 0;
+    memset(&r->s.tail, 0, sizeof r->s.tail);
+    memcpy(r->key_mac, key_mac, FE_KEY_MAC_LEN);
+    r->shard = shard;
+    r->state = REC_LIVE;
+    uv_mutex_lock(&m->mu);
+    sweep(m, bt_now_ms());
+    r->bytes = rec_bytes(r);
+    if (!make_room(m, r->bytes)) {
+        m->st.refused_full++;
+        uv_mutex_unlock(&m->mu);
+        free(r->s.body);
+        free(r);
+        return NULL;
+    }
+    do random_id(r->s.stream_id);
+    while (bt_map_get(&m->recs, id_key(r->s.stream_id)));
+    r->key = id_key(r->s.stream_id);
+    if (bt_map_put(&m->recs, r->key, r) != 0) {
+        uv_mutex_unlock(&m->mu);
+        free(r->s.body);
+        free(r);
+        return NULL;
+    }
+    m->st.bytes += r->bytes;
+    m->st.live++;
+    m->st.opened++;
+    uv_mutex_unlock(&m->mu);
+    memcpy(meta->stream_id, r->s.stream_id, sizeof meta->stream_id);
+    return r;
+}
+
+/* Grows *p (elements of size sz, capacity *cap) to hold `need`, doubling. */
+static bool grow(void **p, size_t *cap, size_t need, size_t sz) {
+    if (need <= *cap) return true;
+    size_t c = *cap ? *cap : 16;
+    while (c < need) c *= 2;
+    void *q = realloc(*p, c * sz);
+    if (!q) return false;
+    *p = q;
+    *cap = c;
+    return true;
+}
+
+/* Copies one event into room the record already has. */
+static void rec_put(fe_jrec *r, const uint32_t *ids, size_t n, const char *text, size_t len) {
+    if (n) memcpy(r->s.ids + r->s.nids, ids, n * sizeof *ids);
+    r->s.nids += n;
+    if (len) memcpy(r->s.text + r->s.text_len, text, len);
+    r->s.text_len += len;
+    r->s.ev[r->s.nev++] = (fe_jevent){(uint32_t)r->s.nids, (uint32_t)r->s.text_len};
+}
+
+static bool mem_append(fe_journal *j, fe_jrec *r, const uint32_t *ids, size_t n, const char *text, size_t len) {
+    mem_journal *m = (mem_journal *)j;
+    /* The per-event path takes no lock while the record has room: a live record's arrays and
+     * counts are its owner's alone (a claim reads them only once the record has ended), and its
+     * state changes only here, on the owner's thread. Growth takes the lock: it is accounted. */
+    if (r->state == REC_LIVE && r->s.nids + n <= r->ids_cap && r->s.text_len + len <= r->text_cap &&
+        r->s.nev < r->ev_cap) {
+        rec_put(r, ids, n, text, len);
+        return true;
+    }
+    uv_mutex_lock(&m->mu);
+    bool ok = r->state == REC_LIVE;
+    if (ok && (r->s.nids + n > UINT32_MAX || r->s.text_len + len > UINT32_MAX)) {
+        ok = false;
+    }
+    if (ok) {
+        /* account the growth before doing it: the cap holds at every moment */
+        size_t ic = r->ids_cap, tc = r->text_cap, ec = r->ev_cap;
+        size_t need_i = r->s.nids + n, need_t = r->s.text_len + len, need_e = r->s.nev + 1;
+        while (ic < need_i) ic = ic ? ic * 2 : 16;
+        while (tc < need_t) tc = tc ? tc * 2 : 16;
+        while (ec < need_e) ec = ec ? ec * 2 : 16;
+        size_t extra = (ic - r->ids_cap) * sizeof(uint32_t) + (tc - r->text_cap) + (ec - r->ev_cap) * sizeof(fe_jevent);
+        ok = extra == 0 || make_room(m, extra);
+        ok = ok && grow((void **)&r->s.ids, &r->ids_cap, need_i, sizeof(uint32_t)) &&
+             grow((void **)&r->s.text, &r->text_cap, need_t, 1) &&
+             grow((void **)&r->s.ev, &r->ev_cap, need_e, sizeof(fe_jevent));
+        if (ok) {
+            rec_put(r, ids, n, text, len);
+            size_t b = rec_bytes(r);
+            m->st.bytes += b - r->bytes;
+            r->bytes = b;
+        }
+        if (!ok) {
+            m->st.dropped_live++;
+            rec_release(m, r); /* DROPPED: the owner closes it */
+        }
+    }
+    uv_mutex_unlock(&m->mu);
+    return ok;
+}
+
+/* A finished stream's arrays keep only what they hold: what is retained is what a resume needs.
+ * Safe without the lock: while a record is live, nothing but its owner reads its arrays. */
+static void shrink(void **p, size_t *cap, size_t n, size_t sz) {
+    if (n == *cap) return;
+    if (n == 0) {
+        free(*p);
+        *p = NULL;
+        *cap = 0;
+        return;
+    }
+    void *q = realloc(*p, n * sz);
+    if (!q) return; /* keeps the larger block, still accounted */
+    *p = q;
+    *cap = n;
+}
+
+static void mem_close(fe_journal *j, fe_jrec *r, const fe_jtail *tail) {
+    mem_journal *m = (mem_journal *)j;
+    if (r->state == REC_LIVE) {
+        shrink((void **)&r->s.ids, &r->ids_cap, r->s.nids, sizeof(uint32_t));
+        shrink((void **)&r->s.text, &r->text_cap, r->s.text_len, 1);
+        shrink((void **)&r->s.ev, &r->ev_cap, r->s.nev, sizeof(fe_jevent));
+    }
+    uv_mutex_lock(&m->mu);
+    if (r->state == REC_DROPPED) {
+        uv_mutex_unlock(&m->mu);
+        free(r);
+        return;
+    }
+    size_t b = rec_bytes(r);
+    m->st.bytes = m->st.bytes - r->bytes + b;
+    r->bytes = b;
+    r->s.tail = *tail;
+    r->state = REC_ENDED;
+    r->expires_ms = bt_now_ms() + (uint64_t)(j->retention_s * 1000.0);
+    r->prev = m->ended_tail;
+    r->next = NULL;
+    if (m->ended_tail) m->ended_tail->next = r;
+    else m->ended_head = r;
+    m->ended_tail = r;
+    m->st.live--;
+    m->st.ended++;
+    sweep(m, bt_now_ms());
+    uv_mutex_unlock(&m->mu);
+}
+
+static bool copy_out(const fe_jrec *r, fe_jsnap *out) {
+    *out = r->s;
+    out->body = malloc(r->s.body_len + 1);
+    out->ids = malloc((r->s.nids ? r->s.nids : 1) * sizeof(uint32_t));
+    out->text = malloc(r->s.text_len + 1);
+    out->ev = malloc((r->s.nev ? r->s.nev : 1) * sizeof(fe_jevent));
+    if (!out->body || !out->ids || !out->text || !out->ev) {
+        fe_jsnap_free(out);
+        return false;
+    }
+    memcpy(out->body, r->s.body, r->s.body_len + 1);
+    if (r->s.nids) memcpy(out->ids, r->s.ids, r->s.nids * sizeof(uint32_t));
+    if (r->s.text_len) memcpy(out->text, r->s.text, r->s.text_len);
+    out->text[r->s.text_len] = '\0';
+    if (r->s.nev) memcpy(out->ev, r->s.ev, r->s.nev * sizeof(fe_jevent));
+    return true;
+}
+
+static fe_claim_result mem_claim(fe_journal *j, const char *sid, const uint8_t key_mac[FE_KEY_MAC_LEN], int shard,
+                                 fe_jsnap *out, fe_jrec **rec, int *cur_shard) {
+    mem_journal *m = (mem_journal *)j;
+    if (strlen(sid) != FE_STREAM_ID_LEN) return FE_CLAIM_NOT_FOUND;
+    uv_mutex_lock(&m->mu);
+    sweep(m, bt_now_ms());
+    fe_jrec *r = bt_map_get(&m->recs, id_key(sid));
+    fe_claim_result res = FE_CLAIM_NOT_FOUND;
+    /* the id and the credential compared in constant time: neither leaks through timing */
+    if (!r || CRYPTO_memcmp(r->s.stream_id, sid, FE_STREAM_ID_LEN) != 0 ||
+        CRYPTO_memcmp(r->key_mac, key_mac, FE_KEY_MAC_LEN) != 0) {
+        res = FE_CLAIM_NOT_FOUND;
+    } else if (r->state == REC_LIVE) {
+        *cur_shard = r->shard;
+        res = FE_CLAIM_LIVE;
+    } else if (!copy_out(r, out)) {
+        res = FE_CLAIM_NOMEM;
+    } else {
+        ended_unlink(m, r);
+        m->st.ended--;
+        m->st.live++;
+        r->state = REC_LIVE;
+        r->shard = shard;
+        *rec = r;
+        res = FE_CLAIM_OK;
+    }
+    uv_mutex_unlock(&m->mu);
+    return res;
+}
+
+static void mem_stats(fe_journal *j, fe_journal_stats *out) {
+    mem_journal *m = (mem_journal *)j;
+    uv_mutex_lock(&m->mu);
+    sweep(m, bt_now_ms());
+    *out = m->st;
+    uv_mutex_unlock(&m->mu);
+}
+
+/* At the end of the process, once no request is left: every record is freed. */
+static void mem_destroy(fe_journal *j) {
+    mem_journal *m = (mem_journal *)j;
+    while (m->ended_head) rec_release(m, m->ended_head);
+    size_t it = 0;
+    uint64_t k;
+    void *v;
+    while (bt_map_next(&m->recs, &it, &k, &v)) { /* live records whose owner never closed them */
+        fe_jrec *r = v;
+        fe_jsnap_free(&r->s);
+        free(r);
+    }
+    bt_map_free(&m->recs);
+    uv_mutex_destroy(&m->mu);
+    free(m);
+}
+
+static const fe_journal_ops mem_ops = {mem_open, mem_append, mem_close, mem_claim, mem_stats, mem_destroy};
+
+fe_journal *fe_journal_mem_new(double retention_s, uint64_t max_bytes) {
+    mem_journal *m = calloc(1, sizeof *m);
+    if (!m) return NULL;
+    m->pub.ops = &mem_ops;
+    m->pub.retention_s = retention_s;
+    m->pub.max_bytes = max_bytes;
+    bt_map_init(&m->recs);
+    if (uv_mutex_init(&m->mu) != 0) {
+        free(m);
+        return NULL;
+    }
+    return &m->pub;
+}

@@ -1,0 +1,149 @@
+/* journal.h — the stream journal: what a resume needs, kept beyond the client's connection.
+ *
+ * A streamed answer is journaled from its first event: the request (its body, canonical JSON),
+ * every token id and the text of every event with the event's boundaries, and how it ended. A
+ * client that loses its connection resumes with the id of the last event it received (the SSE
+ * `id:` line, "<stream id>:<position>"); the frontend replays the events after that position from
+ * the journal and, when the answer was not finished, continues it by migration from the
+ * journal's tokens (docs/fault-tolerance.md, "Resumable streams").
+ *
+ * The journal is an interface (fe_journal_ops) so that another store can take the place of the
+ * in-process one (fe_journal_mem_new, below) without touching the request code: a store shared
+ * by several frontends keeps the same records. Every call is made on a frontend loop and
+ * returns without blocking; the in-process store is one per process, shared by its shards
+ * (--threads) under a mutex held to create, grow, close or copy a record (an event that fits in
+ * its record's room is appended without it). A store on the network would keep appends local and
+ * send them in batches, and answer a claim it cannot answer at once with FE_CLAIM_LIVE-like
+ * deferral: resume.c already waits and retries a claim (its pending resumes).
+ *
+ * Records are kept while their stream runs and for `retention_s` seconds after it ends; all of
+ * them together are capped at `max_bytes` (the journal's accounting of its own allocations).
+ * At the cap, ended records are evicted oldest first; a running stream whose record cannot grow
+ * any more loses its record (it is no longer resumable; the stream itself goes on). */
+#ifndef BATON_JOURNAL_H
+#define BATON_JOURNAL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/status.h"
+#include "engine/engine.h"
+
+#define FE_STREAM_ID_LEN 32 /* 128 random bits in lower-case hex */
+#define FE_KEY_MAC_LEN 32   /* HMAC-SHA256 of the caller's credential */
+
+typedef struct fe_journal fe_journal;
+typedef struct fe_jrec fe_jrec; /* one stream's record, owned by the journal */
+
+/* How a journaled stream ended. NONE: not finished (the client left, a supersede, or an error the
+ * request could not get past): a resume continues it. FINISH: the answer is complete. ERROR: it
+ * was ended on purpose (operator kill) with the error event below: a resume replays it. */
+typedef enum { FE_JTAIL_NONE = 0, FE_JTAIL_FINISH, FE_JTAIL_ERROR } fe_jtail_kind;
+
+typedef struct {
+    fe_jtail_kind kind;
+    char finish[24]; /* FINISH: the finish_reason */
+    uint32_t prompt_tokens, completion_tokens;
+    int status;        /* ERROR: the error event's HTTP status */
+    char code[32];     /* ERROR: its code string (fe_error_body) */
+    char message[200]; /* ERROR: its message */
+} fe_jtail;
+
+/* One SSE event with tokens: the position (tokens delivered) and text length after it. */
+typedef struct {
+    uint32_t end_tok;
+    uint32_t end_text;
+} fe_jevent;
+
+/* What a record holds. As the argument of fe_journal_open: the request's description (body,
+ * rid, model, ...; ids, text, ev and tail empty). As the result of a claim: a copy of the whole
+ * record, owned by the caller and freed with fe_jsnap_free. */
+typedef struct {
+    char stream_id[FE_STREAM_ID_LEN + 1];
+    char rid[80];
+    char model[128];
+    bt_api api;
+    char *body; /* the request as its attempts send it: canonical JSON (sorted keys, compact) */
+    size_t body_len;
+    /* SHA-256 (hex) of the body as the client sent it, canonical JSON: what a re-POST must match
+     * (the frontend may add to `body`, e.g. a seed it chose; the client's re-POST will not have it) */
+    char body_digest[65];
+    int64_t created, max_tokens;
+    bool include_usage, return_ids;
+    uint32_t *ids;
+    size_t nids;
+    char *text;
+    size_t text_len;
+    fe_jevent *ev;
+    size_t nev;
+    fe_jtail tail;
+} fe_jsnap;
+
+void fe_jsnap_free(fe_jsnap *s);
+
+typedef enum {
+    FE_CLAIM_OK,        /* *out is a copy of the record, which is now attached to the claimant */
+    FE_CLAIM_NOT_FOUND, /* no such stream, expired, evicted, or another caller's */
+    FE_CLAIM_LIVE,      /* a request still streams it, on shard *cur_shard */
+    FE_CLAIM_NOMEM,
+} fe_claim_result;
+
+typedef struct {
+    uint64_t live, ended; /* records */
+    uint64_t bytes;       /* what the records hold, by the journal's own accounting */
+    uint64_t opened;      /* records created since start */
+    uint64_t evicted_expired, evicted_size, dropped_live, refused_full;
+} fe_journal_stats;
+
+typedef struct {
+    /* A record for a new stream described by `meta` (its stream_id is chosen here and written
+     * back into meta->stream_id), streamed by a request on shard `shard`, bound to `key_mac`.
+     * NULL when journaling is off or the journal is full even after evicting every ended
+     * record. */
+    fe_jrec *(*open)(fe_journal *j, fe_jsnap *meta, const uint8_t key_mac[FE_KEY_MAC_LEN], int shard);
+    /* One event of the record's stream: n token ids and their text. False when the record was
+     * dropped (the cap): the stream is no longer resumable and `rec` must not be used again
+     * except in close. */
+    bool (*append)(fe_journal *j, fe_jrec *rec, const uint32_t *ids, size_t n, const char *text, size_t len);
+    /* The stream's request ended (tail says how): the record is detached and kept for the
+     * retention window. `rec` is not used afterwards. */
+    void (*close)(fe_journal *j, fe_jrec *rec, const fe_jtail *tail);
+    /* A resume: finds the record of stream `sid` bound to `key_mac`. On FE_CLAIM_OK fills *out
+     * and attaches the record to a request on `shard` (*rec is the handle to append and close
+     * with, as for open); on FE_CLAIM_LIVE reports the shard whose request streams it. */
+    fe_claim_result (*claim)(fe_journal *j, const char *sid, const uint8_t key_mac[FE_KEY_MAC_LEN], int shard,
+                             fe_jsnap *out, fe_jrec **rec, int *cur_shard);
+    void (*stats)(fe_journal *j, fe_journal_stats *out);
+    void (*destroy)(fe_journal *j);
+} fe_journal_ops;
+
+struct fe_journal {
+    const fe_journal_ops *ops;
+    double retention_s;
+    uint64_t max_bytes;
+};
+
+/* The in-process store. retention_s 0 turns journaling off (open returns NULL). */
+fe_journal *fe_journal_mem_new(double retention_s, uint64_t max_bytes);
+
+static inline fe_jrec *fe_journal_open(fe_journal *j, fe_jsnap *meta, const uint8_t key_mac[FE_KEY_MAC_LEN],
+                                       int shard) {
+    return j ? j->ops->open(j, meta, key_mac, shard) : NULL;
+}
+static inline bool fe_journal_append(fe_journal *j, fe_jrec *rec, const uint32_t *ids, size_t n, const char *text,
+                                     size_t len) {
+    return j->ops->append(j, rec, ids, n, text, len);
+}
+static inline void fe_journal_close(fe_journal *j, fe_jrec *rec, const fe_jtail *tail) { j->ops->close(j, rec, tail); }
+static inline fe_claim_result fe_journal_claim(fe_journal *j, const char *sid, const uint8_t key_mac[FE_KEY_MAC_LEN],
+                                               int shard, fe_jsnap *out, fe_jrec **rec, int *cur_shard) {
+    if (!j) return FE_CLAIM_NOT_FOUND;
+    return j->ops->claim(j, sid, key_mac, shard, out, rec, cur_shard);
+}
+static inline void fe_journal_stats_get(fe_journal *j, fe_journal_stats *out) { j->ops->stats(j, out); }
+static inline void fe_journal_destroy(fe_journal *j) {
+    if (j) j->ops->destroy(j);
+}
+
+#endif

@@ -1,0 +1,466 @@
+/* resume.c — resumable streams: a client that lost its connection gets exactly the rest.
+ *
+ * Every event of a streamed answer carries an SSE id "<stream id>:<position>" (request.c), the
+ * stream id being 128 random bits chosen when the stream's first event is journaled (journal.h)
+ * and the position the number of tokens delivered up to and including that event; the events
+ * after the last token are "<stream id>:<n>:end" (finish_reason), ":usage" and ":done" ([DONE]),
+ * or ":error" for an error event. A client resumes in one of two ways:
+ *
+ *   POST /v1/chat/completions (or /v1/completions) with the same body and `Last-Event-ID: <id>`;
+ *   GET  /v1/chat/completions/{stream id}?stream=true&starting_after={position}  (the EventSource
+ *        form: it reconnects by itself with Last-Event-ID, which then wins over starting_after).
+ *
+ * Either way the frontend finds the journal record, writes the events after that id exactly as
+ * they were first written (replayed from the journal, paced by the client's write backlog), and
+ * then: the tail events if the answer had finished; or, if it had not, a new attempt by the
+ * migration mechanism (migrate.c) carrying every journaled token, whose events follow live. The
+ * answers it refuses: 404 for an id it does not hold (unknown, expired, evicted, or bound to
+ * another API key: the record's credential MAC must match), never a fresh generation; 400 for a
+ * malformed id, a re-POST whose body differs from the original (the SHA-256 of canonical JSON), a
+ * position the stream never sent. A request still streaming the record is superseded: its client
+ * is taken to be gone (a connection that died silently), it is killed on its worker at once, and
+ * the resume continues from the journal. When that request lives on another shard (--threads),
+ * that shard is asked to end it and the resume waits for the record (a 409 only if it is still
+ * held after a second).
+ *
+ * Cancellation keeps its guarantees: a disconnect kills the request on the engine at once
+ * (request.c); nothing generates while no client is connected. */
+#include <inttypes.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "frontend/fe.h"
+
+/* http.c's high-water mark: above it, on_drain follows once the backlog has fallen again */
+#define REPLAY_PAUSE_BYTES (256u * 1024u)
+/* replayed events are gathered into writes of about this size */
+#define REPLAY_WRITE_BYTES (64u * 1024u)
+
+static const char *const mark_names[] = {"", "end", "usage", "done", "error"};
+static const char *const outcome_names[FE_RESUME_N_] = {"replayed",  "continued", "superseded",
+                                                        "not_found", "invalid",   "conflict"};
+
+bool fe_resume_parse_id(const char *s, char sid[FE_STREAM_ID_LEN + 1], uint64_t *pos, int *mark) {
+    if (!s) return false;
+    for (int i = 0; i < FE_STREAM_ID_LEN; i++) {
+        char c = s[i];
+        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+    }
+    if (s[FE_STREAM_ID_LEN] != ':') return false;
+    const char *p = s + FE_STREAM_ID_LEN + 1;
+    uint64_t v = 0;
+    int digits = 0;
+    for (; *p >= '0' && *p <= '9'; p++, digits++) {
+        if (digits == 10) return false;
+        v = v * 10 + (uint64_t)(*p - '0');
+    }
+    if (digits == 0 || v > UINT32_MAX || (digits > 1 && p[-digits] == '0')) return false;
+    int m = FE_MARK_NONE;
+    if (*p == ':') {
+        for (m = FE_MARK_END; m <= FE_MARK_ERROR; m++)
+            if (strcmp(p + 1, mark_names[m]) == 0) break;
+        if (m > FE_MARK_ERROR) return false;
+    } else if (*p != '\0') {
+        return false;
+    }
+    memcpy(sid, s, FE_STREAM_ID_LEN);
+    sid[FE_STREAM_ID_LEN] = '\0';
+    *pos = v;
+    *mark = m;
+    return true;
+}
+
+void fe_key_mac(fe *f, const bt_http_req *http, uint8_t out[FE_KEY_MAC_LEN]) {
+    memset(out, 0, FE_KEY_MAC_LEN);
+    if (!f->o.api_key || !*f->o.api_key) return;
+    const char *a = http && http->authorization ? http->authorization : "";
+    unsigned int len = FE_KEY_MAC_LEN;
+    HMAC(EVP_sha256(), f->grp->mac_secret, (int)sizeof f->grp->mac_secret, (const unsigned char *)a, strlen(a), out,
+         &len);
+}
+
+bool fe_body_digest(const json_t *body, char out[65]) {
+    out[0] = '\0';
+    char *canon = json_dumps(body, JSON_COMPACT | JSON_SORT_KEYS);
+    if (!canon) return false;
+    unsigned char md[32];
+    unsigned int len = 0;
+    bool ok = EVP_Digest(canon, strlen(canon), md, &len, EVP_sha256(), NULL) == 1 && len == sizeof md;
+    free(canon);
+    static const char hex[] = "0123456789abcdef";
+    for (size_t i = 0; ok && i < sizeof md; i++) {
+        out[2 * i] = hex[md[i] >> 4];
+        out[2 * i + 1] = hex[md[i] & 15];
+    }
+    out[ok ? 64 : 0] = '\0';
+    return ok;
+}
+
+static void refuse(fe *f, bt_http_req *http, fe_resume_outcome why, int status, const char *code, const char *msg,
+                   const char *sid) {
+    f->resumes[why]++;
+    BT_INFO("resume of stream %s refused (%d): %s", sid && *sid ? sid : "-", status, msg);
+    fe_json_error(http, NULL, status, code, "%s", msg);
+}
+
+/* Writes replayed events until the replay is over or the client's backlog is full; at the end of
+ * the replay, finishes the response (a finished record) or continues the answer. */
+static void replay_step(fe_req *r) {
+    fe_jsnap *s = r->replay;
+    bt_buf *b = &r->fe->scratch;
+    while (r->http && r->replay_ev < s->nev) {
+        if (bt_http_backlog(r->http) > REPLAY_PAUSE_BYTES) return; /* on_drain resumes it */
+        bt_buf_reset(b);
+        while (r->replay_ev < s->nev && b->len < REPLAY_WRITE_BYTES) {
+            size_t k = r->replay_ev++;
+            uint32_t t0 = k ? s->ev[k - 1].end_tok : 0, x0 = k ? s->ev[k - 1].end_text : 0;
+            fe_request_write_replayed(r, b, r->ids + t0, s->ev[k].end_tok - t0, s->text + x0, s->ev[k].end_text - x0,
+                                      s->ev[k].end_tok, k == 0);
+        }
+        if (!bt_http_stream_write(r->http, b->data, b->len)) return; /* the client is gone: on_abort follows */
+    }
+    if (!r->http) return;
+    r->role_sent = r->api == BT_API_CHAT && s->nev > 0;
+    int mark = r->replay_tail;
+    fe_jtail tail = s->tail;
+    fe_jsnap_free(s);
+    free(s);
+    r->replay = NULL;
+    if (tail.kind != FE_JTAIL_NONE) {
+        fe_request_replay_tail(r, &tail, mark); /* frees r */
+        return;
+    }
+    BT_INFO("request %s: stream %s resumed after %zu journaled tokens; continuing it", r->rid, r->stream_id, r->nids);
+    fe_migrate_dispatch(r);
+}
+
+void fe_resume_on_drain(fe *f, bt_http_req *http) {
+    (void)f;
+    fe_req *r = http->user;
+    if (r && r->replay) replay_step(r);
+}
+
+/* Ends the request on this shard that streams `sid`, if any; true if there was one. */
+static bool supersede_local(fe *f, const char *sid) {
+    for (fe_req *r = f->reqs; r; r = r->next)
+        if (r->jrec && strcmp(r->stream_id, sid) == 0 && r->state != FE_REQ_DONE) {
+            fe_request_supersede(r);
+            return true;
+        }
+    return false;
+}
+
+static void supersede_job(fe *f, void *arg) {
+    supersede_local(f, arg);
+    free(arg);
+}
+
+/* A resume waiting for another shard to end the request that still streams its record (its
+ * client vanished without the frontend noticing yet): retried every RETRY_MS, up to RETRY_MAX
+ * times, then answered 409. Owned by its shard's list (f->pending_resumes) until its timer's
+ * close callback frees it. */
+#define RETRY_MS 5
+#define RETRY_MAX 200
+struct fe_pending_resume {
+    fe *f;
+    bt_http_req *http;
+    bt_api api;
+    char sid[FE_STREAM_ID_LEN + 1];
+    uint64_t pos;
+    int mark;
+    char *canon;
+    int tries;
+    uv_timer_t timer;
+    fe_pending_resume *prev, *next;
+};
+
+static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64_t pos, int mark, const char *canon,
+                   int tries);
+
+static void pending_closed(uv_handle_t *h) {
+    fe_pending_resume *p = h->data;
+    free(p->canon);
+    free(p);
+}
+
+static void pending_unlink(fe_pending_resume *p) {
+    if (p->prev) p->prev->next = p->next;
+    else p->f->pending_resumes = p->next;
+    if (p->next) p->next->prev = p->prev;
+    p->prev = p->next = NULL;
+    uv_timer_stop(&p->timer);
+    uv_close((uv_handle_t *)&p->timer, pending_closed);
+}
+
+static void pending_tick(uv_timer_t *t) {
+    fe_pending_resume *p = t->data;
+    pending_unlink(p); /* freed on the next loop iteration: its fields stay valid below */
+    resume(p->f, p->http, p->api, p->sid, p->pos, p->mark, p->canon, p->tries + 1);
+}
+
+bool fe_resume_abort(fe *f, bt_http_req *http) {
+    for (fe_pending_resume *p = f->pending_resumes; p; p = p->next)
+        if (p->http == http) {
+            pending_unlink(p);
+            return true;
+        }
+    return false;
+}
+
+/* Defers the resume; false if it cannot (out of memory, or waited long enough). */
+static bool pending_add(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64_t pos, int mark,
+                        const char *canon, int tries) {
+    if (tries >= RETRY_MAX) return false;
+    fe_pending_resume *p = calloc(1, sizeof *p);
+    if (!p) return false;
+    if (canon && !(p->canon = strdup(canon))) {
+        free(p);
+        return false;
+    }
+    p->f = f;
+    p->http = http;
+    p->api = api;
+    memcpy(p->sid, sid, sizeof p->sid);
+    p->pos = pos;
+    p->mark = mark;
+    p->tries = tries;
+    uv_timer_init(f->loop, &p->timer);
+    p->timer.data = p;
+    p->next = f->pending_resumes;
+    if (p->next) p->next->prev = p;
+    f->pending_resumes = p;
+    uv_timer_start(&p->timer, pending_tick, RETRY_MS, 0);
+    return true;
+}
+
+/* The resume itself, once the id is parsed: canon is the digest of the re-POSTed body
+ * (fe_body_digest), or NULL for the GET form; tries counts the times it waited for another shard. */
+static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64_t pos, int mark, const char *canon,
+                   int tries) {
+    fe_journal *j = f->grp->journal;
+    if (f->shutting_down && f->o.accept_window_ms >= 0 &&
+        bt_now_ms() - f->shutdown_started_ms > (uint64_t)f->o.accept_window_ms) {
+        fe_json_error(http, NULL, 503, "shutting_down", "the frontend is shutting down");
+        return;
+    }
+    uint8_t mac[FE_KEY_MAC_LEN];
+    fe_key_mac(f, http, mac);
+    fe_jsnap *snap = calloc(1, sizeof *snap);
+    if (!snap) {
+        fe_json_error(http, NULL, 500, "out_of_memory", "out of memory");
+        return;
+    }
+    fe_jrec *rec = NULL;
+    int cur_shard = -1;
+    bool superseded = tries > 0; /* it waited for another shard to end the request */
+    fe_claim_result cr = fe_journal_claim(j, sid, mac, f->shard, snap, &rec, &cur_shard);
+    if (cr == FE_CLAIM_LIVE && cur_shard == f->shard && supersede_local(f, sid)) {
+        superseded = true;
+        cr = fe_journal_claim(j, sid, mac, f->shard, snap, &rec, &cur_shard);
+    }
+    char msg[200];
+    if (cr != FE_CLAIM_OK) {
+        free(snap);
+        if (cr == FE_CLAIM_LIVE) {
+            /* another shard's request streams it: that shard ends it, and this resume waits */
+            if (tries == 0) {
+                BT_INFO("resume of stream %s waits for thread %d to end the request that streams it", sid,
+                        cur_shard);
+                char *arg = strdup(sid);
+                if (arg && (cur_shard < 0 || cur_shard >= f->grp->n ||
+                            !fe_shard_post(f->grp->shard[cur_shard], supersede_job, arg)))
+                    free(arg);
+            }
+            if (!pending_add(f, http, api, sid, pos, mark, canon, tries))
+                refuse(f, http, FE_RESUME_CONFLICT, 409, "stream_busy",
+                       "the stream is still attached to another connection, which is being closed; retry", sid);
+        } else if (cr == FE_CLAIM_NOMEM) {
+            fe_json_error(http, NULL, 500, "out_of_memory", "out of memory");
+        } else {
+            snprintf(msg, sizeof msg, "no stream with id '%s' (unknown, or expired after %gs)", sid, j ? j->retention_s : 0.0);
+            refuse(f, http, FE_RESUME_NOT_FOUND, 404, "stream_not_found", msg, sid);
+        }
+        return;
+    }
+    /* From here the record is this resume's; every refusal gives it back unchanged. */
+    const char *bad = NULL;
+    size_t start = 0;
+    if (snap->api != api && canon) bad = "this stream was not created on this endpoint";
+    else if (snap->api != api) { /* the GET form on the other endpoint: no such stream there */
+        fe_journal_close(j, rec, &snap->tail);
+        fe_jsnap_free(snap);
+        free(snap);
+        snprintf(msg, sizeof msg, "no stream with id '%s' on this endpoint", sid);
+        refuse(f, http, FE_RESUME_NOT_FOUND, 404, "stream_not_found", msg, sid);
+        return;
+    }
+    if (!bad && canon && (!snap->body_digest[0] || strcmp(canon, snap->body_digest) != 0))
+        bad = "the request body differs from the one the stream was created with";
+    if (!bad && mark != FE_MARK_NONE) {
+        /* after the last token: only the events that ended this stream */
+        if (pos != snap->nids) bad = "Last-Event-ID names a position this stream never sent";
+        else if ((mark == FE_MARK_ERROR) == (snap->tail.kind == FE_JTAIL_FINISH))
+            bad = "Last-Event-ID names an event this stream never sent";
+        else if (mark == FE_MARK_USAGE && !snap->include_usage)
+            bad = "Last-Event-ID names an event this stream never sent";
+        start = snap->nev;
+    } else if (!bad && pos > 0) {
+        size_t k = 0;
+        while (k < snap->nev && snap->ev[k].end_tok < pos) k++;
+        if (k == snap->nev || snap->ev[k].end_tok != pos) bad = "Last-Event-ID names a position this stream never sent";
+        start = k + 1;
+    }
+    if (bad) {
+        fe_journal_close(j, rec, &snap->tail);
+        fe_jsnap_free(snap);
+        free(snap);
+        refuse(f, http, FE_RESUME_INVALID, 400, "invalid_value", bad, sid);
+        return;
+    }
+    bool nothing_left = mark == FE_MARK_DONE || (mark == FE_MARK_ERROR && snap->tail.kind == FE_JTAIL_ERROR);
+    if (nothing_left) { /* the client has every event: 204 also tells an EventSource to stop */
+        fe_journal_close(j, rec, &snap->tail);
+        fe_jsnap_free(snap);
+        free(snap);
+        f->resumes[FE_RESUME_REPLAYED]++;
+        bt_http_respond(http, 204, NULL, NULL, NULL, 0);
+        return;
+    }
+    json_t *body = json_loads(snap->body, 0, NULL);
+    fe_model *m = body ? fe_model_get(f, snap->model, true) : NULL;
+    fe_req *r = m ? fe_request_new(f, http, api, body, snap->rid, m, snap->created) : NULL;
+    if (!r) { /* answered by fe_request_new, unless the body or model could not be made */
+        if (!m) {
+            json_decref(body);
+            fe_json_error(http, NULL, 500, "out_of_memory", "out of memory");
+        }
+        fe_journal_close(j, rec, &snap->tail);
+        fe_jsnap_free(snap);
+        free(snap);
+        return;
+    }
+    r->resumed = true;
+    r->jrec = rec;
+    r->jtail = snap->tail; /* until the answer changes it: a resume that dies keeps what it had */
+    memcpy(r->stream_id, snap->stream_id, sizeof r->stream_id);
+    r->ids = snap->ids;
+    r->nids = snap->nids;
+    r->ids_cap = snap->nids;
+    snap->ids = NULL;
+    if (snap->text_len && bt_buf_append(&r->text, snap->text, snap->text_len) != BT_OK) r->text_lost = true;
+    r->t_last_us = r->t_start_us;
+    r->replay = snap;
+    r->replay_ev = start;
+    r->replay_tail = mark;
+    f->resumes[snap->tail.kind != FE_JTAIL_NONE ? FE_RESUME_REPLAYED
+                                                : superseded ? FE_RESUME_SUPERSEDED : FE_RESUME_CONTINUED]++;
+    BT_INFO("request %s: stream %s resumed (%s) at position %" PRIu64 "%s%s of %zu journaled tokens, %s", r->rid,
+            r->stream_id, canon ? "POST" : "GET", pos, mark ? ":" : "", mark_names[mark], snap->nids,
+            snap->tail.kind == FE_JTAIL_NONE ? "unfinished" : "finished");
+    fe_request_begin_stream(r);
+    replay_step(r); /* may free r */
+}
+
+void fe_resume_post(fe *f, bt_http_req *http, bt_api api) {
+    char sid[FE_STREAM_ID_LEN + 1] = "";
+    uint64_t pos;
+    int mark;
+    if (!fe_resume_parse_id(http->last_event_id, sid, &pos, &mark)) {
+        refuse(f, http, FE_RESUME_INVALID, 400, "invalid_value",
+               "Last-Event-ID is not an event id of this server (<stream id>:<position>)", NULL);
+        return;
+    }
+    json_error_t jerr;
+    json_t *body = json_loadb(http->body, http->body_len, 0, &jerr);
+    char digest[65];
+    bool ok = body && fe_body_digest(body, digest);
+    json_decref(body);
+    if (!ok) {
+        refuse(f, http, FE_RESUME_INVALID, 400, "invalid_value", "invalid JSON body", sid);
+        return;
+    }
+    resume(f, http, api, sid, pos, mark, digest, 0);
+}
+
+/* The value of query parameter `name` in q ("a=1&b=2") into out; false if absent. */
+static bool query_param(const char *q, const char *name, char *out, size_t outlen) {
+    size_t n = strlen(name);
+    for (const char *p = q; p && *p; p = strchr(p, '&') ? strchr(p, '&') + 1 : NULL) {
+        if (strncmp(p, name, n) == 0 && p[n] == '=') {
+            const char *v = p + n + 1, *e = strchr(v, '&');
+            size_t l = e ? (size_t)(e - v) : strlen(v);
+            if (l >= outlen) l = outlen - 1;
+            memcpy(out, v, l);
+            out[l] = '\0';
+            return true;
+        }
+    }
+    return false;
+}
+
+void fe_resume_get(fe *f, bt_http_req *http, bt_api api, const char *stream_id) {
+    char sid[FE_STREAM_ID_LEN + 1] = "", v[32];
+    uint64_t pos = 0;
+    int mark = FE_MARK_NONE;
+    char probe[FE_STREAM_ID_LEN + 8];
+    snprintf(probe, sizeof probe, "%.*s:0", FE_STREAM_ID_LEN + 1, stream_id);
+    if (strlen(stream_id) != FE_STREAM_ID_LEN || !fe_resume_parse_id(probe, sid, &pos, &mark)) {
+        refuse(f, http, FE_RESUME_NOT_FOUND, 404, "stream_not_found", "no stream with this id", NULL);
+        return;
+    }
+    if (query_param(http->query, "stream", v, sizeof v) && strcmp(v, "true") != 0) {
+        refuse(f, http, FE_RESUME_INVALID, 400, "invalid_value",
+               "only stream=true is supported: a stream is retrieved as server-sent events", sid);
+        return;
+    }
+    if (query_param(http->query, "starting_after", v, sizeof v)) {
+        int64_t n;
+        if (!bt_parse_i64(v, 0, UINT32_MAX, &n)) {
+            refuse(f, http, FE_RESUME_INVALID, 400, "invalid_value",
+                   "starting_after must be a position (a number of tokens)", sid);
+            return;
+        }
+        pos = (uint64_t)n;
+    }
+    if (http->last_event_id) { /* an EventSource reconnecting: it knows better than its URL */
+        char hsid[FE_STREAM_ID_LEN + 1];
+        if (!fe_resume_parse_id(http->last_event_id, hsid, &pos, &mark) || strcmp(hsid, sid) != 0) {
+            refuse(f, http, FE_RESUME_INVALID, 400, "invalid_value",
+                   "Last-Event-ID is not an event id of this stream", sid);
+            return;
+        }
+    }
+    resume(f, http, api, sid, pos, mark, NULL, 0);
+}
+
+void fe_resume_metrics(fe *f, bt_buf *b) {
+    bt_buf_append_str(b, "# TYPE baton_frontend_stream_resumes_total counter\n");
+    for (int i = 0; i < FE_RESUME_N_; i++)
+        bt_buf_appendf(b, "baton_frontend_stream_resumes_total{outcome=\"%s\"} %" PRIu64 "\n", outcome_names[i],
+                       f->resumes[i]);
+    fe_journal *j = f->grp->journal;
+    if (f->shard != 0 || !j) return; /* one journal per process: shard 0 reports it */
+    fe_journal_stats st;
+    fe_journal_stats_get(j, &st);
+    bt_buf_appendf(b,
+                   "# TYPE baton_frontend_stream_journal_streams gauge\n"
+                   "baton_frontend_stream_journal_streams{state=\"live\"} %" PRIu64 "\n"
+                   "baton_frontend_stream_journal_streams{state=\"ended\"} %" PRIu64 "\n"
+                   "# TYPE baton_frontend_stream_journal_bytes gauge\n"
+                   "baton_frontend_stream_journal_bytes %" PRIu64 "\n"
+                   "# TYPE baton_frontend_stream_journal_limit_bytes gauge\n"
+                   "baton_frontend_stream_journal_limit_bytes %" PRIu64 "\n"
+                   "# TYPE baton_frontend_stream_journal_opened_total counter\n"
+                   "baton_frontend_stream_journal_opened_total %" PRIu64 "\n"
+                   "# TYPE baton_frontend_stream_journal_evictions_total counter\n"
+                   "baton_frontend_stream_journal_evictions_total{reason=\"expired\"} %" PRIu64 "\n"
+                   "baton_frontend_stream_journal_evictions_total{reason=\"size\"} %" PRIu64 "\n"
+                   "baton_frontend_stream_journal_evictions_total{reason=\"dropped_live\"} %" PRIu64 "\n"
+                   "baton_frontend_stream_journal_evictions_total{reason=\"refused\"} %" PRIu64 "\n",
+                   st.live, st.ended, st.bytes, j->max_bytes, st.opened, st.evicted_expired, st.evicted_size,
+                   st.dropped_live, st.refused_full);
+}

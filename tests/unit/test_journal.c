@@ -1,0 +1,232 @@
+/* test_journal.c — unit tests of the in-process stream journal (src/frontend/journal.c) and of
+ * the event-id parser of resumable streams (fe_resume_parse_id, src/frontend/resume.c).
+ *
+ * Covers: a record's round trip (open, appends, close, claim gives back exactly what was
+ * appended, with event boundaries and the tail); a claim while the stream is live reports its
+ * shard; a claim with another credential or a wrong id finds nothing; expiry after the retention
+ * window; the size cap (ended records evicted oldest first, the accounted bytes never above the
+ * cap, a new record refused and a live record dropped when nothing can be evicted); journaling
+ * off with retention 0; stream ids are 32 hex digits and differ; and every accepted and refused
+ * form of an event id. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "frontend/fe.h"
+
+static const uint8_t key_a[FE_KEY_MAC_LEN] = {1};
+static const uint8_t key_b[FE_KEY_MAC_LEN] = {2};
+
+static fe_jrec *open_rec(fe_journal *j, fe_jsnap *meta, const char *body) {
+    memset(meta, 0, sizeof *meta);
+    meta->api = BT_API_CHAT;
+    meta->body = (char *)body;
+    meta->body_len = strlen(body);
+    meta->max_tokens = 100;
+    snprintf(meta->rid, sizeof meta->rid, "rid-1");
+    snprintf(meta->model, sizeof meta->model, "m");
+    return fe_journal_open(j, meta, key_a, 0);
+}
+
+static void test_roundtrip(void **state) {
+    (void)state;
+    fe_journal *j = fe_journal_mem_new(60, 1 << 20);
+    fe_jsnap meta;
+    fe_jrec *r = open_rec(j, &meta, "{\"model\":\"m\"}");
+    assert_non_null(r);
+    assert_int_equal(strlen(meta.stream_id), FE_STREAM_ID_LEN);
+    uint32_t a[] = {5, 6}, b[] = {7};
+    assert_true(fe_journal_append(j, r, a, 2, "ab", 2));
+    assert_true(fe_journal_append(j, r, b, 1, "cde", 3));
+    fe_jsnap out;
+    fe_jrec *h = NULL;
+    int shard = -1;
+    /* live: reported with its shard, not handed out */
+    assert_int_equal(fe_journal_claim(j, meta.stream_id, key_a, 1, &out, &h, &shard), FE_CLAIM_LIVE);
+    assert_int_equal(shard, 0);
+    fe_jtail t = {.kind = FE_JTAIL_FINISH, .prompt_tokens = 4, .completion_tokens = 3};
+    snprintf(t.finish, sizeof t.finish, "length");
+    fe_journal_close(j, r, &t);
+    fe_journal_stats st;
+    fe_journal_stats_get(j, &st);
+    assert_int_equal(st.live, 0);
+    assert_int_equal(st.ended, 1);
+    /* another credential, another id: nothing */
+    assert_int_equal(fe_journal_claim(j, meta.stream_id, key_b, 1, &out, &h, &shard), FE_CLAIM_NOT_FOUND);
+    char other[FE_STREAM_ID_LEN + 1];
+    memcpy(other, meta.stream_id, sizeof other);
+    other[FE_STREAM_ID_LEN - 1] = other[FE_STREAM_ID_LEN - 1] == '0' ? '1' : '0';
+    assert_int_equal(fe_journal_claim(j, other, key_a, 1, &out, &h, &shard), FE_CLAIM_NOT_FOUND);
+    assert_int_equal(fe_journal_claim(j, "short", key_a, 1, &out, &h, &shard), FE_CLAIM_NOT_FOUND);
+    assert_int_equal(fe_journal_claim(j, meta.stream_id, key_a, 1, &out, &h, &shard), FE_CLAIM_OK);
+    assert_non_null(h);
+    assert_string_equal(out.body, "{\"model\":\"m\"}");
+    assert_string_equal(out.rid, "rid-1");
+    assert_int_equal(out.nids, 3);
+    assert_int_equal(out.ids[0], 5);
+    assert_int_equal(out.ids[2], 7);
+    assert_int_equal(out.text_len, 5);
+    assert_memory_equal(out.text, "abcde", 5);
+    assert_int_equal(out.nev, 2);
+    assert_int_equal(out.ev[0].end_tok, 2);
+    assert_int_equal(out.ev[0].end_text, 2);
+    assert_int_equal(out.ev[1].end_tok, 3);
+    assert_int_equal(out.ev[1].end_text, 5);
+    assert_int_equal(out.tail.kind, FE_JTAIL_FINISH);
+    assert_string_equal(out.tail.finish, "length");
+    assert_int_equal(out.tail.completion_tokens, 3);
+    fe_jsnap_free(&out);
+    /* claimed: live again until closed; appends continue the same record */
+    assert_int_equal(fe_journal_claim(j, meta.stream_id, key_a, 1, &out, &h, &shard), FE_CLAIM_LIVE);
+    assert_int_equal(shard, 1);
+    assert_true(fe_journal_append(j, h, b, 1, "f", 1));
+    fe_jtail none = {0};
+    fe_journal_close(j, h, &none);
+    assert_int_equal(fe_journal_claim(j, meta.stream_id, key_a, 0, &out, &h, &shard), FE_CLAIM_OK);
+    assert_int_equal(out.nids, 4);
+    assert_int_equal(out.nev, 3);
+    assert_int_equal(out.tail.kind, FE_JTAIL_NONE);
+    fe_jsnap_free(&out);
+    fe_journal_close(j, h, &none);
+    fe_journal_destroy(j);
+}
+
+static void test_expiry(void **state) {
+    (void)state;
+    fe_journal *j = fe_journal_mem_new(0.2, 1 << 20);
+    fe_jsnap meta;
+    fe_jrec *r = open_rec(j, &meta, "{}");
+    uint32_t a[] = {1};
+    assert_true(fe_journal_append(j, r, a, 1, "x", 1));
+    fe_jtail none = {0};
+    fe_journal_close(j, r, &none);
+    fe_journal_stats st;
+    fe_journal_stats_get(j, &st);
+    assert_int_equal(st.ended, 1);
+    usleep(300 * 1000);
+    fe_jsnap out;
+    fe_jrec *h;
+    int shard;
+    assert_int_equal(fe_journal_claim(j, meta.stream_id, key_a, 0, &out, &h, &shard), FE_CLAIM_NOT_FOUND);
+    fe_journal_stats_get(j, &st);
+    assert_int_equal(st.ended, 0);
+    assert_int_equal(st.bytes, 0);
+    assert_int_equal(st.evicted_expired, 1);
+    fe_journal_destroy(j);
+}
+
+static void test_size_cap(void **state) {
+    (void)state;
+    const uint64_t cap = 8192;
+    fe_journal *j = fe_journal_mem_new(60, cap);
+    fe_jsnap m1, m2, m3;
+    uint32_t ids[64];
+    char text[256];
+    memset(ids, 0, sizeof ids);
+    memset(text, 'x', sizeof text);
+    fe_jtail none = {0};
+    fe_jrec *r1 = open_rec(j, &m1, "{}");
+    assert_true(fe_journal_append(j, r1, ids, 64, text, 256));
+    fe_journal_close(j, r1, &none);
+    fe_jrec *r2 = open_rec(j, &m2, "{}");
+    assert_true(fe_journal_append(j, r2, ids, 64, text, 256));
+    fe_journal_close(j, r2, &none);
+    fe_journal_stats st;
+    fe_journal_stats_get(j, &st);
+    assert_true(st.bytes <= cap);
+    /* a live record that outgrows what is left: the ended ones go first, oldest first */
+    fe_jrec *r3 = open_rec(j, &m3, "{}");
+    assert_non_null(r3);
+    bool ok = true;
+    int appended = 0;
+    while (ok && appended < 100) {
+        ok = fe_journal_append(j, r3, ids, 64, text, 256);
+        fe_journal_stats_get(j, &st);
+        assert_true(st.bytes <= cap);
+        appended += ok;
+    }
+    assert_false(ok); /* it alone outgrew the cap: dropped */
+    assert_true(appended >= 1);
+    fe_journal_stats_get(j, &st);
+    assert_int_equal(st.evicted_size, 2);
+    assert_int_equal(st.dropped_live, 1);
+    assert_int_equal(st.live, 0);
+    fe_jsnap out;
+    fe_jrec *h;
+    int shard;
+    assert_int_equal(fe_journal_claim(j, m1.stream_id, key_a, 0, &out, &h, &shard), FE_CLAIM_NOT_FOUND);
+    assert_int_equal(fe_journal_claim(j, m3.stream_id, key_a, 0, &out, &h, &shard), FE_CLAIM_NOT_FOUND);
+    fe_journal_close(j, r3, &none); /* frees the dropped record */
+    fe_journal_stats_get(j, &st);
+    assert_int_equal(st.bytes, 0);
+    /* a cap too small for an empty record: refused */
+    fe_journal *tiny = fe_journal_mem_new(60, 16);
+    assert_null(open_rec(tiny, &m1, "{}"));
+    fe_journal_stats_get(tiny, &st);
+    assert_int_equal(st.refused_full, 1);
+    fe_journal_destroy(tiny);
+    fe_journal_destroy(j);
+}
+
+static void test_off_and_ids(void **state) {
+    (void)state;
+    fe_journal *off = fe_journal_mem_new(0, 1 << 20);
+    fe_jsnap m;
+    assert_null(open_rec(off, &m, "{}"));
+    fe_journal_destroy(off);
+    fe_journal *j = fe_journal_mem_new(60, 1 << 20);
+    fe_jsnap a, b;
+    fe_jrec *ra = open_rec(j, &a, "{}"), *rb = open_rec(j, &b, "{}");
+    assert_string_not_equal(a.stream_id, b.stream_id);
+    for (int i = 0; i < FE_STREAM_ID_LEN; i++) assert_non_null(strchr("0123456789abcdef", a.stream_id[i]));
+    fe_jtail none = {0};
+    fe_journal_close(j, ra, &none);
+    fe_journal_close(j, rb, &none);
+    fe_journal_destroy(j);
+}
+
+static void test_parse_id(void **state) {
+    (void)state;
+    const char *sid = "0123456789abcdef0123456789abcdef";
+    char id[80], got[FE_STREAM_ID_LEN + 1];
+    uint64_t pos;
+    int mark;
+    struct {
+        const char *suffix;
+        uint64_t pos;
+        int mark;
+    } good[] = {{":0", 0, FE_MARK_NONE},       {":17", 17, FE_MARK_NONE},        {":4294967295", 4294967295u, 0},
+                {":5:end", 5, FE_MARK_END},    {":5:usage", 5, FE_MARK_USAGE},   {":5:done", 5, FE_MARK_DONE},
+                {":5:error", 5, FE_MARK_ERROR}};
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
+        snprintf(id, sizeof id, "%s%s", sid, good[i].suffix);
+        assert_true(fe_resume_parse_id(id, got, &pos, &mark));
+        assert_string_equal(got, sid);
+        assert_int_equal(pos, good[i].pos);
+        assert_int_equal(mark, good[i].mark);
+    }
+    const char *bad_suffix[] = {"", ":", ":x", ":-1", ":01", ":4294967296", ":12345678901", ":5:", ":5:fin",
+                                ":5:end:", ":5 ", " :5", ":5:END"};
+    for (size_t i = 0; i < sizeof bad_suffix / sizeof bad_suffix[0]; i++) {
+        snprintf(id, sizeof id, "%s%s", sid, bad_suffix[i]);
+        assert_false(fe_resume_parse_id(id, got, &pos, &mark));
+    }
+    const char *bad[] = {NULL, "", "0123456789ABCDEF0123456789abcdef:1", "0123456789abcdef0123456789abcde:1",
+                         "0123456789abcdef0123456789abcdef0:1", "g123456789abcdef0123456789abcdef:1"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) assert_false(fe_resume_parse_id(bad[i], got, &pos, &mark));
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_roundtrip), cmocka_unit_test(test_expiry), cmocka_unit_test(test_size_cap),
+        cmocka_unit_test(test_off_and_ids), cmocka_unit_test(test_parse_id),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
