@@ -438,7 +438,8 @@ void fe_resume_get(fe *f, bt_http_req *http, bt_api api, const char *stream_id) 
 }
 
 void fe_resume_metrics(fe *f, bt_buf *b) {
-    bt_buf_append_str(b, "# TYPE baton_frontend_stream_resumes_total counter\n");
+    bt_buf_append_str(b, "# HELP baton_frontend_stream_resumes_total Resume requests (Last-Event-ID or the GET form) by "
+                         "outcome\n# TYPE baton_frontend_stream_resumes_total counter\n");
     for (int i = 0; i < FE_RESUME_N_; i++)
         bt_buf_appendf(b, "baton_frontend_stream_resumes_total{outcome=\"%s\"} %" PRIu64 "\n", outcome_names[i],
                        f->resumes[i]);
@@ -447,15 +448,20 @@ void fe_resume_metrics(fe *f, bt_buf *b) {
     fe_journal_stats st;
     fe_journal_stats_get(j, &st);
     bt_buf_appendf(b,
+                   "# HELP baton_frontend_stream_journal_streams Streams held in the stream journal, live or ended and kept for --stream-retention\n"
                    "# TYPE baton_frontend_stream_journal_streams gauge\n"
                    "baton_frontend_stream_journal_streams{state=\"live\"} %" PRIu64 "\n"
                    "baton_frontend_stream_journal_streams{state=\"ended\"} %" PRIu64 "\n"
+                   "# HELP baton_frontend_stream_journal_bytes Bytes the stream journal holds\n"
                    "# TYPE baton_frontend_stream_journal_bytes gauge\n"
                    "baton_frontend_stream_journal_bytes %" PRIu64 "\n"
+                   "# HELP baton_frontend_stream_journal_limit_bytes The stream journal's size cap (--stream-retention-bytes)\n"
                    "# TYPE baton_frontend_stream_journal_limit_bytes gauge\n"
                    "baton_frontend_stream_journal_limit_bytes %" PRIu64 "\n"
+                   "# HELP baton_frontend_stream_journal_opened_total Streams journaled since start\n"
                    "# TYPE baton_frontend_stream_journal_opened_total counter\n"
                    "baton_frontend_stream_journal_opened_total %" PRIu64 "\n"
+                   "# HELP baton_frontend_stream_journal_evictions_total Streams dropped from the stream journal, by reason\n"
                    "# TYPE baton_frontend_stream_journal_evictions_total counter\n"
                    "baton_frontend_stream_journal_evictions_total{reason=\"expired\"} %" PRIu64 "\n"
                    "baton_frontend_stream_journal_evictions_total{reason=\"size\"} %" PRIu64 "\n"
