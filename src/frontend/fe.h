@@ -118,6 +118,7 @@ struct fe_req {
     json_t *body;
     bool stream, include_usage, return_ids;
     int64_t max_tokens; /* as the client asked (after defaults) */
+    uint64_t seed;      /* chosen here when the body has none, sent with every attempt (0 = body's) */
     uint32_t *ids;      /* every token id delivered to the client */
     size_t nids, ids_cap;
     bt_buf text;   /* text delivered so far (streaming too: a continuation may need it) */

@@ -494,7 +494,7 @@ uint32_t fe_worker_send_request(fe_worker *w, fe_req *r) {
     uint32_t id = w->next_stream;
     w->next_stream += 2;
     if (w->next_stream > 0x7fffffffu) w->next_stream = 1;
-    /* REQUEST payload: {"request_id","api","body","carried","max_tokens"[,"carried_text"]} */
+    /* REQUEST payload: {"request_id","api","body","carried","max_tokens"[,"seed"][,"carried_text"]} */
     json_t *carried = json_array();
     for (size_t i = 0; i < r->nids; i++) json_array_append_new(carried, json_integer(r->ids[i]));
     int64_t remaining = r->max_tokens - (int64_t)r->nids;
@@ -502,6 +502,7 @@ uint32_t fe_worker_send_request(fe_worker *w, fe_req *r) {
     json_t *msg = json_pack("{s:s, s:s, s:O, s:o, s:I}", "request_id", r->rid, "api",
                             r->api == BT_API_CHAT ? "chat" : "completion", "body", r->body, "carried", carried,
                             "max_tokens", (json_int_t)remaining);
+    if (msg && r->seed) json_object_set_new(msg, "seed", json_integer((json_int_t)r->seed));
     if (msg && r->nids && !r->text_lost) /* the delivered text, for engines that resume from text */
         json_object_set_new(msg, "carried_text", json_stringn(r->text.data ? r->text.data : "", r->text.len));
     char *payload = msg ? json_dumps(msg, JSON_COMPACT) : NULL;

@@ -11,6 +11,7 @@
  * KV edits (llama_memory_seq_rm) happen only on the engine thread, between decodes. */
 #include "engine/llama/llama.h"
 
+#include <inttypes.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -36,6 +37,7 @@ void bt_llama_config_default(bt_llama_config *c) {
     c->max_num_seqs = 16;
     c->max_num_batched_tokens = 512;
     c->threads = 1;
+    c->ubatch = 1;
     c->default_max_tokens = 256;
 }
 
@@ -183,6 +185,7 @@ struct ll_engine {
     const struct llama_vocab *vocab;
     char *chat_template; /* the model's, NULL when it has none */
     uint32_t n_ctx, n_ctx_train, n_batch, n_vocab;
+    uint32_t n_cap; /* tokens one sequence may hold (prompt + carried + generated) */
     struct llama_batch batch;
     bool batch_ok;
     bool slots[LL_MAX_SEQS];
@@ -476,9 +479,8 @@ static void seq_arrive(ll_engine *e, ll_seq *s) {
         seq_end(e, s, END_FINISH, BT_FINISH_LENGTH, BT_OK, NULL);
         return;
     }
-    if (s->n_tok >= e->n_ctx_train || s->n_tok >= e->n_ctx) {
-        snprintf(err, sizeof err, "prompt of %zu tokens does not fit the context (%u tokens)", s->n_tok,
-                 e->n_ctx_train < e->n_ctx ? e->n_ctx_train : e->n_ctx);
+    if (s->n_tok >= e->n_cap) {
+        snprintf(err, sizeof err, "prompt of %zu tokens does not fit the context (%u tokens)", s->n_tok, e->n_cap);
         seq_end(e, s, END_ERROR, BT_FINISH_STOP, BT_ERR_TOO_LARGE, err);
         return;
     }
@@ -507,7 +509,8 @@ static void admit(ll_engine *e) {
     for (ll_seq *s = e->running.head; s; s = s->next) reserved += s->n_tok + 1;
     while (e->waiting.head && e->running.n < (size_t)e->cfg.max_num_seqs) {
         ll_seq *s = e->waiting.head;
-        if (reserved + s->n_tok + 1 > e->n_ctx) break;
+        /* unified: one pool of cells for all; otherwise every slot has its own n_cap cells */
+        if (e->cfg.kv_unified && reserved + s->n_tok + 1 > e->n_ctx) break;
         int slot = -1;
         for (int i = 0; i < LL_MAX_SEQS && i < (int)e->cfg.max_num_seqs; i++)
             if (!e->slots[i]) {
@@ -567,7 +570,7 @@ static bool seq_take(ll_engine *e, ll_seq *s, llama_token t) {
         seq_end(e, s, END_FINISH, BT_FINISH_STOP, BT_OK, NULL);
         return false;
     }
-    if (s->n_gen >= s->max_new || s->n_tok >= e->n_ctx_train || s->n_tok >= e->n_ctx) {
+    if (s->n_gen >= s->max_new || s->n_tok >= e->n_cap) {
         if (bt_lltext_finish(&s->text) != BT_OK) goto nomem;
         seq_end(e, s, END_FINISH, BT_FINISH_LENGTH, BT_OK, NULL);
         return false;
@@ -579,56 +582,41 @@ nomem:
     return false;
 }
 
-/* One scheduler step: admit, build one batch, decode once, sample. Returns false when idle. */
-static bool step(ll_engine *e) {
-    admit(e);
-    if (!e->running.head) return false;
+/* Decodes one batch: `n` sequences, sequence i fed take[i] tokens from its n_past, logits for
+ * the last one when that reaches the end of its tokens; then samples those. Returns false when
+ * the engine died. A batch llama.cpp cannot place (no free KV slot) is back-pressure: the most
+ * recently admitted sequence is preempted and the step ends. */
+static bool run_batch(ll_engine *e, ll_seq **seqs, const size_t *take, int n) {
     struct llama_batch *b = &e->batch;
-    int32_t budget = (int32_t)e->cfg.max_num_batched_tokens;
-    b->n_tokens = 0;
-    /* which sequences get logits, and at which batch row */
-    ll_seq *outs[LL_MAX_SEQS], *fed[LL_MAX_SEQS];
+    ll_seq *outs[LL_MAX_SEQS];
     int32_t rows[LL_MAX_SEQS];
-    size_t took[LL_MAX_SEQS];
-    int nout = 0, nfed = 0;
-    /* decoding sequences first (one token each), then prefill chunks */
-    for (int pass = 0; pass < 2; pass++) {
-        for (ll_seq *s = e->running.head; s && budget > 0; s = s->next) {
-            size_t left = s->n_tok - s->n_past;
-            bool decoding = left == 1;
-            if ((pass == 0) != decoding || left == 0) continue;
-            size_t take = left < (size_t)budget ? left : (size_t)budget;
-            for (size_t i = 0; i < take; i++) {
-                int32_t r = b->n_tokens++;
-                b->token[r] = s->tok[s->n_past + i];
-                b->pos[r] = (llama_pos)(s->n_past + i);
-                b->n_seq_id[r] = 1;
-                b->seq_id[r][0] = s->slot;
-                b->logits[r] = 0;
-            }
-            if (s->n_past + take == s->n_tok) {
-                b->logits[b->n_tokens - 1] = 1;
-                outs[nout] = s;
-                rows[nout++] = b->n_tokens - 1;
-            }
-            budget -= (int32_t)take;
-            fed[nfed] = s;
-            took[nfed++] = take;
+    int nout = 0;
+    b->n_tokens = 0;
+    for (int k = 0; k < n; k++) {
+        ll_seq *s = seqs[k];
+        for (size_t i = 0; i < take[k]; i++) {
+            int32_t r = b->n_tokens++;
+            b->token[r] = s->tok[s->n_past + i];
+            b->pos[r] = (llama_pos)(s->n_past + i);
+            b->n_seq_id[r] = 1;
+            b->seq_id[r][0] = s->slot;
+            b->logits[r] = 0;
+        }
+        if (s->n_past + take[k] == s->n_tok) {
+            b->logits[b->n_tokens - 1] = 1;
+            outs[nout] = s;
+            rows[nout++] = b->n_tokens - 1;
         }
     }
-    if (b->n_tokens == 0) return false;
+    if (b->n_tokens == 0) return true;
     if (e->cfg.fault_error_after_tokens && e->total_emitted >= (uint64_t)e->cfg.fault_error_after_tokens) {
         engine_die(e, "injected decode failure (--fault-error-after-tokens)");
         return false;
     }
     int32_t rc = e->L->llama_decode(e->ctx, *b);
     if (rc == 1) { /* no free KV slot: back-pressure */
-        if (e->running.n <= 1) {
-            ll_seq *s = e->running.head;
-            seq_end(e, s, END_FINISH, BT_FINISH_LENGTH, BT_OK, NULL);
-        } else {
-            preempt_one(e);
-        }
+        if (e->running.n <= 1) seq_end(e, e->running.head, END_FINISH, BT_FINISH_LENGTH, BT_OK, NULL);
+        else preempt_one(e);
         return true;
     }
     if (rc != 0) {
@@ -637,7 +625,7 @@ static bool step(ll_engine *e) {
         engine_die(e, why);
         return false;
     }
-    for (int i = 0; i < nfed; i++) fed[i]->n_past += took[i]; /* now in the cache */
+    for (int k = 0; k < n; k++) seqs[k]->n_past += take[k]; /* now in the cache */
     for (int i = 0; i < nout; i++) {
         ll_seq *s = outs[i];
         const float *logits = e->L->llama_get_logits_ith(e->ctx, rows[i]);
@@ -651,6 +639,67 @@ static bool step(ll_engine *e) {
             engine_die(e, "injected engine death (--fault-die-after-tokens)");
             return false;
         }
+    }
+    return true;
+}
+
+/* One scheduler step: admit; then, within --max-num-batched-tokens, one token for every
+ * sequence that is decoding and a chunk for every sequence being prefilled. Returns false when
+ * idle or dead.
+ *
+ * Numerics decide how this is handed to llama.cpp. Its CPU kernels do not compute a token bit
+ * for bit the same in every batch shape, and a greedy stream flips at a near-tie some hundred
+ * tokens after the first difference (measured, docs/engines.md): a continuation whose carried
+ * tokens were re-prefilled in one batch diverges; so do batched streams whose neighbours differ,
+ * because llama.cpp's split of a multi-sequence batch pairs sequences with consecutive ids into
+ * one physical batch even when n_ubatch is 1 (llama_batch_allocr::split_equal admits
+ * n_ubatch + 1 sequences). What is exact, at length and under any load: every token computed
+ * alone. So with --llama-ubatch 1 (the default) each sequence gets its own llama_decode per step
+ * (its one decoding token, or its chunk, split by llama.cpp into one-token physical batches), and
+ * a continuation may replay its carried tokens in chunks. With --llama-ubatch > 1 (faster, not
+ * exact across migration) the decoding tokens of all sequences go in one llama_decode and only
+ * prompts are chunked. Chunks are cut at fixed offsets (multiples of --max-num-batched-tokens
+ * from the sequence's start), never where a step's budget happened to end. */
+static bool step(ll_engine *e) {
+    admit(e);
+    if (!e->running.head) return false;
+    bool exact = e->cfg.ubatch == 1;
+    int32_t budget = (int32_t)e->cfg.max_num_batched_tokens;
+    ll_seq *singles[LL_MAX_SEQS], *chunks[LL_MAX_SEQS];
+    size_t ones[LL_MAX_SEQS], chunk_take[LL_MAX_SEQS];
+    int nsingle = 0, nchunk = 0;
+    size_t chunk_max = (size_t)e->cfg.max_num_batched_tokens;
+    for (ll_seq *s = e->running.head; s; s = s->next) {
+        size_t left = s->n_tok - s->n_past;
+        if (left == 1 || (left > 1 && !exact && s->n_past >= s->n_prompt)) {
+            singles[nsingle] = s;
+            ones[nsingle++] = 1;
+        }
+    }
+    budget -= nsingle;
+    for (ll_seq *s = e->running.head; s && budget > 0; s = s->next) {
+        size_t left = s->n_tok - s->n_past;
+        if (left <= 1 || (!exact && s->n_past >= s->n_prompt)) continue;
+        size_t until = exact ? left : s->n_prompt - s->n_past;
+        size_t to_boundary = chunk_max - s->n_past % chunk_max;
+        size_t take = until < to_boundary ? until : to_boundary;
+        if (take > (size_t)budget) continue; /* the whole chunk in a later step */
+        chunks[nchunk] = s;
+        chunk_take[nchunk++] = take;
+        budget -= (int32_t)take;
+    }
+    if (!nsingle && !nchunk) return false;
+    if (exact) {
+        for (int i = 0; i < nsingle; i++) {
+            if (singles[i]->state != LS_RUNNING) continue; /* preempted by back-pressure just now */
+            if (!run_batch(e, &singles[i], &ones[i], 1)) return false;
+        }
+    } else if (nsingle && !run_batch(e, singles, ones, nsingle)) {
+        return false;
+    }
+    for (int i = 0; i < nchunk; i++) {
+        if (chunks[i]->state != LS_RUNNING) continue;
+        if (!run_batch(e, &chunks[i], &chunk_take[i], 1)) return false;
     }
     return true;
 }
@@ -799,6 +848,9 @@ static bt_status ll_submit(bt_engine *be, const bt_engine_request *req, const bt
     if (json_is_integer(seed)) s->sp.seed = (uint64_t)json_integer_value(seed);
     else if (req->attempt_seed) s->sp.seed = req->attempt_seed;
     else s->sp.seed = bt_random64(); /* no frontend seed: sampled output is not resumable exactly */
+    if (s->sp.temperature > 0)
+        BT_DEBUG("request %s: sampling seed %" PRIu64 " (%s)", req->request_id ? req->request_id : "?", s->sp.seed,
+                 json_is_integer(seed) ? "request" : req->attempt_seed ? "frontend" : "random");
     if (req->n_carried) { /* they go behind the prompt, which is rendered on the thread */
         s->car = malloc(req->n_carried * sizeof *s->car);
         if (!s->car) goto nomem;
@@ -854,7 +906,7 @@ static void ll_card(bt_engine *be, json_t *card) {
     json_object_set_new(card, "block_size", json_integer(LL_BLOCK));
     json_object_set_new(card, "max_num_seqs", json_integer(e->cfg.max_num_seqs));
     json_object_set_new(card, "max_num_batched_tokens", json_integer(e->cfg.max_num_batched_tokens));
-    json_object_set_new(card, "context_length", json_integer(e->n_ctx_train));
+    json_object_set_new(card, "context_length", json_integer(e->n_cap));
     json_object_set_new(card, "engine", json_string("llama"));
     json_object_set_new(card, "llama_model", json_string(e->model_desc));
 }
@@ -973,10 +1025,15 @@ bt_engine *bt_llama_create(uv_loop_t *loop, const bt_llama_config *cfg, const bt
     struct llama_context_params cp = L->llama_context_default_params();
     cp.n_ctx = (uint32_t)n_ctx;
     cp.n_batch = (uint32_t)cfg->max_num_batched_tokens;
-    cp.n_ubatch = cp.n_batch < 512 ? cp.n_batch : 512;
+    /* n_ubatch 1 (the default): llama.cpp computes every token of a batch alone, the only way its
+     * output does not depend on which tokens share a physical batch (see step()) */
+    cp.n_ubatch = (uint32_t)(cfg->ubatch < cfg->max_num_batched_tokens ? cfg->ubatch : cfg->max_num_batched_tokens);
     cp.n_seq_max = (uint32_t)cfg->max_num_seqs;
     cp.n_threads = cp.n_threads_batch = (int32_t)cfg->threads;
-    cp.kv_unified = true;
+    cp.kv_unified = cfg->kv_unified;
+    /* measured (docs/benchmarks.md): the CPU flash-attention kernel is about 4x slower than
+     * plain attention for a small model, so it is off unless asked for */
+    cp.flash_attn_type = cfg->flash_attn ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
     cp.no_perf = true;
     e->ctx = L->llama_init_from_model(e->model, cp);
     if (!e->ctx) {
@@ -985,6 +1042,12 @@ bt_engine *bt_llama_create(uv_loop_t *loop, const bt_llama_config *cfg, const bt
         goto fail;
     }
     e->n_ctx = L->llama_n_ctx(e->ctx);
+    /* each sequence's cap: the model's trained context, and its share of the cells when every
+     * sequence has its own KV stream (not unified) */
+    e->n_cap = e->n_ctx_train;
+    if (!cfg->kv_unified && e->n_ctx / (uint32_t)cfg->max_num_seqs < e->n_cap)
+        e->n_cap = e->n_ctx / (uint32_t)cfg->max_num_seqs;
+    if (cfg->kv_unified && e->n_ctx < e->n_cap) e->n_cap = e->n_ctx;
     e->n_batch = L->llama_n_batch(e->ctx);
     e->batch = L->llama_batch_init((int32_t)cfg->max_num_batched_tokens, 0, 1);
     e->batch_ok = true;
@@ -1000,9 +1063,10 @@ bt_engine *bt_llama_create(uv_loop_t *loop, const bt_llama_config *cfg, const bt
         goto fail;
     }
     e->thread_started = true;
-    BT_INFO("llama engine: %s (%s), %u KV cells shared by up to %lld sequences (each at most %u), %lld tokens per "
+    BT_INFO("llama engine: %s (%s), %u KV cells %s by up to %lld sequences (each at most %u), %lld tokens per "
             "step, %lld thread(s), chat template: %s",
-            path, e->model_desc, e->n_ctx, (long long)cfg->max_num_seqs, e->n_ctx_train,
+            path, e->model_desc, e->n_ctx, cfg->kv_unified ? "shared" : "split evenly", (long long)cfg->max_num_seqs,
+            e->n_cap,
             (long long)cfg->max_num_batched_tokens, (long long)cfg->threads,
             e->chat_template ? "the model's" : "plain");
     return &e->base;

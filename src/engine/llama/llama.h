@@ -27,6 +27,9 @@ typedef struct {
     int64_t max_num_seqs;           /* sequences decoding at once (<= 256, llama.cpp's limit) */
     int64_t max_num_batched_tokens; /* tokens per decode step (>= max_num_seqs) */
     int64_t threads;                /* --llama-threads: CPU threads of the decode (1) */
+    int64_t ubatch;                 /* --llama-ubatch: tokens per physical batch (1: exact, see llama.c) */
+    bool flash_attn;                /* --flash-attn: llama.cpp's flash attention (off) */
+    bool kv_unified;                /* --kv-unified: one KV pool for all sequences (false: one stream each) */
     int64_t default_max_tokens;     /* max_tokens when a request sets none */
     int64_t fault_die_after_tokens;   /* test hook: engine dead after N tokens (0 = off) */
     int64_t fault_error_after_tokens; /* test hook: decode treated as failed after N tokens (0 = off) */
