@@ -15,6 +15,7 @@ freeing real KV memory.
    that seed (read from the continuing worker's debug log) byte for byte.
 4. Cancellation: a stream closed by the client mid-way frees its KV cells at once: the worker's
    KV gauge is above zero while it streams and back to zero right after.
+Also: a worker pointed at a directory without the libraries exits 1 naming scripts/setup.
 """
 
 import os
@@ -97,6 +98,12 @@ def main():
             w1 = c.start_worker(engine="llama", system_port=True, wait=True)
             w2 = c.start_worker(engine="llama", system_port=True, wait=True)
             c.wait_workers(fe, 2)
+
+            # a missing library is a clear error naming what to run, exit code 1
+            bad = c.start_worker(engine="llama", llama_lib_dir=os.path.join(c.dir, "no-such-dir"))
+            assert bad.proc.wait(20) == 1, "a worker without libraries did not exit 1"
+            assert "run scripts/setup" in bad.proc.log_text(), bad.proc.log_tail()
+            c.workers.remove(bad)
 
             check_serving(fe)
             print("serving: greedy text, usage, stop string and chat ok")
