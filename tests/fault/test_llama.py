@@ -7,7 +7,8 @@ freeing real KV memory.
    string end with the right finish_reason.
 2. Migration: 16 concurrent streams of 1,500-1,700 tokens (half greedy, half sampled at
    temperature 0.8 with a seed; chat and completions) on two llama workers, run once fault-free
-   (the reference) and once with kill -9 of one worker when every stream has at least 300 tokens.
+   (the reference) and once with kill -9 of one worker when every stream has at least 600 tokens
+   (a continuation then replays more than one prefill chunk).
    Every stream must equal its reference byte for byte: text, token ids, finish_reason, usage; the
    frontend must report migrations, and greedy as well as seeded streams must have moved.
 3. A request without a seed at temperature 0.8, migrated by kill -9: the frontend chose a seed
@@ -30,7 +31,7 @@ MODEL = "mock-model"
 ONCE = (", there was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, "
         "red ball. She wanted to play with it, but it was too high.\nLily's mom said")
 N = 16
-KILL_AFTER = 300
+KILL_AFTER = 600
 
 
 def body_for(i):

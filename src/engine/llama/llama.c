@@ -45,8 +45,8 @@ bt_status bt_llama_config_check(const bt_llama_config *c, char *err, size_t errl
     if (c->max_num_seqs < 1 || c->max_num_seqs > LL_MAX_SEQS)
         return snprintf(err, errlen, "--max-num-seqs must be 1..%d for the llama engine", LL_MAX_SEQS),
                BT_ERR_INVALID;
-    if (c->max_num_batched_tokens < c->max_num_seqs)
-        return snprintf(err, errlen, "--max-num-batched-tokens (%lld) must be at least --max-num-seqs (%lld)",
+    if (c->max_num_batched_tokens <= c->max_num_seqs)
+        return snprintf(err, errlen, "--max-num-batched-tokens (%lld) must be more than --max-num-seqs (%lld)",
                         (long long)c->max_num_batched_tokens, (long long)c->max_num_seqs),
                BT_ERR_INVALID;
     if (c->ctx_size < 0 || c->ctx_size > (1 << 24))
@@ -659,7 +659,7 @@ static bool run_batch(ll_engine *e, ll_seq **seqs, const size_t *take, int n) {
  * a continuation may replay its carried tokens in chunks. With --llama-ubatch > 1 (faster, not
  * exact across migration) the decoding tokens of all sequences go in one llama_decode and only
  * prompts are chunked. Chunks are cut at fixed offsets (multiples of --max-num-batched-tokens
- * from the sequence's start), never where a step's budget happened to end. */
+ * minus --max-num-seqs from the sequence's start), never where a step's budget happened to end. */
 static bool step(ll_engine *e) {
     admit(e);
     if (!e->running.head) return false;
@@ -668,7 +668,9 @@ static bool step(ll_engine *e) {
     ll_seq *singles[LL_MAX_SEQS], *chunks[LL_MAX_SEQS];
     size_t ones[LL_MAX_SEQS], chunk_take[LL_MAX_SEQS];
     int nsingle = 0, nchunk = 0;
-    size_t chunk_max = (size_t)e->cfg.max_num_batched_tokens;
+    /* chunk size: what is left of the budget when every other sequence decodes, so the first
+     * sequence waiting to prefill always fits (no starvation behind decoding sequences) */
+    size_t chunk_max = (size_t)(e->cfg.max_num_batched_tokens - e->cfg.max_num_seqs);
     for (ll_seq *s = e->running.head; s; s = s->next) {
         size_t left = s->n_tok - s->n_past;
         if (left == 1 || (left > 1 && !exact && s->n_past >= s->n_prompt)) {

@@ -25,7 +25,7 @@ typedef struct {
     const char *lib_dir;            /* --llama-lib-dir: NULL = the cache scripts/setup fills */
     int64_t ctx_size;               /* --ctx-size: KV cells shared by all sequences; 0 = auto */
     int64_t max_num_seqs;           /* sequences decoding at once (<= 256, llama.cpp's limit) */
-    int64_t max_num_batched_tokens; /* tokens per decode step (>= max_num_seqs) */
+    int64_t max_num_batched_tokens; /* tokens per decode step (> max_num_seqs) */
     int64_t threads;                /* --llama-threads: CPU threads of the decode (1) */
     int64_t ubatch;                 /* --llama-ubatch: tokens per physical batch (1: exact, see llama.c) */
     bool flash_attn;                /* --flash-attn: llama.cpp's flash attention (off) */
