@@ -1,7 +1,8 @@
 // openai_client.mjs — drives a baton frontend with the unmodified official `openai` npm SDK.
 //
 // Run by tests/compat/test_openai_npm.py from a directory whose node_modules holds the SDK.
-// Environment: BATON_BASE_URL (e.g. http://127.0.0.1:8000/v1), BATON_MODEL (default mock-model).
+// Environment: BATON_BASE_URL (e.g. http://127.0.0.1:8000/v1), BATON_MODEL (default mock-model),
+// BATON_EXPECT_TEXT (optional: the exact greedy completion of "Once upon a time", 64 tokens).
 // Prints one JSON object: {"sdk": version, "checks": [{"name", "ok", "detail"}...]}. Every check
 // runs even if an earlier one failed; the Python test asserts on all of them.
 import OpenAI from 'openai';
@@ -76,6 +77,19 @@ await check('completions.create', async () => {
     `usage.completion_tokens == 16, got ${JSON.stringify(r.usage)}`);
   return { text, usage: r.usage, finish: r.choices[0].finish_reason };
 });
+
+// With a real model (the llama engine and its bundled stories260K), the greedy continuation is
+// known text (models/README.md): BATON_EXPECT_TEXT holds it.
+if (process.env.BATON_EXPECT_TEXT) {
+  await check('completions.greedy_text', async () => {
+    const r = await client.completions.create({ model, prompt: 'Once upon a time', max_tokens: 64, temperature: 0 });
+    const text = r.choices && r.choices[0] ? r.choices[0].text : undefined;
+    expect(text === process.env.BATON_EXPECT_TEXT, `the model's greedy text, got ${JSON.stringify(text)}`);
+    expect(r.usage && r.usage.prompt_tokens === 5 && r.usage.completion_tokens === 64,
+      `usage 5 + 64, got ${JSON.stringify(r.usage)}`);
+    return { text, usage: r.usage };
+  });
+}
 
 await check('chat.stream.include_usage', async () => {
   const stream = await client.chat.completions.create({
