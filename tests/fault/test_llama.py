@@ -8,7 +8,9 @@ freeing real KV memory.
 2. Migration: 16 concurrent streams of 1,500-1,700 tokens (half greedy, half sampled at
    temperature 0.8 with a seed; chat and completions) on two llama workers, run once fault-free
    (the reference) and once with kill -9 of one worker when every stream has at least 600 tokens
-   (a continuation then replays more than one prefill chunk).
+   (a continuation then replays more than one prefill chunk), beside 6 unseeded streams that
+   their clients cancel at 50-550 tokens (a busy, fragmented cache; after the kill more
+   sequences than --max-num-seqs wait on the surviving worker).
    Every stream must equal its reference byte for byte: text, token ids, finish_reason, usage; the
    frontend must report migrations, and greedy as well as seeded streams must have moved.
 3. A request without a seed at temperature 0.8, migrated by kill -9: the frontend chose a seed
@@ -134,8 +136,22 @@ def main():
                     return False
                 return on_event
 
+            # noise: 6 more streams (sampled, no seed) cancelled by their clients at 50-550 tokens,
+            # so the cache is busy and fragmented and the survivors queue for a while after the
+            # kill (20 sequences > --max-num-seqs 16 on one worker)
+            def noise(j):
+                body = bl.completion_body(f"Noise {j}: once upon a time", max_tokens=1500, model=MODEL,
+                                          return_token_ids=True)
+                return bl.stream_completion(fe.url, body, timeout=50,
+                                            on_event=lambda st, o: len(st.token_ids) >= 50 + 100 * j)
+
             t0 = time.monotonic()
+            noise_threads = [threading.Thread(target=noise, args=(j,)) for j in range(6)]
+            for t in noise_threads:
+                t.start()
             runs = run_load(fe, "fault", factory)
+            for t in noise_threads:
+                t.join()
             assert killed.is_set(), f"the kill never happened (counts {counts})"
             bad = []
             for i, (r, s) in enumerate(zip(refs, runs)):
