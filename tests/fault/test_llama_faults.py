@@ -1,5 +1,5 @@
-"""More fault kinds on the llama engine, byte-exact against a fault-free run: 8 concurrent streams
-of 1,500-1,640 tokens (half greedy, half seeded at temperature 0.8) on two llama workers, a spare
+"""More fault kinds on the llama engine, byte-exact against a fault-free run: 6 concurrent streams
+of 1,500-1,600 tokens (half greedy, half seeded at temperature 0.8) on two llama workers, a spare
 started for each round, then:
 
 1. engine failure: a worker started with --fault-die-after-tokens declares its engine dead mid-way
@@ -9,7 +9,7 @@ started for each round, then:
    stopped worker.
 
 In every round every stream must equal its reference (text, token ids, finish_reason, usage),
-and some streams must have been migrated. test_llama.py covers kill -9 and cancellation.
+and some streams must have been migrated. test_llama.py covers kill -9 and cancellation, test_llama_shedding.py shedding on real KV.
 """
 
 import os
@@ -22,7 +22,7 @@ import time
 import batonlib as bl
 
 MODEL = "mock-model"
-N = 8
+N = 6
 
 
 def body_for(i):
