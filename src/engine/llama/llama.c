@@ -20,6 +20,7 @@
 
 #include "common/log.h"
 #include "common/util.h"
+#include "engine/llama/llama_internal.h"
 #include "engine/llama/llama_lib.h"
 #include "engine/llama/llama_sample.h"
 #include "engine/llama/llama_text.h"
@@ -743,7 +744,8 @@ static void *engine_thread(void *arg) {
     ll_engine *e = arg;
     for (;;) {
         pthread_mutex_lock(&e->mu);
-        while (!e->quit && !e->cmd_head && (e->dead || (!e->running.head && !e->waiting.head)))
+        /* a dead engine too must first end what it holds (below), then wait */
+        while (!e->quit && !e->cmd_head && !e->running.head && !e->waiting.head)
             pthread_cond_wait(&e->cv, &e->mu);
         ll_cmd *cmds = e->cmd_head;
         e->cmd_head = e->cmd_tail = NULL;
@@ -988,6 +990,13 @@ bt_engine *bt_llama_create(uv_loop_t *loop, const bt_llama_config *cfg, const bt
         snprintf(err, errlen, "model file %s not found", path);
         return NULL;
     }
+    return bt_llama_create_with_api(loop, cfg, hooks, hooks_ud, L, path, err, errlen);
+}
+
+bt_engine *bt_llama_create_with_api(uv_loop_t *loop, const bt_llama_config *cfg, const bt_engine_hooks *hooks,
+                                    void *hooks_ud, const bt_llama_api *L, const char *path, char *err,
+                                    size_t errlen) {
+    if (bt_llama_config_check(cfg, err, errlen) != BT_OK) return NULL;
     ll_engine *e = calloc(1, sizeof *e);
     if (!e) return snprintf(err, errlen, "out of memory"), NULL;
     e->base.ops = &ll_ops;
