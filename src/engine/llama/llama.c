@@ -76,6 +76,9 @@ const char *bt_llama_default_model(void) {
 
 #ifndef BATON_HAVE_LLAMA
 
+/* no llama engine can exist in this build */
+void bt_llama_inject(bt_engine *e, int fault) { (void)e, (void)fault; }
+
 bt_engine *bt_llama_create(uv_loop_t *loop, const bt_llama_config *cfg, const bt_engine_hooks *hooks, void *hooks_ud,
                            char *err, size_t errlen) {
     (void)loop, (void)cfg, (void)hooks, (void)hooks_ud;
@@ -91,7 +94,7 @@ bt_engine *bt_llama_create(uv_loop_t *loop, const bt_llama_config *cfg, const bt
 
 /* ---- messages ------------------------------------------------------------------------------- */
 
-typedef enum { CMD_SUBMIT, CMD_STOP, CMD_KILL } ll_cmd_kind;
+typedef enum { CMD_SUBMIT, CMD_STOP, CMD_KILL, CMD_DIE, CMD_STALL, CMD_RESUME } ll_cmd_kind;
 typedef enum { EV_TOKENS, EV_END, EV_DEAD } ll_ev_kind;
 typedef enum { END_FINISH, END_ERROR, END_KILLED } ll_end_kind;
 
@@ -194,6 +197,7 @@ struct ll_engine {
     uint64_t admit_counter;
     uint64_t total_emitted;
     bool dead;
+    bool stalled; /* fault injection: no steps until resumed */
     bt_llsample_cand *cand;
     char model_desc[128];
 };
@@ -735,6 +739,9 @@ static void run_cmd(ll_engine *e, ll_cmd *c) {
     case CMD_STOP:
         if ((s = find_seq(e, c->h))) seq_end(e, s, END_FINISH, BT_FINISH_CANCELLED, BT_OK, NULL);
         break;
+    case CMD_DIE: engine_die(e, "injected engine death (fault signal)"); break;
+    case CMD_STALL: e->stalled = true; break;
+    case CMD_RESUME: e->stalled = false; break;
     }
     seq_free(c->seq);
     free(c);
@@ -745,7 +752,7 @@ static void *engine_thread(void *arg) {
     for (;;) {
         pthread_mutex_lock(&e->mu);
         /* a dead engine too must first end what it holds (below), then wait */
-        while (!e->quit && !e->cmd_head && !e->running.head && !e->waiting.head)
+        while (!e->quit && !e->cmd_head && ((!e->running.head && !e->waiting.head) || (e->stalled && !e->dead)))
             pthread_cond_wait(&e->cv, &e->mu);
         ll_cmd *cmds = e->cmd_head;
         e->cmd_head = e->cmd_tail = NULL;
@@ -766,7 +773,7 @@ static void *engine_thread(void *arg) {
             update_load(e);
             continue;
         }
-        step(e);
+        if (!e->stalled) step(e);
         update_load(e);
     }
     return NULL;
@@ -823,6 +830,14 @@ static void send_cmd(ll_engine *e, ll_cmd *c) {
 static double body_number(const json_t *body, const char *key, double def) {
     json_t *v = json_object_get(body, key);
     return json_is_number(v) ? json_number_value(v) : def;
+}
+
+void bt_llama_inject(bt_engine *be, int fault) {
+    ll_engine *e = (ll_engine *)be;
+    ll_cmd *c = calloc(1, sizeof *c);
+    if (!c) return;
+    c->kind = fault == 1 ? CMD_DIE : fault == 2 ? CMD_STALL : CMD_RESUME;
+    send_cmd(e, c);
 }
 
 static bt_status ll_submit(bt_engine *be, const bt_engine_request *req, const bt_engine_sink *sink, void *ud,

@@ -43,6 +43,11 @@ bt_status bt_llama_config_check(const bt_llama_config *c, char *err, size_t errl
 bt_engine *bt_llama_create(uv_loop_t *loop, const bt_llama_config *cfg, const bt_engine_hooks *hooks, void *hooks_ud,
                            char *err, size_t errlen);
 
+/* Fault injection for tests (the worker's --fault-signals): 1 = the engine dies now (as after a
+ * failed decode), 2 = the engine thread stops stepping (a hung engine), 3 = it resumes. The same
+ * numbers as bt_mocker_fault. */
+void bt_llama_inject(bt_engine *e, int fault);
+
 /* The bundled model's path: <dir of the executable>/../models/stories260K.gguf when it exists,
  * else the source tree's models/ (baked in at build time). */
 const char *bt_llama_default_model(void);
