@@ -455,7 +455,7 @@ static void seq_arrive(ll_engine *e, ll_seq *s) {
      * the client has; carried ids always end at a character boundary, see llama_text.h) */
     if (s->n_carried) {
         bt_buf raw, text;
-        char buf[256];
+        char buf[2048]; /* longer than any token piece of a real vocabulary */
         bt_buf_init(&raw, (size_t)256 << 20);
         bt_buf_init(&text, (size_t)256 << 20);
         st = tok_reserve(s, s->n_tok + s->n_carried);
@@ -559,7 +559,7 @@ static void update_load(ll_engine *e) {
 
 /* Takes one sampled token into a sequence; returns false when it ended. */
 static bool seq_take(ll_engine *e, ll_seq *s, llama_token t) {
-    char buf[256];
+    char buf[2048]; /* longer than any token piece of a real vocabulary */
     s->n_gen++;
     e->total_emitted++;
     if (e->L->llama_vocab_is_eog(e->vocab, t)) { /* counted in usage, not delivered */
