@@ -42,6 +42,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     CHECK(m2.rq.n_carried == rq->n_carried);
     CHECK(rq->n_carried == 0 || memcmp(m2.rq.carried, rq->carried, rq->n_carried * sizeof *rq->carried) == 0);
     CHECK(m2.rq.has_max_tokens == rq->has_max_tokens && m2.rq.max_tokens == rq->max_tokens);
+    CHECK(m2.rq.seed == rq->seed);
+    CHECK(rq->seed == 0 || rq->seed <= (uint64_t)INT64_MAX);
     CHECK((m2.rq.carried_text == NULL) == (rq->carried_text == NULL));
     CHECK(!rq->carried_text || (m2.rq.carried_text_len == rq->carried_text_len &&
                                 memcmp(m2.rq.carried_text, rq->carried_text, rq->carried_text_len) == 0));

@@ -2,8 +2,8 @@
  *
  * An engine runs on the worker's libuv loop and never blocks it. The worker submits sequences;
  * the engine reports their output through a per-sequence sink and its overall load through the
- * engine hooks. Implementations: the mocker (engine/mocker/) and, later, an OpenAI-compatible
- * upstream proxy.
+ * engine hooks. Implementations: the mocker (engine/mocker/), the OpenAI-compatible upstream
+ * proxy (engine/openai/) and llama.cpp in process (engine/llama/).
  *
  * Ownership and call rules:
  *  - bt_engine_submit() copies everything it needs from the request; the caller keeps ownership.
@@ -64,6 +64,9 @@ typedef struct {
     uint32_t max_tokens; /* new tokens still allowed (already reduced by n_carried) */
     double temperature;
     uint64_t seed;
+    /* A seed the frontend chose for a request whose body has none, the same for every attempt
+     * (0 = none): engines that sample for real use it so a continuation is exact. */
+    uint64_t attempt_seed;
     const char *stop[BT_MAX_STOP];
     int n_stop;
 } bt_engine_request;

@@ -155,6 +155,7 @@ struct fe_req {
     bool stream, include_usage, return_ids;
     int64_t max_tokens; /* as the client asked, or -1: it set none, and the worker's engine
                            default applies (the worker owns that default, --default-max-tokens) */
+    uint64_t seed;      /* chosen here when the body has none, sent with every attempt (0 = body's) */
     uint32_t *ids;      /* every token id delivered to the client */
     size_t nids, ids_cap;
     bt_buf text;   /* text delivered so far (streaming too: a continuation may need it) */

@@ -86,6 +86,7 @@ static char *continuation_payload(const fe_req *r, size_t *len, uint64_t *est_to
         .n_carried = r->nids,
         .has_max_tokens = limited,
         .max_tokens = limited ? remaining : 0,
+        .seed = r->seed,
     };
     if (r->nids && !r->text_lost) {
         rq.carried_text = r->text.data ? r->text.data : "";

@@ -862,6 +862,10 @@ fe_req *fe_request_new(fe *f, bt_http_req *http, bt_api api, json_t *body, const
     if (!json_is_integer(mt)) mt = json_object_get(body, "max_tokens");
     /* No limit from the client: none is sent, and the worker applies its --default-max-tokens */
     r->max_tokens = json_is_integer(mt) ? json_integer_value(mt) : -1;
+    /* One seed for every attempt of a request without one, so an engine that samples for real
+     * continues a migrated stream exactly (docs/protocol.md, "seed"). */
+    if (!json_is_integer(json_object_get(body, "seed")))
+        while (!r->seed) r->seed = bt_random64() & 0x7fffffffffffffffull;
     r->attempts_left = (int)f->o.migration_limit + 1;
     r->t_start_us = bt_now_us();
     r->created = created ? created : bt_wall_s();

@@ -10,6 +10,9 @@
  *   max_tokens    integer >= 0 (optional): new tokens still allowed; absent = the engine's default
  *   carried_text  string (optional): the text delivered with the carried tokens, for engines that
  *                 continue from text; absent when the frontend has not kept it
+ *   seed          integer in [1, 2^63) (optional): the sampling seed the frontend chose for a request
+ *                 whose body has none, the same for every attempt (an engine that samples for real
+ *                 continues a migrated stream exactly only with it); absent: the body's seed, if any
  * Unknown members are ignored, so that a newer frontend can add some. No I/O: unit-tested
  * (tests/unit/test_request.c) and fuzzed (fuzz/fuzz_request.c). */
 #ifndef BATON_PROTO_REQUEST_H
@@ -35,6 +38,7 @@ typedef struct {
     int64_t max_tokens;
     const char *carried_text; /* NULL: none */
     size_t carried_text_len;
+    uint64_t seed; /* 0: none */
 } bt_request;
 
 /* Encodes rq as a payload: a malloc'd string (free with free()) of *len bytes, NUL-terminated;

@@ -208,15 +208,16 @@ void wk_engine_dead_hook(void *ud, const char *why) { wk_engine_failed(ud, why);
 static void on_signal(uv_signal_t *h, int signum) {
     wk_worker *w = h->data;
     if (signum == SIGUSR1 || signum == SIGUSR2) {
-        if (!w->o.fault_signals || !w->engine || strcmp(w->o.engine, "mocker") != 0) return;
+        bool llama = strcmp(w->o.engine, "llama") == 0;
+        if (!w->o.fault_signals || !w->engine || (strcmp(w->o.engine, "mocker") != 0 && !llama)) return;
         BT_WARN("fault signal %s: %s", signum == SIGUSR1 ? "SIGUSR1" : "SIGUSR2",
                 signum == SIGUSR1 ? "engine death" : "engine stall toggle");
-        if (signum == SIGUSR1) {
-            bt_mocker_inject(w->engine, BT_MOCKER_FAULT_DIE);
-        } else {
-            w->stalled = !w->stalled;
-            bt_mocker_inject(w->engine, w->stalled ? BT_MOCKER_FAULT_STALL : BT_MOCKER_FAULT_RESUME);
-        }
+        if (signum == SIGUSR2) w->stalled = !w->stalled;
+        bt_mocker_fault f = signum == SIGUSR1 ? BT_MOCKER_FAULT_DIE
+                            : w->stalled      ? BT_MOCKER_FAULT_STALL
+                                              : BT_MOCKER_FAULT_RESUME;
+        if (llama) bt_llama_inject(w->engine, (int)f);
+        else bt_mocker_inject(w->engine, f);
         return;
     }
     const char *name = signum == SIGINT ? "SIGINT" : "SIGTERM";

@@ -240,6 +240,7 @@ static void handle_request(wk_peer *p, uint32_t id, const bt_frame *f) {
     er.max_tokens = max_tokens > UINT32_MAX ? UINT32_MAX : (uint32_t)max_tokens;
     st = sampling_from_body(body, &er, err, sizeof err);
     if (st != BT_OK) goto fail;
+    er.attempt_seed = msg.rq.seed; /* chosen by the frontend when the body has none (0: none) */
 
     s = calloc(1, sizeof *s);
     if (!s) {
@@ -542,9 +543,23 @@ static int worker_run(wk_worker *w) {
     if (!w->instance_id) w->instance_id = 1;
 
     bool openai = strcmp(o->engine, "openai") == 0;
-    if (!openai && strcmp(o->engine, "mocker") != 0) {
-        BT_ERROR("unknown engine '%s' (this build supports: mocker, openai)", o->engine);
+    bool llama = strcmp(o->engine, "llama") == 0;
+    if (!openai && !llama && strcmp(o->engine, "mocker") != 0) {
+        BT_ERROR("unknown engine '%s' (mocker, openai or llama)", o->engine);
         return 2;
+    }
+    if (llama) {
+        /* the scheduler flags the mocker shares, with the llama engine's own defaults */
+        if (o->mocker.max_num_seqs != w->mocker_defaults.max_num_seqs) o->llama.max_num_seqs = o->mocker.max_num_seqs;
+        if (o->mocker.max_num_batched_tokens != w->mocker_defaults.max_num_batched_tokens)
+            o->llama.max_num_batched_tokens = o->mocker.max_num_batched_tokens;
+        o->llama.default_max_tokens = o->mocker.default_max_tokens;
+        o->llama.fault_die_after_tokens = o->mocker.fault_die_after_tokens;
+        o->llama.fault_error_after_tokens = o->mocker.fault_error_after_tokens;
+        if (bt_llama_config_check(&o->llama, err, sizeof err) != BT_OK) {
+            BT_ERROR("invalid llama engine configuration: %s", err);
+            return 2;
+        }
     }
     if (bt_mocker_config_check(&o->mocker, err, sizeof err) != BT_OK) {
         BT_ERROR("invalid mocker configuration: %s", err);
@@ -565,7 +580,16 @@ static int worker_run(wk_worker *w) {
     w->drain_timer.data = w->dead_timer.data = w->load_timer.data = w;
     uv_timer_start(&w->load_timer, on_load_timer, LOAD_REFRESH_MS, LOAD_REFRESH_MS / 2);
     bt_engine_hooks hooks = {on_engine_load, wk_engine_dead_hook};
-    w->engine = openai ? bt_openai_create(loop, &o->openai, &hooks, w) : bt_mocker_create(loop, &o->mocker, &hooks, w);
+    if (llama) {
+        char lerr[1024];
+        w->engine = bt_llama_create(loop, &o->llama, &hooks, w, lerr, sizeof lerr);
+        if (!w->engine) {
+            BT_ERROR("llama engine: %s", lerr);
+            return 1;
+        }
+    } else {
+        w->engine = openai ? bt_openai_create(loop, &o->openai, &hooks, w) : bt_mocker_create(loop, &o->mocker, &hooks, w);
+    }
     if (!w->engine) {
         BT_ERROR("cannot create the engine");
         return 1;
@@ -657,9 +681,26 @@ int bt_worker_main(int argc, char **argv) {
     bt_mocker_config_default(&o->mocker);
     bt_openai_config_default(&o->openai);
     o->namespace_name = "dynamo";
+    bt_llama_config_default(&o->llama);
+    w->mocker_defaults = o->mocker;
 
     const bt_opt opts[] = {
-        {"--engine", "DYN_ENGINE", BT_OPT_STR, &o->engine, 0, 0, "mocker or openai (an OpenAI-compatible server)"},
+        {"--engine", "DYN_ENGINE", BT_OPT_STR, &o->engine, 0, 0,
+         "mocker, openai (an OpenAI-compatible server) or llama (llama.cpp in process)"},
+        {"--model", "DYN_MODEL_PATH", BT_OPT_STR, &o->llama.model_path, 0, 0,
+         "llama engine: GGUF model file (none: the bundled models/stories260K.gguf)"},
+        {"--llama-lib-dir", "BATON_LLAMA_LIB_DIR", BT_OPT_STR, &o->llama.lib_dir, 0, 0,
+         "llama engine: directory of libllama/libggml (none: ~/.cache/baton/llama.cpp-0.4.0/lib, from scripts/setup)"},
+        {"--ctx-size", "DYN_CTX_SIZE", BT_OPT_INT, &o->llama.ctx_size, 0, 16777216,
+         "llama engine: KV cells shared by all sequences (0: max-num-seqs x the model's context, at most 65536)"},
+        {"--llama-threads", "DYN_LLAMA_THREADS", BT_OPT_INT, &o->llama.threads, 1, 256,
+         "llama engine: CPU threads per decode"},
+        {"--llama-ubatch", "DYN_LLAMA_UBATCH", BT_OPT_INT, &o->llama.ubatch, 1, 1e6,
+         "llama engine: tokens per physical batch; 1 keeps output independent of batching (exact migration)"},
+        {"--flash-attn", "DYN_FLASH_ATTN", BT_OPT_BOOL, &o->llama.flash_attn, 0, 0,
+         "llama engine: use llama.cpp's flash attention (slower on CPU for small models)"},
+        {"--kv-unified", "DYN_KV_UNIFIED", BT_OPT_BOOL, &o->llama.kv_unified, 0, 0,
+         "llama engine: one KV pool shared by all sequences (attention then scans every sequence's cells)"},
         {"--upstream", "DYN_UPSTREAM_URL", BT_OPT_STR, &o->openai.upstream, 0, 0,
          "openai engine: base URL of the engine server"},
         {"--upstream-model", "DYN_UPSTREAM_MODEL", BT_OPT_STR, &o->openai.model, 0, 0,
@@ -723,9 +764,10 @@ int bt_worker_main(int argc, char **argv) {
          "mocker: SIGUSR1 kills the engine, SIGUSR2 toggles a stall (tests)"},
         {"--num-gpu-blocks-override", NULL, BT_OPT_INT, &o->mocker.num_gpu_blocks, 1, 1e9, "mocker KV blocks"},
         {"--block-size", NULL, BT_OPT_INT, &o->mocker.block_size, 2, 1e6, "mocker tokens per block"},
-        {"--max-num-seqs", NULL, BT_OPT_INT, &o->mocker.max_num_seqs, 1, 1e7, "mocker max sequences"},
-        {"--max-num-batched-tokens", NULL, BT_OPT_INT, &o->mocker.max_num_batched_tokens, 1, 1e9,
-         "mocker tokens per step"},
+        {"--max-num-seqs", "DYN_MAX_NUM_SEQS", BT_OPT_INT, &o->mocker.max_num_seqs, 1, 1e7,
+         "max sequences running at once (llama engine: default 16, at most 256)"},
+        {"--max-num-batched-tokens", "DYN_MAX_NUM_BATCHED_TOKENS", BT_OPT_INT, &o->mocker.max_num_batched_tokens, 1,
+         1e9, "tokens per step (llama engine: default 512)"},
         {"--watermark", NULL, BT_OPT_DOUBLE, &o->mocker.watermark, 0, 0.99, "mocker KV watermark"},
         {"--context-length", "DYN_CONTEXT_LENGTH", BT_OPT_INT, &o->mocker.context_length, 0, 1e15,
          "mocker prompt + max_tokens limit in tokens, advertised to frontends (0 = what the KV cache holds)"},

@@ -25,6 +25,7 @@
 #include "discovery/discovery.h"
 #include "engine/engine.h"
 #include "engine/mocker/mocker.h"
+#include "engine/llama/llama.h"
 #include "engine/openai/openai.h"
 #include "events/events.h"
 #include "http/http.h"
@@ -95,6 +96,7 @@ typedef struct {
     double engine_stuck_timeout; /* seconds without progress while busy → engine failed; 0 = off */
     bt_mocker_config mocker;
     bt_openai_config openai; /* --engine openai: the upstream server */
+    bt_llama_config llama;   /* --engine llama: llama.cpp in process */
     /* derived */
     char ns[64], component[64], ep[64];
     bool starting_ready; /* /health is ready until the endpoint is first ready (wk_health_config) */
@@ -136,6 +138,7 @@ struct wk_worker {
     uv_loop_t *loop;
     wk_opts o;
     bt_engine *engine;
+    bt_mocker_config mocker_defaults; /* to tell which shared scheduler flags were given */
     bt_discovery *disc;
     bt_rpc_listener *listener;
     bt_http_server *status;

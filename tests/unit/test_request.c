@@ -45,6 +45,8 @@ static void test_first_attempt_roundtrip(void **state) {
     assert_int_equal(m.rq.n_carried, 0);
     assert_false(m.rq.has_max_tokens);
     assert_null(m.rq.carried_text);
+    assert_true(m.rq.seed == 0);
+    assert_null(strstr(p, "seed"));
     bt_request_msg_free(&m);
     bt_request_msg_free(&m); /* a freed message frees again as nothing */
     free(p);
@@ -64,7 +66,8 @@ static void test_continuation_roundtrip(void **state) {
                      .has_max_tokens = true,
                      .max_tokens = 123456,
                      .carried_text = text,
-                     .carried_text_len = sizeof text - 1};
+                     .carried_text_len = sizeof text - 1,
+                     .seed = 0x7fffffffffffffffull};
     size_t len = 0;
     char *p = bt_request_encode(&rq, &len);
     assert_non_null(p);
@@ -77,6 +80,7 @@ static void test_continuation_roundtrip(void **state) {
     assert_int_equal(m.rq.max_tokens, 123456);
     assert_int_equal(m.rq.carried_text_len, sizeof text - 1);
     assert_memory_equal(m.rq.carried_text, text, sizeof text - 1);
+    assert_true(m.rq.seed == 0x7fffffffffffffffull);
     /* encoding the decoded request gives the same payload */
     size_t len2 = 0;
     char *p2 = bt_request_encode(&m.rq, &len2);
@@ -118,6 +122,8 @@ static void test_malformed(void **state) {
     expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"max_tokens\":-1}", "max_tokens");
     expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"max_tokens\":1.5}", "max_tokens");
     expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"carried_text\":3}", "carried_text");
+    expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"seed\":0}", "seed");
+    expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"seed\":\"7\"}", "seed");
     expect_invalid("{\"request_id\":\"a\",\"request_id\":\"b\",\"api\":\"chat\",\"body\":{}}", "malformed");
     char big[BT_REQUEST_ID_MAX + 64];
     memset(big, 'r', sizeof big);

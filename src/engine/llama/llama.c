@@ -1,0 +1,1100 @@
+/* llama.c — the llama engine (llama.h): loop-side handles, the engine thread, the scheduler.
+ *
+ * Threads and ownership. The loop side owns the bt_engine_seq handles (what the worker holds);
+ * the engine thread owns the ll_seq state (tokens, KV slot, text filter) and everything of
+ * llama.cpp. They meet only in two queues under one mutex: commands (loop → thread: submit,
+ * stop, kill, quit; a condition variable wakes the thread) and events (thread → loop: tokens,
+ * end, dead; uv_async_send wakes the loop). Every handle gets exactly one END event; the loop
+ * frees the handle when it processes it, and drops every event of a handle the worker killed.
+ * A kill of a sequence that already ended is ignored by the thread (its END is on its way), and
+ * commands are processed in order, so a handle address is never confused with a later one.
+ * KV edits (llama_memory_seq_rm) happen only on the engine thread, between decodes. */
+#include "engine/llama/llama.h"
+
+#include <inttypes.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/log.h"
+#include "common/paths.h"
+#include "common/util.h"
+#include "engine/llama/llama_internal.h"
+#include "engine/llama/llama_lib.h"
+#include "engine/llama/llama_sample.h"
+#include "engine/llama/llama_text.h"
+
+#ifndef BATON_MODELS_DIR
+#define BATON_MODELS_DIR "models"
+#endif
+
+#define LL_BLOCK 16        /* KV cells per reported block */
+#define LL_MAX_SEQS 256    /* llama.cpp's sequence limit (LLAMA_MAX_SEQ) */
+#define LL_AUTO_CTX 65536u /* --ctx-size 0: at most this many cells (about 40 MB for stories260K) */
+
+void bt_llama_config_default(bt_llama_config *c) {
+    memset(c, 0, sizeof *c);
+    c->max_num_seqs = 16;
+    c->max_num_batched_tokens = 512;
+    c->threads = 1;
+    c->ubatch = 1;
+    c->default_max_tokens = 256;
+}
+
+bt_status bt_llama_config_check(const bt_llama_config *c, char *err, size_t errlen) {
+    if (c->max_num_seqs < 1 || c->max_num_seqs > LL_MAX_SEQS)
+        return snprintf(err, errlen, "--max-num-seqs must be 1..%d for the llama engine", LL_MAX_SEQS),
+               BT_ERR_INVALID;
+    if (c->max_num_batched_tokens <= c->max_num_seqs)
+        return snprintf(err, errlen, "--max-num-batched-tokens (%lld) must be more than --max-num-seqs (%lld)",
+                        (long long)c->max_num_batched_tokens, (long long)c->max_num_seqs),
+               BT_ERR_INVALID;
+    if (c->ctx_size < 0 || c->ctx_size > (1 << 24))
+        return snprintf(err, errlen, "--ctx-size must be 0 (auto) .. 16777216"), BT_ERR_INVALID;
+    if (c->threads < 1 || c->threads > 256)
+        return snprintf(err, errlen, "--llama-threads must be 1..256"), BT_ERR_INVALID;
+    return BT_OK;
+}
+
+const char *bt_llama_default_model(void) {
+    static char path[4200];
+    char self[4000], dir[4096];
+    /* installed: <prefix>/share/baton/models; from a build tree: <source>/models (paths.h) */
+    if (bt_paths_self(self, sizeof self) && bt_paths_data_dir(self, "models", "models", dir, sizeof dir)) {
+        snprintf(path, sizeof path, "%s/stories260K.gguf", dir);
+        if (access(path, R_OK) == 0) return path;
+    }
+    snprintf(path, sizeof path, "%s/stories260K.gguf", BATON_MODELS_DIR);
+    return path;
+}
+
+#ifndef BATON_HAVE_LLAMA
+
+/* no llama engine can exist in this build */
+void bt_llama_inject(bt_engine *e, int fault) { (void)e, (void)fault; }
+
+bt_engine *bt_llama_create(uv_loop_t *loop, const bt_llama_config *cfg, const bt_engine_hooks *hooks, void *hooks_ud,
+                           char *err, size_t errlen) {
+    (void)loop, (void)cfg, (void)hooks, (void)hooks_ud;
+    snprintf(err, errlen,
+             "this baton was built without llama.cpp's headers: run scripts/setup (it fetches llama.cpp into "
+             "~/.cache/baton) and rebuild");
+    return NULL;
+}
+
+#else
+
+#include <pthread.h>
+
+/* ---- messages ------------------------------------------------------------------------------- */
+
+typedef enum { CMD_SUBMIT, CMD_STOP, CMD_KILL, CMD_DIE, CMD_STALL, CMD_RESUME } ll_cmd_kind;
+typedef enum { EV_TOKENS, EV_END, EV_DEAD } ll_ev_kind;
+typedef enum { END_FINISH, END_ERROR, END_KILLED } ll_end_kind;
+
+typedef struct ll_seq ll_seq;
+
+typedef struct ll_cmd {
+    struct ll_cmd *next;
+    ll_cmd_kind kind;
+    bt_engine_seq *h;
+    ll_seq *seq; /* CMD_SUBMIT: the prepared state, handed to the thread */
+} ll_cmd;
+
+typedef struct ll_ev {
+    struct ll_ev *next;
+    ll_ev_kind kind;
+    bt_engine_seq *h;
+    uint32_t *ids;
+    size_t n;
+    char *text;
+    size_t text_len;
+    ll_end_kind end;
+    bt_finish_reason reason;
+    bt_usage usage;
+    bt_status code;
+    char msg[200];
+} ll_ev;
+
+typedef struct ll_engine ll_engine;
+
+/* Loop-side handle. */
+struct bt_engine_seq {
+    bt_engine_sink sink;
+    void *ud;
+    bool dead; /* killed by the worker: no more callbacks; freed at its END event */
+    bool stop_sent;
+};
+
+/* Engine-thread state of one sequence. */
+typedef enum { LS_WAITING, LS_RUNNING } ll_state;
+struct ll_seq {
+    ll_seq *prev, *next;
+    bt_engine_seq *h;
+    ll_state state;
+    int slot;          /* llama seq_id while running, -1 otherwise */
+    uint64_t admitted; /* admission order, for preemption (latest first) */
+    /* body, rendered on the thread */
+    bt_api api;
+    json_t *body;
+    /* tokens: prompt, then carried, then generated; n_past of them are in the KV cache */
+    llama_token *tok;
+    size_t n_tok, cap_tok;
+    size_t n_prompt;
+    uint32_t n_carried, n_gen, max_new;
+    size_t n_past;
+    bt_llsample_params sp;
+    bt_lltext text;
+    llama_token *car; /* the carried ids until the thread puts them behind the prompt */
+};
+
+typedef struct {
+    ll_seq *head, *tail;
+    size_t n;
+} ll_list;
+
+struct ll_engine {
+    bt_engine base;
+    uv_loop_t *loop;
+    uv_async_t async;
+    bt_engine_hooks hooks;
+    void *hooks_ud;
+    bt_llama_config cfg;
+    const bt_llama_api *L;
+
+    /* shared, under mu */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    ll_cmd *cmd_head, *cmd_tail;
+    ll_ev *ev_head, *ev_tail;
+    bool quit;
+    bt_engine_load load;
+    bool load_changed;
+
+    pthread_t thread;
+    bool thread_started;
+
+    /* loop side */
+    bool in_cb, destroy_pending, destroyed;
+
+    /* engine thread only */
+    struct llama_model *model;
+    struct llama_context *ctx;
+    const struct llama_vocab *vocab;
+    char *chat_template; /* the model's, NULL when it has none */
+    uint32_t n_ctx, n_ctx_train, n_batch, n_vocab;
+    uint32_t n_cap; /* tokens one sequence may hold (prompt + carried + generated) */
+    struct llama_batch batch;
+    bool batch_ok;
+    bool slots[LL_MAX_SEQS];
+    ll_list waiting, running;
+    uint64_t admit_counter;
+    uint64_t total_emitted;
+    bool dead;
+    bool stalled; /* fault injection: no steps until resumed */
+    bt_llsample_cand *cand;
+    char model_desc[128];
+};
+
+/* ---- lists ---------------------------------------------------------------------------------- */
+
+static void list_push_back(ll_list *l, ll_seq *s) {
+    s->prev = l->tail;
+    s->next = NULL;
+    if (l->tail) l->tail->next = s;
+    else l->head = s;
+    l->tail = s;
+    l->n++;
+}
+
+static void list_push_front(ll_list *l, ll_seq *s) {
+    s->next = l->head;
+    s->prev = NULL;
+    if (l->head) l->head->prev = s;
+    else l->tail = s;
+    l->head = s;
+    l->n++;
+}
+
+static void list_remove(ll_list *l, ll_seq *s) {
+    if (s->prev) s->prev->next = s->next;
+    else l->head = s->next;
+    if (s->next) s->next->prev = s->prev;
+    else l->tail = s->prev;
+    s->prev = s->next = NULL;
+    l->n--;
+}
+
+/* ---- thread → loop -------------------------------------------------------------------------- */
+
+static void post(ll_engine *e, ll_ev *ev) {
+    pthread_mutex_lock(&e->mu);
+    if (e->ev_tail) e->ev_tail->next = ev;
+    else e->ev_head = ev;
+    e->ev_tail = ev;
+    pthread_mutex_unlock(&e->mu);
+    uv_async_send(&e->async);
+}
+
+static void seq_free(ll_seq *s) {
+    if (!s) return;
+    json_decref(s->body);
+    free(s->tok);
+    free(s->car);
+    bt_lltext_free(&s->text);
+    free(s);
+}
+
+/* Drops a sequence's KV cells and slot (engine thread). */
+static void seq_release_kv(ll_engine *e, ll_seq *s) {
+    if (s->slot >= 0) {
+        e->L->llama_memory_seq_rm(e->L->llama_get_memory(e->ctx), s->slot, -1, -1);
+        e->slots[s->slot] = false;
+        s->slot = -1;
+    }
+    s->n_past = 0;
+}
+
+/* Posts the released output of s (if any) as one EV_TOKENS. */
+static bool post_tokens(ll_engine *e, ll_seq *s) {
+    bt_lltext *t = &s->text;
+    if (!t->out_n) return true;
+    ll_ev *ev = calloc(1, sizeof *ev);
+    if (!ev) return false;
+    ev->kind = EV_TOKENS;
+    ev->h = s->h;
+    ev->n = t->out_n;
+    ev->ids = t->out;
+    ev->text = bt_buf_steal(&t->out_text, &ev->text_len);
+    t->out = NULL;
+    t->out_n = t->out_cap = 0;
+    post(e, ev);
+    return true;
+}
+
+/* Ends a sequence: its output so far, then END; frees its state (engine thread). */
+static void seq_end(ll_engine *e, ll_seq *s, ll_end_kind kind, bt_finish_reason reason, bt_status code,
+                    const char *msg) {
+    if (kind == END_FINISH) post_tokens(e, s);
+    ll_ev *ev = calloc(1, sizeof *ev);
+    if (ev) {
+        ev->kind = EV_END;
+        ev->h = s->h;
+        ev->end = kind;
+        ev->reason = reason;
+        ev->code = code;
+        ev->usage.prompt_tokens = (uint32_t)s->n_prompt;
+        ev->usage.completion_tokens = s->n_carried + s->n_gen;
+        snprintf(ev->msg, sizeof ev->msg, "%s", msg ? msg : "");
+    }
+    seq_release_kv(e, s);
+    list_remove(s->state == LS_RUNNING ? &e->running : &e->waiting, s);
+    seq_free(s);
+    if (ev) post(e, ev);
+    else BT_ERROR("llama engine: out of memory posting a sequence end");
+}
+
+static void engine_die(ll_engine *e, const char *why) {
+    if (e->dead) return;
+    e->dead = true;
+    BT_ERROR("llama engine failed: %s", why);
+    ll_ev *ev = calloc(1, sizeof *ev);
+    if (ev) {
+        ev->kind = EV_DEAD;
+        snprintf(ev->msg, sizeof ev->msg, "%s", why);
+        post(e, ev);
+    }
+}
+
+/* ---- prompt rendering (engine thread) ------------------------------------------------------- */
+
+static bt_status tok_reserve(ll_seq *s, size_t need) {
+    if (need <= s->cap_tok) return BT_OK;
+    size_t n = s->cap_tok ? s->cap_tok : 64;
+    while (n < need) n *= 2;
+    llama_token *p = realloc(s->tok, n * sizeof *p);
+    if (!p) return BT_ERR_NOMEM;
+    s->tok = p;
+    s->cap_tok = n;
+    return BT_OK;
+}
+
+static bt_status tokenize_append(ll_engine *e, ll_seq *s, const char *text, size_t len, bool special) {
+    if (len > INT32_MAX / 2) return BT_ERR_TOO_LARGE;
+    size_t room = len + 8;
+    if (tok_reserve(s, s->n_tok + room) != BT_OK) return BT_ERR_NOMEM;
+    int32_t n = e->L->llama_tokenize(e->vocab, text, (int32_t)len, s->tok + s->n_tok, (int32_t)room, true, special);
+    if (n < 0) return BT_ERR_INVALID;
+    s->n_tok += (size_t)n;
+    return BT_OK;
+}
+
+/* Content of a chat message: a string, or the text parts of an array of parts. */
+static bt_status message_text(json_t *content, bt_buf *out) {
+    if (json_is_string(content)) return bt_buf_append(out, json_string_value(content), json_string_length(content));
+    if (json_is_array(content)) {
+        size_t i;
+        json_t *part;
+        json_array_foreach(content, i, part) {
+            json_t *t = json_object_get(part, "text");
+            if (json_is_string(t)) {
+                bt_status st = bt_buf_append(out, json_string_value(t), json_string_length(t));
+                if (st != BT_OK) return st;
+            }
+        }
+    }
+    return BT_OK;
+}
+
+/* The prompt tokens of a chat: the model's template through llama_chat_apply_template when it
+ * has one llama.cpp knows, else the plain template "role: content\n" per message + "assistant:". */
+static bt_status render_chat(ll_engine *e, ll_seq *s, char *err, size_t errlen) {
+    json_t *msgs = json_object_get(s->body, "messages");
+    size_t n = json_array_size(msgs);
+    bt_status st = BT_OK;
+    bt_buf *texts = calloc(n ? n : 1, sizeof *texts);
+    struct llama_chat_message *cm = calloc(n ? n : 1, sizeof *cm);
+    bt_buf prompt;
+    bt_buf_init(&prompt, (size_t)64 << 20);
+    if (!texts || !cm) {
+        st = BT_ERR_NOMEM;
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        json_t *m = json_array_get(msgs, i);
+        bt_buf_init(&texts[i], (size_t)64 << 20);
+        if ((st = message_text(json_object_get(m, "content"), &texts[i])) != BT_OK) goto out;
+        if ((st = bt_buf_append(&texts[i], "", 1)) != BT_OK) goto out; /* NUL-terminated */
+        const char *role = json_string_value(json_object_get(m, "role"));
+        cm[i].role = role ? role : "user";
+        cm[i].content = texts[i].data;
+    }
+    bool special = false;
+    if (e->chat_template) {
+        int32_t need = e->L->llama_chat_apply_template(e->chat_template, cm, n, true, NULL, 0);
+        if (need >= 0) {
+            if ((st = bt_buf_reserve(&prompt, (size_t)need + 1)) != BT_OK) goto out;
+            int32_t got = e->L->llama_chat_apply_template(e->chat_template, cm, n, true, prompt.data, need + 1);
+            if (got == need) {
+                prompt.len = (size_t)need;
+                special = true;
+            }
+        }
+    }
+    if (!special) { /* no template llama.cpp knows: the plain one */
+        for (size_t i = 0; i < n && st == BT_OK; i++)
+            st = bt_buf_appendf(&prompt, "%s: %s\n", cm[i].role, cm[i].content);
+        if (st == BT_OK) st = bt_buf_append_str(&prompt, "assistant:");
+        if (st != BT_OK) goto out;
+    }
+    st = tokenize_append(e, s, prompt.data ? prompt.data : "", prompt.len, special);
+    if (st != BT_OK) snprintf(err, errlen, "cannot tokenize the chat prompt");
+out:
+    if (texts)
+        for (size_t i = 0; i < n; i++) bt_buf_free(&texts[i]);
+    free(texts);
+    free(cm);
+    bt_buf_free(&prompt);
+    if (st == BT_ERR_NOMEM) snprintf(err, errlen, "out of memory");
+    return st;
+}
+
+static bt_status render_prompt(ll_engine *e, ll_seq *s, char *err, size_t errlen) {
+    if (s->api == BT_API_CHAT) return render_chat(e, s, err, errlen);
+    json_t *p = json_object_get(s->body, "prompt");
+    if (json_is_array(p) && json_array_size(p) == 1 && json_is_string(json_array_get(p, 0))) p = json_array_get(p, 0);
+    if (json_is_string(p)) {
+        bt_status st = tokenize_append(e, s, json_string_value(p), json_string_length(p), false);
+        if (st != BT_OK) snprintf(err, errlen, "cannot tokenize the prompt");
+        return st;
+    }
+    if (json_is_array(p) && json_array_size(p) > 0) { /* token ids */
+        size_t i;
+        json_t *v;
+        if (tok_reserve(s, json_array_size(p)) != BT_OK) return snprintf(err, errlen, "out of memory"), BT_ERR_NOMEM;
+        json_array_foreach(p, i, v) {
+            json_int_t id = json_integer_value(v);
+            if (!json_is_integer(v) || id < 0 || id >= (json_int_t)e->n_vocab)
+                return snprintf(err, errlen, "prompt token %zu is not a token id of this model", i), BT_ERR_INVALID;
+            s->tok[s->n_tok++] = (llama_token)id;
+        }
+        return BT_OK;
+    }
+    snprintf(err, errlen, "prompt must be a string or an array of token ids");
+    return BT_ERR_INVALID;
+}
+
+/* The text of one token as generated (special tokens render as nothing). */
+static size_t piece(ll_engine *e, llama_token t, char *buf, size_t cap) {
+    int32_t n = e->L->llama_token_to_piece(e->vocab, t, buf, (int32_t)cap, 0, false);
+    return n > 0 ? (size_t)n : 0;
+}
+
+/* A new sequence arrives on the thread: render its prompt, append the carried tokens, queue it. */
+static void seq_arrive(ll_engine *e, ll_seq *s) {
+    char err[200] = "";
+    bt_status st = render_prompt(e, s, err, sizeof err);
+    s->n_prompt = s->n_tok;
+    list_push_back(&e->waiting, s);
+    s->state = LS_WAITING;
+    if (st != BT_OK) {
+        seq_end(e, s, END_ERROR, BT_FINISH_STOP, st, err);
+        return;
+    }
+    if (s->n_tok == 0) {
+        seq_end(e, s, END_ERROR, BT_FINISH_STOP, BT_ERR_INVALID, "empty prompt");
+        return;
+    }
+    /* carried tokens: context for the model, and their text context for stop strings (the text
+     * the client has; carried ids always end at a character boundary, see llama_text.h) */
+    if (s->n_carried) {
+        bt_buf raw, text;
+        char buf[2048]; /* longer than any token piece of a real vocabulary */
+        bt_buf_init(&raw, (size_t)256 << 20);
+        bt_buf_init(&text, (size_t)256 << 20);
+        st = tok_reserve(s, s->n_tok + s->n_carried);
+        for (uint32_t i = 0; i < s->n_carried && st == BT_OK; i++) {
+            if (s->car[i] < 0 || (uint32_t)s->car[i] >= e->n_vocab) {
+                st = BT_ERR_INVALID;
+                snprintf(err, sizeof err, "carried token %u is not a token id of this model", i);
+                break;
+            }
+            s->tok[s->n_tok++] = s->car[i];
+            size_t n = piece(e, s->car[i], buf, sizeof buf);
+            st = bt_buf_append(&raw, buf, n);
+        }
+        if (st == BT_OK && s->text.n_stop) st = bt_lltext_decode_all(raw.data ? raw.data : "", raw.len, &text);
+        if (st == BT_OK && s->text.n_stop) st = bt_lltext_context(&s->text, text.data ? text.data : "", text.len);
+        bt_buf_free(&raw);
+        bt_buf_free(&text);
+        free(s->car);
+        s->car = NULL;
+        if (st != BT_OK) {
+            seq_end(e, s, END_ERROR, BT_FINISH_STOP, st, err[0] ? err : "out of memory");
+            return;
+        }
+    }
+    if (s->max_new == 0) {
+        seq_end(e, s, END_FINISH, BT_FINISH_LENGTH, BT_OK, NULL);
+        return;
+    }
+    if (s->n_tok >= e->n_cap) {
+        snprintf(err, sizeof err, "prompt of %zu tokens does not fit the context (%u tokens)", s->n_tok, e->n_cap);
+        seq_end(e, s, END_ERROR, BT_FINISH_STOP, BT_ERR_TOO_LARGE, err);
+        return;
+    }
+}
+
+/* ---- the scheduler (engine thread) ---------------------------------------------------------- */
+
+/* Preempts the most recently admitted running sequence: its KV is dropped and it waits again at
+ * the head of the queue, to be recomputed from its tokens (the output it already released stays
+ * released; its text filter and sampler positions are unaffected). */
+static bool preempt_one(ll_engine *e) {
+    ll_seq *victim = NULL;
+    for (ll_seq *s = e->running.head; s; s = s->next)
+        if (!victim || s->admitted > victim->admitted) victim = s;
+    if (!victim) return false;
+    BT_DEBUG("llama engine: preempting a sequence of %zu tokens (KV full)", victim->n_tok);
+    seq_release_kv(e, victim);
+    list_remove(&e->running, victim);
+    victim->state = LS_WAITING;
+    list_push_front(&e->waiting, victim);
+    return true;
+}
+
+static void admit(ll_engine *e) {
+    size_t reserved = 0; /* cells the running sequences will hold after their next step */
+    for (ll_seq *s = e->running.head; s; s = s->next) reserved += s->n_tok + 1;
+    while (e->waiting.head && e->running.n < (size_t)e->cfg.max_num_seqs) {
+        ll_seq *s = e->waiting.head;
+        /* unified: one pool of cells for all; otherwise every slot has its own n_cap cells */
+        if (e->cfg.kv_unified && reserved + s->n_tok + 1 > e->n_ctx) break;
+        int slot = -1;
+        for (int i = 0; i < LL_MAX_SEQS && i < (int)e->cfg.max_num_seqs; i++)
+            if (!e->slots[i]) {
+                slot = i;
+                break;
+            }
+        if (slot < 0) break;
+        list_remove(&e->waiting, s);
+        e->slots[slot] = true;
+        s->slot = slot;
+        s->n_past = 0;
+        s->state = LS_RUNNING;
+        s->admitted = ++e->admit_counter;
+        list_push_back(&e->running, s);
+        reserved += s->n_tok + 1;
+    }
+}
+
+static void update_load(ll_engine *e) {
+    bt_engine_load l = {0};
+    llama_memory_t mem = e->L->llama_get_memory(e->ctx);
+    uint64_t cells = 0;
+    for (ll_seq *s = e->running.head; s; s = s->next) {
+        llama_pos p = s->slot >= 0 ? e->L->llama_memory_seq_pos_max(mem, s->slot) : -1;
+        cells += (uint64_t)(p + 1);
+        if (s->n_past + 1 < s->n_tok) l.active_prefill_tokens += s->n_tok - s->n_past;
+    }
+    l.active_decode_blocks = (cells + LL_BLOCK - 1) / LL_BLOCK;
+    l.total_blocks = e->n_ctx / LL_BLOCK;
+    l.waiting = e->waiting.n;
+    l.running = e->running.n;
+    l.max_num_batched_tokens = (uint64_t)e->cfg.max_num_batched_tokens;
+    for (ll_seq *s = e->waiting.head; s; s = s->next) l.active_prefill_tokens += s->n_tok;
+    pthread_mutex_lock(&e->mu);
+    if (memcmp(&l, &e->load, sizeof l) != 0) {
+        e->load = l;
+        e->load_changed = true;
+    }
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* Takes one sampled token into a sequence; returns false when it ended. */
+static bool seq_take(ll_engine *e, ll_seq *s, llama_token t) {
+    char buf[2048]; /* longer than any token piece of a real vocabulary */
+    s->n_gen++;
+    e->total_emitted++;
+    if (e->L->llama_vocab_is_eog(e->vocab, t)) { /* counted in usage, not delivered */
+        if (bt_lltext_finish(&s->text) != BT_OK) goto nomem;
+        seq_end(e, s, END_FINISH, BT_FINISH_STOP, BT_OK, NULL);
+        return false;
+    }
+    if (tok_reserve(s, s->n_tok + 1) != BT_OK) goto nomem;
+    s->tok[s->n_tok++] = t;
+    size_t n = piece(e, t, buf, sizeof buf);
+    if (bt_lltext_push(&s->text, (uint32_t)t, buf, n) != BT_OK) goto nomem;
+    if (s->text.stopped) {
+        seq_end(e, s, END_FINISH, BT_FINISH_STOP, BT_OK, NULL);
+        return false;
+    }
+    if (s->n_gen >= s->max_new || s->n_tok >= e->n_cap) {
+        if (bt_lltext_finish(&s->text) != BT_OK) goto nomem;
+        seq_end(e, s, END_FINISH, BT_FINISH_LENGTH, BT_OK, NULL);
+        return false;
+    }
+    post_tokens(e, s);
+    return true;
+nomem:
+    seq_end(e, s, END_ERROR, BT_FINISH_STOP, BT_ERR_NOMEM, "out of memory");
+    return false;
+}
+
+/* Decodes one batch: `n` sequences, sequence i fed take[i] tokens from its n_past, logits for
+ * the last one when that reaches the end of its tokens; then samples those. Returns false when
+ * the engine died. A batch llama.cpp cannot place (no free KV slot) is back-pressure: the most
+ * recently admitted sequence is preempted and the step ends. */
+static bool run_batch(ll_engine *e, ll_seq **seqs, const size_t *take, int n) {
+    struct llama_batch *b = &e->batch;
+    ll_seq *outs[LL_MAX_SEQS];
+    int32_t rows[LL_MAX_SEQS];
+    int nout = 0;
+    b->n_tokens = 0;
+    for (int k = 0; k < n; k++) {
+        ll_seq *s = seqs[k];
+        for (size_t i = 0; i < take[k]; i++) {
+            int32_t r = b->n_tokens++;
+            b->token[r] = s->tok[s->n_past + i];
+            b->pos[r] = (llama_pos)(s->n_past + i);
+            b->n_seq_id[r] = 1;
+            b->seq_id[r][0] = s->slot;
+            b->logits[r] = 0;
+        }
+        if (s->n_past + take[k] == s->n_tok) {
+            b->logits[b->n_tokens - 1] = 1;
+            outs[nout] = s;
+            rows[nout++] = b->n_tokens - 1;
+        }
+    }
+    if (b->n_tokens == 0) return true;
+    if (e->cfg.fault_error_after_tokens && e->total_emitted >= (uint64_t)e->cfg.fault_error_after_tokens) {
+        engine_die(e, "injected decode failure (--fault-error-after-tokens)");
+        return false;
+    }
+    int32_t rc = e->L->llama_decode(e->ctx, *b);
+    if (rc == 1) { /* no free KV slot: back-pressure */
+        if (e->running.n <= 1) seq_end(e, e->running.head, END_FINISH, BT_FINISH_LENGTH, BT_OK, NULL);
+        else preempt_one(e);
+        return true;
+    }
+    if (rc != 0) {
+        char why[96];
+        snprintf(why, sizeof why, "llama_decode failed (%d)", rc);
+        engine_die(e, why);
+        return false;
+    }
+    for (int k = 0; k < n; k++) seqs[k]->n_past += take[k]; /* now in the cache */
+    for (int i = 0; i < nout; i++) {
+        ll_seq *s = outs[i];
+        const float *logits = e->L->llama_get_logits_ith(e->ctx, rows[i]);
+        int32_t t = logits ? bt_llsample(logits, (int32_t)e->n_vocab, &s->sp, s->n_carried + s->n_gen, e->cand) : -1;
+        if (t < 0) {
+            engine_die(e, "non-finite logits");
+            return false;
+        }
+        seq_take(e, s, t);
+        if (e->cfg.fault_die_after_tokens && e->total_emitted >= (uint64_t)e->cfg.fault_die_after_tokens) {
+            engine_die(e, "injected engine death (--fault-die-after-tokens)");
+            return false;
+        }
+    }
+    return true;
+}
+
+/* One scheduler step: admit; then, within --max-num-batched-tokens, one token for every
+ * sequence that is decoding and a chunk for every sequence being prefilled. Returns false when
+ * idle or dead.
+ *
+ * Numerics decide how this is handed to llama.cpp. Its CPU kernels do not compute a token bit
+ * for bit the same in every batch shape, and a greedy stream flips at a near-tie some hundred
+ * tokens after the first difference (measured, docs/engines.md): a continuation whose carried
+ * tokens were re-prefilled in one batch diverges; so do batched streams whose neighbours differ,
+ * because llama.cpp's split of a multi-sequence batch pairs sequences with consecutive ids into
+ * one physical batch even when n_ubatch is 1 (llama_batch_allocr::split_equal admits
+ * n_ubatch + 1 sequences). What is exact, at length and under any load: every token computed
+ * alone. So with --llama-ubatch 1 (the default) each sequence gets its own llama_decode per step
+ * (its one decoding token, or its chunk, split by llama.cpp into one-token physical batches), and
+ * a continuation may replay its carried tokens in chunks. With --llama-ubatch > 1 (faster, not
+ * exact across migration) the decoding tokens of all sequences go in one llama_decode and only
+ * prompts are chunked. Chunks are cut at fixed offsets (multiples of --max-num-batched-tokens
+ * minus --max-num-seqs from the sequence's start), never where a step's budget happened to end. */
+static bool step(ll_engine *e) {
+    admit(e);
+    if (!e->running.head) return false;
+    bool exact = e->cfg.ubatch == 1;
+    int32_t budget = (int32_t)e->cfg.max_num_batched_tokens;
+    ll_seq *singles[LL_MAX_SEQS], *chunks[LL_MAX_SEQS];
+    size_t ones[LL_MAX_SEQS], chunk_take[LL_MAX_SEQS];
+    int nsingle = 0, nchunk = 0;
+    /* chunk size: what is left of the budget when every other sequence decodes, so the first
+     * sequence waiting to prefill always fits (no starvation behind decoding sequences) */
+    size_t chunk_max = (size_t)(e->cfg.max_num_batched_tokens - e->cfg.max_num_seqs);
+    for (ll_seq *s = e->running.head; s; s = s->next) {
+        size_t left = s->n_tok - s->n_past;
+        if (left == 1 || (left > 1 && !exact && s->n_past >= s->n_prompt)) {
+            singles[nsingle] = s;
+            ones[nsingle++] = 1;
+        }
+    }
+    budget -= nsingle;
+    for (ll_seq *s = e->running.head; s && budget > 0; s = s->next) {
+        size_t left = s->n_tok - s->n_past;
+        if (left <= 1 || (!exact && s->n_past >= s->n_prompt)) continue;
+        size_t until = exact ? left : s->n_prompt - s->n_past;
+        size_t to_boundary = chunk_max - s->n_past % chunk_max;
+        size_t take = until < to_boundary ? until : to_boundary;
+        if (take > (size_t)budget) continue; /* the whole chunk in a later step */
+        chunks[nchunk] = s;
+        chunk_take[nchunk++] = take;
+        budget -= (int32_t)take;
+    }
+    if (!nsingle && !nchunk) return false;
+    if (exact) {
+        for (int i = 0; i < nsingle; i++) {
+            if (singles[i]->state != LS_RUNNING) continue; /* preempted by back-pressure just now */
+            if (!run_batch(e, &singles[i], &ones[i], 1)) return false;
+        }
+    } else if (nsingle && !run_batch(e, singles, ones, nsingle)) {
+        return false;
+    }
+    for (int i = 0; i < nchunk; i++) {
+        if (chunks[i]->state != LS_RUNNING) continue;
+        if (!run_batch(e, &chunks[i], &chunk_take[i], 1)) return false;
+    }
+    return true;
+}
+
+static ll_seq *find_seq(ll_engine *e, bt_engine_seq *h) {
+    for (ll_seq *s = e->running.head; s; s = s->next)
+        if (s->h == h) return s;
+    for (ll_seq *s = e->waiting.head; s; s = s->next)
+        if (s->h == h) return s;
+    return NULL;
+}
+
+static void run_cmd(ll_engine *e, ll_cmd *c) {
+    ll_seq *s;
+    switch (c->kind) {
+    case CMD_SUBMIT:
+        if (e->dead) {
+            c->seq->slot = -1;
+            list_push_back(&e->waiting, c->seq);
+            c->seq->state = LS_WAITING;
+            seq_end(e, c->seq, END_ERROR, BT_FINISH_STOP, BT_ERR_SHUTDOWN, "engine failed");
+        } else {
+            seq_arrive(e, c->seq);
+        }
+        c->seq = NULL;
+        break;
+    case CMD_KILL:
+        if ((s = find_seq(e, c->h))) seq_end(e, s, END_KILLED, BT_FINISH_CANCELLED, BT_OK, NULL);
+        break;
+    case CMD_STOP:
+        if ((s = find_seq(e, c->h))) seq_end(e, s, END_FINISH, BT_FINISH_CANCELLED, BT_OK, NULL);
+        break;
+    case CMD_DIE: engine_die(e, "injected engine death (fault signal)"); break;
+    case CMD_STALL: e->stalled = true; break;
+    case CMD_RESUME: e->stalled = false; break;
+    }
+    seq_free(c->seq);
+    free(c);
+}
+
+static void *engine_thread(void *arg) {
+    ll_engine *e = arg;
+    for (;;) {
+        pthread_mutex_lock(&e->mu);
+        /* a dead engine too must first end what it holds (below), then wait */
+        while (!e->quit && !e->cmd_head && ((!e->running.head && !e->waiting.head) || (e->stalled && !e->dead)))
+            pthread_cond_wait(&e->cv, &e->mu);
+        ll_cmd *cmds = e->cmd_head;
+        e->cmd_head = e->cmd_tail = NULL;
+        bool quit = e->quit;
+        pthread_mutex_unlock(&e->mu);
+        while (cmds) {
+            ll_cmd *next = cmds->next;
+            run_cmd(e, cmds);
+            cmds = next;
+        }
+        if (quit) break;
+        if (e->dead) {
+            /* a dead engine ends what it holds; the worker hands the streams back */
+            while (e->running.head)
+                seq_end(e, e->running.head, END_ERROR, BT_FINISH_STOP, BT_ERR_SHUTDOWN, "engine failed");
+            while (e->waiting.head)
+                seq_end(e, e->waiting.head, END_ERROR, BT_FINISH_STOP, BT_ERR_SHUTDOWN, "engine failed");
+            update_load(e);
+            continue;
+        }
+        if (!e->stalled) step(e);
+        update_load(e);
+    }
+    return NULL;
+}
+
+/* ---- loop side ------------------------------------------------------------------------------ */
+
+static void ll_destroy_now(ll_engine *e);
+
+static void on_async(uv_async_t *a) {
+    ll_engine *e = a->data;
+    pthread_mutex_lock(&e->mu);
+    ll_ev *evs = e->ev_head;
+    e->ev_head = e->ev_tail = NULL;
+    bool load_changed = e->load_changed;
+    e->load_changed = false;
+    pthread_mutex_unlock(&e->mu);
+    e->in_cb = true;
+    while (evs) {
+        ll_ev *ev = evs;
+        evs = ev->next;
+        bt_engine_seq *h = ev->h;
+        if (!e->destroy_pending) {
+            if (ev->kind == EV_TOKENS && !h->dead) {
+                h->sink.on_tokens(h->ud, ev->ids, ev->n, ev->text ? ev->text : "", ev->text_len);
+            } else if (ev->kind == EV_END) {
+                if (!h->dead && ev->end == END_FINISH) h->sink.on_finish(h->ud, ev->reason, &ev->usage);
+                else if (!h->dead && ev->end == END_ERROR) h->sink.on_error(h->ud, ev->code, ev->msg);
+                free(h);
+            } else if (ev->kind == EV_DEAD && e->hooks.on_dead) {
+                e->hooks.on_dead(e->hooks_ud, ev->msg);
+            }
+        } else if (ev->kind == EV_END) {
+            free(h);
+        }
+        free(ev->ids);
+        free(ev->text);
+        free(ev);
+    }
+    if (load_changed && !e->destroy_pending && e->hooks.on_load) e->hooks.on_load(e->hooks_ud);
+    e->in_cb = false;
+    if (e->destroy_pending) ll_destroy_now(e);
+}
+
+static void send_cmd(ll_engine *e, ll_cmd *c) {
+    pthread_mutex_lock(&e->mu);
+    if (e->cmd_tail) e->cmd_tail->next = c;
+    else e->cmd_head = c;
+    e->cmd_tail = c;
+    pthread_cond_signal(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+}
+
+static double body_number(const json_t *body, const char *key, double def) {
+    json_t *v = json_object_get(body, key);
+    return json_is_number(v) ? json_number_value(v) : def;
+}
+
+void bt_llama_inject(bt_engine *be, int fault) {
+    ll_engine *e = (ll_engine *)be;
+    ll_cmd *c = calloc(1, sizeof *c);
+    if (!c) return;
+    c->kind = fault == 1 ? CMD_DIE : fault == 2 ? CMD_STALL : CMD_RESUME;
+    send_cmd(e, c);
+}
+
+static bt_status ll_submit(bt_engine *be, const bt_engine_request *req, const bt_engine_sink *sink, void *ud,
+                           bt_engine_seq **out, char *err, size_t errlen) {
+    ll_engine *e = (ll_engine *)be;
+    bt_engine_seq *h = calloc(1, sizeof *h);
+    ll_seq *s = calloc(1, sizeof *s);
+    ll_cmd *c = calloc(1, sizeof *c);
+    if (!h || !s || !c) goto nomem;
+    h->sink = *sink;
+    h->ud = ud;
+    s->h = h;
+    s->slot = -1;
+    s->api = req->api;
+    s->body = json_deep_copy(req->body);
+    if (!s->body) goto nomem;
+    if (bt_lltext_init(&s->text, req->stop, req->n_stop) != BT_OK) goto nomem;
+    s->n_carried = req->n_carried;
+    s->max_new = req->max_tokens;
+    s->sp.temperature = req->temperature;
+    s->sp.top_p = body_number(req->body, "top_p", 1.0);
+    json_t *k = json_object_get(req->body, "top_k");
+    s->sp.top_k = json_is_integer(k) && json_integer_value(k) > 0 && json_integer_value(k) < INT32_MAX
+                      ? (int32_t)json_integer_value(k)
+                      : 0;
+    json_t *seed = json_object_get(req->body, "seed");
+    if (json_is_integer(seed)) s->sp.seed = (uint64_t)json_integer_value(seed);
+    else if (req->attempt_seed) s->sp.seed = req->attempt_seed;
+    else s->sp.seed = bt_random64(); /* no frontend seed: sampled output is not resumable exactly */
+    if (s->sp.temperature > 0)
+        BT_DEBUG("request %s: sampling seed %" PRIu64 " (%s)", req->request_id ? req->request_id : "?", s->sp.seed,
+                 json_is_integer(seed) ? "request" : req->attempt_seed ? "frontend" : "random");
+    if (req->n_carried) { /* they go behind the prompt, which is rendered on the thread */
+        s->car = malloc(req->n_carried * sizeof *s->car);
+        if (!s->car) goto nomem;
+        for (uint32_t i = 0; i < req->n_carried; i++)
+            s->car[i] = req->carried[i] > INT32_MAX ? -1 : (llama_token)req->carried[i];
+    }
+    c->kind = CMD_SUBMIT;
+    c->h = h;
+    c->seq = s;
+    send_cmd(e, c);
+    *out = h;
+    return BT_OK;
+nomem:
+    snprintf(err, errlen, "out of memory");
+    free(h);
+    seq_free(s);
+    free(c);
+    return BT_ERR_NOMEM;
+}
+
+static void ll_stop(bt_engine *be, bt_engine_seq *h) {
+    ll_engine *e = (ll_engine *)be;
+    if (h->dead || h->stop_sent) return;
+    ll_cmd *c = calloc(1, sizeof *c);
+    if (!c) return;
+    h->stop_sent = true;
+    c->kind = CMD_STOP;
+    c->h = h;
+    send_cmd(e, c);
+}
+
+static void ll_kill(bt_engine *be, bt_engine_seq *h) {
+    ll_engine *e = (ll_engine *)be;
+    if (h->dead) return;
+    h->dead = true; /* no more callbacks from here on; freed at its END */
+    ll_cmd *c = calloc(1, sizeof *c);
+    if (!c) return; /* the sequence then runs to its end unseen; its END still frees it */
+    c->kind = CMD_KILL;
+    c->h = h;
+    send_cmd(e, c);
+}
+
+static void ll_get_load(bt_engine *be, bt_engine_load *out) {
+    ll_engine *e = (ll_engine *)be;
+    pthread_mutex_lock(&e->mu);
+    *out = e->load;
+    pthread_mutex_unlock(&e->mu);
+}
+
+static void ll_card(bt_engine *be, json_t *card) {
+    ll_engine *e = (ll_engine *)be;
+    json_object_set_new(card, "total_kv_blocks", json_integer(e->n_ctx / LL_BLOCK));
+    json_object_set_new(card, "block_size", json_integer(LL_BLOCK));
+    json_object_set_new(card, "max_num_seqs", json_integer(e->cfg.max_num_seqs));
+    json_object_set_new(card, "max_num_batched_tokens", json_integer(e->cfg.max_num_batched_tokens));
+    json_object_set_new(card, "context_length", json_integer(e->n_cap));
+    json_object_set_new(card, "engine", json_string("llama"));
+    json_object_set_new(card, "llama_model", json_string(e->model_desc));
+}
+
+static void on_async_closed(uv_handle_t *h) {
+    ll_engine *e = h->data;
+    free(e);
+}
+
+static void ll_destroy_now(ll_engine *e) {
+    if (e->destroyed) return;
+    e->destroyed = true;
+    if (e->thread_started) {
+        pthread_mutex_lock(&e->mu);
+        e->quit = true;
+        pthread_cond_signal(&e->cv);
+        pthread_mutex_unlock(&e->mu);
+        pthread_join(e->thread, NULL);
+    }
+    while (e->running.head) {
+        ll_seq *s = e->running.head;
+        list_remove(&e->running, s);
+        free(s->h);
+        seq_free(s);
+    }
+    while (e->waiting.head) {
+        ll_seq *s = e->waiting.head;
+        list_remove(&e->waiting, s);
+        free(s->h);
+        seq_free(s);
+    }
+    while (e->cmd_head) {
+        ll_cmd *c = e->cmd_head;
+        e->cmd_head = c->next;
+        if (c->kind == CMD_SUBMIT) free(c->h);
+        seq_free(c->seq);
+        free(c);
+    }
+    while (e->ev_head) {
+        ll_ev *ev = e->ev_head;
+        e->ev_head = ev->next;
+        if (ev->kind == EV_END) free(ev->h);
+        free(ev->ids);
+        free(ev->text);
+        free(ev);
+    }
+    if (e->batch_ok) e->L->llama_batch_free(e->batch);
+    if (e->ctx) e->L->llama_free(e->ctx);
+    if (e->model) e->L->llama_model_free(e->model);
+    free(e->chat_template);
+    free(e->cand);
+    pthread_mutex_destroy(&e->mu);
+    pthread_cond_destroy(&e->cv);
+    uv_close((uv_handle_t *)&e->async, on_async_closed);
+}
+
+/* Drops every sequence without callbacks. Handles of live sequences are freed here too. Safe
+ * from inside a sink or hook callback (deferred to the end of it). */
+static void ll_destroy(bt_engine *be) {
+    ll_engine *e = (ll_engine *)be;
+    if (e->in_cb) {
+        e->destroy_pending = true;
+        return;
+    }
+    ll_destroy_now(e);
+}
+
+static const bt_engine_ops ll_ops = {ll_submit, ll_stop, ll_kill, ll_get_load, ll_card, ll_destroy};
+
+bt_engine *bt_llama_create(uv_loop_t *loop, const bt_llama_config *cfg, const bt_engine_hooks *hooks, void *hooks_ud,
+                           char *err, size_t errlen) {
+    if (bt_llama_config_check(cfg, err, errlen) != BT_OK) return NULL;
+    const bt_llama_api *L = bt_llama_lib_open(cfg->lib_dir, err, errlen);
+    if (!L) return NULL;
+    const char *path = cfg->model_path && cfg->model_path[0] ? cfg->model_path : bt_llama_default_model();
+    if (access(path, R_OK) != 0) {
+        snprintf(err, errlen, "model file %s not found", path);
+        return NULL;
+    }
+    return bt_llama_create_with_api(loop, cfg, hooks, hooks_ud, L, path, err, errlen);
+}
+
+bt_engine *bt_llama_create_with_api(uv_loop_t *loop, const bt_llama_config *cfg, const bt_engine_hooks *hooks,
+                                    void *hooks_ud, const bt_llama_api *L, const char *path, char *err,
+                                    size_t errlen) {
+    if (bt_llama_config_check(cfg, err, errlen) != BT_OK) return NULL;
+    ll_engine *e = calloc(1, sizeof *e);
+    if (!e) return snprintf(err, errlen, "out of memory"), NULL;
+    e->base.ops = &ll_ops;
+    e->loop = loop;
+    e->cfg = *cfg;
+    e->L = L;
+    if (hooks) e->hooks = *hooks;
+    e->hooks_ud = hooks_ud;
+    pthread_mutex_init(&e->mu, NULL);
+    pthread_cond_init(&e->cv, NULL);
+    uv_async_init(loop, &e->async, on_async);
+    e->async.data = e;
+
+    struct llama_model_params mp = L->llama_model_default_params();
+    mp.n_gpu_layers = 0;
+    e->model = L->llama_model_load_from_file(path, mp);
+    if (!e->model) {
+        snprintf(err, errlen, "llama.cpp cannot load the model %s", path);
+        goto fail;
+    }
+    e->vocab = L->llama_model_get_vocab(e->model);
+    e->n_vocab = (uint32_t)L->llama_vocab_n_tokens(e->vocab);
+    e->n_ctx_train = (uint32_t)L->llama_model_n_ctx_train(e->model);
+    L->llama_model_desc(e->model, e->model_desc, sizeof e->model_desc);
+    const char *tmpl = L->llama_model_chat_template(e->model, NULL);
+    if (tmpl) {
+        /* keep it only when llama.cpp recognises it (no Jinja): probe with one message */
+        struct llama_chat_message m = {"user", "x"};
+        if (L->llama_chat_apply_template(tmpl, &m, 1, true, NULL, 0) >= 0) e->chat_template = strdup(tmpl);
+    }
+
+    uint64_t n_ctx = (uint64_t)cfg->ctx_size;
+    if (!n_ctx) {
+        n_ctx = (uint64_t)cfg->max_num_seqs * e->n_ctx_train;
+        if (n_ctx > LL_AUTO_CTX) n_ctx = LL_AUTO_CTX;
+    }
+    struct llama_context_params cp = L->llama_context_default_params();
+    cp.n_ctx = (uint32_t)n_ctx;
+    cp.n_batch = (uint32_t)cfg->max_num_batched_tokens;
+    /* n_ubatch 1 (the default): llama.cpp computes every token of a batch alone, the only way its
+     * output does not depend on which tokens share a physical batch (see step()) */
+    cp.n_ubatch = (uint32_t)(cfg->ubatch < cfg->max_num_batched_tokens ? cfg->ubatch : cfg->max_num_batched_tokens);
+    cp.n_seq_max = (uint32_t)cfg->max_num_seqs;
+    cp.n_threads = cp.n_threads_batch = (int32_t)cfg->threads;
+    cp.kv_unified = cfg->kv_unified;
+    /* measured (docs/benchmarks.md): the CPU flash-attention kernel is about 4x slower than
+     * plain attention for a small model, so it is off unless asked for */
+    cp.flash_attn_type = cfg->flash_attn ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    cp.no_perf = true;
+    e->ctx = L->llama_init_from_model(e->model, cp);
+    if (!e->ctx) {
+        snprintf(err, errlen, "llama.cpp cannot create a context of %u cells for %lld sequences", cp.n_ctx,
+                 (long long)cfg->max_num_seqs);
+        goto fail;
+    }
+    e->n_ctx = L->llama_n_ctx(e->ctx);
+    /* each sequence's cap: the model's trained context, and its share of the cells when every
+     * sequence has its own KV stream (not unified) */
+    e->n_cap = e->n_ctx_train;
+    if (!cfg->kv_unified && e->n_ctx / (uint32_t)cfg->max_num_seqs < e->n_cap)
+        e->n_cap = e->n_ctx / (uint32_t)cfg->max_num_seqs;
+    if (cfg->kv_unified && e->n_ctx < e->n_cap) e->n_cap = e->n_ctx;
+    e->n_batch = L->llama_n_batch(e->ctx);
+    e->batch = L->llama_batch_init((int32_t)cfg->max_num_batched_tokens, 0, 1);
+    e->batch_ok = true;
+    e->cand = calloc(e->n_vocab, sizeof *e->cand);
+    if (!e->cand) {
+        snprintf(err, errlen, "out of memory");
+        goto fail;
+    }
+    e->load.total_blocks = e->n_ctx / LL_BLOCK;
+    e->load.max_num_batched_tokens = (uint64_t)cfg->max_num_batched_tokens;
+    if (pthread_create(&e->thread, NULL, engine_thread, e) != 0) {
+        snprintf(err, errlen, "cannot start the engine thread");
+        goto fail;
+    }
+    e->thread_started = true;
+    BT_INFO("llama engine: %s (%s), %u KV cells %s by up to %lld sequences (each at most %u), %lld tokens per "
+            "step, %lld thread(s), chat template: %s",
+            path, e->model_desc, e->n_ctx, cfg->kv_unified ? "shared" : "split evenly", (long long)cfg->max_num_seqs,
+            e->n_cap,
+            (long long)cfg->max_num_batched_tokens, (long long)cfg->threads,
+            e->chat_template ? "the model's" : "plain");
+    return &e->base;
+fail:
+    ll_destroy_now(e);
+    return NULL;
+}
+
+#endif

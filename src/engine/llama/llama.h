@@ -1,0 +1,55 @@
+/* llama.h — the `llama` engine: llama.cpp in the worker process, continuous batching on an
+ * engine thread.
+ *
+ * One llama context per engine holds every sequence (kv_unified: all sequences share one pool of
+ * --ctx-size KV cells, each capped at the model's trained context). A dedicated engine thread
+ * owns the context: it takes commands (submit, stop, kill) from a mutex-protected queue, admits
+ * waiting sequences while their tokens fit in free cells and --max-num-seqs allows, builds one
+ * batch per step (one token per decoding sequence, then prompt chunks up to
+ * --max-num-batched-tokens), calls llama_decode once, samples, and posts output events to the
+ * worker's loop (uv_async_send). Nothing of llama.cpp runs on the loop. A decode that finds no
+ * free KV slot is back-pressure: the most recently admitted sequence is preempted (its KV
+ * dropped, recomputed from its tokens later, as vLLM does). Any other decode failure, or a
+ * non-finite logit, kills the engine (hooks.on_dead: the worker hands every stream back).
+ * Output text follows llama_text.h, sampling llama_sample.h. */
+#ifndef BATON_LLAMA_ENGINE_H
+#define BATON_LLAMA_ENGINE_H
+
+#include <stdint.h>
+#include <uv.h>
+
+#include "engine/engine.h"
+
+typedef struct {
+    const char *model_path;         /* --model: a GGUF file; NULL = the bundled stories260K */
+    const char *lib_dir;            /* --llama-lib-dir: NULL = the cache scripts/setup fills */
+    int64_t ctx_size;               /* --ctx-size: KV cells shared by all sequences; 0 = auto */
+    int64_t max_num_seqs;           /* sequences decoding at once (<= 256, llama.cpp's limit) */
+    int64_t max_num_batched_tokens; /* tokens per decode step (> max_num_seqs) */
+    int64_t threads;                /* --llama-threads: CPU threads of the decode (1) */
+    int64_t ubatch;                 /* --llama-ubatch: tokens per physical batch (1: exact, see llama.c) */
+    bool flash_attn;                /* --flash-attn: llama.cpp's flash attention (off) */
+    bool kv_unified;                /* --kv-unified: one KV pool for all sequences (false: one stream each) */
+    int64_t default_max_tokens;     /* max_tokens when a request sets none */
+    int64_t fault_die_after_tokens;   /* test hook: engine dead after N tokens (0 = off) */
+    int64_t fault_error_after_tokens; /* test hook: decode treated as failed after N tokens (0 = off) */
+} bt_llama_config;
+
+void bt_llama_config_default(bt_llama_config *c);
+bt_status bt_llama_config_check(const bt_llama_config *c, char *err, size_t errlen);
+
+/* Loads the libraries and the model and starts the engine thread. On failure returns NULL and
+ * writes why (naming what to run when the libraries are missing) into err. */
+bt_engine *bt_llama_create(uv_loop_t *loop, const bt_llama_config *cfg, const bt_engine_hooks *hooks, void *hooks_ud,
+                           char *err, size_t errlen);
+
+/* Fault injection for tests (the worker's --fault-signals): 1 = the engine dies now (as after a
+ * failed decode), 2 = the engine thread stops stepping (a hung engine), 3 = it resumes. The same
+ * numbers as bt_mocker_fault. */
+void bt_llama_inject(bt_engine *e, int fault);
+
+/* The bundled model's path: <dir of the executable>/../models/stories260K.gguf when it exists,
+ * else the source tree's models/ (baked in at build time). */
+const char *bt_llama_default_model(void);
+
+#endif

@@ -1,0 +1,67 @@
+/* llama_sample.c — position-keyed sampling (llama_sample.h). */
+#include "engine/llama/llama_sample.h"
+
+#include <math.h>
+#include <stdlib.h>
+
+static uint64_t splitmix64(uint64_t x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+double bt_llsample_uniform(uint64_t seed, uint64_t n) {
+    uint64_t x = splitmix64(splitmix64(seed) ^ splitmix64(n + 0x632BE59BD9B4E019ull));
+    return (double)(x >> 11) * (1.0 / 9007199254740992.0);
+}
+
+/* Descending logit, then ascending id: a total order, so the result never depends on qsort. */
+static int cand_cmp(const void *a, const void *b) {
+    const bt_llsample_cand *x = a, *y = b;
+    if (x->logit > y->logit) return -1;
+    if (x->logit < y->logit) return 1;
+    return (x->id > y->id) - (x->id < y->id);
+}
+
+int32_t bt_llsample(const float *logits, int32_t n_vocab, const bt_llsample_params *p, uint64_t n,
+                    bt_llsample_cand *c) {
+    if (n_vocab <= 0) return -1;
+    int32_t best = 0;
+    for (int32_t i = 0; i < n_vocab; i++) {
+        if (!isfinite(logits[i])) return -1;
+        if (logits[i] > logits[best]) best = i;
+    }
+    if (p->temperature <= 0) return best;
+
+    for (int32_t i = 0; i < n_vocab; i++) c[i] = (bt_llsample_cand){i, logits[i], 0};
+    qsort(c, (size_t)n_vocab, sizeof *c, cand_cmp);
+    int32_t k = n_vocab;
+    if (p->top_k > 0 && p->top_k < k) k = p->top_k;
+    double sum = 0;
+    for (int32_t i = 0; i < k; i++) {
+        c[i].p = exp(((double)c[i].logit - (double)c[0].logit) / p->temperature);
+        sum += c[i].p;
+    }
+    if (p->top_p > 0 && p->top_p < 1) {
+        double cum = 0;
+        int32_t keep = k;
+        for (int32_t i = 0; i < k; i++) {
+            cum += c[i].p / sum;
+            if (cum >= p->top_p) {
+                keep = i + 1;
+                break;
+            }
+        }
+        sum = 0;
+        for (int32_t i = 0; i < keep; i++) sum += c[i].p;
+        k = keep;
+    }
+    double u = bt_llsample_uniform(p->seed, n) * sum;
+    double cum = 0;
+    for (int32_t i = 0; i < k; i++) {
+        cum += c[i].p;
+        if (u < cum) return c[i].id;
+    }
+    return c[k - 1].id;
+}

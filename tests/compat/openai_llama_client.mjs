@@ -1,0 +1,89 @@
+// openai_llama_client.mjs — the official `openai` npm SDK against a baton frontend whose worker runs
+// the llama engine with the bundled TinyStories model (models/README.md).
+//
+// Run by tests/compat/test_openai_llama.py from a directory whose node_modules holds the SDK.
+// Environment: BATON_BASE_URL, BATON_MODEL, BATON_EXPECT_TEXT (the model's greedy continuation of
+// "Once upon a time", 64 tokens). Prints one JSON object: {"sdk", "checks": [{"name", "ok",
+// "detail"}...]}; every check runs even if an earlier one failed.
+import OpenAI from 'openai';
+import { readFileSync } from 'node:fs';
+
+const sdkVersion = JSON.parse(
+  readFileSync(new URL('./node_modules/openai/package.json', import.meta.url), 'utf8')).version;
+const baseURL = process.env.BATON_BASE_URL;
+const model = process.env.BATON_MODEL || 'mock-model';
+const want = process.env.BATON_EXPECT_TEXT;
+if (!baseURL || !want) {
+  console.error('BATON_BASE_URL and BATON_EXPECT_TEXT must be set');
+  process.exit(2);
+}
+// maxRetries 0: a failure must show, not be retried away by the SDK.
+const client = new OpenAI({ baseURL, apiKey: 'unused', maxRetries: 0, timeout: 60_000 });
+const checks = [];
+
+async function check(name, fn) {
+  try {
+    checks.push({ name, ok: true, detail: await fn() });
+  } catch (e) {
+    checks.push({ name, ok: false, detail: String(e && e.stack ? e.stack : e) });
+  }
+}
+
+function expect(cond, what) {
+  if (!cond) throw new Error(`expected ${what}`);
+}
+
+await check('models.list', async () => {
+  const page = await client.models.list();
+  const ids = page.data.map((m) => m.id);
+  expect(ids.includes(model), `${model} in ${JSON.stringify(ids)}`);
+  return ids;
+});
+
+await check('completions.greedy_text', async () => {
+  const r = await client.completions.create({ model, prompt: 'Once upon a time', max_tokens: 64, temperature: 0 });
+  const text = r.choices && r.choices[0] ? r.choices[0].text : undefined;
+  expect(text === want, `the model's greedy text, got ${JSON.stringify(text)}`);
+  expect(r.usage && r.usage.prompt_tokens === 5 && r.usage.completion_tokens === 64,
+    `usage 5 + 64, got ${JSON.stringify(r.usage)}`);
+  expect(r.choices[0].finish_reason === 'length', `finish_reason length, got ${r.choices[0].finish_reason}`);
+  return { usage: r.usage };
+});
+
+await check('completions.stream_greedy_text', async () => {
+  const stream = await client.completions.create({
+    model, prompt: 'Once upon a time', max_tokens: 64, temperature: 0, stream: true,
+  });
+  let text = '';
+  let finish = null;
+  for await (const chunk of stream) {
+    const c = chunk.choices && chunk.choices[0];
+    if (c && c.text) text += c.text;
+    if (c && c.finish_reason) finish = c.finish_reason;
+  }
+  expect(text === want, `the streamed greedy text equal to the unary one, got ${JSON.stringify(text)}`);
+  expect(finish === 'length', `finish_reason length, got ${finish}`);
+  return { chars: text.length };
+});
+
+await check('chat.stream_seeded', async () => {
+  const run = async () => {
+    const stream = await client.chat.completions.create({
+      model, messages: [{ role: 'user', content: 'Tell me a story' }], max_tokens: 40, temperature: 0.8,
+      seed: 1234, stream: true,
+    });
+    let text = '';
+    for await (const chunk of stream) {
+      const d = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
+      if (d && d.content) text += d.content;
+    }
+    return text;
+  };
+  const a = await run();
+  const b = await run();
+  expect(a.length > 0, 'some text');
+  expect(a === b, `the same seed gives the same text: ${JSON.stringify(a)} / ${JSON.stringify(b)}`);
+  return { chars: a.length };
+});
+
+console.log(JSON.stringify({ sdk: sdkVersion, checks }));

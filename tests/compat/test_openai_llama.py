@@ -1,0 +1,59 @@
+"""The official `openai` npm SDK, unmodified, against a baton frontend whose worker runs the llama
+engine with the bundled TinyStories model (models/stories260K.gguf).
+
+Checks, through the SDK: the model is listed; the greedy completion of "Once upon a time" (64
+tokens) is the model's known text (models/README.md) with exact usage, unary and streamed; a seeded
+chat at temperature 0.8 gives the same text twice. Skipped (exit 77) only when scripts/setup was
+told not to fetch llama.cpp (BATON_NO_LLAMA=1); otherwise a missing library fails the test.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import batonlib as bl
+import npmlib
+
+if os.environ.get("BATON_NO_LLAMA") == "1":
+    print("BATON_NO_LLAMA=1: the llama engine was not fetched; skipped")
+    sys.exit(77)
+
+bl.deadline(240, "test_openai_llama")
+OPENAI_VERSION = "5.23.2"
+HERE = os.path.dirname(os.path.abspath(__file__))
+STORIES_GREEDY = (", there was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, "
+                  "red ball. She wanted to play with it, but it was too high.\nLily's mom said")
+EXPECTED = ["models.list", "completions.greedy_text", "completions.stream_greedy_text", "chat.stream_seeded"]
+
+
+def main():
+    if not shutil.which("node"):
+        raise AssertionError("`node` is not on the PATH; scripts/setup installs Node.js and npm")
+    sdk_dir = npmlib.ensure_package("openai", OPENAI_VERSION, f"openai-node-{OPENAI_VERSION}")
+    with bl.Cluster() as c:
+        work = os.path.join(c.dir, "node")
+        os.makedirs(work)
+        shutil.copy(os.path.join(HERE, "openai_llama_client.mjs"), work)
+        os.symlink(os.path.join(sdk_dir, "node_modules"), os.path.join(work, "node_modules"))
+        fe = c.start_frontend()
+        c.start_worker(engine="llama")
+        c.wait_workers(fe, 1, timeout=60)
+        env = dict(os.environ, BATON_BASE_URL=f"{fe.url}/v1", BATON_MODEL="mock-model", BATON_EXPECT_TEXT=STORIES_GREEDY)
+        r = subprocess.run(["node", "openai_llama_client.mjs"], cwd=work, env=env, capture_output=True, text=True,
+                           timeout=180, stdin=subprocess.DEVNULL)
+        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+        if r.returncode != 0 or not lines:
+            raise AssertionError(f"node client failed (exit {r.returncode})\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}")
+        result = json.loads(lines[-1])
+        names = [ch["name"] for ch in result["checks"]]
+        if names != EXPECTED:
+            raise AssertionError(f"the client ran checks {names}, expected {EXPECTED}")
+        bad = [ch for ch in result["checks"] if not ch["ok"]]
+        if bad:
+            raise AssertionError("failed checks:\n" + "\n".join(f"{ch['name']}: {ch['detail']}" for ch in bad))
+        print(f"openai npm SDK {result['sdk']} against the llama engine: {len(names)} checks passed")
+
+
+main()

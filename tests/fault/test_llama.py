@@ -1,0 +1,229 @@
+"""The llama engine (llama.cpp in the worker, the bundled stories260K model) through the real
+binaries: serving, byte-exact migration of real model output under kill -9, and cancellation
+freeing real KV memory.
+
+1. Serving: the greedy continuation of "Once upon a time" is the model's known text (the oracle
+   of models/README.md, measured with llama.cpp alone), with exact usage; a chat request and a stop
+   string end with the right finish_reason.
+2. Migration: 16 concurrent streams of 1,500-1,700 tokens (half greedy, half sampled at
+   temperature 0.8 with a seed; chat and completions) on two llama workers, run once fault-free
+   (the reference) and once with kill -9 of one worker when every stream has at least 600 tokens
+   (a continuation then replays more than one prefill chunk), beside 6 unseeded streams that
+   their clients cancel at 50-550 tokens (a busy, fragmented cache; after the kill more
+   sequences than --max-num-seqs wait on the surviving worker).
+   Every stream must equal its reference byte for byte: text, token ids, finish_reason, usage; the
+   frontend must report migrations, and greedy as well as seeded streams must have moved.
+3. A request without a seed at temperature 0.8, migrated by kill -9: the frontend chose a seed
+   and sent it with both attempts, so the stream equals a fault-free replay of the request with
+   that seed (read from the continuing worker's debug log) byte for byte.
+4. Cancellation: a stream closed by the client mid-way frees its KV cells at once: the worker's
+   KV gauge is above zero while it streams and back to zero right after.
+Also: a worker pointed at a directory without the libraries exits 1 naming scripts/setup.
+"""
+
+import os
+import re
+import sys
+import threading
+import time
+
+import batonlib as bl
+
+MODEL = "mock-model"
+ONCE = (", there was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, "
+        "red ball. She wanted to play with it, but it was too high.\nLily's mom said")
+N = 16
+KILL_AFTER = 600
+
+
+def body_for(i):
+    extra = {"return_token_ids": True, "stream_options": {"include_usage": True}, "temperature": 0}
+    if i % 2 == 1:
+        extra.update(temperature=0.8, seed=1000 + i)
+    mt = 1500 + (i * 13) % 200
+    if i % 4 >= 2:
+        return "chat", bl.chat_body(f"Tell me a story about a {['cat', 'dog', 'bird', 'fish'][i % 4]} named {i}",
+                                    max_tokens=mt, model=MODEL, **extra)
+    return "completion", bl.completion_body(f"Once upon a time, in a town number {i},", max_tokens=mt, model=MODEL,
+                                            **extra)
+
+
+def stream(fe, i, rid, on_event=None):
+    api, body = body_for(i)
+    fn = bl.stream_chat if api == "chat" else bl.stream_completion
+    return fn(fe.url, body, timeout=50, on_event=on_event, headers={"X-Request-Id": rid})
+
+
+def outcome(s):
+    return {"text": s.text, "ids": list(s.token_ids), "finish": s.finish_reason, "usage": s.usage}
+
+
+def worker_kv(w):
+    samples = bl.metrics(w.system_url)
+    return bl.metric_sum(samples, "baton_worker_kv_active_blocks")
+
+
+def check_serving(fe):
+    st, _, body = bl.post_json(fe.url + "/v1/completions",
+                               bl.completion_body("Once upon a time", max_tokens=64, model=MODEL, temperature=0))
+    assert st == 200, body
+    text = body["choices"][0]["text"]
+    assert text == ONCE, f"greedy continuation differs from the model's known text:\n{text!r}\n{ONCE!r}"
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 64, "total_tokens": 69}, body["usage"]
+    assert body["choices"][0]["finish_reason"] == "length"
+    # a stop string: the text ends right before it, finish_reason "stop"
+    st, _, body = bl.post_json(fe.url + "/v1/completions",
+                               bl.completion_body("Once upon a time", max_tokens=64, model=MODEL, temperature=0,
+                                                  stop=["park"]))
+    assert st == 200, body
+    assert body["choices"][0]["text"] == ONCE[:ONCE.index("park")], body
+    assert body["choices"][0]["finish_reason"] == "stop", body
+    s = bl.stream_chat(fe.url, bl.chat_body("Hello", max_tokens=40, model=MODEL, temperature=0.8, seed=3,
+                                            return_token_ids=True))
+    s.assert_ok("chat stream")
+    assert len(s.token_ids) == 40 and s.finish_reason == "length" and len(s.text) > 40, s.summary()
+
+
+def run_load(fe, tag, on_event_factory=None):
+    args = []
+    for i in range(N):
+        args.append((fe, i, f"{tag}-{i}", on_event_factory(i) if on_event_factory else None))
+    return bl.run_concurrently(stream, args, max_workers=N)
+
+
+def main():
+    if os.environ.get("BATON_NO_LLAMA") == "1":  # scripts/setup was told not to fetch llama.cpp
+        print("skipped: BATON_NO_LLAMA=1")
+        return 77
+    with bl.deadline(150, "test_llama"):
+        with bl.Cluster() as c:
+            fe = c.start_frontend(stream_stall_timeout=5)
+            w1 = c.start_worker(engine="llama", system_port=True, wait=True)
+            w2 = c.start_worker(engine="llama", system_port=True, wait=True)
+            c.wait_workers(fe, 2)
+
+            # a missing library is a clear error naming what to run, exit code 1
+            bad = c.start_worker(engine="llama", llama_lib_dir=os.path.join(c.dir, "no-such-dir"))
+            assert bad.proc.wait(20) == 1, "a worker without libraries did not exit 1"
+            assert "run scripts/setup" in bad.proc.log_text(), bad.proc.log_tail()
+            c.workers.remove(bad)
+
+            check_serving(fe)
+            print("serving: greedy text, usage, stop string and chat ok")
+
+            t0 = time.monotonic()
+            refs = run_load(fe, "ref")
+            for i, s in enumerate(refs):
+                s.assert_ok(f"reference stream {i}")
+                _, body = body_for(i)
+                assert len(s.token_ids) == body["max_tokens"] and s.finish_reason == "length", (i, s.summary())
+                assert s.usage["completion_tokens"] == body["max_tokens"], (i, s.usage)
+            print(f"reference: {N} streams, {sum(len(s.token_ids) for s in refs)} tokens in "
+                  f"{time.monotonic() - t0:.1f} s")
+
+            # the fault run: kill -9 of w1 once every stream has KILL_AFTER tokens
+            counts = [0] * N
+            lock = threading.Lock()
+            killed = threading.Event()
+
+            def factory(i):
+                def on_event(st, obj):
+                    with lock:
+                        counts[i] = len(st.token_ids)
+                        if not killed.is_set() and min(counts) >= KILL_AFTER:
+                            killed.set()
+                            w1.proc.kill()
+                    return False
+                return on_event
+
+            # noise: 6 more streams (sampled, no seed) cancelled by their clients at 50-550 tokens,
+            # so the cache is busy and fragmented and the survivors queue for a while after the
+            # kill (20 sequences > --max-num-seqs 16 on one worker)
+            def noise(j):
+                body = bl.completion_body(f"Noise {j}: once upon a time", max_tokens=1500, model=MODEL,
+                                          return_token_ids=True)
+                return bl.stream_completion(fe.url, body, timeout=50,
+                                            on_event=lambda st, o: len(st.token_ids) >= 50 + 100 * j)
+
+            t0 = time.monotonic()
+            noise_threads = [threading.Thread(target=noise, args=(j,)) for j in range(6)]
+            for t in noise_threads:
+                t.start()
+            runs = run_load(fe, "fault", factory)
+            for t in noise_threads:
+                t.join()
+            assert killed.is_set(), f"the kill never happened (counts {counts})"
+            bad = []
+            for i, (r, s) in enumerate(zip(refs, runs)):
+                if not s.ok or outcome(s) != outcome(r):
+                    a, b = outcome(r), outcome(s)
+                    first = next((k for k in range(min(len(a["ids"]), len(b["ids"]))) if a["ids"][k] != b["ids"][k]),
+                                 None)
+                    bad.append(f"stream {i}: {s.summary()}; first differing token {first}; "
+                               f"finish {b['finish']} vs {a['finish']}; usage {b['usage']} vs {a['usage']}")
+            assert not bad, "streams differ from their fault-free reference:\n" + "\n".join(bad)
+            log = fe.proc.log_text()
+            moved = set(int(m) for m in re.findall(r"request fault-(\d+) migrated", log))
+            assert moved, "no stream was migrated (the kill hit no stream?)\n" + log[-3000:]
+            assert any(i % 2 == 0 for i in moved) and any(i % 2 == 1 for i in moved), \
+                f"migrated streams {sorted(moved)}: need greedy (even) and seeded (odd) ones"
+            print(f"kill -9: {N} streams byte-exact against the reference in {time.monotonic() - t0:.1f} s; "
+                  f"migrated: {sorted(moved)}")
+
+            # 3. no seed in the request: the frontend's seed is carried across the migration. The
+            # workers log the seed they sample with (debug); replaying the request with that seed
+            # on a fault-free worker must give the same bytes.
+            dbg = {"DYN_LOG": "debug"}
+            w3 = c.start_worker(engine="llama", system_port=True, wait=True, env=dbg)
+            w4 = c.start_worker(engine="llama", system_port=True, wait=True, env=dbg)
+            w2.proc.stop()
+            c.wait_workers(fe, 2)
+            victim = {}
+
+            def kill_serving(st, obj):
+                if len(st.token_ids) >= 200 and not victim:
+                    for w in (w3, w4):  # the worker holding the stream has KV in use
+                        if worker_kv(w) > 0:
+                            victim["w"] = w
+                            w.proc.kill()
+                            break
+                return False
+
+            noseed = bl.completion_body("Once upon a time", max_tokens=800, model=MODEL, temperature=0.8,
+                                        return_token_ids=True)
+            s = bl.stream_completion(fe.url, noseed, timeout=40, on_event=kill_serving,
+                                     headers={"X-Request-Id": "noseed-0"})
+            assert victim, "the worker serving the unseeded stream was not found"
+            s.assert_ok("unseeded migrated stream")
+            assert len(s.token_ids) == 800 and s.finish_reason == "length", s.summary()
+            assert "request noseed-0 migrated" in fe.proc.log_text(), "the unseeded stream did not migrate"
+            alive = [w for w in (w3, w4) if w is not victim["w"]][0]
+            seeds = re.findall(r"request noseed-0: sampling seed (\d+) \((\w+)\)", alive.proc.log_text())
+            assert seeds and seeds[0][1] == "frontend", f"continuation sampled with {seeds}"
+            replay = bl.stream_completion(fe.url, dict(noseed, seed=int(seeds[0][0])), timeout=40)
+            replay.assert_ok("replay with the frontend's seed")
+            assert outcome(replay) == outcome(s), "the migrated unseeded stream differs from its replay"
+            print(f"unseeded stream: migrated, equal to a fault-free replay with the frontend's seed {seeds[0][0]}")
+
+            # 4. cancellation frees KV at once
+            c.wait_workers(fe, 1)
+            seen = {}
+
+            def abort_mid(st, obj):
+                if len(st.token_ids) >= 100 and "kv" not in seen:
+                    seen["kv"] = worker_kv(alive)
+                    return True
+                return False
+
+            s = bl.stream_completion(fe.url, bl.completion_body("Once upon a time", max_tokens=1500, model=MODEL,
+                                                                temperature=0, return_token_ids=True),
+                                     timeout=30, on_event=abort_mid)
+            assert s.aborted, s.summary()
+            assert seen.get("kv", 0) > 0, f"KV gauge was {seen.get('kv')} while streaming"
+            bl.wait_for(lambda: worker_kv(alive) == 0, 5, what="KV blocks back to 0 after the client left")
+            print(f"cancellation: KV gauge {seen['kv']} blocks while streaming, 0 after")
+    print("ok")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,476 @@
+/* test_llama_engine.c — the llama engine's threads and scheduler (src/engine/llama/llama.c) with
+ * a fake llama.cpp: a function table whose "model" predicts the next token from a hash of every
+ * token its KV memory holds for the sequence, and whose decode refuses a batch that does not
+ * continue a sequence's memory exactly. So a wrong position, a KV edit at the wrong time or a
+ * missed seq_rm shows up as a wrong token or a failed decode. Built with ThreadSanitizer by
+ * scripts/tsan: the fake is instrumented (llama.cpp is not), so every hand-off between the loop
+ * and the engine thread is checked for races.
+ *
+ * Covers: 32 sequences through 4 slots (queueing), greedy output equal to the model's, exact
+ * usage; kills right after submit and from inside a token callback (no callback afterwards, KV
+ * freed); stops (finish "cancelled"); continuations from carried tokens; destroying the engine
+ * with sequences live (no callback after, every handle freed: ASan); load back to empty. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <cmocka.h>
+
+#include "engine/llama/llama_internal.h"
+
+#ifdef BATON_HAVE_LLAMA
+
+#define FV 32 /* vocabulary */
+#define FSEQ 16
+#define FPOS 4096
+
+/* ---- the fake llama.cpp (engine thread only, except set-up) ---------------------------------- */
+
+static int fake_model, fake_ctx, fake_mem, fake_vocab;
+static int32_t hist[FSEQ][FPOS];
+static int32_t seqmax[FSEQ];
+static float *rows;
+static int32_t nrows;
+static uint32_t f_n_ctx, f_n_batch, f_n_seq;
+static int decodes;
+
+static uint32_t next_of(const int32_t *toks, int32_t n) {
+    uint64_t h = 1469598103934665603ull;
+    for (int32_t i = 0; i < n; i++) h = (h ^ (uint64_t)toks[i]) * 1099511628211ull;
+    return 3 + (uint32_t)(h % (FV - 3));
+}
+
+static void f_backend_init(void) {}
+static void f_log_set(ggml_log_callback cb, void *ud) { (void)cb, (void)ud; }
+static struct llama_model_params f_model_default_params(void) {
+    struct llama_model_params p;
+    memset(&p, 0, sizeof p);
+    return p;
+}
+static struct llama_context_params f_context_default_params(void) {
+    struct llama_context_params p;
+    memset(&p, 0, sizeof p);
+    return p;
+}
+static struct llama_model *f_model_load_from_file(const char *path, struct llama_model_params p) {
+    (void)path, (void)p;
+    return (struct llama_model *)(void *)&fake_model;
+}
+static void f_model_free(struct llama_model *m) { (void)m; }
+static struct llama_context *f_init_from_model(struct llama_model *m, struct llama_context_params p) {
+    (void)m;
+    f_n_ctx = p.n_ctx;
+    f_n_batch = p.n_batch;
+    f_n_seq = p.n_seq_max;
+    for (int s = 0; s < FSEQ; s++) seqmax[s] = -1;
+    return (struct llama_context *)(void *)&fake_ctx;
+}
+static void f_free(struct llama_context *c) { (void)c; }
+static const struct llama_vocab *f_model_get_vocab(const struct llama_model *m) {
+    (void)m;
+    return (const struct llama_vocab *)(const void *)&fake_vocab;
+}
+static int32_t f_model_n_ctx_train(const struct llama_model *m) {
+    (void)m;
+    return 1024;
+}
+static const char *f_model_chat_template(const struct llama_model *m, const char *name) {
+    (void)m, (void)name;
+    return NULL;
+}
+static uint32_t f_n_ctx_fn(const struct llama_context *c) {
+    (void)c;
+    return f_n_ctx;
+}
+static uint32_t f_n_batch_fn(const struct llama_context *c) {
+    (void)c;
+    return f_n_batch;
+}
+static uint32_t f_n_seq_max(const struct llama_context *c) {
+    (void)c;
+    return f_n_seq;
+}
+static llama_memory_t f_get_memory(const struct llama_context *c) {
+    (void)c;
+    return (llama_memory_t)(void *)&fake_mem;
+}
+static bool f_memory_seq_rm(llama_memory_t m, llama_seq_id s, llama_pos p0, llama_pos p1) {
+    (void)m;
+    assert_true(s >= 0 && s < FSEQ);
+    assert_true(p0 < 0 && p1 < 0); /* the engine only ever drops whole sequences */
+    seqmax[s] = -1;
+    return true;
+}
+static llama_pos f_memory_seq_pos_max(llama_memory_t m, llama_seq_id s) {
+    (void)m;
+    return seqmax[s];
+}
+static void f_memory_clear(llama_memory_t m, bool data) { (void)m, (void)data; }
+static struct llama_batch f_batch_init(int32_t n, int32_t embd, int32_t n_seq_max) {
+    (void)embd;
+    struct llama_batch b;
+    memset(&b, 0, sizeof b);
+    b.token = calloc((size_t)n, sizeof *b.token);
+    b.pos = calloc((size_t)n, sizeof *b.pos);
+    b.n_seq_id = calloc((size_t)n, sizeof *b.n_seq_id);
+    b.seq_id = calloc((size_t)n + 1, sizeof *b.seq_id);
+    for (int32_t i = 0; i < n; i++) b.seq_id[i] = calloc((size_t)n_seq_max, sizeof **b.seq_id);
+    b.logits = calloc((size_t)n, sizeof *b.logits);
+    rows = calloc((size_t)n * FV, sizeof *rows);
+    return b;
+}
+static void f_batch_free(struct llama_batch b) {
+    for (int32_t i = 0; b.seq_id[i]; i++) free(b.seq_id[i]);
+    free(b.token);
+    free(b.pos);
+    free(b.n_seq_id);
+    free(b.seq_id);
+    free(b.logits);
+    free(rows);
+    rows = NULL;
+}
+/* Every row must continue its sequence's memory; the logits of a row name the next token of
+ * the sequence's whole history up to it. */
+static int32_t f_decode(struct llama_context *c, struct llama_batch b) {
+    (void)c;
+    decodes++;
+    uv_sleep(0); /* a yield; the real decode takes a while too */
+    struct timespec ts = {0, 200000};
+    nanosleep(&ts, NULL);
+    nrows = b.n_tokens;
+    for (int32_t r = 0; r < b.n_tokens; r++) {
+        llama_seq_id s = b.seq_id[r][0];
+        if (b.n_seq_id[r] != 1 || s < 0 || s >= FSEQ || b.pos[r] != seqmax[s] + 1 || b.pos[r] >= FPOS) return -1;
+        if (b.token[r] < 0 || b.token[r] >= FV) return -1;
+        hist[s][b.pos[r]] = b.token[r];
+        seqmax[s] = b.pos[r];
+        float *row = rows + (size_t)r * FV;
+        for (int i = 0; i < FV; i++) row[i] = 0;
+        row[next_of(hist[s], b.pos[r] + 1)] = 5;
+    }
+    return 0;
+}
+static float *f_get_logits_ith(struct llama_context *c, int32_t i) {
+    (void)c;
+    assert_true(i >= 0 && i < nrows);
+    return rows + (size_t)i * FV;
+}
+static int32_t f_vocab_n_tokens(const struct llama_vocab *v) {
+    (void)v;
+    return FV;
+}
+static bool f_vocab_is_eog(const struct llama_vocab *v, llama_token t) {
+    (void)v;
+    return t == 2;
+}
+static int32_t f_tokenize(const struct llama_vocab *v, const char *text, int32_t len, llama_token *out, int32_t max,
+                          bool add_special, bool parse_special) {
+    (void)v, (void)parse_special;
+    int32_t n = len + (add_special ? 1 : 0);
+    if (n > max) return -n;
+    int32_t k = 0;
+    if (add_special) out[k++] = 1;
+    for (int32_t i = 0; i < len; i++) out[k++] = 3 + (unsigned char)text[i] % (FV - 3);
+    return k;
+}
+static int32_t f_token_to_piece(const struct llama_vocab *v, llama_token t, char *buf, int32_t len, int32_t lstrip,
+                                bool special) {
+    (void)v, (void)lstrip, (void)special;
+    if (t < 3 || len < 1) return 0;
+    buf[0] = (char)('a' + t % 26);
+    return 1;
+}
+static int32_t f_chat_apply_template(const char *tmpl, const struct llama_chat_message *chat, size_t n, bool add_ass,
+                                     char *buf, int32_t len) {
+    (void)tmpl, (void)chat, (void)n, (void)add_ass, (void)buf, (void)len;
+    return -1;
+}
+static bool f_vocab_get_add_bos(const struct llama_vocab *v) {
+    (void)v;
+    return true;
+}
+static int32_t f_model_desc(const struct llama_model *m, char *buf, size_t size) {
+    (void)m;
+    return snprintf(buf, size, "fake");
+}
+static uint64_t f_model_size(const struct llama_model *m) {
+    (void)m;
+    return 0;
+}
+static int32_t f_n_threads(struct llama_context *c) {
+    (void)c;
+    return 1;
+}
+
+static const bt_llama_api fake_api = {
+    .llama_backend_init = f_backend_init,
+    .llama_log_set = f_log_set,
+    .llama_model_default_params = f_model_default_params,
+    .llama_context_default_params = f_context_default_params,
+    .llama_model_load_from_file = f_model_load_from_file,
+    .llama_model_free = f_model_free,
+    .llama_init_from_model = f_init_from_model,
+    .llama_free = f_free,
+    .llama_model_get_vocab = f_model_get_vocab,
+    .llama_model_n_ctx_train = f_model_n_ctx_train,
+    .llama_model_chat_template = f_model_chat_template,
+    .llama_n_ctx = f_n_ctx_fn,
+    .llama_n_batch = f_n_batch_fn,
+    .llama_n_seq_max = f_n_seq_max,
+    .llama_get_memory = f_get_memory,
+    .llama_memory_seq_rm = f_memory_seq_rm,
+    .llama_memory_seq_pos_max = f_memory_seq_pos_max,
+    .llama_memory_clear = f_memory_clear,
+    .llama_batch_init = f_batch_init,
+    .llama_batch_free = f_batch_free,
+    .llama_decode = f_decode,
+    .llama_get_logits_ith = f_get_logits_ith,
+    .llama_vocab_n_tokens = f_vocab_n_tokens,
+    .llama_vocab_is_eog = f_vocab_is_eog,
+    .llama_tokenize = f_tokenize,
+    .llama_token_to_piece = f_token_to_piece,
+    .llama_chat_apply_template = f_chat_apply_template,
+    .llama_vocab_get_add_bos = f_vocab_get_add_bos,
+    .llama_model_desc = f_model_desc,
+    .llama_model_size = f_model_size,
+    .llama_n_threads = f_n_threads,
+};
+
+/* ---- the test harness (loop thread) --------------------------------------------------------- */
+
+#define NS 32
+#define MAXG 128
+
+typedef enum { K_NORMAL, K_KILL_NOW, K_KILL_MID, K_STOP, K_CONTINUE } kind;
+
+typedef struct {
+    int i;
+    kind k;
+    bt_engine_seq *seq;
+    uint32_t expect[MAXG]; /* the model's greedy stream for this prompt */
+    uint32_t n_expect;     /* what the request asks for in total */
+    uint32_t carried;
+    uint32_t got[MAXG];
+    uint32_t ngot;
+    char text[MAXG + 1];
+    size_t ntext;
+    int finishes, errors;
+    bool dead; /* killed: no callback may come */
+    bool stop_sent;
+    uint64_t seen; /* tokens received, stored or not */
+    bt_finish_reason reason;
+    bt_usage usage;
+    uint32_t prompt_len;
+} tseq;
+
+static tseq S[NS];
+static bt_engine *E;
+static int remaining;
+
+static void expected_stream(tseq *t, const char *prompt) {
+    int32_t toks[1024];
+    int32_t n = f_tokenize(NULL, prompt, (int32_t)strlen(prompt), toks, 1024, true, false);
+    t->prompt_len = (uint32_t)n;
+    for (uint32_t g = 0; g < MAXG; g++) {
+        uint32_t nx = next_of(toks, n);
+        t->expect[g] = nx;
+        toks[n++] = (int32_t)nx;
+    }
+}
+
+static void done_one(void) {
+    if (--remaining == 0) bt_engine_destroy(E); /* from inside a callback: deferred */
+}
+
+static void on_tokens(void *ud, const uint32_t *ids, size_t n, const char *text, size_t len) {
+    tseq *t = ud;
+    assert_false(t->dead);
+    assert_int_equal(t->finishes + t->errors, 0);
+    assert_int_equal(n, len); /* one letter per token */
+    for (size_t i = 0; i < n; i++) {
+        t->seen++;
+        if (t->ngot == MAXG) continue; /* test_destroy_live: only counted */
+        t->got[t->ngot++] = ids[i];
+        t->text[t->ntext++] = text[i];
+    }
+    if (t->k == K_KILL_MID && t->ngot >= 5) {
+        bt_engine_kill(E, t->seq);
+        t->dead = true;
+        done_one();
+    } else if (t->k == K_STOP && t->ngot >= 3 && !t->stop_sent) {
+        bt_engine_stop(E, t->seq);
+        t->stop_sent = true;
+    }
+}
+
+static void on_finish(void *ud, bt_finish_reason reason, const bt_usage *u) {
+    tseq *t = ud;
+    assert_false(t->dead);
+    t->finishes++;
+    t->reason = reason;
+    t->usage = *u;
+    done_one();
+}
+
+static void on_error(void *ud, bt_status code, const char *msg) {
+    tseq *t = ud;
+    fprintf(stderr, "sequence %d: error %s: %s\n", t->i, bt_status_name(code), msg);
+    t->errors++;
+    done_one();
+}
+
+static const bt_engine_sink sink = {on_tokens, on_finish, on_error};
+
+static bt_engine *make_engine(uv_loop_t *loop) {
+    bt_llama_config cfg;
+    bt_llama_config_default(&cfg);
+    cfg.max_num_seqs = 4;
+    cfg.max_num_batched_tokens = 16;
+    cfg.ctx_size = 4 * 1024;
+    char err[256];
+    bt_engine *e = bt_llama_create_with_api(loop, &cfg, NULL, NULL, &fake_api, "fake.gguf", err, sizeof err);
+    if (!e) fprintf(stderr, "create: %s\n", err);
+    assert_non_null(e);
+    return e;
+}
+
+static void test_sequences(void **state) {
+    (void)state;
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    E = make_engine(&loop);
+    remaining = 0;
+    json_t *bodies[NS];
+    for (int i = 0; i < NS; i++) {
+        tseq *t = &S[i];
+        memset(t, 0, sizeof *t);
+        t->i = i;
+        t->k = (kind)(i % 5);
+        char prompt[64];
+        snprintf(prompt, sizeof prompt, "prompt number %d, which is %s", i, i % 2 ? "long enough to chunk" : "short");
+        expected_stream(t, prompt);
+        t->n_expect = 20 + (uint32_t)i * 3;
+        bodies[i] = json_pack("{s:s}", "prompt", prompt);
+        bt_engine_request rq = {0};
+        rq.request_id = "t";
+        rq.api = BT_API_COMPLETION;
+        rq.body = bodies[i];
+        rq.temperature = 0;
+        rq.max_tokens = t->n_expect;
+        if (t->k == K_CONTINUE) {
+            t->carried = 7;
+            rq.carried = t->expect;
+            rq.n_carried = 7;
+            rq.max_tokens = t->n_expect - 7;
+        }
+        char err[128];
+        assert_int_equal(bt_engine_submit(E, &rq, &sink, t, &t->seq, err, sizeof err), BT_OK);
+        if (t->k == K_KILL_NOW) {
+            bt_engine_kill(E, t->seq);
+            t->dead = true;
+        } else {
+            remaining++;
+        }
+    }
+    for (int i = 0; i < NS; i++) json_decref(bodies[i]); /* submit copied what it needs */
+    uv_run(&loop, UV_RUN_DEFAULT); /* ends when the last callback destroyed the engine */
+
+    int checked = 0, stopped = 0;
+    for (int i = 0; i < NS; i++) {
+        tseq *t = &S[i];
+        assert_int_equal(t->errors, 0);
+        for (uint32_t g = 0; g < t->ngot; g++) {
+            assert_int_equal(t->got[g], t->expect[t->carried + g]); /* the model's stream, in order */
+            assert_int_equal(t->text[g], 'a' + t->got[g] % 26);
+        }
+        switch (t->k) {
+        case K_KILL_NOW: assert_int_equal(t->ngot + (uint32_t)t->finishes, 0); break;
+        case K_KILL_MID:
+            assert_int_equal(t->finishes, 0);
+            assert_true(t->ngot >= 5 && t->ngot < t->n_expect);
+            break;
+        case K_STOP: /* the stop may arrive after the engine finished it: then it is a no-op */
+            assert_int_equal(t->finishes, 1);
+            if (t->reason == BT_FINISH_CANCELLED) {
+                assert_true(t->ngot >= 3 && t->ngot < t->n_expect);
+                stopped++;
+            } else {
+                assert_int_equal(t->reason, BT_FINISH_LENGTH);
+                assert_int_equal(t->ngot, t->n_expect);
+            }
+            assert_int_equal(t->usage.completion_tokens, t->ngot);
+            break;
+        case K_NORMAL:
+        case K_CONTINUE:
+            assert_int_equal(t->finishes, 1);
+            assert_int_equal(t->reason, BT_FINISH_LENGTH);
+            assert_int_equal(t->ngot, t->n_expect - t->carried);
+            assert_int_equal(t->usage.completion_tokens, t->n_expect); /* carried ones included */
+            assert_int_equal(t->usage.prompt_tokens, t->prompt_len);
+            checked++;
+            break;
+        }
+    }
+    assert_true(checked >= 12);
+    assert_true(stopped >= 1);
+    assert_int_equal(uv_loop_close(&loop), 0);
+}
+
+static void on_timer_destroy(uv_timer_t *tm) {
+    bt_engine_destroy(E);
+    for (int i = 0; i < 8; i++) S[i].dead = true; /* any callback from here on fails the test */
+    uv_close((uv_handle_t *)tm, NULL);
+}
+
+static void test_destroy_live(void **state) {
+    (void)state;
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    E = make_engine(&loop);
+    remaining = 1000; /* never reaches 0: the timer destroys the engine */
+    json_t *body = json_pack("{s:s}", "prompt", "a prompt");
+    for (int i = 0; i < 8; i++) {
+        tseq *t = &S[i];
+        memset(t, 0, sizeof *t);
+        t->i = i;
+        t->k = K_NORMAL;
+        bt_engine_request rq = {0};
+        rq.request_id = "d";
+        rq.api = BT_API_COMPLETION;
+        rq.body = body;
+        rq.max_tokens = 100000;
+        char err[128];
+        assert_int_equal(bt_engine_submit(E, &rq, &sink, t, &t->seq, err, sizeof err), BT_OK);
+    }
+    json_decref(body);
+    uv_timer_t tm;
+    uv_timer_init(&loop, &tm);
+    uv_timer_start(&tm, on_timer_destroy, 30, 0);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    uint64_t seen = 0;
+    for (int i = 0; i < 8; i++) seen += S[i].seen;
+    assert_true(seen > 0); /* they were running when the engine went */
+    assert_int_equal(uv_loop_close(&loop), 0);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_sequences),
+        cmocka_unit_test(test_destroy_live),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
+
+#else
+
+int main(void) {
+    fprintf(stderr, "skipped: built without llama.cpp's headers (run scripts/setup)\n");
+    return 77;
+}
+
+#endif
