@@ -70,6 +70,7 @@ typedef struct {
      * (the frontend may add to `body`, e.g. a seed it chose; the client's re-POST will not have it) */
     char body_digest[65];
     int64_t created, max_tokens;
+    uint64_t seed; /* the sampling seed the frontend chose (0: the body's own): a resume keeps it */
     bool include_usage, return_ids;
     uint32_t *ids;
     size_t nids;
