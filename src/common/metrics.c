@@ -32,8 +32,8 @@ typedef struct sample {
 
 struct bt_metric_family {
     bt_metrics *r;
-    const bt_metric_def *def;
-    bt_map by_hash; /* hash of the label string -> first sample with that hash */
+    bt_metric_def def; /* a copy; name and help are owned copies, the buckets are static */
+    bt_map by_hash;    /* hash of the label string -> first sample with that hash */
     STAILQ_HEAD(, sample) samples;
     STAILQ_ENTRY(bt_metric_family) link;
 };
@@ -76,6 +76,8 @@ void bt_metrics_free(bt_metrics *r) {
             free(s);
         }
         bt_map_free(&f->by_hash);
+        free((char *)f->def.name);
+        free((char *)f->def.help);
         free(f);
     }
     free(r);
@@ -91,8 +93,8 @@ bt_metric_family *bt_metrics_family(bt_metrics *r, const bt_metric_def *def) {
     if (!r) return NULL;
     bt_metric_family *f;
     STAILQ_FOREACH(f, &r->families, link)
-    if (f->def == def || strcmp(f->def->name, def->name) == 0) {
-        if (f->def->type == def->type) return f;
+    if (strcmp(f->def.name, def->name) == 0) {
+        if (f->def.type == def->type) return f;
         fail(r, BT_ERR_INVALID);
         return NULL;
     }
@@ -106,7 +108,16 @@ bt_metric_family *bt_metrics_family(bt_metrics *r, const bt_metric_def *def) {
         return NULL;
     }
     f->r = r;
-    f->def = def;
+    f->def = *def;
+    f->def.name = strdup(def->name);
+    f->def.help = strdup(def->help);
+    if (!f->def.name || !f->def.help) {
+        free((char *)f->def.name);
+        free((char *)f->def.help);
+        free(f);
+        fail(r, BT_ERR_NOMEM);
+        return NULL;
+    }
     bt_map_init(&f->by_hash);
     STAILQ_INIT(&f->samples);
     STAILQ_INSERT_TAIL(&r->families, f, link);
@@ -139,7 +150,7 @@ static sample *sample_get(bt_metric_family *f, const char *labels, bool *fresh) 
     if (!s) goto fail;
     s->labels = strdup(labels);
     if (!s->labels) goto fail;
-    if (f->def->type == BT_METRIC_HISTOGRAM && !(s->h = calloc(1, sizeof *s->h))) goto fail;
+    if (f->def.type == BT_METRIC_HISTOGRAM && !(s->h = calloc(1, sizeof *s->h))) goto fail;
     s->hash = hash;
     if (!first && bt_map_put(&f->by_hash, hash, s) != 0) goto fail;
     if (first) { /* behind the first, which the map keeps pointing at */
@@ -188,7 +199,7 @@ static void add_value(bt_metric_family *f, const char *labels, double v) {
     sample *s = sample_get(f, labels, &fresh);
     if (!s) return;
     if (fresh) s->v = v;
-    else combine(f->def->merge, &s->v, v);
+    else combine(f->def.merge, &s->v, v);
 }
 
 /* Histograms always add up: bucket counts, sum and count. */
@@ -196,33 +207,35 @@ static void add_hist(bt_metric_family *f, const char *labels, const bt_hist *h) 
     bool fresh;
     sample *s = sample_get(f, labels, &fresh);
     if (!s) return;
-    for (size_t i = 0; i <= f->def->buckets->n; i++) s->h->counts[i] += h->counts[i];
+    for (size_t i = 0; i <= f->def.buckets->n; i++) s->h->counts[i] += h->counts[i];
     s->h->sum += h->sum;
     s->h->n += h->n;
 }
 
-void bt_metrics_add(bt_metric_family *f, double v, ...) {
-    if (!f || f->def->type == BT_METRIC_HISTOGRAM) return;
+/* One sample of f (h for a histogram, else v), its labels from the (name, value) pairs in ap. */
+static void add_sample(bt_metric_family *f, double v, const bt_hist *h, va_list ap) {
+    if (!f || (f->def.type == BT_METRIC_HISTOGRAM) != (h != NULL)) return;
     bt_buf b;
     bt_buf_init(&b, METRICS_LABELS_CAP);
-    va_list ap;
-    va_start(ap, v);
-    bool ok = labels_build(f, ap, &b);
-    va_end(ap);
-    if (ok) add_value(f, b.data ? b.data : "", v);
+    if (labels_build(f, ap, &b)) {
+        if (h) add_hist(f, b.data, h);
+        else add_value(f, b.data, v);
+    }
     bt_buf_free(&b);
 }
 
+void bt_metrics_add(bt_metric_family *f, double v, ...) {
+    va_list ap;
+    va_start(ap, v);
+    add_sample(f, v, NULL, ap);
+    va_end(ap);
+}
+
 void bt_metrics_add_hist(bt_metric_family *f, const bt_hist *h, ...) {
-    if (!f || f->def->type != BT_METRIC_HISTOGRAM) return;
-    bt_buf b;
-    bt_buf_init(&b, METRICS_LABELS_CAP);
     va_list ap;
     va_start(ap, h);
-    bool ok = labels_build(f, ap, &b);
+    add_sample(f, 0, h, ap);
     va_end(ap);
-    if (ok) add_hist(f, b.data ? b.data : "", h);
-    bt_buf_free(&b);
 }
 
 void bt_metrics_merge(bt_metrics *dst, const bt_metrics *src) {
@@ -230,7 +243,7 @@ void bt_metrics_merge(bt_metrics *dst, const bt_metrics *src) {
     if (src->err != BT_OK) fail(dst, src->err);
     const bt_metric_family *sf;
     STAILQ_FOREACH(sf, &src->families, link) {
-        bt_metric_family *df = bt_metrics_family(dst, sf->def);
+        bt_metric_family *df = bt_metrics_family(dst, &sf->def);
         if (!df) continue;
         const sample *s;
         STAILQ_FOREACH(s, &sf->samples, link) {
@@ -264,8 +277,8 @@ static void series(bt_buf *b, const char *name, const char *suffix, const char *
 }
 
 static void render_hist(bt_buf *b, const bt_metric_family *f, const sample *s) {
-    const char *name = f->def->name;
-    const bt_hist_buckets *bk = f->def->buckets;
+    const char *name = f->def.name;
+    const bt_hist_buckets *bk = f->def.buckets;
     uint64_t cum = 0;
     char le[48];
     for (size_t i = 0; i <= bk->n; i++) {
@@ -290,8 +303,8 @@ bt_status bt_metrics_render(const bt_metrics *r, bt_buf *out) {
     }
     const bt_metric_family *f;
     STAILQ_FOREACH(f, &r->families, link) {
-        const char *name = f->def->name;
-        bt_buf_appendf(out, "# HELP %s %s\n# TYPE %s %s\n", name, f->def->help, name, type_name[f->def->type]);
+        const char *name = f->def.name;
+        bt_buf_appendf(out, "# HELP %s %s\n# TYPE %s %s\n", name, f->def.help, name, type_name[f->def.type]);
         const sample *s;
         STAILQ_FOREACH(s, &f->samples, link) {
             if (s->h) {

@@ -47,13 +47,14 @@ typedef struct {
 /* Records `n` observations of value v: one binary search over the bounds, no allocation. */
 void bt_hist_observe(bt_hist *h, const bt_hist_buckets *b, double v, uint64_t n);
 
-/* A family's declaration; the registry keeps the pointer (use a static const). Names are the
- * exposition's (a histogram's without _bucket/_sum/_count). */
+/* A family's declaration. The registry copies it, name and help included; the buckets must
+ * outlive the registry (a static table). Names are the exposition's (a histogram's without
+ * _bucket/_sum/_count). */
 typedef struct {
     const char *name;
     const char *help;
     bt_metric_type type;
-    bt_metric_merge merge;           /* counters and histograms: BT_MERGE_SUM */
+    bt_metric_merge merge;          /* counters and histograms: BT_MERGE_SUM */
     const bt_hist_buckets *buckets; /* histograms only */
 } bt_metric_def;
 
@@ -64,11 +65,25 @@ typedef struct bt_metric_family bt_metric_family;
 bt_metrics *bt_metrics_new(void);
 void bt_metrics_free(bt_metrics *r);
 
-/* The family `def` declares (by name), added at the end if the registry does not have it yet.
+/* The family `def` declares (found by name), added at the end if the registry does not have it yet.
  * NULL if out of memory (recorded: bt_metrics_status), or if the registry already holds a family
  * of that name with another type (BT_ERR_INVALID: a program bug, never two meanings for a name).
  * Adding a sample to a NULL family does nothing. */
 bt_metric_family *bt_metrics_family(bt_metrics *r, const bt_metric_def *def);
+
+/* The same, declared in place: a counter (merged by sum), a gauge with its merge rule, a histogram
+ * over static buckets. */
+static inline bt_metric_family *bt_metrics_counter(bt_metrics *r, const char *name, const char *help) {
+    return bt_metrics_family(r, &(bt_metric_def){name, help, BT_METRIC_COUNTER, BT_MERGE_SUM, NULL});
+}
+static inline bt_metric_family *bt_metrics_gauge(bt_metrics *r, const char *name, bt_metric_merge merge,
+                                                 const char *help) {
+    return bt_metrics_family(r, &(bt_metric_def){name, help, BT_METRIC_GAUGE, merge, NULL});
+}
+static inline bt_metric_family *bt_metrics_histogram(bt_metrics *r, const char *name, const bt_hist_buckets *b,
+                                                     const char *help) {
+    return bt_metrics_family(r, &(bt_metric_def){name, help, BT_METRIC_HISTOGRAM, BT_MERGE_SUM, b});
+}
 
 /* Adds one sample of a counter or gauge; the labels follow as (name, value) string pairs ended by
  * NULL, values unescaped. A sample whose labels the family already holds is combined with it by

@@ -12,119 +12,73 @@
 
 #include "frontend/fe.h"
 
-static const double bounds[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                                0.25,   0.5,   1,      2.5,   5,    10,    30,    60};
+static const double bounds[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60};
 static const bt_hist_buckets buckets = {bounds, sizeof bounds / sizeof bounds[0]};
 
 void fe_hist_observe(fe_hist *h, double s) { bt_hist_observe(h, &buckets, s, 1); }
 
 void fe_hist_observe_n(fe_hist *h, double s, uint64_t n) { bt_hist_observe(h, &buckets, s, n); }
 
-/* The merge rules (docs/architecture.md, --threads): counters and histograms add up; gauges that
- * count what a shard holds (in-flight requests, connections, a worker's streams, disconnected
- * clients) add up; the event-plane connection state takes the minimum; gauges every shard reads
- * from the same source (a worker's reported load, the known workers, the migration limit) take
- * the maximum. */
-#define COUNTER(n, h) {n, h, BT_METRIC_COUNTER, BT_MERGE_SUM, NULL}
-#define GAUGE(n, rule, h) {n, h, BT_METRIC_GAUGE, rule, NULL}
-#define HIST(n, h) {n, h, BT_METRIC_HISTOGRAM, BT_MERGE_SUM, &buckets}
-
-static const bt_metric_def requests = COUNTER("dynamo_frontend_requests_total",
-                                               "Requests by model, endpoint, type and outcome");
-static const bt_metric_def inflight = GAUGE("dynamo_frontend_inflight_requests", BT_MERGE_SUM, "Requests in flight");
-static const bt_metric_def tokens = COUNTER("dynamo_frontend_output_tokens_total", "Tokens delivered to clients");
-static const bt_metric_def hists[] = {
-    HIST("dynamo_frontend_time_to_first_token_seconds", "Time from a request's arrival to its first token"),
-    HIST("dynamo_frontend_inter_token_latency_seconds", "Time between consecutive tokens of a response"),
-    HIST("dynamo_frontend_request_duration_seconds", "Time from a request's arrival to its end"),
-    HIST("dynamo_frontend_model_migration_stall_seconds",
-         "Gap the client saw across a migration: last token before the failure to the first after it")};
-static const bt_metric_def migrations =
-    COUNTER("dynamo_frontend_model_migration_total",
-            "Requests moved to another worker after a failure, before (new_request) or after (ongoing_request) "
-            "their first token");
-static const bt_metric_def migration_limit = GAUGE("dynamo_frontend_model_migration_limit", BT_MERGE_MAX,
-                                                   "Extra attempts a request may get (--migration-limit)");
-static const bt_metric_def exhausted = COUNTER("dynamo_frontend_model_migration_exhausted_total",
-                                                "Requests that failed because their migration budget was spent");
-static const bt_metric_def cancellations =
-    COUNTER("dynamo_frontend_model_cancellation_total", "Requests cancelled by their client or by the operator");
-static const bt_metric_def rejections =
-    COUNTER("dynamo_frontend_model_rejection_total", "Requests refused because every worker was busy");
-/* a gauge, as in Dynamo (it only ever grows here, but the type is Dynamo's) */
-static const bt_metric_def disconnected = GAUGE("dynamo_frontend_disconnected_clients", BT_MERGE_SUM,
-                                                "Clients that went away before their response ended");
-static const bt_metric_def http_rejections = COUNTER("baton_frontend_http_rejections_total",
-                                                      "Connections or requests the HTTP server refused on its own, by limit");
-static const bt_metric_def limit_rejections =
-    COUNTER("baton_frontend_limit_rejections_total", "Requests refused by --max-concurrent-requests");
-/* per event loop (--threads): how the kernel spread the load; the merge keeps one series each */
-static const bt_metric_def thread_requests =
-    COUNTER("baton_frontend_thread_requests_total", "Requests received, by event loop (--threads)");
-static const bt_metric_def workers = GAUGE("baton_frontend_workers", BT_MERGE_MAX,
-                                           "Workers known from discovery, and those new requests can go to");
-static const bt_metric_def connections = GAUGE("baton_frontend_http_connections", BT_MERGE_SUM, "Open client connections");
-static const bt_metric_def routed = COUNTER("baton_frontend_worker_routed_total", "Attempts routed to each worker");
-static const bt_metric_def load_reports =
-    COUNTER("baton_frontend_worker_load_reports_total",
-            "Load reports received from each worker, by the plane they came on and whether they were used");
-static const bt_metric_def ep_connected =
-    GAUGE("baton_frontend_event_plane_connected", BT_MERGE_MIN, "1 while the event plane is connected");
-static const bt_metric_def ep_connects =
-    COUNTER("baton_frontend_event_plane_connects_total", "Connections made to the event plane");
-static const bt_metric_def ep_messages =
-    COUNTER("baton_frontend_event_plane_messages_total", "Event-plane load reports, by what became of them");
-enum { WG_DECODE, WG_TOTAL, WG_PREFILL, WG_WAITING, WG_BUSY, WG_INFLIGHT, WG_N_ };
-static const bt_metric_def worker_gauges[WG_N_] = {
-    GAUGE("baton_frontend_worker_active_decode_blocks", BT_MERGE_MAX, "KV blocks in use, as the worker last reported"),
-    GAUGE("baton_frontend_worker_total_blocks", BT_MERGE_MAX, "KV blocks the worker has, as it last reported"),
-    GAUGE("baton_frontend_worker_active_prefill_tokens", BT_MERGE_MAX,
-          "Prompt tokens admitted and not yet prefilled, as the worker last reported"),
-    GAUGE("baton_frontend_worker_waiting_requests", BT_MERGE_MAX,
-          "Requests queued in the worker's engine, as it last reported"),
-    GAUGE("baton_frontend_worker_busy", BT_MERGE_MAX, "1 while the worker is over a busy threshold"),
-    GAUGE("baton_frontend_worker_inflight", BT_MERGE_SUM, "Streams of this frontend running on the worker")};
+/* The merge rules each family declares (docs/architecture.md, --threads): counters and histograms
+ * add up; gauges that count what a shard holds (in-flight requests, connections, a worker's
+ * streams, disconnected clients) add up; the event-plane connection state takes the minimum;
+ * gauges every shard reads from the same source (a worker's reported load, the known workers, the
+ * migration limit) take the maximum. */
 
 static const char *api_endpoint[2] = {"chat_completions", "completions"};
 static const char *req_type[2] = {"unary", "stream"};
 static const char *outcome_name[FE_OUT_N_] = {"success", "error", "cancelled", "rejected"};
 
 static void collect_models(fe *f, bt_metrics *r) {
-    bt_metric_family *fam = bt_metrics_family(r, &requests);
+    bt_metric_family *fam =
+        bt_metrics_counter(r, "dynamo_frontend_requests_total", "Requests by model, endpoint, type and outcome");
     for (fe_model *m = f->models; m; m = m->next)
         for (int a = 0; a < 2; a++)
             for (int s = 0; s < 2; s++)
                 for (int o = 0; o < FE_OUT_N_; o++)
                     bt_metrics_add(fam, (double)m->st.requests[a][s][o], "model", m->name, "endpoint", api_endpoint[a],
                                    "request_type", req_type[s], "status", outcome_name[o], NULL);
-    fam = bt_metrics_family(r, &inflight);
+    fam = bt_metrics_gauge(r, "dynamo_frontend_inflight_requests", BT_MERGE_SUM, "Requests in flight");
     for (fe_model *m = f->models; m; m = m->next) bt_metrics_add(fam, (double)m->st.inflight, "model", m->name, NULL);
-    fam = bt_metrics_family(r, &tokens);
+    fam = bt_metrics_counter(r, "dynamo_frontend_output_tokens_total", "Tokens delivered to clients");
     for (fe_model *m = f->models; m; m = m->next) bt_metrics_add(fam, (double)m->st.tokens_out, "model", m->name, NULL);
     const size_t hist_off[] = {offsetof(fe_stats, ttft), offsetof(fe_stats, itl), offsetof(fe_stats, duration),
                                offsetof(fe_stats, migration_stall)};
-    for (size_t i = 0; i < sizeof hists / sizeof hists[0]; i++) {
-        fam = bt_metrics_family(r, &hists[i]);
+    static const char *hist_name[] = {
+        "dynamo_frontend_time_to_first_token_seconds", "dynamo_frontend_inter_token_latency_seconds",
+        "dynamo_frontend_request_duration_seconds", "dynamo_frontend_model_migration_stall_seconds"};
+    static const char *hist_help[] = {
+        "Time from a request's arrival to its first token", "Time between consecutive tokens of a response",
+        "Time from a request's arrival to its end",
+        "Gap the client saw across a migration: last token before the failure to the first after it"};
+    for (size_t i = 0; i < sizeof hist_name / sizeof hist_name[0]; i++) {
+        fam = bt_metrics_histogram(r, hist_name[i], &buckets, hist_help[i]);
         for (fe_model *m = f->models; m; m = m->next)
             bt_metrics_add_hist(fam, (const fe_hist *)((const char *)&m->st + hist_off[i]), "model", m->name, NULL);
     }
-    fam = bt_metrics_family(r, &migrations);
+    fam = bt_metrics_counter(r, "dynamo_frontend_model_migration_total",
+                             "Requests moved to another worker after a failure, before (new_request) or after "
+                             "(ongoing_request) their first token");
     for (fe_model *m = f->models; m; m = m->next) {
         bt_metrics_add(fam, (double)m->st.migrations_new, "model", m->name, "migration_type", "new_request", NULL);
         bt_metrics_add(fam, (double)m->st.migrations_ongoing, "model", m->name, "migration_type", "ongoing_request",
                        NULL);
     }
-    fam = bt_metrics_family(r, &migration_limit);
+    fam = bt_metrics_gauge(r, "dynamo_frontend_model_migration_limit", BT_MERGE_MAX,
+                           "Extra attempts a request may get (--migration-limit)");
     for (fe_model *m = f->models; m; m = m->next)
         bt_metrics_add(fam, (double)f->o.migration_limit, "model", m->name, NULL);
-    fam = bt_metrics_family(r, &exhausted);
+    fam = bt_metrics_counter(r, "dynamo_frontend_model_migration_exhausted_total",
+                             "Requests that failed because their migration budget was spent");
     for (fe_model *m = f->models; m; m = m->next)
         bt_metrics_add(fam, (double)m->st.migrations_exhausted, "model", m->name, NULL);
-    fam = bt_metrics_family(r, &cancellations);
+    fam = bt_metrics_counter(r, "dynamo_frontend_model_cancellation_total",
+                             "Requests cancelled by their client or by the operator");
     for (fe_model *m = f->models; m; m = m->next)
         for (int s = 0; s < 2; s++)
             bt_metrics_add(fam, (double)m->st.cancellations[s], "model", m->name, "request_type", req_type[s], NULL);
-    fam = bt_metrics_family(r, &rejections);
+    fam = bt_metrics_counter(r, "dynamo_frontend_model_rejection_total",
+                             "Requests refused because every worker was busy");
     for (fe_model *m = f->models; m; m = m->next)
         for (int a = 0; a < 2; a++)
             bt_metrics_add(fam, (double)m->st.rejections[a], "model", m->name, "endpoint", api_endpoint[a], NULL);
@@ -132,25 +86,42 @@ static void collect_models(fe *f, bt_metrics *r) {
 
 static void collect_workers(fe *f, bt_metrics *r) {
     char id[24];
-    bt_metric_family *fam = bt_metrics_family(r, &routed);
+    bt_metric_family *fam =
+        bt_metrics_counter(r, "baton_frontend_worker_routed_total", "Attempts routed to each worker");
     for (fe_worker *w = f->workers; w; w = w->next) {
         snprintf(id, sizeof id, "%" PRIx64, w->id);
         bt_metrics_add(fam, (double)w->routed_total, "model", w->model, "worker_id", id, NULL);
     }
     static const char *source[3] = {"request_plane", "event_plane", "request_plane_unused"};
-    fam = bt_metrics_family(r, &load_reports);
+    fam = bt_metrics_counter(
+        r, "baton_frontend_worker_load_reports_total",
+        "Load reports received from each worker, by the plane they came on and whether they were used");
     for (fe_worker *w = f->workers; w; w = w->next) {
         snprintf(id, sizeof id, "%" PRIx64, w->id);
         for (int src = 0; src < 3; src++)
-            bt_metrics_add(fam, (double)w->load_reports[src], "model", w->model, "worker_id", id, "source",
-                           source[src], NULL);
+            bt_metrics_add(fam, (double)w->load_reports[src], "model", w->model, "worker_id", id, "source", source[src],
+                           NULL);
     }
 }
 
 static void collect_worker_gauges(fe *f, bt_metrics *r) {
     char id[24];
+    enum { WG_DECODE, WG_TOTAL, WG_PREFILL, WG_WAITING, WG_BUSY, WG_INFLIGHT, WG_N_ };
+    static const struct {
+        const char *name;
+        bt_metric_merge merge;
+        const char *help;
+    } wg[WG_N_] = {
+        {"baton_frontend_worker_active_decode_blocks", BT_MERGE_MAX, "KV blocks in use, as the worker last reported"},
+        {"baton_frontend_worker_total_blocks", BT_MERGE_MAX, "KV blocks the worker has, as it last reported"},
+        {"baton_frontend_worker_active_prefill_tokens", BT_MERGE_MAX,
+         "Prompt tokens admitted and not yet prefilled, as the worker last reported"},
+        {"baton_frontend_worker_waiting_requests", BT_MERGE_MAX,
+         "Requests queued in the worker's engine, as it last reported"},
+        {"baton_frontend_worker_busy", BT_MERGE_MAX, "1 while the worker is over a busy threshold"},
+        {"baton_frontend_worker_inflight", BT_MERGE_SUM, "Streams of this frontend running on the worker"}};
     for (int g = 0; g < WG_N_; g++) {
-        bt_metric_family *fam = bt_metrics_family(r, &worker_gauges[g]);
+        bt_metric_family *fam = bt_metrics_gauge(r, wg[g].name, wg[g].merge, wg[g].help);
         for (fe_worker *w = f->workers; w; w = w->next) {
             fe_model *m = fe_model_get(f, w->model, false);
             uint64_t v = 0;
@@ -170,33 +141,43 @@ static void collect_worker_gauges(fe *f, bt_metrics *r) {
 
 void fe_metrics_collect(fe *f, bt_metrics *r) {
     collect_models(f, r);
-    bt_metrics_add(bt_metrics_family(r, &disconnected), (double)f->disconnected_clients, NULL);
+    /* a gauge, as in Dynamo (it only ever grows here, but the type is Dynamo's) */
+    bt_metrics_add(bt_metrics_gauge(r, "dynamo_frontend_disconnected_clients", BT_MERGE_SUM,
+                                    "Clients that went away before their response ended"),
+                   (double)f->disconnected_clients, NULL);
     bt_http_stats hs;
     bt_http_server_stats(f->http, &hs);
-    bt_metric_family *fam = bt_metrics_family(r, &http_rejections);
+    bt_metric_family *fam = bt_metrics_counter(r, "baton_frontend_http_rejections_total",
+                                               "Connections or requests the HTTP server refused on its own, by limit");
     bt_metrics_add(fam, (double)hs.max_connections, "reason", "max_connections", NULL);
     bt_metrics_add(fam, (double)hs.bad_request, "reason", "bad_request", NULL);
     bt_metrics_add(fam, (double)hs.body_too_large, "reason", "body_too_large", NULL);
     bt_metrics_add(fam, (double)hs.header_too_large, "reason", "header_too_large", NULL);
     bt_metrics_add(fam, (double)hs.header_timeout, "reason", "header_timeout", NULL);
     bt_metrics_add(fam, (double)hs.slow_reader, "reason", "slow_reader", NULL);
-    bt_metrics_add(bt_metrics_family(r, &limit_rejections), (double)f->limit_rejections, NULL);
+    bt_metrics_add(
+        bt_metrics_counter(r, "baton_frontend_limit_rejections_total", "Requests refused by --max-concurrent-requests"),
+        (double)f->limit_rejections, NULL);
     char thread[16];
     snprintf(thread, sizeof thread, "%d", f->shard);
-    bt_metrics_add(bt_metrics_family(r, &thread_requests), (double)f->requests_seen, "thread", thread, NULL);
+    /* per event loop (--threads): how the kernel spread the load; the merge keeps one series each */
+    bt_metrics_add(
+        bt_metrics_counter(r, "baton_frontend_thread_requests_total", "Requests received, by event loop (--threads)"),
+        (double)f->requests_seen, "thread", thread, NULL);
     size_t routable = 0;
     for (fe_worker *w = f->workers; w; w = w->next) routable += fe_worker_routable(w);
-    fam = bt_metrics_family(r, &workers);
+    fam = bt_metrics_gauge(r, "baton_frontend_workers", BT_MERGE_MAX,
+                           "Workers known from discovery, and those new requests can go to");
     bt_metrics_add(fam, (double)f->nworkers, "state", "known", NULL);
     bt_metrics_add(fam, (double)routable, "state", "routable", NULL);
-    bt_metrics_add(bt_metrics_family(r, &connections), (double)bt_http_server_connections(f->http), NULL);
+    bt_metrics_add(bt_metrics_gauge(r, "baton_frontend_http_connections", BT_MERGE_SUM, "Open client connections"),
+                   (double)bt_http_server_connections(f->http), NULL);
     collect_workers(f, r);
     bt_events_stats es;
     bt_events_get_stats(f->events, &es);
-    bt_metrics_add(bt_metrics_family(r, &ep_connected), es.connected ? 1 : 0, "plane", bt_events_plane(f->events),
-                   NULL);
-    bt_metrics_add(bt_metrics_family(r, &ep_connects), (double)es.connects, NULL);
-    fam = bt_metrics_family(r, &ep_messages);
+    bt_events_collect(f->events, &es, r, "baton_frontend");
+    fam = bt_metrics_counter(r, "baton_frontend_event_plane_messages_total",
+                             "Event-plane load reports, by what became of them");
     bt_metrics_add(fam, (double)(es.received - (es.received < f->events_unknown ? es.received : f->events_unknown)),
                    "result", "applied", NULL);
     bt_metrics_add(fam, (double)f->events_unknown, "result", "unknown_worker", NULL);

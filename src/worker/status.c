@@ -28,50 +28,11 @@
 
 /* ---- metrics ------------------------------------------------------------------------------ */
 
-/* One worker is one registry, never merged: the merge rules are declared for the registry's
- * contract (counters add up, so do gauges of what the worker holds; a state takes the minimum). */
-#define COUNTER(n, h) {n, h, BT_METRIC_COUNTER, BT_MERGE_SUM, NULL}
-#define GAUGE(n, rule, h) {n, h, BT_METRIC_GAUGE, rule, NULL}
+/* One worker is one registry, never merged: each gauge still declares its rule (the registry's
+ * contract): gauges of what the worker holds add up, a state takes the minimum. */
 
 static const double cancel_bounds[] = {1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 1e-2, 1e-1};
 const bt_hist_buckets wk_cancel_buckets = {cancel_bounds, sizeof cancel_bounds / sizeof cancel_bounds[0]};
-
-static const bt_metric_def requests = COUNTER("dynamo_component_requests_total", "Requests received from frontends");
-static const bt_metric_def errors = COUNTER("dynamo_component_errors_total", "Requests that ended with an error");
-static const bt_metric_def inflight =
-    GAUGE("dynamo_component_inflight_requests", BT_MERGE_SUM, "Streams running on this worker");
-static const bt_metric_def tokens = COUNTER("dynamo_component_tokens_total", "Tokens generated");
-static const bt_metric_def cancellations =
-    COUNTER("dynamo_component_cancellation_total",
-            "Streams cancelled: by a KILL or STOP frame, or because their frontend's connection was lost");
-static const bt_metric_def cancel_latency = {"baton_worker_cancel_latency_seconds",
-                                             "KILL frame arrival to the engine dropping the sequence",
-                                             BT_METRIC_HISTOGRAM, BT_MERGE_SUM, &wk_cancel_buckets};
-static const bt_metric_def handed_back = COUNTER("baton_worker_handed_back_total",
-                                                  "Streams handed back to their frontend when a drain ran out of time");
-static const bt_metric_def refused =
-    COUNTER("baton_worker_refused_draining_total", "Requests refused because the worker was draining");
-static const bt_metric_def ready =
-    GAUGE("baton_worker_ready", BT_MERGE_MIN, "1 while the endpoint serves and passes its canary");
-static const bt_metric_def draining = GAUGE("baton_worker_draining", BT_MERGE_MAX, "1 while the worker drains");
-static const bt_metric_def uptime = GAUGE("baton_worker_uptime_seconds", BT_MERGE_MAX, "Seconds since the worker started");
-static const bt_metric_def canary = COUNTER("baton_worker_canary_total", "Canary requests, by result");
-static const bt_metric_def canary_latency =
-    GAUGE("baton_worker_canary_last_latency_seconds", BT_MERGE_MAX, "Latency of the last canary request");
-static const bt_metric_def sequences =
-    GAUGE("baton_worker_active_sequences", BT_MERGE_SUM, "Sequences in the engine, running or waiting");
-static const bt_metric_def kv_active = GAUGE("baton_worker_kv_active_blocks", BT_MERGE_SUM, "KV blocks in use");
-static const bt_metric_def kv_total = GAUGE("baton_worker_kv_total_blocks", BT_MERGE_SUM, "KV blocks of the engine");
-static const bt_metric_def waiting =
-    GAUGE("baton_worker_waiting_requests", BT_MERGE_SUM, "Sequences queued in the engine, not yet admitted");
-static const bt_metric_def frontends =
-    GAUGE("baton_worker_frontend_connections", BT_MERGE_SUM, "Frontends connected on the request plane");
-static const bt_metric_def ep_connected =
-    GAUGE("baton_worker_event_plane_connected", BT_MERGE_MIN, "1 while the event plane is connected");
-static const bt_metric_def ep_connects =
-    COUNTER("baton_worker_event_plane_connects_total", "Connections made to the event plane");
-static const bt_metric_def ep_reports =
-    COUNTER("baton_worker_event_plane_load_reports_total", "Load reports for the event plane, published or dropped");
 
 /* Fills r from the worker's counters (the model label is any string the operator gave: the
  * registry escapes it). */
@@ -80,38 +41,64 @@ static void status_collect(wk_worker *w, bt_metrics *r) {
     if (w->engine) bt_engine_get_load(w->engine, &l);
     const char *m = w->o.model_name;
     const wk_canary *c = &w->canary;
-    bt_metrics_add(bt_metrics_family(r, &requests), (double)w->requests_total, "model", m, NULL);
-    bt_metrics_add(bt_metrics_family(r, &errors), (double)w->requests_error, "model", m, NULL);
-    bt_metrics_add(bt_metrics_family(r, &inflight), (double)w->nstreams, "model", m, NULL);
-    bt_metrics_add(bt_metrics_family(r, &tokens), (double)w->tokens_total, "model", m, NULL);
-    bt_metric_family *f = bt_metrics_family(r, &cancellations);
+    bt_metrics_add(bt_metrics_counter(r, "dynamo_component_requests_total", "Requests received from frontends"),
+                   (double)w->requests_total, "model", m, NULL);
+    bt_metrics_add(bt_metrics_counter(r, "dynamo_component_errors_total", "Requests that ended with an error"),
+                   (double)w->requests_error, "model", m, NULL);
+    bt_metrics_add(
+        bt_metrics_gauge(r, "dynamo_component_inflight_requests", BT_MERGE_SUM, "Streams running on this worker"),
+        (double)w->nstreams, "model", m, NULL);
+    bt_metrics_add(bt_metrics_counter(r, "dynamo_component_tokens_total", "Tokens generated"), (double)w->tokens_total,
+                   "model", m, NULL);
+    bt_metric_family *f = bt_metrics_counter(
+        r, "dynamo_component_cancellation_total",
+        "Streams cancelled: by a KILL or STOP frame, or because their frontend's connection was lost");
     bt_metrics_add(f, (double)w->cancel_kill, "model", m, "kind", "kill", NULL);
     bt_metrics_add(f, (double)w->cancel_stop, "model", m, "kind", "stop", NULL);
     bt_metrics_add(f, (double)w->cancel_peer_lost, "model", m, "kind", "frontend_lost", NULL);
-    bt_metrics_add_hist(bt_metrics_family(r, &cancel_latency), &w->cancel_lat, NULL);
-    bt_metrics_add(bt_metrics_family(r, &handed_back), (double)w->drain.handed_back, "model", m, NULL);
-    bt_metrics_add(bt_metrics_family(r, &refused), (double)w->drain.refused, "model", m, NULL);
-    bt_metrics_add(bt_metrics_family(r, &ready), wk_ready(w) ? 1 : 0, NULL);
-    bt_metrics_add(bt_metrics_family(r, &draining), w->state == WK_DRAINING ? 1 : 0, NULL);
-    bt_metrics_add(bt_metrics_family(r, &uptime), (double)(bt_now_ms() - w->started_ms) / 1000.0, NULL);
-    f = bt_metrics_family(r, &canary);
+    bt_metrics_add_hist(bt_metrics_histogram(r, "baton_worker_cancel_latency_seconds", &wk_cancel_buckets,
+                                             "KILL frame arrival to the engine dropping the sequence"),
+                        &w->cancel_lat, NULL);
+    bt_metrics_add(bt_metrics_counter(r, "baton_worker_handed_back_total",
+                                      "Streams handed back to their frontend when a drain ran out of time"),
+                   (double)w->drain.handed_back, "model", m, NULL);
+    bt_metrics_add(bt_metrics_counter(r, "baton_worker_refused_draining_total",
+                                      "Requests refused because the worker was draining"),
+                   (double)w->drain.refused, "model", m, NULL);
+    bt_metrics_add(
+        bt_metrics_gauge(r, "baton_worker_ready", BT_MERGE_MIN, "1 while the endpoint serves and passes its canary"),
+        wk_ready(w) ? 1 : 0, NULL);
+    bt_metrics_add(bt_metrics_gauge(r, "baton_worker_draining", BT_MERGE_MAX, "1 while the worker drains"),
+                   w->state == WK_DRAINING ? 1 : 0, NULL);
+    bt_metrics_add(bt_metrics_gauge(r, "baton_worker_uptime_seconds", BT_MERGE_MAX, "Seconds since the worker started"),
+                   (double)(bt_now_ms() - w->started_ms) / 1000.0, NULL);
+    f = bt_metrics_counter(r, "baton_worker_canary_total", "Canary requests, by result");
     bt_metrics_add(f, (double)c->n_success, "result", "success", NULL);
     bt_metrics_add(f, (double)c->n_late, "result", "late_success", NULL);
     bt_metrics_add(f, (double)c->n_timeout, "result", "timeout", NULL);
     bt_metrics_add(f, (double)c->n_error, "result", "error", NULL);
     bt_metrics_add(f, (double)c->n_empty, "result", "no_response", NULL);
-    bt_metrics_add(bt_metrics_family(r, &canary_latency), c->last_latency_ms / 1000.0, NULL);
-    bt_metrics_add(bt_metrics_family(r, &sequences), (double)(l.running + l.waiting), NULL);
-    bt_metrics_add(bt_metrics_family(r, &kv_active), (double)l.active_decode_blocks, NULL);
-    bt_metrics_add(bt_metrics_family(r, &kv_total), (double)l.total_blocks, NULL);
-    bt_metrics_add(bt_metrics_family(r, &waiting), (double)l.waiting, NULL);
-    bt_metrics_add(bt_metrics_family(r, &frontends), (double)w->npeers, NULL);
+    bt_metrics_add(bt_metrics_gauge(r, "baton_worker_canary_last_latency_seconds", BT_MERGE_MAX,
+                                    "Latency of the last canary request"),
+                   c->last_latency_ms / 1000.0, NULL);
+    bt_metrics_add(bt_metrics_gauge(r, "baton_worker_active_sequences", BT_MERGE_SUM,
+                                    "Sequences in the engine, running or waiting"),
+                   (double)(l.running + l.waiting), NULL);
+    bt_metrics_add(bt_metrics_gauge(r, "baton_worker_kv_active_blocks", BT_MERGE_SUM, "KV blocks in use"),
+                   (double)l.active_decode_blocks, NULL);
+    bt_metrics_add(bt_metrics_gauge(r, "baton_worker_kv_total_blocks", BT_MERGE_SUM, "KV blocks of the engine"),
+                   (double)l.total_blocks, NULL);
+    bt_metrics_add(bt_metrics_gauge(r, "baton_worker_waiting_requests", BT_MERGE_SUM,
+                                    "Sequences queued in the engine, not yet admitted"),
+                   (double)l.waiting, NULL);
+    bt_metrics_add(bt_metrics_gauge(r, "baton_worker_frontend_connections", BT_MERGE_SUM,
+                                    "Frontends connected on the request plane"),
+                   (double)w->npeers, NULL);
     bt_events_stats es;
     bt_events_get_stats(w->events, &es);
-    bt_metrics_add(bt_metrics_family(r, &ep_connected), es.connected ? 1 : 0, "plane", bt_events_plane(w->events),
-                   NULL);
-    bt_metrics_add(bt_metrics_family(r, &ep_connects), (double)es.connects, NULL);
-    f = bt_metrics_family(r, &ep_reports);
+    bt_events_collect(w->events, &es, r, "baton_worker");
+    f = bt_metrics_counter(r, "baton_worker_event_plane_load_reports_total",
+                           "Load reports for the event plane, published or dropped");
     bt_metrics_add(f, (double)es.published, "result", "published", NULL);
     bt_metrics_add(f, (double)es.dropped, "result", "dropped", NULL);
 }
@@ -187,7 +174,7 @@ static void route_metrics(void *ud, bt_http_req *req, const char *tail) {
     bt_buf_init(&b, 1 << 20);
     bt_metrics *r = bt_metrics_new();
     if (r) status_collect(ud, r);
-    bt_metrics_render(r, &b);                                      /* a failed registry poisons b */
+    bt_metrics_render(r, &b);                                             /* a failed registry poisons b */
     bt_http_respond_buf(req, 200, "text/plain; version=0.0.4", NULL, &b); /* or 500, b's error */
     bt_metrics_free(r);
     bt_buf_free(&b);
@@ -211,8 +198,9 @@ static void route_live(void *ud, bt_http_req *req, const char *tail) {
     bt_buf_init(&b, 1 << 20);
     uint64_t up = bt_now_ms() - w->started_ms;
     bool live = !w->engine_failed;
-    bt_buf_appendf(&b, "{\"status\":\"%s\",\"message\":\"%s\",\"uptime\":{\"secs\":%" PRIu64 ",\"nanos\":%" PRIu64
-                       "},\"state\":\"%s\"}",
+    bt_buf_appendf(&b,
+                   "{\"status\":\"%s\",\"message\":\"%s\",\"uptime\":{\"secs\":%" PRIu64 ",\"nanos\":%" PRIu64
+                   "},\"state\":\"%s\"}",
                    live ? "live" : "dead", live ? "Worker is live" : "Engine failed; worker is shutting down",
                    up / 1000, (up % 1000) * 1000000, wk_state_name(w->state));
     bt_http_respond(req, live ? 200 : 503, "application/json", NULL, b.data, b.len);
@@ -265,8 +253,7 @@ bt_status wk_status_start(wk_worker *w, char *err, size_t errlen) {
     BT_INFO("status server listening on %s:%d (%s, %s, /metrics)", o->system_host, bt_http_server_port(w->status),
             o->health_path, o->live_path);
     if (o->health_listed)
-        BT_INFO("%s follows endpoint %s from the start (DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS)", o->health_path,
-                o->ep);
+        BT_INFO("%s follows endpoint %s from the start (DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS)", o->health_path, o->ep);
     else if (o->starting_ready)
         BT_INFO("%s reports ready until endpoint %s is first ready, then follows it "
                 "(DYN_SYSTEM_STARTING_HEALTH_STATUS=ready)",

@@ -8,7 +8,8 @@
  * observations; the merge rules: sum, min and max per series, histograms bucket by bucket, a
  * series or family only one side has is kept; adding a series twice combines it by the family's
  * rule; one name declared with two types and a label string over its cap are errors that make the
- * render fail and poison the output buffer instead of emitting a partial text. */
+ * render fail and poison the output buffer instead of emitting a partial text; a family's name
+ * and help are copied (declared from a reused buffer). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -91,7 +92,7 @@ static void test_render(void **state) {
 static void test_buckets(void **state) {
     (void)state;
     static const double many[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                                  0.25,   0.5,   1,      2.5,   5,    10,    30,    60};
+                                  0.25,   0.5,   1,      2.5,   5,    10,    30,   60};
     const bt_hist_buckets b = {many, 16};
     for (size_t i = 0; i < 16; i++) {
         bt_hist h = {0};
@@ -263,10 +264,32 @@ static void test_errors(void **state) {
     bt_metrics_free(NULL);
 }
 
+/* The registry copies a family's name and help: a name built in a buffer the caller then reuses
+ * (bt_events_collect builds "<prefix>_event_plane_...") stays right. */
+static void test_declared_in_place(void **state) {
+    (void)state;
+    bt_metrics *r = bt_metrics_new();
+    char name[64], help[64];
+    snprintf(name, sizeof name, "%s_connects_total", "a");
+    snprintf(help, sizeof help, "first");
+    bt_metrics_add(bt_metrics_counter(r, name, help), 2, NULL);
+    snprintf(name, sizeof name, "%s_connected", "b");
+    snprintf(help, sizeof help, "second");
+    bt_metrics_add(bt_metrics_gauge(r, name, BT_MERGE_MIN, help), 1, NULL);
+    bt_metrics_add(bt_metrics_gauge(r, name, BT_MERGE_MIN, help), 0, NULL); /* found again by name */
+    memset(name, 'z', sizeof name - 1);
+    memset(help, 'z', sizeof help - 1);
+    char *t = render(r);
+    assert_string_equal(t, "# HELP a_connects_total first\n# TYPE a_connects_total counter\na_connects_total 2\n"
+                           "# HELP b_connected second\n# TYPE b_connected gauge\nb_connected 0\n");
+    free(t);
+    bt_metrics_free(r);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_render),  cmocka_unit_test(test_buckets),     cmocka_unit_test(test_escape),
-        cmocka_unit_test(test_merge),   cmocka_unit_test(test_many_series), cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_render), cmocka_unit_test(test_buckets),     cmocka_unit_test(test_escape),
+        cmocka_unit_test(test_merge),  cmocka_unit_test(test_many_series), cmocka_unit_test(test_errors),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
