@@ -288,8 +288,13 @@ static void test_declared_in_place(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_render), cmocka_unit_test(test_buckets),     cmocka_unit_test(test_escape),
-        cmocka_unit_test(test_merge),  cmocka_unit_test(test_many_series), cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_render),
+        cmocka_unit_test(test_buckets),
+        cmocka_unit_test(test_escape),
+        cmocka_unit_test(test_merge),
+        cmocka_unit_test(test_many_series),
+        cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_declared_in_place),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
