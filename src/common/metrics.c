@@ -43,19 +43,6 @@ struct bt_metrics {
     bt_status err;
 };
 
-void bt_hist_observe(bt_hist *h, const bt_hist_buckets *b, double v, uint64_t n) {
-    /* the first bound >= v (le is "less or equal"), or b->n for +Inf */
-    size_t lo = 0, hi = b->n;
-    while (lo < hi) {
-        size_t mid = (lo + hi) / 2;
-        if (v > b->le[mid]) lo = mid + 1;
-        else hi = mid;
-    }
-    h->counts[lo] += n;
-    h->sum += v * (double)n;
-    h->n += n;
-}
-
 bt_metrics *bt_metrics_new(void) {
     bt_metrics *r = calloc(1, sizeof *r);
     if (!r) return NULL;
@@ -94,7 +81,7 @@ bt_metric_family *bt_metrics_family(bt_metrics *r, const bt_metric_def *def) {
     bt_metric_family *f;
     STAILQ_FOREACH(f, &r->families, link)
     if (strcmp(f->def.name, def->name) == 0) {
-        if (f->def.type == def->type) return f;
+        if (f->def.type == def->type && f->def.buckets == def->buckets) return f;
         fail(r, BT_ERR_INVALID);
         return NULL;
     }

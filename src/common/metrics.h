@@ -44,8 +44,19 @@ typedef struct {
     uint64_t n;
 } bt_hist;
 
-/* Records `n` observations of value v: one binary search over the bounds, no allocation. */
-void bt_hist_observe(bt_hist *h, const bt_hist_buckets *b, double v, uint64_t n);
+/* Records `n` observations of value v: a binary search over the bounds, O(log buckets), no
+ * allocation, inline in the caller (the frontend calls it once per batch of tokens). */
+static inline void bt_hist_observe(bt_hist *h, const bt_hist_buckets *b, double v, uint64_t n) {
+    size_t i = 0, hi = b->n; /* the first bound >= v (le: "less or equal"), or b->n for +Inf */
+    while (i < hi) {
+        size_t mid = (i + hi) / 2;
+        if (v > b->le[mid]) i = mid + 1;
+        else hi = mid;
+    }
+    h->counts[i] += n;
+    h->sum += v * (double)n;
+    h->n += n;
+}
 
 /* A family's declaration. The registry copies it, name and help included; the buckets must
  * outlive the registry (a static table). Names are the exposition's (a histogram's without
@@ -65,9 +76,10 @@ typedef struct bt_metric_family bt_metric_family;
 bt_metrics *bt_metrics_new(void);
 void bt_metrics_free(bt_metrics *r);
 
-/* The family `def` declares (found by name), added at the end if the registry does not have it yet.
- * NULL if out of memory (recorded: bt_metrics_status), or if the registry already holds a family
- * of that name with another type (BT_ERR_INVALID: a program bug, never two meanings for a name).
+/* The family `def` declares (found by name), added at the end if the registry does not have it yet;
+ * the first declaration's help and merge rule stay. NULL if out of memory (recorded:
+ * bt_metrics_status), or if the registry already holds a family of that name with another type
+ * or other buckets (BT_ERR_INVALID: a program bug, never two meanings for a name).
  * Adding a sample to a NULL family does nothing. */
 bt_metric_family *bt_metrics_family(bt_metrics *r, const bt_metric_def *def);
 
@@ -85,7 +97,7 @@ static inline bt_metric_family *bt_metrics_histogram(bt_metrics *r, const char *
     return bt_metrics_family(r, &(bt_metric_def){name, help, BT_METRIC_HISTOGRAM, BT_MERGE_SUM, b});
 }
 
-/* Adds one sample of a counter or gauge; the labels follow as (name, value) string pairs ended by
+/* Adds one sample of a counter or gauge (a double: counts are exact up to 2^53); the labels follow as (name, value) string pairs ended by
  * NULL, values unescaped. A sample whose labels the family already holds is combined with it by
  * the family's merge rule. */
 void bt_metrics_add(bt_metric_family *f, double v, ...) __attribute__((sentinel));

@@ -7,7 +7,7 @@
  * bound falls in that bound's bucket (le), above the last in +Inf, cumulative counts, batched
  * observations; the merge rules: sum, min and max per series, histograms bucket by bucket, a
  * series or family only one side has is kept; adding a series twice combines it by the family's
- * rule; one name declared with two types and a label string over its cap are errors that make the
+ * rule; one name declared with two types or two sets of buckets and a label string over its cap are errors that make the
  * render fail and poison the output buffer instead of emitting a partial text; a family's name
  * and help are copied (declared from a reused buffer). */
 #include <setjmp.h>
@@ -237,6 +237,14 @@ static void test_errors(void **state) {
     assert_int_equal(bt_buf_status(&b), BT_ERR_INVALID);
     assert_int_equal(b.len, 5); /* nothing rendered */
     bt_buf_free(&b);
+    bt_metrics_free(r);
+    /* one histogram name over two sets of buckets: its counts could not add up */
+    r = bt_metrics_new();
+    static const double other_le[] = {0.2, 0.4, 1};
+    static const bt_hist_buckets other = {other_le, 3};
+    assert_non_null(bt_metrics_histogram(r, "t_latency_seconds", &bk, "Latency"));
+    assert_null(bt_metrics_histogram(r, "t_latency_seconds", &other, "Latency"));
+    assert_int_equal(bt_metrics_status(r), BT_ERR_INVALID);
     bt_metrics_free(r);
     /* a label string over its cap is an error, never a cut label */
     r = bt_metrics_new();
