@@ -198,9 +198,8 @@ static void route_live(void *ud, bt_http_req *req, const char *tail) {
     bt_buf_init(&b, 1 << 20);
     uint64_t up = bt_now_ms() - w->started_ms;
     bool live = !w->engine_failed;
-    bt_buf_appendf(&b,
-                   "{\"status\":\"%s\",\"message\":\"%s\",\"uptime\":{\"secs\":%" PRIu64 ",\"nanos\":%" PRIu64
-                   "},\"state\":\"%s\"}",
+    bt_buf_appendf(&b, "{\"status\":\"%s\",\"message\":\"%s\",\"uptime\":{\"secs\":%" PRIu64 ",\"nanos\":%" PRIu64
+                       "},\"state\":\"%s\"}",
                    live ? "live" : "dead", live ? "Worker is live" : "Engine failed; worker is shutting down",
                    up / 1000, (up % 1000) * 1000000, wk_state_name(w->state));
     bt_http_respond(req, live ? 200 : 503, "application/json", NULL, b.data, b.len);
@@ -253,7 +252,8 @@ bt_status wk_status_start(wk_worker *w, char *err, size_t errlen) {
     BT_INFO("status server listening on %s:%d (%s, %s, /metrics)", o->system_host, bt_http_server_port(w->status),
             o->health_path, o->live_path);
     if (o->health_listed)
-        BT_INFO("%s follows endpoint %s from the start (DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS)", o->health_path, o->ep);
+        BT_INFO("%s follows endpoint %s from the start (DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS)", o->health_path,
+                o->ep);
     else if (o->starting_ready)
         BT_INFO("%s reports ready until endpoint %s is first ready, then follows it "
                 "(DYN_SYSTEM_STARTING_HEALTH_STATUS=ready)",
