@@ -39,6 +39,10 @@ void bt_buf_reset(bt_buf *b) {
     b->err = BT_OK;
 }
 
+void bt_buf_fail(bt_buf *b, bt_status st) {
+    if (b->err == BT_OK) b->err = st;
+}
+
 void bt_buf_truncate(bt_buf *b, size_t mark) {
     if (mark < b->len) {
         b->len = mark;

@@ -37,6 +37,9 @@ void bt_buf_free(bt_buf *b);
 void bt_buf_reset(bt_buf *b);
 /* BT_OK, or the first append failure since the last reset. */
 static inline bt_status bt_buf_status(const bt_buf *b) { return b->err; }
+/* Poisons the buffer with st (kept only if it holds no error yet), as a failed append would: for
+ * a builder whose failure happened outside the buffer, so that the caller's one check sees it. */
+void bt_buf_fail(bt_buf *b, bt_status st);
 /* Undoes every append since len was `mark` (a length read before them) and clears the error:
  * the caller drops a message that did not fit and keeps what came before it. */
 void bt_buf_truncate(bt_buf *b, size_t mark);

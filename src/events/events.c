@@ -11,6 +11,15 @@
 
 #include "events/events_internal.h"
 
+void bt_events_collect(const bt_events *e, const bt_events_stats *s, bt_metrics *r, const char *prefix) {
+    char name[96];
+    snprintf(name, sizeof name, "%s_event_plane_connected", prefix);
+    bt_metrics_add(bt_metrics_gauge(r, name, BT_MERGE_MIN, "1 while the event plane is connected"),
+                   s->connected ? 1 : 0, "plane", bt_events_plane(e), NULL);
+    snprintf(name, sizeof name, "%s_event_plane_connects_total", prefix);
+    bt_metrics_add(bt_metrics_counter(r, name, "Connections made to the event plane"), (double)s->connects, NULL);
+}
+
 static const char *env_or_null(const char *name) {
     const char *v = getenv(name);
     return v && *v ? v : NULL;

@@ -26,6 +26,7 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include "common/metrics.h"
 #include "common/status.h"
 #include "proto/proto.h"
 
@@ -83,6 +84,9 @@ typedef struct {
 void bt_events_get_stats(const bt_events *e, bt_events_stats *s);
 /* "direct" for NULL, else the plane's name. */
 const char *bt_events_plane(const bt_events *e);
+/* Adds <prefix>_event_plane_connected{plane} (a gauge; merged by minimum: connected only if every
+ * part is) and <prefix>_event_plane_connects_total from s (bt_events_get_stats of e) to r. */
+void bt_events_collect(const bt_events *e, const bt_events_stats *s, bt_metrics *r, const char *prefix);
 
 /* Ends the connection (a pending debounced report is sent first when connected) and calls
  * done(ud) on the loop when everything is released. done may be NULL. */

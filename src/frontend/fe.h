@@ -22,6 +22,7 @@
 
 #include "common/cancel.h"
 #include "common/map.h"
+#include "common/metrics.h"
 #include "common/proc.h"
 #include "common/util.h"
 #include "discovery/discovery.h"
@@ -43,12 +44,8 @@ typedef struct fe_gather fe_gather;
 typedef struct fe_pending_resume fe_pending_resume;
 
 /* ---- metrics ---- */
-#define FE_HIST_BUCKETS 16
-typedef struct {
-    uint64_t counts[FE_HIST_BUCKETS + 1]; /* last = +Inf */
-    double sum;
-    uint64_t n;
-} fe_hist;
+/* The request path counts into fe_stats; metrics.c reads it into a registry when scraped. */
+typedef bt_hist fe_hist; /* over the frontend's latency buckets (metrics.c) */
 
 typedef enum { FE_OUT_SUCCESS = 0, FE_OUT_ERROR = 1, FE_OUT_CANCELLED = 2, FE_OUT_REJECTED = 3, FE_OUT_N_ } fe_outcome;
 
@@ -400,7 +397,7 @@ void fe_key_mac(fe *f, const bt_http_req *http, uint8_t out[FE_KEY_MAC_LEN]);
 /* SHA-256, in hex, of body as canonical JSON (sorted keys, compact); false when out of memory. */
 bool fe_body_digest(const json_t *body, char out[65]);
 /* Journal metrics (shard 0 only: the journal is the process's). */
-void fe_resume_metrics(fe *f, bt_buf *out);
+void fe_resume_collect(fe *f, bt_metrics *r); /* resumable streams and their journal */
 /* Ends request r, which streams a record a resume wants: its client is taken to be gone. */
 void fe_request_supersede(fe_req *r);
 
@@ -411,7 +408,7 @@ void fe_mail_init(fe *f);
 bool fe_shard_post(fe *to, void (*fn)(fe *f, void *arg), void *arg);
 void fe_mail_close(fe *f);
 void fe_mail_destroy(fe *f);
-/* /metrics of the whole process: this shard's text merged with every other shard's. */
+/* /metrics of the whole process: this shard's registry merged with every other shard's. */
 void fe_shards_metrics(fe *f, bt_http_req *http);
 /* Operator cancel of request `rid` on whichever shards hold it; answers http. */
 void fe_shards_cancel(fe *f, bt_http_req *http, const char *rid, bool kill);
@@ -421,8 +418,9 @@ void fe_shards_set_threshold(fe *f, const fe_model *m, bool set_decode, bool set
 void fe_shards_shutdown(fe *f);
 /* True if http was waiting for a gather, which then answers no one. */
 bool fe_gather_abort(fe *f, bt_http_req *http);
-/* Merges n shards' Prometheus texts into one (exposed for the unit test). */
-void fe_metrics_merge(const bt_buf *parts, int n, bt_buf *out);
+/* Merges n shards' registries by each family's rule and renders the result into out (exposed for
+ * the unit test). Not BT_OK if a part is NULL or failed, or the text did not fit: nothing to send. */
+bt_status fe_metrics_merge(bt_metrics *const *parts, int n, bt_buf *out);
 /* Takes a place under --max-concurrent-requests (process-wide); false at the limit. */
 bool fe_reqs_reserve(fe *f);
 void fe_reqs_release(fe *f);
@@ -436,6 +434,7 @@ void fe_shutdown_begin(fe *f, uint64_t started_ms);
 void fe_hist_observe(fe_hist *h, double seconds);
 /* n observations of the same value (a batch of tokens that arrived together) */
 void fe_hist_observe_n(fe_hist *h, double seconds, uint64_t n);
-void fe_metrics_render(fe *f, bt_buf *out);
+/* Adds this shard's families and samples to r (a snapshot, for one scrape). */
+void fe_metrics_collect(fe *f, bt_metrics *r);
 
 #endif

@@ -33,6 +33,7 @@
 #include <string.h>
 
 #include "common/log.h"
+#include "common/metrics.h"
 #include "frontend/fe.h"
 
 /* http.c's high-water mark: above it, on_drain follows once the backlog has fallen again */
@@ -438,36 +439,30 @@ void fe_resume_get(fe *f, bt_http_req *http, bt_api api, const char *stream_id) 
     resume(f, http, api, sid, pos, mark, NULL, 0);
 }
 
-void fe_resume_metrics(fe *f, bt_buf *b) {
-    bt_buf_append_str(b, "# HELP baton_frontend_stream_resumes_total Resume requests (Last-Event-ID or the GET form) by "
-                         "outcome\n# TYPE baton_frontend_stream_resumes_total counter\n");
-    for (int i = 0; i < FE_RESUME_N_; i++)
-        bt_buf_appendf(b, "baton_frontend_stream_resumes_total{outcome=\"%s\"} %" PRIu64 "\n", outcome_names[i],
-                       f->resumes[i]);
+void fe_resume_collect(fe *f, bt_metrics *r) {
+    bt_metric_family *fam = bt_metrics_counter(
+        r, "baton_frontend_stream_resumes_total", "Resume requests (Last-Event-ID or the GET form) by outcome");
+    for (int i = 0; i < FE_RESUME_N_; i++) bt_metrics_add(fam, (double)f->resumes[i], "outcome", outcome_names[i], NULL);
     fe_journal *j = f->grp->journal;
     if (f->shard != 0 || !j) return; /* one journal per process: shard 0 reports it */
     fe_journal_stats st;
     fe_journal_stats_get(j, &st);
-    bt_buf_appendf(b,
-                   "# HELP baton_frontend_stream_journal_streams Streams held in the stream journal, live or ended and kept for --stream-retention\n"
-                   "# TYPE baton_frontend_stream_journal_streams gauge\n"
-                   "baton_frontend_stream_journal_streams{state=\"live\"} %" PRIu64 "\n"
-                   "baton_frontend_stream_journal_streams{state=\"ended\"} %" PRIu64 "\n"
-                   "# HELP baton_frontend_stream_journal_bytes Bytes the stream journal holds\n"
-                   "# TYPE baton_frontend_stream_journal_bytes gauge\n"
-                   "baton_frontend_stream_journal_bytes %" PRIu64 "\n"
-                   "# HELP baton_frontend_stream_journal_limit_bytes The stream journal's size cap (--stream-retention-bytes)\n"
-                   "# TYPE baton_frontend_stream_journal_limit_bytes gauge\n"
-                   "baton_frontend_stream_journal_limit_bytes %" PRIu64 "\n"
-                   "# HELP baton_frontend_stream_journal_opened_total Streams journaled since start\n"
-                   "# TYPE baton_frontend_stream_journal_opened_total counter\n"
-                   "baton_frontend_stream_journal_opened_total %" PRIu64 "\n"
-                   "# HELP baton_frontend_stream_journal_evictions_total Streams dropped from the stream journal, by reason\n"
-                   "# TYPE baton_frontend_stream_journal_evictions_total counter\n"
-                   "baton_frontend_stream_journal_evictions_total{reason=\"expired\"} %" PRIu64 "\n"
-                   "baton_frontend_stream_journal_evictions_total{reason=\"size\"} %" PRIu64 "\n"
-                   "baton_frontend_stream_journal_evictions_total{reason=\"dropped_live\"} %" PRIu64 "\n"
-                   "baton_frontend_stream_journal_evictions_total{reason=\"refused\"} %" PRIu64 "\n",
-                   st.live, st.ended, st.bytes, j->max_bytes, st.opened, st.evicted_expired, st.evicted_size,
-                   st.dropped_live, st.refused_full);
+    fam = bt_metrics_gauge(r, "baton_frontend_stream_journal_streams", BT_MERGE_MAX,
+                           "Streams held in the stream journal, live or ended and kept for --stream-retention");
+    bt_metrics_add(fam, (double)st.live, "state", "live", NULL);
+    bt_metrics_add(fam, (double)st.ended, "state", "ended", NULL);
+    bt_metrics_add(bt_metrics_gauge(r, "baton_frontend_stream_journal_bytes", BT_MERGE_MAX,
+                                    "Bytes the stream journal holds"),
+                   (double)st.bytes, NULL);
+    bt_metrics_add(bt_metrics_gauge(r, "baton_frontend_stream_journal_limit_bytes", BT_MERGE_MAX,
+                                    "The stream journal's size cap (--stream-retention-bytes)"),
+                   (double)j->max_bytes, NULL);
+    bt_metrics_add(bt_metrics_counter(r, "baton_frontend_stream_journal_opened_total", "Streams journaled since start"),
+                   (double)st.opened, NULL);
+    fam = bt_metrics_counter(r, "baton_frontend_stream_journal_evictions_total",
+                             "Streams dropped from the stream journal, by reason");
+    bt_metrics_add(fam, (double)st.evicted_expired, "reason", "expired", NULL);
+    bt_metrics_add(fam, (double)st.evicted_size, "reason", "size", NULL);
+    bt_metrics_add(fam, (double)st.dropped_live, "reason", "dropped_live", NULL);
+    bt_metrics_add(fam, (double)st.refused_full, "reason", "refused", NULL);
 }

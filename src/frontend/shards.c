@@ -10,16 +10,15 @@
  * What must be one answer for the whole process crosses threads here, by message passing:
  *  - each shard has a mailbox (a mutex-protected queue and a uv_async_t); fe_shard_post runs a
  *    function on another shard's loop;
- *  - a gather asks every other shard for a part (its /metrics text, or whether it holds the
+ *  - a gather asks every other shard for a part (its metrics registry, or whether it holds the
  *    request an operator cancels), and the origin answers its HTTP request once all parts are in;
  *  - the limits on connections and concurrent requests are process-wide atomic counters;
  *  - SIGTERM/SIGINT arrive on shard 0, which tells the others to begin the same shutdown.
  *
- * The /metrics text of the shards is merged by series: counters and histograms add up; gauges
- * that count things held by a shard (in-flight requests, connections, streams on a worker, and
- * disconnected clients, a gauge as in Dynamo) add up; a connection state takes the minimum;
- * gauges every shard reads from the same source (a worker's reported load, the number of known
- * workers) take the maximum. */
+ * /metrics: each shard fills a registry snapshot (fe_metrics_collect) on its own loop; the origin
+ * merges them series by series by each family's declared rule (src/frontend/metrics.c: counters
+ * and histograms add up, so do gauges of what a shard holds; a connection state takes the
+ * minimum; gauges every shard reads from the same source take the maximum) and renders once. */
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -98,7 +97,7 @@ struct fe_gather {
     LIST_ENTRY(fe_gather) link; /* origin->gathers while http is set, origin thread only */
     atomic_int pending;      /* parts not yet in, plus one held by the origin until it has posted all */
     int n;
-    bt_buf *parts;           /* G_METRICS: the /metrics text of shard i */
+    bt_metrics **parts;      /* G_METRICS: the registry shard i filled, on its own loop */
     atomic_bool found;       /* G_CANCEL: some shard held the request */
     char rid[80];
     bool kill;
@@ -106,7 +105,7 @@ struct fe_gather {
 
 static void gather_free(fe_gather *g) {
     if (g->parts)
-        for (int i = 0; i < g->n; i++) bt_buf_free(&g->parts[i]);
+        for (int i = 0; i < g->n; i++) bt_metrics_free(g->parts[i]);
     free(g->parts);
     free(g);
 }
@@ -122,7 +121,7 @@ static void gather_part_done(fe_gather *g) {
 
 static void gather_part(fe *f, void *arg) {
     fe_gather *g = arg;
-    if (g->kind == G_METRICS) fe_metrics_render(f, &g->parts[f->shard]);
+    if (g->kind == G_METRICS) fe_metrics_collect(f, g->parts[f->shard]);
     else if (fe_request_cancel_by_id(f, g->rid, g->kill)) atomic_store(&g->found, true);
     gather_part_done(g);
 }
@@ -140,7 +139,11 @@ static fe_gather *gather_new(fe *f, gather_kind kind, bt_http_req *http) {
             free(g);
             return NULL;
         }
-        for (int i = 0; i < g->n; i++) bt_buf_init(&g->parts[i], (size_t)16 << 20);
+        for (int i = 0; i < g->n; i++)
+            if (!(g->parts[i] = bt_metrics_new())) {
+                gather_free(g);
+                return NULL;
+            }
     }
     return g;
 }
@@ -169,133 +172,27 @@ bool fe_gather_abort(fe *f, bt_http_req *http) {
     return false;
 }
 
-/* ---- merging /metrics text ---- */
+/* ---- merging the shards' registries ---- */
 
-typedef enum { M_SUM, M_MIN, M_MAX } merge_rule;
-
-typedef struct {
-    char *key; /* "name{labels}" */
-    double v;
-} sample;
-
-typedef struct {
-    char *head;    /* its # HELP / # TYPE lines */
-    merge_rule rule;
-    sample *s;
-    size_t n, cap;
-} family;
-
-typedef struct {
-    family *f;
-    size_t n, cap;
-} exposition;
-
-static merge_rule rule_for(const char *name, const char *type) {
-    if (strcmp(type, "gauge") != 0) return M_SUM; /* counters, histograms */
-    static const char *summed[] = {"dynamo_frontend_inflight_requests", "baton_frontend_http_connections",
-                                   "baton_frontend_worker_inflight", "dynamo_frontend_disconnected_clients"};
-    for (size_t i = 0; i < sizeof summed / sizeof summed[0]; i++)
-        if (strcmp(name, summed[i]) == 0) return M_SUM;
-    if (strcmp(name, "baton_frontend_event_plane_connected") == 0) return M_MIN;
-    return M_MAX;
-}
-
-static family *family_get(exposition *e, const char *head, size_t hlen, const char *name, const char *type) {
-    for (size_t i = 0; i < e->n; i++)
-        if (strlen(e->f[i].head) == hlen && memcmp(e->f[i].head, head, hlen) == 0) return &e->f[i];
-    if (e->n == e->cap) {
-        size_t cap = e->cap ? e->cap * 2 : 64;
-        family *p = realloc(e->f, cap * sizeof *p);
-        if (!p) return NULL;
-        e->f = p;
-        e->cap = cap;
+bt_status fe_metrics_merge(bt_metrics *const *parts, int n, bt_buf *out) {
+    bt_metrics *all = bt_metrics_new();
+    for (int i = 0; i < n; i++) {
+        if (!parts[i]) bt_buf_fail(out, BT_ERR_NOMEM); /* its bt_metrics_new failed */
+        bt_metrics_merge(all, parts[i]);
     }
-    family *f = &e->f[e->n];
-    memset(f, 0, sizeof *f);
-    f->head = strndup(head, hlen);
-    if (!f->head) return NULL;
-    f->rule = rule_for(name, type);
-    e->n++;
-    return f;
+    bt_status st = bt_metrics_render(all, out);
+    bt_metrics_free(all);
+    return st;
 }
 
-static void family_add(family *f, const char *key, size_t klen, double v) {
-    for (size_t i = 0; i < f->n; i++)
-        if (strlen(f->s[i].key) == klen && memcmp(f->s[i].key, key, klen) == 0) {
-            double *x = &f->s[i].v;
-            if (f->rule == M_SUM) *x += v;
-            else if (f->rule == M_MIN) *x = v < *x ? v : *x;
-            else *x = v > *x ? v : *x;
-            return;
-        }
-    if (f->n == f->cap) {
-        size_t cap = f->cap ? f->cap * 2 : 16;
-        sample *p = realloc(f->s, cap * sizeof *p);
-        if (!p) return;
-        f->s = p;
-        f->cap = cap;
-    }
-    f->s[f->n].key = strndup(key, klen);
-    if (!f->s[f->n].key) return;
-    f->s[f->n].v = v;
-    f->n++;
-}
-
-/* Adds one shard's text. A family is the run of lines from a "# TYPE" line (and the "# HELP"
- * before it) to the next comment line; every sample line is "key value". */
-static void exposition_add(exposition *e, const char *text, size_t len) {
-    family *cur = NULL;
-    const char *p = text, *end = text + len;
-    while (p < end) {
-        const char *nl = memchr(p, '\n', (size_t)(end - p));
-        const char *le = nl ? nl : end;
-        if (*p == '#') {
-            const char *head = p, *t = p;
-            if (le - p > 7 && memcmp(p, "# HELP ", 7) == 0 && nl) t = nl + 1; /* HELP then TYPE */
-            const char *tl = memchr(t, '\n', (size_t)(end - t));
-            if (!tl) tl = end;
-            char name[160] = "", type[32] = "";
-            if (sscanf(t, "# TYPE %159s %31s", name, type) == 2) cur = family_get(e, head, (size_t)(tl - head), name, type);
-            else cur = NULL;
-            p = tl < end ? tl + 1 : end;
-            continue;
-        }
-        const char *sp = le;
-        while (sp > p && sp[-1] != ' ') sp--;
-        if (cur && sp > p + 1) family_add(cur, p, (size_t)(sp - 1 - p), strtod(sp, NULL));
-        p = le < end ? le + 1 : end;
-    }
-}
-
-static void exposition_render(exposition *e, bt_buf *out) {
-    for (size_t i = 0; i < e->n; i++) {
-        family *f = &e->f[i];
-        bt_buf_append_str(out, f->head);
-        bt_buf_append_str(out, "\n");
-        for (size_t k = 0; k < f->n; k++) {
-            double v = f->s[k].v;
-            if (v > -9e15 && v < 9e15 && v == (double)(long long)v)
-                bt_buf_appendf(out, "%s %lld\n", f->s[k].key, (long long)v);
-            else bt_buf_appendf(out, "%s %.6f\n", f->s[k].key, v);
-        }
-    }
-}
-
-static void exposition_free(exposition *e) {
-    for (size_t i = 0; i < e->n; i++) {
-        for (size_t k = 0; k < e->f[i].n; k++) free(e->f[i].s[k].key);
-        free(e->f[i].s);
-        free(e->f[i].head);
-    }
-    free(e->f);
-}
-
-void fe_metrics_merge(const bt_buf *parts, int n, bt_buf *out) {
-    exposition e = {0};
-    for (int i = 0; i < n; i++)
-        if (parts[i].data) exposition_add(&e, parts[i].data, parts[i].len);
-    exposition_render(&e, out);
-    exposition_free(&e);
+/* 200 with the text, or 500 if a registry could not be filled or the text did not fit
+ * (bt_http_respond_buf checks the buffer once): never a partial exposition. */
+static void respond_metrics(bt_http_req *http, bt_metrics *const *parts, int n) {
+    bt_buf b;
+    bt_buf_init(&b, (size_t)64 << 20);
+    fe_metrics_merge(parts, n, &b);
+    bt_http_respond_buf(http, 200, "text/plain; version=0.0.4", NULL, &b);
+    bt_buf_free(&b);
 }
 
 static void gather_finish(fe *f, void *arg) {
@@ -304,11 +201,7 @@ static void gather_finish(fe *f, void *arg) {
     if (g->http) {
         LIST_REMOVE(g, link);
         if (g->kind == G_METRICS) {
-            bt_buf b;
-            bt_buf_init(&b, (size_t)64 << 20);
-            fe_metrics_merge(g->parts, g->n, &b);
-            bt_http_respond_buf(g->http, 200, "text/plain; version=0.0.4", NULL, &b);
-            bt_buf_free(&b);
+            respond_metrics(g->http, g->parts, g->n);
         } else {
             fe_cancel_respond(g->http, g->rid, g->kill, atomic_load(&g->found));
         }
@@ -319,11 +212,10 @@ static void gather_finish(fe *f, void *arg) {
 void fe_shards_metrics(fe *f, bt_http_req *http) {
     fe_gather *g = f->grp->n > 1 ? gather_new(f, G_METRICS, http) : NULL;
     if (!g) {
-        bt_buf b;
-        bt_buf_init(&b, (size_t)16 << 20);
-        fe_metrics_render(f, &b);
-        bt_http_respond_buf(http, 200, "text/plain; version=0.0.4", NULL, &b);
-        bt_buf_free(&b);
+        bt_metrics *r = bt_metrics_new();
+        if (r) fe_metrics_collect(f, r);
+        respond_metrics(http, &r, 1);
+        bt_metrics_free(r);
         return;
     }
     gather_start(f, g);

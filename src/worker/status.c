@@ -10,7 +10,7 @@
  *                {"status":"dead",...} once the engine has failed and the worker is on its way out.
  *                Dynamo serves /live with the /health handler; baton separates them so that a
  *                Kubernetes liveness probe does not kill a worker that is draining on purpose.
- *   GET /metrics Prometheus text.
+ *   GET /metrics Prometheus text, from a registry (src/common/metrics.h) filled per scrape.
  *   HEAD on each answers as GET does, without the body.
  *
  * The paths follow DYN_SYSTEM_HEALTH_PATH / DYN_SYSTEM_LIVE_PATH. DYN_SYSTEM_PORT -1 turns the
@@ -26,85 +26,81 @@
 #include "http/route.h"
 #include "worker/worker_internal.h"
 
-/* The # HELP and # TYPE lines of one family: every family has both (promtool's lint). */
-static void family(bt_buf *b, const char *name, const char *type, const char *help) {
-    bt_buf_appendf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
-}
+/* ---- metrics ------------------------------------------------------------------------------ */
 
-/* One sample labelled with the model (m: the escaped model name). */
-static void model_sample(bt_buf *b, const char *name, const char *type, const char *help, const char *m,
-                         uint64_t v) {
-    family(b, name, type, help);
-    bt_buf_appendf(b, "%s{model=\"%s\"} %" PRIu64 "\n", name, m, v);
-}
+/* One worker is one registry, never merged: each gauge still declares its rule (the registry's
+ * contract): gauges of what the worker holds add up, a state takes the minimum. */
 
-static void status_metrics(wk_worker *w, bt_buf *b) {
+static const double cancel_bounds[] = {1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 1e-2, 1e-1};
+const bt_hist_buckets wk_cancel_buckets = {cancel_bounds, sizeof cancel_bounds / sizeof cancel_bounds[0]};
+
+/* Fills r from the worker's counters (the model label is any string the operator gave: the
+ * registry escapes it). */
+static void status_collect(wk_worker *w, bt_metrics *r) {
     bt_engine_load l = {0};
     if (w->engine) bt_engine_get_load(w->engine, &l);
-    /* the model name is any string the operator gave: escaped as a label value */
-    size_t mcap = 2 * strlen(w->o.model_name) + 1;
-    char *m = malloc(mcap);
-    if (!m) return;
-    bt_prom_escape(w->o.model_name, m, mcap);
+    const char *m = w->o.model_name;
     const wk_canary *c = &w->canary;
-    model_sample(b, "dynamo_component_requests_total", "counter", "Requests received from frontends", m,
-                 w->requests_total);
-    model_sample(b, "dynamo_component_errors_total", "counter", "Requests that ended with an error", m,
-                 w->requests_error);
-    model_sample(b, "dynamo_component_inflight_requests", "gauge", "Streams running on this worker", m, w->nstreams);
-    model_sample(b, "dynamo_component_tokens_total", "counter", "Tokens generated", m, w->tokens_total);
-    family(b, "dynamo_component_cancellation_total", "counter",
-           "Streams cancelled: by a KILL or STOP frame, or because their frontend's connection was lost");
-    bt_buf_appendf(b,
-                   "dynamo_component_cancellation_total{model=\"%s\",kind=\"kill\"} %" PRIu64 "\n"
-                   "dynamo_component_cancellation_total{model=\"%s\",kind=\"stop\"} %" PRIu64 "\n"
-                   "dynamo_component_cancellation_total{model=\"%s\",kind=\"frontend_lost\"} %" PRIu64 "\n",
-                   m, w->cancel_kill, m, w->cancel_stop, m, w->cancel_peer_lost);
-    wk_cancel_metrics(w, b);
-    model_sample(b, "baton_worker_handed_back_total", "counter",
-                 "Streams handed back to their frontend when a drain ran out of time", m, w->drain.handed_back);
-    model_sample(b, "baton_worker_refused_draining_total", "counter", "Requests refused because the worker was draining",
-                 m, w->drain.refused);
-    free(m);
-    family(b, "baton_worker_ready", "gauge", "1 while the endpoint serves and passes its canary");
-    bt_buf_appendf(b, "baton_worker_ready %d\n", wk_ready(w) ? 1 : 0);
-    family(b, "baton_worker_draining", "gauge", "1 while the worker drains");
-    bt_buf_appendf(b, "baton_worker_draining %d\n", w->state == WK_DRAINING ? 1 : 0);
-    family(b, "baton_worker_uptime_seconds", "gauge", "Seconds since the worker started");
-    bt_buf_appendf(b, "baton_worker_uptime_seconds %.3f\n", (double)(bt_now_ms() - w->started_ms) / 1000.0);
-    family(b, "baton_worker_canary_total", "counter", "Canary requests, by result");
-    bt_buf_appendf(b,
-                   "baton_worker_canary_total{result=\"success\"} %" PRIu64 "\n"
-                   "baton_worker_canary_total{result=\"late_success\"} %" PRIu64 "\n"
-                   "baton_worker_canary_total{result=\"timeout\"} %" PRIu64 "\n"
-                   "baton_worker_canary_total{result=\"error\"} %" PRIu64 "\n"
-                   "baton_worker_canary_total{result=\"no_response\"} %" PRIu64 "\n",
-                   c->n_success, c->n_late, c->n_timeout, c->n_error, c->n_empty);
-    family(b, "baton_worker_canary_last_latency_seconds", "gauge", "Latency of the last canary request");
-    bt_buf_appendf(b, "baton_worker_canary_last_latency_seconds %.6f\n", c->last_latency_ms / 1000.0);
-    family(b, "baton_worker_active_sequences", "gauge", "Sequences in the engine, running or waiting");
-    bt_buf_appendf(b, "baton_worker_active_sequences %" PRIu64 "\n", l.running + l.waiting);
-    family(b, "baton_worker_kv_active_blocks", "gauge", "KV blocks in use");
-    bt_buf_appendf(b, "baton_worker_kv_active_blocks %" PRIu64 "\n", l.active_decode_blocks);
-    family(b, "baton_worker_kv_total_blocks", "gauge", "KV blocks of the engine");
-    bt_buf_appendf(b, "baton_worker_kv_total_blocks %" PRIu64 "\n", l.total_blocks);
-    family(b, "baton_worker_waiting_requests", "gauge", "Sequences queued in the engine, not yet admitted");
-    bt_buf_appendf(b, "baton_worker_waiting_requests %" PRIu64 "\n", l.waiting);
-    family(b, "baton_worker_frontend_connections", "gauge", "Frontends connected on the request plane");
-    bt_buf_appendf(b, "baton_worker_frontend_connections %zu\n", w->npeers);
+    bt_metrics_add(bt_metrics_counter(r, "dynamo_component_requests_total", "Requests received from frontends"),
+                   (double)w->requests_total, "model", m, NULL);
+    bt_metrics_add(bt_metrics_counter(r, "dynamo_component_errors_total", "Requests that ended with an error"),
+                   (double)w->requests_error, "model", m, NULL);
+    bt_metrics_add(
+        bt_metrics_gauge(r, "dynamo_component_inflight_requests", BT_MERGE_SUM, "Streams running on this worker"),
+        (double)w->nstreams, "model", m, NULL);
+    bt_metrics_add(bt_metrics_counter(r, "dynamo_component_tokens_total", "Tokens generated"), (double)w->tokens_total,
+                   "model", m, NULL);
+    bt_metric_family *f = bt_metrics_counter(
+        r, "dynamo_component_cancellation_total",
+        "Streams cancelled: by a KILL or STOP frame, or because their frontend's connection was lost");
+    bt_metrics_add(f, (double)w->cancel_kill, "model", m, "kind", "kill", NULL);
+    bt_metrics_add(f, (double)w->cancel_stop, "model", m, "kind", "stop", NULL);
+    bt_metrics_add(f, (double)w->cancel_peer_lost, "model", m, "kind", "frontend_lost", NULL);
+    bt_metrics_add_hist(bt_metrics_histogram(r, "baton_worker_cancel_latency_seconds", &wk_cancel_buckets,
+                                             "KILL frame arrival to the engine dropping the sequence"),
+                        &w->cancel_lat, NULL);
+    bt_metrics_add(bt_metrics_counter(r, "baton_worker_handed_back_total",
+                                      "Streams handed back to their frontend when a drain ran out of time"),
+                   (double)w->drain.handed_back, "model", m, NULL);
+    bt_metrics_add(bt_metrics_counter(r, "baton_worker_refused_draining_total",
+                                      "Requests refused because the worker was draining"),
+                   (double)w->drain.refused, "model", m, NULL);
+    bt_metrics_add(
+        bt_metrics_gauge(r, "baton_worker_ready", BT_MERGE_MIN, "1 while the endpoint serves and passes its canary"),
+        wk_ready(w) ? 1 : 0, NULL);
+    bt_metrics_add(bt_metrics_gauge(r, "baton_worker_draining", BT_MERGE_MAX, "1 while the worker drains"),
+                   w->state == WK_DRAINING ? 1 : 0, NULL);
+    bt_metrics_add(bt_metrics_gauge(r, "baton_worker_uptime_seconds", BT_MERGE_MAX, "Seconds since the worker started"),
+                   (double)(bt_now_ms() - w->started_ms) / 1000.0, NULL);
+    f = bt_metrics_counter(r, "baton_worker_canary_total", "Canary requests, by result");
+    bt_metrics_add(f, (double)c->n_success, "result", "success", NULL);
+    bt_metrics_add(f, (double)c->n_late, "result", "late_success", NULL);
+    bt_metrics_add(f, (double)c->n_timeout, "result", "timeout", NULL);
+    bt_metrics_add(f, (double)c->n_error, "result", "error", NULL);
+    bt_metrics_add(f, (double)c->n_empty, "result", "no_response", NULL);
+    bt_metrics_add(bt_metrics_gauge(r, "baton_worker_canary_last_latency_seconds", BT_MERGE_MAX,
+                                    "Latency of the last canary request"),
+                   c->last_latency_ms / 1000.0, NULL);
+    bt_metrics_add(bt_metrics_gauge(r, "baton_worker_active_sequences", BT_MERGE_SUM,
+                                    "Sequences in the engine, running or waiting"),
+                   (double)(l.running + l.waiting), NULL);
+    bt_metrics_add(bt_metrics_gauge(r, "baton_worker_kv_active_blocks", BT_MERGE_SUM, "KV blocks in use"),
+                   (double)l.active_decode_blocks, NULL);
+    bt_metrics_add(bt_metrics_gauge(r, "baton_worker_kv_total_blocks", BT_MERGE_SUM, "KV blocks of the engine"),
+                   (double)l.total_blocks, NULL);
+    bt_metrics_add(bt_metrics_gauge(r, "baton_worker_waiting_requests", BT_MERGE_SUM,
+                                    "Sequences queued in the engine, not yet admitted"),
+                   (double)l.waiting, NULL);
+    bt_metrics_add(bt_metrics_gauge(r, "baton_worker_frontend_connections", BT_MERGE_SUM,
+                                    "Frontends connected on the request plane"),
+                   (double)w->npeers, NULL);
     bt_events_stats es;
     bt_events_get_stats(w->events, &es);
-    family(b, "baton_worker_event_plane_connected", "gauge", "1 while the event plane is connected");
-    bt_buf_appendf(b, "baton_worker_event_plane_connected{plane=\"%s\"} %d\n", bt_events_plane(w->events),
-                   es.connected ? 1 : 0);
-    family(b, "baton_worker_event_plane_connects_total", "counter", "Connections made to the event plane");
-    bt_buf_appendf(b, "baton_worker_event_plane_connects_total %" PRIu64 "\n", es.connects);
-    family(b, "baton_worker_event_plane_load_reports_total", "counter",
-           "Load reports for the event plane, published or dropped");
-    bt_buf_appendf(b,
-                   "baton_worker_event_plane_load_reports_total{result=\"published\"} %" PRIu64 "\n"
-                   "baton_worker_event_plane_load_reports_total{result=\"dropped\"} %" PRIu64 "\n",
-                   es.published, es.dropped);
+    bt_events_collect(w->events, &es, r, "baton_worker");
+    f = bt_metrics_counter(r, "baton_worker_event_plane_load_reports_total",
+                           "Load reports for the event plane, published or dropped");
+    bt_metrics_add(f, (double)es.published, "result", "published", NULL);
+    bt_metrics_add(f, (double)es.dropped, "result", "dropped", NULL);
 }
 
 /* ---- health settings ---------------------------------------------------------------------- */
@@ -176,8 +172,11 @@ static void route_metrics(void *ud, bt_http_req *req, const char *tail) {
     (void)tail;
     bt_buf b;
     bt_buf_init(&b, 1 << 20);
-    status_metrics(ud, &b);
-    bt_http_respond_buf(req, 200, "text/plain; version=0.0.4", NULL, &b);
+    bt_metrics *r = bt_metrics_new();
+    if (r) status_collect(ud, r);
+    bt_metrics_render(r, &b);                                             /* a failed registry poisons b */
+    bt_http_respond_buf(req, 200, "text/plain; version=0.0.4", NULL, &b); /* or 500, b's error */
+    bt_metrics_free(r);
     bt_buf_free(&b);
 }
 

@@ -292,24 +292,6 @@ static void kill_stream(wk_worker *w, wk_stream *s, const char *why) {
     wk_stream_free(s);
 }
 
-static const double cancel_bounds[WK_CANCEL_BUCKETS] = {1e-6,   2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5,
-                                                        1e-4,   2.5e-4, 5e-4, 1e-3, 1e-2,   1e-1};
-
-/* Renders baton_worker_cancel_latency_seconds (for status.c). */
-void wk_cancel_metrics(const wk_worker *w, bt_buf *b) {
-    const char *name = "baton_worker_cancel_latency_seconds";
-    uint64_t cum = 0;
-    bt_buf_appendf(b, "# HELP %s KILL frame arrival to the engine dropping the sequence\n# TYPE %s histogram\n", name,
-                   name);
-    for (int i = 0; i < WK_CANCEL_BUCKETS; i++) {
-        cum += w->cancel_lat_counts[i];
-        bt_buf_appendf(b, "%s_bucket{le=\"%g\"} %" PRIu64 "\n", name, cancel_bounds[i], cum);
-    }
-    cum += w->cancel_lat_counts[WK_CANCEL_BUCKETS];
-    bt_buf_appendf(b, "%s_bucket{le=\"+Inf\"} %" PRIu64 "\n%s_sum %.9f\n%s_count %" PRIu64 "\n", name, cum, name,
-                   w->cancel_lat_sum, name, cum);
-}
-
 /* A stream's context changed state (a STOP or KILL frame, or its frontend's connection lost).
  * Stop: the engine ends the sequence soon with FINISH(cancelled) and what it generated. Kill: the
  * engine drops the sequence now (waiting queue or running batch) and its KV blocks return to the
@@ -338,11 +320,7 @@ static void on_stream_cancel(bt_ctx *c, bt_ctx_state state, void *ud) {
     bt_engine_kill(w->engine, s->seq);
     uint64_t now = bt_now_us();
     if (t0) {
-        double lat = (double)(now - t0) / 1e6;
-        int i = 0;
-        while (i < WK_CANCEL_BUCKETS && lat > cancel_bounds[i]) i++;
-        w->cancel_lat_counts[i]++;
-        w->cancel_lat_sum += lat;
+        bt_hist_observe(&w->cancel_lat, &wk_cancel_buckets, (double)(now - t0) / 1e6, 1);
         BT_DEBUG("request %s: engine dropped the sequence %" PRIu64 " us after the KILL arrived (t=%" PRIu64 " us)",
                  s->rid, now - t0, now);
     }

@@ -21,6 +21,7 @@
 
 #include "common/cancel.h"
 #include "common/map.h"
+#include "common/metrics.h"
 #include "common/proc.h"
 #include "discovery/discovery.h"
 #include "engine/engine.h"
@@ -171,11 +172,12 @@ struct wk_worker {
     /* counters for /metrics */
     uint64_t requests_total, requests_ok, requests_error, tokens_total;
     uint64_t cancel_kill, cancel_stop, cancel_peer_lost;
-    /* KILL frame arrival → engine drop, seconds (status.c renders it) */
-#define WK_CANCEL_BUCKETS 12
-    uint64_t cancel_lat_counts[WK_CANCEL_BUCKETS + 1];
-    double cancel_lat_sum;
+    /* KILL frame arrival → engine drop, seconds, over wk_cancel_buckets (status.c collects it) */
+    bt_hist cancel_lat;
 };
+
+/* status.c: the buckets of baton_worker_cancel_latency_seconds (wk_worker.cancel_lat) */
+extern const bt_hist_buckets wk_cancel_buckets;
 
 /* worker.c */
 void wk_set_state(wk_worker *w, wk_state s);
@@ -185,8 +187,6 @@ void wk_send_load(wk_worker *w, wk_peer *only);
 void wk_send_stream_error(wk_peer *p, uint32_t id, bt_status code, const char *msg);
 /* Removes a stream from its peer and frees it (the engine sequence must be over or killed). */
 void wk_stream_free(wk_stream *s);
-/* Appends baton_worker_cancel_latency_seconds to a /metrics body. */
-void wk_cancel_metrics(const wk_worker *w, bt_buf *b);
 /* True when new work may be routed here: serving, not draining, endpoint healthy. The endpoint's
  * readiness, as /health reports it under "endpoints". */
 bool wk_ready(const wk_worker *w);
