@@ -443,7 +443,7 @@ void fe_resume_collect(fe *f, bt_metrics *r) {
     bt_metric_family *fam = bt_metrics_counter(
         r, "baton_frontend_stream_resumes_total", "Resume requests (Last-Event-ID or the GET form) by outcome");
     for (int i = 0; i < FE_RESUME_N_; i++) bt_metrics_add(fam, (double)f->resumes[i], "outcome", outcome_names[i], NULL);
-    fe_journal *j = f->grp->journal;
+    fe_journal *j = f->grp ? f->grp->journal : NULL;
     if (f->shard != 0 || !j) return; /* one journal per process: shard 0 reports it */
     fe_journal_stats st;
     fe_journal_stats_get(j, &st);
