@@ -336,3 +336,14 @@ bool bt_parse_bool(const char *s, bool *out) {
         return *out = false, true;
     return false;
 }
+
+bt_status bt_u32_reserve(uint32_t **a, size_t *cap, size_t need) {
+    if (need <= *cap) return BT_OK;
+    size_t n = *cap ? *cap : 16;
+    while (n < need) n *= 2;
+    uint32_t *p = realloc(*a, n * sizeof *p);
+    if (!p) return BT_ERR_NOMEM;
+    *a = p;
+    *cap = n;
+    return BT_OK;
+}

@@ -55,6 +55,10 @@ void bt_buf_consume(bt_buf *b, size_t n);
 /* Hands the storage to the caller (who frees it with free()) and empties the buffer. */
 char *bt_buf_steal(bt_buf *b, size_t *len);
 
+/* Grows the array *a of *cap token ids (doubling, from 16) so that it holds at least `need`;
+ * BT_ERR_NOMEM leaves it as it was. Callers bound `need`. */
+bt_status bt_u32_reserve(uint32_t **a, size_t *cap, size_t need);
+
 /* Writes s into out (cap bytes, cap >= 1) as a Prometheus label value: backslash, double quote
  * and line feed escaped as the text exposition format requires. Output that would not fit is cut
  * before the escape or byte that overflows (never in the middle of an escape); always

@@ -184,6 +184,16 @@ struct etcd_disc {
     void *done_ud;
 };
 
+/* The one shape of a state change of the lease and the watch: logged at debug level as
+ * "etcd: <machine> <from> -> <to> (<why>)", then made. */
+#define ETCD_SET_STATE(field, to, names, machine, why)                                                                  \
+    do {                                                                                                                \
+        if ((field) != (to)) {                                                                                          \
+            BT_DEBUG("etcd: %s %s -> %s (%s)", machine, names[field], names[to], why);                                  \
+            (field) = (to);                                                                                             \
+        }                                                                                                               \
+    } while (0)
+
 /* ---- etcd_call.c ---- */
 char *etcd__strdup(const char *s);
 /* Delay before retry number `fails`: at once while members not yet tried remain, then

@@ -19,9 +19,7 @@
 static const char *const lease_state_names[] = {"none", "granting", "live", "revoking", "closed"};
 
 void etcd__lease_set_state(etcd_disc *d, etcd_lease_state s, const char *why) {
-    if (d->lease_state == s) return;
-    BT_DEBUG("etcd: lease %s -> %s (%s)", lease_state_names[d->lease_state], lease_state_names[s], why);
-    d->lease_state = s;
+    ETCD_SET_STATE(d->lease_state, s, lease_state_names, "lease", why);
 }
 
 static void writer_done(etcd_disc *d, ereq *r, bt_etcd_result res, const json_t *body, const char *why);

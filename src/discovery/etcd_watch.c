@@ -19,9 +19,7 @@
 static const char *const watch_state_names[] = {"off", "waiting", "listing", "starting", "streaming", "closed"};
 
 void etcd__watch_set_state(etcd_disc *d, etcd_watch_state s, const char *why) {
-    if (d->watch_state == s) return;
-    BT_DEBUG("etcd: watch %s -> %s (%s)", watch_state_names[d->watch_state], watch_state_names[s], why);
-    d->watch_state = s;
+    ETCD_SET_STATE(d->watch_state, s, watch_state_names, "watch", why);
 }
 
 static void list_done(etcd_disc *d, ereq *r, bt_etcd_result res, const json_t *body, const char *why);

@@ -841,6 +841,18 @@ static bool req_usable(conn *c, const char *what) {
     return true;
 }
 
+/* Ends a response head built in h: Connection, the caller's extra headers, the blank line. False,
+ * with the connection closed, when the head does not fit its cap (nothing of it is sent). */
+static bool head_end(conn *c, bt_buf *h, const char *headers) {
+    bt_buf_appendf(h, "Connection: %s\r\n", c->keep_alive ? "keep-alive" : "close");
+    if (headers) bt_buf_append_str(h, headers);
+    bt_buf_append(h, "\r\n", 2);
+    if (bt_buf_status(h) == BT_OK) return true;
+    BT_ERROR("http: response headers exceed %u bytes; closing the connection", OUT_HEADER_CAP);
+    conn_close(c);
+    return false;
+}
+
 void bt_http_respond_buf(bt_http_req *req, int status, const char *content_type, const char *headers,
                          const bt_buf *b) {
     if (bt_buf_status(b) != BT_OK) {
@@ -869,13 +881,7 @@ void bt_http_respond(bt_http_req *req, int status, const char *content_type, con
         bt_buf_appendf(&h, "HTTP/1.1 %d %s\r\n", status, bt_http_reason(status));
         if (content_type) bt_buf_appendf(&h, "Content-Type: %s\r\n", content_type);
         if (!no_body) bt_buf_appendf(&h, "Content-Length: %zu\r\n", len);
-        bt_buf_appendf(&h, "Connection: %s\r\n", c->keep_alive ? "keep-alive" : "close");
-        bt_status st = headers ? bt_buf_append_str(&h, headers) : BT_OK;
-        if (st == BT_OK) st = bt_buf_append(&h, "\r\n", 2);
-        if (st != BT_OK) {
-            BT_ERROR("http: response headers exceed %u bytes; closing the connection", OUT_HEADER_CAP);
-            conn_close(c);
-        } else {
+        if (head_end(c, &h, headers)) {
             uv_buf_t bufs[2] = {uv_buf_init(h.data, (unsigned)h.len), uv_buf_init((char *)body, (unsigned)len)};
             conn_write(c, bufs, (no_body || c->is_head || !body || !len) ? 1 : 2);
         }
@@ -902,13 +908,7 @@ void bt_http_stream_begin(bt_http_req *req, int status, const char *content_type
     if (content_type) bt_buf_appendf(&h, "Content-Type: %s\r\n", content_type);
     bt_buf_append_str(&h, "Cache-Control: no-cache\r\n");
     if (!c->raw_stream) bt_buf_append_str(&h, "Transfer-Encoding: chunked\r\n");
-    bt_buf_appendf(&h, "Connection: %s\r\n", c->keep_alive ? "keep-alive" : "close");
-    bt_status st = headers ? bt_buf_append_str(&h, headers) : BT_OK;
-    if (st == BT_OK) st = bt_buf_append(&h, "\r\n", 2);
-    if (st != BT_OK) {
-        BT_ERROR("http: response headers exceed %u bytes; closing the connection", OUT_HEADER_CAP);
-        conn_close(c);
-    } else {
+    if (head_end(c, &h, headers)) {
         uv_buf_t b = uv_buf_init(h.data, (unsigned)h.len);
         conn_write(c, &b, 1);
     }

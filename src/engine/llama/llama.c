@@ -465,8 +465,8 @@ static void seq_arrive(ll_engine *e, ll_seq *s) {
             size_t n = piece(e, s->car[i], buf, sizeof buf);
             st = bt_buf_append(&raw, buf, n);
         }
-        if (st == BT_OK && s->text.n_stop) st = bt_lltext_decode_all(raw.data ? raw.data : "", raw.len, &text);
-        if (st == BT_OK && s->text.n_stop) st = bt_lltext_context(&s->text, text.data ? text.data : "", text.len);
+        if (st == BT_OK && s->text.stops.n) st = bt_lltext_decode_all(raw.data ? raw.data : "", raw.len, &text);
+        if (st == BT_OK && s->text.stops.n) st = bt_lltext_context(&s->text, text.data ? text.data : "", text.len);
         bt_buf_free(&raw);
         bt_buf_free(&text);
         free(s->car);

@@ -8,16 +8,6 @@
 
 static const char REPLACEMENT[3] = {(char)0xEF, (char)0xBF, (char)0xBD};
 
-static bt_status reserve_u32(uint32_t **a, size_t *cap, size_t need) {
-    if (need <= *cap) return BT_OK;
-    size_t n = *cap ? *cap : 16;
-    while (n < need) n *= 2;
-    uint32_t *p = realloc(*a, n * sizeof *p);
-    if (!p) return BT_ERR_NOMEM;
-    *a = p;
-    *cap = n;
-    return BT_OK;
-}
 
 bt_status bt_lltext_init(bt_lltext *t, const char *const *stop, int n_stop) {
     memset(t, 0, sizeof *t);
@@ -25,21 +15,11 @@ bt_status bt_lltext_init(bt_lltext *t, const char *const *stop, int n_stop) {
     bt_buf_init(&t->u8_text, LT_TEXT_CAP);
     bt_buf_init(&t->win, LT_TEXT_CAP);
     bt_buf_init(&t->out_text, LT_TEXT_CAP);
-    for (int i = 0; i < n_stop && i < BT_MAX_STOP; i++) {
-        if (!stop[i] || !stop[i][0]) continue;
-        size_t l = strlen(stop[i]);
-        char *c = malloc(l + 1);
-        if (!c) return BT_ERR_NOMEM;
-        memcpy(c, stop[i], l + 1);
-        t->stop[t->n_stop] = c;
-        t->stop_len[t->n_stop++] = l;
-        if (l > t->max_stop) t->max_stop = l;
-    }
-    return BT_OK;
+    return bt_stops_init(&t->stops, stop, n_stop);
 }
 
 void bt_lltext_free(bt_lltext *t) {
-    for (int i = 0; i < t->n_stop; i++) free(t->stop[i]);
+    bt_stops_free(&t->stops);
     free(t->u8_ids);
     free(t->held);
     free(t->held_len);
@@ -103,52 +83,29 @@ bt_status bt_lltext_decode_all(const char *raw, size_t len, bt_buf *out) {
 }
 
 bt_status bt_lltext_context(bt_lltext *t, const char *text, size_t len) {
-    if (!t->n_stop || t->held_n) return BT_OK;
+    if (!t->stops.n || t->held_n) return BT_OK;
     bt_status st = bt_buf_append(&t->win, text, len);
     if (st != BT_OK) return st;
     t->ctx_len = t->win.len;
-    size_t keep = t->max_stop - 1;
-    if (t->ctx_len > keep) {
-        bt_buf_consume(&t->win, t->ctx_len - keep);
-        t->ctx_len = keep;
-    }
+    bt_stops_trim_ctx(&t->stops, &t->win, &t->ctx_len);
     return BT_OK;
 }
 
 static bt_status out_add(bt_lltext *t, uint32_t id, const char *text, size_t len) {
-    bt_status st = reserve_u32(&t->out, &t->out_cap, t->out_n + 1);
+    bt_status st = bt_u32_reserve(&t->out, &t->out_cap, t->out_n + 1);
     if (st == BT_OK) st = bt_buf_append(&t->out_text, text, len);
     if (st == BT_OK) t->out[t->out_n++] = id;
     return st;
 }
 
-static size_t stop_find(const bt_lltext *t) {
-    size_t best = SIZE_MAX;
-    for (int i = 0; i < t->n_stop; i++) {
-        const char *p = t->win.len ? memmem(t->win.data, t->win.len, t->stop[i], t->stop_len[i]) : NULL;
-        if (p && (size_t)(p - t->win.data) < best) best = (size_t)(p - t->win.data);
-    }
-    return best;
-}
+static size_t stop_find(const bt_lltext *t) { return bt_stops_find(&t->stops, t->win.data, t->win.len); }
 
-static size_t stop_partial(const bt_lltext *t) {
-    size_t best = 0;
-    for (int i = 0; i < t->n_stop; i++) {
-        size_t l = t->stop_len[i] - 1;
-        if (l > t->win.len) l = t->win.len;
-        for (; l > best; l--)
-            if (memcmp(t->win.data + t->win.len - l, t->stop[i], l) == 0) {
-                best = l;
-                break;
-            }
-    }
-    return best;
-}
+static size_t stop_partial(const bt_lltext *t) { return bt_stops_partial(&t->stops, t->win.data, t->win.len); }
 
 /* Stage 2: one token with its final text. */
 static bt_status stop_push(bt_lltext *t, uint32_t id, const char *text, size_t len) {
     if (t->stopped) return BT_OK;
-    if (t->n_stop == 0) return out_add(t, id, text, len);
+    if (t->stops.n == 0) return out_add(t, id, text, len);
     if (t->held_n + 1 > t->held_cap) {
         size_t n = t->held_cap ? t->held_cap * 2 : 16;
         uint32_t *h = realloc(t->held, n * sizeof *h);
@@ -191,11 +148,7 @@ static bt_status stop_push(bt_lltext *t, uint32_t id, const char *text, size_t l
         memmove(t->held_len, t->held_len + i, (t->held_n - i) * sizeof *t->held_len);
         t->held_n -= i;
         t->ctx_len = off;
-        size_t keep = t->max_stop - 1;
-        if (t->ctx_len > keep) {
-            bt_buf_consume(&t->win, t->ctx_len - keep);
-            t->ctx_len = keep;
-        }
+        bt_stops_trim_ctx(&t->stops, &t->win, &t->ctx_len);
     }
     return BT_OK;
 }
@@ -221,7 +174,7 @@ static bt_status u8_flush(bt_lltext *t, bool final) {
 
 bt_status bt_lltext_push(bt_lltext *t, uint32_t id, const char *piece, size_t len) {
     if (t->stopped) return BT_OK;
-    bt_status st = reserve_u32(&t->u8_ids, &t->u8_cap, t->u8_n + 1);
+    bt_status st = bt_u32_reserve(&t->u8_ids, &t->u8_cap, t->u8_n + 1);
     if (st == BT_OK) st = bt_buf_append(&t->u8_raw, piece, len);
     if (st != BT_OK) return st;
     t->u8_ids[t->u8_n++] = id;

@@ -18,6 +18,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "engine/stops.h"
 #include "common/status.h"
 #include "common/util.h"
 #include "engine/engine.h"
@@ -29,10 +30,7 @@ typedef struct {
     bt_buf u8_raw;  /* their undecoded bytes */
     bt_buf u8_text; /* text decoded from earlier tokens of u8_ids, not yet attributed */
     /* stage 2: stop strings; win = up to max_stop-1 bytes of released text, then held text */
-    int n_stop;
-    char *stop[BT_MAX_STOP];
-    size_t stop_len[BT_MAX_STOP];
-    size_t max_stop;
+    bt_stops stops;
     bt_buf win;
     size_t ctx_len;
     uint32_t *held;

@@ -17,6 +17,7 @@
  * KV accounting is a counter of blocks per sequence:
  * there is no prefix caching, so no block is shared. */
 #include "engine/mocker/mocker.h"
+#include "engine/stops.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -58,10 +59,7 @@ struct bt_engine_seq {
 
     /* Stop strings. `win` holds up to max_stop-1 bytes of final text (ctx_len, already delivered
      * or carried) followed by the text of the held-back tokens `held`. */
-    int n_stop;
-    char *stop[BT_MAX_STOP];
-    size_t stop_len[BT_MAX_STOP];
-    size_t max_stop;
+    bt_stops stops;
     bt_buf win;
     size_t ctx_len;
     uint32_t *held;
@@ -135,7 +133,7 @@ static void seq_unschedule(mk_engine *e, bt_engine_seq *s) {
 static void seq_free(void *owner, bt_deliver_seq *ds) {
     bt_engine_seq *s = BT_DELIVER_OWNER(ds, bt_engine_seq, dl);
     seq_unschedule(owner, s);
-    for (int i = 0; i < s->n_stop; i++) free(s->stop[i]);
+    bt_stops_free(&s->stops);
     bt_buf_free(&s->win);
     free(s->held);
     free(s);
@@ -163,17 +161,6 @@ static void seq_end(mk_engine *e, bt_engine_seq *s, mk_end end, bt_finish_reason
     }
 }
 
-/* Grows an id array geometrically; callers bound n by the sequence's max_tokens. */
-static bt_status ids_reserve(uint32_t **a, size_t *cap, size_t need) {
-    if (need <= *cap) return BT_OK;
-    size_t n = *cap ? *cap : 16;
-    while (n < need) n *= 2;
-    uint32_t *p = realloc(*a, n * sizeof *p);
-    if (!p) return BT_ERR_NOMEM;
-    *a = p;
-    *cap = n;
-    return BT_OK;
-}
 
 /* Appends one token (and `text_len` bytes of its text) to the output batch. */
 static bt_status out_add(mk_engine *e, bt_engine_seq *s, uint32_t id, size_t text_len) {
@@ -193,41 +180,14 @@ static bt_status held_release_all(mk_engine *e, bt_engine_seq *s) {
     return BT_OK;
 }
 
-/* Finds the earliest stop string in win; returns its start or SIZE_MAX. Matches lying entirely in
- * the context bytes were already looked for when those bytes were new. */
-static size_t stop_find(const bt_engine_seq *s) {
-    size_t best = SIZE_MAX;
-    if (s->win.len == 0) return best;
-    for (int i = 0; i < s->n_stop; i++) {
-        const char *p = memmem(s->win.data, s->win.len, s->stop[i], s->stop_len[i]);
-        if (p && (size_t)(p - s->win.data) < best) best = (size_t)(p - s->win.data);
-    }
-    return best;
-}
+/* The earliest stop string in win (matches lying entirely in the context bytes were looked for
+ * when those bytes were new), and the tail of win that could still become one (stops.h). */
+static size_t stop_find(const bt_engine_seq *s) { return bt_stops_find(&s->stops, s->win.data, s->win.len); }
 
-/* Length of the longest suffix of win that is a proper prefix of some stop string. */
-static size_t stop_partial(const bt_engine_seq *s) {
-    size_t best = 0;
-    for (int i = 0; i < s->n_stop; i++) {
-        size_t l = s->stop_len[i] - 1;
-        if (l > s->win.len) l = s->win.len;
-        for (; l > best; l--)
-            if (memcmp(s->win.data + s->win.len - l, s->stop[i], l) == 0) {
-                best = l;
-                break;
-            }
-    }
-    return best;
-}
+static size_t stop_partial(const bt_engine_seq *s) { return bt_stops_partial(&s->stops, s->win.data, s->win.len); }
 
 /* Keeps only the last max_stop-1 bytes of the final (context) text in win. */
-static void ctx_trim(bt_engine_seq *s) {
-    size_t keep = s->max_stop - 1;
-    if (s->ctx_len > keep) {
-        bt_buf_consume(&s->win, s->ctx_len - keep);
-        s->ctx_len = keep;
-    }
-}
+static void ctx_trim(bt_engine_seq *s) { bt_stops_trim_ctx(&s->stops, &s->win, &s->ctx_len); }
 
 /* Passes a newly generated token through stop-string matching: whole tokens are held back while
  * the text could still be the start of a stop string and released (ids with their text) once it
@@ -236,9 +196,9 @@ static void ctx_trim(bt_engine_seq *s) {
  * with just the text before the stop; tokens wholly inside or after it are not delivered. */
 static bt_status emit(mk_engine *e, bt_engine_seq *s, uint32_t id) {
     size_t tl = mk_token_len(id);
-    if (s->n_stop == 0) return out_add(e, s, id, tl);
+    if (s->stops.n == 0) return out_add(e, s, id, tl);
 
-    bt_status st = ids_reserve(&s->held, &s->held_cap, s->held_n + 1);
+    bt_status st = bt_u32_reserve(&s->held, &s->held_cap, s->held_n + 1);
     if (st == BT_OK) st = bt_buf_append(&s->win, bt_mocker_token_text(id, NULL), tl);
     if (st != BT_OK) return st;
     s->held[s->held_n++] = id;
@@ -746,19 +706,10 @@ static bt_status mk_submit(bt_engine *be, const bt_engine_request *req, const bt
     for (uint32_t i = 0; i < req->n_carried; i++) s->state = bt_mocker_state_push(s->state, req->carried[i]);
     free(ids);
 
-    int n_stop = req->n_stop < BT_MAX_STOP ? req->n_stop : BT_MAX_STOP;
-    for (int i = 0; i < n_stop; i++) {
-        if (!req->stop[i] || !req->stop[i][0]) continue; /* an empty stop string matches nothing */
-        size_t l = strlen(req->stop[i]);
-        char *c = malloc(l + 1);
-        if (!c) goto nomem;
-        memcpy(c, req->stop[i], l + 1);
-        s->stop[s->n_stop] = c;
-        s->stop_len[s->n_stop++] = l;
-        if (l > s->max_stop) s->max_stop = l;
-    }
+    if (bt_stops_init(&s->stops, req->stop, req->n_stop < BT_MAX_STOP ? req->n_stop : BT_MAX_STOP) != BT_OK)
+        goto nomem;
 
-    if (s->n_stop) {
+    if (s->stops.n) {
         /* Carried text was delivered by an earlier attempt: it is context for matching. A stop
          * string wholly inside it means the stream had already ended; one that starts in it can
          * still be completed by the first new tokens. */
