@@ -26,17 +26,7 @@ bl.deadline(180, "test_worker_flags")
 BIN = bl.baton_bin()
 
 
-def children(pid):
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(d))
-            except (OSError, ValueError, IndexError):
-                pass
-    return out
+children = bl.children
 
 
 def cmdline(pid):

@@ -214,6 +214,20 @@ _SANITIZER_RX = re.compile(r"ERROR: (AddressSanitizer|LeakSanitizer)|runtime err
                            r"are definitely lost in loss record|==\d+== ERROR SUMMARY: [1-9]")
 
 
+def children(pid):
+    """The pids of the processes whose parent is `pid` (read from /proc)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
 class Proc:
     """A child process whose stdout and stderr go to a log file.
 
