@@ -174,10 +174,21 @@ def scenario_limits():
         assert all(answered[i].startswith(b"HTTP/1.1 503") or answered[i] == b"" for i in refused), answered
         for s in held:
             s.close()
-        bl.wait_for(lambda: bl.metrics(fe.url)["baton_frontend_http_connections"] <= 1, 10, 0.05,
-                    "the held connections to close")
+        # a scrape that races the closes may itself find the 12 slots taken and be refused (and
+        # counted): each failed scrape allows one more rejection, none allows exactly the 2
+        failed_scrapes = [0]
+
+        def closed():
+            try:
+                return bl.metrics(fe.url)["baton_frontend_http_connections"] <= 1
+            except Exception:
+                failed_scrapes[0] += 1
+                raise
+
+        bl.wait_for(closed, 10, 0.05, "the held connections to close")
         m = bl.metrics(fe.url)
-        assert m['baton_frontend_http_rejections_total{reason="max_connections"}'] == 2, m
+        rejected = m['baton_frontend_http_rejections_total{reason="max_connections"}']
+        assert 2 <= rejected <= 2 + failed_scrapes[0], (rejected, failed_scrapes[0], m)
 
 
 def scenario_drain():
