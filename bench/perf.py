@@ -42,6 +42,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -81,6 +82,53 @@ def rss_kib(pid):
 
 
 CLIENT_CPU = None  # --pin: the CPU the load generator runs on
+CHILDREN = []  # subprocess.Popen children that are not bl.Proc (probe streams, perf): killed at exit
+
+
+def popen(args, **kw):
+    p = subprocess.Popen(args, **kw)
+    CHILDREN.append(p)
+    return p
+
+
+def proc_cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+    except OSError:
+        return None
+
+
+def stop_everything():
+    """Stops every process this bench started and reports any that outlived it. bl.Proc children
+    (baton, nginx, HAProxy, the relay) get SIGTERM first, so that they exit cleanly, then SIGKILL
+    with the rest of their process group; plain children (probe streams, perf) get SIGKILL and are
+    reaped. Then the process groups they led are checked in /proc: a member still there (a child
+    that outlived its parent) is printed and killed. Runs in main's finally, before batonlib's exit
+    handler."""
+    procs = bl.all_procs()
+    for p in procs:
+        if p.alive():
+            p.kill(signal.SIGTERM)
+    end = time.monotonic() + 5
+    for p in procs:
+        if p.wait(max(0.0, end - time.monotonic())) is None:
+            p.kill_group()
+    for p in CHILDREN:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+    left = set()  # (every started process is reaped by now; what can outlive it is its group)
+    for pid in [p.pid for p in procs] + [p.pid for p in CHILDREN]:
+        left.update(bl._pgroup_members(pid))
+    for pid in sorted(left):
+        cmd = proc_cmdline(pid)
+        if cmd:
+            print(f"left running after the bench: pid {pid}: {cmd}; killing it", file=sys.stderr)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def pin_client():
@@ -370,7 +418,7 @@ def cmd_latency(a):
                     for f in (pts, lts, ready):
                         if os.path.exists(f):
                             os.unlink(f)
-                    probe = subprocess.Popen([load_bin(), "--rpc", rpc, "--streams", "1", "--max-tokens", "1000000",
+                    probe = popen([load_bin(), "--rpc", rpc, "--streams", "1", "--max-tokens", "1000000",
                                               "--timestamps", pts, "--ready-file", ready], stdout=subprocess.PIPE,
                                              stderr=subprocess.PIPE, text=True, preexec_fn=pin_client)
                     bl.wait_for(lambda: os.path.exists(ready), 30, what="the probe stream's first token")
@@ -540,11 +588,11 @@ def cmd_profile(a):
             libc = "/lib/x86_64-linux-gnu/libc.so.6"
             for fn in ("malloc", "calloc", "realloc"):
                 subprocess.run([perf, "probe", "-q", "-x", libc, "--add", fn], capture_output=True)
-            rec = subprocess.Popen([perf, "stat", "-x", ",", "-o", data + ".stat", "-e",
+            rec = popen([perf, "stat", "-x", ",", "-o", data + ".stat", "-e",
                                     "probe_libc:malloc,probe_libc:calloc,probe_libc:realloc", "-p", str(fe.proc.pid)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         else:
-            rec = subprocess.Popen([perf, "record", "-e", "cpu-clock", "-F", "4999", "-o", data] +
+            rec = popen([perf, "record", "-e", "cpu-clock", "-F", "4999", "-o", data] +
                                    (["--call-graph", "dwarf"] if a.call_graph else []) + ["-p", str(fe.proc.pid)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(0.5)
@@ -625,8 +673,11 @@ def main():
     p.add_argument("--output", help="keep perf.data here")
     p.add_argument("--allocs", action="store_true", help="count the frontend's allocations (uprobes) instead")
     a = ap.parse_args()
-    return {"cost": cmd_cost, "latency": cmd_latency, "scale": cmd_scale, "ceiling": cmd_ceiling,
-            "profile": cmd_profile}[a.cmd](a)
+    try:
+        return {"cost": cmd_cost, "latency": cmd_latency, "scale": cmd_scale, "ceiling": cmd_ceiling,
+                "profile": cmd_profile}[a.cmd](a)
+    finally:
+        stop_everything()
 
 
 if __name__ == "__main__":
