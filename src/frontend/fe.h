@@ -268,6 +268,9 @@ bool fe_workers_apply_load(fe *f, uint64_t id, const bt_load_report *r);
  * all_busy, busy workers (shedding thresholds) are skipped and *all_busy says whether that is why
  * none was found; without it (a migration: the request was admitted already) they are eligible. */
 fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, bool *all_busy);
+/* For a continuation when every worker is busy: the routable worker with the smallest share of its
+ * KV blocks in use (reported plus routed since), `avoid` only if it is the only one. NULL if none. */
+fe_worker *fe_route_least_busy(fe_model *m, uint64_t avoid);
 bool fe_worker_routable(const fe_worker *w);
 bool fe_worker_busy(const fe_worker *w, const fe_model *m);
 /* Seconds a client should wait before retrying when every worker of m is busy (Retry-After). */
