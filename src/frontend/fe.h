@@ -216,6 +216,10 @@ struct fe {
     bool shutting_down;
     uv_signal_t sigs[2]; /* SIGTERM, SIGINT */
     uv_timer_t shutdown_timer;
+    uv_timer_t trim_timer; /* shard 0: memory back to the system once the process is idle */
+    bool trim_inited;
+    uint64_t trim_admitted; /* grp->admitted at the last idle tick (UINT64_MAX: busy at the last tick) */
+    uint64_t trimmed_admitted; /* grp->admitted at the last trim */
     uint64_t shutdown_started_ms;
     uint64_t shutdown_close_deadline_ms; /* after shutdown_started_ms: stop waiting for connections */
     bt_buf scratch; /* reused for building SSE chunks */
@@ -249,6 +253,7 @@ struct fe_group {
     fe *shard[FE_MAX_THREADS];
     atomic_size_t nreqs; /* requests in flight in all shards (--max-concurrent-requests) */
     atomic_size_t nconns; /* client connections open in all shards (--max-connections) */
+    atomic_uint_fast64_t admitted; /* requests ever admitted in all shards (the idle trim's clock) */
     atomic_int running;   /* threads of shards 1..n-1 whose loop has not ended */
     int64_t started_wall_s; /* Unix time the process started: "created" of /v1/models */
 };
