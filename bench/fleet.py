@@ -224,10 +224,15 @@ def storm(f, a):
             "--rate", "2000", "--timeout", "600", "--requests", str(a.streams)]
     t0 = time.monotonic()
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(a.kill_after)
-    for w in victims:
-        w[0].kill(signal.SIGKILL)
-    out, err = p.communicate(timeout=660)
+    try:
+        time.sleep(a.kill_after)
+        for w in victims:
+            w[0].kill(signal.SIGKILL)
+        out, err = p.communicate(timeout=660)
+    finally:  # the load generator is no bl.Proc: nothing else would stop it
+        if p.poll() is None:
+            p.kill()
+            p.wait()
     wall = time.monotonic() - t0
     res = json.loads(out)
     res["exit"] = p.returncode

@@ -26,8 +26,10 @@ usage (from the repository root; BATON_BIN defaults to build/baton):
          (read the worker's multiplexed stream, write each chunk to its client socket), the floor.
          --pin puts baton on one CPU and the load generators on the other.
   BATON_BIN=build/baton python3 bench/perf.py scale    [--streams 10000] [--workers 4]
-        [--tokens 50] [--speedup 0.02]
-      c. N concurrent slow streams; RSS growth of the frontend and of the workers per stream.
+        [--tokens 50] [--speedup 0.02] [--repeat 1] [--idle 5]
+      c. N concurrent slow streams; RSS growth of the frontend and of the workers per stream,
+         frontend CPU per token; --streams 10,100,1000,10000 gives the curve, --repeat N runs the
+         load N times in one cluster (does the RSS after a run plateau?), RSS read --idle s after each.
   BATON_BIN=build/baton python3 bench/perf.py ceiling  [--configs 100000:200:20000,10:2000:300]
       d. tokens/s and chunks/s one frontend delivers with the mocker far faster than real time
          (speedup:streams:max_tokens): large chunks (many tokens per chunk) and small ones.
@@ -42,6 +44,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -81,6 +84,53 @@ def rss_kib(pid):
 
 
 CLIENT_CPU = None  # --pin: the CPU the load generator runs on
+CHILDREN = []  # subprocess.Popen children that are not bl.Proc (probe streams, perf): killed at exit
+
+
+def popen(args, **kw):
+    p = subprocess.Popen(args, **kw)
+    CHILDREN.append(p)
+    return p
+
+
+def proc_cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+    except OSError:
+        return None
+
+
+def stop_everything():
+    """Stops every process this bench started and reports any that outlived it. bl.Proc children
+    (baton, nginx, HAProxy, the relay) get SIGTERM first, so that they exit cleanly, then SIGKILL
+    with the rest of their process group; plain children (probe streams, perf) get SIGKILL and are
+    reaped. Then the process groups they led are checked in /proc: a member still there (a child
+    that outlived its parent) is printed and killed. Runs in main's finally, before batonlib's exit
+    handler."""
+    procs = bl.all_procs()
+    for p in procs:
+        if p.alive():
+            p.kill(signal.SIGTERM)
+    end = time.monotonic() + 5
+    for p in procs:
+        if p.wait(max(0.0, end - time.monotonic())) is None:
+            p.kill_group()
+    for p in CHILDREN:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+    left = set()  # (every started process is reaped by now; what can outlive it is its group)
+    for pid in [p.pid for p in procs] + [p.pid for p in CHILDREN]:
+        left.update(bl._pgroup_members(pid))
+    for pid in sorted(left):
+        cmd = proc_cmdline(pid)
+        if cmd:
+            print(f"left running after the bench: pid {pid}: {cmd}; killing it", file=sys.stderr)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def pin_client():
@@ -356,6 +406,17 @@ def cmd_latency(a):
             for p in ([fe.proc, w.proc] + [f.proc for f in extra] + ([anchor[0]] if anchor else [])
                       + ([relay[0]] if relay else [])):
                 os.sched_setaffinity(p.pid, {baton_cpu})
+        # the process(es) between the client and the worker on each path: their CPU per chunk
+        cpu_pids = {"frontend": {"fe": fe.proc.pid}}
+        if anchor:
+            cpu_pids[a.anchor] = {"anchor": anchor[0].pid, "fe": fe.proc.pid}
+        if relay:
+            cpu_pids["minimal relay"] = {"relay": relay[0].pid}
+        if a.threads > 1:
+            cpu_pids[f"frontend --threads {a.threads}"] = {"fe": extra[0].proc.pid}
+        if a.frontends > 1:
+            cpu_pids[f"{a.frontends} frontend processes"] = {f"fe{i}": f.proc.pid for i, f in
+                                                             enumerate([fe] + extra[1 if a.threads > 1 else 0:])}
         check(run_load(fe.url, 10, 10), "warm-up")
         check(run_load(rpc, 10, 10, rpc=True), "warm-up (request plane)")
         for n in levels:
@@ -370,13 +431,16 @@ def cmd_latency(a):
                     for f in (pts, lts, ready):
                         if os.path.exists(f):
                             os.unlink(f)
-                    probe = subprocess.Popen([load_bin(), "--rpc", rpc, "--streams", "1", "--max-tokens", "1000000",
+                    probe = popen([load_bin(), "--rpc", rpc, "--streams", "1", "--max-tokens", "1000000",
                                               "--timestamps", pts, "--ready-file", ready], stdout=subprocess.PIPE,
                                              stderr=subprocess.PIPE, text=True, preexec_fn=pin_client)
                     bl.wait_for(lambda: os.path.exists(ready), 30, what="the probe stream's first token")
                     time.sleep(0.2)
+                    serving = cpu_pids.get(name, {})
+                    m = Meter(serving)
                     r = run_load(target, n, a.tokens, requests=requests // 2, rpc=is_rpc, rate=2000,
                                  timestamps=lts)
+                    r["serving_cpu_s"] = sum(m.stop().values())
                     probe.send_signal(2)
                     pout, perr = probe.communicate(timeout=30)
                     if probe.returncode != 0:
@@ -422,6 +486,17 @@ def cmd_latency(a):
             print(f"| {n}, {label} | {requests} | TTFT p50 {f / 1000:.2f} ms ({f - d:+.0f} us over {base_name})"
                   f" | | per-token p50 {pctl(res['transit_' + k], 0.5):.0f} us ({t50:+.0f} us over {base_name}) "
                   f"| p99 {pctl(res['transit_' + k], 0.99):.0f} us ({t99:+.0f} us) | |")
+    for n, requests, res in out:
+        parts = []
+        for name in ["frontend"] + multi + ([a.anchor] if a.anchor else []):
+            rs = res.get(name) or []
+            cpu = sum(r.get("serving_cpu_s", 0) for r in rs)
+            chunks = sum(r["chunks"] for r in rs)
+            if cpu and chunks:
+                parts.append(f"{name} {cpu / chunks * 1e6:.2f} us")
+        if parts:
+            print(f"CPU per chunk of the process(es) between client and worker at {n} streams: " + ", ".join(parts)
+                  + (f" (the {a.anchor} path: nginx plus the frontend behind it)" if a.anchor else ""))
     print("(TTFT: mean over two interleaved runs of each path. Per-token delay: arrival of each token chunk minus "
           "the arrival of the same engine step's token of a probe stream on the worker's request plane, over "
           + ", ".join(f"{len(res['transit_frontend'])} chunks at {n}" for n, _, res in out)
@@ -432,8 +507,8 @@ def cmd_latency(a):
 # ---------------------------------------------------------------------------------------------
 # c. scale
 
-def cmd_scale(a):
-    bl.deadline(3600, "perf scale")
+def scale_level(a, n, tokens):
+    """One cluster, a.repeat runs of n concurrent streams; RSS sampled throughout."""
     with bl.Cluster() as c:
         fe, ws = start_cluster(c, a.workers, a.speedup, num_gpu_blocks_override=a.blocks)
         check(run_load(fe.url, 100, 10), "warm-up")
@@ -441,48 +516,85 @@ def cmd_scale(a):
         pids = {"frontend": fe.proc.pid}
         pids.update({f"worker{i}": w.proc.pid for i, w in enumerate(ws)})
         base = {k: rss_kib(p) for k, p in pids.items()}
-        ready = os.path.join(c.dir, "ready")
-        peak = dict(base)
-        at_ready = {}
-        stop = threading.Event()
+        runs = []
+        for rnd in range(a.repeat):
+            ready = os.path.join(c.dir, f"ready-{n}-{rnd}")
+            peak = dict(base)
+            at_ready = {}
+            stop = threading.Event()
 
-        def sample():
-            while not stop.is_set():
-                for k, p in pids.items():
-                    try:
-                        peak[k] = max(peak[k], rss_kib(p))
-                    except OSError:
-                        pass
-                if not at_ready and os.path.exists(ready):
-                    at_ready.update({k: rss_kib(p) for k, p in pids.items()})
-                    at_ready["t"] = time.monotonic()
-                stop.wait(0.2)
+            def sample():
+                while not stop.is_set():
+                    for k, p in pids.items():
+                        try:
+                            peak[k] = max(peak[k], rss_kib(p))
+                        except OSError:
+                            pass
+                    if not at_ready and os.path.exists(ready):
+                        at_ready.update({k: rss_kib(p) for k, p in pids.items()})
+                    stop.wait(0.2)
 
-        th = threading.Thread(target=sample, daemon=True)
-        th.start()
-        m = Meter(pids)
-        res = run_load(fe.url, a.streams, a.tokens, rate=a.rate, ready_file=ready, timeout=900)
-        cpu = m.stop()
-        stop.set()
-        th.join()
-        after = {k: rss_kib(p) for k, p in pids.items()}
-        check(res, f"{a.streams} streams")
-    if not at_ready:
-        raise SystemExit("the streams were never all running at once (raise --tokens or lower --speedup)")
-    print(f"streams={a.streams} workers={a.workers} max_tokens={a.tokens} speedup={a.speedup} "
-          f"blocks/worker={a.blocks}: {res['ok']} ok, {res['failed']} failed, {res['tokens']} tokens in "
-          f"{res['wall_s']:.1f} s; TTFT p50 {res['ttft_us']['p50'] / 1000:.1f} ms p99 "
-          f"{res['ttft_us']['p99'] / 1000:.1f} ms; gap p50 {res['gap_us']['p50'] / 1000:.1f} ms p99 "
-          f"{res['gap_us']['p99'] / 1000:.1f} ms; client CPU {res['client_cpu_s']:.1f} s")
-    print("| process | RSS idle | RSS, all streams running | peak RSS | per stream (at all running) "
-          "| per stream (peak) | RSS after | CPU during the run |")
-    print("|---|---|---|---|---|---|---|---|")
-    per_worker = a.streams / a.workers
-    for k in pids:
-        n = a.streams if k == "frontend" else per_worker
-        print(f"| {k} | {base[k] / 1024:.1f} MiB | {at_ready[k] / 1024:.1f} MiB | {peak[k] / 1024:.1f} MiB | "
-              f"{(at_ready[k] - base[k]) / n:.2f} KiB | {(peak[k] - base[k]) / n:.2f} KiB | {after[k] / 1024:.1f} MiB "
-              f"| {cpu[k]:.1f} s |")
+            th = threading.Thread(target=sample, daemon=True)
+            th.start()
+            m = Meter(pids)
+            res = run_load(fe.url, n, tokens, rate=a.rate, ready_file=ready, timeout=900)
+            cpu = m.stop()
+            stop.set()
+            th.join()
+            after = {k: rss_kib(p) for k, p in pids.items()}
+            check(res, f"{n} streams, run {rnd + 1}")
+            if not at_ready:
+                raise SystemExit(f"{n} streams: never all running at once (raise --tokens or lower --speedup)")
+            mi = Meter(pids)
+            t_idle = time.monotonic()
+            time.sleep(a.idle)  # the frontend idle: what it keeps, or gives back, and its idle CPU rate
+            idle_cpu = mi.stop()["frontend"] / (time.monotonic() - t_idle)
+            idle = {k: rss_kib(p) for k, p in pids.items()}
+            runs.append({"res": res, "cpu": cpu, "peak": peak, "at_ready": at_ready, "after": after, "idle": idle,
+                         "net": cpu["frontend"] - idle_cpu * res["wall_s"]})
+            print(f"{n} streams, run {rnd + 1}: {res['ok']} ok, {res['tokens']} tokens in {res['wall_s']:.1f} s; "
+                  f"frontend CPU {cpu['frontend']:.2f} s, RSS all running {at_ready['frontend'] / 1024:.1f} MiB, "
+                  f"at the end {after['frontend'] / 1024:.1f} MiB, {a.idle:g} s later {idle['frontend'] / 1024:.1f} MiB",
+                  flush=True)
+    return base, pids, runs
+
+
+def cmd_scale(a):
+    bl.deadline(3600, "perf scale")
+    levels = [int(x) for x in str(a.streams).split(",")]
+    out = []
+    for n in levels:
+        base, pids, runs = scale_level(a, n, a.tokens)
+        out.append((n, base, pids, runs))
+    print()
+    print(f"workers={a.workers} max_tokens={a.tokens} speedup={a.speedup} blocks/worker={a.blocks} "
+          f"runs per level={a.repeat} idle wait={a.idle:g} s; every request complete")
+    for n, base, pids, runs in out:
+        r0 = runs[0]
+        res = r0["res"]
+        print(f"{n} streams: TTFT p50 {res['ttft_us']['p50'] / 1000:.1f} ms p99 {res['ttft_us']['p99'] / 1000:.1f} ms; "
+              f"gap p50 {res['gap_us']['p50'] / 1000:.1f} ms p99 {res['gap_us']['p99'] / 1000:.1f} ms")
+        print("| process | RSS idle | RSS, all streams running | peak RSS | per stream (at all running) "
+              "| per stream (peak) | RSS after | CPU during the run |")
+        print("|---|---|---|---|---|---|---|---|")
+        per_worker = n / a.workers
+        for k in pids:
+            m = n if k == "frontend" else per_worker
+            print(f"| {k} | {base[k] / 1024:.1f} MiB | {r0['at_ready'][k] / 1024:.1f} MiB | {r0['peak'][k] / 1024:.1f} MiB "
+                  f"| {(r0['at_ready'][k] - base[k]) / m:.2f} KiB | {(r0['peak'][k] - base[k]) / m:.2f} KiB "
+                  f"| {r0['after'][k] / 1024:.1f} MiB | {r0['cpu'][k]:.1f} s |")
+    print()
+    print("| streams | frontend CPU per 1M tokens (each run) | the same less the idle CPU rate x the run's time "
+          "| frontend CPU per request | frontend RSS per stream, all running (each run) "
+          "| frontend RSS idle before / after each run, once idle |")
+    print("|---|---|---|---|---|---|")
+    for n, base, pids, runs in out:
+        cpu_m = " / ".join(f"{r['cpu']['frontend'] / r['res']['tokens'] * 1e6:.2f} s" for r in runs)
+        cpu_m += " | " + " / ".join(f"{r['net'] / r['res']['tokens'] * 1e6:.2f} s" for r in runs)
+        cpu_r = " / ".join(f"{r['cpu']['frontend'] / r['res']['requests'] * 1e6:.0f} us" for r in runs)
+        rss = " / ".join(f"{(r['at_ready']['frontend'] - base['frontend']) / n:.2f} KiB" for r in runs)
+        idle = " / ".join(f"{r['idle']['frontend'] / 1024:.1f}" for r in runs)
+        print(f"| {n} | {cpu_m} | {cpu_r} | {rss} | {base['frontend'] / 1024:.1f} MiB / {idle} MiB |")
     return 0
 
 
@@ -540,11 +652,11 @@ def cmd_profile(a):
             libc = "/lib/x86_64-linux-gnu/libc.so.6"
             for fn in ("malloc", "calloc", "realloc"):
                 subprocess.run([perf, "probe", "-q", "-x", libc, "--add", fn], capture_output=True)
-            rec = subprocess.Popen([perf, "stat", "-x", ",", "-o", data + ".stat", "-e",
+            rec = popen([perf, "stat", "-x", ",", "-o", data + ".stat", "-e",
                                     "probe_libc:malloc,probe_libc:calloc,probe_libc:realloc", "-p", str(fe.proc.pid)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         else:
-            rec = subprocess.Popen([perf, "record", "-e", "cpu-clock", "-F", "4999", "-o", data] +
+            rec = popen([perf, "record", "-e", "cpu-clock", "-F", "4999", "-o", data] +
                                    (["--call-graph", "dwarf"] if a.call_graph else []) + ["-p", str(fe.proc.pid)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(0.5)
@@ -601,7 +713,9 @@ def main():
     p.add_argument("--no-relay", dest="relay", action="store_false",
                    help="do not measure the minimal relay (bench/relay.c), the floor under the frontend")
     p = sub.add_parser("scale")
-    p.add_argument("--streams", type=int, default=10000)
+    p.add_argument("--streams", default="10000", help="concurrent streams; a comma-separated list is a curve")
+    p.add_argument("--repeat", type=int, default=1, help="runs of the load per level, in the same cluster")
+    p.add_argument("--idle", type=float, default=5.0, help="seconds idle after each run before RSS is read")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--tokens", type=int, default=50)
     p.add_argument("--speedup", type=float, default=0.02)
@@ -625,8 +739,11 @@ def main():
     p.add_argument("--output", help="keep perf.data here")
     p.add_argument("--allocs", action="store_true", help="count the frontend's allocations (uprobes) instead")
     a = ap.parse_args()
-    return {"cost": cmd_cost, "latency": cmd_latency, "scale": cmd_scale, "ceiling": cmd_ceiling,
-            "profile": cmd_profile}[a.cmd](a)
+    try:
+        return {"cost": cmd_cost, "latency": cmd_latency, "scale": cmd_scale, "ceiling": cmd_ceiling,
+                "profile": cmd_profile}[a.cmd](a)
+    finally:
+        stop_everything()
 
 
 if __name__ == "__main__":

@@ -241,6 +241,10 @@ struct fe {
     bool shutting_down;
     uv_signal_t sigs[2]; /* SIGTERM, SIGINT */
     uv_timer_t shutdown_timer;
+    uv_timer_t trim_timer; /* shard 0: memory back to the system once the process is idle */
+    bool trim_inited;
+    uint64_t trim_admitted; /* grp->admitted at the last idle tick (UINT64_MAX: busy at the last tick) */
+    uint64_t trimmed_admitted; /* grp->admitted at the last trim */
     uint64_t shutdown_started_ms;
     uint64_t shutdown_close_deadline_ms; /* after shutdown_started_ms: stop waiting for connections */
     bt_buf scratch; /* reused for building SSE chunks */
@@ -276,6 +280,7 @@ struct fe_group {
     fe *shard[FE_MAX_THREADS];
     atomic_size_t nreqs; /* requests in flight in all shards (--max-concurrent-requests) */
     atomic_size_t nconns; /* client connections open in all shards (--max-connections) */
+    atomic_uint_fast64_t admitted; /* requests ever admitted in all shards (the idle trim's clock) */
     atomic_int running;   /* threads of shards 1..n-1 whose loop has not ended */
     int64_t started_wall_s; /* Unix time the process started: "created" of /v1/models */
     fe_journal *journal;  /* the stream journal of the process (NULL = resumable streams off) */
@@ -297,6 +302,9 @@ bool fe_workers_apply_load(fe *f, uint64_t id, const bt_load_report *r);
  * all_busy, busy workers (shedding thresholds) are skipped and *all_busy says whether that is why
  * none was found; without it (a migration: the request was admitted already) they are eligible. */
 fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, bool *all_busy);
+/* For a continuation when every worker is busy: the routable worker with the smallest share of its
+ * KV blocks in use (reported plus routed since), `avoid` only if it is the only one. NULL if none. */
+fe_worker *fe_route_least_busy(fe_model *m, uint64_t avoid);
 bool fe_worker_routable(const fe_worker *w);
 bool fe_worker_busy(const fe_worker *w, const fe_model *m);
 /* Seconds a client should wait before retrying when every worker of m is busy (Retry-After). */

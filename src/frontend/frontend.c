@@ -11,6 +11,9 @@
 #include "frontend/frontend.h"
 
 #include <inttypes.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <math.h>
 #include <openssl/rand.h>
 #include <signal.h>
@@ -399,9 +402,50 @@ static void on_signal(uv_signal_t *h, int signum) {
     fe_shards_shutdown(f);
 }
 
+/* Memory back to the system once the process is idle. A burst of streams grows the heap (each
+ * connection, request, body and its SSE and token buffers) and glibc keeps what is freed for the
+ * next burst: after 10,000 streams the frontend stayed at 56 MiB against 9 MiB idle before. So,
+ * once no request has been in flight in any shard for two checks in a row (1 to 2 s) and some
+ * were admitted since the last trim, shard 0 calls malloc_trim(0), which returns the free top of
+ * each arena and the free pages inside them (madvise). It runs once per idle period, when the
+ * loops have nothing to serve; its cost (a walk over the free chunks) is logged at debug level. */
+#define TRIM_CHECK_MS 1000u
+
+static void trim_tick(uv_timer_t *t) {
+    fe *f = t->data;
+    uint64_t admitted = atomic_load(&f->grp->admitted);
+    if (atomic_load(&f->grp->nreqs) > 0) {
+        f->trim_admitted = UINT64_MAX;
+        return;
+    }
+    bool settled = f->trim_admitted == admitted; /* idle at the last check too, nothing since */
+    f->trim_admitted = admitted;
+    if (!settled || admitted == f->trimmed_admitted) return;
+    f->trimmed_admitted = admitted;
+#ifdef __GLIBC__
+    uint64_t t0 = bt_now_us();
+    int released = malloc_trim(0);
+    BT_DEBUG("idle: malloc_trim %s memory in %" PRIu64 " us", released ? "released" : "found no", bt_now_us() - t0);
+#endif
+}
+
+static void trim_start(fe *f) {
+    if (f->shard != 0) return; /* one trim covers every arena of the process */
+    uv_timer_init(f->loop, &f->trim_timer);
+    f->trim_timer.data = f;
+    f->trim_admitted = UINT64_MAX;
+    uv_timer_start(&f->trim_timer, trim_tick, TRIM_CHECK_MS, TRIM_CHECK_MS);
+    uv_unref((uv_handle_t *)&f->trim_timer); /* never what keeps the loop running */
+    f->trim_inited = true;
+}
+
 void fe_shutdown_begin(fe *f, uint64_t started_ms) {
     if (f->shutting_down) return;
     f->shutting_down = true;
+    if (f->trim_inited) {
+        f->trim_inited = false;
+        uv_close((uv_handle_t *)&f->trim_timer, NULL);
+    }
     f->shutdown_started_ms = started_ms;
     if (f->nreqs) BT_INFO("%zu requests running%s", f->nreqs, f->grp->n > 1 ? " on this thread" : "");
     uv_timer_start(&f->shutdown_timer, shutdown_tick, 0, 50);
@@ -455,6 +499,7 @@ static int shard_open(fe *f, int port, char *err, size_t errlen) {
     }
     uv_timer_init(f->loop, &f->shutdown_timer);
     f->shutdown_timer.data = f;
+    trim_start(f);
     /* last, so that no failure below leaves a connecting event plane behind */
     if (bt_proc_events_create(f->loop, &o->p, o->ns, "frontend", f->instance_id, &f->events, err, errlen) != BT_OK) {
         BT_ERROR("event plane: %s", err);

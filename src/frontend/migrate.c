@@ -104,11 +104,23 @@ void fe_migrate_dispatch(fe_req *r) {
         return;
     }
     bool all_busy = false;
-    /* a continuation (a migration, or a resumed stream whose response has begun) was admitted
-     * already: it may go to a busy worker rather than fail */
-    fe_worker *w = fe_route(f, r->model, r->failed_worker, r->attempts || r->resumed ? NULL : &all_busy);
+    fe_worker *w = fe_route(f, r->model, r->failed_worker, &all_busy);
+    if ((r->attempts || r->resumed) && ((!w && all_busy) || (w && w->id == r->failed_worker))) {
+        /* a continuation (a migration, or a resumed stream whose response has begun) was admitted already: it goes to a busy worker rather than fail, but only
+         * when every worker is busy. The busy check above comes first so that the streams of a dead
+         * worker (a migration storm) fill the workers under their thresholds before any goes over
+         * one: each continuation adds its estimate to its target's pending blocks, so the targets
+         * turn busy one by one and the storm spreads by free capacity; past that, each goes to the
+         * least used of the busy ones. (fe_route hands back the failed worker only when nothing
+         * else is eligible: a busy other one is still better.) */
+        fe_worker *busy = fe_route_least_busy(r->model, r->failed_worker);
+        if (busy && busy != w)
+            BT_INFO("request %s: every worker is busy; its continuation goes to busy worker %" PRIx64, r->rid,
+                    busy->id);
+        if (busy) w = busy;
+    }
     if (!w) {
-        if (all_busy) {
+        if (all_busy && !r->attempts) {
             fe_request_reject_busy(r);
         } else if (r->attempts) {
             char m[256];

@@ -288,6 +288,7 @@ bool fe_reqs_reserve(fe *f) {
         atomic_fetch_sub(&f->grp->nreqs, 1);
         return false;
     }
+    atomic_fetch_add(&f->grp->admitted, 1);
     return true;
 }
 

@@ -504,14 +504,39 @@ fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, bool *all_busy) {
         }
         if (best) return best;
     } else {
-        size_t start = f->mode == ROUTE_RANDOM ? (size_t)(bt_random64() % n) : (size_t)(f->rr++ % n);
+        size_t start = f->mode == ROUTE_RANDOM ? (size_t)(bt_random64() % n) : (size_t)(f->rr % n);
         for (size_t i = 0; i < n; i++) {
             fe_worker *w = m->ws[(start + i) % n];
-            if (eligible(w, m, avoid, all_busy, &nbusy, &avoided)) return w;
+            if (!eligible(w, m, avoid, all_busy, &nbusy, &avoided)) continue;
+            /* the rotation resumes after the worker taken, not after the start: a skipped (busy,
+             * dead) worker's turns are shared by all the others instead of all going to the one
+             * that follows it (a migration storm would pile onto the dead worker's neighbour) */
+            if (f->mode == ROUTE_ROUND_ROBIN) f->rr = start + i + 1;
+            return w;
         }
+        if (f->mode == ROUTE_ROUND_ROBIN) f->rr++;
     }
     if (all_busy) *all_busy = !avoided && nbusy > 0;
     return avoided; /* only the failed one is left: better than nothing (or NULL) */
+}
+
+fe_worker *fe_route_least_busy(fe_model *m, uint64_t avoid) {
+    fe_worker *best = NULL, *avoided = NULL;
+    double best_use = 0;
+    for (size_t i = 0; i < m->nws; i++) {
+        fe_worker *w = m->ws[i];
+        if (!fe_worker_routable(w)) continue;
+        if (avoid && w->id == avoid) {
+            avoided = w;
+            continue;
+        }
+        /* what fe_worker_busy compares with the threshold, as a share of the worker's blocks */
+        uint64_t total = w->load.total_blocks ? w->load.total_blocks : w->total_blocks_card;
+        double used = (double)(w->load_ms ? w->load.active_decode_blocks : 0) + (double)w->pending_blocks;
+        double use = total ? used / (double)total : used;
+        if (!best || use < best_use) best = w, best_use = use;
+    }
+    return best ? best : avoided;
 }
 
 void fe_worker_quarantine(fe_worker *w, const char *why) {
