@@ -27,6 +27,7 @@
 #include "discovery/discovery.h"
 #include "engine/engine.h"
 #include "events/events.h"
+#include "frontend/admit.h"
 #include "frontend/journal.h"
 #include "http/http.h"
 #include "proto/proto.h"
@@ -185,6 +186,7 @@ struct fe_req {
     fe_jsnap *replay;       /* a resume's copy of the record while its events are being replayed */
     size_t replay_ev;       /* the next event of `replay` to write */
     int replay_tail;        /* where the replay ends (resume.c) */
+    fe_ticket *ticket;      /* admission (admit.h): priority, tenant, place in the queue; NULL for a resume */
     fe_req *prev, *next; /* all live requests */
 };
 
@@ -211,6 +213,10 @@ typedef struct {
     int64_t threads;      /* event loops (shards.c) */
     double stream_retention;       /* seconds a stream's journal record is kept after it ends; 0 = off */
     int64_t stream_retention_bytes; /* cap on the whole journal */
+    const char *priority_ceiling;   /* --priority-ceiling KEY=N,...,*=N (admit.h) */
+    bool trust_tenant_header;
+    int64_t queue_max_requests, queue_max_tokens;
+    double queue_timeout;
 } fe_opts;
 
 /* What became of a resume (resume.c; baton_frontend_stream_resumes_total{outcome}). */
@@ -255,6 +261,8 @@ struct fe {
     bt_proc_closer closer;     /* closes discovery and the event plane at the end of a shutdown */
     uint64_t events_unknown;   /* event-plane reports naming no known worker */
     char *rpc_secret; /* request-plane shared secret, NULL = none */
+    fe_admit_policy *admit_policy; /* shard 0's, shared by every shard (admit.h) */
+    fe_admit *admit;               /* this shard's admission queue (NULL before start, after stop) */
     bool window_logged; /* the end of the accept window was logged */
     /* shards.c: the other loops of this process (--threads) */
     fe_group *grp;
@@ -332,6 +340,9 @@ const char *fe_req_state_name(fe_req_state s);
 void fe_request_deliver(fe_req *r, const uint32_t *ids, size_t n, const char *text, size_t len);
 void fe_request_finish(fe_req *r, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens);
 void fe_request_reject_busy(fe_req *r);
+/* Refuses a request that has not started (no attempt, no header sent): `status` with Retry-After
+ * and an OpenAI error body; counted as rejected. r is freed on return. */
+void fe_request_refuse(fe_req *r, int status, const char *code, int retry_after_s, const char *msg);
 /* Ends a request whose context is stopped or killed and that has no attempt running. */
 void fe_request_end_cancelled(fe_req *r);
 /* A new request with the given identity, admitted and linked (the caller dispatches it or ends

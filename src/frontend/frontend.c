@@ -271,6 +271,11 @@ static void route_busy_threshold(void *ud, bt_http_req *http, const char *tail) 
     handle_busy_threshold(ud, http);
 }
 
+static void route_admission(void *ud, bt_http_req *http, const char *tail) {
+    (void)tail;
+    fe_admit_handle(ud, http);
+}
+
 /* /v1/requests/{id}/cancel */
 static void route_request_op(void *ud, bt_http_req *http, const char *tail) {
     const char *slash = strchr(tail, '/');
@@ -303,6 +308,7 @@ static const bt_http_route routes[] = {
     {"/v1/models", BT_ROUTE_GET, 0, route_models},
     {"/v1/models/", BT_ROUTE_GET, 0, route_model},
     {"/busy_threshold", BT_ROUTE_GET | BT_ROUTE_POST, 0, route_busy_threshold},
+    {"/admission", BT_ROUTE_GET | BT_ROUTE_POST, 0, route_admission},
     {"/v1/requests/", BT_ROUTE_POST, 0, route_request_op},
     {"/v1/chat/completions/", BT_ROUTE_GET, 0, route_resume_chat},
     {"/v1/completions/", BT_ROUTE_GET, 0, route_resume_completion},
@@ -357,6 +363,7 @@ static void workers_gone_tick(uv_timer_t *t) {
 static void on_http_closed(void *ud) {
     fe *f = ud;
     f->http = NULL;
+    fe_admit_stop(f);
     fe_workers_stop(f);
     f->shutdown_close_deadline_ms = bt_now_ms() - f->shutdown_started_ms + 2000;
     uv_timer_start(&f->shutdown_timer, workers_gone_tick, 0, 5);
@@ -429,6 +436,10 @@ static int shard_open(fe *f, int port, char *err, size_t errlen) {
         return 1;
     }
     fe_workers_start(f);
+    if (fe_admit_start(f) != BT_OK) {
+        BT_ERROR("out of memory");
+        return 1;
+    }
 
     bt_http_config hc;
     bt_http_config_default(&hc);
@@ -508,6 +519,7 @@ int bt_frontend_main(int argc, char **argv) {
     o->threads = 1;
     o->stream_retention = 300;
     o->stream_retention_bytes = (int64_t)256 << 20;
+    o->queue_timeout = 30;
     const bt_opt opts[] = {
         {"--http-port", "DYN_HTTP_PORT", BT_OPT_INT, &o->http_port, 0, 65535, "HTTP port"},
         {"--http-host", "DYN_HTTP_HOST", BT_OPT_STR, &o->http_host, 0, 0, "HTTP address"},
@@ -552,6 +564,16 @@ int bt_frontend_main(int argc, char **argv) {
          "seconds a stream stays resumable after it ends (0 = streams are not resumable)"},
         {"--stream-retention-bytes", "DYN_STREAM_RETENTION_BYTES", BT_OPT_INT, &o->stream_retention_bytes, 4096,
          (double)((int64_t)1 << 40), "memory cap of the stream journal (resumable streams)"},
+        {"--priority-ceiling", "BATON_PRIORITY_CEILING", BT_OPT_STR, &o->priority_ceiling, 0, 0,
+         "KEY=N,...,*=N: the most urgent priority each API key (* = any other caller) may ask for"},
+        {"--trust-tenant-header", "BATON_TRUST_TENANT_HEADER", BT_OPT_BOOL, &o->trust_tenant_header, 0, 0,
+         "the tenant is the X-Tenant header, not the API key (only behind a gateway that sets it)"},
+        {"--queue-max-requests", "BATON_QUEUE_MAX_REQUESTS", BT_OPT_INT, &o->queue_max_requests, 0, 1e7,
+         "requests that may wait for a worker that is not busy (0 = no queue: refuse at once)"},
+        {"--queue-max-tokens", "BATON_QUEUE_MAX_TOKENS", BT_OPT_INT, &o->queue_max_tokens, 0, 1e12,
+         "estimated tokens that may wait in the queue (0 = no bound)"},
+        {"--queue-timeout", "BATON_QUEUE_TIMEOUT", BT_OPT_DOUBLE, &o->queue_timeout, 0, 3600,
+         "seconds a request may wait in the queue before a 503 (0 = no limit)"},
     };
     int nopts = (int)(sizeof opts / sizeof opts[0]);
     if (bt_proc_help("frontend", opts, nopts, argc, argv)) {
@@ -582,6 +604,13 @@ int bt_frontend_main(int argc, char **argv) {
         bt_proc_error("frontend", "%s", err);
         goto bad_usage;
     }
+    f->admit_policy = fe_admit_policy_new(o->priority_ceiling, o->queue_max_requests, o->queue_max_tokens,
+                                          o->queue_timeout, o->trust_tenant_header, err, sizeof err);
+    if (!f->admit_policy) {
+        bt_proc_error("frontend", "%s", err);
+        free(f->rpc_secret);
+        goto bad_usage;
+    }
     fe_group *g = calloc(1, sizeof *g);
     if (!g) goto bad_usage;
     g->n = (int)o->threads;
@@ -609,6 +638,7 @@ int bt_frontend_main(int argc, char **argv) {
             s->o = f->o;
             s->mode = f->mode;
             s->rpc_secret = f->rpc_secret; /* shard 0's, shared read-only */
+            s->admit_policy = f->admit_policy;
             g->shard[i] = s;
         }
         s->grp = g;
@@ -679,12 +709,14 @@ int bt_frontend_main(int argc, char **argv) {
         if (i > 0) free(s);
     }
     free(f->rpc_secret);
+    fe_admit_policy_free(f->admit_policy);
     fe_journal_destroy(g->journal);
     free(g);
     free(f);
     return rc;
 
 bad_usage:
+    fe_admit_policy_free(f->admit_policy);
     free(f);
     return 2;
 }

@@ -86,6 +86,7 @@ static char *continuation_payload(const fe_req *r, size_t *len, uint64_t *est_to
         .n_carried = r->nids,
         .has_max_tokens = limited,
         .max_tokens = limited ? remaining : 0,
+        .priority = fe_admit_priority(r),
     };
     if (r->nids && !r->text_lost) {
         rq.carried_text = r->text.data ? r->text.data : "";
@@ -102,13 +103,15 @@ void fe_migrate_dispatch(fe_req *r) {
         fe_request_end_cancelled(r);
         return;
     }
+    bool first = !r->attempts && !r->resumed;
+    if (first && fe_admit_before_route(r)) return; /* others of its model wait: it queues behind them */
     bool all_busy = false;
     /* a continuation (a migration, or a resumed stream whose response has begun) was admitted
      * already: it may go to a busy worker rather than fail */
     fe_worker *w = fe_route(f, r->model, r->failed_worker, r->attempts || r->resumed ? NULL : &all_busy);
     if (!w) {
         if (all_busy) {
-            fe_request_reject_busy(r);
+            if (!fe_admit_all_busy(r)) fe_request_reject_busy(r); /* queued, or refused by the queue */
         } else if (r->attempts) {
             char m[256];
             snprintf(m, sizeof m, "no worker left to continue the request (last attempt: %s)", r->fail_msg);

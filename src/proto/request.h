@@ -10,6 +10,9 @@
  *   max_tokens    integer >= 0 (optional): new tokens still allowed; absent = the engine's default
  *   carried_text  string (optional): the text delivered with the carried tokens, for engines that
  *                 continue from text; absent when the frontend has not kept it
+ *   priority      integer in [-BT_PRIORITY_LIMIT, BT_PRIORITY_LIMIT] (optional, default 0): the
+ *                 request's scheduling priority as the frontend settled it (the client's ask,
+ *                 bounded by its key's ceiling); lower is served sooner, as in vLLM
  * Unknown members are ignored, so that a newer frontend can add some. No I/O: unit-tested
  * (tests/unit/test_request.c) and fuzzed (fuzz/fuzz_request.c). */
 #ifndef BATON_PROTO_REQUEST_H
@@ -24,6 +27,8 @@
 #include "engine/engine.h"
 
 #define BT_REQUEST_ID_MAX 128
+/* The range of a priority, on the wire and from a client (body `priority` or X-Priority). */
+#define BT_PRIORITY_LIMIT 1000000
 
 typedef struct {
     const char *request_id;
@@ -35,6 +40,7 @@ typedef struct {
     int64_t max_tokens;
     const char *carried_text; /* NULL: none */
     size_t carried_text_len;
+    int32_t priority; /* 0 is not sent (the default) */
 } bt_request;
 
 /* Encodes rq as a payload: a malloc'd string (free with free()) of *len bytes, NUL-terminated;

@@ -198,6 +198,7 @@ static void handle_request(wk_peer *p, uint32_t id, const bt_frame *f) {
     er.request_id = msg.rq.request_id;
     er.api = msg.rq.api;
     er.body = body;
+    er.priority = msg.rq.priority;
     /* A client (an openai-engine worker in front of this frontend, continuing a stream) may name
      * tokens already generated in the body: they come before those of this frontend's attempts. */
     json_t *jbcar = json_object_get(body, "carried_token_ids");

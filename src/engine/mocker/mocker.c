@@ -2,11 +2,12 @@
  * producing the deterministic token stream of vocab.c.
  *
  * Sequences move waiting → running (prefill, then decode) → done. Each scheduler step admits
- * waiting sequences in FIFO order while their KV blocks fit under the watermark, the batched-token
+ * waiting sequences in (priority, arrival) order (lower priority values first, FIFO among equals)
+ * while their KV blocks fit under the watermark, the batched-token
  * budget and max_num_seqs allow; prefills up to max_num_batched_tokens prompt tokens (a longer
  * prompt is prefilled in chunks over several steps); then lets every decoding sequence emit one
  * token, allocating a block when a sequence crosses a block boundary and preempting the most
- * recently admitted decoding sequence when none is free. A step lasts
+ * recently admitted of the least urgent decoding sequences when none is free. A step lasts
  * (prefill_ms + decode_ms) / speedup_ratio of a virtual clock; each tick (a uv_timer set for the
  * end of the current step, or a uv_idle when the clock is behind real time) runs the steps whose
  * start time has come (at most 64 or 2 ms of work, then it yields to the loop) and delivers
@@ -42,6 +43,7 @@ typedef struct mk_engine mk_engine;
 struct bt_engine_seq {
     bt_deliver_seq dl; /* sink, staged output, ending, liveness */
     mk_phase phase;
+    int32_t priority; /* lower is admitted sooner; the waiting queue is sorted by it */
     TAILQ_ENTRY(bt_engine_seq) link; /* waiting or running list, by phase */
 
     /* Token function. */
@@ -111,8 +113,22 @@ static void list_push_tail(mk_list *l, bt_engine_seq *s) {
     l->n++;
 }
 
-static void list_push_head(mk_list *l, bt_engine_seq *s) {
-    TAILQ_INSERT_HEAD(&l->q, s, link);
+/* The waiting queue is kept in (priority, arrival) order. A new sequence goes after every waiting
+ * one of its priority or a more urgent one; a preempted one (first = true) goes before every one of
+ * its priority, since it arrived before them. The walk is from the end the sequence is nearer to in
+ * the common case (all of one priority: O(1) either way). */
+static void waiting_insert(mk_list *l, bt_engine_seq *s, bool first) {
+    if (first) {
+        bt_engine_seq *at = TAILQ_FIRST(&l->q);
+        while (at && at->priority < s->priority) at = TAILQ_NEXT(at, link);
+        if (at) TAILQ_INSERT_BEFORE(at, s, link);
+        else TAILQ_INSERT_TAIL(&l->q, s, link);
+    } else {
+        bt_engine_seq *at = TAILQ_LAST(&l->q, mk_seq_queue);
+        while (at && at->priority > s->priority) at = TAILQ_PREV(at, mk_seq_queue, link);
+        if (at) TAILQ_INSERT_AFTER(&l->q, at, s, link);
+        else TAILQ_INSERT_HEAD(&l->q, s, link);
+    }
     l->n++;
 }
 
@@ -311,13 +327,16 @@ static void preempt(mk_engine *e, bt_engine_seq *s) {
     s->blocks = 0;
     s->prefilled = 0;
     s->phase = SEQ_WAITING;
-    list_push_head(&e->waiting, s);
+    waiting_insert(&e->waiting, s, true);
 }
 
+/* The victim of a preemption: the decoding sequence of the largest priority value (the least
+ * urgent), the most recently admitted among those. */
 static bt_engine_seq *last_decoding(mk_engine *e) {
+    bt_engine_seq *best = NULL;
     for (bt_engine_seq *s = TAILQ_LAST(&e->running.q, mk_seq_queue); s; s = TAILQ_PREV(s, mk_seq_queue, link))
-        if (s->phase == SEQ_DECODE) return s;
-    return NULL;
+        if (s->phase == SEQ_DECODE && (!best || s->priority > best->priority)) best = s;
+    return best;
 }
 
 /* Generates one token for s; returns false when a fault says the step must stop now. */
@@ -396,7 +415,7 @@ static uint64_t step(mk_engine *e) {
         if (s->seq_len + 1 > s->blocks * bs) {
             bool self = false;
             while (e->used_blocks >= cap) {
-                bt_engine_seq *v = last_decoding(e); /* s itself at worst: never NULL here */
+                bt_engine_seq *v = last_decoding(e); /* s is decoding: never NULL here */
                 if (v == s) {
                     nx = TAILQ_NEXT(s, link); /* only prefilling sequences follow s */
                     preempt(e, s);
@@ -406,7 +425,7 @@ static uint64_t step(mk_engine *e) {
                 preempt(e, v);
             }
             if (self) continue;
-            nx = TAILQ_NEXT(s, link); /* victims came after s and have left the list */
+            nx = TAILQ_NEXT(s, link); /* the victims (before or after s) have left the list */
             s->blocks++;
             e->used_blocks++;
         }
@@ -737,6 +756,7 @@ static bt_status mk_submit(bt_engine *be, const bt_engine_request *req, const bt
     bt_deliver_add(&e->dl, &s->dl, sink, ud, MK_TEXT_CAP);
     s->seed = req->seed;
     s->temperature = req->temperature;
+    s->priority = req->priority;
     s->prompt_tokens = (uint32_t)n_ids;
     s->n_carried = req->n_carried;
     s->max_new = max_new;
@@ -774,7 +794,7 @@ static bt_status mk_submit(bt_engine *be, const bt_engine_request *req, const bt
     if (!bt_deliver_ended(&s->dl) && max_new == 0) seq_end(e, s, END_FINISH, BT_FINISH_LENGTH, BT_OK, NULL);
     if (!bt_deliver_ended(&s->dl)) {
         s->phase = SEQ_WAITING;
-        list_push_tail(&e->waiting, s);
+        waiting_insert(&e->waiting, s, false);
     }
     BT_DEBUG("mocker: submitted %s: %u prompt + %u carried tokens, max_tokens %u", req->request_id ? req->request_id : "-",
              s->prompt_tokens, s->n_carried, max_new);
