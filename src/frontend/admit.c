@@ -489,7 +489,8 @@ static void enqueue(fe_admit *a, fe_req *r) {
     if (!t->left) { /* a request back from routing keeps its place */
         if (!tn->queued_n) active++;
         while (full(a, t->cost)) {
-            if (share_use(a, tn, 1, t->cost, active) > 1.0) {
+            /* alone in the queue, a tenant is not over a share: the service is (503 below) */
+            if (active > 1 && share_use(a, tn, 1, t->cost, active) > 1.0) {
                 refuse(a, r, D_OVER_SHARE);
                 return;
             }
@@ -497,6 +498,7 @@ static void enqueue(fe_admit *a, fe_req *r) {
              * share makes room */
             int victim = -1;
             double worst = 1.0;
+            if (active < 2) worst = INFINITY; /* nobody to compare with: no victim */
             for (int i = 0; i < a->ntenants; i++) {
                 if (!a->tenants[i].queued_n) continue;
                 double u = share_use(a, &a->tenants[i], 0, 0, active);

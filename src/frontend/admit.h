@@ -15,7 +15,8 @@
  * priority order and, within a priority, by weighted fair queueing over tenants on estimated
  * tokens (prompt bytes / 4 + max_tokens): a tenant that sends ten times more requests does not
  * get ten times the tokens. A full queue refuses the arrival with 429 when its tenant holds more
- * than its share (the queue's capacity over the tenants that have queued requests), otherwise it
+ * than its share (the queue's capacity over the tenants that have queued requests, the arrival's
+ * included; a tenant alone has no share to be over), otherwise it
  * makes room by refusing (429) the newest request of the tenant furthest over its share, and only
  * when no tenant is over its share does the arrival get 503. A request that waits past the
  * timeout gets 503. Every refusal carries Retry-After from the observed rate at which the queue
