@@ -84,9 +84,10 @@ struct fe_admit {
     bool pumping;
     tenant tenants[TENANTS_MAX];
     int ntenants;
-    uint64_t drain[DRAIN_BUCKETS]; /* dequeues per second, by second (ring) */
-    uint64_t drain_sec;            /* the second of the newest bucket */
-    uint64_t first_drain_ms;       /* 0 = never drained */
+    uint64_t drain[DRAIN_BUCKETS];   /* requests that left the queue for a worker, by second (ring) */
+    uint64_t busy_ms[DRAIN_BUCKETS]; /* of each second, the milliseconds with requests queued */
+    uint64_t drain_sec;              /* the second of the newest bucket (0 = none yet) */
+    uint64_t busy_since_ms;          /* when the busy time was last accounted */
 };
 
 /* ---- policy ---- */
@@ -296,7 +297,10 @@ static bool before(const fe_ticket *x, const fe_ticket *y) {
     return x->seq < y->seq;
 }
 
+static void drain_roll(fe_admit *a, uint64_t now_ms);
+
 static void q_insert(fe_admit *a, fe_ticket *t) {
+    drain_roll(a, bt_now_ms());
     fe_ticket *at = a->tail; /* from the tail: a new tag is usually the largest */
     while (at && before(t, at)) at = at->prev;
     t->prev = at;
@@ -314,6 +318,7 @@ static void q_insert(fe_admit *a, fe_ticket *t) {
 
 static void q_remove(fe_admit *a, fe_ticket *t) {
     if (!t->queued) return;
+    drain_roll(a, bt_now_ms());
     if (t->prev) t->prev->next = t->next;
     else a->head = t->next;
     if (t->next) t->next->prev = t->prev;
@@ -326,32 +331,35 @@ static void q_remove(fe_admit *a, fe_ticket *t) {
     a->tenants[t->tenant].queued_tokens -= t->cost;
 }
 
-static void drain_note(fe_admit *a, uint64_t now_ms) {
+/* Moves the ring to the second of now_ms, clearing the seconds skipped; then accounts the time
+ * since the last call as busy when requests were queued all along (the queue length only changes
+ * through q_insert / q_remove, which call this first). */
+static void drain_roll(fe_admit *a, uint64_t now_ms) {
     uint64_t sec = now_ms / 1000;
-    if (!a->first_drain_ms) {
-        a->first_drain_ms = now_ms;
-        a->drain_sec = sec;
-    }
+    if (!a->drain_sec) a->drain_sec = sec;
     if (sec > a->drain_sec) {
         uint64_t gap = sec - a->drain_sec;
-        for (uint64_t i = 1; i <= gap && i <= DRAIN_BUCKETS; i++) a->drain[(a->drain_sec + i) % DRAIN_BUCKETS] = 0;
+        for (uint64_t i = 1; i <= gap && i <= DRAIN_BUCKETS; i++) {
+            a->drain[(a->drain_sec + i) % DRAIN_BUCKETS] = 0;
+            a->busy_ms[(a->drain_sec + i) % DRAIN_BUCKETS] = 0;
+        }
         a->drain_sec = sec;
     }
-    a->drain[sec % DRAIN_BUCKETS]++;
+    if (a->n && a->busy_since_ms && now_ms > a->busy_since_ms)
+        a->busy_ms[sec % DRAIN_BUCKETS] += now_ms - a->busy_since_ms;
+    a->busy_since_ms = now_ms;
 }
 
-/* Requests per second that left the queue for a worker over the last DRAIN_BUCKETS seconds (or
- * since the first, if sooner); 0 when none has. */
+/* Requests per second that left the queue for a worker, over the time of the last DRAIN_BUCKETS
+ * seconds during which requests were waiting: idle time does not dilute it (a rate averaged over
+ * idle seconds made Retry-After several times too long when load came in bursts). 0 when under
+ * half a second of such time is on record. */
 static double drain_rate(fe_admit *a, uint64_t now_ms) {
-    if (!a->first_drain_ms) return 0;
-    drain_note(a, now_ms); /* rolls the ring forward to now ... */
-    a->drain[(now_ms / 1000) % DRAIN_BUCKETS]--; /* ... without counting a dequeue */
-    uint64_t sum = 0;
-    for (int i = 0; i < DRAIN_BUCKETS; i++) sum += a->drain[i];
-    double span = (double)(now_ms - a->first_drain_ms) / 1000.0;
-    if (span > DRAIN_BUCKETS) span = DRAIN_BUCKETS;
-    if (span < 1) span = 1;
-    return (double)sum / span;
+    drain_roll(a, now_ms);
+    uint64_t sum = 0, busy = 0;
+    for (int i = 0; i < DRAIN_BUCKETS; i++) sum += a->drain[i], busy += a->busy_ms[i];
+    if (busy < 500 || sum == 0) return 0;
+    return (double)sum * 1000.0 / (double)busy;
 }
 
 /* Retry-After for a request of priority p refused now: the time for the queued requests that
@@ -451,7 +459,7 @@ static void pump(fe_admit *a) {
         q_remove(a, t);
         t->left = true;
         if (t->tag > a->vtime) a->vtime = t->tag;
-        drain_note(a, now);
+        a->drain[(now / 1000) % DRAIN_BUCKETS]++; /* q_remove rolled the ring to now */
         count(a, t, D_ADMITTED);
         BT_DEBUG("request %s: leaves the admission queue after %" PRIu64 " ms (priority %d, tenant %s)", r->rid,
                  now - t->t_enq_ms, t->priority, a->tenants[t->tenant].name);

@@ -238,6 +238,31 @@ with bl.Cluster() as c:
         assert st == code and "error" in json.loads(data), (payload, st, data)
     st, _, b = bl.get_json(fe.url + "/admission")
     assert st == 200 and b["queue_timeout"] == 0.5, b
+    # --- 7. Retry-After against what happened: a flood on a full queue is refused with the time
+    # the queued requests ahead need to leave at the observed drain rate; the queue then really
+    # empties within a factor of two of it
+    st, _, b = bl.post_json(fe.url + "/admission", {"queue_timeout": 60})
+    assert st == 200, b
+    res = [None] * 12
+
+    def flood(i):
+        res[i] = bl.stream_chat(fe.url, body(f"ra {i}"), timeout=150)
+
+    ts = [threading.Thread(target=flood, args=(i,)) for i in range(12)]
+    for t in ts:
+        t.start()
+    bl.wait_for(lambda: sum(1 for x in res if x is not None and x.status == 503) >= 3, 20,
+                what="refusals from the full queue")
+    refused = [x for x in res if x is not None and x.status == 503]
+    last = max(refused, key=lambda x: x.t_end)
+    ra = check_refusal(last, 503, "queue_full")
+    bl.wait_for(lambda: queued(fe) == 0, 60, interval=0.02, what="the queue to empty")
+    actual = time.monotonic() - last.t_end
+    for t in ts:
+        t.join(150)
+    print(f"Retry-After {ra}s; the queue emptied {actual:.1f}s after the refusal")
+    assert actual / 2 - 1 <= ra <= 2 * actual + 1, (ra, actual)
+
     # the queue switched off at run time: refusals are the busy 503 again
     st, _, b = bl.post_json(fe.url + "/admission", {"queue_max_requests": 0})
     assert st == 200 and b["queue_max_requests"] == 0, b
