@@ -29,6 +29,7 @@
 #include "events/events.h"
 #include "frontend/admit.h"
 #include "frontend/journal.h"
+#include "frontend/outlier.h"
 #include "http/http.h"
 #include "proto/proto.h"
 #include "rpc/conn.h"
@@ -117,6 +118,7 @@ struct fe_worker {
     bool retry_timer_inited;
     bool freeing;
     uint64_t routed_total;
+    fe_outlier outlier; /* latency window and ejection state (outlier.h) */
     fe_worker *next;
 };
 
@@ -144,6 +146,7 @@ struct fe_attempt {
     bt_ctx *ctx;     /* a child of the request's context: its callback sends STOP or KILL */
     uint32_t tokens; /* tokens received on this attempt */
     int number;      /* 1 = the first attempt */
+    uint64_t t_sent_us, t_last_us; /* when its REQUEST was written; its last tokens (outlier.h) */
 };
 
 struct fe_req {
@@ -217,6 +220,8 @@ typedef struct {
     bool trust_tenant_header;
     int64_t queue_max_requests, queue_max_tokens;
     double queue_timeout;
+    double outlier_factor, outlier_window, outlier_backoff, outlier_max_ejected; /* outlier.h */
+    int64_t outlier_min_samples;
 } fe_opts;
 
 /* What became of a resume (resume.c; baton_frontend_stream_resumes_total{outcome}). */

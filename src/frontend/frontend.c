@@ -520,6 +520,10 @@ int bt_frontend_main(int argc, char **argv) {
     o->stream_retention = 300;
     o->stream_retention_bytes = (int64_t)256 << 20;
     o->queue_timeout = 30;
+    o->outlier_window = 10;
+    o->outlier_min_samples = 50;
+    o->outlier_backoff = 5;
+    o->outlier_max_ejected = 0.5;
     const bt_opt opts[] = {
         {"--http-port", "DYN_HTTP_PORT", BT_OPT_INT, &o->http_port, 0, 65535, "HTTP port"},
         {"--http-host", "DYN_HTTP_HOST", BT_OPT_STR, &o->http_host, 0, 0, "HTTP address"},
@@ -574,6 +578,17 @@ int bt_frontend_main(int argc, char **argv) {
          "estimated tokens that may wait in the queue (0 = no bound)"},
         {"--queue-timeout", "BATON_QUEUE_TIMEOUT", BT_OPT_DOUBLE, &o->queue_timeout, 0, 3600,
          "seconds a request may wait in the queue before a 503 (0 = no limit)"},
+        {"--outlier-factor", "BATON_OUTLIER_FACTOR", BT_OPT_DOUBLE, &o->outlier_factor, 0, 1000,
+         "eject a worker whose mean TTFT or inter-token latency is this many times the median of the others "
+         "(0 = off)"},
+        {"--outlier-window", "BATON_OUTLIER_WINDOW", BT_OPT_DOUBLE, &o->outlier_window, 1, FE_OUTLIER_BUCKETS,
+         "seconds of latency samples a worker is judged on"},
+        {"--outlier-min-samples", "BATON_OUTLIER_MIN_SAMPLES", BT_OPT_INT, &o->outlier_min_samples, 1, 1e9,
+         "samples of a signal a worker (and each worker it is compared with) needs in the window"},
+        {"--outlier-backoff", "BATON_OUTLIER_BACKOFF", BT_OPT_DOUBLE, &o->outlier_backoff, 0.1, 3600,
+         "seconds an ejected worker stays out, doubled for each ejection in a row (at most 16x)"},
+        {"--outlier-max-ejected", "BATON_OUTLIER_MAX_EJECTED", BT_OPT_DOUBLE, &o->outlier_max_ejected, 0, 1,
+         "largest share of a model's workers ejected at once (at least one, with two or more)"},
     };
     int nopts = (int)(sizeof opts / sizeof opts[0]);
     if (bt_proc_help("frontend", opts, nopts, argc, argv)) {

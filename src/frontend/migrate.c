@@ -144,6 +144,7 @@ void fe_migrate_dispatch(fe_req *r) {
         return;
     }
     a->stream_id = id;
+    a->t_sent_us = bt_now_us();
     r->attempt = a;
     a->ctx = bt_ctx_new(r->rid, on_attempt_cancel, a);
     if (!a->ctx) {
@@ -212,6 +213,10 @@ static void attempt_failed(fe_req *r, bt_status code, const char *msg) {
 void fe_attempt_on_tokens(fe_attempt *a, const uint32_t *ids, size_t n, const char *text, size_t len) {
     fe_req *r = a->req;
     if (r->state == FE_REQ_DONE || !r->http || n == 0) return;
+    uint64_t t = bt_now_us(); /* the worker's latency signals, for outlier ejection */
+    if (a->tokens == 0) fe_outlier_first_token(r->fe, a->worker, (double)(t - a->t_sent_us) / 1e6);
+    else fe_outlier_tokens(r->fe, a->worker, (double)(t - a->t_last_us) / 1e6, n);
+    a->t_last_us = t;
     a->tokens += (uint32_t)n;
     if (r->state == FE_REQ_MIGRATING) {
         /* the stall the client saw: from the last token before the failure (or the request's

@@ -438,7 +438,8 @@ static uint64_t step(mk_engine *e) {
             seq_end(e, nx, END_ERROR, BT_FINISH_STOP, BT_ERR_ENGINE, "mocker fault: engine error");
     }
 
-    double ns = ms * 1e6 / e->cfg.speedup_ratio;
+    double slow = e->cfg.fault_slow_factor > 1.0 ? e->cfg.fault_slow_factor : 1.0;
+    double ns = ms * slow * 1e6 / e->cfg.speedup_ratio;
     return ns >= 1.0 ? (uint64_t)ns : 1u;
 }
 
@@ -863,7 +864,8 @@ void bt_mocker_config_default(bt_mocker_config *c) {
                             .max_num_batched_tokens = 8192,
                             .watermark = 0.01,
                             .speedup_ratio = 1.0,
-                            .default_max_tokens = 256}; /* the fault hooks: 0, off */
+                            .default_max_tokens = 256,
+                            .fault_slow_factor = 1.0}; /* the other fault hooks: 0, off */
 }
 
 bt_status bt_mocker_config_check(const bt_mocker_config *c, char *err, size_t errlen) {
@@ -904,6 +906,8 @@ bt_status bt_mocker_config_check(const bt_mocker_config *c, char *err, size_t er
                  (unsigned long long)floor((1.0 - c->watermark) * (double)c->num_gpu_blocks) *
                      (unsigned long long)c->block_size,
                  (long long)c->num_gpu_blocks, (long long)c->block_size, c->watermark);
+    } else if (!(c->fault_slow_factor >= 0.0 && c->fault_slow_factor <= 1000.0)) {
+        snprintf(err, errlen, "fault_slow_factor must be from 1 to 1000 (0 = 1, off; got %g)", c->fault_slow_factor);
     } else if (c->fault_die_after_tokens < 0 || c->fault_stall_after_tokens < 0 || c->fault_error_after_tokens < 0) {
         snprintf(err, errlen, "fault hook token counts must be >= 0 (0 = off)");
     } else {
@@ -954,6 +958,13 @@ bt_engine *bt_mocker_create(uv_loop_t *loop, const bt_mocker_config *cfg, const 
             (unsigned long long)e->context_length, (long long)cfg->max_num_seqs, (long long)cfg->max_num_batched_tokens,
             cfg->speedup_ratio);
     return &e->base;
+}
+
+void bt_mocker_set_slow(bt_engine *be, double factor) {
+    mk_engine *e = (mk_engine *)be;
+    if (!e || bt_deliver_closed(&e->dl) || !(factor >= 1.0 && factor <= 1000.0)) return;
+    BT_WARN("mocker: fault: steps take %gx their time", factor);
+    e->cfg.fault_slow_factor = factor;
 }
 
 void bt_mocker_inject(bt_engine *be, bt_mocker_fault f) {
