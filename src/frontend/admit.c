@@ -121,6 +121,7 @@ fe_admit_policy *fe_admit_policy_new(const char *spec, int64_t max_requests, int
     atomic_init(&p->max_tokens, max_tokens);
     atomic_init(&p->timeout_ms, (int64_t)(timeout_s * 1000.0 + 0.5));
     const char *s = spec ? spec : "";
+    int nentry = 0;
     while (*s) {
         const char *comma = strchr(s, ',');
         size_t len = comma ? (size_t)(comma - s) : strlen(s);
@@ -128,9 +129,14 @@ fe_admit_policy *fe_admit_policy_new(const char *spec, int64_t max_requests, int
         for (size_t i = 0; i < len; i++)
             if (s[i] == '=') eq = s + i;
         int32_t v;
+        nentry++;
         if (!eq || eq == s || !parse_prio(eq + 1, len - (size_t)(eq - s) - 1, &v)) {
-            snprintf(err, errlen, "--priority-ceiling: '%.*s' is not KEY=N with N an integer from %d to %d", (int)len,
-                     s, -BT_PRIORITY_LIMIT, BT_PRIORITY_LIMIT);
+            /* the key is a secret: the message names the entry by its place and shows only N */
+            if (!eq || eq == s)
+                snprintf(err, errlen, "--priority-ceiling: entry %d is not KEY=N (no key, or no '=')", nentry);
+            else
+                snprintf(err, errlen, "--priority-ceiling: entry %d: '%.*s' is not an integer from %d to %d", nentry,
+                         (int)(len - (size_t)(eq - s) - 1), eq + 1, -BT_PRIORITY_LIMIT, BT_PRIORITY_LIMIT);
             fe_admit_policy_free(p);
             return NULL;
         }
