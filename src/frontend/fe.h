@@ -28,6 +28,7 @@
 #include "engine/engine.h"
 #include "events/events.h"
 #include "frontend/admit.h"
+#include "frontend/budget.h"
 #include "frontend/journal.h"
 #include "frontend/outlier.h"
 #include "http/http.h"
@@ -222,6 +223,8 @@ typedef struct {
     double queue_timeout;
     double outlier_factor, outlier_window, outlier_backoff, outlier_max_ejected; /* outlier.h */
     int64_t outlier_min_samples;
+    double retry_budget; /* budget.h; 0 = off */
+    int64_t retry_budget_min;
 } fe_opts;
 
 /* What became of a resume (resume.c; baton_frontend_stream_resumes_total{outcome}). */
@@ -268,6 +271,7 @@ struct fe {
     char *rpc_secret; /* request-plane shared secret, NULL = none */
     fe_admit_policy *admit_policy; /* shard 0's, shared by every shard (admit.h) */
     fe_admit *admit;               /* this shard's admission queue (NULL before start, after stop) */
+    fe_budget budget;              /* this shard's retry budget (budget.h) */
     bool window_logged; /* the end of the accept window was logged */
     /* shards.c: the other loops of this process (--threads) */
     fe_group *grp;

@@ -524,6 +524,7 @@ int bt_frontend_main(int argc, char **argv) {
     o->outlier_min_samples = 50;
     o->outlier_backoff = 5;
     o->outlier_max_ejected = 0.5;
+    o->retry_budget_min = 10;
     const bt_opt opts[] = {
         {"--http-port", "DYN_HTTP_PORT", BT_OPT_INT, &o->http_port, 0, 65535, "HTTP port"},
         {"--http-host", "DYN_HTTP_HOST", BT_OPT_STR, &o->http_host, 0, 0, "HTTP address"},
@@ -589,6 +590,11 @@ int bt_frontend_main(int argc, char **argv) {
          "seconds an ejected worker stays out, doubled for each ejection in a row (at most 16x)"},
         {"--outlier-max-ejected", "BATON_OUTLIER_MAX_EJECTED", BT_OPT_DOUBLE, &o->outlier_max_ejected, 0, 1,
          "largest share of a model's workers ejected at once (at least one, with two or more)"},
+        {"--retry-budget", "BATON_RETRY_BUDGET", BT_OPT_DOUBLE, &o->retry_budget, 0, 100,
+         "re-routes before the first token and repeat migrations allowed per request started, over 10 s "
+         "(0 = off)"},
+        {"--retry-budget-min", "BATON_RETRY_BUDGET_MIN", BT_OPT_INT, &o->retry_budget_min, 0, 1e9,
+         "retries always allowed per 10 s, whatever the traffic"},
     };
     int nopts = (int)(sizeof opts / sizeof opts[0]);
     if (bt_proc_help("frontend", opts, nopts, argc, argv)) {

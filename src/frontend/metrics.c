@@ -145,6 +145,7 @@ void fe_metrics_render(fe *f, bt_buf *b) {
     bt_buf_appendf(b, "baton_frontend_limit_rejections_total %" PRIu64 "\n", f->limit_rejections);
     fe_admit_metrics(f, b);
     fe_outlier_metrics(f, b);
+    fe_budget_metrics(f, b);
     /* per event loop (--threads): how the kernel spread the load; the merge keeps one series each */
     family(b, "baton_frontend_thread_requests_total", "counter", "Requests received, by event loop (--threads)");
     bt_buf_appendf(b, "baton_frontend_thread_requests_total{thread=\"%d\"} %" PRIu64 "\n", f->shard, f->requests_seen);

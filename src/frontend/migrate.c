@@ -145,6 +145,7 @@ void fe_migrate_dispatch(fe_req *r) {
     }
     a->stream_id = id;
     a->t_sent_us = bt_now_us();
+    if (a->number == 1 && !r->resumed) fe_budget_started(f);
     r->attempt = a;
     a->ctx = bt_ctx_new(r->rid, on_attempt_cancel, a);
     if (!a->ctx) {
@@ -202,6 +203,13 @@ static void attempt_failed(fe_req *r, bt_status code, const char *msg) {
         if (r->fe->o.migration_limit > 0)
             snprintf(m, sizeof m, "%s (migration limit of %lld exhausted)", msg, (long long)r->fe->o.migration_limit);
         else snprintf(m, sizeof m, "%s (migration is disabled)", msg);
+        fe_request_fail(r, code, m);
+        return;
+    }
+    char why[200];
+    if (!fe_budget_allow(r, why, sizeof why)) { /* a retry storm is not let through (budget.h) */
+        char m[400];
+        snprintf(m, sizeof m, "%s (%s)", msg, why);
         fe_request_fail(r, code, m);
         return;
     }

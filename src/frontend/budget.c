@@ -1,0 +1,61 @@
+/* budget.c — the retry budget (see budget.h). Two rings of per-second counts over the last
+ * FE_BUDGET_BUCKETS seconds: requests started and retries allowed. */
+#include "frontend/budget.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+
+#include "common/log.h"
+#include "frontend/fe.h"
+
+static const char *const kind_names[2] = {"new_request", "repeat_migration"};
+
+static void roll(fe_budget *b, uint64_t now_ms) {
+    uint64_t sec = now_ms / 1000;
+    if (!b->sec) b->sec = sec;
+    if (sec <= b->sec) return;
+    for (uint64_t i = 1; i <= sec - b->sec && i <= FE_BUDGET_BUCKETS; i++) {
+        b->started[(b->sec + i) % FE_BUDGET_BUCKETS] = 0;
+        b->retries[(b->sec + i) % FE_BUDGET_BUCKETS] = 0;
+    }
+    b->sec = sec;
+}
+
+void fe_budget_started(fe *f) {
+    roll(&f->budget, bt_now_ms());
+    f->budget.started[f->budget.sec % FE_BUDGET_BUCKETS]++;
+}
+
+bool fe_budget_allow(fe_req *r, char *why, size_t whylen) {
+    fe *f = r->fe;
+    bool reroute = r->nids == 0;          /* nothing reached the client yet */
+    bool repeat = !reroute && r->attempts >= 2; /* it has moved mid-stream before */
+    if (f->o.retry_budget <= 0 || (!reroute && !repeat)) return true;
+    fe_budget *b = &f->budget;
+    roll(b, bt_now_ms());
+    uint64_t started = 0, retries = 0;
+    for (int i = 0; i < FE_BUDGET_BUCKETS; i++) started += b->started[i], retries += b->retries[i];
+    double cap = f->o.retry_budget * (double)started;
+    if (cap < (double)f->o.retry_budget_min) cap = (double)f->o.retry_budget_min;
+    int kind = reroute ? 0 : 1;
+    if ((double)(retries + 1) > cap) {
+        b->count[kind][1]++;
+        snprintf(why, whylen, "retry budget exhausted: %" PRIu64 " retries for %" PRIu64 " requests in the last %d s "
+                 "(budget %g of requests, at least %lld)",
+                 retries, started, FE_BUDGET_BUCKETS, f->o.retry_budget, (long long)f->o.retry_budget_min);
+        BT_WARN("request %s: %s retry refused: %s", r->rid, kind_names[kind], why);
+        return false;
+    }
+    b->count[kind][0]++;
+    b->retries[b->sec % FE_BUDGET_BUCKETS]++;
+    return true;
+}
+
+void fe_budget_metrics(fe *f, bt_buf *b) {
+    bt_buf_append_str(b, "# HELP baton_frontend_retry_budget_total Retries the retry budget allowed or refused\n"
+                         "# TYPE baton_frontend_retry_budget_total counter\n");
+    for (int k = 0; k < 2; k++)
+        for (int d = 0; d < 2; d++)
+            bt_buf_appendf(b, "baton_frontend_retry_budget_total{kind=\"%s\",decision=\"%s\"} %" PRIu64 "\n",
+                           kind_names[k], d ? "refused" : "allowed", f->budget.count[k][d]);
+}
