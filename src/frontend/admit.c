@@ -52,6 +52,7 @@ struct fe_admit_policy {
     atomic_int_least64_t max_requests; /* 0 = the queue is off */
     atomic_int_least64_t max_tokens;   /* 0 = no bound on tokens */
     atomic_int_least64_t timeout_ms;
+    atomic_int_least64_t migration_concurrency; /* 0 = no cap */
 };
 
 typedef struct {
@@ -71,6 +72,8 @@ struct fe_ticket {
     uint64_t t_enq_ms, deadline_ms;
     bool queued;
     bool left;       /* it left the queue for routing: never queued again as new */
+    bool mig_slot;   /* holds one of the --migration-concurrency slots */
+    bool mig_waiting; /* in the migration wait list */
     fe_ticket *prev, *next;
 };
 
@@ -88,6 +91,10 @@ struct fe_admit {
     uint64_t busy_ms[DRAIN_BUCKETS]; /* of each second, the milliseconds with requests queued */
     uint64_t drain_sec;              /* the second of the newest bucket (0 = none yet) */
     uint64_t busy_since_ms;          /* when the busy time was last accounted */
+    /* Migrations past --migration-concurrency wait here (FIFO) for a slot; they are never failed
+     * for it. mig_inflight counts the slots taken: migrations sent, not yet at their first token. */
+    fe_ticket *mhead, *mtail;
+    uint64_t mwaiting, mig_inflight, mig_waited_total;
 };
 
 /* ---- policy ---- */
@@ -113,9 +120,11 @@ static bool parse_prio(const char *s, size_t len, int32_t *out) {
 }
 
 fe_admit_policy *fe_admit_policy_new(const char *spec, int64_t max_requests, int64_t max_tokens, double timeout_s,
-                                     bool trust_tenant_header, char *err, size_t errlen) {
+                                     int64_t migration_concurrency, bool trust_tenant_header, char *err,
+                                     size_t errlen) {
     fe_admit_policy *p = calloc(1, sizeof *p);
     if (!p) goto nomem;
+    atomic_init(&p->migration_concurrency, migration_concurrency);
     p->trust_tenant_header = trust_tenant_header;
     atomic_init(&p->max_requests, max_requests);
     atomic_init(&p->max_tokens, max_tokens);
@@ -429,7 +438,31 @@ static void pump(fe_admit *a);
 static void tick(uv_timer_t *h) { pump(h->data); }
 
 static void arm(fe_admit *a) {
-    if (a->n && !uv_is_active((uv_handle_t *)&a->timer)) uv_timer_start(&a->timer, tick, PUMP_MS, PUMP_MS);
+    if ((a->n || a->mwaiting) && !uv_is_active((uv_handle_t *)&a->timer))
+        uv_timer_start(&a->timer, tick, PUMP_MS, PUMP_MS);
+}
+
+static bool mig_room(const fe_admit *a) {
+    int64_t cap = atomic_load(&a->pol->migration_concurrency);
+    return cap <= 0 || a->mig_inflight < (uint64_t)cap;
+}
+
+static void mig_unlink(fe_admit *a, fe_ticket *t) {
+    if (!t->mig_waiting) return;
+    if (t->prev) t->prev->next = t->next;
+    else a->mhead = t->next;
+    if (t->next) t->next->prev = t->prev;
+    else a->mtail = t->prev;
+    t->prev = t->next = NULL;
+    t->mig_waiting = false;
+    a->mwaiting--;
+}
+
+static void mig_release(fe_admit *a, fe_ticket *t) {
+    if (!t->mig_slot) return;
+    t->mig_slot = false;
+    a->mig_inflight--;
+    if (a->mwaiting) arm(a);
 }
 
 /* Routes the queue's heads while their models have a worker that is not busy; refuses the
@@ -445,8 +478,20 @@ static void pump(fe_admit *a) {
             refuse(a, t->req, D_TIMEOUT); /* frees t's request and t */
         }
     }
+    int sent = 0;
+    /* waiting migrations first: their streams are running already */
+    while (a->mhead && mig_room(a) && sent < PUMP_MAX_PER_TICK) {
+        fe_ticket *t = a->mhead;
+        mig_unlink(a, t);
+        t->mig_slot = true;
+        a->mig_inflight++;
+        sent++;
+        BT_INFO("request %s: migration leaves the wait (%" PRIu64 " migrations in flight, %" PRIu64 " waiting)",
+                t->req->rid, a->mig_inflight, a->mwaiting);
+        fe_migrate_dispatch(t->req); /* may end the request (and free t) */
+    }
     fe_model *blocked[BLOCKED_MAX];
-    int nblocked = 0, sent = 0;
+    int nblocked = 0;
     for (fe_ticket *t = a->head; t && sent < PUMP_MAX_PER_TICK;) {
         fe_req *r = t->req;
         bool skip = false;
@@ -473,7 +518,7 @@ static void pump(fe_admit *a) {
         fe_migrate_dispatch(r); /* routes it (or fails it: no worker at all); may free r */
         t = a->head;            /* the list may have changed under the dispatch */
     }
-    if (!a->n) uv_timer_stop(&a->timer);
+    if (!a->n && !a->mwaiting) uv_timer_stop(&a->timer);
     a->pumping = false;
 }
 
@@ -576,8 +621,46 @@ void fe_admit_forget(fe_req *r) {
         count(a, t, D_CLIENT_GONE);
         BT_INFO("request %s: dropped from the admission queue (client gone or request cancelled)", r->rid);
     }
+    if (a) {
+        mig_unlink(a, t);
+        mig_release(a, t);
+    }
     r->ticket = NULL;
     free(t);
+}
+
+bool fe_admit_migration_hold(fe_req *r) {
+    fe_admit *a = r->fe->admit;
+    if (!a || atomic_load(&a->pol->migration_concurrency) <= 0) return false;
+    fe_ticket *t = r->ticket;
+    if (!t) { /* a resumed stream has no ticket: a bare one, for the slot and the list */
+        t = calloc(1, sizeof *t);
+        if (!t) return false; /* out of memory: migrate now rather than fail */
+        fe_admit_attach(r, t);
+    }
+    if (t->mig_slot) return false; /* a migration that failed again keeps its slot */
+    if (mig_room(a) && !a->mhead) {
+        t->mig_slot = true;
+        a->mig_inflight++;
+        return false;
+    }
+    t->prev = a->mtail;
+    t->next = NULL;
+    if (a->mtail) a->mtail->next = t;
+    else a->mhead = t;
+    a->mtail = t;
+    t->mig_waiting = true;
+    a->mwaiting++;
+    a->mig_waited_total++;
+    BT_INFO("request %s: migration waits for a slot (%" PRIu64 " in flight, cap %lld; %" PRIu64 " waiting)", r->rid,
+            a->mig_inflight, (long long)atomic_load(&a->pol->migration_concurrency), a->mwaiting);
+    arm(a);
+    return true;
+}
+
+void fe_admit_migration_done(fe_req *r) {
+    fe_admit *a = r->fe->admit;
+    if (a && r->ticket) mig_release(a, r->ticket);
 }
 
 /* ---- control and metrics ---- */
@@ -593,7 +676,10 @@ static void respond(bt_http_req *http, int status, json_t *j) {
 static json_t *limits_json(fe *f) {
     fe_admit_policy *p = f->admit_policy;
     fe_admit *a = f->admit;
-    return json_pack("{s:I,s:I,s:f,s:I,s:I}", "queue_max_requests", (json_int_t)atomic_load(&p->max_requests),
+    return json_pack("{s:I,s:I,s:I,s:I,s:I,s:f,s:I,s:I}", "migration_concurrency",
+                     (json_int_t)atomic_load(&p->migration_concurrency), "migrations_in_flight",
+                     (json_int_t)(a ? a->mig_inflight : 0), "migrations_waiting", (json_int_t)(a ? a->mwaiting : 0),
+                     "queue_max_requests", (json_int_t)atomic_load(&p->max_requests),
                      "queue_max_tokens", (json_int_t)atomic_load(&p->max_tokens), "queue_timeout",
                      (double)atomic_load(&p->timeout_ms) / 1000.0, "queued_requests", (json_int_t)(a ? a->n : 0),
                      "queued_tokens", (json_int_t)(a ? a->tokens : 0));
@@ -614,9 +700,10 @@ void fe_admit_handle(fe *f, bt_http_req *http) {
     static const struct {
         const char *name;
         double max;
-    } fields[] = {{"queue_max_requests", 1e7}, {"queue_max_tokens", 1e12}, {"queue_timeout", 3600}};
-    json_t *v[3];
-    for (int i = 0; i < 3; i++) {
+    } fields[] = {{"queue_max_requests", 1e7}, {"queue_max_tokens", 1e12}, {"queue_timeout", 3600},
+                  {"migration_concurrency", 1e7}};
+    json_t *v[4];
+    for (int i = 0; i < 4; i++) {
         v[i] = json_object_get(b, fields[i].name);
         if (v[i] && !json_is_number(v[i])) {
             char msg[96];
@@ -626,10 +713,11 @@ void fe_admit_handle(fe *f, bt_http_req *http) {
             return;
         }
         double x = v[i] ? json_number_value(v[i]) : 0;
-        if (v[i] && (!(x >= 0 && x <= fields[i].max) || (i < 2 && !json_is_integer(v[i])))) {
+        bool integer = i != 2;
+        if (v[i] && (!(x >= 0 && x <= fields[i].max) || (integer && !json_is_integer(v[i])))) {
             char msg[128];
             snprintf(msg, sizeof msg, "%s must be %s from 0 to %g, got %g", fields[i].name,
-                     i < 2 ? "an integer" : "a number", fields[i].max, x);
+                     integer ? "an integer" : "a number", fields[i].max, x);
             respond(http, 400, json_pack("{s:s}", "error", msg));
             json_decref(b);
             return;
@@ -639,10 +727,13 @@ void fe_admit_handle(fe *f, bt_http_req *http) {
     if (v[0]) atomic_store(&p->max_requests, (int64_t)json_integer_value(v[0]));
     if (v[1]) atomic_store(&p->max_tokens, (int64_t)json_integer_value(v[1]));
     if (v[2]) atomic_store(&p->timeout_ms, (int64_t)(json_number_value(v[2]) * 1000.0 + 0.5));
-    if (v[0] || v[1] || v[2])
-        BT_INFO("admission queue limits set: %lld requests, %lld tokens, timeout %.3f s",
+    if (v[3]) atomic_store(&p->migration_concurrency, (int64_t)json_integer_value(v[3]));
+    if (v[0] || v[1] || v[2] || v[3])
+        BT_INFO("admission limits set: queue of %lld requests, %lld tokens, timeout %.3f s; %lld concurrent "
+                "migrations",
                 (long long)atomic_load(&p->max_requests), (long long)atomic_load(&p->max_tokens),
-                (double)atomic_load(&p->timeout_ms) / 1000.0);
+                (double)atomic_load(&p->timeout_ms) / 1000.0, (long long)atomic_load(&p->migration_concurrency));
+    if (v[3] && f->admit) arm(f->admit); /* a raised cap lets waiting migrations go */
     json_decref(b);
     respond(http, 200, limits_json(f));
 }
@@ -663,6 +754,15 @@ void fe_admit_metrics(fe *f, bt_buf *b) {
                    "baton_frontend_queue_requests %" PRIu64 "\n"
                    "# HELP baton_frontend_queue_tokens Estimated tokens of the requests in the admission queue\n"
                    "# TYPE baton_frontend_queue_tokens gauge\n"
-                   "baton_frontend_queue_tokens %" PRIu64 "\n",
-                   a->n, a->tokens);
+                   "baton_frontend_queue_tokens %" PRIu64 "\n"
+                   "# HELP baton_frontend_migrations_in_flight Migrations sent and not yet at their first token\n"
+                   "# TYPE baton_frontend_migrations_in_flight gauge\n"
+                   "baton_frontend_migrations_in_flight %" PRIu64 "\n"
+                   "# HELP baton_frontend_migrations_waiting Migrations waiting for a --migration-concurrency slot\n"
+                   "# TYPE baton_frontend_migrations_waiting gauge\n"
+                   "baton_frontend_migrations_waiting %" PRIu64 "\n"
+                   "# HELP baton_frontend_migrations_waited_total Migrations that waited for a slot\n"
+                   "# TYPE baton_frontend_migrations_waited_total counter\n"
+                   "baton_frontend_migrations_waited_total %" PRIu64 "\n",
+                   a->n, a->tokens, a->mig_inflight, a->mwaiting, a->mig_waited_total);
 }

@@ -46,7 +46,8 @@ typedef struct fe_ticket fe_ticket;
  * --priority-ceiling: comma-separated KEY=N entries, "*=N" for every other caller (a key is split
  * at its last '='). NULL with a reason in err when spec is malformed or out of memory. */
 fe_admit_policy *fe_admit_policy_new(const char *spec, int64_t max_requests, int64_t max_tokens, double timeout_s,
-                                     bool trust_tenant_header, char *err, size_t errlen);
+                                     int64_t migration_concurrency, bool trust_tenant_header, char *err,
+                                     size_t errlen);
 void fe_admit_policy_free(fe_admit_policy *p);
 
 /* Per shard: created with the shard's loop, stopped (its timer closed, the memory freed by the
@@ -72,6 +73,12 @@ bool fe_admit_all_busy(fe_req *r);
 /* r ends: it leaves the queue (a client that left is dropped at once) and its ticket is freed. */
 void fe_admit_forget(fe_req *r);
 
+/* Migrations past --migration-concurrency (0 = no cap) wait, never fail: r's attempt failed and
+ * r is about to be dispatched again. True when r now waits (the pump dispatches it when a slot
+ * frees); false: dispatch it now (it holds a slot, or there is no cap). A slot is held from the
+ * dispatch to the migration's first token (fe_admit_migration_done) or the request's end. */
+bool fe_admit_migration_hold(fe_req *r);
+void fe_admit_migration_done(fe_req *r);
 /* GET/POST /admission: the limits, and per-shard queue gauges. */
 void fe_admit_handle(fe *f, bt_http_req *http);
 /* The queue's Prometheus families (metrics.c). */

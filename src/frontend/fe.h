@@ -225,6 +225,7 @@ typedef struct {
     int64_t outlier_min_samples;
     double retry_budget; /* budget.h; 0 = off */
     int64_t retry_budget_min;
+    int64_t migration_concurrency; /* admit.h; 0 = no cap */
 } fe_opts;
 
 /* What became of a resume (resume.c; baton_frontend_stream_resumes_total{outcome}). */

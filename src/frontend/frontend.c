@@ -595,6 +595,8 @@ int bt_frontend_main(int argc, char **argv) {
          "(0 = off)"},
         {"--retry-budget-min", "BATON_RETRY_BUDGET_MIN", BT_OPT_INT, &o->retry_budget_min, 0, 1e9,
          "retries always allowed per 10 s, whatever the traffic"},
+        {"--migration-concurrency", "BATON_MIGRATION_CONCURRENCY", BT_OPT_INT, &o->migration_concurrency, 0, 1e7,
+         "migrations sent at once (from a failure to their first token); more wait, never fail (0 = no cap)"},
     };
     int nopts = (int)(sizeof opts / sizeof opts[0]);
     if (bt_proc_help("frontend", opts, nopts, argc, argv)) {
@@ -626,7 +628,8 @@ int bt_frontend_main(int argc, char **argv) {
         goto bad_usage;
     }
     f->admit_policy = fe_admit_policy_new(o->priority_ceiling, o->queue_max_requests, o->queue_max_tokens,
-                                          o->queue_timeout, o->trust_tenant_header, err, sizeof err);
+                                          o->queue_timeout, o->migration_concurrency, o->trust_tenant_header, err,
+                                          sizeof err);
     if (!f->admit_policy) {
         bt_proc_error("frontend", "%s", err);
         free(f->rpc_secret);

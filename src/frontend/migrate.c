@@ -215,6 +215,7 @@ static void attempt_failed(fe_req *r, bt_status code, const char *msg) {
     }
     if (r->state != FE_REQ_MIGRATING) r->t_fail_us = bt_now_us(); /* kept across back-to-back failures */
     fe_req_set_state(r, FE_REQ_MIGRATING, msg);
+    if (fe_admit_migration_hold(r)) return; /* past --migration-concurrency: it waits (admit.h) */
     fe_migrate_dispatch(r);
 }
 
@@ -233,6 +234,7 @@ void fe_attempt_on_tokens(fe_attempt *a, const uint32_t *ids, size_t n, const ch
         fe_hist_observe(&r->model->st.migration_stall, (double)(now - (r->nids ? r->t_last_us : r->t_start_us)) / 1e6);
         BT_DEBUG("request %s: first token after the migration at t=%" PRIu64 " us", r->rid, now);
         r->t_fail_us = 0;
+        fe_admit_migration_done(r); /* its --migration-concurrency slot frees */
     }
     if (r->state != FE_REQ_STREAMING) {
         char why[64];
