@@ -53,6 +53,9 @@ struct fe_admit_policy {
     atomic_int_least64_t max_tokens;   /* 0 = no bound on tokens */
     atomic_int_least64_t timeout_ms;
     atomic_int_least64_t migration_concurrency; /* 0 = no cap */
+    _Atomic double retry_budget;               /* budget.h */
+    atomic_int_least64_t retry_budget_min;
+    _Atomic double outlier_factor;             /* outlier.h */
 };
 
 typedef struct {
@@ -676,14 +679,32 @@ static void respond(bt_http_req *http, int status, json_t *j) {
 static json_t *limits_json(fe *f) {
     fe_admit_policy *p = f->admit_policy;
     fe_admit *a = f->admit;
-    return json_pack("{s:I,s:I,s:I,s:I,s:I,s:f,s:I,s:I}", "migration_concurrency",
+    return json_pack("{s:I,s:I,s:I,s:f,s:f,s:I,s:I,s:I,s:f,s:I,s:I}", "migration_concurrency",
                      (json_int_t)atomic_load(&p->migration_concurrency), "migrations_in_flight",
                      (json_int_t)(a ? a->mig_inflight : 0), "migrations_waiting", (json_int_t)(a ? a->mwaiting : 0),
-                     "queue_max_requests", (json_int_t)atomic_load(&p->max_requests),
-                     "queue_max_tokens", (json_int_t)atomic_load(&p->max_tokens), "queue_timeout",
+                     "outlier_factor", atomic_load(&p->outlier_factor), "retry_budget", atomic_load(&p->retry_budget),
+                     "retry_budget_min", (json_int_t)atomic_load(&p->retry_budget_min), "queue_max_requests",
+                     (json_int_t)atomic_load(&p->max_requests), "queue_max_tokens",
+                     (json_int_t)atomic_load(&p->max_tokens), "queue_timeout",
                      (double)atomic_load(&p->timeout_ms) / 1000.0, "queued_requests", (json_int_t)(a ? a->n : 0),
                      "queued_tokens", (json_int_t)(a ? a->tokens : 0));
 }
+
+/* The limits POST /admission may set, with the ranges of their flags. */
+enum { F_QREQ, F_QTOK, F_QTIMEOUT, F_MIGCONC, F_BUDGET, F_BUDGET_MIN, F_OUTLIER, F_N };
+static const struct {
+    const char *name;
+    double min, max;
+    bool integer;
+} fields[F_N] = {
+    [F_QREQ] = {"queue_max_requests", 0, 1e7, true},
+    [F_QTOK] = {"queue_max_tokens", 0, 1e12, true},
+    [F_QTIMEOUT] = {"queue_timeout", 0, 3600, false},
+    [F_MIGCONC] = {"migration_concurrency", 0, 1e7, true},
+    [F_BUDGET] = {"retry_budget", 0, 100, false},
+    [F_BUDGET_MIN] = {"retry_budget_min", 0, 1e9, true},
+    [F_OUTLIER] = {"outlier_factor", 0, 1000, false},
+};
 
 void fe_admit_handle(fe *f, bt_http_req *http) {
     if (http->method != BT_HTTP_POST) {
@@ -697,13 +718,9 @@ void fe_admit_handle(fe *f, bt_http_req *http) {
         json_decref(b);
         return;
     }
-    static const struct {
-        const char *name;
-        double max;
-    } fields[] = {{"queue_max_requests", 1e7}, {"queue_max_tokens", 1e12}, {"queue_timeout", 3600},
-                  {"migration_concurrency", 1e7}};
-    json_t *v[4];
-    for (int i = 0; i < 4; i++) {
+    json_t *v[F_N];
+    bool any = false;
+    for (int i = 0; i < F_N; i++) { /* every field is checked before any is set */
         v[i] = json_object_get(b, fields[i].name);
         if (v[i] && !json_is_number(v[i])) {
             char msg[96];
@@ -713,29 +730,44 @@ void fe_admit_handle(fe *f, bt_http_req *http) {
             return;
         }
         double x = v[i] ? json_number_value(v[i]) : 0;
-        bool integer = i != 2;
-        if (v[i] && (!(x >= 0 && x <= fields[i].max) || (integer && !json_is_integer(v[i])))) {
+        if (v[i] && (!(x >= fields[i].min && x <= fields[i].max) || (fields[i].integer && !json_is_integer(v[i])))) {
             char msg[128];
-            snprintf(msg, sizeof msg, "%s must be %s from 0 to %g, got %g", fields[i].name,
-                     integer ? "an integer" : "a number", fields[i].max, x);
+            snprintf(msg, sizeof msg, "%s must be %s from %g to %g, got %g", fields[i].name,
+                     fields[i].integer ? "an integer" : "a number", fields[i].min, fields[i].max, x);
             respond(http, 400, json_pack("{s:s}", "error", msg));
             json_decref(b);
             return;
         }
+        any = any || v[i];
     }
     fe_admit_policy *p = f->admit_policy;
-    if (v[0]) atomic_store(&p->max_requests, (int64_t)json_integer_value(v[0]));
-    if (v[1]) atomic_store(&p->max_tokens, (int64_t)json_integer_value(v[1]));
-    if (v[2]) atomic_store(&p->timeout_ms, (int64_t)(json_number_value(v[2]) * 1000.0 + 0.5));
-    if (v[3]) atomic_store(&p->migration_concurrency, (int64_t)json_integer_value(v[3]));
-    if (v[0] || v[1] || v[2] || v[3])
+    if (v[F_QREQ]) atomic_store(&p->max_requests, (int64_t)json_integer_value(v[F_QREQ]));
+    if (v[F_QTOK]) atomic_store(&p->max_tokens, (int64_t)json_integer_value(v[F_QTOK]));
+    if (v[F_QTIMEOUT]) atomic_store(&p->timeout_ms, (int64_t)(json_number_value(v[F_QTIMEOUT]) * 1000.0 + 0.5));
+    if (v[F_MIGCONC]) atomic_store(&p->migration_concurrency, (int64_t)json_integer_value(v[F_MIGCONC]));
+    if (v[F_BUDGET]) atomic_store(&p->retry_budget, json_number_value(v[F_BUDGET]));
+    if (v[F_BUDGET_MIN]) atomic_store(&p->retry_budget_min, (int64_t)json_integer_value(v[F_BUDGET_MIN]));
+    if (v[F_OUTLIER]) atomic_store(&p->outlier_factor, json_number_value(v[F_OUTLIER]));
+    if (any)
         BT_INFO("admission limits set: queue of %lld requests, %lld tokens, timeout %.3f s; %lld concurrent "
-                "migrations",
+                "migrations; retry budget %g (at least %lld); outlier factor %g",
                 (long long)atomic_load(&p->max_requests), (long long)atomic_load(&p->max_tokens),
-                (double)atomic_load(&p->timeout_ms) / 1000.0, (long long)atomic_load(&p->migration_concurrency));
-    if (v[3] && f->admit) arm(f->admit); /* a raised cap lets waiting migrations go */
+                (double)atomic_load(&p->timeout_ms) / 1000.0, (long long)atomic_load(&p->migration_concurrency),
+                atomic_load(&p->retry_budget), (long long)atomic_load(&p->retry_budget_min),
+                atomic_load(&p->outlier_factor));
+    if (v[F_MIGCONC] && f->admit) arm(f->admit); /* a raised cap lets waiting migrations go */
     json_decref(b);
     respond(http, 200, limits_json(f));
+}
+
+double fe_admit_retry_budget(const fe *f) { return atomic_load(&f->admit_policy->retry_budget); }
+int64_t fe_admit_retry_budget_min(const fe *f) { return atomic_load(&f->admit_policy->retry_budget_min); }
+double fe_admit_outlier_factor(const fe *f) { return atomic_load(&f->admit_policy->outlier_factor); }
+
+void fe_admit_policy_runtime(fe_admit_policy *p, double retry_budget, int64_t retry_budget_min, double outlier_factor) {
+    atomic_store(&p->retry_budget, retry_budget);
+    atomic_store(&p->retry_budget_min, retry_budget_min);
+    atomic_store(&p->outlier_factor, outlier_factor);
 }
 
 void fe_admit_metrics(fe *f, bt_buf *b) {

@@ -79,7 +79,14 @@ void fe_admit_forget(fe_req *r);
  * dispatch to the migration's first token (fe_admit_migration_done) or the request's end. */
 bool fe_admit_migration_hold(fe_req *r);
 void fe_admit_migration_done(fe_req *r);
-/* GET/POST /admission: the limits, and per-shard queue gauges. */
+/* The limits of budget.h and outlier.h that /admission changes at run time: their start-up values
+ * (set once, before the shards start) and their current ones. */
+void fe_admit_policy_runtime(fe_admit_policy *p, double retry_budget, int64_t retry_budget_min, double outlier_factor);
+double fe_admit_retry_budget(const fe *f);
+int64_t fe_admit_retry_budget_min(const fe *f);
+double fe_admit_outlier_factor(const fe *f);
+/* GET/POST /admission: the limits (queue, migration cap, retry budget, outlier factor), this
+ * shard's queue and migrations. Every field is checked before any is set. */
 void fe_admit_handle(fe *f, bt_http_req *http);
 /* The queue's Prometheus families (metrics.c). */
 void fe_admit_metrics(fe *f, bt_buf *b);

@@ -30,19 +30,21 @@ bool fe_budget_allow(fe_req *r, char *why, size_t whylen) {
     fe *f = r->fe;
     bool reroute = r->nids == 0;          /* nothing reached the client yet */
     bool repeat = !reroute && r->attempts >= 2; /* it has moved mid-stream before */
-    if (f->o.retry_budget <= 0 || (!reroute && !repeat)) return true;
+    double share = fe_admit_retry_budget(f); /* changed at run time by POST /admission */
+    int64_t floor_n = fe_admit_retry_budget_min(f);
+    if (share <= 0 || (!reroute && !repeat)) return true;
     fe_budget *b = &f->budget;
     roll(b, bt_now_ms());
     uint64_t started = 0, retries = 0;
     for (int i = 0; i < FE_BUDGET_BUCKETS; i++) started += b->started[i], retries += b->retries[i];
-    double cap = f->o.retry_budget * (double)started;
-    if (cap < (double)f->o.retry_budget_min) cap = (double)f->o.retry_budget_min;
+    double cap = share * (double)started;
+    if (cap < (double)floor_n) cap = (double)floor_n;
     int kind = reroute ? 0 : 1;
     if ((double)(retries + 1) > cap) {
         b->count[kind][1]++;
         snprintf(why, whylen, "retry budget exhausted: %" PRIu64 " retries for %" PRIu64 " requests in the last %d s "
                  "(budget %g of requests, at least %lld)",
-                 retries, started, FE_BUDGET_BUCKETS, f->o.retry_budget, (long long)f->o.retry_budget_min);
+                 retries, started, FE_BUDGET_BUCKETS, share, (long long)floor_n);
         BT_WARN("request %s: %s retry refused: %s", r->rid, kind_names[kind], why);
         return false;
     }

@@ -1,7 +1,7 @@
 /* budget.h — the retry budget: retries are capped as a share of recent traffic, so that a
  * fleet-wide fault does not multiply the load by the migration limit (a retry storm).
  *
- * Off unless --retry-budget is above 0. A retry is a re-route before the request's first token
+ * Off unless --retry-budget is above 0 (both flags are also set at run time: POST /admission). A retry is a re-route before the request's first token
  * (its attempt failed before any token reached the client) or a repeat migration (a request that
  * has already moved once moves again). A request's first migration mid-stream is not a retry: it
  * is what keeps a stream alive when its worker dies, and is never refused here. Over the last 10

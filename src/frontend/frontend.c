@@ -635,6 +635,7 @@ int bt_frontend_main(int argc, char **argv) {
         free(f->rpc_secret);
         goto bad_usage;
     }
+    fe_admit_policy_runtime(f->admit_policy, o->retry_budget, o->retry_budget_min, o->outlier_factor);
     fe_group *g = calloc(1, sizeof *g);
     if (!g) goto bad_usage;
     g->n = (int)o->threads;

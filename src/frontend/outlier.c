@@ -16,7 +16,7 @@
 
 static const char *const signal_names[2] = {"time to first token", "inter-token latency"};
 
-static bool on(const fe *f) { return f->o.outlier_factor > 1.0; }
+static bool on(const fe *f) { return fe_admit_outlier_factor(f) > 1.0; }
 
 /* Moves w's ring to the second of now_ms, clearing the seconds skipped. */
 static void roll(fe_outlier *o, uint64_t now_ms) {
@@ -57,6 +57,7 @@ static void judge(fe *f, fe_worker *w, uint64_t now) {
     uint64_t min = (uint64_t)f->o.outlier_min_samples;
     size_t nejected = 0;
     for (size_t i = 0; i < m->nws; i++) nejected += m->ws[i]->outlier.ejected_until_ms != 0;
+    double factor = fe_admit_outlier_factor(f); /* changed at run time by POST /admission */
     for (int k = 0; k < 2; k++) {
         uint64_t n;
         roll(&w->outlier, now);
@@ -75,7 +76,7 @@ static void judge(fe *f, fe_worker *w, uint64_t now) {
         if (no == 0) continue;
         qsort(others, no, sizeof *others, cmp_double);
         double med = no % 2 ? others[no / 2] : (others[no / 2 - 1] + others[no / 2]) / 2;
-        if (!(mine > f->o.outlier_factor * med && mine - med > 0.001)) continue; /* 1 ms: below is noise */
+        if (!(mine > factor * med && mine - med > 0.001)) continue; /* 1 ms: below is noise */
         size_t cap = (size_t)floor(f->o.outlier_max_ejected * (double)m->nws);
         if (cap < 1) cap = 1;
         if (nejected + 1 > cap) {

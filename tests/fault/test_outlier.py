@@ -1,7 +1,8 @@
 """Outlier ejection through the real binaries (src/frontend/outlier.c): of three workers, one whose
 steps take 3x longer (the mocker's slow fault) is ejected from routing within its window, streams
 already on it finish untouched, it receives nothing new while ejected, and once healed (SIGWINCH
-switches the fault off) it is readmitted after its back-off and stays in rotation.
+switches the fault off) it is readmitted after its back-off and stays in rotation. The factor is
+switched on through POST /admission.
 """
 
 import signal
@@ -25,8 +26,14 @@ def worker_ids(fe):
 
 
 with bl.Cluster() as c:
-    fe = c.start_frontend(outlier_factor=2, outlier_window=5, outlier_min_samples=30, outlier_backoff=4,
-                          router_mode="round-robin")
+    # the factor is switched on at run time (POST /admission), the rest are start-up flags
+    fe = c.start_frontend(outlier_window=5, outlier_min_samples=30, outlier_backoff=4, router_mode="round-robin")
+    st, _, b = bl.get_json(fe.url + "/admission")
+    assert st == 200 and b["outlier_factor"] == 0, b
+    st, _, b = bl.post_json(fe.url + "/admission", {"outlier_factor": 2000})
+    assert st == 400, b
+    st, _, b = bl.post_json(fe.url + "/admission", {"outlier_factor": 2})
+    assert st == 200 and b["outlier_factor"] == 2, b
     c.start_worker(**WORKER)
     c.start_worker(**WORKER)
     c.wait_workers(fe, 2)

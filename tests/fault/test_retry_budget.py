@@ -1,6 +1,6 @@
 """The retry budget through the real binaries (src/frontend/budget.c): a worker that dies holding
 many requests that have not produced a token yet (its engine runs one sequence at a time) would
-send all of them to be re-routed at once; with --retry-budget 0.1 and --retry-budget-min 2 only
+send all of them to be re-routed at once; with --retry-budget 0.1 and a floor of 2 (set through POST /admission) only
 max(2, 0.1 x requests started in the last 10 s) are, the others fail with the budget named in the
 error, and the counters match what the clients saw. The stream that was running on the dead worker
 (its first mid-stream migration is not a retry) still completes. Without the budget, every one of
@@ -17,10 +17,14 @@ bl.deadline(200, "test_retry_budget")
 
 def run(budget):
     with bl.Cluster() as c:
+        # the budget's share from the flag, its floor set at run time (POST /admission)
         flags = dict(migration_limit=3, router_mode="round-robin")
         if budget:
-            flags.update(retry_budget=0.1, retry_budget_min=2)
+            flags.update(retry_budget=0.1)
         fe = c.start_frontend(**flags)
+        if budget:
+            st, _, b = bl.post_json(fe.url + "/admission", {"retry_budget_min": 2})
+            assert st == 200 and b["retry_budget_min"] == 2 and b["retry_budget"] == 0.1, b
         c.start_worker(speedup_ratio=4)
         c.wait_workers(fe, 1)
         victim = c.start_worker(max_num_seqs=1, speedup_ratio=1)
