@@ -2,7 +2,7 @@
  *
  * Treats the input as a REQUEST frame's payload from a peer. A payload the decoder accepts is
  * checked against the format's contract (request_id 1..BT_REQUEST_ID_MAX bytes with no NUL, a known
- * api, an object body, carried ids and max_tokens in range) and must survive a round trip: encoded
+ * api, an object body, carried ids, max_tokens and priority in range) and must survive a round trip: encoded
  * again and decoded, it gives the same request. A refused one must come with a reason and leave
  * nothing to free. A violated invariant aborts, so libFuzzer reports it like a crash. Seeds are in
  * fuzz/corpus/request/; build and run with fuzz/build.sh. */
@@ -31,6 +31,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     CHECK(json_is_object(rq->body));
     CHECK(!rq->has_max_tokens || rq->max_tokens >= 0);
     CHECK((rq->n_carried == 0) == (rq->carried == NULL));
+    CHECK(rq->priority >= -BT_PRIORITY_LIMIT && rq->priority <= BT_PRIORITY_LIMIT);
     size_t len = 0;
     char *p = bt_request_encode(rq, &len);
     CHECK(p != NULL);
@@ -44,6 +45,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     CHECK(m2.rq.has_max_tokens == rq->has_max_tokens && m2.rq.max_tokens == rq->max_tokens);
     CHECK(m2.rq.seed == rq->seed);
     CHECK(rq->seed == 0 || rq->seed <= (uint64_t)INT64_MAX);
+    CHECK(m2.rq.priority == rq->priority);
     CHECK((m2.rq.carried_text == NULL) == (rq->carried_text == NULL));
     CHECK(!rq->carried_text || (m2.rq.carried_text_len == rq->carried_text_len &&
                                 memcmp(m2.rq.carried_text, rq->carried_text, rq->carried_text_len) == 0));

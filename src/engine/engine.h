@@ -62,6 +62,10 @@ typedef struct {
     const char *carried_text;
     size_t carried_text_len;
     uint32_t max_tokens; /* new tokens still allowed (already reduced by n_carried) */
+    /* Scheduling priority, lower served sooner (vLLM's convention), 0 by default. An engine with a
+     * waiting queue admits by (priority, arrival): a sequence never waits behind one of a larger
+     * priority value that arrived later (docs/engines.md). */
+    int32_t priority;
     double temperature;
     uint64_t seed;
     /* A seed the frontend chose for a request whose body has none, the same for every attempt

@@ -28,7 +28,10 @@
 #include "discovery/discovery.h"
 #include "engine/engine.h"
 #include "events/events.h"
+#include "frontend/admit.h"
+#include "frontend/budget.h"
 #include "frontend/journal.h"
+#include "frontend/outlier.h"
 #include "http/http.h"
 #include "proto/proto.h"
 #include "rpc/conn.h"
@@ -113,6 +116,7 @@ struct fe_worker {
     bool retry_timer_inited;
     bool freeing;
     uint64_t routed_total;
+    fe_outlier outlier; /* latency window and ejection state (outlier.h) */
     fe_worker *next;
 };
 
@@ -140,6 +144,7 @@ struct fe_attempt {
     bt_ctx *ctx;     /* a child of the request's context: its callback sends STOP or KILL */
     uint32_t tokens; /* tokens received on this attempt */
     int number;      /* 1 = the first attempt */
+    uint64_t t_sent_us, t_last_us; /* when its REQUEST was written; its last tokens (outlier.h) */
 };
 
 struct fe_req {
@@ -183,6 +188,7 @@ struct fe_req {
     fe_jsnap *replay;       /* a resume's copy of the record while its events are being replayed */
     size_t replay_ev;       /* the next event of `replay` to write */
     int replay_tail;        /* where the replay ends (resume.c) */
+    fe_ticket *ticket;      /* admission (admit.h): priority, tenant, place in the queue; NULL for a resume */
     fe_req *prev, *next; /* all live requests */
 };
 
@@ -209,6 +215,15 @@ typedef struct {
     int64_t threads;      /* event loops (shards.c) */
     double stream_retention;       /* seconds a stream's journal record is kept after it ends; 0 = off */
     int64_t stream_retention_bytes; /* cap on the whole journal */
+    const char *priority_ceiling;   /* --priority-ceiling KEY=N,...,*=N (admit.h) */
+    bool trust_tenant_header;
+    int64_t queue_max_requests, queue_max_tokens;
+    double queue_timeout;
+    double outlier_factor, outlier_window, outlier_backoff, outlier_max_ejected; /* outlier.h */
+    int64_t outlier_min_samples;
+    double retry_budget; /* budget.h; 0 = off */
+    int64_t retry_budget_min;
+    int64_t migration_concurrency; /* admit.h; 0 = no cap */
 } fe_opts;
 
 /* What became of a resume (resume.c; baton_frontend_stream_resumes_total{outcome}). */
@@ -257,6 +272,9 @@ struct fe {
     bt_proc_closer closer;     /* closes discovery and the event plane at the end of a shutdown */
     uint64_t events_unknown;   /* event-plane reports naming no known worker */
     char *rpc_secret; /* request-plane shared secret, NULL = none */
+    fe_admit_policy *admit_policy; /* shard 0's, shared by every shard (admit.h) */
+    fe_admit *admit;               /* this shard's admission queue (NULL before start, after stop) */
+    fe_budget budget;              /* this shard's retry budget (budget.h) */
     bool window_logged; /* the end of the accept window was logged */
     /* shards.c: the other loops of this process (--threads) */
     fe_group *grp;
@@ -338,6 +356,9 @@ const char *fe_req_state_name(fe_req_state s);
 void fe_request_deliver(fe_req *r, const uint32_t *ids, size_t n, const char *text, size_t len);
 void fe_request_finish(fe_req *r, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens);
 void fe_request_reject_busy(fe_req *r);
+/* Refuses a request that has not started (no attempt, no header sent): `status` with Retry-After
+ * and an OpenAI error body; counted as rejected. r is freed on return. */
+void fe_request_refuse(fe_req *r, int status, const char *code, int retry_after_s, const char *msg);
 /* Ends a request whose context is stopped or killed and that has no attempt running. */
 void fe_request_end_cancelled(fe_req *r);
 /* A new request with the given identity, admitted and linked (the caller dispatches it or ends

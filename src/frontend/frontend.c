@@ -274,6 +274,11 @@ static void route_busy_threshold(void *ud, bt_http_req *http, const char *tail) 
     handle_busy_threshold(ud, http);
 }
 
+static void route_admission(void *ud, bt_http_req *http, const char *tail) {
+    (void)tail;
+    fe_admit_handle(ud, http);
+}
+
 /* /v1/requests/{id}/cancel */
 static void route_request_op(void *ud, bt_http_req *http, const char *tail) {
     const char *slash = strchr(tail, '/');
@@ -306,6 +311,7 @@ static const bt_http_route routes[] = {
     {"/v1/models", BT_ROUTE_GET, 0, route_models},
     {"/v1/models/", BT_ROUTE_GET, 0, route_model},
     {"/busy_threshold", BT_ROUTE_GET | BT_ROUTE_POST, 0, route_busy_threshold},
+    {"/admission", BT_ROUTE_GET | BT_ROUTE_POST, 0, route_admission},
     {"/v1/requests/", BT_ROUTE_POST, 0, route_request_op},
     {"/v1/chat/completions/", BT_ROUTE_GET, 0, route_resume_chat},
     {"/v1/completions/", BT_ROUTE_GET, 0, route_resume_completion},
@@ -360,6 +366,7 @@ static void workers_gone_tick(uv_timer_t *t) {
 static void on_http_closed(void *ud) {
     fe *f = ud;
     f->http = NULL;
+    fe_admit_stop(f);
     fe_workers_stop(f);
     f->shutdown_close_deadline_ms = bt_now_ms() - f->shutdown_started_ms + 2000;
     uv_timer_start(&f->shutdown_timer, workers_gone_tick, 0, 5);
@@ -473,6 +480,10 @@ static int shard_open(fe *f, int port, char *err, size_t errlen) {
         return 1;
     }
     fe_workers_start(f);
+    if (fe_admit_start(f) != BT_OK) {
+        BT_ERROR("out of memory");
+        return 1;
+    }
 
     bt_http_config hc;
     bt_http_config_default(&hc);
@@ -553,6 +564,12 @@ int bt_frontend_main(int argc, char **argv) {
     o->threads = 1;
     o->stream_retention = 300;
     o->stream_retention_bytes = (int64_t)256 << 20;
+    o->queue_timeout = 30;
+    o->outlier_window = 10;
+    o->outlier_min_samples = 50;
+    o->outlier_backoff = 5;
+    o->outlier_max_ejected = 0.5;
+    o->retry_budget_min = 10;
     const bt_opt opts[] = {
         {"--http-port", "DYN_HTTP_PORT", BT_OPT_INT, &o->http_port, 0, 65535, "HTTP port"},
         {"--http-host", "DYN_HTTP_HOST", BT_OPT_STR, &o->http_host, 0, 0, "HTTP address"},
@@ -597,6 +614,34 @@ int bt_frontend_main(int argc, char **argv) {
          "seconds a stream stays resumable after it ends (0 = streams are not resumable)"},
         {"--stream-retention-bytes", "DYN_STREAM_RETENTION_BYTES", BT_OPT_INT, &o->stream_retention_bytes, 4096,
          (double)((int64_t)1 << 40), "memory cap of the stream journal (resumable streams)"},
+        {"--priority-ceiling", "BATON_PRIORITY_CEILING", BT_OPT_STR, &o->priority_ceiling, 0, 0,
+         "KEY=N,...,*=N: the most urgent priority each API key (* = any other caller) may ask for"},
+        {"--trust-tenant-header", "BATON_TRUST_TENANT_HEADER", BT_OPT_BOOL, &o->trust_tenant_header, 0, 0,
+         "the tenant is the X-Tenant header, not the API key (only behind a gateway that sets it)"},
+        {"--queue-max-requests", "BATON_QUEUE_MAX_REQUESTS", BT_OPT_INT, &o->queue_max_requests, 0, 1e7,
+         "requests that may wait for a worker that is not busy (0 = no queue: refuse at once)"},
+        {"--queue-max-tokens", "BATON_QUEUE_MAX_TOKENS", BT_OPT_INT, &o->queue_max_tokens, 0, 1e12,
+         "estimated tokens that may wait in the queue (0 = no bound)"},
+        {"--queue-timeout", "BATON_QUEUE_TIMEOUT", BT_OPT_DOUBLE, &o->queue_timeout, 0, 3600,
+         "seconds a request may wait in the queue before a 503 (0 = no limit)"},
+        {"--outlier-factor", "BATON_OUTLIER_FACTOR", BT_OPT_DOUBLE, &o->outlier_factor, 0, 1000,
+         "eject a worker whose mean TTFT or inter-token latency is this many times the median of the others "
+         "(0 = off)"},
+        {"--outlier-window", "BATON_OUTLIER_WINDOW", BT_OPT_DOUBLE, &o->outlier_window, 1, FE_OUTLIER_BUCKETS,
+         "seconds of latency samples a worker is judged on"},
+        {"--outlier-min-samples", "BATON_OUTLIER_MIN_SAMPLES", BT_OPT_INT, &o->outlier_min_samples, 1, 1e9,
+         "samples of a signal a worker (and each worker it is compared with) needs in the window"},
+        {"--outlier-backoff", "BATON_OUTLIER_BACKOFF", BT_OPT_DOUBLE, &o->outlier_backoff, 0.1, 3600,
+         "seconds an ejected worker stays out, doubled for each ejection in a row (at most 16x)"},
+        {"--outlier-max-ejected", "BATON_OUTLIER_MAX_EJECTED", BT_OPT_DOUBLE, &o->outlier_max_ejected, 0, 1,
+         "largest share of a model's workers ejected at once (at least one, with two or more)"},
+        {"--retry-budget", "BATON_RETRY_BUDGET", BT_OPT_DOUBLE, &o->retry_budget, 0, 100,
+         "re-routes before the first token and repeat migrations allowed per request started, over 10 s "
+         "(0 = off)"},
+        {"--retry-budget-min", "BATON_RETRY_BUDGET_MIN", BT_OPT_INT, &o->retry_budget_min, 0, 1e9,
+         "retries always allowed per 10 s, whatever the traffic"},
+        {"--migration-concurrency", "BATON_MIGRATION_CONCURRENCY", BT_OPT_INT, &o->migration_concurrency, 0, 1e7,
+         "migrations sent at once (from a failure to their first token); more wait, never fail (0 = no cap)"},
     };
     int nopts = (int)(sizeof opts / sizeof opts[0]);
     if (bt_proc_help("frontend", opts, nopts, argc, argv)) {
@@ -627,6 +672,15 @@ int bt_frontend_main(int argc, char **argv) {
         bt_proc_error("frontend", "%s", err);
         goto bad_usage;
     }
+    f->admit_policy = fe_admit_policy_new(o->priority_ceiling, o->queue_max_requests, o->queue_max_tokens,
+                                          o->queue_timeout, o->migration_concurrency, o->trust_tenant_header, err,
+                                          sizeof err);
+    if (!f->admit_policy) {
+        bt_proc_error("frontend", "%s", err);
+        free(f->rpc_secret);
+        goto bad_usage;
+    }
+    fe_admit_policy_runtime(f->admit_policy, o->retry_budget, o->retry_budget_min, o->outlier_factor);
     fe_group *g = calloc(1, sizeof *g);
     if (!g) goto bad_usage;
     g->n = (int)o->threads;
@@ -654,6 +708,7 @@ int bt_frontend_main(int argc, char **argv) {
             s->o = f->o;
             s->mode = f->mode;
             s->rpc_secret = f->rpc_secret; /* shard 0's, shared read-only */
+            s->admit_policy = f->admit_policy;
             g->shard[i] = s;
         }
         s->grp = g;
@@ -724,12 +779,14 @@ int bt_frontend_main(int argc, char **argv) {
         if (i > 0) free(s);
     }
     free(f->rpc_secret);
+    fe_admit_policy_free(f->admit_policy);
     fe_journal_destroy(g->journal);
     free(g);
     free(f);
     return rc;
 
 bad_usage:
+    fe_admit_policy_free(f->admit_policy);
     free(f);
     return 2;
 }

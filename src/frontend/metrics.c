@@ -184,5 +184,8 @@ void fe_metrics_collect(fe *f, bt_metrics *r) {
     bt_metrics_add(fam, (double)es.invalid, "result", "invalid", NULL);
     bt_metrics_add(fam, (double)es.overflow, "result", "overflow", NULL);
     fe_resume_collect(f, r);
+    fe_admit_collect(f, r);
+    fe_outlier_collect(f, r);
+    fe_budget_collect(f, r);
     collect_worker_gauges(f, r);
 }

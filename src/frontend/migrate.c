@@ -87,6 +87,7 @@ static char *continuation_payload(const fe_req *r, size_t *len, uint64_t *est_to
         .has_max_tokens = limited,
         .max_tokens = limited ? remaining : 0,
         .seed = r->seed,
+        .priority = fe_admit_priority(r),
     };
     if (r->nids && !r->text_lost) {
         rq.carried_text = r->text.data ? r->text.data : "";
@@ -103,6 +104,8 @@ void fe_migrate_dispatch(fe_req *r) {
         fe_request_end_cancelled(r);
         return;
     }
+    bool first = !r->attempts && !r->resumed;
+    if (first && fe_admit_before_route(r)) return; /* others of its model wait: it queues behind them */
     bool all_busy = false;
     fe_worker *w = fe_route(f, r->model, r->failed_worker, &all_busy);
     if ((r->attempts || r->resumed) && ((!w && all_busy) || (w && w->id == r->failed_worker))) {
@@ -121,7 +124,7 @@ void fe_migrate_dispatch(fe_req *r) {
     }
     if (!w) {
         if (all_busy && !r->attempts) {
-            fe_request_reject_busy(r);
+            if (!fe_admit_all_busy(r)) fe_request_reject_busy(r); /* queued, or refused by the queue */
         } else if (r->attempts) {
             char m[256];
             snprintf(m, sizeof m, "no worker left to continue the request (last attempt: %s)", r->fail_msg);
@@ -154,6 +157,8 @@ void fe_migrate_dispatch(fe_req *r) {
         return;
     }
     a->stream_id = id;
+    a->t_sent_us = bt_now_us();
+    if (a->number == 1 && !r->resumed) fe_budget_started(f);
     r->attempt = a;
     a->ctx = bt_ctx_new(r->rid, on_attempt_cancel, a);
     if (!a->ctx) {
@@ -214,14 +219,26 @@ static void attempt_failed(fe_req *r, bt_status code, const char *msg) {
         fe_request_fail(r, code, m);
         return;
     }
+    char why[200];
+    if (!fe_budget_allow(r, why, sizeof why)) { /* a retry storm is not let through (budget.h) */
+        char m[400];
+        snprintf(m, sizeof m, "%s (%s)", msg, why);
+        fe_request_fail(r, code, m);
+        return;
+    }
     if (r->state != FE_REQ_MIGRATING) r->t_fail_us = bt_now_us(); /* kept across back-to-back failures */
     fe_req_set_state(r, FE_REQ_MIGRATING, msg);
+    if (fe_admit_migration_hold(r)) return; /* past --migration-concurrency: it waits (admit.h) */
     fe_migrate_dispatch(r);
 }
 
 void fe_attempt_on_tokens(fe_attempt *a, const uint32_t *ids, size_t n, const char *text, size_t len) {
     fe_req *r = a->req;
     if (r->state == FE_REQ_DONE || !r->http || n == 0) return;
+    uint64_t t = bt_now_us(); /* the worker's latency signals, for outlier ejection */
+    if (a->tokens == 0) fe_outlier_first_token(r->fe, a->worker, (double)(t - a->t_sent_us) / 1e6);
+    else fe_outlier_tokens(r->fe, a->worker, (double)(t - a->t_last_us) / 1e6, n);
+    a->t_last_us = t;
     a->tokens += (uint32_t)n;
     if (r->state == FE_REQ_MIGRATING) {
         /* the stall the client saw: from the last token before the failure (or the request's
@@ -230,6 +247,7 @@ void fe_attempt_on_tokens(fe_attempt *a, const uint32_t *ids, size_t n, const ch
         fe_hist_observe(&r->model->st.migration_stall, (double)(now - (r->nids ? r->t_last_us : r->t_start_us)) / 1e6);
         BT_DEBUG("request %s: first token after the migration at t=%" PRIu64 " us", r->rid, now);
         r->t_fail_us = 0;
+        fe_admit_migration_done(r); /* its --migration-concurrency slot frees */
     }
     if (r->state != FE_REQ_STREAMING) {
         char why[64];

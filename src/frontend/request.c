@@ -138,6 +138,7 @@ static void req_free(fe_req *r) {
     else f->reqs = r->next;
     if (r->next) r->next->prev = r->prev;
     f->nreqs--;
+    fe_admit_forget(r); /* a queued request leaves the queue at once */
     fe_reqs_release(f);
     if (r->model) r->model->st.inflight--;
     if (r->http) r->http->user = NULL;
@@ -463,23 +464,27 @@ static void on_req_cancel(bt_ctx *c, bt_ctx_state s, void *ud) {
 
 /* ---- admission and output, for migrate.c ---- */
 
-/* Every worker of the model is over its busy thresholds: 503 with a Retry-After. */
-void fe_request_reject_busy(fe_req *r) {
+void fe_request_refuse(fe_req *r, int status, const char *code, int retry_after_s, const char *msg) {
     r->model->st.rejections[r->api]++;
-    BT_WARN("rejecting request %s: all workers are busy", r->rid);
     if (r->http) {
         char hdr[160];
-        snprintf(hdr, sizeof hdr, "X-Request-Id: %s\r\nRetry-After: %d\r\n", r->rid, fe_retry_after_s(r->fe, r->model));
+        snprintf(hdr, sizeof hdr, "X-Request-Id: %s\r\nRetry-After: %d\r\n", r->rid, retry_after_s);
         bt_buf body;
         bt_buf_init(&body, 1024);
-        fe_error_body(&body, 503, "overloaded", NULL,
-                      "Service temporarily unavailable: All workers are busy, please retry later");
-        bt_http_respond(r->http, 503, "application/json", hdr, body.data, body.len);
+        fe_error_body(&body, status, code, NULL, msg);
+        bt_http_respond(r->http, status, "application/json", hdr, body.data, body.len);
         bt_buf_free(&body);
         r->http->user = NULL;
         r->http = NULL;
     }
     req_done(r, FE_OUT_REJECTED);
+}
+
+/* Every worker of the model is over its busy thresholds: 503 with a Retry-After. */
+void fe_request_reject_busy(fe_req *r) {
+    BT_WARN("rejecting request %s: all workers are busy", r->rid);
+    fe_request_refuse(r, 503, "overloaded", fe_retry_after_s(r->fe, r->model),
+                      "Service temporarily unavailable: All workers are busy, please retry later");
 }
 
 void fe_request_deliver(fe_req *r, const uint32_t *ids, size_t n, const char *text, size_t len) {
@@ -817,8 +822,20 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
         json_decref(body);
         return;
     }
+    bool nomem;
+    fe_ticket *t = fe_admit_ticket(f, http, body, err, sizeof err, &param, &nomem);
+    if (!t) {
+        fe_json_error_ex(http, rid, nomem ? 500 : 400, nomem ? "out_of_memory" : "invalid_value", param, NULL, "%s",
+                         err);
+        json_decref(body);
+        return;
+    }
     fe_req *r = fe_request_new(f, http, api, body, rid, m, 0);
-    if (!r) return;
+    if (!r) {
+        free(t);
+        return;
+    }
+    fe_admit_attach(r, t);
     memcpy(r->body_digest, digest, sizeof digest);
     BT_DEBUG("request %s: admitted (%s, %s, max_tokens %" PRId64 ")", r->rid, api == BT_API_CHAT ? "chat" : "completion",
              r->stream ? "streaming" : "unary", r->max_tokens);

@@ -470,7 +470,7 @@ size_t fe_worker_inflight(const fe_worker *w) { return w->streams.len; }
 /* Whether w may take a new attempt; counts the busy ones it skips. `avoid` is returned through
  * *avoided instead (the worker that just failed, used only when nothing else is left). */
 static bool eligible(fe_worker *w, fe_model *m, uint64_t avoid, bool *all_busy, size_t *nbusy, fe_worker **avoided) {
-    if (!fe_worker_routable(w)) return false;
+    if (!fe_worker_routable(w) || fe_outlier_ejected(w->fe, w)) return false; /* ejected: outlier.h */
     if (all_busy && fe_worker_busy(w, m)) {
         (*nbusy)++;
         return false;

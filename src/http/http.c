@@ -59,9 +59,9 @@ typedef enum { CS_READING = 0, CS_IN_FLIGHT, CS_LINGER } conn_state;
 typedef enum { TM_NONE = 0, TM_IDLE, TM_HEADER, TM_RESUME, TM_LINGER } timer_mode;
 
 /* The request headers baton looks at. */
-enum { H_REQUEST_ID = 0, H_AUTHORIZATION, H_CONTENT_TYPE, H_EXPECT, H_LAST_EVENT_ID, H_COUNT };
+enum { H_REQUEST_ID = 0, H_AUTHORIZATION, H_CONTENT_TYPE, H_EXPECT, H_LAST_EVENT_ID, H_PRIORITY, H_TENANT, H_COUNT };
 static const char *const interesting_headers[H_COUNT] = {"x-request-id", "authorization", "content-type",
-                                                         "expect", "last-event-id"};
+                                                         "expect", "last-event-id", "x-priority", "x-tenant"};
 
 typedef struct conn conn;
 
@@ -564,6 +564,8 @@ static void conn_dispatch(conn *c) {
     r->authorization = c->have_hdr[H_AUTHORIZATION] ? c->hdr[H_AUTHORIZATION].data : NULL;
     r->content_type = c->have_hdr[H_CONTENT_TYPE] ? c->hdr[H_CONTENT_TYPE].data : NULL;
     r->last_event_id = c->have_hdr[H_LAST_EVENT_ID] ? c->hdr[H_LAST_EVENT_ID].data : NULL;
+    r->priority = c->have_hdr[H_PRIORITY] ? c->hdr[H_PRIORITY].data : NULL;
+    r->tenant = c->have_hdr[H_TENANT] ? c->hdr[H_TENANT].data : NULL;
 
     c->state = CS_IN_FLIGHT;
     c->req_active = true;

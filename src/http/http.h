@@ -40,6 +40,8 @@ struct bt_http_req {
     const char *authorization;/* Authorization header value, or NULL */
     const char *content_type; /* Content-Type header value, or NULL */
     const char *last_event_id;/* Last-Event-ID header value (an SSE client resuming), or NULL */
+    const char *priority;     /* X-Priority header value, or NULL */
+    const char *tenant;       /* X-Tenant header value, or NULL (trusted only if the frontend says so) */
     void *user;               /* free for the handler */
 };
 

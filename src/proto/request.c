@@ -22,6 +22,7 @@ char *bt_request_encode(const bt_request *rq, size_t *len) {
     if (rq->carried_text &&
         json_object_set_new(msg, "carried_text", json_stringn(rq->carried_text, rq->carried_text_len)) != 0)
         goto done;
+    if (rq->priority && json_object_set_new(msg, "priority", json_integer(rq->priority)) != 0) goto done;
     out = json_dumps(msg, JSON_COMPACT);
     if (out && len) *len = strlen(out);
 done:
@@ -52,6 +53,7 @@ bt_status bt_request_decode(const void *payload, size_t len, bt_request_msg *out
     json_t *jmax = json_object_get(root, "max_tokens");
     json_t *jtext = json_object_get(root, "carried_text");
     json_t *jseed = json_object_get(root, "seed");
+    json_t *jprio = json_object_get(root, "priority");
     if (!json_is_string(rid) || json_string_length(rid) == 0 || json_string_length(rid) > BT_REQUEST_ID_MAX ||
         strlen(json_string_value(rid)) != json_string_length(rid))
         FAIL("malformed request payload: request_id must be a string of 1 to %d bytes", BT_REQUEST_ID_MAX);
@@ -65,6 +67,10 @@ bt_status bt_request_decode(const void *payload, size_t len, bt_request_msg *out
     if (jtext && !json_is_string(jtext)) FAIL("malformed request payload: carried_text must be a string");
     if (jseed && (!json_is_integer(jseed) || json_integer_value(jseed) <= 0))
         FAIL("malformed request payload: seed must be a positive integer");
+    if (jprio && (!json_is_integer(jprio) || json_integer_value(jprio) < -BT_PRIORITY_LIMIT ||
+                  json_integer_value(jprio) > BT_PRIORITY_LIMIT))
+        FAIL("malformed request payload: priority must be an integer from %d to %d", -BT_PRIORITY_LIMIT,
+             BT_PRIORITY_LIMIT);
     size_t n = jcar ? json_array_size(jcar) : 0;
     if (n) {
         carried = malloc(n * sizeof *carried);
@@ -90,6 +96,7 @@ bt_status bt_request_decode(const void *payload, size_t len, bt_request_msg *out
     out->rq.has_max_tokens = jmax != NULL;
     out->rq.max_tokens = jmax ? json_integer_value(jmax) : 0;
     out->rq.seed = jseed ? (uint64_t)json_integer_value(jseed) : 0;
+    out->rq.priority = jprio ? (int32_t)json_integer_value(jprio) : 0;
     if (jtext) {
         out->rq.carried_text = json_string_value(jtext);
         out->rq.carried_text_len = json_string_length(jtext);

@@ -13,6 +13,9 @@
  *   seed          integer in [1, 2^63) (optional): the sampling seed the frontend chose for a request
  *                 whose body has none, the same for every attempt (an engine that samples for real
  *                 continues a migrated stream exactly only with it); absent: the body's seed, if any
+ *   priority      integer in [-BT_PRIORITY_LIMIT, BT_PRIORITY_LIMIT] (optional, default 0): the
+ *                 request's scheduling priority as the frontend settled it (the client's ask,
+ *                 bounded by its key's ceiling); lower is served sooner, as in vLLM
  * Unknown members are ignored, so that a newer frontend can add some. No I/O: unit-tested
  * (tests/unit/test_request.c) and fuzzed (fuzz/fuzz_request.c). */
 #ifndef BATON_PROTO_REQUEST_H
@@ -27,6 +30,8 @@
 #include "engine/engine.h"
 
 #define BT_REQUEST_ID_MAX 128
+/* The range of a priority, on the wire and from a client (body `priority` or X-Priority). */
+#define BT_PRIORITY_LIMIT 1000000
 
 typedef struct {
     const char *request_id;
@@ -39,6 +44,7 @@ typedef struct {
     const char *carried_text; /* NULL: none */
     size_t carried_text_len;
     uint64_t seed; /* 0: none */
+    int32_t priority; /* 0 is not sent (the default) */
 } bt_request;
 
 /* Encodes rq as a payload: a malloc'd string (free with free()) of *len bytes, NUL-terminated;

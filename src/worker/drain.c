@@ -207,6 +207,14 @@ void wk_engine_dead_hook(void *ud, const char *why) { wk_engine_failed(ud, why);
 
 static void on_signal(uv_signal_t *h, int signum) {
     wk_worker *w = h->data;
+    if (signum == SIGWINCH) { /* the slow fault: off if on, else on at --fault-slow-factor (3 if unset) */
+        if (!w->o.fault_signals || !w->engine || strcmp(w->o.engine, "mocker") != 0) return;
+        double f = w->o.mocker.fault_slow_factor > 1.0 ? w->o.mocker.fault_slow_factor : 3.0;
+        w->slowed = !w->slowed;
+        BT_WARN("fault signal SIGWINCH: slow fault %s", w->slowed ? "on" : "off");
+        bt_mocker_set_slow(w->engine, w->slowed ? f : 1.0);
+        return;
+    }
     if (signum == SIGUSR1 || signum == SIGUSR2) {
         bool llama = strcmp(w->o.engine, "llama") == 0;
         if (!w->o.fault_signals || !w->engine || (strcmp(w->o.engine, "mocker") != 0 && !llama)) return;
@@ -229,6 +237,7 @@ static void on_signal(uv_signal_t *h, int signum) {
 }
 
 void wk_drain_init(wk_worker *w) {
-    static const int signums[] = {SIGTERM, SIGINT, SIGUSR1, SIGUSR2};
-    bt_proc_signals_start(w->loop, w->sigs, signums, 4, on_signal, w);
+    static const int signums[] = {SIGTERM, SIGINT, SIGUSR1, SIGUSR2, SIGWINCH};
+    w->slowed = w->o.mocker.fault_slow_factor > 1.0; /* started slow: the first SIGWINCH heals it */
+    bt_proc_signals_start(w->loop, w->sigs, signums, 5, on_signal, w);
 }

@@ -198,6 +198,7 @@ static void handle_request(wk_peer *p, uint32_t id, const bt_frame *f) {
     er.request_id = msg.rq.request_id;
     er.api = msg.rq.api;
     er.body = body;
+    er.priority = msg.rq.priority;
     /* A client (an openai-engine worker in front of this frontend, continuing a stream) may name
      * tokens already generated in the body: they come before those of this frontend's attempts. */
     json_t *jbcar = json_object_get(body, "carried_token_ids");
@@ -461,7 +462,7 @@ static const char *const openai_only[] = {"--upstream", "--upstream-model", "--u
 static const char *const mocker_only[] = {"--num-gpu-blocks-override", "--block-size", "--max-num-seqs",
                                           "--max-num-batched-tokens", "--watermark", "--speedup-ratio",
                                           "--fault-die-after-tokens", "--fault-stall-after-tokens",
-                                          "--fault-error-after-tokens", "--fault-signals", NULL};
+                                          "--fault-error-after-tokens", "--fault-signals", "--fault-slow-factor", NULL};
 
 static bool engine_settings_check(const wk_opts *o, const bt_opt *opts, int nopts, int argc, char **argv, char *err,
                                   size_t errlen) {
@@ -739,7 +740,7 @@ int bt_worker_main(int argc, char **argv) {
         BT_PROC_OPT_EVENT_PLANE(&o->p),
         BT_PROC_OPT_NATS_SERVER(&o->p),
         {"--fault-signals", "DYN_FAULT_SIGNALS", BT_OPT_BOOL, &o->fault_signals, 0, 0,
-         "mocker: SIGUSR1 kills the engine, SIGUSR2 toggles a stall (tests)"},
+         "mocker: SIGUSR1 kills the engine, SIGUSR2 toggles a stall, SIGWINCH the slow fault (tests)"},
         {"--num-gpu-blocks-override", NULL, BT_OPT_INT, &o->mocker.num_gpu_blocks, 1, 1e9, "mocker KV blocks"},
         {"--block-size", NULL, BT_OPT_INT, &o->mocker.block_size, 2, 1e6, "mocker tokens per block"},
         {"--max-num-seqs", "DYN_MAX_NUM_SEQS", BT_OPT_INT, &o->mocker.max_num_seqs, 1, 1e7,
@@ -759,6 +760,9 @@ int bt_worker_main(int argc, char **argv) {
          "mocker test hook"},
         {"--fault-error-after-tokens", NULL, BT_OPT_INT, &o->mocker.fault_error_after_tokens, 0, 1e15,
          "mocker test hook"},
+        {"--fault-slow-factor", "BATON_FAULT_SLOW_FACTOR", BT_OPT_DOUBLE, &o->mocker.fault_slow_factor, 1, 1000,
+         "mocker test hook: every step takes this many times longer (1 = off); with --fault-signals, SIGWINCH "
+         "switches it off and on"},
         {"--fault-ignore-kill", NULL, BT_OPT_BOOL, &o->fault_ignore_kill, 0, 0,
          "test hook: KILL frames do not reach the engine (the sequence runs out)"},
     };

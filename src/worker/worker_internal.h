@@ -159,7 +159,8 @@ struct wk_worker {
     char engine_failure[160];
     int signals_seen;
     bool stalled; /* fault signal SIGUSR2 toggles */
-    uv_signal_t sigs[4]; /* SIGTERM, SIGINT, SIGUSR1, SIGUSR2 */
+    bool slowed;  /* fault signal SIGWINCH toggles (the mocker's slow fault) */
+    uv_signal_t sigs[5]; /* SIGTERM, SIGINT, SIGUSR1, SIGUSR2, SIGWINCH */
     bt_proc_closer closer; /* closes discovery and the event plane at the end */
     uv_timer_t drain_timer;
     uv_timer_t dead_timer;

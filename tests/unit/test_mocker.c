@@ -40,7 +40,10 @@ struct run {
     void (*on_tok)(run_t *r);
     void *arg;
     int after_end_calls; /* callbacks received after the seq ended: must stay 0 */
+    int order;           /* 1 + the number of sequences that had finished before this one */
 };
+
+static int g_finished; /* finishes seen, for run_t.order */
 
 static void s_tokens(void *ud, const uint32_t *ids, size_t n, const char *text, size_t len) {
     run_t *r = ud;
@@ -61,6 +64,7 @@ static void s_finish(void *ud, bt_finish_reason reason, const bt_usage *u) {
     run_t *r = ud;
     if (r->finished || r->errored) r->after_end_calls++;
     r->finished++;
+    r->order = ++g_finished;
     r->reason = reason;
     r->usage = *u;
 }
@@ -89,6 +93,7 @@ typedef struct {
     uint64_t seed;
     const char *stop[BT_MAX_STOP];
     int n_stop;
+    int32_t priority;
 } req_t;
 
 static json_t *make_body(const req_t *q) {
@@ -118,6 +123,7 @@ static bt_status submit_q(bt_engine *e, const req_t *q, run_t *r, char *err, siz
         .temperature = q->temperature,
         .seed = q->seed,
         .n_stop = q->n_stop,
+        .priority = q->priority,
     };
     for (int i = 0; i < q->n_stop; i++) req.stop[i] = q->stop[i];
     r->e = e;
@@ -741,6 +747,38 @@ static void test_max_num_seqs(void **st) {
     assert_true(w.max_waiting > 0);
 }
 
+/* Waiting sequences are admitted by (priority, arrival): with one sequence at a time, they finish
+ * in that order whatever order they were submitted in. */
+static void test_priority_order(void **st) {
+    (void)st;
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    bt_mocker_config cfg = fast_cfg();
+    cfg.max_num_seqs = 1;
+    bt_engine *e = bt_mocker_create(&loop, &cfg, NULL, NULL);
+    assert_non_null(e);
+    static const int32_t prio[] = {5, 5, 0, 9, 0, -3};
+    static const int want[] = {4, 5, 2, 6, 3, 1}; /* the finishing position of each */
+    run_t *r[6];
+    char err[256];
+    g_finished = 0;
+    for (int i = 0; i < 6; i++) {
+        r[i] = calloc(1, sizeof *r[i]);
+        req_t q = {.api = BT_API_COMPLETION, .prompt = k_prompt, .max_tokens = 5, .priority = prio[i]};
+        assert_int_equal(submit_q(e, &q, r[i], err, sizeof err), BT_OK);
+    }
+    uv_run(&loop, UV_RUN_DEFAULT);
+    for (int i = 0; i < 6; i++) {
+        assert_int_equal(r[i]->finished, 1);
+        assert_int_equal(r[i]->n, 5);
+        if (r[i]->order != want[i]) fail_msg("sequence %d (priority %d) finished %d-th, not %d-th", i, prio[i],
+                                             r[i]->order, want[i]);
+        free(r[i]);
+    }
+    bt_engine_destroy(e);
+    close_loop(&loop);
+}
+
 /* ---- kill, stop, re-entrancy ---------------------------------------------------------------- */
 
 static void kill_other_after_3(run_t *r) {
@@ -1185,6 +1223,7 @@ int main(void) {
         cmocka_unit_test(test_bad_requests),
         cmocka_unit_test(test_kv_tiny),
         cmocka_unit_test(test_chunked_prefill),
+        cmocka_unit_test(test_priority_order),
         cmocka_unit_test(test_max_num_seqs),
         cmocka_unit_test(test_kill),
         cmocka_unit_test(test_stop),

@@ -489,12 +489,31 @@ static void test_vllm_metrics(void **state) {
     assert_true(m.kv_usage == 1.0); /* clamped */
 }
 
+/* The settled priority replaces the client's; a body without one gets none (an upstream without
+ * priority scheduling refuses any but 0). */
+static void test_priority(void **state) {
+    (void)state;
+    json_t *with = js("{\"model\":\"m\",\"prompt\":\"x\",\"priority\":-5}");
+    json_t *without = js("{\"model\":\"m\",\"prompt\":\"x\"}");
+    bt_oa_build b = {.api = BT_API_COMPLETION, .body = with, .kind = BT_OA_KIND_VLLM, .max_tokens = 3, .priority = 7};
+    json_t *out = build_ok(&b, "/v1/completions");
+    assert_int_equal(json_integer_value(json_object_get(out, "priority")), 7);
+    json_decref(out);
+    b.body = without;
+    out = build_ok(&b, "/v1/completions");
+    assert_null(json_object_get(out, "priority"));
+    json_decref(out);
+    json_decref(with);
+    json_decref(without);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_text_ids),
         cmocka_unit_test(test_chunks),         cmocka_unit_test(test_errors),
         cmocka_unit_test(test_first_attempt),  cmocka_unit_test(test_continuations),
         cmocka_unit_test(test_capability_table),
+        cmocka_unit_test(test_priority),
         cmocka_unit_test(test_tokens_answer),  cmocka_unit_test(test_models),
         cmocka_unit_test(test_vllm_metrics),
     };

@@ -2,7 +2,7 @@
  *
  * Covers: a round trip of a first attempt (no carried tokens, no max_tokens) and of a
  * continuation (carried ids at the edges of their range, max_tokens, carried text with a NUL and
- * multi-byte UTF-8); the exact members the encoder writes; every malformed payload the decoder must
+ * multi-byte UTF-8, the most urgent priority); the exact members the encoder writes; every malformed payload the decoder must
  * refuse, each with its reason; unknown members ignored; and a loop over truncations of a valid
  * payload, each in an exactly-sized heap block, so that AddressSanitizer catches a read past the
  * end. */
@@ -38,6 +38,7 @@ static void test_first_attempt_roundtrip(void **state) {
     /* a first attempt says nothing of max_tokens: the engine's default applies */
     assert_null(strstr(p, "max_tokens"));
     assert_null(strstr(p, "carried_text"));
+    assert_null(strstr(p, "priority")); /* the default priority is not sent */
     bt_request_msg m = decode_ok(p, len);
     assert_string_equal(m.rq.request_id, "req-1");
     assert_int_equal(m.rq.api, BT_API_CHAT);
@@ -47,6 +48,7 @@ static void test_first_attempt_roundtrip(void **state) {
     assert_null(m.rq.carried_text);
     assert_true(m.rq.seed == 0);
     assert_null(strstr(p, "seed"));
+    assert_int_equal(m.rq.priority, 0);
     bt_request_msg_free(&m);
     bt_request_msg_free(&m); /* a freed message frees again as nothing */
     free(p);
@@ -67,7 +69,8 @@ static void test_continuation_roundtrip(void **state) {
                      .max_tokens = 123456,
                      .carried_text = text,
                      .carried_text_len = sizeof text - 1,
-                     .seed = 0x7fffffffffffffffull};
+                     .seed = 0x7fffffffffffffffull,
+                     .priority = -BT_PRIORITY_LIMIT};
     size_t len = 0;
     char *p = bt_request_encode(&rq, &len);
     assert_non_null(p);
@@ -81,6 +84,7 @@ static void test_continuation_roundtrip(void **state) {
     assert_int_equal(m.rq.carried_text_len, sizeof text - 1);
     assert_memory_equal(m.rq.carried_text, text, sizeof text - 1);
     assert_true(m.rq.seed == 0x7fffffffffffffffull);
+    assert_int_equal(m.rq.priority, -BT_PRIORITY_LIMIT);
     /* encoding the decoded request gives the same payload */
     size_t len2 = 0;
     char *p2 = bt_request_encode(&m.rq, &len2);
@@ -124,6 +128,10 @@ static void test_malformed(void **state) {
     expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"carried_text\":3}", "carried_text");
     expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"seed\":0}", "seed");
     expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"seed\":\"7\"}", "seed");
+    expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"priority\":1.5}", "priority");
+    expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"priority\":\"1\"}", "priority");
+    expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"priority\":1000001}", "priority");
+    expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"priority\":-1000001}", "priority");
     expect_invalid("{\"request_id\":\"a\",\"request_id\":\"b\",\"api\":\"chat\",\"body\":{}}", "malformed");
     char big[BT_REQUEST_ID_MAX + 64];
     memset(big, 'r', sizeof big);

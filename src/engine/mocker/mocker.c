@@ -2,11 +2,12 @@
  * producing the deterministic token stream of vocab.c.
  *
  * Sequences move waiting → running (prefill, then decode) → done. Each scheduler step admits
- * waiting sequences in FIFO order while their KV blocks fit under the watermark, the batched-token
+ * waiting sequences in (priority, arrival) order (lower priority values first, FIFO among equals)
+ * while their KV blocks fit under the watermark, the batched-token
  * budget and max_num_seqs allow; prefills up to max_num_batched_tokens prompt tokens (a longer
  * prompt is prefilled in chunks over several steps); then lets every decoding sequence emit one
  * token, allocating a block when a sequence crosses a block boundary and preempting the most
- * recently admitted decoding sequence when none is free. A step lasts
+ * recently admitted of the least urgent decoding sequences when none is free. A step lasts
  * (prefill_ms + decode_ms) / speedup_ratio of a virtual clock; each tick (a uv_timer set for the
  * end of the current step, or a uv_idle when the clock is behind real time) runs the steps whose
  * start time has come (at most 64 or 2 ms of work, then it yields to the loop) and delivers
@@ -43,6 +44,7 @@ typedef struct mk_engine mk_engine;
 struct bt_engine_seq {
     bt_deliver_seq dl; /* sink, staged output, ending, liveness */
     mk_phase phase;
+    int32_t priority; /* lower is admitted sooner; the waiting queue is sorted by it */
     TAILQ_ENTRY(bt_engine_seq) link; /* waiting or running list, by phase */
 
     /* Token function. */
@@ -109,8 +111,22 @@ static void list_push_tail(mk_list *l, bt_engine_seq *s) {
     l->n++;
 }
 
-static void list_push_head(mk_list *l, bt_engine_seq *s) {
-    TAILQ_INSERT_HEAD(&l->q, s, link);
+/* The waiting queue is kept in (priority, arrival) order. A new sequence goes after every waiting
+ * one of its priority or a more urgent one; a preempted one (first = true) goes before every one of
+ * its priority, since it arrived before them. The walk is from the end the sequence is nearer to in
+ * the common case (all of one priority: O(1) either way). */
+static void waiting_insert(mk_list *l, bt_engine_seq *s, bool first) {
+    if (first) {
+        bt_engine_seq *at = TAILQ_FIRST(&l->q);
+        while (at && at->priority < s->priority) at = TAILQ_NEXT(at, link);
+        if (at) TAILQ_INSERT_BEFORE(at, s, link);
+        else TAILQ_INSERT_TAIL(&l->q, s, link);
+    } else {
+        bt_engine_seq *at = TAILQ_LAST(&l->q, mk_seq_queue);
+        while (at && at->priority > s->priority) at = TAILQ_PREV(at, mk_seq_queue, link);
+        if (at) TAILQ_INSERT_AFTER(&l->q, at, s, link);
+        else TAILQ_INSERT_HEAD(&l->q, s, link);
+    }
     l->n++;
 }
 
@@ -271,13 +287,16 @@ static void preempt(mk_engine *e, bt_engine_seq *s) {
     s->blocks = 0;
     s->prefilled = 0;
     s->phase = SEQ_WAITING;
-    list_push_head(&e->waiting, s);
+    waiting_insert(&e->waiting, s, true);
 }
 
+/* The victim of a preemption: the decoding sequence of the largest priority value (the least
+ * urgent), the most recently admitted among those. */
 static bt_engine_seq *last_decoding(mk_engine *e) {
+    bt_engine_seq *best = NULL;
     for (bt_engine_seq *s = TAILQ_LAST(&e->running.q, mk_seq_queue); s; s = TAILQ_PREV(s, mk_seq_queue, link))
-        if (s->phase == SEQ_DECODE) return s;
-    return NULL;
+        if (s->phase == SEQ_DECODE && (!best || s->priority > best->priority)) best = s;
+    return best;
 }
 
 /* Generates one token for s; returns false when a fault says the step must stop now. */
@@ -356,7 +375,7 @@ static uint64_t step(mk_engine *e) {
         if (s->seq_len + 1 > s->blocks * bs) {
             bool self = false;
             while (e->used_blocks >= cap) {
-                bt_engine_seq *v = last_decoding(e); /* s itself at worst: never NULL here */
+                bt_engine_seq *v = last_decoding(e); /* s is decoding: never NULL here */
                 if (v == s) {
                     nx = TAILQ_NEXT(s, link); /* only prefilling sequences follow s */
                     preempt(e, s);
@@ -366,7 +385,7 @@ static uint64_t step(mk_engine *e) {
                 preempt(e, v);
             }
             if (self) continue;
-            nx = TAILQ_NEXT(s, link); /* victims came after s and have left the list */
+            nx = TAILQ_NEXT(s, link); /* the victims (before or after s) have left the list */
             s->blocks++;
             e->used_blocks++;
         }
@@ -379,7 +398,8 @@ static uint64_t step(mk_engine *e) {
             seq_end(e, nx, END_ERROR, BT_FINISH_STOP, BT_ERR_ENGINE, "mocker fault: engine error");
     }
 
-    double ns = ms * 1e6 / e->cfg.speedup_ratio;
+    double slow = e->cfg.fault_slow_factor > 1.0 ? e->cfg.fault_slow_factor : 1.0;
+    double ns = ms * slow * 1e6 / e->cfg.speedup_ratio;
     return ns >= 1.0 ? (uint64_t)ns : 1u;
 }
 
@@ -697,6 +717,7 @@ static bt_status mk_submit(bt_engine *be, const bt_engine_request *req, const bt
     bt_deliver_add(&e->dl, &s->dl, sink, ud, MK_TEXT_CAP);
     s->seed = req->seed;
     s->temperature = req->temperature;
+    s->priority = req->priority;
     s->prompt_tokens = (uint32_t)n_ids;
     s->n_carried = req->n_carried;
     s->max_new = max_new;
@@ -725,7 +746,7 @@ static bt_status mk_submit(bt_engine *be, const bt_engine_request *req, const bt
     if (!bt_deliver_ended(&s->dl) && max_new == 0) seq_end(e, s, END_FINISH, BT_FINISH_LENGTH, BT_OK, NULL);
     if (!bt_deliver_ended(&s->dl)) {
         s->phase = SEQ_WAITING;
-        list_push_tail(&e->waiting, s);
+        waiting_insert(&e->waiting, s, false);
     }
     BT_DEBUG("mocker: submitted %s: %u prompt + %u carried tokens, max_tokens %u", req->request_id ? req->request_id : "-",
              s->prompt_tokens, s->n_carried, max_new);
@@ -794,7 +815,8 @@ void bt_mocker_config_default(bt_mocker_config *c) {
                             .max_num_batched_tokens = 8192,
                             .watermark = 0.01,
                             .speedup_ratio = 1.0,
-                            .default_max_tokens = 256}; /* the fault hooks: 0, off */
+                            .default_max_tokens = 256,
+                            .fault_slow_factor = 1.0}; /* the other fault hooks: 0, off */
 }
 
 bt_status bt_mocker_config_check(const bt_mocker_config *c, char *err, size_t errlen) {
@@ -835,6 +857,8 @@ bt_status bt_mocker_config_check(const bt_mocker_config *c, char *err, size_t er
                  (unsigned long long)floor((1.0 - c->watermark) * (double)c->num_gpu_blocks) *
                      (unsigned long long)c->block_size,
                  (long long)c->num_gpu_blocks, (long long)c->block_size, c->watermark);
+    } else if (!(c->fault_slow_factor >= 0.0 && c->fault_slow_factor <= 1000.0)) {
+        snprintf(err, errlen, "fault_slow_factor must be from 1 to 1000 (0 = 1, off; got %g)", c->fault_slow_factor);
     } else if (c->fault_die_after_tokens < 0 || c->fault_stall_after_tokens < 0 || c->fault_error_after_tokens < 0) {
         snprintf(err, errlen, "fault hook token counts must be >= 0 (0 = off)");
     } else {
@@ -885,6 +909,13 @@ bt_engine *bt_mocker_create(uv_loop_t *loop, const bt_mocker_config *cfg, const 
             (unsigned long long)e->context_length, (long long)cfg->max_num_seqs, (long long)cfg->max_num_batched_tokens,
             cfg->speedup_ratio);
     return &e->base;
+}
+
+void bt_mocker_set_slow(bt_engine *be, double factor) {
+    mk_engine *e = (mk_engine *)be;
+    if (!e || bt_deliver_closed(&e->dl) || !(factor >= 1.0 && factor <= 1000.0)) return;
+    BT_WARN("mocker: fault: steps take %gx their time", factor);
+    e->cfg.fault_slow_factor = factor;
 }
 
 void bt_mocker_inject(bt_engine *be, bt_mocker_fault f) {

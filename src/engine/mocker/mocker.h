@@ -31,6 +31,9 @@ typedef struct {
     int64_t fault_die_after_tokens;   /* the engine declares itself dead (hooks.on_dead) */
     int64_t fault_stall_after_tokens; /* the scheduler stops making progress (a hung engine) */
     int64_t fault_error_after_tokens; /* every running sequence fails with BT_ERR_ENGINE */
+    /* A slow engine (a bad GPU, a thermal throttle): every step lasts this many times longer;
+     * 1 = off (the default), 0 is read as 1. Changed at run time by bt_mocker_set_slow. */
+    double fault_slow_factor;
 } bt_mocker_config;
 
 typedef enum {
@@ -46,6 +49,8 @@ bt_status bt_mocker_config_check(const bt_mocker_config *c, char *err, size_t er
 /* Creates the engine on `loop`. `hooks` (copied) may be NULL. */
 bt_engine *bt_mocker_create(uv_loop_t *loop, const bt_mocker_config *cfg, const bt_engine_hooks *hooks,
                             void *hooks_ud);
+/* Sets the slow fault's factor (1 = healthy) from the next step on. */
+void bt_mocker_set_slow(bt_engine *e, double factor);
 /* Injects a fault at once (used by the worker's fault signals and by tests). */
 void bt_mocker_inject(bt_engine *e, bt_mocker_fault f);
 

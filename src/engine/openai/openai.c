@@ -77,6 +77,7 @@ struct bt_engine_seq {
     uint32_t *carried;
     size_t n_carried;
     uint32_t max_tokens;
+    int32_t priority;
     bt_oa_carried_kind carried_kind;
     bt_buf carried_text;
     uint32_t *prompt_ids;
@@ -601,6 +602,7 @@ static void fill_build(oa_engine *e, const bt_engine_seq *s, bt_oa_build *b) {
     b->model = e->model[0] ? e->model : NULL;
     b->kind = e->kind;
     b->max_tokens = s->max_tokens;
+    b->priority = s->priority;
     b->carried = s->carried;
     b->n_carried = s->n_carried;
     b->carried_text = s->carried_text.data ? s->carried_text.data : "";
@@ -954,6 +956,7 @@ static bt_status oa_submit(bt_engine *be, const bt_engine_request *req, const bt
     s->state = S_ENDED; /* not counted until placed below */
     s->api = req->api;
     s->max_tokens = req->max_tokens;
+    s->priority = req->priority;
     s->carried_kind = ck;
     s->finish = BT_OA_FINISH_NONE;
     s->mode = ck == BT_OA_CARRIED_IDS ? MODE_IDS : ck == BT_OA_CARRIED_TEXT ? MODE_TEXT : MODE_UNDECIDED;

@@ -444,6 +444,8 @@ bt_status bt_oa_build_request(const bt_oa_build *b, const char **path, json_t **
         json_object_set_new(body, "max_tokens", json_integer(b->max_tokens)) != 0)
         goto nomem;
     if (bt_oa_kind_wants_ids(b->kind) && json_object_set_new(body, "return_token_ids", json_true()) != 0) goto nomem;
+    if (json_object_get(body, "priority") && json_object_set_new(body, "priority", json_integer(b->priority)) != 0)
+        goto nomem;
 
     /* the plan above admitted only what the capability table allows */
     switch (bt_oa_carried_classify(b->carried, b->n_carried)) {

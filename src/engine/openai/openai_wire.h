@@ -130,6 +130,11 @@ typedef struct {
     const char *model;  /* the upstream model name; NULL keeps the body's */
     bt_oa_kind kind;    /* resolved (never AUTO) */
     uint32_t max_tokens;
+    /* the priority the frontend settled (the client's, bounded by its key's ceiling): it replaces
+     * a `priority` of the client's body, so that the upstream (vLLM with --scheduling-policy
+     * priority) sees the bounded one; a body without one gets none (a vLLM without priority
+     * scheduling refuses any priority but 0) */
+    int32_t priority;
     const uint32_t *carried;
     size_t n_carried;
     const char *carried_text; /* for BT_OA_CARRIED_TEXT: the text delivered with the carried ids */

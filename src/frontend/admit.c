@@ -1,0 +1,797 @@
+/* admit.c — priorities, tenants and the bounded admission queue (see admit.h for the contract and
+ * docs/load-shedding.md for the whole admission path).
+ *
+ * The queue is one list per shard kept sorted by (priority, tag, arrival), where tag is a
+ * weighted-fair-queueing finish tag over tenants: a request's tag is max(virtual time, its
+ * tenant's last tag) + its estimated tokens, and the virtual time is the tag of the last request
+ * that left the queue. So among requests of one priority, tenants get equal tokens while they all
+ * have requests waiting, whatever their request counts. Leaving is driven by the pump: at once
+ * when a request is queued, and every PUMP_MS while the queue is not empty (worker load reports
+ * and finished requests change what is busy; the timer is what notices). The pump routes the
+ * head of each model's entries while a worker of that model is not busy. */
+#include "frontend/admit.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "common/log.h"
+#include "common/metrics.h"
+#include "frontend/fe.h"
+#include "proto/request.h"
+
+#define PUMP_MS 10
+#define PUMP_MAX_PER_TICK 256   /* dispatches per pump run: bounded work per loop iteration */
+#define TENANTS_MAX 256         /* tenants with their own counters; more share "other" */
+#define TENANT_NAME_MAX 40
+#define MAX_TOKENS_GUESS 256u   /* a request with no max_tokens (as migrate.c assumes) */
+#define DRAIN_BUCKETS 10        /* seconds of drain history for Retry-After */
+#define RETRY_MIN_S 1
+#define RETRY_MAX_S 60
+#define BLOCKED_MAX 32          /* models found all-busy within one pump run */
+
+typedef enum { D_QUEUED, D_ADMITTED, D_OVER_SHARE, D_QUEUE_FULL, D_TIMEOUT, D_CLIENT_GONE, D_N_ } decision;
+static const char *const decision_names[D_N_] = {"queued",         "admitted", "rejected_over_share",
+                                                 "rejected_queue_full", "rejected_timeout", "dropped_client_gone"};
+
+typedef struct {
+    char *key;
+    int32_t ceiling;
+} ceiling_entry;
+
+struct fe_admit_policy {
+    ceiling_entry *ceil;
+    size_t nceil;
+    bool has_default;
+    int32_t default_ceiling;
+    bool trust_tenant_header;
+    atomic_int_least64_t max_requests; /* 0 = the queue is off */
+    atomic_int_least64_t max_tokens;   /* 0 = no bound on tokens */
+    atomic_int_least64_t timeout_ms;
+    atomic_int_least64_t migration_concurrency; /* 0 = no cap */
+    _Atomic double retry_budget;               /* budget.h */
+    atomic_int_least64_t retry_budget_min;
+    _Atomic double outlier_factor;             /* outlier.h */
+};
+
+typedef struct {
+    char name[TENANT_NAME_MAX];
+    double last_tag;
+    uint64_t queued_n, queued_tokens;
+    uint64_t count[D_N_];
+} tenant;
+
+struct fe_ticket {
+    fe_req *req;
+    int32_t priority;
+    int tenant;      /* index in the shard's table */
+    uint64_t cost;   /* estimated tokens */
+    double tag;
+    uint64_t seq;
+    uint64_t t_enq_ms, deadline_ms;
+    bool queued;
+    bool left;       /* it left the queue for routing: never queued again as new */
+    bool mig_slot;   /* holds one of the --migration-concurrency slots */
+    bool mig_waiting; /* in the migration wait list */
+    fe_ticket *prev, *next;
+};
+
+struct fe_admit {
+    fe *f;
+    fe_admit_policy *pol;
+    uv_timer_t timer;
+    fe_ticket *head, *tail;
+    uint64_t n, tokens, seq;
+    double vtime;
+    bool pumping;
+    tenant tenants[TENANTS_MAX];
+    int ntenants;
+    uint64_t drain[DRAIN_BUCKETS];   /* requests that left the queue for a worker, by second (ring) */
+    uint64_t busy_ms[DRAIN_BUCKETS]; /* of each second, the milliseconds with requests queued */
+    uint64_t drain_sec;              /* the second of the newest bucket (0 = none yet) */
+    uint64_t busy_since_ms;          /* when the busy time was last accounted */
+    /* Migrations past --migration-concurrency wait here (FIFO) for a slot; they are never failed
+     * for it. mig_inflight counts the slots taken: migrations sent, not yet at their first token. */
+    fe_ticket *mhead, *mtail;
+    uint64_t mwaiting, mig_inflight, mig_waited_total;
+};
+
+/* ---- policy ---- */
+
+void fe_admit_policy_free(fe_admit_policy *p) {
+    if (!p) return;
+    for (size_t i = 0; i < p->nceil; i++) free(p->ceil[i].key);
+    free(p->ceil);
+    free(p);
+}
+
+static bool parse_prio(const char *s, size_t len, int32_t *out) {
+    char buf[24];
+    if (len == 0 || len >= sizeof buf) return false;
+    memcpy(buf, s, len);
+    buf[len] = '\0';
+    char *end;
+    errno = 0;
+    long long v = strtoll(buf, &end, 10);
+    if (errno || *end || end == buf || v < -BT_PRIORITY_LIMIT || v > BT_PRIORITY_LIMIT) return false;
+    *out = (int32_t)v;
+    return true;
+}
+
+fe_admit_policy *fe_admit_policy_new(const char *spec, int64_t max_requests, int64_t max_tokens, double timeout_s,
+                                     int64_t migration_concurrency, bool trust_tenant_header, char *err,
+                                     size_t errlen) {
+    fe_admit_policy *p = calloc(1, sizeof *p);
+    if (!p) goto nomem;
+    atomic_init(&p->migration_concurrency, migration_concurrency);
+    p->trust_tenant_header = trust_tenant_header;
+    atomic_init(&p->max_requests, max_requests);
+    atomic_init(&p->max_tokens, max_tokens);
+    atomic_init(&p->timeout_ms, (int64_t)(timeout_s * 1000.0 + 0.5));
+    const char *s = spec ? spec : "";
+    int nentry = 0;
+    while (*s) {
+        const char *comma = strchr(s, ',');
+        size_t len = comma ? (size_t)(comma - s) : strlen(s);
+        const char *eq = NULL;
+        for (size_t i = 0; i < len; i++)
+            if (s[i] == '=') eq = s + i;
+        int32_t v;
+        nentry++;
+        if (!eq || eq == s || !parse_prio(eq + 1, len - (size_t)(eq - s) - 1, &v)) {
+            /* the key is a secret: the message names the entry by its place and shows only N */
+            if (!eq || eq == s)
+                snprintf(err, errlen, "--priority-ceiling: entry %d is not KEY=N (no key, or no '=')", nentry);
+            else
+                snprintf(err, errlen, "--priority-ceiling: entry %d: '%.*s' is not an integer from %d to %d", nentry,
+                         (int)(len - (size_t)(eq - s) - 1), eq + 1, -BT_PRIORITY_LIMIT, BT_PRIORITY_LIMIT);
+            fe_admit_policy_free(p);
+            return NULL;
+        }
+        size_t kl = (size_t)(eq - s);
+        if (kl == 1 && s[0] == '*') {
+            p->has_default = true;
+            p->default_ceiling = v;
+        } else {
+            ceiling_entry *c = realloc(p->ceil, (p->nceil + 1) * sizeof *c);
+            if (!c) goto nomem;
+            p->ceil = c;
+            char *k = malloc(kl + 1);
+            if (!k) goto nomem;
+            memcpy(k, s, kl);
+            k[kl] = '\0';
+            p->ceil[p->nceil++] = (ceiling_entry){.key = k, .ceiling = v};
+        }
+        s += len;
+        if (*s == ',') s++;
+    }
+    return p;
+nomem:
+    snprintf(err, errlen, "out of memory");
+    fe_admit_policy_free(p);
+    return NULL;
+}
+
+/* ---- per shard ---- */
+
+static void timer_closed(uv_handle_t *h) { free(h->data); }
+
+bt_status fe_admit_start(fe *f) {
+    fe_admit *a = calloc(1, sizeof *a);
+    if (!a) return BT_ERR_NOMEM;
+    a->f = f;
+    a->pol = f->admit_policy;
+    snprintf(a->tenants[0].name, TENANT_NAME_MAX, "other"); /* slot 0: past TENANTS_MAX */
+    a->ntenants = 1;
+    uv_timer_init(f->loop, &a->timer);
+    a->timer.data = a;
+    f->admit = a;
+    return BT_OK;
+}
+
+void fe_admit_stop(fe *f) {
+    fe_admit *a = f->admit;
+    if (!a) return;
+    f->admit = NULL;
+    uv_timer_stop(&a->timer);
+    uv_close((uv_handle_t *)&a->timer, timer_closed);
+}
+
+/* ---- tickets ---- */
+
+/* The bearer token of the request, or NULL. */
+static const char *bearer(const bt_http_req *http, size_t *len) {
+    const char *a = http->authorization;
+    if (!a || strncasecmp(a, "Bearer ", 7) != 0) return NULL;
+    a += 7;
+    while (*a == ' ') a++;
+    *len = strlen(a);
+    return *len ? a : NULL;
+}
+
+/* The tenant's name as metrics and logs show it: a trusted header's value (only [A-Za-z0-9._-],
+ * others become '_'), or "key-" and a 64-bit FNV-1a hash of the key (a key is never shown), or
+ * "anonymous". */
+static void tenant_name(const fe_admit_policy *pol, const bt_http_req *http, char *out, size_t cap) {
+    if (pol->trust_tenant_header && http->tenant && *http->tenant) {
+        size_t i = 0;
+        for (const char *s = http->tenant; *s && i + 1 < cap; s++, i++) {
+            char c = *s;
+            bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
+                      c == '_' || c == '-';
+            out[i] = ok ? c : '_';
+        }
+        out[i] = '\0';
+        return;
+    }
+    size_t kl;
+    const char *k = bearer(http, &kl);
+    if (!k) {
+        snprintf(out, cap, "anonymous");
+        return;
+    }
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < kl; i++) h = (h ^ (uint8_t)k[i]) * 1099511628211ull;
+    snprintf(out, cap, "key-%016" PRIx64, h);
+}
+
+static int tenant_index(fe_admit *a, const char *name) {
+    for (int i = 1; i < a->ntenants; i++)
+        if (strcmp(a->tenants[i].name, name) == 0) return i;
+    if (a->ntenants >= TENANTS_MAX) return 0;
+    snprintf(a->tenants[a->ntenants].name, TENANT_NAME_MAX, "%s", name);
+    return a->ntenants++;
+}
+
+fe_ticket *fe_admit_ticket(fe *f, const bt_http_req *http, const json_t *body, char *err, size_t errlen,
+                           const char **param, bool *nomem) {
+    fe_admit *a = f->admit;
+    const fe_admit_policy *pol = f->admit_policy;
+    *nomem = false;
+    *param = NULL;
+    int32_t prio = 0;
+    const json_t *jp = json_object_get(body, "priority");
+    if (jp && !json_is_null(jp)) {
+        if (!json_is_integer(jp) || json_integer_value(jp) < -BT_PRIORITY_LIMIT ||
+            json_integer_value(jp) > BT_PRIORITY_LIMIT) {
+            snprintf(err, errlen, "'priority' must be an integer from %d to %d", -BT_PRIORITY_LIMIT,
+                     BT_PRIORITY_LIMIT);
+            *param = "priority";
+            return NULL;
+        }
+        prio = (int32_t)json_integer_value(jp);
+    } else if (http->priority) {
+        if (!parse_prio(http->priority, strlen(http->priority), &prio)) {
+            snprintf(err, errlen, "X-Priority must be an integer from %d to %d", -BT_PRIORITY_LIMIT,
+                     BT_PRIORITY_LIMIT);
+            return NULL;
+        }
+    }
+    /* the key's ceiling: the most urgent priority it may ask for */
+    size_t kl;
+    const char *k = bearer(http, &kl);
+    bool found = false;
+    for (size_t i = 0; k && i < pol->nceil && !found; i++) {
+        if (strlen(pol->ceil[i].key) == kl && memcmp(pol->ceil[i].key, k, kl) == 0) {
+            found = true;
+            if (prio < pol->ceil[i].ceiling) prio = pol->ceil[i].ceiling;
+        }
+    }
+    if (!found && pol->has_default && prio < pol->default_ceiling) prio = pol->default_ceiling;
+
+    fe_ticket *t = calloc(1, sizeof *t);
+    if (!t) {
+        *nomem = true;
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    t->priority = prio;
+    char name[TENANT_NAME_MAX];
+    tenant_name(pol, http, name, sizeof name);
+    t->tenant = a ? tenant_index(a, name) : 0;
+    const json_t *mt = json_object_get(body, "max_completion_tokens");
+    if (!json_is_integer(mt)) mt = json_object_get(body, "max_tokens");
+    t->cost = http->body_len / 4 + (json_is_integer(mt) ? (uint64_t)json_integer_value(mt) : MAX_TOKENS_GUESS);
+    if (t->cost == 0) t->cost = 1;
+    return t;
+}
+
+void fe_admit_attach(fe_req *r, fe_ticket *t) {
+    r->ticket = t;
+    if (t) t->req = r;
+}
+
+int32_t fe_admit_priority(const fe_req *r) { return r->ticket ? r->ticket->priority : 0; }
+
+/* ---- the queue ---- */
+
+static bool before(const fe_ticket *x, const fe_ticket *y) {
+    if (x->priority != y->priority) return x->priority < y->priority;
+    if (x->tag != y->tag) return x->tag < y->tag;
+    return x->seq < y->seq;
+}
+
+static void drain_roll(fe_admit *a, uint64_t now_ms);
+
+static void q_insert(fe_admit *a, fe_ticket *t) {
+    drain_roll(a, bt_now_ms());
+    fe_ticket *at = a->tail; /* from the tail: a new tag is usually the largest */
+    while (at && before(t, at)) at = at->prev;
+    t->prev = at;
+    t->next = at ? at->next : a->head;
+    if (t->next) t->next->prev = t;
+    else a->tail = t;
+    if (at) at->next = t;
+    else a->head = t;
+    t->queued = true;
+    a->n++;
+    a->tokens += t->cost;
+    a->tenants[t->tenant].queued_n++;
+    a->tenants[t->tenant].queued_tokens += t->cost;
+}
+
+static void q_remove(fe_admit *a, fe_ticket *t) {
+    if (!t->queued) return;
+    drain_roll(a, bt_now_ms());
+    if (t->prev) t->prev->next = t->next;
+    else a->head = t->next;
+    if (t->next) t->next->prev = t->prev;
+    else a->tail = t->prev;
+    t->prev = t->next = NULL;
+    t->queued = false;
+    a->n--;
+    a->tokens -= t->cost;
+    a->tenants[t->tenant].queued_n--;
+    a->tenants[t->tenant].queued_tokens -= t->cost;
+}
+
+/* Moves the ring to the second of now_ms, clearing the seconds skipped; then accounts the time
+ * since the last call as busy when requests were queued all along (the queue length only changes
+ * through q_insert / q_remove, which call this first). */
+static void drain_roll(fe_admit *a, uint64_t now_ms) {
+    uint64_t sec = now_ms / 1000;
+    if (!a->drain_sec) a->drain_sec = sec;
+    if (sec > a->drain_sec) {
+        uint64_t gap = sec - a->drain_sec;
+        for (uint64_t i = 1; i <= gap && i <= DRAIN_BUCKETS; i++) {
+            a->drain[(a->drain_sec + i) % DRAIN_BUCKETS] = 0;
+            a->busy_ms[(a->drain_sec + i) % DRAIN_BUCKETS] = 0;
+        }
+        a->drain_sec = sec;
+    }
+    if (a->n && a->busy_since_ms && now_ms > a->busy_since_ms)
+        a->busy_ms[sec % DRAIN_BUCKETS] += now_ms - a->busy_since_ms;
+    a->busy_since_ms = now_ms;
+}
+
+/* Requests per second that left the queue for a worker, over the time of the last DRAIN_BUCKETS
+ * seconds during which requests were waiting: idle time does not dilute it (a rate averaged over
+ * idle seconds made Retry-After several times too long when load came in bursts). 0 when under
+ * half a second of such time is on record. */
+static double drain_rate(fe_admit *a, uint64_t now_ms) {
+    drain_roll(a, now_ms);
+    uint64_t sum = 0, busy = 0;
+    for (int i = 0; i < DRAIN_BUCKETS; i++) sum += a->drain[i], busy += a->busy_ms[i];
+    if (busy < 500 || sum == 0) return 0;
+    return (double)sum * 1000.0 / (double)busy;
+}
+
+/* Retry-After for a request of priority p refused now: the time for the queued requests that
+ * would be served before it (those of its priority or a more urgent one) to leave at the observed
+ * drain rate; without one, the worker-side estimate (fe_retry_after_s). */
+static int retry_after(fe_admit *a, const fe_req *r, int32_t p) {
+    double rate = drain_rate(a, bt_now_ms());
+    int s;
+    if (rate <= 0) {
+        s = fe_retry_after_s(a->f, r->model);
+    } else {
+        uint64_t ahead = 0;
+        for (fe_ticket *t = a->head; t && t->priority <= p; t = t->next)
+            if (t->req->model == r->model) ahead++;
+        s = (int)ceil((double)(ahead + 1) / rate);
+    }
+    return s < RETRY_MIN_S ? RETRY_MIN_S : s > RETRY_MAX_S ? RETRY_MAX_S : s;
+}
+
+static void count(fe_admit *a, const fe_ticket *t, decision d) { a->tenants[t->tenant].count[d]++; }
+
+/* Ends r with a refusal; r is freed on return. */
+static void refuse(fe_admit *a, fe_req *r, decision d) {
+    fe_ticket *t = r->ticket;
+    int ra = retry_after(a, r, t->priority);
+    count(a, t, d);
+    const tenant *tn = &a->tenants[t->tenant];
+    char msg[256];
+    int status = 503;
+    const char *code = "overloaded";
+    switch (d) {
+    case D_OVER_SHARE:
+        status = 429;
+        code = "rate_limit_exceeded";
+        snprintf(msg, sizeof msg,
+                 "Rate limit reached: the admission queue is full and tenant %s holds more than its share of it "
+                 "(%" PRIu64 " requests queued); please retry later",
+                 tn->name, tn->queued_n);
+        break;
+    case D_QUEUE_FULL:
+        code = "queue_full";
+        snprintf(msg, sizeof msg,
+                 "Service temporarily unavailable: the admission queue is full (%" PRIu64 " requests, %" PRIu64
+                 " tokens), please retry later",
+                 a->n, a->tokens);
+        break;
+    default:
+        code = "queue_timeout";
+        snprintf(msg, sizeof msg,
+                 "Service temporarily unavailable: no worker was free within the queue timeout (%.1f s), please "
+                 "retry later",
+                 (double)atomic_load(&a->pol->timeout_ms) / 1000.0);
+        break;
+    }
+    BT_INFO("request %s: %s (tenant %s, priority %d); Retry-After %d s", r->rid, decision_names[d], tn->name,
+            t->priority, ra);
+    fe_request_refuse(r, status, code, ra, msg);
+}
+
+static void pump(fe_admit *a);
+static void tick(uv_timer_t *h) { pump(h->data); }
+
+static void arm(fe_admit *a) {
+    if ((a->n || a->mwaiting) && !uv_is_active((uv_handle_t *)&a->timer))
+        uv_timer_start(&a->timer, tick, PUMP_MS, PUMP_MS);
+}
+
+static bool mig_room(const fe_admit *a) {
+    int64_t cap = atomic_load(&a->pol->migration_concurrency);
+    return cap <= 0 || a->mig_inflight < (uint64_t)cap;
+}
+
+static void mig_unlink(fe_admit *a, fe_ticket *t) {
+    if (!t->mig_waiting) return;
+    if (t->prev) t->prev->next = t->next;
+    else a->mhead = t->next;
+    if (t->next) t->next->prev = t->prev;
+    else a->mtail = t->prev;
+    t->prev = t->next = NULL;
+    t->mig_waiting = false;
+    a->mwaiting--;
+}
+
+static void mig_release(fe_admit *a, fe_ticket *t) {
+    if (!t->mig_slot) return;
+    t->mig_slot = false;
+    a->mig_inflight--;
+    if (a->mwaiting) arm(a);
+}
+
+/* Routes the queue's heads while their models have a worker that is not busy; refuses the
+ * requests past their deadline. Runs on the loop (never re-entered). */
+static void pump(fe_admit *a) {
+    if (a->pumping) return;
+    a->pumping = true;
+    uint64_t now = bt_now_ms();
+    for (fe_ticket *t = a->head, *nx; t; t = nx) {
+        nx = t->next;
+        if (t->deadline_ms && now >= t->deadline_ms) {
+            q_remove(a, t);
+            refuse(a, t->req, D_TIMEOUT); /* frees t's request and t */
+        }
+    }
+    int sent = 0;
+    /* waiting migrations first: their streams are running already */
+    while (a->mhead && mig_room(a) && sent < PUMP_MAX_PER_TICK) {
+        fe_ticket *t = a->mhead;
+        mig_unlink(a, t);
+        t->mig_slot = true;
+        a->mig_inflight++;
+        sent++;
+        BT_INFO("request %s: migration leaves the wait (%" PRIu64 " migrations in flight, %" PRIu64 " waiting)",
+                t->req->rid, a->mig_inflight, a->mwaiting);
+        fe_migrate_dispatch(t->req); /* may end the request (and free t) */
+    }
+    fe_model *blocked[BLOCKED_MAX];
+    int nblocked = 0;
+    for (fe_ticket *t = a->head; t && sent < PUMP_MAX_PER_TICK;) {
+        fe_req *r = t->req;
+        bool skip = false;
+        for (int i = 0; i < nblocked && !skip; i++) skip = blocked[i] == r->model;
+        if (skip) {
+            t = t->next;
+            continue;
+        }
+        bool all_busy = false;
+        if (!fe_route(a->f, r->model, 0, &all_busy) && all_busy) {
+            if (nblocked == BLOCKED_MAX) break;
+            blocked[nblocked++] = r->model;
+            t = t->next;
+            continue;
+        }
+        q_remove(a, t);
+        t->left = true;
+        if (t->tag > a->vtime) a->vtime = t->tag;
+        a->drain[(now / 1000) % DRAIN_BUCKETS]++; /* q_remove rolled the ring to now */
+        count(a, t, D_ADMITTED);
+        BT_DEBUG("request %s: leaves the admission queue after %" PRIu64 " ms (priority %d, tenant %s)", r->rid,
+                 now - t->t_enq_ms, t->priority, a->tenants[t->tenant].name);
+        sent++;
+        fe_migrate_dispatch(r); /* routes it (or fails it: no worker at all); may free r */
+        t = a->head;            /* the list may have changed under the dispatch */
+    }
+    if (!a->n && !a->mwaiting) uv_timer_stop(&a->timer);
+    a->pumping = false;
+}
+
+/* Over its share: the tenant's queued requests (or tokens, with a token bound) plus `extra` exceed
+ * the capacity divided among the tenants that have requests queued (`active`). */
+static double share_use(const fe_admit *a, const tenant *tn, uint64_t extra_n, uint64_t extra_tok, uint64_t active) {
+    int64_t mr = atomic_load(&a->pol->max_requests), mt = atomic_load(&a->pol->max_tokens);
+    double u = (double)(tn->queued_n + extra_n) * (double)active / (double)mr;
+    if (mt > 0) {
+        double ut = (double)(tn->queued_tokens + extra_tok) * (double)active / (double)mt;
+        if (ut > u) u = ut;
+    }
+    return u;
+}
+
+static bool full(const fe_admit *a, uint64_t cost) {
+    int64_t mr = atomic_load(&a->pol->max_requests), mt = atomic_load(&a->pol->max_tokens);
+    return a->n + 1 > (uint64_t)mr || (mt > 0 && a->tokens + cost > (uint64_t)mt);
+}
+
+/* Queues r (or refuses it, or another request to make room). */
+static void enqueue(fe_admit *a, fe_req *r) {
+    fe_ticket *t = r->ticket;
+    const tenant *tn = &a->tenants[t->tenant];
+    uint64_t active = 0;
+    for (int i = 0; i < a->ntenants; i++) active += a->tenants[i].queued_n > 0;
+    if (!t->left) { /* a request back from routing keeps its place */
+        if (!tn->queued_n) active++;
+        while (full(a, t->cost)) {
+            /* alone in the queue, a tenant is not over a share: the service is (503 below) */
+            if (active > 1 && share_use(a, tn, 1, t->cost, active) > 1.0) {
+                refuse(a, r, D_OVER_SHARE);
+                return;
+            }
+            /* the arrival is within its share: the newest request of the tenant furthest over its
+             * share makes room */
+            int victim = -1;
+            double worst = 1.0;
+            if (active < 2) worst = INFINITY; /* nobody to compare with: no victim */
+            for (int i = 0; i < a->ntenants; i++) {
+                if (!a->tenants[i].queued_n) continue;
+                double u = share_use(a, &a->tenants[i], 0, 0, active);
+                if (u > worst) worst = u, victim = i;
+            }
+            if (victim < 0) {
+                refuse(a, r, D_QUEUE_FULL);
+                return;
+            }
+            fe_ticket *v = a->tail;
+            fe_ticket *newest = NULL;
+            for (; v; v = v->prev)
+                if (v->tenant == victim && (!newest || v->seq > newest->seq)) newest = v;
+            q_remove(a, newest);
+            if (!a->tenants[victim].queued_n) active--;
+            refuse(a, newest->req, D_OVER_SHARE);
+        }
+        tenant *tm = &a->tenants[t->tenant];
+        t->tag = (tm->last_tag > a->vtime ? tm->last_tag : a->vtime) + (double)t->cost;
+        tm->last_tag = t->tag;
+        t->seq = ++a->seq;
+        t->t_enq_ms = bt_now_ms();
+        int64_t to = atomic_load(&a->pol->timeout_ms);
+        t->deadline_ms = to > 0 ? t->t_enq_ms + (uint64_t)to : 0;
+        count(a, t, D_QUEUED);
+    }
+    t->left = false;
+    q_insert(a, t);
+    BT_DEBUG("request %s: queued (priority %d, tenant %s, ~%" PRIu64 " tokens; %" PRIu64 " queued)", r->rid,
+             t->priority, a->tenants[t->tenant].name, t->cost, a->n);
+    arm(a);
+    pump(a);
+}
+
+static bool queue_on(const fe_admit *a) { return a && atomic_load(&a->pol->max_requests) > 0; }
+
+bool fe_admit_before_route(fe_req *r) {
+    fe_admit *a = r->fe->admit;
+    fe_ticket *t = r->ticket;
+    if (!queue_on(a) || !t || t->left || t->queued) return false;
+    bool waiting = false;
+    for (fe_ticket *q = a->head; q && !waiting; q = q->next) waiting = q->req->model == r->model;
+    if (!waiting) return false;
+    enqueue(a, r);
+    return true;
+}
+
+bool fe_admit_all_busy(fe_req *r) {
+    fe_admit *a = r->fe->admit;
+    if (!queue_on(a) || !r->ticket || r->ticket->queued) return false;
+    enqueue(a, r);
+    return true;
+}
+
+void fe_admit_forget(fe_req *r) {
+    fe_ticket *t = r->ticket;
+    if (!t) return;
+    fe_admit *a = r->fe->admit;
+    if (t->queued && a) {
+        q_remove(a, t);
+        count(a, t, D_CLIENT_GONE);
+        BT_INFO("request %s: dropped from the admission queue (client gone or request cancelled)", r->rid);
+    }
+    if (a) {
+        mig_unlink(a, t);
+        mig_release(a, t);
+    }
+    r->ticket = NULL;
+    free(t);
+}
+
+bool fe_admit_migration_hold(fe_req *r) {
+    fe_admit *a = r->fe->admit;
+    if (!a || atomic_load(&a->pol->migration_concurrency) <= 0) return false;
+    fe_ticket *t = r->ticket;
+    if (!t) { /* a resumed stream has no ticket: a bare one, for the slot and the list */
+        t = calloc(1, sizeof *t);
+        if (!t) return false; /* out of memory: migrate now rather than fail */
+        fe_admit_attach(r, t);
+    }
+    if (t->mig_slot) return false; /* a migration that failed again keeps its slot */
+    if (mig_room(a) && !a->mhead) {
+        t->mig_slot = true;
+        a->mig_inflight++;
+        return false;
+    }
+    t->prev = a->mtail;
+    t->next = NULL;
+    if (a->mtail) a->mtail->next = t;
+    else a->mhead = t;
+    a->mtail = t;
+    t->mig_waiting = true;
+    a->mwaiting++;
+    a->mig_waited_total++;
+    BT_INFO("request %s: migration waits for a slot (%" PRIu64 " in flight, cap %lld; %" PRIu64 " waiting)", r->rid,
+            a->mig_inflight, (long long)atomic_load(&a->pol->migration_concurrency), a->mwaiting);
+    arm(a);
+    return true;
+}
+
+void fe_admit_migration_done(fe_req *r) {
+    fe_admit *a = r->fe->admit;
+    if (a && r->ticket) mig_release(a, r->ticket);
+}
+
+/* ---- control and metrics ---- */
+
+static void respond(bt_http_req *http, int status, json_t *j) {
+    char *s = j ? json_dumps(j, JSON_COMPACT) : NULL;
+    if (s) bt_http_respond(http, status, "application/json", NULL, s, strlen(s));
+    else bt_http_respond(http, 500, "application/json", NULL, "{\"error\":\"out of memory\"}", 25);
+    free(s);
+    json_decref(j);
+}
+
+static json_t *limits_json(fe *f) {
+    fe_admit_policy *p = f->admit_policy;
+    fe_admit *a = f->admit;
+    return json_pack("{s:I,s:I,s:I,s:f,s:f,s:I,s:I,s:I,s:f,s:I,s:I}", "migration_concurrency",
+                     (json_int_t)atomic_load(&p->migration_concurrency), "migrations_in_flight",
+                     (json_int_t)(a ? a->mig_inflight : 0), "migrations_waiting", (json_int_t)(a ? a->mwaiting : 0),
+                     "outlier_factor", atomic_load(&p->outlier_factor), "retry_budget", atomic_load(&p->retry_budget),
+                     "retry_budget_min", (json_int_t)atomic_load(&p->retry_budget_min), "queue_max_requests",
+                     (json_int_t)atomic_load(&p->max_requests), "queue_max_tokens",
+                     (json_int_t)atomic_load(&p->max_tokens), "queue_timeout",
+                     (double)atomic_load(&p->timeout_ms) / 1000.0, "queued_requests", (json_int_t)(a ? a->n : 0),
+                     "queued_tokens", (json_int_t)(a ? a->tokens : 0));
+}
+
+/* The limits POST /admission may set, with the ranges of their flags. */
+enum { F_QREQ, F_QTOK, F_QTIMEOUT, F_MIGCONC, F_BUDGET, F_BUDGET_MIN, F_OUTLIER, F_N };
+static const struct {
+    const char *name;
+    double min, max;
+    bool integer;
+} fields[F_N] = {
+    [F_QREQ] = {"queue_max_requests", 0, 1e7, true},
+    [F_QTOK] = {"queue_max_tokens", 0, 1e12, true},
+    [F_QTIMEOUT] = {"queue_timeout", 0, 3600, false},
+    [F_MIGCONC] = {"migration_concurrency", 0, 1e7, true},
+    [F_BUDGET] = {"retry_budget", 0, 100, false},
+    [F_BUDGET_MIN] = {"retry_budget_min", 0, 1e9, true},
+    [F_OUTLIER] = {"outlier_factor", 0, 1000, false},
+};
+
+void fe_admit_handle(fe *f, bt_http_req *http) {
+    if (http->method != BT_HTTP_POST) {
+        respond(http, 200, limits_json(f));
+        return;
+    }
+    json_error_t jerr;
+    json_t *b = json_loadb(http->body, http->body_len, 0, &jerr);
+    if (!json_is_object(b)) {
+        respond(http, 422, json_pack("{s:s}", "error", b ? "the body must be a JSON object" : jerr.text));
+        json_decref(b);
+        return;
+    }
+    json_t *v[F_N];
+    bool any = false;
+    for (int i = 0; i < F_N; i++) { /* every field is checked before any is set */
+        v[i] = json_object_get(b, fields[i].name);
+        if (v[i] && !json_is_number(v[i])) {
+            char msg[96];
+            snprintf(msg, sizeof msg, "%s must be a number", fields[i].name);
+            respond(http, 422, json_pack("{s:s}", "error", msg));
+            json_decref(b);
+            return;
+        }
+        double x = v[i] ? json_number_value(v[i]) : 0;
+        if (v[i] && (!(x >= fields[i].min && x <= fields[i].max) || (fields[i].integer && !json_is_integer(v[i])))) {
+            char msg[128];
+            snprintf(msg, sizeof msg, "%s must be %s from %g to %g, got %g", fields[i].name,
+                     fields[i].integer ? "an integer" : "a number", fields[i].min, fields[i].max, x);
+            respond(http, 400, json_pack("{s:s}", "error", msg));
+            json_decref(b);
+            return;
+        }
+        any = any || v[i];
+    }
+    fe_admit_policy *p = f->admit_policy;
+    if (v[F_QREQ]) atomic_store(&p->max_requests, (int64_t)json_integer_value(v[F_QREQ]));
+    if (v[F_QTOK]) atomic_store(&p->max_tokens, (int64_t)json_integer_value(v[F_QTOK]));
+    if (v[F_QTIMEOUT]) atomic_store(&p->timeout_ms, (int64_t)(json_number_value(v[F_QTIMEOUT]) * 1000.0 + 0.5));
+    if (v[F_MIGCONC]) atomic_store(&p->migration_concurrency, (int64_t)json_integer_value(v[F_MIGCONC]));
+    if (v[F_BUDGET]) atomic_store(&p->retry_budget, json_number_value(v[F_BUDGET]));
+    if (v[F_BUDGET_MIN]) atomic_store(&p->retry_budget_min, (int64_t)json_integer_value(v[F_BUDGET_MIN]));
+    if (v[F_OUTLIER]) atomic_store(&p->outlier_factor, json_number_value(v[F_OUTLIER]));
+    if (any)
+        BT_INFO("admission limits set: queue of %lld requests, %lld tokens, timeout %.3f s; %lld concurrent "
+                "migrations; retry budget %g (at least %lld); outlier factor %g",
+                (long long)atomic_load(&p->max_requests), (long long)atomic_load(&p->max_tokens),
+                (double)atomic_load(&p->timeout_ms) / 1000.0, (long long)atomic_load(&p->migration_concurrency),
+                atomic_load(&p->retry_budget), (long long)atomic_load(&p->retry_budget_min),
+                atomic_load(&p->outlier_factor));
+    if (v[F_MIGCONC] && f->admit) arm(f->admit); /* a raised cap lets waiting migrations go */
+    json_decref(b);
+    respond(http, 200, limits_json(f));
+}
+
+double fe_admit_retry_budget(const fe *f) { return atomic_load(&f->admit_policy->retry_budget); }
+int64_t fe_admit_retry_budget_min(const fe *f) { return atomic_load(&f->admit_policy->retry_budget_min); }
+double fe_admit_outlier_factor(const fe *f) { return atomic_load(&f->admit_policy->outlier_factor); }
+
+void fe_admit_policy_runtime(fe_admit_policy *p, double retry_budget, int64_t retry_budget_min, double outlier_factor) {
+    atomic_store(&p->retry_budget, retry_budget);
+    atomic_store(&p->retry_budget_min, retry_budget_min);
+    atomic_store(&p->outlier_factor, outlier_factor);
+}
+
+void fe_admit_collect(fe *f, bt_metrics *r) {
+    fe_admit *a = f->admit;
+    if (!a) return;
+    bt_metric_family *fam = bt_metrics_counter(r, "baton_frontend_admission_total", "Admission decisions, by tenant");
+    for (int i = 0; i < a->ntenants; i++)
+        for (int d = 0; d < D_N_; d++)
+            if (a->tenants[i].count[d])
+                bt_metrics_add(fam, (double)a->tenants[i].count[d], "tenant", a->tenants[i].name, "decision",
+                               decision_names[d], NULL);
+    bt_metrics_add(bt_metrics_gauge(r, "baton_frontend_queue_requests", BT_MERGE_SUM,
+                                    "Requests waiting in the admission queue"),
+                   (double)a->n, NULL);
+    bt_metrics_add(bt_metrics_gauge(r, "baton_frontend_queue_tokens", BT_MERGE_SUM,
+                                    "Estimated tokens of the requests in the admission queue"),
+                   (double)a->tokens, NULL);
+    bt_metrics_add(bt_metrics_gauge(r, "baton_frontend_migrations_in_flight", BT_MERGE_SUM,
+                                    "Migrations sent and not yet at their first token"),
+                   (double)a->mig_inflight, NULL);
+    bt_metrics_add(bt_metrics_gauge(r, "baton_frontend_migrations_waiting", BT_MERGE_SUM,
+                                    "Migrations waiting for a --migration-concurrency slot"),
+                   (double)a->mwaiting, NULL);
+    bt_metrics_add(bt_metrics_counter(r, "baton_frontend_migrations_waited_total", "Migrations that waited for a slot"),
+                   (double)a->mig_waited_total, NULL);
+}

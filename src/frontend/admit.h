@@ -1,0 +1,95 @@
+/* admit.h — admission of new requests at the frontend: their priority, their tenant, and the
+ * bounded queue where they wait for a worker that is not busy (docs/load-shedding.md).
+ *
+ * Priority: the body's `priority` (an integer, lower served sooner, default 0, as in vLLM) or the
+ * X-Priority header when the body has none, bounded by the ceiling of the caller's API key
+ * (--priority-ceiling): a key whose ceiling is 5 asking for 0 gets 5. It travels to the worker in
+ * the REQUEST payload, where the engine admits its waiting sequences by (priority, arrival).
+ *
+ * Tenant: the API key (the Bearer token, kept only as a hash), or with --trust-tenant-header the
+ * X-Tenant header (a header can be spoofed: trust it only behind a gateway that sets it).
+ *
+ * The queue (off unless --queue-max-requests > 0): a first attempt that finds every worker of its
+ * model busy, or that arrives while others of its model are queued, waits instead of being
+ * refused, bounded by a count, a sum of estimated tokens and --queue-timeout. It leaves in
+ * priority order and, within a priority, by weighted fair queueing over tenants on estimated
+ * tokens (prompt bytes / 4 + max_tokens): a tenant that sends ten times more requests does not
+ * get ten times the tokens. A full queue refuses the arrival with 429 when its tenant holds more
+ * than its share (the queue's capacity over the tenants that have queued requests, the arrival's
+ * included; a tenant alone has no share to be over), otherwise it
+ * makes room by refusing (429) the newest request of the tenant furthest over its share, and only
+ * when no tenant is over its share does the arrival get 503. A request that waits past the
+ * timeout gets 503. Every refusal carries Retry-After from the observed rate at which the queue
+ * drains, and an OpenAI error body. A queued request whose client leaves is dropped at once.
+ *
+ * One queue per frontend thread (shard); the limits are shared by the threads and changed at run
+ * time by POST /admission. Everything runs on the shard's loop. */
+#ifndef BATON_FRONTEND_ADMIT_H
+#define BATON_FRONTEND_ADMIT_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/metrics.h"
+#include "common/status.h"
+#include "http/http.h"
+
+typedef struct fe fe;
+typedef struct fe_req fe_req;
+typedef struct fe_admit fe_admit;
+typedef struct fe_admit_policy fe_admit_policy;
+typedef struct fe_ticket fe_ticket;
+
+/* The policy shared by every shard: the per-key ceilings (read-only after start) and the queue
+ * limits (atomics: POST /admission changes them for every shard at once). spec is
+ * --priority-ceiling: comma-separated KEY=N entries, "*=N" for every other caller (a key is split
+ * at its last '='). NULL with a reason in err when spec is malformed or out of memory. */
+fe_admit_policy *fe_admit_policy_new(const char *spec, int64_t max_requests, int64_t max_tokens, double timeout_s,
+                                     int64_t migration_concurrency, bool trust_tenant_header, char *err,
+                                     size_t errlen);
+void fe_admit_policy_free(fe_admit_policy *p);
+
+/* Per shard: created with the shard's loop, stopped (its timer closed, the memory freed by the
+ * close callback) when the shard's HTTP server has closed. */
+bt_status fe_admit_start(fe *f);
+void fe_admit_stop(fe *f);
+
+/* A new request's admission facts, settled before it is created: its priority (400 on a bad
+ * `priority` or X-Priority: false with a reason and *param), its tenant, its token estimate. The
+ * ticket is owned by the request (r->ticket) from fe_admit_attach on. */
+fe_ticket *fe_admit_ticket(fe *f, const bt_http_req *http, const json_t *body, char *err, size_t errlen,
+                           const char **param, bool *nomem);
+void fe_admit_attach(fe_req *r, fe_ticket *t);
+/* The request's priority (0 without a ticket: a resumed stream keeps the default). */
+int32_t fe_admit_priority(const fe_req *r);
+
+/* For the first attempt of r, before routing: true when r must wait (others of its model are
+ * queued) and has been queued or refused; false: route it now. */
+bool fe_admit_before_route(fe_req *r);
+/* Every worker of r's model is busy: true when r has been queued or refused here (429/503 with
+ * the body and Retry-After); false when the queue is off (the caller refuses as before). */
+bool fe_admit_all_busy(fe_req *r);
+/* r ends: it leaves the queue (a client that left is dropped at once) and its ticket is freed. */
+void fe_admit_forget(fe_req *r);
+
+/* Migrations past --migration-concurrency (0 = no cap) wait, never fail: r's attempt failed and
+ * r is about to be dispatched again. True when r now waits (the pump dispatches it when a slot
+ * frees); false: dispatch it now (it holds a slot, or there is no cap). A slot is held from the
+ * dispatch to the migration's first token (fe_admit_migration_done) or the request's end. */
+bool fe_admit_migration_hold(fe_req *r);
+void fe_admit_migration_done(fe_req *r);
+/* The limits of budget.h and outlier.h that /admission changes at run time: their start-up values
+ * (set once, before the shards start) and their current ones. */
+void fe_admit_policy_runtime(fe_admit_policy *p, double retry_budget, int64_t retry_budget_min, double outlier_factor);
+double fe_admit_retry_budget(const fe *f);
+int64_t fe_admit_retry_budget_min(const fe *f);
+double fe_admit_outlier_factor(const fe *f);
+/* GET/POST /admission: the limits (queue, migration cap, retry budget, outlier factor), this
+ * shard's queue and migrations. Every field is checked before any is set. */
+void fe_admit_handle(fe *f, bt_http_req *http);
+/* The queue's Prometheus families (metrics.c). */
+void fe_admit_collect(fe *f, bt_metrics *r);
+
+#endif
