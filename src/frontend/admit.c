@@ -179,7 +179,11 @@ nomem:
 
 /* ---- per shard ---- */
 
-static void timer_closed(uv_handle_t *h) { free(h->data); }
+static void timer_closed(uv_handle_t *h) {
+    fe_admit *a = h->data;
+    if (a->f->admit_closing == a) a->f->admit_closing = NULL;
+    free(a);
+}
 
 bt_status fe_admit_start(fe *f) {
     fe_admit *a = calloc(1, sizeof *a);
@@ -198,6 +202,7 @@ void fe_admit_stop(fe *f) {
     fe_admit *a = f->admit;
     if (!a) return;
     f->admit = NULL;
+    f->admit_closing = a; /* if the loop ends before the close callback, the teardown frees it */
     uv_timer_stop(&a->timer);
     uv_close((uv_handle_t *)&a->timer, timer_closed);
 }

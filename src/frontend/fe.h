@@ -274,6 +274,7 @@ struct fe {
     char *rpc_secret; /* request-plane shared secret, NULL = none */
     fe_admit_policy *admit_policy; /* shard 0's, shared by every shard (admit.h) */
     fe_admit *admit;               /* this shard's admission queue (NULL before start, after stop) */
+    fe_admit *admit_closing; /* stopped, its timer closing: freed by the close callback, or at teardown */
     fe_budget budget;              /* this shard's retry budget (budget.h) */
     bool window_logged; /* the end of the accept window was logged */
     /* shards.c: the other loops of this process (--threads) */

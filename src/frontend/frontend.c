@@ -767,6 +767,11 @@ int bt_frontend_main(int argc, char **argv) {
             uv_loop_close(s->loop);
             free(s->loop);
         }
+        /* the admission state whose timer a start-up failure's unwind (or an ended loop) closed
+         * without its close callback: no callback can run any more */
+        free(s->admit);
+        free(s->admit_closing);
+        s->admit = s->admit_closing = NULL;
         for (fe_model *m = s->models, *n; m; m = n) {
             n = m->next;
             free(m->ws);
