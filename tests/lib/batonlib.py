@@ -214,6 +214,18 @@ _SANITIZER_RX = re.compile(r"ERROR: (AddressSanitizer|LeakSanitizer)|runtime err
                            r"are definitely lost in loss record|==\d+== ERROR SUMMARY: [1-9]")
 
 
+def sanitized_build(bin_path=None):
+    """True when the baton binary is built with AddressSanitizer (scripts/test --sanitize): its
+    allocator keeps freed memory in a quarantine and ignores malloc_trim, so RSS figures mean
+    nothing there."""
+    path = bin_path or baton_bin()
+    try:
+        with open(path, "rb") as f:
+            return b"__asan_init" in f.read()
+    except OSError:
+        return False
+
+
 def children(pid):
     """The pids of the processes whose parent is `pid` (read from /proc)."""
     out = []
