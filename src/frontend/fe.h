@@ -185,6 +185,7 @@ struct fe_req {
     fe_jsnap *replay;       /* a resume's copy of the record while its events are being replayed */
     size_t replay_ev;       /* the next event of `replay` to write */
     int replay_tail;        /* where the replay ends (resume.c) */
+    uint64_t adopt_worker;  /* a resume's first attempt re-attaches to this worker's orphan (0: none) */
     fe_req *prev, *next; /* all live requests */
 };
 

@@ -355,7 +355,21 @@ static void mem_destroy(fe_journal *j) {
     free(m);
 }
 
-static const fe_journal_ops mem_ops = {mem_open, mem_append, mem_close, mem_claim, mem_stats, mem_destroy};
+/* Under the mutex: a claim on another shard may be copying the record. */
+static void mem_note_worker(fe_journal *j, fe_jrec *rec, uint64_t worker_id) {
+    mem_journal *m = (mem_journal *)j;
+    uv_mutex_lock(&m->mu);
+    rec->s.worker_id = worker_id;
+    uv_mutex_unlock(&m->mu);
+}
+
+static const fe_journal_ops mem_ops = {.open = mem_open,
+                                       .append = mem_append,
+                                       .close = mem_close,
+                                       .claim = mem_claim,
+                                       .stats = mem_stats,
+                                       .note_worker = mem_note_worker,
+                                       .destroy = mem_destroy};
 
 fe_journal *fe_journal_mem_new(double retention_s, uint64_t max_bytes) {
     mem_journal *m = calloc(1, sizeof *m);

@@ -74,7 +74,7 @@ void fe_attempt_abandon(fe_attempt *a) {
  * carried = every token id delivered to the client; max_tokens = what is left of the client's
  * budget (none when the client set none: the worker's default, less the carried tokens, applies); carried_text = the delivered text, unless it outgrew its cap. *est_tokens estimates the
  * tokens the attempt will hold in KV (4 bytes of body per prompt token). NULL when out of memory. */
-static char *continuation_payload(const fe_req *r, size_t *len, uint64_t *est_tokens) {
+static char *continuation_payload(const fe_req *r, bool adopt, size_t *len, uint64_t *est_tokens) {
     int64_t remaining = r->max_tokens - (int64_t)r->nids;
     if (remaining < 0) remaining = 0;
     bool limited = r->max_tokens >= 0; /* else the worker's default, less the carried tokens, bounds it */
@@ -86,6 +86,9 @@ static char *continuation_payload(const fe_req *r, size_t *len, uint64_t *est_to
         .n_carried = r->nids,
         .has_max_tokens = limited,
         .max_tokens = limited ? remaining : 0,
+        /* a journaled stream may outlive this frontend on its worker, and be re-attached */
+        .stream_key = r->stream && r->jrec ? r->stream_id : NULL,
+        .adopt = adopt && r->jrec,
     };
     if (r->nids && !r->text_lost) {
         rq.carried_text = r->text.data ? r->text.data : "";
@@ -105,7 +108,12 @@ void fe_migrate_dispatch(fe_req *r) {
     bool all_busy = false;
     /* a continuation (a migration, or a resumed stream whose response has begun) was admitted
      * already: it may go to a busy worker rather than fail */
-    fe_worker *w = fe_route(f, r->model, r->failed_worker, r->attempts || r->resumed ? NULL : &all_busy);
+    /* a resumed stream goes back to the worker that streamed it when it can: that worker may still
+     * run it as an orphan (its frontend died), and re-attaching costs no prefill */
+    fe_worker *w = r->adopt_worker ? bt_map_get(&f->workers_by_id, r->adopt_worker) : NULL;
+    bool adopt = w && fe_worker_routable(w) && strcmp(w->model, r->model->name) == 0;
+    if (!adopt) w = fe_route(f, r->model, r->failed_worker, r->attempts || r->resumed ? NULL : &all_busy);
+    r->adopt_worker = 0;
     if (!w) {
         if (all_busy) {
             fe_request_reject_busy(r);
@@ -130,7 +138,7 @@ void fe_migrate_dispatch(fe_req *r) {
     r->attempts++;
     size_t len = 0;
     uint64_t est = 0;
-    char *payload = continuation_payload(r, &len, &est);
+    char *payload = continuation_payload(r, adopt, &len, &est);
     uint32_t id = payload ? fe_worker_send_request(w, a, payload, len, est) : 0;
     free(payload);
     if (id == 0) { /* the connection is going away under us: that attempt failed at once */
@@ -142,6 +150,10 @@ void fe_migrate_dispatch(fe_req *r) {
     }
     a->stream_id = id;
     r->attempt = a;
+    if (r->jrec) fe_journal_note_worker(f->grp->journal, r->jrec, w->id);
+    if (adopt)
+        BT_INFO("request %s: stream %s sent back to worker %" PRIx64 " to re-attach after %zu tokens", r->rid,
+                r->stream_id, w->id, r->nids);
     a->ctx = bt_ctx_new(r->rid, on_attempt_cancel, a);
     if (!a->ctx) {
         fe_request_fail(r, BT_ERR_NOMEM, "out of memory"); /* the request's end kills the stream */

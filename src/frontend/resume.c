@@ -353,6 +353,7 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
     snap->ids = NULL;
     if (snap->text_len && bt_buf_append(&r->text, snap->text, snap->text_len) != BT_OK) r->text_lost = true;
     r->t_last_us = r->t_start_us;
+    r->adopt_worker = snap->tail.kind == FE_JTAIL_NONE ? snap->worker_id : 0;
     r->replay = snap;
     r->replay_ev = start;
     r->replay_tail = mark;

@@ -21,6 +21,8 @@ char *bt_request_encode(const bt_request *rq, size_t *len) {
     if (rq->carried_text &&
         json_object_set_new(msg, "carried_text", json_stringn(rq->carried_text, rq->carried_text_len)) != 0)
         goto done;
+    if (rq->stream_key && json_object_set_new(msg, "stream_key", json_string(rq->stream_key)) != 0) goto done;
+    if (rq->stream_key && rq->adopt && json_object_set_new(msg, "adopt", json_true()) != 0) goto done;
     out = json_dumps(msg, JSON_COMPACT);
     if (out && len) *len = strlen(out);
 done:
@@ -50,6 +52,8 @@ bt_status bt_request_decode(const void *payload, size_t len, bt_request_msg *out
     json_t *jcar = json_object_get(root, "carried");
     json_t *jmax = json_object_get(root, "max_tokens");
     json_t *jtext = json_object_get(root, "carried_text");
+    json_t *jkey = json_object_get(root, "stream_key");
+    json_t *jadopt = json_object_get(root, "adopt");
     if (!json_is_string(rid) || json_string_length(rid) == 0 || json_string_length(rid) > BT_REQUEST_ID_MAX ||
         strlen(json_string_value(rid)) != json_string_length(rid))
         FAIL("malformed request payload: request_id must be a string of 1 to %d bytes", BT_REQUEST_ID_MAX);
@@ -61,6 +65,15 @@ bt_status bt_request_decode(const void *payload, size_t len, bt_request_msg *out
     if (jmax && (!json_is_integer(jmax) || json_integer_value(jmax) < 0))
         FAIL("malformed request payload: max_tokens must be an integer >= 0");
     if (jtext && !json_is_string(jtext)) FAIL("malformed request payload: carried_text must be a string");
+    if (jkey) {
+        const char *k = json_string_value(jkey);
+        bool ok = k && json_string_length(jkey) == BT_STREAM_KEY_LEN;
+        for (size_t i = 0; ok && i < BT_STREAM_KEY_LEN; i++)
+            ok = (k[i] >= '0' && k[i] <= '9') || (k[i] >= 'a' && k[i] <= 'f');
+        if (!ok) FAIL("malformed request payload: stream_key must be %d lower-case hex digits", BT_STREAM_KEY_LEN);
+    }
+    if (jadopt && !json_is_boolean(jadopt)) FAIL("malformed request payload: adopt must be a boolean");
+    if (json_is_true(jadopt) && !jkey) FAIL("malformed request payload: adopt needs a stream_key");
     size_t n = jcar ? json_array_size(jcar) : 0;
     if (n) {
         carried = malloc(n * sizeof *carried);
@@ -85,6 +98,8 @@ bt_status bt_request_decode(const void *payload, size_t len, bt_request_msg *out
     out->rq.n_carried = n;
     out->rq.has_max_tokens = jmax != NULL;
     out->rq.max_tokens = jmax ? json_integer_value(jmax) : 0;
+    out->rq.stream_key = jkey ? json_string_value(jkey) : NULL;
+    out->rq.adopt = json_is_true(jadopt);
     if (jtext) {
         out->rq.carried_text = json_string_value(jtext);
         out->rq.carried_text_len = json_string_length(jtext);

@@ -10,6 +10,12 @@
  *   max_tokens    integer >= 0 (optional): new tokens still allowed; absent = the engine's default
  *   carried_text  string (optional): the text delivered with the carried tokens, for engines that
  *                 continue from text; absent when the frontend has not kept it
+ *   stream_key    string of 32 lower-case hex digits (optional): the stream's journal id. A
+ *                 worker given one may keep the stream running as an orphan when this frontend's
+ *                 connection ends (--orphan-grace), so that another frontend can re-attach to it
+ *   adopt         boolean (optional, default false; needs stream_key): re-attach to the orphan of
+ *                 stream_key if the worker holds one, replaying what it produced after
+ *                 len(carried) tokens; if it holds none, the payload is an ordinary continuation
  * Unknown members are ignored, so that a newer frontend can add some. No I/O: unit-tested
  * (tests/unit/test_request.c) and fuzzed (fuzz/fuzz_request.c). */
 #ifndef BATON_PROTO_REQUEST_H
@@ -24,6 +30,7 @@
 #include "engine/engine.h"
 
 #define BT_REQUEST_ID_MAX 128
+#define BT_STREAM_KEY_LEN 32 /* the journal's stream id: 128 bits in lower-case hex */
 
 typedef struct {
     const char *request_id;
@@ -35,6 +42,8 @@ typedef struct {
     int64_t max_tokens;
     const char *carried_text; /* NULL: none */
     size_t carried_text_len;
+    const char *stream_key; /* NULL: none (the stream cannot be orphaned); else BT_STREAM_KEY_LEN hex */
+    bool adopt;             /* re-attach to the orphan of stream_key, if any */
 } bt_request;
 
 /* Encodes rq as a payload: a malloc'd string (free with free()) of *len bytes, NUL-terminated;

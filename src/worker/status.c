@@ -61,6 +61,7 @@ static void status_metrics(wk_worker *w, bt_buf *b) {
                    "dynamo_component_cancellation_total{model=\"%s\",kind=\"frontend_lost\"} %" PRIu64 "\n",
                    m, w->cancel_kill, m, w->cancel_stop, m, w->cancel_peer_lost);
     wk_cancel_metrics(w, b);
+    wk_orphan_metrics(w, b);
     model_sample(b, "baton_worker_handed_back_total", "counter",
                  "Streams handed back to their frontend when a drain ran out of time", m, w->drain.handed_back);
     model_sample(b, "baton_worker_refused_draining_total", "counter", "Requests refused because the worker was draining",
