@@ -186,6 +186,7 @@ struct fe_req {
     size_t replay_ev;       /* the next event of `replay` to write */
     int replay_tail;        /* where the replay ends (resume.c) */
     uint64_t adopt_worker;  /* a resume's first attempt re-attaches to this worker's orphan (0: none) */
+    uint64_t skip_to;       /* a resume ahead of the journal: events up to this position are not written */
     fe_req *prev, *next; /* all live requests */
 };
 

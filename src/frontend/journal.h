@@ -90,6 +90,7 @@ typedef enum {
     FE_CLAIM_NOT_FOUND, /* no such stream, expired, evicted, or another caller's */
     FE_CLAIM_LIVE,      /* a request still streams it, on shard *cur_shard */
     FE_CLAIM_NOMEM,
+    FE_CLAIM_PENDING, /* the store is fetching the record from elsewhere: ask again in a few ms */
 } fe_claim_result;
 
 typedef struct {
@@ -125,12 +126,25 @@ typedef struct {
 
 struct fe_journal {
     const fe_journal_ops *ops;
+    bool shared; /* other frontends write it too: it may lag what a client received (journal_js.c) */
     double retention_s;
     uint64_t max_bytes;
 };
 
 /* The in-process store. retention_s 0 turns journaling off (open returns NULL). */
 fe_journal *fe_journal_mem_new(double retention_s, uint64_t max_bytes);
+/* Copies a whole record (s: its stream id, description, events, worker and tail) into an
+ * in-process store as an ended record, bound to key_mac; false if the store holds that id
+ * already, is full or out of memory. For a store that fetched the record from elsewhere. */
+bool fe_journal_mem_import(fe_journal *mem, const fe_jsnap *s, const uint8_t key_mac[FE_KEY_MAC_LEN]);
+/* A record's stream id. */
+const char *fe_jrec_stream_id(const fe_jrec *r);
+
+/* The NATS JetStream store (journal_js.c): the in-process store `mem` (taken over) for this
+ * process's own streams, every change of it replicated in batches to the JetStream stream
+ * BATON_JOURNAL_<ns>, and records of other frontends fetched from there on a resume. It connects
+ * in the background; until it has (and when the server has no JetStream) it is `mem` alone. */
+fe_journal *fe_journal_js_new(fe_journal *mem, const char *nats_url, const char *ns);
 
 static inline fe_jrec *fe_journal_open(fe_journal *j, fe_jsnap *meta, const uint8_t key_mac[FE_KEY_MAC_LEN],
                                        int shard) {

@@ -283,6 +283,11 @@ static bool write_chunk(fe_req *r, const uint32_t *ids, size_t n, const char *te
         fe_journal_close(r->fe->grp->journal, r->jrec, &r->jtail); /* frees the dropped record */
         r->jrec = NULL;
     }
+    if (r->skip_to) { /* a resume ahead of the journal: the client has these events (resume.c) */
+        if (r->nids <= r->skip_to) return true;
+        if (r->nids - n < r->skip_to) return false; /* its position falls inside this event */
+        r->skip_to = 0;
+    }
     bt_http_stream_write(r->http, b->data, b->len);
     return true;
 }
@@ -821,6 +826,9 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
     memcpy(r->body_digest, digest, sizeof digest);
     BT_DEBUG("request %s: admitted (%s, %s, max_tokens %" PRId64 ")", r->rid, api == BT_API_CHAT ? "chat" : "completion",
              r->stream ? "streaming" : "unary", r->max_tokens);
+    /* before the first attempt: its REQUEST names the stream, which lets the worker keep it for
+     * another frontend if this one dies (docs/protocol.md §6, "Orphans and re-attachment") */
+    if (r->stream) journal_open(r);
     fe_migrate_dispatch(r);
 }
 
