@@ -249,6 +249,7 @@ struct fe {
     uint64_t shutdown_close_deadline_ms; /* after shutdown_started_ms: stop waiting for connections */
     bt_buf scratch; /* reused for building SSE chunks */
     uint64_t disconnected_clients;
+    uint64_t handed_off; /* streams handed to other frontends at the shutdown bound */
     uint64_t limit_rejections; /* requests refused by --max-concurrent-requests */
     uint64_t requests_seen;
     uint64_t started_ms;
@@ -381,6 +382,8 @@ void fe_attempt_on_finish(fe_attempt *a, uint8_t reason, uint32_t prompt_tokens,
 void fe_attempt_on_error(fe_attempt *a, bt_status code, const char *msg);
 /* The request ended while a was running: KILL its stream (once), detach it, free it. */
 void fe_attempt_abandon(fe_attempt *a);
+/* The request is handed off to another frontend (shutdown): a is detached and freed with no KILL. */
+void fe_attempt_release(fe_attempt *a);
 
 /* resume.c */
 /* A POST with Last-Event-ID: the same request again, resumed after that event. */
@@ -404,6 +407,10 @@ bool fe_body_digest(const json_t *body, char out[65]);
 void fe_resume_metrics(fe *f, bt_buf *out);
 /* Ends request r, which streams a record a resume wants: its client is taken to be gone. */
 void fe_request_supersede(fe_req *r);
+/* Shutdown bound reached: if r is a stream journaled in a shared journal, ends its response
+ * cleanly without [DONE] (the client resumes it on another frontend with Last-Event-ID), leaves
+ * its worker stream running to be re-attached, frees r and returns true; false otherwise. */
+bool fe_request_hand_off(fe_req *r);
 
 /* shards.c */
 void fe_mail_init(fe *f);

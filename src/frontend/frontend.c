@@ -376,9 +376,11 @@ static void shutdown_tick(uv_timer_t *t) {
     }
     if ((window_over && drained) || bound) {
         if (!drained) {
-            BT_WARN("shutdown bound reached with %zu requests running; ending them with an error", f->nreqs);
+            BT_WARN("shutdown bound reached with %zu requests running; handing journaled streams off, ending the "
+                    "rest with an error",
+                    f->nreqs);
             for (size_t n = f->nreqs; f->reqs && n > 0; n--) /* each call frees the request */
-                fe_request_fail(f->reqs, BT_ERR_SHUTDOWN, "the frontend is shutting down");
+                if (!fe_request_hand_off(f->reqs)) fe_request_fail(f->reqs, BT_ERR_SHUTDOWN, "the frontend is shutting down");
         }
         BT_INFO("frontend shutting down after %llu ms", (unsigned long long)el);
         uv_timer_stop(t);

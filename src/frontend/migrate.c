@@ -70,6 +70,13 @@ void fe_attempt_abandon(fe_attempt *a) {
     attempt_detach(a);
 }
 
+void fe_attempt_release(fe_attempt *a) {
+    /* no KILL: the worker keeps generating, and keeps the stream as an orphan for another frontend
+     * once this one's connection ends; frames it sends meanwhile are for a stream this frontend no
+     * longer knows, which are ignored */
+    attempt_detach(a);
+}
+
 /* The continuation: the REQUEST payload (src/proto/request.h) of the request's next attempt.
  * carried = every token id delivered to the client; max_tokens = what is left of the client's
  * budget (none when the client set none: the worker's default, less the carried tokens, applies); carried_text = the delivered text, unless it outgrew its cap. *est_tokens estimates the

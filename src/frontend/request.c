@@ -578,6 +578,23 @@ void fe_request_supersede(fe_req *r) {
     bt_ctx_kill(r->ctx); /* r is freed by the time this returns */
 }
 
+bool fe_request_hand_off(fe_req *r) {
+    fe_journal *j = r->fe->grp->journal;
+    if (!r->stream || !r->jrec || !j || !j->shared || !r->http || !r->headers_sent || r->state == FE_REQ_DONE)
+        return false;
+    BT_INFO("request %s: stream %s handed off after %zu tokens at the shutdown bound: its client resumes it on "
+            "another frontend (Last-Event-ID)%s",
+            r->rid, r->stream_id, r->nids, r->attempt ? "; its worker keeps the stream to be re-attached" : "");
+    if (r->attempt) fe_attempt_release(r->attempt);
+    bt_http_stream_end(r->http, true); /* a clean end without [DONE]: nothing the client must repeat */
+    r->http->user = NULL;
+    r->http = NULL;
+    r->fe->handed_off++;
+    r->t_cancel_us = bt_now_us();
+    bt_ctx_kill(r->ctx); /* r is freed by the time this returns; it has no attempt left to kill */
+    return true;
+}
+
 /* Operator stop or kill of every running request with this id (client-chosen ids may repeat).
  * A stop lets the attempt finish with what it generated (finish_reason "cancelled"); a kill ends
  * the request with an error at once. Either way nothing is migrated any more. */

@@ -47,6 +47,7 @@ typedef enum {
     WK_ORPHAN_EV_MISMATCH, /* an adopter's tokens or position did not match: ran as a continuation */
     WK_ORPHAN_EV_DRAINED,  /* the worker began draining */
     WK_ORPHAN_EV_FAILED,   /* the engine failed the sequence while orphaned */
+    WK_ORPHAN_EV_SUPERSEDED, /* taken from a frontend still attached to it by an adopter */
     WK_ORPHAN_EV_N_
 } wk_orphan_event;
 

@@ -15,6 +15,11 @@ usage, chunk id and created). Two rounds:
     frontend on the live worker re-attach, those on the dead worker continue by migration from
     the journal's tokens (on the other worker), and every answer is still exact.
 
+  * SIGTERM drain: a frontend is stopped with --shutdown-drain-timeout 1 while its streams need
+    ~5 s more: at the bound each of them ends cleanly (200, no error event, no [DONE]), the
+    client resumes through HAProxy, its stream is re-attached on its worker, nothing is prefilled
+    again, and the answer is exact.
+
 Also checked: without JetStream (nats-server without -js) a frontend says so at start-up and keeps
 the in-process journal; the start-up line naming JetStream; the survivor fetched the streams
 from JetStream (its log).
@@ -37,11 +42,11 @@ MAX_TOKENS = 160
 WORKER = dict(speedup_ratio=0.5, event_plane="nats", orphan_grace=30)
 
 
-def body(i):
+def body(i, max_tokens=MAX_TOKENS):
     extra = {"return_token_ids": True, "stream_options": {"include_usage": True}}
     if i % 2:
         extra.update(temperature=0.7, seed=500 + i)
-    return bl.chat_body(f"failover prompt {i}", max_tokens=MAX_TOKENS, **extra)
+    return bl.chat_body(f"failover prompt {i}", max_tokens=max_tokens, **extra)
 
 
 def chunk_meta(s):
@@ -106,12 +111,12 @@ backend frontends
             return False
 
 
-def client(url, i, out, deaths):
+def client(url, i, out, deaths, max_tokens):
     """Streams body(i) through the balancer, resuming with Last-Event-ID after every break."""
     pieces, last = [], None
     for _ in range(10):
         hdrs = {"Last-Event-ID": last} if last else None
-        s = bl.stream_chat(url, body(i), headers=hdrs, timeout=60)
+        s = bl.stream_chat(url, body(i, max_tokens), headers=hdrs, timeout=60)
         if last is not None and s.t_tokens and deaths:
             out.setdefault("gaps", []).append(s.t_tokens[0] - deaths[0])
         pieces.append(s)
@@ -126,12 +131,12 @@ def wsum(workers, name, **labels):
     return sum(bl.metric_sum(bl.metrics(w.system_url), name, **labels) for w in workers)
 
 
-def run_round(cl, lb, fes, workers, kill_worker):
-    refs = [bl.stream_chat(fes[1].url, body(i), timeout=60).assert_ok("reference") for i in range(N)]
+def run_round(cl, lb, fes, workers, kill_worker, drain=False, max_tokens=MAX_TOKENS):
+    refs = [bl.stream_chat(fes[1].url, body(i, max_tokens), timeout=60).assert_ok("reference") for i in range(N)]
     sub0 = wsum(workers, "baton_worker_engine_submits_total")
     adopted0 = wsum(workers, "baton_worker_orphan_events_total", event="adopted")
     out, deaths = {}, []
-    threads = [threading.Thread(target=client, args=(lb.url, i, out, deaths)) for i in range(N)]
+    threads = [threading.Thread(target=client, args=(lb.url, i, out, deaths, max_tokens)) for i in range(N)]
     for t in threads:
         t.start()
     victim = fes[0]
@@ -140,10 +145,11 @@ def run_round(cl, lb, fes, workers, kill_worker):
     time.sleep(0.4)
     victims = [victim.proc] + ([workers[0].proc] if kill_worker else [])
     for p in victims:
-        p.kill(signal.SIGKILL)
+        p.kill(signal.SIGTERM if drain else signal.SIGKILL)
     deaths.append(time.monotonic())
     for p in victims:
-        assert p.wait(10) == -signal.SIGKILL, f"{p.name} did not die of SIGKILL"
+        want = 0 if drain else -signal.SIGKILL
+        assert p.wait(20) == want, f"{p.name} exited with {p.returncode}, not {want}"
     for t in threads:
         t.join(90)
     assert len([k for k in out if isinstance(k, int)]) == N, "a client did not finish"
@@ -198,6 +204,25 @@ with bl.Cluster() as cl:
     refs, out, cut, sub0, adopted, deaths = run_round(cl, lb, fes, workers, kill_worker=True)
     print(f"round 2: {len(cut)} of {N} streams cut and resumed, exact; death -> next token "
           f"{sorted(round(g * 1000) for g in out.get('gaps', []))} ms")
+
+    # -- round 3: SIGTERM drain: what is not finished within the bound is handed off ---------------
+    cl.frontends.remove(fes[0])
+    workers = [workers[1], cl.start_worker(system_port=True, wait=True, nats_server=nats.url, **WORKER)]
+    fes[0] = cl.start_frontend(http_port=ports[0], shutdown_drain_timeout=1, **plane)
+    for fe in fes:
+        cl.wait_workers(fe, 2)
+    time.sleep(1.0)
+    refs, out, cut, sub0, adopted, deaths = run_round(cl, lb, fes, workers, kill_worker=False, drain=True,
+                                                      max_tokens=400)
+    subs = wsum(workers, "baton_worker_engine_submits_total") - sub0
+    print(f"round 3: {len(cut)} of {N} streams handed off at the drain bound and resumed; {adopted} re-attached; "
+          f"engine submits {subs}")
+    for i in cut:
+        first = out[i][0]
+        assert first.status == 200 and first.error is None and not first.done and first.exception is None, \
+            f"a handed-off stream did not end cleanly: {first.summary()}"
+    assert subs == N and adopted == len(cut), f"submits {subs}, re-attached {adopted} of {len(cut)}"
+    assert fes[0].proc.wait_log(r"handed off after \d+ tokens at the shutdown bound", timeout=1)
     lb.proc.kill(signal.SIGTERM)
 
 print("test_failover: ok")
