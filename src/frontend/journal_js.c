@@ -6,8 +6,9 @@
  * "Frontend failover"). The in-process store (journal.c) stays the working copy: every call on
  * the request path is answered by it at once, and each change is also queued here — a copy under
  * a mutex, nothing else on the token path. A thread of this module drains the queue whenever it
- * wakes (at most every BATCH_MS), folds everything queued for one stream into one message, and
- * publishes it with js_PublishAsync: writes are batched and off the loops. The journal on NATS
+ * wakes (every BATCH_MS), folds everything queued for one stream into one message, and publishes
+ * it on the stream's subject (a core NATS publish, which the JetStream stream stores; no PubAck
+ * is waited for): writes are batched and off the loops. The journal on NATS
  * therefore lags the client by at most a batch; a resume from further on is still exact, because
  * the continuation regenerates the missing tokens (or the worker's orphan replays them) and the
  * frontend skips what the client has (resume.c).
@@ -24,7 +25,8 @@
  * dropped and counted, and the streams they belong to are no longer resumable elsewhere.
  *
  * Message: a JSON array of operations, in order: {"o":"open", the request's description},
- * {"o":"ev","ids":[...],"text":base64}, {"o":"worker","id":N}, {"o":"close", the tail}. */
+ * {"o":"ev","i":base64 of the ids (u32 little-endian),"t":base64 of the text},
+ * {"o":"worker","id":N}, {"o":"close", the tail}. */
 #include <inttypes.h>
 #include <openssl/evp.h>
 #include <stdio.h>
@@ -39,7 +41,7 @@
 #include "common/util.h"
 #include "frontend/journal.h"
 
-#define BATCH_MS 5                       /* the thread's longest sleep while changes are queued */
+#define BATCH_MS 20                      /* the thread's longest sleep while changes are queued */
 #define QUEUE_MAX (64u * 1024 * 1024)    /* bytes of changes waiting for the thread */
 #define MAX_STREAM_S 3600                /* MaxAge beyond the retention: the longest a stream runs */
 #define FETCH_WAIT_MS 700                /* per JetStream request of a fetch (claims retry for 1 s) */
@@ -51,8 +53,13 @@ typedef struct op {
     struct op *next;
     op_kind kind;
     char sid[FE_STREAM_ID_LEN + 1];
-    json_t *j; /* the operation as JSON, built on the caller's thread */
+    json_t *j; /* OPEN, WORKER, CLOSE: the operation as JSON */
     size_t bytes;
+    /* EV: copied as they are on the token path; the thread turns them into JSON */
+    size_t n, len;
+    uint32_t *ids; /* points into data */
+    char *text;    /* points into data */
+    uint32_t data[];
 } op;
 
 typedef enum { F_WAIT, F_FOUND, F_NONE } fetch_state;
@@ -96,30 +103,17 @@ typedef struct {
 
 /* ---- the loops' side ------------------------------------------------------------------------ */
 
-static void enqueue(js_journal *js, op_kind kind, const char *sid, json_t *j) {
-    if (!j) return;
-    op *o = calloc(1, sizeof *o);
-    char *dump = NULL;
-    size_t bytes = 64;
-    if (kind != OP_EV) { /* events are sized from their content below, the others are small */
-        dump = json_dumps(j, JSON_COMPACT);
-        bytes += dump ? strlen(dump) : 0;
-        free(dump);
-    } else {
-        bytes += json_array_size(json_object_get(j, "ids")) * 11 + json_string_length(json_object_get(j, "text"));
-    }
+/* Queues o (built by the caller; NULL: out of memory, the change is lost like a full queue's). */
+static void enqueue_op(js_journal *js, op *o) {
+    size_t bytes = o ? o->bytes : 0;
     uv_mutex_lock(&js->mu);
     if (!o || js->state == JS_OFF || js->qbytes + bytes > QUEUE_MAX) {
         if (js->state != JS_OFF) js->dropped++;
         uv_mutex_unlock(&js->mu);
-        json_decref(j);
+        if (o) json_decref(o->j);
         free(o);
         return;
     }
-    o->kind = kind;
-    memcpy(o->sid, sid, sizeof o->sid);
-    o->j = j;
-    o->bytes = bytes;
     if (js->tail) js->tail->next = o;
     else js->head = o;
     js->tail = o;
@@ -128,13 +122,18 @@ static void enqueue(js_journal *js, op_kind kind, const char *sid, json_t *j) {
     /* no signal: the thread wakes every BATCH_MS while it has work, which is what batches */
 }
 
-static json_t *b64(const char *text, size_t len) {
-    char *out = malloc(4 * ((len + 2) / 3) + 1);
-    if (!out) return NULL;
-    EVP_EncodeBlock((unsigned char *)out, (const unsigned char *)text, (int)len);
-    json_t *s = json_string(out);
-    free(out);
-    return s;
+static void enqueue(js_journal *js, op_kind kind, const char *sid, json_t *j) {
+    if (!j) return;
+    op *o = calloc(1, sizeof *o);
+    if (o) {
+        char *dump = json_dumps(j, JSON_COMPACT);
+        o->kind = kind;
+        memcpy(o->sid, sid, sizeof o->sid);
+        o->j = j;
+        o->bytes = sizeof *o + (dump ? strlen(dump) : 0);
+        free(dump);
+    } else json_decref(j);
+    enqueue_op(js, o);
 }
 
 static void hex(const uint8_t *b, size_t n, char *out) {
@@ -179,10 +178,21 @@ static bool js_append(fe_journal *j, fe_jrec *rec, const uint32_t *ids, size_t n
     char sidc[FE_STREAM_ID_LEN + 1];
     memcpy(sidc, sid, sizeof sidc); /* before the append: a dropped record loses its data */
     if (!fe_journal_append(js->mem, rec, ids, n, text, len)) return false;
-    json_t *a = json_array();
-    for (size_t i = 0; a && i < n; i++) json_array_append_new(a, json_integer(ids[i]));
-    json_t *o = a ? json_pack("{s:s, s:o, s:o}", "o", "ev", "ids", a, "text", b64(text, len)) : NULL;
-    enqueue(js, OP_EV, sidc, o);
+    /* one allocation and two copies: the token path pays nothing more */
+    op *o = malloc(sizeof *o + n * sizeof *ids + len);
+    if (o) {
+        memset(o, 0, sizeof *o);
+        o->kind = OP_EV;
+        memcpy(o->sid, sidc, sizeof o->sid);
+        o->n = n;
+        o->len = len;
+        o->ids = o->data;
+        o->text = (char *)(o->data + n);
+        if (n) memcpy(o->ids, ids, n * sizeof *ids);
+        if (len) memcpy(o->text, text, len);
+        o->bytes = sizeof *o + n * sizeof *ids + len;
+    }
+    enqueue_op(js, o);
     return true;
 }
 
@@ -264,15 +274,28 @@ static void subject(const js_journal *js, const char *sid, char *out, size_t n) 
     snprintf(out, n, "%s.%s", js->prefix, sid);
 }
 
-/* Publishes every queued change: one message per stream. Called with mu not held. */
-static void publish_batch(js_journal *js, jsCtx *ctx, op *list) {
+/* Appends s[0..n) in base64 to b. */
+static void put_b64(bt_buf *b, const void *s, size_t n) {
+    size_t need = 4 * ((n + 2) / 3) + 1;
+    if (bt_buf_reserve(b, need) != BT_OK) return;
+    int w = EVP_EncodeBlock((unsigned char *)b->data + b->len, (const unsigned char *)s, (int)n);
+    b->len += (size_t)w;
+}
+
+/* Publishes every queued change: one message per stream. Called with mu not held. An event is
+ * written by hand ({"o":"ev","i":base64 of its ids as u32 little-endian,"t":base64 of its text}):
+ * building it through jansson cost more than everything else the journal does per token. */
+static void publish_batch(js_journal *js, natsConnection *nc, op *list) {
+    bt_buf b;
+    bt_buf_init(&b, 64u * 1024 * 1024);
     while (list) {
-        /* one stream's operations, in order, form one message */
-        json_t *arr = json_array();
         char sid[FE_STREAM_ID_LEN + 1];
         memcpy(sid, list->sid, sizeof sid);
         op **pp = &list;
         uint64_t now = bt_now_ms();
+        bt_buf_reset(&b);
+        bt_buf_append(&b, "[", 1);
+        bool first = true;
         while (*pp) {
             op *o = *pp;
             if (strcmp(o->sid, sid) != 0) {
@@ -291,21 +314,46 @@ static void publish_batch(js_journal *js, jsCtx *ctx, op *list) {
                     uv_mutex_unlock(&js->mu);
                 }
             }
-            json_array_append_new(arr, o->j);
+            if (!first) bt_buf_append(&b, ",", 1);
+            first = false;
+            if (o->kind == OP_EV) {
+                bt_buf_append_str(&b, "{\"o\":\"ev\",\"i\":\"");
+                put_b64(&b, o->ids, o->n * sizeof *o->ids); /* the host is little-endian (x86-64, arm64) */
+                bt_buf_append_str(&b, "\",\"t\":\"");
+                put_b64(&b, o->text, o->len);
+                bt_buf_append_str(&b, "\"}");
+            } else {
+                char *d = json_dumps(o->j, JSON_COMPACT);
+                if (d) bt_buf_append_str(&b, d);
+                free(d);
+                json_decref(o->j);
+            }
             free(o);
         }
-        char *data = json_dumps(arr, JSON_COMPACT);
-        json_decref(arr);
+        bt_buf_append(&b, "]", 1);
         char subj[160];
         subject(js, sid, subj, sizeof subj);
-        natsStatus s = data ? js_PublishAsync(ctx, subj, data, (int)strlen(data), NULL) : NATS_NO_MEMORY;
+        /* a plain publish: the stream stores it all the same, and no PubAck comes back to parse (the
+         * journal does nothing with one: what a dead frontend did not get stored is regenerated) */
+        natsStatus st =
+            bt_buf_status(&b) == BT_OK ? natsConnection_Publish(nc, subj, b.data, (int)b.len) : NATS_NO_MEMORY;
         uv_mutex_lock(&js->mu);
-        if (s == NATS_OK) js->published++;
+        if (st == NATS_OK) js->published++;
         else js->pub_errors++;
         uv_mutex_unlock(&js->mu);
-        if (s != NATS_OK) BT_WARN("stream journal: cannot publish to %s: %s", subj, natsStatus_GetText(s));
-        free(data);
+        if (st != NATS_OK) BT_WARN("stream journal: cannot publish to %s: %s", subj, natsStatus_GetText(st));
     }
+    bt_buf_free(&b);
+}
+
+/* Decodes base64 s into out (room for 3/4 of strlen(s)); the decoded length, or -1. */
+static int from_b64(const char *s, size_t sl, unsigned char *out) {
+    if (sl == 0) return 0;
+    int n = EVP_DecodeBlock(out, (const unsigned char *)s, (int)sl);
+    if (n < 0) return -1;
+    if (s[sl - 1] == '=') n--; /* EVP_DecodeBlock counts the padding as bytes */
+    if (sl >= 2 && s[sl - 2] == '=') n--;
+    return n;
 }
 
 static const char *sv(json_t *o, const char *k) {
@@ -366,27 +414,23 @@ static bool apply_msg(fe_jsnap *s, uint8_t mac[FE_KEY_MAC_LEN], bool *opened, si
             s->return_ids = json_is_true(json_object_get(o, "ids"));
             *opened = true;
         } else if (strcmp(k, "ev") == 0) {
-            json_t *ids = json_object_get(o, "ids");
-            const char *t64 = json_string_value(json_object_get(o, "text"));
-            size_t n = json_array_size(ids), tl = t64 ? strlen(t64) : 0;
-            if (!t64 || !grow((void **)&s->ids, &caps[0], s->nids + n, sizeof *s->ids) ||
-                !grow((void **)&s->text, &caps[1], s->text_len + tl + 4, 1) ||
+            const char *i64 = json_string_value(json_object_get(o, "i"));
+            const char *t64 = json_string_value(json_object_get(o, "t"));
+            size_t il = i64 ? strlen(i64) : 0, tl = t64 ? strlen(t64) : 0;
+            if (!i64 || !t64 || !grow((void **)&s->ids, &caps[0], s->nids + il / 4 * 3 / 4 + 4, sizeof *s->ids) ||
+                !grow((void **)&s->text, &caps[1], s->text_len + tl / 4 * 3 + 4, 1) ||
                 !grow((void **)&s->ev, &caps[2], s->nev + 1, sizeof *s->ev)) {
                 ok = false;
                 break;
             }
-            for (size_t x = 0; x < n; x++) s->ids[s->nids + x] = (uint32_t)json_integer_value(json_array_get(ids, x));
-            int dl = tl ? EVP_DecodeBlock((unsigned char *)s->text + s->text_len, (const unsigned char *)t64, (int)tl)
-                        : 0;
-            if (dl < 0) {
+            int ib = from_b64(i64, il, (unsigned char *)(s->ids + s->nids));
+            int tb = from_b64(t64, tl, (unsigned char *)s->text + s->text_len);
+            if (ib < 0 || tb < 0 || ib % 4 != 0) {
                 ok = false;
                 break;
             }
-            /* EVP_DecodeBlock counts the padding as bytes */
-            if (tl >= 1 && t64[tl - 1] == '=') dl--;
-            if (tl >= 2 && t64[tl - 2] == '=') dl--;
-            s->nids += n;
-            s->text_len += (size_t)dl;
+            s->nids += (size_t)ib / 4;
+            s->text_len += (size_t)tb;
             s->ev[s->nev].end_tok = (uint32_t)s->nids;
             s->ev[s->nev].end_text = (uint32_t)s->text_len;
             s->nev++;
@@ -532,7 +576,7 @@ static void thread_main(void *arg) {
     jsStreamInfo_Destroy(si);
     uv_mutex_lock(&js->mu);
     while (st == NATS_OK) {
-        if (!js->head && !js->stop) {
+        if (!js->stop) { /* a batch is what BATCH_MS gathers; a resume's fetch cuts the wait short */
             bool waiting = false;
             for (fetch *f = js->fetches; f; f = f->next) waiting |= f->state == F_WAIT;
             if (!waiting) uv_cond_timedwait(&js->cv, &js->mu, (uint64_t)BATCH_MS * 1000000u);
@@ -546,14 +590,11 @@ static void thread_main(void *arg) {
         for (fetch *f = js->fetches; f && nt < MAX_FETCHES; f = f->next)
             if (f->state == F_WAIT) todo[nt++] = f;
         uv_mutex_unlock(&js->mu);
-        publish_batch(js, ctx, list);
+        publish_batch(js, nc, list);
         for (size_t i = 0; i < nt; i++) fetch_one(js, ctx, todo[i]); /* f stays listed: only claims unlink it */
         do_purges(js, ctx, false);
         if (stop) {
-            jsPubOptions po;
-            jsPubOptions_Init(&po);
-            po.MaxWait = 2000;
-            js_PublishAsyncComplete(ctx, &po);
+            natsConnection_FlushTimeout(nc, 2000); /* what was published reaches the server */
             uv_mutex_lock(&js->mu);
             break;
         }
