@@ -68,7 +68,8 @@ def client(url, i, tokens, out):
     for _ in range(6):
         s = bl.stream_chat(url, body(i, tokens), headers={"Last-Event-ID": last} if last else None, timeout=60)
         pieces.append(s)
-        if s.done or s.status != 200:
+        # a gateway error (the balancer's request reached the dying frontend) is retried like a cut
+        if s.done or s.status not in (200, 502, 503, 504, None):
             break
         last = s.last_event_id or last
     out[i] = pieces
@@ -107,7 +108,10 @@ def cmd_gap(a):
             for i, pieces in out.items():
                 got = "".join(p.text for p in pieces)
                 if got != refs[i].text or not pieces[-1].done:
-                    raise SystemExit(f"round {rnd + 1} stream {i}: inexact answer after failover")
+                    ids = [t for p in pieces for t in p.token_ids]
+                    raise SystemExit(f"round {rnd + 1} stream {i}: inexact answer after failover: "
+                                     f"{len(ids)} ids vs {len(refs[i].token_ids)}; pieces "
+                                     f"{[(len(p.token_ids), p.last_event_id, p.event_ids[-2:], p.exception, p.raw[-120:]) for p in pieces]}")
                 if len(pieces) < 2 or not pieces[1].t_tokens:
                     continue
                 rid = pieces[1].headers.get("x-request-id", "?")
