@@ -6,6 +6,7 @@
  *   migrate.c   the attempts of a request: dispatch, the attempt budget, the continuation
  *   resume.c    resumable streams: Last-Event-ID, the GET form, replay from the journal
  *   journal.c   the in-process stream journal (journal.h: the interface)
+ *   journal_js.c  the journal shared by frontends through NATS JetStream (event plane NATS)
  *   metrics.c   per-model counters and histograms, Prometheus text
  *
  * Everything runs on one libuv loop. A request lives on that loop from start to end. */
