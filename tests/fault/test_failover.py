@@ -20,7 +20,9 @@ usage, chunk id and created). Two rounds:
     client resumes through HAProxy, its stream is re-attached on its worker, nothing is prefilled
     again, and the answer is exact.
 
-Also checked: without JetStream (nats-server without -js) a frontend says so at start-up and keeps
+Also checked: the JetStream stream's bounds (MaxAge = retention + 1 h, MaxBytes = the journal's
+cap, from nats-server's /jsz), and that a finished stream's messages are purged by subject once its
+retention has passed (--stream-retention 1 on a third frontend). Without JetStream (nats-server without -js) a frontend says so at start-up and keeps
 the in-process journal; the start-up line naming JetStream; the survivor fetched the streams
 from JetStream (its log).
 """
@@ -134,6 +136,19 @@ def wsum(workers, name, **labels):
     return sum(bl.metric_sum(bl.metrics(w.system_url), name, **labels) for w in workers)
 
 
+def jsz_stream(nats, name):
+    """The JetStream stream `name` as nats-server's monitoring /jsz reports it (config and state)."""
+    import json as _json
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{nats.http_port}/jsz?streams=true&config=true", timeout=5) as r:
+        j = _json.loads(r.read())
+    for acc in j.get("account_details") or []:
+        for st in acc.get("stream_detail") or []:
+            if st.get("name") == name:
+                return st
+    return None
+
+
 def run_round(cl, lb, fes, workers, kill_worker, drain=False, max_tokens=MAX_TOKENS):
     refs = [bl.stream_chat(fes[1].url, body(i, max_tokens), timeout=60).assert_ok("reference") for i in range(N)]
     sub0 = wsum(workers, "baton_worker_engine_submits_total")
@@ -187,6 +202,25 @@ with bl.Cluster() as cl:
                          timeout=15)
         cl.wait_workers(fe, 2)
     lb = HAProxy(d, ports)
+
+    # -- the JetStream stream: its bounds, and finished streams purged after their retention -----
+    st = jsz_stream(nats, "BATON_JOURNAL_dynamo")
+    assert st, "no JetStream stream BATON_JOURNAL_dynamo"
+    cfg = st["config"]
+    assert cfg["max_age"] == (300 + 3600) * 10**9 and cfg["max_bytes"] == 268435456, cfg
+    short = cl.start_frontend(stream_retention=1, **plane)
+    short.proc.wait_log(r"journal shared through NATS JetStream", timeout=15)
+    cl.wait_workers(short, 2)
+    before = jsz_stream(nats, "BATON_JOURNAL_dynamo")["state"]["messages"]
+    s = bl.stream_chat(short.url, body(99, 20), timeout=30).assert_ok("short-retention stream")
+    subj = f"baton.journal.dynamo.{s.headers['x-stream-id']}"
+    bl.wait_for(lambda: jsz_stream(nats, "BATON_JOURNAL_dynamo")["state"]["messages"] > before, 5,
+                what="the stream's messages stored in JetStream")
+    bl.wait_for(lambda: jsz_stream(nats, "BATON_JOURNAL_dynamo")["state"]["messages"] == before, 10,
+                what=f"the finished stream's messages ({subj}) purged after its 1 s retention")
+    short.proc.kill(signal.SIGTERM)
+    short.proc.wait(10)
+    cl.frontends.remove(short)
 
     # -- round 1: the frontend dies, the workers live: re-attachment -----------------------------
     refs, out, cut, sub0, adopted, deaths = run_round(cl, lb, fes, workers, kill_worker=False)
