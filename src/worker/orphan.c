@@ -23,8 +23,9 @@
 #include "proto/proto.h"
 #include "worker/worker_internal.h"
 
-static const char *const ev_names[WK_ORPHAN_EV_N_] = {"orphaned", "adopted", "expired", "preempted", "overflow",
-                                                      "mismatch", "drained",  "failed",  "superseded"};
+static const char *const ev_names[WK_ORPHAN_EV_N_] = {"orphaned", "adopted", "expired",    "preempted",
+                                                      "overflow", "mismatch", "drained",   "failed",
+                                                      "superseded", "reclaimed"};
 
 static void on_orphan_timer(uv_timer_t *t);
 
@@ -113,6 +114,7 @@ bool wk_orphan_keep(wk_worker *w, wk_stream *s) {
         bt_ctx_is_stopped(s->ctx))
         return false;
     wk_peer *p = s->p;
+    s->origin = bt_rpc_peer_instance(p->conn);
     bt_map_del(&p->streams, s->id);
     w->nstreams--;
     bt_ctx_unlink(s->ctx); /* the peer's context is about to be killed: not this stream */
@@ -251,6 +253,14 @@ void wk_orphan_make_room(wk_worker *w) {
             if (!o->done) break; /* a finished orphan holds no engine capacity */
         if (!o) return;
         orphan_end(w, o, WK_ORPHAN_EV_PREEMPTED);
+    }
+}
+
+void wk_orphan_reclaim(wk_worker *w, uint64_t frontend_instance) {
+    wk_stream *o = TAILQ_FIRST(&w->orphans), *next;
+    for (; o; o = next) {
+        next = TAILQ_NEXT(o, olink); /* orphan_end frees o, and only o */
+        if (o->origin == frontend_instance) orphan_end(w, o, WK_ORPHAN_EV_RECLAIMED);
     }
 }
 

@@ -463,6 +463,7 @@ static void on_peer_open(void *ud, bt_rpc_conn *c) {
     w->npeers++;
     bt_rpc_set_ud(c, p);
     BT_INFO("frontend %s connected", bt_rpc_peer_name(c));
+    wk_orphan_reclaim(w, bt_rpc_peer_instance(c));
     wk_send_load(w, p);
     if (w->state == WK_DRAINING) {
         bt_buf *b = bt_rpc_wbuf(c);

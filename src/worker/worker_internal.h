@@ -48,6 +48,7 @@ typedef enum {
     WK_ORPHAN_EV_DRAINED,  /* the worker began draining */
     WK_ORPHAN_EV_FAILED,   /* the engine failed the sequence while orphaned */
     WK_ORPHAN_EV_SUPERSEDED, /* taken from a frontend still attached to it by an adopter */
+    WK_ORPHAN_EV_RECLAIMED, /* its frontend connected again: that frontend lived, and went on without it */
     WK_ORPHAN_EV_N_
 } wk_orphan_event;
 
@@ -94,6 +95,7 @@ typedef struct wk_stream {
     uint8_t fin_reason;
     uint32_t fin_prompt, fin_completion;
     uint64_t orphan_deadline_ms;
+    uint64_t origin; /* instance id of the frontend whose connection it outlived */
     TAILQ_ENTRY(wk_stream) olink; /* w->orphans, oldest first */
 } wk_stream;
 
@@ -265,6 +267,10 @@ void wk_orphan_replay(wk_stream *s, uint32_t from_batch);
 /* A new sequence is about to be submitted: kills live orphans, oldest first, while the engine
  * would make it wait. */
 void wk_orphan_make_room(wk_worker *w);
+/* A frontend connected: orphans its earlier connections left are ended. That frontend is alive
+ * (it dropped the connection itself, e.g. declaring this worker dead while it was stopped, and
+ * continued those streams elsewhere), so nobody will adopt them. */
+void wk_orphan_reclaim(wk_worker *w, uint64_t frontend_instance);
 /* Kills every orphan (drain, exit), counting them under ev. */
 void wk_orphan_kill_all(wk_worker *w, wk_orphan_event ev);
 /* Appends the orphan metrics to a /metrics body. */

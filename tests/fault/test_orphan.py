@@ -17,7 +17,9 @@ Scenarios, each against an uninterrupted reference run of the same payload:
   * non-streaming requests are never orphaned, even with a stream_key;
   * preemption: with --max-num-seqs 2 and two orphans, a new request would have to wait: the
     oldest orphan is killed for it; the newer one is still adoptable;
-  * --orphan-grace 0: the stream is killed with its connection, as before.
+  * --orphan-grace 0: the stream is killed with its connection, as before;
+  * reclaimed: a frontend that connects again (same instance id) lived on and continued its
+    streams elsewhere: the orphans its earlier connection left are ended at once.
 """
 
 import time
@@ -56,9 +58,9 @@ def run_whole(port, p):
     return r
 
 
-def start_stream(port, p, nbatches):
+def start_stream(port, p, nbatches, instance_id=None):
     """Starts p on a new connection, reads nbatches batches, then kills the connection."""
-    c = rpclib.Conn(port)
+    c = rpclib.Conn(port, instance_id=instance_id)
     r = rpclib.read_stream(c, c.request(p), until_batches=nbatches)
     assert len(r.batches) == nbatches and r.finish is None, f"the stream ended after {len(r.batches)} batches"
     c.close_abruptly()
@@ -203,5 +205,13 @@ with bl.Cluster() as cl:
     bl.wait_for(lambda: bl.metric_sum(m(w3), "dynamo_component_cancellation_total", kind="frontend_lost") == 1, 5,
                 what="grace 0 kills with the connection")
     assert ev(w3, "orphaned") == 0
+
+    # -- reclaimed: the same frontend connects again ---------------------------------------------
+    start_stream(w2.rpc_port, payload("orphan ten", 400, key=next(KEYS)), 5, instance_id=0x77)
+    bl.wait_for(lambda: ev(w2, "orphaned") == 3, 5, what="orphan ten kept")
+    n0 = orphans(w2)
+    rpclib.Conn(w2.rpc_port, instance_id=0x77).close()
+    bl.wait_for(lambda: ev(w2, "reclaimed") == 1, 5, what="orphan ten reclaimed by its frontend's new connection")
+    assert orphans(w2) == n0 - 1
 
 print("test_orphan: ok")

@@ -5,6 +5,7 @@ from another connection. No request-plane secret (AUTH) support: use it with wor
 none."""
 
 import json
+import random
 import socket
 import struct
 import time
@@ -21,12 +22,14 @@ class Frame:
 
 
 class Conn:
-    def __init__(self, port, host="127.0.0.1", instance_id=0x51, timeout=15.0):
+    def __init__(self, port, host="127.0.0.1", instance_id=None, timeout=15.0):
+        # a frontend process has one instance id; each Conn is another frontend unless told
+        self.instance_id = instance_id or random.getrandbits(62) + 1
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""
         self.next_stream = 1
-        self.send(HELLO, 0, struct.pack(">HHQ", 1, 1, instance_id))
+        self.send(HELLO, 0, struct.pack(">HHQ", 1, 1, self.instance_id))
         f = self.read()
         assert f.type == HELLO, f"first frame from the worker is type {f.type}, not HELLO"
         self.pending = []
