@@ -23,6 +23,7 @@
 #ifndef BATON_JOURNAL_H
 #define BATON_JOURNAL_H
 
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -126,7 +127,9 @@ typedef struct {
 
 struct fe_journal {
     const fe_journal_ops *ops;
-    bool shared; /* other frontends write it too: it may lag what a client received (journal_js.c) */
+    /* Other frontends read and write it too (journal_js.c, once connected to JetStream): a stream
+     * may be resumed elsewhere, and the journal may lag what a client received. */
+    atomic_bool shared;
     double retention_s;
     uint64_t max_bytes;
 };

@@ -558,6 +558,7 @@ static void thread_main(void *arg) {
     uv_mutex_lock(&js->mu);
     js->state = st == NATS_OK ? JS_READY : JS_OFF;
     uv_mutex_unlock(&js->mu);
+    atomic_store(&js->pub.shared, st == NATS_OK);
     if (st != NATS_OK) {
         if (je == JSNotEnabledErr || je == JSNotEnabledForAccountErr || st == NATS_NO_RESPONDERS ||
             st == NATS_TIMEOUT)
@@ -646,7 +647,6 @@ fe_journal *fe_journal_js_new(fe_journal *mem, const char *nats_url, const char 
     js_journal *js = calloc(1, sizeof *js);
     if (!js) return NULL;
     js->pub.ops = &js_ops;
-    js->pub.shared = true;
     js->pub.retention_s = mem->retention_s;
     js->pub.max_bytes = mem->max_bytes;
     js->mem = mem;

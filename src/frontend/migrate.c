@@ -93,8 +93,9 @@ static char *continuation_payload(const fe_req *r, bool adopt, size_t *len, uint
         .n_carried = r->nids,
         .has_max_tokens = limited,
         .max_tokens = limited ? remaining : 0,
-        /* a journaled stream may outlive this frontend on its worker, and be re-attached */
-        .stream_key = r->stream && r->jrec ? r->stream_id : NULL,
+        /* a stream another frontend can resume (the journal is shared) may outlive this frontend
+         * on its worker, to be re-attached; otherwise nothing would ever adopt it */
+        .stream_key = r->stream && r->jrec && atomic_load(&r->fe->grp->journal->shared) ? r->stream_id : NULL,
         .adopt = adopt && r->jrec,
     };
     if (r->nids && !r->text_lost) {

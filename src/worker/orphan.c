@@ -86,6 +86,7 @@ static void arm_timer(wk_worker *w) {
 /* Takes s off the orphan list and ends it: a live sequence is killed in the engine. */
 static void orphan_end(wk_worker *w, wk_stream *s, wk_orphan_event ev) {
     w->orphan_events[ev]++;
+    w->cancel_peer_lost++; /* dropped for its lost frontend after all, only later than without orphans */
     BT_INFO("request %s: orphaned stream ended (%s) after %u new tokens", s->rid, ev_names[ev], s->tokens);
     if (!s->done && s->seq) bt_engine_kill(w->engine, s->seq);
     wk_stream_free(s); /* takes it off the list */
