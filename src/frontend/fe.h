@@ -6,6 +6,7 @@
  *   migrate.c   the attempts of a request: dispatch, the attempt budget, the continuation
  *   resume.c    resumable streams: Last-Event-ID, the GET form, replay from the journal
  *   journal.c   the in-process stream journal (journal.h: the interface)
+ *   journal_js.c  the journal shared by frontends through NATS JetStream (event plane NATS)
  *   metrics.c   per-model counters and histograms, Prometheus text
  *
  * Everything runs on one libuv loop. A request lives on that loop from start to end. */
@@ -189,6 +190,8 @@ struct fe_req {
     size_t replay_ev;       /* the next event of `replay` to write */
     int replay_tail;        /* where the replay ends (resume.c) */
     fe_ticket *ticket;      /* admission (admit.h): priority, tenant, place in the queue; NULL for a resume */
+    uint64_t adopt_worker;  /* a resume's first attempt re-attaches to this worker's orphan (0: none) */
+    uint64_t skip_to;       /* a resume ahead of the journal: events up to this position are not written */
     fe_req *prev, *next; /* all live requests */
 };
 
@@ -264,6 +267,7 @@ struct fe {
     uint64_t shutdown_close_deadline_ms; /* after shutdown_started_ms: stop waiting for connections */
     bt_buf scratch; /* reused for building SSE chunks */
     uint64_t disconnected_clients;
+    uint64_t handed_off; /* streams handed to other frontends at the shutdown bound */
     uint64_t limit_rejections; /* requests refused by --max-concurrent-requests */
     uint64_t requests_seen;
     uint64_t started_ms;
@@ -407,6 +411,8 @@ void fe_attempt_on_finish(fe_attempt *a, uint8_t reason, uint32_t prompt_tokens,
 void fe_attempt_on_error(fe_attempt *a, bt_status code, const char *msg);
 /* The request ended while a was running: KILL its stream (once), detach it, free it. */
 void fe_attempt_abandon(fe_attempt *a);
+/* The request is handed off to another frontend (shutdown): a is detached and freed with no KILL. */
+void fe_attempt_release(fe_attempt *a);
 
 /* resume.c */
 /* A POST with Last-Event-ID: the same request again, resumed after that event. */
@@ -430,6 +436,10 @@ bool fe_body_digest(const json_t *body, char out[65]);
 void fe_resume_collect(fe *f, bt_metrics *r); /* resumable streams and their journal */
 /* Ends request r, which streams a record a resume wants: its client is taken to be gone. */
 void fe_request_supersede(fe_req *r);
+/* Shutdown bound reached: if r is a stream journaled in a shared journal, ends its response
+ * cleanly without [DONE] (the client resumes it on another frontend with Last-Event-ID), leaves
+ * its worker stream running to be re-attached, frees r and returns true; false otherwise. */
+bool fe_request_hand_off(fe_req *r);
 
 /* shards.c */
 void fe_mail_init(fe *f);

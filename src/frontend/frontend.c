@@ -15,6 +15,7 @@
 #include <malloc.h>
 #endif
 #include <math.h>
+#include <openssl/evp.h>
 #include <openssl/rand.h>
 #include <signal.h>
 #include <stdio.h>
@@ -385,9 +386,11 @@ static void shutdown_tick(uv_timer_t *t) {
     }
     if ((window_over && drained) || bound) {
         if (!drained) {
-            BT_WARN("shutdown bound reached with %zu requests running; ending them with an error", f->nreqs);
+            BT_WARN("shutdown bound reached with %zu requests running; handing journaled streams off, ending the "
+                    "rest with an error",
+                    f->nreqs);
             for (size_t n = f->nreqs; f->reqs && n > 0; n--) /* each call frees the request */
-                fe_request_fail(f->reqs, BT_ERR_SHUTDOWN, "the frontend is shutting down");
+                if (!fe_request_hand_off(f->reqs)) fe_request_fail(f->reqs, BT_ERR_SHUTDOWN, "the frontend is shutting down");
         }
         BT_INFO("frontend shutting down after %llu ms", (unsigned long long)el);
         uv_timer_stop(t);
@@ -686,9 +689,24 @@ int bt_frontend_main(int argc, char **argv) {
     g->n = (int)o->threads;
     g->started_wall_s = bt_wall_s();
     g->shard[0] = f;
+    bool shared_journal = o->stream_retention > 0 && strcmp(o->p.event_plane, "nats") == 0;
     if (o->stream_retention > 0) {
         g->journal = fe_journal_mem_new(o->stream_retention, (uint64_t)o->stream_retention_bytes);
-        if (!g->journal || RAND_bytes(g->mac_secret, sizeof g->mac_secret) != 1) {
+        bool keyed = RAND_bytes(g->mac_secret, sizeof g->mac_secret) == 1;
+        if (g->journal && shared_journal) {
+            /* records are resumed by other frontends: the credential MAC must be the same on all of
+             * them, so its key is derived from what they share, the API key */
+            const char *k = o->api_key ? o->api_key : "";
+            char *material = malloc(strlen(k) + 32);
+            unsigned int len = 0;
+            keyed = material && snprintf(material, strlen(k) + 32, "baton stream journal\n%s", k) > 0 &&
+                    EVP_Digest(material, strlen(material), g->mac_secret, &len, EVP_sha256(), NULL) == 1;
+            free(material);
+            fe_journal *js = keyed ? fe_journal_js_new(g->journal, o->p.nats_server, o->ns) : NULL;
+            if (js) g->journal = js;
+            else keyed = false;
+        }
+        if (!g->journal || !keyed) {
             BT_ERROR("cannot create the stream journal");
             fe_journal_destroy(g->journal);
             free(g);
@@ -721,7 +739,11 @@ int bt_frontend_main(int argc, char **argv) {
         BT_INFO("Request migration %s (limit: %lld); router %s; stall timeout %.1fs",
                 o->migration_limit ? "enabled" : "disabled", (long long)o->migration_limit, o->router_mode,
                 o->stall_timeout);
-        if (g->journal)
+        if (g->journal && shared_journal)
+            BT_INFO("resumable streams: event plane NATS: connecting the journal to JetStream at %s (kept %gs after "
+                    "a stream ends, capped at %lld bytes)",
+                    o->p.nats_server, o->stream_retention, (long long)o->stream_retention_bytes);
+        else if (g->journal)
             BT_INFO("resumable streams: in-process journal, kept %gs after a stream ends, capped at %lld bytes",
                     o->stream_retention, (long long)o->stream_retention_bytes);
         else BT_INFO("resumable streams: off (--stream-retention 0)");

@@ -126,7 +126,9 @@ static void random_id(char out[FE_STREAM_ID_LEN + 1]) {
     out[FE_STREAM_ID_LEN] = '\0';
 }
 
-static fe_jrec *mem_open(fe_journal *j, fe_jsnap *meta, const uint8_t key_mac[FE_KEY_MAC_LEN], int shard) {
+/* A new LIVE record; its id is given_id (NULL: a fresh random one; a given id already held: NULL). */
+static fe_jrec *open_rec(fe_journal *j, fe_jsnap *meta, const uint8_t key_mac[FE_KEY_MAC_LEN], int shard,
+                         const char *given_id) {
     mem_journal *m = (mem_journal *)j;
     if (j->retention_s <= 0) return NULL;
     fe_jrec *r = calloc(1, sizeof *r);
@@ -156,10 +158,11 @@ static fe_jrec *mem_open(fe_journal *j, fe_jsnap *meta, const uint8_t key_mac[FE
         free(r);
         return NULL;
     }
-    do random_id(r->s.stream_id);
-    while (bt_map_get(&m->recs, id_key(r->s.stream_id)));
+    if (given_id) memcpy(r->s.stream_id, given_id, FE_STREAM_ID_LEN + 1);
+    else do random_id(r->s.stream_id);
+        while (bt_map_get(&m->recs, id_key(r->s.stream_id)));
     r->key = id_key(r->s.stream_id);
-    if (bt_map_put(&m->recs, r->key, r) != 0) {
+    if ((given_id && bt_map_get(&m->recs, r->key)) || bt_map_put(&m->recs, r->key, r) != 0) {
         uv_mutex_unlock(&m->mu);
         free(r->s.body);
         free(r);
@@ -172,6 +175,12 @@ static fe_jrec *mem_open(fe_journal *j, fe_jsnap *meta, const uint8_t key_mac[FE
     memcpy(meta->stream_id, r->s.stream_id, sizeof meta->stream_id);
     return r;
 }
+
+static fe_jrec *mem_open(fe_journal *j, fe_jsnap *meta, const uint8_t key_mac[FE_KEY_MAC_LEN], int shard) {
+    return open_rec(j, meta, key_mac, shard, NULL);
+}
+
+const char *fe_jrec_stream_id(const fe_jrec *r) { return r->s.stream_id; }
 
 /* Grows *p (elements of size sz, capacity *cap) to hold `need`, doubling. */
 static bool grow(void **p, size_t *cap, size_t need, size_t sz) {
@@ -355,7 +364,35 @@ static void mem_destroy(fe_journal *j) {
     free(m);
 }
 
-static const fe_journal_ops mem_ops = {mem_open, mem_append, mem_close, mem_claim, mem_stats, mem_destroy};
+/* Under the mutex: a claim on another shard may be copying the record. */
+static void mem_note_worker(fe_journal *j, fe_jrec *rec, uint64_t worker_id) {
+    mem_journal *m = (mem_journal *)j;
+    uv_mutex_lock(&m->mu);
+    rec->s.worker_id = worker_id;
+    uv_mutex_unlock(&m->mu);
+}
+
+bool fe_journal_mem_import(fe_journal *j, const fe_jsnap *s, const uint8_t key_mac[FE_KEY_MAC_LEN]) {
+    fe_jsnap meta = *s;
+    fe_jrec *r = open_rec(j, &meta, key_mac, -1, s->stream_id);
+    if (!r) return false;
+    bool ok = true;
+    for (size_t k = 0; ok && k < s->nev; k++) {
+        uint32_t t0 = k ? s->ev[k - 1].end_tok : 0, x0 = k ? s->ev[k - 1].end_text : 0;
+        ok = j->ops->append(j, r, s->ids + t0, s->ev[k].end_tok - t0, s->text + x0, s->ev[k].end_text - x0);
+    }
+    if (ok) mem_note_worker(j, r, s->worker_id);
+    j->ops->close(j, r, &s->tail); /* a dropped record is freed by its close */
+    return ok;
+}
+
+static const fe_journal_ops mem_ops = {.open = mem_open,
+                                       .append = mem_append,
+                                       .close = mem_close,
+                                       .claim = mem_claim,
+                                       .stats = mem_stats,
+                                       .note_worker = mem_note_worker,
+                                       .destroy = mem_destroy};
 
 fe_journal *fe_journal_mem_new(double retention_s, uint64_t max_bytes) {
     mem_journal *m = calloc(1, sizeof *m);

@@ -70,11 +70,18 @@ void fe_attempt_abandon(fe_attempt *a) {
     attempt_detach(a);
 }
 
+void fe_attempt_release(fe_attempt *a) {
+    /* no KILL: the worker keeps generating, and keeps the stream as an orphan for another frontend
+     * once this one's connection ends; frames it sends meanwhile are for a stream this frontend no
+     * longer knows, which are ignored */
+    attempt_detach(a);
+}
+
 /* The continuation: the REQUEST payload (src/proto/request.h) of the request's next attempt.
  * carried = every token id delivered to the client; max_tokens = what is left of the client's
  * budget (none when the client set none: the worker's default, less the carried tokens, applies); carried_text = the delivered text, unless it outgrew its cap. *est_tokens estimates the
  * tokens the attempt will hold in KV (4 bytes of body per prompt token). NULL when out of memory. */
-static char *continuation_payload(const fe_req *r, size_t *len, uint64_t *est_tokens) {
+static char *continuation_payload(const fe_req *r, bool adopt, size_t *len, uint64_t *est_tokens) {
     int64_t remaining = r->max_tokens - (int64_t)r->nids;
     if (remaining < 0) remaining = 0;
     bool limited = r->max_tokens >= 0; /* else the worker's default, less the carried tokens, bounds it */
@@ -88,6 +95,10 @@ static char *continuation_payload(const fe_req *r, size_t *len, uint64_t *est_to
         .max_tokens = limited ? remaining : 0,
         .seed = r->seed,
         .priority = fe_admit_priority(r),
+        /* a stream another frontend can resume (the journal is shared) may outlive this frontend
+         * on its worker, to be re-attached; otherwise nothing would ever adopt it */
+        .stream_key = r->stream && r->jrec && atomic_load(&r->fe->grp->journal->shared) ? r->stream_id : NULL,
+        .adopt = adopt && r->jrec,
     };
     if (r->nids && !r->text_lost) {
         rq.carried_text = r->text.data ? r->text.data : "";
@@ -107,20 +118,27 @@ void fe_migrate_dispatch(fe_req *r) {
     bool first = !r->attempts && !r->resumed;
     if (first && fe_admit_before_route(r)) return; /* others of its model wait: it queues behind them */
     bool all_busy = false;
-    fe_worker *w = fe_route(f, r->model, r->failed_worker, &all_busy);
-    if ((r->attempts || r->resumed) && ((!w && all_busy) || (w && w->id == r->failed_worker))) {
-        /* a continuation (a migration, or a resumed stream whose response has begun) was admitted already: it goes to a busy worker rather than fail, but only
-         * when every worker is busy. The busy check above comes first so that the streams of a dead
-         * worker (a migration storm) fill the workers under their thresholds before any goes over
-         * one: each continuation adds its estimate to its target's pending blocks, so the targets
-         * turn busy one by one and the storm spreads by free capacity; past that, each goes to the
-         * least used of the busy ones. (fe_route hands back the failed worker only when nothing
-         * else is eligible: a busy other one is still better.) */
-        fe_worker *busy = fe_route_least_busy(r->model, r->failed_worker);
-        if (busy && busy != w)
-            BT_INFO("request %s: every worker is busy; its continuation goes to busy worker %" PRIx64, r->rid,
-                    busy->id);
-        if (busy) w = busy;
+    /* a resumed stream goes back to the worker that streamed it when it can: that worker may still
+     * run it as an orphan (its frontend died), and re-attaching costs no prefill */
+    fe_worker *w = r->adopt_worker ? bt_map_get(&f->workers_by_id, r->adopt_worker) : NULL;
+    bool adopt = w && fe_worker_routable(w) && strcmp(w->model, r->model->name) == 0;
+    r->adopt_worker = 0;
+    if (!adopt) {
+        w = fe_route(f, r->model, r->failed_worker, &all_busy);
+        if ((r->attempts || r->resumed) && ((!w && all_busy) || (w && w->id == r->failed_worker))) {
+            /* a continuation (a migration, or a resumed stream whose response has begun) was admitted already: it goes to a busy worker rather than fail, but only
+             * when every worker is busy. The busy check above comes first so that the streams of a dead
+             * worker (a migration storm) fill the workers under their thresholds before any goes over
+             * one: each continuation adds its estimate to its target's pending blocks, so the targets
+             * turn busy one by one and the storm spreads by free capacity; past that, each goes to the
+             * least used of the busy ones. (fe_route hands back the failed worker only when nothing
+             * else is eligible: a busy other one is still better.) */
+            fe_worker *busy = fe_route_least_busy(r->model, r->failed_worker);
+            if (busy && busy != w)
+                BT_INFO("request %s: every worker is busy; its continuation goes to busy worker %" PRIx64, r->rid,
+                        busy->id);
+            if (busy) w = busy;
+        }
     }
     if (!w) {
         if (all_busy && !r->attempts) {
@@ -146,7 +164,7 @@ void fe_migrate_dispatch(fe_req *r) {
     r->attempts++;
     size_t len = 0;
     uint64_t est = 0;
-    char *payload = continuation_payload(r, &len, &est);
+    char *payload = continuation_payload(r, adopt, &len, &est);
     uint32_t id = payload ? fe_worker_send_request(w, a, payload, len, est) : 0;
     free(payload);
     if (id == 0) { /* the connection is going away under us: that attempt failed at once */
@@ -160,6 +178,10 @@ void fe_migrate_dispatch(fe_req *r) {
     a->t_sent_us = bt_now_us();
     if (a->number == 1 && !r->resumed) fe_budget_started(f);
     r->attempt = a;
+    if (r->jrec) fe_journal_note_worker(f->grp->journal, r->jrec, w->id);
+    if (adopt)
+        BT_INFO("request %s: stream %s sent back to worker %" PRIx64 " to re-attach after %zu tokens", r->rid,
+                r->stream_id, w->id, r->nids);
     a->ctx = bt_ctx_new(r->rid, on_attempt_cancel, a);
     if (!a->ctx) {
         fe_request_fail(r, BT_ERR_NOMEM, "out of memory"); /* the request's end kills the stream */

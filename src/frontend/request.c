@@ -285,6 +285,11 @@ static bool write_chunk(fe_req *r, const uint32_t *ids, size_t n, const char *te
         fe_journal_close(r->fe->grp->journal, r->jrec, &r->jtail); /* frees the dropped record */
         r->jrec = NULL;
     }
+    if (r->skip_to) { /* a resume ahead of the journal: the client has these events (resume.c) */
+        if (r->nids <= r->skip_to) return true;
+        if (r->nids - n < r->skip_to) return false; /* its position falls inside this event */
+        r->skip_to = 0;
+    }
     bt_http_stream_write(r->http, b->data, b->len);
     return true;
 }
@@ -579,6 +584,23 @@ void fe_request_supersede(fe_req *r) {
     bt_ctx_kill(r->ctx); /* r is freed by the time this returns */
 }
 
+bool fe_request_hand_off(fe_req *r) {
+    fe_journal *j = r->fe->grp->journal;
+    if (!r->stream || !r->jrec || !j || !j->shared || !r->http || !r->headers_sent || r->state == FE_REQ_DONE)
+        return false;
+    BT_INFO("request %s: stream %s handed off after %zu tokens at the shutdown bound: its client resumes it on "
+            "another frontend (Last-Event-ID)%s",
+            r->rid, r->stream_id, r->nids, r->attempt ? "; its worker keeps the stream to be re-attached" : "");
+    if (r->attempt) fe_attempt_release(r->attempt);
+    bt_http_stream_end(r->http, true); /* a clean end without [DONE]: nothing the client must repeat */
+    r->http->user = NULL;
+    r->http = NULL;
+    r->fe->handed_off++;
+    r->t_cancel_us = bt_now_us();
+    bt_ctx_kill(r->ctx); /* r is freed by the time this returns; it has no attempt left to kill */
+    return true;
+}
+
 /* Operator stop or kill of every running request with this id (client-chosen ids may repeat).
  * A stop lets the attempt finish with what it generated (finish_reason "cancelled"); a kill ends
  * the request with an error at once. Either way nothing is migrated any more. */
@@ -839,6 +861,9 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
     memcpy(r->body_digest, digest, sizeof digest);
     BT_DEBUG("request %s: admitted (%s, %s, max_tokens %" PRId64 ")", r->rid, api == BT_API_CHAT ? "chat" : "completion",
              r->stream ? "streaming" : "unary", r->max_tokens);
+    /* before the first attempt: its REQUEST names the stream, which lets the worker keep it for
+     * another frontend if this one dies (docs/protocol.md §6, "Orphans and re-attachment") */
+    if (r->stream) journal_open(r);
     fe_migrate_dispatch(r);
 }
 

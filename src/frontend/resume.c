@@ -266,7 +266,12 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
     char msg[200];
     if (cr != FE_CLAIM_OK) {
         free(snap);
-        if (cr == FE_CLAIM_LIVE) {
+        if (cr == FE_CLAIM_PENDING) {
+            /* a shared journal is fetching the record (journal_js.c): ask again shortly */
+            if (!pending_add(f, http, api, sid, pos, mark, canon, tries))
+                refuse(f, http, FE_RESUME_NOT_FOUND, 404, "stream_not_found",
+                       "the stream could not be read from the shared journal in time", sid);
+        } else if (cr == FE_CLAIM_LIVE) {
             /* another shard's request streams it: that shard ends it, and this resume waits */
             if (tries == 0) {
                 BT_INFO("resume of stream %s waits for thread %d to end the request that streams it", sid,
@@ -290,6 +295,7 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
     /* From here the record is this resume's; every refusal gives it back unchanged. */
     const char *bad = NULL;
     size_t start = 0;
+    uint64_t skip_to = 0;
     if (snap->api != api && canon) bad = "this stream was not created on this endpoint";
     else if (snap->api != api) { /* the GET form on the other endpoint: no such stream there */
         fe_journal_close(j, rec, &snap->tail);
@@ -308,6 +314,13 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
             bad = "Last-Event-ID names an event this stream never sent";
         else if (mark == FE_MARK_USAGE && !snap->include_usage)
             bad = "Last-Event-ID names an event this stream never sent";
+        start = snap->nev;
+    } else if (!bad && pos > snap->nids && snap->tail.kind == FE_JTAIL_NONE && j->shared &&
+               (snap->max_tokens < 0 || pos <= (uint64_t)snap->max_tokens)) {
+        /* The client is ahead of the journal: its frontend died before its last events reached a
+         * shared journal. The continuation from the journal's tokens produces them again (or the
+         * worker's orphan sends them), the same bytes: they are skipped up to the client's position. */
+        skip_to = pos;
         start = snap->nev;
     } else if (!bad && pos > 0) {
         size_t k = 0;
@@ -355,6 +368,8 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
     snap->ids = NULL;
     if (snap->text_len && bt_buf_append(&r->text, snap->text, snap->text_len) != BT_OK) r->text_lost = true;
     r->t_last_us = r->t_start_us;
+    r->adopt_worker = snap->tail.kind == FE_JTAIL_NONE ? snap->worker_id : 0;
+    r->skip_to = skip_to;
     r->replay = snap;
     r->replay_ev = start;
     r->replay_tail = mark;

@@ -23,6 +23,8 @@ char *bt_request_encode(const bt_request *rq, size_t *len) {
         json_object_set_new(msg, "carried_text", json_stringn(rq->carried_text, rq->carried_text_len)) != 0)
         goto done;
     if (rq->priority && json_object_set_new(msg, "priority", json_integer(rq->priority)) != 0) goto done;
+    if (rq->stream_key && json_object_set_new(msg, "stream_key", json_string(rq->stream_key)) != 0) goto done;
+    if (rq->stream_key && rq->adopt && json_object_set_new(msg, "adopt", json_true()) != 0) goto done;
     out = json_dumps(msg, JSON_COMPACT);
     if (out && len) *len = strlen(out);
 done:
@@ -54,6 +56,8 @@ bt_status bt_request_decode(const void *payload, size_t len, bt_request_msg *out
     json_t *jtext = json_object_get(root, "carried_text");
     json_t *jseed = json_object_get(root, "seed");
     json_t *jprio = json_object_get(root, "priority");
+    json_t *jkey = json_object_get(root, "stream_key");
+    json_t *jadopt = json_object_get(root, "adopt");
     if (!json_is_string(rid) || json_string_length(rid) == 0 || json_string_length(rid) > BT_REQUEST_ID_MAX ||
         strlen(json_string_value(rid)) != json_string_length(rid))
         FAIL("malformed request payload: request_id must be a string of 1 to %d bytes", BT_REQUEST_ID_MAX);
@@ -71,6 +75,15 @@ bt_status bt_request_decode(const void *payload, size_t len, bt_request_msg *out
                   json_integer_value(jprio) > BT_PRIORITY_LIMIT))
         FAIL("malformed request payload: priority must be an integer from %d to %d", -BT_PRIORITY_LIMIT,
              BT_PRIORITY_LIMIT);
+    if (jkey) {
+        const char *k = json_string_value(jkey);
+        bool ok = k && json_string_length(jkey) == BT_STREAM_KEY_LEN;
+        for (size_t i = 0; ok && i < BT_STREAM_KEY_LEN; i++)
+            ok = (k[i] >= '0' && k[i] <= '9') || (k[i] >= 'a' && k[i] <= 'f');
+        if (!ok) FAIL("malformed request payload: stream_key must be %d lower-case hex digits", BT_STREAM_KEY_LEN);
+    }
+    if (jadopt && !json_is_boolean(jadopt)) FAIL("malformed request payload: adopt must be a boolean");
+    if (json_is_true(jadopt) && !jkey) FAIL("malformed request payload: adopt needs a stream_key");
     size_t n = jcar ? json_array_size(jcar) : 0;
     if (n) {
         carried = malloc(n * sizeof *carried);
@@ -97,6 +110,8 @@ bt_status bt_request_decode(const void *payload, size_t len, bt_request_msg *out
     out->rq.max_tokens = jmax ? json_integer_value(jmax) : 0;
     out->rq.seed = jseed ? (uint64_t)json_integer_value(jseed) : 0;
     out->rq.priority = jprio ? (int32_t)json_integer_value(jprio) : 0;
+    out->rq.stream_key = jkey ? json_string_value(jkey) : NULL;
+    out->rq.adopt = json_is_true(jadopt);
     if (jtext) {
         out->rq.carried_text = json_string_value(jtext);
         out->rq.carried_text_len = json_string_length(jtext);

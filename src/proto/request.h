@@ -16,6 +16,12 @@
  *   priority      integer in [-BT_PRIORITY_LIMIT, BT_PRIORITY_LIMIT] (optional, default 0): the
  *                 request's scheduling priority as the frontend settled it (the client's ask,
  *                 bounded by its key's ceiling); lower is served sooner, as in vLLM
+ *   stream_key    string of 32 lower-case hex digits (optional): the stream's journal id. A
+ *                 worker given one may keep the stream running as an orphan when this frontend's
+ *                 connection ends (--orphan-grace), so that another frontend can re-attach to it
+ *   adopt         boolean (optional, default false; needs stream_key): re-attach to the orphan of
+ *                 stream_key if the worker holds one, replaying what it produced after
+ *                 len(carried) tokens; if it holds none, the payload is an ordinary continuation
  * Unknown members are ignored, so that a newer frontend can add some. No I/O: unit-tested
  * (tests/unit/test_request.c) and fuzzed (fuzz/fuzz_request.c). */
 #ifndef BATON_PROTO_REQUEST_H
@@ -32,6 +38,7 @@
 #define BT_REQUEST_ID_MAX 128
 /* The range of a priority, on the wire and from a client (body `priority` or X-Priority). */
 #define BT_PRIORITY_LIMIT 1000000
+#define BT_STREAM_KEY_LEN 32 /* the journal's stream id: 128 bits in lower-case hex */
 
 typedef struct {
     const char *request_id;
@@ -45,6 +52,8 @@ typedef struct {
     size_t carried_text_len;
     uint64_t seed; /* 0: none */
     int32_t priority; /* 0 is not sent (the default) */
+    const char *stream_key; /* NULL: none (the stream cannot be orphaned); else BT_STREAM_KEY_LEN hex */
+    bool adopt;             /* re-attach to the orphan of stream_key, if any */
 } bt_request;
 
 /* Encodes rq as a payload: a malloc'd string (free with free()) of *len bytes, NUL-terminated;

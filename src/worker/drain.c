@@ -166,6 +166,7 @@ void wk_drain_begin(wk_worker *w, const char *why, bool immediate) {
     }
     wk_set_state(w, WK_DRAINING);
     wk_canary_stop(w);
+    wk_orphan_kill_all(w, WK_ORPHAN_EV_DRAINED); /* no frontend can adopt them from a draining worker */
     /* 2. tell every connected frontend at once, and flush now rather than at the end of the
      * loop iteration: this is what makes routing stop within milliseconds */
     for (wk_peer *p = LIST_FIRST(&w->peers); p; p = LIST_NEXT(p, link)) {

@@ -3,7 +3,9 @@
  * Lifecycle (one traced state variable, see wk_set_state): registering → ready → draining → gone.
  * Each accepted frontend connection is a peer with its own stream table; a stream is one engine
  * sequence. The worker never keeps generating for nobody: when a peer's connection ends, every
- * sequence of that peer is killed and its KV blocks are freed.
+ * sequence of that peer is killed and its KV blocks are freed — except streamed requests that
+ * named a stream_key, which are kept for --orphan-grace seconds so that another frontend can
+ * re-attach to them (orphan.c), and give way to any request that would otherwise wait.
  *
  * This file holds the process (options, start-up), the peers, the streams and the load reports.
  * The shutdown sequence is in drain.c, the status server in status.c, canaries and the engine
@@ -83,22 +85,33 @@ static void on_load_timer(uv_timer_t *t) {
 static void on_stream_cancel(bt_ctx *c, bt_ctx_state state, void *ud);
 
 void wk_stream_free(wk_stream *s) {
-    wk_peer *p = s->p;
-    wk_worker *w = p->w;
-    bt_map_del(&p->streams, s->id);
-    w->nstreams--;
+    wk_worker *w = s->w;
+    if (s->orphaned) {
+        TAILQ_REMOVE(&w->orphans, s, olink);
+        w->norphans--;
+    } else {
+        bt_map_del(&s->p->streams, s->id);
+        w->nstreams--;
+    }
     bt_ctx_free(s->ctx); /* may be the context whose callback is running: cancel.h allows it */
+    wk_history_free(&s->hist);
     free(s);
     if (w->state == WK_DRAINING) wk_drain_stream_ended(w);
 }
 
 static void on_seq_tokens(void *ud, const uint32_t *ids, size_t n, const char *text, size_t text_len) {
     wk_stream *s = ud;
-    wk_worker *w = s->p->w;
-    bt_buf *b = bt_rpc_wbuf(s->p->conn);
+    wk_worker *w = s->w;
     s->tokens += (uint32_t)n;
     w->tokens_total += n;
     wk_monitor_progress(w);
+    if (s->key[0] && !wk_history_add(s, ids, n, text, text_len)) {
+        BT_INFO("request %s: its history outgrew %u bytes; the stream can no longer be re-attached", s->rid,
+                WK_ORPHAN_HISTORY_MAX);
+        if (s->orphaned) wk_orphan_end_soon(w, s); /* nobody can take it any more */
+    }
+    if (s->orphaned) return;
+    bt_buf *b = bt_rpc_wbuf(s->p->conn);
     if (!b || s->ignored_kill) return;
     /* a batch longer than one frame allows is split; text goes with the last piece */
     while (n > BT_TOKENS_MAX) {
@@ -111,7 +124,12 @@ static void on_seq_tokens(void *ud, const uint32_t *ids, size_t n, const char *t
 
 static void on_seq_finish(void *ud, bt_finish_reason reason, const bt_usage *u) {
     wk_stream *s = ud;
-    wk_worker *w = s->p->w;
+    wk_worker *w = s->w;
+    if (s->orphaned) {
+        wk_monitor_progress(w);
+        wk_orphan_finished(s, (uint8_t)reason, u->prompt_tokens, u->completion_tokens);
+        return;
+    }
     bt_buf *b = s->ignored_kill ? NULL : bt_rpc_wbuf(s->p->conn);
     if (b) bt_frame_put_finish(b, s->id, (uint8_t)reason, u->prompt_tokens, u->completion_tokens);
     w->requests_ok++;
@@ -124,8 +142,9 @@ static void on_seq_finish(void *ud, bt_finish_reason reason, const bt_usage *u) 
 
 static void on_seq_error(void *ud, bt_status code, const char *msg) {
     wk_stream *s = ud;
-    wk_worker *w = s->p->w;
-    bt_buf *b = s->ignored_kill ? NULL : bt_rpc_wbuf(s->p->conn);
+    wk_worker *w = s->w;
+    if (s->orphaned) w->orphan_events[WK_ORPHAN_EV_FAILED]++;
+    bt_buf *b = s->ignored_kill || s->orphaned ? NULL : bt_rpc_wbuf(s->p->conn);
     if (b) bt_frame_put_error(b, s->id, (uint16_t)code, msg);
     w->requests_error++;
     wk_monitor_progress(w);
@@ -170,6 +189,28 @@ static bt_status sampling_from_body(const json_t *body, bt_engine_request *er, c
         }
     }
     return BT_OK;
+}
+
+/* Files adopted orphan s under peer p's stream id: a fresh cancellation context under the peer's.
+ * False (out of memory): s is ended. */
+static bool attach_adopted(wk_peer *p, uint32_t id, wk_stream *s, const char *rid) {
+    wk_worker *w = p->w;
+    bt_ctx_free(s->ctx);
+    s->ctx = NULL;
+    snprintf(s->rid, sizeof s->rid, "%s", rid);
+    s->ctx = bt_ctx_new(s->rid, on_stream_cancel, s);
+    if (!s->ctx || bt_map_put(&p->streams, id, s) != 0) {
+        if (!s->done) bt_engine_kill(w->engine, s->seq);
+        bt_ctx_free(s->ctx);
+        wk_history_free(&s->hist);
+        free(s);
+        return false;
+    }
+    s->p = p;
+    s->id = id;
+    w->nstreams++;
+    bt_ctx_link(p->ctx, s->ctx);
+    return true;
 }
 
 static void handle_request(wk_peer *p, uint32_t id, const bt_frame *f) {
@@ -227,6 +268,16 @@ static void handle_request(wk_peer *p, uint32_t id, const bt_frame *f) {
         }
         if (msg.rq.n_carried) memcpy(carried + nbcar, msg.rq.carried, msg.rq.n_carried * sizeof *carried);
     }
+    if (msg.rq.adopt) {
+        uint32_t from = 0;
+        wk_stream *o = wk_orphan_take(w, msg.rq.stream_key, msg.rq.request_id, carried, ncar, &from);
+        if (o && attach_adopted(p, id, o, msg.rq.request_id)) {
+            wk_orphan_replay(o, from); /* may free o */
+            free(carried);
+            bt_request_msg_free(&msg);
+            return;
+        }
+    }
     er.carried = carried;
     er.n_carried = (uint32_t)ncar;
     if (msg.rq.carried_text && !jbcar) { /* body-carried ids come with no text of theirs */
@@ -249,9 +300,13 @@ static void handle_request(wk_peer *p, uint32_t id, const bt_frame *f) {
         snprintf(err, sizeof err, "out of memory");
         goto fail;
     }
+    s->w = w;
     s->p = p;
     s->id = id;
     s->carried = (uint32_t)ncar;
+    /* only a stream can be resumed, so only a stream may outlive its connection */
+    if (msg.rq.stream_key && w->o.orphan_grace > 0 && json_is_true(json_object_get(body, "stream")))
+        snprintf(s->key, sizeof s->key, "%s", msg.rq.stream_key);
     s->t0_us = bt_now_us();
     snprintf(s->rid, sizeof s->rid, "%s", er.request_id);
     s->ctx = bt_ctx_new(s->rid, on_stream_cancel, s);
@@ -262,8 +317,10 @@ static void handle_request(wk_peer *p, uint32_t id, const bt_frame *f) {
     }
     bt_ctx_link(p->ctx, s->ctx); /* the peer's context is live while frames arrive */
     wk_monitor_busy(w);
+    wk_orphan_make_room(w); /* an orphan never makes a live request wait */
     st = bt_engine_submit(w->engine, &er, &seq_sink, s, &s->seq, err, sizeof err);
     if (st != BT_OK) goto fail;
+    w->engine_submits++;
     if (bt_map_put(&p->streams, id, s) != 0) {
         bt_engine_kill(w->engine, s->seq);
         st = BT_ERR_NOMEM;
@@ -302,7 +359,7 @@ static void kill_stream(wk_worker *w, wk_stream *s, const char *why) {
 static void on_stream_cancel(bt_ctx *c, bt_ctx_state state, void *ud) {
     (void)c;
     wk_stream *s = ud;
-    wk_worker *w = s->p->w;
+    wk_worker *w = s->w;
     if (state == BT_CTX_STOPPED) {
         w->cancel_stop++;
         BT_INFO("request %s stopped by the frontend after %u new tokens (%u carried)", s->rid, s->tokens, s->carried);
@@ -386,6 +443,7 @@ static void on_peer_open(void *ud, bt_rpc_conn *c) {
     w->npeers++;
     bt_rpc_set_ud(c, p);
     BT_INFO("frontend %s connected", bt_rpc_peer_name(c));
+    wk_orphan_reclaim(w, bt_rpc_peer_instance(c));
     wk_send_load(w, p);
     if (w->state == WK_DRAINING) {
         bt_buf *b = bt_rpc_wbuf(c);
@@ -410,6 +468,17 @@ static void on_peer_close(void *ud, bt_rpc_conn *c, bt_status why, const char *r
     /* unlink first: a stream ending here may finish the drain, which walks the peer list */
     LIST_REMOVE(p, link);
     w->npeers--;
+    /* streams another frontend may resume are kept a while (orphan.c); keeping one takes it off
+     * the table, so the walk starts again */
+    size_t kept = 0;
+    while (bt_map_next(&p->streams, &it, &k, &v)) {
+        if (wk_orphan_keep(w, v)) {
+            kept++;
+            it = 0;
+        }
+    }
+    it = 0;
+    if (kept) BT_INFO("frontend %s: %zu streams kept as orphans, %zu killed", bt_rpc_peer_name(c), kept, p->streams.len);
     /* nothing generates for nobody: the peer's context kills every stream's context, in the
      * order the streams arrived; streams whose KILL was ignored on purpose go too */
     p->lost = true;
@@ -621,6 +690,7 @@ static int worker_run(wk_worker *w) {
     }
 
     wk_drain_init(w);
+    wk_orphan_init(w);
     wk_set_state(w, WK_READY);
     wk_canary_start(w);
     BT_INFO("worker %" PRIx64 " serving model '%s' on %s (endpoint dyn://%s.%s.%s, discovery %s, drain bound %llds)",
@@ -652,6 +722,7 @@ int bt_worker_main(int argc, char **argv) {
     o->starting_health = "notready";
     o->endpoint_health = "[]";
     o->frontend_dead_after = 5;
+    o->orphan_grace = 30;
     o->canary_enabled = false;
     o->canary_wait = 10;
     o->canary_timeout = 3;
@@ -737,6 +808,9 @@ int bt_worker_main(int argc, char **argv) {
         BT_PROC_OPT_RPC_SECRET_FILE(&o->p),
         {"--frontend-dead-after", "DYN_FRONTEND_DEAD_AFTER", BT_OPT_INT, &o->frontend_dead_after, 1, 3600,
          "seconds of silence before a frontend connection is dropped"},
+        {"--orphan-grace", "DYN_ORPHAN_GRACE", BT_OPT_DOUBLE, &o->orphan_grace, 0, 3600,
+         "seconds a resumable stream keeps running after its frontend's connection ends, for another frontend to "
+         "re-attach to (0 = kill it at once)"},
         BT_PROC_OPT_EVENT_PLANE(&o->p),
         BT_PROC_OPT_NATS_SERVER(&o->p),
         {"--fault-signals", "DYN_FAULT_SIGNALS", BT_OPT_BOOL, &o->fault_signals, 0, 0,

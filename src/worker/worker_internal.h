@@ -6,6 +6,8 @@
  *   status.c   the status server on DYN_SYSTEM_PORT: /health, /live, /metrics
  *   canary.c   canary health checks (endpoint ready / not ready) and the engine monitor that
  *              declares a stuck engine failed
+ *   orphan.c   streams whose frontend's connection ended, kept for --orphan-grace so that a
+ *              frontend resuming the request re-attaches to them (no re-prefill)
  *
  * Everything runs on the worker's one libuv loop. Symbols shared between these files carry the
  * wk_ prefix; everything else is static. */
@@ -36,10 +38,44 @@
 typedef enum { WK_REGISTERING, WK_READY, WK_DRAINING, WK_GONE } wk_state;
 
 typedef struct wk_worker wk_worker;
+
+/* What became of orphans (baton_worker_orphan_events_total{event}). */
+typedef enum {
+    WK_ORPHAN_EV_ORPHANED, /* a stream's frontend connection ended and the stream was kept */
+    WK_ORPHAN_EV_ADOPTED,  /* re-attached by a frontend */
+    WK_ORPHAN_EV_EXPIRED,  /* its grace ended with no adopter */
+    WK_ORPHAN_EV_PREEMPTED, /* killed to make room for a request that would have queued */
+    WK_ORPHAN_EV_OVERFLOW, /* its history outgrew WK_ORPHAN_HISTORY_MAX */
+    WK_ORPHAN_EV_MISMATCH, /* an adopter's tokens or position did not match: ran as a continuation */
+    WK_ORPHAN_EV_DRAINED,  /* the worker began draining */
+    WK_ORPHAN_EV_FAILED,   /* the engine failed the sequence while orphaned */
+    WK_ORPHAN_EV_SUPERSEDED, /* taken from a frontend still attached to it by an adopter */
+    WK_ORPHAN_EV_RECLAIMED, /* its frontend connected again: that frontend lived, and went on without it */
+    WK_ORPHAN_EV_N_
+} wk_orphan_event;
+
+#define WK_ORPHAN_HISTORY_MAX (1u << 20) /* bytes of history per adoptable stream */
 typedef struct wk_peer wk_peer;
 
-/* One request-plane stream: one engine sequence. */
+/* What an adoptable stream produced on this worker (orphan.c): every TOKENS batch, so that an
+ * adopting frontend can be sent what it lacks from any batch boundary on. Bounded by
+ * WK_ORPHAN_HISTORY_MAX bytes; past it the stream stops being adoptable. */
 typedef struct {
+    uint32_t *ids;
+    uint32_t nids, cap_ids;
+    char *text;
+    uint32_t text_len, cap_text;
+    struct wk_hframe {
+        uint32_t tok, text; /* the batch ends after this many ids and bytes of text */
+    } *fr;
+    uint32_t nfr, cap_fr;
+} wk_history;
+
+/* One request-plane stream: one engine sequence. An orphan (its frontend's connection ended, it
+ * had a stream_key and --orphan-grace is on) has p == NULL and sits on the worker's orphan list
+ * until a frontend adopts it, its grace ends or capacity is needed. */
+typedef struct wk_stream {
+    wk_worker *w;
     wk_peer *p;
     uint32_t id;
     bt_engine_seq *seq;
@@ -52,6 +88,17 @@ typedef struct {
     bt_ctx *ctx;
     uint64_t t_kill_us; /* when the KILL frame arrived (0 = none) */
     bool ignored_kill;  /* --fault-ignore-kill: killed for the frontend, left running in the engine */
+    /* orphan.c */
+    char key[33];     /* the REQUEST's stream_key: "" = never orphaned */
+    wk_history hist;  /* kept while key is set */
+    bool orphaned;    /* p == NULL, on w->orphans */
+    bool done;        /* the engine finished it while orphaned: fin_* below, seq is gone */
+    bool overflow;    /* an orphan whose history outgrew its cap: ended by the orphan timer */
+    uint8_t fin_reason;
+    uint32_t fin_prompt, fin_completion;
+    uint64_t orphan_deadline_ms;
+    uint64_t origin; /* instance id of the frontend whose connection it outlived */
+    TAILQ_ENTRY(wk_stream) olink; /* w->orphans, oldest first */
 } wk_stream;
 
 /* Both the worker and a peer serve as a connection's user data (before and after the
@@ -86,6 +133,7 @@ typedef struct {
     const char *starting_health; /* DYN_SYSTEM_STARTING_HEALTH_STATUS: "ready" or "notready" */
     const char *endpoint_health; /* DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS: JSON list of endpoint names */
     int64_t frontend_dead_after;
+    double orphan_grace; /* seconds an orphaned stream is kept for re-attachment; 0 = kill at once */
     char *rpc_secret; /* loaded at start-up; NULL = frontends need no secret */
     bool fault_signals;
     bool fault_ignore_kill; /* test hook: a KILL frame does not reach the engine */
@@ -170,6 +218,12 @@ struct wk_worker {
     uint64_t progress_ms; /* last time the engine showed progress, or went from idle to busy */
     wk_canary canary;
     wk_drain_stats drain;
+    /* orphan.c */
+    TAILQ_HEAD(, wk_stream) orphans; /* oldest first */
+    size_t norphans;
+    uv_timer_t orphan_timer; /* fires at the oldest orphan's deadline */
+    uint64_t orphan_events[WK_ORPHAN_EV_N_];
+    uint64_t engine_submits; /* sequences submitted to the engine: each one prefills */
     /* counters for /metrics */
     uint64_t requests_total, requests_ok, requests_error, tokens_total;
     uint64_t cancel_kill, cancel_stop, cancel_peer_lost;
@@ -191,6 +245,40 @@ void wk_stream_free(wk_stream *s);
 /* True when new work may be routed here: serving, not draining, endpoint healthy. The endpoint's
  * readiness, as /health reports it under "endpoints". */
 bool wk_ready(const wk_worker *w);
+
+/* orphan.c */
+void wk_orphan_init(wk_worker *w);
+/* Records a batch into an adoptable stream's history; false when it outgrew its cap (the history
+ * is dropped and the stream is no longer adoptable). */
+bool wk_history_add(wk_stream *s, const uint32_t *ids, size_t n, const char *text, size_t len);
+void wk_history_free(wk_history *h);
+/* The stream's connection ended: true if s became an orphan (it is off its peer), false if the
+ * caller must kill it. */
+bool wk_orphan_keep(wk_worker *w, wk_stream *s);
+/* Ends orphan s from the orphan timer, outside the engine callback that found it useless. */
+void wk_orphan_end_soon(wk_worker *w, wk_stream *s);
+/* An orphan's engine sequence finished or failed (from the engine sink). */
+void wk_orphan_finished(wk_stream *s, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens);
+/* A REQUEST with adopt: the orphan of key, taken off the orphan list, when it continues exactly
+ * after the carried tokens; *from_batch is the first batch of its history the adopter lacks. The
+ * caller files it under its new peer and stream, then calls wk_orphan_replay. NULL: there was no
+ * usable orphan (an unusable one is killed); the payload runs as an ordinary continuation. */
+wk_stream *wk_orphan_take(wk_worker *w, const char *key, const char *rid, const uint32_t *carried, size_t ncarried,
+                          uint32_t *from_batch);
+/* Sends an adopted stream's batches from from_batch on, then its FINISH if it had finished (the
+ * stream is then freed). */
+void wk_orphan_replay(wk_stream *s, uint32_t from_batch);
+/* A new sequence is about to be submitted: kills live orphans, oldest first, while the engine
+ * would make it wait. */
+void wk_orphan_make_room(wk_worker *w);
+/* A frontend connected: orphans its earlier connections left are ended. That frontend is alive
+ * (it dropped the connection itself, e.g. declaring this worker dead while it was stopped, and
+ * continued those streams elsewhere), so nobody will adopt them. */
+void wk_orphan_reclaim(wk_worker *w, uint64_t frontend_instance);
+/* Kills every orphan (drain, exit), counting them under ev. */
+void wk_orphan_kill_all(wk_worker *w, wk_orphan_event ev);
+/* Appends the orphan metrics to a /metrics body. */
+void wk_orphan_collect(const wk_worker *w, bt_metrics *r); /* status.c collects it */
 
 /* drain.c */
 void wk_drain_init(wk_worker *w);

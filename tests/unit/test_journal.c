@@ -7,7 +7,9 @@
  * window; the size cap (ended records evicted oldest first, the accounted bytes never above the
  * cap, a new record refused and a live record dropped when nothing can be evicted); journaling
  * off with retention 0; stream ids are 32 hex digits and differ; and every accepted and refused
- * form of an event id. */
+ * form of an event id. Also: the worker noted for a stream comes back with its claim, and a record
+ * imported whole (as the shared journal does with a stream fetched from JetStream) is claimed
+ * exactly as it was, bound to its credential, once only under its id. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -192,6 +194,49 @@ static void test_off_and_ids(void **state) {
     fe_journal_destroy(j);
 }
 
+static void test_worker_and_import(void **state) {
+    (void)state;
+    fe_journal *j = fe_journal_mem_new(60, 1 << 20);
+    fe_jsnap meta;
+    fe_jrec *r = open_rec(j, &meta, "{\"model\":\"m\"}");
+    assert_non_null(r);
+    uint32_t a[] = {5, 6}, b[] = {7};
+    assert_true(fe_journal_append(j, r, a, 2, "ab", 2));
+    fe_journal_note_worker(j, r, 0x1234);
+    assert_true(fe_journal_append(j, r, b, 1, "cde", 3));
+    fe_jtail none = {0};
+    fe_journal_close(j, r, &none);
+    fe_jsnap out;
+    fe_jrec *h = NULL;
+    int shard = -1;
+    assert_int_equal(fe_journal_claim(j, meta.stream_id, key_a, 0, &out, &h, &shard), FE_CLAIM_OK);
+    assert_int_equal(out.worker_id, 0x1234);
+    fe_journal_close(j, h, &out.tail);
+    /* the whole record into another store, as fetched from elsewhere */
+    fe_journal *k = fe_journal_mem_new(60, 1 << 20);
+    assert_true(fe_journal_mem_import(k, &out, key_b));
+    assert_false(fe_journal_mem_import(k, &out, key_b)); /* the id is held already */
+    fe_jsnap got;
+    assert_int_equal(fe_journal_claim(k, out.stream_id, key_a, 0, &got, &h, &shard), FE_CLAIM_NOT_FOUND);
+    assert_int_equal(fe_journal_claim(k, out.stream_id, key_b, 0, &got, &h, &shard), FE_CLAIM_OK);
+    assert_string_equal(got.stream_id, out.stream_id);
+    assert_string_equal(got.body, out.body);
+    assert_int_equal(got.nids, 3);
+    assert_memory_equal(got.ids, out.ids, 3 * sizeof(uint32_t));
+    assert_int_equal(got.text_len, 5);
+    assert_memory_equal(got.text, "abcde", 5);
+    assert_int_equal(got.nev, 2);
+    assert_int_equal(got.ev[0].end_tok, 2);
+    assert_int_equal(got.ev[1].end_text, 5);
+    assert_int_equal(got.worker_id, 0x1234);
+    assert_int_equal(got.tail.kind, FE_JTAIL_NONE);
+    fe_journal_close(k, h, &got.tail);
+    fe_jsnap_free(&got);
+    fe_jsnap_free(&out);
+    fe_journal_destroy(k);
+    fe_journal_destroy(j);
+}
+
 static void test_parse_id(void **state) {
     (void)state;
     const char *sid = "0123456789abcdef0123456789abcdef";
@@ -226,7 +271,7 @@ static void test_parse_id(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_roundtrip), cmocka_unit_test(test_expiry), cmocka_unit_test(test_size_cap),
-        cmocka_unit_test(test_off_and_ids), cmocka_unit_test(test_parse_id),
+        cmocka_unit_test(test_off_and_ids), cmocka_unit_test(test_parse_id), cmocka_unit_test(test_worker_and_import),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -49,6 +49,9 @@ static void test_first_attempt_roundtrip(void **state) {
     assert_true(m.rq.seed == 0);
     assert_null(strstr(p, "seed"));
     assert_int_equal(m.rq.priority, 0);
+    assert_null(m.rq.stream_key);
+    assert_false(m.rq.adopt);
+    assert_null(strstr(p, "stream_key"));
     bt_request_msg_free(&m);
     bt_request_msg_free(&m); /* a freed message frees again as nothing */
     free(p);
@@ -70,7 +73,9 @@ static void test_continuation_roundtrip(void **state) {
                      .carried_text = text,
                      .carried_text_len = sizeof text - 1,
                      .seed = 0x7fffffffffffffffull,
-                     .priority = -BT_PRIORITY_LIMIT};
+                     .priority = -BT_PRIORITY_LIMIT,
+                     .stream_key = "0123456789abcdef0123456789abcdef",
+                     .adopt = true};
     size_t len = 0;
     char *p = bt_request_encode(&rq, &len);
     assert_non_null(p);
@@ -85,6 +90,8 @@ static void test_continuation_roundtrip(void **state) {
     assert_memory_equal(m.rq.carried_text, text, sizeof text - 1);
     assert_true(m.rq.seed == 0x7fffffffffffffffull);
     assert_int_equal(m.rq.priority, -BT_PRIORITY_LIMIT);
+    assert_string_equal(m.rq.stream_key, "0123456789abcdef0123456789abcdef");
+    assert_true(m.rq.adopt);
     /* encoding the decoded request gives the same payload */
     size_t len2 = 0;
     char *p2 = bt_request_encode(&m.rq, &len2);
@@ -132,6 +139,12 @@ static void test_malformed(void **state) {
     expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"priority\":\"1\"}", "priority");
     expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"priority\":1000001}", "priority");
     expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"priority\":-1000001}", "priority");
+    expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"stream_key\":\"0123\"}", "stream_key");
+    expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"stream_key\":"
+                   "\"0123456789ABCDEF0123456789abcdef\"}", "stream_key");
+    expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"adopt\":true}", "adopt needs");
+    expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"stream_key\":"
+                   "\"0123456789abcdef0123456789abcdef\",\"adopt\":1}", "adopt must");
     expect_invalid("{\"request_id\":\"a\",\"request_id\":\"b\",\"api\":\"chat\",\"body\":{}}", "malformed");
     char big[BT_REQUEST_ID_MAX + 64];
     memset(big, 'r', sizeof big);

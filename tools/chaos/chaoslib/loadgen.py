@@ -159,15 +159,16 @@ def _tokens_in(obj):
     return len(ids), bool(ids or piece)
 
 
-def send(url, shape, t0, timeout, kind="load", seq=0, on_tokens=None, abort_after=None, resume=0, cut_at=None):
+def send(url, shape, t0, timeout, kind="load", seq=0, on_tokens=None, abort_after=None, resume=0, cut_at=None,
+         resume_urls=None):
     """Sends one request and returns its Record (times relative to t0). Never raises for what the
     server or the network does. on_tokens(n) is called as tokens arrive; abort_after=k drops the
     connection after k events. resume=n: a stream cut without [DONE] is resumed with Last-Event-ID
     up to n times; cut_at=k: the client cuts its first connection after k events itself (and
-    resumes)."""
+    resumes); resume_urls: the frontends resumes go to, in turn (default: url)."""
     rec = Record(kind, seq, shape, url)
     if shape.stream:
-        _send_stream(rec, url, shape, t0, timeout, on_tokens, abort_after, resume, cut_at)
+        _send_stream(rec, url, shape, t0, timeout, on_tokens, abort_after, resume, cut_at, resume_urls)
     else:
         _send_unary(rec, url, shape, t0, timeout, on_tokens)
     return rec
@@ -181,7 +182,7 @@ def _resumable(st):
     return st.aborted or st.closed_early or st.status is None
 
 
-def _send_stream(rec, url, shape, t0, timeout, on_tokens, abort_after, resume=0, cut_at=None):
+def _send_stream(rec, url, shape, t0, timeout, on_tokens, abort_after, resume=0, cut_at=None, resume_urls=None):
     bl = batonlib()
 
     def on_event(st, obj):
@@ -197,7 +198,8 @@ def _send_stream(rec, url, shape, t0, timeout, on_tokens, abort_after, resume=0,
         first = not pieces
         hdrs = {"Last-Event-ID": last_id} if last_id else None
         k = abort_after if first and cut_at is None else cut_at if first else None
-        st = bl.stream_sse(url, shape.path, shape.body, timeout=max(0.1, end - time.monotonic()), abort_after=k,
+        u = resume_urls[(len(pieces) - 1) % len(resume_urls)] if resume_urls and pieces else url
+        st = bl.stream_sse(u, shape.path, shape.body, timeout=max(0.1, end - time.monotonic()), abort_after=k,
                            on_event=on_event, headers=hdrs)
         pieces.append(st)
         last_id = st.last_event_id or last_id
@@ -360,8 +362,13 @@ class Load:
                 if rng.random() < self.cfg["client_cuts"]:
                     cut_at = rng.randint(*self.cfg["client_cut_events"])
             resume = self.cfg["resume_attempts"] if self.cfg.get("resume") else 0
+            # resumes go to the other frontends first, as a balancer whose first choice died would send them
+            others = None
+            if self.cfg.get("resume_elsewhere") and len(self.urls) > 1:
+                k = self.urls.index(url)
+                others = self.urls[k + 1:] + self.urls[:k + 1]
             rec = send(url, shape, self.t0, self.cfg["request_timeout"], "load", i, on_tokens=self.add_tokens,
-                       resume=resume, cut_at=cut_at)
+                       resume=resume, cut_at=cut_at, resume_urls=others)
             with self._lock:
                 if self.open.pop(i, None) is None:
                     return  # join() gave up on this request and recorded it as hung

@@ -46,6 +46,8 @@ LOAD_DEFAULTS = {
     "resume_attempts": 5,
     "client_cuts": 0.0,       # fraction of streaming requests whose client cuts its own connection
     "client_cut_events": [1, 40],  # ... after this many events (inclusive range); needs resume
+    "resume_elsewhere": False,  # a resume goes to the next frontend (as through a load balancer
+                                # whose first choice died); needs resume
 }
 
 TOPOLOGY_DEFAULTS = {
@@ -60,6 +62,7 @@ TOPOLOGY_DEFAULTS = {
     "discovery": "file",      # file | etcd
     "etcd_members": 3,
     "event_plane": "direct",  # direct | nats
+    "jetstream": False,       # nats-server runs with JetStream (-js): frontends share their stream journal
     "netns_workers": [],      # worker indexes placed in their own network namespace
     "model": "mock-model",
     "worker_flags": {},
@@ -261,6 +264,8 @@ def build(raw, path=None, name=None):
         raise ScenarioError("load.client_cuts: a fraction from 0 to 1")
     if load["client_cuts"] and not load["resume"]:
         raise ScenarioError("load.client_cuts needs load.resume = true (a cut stream is resumed)")
+    if load["resume_elsewhere"] and not load["resume"]:
+        raise ScenarioError("load.resume_elsewhere needs load.resume = true")
     if load["resume_attempts"] < 1:
         raise ScenarioError("load.resume_attempts must be >= 1")
     if load["api"] not in ("chat", "completions", "mixed"):

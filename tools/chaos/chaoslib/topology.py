@@ -300,7 +300,10 @@ class Topology:
         self.wait_port("127.0.0.1", m.port, m, timeout)
 
     def _spawn_nats(self, m):
-        self._spawn(m, [shutil.which("nats-server"), "-a", "127.0.0.1", "-p", str(m.port), "-m", str(m.monitor_port)])
+        args = [shutil.which("nats-server"), "-a", "127.0.0.1", "-p", str(m.port), "-m", str(m.monitor_port)]
+        if self.cfg.get("jetstream"):  # the frontends' shared stream journal
+            args += ["-js", "-sd", os.path.join(self.logs, "jetstream")]
+        self._spawn(m, args)
 
     def wait_port(self, host, port, m, timeout):
         end = time.monotonic() + timeout

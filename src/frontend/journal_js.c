@@ -1,0 +1,676 @@
+/* journal_js.c — the stream journal shared by frontends through NATS JetStream.
+ *
+ * A frontend whose event plane is NATS journals its streams in the JetStream stream
+ * BATON_JOURNAL_<namespace> (subjects baton.journal.<namespace>.<stream id>), so that a client whose
+ * frontend died can resume on any other frontend of the namespace (docs/fault-tolerance.md,
+ * "Frontend failover"). The in-process store (journal.c) stays the working copy: every call on
+ * the request path is answered by it at once, and each change is also queued here — a copy under
+ * a mutex, nothing else on the token path. A thread of this module drains the queue whenever it
+ * wakes (every BATCH_MS), folds everything queued for one stream into one message, and publishes
+ * it on the stream's subject (a core NATS publish, which the JetStream stream stores; no PubAck
+ * is waited for): writes are batched and off the loops. The journal on NATS
+ * therefore lags the client by at most a batch; a resume from further on is still exact, because
+ * the continuation regenerates the missing tokens (or the worker's orphan replays them) and the
+ * frontend skips what the client has (resume.c).
+ *
+ * A resume of a stream the working copy does not hold is answered FE_CLAIM_PENDING while the
+ * thread reads the stream's messages (direct gets by subject, stream AllowDirect) and rebuilds
+ * the record; it is then imported into the working copy (fe_journal_mem_import) and the retried
+ * claim proceeds as for a local record. A record not on NATS answers NOT_FOUND.
+ *
+ * Bounds: nats-server 2.9 has no per-message TTL, so the JetStream stream has MaxAge (the
+ * retention plus MAX_STREAM_S, the longest a stream may run) and MaxBytes (the journal's byte cap),
+ * discarding the oldest; a stream's messages are purged by subject once its retention after its
+ * end has passed. The queue to the thread is capped at QUEUE_MAX bytes; past it, changes are
+ * dropped and counted, and the streams they belong to are no longer resumable elsewhere.
+ *
+ * Message: a JSON array of operations, in order: {"o":"open", the request's description},
+ * {"o":"ev","i":base64 of the ids (u32 little-endian),"t":base64 of the text},
+ * {"o":"worker","id":N}, {"o":"close", the tail}. */
+#include <inttypes.h>
+#include <openssl/evp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <jansson.h>
+#include <nats/nats.h>
+#include <uv.h>
+
+#include "common/log.h"
+#include "common/util.h"
+#include "frontend/journal.h"
+
+#define BATCH_MS 20                      /* the thread's longest sleep while changes are queued */
+#define QUEUE_MAX (64u * 1024 * 1024)    /* bytes of changes waiting for the thread */
+#define MAX_STREAM_S 3600                /* MaxAge beyond the retention: the longest a stream runs */
+#define FETCH_WAIT_MS 700                /* per JetStream request of a fetch (claims retry for 1 s) */
+#define MAX_FETCHES 256                  /* resumes of remote streams being fetched at once */
+
+typedef enum { OP_OPEN, OP_EV, OP_WORKER, OP_CLOSE } op_kind;
+
+typedef struct op {
+    struct op *next;
+    op_kind kind;
+    char sid[FE_STREAM_ID_LEN + 1];
+    json_t *j; /* OPEN, WORKER, CLOSE: the operation as JSON */
+    size_t bytes;
+    /* EV: copied as they are on the token path; the thread turns them into JSON */
+    size_t n, len;
+    uint32_t *ids; /* points into data */
+    char *text;    /* points into data */
+    uint32_t data[];
+} op;
+
+typedef enum { F_WAIT, F_FOUND, F_NONE } fetch_state;
+
+typedef struct fetch {
+    struct fetch *next;
+    char sid[FE_STREAM_ID_LEN + 1];
+    fetch_state state;
+    fe_jsnap snap; /* F_FOUND */
+    uint8_t mac[FE_KEY_MAC_LEN];
+} fetch;
+
+typedef struct purge {
+    struct purge *next;
+    char sid[FE_STREAM_ID_LEN + 1];
+    uint64_t due_ms;
+} purge;
+
+typedef enum { JS_CONNECTING, JS_READY, JS_OFF } js_state;
+
+typedef struct {
+    fe_journal pub;
+    fe_journal *mem;
+    char *url;
+    char ns[64];
+    char stream[96];
+    char prefix[96];
+    uv_thread_t thread;
+    uv_mutex_t mu;
+    uv_cond_t cv;
+    /* under mu */
+    op *head, *tail;
+    size_t qbytes;
+    fetch *fetches;
+    size_t nfetches;
+    purge *purges;
+    bool stop;
+    js_state state;
+    uint64_t dropped, published, pub_errors;
+} js_journal;
+
+/* ---- the loops' side ------------------------------------------------------------------------ */
+
+/* Queues o (built by the caller; NULL: out of memory, the change is lost like a full queue's). */
+static void enqueue_op(js_journal *js, op *o) {
+    size_t bytes = o ? o->bytes : 0;
+    uv_mutex_lock(&js->mu);
+    if (!o || js->state == JS_OFF || js->qbytes + bytes > QUEUE_MAX) {
+        if (js->state != JS_OFF) js->dropped++;
+        uv_mutex_unlock(&js->mu);
+        if (o) json_decref(o->j);
+        free(o);
+        return;
+    }
+    if (js->tail) js->tail->next = o;
+    else js->head = o;
+    js->tail = o;
+    js->qbytes += bytes;
+    uv_mutex_unlock(&js->mu);
+    /* no signal: the thread wakes every BATCH_MS while it has work, which is what batches */
+}
+
+static void enqueue(js_journal *js, op_kind kind, const char *sid, json_t *j) {
+    if (!j) return;
+    op *o = calloc(1, sizeof *o);
+    if (o) {
+        char *dump = json_dumps(j, JSON_COMPACT);
+        o->kind = kind;
+        memcpy(o->sid, sid, sizeof o->sid);
+        o->j = j;
+        o->bytes = sizeof *o + (dump ? strlen(dump) : 0);
+        free(dump);
+    } else json_decref(j);
+    enqueue_op(js, o);
+}
+
+static void hex(const uint8_t *b, size_t n, char *out) {
+    static const char h[] = "0123456789abcdef";
+    for (size_t i = 0; i < n; i++) {
+        out[2 * i] = h[b[i] >> 4];
+        out[2 * i + 1] = h[b[i] & 15];
+    }
+    out[2 * n] = '\0';
+}
+
+static bool unhex(const char *s, uint8_t *b, size_t n) {
+    if (!s || strlen(s) != 2 * n) return false;
+    for (size_t i = 0; i < 2 * n; i++) {
+        char c = s[i];
+        int v = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+        if (v < 0) return false;
+        if (i % 2 == 0) b[i / 2] = (uint8_t)(v << 4);
+        else b[i / 2] |= (uint8_t)v;
+    }
+    return true;
+}
+
+static fe_jrec *js_open(fe_journal *j, fe_jsnap *meta, const uint8_t key_mac[FE_KEY_MAC_LEN], int shard) {
+    js_journal *js = (js_journal *)j;
+    fe_jrec *r = fe_journal_open(js->mem, meta, key_mac, shard);
+    if (!r) return NULL;
+    char mac[2 * FE_KEY_MAC_LEN + 1], seed[24];
+    hex(key_mac, FE_KEY_MAC_LEN, mac);
+    snprintf(seed, sizeof seed, "%" PRIu64, meta->seed); /* a string: JSON numbers lose 64-bit precision */
+    json_t *o = json_pack("{s:s, s:s, s:s, s:s, s:s%, s:s, s:I, s:I, s:b, s:b, s:s}", "o", "open", "rid", meta->rid,
+                          "model", meta->model, "api", meta->api == BT_API_CHAT ? "chat" : "completion", "body",
+                          meta->body, meta->body_len, "digest", meta->body_digest, "created", (json_int_t)meta->created,
+                          "max_tokens", (json_int_t)meta->max_tokens, "usage", meta->include_usage, "ids",
+                          meta->return_ids, "mac", mac);
+    if (o) json_object_set_new(o, "seed", json_string(seed));
+    enqueue(js, OP_OPEN, meta->stream_id, o);
+    return r;
+}
+
+static bool js_append(fe_journal *j, fe_jrec *rec, const uint32_t *ids, size_t n, const char *text, size_t len) {
+    js_journal *js = (js_journal *)j;
+    const char *sid = fe_jrec_stream_id(rec);
+    char sidc[FE_STREAM_ID_LEN + 1];
+    memcpy(sidc, sid, sizeof sidc); /* before the append: a dropped record loses its data */
+    if (!fe_journal_append(js->mem, rec, ids, n, text, len)) return false;
+    /* one allocation and two copies: the token path pays nothing more */
+    op *o = malloc(sizeof *o + n * sizeof *ids + len);
+    if (o) {
+        memset(o, 0, sizeof *o);
+        o->kind = OP_EV;
+        memcpy(o->sid, sidc, sizeof o->sid);
+        o->n = n;
+        o->len = len;
+        o->ids = o->data;
+        o->text = (char *)(o->data + n);
+        if (n) memcpy(o->ids, ids, n * sizeof *ids);
+        if (len) memcpy(o->text, text, len);
+        o->bytes = sizeof *o + n * sizeof *ids + len;
+    }
+    enqueue_op(js, o);
+    return true;
+}
+
+static void tail_json(json_t *o, const fe_jtail *t) {
+    json_object_set_new(o, "kind", json_integer(t->kind));
+    json_object_set_new(o, "finish", json_string(t->finish));
+    json_object_set_new(o, "pt", json_integer(t->prompt_tokens));
+    json_object_set_new(o, "ct", json_integer(t->completion_tokens));
+    json_object_set_new(o, "status", json_integer(t->status));
+    json_object_set_new(o, "code", json_string(t->code));
+    json_object_set_new(o, "msg", json_string(t->message));
+}
+
+static void js_close(fe_journal *j, fe_jrec *rec, const fe_jtail *tail) {
+    js_journal *js = (js_journal *)j;
+    char sid[FE_STREAM_ID_LEN + 1];
+    memcpy(sid, fe_jrec_stream_id(rec), sizeof sid);
+    fe_journal_close(js->mem, rec, tail);
+    json_t *o = json_pack("{s:s}", "o", "close");
+    if (o) tail_json(o, tail);
+    enqueue(js, OP_CLOSE, sid, o);
+}
+
+static void js_note_worker(fe_journal *j, fe_jrec *rec, uint64_t worker_id) {
+    js_journal *js = (js_journal *)j;
+    fe_journal_note_worker(js->mem, rec, worker_id);
+    enqueue(js, OP_WORKER, fe_jrec_stream_id(rec), json_pack("{s:s, s:I}", "o", "worker", "id", (json_int_t)worker_id));
+}
+
+static fe_claim_result js_claim(fe_journal *j, const char *sid, const uint8_t key_mac[FE_KEY_MAC_LEN], int shard,
+                                fe_jsnap *out, fe_jrec **rec, int *cur_shard) {
+    js_journal *js = (js_journal *)j;
+    fe_claim_result res = fe_journal_claim(js->mem, sid, key_mac, shard, out, rec, cur_shard);
+    if (res != FE_CLAIM_NOT_FOUND || strlen(sid) != FE_STREAM_ID_LEN) return res;
+    uv_mutex_lock(&js->mu);
+    if (js->state != JS_READY) {
+        uv_mutex_unlock(&js->mu);
+        return res;
+    }
+    fetch **pp = &js->fetches, *f;
+    while ((f = *pp) && strcmp(f->sid, sid) != 0) pp = &f->next;
+    if (!f) { /* the first ask: the thread fetches it */
+        res = FE_CLAIM_NOT_FOUND;
+        if (js->nfetches < MAX_FETCHES && (f = calloc(1, sizeof *f))) {
+            memcpy(f->sid, sid, sizeof f->sid);
+            f->next = js->fetches;
+            js->fetches = f;
+            js->nfetches++;
+            uv_cond_signal(&js->cv);
+            res = FE_CLAIM_PENDING;
+        }
+        uv_mutex_unlock(&js->mu);
+        return res;
+    }
+    if (f->state == F_WAIT) {
+        uv_mutex_unlock(&js->mu);
+        return FE_CLAIM_PENDING;
+    }
+    *pp = f->next;
+    js->nfetches--;
+    uv_mutex_unlock(&js->mu);
+    if (f->state == F_FOUND) {
+        if (!fe_journal_mem_import(js->mem, &f->snap, f->mac))
+            BT_WARN("stream journal: stream %s fetched from JetStream but not kept (journal full?)", sid);
+        else BT_INFO("stream journal: stream %s fetched from JetStream (%zu tokens, %s)", sid, f->snap.nids,
+                     f->snap.tail.kind == FE_JTAIL_NONE ? "unfinished" : "finished");
+        res = fe_journal_claim(js->mem, sid, key_mac, shard, out, rec, cur_shard);
+    }
+    fe_jsnap_free(&f->snap);
+    free(f);
+    return res;
+}
+
+static void js_stats(fe_journal *j, fe_journal_stats *out) { fe_journal_stats_get(((js_journal *)j)->mem, out); }
+
+/* ---- the thread ----------------------------------------------------------------------------- */
+
+static void subject(const js_journal *js, const char *sid, char *out, size_t n) {
+    snprintf(out, n, "%s.%s", js->prefix, sid);
+}
+
+/* Appends s[0..n) in base64 to b. */
+static void put_b64(bt_buf *b, const void *s, size_t n) {
+    size_t need = 4 * ((n + 2) / 3) + 1;
+    if (bt_buf_reserve(b, need) != BT_OK) return;
+    int w = EVP_EncodeBlock((unsigned char *)b->data + b->len, (const unsigned char *)s, (int)n);
+    b->len += (size_t)w;
+}
+
+/* Publishes every queued change: one message per stream. Called with mu not held. An event is
+ * written by hand ({"o":"ev","i":base64 of its ids as u32 little-endian,"t":base64 of its text}):
+ * building it through jansson cost more than everything else the journal does per token. */
+static void publish_batch(js_journal *js, natsConnection *nc, op *list) {
+    bt_buf b;
+    bt_buf_init(&b, 64u * 1024 * 1024);
+    while (list) {
+        char sid[FE_STREAM_ID_LEN + 1];
+        memcpy(sid, list->sid, sizeof sid);
+        op **pp = &list;
+        uint64_t now = bt_now_ms();
+        bt_buf_reset(&b);
+        bt_buf_append(&b, "[", 1);
+        bool first = true;
+        while (*pp) {
+            op *o = *pp;
+            if (strcmp(o->sid, sid) != 0) {
+                pp = &o->next;
+                continue;
+            }
+            *pp = o->next;
+            if (o->kind == OP_CLOSE && json_integer_value(json_object_get(o->j, "kind")) != FE_JTAIL_NONE) {
+                purge *p = calloc(1, sizeof *p); /* the stream's messages go once its retention has passed */
+                if (p) {
+                    memcpy(p->sid, sid, sizeof p->sid);
+                    p->due_ms = now + (uint64_t)(js->pub.retention_s * 1000.0) + 1000;
+                    uv_mutex_lock(&js->mu);
+                    p->next = js->purges;
+                    js->purges = p;
+                    uv_mutex_unlock(&js->mu);
+                }
+            }
+            if (!first) bt_buf_append(&b, ",", 1);
+            first = false;
+            if (o->kind == OP_EV) {
+                bt_buf_append_str(&b, "{\"o\":\"ev\",\"i\":\"");
+                put_b64(&b, o->ids, o->n * sizeof *o->ids); /* the host is little-endian (x86-64, arm64) */
+                bt_buf_append_str(&b, "\",\"t\":\"");
+                put_b64(&b, o->text, o->len);
+                bt_buf_append_str(&b, "\"}");
+            } else {
+                char *d = json_dumps(o->j, JSON_COMPACT);
+                if (d) bt_buf_append_str(&b, d);
+                free(d);
+                json_decref(o->j);
+            }
+            free(o);
+        }
+        bt_buf_append(&b, "]", 1);
+        char subj[160];
+        subject(js, sid, subj, sizeof subj);
+        /* a plain publish: the stream stores it all the same, and no PubAck comes back to parse (the
+         * journal does nothing with one: what a dead frontend did not get stored is regenerated) */
+        natsStatus st =
+            bt_buf_status(&b) == BT_OK ? natsConnection_Publish(nc, subj, b.data, (int)b.len) : NATS_NO_MEMORY;
+        uv_mutex_lock(&js->mu);
+        if (st == NATS_OK) js->published++;
+        else js->pub_errors++;
+        uv_mutex_unlock(&js->mu);
+        if (st != NATS_OK) BT_WARN("stream journal: cannot publish to %s: %s", subj, natsStatus_GetText(st));
+    }
+    bt_buf_free(&b);
+}
+
+/* Decodes base64 s into out (room for 3/4 of strlen(s)); the decoded length, or -1. */
+static int from_b64(const char *s, size_t sl, unsigned char *out) {
+    if (sl == 0) return 0;
+    int n = EVP_DecodeBlock(out, (const unsigned char *)s, (int)sl);
+    if (n < 0) return -1;
+    if (s[sl - 1] == '=') n--; /* EVP_DecodeBlock counts the padding as bytes */
+    if (sl >= 2 && s[sl - 2] == '=') n--;
+    return n;
+}
+
+static const char *sv(json_t *o, const char *k) {
+    const char *v = json_string_value(json_object_get(o, k));
+    return v ? v : "";
+}
+
+static void apply_tail(fe_jtail *t, json_t *o) {
+    memset(t, 0, sizeof *t);
+    t->kind = (fe_jtail_kind)json_integer_value(json_object_get(o, "kind"));
+    snprintf(t->finish, sizeof t->finish, "%s", sv(o, "finish"));
+    t->prompt_tokens = (uint32_t)json_integer_value(json_object_get(o, "pt"));
+    t->completion_tokens = (uint32_t)json_integer_value(json_object_get(o, "ct"));
+    t->status = (int)json_integer_value(json_object_get(o, "status"));
+    snprintf(t->code, sizeof t->code, "%s", sv(o, "code"));
+    snprintf(t->message, sizeof t->message, "%s", sv(o, "msg"));
+}
+
+static bool grow(void **p, size_t *cap, size_t need, size_t elem) {
+    if (need <= *cap) return true;
+    size_t c = *cap ? *cap * 2 : 64;
+    while (c < need) c *= 2;
+    void *q = realloc(*p, c * elem);
+    if (!q) return false;
+    *p = q;
+    *cap = c;
+    return true;
+}
+
+/* Applies one message's operations to the record being rebuilt; false if it is malformed. */
+static bool apply_msg(fe_jsnap *s, uint8_t mac[FE_KEY_MAC_LEN], bool *opened, size_t caps[3], const char *data,
+                      int len) {
+    json_t *arr = json_loadb(data, (size_t)len, 0, NULL);
+    bool ok = json_is_array(arr);
+    size_t i;
+    json_t *o;
+    json_array_foreach(arr, i, o) {
+        if (!ok) break;
+        const char *k = json_string_value(json_object_get(o, "o"));
+        if (!k) ok = false;
+        else if (strcmp(k, "open") == 0) {
+            const char *body = json_string_value(json_object_get(o, "body"));
+            ok = body && unhex(json_string_value(json_object_get(o, "mac")), mac, FE_KEY_MAC_LEN);
+            if (!ok) break;
+            free(s->body);
+            s->body_len = json_string_length(json_object_get(o, "body"));
+            s->body = malloc(s->body_len + 1);
+            if (!(ok = s->body != NULL)) break;
+            memcpy(s->body, body, s->body_len + 1);
+            snprintf(s->rid, sizeof s->rid, "%s", sv(o, "rid"));
+            snprintf(s->model, sizeof s->model, "%s", sv(o, "model"));
+            const char *api = json_string_value(json_object_get(o, "api"));
+            s->api = api && strcmp(api, "chat") == 0 ? BT_API_CHAT : BT_API_COMPLETION;
+            snprintf(s->body_digest, sizeof s->body_digest, "%s", sv(o, "digest"));
+            s->created = json_integer_value(json_object_get(o, "created"));
+            s->max_tokens = json_integer_value(json_object_get(o, "max_tokens"));
+            s->include_usage = json_is_true(json_object_get(o, "usage"));
+            s->return_ids = json_is_true(json_object_get(o, "ids"));
+            const char *seed = json_string_value(json_object_get(o, "seed"));
+            s->seed = seed ? strtoull(seed, NULL, 10) : 0;
+            *opened = true;
+        } else if (strcmp(k, "ev") == 0) {
+            const char *i64 = json_string_value(json_object_get(o, "i"));
+            const char *t64 = json_string_value(json_object_get(o, "t"));
+            size_t il = i64 ? strlen(i64) : 0, tl = t64 ? strlen(t64) : 0;
+            if (!i64 || !t64 || !grow((void **)&s->ids, &caps[0], s->nids + il / 4 * 3 / 4 + 4, sizeof *s->ids) ||
+                !grow((void **)&s->text, &caps[1], s->text_len + tl / 4 * 3 + 4, 1) ||
+                !grow((void **)&s->ev, &caps[2], s->nev + 1, sizeof *s->ev)) {
+                ok = false;
+                break;
+            }
+            int ib = from_b64(i64, il, (unsigned char *)(s->ids + s->nids));
+            int tb = from_b64(t64, tl, (unsigned char *)s->text + s->text_len);
+            if (ib < 0 || tb < 0 || ib % 4 != 0) {
+                ok = false;
+                break;
+            }
+            s->nids += (size_t)ib / 4;
+            s->text_len += (size_t)tb;
+            s->ev[s->nev].end_tok = (uint32_t)s->nids;
+            s->ev[s->nev].end_text = (uint32_t)s->text_len;
+            s->nev++;
+            s->tail.kind = FE_JTAIL_NONE; /* a resumed stream went on after an unfinished close */
+        } else if (strcmp(k, "worker") == 0) {
+            s->worker_id = (uint64_t)json_integer_value(json_object_get(o, "id"));
+        } else if (strcmp(k, "close") == 0) {
+            apply_tail(&s->tail, o);
+        }
+    }
+    json_decref(arr);
+    return ok;
+}
+
+/* Reads every message of stream `sid` (blocking: this thread only) into f. */
+static void fetch_one(js_journal *js, jsCtx *ctx, fetch *f) {
+    char subj[160];
+    subject(js, f->sid, subj, sizeof subj);
+    fe_jsnap s;
+    memset(&s, 0, sizeof s);
+    memcpy(s.stream_id, f->sid, sizeof s.stream_id);
+    uint8_t mac[FE_KEY_MAC_LEN] = {0};
+    bool opened = false, ok = true;
+    size_t caps[3] = {0, 0, 0};
+    uint64_t seq = 1;
+    jsOptions jo;
+    jsOptions_Init(&jo);
+    jo.Wait = FETCH_WAIT_MS;
+    for (;;) {
+        jsDirectGetMsgOptions dg;
+        jsDirectGetMsgOptions_Init(&dg);
+        dg.Sequence = seq;
+        dg.NextBySubject = subj;
+        natsMsg *m = NULL;
+        natsStatus st = js_DirectGetMsg(&m, ctx, js->stream, &jo, &dg);
+        if (st == NATS_NOT_FOUND) break; /* no more */
+        if (st != NATS_OK) {
+            BT_WARN("stream journal: reading stream %s from JetStream failed: %s", f->sid, natsStatus_GetText(st));
+            ok = false;
+            break;
+        }
+        const char *sq = NULL;
+        if (natsMsgHeader_Get(m, "Nats-Sequence", &sq) != NATS_OK || !sq) ok = false;
+        else seq = strtoull(sq, NULL, 10) + 1;
+        if (ok) ok = apply_msg(&s, mac, &opened, caps, natsMsg_GetData(m), natsMsg_GetDataLength(m));
+        natsMsg_Destroy(m);
+        if (!ok) break;
+    }
+    if (ok && opened && !s.text) s.text = calloc(1, 1);
+    uv_mutex_lock(&js->mu);
+    if (ok && opened && s.text) {
+        f->snap = s;
+        memcpy(f->mac, mac, sizeof mac);
+        f->state = F_FOUND;
+    } else {
+        f->state = F_NONE;
+        fe_jsnap_free(&s);
+    }
+    uv_mutex_unlock(&js->mu);
+}
+
+static void do_purges(js_journal *js, jsCtx *ctx, bool all) {
+    uint64_t now = bt_now_ms();
+    uv_mutex_lock(&js->mu);
+    purge **pp = &js->purges, *due = NULL;
+    while (*pp) {
+        purge *p = *pp;
+        if (all || p->due_ms <= now) {
+            *pp = p->next;
+            p->next = due;
+            due = p;
+        } else pp = &p->next;
+    }
+    uv_mutex_unlock(&js->mu);
+    while (due) {
+        purge *p = due;
+        due = p->next;
+        if (!all) {
+            char subj[160];
+            subject(js, p->sid, subj, sizeof subj);
+            jsOptions jo;
+            jsOptions_Init(&jo);
+            jo.Stream.Purge.Subject = subj;
+            jsErrCode je = 0;
+            natsStatus st = js_PurgeStream(ctx, js->stream, &jo, &je);
+            if (st != NATS_OK) BT_DEBUG("stream journal: purge of %s failed: %s", subj, natsStatus_GetText(st));
+        }
+        free(p);
+    }
+}
+
+static void thread_main(void *arg) {
+    js_journal *js = arg;
+    natsOptions *no = NULL;
+    natsConnection *nc = NULL;
+    jsCtx *ctx = NULL;
+    jsStreamInfo *si = NULL;
+    jsErrCode je = 0;
+    natsStatus st = natsOptions_Create(&no);
+    if (st == NATS_OK) st = natsOptions_SetServers(no, NULL, 0);
+    if (st == NATS_OK) st = natsOptions_SetURL(no, js->url);
+    if (st == NATS_OK) st = natsOptions_SetMaxReconnect(no, -1);
+    if (st == NATS_OK) st = natsOptions_SetTimeout(no, 2000);
+    if (st == NATS_OK) st = natsConnection_Connect(&nc, no);
+    if (st == NATS_OK) st = natsConnection_JetStream(&ctx, nc, NULL);
+    if (st == NATS_OK) {
+        jsStreamConfig cfg;
+        jsStreamConfig_Init(&cfg);
+        char subj[128];
+        snprintf(subj, sizeof subj, "%s.>", js->prefix);
+        const char *subjects[] = {subj};
+        cfg.Name = js->stream;
+        cfg.Subjects = subjects;
+        cfg.SubjectsLen = 1;
+        cfg.Storage = js_FileStorage;
+        cfg.Discard = js_DiscardOld;
+        cfg.MaxAge = (int64_t)((js->pub.retention_s + MAX_STREAM_S) * 1e9);
+        cfg.MaxBytes = (int64_t)js->pub.max_bytes;
+        cfg.AllowDirect = true;
+        st = js_AddStream(&si, ctx, &cfg, NULL, &je);
+        if (st != NATS_OK && je == JSStreamNameExistErr) {
+            st = js_UpdateStream(&si, ctx, &cfg, NULL, &je);
+        }
+    }
+    uv_mutex_lock(&js->mu);
+    js->state = st == NATS_OK ? JS_READY : JS_OFF;
+    uv_mutex_unlock(&js->mu);
+    atomic_store(&js->pub.shared, st == NATS_OK);
+    if (st != NATS_OK) {
+        if (je == JSNotEnabledErr || je == JSNotEnabledForAccountErr || st == NATS_NO_RESPONDERS ||
+            st == NATS_TIMEOUT)
+            BT_WARN("resumable streams: the NATS server at %s has no JetStream (start it with -js): keeping the "
+                    "in-process journal; streams resume only on the frontend that served them",
+                    js->url);
+        else
+            BT_WARN("resumable streams: cannot use JetStream at %s (%s, error %d): keeping the in-process journal; "
+                    "streams resume only on the frontend that served them",
+                    js->url, natsStatus_GetText(st), (int)je);
+    } else {
+        BT_INFO("resumable streams: journal shared through NATS JetStream at %s (stream %s, subjects %s.*, MaxAge "
+                "%gs, MaxBytes %" PRIu64 "); a stream resumes on any frontend of namespace %s",
+                js->url, js->stream, js->prefix, js->pub.retention_s + MAX_STREAM_S, js->pub.max_bytes, js->ns);
+    }
+    jsStreamInfo_Destroy(si);
+    uv_mutex_lock(&js->mu);
+    while (st == NATS_OK) {
+        if (!js->stop) { /* a batch is what BATCH_MS gathers; a resume's fetch cuts the wait short */
+            bool waiting = false;
+            for (fetch *f = js->fetches; f; f = f->next) waiting |= f->state == F_WAIT;
+            if (!waiting) uv_cond_timedwait(&js->cv, &js->mu, (uint64_t)BATCH_MS * 1000000u);
+        }
+        op *list = js->head;
+        js->head = js->tail = NULL;
+        js->qbytes = 0;
+        bool stop = js->stop;
+        fetch *todo[MAX_FETCHES];
+        size_t nt = 0;
+        for (fetch *f = js->fetches; f && nt < MAX_FETCHES; f = f->next)
+            if (f->state == F_WAIT) todo[nt++] = f;
+        uv_mutex_unlock(&js->mu);
+        publish_batch(js, nc, list);
+        for (size_t i = 0; i < nt; i++) fetch_one(js, ctx, todo[i]); /* f stays listed: only claims unlink it */
+        do_purges(js, ctx, false);
+        if (stop) {
+            natsConnection_FlushTimeout(nc, 2000); /* what was published reaches the server */
+            uv_mutex_lock(&js->mu);
+            break;
+        }
+        uv_mutex_lock(&js->mu);
+    }
+    uv_mutex_unlock(&js->mu);
+    do_purges(js, ctx, true);
+    jsCtx_Destroy(ctx);
+    natsConnection_Destroy(nc);
+    natsOptions_Destroy(no);
+}
+
+static void js_destroy(fe_journal *j) {
+    js_journal *js = (js_journal *)j;
+    uv_mutex_lock(&js->mu);
+    js->stop = true;
+    uv_cond_signal(&js->cv);
+    uv_mutex_unlock(&js->mu);
+    uv_thread_join(&js->thread);
+    BT_INFO("stream journal: %" PRIu64 " JetStream messages published, %" PRIu64 " failed, %" PRIu64
+            " changes dropped (queue full)",
+            js->published, js->pub_errors, js->dropped);
+    for (op *o = js->head, *n; o; o = n) {
+        n = o->next;
+        json_decref(o->j);
+        free(o);
+    }
+    for (fetch *f = js->fetches, *n; f; f = n) {
+        n = f->next;
+        fe_jsnap_free(&f->snap);
+        free(f);
+    }
+    fe_journal_destroy(js->mem);
+    uv_cond_destroy(&js->cv);
+    uv_mutex_destroy(&js->mu);
+    free(js->url);
+    free(js);
+}
+
+static const fe_journal_ops js_ops = {.open = js_open,
+                                      .append = js_append,
+                                      .close = js_close,
+                                      .claim = js_claim,
+                                      .stats = js_stats,
+                                      .note_worker = js_note_worker,
+                                      .destroy = js_destroy};
+
+fe_journal *fe_journal_js_new(fe_journal *mem, const char *nats_url, const char *ns) {
+    js_journal *js = calloc(1, sizeof *js);
+    if (!js) return NULL;
+    js->pub.ops = &js_ops;
+    js->pub.retention_s = mem->retention_s;
+    js->pub.max_bytes = mem->max_bytes;
+    js->mem = mem;
+    js->url = strdup(nats_url);
+    snprintf(js->ns, sizeof js->ns, "%s", ns);
+    snprintf(js->stream, sizeof js->stream, "BATON_JOURNAL_%s", ns);
+    snprintf(js->prefix, sizeof js->prefix, "baton.journal.%s", ns);
+    js->state = JS_CONNECTING;
+    if (!js->url || uv_mutex_init(&js->mu) != 0) {
+        free(js->url);
+        free(js);
+        return NULL;
+    }
+    uv_cond_init(&js->cv);
+    if (uv_thread_create(&js->thread, thread_main, js) != 0) {
+        uv_cond_destroy(&js->cv);
+        uv_mutex_destroy(&js->mu);
+        free(js->url);
+        free(js);
+        return NULL;
+    }
+    return &js->pub;
+}
