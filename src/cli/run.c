@@ -643,8 +643,10 @@ int bt_run_main(int argc, char **argv) {
     r.started_ms = r.last_report_ms = bt_now_ms();
     BT_INFO("starting a frontend on %s and %lld workers (discovery in %s); \"serving\" follows once all are ready",
             r.shown, (long long)r.workers, r.dir);
+    /* the frontend first: it binds the port the user chose before the workers bind their own
+     * ports (their status servers take any free one, which could otherwise be that port) */
+    start_child(&r.frontend);
     for (int i = 1; i <= r.workers && !r.stopping; i++) start_child(all[i]);
-    if (!r.stopping) start_child(&r.frontend);
     uv_run(&loop, UV_RUN_DEFAULT);
     uv_loop_close(&loop);
     rc = r.exit_code;
