@@ -30,6 +30,9 @@ import time
 import batonlib as bl
 
 MODEL = "mock-model"
+# A sanitized baton (scripts/test --sanitize) decodes several times slower: the streams' deadlines
+# stretch with it, the byte-exact oracle does not.
+SLOW = 4 if bl.sanitized_build() else 1
 ONCE = (", there was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, "
         "red ball. She wanted to play with it, but it was too high.\nLily's mom said")
 N = 16
@@ -57,7 +60,7 @@ def body_for(i):
 def stream(fe, i, rid, on_event=None):
     api, body = body_for(i)
     fn = bl.stream_chat if api == "chat" else bl.stream_completion
-    return fn(fe.url, body, timeout=50, on_event=on_event, headers={"X-Request-Id": rid})
+    return fn(fe.url, body, timeout=50 * SLOW, on_event=on_event, headers={"X-Request-Id": rid})
 
 
 def outcome(s):
@@ -148,7 +151,7 @@ def main():
             def noise(j):
                 body = bl.completion_body(f"Noise {j}: once upon a time", max_tokens=1500, model=MODEL,
                                           return_token_ids=True)
-                return bl.stream_completion(fe.url, body, timeout=50,
+                return bl.stream_completion(fe.url, body, timeout=50 * SLOW,
                                             on_event=lambda st, o: len(st.token_ids) >= 50 + 100 * j)
 
             t0 = time.monotonic()
@@ -197,7 +200,7 @@ def main():
 
             noseed = bl.completion_body("Once upon a time", max_tokens=800, model=MODEL, temperature=0.8,
                                         return_token_ids=True)
-            s = bl.stream_completion(fe.url, noseed, timeout=40, on_event=kill_serving,
+            s = bl.stream_completion(fe.url, noseed, timeout=40 * SLOW, on_event=kill_serving,
                                      headers={"X-Request-Id": "noseed-0"})
             assert victim, "the worker serving the unseeded stream was not found"
             s.assert_ok("unseeded migrated stream")
@@ -206,7 +209,7 @@ def main():
             alive = [w for w in (w3, w4) if w is not victim["w"]][0]
             seeds = re.findall(r"request noseed-0: sampling seed (\d+) \((\w+)\)", alive.proc.log_text())
             assert seeds and seeds[0][1] == "frontend", f"continuation sampled with {seeds}"
-            replay = bl.stream_completion(fe.url, dict(noseed, seed=int(seeds[0][0])), timeout=40)
+            replay = bl.stream_completion(fe.url, dict(noseed, seed=int(seeds[0][0])), timeout=40 * SLOW)
             replay.assert_ok("replay with the frontend's seed")
             assert outcome(replay) == outcome(s), "the migrated unseeded stream differs from its replay"
             print(f"unseeded stream: migrated, equal to a fault-free replay with the frontend's seed {seeds[0][0]}")
@@ -223,7 +226,7 @@ def main():
 
             s = bl.stream_completion(fe.url, bl.completion_body("Once upon a time", max_tokens=1500, model=MODEL,
                                                                 temperature=0, return_token_ids=True),
-                                     timeout=30, on_event=abort_mid)
+                                     timeout=30 * SLOW, on_event=abort_mid)
             assert s.aborted, s.summary()
             assert seen.get("kv", 0) > 0, f"KV gauge was {seen.get('kv')} while streaming"
             bl.wait_for(lambda: worker_kv(alive) == 0, 5, what="KV blocks back to 0 after the client left")
