@@ -33,6 +33,8 @@
 #include "frontend/fe.h"
 
 #define MAX_NEW 16u
+/* the mocker's context length (prompt + completion), at most what its 64 blocks of 16 admit */
+#define CONTEXT 512u
 #define MAX_CARRIED 64u
 #define MAX_TOKENS_LIMIT 1000000 /* request.c's bound, documented in docs/security.md */
 
@@ -226,7 +228,13 @@ static void run_mocker(const json_t *body, bt_api api) {
         CHECK(s.nids <= max_new);
         CHECK(s.usage.completion_tokens >= er.n_carried + s.nids);
         CHECK(s.usage.completion_tokens <= er.n_carried + max_new);
-        if (s.reason == BT_FINISH_LENGTH) CHECK(s.usage.completion_tokens == er.n_carried + max_new);
+        /* "length": max_tokens reached, or, without an explicit max_tokens, the context is full (the
+         * default shrinks to what fits, as OpenAI and vLLM apply it) */
+        bool explicit_max = json_is_integer(json_object_get(body, "max_completion_tokens")) ||
+                            json_is_integer(json_object_get(body, "max_tokens"));
+        if (s.reason == BT_FINISH_LENGTH)
+            CHECK(s.usage.completion_tokens == er.n_carried + max_new ||
+                  (!explicit_max && s.usage.prompt_tokens + s.usage.completion_tokens == CONTEXT));
         /* the text is that of the ids; only a stop string may cut the last token short */
         bt_buf want;
         bt_buf_init(&want, 1u << 20);
@@ -266,6 +274,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     c.speedup_ratio = 1e9; /* steps take no real time */
     c.num_gpu_blocks = 64; /* small, so that "does not fit" is reachable */
     c.block_size = 16;
+    c.context_length = CONTEXT; /* known here, so that the oracle can check the default's cap */
     g_engine = bt_mocker_create(&g_loop, &c, NULL, NULL);
     CHECK(g_engine != NULL);
     return 0;
