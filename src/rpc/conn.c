@@ -188,6 +188,8 @@ void bt_rpc_flush(bt_rpc_conn *c) {
 
 static void on_flush_idle(uv_idle_t *h) { bt_rpc_flush(h->data); }
 
+size_t bt_rpc_unsent(const bt_rpc_conn *c) { return c->queued + c->wbuf.len; }
+
 bt_buf *bt_rpc_wbuf(bt_rpc_conn *c) {
     if (c->state == CONN_CLOSING) return NULL;
     if (!c->flush_scheduled) {

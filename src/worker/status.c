@@ -60,6 +60,7 @@ static void status_collect(wk_worker *w, bt_metrics *r) {
                                              "KILL frame arrival to the engine dropping the sequence"),
                         &w->cancel_lat, NULL);
     wk_orphan_collect(w, r);
+    wk_handoff_collect(w, r);
     bt_metrics_add(bt_metrics_counter(r, "baton_worker_handed_back_total",
                                       "Streams handed back to their frontend when a drain ran out of time"),
                    (double)w->drain.handed_back, "model", m, NULL);
