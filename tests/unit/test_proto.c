@@ -79,6 +79,7 @@ static int put_all_types(bt_buf *b, uint32_t stream) {
     assert_int_equal(bt_frame_put_ping(b, BT_FRAME_PING, 0xfeedfacecafebeefull), BT_OK), n++;
     assert_int_equal(bt_frame_put_ping(b, BT_FRAME_PONG, 7), BT_OK), n++;
     assert_int_equal(bt_frame_put_load(b, &lr), BT_OK), n++;
+    assert_int_equal(bt_frame_put_kvstate(b, stream ? stream : 1, 40, 8, "kv-piece", 8), BT_OK), n++;
     assert_int_equal(bt_frame_put_goaway(b, BT_ERR_DRAINING, "draining"), BT_OK), n++;
     return n;
 }
