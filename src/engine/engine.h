@@ -148,7 +148,8 @@ typedef struct {
     void (*destroy)(bt_engine *e);
     /* Optional (NULL: the engine exports nothing). Ends the sequence as bt_engine_kill does (no
      * further sink callback, the handle is dead on return) after exporting its KV state; cb is
-     * called exactly once, later, from the loop — unless the engine is destroyed first. */
+     * called exactly once, on the loop (possibly before handoff returns) — unless the engine is
+     * destroyed first. */
     void (*handoff)(bt_engine *e, bt_engine_seq *s, bt_engine_handoff_cb cb, void *ud);
     /* Optional: the engine's KV hand-off counters (zeros when NULL). */
     void (*kv_stats)(bt_engine *e, bt_engine_kv_stats *out);

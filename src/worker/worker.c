@@ -546,7 +546,8 @@ static const char *const openai_only[] = {"--upstream", "--upstream-model", "--u
 static const char *const mocker_only[] = {"--num-gpu-blocks-override", "--block-size", "--max-num-seqs",
                                           "--max-num-batched-tokens", "--watermark", "--speedup-ratio",
                                           "--fault-die-after-tokens", "--fault-stall-after-tokens",
-                                          "--fault-error-after-tokens", "--fault-signals", "--fault-slow-factor", NULL};
+                                          "--fault-error-after-tokens", "--fault-signals", "--fault-slow-factor",
+                                          "--mocker-kv-bytes-per-token", NULL};
 
 static bool engine_settings_check(const wk_opts *o, const bt_opt *opts, int nopts, int argc, char **argv, char *err,
                                   size_t errlen) {
@@ -856,6 +857,10 @@ int bt_worker_main(int argc, char **argv) {
          "mocker test hook"},
         {"--fault-error-after-tokens", NULL, BT_OPT_INT, &o->mocker.fault_error_after_tokens, 0, 1e15,
          "mocker test hook"},
+        {"--mocker-kv-bytes-per-token", "BATON_MOCKER_KV_BYTES_PER_TOKEN", BT_OPT_INT, &o->mocker.kv_bytes_per_token,
+         0, 1e8,
+         "mocker: KV state bytes per token a handed-off sequence exports (models --kv-handoff; 0 = none; "
+         "stories260K: about 650, a 7B fp16 model: 524288)"},
         {"--fault-slow-factor", "BATON_FAULT_SLOW_FACTOR", BT_OPT_DOUBLE, &o->mocker.fault_slow_factor, 1, 1000,
          "mocker test hook: every step takes this many times longer (1 = off); with --fault-signals, SIGWINCH "
          "switches it off and on"},
