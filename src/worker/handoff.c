@@ -245,6 +245,28 @@ void wk_handoff_init(wk_worker *w) {
     w->handoff_wait_timer.data = w;
 }
 
+size_t wk_handoff_rebalance(wk_worker *w, size_t n) {
+    size_t moved = 0;
+    if (w->state != WK_READY) return 0;
+    for (wk_peer *p = LIST_FIRST(&w->peers); p && moved < n; p = LIST_NEXT(p, link)) {
+        uint64_t k;
+        void *v;
+        size_t it = 0;
+        while (moved < n && bt_map_next(&p->streams, &it, &k, &v)) {
+            wk_stream *s = v;
+            if (s->ignored_kill) continue; /* the frontend already forgot it */
+            BT_INFO("request %s moved off this worker by the operator after %u new tokens", s->rid, s->tokens);
+            wk_handoff_give_back(s, BT_ERR_MOVED, "moved to another worker by the operator (rebalance)");
+            wk_stream_free(s); /* its sequence ended with the hand-off */
+            moved++;
+            it = 0;
+        }
+        bt_rpc_flush(p->conn);
+    }
+    w->rebalanced += moved;
+    return moved;
+}
+
 void wk_handoff_collect(wk_worker *w, bt_metrics *r) {
     bt_engine_kv_stats k;
     bt_engine_kv_stats_get(w->engine, &k);

@@ -829,6 +829,10 @@ int bt_worker_main(int argc, char **argv) {
         {"--kv-handoff", "DYN_KV_HANDOFF", BT_OPT_BOOL, &o->kv_handoff, 0, 0,
          "a stream given back (drain bound, rebalance) carries its exported KV state, so that the next worker "
          "continues it without prefill (llama engine; false: the next worker re-prefills)"},
+        {"--rebalance-endpoint", "DYN_REBALANCE_ENDPOINT", BT_OPT_BOOL, &o->rebalance_endpoint, 0, 0,
+         "serve POST /rebalance?streams=N on the status server: moves N running streams to other workers "
+         "(with their KV state) without stopping this one. Off by default: the status server has no "
+         "authentication"},
         {"--fault-kv-corrupt", "BATON_FAULT_KV_CORRUPT", BT_OPT_BOOL, &o->llama.fault_kv_corrupt, 0, 0,
          "test hook: every exported KV state has one byte flipped (the receiver must fall back to prefill)"},
         {"--orphan-grace", "DYN_ORPHAN_GRACE", BT_OPT_DOUBLE, &o->orphan_grace, 0, 3600,

@@ -140,6 +140,7 @@ typedef struct {
     int64_t frontend_dead_after;
     double orphan_grace; /* seconds an orphaned stream is kept for re-attachment; 0 = kill at once */
     bool kv_handoff;     /* --kv-handoff: streams given back carry their KV state */
+    bool rebalance_endpoint; /* --rebalance-endpoint: POST /rebalance on the status server */
     char *rpc_secret; /* loaded at start-up; NULL = frontends need no secret */
     bool fault_signals;
     bool fault_ignore_kill; /* test hook: a KILL frame does not reach the engine */
@@ -277,6 +278,10 @@ void wk_handoff_peer_gone(wk_peer *p);
 /* When hand-offs are still being exported or sent: fn runs when they are done (or after a bound)
  * and true is returned; otherwise false and fn is not called. */
 bool wk_handoff_when_idle(wk_worker *w, void (*fn)(wk_worker *w));
+/* Moves up to n running streams off this worker (the operator's rebalance): each is given back
+ * with BT_ERR_MOVED and its KV state, and its frontend continues it on another worker. Returns how
+ * many were moved (none while not ready: a draining worker gives back everything anyway). */
+size_t wk_handoff_rebalance(wk_worker *w, size_t n);
 /* The hand-off and prefill counters, for /metrics. */
 void wk_handoff_collect(wk_worker *w, bt_metrics *r);
 

@@ -8,8 +8,13 @@ sized like a real one.
    every stream equals its fault-free reference byte for byte.
 2. A receiver configured with another state size (a different model, as far as the mocker can
    tell) refuses every state (fallback "mismatch") and prefills; the streams are still byte-exact.
+3. Rebalance: POST /rebalance?streams=2 on a worker's status server (--rebalance-endpoint) moves
+   exactly 2 of its running streams to the other worker with their states (imported there, no
+   prefill) while it keeps serving the rest; everything stays byte-exact, the frontend keeps
+   routing to it (GET /health lists both), and without the flag the route does not exist (404).
 """
 
+import json
 import re
 import signal
 import sys
@@ -68,9 +73,9 @@ def counters(w):
                           for r in ("missing", "corrupt", "mismatch", "tokens", "import", "unsupported")}}
 
 
-def worker(c, bpt):
+def worker(c, bpt, **flags):
     return c.start_worker(system_port=True, wait=True, speedup_ratio=3, graceful_shutdown_timeout=0,
-                          mocker_kv_bytes_per_token=bpt)
+                          mocker_kv_bytes_per_token=bpt, **flags)
 
 
 def main():
@@ -121,6 +126,36 @@ def main():
             assert after["fallbacks"]["mismatch"] - before["fallbacks"]["mismatch"] == len(moved), (before, after)
             assert after["imports"] == before["imports"] and after["prefill"] > before["prefill"], (before, after)
             print(f"mocker mismatch: {len(moved)} states refused (mismatch), re-prefilled, byte-exact")
+
+            # 3. rebalance: 2 streams moved off a live worker
+            src.proc.wait(10)
+            dst.proc.stop()
+            x = worker(c, BPT, rebalance_endpoint=True)
+            y = worker(c, BPT)
+            c.wait_workers(fe, 2)
+            st, _, _ = bl.request("POST", y.system_url + "/rebalance?streams=1")
+            assert st == 404, f"POST /rebalance without --rebalance-endpoint answered {st}"
+            before, answer = {}, {}
+
+            def rebalance():
+                before.update(counters(y))
+                st, _, body = bl.request("POST", x.system_url + "/rebalance?streams=2")
+                answer.update(status=st, body=body)
+
+            runs = run(fe, "reb", rebalance)
+            check_exact(refs, runs, "rebalance")
+            assert answer["status"] == 200, answer
+            got = json.loads(answer["body"])
+            assert got["moved"] == 2 and got["running"] >= 1, got
+            moved = set(re.findall(r"request reb-(\d+) migrated", fe.proc.log_text()))
+            assert len(moved) == 2, moved
+            after = counters(y)
+            assert after["imports"] - before["imports"] == 2 and after["prefill"] == before["prefill"], (before, after)
+            assert bl.metric_sum(bl.metrics(x.system_url), "baton_worker_rebalanced_total") == 2
+            assert x.proc.alive(), "the rebalanced worker stopped"
+            assert len(c.wait_workers(fe, 2)) == 2
+            print(f"rebalance: 2 streams moved off a live worker with their states, imported, byte-exact; "
+                  f"{got['running']} kept running there")
     print("ok")
 
 
