@@ -171,7 +171,8 @@ void fe_migrate_dispatch(fe_req *r) {
     size_t len = 0;
     uint64_t est = 0;
     /* the state the last worker gave the stream back with goes to this one, once */
-    bool kv = r->kv.data && !r->kv.bad && r->kv.have == r->kv.total && !adopt;
+    bool kv = r->kv.data && !r->kv.bad && r->kv.have == r->kv.total && !adopt && w->conn &&
+              (bt_rpc_peer_flags(w->conn) & BT_HELLO_KVSTATE); /* an older worker would refuse the frame */
     if (kv) {
         a->kv_out = r->kv.data;
         a->kv_out_len = (size_t)r->kv.total;

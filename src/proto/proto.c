@@ -179,12 +179,17 @@ bt_status bt_frame_put(bt_buf *out, uint8_t type, uint32_t stream, const void *p
     return end_frame(out, len);
 }
 
-bt_status bt_frame_put_hello(bt_buf *out, uint16_t role, uint64_t instance_id) {
+bt_status bt_frame_put_hello_flags(bt_buf *out, uint8_t flags, uint16_t role, uint64_t instance_id) {
     bt_status st;
     uint8_t *pl = begin_frame(out, BT_FRAME_HELLO, 0, HELLO_LEN, &st);
     if (!pl) return st;
+    pl[5 - (int)BT_FRAME_HEADER] = flags; /* the header's flags byte */
     wr64(wr16(wr16(pl, BT_PROTO_VERSION), role), instance_id);
     return end_frame(out, HELLO_LEN);
+}
+
+bt_status bt_frame_put_hello(bt_buf *out, uint16_t role, uint64_t instance_id) {
+    return bt_frame_put_hello_flags(out, 0, role, instance_id);
 }
 
 bt_status bt_frame_put_tokens(bt_buf *out, uint32_t stream, const uint32_t *ids, size_t n, const char *text,

@@ -44,6 +44,10 @@ typedef enum {
 
 typedef enum { BT_ROLE_FRONTEND = 1, BT_ROLE_WORKER = 2 } bt_role;
 
+/* HELLO flags (the frame header's flags byte of a HELLO; a receiver ignores bits it does not know,
+ * so a peer without them is simply one that lacks the capability) */
+#define BT_HELLO_KVSTATE 0x1u /* the sender understands KVSTATE frames (the KV hand-off) */
+
 /* LOAD flags */
 #define BT_LOAD_READY 0x1u /* the worker's endpoint is ready (canary passing, not draining) */
 
@@ -78,6 +82,8 @@ bt_status bt_frame_parse(const uint8_t *p, size_t n, uint32_t max_len, bt_frame 
  * ids, FINISH reason above 2). Flags are written as 0. */
 bt_status bt_frame_put(bt_buf *out, uint8_t type, uint32_t stream, const void *payload, size_t len);
 bt_status bt_frame_put_hello(bt_buf *out, uint16_t role, uint64_t instance_id);
+/* HELLO with header flags (BT_HELLO_*). */
+bt_status bt_frame_put_hello_flags(bt_buf *out, uint8_t flags, uint16_t role, uint64_t instance_id);
 bt_status bt_frame_put_tokens(bt_buf *out, uint32_t stream, const uint32_t *ids, size_t n, const char *text,
                               size_t text_len);
 bt_status bt_frame_put_finish(bt_buf *out, uint32_t stream, uint8_t reason, uint32_t prompt_tokens,

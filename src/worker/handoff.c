@@ -136,7 +136,9 @@ static void on_exported(void *ud, uint8_t *state, size_t len) {
 
 void wk_handoff_give_back(wk_stream *s, bt_status code, const char *msg) {
     wk_worker *w = s->w;
-    wk_handoff *h = w->o.kv_handoff && s->p ? calloc(1, sizeof *h) : NULL;
+    /* a frontend that does not understand KVSTATE (an older one, mid-upgrade) gets the plain give-back */
+    bool kv = w->o.kv_handoff && s->p && (bt_rpc_peer_flags(s->p->conn) & BT_HELLO_KVSTATE);
+    wk_handoff *h = kv ? calloc(1, sizeof *h) : NULL;
     if (!h) {
         if (s->p) wk_send_stream_error(s->p, s->id, code, msg);
         bt_engine_kill(w->engine, s->seq);
