@@ -258,7 +258,11 @@ size_t wk_handoff_rebalance(wk_worker *w, size_t n) {
             wk_stream *s = v;
             if (s->ignored_kill) continue; /* the frontend already forgot it */
             BT_INFO("request %s moved off this worker by the operator after %u new tokens", s->rid, s->tokens);
-            wk_handoff_give_back(s, BT_ERR_MOVED, "moved to another worker by the operator (rebalance)");
+            /* BT_ERR_MOVED is new with BT_HELLO_KVSTATE: an older frontend would not migrate it, so it
+             * gets a code it knows (which makes it quarantine this worker for a while) */
+            bool knows = bt_rpc_peer_flags(p->conn) & BT_HELLO_KVSTATE;
+            wk_handoff_give_back(s, knows ? BT_ERR_MOVED : BT_ERR_DISCONNECTED,
+                                 "moved to another worker by the operator (rebalance)");
             wk_stream_free(s); /* its sequence ended with the hand-off */
             moved++;
             it = 0;

@@ -3,7 +3,8 @@ talking to a mocker worker whose streams export large states (--mocker-kv-bytes-
 131072: a state of a few hundred tokens is tens of MiB, more than the kernel buffers hold).
 
 1. A frontend that does not announce BT_HELLO_KVSTATE in its HELLO (an older one) never receives
-   a KVSTATE frame: a stream moved off by POST /rebalance ends with ERROR BT_ERR_MOVED (20) alone.
+   a KVSTATE frame, nor the new code BT_ERR_MOVED it would not know: a stream moved off by
+   POST /rebalance ends with ERROR BT_ERR_DISCONNECTED (8) alone.
 2. One that announces it receives the state in pieces of at most 256 KiB, in order, covering the
    whole state, then the ERROR. The frontend reads nothing for a while after the rebalance, so the
    state backs up in the worker: TOKENS frames of another stream on the same connection must still
@@ -54,9 +55,9 @@ def main():
                 assert f.type != rpclib.KVSTATE, "a frontend without BT_HELLO_KVSTATE received a KVSTATE frame"
                 if f.stream == sid and f.type in (rpclib.ERROR, rpclib.FINISH):
                     break
-            assert f.type == rpclib.ERROR and struct.unpack(">H", f.payload[:2])[0] == 20, (f.type, f.payload)
+            assert f.type == rpclib.ERROR and struct.unpack(">H", f.payload[:2])[0] == 8, (f.type, f.payload)
             old.close()
-            print("no HELLO_KVSTATE: the moved stream ended with ERROR 20 and no KVSTATE frame")
+            print("no HELLO_KVSTATE: the moved stream ended with ERROR 8 (DISCONNECTED) and no KVSTATE frame")
 
             # 2. pieces, order, completeness, and token frames of another stream between them
             new = rpclib.Conn(w.rpc_port, hello_flags=rpclib.HELLO_KVSTATE)
