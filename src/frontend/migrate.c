@@ -30,6 +30,10 @@
  * its REQUEST, so it must stay well under a connection's unsent-bytes cap (64 MiB, conn.h); a
  * larger one is not relayed and the continuation is prefilled. */
 #define FE_KV_MAX ((uint64_t)48 << 20)
+/* ... and at most this much held by all requests of the process at once (a drain hands back many
+ * streams together): past it a state is not kept, and its continuation is prefilled. */
+#define FE_KV_TOTAL_MAX ((uint64_t)512 << 20)
+static _Atomic uint64_t kv_held; /* bytes of states held, over every loop thread */
 
 /* The output a request with no max_tokens is assumed to take, for the worker's pending KV
  * estimate until its next load report (the worker's --default-max-tokens decides the real one). */
@@ -297,6 +301,7 @@ void fe_attempt_on_tokens(fe_attempt *a, const uint32_t *ids, size_t n, const ch
 }
 
 void fe_kv_free(fe_kv *k) {
+    if (k->data) atomic_fetch_sub(&kv_held, k->total);
     free(k->data);
     memset(k, 0, sizeof *k);
 }
@@ -306,9 +311,13 @@ void fe_attempt_on_kvstate(fe_attempt *a, uint64_t total, uint64_t offset, const
     if (offset == 0) { /* a new state: any older one is stale */
         fe_kv_free(k);
         k->total = total;
-        k->bad = total == 0 || total > FE_KV_MAX || !(k->data = malloc(total));
-        if (k->bad && total) BT_INFO("request %s: KV state of %" PRIu64 " bytes not relayed (cap %" PRIu64 ")",
-                                     a->req->rid, total, FE_KV_MAX);
+        k->bad = total == 0 || total > FE_KV_MAX || atomic_fetch_add(&kv_held, total) + total > FE_KV_TOTAL_MAX;
+        if (!k->bad && !(k->data = malloc(total))) k->bad = true;
+        if (k->bad && total) {
+            if (!k->data) atomic_fetch_sub(&kv_held, total > FE_KV_MAX ? 0 : total);
+            BT_INFO("request %s: KV state of %" PRIu64 " bytes not relayed (cap %" PRIu64 " per request, %" PRIu64
+                    " for all)", a->req->rid, total, FE_KV_MAX, FE_KV_TOTAL_MAX);
+        }
     }
     if (k->bad || !k->data) return;
     if (total != k->total || offset != k->have) { /* out of order: useless */
