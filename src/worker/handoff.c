@@ -26,10 +26,10 @@
 #include "proto/proto.h"
 #include "worker/worker_internal.h"
 
-#define WK_KV_WATERMARK (512u * 1024)  /* unsent bytes below which another piece is written */
+#define WK_KV_WATERMARK (512u * 1024)    /* unsent bytes below which another piece is written */
 #define WK_KV_IN_MAX ((uint64_t)1 << 30) /* the largest state a worker accepts */
-#define WK_HANDOFF_WAIT_MS 10000u       /* an exiting worker waits at most this long for its hand-offs */
-#define WK_PUMP_MS 1u                   /* pacing tick while pieces wait for room */
+#define WK_HANDOFF_WAIT_MS 10000u        /* an exiting worker waits at most this long for its hand-offs */
+#define WK_PUMP_MS 1u                    /* pacing tick while pieces wait for room */
 
 struct wk_handoff {
     wk_worker *w;
@@ -294,8 +294,8 @@ void wk_handoff_collect(wk_worker *w, bt_metrics *r) {
     bt_metric_family *f = bt_metrics_counter(r, "baton_worker_kv_handoff_fallbacks_total",
                                              "KV states offered with a continuation and not used: it was prefilled");
     for (int i = 0; i < BT_KV_FB_N_; i++)
-        bt_metrics_add(f, (double)(k.fallbacks[i] + (i == BT_KV_FB_MISSING ? w->kv_missing : 0)), "model", m,
-                       "reason", bt_kv_fallback_name((bt_kv_fallback)i), NULL);
+        bt_metrics_add(f, (double)(k.fallbacks[i] + (i == BT_KV_FB_MISSING ? w->kv_missing : 0)), "model", m, "reason",
+                       bt_kv_fallback_name((bt_kv_fallback)i), NULL);
     bt_metrics_add(bt_metrics_counter(r, "baton_worker_engine_prefill_tokens_total",
                                       "Tokens the engine computed that were not a sequence's newest token (prompt, "
                                       "carried and recomputed tokens)"),

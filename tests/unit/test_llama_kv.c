@@ -76,8 +76,13 @@ static bt_llama_api api = {
     .llama_memory_seq_pos_max = f_pos_max,
 };
 
-static const ll_kv_ident ident = {.model = 0x1111, .backend = 0x2222, .n_layer = 5, .n_embd = 64, .flags = 1,
-                                  .n_seq_max = NSEQ, .n_ctx = NSEQ * NPOS};
+static const ll_kv_ident ident = {.model = 0x1111,
+                                  .backend = 0x2222,
+                                  .n_layer = 5,
+                                  .n_embd = 64,
+                                  .flags = 1,
+                                  .n_seq_max = NSEQ,
+                                  .n_ctx = NSEQ * NPOS};
 
 #define CTX ((struct llama_context *)&fake_ctx_obj)
 
@@ -111,8 +116,8 @@ static void test_roundtrip(void **state) {
     free(st);
 }
 
-static void expect_fallback(const uint8_t *st, size_t len, const llama_token *tok, size_t n_tok,
-                            const ll_kv_ident *id, bt_kv_fallback want) {
+static void expect_fallback(const uint8_t *st, size_t len, const llama_token *tok, size_t n_tok, const ll_kv_ident *id,
+                            bt_kv_fallback want) {
     size_t n_past = 99;
     bt_kv_fallback why = BT_KV_FB_N_;
     nmem[3] = 0;

@@ -88,10 +88,9 @@ void ll_kv_ident_init(ll_kv_ident *id, const bt_llama_api *L, const struct llama
     id->n_ctx = L->llama_n_ctx ? L->llama_n_ctx(ctx) : 0;
 }
 
-uint8_t *ll_kv_export(const bt_llama_api *L, struct llama_context *ctx, int slot, const llama_token *tok,
-                      size_t n_past, const ll_kv_ident *id, bool corrupt, size_t *len) {
-    if (!L->llama_state_seq_get_size || !L->llama_state_seq_get_data || slot < 0 || n_past == 0 ||
-        n_past > UINT32_MAX)
+uint8_t *ll_kv_export(const bt_llama_api *L, struct llama_context *ctx, int slot, const llama_token *tok, size_t n_past,
+                      const ll_kv_ident *id, bool corrupt, size_t *len) {
+    if (!L->llama_state_seq_get_size || !L->llama_state_seq_get_data || slot < 0 || n_past == 0 || n_past > UINT32_MAX)
         return NULL;
     size_t sl = L->llama_state_seq_get_size(ctx, slot);
     if (sl == 0) return NULL;
@@ -145,7 +144,8 @@ bool ll_kv_import(const bt_llama_api *L, struct llama_context *ctx, int slot, co
         if (get32(s + LL_KV_HEADER + 4 * i) != (uint32_t)tok[i]) return *why = BT_KV_FB_TOKENS, false;
     llama_memory_t mem = L->llama_get_memory(ctx);
     const uint8_t *st = s + LL_KV_HEADER + 4 * n;
-    if (L->llama_state_seq_set_data(ctx, st, sl, slot) == 0 || L->llama_memory_seq_pos_max(mem, slot) != (llama_pos)n - 1) {
+    if (L->llama_state_seq_set_data(ctx, st, sl, slot) == 0 ||
+        L->llama_memory_seq_pos_max(mem, slot) != (llama_pos)n - 1) {
         L->llama_memory_seq_rm(mem, slot, -1, -1);
         return *why = BT_KV_FB_IMPORT, false;
     }

@@ -13,6 +13,7 @@
  *       u32 n_tokens   positions 0 .. n_tokens-1 of the sequence are in the state
  *       u64 state_len  bytes of llama.cpp's per-sequence state (llama_state_seq_get_data)
  *       u64 checksum   FNV-1a 64 of everything after the header
+ *       u64 reserved   0
  *     n_tokens × u32   the token ids at those positions
  *     state_len bytes  llama.cpp's state
  *
@@ -50,8 +51,8 @@ void ll_kv_ident_init(ll_kv_ident *id, const bt_llama_api *L, const struct llama
 /* Exports positions [0, n_past) of `slot`, whose token ids are tok[0..n_past). Returns a malloc'd
  * state of *len bytes, or NULL (nothing to export, or out of memory). corrupt != 0 (fault
  * injection, --fault-kv-corrupt) flips one byte of llama.cpp's state after the checksum is made. */
-uint8_t *ll_kv_export(const bt_llama_api *L, struct llama_context *ctx, int slot, const llama_token *tok,
-                      size_t n_past, const ll_kv_ident *id, bool corrupt, size_t *len);
+uint8_t *ll_kv_export(const bt_llama_api *L, struct llama_context *ctx, int slot, const llama_token *tok, size_t n_past,
+                      const ll_kv_ident *id, bool corrupt, size_t *len);
 
 /* Imports a state into the empty `slot` of a sequence whose tokens are tok[0..n_tok). On success
  * returns true and sets *n_past to the positions now in the cache (at most n_tok - 1: the newest
