@@ -14,7 +14,8 @@ adds its prompt and carried tokens.
    fallback) and zero prefill tokens computed there after the signal.
 2. A corrupted state (--fault-kv-corrupt on the giving worker: one byte of every exported state
    flipped after its checksum): the receiver refuses it (fallback reason "corrupt", once per
-   moved stream), prefills instead, and the streams are still byte-exact.
+   moved stream), prefills instead, and the streams are still byte-exact. Likewise a state from a
+   worker whose KV layout differs (--max-num-seqs 8 on the receiver): fallback "mismatch".
 3. The target dies during the hand-off: the giving worker's streams go to a worker whose engine
    is stalled (SIGUSR2, --fault-signals) so they cannot start; it is then killed (SIGKILL) and a
    third worker continues them by re-prefill (the frontend relays a state once), byte-exact.
@@ -175,6 +176,28 @@ def main():
             assert after["prefill"] > before["prefill"], (before, after)
             print(f"corrupted state: {len(m)} streams refused their state (fallback corrupt), re-prefilled "
                   f"({after['prefill'] - before['prefill']:.0f} tokens), byte-exact")
+
+            # 2b. a state from a worker with another KV layout (--max-num-seqs: the context's
+            # sequence count and cells differ; each sequence's own cells, 2,048, do not) is refused
+            src.proc.wait(10)
+            dst.proc.stop()
+            src = llama_worker(c)
+            dst = llama_worker(c, max_num_seqs=8)
+            c.wait_workers(fe, 2)
+            before = {}
+
+            def stop_src2():
+                before.update(counters(dst))
+                src.proc.kill(signal.SIGTERM)
+
+            runs = run(fe, "layout", stop_src2)
+            check_exact(refs, runs, "state of another KV layout")
+            m = moved(fe, "layout")
+            assert m, "no stream was moved by the SIGTERM"
+            after = counters(dst)
+            assert after["fallbacks"]["mismatch"] - before["fallbacks"]["mismatch"] == len(m), (before, after, m)
+            assert after["imports"] == before["imports"] and after["prefill"] > before["prefill"], (before, after)
+            print(f"another KV layout: {len(m)} states refused (fallback mismatch), re-prefilled, byte-exact")
 
             # 3. the target dies during the hand-off: a third worker re-prefills
             dst.proc.stop()
