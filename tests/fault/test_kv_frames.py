@@ -10,6 +10,10 @@ talking to a mocker worker whose streams export large states (--mocker-kv-bytes-
    state backs up in the worker: TOKENS frames of another stream on the same connection must still
    come between its pieces (the worker paces the pieces behind the token frames: no head-of-line
    blocking). Written all at once, every piece would precede them.
+3. The receiving side: a REQUEST announcing kv_state_bytes whose state arrived incomplete is
+   served by ordinary prefill (fallback "missing"); one whose state is whole but altered is
+   refused by the engine (fallback "corrupt"); either way the stream's output equals a plain
+   request's.
 """
 
 import struct
@@ -93,6 +97,54 @@ def main():
             new.close()
             print(f"HELLO_KVSTATE: a state of {total} bytes in {pieces} pieces, in order, then ERROR 20; "
                   f"{between} token frames of the other stream came between its pieces")
+            # 3. states that cannot be used: incomplete, altered
+            plain = rpclib.Conn(w.rpc_port, hello_flags=rpclib.HELLO_KVSTATE)
+            short = dict(req(3), body=dict(req(3)["body"], max_tokens=40))
+            sid = plain.request(short)
+            ref = rpclib.read_stream(plain, sid)
+            assert ref.finish, "the plain request did not finish"
+            # an exported state of this very request, taken from a rebalance of a longer run of it
+            longer = dict(req(3), body=dict(req(3)["body"], max_tokens=5000))
+            sid = plain.request(longer)
+            read_until_tokens(plain, sid, 10)
+            st, _, body = bl.request("POST", w.system_url + "/rebalance?streams=1")
+            assert st == 200 and b'"moved":1' in body, (st, body)
+            state = b""
+            while True:
+                f = plain.read()
+                if f.type == rpclib.KVSTATE and f.stream == sid:
+                    state += f.payload[16:]
+                elif f.type == rpclib.ERROR and f.stream == sid:
+                    break
+            assert len(state) > 48, len(state)
+
+            def send_state(conn, data, total, stream):
+                for off in range(0, len(data), PIECE_MAX):
+                    conn.send(rpclib.KVSTATE, stream, struct.pack(">QQ", total, off) + data[off:off + PIECE_MAX])
+
+            before = {r: bl.metric_sum(bl.metrics(w.system_url), "baton_worker_kv_handoff_fallbacks_total", reason=r)
+                      for r in ("missing", "corrupt")}
+            # incomplete: half the state, the REQUEST claims all of it
+            sid = plain.next_stream
+            send_state(plain, state[:len(state) // 2], len(state), sid)
+            assert plain.request(dict(short, kv_state_bytes=len(state))) == sid
+            got = rpclib.read_stream(plain, sid)
+            assert got.finish and got.ids == ref.ids and got.text == ref.text, "incomplete state: output differs"
+            # whole but altered (one byte of the filler flipped): the checksum fails
+            bad = bytearray(state)
+            bad[-1] ^= 0x5A
+            sid = plain.next_stream
+            send_state(plain, bytes(bad), len(bad), sid)
+            assert plain.request(dict(short, kv_state_bytes=len(bad))) == sid
+            got = rpclib.read_stream(plain, sid)
+            assert got.finish and got.ids == ref.ids and got.text == ref.text, "altered state: output differs"
+            after = {r: bl.metric_sum(bl.metrics(w.system_url), "baton_worker_kv_handoff_fallbacks_total", reason=r)
+                     for r in ("missing", "corrupt")}
+            assert after["missing"] - before["missing"] == 1 and after["corrupt"] - before["corrupt"] == 1, \
+                (before, after)
+            plain.close()
+            print("an incomplete state (fallback missing) and an altered one (fallback corrupt): "
+                  "served by prefill, output equal to a plain request's")
     print("ok")
 
 
