@@ -59,13 +59,17 @@ static void rec_free(wk_handoff *h) {
     free(h);
 }
 
+/* Runs the waiting exit (wk_handoff_when_idle) from a timer of its own, never from inside the
+ * caller that ended the last hand-off: that may be the drain walking its streams. */
+static void run_idle(uv_timer_t *t) {
+    wk_worker *w = t->data;
+    void (*fn)(wk_worker *) = w->handoff_idle;
+    w->handoff_idle = NULL;
+    if (fn) fn(w);
+}
+
 static void check_idle(wk_worker *w) {
-    if (w->nhandoffs == 0 && w->handoff_idle) {
-        void (*fn)(wk_worker *) = w->handoff_idle;
-        w->handoff_idle = NULL;
-        uv_timer_stop(&w->handoff_wait_timer);
-        fn(w);
-    }
+    if (w->nhandoffs == 0 && w->handoff_idle) uv_timer_start(&w->handoff_wait_timer, run_idle, 0, 0);
 }
 
 /* Writes one piece if the connection has room, or the ERROR after the last piece. Returns 1 when
@@ -177,7 +181,7 @@ static void on_wait_timeout(uv_timer_t *t) {
     BT_WARN("%zu KV hand-offs not sent within %u ms; exiting without them", w->nhandoffs, WK_HANDOFF_WAIT_MS);
     /* the engine is destroyed next: no export callback comes after that */
     while (LIST_FIRST(&w->handoffs)) rec_free(LIST_FIRST(&w->handoffs));
-    check_idle(w);
+    run_idle(t);
 }
 
 bool wk_handoff_when_idle(wk_worker *w, void (*fn)(wk_worker *)) {
