@@ -58,6 +58,7 @@ typedef struct {
     int64_t inflight;
     fe_hist ttft, itl, migration_stall, duration;
     uint64_t migrations_new, migrations_ongoing, migrations_exhausted;
+    uint64_t kv_relayed, kv_relayed_bytes, kv_unrelayed; /* KV states a continuation took / could not */
     uint64_t cancellations[2]; /* [streaming] */
     uint64_t rejections[2];    /* [api] */
     uint64_t tokens_out;

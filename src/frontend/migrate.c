@@ -177,7 +177,10 @@ void fe_migrate_dispatch(fe_req *r) {
     /* the state the last worker gave the stream back with goes to this one, once */
     bool kv = r->kv.data && !r->kv.bad && r->kv.have == r->kv.total && !adopt && w->conn &&
               (bt_rpc_peer_flags(w->conn) & BT_HELLO_KVSTATE); /* an older worker would refuse the frame */
+    if (r->kv.total && !kv) r->model->st.kv_unrelayed++; /* incomplete, too large, or the worker is older */
     if (kv) {
+        r->model->st.kv_relayed++;
+        r->model->st.kv_relayed_bytes += r->kv.total;
         a->kv_out = r->kv.data;
         a->kv_out_len = (size_t)r->kv.total;
         BT_INFO("request %s: relaying a KV state of %" PRIu64 " bytes to worker %" PRIx64, r->rid, r->kv.total, w->id);

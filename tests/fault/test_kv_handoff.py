@@ -149,6 +149,9 @@ def main():
             assert sum(after["fallbacks"].values()) == 0, after
             assert after["prefill"] == before["prefill"], \
                 f"the receiver computed {after['prefill'] - before['prefill']} prefill tokens for imported streams"
+            fm = bl.metrics(fe.url)
+            assert bl.metric_sum(fm, "baton_frontend_kv_handoff_relayed_total") == len(m), fm
+            assert bl.metric_sum(fm, "baton_frontend_kv_handoff_relayed_bytes_total") == sum(int(x) for x in sent)
             per_tok = sum(int(x) for x in sent) / (after["imported_tokens"] - before["imported_tokens"])
             print(f"SIGTERM: {len(m)} streams moved with their KV state ({len(sent)} states, "
                   f"{sum(int(x) for x in sent)} bytes, ~{per_tok:.0f} bytes per token), byte-exact, "
