@@ -64,6 +64,14 @@ static void typed_roundtrip(const bt_frame *f, bt_buf *out) {
         CHECK(bt_frame_get_load(f, &lr) == BT_OK);
         CHECK(bt_frame_put_load(out, &lr) == BT_OK);
         break;
+    case BT_FRAME_KVSTATE: {
+        uint64_t total, off;
+        const uint8_t *d;
+        CHECK(bt_frame_get_kvstate(f, &total, &off, &d, &n) == BT_OK);
+        CHECK(n + BT_KV_HEADER == f->len && off + n <= total && total <= BT_KV_STATE_MAX);
+        CHECK(bt_frame_put_kvstate(out, f->stream, total, off, d, n) == BT_OK);
+        break;
+    }
     default: break;
     }
 }

@@ -73,7 +73,42 @@ typedef struct {
     uint64_t attempt_seed;
     const char *stop[BT_MAX_STOP];
     int n_stop;
+    /* A KV state exported by another worker's engine for this sequence (docs/engines.md, "KV
+     * hand-off"), NULL when none: an engine that can import it continues from it instead of
+     * prefilling the tokens it covers; one that cannot, or finds it does not match, falls back to
+     * prefilling (counted in bt_engine_kv_stats.fallbacks). Copied by submit. */
+    const uint8_t *kv_state;
+    size_t kv_state_len;
 } bt_engine_request;
+
+/* Why an offered KV state was not used (baton_worker_kv_handoff_fallbacks_total{reason}). */
+typedef enum {
+    BT_KV_FB_MISSING,     /* announced, but not all of it arrived (worker) */
+    BT_KV_FB_CORRUPT,     /* bad format or checksum */
+    BT_KV_FB_MISMATCH,    /* another model, backend or KV layout */
+    BT_KV_FB_TOKENS,      /* its tokens are not this sequence's */
+    BT_KV_FB_IMPORT,      /* the engine could not load it */
+    BT_KV_FB_UNSUPPORTED, /* this engine imports no state */
+    BT_KV_FB_N_
+} bt_kv_fallback;
+
+const char *bt_kv_fallback_name(bt_kv_fallback r); /* "missing", "corrupt", ... */
+
+/* KV hand-off counters of one engine, totals since it started. */
+typedef struct {
+    uint64_t exports;        /* states exported at a hand-off */
+    uint64_t export_bytes;   /* their bytes */
+    uint64_t imports;        /* states imported: those sequences were not prefilled */
+    uint64_t imported_tokens; /* tokens those states covered */
+    uint64_t fallbacks[BT_KV_FB_N_];
+    /* Tokens computed that were not a sequence's newest token: prompt, carried and recomputed
+     * (preempted) tokens, i.e. prefill work. A continuation that imported its state adds none. */
+    uint64_t prefill_tokens;
+} bt_engine_kv_stats;
+
+/* The result of bt_engine_handoff, on the loop: `state` (malloc'd, the callee owns it; NULL when
+ * the engine had no state to give, e.g. the sequence was still waiting) of `len` bytes. */
+typedef void (*bt_engine_handoff_cb)(void *ud, uint8_t *state, size_t len);
 
 typedef struct {
     void (*on_tokens)(void *ud, const uint32_t *ids, size_t n, const char *text, size_t text_len);
@@ -111,6 +146,13 @@ typedef struct {
     void (*card)(bt_engine *e, json_t *card);
     /* Destroys the engine; every live sequence is dropped without callbacks. */
     void (*destroy)(bt_engine *e);
+    /* Optional (NULL: the engine exports nothing). Ends the sequence as bt_engine_kill does (no
+     * further sink callback, the handle is dead on return) after exporting its KV state; cb is
+     * called exactly once, on the loop (possibly before handoff returns) — unless the engine is
+     * destroyed first. */
+    void (*handoff)(bt_engine *e, bt_engine_seq *s, bt_engine_handoff_cb cb, void *ud);
+    /* Optional: the engine's KV hand-off counters (zeros when NULL). */
+    void (*kv_stats)(bt_engine *e, bt_engine_kv_stats *out);
 } bt_engine_ops;
 
 struct bt_engine {
@@ -132,6 +174,10 @@ static inline void bt_engine_stop(bt_engine *e, bt_engine_seq *s) { e->ops->stop
 static inline void bt_engine_kill(bt_engine *e, bt_engine_seq *s) { e->ops->kill(e, s); }
 static inline void bt_engine_get_load(bt_engine *e, bt_engine_load *out) { e->ops->get_load(e, out); }
 static inline void bt_engine_card(bt_engine *e, json_t *card) { e->ops->card(e, card); }
+/* Hands the sequence off (see bt_engine_ops.handoff); an engine without export kills it and calls
+ * cb(ud, NULL, 0) before returning. */
+void bt_engine_handoff(bt_engine *e, bt_engine_seq *s, bt_engine_handoff_cb cb, void *ud);
+void bt_engine_kv_stats_get(bt_engine *e, bt_engine_kv_stats *out);
 static inline void bt_engine_destroy(bt_engine *e) {
     if (e) e->ops->destroy(e);
 }

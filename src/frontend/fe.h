@@ -58,6 +58,7 @@ typedef struct {
     int64_t inflight;
     fe_hist ttft, itl, migration_stall, duration;
     uint64_t migrations_new, migrations_ongoing, migrations_exhausted;
+    uint64_t kv_relayed, kv_relayed_bytes, kv_unrelayed; /* KV states a continuation took / could not */
     uint64_t cancellations[2]; /* [streaming] */
     uint64_t rejections[2];    /* [api] */
     uint64_t tokens_out;
@@ -146,7 +147,18 @@ struct fe_attempt {
     uint32_t tokens; /* tokens received on this attempt */
     int number;      /* 1 = the first attempt */
     uint64_t t_sent_us, t_last_us; /* when its REQUEST was written; its last tokens (outlier.h) */
+    /* a KV state to write ahead of the REQUEST (fe_worker_send_request), NULL when none */
+    const uint8_t *kv_out;
+    size_t kv_out_len;
 };
+
+/* A KV state a worker sent with a stream it gave back (migrate.c): relayed to the next attempt,
+ * then dropped (docs/protocol.md "KV hand-off"). */
+typedef struct {
+    uint8_t *data;
+    uint64_t total, have;
+    bool bad; /* out of order or too large: not relayed */
+} fe_kv;
 
 struct fe_req {
     fe *fe;
@@ -162,6 +174,7 @@ struct fe_req {
     uint32_t *ids;      /* every token id delivered to the client */
     size_t nids, ids_cap;
     bt_buf text;   /* text delivered so far (streaming too: a continuation may need it) */
+    fe_kv kv;      /* the KV state of the attempt that was given back, until the next one takes it */
     bool text_lost; /* streaming: text went past the cap of `text`; no longer sent on migration */
     bt_buf prefix; /* streaming: the constant head of every chunk, built once */
     fe_req_state state;
@@ -409,6 +422,9 @@ void fe_migrate_dispatch(fe_req *r);
 void fe_attempt_on_tokens(fe_attempt *a, const uint32_t *ids, size_t n, const char *text, size_t len);
 void fe_attempt_on_finish(fe_attempt *a, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens);
 void fe_attempt_on_error(fe_attempt *a, bt_status code, const char *msg);
+/* A KVSTATE piece on the attempt's stream (its worker is giving the stream back). */
+void fe_attempt_on_kvstate(fe_attempt *a, uint64_t total, uint64_t offset, const uint8_t *data, size_t len);
+void fe_kv_free(fe_kv *k);
 /* The request ended while a was running: KILL its stream (once), detach it, free it. */
 void fe_attempt_abandon(fe_attempt *a);
 /* The request is handed off to another frontend (shutdown): a is detached and freed with no KILL. */

@@ -64,6 +64,17 @@ static void collect_models(fe *f, bt_metrics *r) {
         bt_metrics_add(fam, (double)m->st.migrations_ongoing, "model", m->name, "migration_type", "ongoing_request",
                        NULL);
     }
+    fam = bt_metrics_counter(r, "baton_frontend_kv_handoff_relayed_total",
+                             "Continuations sent with the KV state their last worker gave the stream back with");
+    for (fe_model *m = f->models; m; m = m->next) bt_metrics_add(fam, (double)m->st.kv_relayed, "model", m->name, NULL);
+    fam = bt_metrics_counter(r, "baton_frontend_kv_handoff_relayed_bytes_total", "Bytes of those KV states");
+    for (fe_model *m = f->models; m; m = m->next)
+        bt_metrics_add(fam, (double)m->st.kv_relayed_bytes, "model", m->name, NULL);
+    fam = bt_metrics_counter(r, "baton_frontend_kv_handoff_unrelayed_total",
+                             "Continuations whose stream came back with a KV state that was not relayed (incomplete, "
+                             "over the frontend's caps, or a worker without KVSTATE): re-prefilled");
+    for (fe_model *m = f->models; m; m = m->next)
+        bt_metrics_add(fam, (double)m->st.kv_unrelayed, "model", m->name, NULL);
     fam = bt_metrics_gauge(r, "dynamo_frontend_model_migration_limit", BT_MERGE_MAX,
                            "Extra attempts a request may get (--migration-limit)");
     for (fe_model *m = f->models; m; m = m->next)

@@ -26,6 +26,15 @@
 #include "frontend/fe.h"
 #include "proto/request.h"
 
+/* The largest KV state relayed (bytes). The state is written to the next worker at once, ahead of
+ * its REQUEST, so it must stay well under a connection's unsent-bytes cap (64 MiB, conn.h); a
+ * larger one is not relayed and the continuation is prefilled. */
+#define FE_KV_MAX ((uint64_t)48 << 20)
+/* ... and at most this much held by all requests of the process at once (a drain hands back many
+ * streams together): past it a state is not kept, and its continuation is prefilled. */
+#define FE_KV_TOTAL_MAX ((uint64_t)512 << 20)
+static _Atomic uint64_t kv_held; /* bytes of states held, over every loop thread */
+
 /* The output a request with no max_tokens is assumed to take, for the worker's pending KV
  * estimate until its next load report (the worker's --default-max-tokens decides the real one). */
 #define MAX_TOKENS_GUESS 256u
@@ -81,7 +90,7 @@ void fe_attempt_release(fe_attempt *a) {
  * carried = every token id delivered to the client; max_tokens = what is left of the client's
  * budget (none when the client set none: the worker's default, less the carried tokens, applies); carried_text = the delivered text, unless it outgrew its cap. *est_tokens estimates the
  * tokens the attempt will hold in KV (4 bytes of body per prompt token). NULL when out of memory. */
-static char *continuation_payload(const fe_req *r, bool adopt, size_t *len, uint64_t *est_tokens) {
+static char *continuation_payload(const fe_req *r, bool adopt, bool kv, size_t *len, uint64_t *est_tokens) {
     int64_t remaining = r->max_tokens - (int64_t)r->nids;
     if (remaining < 0) remaining = 0;
     bool limited = r->max_tokens >= 0; /* else the worker's default, less the carried tokens, bounds it */
@@ -99,6 +108,7 @@ static char *continuation_payload(const fe_req *r, bool adopt, size_t *len, uint
          * on its worker, to be re-attached; otherwise nothing would ever adopt it */
         .stream_key = r->stream && r->jrec && atomic_load(&r->fe->grp->journal->shared) ? r->stream_id : NULL,
         .adopt = adopt && r->jrec,
+        .kv_state_bytes = kv ? r->kv.total : 0,
     };
     if (r->nids && !r->text_lost) {
         rq.carried_text = r->text.data ? r->text.data : "";
@@ -164,9 +174,23 @@ void fe_migrate_dispatch(fe_req *r) {
     r->attempts++;
     size_t len = 0;
     uint64_t est = 0;
-    char *payload = continuation_payload(r, adopt, &len, &est);
+    /* the state the last worker gave the stream back with goes to this one, once */
+    bool kv = r->kv.data && !r->kv.bad && r->kv.have == r->kv.total && !adopt && w->conn &&
+              (bt_rpc_peer_flags(w->conn) & BT_HELLO_KVSTATE); /* an older worker would refuse the frame */
+    if (r->kv.total && !kv) r->model->st.kv_unrelayed++; /* incomplete, too large, or the worker is older */
+    if (kv) {
+        r->model->st.kv_relayed++;
+        r->model->st.kv_relayed_bytes += r->kv.total;
+        a->kv_out = r->kv.data;
+        a->kv_out_len = (size_t)r->kv.total;
+        BT_INFO("request %s: relaying a KV state of %" PRIu64 " bytes to worker %" PRIx64, r->rid, r->kv.total, w->id);
+    }
+    char *payload = continuation_payload(r, adopt, kv, &len, &est);
     uint32_t id = payload ? fe_worker_send_request(w, a, payload, len, est) : 0;
     free(payload);
+    a->kv_out = NULL;
+    a->kv_out_len = 0;
+    fe_kv_free(&r->kv);
     if (id == 0) { /* the connection is going away under us: that attempt failed at once */
         free(a);
         fe_worker_quarantine(w, "cannot send a request");
@@ -277,6 +301,35 @@ void fe_attempt_on_tokens(fe_attempt *a, const uint32_t *ids, size_t n, const ch
         fe_req_set_state(r, FE_REQ_STREAMING, why);
     }
     fe_request_deliver(r, ids, n, text, len); /* may end the request (and free a) */
+}
+
+void fe_kv_free(fe_kv *k) {
+    if (k->data) atomic_fetch_sub(&kv_held, k->total);
+    free(k->data);
+    memset(k, 0, sizeof *k);
+}
+
+void fe_attempt_on_kvstate(fe_attempt *a, uint64_t total, uint64_t offset, const uint8_t *data, size_t len) {
+    fe_kv *k = &a->req->kv;
+    if (offset == 0) { /* a new state: any older one is stale */
+        fe_kv_free(k);
+        k->total = total;
+        k->bad = total == 0 || total > FE_KV_MAX || atomic_fetch_add(&kv_held, total) + total > FE_KV_TOTAL_MAX;
+        if (!k->bad && !(k->data = malloc(total))) k->bad = true;
+        if (k->bad && total) {
+            if (!k->data) atomic_fetch_sub(&kv_held, total > FE_KV_MAX ? 0 : total);
+            BT_INFO("request %s: KV state of %" PRIu64 " bytes not relayed (cap %" PRIu64 " per request, %" PRIu64
+                    " for all)", a->req->rid, total, FE_KV_MAX, FE_KV_TOTAL_MAX);
+        }
+    }
+    if (k->bad || !k->data) return;
+    if (total != k->total || offset != k->have) { /* out of order: useless */
+        fe_kv_free(k);
+        k->bad = true;
+        return;
+    }
+    memcpy(k->data + k->have, data, len);
+    k->have += len;
 }
 
 void fe_attempt_on_finish(fe_attempt *a, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens) {

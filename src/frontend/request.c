@@ -146,6 +146,7 @@ static void req_free(fe_req *r) {
     free(r->ids);
     bt_buf_free(&r->text);
     bt_buf_free(&r->prefix);
+    fe_kv_free(&r->kv);
     bt_ctx_free(r->ctx);
     free(r);
 }

@@ -179,6 +179,14 @@ static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
         fe_attempt_on_tokens(a, ids, n, text, tl);
         return;
     }
+    case BT_FRAME_KVSTATE: {
+        fe_attempt *a = bt_map_get(&w->streams, f->stream);
+        uint64_t total, off;
+        const uint8_t *d;
+        size_t n;
+        if (a && bt_frame_get_kvstate(f, &total, &off, &d, &n) == BT_OK) fe_attempt_on_kvstate(a, total, off, d, n);
+        return;
+    }
     case BT_FRAME_FINISH: {
         fe_attempt *a = bt_map_get(&w->streams, f->stream);
         if (!a) return;
@@ -203,7 +211,8 @@ static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
         fe_attempt *a = bt_map_get(&w->streams, f->stream);
         if (!a) return;
         if (code == BT_ERR_DRAINING || code == BT_ERR_SHUTDOWN) w->goaway = true;
-        else if (bt_status_migratable(code)) fe_worker_quarantine(w, m); /* the probe follows below */
+        /* moved off by its operator (rebalance): the worker is fine, only this stream goes elsewhere */
+        else if (bt_status_migratable(code) && code != BT_ERR_MOVED) fe_worker_quarantine(w, m); /* the probe follows below */
         fe_attempt_on_error(a, (bt_status)code, m);
         return;
     }
@@ -551,6 +560,11 @@ uint32_t fe_worker_send_request(fe_worker *w, fe_attempt *a, const char *payload
     uint32_t id = w->next_stream;
     w->next_stream += 2;
     if (w->next_stream > 0x7fffffffu) w->next_stream = 1;
+    /* a KV state goes just ahead of its REQUEST, on the same stream id (docs/protocol.md) */
+    for (size_t off = 0; off < a->kv_out_len; off += BT_KV_PIECE_MAX) {
+        size_t n = a->kv_out_len - off < BT_KV_PIECE_MAX ? a->kv_out_len - off : BT_KV_PIECE_MAX;
+        if (bt_frame_put_kvstate(b, id, a->kv_out_len, off, a->kv_out + off, n) != BT_OK) return 0;
+    }
     if (bt_frame_put(b, BT_FRAME_REQUEST, id, payload, len) != BT_OK || bt_map_put(&w->streams, id, a) != 0) return 0;
     w->routed_total++;
     /* until the next LOAD shows it, assume the request holds blocks for its prompt and output */

@@ -69,6 +69,10 @@ static const char *check_header(uint8_t type, uint32_t stream, uint64_t plen) {
     case BT_FRAME_TOKENS: return plen >= 2 ? NULL : "TOKENS payload too short";
     case BT_FRAME_ERROR:
     case BT_FRAME_GOAWAY: return plen >= 2 ? NULL : "ERROR/GOAWAY payload too short";
+    case BT_FRAME_KVSTATE:
+        return plen < BT_KV_HEADER                    ? "KVSTATE payload too short"
+               : plen > BT_KV_HEADER + BT_KV_PIECE_MAX ? "KVSTATE piece too large"
+                                                      : NULL;
     default: return NULL; /* REQUEST: any size; its JSON is judged by the worker */
     }
 }
@@ -86,6 +90,12 @@ static const char *check_payload(uint8_t type, const uint8_t *pl, uint32_t plen)
         if (pl[0] > 2) return "bad FINISH reason";
         if (pl[1] | pl[2] | pl[3]) return "FINISH padding not zero";
         return NULL;
+    case BT_FRAME_KVSTATE: {
+        uint64_t total = rd64(pl), off = rd64(pl + 8);
+        if (total > BT_KV_STATE_MAX || off > total || plen - BT_KV_HEADER > total - off)
+            return "KVSTATE piece outside its state";
+        return NULL;
+    }
     default: return NULL;
     }
 }
@@ -169,12 +179,17 @@ bt_status bt_frame_put(bt_buf *out, uint8_t type, uint32_t stream, const void *p
     return end_frame(out, len);
 }
 
-bt_status bt_frame_put_hello(bt_buf *out, uint16_t role, uint64_t instance_id) {
+bt_status bt_frame_put_hello_flags(bt_buf *out, uint8_t flags, uint16_t role, uint64_t instance_id) {
     bt_status st;
     uint8_t *pl = begin_frame(out, BT_FRAME_HELLO, 0, HELLO_LEN, &st);
     if (!pl) return st;
+    pl[5 - (int)BT_FRAME_HEADER] = flags; /* the header's flags byte */
     wr64(wr16(wr16(pl, BT_PROTO_VERSION), role), instance_id);
     return end_frame(out, HELLO_LEN);
+}
+
+bt_status bt_frame_put_hello(bt_buf *out, uint16_t role, uint64_t instance_id) {
+    return bt_frame_put_hello_flags(out, 0, role, instance_id);
 }
 
 bt_status bt_frame_put_tokens(bt_buf *out, uint32_t stream, const uint32_t *ids, size_t n, const char *text,
@@ -346,7 +361,34 @@ bt_status bt_frame_get_auth(const bt_frame *f, uint8_t *kind, const uint8_t **by
 const char *bt_frame_type_name(uint8_t type) {
     static const char *const names[] = {NULL,   "HELLO", "REQUEST", "TOKENS", "FINISH", "ERROR",
                                         "STOP", "KILL",  "PING",    "PONG",   "LOAD",   "GOAWAY",
-                                        "AUTH"};
+                                        "AUTH", "KVSTATE"};
     if (type >= 1 && type <= BT_FRAME_TYPE_MAX_) return names[type];
     return "UNKNOWN";
+}
+
+bt_status bt_frame_put_kvstate(bt_buf *out, uint32_t stream, uint64_t total, uint64_t offset, const void *data,
+                               size_t len) {
+    if (stream == 0 || len > BT_KV_PIECE_MAX || total > BT_KV_STATE_MAX || offset > total || len > total - offset ||
+        (len && !data))
+        return BT_ERR_INVALID;
+    bt_status st;
+    uint8_t *pl = begin_frame(out, BT_FRAME_KVSTATE, stream, BT_KV_HEADER + len, &st);
+    if (!pl) return st;
+    uint8_t *w = wr64(wr64(pl, total), offset);
+    if (len) memcpy(w, data, len);
+    return end_frame(out, BT_KV_HEADER + len);
+}
+
+bt_status bt_frame_get_kvstate(const bt_frame *f, uint64_t *total, uint64_t *offset, const uint8_t **data,
+                               size_t *len) {
+    if (!f || f->type != BT_FRAME_KVSTATE) return BT_ERR_INVALID;
+    if (f->len < BT_KV_HEADER || f->len > BT_KV_HEADER + BT_KV_PIECE_MAX || !f->payload) return BT_ERR_PROTOCOL;
+    uint64_t t = rd64(f->payload), o = rd64(f->payload + 8);
+    size_t n = f->len - BT_KV_HEADER;
+    if (t > BT_KV_STATE_MAX || o > t || n > t - o) return BT_ERR_PROTOCOL;
+    if (total) *total = t;
+    if (offset) *offset = o;
+    if (data) *data = f->payload + BT_KV_HEADER;
+    if (len) *len = n;
+    return BT_OK;
 }

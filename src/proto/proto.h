@@ -38,10 +38,15 @@ typedef enum {
     BT_FRAME_LOAD = 10,    /* W→FE, stream 0: see bt_load_report */
     BT_FRAME_GOAWAY = 11,  /* W→FE, stream 0: u16 status code, then UTF-8 reason; route nothing new */
     BT_FRAME_AUTH = 12,    /* both ways, stream 0: u8 kind (1 challenge, 2 response), 32 bytes */
-    BT_FRAME_TYPE_MAX_ = 12
+    BT_FRAME_KVSTATE = 13, /* both ways, stream != 0: u64 total, u64 offset, bytes: one piece of a KV state */
+    BT_FRAME_TYPE_MAX_ = 13
 } bt_frame_type;
 
 typedef enum { BT_ROLE_FRONTEND = 1, BT_ROLE_WORKER = 2 } bt_role;
+
+/* HELLO flags (the frame header's flags byte of a HELLO; a receiver ignores bits it does not know,
+ * so a peer without them is simply one that lacks the capability) */
+#define BT_HELLO_KVSTATE 0x1u /* the sender understands KVSTATE frames (the KV hand-off) */
 
 /* LOAD flags */
 #define BT_LOAD_READY 0x1u /* the worker's endpoint is ready (canary passing, not draining) */
@@ -77,6 +82,8 @@ bt_status bt_frame_parse(const uint8_t *p, size_t n, uint32_t max_len, bt_frame 
  * ids, FINISH reason above 2). Flags are written as 0. */
 bt_status bt_frame_put(bt_buf *out, uint8_t type, uint32_t stream, const void *payload, size_t len);
 bt_status bt_frame_put_hello(bt_buf *out, uint16_t role, uint64_t instance_id);
+/* HELLO with header flags (BT_HELLO_*). */
+bt_status bt_frame_put_hello_flags(bt_buf *out, uint8_t flags, uint16_t role, uint64_t instance_id);
 bt_status bt_frame_put_tokens(bt_buf *out, uint32_t stream, const uint32_t *ids, size_t n, const char *text,
                               size_t text_len);
 bt_status bt_frame_put_finish(bt_buf *out, uint32_t stream, uint8_t reason, uint32_t prompt_tokens,
@@ -106,6 +113,17 @@ bt_status bt_frame_get_load(const bt_frame *f, bt_load_report *r);
 #define BT_AUTH_LEN 32u
 bt_status bt_frame_put_auth(bt_buf *out, uint8_t kind, const uint8_t bytes[BT_AUTH_LEN]);
 bt_status bt_frame_get_auth(const bt_frame *f, uint8_t *kind, const uint8_t **bytes);
+
+/* KVSTATE: one piece of a sequence's exported KV state (docs/protocol.md, "KV hand-off"). A piece
+ * holds at most BT_KV_PIECE_MAX bytes, so that a token frame queued behind it waits for at most that
+ * much; a whole state at most BT_KV_STATE_MAX. The codec checks offset + piece <= total <= the cap. */
+#define BT_KV_PIECE_MAX (256u * 1024)
+#define BT_KV_STATE_MAX ((uint64_t)1 << 32)
+#define BT_KV_HEADER 16u /* u64 total, u64 offset */
+bt_status bt_frame_put_kvstate(bt_buf *out, uint32_t stream, uint64_t total, uint64_t offset, const void *data,
+                               size_t len);
+bt_status bt_frame_get_kvstate(const bt_frame *f, uint64_t *total, uint64_t *offset, const uint8_t **data,
+                               size_t *len);
 
 const char *bt_frame_type_name(uint8_t type);
 

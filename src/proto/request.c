@@ -2,6 +2,9 @@
  * this file fixes the members, their types and ranges in one place for both ends. */
 #include "proto/request.h"
 
+#include "proto/proto.h"
+
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,6 +28,9 @@ char *bt_request_encode(const bt_request *rq, size_t *len) {
     if (rq->priority && json_object_set_new(msg, "priority", json_integer(rq->priority)) != 0) goto done;
     if (rq->stream_key && json_object_set_new(msg, "stream_key", json_string(rq->stream_key)) != 0) goto done;
     if (rq->stream_key && rq->adopt && json_object_set_new(msg, "adopt", json_true()) != 0) goto done;
+    if (rq->kv_state_bytes &&
+        json_object_set_new(msg, "kv_state_bytes", json_integer((json_int_t)rq->kv_state_bytes)) != 0)
+        goto done;
     out = json_dumps(msg, JSON_COMPACT);
     if (out && len) *len = strlen(out);
 done:
@@ -58,6 +64,7 @@ bt_status bt_request_decode(const void *payload, size_t len, bt_request_msg *out
     json_t *jprio = json_object_get(root, "priority");
     json_t *jkey = json_object_get(root, "stream_key");
     json_t *jadopt = json_object_get(root, "adopt");
+    json_t *jkv = json_object_get(root, "kv_state_bytes");
     if (!json_is_string(rid) || json_string_length(rid) == 0 || json_string_length(rid) > BT_REQUEST_ID_MAX ||
         strlen(json_string_value(rid)) != json_string_length(rid))
         FAIL("malformed request payload: request_id must be a string of 1 to %d bytes", BT_REQUEST_ID_MAX);
@@ -84,6 +91,9 @@ bt_status bt_request_decode(const void *payload, size_t len, bt_request_msg *out
     }
     if (jadopt && !json_is_boolean(jadopt)) FAIL("malformed request payload: adopt must be a boolean");
     if (json_is_true(jadopt) && !jkey) FAIL("malformed request payload: adopt needs a stream_key");
+    if (jkv && (!json_is_integer(jkv) || json_integer_value(jkv) < 1 ||
+                (uint64_t)json_integer_value(jkv) > BT_KV_STATE_MAX))
+        FAIL("malformed request payload: kv_state_bytes must be an integer from 1 to %" PRIu64, BT_KV_STATE_MAX);
     size_t n = jcar ? json_array_size(jcar) : 0;
     if (n) {
         carried = malloc(n * sizeof *carried);
@@ -112,6 +122,7 @@ bt_status bt_request_decode(const void *payload, size_t len, bt_request_msg *out
     out->rq.priority = jprio ? (int32_t)json_integer_value(jprio) : 0;
     out->rq.stream_key = jkey ? json_string_value(jkey) : NULL;
     out->rq.adopt = json_is_true(jadopt);
+    out->rq.kv_state_bytes = jkv ? (uint64_t)json_integer_value(jkv) : 0;
     if (jtext) {
         out->rq.carried_text = json_string_value(jtext);
         out->rq.carried_text_len = json_string_length(jtext);

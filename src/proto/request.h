@@ -22,6 +22,9 @@
  *   adopt         boolean (optional, default false; needs stream_key): re-attach to the orphan of
  *                 stream_key if the worker holds one, replaying what it produced after
  *                 len(carried) tokens; if it holds none, the payload is an ordinary continuation
+ *   kv_state_bytes integer in [1, 2^32] (optional): the KVSTATE frames sent on this stream just
+ *                 before this REQUEST carry an exported KV state of that many bytes, which the
+ *                 worker may import instead of prefilling (docs/protocol.md, "KV hand-off")
  * Unknown members are ignored, so that a newer frontend can add some. No I/O: unit-tested
  * (tests/unit/test_request.c) and fuzzed (fuzz/fuzz_request.c). */
 #ifndef BATON_PROTO_REQUEST_H
@@ -54,6 +57,7 @@ typedef struct {
     int32_t priority; /* 0 is not sent (the default) */
     const char *stream_key; /* NULL: none (the stream cannot be orphaned); else BT_STREAM_KEY_LEN hex */
     bool adopt;             /* re-attach to the orphan of stream_key, if any */
+    uint64_t kv_state_bytes; /* 0: no KV state precedes the REQUEST */
 } bt_request;
 
 /* Encodes rq as a payload: a malloc'd string (free with free()) of *len bytes, NUL-terminated;

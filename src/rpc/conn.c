@@ -48,6 +48,7 @@ struct bt_rpc_conn {
     uint8_t nonce[BT_AUTH_LEN];          /* our challenge (worker with a secret) */
     bool challenged;
     uint64_t peer_instance;
+    uint8_t peer_flags; /* its HELLO's flags (BT_HELLO_*) */
     bt_status close_why;
     char close_reason[160];
     char peer[64];
@@ -188,6 +189,10 @@ void bt_rpc_flush(bt_rpc_conn *c) {
 
 static void on_flush_idle(uv_idle_t *h) { bt_rpc_flush(h->data); }
 
+size_t bt_rpc_unsent(const bt_rpc_conn *c) { return c->queued + c->wbuf.len; }
+
+uint8_t bt_rpc_peer_flags(const bt_rpc_conn *c) { return c->peer_flags; }
+
 bt_buf *bt_rpc_wbuf(bt_rpc_conn *c) {
     if (c->state == CONN_CLOSING) return NULL;
     if (!c->flush_scheduled) {
@@ -279,6 +284,7 @@ static void handle_frame(bt_rpc_conn *c, const bt_frame *f) {
             return;
         }
         c->peer_instance = inst;
+        c->peer_flags = f->flags;
         if (c->challenged) c->state = CONN_AUTH;
         else conn_opened(c);
         return;
@@ -431,7 +437,7 @@ static void start_session(bt_rpc_conn *c) {
         return;
     }
     c->session_ms = c->last_rx_ms;
-    bt_frame_put_hello(bt_rpc_wbuf(c), c->cfg.role, c->cfg.instance_id);
+    bt_frame_put_hello_flags(bt_rpc_wbuf(c), BT_HELLO_KVSTATE, c->cfg.role, c->cfg.instance_id);
     if (c->cfg.role == BT_ROLE_WORKER && c->cfg.secret && *c->cfg.secret) {
         for (size_t i = 0; i < BT_AUTH_LEN; i += 8) {
             uint64_t r = bt_random64();

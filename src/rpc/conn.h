@@ -69,6 +69,11 @@ bt_buf *bt_rpc_wbuf(bt_rpc_conn *c);
 /* Flushes now instead of at the end of the iteration (e.g. before a close). */
 void bt_rpc_flush(bt_rpc_conn *c);
 
+/* Bytes written by the owner and not yet taken by the kernel (corked plus queued in libuv). */
+size_t bt_rpc_unsent(const bt_rpc_conn *c);
+/* The flags of the peer's HELLO (BT_HELLO_*: what it understands); 0 before the handshake. This
+ * side always announces BT_HELLO_KVSTATE. */
+uint8_t bt_rpc_peer_flags(const bt_rpc_conn *c);
 bool bt_rpc_is_open(const bt_rpc_conn *c);   /* handshake done and not closing */
 uint64_t bt_rpc_peer_instance(const bt_rpc_conn *c);
 const char *bt_rpc_peer_name(const bt_rpc_conn *c); /* "ip:port" */

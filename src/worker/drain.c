@@ -55,6 +55,8 @@ static void log_summary(wk_worker *w) {
 /* Everything in flight is over (finished or handed back): close and let the loop end. */
 static void worker_finish(wk_worker *w) {
     if (w->finishing) return;
+    /* streams handed back with their KV state: their states go out first (handoff.c) */
+    if (wk_handoff_when_idle(w, worker_finish)) return;
     w->finishing = true;
     uv_timer_stop(&w->drain_timer);
     log_summary(w);
@@ -108,8 +110,7 @@ static void hand_back_all(wk_worker *w, const char *why) {
         while (bt_map_next(&p->streams, &it, &k, &v)) {
             wk_stream *s = v;
             BT_INFO("request %s handed back for migration after %u new tokens (%s)", s->rid, s->tokens, why);
-            wk_send_stream_error(p, s->id, BT_ERR_SHUTDOWN, "engine shutting down");
-            bt_engine_kill(w->engine, s->seq);
+            wk_handoff_give_back(s, BT_ERR_SHUTDOWN, "engine shutting down"); /* with its KV state */
             w->drain.handed_back++;
             bt_map_del(&p->streams, k);
             w->nstreams--;

@@ -60,6 +60,7 @@ static void status_collect(wk_worker *w, bt_metrics *r) {
                                              "KILL frame arrival to the engine dropping the sequence"),
                         &w->cancel_lat, NULL);
     wk_orphan_collect(w, r);
+    wk_handoff_collect(w, r);
     bt_metrics_add(bt_metrics_counter(r, "baton_worker_handed_back_total",
                                       "Streams handed back to their frontend when a drain ran out of time"),
                    (double)w->drain.handed_back, "model", m, NULL);
@@ -207,18 +208,49 @@ static void route_live(void *ud, bt_http_req *req, const char *tail) {
     bt_buf_free(&b);
 }
 
-/* GET (and HEAD: the same answer without its body) only; the health and live paths are the
- * operator's (DYN_SYSTEM_HEALTH_PATH, DYN_SYSTEM_LIVE_PATH), so the table is built per worker. */
+/* POST /rebalance?streams=N (default 1; --rebalance-endpoint): moves up to N running streams to
+ * other workers through the KV hand-off; answers {"moved": k, "running": streams left}. 409 while
+ * the worker is not ready (draining: it gives back everything anyway). */
+static void route_rebalance(void *ud, bt_http_req *req, const char *tail) {
+    (void)tail;
+    wk_worker *w = ud;
+    long long n = 1;
+    const char *q = strstr(req->query, "streams=");
+    if (q) {
+        char *end;
+        n = strtoll(q + 8, &end, 10);
+        if (end == q + 8 || (*end && *end != '&') || n < 0 || n > 1000000) {
+            const char *m = "{\"error\":\"streams must be an integer from 0 to 1000000\"}";
+            bt_http_respond(req, 400, "application/json", NULL, m, strlen(m));
+            return;
+        }
+    }
+    if (w->state != WK_READY) {
+        const char *m = "{\"error\":\"the worker is not ready (draining or starting)\"}";
+        bt_http_respond(req, 409, "application/json", NULL, m, strlen(m));
+        return;
+    }
+    size_t moved = wk_handoff_rebalance(w, (size_t)n);
+    char b[128];
+    int len = snprintf(b, sizeof b, "{\"moved\":%zu,\"running\":%zu}", moved, w->nstreams);
+    bt_http_respond(req, 200, "application/json", NULL, b, (size_t)len);
+}
+
+/* GET (and HEAD: the same answer without its body), and POST /rebalance when enabled; the health
+ * and live paths are the operator's (DYN_SYSTEM_HEALTH_PATH, DYN_SYSTEM_LIVE_PATH), so the table
+ * is built per worker. */
 static void on_status_request(void *ud, bt_http_req *req) {
     wk_worker *w = ud;
     const bt_http_route routes[] = {
         {"/metrics", BT_ROUTE_GET, BT_ROUTE_OPEN, route_metrics},
         {w->o.health_path, BT_ROUTE_GET, BT_ROUTE_OPEN, route_health},
         {w->o.live_path, BT_ROUTE_GET, BT_ROUTE_OPEN, route_live},
+        {"/rebalance", BT_ROUTE_POST, BT_ROUTE_OPEN, route_rebalance},
     };
     const bt_http_route *r;
     const char *tail;
-    if (bt_http_route_find(routes, sizeof routes / sizeof routes[0], req->method, req->path, &r, &tail) ==
+    size_t nroutes = sizeof routes / sizeof routes[0] - (w->o.rebalance_endpoint ? 0 : 1);
+    if (bt_http_route_find(routes, nroutes, req->method, req->path, &r, &tail) ==
         BT_ROUTE_FOUND)
         r->handler(w, req, tail);
     else bt_http_respond(req, 404, "text/plain", NULL, "Route not found", 15);

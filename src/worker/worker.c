@@ -217,6 +217,8 @@ static void handle_request(wk_peer *p, uint32_t id, const bt_frame *f) {
     wk_worker *w = p->w;
     char err[256] = "";
     uint32_t *carried = NULL;
+    uint8_t *kv = NULL; /* a KV state that came with the REQUEST (handoff.c) */
+    size_t er_kv_len = 0;
     bt_request_msg msg = {0};
     wk_stream *s = NULL;
     bt_status st;
@@ -234,8 +236,14 @@ static void handle_request(wk_peer *p, uint32_t id, const bt_frame *f) {
     }
     st = bt_request_decode(f->payload, f->len, &msg, err, sizeof err);
     if (st != BT_OK) goto fail;
+    if (msg.rq.kv_state_bytes) {
+        kv = wk_handoff_take(p, id, msg.rq.kv_state_bytes);
+        er_kv_len = kv ? (size_t)msg.rq.kv_state_bytes : 0;
+    }
     json_t *body = (json_t *)msg.rq.body;
     bt_engine_request er = {0};
+    er.kv_state = kv;
+    er.kv_state_len = er_kv_len;
     er.request_id = msg.rq.request_id;
     er.api = msg.rq.api;
     er.body = body;
@@ -273,6 +281,7 @@ static void handle_request(wk_peer *p, uint32_t id, const bt_frame *f) {
         wk_stream *o = wk_orphan_take(w, msg.rq.stream_key, msg.rq.request_id, carried, ncar, &from);
         if (o && attach_adopted(p, id, o, msg.rq.request_id)) {
             wk_orphan_replay(o, from); /* may free o */
+            free(kv);
             free(carried);
             bt_request_msg_free(&msg);
             return;
@@ -330,6 +339,7 @@ static void handle_request(wk_peer *p, uint32_t id, const bt_frame *f) {
     w->nstreams++;
     BT_DEBUG("request %s accepted on stream %u (%zu carried tokens, max_tokens %u)", s->rid, id, ncar,
              er.max_tokens);
+    free(kv);
     free(carried);
     bt_request_msg_free(&msg);
     return;
@@ -340,6 +350,7 @@ fail:
     wk_send_stream_error(p, id, st, err[0] ? err : bt_status_msg(st));
     if (s) bt_ctx_free(s->ctx);
     free(s);
+    free(kv);
     free(carried);
     bt_request_msg_free(&msg);
 }
@@ -399,6 +410,9 @@ static void on_peer_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
         if (s) bt_ctx_stop(s->ctx); /* a repeated STOP, or a STOP after a KILL, does nothing */
         break;
     }
+    case BT_FRAME_KVSTATE: /* the state of the continuation whose REQUEST follows */
+        wk_handoff_piece(p, f);
+        break;
     case BT_FRAME_KILL: {
         wk_stream *s = bt_map_get(&p->streams, f->stream);
         if (s && !bt_ctx_is_killed(s->ctx)) {
@@ -489,6 +503,7 @@ static void on_peer_close(void *ud, bt_rpc_conn *c, bt_status why, const char *r
     }
     bt_map_free(&p->streams);
     bt_ctx_free(p->ctx);
+    wk_handoff_peer_gone(p);
     free(p);
 }
 
@@ -531,7 +546,8 @@ static const char *const openai_only[] = {"--upstream", "--upstream-model", "--u
 static const char *const mocker_only[] = {"--num-gpu-blocks-override", "--block-size", "--max-num-seqs",
                                           "--max-num-batched-tokens", "--watermark", "--speedup-ratio",
                                           "--fault-die-after-tokens", "--fault-stall-after-tokens",
-                                          "--fault-error-after-tokens", "--fault-signals", "--fault-slow-factor", NULL};
+                                          "--fault-error-after-tokens", "--fault-signals", "--fault-slow-factor",
+                                          "--mocker-kv-bytes-per-token", NULL};
 
 static bool engine_settings_check(const wk_opts *o, const bt_opt *opts, int nopts, int argc, char **argv, char *err,
                                   size_t errlen) {
@@ -691,6 +707,7 @@ static int worker_run(wk_worker *w) {
 
     wk_drain_init(w);
     wk_orphan_init(w);
+    wk_handoff_init(w);
     wk_set_state(w, WK_READY);
     wk_canary_start(w);
     BT_INFO("worker %" PRIx64 " serving model '%s' on %s (endpoint dyn://%s.%s.%s, discovery %s, drain bound %llds)",
@@ -723,6 +740,7 @@ int bt_worker_main(int argc, char **argv) {
     o->endpoint_health = "[]";
     o->frontend_dead_after = 5;
     o->orphan_grace = 30;
+    o->kv_handoff = true;
     o->canary_enabled = false;
     o->canary_wait = 10;
     o->canary_timeout = 3;
@@ -808,6 +826,15 @@ int bt_worker_main(int argc, char **argv) {
         BT_PROC_OPT_RPC_SECRET_FILE(&o->p),
         {"--frontend-dead-after", "DYN_FRONTEND_DEAD_AFTER", BT_OPT_INT, &o->frontend_dead_after, 1, 3600,
          "seconds of silence before a frontend connection is dropped"},
+        {"--kv-handoff", "DYN_KV_HANDOFF", BT_OPT_BOOL, &o->kv_handoff, 0, 0,
+         "a stream given back (drain bound, rebalance) carries its exported KV state, so that the next worker "
+         "continues it without prefill (llama engine; false: the next worker re-prefills)"},
+        {"--rebalance-endpoint", "DYN_REBALANCE_ENDPOINT", BT_OPT_BOOL, &o->rebalance_endpoint, 0, 0,
+         "serve POST /rebalance?streams=N on the status server: moves N running streams to other workers "
+         "(with their KV state) without stopping this one. Off by default: the status server has no "
+         "authentication"},
+        {"--fault-kv-corrupt", "BATON_FAULT_KV_CORRUPT", BT_OPT_BOOL, &o->llama.fault_kv_corrupt, 0, 0,
+         "test hook: every exported KV state has one byte flipped (the receiver must fall back to prefill)"},
         {"--orphan-grace", "DYN_ORPHAN_GRACE", BT_OPT_DOUBLE, &o->orphan_grace, 0, 3600,
          "seconds a resumable stream keeps running after its frontend's connection ends, for another frontend to "
          "re-attach to (0 = kill it at once)"},
@@ -834,6 +861,10 @@ int bt_worker_main(int argc, char **argv) {
          "mocker test hook"},
         {"--fault-error-after-tokens", NULL, BT_OPT_INT, &o->mocker.fault_error_after_tokens, 0, 1e15,
          "mocker test hook"},
+        {"--mocker-kv-bytes-per-token", "BATON_MOCKER_KV_BYTES_PER_TOKEN", BT_OPT_INT, &o->mocker.kv_bytes_per_token,
+         0, 1e8,
+         "mocker: KV state bytes per token a handed-off sequence exports (models --kv-handoff; 0 = none; "
+         "stories260K: about 650, a 7B fp16 model: 524288)"},
         {"--fault-slow-factor", "BATON_FAULT_SLOW_FACTOR", BT_OPT_DOUBLE, &o->mocker.fault_slow_factor, 1, 1000,
          "mocker test hook: every step takes this many times longer (1 = off); with --fault-signals, SIGWINCH "
          "switches it off and on"},

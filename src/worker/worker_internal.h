@@ -8,6 +8,8 @@
  *              declares a stuck engine failed
  *   orphan.c   streams whose frontend's connection ended, kept for --orphan-grace so that a
  *              frontend resuming the request re-attaches to them (no re-prefill)
+ *   handoff.c  the KV hand-off: a stream given back travels with its exported KV state, and a
+ *              continuation that brings one imports it instead of prefilling
  *
  * Everything runs on the worker's one libuv loop. Symbols shared between these files carry the
  * wk_ prefix; everything else is static. */
@@ -56,6 +58,8 @@ typedef enum {
 
 #define WK_ORPHAN_HISTORY_MAX (1u << 20) /* bytes of history per adoptable stream */
 typedef struct wk_peer wk_peer;
+typedef struct wk_handoff wk_handoff; /* handoff.c */
+typedef struct wk_kv_in wk_kv_in;     /* handoff.c */
 
 /* What an adoptable stream produced on this worker (orphan.c): every TOKENS batch, so that an
  * adopting frontend can be sent what it lacks from any batch boundary on. Bounded by
@@ -113,6 +117,7 @@ struct wk_peer {
      bt_map streams; /* stream id → wk_stream */
     bt_ctx *ctx;    /* parent of its streams' contexts: killed when the connection is lost */
     bool lost;      /* the connection ended: kills count as frontend_lost */
+    wk_kv_in *kvin; /* a KV state arriving for the next REQUEST (handoff.c), NULL when none */
     LIST_ENTRY(wk_peer) link; /* wk_worker.peers */
 };
 
@@ -134,6 +139,8 @@ typedef struct {
     const char *endpoint_health; /* DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS: JSON list of endpoint names */
     int64_t frontend_dead_after;
     double orphan_grace; /* seconds an orphaned stream is kept for re-attachment; 0 = kill at once */
+    bool kv_handoff;     /* --kv-handoff: streams given back carry their KV state */
+    bool rebalance_endpoint; /* --rebalance-endpoint: POST /rebalance on the status server */
     char *rpc_secret; /* loaded at start-up; NULL = frontends need no secret */
     bool fault_signals;
     bool fault_ignore_kill; /* test hook: a KILL frame does not reach the engine */
@@ -229,6 +236,15 @@ struct wk_worker {
     uint64_t cancel_kill, cancel_stop, cancel_peer_lost;
     /* KILL frame arrival → engine drop, seconds, over wk_cancel_buckets (status.c collects it) */
     bt_hist cancel_lat;
+    /* handoff.c */
+    LIST_HEAD(, wk_handoff) handoffs;
+    size_t nhandoffs;
+    uv_timer_t handoff_timer;      /* paces KVSTATE pieces */
+    uv_timer_t handoff_wait_timer; /* bounds an exiting worker's wait for its hand-offs */
+    void (*handoff_idle)(wk_worker *w);
+    uint64_t kv_sent;    /* states sent to a frontend with their stream */
+    uint64_t kv_missing; /* announced states that did not arrive whole (fallback "missing") */
+    uint64_t rebalanced; /* streams moved off by the operator's rebalance */
 };
 
 /* status.c: the buckets of baton_worker_cancel_latency_seconds (wk_worker.cancel_lat) */
@@ -245,6 +261,29 @@ void wk_stream_free(wk_stream *s);
 /* True when new work may be routed here: serving, not draining, endpoint healthy. The endpoint's
  * readiness, as /health reports it under "endpoints". */
 bool wk_ready(const wk_worker *w);
+
+/* handoff.c */
+void wk_handoff_init(wk_worker *w);
+/* Gives stream s back to its frontend with the migratable `code`: its KV state first (when
+ * --kv-handoff and the engine exports one), then the ERROR. The engine sequence ends here (the
+ * caller frees s without killing it). */
+void wk_handoff_give_back(wk_stream *s, bt_status code, const char *msg);
+/* A KVSTATE frame from peer p. */
+void wk_handoff_piece(wk_peer *p, const bt_frame *f);
+/* The whole state of `bytes` bytes received for `stream` (malloc'd, the caller frees it), or NULL
+ * (counted as the fallback "missing"). */
+uint8_t *wk_handoff_take(wk_peer *p, uint32_t stream, uint64_t bytes);
+/* p's connection ended: its hand-offs are dropped. */
+void wk_handoff_peer_gone(wk_peer *p);
+/* When hand-offs are still being exported or sent: fn runs when they are done (or after a bound)
+ * and true is returned; otherwise false and fn is not called. */
+bool wk_handoff_when_idle(wk_worker *w, void (*fn)(wk_worker *w));
+/* Moves up to n running streams off this worker (the operator's rebalance): each is given back
+ * with BT_ERR_MOVED and its KV state, and its frontend continues it on another worker. Returns how
+ * many were moved (none while not ready: a draining worker gives back everything anyway). */
+size_t wk_handoff_rebalance(wk_worker *w, size_t n);
+/* The hand-off and prefill counters, for /metrics. */
+void wk_handoff_collect(wk_worker *w, bt_metrics *r);
 
 /* orphan.c */
 void wk_orphan_init(wk_worker *w);

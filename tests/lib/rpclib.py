@@ -11,6 +11,8 @@ import struct
 import time
 
 HELLO, REQUEST, TOKENS, FINISH, ERROR, STOP, KILL, PING, PONG, LOAD, GOAWAY = range(1, 12)
+KVSTATE = 13
+HELLO_KVSTATE = 0x1  # HELLO flag: this side understands KVSTATE frames
 FINISH_REASONS = {0: "stop", 1: "length", 2: "cancelled"}
 
 
@@ -22,20 +24,20 @@ class Frame:
 
 
 class Conn:
-    def __init__(self, port, host="127.0.0.1", instance_id=None, timeout=15.0):
+    def __init__(self, port, host="127.0.0.1", instance_id=None, timeout=15.0, hello_flags=0):
         # a frontend process has one instance id; each Conn is another frontend unless told
         self.instance_id = instance_id or random.getrandbits(62) + 1
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""
         self.next_stream = 1
-        self.send(HELLO, 0, struct.pack(">HHQ", 1, 1, self.instance_id))
+        self.send(HELLO, 0, struct.pack(">HHQ", 1, 1, self.instance_id), flags=hello_flags)
         f = self.read()
         assert f.type == HELLO, f"first frame from the worker is type {f.type}, not HELLO"
         self.pending = []
 
-    def send(self, ftype, stream, payload=b""):
-        self.sock.sendall(struct.pack(">IBBHI", 8 + len(payload), ftype, 0, 0, stream) + payload)
+    def send(self, ftype, stream, payload=b"", flags=0):
+        self.sock.sendall(struct.pack(">IBBHI", 8 + len(payload), ftype, flags, 0, stream) + payload)
 
     def read(self):
         """The next frame (PINGs are answered and LOADs skipped here)."""

@@ -79,11 +79,63 @@ static int put_all_types(bt_buf *b, uint32_t stream) {
     assert_int_equal(bt_frame_put_ping(b, BT_FRAME_PING, 0xfeedfacecafebeefull), BT_OK), n++;
     assert_int_equal(bt_frame_put_ping(b, BT_FRAME_PONG, 7), BT_OK), n++;
     assert_int_equal(bt_frame_put_load(b, &lr), BT_OK), n++;
+    assert_int_equal(bt_frame_put_kvstate(b, stream ? stream : 1, 40, 8, "kv-piece", 8), BT_OK), n++;
     assert_int_equal(bt_frame_put_goaway(b, BT_ERR_DRAINING, "draining"), BT_OK), n++;
     return n;
 }
 
 /* ---- round trips -------------------------------------------------------------------------- */
+
+/* KVSTATE: a piece round-trips; a piece outside its state, too large, or on stream 0 is refused by
+ * the encoder and, written raw, by the parser. */
+static void test_kvstate(void **state) {
+    (void)state;
+    bt_buf b;
+    bt_buf_init(&b, 4u << 20);
+    uint8_t *piece = malloc(BT_KV_PIECE_MAX + 1);
+    assert_non_null(piece);
+    for (size_t i = 0; i <= BT_KV_PIECE_MAX; i++) piece[i] = (uint8_t)(i * 7 + 3);
+    assert_int_equal(bt_frame_put_kvstate(&b, 9, 1000000, 4096, piece, BT_KV_PIECE_MAX), BT_OK);
+    assert_int_equal(bt_frame_put_kvstate(&b, 9, 10, 10, NULL, 0), BT_OK);
+    bt_frame f;
+    size_t used;
+    const char *err = NULL;
+    assert_int_equal(bt_frame_parse((uint8_t *)b.data, b.len, BT_FRAME_DEFAULT_MAX, &f, &used, &err), BT_OK);
+    assert_int_equal(f.type, BT_FRAME_KVSTATE);
+    assert_int_equal(f.stream, 9);
+    uint64_t total, off;
+    const uint8_t *d;
+    size_t n;
+    assert_int_equal(bt_frame_get_kvstate(&f, &total, &off, &d, &n), BT_OK);
+    assert_int_equal(total, 1000000);
+    assert_int_equal(off, 4096);
+    assert_int_equal(n, BT_KV_PIECE_MAX);
+    assert_memory_equal(d, piece, n);
+    assert_int_equal(bt_frame_parse((uint8_t *)b.data + used, b.len - used, BT_FRAME_DEFAULT_MAX, &f, &used, &err),
+                     BT_OK);
+    assert_int_equal(bt_frame_get_kvstate(&f, &total, &off, &d, &n), BT_OK);
+    assert_int_equal(n, 0);
+    assert_int_equal(off, 10);
+    size_t len0 = b.len;
+    /* the encoder refuses what the parser would */
+    assert_int_equal(bt_frame_put_kvstate(&b, 9, 100, 0, piece, BT_KV_PIECE_MAX + 1), BT_ERR_INVALID);
+    assert_int_equal(bt_frame_put_kvstate(&b, 9, 100, 90, piece, 11), BT_ERR_INVALID);
+    assert_int_equal(bt_frame_put_kvstate(&b, 9, 100, 101, NULL, 0), BT_ERR_INVALID);
+    assert_int_equal(bt_frame_put_kvstate(&b, 0, 100, 0, piece, 1), BT_ERR_INVALID);
+    assert_int_equal(bt_frame_put_kvstate(&b, 9, BT_KV_STATE_MAX + 1, 0, piece, 1), BT_ERR_INVALID);
+    assert_int_equal(b.len, len0);
+    /* raw frames the parser refuses */
+    uint8_t pl[BT_KV_HEADER + 4] = {0};
+    pl[7] = 100; /* total 100 */
+    pl[15] = 98; /* offset 98: 4 bytes overrun */
+    assert_int_equal(parse_raw(BT_FRAME_KVSTATE, 0, 9, pl, sizeof pl, &err), BT_ERR_PROTOCOL);
+    pl[15] = 96; /* fits exactly */
+    assert_int_equal(parse_raw(BT_FRAME_KVSTATE, 0, 9, pl, sizeof pl, &err), BT_OK);
+    assert_int_equal(parse_raw(BT_FRAME_KVSTATE, 0, 0, pl, sizeof pl, &err), BT_ERR_PROTOCOL);
+    assert_int_equal(parse_raw(BT_FRAME_KVSTATE, 0, 9, pl, BT_KV_HEADER - 1, &err), BT_ERR_PROTOCOL);
+    free(piece);
+    bt_buf_free(&b);
+}
 
 static void test_hello_wire_bytes(void **state) {
     (void)state;
@@ -748,6 +800,7 @@ int main(void) {
         cmocka_unit_test(test_short_length),
         cmocka_unit_test(test_oversized_prefix),
         cmocka_unit_test(test_encoder_cap),
+        cmocka_unit_test(test_kvstate),
         cmocka_unit_test(test_encoder_rejects_invalid),
         cmocka_unit_test(test_decoders_defensive),
         cmocka_unit_test(test_fuzz_loop),

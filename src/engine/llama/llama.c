@@ -22,6 +22,7 @@
 #include "common/paths.h"
 #include "common/util.h"
 #include "engine/llama/llama_internal.h"
+#include "engine/llama/llama_kv.h"
 #include "engine/llama/llama_lib.h"
 #include "engine/llama/llama_sample.h"
 #include "engine/llama/llama_text.h"
@@ -90,8 +91,8 @@ bt_engine *bt_llama_create(uv_loop_t *loop, const bt_llama_config *cfg, const bt
 
 /* ---- messages ------------------------------------------------------------------------------- */
 
-typedef enum { CMD_SUBMIT, CMD_STOP, CMD_KILL, CMD_DIE, CMD_STALL, CMD_RESUME } ll_cmd_kind;
-typedef enum { EV_TOKENS, EV_END, EV_DEAD } ll_ev_kind;
+typedef enum { CMD_SUBMIT, CMD_STOP, CMD_KILL, CMD_DIE, CMD_STALL, CMD_RESUME, CMD_HANDOFF } ll_cmd_kind;
+typedef enum { EV_TOKENS, EV_END, EV_DEAD, EV_HANDOFF } ll_ev_kind;
 typedef enum { END_FINISH, END_ERROR, END_KILLED } ll_end_kind;
 
 typedef struct ll_seq ll_seq;
@@ -101,6 +102,8 @@ typedef struct ll_cmd {
     ll_cmd_kind kind;
     bt_engine_seq *h;
     ll_seq *seq; /* CMD_SUBMIT: the prepared state, handed to the thread */
+    bt_engine_handoff_cb hcb; /* CMD_HANDOFF */
+    void *hud;
 } ll_cmd;
 
 typedef struct ll_ev {
@@ -116,6 +119,10 @@ typedef struct ll_ev {
     bt_usage usage;
     bt_status code;
     char msg[200];
+    bt_engine_handoff_cb hcb; /* EV_HANDOFF: the exported state (NULL: none) goes to hcb */
+    void *hud;
+    uint8_t *state;
+    size_t state_len;
 } ll_ev;
 
 typedef struct ll_engine ll_engine;
@@ -148,6 +155,8 @@ struct ll_seq {
     bt_llsample_params sp;
     bt_lltext text;
     llama_token *car; /* the carried ids until the thread puts them behind the prompt */
+    uint8_t *kv;      /* a KV state to import when admitted (llama_kv.h), NULL when none */
+    size_t kv_len;
 };
 
 typedef struct {
@@ -196,6 +205,8 @@ struct ll_engine {
     bool stalled; /* fault injection: no steps until resumed */
     bt_llsample_cand *cand;
     char model_desc[128];
+    ll_kv_ident kv_ident;     /* what a KV state must match to be imported here */
+    bt_engine_kv_stats kvs;   /* under mu */
 };
 
 /* ---- lists ---------------------------------------------------------------------------------- */
@@ -243,6 +254,7 @@ static void seq_free(ll_seq *s) {
     json_decref(s->body);
     free(s->tok);
     free(s->car);
+    free(s->kv);
     bt_lltext_free(&s->text);
     free(s);
 }
@@ -487,6 +499,62 @@ static void seq_arrive(ll_engine *e, ll_seq *s) {
     }
 }
 
+/* ---- KV hand-off (engine thread; the format and checks are llama_kv.c's) ------------------- */
+
+static ll_seq *find_seq(ll_engine *e, bt_engine_seq *h);
+
+static void kv_count(ll_engine *e, uint64_t *counter, uint64_t n) {
+    pthread_mutex_lock(&e->mu);
+    *counter += n;
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* A sequence with a state to import was just given its (empty) slot: load the state, so that only
+ * the tokens after it are computed; on any mismatch it is prefilled as usual. */
+static void kv_import(ll_engine *e, ll_seq *s) {
+    size_t n_past = 0;
+    bt_kv_fallback why = BT_KV_FB_IMPORT;
+    bool ok = ll_kv_import(e->L, e->ctx, s->slot, s->tok, s->n_tok, s->kv, s->kv_len, &e->kv_ident, &n_past, &why);
+    free(s->kv);
+    s->kv = NULL;
+    if (ok) {
+        s->n_past = n_past;
+        kv_count(e, &e->kvs.imports, 1);
+        kv_count(e, &e->kvs.imported_tokens, n_past);
+        BT_INFO("llama engine: KV state of %zu tokens imported (sequence of %zu tokens): no prefill", n_past, s->n_tok);
+    } else {
+        kv_count(e, &e->kvs.fallbacks[why], 1);
+        BT_WARN("llama engine: KV state not imported (%s): prefilling %zu tokens instead", bt_kv_fallback_name(why),
+                s->n_tok);
+    }
+}
+
+/* CMD_HANDOFF: export the sequence's cached positions, hand them to the loop, end the sequence
+ * silently (its handle is dead: the worker called bt_engine_handoff). A sequence that already
+ * ended, is waiting or holds nothing gives no state. */
+static void kv_handoff(ll_engine *e, ll_cmd *c) {
+    ll_ev *ev = calloc(1, sizeof *ev);
+    ll_seq *s = find_seq(e, c->h);
+    if (s && ev && !e->dead && s->state == LS_RUNNING)
+        ev->state = ll_kv_export(e->L, e->ctx, s->slot, s->tok, s->n_past, &e->kv_ident, e->cfg.fault_kv_corrupt,
+                                 &ev->state_len);
+    if (s) seq_end(e, s, END_KILLED, BT_FINISH_CANCELLED, BT_OK, NULL);
+    if (!ev) {
+        BT_ERROR("llama engine: out of memory handing a sequence off");
+        return; /* the worker's hand-off waits for its bound */
+    }
+    if (ev->state) {
+        pthread_mutex_lock(&e->mu);
+        e->kvs.exports++;
+        e->kvs.export_bytes += ev->state_len;
+        pthread_mutex_unlock(&e->mu);
+    }
+    ev->kind = EV_HANDOFF;
+    ev->hcb = c->hcb;
+    ev->hud = c->hud;
+    post(e, ev);
+}
+
 /* ---- the scheduler (engine thread) ---------------------------------------------------------- */
 
 /* Preempts the most recently admitted running sequence: its KV is dropped and it waits again at
@@ -525,6 +593,7 @@ static void admit(ll_engine *e) {
         s->n_past = 0;
         s->state = LS_RUNNING;
         s->admitted = ++e->admit_counter;
+        if (s->kv) kv_import(e, s);
         list_push_back(&e->running, s);
         reserved += s->n_tok + 1;
     }
@@ -626,7 +695,12 @@ static bool run_batch(ll_engine *e, ll_seq **seqs, const size_t *take, int n) {
         engine_die(e, why);
         return false;
     }
-    for (int k = 0; k < n; k++) seqs[k]->n_past += take[k]; /* now in the cache */
+    uint64_t prefill = 0; /* every token fed but a sequence's newest (bt_engine_kv_stats) */
+    for (int k = 0; k < n; k++) {
+        prefill += take[k] - (seqs[k]->n_past + take[k] == seqs[k]->n_tok ? 1 : 0);
+        seqs[k]->n_past += take[k]; /* now in the cache */
+    }
+    if (prefill) kv_count(e, &e->kvs.prefill_tokens, prefill);
     for (int i = 0; i < nout; i++) {
         ll_seq *s = outs[i];
         const float *logits = e->L->llama_get_logits_ith(e->ctx, rows[i]);
@@ -738,6 +812,7 @@ static void run_cmd(ll_engine *e, ll_cmd *c) {
     case CMD_DIE: engine_die(e, "injected engine death (fault signal)"); break;
     case CMD_STALL: e->stalled = true; break;
     case CMD_RESUME: e->stalled = false; break;
+    case CMD_HANDOFF: kv_handoff(e, c); break;
     }
     seq_free(c->seq);
     free(c);
@@ -801,12 +876,16 @@ static void on_async(uv_async_t *a) {
                 free(h);
             } else if (ev->kind == EV_DEAD && e->hooks.on_dead) {
                 e->hooks.on_dead(e->hooks_ud, ev->msg);
+            } else if (ev->kind == EV_HANDOFF) {
+                ev->hcb(ev->hud, ev->state, ev->state_len); /* the callback owns the state */
+                ev->state = NULL;
             }
         } else if (ev->kind == EV_END) {
             free(h);
         }
         free(ev->ids);
         free(ev->text);
+        free(ev->state);
         free(ev);
     }
     if (load_changed && !e->destroy_pending && e->hooks.on_load) e->hooks.on_load(e->hooks_ud);
@@ -866,6 +945,12 @@ static bt_status ll_submit(bt_engine *be, const bt_engine_request *req, const bt
     if (s->sp.temperature > 0)
         BT_DEBUG("request %s: sampling seed %" PRIu64 " (%s)", req->request_id ? req->request_id : "?", s->sp.seed,
                  json_is_integer(seed) ? "request" : req->attempt_seed ? "frontend" : "random");
+    if (req->kv_state && req->kv_state_len) { /* imported when admitted (llama_kv.h) */
+        s->kv = malloc(req->kv_state_len);
+        if (!s->kv) goto nomem;
+        memcpy(s->kv, req->kv_state, req->kv_state_len);
+        s->kv_len = req->kv_state_len;
+    }
     if (req->n_carried) { /* they go behind the prompt, which is rendered on the thread */
         s->car = malloc(req->n_carried * sizeof *s->car);
         if (!s->car) goto nomem;
@@ -966,6 +1051,7 @@ static void ll_destroy_now(ll_engine *e) {
         if (ev->kind == EV_END) free(ev->h);
         free(ev->ids);
         free(ev->text);
+        free(ev->state);
         free(ev);
     }
     if (e->batch_ok) e->L->llama_batch_free(e->batch);
@@ -989,7 +1075,32 @@ static void ll_destroy(bt_engine *be) {
     ll_destroy_now(e);
 }
 
-static const bt_engine_ops ll_ops = {ll_submit, ll_stop, ll_kill, ll_get_load, ll_card, ll_destroy};
+/* Like ll_kill, after the thread exported the sequence's state (kv_handoff). */
+static void ll_handoff(bt_engine *be, bt_engine_seq *h, bt_engine_handoff_cb cb, void *ud) {
+    ll_engine *e = (ll_engine *)be;
+    ll_cmd *c = h->dead ? NULL : calloc(1, sizeof *c);
+    if (!c) {
+        ll_kill(be, h);
+        cb(ud, NULL, 0);
+        return;
+    }
+    h->dead = true; /* no more sink callbacks; freed at its END */
+    c->kind = CMD_HANDOFF;
+    c->h = h;
+    c->hcb = cb;
+    c->hud = ud;
+    send_cmd(e, c);
+}
+
+static void ll_kv_stats(bt_engine *be, bt_engine_kv_stats *out) {
+    ll_engine *e = (ll_engine *)be;
+    pthread_mutex_lock(&e->mu);
+    *out = e->kvs;
+    pthread_mutex_unlock(&e->mu);
+}
+
+static const bt_engine_ops ll_ops = {ll_submit, ll_stop, ll_kill, ll_get_load, ll_card, ll_destroy, ll_handoff,
+                                     ll_kv_stats};
 
 bt_engine *bt_llama_create(uv_loop_t *loop, const bt_llama_config *cfg, const bt_engine_hooks *hooks, void *hooks_ud,
                            char *err, size_t errlen) {
@@ -1078,6 +1189,7 @@ bt_engine *bt_llama_create_with_api(uv_loop_t *loop, const bt_llama_config *cfg,
         snprintf(err, errlen, "out of memory");
         goto fail;
     }
+    ll_kv_ident_init(&e->kv_ident, L, e->model, e->ctx, path, cfg);
     e->load.total_blocks = e->n_ctx / LL_BLOCK;
     e->load.max_num_batched_tokens = (uint64_t)cfg->max_num_batched_tokens;
     if (pthread_create(&e->thread, NULL, engine_thread, e) != 0) {

@@ -33,6 +33,7 @@ typedef struct {
     int64_t default_max_tokens;     /* max_tokens when a request sets none */
     int64_t fault_die_after_tokens;   /* test hook: engine dead after N tokens (0 = off) */
     int64_t fault_error_after_tokens; /* test hook: decode treated as failed after N tokens (0 = off) */
+    bool fault_kv_corrupt;            /* test hook: every exported KV state has one byte flipped */
 } bt_llama_config;
 
 void bt_llama_config_default(bt_llama_config *c);

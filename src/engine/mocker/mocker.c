@@ -57,6 +57,13 @@ struct bt_engine_seq {
     uint32_t max_new, generated;
     uint64_t seq_len;   /* tokens whose KV the sequence needs: prompt + carried + generated */
     uint64_t prefilled; /* of seq_len, computed since the last admission */
+    uint64_t imported;  /* of seq_len, covered by an imported KV state: not prefilled at admission */
+    /* For a hand-off (kv_bytes_per_token > 0): the rolling state after prompt + carried, and the
+     * ids generated since, so that a receiver can check the state against its own tokens (the
+     * client may not have received the newest ones: they are cut off there). */
+    uint64_t state0;
+    uint32_t *gen;
+    size_t gen_n, gen_cap;
     uint64_t blocks;    /* KV blocks held */
 
     /* Stop strings. `win` holds up to max_stop-1 bytes of final text (ctx_len, already delivered
@@ -97,6 +104,7 @@ struct mk_engine {
     bool stalled, dead, dead_notified;
     bool stall_fired, error_fired, error_now;
     bt_engine_load last_load; /* as last reported through hooks.on_load */
+    bt_engine_kv_stats kvs;   /* KV hand-off counters */
 };
 
 /* ---- lists ---------------------------------------------------------------------------------- */
@@ -152,6 +160,7 @@ static void seq_free(void *owner, bt_deliver_seq *ds) {
     bt_stops_free(&s->stops);
     bt_buf_free(&s->win);
     free(s->held);
+    free(s->gen);
     free(s);
 }
 
@@ -253,6 +262,79 @@ static bt_status emit(mk_engine *e, bt_engine_seq *s, uint32_t id) {
 
 /* ---- the scheduler -------------------------------------------------------------------------- */
 
+/* ---- KV hand-off model (mocker.h) ------------------------------------------------------------ */
+
+#define MK_KV_HEADER 48u
+#define MK_KV_MAX ((uint64_t)1 << 30)
+
+static void kv_put64(uint8_t *p, uint64_t v) {
+    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static uint64_t kv_get64(const uint8_t *p) {
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--) v = v << 8 | p[i];
+    return v;
+}
+
+/* FNV-1a 64 of a state, its checksum field (bytes 40..47) read as zeros. */
+static uint64_t kv_fnv(const uint8_t *p, size_t n) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t i = 0; i < n; i++) h = (h ^ (i >= 40 && i < 48 ? 0 : p[i])) * 0x100000001b3ull;
+    return h;
+}
+
+/* Remembers a generated id for the hand-off (on failure the sequence just exports nothing). */
+static void kv_note(bt_engine_seq *s, uint32_t tok) {
+    if (s->gen_n == SIZE_MAX) return;
+    if (s->gen_n == s->gen_cap) {
+        size_t cap = s->gen_cap ? 2 * s->gen_cap : 256;
+        uint32_t *g = realloc(s->gen, cap * sizeof *g);
+        if (!g) {
+            s->gen_n = SIZE_MAX;
+            return;
+        }
+        s->gen = g;
+        s->gen_cap = cap;
+    }
+    s->gen[s->gen_n++] = tok;
+}
+
+static size_t kv_len(uint64_t n, uint64_t ngen, uint64_t bpt) {
+    uint64_t min = MK_KV_HEADER + 4 * ngen;
+    return (size_t)(n * bpt < min ? min : n * bpt);
+}
+
+/* Checks an offered state against a sequence whose prompt ids are ids[0..n_ids) and carried ids
+ * car[0..n_car); BT_KV_FB_N_ with *n = the tokens it covers, else the fallback. */
+static bt_kv_fallback kv_check(const mk_engine *e, const uint8_t *st, size_t len, const uint32_t *ids, size_t n_ids,
+                               const uint32_t *car, size_t n_car, uint64_t *n) {
+    if (e->cfg.kv_bytes_per_token <= 0) return BT_KV_FB_UNSUPPORTED;
+    if (len < MK_KV_HEADER || memcmp(st, "BTMKST01", 8) != 0) return BT_KV_FB_CORRUPT;
+    uint64_t bpt = kv_get64(st + 8), n0 = kv_get64(st + 16), state0 = kv_get64(st + 24), ngen = kv_get64(st + 32);
+    if (bpt != (uint64_t)e->cfg.kv_bytes_per_token) return BT_KV_FB_MISMATCH;
+    if (n0 > MK_KV_MAX || ngen > MK_KV_MAX || n0 + ngen == 0 || n0 + ngen > MK_KV_MAX / bpt ||
+        len != kv_len(n0 + ngen, ngen, bpt))
+        return BT_KV_FB_CORRUPT;
+    if (kv_fnv(st, len) != kv_get64(st + 40)) return BT_KV_FB_CORRUPT;
+    /* the first n0 tokens: their rolling state; then the generated ids, as far as this sequence has them */
+    size_t total = n_ids + n_car;
+    if (total < n0) return BT_KV_FB_TOKENS;
+    uint64_t h = 0;
+    for (size_t i = 0; i < n0; i++) h = bt_mocker_state_push(h, i < n_ids ? ids[i] : car[i - n_ids]);
+    if (h != state0) return BT_KV_FB_TOKENS;
+    uint64_t k = 0;
+    for (; k < ngen && n0 + k < total; k++) {
+        size_t i = (size_t)(n0 + k);
+        uint32_t mine = i < n_ids ? ids[i] : car[i - n_ids];
+        const uint8_t *q = st + MK_KV_HEADER + 4 * k;
+        uint32_t theirs = (uint32_t)q[0] | (uint32_t)q[1] << 8 | (uint32_t)q[2] << 16 | (uint32_t)q[3] << 24;
+        if (mine != theirs) return BT_KV_FB_TOKENS;
+    }
+    *n = n0 + k;
+    return BT_KV_FB_N_;
+}
+
 static uint64_t blocks_for(const mk_engine *e, uint64_t tokens) {
     uint64_t bs = (uint64_t)e->cfg.block_size;
     return (tokens + bs - 1) / bs;
@@ -269,10 +351,12 @@ static void admit(mk_engine *e) {
         list_remove(&e->waiting, s);
         list_push_tail(&e->running, s);
         s->phase = SEQ_PREFILL;
-        s->prefilled = 0;
+        s->prefilled = s->imported < s->seq_len ? s->imported : s->seq_len; /* an imported state's tokens */
+        s->imported = 0; /* once: a preempted sequence recomputes everything */
+        if (s->prefilled == s->seq_len) s->phase = SEQ_DECODE;
         s->blocks = need;
         e->used_blocks += need;
-        e->prefill_pending += s->seq_len;
+        e->prefill_pending += s->seq_len - s->prefilled;
     }
 }
 
@@ -303,6 +387,7 @@ static bt_engine_seq *last_decoding(mk_engine *e) {
 static bool generate(mk_engine *e, bt_engine_seq *s) {
     uint32_t tok = bt_mocker_next_token(s->state, s->seed, s->temperature);
     s->state = bt_mocker_state_push(s->state, tok);
+    if (e->cfg.kv_bytes_per_token > 0) kv_note(s, tok);
     s->seq_len++;
     s->generated++;
     e->total_emitted++;
@@ -362,6 +447,7 @@ static uint64_t step(mk_engine *e) {
         if (s->prefilled == s->seq_len) s->phase = SEQ_DECODE;
     }
 
+    e->kvs.prefill_tokens += n_prefill;
     double ms = n_prefill ? prefill_ms(n_prefill) : 0.0;
     if (last_decoding(e)) {
         double p = (double)e->used_blocks / (double)e->cfg.num_gpu_blocks;
@@ -725,6 +811,20 @@ static bt_status mk_submit(bt_engine *be, const bt_engine_request *req, const bt
     bt_buf_init(&s->win, MK_TEXT_CAP);
     for (size_t i = 0; i < n_ids; i++) s->state = bt_mocker_state_push(s->state, ids[i]);
     for (uint32_t i = 0; i < req->n_carried; i++) s->state = bt_mocker_state_push(s->state, req->carried[i]);
+    s->state0 = s->state;
+    if (req->kv_state) { /* an offered KV state must cover this sequence's own first tokens */
+        uint64_t kv_n = 0;
+        bt_kv_fallback why = kv_check(e, req->kv_state, req->kv_state_len, ids, n_ids, req->carried, req->n_carried,
+                                      &kv_n);
+        if (why == BT_KV_FB_N_) {
+            s->imported = kv_n;
+            e->kvs.imports++;
+            e->kvs.imported_tokens += kv_n;
+        } else {
+            e->kvs.fallbacks[why]++;
+            BT_WARN("mocker: KV state not imported (%s): prefilling instead", bt_kv_fallback_name(why));
+        }
+    }
     free(ids);
 
     if (bt_stops_init(&s->stops, req->stop, req->n_stop < BT_MAX_STOP ? req->n_stop : BT_MAX_STOP) != BT_OK)
@@ -775,6 +875,40 @@ static void mk_kill(bt_engine *be, bt_engine_seq *s) {
     kick(e);
 }
 
+/* The state of a sequence handed off: the tokens whose KV it holds (prefilled so far, or all of
+ * them once decoding), kv_bytes_per_token bytes each (see mocker.h). Made and handed over at
+ * once: the mocker has no engine thread. */
+static void mk_handoff(bt_engine *be, bt_engine_seq *s, bt_engine_handoff_cb cb, void *ud) {
+    mk_engine *e = (mk_engine *)be;
+    uint8_t *st = NULL;
+    size_t len = 0;
+    /* only a decoding sequence exports (one being prefilled has little to give) */
+    bool ok = s && !bt_deliver_ended(&s->dl) && s->phase == SEQ_DECODE && s->gen_n != SIZE_MAX;
+    uint64_t bpt = (uint64_t)e->cfg.kv_bytes_per_token;
+    uint64_t n0 = ok ? s->prompt_tokens + (uint64_t)s->n_carried : 0, ngen = ok ? s->gen_n : 0;
+    if (ok && bpt && n0 + ngen <= MK_KV_MAX / bpt) {
+        len = kv_len(n0 + ngen, ngen, bpt);
+        st = malloc(len);
+    }
+    if (st) {
+        memcpy(st, "BTMKST01", 8);
+        kv_put64(st + 8, bpt);
+        kv_put64(st + 16, n0);
+        kv_put64(st + 24, s->state0);
+        kv_put64(st + 32, ngen);
+        for (uint64_t k = 0; k < ngen; k++)
+            for (int b = 0; b < 4; b++) st[MK_KV_HEADER + 4 * k + (uint64_t)b] = (uint8_t)(s->gen[k] >> (8 * b));
+        for (size_t i = MK_KV_HEADER + 4 * ngen; i < len; i++) st[i] = (uint8_t)(i * 131u + (unsigned)s->state0);
+        kv_put64(st + 40, kv_fnv(st, len));
+        e->kvs.exports++;
+        e->kvs.export_bytes += len;
+    }
+    mk_kill(be, s);
+    cb(ud, st, st ? len : 0);
+}
+
+static void mk_kv_stats(bt_engine *be, bt_engine_kv_stats *out) { *out = ((mk_engine *)be)->kvs; }
+
 static void mk_get_load(bt_engine *be, bt_engine_load *out) { load_snapshot((mk_engine *)be, out); }
 
 static void mk_card(bt_engine *be, json_t *card) {
@@ -804,7 +938,14 @@ static void mk_destroy(bt_engine *be) { bt_deliver_close(&((mk_engine *)be)->dl)
 
 static const bt_deliver_ops mk_deliver_ops = {.free_seq = seq_free, .wake = NULL, .teardown = teardown};
 
-static const bt_engine_ops mk_ops = BT_ENGINE_OPS(mk);
+static const bt_engine_ops mk_ops = {.submit = mk_submit,
+                                     .stop = mk_stop,
+                                     .kill = mk_kill,
+                                     .get_load = mk_get_load,
+                                     .card = mk_card,
+                                     .destroy = mk_destroy,
+                                     .handoff = mk_handoff,
+                                     .kv_stats = mk_kv_stats};
 
 /* ---- public --------------------------------------------------------------------------------- */
 

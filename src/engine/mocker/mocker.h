@@ -5,7 +5,13 @@
  * watermark, max sequences, max batched tokens, chunked prefill, preemption) and each step lasts
  * prefill_ms + decode_ms divided by the speedup ratio, on a libuv timer. The next token id is a
  * pure function of (seed, temperature, the whole token prefix): a continuation from
- * prompt + first k generated tokens yields exactly the rest of an uninterrupted run. */
+ * prompt + first k generated tokens yields exactly the rest of an uninterrupted run.
+ *
+ * KV hand-off: the mocker models it like the llama engine (same counters, same fallbacks), with a
+ * state whose size is kv_bytes_per_token × tokens: a 40-byte header ("BTMKST01", bytes per
+ * token, tokens covered, the rolling state of that prefix, an FNV-1a checksum) and deterministic
+ * filler. It is accepted when the bytes per token match, the checksum holds and the rolling state
+ * is that of the continuation's own first tokens. */
 #ifndef BATON_MOCKER_H
 #define BATON_MOCKER_H
 
@@ -34,6 +40,10 @@ typedef struct {
     /* A slow engine (a bad GPU, a thermal throttle): every step lasts this many times longer;
      * 1 = off (the default), 0 is read as 1. Changed at run time by bt_mocker_set_slow. */
     double fault_slow_factor;
+    /* The KV hand-off model (docs/engines.md): a sequence handed off exports a state of this many
+     * bytes per token it holds (0 = it exports none); a continuation that brings a matching
+     * state skips the prefill of the tokens it covers. */
+    int64_t kv_bytes_per_token;
 } bt_mocker_config;
 
 typedef enum {
