@@ -43,7 +43,7 @@ static void respond_json(bt_http_req *http, int status, json_t *j) {
 static void handle_health(fe *f, bt_http_req *http) {
     json_t *eps = json_array();
     json_t *insts = json_array();
-    for (fe_worker *w = f->workers; w; w = w->next) {
+    for (fe_worker *w = LIST_FIRST(&f->workers); w; w = LIST_NEXT(w, link)) {
         if (!fe_worker_routable(w)) continue;
         char ep[256];
         snprintf(ep, sizeof ep, "dyn://%s.%s.%s", w->ns, w->component, w->endpoint);
@@ -62,7 +62,7 @@ static void handle_health(fe *f, bt_http_req *http) {
 /* A model is listed while at least one known worker serves it. "created" is Unix time: when this
  * frontend started (baton does not know when a model was made). */
 static bool model_served(const fe *f, const char *name) {
-    for (const fe_worker *w = f->workers; w; w = w->next)
+    for (const fe_worker *w = LIST_FIRST(&f->workers); w; w = LIST_NEXT(w, link))
         if (strcmp(w->model, name) == 0) return true;
     return false;
 }
@@ -74,7 +74,7 @@ static json_t *model_json(const fe *f, const fe_model *m) {
 
 static void handle_models(fe *f, bt_http_req *http) {
     json_t *data = json_array();
-    for (fe_model *m = f->models; m; m = m->next)
+    for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link))
         if (model_served(f, m->name)) json_array_append_new(data, model_json(f, m));
     respond_json(http, 200, json_pack("{s:s, s:o}", "object", "list", "data", data));
 }
@@ -108,7 +108,7 @@ static bool percent_decode(const char *src, char *out, size_t cap) {
 /* GET /v1/models/{id}: the id is percent-decoded and may hold '/' (as "org/model"), either raw or
  * as %2F (the openai SDK encodes it). */
 static void handle_model(fe *f, bt_http_req *http, const char *raw_id) {
-    char id[sizeof f->models->name];
+    char id[sizeof LIST_FIRST(&f->models)->name];
     fe_model *m = NULL;
     if (percent_decode(raw_id, id, sizeof id)) {
         m = fe_model_get(f, id, false);
@@ -134,7 +134,8 @@ static json_t *threshold_json(const fe_model *m) {
 static void handle_busy_threshold(fe *f, bt_http_req *http) {
     if (http->method == BT_HTTP_GET) {
         json_t *arr = json_array();
-        for (fe_model *m = f->models; m; m = m->next) json_array_append_new(arr, threshold_json(m));
+        for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link))
+            json_array_append_new(arr, threshold_json(m));
         respond_json(http, 200, json_pack("{s:o}", "thresholds", arr));
         return;
     }
@@ -389,8 +390,9 @@ static void shutdown_tick(uv_timer_t *t) {
             BT_WARN("shutdown bound reached with %zu requests running; handing journaled streams off, ending the "
                     "rest with an error",
                     f->nreqs);
-            for (size_t n = f->nreqs; f->reqs && n > 0; n--) /* each call frees the request */
-                if (!fe_request_hand_off(f->reqs)) fe_request_fail(f->reqs, BT_ERR_SHUTDOWN, "the frontend is shutting down");
+            for (size_t n = f->nreqs; !LIST_EMPTY(&f->reqs) && n > 0; n--) /* each call frees the request */
+                if (!fe_request_hand_off(LIST_FIRST(&f->reqs)))
+                    fe_request_fail(LIST_FIRST(&f->reqs), BT_ERR_SHUTDOWN, "the frontend is shutting down");
         }
         BT_INFO("frontend shutting down after %llu ms", (unsigned long long)el);
         uv_timer_stop(t);
@@ -794,8 +796,8 @@ int bt_frontend_main(int argc, char **argv) {
         free(s->admit);
         free(s->admit_closing);
         s->admit = s->admit_closing = NULL;
-        for (fe_model *m = s->models, *n; m; m = n) {
-            n = m->next;
+        for (fe_model *m = LIST_FIRST(&s->models), *n; m; m = n) {
+            n = LIST_NEXT(m, link);
             free(m->ws);
             free(m);
         }

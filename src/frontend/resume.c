@@ -147,7 +147,7 @@ void fe_resume_on_drain(fe *f, bt_http_req *http) {
 
 /* Ends the request on this shard that streams `sid`, if any; true if there was one. */
 static bool supersede_local(fe *f, const char *sid) {
-    for (fe_req *r = f->reqs; r; r = r->next)
+    for (fe_req *r = LIST_FIRST(&f->reqs); r; r = LIST_NEXT(r, link))
         if (r->jrec && strcmp(r->stream_id, sid) == 0 && r->state != FE_REQ_DONE) {
             fe_request_supersede(r);
             return true;
