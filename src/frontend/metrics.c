@@ -144,9 +144,8 @@ static void collect_worker_gauges(fe *f, bt_metrics *r) {
 void fe_metrics_collect(fe *f, bt_metrics *r) {
     collect_models(f, r);
     /* a gauge, as in Dynamo (it only ever grows here, but the type is Dynamo's) */
-    bt_metrics_add(bt_metrics_gauge(r, "dynamo_frontend_disconnected_clients", BT_MERGE_SUM,
-                                    "Clients that went away before their response ended"),
-                   (double)f->disconnected_clients, NULL);
+    bt_metrics_gauge_value(r, "dynamo_frontend_disconnected_clients", BT_MERGE_SUM,
+                           "Clients that went away before their response ended", (double)f->disconnected_clients);
     bt_http_stats hs;
     bt_http_server_stats(f->http, &hs);
     bt_metric_family *fam = bt_metrics_counter(r, "baton_frontend_http_rejections_total",
@@ -172,8 +171,8 @@ void fe_metrics_collect(fe *f, bt_metrics *r) {
                            "Workers known from discovery, and those new requests can go to");
     bt_metrics_add(fam, (double)f->nworkers, "state", "known", NULL);
     bt_metrics_add(fam, (double)routable, "state", "routable", NULL);
-    bt_metrics_add(bt_metrics_gauge(r, "baton_frontend_http_connections", BT_MERGE_SUM, "Open client connections"),
-                   (double)bt_http_server_connections(f->http), NULL);
+    bt_metrics_gauge_value(r, "baton_frontend_http_connections", BT_MERGE_SUM, "Open client connections",
+                           (double)bt_http_server_connections(f->http));
     collect_workers(f, r);
     bt_events_stats es;
     bt_events_get_stats(f->events, &es);

@@ -466,14 +466,12 @@ void fe_resume_collect(fe *f, bt_metrics *r) {
                            "Streams held in the stream journal, live or ended and kept for --stream-retention");
     bt_metrics_add(fam, (double)st.live, "state", "live", NULL);
     bt_metrics_add(fam, (double)st.ended, "state", "ended", NULL);
-    bt_metrics_add(bt_metrics_gauge(r, "baton_frontend_stream_journal_bytes", BT_MERGE_MAX,
-                                    "Bytes the stream journal holds"),
-                   (double)st.bytes, NULL);
-    bt_metrics_add(bt_metrics_gauge(r, "baton_frontend_stream_journal_limit_bytes", BT_MERGE_MAX,
-                                    "The stream journal's size cap (--stream-retention-bytes)"),
-                   (double)j->max_bytes, NULL);
-    bt_metrics_add(bt_metrics_counter(r, "baton_frontend_stream_journal_opened_total", "Streams journaled since start"),
-                   (double)st.opened, NULL);
+    bt_metrics_gauge_value(r, "baton_frontend_stream_journal_bytes", BT_MERGE_MAX, "Bytes the stream journal holds",
+                           (double)st.bytes);
+    bt_metrics_gauge_value(r, "baton_frontend_stream_journal_limit_bytes", BT_MERGE_MAX,
+                           "The stream journal's size cap (--stream-retention-bytes)", (double)j->max_bytes);
+    bt_metrics_counter_value(r, "baton_frontend_stream_journal_opened_total", "Streams journaled since start",
+                             (double)st.opened);
     fam = bt_metrics_counter(r, "baton_frontend_stream_journal_evictions_total",
                              "Streams dropped from the stream journal, by reason");
     bt_metrics_add(fam, (double)st.evicted_expired, "reason", "expired", NULL);

@@ -273,13 +273,12 @@ void wk_orphan_kill_all(wk_worker *w, wk_orphan_event ev) {
 }
 
 void wk_orphan_collect(const wk_worker *w, bt_metrics *r) {
-    bt_metrics_add(bt_metrics_gauge(r, "baton_worker_orphans", BT_MERGE_SUM,
-                                    "Streams kept running after their frontend's connection ended"),
-                   (double)w->norphans, NULL);
+    bt_metrics_gauge_value(r, "baton_worker_orphans", BT_MERGE_SUM,
+                           "Streams kept running after their frontend's connection ended", (double)w->norphans);
     bt_metric_family *fam =
         bt_metrics_counter(r, "baton_worker_orphan_events_total", "What became of orphaned streams");
     for (int i = 0; i < WK_ORPHAN_EV_N_; i++) bt_metrics_add(fam, (double)w->orphan_events[i], "event", ev_names[i], NULL);
-    bt_metrics_add(bt_metrics_counter(r, "baton_worker_engine_submits_total",
-                                      "Sequences submitted to the engine (each one prefills its prompt and carried tokens)"),
-                   (double)w->engine_submits, NULL);
+    bt_metrics_counter_value(r, "baton_worker_engine_submits_total",
+                             "Sequences submitted to the engine (each one prefills its prompt and carried tokens)",
+                             (double)w->engine_submits);
 }
