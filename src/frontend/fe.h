@@ -291,7 +291,7 @@ struct fe {
     bool mail_inited, mail_closed;
     LIST_HEAD(, fe_gather) gathers; /* this shard's gathers still waiting for other shards */
     uint64_t resumes[FE_RESUME_N_]; /* resume.c: resume requests by outcome */
-    fe_pending_resume *pending_resumes; /* resume.c: resumes waiting for another shard */
+    LIST_HEAD(, fe_pending_resume) pending_resumes; /* resume.c: resumes waiting for another shard */
 };
 
 #define FE_MAX_THREADS 64
