@@ -774,18 +774,14 @@ void fe_admit_collect(fe *f, bt_metrics *r) {
             if (a->tenants[i].count[d])
                 bt_metrics_add(fam, (double)a->tenants[i].count[d], "tenant", a->tenants[i].name, "decision",
                                decision_names[d], NULL);
-    bt_metrics_add(bt_metrics_gauge(r, "baton_frontend_queue_requests", BT_MERGE_SUM,
-                                    "Requests waiting in the admission queue"),
-                   (double)a->n, NULL);
-    bt_metrics_add(bt_metrics_gauge(r, "baton_frontend_queue_tokens", BT_MERGE_SUM,
-                                    "Estimated tokens of the requests in the admission queue"),
-                   (double)a->tokens, NULL);
-    bt_metrics_add(bt_metrics_gauge(r, "baton_frontend_migrations_in_flight", BT_MERGE_SUM,
-                                    "Migrations sent and not yet at their first token"),
-                   (double)a->mig_inflight, NULL);
-    bt_metrics_add(bt_metrics_gauge(r, "baton_frontend_migrations_waiting", BT_MERGE_SUM,
-                                    "Migrations waiting for a --migration-concurrency slot"),
-                   (double)a->mwaiting, NULL);
-    bt_metrics_add(bt_metrics_counter(r, "baton_frontend_migrations_waited_total", "Migrations that waited for a slot"),
-                   (double)a->mig_waited_total, NULL);
+    bt_metrics_gauge_value(r, "baton_frontend_queue_requests", BT_MERGE_SUM, "Requests waiting in the admission queue",
+                           (double)a->n);
+    bt_metrics_gauge_value(r, "baton_frontend_queue_tokens", BT_MERGE_SUM,
+                           "Estimated tokens of the requests in the admission queue", (double)a->tokens);
+    bt_metrics_gauge_value(r, "baton_frontend_migrations_in_flight", BT_MERGE_SUM,
+                           "Migrations sent and not yet at their first token", (double)a->mig_inflight);
+    bt_metrics_gauge_value(r, "baton_frontend_migrations_waiting", BT_MERGE_SUM,
+                           "Migrations waiting for a --migration-concurrency slot", (double)a->mwaiting);
+    bt_metrics_counter_value(r, "baton_frontend_migrations_waited_total", "Migrations that waited for a slot",
+                             (double)a->mig_waited_total);
 }
