@@ -176,6 +176,47 @@ class Meter:
         return {k: (cpu_ns(p) - self.t0[k]) / 1e9 for k, p in self.pids.items()}
 
 
+def pct(xs, p):
+    """The p-th percentile (0-100) of xs, nearest rank."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def cost_rounds(a, fes, others=None):
+    """CPU per streamed token of frontends that differ in one setting: a.rounds rounds, each running
+    the same load (a.streams concurrent streams, twice as many requests of a.tokens tokens) on each
+    frontend of fes ({path name: frontend}) in turn, every answer checked against the first run's.
+    others ({name: pid}) are processes whose CPU is measured alongside. Prints each run and the
+    CPU-s per million tokens of each path; returns ({path: CPU-s per 1M tokens},
+    {path: [(tokens, chunks, {"frontend" or an others name: CPU-s})]})."""
+    for fe in fes.values():
+        check(run_load(fe.url, 10, 10), "warm-up")
+    rows = {name: [] for name in fes}
+    ref = None
+    requests = a.streams * 2
+    for rnd in range(a.rounds):
+        for name, fe in fes.items():
+            m = Meter({"frontend": fe.proc.pid, **(others or {})})
+            res = run_load(fe.url, a.streams, a.tokens, requests=requests, rate=5000)
+            cpu = m.stop()
+            check(res, f"{name} round {rnd + 1}", ref)
+            ref = ref or res["digest"]
+            rows[name].append((res["tokens"], res["chunks"], cpu))
+            print(f"round {rnd + 1} {name:10s}: {res['tokens']} tokens, {res['chunks']} chunks in "
+                  f"{res['wall_s']:.2f} s; " + ", ".join(f"{k} {v:.2f} CPU-s" for k, v in cpu.items()), flush=True)
+    print()
+    print(f"streams={a.streams} requests={requests} per round, max_tokens={a.tokens}, speedup={a.speedup}, "
+          f"workers={a.workers}, rounds={a.rounds}; both paths streamed identical text")
+    per = {}
+    for name, rs in rows.items():
+        tok = sum(r[0] for r in rs)
+        chunks = sum(r[1] for r in rs)
+        cpu = sum(r[2]["frontend"] for r in rs)
+        per[name] = cpu / tok * 1e6
+        print(f"{name:10s}: {per[name]:.2f} CPU-s per 1M tokens ({cpu / chunks * 1e6:.2f} us per chunk)")
+    return per, rows
+
+
 def start_cluster(c, workers, speedup, **wflags):
     fe = c.start_frontend(max_connections=30000, max_concurrent_requests=100000, http_idle_timeout_ms=600000)
     ws = [c.start_worker(speedup_ratio=speedup, max_num_seqs=MAX_SEQS, **wflags) for _ in range(workers)]
