@@ -29,7 +29,7 @@ import batonlib as bl  # noqa: E402
 import natslib  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from perf import cost_rounds, pct  # noqa: E402
+from perf import add_cost_parser, cost_rounds, pct  # noqa: E402
 
 
 def haproxy(d, backends):
@@ -163,12 +163,7 @@ def main():
     p.add_argument("--streams", type=int, default=8)
     p.add_argument("--tokens", type=int, default=200)
     p.add_argument("--speedup", type=float, default=1.0)
-    p = sub.add_parser("cost")
-    p.add_argument("--streams", type=int, default=400)
-    p.add_argument("--tokens", type=int, default=200)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--speedup", type=float, default=1.0)
-    p.add_argument("--workers", type=int, default=2)
+    add_cost_parser(sub)
     a = ap.parse_args()
     {"gap": cmd_gap, "cost": cmd_cost}[a.cmd](a)
 

@@ -217,6 +217,17 @@ def cost_rounds(a, fes, others=None):
     return per, rows
 
 
+def add_cost_parser(sub):
+    """The "cost" subcommand of a script whose cost_rounds compare two frontends."""
+    p = sub.add_parser("cost")
+    p.add_argument("--streams", type=int, default=400)
+    p.add_argument("--tokens", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--speedup", type=float, default=1.0)
+    p.add_argument("--workers", type=int, default=2)
+    return p
+
+
 def start_cluster(c, workers, speedup, **wflags):
     fe = c.start_frontend(max_connections=30000, max_concurrent_requests=100000, http_idle_timeout_ms=600000)
     ws = [c.start_worker(speedup_ratio=speedup, max_num_seqs=MAX_SEQS, **wflags) for _ in range(workers)]

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import batonlib as bl  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from perf import check, cost_rounds, pct, rss_kib, run_load  # noqa: E402
+from perf import add_cost_parser, check, cost_rounds, pct, rss_kib, run_load  # noqa: E402
 
 
 def ms(x):
@@ -133,12 +133,7 @@ def main():
     p.add_argument("--trials", type=int, default=40)
     p.add_argument("--tokens", type=int, default=200)
     p.add_argument("--speedup", type=float, default=1.0)
-    p = sub.add_parser("cost")
-    p.add_argument("--streams", type=int, default=400)
-    p.add_argument("--tokens", type=int, default=200)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--speedup", type=float, default=1.0)
-    p.add_argument("--workers", type=int, default=2)
+    add_cost_parser(sub)
     p = sub.add_parser("memory")
     p.add_argument("--streams", type=int, default=1000)
     p.add_argument("--tokens", default="256,1024")
