@@ -43,6 +43,7 @@ nginx and haproxy must be installed for `cost` and nginx for `latency`'s anchor,
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -177,9 +178,24 @@ class Meter:
 
 
 def pct(xs, p):
-    """The p-th percentile (0-100) of xs, nearest rank."""
+    """The p-th percentile (0-100) of xs, nearest rank; NaN when xs is empty."""
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
+
+
+# The frontend's migration log lines (the instants at debug level: CLOCK_MONOTONIC in us, the clock of
+# time.monotonic(), comparable across local processes).
+SEEN_RX = re.compile(r"request (\S+): failure seen at t=(\d+) us, re-dispatched at t=(\d+) us")
+NEXT_RX = re.compile(r"request (\S+): first token after the migration at t=(\d+) us")
+MIG_RX = re.compile(r"request (\S+) migrated from worker ([0-9a-f]+) to worker ([0-9a-f]+) with (\d+) tokens")
+
+
+def migration_instants(log):
+    """From a frontend's log: {request id: (failure seen, re-dispatched)} and {request id: first token
+    after the migration}, in seconds of CLOCK_MONOTONIC."""
+    seen = {m.group(1): (int(m.group(2)) / 1e6, int(m.group(3)) / 1e6) for m in SEEN_RX.finditer(log)}
+    nxt = {m.group(1): int(m.group(2)) / 1e6 for m in NEXT_RX.finditer(log)}
+    return seen, nxt
 
 
 def cost_rounds(a, fes, others=None):
