@@ -29,7 +29,7 @@ import batonlib as bl  # noqa: E402
 import natslib  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from perf import add_cost_parser, cost_rounds, pct  # noqa: E402
+from perf import add_cost_parser, add_subcommand, cost_rounds, pct  # noqa: E402
 
 
 def haproxy(d, backends):
@@ -158,11 +158,7 @@ def cmd_cost(a):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("gap")
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--streams", type=int, default=8)
-    p.add_argument("--tokens", type=int, default=200)
-    p.add_argument("--speedup", type=float, default=1.0)
+    add_subcommand(sub, "gap", rounds=6, streams=8, tokens=200, speedup=1.0)
     add_cost_parser(sub)
     a = ap.parse_args()
     {"gap": cmd_gap, "cost": cmd_cost}[a.cmd](a)

@@ -233,15 +233,18 @@ def cost_rounds(a, fes, others=None):
     return per, rows
 
 
+def add_subcommand(sub, name, **defaults):
+    """A subcommand whose flags are the keyword arguments, in order: --flag-name of the type of its
+    default."""
+    p = sub.add_parser(name)
+    for k, v in defaults.items():
+        p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+    return p
+
+
 def add_cost_parser(sub):
     """The "cost" subcommand of a script whose cost_rounds compare two frontends."""
-    p = sub.add_parser("cost")
-    p.add_argument("--streams", type=int, default=400)
-    p.add_argument("--tokens", type=int, default=200)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--speedup", type=float, default=1.0)
-    p.add_argument("--workers", type=int, default=2)
-    return p
+    return add_subcommand(sub, "cost", streams=400, tokens=200, rounds=3, speedup=1.0, workers=2)
 
 
 def start_cluster(c, workers, speedup, **wflags):

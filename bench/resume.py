@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import batonlib as bl  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from perf import add_cost_parser, check, cost_rounds, pct, rss_kib, run_load  # noqa: E402
+from perf import add_cost_parser, add_subcommand, check, cost_rounds, pct, rss_kib, run_load  # noqa: E402
 
 
 def ms(x):
@@ -129,15 +129,9 @@ def cmd_memory(a):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("latency")
-    p.add_argument("--trials", type=int, default=40)
-    p.add_argument("--tokens", type=int, default=200)
-    p.add_argument("--speedup", type=float, default=1.0)
+    add_subcommand(sub, "latency", trials=40, tokens=200, speedup=1.0)
     add_cost_parser(sub)
-    p = sub.add_parser("memory")
-    p.add_argument("--streams", type=int, default=1000)
-    p.add_argument("--tokens", default="256,1024")
-    p.add_argument("--speedup", type=float, default=100.0)
+    add_subcommand(sub, "memory", streams=1000, tokens="256,1024", speedup=100.0)
     a = ap.parse_args()
     {"latency": cmd_latency, "cost": cmd_cost, "memory": cmd_memory}[a.cmd](a)
 
