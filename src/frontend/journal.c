@@ -71,9 +71,7 @@ static size_t rec_bytes(const fe_jrec *r) {
     return sizeof *r + r->s.body_len + 1 + r->ids_cap * sizeof(uint32_t) + r->text_cap + r->ev_cap * sizeof(fe_jevent);
 }
 
-static void ended_unlink(mem_journal *m, fe_jrec *r) {
-    TAILQ_REMOVE(&m->ended, r, link);
-}
+static void ended_unlink(mem_journal *m, fe_jrec *r) { TAILQ_REMOVE(&m->ended, r, link); }
 
 /* Frees a record's data; a LIVE record's struct stays with its owner (DROPPED) until close. */
 static void rec_release(mem_journal *m, fe_jrec *r) {
