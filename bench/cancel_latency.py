@@ -37,15 +37,13 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "lib"))
 import batonlib as bl  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from perf import pct  # noqa: E402
+
 FE_RX = re.compile(r"request (\S+): KILL written to worker \S+ stream \d+, (\d+) us after the cancel "
                    r"\(cancel t=(\d+) us, write t=(\d+) us")
 WK_RX = re.compile(r"request (\S+): engine dropped the sequence (\d+) us after the KILL arrived \(t=(\d+) us\)")
 TOK_RX = re.compile(r"request (\S+) killed \(kill from the frontend\) after (\d+) new tokens")
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
 
 
 def now_us():

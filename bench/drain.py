@@ -32,13 +32,11 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "lib"))
 import batonlib as bl  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from perf import pct  # noqa: E402
+
 SUMMARY_RX = re.compile(r"drain summary: streams_at_start=(\d+) finished=(\d+) handed_back=(\d+) refused=(\d+) "
                         r"last_request_after_ms=(-?[\d.]+) duration_ms=([\d.]+) exit_code=\d+ handback_after_ms=(-?[\d.]+)")
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
 
 
 def summary(w):

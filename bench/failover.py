@@ -29,12 +29,7 @@ import batonlib as bl  # noqa: E402
 import natslib  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from perf import Meter, check, run_load  # noqa: E402
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+from perf import add_cost_parser, add_subcommand, cost_rounds, pct  # noqa: E402
 
 
 def haproxy(d, backends):
@@ -152,34 +147,8 @@ def cmd_cost(a):
             c.start_worker(speedup_ratio=a.speedup, max_num_seqs=20000)
         c.wait_workers(js, a.workers)
         c.wait_workers(mem, a.workers)
-        for fe in (js, mem):
-            check(run_load(fe.url, 10, 10), "warm-up")
-        rows = {"jetstream": [], "in-process": []}
-        nats_cpu = 0.0
-        ref = None
-        requests = a.streams * 2
-        for rnd in range(a.rounds):
-            for name, fe in (("jetstream", js), ("in-process", mem)):
-                m = Meter({"frontend": fe.proc.pid, "nats": nats.proc.pid})
-                res = run_load(fe.url, a.streams, a.tokens, requests=requests, rate=5000)
-                cpu = m.stop()
-                check(res, f"{name} round {rnd + 1}", ref)
-                ref = ref or res["digest"]
-                if name == "jetstream":
-                    nats_cpu += cpu["nats"]
-                rows[name].append((res["tokens"], res["chunks"], cpu["frontend"]))
-                print(f"round {rnd + 1} {name:10s}: {res['tokens']} tokens in {res['wall_s']:.2f} s; frontend "
-                      f"{cpu['frontend']:.2f} CPU-s, nats-server {cpu['nats']:.2f} CPU-s", flush=True)
-        print()
-        print(f"streams={a.streams} requests={requests} per round, max_tokens={a.tokens}, speedup={a.speedup}, "
-              f"workers={a.workers}, rounds={a.rounds}; both paths streamed identical text")
-        per = {}
-        for name, rs in rows.items():
-            tok = sum(r[0] for r in rs)
-            chunks = sum(r[1] for r in rs)
-            cpu = sum(r[2] for r in rs)
-            per[name] = cpu / tok * 1e6
-            print(f"{name:10s}: {per[name]:.2f} CPU-s per 1M tokens ({cpu / chunks * 1e6:.2f} us per chunk)")
+        per, rows = cost_rounds(a, {"jetstream": js, "in-process": mem}, {"nats-server": nats.proc.pid})
+        nats_cpu = sum(r[2]["nats-server"] for r in rows["jetstream"])
         tok = sum(r[0] for r in rows["jetstream"])
         print(f"JetStream journal cost on the frontend: {per['jetstream'] - per['in-process']:+.2f} CPU-s per 1M tokens "
               f"({(per['jetstream'] / per['in-process'] - 1) * 100:+.1f} %); nats-server: "
@@ -189,17 +158,8 @@ def cmd_cost(a):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("gap")
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--streams", type=int, default=8)
-    p.add_argument("--tokens", type=int, default=200)
-    p.add_argument("--speedup", type=float, default=1.0)
-    p = sub.add_parser("cost")
-    p.add_argument("--streams", type=int, default=400)
-    p.add_argument("--tokens", type=int, default=200)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--speedup", type=float, default=1.0)
-    p.add_argument("--workers", type=int, default=2)
+    add_subcommand(sub, "gap", rounds=6, streams=8, tokens=200, speedup=1.0)
+    add_cost_parser(sub)
     a = ap.parse_args()
     {"gap": cmd_gap, "cost": cmd_cost}[a.cmd](a)
 

@@ -38,6 +38,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import batonlib as bl  # noqa: E402
 import natslib  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import perf  # noqa: E402
+from perf import load_bin, pctl  # noqa: E402
+
 HZ = os.sysconf("SC_CLK_TCK")
 
 
@@ -55,21 +59,12 @@ def rss_mib(pid):
     return 0.0
 
 
-def load_bin():
-    return os.path.join(os.path.dirname(bl.baton_bin()), "baton-sse-load")
-
-
 def health_ids(fe):
     try:
         with urllib.request.urlopen(fe + "/health", timeout=5) as r:
             return {i["instance_id"] for i in json.loads(r.read()).get("instances") or []}
     except OSError:
         return None
-
-
-def pctl(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(p * (len(xs) - 1)))] if xs else float("nan")
 
 
 class Fleet:
@@ -116,18 +111,9 @@ class Fleet:
         return sum(cpu_s(p.pid) for _, p in self.frontends)
 
 
-def run_load(urls, streams, tokens, requests=None, rate=2000, timeout=600):
-    args = [load_bin(), "--url", ",".join(urls), "--streams", str(streams), "--max-tokens", str(tokens),
-            "--rate", str(rate), "--timeout", str(timeout)]
-    if requests:
-        args += ["--requests", str(requests)]
-    p = subprocess.run(args, capture_output=True, text=True, timeout=timeout + 60)
-    try:
-        res = json.loads(p.stdout)
-    except ValueError:
-        raise SystemExit(f"baton-sse-load printed no result (exit {p.returncode}): {p.stdout!r} {p.stderr!r}")
-    res["exit"] = p.returncode
-    return res
+def run_load(urls, streams, tokens, requests=None):
+    """baton-sse-load spread over every frontend of urls (perf.run_load)."""
+    return perf.run_load(",".join(urls), streams, tokens, requests=requests, rate=2000)
 
 
 def stage(f, size, a):
@@ -175,40 +161,38 @@ def varz(nats):
         return json.loads(r.read())
 
 
+def until_all(f, t0, seen_by, failure):
+    """Seconds from t0 until every frontend's /health satisfied seen_by(frontend index, its instance
+    ids), polled every 5 ms: the time of the slowest one. Exits with failure after 30 s."""
+    times = {}
+    while time.monotonic() < t0 + 30 and len(times) < len(f.frontends):
+        for i, (u, _) in enumerate(f.frontends):
+            if i not in times and seen_by(i, health_ids(u) or set()):
+                times[i] = time.monotonic() - t0
+        time.sleep(0.005)
+    if len(times) < len(f.frontends):
+        raise SystemExit(failure)
+    return max(times.values())
+
+
 def churn(f, rounds):
     seen, gone = [], []
     for _ in range(rounds):
         before = [health_ids(u) for u, _ in f.frontends]
         t0 = time.monotonic()
         p = f.spawn_worker()
-        new_id = None
-        end = t0 + 30
-        times = {}
-        while time.monotonic() < end and len(times) < 2:
-            for i, (u, _) in enumerate(f.frontends):
-                if i in times:
-                    continue
-                ids = health_ids(u) or set()
-                extra = ids - before[i]
-                if extra:
-                    new_id = next(iter(extra))
-                    times[i] = time.monotonic() - t0
-            time.sleep(0.005)
-        if len(times) < 2:
-            raise SystemExit("a new worker was not seen by both frontends within 30 s")
-        seen.append(max(times.values()))
+        new = set()
+
+        def appeared(i, ids):
+            new.update(ids - before[i])
+            return bool(ids - before[i])
+
+        seen.append(until_all(f, t0, appeared, "a new worker was not seen by both frontends within 30 s"))
+        new_id = next(iter(new))
         time.sleep(0.5)
         t0 = time.monotonic()
         p.kill(signal.SIGKILL)
-        times = {}
-        while time.monotonic() < t0 + 30 and len(times) < 2:
-            for i, (u, _) in enumerate(f.frontends):
-                if i not in times and new_id not in (health_ids(u) or set()):
-                    times[i] = time.monotonic() - t0
-            time.sleep(0.005)
-        if len(times) < 2:
-            raise SystemExit("a killed worker was still listed after 30 s")
-        gone.append(max(times.values()))
+        gone.append(until_all(f, t0, lambda i, ids: new_id not in ids, "a killed worker was still listed after 30 s"))
         p.wait(10)
     return seen, gone
 

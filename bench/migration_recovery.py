@@ -25,7 +25,6 @@ usage: BATON_BIN=build/baton python3 bench/migration_recovery.py [--rounds 5] [-
 
 import argparse
 import os
-import re
 import signal
 import statistics
 import sys
@@ -35,14 +34,9 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "lib"))
 import batonlib as bl  # noqa: E402
 
-SEEN_RX = re.compile(r"request (\S+): failure seen at t=(\d+) us, re-dispatched at t=(\d+) us")
-NEXT_RX = re.compile(r"request (\S+): first token after the migration at t=(\d+) us")
-MIG_RX = re.compile(r"request (\S+) migrated from worker ([0-9a-f]+) to worker ([0-9a-f]+) with (\d+) tokens")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from perf import MIG_RX, NEXT_RX, migration_instants, pct  # noqa: E402
 
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
 
 
 def fmt(xs):
@@ -93,8 +87,7 @@ def one_round(a, mode, rnd):
         pool.join(30)
         if mode == "stop":
             victim.proc.kill(signal.SIGCONT)
-        seen = {m.group(1): (int(m.group(2)) / 1e6, int(m.group(3)) / 1e6) for m in SEEN_RX.finditer(log)}
-        nxt = {m.group(1): int(m.group(2)) / 1e6 for m in NEXT_RX.finditer(log)}
+        seen, nxt = migration_instants(log)
         migs = {m.group(1): int(m.group(4)) for m in MIG_RX.finditer(log) if m.group(2) == vid}
         for rid, carried in migs.items():
             t_seen, t_disp = seen[rid]

@@ -32,12 +32,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import batonlib as bl  # noqa: E402
 from batonnet import Netns, resume_gap, start_netns_worker  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from perf import pct  # noqa: E402
+
 SEEN_RX = re.compile(r"request (\S+): failure seen at t=(\d+) us")
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
 def health_ids(fe):

@@ -43,6 +43,7 @@ nginx and haproxy must be installed for `cost` and nginx for `latency`'s anchor,
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -174,6 +175,76 @@ class Meter:
 
     def stop(self):
         return {k: (cpu_ns(p) - self.t0[k]) / 1e9 for k, p in self.pids.items()}
+
+
+def pct(xs, p):
+    """The p-th percentile (0-100) of xs, nearest rank; NaN when xs is empty."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
+
+
+# The frontend's migration log lines (the instants at debug level: CLOCK_MONOTONIC in us, the clock of
+# time.monotonic(), comparable across local processes).
+SEEN_RX = re.compile(r"request (\S+): failure seen at t=(\d+) us, re-dispatched at t=(\d+) us")
+NEXT_RX = re.compile(r"request (\S+): first token after the migration at t=(\d+) us")
+MIG_RX = re.compile(r"request (\S+) migrated from worker ([0-9a-f]+) to worker ([0-9a-f]+) with (\d+) tokens")
+
+
+def migration_instants(log):
+    """From a frontend's log: {request id: (failure seen, re-dispatched)} and {request id: first token
+    after the migration}, in seconds of CLOCK_MONOTONIC."""
+    seen = {m.group(1): (int(m.group(2)) / 1e6, int(m.group(3)) / 1e6) for m in SEEN_RX.finditer(log)}
+    nxt = {m.group(1): int(m.group(2)) / 1e6 for m in NEXT_RX.finditer(log)}
+    return seen, nxt
+
+
+def cost_rounds(a, fes, others=None):
+    """CPU per streamed token of frontends that differ in one setting: a.rounds rounds, each running
+    the same load (a.streams concurrent streams, twice as many requests of a.tokens tokens) on each
+    frontend of fes ({path name: frontend}) in turn, every answer checked against the first run's.
+    others ({name: pid}) are processes whose CPU is measured alongside. Prints each run and the
+    CPU-s per million tokens of each path; returns ({path: CPU-s per 1M tokens},
+    {path: [(tokens, chunks, {"frontend" or an others name: CPU-s})]})."""
+    for fe in fes.values():
+        check(run_load(fe.url, 10, 10), "warm-up")
+    rows = {name: [] for name in fes}
+    ref = None
+    requests = a.streams * 2
+    for rnd in range(a.rounds):
+        for name, fe in fes.items():
+            m = Meter({"frontend": fe.proc.pid, **(others or {})})
+            res = run_load(fe.url, a.streams, a.tokens, requests=requests, rate=5000)
+            cpu = m.stop()
+            check(res, f"{name} round {rnd + 1}", ref)
+            ref = ref or res["digest"]
+            rows[name].append((res["tokens"], res["chunks"], cpu))
+            print(f"round {rnd + 1} {name:10s}: {res['tokens']} tokens, {res['chunks']} chunks in "
+                  f"{res['wall_s']:.2f} s; " + ", ".join(f"{k} {v:.2f} CPU-s" for k, v in cpu.items()), flush=True)
+    print()
+    print(f"streams={a.streams} requests={requests} per round, max_tokens={a.tokens}, speedup={a.speedup}, "
+          f"workers={a.workers}, rounds={a.rounds}; both paths streamed identical text")
+    per = {}
+    for name, rs in rows.items():
+        tok = sum(r[0] for r in rs)
+        chunks = sum(r[1] for r in rs)
+        cpu = sum(r[2]["frontend"] for r in rs)
+        per[name] = cpu / tok * 1e6
+        print(f"{name:10s}: {per[name]:.2f} CPU-s per 1M tokens ({cpu / chunks * 1e6:.2f} us per chunk)")
+    return per, rows
+
+
+def add_subcommand(sub, name, **defaults):
+    """A subcommand whose flags are the keyword arguments, in order: --flag-name of the type of its
+    default."""
+    p = sub.add_parser(name)
+    for k, v in defaults.items():
+        p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+    return p
+
+
+def add_cost_parser(sub):
+    """The "cost" subcommand of a script whose cost_rounds compare two frontends."""
+    return add_subcommand(sub, "cost", streams=400, tokens=200, rounds=3, speedup=1.0, workers=2)
 
 
 def start_cluster(c, workers, speedup, **wflags):

@@ -35,12 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import batonlib as bl  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from perf import Meter, check, rss_kib, run_load  # noqa: E402
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+from perf import add_cost_parser, add_subcommand, check, cost_rounds, pct, rss_kib, run_load  # noqa: E402
 
 
 def ms(x):
@@ -96,32 +91,8 @@ def cmd_cost(a):
             c.start_worker(speedup_ratio=a.speedup, max_num_seqs=20000)
         c.wait_workers(on, a.workers)
         c.wait_workers(off, a.workers)
-        for fe in (on, off):
-            check(run_load(fe.url, 10, 10), "warm-up")
-        rows = {"journal": [], "no journal": []}
-        ref = None
-        requests = a.streams * 2
-        for rnd in range(a.rounds):
-            for name, fe in (("journal", on), ("no journal", off)):
-                m = Meter({"frontend": fe.proc.pid})
-                res = run_load(fe.url, a.streams, a.tokens, requests=requests, rate=5000)
-                cpu = m.stop()["frontend"]
-                check(res, f"{name} round {rnd + 1}", ref)
-                ref = ref or res["digest"]
-                rows[name].append((res["tokens"], res["chunks"], cpu, res["wall_s"]))
-                print(f"round {rnd + 1} {name:10s}: {res['tokens']} tokens, {res['chunks']} chunks in "
-                      f"{res['wall_s']:.2f} s; frontend {cpu:.2f} CPU-s", flush=True)
+        per, _ = cost_rounds(a, {"journal": on, "no journal": off})
         stats = bl.metrics(on.url)
-        print()
-        print(f"streams={a.streams} requests={requests} per round, max_tokens={a.tokens}, speedup={a.speedup}, "
-              f"workers={a.workers}, rounds={a.rounds}; both paths streamed identical text")
-        per = {}
-        for name, rs in rows.items():
-            tok = sum(r[0] for r in rs)
-            chunks = sum(r[1] for r in rs)
-            cpu = sum(r[2] for r in rs)
-            per[name] = cpu / tok * 1e6
-            print(f"{name:10s}: {per[name]:.2f} CPU-s per 1M tokens ({cpu / chunks * 1e6:.2f} us per chunk)")
         print(f"journal cost: {per['journal'] - per['no journal']:+.2f} CPU-s per 1M tokens "
               f"({(per['journal'] / per['no journal'] - 1) * 100:+.1f} %); journal now holds "
               f"{bl.metric_sum(stats, 'baton_frontend_stream_journal_bytes') / 2**20:.1f} MiB in "
@@ -158,20 +129,9 @@ def cmd_memory(a):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("latency")
-    p.add_argument("--trials", type=int, default=40)
-    p.add_argument("--tokens", type=int, default=200)
-    p.add_argument("--speedup", type=float, default=1.0)
-    p = sub.add_parser("cost")
-    p.add_argument("--streams", type=int, default=400)
-    p.add_argument("--tokens", type=int, default=200)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--speedup", type=float, default=1.0)
-    p.add_argument("--workers", type=int, default=2)
-    p = sub.add_parser("memory")
-    p.add_argument("--streams", type=int, default=1000)
-    p.add_argument("--tokens", default="256,1024")
-    p.add_argument("--speedup", type=float, default=100.0)
+    add_subcommand(sub, "latency", trials=40, tokens=200, speedup=1.0)
+    add_cost_parser(sub)
+    add_subcommand(sub, "memory", streams=1000, tokens="256,1024", speedup=100.0)
     a = ap.parse_args()
     {"latency": cmd_latency, "cost": cmd_cost, "memory": cmd_memory}[a.cmd](a)
 

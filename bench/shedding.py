@@ -21,10 +21,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "lib"))
 import batonlib as bl  # noqa: E402
 
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from perf import pct  # noqa: E402
 
 
 def main():

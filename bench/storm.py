@@ -37,15 +37,10 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "lib"))
 import batonlib as bl  # noqa: E402
 
-SEEN_RX = re.compile(r"request (\S+): failure seen at t=(\d+) us, re-dispatched at t=(\d+) us")
-NEXT_RX = re.compile(r"request (\S+): first token after the migration at t=(\d+) us")
-MIG_RX = re.compile(r"request (\S+) migrated from worker ([0-9a-f]+) to worker ([0-9a-f]+) with (\d+) tokens")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from perf import MIG_RX, migration_instants, pct  # noqa: E402
+
 BUSY_RX = re.compile(r"every worker is busy; its continuation goes to busy worker ([0-9a-f]+)")
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
 
 
 def load_cmd(url, streams, tokens, ready=None):
@@ -136,8 +131,7 @@ def one_round(a, rnd):
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    seen = {m.group(1): (int(m.group(2)) / 1e6, int(m.group(3)) / 1e6) for m in SEEN_RX.finditer(log)}
-    nxt = {m.group(1): int(m.group(2)) / 1e6 for m in NEXT_RX.finditer(log)}
+    seen, nxt = migration_instants(log)
     migs = {m.group(1): m.group(3) for m in MIG_RX.finditer(log) if m.group(2) == vid}
     missing = [r for r in migs if r not in nxt or r not in seen]
     if missing:

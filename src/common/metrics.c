@@ -225,6 +225,14 @@ void bt_metrics_add_hist(bt_metric_family *f, const bt_hist *h, ...) {
     va_end(ap);
 }
 
+void bt_metrics_counter_value(bt_metrics *r, const char *name, const char *help, double v) {
+    bt_metrics_add(bt_metrics_counter(r, name, help), v, NULL);
+}
+
+void bt_metrics_gauge_value(bt_metrics *r, const char *name, bt_metric_merge merge, const char *help, double v) {
+    bt_metrics_add(bt_metrics_gauge(r, name, merge, help), v, NULL);
+}
+
 void bt_metrics_merge(bt_metrics *dst, const bt_metrics *src) {
     if (!dst || !src) return;
     if (src->err != BT_OK) fail(dst, src->err);

@@ -104,6 +104,9 @@ void bt_metrics_add(bt_metric_family *f, double v, ...) __attribute__((sentinel)
 /* The same for a histogram family: h's counts, sum and number of observations (over the
  * family's buckets) are added to the sample's. */
 void bt_metrics_add_hist(bt_metric_family *f, const bt_hist *h, ...) __attribute__((sentinel));
+/* A family of one unlabelled sample, declared and added to in one call: a counter, a gauge. */
+void bt_metrics_counter_value(bt_metrics *r, const char *name, const char *help, double v);
+void bt_metrics_gauge_value(bt_metrics *r, const char *name, bt_metric_merge merge, const char *help, double v);
 
 /* Adds every family and sample of src to dst, sample by sample, by each family's rule. */
 void bt_metrics_merge(bt_metrics *dst, const bt_metrics *src);

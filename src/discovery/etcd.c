@@ -161,6 +161,7 @@ bt_status bt_discovery_etcd_create(uv_loop_t *loop, const bt_discovery_config *c
     if (d) bt_keyset_init(&d->owned);
     if (!d) goto nomem;
     LIST_INIT(&d->reqs);
+    TAILQ_INIT(&d->dels);
     d->eps = eps;
     d->neps = neps;
     eps = NULL;

@@ -107,7 +107,7 @@ enum {
 };
 
 typedef struct pdel {
-    struct pdel *next;
+    TAILQ_ENTRY(pdel) link; /* etcd_disc.dels */
     char *key;
 } pdel;
 
@@ -142,7 +142,7 @@ struct etcd_disc {
     /* writer and lease (etcd_lease.c) */
     etcd_lease_state lease_state;
     bt_keyset owned; /* the keys this process put (keyset.h) */
-    pdel *dels;
+    TAILQ_HEAD(, pdel) dels; /* deletes not yet done, in call order */
     ereq *w_req;
     uv_timer_t w_timer;
     unsigned w_fails;

@@ -34,6 +34,17 @@ static bt_owned_key *first_dirty(etcd_disc *d) {
     return NULL;
 }
 
+/* Forgets the queued delete of key, if any (done, or superseded by a put). */
+static void drop_del(etcd_disc *d, const char *key) {
+    for (pdel *x = TAILQ_FIRST(&d->dels); x; x = TAILQ_NEXT(x, link))
+        if (strcmp(x->key, key) == 0) {
+            TAILQ_REMOVE(&d->dels, x, link);
+            free(x->key);
+            free(x);
+            return;
+        }
+}
+
 static void on_w_timer(uv_timer_t *t) { etcd__writer_step(t->data); }
 
 static void w_retry(etcd_disc *d, uint64_t delay) { uv_timer_start(&d->w_timer, on_w_timer, delay, 0); }
@@ -60,13 +71,14 @@ static void lease_lost(etcd_disc *d, int64_t id, const char *why) {
 
 void etcd__writer_step(etcd_disc *d) {
     if (d->closing || d->w_req || uv_is_active((uv_handle_t *)&d->w_timer)) return;
-    if (!d->dels && !first_dirty(d)) return;
+    if (TAILQ_EMPTY(&d->dels) && !first_dirty(d)) return;
     if (!etcd__ensure_auth(d)) return;
     ereq *r = NULL;
-    if (d->dels) {
-        r = etcd__call_start(d, RQ_DEL, d->cur, "/v3/kv/deleterange", bt_etcd_body_delete(d->dels->key),
-                             ETCD_REQUEST_TIMEOUT_MS, writer_done);
-        if (r) r->key = etcd__strdup(d->dels->key);
+    if (!TAILQ_EMPTY(&d->dels)) {
+        const char *key = TAILQ_FIRST(&d->dels)->key;
+        r = etcd__call_start(d, RQ_DEL, d->cur, "/v3/kv/deleterange", bt_etcd_body_delete(key), ETCD_REQUEST_TIMEOUT_MS,
+                             writer_done);
+        if (r) r->key = etcd__strdup(key);
     } else if (d->lease_state != ETCD_LEASE_LIVE) {
         r = etcd__call_start(d, RQ_GRANT, d->cur, "/v3/lease/grant", bt_etcd_body_grant(d->ttl_s),
                              ETCD_REQUEST_TIMEOUT_MS, writer_done);
@@ -136,14 +148,7 @@ static void writer_done(etcd_disc *d, ereq *r, bt_etcd_result res, const json_t 
             break;
         }
         case RQ_DEL: {
-            for (pdel **pp = &d->dels; *pp; pp = &(*pp)->next)
-                if (strcmp((*pp)->key, r->key) == 0) {
-                    pdel *x = *pp;
-                    *pp = x->next;
-                    free(x->key);
-                    free(x);
-                    break;
-                }
+            drop_del(d, r->key);
             BT_INFO("etcd: deleted %s", r->key);
             break;
         }
@@ -188,14 +193,7 @@ bt_status etcd__put(bt_discovery *base, const char *key, const json_t *value) {
     bt_owned_key *o = bt_keyset_put(&d->owned, key, text, len, NULL);
     if (!o) return BT_ERR_NOMEM; /* text was freed */
     o->flags |= ETCD_OWNED_DIRTY;
-    for (pdel **pp = &d->dels; *pp; pp = &(*pp)->next) /* a put supersedes a queued delete */
-        if (strcmp((*pp)->key, key) == 0) {
-            pdel *x = *pp;
-            *pp = x->next;
-            free(x->key);
-            free(x);
-            break;
-        }
+    drop_del(d, key); /* a put supersedes a queued delete */
     etcd__writer_step(d);
     return BT_OK;
 }
@@ -204,16 +202,15 @@ bt_status etcd__del(bt_discovery *base, const char *key) {
     etcd_disc *d = (etcd_disc *)base;
     if (d->closing) return BT_ERR_SHUTDOWN;
     bt_keyset_del(&d->owned, key);
-    pdel **pp = &d->dels;
-    for (; *pp; pp = &(*pp)->next)
-        if (strcmp((*pp)->key, key) == 0) break;
-    if (!*pp) {
-        pdel *x = calloc(1, sizeof *x);
+    pdel *x = TAILQ_FIRST(&d->dels);
+    while (x && strcmp(x->key, key) != 0) x = TAILQ_NEXT(x, link);
+    if (!x) {
+        x = calloc(1, sizeof *x);
         if (!x || !(x->key = etcd__strdup(key))) {
             free(x);
             return BT_ERR_NOMEM;
         }
-        *pp = x; /* appended: deletes go out in call order */
+        TAILQ_INSERT_TAIL(&d->dels, x, link); /* deletes go out in call order */
     }
     etcd__writer_step(d);
     return BT_OK;
@@ -308,9 +305,9 @@ static void revoke_done(etcd_disc *d, ereq *r, bt_etcd_result res, const json_t 
 
 void etcd__lease_free(etcd_disc *d) {
     bt_keyset_free(&d->owned);
-    while (d->dels) {
-        pdel *x = d->dels;
-        d->dels = x->next;
+    pdel *x;
+    while ((x = TAILQ_FIRST(&d->dels)) != NULL) {
+        TAILQ_REMOVE(&d->dels, x, link);
         free(x->key);
         free(x);
     }

@@ -26,6 +26,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/queue.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -92,7 +93,7 @@ typedef enum { OP_WRITE, OP_TOUCH, OP_UNLINK } op_kind;
 /* One queued file operation. It owns copies of everything the worker thread reads, so the loop
  * may change or free its own state while the operation runs. */
 typedef struct op {
-    struct op *next;
+    STAILQ_ENTRY(op) link; /* file_disc.pend or .op_running */
     op_kind kind;
     char *key;  /* for logs */
     char *path;
@@ -101,6 +102,7 @@ typedef struct op {
     int err;      /* result: 0 or an errno */
     bool rewrote; /* OP_TOUCH found the file gone and wrote it again */
 } op;
+STAILQ_HEAD(op_queue, op);
 
 /* One key of a snapshot. `live` = reported to the watcher with on_put and not deleted since;
  * `bad` = its content was already warned about (malformed or too large); `unread` = the scan
@@ -129,9 +131,9 @@ typedef struct {
 
     bt_keyset owned; /* the keys this process put and keeps alive (keyset.h) */
 
-    /* The write queue: pend_* waits; op_running is owned by the thread while op_busy. */
-    op *pend_head, *pend_tail;
-    op *op_running;
+    /* The write queue: pend waits; op_running is owned by the thread while op_busy. */
+    struct op_queue pend;
+    struct op_queue op_running;
     bool op_busy;
     uv_work_t op_req;
 
@@ -204,14 +206,19 @@ static int mkdir_p(const char *dir) {
     return S_ISDIR(st.st_mode) ? 0 : ENOTDIR;
 }
 
-static void free_ops(op *o) {
-    while (o) {
-        op *next = o->next;
-        free(o->key);
-        free(o->path);
-        free(o->text);
-        free(o);
-        o = next;
+static void free_op(op *o) {
+    free(o->key);
+    free(o->path);
+    free(o->text);
+    free(o);
+}
+
+/* Frees every operation of q and leaves it empty. */
+static void free_ops(struct op_queue *q) {
+    op *o;
+    while ((o = STAILQ_FIRST(q)) != NULL) {
+        STAILQ_REMOVE_HEAD(q, link);
+        free_op(o);
     }
 }
 
@@ -256,7 +263,7 @@ static int write_atomic(const char *dir, const char *path, const char *text, siz
 
 static void op_work(uv_work_t *req) {
     file_disc *d = req->data;
-    for (op *o = d->op_running; o; o = o->next) {
+    for (op *o = STAILQ_FIRST(&d->op_running); o; o = STAILQ_NEXT(o, link)) {
         switch (o->kind) {
         case OP_WRITE:
             o->err = write_atomic(d->dir, o->path, o->text, o->len);
@@ -284,7 +291,7 @@ static void ops_kick(file_disc *d);
 static void op_done(uv_work_t *req, int status) {
     file_disc *d = req->data;
     (void)status; /* never cancelled */
-    for (op *o = d->op_running; o; o = o->next) {
+    for (op *o = STAILQ_FIRST(&d->op_running); o; o = STAILQ_NEXT(o, link)) {
         static const char *names[] = {"write", "refresh", "unlink"};
         if (o->err)
             BT_WARN("discovery(file): %s of key %s failed: %s", names[o->kind], o->key, strerror(o->err));
@@ -293,8 +300,7 @@ static void op_done(uv_work_t *req, int status) {
         else
             BT_TRACE("discovery(file): %s %s", names[o->kind], o->key);
     }
-    free_ops(d->op_running);
-    d->op_running = NULL;
+    free_ops(&d->op_running);
     d->op_busy = false;
     ops_kick(d);
     maybe_finish_close(d);
@@ -302,16 +308,14 @@ static void op_done(uv_work_t *req, int status) {
 
 /* Starts the next batch: everything queued so far, executed in order by one thread. */
 static void ops_kick(file_disc *d) {
-    if (d->op_busy || !d->pend_head) return;
-    d->op_running = d->pend_head;
-    d->pend_head = d->pend_tail = NULL;
+    if (d->op_busy || STAILQ_EMPTY(&d->pend)) return;
+    STAILQ_CONCAT(&d->op_running, &d->pend); /* op_running is empty: it takes the whole queue */
     d->op_busy = true;
     d->op_req.data = d;
     int rc = uv_queue_work(d->loop, &d->op_req, op_work, op_done);
     if (rc != 0) { /* only fails on invalid arguments: a bug, not a runtime condition */
         BT_ERROR("discovery(file): uv_queue_work: %s", uv_strerror(rc));
-        free_ops(d->op_running);
-        d->op_running = NULL;
+        free_ops(&d->op_running);
         d->op_busy = false;
     }
 }
@@ -320,23 +324,18 @@ static void ops_kick(file_disc *d) {
  * queued makes them moot, and dropping them keeps a delete fast even behind a backlog. Running
  * operations are never touched; the new one runs after them, so call order is preserved. */
 static void drop_pending_writes(file_disc *d, const char *key) {
-    op **pp = &d->pend_head;
-    d->pend_tail = NULL;
-    while (*pp) {
-        op *o = *pp;
-        if (o->kind != OP_UNLINK && strcmp(o->key, key) == 0) {
-            *pp = o->next;
-            o->next = NULL;
-            free_ops(o);
-            continue;
-        }
-        d->pend_tail = o;
-        pp = &o->next;
+    struct op_queue keep = STAILQ_HEAD_INITIALIZER(keep);
+    op *o;
+    while ((o = STAILQ_FIRST(&d->pend)) != NULL) {
+        STAILQ_REMOVE_HEAD(&d->pend, link);
+        if (o->kind != OP_UNLINK && strcmp(o->key, key) == 0) free_op(o);
+        else STAILQ_INSERT_TAIL(&keep, o, link);
     }
+    STAILQ_CONCAT(&d->pend, &keep);
 }
 
 static bool pending_touch(file_disc *d, const char *key) {
-    for (op *o = d->pend_head; o; o = o->next)
+    for (op *o = STAILQ_FIRST(&d->pend); o; o = STAILQ_NEXT(o, link))
         if (o->kind == OP_TOUCH && strcmp(o->key, key) == 0) return true;
     return false;
 }
@@ -351,12 +350,10 @@ static bt_status enqueue(file_disc *d, op_kind kind, const char *key, const char
     o->text = text ? xstrndup(text, len) : NULL;
     o->len = len;
     if (!o->key || !o->path || (text && !o->text)) {
-        free_ops(o);
+        free_op(o);
         return BT_ERR_NOMEM;
     }
-    if (d->pend_tail) d->pend_tail->next = o;
-    else d->pend_head = o;
-    d->pend_tail = o;
+    STAILQ_INSERT_TAIL(&d->pend, o, link);
     ops_kick(d);
     return BT_OK;
 }
@@ -760,7 +757,7 @@ static bt_status file_watch(bt_discovery *base, const char *prefix, const bt_dis
 
 static void free_disc(file_disc *d) {
     bt_keyset_free(&d->owned);
-    free_ops(d->pend_head);
+    free_ops(&d->pend);
     free_entries(d->snap, d->nsnap);
     free(d->prefix);
     free(d->dir);
@@ -779,7 +776,7 @@ static void on_handle_closed(uv_handle_t *h) {
 /* Closes the handles once no thread-pool request can still touch `d`. */
 static void maybe_finish_close(file_disc *d) {
     if (!d->closing || d->handles_closing) return;
-    if (d->op_busy || d->pend_head || d->scan_busy) return;
+    if (d->op_busy || !STAILQ_EMPTY(&d->pend) || d->scan_busy) return;
     d->handles_closing = true;
     d->handles_open = 3;
     uv_close((uv_handle_t *)&d->refresh_timer, on_handle_closed);
@@ -838,6 +835,8 @@ bt_status bt_discovery_file_create(uv_loop_t *loop, const bt_discovery_config *c
         return BT_ERR_NOMEM;
     }
     bt_keyset_init(&d->owned);
+    STAILQ_INIT(&d->pend);
+    STAILQ_INIT(&d->op_running);
     /* Done synchronously, once, at start-up: a local mkdir is not worth an asynchronous dance, and
      * inotify needs the directory to exist before the first watch. */
     int e = mkdir_p(d->dir);

@@ -17,7 +17,7 @@ void bt_events_collect(const bt_events *e, const bt_events_stats *s, bt_metrics 
     bt_metrics_add(bt_metrics_gauge(r, name, BT_MERGE_MIN, "1 while the event plane is connected"),
                    s->connected ? 1 : 0, "plane", bt_events_plane(e), NULL);
     snprintf(name, sizeof name, "%s_event_plane_connects_total", prefix);
-    bt_metrics_add(bt_metrics_counter(r, name, "Connections made to the event plane"), (double)s->connects, NULL);
+    bt_metrics_counter_value(r, name, "Connections made to the event plane", (double)s->connects);
 }
 
 static const char *env_or_null(const char *name) {

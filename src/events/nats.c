@@ -30,6 +30,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/queue.h>
 #include <unistd.h>
 
 #include <nats/nats.h>
@@ -55,21 +56,22 @@ typedef struct op {
     bool add;
     int fd; /* OP_ATTACH: our dup() of the socket, owned by the op until applied */
     natsConnection *nc;
-    struct op *next;
+    STAILQ_ENTRY(op) link; /* bt_events.ops */
 } op;
 
 /* ---- received messages, shared with the delivery thread ---- */
 
 typedef struct qmsg {
-    struct qmsg *next;
+    STAILQ_ENTRY(qmsg) link; /* inbox.msgs, then the loop's batch */
     size_t len;
     char data[];
 } qmsg;
+STAILQ_HEAD(qmsg_queue, qmsg);
 
 typedef struct {
     uv_mutex_t mu;
     uv_async_t *async; /* NULL once the loop side is gone: messages are then discarded */
-    qmsg *head, *tail;
+    struct qmsg_queue msgs;
     size_t n, cap;
     uint64_t overflow, too_big;
     int refs; /* the bt_events, plus the subscription until nats.c reports it complete */
@@ -110,7 +112,7 @@ struct bt_events {
     atomic_bool up;      /* nats.c says the socket is attached (set from any thread) */
     /* queued requests */
     uv_mutex_t op_mu;
-    op *op_head, *op_tail;
+    STAILQ_HEAD(, op) ops;
     /* thread-pool work */
     uv_work_t work;
     bool work_busy;
@@ -200,11 +202,8 @@ static bool poll_open(bt_events *e, int fd) {
 static void run_ops(bt_events *e) {
     for (;;) {
         uv_mutex_lock(&e->op_mu);
-        op *o = e->op_head;
-        if (o) {
-            e->op_head = o->next;
-            if (!e->op_head) e->op_tail = NULL;
-        }
+        op *o = STAILQ_FIRST(&e->ops);
+        if (o) STAILQ_REMOVE_HEAD(&e->ops, link);
         uv_mutex_unlock(&e->op_mu);
         if (!o) return;
         apply_op(e, o); /* never calls into nats.c, so no lock-order question arises */
@@ -217,10 +216,10 @@ static void run_ops(bt_events *e) {
 static natsStatus submit(bt_events *e, op_type t, bool add, int fd, natsConnection *nc) {
     uv_thread_t self = uv_thread_self();
     uv_mutex_lock(&e->op_mu);
-    bool direct = uv_thread_equal(&self, &e->loop_thread) && !e->op_head;
+    bool direct = uv_thread_equal(&self, &e->loop_thread) && STAILQ_EMPTY(&e->ops);
     if (direct) {
         uv_mutex_unlock(&e->op_mu);
-        op o = {t, add, fd, nc, NULL};
+        op o = {t, add, fd, nc, {NULL}};
         apply_op(e, &o);
         return NATS_OK;
     }
@@ -229,10 +228,8 @@ static natsStatus submit(bt_events *e, op_type t, bool add, int fd, natsConnecti
         uv_mutex_unlock(&e->op_mu);
         return NATS_NO_MEMORY;
     }
-    *o = (op){t, add, fd, nc, NULL};
-    if (e->op_tail) e->op_tail->next = o;
-    else e->op_head = o;
-    e->op_tail = o;
+    *o = (op){t, add, fd, nc, {NULL}};
+    STAILQ_INSERT_TAIL(&e->ops, o, link);
     uv_mutex_unlock(&e->op_mu);
     uv_async_send(&e->async);
     return NATS_OK;
@@ -391,8 +388,8 @@ static void inbox_unref(inbox *in) {
     int refs = --in->refs;
     uv_mutex_unlock(&in->mu);
     if (refs > 0) return;
-    for (qmsg *q = in->head, *n; q; q = n) {
-        n = q->next;
+    for (qmsg *q = STAILQ_FIRST(&in->msgs), *n; q; q = n) {
+        n = STAILQ_NEXT(q, link);
         free(q);
     }
     uv_mutex_destroy(&in->mu);
@@ -411,7 +408,6 @@ static void on_msg(natsConnection *nc, natsSubscription *sub, natsMsg *m, void *
     if (len >= 0 && len <= MAX_MSG_BYTES) {
         q = malloc(sizeof *q + (size_t)len);
         if (q) {
-            q->next = NULL;
             q->len = (size_t)len;
             memcpy(q->data, natsMsg_GetData(m), (size_t)len);
         }
@@ -425,9 +421,7 @@ static void on_msg(natsConnection *nc, natsSubscription *sub, natsMsg *m, void *
         if (in->async) in->overflow++;
         free(q);
     } else {
-        if (in->tail) in->tail->next = q;
-        else in->head = q;
-        in->tail = q;
+        STAILQ_INSERT_TAIL(&in->msgs, q, link);
         in->n++;
         uv_async_send(in->async);
     }
@@ -440,12 +434,12 @@ static void drain_inbox(bt_events *e) {
     inbox *in = e->in;
     if (!in) return;
     uv_mutex_lock(&in->mu);
-    qmsg *q = in->head;
-    in->head = in->tail = NULL;
+    qmsg *q = STAILQ_FIRST(&in->msgs);
+    STAILQ_INIT(&in->msgs);
     in->n = 0;
     uv_mutex_unlock(&in->mu);
     while (q) {
-        qmsg *next = q->next;
+        qmsg *next = STAILQ_NEXT(q, link);
         uint64_t id;
         bt_load_report r;
         char err[128];
@@ -786,6 +780,7 @@ bt_status bt__events_nats_create(uv_loop_t *loop, const bt_events_config *c, bt_
         return BT_ERR_NOMEM;
     }
     e->loop = loop;
+    STAILQ_INIT(&e->ops);
     e->loop_thread = uv_thread_self();
     e->c = *c;
     size_t sl = strlen(c->ns) + 32;
@@ -845,6 +840,7 @@ bt_status bt_events_subscribe_load(bt_events *e, bt_events_load_cb cb, void *ud)
         free(in);
         return BT_ERR_NOMEM;
     }
+    STAILQ_INIT(&in->msgs);
     in->async = &e->async;
     in->cap = e->c.max_queued_msgs;
     in->refs = 1;

@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/queue.h>
 
 #include "common/log.h"
 #include "common/metrics.h"
@@ -78,14 +79,15 @@ struct fe_ticket {
     bool left;       /* it left the queue for routing: never queued again as new */
     bool mig_slot;   /* holds one of the --migration-concurrency slots */
     bool mig_waiting; /* in the migration wait list */
-    fe_ticket *prev, *next;
+    TAILQ_ENTRY(fe_ticket) link; /* fe_admit.queue or .mwait (never both) */
 };
+TAILQ_HEAD(ticket_q, fe_ticket);
 
 struct fe_admit {
     fe *f;
     fe_admit_policy *pol;
     uv_timer_t timer;
-    fe_ticket *head, *tail;
+    struct ticket_q queue; /* by priority, then fair tag, then arrival */
     uint64_t n, tokens, seq;
     double vtime;
     bool pumping;
@@ -97,7 +99,7 @@ struct fe_admit {
     uint64_t busy_since_ms;          /* when the busy time was last accounted */
     /* Migrations past --migration-concurrency wait here (FIFO) for a slot; they are never failed
      * for it. mig_inflight counts the slots taken: migrations sent, not yet at their first token. */
-    fe_ticket *mhead, *mtail;
+    struct ticket_q mwait;
     uint64_t mwaiting, mig_inflight, mig_waited_total;
 };
 
@@ -190,6 +192,8 @@ bt_status fe_admit_start(fe *f) {
     if (!a) return BT_ERR_NOMEM;
     a->f = f;
     a->pol = f->admit_policy;
+    TAILQ_INIT(&a->queue);
+    TAILQ_INIT(&a->mwait);
     snprintf(a->tenants[0].name, TENANT_NAME_MAX, "other"); /* slot 0: past TENANTS_MAX */
     a->ntenants = 1;
     uv_timer_init(f->loop, &a->timer);
@@ -325,14 +329,10 @@ static void drain_roll(fe_admit *a, uint64_t now_ms);
 
 static void q_insert(fe_admit *a, fe_ticket *t) {
     drain_roll(a, bt_now_ms());
-    fe_ticket *at = a->tail; /* from the tail: a new tag is usually the largest */
-    while (at && before(t, at)) at = at->prev;
-    t->prev = at;
-    t->next = at ? at->next : a->head;
-    if (t->next) t->next->prev = t;
-    else a->tail = t;
-    if (at) at->next = t;
-    else a->head = t;
+    fe_ticket *at = TAILQ_LAST(&a->queue, ticket_q); /* from the tail: a new tag is usually the largest */
+    while (at && before(t, at)) at = TAILQ_PREV(at, ticket_q, link);
+    if (at) TAILQ_INSERT_AFTER(&a->queue, at, t, link);
+    else TAILQ_INSERT_HEAD(&a->queue, t, link);
     t->queued = true;
     a->n++;
     a->tokens += t->cost;
@@ -343,11 +343,7 @@ static void q_insert(fe_admit *a, fe_ticket *t) {
 static void q_remove(fe_admit *a, fe_ticket *t) {
     if (!t->queued) return;
     drain_roll(a, bt_now_ms());
-    if (t->prev) t->prev->next = t->next;
-    else a->head = t->next;
-    if (t->next) t->next->prev = t->prev;
-    else a->tail = t->prev;
-    t->prev = t->next = NULL;
+    TAILQ_REMOVE(&a->queue, t, link);
     t->queued = false;
     a->n--;
     a->tokens -= t->cost;
@@ -396,7 +392,7 @@ static int retry_after(fe_admit *a, const fe_req *r, int32_t p) {
         s = fe_retry_after_s(a->f, r->model);
     } else {
         uint64_t ahead = 0;
-        for (fe_ticket *t = a->head; t && t->priority <= p; t = t->next)
+        for (fe_ticket *t = TAILQ_FIRST(&a->queue); t && t->priority <= p; t = TAILQ_NEXT(t, link))
             if (t->req->model == r->model) ahead++;
         s = (int)ceil((double)(ahead + 1) / rate);
     }
@@ -458,11 +454,7 @@ static bool mig_room(const fe_admit *a) {
 
 static void mig_unlink(fe_admit *a, fe_ticket *t) {
     if (!t->mig_waiting) return;
-    if (t->prev) t->prev->next = t->next;
-    else a->mhead = t->next;
-    if (t->next) t->next->prev = t->prev;
-    else a->mtail = t->prev;
-    t->prev = t->next = NULL;
+    TAILQ_REMOVE(&a->mwait, t, link);
     t->mig_waiting = false;
     a->mwaiting--;
 }
@@ -480,8 +472,8 @@ static void pump(fe_admit *a) {
     if (a->pumping) return;
     a->pumping = true;
     uint64_t now = bt_now_ms();
-    for (fe_ticket *t = a->head, *nx; t; t = nx) {
-        nx = t->next;
+    for (fe_ticket *t = TAILQ_FIRST(&a->queue), *nx; t; t = nx) {
+        nx = TAILQ_NEXT(t, link);
         if (t->deadline_ms && now >= t->deadline_ms) {
             q_remove(a, t);
             refuse(a, t->req, D_TIMEOUT); /* frees t's request and t */
@@ -489,8 +481,8 @@ static void pump(fe_admit *a) {
     }
     int sent = 0;
     /* waiting migrations first: their streams are running already */
-    while (a->mhead && mig_room(a) && sent < PUMP_MAX_PER_TICK) {
-        fe_ticket *t = a->mhead;
+    while (!TAILQ_EMPTY(&a->mwait) && mig_room(a) && sent < PUMP_MAX_PER_TICK) {
+        fe_ticket *t = TAILQ_FIRST(&a->mwait);
         mig_unlink(a, t);
         t->mig_slot = true;
         a->mig_inflight++;
@@ -501,19 +493,19 @@ static void pump(fe_admit *a) {
     }
     fe_model *blocked[BLOCKED_MAX];
     int nblocked = 0;
-    for (fe_ticket *t = a->head; t && sent < PUMP_MAX_PER_TICK;) {
+    for (fe_ticket *t = TAILQ_FIRST(&a->queue); t && sent < PUMP_MAX_PER_TICK;) {
         fe_req *r = t->req;
         bool skip = false;
         for (int i = 0; i < nblocked && !skip; i++) skip = blocked[i] == r->model;
         if (skip) {
-            t = t->next;
+            t = TAILQ_NEXT(t, link);
             continue;
         }
         bool all_busy = false;
         if (!fe_route(a->f, r->model, 0, &all_busy) && all_busy) {
             if (nblocked == BLOCKED_MAX) break;
             blocked[nblocked++] = r->model;
-            t = t->next;
+            t = TAILQ_NEXT(t, link);
             continue;
         }
         q_remove(a, t);
@@ -525,7 +517,7 @@ static void pump(fe_admit *a) {
                  now - t->t_enq_ms, t->priority, a->tenants[t->tenant].name);
         sent++;
         fe_migrate_dispatch(r); /* routes it (or fails it: no worker at all); may free r */
-        t = a->head;            /* the list may have changed under the dispatch */
+        t = TAILQ_FIRST(&a->queue); /* the list may have changed under the dispatch */
     }
     if (!a->n && !a->mwaiting) uv_timer_stop(&a->timer);
     a->pumping = false;
@@ -576,9 +568,9 @@ static void enqueue(fe_admit *a, fe_req *r) {
                 refuse(a, r, D_QUEUE_FULL);
                 return;
             }
-            fe_ticket *v = a->tail;
+            fe_ticket *v = TAILQ_LAST(&a->queue, ticket_q);
             fe_ticket *newest = NULL;
-            for (; v; v = v->prev)
+            for (; v; v = TAILQ_PREV(v, ticket_q, link))
                 if (v->tenant == victim && (!newest || v->seq > newest->seq)) newest = v;
             q_remove(a, newest);
             if (!a->tenants[victim].queued_n) active--;
@@ -608,7 +600,8 @@ bool fe_admit_before_route(fe_req *r) {
     fe_ticket *t = r->ticket;
     if (!queue_on(a) || !t || t->left || t->queued) return false;
     bool waiting = false;
-    for (fe_ticket *q = a->head; q && !waiting; q = q->next) waiting = q->req->model == r->model;
+    for (fe_ticket *q = TAILQ_FIRST(&a->queue); q && !waiting; q = TAILQ_NEXT(q, link))
+        waiting = q->req->model == r->model;
     if (!waiting) return false;
     enqueue(a, r);
     return true;
@@ -648,16 +641,12 @@ bool fe_admit_migration_hold(fe_req *r) {
         fe_admit_attach(r, t);
     }
     if (t->mig_slot) return false; /* a migration that failed again keeps its slot */
-    if (mig_room(a) && !a->mhead) {
+    if (mig_room(a) && TAILQ_EMPTY(&a->mwait)) {
         t->mig_slot = true;
         a->mig_inflight++;
         return false;
     }
-    t->prev = a->mtail;
-    t->next = NULL;
-    if (a->mtail) a->mtail->next = t;
-    else a->mhead = t;
-    a->mtail = t;
+    TAILQ_INSERT_TAIL(&a->mwait, t, link);
     t->mig_waiting = true;
     a->mwaiting++;
     a->mig_waited_total++;
@@ -785,18 +774,14 @@ void fe_admit_collect(fe *f, bt_metrics *r) {
             if (a->tenants[i].count[d])
                 bt_metrics_add(fam, (double)a->tenants[i].count[d], "tenant", a->tenants[i].name, "decision",
                                decision_names[d], NULL);
-    bt_metrics_add(bt_metrics_gauge(r, "baton_frontend_queue_requests", BT_MERGE_SUM,
-                                    "Requests waiting in the admission queue"),
-                   (double)a->n, NULL);
-    bt_metrics_add(bt_metrics_gauge(r, "baton_frontend_queue_tokens", BT_MERGE_SUM,
-                                    "Estimated tokens of the requests in the admission queue"),
-                   (double)a->tokens, NULL);
-    bt_metrics_add(bt_metrics_gauge(r, "baton_frontend_migrations_in_flight", BT_MERGE_SUM,
-                                    "Migrations sent and not yet at their first token"),
-                   (double)a->mig_inflight, NULL);
-    bt_metrics_add(bt_metrics_gauge(r, "baton_frontend_migrations_waiting", BT_MERGE_SUM,
-                                    "Migrations waiting for a --migration-concurrency slot"),
-                   (double)a->mwaiting, NULL);
-    bt_metrics_add(bt_metrics_counter(r, "baton_frontend_migrations_waited_total", "Migrations that waited for a slot"),
-                   (double)a->mig_waited_total, NULL);
+    bt_metrics_gauge_value(r, "baton_frontend_queue_requests", BT_MERGE_SUM, "Requests waiting in the admission queue",
+                           (double)a->n);
+    bt_metrics_gauge_value(r, "baton_frontend_queue_tokens", BT_MERGE_SUM,
+                           "Estimated tokens of the requests in the admission queue", (double)a->tokens);
+    bt_metrics_gauge_value(r, "baton_frontend_migrations_in_flight", BT_MERGE_SUM,
+                           "Migrations sent and not yet at their first token", (double)a->mig_inflight);
+    bt_metrics_gauge_value(r, "baton_frontend_migrations_waiting", BT_MERGE_SUM,
+                           "Migrations waiting for a --migration-concurrency slot", (double)a->mwaiting);
+    bt_metrics_counter_value(r, "baton_frontend_migrations_waited_total", "Migrations that waited for a slot",
+                             (double)a->mig_waited_total);
 }

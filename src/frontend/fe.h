@@ -73,7 +73,7 @@ struct fe_model {
      * at its model's workers, with no cap on their number. Order is not meaningful. */
     fe_worker **ws;
     size_t nws, capws;
-    fe_model *next;
+    LIST_ENTRY(fe_model) link; /* fe.models */
 };
 
 /* ---- workers ---- */
@@ -119,7 +119,7 @@ struct fe_worker {
     bool freeing;
     uint64_t routed_total;
     fe_outlier outlier; /* latency window and ejection state (outlier.h) */
-    fe_worker *next;
+    LIST_ENTRY(fe_worker) link; /* fe.workers */
 };
 
 /* ---- requests ---- */
@@ -205,7 +205,7 @@ struct fe_req {
     fe_ticket *ticket;      /* admission (admit.h): priority, tenant, place in the queue; NULL for a resume */
     uint64_t adopt_worker;  /* a resume's first attempt re-attaches to this worker's orphan (0: none) */
     uint64_t skip_to;       /* a resume ahead of the journal: events up to this position are not written */
-    fe_req *prev, *next; /* all live requests */
+    LIST_ENTRY(fe_req) link; /* fe.reqs: all live requests */
 };
 
 /* ---- options and process ---- */
@@ -261,11 +261,11 @@ struct fe {
     fe_route_mode mode;
     bt_http_server *http;
     bt_discovery *disc;
-    fe_worker *workers;
+    LIST_HEAD(, fe_worker) workers;
     size_t nworkers;
     bt_map workers_by_id; /* instance id -> fe_worker (event-plane load reports name workers by id) */
-    fe_model *models;
-    fe_req *reqs;
+    LIST_HEAD(, fe_model) models;
+    LIST_HEAD(, fe_req) reqs;
     size_t nreqs;
     uint64_t rr;
     uint64_t instance_id;
@@ -304,7 +304,7 @@ struct fe {
     bool mail_inited, mail_closed;
     LIST_HEAD(, fe_gather) gathers; /* this shard's gathers still waiting for other shards */
     uint64_t resumes[FE_RESUME_N_]; /* resume.c: resume requests by outcome */
-    fe_pending_resume *pending_resumes; /* resume.c: resumes waiting for another shard */
+    LIST_HEAD(, fe_pending_resume) pending_resumes; /* resume.c: resumes waiting for another shard */
 };
 
 #define FE_MAX_THREADS 64

@@ -43,7 +43,7 @@ static void respond_json(bt_http_req *http, int status, json_t *j) {
 static void handle_health(fe *f, bt_http_req *http) {
     json_t *eps = json_array();
     json_t *insts = json_array();
-    for (fe_worker *w = f->workers; w; w = w->next) {
+    for (fe_worker *w = LIST_FIRST(&f->workers); w; w = LIST_NEXT(w, link)) {
         if (!fe_worker_routable(w)) continue;
         char ep[256];
         snprintf(ep, sizeof ep, "dyn://%s.%s.%s", w->ns, w->component, w->endpoint);
@@ -62,7 +62,7 @@ static void handle_health(fe *f, bt_http_req *http) {
 /* A model is listed while at least one known worker serves it. "created" is Unix time: when this
  * frontend started (baton does not know when a model was made). */
 static bool model_served(const fe *f, const char *name) {
-    for (const fe_worker *w = f->workers; w; w = w->next)
+    for (const fe_worker *w = LIST_FIRST(&f->workers); w; w = LIST_NEXT(w, link))
         if (strcmp(w->model, name) == 0) return true;
     return false;
 }
@@ -74,7 +74,7 @@ static json_t *model_json(const fe *f, const fe_model *m) {
 
 static void handle_models(fe *f, bt_http_req *http) {
     json_t *data = json_array();
-    for (fe_model *m = f->models; m; m = m->next)
+    for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link))
         if (model_served(f, m->name)) json_array_append_new(data, model_json(f, m));
     respond_json(http, 200, json_pack("{s:s, s:o}", "object", "list", "data", data));
 }
@@ -108,7 +108,7 @@ static bool percent_decode(const char *src, char *out, size_t cap) {
 /* GET /v1/models/{id}: the id is percent-decoded and may hold '/' (as "org/model"), either raw or
  * as %2F (the openai SDK encodes it). */
 static void handle_model(fe *f, bt_http_req *http, const char *raw_id) {
-    char id[sizeof f->models->name];
+    char id[sizeof LIST_FIRST(&f->models)->name];
     fe_model *m = NULL;
     if (percent_decode(raw_id, id, sizeof id)) {
         m = fe_model_get(f, id, false);
@@ -134,7 +134,8 @@ static json_t *threshold_json(const fe_model *m) {
 static void handle_busy_threshold(fe *f, bt_http_req *http) {
     if (http->method == BT_HTTP_GET) {
         json_t *arr = json_array();
-        for (fe_model *m = f->models; m; m = m->next) json_array_append_new(arr, threshold_json(m));
+        for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link))
+            json_array_append_new(arr, threshold_json(m));
         respond_json(http, 200, json_pack("{s:o}", "thresholds", arr));
         return;
     }
@@ -389,8 +390,9 @@ static void shutdown_tick(uv_timer_t *t) {
             BT_WARN("shutdown bound reached with %zu requests running; handing journaled streams off, ending the "
                     "rest with an error",
                     f->nreqs);
-            for (size_t n = f->nreqs; f->reqs && n > 0; n--) /* each call frees the request */
-                if (!fe_request_hand_off(f->reqs)) fe_request_fail(f->reqs, BT_ERR_SHUTDOWN, "the frontend is shutting down");
+            for (size_t n = f->nreqs; !LIST_EMPTY(&f->reqs) && n > 0; n--) /* each call frees the request */
+                if (!fe_request_hand_off(LIST_FIRST(&f->reqs)))
+                    fe_request_fail(LIST_FIRST(&f->reqs), BT_ERR_SHUTDOWN, "the frontend is shutting down");
         }
         BT_INFO("frontend shutting down after %llu ms", (unsigned long long)el);
         uv_timer_stop(t);
@@ -542,110 +544,69 @@ static void others_done_tick(uv_timer_t *t) {
     if (atomic_load(&f->grp->running) == 0) bt_proc_close_handles(f->loop);
 }
 
+/* The frontend's flags, one row each in --help order: flag, environment twin, type, field of fe_opts,
+ * default, range, help. Both the defaults and the bt_opt table are made from these rows, so each flag
+ * is written once; PROC rows are the options every process shares (proc.h: bt_proc_opts_default
+ * sets their defaults). One row is one line, wider than the usual 120 columns: the table reads
+ * across, and a grep for a flag or its twin shows its default, range and help. */
+/* clang-format off */
+#define FE_OPTIONS(OPT, PROC) \
+    OPT("--http-port", "DYN_HTTP_PORT", INT, http_port, 8000, 0, 65535, "HTTP port") \
+    OPT("--http-host", "DYN_HTTP_HOST", STR, http_host, "0.0.0.0", 0, 0, "HTTP address") \
+    OPT("--namespace", "DYN_NAMESPACE", STR, ns, "dynamo", 0, 0, "discovery namespace") \
+    PROC(BT_PROC_OPT_DISCOVERY(&o->p, "file or etcd")) \
+    PROC(BT_PROC_OPT_DISCOVERY_DIR(&o->p)) \
+    PROC(BT_PROC_OPT_ETCD_ENDPOINTS(&o->p)) \
+    PROC(BT_PROC_OPT_ETCD_CA(&o->p)) \
+    PROC(BT_PROC_OPT_ETCD_CLIENT_CERT(&o->p)) \
+    PROC(BT_PROC_OPT_ETCD_CLIENT_KEY(&o->p)) \
+    OPT("--migration-limit", "DYN_MIGRATION_LIMIT", INT, migration_limit, 3, 0, 1000, "extra attempts per request (0 = off)") \
+    OPT("--router-mode", "DYN_ROUTER_MODE", STR, router_mode, "round-robin", 0, 0, "round-robin, random, least-loaded") \
+    OPT("--active-decode-blocks-threshold", "DYN_ACTIVE_DECODE_BLOCKS_THRESHOLD", DOUBLE, decode_threshold, NAN, 0, 1, "busy above this fraction of KV blocks") \
+    OPT("--active-prefill-tokens-threshold", "DYN_ACTIVE_PREFILL_TOKENS_THRESHOLD", DOUBLE, prefill_threshold, NAN, 0, FE_PREFILL_THRESHOLD_MAX, "busy above this many prefill tokens") \
+    OPT("--stream-stall-timeout", "DYN_STREAM_STALL_TIMEOUT", DOUBLE, stall_timeout, 2.0, 0.1, 3600, "seconds of silence before a worker is declared dead") \
+    OPT("--api-key", "DYN_API_KEY", STR, api_key, NULL, 0, 0, "require Authorization: Bearer KEY") \
+    OPT("--max-body-bytes", "DYN_HTTP_MAX_BODY_BYTES", INT, max_body, 4 << 20, 1024, 1 << 30, "request body cap") \
+    OPT("--shutdown-drain-timeout", "DYN_HTTP_DRAIN_TIMEOUT", INT, drain_timeout, 30, 0, 86400, "seconds running streams get after SIGTERM") \
+    OPT("--http-header-timeout-ms", "DYN_HTTP_HEADER_TIMEOUT_MS", INT, header_timeout_ms, 30000, 10, 3600000, "a request must arrive whole within this (slowloris guard)") \
+    OPT("--http-idle-timeout-ms", "DYN_HTTP_IDLE_TIMEOUT_MS", INT, idle_timeout_ms, 60000, 10, 86400000, "idle keep-alive connections close after this") \
+    OPT("--max-connections", "DYN_HTTP_MAX_CONNECTIONS", INT, max_connections, 20000, 1, 10000000, "open client connections; more are refused") \
+    OPT("--max-client-backlog-bytes", "DYN_HTTP_MAX_CLIENT_BACKLOG_BYTES", INT, max_backlog, 8 << 20, 4096, 1 << 30, "bytes queued for a client that does not read before it is dropped") \
+    OPT("--max-concurrent-requests", "DYN_MAX_CONCURRENT_REQUESTS", INT, max_requests, 20000, 1, 10000000, "requests in flight; more get 503") \
+    PROC(BT_PROC_OPT_RPC_SECRET_FILE(&o->p)) \
+    PROC(BT_PROC_OPT_EVENT_PLANE(&o->p)) \
+    PROC(BT_PROC_OPT_NATS_SERVER(&o->p)) \
+    OPT("--shutdown-accept-window-ms", "DYN_HTTP_ACCEPT_WINDOW_MS", INT, accept_window_ms, 5000, 0, 600000, "milliseconds new requests are still accepted after SIGTERM") \
+    OPT("--threads", "DYN_HTTP_THREADS", INT, threads, 1, 1, FE_MAX_THREADS, "event loops, one per core to use; connections are spread over them (SO_REUSEPORT)") \
+    OPT("--stream-retention", "DYN_STREAM_RETENTION", DOUBLE, stream_retention, 300, 0, 86400, "seconds a stream stays resumable after it ends (0 = streams are not resumable)") \
+    OPT("--stream-retention-bytes", "DYN_STREAM_RETENTION_BYTES", INT, stream_retention_bytes, (int64_t)256 << 20, 4096, (double)((int64_t)1 << 40), "memory cap of the stream journal (resumable streams)") \
+    OPT("--priority-ceiling", "BATON_PRIORITY_CEILING", STR, priority_ceiling, NULL, 0, 0, "KEY=N,...,*=N: the most urgent priority each API key (* = any other caller) may ask for") \
+    OPT("--trust-tenant-header", "BATON_TRUST_TENANT_HEADER", BOOL, trust_tenant_header, false, 0, 0, "the tenant is the X-Tenant header, not the API key (only behind a gateway that sets it)") \
+    OPT("--queue-max-requests", "BATON_QUEUE_MAX_REQUESTS", INT, queue_max_requests, 0, 0, 1e7, "requests that may wait for a worker that is not busy (0 = no queue: refuse at once)") \
+    OPT("--queue-max-tokens", "BATON_QUEUE_MAX_TOKENS", INT, queue_max_tokens, 0, 0, 1e12, "estimated tokens that may wait in the queue (0 = no bound)") \
+    OPT("--queue-timeout", "BATON_QUEUE_TIMEOUT", DOUBLE, queue_timeout, 30, 0, 3600, "seconds a request may wait in the queue before a 503 (0 = no limit)") \
+    OPT("--outlier-factor", "BATON_OUTLIER_FACTOR", DOUBLE, outlier_factor, 0, 0, 1000, "eject a worker whose mean TTFT or inter-token latency is this many times the median of the others (0 = off)") \
+    OPT("--outlier-window", "BATON_OUTLIER_WINDOW", DOUBLE, outlier_window, 10, 1, FE_OUTLIER_BUCKETS, "seconds of latency samples a worker is judged on") \
+    OPT("--outlier-min-samples", "BATON_OUTLIER_MIN_SAMPLES", INT, outlier_min_samples, 50, 1, 1e9, "samples of a signal a worker (and each worker it is compared with) needs in the window") \
+    OPT("--outlier-backoff", "BATON_OUTLIER_BACKOFF", DOUBLE, outlier_backoff, 5, 0.1, 3600, "seconds an ejected worker stays out, doubled for each ejection in a row (at most 16x)") \
+    OPT("--outlier-max-ejected", "BATON_OUTLIER_MAX_EJECTED", DOUBLE, outlier_max_ejected, 0.5, 0, 1, "largest share of a model's workers ejected at once (at least one, with two or more)") \
+    OPT("--retry-budget", "BATON_RETRY_BUDGET", DOUBLE, retry_budget, 0, 0, 100, "re-routes before the first token and repeat migrations allowed per request started, over 10 s (0 = off)") \
+    OPT("--retry-budget-min", "BATON_RETRY_BUDGET_MIN", INT, retry_budget_min, 10, 0, 1e9, "retries always allowed per 10 s, whatever the traffic") \
+    OPT("--migration-concurrency", "BATON_MIGRATION_CONCURRENCY", INT, migration_concurrency, 0, 0, 1e7, "migrations sent at once (from a failure to their first token); more wait, never fail (0 = no cap)")
+/* clang-format on */
+#define FE_OPT_DEFAULT(flag, env, type, field, def, min, max, help) o->field = (def);
+#define FE_OPT_ROW(flag, env, type, field, def, min, max, help) {flag, env, BT_OPT_##type, &o->field, min, max, help},
+#define FE_PROC_NONE(row)
+#define FE_PROC_ROW(row) row,
+
 int bt_frontend_main(int argc, char **argv) {
     bt_log_init("frontend");
     fe *f = calloc(1, sizeof *f);
     if (!f) return 1;
     fe_opts *o = &f->o;
-    o->http_port = 8000;
-    o->http_host = "0.0.0.0";
-    o->ns = "dynamo";
     bt_proc_opts_default(&o->p);
-    o->migration_limit = 3;
-    o->router_mode = "round-robin";
-    o->decode_threshold = NAN;
-    o->prefill_threshold = NAN;
-    o->stall_timeout = 2.0;
-    o->max_body = 4 << 20;
-    o->drain_timeout = 30;
-    o->accept_window_ms = 5000;
-    o->header_timeout_ms = 30000;
-    o->idle_timeout_ms = 60000;
-    o->max_connections = 20000;
-    o->max_requests = 20000;
-    o->max_backlog = 8 << 20;
-    o->threads = 1;
-    o->stream_retention = 300;
-    o->stream_retention_bytes = (int64_t)256 << 20;
-    o->queue_timeout = 30;
-    o->outlier_window = 10;
-    o->outlier_min_samples = 50;
-    o->outlier_backoff = 5;
-    o->outlier_max_ejected = 0.5;
-    o->retry_budget_min = 10;
-    const bt_opt opts[] = {
-        {"--http-port", "DYN_HTTP_PORT", BT_OPT_INT, &o->http_port, 0, 65535, "HTTP port"},
-        {"--http-host", "DYN_HTTP_HOST", BT_OPT_STR, &o->http_host, 0, 0, "HTTP address"},
-        {"--namespace", "DYN_NAMESPACE", BT_OPT_STR, &o->ns, 0, 0, "discovery namespace"},
-        BT_PROC_OPT_DISCOVERY(&o->p, "file or etcd"),
-        BT_PROC_OPT_DISCOVERY_DIR(&o->p),
-        BT_PROC_OPT_ETCD_ENDPOINTS(&o->p),
-        BT_PROC_OPT_ETCD_CA(&o->p),
-        BT_PROC_OPT_ETCD_CLIENT_CERT(&o->p),
-        BT_PROC_OPT_ETCD_CLIENT_KEY(&o->p),
-        {"--migration-limit", "DYN_MIGRATION_LIMIT", BT_OPT_INT, &o->migration_limit, 0, 1000,
-         "extra attempts per request (0 = off)"},
-        {"--router-mode", "DYN_ROUTER_MODE", BT_OPT_STR, &o->router_mode, 0, 0, "round-robin, random, least-loaded"},
-        {"--active-decode-blocks-threshold", "DYN_ACTIVE_DECODE_BLOCKS_THRESHOLD", BT_OPT_DOUBLE, &o->decode_threshold,
-         0, 1, "busy above this fraction of KV blocks"},
-        {"--active-prefill-tokens-threshold", "DYN_ACTIVE_PREFILL_TOKENS_THRESHOLD", BT_OPT_DOUBLE,
-         &o->prefill_threshold, 0, FE_PREFILL_THRESHOLD_MAX, "busy above this many prefill tokens"},
-        {"--stream-stall-timeout", "DYN_STREAM_STALL_TIMEOUT", BT_OPT_DOUBLE, &o->stall_timeout, 0.1, 3600,
-         "seconds of silence before a worker is declared dead"},
-        {"--api-key", "DYN_API_KEY", BT_OPT_STR, &o->api_key, 0, 0, "require Authorization: Bearer KEY"},
-        {"--max-body-bytes", "DYN_HTTP_MAX_BODY_BYTES", BT_OPT_INT, &o->max_body, 1024, 1 << 30, "request body cap"},
-        {"--shutdown-drain-timeout", "DYN_HTTP_DRAIN_TIMEOUT", BT_OPT_INT, &o->drain_timeout, 0, 86400,
-         "seconds running streams get after SIGTERM"},
-        {"--http-header-timeout-ms", "DYN_HTTP_HEADER_TIMEOUT_MS", BT_OPT_INT, &o->header_timeout_ms, 10, 3600000,
-         "a request must arrive whole within this (slowloris guard)"},
-        {"--http-idle-timeout-ms", "DYN_HTTP_IDLE_TIMEOUT_MS", BT_OPT_INT, &o->idle_timeout_ms, 10, 86400000,
-         "idle keep-alive connections close after this"},
-        {"--max-connections", "DYN_HTTP_MAX_CONNECTIONS", BT_OPT_INT, &o->max_connections, 1, 10000000,
-         "open client connections; more are refused"},
-        {"--max-client-backlog-bytes", "DYN_HTTP_MAX_CLIENT_BACKLOG_BYTES", BT_OPT_INT, &o->max_backlog, 4096,
-         1 << 30, "bytes queued for a client that does not read before it is dropped"},
-        {"--max-concurrent-requests", "DYN_MAX_CONCURRENT_REQUESTS", BT_OPT_INT, &o->max_requests, 1, 10000000,
-         "requests in flight; more get 503"},
-        BT_PROC_OPT_RPC_SECRET_FILE(&o->p),
-        BT_PROC_OPT_EVENT_PLANE(&o->p),
-        BT_PROC_OPT_NATS_SERVER(&o->p),
-        {"--shutdown-accept-window-ms", "DYN_HTTP_ACCEPT_WINDOW_MS", BT_OPT_INT, &o->accept_window_ms, 0, 600000,
-         "milliseconds new requests are still accepted after SIGTERM"},
-        {"--threads", "DYN_HTTP_THREADS", BT_OPT_INT, &o->threads, 1, FE_MAX_THREADS,
-         "event loops, one per core to use; connections are spread over them (SO_REUSEPORT)"},
-        {"--stream-retention", "DYN_STREAM_RETENTION", BT_OPT_DOUBLE, &o->stream_retention, 0, 86400,
-         "seconds a stream stays resumable after it ends (0 = streams are not resumable)"},
-        {"--stream-retention-bytes", "DYN_STREAM_RETENTION_BYTES", BT_OPT_INT, &o->stream_retention_bytes, 4096,
-         (double)((int64_t)1 << 40), "memory cap of the stream journal (resumable streams)"},
-        {"--priority-ceiling", "BATON_PRIORITY_CEILING", BT_OPT_STR, &o->priority_ceiling, 0, 0,
-         "KEY=N,...,*=N: the most urgent priority each API key (* = any other caller) may ask for"},
-        {"--trust-tenant-header", "BATON_TRUST_TENANT_HEADER", BT_OPT_BOOL, &o->trust_tenant_header, 0, 0,
-         "the tenant is the X-Tenant header, not the API key (only behind a gateway that sets it)"},
-        {"--queue-max-requests", "BATON_QUEUE_MAX_REQUESTS", BT_OPT_INT, &o->queue_max_requests, 0, 1e7,
-         "requests that may wait for a worker that is not busy (0 = no queue: refuse at once)"},
-        {"--queue-max-tokens", "BATON_QUEUE_MAX_TOKENS", BT_OPT_INT, &o->queue_max_tokens, 0, 1e12,
-         "estimated tokens that may wait in the queue (0 = no bound)"},
-        {"--queue-timeout", "BATON_QUEUE_TIMEOUT", BT_OPT_DOUBLE, &o->queue_timeout, 0, 3600,
-         "seconds a request may wait in the queue before a 503 (0 = no limit)"},
-        {"--outlier-factor", "BATON_OUTLIER_FACTOR", BT_OPT_DOUBLE, &o->outlier_factor, 0, 1000,
-         "eject a worker whose mean TTFT or inter-token latency is this many times the median of the others "
-         "(0 = off)"},
-        {"--outlier-window", "BATON_OUTLIER_WINDOW", BT_OPT_DOUBLE, &o->outlier_window, 1, FE_OUTLIER_BUCKETS,
-         "seconds of latency samples a worker is judged on"},
-        {"--outlier-min-samples", "BATON_OUTLIER_MIN_SAMPLES", BT_OPT_INT, &o->outlier_min_samples, 1, 1e9,
-         "samples of a signal a worker (and each worker it is compared with) needs in the window"},
-        {"--outlier-backoff", "BATON_OUTLIER_BACKOFF", BT_OPT_DOUBLE, &o->outlier_backoff, 0.1, 3600,
-         "seconds an ejected worker stays out, doubled for each ejection in a row (at most 16x)"},
-        {"--outlier-max-ejected", "BATON_OUTLIER_MAX_EJECTED", BT_OPT_DOUBLE, &o->outlier_max_ejected, 0, 1,
-         "largest share of a model's workers ejected at once (at least one, with two or more)"},
-        {"--retry-budget", "BATON_RETRY_BUDGET", BT_OPT_DOUBLE, &o->retry_budget, 0, 100,
-         "re-routes before the first token and repeat migrations allowed per request started, over 10 s "
-         "(0 = off)"},
-        {"--retry-budget-min", "BATON_RETRY_BUDGET_MIN", BT_OPT_INT, &o->retry_budget_min, 0, 1e9,
-         "retries always allowed per 10 s, whatever the traffic"},
-        {"--migration-concurrency", "BATON_MIGRATION_CONCURRENCY", BT_OPT_INT, &o->migration_concurrency, 0, 1e7,
-         "migrations sent at once (from a failure to their first token); more wait, never fail (0 = no cap)"},
-    };
+    FE_OPTIONS(FE_OPT_DEFAULT, FE_PROC_NONE)
+    const bt_opt opts[] = {FE_OPTIONS(FE_OPT_ROW, FE_PROC_ROW)};
     int nopts = (int)(sizeof opts / sizeof opts[0]);
     if (bt_proc_help("frontend", opts, nopts, argc, argv)) {
         free(f);
@@ -794,8 +755,8 @@ int bt_frontend_main(int argc, char **argv) {
         free(s->admit);
         free(s->admit_closing);
         s->admit = s->admit_closing = NULL;
-        for (fe_model *m = s->models, *n; m; m = n) {
-            n = m->next;
+        for (fe_model *m = LIST_FIRST(&s->models), *n; m; m = n) {
+            n = LIST_NEXT(m, link);
             free(m->ws);
             free(m);
         }

@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/queue.h>
 #include <uv.h>
 
 #include "common/map.h"
@@ -34,7 +35,7 @@ struct fe_jrec {
     rec_state state;
     int shard;   /* LIVE: the shard of the request that streams it */
     uint64_t expires_ms;     /* ENDED */
-    fe_jrec *prev, *next;    /* ENDED: the ended list */
+    TAILQ_ENTRY(fe_jrec) link; /* ENDED: the ended list */
     size_t bytes;            /* accounted */
 };
 
@@ -42,7 +43,7 @@ typedef struct {
     fe_journal pub;
     uv_mutex_t mu;
     bt_map recs; /* key → fe_jrec (LIVE and ENDED; DROPPED ones are not in it) */
-    fe_jrec *ended_head, *ended_tail;
+    TAILQ_HEAD(, fe_jrec) ended; /* oldest first */
     fe_journal_stats st;
 } mem_journal;
 
@@ -70,13 +71,7 @@ static size_t rec_bytes(const fe_jrec *r) {
     return sizeof *r + r->s.body_len + 1 + r->ids_cap * sizeof(uint32_t) + r->text_cap + r->ev_cap * sizeof(fe_jevent);
 }
 
-static void ended_unlink(mem_journal *m, fe_jrec *r) {
-    if (r->prev) r->prev->next = r->next;
-    else m->ended_head = r->next;
-    if (r->next) r->next->prev = r->prev;
-    else m->ended_tail = r->prev;
-    r->prev = r->next = NULL;
-}
+static void ended_unlink(mem_journal *m, fe_jrec *r) { TAILQ_REMOVE(&m->ended, r, link); }
 
 /* Frees a record's data; a LIVE record's struct stays with its owner (DROPPED) until close. */
 static void rec_release(mem_journal *m, fe_jrec *r) {
@@ -96,17 +91,17 @@ static void rec_release(mem_journal *m, fe_jrec *r) {
 }
 
 static void sweep(mem_journal *m, uint64_t now) {
-    while (m->ended_head && m->ended_head->expires_ms <= now) {
+    while (!TAILQ_EMPTY(&m->ended) && TAILQ_FIRST(&m->ended)->expires_ms <= now) {
         m->st.evicted_expired++;
-        rec_release(m, m->ended_head);
+        rec_release(m, TAILQ_FIRST(&m->ended));
     }
 }
 
 /* Makes room for `extra` more bytes by evicting ended records; false if there is not enough. */
 static bool make_room(mem_journal *m, size_t extra) {
-    while (m->st.bytes + extra > m->pub.max_bytes && m->ended_head) {
+    while (m->st.bytes + extra > m->pub.max_bytes && !TAILQ_EMPTY(&m->ended)) {
         m->st.evicted_size++;
-        rec_release(m, m->ended_head);
+        rec_release(m, TAILQ_FIRST(&m->ended));
     }
     return m->st.bytes + extra <= m->pub.max_bytes;
 }
@@ -280,11 +275,7 @@ static void mem_close(fe_journal *j, fe_jrec *r, const fe_jtail *tail) {
     r->s.tail = *tail;
     r->state = REC_ENDED;
     r->expires_ms = bt_now_ms() + (uint64_t)(j->retention_s * 1000.0);
-    r->prev = m->ended_tail;
-    r->next = NULL;
-    if (m->ended_tail) m->ended_tail->next = r;
-    else m->ended_head = r;
-    m->ended_tail = r;
+    TAILQ_INSERT_TAIL(&m->ended, r, link);
     m->st.live--;
     m->st.ended++;
     sweep(m, bt_now_ms());
@@ -350,7 +341,7 @@ static void mem_stats(fe_journal *j, fe_journal_stats *out) {
 /* At the end of the process, once no request is left: every record is freed. */
 static void mem_destroy(fe_journal *j) {
     mem_journal *m = (mem_journal *)j;
-    while (m->ended_head) rec_release(m, m->ended_head);
+    while (!TAILQ_EMPTY(&m->ended)) rec_release(m, TAILQ_FIRST(&m->ended));
     size_t it = 0;
     uint64_t k;
     void *v;
@@ -401,6 +392,7 @@ fe_journal *fe_journal_mem_new(double retention_s, uint64_t max_bytes) {
     m->pub.retention_s = retention_s;
     m->pub.max_bytes = max_bytes;
     bt_map_init(&m->recs);
+    TAILQ_INIT(&m->ended);
     if (uv_mutex_init(&m->mu) != 0) {
         free(m);
         return NULL;

@@ -32,6 +32,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/queue.h>
 
 #include <jansson.h>
 #include <nats/nats.h>
@@ -50,7 +51,7 @@
 typedef enum { OP_OPEN, OP_EV, OP_WORKER, OP_CLOSE } op_kind;
 
 typedef struct op {
-    struct op *next;
+    STAILQ_ENTRY(op) link; /* js_journal.ops, then the thread's batch */
     op_kind kind;
     char sid[FE_STREAM_ID_LEN + 1];
     json_t *j; /* OPEN, WORKER, CLOSE: the operation as JSON */
@@ -61,11 +62,12 @@ typedef struct op {
     char *text;    /* points into data */
     uint32_t data[];
 } op;
+STAILQ_HEAD(op_queue, op);
 
 typedef enum { F_WAIT, F_FOUND, F_NONE } fetch_state;
 
 typedef struct fetch {
-    struct fetch *next;
+    LIST_ENTRY(fetch) link; /* js_journal.fetches */
     char sid[FE_STREAM_ID_LEN + 1];
     fetch_state state;
     fe_jsnap snap; /* F_FOUND */
@@ -73,10 +75,11 @@ typedef struct fetch {
 } fetch;
 
 typedef struct purge {
-    struct purge *next;
+    LIST_ENTRY(purge) link; /* js_journal.purges, then the due ones */
     char sid[FE_STREAM_ID_LEN + 1];
     uint64_t due_ms;
 } purge;
+LIST_HEAD(purge_list, purge);
 
 typedef enum { JS_CONNECTING, JS_READY, JS_OFF } js_state;
 
@@ -91,11 +94,11 @@ typedef struct {
     uv_mutex_t mu;
     uv_cond_t cv;
     /* under mu */
-    op *head, *tail;
+    struct op_queue ops;
     size_t qbytes;
-    fetch *fetches;
+    LIST_HEAD(, fetch) fetches;
     size_t nfetches;
-    purge *purges;
+    struct purge_list purges;
     bool stop;
     js_state state;
     uint64_t dropped, published, pub_errors;
@@ -114,9 +117,7 @@ static void enqueue_op(js_journal *js, op *o) {
         free(o);
         return;
     }
-    if (js->tail) js->tail->next = o;
-    else js->head = o;
-    js->tail = o;
+    STAILQ_INSERT_TAIL(&js->ops, o, link);
     js->qbytes += bytes;
     uv_mutex_unlock(&js->mu);
     /* no signal: the thread wakes every BATCH_MS while it has work, which is what batches */
@@ -234,14 +235,13 @@ static fe_claim_result js_claim(fe_journal *j, const char *sid, const uint8_t ke
         uv_mutex_unlock(&js->mu);
         return res;
     }
-    fetch **pp = &js->fetches, *f;
-    while ((f = *pp) && strcmp(f->sid, sid) != 0) pp = &f->next;
+    fetch *f = LIST_FIRST(&js->fetches);
+    while (f && strcmp(f->sid, sid) != 0) f = LIST_NEXT(f, link);
     if (!f) { /* the first ask: the thread fetches it */
         res = FE_CLAIM_NOT_FOUND;
         if (js->nfetches < MAX_FETCHES && (f = calloc(1, sizeof *f))) {
             memcpy(f->sid, sid, sizeof f->sid);
-            f->next = js->fetches;
-            js->fetches = f;
+            LIST_INSERT_HEAD(&js->fetches, f, link);
             js->nfetches++;
             uv_cond_signal(&js->cv);
             res = FE_CLAIM_PENDING;
@@ -253,7 +253,7 @@ static fe_claim_result js_claim(fe_journal *j, const char *sid, const uint8_t ke
         uv_mutex_unlock(&js->mu);
         return FE_CLAIM_PENDING;
     }
-    *pp = f->next;
+    LIST_REMOVE(f, link);
     js->nfetches--;
     uv_mutex_unlock(&js->mu);
     if (f->state == F_FOUND) {
@@ -287,32 +287,31 @@ static void put_b64(bt_buf *b, const void *s, size_t n) {
 /* Publishes every queued change: one message per stream. Called with mu not held. An event is
  * written by hand ({"o":"ev","i":base64 of its ids as u32 little-endian,"t":base64 of its text}):
  * building it through jansson cost more than everything else the journal does per token. */
-static void publish_batch(js_journal *js, natsConnection *nc, op *list) {
+static void publish_batch(js_journal *js, natsConnection *nc, struct op_queue *list) {
     bt_buf b;
     bt_buf_init(&b, 64u * 1024 * 1024);
-    while (list) {
+    while (!STAILQ_EMPTY(list)) {
         char sid[FE_STREAM_ID_LEN + 1];
-        memcpy(sid, list->sid, sizeof sid);
-        op **pp = &list;
+        memcpy(sid, STAILQ_FIRST(list)->sid, sizeof sid);
+        struct op_queue rest = STAILQ_HEAD_INITIALIZER(rest); /* other streams' changes, in order */
         uint64_t now = bt_now_ms();
         bt_buf_reset(&b);
         bt_buf_append(&b, "[", 1);
         bool first = true;
-        while (*pp) {
-            op *o = *pp;
+        op *o;
+        while ((o = STAILQ_FIRST(list)) != NULL) {
+            STAILQ_REMOVE_HEAD(list, link);
             if (strcmp(o->sid, sid) != 0) {
-                pp = &o->next;
+                STAILQ_INSERT_TAIL(&rest, o, link);
                 continue;
             }
-            *pp = o->next;
             if (o->kind == OP_CLOSE && json_integer_value(json_object_get(o->j, "kind")) != FE_JTAIL_NONE) {
                 purge *p = calloc(1, sizeof *p); /* the stream's messages go once its retention has passed */
                 if (p) {
                     memcpy(p->sid, sid, sizeof p->sid);
                     p->due_ms = now + (uint64_t)(js->pub.retention_s * 1000.0) + 1000;
                     uv_mutex_lock(&js->mu);
-                    p->next = js->purges;
-                    js->purges = p;
+                    LIST_INSERT_HEAD(&js->purges, p, link);
                     uv_mutex_unlock(&js->mu);
                 }
             }
@@ -332,6 +331,7 @@ static void publish_batch(js_journal *js, natsConnection *nc, op *list) {
             }
             free(o);
         }
+        STAILQ_CONCAT(list, &rest);
         bt_buf_append(&b, "]", 1);
         char subj[160];
         subject(js, sid, subj, sizeof subj);
@@ -499,19 +499,18 @@ static void fetch_one(js_journal *js, jsCtx *ctx, fetch *f) {
 static void do_purges(js_journal *js, jsCtx *ctx, bool all) {
     uint64_t now = bt_now_ms();
     uv_mutex_lock(&js->mu);
-    purge **pp = &js->purges, *due = NULL;
-    while (*pp) {
-        purge *p = *pp;
+    struct purge_list due = LIST_HEAD_INITIALIZER(due);
+    for (purge *p = LIST_FIRST(&js->purges), *next; p; p = next) {
+        next = LIST_NEXT(p, link);
         if (all || p->due_ms <= now) {
-            *pp = p->next;
-            p->next = due;
-            due = p;
-        } else pp = &p->next;
+            LIST_REMOVE(p, link);
+            LIST_INSERT_HEAD(&due, p, link);
+        }
     }
     uv_mutex_unlock(&js->mu);
-    while (due) {
-        purge *p = due;
-        due = p->next;
+    purge *p;
+    while ((p = LIST_FIRST(&due)) != NULL) {
+        LIST_REMOVE(p, link);
         if (!all) {
             char subj[160];
             subject(js, p->sid, subj, sizeof subj);
@@ -583,19 +582,19 @@ static void thread_main(void *arg) {
     while (st == NATS_OK) {
         if (!js->stop) { /* a batch is what BATCH_MS gathers; a resume's fetch cuts the wait short */
             bool waiting = false;
-            for (fetch *f = js->fetches; f; f = f->next) waiting |= f->state == F_WAIT;
+            for (fetch *f = LIST_FIRST(&js->fetches); f; f = LIST_NEXT(f, link)) waiting |= f->state == F_WAIT;
             if (!waiting) uv_cond_timedwait(&js->cv, &js->mu, (uint64_t)BATCH_MS * 1000000u);
         }
-        op *list = js->head;
-        js->head = js->tail = NULL;
+        struct op_queue list = STAILQ_HEAD_INITIALIZER(list);
+        STAILQ_CONCAT(&list, &js->ops);
         js->qbytes = 0;
         bool stop = js->stop;
         fetch *todo[MAX_FETCHES];
         size_t nt = 0;
-        for (fetch *f = js->fetches; f && nt < MAX_FETCHES; f = f->next)
+        for (fetch *f = LIST_FIRST(&js->fetches); f && nt < MAX_FETCHES; f = LIST_NEXT(f, link))
             if (f->state == F_WAIT) todo[nt++] = f;
         uv_mutex_unlock(&js->mu);
-        publish_batch(js, nc, list);
+        publish_batch(js, nc, &list);
         for (size_t i = 0; i < nt; i++) fetch_one(js, ctx, todo[i]); /* f stays listed: only claims unlink it */
         do_purges(js, ctx, false);
         if (stop) {
@@ -622,13 +621,13 @@ static void js_destroy(fe_journal *j) {
     BT_INFO("stream journal: %" PRIu64 " JetStream messages published, %" PRIu64 " failed, %" PRIu64
             " changes dropped (queue full)",
             js->published, js->pub_errors, js->dropped);
-    for (op *o = js->head, *n; o; o = n) {
-        n = o->next;
+    for (op *o = STAILQ_FIRST(&js->ops), *n; o; o = n) {
+        n = STAILQ_NEXT(o, link);
         json_decref(o->j);
         free(o);
     }
-    for (fetch *f = js->fetches, *n; f; f = n) {
-        n = f->next;
+    for (fetch *f = LIST_FIRST(&js->fetches), *n; f; f = n) {
+        n = LIST_NEXT(f, link);
         fe_jsnap_free(&f->snap);
         free(f);
     }
@@ -650,6 +649,7 @@ static const fe_journal_ops js_ops = {.open = js_open,
 fe_journal *fe_journal_js_new(fe_journal *mem, const char *nats_url, const char *ns) {
     js_journal *js = calloc(1, sizeof *js);
     if (!js) return NULL;
+    STAILQ_INIT(&js->ops);
     js->pub.ops = &js_ops;
     js->pub.retention_s = mem->retention_s;
     js->pub.max_bytes = mem->max_bytes;

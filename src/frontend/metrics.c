@@ -32,16 +32,18 @@ static const char *outcome_name[FE_OUT_N_] = {"success", "error", "cancelled", "
 static void collect_models(fe *f, bt_metrics *r) {
     bt_metric_family *fam =
         bt_metrics_counter(r, "dynamo_frontend_requests_total", "Requests by model, endpoint, type and outcome");
-    for (fe_model *m = f->models; m; m = m->next)
+    for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link))
         for (int a = 0; a < 2; a++)
             for (int s = 0; s < 2; s++)
                 for (int o = 0; o < FE_OUT_N_; o++)
                     bt_metrics_add(fam, (double)m->st.requests[a][s][o], "model", m->name, "endpoint", api_endpoint[a],
                                    "request_type", req_type[s], "status", outcome_name[o], NULL);
     fam = bt_metrics_gauge(r, "dynamo_frontend_inflight_requests", BT_MERGE_SUM, "Requests in flight");
-    for (fe_model *m = f->models; m; m = m->next) bt_metrics_add(fam, (double)m->st.inflight, "model", m->name, NULL);
+    for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link))
+        bt_metrics_add(fam, (double)m->st.inflight, "model", m->name, NULL);
     fam = bt_metrics_counter(r, "dynamo_frontend_output_tokens_total", "Tokens delivered to clients");
-    for (fe_model *m = f->models; m; m = m->next) bt_metrics_add(fam, (double)m->st.tokens_out, "model", m->name, NULL);
+    for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link))
+        bt_metrics_add(fam, (double)m->st.tokens_out, "model", m->name, NULL);
     const size_t hist_off[] = {offsetof(fe_stats, ttft), offsetof(fe_stats, itl), offsetof(fe_stats, duration),
                                offsetof(fe_stats, migration_stall)};
     static const char *hist_name[] = {
@@ -53,44 +55,44 @@ static void collect_models(fe *f, bt_metrics *r) {
         "Gap the client saw across a migration: last token before the failure to the first after it"};
     for (size_t i = 0; i < sizeof hist_name / sizeof hist_name[0]; i++) {
         fam = bt_metrics_histogram(r, hist_name[i], &buckets, hist_help[i]);
-        for (fe_model *m = f->models; m; m = m->next)
+        for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link))
             bt_metrics_add_hist(fam, (const fe_hist *)((const char *)&m->st + hist_off[i]), "model", m->name, NULL);
     }
     fam = bt_metrics_counter(r, "dynamo_frontend_model_migration_total",
                              "Requests moved to another worker after a failure, before (new_request) or after "
                              "(ongoing_request) their first token");
-    for (fe_model *m = f->models; m; m = m->next) {
+    for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link)) {
         bt_metrics_add(fam, (double)m->st.migrations_new, "model", m->name, "migration_type", "new_request", NULL);
         bt_metrics_add(fam, (double)m->st.migrations_ongoing, "model", m->name, "migration_type", "ongoing_request",
                        NULL);
     }
     fam = bt_metrics_counter(r, "baton_frontend_kv_handoff_relayed_total",
                              "Continuations sent with the KV state their last worker gave the stream back with");
-    for (fe_model *m = f->models; m; m = m->next) bt_metrics_add(fam, (double)m->st.kv_relayed, "model", m->name, NULL);
+    for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link)) bt_metrics_add(fam, (double)m->st.kv_relayed, "model", m->name, NULL);
     fam = bt_metrics_counter(r, "baton_frontend_kv_handoff_relayed_bytes_total", "Bytes of those KV states");
-    for (fe_model *m = f->models; m; m = m->next)
+    for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link))
         bt_metrics_add(fam, (double)m->st.kv_relayed_bytes, "model", m->name, NULL);
     fam = bt_metrics_counter(r, "baton_frontend_kv_handoff_unrelayed_total",
                              "Continuations whose stream came back with a KV state that was not relayed (incomplete, "
                              "over the frontend's caps, or a worker without KVSTATE): re-prefilled");
-    for (fe_model *m = f->models; m; m = m->next)
+    for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link))
         bt_metrics_add(fam, (double)m->st.kv_unrelayed, "model", m->name, NULL);
     fam = bt_metrics_gauge(r, "dynamo_frontend_model_migration_limit", BT_MERGE_MAX,
                            "Extra attempts a request may get (--migration-limit)");
-    for (fe_model *m = f->models; m; m = m->next)
+    for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link))
         bt_metrics_add(fam, (double)f->o.migration_limit, "model", m->name, NULL);
     fam = bt_metrics_counter(r, "dynamo_frontend_model_migration_exhausted_total",
                              "Requests that failed because their migration budget was spent");
-    for (fe_model *m = f->models; m; m = m->next)
+    for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link))
         bt_metrics_add(fam, (double)m->st.migrations_exhausted, "model", m->name, NULL);
     fam = bt_metrics_counter(r, "dynamo_frontend_model_cancellation_total",
                              "Requests cancelled by their client or by the operator");
-    for (fe_model *m = f->models; m; m = m->next)
+    for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link))
         for (int s = 0; s < 2; s++)
             bt_metrics_add(fam, (double)m->st.cancellations[s], "model", m->name, "request_type", req_type[s], NULL);
     fam = bt_metrics_counter(r, "dynamo_frontend_model_rejection_total",
                              "Requests refused because every worker was busy");
-    for (fe_model *m = f->models; m; m = m->next)
+    for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link))
         for (int a = 0; a < 2; a++)
             bt_metrics_add(fam, (double)m->st.rejections[a], "model", m->name, "endpoint", api_endpoint[a], NULL);
 }
@@ -99,7 +101,7 @@ static void collect_workers(fe *f, bt_metrics *r) {
     char id[24];
     bt_metric_family *fam =
         bt_metrics_counter(r, "baton_frontend_worker_routed_total", "Attempts routed to each worker");
-    for (fe_worker *w = f->workers; w; w = w->next) {
+    for (fe_worker *w = LIST_FIRST(&f->workers); w; w = LIST_NEXT(w, link)) {
         snprintf(id, sizeof id, "%" PRIx64, w->id);
         bt_metrics_add(fam, (double)w->routed_total, "model", w->model, "worker_id", id, NULL);
     }
@@ -107,7 +109,7 @@ static void collect_workers(fe *f, bt_metrics *r) {
     fam = bt_metrics_counter(
         r, "baton_frontend_worker_load_reports_total",
         "Load reports received from each worker, by the plane they came on and whether they were used");
-    for (fe_worker *w = f->workers; w; w = w->next) {
+    for (fe_worker *w = LIST_FIRST(&f->workers); w; w = LIST_NEXT(w, link)) {
         snprintf(id, sizeof id, "%" PRIx64, w->id);
         for (int src = 0; src < 3; src++)
             bt_metrics_add(fam, (double)w->load_reports[src], "model", w->model, "worker_id", id, "source", source[src],
@@ -133,7 +135,7 @@ static void collect_worker_gauges(fe *f, bt_metrics *r) {
         {"baton_frontend_worker_inflight", BT_MERGE_SUM, "Streams of this frontend running on the worker"}};
     for (int g = 0; g < WG_N_; g++) {
         bt_metric_family *fam = bt_metrics_gauge(r, wg[g].name, wg[g].merge, wg[g].help);
-        for (fe_worker *w = f->workers; w; w = w->next) {
+        for (fe_worker *w = LIST_FIRST(&f->workers); w; w = LIST_NEXT(w, link)) {
             fe_model *m = fe_model_get(f, w->model, false);
             uint64_t v = 0;
             switch (g) {
@@ -153,9 +155,8 @@ static void collect_worker_gauges(fe *f, bt_metrics *r) {
 void fe_metrics_collect(fe *f, bt_metrics *r) {
     collect_models(f, r);
     /* a gauge, as in Dynamo (it only ever grows here, but the type is Dynamo's) */
-    bt_metrics_add(bt_metrics_gauge(r, "dynamo_frontend_disconnected_clients", BT_MERGE_SUM,
-                                    "Clients that went away before their response ended"),
-                   (double)f->disconnected_clients, NULL);
+    bt_metrics_gauge_value(r, "dynamo_frontend_disconnected_clients", BT_MERGE_SUM,
+                           "Clients that went away before their response ended", (double)f->disconnected_clients);
     bt_http_stats hs;
     bt_http_server_stats(f->http, &hs);
     bt_metric_family *fam = bt_metrics_counter(r, "baton_frontend_http_rejections_total",
@@ -176,13 +177,13 @@ void fe_metrics_collect(fe *f, bt_metrics *r) {
         bt_metrics_counter(r, "baton_frontend_thread_requests_total", "Requests received, by event loop (--threads)"),
         (double)f->requests_seen, "thread", thread, NULL);
     size_t routable = 0;
-    for (fe_worker *w = f->workers; w; w = w->next) routable += fe_worker_routable(w);
+    for (fe_worker *w = LIST_FIRST(&f->workers); w; w = LIST_NEXT(w, link)) routable += fe_worker_routable(w);
     fam = bt_metrics_gauge(r, "baton_frontend_workers", BT_MERGE_MAX,
                            "Workers known from discovery, and those new requests can go to");
     bt_metrics_add(fam, (double)f->nworkers, "state", "known", NULL);
     bt_metrics_add(fam, (double)routable, "state", "routable", NULL);
-    bt_metrics_add(bt_metrics_gauge(r, "baton_frontend_http_connections", BT_MERGE_SUM, "Open client connections"),
-                   (double)bt_http_server_connections(f->http), NULL);
+    bt_metrics_gauge_value(r, "baton_frontend_http_connections", BT_MERGE_SUM, "Open client connections",
+                           (double)bt_http_server_connections(f->http));
     collect_workers(f, r);
     bt_events_stats es;
     bt_events_get_stats(f->events, &es);

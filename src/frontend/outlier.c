@@ -151,7 +151,7 @@ void fe_outlier_collect(fe *f, bt_metrics *r) {
         bt_metrics_counter(r, "baton_frontend_worker_ejections_total", "Ejections of the worker as a latency outlier");
     bt_metric_family *rd = bt_metrics_counter(r, "baton_frontend_worker_readmissions_total",
                                               "Readmissions after an ejection's back-off");
-    for (fe_worker *w = f->workers; w; w = w->next) {
+    for (fe_worker *w = LIST_FIRST(&f->workers); w; w = LIST_NEXT(w, link)) {
         snprintf(id, sizeof id, "%" PRIx64, w->id);
         bt_metrics_add(ej, w->outlier.ejected_until_ms ? 1.0 : 0.0, "model", w->model, "worker_id", id, NULL);
         bt_metrics_add(ejt, (double)w->outlier.ejections, "model", w->model, "worker_id", id, NULL);

@@ -134,9 +134,7 @@ static void req_free(fe_req *r) {
         fe_jsnap_free(r->replay);
         free(r->replay);
     }
-    if (r->prev) r->prev->next = r->next;
-    else f->reqs = r->next;
-    if (r->next) r->next->prev = r->prev;
+    LIST_REMOVE(r, link);
     f->nreqs--;
     fe_admit_forget(r); /* a queued request leaves the queue at once */
     fe_reqs_release(f);
@@ -607,8 +605,8 @@ bool fe_request_hand_off(fe_req *r) {
  * the request with an error at once. Either way nothing is migrated any more. */
 bool fe_request_cancel_by_id(fe *f, const char *rid, bool kill) {
     bool found = false;
-    for (fe_req *r = f->reqs, *next; r; r = next) {
-        next = r->next; /* a kill frees r, and only r */
+    for (fe_req *r = LIST_FIRST(&f->reqs), *next; r; r = next) {
+        next = LIST_NEXT(r, link); /* a kill frees r, and only r */
         if (strcmp(r->rid, rid) != 0 || r->state == FE_REQ_DONE) continue;
         found = true;
         if (!bt_ctx_is_stopped(r->ctx)) r->model->st.cancellations[r->stream]++;
@@ -915,9 +913,7 @@ fe_req *fe_request_new(fe *f, bt_http_req *http, bt_api api, json_t *body, const
     r->created = created ? created : bt_wall_s();
     bt_buf_init(&r->text, (size_t)64 << 20);
     build_prefix(r);
-    r->next = f->reqs;
-    if (f->reqs) f->reqs->prev = r;
-    f->reqs = r;
+    LIST_INSERT_HEAD(&f->reqs, r, link);
     f->nreqs++;
     m->st.inflight++;
     return r;

@@ -147,7 +147,7 @@ void fe_resume_on_drain(fe *f, bt_http_req *http) {
 
 /* Ends the request on this shard that streams `sid`, if any; true if there was one. */
 static bool supersede_local(fe *f, const char *sid) {
-    for (fe_req *r = f->reqs; r; r = r->next)
+    for (fe_req *r = LIST_FIRST(&f->reqs); r; r = LIST_NEXT(r, link))
         if (r->jrec && strcmp(r->stream_id, sid) == 0 && r->state != FE_REQ_DONE) {
             fe_request_supersede(r);
             return true;
@@ -176,7 +176,7 @@ struct fe_pending_resume {
     char *canon;
     int tries;
     uv_timer_t timer;
-    fe_pending_resume *prev, *next;
+    LIST_ENTRY(fe_pending_resume) link; /* fe.pending_resumes */
 };
 
 static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64_t pos, int mark, const char *canon,
@@ -189,10 +189,7 @@ static void pending_closed(uv_handle_t *h) {
 }
 
 static void pending_unlink(fe_pending_resume *p) {
-    if (p->prev) p->prev->next = p->next;
-    else p->f->pending_resumes = p->next;
-    if (p->next) p->next->prev = p->prev;
-    p->prev = p->next = NULL;
+    LIST_REMOVE(p, link);
     uv_timer_stop(&p->timer);
     uv_close((uv_handle_t *)&p->timer, pending_closed);
 }
@@ -204,7 +201,7 @@ static void pending_tick(uv_timer_t *t) {
 }
 
 bool fe_resume_abort(fe *f, bt_http_req *http) {
-    for (fe_pending_resume *p = f->pending_resumes; p; p = p->next)
+    for (fe_pending_resume *p = LIST_FIRST(&f->pending_resumes); p; p = LIST_NEXT(p, link))
         if (p->http == http) {
             pending_unlink(p);
             return true;
@@ -231,9 +228,7 @@ static bool pending_add(fe *f, bt_http_req *http, bt_api api, const char *sid, u
     p->tries = tries;
     uv_timer_init(f->loop, &p->timer);
     p->timer.data = p;
-    p->next = f->pending_resumes;
-    if (p->next) p->next->prev = p;
-    f->pending_resumes = p;
+    LIST_INSERT_HEAD(&f->pending_resumes, p, link);
     uv_timer_start(&p->timer, pending_tick, RETRY_MS, 0);
     return true;
 }
@@ -466,14 +461,12 @@ void fe_resume_collect(fe *f, bt_metrics *r) {
                            "Streams held in the stream journal, live or ended and kept for --stream-retention");
     bt_metrics_add(fam, (double)st.live, "state", "live", NULL);
     bt_metrics_add(fam, (double)st.ended, "state", "ended", NULL);
-    bt_metrics_add(bt_metrics_gauge(r, "baton_frontend_stream_journal_bytes", BT_MERGE_MAX,
-                                    "Bytes the stream journal holds"),
-                   (double)st.bytes, NULL);
-    bt_metrics_add(bt_metrics_gauge(r, "baton_frontend_stream_journal_limit_bytes", BT_MERGE_MAX,
-                                    "The stream journal's size cap (--stream-retention-bytes)"),
-                   (double)j->max_bytes, NULL);
-    bt_metrics_add(bt_metrics_counter(r, "baton_frontend_stream_journal_opened_total", "Streams journaled since start"),
-                   (double)st.opened, NULL);
+    bt_metrics_gauge_value(r, "baton_frontend_stream_journal_bytes", BT_MERGE_MAX, "Bytes the stream journal holds",
+                           (double)st.bytes);
+    bt_metrics_gauge_value(r, "baton_frontend_stream_journal_limit_bytes", BT_MERGE_MAX,
+                           "The stream journal's size cap (--stream-retention-bytes)", (double)j->max_bytes);
+    bt_metrics_counter_value(r, "baton_frontend_stream_journal_opened_total", "Streams journaled since start",
+                             (double)st.opened);
     fam = bt_metrics_counter(r, "baton_frontend_stream_journal_evictions_total",
                              "Streams dropped from the stream journal, by reason");
     bt_metrics_add(fam, (double)st.evicted_expired, "reason", "expired", NULL);

@@ -36,7 +36,7 @@ static void set_state(fe_worker *w, fw_state s, const char *why) {
 }
 
 fe_model *fe_model_get(fe *f, const char *name, bool create) {
-    for (fe_model *m = f->models; m; m = m->next)
+    for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link))
         if (strcmp(m->name, name) == 0) return m;
     if (!create) return NULL;
     fe_model *m = calloc(1, sizeof *m);
@@ -44,13 +44,12 @@ fe_model *fe_model_get(fe *f, const char *name, bool create) {
     snprintf(m->name, sizeof m->name, "%s", name);
     m->decode_threshold = f->o.decode_threshold;
     m->prefill_threshold = f->o.prefill_threshold;
-    m->next = f->models;
-    f->models = m;
+    LIST_INSERT_HEAD(&f->models, m, link);
     return m;
 }
 
 static fe_worker *find_by_key(fe *f, const char *key) {
-    for (fe_worker *w = f->workers; w; w = w->next)
+    for (fe_worker *w = LIST_FIRST(&f->workers); w; w = LIST_NEXT(w, link))
         if (strcmp(w->key, key) == 0) return w;
     return NULL;
 }
@@ -93,11 +92,7 @@ static void free_worker_cb(uv_handle_t *h) {
 /* Unlinks and frees a worker whose connection is closed (or never existed). */
 static void worker_forget(fe_worker *w) {
     fe *f = w->fe;
-    for (fe_worker **pp = &f->workers; *pp; pp = &(*pp)->next)
-        if (*pp == w) {
-            *pp = w->next;
-            break;
-        }
+    LIST_REMOVE(w, link);
     f->nworkers--;
     if (find_by_id(f, w->id) == w) bt_map_del(&f->workers_by_id, w->id);
     model_remove_worker(w);
@@ -385,8 +380,7 @@ static void on_disc_put(void *ud, const char *key, const json_t *v) {
     w->next_stream = 1;
     uv_timer_init(f->loop, &w->retry_timer);
     w->retry_timer.data = w;
-    w->next = f->workers;
-    f->workers = w;
+    LIST_INSERT_HEAD(&f->workers, w, link);
     f->nworkers++;
     BT_INFO("discovered worker %" PRIx64 " at %s serving '%s'", w->id, w->transport, w->model);
     worker_connect(w);
@@ -414,8 +408,8 @@ void fe_workers_start(fe *f) {
 }
 
 void fe_workers_stop(fe *f) {
-    for (fe_worker *w = f->workers, *next; w; w = next) {
-        next = w->next;
+    for (fe_worker *w = LIST_FIRST(&f->workers), *next; w; w = next) {
+        next = LIST_NEXT(w, link);
         uv_timer_stop(&w->retry_timer);
         if (w->conn) bt_rpc_conn_close(w->conn, BT_OK, "frontend exiting");
         else worker_forget(w);
@@ -449,7 +443,7 @@ bool fe_worker_busy(const fe_worker *w, const fe_model *m) {
 
 int fe_retry_after_s(fe *f, const fe_model *m) {
     double best = -1;
-    for (fe_worker *w = f->workers; w; w = w->next) {
+    for (fe_worker *w = LIST_FIRST(&f->workers); w; w = LIST_NEXT(w, link)) {
         if (strcmp(w->model, m->name) != 0 || !fe_worker_routable(w)) continue;
         const bt_load_report *l = &w->load;
         uint64_t total = l->total_blocks ? l->total_blocks : w->total_blocks_card;

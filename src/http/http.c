@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/queue.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -73,7 +74,7 @@ struct bt_http_server {
     bt_http_handlers h;
     void *ud;
     int port;
-    conn *conns; /* doubly linked list of every connection not yet freed */
+    LIST_HEAD(, conn) conns; /* every connection not yet freed */
     size_t nconns, ninflight, nrejecting;
     bt_http_stats stats;
     bool listener_closing, listener_closed, aux_closed, closing;
@@ -90,7 +91,7 @@ struct conn {
     uv_timer_t timer;
     uv_shutdown_t shutdown;
     bt_http_server *srv;
-    conn *prev, *next;
+    LIST_ENTRY(conn) link; /* bt_http_server.conns */
     http_parser parser;
     conn_state state;
     timer_mode tmode;
@@ -696,9 +697,7 @@ static void on_conn_closed(uv_handle_t *h) {
         s->ninflight--;
         if (s->h.on_abort) s->h.on_abort(s->ud, &c->req);
     }
-    if (c->prev) c->prev->next = c->next;
-    else s->conns = c->next;
-    if (c->next) c->next->prev = c->prev;
+    LIST_REMOVE(c, link);
     s->nconns--;
     if (s->cfg.shared_conns) atomic_fetch_sub(s->cfg.shared_conns, 1);
     conn_free(c);
@@ -785,9 +784,7 @@ static void on_connection(uv_stream_t *server, int status) {
     uv_timer_init(s->loop, &c->timer);
     c->tcp.data = c;
     c->timer.data = c;
-    c->next = s->conns;
-    if (s->conns) s->conns->prev = c;
-    s->conns = c;
+    LIST_INSERT_HEAD(&s->conns, c, link);
     s->nconns++;
     c->cur_hdr = -1;
     for (int i = 0; i < H_COUNT; i++) bt_buf_init(&c->hdr[i], s->cfg.max_header_bytes);
@@ -1137,6 +1134,6 @@ void bt_http_server_close(bt_http_server *s, void (*done)(void *ud), void *ud) {
     s->done = done;
     s->done_ud = ud;
     bt_http_server_stop_accepting(s);
-    for (conn *c = s->conns; c; c = c->next) conn_close(c);
+    for (conn *c = LIST_FIRST(&s->conns); c; c = LIST_NEXT(c, link)) conn_close(c);
     uv_close((uv_handle_t *)&s->aux, on_aux_closed);
 }

@@ -103,23 +103,18 @@ static void worker_finish_soon(wk_worker *w) {
 /* Ends every running stream with a migratable error so that frontends continue it elsewhere. */
 static void hand_back_all(wk_worker *w, const char *why) {
     if (w->nstreams) w->drain.handback_us = bt_now_us();
-    for (wk_peer *p = LIST_FIRST(&w->peers); p; p = LIST_NEXT(p, link)) {
-        uint64_t k;
-        void *v;
-        size_t it = 0;
-        while (bt_map_next(&p->streams, &it, &k, &v)) {
-            wk_stream *s = v;
-            BT_INFO("request %s handed back for migration after %u new tokens (%s)", s->rid, s->tokens, why);
-            wk_handoff_give_back(s, BT_ERR_SHUTDOWN, "engine shutting down"); /* with its KV state */
-            w->drain.handed_back++;
-            bt_map_del(&p->streams, k);
-            w->nstreams--;
-            bt_ctx_free(s->ctx);
-            free(s);
-            it = 0;
-        }
-        bt_rpc_flush(p->conn);
+    wk_peer *p;
+    wk_stream *s;
+    while ((s = wk_find_stream(w, NULL, NULL, &p)) != NULL) {
+        BT_INFO("request %s handed back for migration after %u new tokens (%s)", s->rid, s->tokens, why);
+        wk_handoff_give_back(s, BT_ERR_SHUTDOWN, "engine shutting down"); /* with its KV state */
+        w->drain.handed_back++;
+        bt_map_del(&p->streams, s->id);
+        w->nstreams--;
+        bt_ctx_free(s->ctx);
+        free(s);
     }
+    for (p = LIST_FIRST(&w->peers); p; p = LIST_NEXT(p, link)) bt_rpc_flush(p->conn);
 }
 
 static void on_drain_timeout(uv_timer_t *t) {

@@ -171,35 +171,32 @@ void wk_orphan_replay(wk_stream *s, uint32_t k) {
     }
 }
 
+static bool live_with_key(const wk_stream *s, const void *key) {
+    return strcmp(s->key, key) == 0 && !s->ignored_kill && !bt_ctx_is_stopped(s->ctx);
+}
+
 /* A stream with this key still attached to a frontend: the frontend that handed it off at its
  * shutdown bound (which no longer reads it), or one whose client vanished without its noticing.
  * The resume supersedes it, as a resume on one frontend supersedes a request there
  * (docs/fault-tolerance.md): the old frontend is told, with a non-migratable error, and the stream
  * becomes an orphan to be taken at once. */
 static wk_stream *take_live(wk_worker *w, const char *key) {
-    for (wk_peer *p = LIST_FIRST(&w->peers); p; p = LIST_NEXT(p, link)) {
-        uint64_t k;
-        void *v;
-        size_t it = 0;
-        while (bt_map_next(&p->streams, &it, &k, &v)) {
-            wk_stream *s = v;
-            if (strcmp(s->key, key) != 0 || s->ignored_kill || bt_ctx_is_stopped(s->ctx)) continue;
-            wk_send_stream_error(p, s->id, BT_ERR_CANCELLED, "the stream was resumed through another frontend");
-            bt_map_del(&p->streams, s->id);
-            w->nstreams--;
-            bt_ctx_unlink(s->ctx);
-            s->p = NULL;
-            s->orphaned = true;
-            s->orphan_deadline_ms = bt_now_ms();
-            TAILQ_INSERT_HEAD(&w->orphans, s, olink);
-            w->norphans++;
-            w->orphan_events[WK_ORPHAN_EV_SUPERSEDED]++;
-            BT_INFO("request %s: stream %s taken from frontend %s by a resume through another frontend", s->rid, key,
-                    bt_rpc_peer_name(p->conn));
-            return s;
-        }
-    }
-    return NULL;
+    wk_peer *p;
+    wk_stream *s = wk_find_stream(w, live_with_key, key, &p);
+    if (!s) return NULL;
+    wk_send_stream_error(p, s->id, BT_ERR_CANCELLED, "the stream was resumed through another frontend");
+    bt_map_del(&p->streams, s->id);
+    w->nstreams--;
+    bt_ctx_unlink(s->ctx);
+    s->p = NULL;
+    s->orphaned = true;
+    s->orphan_deadline_ms = bt_now_ms();
+    TAILQ_INSERT_HEAD(&w->orphans, s, olink);
+    w->norphans++;
+    w->orphan_events[WK_ORPHAN_EV_SUPERSEDED]++;
+    BT_INFO("request %s: stream %s taken from frontend %s by a resume through another frontend", s->rid, key,
+            bt_rpc_peer_name(p->conn));
+    return s;
 }
 
 wk_stream *wk_orphan_take(wk_worker *w, const char *key, const char *rid, const uint32_t *carried, size_t ncarried,
@@ -273,13 +270,12 @@ void wk_orphan_kill_all(wk_worker *w, wk_orphan_event ev) {
 }
 
 void wk_orphan_collect(const wk_worker *w, bt_metrics *r) {
-    bt_metrics_add(bt_metrics_gauge(r, "baton_worker_orphans", BT_MERGE_SUM,
-                                    "Streams kept running after their frontend's connection ended"),
-                   (double)w->norphans, NULL);
+    bt_metrics_gauge_value(r, "baton_worker_orphans", BT_MERGE_SUM,
+                           "Streams kept running after their frontend's connection ended", (double)w->norphans);
     bt_metric_family *fam =
         bt_metrics_counter(r, "baton_worker_orphan_events_total", "What became of orphaned streams");
     for (int i = 0; i < WK_ORPHAN_EV_N_; i++) bt_metrics_add(fam, (double)w->orphan_events[i], "event", ev_names[i], NULL);
-    bt_metrics_add(bt_metrics_counter(r, "baton_worker_engine_submits_total",
-                                      "Sequences submitted to the engine (each one prefills its prompt and carried tokens)"),
-                   (double)w->engine_submits, NULL);
+    bt_metrics_counter_value(r, "baton_worker_engine_submits_total",
+                             "Sequences submitted to the engine (each one prefills its prompt and carried tokens)",
+                             (double)w->engine_submits);
 }

@@ -70,32 +70,28 @@ static void status_collect(wk_worker *w, bt_metrics *r) {
     bt_metrics_add(
         bt_metrics_gauge(r, "baton_worker_ready", BT_MERGE_MIN, "1 while the endpoint serves and passes its canary"),
         wk_ready(w) ? 1 : 0, NULL);
-    bt_metrics_add(bt_metrics_gauge(r, "baton_worker_draining", BT_MERGE_MAX, "1 while the worker drains"),
-                   w->state == WK_DRAINING ? 1 : 0, NULL);
-    bt_metrics_add(bt_metrics_gauge(r, "baton_worker_uptime_seconds", BT_MERGE_MAX, "Seconds since the worker started"),
-                   (double)(bt_now_ms() - w->started_ms) / 1000.0, NULL);
+    bt_metrics_gauge_value(r, "baton_worker_draining", BT_MERGE_MAX, "1 while the worker drains",
+                           w->state == WK_DRAINING ? 1 : 0);
+    bt_metrics_gauge_value(r, "baton_worker_uptime_seconds", BT_MERGE_MAX, "Seconds since the worker started",
+                           (double)(bt_now_ms() - w->started_ms) / 1000.0);
     f = bt_metrics_counter(r, "baton_worker_canary_total", "Canary requests, by result");
     bt_metrics_add(f, (double)c->n_success, "result", "success", NULL);
     bt_metrics_add(f, (double)c->n_late, "result", "late_success", NULL);
     bt_metrics_add(f, (double)c->n_timeout, "result", "timeout", NULL);
     bt_metrics_add(f, (double)c->n_error, "result", "error", NULL);
     bt_metrics_add(f, (double)c->n_empty, "result", "no_response", NULL);
-    bt_metrics_add(bt_metrics_gauge(r, "baton_worker_canary_last_latency_seconds", BT_MERGE_MAX,
-                                    "Latency of the last canary request"),
-                   c->last_latency_ms / 1000.0, NULL);
-    bt_metrics_add(bt_metrics_gauge(r, "baton_worker_active_sequences", BT_MERGE_SUM,
-                                    "Sequences in the engine, running or waiting"),
-                   (double)(l.running + l.waiting), NULL);
-    bt_metrics_add(bt_metrics_gauge(r, "baton_worker_kv_active_blocks", BT_MERGE_SUM, "KV blocks in use"),
-                   (double)l.active_decode_blocks, NULL);
-    bt_metrics_add(bt_metrics_gauge(r, "baton_worker_kv_total_blocks", BT_MERGE_SUM, "KV blocks of the engine"),
-                   (double)l.total_blocks, NULL);
-    bt_metrics_add(bt_metrics_gauge(r, "baton_worker_waiting_requests", BT_MERGE_SUM,
-                                    "Sequences queued in the engine, not yet admitted"),
-                   (double)l.waiting, NULL);
-    bt_metrics_add(bt_metrics_gauge(r, "baton_worker_frontend_connections", BT_MERGE_SUM,
-                                    "Frontends connected on the request plane"),
-                   (double)w->npeers, NULL);
+    bt_metrics_gauge_value(r, "baton_worker_canary_last_latency_seconds", BT_MERGE_MAX,
+                           "Latency of the last canary request", c->last_latency_ms / 1000.0);
+    bt_metrics_gauge_value(r, "baton_worker_active_sequences", BT_MERGE_SUM,
+                           "Sequences in the engine, running or waiting", (double)(l.running + l.waiting));
+    bt_metrics_gauge_value(r, "baton_worker_kv_active_blocks", BT_MERGE_SUM, "KV blocks in use",
+                           (double)l.active_decode_blocks);
+    bt_metrics_gauge_value(r, "baton_worker_kv_total_blocks", BT_MERGE_SUM, "KV blocks of the engine",
+                           (double)l.total_blocks);
+    bt_metrics_gauge_value(r, "baton_worker_waiting_requests", BT_MERGE_SUM,
+                           "Sequences queued in the engine, not yet admitted", (double)l.waiting);
+    bt_metrics_gauge_value(r, "baton_worker_frontend_connections", BT_MERGE_SUM,
+                           "Frontends connected on the request plane", (double)w->npeers);
     bt_events_stats es;
     bt_events_get_stats(w->events, &es);
     bt_events_collect(w->events, &es, r, "baton_worker");

@@ -154,6 +154,21 @@ static void on_seq_error(void *ud, bt_status code, const char *msg) {
 
 static const bt_engine_sink seq_sink = {on_seq_tokens, on_seq_finish, on_seq_error};
 
+wk_stream *wk_find_stream(wk_worker *w, bool (*match)(const wk_stream *s, const void *ud), const void *ud,
+                          wk_peer **peer) {
+    for (wk_peer *p = LIST_FIRST(&w->peers); p; p = LIST_NEXT(p, link)) {
+        uint64_t k;
+        void *v;
+        size_t it = 0;
+        while (bt_map_next(&p->streams, &it, &k, &v))
+            if (!match || match(v, ud)) {
+                *peer = p;
+                return v;
+            }
+    }
+    return NULL;
+}
+
 void wk_send_stream_error(wk_peer *p, uint32_t id, bt_status code, const char *msg) {
     bt_buf *b = bt_rpc_wbuf(p->conn);
     if (b) bt_frame_put_error(b, id, (uint16_t)code, msg);

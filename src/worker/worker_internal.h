@@ -258,6 +258,11 @@ void wk_send_load(wk_worker *w, wk_peer *only);
 void wk_send_stream_error(wk_peer *p, uint32_t id, bt_status code, const char *msg);
 /* Removes a stream from its peer and frees it (the engine sequence must be over or killed). */
 void wk_stream_free(wk_stream *s);
+/* The first stream attached to a frontend that match accepts (any, with match NULL), and its peer
+ * in *peer; NULL when there is none. A caller that ends or detaches streams in a loop calls it again
+ * after each one: a peer's table cannot change under its iterator. */
+wk_stream *wk_find_stream(wk_worker *w, bool (*match)(const wk_stream *s, const void *ud), const void *ud,
+                          wk_peer **peer);
 /* True when new work may be routed here: serving, not draining, endpoint healthy. The endpoint's
  * readiness, as /health reports it under "endpoints". */
 bool wk_ready(const wk_worker *w);

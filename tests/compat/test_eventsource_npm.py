@@ -16,9 +16,7 @@ import json
 import os
 import random
 import re
-import shutil
 import socket
-import subprocess
 import sys
 import threading
 
@@ -104,12 +102,7 @@ class CuttingProxy:
 def run_client(work, fe, proxy, path, body):
     env = dict(os.environ, BATON_URL=fe.url, BATON_ES_URL=f"http://127.0.0.1:{proxy.port}", BATON_PATH=path,
                BATON_BODY=json.dumps(body))
-    r = subprocess.run(["node", "eventsource_client.mjs"], cwd=work, env=env, capture_output=True, text=True,
-                       timeout=120, stdin=subprocess.DEVNULL)
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-    if r.returncode != 0 or not lines:
-        raise AssertionError(f"node client failed (exit {r.returncode})\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}")
-    return json.loads(lines[-1])
+    return npmlib.run_node(work, "eventsource_client.mjs", env, 120)[0]
 
 
 def main():
@@ -122,10 +115,7 @@ def main():
         sys.exit(1)
 
     with bl.Cluster() as c:
-        work = os.path.join(c.dir, "node")
-        os.makedirs(work)
-        shutil.copy(os.path.join(HERE, "eventsource_client.mjs"), work)
-        os.symlink(os.path.join(pkg_dir, "node_modules"), os.path.join(work, "node_modules"))
+        work = npmlib.node_workdir(c.dir, "node", os.path.join(HERE, "eventsource_client.mjs"), pkg_dir)
         fe = c.start_frontend()
         c.start_worker(speedup_ratio=4)
         c.wait_workers(fe, 1)

@@ -7,10 +7,8 @@ chat at temperature 0.8 gives the same text twice. Skipped (exit 77) only when s
 told not to fetch llama.cpp (BATON_NO_LLAMA=1); otherwise a missing library fails the test.
 """
 
-import json
 import os
 import shutil
-import subprocess
 import sys
 
 import batonlib as bl
@@ -33,20 +31,12 @@ def main():
         raise AssertionError("`node` is not on the PATH; scripts/setup installs Node.js and npm")
     sdk_dir = npmlib.ensure_package("openai", OPENAI_VERSION, f"openai-node-{OPENAI_VERSION}")
     with bl.Cluster() as c:
-        work = os.path.join(c.dir, "node")
-        os.makedirs(work)
-        shutil.copy(os.path.join(HERE, "openai_llama_client.mjs"), work)
-        os.symlink(os.path.join(sdk_dir, "node_modules"), os.path.join(work, "node_modules"))
+        work = npmlib.node_workdir(c.dir, "node", os.path.join(HERE, "openai_llama_client.mjs"), sdk_dir)
         fe = c.start_frontend()
         c.start_worker(engine="llama")
         c.wait_workers(fe, 1, timeout=60)
         env = dict(os.environ, BATON_BASE_URL=f"{fe.url}/v1", BATON_MODEL="mock-model", BATON_EXPECT_TEXT=STORIES_GREEDY)
-        r = subprocess.run(["node", "openai_llama_client.mjs"], cwd=work, env=env, capture_output=True, text=True,
-                           timeout=180, stdin=subprocess.DEVNULL)
-        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-        if r.returncode != 0 or not lines:
-            raise AssertionError(f"node client failed (exit {r.returncode})\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}")
-        result = json.loads(lines[-1])
+        result = npmlib.run_node(work, "openai_llama_client.mjs", env, 180)[0]
         names = [ch["name"] for ch in result["checks"]]
         if names != EXPECTED:
             raise AssertionError(f"the client ran checks {names}, expected {EXPECTED}")

@@ -52,22 +52,8 @@ EXPECTED = ["models.list", "chat.stream", "completions.create", "chat.stream.inc
 
 def run_client(c, sdk_dir, version, env):
     """Runs the node client with SDK `version`; returns its list of failed check names."""
-    # The script runs from a private directory beside a link to the cached node_modules, so that
-    # `import 'openai'` resolves to the pinned SDK and nothing is written to the cache.
-    work = os.path.join(c.dir, f"node-{version}")
-    os.makedirs(work)
-    shutil.copy(os.path.join(HERE, "openai_client.mjs"), work)
-    os.symlink(os.path.join(sdk_dir, "node_modules"), os.path.join(work, "node_modules"))
-    try:
-        r = subprocess.run(["node", "openai_client.mjs"], cwd=work, env=env, capture_output=True, text=True,
-                           timeout=180, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as e:
-        raise AssertionError(f"the node client ({version}) did not finish within 180 s; stderr: {e.stderr!r}")
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-    if r.returncode != 0 or not lines:
-        raise AssertionError(f"node client ({version}) failed (exit {r.returncode})\nstdout:\n{r.stdout}\n"
-                             f"stderr:\n{r.stderr}")
-    result = json.loads(lines[-1])
+    work = npmlib.node_workdir(c.dir, f"node-{version}", os.path.join(HERE, "openai_client.mjs"), sdk_dir)
+    result, r = npmlib.run_node(work, "openai_client.mjs", env, 180, f"node client ({version})")
     print(f"openai npm SDK {result['sdk']}:")
     if result["sdk"] != version:
         raise AssertionError(f"the client loaded openai {result['sdk']}, expected {version}")

@@ -19,26 +19,6 @@ import batonlib as bl
 bl.deadline(240, "test_bad_input")
 
 
-def raw_http(port, data, read_timeout=5.0):
-    s = socket.create_connection(("127.0.0.1", port), timeout=read_timeout)
-    try:
-        s.sendall(data)
-        out = b""
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except socket.timeout:
-                break
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            out += chunk
-        return out
-    finally:
-        s.close()
-
-
 def status_of(resp):
     line = resp.split(b"\r\n", 1)[0]
     parts = line.split()
@@ -117,15 +97,15 @@ with bl.Cluster() as c:
     c.wait_workers(fe, 1)
 
     # --- malformed request line and headers
-    r = raw_http(fe.port, b"THIS IS NOT HTTP\r\n\r\n")
+    r = bl.raw_exchange(fe.port, b"THIS IS NOT HTTP\r\n\r\n")
     assert status_of(r) == 400 and json_body(r)["error"]["code"] == "malformed_request", r[:200]
-    r = raw_http(fe.port, b"GET /live HTTP/1.1\r\nBad Header Line\r\n\r\n")
+    r = bl.raw_exchange(fe.port, b"GET /live HTTP/1.1\r\nBad Header Line\r\n\r\n")
     assert status_of(r) == 400, r[:200]
     # --- oversized headers (431) and body (413)
-    r = raw_http(fe.port, b"GET /live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n")
+    r = bl.raw_exchange(fe.port, b"GET /live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n")
     assert status_of(r) == 431, r[:200]
     big = b'{"model":"mock-model","messages":[{"role":"user","content":"' + b"x" * (5 << 20) + b'"}]}'
-    r = raw_http(fe.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    r = bl.raw_exchange(fe.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: " + str(len(big)).encode() + b"\r\n\r\n" + big)
     assert status_of(r) == 413 and json_body(r)["error"]["code"] == "request_too_large", r[:200]
     # --- JSON and field errors
@@ -317,7 +297,7 @@ with bl.Cluster() as c:
     t0 = time.monotonic()
     n_refused = 150
     for _ in range(n_refused):
-        r = raw_http(fe.port, b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n")
+        r = bl.raw_exchange(fe.port, b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status_of(r) == 503 and json_body(r)["error"]["code"] == "too_many_connections", r[:200]
     elapsed = time.monotonic() - t0
     for s in held:

@@ -83,10 +83,9 @@ def migration(c):
 
 
 def main():
-    with bl.Cluster() as c:
-        defaults(c)
-    with bl.Cluster() as c:
-        migration(c)
+    for part in (defaults, migration):  # each on a cluster of its own
+        with bl.Cluster() as c:
+            part(c)
     print("test_default_max_tokens: ok")
 
 

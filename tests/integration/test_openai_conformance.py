@@ -16,7 +16,6 @@ the error table, docs/engines.md the context length):
 """
 
 import json
-import socket
 import threading
 import time
 import urllib.parse
@@ -43,23 +42,7 @@ def error_of(status, body, want_status, code, param=None, what=""):
     return err
 
 
-def raw(port, data, timeout=5.0):
-    """Sends data on a fresh connection and reads until the server closes."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    try:
-        s.sendall(data)
-        out = b""
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except (socket.timeout, ConnectionResetError):
-                break
-            if not chunk:
-                break
-            out += chunk
-        return out
-    finally:
-        s.close()
+raw = bl.raw_exchange  # bytes on a fresh connection, all that comes back until it closes
 
 
 def split_response(resp):

@@ -38,6 +38,8 @@ A self-check first proves the comparison rejects a result with a dropped, duplic
 token. If the npm package cannot be installed the test fails: it never passes without running.
 """
 
+import contextlib
+import http.server
 import json
 import os
 import signal
@@ -140,25 +142,26 @@ def check_exact_or_refused(got, ref, what):
     return "refused"
 
 
+def must_reject(check, cases, what):
+    """Each case must make check fail: a checker that accepts a broken result is itself broken."""
+    for case in cases:
+        try:
+            check(case)
+        except AssertionError:
+            continue
+        raise AssertionError(f"{what} accepted a broken result: {case}")
+
+
 def selftest():
     ref = {"ok": True, "text": " a b c", "token_ids": [1, 2, 3], "finish_reason": "length",
            "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}}
     bad = [dict(ref, text=" a c", token_ids=[1, 3]), dict(ref, text=" a b b c", token_ids=[1, 2, 2, 3]),
            dict(ref, text=" a b d"), dict(ref, finish_reason="stop"), dict(ref, token_ids=[1, 3, 2]),
            dict(ref, usage={"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}), dict(ref, ok=False)]
-    for b in bad:
-        try:
-            check_same(b, ref, "selftest")
-        except AssertionError:
-            continue
-        raise AssertionError(f"the checker accepted a broken result: {b}")
+    must_reject(lambda b: check_same(b, ref, "selftest"), bad, "the checker")
     check_same(dict(ref), ref, "selftest")
-    for ids in ([TEXT_BIT | 0, TEXT_BIT | 2], [TEXT_BIT | 0, 1], []):
-        try:
-            check_text_ids({"token_ids": ids}, "selftest")
-        except AssertionError:
-            continue
-        raise AssertionError(f"the text-id checker accepted {ids}")
+    must_reject(lambda ids: check_text_ids({"token_ids": ids}, "selftest"),
+                ([TEXT_BIT | 0, TEXT_BIT | 2], [TEXT_BIT | 0, 1], []), "the text-id checker")
     check_text_ids({"token_ids": [TEXT_BIT, TEXT_BIT | 1]}, "selftest")
     # exact-or-refused: the bug's shape (delivered text, then the answer again from its start, stop)
     # and every other wrong ending are rejected; the two right ones pass
@@ -185,12 +188,7 @@ def selftest():
            {"ok": False, "text": " a b", "finish_reason": None, "stream": St(err, True, finish=None)},
            {"ok": False, "text": " a b", "finish_reason": None,
             "stream": St(dict(err, type="internal_error", code=500), False, finish=None)}]
-    for b in bad:
-        try:
-            check_exact_or_refused(b, ref, "selftest")
-        except AssertionError:
-            continue
-        raise AssertionError(f"the exact-or-refused checker accepted {b}")
+    must_reject(lambda b: check_exact_or_refused(b, ref, "selftest"), bad, "the exact-or-refused checker")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,12 +422,36 @@ def migration_phase(ups, f0, t0, p1, p2, t1, t2):
         bl.wait_for(lambda: msum(fe.url, "dynamo_frontend_inflight_requests") == 0, 15, what="no request in flight")
 
 
+@contextlib.contextmanager
+def guarded(clusters, procs=()):
+    """The body of a part, over its clusters: on failure their logs are dumped; at the end they are
+    closed and procs (the fake servers) killed; a sanitizer report in any of their processes (in a
+    sanitizer build) fails the test."""
+    try:
+        yield
+    except BaseException:
+        bl.mark_failed()
+        for c in clusters:
+            c.dump_logs(40)
+        raise
+    finally:
+        for c in clusters:
+            c.close(check_sanitizers=False)
+        for p in procs:
+            p.kill()
+        for c in clusters:
+            for p in c.procs():
+                r = p.sanitizer_report()
+                if r:
+                    fail(f"sanitizer report in {p.name}:\n{r}")
+
+
 def part_a():
     ups = [start_upstream("oa-u1"), start_upstream("oa-u2")]
     (c1, u1, w1), (c2, u2, w2) = ups
     outer = bl.Cluster(tmpdir_path=bl.tmpdir("baton-oa-outer-"))
     text = bl.Cluster(tmpdir_path=bl.tmpdir("baton-oa-text-"))
-    try:
+    with guarded((c1, c2, outer, text)):
         f0 = outer.start_frontend(migration_limit=3)
         p1 = outer.start_worker(engine="openai", upstream=u1.url)
         # P2 runs canaries (the start-up one only): they go through the engine to U2
@@ -453,19 +475,6 @@ def part_a():
             fail("finished requests left disconnected clients upstream: the engine cut a finished stream")
         cancel_phase(ups, f0)
         migration_phase(ups, f0, t0, p1, p2, t1, t2)
-    except BaseException:
-        bl.mark_failed()
-        for c in (c1, c2, outer, text):
-            c.dump_logs(40)
-        raise
-    finally:
-        for c in (outer, text, c1, c2):
-            c.close(check_sanitizers=False)
-    for c in (outer, text, c1, c2):  # sanitizer reports (in a sanitizer build) fail the test
-        for p in c.procs():
-            r = p.sanitizer_report()
-            if r:
-                fail(f"sanitizer report in {p.name}:\n{r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -568,13 +577,49 @@ def part_b():
 # Part C: a vLLM-shaped upstream.
 
 
+class FakeHandler(http.server.BaseHTTPRequestHandler):
+    """What the fake engine servers below share: HTTP/1.1, no access log, JSON (or text) answers,
+    and streams as SSE events on a chunked response."""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):
+        pass
+
+    def read_json(self):
+        return json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))) or b"{}")
+
+    def send_json(self, code, obj, ctype="application/json"):
+        data = (json.dumps(obj) if not isinstance(obj, str) else obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def start_sse(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def chunk(self, obj):
+        """One SSE event: a JSON object, or raw bytes (b"[DONE]")."""
+        data = b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def end_sse(self):
+        self.chunk(b"[DONE]")
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+
 def fake_vllm(port, kv_usage):
     """A deterministic stand-in for vLLM's OpenAI server (one process). Token i has the text " w<i>";
     the next token is a hash of the whole prefix (prompt ids + generated ids) and the seed, so a
     continuation from prompt + carried ids equals an uninterrupted run. Chat messages render as
     "role: content" lines plus "assistant:", tokenized by words. It streams one token per chunk,
     8 ms apart, with vLLM's shapes; counts aborted streams and /tokenize calls in /metrics."""
-    import http.server
     import struct
     import zlib
 
@@ -587,19 +632,7 @@ def fake_vllm(port, kv_usage):
     def render(msgs):
         return "\n".join(f"{m['role']}: {m['content']}" for m in msgs) + "\nassistant:"
 
-    class H(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *a):
-            pass
-
-        def send_json(self, code, obj, ctype="application/json"):
-            data = (json.dumps(obj) if not isinstance(obj, str) else obj).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    class H(FakeHandler):
 
         def do_GET(self):
             if self.path == "/health":
@@ -619,13 +652,8 @@ def fake_vllm(port, kv_usage):
             else:
                 self.send_json(404, {"detail": "Not Found"})
 
-        def chunk(self, obj):
-            data = b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-            self.wfile.flush()
-
         def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))) or b"{}")
+            body = self.read_json()
             if self.path == "/tokenize":
                 with lock:
                     stats["tokenize"] += 1
@@ -647,10 +675,7 @@ def fake_vllm(port, kv_usage):
             for t in prompt:
                 state = zlib.crc32(struct.pack("<I", t), state)
             n = int(body.get("max_tokens") or 16)
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
+            self.start_sse()
             head = {"id": "x", "object": "chat.completion.chunk" if chat else "text_completion", "created": 1,
                     "model": body.get("model")}
             with lock:
@@ -679,9 +704,7 @@ def fake_vllm(port, kv_usage):
                 if (body.get("stream_options") or {}).get("include_usage"):
                     self.chunk(dict(head, choices=[], usage={"prompt_tokens": len(prompt), "completion_tokens": n,
                                                              "total_tokens": len(prompt) + n}))
-                self.chunk(b"[DONE]")
-                self.wfile.write(b"0\r\n\r\n")
-                self.wfile.flush()
+                self.end_sse()
             except (BrokenPipeError, ConnectionResetError):
                 with lock:
                     stats["aborted"] += 1
@@ -721,7 +744,7 @@ def part_c():
     fa, ua = start_fake(0.5)
     fb, ub = start_fake(0.5)
     c = bl.Cluster(tmpdir_path=bl.tmpdir("baton-oa-vllm-"))
-    try:
+    with guarded((c,), (fa, fb)):
         fe = c.start_frontend(migration_limit=3)
         v1 = c.start_worker(engine="openai", upstream=ua, system_port=True, wait=True)
         v2 = c.start_worker(engine="openai", upstream=ub, system_port=True, wait=True)
@@ -787,18 +810,6 @@ def part_c():
             fail(f"V1 did not exit 1 after its upstream died: {v1.proc.returncode}\n{v1.proc.log_tail()}")
         print(f"vLLM dialect: 6 answers equal the server's; KV 50 % -> 500 of 1000 blocks, waiting 7; shed at "
               f"threshold 0.4; abort reached it; {moved:.0f} streams continued via /tokenize byte-exact; V1 exited 1")
-    except BaseException:
-        bl.mark_failed()
-        c.dump_logs(40)
-        raise
-    finally:
-        c.close(check_sanitizers=False)
-        fa.kill()
-        fb.kill()
-    for p in c.procs():
-        r = p.sanitizer_report()
-        if r:
-            fail(f"sanitizer report in {p.name}:\n{r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -819,7 +830,6 @@ def plain_server(port, flavour):
     "llamacpp": owned_by "llamacpp" and llama.cpp's POST /apply-template ({"prompt": rendered}).
     /metrics counts requests, prefills received, renders, and requests whose X-Request-Id came
     before (continuations)."""
-    import http.server
     import struct
     import zlib
 
@@ -831,19 +841,7 @@ def plain_server(port, flavour):
         return "".join(f"{m.get('role')}: {m.get('content')}\n" for m in msgs if m.get("role") != "assistant") + \
             "assistant:"
 
-    class H(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *a):
-            pass
-
-        def send_json(self, code, obj, ctype="application/json"):
-            data = (json.dumps(obj) if not isinstance(obj, str) else obj).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    class H(FakeHandler):
 
         def do_GET(self):
             if self.path == "/health":
@@ -858,13 +856,8 @@ def plain_server(port, flavour):
             else:
                 self.send_json(404, {"error": {"message": "not found"}})
 
-        def chunk(self, obj):
-            data = b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-            self.wfile.flush()
-
         def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))) or b"{}")
+            body = self.read_json()
             if self.path == "/apply-template" and flavour == "llamacpp":
                 with lock:
                     stats["renders"] += 1
@@ -888,10 +881,7 @@ def plain_server(port, flavour):
             turn = len(words) - 1 - words[::-1].index("assistant:") if "assistant:" in words else None
             limit = PLAIN_CHAT_LEN - (len(words) - 1 - turn) if turn is not None else 1 << 30
             n = min(int(body.get("max_tokens") or 16), limit)
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
+            self.start_sse()
             head = {"id": "p", "object": "chat.completion.chunk" if chat else "text_completion", "created": 1,
                     "model": "plain-model"}
             try:
@@ -906,9 +896,7 @@ def plain_server(port, flavour):
                         c["text"] = " " + w
                     self.chunk(dict(head, choices=[c]))
                     time.sleep(PLAIN_DELAY)
-                self.chunk(b"[DONE]")
-                self.wfile.write(b"0\r\n\r\n")
-                self.wfile.flush()
+                self.end_sse()
             except (BrokenPipeError, ConnectionResetError):
                 self.close_connection = True
 
@@ -927,7 +915,7 @@ def plain_round(flavour, n_chat, n_comp):
     url = f"http://127.0.0.1:{port}"
     c = bl.Cluster(tmpdir_path=bl.tmpdir(f"baton-oa-plain-{flavour}-"))
     kind = "llamacpp" if flavour == "llamacpp" else "openai"
-    try:
+    with guarded((c,), (srv,)):
         bl.wait_http(url + "/health", srv, timeout=20)
         fe = c.start_frontend(migration_limit=3)
         wk = dict(engine="openai", upstream=url, upstream_raw_completions=True, system_port=True, wait=True)
@@ -980,17 +968,6 @@ def plain_round(flavour, n_chat, n_comp):
                    ids=False, usage=False)
         bl.wait_for(lambda: msum(fe.url, "dynamo_frontend_inflight_requests") == 0, 15, what="no request in flight")
         return reqs, dict(run.results), refs, w2.proc.log_text(), delta, at_kill
-    except BaseException:
-        bl.mark_failed()
-        c.dump_logs(40)
-        raise
-    finally:
-        c.close(check_sanitizers=False)
-        srv.kill()
-        for p in c.procs():
-            r = p.sanitizer_report()
-            if r:
-                fail(f"sanitizer report in {p.name}:\n{r}")
 
 
 def part_d():

@@ -467,6 +467,26 @@ def request(method, url, body=None, headers=None, timeout=30.0):
         conn.close()
 
 
+def raw_exchange(port, data, timeout=5.0):
+    """Sends bytes on a fresh connection to 127.0.0.1:port and returns everything read until the
+    server closes it, resets it, or says nothing for `timeout` seconds (malformed-input tests)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        s.sendall(data)
+        out = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except (socket.timeout, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out
+    finally:
+        s.close()
+
+
 def _json_or_none(data):
     try:
         return json.loads(data)

@@ -79,3 +79,29 @@ def ensure_package(pkg, version, name, timeout=180, check=None):
         if not ok(d):
             raise AssertionError(f"could not place {pkg}@{version} in {d}")
     return d
+
+
+def node_workdir(parent, name, script, pkg_dir):
+    """A private directory parent/name holding a copy of script beside a link to pkg_dir's
+    node_modules, so that the script's imports resolve to the pinned package and nothing is
+    written to the cache. Returns its path."""
+    work = os.path.join(parent, name)
+    os.makedirs(work)
+    shutil.copy(script, work)
+    os.symlink(os.path.join(pkg_dir, "node_modules"), os.path.join(work, "node_modules"))
+    return work
+
+
+def run_node(work, script, env, timeout, what="node client"):
+    """Runs `node script` in work. Returns (the JSON object of the last stdout line that starts with
+    '{', the completed process); raises AssertionError with the output when node failed, printed no
+    such line, or did not finish within timeout seconds."""
+    try:
+        r = subprocess.run(["node", script], cwd=work, env=env, capture_output=True, text=True, timeout=timeout,
+                           stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"the {what} did not finish within {timeout} s; stderr: {e.stderr!r}")
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if r.returncode != 0 or not lines:
+        raise AssertionError(f"{what} failed (exit {r.returncode})\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}")
+    return json.loads(lines[-1]), r

@@ -294,6 +294,22 @@ static void test_declared_in_place(void **state) {
     bt_metrics_free(r);
 }
 
+/* The one-call forms declare the family and add one unlabelled sample, merged by the family's rule
+ * when called again (a gauge by min here, a counter by sum). */
+static void test_value_forms(void **state) {
+    (void)state;
+    bt_metrics *r = bt_metrics_new();
+    bt_metrics_counter_value(r, "c_total", "Counted", 2);
+    bt_metrics_counter_value(r, "c_total", "Counted", 3);
+    bt_metrics_gauge_value(r, "g", BT_MERGE_MIN, "Gauged", 7);
+    bt_metrics_gauge_value(r, "g", BT_MERGE_MIN, "Gauged", 4);
+    char *t = render(r);
+    assert_string_equal(t, "# HELP c_total Counted\n# TYPE c_total counter\nc_total 5\n"
+                           "# HELP g Gauged\n# TYPE g gauge\ng 4\n");
+    free(t);
+    bt_metrics_free(r);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_render),
@@ -303,6 +319,7 @@ int main(void) {
         cmocka_unit_test(test_many_series),
         cmocka_unit_test(test_errors),
         cmocka_unit_test(test_declared_in_place),
+        cmocka_unit_test(test_value_forms),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -109,38 +109,36 @@ static void test_chunks(void **state) {
 
 static void test_errors(void **state) {
     (void)state;
-    bt_oa_chunk c = parse("{\"error\":{\"message\":\"All workers are busy\",\"type\":\"Service Unavailable\","
-                          "\"code\":503}}",
-                          false, BT_OK);
-    assert_true(c.is_error);
-    assert_int_equal(c.err_code, BT_ERR_CANNOT_CONNECT);
-    assert_true(bt_status_migratable(c.err_code));
-    assert_string_equal(c.err_msg, "All workers are busy");
-    bt_oa_chunk_free(&c);
-    c = parse("{\"error\":{\"message\":\"bad\",\"type\":\"invalid_request_error\",\"code\":null}}", false, BT_OK);
-    assert_int_equal(c.err_code, BT_ERR_INVALID);
-    assert_false(bt_status_migratable(c.err_code));
-    bt_oa_chunk_free(&c);
-    /* OpenAI's string codes, as a baton frontend upstream sends them */
-    c = parse("{\"error\":{\"message\":\"busy\",\"type\":\"server_error\",\"param\":null,"
-              "\"code\":\"worker_unavailable\"}}",
-              false, BT_OK);
-    assert_int_equal(c.err_code, BT_ERR_CANNOT_CONNECT);
-    bt_oa_chunk_free(&c);
-    c = parse("{\"error\":{\"message\":\"x\",\"type\":\"server_error\",\"param\":null,\"code\":\"engine_error\"}}",
-              false, BT_OK);
-    assert_int_equal(c.err_code, BT_ERR_ENGINE);
-    assert_false(bt_status_migratable(c.err_code));
-    bt_oa_chunk_free(&c);
-    c = parse("{\"error\":{\"message\":\"long\",\"type\":\"invalid_request_error\",\"param\":\"messages\","
-              "\"code\":\"context_length_exceeded\"}}",
-              false, BT_OK);
-    assert_int_equal(c.err_code, BT_ERR_CONTEXT_LENGTH);
-    bt_oa_chunk_free(&c);
-    c = parse("{\"error\":\"plain\"}", false, BT_OK);
-    assert_int_equal(c.err_code, BT_ERR_ENGINE);
-    assert_string_equal(c.err_msg, "plain");
-    bt_oa_chunk_free(&c);
+    /* each error body: the status it maps to (and whether that migrates), and the message kept */
+    static const struct {
+        const char *body;
+        bt_status code;
+        bool migratable;
+        const char *msg; /* NULL: not checked */
+    } errs[] = {
+        {"{\"error\":{\"message\":\"All workers are busy\",\"type\":\"Service Unavailable\",\"code\":503}}",
+         BT_ERR_CANNOT_CONNECT, true, "All workers are busy"},
+        {"{\"error\":{\"message\":\"bad\",\"type\":\"invalid_request_error\",\"code\":null}}", BT_ERR_INVALID, false,
+         NULL},
+        /* OpenAI's string codes, as a baton frontend upstream sends them */
+        {"{\"error\":{\"message\":\"busy\",\"type\":\"server_error\",\"param\":null,\"code\":\"worker_unavailable\"}}",
+         BT_ERR_CANNOT_CONNECT, true, NULL},
+        {"{\"error\":{\"message\":\"x\",\"type\":\"server_error\",\"param\":null,\"code\":\"engine_error\"}}",
+         BT_ERR_ENGINE, false, NULL},
+        {"{\"error\":{\"message\":\"long\",\"type\":\"invalid_request_error\",\"param\":\"messages\","
+         "\"code\":\"context_length_exceeded\"}}",
+         BT_ERR_CONTEXT_LENGTH, false, NULL},
+        {"{\"error\":\"plain\"}", BT_ERR_ENGINE, false, "plain"},
+    };
+    bt_oa_chunk c;
+    for (size_t i = 0; i < sizeof errs / sizeof errs[0]; i++) {
+        c = parse(errs[i].body, false, BT_OK);
+        assert_true(c.is_error);
+        assert_int_equal(c.err_code, errs[i].code);
+        assert_int_equal(bt_status_migratable(c.err_code), errs[i].migratable);
+        if (errs[i].msg) assert_string_equal(c.err_msg, errs[i].msg);
+        bt_oa_chunk_free(&c);
+    }
     /* malformed */
     const char *bad[] = {"not json", "[1,2]", "{\"choices\":{}}", "{\"choices\":[7]}",
                          "{\"choices\":[{\"text\":5}]}", "{\"choices\":[{\"text\":\"a\",\"token_ids\":\"x\"}]}",

@@ -52,52 +52,51 @@ static int teardown(void **state) {
     return system(cmd) == 0 ? 0 : -1;
 }
 
+/* bt_paths_data_dir("chaos") for the binary at self_rel (below the test's directory) with the
+ * source-tree candidate `source`: whether it finds the directory, and the path it writes
+ * (want_rel below the test's directory; NULL: not compared). */
+static void expect_dir(const char *self_rel, const char *source, bool found, const char *want_rel) {
+    char self[512], want[512], out[512];
+    path(self, sizeof self, self_rel);
+    assert_int_equal(bt_paths_data_dir(self, "chaos", source, out, sizeof out), found);
+    if (!want_rel) return;
+    path(want, sizeof want, want_rel);
+    assert_string_equal(out, want);
+}
+
 static void test_installed_wins(void **state) {
     (void)state;
     mkdirs("prefix/bin");
     mkdirs("prefix/share/baton/chaos");
     mkdirs("prefix/tools/chaos"); /* a source-tree look-alike next to it: the installed one wins */
-    char self[512], want[512], out[512];
-    path(self, sizeof self, "prefix/bin/baton");
-    path(want, sizeof want, "prefix/bin/../share/baton/chaos");
-    assert_true(bt_paths_data_dir(self, "chaos", "tools/chaos", out, sizeof out));
-    assert_string_equal(out, want);
+    expect_dir("prefix/bin/baton", "tools/chaos", true, "prefix/bin/../share/baton/chaos");
 }
 
 static void test_source_tree(void **state) {
     (void)state;
     mkdirs("src/build");
     mkdirs("src/tools/chaos");
-    char self[512], want[512], out[512];
-    path(self, sizeof self, "src/build/baton");
-    path(want, sizeof want, "src/build/../tools/chaos");
-    assert_true(bt_paths_data_dir(self, "chaos", "tools/chaos", out, sizeof out));
-    assert_string_equal(out, want);
+    expect_dir("src/build/baton", "tools/chaos", true, "src/build/../tools/chaos");
     /* without a source candidate, only the installed layout counts */
-    assert_false(bt_paths_data_dir(self, "chaos", NULL, out, sizeof out));
+    expect_dir("src/build/baton", NULL, false, NULL);
 }
 
 static void test_neither(void **state) {
     (void)state;
     mkdirs("lone/bin");
-    char self[512], want[512], out[512];
-    path(self, sizeof self, "lone/bin/baton");
-    path(want, sizeof want, "lone/bin/../share/baton/chaos");
-    assert_false(bt_paths_data_dir(self, "chaos", "tools/chaos", out, sizeof out));
-    assert_string_equal(out, want);
+    expect_dir("lone/bin/baton", "tools/chaos", false, "lone/bin/../share/baton/chaos");
 }
 
 static void test_file_is_not_a_dir(void **state) {
     (void)state;
     mkdirs("f/bin");
     mkdirs("f/share/baton");
-    char self[512], file[512], out[512];
+    char file[512];
     path(file, sizeof file, "f/share/baton/chaos");
     FILE *fp = fopen(file, "w");
     assert_non_null(fp);
     fclose(fp);
-    path(self, sizeof self, "f/bin/baton");
-    assert_false(bt_paths_data_dir(self, "chaos", "tools/chaos", out, sizeof out));
+    expect_dir("f/bin/baton", "tools/chaos", false, NULL);
 }
 
 static void test_too_small(void **state) {

@@ -38,22 +38,21 @@ static fe_worker *worker_add(fe *f, uint64_t id, const char *model) {
     w->id = id;
     snprintf(w->model, sizeof w->model, "%s", model);
     bt_map_init(&w->streams);
-    w->next = f->workers;
-    f->workers = w;
+    LIST_INSERT_HEAD(&f->workers, w, link);
     f->nworkers++;
     return w;
 }
 
 static void shard_free(fe *f) {
-    while (f->workers) {
-        fe_worker *w = f->workers;
-        f->workers = w->next;
+    while (!LIST_EMPTY(&f->workers)) {
+        fe_worker *w = LIST_FIRST(&f->workers);
+        LIST_REMOVE(w, link);
         bt_map_free(&w->streams);
         free(w);
     }
-    while (f->models) {
-        fe_model *m = f->models;
-        f->models = m->next;
+    while (!LIST_EMPTY(&f->models)) {
+        fe_model *m = LIST_FIRST(&f->models);
+        LIST_REMOVE(m, link);
         free(m->ws);
         free(m);
     }

@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/queue.h>
 #include <unistd.h>
 
 #include "common/log.h"
@@ -98,7 +99,7 @@ typedef enum { END_FINISH, END_ERROR, END_KILLED } ll_end_kind;
 typedef struct ll_seq ll_seq;
 
 typedef struct ll_cmd {
-    struct ll_cmd *next;
+    STAILQ_ENTRY(ll_cmd) link; /* ll_engine.cmds */
     ll_cmd_kind kind;
     bt_engine_seq *h;
     ll_seq *seq; /* CMD_SUBMIT: the prepared state, handed to the thread */
@@ -107,7 +108,7 @@ typedef struct ll_cmd {
 } ll_cmd;
 
 typedef struct ll_ev {
-    struct ll_ev *next;
+    STAILQ_ENTRY(ll_ev) link; /* ll_engine.evs */
     ll_ev_kind kind;
     bt_engine_seq *h;
     uint32_t *ids;
@@ -138,7 +139,7 @@ struct bt_engine_seq {
 /* Engine-thread state of one sequence. */
 typedef enum { LS_WAITING, LS_RUNNING } ll_state;
 struct ll_seq {
-    ll_seq *prev, *next;
+    TAILQ_ENTRY(ll_seq) link; /* ll_engine.waiting or .running */
     bt_engine_seq *h;
     ll_state state;
     int slot;          /* llama seq_id while running, -1 otherwise */
@@ -160,7 +161,7 @@ struct ll_seq {
 };
 
 typedef struct {
-    ll_seq *head, *tail;
+    TAILQ_HEAD(, ll_seq) q;
     size_t n;
 } ll_list;
 
@@ -176,8 +177,8 @@ struct ll_engine {
     /* shared, under mu */
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    ll_cmd *cmd_head, *cmd_tail;
-    ll_ev *ev_head, *ev_tail;
+    STAILQ_HEAD(, ll_cmd) cmds;
+    STAILQ_HEAD(, ll_ev) evs;
     bool quit;
     bt_engine_load load;
     bool load_changed;
@@ -212,29 +213,17 @@ struct ll_engine {
 /* ---- lists ---------------------------------------------------------------------------------- */
 
 static void list_push_back(ll_list *l, ll_seq *s) {
-    s->prev = l->tail;
-    s->next = NULL;
-    if (l->tail) l->tail->next = s;
-    else l->head = s;
-    l->tail = s;
+    TAILQ_INSERT_TAIL(&l->q, s, link);
     l->n++;
 }
 
 static void list_push_front(ll_list *l, ll_seq *s) {
-    s->next = l->head;
-    s->prev = NULL;
-    if (l->head) l->head->prev = s;
-    else l->tail = s;
-    l->head = s;
+    TAILQ_INSERT_HEAD(&l->q, s, link);
     l->n++;
 }
 
 static void list_remove(ll_list *l, ll_seq *s) {
-    if (s->prev) s->prev->next = s->next;
-    else l->head = s->next;
-    if (s->next) s->next->prev = s->prev;
-    else l->tail = s->prev;
-    s->prev = s->next = NULL;
+    TAILQ_REMOVE(&l->q, s, link);
     l->n--;
 }
 
@@ -242,9 +231,7 @@ static void list_remove(ll_list *l, ll_seq *s) {
 
 static void post(ll_engine *e, ll_ev *ev) {
     pthread_mutex_lock(&e->mu);
-    if (e->ev_tail) e->ev_tail->next = ev;
-    else e->ev_head = ev;
-    e->ev_tail = ev;
+    STAILQ_INSERT_TAIL(&e->evs, ev, link);
     pthread_mutex_unlock(&e->mu);
     uv_async_send(&e->async);
 }
@@ -562,7 +549,7 @@ static void kv_handoff(ll_engine *e, ll_cmd *c) {
  * released; its text filter and sampler positions are unaffected). */
 static bool preempt_one(ll_engine *e) {
     ll_seq *victim = NULL;
-    for (ll_seq *s = e->running.head; s; s = s->next)
+    for (ll_seq *s = TAILQ_FIRST(&e->running.q); s; s = TAILQ_NEXT(s, link))
         if (!victim || s->admitted > victim->admitted) victim = s;
     if (!victim) return false;
     BT_DEBUG("llama engine: preempting a sequence of %zu tokens (KV full)", victim->n_tok);
@@ -575,9 +562,9 @@ static bool preempt_one(ll_engine *e) {
 
 static void admit(ll_engine *e) {
     size_t reserved = 0; /* cells the running sequences will hold after their next step */
-    for (ll_seq *s = e->running.head; s; s = s->next) reserved += s->n_tok + 1;
-    while (e->waiting.head && e->running.n < (size_t)e->cfg.max_num_seqs) {
-        ll_seq *s = e->waiting.head;
+    for (ll_seq *s = TAILQ_FIRST(&e->running.q); s; s = TAILQ_NEXT(s, link)) reserved += s->n_tok + 1;
+    while (TAILQ_FIRST(&e->waiting.q) && e->running.n < (size_t)e->cfg.max_num_seqs) {
+        ll_seq *s = TAILQ_FIRST(&e->waiting.q);
         /* unified: one pool of cells for all; otherwise every slot has its own n_cap cells */
         if (e->cfg.kv_unified && reserved + s->n_tok + 1 > e->n_ctx) break;
         int slot = -1;
@@ -603,7 +590,7 @@ static void update_load(ll_engine *e) {
     bt_engine_load l = {0};
     llama_memory_t mem = e->L->llama_get_memory(e->ctx);
     uint64_t cells = 0;
-    for (ll_seq *s = e->running.head; s; s = s->next) {
+    for (ll_seq *s = TAILQ_FIRST(&e->running.q); s; s = TAILQ_NEXT(s, link)) {
         llama_pos p = s->slot >= 0 ? e->L->llama_memory_seq_pos_max(mem, s->slot) : -1;
         cells += (uint64_t)(p + 1);
         if (s->n_past + 1 < s->n_tok) l.active_prefill_tokens += s->n_tok - s->n_past;
@@ -613,7 +600,7 @@ static void update_load(ll_engine *e) {
     l.waiting = e->waiting.n;
     l.running = e->running.n;
     l.max_num_batched_tokens = (uint64_t)e->cfg.max_num_batched_tokens;
-    for (ll_seq *s = e->waiting.head; s; s = s->next) l.active_prefill_tokens += s->n_tok;
+    for (ll_seq *s = TAILQ_FIRST(&e->waiting.q); s; s = TAILQ_NEXT(s, link)) l.active_prefill_tokens += s->n_tok;
     pthread_mutex_lock(&e->mu);
     if (memcmp(&l, &e->load, sizeof l) != 0) {
         e->load = l;
@@ -685,7 +672,7 @@ static bool run_batch(ll_engine *e, ll_seq **seqs, const size_t *take, int n) {
     }
     int32_t rc = e->L->llama_decode(e->ctx, *b);
     if (rc == 1) { /* no free KV slot: back-pressure */
-        if (e->running.n <= 1) seq_end(e, e->running.head, END_FINISH, BT_FINISH_LENGTH, BT_OK, NULL);
+        if (e->running.n <= 1) seq_end(e, TAILQ_FIRST(&e->running.q), END_FINISH, BT_FINISH_LENGTH, BT_OK, NULL);
         else preempt_one(e);
         return true;
     }
@@ -737,7 +724,7 @@ static bool run_batch(ll_engine *e, ll_seq **seqs, const size_t *take, int n) {
  * minus --max-num-seqs from the sequence's start), never where a step's budget happened to end. */
 static bool step(ll_engine *e) {
     admit(e);
-    if (!e->running.head) return false;
+    if (!TAILQ_FIRST(&e->running.q)) return false;
     bool exact = e->cfg.ubatch == 1;
     int32_t budget = (int32_t)e->cfg.max_num_batched_tokens;
     ll_seq *singles[LL_MAX_SEQS], *chunks[LL_MAX_SEQS];
@@ -746,7 +733,7 @@ static bool step(ll_engine *e) {
     /* chunk size: what is left of the budget when every other sequence decodes, so the first
      * sequence waiting to prefill always fits (no starvation behind decoding sequences) */
     size_t chunk_max = (size_t)(e->cfg.max_num_batched_tokens - e->cfg.max_num_seqs);
-    for (ll_seq *s = e->running.head; s; s = s->next) {
+    for (ll_seq *s = TAILQ_FIRST(&e->running.q); s; s = TAILQ_NEXT(s, link)) {
         size_t left = s->n_tok - s->n_past;
         if (left == 1 || (left > 1 && !exact && s->n_past >= s->n_prompt)) {
             singles[nsingle] = s;
@@ -754,7 +741,7 @@ static bool step(ll_engine *e) {
         }
     }
     budget -= nsingle;
-    for (ll_seq *s = e->running.head; s && budget > 0; s = s->next) {
+    for (ll_seq *s = TAILQ_FIRST(&e->running.q); s && budget > 0; s = TAILQ_NEXT(s, link)) {
         size_t left = s->n_tok - s->n_past;
         if (left <= 1 || (!exact && s->n_past >= s->n_prompt)) continue;
         size_t until = exact ? left : s->n_prompt - s->n_past;
@@ -782,9 +769,9 @@ static bool step(ll_engine *e) {
 }
 
 static ll_seq *find_seq(ll_engine *e, bt_engine_seq *h) {
-    for (ll_seq *s = e->running.head; s; s = s->next)
+    for (ll_seq *s = TAILQ_FIRST(&e->running.q); s; s = TAILQ_NEXT(s, link))
         if (s->h == h) return s;
-    for (ll_seq *s = e->waiting.head; s; s = s->next)
+    for (ll_seq *s = TAILQ_FIRST(&e->waiting.q); s; s = TAILQ_NEXT(s, link))
         if (s->h == h) return s;
     return NULL;
 }
@@ -823,24 +810,25 @@ static void *engine_thread(void *arg) {
     for (;;) {
         pthread_mutex_lock(&e->mu);
         /* a dead engine too must first end what it holds (below), then wait */
-        while (!e->quit && !e->cmd_head && ((!e->running.head && !e->waiting.head) || (e->stalled && !e->dead)))
+        while (!e->quit && STAILQ_EMPTY(&e->cmds) &&
+               ((TAILQ_EMPTY(&e->running.q) && TAILQ_EMPTY(&e->waiting.q)) || (e->stalled && !e->dead)))
             pthread_cond_wait(&e->cv, &e->mu);
-        ll_cmd *cmds = e->cmd_head;
-        e->cmd_head = e->cmd_tail = NULL;
+        ll_cmd *cmds = STAILQ_FIRST(&e->cmds);
+        STAILQ_INIT(&e->cmds);
         bool quit = e->quit;
         pthread_mutex_unlock(&e->mu);
         while (cmds) {
-            ll_cmd *next = cmds->next;
+            ll_cmd *next = STAILQ_NEXT(cmds, link);
             run_cmd(e, cmds);
             cmds = next;
         }
         if (quit) break;
         if (e->dead) {
             /* a dead engine ends what it holds; the worker hands the streams back */
-            while (e->running.head)
-                seq_end(e, e->running.head, END_ERROR, BT_FINISH_STOP, BT_ERR_SHUTDOWN, "engine failed");
-            while (e->waiting.head)
-                seq_end(e, e->waiting.head, END_ERROR, BT_FINISH_STOP, BT_ERR_SHUTDOWN, "engine failed");
+            while (TAILQ_FIRST(&e->running.q))
+                seq_end(e, TAILQ_FIRST(&e->running.q), END_ERROR, BT_FINISH_STOP, BT_ERR_SHUTDOWN, "engine failed");
+            while (TAILQ_FIRST(&e->waiting.q))
+                seq_end(e, TAILQ_FIRST(&e->waiting.q), END_ERROR, BT_FINISH_STOP, BT_ERR_SHUTDOWN, "engine failed");
             update_load(e);
             continue;
         }
@@ -857,15 +845,15 @@ static void ll_destroy_now(ll_engine *e);
 static void on_async(uv_async_t *a) {
     ll_engine *e = a->data;
     pthread_mutex_lock(&e->mu);
-    ll_ev *evs = e->ev_head;
-    e->ev_head = e->ev_tail = NULL;
+    ll_ev *evs = STAILQ_FIRST(&e->evs);
+    STAILQ_INIT(&e->evs);
     bool load_changed = e->load_changed;
     e->load_changed = false;
     pthread_mutex_unlock(&e->mu);
     e->in_cb = true;
     while (evs) {
         ll_ev *ev = evs;
-        evs = ev->next;
+        evs = STAILQ_NEXT(ev, link);
         bt_engine_seq *h = ev->h;
         if (!e->destroy_pending) {
             if (ev->kind == EV_TOKENS && !h->dead) {
@@ -895,9 +883,7 @@ static void on_async(uv_async_t *a) {
 
 static void send_cmd(ll_engine *e, ll_cmd *c) {
     pthread_mutex_lock(&e->mu);
-    if (e->cmd_tail) e->cmd_tail->next = c;
-    else e->cmd_head = c;
-    e->cmd_tail = c;
+    STAILQ_INSERT_TAIL(&e->cmds, c, link);
     pthread_cond_signal(&e->cv);
     pthread_mutex_unlock(&e->mu);
 }
@@ -1026,28 +1012,28 @@ static void ll_destroy_now(ll_engine *e) {
         pthread_mutex_unlock(&e->mu);
         pthread_join(e->thread, NULL);
     }
-    while (e->running.head) {
-        ll_seq *s = e->running.head;
+    while (TAILQ_FIRST(&e->running.q)) {
+        ll_seq *s = TAILQ_FIRST(&e->running.q);
         list_remove(&e->running, s);
         free(s->h);
         seq_free(s);
     }
-    while (e->waiting.head) {
-        ll_seq *s = e->waiting.head;
+    while (TAILQ_FIRST(&e->waiting.q)) {
+        ll_seq *s = TAILQ_FIRST(&e->waiting.q);
         list_remove(&e->waiting, s);
         free(s->h);
         seq_free(s);
     }
-    while (e->cmd_head) {
-        ll_cmd *c = e->cmd_head;
-        e->cmd_head = c->next;
+    while (!STAILQ_EMPTY(&e->cmds)) {
+        ll_cmd *c = STAILQ_FIRST(&e->cmds);
+        STAILQ_REMOVE_HEAD(&e->cmds, link);
         if (c->kind == CMD_SUBMIT) free(c->h);
         seq_free(c->seq);
         free(c);
     }
-    while (e->ev_head) {
-        ll_ev *ev = e->ev_head;
-        e->ev_head = ev->next;
+    while (!STAILQ_EMPTY(&e->evs)) {
+        ll_ev *ev = STAILQ_FIRST(&e->evs);
+        STAILQ_REMOVE_HEAD(&e->evs, link);
         if (ev->kind == EV_END) free(ev->h);
         free(ev->ids);
         free(ev->text);
@@ -1121,6 +1107,10 @@ bt_engine *bt_llama_create_with_api(uv_loop_t *loop, const bt_llama_config *cfg,
     if (bt_llama_config_check(cfg, err, errlen) != BT_OK) return NULL;
     ll_engine *e = calloc(1, sizeof *e);
     if (!e) return snprintf(err, errlen, "out of memory"), NULL;
+    TAILQ_INIT(&e->waiting.q);
+    TAILQ_INIT(&e->running.q);
+    STAILQ_INIT(&e->cmds);
+    STAILQ_INIT(&e->evs);
     e->base.ops = &ll_ops;
     e->loop = loop;
     e->cfg = *cfg;
