@@ -57,6 +57,8 @@ struct fe_admit_policy {
     _Atomic double retry_budget;               /* budget.h */
     atomic_int_least64_t retry_budget_min;
     _Atomic double outlier_factor;             /* outlier.h */
+    _Atomic double outlier_window, outlier_backoff, outlier_max_ejected;
+    atomic_int_least64_t outlier_min_samples;
 };
 
 typedef struct {
@@ -685,19 +687,44 @@ static void respond(bt_http_req *http, int status, json_t *j) {
 static json_t *limits_json(fe *f) {
     fe_admit_policy *p = f->admit_policy;
     fe_admit *a = f->admit;
-    return json_pack("{s:I,s:I,s:I,s:f,s:f,s:I,s:I,s:I,s:f,s:I,s:I}", "migration_concurrency",
-                     (json_int_t)atomic_load(&p->migration_concurrency), "migrations_in_flight",
-                     (json_int_t)(a ? a->mig_inflight : 0), "migrations_waiting", (json_int_t)(a ? a->mwaiting : 0),
-                     "outlier_factor", atomic_load(&p->outlier_factor), "retry_budget", atomic_load(&p->retry_budget),
-                     "retry_budget_min", (json_int_t)atomic_load(&p->retry_budget_min), "queue_max_requests",
-                     (json_int_t)atomic_load(&p->max_requests), "queue_max_tokens",
-                     (json_int_t)atomic_load(&p->max_tokens), "queue_timeout",
-                     (double)atomic_load(&p->timeout_ms) / 1000.0, "queued_requests", (json_int_t)(a ? a->n : 0),
-                     "queued_tokens", (json_int_t)(a ? a->tokens : 0));
+    json_t *j = json_pack("{s:I,s:I,s:I,s:f,s:f,s:I,s:I,s:I,s:f,s:I,s:I}", "migration_concurrency",
+                          (json_int_t)atomic_load(&p->migration_concurrency), "migrations_in_flight",
+                          (json_int_t)(a ? a->mig_inflight : 0), "migrations_waiting",
+                          (json_int_t)(a ? a->mwaiting : 0), "outlier_factor", atomic_load(&p->outlier_factor),
+                          "retry_budget", atomic_load(&p->retry_budget), "retry_budget_min",
+                          (json_int_t)atomic_load(&p->retry_budget_min), "queue_max_requests",
+                          (json_int_t)atomic_load(&p->max_requests), "queue_max_tokens",
+                          (json_int_t)atomic_load(&p->max_tokens), "queue_timeout",
+                          (double)atomic_load(&p->timeout_ms) / 1000.0, "queued_requests",
+                          (json_int_t)(a ? a->n : 0), "queued_tokens", (json_int_t)(a ? a->tokens : 0));
+    /* the outlier detector's other limits (outlier.h), and what this shard has ejected now */
+    json_t *o = json_pack("{s:f,s:I,s:f,s:f}", "outlier_window", atomic_load(&p->outlier_window),
+                          "outlier_min_samples", (json_int_t)atomic_load(&p->outlier_min_samples),
+                          "outlier_backoff", atomic_load(&p->outlier_backoff), "outlier_max_ejected",
+                          atomic_load(&p->outlier_max_ejected));
+    if (!j || !o || json_object_update(j, o) != 0) {
+        json_decref(j);
+        j = NULL;
+    }
+    json_decref(o);
+    return j;
 }
 
 /* The limits POST /admission may set, with the ranges of their flags. */
-enum { F_QREQ, F_QTOK, F_QTIMEOUT, F_MIGCONC, F_BUDGET, F_BUDGET_MIN, F_OUTLIER, F_N };
+enum {
+    F_QREQ,
+    F_QTOK,
+    F_QTIMEOUT,
+    F_MIGCONC,
+    F_BUDGET,
+    F_BUDGET_MIN,
+    F_OUTLIER,
+    F_OWINDOW,
+    F_OMIN,
+    F_OBACKOFF,
+    F_OMAXEJ,
+    F_N
+};
 static const struct {
     const char *name;
     double min, max;
@@ -710,6 +737,10 @@ static const struct {
     [F_BUDGET] = {"retry_budget", 0, 100, false},
     [F_BUDGET_MIN] = {"retry_budget_min", 0, 1e9, true},
     [F_OUTLIER] = {"outlier_factor", 0, 1000, false},
+    [F_OWINDOW] = {"outlier_window", 1, FE_OUTLIER_BUCKETS, false},
+    [F_OMIN] = {"outlier_min_samples", 1, 1e9, true},
+    [F_OBACKOFF] = {"outlier_backoff", 0.1, 3600, false},
+    [F_OMAXEJ] = {"outlier_max_ejected", 0, 1, false},
 };
 
 void fe_admit_handle(fe *f, bt_http_req *http) {
@@ -754,13 +785,20 @@ void fe_admit_handle(fe *f, bt_http_req *http) {
     if (v[F_BUDGET]) atomic_store(&p->retry_budget, json_number_value(v[F_BUDGET]));
     if (v[F_BUDGET_MIN]) atomic_store(&p->retry_budget_min, (int64_t)json_integer_value(v[F_BUDGET_MIN]));
     if (v[F_OUTLIER]) atomic_store(&p->outlier_factor, json_number_value(v[F_OUTLIER]));
+    if (v[F_OWINDOW]) atomic_store(&p->outlier_window, json_number_value(v[F_OWINDOW]));
+    if (v[F_OMIN]) atomic_store(&p->outlier_min_samples, (int64_t)json_integer_value(v[F_OMIN]));
+    if (v[F_OBACKOFF]) atomic_store(&p->outlier_backoff, json_number_value(v[F_OBACKOFF]));
+    if (v[F_OMAXEJ]) atomic_store(&p->outlier_max_ejected, json_number_value(v[F_OMAXEJ]));
     if (any)
         BT_INFO("admission limits set: queue of %lld requests, %lld tokens, timeout %.3f s; %lld concurrent "
-                "migrations; retry budget %g (at least %lld); outlier factor %g",
+                "migrations; retry budget %g (at least %lld); outlier factor %g, window %g s, %lld samples, "
+                "back-off %g s, at most %g of a model's workers ejected",
                 (long long)atomic_load(&p->max_requests), (long long)atomic_load(&p->max_tokens),
                 (double)atomic_load(&p->timeout_ms) / 1000.0, (long long)atomic_load(&p->migration_concurrency),
                 atomic_load(&p->retry_budget), (long long)atomic_load(&p->retry_budget_min),
-                atomic_load(&p->outlier_factor));
+                atomic_load(&p->outlier_factor), atomic_load(&p->outlier_window),
+                (long long)atomic_load(&p->outlier_min_samples), atomic_load(&p->outlier_backoff),
+                atomic_load(&p->outlier_max_ejected));
     if (v[F_MIGCONC] && f->admit) arm(f->admit); /* a raised cap lets waiting migrations go */
     json_decref(b);
     respond(http, 200, limits_json(f));
@@ -769,6 +807,18 @@ void fe_admit_handle(fe *f, bt_http_req *http) {
 double fe_admit_retry_budget(const fe *f) { return atomic_load(&f->admit_policy->retry_budget); }
 int64_t fe_admit_retry_budget_min(const fe *f) { return atomic_load(&f->admit_policy->retry_budget_min); }
 double fe_admit_outlier_factor(const fe *f) { return atomic_load(&f->admit_policy->outlier_factor); }
+double fe_admit_outlier_window(const fe *f) { return atomic_load(&f->admit_policy->outlier_window); }
+int64_t fe_admit_outlier_min_samples(const fe *f) { return atomic_load(&f->admit_policy->outlier_min_samples); }
+double fe_admit_outlier_backoff(const fe *f) { return atomic_load(&f->admit_policy->outlier_backoff); }
+double fe_admit_outlier_max_ejected(const fe *f) { return atomic_load(&f->admit_policy->outlier_max_ejected); }
+
+void fe_admit_policy_outlier(fe_admit_policy *p, double window, int64_t min_samples, double backoff,
+                             double max_ejected) {
+    atomic_store(&p->outlier_window, window);
+    atomic_store(&p->outlier_min_samples, min_samples);
+    atomic_store(&p->outlier_backoff, backoff);
+    atomic_store(&p->outlier_max_ejected, max_ejected);
+}
 
 void fe_admit_policy_runtime(fe_admit_policy *p, double retry_budget, int64_t retry_budget_min, double outlier_factor) {
     atomic_store(&p->retry_budget, retry_budget);

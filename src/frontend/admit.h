@@ -86,7 +86,15 @@ void fe_admit_policy_runtime(fe_admit_policy *p, double retry_budget, int64_t re
 double fe_admit_retry_budget(const fe *f);
 int64_t fe_admit_retry_budget_min(const fe *f);
 double fe_admit_outlier_factor(const fe *f);
-/* GET/POST /admission: the limits (queue, migration cap, retry budget, outlier factor), this
+/* The outlier detector's window (s), sample minimum, back-off (s) and ejection cap (a share of a
+ * model's workers): set from their flags before the shards start, changed by POST /admission. */
+void fe_admit_policy_outlier(fe_admit_policy *p, double window, int64_t min_samples, double backoff,
+                             double max_ejected);
+double fe_admit_outlier_window(const fe *f);
+int64_t fe_admit_outlier_min_samples(const fe *f);
+double fe_admit_outlier_backoff(const fe *f);
+double fe_admit_outlier_max_ejected(const fe *f);
+/* GET/POST /admission: the limits (queue, migration cap, retry budget, outlier detector), this
  * shard's queue and migrations. Every field is checked before any is set. */
 void fe_admit_handle(fe *f, bt_http_req *http);
 /* The queue's Prometheus families (metrics.c). */
