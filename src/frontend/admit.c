@@ -315,6 +315,18 @@ void fe_admit_attach(fe_req *r, fe_ticket *t) {
 
 int32_t fe_admit_priority(const fe_req *r) { return r->ticket ? r->ticket->priority : 0; }
 
+bool fe_admit_resume(fe_req *r, int32_t priority) {
+    fe_ticket *t = r->ticket;
+    if (!t) {
+        t = calloc(1, sizeof *t); /* tenant 0, no cost: it is never in the queue's accounting */
+        if (!t) return false;
+        fe_admit_attach(r, t);
+    }
+    t->priority = priority;
+    t->left = true;
+    return true;
+}
+
 /* ---- the queue ---- */
 
 static bool before(const fe_ticket *x, const fe_ticket *y) {
@@ -618,7 +630,7 @@ bool fe_admit_before_route(fe_req *r) {
 
 bool fe_admit_all_busy(fe_req *r) {
     fe_admit *a = r->fe->admit;
-    if (!queue_on(a) || !r->ticket || r->ticket->queued) return false;
+    if (!queue_on(a) || !r->ticket || r->ticket->queued || r->resumed) return false;
     enqueue(a, r);
     return true;
 }

@@ -62,8 +62,12 @@ void fe_admit_stop(fe *f);
 fe_ticket *fe_admit_ticket(fe *f, const bt_http_req *http, const json_t *body, char *err, size_t errlen,
                            const char **param, bool *nomem);
 void fe_admit_attach(fe_req *r, fe_ticket *t);
-/* The request's priority (0 without a ticket: a resumed stream keeps the default). */
+/* The request's priority (0 without a ticket). */
 int32_t fe_admit_priority(const fe_req *r);
+/* A resumed stream (resume.c) continues at the priority its request was admitted with, kept in
+ * the journal: r gets a ticket that carries it (never queued: a resume was admitted already).
+ * False when out of memory (r then continues at the default priority). */
+bool fe_admit_resume(fe_req *r, int32_t priority);
 
 /* For the first attempt of r, before routing: true when r must wait (others of its model are
  * queued) and has been queued or refused; false: route it now. */
