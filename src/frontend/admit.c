@@ -65,6 +65,7 @@ typedef struct {
     char name[TENANT_NAME_MAX];
     double last_tag;
     uint64_t queued_n, queued_tokens;
+    uint64_t inflight_n, inflight_tokens; /* requests routed (first attempt on) and not ended */
     uint64_t count[D_N_];
 } tenant;
 
@@ -80,6 +81,8 @@ struct fe_ticket {
     bool left;       /* it left the queue for routing: never queued again as new */
     bool mig_slot;   /* holds one of the --migration-concurrency slots */
     bool mig_waiting; /* in the migration wait list */
+    bool inflight;    /* counted in its tenant's in-flight tokens */
+    bool held;        /* was held for its tenant's share (counted once) */
     fe_ticket *prev, *next;
 };
 
@@ -89,6 +92,8 @@ struct fe_admit {
     uv_timer_t timer;
     fe_ticket *head, *tail;
     uint64_t n, tokens, seq;
+    uint64_t inflight_tokens; /* of every tenant */
+    uint64_t held_total;      /* requests queued because their tenant was over its in-flight share */
     double vtime;
     bool pumping;
     tenant tenants[TENANTS_MAX];
@@ -327,6 +332,71 @@ bool fe_admit_resume(fe_req *r, int32_t priority) {
     return true;
 }
 
+/* ---- in-flight shares ----
+ *
+ * The queue's order makes tenants fair only among requests that wait in it. A request that finds a
+ * worker not busy goes straight through, and a worker admits more than its busy threshold shows (a
+ * sequence's KV blocks grow after admission) and runs or queues them all: there a tenant with ten
+ * times the requests in flight gets ten times the tokens. So once the estimated tokens in flight
+ * reach what the model's workers take before they are busy (decode threshold x KV blocks x block
+ * size), a request whose tenant holds more than its share of them (the total, its own included,
+ * over the tenants with requests in flight or queued) waits in the queue even when a worker is
+ * not busy, and the pump lets it out only within its share. Below that capacity nothing is held
+ * (work-conserving), nor is a lone tenant, nor a tenant's only request (a request larger than any
+ * share is not starved). Shares are per frontend thread, over all its models. */
+
+static void flight(fe_admit *a, fe_ticket *t, bool on) {
+    if (!a || t->inflight == on) return;
+    tenant *tn = &a->tenants[t->tenant];
+    t->inflight = on;
+    if (on) {
+        tn->inflight_n++;
+        tn->inflight_tokens += t->cost;
+        a->inflight_tokens += t->cost;
+    } else {
+        tn->inflight_n--;
+        tn->inflight_tokens -= t->cost;
+        a->inflight_tokens -= t->cost;
+    }
+}
+
+/* t's tenant would hold more than its share of the in-flight tokens if t started now. */
+static bool over_share(const fe_admit *a, const fe_ticket *t) {
+    const tenant *tn = &a->tenants[t->tenant];
+    if (!tn->inflight_n) return false;
+    uint64_t active = 0;
+    for (int i = 0; i < a->ntenants; i++)
+        active += i == t->tenant || a->tenants[i].inflight_n > 0 || a->tenants[i].queued_n > 0;
+    if (active < 2) return false;
+    double share = (double)(a->inflight_tokens + t->cost) / (double)active;
+    return (double)(tn->inflight_tokens + t->cost) > share;
+}
+
+/* What m's workers take before they count as busy, in tokens: the decode threshold's share of
+ * each routable worker's KV blocks. INFINITY when unknown (no decode threshold, or no worker
+ * reported its blocks): nothing is held then, since nothing measures a saturation to share. */
+static double capacity(fe *f, fe_model *m) {
+    if (isnan(m->decode_threshold)) return INFINITY;
+    double c = 0;
+    bool known = false;
+    for (size_t i = 0; i < m->nws; i++) {
+        fe_worker *w = m->ws[i];
+        if (!fe_worker_routable(w) || fe_outlier_ejected(f, w)) continue;
+        uint64_t total = w->load.total_blocks ? w->load.total_blocks : w->total_blocks_card;
+        if (!total || !w->block_size) continue;
+        c += m->decode_threshold * (double)total * (double)w->block_size;
+        known = true;
+    }
+    return known ? c : INFINITY;
+}
+
+/* t must wait for its tenant's share: it is over it and the tokens in flight, t's included,
+ * would pass what its model's workers take before they are busy. */
+static bool hold(fe_admit *a, const fe_ticket *t) {
+    if (!over_share(a, t)) return false;
+    return (double)(a->inflight_tokens + t->cost) > capacity(a->f, t->req->model);
+}
+
 /* ---- the queue ---- */
 
 static bool before(const fe_ticket *x, const fe_ticket *y) {
@@ -515,10 +585,22 @@ static void pump(fe_admit *a) {
     }
     fe_model *blocked[BLOCKED_MAX];
     int nblocked = 0;
+    bool held = false;
+    int32_t held_prio = 0;
     for (fe_ticket *t = a->head; t && sent < PUMP_MAX_PER_TICK;) {
         fe_req *r = t->req;
+        /* a request held for its tenant's share lets others of its priority pass, never less
+         * urgent ones: priority comes before fairness */
+        if (held && t->priority > held_prio) break;
         bool skip = false;
         for (int i = 0; i < nblocked && !skip; i++) skip = blocked[i] == r->model;
+        if (!skip && hold(a, t)) {
+            if (!t->held) a->held_total++;
+            t->held = true;
+            if (!held) held_prio = t->priority;
+            held = true;
+            skip = true;
+        }
         if (skip) {
             t = t->next;
             continue;
@@ -535,11 +617,13 @@ static void pump(fe_admit *a) {
         if (t->tag > a->vtime) a->vtime = t->tag;
         a->drain[(now / 1000) % DRAIN_BUCKETS]++; /* q_remove rolled the ring to now */
         count(a, t, D_ADMITTED);
+        flight(a, t, true);
         BT_DEBUG("request %s: leaves the admission queue after %" PRIu64 " ms (priority %d, tenant %s)", r->rid,
                  now - t->t_enq_ms, t->priority, a->tenants[t->tenant].name);
         sent++;
         fe_migrate_dispatch(r); /* routes it (or fails it: no worker at all); may free r */
         t = a->head;            /* the list may have changed under the dispatch */
+        held = false;
     }
     if (!a->n && !a->mwaiting) uv_timer_stop(&a->timer);
     a->pumping = false;
@@ -623,7 +707,18 @@ bool fe_admit_before_route(fe_req *r) {
     if (!queue_on(a) || !t || t->left || t->queued) return false;
     bool waiting = false;
     for (fe_ticket *q = a->head; q && !waiting; q = q->next) waiting = q->req->model == r->model;
-    if (!waiting) return false;
+    bool held = !waiting && hold(a, t);
+    if (!waiting && !held) {
+        flight(a, t, true); /* it goes straight to a worker */
+        return false;
+    }
+    if (held) {
+        t->held = true;
+        a->held_total++;
+        BT_DEBUG("request %s: tenant %s is over its share of the tokens in flight (%" PRIu64 " of %" PRIu64
+                 "): it waits in the queue",
+                 r->rid, a->tenants[t->tenant].name, a->tenants[t->tenant].inflight_tokens, a->inflight_tokens);
+    }
     enqueue(a, r);
     return true;
 }
@@ -631,6 +726,7 @@ bool fe_admit_before_route(fe_req *r) {
 bool fe_admit_all_busy(fe_req *r) {
     fe_admit *a = r->fe->admit;
     if (!queue_on(a) || !r->ticket || r->ticket->queued || r->resumed) return false;
+    flight(a, r->ticket, false); /* back from routing: not in flight while it waits */
     enqueue(a, r);
     return true;
 }
@@ -647,6 +743,7 @@ void fe_admit_forget(fe_req *r) {
     if (a) {
         mig_unlink(a, t);
         mig_release(a, t);
+        flight(a, t, false);
     }
     r->ticket = NULL;
     free(t);
@@ -861,4 +958,13 @@ void fe_admit_collect(fe *f, bt_metrics *r) {
                    (double)a->mwaiting, NULL);
     bt_metrics_add(bt_metrics_counter(r, "baton_frontend_migrations_waited_total", "Migrations that waited for a slot"),
                    (double)a->mig_waited_total, NULL);
+    bt_metrics_add(bt_metrics_counter(r, "baton_frontend_admission_held_total",
+                                      "Requests queued while a worker was free because their tenant held more than "
+                                      "its share of the tokens in flight"),
+                   (double)a->held_total, NULL);
+    bt_metric_family *inf = bt_metrics_gauge(r, "baton_frontend_tenant_inflight_tokens", BT_MERGE_SUM,
+                                             "Estimated tokens of the tenant's requests routed and not ended");
+    for (int i = 0; i < a->ntenants; i++)
+        if (i > 0 || a->tenants[i].inflight_n) /* slot 0 ("other") only once past TENANTS_MAX */
+            bt_metrics_add(inf, (double)a->tenants[i].inflight_tokens, "tenant", a->tenants[i].name, NULL);
 }
