@@ -12,14 +12,19 @@ priority each carried.
    default priority 0, which a resume used to get, it would overtake them.
 2. Migration: S (X-Priority 10) runs alone on worker A; worker B runs a priority-0 blocker with
    three priority-5 requests waiting. A is killed: S's continuation waits on B behind all three.
+3. A resume on another frontend: two frontends share the journal through NATS JetStream; S is
+   cut on the first and resumed on the second, which fetches its record (with the priority) from
+   JetStream; the order is checked as in 1.
 
 Both resumed and migrated answers are exact (equal to the same request run undisturbed).
 """
 
+import os
 import signal
 import threading
 
 import batonlib as bl
+import natslib
 
 bl.deadline(200, "test_priority_resume")
 
@@ -123,4 +128,36 @@ with bl.Cluster() as c:
     # S's first token after the migration: the first one that came after the kill
     i = next(k for k, t in enumerate(r.t_tokens) if k and t - r.t_tokens[k - 1] > 0.3)
     check_order(res, r.t_tokens[i], "migration")
+# 3. a resume on another frontend, through the JetStream journal
+with bl.Cluster() as c:
+    nats = natslib.NatsServer(c.dir, config=f'jetstream {{ store_dir: "{os.path.join(c.dir, "js")}" }}',
+                              name="nats-js").start()
+    plane = dict(event_plane="nats", nats_server=nats.url)
+    fe1, fe2 = c.start_frontend(**plane), c.start_frontend(**plane)
+    for fe in (fe1, fe2):
+        fe.proc.wait_log(r"journal shared through NATS JetStream", timeout=15)
+    c.start_worker(max_num_seqs=1, speedup_ratio=1, **plane)
+    for fe in (fe1, fe2):
+        c.wait_workers(fe, 1)
+    st, _, ref = bl.post_json(fe1.url + "/v1/chat/completions", s_body(), headers={"X-Priority": "10"})
+    assert st == 200, ref
+    ref = ref["choices"][0]["token_ids"]
+    cut = bl.stream_chat(fe1.url, s_body(), abort_after=3, headers={"X-Priority": "10"}, timeout=60)
+    assert cut.aborted and cut.last_event_id and 0 < len(cut.token_ids) < S_TOKENS, cut.summary()
+    bl.wait_for(lambda: bl.metric_sum(bl.metrics(fe1.url), "dynamo_frontend_inflight_requests") == 0, 10,
+                what="the cut stream to end")
+    res = {}
+    ts = blocker_and_p5(fe2, res)
+    resumed = {}
+    ts.append(start(lambda: resumed.__setitem__("s", bl.stream_chat(
+        fe2.url, s_body(), headers={"Last-Event-ID": cut.last_event_id}, timeout=120))))
+    bl.wait_for(lambda: waiting(fe2) >= 4, 10, what="the resumed stream to wait on the worker")
+    assert "block" not in res, "the blocker ended before everything waited: nothing was ordered"
+    for t in ts:
+        t.join(120)
+    r = resumed["s"]
+    r.assert_ok("the stream resumed on the other frontend")
+    assert cut.token_ids + r.token_ids == ref, "the resumed answer differs from its reference"
+    assert fe2.proc.wait_log(r"stream [0-9a-f]{32} fetched from JetStream", timeout=1)
+    check_order(res, r.t_first, "resume on another frontend")
 print("test_priority_resume: ok")
