@@ -3,8 +3,9 @@ POST /admission).
 
 Of five workers, two are slow (the mocker's slow fault, 3x step time): each is an outlier against
 the median of the others. The detector's limits are set at run time through POST /admission (bad
-bodies are refused with 400 and change nothing): window 5 s, 30 samples, back-off 20 s, cap 0.2 of
-the fleet, that is one worker. Under steady load:
+bodies are refused with 400 and change nothing): window 5 s, back-off 20 s, cap 0.2 of the fleet,
+that is one worker, and a sample minimum of a million: for 4 s of load nothing is ejected; lowered
+to 30 at run time, ejection begins. Under steady load:
 
 - at most one worker is ejected at any time, sampled from /metrics and replayed from the
   frontend's log over the whole run (each "ejected" line opens an interval, each "readmitted"
@@ -58,7 +59,8 @@ with bl.Cluster() as c:
     st, _, b = bl.get_json(fe.url + "/admission")
     for k, v in defaults.items():
         assert b[k] == v, f"a refused body changed {k}: {b}"
-    limits = {"outlier_factor": 2, "outlier_window": 5, "outlier_min_samples": 30, "outlier_backoff": 20,
+    # a sample minimum no worker reaches first: nobody can be judged (the effect of the field)
+    limits = {"outlier_factor": 2, "outlier_window": 5, "outlier_min_samples": 10**6, "outlier_backoff": 20,
               "outlier_max_ejected": 0.2}
     st, _, b = bl.post_json(fe.url + "/admission", limits)
     assert st == 200, b
@@ -99,6 +101,11 @@ with bl.Cluster() as c:
     sampler = threading.Thread(target=sample)
     for t in clients + [sampler]:
         t.start()
+    time.sleep(4)
+    assert bl.metric_sum(bl.metrics(fe.url), "baton_frontend_worker_ejections_total") == 0, \
+        "a worker was ejected below the sample minimum"
+    st, _, b = bl.post_json(fe.url + "/admission", {"outlier_min_samples": 30})
+    assert st == 200 and b["outlier_min_samples"] == 30, b
     bl.wait_for(lambda: ejected_now(fe) == 1, 20, what="a slow worker to be ejected")
     # the other slow worker is an outlier too: the cap keeps it in rotation
     fe.proc.wait_log(r"are ejected already \(cap 1\): it stays in rotation", timeout=20)
