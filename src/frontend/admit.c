@@ -806,7 +806,7 @@ static json_t *limits_json(fe *f) {
                           (json_int_t)atomic_load(&p->max_tokens), "queue_timeout",
                           (double)atomic_load(&p->timeout_ms) / 1000.0, "queued_requests",
                           (json_int_t)(a ? a->n : 0), "queued_tokens", (json_int_t)(a ? a->tokens : 0));
-    /* the outlier detector's other limits (outlier.h), and what this shard has ejected now */
+    /* the outlier detector's other limits (outlier.h) */
     json_t *o = json_pack("{s:f,s:I,s:f,s:f}", "outlier_window", atomic_load(&p->outlier_window),
                           "outlier_min_samples", (json_int_t)atomic_load(&p->outlier_min_samples),
                           "outlier_backoff", atomic_load(&p->outlier_backoff), "outlier_max_ejected",

@@ -10,8 +10,10 @@
  * X-Tenant header (a header can be spoofed: trust it only behind a gateway that sets it).
  *
  * The queue (off unless --queue-max-requests > 0): a first attempt that finds every worker of its
- * model busy, or that arrives while others of its model are queued, waits instead of being
- * refused, bounded by a count, a sum of estimated tokens and --queue-timeout. It leaves in
+ * model busy, or that arrives while others of its model are queued, or whose tenant holds more
+ * than its share of the estimated tokens in flight once they reach what the workers take before
+ * they are busy, waits instead of being refused, bounded by a count, a sum of estimated tokens and
+ * --queue-timeout. It leaves in
  * priority order and, within a priority, by weighted fair queueing over tenants on estimated
  * tokens (prompt bytes / 4 + max_tokens): a tenant that sends ten times more requests does not
  * get ten times the tokens. A full queue refuses the arrival with 429 when its tenant holds more
@@ -70,7 +72,9 @@ int32_t fe_admit_priority(const fe_req *r);
 bool fe_admit_resume(fe_req *r, int32_t priority);
 
 /* For the first attempt of r, before routing: true when r must wait (others of its model are
- * queued) and has been queued or refused; false: route it now. */
+ * queued, or its tenant is over its share of the tokens in flight while they fill the workers:
+ * admit.c, "in-flight shares") and has been queued or refused; false: route it now (it counts
+ * as in flight for its tenant until it ends or comes back to the queue). */
 bool fe_admit_before_route(fe_req *r);
 /* Every worker of r's model is busy: true when r has been queued or refused here (429/503 with
  * the body and Retry-After); false when the queue is off (the caller refuses as before). */
