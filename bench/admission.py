@@ -16,9 +16,9 @@ Fairness: 40 clients of tenant A and 4 of tenant B (X-Tenant, --trust-tenant-hea
 priority and request size, for --seconds: tokens received per tenant, and their ratio (1.0 is
 fair; request-count fairness, as FIFO gives, would be about 10). B's 4 clients can fill half of
 what the worker runs at once, so a fair share is within its reach. Run twice: with the threshold
-at 0.5 (the worker runs several streams at once and admits whatever is routed to it, so the queue
-orders only part of the traffic) and at 0 (the worker runs one stream at a time: every other
-request waits in the frontend's queue).
+at 0.5 (the worker runs several streams at once and most requests find it not busy and bypass
+the queue: the in-flight share check is what keeps the tenants fair there) and at 0 (the worker
+runs one stream at a time: every other request waits in the frontend's queue).
 
 usage: BATON_BIN=build/baton python3 bench/admission.py [--seconds 20] [--fairness-only]
 """

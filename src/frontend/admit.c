@@ -58,12 +58,15 @@ struct fe_admit_policy {
     _Atomic double retry_budget;               /* budget.h */
     atomic_int_least64_t retry_budget_min;
     _Atomic double outlier_factor;             /* outlier.h */
+    _Atomic double outlier_window, outlier_backoff, outlier_max_ejected;
+    atomic_int_least64_t outlier_min_samples;
 };
 
 typedef struct {
     char name[TENANT_NAME_MAX];
     double last_tag;
     uint64_t queued_n, queued_tokens;
+    uint64_t inflight_n, inflight_tokens; /* requests routed (first attempt on) and not ended */
     uint64_t count[D_N_];
 } tenant;
 
@@ -79,6 +82,8 @@ struct fe_ticket {
     bool left;       /* it left the queue for routing: never queued again as new */
     bool mig_slot;   /* holds one of the --migration-concurrency slots */
     bool mig_waiting; /* in the migration wait list */
+    bool inflight;    /* counted in its tenant's in-flight tokens */
+    bool held;        /* was held for its tenant's share (counted once) */
     TAILQ_ENTRY(fe_ticket) link; /* fe_admit.queue or .mwait (never both) */
 };
 TAILQ_HEAD(ticket_q, fe_ticket);
@@ -89,6 +94,8 @@ struct fe_admit {
     uv_timer_t timer;
     struct ticket_q queue; /* by priority, then fair tag, then arrival */
     uint64_t n, tokens, seq;
+    uint64_t inflight_tokens; /* of every tenant */
+    uint64_t held_total;      /* requests queued because their tenant was over its in-flight share */
     double vtime;
     bool pumping;
     tenant tenants[TENANTS_MAX];
@@ -317,6 +324,83 @@ void fe_admit_attach(fe_req *r, fe_ticket *t) {
 
 int32_t fe_admit_priority(const fe_req *r) { return r->ticket ? r->ticket->priority : 0; }
 
+bool fe_admit_resume(fe_req *r, int32_t priority) {
+    fe_ticket *t = r->ticket;
+    if (!t) {
+        t = calloc(1, sizeof *t); /* tenant 0, no cost: it is never in the queue's accounting */
+        if (!t) return false;
+        fe_admit_attach(r, t);
+    }
+    t->priority = priority;
+    t->left = true;
+    return true;
+}
+
+/* ---- in-flight shares ----
+ *
+ * The queue's order makes tenants fair only among requests that wait in it. A request that finds a
+ * worker not busy goes straight through, and a worker admits more than its busy threshold shows (a
+ * sequence's KV blocks grow after admission) and runs or queues them all: there a tenant with ten
+ * times the requests in flight gets ten times the tokens. So once the estimated tokens in flight
+ * reach what the model's workers take before they are busy (decode threshold x KV blocks x block
+ * size), a request whose tenant holds more than its share of them (the total, its own included,
+ * over the tenants with requests in flight or queued) waits in the queue even when a worker is
+ * not busy, and the pump lets it out only within its share. Below that capacity nothing is held
+ * (work-conserving), nor is a lone tenant, nor a tenant's only request (a request larger than any
+ * share is not starved). Shares are per frontend thread, over all its models. */
+
+static void flight(fe_admit *a, fe_ticket *t, bool on) {
+    if (!a || t->inflight == on) return;
+    tenant *tn = &a->tenants[t->tenant];
+    t->inflight = on;
+    if (on) {
+        tn->inflight_n++;
+        tn->inflight_tokens += t->cost;
+        a->inflight_tokens += t->cost;
+    } else {
+        tn->inflight_n--;
+        tn->inflight_tokens -= t->cost;
+        a->inflight_tokens -= t->cost;
+    }
+}
+
+/* t's tenant would hold more than its share of the in-flight tokens if t started now. */
+static bool over_share(const fe_admit *a, const fe_ticket *t) {
+    const tenant *tn = &a->tenants[t->tenant];
+    if (!tn->inflight_n) return false;
+    uint64_t active = 0;
+    for (int i = 0; i < a->ntenants; i++)
+        active += i == t->tenant || a->tenants[i].inflight_n > 0 || a->tenants[i].queued_n > 0;
+    if (active < 2) return false;
+    double share = (double)(a->inflight_tokens + t->cost) / (double)active;
+    return (double)(tn->inflight_tokens + t->cost) > share;
+}
+
+/* What m's workers take before they count as busy, in tokens: the decode threshold's share of
+ * each routable worker's KV blocks. INFINITY when unknown (no decode threshold, or no worker
+ * reported its blocks): nothing is held then, since nothing measures a saturation to share. */
+static double capacity(fe *f, fe_model *m) {
+    if (isnan(m->decode_threshold)) return INFINITY;
+    double c = 0;
+    bool known = false;
+    for (size_t i = 0; i < m->nws; i++) {
+        fe_worker *w = m->ws[i];
+        if (!fe_worker_routable(w) || fe_outlier_ejected(f, w)) continue;
+        uint64_t total = w->load.total_blocks ? w->load.total_blocks : w->total_blocks_card;
+        if (!total || !w->block_size) continue;
+        c += m->decode_threshold * (double)total * (double)w->block_size;
+        known = true;
+    }
+    return known ? c : INFINITY;
+}
+
+/* t must wait for its tenant's share: it is over it and the tokens in flight, t's included,
+ * would pass what its model's workers take before they are busy. */
+static bool hold(fe_admit *a, const fe_ticket *t) {
+    if (!over_share(a, t)) return false;
+    return (double)(a->inflight_tokens + t->cost) > capacity(a->f, t->req->model);
+}
+
 /* ---- the queue ---- */
 
 static bool before(const fe_ticket *x, const fe_ticket *y) {
@@ -493,10 +577,22 @@ static void pump(fe_admit *a) {
     }
     fe_model *blocked[BLOCKED_MAX];
     int nblocked = 0;
+    bool held = false;
+    int32_t held_prio = 0;
     for (fe_ticket *t = TAILQ_FIRST(&a->queue); t && sent < PUMP_MAX_PER_TICK;) {
         fe_req *r = t->req;
+        /* a request held for its tenant's share lets others of its priority pass, never less
+         * urgent ones: priority comes before fairness */
+        if (held && t->priority > held_prio) break;
         bool skip = false;
         for (int i = 0; i < nblocked && !skip; i++) skip = blocked[i] == r->model;
+        if (!skip && hold(a, t)) {
+            if (!t->held) a->held_total++;
+            t->held = true;
+            if (!held) held_prio = t->priority;
+            held = true;
+            skip = true;
+        }
         if (skip) {
             t = TAILQ_NEXT(t, link);
             continue;
@@ -513,11 +609,13 @@ static void pump(fe_admit *a) {
         if (t->tag > a->vtime) a->vtime = t->tag;
         a->drain[(now / 1000) % DRAIN_BUCKETS]++; /* q_remove rolled the ring to now */
         count(a, t, D_ADMITTED);
+        flight(a, t, true);
         BT_DEBUG("request %s: leaves the admission queue after %" PRIu64 " ms (priority %d, tenant %s)", r->rid,
                  now - t->t_enq_ms, t->priority, a->tenants[t->tenant].name);
         sent++;
         fe_migrate_dispatch(r); /* routes it (or fails it: no worker at all); may free r */
         t = TAILQ_FIRST(&a->queue); /* the list may have changed under the dispatch */
+        held = false;
     }
     if (!a->n && !a->mwaiting) uv_timer_stop(&a->timer);
     a->pumping = false;
@@ -602,14 +700,26 @@ bool fe_admit_before_route(fe_req *r) {
     bool waiting = false;
     for (fe_ticket *q = TAILQ_FIRST(&a->queue); q && !waiting; q = TAILQ_NEXT(q, link))
         waiting = q->req->model == r->model;
-    if (!waiting) return false;
+    bool held = !waiting && hold(a, t);
+    if (!waiting && !held) {
+        flight(a, t, true); /* it goes straight to a worker */
+        return false;
+    }
+    if (held) {
+        t->held = true;
+        a->held_total++;
+        BT_DEBUG("request %s: tenant %s is over its share of the tokens in flight (%" PRIu64 " of %" PRIu64
+                 "): it waits in the queue",
+                 r->rid, a->tenants[t->tenant].name, a->tenants[t->tenant].inflight_tokens, a->inflight_tokens);
+    }
     enqueue(a, r);
     return true;
 }
 
 bool fe_admit_all_busy(fe_req *r) {
     fe_admit *a = r->fe->admit;
-    if (!queue_on(a) || !r->ticket || r->ticket->queued) return false;
+    if (!queue_on(a) || !r->ticket || r->ticket->queued || r->resumed) return false;
+    flight(a, r->ticket, false); /* back from routing: not in flight while it waits */
     enqueue(a, r);
     return true;
 }
@@ -626,6 +736,7 @@ void fe_admit_forget(fe_req *r) {
     if (a) {
         mig_unlink(a, t);
         mig_release(a, t);
+        flight(a, t, false);
     }
     r->ticket = NULL;
     free(t);
@@ -674,19 +785,44 @@ static void respond(bt_http_req *http, int status, json_t *j) {
 static json_t *limits_json(fe *f) {
     fe_admit_policy *p = f->admit_policy;
     fe_admit *a = f->admit;
-    return json_pack("{s:I,s:I,s:I,s:f,s:f,s:I,s:I,s:I,s:f,s:I,s:I}", "migration_concurrency",
-                     (json_int_t)atomic_load(&p->migration_concurrency), "migrations_in_flight",
-                     (json_int_t)(a ? a->mig_inflight : 0), "migrations_waiting", (json_int_t)(a ? a->mwaiting : 0),
-                     "outlier_factor", atomic_load(&p->outlier_factor), "retry_budget", atomic_load(&p->retry_budget),
-                     "retry_budget_min", (json_int_t)atomic_load(&p->retry_budget_min), "queue_max_requests",
-                     (json_int_t)atomic_load(&p->max_requests), "queue_max_tokens",
-                     (json_int_t)atomic_load(&p->max_tokens), "queue_timeout",
-                     (double)atomic_load(&p->timeout_ms) / 1000.0, "queued_requests", (json_int_t)(a ? a->n : 0),
-                     "queued_tokens", (json_int_t)(a ? a->tokens : 0));
+    json_t *j = json_pack("{s:I,s:I,s:I,s:f,s:f,s:I,s:I,s:I,s:f,s:I,s:I}", "migration_concurrency",
+                          (json_int_t)atomic_load(&p->migration_concurrency), "migrations_in_flight",
+                          (json_int_t)(a ? a->mig_inflight : 0), "migrations_waiting",
+                          (json_int_t)(a ? a->mwaiting : 0), "outlier_factor", atomic_load(&p->outlier_factor),
+                          "retry_budget", atomic_load(&p->retry_budget), "retry_budget_min",
+                          (json_int_t)atomic_load(&p->retry_budget_min), "queue_max_requests",
+                          (json_int_t)atomic_load(&p->max_requests), "queue_max_tokens",
+                          (json_int_t)atomic_load(&p->max_tokens), "queue_timeout",
+                          (double)atomic_load(&p->timeout_ms) / 1000.0, "queued_requests",
+                          (json_int_t)(a ? a->n : 0), "queued_tokens", (json_int_t)(a ? a->tokens : 0));
+    /* the outlier detector's other limits (outlier.h) */
+    json_t *o = json_pack("{s:f,s:I,s:f,s:f}", "outlier_window", atomic_load(&p->outlier_window),
+                          "outlier_min_samples", (json_int_t)atomic_load(&p->outlier_min_samples),
+                          "outlier_backoff", atomic_load(&p->outlier_backoff), "outlier_max_ejected",
+                          atomic_load(&p->outlier_max_ejected));
+    if (!j || !o || json_object_update(j, o) != 0) {
+        json_decref(j);
+        j = NULL;
+    }
+    json_decref(o);
+    return j;
 }
 
 /* The limits POST /admission may set, with the ranges of their flags. */
-enum { F_QREQ, F_QTOK, F_QTIMEOUT, F_MIGCONC, F_BUDGET, F_BUDGET_MIN, F_OUTLIER, F_N };
+enum {
+    F_QREQ,
+    F_QTOK,
+    F_QTIMEOUT,
+    F_MIGCONC,
+    F_BUDGET,
+    F_BUDGET_MIN,
+    F_OUTLIER,
+    F_OWINDOW,
+    F_OMIN,
+    F_OBACKOFF,
+    F_OMAXEJ,
+    F_N
+};
 static const struct {
     const char *name;
     double min, max;
@@ -699,6 +835,10 @@ static const struct {
     [F_BUDGET] = {"retry_budget", 0, 100, false},
     [F_BUDGET_MIN] = {"retry_budget_min", 0, 1e9, true},
     [F_OUTLIER] = {"outlier_factor", 0, 1000, false},
+    [F_OWINDOW] = {"outlier_window", 1, FE_OUTLIER_BUCKETS, false},
+    [F_OMIN] = {"outlier_min_samples", 1, 1e9, true},
+    [F_OBACKOFF] = {"outlier_backoff", 0.1, 3600, false},
+    [F_OMAXEJ] = {"outlier_max_ejected", 0, 1, false},
 };
 
 void fe_admit_handle(fe *f, bt_http_req *http) {
@@ -743,13 +883,20 @@ void fe_admit_handle(fe *f, bt_http_req *http) {
     if (v[F_BUDGET]) atomic_store(&p->retry_budget, json_number_value(v[F_BUDGET]));
     if (v[F_BUDGET_MIN]) atomic_store(&p->retry_budget_min, (int64_t)json_integer_value(v[F_BUDGET_MIN]));
     if (v[F_OUTLIER]) atomic_store(&p->outlier_factor, json_number_value(v[F_OUTLIER]));
+    if (v[F_OWINDOW]) atomic_store(&p->outlier_window, json_number_value(v[F_OWINDOW]));
+    if (v[F_OMIN]) atomic_store(&p->outlier_min_samples, (int64_t)json_integer_value(v[F_OMIN]));
+    if (v[F_OBACKOFF]) atomic_store(&p->outlier_backoff, json_number_value(v[F_OBACKOFF]));
+    if (v[F_OMAXEJ]) atomic_store(&p->outlier_max_ejected, json_number_value(v[F_OMAXEJ]));
     if (any)
         BT_INFO("admission limits set: queue of %lld requests, %lld tokens, timeout %.3f s; %lld concurrent "
-                "migrations; retry budget %g (at least %lld); outlier factor %g",
+                "migrations; retry budget %g (at least %lld); outlier factor %g, window %g s, %lld samples, "
+                "back-off %g s, at most %g of a model's workers ejected",
                 (long long)atomic_load(&p->max_requests), (long long)atomic_load(&p->max_tokens),
                 (double)atomic_load(&p->timeout_ms) / 1000.0, (long long)atomic_load(&p->migration_concurrency),
                 atomic_load(&p->retry_budget), (long long)atomic_load(&p->retry_budget_min),
-                atomic_load(&p->outlier_factor));
+                atomic_load(&p->outlier_factor), atomic_load(&p->outlier_window),
+                (long long)atomic_load(&p->outlier_min_samples), atomic_load(&p->outlier_backoff),
+                atomic_load(&p->outlier_max_ejected));
     if (v[F_MIGCONC] && f->admit) arm(f->admit); /* a raised cap lets waiting migrations go */
     json_decref(b);
     respond(http, 200, limits_json(f));
@@ -758,6 +905,18 @@ void fe_admit_handle(fe *f, bt_http_req *http) {
 double fe_admit_retry_budget(const fe *f) { return atomic_load(&f->admit_policy->retry_budget); }
 int64_t fe_admit_retry_budget_min(const fe *f) { return atomic_load(&f->admit_policy->retry_budget_min); }
 double fe_admit_outlier_factor(const fe *f) { return atomic_load(&f->admit_policy->outlier_factor); }
+double fe_admit_outlier_window(const fe *f) { return atomic_load(&f->admit_policy->outlier_window); }
+int64_t fe_admit_outlier_min_samples(const fe *f) { return atomic_load(&f->admit_policy->outlier_min_samples); }
+double fe_admit_outlier_backoff(const fe *f) { return atomic_load(&f->admit_policy->outlier_backoff); }
+double fe_admit_outlier_max_ejected(const fe *f) { return atomic_load(&f->admit_policy->outlier_max_ejected); }
+
+void fe_admit_policy_outlier(fe_admit_policy *p, double window, int64_t min_samples, double backoff,
+                             double max_ejected) {
+    atomic_store(&p->outlier_window, window);
+    atomic_store(&p->outlier_min_samples, min_samples);
+    atomic_store(&p->outlier_backoff, backoff);
+    atomic_store(&p->outlier_max_ejected, max_ejected);
+}
 
 void fe_admit_policy_runtime(fe_admit_policy *p, double retry_budget, int64_t retry_budget_min, double outlier_factor) {
     atomic_store(&p->retry_budget, retry_budget);
@@ -784,4 +943,13 @@ void fe_admit_collect(fe *f, bt_metrics *r) {
                            "Migrations waiting for a --migration-concurrency slot", (double)a->mwaiting);
     bt_metrics_counter_value(r, "baton_frontend_migrations_waited_total", "Migrations that waited for a slot",
                              (double)a->mig_waited_total);
+    bt_metrics_counter_value(r, "baton_frontend_admission_held_total",
+                             "Requests queued while a worker was free because their tenant held more than its share "
+                             "of the tokens in flight",
+                             (double)a->held_total);
+    bt_metric_family *inf = bt_metrics_gauge(r, "baton_frontend_tenant_inflight_tokens", BT_MERGE_SUM,
+                                             "Estimated tokens of the tenant's requests routed and not ended");
+    for (int i = 0; i < a->ntenants; i++)
+        if (i > 0 || a->tenants[i].inflight_n) /* slot 0 ("other") only once past TENANTS_MAX */
+            bt_metrics_add(inf, (double)a->tenants[i].inflight_tokens, "tenant", a->tenants[i].name, NULL);
 }

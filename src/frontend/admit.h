@@ -10,8 +10,10 @@
  * X-Tenant header (a header can be spoofed: trust it only behind a gateway that sets it).
  *
  * The queue (off unless --queue-max-requests > 0): a first attempt that finds every worker of its
- * model busy, or that arrives while others of its model are queued, waits instead of being
- * refused, bounded by a count, a sum of estimated tokens and --queue-timeout. It leaves in
+ * model busy, or that arrives while others of its model are queued, or whose tenant holds more
+ * than its share of the estimated tokens in flight once they reach what the workers take before
+ * they are busy, waits instead of being refused, bounded by a count, a sum of estimated tokens and
+ * --queue-timeout. It leaves in
  * priority order and, within a priority, by weighted fair queueing over tenants on estimated
  * tokens (prompt bytes / 4 + max_tokens): a tenant that sends ten times more requests does not
  * get ten times the tokens. A full queue refuses the arrival with 429 when its tenant holds more
@@ -62,11 +64,17 @@ void fe_admit_stop(fe *f);
 fe_ticket *fe_admit_ticket(fe *f, const bt_http_req *http, const json_t *body, char *err, size_t errlen,
                            const char **param, bool *nomem);
 void fe_admit_attach(fe_req *r, fe_ticket *t);
-/* The request's priority (0 without a ticket: a resumed stream keeps the default). */
+/* The request's priority (0 without a ticket). */
 int32_t fe_admit_priority(const fe_req *r);
+/* A resumed stream (resume.c) continues at the priority its request was admitted with, kept in
+ * the journal: r gets a ticket that carries it (never queued: a resume was admitted already).
+ * False when out of memory (r then continues at the default priority). */
+bool fe_admit_resume(fe_req *r, int32_t priority);
 
 /* For the first attempt of r, before routing: true when r must wait (others of its model are
- * queued) and has been queued or refused; false: route it now. */
+ * queued, or its tenant is over its share of the tokens in flight while they fill the workers:
+ * admit.c, "in-flight shares") and has been queued or refused; false: route it now (it counts
+ * as in flight for its tenant until it ends or comes back to the queue). */
 bool fe_admit_before_route(fe_req *r);
 /* Every worker of r's model is busy: true when r has been queued or refused here (429/503 with
  * the body and Retry-After); false when the queue is off (the caller refuses as before). */
@@ -86,7 +94,15 @@ void fe_admit_policy_runtime(fe_admit_policy *p, double retry_budget, int64_t re
 double fe_admit_retry_budget(const fe *f);
 int64_t fe_admit_retry_budget_min(const fe *f);
 double fe_admit_outlier_factor(const fe *f);
-/* GET/POST /admission: the limits (queue, migration cap, retry budget, outlier factor), this
+/* The outlier detector's window (s), sample minimum, back-off (s) and ejection cap (a share of a
+ * model's workers): set from their flags before the shards start, changed by POST /admission. */
+void fe_admit_policy_outlier(fe_admit_policy *p, double window, int64_t min_samples, double backoff,
+                             double max_ejected);
+double fe_admit_outlier_window(const fe *f);
+int64_t fe_admit_outlier_min_samples(const fe *f);
+double fe_admit_outlier_backoff(const fe *f);
+double fe_admit_outlier_max_ejected(const fe *f);
+/* GET/POST /admission: the limits (queue, migration cap, retry budget, outlier detector), this
  * shard's queue and migrations. Every field is checked before any is set. */
 void fe_admit_handle(fe *f, bt_http_req *http);
 /* The queue's Prometheus families (metrics.c). */

@@ -645,6 +645,8 @@ int bt_frontend_main(int argc, char **argv) {
         goto bad_usage;
     }
     fe_admit_policy_runtime(f->admit_policy, o->retry_budget, o->retry_budget_min, o->outlier_factor);
+    fe_admit_policy_outlier(f->admit_policy, o->outlier_window, o->outlier_min_samples, o->outlier_backoff,
+                            o->outlier_max_ejected);
     fe_group *g = calloc(1, sizeof *g);
     if (!g) goto bad_usage;
     g->n = (int)o->threads;

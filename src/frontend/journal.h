@@ -72,6 +72,7 @@ typedef struct {
     char body_digest[65];
     int64_t created, max_tokens;
     uint64_t seed; /* the sampling seed the frontend chose (0: the body's own): a resume keeps it */
+    int32_t priority; /* the request's settled priority (admit.h, after the key's ceiling): a resume keeps it */
     bool include_usage, return_ids;
     uint32_t *ids;
     size_t nids;

@@ -41,6 +41,7 @@
 #include "common/log.h"
 #include "common/util.h"
 #include "frontend/journal.h"
+#include "proto/request.h" /* BT_PRIORITY_LIMIT */
 
 #define BATCH_MS 20                      /* the thread's longest sleep while changes are queued */
 #define QUEUE_MAX (64u * 1024 * 1024)    /* bytes of changes waiting for the thread */
@@ -171,6 +172,7 @@ static fe_jrec *js_open(fe_journal *j, fe_jsnap *meta, const uint8_t key_mac[FE_
                           "max_tokens", (json_int_t)meta->max_tokens, "usage", meta->include_usage, "ids",
                           meta->return_ids, "mac", mac);
     if (o) json_object_set_new(o, "seed", json_string(seed));
+    if (o) json_object_set_new(o, "prio", json_integer(meta->priority));
     enqueue(js, OP_OPEN, meta->stream_id, o);
     return r;
 }
@@ -416,6 +418,9 @@ static bool apply_msg(fe_jsnap *s, uint8_t mac[FE_KEY_MAC_LEN], bool *opened, si
             s->return_ids = json_is_true(json_object_get(o, "ids"));
             const char *seed = json_string_value(json_object_get(o, "seed"));
             s->seed = seed ? strtoull(seed, NULL, 10) : 0;
+            /* absent in records of an older frontend: the default priority */
+            json_int_t prio = json_integer_value(json_object_get(o, "prio"));
+            s->priority = prio >= -BT_PRIORITY_LIMIT && prio <= BT_PRIORITY_LIMIT ? (int32_t)prio : 0;
             *opened = true;
         } else if (strcmp(k, "ev") == 0) {
             const char *i64 = json_string_value(json_object_get(o, "i"));

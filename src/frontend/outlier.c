@@ -34,7 +34,7 @@ static void roll(fe_outlier *o, uint64_t now_ms) {
 
 /* The mean of signal k over the window and its sample count (after roll). */
 static double mean(const fe *f, const fe_outlier *o, int k, uint64_t *n) {
-    int window = (int)f->o.outlier_window;
+    int window = (int)fe_admit_outlier_window(f); /* changed at run time by POST /admission */
     if (window > FE_OUTLIER_BUCKETS) window = FE_OUTLIER_BUCKETS;
     double s = 0;
     uint64_t c = 0;
@@ -55,7 +55,7 @@ static int cmp_double(const void *a, const void *b) {
 static void judge(fe *f, fe_worker *w, uint64_t now) {
     fe_model *m = w->mdl;
     if (!m || m->nws < 2 || w->outlier.ejected_until_ms) return;
-    uint64_t min = (uint64_t)f->o.outlier_min_samples;
+    uint64_t min = (uint64_t)fe_admit_outlier_min_samples(f);
     size_t nejected = 0;
     for (size_t i = 0; i < m->nws; i++) nejected += m->ws[i]->outlier.ejected_until_ms != 0;
     double factor = fe_admit_outlier_factor(f); /* changed at run time by POST /admission */
@@ -78,7 +78,7 @@ static void judge(fe *f, fe_worker *w, uint64_t now) {
         qsort(others, no, sizeof *others, cmp_double);
         double med = no % 2 ? others[no / 2] : (others[no / 2 - 1] + others[no / 2]) / 2;
         if (!(mine > factor * med && mine - med > 0.001)) continue; /* 1 ms: below is noise */
-        size_t cap = (size_t)floor(f->o.outlier_max_ejected * (double)m->nws);
+        size_t cap = (size_t)floor(fe_admit_outlier_max_ejected(f) * (double)m->nws + 1e-9);
         if (cap < 1) cap = 1;
         if (nejected + 1 > cap) {
             BT_WARN("worker %" PRIx64 ": %s %.1f ms is %.1fx the fleet's median %.1f ms, but %zu of %zu workers "
@@ -87,7 +87,7 @@ static void judge(fe *f, fe_worker *w, uint64_t now) {
             return;
         }
         uint32_t streak = w->outlier.streak < STREAK_MAX ? w->outlier.streak : STREAK_MAX;
-        uint64_t backoff = (uint64_t)(f->o.outlier_backoff * 1000.0) << streak;
+        uint64_t backoff = (uint64_t)(fe_admit_outlier_backoff(f) * 1000.0) << streak;
         w->outlier.ejected_until_ms = now + backoff;
         w->outlier.streak++;
         w->outlier.probation = false;

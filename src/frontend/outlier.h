@@ -2,7 +2,8 @@
  * latency is far worse than the rest of its model's fleet is taken out of routing for a back-off
  * period, then readmitted on probation (docs/load-shedding.md, "Outlier ejection").
  *
- * Off unless --outlier-factor (or `outlier_factor` set by POST /admission) is above 1. Each worker keeps, over the last --outlier-window
+ * Off unless --outlier-factor (or `outlier_factor` set by POST /admission) is above 1; the other
+ * limits below are also set at run time there (admit.h). Each worker keeps, over the last --outlier-window
  * seconds, the mean TTFT of the attempts it started and the mean inter-token latency of its
  * streams. A worker with at least --outlier-min-samples of a signal whose mean is more than
  * factor × the median of the other workers' means (those not ejected, with enough samples of their

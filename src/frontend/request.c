@@ -176,6 +176,7 @@ static void journal_open(fe_req *r) {
                      .created = r->created,
                      .max_tokens = r->max_tokens,
                      .seed = r->seed,
+                     .priority = fe_admit_priority(r),
                      .include_usage = r->include_usage,
                      .return_ids = r->return_ids};
     memcpy(meta.body_digest, r->body_digest, sizeof meta.body_digest);

@@ -354,6 +354,8 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
     }
     r->resumed = true;
     r->seed = snap->seed; /* the continuation samples as the original did (an engine that samples) */
+    if (!fe_admit_resume(r, snap->priority))
+        BT_WARN("request %s: out of memory for its admission ticket; it continues at priority 0", r->rid);
     r->jrec = rec;
     r->jtail = snap->tail; /* until the answer changes it: a resume that dies keeps what it had */
     memcpy(r->stream_id, snap->stream_id, sizeof r->stream_id);
