@@ -407,6 +407,10 @@ void fe_migrate_dispatch(fe_req *r);
  * attempt (it is detached from its worker and freed); on_error decides whether the request
  * migrates (a migratable error, budget left, not cancelled) or ends. */
 void fe_attempt_on_tokens(fe_attempt *a, const uint32_t *ids, size_t n, const char *text, size_t len);
+/* A hint, no effect on state (request.c): starts loading, in stages that overlap the cache misses
+ * of all n, what the next tokens of these attempts will touch (attempt, request, its buffers,
+ * client connection, journal record). NULL entries are skipped. */
+void fe_attempts_prefetch(fe_attempt *const *as, size_t n);
 void fe_attempt_on_finish(fe_attempt *a, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens);
 void fe_attempt_on_error(fe_attempt *a, bt_status code, const char *msg);
 /* The request ended while a was running: KILL its stream (once), detach it, free it. */
