@@ -175,6 +175,11 @@ void fe_migrate_dispatch(fe_req *r) {
         return;
     }
     a->stream_id = id;
+    /* written now, not at the connection's flush in the next loop iteration: the rest of this
+     * iteration may be the fan-out of an engine step to every client (milliseconds at 1,000
+     * streams), and a REQUEST that waits behind it can miss the engine's next step, which adds a
+     * whole step to its time to first token. One write per request; a token costs one per chunk. */
+    if (w->conn) bt_rpc_flush(w->conn);
     a->t_sent_us = bt_now_us();
     if (a->number == 1 && !r->resumed) fe_budget_started(f);
     r->attempt = a;
