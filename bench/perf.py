@@ -17,14 +17,15 @@ usage (from the repository root; BATON_BIN defaults to build/baton):
          workers; only the proxy process is counted), same streams, tokens and token rate.
          --compare-bin adds a frontend of another build on the same workers (before/after).
   BATON_BIN=build/baton python3 bench/perf.py latency  [--concurrency 1,100,1000] [--tokens 30]
-        [--speedup 0.2] [--anchor nginx] [--pin 0:1] [--no-relay]
+        [--speedup 0.2] [--anchor nginx] [--pin 0:1] [--no-relay] [--compare-bin OTHER/baton]
       b. TTFT and per-token delay p50/p99 through the frontend and straight at the worker's
          request plane (the same engine, one worker), and the difference. The per-token delay is
          measured against a probe stream on the request plane that runs through every phase.
          The anchor row is nginx proxying to the frontend: what one plain proxy hop adds. The
          "minimal relay" row is bench/relay.c (baton-relay): only the work a frontend cannot avoid
          (read the worker's multiplexed stream, write each chunk to its client socket), the floor.
-         --pin puts baton on one CPU and the load generators on the other.
+         --pin puts baton on one CPU and the load generators on the other. --compare-bin adds
+         a frontend of another build on the same worker, as the row "frontend, compared build".
   BATON_BIN=build/baton python3 bench/perf.py scale    [--streams 10000] [--workers 4]
         [--tokens 50] [--speedup 0.02] [--repeat 1] [--idle 5]
       c. N concurrent slow streams; RSS growth of the frontend and of the workers per stream,
