@@ -356,9 +356,9 @@ void fe_request_abort(fe *f, bt_http_req *http);
 /* The one place a request's state changes; logs the change with its reason (debug level). */
 void fe_req_set_state(fe_req *r, fe_req_state s, const char *reason);
 const char *fe_req_state_name(fe_req_state s);
-/* Output, for migrate.c: n new tokens reached the request from its current attempt; the
- * attempt's finish; a request refused because every worker is busy (503 with Retry-After). */
-void fe_request_deliver(fe_req *r, const uint32_t *ids, size_t n, const char *text, size_t len);
+/* Output, for migrate.c: n new tokens reached the request from its current attempt at now_us
+ * (the caller's bt_now_us: one clock read per token serves both); the attempt's finish; a request refused because every worker is busy (503 with Retry-After). */
+void fe_request_deliver(fe_req *r, const uint32_t *ids, size_t n, const char *text, size_t len, uint64_t now_us);
 void fe_request_finish(fe_req *r, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens);
 void fe_request_reject_busy(fe_req *r);
 /* Refuses a request that has not started (no attempt, no header sent): `status` with Retry-After

@@ -184,9 +184,16 @@ const char *fe_jrec_stream_id(const fe_jrec *r) { return r->s.stream_id; }
 
 void fe_jrec_prefetch(const fe_jrec *r, int stage) {
     /* read without the lock, as mem_append does: a live record's arrays are its owner's alone */
-    if (stage == 0) {
+    if (stage == 0) { /* every field mem_append reads: they span several lines of the record */
         __builtin_prefetch(&r->s.ids);
+        __builtin_prefetch(&r->s.nids);
+        __builtin_prefetch(&r->s.text);
+        __builtin_prefetch(&r->s.text_len);
+        __builtin_prefetch(&r->s.ev);
         __builtin_prefetch(&r->s.nev);
+        __builtin_prefetch(&r->ids_cap);
+        __builtin_prefetch(&r->text_cap);
+        __builtin_prefetch(&r->ev_cap);
         __builtin_prefetch(&r->state);
         return;
     }

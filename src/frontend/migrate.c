@@ -281,7 +281,7 @@ void fe_attempt_on_tokens(fe_attempt *a, const uint32_t *ids, size_t n, const ch
         snprintf(why, sizeof why, "first token from worker %" PRIx64, a->worker->id);
         fe_req_set_state(r, FE_REQ_STREAMING, why);
     }
-    fe_request_deliver(r, ids, n, text, len); /* may end the request (and free a) */
+    fe_request_deliver(r, ids, n, text, len, t); /* may end the request (and free a) */
 }
 
 void fe_attempt_on_finish(fe_attempt *a, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens) {

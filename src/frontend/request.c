@@ -503,8 +503,12 @@ void fe_attempts_prefetch(fe_attempt *const *as, size_t n) {
         if (!as[i]) continue;
         const fe_req *r = as[i]->req;
         __builtin_prefetch(r);
+        __builtin_prefetch(&r->api);
+        __builtin_prefetch(&r->max_tokens);
         __builtin_prefetch(&r->ids);
+        __builtin_prefetch(&r->nids);
         __builtin_prefetch(&r->text);
+        __builtin_prefetch(&r->text_lost);
         __builtin_prefetch(&r->prefix);
         __builtin_prefetch(&r->state);
         __builtin_prefetch(&r->headers_sent);
@@ -526,9 +530,8 @@ void fe_attempts_prefetch(fe_attempt *const *as, size_t n) {
         if (as[i] && as[i]->req->jrec) fe_jrec_prefetch(as[i]->req->jrec, 1);
 }
 
-void fe_request_deliver(fe_req *r, const uint32_t *ids, size_t n, const char *text, size_t len) {
+void fe_request_deliver(fe_req *r, const uint32_t *ids, size_t n, const char *text, size_t len, uint64_t now) {
     fe_stats *st = &r->model->st;
-    uint64_t now = bt_now_us();
     if (r->nids == 0) {
         r->t_first_us = now;
         fe_hist_observe(&st->ttft, (double)(now - r->t_start_us) / 1e6);
