@@ -341,7 +341,9 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     c->verdict_deferred = false;
     /* Frames are parsed BT_RPC_BATCH at a time: the batch is shown to on_peek, then each frame is
      * handled in order, exactly as one at a time (a frame is handled only while the connection is
-     * not closing; a malformed frame fails the connection once the frames before it are handled). */
+     * not closing; a malformed frame fails the connection once the frames before it are handled).
+     * The batch points into rbuf, which is stable meanwhile: only on_alloc grows it, only conn_free
+     * (from the loop, after on_close) frees it. */
     size_t off = 0;
     while (c->state != CONN_CLOSING) {
         bt_frame fr[BT_RPC_BATCH];
