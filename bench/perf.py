@@ -17,14 +17,15 @@ usage (from the repository root; BATON_BIN defaults to build/baton):
          workers; only the proxy process is counted), same streams, tokens and token rate.
          --compare-bin adds a frontend of another build on the same workers (before/after).
   BATON_BIN=build/baton python3 bench/perf.py latency  [--concurrency 1,100,1000] [--tokens 30]
-        [--speedup 0.2] [--anchor nginx] [--pin 0:1] [--no-relay]
+        [--speedup 0.2] [--anchor nginx] [--pin 0:1] [--no-relay] [--compare-bin OTHER/baton]
       b. TTFT and per-token delay p50/p99 through the frontend and straight at the worker's
          request plane (the same engine, one worker), and the difference. The per-token delay is
          measured against a probe stream on the request plane that runs through every phase.
          The anchor row is nginx proxying to the frontend: what one plain proxy hop adds. The
          "minimal relay" row is bench/relay.c (baton-relay): only the work a frontend cannot avoid
          (read the worker's multiplexed stream, write each chunk to its client socket), the floor.
-         --pin puts baton on one CPU and the load generators on the other.
+         --pin puts baton on one CPU and the load generators on the other. --compare-bin adds
+         a frontend of another build on the same worker, as the row "frontend, compared build".
   BATON_BIN=build/baton python3 bench/perf.py scale    [--streams 10000] [--workers 4]
         [--tokens 50] [--speedup 0.02] [--repeat 1] [--idle 5]
       c. N concurrent slow streams; RSS growth of the frontend and of the workers per stream,
@@ -464,6 +465,14 @@ def cmd_latency(a):
             extra.append(t)
             multi.append(f"frontend --threads {a.threads}")
             paths.append((multi[-1], t.url, False))
+        if a.compare_bin:  # a frontend of another build on the same worker: before/after in one run
+            own, c.bin = c.bin, a.compare_bin
+            t = c.start_frontend(max_connections=30000, max_concurrent_requests=100000, http_idle_timeout_ms=600000)
+            c.bin = own
+            c.wait_workers(t, 1)
+            extra.append(t)
+            multi.append("frontend, compared build")
+            paths.append((multi[-1], t.url, False))
         if a.frontends > 1:  # N frontend processes; one client spreads its connections over them
             procs = [c.start_frontend(max_connections=30000, max_concurrent_requests=100000,
                                       http_idle_timeout_ms=600000) for _ in range(a.frontends - 1)]
@@ -485,9 +494,12 @@ def cmd_latency(a):
             cpu_pids["minimal relay"] = {"relay": relay[0].pid}
         if a.threads > 1:
             cpu_pids[f"frontend --threads {a.threads}"] = {"fe": extra[0].proc.pid}
+        if a.compare_bin:
+            cpu_pids["frontend, compared build"] = {"fe": extra[1 if a.threads > 1 else 0].proc.pid}
         if a.frontends > 1:
+            skip = (1 if a.threads > 1 else 0) + (1 if a.compare_bin else 0)
             cpu_pids[f"{a.frontends} frontend processes"] = {f"fe{i}": f.proc.pid for i, f in
-                                                             enumerate([fe] + extra[1 if a.threads > 1 else 0:])}
+                                                             enumerate([fe] + extra[skip:])}
         check(run_load(fe.url, 10, 10), "warm-up")
         check(run_load(rpc, 10, 10, rpc=True), "warm-up (request plane)")
         for n in levels:
@@ -781,6 +793,7 @@ def main():
                    help="also measure a frontend with this many event loops (--threads)")
     p.add_argument("--frontends", type=int, default=1,
                    help="also measure the load spread over this many frontend processes (one event loop each)")
+    p.add_argument("--compare-bin", help="also measure a frontend of this baton binary (before/after in one run)")
     p.add_argument("--no-relay", dest="relay", action="store_false",
                    help="do not measure the minimal relay (bench/relay.c), the floor under the frontend")
     p = sub.add_parser("scale")

@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -265,17 +266,68 @@ char *bt_buf_steal(bt_buf *b, size_t *len) {
     return p;
 }
 
+/* Random bytes come from the kernel's CSPRNG (getrandom), drawn RANDOM_POOL bytes at a time into a
+ * per-thread pool rather than one syscall per value: a request id and a seed took three getrandom
+ * calls per request on the frontend's hot path, now one per ~10 requests. The bytes are the
+ * kernel's output, unmodified and each handed out once, so an id made from them is exactly as
+ * unguessable as one drawn by its own syscall (request ids, stream ids and instance ids must not be
+ * predictable from ids seen before: nothing here derives one value from another). A consumed byte
+ * is zeroed at once, so a later memory disclosure does not reveal ids already issued. The pool is
+ * per thread (no lock; each event loop has its own) and emptied in a forked child, which must not
+ * hand out the bytes its parent will also use. */
+#define RANDOM_POOL 256 /* getrandom returns up to 256 bytes whole, never a short read (random(7)) */
+static _Thread_local uint8_t rnd_pool[RANDOM_POOL];
+static _Thread_local size_t rnd_pos = RANDOM_POOL; /* next unused byte; RANDOM_POOL = empty */
+static pthread_once_t rnd_once = PTHREAD_ONCE_INIT;
+
+static void rnd_forget(void) { /* in the child of a fork, on the forking thread (the only one) */
+    memset(rnd_pool, 0, sizeof rnd_pool);
+    rnd_pos = RANDOM_POOL;
+}
+
+static void rnd_init(void) { (void)pthread_atfork(NULL, NULL, rnd_forget); }
+
+/* Fills out[0..n) from the kernel; false if it could not (no entropy source at all). */
+static bool rnd_os(void *out, size_t n) {
+    uint8_t *p = out;
+    while (n > 0) {
+        ssize_t got = getrandom(p, n, 0);
+        if (got < 0) {
+            if (errno == EINTR) continue;
+            return false;
+        }
+        p += got;
+        n -= (size_t)got;
+    }
+    return true;
+}
+
+static bool rnd_bytes(void *out, size_t n) {
+    if (n > RANDOM_POOL / 4) return rnd_os(out, n); /* large draws go straight to the kernel */
+    (void)pthread_once(&rnd_once, rnd_init);
+    if (RANDOM_POOL - rnd_pos < n) {
+        if (!rnd_os(rnd_pool, RANDOM_POOL)) return false;
+        rnd_pos = 0;
+    }
+    memcpy(out, rnd_pool + rnd_pos, n);
+    memset(rnd_pool + rnd_pos, 0, n);
+    rnd_pos += n;
+    return true;
+}
+
 uint64_t bt_random64(void) {
     uint64_t v = 0;
-    if (getrandom(&v, sizeof v, 0) != (ssize_t)sizeof v) v = bt_mix64(bt_now_ns() ^ (uint64_t)clock());
+    if (!rnd_bytes(&v, sizeof v)) v = bt_mix64(bt_now_ns() ^ (uint64_t)clock());
     return v;
 }
 
 void bt_uuid4(char out[37]) {
     uint8_t r[16];
-    uint64_t a = bt_random64(), c = bt_random64();
-    memcpy(r, &a, 8);
-    memcpy(r + 8, &c, 8);
+    if (!rnd_bytes(r, sizeof r)) {
+        uint64_t a = bt_random64(), c = bt_random64();
+        memcpy(r, &a, 8);
+        memcpy(r + 8, &c, 8);
+    }
     r[6] = (uint8_t)((r[6] & 0x0F) | 0x40);
     r[8] = (uint8_t)((r[8] & 0x3F) | 0x80);
     snprintf(out, 37, "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", r[0], r[1],

@@ -73,7 +73,8 @@ static inline uint64_t bt_mix64(uint64_t x) {
     return x ^ (x >> 31);
 }
 
-/* A random 64-bit value from the OS (getrandom); used for instance ids and request ids. */
+/* A random 64-bit value from the OS (getrandom, drawn through a per-thread pool: util.c); used for
+ * instance ids and request ids. */
 uint64_t bt_random64(void);
 /* Writes a random UUID v4 string (37 bytes with NUL) into out. */
 void bt_uuid4(char out[37]);

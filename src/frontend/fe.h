@@ -369,9 +369,9 @@ void fe_request_abort(fe *f, bt_http_req *http);
 /* The one place a request's state changes; logs the change with its reason (debug level). */
 void fe_req_set_state(fe_req *r, fe_req_state s, const char *reason);
 const char *fe_req_state_name(fe_req_state s);
-/* Output, for migrate.c: n new tokens reached the request from its current attempt; the
- * attempt's finish; a request refused because every worker is busy (503 with Retry-After). */
-void fe_request_deliver(fe_req *r, const uint32_t *ids, size_t n, const char *text, size_t len);
+/* Output, for migrate.c: n new tokens reached the request from its current attempt at now_us
+ * (the caller's bt_now_us: one clock read per token serves both); the attempt's finish; a request refused because every worker is busy (503 with Retry-After). */
+void fe_request_deliver(fe_req *r, const uint32_t *ids, size_t n, const char *text, size_t len, uint64_t now_us);
 void fe_request_finish(fe_req *r, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens);
 void fe_request_reject_busy(fe_req *r);
 /* Refuses a request that has not started (no attempt, no header sent): `status` with Retry-After
@@ -420,6 +420,10 @@ void fe_migrate_dispatch(fe_req *r);
  * attempt (it is detached from its worker and freed); on_error decides whether the request
  * migrates (a migratable error, budget left, not cancelled) or ends. */
 void fe_attempt_on_tokens(fe_attempt *a, const uint32_t *ids, size_t n, const char *text, size_t len);
+/* A hint, no effect on state (request.c): starts loading, in stages that overlap the cache misses
+ * of all n, what the next tokens of these attempts will touch (attempt, request, its buffers,
+ * client connection, journal record). NULL entries are skipped. */
+void fe_attempts_prefetch(fe_attempt *const *as, size_t n);
 void fe_attempt_on_finish(fe_attempt *a, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens);
 void fe_attempt_on_error(fe_attempt *a, bt_status code, const char *msg);
 /* A KVSTATE piece on the attempt's stream (its worker is giving the stream back). */

@@ -144,6 +144,9 @@ fe_journal *fe_journal_mem_new(double retention_s, uint64_t max_bytes);
 bool fe_journal_mem_import(fe_journal *mem, const fe_jsnap *s, const uint8_t key_mac[FE_KEY_MAC_LEN]);
 /* A record's stream id. */
 const char *fe_jrec_stream_id(const fe_jrec *r);
+/* A hint for the record's owner, no effect on state: stage 0 starts loading the record, stage 1
+ * (once it is loaded) the ends of its arrays that the next fe_journal_append writes to. */
+void fe_jrec_prefetch(const fe_jrec *r, int stage);
 
 /* The NATS JetStream store (journal_js.c): the in-process store `mem` (taken over) for this
  * process's own streams, every change of it replicated in batches to the JetStream stream

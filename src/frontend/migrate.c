@@ -199,6 +199,11 @@ void fe_migrate_dispatch(fe_req *r) {
         return;
     }
     a->stream_id = id;
+    /* written now, not at the connection's flush in the next loop iteration: the rest of this
+     * iteration may be the fan-out of an engine step to every client (milliseconds at 1,000
+     * streams), and a REQUEST that waits behind it can miss the engine's next step, which adds a
+     * whole step to its time to first token. One write per request; a token costs one per chunk. */
+    if (w->conn) bt_rpc_flush(w->conn);
     a->t_sent_us = bt_now_us();
     if (a->number == 1 && !r->resumed) fe_budget_started(f);
     r->attempt = a;
@@ -300,7 +305,7 @@ void fe_attempt_on_tokens(fe_attempt *a, const uint32_t *ids, size_t n, const ch
         snprintf(why, sizeof why, "first token from worker %" PRIx64, a->worker->id);
         fe_req_set_state(r, FE_REQ_STREAMING, why);
     }
-    fe_request_deliver(r, ids, n, text, len); /* may end the request (and free a) */
+    fe_request_deliver(r, ids, n, text, len, t); /* may end the request (and free a) */
 }
 
 void fe_kv_free(fe_kv *k) {

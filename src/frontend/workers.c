@@ -160,6 +160,19 @@ static bool event_plane_is_source(const fe_worker *w) {
     return st.connected;
 }
 
+/* The next frames from the worker (bt_rpc on_peek): the attempts their tokens go to are looked up
+ * together and what delivering them touches is prefetched (fe_attempts_prefetch). */
+static void on_conn_peek(void *ud, bt_rpc_conn *c, const bt_frame *fr, size_t n) {
+    (void)c;
+    fe_worker *w = ud;
+    fe_attempt *as[BT_RPC_BATCH];
+    for (size_t i = 0; i < n; i++) {
+        as[i] = fr[i].type == BT_FRAME_TOKENS ? bt_map_get(&w->streams, fr[i].stream) : NULL;
+        if (as[i]) __builtin_prefetch(as[i]);
+    }
+    fe_attempts_prefetch(as, n);
+}
+
 static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
     (void)c;
     fe_worker *w = ud;
@@ -255,7 +268,7 @@ static void on_conn_close(void *ud, bt_rpc_conn *c, bt_status why, const char *r
     uv_timer_start(&w->retry_timer, on_retry_timer, w->backoff_ms, 0);
 }
 
-static const bt_rpc_handlers conn_handlers = {on_conn_open, on_conn_frame, on_conn_close, NULL};
+static const bt_rpc_handlers conn_handlers = {on_conn_open, on_conn_frame, on_conn_close, NULL, on_conn_peek};
 
 static void worker_connect(fe_worker *w) {
     bt_rpc_config rc;

@@ -992,6 +992,15 @@ void bt_http_stream_finish(bt_http_req *req, const char *data, size_t len) {
     conn_response_done(c, false);
 }
 
+void bt_http_prefetch(const bt_http_req *req) {
+    const conn *c = (const conn *)(const void *)((const char *)req - offsetof(conn, req));
+    /* the handle uv_try_write reads (its flags, write queue and fd), the flags bt_http_stream_write
+     * checks, and the response state next to req */
+    for (size_t off = 0; off < sizeof c->tcp; off += 64) __builtin_prefetch((const char *)&c->tcp + off);
+    __builtin_prefetch(&c->closing);
+    __builtin_prefetch(&c->backlog);
+}
+
 size_t bt_http_backlog(const bt_http_req *req) {
     const conn *c = (const conn *)(const void *)((const char *)req - offsetof(conn, req));
     return c->backlog;

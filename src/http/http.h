@@ -120,6 +120,10 @@ void bt_http_stream_end(bt_http_req *req, bool close);
 void bt_http_stream_finish(bt_http_req *req, const char *data, size_t len);
 /* Bytes queued for the client and not yet written. */
 size_t bt_http_backlog(const bt_http_req *req);
+/* A hint, no effect on state: starts loading the connection state a bt_http_stream_write on req
+ * will read (the socket handle and the response flags), so that a caller about to write to many
+ * connections can overlap those cache misses (the frontend does, one engine step at a time). */
+void bt_http_prefetch(const bt_http_req *req);
 
 /* Reason phrase of a status code ("Service Unavailable"). */
 const char *bt_http_reason(int status);

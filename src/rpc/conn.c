@@ -345,21 +345,35 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     c->rbuf.len += (size_t)nread;
     c->last_rx_ms = bt_now_ms();
     c->verdict_deferred = false;
+    /* Frames are parsed BT_RPC_BATCH at a time: the batch is shown to on_peek, then each frame is
+     * handled in order, exactly as one at a time (a frame is handled only while the connection is
+     * not closing; a malformed frame fails the connection once the frames before it are handled).
+     * The batch points into rbuf, which is stable meanwhile: only on_alloc grows it, only conn_free
+     * (from the loop, after on_close) frees it. */
     size_t off = 0;
     while (c->state != CONN_CLOSING) {
-        bt_frame f;
-        size_t used;
+        bt_frame fr[BT_RPC_BATCH];
+        size_t end[BT_RPC_BATCH];
+        size_t n = 0, pos = off, used = 0;
         const char *why = NULL;
-        bt_status st = bt_frame_parse((const uint8_t *)c->rbuf.data + off, c->rbuf.len - off, c->cfg.max_frame, &f,
-                                      &used, &why);
-        if (st == BT_ERR_AGAIN) break;
-        if (st != BT_OK) {
-            BT_WARN("malformed frame from %s: %s; closing the connection", c->peer, why ? why : bt_status_msg(st));
-            conn_fail(c, st, "malformed frame from %s: %s", c->peer, why ? why : bt_status_msg(st));
-            return;
+        bt_status st = BT_OK;
+        while (n < BT_RPC_BATCH) {
+            st = bt_frame_parse((const uint8_t *)c->rbuf.data + pos, c->rbuf.len - pos, c->cfg.max_frame, &fr[n], &used,
+                                &why);
+            if (st != BT_OK) break;
+            pos += used;
+            end[n++] = pos;
         }
-        off += used;
-        handle_frame(c, &f);
+        if (n > 1 && c->h.on_peek) c->h.on_peek(c->ud, c, fr, n);
+        for (size_t i = 0; i < n && c->state != CONN_CLOSING; i++) {
+            off = end[i];
+            handle_frame(c, &fr[i]);
+        }
+        if (c->state == CONN_CLOSING || n == BT_RPC_BATCH) continue;
+        if (st == BT_ERR_AGAIN) break;
+        BT_WARN("malformed frame from %s: %s; closing the connection", c->peer, why ? why : bt_status_msg(st));
+        conn_fail(c, st, "malformed frame from %s: %s", c->peer, why ? why : bt_status_msg(st));
+        return;
     }
     if (c->state != CONN_CLOSING) bt_buf_consume(&c->rbuf, off);
 }

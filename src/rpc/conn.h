@@ -36,7 +36,16 @@ typedef struct {
     /* Optional, listeners only: a connection was accepted (before its handshake), so that the
      * owner can track and close every connection, not only those that completed HELLO. */
     void (*on_accept)(void *ud, bt_rpc_conn *c);
+    /* Optional: a look ahead at the next frames before they are handed to on_frame one by one
+     * (up to BT_RPC_BATCH of them, in order, all of them complete in the read buffer), so that the
+     * owner can prefetch what they will touch: one read brings the frames of hundreds of streams,
+     * each of whose state is cold, and loads issued together overlap where the same loads made
+     * frame after frame each wait for memory. It must not change any state or act on the frames
+     * (on_frame does, after it, for each of them unless the connection closes first). */
+    void (*on_peek)(void *ud, bt_rpc_conn *c, const bt_frame *frames, size_t n);
 } bt_rpc_handlers;
+
+#define BT_RPC_BATCH 32 /* frames per on_peek: their state stays in the core's caches until used */
 
 typedef struct {
     uint16_t role;            /* BT_ROLE_FRONTEND or BT_ROLE_WORKER */

@@ -11,7 +11,12 @@
  * Covers: a pause longer than dead_after is not counted as the peer's silence (and a peer that
  * stays silent afterwards is still declared dead); bytes that arrived during a pause are read
  * before a verdict that would otherwise be due; a peer silent through many short pauses in a row
- * (a starved loop) is still declared dead. */
+ * (a starved loop) is still declared dead.
+ *
+ * And the batched dispatch of a read (on_peek): 200 frames sent in one write reach on_frame all,
+ * in order, and each was shown to on_peek first, in order, in batches of at most BT_RPC_BATCH; a
+ * malformed frame after valid ones fails the connection only once the valid ones are handled; a
+ * connection closed from on_frame mid-batch hands over no frame after that one. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -41,6 +46,10 @@ typedef struct {
     bt_status why;
     char reason[160];
     int fd; /* the peer: a blocking client socket */
+    /* frames handed over: on_frame's and on_peek's streams in order, the largest peek */
+    uint32_t got[512], peeked[512];
+    size_t ngot, npeeked, max_peek;
+    uint32_t close_at; /* on_frame closes the connection on this stream (0: never) */
 } fixture;
 
 static void on_accept(void *ud, bt_rpc_conn *c) { ((fixture *)ud)->conn = c; }
@@ -49,9 +58,17 @@ static void on_open(void *ud, bt_rpc_conn *c) {
     ((fixture *)ud)->opened = true;
 }
 static void on_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
-    (void)ud;
+    fixture *x = ud;
+    if (x->ngot < 512) x->got[x->ngot++] = f->stream;
+    if (x->close_at && f->stream == x->close_at) bt_rpc_conn_close(c, BT_OK, "closed by the owner");
+}
+static void on_peek(void *ud, bt_rpc_conn *c, const bt_frame *fr, size_t n) {
     (void)c;
-    (void)f;
+    fixture *x = ud;
+    if (n > x->max_peek) x->max_peek = n;
+    /* a peek comes before the frames it shows are handed over, and shows the next ones */
+    assert_int_equal(x->npeeked, x->ngot);
+    for (size_t i = 0; i < n && x->npeeked < 512; i++) x->peeked[x->npeeked++] = fr[i].stream;
 }
 static void on_close(void *ud, bt_rpc_conn *c, bt_status why, const char *reason) {
     (void)c;
@@ -61,7 +78,7 @@ static void on_close(void *ud, bt_rpc_conn *c, bt_status why, const char *reason
     f->why = why;
     snprintf(f->reason, sizeof f->reason, "%s", reason ? reason : "");
 }
-static const bt_rpc_handlers handlers = {on_open, on_frame, on_close, on_accept};
+static const bt_rpc_handlers handlers = {on_open, on_frame, on_close, on_accept, on_peek};
 
 static void on_stopper(uv_check_t *h) {
     uv_check_stop(h);
@@ -203,12 +220,91 @@ static void test_silent_peer_dead_through_pauses(void **state) {
     teardown(&f);
 }
 
+/* Appends KILL frames for streams first..last (odd: the frontend's) to b. */
+static void put_kills(bt_buf *b, uint32_t first, uint32_t last) {
+    for (uint32_t s = first; s <= last; s += 2) assert_int_equal(bt_frame_put(b, BT_FRAME_KILL, s, NULL, 0), BT_OK);
+}
+
+/* Runs the loop until `n` frames were handed over or the connection closed (3 s at most). */
+static void run_until_frames(fixture *f, size_t n) {
+    uint64_t end = bt_now_ms() + 3000;
+    while (f->ngot < n && !f->closed && bt_now_ms() < end) {
+        uv_run(&f->loop, UV_RUN_NOWAIT);
+        usleep(1000);
+    }
+}
+
+/* 200 frames in one write: all handed over in order, each peeked at just before (batches of at
+ * most BT_RPC_BATCH, and more than one frame per batch: the look-ahead is real). */
+static void test_batch_in_order(void **state) {
+    (void)state;
+    fixture f;
+    setup(&f, 1000, 10000);
+    bt_buf b;
+    bt_buf_init(&b, 1 << 20);
+    put_kills(&b, 1, 399);
+    peer_send(&f, &b);
+    bt_buf_free(&b);
+    run_until_frames(&f, 200);
+    assert_false(f.closed);
+    assert_int_equal(f.ngot, 200);
+    for (size_t i = 0; i < 200; i++) assert_int_equal(f.got[i], 1 + 2 * i);
+    assert_int_equal(f.npeeked, 200); /* every one peeked (a batch of one is not shown: nothing to overlap) */
+    for (size_t i = 0; i < 200; i++) assert_int_equal(f.peeked[i], 1 + 2 * i);
+    assert_true(f.max_peek > 1 && f.max_peek <= BT_RPC_BATCH);
+    teardown(&f);
+}
+
+/* Valid frames, then a frame of an unknown type in the same write: the valid ones are handed
+ * over, then the connection fails as malformed. */
+static void test_batch_then_malformed(void **state) {
+    (void)state;
+    fixture f;
+    setup(&f, 1000, 10000);
+    bt_buf b;
+    bt_buf_init(&b, 1 << 20);
+    put_kills(&b, 1, 19);
+    static const uint8_t bad[12] = {0, 0, 0, 8, 200, 0, 0, 0, 0, 0, 0, 1}; /* type 200 */
+    bt_buf_append(&b, (const char *)bad, sizeof bad);
+    put_kills(&b, 21, 29); /* never handed over */
+    peer_send(&f, &b);
+    bt_buf_free(&b);
+    run_until_frames(&f, 1000);
+    assert_true(f.closed);
+    assert_int_equal(f.why, BT_ERR_PROTOCOL);
+    assert_int_equal(f.ngot, 10);
+    for (size_t i = 0; i < 10; i++) assert_int_equal(f.got[i], 1 + 2 * i);
+    teardown(&f);
+}
+
+/* The owner closes the connection while handling the 5th frame of a batch: no later frame of
+ * that batch or of the rest of the read is handed over. */
+static void test_batch_closed_midway(void **state) {
+    (void)state;
+    fixture f;
+    setup(&f, 1000, 10000);
+    f.close_at = 9;
+    bt_buf b;
+    bt_buf_init(&b, 1 << 20);
+    put_kills(&b, 1, 99);
+    peer_send(&f, &b);
+    bt_buf_free(&b);
+    run_until_frames(&f, 1000);
+    assert_true(f.closed);
+    assert_int_equal(f.ngot, 5);
+    assert_int_equal(f.got[4], 9);
+    teardown(&f);
+}
+
 int main(void) {
     signal(SIGPIPE, SIG_IGN);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_pause_not_counted),
         cmocka_unit_test(test_waiting_bytes_read_first),
         cmocka_unit_test(test_silent_peer_dead_through_pauses),
+        cmocka_unit_test(test_batch_in_order),
+        cmocka_unit_test(test_batch_then_malformed),
+        cmocka_unit_test(test_batch_closed_midway),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

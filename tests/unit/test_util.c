@@ -9,7 +9,12 @@
  * pieces the output is reserved in (a UTF-8 sequence straddling a piece boundary included); the
  * checked slow path near the buffer's cap giving the same bytes; and the cap itself (an append
  * that does not fit fails with BT_ERR_TOO_LARGE). The self-check feeds the comparison a wrong
- * reference and expects it to notice. */
+ * reference and expects it to notice.
+ *
+ * Also the random values (bt_random64, bt_uuid4), drawn through a per-thread pool of kernel random
+ * bytes: UUIDs well formed and never repeated over more draws than several pool refills, two
+ * threads never handed the same bytes, and a forked child never handed the bytes its parent hands
+ * out next (the pool is emptied in the child). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -19,6 +24,9 @@
 #include <string.h>
 
 #include <cmocka.h>
+#include <pthread.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "common/util.h"
 
@@ -261,6 +269,78 @@ static void test_prom_escape(void **state) {
     assert_string_equal(bt_prom_escape(worst, exact, sizeof exact), "\\\"\\\"\\\"\\\\\\n");
 }
 
+/* UUIDs: version 4 / variant 1 format; 4,000 of them (more than 200 pool refills) all distinct. */
+static int cmp_str37(const void *a, const void *b) { return memcmp(a, b, 37); }
+
+static void test_uuid4(void **state) {
+    (void)state;
+    enum { N = 4000 };
+    char(*ids)[37] = malloc(sizeof(char[37]) * N);
+    assert_non_null(ids);
+    for (int i = 0; i < N; i++) {
+        bt_uuid4(ids[i]);
+        assert_int_equal(strlen(ids[i]), 36);
+        for (int k = 0; k < 36; k++) {
+            if (k == 8 || k == 13 || k == 18 || k == 23) assert_int_equal(ids[i][k], '-');
+            else assert_non_null(strchr("0123456789abcdef", ids[i][k]));
+        }
+        assert_int_equal(ids[i][14], '4');
+        assert_non_null(strchr("89ab", ids[i][19]));
+    }
+    qsort(ids, N, 37, cmp_str37);
+    for (int i = 1; i < N; i++) assert_int_not_equal(memcmp(ids[i - 1], ids[i], 37), 0);
+    free(ids);
+}
+
+/* Two threads draw from their own pools: none of their values coincide. */
+enum { TDRAWS = 512 };
+static void *draw_many(void *out) {
+    uint64_t *v = out;
+    for (int i = 0; i < TDRAWS; i++) v[i] = bt_random64();
+    return NULL;
+}
+
+static void test_random_threads(void **state) {
+    (void)state;
+    static uint64_t a[TDRAWS], b[TDRAWS];
+    pthread_t t1, t2;
+    assert_int_equal(pthread_create(&t1, NULL, draw_many, a), 0);
+    assert_int_equal(pthread_create(&t2, NULL, draw_many, b), 0);
+    pthread_join(t1, NULL);
+    pthread_join(t2, NULL);
+    for (int i = 0; i < TDRAWS; i++)
+        for (int k = 0; k < TDRAWS; k++) {
+            assert_int_not_equal(a[i], b[k]);
+            if (k != i) assert_int_not_equal(a[i], a[k]);
+        }
+}
+
+/* A forked child does not repeat its parent's next values: the pool it inherited is emptied.
+ * The parent fills its pool first, so without the reset both would draw the same bytes. */
+static void test_random_fork(void **state) {
+    (void)state;
+    (void)bt_random64(); /* the pool is now full, less 8 bytes */
+    int fds[2];
+    assert_int_equal(pipe(fds), 0);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        uint64_t v[4];
+        for (int i = 0; i < 4; i++) v[i] = bt_random64();
+        _exit(write(fds[1], v, sizeof v) == (ssize_t)sizeof v ? 0 : 1);
+    }
+    uint64_t mine[4], theirs[4];
+    for (int i = 0; i < 4; i++) mine[i] = bt_random64();
+    int st = 0;
+    assert_int_equal(waitpid(pid, &st, 0), pid);
+    assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    assert_int_equal(read(fds[0], theirs, sizeof theirs), (ssize_t)sizeof theirs);
+    close(fds[0]);
+    close(fds[1]);
+    for (int i = 0; i < 4; i++)
+        for (int k = 0; k < 4; k++) assert_int_not_equal(mine[i], theirs[k]);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_each_class),
@@ -270,6 +350,9 @@ int main(void) {
         cmocka_unit_test(test_self_check),
         cmocka_unit_test(test_sticky_errors),
         cmocka_unit_test(test_prom_escape),
+        cmocka_unit_test(test_uuid4),
+        cmocka_unit_test(test_random_threads),
+        cmocka_unit_test(test_random_fork),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
