@@ -52,6 +52,8 @@ static void test_first_attempt_roundtrip(void **state) {
     assert_null(m.rq.stream_key);
     assert_false(m.rq.adopt);
     assert_null(strstr(p, "stream_key"));
+    assert_null(m.rq.exactness);
+    assert_null(strstr(p, "exactness"));
     bt_request_msg_free(&m);
     bt_request_msg_free(&m); /* a freed message frees again as nothing */
     free(p);
@@ -75,7 +77,8 @@ static void test_continuation_roundtrip(void **state) {
                      .seed = 0x7fffffffffffffffull,
                      .priority = -BT_PRIORITY_LIMIT,
                      .stream_key = "0123456789abcdef0123456789abcdef",
-                     .adopt = true};
+                     .adopt = true,
+                     .exactness = "llama cpu=libggml-cpu-haswell.so threads=2"};
     size_t len = 0;
     char *p = bt_request_encode(&rq, &len);
     assert_non_null(p);
@@ -92,6 +95,7 @@ static void test_continuation_roundtrip(void **state) {
     assert_int_equal(m.rq.priority, -BT_PRIORITY_LIMIT);
     assert_string_equal(m.rq.stream_key, "0123456789abcdef0123456789abcdef");
     assert_true(m.rq.adopt);
+    assert_string_equal(m.rq.exactness, "llama cpu=libggml-cpu-haswell.so threads=2");
     /* encoding the decoded request gives the same payload */
     size_t len2 = 0;
     char *p2 = bt_request_encode(&m.rq, &len2);
@@ -145,6 +149,10 @@ static void test_malformed(void **state) {
     expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"adopt\":true}", "adopt needs");
     expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"stream_key\":"
                    "\"0123456789abcdef0123456789abcdef\",\"adopt\":1}", "adopt must");
+    expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"exactness\":\"\"}", "exactness");
+    expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"exactness\":7}", "exactness");
+    expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"exactness\":\"a\\u0000b\"}",
+                   "exactness");
     expect_invalid("{\"request_id\":\"a\",\"request_id\":\"b\",\"api\":\"chat\",\"body\":{}}", "malformed");
     char big[BT_REQUEST_ID_MAX + 64];
     memset(big, 'r', sizeof big);

@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "common/log.h"
@@ -196,6 +197,7 @@ struct ll_engine {
     bool stalled; /* fault injection: no steps until resumed */
     bt_llsample_cand *cand;
     char model_desc[128];
+    char exactness[256]; /* the fingerprint (llama.h), fixed at creation; read by ll_card */
 };
 
 /* ---- lists ---------------------------------------------------------------------------------- */
@@ -924,6 +926,29 @@ static void ll_card(bt_engine *be, json_t *card) {
     json_object_set_new(card, "context_length", json_integer(e->n_cap));
     json_object_set_new(card, "engine", json_string("llama"));
     json_object_set_new(card, "llama_model", json_string(e->model_desc));
+    json_object_set_new(card, "exactness", json_string(e->exactness));
+}
+
+/* The model's identity for the fingerprint: its size and an FNV-1a 64 hash of its first MiB
+ * (the GGUF header, metadata and vocabulary of a small model, the first tensors of a big one):
+ * cheap, and two different models, or two quantisations of one, do not share both. */
+static void model_identity(const char *path, char *buf, size_t len) {
+    struct stat st;
+    FILE *f = fopen(path, "rb");
+    uint64_t h = 0xcbf29ce484222325ull;
+    unsigned char chunk[4096];
+    size_t n, hashed = 0;
+    if (!f || fstat(fileno(f), &st) != 0) {
+        if (f) fclose(f);
+        snprintf(buf, len, "unreadable");
+        return;
+    }
+    while (hashed < ((size_t)1 << 20) && (n = fread(chunk, 1, sizeof chunk, f)) > 0) {
+        for (size_t i = 0; i < n; i++) h = (h ^ chunk[i]) * 0x100000001b3ull;
+        hashed += n;
+    }
+    fclose(f);
+    snprintf(buf, len, "%lld:%016" PRIx64, (long long)st.st_size, h);
 }
 
 static void on_async_closed(uv_handle_t *h) {
@@ -1080,6 +1105,12 @@ bt_engine *bt_llama_create_with_api(uv_loop_t *loop, const bt_llama_config *cfg,
     }
     e->load.total_blocks = e->n_ctx / LL_BLOCK;
     e->load.max_num_batched_tokens = (uint64_t)cfg->max_num_batched_tokens;
+    /* what decides the logits bit for bit (llama.h): a stream continues only where all are equal */
+    char variant[96], ident[64];
+    if (!bt_llama_lib_cpu_variant(variant, sizeof variant)) snprintf(variant, sizeof variant, "none");
+    model_identity(path, ident, sizeof ident);
+    snprintf(e->exactness, sizeof e->exactness, "llama-0.4.0 cpu=%s threads=%lld ubatch=%u fa=%d model=%s", variant,
+             (long long)cfg->threads, cp.n_ubatch, cfg->flash_attn ? 1 : 0, ident);
     if (pthread_create(&e->thread, NULL, engine_thread, e) != 0) {
         snprintf(err, errlen, "cannot start the engine thread");
         goto fail;
@@ -1091,6 +1122,7 @@ bt_engine *bt_llama_create_with_api(uv_loop_t *loop, const bt_llama_config *cfg,
             e->n_cap,
             (long long)cfg->max_num_batched_tokens, (long long)cfg->threads,
             e->chat_template ? "the model's" : "plain");
+    BT_INFO("llama engine: exactness fingerprint \"%s\"", e->exactness);
     return &e->base;
 fail:
     ll_destroy_now(e);
