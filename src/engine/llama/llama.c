@@ -149,6 +149,7 @@ struct ll_seq {
     bt_llsample_params sp;
     bt_lltext text;
     llama_token *car; /* the carried ids until the thread puts them behind the prompt */
+    char rid[80];     /* the request id, for the log */
 };
 
 typedef struct {
@@ -732,7 +733,13 @@ static void run_cmd(ll_engine *e, ll_cmd *c) {
         c->seq = NULL;
         break;
     case CMD_KILL:
-        if ((s = find_seq(e, c->h))) seq_end(e, s, END_KILLED, BT_FINISH_CANCELLED, BT_OK, NULL);
+        if ((s = find_seq(e, c->h))) {
+            char rid[sizeof s->rid];
+            memcpy(rid, s->rid, sizeof rid);
+            seq_end(e, s, END_KILLED, BT_FINISH_CANCELLED, BT_OK, NULL);
+            /* CLOCK_MONOTONIC, for bench/cancel_latency.py: when the cells were free again */
+            BT_DEBUG("request %s: llama engine freed the sequence's KV cells (t=%" PRIu64 " us)", rid, bt_now_us());
+        }
         break;
     case CMD_STOP:
         if ((s = find_seq(e, c->h))) seq_end(e, s, END_FINISH, BT_FINISH_CANCELLED, BT_OK, NULL);
@@ -850,6 +857,7 @@ static bt_status ll_submit(bt_engine *be, const bt_engine_request *req, const bt
     s->h = h;
     s->slot = -1;
     s->api = req->api;
+    snprintf(s->rid, sizeof s->rid, "%s", req->request_id ? req->request_id : "?");
     s->body = json_deep_copy(req->body);
     if (!s->body) goto nomem;
     if (bt_lltext_init(&s->text, req->stop, req->n_stop) != BT_OK) goto nomem;
