@@ -4,11 +4,16 @@
  * the engine thread owns the ll_seq state (tokens, KV slot, text filter) and everything of
  * llama.cpp. They meet only in two queues under one mutex: commands (loop → thread: submit,
  * stop, kill, quit; a condition variable wakes the thread) and events (thread → loop: tokens,
- * end, dead; uv_async_send wakes the loop). Every handle gets exactly one END event; the loop
- * frees the handle when it processes it, and drops every event of a handle the worker killed.
- * A kill of a sequence that already ended is ignored by the thread (its END is on its way), and
- * commands are processed in order, so a handle address is never confused with a later one.
- * KV edits (llama_memory_seq_rm) happen only on the engine thread, between decodes. */
+ * end, dead; uv_async_send wakes the loop). On the loop side the shared delivery module
+ * (engine/deliver.h) owns the sinks and the handles' liveness: the async callback stages each
+ * event's output and ending there and drains it, so sinks are called only from that callback and
+ * the re-entrancy rules (a sink may kill, stop, submit or destroy) are the module's. Every handle
+ * gets exactly one END event; a handle's memory goes once both the module has released it
+ * (ops.free_seq) and its END has been taken off the queue (or the thread was joined), since the
+ * thread may name a killed handle until then. A kill of a sequence that already ended is ignored
+ * by the thread (its END is on its way), and commands are processed in order, so a handle
+ * address is never confused with a later one. KV edits (llama_memory_seq_rm) happen only on the
+ * engine thread, between decodes. */
 #include "engine/llama/llama.h"
 
 #include <inttypes.h>
@@ -22,6 +27,7 @@
 #include "common/log.h"
 #include "common/paths.h"
 #include "common/util.h"
+#include "engine/deliver.h"
 #include "engine/llama/llama_internal.h"
 #include "engine/llama/llama_lib.h"
 #include "engine/llama/llama_sample.h"
@@ -121,12 +127,14 @@ typedef struct ll_ev {
 
 typedef struct ll_engine ll_engine;
 
+#define LL_TEXT_CAP ((size_t)1 << 30) /* hard cap on a sequence's staged text */
+
 /* Loop-side handle. */
 struct bt_engine_seq {
-    bt_engine_sink sink;
-    void *ud;
-    bool dead; /* killed by the worker: no more callbacks; freed at its END event */
+    bt_deliver_seq ds; /* sink and liveness (deliver.h) */
     bool stop_sent;
+    bool released;    /* the delivery module let go of it (ops.free_seq) */
+    bool thread_done; /* its END event was taken off the queue: the thread no longer names it */
 };
 
 /* Engine-thread state of one sequence. */
@@ -179,7 +187,8 @@ struct ll_engine {
     bool thread_started;
 
     /* loop side */
-    bool in_cb, destroy_pending, destroyed;
+    bt_deliver dl;
+    bool destroyed;
 
     /* engine thread only */
     struct llama_model *model;
@@ -788,6 +797,32 @@ static void *engine_thread(void *arg) {
 
 static void ll_destroy_now(ll_engine *e);
 
+static void free_handle_if_done(bt_engine_seq *h) {
+    if (h->released && h->thread_done) free(h);
+}
+
+/* ops.free_seq: the module has released h; its memory waits for its END (see the top). */
+static void dl_free_seq(void *owner, bt_deliver_seq *ds) {
+    (void)owner;
+    bt_engine_seq *h = BT_DELIVER_OWNER(ds, bt_engine_seq, ds);
+    h->released = true;
+    free_handle_if_done(h);
+}
+
+/* ops.wake: something was staged; the async callback drains it (it stages only there, so this
+ * just makes sure a drain follows). */
+static void dl_wake(void *owner) {
+    ll_engine *e = owner;
+    uv_async_send(&e->async);
+}
+
+/* ops.teardown: closed and no callback on the stack: the thread is joined and everything freed. */
+static void dl_teardown(void *owner) { ll_destroy_now(owner); }
+
+static const bt_deliver_ops ll_deliver_ops = {.free_seq = dl_free_seq, .wake = dl_wake, .teardown = dl_teardown};
+
+/* Moves the thread's events into the delivery module, in order, and drains them. EV_DEAD is
+ * handed to the worker after everything before it was delivered, as it was posted. */
 static void on_async(uv_async_t *a) {
     ll_engine *e = a->data;
     pthread_mutex_lock(&e->mu);
@@ -796,31 +831,31 @@ static void on_async(uv_async_t *a) {
     bool load_changed = e->load_changed;
     e->load_changed = false;
     pthread_mutex_unlock(&e->mu);
-    e->in_cb = true;
+    bt_deliver_enter(&e->dl);
     while (evs) {
         ll_ev *ev = evs;
         evs = ev->next;
         bt_engine_seq *h = ev->h;
-        if (!e->destroy_pending) {
-            if (ev->kind == EV_TOKENS && !h->dead) {
-                h->sink.on_tokens(h->ud, ev->ids, ev->n, ev->text ? ev->text : "", ev->text_len);
-            } else if (ev->kind == EV_END) {
-                if (!h->dead && ev->end == END_FINISH) h->sink.on_finish(h->ud, ev->reason, &ev->usage);
-                else if (!h->dead && ev->end == END_ERROR) h->sink.on_error(h->ud, ev->code, ev->msg);
-                free(h);
-            } else if (ev->kind == EV_DEAD && e->hooks.on_dead) {
-                e->hooks.on_dead(e->hooks_ud, ev->msg);
-            }
+        bool open = !bt_deliver_closed(&e->dl);
+        if (ev->kind == EV_TOKENS && open &&
+            bt_deliver_stage(&e->dl, &h->ds, ev->ids, ev->n, ev->text ? ev->text : "", ev->text_len) != BT_OK) {
+            bt_deliver_error(&e->dl, &h->ds, BT_ERR_NOMEM, "out of memory");
         } else if (ev->kind == EV_END) {
-            free(h);
+            if (open && ev->end == END_FINISH) bt_deliver_finish(&e->dl, &h->ds, ev->reason, &ev->usage);
+            else if (open && ev->end == END_ERROR) bt_deliver_error(&e->dl, &h->ds, ev->code, ev->msg);
+            h->thread_done = true;
+            free_handle_if_done(h);
+        } else if (ev->kind == EV_DEAD && open && e->hooks.on_dead) {
+            bt_deliver_drain(&e->dl);
+            if (!bt_deliver_closed(&e->dl)) e->hooks.on_dead(e->hooks_ud, ev->msg);
         }
         free(ev->ids);
         free(ev->text);
         free(ev);
     }
-    if (load_changed && !e->destroy_pending && e->hooks.on_load) e->hooks.on_load(e->hooks_ud);
-    e->in_cb = false;
-    if (e->destroy_pending) ll_destroy_now(e);
+    bt_deliver_drain(&e->dl);
+    if (load_changed && !bt_deliver_closed(&e->dl) && e->hooks.on_load) e->hooks.on_load(e->hooks_ud);
+    bt_deliver_leave(&e->dl); /* may tear the engine down: nothing of e after it */
 }
 
 static void send_cmd(ll_engine *e, ll_cmd *c) {
@@ -852,8 +887,6 @@ static bt_status ll_submit(bt_engine *be, const bt_engine_request *req, const bt
     ll_seq *s = calloc(1, sizeof *s);
     ll_cmd *c = calloc(1, sizeof *c);
     if (!h || !s || !c) goto nomem;
-    h->sink = *sink;
-    h->ud = ud;
     s->h = h;
     s->slot = -1;
     s->api = req->api;
@@ -885,6 +918,7 @@ static bt_status ll_submit(bt_engine *be, const bt_engine_request *req, const bt
     c->kind = CMD_SUBMIT;
     c->h = h;
     c->seq = s;
+    bt_deliver_add(&e->dl, &h->ds, sink, ud, LL_TEXT_CAP);
     send_cmd(e, c);
     *out = h;
     return BT_OK;
@@ -898,7 +932,7 @@ nomem:
 
 static void ll_stop(bt_engine *be, bt_engine_seq *h) {
     ll_engine *e = (ll_engine *)be;
-    if (h->dead || h->stop_sent) return;
+    if (bt_deliver_ended(&h->ds) || h->stop_sent) return;
     ll_cmd *c = calloc(1, sizeof *c);
     if (!c) return;
     h->stop_sent = true;
@@ -909,13 +943,14 @@ static void ll_stop(bt_engine *be, bt_engine_seq *h) {
 
 static void ll_kill(bt_engine *be, bt_engine_seq *h) {
     ll_engine *e = (ll_engine *)be;
-    if (h->dead) return;
-    h->dead = true; /* no more callbacks from here on; freed at its END */
+    if (bt_deliver_dead(&h->ds)) return;
     ll_cmd *c = calloc(1, sizeof *c);
-    if (!c) return; /* the sequence then runs to its end unseen; its END still frees it */
-    c->kind = CMD_KILL;
-    c->h = h;
-    send_cmd(e, c);
+    if (c) { /* else the sequence runs to its end unseen; its END still frees the handle */
+        c->kind = CMD_KILL;
+        c->h = h;
+        send_cmd(e, c);
+    }
+    bt_deliver_kill(&e->dl, &h->ds); /* no more callbacks; the memory waits for its END */
 }
 
 static void ll_get_load(bt_engine *be, bt_engine_load *out) {
@@ -1012,14 +1047,10 @@ static void ll_destroy_now(ll_engine *e) {
 }
 
 /* Drops every sequence without callbacks. Handles of live sequences are freed here too. Safe
- * from inside a sink or hook callback (deferred to the end of it). */
+ * from inside a sink or hook callback (the module defers the teardown to the end of it). */
 static void ll_destroy(bt_engine *be) {
     ll_engine *e = (ll_engine *)be;
-    if (e->in_cb) {
-        e->destroy_pending = true;
-        return;
-    }
-    ll_destroy_now(e);
+    bt_deliver_close(&e->dl);
 }
 
 static const bt_engine_ops ll_ops = {ll_submit, ll_stop, ll_kill, ll_get_load, ll_card, ll_destroy};
@@ -1051,6 +1082,7 @@ bt_engine *bt_llama_create_with_api(uv_loop_t *loop, const bt_llama_config *cfg,
     e->hooks_ud = hooks_ud;
     pthread_mutex_init(&e->mu, NULL);
     pthread_cond_init(&e->cv, NULL);
+    bt_deliver_init(&e->dl, &ll_deliver_ops, e);
     uv_async_init(loop, &e->async, on_async);
     e->async.data = e;
 
