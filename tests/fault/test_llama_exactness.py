@@ -16,12 +16,11 @@ worker that computes the same logits (docs/engines.md §3.4), with real processe
    fault-free runs byte for byte (text, token ids, finish_reason, usage).
 """
 
-import os
 import re
 import sys
-import threading
 
 import batonlib as bl
+import faultlib as fl
 import rpclib
 
 MODEL = "mock-model"
@@ -83,10 +82,6 @@ def long_body(seeded=False):
     return bl.completion_body("Once upon a time, a little fox", max_tokens=1200, model=MODEL, **extra)
 
 
-def outcome(s):
-    return {"text": s.text, "ids": list(s.token_ids), "finish": s.finish_reason, "usage": s.usage}
-
-
 def mismatched(c, fe):
     w1 = c.start_worker(engine="llama", system_port=True, wait=True, llama_threads=1)
     w2 = c.start_worker(engine="llama", system_port=True, wait=True, llama_threads=2)
@@ -123,7 +118,7 @@ def matching(c, fe):
         rid = f"match-{int(seeded)}"
         s = stream_with_kill(fe, long_body(seeded), rid, [w3, w4], killed)
         assert killed, "no worker was serving the stream"
-        assert s.ok and outcome(s) == outcome(ref), f"{rid}: differs from the fault-free run: {s.summary()}"
+        assert s.ok and fl.outcome(s) == fl.outcome(ref), f"{rid}: differs from the fault-free run: {s.summary()}"
         assert f"request {rid} migrated" in fe.proc.log_text(), f"{rid} was not migrated"
         # the next round needs two workers again
         w_new = c.start_worker(engine="llama", system_port=True, wait=True, llama_threads=1)
@@ -134,8 +129,7 @@ def matching(c, fe):
 
 
 def main():
-    if os.environ.get("BATON_NO_LLAMA") == "1":
-        print("skipped: BATON_NO_LLAMA=1")
+    if fl.skip("llama") is not None:
         return 77
     with bl.deadline(60, "test_llama_exactness"):
         with bl.Cluster() as c:
