@@ -359,6 +359,8 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
     }
     r->resumed = true;
     r->seed = snap->seed; /* the continuation samples as the original did (an engine that samples) */
+    /* and computes as the original did, or not at all (docs/engines.md §3.4) */
+    snprintf(r->exactness, sizeof r->exactness, "%s", snap->exactness);
     r->jrec = rec;
     r->jtail = snap->tail; /* until the answer changes it: a resume that dies keeps what it had */
     memcpy(r->stream_id, snap->stream_id, sizeof r->stream_id);

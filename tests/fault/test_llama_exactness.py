@@ -10,6 +10,9 @@ worker that computes the same logits (docs/engines.md §3.4), with real processe
    serving a long stream mid-way: the stream does NOT continue on the other worker; it ends with
    the documented error event (code no_worker_available, the fingerprint named), the frontend logs
    why, and the other worker never saw a continuation.
+   The same for a resumed stream (its client cut, its worker killed with SIGKILL, then a re-POST
+   with Last-Event-ID): the fingerprint comes back from the stream journal, and the resume ends
+   with the error event instead of continuing on the other worker.
 3. Matching fleet: llama workers with the same --llama-threads (1: a 2-thread decode crawls when
    the machine is oversubscribed, as test machines are). kill -9 of the serving worker
    mid-stream: a greedy and a seeded (temperature 0.8) stream continue on the other and equal their
@@ -103,6 +106,36 @@ def mismatched(c, fe):
     assert "refusing to continue" not in survivor.proc.log_text(), "the mismatched worker was sent the continuation"
     print(f"mismatched: stream ended with the error event after {len(s.token_ids)} tokens; not continued")
     survivor.proc.stop()
+    c.wait_workers(fe, 0)
+    resumed(c, fe)
+
+
+def requests_total(w):
+    return bl.metric_sum(bl.metrics(w.system_url), "dynamo_component_requests_total")
+
+
+def resumed(c, fe):
+    w1 = c.start_worker(engine="llama", system_port=True, wait=True, llama_threads=1)
+    w2 = c.start_worker(engine="llama", system_port=True, wait=True, llama_threads=2)
+    c.wait_workers(fe, 2)
+    n0 = [requests_total(w) for w in (w1, w2)]
+    cut = bl.stream_completion(fe.url, long_body(), abort_after=8)
+    assert cut.aborted and cut.last_event_id and cut.token_ids, cut.summary()
+    ran = [w for w, n in zip((w1, w2), n0) if requests_total(w) > n]
+    assert len(ran) == 1, f"the cut stream ran on {len(ran)} workers"
+    victim, other = ran[0], (w2 if ran[0] is w1 else w1)
+    victim.proc.kill(9)
+    c.wait_workers(fe, 1)
+    n_other = requests_total(other)
+    rest = bl.stream_completion(fe.url, long_body(), timeout=30, headers={"Last-Event-ID": cut.last_event_id})
+    err = rest.error or {}
+    assert err.get("code") == "no_worker_available" and fingerprint(victim) in err.get("message", ""), \
+        f"the resumed stream was not refused: {rest.summary()}"
+    assert not rest.done, rest.summary()
+    assert requests_total(other) == n_other, "the mismatched worker was sent the resumed stream"
+    print(f"resumed: ended with the error event after the journal's {len(cut.token_ids)} tokens; not continued")
+    other.proc.stop()
+    c.wait_workers(fe, 0)
 
 
 def matching(c, fe):
