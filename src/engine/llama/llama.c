@@ -809,17 +809,11 @@ static void dl_free_seq(void *owner, bt_deliver_seq *ds) {
     free_handle_if_done(h);
 }
 
-/* ops.wake: something was staged; the async callback drains it (it stages only there, so this
- * just makes sure a drain follows). */
-static void dl_wake(void *owner) {
-    ll_engine *e = owner;
-    uv_async_send(&e->async);
-}
-
 /* ops.teardown: closed and no callback on the stack: the thread is joined and everything freed. */
 static void dl_teardown(void *owner) { ll_destroy_now(owner); }
 
-static const bt_deliver_ops ll_deliver_ops = {.free_seq = dl_free_seq, .wake = dl_wake, .teardown = dl_teardown};
+/* No wake: output and endings are staged only in on_async, which drains right after. */
+static const bt_deliver_ops ll_deliver_ops = {.free_seq = dl_free_seq, .wake = NULL, .teardown = dl_teardown};
 
 /* Moves the thread's events into the delivery module, in order, and drains them. EV_DEAD is
  * handed to the worker after everything before it was delivered, as it was posted. */
