@@ -185,11 +185,15 @@ def cancel_storm(c, p):
     for i in cut:
         assert runs[i].aborted and len(runs[i].token_ids) < max_tokens(p, i % N), runs[i].summary()
     check(f.fe, "cancel", f.refs, runs, only=[i for i in range(n) if i not in cut], want_migrated=False)
-    for w in (f.w1, f.w2):
-        bl.wait_for(lambda: worker_idle(w), 10, what="every sequence and KV block freed after the cancellations")
     log = f.fe.proc.log_text()
     gone = [i for i in cut if re.search(rf"request cancel-{i}: client disconnected", log)]
     assert sorted(gone) == sorted(cut), f"the frontend saw {sorted(gone)} of {sorted(cut)} clients leave"
+    # each cut stream's KILL reached its worker, which dropped the sequence from its engine
+    wlog = f.w1.proc.log_text() + f.w2.proc.log_text()
+    killed = [i for i in cut if re.search(rf"request cancel-{i} killed \(kill from the frontend\)", wlog)]
+    assert sorted(killed) == sorted(cut), f"the workers killed {sorted(killed)} of {sorted(cut)} in their engines"
+    for w in (f.w1, f.w2):
+        bl.wait_for(lambda: worker_idle(w), 10, what="every sequence and KV block freed after the cancellations")
     print(f"cancel_storm: {len(cut)} streams cancelled by their clients, their sequences and KV freed")
 
 
