@@ -58,14 +58,18 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "--ubatch")) ubatch = strtol(v, NULL, 10);
         else if (!strcmp(k, "--max-num-batched-tokens")) nbatch = strtol(v, NULL, 10);
         else {
-            fprintf(stderr, "usage: %s [--model PATH] [--lib-dir DIR] [--streams N] [--tokens T] [--threads K] "
-                            "[--ubatch U] [--max-num-batched-tokens B]\n", argv[0]);
+            fprintf(stderr,
+                    "usage: %s [--model PATH] [--lib-dir DIR] [--streams N] [--tokens T] [--threads K] "
+                    "[--ubatch U] [--max-num-batched-tokens B]\n",
+                    argv[0]);
             return 2;
         }
     }
     if (streams < 1 || streams > MAX_STREAMS || tokens < 1 || threads < 1 || ubatch < 1 || nbatch <= streams) {
-        fprintf(stderr, "baton-llama-loop: --streams 1..%d, --tokens, --threads, --ubatch >= 1, "
-                        "--max-num-batched-tokens > --streams\n", MAX_STREAMS);
+        fprintf(stderr,
+                "baton-llama-loop: --streams 1..%d, --tokens, --threads, --ubatch >= 1, "
+                "--max-num-batched-tokens > --streams\n",
+                MAX_STREAMS);
         return 2;
     }
     char err[512];

@@ -25,8 +25,7 @@ char *bt_request_encode(const bt_request *rq, size_t *len) {
     if (rq->priority && json_object_set_new(msg, "priority", json_integer(rq->priority)) != 0) goto done;
     if (rq->stream_key && json_object_set_new(msg, "stream_key", json_string(rq->stream_key)) != 0) goto done;
     if (rq->stream_key && rq->adopt && json_object_set_new(msg, "adopt", json_true()) != 0) goto done;
-    if (rq->exactness && rq->exactness[0] &&
-        json_object_set_new(msg, "exactness", json_string(rq->exactness)) != 0)
+    if (rq->exactness && rq->exactness[0] && json_object_set_new(msg, "exactness", json_string(rq->exactness)) != 0)
         goto done;
     out = json_dumps(msg, JSON_COMPACT);
     if (out && len) *len = strlen(out);
@@ -88,9 +87,9 @@ bt_status bt_request_decode(const void *payload, size_t len, bt_request_msg *out
     }
     if (jadopt && !json_is_boolean(jadopt)) FAIL("malformed request payload: adopt must be a boolean");
     if (json_is_true(jadopt) && !jkey) FAIL("malformed request payload: adopt needs a stream_key");
-    if (jexact && (!json_is_string(jexact) || json_string_length(jexact) == 0 ||
-                   json_string_length(jexact) > BT_EXACTNESS_MAX ||
-                   strlen(json_string_value(jexact)) != json_string_length(jexact)))
+    if (jexact &&
+        (!json_is_string(jexact) || json_string_length(jexact) == 0 || json_string_length(jexact) > BT_EXACTNESS_MAX ||
+         strlen(json_string_value(jexact)) != json_string_length(jexact)))
         FAIL("malformed request payload: exactness must be a string of 1 to %d bytes", BT_EXACTNESS_MAX);
     size_t n = jcar ? json_array_size(jcar) : 0;
     if (n) {
