@@ -20,7 +20,14 @@ decode step here) or, non-streaming, after a random delay. All clients of a phas
 driven by one Python thread, so a close time is read right before the close(2) it dates (with
 client threads, the interpreter lock could delay the close by milliseconds after the reading).
 
-usage: BATON_BIN=build/baton python3 bench/cancel_latency.py [--sequential 100] [--concurrent 200] [--unary 100]
+With --engine llama the two workers run llama.cpp (the bundled stories260K, their defaults: 16
+sequences at once, the others wait) instead of the mocker. Its kill only posts a command to the
+engine thread, so the worker's "engine dropped" line dates the hand-off; the engine thread logs
+  worker    "request R: llama engine freed the sequence's KV cells (t=T us)"
+when the cells are free again, and one more row shows KILL arrival → KV freed.
+
+usage: BATON_BIN=build/baton python3 bench/cancel_latency.py [--engine mocker|llama] [--sequential 100]
+       [--concurrent 200] [--unary 100]
 """
 
 import argparse
@@ -43,6 +50,7 @@ from perf import pct  # noqa: E402
 FE_RX = re.compile(r"request (\S+): KILL written to worker \S+ stream \d+, (\d+) us after the cancel "
                    r"\(cancel t=(\d+) us, write t=(\d+) us")
 WK_RX = re.compile(r"request (\S+): engine dropped the sequence (\d+) us after the KILL arrived \(t=(\d+) us\)")
+KV_RX = re.compile(r"request (\S+): llama engine freed the sequence's KV cells \(t=(\d+) us\)")
 TOK_RX = re.compile(r"request (\S+) killed \(kill from the frontend\) after (\d+) new tokens")
 
 
@@ -128,11 +136,12 @@ def run_unary(fe, plan):
 
 def analyse(name, clients, fe_log, wk_logs, step_us):
     fe = {m.group(1): (int(m.group(2)), int(m.group(3)), int(m.group(4))) for m in FE_RX.finditer(fe_log)}
-    wk, toks = {}, {}
+    wk, toks, kv = {}, {}, {}
     for text in wk_logs:
         wk.update({m.group(1): (int(m.group(2)), int(m.group(3))) for m in WK_RX.finditer(text)})
+        kv.update({m.group(1): int(m.group(2)) for m in KV_RX.finditer(text)})
         toks.update({m.group(1): int(m.group(2)) for m in TOK_RX.finditer(text)})
-    rows = {"detect": [], "fe": [], "wire": [], "worker": [], "total": [], "extra": []}
+    rows = {"detect": [], "fe": [], "wire": [], "worker": [], "total": [], "extra": [], "kv": [], "kv_total": []}
     missing = 0
     for c in clients:
         r = c["rid"]
@@ -146,6 +155,9 @@ def analyse(name, clients, fe_log, wk_logs, step_us):
         rows["wire"].append(t_drop - wk_us - t_write)
         rows["worker"].append(wk_us)
         rows["total"].append(t_drop - c["t_close"])
+        if r in kv:  # the llama engine's thread freed the cells (t_drop - wk_us: the KILL's arrival)
+            rows["kv"].append(kv[r] - (t_drop - wk_us))
+            rows["kv_total"].append(kv[r] - c["t_close"])
         if r in toks and c["tokens"] is not None:
             rows["extra"].append(toks[r] - c["tokens"])
     n = len(rows["total"])
@@ -155,8 +167,11 @@ def analyse(name, clients, fe_log, wk_logs, step_us):
     print("|---|---|---|---|")
     for key, label in (("detect", "client close → frontend abort"), ("fe", "abort → KILL written"),
                        ("wire", "KILL write → worker reads it"), ("worker", "KILL arrival → engine drop"),
-                       ("total", "client close → engine drop")):
+                       ("total", "client close → engine drop"), ("kv", "KILL arrival → KV freed (engine thread)"),
+                       ("kv_total", "client close → KV freed")):
         xs = rows[key]
+        if not xs and key.startswith("kv"):
+            continue
         print(f"| {label} | {pct(xs, 50):.0f} µs | {pct(xs, 99):.0f} µs | {max(xs) if xs else float('nan'):.0f} µs |")
     steps = [t / step_us for t in rows["total"]]
     print(f"| client close → engine drop, in decode steps | {pct(steps, 50):.3f} | {pct(steps, 99):.3f} | "
@@ -173,13 +188,15 @@ def main():
     ap.add_argument("--concurrent", type=int, default=200)
     ap.add_argument("--unary", type=int, default=100)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--engine", choices=("mocker", "llama"), default="mocker")
     a = ap.parse_args()
     rng = random.Random(a.seed)
     bl.deadline(900, "cancel latency bench")
     env = {"DYN_LOG": "debug"}
     with bl.Cluster() as c:
         fe = c.start_frontend(env=env)
-        workers = [c.start_worker(env=env, system_port=True, wait=True, speedup_ratio=1) for _ in range(2)]
+        flags = {"speedup_ratio": 1} if a.engine == "mocker" else {"engine": "llama"}
+        workers = [c.start_worker(env=env, system_port=True, wait=True, **flags) for _ in range(2)]
         c.wait_workers(fe, 2)
         phases = []
         seq = []

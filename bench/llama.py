@@ -7,7 +7,10 @@ a frontend and llama workers serving the bundled stories260K model.
     python3 bench/llama.py cancel     [--runs 20]
 
 throughput: one worker; N concurrent greedy completions of --tokens tokens each; prints total
-  tokens/s (first request sent to last token) and TTFT p50/p99.
+  tokens/s (first request sent to last token) and TTFT p50/p99; then the same N sequences of
+  --tokens tokens in a minimal llama.cpp loop in one process with the engine's settings
+  (bench/llama_loop.c, built as baton-llama-loop next to the baton binary): the engine's ceiling,
+  printed beside it.
 migration: two workers; N concurrent streams (half greedy, half seeded at temperature 0.8); when
   every stream has K tokens the worker holding most of them is killed (SIGKILL). The stall of a
   migrated stream is the longest gap between two token events it saw; printed p50/p99/max per K
@@ -20,6 +23,7 @@ Standard library only (tests/lib/batonlib.py); BATON_BIN selects the binary (def
 
 import argparse
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -56,6 +60,17 @@ def throughput(a):
             ttft = [(s.t_first - s.t_start) * 1000 for s in rs]
             print(f"throughput streams={n} tokens={a.tokens}: {tot} tokens in {dt:.2f} s = {tot / dt:.0f} tok/s; "
                   f"TTFT p50 {pct(ttft, 50):.1f} ms p99 {pct(ttft, 99):.1f} ms")
+        loop = os.path.join(os.path.dirname(os.path.abspath(bl.baton_bin())), "baton-llama-loop")
+        if not os.access(loop, os.X_OK):
+            print(f"  (no {loop}: build it with cmake to compare with the minimal llama.cpp loop)")
+            continue
+        out = subprocess.run([loop, "--streams", str(n), "--tokens", str(a.tokens)], capture_output=True, text=True,
+                             timeout=600)
+        line = out.stdout.strip()
+        rate = float(line.rsplit("=", 1)[1].split()[0]) if out.returncode == 0 and "tok/s" in line else None
+        print(f"  {line or out.stderr.strip()}")
+        if rate:
+            print(f"  engine / loop, {n} stream(s): {tot / dt:.0f} / {rate:.0f} tok/s = {tot / dt / rate * 100:.0f} %")
 
 
 def migration(a):

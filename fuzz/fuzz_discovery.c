@@ -80,6 +80,9 @@ static void fuzz_instance(const uint8_t *p, size_t n) {
         long port = strtol(colon + 1, &pend, 10);
         CHECK(port == w->port && (*pend == '\0' || *pend == '/'));
         if (w->block_size) CHECK(json_integer_value(json_object_get(jmodel, "block_size")) > 0);
+        if (json_is_string(json_object_get(jmodel, "exactness")))
+            check_prefix_of(w->exactness, sizeof w->exactness, json_object_get(jmodel, "exactness"));
+        else CHECK(w->exactness[0] == '\0');
         /* nothing but the identity fields */
         CHECK(w->fe == NULL && w->conn == NULL && w->key[0] == '\0' && w->streams.len == 0 &&
               LIST_NEXT(w, link) == NULL);

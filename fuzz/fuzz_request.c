@@ -2,7 +2,8 @@
  *
  * Treats the input as a REQUEST frame's payload from a peer. A payload the decoder accepts is
  * checked against the format's contract (request_id 1..BT_REQUEST_ID_MAX bytes with no NUL, a known
- * api, an object body, carried ids, max_tokens and priority in range) and must survive a round trip: encoded
+ * api, an object body, carried ids, max_tokens and priority in range, an exactness fingerprint of
+ * 1..BT_EXACTNESS_MAX bytes with no NUL) and must survive a round trip: encoded
  * again and decoded, it gives the same request. A refused one must come with a reason and leave
  * nothing to free. A violated invariant aborts, so libFuzzer reports it like a crash. Seeds are in
  * fuzz/corpus/request/; build and run with fuzz/build.sh. */
@@ -32,6 +33,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     CHECK(!rq->has_max_tokens || rq->max_tokens >= 0);
     CHECK((rq->n_carried == 0) == (rq->carried == NULL));
     CHECK(rq->priority >= -BT_PRIORITY_LIMIT && rq->priority <= BT_PRIORITY_LIMIT);
+    CHECK(!rq->exactness || (strlen(rq->exactness) >= 1 && strlen(rq->exactness) <= BT_EXACTNESS_MAX));
     size_t len = 0;
     char *p = bt_request_encode(rq, &len);
     CHECK(p != NULL);
@@ -46,6 +48,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     CHECK(m2.rq.seed == rq->seed);
     CHECK(rq->seed == 0 || rq->seed <= (uint64_t)INT64_MAX);
     CHECK(m2.rq.priority == rq->priority);
+    CHECK((m2.rq.exactness == NULL) == (rq->exactness == NULL));
+    CHECK(!rq->exactness || strcmp(m2.rq.exactness, rq->exactness) == 0);
     CHECK((m2.rq.carried_text == NULL) == (rq->carried_text == NULL));
     CHECK(!rq->carried_text || (m2.rq.carried_text_len == rq->carried_text_len &&
                                 memcmp(m2.rq.carried_text, rq->carried_text, rq->carried_text_len) == 0));

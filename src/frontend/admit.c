@@ -598,7 +598,7 @@ static void pump(fe_admit *a) {
             continue;
         }
         bool all_busy = false;
-        if (!fe_route(a->f, r->model, 0, &all_busy) && all_busy) {
+        if (!fe_route(a->f, r->model, 0, &all_busy, NULL) && all_busy) {
             if (nblocked == BLOCKED_MAX) break;
             blocked[nblocked++] = r->model;
             t = TAILQ_NEXT(t, link);

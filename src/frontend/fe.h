@@ -106,6 +106,10 @@ struct fe_worker {
     uint64_t total_blocks_card;
     uint64_t block_size; /* tokens per KV block, from the model card (0 = unknown) */
     uint64_t context_length; /* prompt + completion tokens the model takes, from the card (0 = unknown) */
+    /* The card's exactness fingerprint ("" = none: its engine makes no exactness promise). A
+     * continuation of a stream begun on a worker with a fingerprint goes only to a worker with the
+     * same one (docs/engines.md §3.4). */
+    char exactness[256];
     /* Shedding: KV blocks that requests routed since the last LOAD will need (the report does
      * not show them yet), and the rate at which finished requests release blocks. */
     uint64_t pending_blocks;
@@ -182,6 +186,9 @@ struct fe_req {
     int attempts_left;       /* the budget: --migration-limit + 1, less each attempt charged */
     int attempts;            /* attempts made */
     uint64_t failed_worker;  /* id of the worker that failed last, avoided for the retry */
+    /* The exactness fingerprint of the worker whose attempt produced the delivered tokens (that of
+     * the last attempt sent with nothing carried); "" = none. Sent with every continuation. */
+    char exactness[256];
     bt_status fail_code;     /* why the last attempt failed, for the migration log line */
     char fail_msg[128];
     bool headers_sent;
@@ -326,8 +333,9 @@ struct fe_group {
 /* workers.c */
 /* Parses a discovery instance value (instance_id, transport.tcp "host:port", model.name and the
  * optional namespace, component, endpoint, model.total_kv_blocks, model.block_size,
- * model.context_length) into the identity fields of a zeroed w: id, transport, model, ns,
- * component, endpoint, total_blocks_card, block_size, context_length, host and port (1..65535). Strings longer than their field are
+ * model.context_length, model.exactness) into the identity fields of a zeroed w: id, transport,
+ * model, ns, component, endpoint, total_blocks_card, block_size, context_length, exactness, host
+ * and port (1..65535). Strings longer than their field are
  * cut. Nothing else of w is touched. False with a reason in err if the value is unusable. */
 bool fe_parse_instance(const json_t *v, fe_worker *w, char *err, size_t errlen);
 void fe_workers_start(fe *f);
@@ -336,11 +344,13 @@ void fe_workers_stop(fe *f);
 bool fe_workers_apply_load(fe *f, uint64_t id, const bt_load_report *r);
 /* Picks a worker for `model`, avoiding `avoid` when another is available. NULL if none. With
  * all_busy, busy workers (shedding thresholds) are skipped and *all_busy says whether that is why
- * none was found; without it (a migration: the request was admitted already) they are eligible. */
-fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, bool *all_busy);
+ * none was found; without it (a migration: the request was admitted already) they are eligible.
+ * exact (NULL or "" = any): only workers whose exactness fingerprint is that string. */
+fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, bool *all_busy, const char *exact);
 /* For a continuation when every worker is busy: the routable worker with the smallest share of its
- * KV blocks in use (reported plus routed since), `avoid` only if it is the only one. NULL if none. */
-fe_worker *fe_route_least_busy(fe_model *m, uint64_t avoid);
+ * KV blocks in use (reported plus routed since), `avoid` only if it is the only one; only those of
+ * fingerprint `exact` unless it is NULL or "". NULL if none. */
+fe_worker *fe_route_least_busy(fe_model *m, uint64_t avoid, const char *exact);
 bool fe_worker_routable(const fe_worker *w);
 bool fe_worker_busy(const fe_worker *w, const fe_model *m);
 /* Seconds a client should wait before retrying when every worker of m is busy (Retry-After). */

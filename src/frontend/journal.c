@@ -376,10 +376,11 @@ static void mem_destroy(fe_journal *j) {
 }
 
 /* Under the mutex: a claim on another shard may be copying the record. */
-static void mem_note_worker(fe_journal *j, fe_jrec *rec, uint64_t worker_id) {
+static void mem_note_worker(fe_journal *j, fe_jrec *rec, uint64_t worker_id, const char *exactness) {
     mem_journal *m = (mem_journal *)j;
     uv_mutex_lock(&m->mu);
     rec->s.worker_id = worker_id;
+    snprintf(rec->s.exactness, sizeof rec->s.exactness, "%s", exactness ? exactness : "");
     uv_mutex_unlock(&m->mu);
 }
 
@@ -392,7 +393,7 @@ bool fe_journal_mem_import(fe_journal *j, const fe_jsnap *s, const uint8_t key_m
         uint32_t t0 = k ? s->ev[k - 1].end_tok : 0, x0 = k ? s->ev[k - 1].end_text : 0;
         ok = j->ops->append(j, r, s->ids + t0, s->ev[k].end_tok - t0, s->text + x0, s->ev[k].end_text - x0);
     }
-    if (ok) mem_note_worker(j, r, s->worker_id);
+    if (ok) mem_note_worker(j, r, s->worker_id, s->exactness);
     j->ops->close(j, r, &s->tail); /* a dropped record is freed by its close */
     return ok;
 }

@@ -221,10 +221,12 @@ static void js_close(fe_journal *j, fe_jrec *rec, const fe_jtail *tail) {
     enqueue(js, OP_CLOSE, sid, o);
 }
 
-static void js_note_worker(fe_journal *j, fe_jrec *rec, uint64_t worker_id) {
+static void js_note_worker(fe_journal *j, fe_jrec *rec, uint64_t worker_id, const char *exactness) {
     js_journal *js = (js_journal *)j;
-    fe_journal_note_worker(js->mem, rec, worker_id);
-    enqueue(js, OP_WORKER, fe_jrec_stream_id(rec), json_pack("{s:s, s:I}", "o", "worker", "id", (json_int_t)worker_id));
+    fe_journal_note_worker(js->mem, rec, worker_id, exactness);
+    json_t *o = json_pack("{s:s, s:I}", "o", "worker", "id", (json_int_t)worker_id);
+    if (o && exactness && exactness[0]) json_object_set_new(o, "x", json_string(exactness));
+    enqueue(js, OP_WORKER, fe_jrec_stream_id(rec), o);
 }
 
 static fe_claim_result js_claim(fe_journal *j, const char *sid, const uint8_t key_mac[FE_KEY_MAC_LEN], int shard,
@@ -446,6 +448,8 @@ static bool apply_msg(fe_jsnap *s, uint8_t mac[FE_KEY_MAC_LEN], bool *opened, si
             s->tail.kind = FE_JTAIL_NONE; /* a resumed stream went on after an unfinished close */
         } else if (strcmp(k, "worker") == 0) {
             s->worker_id = (uint64_t)json_integer_value(json_object_get(o, "id"));
+            const char *x = json_string_value(json_object_get(o, "x"));
+            snprintf(s->exactness, sizeof s->exactness, "%s", x ? x : "");
         } else if (strcmp(k, "close") == 0) {
             apply_tail(&s->tail, o);
         }

@@ -109,6 +109,8 @@ static char *continuation_payload(const fe_req *r, bool adopt, bool kv, size_t *
         .stream_key = r->stream && r->jrec && atomic_load(&r->fe->grp->journal->shared) ? r->stream_id : NULL,
         .adopt = adopt && r->jrec,
         .kv_state_bytes = kv ? r->kv.total : 0,
+        /* the carried tokens' numerics: a worker with other ones refuses them (worker.c) */
+        .exactness = r->nids ? r->exactness : NULL,
     };
     if (r->nids && !r->text_lost) {
         rq.carried_text = r->text.data ? r->text.data : "";
@@ -117,6 +119,13 @@ static char *continuation_payload(const fe_req *r, bool adopt, bool kv, size_t *
     char *payload = bt_request_encode(&rq, len);
     if (payload) *est_tokens = (limited ? (uint64_t)remaining : MAX_TOKENS_GUESS) + r->nids + *len / 4;
     return payload;
+}
+
+/* Whether m has a routable worker other than `avoid` (whatever its fingerprint). */
+static bool others_routable(const fe_model *m, uint64_t avoid) {
+    for (size_t i = 0; i < m->nws; i++)
+        if (m->ws[i]->id != avoid && fe_worker_routable(m->ws[i])) return true;
+    return false;
 }
 
 void fe_migrate_dispatch(fe_req *r) {
@@ -133,8 +142,11 @@ void fe_migrate_dispatch(fe_req *r) {
     fe_worker *w = r->adopt_worker ? bt_map_get(&f->workers_by_id, r->adopt_worker) : NULL;
     bool adopt = w && fe_worker_routable(w) && strcmp(w->model, r->model->name) == 0;
     r->adopt_worker = 0;
+    /* tokens delivered on a worker with an exactness fingerprint continue only on a worker with the
+     * same one (docs/engines.md §3.4): another would continue them with other logits */
+    const char *exact = r->nids && r->exactness[0] ? r->exactness : NULL;
     if (!adopt) {
-        w = fe_route(f, r->model, r->failed_worker, &all_busy);
+        w = fe_route(f, r->model, r->failed_worker, &all_busy, exact);
         if ((r->attempts || r->resumed) && ((!w && all_busy) || (w && w->id == r->failed_worker))) {
             /* a continuation (a migration, or a resumed stream whose response has begun) was admitted already: it goes to a busy worker rather than fail, but only
              * when every worker is busy. The busy check above comes first so that the streams of a dead
@@ -143,7 +155,7 @@ void fe_migrate_dispatch(fe_req *r) {
              * turn busy one by one and the storm spreads by free capacity; past that, each goes to the
              * least used of the busy ones. (fe_route hands back the failed worker only when nothing
              * else is eligible: a busy other one is still better.) */
-            fe_worker *busy = fe_route_least_busy(r->model, r->failed_worker);
+            fe_worker *busy = fe_route_least_busy(r->model, r->failed_worker, exact);
             if (busy && busy != w)
                 BT_INFO("request %s: every worker is busy; its continuation goes to busy worker %" PRIx64, r->rid,
                         busy->id);
@@ -153,6 +165,15 @@ void fe_migrate_dispatch(fe_req *r) {
     if (!w) {
         if (all_busy && !r->attempts) {
             if (!fe_admit_all_busy(r)) fe_request_reject_busy(r); /* queued, or refused by the queue */
+        } else if (exact && others_routable(r->model, r->failed_worker)) {
+            /* workers are left, but none computes what the one that began the stream did */
+            char m[512];
+            snprintf(m, sizeof m,
+                     "no worker can continue this stream exactly after %zu tokens: none left with the exactness "
+                     "fingerprint \"%s\" (last attempt: %s)",
+                     r->nids, exact, r->fail_msg);
+            BT_WARN("request %s: %s", r->rid, m);
+            fe_request_fail(r, BT_ERR_NO_WORKER, m);
         } else if (r->attempts) {
             char m[256];
             snprintf(m, sizeof m, "no worker left to continue the request (last attempt: %s)", r->fail_msg);
@@ -205,9 +226,11 @@ void fe_migrate_dispatch(fe_req *r) {
      * whole step to its time to first token. One write per request; a token costs one per chunk. */
     if (w->conn) bt_rpc_flush(w->conn);
     a->t_sent_us = bt_now_us();
+    /* nothing carried: this attempt's worker is the one whose numerics the stream follows */
+    if (!r->nids) snprintf(r->exactness, sizeof r->exactness, "%s", w->exactness);
     if (a->number == 1 && !r->resumed) fe_budget_started(f);
     r->attempt = a;
-    if (r->jrec) fe_journal_note_worker(f->grp->journal, r->jrec, w->id);
+    if (r->jrec) fe_journal_note_worker(f->grp->journal, r->jrec, w->id, r->exactness);
     if (adopt)
         BT_INFO("request %s: stream %s sent back to worker %" PRIx64 " to re-attach after %zu tokens", r->rid,
                 r->stream_id, w->id, r->nids);

@@ -356,6 +356,8 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
     r->seed = snap->seed; /* the continuation samples as the original did (an engine that samples) */
     if (!fe_admit_resume(r, snap->priority))
         BT_WARN("request %s: out of memory for its admission ticket; it continues at priority 0", r->rid);
+    /* and computes as the original did, or not at all (docs/engines.md §3.4) */
+    snprintf(r->exactness, sizeof r->exactness, "%s", snap->exactness);
     r->jrec = rec;
     r->jtail = snap->tail; /* until the answer changes it: a resume that dies keeps what it had */
     memcpy(r->stream_id, snap->stream_id, sizeof r->stream_id);

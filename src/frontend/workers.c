@@ -336,6 +336,8 @@ bool fe_parse_instance(const json_t *v, fe_worker *w, char *err, size_t errlen) 
     if (json_is_integer(bsz) && json_integer_value(bsz) > 0) w->block_size = (uint64_t)json_integer_value(bsz);
     json_t *ctx = json_object_get(jmodel, "context_length");
     if (json_is_integer(ctx) && json_integer_value(ctx) > 0) w->context_length = (uint64_t)json_integer_value(ctx);
+    if ((s = json_string_value(json_object_get(jmodel, "exactness"))))
+        snprintf(w->exactness, sizeof w->exactness, "%s", s);
     if (!parse_transport(w->transport, w->host, sizeof w->host, &w->port)) {
         snprintf(err, errlen, "cannot parse transport '%s'", w->transport);
         return false;
@@ -485,8 +487,14 @@ size_t fe_worker_inflight(const fe_worker *w) { return w->streams.len; }
 
 /* Whether w may take a new attempt; counts the busy ones it skips. `avoid` is returned through
  * *avoided instead (the worker that just failed, used only when nothing else is left). */
-static bool eligible(fe_worker *w, fe_model *m, uint64_t avoid, bool *all_busy, size_t *nbusy, fe_worker **avoided) {
+static bool exact_match(const fe_worker *w, const char *exact) {
+    return !exact || !exact[0] || strcmp(w->exactness, exact) == 0;
+}
+
+static bool eligible(fe_worker *w, fe_model *m, uint64_t avoid, bool *all_busy, size_t *nbusy, fe_worker **avoided,
+                     const char *exact) {
     if (!fe_worker_routable(w) || fe_outlier_ejected(w->fe, w)) return false; /* ejected: outlier.h */
+    if (!exact_match(w, exact)) return false; /* it would not continue the stream bit for bit */
     if (all_busy && fe_worker_busy(w, m)) {
         (*nbusy)++;
         return false;
@@ -501,7 +509,7 @@ static bool eligible(fe_worker *w, fe_model *m, uint64_t avoid, bool *all_busy, 
 /* Looks only at m's own workers (m->ws), however many there are. Round-robin and random take the
  * first eligible worker from a rotating (or random) start, so a request usually costs one look;
  * least-loaded scans them all. */
-fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, bool *all_busy) {
+fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, bool *all_busy, const char *exact) {
     size_t n = m->nws, nbusy = 0;
     fe_worker *avoided = NULL;
     if (all_busy) *all_busy = false;
@@ -511,7 +519,7 @@ fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, bool *all_busy) {
         double best_score = 0;
         for (size_t i = 0; i < n; i++) {
             fe_worker *w = m->ws[i];
-            if (!eligible(w, m, avoid, all_busy, &nbusy, &avoided)) continue;
+            if (!eligible(w, m, avoid, all_busy, &nbusy, &avoided, exact)) continue;
             double blocks = w->load_ms && w->load.total_blocks
                                 ? (double)w->load.active_decode_blocks / (double)w->load.total_blocks
                                 : 0.0;
@@ -523,7 +531,7 @@ fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, bool *all_busy) {
         size_t start = f->mode == ROUTE_RANDOM ? (size_t)(bt_random64() % n) : (size_t)(f->rr % n);
         for (size_t i = 0; i < n; i++) {
             fe_worker *w = m->ws[(start + i) % n];
-            if (!eligible(w, m, avoid, all_busy, &nbusy, &avoided)) continue;
+            if (!eligible(w, m, avoid, all_busy, &nbusy, &avoided, exact)) continue;
             /* the rotation resumes after the worker taken, not after the start: a skipped (busy,
              * dead) worker's turns are shared by all the others instead of all going to the one
              * that follows it (a migration storm would pile onto the dead worker's neighbour) */
@@ -536,12 +544,12 @@ fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, bool *all_busy) {
     return avoided; /* only the failed one is left: better than nothing (or NULL) */
 }
 
-fe_worker *fe_route_least_busy(fe_model *m, uint64_t avoid) {
+fe_worker *fe_route_least_busy(fe_model *m, uint64_t avoid, const char *exact) {
     fe_worker *best = NULL, *avoided = NULL;
     double best_use = 0;
     for (size_t i = 0; i < m->nws; i++) {
         fe_worker *w = m->ws[i];
-        if (!fe_worker_routable(w)) continue;
+        if (!fe_worker_routable(w) || !exact_match(w, exact)) continue;
         if (avoid && w->id == avoid) {
             avoided = w;
             continue;

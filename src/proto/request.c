@@ -31,6 +31,8 @@ char *bt_request_encode(const bt_request *rq, size_t *len) {
     if (rq->kv_state_bytes &&
         json_object_set_new(msg, "kv_state_bytes", json_integer((json_int_t)rq->kv_state_bytes)) != 0)
         goto done;
+    if (rq->exactness && rq->exactness[0] && json_object_set_new(msg, "exactness", json_string(rq->exactness)) != 0)
+        goto done;
     out = json_dumps(msg, JSON_COMPACT);
     if (out && len) *len = strlen(out);
 done:
@@ -65,6 +67,7 @@ bt_status bt_request_decode(const void *payload, size_t len, bt_request_msg *out
     json_t *jkey = json_object_get(root, "stream_key");
     json_t *jadopt = json_object_get(root, "adopt");
     json_t *jkv = json_object_get(root, "kv_state_bytes");
+    json_t *jexact = json_object_get(root, "exactness");
     if (!json_is_string(rid) || json_string_length(rid) == 0 || json_string_length(rid) > BT_REQUEST_ID_MAX ||
         strlen(json_string_value(rid)) != json_string_length(rid))
         FAIL("malformed request payload: request_id must be a string of 1 to %d bytes", BT_REQUEST_ID_MAX);
@@ -94,6 +97,10 @@ bt_status bt_request_decode(const void *payload, size_t len, bt_request_msg *out
     if (jkv && (!json_is_integer(jkv) || json_integer_value(jkv) < 1 ||
                 (uint64_t)json_integer_value(jkv) > BT_KV_STATE_MAX))
         FAIL("malformed request payload: kv_state_bytes must be an integer from 1 to %" PRIu64, BT_KV_STATE_MAX);
+    if (jexact &&
+        (!json_is_string(jexact) || json_string_length(jexact) == 0 || json_string_length(jexact) > BT_EXACTNESS_MAX ||
+         strlen(json_string_value(jexact)) != json_string_length(jexact)))
+        FAIL("malformed request payload: exactness must be a string of 1 to %d bytes", BT_EXACTNESS_MAX);
     size_t n = jcar ? json_array_size(jcar) : 0;
     if (n) {
         carried = malloc(n * sizeof *carried);
@@ -123,6 +130,7 @@ bt_status bt_request_decode(const void *payload, size_t len, bt_request_msg *out
     out->rq.stream_key = jkey ? json_string_value(jkey) : NULL;
     out->rq.adopt = json_is_true(jadopt);
     out->rq.kv_state_bytes = jkv ? (uint64_t)json_integer_value(jkv) : 0;
+    out->rq.exactness = jexact ? json_string_value(jexact) : NULL;
     if (jtext) {
         out->rq.carried_text = json_string_value(jtext);
         out->rq.carried_text_len = json_string_length(jtext);

@@ -25,6 +25,11 @@
  *   kv_state_bytes integer in [1, 2^32] (optional): the KVSTATE frames sent on this stream just
  *                 before this REQUEST carry an exported KV state of that many bytes, which the
  *                 worker may import instead of prefilling (docs/protocol.md, "KV hand-off")
+ *   exactness     string, 1..BT_EXACTNESS_MAX bytes, no NUL (optional): the exactness fingerprint
+ *                 of the worker that produced the carried tokens (its engine's numerics: for the
+ *                 llama engine the CPU backend variant, threads, ubatch and model identity; see
+ *                 docs/engines.md). A worker whose own fingerprint differs refuses to continue
+ *                 the carried tokens (BT_ERR_NO_WORKER); absent or empty: no constraint
  * Unknown members are ignored, so that a newer frontend can add some. No I/O: unit-tested
  * (tests/unit/test_request.c) and fuzzed (fuzz/fuzz_request.c). */
 #ifndef BATON_PROTO_REQUEST_H
@@ -42,6 +47,7 @@
 /* The range of a priority, on the wire and from a client (body `priority` or X-Priority). */
 #define BT_PRIORITY_LIMIT 1000000
 #define BT_STREAM_KEY_LEN 32 /* the journal's stream id: 128 bits in lower-case hex */
+#define BT_EXACTNESS_MAX 255 /* bytes in an exactness fingerprint */
 
 typedef struct {
     const char *request_id;
@@ -58,6 +64,7 @@ typedef struct {
     const char *stream_key; /* NULL: none (the stream cannot be orphaned); else BT_STREAM_KEY_LEN hex */
     bool adopt;             /* re-attach to the orphan of stream_key, if any */
     uint64_t kv_state_bytes; /* 0: no KV state precedes the REQUEST */
+    const char *exactness;  /* NULL or "": no constraint; else the carried tokens' fingerprint */
 } bt_request;
 
 /* Encodes rq as a payload: a malloc'd string (free with free()) of *len bytes, NUL-terminated;

@@ -230,7 +230,7 @@ static bool attach_adopted(wk_peer *p, uint32_t id, wk_stream *s, const char *ri
 
 static void handle_request(wk_peer *p, uint32_t id, const bt_frame *f) {
     wk_worker *w = p->w;
-    char err[256] = "";
+    char err[768] = ""; /* room for two exactness fingerprints */
     uint32_t *carried = NULL;
     uint8_t *kv = NULL; /* a KV state that came with the REQUEST (handoff.c) */
     size_t er_kv_len = 0;
@@ -301,6 +301,17 @@ static void handle_request(wk_peer *p, uint32_t id, const bt_frame *f) {
             bt_request_msg_free(&msg);
             return;
         }
+    }
+    /* Defence in depth behind the frontend's routing: tokens computed with other numerics are not
+     * continued here, where the next ones would come out of other logits (not migratable: every
+     * worker it might try next is one the frontend did not mean either) */
+    if (msg.rq.n_carried && msg.rq.exactness && strcmp(msg.rq.exactness, w->exactness) != 0) {
+        st = BT_ERR_NO_WORKER;
+        snprintf(err, sizeof err,
+                 "no worker can continue this stream exactly after %zu tokens: refusing to continue tokens computed "
+                 "with exactness fingerprint \"%s\" on this worker (\"%s\")",
+                 msg.rq.n_carried, msg.rq.exactness, w->exactness);
+        goto fail;
     }
     er.carried = carried;
     er.n_carried = (uint32_t)ncar;
@@ -705,6 +716,8 @@ static int worker_run(wk_worker *w) {
     json_t *card = json_object();
     json_object_set_new(card, "name", json_string(o->model_name));
     bt_engine_card(w->engine, card);
+    const char *exact = json_string_value(json_object_get(card, "exactness"));
+    snprintf(w->exactness, sizeof w->exactness, "%s", exact ? exact : "");
     json_t *val = json_pack("{s:s, s:s, s:s, s:s, s:I, s:{s:s}, s:o, s:i}", "type", "Endpoint", "namespace", o->ns,
                             "component", o->component, "endpoint", o->ep, "instance_id", (json_int_t)w->instance_id,
                             "transport", "tcp", w->transport, "model", card, "pid", (int)getpid());

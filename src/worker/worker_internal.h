@@ -194,6 +194,9 @@ struct wk_worker {
     uv_loop_t *loop;
     wk_opts o;
     bt_engine *engine;
+    /* The engine's exactness fingerprint from its model card ("" = none): a continuation whose
+     * carried tokens name another is refused (docs/engines.md §3.4). */
+    char exactness[256];
     bt_mocker_config mocker_defaults; /* to tell which shared scheduler flags were given */
     bt_discovery *disc;
     bt_rpc_listener *listener;

@@ -28,6 +28,7 @@ import threading
 import time
 
 import batonlib as bl
+import faultlib as fl
 
 MODEL = "mock-model"
 # A sanitized baton (scripts/test --sanitize) decodes several times slower: the streams' deadlines
@@ -61,10 +62,6 @@ def stream(fe, i, rid, on_event=None):
     api, body = body_for(i)
     fn = bl.stream_chat if api == "chat" else bl.stream_completion
     return fn(fe.url, body, timeout=50 * SLOW, on_event=on_event, headers={"X-Request-Id": rid})
-
-
-def outcome(s):
-    return {"text": s.text, "ids": list(s.token_ids), "finish": s.finish_reason, "usage": s.usage}
 
 
 def worker_kv(w):
@@ -101,8 +98,7 @@ def run_load(fe, tag, on_event_factory=None):
 
 
 def main():
-    if os.environ.get("BATON_NO_LLAMA") == "1":  # scripts/setup was told not to fetch llama.cpp
-        print("skipped: BATON_NO_LLAMA=1")
+    if fl.skip("llama") is not None:  # scripts/setup was told not to fetch llama.cpp
         return 77
     with bl.deadline(150, "test_llama"):
         with bl.Cluster() as c:
@@ -162,14 +158,7 @@ def main():
             for t in noise_threads:
                 t.join()
             assert killed.is_set(), f"the kill never happened (counts {counts})"
-            bad = []
-            for i, (r, s) in enumerate(zip(refs, runs)):
-                if not s.ok or outcome(s) != outcome(r):
-                    a, b = outcome(r), outcome(s)
-                    first = next((k for k in range(min(len(a["ids"]), len(b["ids"]))) if a["ids"][k] != b["ids"][k]),
-                                 None)
-                    bad.append(f"stream {i}: {s.summary()}; first differing token {first}; "
-                               f"finish {b['finish']} vs {a['finish']}; usage {b['usage']} vs {a['usage']}")
+            bad = fl.differences(refs, runs)
             assert not bad, "streams differ from their fault-free reference:\n" + "\n".join(bad)
             log = fe.proc.log_text()
             moved = set(int(m) for m in re.findall(r"request fault-(\d+) migrated", log))
@@ -211,7 +200,7 @@ def main():
             assert seeds and seeds[0][1] == "frontend", f"continuation sampled with {seeds}"
             replay = bl.stream_completion(fe.url, dict(noseed, seed=int(seeds[0][0])), timeout=40 * SLOW)
             replay.assert_ok("replay with the frontend's seed")
-            assert outcome(replay) == outcome(s), "the migrated unseeded stream differs from its replay"
+            assert fl.outcome(replay) == fl.outcome(s), "the migrated unseeded stream differs from its replay"
             print(f"unseeded stream: migrated, equal to a fault-free replay with the frontend's seed {seeds[0][0]}")
 
             # 4. cancellation frees KV at once

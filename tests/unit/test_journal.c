@@ -202,7 +202,7 @@ static void test_worker_and_import(void **state) {
     assert_non_null(r);
     uint32_t a[] = {5, 6}, b[] = {7};
     assert_true(fe_journal_append(j, r, a, 2, "ab", 2));
-    fe_journal_note_worker(j, r, 0x1234);
+    fe_journal_note_worker(j, r, 0x1234, "llama-0.4.0 cpu=x threads=1");
     assert_true(fe_journal_append(j, r, b, 1, "cde", 3));
     fe_jtail none = {0};
     fe_journal_close(j, r, &none);
@@ -211,6 +211,7 @@ static void test_worker_and_import(void **state) {
     int shard = -1;
     assert_int_equal(fe_journal_claim(j, meta.stream_id, key_a, 0, &out, &h, &shard), FE_CLAIM_OK);
     assert_int_equal(out.worker_id, 0x1234);
+    assert_string_equal(out.exactness, "llama-0.4.0 cpu=x threads=1");
     fe_journal_close(j, h, &out.tail);
     /* the whole record into another store, as fetched from elsewhere */
     fe_journal *k = fe_journal_mem_new(60, 1 << 20);
@@ -229,6 +230,7 @@ static void test_worker_and_import(void **state) {
     assert_int_equal(got.ev[0].end_tok, 2);
     assert_int_equal(got.ev[1].end_text, 5);
     assert_int_equal(got.worker_id, 0x1234);
+    assert_string_equal(got.exactness, "llama-0.4.0 cpu=x threads=1");
     assert_int_equal(got.tail.kind, FE_JTAIL_NONE);
     fe_journal_close(k, h, &got.tail);
     fe_jsnap_free(&got);

@@ -54,6 +54,8 @@ static void test_first_attempt_roundtrip(void **state) {
     assert_false(m.rq.adopt);
     assert_true(m.rq.kv_state_bytes == 0);
     assert_null(strstr(p, "stream_key"));
+    assert_null(m.rq.exactness);
+    assert_null(strstr(p, "exactness"));
     bt_request_msg_free(&m);
     bt_request_msg_free(&m); /* a freed message frees again as nothing */
     free(p);
@@ -78,7 +80,8 @@ static void test_continuation_roundtrip(void **state) {
                      .priority = -BT_PRIORITY_LIMIT,
                      .stream_key = "0123456789abcdef0123456789abcdef",
                      .adopt = true,
-                     .kv_state_bytes = BT_KV_STATE_MAX};
+                     .kv_state_bytes = BT_KV_STATE_MAX,
+                     .exactness = "llama cpu=libggml-cpu-haswell.so threads=2"};
     size_t len = 0;
     char *p = bt_request_encode(&rq, &len);
     assert_non_null(p);
@@ -96,6 +99,7 @@ static void test_continuation_roundtrip(void **state) {
     assert_string_equal(m.rq.stream_key, "0123456789abcdef0123456789abcdef");
     assert_true(m.rq.adopt);
     assert_true(m.rq.kv_state_bytes == BT_KV_STATE_MAX);
+    assert_string_equal(m.rq.exactness, "llama cpu=libggml-cpu-haswell.so threads=2");
     /* encoding the decoded request gives the same payload */
     size_t len2 = 0;
     char *p2 = bt_request_encode(&m.rq, &len2);
@@ -153,6 +157,10 @@ static void test_malformed(void **state) {
     expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"kv_state_bytes\":4294967297}",
                    "kv_state_bytes");
     expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"kv_state_bytes\":\"1\"}", "kv_state_bytes");
+    expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"exactness\":\"\"}", "exactness");
+    expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"exactness\":7}", "exactness");
+    expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"exactness\":\"a\\u0000b\"}",
+                   "exactness");
     expect_invalid("{\"request_id\":\"a\",\"request_id\":\"b\",\"api\":\"chat\",\"body\":{}}", "malformed");
     char big[BT_REQUEST_ID_MAX + 64];
     memset(big, 'r', sizeof big);

@@ -4,11 +4,16 @@
  * the engine thread owns the ll_seq state (tokens, KV slot, text filter) and everything of
  * llama.cpp. They meet only in two queues under one mutex: commands (loop → thread: submit,
  * stop, kill, quit; a condition variable wakes the thread) and events (thread → loop: tokens,
- * end, dead; uv_async_send wakes the loop). Every handle gets exactly one END event; the loop
- * frees the handle when it processes it, and drops every event of a handle the worker killed.
- * A kill of a sequence that already ended is ignored by the thread (its END is on its way), and
- * commands are processed in order, so a handle address is never confused with a later one.
- * KV edits (llama_memory_seq_rm) happen only on the engine thread, between decodes. */
+ * end, dead; uv_async_send wakes the loop). On the loop side the shared delivery module
+ * (engine/deliver.h) owns the sinks and the handles' liveness: the async callback stages each
+ * event's output and ending there and drains it, so sinks are called only from that callback and
+ * the re-entrancy rules (a sink may kill, stop, submit or destroy) are the module's. Every handle
+ * gets exactly one END event; a handle's memory goes once both the module has released it
+ * (ops.free_seq) and its END has been taken off the queue (or the thread was joined), since the
+ * thread may name a killed handle until then. A kill of a sequence that already ended is ignored
+ * by the thread (its END is on its way), and commands are processed in order, so a handle
+ * address is never confused with a later one. KV edits (llama_memory_seq_rm) happen only on the
+ * engine thread, between decodes. */
 #include "engine/llama/llama.h"
 
 #include <inttypes.h>
@@ -17,11 +22,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/queue.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "common/log.h"
 #include "common/paths.h"
 #include "common/util.h"
+#include "engine/deliver.h"
 #include "engine/llama/llama_internal.h"
 #include "engine/llama/llama_kv.h"
 #include "engine/llama/llama_lib.h"
@@ -128,12 +135,14 @@ typedef struct ll_ev {
 
 typedef struct ll_engine ll_engine;
 
+#define LL_TEXT_CAP ((size_t)1 << 30) /* hard cap on a sequence's staged text */
+
 /* Loop-side handle. */
 struct bt_engine_seq {
-    bt_engine_sink sink;
-    void *ud;
-    bool dead; /* killed by the worker: no more callbacks; freed at its END event */
+    bt_deliver_seq ds; /* sink and liveness (deliver.h) */
     bool stop_sent;
+    bool released;    /* the delivery module let go of it (ops.free_seq) */
+    bool thread_done; /* its END event was taken off the queue: the thread no longer names it */
 };
 
 /* Engine-thread state of one sequence. */
@@ -158,6 +167,7 @@ struct ll_seq {
     llama_token *car; /* the carried ids until the thread puts them behind the prompt */
     uint8_t *kv;      /* a KV state to import when admitted (llama_kv.h), NULL when none */
     size_t kv_len;
+    char rid[80];     /* the request id, for the log */
 };
 
 typedef struct {
@@ -187,7 +197,8 @@ struct ll_engine {
     bool thread_started;
 
     /* loop side */
-    bool in_cb, destroy_pending, destroyed;
+    bt_deliver dl;
+    bool destroyed;
 
     /* engine thread only */
     struct llama_model *model;
@@ -208,6 +219,7 @@ struct ll_engine {
     char model_desc[128];
     ll_kv_ident kv_ident;     /* what a KV state must match to be imported here */
     bt_engine_kv_stats kvs;   /* under mu */
+    char exactness[256]; /* the fingerprint (llama.h), fixed at creation; read by ll_card */
 };
 
 /* ---- lists ---------------------------------------------------------------------------------- */
@@ -791,7 +803,13 @@ static void run_cmd(ll_engine *e, ll_cmd *c) {
         c->seq = NULL;
         break;
     case CMD_KILL:
-        if ((s = find_seq(e, c->h))) seq_end(e, s, END_KILLED, BT_FINISH_CANCELLED, BT_OK, NULL);
+        if ((s = find_seq(e, c->h))) {
+            char rid[sizeof s->rid];
+            memcpy(rid, s->rid, sizeof rid);
+            seq_end(e, s, END_KILLED, BT_FINISH_CANCELLED, BT_OK, NULL);
+            /* CLOCK_MONOTONIC, for bench/cancel_latency.py: when the cells were free again */
+            BT_DEBUG("request %s: llama engine freed the sequence's KV cells (t=%" PRIu64 " us)", rid, bt_now_us());
+        }
         break;
     case CMD_STOP:
         if ((s = find_seq(e, c->h))) seq_end(e, s, END_FINISH, BT_FINISH_CANCELLED, BT_OK, NULL);
@@ -842,6 +860,26 @@ static void *engine_thread(void *arg) {
 
 static void ll_destroy_now(ll_engine *e);
 
+static void free_handle_if_done(bt_engine_seq *h) {
+    if (h->released && h->thread_done) free(h);
+}
+
+/* ops.free_seq: the module has released h; its memory waits for its END (see the top). */
+static void dl_free_seq(void *owner, bt_deliver_seq *ds) {
+    (void)owner;
+    bt_engine_seq *h = BT_DELIVER_OWNER(ds, bt_engine_seq, ds);
+    h->released = true;
+    free_handle_if_done(h);
+}
+
+/* ops.teardown: closed and no callback on the stack: the thread is joined and everything freed. */
+static void dl_teardown(void *owner) { ll_destroy_now(owner); }
+
+/* No wake: output and endings are staged only in on_async, which drains right after. */
+static const bt_deliver_ops ll_deliver_ops = {.free_seq = dl_free_seq, .wake = NULL, .teardown = dl_teardown};
+
+/* Moves the thread's events into the delivery module, in order, and drains them. EV_DEAD is
+ * handed to the worker after everything before it was delivered, as it was posted. */
 static void on_async(uv_async_t *a) {
     ll_engine *e = a->data;
     pthread_mutex_lock(&e->mu);
@@ -850,35 +888,38 @@ static void on_async(uv_async_t *a) {
     bool load_changed = e->load_changed;
     e->load_changed = false;
     pthread_mutex_unlock(&e->mu);
-    e->in_cb = true;
+    bt_deliver_enter(&e->dl);
     while (evs) {
         ll_ev *ev = evs;
         evs = STAILQ_NEXT(ev, link);
         bt_engine_seq *h = ev->h;
-        if (!e->destroy_pending) {
-            if (ev->kind == EV_TOKENS && !h->dead) {
-                h->sink.on_tokens(h->ud, ev->ids, ev->n, ev->text ? ev->text : "", ev->text_len);
-            } else if (ev->kind == EV_END) {
-                if (!h->dead && ev->end == END_FINISH) h->sink.on_finish(h->ud, ev->reason, &ev->usage);
-                else if (!h->dead && ev->end == END_ERROR) h->sink.on_error(h->ud, ev->code, ev->msg);
-                free(h);
-            } else if (ev->kind == EV_DEAD && e->hooks.on_dead) {
-                e->hooks.on_dead(e->hooks_ud, ev->msg);
-            } else if (ev->kind == EV_HANDOFF) {
+        bool open = !bt_deliver_closed(&e->dl);
+        if (ev->kind == EV_TOKENS && open &&
+            bt_deliver_stage(&e->dl, &h->ds, ev->ids, ev->n, ev->text ? ev->text : "", ev->text_len) != BT_OK) {
+            bt_deliver_error(&e->dl, &h->ds, BT_ERR_NOMEM, "out of memory");
+        } else if (ev->kind == EV_END) {
+            if (open && ev->end == END_FINISH) bt_deliver_finish(&e->dl, &h->ds, ev->reason, &ev->usage);
+            else if (open && ev->end == END_ERROR) bt_deliver_error(&e->dl, &h->ds, ev->code, ev->msg);
+            h->thread_done = true;
+            free_handle_if_done(h);
+        } else if (ev->kind == EV_DEAD && open && e->hooks.on_dead) {
+            bt_deliver_drain(&e->dl);
+            if (!bt_deliver_closed(&e->dl)) e->hooks.on_dead(e->hooks_ud, ev->msg);
+        } else if (ev->kind == EV_HANDOFF && open) {
+            bt_deliver_drain(&e->dl); /* the tokens before it reach the worker before its state */
+            if (!bt_deliver_closed(&e->dl)) {
                 ev->hcb(ev->hud, ev->state, ev->state_len); /* the callback owns the state */
                 ev->state = NULL;
             }
-        } else if (ev->kind == EV_END) {
-            free(h);
         }
         free(ev->ids);
         free(ev->text);
         free(ev->state);
         free(ev);
     }
-    if (load_changed && !e->destroy_pending && e->hooks.on_load) e->hooks.on_load(e->hooks_ud);
-    e->in_cb = false;
-    if (e->destroy_pending) ll_destroy_now(e);
+    bt_deliver_drain(&e->dl);
+    if (load_changed && !bt_deliver_closed(&e->dl) && e->hooks.on_load) e->hooks.on_load(e->hooks_ud);
+    bt_deliver_leave(&e->dl); /* may tear the engine down: nothing of e after it */
 }
 
 static void send_cmd(ll_engine *e, ll_cmd *c) {
@@ -908,11 +949,10 @@ static bt_status ll_submit(bt_engine *be, const bt_engine_request *req, const bt
     ll_seq *s = calloc(1, sizeof *s);
     ll_cmd *c = calloc(1, sizeof *c);
     if (!h || !s || !c) goto nomem;
-    h->sink = *sink;
-    h->ud = ud;
     s->h = h;
     s->slot = -1;
     s->api = req->api;
+    snprintf(s->rid, sizeof s->rid, "%s", req->request_id ? req->request_id : "?");
     s->body = json_deep_copy(req->body);
     if (!s->body) goto nomem;
     if (bt_lltext_init(&s->text, req->stop, req->n_stop) != BT_OK) goto nomem;
@@ -946,6 +986,7 @@ static bt_status ll_submit(bt_engine *be, const bt_engine_request *req, const bt
     c->kind = CMD_SUBMIT;
     c->h = h;
     c->seq = s;
+    bt_deliver_add(&e->dl, &h->ds, sink, ud, LL_TEXT_CAP);
     send_cmd(e, c);
     *out = h;
     return BT_OK;
@@ -959,7 +1000,7 @@ nomem:
 
 static void ll_stop(bt_engine *be, bt_engine_seq *h) {
     ll_engine *e = (ll_engine *)be;
-    if (h->dead || h->stop_sent) return;
+    if (bt_deliver_ended(&h->ds) || h->stop_sent) return;
     ll_cmd *c = calloc(1, sizeof *c);
     if (!c) return;
     h->stop_sent = true;
@@ -970,13 +1011,14 @@ static void ll_stop(bt_engine *be, bt_engine_seq *h) {
 
 static void ll_kill(bt_engine *be, bt_engine_seq *h) {
     ll_engine *e = (ll_engine *)be;
-    if (h->dead) return;
-    h->dead = true; /* no more callbacks from here on; freed at its END */
+    if (bt_deliver_dead(&h->ds)) return;
     ll_cmd *c = calloc(1, sizeof *c);
-    if (!c) return; /* the sequence then runs to its end unseen; its END still frees it */
-    c->kind = CMD_KILL;
-    c->h = h;
-    send_cmd(e, c);
+    if (c) { /* else the sequence runs to its end unseen; its END still frees the handle */
+        c->kind = CMD_KILL;
+        c->h = h;
+        send_cmd(e, c);
+    }
+    bt_deliver_kill(&e->dl, &h->ds); /* no more callbacks; the memory waits for its END */
 }
 
 static void ll_get_load(bt_engine *be, bt_engine_load *out) {
@@ -995,6 +1037,29 @@ static void ll_card(bt_engine *be, json_t *card) {
     json_object_set_new(card, "context_length", json_integer(e->n_cap));
     json_object_set_new(card, "engine", json_string("llama"));
     json_object_set_new(card, "llama_model", json_string(e->model_desc));
+    json_object_set_new(card, "exactness", json_string(e->exactness));
+}
+
+/* The model's identity for the fingerprint: its size and an FNV-1a 64 hash of its first MiB
+ * (the GGUF header, metadata and vocabulary of a small model, the first tensors of a big one):
+ * cheap, and two different models, or two quantisations of one, do not share both. */
+static void model_identity(const char *path, char *buf, size_t len) {
+    struct stat st;
+    FILE *f = fopen(path, "rb");
+    uint64_t h = 0xcbf29ce484222325ull;
+    unsigned char chunk[4096];
+    size_t n, hashed = 0;
+    if (!f || fstat(fileno(f), &st) != 0) {
+        if (f) fclose(f);
+        snprintf(buf, len, "unreadable");
+        return;
+    }
+    while (hashed < ((size_t)1 << 20) && (n = fread(chunk, 1, sizeof chunk, f)) > 0) {
+        for (size_t i = 0; i < n; i++) h = (h ^ chunk[i]) * 0x100000001b3ull;
+        hashed += n;
+    }
+    fclose(f);
+    snprintf(buf, len, "%lld:%016" PRIx64, (long long)st.st_size, h);
 }
 
 static void on_async_closed(uv_handle_t *h) {
@@ -1051,31 +1116,27 @@ static void ll_destroy_now(ll_engine *e) {
 }
 
 /* Drops every sequence without callbacks. Handles of live sequences are freed here too. Safe
- * from inside a sink or hook callback (deferred to the end of it). */
+ * from inside a sink or hook callback (the module defers the teardown to the end of it). */
 static void ll_destroy(bt_engine *be) {
     ll_engine *e = (ll_engine *)be;
-    if (e->in_cb) {
-        e->destroy_pending = true;
-        return;
-    }
-    ll_destroy_now(e);
+    bt_deliver_close(&e->dl);
 }
 
 /* Like ll_kill, after the thread exported the sequence's state (kv_handoff). */
 static void ll_handoff(bt_engine *be, bt_engine_seq *h, bt_engine_handoff_cb cb, void *ud) {
     ll_engine *e = (ll_engine *)be;
-    ll_cmd *c = h->dead ? NULL : calloc(1, sizeof *c);
+    ll_cmd *c = bt_deliver_dead(&h->ds) ? NULL : calloc(1, sizeof *c);
     if (!c) {
         ll_kill(be, h);
         cb(ud, NULL, 0);
         return;
     }
-    h->dead = true; /* no more sink callbacks; freed at its END */
     c->kind = CMD_HANDOFF;
     c->h = h;
     c->hcb = cb;
     c->hud = ud;
     send_cmd(e, c);
+    bt_deliver_kill(&e->dl, &h->ds); /* no more sink callbacks; the memory waits for its END */
 }
 
 static void ll_kv_stats(bt_engine *be, bt_engine_kv_stats *out) {
@@ -1119,6 +1180,7 @@ bt_engine *bt_llama_create_with_api(uv_loop_t *loop, const bt_llama_config *cfg,
     e->hooks_ud = hooks_ud;
     pthread_mutex_init(&e->mu, NULL);
     pthread_cond_init(&e->cv, NULL);
+    bt_deliver_init(&e->dl, &ll_deliver_ops, e);
     uv_async_init(loop, &e->async, on_async);
     e->async.data = e;
 
@@ -1182,6 +1244,12 @@ bt_engine *bt_llama_create_with_api(uv_loop_t *loop, const bt_llama_config *cfg,
     ll_kv_ident_init(&e->kv_ident, L, e->model, e->ctx, path, cfg);
     e->load.total_blocks = e->n_ctx / LL_BLOCK;
     e->load.max_num_batched_tokens = (uint64_t)cfg->max_num_batched_tokens;
+    /* what decides the logits bit for bit (llama.h): a stream continues only where all are equal */
+    char variant[96], ident[64];
+    if (!bt_llama_lib_cpu_variant(variant, sizeof variant)) snprintf(variant, sizeof variant, "none");
+    model_identity(path, ident, sizeof ident);
+    snprintf(e->exactness, sizeof e->exactness, "llama-0.4.0 cpu=%s threads=%lld ubatch=%u fa=%d model=%s", variant,
+             (long long)cfg->threads, cp.n_ubatch, cfg->flash_attn ? 1 : 0, ident);
     if (pthread_create(&e->thread, NULL, engine_thread, e) != 0) {
         snprintf(err, errlen, "cannot start the engine thread");
         goto fail;
@@ -1193,6 +1261,7 @@ bt_engine *bt_llama_create_with_api(uv_loop_t *loop, const bt_llama_config *cfg,
             e->n_cap,
             (long long)cfg->max_num_batched_tokens, (long long)cfg->threads,
             e->chat_template ? "the model's" : "plain");
+    BT_INFO("llama engine: exactness fingerprint \"%s\"", e->exactness);
     return &e->base;
 fail:
     ll_destroy_now(e);

@@ -7,6 +7,7 @@
 
 #ifdef BATON_HAVE_LLAMA
 #include <dlfcn.h>
+#include <link.h>
 #include <unistd.h>
 
 #include "common/log.h"
@@ -111,6 +112,31 @@ fail:
     if (hllama) dlclose(hllama);
     memset(&api, 0, sizeof api);
     return NULL;
+}
+
+typedef struct {
+    char *buf;
+    size_t len;
+    bool found;
+} variant_walk;
+
+static int variant_cb(struct dl_phdr_info *info, size_t size, void *ud) {
+    (void)size;
+    variant_walk *v = ud;
+    const char *name = info->dlpi_name ? info->dlpi_name : "";
+    const char *base = strrchr(name, '/');
+    base = base ? base + 1 : name;
+    if (strncmp(base, "libggml-cpu", 11) != 0) return 0;
+    snprintf(v->buf, v->len, "%s", base);
+    v->found = true;
+    return 1; /* ggml loads one CPU variant: the first is the one */
+}
+
+bool bt_llama_lib_cpu_variant(char *buf, size_t len) {
+    variant_walk v = {buf, len, false};
+    if (len) buf[0] = '\0';
+    dl_iterate_phdr(variant_cb, &v);
+    return v.found;
 }
 
 #endif

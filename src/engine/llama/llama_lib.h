@@ -52,6 +52,12 @@ typedef struct {
  * same table). On failure returns NULL and writes why, naming what to run, into err. Not
  * thread-safe: call it from the worker's main thread before starting engines. */
 const bt_llama_api *bt_llama_lib_open(const char *dir, char *err, size_t errlen);
+
+/* The file name of the CPU backend variant ggml loaded into this process (the one
+ * libggml-cpu-<family>.so it chose for this CPU, e.g. "libggml-cpu-haswell.so") into buf; false
+ * when none is loaded. Its kernels decide the logits bit for bit, so it is part of a worker's
+ * exactness fingerprint (llama.h). Call after bt_llama_lib_open. */
+bool bt_llama_lib_cpu_variant(char *buf, size_t len);
 #endif
 
 #endif

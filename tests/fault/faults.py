@@ -1,0 +1,32 @@
+"""Runs one fault scenario of tests/lib/faultlib.py on one engine, through the real binaries:
+
+    python3 tests/fault/faults.py ENGINE SCENARIO
+
+ENGINE is a profile of faultlib.PROFILES (mocker, llama), SCENARIO one of faultlib.SCENARIOS.
+CMake registers every pair as fault/test_faults_<engine>_<scenario>; the scenarios and their
+oracle are described in faultlib. Exit 77 (skipped) when the engine is not in this build.
+"""
+
+import sys
+
+import batonlib as bl
+import faultlib as fl
+
+
+def main():
+    if len(sys.argv) != 3 or sys.argv[1] not in fl.PROFILES or sys.argv[2] not in fl.SCENARIOS:
+        print(f"usage: faults.py {{{','.join(fl.PROFILES)}}} {{{','.join(fl.SCENARIOS)}}}", file=sys.stderr)
+        return 2
+    engine, scenario = sys.argv[1], sys.argv[2]
+    skipped = fl.skip(engine)
+    if skipped is not None:
+        return skipped
+    with bl.deadline(60, f"test_faults_{engine}_{scenario}"):
+        with bl.Cluster() as c:
+            fl.SCENARIOS[scenario](c, fl.PROFILES[engine])
+    print("ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
