@@ -31,6 +31,7 @@ import threading
 import time
 
 import batonlib as bl
+import faultlib as fl
 
 MODEL = "mock-model"
 N = 6
@@ -49,62 +50,12 @@ def body_for(i):
                                             **extra)
 
 
-def stream(fe, i, rid, on_event=None):
-    api, body = body_for(i)
-    fn = bl.stream_chat if api == "chat" else bl.stream_completion
-    return fn(fe.url, body, timeout=50, on_event=on_event, headers={"X-Request-Id": rid})
-
-
-def outcome(s):
-    return {"text": s.text, "ids": list(s.token_ids), "finish": s.finish_reason, "usage": s.usage}
-
-
-def run(fe, tag, on_all=None):
-    """Runs the N streams; on_all() is called once, when every stream has TRIGGER tokens."""
-    counts = [0] * N
-    lock = threading.Lock()
-    fired = threading.Event()
-
-    def factory(i):
-        def on_event(st, obj):
-            with lock:
-                counts[i] = len(st.token_ids)
-                if on_all and not fired.is_set() and min(counts) >= TRIGGER:
-                    fired.set()
-                    on_all()
-            return False
-        return on_event
-
-    res = bl.run_concurrently(stream, [(fe, i, f"{tag}-{i}", factory(i)) for i in range(N)], max_workers=N)
-    if on_all:
-        assert fired.is_set(), f"{tag}: the trigger never fired (counts {counts})"
-    return res
-
-
-def check_exact(refs, runs, tag):
-    bad = []
-    for i, (r, s) in enumerate(zip(refs, runs)):
-        if not s.ok or outcome(s) != outcome(r):
-            a, b = outcome(r), outcome(s)
-            first = next((k for k in range(min(len(a["ids"]), len(b["ids"]))) if a["ids"][k] != b["ids"][k]), None)
-            bad.append(f"stream {i}: {s.summary()}; first differing token {first}; usage {b['usage']} vs {a['usage']}")
-    assert not bad, f"{tag}: streams differ from the fault-free reference:\n" + "\n".join(bad)
-
-
-def moved(fe, tag):
-    return set(int(m) for m in re.findall(rf"request {tag}-(\d+) migrated", fe.proc.log_text()))
-
-
-def counters(w):
-    s = bl.metrics(w.system_url)
-    fb = {r: bl.metric_sum(s, "baton_worker_kv_handoff_fallbacks_total", reason=r)
-          for r in ("missing", "corrupt", "mismatch", "tokens", "import", "unsupported")}
-    return {"prefill": bl.metric_sum(s, "baton_worker_engine_prefill_tokens_total"),
-            "imports": bl.metric_sum(s, "baton_worker_kv_handoff_imports_total"),
-            "imported_tokens": bl.metric_sum(s, "baton_worker_kv_handoff_imported_tokens_total"),
-            "exports": bl.metric_sum(s, "baton_worker_kv_handoff_exports_total"),
-            "export_bytes": bl.metric_sum(s, "baton_worker_kv_handoff_export_bytes_total"),
-            "fallbacks": fb}
+def runner(fe):
+    def start(i, rid, on_event):
+        api, body = body_for(i)
+        fn = bl.stream_chat if api == "chat" else bl.stream_completion
+        return fn(fe.url, body, timeout=50, on_event=on_event, headers={"X-Request-Id": rid})
+    return lambda tag, on_all=None: fl.run_streams(N, start, tag, TRIGGER, on_all)
 
 
 def llama_worker(c, **flags):
@@ -124,7 +75,8 @@ def main():
             b = llama_worker(c)
             c.wait_workers(fe, 2)
             t0 = time.monotonic()
-            refs = run(fe, "ref")
+            run = runner(fe)
+            refs = run("ref")
             for i, s in enumerate(refs):
                 s.assert_ok(f"reference stream {i}")
                 _, body = body_for(i)
@@ -132,17 +84,7 @@ def main():
             print(f"reference: {N} streams in {time.monotonic() - t0:.1f} s")
 
             # 1. SIGTERM at a 0 s bound: the states travel, nothing is prefilled on the receiver
-            before = {}
-
-            def stop_a():
-                before.update(counters(b))
-                a.proc.kill(signal.SIGTERM)
-
-            runs = run(fe, "term", stop_a)
-            check_exact(refs, runs, "SIGTERM hand-off")
-            m = moved(fe, "term")
-            assert m, "no stream was moved by the SIGTERM\n" + fe.proc.log_tail()
-            after = counters(b)
+            m, before, after = fl.handoff_round(fe, refs, "term", run, b, lambda: a.proc.kill(signal.SIGTERM))
             sent = re.findall(r"KV state of (\d+) bytes sent with the stream", a.proc.log_text())
             assert len(sent) == len(m), f"{len(sent)} states sent for {len(m)} moved streams\n" + a.proc.log_tail()
             assert after["imports"] - before["imports"] == len(m), (before, after, m)
@@ -163,17 +105,7 @@ def main():
             src = llama_worker(c, fault_kv_corrupt=True)
             dst = llama_worker(c)
             c.wait_workers(fe, 2)
-            before = {}
-
-            def stop_src():
-                before.update(counters(dst))
-                src.proc.kill(signal.SIGTERM)
-
-            runs = run(fe, "corrupt", stop_src)
-            check_exact(refs, runs, "corrupted state")
-            m = moved(fe, "corrupt")
-            assert m, "no stream was moved by the SIGTERM"
-            after = counters(dst)
+            m, before, after = fl.handoff_round(fe, refs, "corrupt", run, dst, lambda: src.proc.kill(signal.SIGTERM))
             assert after["fallbacks"]["corrupt"] - before["fallbacks"]["corrupt"] == len(m), (before, after, m)
             assert after["imports"] == before["imports"], (before, after)
             assert after["prefill"] > before["prefill"], (before, after)
@@ -187,17 +119,7 @@ def main():
             src = llama_worker(c)
             dst = llama_worker(c, max_num_seqs=8)
             c.wait_workers(fe, 2)
-            before = {}
-
-            def stop_src2():
-                before.update(counters(dst))
-                src.proc.kill(signal.SIGTERM)
-
-            runs = run(fe, "layout", stop_src2)
-            check_exact(refs, runs, "state of another KV layout")
-            m = moved(fe, "layout")
-            assert m, "no stream was moved by the SIGTERM"
-            after = counters(dst)
+            m, before, after = fl.handoff_round(fe, refs, "layout", run, dst, lambda: src.proc.kill(signal.SIGTERM))
             assert after["fallbacks"]["mismatch"] - before["fallbacks"]["mismatch"] == len(m), (before, after, m)
             assert after["imports"] == before["imports"] and after["prefill"] > before["prefill"], (before, after)
             print(f"another KV layout: {len(m)} states refused (fallback mismatch), re-prefilled, byte-exact")
@@ -214,13 +136,13 @@ def main():
                 giver.proc.kill(signal.SIGTERM)
 
             def kill_target():
-                n = len(moved(fe, "die"))
+                n = len(fl.migrated(fe, "die"))
                 bl.wait_for(lambda: len(re.findall(r"request die-\d+: relaying a KV state",
-                                                   fe.proc.log_text())) >= len(moved(fe, "die")) > 0, 15,
+                                                   fe.proc.log_text())) >= len(fl.migrated(fe, "die")) > 0, 15,
                             what="the states relayed to the stalled target")
                 third["w"] = llama_worker(c)
                 c.wait_workers(fe, 2)  # the target and the third (the giver has left)
-                third["before"] = counters(third["w"])
+                third["before"] = fl.kv_counters(third["w"])
                 target.proc.kill()
                 return n
 
@@ -232,11 +154,11 @@ def main():
                 stop_giver()
                 killer.start()
 
-            runs = run(fe, "die", on_all)
+            runs = run("die", on_all)
             killer.join(30)
-            check_exact(refs, runs, "target died during the hand-off")
+            fl.assert_exact(refs, runs, "target died during the hand-off")
             w3 = third["w"]
-            after = counters(w3)
+            after = fl.kv_counters(w3)
             assert after["imports"] == 0 and sum(after["fallbacks"].values()) == 0, after
             assert after["prefill"] > third["before"]["prefill"], (third["before"], after)
             relayed = len(re.findall(r"request die-\d+: relaying a KV state", fe.proc.log_text()))

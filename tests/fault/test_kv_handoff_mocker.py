@@ -18,9 +18,9 @@ import json
 import re
 import signal
 import sys
-import threading
 
 import batonlib as bl
+import faultlib as fl
 
 MODEL = "mock-model"
 N = 8
@@ -33,44 +33,10 @@ def body_for(i):
                               return_token_ids=True, stream_options={"include_usage": True})
 
 
-def outcome(s):
-    return {"text": s.text, "ids": list(s.token_ids), "finish": s.finish_reason, "usage": s.usage}
-
-
-def run(fe, tag, on_all=None):
-    counts = [0] * N
-    lock = threading.Lock()
-    fired = threading.Event()
-
-    def one(i):
-        def on_event(st, obj):
-            with lock:
-                counts[i] = len(st.token_ids)
-                if on_all and not fired.is_set() and min(counts) >= TRIGGER:
-                    fired.set()
-                    on_all()
-            return False
-        return bl.stream_completion(fe.url, body_for(i), timeout=40, on_event=on_event,
-                                    headers={"X-Request-Id": f"{tag}-{i}"})
-
-    res = bl.run_concurrently(one, list(range(N)), max_workers=N)
-    if on_all:
-        assert fired.is_set(), f"{tag}: the trigger never fired (counts {counts})"
-    return res
-
-
-def check_exact(refs, runs, tag):
-    bad = [f"stream {i}: {s.summary()}" for i, (r, s) in enumerate(zip(refs, runs))
-           if not s.ok or outcome(s) != outcome(r)]
-    assert not bad, f"{tag}: streams differ from the reference:\n" + "\n".join(bad)
-
-
-def counters(w):
-    s = bl.metrics(w.system_url)
-    return {"prefill": bl.metric_sum(s, "baton_worker_engine_prefill_tokens_total"),
-            "imports": bl.metric_sum(s, "baton_worker_kv_handoff_imports_total"),
-            "fallbacks": {r: bl.metric_sum(s, "baton_worker_kv_handoff_fallbacks_total", reason=r)
-                          for r in ("missing", "corrupt", "mismatch", "tokens", "import", "unsupported")}}
+def runner(fe):
+    def start(i, rid, on_event):
+        return bl.stream_completion(fe.url, body_for(i), timeout=40, on_event=on_event, headers={"X-Request-Id": rid})
+    return lambda tag, on_all=None: fl.run_streams(N, start, tag, TRIGGER, on_all)
 
 
 def worker(c, bpt, **flags):
@@ -84,24 +50,16 @@ def main():
             fe = c.start_frontend(stream_stall_timeout=30)
             a, b = worker(c, BPT), worker(c, BPT)
             c.wait_workers(fe, 2)
-            refs = run(fe, "ref")
+            run = runner(fe)
+            refs = run("ref")
             for i, s in enumerate(refs):
                 s.assert_ok(f"reference {i}")
 
-            before = {}
-
-            def stop_a():
-                before.update(counters(b))
-                a.proc.kill(signal.SIGTERM)
-
-            runs = run(fe, "term", stop_a)
-            check_exact(refs, runs, "mocker SIGTERM hand-off")
-            moved = set(re.findall(r"request term-(\d+) migrated", fe.proc.log_text()))
-            assert moved, "no stream moved\n" + fe.proc.log_tail()
+            # 1. SIGTERM at a 0 s bound: every state imported, nothing prefilled
+            moved, before, after = fl.handoff_round(fe, refs, "term", run, b, lambda: a.proc.kill(signal.SIGTERM))
             sent = [int(x) for x in re.findall(r"KV state of (\d+) bytes sent with the stream", a.proc.log_text())]
             assert len(sent) == len(moved), (sent, moved)
             assert all(x >= TRIGGER * BPT for x in sent), f"states smaller than {TRIGGER} tokens of KV: {sent}"
-            after = counters(b)
             assert after["imports"] - before["imports"] == len(moved), (before, after, moved)
             assert sum(after["fallbacks"].values()) == 0, after
             assert after["prefill"] == before["prefill"], (before, after)
@@ -112,17 +70,7 @@ def main():
             b.proc.stop()
             src, dst = worker(c, BPT), worker(c, BPT // 2)
             c.wait_workers(fe, 2)
-            before = {}
-
-            def stop_src():
-                before.update(counters(dst))
-                src.proc.kill(signal.SIGTERM)
-
-            runs = run(fe, "mis", stop_src)
-            check_exact(refs, runs, "mocker mismatched state")
-            moved = set(re.findall(r"request mis-(\d+) migrated", fe.proc.log_text()))
-            assert moved, "no stream moved"
-            after = counters(dst)
+            moved, before, after = fl.handoff_round(fe, refs, "mis", run, dst, lambda: src.proc.kill(signal.SIGTERM))
             assert after["fallbacks"]["mismatch"] - before["fallbacks"]["mismatch"] == len(moved), (before, after)
             assert after["imports"] == before["imports"] and after["prefill"] > before["prefill"], (before, after)
             print(f"mocker mismatch: {len(moved)} states refused (mismatch), re-prefilled, byte-exact")
@@ -135,21 +83,17 @@ def main():
             c.wait_workers(fe, 2)
             st, _, _ = bl.request("POST", y.system_url + "/rebalance?streams=1")
             assert st == 404, f"POST /rebalance without --rebalance-endpoint answered {st}"
-            before, answer = {}, {}
+            answer = {}
 
             def rebalance():
-                before.update(counters(y))
                 st, _, body = bl.request("POST", x.system_url + "/rebalance?streams=2")
                 answer.update(status=st, body=body)
 
-            runs = run(fe, "reb", rebalance)
-            check_exact(refs, runs, "rebalance")
+            moved, before, after = fl.handoff_round(fe, refs, "reb", run, y, rebalance)
             assert answer["status"] == 200, answer
             got = json.loads(answer["body"])
             assert got["moved"] == 2 and got["running"] >= 1, got
-            moved = set(re.findall(r"request reb-(\d+) migrated", fe.proc.log_text()))
             assert len(moved) == 2, moved
-            after = counters(y)
             assert after["imports"] - before["imports"] == 2 and after["prefill"] == before["prefill"], (before, after)
             assert bl.metric_sum(bl.metrics(x.system_url), "baton_worker_rebalanced_total") == 2
             assert x.proc.alive(), "the rebalanced worker stopped"

@@ -101,10 +101,14 @@ def differences(refs, runs, only=None):
     return bad
 
 
-def check(fe, tag, refs, runs, only=None, want_migrated=True):
-    """Every stream (of `only`, when given) equals its reference; some were migrated."""
+def assert_exact(refs, runs, tag, only=None):
     bad = differences(refs, runs, only)
     assert not bad, f"{tag}: streams differ from their reference:\n" + "\n".join(bad)
+
+
+def check(fe, tag, refs, runs, only=None, want_migrated=True):
+    """Every stream (of `only`, when given) equals its reference; some were migrated."""
+    assert_exact(refs, runs, tag, only)
     moved = migrated(fe, tag)
     assert moved or not want_migrated, f"{tag}: no stream migrated"
     print(f"{tag}: {len(runs) if only is None else len(only)} streams byte-exact; migrated {moved}")
@@ -234,3 +238,59 @@ def shedding(c, p):
 
 
 SCENARIOS = {f.__name__: f for f in (kill9, sigstop, drain, engine_failure, cancel_storm, shedding)}
+
+
+def run_streams(n, start, tag, trigger=None, action=None):
+    """Runs start(i, request_id, on_event) for i < n concurrently and returns the streams. With an
+    action, action() runs once, when every one of the n streams has `trigger` token ids (asserted)."""
+    counts = [0] * n
+    lock = threading.Lock()
+    fired = threading.Event()
+
+    def on_event(i, st, obj):
+        with lock:
+            counts[i] = len(st.token_ids)
+            if not fired.is_set() and min(counts) >= trigger:
+                fired.set()
+                action()
+        return False
+
+    def one(i):
+        return start(i, f"{tag}-{i}", (lambda st, obj: on_event(i, st, obj)) if action else None)
+
+    res = bl.run_concurrently(one, list(range(n)), max_workers=n)
+    assert not action or fired.is_set(), f"{tag}: the trigger never fired (counts {counts})"
+    return res
+
+
+KV_FALLBACKS = ("missing", "corrupt", "mismatch", "tokens", "import", "unsupported")
+
+
+def kv_counters(w):
+    """A worker's KV hand-off and prefill counters (its status server's /metrics)."""
+    s = bl.metrics(w.system_url)
+    return {"prefill": bl.metric_sum(s, "baton_worker_engine_prefill_tokens_total"),
+            "imports": bl.metric_sum(s, "baton_worker_kv_handoff_imports_total"),
+            "imported_tokens": bl.metric_sum(s, "baton_worker_kv_handoff_imported_tokens_total"),
+            "exports": bl.metric_sum(s, "baton_worker_kv_handoff_exports_total"),
+            "export_bytes": bl.metric_sum(s, "baton_worker_kv_handoff_export_bytes_total"),
+            "fallbacks": {r: bl.metric_sum(s, "baton_worker_kv_handoff_fallbacks_total", reason=r)
+                          for r in KV_FALLBACKS}}
+
+
+def handoff_round(fe, refs, tag, run, receiver, action):
+    """One KV hand-off round: run(tag, on_all) runs the load and calls on_all() once every stream
+    reached its trigger; on_all reads the receiver's counters, then runs action() (the fault: a
+    SIGTERM, a rebalance). Every stream must equal its reference and some must have moved.
+    Returns (indices of the moved streams, the receiver's counters before and after)."""
+    before = {}
+
+    def on_all():
+        before.update(kv_counters(receiver))
+        action()
+
+    runs = run(tag, on_all)
+    assert_exact(refs, runs, tag)
+    moved = migrated(fe, tag)
+    assert moved, f"{tag}: no stream moved\n" + fe.proc.log_tail()
+    return moved, before, kv_counters(receiver)
