@@ -67,33 +67,39 @@ def check_order(res, s_first, what):
     assert s_first > max(p5_first), f"{what}: S (priority 10) overtook a priority-5 request"
 
 
+def cut_and_resume(fe_cut, fe_resume, what):
+    """A priority-10 stream cut after 3 events on fe_cut, resumed without the header on fe_resume
+    behind a blocker and three priority-5 requests: byte-exact, and only after them."""
+    st, _, ref = bl.post_json(fe_cut.url + "/v1/chat/completions", s_body(), headers={"X-Priority": "10"})
+    assert st == 200, ref
+    ref = ref["choices"][0]["token_ids"]
+    cut = bl.stream_chat(fe_cut.url, s_body(), abort_after=3, headers={"X-Priority": "10"}, timeout=60)
+    assert cut.aborted and cut.last_event_id and 0 < len(cut.token_ids) < S_TOKENS, cut.summary()
+    bl.wait_for(lambda: bl.metric_sum(bl.metrics(fe_cut.url), "dynamo_frontend_inflight_requests") == 0, 10,
+                what="the cut stream to end")
+    res = {}
+    ts = blocker_and_p5(fe_resume, res)
+    resumed = {}
+    ts.append(start(lambda: resumed.__setitem__("s", bl.stream_chat(
+        fe_resume.url, s_body(), headers={"Last-Event-ID": cut.last_event_id}, timeout=120))))
+    bl.wait_for(lambda: waiting(fe_resume) >= 4, 10, what="the resumed stream to wait on the worker")
+    assert "block" not in res, "the blocker ended before everything waited: nothing was ordered"
+    for t in ts:
+        t.join(120)
+    r = resumed["s"]
+    r.assert_ok(f"the stream of the {what}")
+    assert cut.token_ids + r.token_ids == ref, "the resumed answer differs from its reference"
+    check_order(res, r.t_first, what)
+
+
 # 1. a resume
 with bl.Cluster() as c:
     fe = c.start_frontend()
     c.start_worker(max_num_seqs=1, speedup_ratio=1)
     c.wait_workers(fe, 1)
-    st, _, ref = bl.post_json(fe.url + "/v1/chat/completions", s_body(), headers={"X-Priority": "10"})
-    assert st == 200, ref
-    ref = ref["choices"][0]["token_ids"]
-    cut = bl.stream_chat(fe.url, s_body(), abort_after=3, headers={"X-Priority": "10"}, timeout=60)
-    assert cut.aborted and cut.last_event_id and 0 < len(cut.token_ids) < S_TOKENS, cut.summary()
-    bl.wait_for(lambda: bl.metric_sum(bl.metrics(fe.url), "dynamo_frontend_inflight_requests") == 0, 10,
-                what="the cut stream to end")
-    res = {}
-    ts = blocker_and_p5(fe, res)
-    resumed = {}
-    ts.append(start(lambda: resumed.__setitem__("s", bl.stream_chat(
-        fe.url, s_body(), headers={"Last-Event-ID": cut.last_event_id}, timeout=120))))
-    bl.wait_for(lambda: waiting(fe) >= 4, 10, what="the resumed stream to wait on the worker")
-    assert "block" not in res, "the blocker ended before everything waited: nothing was ordered"
-    for t in ts:
-        t.join(120)
-    r = resumed["s"]
-    r.assert_ok("the resumed stream")
-    assert cut.token_ids + r.token_ids == ref, "the resumed answer differs from its reference"
+    cut_and_resume(fe, fe, "resume")
     m = bl.metrics(fe.url)
     assert bl.metric_sum(m, "baton_frontend_stream_resumes_total", outcome="continued") == 1
-    check_order(res, r.t_first, "resume")
 
 # 2. a migration
 with bl.Cluster() as c:
@@ -139,25 +145,6 @@ with bl.Cluster() as c:
     c.start_worker(max_num_seqs=1, speedup_ratio=1, **plane)
     for fe in (fe1, fe2):
         c.wait_workers(fe, 1)
-    st, _, ref = bl.post_json(fe1.url + "/v1/chat/completions", s_body(), headers={"X-Priority": "10"})
-    assert st == 200, ref
-    ref = ref["choices"][0]["token_ids"]
-    cut = bl.stream_chat(fe1.url, s_body(), abort_after=3, headers={"X-Priority": "10"}, timeout=60)
-    assert cut.aborted and cut.last_event_id and 0 < len(cut.token_ids) < S_TOKENS, cut.summary()
-    bl.wait_for(lambda: bl.metric_sum(bl.metrics(fe1.url), "dynamo_frontend_inflight_requests") == 0, 10,
-                what="the cut stream to end")
-    res = {}
-    ts = blocker_and_p5(fe2, res)
-    resumed = {}
-    ts.append(start(lambda: resumed.__setitem__("s", bl.stream_chat(
-        fe2.url, s_body(), headers={"Last-Event-ID": cut.last_event_id}, timeout=120))))
-    bl.wait_for(lambda: waiting(fe2) >= 4, 10, what="the resumed stream to wait on the worker")
-    assert "block" not in res, "the blocker ended before everything waited: nothing was ordered"
-    for t in ts:
-        t.join(120)
-    r = resumed["s"]
-    r.assert_ok("the stream resumed on the other frontend")
-    assert cut.token_ids + r.token_ids == ref, "the resumed answer differs from its reference"
+    cut_and_resume(fe1, fe2, "resume on another frontend")
     assert fe2.proc.wait_log(r"stream [0-9a-f]{32} fetched from JetStream", timeout=1)
-    check_order(res, r.t_first, "resume on another frontend")
 print("test_priority_resume: ok")
