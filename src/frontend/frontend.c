@@ -702,9 +702,18 @@ int bt_frontend_main(int argc, char **argv) {
             keyed = material && snprintf(material, strlen(k) + 32, "baton stream journal\n%s", k) > 0 &&
                     EVP_Digest(material, strlen(material), g->mac_secret, &len, EVP_sha256(), NULL) == 1;
             free(material);
-            fe_journal *js = keyed ? fe_journal_js_new(g->journal, o->p.nats_server, o->ns) : NULL;
+            /* the journal's own NATS connection, made as the event plane's (same server, credentials, TLS) */
+            bt_events_config ec;
+            bt_proc_events_config(&o->p, o->ns, &ec);
+            char name[64];
+            snprintf(name, sizeof name, "baton-frontend-journal-%ld", (long)getpid());
+            ec.name = name;
+            fe_journal *js = keyed ? fe_journal_js_new(g->journal, &ec, err, sizeof err) : NULL;
             if (js) g->journal = js;
-            else keyed = false;
+            else {
+                if (keyed) BT_ERROR("stream journal: %s", err);
+                keyed = false;
+            }
         }
         if (!g->journal || !keyed) {
             BT_ERROR("cannot create the stream journal");

@@ -30,6 +30,7 @@
 
 #include "common/status.h"
 #include "engine/engine.h"
+#include "events/events.h"
 
 #define FE_STREAM_ID_LEN 32 /* 128 random bits in lower-case hex */
 #define FE_KEY_MAC_LEN 32   /* HMAC-SHA256 of the caller's credential */
@@ -146,9 +147,11 @@ const char *fe_jrec_stream_id(const fe_jrec *r);
 
 /* The NATS JetStream store (journal_js.c): the in-process store `mem` (taken over) for this
  * process's own streams, every change of it replicated in batches to the JetStream stream
- * BATON_JOURNAL_<ns>, and records of other frontends fetched from there on a resume. It connects
- * in the background; until it has (and when the server has no JetStream) it is `mem` alone. */
-fe_journal *fe_journal_js_new(fe_journal *mem, const char *nats_url, const char *ns);
+ * BATON_JOURNAL_<c->ns>, and records of other frontends fetched from there on a resume. It
+ * connects in the background to c->nats_server with the event plane's options and credentials
+ * (c: the event plane's configuration, events/nats_client.h); until it has (and when the server
+ * has no JetStream or refuses it) it is `mem` alone. NULL (mem not taken) with err on failure. */
+fe_journal *fe_journal_js_new(fe_journal *mem, const bt_events_config *c, char *err, size_t errlen);
 
 static inline fe_jrec *fe_journal_open(fe_journal *j, fe_jsnap *meta, const uint8_t key_mac[FE_KEY_MAC_LEN],
                                        int shard) {

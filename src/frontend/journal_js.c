@@ -39,6 +39,7 @@
 
 #include "common/log.h"
 #include "common/util.h"
+#include "events/nats_client.h"
 #include "frontend/journal.h"
 
 #define BATCH_MS 20                      /* the thread's longest sleep while changes are queued */
@@ -84,6 +85,13 @@ typedef struct {
     fe_journal pub;
     fe_journal *mem;
     char *url;
+    /* The event plane's options and credentials (nats_client.h), on a connection of its own: the
+     * event plane's connection is driven by shard 0's loop, so the journal's publishes, JetStream
+     * requests and fetches would run their socket I/O on that loop (the journal's whole point is
+     * to keep it off the loops), and its volume would fill the send buffer the load reports are
+     * capped by (they are dropped past 256 KiB). Its lifetime is its own too: it flushes at exit
+     * after the event plane has closed. */
+    bt_nats_client *cl;
     char ns[64];
     char stream[96];
     char prefix[96];
@@ -528,17 +536,11 @@ static void do_purges(js_journal *js, jsCtx *ctx, bool all) {
 
 static void thread_main(void *arg) {
     js_journal *js = arg;
-    natsOptions *no = NULL;
     natsConnection *nc = NULL;
     jsCtx *ctx = NULL;
     jsStreamInfo *si = NULL;
     jsErrCode je = 0;
-    natsStatus st = natsOptions_Create(&no);
-    if (st == NATS_OK) st = natsOptions_SetServers(no, NULL, 0);
-    if (st == NATS_OK) st = natsOptions_SetURL(no, js->url);
-    if (st == NATS_OK) st = natsOptions_SetMaxReconnect(no, -1);
-    if (st == NATS_OK) st = natsOptions_SetTimeout(no, 2000);
-    if (st == NATS_OK) st = natsConnection_Connect(&nc, no);
+    natsStatus st = bt_nats_client_connect(js->cl, &nc);
     if (st == NATS_OK) st = natsConnection_JetStream(&ctx, nc, NULL);
     if (st == NATS_OK) {
         jsStreamConfig cfg;
@@ -569,14 +571,19 @@ static void thread_main(void *arg) {
             BT_WARN("resumable streams: the NATS server at %s has no JetStream (start it with -js): keeping the "
                     "in-process journal; streams resume only on the frontend that served them",
                     js->url);
+        else if (st == NATS_CONNECTION_AUTH_FAILED)
+            BT_WARN("resumable streams: the NATS server at %s refused the journal's credentials (%s: %s): keeping "
+                    "the in-process journal; streams resume only on the frontend that served them",
+                    js->url, bt_nats_client_auth(js->cl), nats_GetLastError(NULL));
         else
-            BT_WARN("resumable streams: cannot use JetStream at %s (%s, error %d): keeping the in-process journal; "
-                    "streams resume only on the frontend that served them",
-                    js->url, natsStatus_GetText(st), (int)je);
+            BT_WARN("resumable streams: cannot use JetStream at %s (%s, error %d; credentials: %s): keeping the "
+                    "in-process journal; streams resume only on the frontend that served them",
+                    js->url, natsStatus_GetText(st), (int)je, bt_nats_client_auth(js->cl));
     } else {
         BT_INFO("resumable streams: journal shared through NATS JetStream at %s (stream %s, subjects %s.*, MaxAge "
-                "%gs, MaxBytes %" PRIu64 "); a stream resumes on any frontend of namespace %s",
-                js->url, js->stream, js->prefix, js->pub.retention_s + MAX_STREAM_S, js->pub.max_bytes, js->ns);
+                "%gs, MaxBytes %" PRIu64 ", credentials: %s); a stream resumes on any frontend of namespace %s",
+                js->url, js->stream, js->prefix, js->pub.retention_s + MAX_STREAM_S, js->pub.max_bytes,
+                bt_nats_client_auth(js->cl), js->ns);
     }
     jsStreamInfo_Destroy(si);
     uv_mutex_lock(&js->mu);
@@ -609,7 +616,6 @@ static void thread_main(void *arg) {
     do_purges(js, ctx, true);
     jsCtx_Destroy(ctx);
     natsConnection_Destroy(nc);
-    natsOptions_Destroy(no);
 }
 
 static void js_destroy(fe_journal *j) {
@@ -633,6 +639,7 @@ static void js_destroy(fe_journal *j) {
         free(f);
     }
     fe_journal_destroy(js->mem);
+    bt_nats_client_free(js->cl);
     uv_cond_destroy(&js->cv);
     uv_mutex_destroy(&js->mu);
     free(js->url);
@@ -647,27 +654,35 @@ static const fe_journal_ops js_ops = {.open = js_open,
                                       .note_worker = js_note_worker,
                                       .destroy = js_destroy};
 
-fe_journal *fe_journal_js_new(fe_journal *mem, const char *nats_url, const char *ns) {
+fe_journal *fe_journal_js_new(fe_journal *mem, const bt_events_config *c, char *err, size_t errlen) {
     js_journal *js = calloc(1, sizeof *js);
-    if (!js) return NULL;
+    if (!js) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
     js->pub.ops = &js_ops;
     js->pub.retention_s = mem->retention_s;
     js->pub.max_bytes = mem->max_bytes;
     js->mem = mem;
-    js->url = strdup(nats_url);
-    snprintf(js->ns, sizeof js->ns, "%s", ns);
-    snprintf(js->stream, sizeof js->stream, "BATON_JOURNAL_%s", ns);
-    snprintf(js->prefix, sizeof js->prefix, "baton.journal.%s", ns);
+    js->url = strdup(c->nats_server);
+    snprintf(js->ns, sizeof js->ns, "%s", c->ns);
+    snprintf(js->stream, sizeof js->stream, "BATON_JOURNAL_%s", c->ns);
+    snprintf(js->prefix, sizeof js->prefix, "baton.journal.%s", c->ns);
     js->state = JS_CONNECTING;
-    if (!js->url || uv_mutex_init(&js->mu) != 0) {
+    js->cl = bt_nats_client_new(c, err, errlen);
+    if (!js->url || !js->cl || uv_mutex_init(&js->mu) != 0) {
+        if (!js->url) snprintf(err, errlen, "out of memory");
+        bt_nats_client_free(js->cl);
         free(js->url);
         free(js);
         return NULL;
     }
     uv_cond_init(&js->cv);
     if (uv_thread_create(&js->thread, thread_main, js) != 0) {
+        snprintf(err, errlen, "cannot start the journal's thread");
         uv_cond_destroy(&js->cv);
         uv_mutex_destroy(&js->mu);
+        bt_nats_client_free(js->cl);
         free(js->url);
         free(js);
         return NULL;
