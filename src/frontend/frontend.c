@@ -391,6 +391,9 @@ static void shutdown_tick(uv_timer_t *t) {
                     f->nreqs);
             for (size_t n = f->nreqs; f->reqs && n > 0; n--) /* each call frees the request */
                 if (!fe_request_hand_off(f->reqs)) fe_request_fail(f->reqs, BT_ERR_SHUTDOWN, "the frontend is shutting down");
+            /* the process exits right after: its last value is in the log, as no scrape can read it */
+            BT_INFO("%" PRIu64 " streams handed off at the shutdown bound%s (baton_frontend_streams_handed_off_total)",
+                    f->handed_off, f->grp->n > 1 ? " on this thread" : "");
         }
         BT_INFO("frontend shutting down after %llu ms", (unsigned long long)el);
         uv_timer_stop(t);

@@ -101,6 +101,12 @@ typedef struct {
     uint64_t bytes;       /* what the records hold, by the journal's own accounting */
     uint64_t opened;      /* records created since start */
     uint64_t evicted_expired, evicted_size, dropped_live, refused_full;
+    /* the JetStream store only (journal_js.c; 0 for the in-process one) */
+    bool shared;                           /* connected to JetStream: streams resume on other frontends */
+    uint64_t js_published, js_failed;      /* messages published, and publishes that failed */
+    uint64_t js_dropped;                   /* changes never sent: the queue to the publisher was full */
+    uint64_t js_purged, js_purge_failed;   /* finished streams purged by subject after their retention */
+    uint64_t js_fetched, js_fetch_missing; /* resumes of other frontends' streams: read back, or not there */
 } fe_journal_stats;
 
 typedef struct {

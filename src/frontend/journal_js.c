@@ -106,7 +106,7 @@ typedef struct {
     purge *purges;
     bool stop;
     js_state state;
-    uint64_t dropped, published, pub_errors;
+    uint64_t dropped, published, pub_errors, purged, purge_errors, fetched, fetch_missing;
 } js_journal;
 
 /* ---- the loops' side ------------------------------------------------------------------------ */
@@ -220,10 +220,15 @@ static void js_close(fe_journal *j, fe_jrec *rec, const fe_jtail *tail) {
     js_journal *js = (js_journal *)j;
     char sid[FE_STREAM_ID_LEN + 1];
     memcpy(sid, fe_jrec_stream_id(rec), sizeof sid);
-    fe_journal_close(js->mem, rec, tail);
     json_t *o = json_pack("{s:s}", "o", "close");
     if (o) tail_json(o, tail);
+    /* Queued before the record is released, not after: once released, a resume on another loop
+     * (--threads) may claim it at once and queue its own events and close, and the subject must
+     * hold them after this close. Queued the other way round, a thread descheduled between the two
+     * steps could put this close (unfinished) after the resumed stream's finish, and a frontend
+     * reading the stream back would continue an answer that had ended. */
     enqueue(js, OP_CLOSE, sid, o);
+    fe_journal_close(js->mem, rec, tail);
 }
 
 static void js_note_worker(fe_journal *j, fe_jrec *rec, uint64_t worker_id) {
@@ -276,7 +281,20 @@ static fe_claim_result js_claim(fe_journal *j, const char *sid, const uint8_t ke
     return res;
 }
 
-static void js_stats(fe_journal *j, fe_journal_stats *out) { fe_journal_stats_get(((js_journal *)j)->mem, out); }
+static void js_stats(fe_journal *j, fe_journal_stats *out) {
+    js_journal *js = (js_journal *)j;
+    fe_journal_stats_get(js->mem, out);
+    out->shared = atomic_load(&js->pub.shared);
+    uv_mutex_lock(&js->mu);
+    out->js_published = js->published;
+    out->js_failed = js->pub_errors;
+    out->js_dropped = js->dropped;
+    out->js_purged = js->purged;
+    out->js_purge_failed = js->purge_errors;
+    out->js_fetched = js->fetched;
+    out->js_fetch_missing = js->fetch_missing;
+    uv_mutex_unlock(&js->mu);
+}
 
 /* ---- the thread ----------------------------------------------------------------------------- */
 
@@ -497,8 +515,10 @@ static void fetch_one(js_journal *js, jsCtx *ctx, fetch *f) {
         f->snap = s;
         memcpy(f->mac, mac, sizeof mac);
         f->state = F_FOUND;
+        js->fetched++;
     } else {
         f->state = F_NONE;
+        js->fetch_missing++;
         fe_jsnap_free(&s);
     }
     uv_mutex_unlock(&js->mu);
@@ -529,6 +549,10 @@ static void do_purges(js_journal *js, jsCtx *ctx, bool all) {
             jsErrCode je = 0;
             natsStatus st = js_PurgeStream(ctx, js->stream, &jo, &je);
             if (st != NATS_OK) BT_DEBUG("stream journal: purge of %s failed: %s", subj, natsStatus_GetText(st));
+            uv_mutex_lock(&js->mu);
+            if (st == NATS_OK) js->purged++;
+            else js->purge_errors++;
+            uv_mutex_unlock(&js->mu);
         }
         free(p);
     }

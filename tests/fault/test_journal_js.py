@@ -17,6 +17,8 @@ with --threads 2, all given the seed (NATS_AUTH_NKEY). Checked:
      of frontend A) and 4 more streams held open on A, A is killed with SIGKILL; each of the 5 is
      resumed on frontend B from the last event its client received, and gets exactly the rest of
      the uncut answer, ending with [DONE]; B fetched them from JetStream (its log).
+  5. the journal's JetStream counters on B: messages published, none failed, none dropped, the
+     fetches counted as logged; and the hand-off counter is exported (0: nothing was handed off).
 """
 
 import json
@@ -171,5 +173,16 @@ with bl.Cluster() as c:
     print(f"failover: frontend A (2 loops) killed with {len(open_streams)} streams open; all resumed exactly on B "
           f"({adopted:.0f} re-attached to their orphans)", flush=True)
 
+    # -- 5. B's journal counters
+    m = bl.metrics(fb.url)
+    pub_ok = bl.metric_sum(m, "baton_frontend_stream_journal_jetstream_messages_total", result="published")
+    pub_err = bl.metric_sum(m, "baton_frontend_stream_journal_jetstream_messages_total", result="failed")
+    dropped = bl.metric_sum(m, "baton_frontend_stream_journal_jetstream_dropped_total")
+    assert pub_ok > 0 and pub_err == 0 and dropped == 0, (pub_ok, pub_err, dropped)
+    assert bl.metric_sum(m, "baton_frontend_stream_journal_shared") == 1
+    fetches = bl.metric_sum(m, "baton_frontend_stream_journal_jetstream_fetches_total", result="found")
+    assert fetches == len(fetched), f"{fetches} fetches counted, {len(fetched)} logged"
+    assert "baton_frontend_streams_handed_off_total" in m and m["baton_frontend_streams_handed_off_total"] == 0, \
+        {k: v for k, v in m.items() if "handed" in k}
 
 print("test_journal_js: ok")
