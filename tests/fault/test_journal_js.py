@@ -4,6 +4,9 @@ two event loops (docs/fault-tolerance.md, "Frontend failover").
 One nats-server -js that admits only one user nkey, two mocker workers and two frontends, each
 with --threads 2, all given the seed (NATS_AUTH_NKEY). Checked:
 
+  0. TLS: on a second nats-server -js that requires TLS and the nkey (certificates made by
+     etcdlib.make_tls_certs), a frontend given the CA (SSL_CERT_FILE, OpenSSL's trust) journals
+     there over tls://; given another CA, neither its journal nor its event plane connects;
   1. the server refuses a client without credentials (so the rest means something);
   2. both frontends say at start-up that they journal in JetStream, and the server lists each
      one's journal connection (client name baton-frontend-journal-<pid>) under the nkey — the
@@ -28,6 +31,7 @@ import signal
 import socket
 
 import batonlib as bl
+import etcdlib
 import natslib
 
 bl.deadline(200, "test_journal_js")
@@ -104,6 +108,32 @@ with bl.Cluster() as c:
     # -- 1. credentials required
     reply = natslib.raw_connect(nats.port)
     assert reply.startswith(b"-ERR") and b"Authorization Violation" in reply, reply
+
+    # -- TLS: a server that requires TLS (and the nkey) at a tls:// URL, its CA given through
+    # OpenSSL's SSL_CERT_FILE: the journal connects as the event plane does, and without the CA
+    # neither connects
+    certs = etcdlib.make_tls_certs(os.path.join(c.dir, "tls"))
+    tls_nats = natslib.NatsServer(c.dir, name="nats-tls", config=(
+        f'tls {{ cert_file: "{certs["server_cert"]}", key_file: "{certs["server_key"]}" }}\n'
+        f'jetstream {{ store_dir: "{os.path.join(c.dir, "js-tls")}" }}\n'
+        f'authorization {{ users = [ {{ nkey: "{pub}" }} ] }}')).start()
+    tls_url = f"tls://127.0.0.1:{tls_nats.port}"
+    ft = c.start_frontend(env={"NATS_AUTH_NKEY": seed, "SSL_CERT_FILE": certs["ca"]}, event_plane="nats",
+                          nats_server=tls_url)
+    ft.proc.wait_log(r"journal shared through NATS JetStream at tls://127\.0\.0\.1:\d+ .*credentials: "
+                     r"NATS_AUTH_NKEY\)", timeout=15)
+    ft.proc.wait_log(r"NATS connected to tls://", timeout=15)
+    fu = c.start_frontend(env={"NATS_AUTH_NKEY": seed, "SSL_CERT_FILE": certs["other_ca"]}, event_plane="nats",
+                          nats_server=tls_url)
+    fu.proc.wait_log(r"cannot use JetStream at tls://\S+ \(SSL Error", timeout=15)
+    fu.proc.wait_log(r"NATS server tls://\S+ is not reachable yet|the client gave up on tls://", timeout=15)
+    assert "NATS connected" not in fu.proc.log_text(), "the event plane trusted a server the journal did not"
+    for f in (ft, fu):
+        f.proc.stop()
+        c.frontends.remove(f)
+    tls_nats.kill()
+    print("TLS: the journal connects over tls:// with the event plane's trust; with another CA neither does",
+          flush=True)
 
     env = {"NATS_AUTH_NKEY": seed}
     plane = dict(event_plane="nats", nats_server=nats.url)
