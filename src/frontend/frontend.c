@@ -714,7 +714,7 @@ int bt_frontend_main(int argc, char **argv) {
             fe_journal *js = keyed ? fe_journal_js_new(g->journal, &ec, err, sizeof err) : NULL;
             if (js) g->journal = js;
             else {
-                if (keyed) BT_ERROR("stream journal: %s", err);
+                if (keyed) BT_ERROR("event plane (the stream journal's connection): %s", err);
                 keyed = false;
             }
         }
