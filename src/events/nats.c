@@ -571,7 +571,6 @@ static void free_secret(char *s) {
     free(s);
 }
 
-
 /* The closer's done: finish_close has run and every handle has closed. */
 static void events_free(void *closer_ud) {
     bt_events *e = closer_ud;
