@@ -50,7 +50,8 @@ def body(i, max_tokens=300):
 
 def held_stream(fe, b, headers=None, events=3):
     """A stream on a raw socket that reads `events` whole events and then goes silent (reads
-    nothing more, never closes). Returns the socket and the id of the last whole event."""
+    nothing more, never closes). Returns the socket, the id of the last whole event received and
+    the text of the events up to it (what its client would show)."""
     data = json.dumps(dict(b, stream=True)).encode()
     s = socket.create_connection(("127.0.0.1", fe.port), timeout=10)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -64,32 +65,44 @@ def held_stream(fe, b, headers=None, events=3):
         got += c
     head, _, rest = got.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
-    ids = re.findall(rb"\nid: (\S+)\n", b"\n" + rest)
-    return s, ids[-2].decode()
+    sse = dechunk(rest) if b"transfer-encoding: chunked" in head.lower() else rest
+    text, last = "", None
+    # whole events only: an id line, a data line, both ended (the last id is cut short)
+    for m in re.finditer(rb"(?m)^id: (\S+)\ndata: (.*)\n", sse):
+        ch = (json.loads(m.group(2)).get("choices") or [{}])[0]
+        text += (ch.get("delta") or {}).get("content") or ""
+        last = m.group(1).decode()
+    assert last, sse
+    return s, last, text
 
 
-def text_after(ref, pos):
-    """The text of ref's events after the event that ends at position `pos` (tokens delivered)."""
-    n, out = 0, []
-    for e in ref.events:
-        if not (isinstance(e, dict) and e.get("choices")):
-            continue
-        ch = e["choices"][0]
-        if n >= pos:
-            out.append((ch.get("delta") or {}).get("content") or ch.get("text") or "")
-        n += len(ch.get("token_ids") or [])
-    return "".join(out)
+def dechunk(raw):
+    """The body of a chunked HTTP/1.1 response received so far: every chunk, the last one
+    possibly cut short."""
+    out, i = b"", 0
+    while True:
+        j = raw.find(b"\r\n", i)
+        if j < 0:
+            return out
+        n = int(raw[i:j].split(b";")[0], 16)
+        out += raw[j + 2:j + 2 + n]
+        if n == 0 or j + 2 + n + 2 > len(raw):
+            return out
+        i = j + 2 + n + 2
 
 
-def rest_matches(fe, b, last, ref, what):
-    """Resumes on fe after event `last`; the answer must be exactly ref's rest, ending with [DONE]."""
+def rest_matches(fe, b, last, before, ref, what):
+    """Resumes on fe after event `last`, `before` being the text the client had; its answer put
+    together must be exactly ref: token ids, text, finish reason and usage, ending with [DONE]."""
     pos = int(ID_RX.match(last).group(2))
     assert 0 < pos < len(ref.token_ids), (what, last)
     r = bl.stream_chat(fe.url, b, headers={"Last-Event-ID": last}, timeout=60)
     assert r.ok and r.done, f"{what}: {r.summary()}"
     assert r.token_ids == ref.token_ids[pos:], \
         f"{what}: resumed {len(r.token_ids)} tokens, expected the {len(ref.token_ids) - pos} after position {pos}"
-    assert r.text == text_after(ref, pos), f"{what}: the resumed text is not the rest of the answer"
+    assert before + r.text == ref.text, \
+        f"{what}: the text put together differs from the uncut answer: {before!r} + {r.text[:80]!r}… vs " \
+        f"{ref.text[:len(before) + 80]!r}…"
     assert r.finish_reason == ref.finish_reason and r.usage == ref.usage, \
         f"{what}: end {r.finish_reason} {r.usage} vs {ref.finish_reason} {ref.usage}"
     return r
@@ -165,37 +178,37 @@ with bl.Cluster() as c:
         b = body(trial)
         refs[trial] = bl.stream_chat(fb.url, b, timeout=60).assert_ok(f"reference {trial}")
         waits0 = cross_loop_waits(fa)
-        s1, last1 = held_stream(fa, b)
-        s2, last2 = held_stream(fa, b, headers={"Last-Event-ID": last1}, events=5)
+        s1, last1, text1 = held_stream(fa, b)
+        s2, last2, text2 = held_stream(fa, b, headers={"Last-Event-ID": last1}, events=5)
         s1.close()
         crossed = cross_loop_waits(fa) > waits0
         if crossed and trial >= 2:
-            held = (trial, b, s2, last2)
+            held = (trial, b, s2, last2, text1 + text2)
             break
         s2.close()
         # the rest after the second client's last event, resumed on A again
-        rest_matches(fa, b, last2, refs[trial], f"trial {trial} (resumed {'across' if crossed else 'on one'} loop)")
+        rest_matches(fa, b, last2, text1 + text2, refs[trial], f"trial {trial} (resumed {'across' if crossed else 'on one'} loop)")
     assert held, f"in {trial + 1} trials no resume landed on the other event loop"
     print(f"two event loops: {trial + 1} resumes on frontend A, exact; the last one crossed loops", flush=True)
 
     # -- 4. kill -9 of A with that stream and 4 more held open: all resumed exactly on B
-    open_streams = [held[:2] + (held[3],)]
+    open_streams = [held[:2] + held[3:]]
     sockets = [held[2]]
     for k in range(EXTRA_STREAMS):
         i = 100 + k
         b = body(i)
         refs[i] = bl.stream_chat(fb.url, b, timeout=60).assert_ok(f"reference {i}")
-        s, last = held_stream(fa, b, events=2 + k)
+        s, last, text = held_stream(fa, b, events=2 + k)
         sockets.append(s)
-        open_streams.append((i, b, last))
+        open_streams.append((i, b, last, text))
     adopted0 = sum(bl.metric_sum(bl.metrics(w.system_url), "baton_worker_orphan_events_total", event="adopted")
                    for w in workers)
     fa.proc.kill(signal.SIGKILL)
     assert fa.proc.wait(10) == -signal.SIGKILL
     for s in sockets:
         s.close()
-    for i, b, last in open_streams:
-        rest_matches(fb, b, last, refs[i], f"stream {i} resumed on B after A's death")
+    for i, b, last, text in open_streams:
+        rest_matches(fb, b, last, text, refs[i], f"stream {i} resumed on B after A's death")
     fetched = re.findall(r"stream [0-9a-f]{32} fetched from JetStream", fb.proc.log_text())
     assert len(fetched) >= len(open_streams), f"B fetched {len(fetched)} streams from JetStream"
     adopted = sum(bl.metric_sum(bl.metrics(w.system_url), "baton_worker_orphan_events_total", event="adopted")
