@@ -79,7 +79,9 @@ typedef struct purge {
     uint64_t due_ms;
 } purge;
 
-typedef enum { JS_CONNECTING, JS_READY, JS_OFF } js_state;
+/* CONNECTING: the first attempt; WAITING: the server was unreachable, retried in the background,
+ * changes not kept meanwhile (below); READY: publishing; OFF: no JetStream, or refused. */
+typedef enum { JS_CONNECTING, JS_WAITING, JS_READY, JS_OFF } js_state;
 
 typedef struct {
     fe_journal pub;
@@ -115,8 +117,11 @@ typedef struct {
 static void enqueue_op(js_journal *js, op *o) {
     size_t bytes = o ? o->bytes : 0;
     uv_mutex_lock(&js->mu);
-    if (!o || js->state == JS_OFF || js->qbytes + bytes > QUEUE_MAX) {
-        if (js->state != JS_OFF) js->dropped++;
+    /* While the server is unreachable nothing is kept: a stream's changes on NATS must be whole
+     * from its open on, or a frontend reading it back would rebuild a record with a hole; a stream
+     * whose open was not published is simply not found elsewhere. */
+    if (!o || js->state == JS_OFF || js->state == JS_WAITING || js->qbytes + bytes > QUEUE_MAX) {
+        if (js->state != JS_OFF && js->state != JS_WAITING) js->dropped++;
         uv_mutex_unlock(&js->mu);
         if (o) json_decref(o->j);
         free(o);
@@ -565,6 +570,35 @@ static void thread_main(void *arg) {
     jsStreamInfo *si = NULL;
     jsErrCode je = 0;
     natsStatus st = bt_nats_client_connect(js->cl, &nc);
+    /* A server not reachable yet (started after this frontend, or down for a while) is retried
+     * in the background, as the event plane does, every 100 ms doubling to 2 s; the journal is
+     * the in-process one meanwhile. A server that answers and refuses is not retried (below). */
+    bool stopped = false;
+    for (uint64_t wait_ms = 100; st == NATS_NO_SERVER || st == NATS_TIMEOUT;
+         wait_ms = wait_ms < 1000 ? wait_ms * 2 : 2000) {
+        natsConnection_Destroy(nc);
+        nc = NULL;
+        uv_mutex_lock(&js->mu);
+        if (js->state == JS_CONNECTING) {
+            BT_WARN("resumable streams: the NATS server at %s is not reachable yet (%s); the journal connects to "
+                    "JetStream in the background and is the in-process one until then (streams started meanwhile "
+                    "resume only on this frontend)",
+                    js->url, natsStatus_GetText(st));
+            js->state = JS_WAITING;
+            for (op *o = js->head, *n; o; o = n) { /* queued by the first attempt: see enqueue_op */
+                n = o->next;
+                json_decref(o->j);
+                free(o);
+            }
+            js->head = js->tail = NULL;
+            js->qbytes = 0;
+        }
+        if (!js->stop) uv_cond_timedwait(&js->cv, &js->mu, wait_ms * 1000000u);
+        stopped = js->stop;
+        uv_mutex_unlock(&js->mu);
+        if (stopped) break;
+        st = bt_nats_client_connect(js->cl, &nc);
+    }
     if (st == NATS_OK) st = natsConnection_JetStream(&ctx, nc, NULL);
     if (st == NATS_OK) {
         jsStreamConfig cfg;
@@ -589,7 +623,9 @@ static void thread_main(void *arg) {
     js->state = st == NATS_OK ? JS_READY : JS_OFF;
     uv_mutex_unlock(&js->mu);
     atomic_store(&js->pub.shared, st == NATS_OK);
-    if (st != NATS_OK) {
+    if (stopped) {
+        BT_INFO("resumable streams: the NATS server at %s was never reached; the journal stayed in-process", js->url);
+    } else if (st != NATS_OK) {
         if (je == JSNotEnabledErr || je == JSNotEnabledForAccountErr || st == NATS_NO_RESPONDERS ||
             st == NATS_TIMEOUT)
             BT_WARN("resumable streams: the NATS server at %s has no JetStream (start it with -js): keeping the "

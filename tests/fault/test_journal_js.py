@@ -7,6 +7,8 @@ with --threads 2, all given the seed (NATS_AUTH_NKEY). Checked:
   0. TLS: on a second nats-server -js that requires TLS and the nkey (certificates made by
      etcdlib.make_tls_certs), a frontend given the CA (SSL_CERT_FILE, OpenSSL's trust) journals
      there over tls://; given another CA, neither its journal nor its event plane connects;
+     A frontend started before its nats-server says the server is not reachable yet, and journals
+     in JetStream once the server is up (before, it kept the in-process journal for good);
   1. the server refuses a client without credentials (so the rest means something);
   2. both frontends say at start-up that they journal in JetStream, and the server lists each
      one's journal connection (client name baton-frontend-journal-<pid>) under the nkey — the
@@ -147,6 +149,22 @@ with bl.Cluster() as c:
     tls_nats.kill()
     print("TLS: the journal connects over tls:// with the event plane's trust; with another CA neither does",
           flush=True)
+
+    # -- a NATS server that comes up after the frontend: the journal connects when it does
+    late = natslib.NatsServer(c.dir, name="nats-late", config=(
+        f'jetstream {{ store_dir: "{os.path.join(c.dir, "js-late")}" }}\n'
+        f'authorization {{ users = [ {{ nkey: "{pub}" }} ] }}'))
+    fl = c.start_frontend(env={"NATS_AUTH_NKEY": seed}, event_plane="nats", nats_server=late.url)
+    fl.proc.wait_log(r"the NATS server at \S+ is not reachable yet .*the journal connects to JetStream in the "
+                     r"background", timeout=15)
+    assert bl.metric_sum(bl.metrics(fl.url), "baton_frontend_stream_journal_shared") == 0
+    late.start()
+    fl.proc.wait_log(r"journal shared through NATS JetStream at \S+ .*credentials: NATS_AUTH_NKEY\)", timeout=15)
+    assert bl.metric_sum(bl.metrics(fl.url), "baton_frontend_stream_journal_shared") == 1
+    fl.proc.stop()
+    c.frontends.remove(fl)
+    late.kill()
+    print("late server: the journal connected to JetStream once the server was up", flush=True)
 
     env = {"NATS_AUTH_NKEY": seed}
     plane = dict(event_plane="nats", nats_server=nats.url)

@@ -5,8 +5,9 @@
  * Four threads act as four loops. Each opens, appends to and closes its streams, then claims its
  * neighbour's ended streams (a resume on another loop), checks that the claim gives back exactly
  * what the neighbour wrote, appends and closes them again. Meanwhile the journal's thread tries
- * the NATS server given (a loopback port where nothing listens: no network is needed) and gives
- * up, so the loops' queueing races with its state change. Checked: every claim is exact, and the
+ * the NATS server given (a loopback port where nothing listens: no network is needed), finds it
+ * unreachable and retries in the background, so the loops' queueing races with its state
+ * changes. Checked: every claim is exact, and the
  * journal's counts add up (every record opened, none left live). The JetStream side with a real
  * server is tests/fault/test_journal_js.py. */
 #include <setjmp.h>
@@ -112,7 +113,7 @@ static void test_loops_share_the_journal(void **state) {
     bt_events_config c;
     bt_events_config_default(&c);
     c.plane = "nats";
-    c.nats_server = "nats://127.0.0.1:1"; /* nothing listens: the journal thread gives up */
+    c.nats_server = "nats://127.0.0.1:1"; /* nothing listens: the journal thread keeps retrying */
     c.ns = "unit";
     c.connect_timeout_ms = 200;
     c.user = c.password = c.token = c.nkey = c.creds_file = NULL;
