@@ -4,12 +4,13 @@ two event loops (docs/fault-tolerance.md, "Frontend failover").
 One nats-server -js that admits only one user nkey, two mocker workers and two frontends, each
 with --threads 2, all given the seed (NATS_AUTH_NKEY). Checked:
 
-  0. TLS: on a second nats-server -js that requires TLS and the nkey (certificates made by
+  1. the server refuses a client without credentials (so the rest means something);
+     TLS: on a second nats-server -js that requires TLS and the nkey (certificates made by
      etcdlib.make_tls_certs), a frontend given the CA (SSL_CERT_FILE, OpenSSL's trust) journals
      there over tls://; given another CA, neither its journal nor its event plane connects;
-     A frontend started before its nats-server says the server is not reachable yet, and journals
-     in JetStream once the server is up (before, it kept the in-process journal for good);
-  1. the server refuses a client without credentials (so the rest means something);
+     a late server: a frontend started before its nats-server says the server is not reachable
+     yet, and journals in JetStream once the server is up (before, it kept the in-process journal
+     for good);
   2. both frontends say at start-up that they journal in JetStream, and the server lists each
      one's journal connection (client name baton-frontend-journal-<pid>) under the nkey — the
      journal connects with the event plane's credentials. (Before, it connected without any and
@@ -190,7 +191,9 @@ with bl.Cluster() as c:
     print(f"nkey-protected JetStream: both frontends journal there, connected as {pub[:8]}…", flush=True)
 
     # -- 3. a request on one loop, resumed on the other (same frontend, shared journal)
-    refs = {}
+    # references first: the kill below comes while the held streams still run
+    refs = {i: bl.stream_chat(fb.url, body(i), timeout=60).assert_ok(f"reference {i}")
+            for i in range(100, 100 + EXTRA_STREAMS)}
     trial, held = 0, None
     for trial in range(40):
         b = body(trial)
@@ -205,7 +208,8 @@ with bl.Cluster() as c:
             break
         s2.close()
         # the rest after the second client's last event, resumed on A again
-        rest_matches(fa, b, last2, text1 + text2, refs[trial], f"trial {trial} (resumed {'across' if crossed else 'on one'} loop)")
+        where = "across loops" if crossed else "on one loop"
+        rest_matches(fa, b, last2, text1 + text2, refs[trial], f"trial {trial} (resumed {where})")
     assert held, f"in {trial + 1} trials no resume landed on the other event loop"
     print(f"two event loops: {trial + 1} resumes on frontend A, exact; the last one crossed loops", flush=True)
 
@@ -215,7 +219,6 @@ with bl.Cluster() as c:
     for k in range(EXTRA_STREAMS):
         i = 100 + k
         b = body(i)
-        refs[i] = bl.stream_chat(fb.url, b, timeout=60).assert_ok(f"reference {i}")
         s, last, text = held_stream(fa, b, events=2 + k)
         sockets.append(s)
         open_streams.append((i, b, last, text))
