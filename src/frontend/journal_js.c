@@ -22,7 +22,8 @@
  * retention plus MAX_STREAM_S, the longest a stream may run) and MaxBytes (the journal's byte cap),
  * discarding the oldest; a stream's messages are purged by subject once its retention after its
  * end has passed. The queue to the thread is capped at QUEUE_MAX bytes; past it, changes are
- * dropped and counted, and the streams they belong to are no longer resumable elsewhere.
+ * dropped and counted; a stream that lost a change that way, or in a failed publish, has nothing
+ * more published (its record on NATS stays a prefix, which a resume elsewhere continues from).
  *
  * Message: a JSON array of operations, in order: {"o":"open", the request's description},
  * {"o":"ev","i":base64 of the ids (u32 little-endian),"t":base64 of the text},
@@ -38,6 +39,7 @@
 #include <uv.h>
 
 #include "common/log.h"
+#include "common/map.h"
 #include "common/util.h"
 #include "events/nats_client.h"
 #include "frontend/journal.h"
@@ -108,20 +110,46 @@ typedef struct {
     purge *purges;
     bool stop;
     js_state state;
-    uint64_t dropped, published, pub_errors, purged, purge_errors, fetched, fetch_missing;
+    uint64_t dropped, published, pub_errors, purged, purge_errors, fetched, fetch_missing, cut_streams;
+    /* Streams a change of which was lost on its way to NATS (a full queue, a failed publish): key
+     * cut_key(sid), value the time (bt_now_ms) after which the entry may go. Nothing more of them
+     * is published, so that their record on NATS stays a prefix of what they sent — a resume
+     * handles a journal behind the client (it continues from its end) but not one with a hole. */
+    bt_map cut;
+    uint64_t cut_swept_ms;
 } js_journal;
+
+static uint64_t cut_key(const char *sid) {
+    uint64_t k = 0;
+    for (int i = 0; i < 16 && sid[i]; i++) k = k * 16 + (uint64_t)(sid[i] <= '9' ? sid[i] - '0' : sid[i] - 'a' + 10);
+    return k ? k : 1;
+}
+
+/* Under mu. */
+static void cut_add(js_journal *js, const char *sid) {
+    uint64_t key = cut_key(sid);
+    if (bt_map_get(&js->cut, key)) return;
+    uint64_t until = bt_now_ms() + (uint64_t)((js->pub.retention_s + MAX_STREAM_S) * 1000.0);
+    if (bt_map_put(&js->cut, key, (void *)(uintptr_t)until) == 0) js->cut_streams++;
+    BT_WARN("stream journal: a change of stream %s did not reach JetStream; nothing more of it is published (its "
+            "record there stays a prefix: a resume elsewhere continues from its end)",
+            sid);
+}
 
 /* ---- the loops' side ------------------------------------------------------------------------ */
 
 /* Queues o (built by the caller; NULL: out of memory, the change is lost like a full queue's). */
-static void enqueue_op(js_journal *js, op *o) {
+static void enqueue_op(js_journal *js, const char *sid, op *o) {
     size_t bytes = o ? o->bytes : 0;
     uv_mutex_lock(&js->mu);
     /* While the server is unreachable nothing is kept: a stream's changes on NATS must be whole
      * from its open on, or a frontend reading it back would rebuild a record with a hole; a stream
      * whose open was not published is simply not found elsewhere. */
     if (!o || js->state == JS_OFF || js->state == JS_WAITING || js->qbytes + bytes > QUEUE_MAX) {
-        if (js->state != JS_OFF && js->state != JS_WAITING) js->dropped++;
+        if (js->state != JS_OFF && js->state != JS_WAITING) {
+            js->dropped++;
+            cut_add(js, sid);
+        }
         uv_mutex_unlock(&js->mu);
         if (o) json_decref(o->j);
         free(o);
@@ -146,7 +174,7 @@ static void enqueue(js_journal *js, op_kind kind, const char *sid, json_t *j) {
         o->bytes = sizeof *o + (dump ? strlen(dump) : 0);
         free(dump);
     } else json_decref(j);
-    enqueue_op(js, o);
+    enqueue_op(js, sid, o);
 }
 
 static void hex(const uint8_t *b, size_t n, char *out) {
@@ -207,7 +235,7 @@ static bool js_append(fe_journal *j, fe_jrec *rec, const uint32_t *ids, size_t n
         if (len) memcpy(o->text, text, len);
         o->bytes = sizeof *o + n * sizeof *ids + len;
     }
-    enqueue_op(js, o);
+    enqueue_op(js, sidc, o);
     return true;
 }
 
@@ -298,6 +326,7 @@ static void js_stats(fe_journal *j, fe_journal_stats *out) {
     out->js_purge_failed = js->purge_errors;
     out->js_fetched = js->fetched;
     out->js_fetch_missing = js->fetch_missing;
+    out->js_cut = js->cut_streams;
     uv_mutex_unlock(&js->mu);
 }
 
@@ -326,6 +355,9 @@ static void publish_batch(js_journal *js, natsConnection *nc, op *list) {
         memcpy(sid, list->sid, sizeof sid);
         op **pp = &list;
         uint64_t now = bt_now_ms();
+        uv_mutex_lock(&js->mu);
+        bool skip = bt_map_get(&js->cut, cut_key(sid)) != NULL; /* a change of it was lost: nothing more */
+        uv_mutex_unlock(&js->mu);
         bt_buf_reset(&b);
         bt_buf_append(&b, "[", 1);
         bool first = true;
@@ -336,6 +368,11 @@ static void publish_batch(js_journal *js, natsConnection *nc, op *list) {
                 continue;
             }
             *pp = o->next;
+            if (skip) {
+                json_decref(o->j);
+                free(o);
+                continue;
+            }
             if (o->kind == OP_CLOSE && json_integer_value(json_object_get(o->j, "kind")) != FE_JTAIL_NONE) {
                 purge *p = calloc(1, sizeof *p); /* the stream's messages go once its retention has passed */
                 if (p) {
@@ -363,6 +400,7 @@ static void publish_batch(js_journal *js, natsConnection *nc, op *list) {
             }
             free(o);
         }
+        if (skip) continue;
         bt_buf_append(&b, "]", 1);
         char subj[160];
         subject(js, sid, subj, sizeof subj);
@@ -372,7 +410,10 @@ static void publish_batch(js_journal *js, natsConnection *nc, op *list) {
             bt_buf_status(&b) == BT_OK ? natsConnection_Publish(nc, subj, b.data, (int)b.len) : NATS_NO_MEMORY;
         uv_mutex_lock(&js->mu);
         if (st == NATS_OK) js->published++;
-        else js->pub_errors++;
+        else {
+            js->pub_errors++;
+            cut_add(js, sid);
+        }
         uv_mutex_unlock(&js->mu);
         if (st != NATS_OK) BT_WARN("stream journal: cannot publish to %s: %s", subj, natsStatus_GetText(st));
     }
@@ -532,6 +573,17 @@ static void fetch_one(js_journal *js, jsCtx *ctx, fetch *f) {
 static void do_purges(js_journal *js, jsCtx *ctx, bool all) {
     uint64_t now = bt_now_ms();
     uv_mutex_lock(&js->mu);
+    if (now - js->cut_swept_ms >= 60000) { /* cut streams are forgotten once NATS has dropped them (MaxAge) */
+        js->cut_swept_ms = now;
+        size_t it = 0;
+        uint64_t k;
+        void *v;
+        while (bt_map_next(&js->cut, &it, &k, &v)) {
+            if ((uint64_t)(uintptr_t)v > now) continue;
+            bt_map_del(&js->cut, k);
+            it = 0; /* no deleting during an iteration: start again */
+        }
+    }
     purge **pp = &js->purges, *due = NULL;
     while (*pp) {
         purge *p = *pp;
@@ -699,6 +751,7 @@ static void js_destroy(fe_journal *j) {
         free(f);
     }
     fe_journal_destroy(js->mem);
+    bt_map_free(&js->cut);
     bt_nats_client_free(js->cl);
     uv_cond_destroy(&js->cv);
     uv_mutex_destroy(&js->mu);
@@ -729,6 +782,7 @@ fe_journal *fe_journal_js_new(fe_journal *mem, const bt_events_config *c, char *
     snprintf(js->stream, sizeof js->stream, "BATON_JOURNAL_%s", c->ns);
     snprintf(js->prefix, sizeof js->prefix, "baton.journal.%s", c->ns);
     js->state = JS_CONNECTING;
+    bt_map_init(&js->cut);
     js->cl = bt_nats_client_new(c, err, errlen);
     if (!js->url || !js->cl || uv_mutex_init(&js->mu) != 0) {
         if (!js->url) snprintf(err, errlen, "out of memory");
