@@ -65,13 +65,17 @@ bt_status bt_proc_discovery_create(uv_loop_t *loop, const bt_proc_opts *p, int64
     return bt_discovery_create(loop, &dc, out, err, errlen);
 }
 
+void bt_proc_events_config(const bt_proc_opts *p, const char *ns, bt_events_config *ec) {
+    bt_events_config_default(ec);
+    ec->plane = p->event_plane;
+    ec->nats_server = p->nats_server;
+    ec->ns = ns;
+}
+
 bt_status bt_proc_events_create(uv_loop_t *loop, const bt_proc_opts *p, const char *ns, const char *role,
                                 uint64_t id, bt_events **out, char *err, size_t errlen) {
     bt_events_config ec;
-    bt_events_config_default(&ec);
-    ec.plane = p->event_plane;
-    ec.nats_server = p->nats_server;
-    ec.ns = ns;
+    bt_proc_events_config(p, ns, &ec);
     char name[64];
     snprintf(name, sizeof name, "baton-%s-%" PRIx64, role, id);
     ec.name = name;

@@ -83,6 +83,10 @@ bt_status bt_proc_load_secret(const bt_proc_opts *p, char **out, char *err, size
  * default). As bt_discovery_create. */
 bt_status bt_proc_discovery_create(uv_loop_t *loop, const bt_proc_opts *p, int64_t ttl_s, bt_discovery **out,
                                    char *err, size_t errlen);
+/* The event plane's configuration from the options (the credentials from the environment,
+ * bt_events_config_default), namespace ns, the default client name: what every NATS connection of
+ * the process is made with (the frontend's JetStream journal uses it too). */
+void bt_proc_events_config(const bt_proc_opts *p, const char *ns, bt_events_config *ec);
 /* Creates the event plane of one process: namespace ns, client name "baton-<role>-<id in hex>".
  * As bt_events_create (*out is NULL for the direct plane). */
 bt_status bt_proc_events_create(uv_loop_t *loop, const bt_proc_opts *p, const char *ns, const char *role,

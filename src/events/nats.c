@@ -40,6 +40,7 @@
 #include "common/log.h"
 #include "common/util.h"
 #include "events/events_internal.h"
+#include "events/nats_client.h"
 #include "events/nkey.h"
 
 #define MAX_MSG_BYTES 4096     /* an ActiveLoad is ~250 bytes; anything this large is not one */
@@ -83,6 +84,17 @@ typedef struct {
     struct bt_events *e;
 } pollw;
 
+/* nats_client.h: the options and credentials of one connection (the event plane's, or another) */
+struct bt_nats_client {
+    char *url, *name;
+    char *user, *password, *token, *nkey, *creds;
+    char nkey_pub[BT_NKEY_PUBLIC_LEN + 1]; /* derived from the seed `nkey` when that is the credential */
+    const char *auth;                      /* which credential is used, for the logs */
+    atomic_uint sig_refusals;              /* signatures sign_nonce would not hand over ... */
+    _Atomic uint64_t sig_refused_ms;       /* ... and when the last one was (bt_now_ms) */
+    natsOptions *opts;
+};
+
 typedef enum { ST_IDLE, ST_CONNECTING, ST_RUNNING, ST_CLOSING, ST_CLOSED } ev_state;
 
 struct bt_events {
@@ -90,13 +102,8 @@ struct bt_events {
     uv_thread_t loop_thread;
     char *url, *subject, *name;
     bt_events_config c; /* string fields point at the copies above (auth: see make_options) */
-    char *user, *password, *token, *nkey, *creds;
-    char nkey_pub[BT_NKEY_PUBLIC_LEN + 1]; /* derived from the seed `nkey` when that is the credential */
-    const char *auth;                      /* which credential is used, for the logs */
-    atomic_uint sig_refusals;              /* signatures sign_nonce would not hand over ... */
-    _Atomic uint64_t sig_refused_ms;       /* ... and when the last one was (bt_now_ms) */
-    struct bt_events *reg_next;            /* the registry of live objects (on_closed) */
-    natsOptions *opts;
+    bt_nats_client *cl;         /* the options and credentials (bt_nats_client_new) */
+    struct bt_events *reg_next; /* the registry of live objects (on_closed) */
     natsConnection *nc; /* set on the loop once the connect work returns */
     natsSubscription *sub;
     ev_state state;
@@ -358,13 +365,13 @@ static void on_closed(natsConnection *nc, void *closure) {
     bt_events *e = reg_head;
     while (e && e != closure) e = e->reg_next;
     /* a close that follows a signature sign_nonce kept back is connect_work's to retry */
-    if (e && bt_now_ms() - atomic_load(&e->sig_refused_ms) < 2000) e = NULL;
+    if (e && bt_now_ms() - atomic_load(&e->cl->sig_refused_ms) < 2000) e = NULL;
     if (e) {
         const char *txt = NULL;
         natsStatus s = natsConnection_GetLastError(nc, &txt);
         BT_ERROR("NATS event plane: the client gave up on %s (%s) after the server refused its credentials (%s); "
                  "load reports go on the request plane only until this process restarts",
-                 e->url, txt && *txt ? txt : natsStatus_GetText(s), e->auth);
+                 e->url, txt && *txt ? txt : natsStatus_GetText(s), e->cl->auth);
     }
     uv_mutex_unlock(&reg_mu);
 }
@@ -495,17 +502,7 @@ static void on_debounce(uv_timer_t *t) { publish_now(t->data); }
 static void connect_work(uv_work_t *w) {
     bt_events *e = w->data;
     natsConnection *nc = NULL;
-    natsStatus s;
-    for (int attempt = 1;; attempt++) {
-        unsigned refusals = atomic_load(&e->sig_refusals);
-        s = natsConnection_Connect(&nc, e->opts);
-        /* When this first attempt reaches the server and fails its handshake, nats.c gives up on
-         * it for good; after a signature kept back by sign_nonce a new connection (a new nonce)
-         * is what is needed. */
-        if (s != NATS_NOT_YET_CONNECTED || atomic_load(&e->sig_refusals) == refusals || attempt == 8) break;
-        natsConnection_Destroy(nc);
-        nc = NULL;
-    }
+    natsStatus s = bt_nats_client_connect(e->cl, &nc);
     e->work_status = s;
     if (s != NATS_OK && s != NATS_NOT_YET_CONNECTED) {
         snprintf(e->work_err, sizeof e->work_err, "%s", nats_GetLastError(NULL));
@@ -546,7 +543,7 @@ static void after_connect(uv_work_t *w, int status) {
     if (e->work_status == NATS_NOT_YET_CONNECTED && e->work_last == NATS_CONNECTION_AUTH_FAILED)
         BT_ERROR("NATS server %s refused this client's credentials (%s: %s); load reports go on the request plane "
                  "only",
-                 e->url, e->auth, e->work_err);
+                 e->url, e->cl->auth, e->work_err);
     else if (e->work_status == NATS_NOT_YET_CONNECTED)
         BT_WARN("NATS server %s is not reachable yet; connecting in the background (load reports go on the "
                 "request plane only until then)",
@@ -568,14 +565,6 @@ static void free_secret(char *s) {
     free(s);
 }
 
-static void free_auth(bt_events *e) {
-    free(e->user);
-    free_secret(e->password);
-    free_secret(e->token);
-    free_secret(e->nkey);
-    free(e->creds);
-}
-
 /* The closer's done: finish_close has run and every handle has closed. */
 static void events_free(void *closer_ud) {
     bt_events *e = closer_ud;
@@ -585,7 +574,7 @@ static void events_free(void *closer_ud) {
     free(e->url);
     free(e->subject);
     free(e->name);
-    free_auth(e);
+    bt_nats_client_free(e->cl);
     uv_mutex_destroy(&e->op_mu);
     free(e);
     if (done) done(ud);
@@ -601,8 +590,6 @@ static void finish_close(bt_events *e) {
     e->sub = NULL;
     if (e->nc) natsConnection_Destroy(e->nc);
     e->nc = NULL;
-    natsOptions_Destroy(e->opts);
-    e->opts = NULL;
     run_ops(e);
     poll_close(e);
     if (e->in) {
@@ -656,7 +643,7 @@ static void on_kick(uv_timer_t *t) {
     }
 }
 
-/* ---- options ---- */
+/* ---- options: every NATS connection of the process (nats_client.h) ---- */
 
 static char *dup_or_null(const char *s) { return s && *s ? strdup(s) : NULL; }
 
@@ -673,15 +660,16 @@ static char *dup_trimmed(const char *s) {
 /* NATS_AUTH_NKEY holds the seed itself, as in Dynamo. nats.c's natsOptions_SetNKeyFromSeed()
  * wants a seed file, and writing the secret to disk is what a seed in the environment avoids; so
  * the public key is derived here (nkey.c) and each server nonce is signed with nats_Sign(), the
- * library's own signer, from the seed in memory. Runs on nats.c's threads; reads only e->nkey.
+ * library's own signer, from the seed in memory. Runs on nats.c's threads; reads only cl->nkey.
  *
  * nats.c 3.4 base64-encodes a signature whose first byte is 0 as an empty string, which the
  * server refuses; that is one nonce in 256, and nats.c never retries a server that refused its
  * credentials. Such a signature is not handed over: the attempt fails as a connect error, which
- * nats.c retries on a new connection, with a new nonce. */
+ * nats.c retries on a new connection, with a new nonce (bt_nats_client_connect does the same for
+ * a first connect). */
 static natsStatus sign_nonce(char **custom_err, unsigned char **sig, int *sig_len, const char *nonce, void *closure) {
-    bt_events *e = closure;
-    natsStatus s = nats_Sign(e->nkey, nonce, sig, sig_len);
+    bt_nats_client *cl = closure;
+    natsStatus s = nats_Sign(cl->nkey, nonce, sig, sig_len);
     if (s != NATS_OK) {
         *custom_err = strdup("NATS_AUTH_NKEY: cannot sign the server's nonce");
         return s;
@@ -691,8 +679,8 @@ static natsStatus sign_nonce(char **custom_err, unsigned char **sig, int *sig_le
         *sig = NULL;
         *sig_len = 0;
         *custom_err = strdup("NATS_AUTH_NKEY: this nonce's signature cannot be sent; connecting again");
-        atomic_store(&e->sig_refused_ms, bt_now_ms());
-        atomic_fetch_add(&e->sig_refusals, 1);
+        atomic_store(&cl->sig_refused_ms, bt_now_ms());
+        atomic_fetch_add(&cl->sig_refusals, 1);
         BT_INFO("NATS: the signature of this server nonce cannot be sent by the NATS library; connecting again "
                 "for a new nonce");
         return NATS_ERR;
@@ -702,15 +690,15 @@ static natsStatus sign_nonce(char **custom_err, unsigned char **sig, int *sig_le
 
 /* Checks the seed and derives its public key; a seed nats.c cannot sign with is refused here too,
  * so that a bad one stops the process at start instead of failing every connect. */
-static bool nkey_prepare(bt_events *e, char *err, size_t errlen) {
+static bool nkey_prepare(bt_nats_client *cl, char *err, size_t errlen) {
     char why[160];
-    if (!bt__nkey_user_public(e->nkey, e->nkey_pub, why, sizeof why)) {
+    if (!bt__nkey_user_public(cl->nkey, cl->nkey_pub, why, sizeof why)) {
         snprintf(err, errlen, "NATS_AUTH_NKEY: %s", why);
         return false;
     }
     unsigned char *sig = NULL;
     int len = 0;
-    natsStatus s = nats_Sign(e->nkey, "baton", &sig, &len);
+    natsStatus s = nats_Sign(cl->nkey, "baton", &sig, &len);
     free(sig);
     if (s != NATS_OK) {
         snprintf(err, errlen, "NATS_AUTH_NKEY: the NATS library cannot sign with this seed: %s", natsStatus_GetText(s));
@@ -719,14 +707,47 @@ static bool nkey_prepare(bt_events *e, char *err, size_t errlen) {
     return true;
 }
 
-static bool make_options(bt_events *e, char *err, size_t errlen) {
-    bool use_nkey = e->nkey && !(e->user && e->password) && !e->token;
+void bt_nats_client_free(bt_nats_client *cl) {
+    if (!cl) return;
+    natsOptions_Destroy(cl->opts);
+    free(cl->url);
+    free(cl->name);
+    free(cl->user);
+    free_secret(cl->password);
+    free_secret(cl->token);
+    free_secret(cl->nkey);
+    free(cl->creds);
+    free(cl);
+}
+
+bt_nats_client *bt_nats_client_new(const bt_events_config *c, char *err, size_t errlen) {
+    bt_nats_client *cl = calloc(1, sizeof *cl);
+    if (!cl) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    atomic_init(&cl->sig_refusals, 0);
+    atomic_init(&cl->sig_refused_ms, 0);
+    cl->url = strdup(c->nats_server);
+    cl->name = strdup(c->name ? c->name : "baton");
+    cl->user = dup_or_null(c->user);
+    cl->password = dup_or_null(c->password);
+    cl->token = dup_or_null(c->token);
+    cl->nkey = dup_trimmed(c->nkey);
+    cl->creds = dup_or_null(c->creds_file);
+    if (!cl->url || !cl->name) {
+        snprintf(err, errlen, "out of memory");
+        bt_nats_client_free(cl);
+        return NULL;
+    }
+    bool use_nkey = cl->nkey && !(cl->user && cl->password) && !cl->token;
     natsOptions *o = NULL;
     natsStatus s = natsOptions_Create(&o); /* also initializes the library, which nats_Sign needs */
     const char *what = "create options";
-    if (s == NATS_OK && use_nkey && !nkey_prepare(e, err, errlen)) {
+    if (s == NATS_OK && use_nkey && !nkey_prepare(cl, err, errlen)) {
         natsOptions_Destroy(o);
-        return false;
+        bt_nats_client_free(cl);
+        return NULL;
     }
 #define TRY(call, w)                                                                                                   \
     do {                                                                                                               \
@@ -735,14 +756,74 @@ static bool make_options(bt_events *e, char *err, size_t errlen) {
             what = (w);                                                                                                \
         }                                                                                                              \
     } while (0)
-    TRY(natsOptions_SetURL(o, e->url), "server URL");
-    TRY(natsOptions_SetName(o, e->name), "name");
-    TRY(natsOptions_SetTimeout(o, e->c.connect_timeout_ms), "connect timeout");
-    TRY(natsOptions_SetPingInterval(o, e->c.ping_interval_ms), "ping interval");
+    /* a tls:// URL (or a server that requires TLS) makes nats.c connect with TLS */
+    TRY(natsOptions_SetURL(o, cl->url), "server URL");
+    TRY(natsOptions_SetName(o, cl->name), "name");
+    TRY(natsOptions_SetTimeout(o, c->connect_timeout_ms), "connect timeout");
+    TRY(natsOptions_SetPingInterval(o, c->ping_interval_ms), "ping interval");
     TRY(natsOptions_SetMaxPingsOut(o, 2), "max pings out");
     TRY(natsOptions_SetAllowReconnect(o, true), "allow reconnect");
     TRY(natsOptions_SetMaxReconnect(o, -1), "max reconnect");
-    TRY(natsOptions_SetReconnectWait(o, e->c.reconnect_min_ms), "reconnect wait");
+    TRY(natsOptions_SetReconnectWait(o, c->reconnect_min_ms), "reconnect wait");
+    /* authentication, first match wins (Dynamo's order); cl->auth names it in the logs */
+    if (cl->user && cl->password)
+        TRY(natsOptions_SetUserInfo(o, cl->user, cl->password), "NATS_AUTH_USERNAME/PASSWORD");
+    else if (cl->token) TRY(natsOptions_SetToken(o, cl->token), "NATS_AUTH_TOKEN");
+    else if (use_nkey) TRY(natsOptions_SetNKey(o, cl->nkey_pub, sign_nonce, cl), "NATS_AUTH_NKEY");
+    else if (cl->creds) TRY(natsOptions_SetUserCredentialsFromFiles(o, cl->creds, NULL), "NATS_AUTH_CREDENTIALS_FILE");
+    cl->auth = cl->user && cl->password ? "NATS_AUTH_USERNAME/PASSWORD"
+               : cl->token              ? "NATS_AUTH_TOKEN"
+               : use_nkey               ? "NATS_AUTH_NKEY"
+               : cl->creds              ? "NATS_AUTH_CREDENTIALS_FILE"
+                                        : "no credentials";
+#undef TRY
+    if (s != NATS_OK) {
+        snprintf(err, errlen, "NATS options (%s): %s", what, nats_GetLastError(NULL));
+        natsOptions_Destroy(o);
+        bt_nats_client_free(cl);
+        return NULL;
+    }
+    cl->opts = o;
+    return cl;
+}
+
+natsOptions *bt_nats_client_options(bt_nats_client *cl) { return cl->opts; }
+
+const char *bt_nats_client_auth(const bt_nats_client *cl) { return cl->auth; }
+
+natsStatus bt_nats_client_connect(bt_nats_client *cl, natsConnection **out) {
+    natsConnection *nc = NULL;
+    natsStatus s;
+    for (int attempt = 1;; attempt++) {
+        unsigned refusals = atomic_load(&cl->sig_refusals);
+        s = natsConnection_Connect(&nc, cl->opts);
+        /* When this first attempt reaches the server and fails its handshake, nats.c gives up on
+         * it for good; after a signature kept back by sign_nonce a new connection (a new nonce)
+         * is what is needed. (With retry-on-failed-connect the failure is NATS_NOT_YET_CONNECTED
+         * and nc exists; without, it is the handshake's error.) */
+        if (s == NATS_OK || atomic_load(&cl->sig_refusals) == refusals || attempt == 8) break;
+        natsConnection_Destroy(nc);
+        nc = NULL;
+    }
+    *out = nc;
+    return s;
+}
+
+/* The event plane's own additions: its backoff, its reconnect buffer, the asynchronous first
+ * connect, and above all the libuv loop that drives the socket. */
+static bool make_options(bt_events *e, char *err, size_t errlen) {
+    e->cl = bt_nats_client_new(&e->c, err, errlen);
+    if (!e->cl) return false;
+    natsOptions *o = e->cl->opts;
+    natsStatus s = NATS_OK;
+    const char *what = "";
+#define TRY(call, w)                                                                                                   \
+    do {                                                                                                               \
+        if (s == NATS_OK) {                                                                                            \
+            s = (call);                                                                                                \
+            what = (w);                                                                                                \
+        }                                                                                                              \
+    } while (0)
     TRY(natsOptions_SetCustomReconnectDelay(o, reconnect_delay, e), "reconnect delay");
     TRY(natsOptions_SetReconnectBufSize(o, RECONNECT_BUF), "reconnect buffer");
     TRY(natsOptions_SetRetryOnFailedConnect(o, true, on_connected, NULL), "retry on failed connect");
@@ -750,23 +831,13 @@ static bool make_options(bt_events *e, char *err, size_t errlen) {
     TRY(natsOptions_SetErrorHandler(o, on_async_error, NULL), "error handler");
     TRY(natsOptions_SetClosedCB(o, on_closed, e), "closed callback");
     TRY(natsOptions_SetEventLoop(o, e, ev_attach, ev_read, ev_write, ev_detach), "event loop");
-    /* authentication, first match wins (Dynamo's order); e->auth names it in the logs */
-    if (e->user && e->password) TRY(natsOptions_SetUserInfo(o, e->user, e->password), "NATS_AUTH_USERNAME/PASSWORD");
-    else if (e->token) TRY(natsOptions_SetToken(o, e->token), "NATS_AUTH_TOKEN");
-    else if (use_nkey) TRY(natsOptions_SetNKey(o, e->nkey_pub, sign_nonce, e), "NATS_AUTH_NKEY");
-    else if (e->creds) TRY(natsOptions_SetUserCredentialsFromFiles(o, e->creds, NULL), "NATS_AUTH_CREDENTIALS_FILE");
-    e->auth = e->user && e->password ? "NATS_AUTH_USERNAME/PASSWORD"
-              : e->token             ? "NATS_AUTH_TOKEN"
-              : use_nkey             ? "NATS_AUTH_NKEY"
-              : e->creds             ? "NATS_AUTH_CREDENTIALS_FILE"
-                                     : "no credentials";
 #undef TRY
     if (s != NATS_OK) {
         snprintf(err, errlen, "NATS options (%s): %s", what, nats_GetLastError(NULL));
-        natsOptions_Destroy(o);
+        bt_nats_client_free(e->cl);
+        e->cl = NULL;
         return false;
     }
-    e->opts = o;
     return true;
 }
 
@@ -788,33 +859,26 @@ bt_status bt__events_nats_create(uv_loop_t *loop, const bt_events_config *c, bt_
     if (e->subject) snprintf(e->subject, sl, "namespace.%s.kv_metrics", c->ns);
     e->url = strdup(c->nats_server);
     e->name = strdup(c->name ? c->name : "baton");
-    e->user = dup_or_null(c->user);
-    e->password = dup_or_null(c->password);
-    e->token = dup_or_null(c->token);
-    e->nkey = dup_trimmed(c->nkey);
-    e->creds = dup_or_null(c->creds_file);
     e->c.nats_server = e->url;
     e->c.name = e->name;
     e->c.ns = NULL;
-    e->c.user = e->c.password = e->c.token = e->c.nkey = e->c.creds_file = NULL;
     atomic_init(&e->up, false);
-    atomic_init(&e->sig_refusals, 0);
-    atomic_init(&e->sig_refused_ms, 0);
     if (!e->subject || !e->url || !e->name || uv_mutex_init(&e->op_mu) != 0) {
         free(e->subject);
         free(e->url);
         free(e->name);
-        free_auth(e);
         free(e);
         snprintf(err, errlen, "out of memory");
         return BT_ERR_NOMEM;
     }
-    if (!make_options(e, err, errlen)) {
+    /* the credentials are copied into e->cl; e->c keeps none of the caller's pointers */
+    bool ok = make_options(e, err, errlen);
+    e->c.user = e->c.password = e->c.token = e->c.nkey = e->c.creds_file = NULL;
+    if (!ok) {
         uv_mutex_destroy(&e->op_mu);
         free(e->subject);
         free(e->url);
         free(e->name);
-        free_auth(e);
         free(e);
         return BT_ERR_INVALID;
     }

@@ -393,6 +393,9 @@ static void shutdown_tick(uv_timer_t *t) {
             for (size_t n = f->nreqs; !LIST_EMPTY(&f->reqs) && n > 0; n--) /* each call frees the request */
                 if (!fe_request_hand_off(LIST_FIRST(&f->reqs)))
                     fe_request_fail(LIST_FIRST(&f->reqs), BT_ERR_SHUTDOWN, "the frontend is shutting down");
+            /* the process exits right after: its last value is in the log, as no scrape can read it */
+            BT_INFO("%" PRIu64 " streams handed off at the shutdown bound%s (baton_frontend_streams_handed_off_total)",
+                    f->handed_off, f->grp->n > 1 ? " on this thread" : "");
         }
         BT_INFO("frontend shutting down after %llu ms", (unsigned long long)el);
         uv_timer_stop(t);
@@ -665,9 +668,18 @@ int bt_frontend_main(int argc, char **argv) {
             keyed = material && snprintf(material, strlen(k) + 32, "baton stream journal\n%s", k) > 0 &&
                     EVP_Digest(material, strlen(material), g->mac_secret, &len, EVP_sha256(), NULL) == 1;
             free(material);
-            fe_journal *js = keyed ? fe_journal_js_new(g->journal, o->p.nats_server, o->ns) : NULL;
+            /* the journal's own NATS connection, made as the event plane's (same server, credentials, TLS) */
+            bt_events_config ec;
+            bt_proc_events_config(&o->p, o->ns, &ec);
+            char name[64];
+            snprintf(name, sizeof name, "baton-frontend-journal-%ld", (long)getpid());
+            ec.name = name;
+            fe_journal *js = keyed ? fe_journal_js_new(g->journal, &ec, err, sizeof err) : NULL;
             if (js) g->journal = js;
-            else keyed = false;
+            else {
+                if (keyed) BT_ERROR("event plane (the stream journal's connection): %s", err);
+                keyed = false;
+            }
         }
         if (!g->journal || !keyed) {
             BT_ERROR("cannot create the stream journal");

@@ -30,6 +30,7 @@
 
 #include "common/status.h"
 #include "engine/engine.h"
+#include "events/events.h"
 
 #define FE_STREAM_ID_LEN 32 /* 128 random bits in lower-case hex */
 #define FE_KEY_MAC_LEN 32   /* HMAC-SHA256 of the caller's credential */
@@ -104,6 +105,13 @@ typedef struct {
     uint64_t bytes;       /* what the records hold, by the journal's own accounting */
     uint64_t opened;      /* records created since start */
     uint64_t evicted_expired, evicted_size, dropped_live, refused_full;
+    /* the JetStream store only (journal_js.c; 0 for the in-process one) */
+    bool shared;                           /* connected to JetStream: streams resume on other frontends */
+    uint64_t js_published, js_failed;      /* messages published, and publishes that failed */
+    uint64_t js_dropped;                   /* changes never sent: the queue to the publisher was full */
+    uint64_t js_purged, js_purge_failed;   /* finished streams purged by subject after their retention */
+    uint64_t js_fetched, js_fetch_missing; /* resumes of other frontends' streams: read back, or not there */
+    uint64_t js_cut;                       /* streams whose record on NATS stops short: a change was lost */
 } fe_journal_stats;
 
 typedef struct {
@@ -154,9 +162,11 @@ void fe_jrec_prefetch(const fe_jrec *r, int stage);
 
 /* The NATS JetStream store (journal_js.c): the in-process store `mem` (taken over) for this
  * process's own streams, every change of it replicated in batches to the JetStream stream
- * BATON_JOURNAL_<ns>, and records of other frontends fetched from there on a resume. It connects
- * in the background; until it has (and when the server has no JetStream) it is `mem` alone. */
-fe_journal *fe_journal_js_new(fe_journal *mem, const char *nats_url, const char *ns);
+ * BATON_JOURNAL_<c->ns>, and records of other frontends fetched from there on a resume. It
+ * connects in the background to c->nats_server with the event plane's options and credentials
+ * (c: the event plane's configuration, events/nats_client.h); until it has (and when the server
+ * has no JetStream or refuses it) it is `mem` alone. NULL (mem not taken) with err on failure. */
+fe_journal *fe_journal_js_new(fe_journal *mem, const bt_events_config *c, char *err, size_t errlen);
 
 static inline fe_jrec *fe_journal_open(fe_journal *j, fe_jsnap *meta, const uint8_t key_mac[FE_KEY_MAC_LEN],
                                        int shard) {

@@ -22,7 +22,8 @@
  * retention plus MAX_STREAM_S, the longest a stream may run) and MaxBytes (the journal's byte cap),
  * discarding the oldest; a stream's messages are purged by subject once its retention after its
  * end has passed. The queue to the thread is capped at QUEUE_MAX bytes; past it, changes are
- * dropped and counted, and the streams they belong to are no longer resumable elsewhere.
+ * dropped and counted; a stream that lost a change that way, or in a failed publish, has nothing
+ * more published (its record on NATS stays a prefix, which a resume elsewhere continues from).
  *
  * Message: a JSON array of operations, in order: {"o":"open", the request's description},
  * {"o":"ev","i":base64 of the ids (u32 little-endian),"t":base64 of the text},
@@ -39,7 +40,9 @@
 #include <uv.h>
 
 #include "common/log.h"
+#include "common/map.h"
 #include "common/util.h"
+#include "events/nats_client.h"
 #include "frontend/journal.h"
 #include "proto/request.h" /* BT_PRIORITY_LIMIT */
 
@@ -82,12 +85,21 @@ typedef struct purge {
 } purge;
 LIST_HEAD(purge_list, purge);
 
-typedef enum { JS_CONNECTING, JS_READY, JS_OFF } js_state;
+/* CONNECTING: the first attempt; WAITING: the server was unreachable, retried in the background,
+ * changes not kept meanwhile (below); READY: publishing; OFF: no JetStream, or refused. */
+typedef enum { JS_CONNECTING, JS_WAITING, JS_READY, JS_OFF } js_state;
 
 typedef struct {
     fe_journal pub;
     fe_journal *mem;
     char *url;
+    /* The event plane's options and credentials (nats_client.h), on a connection of its own: the
+     * event plane's connection is driven by shard 0's loop, so the journal's publishes, JetStream
+     * requests and fetches would run their socket I/O on that loop (the journal's whole point is
+     * to keep it off the loops), and its volume would fill the send buffer the load reports are
+     * capped by (they are dropped past 256 KiB). Its lifetime is its own too: it flushes at exit
+     * after the event plane has closed. */
+    bt_nats_client *cl;
     char ns[64];
     char stream[96];
     char prefix[96];
@@ -102,17 +114,46 @@ typedef struct {
     struct purge_list purges;
     bool stop;
     js_state state;
-    uint64_t dropped, published, pub_errors;
+    uint64_t dropped, published, pub_errors, purged, purge_errors, fetched, fetch_missing, cut_streams;
+    /* Streams a change of which was lost on its way to NATS (a full queue, a failed publish): key
+     * cut_key(sid), value the time (bt_now_ms) after which the entry may go. Nothing more of them
+     * is published, so that their record on NATS stays a prefix of what they sent — a resume
+     * handles a journal behind the client (it continues from its end) but not one with a hole. */
+    bt_map cut;
+    uint64_t cut_swept_ms;
 } js_journal;
+
+static uint64_t cut_key(const char *sid) {
+    uint64_t k = 0;
+    for (int i = 0; i < 16 && sid[i]; i++) k = k * 16 + (uint64_t)(sid[i] <= '9' ? sid[i] - '0' : sid[i] - 'a' + 10);
+    return k ? k : 1;
+}
+
+/* Under mu. */
+static void cut_add(js_journal *js, const char *sid) {
+    uint64_t key = cut_key(sid);
+    if (bt_map_get(&js->cut, key)) return;
+    uint64_t until = bt_now_ms() + (uint64_t)((js->pub.retention_s + MAX_STREAM_S) * 1000.0);
+    if (bt_map_put(&js->cut, key, (void *)(uintptr_t)until) == 0) js->cut_streams++;
+    BT_WARN("stream journal: a change of stream %s did not reach JetStream; nothing more of it is published (its "
+            "record there stays a prefix: a resume elsewhere continues from its end)",
+            sid);
+}
 
 /* ---- the loops' side ------------------------------------------------------------------------ */
 
 /* Queues o (built by the caller; NULL: out of memory, the change is lost like a full queue's). */
-static void enqueue_op(js_journal *js, op *o) {
+static void enqueue_op(js_journal *js, const char *sid, op *o) {
     size_t bytes = o ? o->bytes : 0;
     uv_mutex_lock(&js->mu);
-    if (!o || js->state == JS_OFF || js->qbytes + bytes > QUEUE_MAX) {
-        if (js->state != JS_OFF) js->dropped++;
+    /* While the server is unreachable nothing is kept: a stream's changes on NATS must be whole
+     * from its open on, or a frontend reading it back would rebuild a record with a hole; a stream
+     * whose open was not published is simply not found elsewhere. */
+    if (!o || js->state == JS_OFF || js->state == JS_WAITING || js->qbytes + bytes > QUEUE_MAX) {
+        if (js->state != JS_OFF && js->state != JS_WAITING) {
+            js->dropped++;
+            cut_add(js, sid);
+        }
         uv_mutex_unlock(&js->mu);
         if (o) json_decref(o->j);
         free(o);
@@ -135,7 +176,7 @@ static void enqueue(js_journal *js, op_kind kind, const char *sid, json_t *j) {
         o->bytes = sizeof *o + (dump ? strlen(dump) : 0);
         free(dump);
     } else json_decref(j);
-    enqueue_op(js, o);
+    enqueue_op(js, sid, o);
 }
 
 static void hex(const uint8_t *b, size_t n, char *out) {
@@ -197,7 +238,7 @@ static bool js_append(fe_journal *j, fe_jrec *rec, const uint32_t *ids, size_t n
         if (len) memcpy(o->text, text, len);
         o->bytes = sizeof *o + n * sizeof *ids + len;
     }
-    enqueue_op(js, o);
+    enqueue_op(js, sidc, o);
     return true;
 }
 
@@ -215,10 +256,15 @@ static void js_close(fe_journal *j, fe_jrec *rec, const fe_jtail *tail) {
     js_journal *js = (js_journal *)j;
     char sid[FE_STREAM_ID_LEN + 1];
     memcpy(sid, fe_jrec_stream_id(rec), sizeof sid);
-    fe_journal_close(js->mem, rec, tail);
     json_t *o = json_pack("{s:s}", "o", "close");
     if (o) tail_json(o, tail);
+    /* Queued before the record is released, not after: once released, a resume on another loop
+     * (--threads) may claim it at once and queue its own events and close, and the subject must
+     * hold them after this close. Queued the other way round, a thread descheduled between the two
+     * steps could put this close (unfinished) after the resumed stream's finish, and a frontend
+     * reading the stream back would continue an answer that had ended. */
     enqueue(js, OP_CLOSE, sid, o);
+    fe_journal_close(js->mem, rec, tail);
 }
 
 static void js_note_worker(fe_journal *j, fe_jrec *rec, uint64_t worker_id, const char *exactness) {
@@ -272,7 +318,21 @@ static fe_claim_result js_claim(fe_journal *j, const char *sid, const uint8_t ke
     return res;
 }
 
-static void js_stats(fe_journal *j, fe_journal_stats *out) { fe_journal_stats_get(((js_journal *)j)->mem, out); }
+static void js_stats(fe_journal *j, fe_journal_stats *out) {
+    js_journal *js = (js_journal *)j;
+    fe_journal_stats_get(js->mem, out);
+    out->shared = atomic_load(&js->pub.shared);
+    uv_mutex_lock(&js->mu);
+    out->js_published = js->published;
+    out->js_failed = js->pub_errors;
+    out->js_dropped = js->dropped;
+    out->js_purged = js->purged;
+    out->js_purge_failed = js->purge_errors;
+    out->js_fetched = js->fetched;
+    out->js_fetch_missing = js->fetch_missing;
+    out->js_cut = js->cut_streams;
+    uv_mutex_unlock(&js->mu);
+}
 
 /* ---- the thread ----------------------------------------------------------------------------- */
 
@@ -299,6 +359,9 @@ static void publish_batch(js_journal *js, natsConnection *nc, struct op_queue *l
         memcpy(sid, STAILQ_FIRST(list)->sid, sizeof sid);
         struct op_queue rest = STAILQ_HEAD_INITIALIZER(rest); /* other streams' changes, in order */
         uint64_t now = bt_now_ms();
+        uv_mutex_lock(&js->mu);
+        bool skip = bt_map_get(&js->cut, cut_key(sid)) != NULL; /* a change of it was lost: nothing more */
+        uv_mutex_unlock(&js->mu);
         bt_buf_reset(&b);
         bt_buf_append(&b, "[", 1);
         bool first = true;
@@ -307,6 +370,11 @@ static void publish_batch(js_journal *js, natsConnection *nc, struct op_queue *l
             STAILQ_REMOVE_HEAD(list, link);
             if (strcmp(o->sid, sid) != 0) {
                 STAILQ_INSERT_TAIL(&rest, o, link);
+                continue;
+            }
+            if (skip) {
+                json_decref(o->j);
+                free(o);
                 continue;
             }
             if (o->kind == OP_CLOSE && json_integer_value(json_object_get(o->j, "kind")) != FE_JTAIL_NONE) {
@@ -336,6 +404,7 @@ static void publish_batch(js_journal *js, natsConnection *nc, struct op_queue *l
             free(o);
         }
         STAILQ_CONCAT(list, &rest);
+        if (skip) continue;
         bt_buf_append(&b, "]", 1);
         char subj[160];
         subject(js, sid, subj, sizeof subj);
@@ -345,7 +414,10 @@ static void publish_batch(js_journal *js, natsConnection *nc, struct op_queue *l
             bt_buf_status(&b) == BT_OK ? natsConnection_Publish(nc, subj, b.data, (int)b.len) : NATS_NO_MEMORY;
         uv_mutex_lock(&js->mu);
         if (st == NATS_OK) js->published++;
-        else js->pub_errors++;
+        else {
+            js->pub_errors++;
+            cut_add(js, sid);
+        }
         uv_mutex_unlock(&js->mu);
         if (st != NATS_OK) BT_WARN("stream journal: cannot publish to %s: %s", subj, natsStatus_GetText(st));
     }
@@ -498,8 +570,10 @@ static void fetch_one(js_journal *js, jsCtx *ctx, fetch *f) {
         f->snap = s;
         memcpy(f->mac, mac, sizeof mac);
         f->state = F_FOUND;
+        js->fetched++;
     } else {
         f->state = F_NONE;
+        js->fetch_missing++;
         fe_jsnap_free(&s);
     }
     uv_mutex_unlock(&js->mu);
@@ -508,6 +582,17 @@ static void fetch_one(js_journal *js, jsCtx *ctx, fetch *f) {
 static void do_purges(js_journal *js, jsCtx *ctx, bool all) {
     uint64_t now = bt_now_ms();
     uv_mutex_lock(&js->mu);
+    if (now - js->cut_swept_ms >= 60000) { /* cut streams are forgotten once NATS has dropped them (MaxAge) */
+        js->cut_swept_ms = now;
+        size_t it = 0;
+        uint64_t k;
+        void *v;
+        while (bt_map_next(&js->cut, &it, &k, &v)) {
+            if ((uint64_t)(uintptr_t)v > now) continue;
+            bt_map_del(&js->cut, k);
+            it = 0; /* no deleting during an iteration: start again */
+        }
+    }
     struct purge_list due = LIST_HEAD_INITIALIZER(due);
     for (purge *p = LIST_FIRST(&js->purges), *next; p; p = next) {
         next = LIST_NEXT(p, link);
@@ -529,6 +614,10 @@ static void do_purges(js_journal *js, jsCtx *ctx, bool all) {
             jsErrCode je = 0;
             natsStatus st = js_PurgeStream(ctx, js->stream, &jo, &je);
             if (st != NATS_OK) BT_DEBUG("stream journal: purge of %s failed: %s", subj, natsStatus_GetText(st));
+            uv_mutex_lock(&js->mu);
+            if (st == NATS_OK) js->purged++;
+            else js->purge_errors++;
+            uv_mutex_unlock(&js->mu);
         }
         free(p);
     }
@@ -536,17 +625,40 @@ static void do_purges(js_journal *js, jsCtx *ctx, bool all) {
 
 static void thread_main(void *arg) {
     js_journal *js = arg;
-    natsOptions *no = NULL;
     natsConnection *nc = NULL;
     jsCtx *ctx = NULL;
     jsStreamInfo *si = NULL;
     jsErrCode je = 0;
-    natsStatus st = natsOptions_Create(&no);
-    if (st == NATS_OK) st = natsOptions_SetServers(no, NULL, 0);
-    if (st == NATS_OK) st = natsOptions_SetURL(no, js->url);
-    if (st == NATS_OK) st = natsOptions_SetMaxReconnect(no, -1);
-    if (st == NATS_OK) st = natsOptions_SetTimeout(no, 2000);
-    if (st == NATS_OK) st = natsConnection_Connect(&nc, no);
+    natsStatus st = bt_nats_client_connect(js->cl, &nc);
+    /* A server not reachable yet (started after this frontend, or down for a while) is retried
+     * in the background, as the event plane does, every 100 ms doubling to 2 s; the journal is
+     * the in-process one meanwhile. A server that answers and refuses is not retried (below). */
+    bool stopped = false;
+    for (uint64_t wait_ms = 100; st == NATS_NO_SERVER || st == NATS_TIMEOUT;
+         wait_ms = wait_ms < 1000 ? wait_ms * 2 : 2000) {
+        natsConnection_Destroy(nc);
+        nc = NULL;
+        uv_mutex_lock(&js->mu);
+        if (js->state == JS_CONNECTING) {
+            BT_WARN("resumable streams: the NATS server at %s is not reachable yet (%s); the journal connects to "
+                    "JetStream in the background and is the in-process one until then (streams started meanwhile "
+                    "resume only on this frontend)",
+                    js->url, natsStatus_GetText(st));
+            js->state = JS_WAITING;
+            op *o;
+            while ((o = STAILQ_FIRST(&js->ops)) != NULL) { /* queued by the first attempt: see enqueue_op */
+                STAILQ_REMOVE_HEAD(&js->ops, link);
+                json_decref(o->j);
+                free(o);
+            }
+            js->qbytes = 0;
+        }
+        if (!js->stop) uv_cond_timedwait(&js->cv, &js->mu, wait_ms * 1000000u);
+        stopped = js->stop;
+        uv_mutex_unlock(&js->mu);
+        if (stopped) break;
+        st = bt_nats_client_connect(js->cl, &nc);
+    }
     if (st == NATS_OK) st = natsConnection_JetStream(&ctx, nc, NULL);
     if (st == NATS_OK) {
         jsStreamConfig cfg;
@@ -571,20 +683,27 @@ static void thread_main(void *arg) {
     js->state = st == NATS_OK ? JS_READY : JS_OFF;
     uv_mutex_unlock(&js->mu);
     atomic_store(&js->pub.shared, st == NATS_OK);
-    if (st != NATS_OK) {
+    if (stopped) {
+        BT_INFO("resumable streams: the NATS server at %s was never reached; the journal stayed in-process", js->url);
+    } else if (st != NATS_OK) {
         if (je == JSNotEnabledErr || je == JSNotEnabledForAccountErr || st == NATS_NO_RESPONDERS ||
             st == NATS_TIMEOUT)
             BT_WARN("resumable streams: the NATS server at %s has no JetStream (start it with -js): keeping the "
                     "in-process journal; streams resume only on the frontend that served them",
                     js->url);
+        else if (st == NATS_CONNECTION_AUTH_FAILED)
+            BT_WARN("resumable streams: the NATS server at %s refused the journal's credentials (%s: %s): keeping "
+                    "the in-process journal; streams resume only on the frontend that served them",
+                    js->url, bt_nats_client_auth(js->cl), nats_GetLastError(NULL));
         else
-            BT_WARN("resumable streams: cannot use JetStream at %s (%s, error %d): keeping the in-process journal; "
-                    "streams resume only on the frontend that served them",
-                    js->url, natsStatus_GetText(st), (int)je);
+            BT_WARN("resumable streams: cannot use JetStream at %s (%s, error %d; credentials: %s): keeping the "
+                    "in-process journal; streams resume only on the frontend that served them",
+                    js->url, natsStatus_GetText(st), (int)je, bt_nats_client_auth(js->cl));
     } else {
         BT_INFO("resumable streams: journal shared through NATS JetStream at %s (stream %s, subjects %s.*, MaxAge "
-                "%gs, MaxBytes %" PRIu64 "); a stream resumes on any frontend of namespace %s",
-                js->url, js->stream, js->prefix, js->pub.retention_s + MAX_STREAM_S, js->pub.max_bytes, js->ns);
+                "%gs, MaxBytes %" PRIu64 ", credentials: %s); a stream resumes on any frontend of namespace %s",
+                js->url, js->stream, js->prefix, js->pub.retention_s + MAX_STREAM_S, js->pub.max_bytes,
+                bt_nats_client_auth(js->cl), js->ns);
     }
     jsStreamInfo_Destroy(si);
     uv_mutex_lock(&js->mu);
@@ -617,7 +736,6 @@ static void thread_main(void *arg) {
     do_purges(js, ctx, true);
     jsCtx_Destroy(ctx);
     natsConnection_Destroy(nc);
-    natsOptions_Destroy(no);
 }
 
 static void js_destroy(fe_journal *j) {
@@ -641,6 +759,8 @@ static void js_destroy(fe_journal *j) {
         free(f);
     }
     fe_journal_destroy(js->mem);
+    bt_map_free(&js->cut);
+    bt_nats_client_free(js->cl);
     uv_cond_destroy(&js->cv);
     uv_mutex_destroy(&js->mu);
     free(js->url);
@@ -655,28 +775,37 @@ static const fe_journal_ops js_ops = {.open = js_open,
                                       .note_worker = js_note_worker,
                                       .destroy = js_destroy};
 
-fe_journal *fe_journal_js_new(fe_journal *mem, const char *nats_url, const char *ns) {
+fe_journal *fe_journal_js_new(fe_journal *mem, const bt_events_config *c, char *err, size_t errlen) {
     js_journal *js = calloc(1, sizeof *js);
-    if (!js) return NULL;
+    if (!js) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
     STAILQ_INIT(&js->ops);
     js->pub.ops = &js_ops;
     js->pub.retention_s = mem->retention_s;
     js->pub.max_bytes = mem->max_bytes;
     js->mem = mem;
-    js->url = strdup(nats_url);
-    snprintf(js->ns, sizeof js->ns, "%s", ns);
-    snprintf(js->stream, sizeof js->stream, "BATON_JOURNAL_%s", ns);
-    snprintf(js->prefix, sizeof js->prefix, "baton.journal.%s", ns);
+    js->url = strdup(c->nats_server);
+    snprintf(js->ns, sizeof js->ns, "%s", c->ns);
+    snprintf(js->stream, sizeof js->stream, "BATON_JOURNAL_%s", c->ns);
+    snprintf(js->prefix, sizeof js->prefix, "baton.journal.%s", c->ns);
     js->state = JS_CONNECTING;
-    if (!js->url || uv_mutex_init(&js->mu) != 0) {
+    bt_map_init(&js->cut);
+    js->cl = bt_nats_client_new(c, err, errlen);
+    if (!js->url || !js->cl || uv_mutex_init(&js->mu) != 0) {
+        if (!js->url) snprintf(err, errlen, "out of memory");
+        bt_nats_client_free(js->cl);
         free(js->url);
         free(js);
         return NULL;
     }
     uv_cond_init(&js->cv);
     if (uv_thread_create(&js->thread, thread_main, js) != 0) {
+        snprintf(err, errlen, "cannot start the journal's thread");
         uv_cond_destroy(&js->cv);
         uv_mutex_destroy(&js->mu);
+        bt_nats_client_free(js->cl);
         free(js->url);
         free(js);
         return NULL;

@@ -457,6 +457,10 @@ void fe_resume_collect(fe *f, bt_metrics *r) {
     bt_metric_family *fam = bt_metrics_counter(
         r, "baton_frontend_stream_resumes_total", "Resume requests (Last-Event-ID or the GET form) by outcome");
     for (int i = 0; i < FE_RESUME_N_; i++) bt_metrics_add(fam, (double)f->resumes[i], "outcome", outcome_names[i], NULL);
+    /* per shard (each hands off its own streams at the shutdown bound); the shards' counts add up */
+    bt_metrics_add(bt_metrics_counter(r, "baton_frontend_streams_handed_off_total",
+                                      "Streams handed off at the shutdown bound, to be resumed on another frontend"),
+                   (double)f->handed_off, NULL);
     fe_journal *j = f->grp ? f->grp->journal : NULL;
     if (f->shard != 0 || !j) return; /* one journal per process: shard 0 reports it */
     fe_journal_stats st;
@@ -477,4 +481,26 @@ void fe_resume_collect(fe *f, bt_metrics *r) {
     bt_metrics_add(fam, (double)st.evicted_size, "reason", "size", NULL);
     bt_metrics_add(fam, (double)st.dropped_live, "reason", "dropped_live", NULL);
     bt_metrics_add(fam, (double)st.refused_full, "reason", "refused", NULL);
+    bt_metrics_add(bt_metrics_gauge(r, "baton_frontend_stream_journal_shared", BT_MERGE_MAX,
+                                    "1 while the stream journal is shared through NATS JetStream"),
+                   st.shared ? 1 : 0, NULL);
+    fam = bt_metrics_counter(r, "baton_frontend_stream_journal_jetstream_messages_total",
+                             "Batches of journal changes published to JetStream (one message per stream), by result");
+    bt_metrics_add(fam, (double)st.js_published, "result", "published", NULL);
+    bt_metrics_add(fam, (double)st.js_failed, "result", "failed", NULL);
+    bt_metrics_add(bt_metrics_counter(r, "baton_frontend_stream_journal_jetstream_dropped_total",
+                                      "Journal changes never sent to JetStream: the publisher's queue was full"),
+                   (double)st.js_dropped, NULL);
+    fam = bt_metrics_counter(r, "baton_frontend_stream_journal_jetstream_purges_total",
+                             "Finished streams purged from JetStream by subject after their retention, by result");
+    bt_metrics_add(fam, (double)st.js_purged, "result", "purged", NULL);
+    bt_metrics_add(fam, (double)st.js_purge_failed, "result", "failed", NULL);
+    fam = bt_metrics_counter(r, "baton_frontend_stream_journal_jetstream_fetches_total",
+                             "Streams of other frontends read back from JetStream for a resume, by result");
+    bt_metrics_add(fam, (double)st.js_fetched, "result", "found", NULL);
+    bt_metrics_add(fam, (double)st.js_fetch_missing, "result", "not_found", NULL);
+    bt_metrics_add(bt_metrics_counter(r, "baton_frontend_stream_journal_jetstream_streams_cut_total",
+                                      "Streams whose record in JetStream stops short: a change was lost on its way "
+                                      "(nothing more of them is published)"),
+                   (double)st.js_cut, NULL);
 }

@@ -18,7 +18,9 @@ usage, chunk id and created). Two rounds:
   * SIGTERM drain: a frontend is stopped with --shutdown-drain-timeout 1 while its streams need
     ~5 s more: at the bound each of them ends cleanly (200, no error event, no [DONE]), the
     client resumes through HAProxy, its stream is re-attached on its worker, nothing is prefilled
-    again, and the answer is exact.
+    again, and the answer is exact (the whole answer put together equals the uncut run: the
+    resumed rest is exact); baton_frontend_streams_handed_off_total is exported, and its final
+    value (logged at the bound, as the process exits) equals the number of streams handed off.
 
 Also checked: the JetStream stream's bounds (MaxAge = retention + 1 h, MaxBytes = the journal's
 cap, from nats-server's /jsz), and that a finished stream's messages are purged by subject once its
@@ -249,6 +251,9 @@ with bl.Cluster() as cl:
     for fe in fes:
         cl.wait_workers(fe, 2)
     time.sleep(1.0)
+    m0 = bl.metrics(fes[0].url)
+    assert "baton_frontend_streams_handed_off_total" in m0 and m0["baton_frontend_streams_handed_off_total"] == 0, \
+        "the hand-off counter is not exported"
     refs, out, cut, sub0, adopted, deaths = run_round(cl, lb, fes, workers, kill_worker=False, drain=True,
                                                       max_tokens=400)
     subs = wsum(workers, "baton_worker_engine_submits_total") - sub0
@@ -260,6 +265,10 @@ with bl.Cluster() as cl:
             f"a handed-off stream did not end cleanly: {first.summary()}"
     assert subs == N and adopted == len(cut), f"submits {subs}, re-attached {adopted} of {len(cut)}"
     assert fes[0].proc.wait_log(r"handed off after \d+ tokens at the shutdown bound", timeout=1)
+    # the counter's last value (the process has exited: its log says it) is the number of streams cut
+    counted = [int(n) for n in re.findall(r"(\d+) streams handed off at the shutdown bound "
+                                          r"\(baton_frontend_streams_handed_off_total\)", fes[0].proc.log_text())]
+    assert counted == [len(cut)], f"hand-off counter {counted}, {len(cut)} streams handed off"
     lb.proc.kill(signal.SIGTERM)
 
 print("test_failover: ok")
