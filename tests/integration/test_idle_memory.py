@@ -60,7 +60,9 @@ def main():
     with bl.Cluster() as c:
         fe = c.start_frontend(env={"DYN_LOG": "debug"}, max_connections=5000, max_concurrent_requests=5000,
                               stream_retention=0)
-        c.start_worker(speedup_ratio=2, max_num_seqs=STREAMS + 100)
+        # slow enough that the first streams are still running when the last ones start (the
+        # frontend sends each request to its worker at once)
+        c.start_worker(speedup_ratio=0.5, max_num_seqs=STREAMS + 100)
         c.wait_workers(fe, 1)
         burst(fe, c.dir, 10, 5, "warm-up")
         time.sleep(3)  # the warm-up's own trim, if any
