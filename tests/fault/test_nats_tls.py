@@ -12,7 +12,8 @@ etcdlib.make_tls_certs), listening at a nats:// URL (the flags alone make the cl
      its event plane connects;
   3. a frontend given the right CA but no client certificate is refused by the server's
      verification likewise (so the certificate flags are what admitted the first);
-  4. start-up errors (exit 2): a CA file that does not exist, a certificate without its key.
+  4. `baton run` passes the three flags to its frontend and its workers: all connect;
+  5. start-up errors (exit 2): a CA file that does not exist, a certificate without its key.
 """
 
 import json
@@ -87,7 +88,20 @@ with bl.Cluster() as c:
         assert not any(n.endswith(f"-{f.proc.pid}") for n in names_over_tls(nats)), names_over_tls(nats)
     print("another CA, or no client certificate: refused (journal and event plane)", flush=True)
 
-    # -- 4. start-up errors
+    # -- 4. `baton run` gives the flags to its frontend and to its workers alike
+    for f in (fe, fo, fn):
+        f.proc.stop()
+        c.frontends.remove(f)
+    r = c.start_run(event_plane="nats", nats_server=nats.url, workers=1, **good)
+    r.proc.wait_log(r"frontend\[\d+\]: .*journal shared through NATS JetStream", timeout=15)
+    bl.wait_for(lambda: sum(n.startswith("baton-worker-") for n in names_over_tls(nats)) >= 2, 15,
+                what="the worker of baton run on the TLS server")
+    assert all(v.startswith("1.") for v in names_over_tls(nats).values()), names_over_tls(nats)
+    r.proc.stop()
+    c.runs.remove(r)
+    print("baton run: frontend and worker connected over TLS with the flags", flush=True)
+
+    # -- 5. start-up errors
     for extra, want in ((["--nats-tls-ca", os.path.join(c.dir, "no-such-ca.pem")], r"--nats-tls-ca"),
                         (["--nats-tls-ca", certs["ca"], "--nats-tls-cert", certs["client_cert"]],
                          r"--nats-tls-cert and --nats-tls-key go together")):
