@@ -102,7 +102,9 @@ static const char *frontend_flags[] = {"--router-mode", "--active-decode-blocks-
                                        "--http-header-timeout-ms", "--http-idle-timeout-ms", "--max-connections",
                                        "--max-client-backlog-bytes", "--max-concurrent-requests", "--threads",
                                        "--stream-retention", "--stream-retention-bytes", NULL};
-static const char *shared_flags[] = {"--rpc-secret-file", "--namespace", NULL};
+/* the NATS TLS settings go with the event plane (event_plane_args): the whole group's */
+static const char *shared_flags[] = {"--rpc-secret-file", "--namespace", "--nats-tls-ca", "--nats-tls-cert", "--nats-tls-key",
+                                     NULL};
 
 static bool flag_in(const char *a, const char **list) {
     for (int i = 0; list[i]; i++) {

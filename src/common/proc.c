@@ -69,6 +69,9 @@ void bt_proc_events_config(const bt_proc_opts *p, const char *ns, bt_events_conf
     bt_events_config_default(ec);
     ec->plane = p->event_plane;
     ec->nats_server = p->nats_server;
+    ec->tls_ca = p->nats_tls_ca;
+    ec->tls_cert = p->nats_tls_cert;
+    ec->tls_key = p->nats_tls_key;
     ec->ns = ns;
 }
 

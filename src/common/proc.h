@@ -32,6 +32,9 @@ typedef struct {
     const char *etcd_client_key;  /* ETCD_AUTH_CLIENT_KEY; likewise */
     const char *event_plane;     /* DYN_EVENT_PLANE: "direct" or "nats" */
     const char *nats_server;     /* NATS_SERVER */
+    const char *nats_tls_ca;     /* NATS_TLS_CA; NULL: OpenSSL's default trust */
+    const char *nats_tls_cert;   /* NATS_TLS_CERT; NULL: no client certificate */
+    const char *nats_tls_key;    /* NATS_TLS_KEY; with nats_tls_cert */
     const char *rpc_secret_file; /* DYN_RPC_SECRET_FILE; NULL: DYN_RPC_SECRET, else no secret */
 } bt_proc_opts;
 
@@ -67,6 +70,15 @@ void bt_proc_opts_default(bt_proc_opts *p);
      "direct (load on the request plane) or nats (also namespace.{ns}.kv_metrics)"}
 #define BT_PROC_OPT_NATS_SERVER(p)                                                                                    \
     {"--nats-server", "NATS_SERVER", BT_OPT_STR, &(p)->nats_server, 0, 0, "nats://host:port[,nats://...]"}
+/* The TLS of every NATS connection of the process (event plane and stream journal alike). */
+#define BT_PROC_OPT_NATS_TLS_CA(p)                                                                                    \
+    {"--nats-tls-ca", "NATS_TLS_CA", BT_OPT_STR, &(p)->nats_tls_ca, 0, 0,                                           \
+     "PEM CA file the NATS server's certificate must chain to (TLS even at a nats:// URL)"}
+#define BT_PROC_OPT_NATS_TLS_CERT(p)                                                                                  \
+    {"--nats-tls-cert", "NATS_TLS_CERT", BT_OPT_STR, &(p)->nats_tls_cert, 0, 0,                                     \
+     "PEM client certificate for a NATS server that verifies clients"}
+#define BT_PROC_OPT_NATS_TLS_KEY(p)                                                                                   \
+    {"--nats-tls-key", "NATS_TLS_KEY", BT_OPT_STR, &(p)->nats_tls_key, 0, 0, "PEM key of --nats-tls-cert"}
 
 /* True, after printing the usage of `baton <cmd>`, when --help or -h is among argv[1..argc). */
 bool bt_proc_help(const char *cmd, const bt_opt *opts, int nopts, int argc, char **argv);

@@ -41,6 +41,11 @@ typedef struct {
      * NATS_AUTH_USERNAME / NATS_AUTH_PASSWORD, NATS_AUTH_TOKEN, NATS_AUTH_NKEY (a user nkey
      * seed, "SU…"), NATS_AUTH_CREDENTIALS_FILE by bt_events_config_default(). */
     const char *user, *password, *token, *nkey, *creds_file;
+    /* TLS, NULL = not set: a PEM CA bundle to trust instead of OpenSSL's default store
+     * (--nats-tls-ca), and a client certificate with its key for a server that verifies clients
+     * (--nats-tls-cert / --nats-tls-key, both or neither). Either makes the connection TLS even
+     * at a nats:// URL. */
+    const char *tls_ca, *tls_cert, *tls_key;
     uint32_t debounce_ms;        /* publisher: at most one message per this many ms (1–5) */
     uint32_t reconnect_min_ms;   /* first reconnect delay; doubles per failed round */
     uint32_t reconnect_max_ms;   /* cap of the reconnect delay */

@@ -740,6 +740,11 @@ bt_nats_client *bt_nats_client_new(const bt_events_config *c, char *err, size_t 
         bt_nats_client_free(cl);
         return NULL;
     }
+    if (!c->tls_cert != !c->tls_key) {
+        snprintf(err, errlen, "--nats-tls-cert and --nats-tls-key go together (one was given without the other)");
+        bt_nats_client_free(cl);
+        return NULL;
+    }
     bool use_nkey = cl->nkey && !(cl->user && cl->password) && !cl->token;
     natsOptions *o = NULL;
     natsStatus s = natsOptions_Create(&o); /* also initializes the library, which nats_Sign needs */
@@ -765,6 +770,11 @@ bt_nats_client *bt_nats_client_new(const bt_events_config *c, char *err, size_t 
     TRY(natsOptions_SetAllowReconnect(o, true), "allow reconnect");
     TRY(natsOptions_SetMaxReconnect(o, -1), "max reconnect");
     TRY(natsOptions_SetReconnectWait(o, c->reconnect_min_ms), "reconnect wait");
+    /* TLS settings given by the operator (a missing or unreadable file is an error here, at start):
+     * either makes the connection TLS whatever the URL's scheme */
+    if (c->tls_ca || c->tls_cert) TRY(natsOptions_SetSecure(o, true), "TLS");
+    if (c->tls_ca) TRY(natsOptions_LoadCATrustedCertificates(o, c->tls_ca), "--nats-tls-ca");
+    if (c->tls_cert) TRY(natsOptions_LoadCertificatesChain(o, c->tls_cert, c->tls_key), "--nats-tls-cert/--nats-tls-key");
     /* authentication, first match wins (Dynamo's order); cl->auth names it in the logs */
     if (cl->user && cl->password)
         TRY(natsOptions_SetUserInfo(o, cl->user, cl->password), "NATS_AUTH_USERNAME/PASSWORD");

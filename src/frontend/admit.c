@@ -45,6 +45,13 @@ typedef struct {
     int32_t ceiling;
 } ceiling_entry;
 
+/* A tenant as the whole frontend sees it, for the in-flight shares: every thread's requests of the
+ * tenant count (a thread's own table would let each thread see only its part of the traffic). */
+typedef struct {
+    char name[TENANT_NAME_MAX];
+    atomic_uint_least64_t inflight_n, inflight_tokens, queued_n;
+} shared_tenant;
+
 struct fe_admit_policy {
     ceiling_entry *ceil;
     size_t nceil;
@@ -60,6 +67,15 @@ struct fe_admit_policy {
     _Atomic double outlier_factor;             /* outlier.h */
     _Atomic double outlier_window, outlier_backoff, outlier_max_ejected;
     atomic_int_least64_t outlier_min_samples;
+    /* estimated tokens in flight on every thread of the frontend: what hold() compares with the
+     * workers' capacity (each thread's own total would let N threads send N times it) */
+    atomic_uint_least64_t inflight_tokens;
+    /* the tenants of every thread; slot 0 is "other" (past TENANTS_MAX). Names are added under
+     * tmu and published by nshared (release); the counters are atomics. */
+    shared_tenant shared[TENANTS_MAX];
+    atomic_int nshared;
+    uv_mutex_t tmu;
+    bool tmu_ok;
 };
 
 typedef struct {
@@ -68,6 +84,7 @@ typedef struct {
     uint64_t queued_n, queued_tokens;
     uint64_t inflight_n, inflight_tokens; /* requests routed (first attempt on) and not ended */
     uint64_t count[D_N_];
+    int g; /* its slot in the policy's shared table */
 } tenant;
 
 struct fe_ticket {
@@ -114,6 +131,7 @@ struct fe_admit {
 
 void fe_admit_policy_free(fe_admit_policy *p) {
     if (!p) return;
+    if (p->tmu_ok) uv_mutex_destroy(&p->tmu);
     for (size_t i = 0; i < p->nceil; i++) free(p->ceil[i].key);
     free(p->ceil);
     free(p);
@@ -142,6 +160,11 @@ fe_admit_policy *fe_admit_policy_new(const char *spec, int64_t max_requests, int
     atomic_init(&p->max_requests, max_requests);
     atomic_init(&p->max_tokens, max_tokens);
     atomic_init(&p->timeout_ms, (int64_t)(timeout_s * 1000.0 + 0.5));
+    atomic_init(&p->inflight_tokens, 0);
+    snprintf(p->shared[0].name, TENANT_NAME_MAX, "other");
+    atomic_init(&p->nshared, 1);
+    if (uv_mutex_init(&p->tmu) != 0) goto nomem;
+    p->tmu_ok = true;
     const char *s = spec ? spec : "";
     int nentry = 0;
     while (*s) {
@@ -256,11 +279,28 @@ static void tenant_name(const fe_admit_policy *pol, const bt_http_req *http, cha
     snprintf(out, cap, "key-%016" PRIx64, h);
 }
 
+/* The slot of `name` in the shared table, added if new (0, "other", when full). Only when a thread
+ * meets a tenant for the first time. */
+static int shared_index(fe_admit_policy *p, const char *name) {
+    uv_mutex_lock(&p->tmu);
+    int n = atomic_load(&p->nshared), g = 0;
+    for (int i = 1; i < n && !g; i++)
+        if (strcmp(p->shared[i].name, name) == 0) g = i;
+    if (!g && n < TENANTS_MAX) {
+        snprintf(p->shared[n].name, TENANT_NAME_MAX, "%s", name);
+        g = n;
+        atomic_store_explicit(&p->nshared, n + 1, memory_order_release);
+    }
+    uv_mutex_unlock(&p->tmu);
+    return g;
+}
+
 static int tenant_index(fe_admit *a, const char *name) {
     for (int i = 1; i < a->ntenants; i++)
         if (strcmp(a->tenants[i].name, name) == 0) return i;
     if (a->ntenants >= TENANTS_MAX) return 0;
     snprintf(a->tenants[a->ntenants].name, TENANT_NAME_MAX, "%s", name);
+    a->tenants[a->ntenants].g = shared_index(a->pol, a->tenants[a->ntenants].name);
     return a->ntenants++;
 }
 
@@ -347,7 +387,10 @@ bool fe_admit_resume(fe_req *r, int32_t priority) {
  * over the tenants with requests in flight or queued) waits in the queue even when a worker is
  * not busy, and the pump lets it out only within its share. Below that capacity nothing is held
  * (work-conserving), nor is a lone tenant, nor a tenant's only request (a request larger than any
- * share is not starved). Shares are per frontend thread, over all its models. */
+ * share is not starved). Everything here is the whole frontend's, over all its models: the
+ * tokens in flight and each tenant's in-flight and queued counts are atomics in the shared policy,
+ * which every thread updates (a thread's own counts would let N threads send N times the
+ * capacity, and show each thread only its part of a tenant's traffic). */
 
 static void flight(fe_admit *a, fe_ticket *t, bool on) {
     if (!a || t->inflight == on) return;
@@ -357,23 +400,33 @@ static void flight(fe_admit *a, fe_ticket *t, bool on) {
         tn->inflight_n++;
         tn->inflight_tokens += t->cost;
         a->inflight_tokens += t->cost;
+        atomic_fetch_add(&a->pol->inflight_tokens, t->cost);
+        atomic_fetch_add(&a->pol->shared[tn->g].inflight_n, 1);
+        atomic_fetch_add(&a->pol->shared[tn->g].inflight_tokens, t->cost);
     } else {
         tn->inflight_n--;
         tn->inflight_tokens -= t->cost;
         a->inflight_tokens -= t->cost;
+        atomic_fetch_sub(&a->pol->inflight_tokens, t->cost);
+        atomic_fetch_sub(&a->pol->shared[tn->g].inflight_n, 1);
+        atomic_fetch_sub(&a->pol->shared[tn->g].inflight_tokens, t->cost);
     }
 }
 
-/* t's tenant would hold more than its share of the in-flight tokens if t started now. */
+/* t's tenant would hold more than its share of the in-flight tokens if t started now, counting
+ * the requests of every thread of the frontend. */
 static bool over_share(const fe_admit *a, const fe_ticket *t) {
-    const tenant *tn = &a->tenants[t->tenant];
-    if (!tn->inflight_n) return false;
+    fe_admit_policy *p = a->pol;
+    int g = a->tenants[t->tenant].g;
+    const shared_tenant *tn = &p->shared[g];
+    if (!atomic_load(&tn->inflight_n)) return false;
     uint64_t active = 0;
-    for (int i = 0; i < a->ntenants; i++)
-        active += i == t->tenant || a->tenants[i].inflight_n > 0 || a->tenants[i].queued_n > 0;
+    int n = atomic_load_explicit(&p->nshared, memory_order_acquire);
+    for (int i = 0; i < n; i++)
+        active += i == g || atomic_load(&p->shared[i].inflight_n) > 0 || atomic_load(&p->shared[i].queued_n) > 0;
     if (active < 2) return false;
-    double share = (double)(a->inflight_tokens + t->cost) / (double)active;
-    return (double)(tn->inflight_tokens + t->cost) > share;
+    double share = (double)(atomic_load(&p->inflight_tokens) + t->cost) / (double)active;
+    return (double)(atomic_load(&tn->inflight_tokens) + t->cost) > share;
 }
 
 /* What m's workers take before they count as busy, in tokens: the decode threshold's share of
@@ -394,11 +447,11 @@ static double capacity(fe *f, fe_model *m) {
     return known ? c : INFINITY;
 }
 
-/* t must wait for its tenant's share: it is over it and the tokens in flight, t's included,
- * would pass what its model's workers take before they are busy. */
+/* t must wait for its tenant's share: it is over it and the tokens in flight on the frontend (all
+ * its threads), t's included, would pass what its model's workers take before they are busy. */
 static bool hold(fe_admit *a, const fe_ticket *t) {
     if (!over_share(a, t)) return false;
-    return (double)(a->inflight_tokens + t->cost) > capacity(a->f, t->req->model);
+    return (double)(atomic_load(&a->pol->inflight_tokens) + t->cost) > capacity(a->f, t->req->model);
 }
 
 /* ---- the queue ---- */
@@ -422,6 +475,7 @@ static void q_insert(fe_admit *a, fe_ticket *t) {
     a->tokens += t->cost;
     a->tenants[t->tenant].queued_n++;
     a->tenants[t->tenant].queued_tokens += t->cost;
+    atomic_fetch_add(&a->pol->shared[a->tenants[t->tenant].g].queued_n, 1);
 }
 
 static void q_remove(fe_admit *a, fe_ticket *t) {
@@ -433,6 +487,7 @@ static void q_remove(fe_admit *a, fe_ticket *t) {
     a->tokens -= t->cost;
     a->tenants[t->tenant].queued_n--;
     a->tenants[t->tenant].queued_tokens -= t->cost;
+    atomic_fetch_sub(&a->pol->shared[a->tenants[t->tenant].g].queued_n, 1);
 }
 
 /* Moves the ring to the second of now_ms, clearing the seconds skipped; then accounts the time

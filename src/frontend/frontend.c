@@ -579,6 +579,9 @@ static void others_done_tick(uv_timer_t *t) {
     PROC(BT_PROC_OPT_RPC_SECRET_FILE(&o->p)) \
     PROC(BT_PROC_OPT_EVENT_PLANE(&o->p)) \
     PROC(BT_PROC_OPT_NATS_SERVER(&o->p)) \
+    PROC(BT_PROC_OPT_NATS_TLS_CA(&o->p)) \
+    PROC(BT_PROC_OPT_NATS_TLS_CERT(&o->p)) \
+    PROC(BT_PROC_OPT_NATS_TLS_KEY(&o->p)) \
     OPT("--shutdown-accept-window-ms", "DYN_HTTP_ACCEPT_WINDOW_MS", INT, accept_window_ms, 5000, 0, 600000, "milliseconds new requests are still accepted after SIGTERM") \
     OPT("--threads", "DYN_HTTP_THREADS", INT, threads, 1, 1, FE_MAX_THREADS, "event loops, one per core to use; connections are spread over them (SO_REUSEPORT)") \
     OPT("--stream-retention", "DYN_STREAM_RETENTION", DOUBLE, stream_retention, 300, 0, 86400, "seconds a stream stays resumable after it ends (0 = streams are not resumable)") \

@@ -153,6 +153,7 @@ struct ll_seq {
     ll_state state;
     int slot;          /* llama seq_id while running, -1 otherwise */
     uint64_t admitted; /* admission order, for preemption (latest first) */
+    int32_t priority;  /* lower is admitted sooner (engine.h) */
     /* body, rendered on the thread */
     bt_api api;
     json_t *body;
@@ -229,8 +230,14 @@ static void list_push_back(ll_list *l, ll_seq *s) {
     l->n++;
 }
 
-static void list_push_front(ll_list *l, ll_seq *s) {
-    TAILQ_INSERT_HEAD(&l->q, s, link);
+/* Into the waiting queue in (priority, arrival) order: after every waiting sequence of s's
+ * priority or a more urgent one (a new arrival), or before every one of its priority (a preempted
+ * sequence, which arrived before them). */
+static void list_insert_waiting(ll_list *l, ll_seq *s, bool preempted) {
+    ll_seq *at = TAILQ_FIRST(&l->q);
+    while (at && (preempted ? at->priority < s->priority : at->priority <= s->priority)) at = TAILQ_NEXT(at, link);
+    if (at) TAILQ_INSERT_BEFORE(at, s, link);
+    else TAILQ_INSERT_TAIL(&l->q, s, link);
     l->n++;
 }
 
@@ -448,7 +455,7 @@ static void seq_arrive(ll_engine *e, ll_seq *s) {
     char err[200] = "";
     bt_status st = render_prompt(e, s, err, sizeof err);
     s->n_prompt = s->n_tok;
-    list_push_back(&e->waiting, s);
+    list_insert_waiting(&e->waiting, s, false);
     s->state = LS_WAITING;
     if (st != BT_OK) {
         seq_end(e, s, END_ERROR, BT_FINISH_STOP, st, err);
@@ -556,19 +563,22 @@ static void kv_handoff(ll_engine *e, ll_cmd *c) {
 
 /* ---- the scheduler (engine thread) ---------------------------------------------------------- */
 
-/* Preempts the most recently admitted running sequence: its KV is dropped and it waits again at
- * the head of the queue, to be recomputed from its tokens (the output it already released stays
- * released; its text filter and sampler positions are unaffected). */
+/* Preempts the most recently admitted running sequence among the least urgent (the largest
+ * priority value): its KV is dropped and it waits again before every waiting one of its priority,
+ * to be recomputed from its tokens (the output it already released stays released; its text
+ * filter and sampler positions are unaffected). */
 static bool preempt_one(ll_engine *e) {
     ll_seq *victim = NULL;
     for (ll_seq *s = TAILQ_FIRST(&e->running.q); s; s = TAILQ_NEXT(s, link))
-        if (!victim || s->admitted > victim->admitted) victim = s;
+        if (!victim || s->priority > victim->priority ||
+            (s->priority == victim->priority && s->admitted > victim->admitted))
+            victim = s;
     if (!victim) return false;
     BT_DEBUG("llama engine: preempting a sequence of %zu tokens (KV full)", victim->n_tok);
     seq_release_kv(e, victim);
     list_remove(&e->running, victim);
     victim->state = LS_WAITING;
-    list_push_front(&e->waiting, victim);
+    list_insert_waiting(&e->waiting, victim, true);
     return true;
 }
 
@@ -958,6 +968,7 @@ static bt_status ll_submit(bt_engine *be, const bt_engine_request *req, const bt
     if (bt_lltext_init(&s->text, req->stop, req->n_stop) != BT_OK) goto nomem;
     s->n_carried = req->n_carried;
     s->max_new = req->max_tokens;
+    s->priority = req->priority;
     s->sp.temperature = req->temperature;
     s->sp.top_p = body_number(req->body, "top_p", 1.0);
     json_t *k = json_object_get(req->body, "top_k");
