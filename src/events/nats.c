@@ -720,6 +720,16 @@ void bt_nats_client_free(bt_nats_client *cl) {
     free(cl);
 }
 
+/* Runs `call` (a natsStatus expression) only while every call before it succeeded; `what` then names
+ * the last one run, for the error message. Used by the two option builders below. */
+#define TRY(call, w)                                                                                                   \
+    do {                                                                                                               \
+        if (s == NATS_OK) {                                                                                            \
+            s = (call);                                                                                                \
+            what = (w);                                                                                                \
+        }                                                                                                              \
+    } while (0)
+
 bt_nats_client *bt_nats_client_new(const bt_events_config *c, char *err, size_t errlen) {
     bt_nats_client *cl = calloc(1, sizeof *cl);
     if (!cl) {
@@ -754,13 +764,6 @@ bt_nats_client *bt_nats_client_new(const bt_events_config *c, char *err, size_t 
         bt_nats_client_free(cl);
         return NULL;
     }
-#define TRY(call, w)                                                                                                   \
-    do {                                                                                                               \
-        if (s == NATS_OK) {                                                                                            \
-            s = (call);                                                                                                \
-            what = (w);                                                                                                \
-        }                                                                                                              \
-    } while (0)
     /* a tls:// URL (or a server that requires TLS) makes nats.c connect with TLS */
     TRY(natsOptions_SetURL(o, cl->url), "server URL");
     TRY(natsOptions_SetName(o, cl->name), "name");
@@ -786,7 +789,6 @@ bt_nats_client *bt_nats_client_new(const bt_events_config *c, char *err, size_t 
                : use_nkey               ? "NATS_AUTH_NKEY"
                : cl->creds              ? "NATS_AUTH_CREDENTIALS_FILE"
                                         : "no credentials";
-#undef TRY
     if (s != NATS_OK) {
         snprintf(err, errlen, "NATS options (%s): %s", what, nats_GetLastError(NULL));
         natsOptions_Destroy(o);
@@ -827,13 +829,6 @@ static bool make_options(bt_events *e, char *err, size_t errlen) {
     natsOptions *o = e->cl->opts;
     natsStatus s = NATS_OK;
     const char *what = "";
-#define TRY(call, w)                                                                                                   \
-    do {                                                                                                               \
-        if (s == NATS_OK) {                                                                                            \
-            s = (call);                                                                                                \
-            what = (w);                                                                                                \
-        }                                                                                                              \
-    } while (0)
     TRY(natsOptions_SetCustomReconnectDelay(o, reconnect_delay, e), "reconnect delay");
     TRY(natsOptions_SetReconnectBufSize(o, RECONNECT_BUF), "reconnect buffer");
     TRY(natsOptions_SetRetryOnFailedConnect(o, true, on_connected, NULL), "retry on failed connect");
@@ -841,7 +836,6 @@ static bool make_options(bt_events *e, char *err, size_t errlen) {
     TRY(natsOptions_SetErrorHandler(o, on_async_error, NULL), "error handler");
     TRY(natsOptions_SetClosedCB(o, on_closed, e), "closed callback");
     TRY(natsOptions_SetEventLoop(o, e, ev_attach, ev_read, ev_write, ev_detach), "event loop");
-#undef TRY
     if (s != NATS_OK) {
         snprintf(err, errlen, "NATS options (%s): %s", what, nats_GetLastError(NULL));
         bt_nats_client_free(e->cl);
