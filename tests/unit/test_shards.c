@@ -190,9 +190,10 @@ static void test_grouping(void **state) {
     }
     assert_int_equal(helps, types);
     /* every family of the frontend (docs/operations.md); these fake shards have no stream journal
-     * and no admission queue, so of their families only baton_frontend_stream_resumes_total is
-     * there; the outlier (3), retry-budget (1) and KV hand-off relay (3) families always are */
-    assert_int_equal(types, 37);
+     * and no admission queue, so of their families only baton_frontend_stream_resumes_total and
+     * baton_frontend_streams_handed_off_total are there; the outlier (3), retry-budget (1) and KV
+     * hand-off relay (3) families always are */
+    assert_int_equal(types, 38);
     free(m);
     shard_free(s[0]);
     shard_free(s[1]);
