@@ -83,6 +83,15 @@ int main(int argc, char **argv) {
         prctl(PR_SET_PDEATHSIG, SIGTERM);
         if (strtol(ppid, NULL, 10) != (long)getppid()) return 1; /* the parent is already gone */
         unsetenv("BATON_PARENT_PID");
+        /* Ctrl-C in a terminal sends SIGINT to the whole foreground process group, the launcher's
+         * children included, and the launcher forwards a SIGTERM of its own: a child would take
+         * that as a second signal and exit at once, cutting every stream instead of draining.
+         * The launcher alone decides how its children stop (SIGTERM, then SIGKILL on a second
+         * Ctrl-C), so SIGINT stays blocked here; threads started later inherit the mask. */
+        sigset_t intr;
+        sigemptyset(&intr);
+        sigaddset(&intr, SIGINT);
+        sigprocmask(SIG_BLOCK, &intr, NULL);
     }
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
         usage();
