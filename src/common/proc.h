@@ -35,6 +35,13 @@ typedef struct {
     const char *rpc_secret_file; /* DYN_RPC_SECRET_FILE; NULL: DYN_RPC_SECRET, else no secret */
 } bt_proc_opts;
 
+/* True in a child of `baton run` (main.c sets it before the command starts). The launcher alone
+ * decides how its children stop: one SIGTERM each, then SIGKILL on a second Ctrl-C. A child
+ * therefore does not take a repeated SIGTERM/SIGINT as "exit at once": a terminal's Ctrl-C (or
+ * `kill -- -PGID`, or `timeout`) signals the whole process group, and with the launcher's own
+ * SIGTERM every child would see two signals and cut its streams instead of draining. */
+extern bool bt_proc_supervised;
+
 /* --discovery-dir's default as --help shows it. The directory itself is computed by discovery at
  * start-up (bt_discovery_config_default); a discovery_dir that is this very pointer means "that". */
 extern const char bt_proc_discovery_dir_default[];
