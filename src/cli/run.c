@@ -1,4 +1,4 @@
-/* run.c — `baton run`: a frontend and N mocker workers on one machine.
+/* run.c — `baton run`: a frontend and N workers (the mocker unless --engine says otherwise) on one machine.
  *
  * The children are this same binary (`baton frontend`, `baton worker`) started with uv_spawn over
  * file discovery in a private temporary directory. Everything they listen on is bound to the
@@ -517,7 +517,7 @@ int bt_run_main(int argc, char **argv) {
         {"--http-port", "DYN_HTTP_PORT", BT_OPT_INT, &r.http_port, 1, 65535, "frontend HTTP port"},
         {"--http-host", "DYN_HTTP_HOST", BT_OPT_STR, &r.http_host, 0, 0,
          "numeric address the frontend and the workers' status servers listen on"},
-        {"--workers", NULL, BT_OPT_INT, &r.workers, 1, MAX_WORKERS, "number of mocker workers"},
+        {"--workers", "BATON_WORKERS", BT_OPT_INT, &r.workers, 1, MAX_WORKERS, "number of workers"},
         {"--model-name", "DYN_MODEL_NAME", BT_OPT_STR, &r.model, 0, 0, "model name"},
         {"--migration-limit", "DYN_MIGRATION_LIMIT", BT_OPT_INT, &r.migration_limit, 0, 1000, "migration attempts"},
         {"--speedup-ratio", "DYN_SPEEDUP_RATIO", BT_OPT_DOUBLE, &r.speedup, 1e-6, 1e9, "mocker time scale"},
@@ -530,7 +530,8 @@ int bt_run_main(int argc, char **argv) {
     for (int i = 1; i < argc; i++)
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
             bt_opts_usage("run", opts, nopts);
-            printf("\nany other frontend or worker flag is passed on to those processes\n");
+            printf("\nany other frontend or worker flag is passed on to those processes, e.g. --engine llama for "
+                   "llama.cpp workers (`baton worker --help`)\n");
             bt_log_usage();
             return 0;
         }
