@@ -69,6 +69,17 @@ for s, d in same:
 docdir = os.path.join(p1, "share", "doc", "baton")
 for f in ["README.md"] + [os.path.join("docs", os.path.basename(d)) for d in glob.glob(os.path.join(src, "docs/*.md"))]:
     assert os.path.isfile(os.path.join(docdir, os.path.basename(f))), f"{f} is not installed in {docdir}"
+# every relative link of the installed pages leads to an installed file (README.md's docs/X.md
+# links are rewritten, since the docs are its siblings there)
+broken = []
+for page in glob.glob(os.path.join(docdir, "*.md")):
+    with open(page) as fh:
+        for m in re.finditer(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", fh.read()):
+            target = m.group(1)
+            if not re.match(r"[a-z]+:", target) and not os.path.exists(os.path.join(docdir, target)):
+                broken.append(f"{os.path.basename(page)} -> {target}")
+assert not broken, f"installed docs link to files that are not installed: {broken}"
+assert "](operations.md" in open(os.path.join(docdir, "README.md")).read()
 for f in ("examples/systemd/frontend.env", "examples/systemd/worker.env", "examples/kubernetes/frontend.yaml",
           "examples/kubernetes/worker.yaml", "examples/kubernetes/etcd.yaml", "examples/Containerfile"):
     assert os.path.isfile(os.path.join(docdir, f)), f"{f} is not installed in {docdir}"
