@@ -8,7 +8,8 @@
      refused ("--api-key needs a value", exit 2) instead of starting with the API key
      "--http-port" and nothing on P; likewise a string flag of the worker and a number of `baton
      run`. `--flag=--value` still passes a value that starts with "--".
-  3. An invalid value reads "baton CMD: invalid value 'V' for --FLAG (expected ...)".
+  3. An invalid value reads "baton CMD: invalid value 'V' for --FLAG (expected ...)"; a DYN_LOG
+     that names no level is reported (it used to leave the level at info in silence).
   4. `baton run --help` says how to get llama.cpp workers (--engine llama).
   5. A file discovery directory this user cannot read (frontend, worker) or write in (worker) is a
      start-up error (exit 1, the directory and the reason named), not a process that runs and
@@ -103,6 +104,13 @@ for args, want in [(["run", "--http-port", "-5"],
     rc, out, took = baton(args)
     assert rc == 2 and want in out and "argument:" not in out, (args, rc, out)
 print("cli: invalid values name the flag and the range")
+
+# DYN_LOG with no level in it is said, not ignored; a level (any case, with a filter after it) is not
+rc, out, _ = baton(["frontend", "--http-port", "-5"], env={"DYN_LOG": "verbose"})
+assert rc == 2 and "baton frontend: DYN_LOG='verbose' names no level" in out, out
+for ok in ("Debug", "warning", "info,baton=trace"):
+    rc, out, _ = baton(["frontend", "--http-port", "-5"], env={"DYN_LOG": ok})
+    assert rc == 2 and "DYN_LOG" not in out, (ok, out)
 
 # --- 4. baton run --help and llama
 rc, out, _ = baton(["run", "--help"])
