@@ -21,6 +21,7 @@
  * the directory and exits 0; a second signal sends SIGKILL. */
 #include "cli/run.h"
 
+#include <arpa/inet.h>
 #include <curl/curl.h>
 #include <jansson.h>
 #include <limits.h>
@@ -543,6 +544,14 @@ int bt_run_main(int argc, char **argv) {
         return 2;
     }
     r.speedup_given = bt_opts_origin(opts, nopts, argc, argv, 1, "--speedup-ratio") != NULL;
+    /* every child listens on it: one check here says what is wrong, instead of each child's bind
+     * error (a worker's naming its status-server port) */
+    unsigned char addr[sizeof(struct in6_addr)];
+    if (inet_pton(AF_INET, r.http_host, addr) != 1 && inet_pton(AF_INET6, r.http_host, addr) != 1) {
+        fprintf(stderr, "baton run: --http-host '%s' is not a numeric IPv4 or IPv6 address (e.g. 127.0.0.1, ::1 "
+                        "or 0.0.0.0 for every address)\n", r.http_host);
+        return 2;
+    }
     if (r.event_plane && strcmp(r.event_plane, "direct") != 0 && strcmp(r.event_plane, "nats") != 0) {
         fprintf(stderr, "baton run: unknown event plane '%s' (direct or nats)\n", r.event_plane);
         return 2;

@@ -9,7 +9,8 @@
      "--http-port" and nothing on P; likewise a string flag of the worker and a number of `baton
      run`. `--flag=--value` still passes a value that starts with "--".
   3. An invalid value reads "baton CMD: invalid value 'V' for --FLAG (expected ...)"; a DYN_LOG
-     that names no level is reported (it used to leave the level at info in silence).
+     that names no level is reported (it used to leave the level at info in silence); `baton run
+     --http-host localhost` is refused before any child starts (exit 2).
   4. `baton run --help` says how to get llama.cpp workers (--engine llama).
   5. A file discovery directory this user cannot read (frontend, worker) or write in (worker) is a
      start-up error (exit 1, the directory and the reason named), not a process that runs and
@@ -111,6 +112,13 @@ assert rc == 2 and "baton frontend: DYN_LOG='verbose' names no level" in out, ou
 for ok in ("Debug", "warning", "info,baton=trace"):
     rc, out, _ = baton(["frontend", "--http-port", "-5"], env={"DYN_LOG": ok})
     assert rc == 2 and "DYN_LOG" not in out, (ok, out)
+
+# baton run's --http-host is checked before anything starts (each child would fail on its own bind,
+# a worker naming its status-server port as the culprit)
+for host in ("localhost", "10.0.0.300"):
+    rc, out, took = baton(["run", "--http-host", host, "--http-port", str(port)])
+    assert rc == 2 and f"baton run: --http-host '{host}' is not a numeric IPv4 or IPv6 address" in out, (host, rc, out)
+    assert "started" not in out and took < 10, out
 
 # --- 4. baton run --help and llama
 rc, out, _ = baton(["run", "--help"])
