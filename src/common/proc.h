@@ -57,9 +57,11 @@ void bt_proc_opts_default(bt_proc_opts *p);
     {"--discovery-dir", "DYN_FILE_KV", BT_OPT_STR, &(p)->discovery_dir, 0, 0,                                       \
      "file discovery directory (/tmp when TMPDIR is unset)"}
 #define BT_PROC_OPT_ETCD_ENDPOINTS(p)                                                                                 \
-    {"--etcd-endpoints", "ETCD_ENDPOINTS", BT_OPT_STR, &(p)->etcd_endpoints, 0, 0, "comma-separated URLs"}
+    {"--etcd-endpoints", "ETCD_ENDPOINTS", BT_OPT_STR, &(p)->etcd_endpoints, 0, 0,                                     \
+     "comma-separated URLs (none: http://localhost:2379)"}
 #define BT_PROC_OPT_ETCD_CA(p)                                                                                        \
-    {"--etcd-ca", "ETCD_AUTH_CA", BT_OPT_STR, &(p)->etcd_ca, 0, 0, "PEM CA file for https:// etcd endpoints"}
+    {"--etcd-ca", "ETCD_AUTH_CA", BT_OPT_STR, &(p)->etcd_ca, 0, 0,                                                    \
+     "PEM CA file for https:// etcd endpoints (none: the system's CA store)"}
 #define BT_PROC_OPT_ETCD_CLIENT_CERT(p)                                                                               \
     {"--etcd-client-cert", "ETCD_AUTH_CLIENT_CERT", BT_OPT_STR, &(p)->etcd_client_cert, 0, 0,                       \
      "PEM client certificate for https:// etcd endpoints"}
