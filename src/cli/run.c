@@ -556,6 +556,13 @@ int bt_run_main(int argc, char **argv) {
         fprintf(stderr, "baton run: unknown event plane '%s' (direct or nats)\n", r.event_plane);
         return 2;
     }
+    /* the workers inherit the environment (DYN_SYSTEM_PORT is overridden by each one's --system-port 0) */
+    const char *env_rpc = getenv("DYN_TCP_RPC_PORT");
+    if (r.workers > 1 && env_rpc && *env_rpc && strcmp(env_rpc, "0") != 0) {
+        fprintf(stderr, "baton run: DYN_TCP_RPC_PORT=%s would give all %lld workers the same port; unset it (each "
+                        "worker gets a free one), or use --workers 1\n", env_rpc, (long long)r.workers);
+        return 2;
+    }
     for (int i = 0; i < nrest; i++) {
         /* One machine, one private directory: the group's discovery is not the user's to choose. */
         if (strncmp(rest[i], "--discovery", 11) == 0 || strncmp(rest[i], "--etcd-", 7) == 0) {
@@ -566,6 +573,16 @@ int bt_run_main(int argc, char **argv) {
         }
         const char *flag = rest[i], *value = NULL;
         if (!strchr(flag, '=') && i + 1 < nrest && strncmp(rest[i + 1], "--", 2) != 0) value = rest[++i];
+        /* one port for every worker: all but the first would fail to bind it */
+        if (r.workers > 1 && (flag_in(flag, (const char *[]){"--system-port", "--rpc-port", NULL}))) {
+            const char *eq = strchr(flag, '='), *v = eq ? eq + 1 : value;
+            if (v && strcmp(v, "0") != 0 && strcmp(v, "-1") != 0) {
+                fprintf(stderr, "baton run: %.*s %s would give all %lld workers the same port; leave it out (each "
+                                "worker gets a free one), or use --workers 1\n",
+                        (int)(eq ? eq - flag : (long)strlen(flag)), flag, v, (long long)r.workers);
+                return 2;
+            }
+        }
         if (r.n_fe_args + 2 > MAX_ARGS || r.n_w_args + 2 > MAX_ARGS) {
             fprintf(stderr, "baton run: too many flags\n");
             return 2;

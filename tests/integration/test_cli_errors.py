@@ -10,7 +10,8 @@
      run`. `--flag=--value` still passes a value that starts with "--".
   3. An invalid value reads "baton CMD: invalid value 'V' for --FLAG (expected ...)"; a DYN_LOG
      that names no level is reported (it used to leave the level at info in silence); `baton run
-     --http-host localhost` is refused before any child starts (exit 2).
+     --http-host localhost` is refused before any child starts (exit 2), as is a fixed worker port
+     (--system-port, --rpc-port, DYN_TCP_RPC_PORT) with more than one worker.
   4. `baton run --help` says how to get llama.cpp workers (--engine llama).
   5. A file discovery directory this user cannot read (frontend, worker) or write in (worker) is a
      start-up error (exit 1, the directory and the reason named), not a process that runs and
@@ -119,6 +120,13 @@ for host in ("localhost", "10.0.0.300"):
     rc, out, took = baton(["run", "--http-host", host, "--http-port", str(port)])
     assert rc == 2 and f"baton run: --http-host '{host}' is not a numeric IPv4 or IPv6 address" in out, (host, rc, out)
     assert "started" not in out and took < 10, out
+
+# a fixed worker port given to `baton run` with several workers: refused before anything starts
+for args, env, want in [(["--system-port", "9090"], {}, "baton run: --system-port 9090 would give all 2 workers"),
+                        (["--workers", "3", "--rpc-port=7000"], {}, "baton run: --rpc-port 7000 would give all 3 workers"),
+                        ([], {"DYN_TCP_RPC_PORT": "7000"}, "baton run: DYN_TCP_RPC_PORT=7000 would give all 2 workers")]:
+    rc, out, took = baton(["run", "--http-port", str(port)] + args, env=env)
+    assert rc == 2 and want in out and "started" not in out, (args, env, rc, out)
 
 # --- 4. baton run --help and llama
 rc, out, _ = baton(["run", "--help"])
