@@ -11,13 +11,14 @@
 
 #include "cli/run.h"
 #include "common/paths.h"
+#include "common/proc.h"
 #include "frontend/frontend.h"
 #include "worker/worker.h"
 
 static void usage(void) {
     printf("usage: baton <command> [options]\n\n"
            "commands:\n"
-           "  run        a frontend and N simulated workers on this machine (start here)\n"
+           "  run        a frontend and N workers on this machine, simulated or --engine llama (start here)\n"
            "  frontend   the OpenAI-compatible HTTP frontend and router\n"
            "  worker     one engine behind the request plane\n"
            "  chaos      fault scenarios against baton, checked byte for byte (docs/chaos.md)\n\n"
@@ -83,6 +84,7 @@ int main(int argc, char **argv) {
         prctl(PR_SET_PDEATHSIG, SIGTERM);
         if (strtol(ppid, NULL, 10) != (long)getppid()) return 1; /* the parent is already gone */
         unsetenv("BATON_PARENT_PID");
+        bt_proc_supervised = true; /* repeated stop signals are the launcher's to escalate (proc.h) */
     }
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
         usage();

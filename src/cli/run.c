@@ -1,4 +1,4 @@
-/* run.c — `baton run`: a frontend and N mocker workers on one machine.
+/* run.c — `baton run`: a frontend and N workers (the mocker unless --engine says otherwise) on one machine.
  *
  * The children are this same binary (`baton frontend`, `baton worker`) started with uv_spawn over
  * file discovery in a private temporary directory. Everything they listen on is bound to the
@@ -21,6 +21,7 @@
  * the directory and exits 0; a second signal sends SIGKILL. */
 #include "cli/run.h"
 
+#include <arpa/inet.h>
 #include <curl/curl.h>
 #include <jansson.h>
 #include <limits.h>
@@ -519,7 +520,7 @@ int bt_run_main(int argc, char **argv) {
         {"--http-port", "DYN_HTTP_PORT", BT_OPT_INT, &r.http_port, 1, 65535, "frontend HTTP port"},
         {"--http-host", "DYN_HTTP_HOST", BT_OPT_STR, &r.http_host, 0, 0,
          "numeric address the frontend and the workers' status servers listen on"},
-        {"--workers", NULL, BT_OPT_INT, &r.workers, 1, MAX_WORKERS, "number of mocker workers"},
+        {"--workers", "BATON_WORKERS", BT_OPT_INT, &r.workers, 1, MAX_WORKERS, "number of workers"},
         {"--model-name", "DYN_MODEL_NAME", BT_OPT_STR, &r.model, 0, 0, "model name"},
         {"--migration-limit", "DYN_MIGRATION_LIMIT", BT_OPT_INT, &r.migration_limit, 0, 1000, "migration attempts"},
         {"--speedup-ratio", "DYN_SPEEDUP_RATIO", BT_OPT_DOUBLE, &r.speedup, 1e-6, 1e9, "mocker time scale"},
@@ -532,7 +533,8 @@ int bt_run_main(int argc, char **argv) {
     for (int i = 1; i < argc; i++)
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
             bt_opts_usage("run", opts, nopts);
-            printf("\nany other frontend or worker flag is passed on to those processes\n");
+            printf("\nany other frontend or worker flag is passed on to those processes, e.g. --engine llama for "
+                   "llama.cpp workers (`baton worker --help`)\n");
             bt_log_usage();
             return 0;
         }
@@ -544,8 +546,23 @@ int bt_run_main(int argc, char **argv) {
         return 2;
     }
     r.speedup_given = bt_opts_origin(opts, nopts, argc, argv, 1, "--speedup-ratio") != NULL;
+    /* every child listens on it: one check here says what is wrong, instead of each child's bind
+     * error (a worker's naming its status-server port) */
+    unsigned char addr[sizeof(struct in6_addr)];
+    if (inet_pton(AF_INET, r.http_host, addr) != 1 && inet_pton(AF_INET6, r.http_host, addr) != 1) {
+        fprintf(stderr, "baton run: --http-host '%s' is not a numeric IPv4 or IPv6 address (e.g. 127.0.0.1, ::1 "
+                        "or 0.0.0.0 for every address)\n", r.http_host);
+        return 2;
+    }
     if (r.event_plane && strcmp(r.event_plane, "direct") != 0 && strcmp(r.event_plane, "nats") != 0) {
         fprintf(stderr, "baton run: unknown event plane '%s' (direct or nats)\n", r.event_plane);
+        return 2;
+    }
+    /* the workers inherit the environment (DYN_SYSTEM_PORT is overridden by each one's --system-port 0) */
+    const char *env_rpc = getenv("DYN_TCP_RPC_PORT");
+    if (r.workers > 1 && env_rpc && *env_rpc && strcmp(env_rpc, "0") != 0) {
+        fprintf(stderr, "baton run: DYN_TCP_RPC_PORT=%s would give all %lld workers the same port; unset it (each "
+                        "worker gets a free one), or use --workers 1\n", env_rpc, (long long)r.workers);
         return 2;
     }
     for (int i = 0; i < nrest; i++) {
@@ -558,6 +575,16 @@ int bt_run_main(int argc, char **argv) {
         }
         const char *flag = rest[i], *value = NULL;
         if (!strchr(flag, '=') && i + 1 < nrest && strncmp(rest[i + 1], "--", 2) != 0) value = rest[++i];
+        /* one port for every worker: all but the first would fail to bind it */
+        if (r.workers > 1 && (flag_in(flag, (const char *[]){"--system-port", "--rpc-port", NULL}))) {
+            const char *eq = strchr(flag, '='), *v = eq ? eq + 1 : value;
+            if (v && strcmp(v, "0") != 0 && strcmp(v, "-1") != 0) {
+                fprintf(stderr, "baton run: %.*s %s would give all %lld workers the same port; leave it out (each "
+                                "worker gets a free one), or use --workers 1\n",
+                        (int)(eq ? eq - flag : (long)strlen(flag)), flag, v, (long long)r.workers);
+                return 2;
+            }
+        }
         if (r.n_fe_args + 2 > MAX_ARGS || r.n_w_args + 2 > MAX_ARGS) {
             fprintf(stderr, "baton run: too many flags\n");
             return 2;

@@ -18,10 +18,19 @@ static const char *level_names[] = {"ERROR", "WARN", "INFO", "DEBUG", "TRACE"};
 
 void bt_log_init(const char *component) {
     const char *lvl = getenv("DYN_LOG");
-    if (lvl) {
+    if (lvl && *lvl) {
+        bool known = false;
         for (int i = 0; i <= BT_LOG_TRACE; i++)
-            if (strncasecmp(lvl, level_names[i], strlen(level_names[i])) == 0) g_level = (bt_log_level)i;
+            if (strncasecmp(lvl, level_names[i], strlen(level_names[i])) == 0) {
+                g_level = (bt_log_level)i;
+                known = true;
+            }
         if (strncasecmp(lvl, "warning", 7) == 0) g_level = BT_LOG_WARN;
+        /* a typo would otherwise leave the default in silence (the user asked for another level) */
+        if (!known)
+            fprintf(stderr, "baton %s: DYN_LOG='%.64s' names no level (error, warn, info, debug or trace); logging "
+                            "at %s\n",
+                    component ? component : "", lvl, level_names[g_level]);
     }
     const char *j = getenv("DYN_LOGGING_JSONL");
     g_jsonl = j && (strcmp(j, "1") == 0 || strcasecmp(j, "true") == 0);

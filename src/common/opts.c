@@ -15,7 +15,11 @@ const bt_opt *bt_opts_find(const bt_opt *opts, int nopts, const char *flag) {
     return NULL;
 }
 
+/* origin: the environment variable the value came from, or NULL for a command-line argument
+ * (the caller prefixes the message with the command's name). */
 static bool apply(const bt_opt *o, const char *val, const char *origin, char *err, int errlen) {
+    const char *sep = origin ? ": " : "";
+    if (!origin) origin = "";
     switch (o->type) {
     case BT_OPT_STR:
         *(const char **)o->dst = val;
@@ -23,8 +27,8 @@ static bool apply(const bt_opt *o, const char *val, const char *origin, char *er
     case BT_OPT_INT: {
         int64_t v;
         if (!bt_parse_i64(val, (int64_t)o->min, (int64_t)o->max, &v)) {
-            snprintf(err, (size_t)errlen, "%s: invalid value '%s' for %s (expected an integer from %lld to %lld)",
-                     origin, val, o->flag, (long long)o->min, (long long)o->max);
+            snprintf(err, (size_t)errlen, "%s%sinvalid value '%s' for %s (expected an integer from %lld to %lld)",
+                     origin, sep, val, o->flag, (long long)o->min, (long long)o->max);
             return false;
         }
         *(int64_t *)o->dst = v;
@@ -37,8 +41,8 @@ static bool apply(const bt_opt *o, const char *val, const char *origin, char *er
             return true;
         }
         if (!bt_parse_double(val, o->min, o->max, &v)) {
-            snprintf(err, (size_t)errlen, "%s: invalid value '%s' for %s (expected a number from %g to %g)", origin,
-                     val, o->flag, o->min, o->max);
+            snprintf(err, (size_t)errlen, "%s%sinvalid value '%s' for %s (expected a number from %g to %g)", origin,
+                     sep, val, o->flag, o->min, o->max);
             return false;
         }
         *(double *)o->dst = v;
@@ -47,7 +51,7 @@ static bool apply(const bt_opt *o, const char *val, const char *origin, char *er
     case BT_OPT_BOOL: {
         bool v;
         if (!bt_parse_bool(val, &v)) {
-            snprintf(err, (size_t)errlen, "%s: invalid value '%s' for %s (expected true or false)", origin, val,
+            snprintf(err, (size_t)errlen, "%s%sinvalid value '%s' for %s (expected true or false)", origin, sep, val,
                      o->flag);
             return false;
         }
@@ -95,14 +99,16 @@ bool bt_opts_parse(const bt_opt *opts, int nopts, int argc, char **argv, int fir
         if (!val) {
             if (o->type == BT_OPT_BOOL && (i + 1 >= argc || strncmp(argv[i + 1], "--", 2) == 0)) {
                 val = "true";
-            } else if (i + 1 < argc) {
+            } else if (i + 1 < argc && strncmp(argv[i + 1], "--", 2) != 0) {
                 val = argv[++i];
             } else {
+                /* no value, or the next flag: `--api-key --http-port 9000` must not make the key
+                 * "--http-port" (a value that starts with "--" can be given as --flag=VALUE) */
                 snprintf(err, (size_t)errlen, "%s needs a value", name);
                 return false;
             }
         }
-        if (!apply(o, val, "argument", err, errlen)) return false;
+        if (!apply(o, val, NULL, err, errlen)) return false;
     }
     return true;
 }
@@ -127,7 +133,8 @@ const char *bt_opts_origin(const bt_opt *opts, int nopts, int argc, char **argv,
             continue;
         }
         if (o == want) return "argument";
-        if (!inline_val && !(o->type == BT_OPT_BOOL && (i + 1 >= argc || strncmp(argv[i + 1], "--", 2) == 0))) i++;
+        /* a flag never takes the next flag as its value (bt_opts_parse refuses that for a non-boolean) */
+        if (!inline_val && i + 1 < argc && strncmp(argv[i + 1], "--", 2) != 0) i++;
     }
     const char *v = want->env ? getenv(want->env) : NULL;
     return v && *v ? want->env : NULL;

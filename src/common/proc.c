@@ -11,6 +11,7 @@
 #include "common/util.h"
 
 const char bt_proc_discovery_dir_default[] = "$TMPDIR/baton_store_kv";
+bool bt_proc_supervised;
 
 void bt_proc_opts_default(bt_proc_opts *p) {
     memset(p, 0, sizeof *p);

@@ -38,6 +38,13 @@ typedef struct {
     const char *rpc_secret_file; /* DYN_RPC_SECRET_FILE; NULL: DYN_RPC_SECRET, else no secret */
 } bt_proc_opts;
 
+/* True in a child of `baton run` (main.c sets it before the command starts). The launcher alone
+ * decides how its children stop: one SIGTERM each, then SIGKILL on a second Ctrl-C. A child
+ * therefore does not take a repeated SIGTERM/SIGINT as "exit at once": a terminal's Ctrl-C (or
+ * `kill -- -PGID`, or `timeout`) signals the whole process group, and with the launcher's own
+ * SIGTERM every child would see two signals and cut its streams instead of draining. */
+extern bool bt_proc_supervised;
+
 /* --discovery-dir's default as --help shows it. The directory itself is computed by discovery at
  * start-up (bt_discovery_config_default); a discovery_dir that is this very pointer means "that". */
 extern const char bt_proc_discovery_dir_default[];
@@ -53,9 +60,11 @@ void bt_proc_opts_default(bt_proc_opts *p);
     {"--discovery-dir", "DYN_FILE_KV", BT_OPT_STR, &(p)->discovery_dir, 0, 0,                                       \
      "file discovery directory (/tmp when TMPDIR is unset)"}
 #define BT_PROC_OPT_ETCD_ENDPOINTS(p)                                                                                 \
-    {"--etcd-endpoints", "ETCD_ENDPOINTS", BT_OPT_STR, &(p)->etcd_endpoints, 0, 0, "comma-separated URLs"}
+    {"--etcd-endpoints", "ETCD_ENDPOINTS", BT_OPT_STR, &(p)->etcd_endpoints, 0, 0,                                     \
+     "comma-separated URLs (none: http://localhost:2379)"}
 #define BT_PROC_OPT_ETCD_CA(p)                                                                                        \
-    {"--etcd-ca", "ETCD_AUTH_CA", BT_OPT_STR, &(p)->etcd_ca, 0, 0, "PEM CA file for https:// etcd endpoints"}
+    {"--etcd-ca", "ETCD_AUTH_CA", BT_OPT_STR, &(p)->etcd_ca, 0, 0,                                                    \
+     "PEM CA file for https:// etcd endpoints (none: the system's CA store)"}
 #define BT_PROC_OPT_ETCD_CLIENT_CERT(p)                                                                               \
     {"--etcd-client-cert", "ETCD_AUTH_CLIENT_CERT", BT_OPT_STR, &(p)->etcd_client_cert, 0, 0,                       \
      "PEM client certificate for https:// etcd endpoints"}

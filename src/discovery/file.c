@@ -400,6 +400,17 @@ static bt_status file_put(bt_discovery *base, const char *key, const json_t *val
         st = BT_ERR_TOO_LARGE;
         goto out;
     }
+    /* A directory this user cannot write in fails every write, and would leave the process
+     * running but never discoverable: refused on the first put of a key (at start-up), with
+     * the reason, so that the process can exit. Later failures are retried by the refresh. */
+    if (!bt_keyset_find(&d->owned, key) && access(d->dir, W_OK | X_OK) != 0) {
+        int e = errno;
+        BT_ERROR("discovery(file): cannot write key %s in %s: %s (choose another --discovery-dir / DYN_FILE_KV, or "
+                 "let this user write there)",
+                 key, d->dir, strerror(e));
+        st = BT_ERR_IO;
+        goto out;
+    }
     bool created;
     bt_owned_key *o = bt_keyset_put(&d->owned, key, text, len, &created);
     text = NULL; /* the set's now (or freed) */
@@ -842,6 +853,17 @@ bt_status bt_discovery_file_create(uv_loop_t *loop, const bt_discovery_config *c
     int e = mkdir_p(d->dir);
     if (e != 0) {
         snprintf(err, errlen, "cannot create discovery directory %s: %s", d->dir, strerror(e));
+        free(d->dir);
+        free(d);
+        return BT_ERR_IO;
+    }
+    /* A frontend (or `baton run`) that cannot list the directory would run and never see a
+     * worker: a start-up error instead. Checked for every process, since none that shares the
+     * directory is expected to be unable to read it; writing is checked by the first put. */
+    if (access(d->dir, R_OK | X_OK) != 0) {
+        e = errno;
+        snprintf(err, errlen, "cannot read discovery directory %s: %s (choose another --discovery-dir / DYN_FILE_KV, "
+                 "or let this user read it)", d->dir, strerror(e));
         free(d->dir);
         free(d);
         return BT_ERR_IO;

@@ -407,6 +407,7 @@ static void shutdown_tick(uv_timer_t *t) {
 static void on_signal(uv_signal_t *h, int signum) {
     fe *f = h->data;
     if (f->shutting_down) {
+        if (bt_proc_supervised) return; /* the same stop reaching the whole group: `baton run` escalates */
         BT_WARN("second signal: exiting at once");
         _exit(0);
     }

@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include "common/log.h"
+#include "common/proc.h"
 #include "common/util.h"
 #include "proto/proto.h"
 #include "worker/worker_internal.h"
@@ -227,6 +228,7 @@ static void on_signal(uv_signal_t *h, int signum) {
     }
     const char *name = signum == SIGINT ? "SIGINT" : "SIGTERM";
     if (++w->signals_seen > 1) {
+        if (bt_proc_supervised) return; /* the same stop reaching the whole group: `baton run` escalates */
         BT_WARN("second signal (%s): exiting at once", name);
         _exit(w->exit_code);
     }

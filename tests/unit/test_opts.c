@@ -1,8 +1,10 @@
 /* test_opts.c — unit tests of bt_opts_origin (src/common/opts.c): where an option's value came
  * from, which the worker uses to refuse a setting of the engine it does not run.
  *
- * Covers: a flag given as `--name value` and as `--name=value`; a value that looks like a flag is
- * still a value (as bt_opts_parse reads it), so a flag name in value position is not "given"; a
+ * Covers: a flag given as `--name value` and as `--name=value`; a flag followed by another flag has
+ * no value (bt_opts_parse refuses it: `--api-key --http-port 9000` must not set the key to
+ * "--http-port"), while `--name=--value` is a value, and then a flag name in value position is not
+ * "given"; a
  * bare boolean flag before another flag; the environment twin when the command line lacks the
  * flag (and not when the variable is empty); unknown flags skipped with their values as
  * bt_opts_parse forwards them; an unknown row name. Each case also runs bt_opts_parse over the
@@ -55,12 +57,29 @@ static void test_flag_forms(void **state) {
 
 static void test_value_that_looks_like_a_flag(void **state) {
     (void)state;
-    char *a[] = {"cmd", "--payload", "--upstream"};
-    parse_ok(3, a, false);
-    assert_string_equal(s_payload, "--upstream"); /* bt_opts_parse's reading */
+    /* the next flag is not a value: refused, with or without forwarding */
+    char *a[] = {"cmd", "--payload", "--upstream", "http://x"};
+    const char *rest[16];
+    int nrest = 0;
+    char err[256] = "";
+    assert_false(bt_opts_parse(opts, NOPTS, 4, a, 1, NULL, 16, &nrest, err, sizeof err));
+    assert_string_equal(err, "--payload needs a value");
+    assert_false(bt_opts_parse(opts, NOPTS, 4, a, 1, rest, 16, &nrest, err, sizeof err));
+    assert_string_equal(err, "--payload needs a value");
+    char *b[] = {"cmd", "--blocks", "--fault"};
+    assert_false(bt_opts_parse(opts, NOPTS, 3, b, 1, NULL, 16, &nrest, err, sizeof err));
+    assert_string_equal(err, "--blocks needs a value");
+    /* with '=' a value may start with "--" */
+    char *c[] = {"cmd", "--payload=--upstream"};
+    parse_ok(2, c, false);
+    assert_string_equal(s_payload, "--upstream");
     assert_null(s_up);
-    assert_null(bt_opts_origin(opts, NOPTS, 3, a, 1, "--upstream"));
-    assert_string_equal(bt_opts_origin(opts, NOPTS, 3, a, 1, "--payload"), "argument");
+    assert_null(bt_opts_origin(opts, NOPTS, 2, c, 1, "--upstream"));
+    assert_string_equal(bt_opts_origin(opts, NOPTS, 2, c, 1, "--payload"), "argument");
+    /* a value out of range names the flag, not where it came from */
+    char *d[] = {"cmd", "--blocks", "0"};
+    assert_false(bt_opts_parse(opts, NOPTS, 3, d, 1, NULL, 16, &nrest, err, sizeof err));
+    assert_string_equal(err, "invalid value '0' for --blocks (expected an integer from 1 to 100)");
 }
 
 static void test_bare_bool(void **state) {

@@ -667,8 +667,10 @@ nomem:
  * recently admitted sequence is preempted and the step ends. */
 static bool run_batch(ll_engine *e, ll_seq **seqs, const size_t *take, int n) {
     struct llama_batch *b = &e->batch;
-    ll_seq *outs[LL_MAX_SEQS];
-    int32_t rows[LL_MAX_SEQS];
+    /* zeroed: only the first nout are read, which gcc -O3 cannot see (-Wmaybe-uninitialized
+     * broke the Release build with BATON_WERROR, as README's install command after scripts/setup) */
+    ll_seq *outs[LL_MAX_SEQS] = {0};
+    int32_t rows[LL_MAX_SEQS] = {0};
     int nout = 0;
     b->n_tokens = 0;
     for (int k = 0; k < n; k++) {

@@ -1,0 +1,168 @@
+"""Wrong usage of the `baton` commands is refused at once, with a message that names the problem.
+
+  1. Every flag of `baton run`, `baton frontend` and `baton worker` --help has an environment
+     twin (README: "every flag has an environment twin"), and the twins added for the mocker's,
+     the default-max-tokens and the test-hook flags and for `baton run --workers` are read: an
+     invalid value in each is refused naming the variable (exit 2).
+  2. A flag followed by another flag has no value: `baton frontend --api-key --http-port P` is
+     refused ("--api-key needs a value", exit 2) instead of starting with the API key
+     "--http-port" and nothing on P; likewise a string flag of the worker and a number of `baton
+     run`. `--flag=--value` still passes a value that starts with "--".
+  3. An invalid value reads "baton CMD: invalid value 'V' for --FLAG (expected ...)"; a DYN_LOG
+     that names no level is reported (it used to leave the level at info in silence); `baton run
+     --http-host localhost` is refused before any child starts (exit 2), as is a fixed worker port
+     (--system-port, --rpc-port, DYN_TCP_RPC_PORT) with more than one worker.
+  4. `baton run --help` says how to get llama.cpp workers (--engine llama).
+  5. A file discovery directory this user cannot read (frontend, worker) or write in (worker) is a
+     start-up error (exit 1, the directory and the reason named), not a process that runs and
+     never finds, or is never found by, anyone. Run as an unprivileged user (setpriv to nobody when
+     the test runs as root, whom permissions do not stop).
+Each command must exit within 10 s and leave nothing listening."""
+
+import os
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import time
+
+import batonlib as bl
+
+bl.deadline(120, "test_cli_errors")
+BIN = bl.baton_bin()
+ROW = re.compile(r"^  (--[a-z0-9-]+)\s+([A-Z0-9_]*)\s+(.*) \[default: (.*)\]$")
+CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("DYN_", "BATON_", "NATS_", "ETCD_"))}
+
+
+def baton(args, env=None, prefix=(), timeout=10):
+    e = dict(CLEAN_ENV)
+    e.update(env or {})
+    t0 = time.monotonic()
+    p = subprocess.run(list(prefix) + [BIN] + args, capture_output=True, text=True, env=e, timeout=timeout,
+                       stdin=subprocess.DEVNULL)
+    return p.returncode, p.stdout + p.stderr, time.monotonic() - t0
+
+
+def listening(port):
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+# --- 1. environment twins
+for cmd in ("run", "frontend", "worker"):
+    rc, out, _ = baton([cmd, "--help"])
+    assert rc == 0, out
+    rows = [ROW.match(line) for line in out.splitlines() if line.startswith("  --")]
+    assert rows and all(rows), f"`baton {cmd} --help` has a line the row pattern does not read:\n{out}"
+    missing = [m.group(1) for m in rows if not m.group(2)]
+    assert not missing, f"`baton {cmd}` flags without an environment twin: {missing}"
+twins = [("worker", "DYN_NUM_GPU_BLOCKS_OVERRIDE", "--num-gpu-blocks-override", "0"),
+         ("worker", "DYN_BLOCK_SIZE", "--block-size", "1"),
+         ("worker", "DYN_WATERMARK", "--watermark", "2"),
+         ("worker", "DYN_DEFAULT_MAX_TOKENS", "--default-max-tokens", "-1"),
+         ("worker", "BATON_FAULT_DIE_AFTER_TOKENS", "--fault-die-after-tokens", "x"),
+         ("worker", "BATON_FAULT_STALL_AFTER_TOKENS", "--fault-stall-after-tokens", "x"),
+         ("worker", "BATON_FAULT_ERROR_AFTER_TOKENS", "--fault-error-after-tokens", "x"),
+         ("worker", "BATON_FAULT_IGNORE_KILL", "--fault-ignore-kill", "maybe"),
+         ("run", "BATON_WORKERS", "--workers", "0")]
+for cmd, env, flag, bad in twins:
+    rc, out, took = baton([cmd], env={env: bad})
+    assert rc == 2 and f"baton {cmd}: {env}: invalid value '{bad}' for {flag}" in out, (env, rc, out)
+    assert took < 10, (env, took)
+print(f"cli: every flag has an environment twin; {len(twins)} new twins read")
+
+# --- 2. a flag is not the value of the flag before it
+port = bl.free_port()
+cases = [(["frontend", "--api-key", "--http-port", str(port)], "baton frontend: --api-key needs a value"),
+         (["worker", "--model-name", "--system-port", "-1"], "baton worker: --model-name needs a value"),
+         (["run", "--http-port", "--workers", "3"], "baton run: --http-port needs a value"),
+         (["frontend", "--http-port", str(port), "--max-connections"], "baton frontend: --max-connections needs a value")]
+for args, want in cases:
+    rc, out, took = baton(args)
+    assert rc == 2 and want in out, (args, rc, out)
+    assert took < 10, (args, took)
+    assert not listening(port), f"something listens on {port} after {args}"
+# with '=' a value may start with "--": the key is taken and the frontend starts (stopped at once)
+fe = bl.Proc([BIN, "frontend", "--http-port", str(port), "--http-host", "127.0.0.1", "--api-key=--k",
+              "--discovery-dir", bl.tmpdir("cli-disc"), "--shutdown-accept-window-ms", "0"], env={"DYN_LOG": "info"},
+             name="frontend-eq")
+bl.wait_http(f"http://127.0.0.1:{port}/live", fe, timeout=10)
+st, _, body = bl.post_json(f"http://127.0.0.1:{port}/v1/completions", bl.completion_body(),
+                           headers={"Authorization": "Bearer --k"})
+assert st != 401, (st, body)
+st, _, body = bl.post_json(f"http://127.0.0.1:{port}/v1/completions", bl.completion_body(),
+                           headers={"Authorization": "Bearer wrong"})
+assert st == 401, (st, body)
+assert fe.stop(10) == 0
+print("cli: a flag followed by a flag is refused; --flag=--value is a value")
+
+# --- 3. invalid values
+for args, want in [(["run", "--http-port", "-5"],
+                    "baton run: invalid value '-5' for --http-port (expected an integer from 1 to 65535)"),
+                   (["frontend", "--threads", "abc"], "baton frontend: invalid value 'abc' for --threads"),
+                   (["worker", "--speedup-ratio", "0"], "baton worker: invalid value '0' for --speedup-ratio")]:
+    rc, out, took = baton(args)
+    assert rc == 2 and want in out and "argument:" not in out, (args, rc, out)
+print("cli: invalid values name the flag and the range")
+
+# DYN_LOG with no level in it is said, not ignored; a level (any case, with a filter after it) is not
+rc, out, _ = baton(["frontend", "--http-port", "-5"], env={"DYN_LOG": "verbose"})
+assert rc == 2 and "baton frontend: DYN_LOG='verbose' names no level" in out, out
+for ok in ("Debug", "warning", "info,baton=trace"):
+    rc, out, _ = baton(["frontend", "--http-port", "-5"], env={"DYN_LOG": ok})
+    assert rc == 2 and "DYN_LOG" not in out, (ok, out)
+
+# baton run's --http-host is checked before anything starts (each child would fail on its own bind,
+# a worker naming its status-server port as the culprit)
+for host in ("localhost", "10.0.0.300"):
+    rc, out, took = baton(["run", "--http-host", host, "--http-port", str(port)])
+    assert rc == 2 and f"baton run: --http-host '{host}' is not a numeric IPv4 or IPv6 address" in out, (host, rc, out)
+    assert "started" not in out and took < 10, out
+
+# a fixed worker port given to `baton run` with several workers: refused before anything starts
+for args, env, want in [(["--system-port", "9090"], {}, "baton run: --system-port 9090 would give all 2 workers"),
+                        (["--workers", "3", "--rpc-port=7000"], {}, "baton run: --rpc-port 7000 would give all 3 workers"),
+                        ([], {"DYN_TCP_RPC_PORT": "7000"}, "baton run: DYN_TCP_RPC_PORT=7000 would give all 2 workers")]:
+    rc, out, took = baton(["run", "--http-port", str(port)] + args, env=env)
+    assert rc == 2 and want in out and "started" not in out, (args, env, rc, out)
+
+# --- 4. baton run --help and llama
+rc, out, _ = baton(["run", "--help"])
+assert rc == 0 and "--engine llama" in out, out
+
+# --- 5. discovery directories this user cannot use
+base = bl.tmpdir("cli-perm")
+os.chmod(base, 0o755)
+noread = os.path.join(base, "noread")
+nowrite = os.path.join(base, "nowrite")
+os.mkdir(noread)
+os.mkdir(nowrite)
+as_user = ()
+if os.geteuid() == 0:
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "setpriv (util-linux) is needed to run as an unprivileged user"
+    as_user = (setpriv, "--reuid=65534", "--regid=65534", "--clear-groups")
+    # the unprivileged user must reach the binary; a build in a private home cannot be tested so
+    rc, out, _ = baton(["--help"], prefix=as_user)
+    assert rc == 0, f"the binary cannot run as nobody: {out}"
+    for d in (noread, nowrite):
+        os.chown(d, 0, 0)
+os.chmod(noread, 0)
+os.chmod(nowrite, stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+port = bl.free_port()
+for args, want in [
+        (["frontend", "--http-port", str(port), "--discovery-dir", noread],
+         f"cannot read discovery directory {noread}: Permission denied"),
+        (["worker", "--system-port", "-1", "--discovery-dir", noread],
+         f"cannot read discovery directory {noread}: Permission denied"),
+        (["worker", "--system-port", "-1", "--discovery-dir", nowrite],
+         f"in {nowrite}: Permission denied")]:
+    rc, out, took = baton(args, prefix=as_user)
+    assert rc == 1 and want in out, (args, rc, out)
+    assert took < 10, (args, took)
+    assert "serving model" not in out, f"the worker announced itself although it cannot register:\n{out}"
+assert not listening(port)
+os.chmod(noread, 0o755)
+print("cli: unreadable and unwritable discovery directories are start-up errors")
