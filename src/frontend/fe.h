@@ -191,6 +191,7 @@ struct fe_req {
     fe_attempt *attempt;     /* the running attempt, or NULL */
     int attempts_left;       /* the budget: --migration-limit + 1, less each attempt charged */
     int attempts;            /* attempts made */
+    int moves;               /* of them, ended by a rebalance (BT_ERR_MOVED): charged to no budget */
     uint64_t failed_worker;  /* id of the worker that failed last, avoided for the retry */
     /* The exactness fingerprint of the worker whose attempt produced the delivered tokens (that of
      * the last attempt sent with nothing carried); "" = none. Sent with every continuation. */

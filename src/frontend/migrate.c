@@ -9,7 +9,8 @@
  *
  * The budget: --migration-limit + 1 attempts, shared by failures before the first token
  * (new_request migrations) and failures mid-stream (ongoing_request). A REQUEST that crossed a
- * worker's GOAWAY and was refused before it ran is re-routed without being charged. A stopped or
+ * worker's GOAWAY and was refused before it ran is re-routed without being charged, and so is a
+ * stream its worker's operator moved (BT_ERR_MOVED, a rebalance). A stopped or
  * killed request never gets another attempt (checked before every one), and a non-migratable
  * error ends the request. The request's state goes ROUTING (first attempt) or MIGRATING (from a
  * failure until the next attempt's first token) to STREAMING; request.c owns the output and the
@@ -294,6 +295,18 @@ static void attempt_failed(fe_req *r, bt_status code, const char *msg) {
      * requests a failure touched; the exhausted counter shows how many of them it cost */
     if (r->nids > 0) r->model->st.migrations_ongoing++;
     else r->model->st.migrations_new++;
+    if (code == BT_ERR_MOVED) {
+        /* moved by its operator (POST /rebalance), not failed: neither --migration-limit nor the
+         * retry budget is charged, so a request with migration off survives a rebalance, and one
+         * rebalanced before a real failure still has its whole budget for it */
+        r->attempts_left++;
+        r->moves++;
+        if (r->state != FE_REQ_MIGRATING) r->t_fail_us = bt_now_us();
+        fe_req_set_state(r, FE_REQ_MIGRATING, msg);
+        if (fe_admit_migration_hold(r)) return;
+        fe_migrate_dispatch(r);
+        return;
+    }
     if (r->attempts_left <= 0) {
         if (r->fe->o.migration_limit > 0) r->model->st.migrations_exhausted++;
         char m[256];
