@@ -105,7 +105,7 @@ def one_round(carried, handoff, bpt=0):
         t0, t1 = log_time(log, "relaying a KV state"), log_time(log, r"KV state of \d+ bytes written to worker")
         return {"stall_ms": stall * 1000, "itl_ms": (state["sig"] - first) / max(1, n_before - 1) * 1000,
                 "bytes": int(sent[0]) if sent else 0, "prefill": prefill(state["dst"]) - state["before"],
-                "n": state["n"], "relay_ms": (t1 - t0) * 1000 if t0 and t1 else None, "rss0": state["rss0"],
+                "n": state["n"], "relay_ms": (t1 - t0) * 1000 if t0 is not None and t1 is not None else None, "rss0": state["rss0"],
                 "rss_peak": peak[0]}
 
 
@@ -123,7 +123,7 @@ def main():
                 res[mode].append(one_round(n, mode, a.mocker_bpt))
         for mode in (True, False):
             r = res[mode]
-            relays = [x["relay_ms"] for x in r if x["relay_ms"]]
+            relays = [x["relay_ms"] for x in r if x["relay_ms"] is not None]
             rows.append((n, "KV hand-off" if mode else "re-prefill", statistics.median(x["stall_ms"] for x in r),
                          max(x["stall_ms"] for x in r), statistics.median(x["itl_ms"] for x in r),
                          statistics.median(x["bytes"] for x in r), statistics.median(x["prefill"] for x in r),
@@ -134,7 +134,12 @@ def main():
           f"frontend RSS before / peak (MiB) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n, mode, med, mx, itl, b, p, rl, r0, rp in rows:
-        relay = f"{rl:.1f} | {b / 1e6 / (rl / 1000):,.0f}" if rl else "– | –"
+        if rl is None:
+            relay = "– | –"
+        elif rl < 1:  # the log's timestamps have 1 ms resolution
+            relay = "< 1 | –"
+        else:
+            relay = f"{rl:.0f} | {b / 1e6 / (rl / 1000):,.0f}"
         print(f"| {n} | {mode} | {med:.1f} | {mx:.1f} | {itl:.2f} | {b:,.0f} | {p:.0f} | {relay} | {r0:.0f} / {rp:.0f} |")
 
 
