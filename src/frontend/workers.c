@@ -8,7 +8,12 @@
  * there is no time limit, so a worker that keeps failing its probe is never routed to.
  *
  * When the key disappears the worker is draining or dead: nothing new is routed to it, running
- * streams continue, and it is forgotten once the last one ends. */
+ * streams continue, and it is forgotten once the last one ends.
+ *
+ * A continuation that carries a KV state (docs/protocol.md, "KV hand-off") is written here too:
+ * its pieces go out paced by a timer of the frontend's loop (below BT_KV_WATERMARK unsent bytes,
+ * BT_KV_INFLIGHT states per connection in turns), its REQUEST held until the last piece is out,
+ * so that the frames of other streams never queue behind a whole state. */
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
