@@ -16,6 +16,10 @@ relay at most (it wrote a state to the next worker at once, below the connection
 3. B prefilled exactly those two prompts, nothing for the moved stream.
 4. The frontend's resident memory grows by less than the state plus 96 MiB during the relay: it
    holds the state once, not a copy per hop.
+5. An operator stop (POST /v1/requests/{id}/cancel) of a stream whose state is being relayed: the
+   STOP waits for the REQUEST it belongs to (written before it, the worker would not know the
+   stream and ignore it), so the stream ends promptly with finish_reason "cancelled", an exact
+   prefix of its reference, instead of running to its length.
 """
 
 import re
@@ -134,6 +138,29 @@ def main():
                 f"B prefilled {after['prefill'] - before['prefill']} tokens, expected the two side prompts' {2 * prompt}"
             assert rss_max - rss0 < size + (96 << 20), \
                 f"frontend RSS grew by {(rss_max - rss0) / 2**20:.0f} MiB relaying a {size / 2**20:.0f} MiB state"
+
+            # 5. a stop while the state is being relayed
+            c2 = worker(c)
+            c.wait_workers(fe, 2)
+            got, reached = {}, threading.Event()
+            t = threading.Thread(target=lambda: got.update(s=bl.stream_completion(
+                fe.url, long_body(), timeout=90, on_event=on_event, headers={"X-Request-Id": "big2"})))
+            t.start()
+            assert reached.wait(60), "the second long stream never reached its trigger"
+            src = next(w for w in (b, c2)
+                       if bl.metric_sum(bl.metrics(w.system_url), "dynamo_component_inflight_requests") > 0)
+            src.proc.kill(signal.SIGTERM)
+            fe.proc.wait_log(r"request big2: relaying a KV state of \d+ bytes to worker", timeout=60)
+            st, _, body = bl.request("POST", fe.url + "/v1/requests/big2/cancel", body={"mode": "stop"})
+            assert st == 200, (st, body)
+            stopped_during = not re.search(r"request big2: KV state of \d+ bytes written", fe.proc.log_text())
+            t.join(90)
+            s2 = got["s"]
+            assert stopped_during, "the stop came after the relay ended: this run did not test a stop during it"
+            assert s2.done and s2.finish_reason == "cancelled", s2.summary()
+            assert s2.token_ids == ref.token_ids[:len(s2.token_ids)] and len(s2.token_ids) < len(ref.token_ids), \
+                s2.summary()
+            print(f"stopped during the relay: ended 'cancelled' after {len(s2.token_ids)} tokens, an exact prefix")
     print("ok")
 
 
