@@ -575,8 +575,8 @@ void fe_worker_quarantine(fe_worker *w, const char *why) {
 }
 
 /* One step of a's relay: a piece if its connection has room (and a turn is free), or, after the
- * last one, the held REQUEST. Returns 1 when the relay is done (or can never go on), 0 when it
- * wrote a piece, -1 when it waits for room. */
+ * last one, the held REQUEST. Returns 1 when the relay is done, 0 when it wrote a piece, -1 when it
+ * waits (for room, a turn, or the end of a connection that is going away, whose streams fail). */
 static int relay_step(fe_attempt *a) {
     fe_worker *w = a->worker;
     bt_rpc_conn *c = w->conn;
@@ -604,9 +604,9 @@ static int relay_step(fe_attempt *a) {
     return 1;
 }
 
-/* Rounds of one step per relay (they take turns) until none can write, or RELAY_BURST pieces
- * were written (bounded work per loop iteration: the kernel may take a fast reader's bytes as fast
- * as they come); then again at the next tick while any waits. */
+/* Rounds of one step per relay (they take turns) until none can write, or for RELAY_BURST rounds
+ * (bounded work per loop iteration: the kernel may take a fast reader's bytes as fast as they
+ * come); then again at the next tick while any waits. */
 #define RELAY_BURST 16
 static void on_relay_timer(uv_timer_t *t) {
     fe *f = t->data;
