@@ -3,7 +3,8 @@
  *
  * Off unless --retry-budget is above 0 (both flags are also set at run time: POST /admission). A retry is a re-route before the request's first token
  * (its attempt failed before any token reached the client) or a repeat migration (a request that
- * has already moved once moves again). A request's first migration mid-stream is not a retry: it
+ * has already moved once moves again). A stream moved by a rebalance (BT_ERR_MOVED) is never a
+ * retry, and that move does not make its next one a repeat. A request's first migration mid-stream is not a retry: it
  * is what keeps a stream alive when its worker dies, and is never refused here. Over the last 10
  * seconds, retries may number at most max(--retry-budget-min, --retry-budget × requests started);
  * past that the request fails with its last error and the budget named in the message. One budget

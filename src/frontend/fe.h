@@ -122,6 +122,7 @@ struct fe_worker {
     bool retry_timer_inited;
     bool freeing;
     uint64_t routed_total;
+    unsigned kv_relaying; /* KV states part-written to it (at most BT_KV_INFLIGHT) */
     fe_outlier outlier; /* latency window and ejection state (outlier.h) */
     LIST_ENTRY(fe_worker) link; /* fe.workers */
 };
@@ -138,6 +139,14 @@ struct fe_worker {
  *   DONE       answered, failed or cancelled; nothing more happens to it */
 typedef enum { FE_REQ_ADMITTED, FE_REQ_ROUTING, FE_REQ_STREAMING, FE_REQ_MIGRATING, FE_REQ_DONE } fe_req_state;
 
+/* A KV state a worker sent with a stream it gave back (migrate.c): relayed to the next attempt,
+ * then dropped (docs/protocol.md "KV hand-off"). */
+typedef struct {
+    uint8_t *data;
+    uint64_t total, have;
+    bool bad; /* out of order or too large: not relayed */
+} fe_kv;
+
 /* One try of a request on one worker: one REQUEST frame and the stream it opens. Owned by its
  * request (r->attempt, NULL between attempts); created by migrate.c when it dispatches, and ended
  * by exactly one of: its FINISH, its failure (an ERROR frame, the connection lost, the worker
@@ -151,18 +160,15 @@ struct fe_attempt {
     uint32_t tokens; /* tokens received on this attempt */
     int number;      /* 1 = the first attempt */
     uint64_t t_sent_us, t_last_us; /* when its REQUEST was written; its last tokens (outlier.h) */
-    /* a KV state to write ahead of the REQUEST (fe_worker_send_request), NULL when none */
-    const uint8_t *kv_out;
-    size_t kv_out_len;
+    /* A KV state relayed ahead of the REQUEST (workers.c): its pieces are written paced, and the
+     * REQUEST payload waits in held_req until the last one is out (held_req NULL: written). */
+    fe_kv kv_out;
+    size_t kv_off;          /* bytes of kv_out written */
+    char *held_req;
+    size_t held_len;
+    bool held_stop;         /* a STOP asked for meanwhile: written right after the REQUEST */
+    LIST_ENTRY(fe_attempt) relay_link; /* fe.relays, while held_req */
 };
-
-/* A KV state a worker sent with a stream it gave back (migrate.c): relayed to the next attempt,
- * then dropped (docs/protocol.md "KV hand-off"). */
-typedef struct {
-    uint8_t *data;
-    uint64_t total, have;
-    bool bad; /* out of order or too large: not relayed */
-} fe_kv;
 
 struct fe_req {
     fe *fe;
@@ -185,6 +191,7 @@ struct fe_req {
     fe_attempt *attempt;     /* the running attempt, or NULL */
     int attempts_left;       /* the budget: --migration-limit + 1, less each attempt charged */
     int attempts;            /* attempts made */
+    int moves;               /* of them, ended by a rebalance (BT_ERR_MOVED): charged to no budget */
     uint64_t failed_worker;  /* id of the worker that failed last, avoided for the retry */
     /* The exactness fingerprint of the worker whose attempt produced the delivered tokens (that of
      * the last attempt sent with nothing carried); "" = none. Sent with every continuation. */
@@ -312,6 +319,8 @@ struct fe {
     LIST_HEAD(, fe_gather) gathers; /* this shard's gathers still waiting for other shards */
     uint64_t resumes[FE_RESUME_N_]; /* resume.c: resume requests by outcome */
     LIST_HEAD(, fe_pending_resume) pending_resumes; /* resume.c: resumes waiting for another shard */
+    LIST_HEAD(, fe_attempt) relays; /* attempts whose KV state is being written (workers.c) */
+    uv_timer_t relay_timer;          /* paces them while any waits for room */
 };
 
 #define FE_MAX_THREADS 64
@@ -358,9 +367,14 @@ int fe_retry_after_s(fe *f, const fe_model *m);
 void fe_worker_quarantine(fe_worker *w, const char *why);
 /* Sends a REQUEST frame with `payload` for attempt a on w and files a under its new stream id;
  * est_tokens (prompt and output, estimated) counts towards w's pending KV blocks until its next
- * LOAD. Returns the stream id, or 0 if the connection is unusable. */
+ * LOAD. Returns the stream id, or 0 if the connection is unusable. When a->kv_out holds a KV state
+ * the REQUEST is held (a copy of payload) and written after the state's pieces, which go out paced
+ * (docs/protocol.md, KV hand-off). */
 uint32_t fe_worker_send_request(fe_worker *w, fe_attempt *a, const char *payload, size_t len, uint64_t est_tokens);
 void fe_worker_send_cancel(fe_worker *w, uint32_t stream, bool kill);
+/* The attempt's KV relay ends unfinished (its request ended, or it was killed): nothing more of it
+ * is written, and its REQUEST never is. No-op for an attempt with nothing held. */
+void fe_worker_relay_drop(fe_attempt *a);
 void fe_worker_stream_done(fe_worker *w, uint32_t stream);
 size_t fe_worker_inflight(const fe_worker *w);
 fe_model *fe_model_get(fe *f, const char *name, bool create);

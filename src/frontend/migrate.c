@@ -9,7 +9,8 @@
  *
  * The budget: --migration-limit + 1 attempts, shared by failures before the first token
  * (new_request migrations) and failures mid-stream (ongoing_request). A REQUEST that crossed a
- * worker's GOAWAY and was refused before it ran is re-routed without being charged. A stopped or
+ * worker's GOAWAY and was refused before it ran is re-routed without being charged, and so is a
+ * stream its worker's operator moved (BT_ERR_MOVED, a rebalance). A stopped or
  * killed request never gets another attempt (checked before every one), and a non-migratable
  * error ends the request. The request's state goes ROUTING (first attempt) or MIGRATING (from a
  * failure until the next attempt's first token) to STREAMING; request.c owns the output and the
@@ -26,13 +27,11 @@
 #include "frontend/fe.h"
 #include "proto/request.h"
 
-/* The largest KV state relayed (bytes). The state is written to the next worker at once, ahead of
- * its REQUEST, so it must stay well under a connection's unsent-bytes cap (64 MiB, conn.h); a
- * larger one is not relayed and the continuation is prefilled. */
-#define FE_KV_MAX ((uint64_t)48 << 20)
-/* ... and at most this much held by all requests of the process at once (a drain hands back many
- * streams together): past it a state is not kept, and its continuation is prefilled. */
-#define FE_KV_TOTAL_MAX ((uint64_t)512 << 20)
+/* KV states held by all requests of the process at once (a drain hands back many streams
+ * together): past it a state is not kept, and its continuation is prefilled. A state is held
+ * whole (from its first piece until its last is relayed): with the per-state cap BT_KV_RELAY_MAX
+ * (proto.h) this is the frontend's memory bound for the hand-off (docs/protocol.md, KV hand-off). */
+#define FE_KV_TOTAL_MAX ((uint64_t)4 << 30)
 static _Atomic uint64_t kv_held; /* bytes of states held, over every loop thread */
 
 /* The output a request with no max_tokens is assumed to take, for the worker's pending KV
@@ -50,6 +49,15 @@ static void on_attempt_cancel(bt_ctx *c, bt_ctx_state s, void *ud) {
     fe_req *r = a->req;
     fe_worker *w = a->worker;
     bool kill = s == BT_CTX_KILLED;
+    if (a->held_req) {
+        /* its REQUEST is not written yet (the KV state ahead of it is): a STOP waits for it, a KILL
+         * ends the relay and lets the worker drop what arrived of the state */
+        if (!kill) {
+            a->held_stop = true;
+            return;
+        }
+        fe_worker_relay_drop(a);
+    }
     uint64_t t_write = bt_now_us();
     fe_worker_send_cancel(w, a->stream_id, kill);
     if (w->conn) bt_rpc_flush(w->conn);
@@ -65,6 +73,8 @@ static void on_attempt_cancel(bt_ctx *c, bt_ctx_state s, void *ud) {
  * request has no attempt until the next dispatch. */
 static void attempt_detach(fe_attempt *a) {
     fe_req *r = a->req;
+    fe_worker_relay_drop(a);
+    fe_kv_free(&a->kv_out);
     fe_worker_stream_done(a->worker, a->stream_id);
     bt_ctx_free(a->ctx);
     if (r->attempt == a) r->attempt = NULL;
@@ -202,17 +212,18 @@ void fe_migrate_dispatch(fe_req *r) {
     if (kv) {
         r->model->st.kv_relayed++;
         r->model->st.kv_relayed_bytes += r->kv.total;
-        a->kv_out = r->kv.data;
-        a->kv_out_len = (size_t)r->kv.total;
         BT_INFO("request %s: relaying a KV state of %" PRIu64 " bytes to worker %" PRIx64, r->rid, r->kv.total, w->id);
     }
     char *payload = continuation_payload(r, adopt, kv, &len, &est);
+    if (kv) { /* the attempt owns the state now, until its last piece is written */
+        a->kv_out = r->kv;
+        memset(&r->kv, 0, sizeof r->kv);
+    }
+    fe_kv_free(&r->kv);
     uint32_t id = payload ? fe_worker_send_request(w, a, payload, len, est) : 0;
     free(payload);
-    a->kv_out = NULL;
-    a->kv_out_len = 0;
-    fe_kv_free(&r->kv);
     if (id == 0) { /* the connection is going away under us: that attempt failed at once */
+        fe_kv_free(&a->kv_out);
         free(a);
         fe_worker_quarantine(w, "cannot send a request");
         r->failed_worker = w->id;
@@ -284,6 +295,18 @@ static void attempt_failed(fe_req *r, bt_status code, const char *msg) {
      * requests a failure touched; the exhausted counter shows how many of them it cost */
     if (r->nids > 0) r->model->st.migrations_ongoing++;
     else r->model->st.migrations_new++;
+    if (code == BT_ERR_MOVED) {
+        /* moved by its operator (POST /rebalance), not failed: neither --migration-limit nor the
+         * retry budget is charged, so a request with migration off survives a rebalance, and one
+         * rebalanced before a real failure still has its whole budget for it */
+        r->attempts_left++;
+        r->moves++;
+        if (r->state != FE_REQ_MIGRATING) r->t_fail_us = bt_now_us();
+        fe_req_set_state(r, FE_REQ_MIGRATING, msg);
+        if (fe_admit_migration_hold(r)) return;
+        fe_migrate_dispatch(r);
+        return;
+    }
     if (r->attempts_left <= 0) {
         if (r->fe->o.migration_limit > 0) r->model->st.migrations_exhausted++;
         char m[256];
@@ -342,12 +365,13 @@ void fe_attempt_on_kvstate(fe_attempt *a, uint64_t total, uint64_t offset, const
     if (offset == 0) { /* a new state: any older one is stale */
         fe_kv_free(k);
         k->total = total;
-        k->bad = total == 0 || total > FE_KV_MAX || atomic_fetch_add(&kv_held, total) + total > FE_KV_TOTAL_MAX;
+        bool counted = total && total <= BT_KV_RELAY_MAX;
+        k->bad = !counted || atomic_fetch_add(&kv_held, total) + total > FE_KV_TOTAL_MAX;
         if (!k->bad && !(k->data = malloc(total))) k->bad = true;
         if (k->bad && total) {
-            if (!k->data) atomic_fetch_sub(&kv_held, total > FE_KV_MAX ? 0 : total);
-            BT_INFO("request %s: KV state of %" PRIu64 " bytes not relayed (cap %" PRIu64 " per request, %" PRIu64
-                    " for all)", a->req->rid, total, FE_KV_MAX, FE_KV_TOTAL_MAX);
+            if (counted) atomic_fetch_sub(&kv_held, total);
+            BT_INFO("request %s: KV state of %" PRIu64 " bytes not relayed (cap %" PRIu64 " per state, %" PRIu64
+                    " for all)", a->req->rid, total, BT_KV_RELAY_MAX, FE_KV_TOTAL_MAX);
         }
     }
     if (k->bad || !k->data) return;

@@ -8,7 +8,12 @@
  * there is no time limit, so a worker that keeps failing its probe is never routed to.
  *
  * When the key disappears the worker is draining or dead: nothing new is routed to it, running
- * streams continue, and it is forgotten once the last one ends. */
+ * streams continue, and it is forgotten once the last one ends.
+ *
+ * A continuation that carries a KV state (docs/protocol.md, "KV hand-off") is written here too:
+ * its pieces go out paced by a timer of the frontend's loop (below BT_KV_WATERMARK unsent bytes,
+ * BT_KV_INFLIGHT states per connection in turns), its REQUEST held until the last piece is out,
+ * so that the frames of other streams never queue behind a whole state. */
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -569,18 +574,90 @@ void fe_worker_quarantine(fe_worker *w, const char *why) {
     BT_INFO("worker %" PRIx64 " (%s) quarantined until it reconnects or is re-announced: %s", w->id, w->transport, why);
 }
 
+/* One step of a's relay: a piece if its connection has room (and a turn is free), or, after the
+ * last one, the held REQUEST. Returns 1 when the relay is done, 0 when it wrote a piece, -1 when it
+ * waits (for room, a turn, or the end of a connection that is going away, whose streams fail). */
+static int relay_step(fe_attempt *a) {
+    fe_worker *w = a->worker;
+    bt_rpc_conn *c = w->conn;
+    if (!c || !bt_rpc_is_open(c)) return -1; /* the connection's end fails the attempt, which drops it */
+    if (bt_rpc_unsent(c) >= BT_KV_WATERMARK) return -1;
+    if (a->kv_off == 0 && w->kv_relaying >= BT_KV_INFLIGHT) return -1; /* the worker keeps that many at once */
+    bt_buf *b = bt_rpc_wbuf(c);
+    if (!b) return -1;
+    size_t len = (size_t)a->kv_out.total;
+    if (a->kv_off < len) {
+        size_t n = len - a->kv_off < BT_KV_PIECE_MAX ? len - a->kv_off : BT_KV_PIECE_MAX;
+        if (bt_frame_put_kvstate(b, a->stream_id, len, a->kv_off, a->kv_out.data + a->kv_off, n) != BT_OK) return -1;
+        if (a->kv_off == 0) w->kv_relaying++;
+        a->kv_off += n;
+        bt_rpc_flush(c);
+        return 0;
+    }
+    if (bt_frame_put(b, BT_FRAME_REQUEST, a->stream_id, a->held_req, a->held_len) != BT_OK) return -1;
+    if (a->held_stop) bt_frame_put(b, BT_FRAME_STOP, a->stream_id, NULL, 0);
+    bt_rpc_flush(c);
+    BT_INFO("request %s: KV state of %zu bytes written to worker %" PRIx64 ", then its REQUEST", a->req->rid, len,
+            w->id);
+    a->t_sent_us = bt_now_us();
+    fe_worker_relay_drop(a);
+    return 1;
+}
+
+/* Rounds of one step per relay (they take turns) until none can write, or for RELAY_BURST rounds
+ * (bounded work per loop iteration: the kernel may take a fast reader's bytes as fast as they
+ * come); then again at the next tick while any waits. */
+#define RELAY_BURST 16
+static void on_relay_timer(uv_timer_t *t) {
+    fe *f = t->data;
+    bool progress = true, waiting = false;
+    for (int steps = 0; progress && steps < RELAY_BURST; steps++) {
+        progress = waiting = false;
+        for (fe_attempt *a = LIST_FIRST(&f->relays), *next; a; a = next) {
+            next = LIST_NEXT(a, relay_link); /* a finished relay leaves the list */
+            int r = relay_step(a);
+            if (r == 1) progress = true;
+            else if (r == 0) progress = waiting = true;
+            else waiting = true;
+        }
+    }
+    if (!waiting && !LIST_FIRST(&f->relays)) uv_timer_stop(t);
+}
+
+void fe_worker_relay_drop(fe_attempt *a) {
+    if (!a->held_req) return;
+    if (a->kv_off > 0 && a->worker->kv_relaying > 0) a->worker->kv_relaying--;
+    LIST_REMOVE(a, relay_link);
+    free(a->held_req);
+    a->held_req = NULL;
+    fe_kv_free(&a->kv_out);
+}
+
 uint32_t fe_worker_send_request(fe_worker *w, fe_attempt *a, const char *payload, size_t len, uint64_t est_tokens) {
     bt_buf *b = w->conn ? bt_rpc_wbuf(w->conn) : NULL;
     if (!b) return 0;
     uint32_t id = w->next_stream;
+    if (a->kv_out.data) {
+        /* the state goes ahead of the REQUEST on the same stream id, paced (docs/protocol.md) */
+        fe *f = w->fe;
+        if (!(a->held_req = malloc(len ? len : 1))) return 0;
+        memcpy(a->held_req, payload, len);
+        a->held_len = len;
+        if (bt_map_put(&w->streams, id, a) != 0) {
+            free(a->held_req);
+            a->held_req = NULL;
+            return 0;
+        }
+        a->stream_id = id;
+        a->kv_off = 0;
+        LIST_INSERT_HEAD(&f->relays, a, relay_link);
+        if (!uv_is_active((uv_handle_t *)&f->relay_timer) && !uv_is_closing((uv_handle_t *)&f->relay_timer))
+            uv_timer_start(&f->relay_timer, on_relay_timer, 0, 1);
+    } else if (bt_frame_put(b, BT_FRAME_REQUEST, id, payload, len) != BT_OK || bt_map_put(&w->streams, id, a) != 0) {
+        return 0;
+    }
     w->next_stream += 2;
     if (w->next_stream > 0x7fffffffu) w->next_stream = 1;
-    /* a KV state goes just ahead of its REQUEST, on the same stream id (docs/protocol.md) */
-    for (size_t off = 0; off < a->kv_out_len; off += BT_KV_PIECE_MAX) {
-        size_t n = a->kv_out_len - off < BT_KV_PIECE_MAX ? a->kv_out_len - off : BT_KV_PIECE_MAX;
-        if (bt_frame_put_kvstate(b, id, a->kv_out_len, off, a->kv_out + off, n) != BT_OK) return 0;
-    }
-    if (bt_frame_put(b, BT_FRAME_REQUEST, id, payload, len) != BT_OK || bt_map_put(&w->streams, id, a) != 0) return 0;
     w->routed_total++;
     /* until the next LOAD shows it, assume the request holds blocks for its prompt and output */
     uint64_t bs = w->block_size ? w->block_size : 16;

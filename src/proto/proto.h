@@ -120,6 +120,15 @@ bt_status bt_frame_get_auth(const bt_frame *f, uint8_t *kind, const uint8_t **by
 #define BT_KV_PIECE_MAX (256u * 1024)
 #define BT_KV_STATE_MAX ((uint64_t)1 << 32)
 #define BT_KV_HEADER 16u /* u64 total, u64 offset */
+/* Pacing, both directions: a sender writes another piece only while fewer than BT_KV_WATERMARK
+ * bytes wait unsent on the connection (so any other frame waits behind at most that much); states
+ * take turns piece by piece. A frontend relays at most BT_KV_INFLIGHT states to one worker
+ * connection at a time, and a worker keeps that many part-received states per connection. */
+#define BT_KV_WATERMARK (512u * 1024)
+#define BT_KV_INFLIGHT 4u
+/* The largest state a frontend relays and a worker accepts: Llama-2-7B's whole 4,096-token context
+ * (4,096 x 512 KiB = 2 GiB) plus the state's header and token ids (docs/protocol.md, KV hand-off). */
+#define BT_KV_RELAY_MAX (((uint64_t)2 << 30) + ((uint64_t)16 << 20))
 bt_status bt_frame_put_kvstate(bt_buf *out, uint32_t stream, uint64_t total, uint64_t offset, const void *data,
                                size_t len);
 bt_status bt_frame_get_kvstate(const bt_frame *f, uint64_t *total, uint64_t *offset, const uint8_t **data,

@@ -6,14 +6,15 @@
  * state arrives on the loop it is sent on the stream to the frontend as KVSTATE pieces of at most
  * BT_KV_PIECE_MAX bytes, followed by the stream's migratable ERROR: the frontend then holds the
  * whole state when it continues the stream elsewhere. Pieces are paced: another piece is written
- * only while less than WK_KV_WATERMARK bytes wait unsent on the connection, so a token frame of
+ * only while less than BT_KV_WATERMARK bytes wait unsent on the connection, so a token frame of
  * any other stream on that connection never waits behind more than that (no head-of-line
  * blocking by a large state); several hand-offs take turns, one piece each.
  *
- * Receiving: KVSTATE pieces arrive on a stream id just before its REQUEST (the frontend writes
- * them and the REQUEST together), one state per connection at a time; the REQUEST's
- * kv_state_bytes claims it (wk_handoff_take). A state that is incomplete, out of order or too
- * large is dropped: the continuation is prefilled instead (fallback "missing").
+ * Receiving: KVSTATE pieces arrive on a stream id ahead of its REQUEST (the frontend paces them
+ * the same way), up to BT_KV_INFLIGHT states per connection interleaved piece by piece; the
+ * REQUEST's kv_state_bytes claims its state (wk_handoff_take), a KILL before it drops it. A state
+ * that is incomplete, out of order or too large is dropped: the continuation is prefilled instead
+ * (fallback "missing").
  *
  * An exiting worker waits, at most WK_HANDOFF_WAIT_MS, until every hand-off is exported and sent
  * (wk_handoff_when_idle) before it closes its connections. */
@@ -26,8 +27,6 @@
 #include "proto/proto.h"
 #include "worker/worker_internal.h"
 
-#define WK_KV_WATERMARK (512u * 1024)    /* unsent bytes below which another piece is written */
-#define WK_KV_IN_MAX ((uint64_t)1 << 30) /* the largest state a worker accepts */
 #define WK_HANDOFF_WAIT_MS 10000u        /* an exiting worker waits at most this long for its hand-offs */
 #define WK_PUMP_MS 1u                    /* pacing tick while pieces wait for room */
 
@@ -41,6 +40,7 @@ struct wk_handoff {
     uint8_t *state; /* set when the engine's export arrived */
     size_t len, off;
     bool exported;
+    bool error_sent; /* the last piece and the ERROR are written: it waits for them to leave */
     LIST_ENTRY(wk_handoff) link;
 };
 
@@ -48,8 +48,23 @@ struct wk_kv_in {
     uint32_t stream;
     uint8_t *data;
     uint64_t total, have;
+    uint64_t touched; /* a counter value: the slot least recently written is reused first */
     bool bad; /* a piece was out of order or the state too large: dropped */
 };
+
+static void kvin_free(wk_peer *p, size_t i) {
+    if (!p->kvin[i]) return;
+    free(p->kvin[i]->data);
+    free(p->kvin[i]);
+    p->kvin[i] = NULL;
+}
+
+/* The slot of stream's state, or -1. */
+static int kvin_find(const wk_peer *p, uint32_t stream) {
+    for (size_t i = 0; i < BT_KV_INFLIGHT; i++)
+        if (p->kvin[i] && p->kvin[i]->stream == stream) return (int)i;
+    return -1;
+}
 
 static void rec_free(wk_handoff *h) {
     wk_worker *w = h->w;
@@ -73,12 +88,13 @@ static void check_idle(wk_worker *w) {
 }
 
 /* Writes one piece if the connection has room, or the ERROR after the last piece. Returns 1 when
- * the hand-off is done, 0 when it wrote a piece, -1 when its connection has no room now. */
+ * the hand-off is done (its bytes all taken by the kernel: an exiting worker closes the connection
+ * next), 0 when it wrote something, -1 when it waits for room or for its bytes to leave. */
 static int pump_one(wk_handoff *h) {
     if (!h->p) return 1;
     bt_rpc_conn *c = h->p->conn;
     if (h->off < h->len) {
-        if (bt_rpc_unsent(c) >= WK_KV_WATERMARK) return -1;
+        if (bt_rpc_unsent(c) >= BT_KV_WATERMARK) return -1;
         bt_buf *b = bt_rpc_wbuf(c);
         if (!b) return 1;
         size_t n = h->len - h->off < BT_KV_PIECE_MAX ? h->len - h->off : BT_KV_PIECE_MAX;
@@ -87,11 +103,14 @@ static int pump_one(wk_handoff *h) {
         bt_rpc_flush(c);
         return 0;
     }
+    if (h->error_sent) /* done once the kernel took every byte: closing drops what libuv still queues */
+        return bt_rpc_unsent(c) == 0 ? 1 : -1;
     wk_send_stream_error(h->p, h->id, (bt_status)h->code, h->msg);
     bt_rpc_flush(c);
+    h->error_sent = true;
     h->w->kv_sent++;
     BT_INFO("request %s: KV state of %zu bytes sent with the stream", h->rid, h->len);
-    return 1;
+    return 0;
 }
 
 /* Rounds of one piece per hand-off (they take turns) until none can write; then again at the
@@ -168,11 +187,7 @@ void wk_handoff_peer_gone(wk_peer *p) {
         h->p = NULL;
         if (h->exported) rec_free(h); /* else its export frees it */
     }
-    if (p->kvin) {
-        free(p->kvin->data);
-        free(p->kvin);
-        p->kvin = NULL;
-    }
+    for (size_t i = 0; i < BT_KV_INFLIGHT; i++) kvin_free(p, i);
     check_idle(w);
 }
 
@@ -194,24 +209,34 @@ bool wk_handoff_when_idle(wk_worker *w, void (*fn)(wk_worker *)) {
 }
 
 void wk_handoff_piece(wk_peer *p, const bt_frame *f) {
+    static uint64_t kv_clock; /* orders the slots' writes (loop thread only) */
     uint64_t total, off;
     const uint8_t *d;
     size_t n;
     if (bt_frame_get_kvstate(f, &total, &off, &d, &n) != BT_OK) return;
-    wk_kv_in *in = p->kvin;
-    if (in && (in->stream != f->stream || off == 0)) { /* a new state: the old one was never claimed */
-        free(in->data);
-        free(in);
-        in = p->kvin = NULL;
-    }
+    int slot = kvin_find(p, f->stream);
+    if (slot >= 0 && off == 0) kvin_free(p, (size_t)slot); /* a new state for the stream: the old one is stale */
+    wk_kv_in *in = slot >= 0 ? p->kvin[slot] : NULL;
     if (!in) {
-        in = p->kvin = calloc(1, sizeof *in);
+        /* a free slot, else the one written least recently (a frontend relays at most
+         * BT_KV_INFLIGHT at a time, so that one was abandoned) */
+        size_t use = 0;
+        for (size_t i = 0; i < BT_KV_INFLIGHT; i++) {
+            if (!p->kvin[i]) {
+                use = i;
+                break;
+            }
+            if (p->kvin[i]->touched < p->kvin[use]->touched) use = i;
+        }
+        kvin_free(p, use);
+        in = p->kvin[use] = calloc(1, sizeof *in);
         if (!in) return;
         in->stream = f->stream;
         in->total = total;
-        in->bad = off != 0 || total > WK_KV_IN_MAX || total == 0;
+        in->bad = off != 0 || total > BT_KV_RELAY_MAX || total == 0;
         if (!in->bad && !(in->data = malloc(total))) in->bad = true;
     }
+    in->touched = ++kv_clock;
     if (in->bad) return;
     if (total != in->total || off != in->have) {
         in->bad = true;
@@ -225,9 +250,10 @@ void wk_handoff_piece(wk_peer *p, const bt_frame *f) {
 
 uint8_t *wk_handoff_take(wk_peer *p, uint32_t stream, uint64_t bytes) {
     wk_worker *w = p->w;
-    wk_kv_in *in = p->kvin;
+    int slot = kvin_find(p, stream);
+    wk_kv_in *in = slot >= 0 ? p->kvin[slot] : NULL;
     uint8_t *data = NULL;
-    if (in && in->stream == stream && !in->bad && in->total == bytes && in->have == bytes) {
+    if (in && !in->bad && in->total == bytes && in->have == bytes) {
         data = in->data;
         in->data = NULL;
     } else {
@@ -235,12 +261,13 @@ uint8_t *wk_handoff_take(wk_peer *p, uint32_t stream, uint64_t bytes) {
         BT_WARN("stream %u: the KV state it announced (%" PRIu64 " bytes) did not arrive whole; prefilling instead",
                 stream, bytes);
     }
-    if (in) {
-        free(in->data);
-        free(in);
-        p->kvin = NULL;
-    }
+    if (slot >= 0) kvin_free(p, (size_t)slot);
     return data;
+}
+
+void wk_handoff_forget(wk_peer *p, uint32_t stream) {
+    int slot = kvin_find(p, stream);
+    if (slot >= 0) kvin_free(p, (size_t)slot);
 }
 
 void wk_handoff_init(wk_worker *w) {

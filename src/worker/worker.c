@@ -444,6 +444,8 @@ static void on_peer_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
         if (s && !bt_ctx_is_killed(s->ctx)) {
             s->t_kill_us = bt_now_us();
             bt_ctx_kill(s->ctx); /* frees s */
+        } else if (!s) {
+            wk_handoff_forget(p, f->stream);
         }
         break;
     }

@@ -117,7 +117,9 @@ struct wk_peer {
      bt_map streams; /* stream id → wk_stream */
     bt_ctx *ctx;    /* parent of its streams' contexts: killed when the connection is lost */
     bool lost;      /* the connection ended: kills count as frontend_lost */
-    wk_kv_in *kvin; /* a KV state arriving for the next REQUEST (handoff.c), NULL when none */
+    /* KV states arriving ahead of their REQUESTs (handoff.c), at most BT_KV_INFLIGHT at a time
+     * (the frontend relays that many to one connection at once); NULL slots are free */
+    wk_kv_in *kvin[BT_KV_INFLIGHT];
     LIST_ENTRY(wk_peer) link; /* wk_worker.peers */
 };
 
@@ -281,6 +283,9 @@ void wk_handoff_piece(wk_peer *p, const bt_frame *f);
 /* The whole state of `bytes` bytes received for `stream` (malloc'd, the caller frees it), or NULL
  * (counted as the fallback "missing"). */
 uint8_t *wk_handoff_take(wk_peer *p, uint32_t stream, uint64_t bytes);
+/* A KILL for a stream that is not open: a state arriving for it is dropped (its frontend gave up
+ * on the continuation before writing the REQUEST). */
+void wk_handoff_forget(wk_peer *p, uint32_t stream);
 /* p's connection ended: its hand-offs are dropped. */
 void wk_handoff_peer_gone(wk_peer *p);
 /* When hand-offs are still being exported or sent: fn runs when they are done (or after a bound)

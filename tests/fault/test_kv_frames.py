@@ -14,6 +14,9 @@ talking to a mocker worker whose streams export large states (--mocker-kv-bytes-
    served by ordinary prefill (fallback "missing"); one whose state is whole but altered is
    refused by the engine (fallback "corrupt"); either way the stream's output equals a plain
    request's.
+4. Three states sent interleaved piece by piece on one connection (as a frontend relaying
+   several in turns writes them), then their three REQUESTs: all three are imported (a worker
+   keeping one arriving state per connection would drop all but the last).
 """
 
 import struct
@@ -142,9 +145,35 @@ def main():
                      for r in ("missing", "corrupt")}
             assert after["missing"] - before["missing"] == 1 and after["corrupt"] - before["corrupt"] == 1, \
                 (before, after)
-            plain.close()
             print("an incomplete state (fallback missing) and an altered one (fallback corrupt): "
                   "served by prefill, output equal to a plain request's")
+
+            # 4. states interleaved piece by piece on one connection (a frontend relays several in
+            # turns): each is kept apart by stream id and imported with its REQUEST
+            imports0 = bl.metric_sum(bl.metrics(w.system_url), "baton_worker_kv_handoff_imports_total")
+            sids = [plain.next_stream, plain.next_stream + 1, plain.next_stream + 2]
+            for off in range(0, len(state), PIECE_MAX):
+                for sid in sids:
+                    plain.send(rpclib.KVSTATE, sid, struct.pack(">QQ", len(state), off) + state[off:off + PIECE_MAX])
+            for sid in sids:
+                assert plain.request(dict(short, kv_state_bytes=len(state))) == sid
+            res = {sid: rpclib.Result() for sid in sids}
+            while any(r.finish is None and r.error is None for r in res.values()):
+                f = plain.read()
+                r = res[f.stream]
+                if f.type == rpclib.TOKENS:
+                    r.batches.append(rpclib.decode_tokens(f.payload))
+                elif f.type == rpclib.FINISH:
+                    r.finish = struct.unpack(">B3xII", f.payload)
+                elif f.type == rpclib.ERROR:
+                    r.error = f.payload
+            for sid, got in res.items():
+                assert got.finish and got.ids == ref.ids and got.text == ref.text, f"stream {sid}: output differs"
+            imports = bl.metric_sum(bl.metrics(w.system_url), "baton_worker_kv_handoff_imports_total") - imports0
+            assert imports == len(sids), f"{imports} of {len(sids)} interleaved states imported"
+            assert -(-len(state) // PIECE_MAX) > 1, "the state fits one piece: nothing was interleaved"
+            plain.close()
+            print(f"{len(sids)} states interleaved piece by piece on one connection: all imported, outputs exact")
     print("ok")
 
 

@@ -5,7 +5,8 @@
  * Covers: export → import round trip (n_past = the state's tokens, or the continuation's tokens
  * but one when it has fewer: held-back tokens are cut off with seq_rm); every fallback reason:
  * a flipped byte anywhere (corrupt: checksum), a truncated or extended state (corrupt), another
- * model, backend or KV layout (mismatch), other token ids (tokens), llama.cpp refusing the data
+ * exactness fingerprint or KV layout (mismatch; the identity is made from the fingerprint string
+ * itself, so a worker differing only in --llama-threads is another one), other token ids (tokens), llama.cpp refusing the data
  * (import, the slot left empty), a table without the function (unsupported); the fault hook
  * (--fault-kv-corrupt) makes a state the importer refuses. */
 #include <setjmp.h>
@@ -76,8 +77,7 @@ static bt_llama_api api = {
     .llama_memory_seq_pos_max = f_pos_max,
 };
 
-static const ll_kv_ident ident = {.model = 0x1111,
-                                  .backend = 0x2222,
+static const ll_kv_ident ident = {.exactness = 0x1111,
                                   .n_layer = 5,
                                   .n_embd = 64,
                                   .flags = 1,
@@ -149,12 +149,9 @@ static void test_fallbacks(void **state) {
     memcpy(longer, st, len);
     expect_fallback(longer, len + 8, tok, 21, &ident, BT_KV_FB_CORRUPT);
     free(longer);
-    /* another model, backend, layout */
+    /* another fingerprint, layout */
     ll_kv_ident other = ident;
-    other.model++;
-    expect_fallback(st, len, tok, 21, &other, BT_KV_FB_MISMATCH);
-    other = ident;
-    other.backend++;
+    other.exactness++;
     expect_fallback(st, len, tok, 21, &other, BT_KV_FB_MISMATCH);
     other = ident;
     other.flags = 0;
@@ -190,10 +187,41 @@ static void test_fallbacks(void **state) {
     assert_null(ll_kv_export(&api, CTX, -1, tok, 5, &ident, false, &len));
 }
 
+/* The identity comes from the exactness fingerprint string and nothing else numerical: states
+ * cross between engines whose fingerprints are equal, never between ones that differ in any part
+ * of it (here --llama-threads, which the ggml device list does not show). */
+static void test_ident_is_the_fingerprint(void **state) {
+    (void)state;
+    static const char fp1[] = "llama-0.4.0 cpu=libggml-cpu-haswell.so threads=1 ubatch=1 fa=0 model=1185376:65f0";
+    static const char fp2[] = "llama-0.4.0 cpu=libggml-cpu-haswell.so threads=2 ubatch=1 fa=0 model=1185376:65f0";
+    bt_llama_config cfg = {.kv_unified = true};
+    ll_kv_ident a, a2, b;
+    ll_kv_ident_init(&a, &api, NULL, CTX, fp1, &cfg);
+    ll_kv_ident_init(&a2, &api, NULL, CTX, fp1, &cfg);
+    ll_kv_ident_init(&b, &api, NULL, CTX, fp2, &cfg);
+    assert_int_equal(a.exactness, a2.exactness);
+    assert_int_not_equal(a.exactness, b.exactness);
+    assert_int_equal(a.flags, 1);
+    llama_token tok[NPOS];
+    for (int i = 0; i < 20; i++) tok[i] = mem[0][i] = 100 + i;
+    nmem[0] = 20;
+    tok[20] = 7;
+    size_t len = 0, n_past = 0;
+    uint8_t *st = ll_kv_export(&api, CTX, 0, tok, 20, &a, false, &len);
+    assert_non_null(st);
+    expect_fallback(st, len, tok, 21, &b, BT_KV_FB_MISMATCH);
+    bt_kv_fallback why = BT_KV_FB_N_;
+    nmem[1] = 0;
+    assert_true(ll_kv_import(&api, CTX, 1, tok, 21, st, len, &a2, &n_past, &why));
+    assert_int_equal(n_past, 20);
+    free(st);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_roundtrip),
         cmocka_unit_test(test_fallbacks),
+        cmocka_unit_test(test_ident_is_the_fingerprint),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1254,7 +1254,6 @@ bt_engine *bt_llama_create_with_api(uv_loop_t *loop, const bt_llama_config *cfg,
         snprintf(err, errlen, "out of memory");
         goto fail;
     }
-    ll_kv_ident_init(&e->kv_ident, L, e->model, e->ctx, path, cfg);
     e->load.total_blocks = e->n_ctx / LL_BLOCK;
     e->load.max_num_batched_tokens = (uint64_t)cfg->max_num_batched_tokens;
     /* what decides the logits bit for bit (llama.h): a stream continues only where all are equal */
@@ -1263,6 +1262,8 @@ bt_engine *bt_llama_create_with_api(uv_loop_t *loop, const bt_llama_config *cfg,
     model_identity(path, ident, sizeof ident);
     snprintf(e->exactness, sizeof e->exactness, "llama-0.4.0 cpu=%s threads=%lld ubatch=%u fa=%d model=%s", variant,
              (long long)cfg->threads, cp.n_ubatch, cfg->flash_attn ? 1 : 0, ident);
+    /* a KV state is checked against the same fingerprint: one description of the numerics */
+    ll_kv_ident_init(&e->kv_ident, L, e->model, e->ctx, e->exactness, cfg);
     if (pthread_create(&e->thread, NULL, engine_thread, e) != 0) {
         snprintf(err, errlen, "cannot start the engine thread");
         goto fail;

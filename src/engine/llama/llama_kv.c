@@ -1,7 +1,6 @@
 /* llama_kv.c — export, checks and import of a sequence's KV state (see llama_kv.h). */
 #include "engine/llama/llama_kv.h"
 
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -18,7 +17,7 @@ uint64_t ll_fnv(uint64_t h, const void *p, size_t n) {
 
 #ifdef BATON_HAVE_LLAMA
 
-static const uint8_t MAGIC[8] = {'B', 'T', 'K', 'V', 'S', 'T', '0', '1'};
+static const uint8_t MAGIC[8] = {'B', 'T', 'K', 'V', 'S', 'T', '0', '2'};
 
 static void put32(uint8_t *p, uint32_t v) {
     for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
@@ -37,53 +36,13 @@ static uint64_t get64(const uint8_t *p) {
     return v;
 }
 
-/* The model's identity includes its file's size and first MiB (the GGUF header, the metadata and,
- * for a small model, the start of its tensors): two files that differ there are different models. */
-#define ID_FILE_BYTES (1u << 20)
-
 void ll_kv_ident_init(ll_kv_ident *id, const bt_llama_api *L, const struct llama_model *model,
-                      struct llama_context *ctx, const char *path, const bt_llama_config *cfg) {
+                      struct llama_context *ctx, const char *exactness, const bt_llama_config *cfg) {
     memset(id, 0, sizeof *id);
-    uint64_t h = LL_FNV_INIT;
-    FILE *f = path ? fopen(path, "rb") : NULL;
-    if (f) {
-        uint8_t *buf = malloc(ID_FILE_BYTES);
-        size_t n = buf ? fread(buf, 1, ID_FILE_BYTES, f) : 0;
-        if (buf) h = ll_fnv(h, buf, n);
-        free(buf);
-        if (fseek(f, 0, SEEK_END) == 0) {
-            long sz = ftell(f);
-            h = ll_fnv(h, &sz, sizeof sz);
-        }
-        fclose(f);
-    }
-    if (L->llama_model_n_params) {
-        uint64_t v = L->llama_model_n_params(model);
-        h = ll_fnv(h, &v, sizeof v);
-    }
-    if (L->llama_model_size) {
-        uint64_t v = L->llama_model_size(model);
-        h = ll_fnv(h, &v, sizeof v);
-    }
-    char desc[128] = "";
-    if (L->llama_model_desc) L->llama_model_desc(model, desc, sizeof desc);
-    id->model = ll_fnv(h, desc, strlen(desc));
-    h = LL_FNV_INIT;
-    if (L->ggml_backend_dev_count && L->ggml_backend_dev_get && L->ggml_backend_dev_name &&
-        L->ggml_backend_dev_description) {
-        size_t n = L->ggml_backend_dev_count();
-        for (size_t i = 0; i < n; i++) {
-            ggml_backend_dev_t d = L->ggml_backend_dev_get(i);
-            const char *name = d ? L->ggml_backend_dev_name(d) : NULL;
-            const char *descr = d ? L->ggml_backend_dev_description(d) : NULL;
-            if (name) h = ll_fnv(h, name, strlen(name) + 1);
-            if (descr) h = ll_fnv(h, descr, strlen(descr) + 1);
-        }
-    }
-    id->backend = h;
+    id->exactness = ll_fnv(LL_FNV_INIT, exactness, strlen(exactness));
     id->n_layer = L->llama_model_n_layer ? (uint32_t)L->llama_model_n_layer(model) : 0;
     id->n_embd = L->llama_model_n_embd ? (uint32_t)L->llama_model_n_embd(model) : 0;
-    id->flags = (cfg->kv_unified ? 1u : 0u) | (cfg->flash_attn ? 2u : 0u);
+    id->flags = cfg->kv_unified ? 1u : 0u;
     id->n_seq_max = L->llama_n_seq_max ? L->llama_n_seq_max(ctx) : 0;
     id->n_ctx = L->llama_n_ctx ? L->llama_n_ctx(ctx) : 0;
 }
@@ -105,8 +64,8 @@ uint8_t *ll_kv_export(const bt_llama_api *L, struct llama_context *ctx, int slot
     }
     total = LL_KV_HEADER + 4 * n_past + got;
     memcpy(b, MAGIC, 8);
-    put64(b + 8, id->model);
-    put64(b + 16, id->backend);
+    put64(b + 8, id->exactness);
+    put64(b + 16, 0); /* reserved */
     put32(b + 24, id->n_layer);
     put32(b + 28, id->n_embd);
     put32(b + 32, id->flags);
@@ -126,13 +85,14 @@ bool ll_kv_import(const bt_llama_api *L, struct llama_context *ctx, int slot, co
                   const uint8_t *s, size_t len, const ll_kv_ident *id, size_t *n_past, bt_kv_fallback *why) {
     *n_past = 0;
     if (!L->llama_state_seq_set_data) return *why = BT_KV_FB_UNSUPPORTED, false;
-    if (len < LL_KV_HEADER || memcmp(s, MAGIC, 8) != 0 || get64(s + 64) != 0) return *why = BT_KV_FB_CORRUPT, false;
+    if (len < LL_KV_HEADER || memcmp(s, MAGIC, 8) != 0 || get64(s + 16) != 0 || get64(s + 64) != 0)
+        return *why = BT_KV_FB_CORRUPT, false;
     uint64_t n = get32(s + 44), sl = get64(s + 48);
     if (n == 0 || (len - LL_KV_HEADER) / 4 < n || sl != len - LL_KV_HEADER - 4 * n)
         return *why = BT_KV_FB_CORRUPT, false;
     if (get64(s + 56) != ll_fnv(LL_FNV_INIT, s + LL_KV_HEADER, len - LL_KV_HEADER))
         return *why = BT_KV_FB_CORRUPT, false;
-    if (get64(s + 8) != id->model || get64(s + 16) != id->backend || get32(s + 24) != id->n_layer ||
+    if (get64(s + 8) != id->exactness || get32(s + 24) != id->n_layer ||
         get32(s + 28) != id->n_embd || get32(s + 32) != id->flags || get32(s + 36) != id->n_seq_max ||
         get32(s + 40) != id->n_ctx)
         return *why = BT_KV_FB_MISMATCH, false;
