@@ -16,17 +16,11 @@ import time
 
 import batonlib as bl
 
+gone = bl.gone
+
 bl.deadline(120, "test_run_ctrl_c")
 
 TOKENS = 300  # about 2 s on the mocker at its real speed: the signal lands mid-stream
-
-
-def gone(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def start(c):

@@ -63,18 +63,11 @@ class Squatter:
 
 
 children = bl.children
+gone = bl.gone
 
 
 def started_pids(log):
     return [int(p) for p in re.findall(r"started (?:frontend|worker) \d+ \(pid (\d+)\)", log)]
-
-
-def gone(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def run_dir(log):

@@ -226,6 +226,15 @@ def sanitized_build(bin_path=None):
         return False
 
 
+def gone(pid):
+    """True when the process has exited (no longer exists, or a zombie waiting for its parent)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def children(pid):
     """The pids of the processes whose parent is `pid` (read from /proc)."""
     out = []
