@@ -14,6 +14,7 @@
  * its endpoint is healthy by the canary. */
 #include "worker/worker.h"
 
+#include <errno.h>
 #include <inttypes.h>
 #include <math.h>
 #include <stdio.h>
@@ -25,6 +26,7 @@
 #include "common/opts.h"
 #include "common/proc.h"
 #include "common/util.h"
+#include "engine/llama/llama_lib.h"
 #include "proto/proto.h"
 #include "proto/request.h"
 #include "worker/worker_internal.h"
@@ -625,6 +627,22 @@ static bool endpoint_from_opts(wk_opts *o, const bt_opt *opts, int nopts, int ar
     return true;
 }
 
+/* What no restart can fix before a llama engine starts: its flags, a model file that is missing,
+ * unreadable or not GGUF, the llama.cpp libraries not installed. These are configuration errors
+ * (exit code 2), so that a supervisor does not restart the worker forever (docs/operations.md). */
+static bool llama_preflight(const bt_llama_config *c, char *err, size_t errlen) {
+    if (bt_llama_config_check(c, err, errlen) != BT_OK) return false;
+    const char *path = c->model_path && c->model_path[0] ? c->model_path : bt_llama_default_model();
+    FILE *f = fopen(path, "rb");
+    if (!f) return snprintf(err, errlen, "model file %s: %s", path, strerror(errno)), false;
+    char magic[4];
+    size_t n = fread(magic, 1, sizeof magic, f);
+    fclose(f);
+    if (n != sizeof magic || memcmp(magic, "GGUF", sizeof magic) != 0)
+        return snprintf(err, errlen, "model file %s is not a GGUF file", path), false;
+    return bt_llama_lib_open(c->lib_dir, err, errlen) != NULL;
+}
+
 static int worker_run(wk_worker *w) {
     char err[256];
     uv_loop_t *loop = w->loop;
@@ -674,6 +692,10 @@ static int worker_run(wk_worker *w) {
     bt_engine_hooks hooks = {on_engine_load, wk_engine_dead_hook};
     if (llama) {
         char lerr[1024];
+        if (!llama_preflight(&o->llama, lerr, sizeof lerr)) {
+            BT_ERROR("llama engine: %s", lerr);
+            return 2;
+        }
         w->engine = bt_llama_create(loop, &o->llama, &hooks, w, lerr, sizeof lerr);
         if (!w->engine) {
             BT_ERROR("llama engine: %s", lerr);

@@ -166,3 +166,16 @@ for args, want in [
 assert not listening(port)
 os.chmod(noread, 0o755)
 print("cli: unreadable and unwritable discovery directories are start-up errors")
+
+# A llama worker that cannot start for a reason no restart fixes is a configuration error (exit 2,
+# docs/operations.md): a missing model, a file that is not GGUF, libraries that are not there.
+notgguf = os.path.join(base, "not-a-model.gguf")
+with open(notgguf, "w") as f:
+    f.write("this is not a model\n")
+for args, want in [(["--model", os.path.join(base, "missing.gguf")], "missing.gguf: No such file or directory"),
+                   (["--model", notgguf], "is not a GGUF file"),
+                   (["--llama-lib-dir", base], "not found: run scripts/setup")]:
+    rc, out, took = baton(["worker", "--engine", "llama", "--system-port", "-1"] + args)
+    assert rc == 2 and want in out, (args, rc, out)
+    assert took < 10, (args, took)
+print("cli: a llama worker without a usable model or libraries exits 2 at once")
