@@ -171,6 +171,10 @@ struct fe_req {
     char rid[80];
     bt_api api;
     json_t *body;
+    /* body as canonical JSON (sorted keys, compact), serialized once: the digest, the journal
+     * record and every attempt's REQUEST use it (NULL: not made; the codec dumps body itself) */
+    char *canon;
+    size_t canon_len;
     bool stream, include_usage, return_ids;
     int64_t max_tokens; /* as the client asked, or -1: it set none, and the worker's engine
                            default applies (the worker owns that default, --default-max-tokens) */
@@ -462,6 +466,8 @@ bool fe_resume_parse_id(const char *s, char sid[FE_STREAM_ID_LEN + 1], uint64_t 
 void fe_key_mac(fe *f, const bt_http_req *http, uint8_t out[FE_KEY_MAC_LEN]);
 /* SHA-256, in hex, of body as canonical JSON (sorted keys, compact); false when out of memory. */
 bool fe_body_digest(const json_t *body, char out[65]);
+/* The same of a body already in canonical form (len bytes). */
+void fe_body_digest_canon(const char *canon, size_t len, char out[65]);
 /* Journal metrics (shard 0 only: the journal is the process's). */
 void fe_resume_collect(fe *f, bt_metrics *r); /* resumable streams and their journal */
 /* Ends request r, which streams a record a resume wants: its client is taken to be gone. */

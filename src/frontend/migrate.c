@@ -98,6 +98,8 @@ static char *continuation_payload(const fe_req *r, bool adopt, bool kv, size_t *
         .request_id = r->rid,
         .api = r->api,
         .body = r->body,
+        .body_json = r->canon, /* serialized once (fe_request_start) */
+        .body_json_len = r->canon_len,
         .carried = r->ids,
         .n_carried = r->nids,
         .has_max_tokens = limited,

@@ -141,6 +141,7 @@ static void req_free(fe_req *r) {
     if (r->model) r->model->st.inflight--;
     if (r->http) r->http->user = NULL;
     json_decref(r->body);
+    free(r->canon);
     free(r->ids);
     bt_buf_free(&r->text);
     bt_buf_free(&r->prefix);
@@ -168,11 +169,13 @@ static void req_done(fe_req *r, fe_outcome out) {
 static void journal_open(fe_req *r) {
     fe_journal *j = r->fe->grp->journal;
     if (!j || r->resumed || r->jrec) return;
-    char *body = json_dumps(r->body, JSON_COMPACT | JSON_SORT_KEYS);
+    /* the canonical body made once at the start (fe_request_start); dumped here only without it */
+    char *dumped = r->canon ? NULL : json_dumps(r->body, JSON_COMPACT | JSON_SORT_KEYS);
+    const char *body = r->canon ? r->canon : dumped;
     if (!body) return;
     fe_jsnap meta = {.api = r->api,
-                     .body = body,
-                     .body_len = strlen(body),
+                     .body = (char *)body, /* copied by the journal */
+                     .body_len = r->canon ? r->canon_len : strlen(body),
                      .created = r->created,
                      .max_tokens = r->max_tokens,
                      .seed = r->seed,
@@ -186,7 +189,7 @@ static void journal_open(fe_req *r) {
     fe_key_mac(r->fe, r->http, mac);
     r->jrec = fe_journal_open(j, &meta, mac, r->fe->shard);
     if (r->jrec) memcpy(r->stream_id, meta.stream_id, sizeof r->stream_id);
-    free(body);
+    free(dumped);
 }
 
 void fe_request_begin_stream(fe_req *r) {
@@ -859,26 +862,36 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
     }
     /* what a resume's re-POST must match: the body exactly as the client sent it, taken before
      * anything is added to it (resume.c) */
+    /* serialized once, in canonical form: the digest, the journal record and every attempt's
+     * REQUEST use this one string (NULL when out of memory: each makes its own then) */
+    char *canon = json_dumps(body, JSON_COMPACT | JSON_SORT_KEYS);
+    size_t canon_len = canon ? strlen(canon) : 0;
     char digest[65] = "";
-    if (json_is_true(json_object_get(body, "stream")) && f->grp->journal) fe_body_digest(body, digest);
+    if (json_is_true(json_object_get(body, "stream")) && f->grp->journal) {
+        if (canon) fe_body_digest_canon(canon, canon_len, digest);
+        else fe_body_digest(body, digest);
+    }
     const char *model_name = json_string_value(json_object_get(body, "model"));
     fe_model *m = fe_model_get(f, model_name, false);
     if (!m) {
         fe_json_error_ex(http, rid, 404, "model_not_found", "model", NULL, "The model '%s' does not exist",
                          model_name);
         json_decref(body);
+        free(canon);
         return;
     }
     if (!context_fits(f, m, body, api, err, sizeof err)) {
         fe_json_error_ex(http, rid, 400, "context_length_exceeded", api == BT_API_CHAT ? "messages" : "prompt", NULL,
                          "%s", err);
         json_decref(body);
+        free(canon);
         return;
     }
     if (f->shutting_down && f->o.accept_window_ms >= 0 &&
         bt_now_ms() - f->shutdown_started_ms > (uint64_t)f->o.accept_window_ms) {
         fe_json_error(http, rid, 503, "shutting_down", "the frontend is shutting down");
         json_decref(body);
+        free(canon);
         return;
     }
     bool nomem;
@@ -887,13 +900,17 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
         fe_json_error_ex(http, rid, nomem ? 500 : 400, nomem ? "out_of_memory" : "invalid_value", param, NULL, "%s",
                          err);
         json_decref(body);
+        free(canon);
         return;
     }
     fe_req *r = fe_request_new(f, http, api, body, rid, m, 0);
     if (!r) {
         free(t);
+        free(canon);
         return;
     }
+    r->canon = canon;
+    r->canon_len = canon_len;
     fe_admit_attach(r, t);
     memcpy(r->body_digest, digest, sizeof digest);
     BT_DEBUG("request %s: admitted (%s, %s, max_tokens %" PRId64 ")", r->rid, api == BT_API_CHAT ? "chat" : "completion",
