@@ -114,7 +114,9 @@ static bool make_room(mem_journal *m, size_t extra) {
 
 static void random_id(char out[FE_STREAM_ID_LEN + 1]) {
     unsigned char b[FE_STREAM_ID_LEN / 2];
-    if (RAND_bytes(b, sizeof b) != 1) { /* the OS generator, then a mix of it: never a constant */
+    /* the OS generator through the per-thread pool (no DRBG call per stream), then OpenSSL's,
+     * then a mix of the OS generator: never a constant */
+    if (!bt_random_bytes(b, sizeof b) && RAND_bytes(b, sizeof b) != 1) {
         uint64_t a = bt_random64(), c = bt_random64();
         memcpy(b, &a, 8);
         memcpy(b + 8, &c, 8);
