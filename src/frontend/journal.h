@@ -122,7 +122,7 @@ typedef struct {
     fe_jrec *(*open)(fe_journal *j, fe_jsnap *meta, const uint8_t key_mac[FE_KEY_MAC_LEN], int shard);
     /* One event of the record's stream: n token ids and their text. False when the record was
      * dropped (the cap): the stream is no longer resumable and `rec` must not be used again
-     * except in close. */
+     * except in fe_jrec_take_output and close. */
     bool (*append)(fe_journal *j, fe_jrec *rec, const uint32_t *ids, size_t n, const char *text, size_t len);
     /* The stream's request ended (tail says how): the record is detached and kept for the
      * retention window. `rec` is not used afterwards. */
