@@ -315,6 +315,8 @@ static bool rnd_bytes(void *out, size_t n) {
     return true;
 }
 
+bool bt_random_bytes(void *out, size_t n) { return rnd_bytes(out, n); }
+
 uint64_t bt_random64(void) {
     uint64_t v = 0;
     if (!rnd_bytes(&v, sizeof v)) v = bt_mix64(bt_now_ns() ^ (uint64_t)clock());

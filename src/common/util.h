@@ -76,6 +76,9 @@ static inline uint64_t bt_mix64(uint64_t x) {
 /* A random 64-bit value from the OS (getrandom, drawn through a per-thread pool: util.c); used for
  * instance ids and request ids. */
 uint64_t bt_random64(void);
+/* n random bytes from the OS (getrandom), drawn through the same per-thread pool (each byte used
+ * once); false if the OS gave none (no weaker fallback here: the caller chooses one). */
+bool bt_random_bytes(void *out, size_t n);
 /* Writes a random UUID v4 string (37 bytes with NUL) into out. */
 void bt_uuid4(char out[37]);
 

@@ -177,13 +177,22 @@ struct fe_req {
     char rid[80];
     bt_api api;
     json_t *body;
+    /* body as canonical JSON (sorted keys, compact), serialized once: the digest, the journal
+     * record and every attempt's REQUEST use it (NULL: not made; the codec dumps body itself) */
+    char *canon;
+    size_t canon_len;
     bool stream, include_usage, return_ids;
     int64_t max_tokens; /* as the client asked, or -1: it set none, and the worker's engine
                            default applies (the worker owns that default, --default-max-tokens) */
     uint64_t seed;      /* chosen here when the body has none, sent with every attempt (0 = body's) */
-    uint32_t *ids;      /* every token id delivered to the client */
+    /* What was delivered to the client: nids token ids and their text (streaming too: a
+     * continuation carries them). While out_in_rec, they live only in the journal record `jrec`
+     * (one copy for the journal and the request: fe_request_output reads them) and ids/text stay
+     * empty; otherwise, in ids and text. */
+    uint32_t *ids;
     size_t nids, ids_cap;
-    bt_buf text;   /* text delivered so far (streaming too: a continuation may need it) */
+    bt_buf text;
+    bool out_in_rec;
     fe_kv kv;      /* the KV state of the attempt that was given back, until the next one takes it */
     bool text_lost; /* streaming: text went past the cap of `text`; no longer sent on migration */
     bt_buf prefix; /* streaming: the constant head of every chunk, built once */
@@ -396,6 +405,9 @@ const char *fe_req_state_name(fe_req_state s);
 /* Output, for migrate.c: n new tokens reached the request from its current attempt at now_us
  * (the caller's bt_now_us: one clock read per token serves both); the attempt's finish; a request refused because every worker is busy (503 with Retry-After). */
 void fe_request_deliver(fe_req *r, const uint32_t *ids, size_t n, const char *text, size_t len, uint64_t now_us);
+/* What was delivered so far (for a continuation): the r->nids token ids and their text, wherever
+ * they are kept; *text NULL when the text outgrew its cap (it is then not carried). */
+void fe_request_output(const fe_req *r, const uint32_t **ids, const char **text, size_t *text_len);
 void fe_request_finish(fe_req *r, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens);
 void fe_request_reject_busy(fe_req *r);
 /* Refuses a request that has not started (no attempt, no header sent): `status` with Retry-After
@@ -476,6 +488,8 @@ bool fe_resume_parse_id(const char *s, char sid[FE_STREAM_ID_LEN + 1], uint64_t 
 void fe_key_mac(fe *f, const bt_http_req *http, uint8_t out[FE_KEY_MAC_LEN]);
 /* SHA-256, in hex, of body as canonical JSON (sorted keys, compact); false when out of memory. */
 bool fe_body_digest(const json_t *body, char out[65]);
+/* The same of a body already in canonical form (len bytes). */
+void fe_body_digest_canon(const char *canon, size_t len, char out[65]);
 /* Journal metrics (shard 0 only: the journal is the process's). */
 void fe_resume_collect(fe *f, bt_metrics *r); /* resumable streams and their journal */
 /* Ends request r, which streams a record a resume wants: its client is taken to be gone. */

@@ -11,7 +11,8 @@
  * Memory: each record accounts what it allocates (the struct, the body, the capacity of its id,
  * text and event arrays); the sum is capped at max_bytes. Growth that would pass the cap first
  * evicts ended records (oldest first); if that is not enough, a new record is refused and a live
- * one is dropped: its data is freed and its stream goes on unjournaled. */
+ * one is dropped: its stream goes on unjournaled, and its ids and text go back to the request that
+ * streams it (whose only copy they may be: fe_jrec_output). */
 #include "frontend/journal.h"
 
 #include <openssl/crypto.h>
@@ -37,6 +38,11 @@ struct fe_jrec {
     uint64_t expires_ms;     /* ENDED */
     TAILQ_ENTRY(fe_jrec) link; /* ENDED: the ended list */
     size_t bytes;            /* accounted */
+    /* DROPPED: the ids and text it held, kept for its owner to take back (fe_jrec_take_output),
+     * since a request whose output lived in the record has no other copy; freed at close if not */
+    uint32_t *kept_ids;
+    char *kept_text;
+    size_t kept_nids, kept_text_len;
 };
 
 typedef struct {
@@ -108,7 +114,9 @@ static bool make_room(mem_journal *m, size_t extra) {
 
 static void random_id(char out[FE_STREAM_ID_LEN + 1]) {
     unsigned char b[FE_STREAM_ID_LEN / 2];
-    if (RAND_bytes(b, sizeof b) != 1) { /* the OS generator, then a mix of it: never a constant */
+    /* the OS generator through the per-thread pool (no DRBG call per stream), then OpenSSL's,
+     * then a mix of the OS generator: never a constant */
+    if (!bt_random_bytes(b, sizeof b) && RAND_bytes(b, sizeof b) != 1) {
         uint64_t a = bt_random64(), c = bt_random64();
         memcpy(b, &a, 8);
         memcpy(b + 8, &c, 8);
@@ -176,6 +184,26 @@ static fe_jrec *mem_open(fe_journal *j, fe_jsnap *meta, const uint8_t key_mac[FE
 }
 
 const char *fe_jrec_stream_id(const fe_jrec *r) { return r->s.stream_id; }
+
+bool fe_jrec_output(const fe_jrec *r, const uint32_t **ids, size_t *nids, const char **text, size_t *text_len) {
+    /* read without the lock, as mem_append does: a live record's arrays are its owner's alone */
+    if (r->state != REC_LIVE) return false;
+    *ids = r->s.ids;
+    *nids = r->s.nids;
+    *text = r->s.text;
+    *text_len = r->s.text_len;
+    return true;
+}
+
+void fe_jrec_take_output(fe_jrec *r, uint32_t **ids, size_t *nids, char **text, size_t *text_len) {
+    *ids = r->kept_ids;
+    *nids = r->kept_nids;
+    *text = r->kept_text;
+    *text_len = r->kept_text_len;
+    r->kept_ids = NULL;
+    r->kept_text = NULL;
+    r->kept_nids = r->kept_text_len = 0;
+}
 
 void fe_jrec_prefetch(const fe_jrec *r, int stage) {
     /* read without the lock, as mem_append does: a live record's arrays are its owner's alone */
@@ -253,6 +281,16 @@ static bool mem_append(fe_journal *j, fe_jrec *r, const uint32_t *ids, size_t n,
         }
         if (!ok) {
             m->st.dropped_live++;
+            /* what it held goes back to its owner, not freed (no longer accounted: it is the
+             * request's own output now, as with a stream that was never journaled) */
+            if (r->state == REC_LIVE) {
+                r->kept_ids = r->s.ids;
+                r->kept_nids = r->s.nids;
+                r->kept_text = r->s.text;
+                r->kept_text_len = r->s.text_len;
+                r->s.ids = NULL;
+                r->s.text = NULL;
+            }
             rec_release(m, r); /* DROPPED: the owner closes it */
         }
     }
@@ -286,6 +324,8 @@ static void mem_close(fe_journal *j, fe_jrec *r, const fe_jtail *tail) {
     uv_mutex_lock(&m->mu);
     if (r->state == REC_DROPPED) {
         uv_mutex_unlock(&m->mu);
+        free(r->kept_ids);
+        free(r->kept_text);
         free(r);
         return;
     }

@@ -122,7 +122,7 @@ typedef struct {
     fe_jrec *(*open)(fe_journal *j, fe_jsnap *meta, const uint8_t key_mac[FE_KEY_MAC_LEN], int shard);
     /* One event of the record's stream: n token ids and their text. False when the record was
      * dropped (the cap): the stream is no longer resumable and `rec` must not be used again
-     * except in close. */
+     * except in fe_jrec_take_output and close. */
     bool (*append)(fe_journal *j, fe_jrec *rec, const uint32_t *ids, size_t n, const char *text, size_t len);
     /* The stream's request ended (tail says how): the record is detached and kept for the
      * retention window. `rec` is not used afterwards. */
@@ -156,6 +156,13 @@ fe_journal *fe_journal_mem_new(double retention_s, uint64_t max_bytes);
 bool fe_journal_mem_import(fe_journal *mem, const fe_jsnap *s, const uint8_t key_mac[FE_KEY_MAC_LEN]);
 /* A record's stream id. */
 const char *fe_jrec_stream_id(const fe_jrec *r);
+/* What the record's owner has appended to a live record so far: its token ids and text, read in
+ * place (valid until the owner's next append or close). A streaming request keeps no copy of its
+ * own output while its record is live and reads it here (request.c). False when the record was
+ * dropped (the journal ran out of room): then fe_jrec_take_output hands the ids and text it held
+ * to the owner, who frees them; a dropped record closed without taking them frees them. */
+bool fe_jrec_output(const fe_jrec *r, const uint32_t **ids, size_t *nids, const char **text, size_t *text_len);
+void fe_jrec_take_output(fe_jrec *r, uint32_t **ids, size_t *nids, char **text, size_t *text_len);
 /* A hint for the record's owner, no effect on state: stage 0 starts loading the record, stage 1
  * (once it is loaded) the ends of its arrays that the next fe_journal_append writes to. */
 void fe_jrec_prefetch(const fe_jrec *r, int stage);

@@ -108,7 +108,8 @@ static char *continuation_payload(const fe_req *r, bool adopt, bool kv, size_t *
         .request_id = r->rid,
         .api = r->api,
         .body = r->body,
-        .carried = r->ids,
+        .body_json = r->canon, /* serialized once (fe_request_start) */
+        .body_json_len = r->canon_len,
         .n_carried = r->nids,
         .has_max_tokens = limited,
         .max_tokens = limited ? remaining : 0,
@@ -122,9 +123,12 @@ static char *continuation_payload(const fe_req *r, bool adopt, bool kv, size_t *
         /* the carried tokens' numerics: a worker with other ones refuses them (worker.c) */
         .exactness = r->nids ? r->exactness : NULL,
     };
-    if (r->nids && !r->text_lost) {
-        rq.carried_text = r->text.data ? r->text.data : "";
-        rq.carried_text_len = r->text.len;
+    const char *text;
+    size_t text_len;
+    fe_request_output(r, &rq.carried, &text, &text_len);
+    if (r->nids && text) {
+        rq.carried_text = text;
+        rq.carried_text_len = text_len;
     }
     char *payload = bt_request_encode(&rq, len);
     if (payload) *est_tokens = (limited ? (uint64_t)remaining : MAX_TOKENS_GUESS) + r->nids + *len / 4;

@@ -141,6 +141,7 @@ static void req_free(fe_req *r) {
     if (r->model) r->model->st.inflight--;
     if (r->http) r->http->user = NULL;
     json_decref(r->body);
+    free(r->canon);
     free(r->ids);
     bt_buf_free(&r->text);
     bt_buf_free(&r->prefix);
@@ -168,11 +169,13 @@ static void req_done(fe_req *r, fe_outcome out) {
 static void journal_open(fe_req *r) {
     fe_journal *j = r->fe->grp->journal;
     if (!j || r->resumed || r->jrec) return;
-    char *body = json_dumps(r->body, JSON_COMPACT | JSON_SORT_KEYS);
+    /* the canonical body made once at the start (fe_request_start); dumped here only without it */
+    char *dumped = r->canon ? NULL : json_dumps(r->body, JSON_COMPACT | JSON_SORT_KEYS);
+    const char *body = r->canon ? r->canon : dumped;
     if (!body) return;
     fe_jsnap meta = {.api = r->api,
-                     .body = body,
-                     .body_len = strlen(body),
+                     .body = (char *)body, /* copied by the journal */
+                     .body_len = r->canon ? r->canon_len : strlen(body),
                      .created = r->created,
                      .max_tokens = r->max_tokens,
                      .seed = r->seed,
@@ -186,7 +189,9 @@ static void journal_open(fe_req *r) {
     fe_key_mac(r->fe, r->http, mac);
     r->jrec = fe_journal_open(j, &meta, mac, r->fe->shard);
     if (r->jrec) memcpy(r->stream_id, meta.stream_id, sizeof r->stream_id);
-    free(body);
+    /* from the first token on, the record is the one copy of the output (fe_request_output) */
+    r->out_in_rec = r->jrec && r->nids == 0;
+    free(dumped);
 }
 
 void fe_request_begin_stream(fe_req *r) {
@@ -271,6 +276,52 @@ static void build_chunk(fe_req *r, bt_buf *b, const uint32_t *ids, size_t n, con
     bt_buf_append_str(b, "}]}\n\n");
 }
 
+/* Stores n ids at position pos of the request's own copy of its output; false when out of memory. */
+static bool store_ids(fe_req *r, size_t pos, const uint32_t *ids, size_t n) {
+    if (pos + n > r->ids_cap) {
+        size_t cap = r->ids_cap ? r->ids_cap * 2 : 64;
+        while (cap < pos + n) cap *= 2;
+        uint32_t *p = realloc(r->ids, cap * sizeof *p);
+        if (!p) return false;
+        r->ids = p;
+        r->ids_cap = cap;
+    }
+    if (n) memcpy(r->ids + pos, ids, n * sizeof *ids);
+    return true;
+}
+
+/* The record of a request whose output lived in it was dropped (the journal is full): what it
+ * held becomes the request's own copy, which the caller completes with the current event. */
+static void take_output(fe_req *r) {
+    uint32_t *ids;
+    char *text;
+    size_t nids, text_len;
+    fe_jrec_take_output(r->jrec, &ids, &nids, &text, &text_len);
+    r->out_in_rec = false;
+    free(r->ids); /* empty while the output lived in the record */
+    r->ids = ids;
+    r->ids_cap = ids ? nids : 0;
+    bt_buf_free(&r->text);
+    if (text_len && bt_buf_append(&r->text, text, text_len) != BT_OK) {
+        r->text_lost = true;
+        bt_buf_free(&r->text);
+    }
+    free(text);
+}
+
+void fe_request_output(const fe_req *r, const uint32_t **ids, const char **text, size_t *text_len) {
+    size_t nids = 0;
+    if (r->out_in_rec && r->jrec && fe_jrec_output(r->jrec, ids, &nids, text, text_len)) {
+        /* the text is carried under the same cap as the request's own copy */
+        if (*text_len > r->text.cap) *text = NULL;
+        else if (!*text) *text = "";
+        return;
+    }
+    *ids = r->ids;
+    *text = r->text_lost ? NULL : r->text.data ? r->text.data : "";
+    *text_len = r->text_lost ? 0 : r->text.len;
+}
+
 /* One SSE event with new text (and ids): journaled, then one write to the client. False, with
  * nothing written or journaled, when the event did not fit the scratch buffer (the caller ends the
  * request). */
@@ -282,6 +333,7 @@ static bool write_chunk(fe_req *r, const uint32_t *ids, size_t n, const char *te
     if (bt_buf_status(b) != BT_OK) return false;
     if (r->jrec && !fe_journal_append(r->fe->grp->journal, r->jrec, ids, n, text, len)) {
         BT_WARN("request %s: stream journal full; stream %s is no longer resumable", r->rid, r->stream_id);
+        if (r->out_in_rec) take_output(r);
         fe_journal_close(r->fe->grp->journal, r->jrec, &r->jtail); /* frees the dropped record */
         r->jrec = NULL;
     }
@@ -543,24 +595,24 @@ void fe_request_deliver(fe_req *r, const uint32_t *ids, size_t n, const char *te
     /* the delivered ids are exactly what a continuation must carry; never more than max_tokens
      * (with no limit from the client, the worker's default bounds the attempt) */
     if (r->max_tokens >= 0 && r->nids + n > (size_t)r->max_tokens) n = (size_t)r->max_tokens - r->nids;
-    if (r->nids + n > r->ids_cap) {
-        size_t cap = r->ids_cap ? r->ids_cap * 2 : 64;
-        while (cap < r->nids + n) cap *= 2;
-        uint32_t *p = realloc(r->ids, cap * sizeof *p);
-        if (!p) {
-            fail_request(r, BT_ERR_NOMEM, "out of memory");
-            return;
-        }
-        r->ids = p;
-        r->ids_cap = cap;
+    /* a stream with a live record keeps its output there only: write_chunk appends it */
+    bool in_rec = r->out_in_rec;
+    if (!in_rec && !store_ids(r, r->nids, ids, n)) {
+        fail_request(r, BT_ERR_NOMEM, "out of memory");
+        return;
     }
-    memcpy(r->ids + r->nids, ids, n * sizeof *ids);
     r->nids += n;
     st->tokens_out += n;
     if (r->stream) {
         begin_stream(r);
         if (!write_chunk(r, ids, n, text, len)) {
             fail_request(r, BT_ERR_TOO_LARGE, "a chunk is larger than the frontend's output buffer");
+            return;
+        }
+        if (in_rec && r->out_in_rec) return;
+        /* the record was dropped with this event (take_output): the event joins the own copy */
+        if (in_rec && !store_ids(r, r->nids - n, ids, n)) {
+            fail_request(r, BT_ERR_NOMEM, "out of memory");
             return;
         }
         /* kept for continuations on engines that resume from text (docs/protocol.md §6) */
@@ -859,26 +911,36 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
     }
     /* what a resume's re-POST must match: the body exactly as the client sent it, taken before
      * anything is added to it (resume.c) */
+    /* serialized once, in canonical form: the digest, the journal record and every attempt's
+     * REQUEST use this one string (NULL when out of memory: each makes its own then) */
+    char *canon = json_dumps(body, JSON_COMPACT | JSON_SORT_KEYS);
+    size_t canon_len = canon ? strlen(canon) : 0;
     char digest[65] = "";
-    if (json_is_true(json_object_get(body, "stream")) && f->grp->journal) fe_body_digest(body, digest);
+    if (json_is_true(json_object_get(body, "stream")) && f->grp->journal) {
+        if (canon) fe_body_digest_canon(canon, canon_len, digest);
+        else fe_body_digest(body, digest);
+    }
     const char *model_name = json_string_value(json_object_get(body, "model"));
     fe_model *m = fe_model_get(f, model_name, false);
     if (!m) {
         fe_json_error_ex(http, rid, 404, "model_not_found", "model", NULL, "The model '%s' does not exist",
                          model_name);
         json_decref(body);
+        free(canon);
         return;
     }
     if (!context_fits(f, m, body, api, err, sizeof err)) {
         fe_json_error_ex(http, rid, 400, "context_length_exceeded", api == BT_API_CHAT ? "messages" : "prompt", NULL,
                          "%s", err);
         json_decref(body);
+        free(canon);
         return;
     }
     if (f->shutting_down && f->o.accept_window_ms >= 0 &&
         bt_now_ms() - f->shutdown_started_ms > (uint64_t)f->o.accept_window_ms) {
         fe_json_error(http, rid, 503, "shutting_down", "the frontend is shutting down");
         json_decref(body);
+        free(canon);
         return;
     }
     bool nomem;
@@ -887,13 +949,17 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
         fe_json_error_ex(http, rid, nomem ? 500 : 400, nomem ? "out_of_memory" : "invalid_value", param, NULL, "%s",
                          err);
         json_decref(body);
+        free(canon);
         return;
     }
     fe_req *r = fe_request_new(f, http, api, body, rid, m, 0);
     if (!r) {
         free(t);
+        free(canon);
         return;
     }
+    r->canon = canon;
+    r->canon_len = canon_len;
     fe_admit_attach(r, t);
     memcpy(r->body_digest, digest, sizeof digest);
     BT_DEBUG("request %s: admitted (%s, %s, max_tokens %" PRId64 ")", r->rid, api == BT_API_CHAT ? "chat" : "completion",

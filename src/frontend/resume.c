@@ -28,6 +28,7 @@
 #include <inttypes.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
+#include <openssl/sha.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -84,21 +85,24 @@ void fe_key_mac(fe *f, const bt_http_req *http, uint8_t out[FE_KEY_MAC_LEN]) {
          &len);
 }
 
+void fe_body_digest_canon(const char *canon, size_t len, char out[65]) {
+    unsigned char md[SHA256_DIGEST_LENGTH];
+    SHA256((const unsigned char *)canon, len, md); /* one-shot: no EVP fetch, no context allocated */
+    static const char hex[] = "0123456789abcdef";
+    for (size_t i = 0; i < sizeof md; i++) {
+        out[2 * i] = hex[md[i] >> 4];
+        out[2 * i + 1] = hex[md[i] & 15];
+    }
+    out[64] = '\0';
+}
+
 bool fe_body_digest(const json_t *body, char out[65]) {
     out[0] = '\0';
     char *canon = json_dumps(body, JSON_COMPACT | JSON_SORT_KEYS);
     if (!canon) return false;
-    unsigned char md[32];
-    unsigned int len = 0;
-    bool ok = EVP_Digest(canon, strlen(canon), md, &len, EVP_sha256(), NULL) == 1 && len == sizeof md;
+    fe_body_digest_canon(canon, strlen(canon), out);
     free(canon);
-    static const char hex[] = "0123456789abcdef";
-    for (size_t i = 0; ok && i < sizeof md; i++) {
-        out[2 * i] = hex[md[i] >> 4];
-        out[2 * i + 1] = hex[md[i] & 15];
-    }
-    out[ok ? 64 : 0] = '\0';
-    return ok;
+    return true;
 }
 
 static void refuse(fe *f, bt_http_req *http, fe_resume_outcome why, int status, const char *code, const char *msg,
@@ -358,6 +362,9 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
         BT_WARN("request %s: out of memory for its admission ticket; it continues at priority 0", r->rid);
     /* and computes as the original did, or not at all (docs/engines.md §3.4) */
     snprintf(r->exactness, sizeof r->exactness, "%s", snap->exactness);
+    r->canon = snap->body; /* the body in canonical form, as every attempt of the stream sent it */
+    r->canon_len = snap->body_len;
+    snap->body = NULL;
     r->jrec = rec;
     r->jtail = snap->tail; /* until the answer changes it: a resume that dies keeps what it had */
     memcpy(r->stream_id, snap->stream_id, sizeof r->stream_id);

@@ -18,7 +18,8 @@ char *bt_request_encode(const bt_request *rq, size_t *len) {
         if (json_array_append_new(carried, json_integer(rq->carried[i])) != 0) goto done;
     if (json_object_set_new(msg, "request_id", json_string(rq->request_id)) != 0 ||
         json_object_set_new(msg, "api", json_string(rq->api == BT_API_CHAT ? "chat" : "completion")) != 0 ||
-        json_object_set(msg, "body", (json_t *)rq->body) != 0 || json_object_set(msg, "carried", carried) != 0)
+        (!rq->body_json && json_object_set(msg, "body", (json_t *)rq->body) != 0) ||
+        json_object_set(msg, "carried", carried) != 0)
         goto done;
     if (rq->has_max_tokens && json_object_set_new(msg, "max_tokens", json_integer(rq->max_tokens)) != 0) goto done;
     if (rq->seed && json_object_set_new(msg, "seed", json_integer((json_int_t)rq->seed)) != 0) goto done;
@@ -34,7 +35,29 @@ char *bt_request_encode(const bt_request *rq, size_t *len) {
     if (rq->exactness && rq->exactness[0] && json_object_set_new(msg, "exactness", json_string(rq->exactness)) != 0)
         goto done;
     out = json_dumps(msg, JSON_COMPACT);
-    if (out && len) *len = strlen(out);
+    if (out && rq->body_json) {
+        /* the body goes in as given, spliced in as the first member: {"body":<body_json>,<rest> */
+        static const char head[] = "{\"body\":";
+        size_t rest = strlen(out); /* "{...}", never empty: request_id is always there */
+        size_t n = sizeof head - 1 + rq->body_json_len + 1 + (rest - 1);
+        char *whole = malloc(n + 1);
+        if (whole) {
+            char *p = whole;
+            memcpy(p, head, sizeof head - 1);
+            p += sizeof head - 1;
+            memcpy(p, rq->body_json, rq->body_json_len);
+            p += rq->body_json_len;
+            *p++ = ',';
+            memcpy(p, out + 1, rest - 1); /* the members after "{", and the closing "}" */
+            p += rest - 1;
+            *p = '\0';
+        }
+        free(out);
+        out = whole;
+        if (out && len) *len = n;
+    } else if (out && len) {
+        *len = strlen(out);
+    }
 done:
     json_decref(carried);
     json_decref(msg);

@@ -53,6 +53,10 @@ typedef struct {
     const char *request_id;
     bt_api api;
     const json_t *body;
+    /* body already serialized (body_json_len bytes of JSON text, e.g. the frontend's canonical
+     * form, made once per request): sent as it is instead of serializing body again; NULL: body */
+    const char *body_json;
+    size_t body_json_len;
     const uint32_t *carried;
     size_t n_carried;
     bool has_max_tokens;

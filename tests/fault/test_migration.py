@@ -1,6 +1,8 @@
 """Request migration through the real binaries, checked byte for byte: three mocker workers, a hundred
 concurrent streams of a few hundred tokens (and some non-streaming requests), then kill -9 of one
-worker mid-stream, kill -9 of workers one after another until one is left, and SIGSTOP of a worker
+worker mid-stream (also with a stream journal too small for every stream, so that some streams
+lose their journal record before the kill), kill -9 of workers one after another until one is left,
+and SIGSTOP of a worker
 (declared dead by missed heartbeats, SIGCONT afterwards). Every request must end exactly as its
 fault-free reference (text, token ids, finish reason, usage); the migration counters, the stall
 histogram and the frontend's one-line-per-migration log must account for every migrated request;
@@ -454,6 +456,24 @@ def scenario_kill_one(refs, prefix="k1", streams=range(N_STREAMS), unary=UNARY, 
         check_baseline(c, fe, refs, 2, prefix)
 
 
+def scenario_journal_full(refs):
+    """The same kill -9 with a stream journal too small for every stream: a streaming request's
+    output lives only in its journal record while the record lives, and goes back to the request
+    when the journal drops the record (full); at the kill some streams still have their record and
+    others have lost it, and both kinds must migrate carrying exactly what was delivered."""
+    seen = {}
+
+    def at_kill(fe, load):
+        m = bl.metrics(fe.url)
+        seen["dropped"] = bl.metric_sum(m, "baton_frontend_stream_journal_evictions_total", reason="dropped_live")
+        seen["live"] = bl.metric_sum(m, "baton_frontend_stream_journal_streams", state="live")
+
+    scenario_kill_one(refs, prefix="jf", fe_flags={"stream_retention_bytes": 160 * 1024}, on_load=at_kill)
+    print(f"journal full: at the kill {seen['dropped']:.0f} live records had been dropped, {seen['live']:.0f} live")
+    assert seen["dropped"] > 0, "no live record was dropped before the kill: the scenario tests nothing new"
+    assert seen["live"] > 0, "no stream kept its record until the kill"
+
+
 def scenario_kill_until_one(refs):
     """kill -9 two of three workers one after the other; the streams end on the last one."""
     with bl.Cluster() as c:
@@ -544,7 +564,7 @@ def main():
     refs = references(range(N_STREAMS), UNARY)
     print(f"references: {len(refs)} in {time.monotonic() - t0:.1f} s")
     selftest_checkers(refs)
-    for sc in (scenario_kill_one, scenario_kill_until_one, scenario_sigstop):
+    for sc in (scenario_kill_one, scenario_journal_full, scenario_kill_until_one, scenario_sigstop):
         t = time.monotonic()
         sc(refs)
         print(f"{sc.__name__}: ok in {time.monotonic() - t:.1f} s")

@@ -131,8 +131,8 @@ static void test_size_cap(void **state) {
     fe_jsnap m1, m2, m3;
     uint32_t ids[64];
     char text[256];
-    memset(ids, 0, sizeof ids);
-    memset(text, 'x', sizeof text);
+    for (uint32_t i = 0; i < 64; i++) ids[i] = i * 7 + 1;
+    for (size_t i = 0; i < sizeof text; i++) text[i] = (char)('a' + i % 26);
     fe_jtail none = {0};
     fe_jrec *r1 = open_rec(j, &m1, "{}");
     assert_true(fe_journal_append(j, r1, ids, 64, text, 256));
@@ -148,14 +148,44 @@ static void test_size_cap(void **state) {
     assert_non_null(r3);
     bool ok = true;
     int appended = 0;
+    const uint32_t *vi;
+    const char *vt;
+    size_t vn, vl;
     while (ok && appended < 100) {
         ok = fe_journal_append(j, r3, ids, 64, text, 256);
         fe_journal_stats_get(j, &st);
         assert_true(st.bytes <= cap);
         appended += ok;
+        if (!ok) break;
+        /* its owner reads what it appended, in place */
+        assert_true(fe_jrec_output(r3, &vi, &vn, &vt, &vl));
+        assert_int_equal(vn, 64 * (size_t)appended);
+        assert_int_equal(vl, 256 * (size_t)appended);
+        for (int k = 0; k < appended; k++) {
+            assert_memory_equal(vi + 64 * k, ids, sizeof ids);
+            assert_memory_equal(vt + 256 * k, text, sizeof text);
+        }
     }
     assert_false(ok); /* it alone outgrew the cap: dropped */
     assert_true(appended >= 1);
+    /* dropped: no longer read in place; what it held goes back to the owner, exactly */
+    assert_false(fe_jrec_output(r3, &vi, &vn, &vt, &vl));
+    uint32_t *ti;
+    char *tt;
+    size_t tn, tl;
+    fe_jrec_take_output(r3, &ti, &tn, &tt, &tl);
+    assert_int_equal(tn, 64 * (size_t)appended);
+    assert_int_equal(tl, 256 * (size_t)appended);
+    for (int k = 0; k < appended; k++) {
+        assert_memory_equal(ti + 64 * k, ids, sizeof ids);
+        assert_memory_equal(tt + 256 * k, text, sizeof text);
+    }
+    free(ti);
+    free(tt);
+    fe_jrec_take_output(r3, &ti, &tn, &tt, &tl); /* taken once: nothing the second time */
+    assert_null(ti);
+    assert_null(tt);
+    assert_int_equal(tn + tl, 0);
     fe_journal_stats_get(j, &st);
     assert_int_equal(st.evicted_size, 2);
     assert_int_equal(st.dropped_live, 1);

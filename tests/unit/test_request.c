@@ -2,7 +2,7 @@
  *
  * Covers: a round trip of a first attempt (no carried tokens, no max_tokens) and of a
  * continuation (carried ids at the edges of their range, max_tokens, carried text with a NUL and
- * multi-byte UTF-8, the most urgent priority); the exact members the encoder writes; every malformed payload the decoder must
+ * multi-byte UTF-8, the most urgent priority); a body given already serialized; the exact members the encoder writes; every malformed payload the decoder must
  * refuse, each with its reason; unknown members ignored; and a loop over truncations of a valid
  * payload, each in an exactly-sized heap block, so that AddressSanitizer catches a read past the
  * end. */
@@ -112,6 +112,61 @@ static void test_continuation_roundtrip(void **state) {
     json_decref(body);
 }
 
+/* A body given already serialized (body_json) goes in as it is: the payload decodes to the same
+ * request as with the body serialized by the codec, and the body text is in it byte for byte. */
+static void test_preserialized_body(void **state) {
+    (void)state;
+    json_t *body = json_pack("{s:s, s:[{s:s, s:s}], s:b, s:i}", "model", "m", "messages", "role", "user", "content",
+                             "Hi \"there\" \xc3\xa9", "stream", 1, "max_tokens", 7);
+    char *canon = json_dumps(body, JSON_COMPACT | JSON_SORT_KEYS);
+    assert_non_null(canon);
+    uint32_t ids[] = {5, 6};
+    bt_request rq = {.request_id = "req-2",
+                     .api = BT_API_CHAT,
+                     .body = body,
+                     .body_json = canon,
+                     .body_json_len = strlen(canon),
+                     .carried = ids,
+                     .n_carried = 2,
+                     .has_max_tokens = true,
+                     .max_tokens = 5,
+                     .seed = 99,
+                     .stream_key = "0123456789abcdef0123456789abcdef"};
+    size_t len = 0;
+    char *p = bt_request_encode(&rq, &len);
+    assert_non_null(p);
+    assert_int_equal(len, strlen(p));
+    assert_non_null(strstr(p, canon)); /* the given text, not a re-serialization */
+    bt_request_msg m = decode_ok(p, len);
+    assert_string_equal(m.rq.request_id, "req-2");
+    assert_int_equal(m.rq.api, BT_API_CHAT);
+    assert_true(json_equal((json_t *)m.rq.body, body));
+    assert_int_equal(m.rq.n_carried, 2);
+    assert_memory_equal(m.rq.carried, ids, sizeof ids);
+    assert_true(m.rq.has_max_tokens);
+    assert_int_equal(m.rq.max_tokens, 5);
+    assert_true(m.rq.seed == 99);
+    assert_string_equal(m.rq.stream_key, "0123456789abcdef0123456789abcdef");
+    /* the same request with the body serialized by the codec decodes to the same members */
+    rq.body_json = NULL;
+    rq.body_json_len = 0;
+    size_t len2 = 0;
+    char *p2 = bt_request_encode(&rq, &len2);
+    assert_non_null(p2);
+    assert_int_equal(len2, len); /* the same members, only in another order */
+    json_t *a = json_loadb(p, len, 0, NULL), *b = json_loadb(p2, len2, 0, NULL);
+    assert_non_null(a);
+    assert_non_null(b);
+    assert_true(json_equal(a, b));
+    json_decref(a);
+    json_decref(b);
+    free(p2);
+    bt_request_msg_free(&m);
+    free(p);
+    free(canon);
+    json_decref(body);
+}
+
 static void expect_invalid(const char *payload, const char *reason) {
     bt_request_msg m;
     char err[256] = "";
@@ -203,6 +258,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_first_attempt_roundtrip),
         cmocka_unit_test(test_continuation_roundtrip),
+        cmocka_unit_test(test_preserialized_body),
         cmocka_unit_test(test_malformed),
         cmocka_unit_test(test_unknown_members_ignored),
         cmocka_unit_test(test_truncations),

@@ -11,7 +11,7 @@
  * that does not fit fails with BT_ERR_TOO_LARGE). The self-check feeds the comparison a wrong
  * reference and expects it to notice.
  *
- * Also the random values (bt_random64, bt_uuid4), drawn through a per-thread pool of kernel random
+ * Also the random values (bt_random64, bt_random_bytes, bt_uuid4), drawn through a per-thread pool of kernel random
  * bytes: UUIDs well formed and never repeated over more draws than several pool refills, two
  * threads never handed the same bytes, and a forked child never handed the bytes its parent hands
  * out next (the pool is emptied in the child). */
@@ -292,6 +292,22 @@ static void test_uuid4(void **state) {
     free(ids);
 }
 
+/* bt_random_bytes (16-byte stream ids): over more draws than several pool refills, none repeats
+ * and none is all zeros (each byte is zeroed in the pool once handed out: a reuse would show). */
+static int cmp16(const void *a, const void *b) { return memcmp(a, b, 16); }
+static void test_random_bytes(void **state) {
+    (void)state;
+    enum { N = 2000 };
+    static uint8_t v[N][16];
+    static const uint8_t zero[16];
+    for (int i = 0; i < N; i++) {
+        assert_true(bt_random_bytes(v[i], sizeof v[i]));
+        assert_int_not_equal(memcmp(v[i], zero, 16), 0);
+    }
+    qsort(v, N, 16, cmp16);
+    for (int i = 1; i < N; i++) assert_int_not_equal(memcmp(v[i - 1], v[i], 16), 0);
+}
+
 /* Two threads draw from their own pools: none of their values coincide. */
 enum { TDRAWS = 512 };
 static void *draw_many(void *out) {
@@ -351,6 +367,7 @@ int main(void) {
         cmocka_unit_test(test_sticky_errors),
         cmocka_unit_test(test_prom_escape),
         cmocka_unit_test(test_uuid4),
+        cmocka_unit_test(test_random_bytes),
         cmocka_unit_test(test_random_threads),
         cmocka_unit_test(test_random_fork),
     };
