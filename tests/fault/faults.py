@@ -18,6 +18,9 @@ def main():
         print(f"usage: faults.py {{{','.join(fl.PROFILES)}}} {{{','.join(fl.SCENARIOS)}}}", file=sys.stderr)
         return 2
     engine, scenario = sys.argv[1], sys.argv[2]
+    if scenario in fl.ENGINE_ONLY and fl.ENGINE_ONLY[scenario] not in fl.PROFILES[engine]:
+        print(f"{scenario} does not apply to the {engine} engine", file=sys.stderr)
+        return 2
     skipped = fl.skip(engine)
     if skipped is not None:
         return skipped
