@@ -320,8 +320,20 @@ def test_scenario_parser():
     assert sc.topology["workers"] == 3 and sc.faults[0]["at"] == 4.0 and sc.load["stream"] is False
     assert sc.topology["worker_flags"].get("fault_signals") is True  # engine faults turn the hook on
     for path in sorted(os.listdir(os.path.join(bl.repo_root(), "tools", "chaos", "scenarios"))):
-        scenario.load_file(os.path.join(bl.repo_root(), "tools", "chaos", "scenarios", path))
-    print("ok - scenario parser: one-liners, overrides and every shipped scenario")
+        full = os.path.join(bl.repo_root(), "tools", "chaos", "scenarios", path)
+        sc = scenario.load_file(full)
+        assert "engine" not in sc.topology["worker_flags"], (path, sc.topology["worker_flags"])
+        # --engine llama: every worker of every shipped scenario runs the llama engine; a --set
+        # still applies on top of it
+        sc = scenario.load_file(full, ["topology.worker_flags.llama_threads=1"], engine="llama")
+        assert sc.topology["worker_flags"]["engine"] == "llama" and \
+            sc.topology["worker_flags"]["llama_threads"] == 1, (path, sc.topology["worker_flags"])
+    try:
+        scenario.load_file(full, engine="vllm")
+        raise AssertionError("accepted --engine vllm")
+    except scenario.ScenarioError as e:
+        print(f"ok - rejects an unknown engine: {e}")
+    print("ok - scenario parser: one-liners, overrides, --engine and every shipped scenario")
 
 
 def test_report():

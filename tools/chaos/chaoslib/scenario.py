@@ -316,13 +316,23 @@ def build(raw, path=None, name=None):
                     path=path, quick=bool(raw.get("quick", False)))
 
 
-def load_file(path, overrides=()):
-    """Reads and validates a TOML scenario; overrides are 'section.key=value' (TOML value syntax)."""
+ENGINES = ("mocker", "llama")
+
+
+def load_file(path, overrides=(), engine=None):
+    """Reads and validates a TOML scenario; overrides are 'section.key=value' (TOML value syntax).
+    engine (mocker, llama) runs every worker the scenario starts on that engine (--engine of
+    `baton chaos`); a scenario against an existing deployment ([target]) is left as it is."""
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ScenarioError(f"{path}: {e}") from e
+    if engine is not None:
+        if engine not in ENGINES:
+            raise ScenarioError(f"--engine {engine!r}: one of {', '.join(ENGINES)}")
+        if "target" not in raw:
+            raw.setdefault("topology", {}).setdefault("worker_flags", {})["engine"] = engine
     apply_overrides(raw, overrides)
     try:
         return build(raw, path=path)
