@@ -21,6 +21,8 @@ then the same load with one fault, and checks every stream against its reference
                 streams are handed back (no KV state from a failed engine) and it exits 1
   engine_nan    (llama only) NaN in the logits row the sampler reads after some tokens
                 (--fault-nan-after-tokens): the engine fails, its streams migrate, it exits 1
+  engine_decode_error  (llama only) llama_decode fails after some tokens
+                (--fault-error-after-tokens): the same
   cancel_storm  twice as many streams, every other one closed by its client at a different
                 point: the others byte-exact, and every worker's sequences and KV blocks back to 0
   shedding      a worker of 256 KV blocks of 16 tokens and a frontend busy above 30 % of them:
@@ -46,6 +48,7 @@ PROFILES = {
     # streams of 1,500 tokens and more: where a continuation that is not exact drifts (docs/engines.md)
     "llama": {"worker": {"engine": "llama"}, "base_tokens": 1500, "trigger": 400, "die_after": 2000,
               "hang": {"fault_hang_after_tokens": 2000}, "nan": {"fault_nan_after_tokens": 2000},
+              "decode_error": {"fault_error_after_tokens": 2000},
               "kv": {"engine": "llama", "ctx_size": 4096, "max_num_seqs": 4}},
 }
 
@@ -193,14 +196,21 @@ def engine_hang(c, p):
     check(f.fe, "hang", f.refs, runs)
 
 
-def engine_nan(c, p):
-    f = Fleet(c, p, second=p["nan"])
-    runs = run_load(f.fe, p, "nan")
-    assert f.w1.proc.wait(15) == 1, f"the worker whose engine produced NaN exited {f.w1.proc.returncode}, not 1"
+def _engine_fails(c, p, key, tag, why):
+    f = Fleet(c, p, second=p[key])
+    runs = run_load(f.fe, p, tag)
+    assert f.w1.proc.wait(15) == 1, f"the worker whose engine failed ({why}) exited {f.w1.proc.returncode}, not 1"
     log = f.w1.proc.log_text()
-    assert "llama engine failed: non-finite logits" in log and "Engine health check failed" in log, \
-        f.w1.proc.log_tail()
-    check(f.fe, "nan", f.refs, runs)
+    assert f"llama engine failed: {why}" in log and "Engine health check failed" in log, f.w1.proc.log_tail()
+    check(f.fe, tag, f.refs, runs)
+
+
+def engine_nan(c, p):
+    _engine_fails(c, p, "nan", "nan", "non-finite logits")
+
+
+def engine_decode_error(c, p):
+    _engine_fails(c, p, "decode_error", "decerr", "injected decode failure")
 
 
 def worker_idle(w):
@@ -268,10 +278,10 @@ def shedding(c, p):
     print("shedding: 503 while the streams held > 30 % of the KV blocks, served after")
 
 
-SCENARIOS = {f.__name__: f for f in (kill9, sigstop, drain, engine_failure, engine_hang, engine_nan, cancel_storm,
-                                      shedding)}
-# scenarios that need what only some engines have (a profile's key of the same name)
-ENGINE_ONLY = {"engine_nan": "nan"}
+SCENARIOS = {f.__name__: f for f in (kill9, sigstop, drain, engine_failure, engine_hang, engine_nan,
+                                      engine_decode_error, cancel_storm, shedding)}
+# scenarios that need what only some engines have (the profile key they read)
+ENGINE_ONLY = {"engine_nan": "nan", "engine_decode_error": "decode_error"}
 
 
 def run_streams(n, start, tag, trigger=None, action=None):
