@@ -2,7 +2,7 @@
 """bench/llama.py — figures of the llama engine (docs/benchmarks.md), through the real binaries:
 a frontend and llama workers serving the bundled stories260K model.
 
-    python3 bench/llama.py throughput [--streams 1,16] [--tokens 1000]
+    python3 bench/llama.py throughput [--streams 1,16] [--tokens 1000] [--llama-ubatch 1] [--no-loop]
     python3 bench/llama.py migration  [--streams 8] [--tokens 1200] [--kill-at 100,500,1000]
     python3 bench/llama.py cancel     [--runs 20]
 
@@ -10,7 +10,8 @@ throughput: one worker; N concurrent greedy completions of --tokens tokens each;
   tokens/s (first request sent to last token) and TTFT p50/p99; then the same N sequences of
   --tokens tokens in a minimal llama.cpp loop in one process with the engine's settings
   (bench/llama_loop.c, built as baton-llama-loop next to the baton binary): the engine's ceiling,
-  printed beside it.
+  printed beside it. --llama-ubatch N runs the workers with physical batches of N tokens (what
+  exactness costs: docs/benchmarks.md), --no-loop skips the loop.
 migration: two workers; N concurrent streams (half greedy, half seeded at temperature 0.8); when
   every stream has K tokens the worker holding most of them is killed (SIGKILL). The stall of a
   migrated stream is the longest gap between two token events it saw; printed p50/p99/max per K
@@ -43,7 +44,7 @@ def throughput(a):
     for n in [int(x) for x in a.streams.split(",")]:
         with bl.Cluster() as c:
             fe = c.start_frontend()
-            c.start_worker(engine="llama", system_port=True, wait=True)
+            c.start_worker(engine="llama", system_port=True, wait=True, llama_ubatch=a.llama_ubatch)
             c.wait_workers(fe, 1)
 
             def one(i):
@@ -58,9 +59,11 @@ def throughput(a):
                 s.assert_ok()
             tot = sum(len(s.token_ids) for s in rs)
             ttft = [(s.t_first - s.t_start) * 1000 for s in rs]
-            print(f"throughput streams={n} tokens={a.tokens}: {tot} tokens in {dt:.2f} s = {tot / dt:.0f} tok/s; "
+            print(f"throughput streams={n} tokens={a.tokens} ubatch={a.llama_ubatch}: {tot} tokens in {dt:.2f} s = {tot / dt:.0f} tok/s; "
                   f"TTFT p50 {pct(ttft, 50):.1f} ms p99 {pct(ttft, 99):.1f} ms")
         loop = os.path.join(os.path.dirname(os.path.abspath(bl.baton_bin())), "baton-llama-loop")
+        if a.no_loop:
+            continue
         if not os.access(loop, os.X_OK):
             print(f"  (no {loop}: build it with cmake to compare with the minimal llama.cpp loop)")
             continue
@@ -141,6 +144,9 @@ def main():
     p.add_argument("--tokens", type=int, default=1000)
     p.add_argument("--kill-at", default="100,500,1000")
     p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--llama-ubatch", type=int, default=1,
+                   help="throughput: the workers' --llama-ubatch (1, the default, is exact across migration)")
+    p.add_argument("--no-loop", action="store_true", help="throughput: skip the minimal llama.cpp loop")
     a = p.parse_args()
     if a.what == "throughput":
         a.streams = a.streams or "1,16"

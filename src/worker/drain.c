@@ -108,7 +108,14 @@ static void hand_back_all(wk_worker *w, const char *why) {
     wk_stream *s;
     while ((s = wk_find_stream(w, NULL, NULL, &p)) != NULL) {
         BT_INFO("request %s handed back for migration after %u new tokens (%s)", s->rid, s->tokens, why);
-        wk_handoff_give_back(s, BT_ERR_SHUTDOWN, "engine shutting down"); /* with its KV state */
+        if (w->engine_failed) {
+            /* a failed engine's KV state is not to be trusted (NaN logits came from it), and a hung
+             * one would never export it: a plain, migratable error; the next worker re-prefills */
+            if (s->p) wk_send_stream_error(s->p, s->id, BT_ERR_SHUTDOWN, "engine failed");
+            bt_engine_kill(w->engine, s->seq);
+        } else {
+            wk_handoff_give_back(s, BT_ERR_SHUTDOWN, "engine shutting down"); /* with its KV state */
+        }
         w->drain.handed_back++;
         bt_map_del(&p->streams, s->id);
         w->nstreams--;

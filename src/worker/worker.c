@@ -887,6 +887,14 @@ int bt_worker_main(int argc, char **argv) {
          "authentication"},
         {"--fault-kv-corrupt", "BATON_FAULT_KV_CORRUPT", BT_OPT_BOOL, &o->llama.fault_kv_corrupt, 0, 0,
          "test hook: every exported KV state has one byte flipped (the receiver must fall back to prefill)"},
+        {"--fault-hang-after-tokens", "BATON_FAULT_HANG_AFTER_TOKENS", BT_OPT_INT, &o->llama.fault_hang_after_tokens, 0,
+         1e15,
+         "llama engine test hook: once N tokens were emitted, the engine thread blocks for good, as in a decode that "
+         "never returns (the engine monitor, --engine-stuck-timeout, must fail the worker; 0 = off)"},
+        {"--fault-nan-after-tokens", "BATON_FAULT_NAN_AFTER_TOKENS", BT_OPT_INT, &o->llama.fault_nan_after_tokens, 0,
+         1e15,
+         "llama engine test hook: once N tokens were emitted, a NaN in the logits row the sampler reads (the engine "
+         "must fail: its streams migrate, the worker exits 1; 0 = off)"},
         {"--orphan-grace", "DYN_ORPHAN_GRACE", BT_OPT_DOUBLE, &o->orphan_grace, 0, 3600,
          "seconds a resumable stream keeps running after its frontend's connection ends, for another frontend to "
          "re-attach to (0 = kill it at once)"},

@@ -1,5 +1,6 @@
-"""The official `openai` npm SDK, unmodified, against a baton frontend whose worker runs the llama
-engine with the bundled TinyStories model (models/stories260K.gguf).
+"""The official `openai` npm SDK, unmodified, against `baton run --engine llama` (what
+`scripts/run --engine llama` starts after setting up): a frontend and one worker running the llama
+engine with the bundled TinyStories model (models/stories260K.gguf), no --model given.
 
 Checks, through the SDK: the model is listed; the greedy completion of "Once upon a time" (64
 tokens) is the model's known text (models/README.md) with exact usage, unary and streamed; a seeded
@@ -32,9 +33,9 @@ def main():
     sdk_dir = npmlib.ensure_package("openai", OPENAI_VERSION, f"openai-node-{OPENAI_VERSION}")
     with bl.Cluster() as c:
         work = npmlib.node_workdir(c.dir, "node", os.path.join(HERE, "openai_llama_client.mjs"), sdk_dir)
-        fe = c.start_frontend()
-        c.start_worker(engine="llama")
-        c.wait_workers(fe, 1, timeout=60)
+        # `baton run --engine llama`, as the README (and scripts/run) starts it: the bundled model,
+        # the libraries from the cache scripts/setup fills
+        fe = c.start_run(workers=1, engine="llama", timeout=60)
         env = dict(os.environ, BATON_BASE_URL=f"{fe.url}/v1", BATON_MODEL="mock-model", BATON_EXPECT_TEXT=STORIES_GREEDY)
         result = npmlib.run_node(work, "openai_llama_client.mjs", env, 180)[0]
         names = [ch["name"] for ch in result["checks"]]

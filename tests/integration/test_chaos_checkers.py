@@ -214,6 +214,32 @@ def test_migrations_fresh_recovery_processes():
                 p["t_end"] = p["t_send"] + 1.5
     r = expect_fail("probes succeed only slowly", slow_but_ok, "recovery", dict(CFG, max_recovery=1.0))
     assert abs(r["stats"]["recovery"] - 1.1) < 1e-6, r
+    # a cascade: a second fault 0.5 s after the first, while the one probe sent between them is
+    # still slowed by the first; recovery from the first is measured through the second
+    def cascade(run, second_heals=True):
+        second = dict(copy.deepcopy(run["faults"][0]), index=1, label="kill9 worker[1]", target="worker[1]",
+                      t_trigger=2.5, t_inject=2.5)
+        run["faults"].append(second)
+        for p in run["probes"]:
+            if p["t_send"] == 2.0:
+                p["t_end"] = 2.6  # unhealthy, and unanswered when the second fault came
+            elif p["t_send"] >= 2.5 and not second_heals:
+                p["outcome"] = "error"
+    run = good_run()
+    cascade(run)
+    v, res = verdict(run)
+    assert res["recovery"]["ok"] is True and abs(res["recovery"]["stats"]["recovery"] - 0.6) < 1e-6, res["recovery"]
+    expect_fail("a cascade that never recovers", lambda run: cascade(run, second_heals=False), "recovery")
+
+    def isolated(run):  # the slow probe was answered before the second fault: no merging
+        cascade(run)
+        for p in run["probes"]:
+            if p["t_send"] == 2.0:
+                p["t_end"] = 2.45
+    run = good_run()
+    isolated(run)
+    v, res = verdict(run)
+    assert res["recovery"]["ok"] is False and "kill9 worker[0]" in res["recovery"]["detail"], res["recovery"]
     expect_fail("stall over its bound", lambda run: run["requests"][0]["events"][5].__setitem__(0, 9.0), "stall")
     expect_fail("unexpected exit", lambda run: run["processes"]["unexpected_exits"].append(
         {"name": "frontend[0]", "pid": 10, "status": -11}), "processes")
@@ -320,8 +346,24 @@ def test_scenario_parser():
     assert sc.topology["workers"] == 3 and sc.faults[0]["at"] == 4.0 and sc.load["stream"] is False
     assert sc.topology["worker_flags"].get("fault_signals") is True  # engine faults turn the hook on
     for path in sorted(os.listdir(os.path.join(bl.repo_root(), "tools", "chaos", "scenarios"))):
-        scenario.load_file(os.path.join(bl.repo_root(), "tools", "chaos", "scenarios", path))
-    print("ok - scenario parser: one-liners, overrides and every shipped scenario")
+        full = os.path.join(bl.repo_root(), "tools", "chaos", "scenarios", path)
+        sc = scenario.load_file(full)
+        assert "engine" not in sc.topology["worker_flags"], (path, sc.topology["worker_flags"])
+        # --engine llama: every worker of every shipped scenario runs the llama engine; a --set
+        # still applies on top of it
+        sc = scenario.load_file(full, ["topology.worker_flags.llama_threads=1"], engine="llama")
+        assert sc.topology["worker_flags"]["engine"] == "llama" and \
+            sc.topology["worker_flags"]["llama_threads"] == 1, (path, sc.topology["worker_flags"])
+    sig = os.path.join(bl.repo_root(), "tools", "chaos", "scenarios", "worker-sigterm.toml")
+    assert scenario.load_file(sig).load["output_tokens"] == [200, 400]
+    assert scenario.load_file(sig, engine="llama").load["output_tokens"] == [1000, 1600]  # [engines.llama]
+    assert scenario.load_file(sig, ["load.output_tokens=[5, 6]"], engine="llama").load["output_tokens"] == [5, 6]
+    try:
+        scenario.load_file(full, engine="vllm")
+        raise AssertionError("accepted --engine vllm")
+    except scenario.ScenarioError as e:
+        print(f"ok - rejects an unknown engine: {e}")
+    print("ok - scenario parser: one-liners, overrides, --engine and every shipped scenario")
 
 
 def test_report():

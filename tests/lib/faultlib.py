@@ -15,6 +15,14 @@ then the same load with one fault, and checks every stream against its reference
   drain         SIGTERM with a 1 s drain bound: the streams left are handed back and continue
   engine_failure  a worker whose engine dies after some tokens (--fault-die-after-tokens, as a
                 failed decode): it hands its streams back and exits 1
+  engine_hang   a worker whose engine stops for good after some tokens (llama: the engine thread
+                blocks as in a decode that never returns, --fault-hang-after-tokens; mocker: its
+                scheduler stalls) with --engine-stuck-timeout 1: the engine monitor fails it, its
+                streams are handed back (no KV state from a failed engine) and it exits 1
+  engine_nan    (llama only) NaN in the logits row the sampler reads after some tokens
+                (--fault-nan-after-tokens): the engine fails, its streams migrate, it exits 1
+  engine_decode_error  (llama only) llama_decode fails after some tokens
+                (--fault-error-after-tokens): the same
   cancel_storm  twice as many streams, every other one closed by its client at a different
                 point: the others byte-exact, and every worker's sequences and KV blocks back to 0
   shedding      a worker of 256 KV blocks of 16 tokens and a frontend busy above 30 % of them:
@@ -35,9 +43,12 @@ N = 6
 PROFILES = {
     # ~6 ms decode steps at speedup 1: 250-350 tokens take 2-4 s at 0.6
     "mocker": {"worker": {"speedup_ratio": 0.6}, "base_tokens": 250, "trigger": 100, "die_after": 500,
+               "hang": {"fault_stall_after_tokens": 500},
                "kv": {"speedup_ratio": 1, "num_gpu_blocks_override": 256, "block_size": 16, "max_num_seqs": 4}},
     # streams of 1,500 tokens and more: where a continuation that is not exact drifts (docs/engines.md)
     "llama": {"worker": {"engine": "llama"}, "base_tokens": 1500, "trigger": 400, "die_after": 2000,
+              "hang": {"fault_hang_after_tokens": 2000}, "nan": {"fault_nan_after_tokens": 2000},
+              "decode_error": {"fault_error_after_tokens": 2000},
               "kv": {"engine": "llama", "ctx_size": 4096, "max_num_seqs": 4}},
 }
 
@@ -172,6 +183,36 @@ def engine_failure(c, p):
     check(f.fe, "die", f.refs, runs)
 
 
+def engine_hang(c, p):
+    f = Fleet(c, p, second=dict(p["hang"], engine_stuck_timeout=1))
+    runs = run_load(f.fe, p, "hang")
+    # a hung llama.cpp thread is left to the process's exit after 5 s (docs/engines.md §3)
+    assert f.w1.proc.wait(20) == 1, f"the worker whose engine hung exited {f.w1.proc.returncode}, not 1"
+    log = f.w1.proc.log_text()
+    assert "Engine health check failed" in log and "stuck scheduler" in log, \
+        "the engine monitor did not fail the worker\n" + f.w1.proc.log_tail()
+    if p["worker"].get("engine") == "llama":
+        assert "the engine thread did not stop" in log, f.w1.proc.log_tail()
+    check(f.fe, "hang", f.refs, runs)
+
+
+def _engine_fails(c, p, key, tag, why):
+    f = Fleet(c, p, second=p[key])
+    runs = run_load(f.fe, p, tag)
+    assert f.w1.proc.wait(15) == 1, f"the worker whose engine failed ({why}) exited {f.w1.proc.returncode}, not 1"
+    log = f.w1.proc.log_text()
+    assert f"llama engine failed: {why}" in log and "Engine health check failed" in log, f.w1.proc.log_tail()
+    check(f.fe, tag, f.refs, runs)
+
+
+def engine_nan(c, p):
+    _engine_fails(c, p, "nan", "nan", "non-finite logits")
+
+
+def engine_decode_error(c, p):
+    _engine_fails(c, p, "decode_error", "decerr", "injected decode failure")
+
+
 def worker_idle(w):
     m = bl.metrics(w.system_url)
     return bl.metric_sum(m, "baton_worker_active_sequences") == 0 and bl.metric_sum(m, "baton_worker_kv_active_blocks") == 0
@@ -237,7 +278,10 @@ def shedding(c, p):
     print("shedding: 503 while the streams held > 30 % of the KV blocks, served after")
 
 
-SCENARIOS = {f.__name__: f for f in (kill9, sigstop, drain, engine_failure, cancel_storm, shedding)}
+SCENARIOS = {f.__name__: f for f in (kill9, sigstop, drain, engine_failure, engine_hang, engine_nan,
+                                      engine_decode_error, cancel_storm, shedding)}
+# scenarios that need what only some engines have (the profile key they read)
+ENGINE_ONLY = {"engine_nan": "nan", "engine_decode_error": "decode_error"}
 
 
 def run_streams(n, start, tag, trigger=None, action=None):

@@ -326,9 +326,10 @@ static void on_error(void *ud, bt_status code, const char *msg) {
 
 static const bt_engine_sink sink = {on_tokens, on_finish, on_error};
 
-static bt_engine *make_engine(uv_loop_t *loop) {
+static bt_engine *make_engine_hang(uv_loop_t *loop, int64_t hang_after) {
     bt_llama_config cfg;
     bt_llama_config_default(&cfg);
+    cfg.fault_hang_after_tokens = hang_after;
     cfg.max_num_seqs = 4;
     cfg.max_num_batched_tokens = 16;
     cfg.ctx_size = 4 * 1024;
@@ -338,6 +339,8 @@ static bt_engine *make_engine(uv_loop_t *loop) {
     assert_non_null(e);
     return e;
 }
+
+static bt_engine *make_engine(uv_loop_t *loop) { return make_engine_hang(loop, 0); }
 
 static void test_sequences(void **state) {
     (void)state;
@@ -458,10 +461,50 @@ static void test_destroy_live(void **state) {
     assert_int_equal(uv_loop_close(&loop), 0);
 }
 
+/* An engine thread that hangs (inside a decode that never returns: --fault-hang-after-tokens)
+ * does not keep destroy, and so the process, from ending: destroy gives it 5 s, then leaves it
+ * running (not joined, its engine not freed) and closes the engine's handle, so the loop ends.
+ * No callback comes after destroy. Under ThreadSanitizer (scripts/tsan) this also checks that the
+ * abandoned thread and the loop share nothing unguarded. */
+static void test_destroy_hung(void **state) {
+    (void)state;
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    E = make_engine_hang(&loop, 20);
+    remaining = 1000;
+    json_t *body = json_pack("{s:s}", "prompt", "a prompt");
+    for (int i = 0; i < 2; i++) {
+        tseq *t = &S[i];
+        memset(t, 0, sizeof *t);
+        t->i = i;
+        t->k = K_NORMAL;
+        bt_engine_request rq = {0};
+        rq.request_id = "h";
+        rq.api = BT_API_COMPLETION;
+        rq.body = body;
+        rq.max_tokens = 100000;
+        char err[128];
+        assert_int_equal(bt_engine_submit(E, &rq, &sink, t, &t->seq, err, sizeof err), BT_OK);
+    }
+    json_decref(body);
+    uv_timer_t tm;
+    uv_timer_init(&loop, &tm);
+    uv_timer_start(&tm, on_timer_destroy, 300, 0); /* the thread hung after 20 tokens by then */
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double secs = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
+    assert_true(S[0].seen + S[1].seen >= 1 && S[0].seen + S[1].seen <= 21); /* then nothing more */
+    assert_true(secs >= 4.5 && secs < 30); /* waited for the thread, then went on */
+    assert_int_equal(uv_loop_close(&loop), 0);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_sequences),
         cmocka_unit_test(test_destroy_live),
+        cmocka_unit_test(test_destroy_hung),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

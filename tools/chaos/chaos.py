@@ -2,6 +2,7 @@
 """chaos.py — `baton chaos`: runs fault scenarios against baton and writes a report.
 
     baton chaos run tools/chaos/scenarios/*.toml --out /tmp/chaos-report
+    baton chaos run --engine llama --out /tmp/chaos-llama
     baton chaos run --url http://10.0.0.5:8000 --fault 'kill9 pid=4242 at=3s' --load 'duration=10s'
     baton chaos list tools/chaos/scenarios/*.toml
     baton chaos validate my-scenario.toml
@@ -36,6 +37,8 @@ def _default_scenarios():
 
 
 def _load(args):
+    if args.url and args.engine:
+        raise scenario.ScenarioError("--engine applies to the workers a scenario starts, not to a deployment (--url)")
     if args.url:
         return [scenario.from_cli(args.url, args.fault, args.load, args.checks, args.worker_metrics, args.model,
                                   name=args.name or "deployment")]
@@ -44,7 +47,7 @@ def _load(args):
     paths = args.scenarios or _default_scenarios()
     out = []
     for p in paths:
-        sc = scenario.load_file(p, args.set)
+        sc = scenario.load_file(p, args.set, engine=args.engine)
         if args.only and sc.name not in args.only:
             continue
         if args.quick and not sc.quick:
@@ -122,6 +125,9 @@ def main(argv=None):
         p.add_argument("scenarios", nargs="*", help="scenario files (default: the shipped matrix)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a scenario value, e.g. load.concurrency=4 or faults.0.at=3s")
+        p.add_argument("--engine", choices=scenario.ENGINES,
+                       help="run every worker the scenarios start on this engine (llama: llama.cpp with the bundled "
+                            "model; default: each scenario's own, the mocker)")
         p.add_argument("--only", type=lambda s: s.split(","), help="run only these scenario names (comma list)")
         p.add_argument("--quick", action="store_true", help="only scenarios marked quick = true")
         p.add_argument("--url", action="append", help="an existing deployment's frontend URL (repeatable)")

@@ -18,11 +18,13 @@
 
 #include <inttypes.h>
 #include <limits.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/queue.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "common/log.h"
@@ -136,6 +138,7 @@ typedef struct ll_ev {
 typedef struct ll_engine ll_engine;
 
 #define LL_TEXT_CAP ((size_t)1 << 30) /* hard cap on a sequence's staged text */
+#define LL_JOIN_WAIT_S 5 /* seconds the engine thread has to stop at destroy before it counts as hung */
 
 /* Loop-side handle. */
 struct bt_engine_seq {
@@ -191,6 +194,7 @@ struct ll_engine {
     STAILQ_HEAD(, ll_cmd) cmds;
     STAILQ_HEAD(, ll_ev) evs;
     bool quit;
+    bool abandoned; /* the loop gave up waiting for the thread (ll_destroy_now): no more wake-ups */
     bt_engine_load load;
     bool load_changed;
 
@@ -248,11 +252,13 @@ static void list_remove(ll_list *l, ll_seq *s) {
 
 /* ---- thread → loop -------------------------------------------------------------------------- */
 
+/* The wake-up is sent under mu: once ll_destroy_now has set `abandoned` (under mu), no thread
+ * touches the async handle any more. */
 static void post(ll_engine *e, ll_ev *ev) {
     pthread_mutex_lock(&e->mu);
     STAILQ_INSERT_TAIL(&e->evs, ev, link);
+    if (!e->abandoned) uv_async_send(&e->async);
     pthread_mutex_unlock(&e->mu);
-    uv_async_send(&e->async);
 }
 
 static void seq_free(ll_seq *s) {
@@ -690,6 +696,11 @@ static bool run_batch(ll_engine *e, ll_seq **seqs, const size_t *take, int n) {
         }
     }
     if (b->n_tokens == 0) return true;
+    if (e->cfg.fault_hang_after_tokens && e->total_emitted >= (uint64_t)e->cfg.fault_hang_after_tokens) {
+        /* as a llama_decode that never returns: no more commands, no quit, no events */
+        BT_WARN("llama engine: injected hang (--fault-hang-after-tokens): the engine thread stops for good");
+        for (;;) sleep(3600);
+    }
     if (e->cfg.fault_error_after_tokens && e->total_emitted >= (uint64_t)e->cfg.fault_error_after_tokens) {
         engine_die(e, "injected decode failure (--fault-error-after-tokens)");
         return false;
@@ -714,7 +725,11 @@ static bool run_batch(ll_engine *e, ll_seq **seqs, const size_t *take, int n) {
     if (prefill) kv_count(e, &e->kvs.prefill_tokens, prefill);
     for (int i = 0; i < nout; i++) {
         ll_seq *s = outs[i];
-        const float *logits = e->L->llama_get_logits_ith(e->ctx, rows[i]);
+        float *logits = e->L->llama_get_logits_ith(e->ctx, rows[i]);
+        /* --fault-nan-after-tokens: poison the row itself, so that the check the sampler makes on
+         * every logit of the row (bt_llsample) is what finds it, as it would a broken kernel's */
+        if (logits && e->cfg.fault_nan_after_tokens && e->total_emitted >= (uint64_t)e->cfg.fault_nan_after_tokens)
+            logits[e->total_emitted % e->n_vocab] = NAN;
         int32_t t = logits ? bt_llsample(logits, (int32_t)e->n_vocab, &s->sp, s->n_carried + s->n_gen, e->cand) : -1;
         if (t < 0) {
             engine_die(e, "non-finite logits");
@@ -1088,7 +1103,24 @@ static void ll_destroy_now(ll_engine *e) {
         e->quit = true;
         pthread_cond_signal(&e->cv);
         pthread_mutex_unlock(&e->mu);
-        pthread_join(e->thread, NULL);
+        /* The thread stops between two steps. One that has not stopped within LL_JOIN_WAIT_S is
+         * hung (inside llama.cpp, or injected: --fault-hang-after-tokens); joining it would keep
+         * this process from ever exiting (the engine monitor failed the worker to get it
+         * restarted). It is left to the process's exit, with everything it may still touch: the
+         * engine is not freed, and it wakes the loop no more. */
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += LL_JOIN_WAIT_S;
+        if (pthread_timedjoin_np(e->thread, NULL, &until) != 0) {
+            pthread_mutex_lock(&e->mu);
+            e->abandoned = true;
+            pthread_mutex_unlock(&e->mu);
+            pthread_detach(e->thread);
+            BT_ERROR("llama engine: the engine thread did not stop within %d s (hung); leaving it to the process's "
+                     "exit", LL_JOIN_WAIT_S);
+            uv_close((uv_handle_t *)&e->async, NULL);
+            return;
+        }
     }
     while (TAILQ_FIRST(&e->running.q)) {
         ll_seq *s = TAILQ_FIRST(&e->running.q);

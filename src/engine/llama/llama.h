@@ -42,6 +42,10 @@ typedef struct {
     int64_t fault_die_after_tokens;   /* test hook: engine dead after N tokens (0 = off) */
     int64_t fault_error_after_tokens; /* test hook: decode treated as failed after N tokens (0 = off) */
     bool fault_kv_corrupt;            /* test hook: every exported KV state has one byte flipped */
+    int64_t fault_hang_after_tokens;  /* test hook: the engine thread blocks for good, as in a decode
+                                       * that never returns, once N tokens were emitted (0 = off) */
+    int64_t fault_nan_after_tokens;   /* test hook: the logits row the sampler reads gets a NaN once
+                                       * N tokens were emitted (0 = off): the non-finite check fails */
 } bt_llama_config;
 
 void bt_llama_config_default(bt_llama_config *c);

@@ -361,17 +361,33 @@ def recovery_times(run):
     def healthy(p):
         return p["outcome"] == "ok" and p["t_end"] is not None and p["t_end"] - p["t_send"] <= bound
 
+    def window_of(i):
+        t = faults[i]["t_inject"]
+        nxt = faults[i + 1]["t_inject"] if i + 1 < len(faults) else float("inf")
+        return [p for p in probes if p["t_send"] is not None and t <= p["t_send"] < nxt]
+
+    def recovered_in(window, t):
+        for j, p in enumerate(window):
+            if all(healthy(q) for q in window[j:]):
+                return p["t_end"] - t
+        return None
+
     out = []
     for i, f in enumerate(faults):
         t = f["t_inject"]
-        nxt = faults[i + 1]["t_inject"] if i + 1 < len(faults) else float("inf")
-        window = [p for p in probes if p["t_send"] is not None and t <= p["t_send"] < nxt]
-        rec = None
-        for j, p in enumerate(window):
-            if all(healthy(q) for q in window[j:]):
-                rec = p["t_end"] - t
-                break
-        out.append({"label": f["label"], "recovery": rec, "probes": len(window)})
+        window = window_of(i)
+        rec = recovered_in(window, t)
+        # A cascade: the next fault came while this window's last probe was still unanswered, so
+        # that probe's slowness may be the next fault's doing, and no later probe could show a
+        # recovery from this fault alone. Then this fault has recovered when the next one has
+        # (measured from this fault's injection), and never when the next one never does.
+        k = i
+        while rec is None and window and k + 1 < len(faults) and \
+                (window[-1]["t_end"] is None or window[-1]["t_end"] > faults[k + 1]["t_inject"]):
+            k += 1
+            window = window_of(k)
+            rec = recovered_in(window, t)
+        out.append({"label": f["label"], "recovery": rec, "probes": len(window_of(i))})
     return out
 
 

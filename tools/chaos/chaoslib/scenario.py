@@ -316,13 +316,30 @@ def build(raw, path=None, name=None):
                     path=path, quick=bool(raw.get("quick", False)))
 
 
-def load_file(path, overrides=()):
-    """Reads and validates a TOML scenario; overrides are 'section.key=value' (TOML value syntax)."""
+ENGINES = ("mocker", "llama")
+
+
+def load_file(path, overrides=(), engine=None):
+    """Reads and validates a TOML scenario; overrides are 'section.key=value' (TOML value syntax).
+    engine (mocker, llama) runs every worker the scenario starts on that engine (--engine of
+    `baton chaos`); a scenario against an existing deployment ([target]) is left as it is."""
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ScenarioError(f"{path}: {e}") from e
+    # [engines.<name>] set = ["key=value", ...]: what a scenario changes for one engine (a real
+    # engine's streams are faster or slower than the mocker's), applied with --engine <name>
+    per_engine = raw.pop("engines", None) or {}
+    if not isinstance(per_engine, dict) or any(e not in ENGINES or not isinstance(v, dict) or set(v) - {"set"}
+                                               for e, v in per_engine.items()):
+        raise ScenarioError(f"{path}: [engines.<name>] takes one key, set, for the engines {', '.join(ENGINES)}")
+    if engine is not None:
+        if engine not in ENGINES:
+            raise ScenarioError(f"--engine {engine!r}: one of {', '.join(ENGINES)}")
+        if "target" not in raw:
+            raw.setdefault("topology", {}).setdefault("worker_flags", {})["engine"] = engine
+            apply_overrides(raw, (per_engine.get(engine) or {}).get("set") or ())
     apply_overrides(raw, overrides)
     try:
         return build(raw, path=path)
