@@ -98,9 +98,9 @@ def main():
             c.start_worker(engine="llama", system_port=True, wait=True)
             c.wait_workers(fe, 2)
 
-            # a missing library is a clear error naming what to run, exit code 1
+            # a missing library is a clear error naming what to run, exit code 2 (configuration)
             bad = c.start_worker(engine="llama", llama_lib_dir=os.path.join(c.dir, "no-such-dir"))
-            assert bad.proc.wait(20) == 1, "a worker without libraries did not exit 1"
+            assert bad.proc.wait(20) == 2, "a worker without libraries did not exit 2 (a configuration error)"
             assert "run scripts/setup" in bad.proc.log_text(), bad.proc.log_tail()
             c.workers.remove(bad)
 
