@@ -25,9 +25,9 @@ import rpclib
 PIECE_MAX = 256 * 1024
 
 
-def req(rid, carried=None, max_tokens=400, **extra):
+def req(rid, carried=None, max_tokens=400, body_max=400, **extra):
     p = {"request_id": rid, "api": "completion",
-         "body": {"model": "mock-model", "prompt": "Once upon a time, a state travelled", "max_tokens": 400,
+         "body": {"model": "mock-model", "prompt": "Once upon a time, a state travelled", "max_tokens": body_max,
                   "temperature": 0, "stream": True},
          "max_tokens": max_tokens}
     if carried:
@@ -39,7 +39,8 @@ def req(rid, carried=None, max_tokens=400, **extra):
 def export_state(w):
     """A stream on w, moved off after >= 40 tokens: (its delivered ids, its state)."""
     conn = rpclib.Conn(w.rpc_port, hello_flags=rpclib.HELLO_KVSTATE)
-    sid = conn.request(req("src"))
+    # long enough to be still running when the rebalance comes, however fast the engine is
+    sid = conn.request(req("src", max_tokens=1800, body_max=1800))
     r = rpclib.read_stream(conn, sid, until_batches=40)
     st, _, body = bl.request("POST", w.system_url + "/rebalance?streams=1")
     assert st == 200 and json.loads(body)["moved"] == 1, (st, body)
