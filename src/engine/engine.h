@@ -104,6 +104,9 @@ typedef struct {
     /* Tokens computed that were not a sequence's newest token: prompt, carried and recomputed
      * (preempted) tokens, i.e. prefill work. A continuation that imported its state adds none. */
     uint64_t prefill_tokens;
+    /* Running sequences preempted (KV dropped, recomputed later from their tokens): because the KV
+     * cache was full, or for a strictly more urgent waiting sequence (priority preemption). */
+    uint64_t preempted_kv, preempted_priority;
 } bt_engine_kv_stats;
 
 /* The result of bt_engine_handoff, on the loop: `state` (malloc'd, the callee owns it; NULL when

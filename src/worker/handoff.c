@@ -331,6 +331,11 @@ void wk_handoff_collect(wk_worker *w, bt_metrics *r) {
                                       "Tokens the engine computed that were not a sequence's newest token (prompt, "
                                       "carried and recomputed tokens)"),
                    (double)k.prefill_tokens, "model", m, NULL);
+    f = bt_metrics_counter(r, "baton_worker_preemptions_total",
+                           "Running sequences preempted and recomputed later: reason kv (the KV cache was full) or "
+                           "priority (for a more urgent waiting sequence)");
+    bt_metrics_add(f, (double)k.preempted_kv, "model", m, "reason", "kv", NULL);
+    bt_metrics_add(f, (double)k.preempted_priority, "model", m, "reason", "priority", NULL);
     bt_metrics_add(bt_metrics_counter(r, "baton_worker_rebalanced_total",
                                       "Streams moved off this worker by the operator (POST /rebalance)"),
                    (double)w->rebalanced, "model", m, NULL);

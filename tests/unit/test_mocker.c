@@ -779,6 +779,68 @@ static void test_priority_order(void **st) {
     close_loop(&loop);
 }
 
+/* Priority preemption: with one sequence slot, a priority-0 arrival preempts the running
+ * priority-10 sequence (which then continues exactly as it would have alone), and a priority-10
+ * arrival, equal to it, does not: it waits behind the victim, which arrived before it. */
+typedef struct {
+    run_t *b, *c;
+    req_t qb, qc;
+    bool sent;
+} prio_arrivals;
+
+static void submit_arrivals_once(run_t *r) {
+    prio_arrivals *pa = r->arg;
+    if (pa->sent) return;
+    pa->sent = true;
+    char err[256];
+    assert_int_equal(submit_q(r->e, &pa->qb, pa->b, err, sizeof err), BT_OK); /* equal priority first */
+    assert_int_equal(submit_q(r->e, &pa->qc, pa->c, err, sizeof err), BT_OK);
+}
+
+static void test_priority_preempt(void **st) {
+    (void)st;
+    bt_mocker_config cfg = fast_cfg();
+    cfg.max_num_seqs = 1;
+    req_t qa = {.api = BT_API_COMPLETION, .prompt = k_prompt, .max_tokens = 300, .priority = 10,
+                .temperature = 0.8, .seed = 42};
+    run_t *ref = run_one_cfg(&cfg, &qa);
+    assert_int_equal(ref->n, 300);
+
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    bt_engine *e = bt_mocker_create(&loop, &cfg, NULL, NULL);
+    assert_non_null(e);
+    run_t *a = calloc(1, sizeof *a);
+    prio_arrivals pa = {.b = calloc(1, sizeof(run_t)), .c = calloc(1, sizeof(run_t))};
+    pa.qb = (req_t){.api = BT_API_COMPLETION, .prompt = "equal", .max_tokens = 5, .priority = 10};
+    pa.qc = (req_t){.api = BT_API_COMPLETION, .prompt = "urgent", .max_tokens = 5, .priority = 0};
+    a->on_tok = submit_arrivals_once;
+    a->arg = &pa;
+    char err[256];
+    g_finished = 0;
+    assert_int_equal(submit_q(e, &qa, a, err, sizeof err), BT_OK);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    assert_true(pa.sent);
+    assert_true(a->finished == 1 && pa.b->finished == 1 && pa.c->finished == 1);
+    assert_true(a->after_end_calls == 0 && pa.b->after_end_calls == 0 && pa.c->after_end_calls == 0);
+    if (pa.c->order != 1 || a->order != 2 || pa.b->order != 3)
+        fail_msg("finishing order urgent %d, victim %d, equal %d (want 1, 2, 3)", pa.c->order, a->order, pa.b->order);
+    /* the victim's output is exactly its run alone: nothing repeated, nothing different */
+    assert_int_equal(a->n, ref->n);
+    assert_memory_equal(a->ids, ref->ids, ref->n * sizeof ref->ids[0]);
+    assert_string_equal(a->text, ref->text);
+    bt_engine_kv_stats k;
+    bt_engine_kv_stats_get(e, &k);
+    assert_int_equal(k.preempted_priority, 1);
+    assert_int_equal(k.preempted_kv, 0);
+    free(a);
+    free(pa.b);
+    free(pa.c);
+    free(ref);
+    bt_engine_destroy(e);
+    close_loop(&loop);
+}
+
 /* ---- kill, stop, re-entrancy ---------------------------------------------------------------- */
 
 static void kill_other_after_3(run_t *r) {
@@ -1224,6 +1286,7 @@ int main(void) {
         cmocka_unit_test(test_kv_tiny),
         cmocka_unit_test(test_chunked_prefill),
         cmocka_unit_test(test_priority_order),
+        cmocka_unit_test(test_priority_preempt),
         cmocka_unit_test(test_max_num_seqs),
         cmocka_unit_test(test_kill),
         cmocka_unit_test(test_stop),

@@ -157,6 +157,7 @@ struct ll_seq {
     int slot;          /* llama seq_id while running, -1 otherwise */
     uint64_t admitted; /* admission order, for preemption (latest first) */
     int32_t priority;  /* lower is admitted sooner (engine.h) */
+    bool prio_held;    /* preempted for priority and no token since: not preempted for priority again */
     /* body, rendered on the thread */
     bt_api api;
     json_t *body;
@@ -569,39 +570,66 @@ static void kv_handoff(ll_engine *e, ll_cmd *c) {
 
 /* ---- the scheduler (engine thread) ---------------------------------------------------------- */
 
-/* Preempts the most recently admitted running sequence among the least urgent (the largest
- * priority value): its KV is dropped and it waits again before every waiting one of its priority,
- * to be recomputed from its tokens (the output it already released stays released; its text
- * filter and sampler positions are unaffected). */
-static bool preempt_one(ll_engine *e) {
+/* The victim of a preemption: the most recently admitted running sequence among the least urgent
+ * (the largest priority value). For a priority preemption (for_priority: a waiting sequence of
+ * priority `prio` cannot be admitted) only one strictly less urgent than prio, and never one
+ * preempted for priority that has not produced a token since (so a sequence always makes progress
+ * between two such preemptions, and equal priorities never preempt each other). NULL: none. */
+static ll_seq *pick_victim(ll_engine *e, bool for_priority, int32_t prio) {
     ll_seq *victim = NULL;
-    for (ll_seq *s = TAILQ_FIRST(&e->running.q); s; s = TAILQ_NEXT(s, link))
+    for (ll_seq *s = TAILQ_FIRST(&e->running.q); s; s = TAILQ_NEXT(s, link)) {
+        if (for_priority && (s->priority <= prio || s->prio_held)) continue;
         if (!victim || s->priority > victim->priority ||
             (s->priority == victim->priority && s->admitted > victim->admitted))
             victim = s;
-    if (!victim) return false;
-    BT_DEBUG("llama engine: preempting a sequence of %zu tokens (KV full)", victim->n_tok);
+    }
+    return victim;
+}
+
+/* Preempts `victim` (running): its KV is dropped and it waits again before every waiting one of
+ * its priority, to be recomputed from its tokens (the output it already released stays released;
+ * its text filter and sampler positions, which count its generated tokens, are unaffected).
+ * The one path for both reasons: the KV cache is full, or a more urgent sequence waits. */
+static void preempt(ll_engine *e, ll_seq *victim, bool for_priority) {
+    BT_DEBUG("llama engine: preempting %s, priority %d, %zu tokens (%s)", victim->rid, (int)victim->priority,
+             victim->n_tok, for_priority ? "priority: a more urgent sequence waits" : "KV full");
+    kv_count(e, for_priority ? &e->kvs.preempted_priority : &e->kvs.preempted_kv, 1);
+    victim->prio_held = for_priority;
     seq_release_kv(e, victim);
     list_remove(&e->running, victim);
     victim->state = LS_WAITING;
     list_insert_waiting(&e->waiting, victim, true);
-    return true;
+}
+
+static bool preempt_one(ll_engine *e) {
+    ll_seq *victim = pick_victim(e, false, 0);
+    if (victim) preempt(e, victim, false);
+    return victim != NULL;
 }
 
 static void admit(ll_engine *e) {
     size_t reserved = 0; /* cells the running sequences will hold after their next step */
     for (ll_seq *s = TAILQ_FIRST(&e->running.q); s; s = TAILQ_NEXT(s, link)) reserved += s->n_tok + 1;
-    while (TAILQ_FIRST(&e->waiting.q) && e->running.n < (size_t)e->cfg.max_num_seqs) {
-        ll_seq *s = TAILQ_FIRST(&e->waiting.q);
-        /* unified: one pool of cells for all; otherwise every slot has its own n_cap cells */
-        if (e->cfg.kv_unified && reserved + s->n_tok + 1 > e->n_ctx) break;
+    ll_seq *s;
+    while ((s = TAILQ_FIRST(&e->waiting.q)) != NULL) {
         int slot = -1;
         for (int i = 0; i < LL_MAX_SEQS && i < (int)e->cfg.max_num_seqs; i++)
             if (!e->slots[i]) {
                 slot = i;
                 break;
             }
-        if (slot < 0) break;
+        /* unified: one pool of cells for all; otherwise every slot has its own n_cap cells */
+        bool kv_short = e->cfg.kv_unified && reserved + s->n_tok + 1 > e->n_ctx;
+        if (slot < 0 || e->running.n >= (size_t)e->cfg.max_num_seqs || kv_short) {
+            /* Priority preemption, one victim at a time, only when s could run here at all; the
+             * victim waits again behind s (it is less urgent). */
+            bool could = !e->cfg.kv_unified || s->n_tok + 1 <= e->n_ctx;
+            ll_seq *v = could ? pick_victim(e, true, s->priority) : NULL;
+            if (!v) break;
+            reserved -= v->n_tok + 1;
+            preempt(e, v, true);
+            continue;
+        }
         list_remove(&e->waiting, s);
         e->slots[slot] = true;
         s->slot = slot;
@@ -641,6 +669,7 @@ static void update_load(ll_engine *e) {
 static bool seq_take(ll_engine *e, ll_seq *s, llama_token t) {
     char buf[2048]; /* longer than any token piece of a real vocabulary */
     s->n_gen++;
+    s->prio_held = false;
     e->total_emitted++;
     if (e->L->llama_vocab_is_eog(e->vocab, t)) { /* counted in usage, not delivered */
         if (bt_lltext_finish(&s->text) != BT_OK) goto nomem;

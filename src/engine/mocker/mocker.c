@@ -7,7 +7,10 @@
  * budget and max_num_seqs allow; prefills up to max_num_batched_tokens prompt tokens (a longer
  * prompt is prefilled in chunks over several steps); then lets every decoding sequence emit one
  * token, allocating a block when a sequence crosses a block boundary and preempting the most
- * recently admitted of the least urgent decoding sequences when none is free. A step lasts
+ * recently admitted of the least urgent decoding sequences when none is free. A waiting sequence
+ * that cannot be admitted (no sequence slot or not enough KV blocks) preempts, by the same path,
+ * decoding sequences strictly less urgent than itself (priority preemption, as vLLM's priority
+ * policy), except one preempted for priority that has not produced a token since. A step lasts
  * (prefill_ms + decode_ms) / speedup_ratio of a virtual clock; each tick (a uv_timer set for the
  * end of the current step, or a uv_idle when the clock is behind real time) runs the steps whose
  * start time has come (at most 64 or 2 ms of work, then it yields to the loop) and delivers
@@ -45,6 +48,7 @@ struct bt_engine_seq {
     bt_deliver_seq dl; /* sink, staged output, ending, liveness */
     mk_phase phase;
     int32_t priority; /* lower is admitted sooner; the waiting queue is sorted by it */
+    bool prio_held;   /* preempted for priority and no token since: not preempted for priority again */
     TAILQ_ENTRY(bt_engine_seq) link; /* waiting or running list, by phase */
 
     /* Token function. */
@@ -340,14 +344,37 @@ static uint64_t blocks_for(const mk_engine *e, uint64_t tokens) {
     return (tokens + bs - 1) / bs;
 }
 
+typedef enum { PREEMPT_KV, PREEMPT_PRIORITY } mk_preempt_reason;
+static void preempt(mk_engine *e, bt_engine_seq *s, mk_preempt_reason why);
+
+/* The victim of a priority preemption for a waiting sequence of priority `prio`: the least urgent
+ * decoding sequence strictly less urgent than prio, the most recently admitted among those, never
+ * one preempted for priority that has not produced a token since (so a sequence always makes
+ * progress between two such preemptions and equal priorities never preempt each other); NULL
+ * when there is none. */
+static bt_engine_seq *priority_victim(mk_engine *e, int32_t prio) {
+    bt_engine_seq *best = NULL;
+    for (bt_engine_seq *s = TAILQ_LAST(&e->running.q, mk_seq_queue); s; s = TAILQ_PREV(s, mk_seq_queue, link))
+        if (s->phase == SEQ_DECODE && !s->prio_held && s->priority > prio && (!best || s->priority > best->priority))
+            best = s;
+    return best;
+}
+
 static void admit(mk_engine *e) {
     bt_engine_seq *s;
     while ((s = TAILQ_FIRST(&e->waiting.q)) != NULL) {
         uint64_t need = blocks_for(e, s->seq_len);
-        if (e->used_blocks + need > e->usable_blocks) break;
         /* Chunked prefill: the candidate's own prompt is not counted against the budget. */
         if (e->prefill_pending >= (uint64_t)e->cfg.max_num_batched_tokens) break;
-        if (e->running.n + 1 > (uint64_t)e->cfg.max_num_seqs) break;
+        if (e->used_blocks + need > e->usable_blocks || e->running.n + 1 > (uint64_t)e->cfg.max_num_seqs) {
+            /* Priority preemption, one victim at a time, only when the candidate could run on
+             * this engine at all (else the victims would be preempted for nothing). The victim
+             * goes back to the waiting queue behind the candidate (it is less urgent). */
+            bt_engine_seq *v = need <= e->usable_blocks ? priority_victim(e, s->priority) : NULL;
+            if (!v) break;
+            preempt(e, v, PREEMPT_PRIORITY);
+            continue;
+        }
         list_remove(&e->waiting, s);
         list_push_tail(&e->running, s);
         s->phase = SEQ_PREFILL;
@@ -363,9 +390,16 @@ static void admit(mk_engine *e) {
 /* Preemption by recomputation: the sequence gives back its blocks and returns to the front of the
  * waiting queue; on readmission it prefills prompt + everything generated so far and continues
  * from its rolling state, so no token is generated or delivered twice. */
-static void preempt(mk_engine *e, bt_engine_seq *s) {
-    BT_DEBUG("mocker: preempting a sequence of %llu tokens holding %llu blocks", (unsigned long long)s->seq_len,
-             (unsigned long long)s->blocks);
+static void preempt(mk_engine *e, bt_engine_seq *s, mk_preempt_reason why) {
+    BT_DEBUG("mocker: preempting a sequence of priority %d, %llu tokens holding %llu blocks (%s)", (int)s->priority,
+             (unsigned long long)s->seq_len, (unsigned long long)s->blocks,
+             why == PREEMPT_PRIORITY ? "priority: a more urgent sequence waits" : "KV full");
+    if (why == PREEMPT_PRIORITY) {
+        e->kvs.preempted_priority++;
+        s->prio_held = true;
+    } else {
+        e->kvs.preempted_kv++;
+    }
     list_remove(&e->running, s);
     e->used_blocks -= s->blocks;
     s->blocks = 0;
@@ -390,6 +424,7 @@ static bool generate(mk_engine *e, bt_engine_seq *s) {
     if (e->cfg.kv_bytes_per_token > 0) kv_note(s, tok);
     s->seq_len++;
     s->generated++;
+    s->prio_held = false;
     e->total_emitted++;
     if (emit(e, s, tok) != BT_OK) {
         seq_end(e, s, END_ERROR, BT_FINISH_STOP, BT_ERR_NOMEM, "mocker: out of memory for output");
@@ -464,11 +499,11 @@ static uint64_t step(mk_engine *e) {
                 bt_engine_seq *v = last_decoding(e); /* s is decoding: never NULL here */
                 if (v == s) {
                     nx = TAILQ_NEXT(s, link); /* only prefilling sequences follow s */
-                    preempt(e, s);
+                    preempt(e, s, PREEMPT_KV);
                     self = true;
                     break;
                 }
-                preempt(e, v);
+                preempt(e, v, PREEMPT_KV);
             }
             if (self) continue;
             nx = TAILQ_NEXT(s, link); /* the victims (before or after s) have left the list */
