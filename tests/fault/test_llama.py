@@ -29,7 +29,7 @@ import faultlib as fl
 MODEL = "mock-model"
 # A sanitized baton (scripts/test --sanitize) decodes several times slower: the streams' deadlines
 # stretch with it, the byte-exact oracle does not.
-SLOW = 4 if bl.sanitized_build() else 1
+SLOW = fl.SLOW
 ONCE = (", there was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, "
         "red ball. She wanted to play with it, but it was too high.\nLily's mom said")
 N = 16

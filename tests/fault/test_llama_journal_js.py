@@ -29,7 +29,7 @@ import faultlib as fl
 import natslib
 
 MODEL = "mock-model"
-SLOW = 4 if bl.sanitized_build() else 1
+SLOW = fl.SLOW
 ID_RX = re.compile(r"^([0-9a-f]{32}):(\d+)")
 
 

@@ -40,26 +40,10 @@ def urgent_body(i):
 
 
 def run_all(url, bodies, headers=None, started=None):
-    out = [None] * len(bodies)
-
-    def first(i):
-        def on_event(st, ev):
-            if started is not None and st.t_first is not None:
-                started[i].set()
-            return False
-        return on_event
-
-    def one(i):
-        out[i] = bl.stream_completion(url, bodies[i], timeout=90, headers=headers, on_event=first(i))
-
-    ts = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
-    for t in ts:
-        t.start()
-    return out, ts
+    return fl.start_all(bl.stream_completion, url, bodies, headers, timeout=90, started=started)
 
 
-def preemptions(w, reason):
-    return bl.metric_sum(bl.metrics(w.system_url), "baton_worker_preemptions_total", reason=reason)
+preemptions = fl.preemptions
 
 
 with bl.Cluster() as c:

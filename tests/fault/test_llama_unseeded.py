@@ -18,11 +18,10 @@ import batonlib as bl
 import faultlib as fl
 
 MODEL = "mock-model"
-SLOW = 4 if bl.sanitized_build() else 1  # a sanitized build decodes several times slower
+SLOW = fl.SLOW
 
 
-def worker_kv(w):
-    return bl.metric_sum(bl.metrics(w.system_url), "baton_worker_kv_active_blocks")
+worker_kv = fl.worker_kv
 
 
 def main():

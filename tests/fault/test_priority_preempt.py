@@ -20,6 +20,7 @@ import statistics
 import threading
 
 import batonlib as bl
+import faultlib as fl
 
 bl.deadline(90, "test_priority_preempt")
 
@@ -36,19 +37,10 @@ def urgent_body(i):
 
 
 def run_all(url, bodies, headers=None):
-    out = [None] * len(bodies)
-
-    def one(i):
-        out[i] = bl.stream_chat(url, bodies[i], timeout=60, headers=headers)
-
-    ts = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
-    for t in ts:
-        t.start()
-    return out, ts
+    return fl.start_all(bl.stream_chat, url, bodies, headers)
 
 
-def preemptions(w, reason):
-    return bl.metric_sum(bl.metrics(w.system_url), "baton_worker_preemptions_total", reason=reason)
+preemptions = fl.preemptions
 
 
 # --- 1. references on an idle, fast worker

@@ -39,6 +39,7 @@ import batonlib as bl
 
 MODEL = "mock-model"
 N = 6
+SLOW = 4 if bl.sanitized_build() else 1  # a sanitized build decodes several times slower: deadlines stretch
 
 PROFILES = {
     # ~6 ms decode steps at speedup 1: 250-350 tokens take 2-4 s at 0.6
@@ -213,6 +214,11 @@ def engine_decode_error(c, p):
     _engine_fails(c, p, "decode_error", "decerr", "injected decode failure")
 
 
+def worker_kv(w):
+    """The KV blocks the worker's engine holds (baton_worker_kv_active_blocks)."""
+    return bl.metric_sum(bl.metrics(w.system_url), "baton_worker_kv_active_blocks")
+
+
 def worker_idle(w):
     m = bl.metrics(w.system_url)
     return bl.metric_sum(m, "baton_worker_active_sequences") == 0 and bl.metric_sum(m, "baton_worker_kv_active_blocks") == 0
@@ -338,3 +344,29 @@ def handoff_round(fe, refs, tag, run, receiver, action):
     moved = migrated(fe, tag)
     assert moved, f"{tag}: no stream moved\n" + fe.proc.log_tail()
     return moved, before, kv_counters(receiver)
+
+
+def start_all(fn, url, bodies, headers=None, timeout=60, started=None):
+    """Starts fn(url, body) (bl.stream_chat or bl.stream_completion) for every body, each on its own
+    thread; returns (the list the streams land in, the threads). With `started` (one
+    threading.Event per body), started[i] is set once stream i has its first token."""
+    out = [None] * len(bodies)
+
+    def on_event(i, st, ev):
+        if started is not None and st.t_first is not None:
+            started[i].set()
+        return False
+
+    def one(i):
+        out[i] = fn(url, bodies[i], timeout=timeout, headers=headers,
+                    on_event=(lambda st, ev: on_event(i, st, ev)) if started is not None else None)
+
+    ts = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
+    for t in ts:
+        t.start()
+    return out, ts
+
+
+def preemptions(w, reason):
+    """Sequences the worker's engine preempted for `reason` ("kv" or "priority")."""
+    return bl.metric_sum(bl.metrics(w.system_url), "baton_worker_preemptions_total", reason=reason)
