@@ -818,6 +818,9 @@ bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const cha
     json_t *so = json_object_get(body, "stream_options");
     if (so && !json_is_null(so) && !json_is_object(so))
         REJECT("stream_options", "invalid_type", "'stream_options' must be an object");
+    json_t *iu = json_object_get(so, "include_usage");
+    if (iu && !json_is_null(iu) && !json_is_boolean(iu)) /* "yes" or 1 would otherwise read as false */
+        REJECT("stream_options.include_usage", "invalid_type", "'stream_options.include_usage' must be a boolean");
     /* features baton does not have */
     json_t *n = json_object_get(body, "n");
     if (n && !json_is_null(n) && !(json_is_integer(n) && json_integer_value(n) == 1))

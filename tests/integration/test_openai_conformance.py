@@ -128,6 +128,16 @@ with bl.Cluster() as c:
         error_of(st, b, 400, "unsupported_value", param, f"completions {extra}")
     st, _, b = bl.post_json(u + "/v1/chat/completions", bl.chat_body(max_tokens=2, logprobs="yes"))
     error_of(st, b, 400, "invalid_type", "logprobs", "logprobs a string")
+    # a non-boolean include_usage is refused (OpenAI: 400 invalid_type), never read as false
+    for bad in ("yes", 1, 0, [], {}):
+        for path, body in (("/v1/chat/completions", bl.chat_body(max_tokens=2, stream=True)),
+                           ("/v1/completions", bl.completion_body(max_tokens=2, stream=True))):
+            st, _, b = bl.post_json(u + path, dict(body, stream_options={"include_usage": bad}))
+            error_of(st, b, 400, "invalid_type", "stream_options.include_usage", f"{path} include_usage {bad!r}")
+    for ok in (True, False, None):  # a boolean (or null: not given) streams, with usage only for true
+        s = bl.stream_chat(u, bl.chat_body(max_tokens=2, stream=True, stream_options={"include_usage": ok}))
+        assert s.status == 200 and s.done, (ok, s.status, s.raw[:300])
+        assert (s.usage is not None) == (ok is True), (ok, s.usage)
     st, _, b = bl.post_json(u + "/v1/chat/completions",
                             bl.chat_body(max_tokens=2, n=1, logprobs=False, top_logprobs=0, tools=[], tool_choice="none",
                                          user="u1", presence_penalty=0, frequency_penalty=0, logit_bias={}))
