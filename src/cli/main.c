@@ -22,7 +22,7 @@ static void usage(void) {
            "  frontend   the OpenAI-compatible HTTP frontend and router\n"
            "  worker     one engine behind the request plane\n"
            "  chaos      fault scenarios against baton, checked byte for byte (docs/chaos.md)\n\n"
-           "`baton <command> --help` lists a command's options.\n");
+           "`baton <command> --help` (or `baton help <command>`) lists a command's options.\n");
 }
 
 /* `baton chaos ...`: the fault-testing tool is a Python program, chaos.py. It is found through
@@ -91,6 +91,28 @@ int main(int argc, char **argv) {
         return argc < 2 ? 2 : 0;
     }
     const char *cmd = argv[1];
+    /* `baton help` prints the usage; `baton help <command>` that command's --help */
+    if (strcmp(cmd, "help") == 0) {
+        if (argc < 3) {
+            usage();
+            return 0;
+        }
+        static char help_flag[] = "--help";
+        static char *sub[4];
+        if (strcmp(argv[2], "run") == 0 || strcmp(argv[2], "frontend") == 0 || strcmp(argv[2], "worker") == 0 ||
+            strcmp(argv[2], "chaos") == 0) {
+            sub[0] = argv[0];
+            sub[1] = argv[2];
+            sub[2] = help_flag;
+            argc = 3;
+            argv = sub;
+            cmd = argv[1];
+        } else {
+            fprintf(stderr, "baton help: unknown command '%s'\n", argv[2]);
+            usage();
+            return 2;
+        }
+    }
     if (strcmp(cmd, "run") == 0) return bt_run_main(argc - 1, argv + 1);
     if (strcmp(cmd, "frontend") == 0) return bt_frontend_main(argc - 1, argv + 1);
     if (strcmp(cmd, "worker") == 0) return bt_worker_main(argc - 1, argv + 1);

@@ -36,7 +36,10 @@
 #include "common/log.h"
 #include "common/opts.h"
 #include "common/util.h"
+#include "common/proc.h"
 #include "discovery/discovery.h"
+#include "frontend/frontend.h"
+#include "worker/worker.h"
 
 #define MAX_WORKERS 64
 #define MAX_ARGS 160
@@ -102,7 +105,11 @@ static const char *frontend_flags[] = {"--router-mode", "--active-decode-blocks-
                                        "--max-body-bytes", "--shutdown-drain-timeout", "--shutdown-accept-window-ms",
                                        "--http-header-timeout-ms", "--http-idle-timeout-ms", "--max-connections",
                                        "--max-client-backlog-bytes", "--max-concurrent-requests", "--threads",
-                                       "--stream-retention", "--stream-retention-bytes", NULL};
+                                       "--stream-retention", "--stream-retention-bytes", "--priority-ceiling",
+                                       "--trust-tenant-header", "--queue-max-requests", "--queue-max-tokens",
+                                       "--queue-timeout", "--outlier-factor", "--outlier-window",
+                                       "--outlier-min-samples", "--outlier-backoff", "--outlier-max-ejected",
+                                       "--retry-budget", "--retry-budget-min", "--migration-concurrency", NULL};
 /* the NATS TLS settings go with the event plane (event_plane_args): the whole group's */
 static const char *shared_flags[] = {"--rpc-secret-file", "--namespace", "--nats-tls-ca", "--nats-tls-cert", "--nats-tls-key",
                                      NULL};
@@ -267,18 +274,22 @@ static int event_plane_args(const run_ctx *r, const char **args, int n) {
     return n;
 }
 
-static void start_child(child *c) {
-    run_ctx *r = c->ctx;
-    const char *args[MAX_ARGS * 2];
-    int n = 0;
+/* Bounded text for the values child_args() puts in a child's arguments. */
+typedef struct {
     char port[32], speed[64], mig[32];
+} child_argbuf;
+
+/* The arguments of the frontend (frontend) or of a worker, from args[0] = the executable on;
+ * returns their count (no NULL added). The strings live in r and in *b. */
+static int child_args(const run_ctx *r, bool frontend, const char **args, child_argbuf *b) {
+    int n = 0;
     args[n++] = r->exe;
-    if (c->is_frontend) {
-        snprintf(port, sizeof port, "%lld", (long long)r->http_port);
-        snprintf(mig, sizeof mig, "%lld", (long long)r->migration_limit);
+    if (frontend) {
+        snprintf(b->port, sizeof b->port, "%lld", (long long)r->http_port);
+        snprintf(b->mig, sizeof b->mig, "%lld", (long long)r->migration_limit);
         args[n++] = "frontend";
         args[n++] = "--http-port";
-        args[n++] = port;
+        args[n++] = b->port;
         args[n++] = "--http-host";
         args[n++] = r->http_host;
         args[n++] = "--discovery"; /* explicit: DYN_DISCOVERY_BACKEND in the environment must not win */
@@ -286,7 +297,7 @@ static void start_child(child *c) {
         args[n++] = "--discovery-dir";
         args[n++] = r->dir;
         args[n++] = "--migration-limit";
-        args[n++] = mig;
+        args[n++] = b->mig;
         /* no load balancer in front of a one-machine group: Ctrl-C need not wait for one */
         args[n++] = "--shutdown-accept-window-ms";
         args[n++] = "0";
@@ -301,9 +312,9 @@ static void start_child(child *c) {
         args[n++] = "--model-name";
         args[n++] = r->model;
         if (r->speedup_given) {
-            snprintf(speed, sizeof speed, "%.17g", r->speedup);
+            snprintf(b->speed, sizeof b->speed, "%.17g", r->speedup);
             args[n++] = "--speedup-ratio";
-            args[n++] = speed;
+            args[n++] = b->speed;
         }
         args[n++] = "--system-port";
         args[n++] = "0";
@@ -317,6 +328,33 @@ static void start_child(child *c) {
         n = event_plane_args(r, args, n);
         for (int i = 0; i < r->n_w_args; i++) args[n++] = r->w_args[i];
     }
+    return n;
+}
+
+/* Runs the frontend's and a worker's argument checks in this process (bt_proc_check_for) over
+ * the arguments start_child() will give them; false once one refused them (it said why). */
+static bool check_child_args(run_ctx *r) {
+    const char *args[MAX_ARGS * 2];
+    child_argbuf b;
+    bt_proc_check_for = "run";
+    int n = child_args(r, true, args, &b);
+    args[n] = NULL;
+    int rc = bt_frontend_main(n - 1, (char **)args + 1);
+    if (rc == 0) {
+        n = child_args(r, false, args, &b);
+        args[n] = NULL;
+        rc = bt_worker_main(n - 1, (char **)args + 1);
+    }
+    bt_proc_check_for = NULL;
+    bt_log_init("run");
+    return rc == 0;
+}
+
+static void start_child(child *c) {
+    run_ctx *r = c->ctx;
+    const char *args[MAX_ARGS * 2];
+    child_argbuf b;
+    int n = child_args(r, c->is_frontend, args, &b);
     args[n] = NULL;
     uv_stdio_container_t stdio[3] = {{.flags = UV_IGNORE}, {.flags = UV_INHERIT_FD, .data.fd = 1},
                                      {.flags = UV_INHERIT_FD, .data.fd = 2}};
@@ -610,12 +648,15 @@ int bt_run_main(int argc, char **argv) {
         fprintf(stderr, "baton run: cannot find its own executable\n");
         return 1;
     }
+    /* Every argument a child would refuse is refused now, before anything starts (an unknown flag
+     * goes to the workers, which exit 2). The directory is made only later: the check reads no path. */
+    const char *tmp = getenv("TMPDIR");
+    snprintf(r.dir, sizeof r.dir, "%s/baton-run-XXXXXX", tmp && *tmp ? tmp : "/tmp");
+    if (!check_child_args(&r)) return 2;
     if (!bt_curl_uv_global_init()) {
         fprintf(stderr, "baton run: libcurl cannot start\n");
         return 1;
     }
-    const char *tmp = getenv("TMPDIR");
-    snprintf(r.dir, sizeof r.dir, "%s/baton-run-XXXXXX", tmp && *tmp ? tmp : "/tmp");
     if (!mkdtemp(r.dir)) {
         fprintf(stderr, "baton run: cannot create a discovery directory under %s\n", tmp ? tmp : "/tmp");
         return 1;

@@ -12,6 +12,7 @@
 
 const char bt_proc_discovery_dir_default[] = "$TMPDIR/baton_store_kv";
 bool bt_proc_supervised;
+const char *bt_proc_check_for;
 
 void bt_proc_opts_default(bt_proc_opts *p) {
     memset(p, 0, sizeof *p);
@@ -44,7 +45,11 @@ int bt_proc_error(const char *cmd, const char *fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    fprintf(stderr, "baton %s: %s\n", cmd, msg);
+    if (bt_proc_check_for)
+        fprintf(stderr, "baton %s: %s (as passed on to `baton %s`, which refuses it); nothing was started\n",
+                bt_proc_check_for, msg, cmd);
+    else
+        fprintf(stderr, "baton %s: %s\n", cmd, msg);
     return 2;
 }
 

@@ -45,6 +45,14 @@ typedef struct {
  * SIGTERM every child would see two signals and cut its streams instead of draining. */
 extern bool bt_proc_supervised;
 
+/* Set by `baton run` to the command it checks arguments for ("run"), NULL otherwise. While set,
+ * bt_frontend_main and bt_worker_main only check their arguments (flags, environment twins and
+ * the values' consistency), print any error through bt_proc_error and return 2, or return 0 once
+ * everything is valid, before they create, open or bind anything: the launcher then refuses a
+ * flag that a child would refuse before it starts any process. bt_proc_error then names the
+ * launcher and the command the argument was passed on to. */
+extern const char *bt_proc_check_for;
+
 /* --discovery-dir's default as --help shows it. The directory itself is computed by discovery at
  * start-up (bt_discovery_config_default); a discovery_dir that is this very pointer means "that". */
 extern const char bt_proc_discovery_dir_default[];

@@ -657,6 +657,12 @@ int bt_frontend_main(int argc, char **argv) {
     fe_admit_policy_runtime(f->admit_policy, o->retry_budget, o->retry_budget_min, o->outlier_factor);
     fe_admit_policy_outlier(f->admit_policy, o->outlier_window, o->outlier_min_samples, o->outlier_backoff,
                             o->outlier_max_ejected);
+    if (bt_proc_check_for) { /* `baton run` checks its frontend's arguments before it starts it */
+        fe_admit_policy_free(f->admit_policy);
+        free(f->rpc_secret);
+        free(f);
+        return 0;
+    }
     fe_group *g = calloc(1, sizeof *g);
     if (!g) goto bad_usage;
     g->n = (int)o->threads;

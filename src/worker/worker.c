@@ -963,6 +963,10 @@ int bt_worker_main(int argc, char **argv) {
         bt_proc_error("worker", "%s", err);
         goto bad_usage;
     }
+    if (bt_proc_check_for) { /* `baton run` checks its workers' arguments before it starts them */
+        free(w);
+        return 0;
+    }
     uv_loop_t loop;
     uv_loop_init(&loop);
     w->loop = &loop;

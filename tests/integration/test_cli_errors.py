@@ -12,7 +12,11 @@
      that names no level is reported (it used to leave the level at info in silence); `baton run
      --http-host localhost` is refused before any child starts (exit 2), as is a fixed worker port
      (--system-port, --rpc-port, DYN_TCP_RPC_PORT) with more than one worker.
-  4. `baton run --help` says how to get llama.cpp workers (--engine llama).
+     `baton run` also refuses, before it starts any child, every argument a child would refuse:
+     an unknown flag (passed on to the workers), a bad value of a frontend flag (exit 2, "nothing
+     was started", no directory made, nothing listening).
+  4. `baton run --help` says how to get llama.cpp workers (--engine llama). `baton help` prints
+     the usage `baton --help` prints; `baton help CMD` what `baton CMD --help` prints.
   5. A file discovery directory this user cannot read (frontend, worker) or write in (worker) is a
      start-up error (exit 1, the directory and the reason named), not a process that runs and
      never finds, or is never found by, anyone. Run as an unprivileged user (setpriv to nobody when
@@ -128,9 +132,45 @@ for args, env, want in [(["--system-port", "9090"], {}, "baton run: --system-por
     rc, out, took = baton(["run", "--http-port", str(port)] + args, env=env)
     assert rc == 2 and want in out and "started" not in out, (args, env, rc, out)
 
-# --- 4. baton run --help and llama
+# an argument a child would refuse is refused by `baton run` itself, before it starts anything: an
+# unknown flag (passed on to the workers), a bad value of a frontend flag it passes on. Nothing is
+# started: no "started" line, no discovery directory made under TMPDIR, nothing on the port. Each frontend flag with a number or boolean default reaches the
+# frontend's check (none is passed to the workers, which would refuse it as unknown).
+run_tmp = bl.tmpdir("cli-run-tmp")
+fe_rows = [ROW.match(line) for line in baton(["frontend", "--help"])[1].splitlines() if line.startswith("  --")]
+run_own = {m.group(1) for m in (ROW.match(line) for line in baton(["run", "--help"])[1].splitlines()
+                                if line.startswith("  --")) if m}
+fe_checked = [m.group(1) for m in fe_rows if m.group(1) not in run_own and not m.group(1).startswith("--discovery")
+              and not m.group(1).startswith("--etcd") and re.fullmatch(r"-?[0-9.]+|true|false", m.group(4))]
+assert len(fe_checked) >= 20, fe_checked
+refusals = [(["--bogus"], "baton run: unknown argument '--bogus'", "baton worker"),
+            (["--bogus", "3", "--workers", "1"], "baton run: unknown argument '--bogus'", "baton worker")]
+refusals += [([f"{flag}=bogus"], f"baton run: invalid value 'bogus' for {flag}", "baton frontend")
+             for flag in fe_checked]
+for args, want, child in refusals:
+    rc, out, took = baton(["run", "--http-port", str(port)] + args, env={"TMPDIR": run_tmp, "DYN_LOG": "info"})
+    assert rc == 2 and want in out, (args, rc, out)
+    assert f"(as passed on to `{child}`, which refuses it); nothing was started" in out, (args, out)
+    assert "start" not in out.replace("nothing was started", ""), f"{args}: something started:\n{out}"
+    assert os.listdir(run_tmp) == [], (args, os.listdir(run_tmp))
+    assert took < 10 and not listening(port), (args, took)
+print(f"cli: baton run refuses what its children would ({len(refusals)} cases, {len(fe_checked)} frontend flags) "
+      "before starting anything")
+
+# --- 4. baton run --help and llama; baton help
 rc, out, _ = baton(["run", "--help"])
 assert rc == 0 and "--engine llama" in out, out
+rc, usage, _ = baton(["--help"])
+assert rc == 0 and "usage: baton <command>" in usage, usage
+rc, out, _ = baton(["help"])
+assert rc == 0 and out == usage, (rc, out)
+for cmd in ("run", "frontend", "worker"):
+    rc, want, _ = baton([cmd, "--help"])
+    rc2, out, _ = baton(["help", cmd])
+    assert rc == rc2 == 0 and out == want and f"usage: baton {cmd}" in out, (cmd, rc2, out[:200])
+rc, out, _ = baton(["help", "nope"])
+assert rc == 2 and "baton help: unknown command 'nope'" in out, (rc, out)
+print("cli: baton help prints the usage, baton help CMD the command's --help")
 
 # --- 5. discovery directories this user cannot use
 base = bl.tmpdir("cli-perm")
