@@ -4,8 +4,10 @@
      `baton run` exits non-zero within 5 s, names the error (address already in use), never prints
      "serving", starts the frontend once (no restart loop), leaves no child and no directory behind,
      and the other program still serves.
-  2. A child with a configuration error (frontend: --router-mode nonsense; worker: --upstream
-     without --engine openai) makes `baton run` exit 2, without "serving" and without a restart.
+  2. A configuration error of a child (frontend: --router-mode nonsense; worker: --upstream
+     without --engine openai) makes `baton run` exit 2 before it starts anything; one the child
+     finds only once it runs (a llama worker's model file missing) makes it exit 2 without
+     "serving" and without a restart.
   3. "baton: serving" is printed after the frontend has connected to every worker: at that moment
      GET /health lists exactly the workers `baton run` started (matched by pid through their
      discovery records), and in the shared log the line comes after the frontend's
@@ -129,10 +131,23 @@ with bl.Cluster() as c:
     sq.close()
 print(f"port taken: baton run exited {rc} after {took:.2f} s, no 'serving', frontend started once")
 
-# --- 2. a configuration error in a child: exit 2, no restart
+# --- 2. a configuration error in a child: exit 2, no restart. What the children's argument checks
+# refuse, `baton run` refuses before it starts any child (it runs those checks itself)
 for what, flags, rx in [
         ("frontend", {"router_mode": "nonsense"}, r"unknown --router-mode 'nonsense'"),
         ("worker", {"upstream": "http://127.0.0.1:9"}, r"--upstream is a setting of the openai engine.*--engine openai")]:
+    with bl.Cluster() as c:
+        fe = c.start_run(wait=False, workers=2, speedup_ratio=50, **flags)
+        rc = fe.proc.wait(10)
+        log = fe.proc.log_text()
+        assert rc == 2 and re.search(rx, log), f"{what} configuration error: baton run exited {rc}; log:\n{log}"
+        assert re.search(r"\(as passed on to `baton %s`, which refuses it\); nothing was started" % what, log), log
+        assert "started" not in log.replace("nothing was started", ""), log
+# what a child finds only once it runs (a llama model file that does not exist: the worker exits 2
+# at start-up) stops the group the same way
+for what, flags, rx in [
+        ("worker", {"engine": "llama", "model": "/nonexistent/model.gguf"},
+         r"model file /nonexistent/model\.gguf: No such file or directory")]:
     with bl.Cluster() as c:
         fe = c.start_run(wait=False, workers=2, speedup_ratio=50, **flags)
         rc = fe.proc.wait(10)
