@@ -71,7 +71,8 @@ struct run_ctx {
     char exe[PATH_MAX];
     char dir[PATH_MAX];
     int64_t http_port, workers;
-    const char *model, *http_host;
+    const char *model, *http_host; /* model: NULL unless given (the workers' default applies) */
+    char served[256];              /* the model name the first worker registered, for "serving" */
     double speedup;
     bool speedup_given; /* --speedup-ratio / DYN_SPEEDUP_RATIO: passed on; else the workers' default */
     int64_t migration_limit;
@@ -309,8 +310,11 @@ static int child_args(const run_ctx *r, bool frontend, const char **args, child_
         args[n++] = "file";
         args[n++] = "--discovery-dir";
         args[n++] = r->dir;
-        args[n++] = "--model-name";
-        args[n++] = r->model;
+        /* without one the worker's own default applies: mock-model, or a llama model's file name */
+        if (r->model) {
+            args[n++] = "--model-name";
+            args[n++] = r->model;
+        }
         if (r->speedup_given) {
             snprintf(b->speed, sizeof b->speed, "%.17g", r->speedup);
             args[n++] = "--speedup-ratio";
@@ -406,11 +410,12 @@ static int routable_workers(const run_ctx *r) {
 }
 
 static void print_serving(run_ctx *r) {
+    const char *model = r->served[0] ? r->served : r->model ? r->model : "mock-model";
     printf("baton: serving '%s' with %lld workers at %s/v1 (discovery in %s); Ctrl-C stops\n"
            "try:   curl -N %s/v1/chat/completions -H 'Content-Type: application/json' "
            "-d '{\"model\":\"%s\",\"messages\":[{\"role\":\"user\",\"content\":\"Hello\"}],\"stream\":true,"
            "\"max_tokens\":20}'\n",
-           r->model, (long long)r->workers, r->shown, r->dir, r->shown, r->model);
+           model, (long long)r->workers, r->shown, r->dir, r->shown, model);
     fflush(stdout);
 }
 
@@ -515,6 +520,8 @@ static void on_disc_put(void *ud, const char *key, const json_t *value) {
     (void)key;
     json_t *pid = json_object_get(value, "pid"), *id = json_object_get(value, "instance_id");
     if (!json_is_integer(pid) || !json_is_integer(id)) return;
+    const char *name = json_string_value(json_object_get(json_object_get(value, "model"), "name"));
+    if (name && !r->served[0] && strlen(name) < sizeof r->served) snprintf(r->served, sizeof r->served, "%s", name);
     for (int i = 0; i < r->workers; i++)
         if (r->w[i].running && r->w[i].pid == (int)json_integer_value(pid))
             r->w[i].instance_id = (uint64_t)json_integer_value(id);
@@ -550,7 +557,6 @@ int bt_run_main(int argc, char **argv) {
     static run_ctx r;
     r.http_port = 8000;
     r.workers = 2;
-    r.model = "mock-model";
     r.http_host = "0.0.0.0";
     r.speedup = 1.0;
     r.migration_limit = 3;
@@ -559,7 +565,8 @@ int bt_run_main(int argc, char **argv) {
         {"--http-host", "DYN_HTTP_HOST", BT_OPT_STR, &r.http_host, 0, 0,
          "numeric address the frontend and the workers' status servers listen on"},
         {"--workers", "BATON_WORKERS", BT_OPT_INT, &r.workers, 1, MAX_WORKERS, "number of workers"},
-        {"--model-name", "DYN_MODEL_NAME", BT_OPT_STR, &r.model, 0, 0, "model name"},
+        {"--model-name", "DYN_MODEL_NAME", BT_OPT_STR, &r.model, 0, 0,
+         "model name (none: the workers' default, mock-model; --engine llama: the model file's name)"},
         {"--migration-limit", "DYN_MIGRATION_LIMIT", BT_OPT_INT, &r.migration_limit, 0, 1000, "migration attempts"},
         {"--speedup-ratio", "DYN_SPEEDUP_RATIO", BT_OPT_DOUBLE, &r.speedup, 1e-6, 1e9, "mocker time scale"},
         {"--event-plane", "DYN_EVENT_PLANE", BT_OPT_STR, &r.event_plane, 0, 0,

@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include "common/log.h"
@@ -572,7 +573,8 @@ static const char *given_as(const char *origin, const char *flag) {
  * a configuration error instead. */
 static const char *const openai_only[] = {"--upstream", "--upstream-model", "--upstream-kind", "--upstream-api-key",
                                           "--upstream-total-blocks", "--upstream-health-interval",
-                                          "--upstream-health-failures", "--upstream-startup-timeout", NULL};
+                                          "--upstream-health-failures", "--upstream-startup-timeout",
+                                          "--upstream-raw-completions", NULL};
 static const char *const mocker_only[] = {"--num-gpu-blocks-override", "--block-size", "--max-num-seqs",
                                           "--max-num-batched-tokens", "--watermark", "--speedup-ratio",
                                           "--fault-die-after-tokens", "--fault-stall-after-tokens",
@@ -581,8 +583,9 @@ static const char *const mocker_only[] = {"--num-gpu-blocks-override", "--block-
 
 static bool engine_settings_check(const wk_opts *o, const bt_opt *opts, int nopts, int argc, char **argv, char *err,
                                   size_t errlen) {
-    bool openai = strcmp(o->engine, "openai") == 0;
-    if (!openai && strcmp(o->engine, "mocker") != 0) return true; /* an unknown engine is reported at start-up */
+    bool openai = strcmp(o->engine, "openai") == 0, llama = strcmp(o->engine, "llama") == 0;
+    if (!openai && !llama && strcmp(o->engine, "mocker") != 0) return true; /* reported at start-up */
+    /* the llama engine reads the scheduler flags it shares with the mocker, none of the openai ones */
     const char *const *foreign = openai ? mocker_only : openai_only;
     for (int i = 0; foreign[i]; i++) {
         const char *origin = bt_opts_origin(opts, nopts, argc, argv, 1, foreign[i]);
@@ -591,12 +594,29 @@ static bool engine_settings_check(const wk_opts *o, const bt_opt *opts, int nopt
             snprintf(err, errlen, "%s is a setting of the mocker engine, which this worker does not run (--engine "
                                   "openai): remove it", given_as(origin, foreign[i]));
         else
-            snprintf(err, errlen, "%s is a setting of the openai engine, but this worker runs the mocker: add "
+            snprintf(err, errlen, "%s is a setting of the openai engine, but this worker runs the %s: add "
                                   "--engine openai (or DYN_ENGINE=openai) to serve through an upstream",
-                     given_as(origin, foreign[i]));
+                     given_as(origin, foreign[i]), llama ? "llama engine (--engine llama)" : "mocker");
         return false;
     }
     return true;
+}
+
+/* The name a llama worker serves without --model-name: its GGUF file's name without the
+ * directory and a ".gguf" ending ("stories260K" for the bundled model), so that clients ask
+ * for the model that is loaded, not the mocker's "mock-model". */
+static void llama_model_name(wk_opts *o, const bt_opt *opts, int nopts, int argc, char **argv) {
+    static char name[256];
+    if (strcmp(o->engine, "llama") != 0 || bt_opts_origin(opts, nopts, argc, argv, 1, "--model-name")) return;
+    const char *path = o->llama.model_path && o->llama.model_path[0] ? o->llama.model_path : bt_llama_default_model();
+    const char *base = strrchr(path, '/');
+    base = base ? base + 1 : path;
+    size_t n = strlen(base);
+    if (n > 5 && strcasecmp(base + n - 5, ".gguf") == 0) n -= 5;
+    if (n == 0 || n >= sizeof name) return; /* nothing usable: the default stays */
+    memcpy(name, base, n);
+    name[n] = '\0';
+    o->model_name = name;
 }
 
 /* The endpoint from --endpoint, else dyn://{--namespace}.backend.generate. A namespace given with
@@ -844,7 +864,8 @@ int bt_worker_main(int argc, char **argv) {
          1000, "openai engine: failed polls in a row that make the upstream dead"},
         {"--upstream-startup-timeout", "DYN_UPSTREAM_STARTUP_TIMEOUT", BT_OPT_DOUBLE, &o->openai.startup_timeout,
          0.01, 86400, "openai engine: seconds the upstream may take to answer at first"},
-        {"--model-name", "DYN_MODEL_NAME", BT_OPT_STR, &o->model_name, 0, 0, "model name served"},
+        {"--model-name", "DYN_MODEL_NAME", BT_OPT_STR, &o->model_name, 0, 0,
+         "model name served (llama engine: the model file's name without .gguf, e.g. stories260K)"},
         {"--namespace", "DYN_NAMESPACE", BT_OPT_STR, &o->namespace_name, 0, 0,
          "namespace; without --endpoint the worker serves dyn://NAMESPACE.backend.generate"},
         {"--endpoint", "DYN_ENDPOINT", BT_OPT_STR, &o->endpoint, 0, 0, "dyn://namespace.component.endpoint"},
@@ -967,6 +988,7 @@ int bt_worker_main(int argc, char **argv) {
         free(w);
         return 0;
     }
+    llama_model_name(o, opts, nopts, argc, argv);
     uv_loop_t loop;
     uv_loop_init(&loop);
     w->loop = &loop;

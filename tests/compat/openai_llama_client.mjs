@@ -11,7 +11,7 @@ import { readFileSync } from 'node:fs';
 const sdkVersion = JSON.parse(
   readFileSync(new URL('./node_modules/openai/package.json', import.meta.url), 'utf8')).version;
 const baseURL = process.env.BATON_BASE_URL;
-const model = process.env.BATON_MODEL || 'mock-model';
+const model = process.env.BATON_MODEL || 'stories260K';
 const want = process.env.BATON_EXPECT_TEXT;
 if (!baseURL || !want) {
   console.error('BATON_BASE_URL and BATON_EXPECT_TEXT must be set');

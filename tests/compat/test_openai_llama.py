@@ -36,7 +36,7 @@ def main():
         # `baton run --engine llama`, as the README (and scripts/run) starts it: the bundled model,
         # the libraries from the cache scripts/setup fills
         fe = c.start_run(workers=1, engine="llama", timeout=60)
-        env = dict(os.environ, BATON_BASE_URL=f"{fe.url}/v1", BATON_MODEL="mock-model", BATON_EXPECT_TEXT=STORIES_GREEDY)
+        env = dict(os.environ, BATON_BASE_URL=f"{fe.url}/v1", BATON_MODEL="stories260K", BATON_EXPECT_TEXT=STORIES_GREEDY)
         result = npmlib.run_node(work, "openai_llama_client.mjs", env, 180)[0]
         names = [ch["name"] for ch in result["checks"]]
         if names != EXPECTED:

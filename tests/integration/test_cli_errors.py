@@ -13,8 +13,8 @@
      --http-host localhost` is refused before any child starts (exit 2), as is a fixed worker port
      (--system-port, --rpc-port, DYN_TCP_RPC_PORT) with more than one worker.
      `baton run` also refuses, before it starts any child, every argument a child would refuse:
-     an unknown flag (passed on to the workers), a bad value of a frontend flag (exit 2, "nothing
-     was started", no directory made, nothing listening).
+     an unknown flag (passed on to the workers), a bad value of a frontend flag, an openai setting
+     with --engine llama (exit 2, "nothing was started", no directory made, nothing listening).
   4. `baton run --help` says how to get llama.cpp workers (--engine llama). `baton help` prints
      the usage `baton --help` prints; `baton help CMD` what `baton CMD --help` prints.
   5. A file discovery directory this user cannot read (frontend, worker) or write in (worker) is a
@@ -133,8 +133,9 @@ for args, env, want in [(["--system-port", "9090"], {}, "baton run: --system-por
     assert rc == 2 and want in out and "started" not in out, (args, env, rc, out)
 
 # an argument a child would refuse is refused by `baton run` itself, before it starts anything: an
-# unknown flag (passed on to the workers), a bad value of a frontend flag it passes on. Nothing is
-# started: no "started" line, no discovery directory made under TMPDIR, nothing on the port. Each frontend flag with a number or boolean default reaches the
+# unknown flag (passed on to the workers), a bad value of a frontend flag it passes on, an openai
+# setting with the llama engine. Nothing is started: no "started" line, no discovery directory made
+# under TMPDIR, nothing on the port. Each frontend flag with a number or boolean default reaches the
 # frontend's check (none is passed to the workers, which would refuse it as unknown).
 run_tmp = bl.tmpdir("cli-run-tmp")
 fe_rows = [ROW.match(line) for line in baton(["frontend", "--help"])[1].splitlines() if line.startswith("  --")]
@@ -144,7 +145,10 @@ fe_checked = [m.group(1) for m in fe_rows if m.group(1) not in run_own and not m
               and not m.group(1).startswith("--etcd") and re.fullmatch(r"-?[0-9.]+|true|false", m.group(4))]
 assert len(fe_checked) >= 20, fe_checked
 refusals = [(["--bogus"], "baton run: unknown argument '--bogus'", "baton worker"),
-            (["--bogus", "3", "--workers", "1"], "baton run: unknown argument '--bogus'", "baton worker")]
+            (["--bogus", "3", "--workers", "1"], "baton run: unknown argument '--bogus'", "baton worker"),
+            (["--engine", "llama", "--upstream", "http://127.0.0.1:9"],
+             "baton run: --upstream is a setting of the openai engine, but this worker runs the llama engine "
+             "(--engine llama): add --engine openai", "baton worker")]
 refusals += [([f"{flag}=bogus"], f"baton run: invalid value 'bogus' for {flag}", "baton frontend")
              for flag in fe_checked]
 for args, want, child in refusals:

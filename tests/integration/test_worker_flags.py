@@ -1,8 +1,8 @@
 """Worker settings: the wrong engine's settings are refused, --namespace, and what --help tells.
 
   1. Each openai-engine setting (as a flag, and --upstream also as DYN_UPSTREAM_URL) given to a
-     worker that runs the mocker: exit 2 at once with a message naming the setting and
-     `--engine openai`, nothing registered in discovery. Each mocker setting (flag, and
+     worker that runs the mocker or the llama engine: exit 2 at once with a message naming the
+     setting and `--engine openai`, nothing registered in discovery. Each mocker setting (flag, and
      DYN_SPEEDUP_RATIO) given with --engine openai: exit 2 naming it. A setting both engines read
      (--default-max-tokens) is accepted with either.
   2. `baton run --engine openai --upstream URL` serves through that upstream: the launcher adds no
@@ -12,7 +12,10 @@
      another namespace are refused (exit 2), as is a namespace with a '.'.
   4. --help: the worker lists --namespace with DYN_NAMESPACE; --discovery-dir's default reads
      $TMPDIR/baton_store_kv, and a worker and a frontend started without one meet there; run,
-     frontend and worker list DYN_LOG and DYN_LOGGING_JSONL, which do what the help says."""
+     frontend and worker list DYN_LOG and DYN_LOGGING_JSONL, which do what the help says.
+  5. A llama worker without --model-name serves its model file's name without .gguf (stories260K
+     for the bundled model), under `baton worker` and `baton run --engine llama` alike: /v1/models
+     lists it, "baton: serving" names it, a request for it is served and "mock-model" is 404."""
 
 import json
 import os
@@ -68,6 +71,16 @@ with bl.Cluster() as c:
         refused(c, up + [flag] + ([value] if value else []),
                 rx=re.escape(flag) + r" is a setting of the mocker engine, which this worker does not run")
     refused(c, up, env={"DYN_SPEEDUP_RATIO": "3"}, rx=r"DYN_SPEEDUP_RATIO is a setting of the mocker engine")
+    # the llama engine reads no openai setting either: refused the same way, naming --engine openai
+    # (a llama worker given --upstream used to ignore it in silence)
+    for flag, value in OPENAI_ONLY + [("--upstream-raw-completions", None)]:
+        refused(c, ["--engine", "llama", flag] + ([value] if value else []),
+                rx=re.escape(flag) + r" is a setting of the openai engine, but this worker runs the llama engine "
+                                     r"\(--engine llama\): add --engine openai")
+    refused(c, ["--engine", "llama"], env={"DYN_UPSTREAM_URL": "http://127.0.0.1:9"},
+            rx=r"DYN_UPSTREAM_URL is a setting of the openai engine, but this worker runs the llama engine")
+    refused(c, ["--upstream-raw-completions"], rx=r"--upstream-raw-completions is a setting of the openai engine, "
+                                                  r"but this worker runs the mocker: add --engine openai")
     # a setting both engines read is accepted with either
     dead = bl.free_port()  # nothing listens: the openai worker waits for its upstream
     w = c.start_worker(engine="openai", upstream=f"http://127.0.0.1:{dead}", default_max_tokens=5,
@@ -78,7 +91,8 @@ with bl.Cluster() as c:
     fe = c.start_frontend()
     c.start_worker(speedup_ratio=50, default_max_tokens=5)
     c.wait_workers(fe, 1)
-print(f"wrong engine: {len(OPENAI_ONLY) * 2 + 1} openai and {len(MOCKER_ONLY) + 1} mocker settings refused with exit 2")
+print(f"wrong engine: {len(OPENAI_ONLY) * 2 + 2} openai settings refused with the mocker, {len(OPENAI_ONLY) + 2} "
+      f"with llama, {len(MOCKER_ONLY) + 1} mocker settings with openai, exit 2")
 
 # --- 2. baton run in front of an openai-compatible upstream
 with bl.Cluster() as up:
@@ -162,4 +176,45 @@ with bl.Cluster() as c:
     assert any(json.loads(l)["level"] == "INFO" for l in j.proc.log_text().splitlines())
     assert q.proc.alive() and not re.search(r" (INFO|DEBUG) ", q.proc.log_text()), q.proc.log_text()
 print("--help: --namespace, $TMPDIR/baton_store_kv (a worker and a frontend met there), DYN_LOG, DYN_LOGGING_JSONL")
+# --- 5. the name a llama worker serves: its model file's, with `baton worker` and `baton run` alike
+if os.environ.get("BATON_NO_LLAMA") == "1":
+    print("llama model name: skipped (BATON_NO_LLAMA=1)")
+else:
+    def model_ids(url):
+        st, _, body = bl.get_json(url + "/v1/models")
+        assert st == 200, (st, body)
+        return sorted(m["id"] for m in body["data"])
+
+    def served(url, model, want_ok):
+        st, _, body = bl.post_json(url + "/v1/completions", bl.completion_body("Once upon a time", model=model,
+                                                                               max_tokens=6, temperature=0))
+        if want_ok:
+            assert st == 200 and body["model"] == model and body["choices"][0]["text"], (model, st, body)
+        else:
+            assert st == 404 and body["error"]["code"] == "model_not_found", (model, st, body)
+
+    with bl.Cluster() as c:
+        fe = c.start_run(workers=1, engine="llama")
+        assert re.search(r"(?m)^baton: serving 'stories260K' with 1 workers", fe.proc.log_text()), fe.proc.log_tail()
+        assert model_ids(fe.url) == ["stories260K"], model_ids(fe.url)
+        served(fe.url, "stories260K", True)
+        served(fe.url, "mock-model", False)
+        fe.proc.kill(signal.SIGINT)
+        assert fe.proc.wait(30) == 0, fe.proc.returncode
+    model = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "models",
+                         "stories260K.gguf")
+    with bl.Cluster() as c:
+        renamed = os.path.join(c.dir, "tiny-tales.GGUF")
+        os.symlink(model, renamed)
+        fe = c.start_frontend()
+        w1 = c.start_worker(engine="llama", model_name=None)  # the harness names llama workers mock-model
+        w2 = c.start_worker(engine="llama", model_name=None, model=renamed)
+        w3 = c.start_worker(engine="llama", model_name="my-name")
+        c.wait_workers(fe, 3)
+        assert model_ids(fe.url) == ["my-name", "stories260K", "tiny-tales"], model_ids(fe.url)
+        for w, name in ((w1, "stories260K"), (w2, "tiny-tales"), (w3, "my-name")):
+            assert re.search(r"serving model '%s'" % name, w.proc.log_text()), (name, w.proc.log_tail())
+        served(fe.url, "tiny-tales", True)
+    print("llama model name: the model file's name (baton run and baton worker), --model-name overrides")
+
 print("test_worker_flags: ok")

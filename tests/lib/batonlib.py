@@ -1020,6 +1020,10 @@ class Cluster:
         With wait (and a status server), returns once its GET /live answers."""
         rpc_port = flags.pop("rpc_port", None) or free_port()
         flags.setdefault("rpc_host", "127.0.0.1")
+        # a llama worker serves its model file's name by default (stories260K); the tests name
+        # one model for every engine, so a llama worker they start serves it under "mock-model"
+        if flags.get("engine") == "llama":
+            flags.setdefault("model_name", "mock-model")
         flags = self._common(flags)
         e = dict(self.env)
         if system_port is True:
