@@ -27,10 +27,13 @@ void bt_log_init(const char *component) {
             }
         if (strncasecmp(lvl, "warning", 7) == 0) g_level = BT_LOG_WARN;
         /* a typo would otherwise leave the default in silence (the user asked for another level) */
-        if (!known)
+        static bool told; /* once per process: `baton run` initializes the log more than once */
+        if (!known && !told) {
+            told = true;
             fprintf(stderr, "baton %s: DYN_LOG='%.64s' names no level (error, warn, info, debug or trace); logging "
                             "at %s\n",
                     component ? component : "", lvl, level_names[g_level]);
+        }
     }
     const char *j = getenv("DYN_LOGGING_JSONL");
     g_jsonl = j && (strcmp(j, "1") == 0 || strcasecmp(j, "true") == 0);

@@ -13,8 +13,9 @@
      --http-host localhost` is refused before any child starts (exit 2), as is a fixed worker port
      (--system-port, --rpc-port, DYN_TCP_RPC_PORT) with more than one worker.
      `baton run` also refuses, before it starts any child, every argument a child would refuse:
-     an unknown flag (passed on to the workers), a bad value of a frontend flag, an openai setting
-     with --engine llama (exit 2, "nothing was started", no directory made, nothing listening).
+     an unknown flag (passed on to the workers), a bad value of a frontend flag, an unknown
+     engine, an openai setting with --engine llama (exit 2, "nothing was started", no directory
+     made, nothing listening).
   4. `baton run --help` says how to get llama.cpp workers (--engine llama). `baton help` prints
      the usage `baton --help` prints; `baton help CMD` what `baton CMD --help` prints.
   5. A file discovery directory this user cannot read (frontend, worker) or write in (worker) is a
@@ -146,6 +147,7 @@ fe_checked = [m.group(1) for m in fe_rows if m.group(1) not in run_own and not m
 assert len(fe_checked) >= 20, fe_checked
 refusals = [(["--bogus"], "baton run: unknown argument '--bogus'", "baton worker"),
             (["--bogus", "3", "--workers", "1"], "baton run: unknown argument '--bogus'", "baton worker"),
+            (["--engine", "bogus"], "baton run: unknown --engine 'bogus' (mocker, openai or llama)", "baton worker"),
             (["--engine", "llama", "--upstream", "http://127.0.0.1:9"],
              "baton run: --upstream is a setting of the openai engine, but this worker runs the llama engine "
              "(--engine llama): add --engine openai", "baton worker")]
@@ -158,6 +160,11 @@ for args, want, child in refusals:
     assert "start" not in out.replace("nothing was started", ""), f"{args}: something started:\n{out}"
     assert os.listdir(run_tmp) == [], (args, os.listdir(run_tmp))
     assert took < 10 and not listening(port), (args, took)
+rc, out, _ = baton(["worker", "--system-port", "-1"], env={"DYN_ENGINE": "vllm"})
+assert rc == 2 and "baton worker: unknown DYN_ENGINE 'vllm' (mocker, openai or llama)" in out, (rc, out)
+# the checks run in baton run's own process: a DYN_LOG typo is still reported once, not per check
+rc, out, _ = baton(["run", "--http-port", str(port), "--bogus"], env={"TMPDIR": run_tmp, "DYN_LOG": "verbose"})
+assert rc == 2 and out.count("DYN_LOG='verbose' names no level") == 1, (rc, out)
 print(f"cli: baton run refuses what its children would ({len(refusals)} cases, {len(fe_checked)} frontend flags) "
       "before starting anything")
 
