@@ -48,8 +48,7 @@ int bt_proc_error(const char *cmd, const char *fmt, ...) {
     if (bt_proc_check_for)
         fprintf(stderr, "baton %s: %s (as passed on to `baton %s`, which refuses it); nothing was started\n",
                 bt_proc_check_for, msg, cmd);
-    else
-        fprintf(stderr, "baton %s: %s\n", cmd, msg);
+    else fprintf(stderr, "baton %s: %s\n", cmd, msg);
     return 2;
 }
 

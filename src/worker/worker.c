@@ -586,8 +586,8 @@ static bool engine_settings_check(const wk_opts *o, const bt_opt *opts, int nopt
     bool openai = strcmp(o->engine, "openai") == 0, llama = strcmp(o->engine, "llama") == 0;
     if (!openai && !llama && strcmp(o->engine, "mocker") != 0) {
         const char *origin = bt_opts_origin(opts, nopts, argc, argv, 1, "--engine");
-        snprintf(err, errlen, "unknown %s '%s' (mocker, openai or llama)", origin ? given_as(origin, "--engine") :
-                 "--engine", o->engine);
+        snprintf(err, errlen, "unknown %s '%s' (mocker, openai or llama)",
+                 origin ? given_as(origin, "--engine") : "--engine", o->engine);
         return false;
     }
     /* the llama engine reads the scheduler flags it shares with the mocker, none of the openai ones */
