@@ -1,0 +1,173 @@
+"""An urgent request is not held in the frontend's admission queue behind a busy verdict that its
+worker could lift by preempting (docs/load-shedding.md, "Urgent requests and busy workers").
+
+The worker reports in its LOAD frames the running sequences a more urgent arrival would preempt
+and their priority (BT_LOAD_PREEMPT); with every worker busy, the frontend routes a request whose
+priority is strictly more urgent to such a worker instead of queueing it, at most one per victim
+until it has its first token. Equal or less urgent requests queue as before.
+
+Setup: a frontend with its busy threshold on (--active-decode-blocks-threshold 0: the worker is
+busy while it holds any KV block) and its admission queue on (--queue-max-requests 64), a key
+whose ceiling is 10 (--priority-ceiling batch-key=10), and one worker that runs one sequence at a
+time (--max-num-seqs 1), so that an urgent request gets in only by preemption.
+
+1. Reference: the bulk requests on an idle, fast worker.
+2. Three bulk requests (priority 10, ~500 tokens, about 3 s each): one runs, two wait in the
+   frontend's queue. While the first runs, urgent requests (priority 0) are sent one at a time:
+   each gets its first token before the running bulk stream ends (queued, it would wait for that
+   end: the queue lets requests out only when the worker is not busy) and before either queued
+   bulk request that arrived earlier; the frontend counted them in
+   baton_frontend_preempt_routed_total, and the worker's priority preemptions rose as much.
+3. A request of the bulk's own priority, and one under batch-key asking for 0 (clamped to 10), sent
+   while a bulk stream runs: neither passes the busy verdict (the counter does not move) and each
+   gets its first token only after that stream has ended.
+4. Every stream completes; the preempted bulk stream is byte-exact against its reference.
+5. The queue off (POST /admission): with the worker busy an urgent request is still served (routed
+   past the verdict) while one of the bulk's priority is refused with 503 at once.
+
+Without the routing past the busy verdict (fe_route_preempt returning NULL) step 2 fails: the
+urgent request waits for the running bulk stream to end.
+"""
+
+import threading
+import time
+
+import batonlib as bl
+import faultlib as fl
+
+bl.deadline(120 * fl.SLOW, "test_priority_admission")
+
+N_BULK, BULK_TOKENS, N_URGENT, URGENT_TOKENS = 3, 500, 4, 8
+
+
+def bulk_body(i):
+    extra = {"temperature": 0.8, "seed": 700 + i} if i % 2 else {"temperature": 0}
+    return bl.chat_body(f"bulk {i}", max_tokens=BULK_TOKENS, return_token_ids=True, priority=10, **extra)
+
+
+def urgent_body(i, priority=0):
+    return bl.chat_body(f"vip {i}", max_tokens=URGENT_TOKENS, return_token_ids=True, priority=priority)
+
+
+def preempt_routed(fe):
+    return bl.metric_sum(bl.metrics(fe.url), "baton_frontend_preempt_routed_total")
+
+
+def running_bulk(bulk, t):
+    """The bulk stream that had its first token before t and had not ended at t (None if none)."""
+    for s in bulk:
+        if s is not None and s.t_first is not None and s.t_first < t and (s.t_end is None or s.t_end > t):
+            return s
+    return None
+
+
+# --- 1. references on an idle, fast worker
+with bl.Cluster() as c:
+    fe = c.start_frontend()
+    c.start_worker(max_num_seqs=8, speedup_ratio=100)
+    c.wait_workers(fe, 1)
+    ref, ts = fl.start_all(bl.stream_chat, fe.url, [bulk_body(i) for i in range(N_BULK)])
+    for t in ts:
+        t.join(60)
+    for s in ref:
+        assert s is not None, "a reference request did not finish"
+        s.assert_ok("a reference stream")
+        assert len(s.token_ids) == BULK_TOKENS, s.summary()
+
+with bl.Cluster() as c:
+    fe = c.start_frontend(active_decode_blocks_threshold=0.0, queue_max_requests=64, queue_timeout=60,
+                          priority_ceiling="batch-key=10")
+    w = c.start_worker(max_num_seqs=1, speedup_ratio=1, system_port=True, wait=True)
+    c.wait_workers(fe, 1)
+
+    # --- 2. one bulk stream runs, the others queue at the frontend; urgent requests one at a time
+    bulk = [None] * N_BULK
+    threads = []
+    for i in range(N_BULK):
+        def one(i=i):
+            bulk[i] = bl.stream_chat(fe.url, bulk_body(i), timeout=90 * fl.SLOW)
+        threads.append(threading.Thread(target=one))
+        threads[-1].start()
+        time.sleep(0.05)  # in order: the first runs, the others queue behind it
+    bl.wait_for(lambda: bl.metric_sum(bl.metrics(fe.url), "baton_frontend_queue_requests") >= N_BULK - 1, 20,
+                interval=0.02, what="the frontend's queue to hold the bulk surplus")
+    assert preempt_routed(fe) == 0, "a bulk request was routed past the busy verdict"
+
+    urgent = []
+    for i in range(N_URGENT):
+        time.sleep(0.2)  # the preempted bulk stream runs again between two urgent requests
+        s = bl.stream_chat(fe.url, urgent_body(i), timeout=30 * fl.SLOW)
+        s.assert_ok("an urgent request while every worker is busy")
+        assert len(s.token_ids) == URGENT_TOKENS, s.summary()
+        urgent.append(s)
+    n_routed = preempt_routed(fe)
+    n_prio = fl.preemptions(w, "priority")
+
+    # --- 3. equal priority, and a key clamped to the bulk's priority, still queue
+    equal = {}
+
+    def send(name, body, headers=None):
+        equal[name] = bl.stream_chat(fe.url, body, timeout=90 * fl.SLOW, headers=headers)
+
+    eq_threads = [threading.Thread(target=send, args=("priority 10", urgent_body(100, priority=10))),
+                  threading.Thread(target=send, args=("batch-key asking 0", urgent_body(101),
+                                                      {"Authorization": "Bearer batch-key"}))]
+    t_eq = time.monotonic()
+    for t in eq_threads:
+        t.start()
+    time.sleep(0.5)
+    n_routed_eq = preempt_routed(fe)
+    for t in threads + eq_threads:
+        t.join(120 * fl.SLOW)
+
+    # --- 4. everything completed; the preempted stream is exact
+    for i, s in enumerate(bulk):
+        assert s is not None, f"bulk request {i} did not finish"
+        s.assert_ok(f"bulk stream {i}")
+        assert s.token_ids == ref[i].token_ids, f"bulk stream {i} differs from its reference: {s.summary()}"
+        assert s.text == ref[i].text, f"bulk stream {i}: text differs from its reference"
+    for name, s in equal.items():
+        s.assert_ok(f"the {name} request")
+
+    ttft = [round(s.t_first - s.t_start, 3) for s in urgent]
+    print(f"urgent TTFTs {ttft}; bulk TTFTs {[round(s.t_first - s.t_start, 2) for s in bulk]}; routed past the "
+          f"busy verdict {n_routed:.0f}, worker priority preemptions {n_prio:.0f}; equal-priority TTFTs "
+          f"{ {k: round(s.t_first - s.t_start, 2) for k, s in equal.items()} }", flush=True)
+    for i, s in enumerate(urgent):
+        run = running_bulk(bulk, s.t_start)
+        assert run is not None, (f"setup: no bulk stream was running when urgent request {i} was sent (the "
+                                 "worker was not saturated)")
+        assert s.t_first < run.t_end, (f"urgent request {i} waited for the running bulk stream to end (first token "
+                                       f"{s.t_first - run.t_end:+.3f} s after it): it was held in the queue")
+        queued = [b for b in bulk if b.t_start < s.t_start and b.t_first > s.t_start]
+        assert queued or i > 0, "setup: no bulk request was queued when the first urgent one was sent"
+        for b in queued:
+            assert s.t_first < b.t_first, f"urgent request {i} was admitted after a queued bulk request"
+    assert n_routed >= N_URGENT, f"only {n_routed:.0f} of {N_URGENT} urgent requests were routed past the verdict"
+    assert n_prio >= n_routed, f"{n_routed:.0f} routed past the verdict but only {n_prio:.0f} priority preemptions"
+    assert n_routed_eq == n_routed, (f"a request of the bulk's priority was routed past the busy verdict "
+                                     f"({n_routed_eq - n_routed:.0f})")
+    for name, s in equal.items():
+        run = running_bulk(bulk, t_eq)
+        assert run is not None, "setup: no bulk stream was running when the equal-priority requests were sent"
+        assert s.t_first > run.t_end, (f"the {name} request got its first token before the running bulk stream "
+                                       "ended: it passed the busy verdict")
+    assert preempt_routed(fe) == n_routed, "a request of the bulk's priority was routed past the busy verdict"
+
+    # --- 5. the queue off: an urgent request is served past the verdict, an equal one refused
+    st, _, b = bl.post_json(fe.url + "/admission", {"queue_max_requests": 0})
+    assert st == 200, b
+    hold = [None]
+    ht = threading.Thread(target=lambda: hold.__setitem__(0, bl.stream_chat(fe.url, bulk_body(0), timeout=60)))
+    ht.start()
+    bl.wait_for(lambda: bl.metric_sum(bl.metrics(fe.url), "baton_frontend_worker_busy") >= 1, 10, interval=0.02,
+                what="the worker to be busy")
+    refused = bl.stream_chat(fe.url, urgent_body(200, priority=10), timeout=30)
+    served = bl.stream_chat(fe.url, urgent_body(201), timeout=30)
+    ht.join(60)
+    assert refused.status == 503, f"equal priority with the queue off: {refused.summary()}"
+    served.assert_ok("an urgent request with the queue off")
+    hold[0].assert_ok("the bulk stream of step 5")
+    assert served.t_first < hold[0].t_end, "the urgent request waited for the bulk stream with the queue off"
+    assert preempt_routed(fe) == n_routed + 1, "the urgent request with the queue off was not counted"
+print("test_priority_admission: ok")
