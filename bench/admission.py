@@ -28,7 +28,8 @@ preempts for them) are printed, cumulative.
 goes straight to the worker) and the worker at --max-num-seqs 8: the worker's own (priority,
 arrival) queue and its priority preemption decide who runs.
 
-usage: BATON_BIN=build/baton python3 bench/admission.py [--seconds 20] [--fairness-only | --worker-queue]
+usage: BATON_BIN=build/baton python3 bench/admission.py [--seconds 20] [--fairness-only | --overload-only |
+       --worker-queue]
 """
 
 import argparse
@@ -79,6 +80,7 @@ def main():
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--fairness-only", action="store_true")
     ap.add_argument("--worker-queue", action="store_true")
+    ap.add_argument("--overload-only", action="store_true", help="the overload table alone (no fairness runs)")
     a = ap.parse_args()
     bl.deadline(int(a.seconds * 5 + 600), "admission bench")
     worker = dict(speedup_ratio=4, num_gpu_blocks_override=64, block_size=16)
@@ -115,7 +117,7 @@ def main():
                 f"{bl.metric_sum(bl.metrics(fe.url), 'baton_frontend_preempt_routed_total'):.0f}", flush=True)
             bl.wait_for(lambda: bl.metric_sum(bl.metrics(fe.url), "baton_frontend_queue_requests") == 0, 60)
         print()
-        for thr in (() if a.worker_queue else (0.5, 0.0)):
+        for thr in (() if a.worker_queue or a.overload_only else (0.5, 0.0)):
             # 0.5: the worker runs several streams at once (its KV blocks grow after admission); 0.0:
             # it runs one at a time and every other request waits in the frontend's queue
             st, _, b = bl.post_json(fe.url + "/busy_threshold",

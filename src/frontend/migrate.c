@@ -357,8 +357,9 @@ void fe_attempt_on_tokens(fe_attempt *a, const uint32_t *ids, size_t n, const ch
     if (a->tokens == 0) {
         fe_outlier_first_token(r->fe, a->worker, (double)(t - a->t_sent_us) / 1e6);
         fe_attempt_preempt_done(a); /* it was admitted: its worker's next LOAD shows what it took */
+    } else {
+        fe_outlier_tokens(r->fe, a->worker, (double)(t - a->t_last_us) / 1e6, n);
     }
-    else fe_outlier_tokens(r->fe, a->worker, (double)(t - a->t_last_us) / 1e6, n);
     a->t_last_us = t;
     a->tokens += (uint32_t)n;
     if (r->state == FE_REQ_MIGRATING) {
