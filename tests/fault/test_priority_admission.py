@@ -25,6 +25,9 @@ time (--max-num-seqs 1), so that an urgent request gets in only by preemption.
 5. The queue off (POST /admission): with the worker busy an urgent request is still served (routed
    past the verdict) while one of the bulk's priority is refused with 503 at once.
 
+6. The same with the NATS event plane (the frontend then uses the worker's NATS messages, not its
+   LOAD frames): an urgent request is routed past the verdict and preempts.
+
 Without the routing past the busy verdict (fe_route_preempt returning NULL) step 2 fails: the
 urgent request waits for the running bulk stream to end.
 """
@@ -34,8 +37,9 @@ import time
 
 import batonlib as bl
 import faultlib as fl
+import natslib
 
-bl.deadline(120 * fl.SLOW, "test_priority_admission")
+bl.deadline(150 * fl.SLOW, "test_priority_admission")
 
 N_BULK, BULK_TOKENS, N_URGENT, URGENT_TOKENS = 3, 500, 4, 8
 
@@ -170,4 +174,45 @@ with bl.Cluster() as c:
     hold[0].assert_ok("the bulk stream of step 5")
     assert served.t_first < hold[0].t_end, "the urgent request waited for the bulk stream with the queue off"
     assert preempt_routed(fe) == n_routed + 1, "the urgent request with the queue off was not counted"
+
+# --- 6. the same through the NATS event plane: the frontend takes the worker's reports from there
+# (and ignores its LOAD frames), so the victims must travel in the event-plane message too
+with bl.Cluster() as c:
+    nats = natslib.NatsServer(c.dir).start()
+    plane = dict(event_plane="nats", nats_server=nats.url)
+    fe = c.start_frontend(active_decode_blocks_threshold=0.0, queue_max_requests=64, queue_timeout=60, **plane)
+    w = c.start_worker(max_num_seqs=1, speedup_ratio=1, system_port=True, wait=True, **plane)
+    c.wait_workers(fe, 1)
+    bl.wait_for(lambda: bl.metric_sum(bl.metrics(fe.url), "baton_frontend_worker_load_reports_total",
+                                      source="event_plane") > 0, 20, what="event-plane load reports")
+    bulk = [None] * 2
+    threads = []
+    for i in range(2):
+        def one(i=i):
+            bulk[i] = bl.stream_chat(fe.url, bulk_body(i), timeout=90 * fl.SLOW)
+        threads.append(threading.Thread(target=one))
+        threads[-1].start()
+        time.sleep(0.05)
+    bl.wait_for(lambda: bl.metric_sum(bl.metrics(fe.url), "baton_frontend_queue_requests") >= 1, 20, interval=0.02,
+                what="the frontend's queue to hold the second bulk request")
+    m0 = bl.metrics(fe.url)
+    time.sleep(0.2)
+    s = bl.stream_chat(fe.url, urgent_body(300), timeout=30 * fl.SLOW)
+    m1 = bl.metrics(fe.url)
+    for t in threads:
+        t.join(120 * fl.SLOW)
+    s.assert_ok("an urgent request with the event plane")
+    for i, b in enumerate(bulk):
+        b.assert_ok(f"bulk stream {i} with the event plane")
+        assert b.token_ids == ref[i].token_ids, f"bulk stream {i} differs from its reference: {b.summary()}"
+    ev = (bl.metric_sum(m1, "baton_frontend_worker_load_reports_total", source="event_plane")
+          - bl.metric_sum(m0, "baton_frontend_worker_load_reports_total", source="event_plane"))
+    frames = (bl.metric_sum(m1, "baton_frontend_worker_load_reports_total", source="request_plane")
+              - bl.metric_sum(m0, "baton_frontend_worker_load_reports_total", source="request_plane"))
+    print(f"event plane: urgent TTFT {s.t_first - s.t_start:.3f}s, reports used meanwhile: {ev:.0f} from NATS, "
+          f"{frames:.0f} LOAD frames", flush=True)
+    assert ev > 0 and frames == 0, f"the reports did not come from the event plane ({ev:.0f} NATS, {frames:.0f} LOAD)"
+    assert s.t_first < bulk[0].t_end, "with the event plane, the urgent request waited for the running bulk stream"
+    assert bl.metric_sum(m1, "baton_frontend_preempt_routed_total") == 1, "not routed past the busy verdict"
+    assert fl.preemptions(w, "priority") >= 1, "the worker did not preempt for the urgent request"
 print("test_priority_admission: ok")
