@@ -28,6 +28,9 @@ time (--max-num-seqs 1), so that an urgent request gets in only by preemption.
 6. The same with the NATS event plane (the frontend then uses the worker's NATS messages, not its
    LOAD frames): an urgent request is routed past the verdict and preempts.
 
+7. Two busy workers, one running a priority-5 stream and one a priority-10 stream: an urgent
+   request goes to the second (the least urgent victim) and only that worker preempts.
+
 Without the routing past the busy verdict (fe_route_preempt returning NULL) step 2 fails: the
 urgent request waits for the running bulk stream to end.
 """
@@ -39,7 +42,7 @@ import batonlib as bl
 import faultlib as fl
 import natslib
 
-bl.deadline(150 * fl.SLOW, "test_priority_admission")
+bl.deadline(180 * fl.SLOW, "test_priority_admission")
 
 N_BULK, BULK_TOKENS, N_URGENT, URGENT_TOKENS = 3, 500, 4, 8
 
@@ -147,6 +150,8 @@ with bl.Cluster() as c:
         assert queued or i > 0, "setup: no bulk request was queued when the first urgent one was sent"
         for b in queued:
             assert s.t_first < b.t_first, f"urgent request {i} was admitted after a queued bulk request"
+    bulk_med = sorted(b.t_first - b.t_start for b in bulk)[N_BULK // 2]
+    assert max(ttft) < bulk_med / 4, f"an urgent TTFT ({max(ttft):.3f}s) is over a quarter of the bulk median"
     assert n_routed >= N_URGENT, f"only {n_routed:.0f} of {N_URGENT} urgent requests were routed past the verdict"
     assert n_prio >= n_routed, f"{n_routed:.0f} routed past the verdict but only {n_prio:.0f} priority preemptions"
     assert n_routed_eq == n_routed, (f"a request of the bulk's priority was routed past the busy verdict "
@@ -215,4 +220,53 @@ with bl.Cluster() as c:
     assert s.t_first < bulk[0].t_end, "with the event plane, the urgent request waited for the running bulk stream"
     assert bl.metric_sum(m1, "baton_frontend_preempt_routed_total") == 1, "not routed past the busy verdict"
     assert fl.preemptions(w, "priority") >= 1, "the worker did not preempt for the urgent request"
+
+# --- 7. two busy workers, one running priority 5 and one priority 10: the urgent request goes to
+# the one whose victim is the least urgent (10), and the priority-5 stream is left alone
+def requests_total(w):
+    return bl.metric_sum(bl.metrics(w.system_url), "dynamo_component_requests_total")
+
+
+with bl.Cluster() as c:
+    fe = c.start_frontend(active_decode_blocks_threshold=0.0, queue_max_requests=64, queue_timeout=60)
+    ws = [c.start_worker(max_num_seqs=1, speedup_ratio=1, system_port=True, wait=True) for _ in range(2)]
+    c.wait_workers(fe, 2)
+    started = {}
+    threads = []
+
+    def start(name, body):
+        ev = threading.Event()
+        started[name] = [None, ev]
+
+        def run():
+            started[name][0] = bl.stream_chat(fe.url, body, timeout=90 * fl.SLOW,
+                                              on_event=lambda st, e: (st.t_first is not None and ev.set()) or False)
+        threads.append(threading.Thread(target=run))
+        threads[-1].start()
+        assert ev.wait(20), f"the {name} request got no first token"
+
+    mid_body = bl.chat_body("mid 0", max_tokens=BULK_TOKENS, return_token_ids=True, priority=5)
+    start("mid", mid_body)
+    w_mid = [w for w in ws if requests_total(w) == 1]
+    assert len(w_mid) == 1, "the priority-5 request is not on exactly one worker"
+    w_mid = w_mid[0]
+    start("bulk", bulk_body(0))
+    w_bulk = [w for w in ws if w is not w_mid][0]
+    assert requests_total(w_bulk) == 1, "the bulk request did not go to the free worker"
+    time.sleep(0.2)  # both decoding: each worker's report offers its running sequence as a victim
+    s = bl.stream_chat(fe.url, urgent_body(400), timeout=30 * fl.SLOW)
+    for t in threads:
+        t.join(120 * fl.SLOW)
+    s.assert_ok("the urgent request with two busy workers")
+    mid, bk = started["mid"][0], started["bulk"][0]
+    mid.assert_ok("the priority-5 stream")
+    bk.assert_ok("the bulk stream")
+    assert bk.token_ids == ref[0].token_ids, "the preempted bulk stream differs from its reference"
+    p_mid, p_bulk = fl.preemptions(w_mid, "priority"), fl.preemptions(w_bulk, "priority")
+    print(f"two workers: urgent TTFT {s.t_first - s.t_start:.3f}s; priority preemptions: worker running priority 5 "
+          f"{p_mid:.0f}, worker running priority 10 {p_bulk:.0f}", flush=True)
+    assert s.t_first < min(mid.t_end, bk.t_end), "the urgent request waited for a running stream to end"
+    assert requests_total(w_bulk) == 2 and requests_total(w_mid) == 1, \
+        "the urgent request did not go to the worker running the least urgent sequence"
+    assert p_bulk == 1 and p_mid == 0, f"preemptions: priority-10 worker {p_bulk:.0f}, priority-5 worker {p_mid:.0f}"
 print("test_priority_admission: ok")
