@@ -20,12 +20,16 @@ at 0.5 (the worker runs several streams at once and most requests find it not bu
 the queue: the in-flight share check is what keeps the tenants fair there) and at 0 (the worker
 runs one stream at a time: every other request waits in the frontend's queue).
 
+After each level the worker's preemption counters (priority, kv) and the frontend's
+baton_frontend_preempt_routed_total (requests routed past the busy verdict to a worker that
+preempts for them) are printed, cumulative.
+
 --worker-queue: the overload table only, with no busy threshold at the frontend (every request
 goes straight to the worker) and the worker at --max-num-seqs 8: the worker's own (priority,
-arrival) queue and its priority preemption decide who runs; the worker's preemption counters are
-printed after each level.
+arrival) queue and its priority preemption decide who runs.
 
-usage: BATON_BIN=build/baton python3 bench/admission.py [--seconds 20] [--fairness-only | --worker-queue]
+usage: BATON_BIN=build/baton python3 bench/admission.py [--seconds 20] [--fairness-only | --overload-only |
+       --worker-queue]
 """
 
 import argparse
@@ -76,6 +80,7 @@ def main():
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--fairness-only", action="store_true")
     ap.add_argument("--worker-queue", action="store_true")
+    ap.add_argument("--overload-only", action="store_true", help="the overload table alone (no fairness runs)")
     a = ap.parse_args()
     bl.deadline(int(a.seconds * 5 + 600), "admission bench")
     worker = dict(speedup_ratio=4, num_gpu_blocks_override=64, block_size=16)
@@ -86,7 +91,7 @@ def main():
         else:
             fe = c.start_frontend(active_decode_blocks_threshold=0.5, queue_max_requests=64, queue_timeout=30,
                                   trust_tenant_header=True)
-            w = c.start_worker(**worker)
+            w = c.start_worker(system_port=True, wait=True, **worker)
         c.wait_workers(fe, 1)
         print("| load | bulk clients (prio 10) | vip clients (prio 0) | bulk admitted | bulk TTFT p50 / p99 | "
               "vip admitted | vip TTFT p50 / p99 | refused (429/503) |")
@@ -105,14 +110,14 @@ def main():
                 row += [str(len(ok)), f"{pct(tt, 50):.2f} s / {pct(tt, 99):.2f} s"]
             row.append(str(refused))
             print("| " + " | ".join(row) + " |", flush=True)
-            if a.worker_queue:
-                m = bl.metrics(w.system_url)
-                print("  worker preemptions so far: " + ", ".join(
-                    f"{r} {bl.metric_sum(m, 'baton_worker_preemptions_total', reason=r):.0f}" for r in ("priority", "kv")),
-                    flush=True)
+            m = bl.metrics(w.system_url)
+            print("  worker preemptions so far: " + ", ".join(
+                f"{r} {bl.metric_sum(m, 'baton_worker_preemptions_total', reason=r):.0f}" for r in ("priority", "kv"))
+                + "; requests the frontend routed past its busy verdict so far: "
+                f"{bl.metric_sum(bl.metrics(fe.url), 'baton_frontend_preempt_routed_total'):.0f}", flush=True)
             bl.wait_for(lambda: bl.metric_sum(bl.metrics(fe.url), "baton_frontend_queue_requests") == 0, 60)
         print()
-        for thr in (() if a.worker_queue else (0.5, 0.0)):
+        for thr in (() if a.worker_queue or a.overload_only else (0.5, 0.0)):
             # 0.5: the worker runs several streams at once (its KV blocks grow after admission); 0.0:
             # it runs one at a time and every other request waits in the frontend's queue
             st, _, b = bl.post_json(fe.url + "/busy_threshold",

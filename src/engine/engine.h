@@ -126,6 +126,13 @@ typedef struct {
     uint64_t waiting;               /* sequences queued, not yet admitted */
     uint64_t running;               /* sequences admitted (prefill or decode) */
     uint64_t max_num_batched_tokens;
+    /* Priority preemption (0 for an engine without it): the running sequences that a strictly more
+     * urgent arrival would preempt now — those of the least urgent running priority that may be
+     * preempted (not preempted for priority since their last token), less the waiting sequences
+     * more urgent than them, which claim them first — and that priority. The frontend routes an
+     * urgent request past its busy verdict to such a worker (docs/load-shedding.md). */
+    uint64_t victims;
+    int64_t victim_priority;
 } bt_engine_load;
 
 /* Engine-wide notifications to the worker. */

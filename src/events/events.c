@@ -90,12 +90,18 @@ bt_status bt_events_create(uv_loop_t *loop, const bt_events_config *c, bt_events
 /* ---- codec ---- */
 
 size_t bt_events_encode_load(char *buf, size_t cap, uint64_t worker_id, const bt_load_report *r) {
+    /* the priority-preemption fields (proto.h, BT_LOAD_PREEMPT) only when the worker has victims */
+    uint32_t victims;
+    int32_t vprio;
+    char pre[64] = "";
+    if (bt_load_get_preempt(r, &victims, &vprio))
+        snprintf(pre, sizeof pre, ",\"preempt_victims\":%u,\"preempt_priority\":%d", (unsigned)victims, (int)vprio);
     int n = snprintf(buf, cap,
                      "{\"worker_id\":%" PRIu64 ",\"dp_rank\":0,\"active_decode_blocks\":%" PRIu64
                      ",\"active_prefill_tokens\":%" PRIu64 ",\"total_blocks\":%" PRIu64 ",\"waiting\":%" PRIu64
-                     ",\"running\":%" PRIu64 ",\"max_num_batched_tokens\":%" PRIu64 ",\"ready\":%s}",
+                     ",\"running\":%" PRIu64 ",\"max_num_batched_tokens\":%" PRIu64 ",\"ready\":%s%s}",
                      worker_id, r->active_decode_blocks, r->active_prefill_tokens, r->total_blocks, r->waiting,
-                     r->running, r->max_num_batched_tokens, (r->flags & BT_LOAD_READY) ? "true" : "false");
+                     r->running, r->max_num_batched_tokens, (r->flags & BT_LOAD_READY) ? "true" : "false", pre);
     if (n < 0 || (size_t)n >= cap) {
         if (cap) buf[0] = '\0';
         return 0;
@@ -151,6 +157,19 @@ bt_status bt_events_decode_load(const char *p, size_t n, uint64_t *worker_id, bt
         goto out;
     }
     r->flags = (!ready || json_is_true(ready)) ? BT_LOAD_READY : 0;
+    /* optional: the victims a more urgent arrival would find, and their priority (both or neither) */
+    uint64_t victims;
+    if (!get_count(o, "preempt_victims", &victims, err, errlen)) goto out;
+    const json_t *vp = json_object_get(o, "preempt_priority");
+    if (victims) {
+        if (!json_is_integer(vp) || json_integer_value(vp) < -BT_LOAD_VICTIM_PRIO_MAX ||
+            json_integer_value(vp) > BT_LOAD_VICTIM_PRIO_MAX) {
+            snprintf(err, errlen, "'preempt_priority' must be an integer from %d to %d with 'preempt_victims'",
+                     -BT_LOAD_VICTIM_PRIO_MAX, BT_LOAD_VICTIM_PRIO_MAX);
+            goto out;
+        }
+        bt_load_set_preempt(r, victims, (int64_t)json_integer_value(vp));
+    }
     st = BT_OK;
 out:
     json_decref(o);

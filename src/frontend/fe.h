@@ -62,6 +62,7 @@ typedef struct {
     uint64_t cancellations[2]; /* [streaming] */
     uint64_t rejections[2];    /* [api] */
     uint64_t tokens_out;
+    uint64_t preempt_routed; /* new requests routed past the busy verdict to a worker that preempts for them */
 } fe_stats;
 
 struct fe_model {
@@ -113,6 +114,9 @@ struct fe_worker {
     /* Shedding: KV blocks that requests routed since the last LOAD will need (the report does
      * not show them yet), and the rate at which finished requests release blocks. */
     uint64_t pending_blocks;
+    /* Attempts routed to it past its busy verdict (fe_route_preempt) that have had no token yet:
+     * each is taken to claim one of the victims its last LOAD offered, until its first token. */
+    uint32_t preempt_pending;
     double release_rate; /* blocks/s, exponentially decayed, read through fe_worker_release_rate */
     uint64_t release_us; /* time of the last update of release_rate */
     bt_map streams; /* stream id → fe_req */
@@ -159,6 +163,7 @@ struct fe_attempt {
     bt_ctx *ctx;     /* a child of the request's context: its callback sends STOP or KILL */
     uint32_t tokens; /* tokens received on this attempt */
     int number;      /* 1 = the first attempt */
+    bool preempting; /* routed past its worker's busy verdict: counted in its preempt_pending until its first token */
     uint64_t t_sent_us, t_last_us; /* when its REQUEST was written; its last tokens (outlier.h) */
     /* A KV state relayed ahead of the REQUEST (workers.c): its pieces are written paced, and the
      * REQUEST payload waits in held_req until the last one is out (held_req NULL: written). */
@@ -369,6 +374,17 @@ fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, bool *all_busy, const ch
  * KV blocks in use (reported plus routed since), `avoid` only if it is the only one; only those of
  * fingerprint `exact` unless it is NULL or "". NULL if none. */
 fe_worker *fe_route_least_busy(fe_model *m, uint64_t avoid, const char *exact);
+/* For a new request of priority `prio` when every worker of m is busy: a worker whose engine would
+ * preempt a strictly less urgent running sequence for it (its fresh LOAD offers victims of a
+ * priority value above prio, BT_LOAD_PREEMPT) and that has victims left once the requests already
+ * sent past its busy verdict (preempt_pending) are counted; among those, the one whose victims are
+ * the least urgent, then the one with the most left. NULL if none: the request waits or is refused
+ * as before. Routable, not ejected workers only. */
+fe_worker *fe_route_preempt(fe *f, fe_model *m, int32_t prio);
+/* Attempt a was routed with fe_route_preempt: it counts in its worker's preempt_pending until
+ * fe_attempt_preempt_done (its first token, or its end). */
+void fe_attempt_preempt_start(fe_attempt *a);
+void fe_attempt_preempt_done(fe_attempt *a);
 bool fe_worker_routable(const fe_worker *w);
 bool fe_worker_busy(const fe_worker *w, const fe_model *m);
 /* Seconds a client should wait before retrying when every worker of m is busy (Retry-After). */

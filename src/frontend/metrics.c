@@ -90,6 +90,11 @@ static void collect_models(fe *f, bt_metrics *r) {
     for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link))
         for (int s = 0; s < 2; s++)
             bt_metrics_add(fam, (double)m->st.cancellations[s], "model", m->name, "request_type", req_type[s], NULL);
+    fam = bt_metrics_counter(r, "baton_frontend_preempt_routed_total",
+                             "New requests routed past the busy verdict (every worker busy) to a worker that "
+                             "preempts a less urgent running sequence for them");
+    for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link))
+        bt_metrics_add(fam, (double)m->st.preempt_routed, "model", m->name, NULL);
     fam = bt_metrics_counter(r, "dynamo_frontend_model_rejection_total",
                              "Requests refused because every worker was busy");
     for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link))

@@ -73,6 +73,7 @@ static void on_attempt_cancel(bt_ctx *c, bt_ctx_state s, void *ud) {
  * request has no attempt until the next dispatch. */
 static void attempt_detach(fe_attempt *a) {
     fe_req *r = a->req;
+    fe_attempt_preempt_done(a);
     fe_worker_relay_drop(a);
     fe_kv_free(&a->kv_out);
     fe_worker_stream_done(a->worker, a->stream_id);
@@ -150,7 +151,7 @@ void fe_migrate_dispatch(fe_req *r) {
     }
     bool first = !r->attempts && !r->resumed;
     if (first && fe_admit_before_route(r)) return; /* others of its model wait: it queues behind them */
-    bool all_busy = false;
+    bool all_busy = false, preempting = false;
     /* a resumed stream goes back to the worker that streamed it when it can: that worker may still
      * run it as an orphan (its frontend died), and re-attaching costs no prefill */
     fe_worker *w = r->adopt_worker ? bt_map_get(&f->workers_by_id, r->adopt_worker) : NULL;
@@ -161,6 +162,12 @@ void fe_migrate_dispatch(fe_req *r) {
     const char *exact = r->nids && r->exactness[0] ? r->exactness : NULL;
     if (!adopt) {
         w = fe_route(f, r->model, r->failed_worker, &all_busy, exact);
+        if (!w && all_busy && first) {
+            /* every worker is busy, but one may preempt a less urgent running sequence for this
+             * request: it goes there instead of waiting behind that work (docs/load-shedding.md) */
+            w = fe_route_preempt(f, r->model, fe_admit_priority(r));
+            preempting = w != NULL;
+        }
         if ((r->attempts || r->resumed) && ((!w && all_busy) || (w && w->id == r->failed_worker))) {
             /* a continuation (a migration, or a resumed stream whose response has begun) was admitted already: it goes to a busy worker rather than fail, but only
              * when every worker is busy. The busy check above comes first so that the streams of a dead
@@ -235,6 +242,16 @@ void fe_migrate_dispatch(fe_req *r) {
         return;
     }
     a->stream_id = id;
+    if (preempting) {
+        uint32_t victims;
+        int32_t vp;
+        bt_load_get_preempt(&w->load, &victims, &vp);
+        fe_attempt_preempt_start(a);
+        r->model->st.preempt_routed++;
+        BT_DEBUG("request %s: every worker is busy; priority %d goes to worker %" PRIx64
+                 ", which preempts for it (victims of priority %d: %u, %u spoken for)",
+                 r->rid, fe_admit_priority(r), w->id, vp, victims, w->preempt_pending);
+    }
     /* written now, not at the connection's flush in the next loop iteration: the rest of this
      * iteration may be the fan-out of an engine step to every client (milliseconds at 1,000
      * streams), and a REQUEST that waits behind it can miss the engine's next step, which adds a
@@ -337,8 +354,12 @@ void fe_attempt_on_tokens(fe_attempt *a, const uint32_t *ids, size_t n, const ch
     fe_req *r = a->req;
     if (r->state == FE_REQ_DONE || !r->http || n == 0) return;
     uint64_t t = bt_now_us(); /* the worker's latency signals, for outlier ejection */
-    if (a->tokens == 0) fe_outlier_first_token(r->fe, a->worker, (double)(t - a->t_sent_us) / 1e6);
-    else fe_outlier_tokens(r->fe, a->worker, (double)(t - a->t_last_us) / 1e6, n);
+    if (a->tokens == 0) {
+        fe_outlier_first_token(r->fe, a->worker, (double)(t - a->t_sent_us) / 1e6);
+        fe_attempt_preempt_done(a); /* it was admitted: its worker's next LOAD shows what it took */
+    } else {
+        fe_outlier_tokens(r->fe, a->worker, (double)(t - a->t_last_us) / 1e6, n);
+    }
     a->t_last_us = t;
     a->tokens += (uint32_t)n;
     if (r->state == FE_REQ_MIGRATING) {

@@ -568,6 +568,36 @@ fe_worker *fe_route_least_busy(fe_model *m, uint64_t avoid, const char *exact) {
     return best ? best : avoided;
 }
 
+fe_worker *fe_route_preempt(fe *f, fe_model *m, int32_t prio) {
+    fe_worker *best = NULL;
+    int32_t best_vp = 0;
+    uint32_t best_left = 0;
+    uint64_t now = bt_now_ms();
+    for (size_t i = 0; i < m->nws; i++) {
+        fe_worker *w = m->ws[i];
+        if (!fe_worker_routable(w) || fe_outlier_ejected(f, w)) continue;
+        if (!w->load_ms || now - w->load_ms > LOAD_STALE_MS) continue; /* says nothing (and is not busy) */
+        uint32_t victims;
+        int32_t vp;
+        if (!bt_load_get_preempt(&w->load, &victims, &vp) || vp <= prio) continue; /* equals never preempt */
+        if (w->preempt_pending >= victims) continue; /* its victims are spoken for */
+        uint32_t left = victims - w->preempt_pending;
+        if (!best || vp > best_vp || (vp == best_vp && left > best_left)) best = w, best_vp = vp, best_left = left;
+    }
+    return best;
+}
+
+void fe_attempt_preempt_start(fe_attempt *a) {
+    a->preempting = true;
+    a->worker->preempt_pending++;
+}
+
+void fe_attempt_preempt_done(fe_attempt *a) {
+    if (!a->preempting) return;
+    a->preempting = false;
+    if (a->worker->preempt_pending) a->worker->preempt_pending--;
+}
+
 void fe_worker_quarantine(fe_worker *w, const char *why) {
     if (w->quarantined) return;
     w->quarantined = true;

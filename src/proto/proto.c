@@ -326,6 +326,26 @@ bt_status bt_frame_get_ping(const bt_frame *f, uint64_t *opaque) {
     return BT_OK;
 }
 
+void bt_load_set_preempt(bt_load_report *r, uint64_t victims, int64_t victim_priority) {
+    r->flags &= BT_LOAD_READY; /* bits 1-31 are the preemption fields: re-written below */
+    if (!victims) return;
+    if (victims > BT_LOAD_VICTIMS_MAX) victims = BT_LOAD_VICTIMS_MAX;
+    if (victim_priority > BT_LOAD_VICTIM_PRIO_MAX) victim_priority = BT_LOAD_VICTIM_PRIO_MAX;
+    if (victim_priority < -BT_LOAD_VICTIM_PRIO_MAX) victim_priority = -BT_LOAD_VICTIM_PRIO_MAX;
+    uint32_t p24 = (uint32_t)victim_priority & 0xFFFFFFu;
+    r->flags |= BT_LOAD_PREEMPT | ((uint32_t)victims << 2) | (p24 << 8);
+}
+
+bool bt_load_get_preempt(const bt_load_report *r, uint32_t *victims, int32_t *victim_priority) {
+    uint32_t n = (r->flags >> 2) & BT_LOAD_VICTIMS_MAX;
+    bool on = (r->flags & BT_LOAD_PREEMPT) && n > 0;
+    uint32_t p24 = (r->flags >> 8) & 0xFFFFFFu;
+    int32_t prio = p24 & 0x800000u ? (int32_t)p24 - (1 << 24) : (int32_t)p24; /* sign-extend 24 bits */
+    if (victims) *victims = on ? n : 0;
+    if (victim_priority) *victim_priority = on ? prio : 0;
+    return on;
+}
+
 bt_status bt_frame_get_load(const bt_frame *f, bt_load_report *r) {
     bt_status st = expect(f, BT_FRAME_LOAD, LOAD_LEN);
     if (st != BT_OK) return st;

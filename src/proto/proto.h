@@ -50,6 +50,14 @@ typedef enum { BT_ROLE_FRONTEND = 1, BT_ROLE_WORKER = 2 } bt_role;
 
 /* LOAD flags */
 #define BT_LOAD_READY 0x1u /* the worker's endpoint is ready (canary passing, not draining) */
+/* The worker's engine preempts by priority and a strictly more urgent arrival would find a victim
+ * now: bits 2-7 of the flags then carry how many (1-63, saturated) and bits 8-31 the priority of
+ * those victims (the least urgent running priority), as a 24-bit two's complement integer.
+ * Packed into the flags so that a LOAD stays 52 bytes (docs/protocol.md §4: a receiver of an
+ * older build ignores flag bits it does not know). Read and written with bt_load_*_preempt. */
+#define BT_LOAD_PREEMPT 0x2u
+#define BT_LOAD_VICTIMS_MAX 63u
+#define BT_LOAD_VICTIM_PRIO_MAX ((1 << 23) - 1)
 
 typedef struct {
     uint8_t type;
@@ -68,6 +76,14 @@ typedef struct {
     uint64_t max_num_batched_tokens;
     uint32_t flags; /* BT_LOAD_* */
 } bt_load_report;     /* payload: 6 × u64, u32 flags = 52 bytes */
+
+/* Sets (victims > 0) or clears (victims == 0) BT_LOAD_PREEMPT and its fields in r->flags, keeping
+ * BT_LOAD_READY; victims saturates at BT_LOAD_VICTIMS_MAX, the priority is clamped to
+ * ±BT_LOAD_VICTIM_PRIO_MAX (request priorities are within ±BT_PRIORITY_LIMIT, well inside). */
+void bt_load_set_preempt(bt_load_report *r, uint64_t victims, int64_t victim_priority);
+/* True when r carries BT_LOAD_PREEMPT with at least one victim: *victims and *victim_priority
+ * (either may be NULL) get them. False (both 0) otherwise. */
+bool bt_load_get_preempt(const bt_load_report *r, uint32_t *victims, int32_t *victim_priority);
 
 /* Parses one frame at the start of p[0..n). BT_OK: *out describes it and *consumed is its whole
  * size. BT_ERR_AGAIN: more bytes are needed (nothing consumed). BT_ERR_TOO_LARGE: length above

@@ -59,6 +59,7 @@ static void fill_load(wk_worker *w, bt_load_report *r) {
     r->running = l.running;
     r->max_num_batched_tokens = l.max_num_batched_tokens;
     r->flags = wk_ready(w) ? BT_LOAD_READY : 0;
+    bt_load_set_preempt(r, l.victims, l.victim_priority); /* what an urgent request would find */
 }
 
 void wk_send_load(wk_worker *w, wk_peer *only) {

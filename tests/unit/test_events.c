@@ -77,6 +77,37 @@ static void test_round_trip(void **state) {
     }
 }
 
+/* The priority-preemption fields (BT_LOAD_PREEMPT) on the event plane: written only when the
+ * worker has victims, read back exactly; a count without a valid priority is refused. */
+static void test_preempt_fields(void **state) {
+    (void)state;
+    bt_load_report r = sample(), back;
+    char buf[512];
+    bt_load_set_preempt(&r, 3, -7);
+    size_t n = bt_events_encode_load(buf, sizeof buf, 5, &r);
+    assert_non_null(strstr(buf, "\"ready\":true,\"preempt_victims\":3,\"preempt_priority\":-7}"));
+    uint64_t id;
+    char err[160];
+    assert_int_equal(bt_events_decode_load(buf, n, &id, &back, err, sizeof err), BT_OK);
+    assert_int_equal(back.flags, r.flags);
+    uint32_t v;
+    int32_t p;
+    assert_true(bt_load_get_preempt(&back, &v, &p));
+    assert_true(v == 3 && p == -7);
+    bt_load_set_preempt(&r, 0, 0);
+    bt_events_encode_load(buf, sizeof buf, 5, &r);
+    assert_null(strstr(buf, "preempt")); /* none: the fields are left out */
+    assert_int_equal(decode_str("{\"worker_id\":1,\"preempt_victims\":0}", &id, &back), BT_OK);
+    assert_false(bt_load_get_preempt(&back, NULL, NULL));
+    assert_int_equal(decode_str("{\"worker_id\":1,\"preempt_victims\":2}", &id, &back), BT_ERR_INVALID);
+    assert_int_equal(decode_str("{\"worker_id\":1,\"preempt_victims\":2,\"preempt_priority\":\"x\"}", &id, &back),
+                     BT_ERR_INVALID);
+    assert_int_equal(decode_str("{\"worker_id\":1,\"preempt_victims\":2,\"preempt_priority\":9000000}", &id, &back),
+                     BT_ERR_INVALID);
+    assert_int_equal(decode_str("{\"worker_id\":1,\"preempt_victims\":-1,\"preempt_priority\":1}", &id, &back),
+                     BT_ERR_INVALID);
+}
+
 static void test_dynamo_publisher(void **state) {
     (void)state;
     uint64_t id;
@@ -280,6 +311,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_encode_exact),   cmocka_unit_test(test_round_trip),
         cmocka_unit_test(test_dynamo_publisher), cmocka_unit_test(test_rejects),
+        cmocka_unit_test(test_preempt_fields),
         cmocka_unit_test(test_encode_bound),   cmocka_unit_test(test_config),
         cmocka_unit_test(test_nats_unreachable), cmocka_unit_test(test_fuzz),
     };

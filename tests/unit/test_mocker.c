@@ -841,6 +841,62 @@ static void test_priority_preempt(void **st) {
     close_loop(&loop);
 }
 
+/* The load report's victims (engine.h): the preemptible decoding sequences of the least urgent
+ * running priority, less the waiting ones more urgent than them; a sequence preempted for priority
+ * is not one again before its next token. */
+static void test_priority_victims(void **st) {
+    (void)st;
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    bt_mocker_config cfg = fast_cfg();
+    cfg.max_num_seqs = 3;
+    cfg.speedup_ratio = 50; /* steps of well under a millisecond, but real ones: the test acts between them */
+    bt_engine *e = bt_mocker_create(&loop, &cfg, NULL, NULL);
+    assert_non_null(e);
+    char err[256];
+    run_t *r[4];
+    static const int32_t prio[] = {10, 10, 5, 0};
+    for (int i = 0; i < 4; i++) r[i] = calloc(1, sizeof *r[i]);
+    bt_engine_load l;
+    bt_engine_get_load(e, &l);
+    assert_true(l.victims == 0 && l.victim_priority == 0); /* idle: nothing to preempt */
+    for (int i = 0; i < 3; i++) {
+        req_t q = {.api = BT_API_COMPLETION, .prompt = k_prompt, .max_tokens = 2000, .priority = prio[i]};
+        assert_int_equal(submit_q(e, &q, r[i], err, sizeof err), BT_OK);
+    }
+    bt_engine_get_load(e, &l);
+    assert_int_equal(l.victims, 0); /* waiting, not decoding: nothing a newcomer could take yet */
+    while (r[0]->n < 3 || r[1]->n < 3 || r[2]->n < 3) uv_run(&loop, UV_RUN_ONCE);
+    bt_engine_get_load(e, &l);
+    if (l.victims != 2 || l.victim_priority != 10)
+        fail_msg("three running (10, 10, 5): victims %llu of priority %lld, want 2 of 10",
+                 (unsigned long long)l.victims, (long long)l.victim_priority);
+    /* an urgent arrival, not yet admitted, claims one of them */
+    req_t qu = {.api = BT_API_COMPLETION, .prompt = "urgent", .max_tokens = 2000, .priority = prio[3]};
+    assert_int_equal(submit_q(e, &qu, r[3], err, sizeof err), BT_OK);
+    bt_engine_get_load(e, &l);
+    assert_int_equal(l.victims, 1);
+    assert_int_equal(l.victim_priority, 10);
+    /* admitted by preempting one priority-10 sequence: the other is still a victim, the preempted
+     * one is not (it waits, and is held until its next token) */
+    while (r[3]->n < 1) uv_run(&loop, UV_RUN_ONCE);
+    bt_engine_kv_stats k;
+    bt_engine_kv_stats_get(e, &k);
+    assert_int_equal(k.preempted_priority, 1);
+    bt_engine_get_load(e, &l);
+    assert_int_equal(l.victims, 1);
+    assert_int_equal(l.victim_priority, 10);
+    for (int i = 0; i < 4; i++) { /* all gone: nothing to preempt */
+        if (r[i]->seq) bt_engine_kill(e, r[i]->seq);
+        r[i]->seq = NULL;
+    }
+    bt_engine_get_load(e, &l);
+    assert_true(l.victims == 0 && l.victim_priority == 0);
+    for (int i = 0; i < 4; i++) free(r[i]);
+    bt_engine_destroy(e);
+    close_loop(&loop);
+}
+
 /* ---- kill, stop, re-entrancy ---------------------------------------------------------------- */
 
 static void kill_other_after_3(run_t *r) {
@@ -1287,6 +1343,7 @@ int main(void) {
         cmocka_unit_test(test_chunked_prefill),
         cmocka_unit_test(test_priority_order),
         cmocka_unit_test(test_priority_preempt),
+        cmocka_unit_test(test_priority_victims),
         cmocka_unit_test(test_max_num_seqs),
         cmocka_unit_test(test_kill),
         cmocka_unit_test(test_stop),

@@ -294,6 +294,57 @@ static void test_roundtrip_ping_pong_load(void **state) {
     bt_buf_free(&b);
 }
 
+/* The priority-preemption fields packed into a LOAD's flags (BT_LOAD_PREEMPT): they survive the
+ * wire, keep BT_LOAD_READY, saturate and clamp, and clear. */
+static void test_load_preempt(void **state) {
+    (void)state;
+    static const struct {
+        uint64_t victims;
+        int64_t prio;
+        uint32_t want_n;
+        int32_t want_p;
+    } cases[] = {
+        {1, 10, 1, 10},
+        {3, -1000000, 3, -1000000},
+        {63, 1000000, 63, 1000000},
+        {64, 0, 63, 0},
+        {1000, -1, 63, -1},
+        {2, (int64_t)1 << 40, 2, BT_LOAD_VICTIM_PRIO_MAX},
+        {2, -((int64_t)1 << 40), 2, -BT_LOAD_VICTIM_PRIO_MAX},
+    };
+    bt_buf b;
+    bt_buf_init(&b, 1024);
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        for (int ready = 0; ready < 2; ready++) {
+            bt_load_report in = {5, 64, 0, 1, 2, 8192, ready ? BT_LOAD_READY : 0}, out;
+            bt_load_set_preempt(&in, cases[i].victims, cases[i].prio);
+            bt_buf_reset(&b);
+            assert_int_equal(bt_frame_put_load(&b, &in), BT_OK);
+            assert_int_equal(b.len, BT_FRAME_HEADER + 52); /* the frame did not grow */
+            bt_frame f = parse_one(&b);
+            assert_int_equal(bt_frame_get_load(&f, &out), BT_OK);
+            uint32_t n = 0;
+            int32_t p = 0;
+            assert_true(bt_load_get_preempt(&out, &n, &p));
+            if (n != cases[i].want_n || p != cases[i].want_p)
+                fail_msg("case %zu: %u victims of priority %d, want %u of %d", i, n, p, cases[i].want_n,
+                         cases[i].want_p);
+            assert_int_equal(out.flags & BT_LOAD_READY, ready ? BT_LOAD_READY : 0);
+            /* cleared: READY stays, nothing else */
+            bt_load_set_preempt(&out, 0, 7);
+            assert_false(bt_load_get_preempt(&out, &n, &p));
+            assert_true(n == 0 && p == 0);
+            assert_int_equal(out.flags, ready ? BT_LOAD_READY : 0);
+        }
+    }
+    /* an older worker's report (only READY) offers nothing; the bit without a count neither */
+    bt_load_report old = {0, 64, 0, 0, 0, 0, BT_LOAD_READY};
+    assert_false(bt_load_get_preempt(&old, NULL, NULL));
+    old.flags |= BT_LOAD_PREEMPT | (10u << 8);
+    assert_false(bt_load_get_preempt(&old, NULL, NULL));
+    bt_buf_free(&b);
+}
+
 static void test_flags_are_carried(void **state) {
     (void)state;
     bt_buf b;
@@ -793,6 +844,7 @@ int main(void) {
         cmocka_unit_test(test_roundtrip_tokens),
         cmocka_unit_test(test_roundtrip_finish_error_goaway),
         cmocka_unit_test(test_roundtrip_ping_pong_load),
+        cmocka_unit_test(test_load_preempt),
         cmocka_unit_test(test_flags_are_carried),
         cmocka_unit_test(test_byte_by_byte),
         cmocka_unit_test(test_back_to_back),

@@ -657,6 +657,18 @@ static void update_load(ll_engine *e) {
     l.running = e->running.n;
     l.max_num_batched_tokens = (uint64_t)e->cfg.max_num_batched_tokens;
     for (ll_seq *s = TAILQ_FIRST(&e->waiting.q); s; s = TAILQ_NEXT(s, link)) l.active_prefill_tokens += s->n_tok;
+    /* What pick_victim would offer a more urgent arrival (engine.h): the running sequences of the
+     * least urgent priority not preempted for priority since their last token, less the waiting
+     * ones more urgent than them (in priority order: the walk stops at the first that is not) */
+    int32_t vp = 0;
+    for (ll_seq *s = TAILQ_FIRST(&e->running.q); s; s = TAILQ_NEXT(s, link)) {
+        if (s->prio_held) continue;
+        if (!l.victims || s->priority > vp) vp = s->priority, l.victims = 0;
+        if (s->priority == vp) l.victims++;
+    }
+    for (ll_seq *s = TAILQ_FIRST(&e->waiting.q); s && l.victims && s->priority < vp; s = TAILQ_NEXT(s, link))
+        l.victims--;
+    l.victim_priority = l.victims ? vp : 0;
     pthread_mutex_lock(&e->mu);
     if (memcmp(&l, &e->load, sizeof l) != 0) {
         e->load = l;

@@ -531,6 +531,20 @@ static void load_snapshot(const mk_engine *e, bt_engine_load *l) {
     l->waiting = e->waiting.n;
     l->running = e->running.n;
     l->max_num_batched_tokens = (uint64_t)e->cfg.max_num_batched_tokens;
+    /* What priority_victim would offer a more urgent arrival: the preemptible decoding sequences
+     * of the least urgent priority, less the waiting ones more urgent than them (they claim those
+     * victims first; the waiting queue is in priority order, so the walk stops at the first one
+     * that is not). */
+    uint64_t n = 0;
+    int32_t vp = 0;
+    for (const bt_engine_seq *s = TAILQ_FIRST(&e->running.q); s; s = TAILQ_NEXT(s, link)) {
+        if (s->phase != SEQ_DECODE || s->prio_held) continue;
+        if (!n || s->priority > vp) vp = s->priority, n = 0;
+        if (s->priority == vp) n++;
+    }
+    for (const bt_engine_seq *s = TAILQ_FIRST(&e->waiting.q); s && n && s->priority < vp; s = TAILQ_NEXT(s, link)) n--;
+    l->victims = n;
+    l->victim_priority = n ? vp : 0;
 }
 
 static bool load_changed(const mk_engine *e) {
