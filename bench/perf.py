@@ -616,14 +616,18 @@ def cmd_burst(a):
         fe, ws = start_cluster(c, 1, a.speedup, **wflags)
         rpc = f"127.0.0.1:{ws[0].rpc_port}"
         targets = {"direct": (rpc, True), "frontend": (fe.url, False)}
+        serving = {"frontend": fe.proc.pid}  # the process between the client and the worker: its CPU
         if "relay" in names:
-            targets["relay"] = (start_relay(c.dir, rpc)[1], False)
+            rl = start_relay(c.dir, rpc)
+            targets["relay"] = (rl[1], False)
+            serving["relay"] = rl[0].pid
         if a.threads > 1:
             t = c.start_frontend(max_connections=30000, max_concurrent_requests=100000, http_idle_timeout_ms=600000,
                                  threads=a.threads)
             c.wait_workers(t, 1)
             names.append(f"frontend --threads {a.threads}")
             targets[names[-1]] = (t.url, False)
+            serving[names[-1]] = t.proc.pid
         if a.compare_bin:  # a frontend of another build on the same worker: before/after in one run
             own, c.bin = c.bin, a.compare_bin
             t = c.start_frontend(max_connections=30000, max_concurrent_requests=100000, http_idle_timeout_ms=600000)
@@ -631,6 +635,7 @@ def cmd_burst(a):
             c.wait_workers(t, 1)
             names.append("frontend, compared build")
             targets[names[-1]] = (t.url, False)
+            serving[names[-1]] = t.proc.pid
         for name in names:
             if name not in targets:
                 raise SystemExit(f"unknown path {name!r} (direct, relay, frontend)")
@@ -643,7 +648,9 @@ def cmd_burst(a):
                 for name in names[k:] + names[:k]:
                     target, is_rpc = targets[name]
                     time.sleep(a.pause)  # the engine idle, the previous burst's sockets closed
+                    m = Meter({"p": serving[name]} if name in serving else {})
                     r = run_load(target, n, a.tokens, rpc=is_rpc, rate=2000, extra=["--burst"])
+                    r["serving_cpu_s"] = sum(m.stop().values())
                     check(r, f"{name}, burst of {n}, repeat {rep_i + 1}", digest)
                     digest = digest or r["digest"]
                     runs[name].append(r)
@@ -680,6 +687,14 @@ def cmd_burst(a):
             print(f"| {n} | {name} | " + " | ".join(cells) + " |")
     print("(each cell: the median over the bursts, with the range; 'added' and '/ direct' are taken within each "
           "repeat, then the median; the write spread is from the client's first request write to its last)")
+    for n, runs in out:
+        parts = []
+        for name in names:
+            if name in serving:
+                v = [r["serving_cpu_s"] / n * 1e6 for r in runs[name]]
+                parts.append(f"{name} {median(v):.1f} us ({min(v):.1f}–{max(v):.1f})")
+        print(f"CPU per request of the process between client and worker, whole burst ({n} streams, "
+              f"{a.tokens} tokens each; connects included): " + ", ".join(parts))
     return 0
 
 
