@@ -278,15 +278,16 @@ static void on_write(uv_write_t *r, int status) {
  * always accepted so a large whole response can still go out. */
 static bool conn_write(conn *c, const uv_buf_t *bufs, unsigned n) {
     if (c->closing) return false;
-    if (c->held_head && n < 4) { /* a stream's held head (bt_http_stream_begin_held) goes first, same write */
+    if (c->held_head) { /* a stream's held head (bt_http_stream_begin_held) goes first, same write */
         uv_buf_t v[5];
+        unsigned k = n < 4 ? n : 0; /* more parts than fit here: the head goes in a write of its own */
         v[0] = uv_buf_init(c->held_head, (unsigned)c->held_head_len);
-        if (n) memcpy(v + 1, bufs, n * sizeof *bufs);
+        if (k) memcpy(v + 1, bufs, k * sizeof *bufs);
         char *head = c->held_head;
         c->held_head = NULL;
-        bool ok = conn_write(c, v, n + 1); /* a part not written now is copied into the queue */
+        bool ok = conn_write(c, v, k + 1); /* a part not written now is copied into the queue */
         free(head);
-        return ok;
+        if (!ok || k == n) return ok;
     }
     size_t total = 0;
     for (unsigned i = 0; i < n; i++) total += bufs[i].len;
