@@ -26,6 +26,15 @@ usage (from the repository root; BATON_BIN defaults to build/baton):
          (read the worker's multiplexed stream, write each chunk to its client socket), the floor.
          --pin puts baton on one CPU and the load generators on the other. --compare-bin adds
          a frontend of another build on the same worker, as the row "frontend, compared build".
+  BATON_BIN=build/baton python3 bench/perf.py burst    [--concurrency 100,1000] [--repeats 5]
+        [--speedup 0.2] [--tokens 10] [--paths direct,relay,frontend] [--threads 2] [--batched-tokens N]
+        [--compare-bin OTHER/baton]
+      b'. burst TTFT: N streaming requests written at once (baton-sse-load --burst: the N connections
+         are opened first, then one request is written on each in one pass; on the request plane the
+         N REQUEST frames in one write), TTFT per request from its own write; p50/p99 straight at the
+         worker, through the minimal relay and through the frontend, the paths in a rotating order,
+         --repeats times; medians over the repeats, added over direct and ratios to direct.
+         --compare-bin adds a frontend of another build on the same worker ("frontend, compared build").
   BATON_BIN=build/baton python3 bench/perf.py scale    [--streams 10000] [--workers 4]
         [--tokens 50] [--speedup 0.02] [--repeat 1] [--idle 5]
       c. N concurrent slow streams; RSS growth of the frontend and of the workers per stream,
@@ -141,9 +150,9 @@ def pin_client():
 
 
 def run_load(target, streams, tokens, requests=None, rate=5000, timeout=600, ready_file=None, rpc=False,
-             timestamps=None):
+             timestamps=None, extra=()):
     args = [load_bin(), "--rpc" if rpc else "--url", target, "--streams", str(streams), "--max-tokens",
-            str(tokens), "--rate", str(rate), "--timeout", str(timeout)]
+            str(tokens), "--rate", str(rate), "--timeout", str(timeout)] + list(extra)
     if timestamps:
         args += ["--timestamps", timestamps]
     if requests:
@@ -588,6 +597,108 @@ def cmd_latency(a):
 
 
 # ---------------------------------------------------------------------------------------------
+# b'. burst TTFT
+
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return (xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2) if xs else float("nan")
+
+
+def cmd_burst(a):
+    """N requests at once on each path, a.repeats times; TTFT per request from its own write."""
+    bl.deadline(3600, "perf burst")
+    levels = [int(x) for x in a.concurrency.split(",")]
+    names = [x for x in a.paths.split(",") if x]
+    out = []
+    with bl.Cluster() as c:
+        wflags = {"max_num_batched_tokens": a.batched_tokens} if a.batched_tokens else {}
+        fe, ws = start_cluster(c, 1, a.speedup, **wflags)
+        rpc = f"127.0.0.1:{ws[0].rpc_port}"
+        targets = {"direct": (rpc, True), "frontend": (fe.url, False)}
+        serving = {"frontend": fe.proc.pid}  # the process between the client and the worker: its CPU
+        if "relay" in names:
+            rl = start_relay(c.dir, rpc)
+            targets["relay"] = (rl[1], False)
+            serving["relay"] = rl[0].pid
+        if a.threads > 1:
+            t = c.start_frontend(max_connections=30000, max_concurrent_requests=100000, http_idle_timeout_ms=600000,
+                                 threads=a.threads)
+            c.wait_workers(t, 1)
+            names.append(f"frontend --threads {a.threads}")
+            targets[names[-1]] = (t.url, False)
+            serving[names[-1]] = t.proc.pid
+        if a.compare_bin:  # a frontend of another build on the same worker: before/after in one run
+            own, c.bin = c.bin, a.compare_bin
+            t = c.start_frontend(max_connections=30000, max_concurrent_requests=100000, http_idle_timeout_ms=600000)
+            c.bin = own
+            c.wait_workers(t, 1)
+            names.append("frontend, compared build")
+            targets[names[-1]] = (t.url, False)
+            serving[names[-1]] = t.proc.pid
+        for name in names:
+            if name not in targets:
+                raise SystemExit(f"unknown path {name!r} (direct, relay, frontend)")
+            check(run_load(targets[name][0], 10, 10, rpc=targets[name][1]), f"warm-up ({name})")
+        for n in levels:
+            runs = {name: [] for name in names}
+            digest = None
+            for rep_i in range(a.repeats):
+                k = rep_i % len(names)  # a rotating order: no path always runs first or after another
+                for name in names[k:] + names[:k]:
+                    target, is_rpc = targets[name]
+                    time.sleep(a.pause)  # the engine idle, the previous burst's sockets closed
+                    m = Meter({"p": serving[name]} if name in serving else {})
+                    r = run_load(target, n, a.tokens, rpc=is_rpc, rate=2000, extra=["--burst"])
+                    r["serving_cpu_s"] = sum(m.stop().values())
+                    check(r, f"{name}, burst of {n}, repeat {rep_i + 1}", digest)
+                    digest = digest or r["digest"]
+                    runs[name].append(r)
+                    print(f"{n} streams, repeat {rep_i + 1}, {name:>10s}: TTFT p50 {r['ttft_us']['p50'] / 1000:8.2f} ms, "
+                          f"p99 {r['ttft_us']['p99'] / 1000:8.2f} ms, max {r['ttft_us']['max'] / 1000:8.2f} ms; "
+                          f"the client's writes spread over {r['send_spread_us'] / 1000:.2f} ms", flush=True)
+            out.append((n, runs))
+    print()
+    print(f"speedup={a.speedup} max_tokens={a.tokens}, one worker, {a.repeats} bursts per path and level"
+          + (f", max_num_batched_tokens={a.batched_tokens}" if a.batched_tokens else "")
+          + "; every request complete and identical on every path")
+    print("| streams | path | TTFT p50 | TTFT p99 | p50 added over direct | p99 added over direct "
+          "| p50 / direct | client's write spread |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n, runs in out:
+        d = runs["direct"] if "direct" in runs else None
+        for name in names:
+            rs = runs[name]
+            p50 = [r["ttft_us"]["p50"] / 1000 for r in rs]
+            p99 = [r["ttft_us"]["p99"] / 1000 for r in rs]
+            cells = [f"{median(p50):.2f} ms ({min(p50):.2f}–{max(p50):.2f})",
+                     f"{median(p99):.2f} ms ({min(p99):.2f}–{max(p99):.2f})"]
+            if d and name != "direct":
+                # differences and ratios within a repeat (the paths of one repeat ran back to back)
+                a50 = [x["ttft_us"]["p50"] / 1000 - y["ttft_us"]["p50"] / 1000 for x, y in zip(rs, d)]
+                a99 = [x["ttft_us"]["p99"] / 1000 - y["ttft_us"]["p99"] / 1000 for x, y in zip(rs, d)]
+                q = [x["ttft_us"]["p50"] / y["ttft_us"]["p50"] for x, y in zip(rs, d)]
+                cells += [f"{median(a50):+.2f} ms ({min(a50):+.2f} – {max(a50):+.2f})",
+                          f"{median(a99):+.2f} ms ({min(a99):+.2f} – {max(a99):+.2f})",
+                          f"{median(q):.3f}"]
+            else:
+                cells += ["", "", ""]
+            cells.append(f"{median([r['send_spread_us'] / 1000 for r in rs]):.2f} ms")
+            print(f"| {n} | {name} | " + " | ".join(cells) + " |")
+    print("(each cell: the median over the bursts, with the range; 'added' and '/ direct' are taken within each "
+          "repeat, then the median; the write spread is from the client's first request write to its last)")
+    for n, runs in out:
+        parts = []
+        for name in names:
+            if name in serving:
+                v = [r["serving_cpu_s"] / n * 1e6 for r in runs[name]]
+                parts.append(f"{name} {median(v):.1f} us ({min(v):.1f}–{max(v):.1f})")
+        print(f"CPU per request of the process between client and worker, whole burst ({n} streams, "
+              f"{a.tokens} tokens each; connects included): " + ", ".join(parts))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # c. scale
 
 def scale_level(a, n, tokens):
@@ -796,6 +907,17 @@ def main():
     p.add_argument("--compare-bin", help="also measure a frontend of this baton binary (before/after in one run)")
     p.add_argument("--no-relay", dest="relay", action="store_false",
                    help="do not measure the minimal relay (bench/relay.c), the floor under the frontend")
+    p = sub.add_parser("burst")
+    p.add_argument("--concurrency", default="100,1000")
+    p.add_argument("--repeats", type=int, default=5, help="bursts per path and level")
+    p.add_argument("--tokens", type=int, default=10)
+    p.add_argument("--speedup", type=float, default=0.2)
+    p.add_argument("--paths", default="direct,relay,frontend")
+    p.add_argument("--threads", type=int, default=1, help="also measure a frontend with this many event loops")
+    p.add_argument("--pause", type=float, default=0.3, help="seconds between two bursts")
+    p.add_argument("--batched-tokens", type=int, default=0,
+                   help="the worker's --max-num-batched-tokens (0: its default)")
+    p.add_argument("--compare-bin", help="also measure a frontend of this baton binary (before/after in one run)")
     p = sub.add_parser("scale")
     p.add_argument("--streams", default="10000", help="concurrent streams; a comma-separated list is a curve")
     p.add_argument("--repeat", type=int, default=1, help="runs of the load per level, in the same cluster")
@@ -824,7 +946,7 @@ def main():
     p.add_argument("--allocs", action="store_true", help="count the frontend's allocations (uprobes) instead")
     a = ap.parse_args()
     try:
-        return {"cost": cmd_cost, "latency": cmd_latency, "scale": cmd_scale, "ceiling": cmd_ceiling,
+        return {"cost": cmd_cost, "latency": cmd_latency, "burst": cmd_burst, "scale": cmd_scale, "ceiling": cmd_ceiling,
                 "profile": cmd_profile}[a.cmd](a)
     finally:
         stop_everything()

@@ -13,6 +13,13 @@
  * same tokens (direct vs through a proxy) can be compared byte for byte. The prompt of request i
  * is "bench <i> ...", so request i streams the same text in every mode.
  *
+ * --burst starts every request at once instead of ramping: in HTTP mode the N connections are
+ * opened first (at --rate) and, once all are up, one request is written on each in a single pass of
+ * the loop; on the request plane the N REQUEST frames go out in one write. TTFT is still taken per
+ * request from its own write, and the result also gives the spread of those writes (the client's
+ * own cost of sending the burst), so that a server's burst TTFT can be compared with the same burst
+ * sent straight to a worker (bench/perf.py burst).
+ *
  * It is a measuring tool, not part of baton: it prints one JSON object on stdout at the end and
  * exits 0 only if every request succeeded. Run it without arguments for the options. */
 #include <errno.h>
@@ -68,6 +75,7 @@ static struct {
     const char *ready_file;
     const char *timestamps; /* file: one line per token-bearing chunk, CLOCK_MONOTONIC ns */
     bool quiet;
+    bool burst;
 } opt = {.path = "/v1/chat/completions", .model = "mock-model", .streams = 1, .requests = 0, .max_tokens = 100,
          .prompt_words = 8, .rate = 5000, .timeout_s = 600};
 
@@ -88,6 +96,7 @@ static FILE *ts_file;
 static uv_signal_t sig_int, sig_term;
 static uint64_t total_tokens, total_chunks, total_bytes, digest;
 static samples ttft_us, gap_us;
+static uint64_t burst_first_send, burst_last_send; /* --burst: the first and last request write */
 static char err_samples[MAX_ERR_SAMPLES][200];
 static int n_err_samples;
 
@@ -132,6 +141,8 @@ static void rq_begin(rq *r, int64_t index) {
     r->index = index;
     r->hash = FNV_OFF;
     r->t_sent = bt_now_ns();
+    if (!burst_first_send) burst_first_send = r->t_sent;
+    burst_last_send = r->t_sent;
     issued++;
 }
 
@@ -436,18 +447,36 @@ static void client_next(client *c) {
     if (uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &b, 1, on_written) < 0) client_close(c);
 }
 
+/* --burst: the connections that are up and wait for the burst, and how many connects ended */
+static client **burst_clients;
+static int64_t burst_ready, burst_settled;
+
+/* --burst: once every connection attempt has ended, one request on each, in one pass. */
+static void burst_maybe_fire(void) {
+    if (burst_settled < opt.streams) return;
+    for (int64_t i = 0; i < burst_ready; i++) client_next(burst_clients[i]);
+    burst_ready = 0;
+}
+
 static void on_connect(uv_connect_t *req, int status) {
     client *c = req->data;
+    if (opt.burst) burst_settled++;
     if (status < 0) {
         note_error(issued, "connect: %s", uv_strerror(status));
         issued++; /* the request this connection would have sent is the failure */
         finished++;
         client_close(c);
+        if (opt.burst) burst_maybe_fire();
         return;
     }
     uv_tcp_nodelay(&c->tcp, 1);
     uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
-    client_next(c);
+    if (!opt.burst) {
+        client_next(c);
+        return;
+    }
+    burst_clients[burst_ready++] = c;
+    burst_maybe_fire();
 }
 
 static int64_t clients_started;
@@ -471,6 +500,10 @@ static void start_client(void) {
         note_error(-1, "connect: %s", uv_strerror(r));
         c->closing = true;
         uv_close((uv_handle_t *)&c->tcp, on_client_closed);
+        if (opt.burst) {
+            burst_settled++;
+            burst_maybe_fire();
+        }
     }
 }
 
@@ -582,8 +615,9 @@ static void on_ramp(uv_timer_t *t) {
     if (opt.rpc) {
         if (!rpc_open) return;
         int64_t want = opt.streams - (rpc_started - finished);
-        if (want > per_tick) want = per_tick;
+        if (want > per_tick && !opt.burst) want = per_tick;
         if (want > 0) rpc_start_streams(want);
+        if (want > 0 && opt.burst && rpc) bt_rpc_flush(rpc); /* the burst's frames in one write, now */
         if (rpc_started >= opt.streams || rpc_started >= total_requests()) uv_timer_stop(t);
         return;
     }
@@ -649,6 +683,8 @@ static void usage(void) {
             "  --ready-file F    write F when N streams are streaming at the same time\n"
             "  --timeout S       give up after S seconds [600]\n"
             "  --timestamps F    write the arrival time (CLOCK_MONOTONIC ns) of every token chunk to F\n"
+            "  --burst           one request per stream, all written at once (HTTP: once every\n"
+            "                    connection is up; --requests is ignored)\n"
             "SIGINT or SIGTERM stops the run and reports what was measured (\"interrupted\": true).\n"
             "Prints one JSON object; exit status 0 only if every request succeeded.\n");
 }
@@ -691,7 +727,7 @@ int main(int argc, char **argv) {
         {"url", 1, 0, 'u'},      {"rpc", 1, 0, 'c'},         {"streams", 1, 0, 'n'}, {"requests", 1, 0, 'r'},
         {"max-tokens", 1, 0, 't'}, {"prompt-words", 1, 0, 'w'}, {"rate", 1, 0, 'R'},  {"path", 1, 0, 'p'},
         {"model", 1, 0, 'm'},    {"ready-file", 1, 0, 'f'},  {"timeout", 1, 0, 'T'}, {"timestamps", 1, 0, 'S'},
-        {0, 0, 0, 0}};
+        {"burst", 0, 0, 'B'},    {0, 0, 0, 0}};
     int ch;
     bool have_target = false;
     while ((ch = getopt_long(argc, argv, "", lo, NULL)) != -1) {
@@ -709,6 +745,7 @@ int main(int argc, char **argv) {
         case 'f': opt.ready_file = optarg; break;
         case 'S': opt.timestamps = optarg; break;
         case 'T': ok = bt_parse_i64(optarg, 1, 86400, &opt.timeout_s); break;
+        case 'B': opt.burst = true; break;
         default: ok = false;
         }
         if (!ok) {
@@ -721,6 +758,10 @@ int main(int argc, char **argv) {
         return 2;
     }
     if (opt.rpc && total_requests() > 1000000000) return 2; /* stream ids must stay below 2^31 */
+    if (opt.burst) {
+        opt.requests = opt.streams; /* one request per stream, all at once */
+        if (!opt.rpc && !(burst_clients = calloc((size_t)opt.streams, sizeof *burst_clients))) return 2;
+    }
     /* every connection is a descriptor: take the hard limit */
     struct rlimit rl;
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
@@ -772,6 +813,7 @@ int main(int argc, char **argv) {
            ",\"wall_s\":%.4f,\"client_cpu_s\":%.3f,\"interrupted\":%s,\"digest\":\"%016" PRIx64 "\",",
            opt.rpc ? "rpc" : "http", opt.streams, total_requests(), ok, failed, opt.max_tokens, total_tokens,
            total_chunks, total_bytes, wall, cpu, interrupted ? "true" : "false", digest);
+    if (opt.burst) printf("\"send_spread_us\":%.1f,", (double)(burst_last_send - burst_first_send) / 1e3);
     print_pct("ttft_us", &ttft_us);
     printf(",");
     print_pct("gap_us", &gap_us);

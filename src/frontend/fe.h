@@ -129,6 +129,8 @@ struct fe_worker {
     unsigned kv_relaying; /* KV states part-written to it (at most BT_KV_INFLIGHT) */
     fe_outlier outlier; /* latency window and ejection state (outlier.h) */
     LIST_ENTRY(fe_worker) link; /* fe.workers */
+    bool flush_pending;               /* in fe.req_flush_list: REQUESTs in its write buffer */
+    LIST_ENTRY(fe_worker) flush_link; /* fe.req_flush_list */
 };
 
 /* ---- requests ---- */
@@ -335,6 +337,11 @@ struct fe {
     LIST_HEAD(, fe_pending_resume) pending_resumes; /* resume.c: resumes waiting for another shard */
     LIST_HEAD(, fe_attempt) relays; /* attempts whose KV state is being written (workers.c) */
     uv_timer_t relay_timer;          /* paces them while any waits for room */
+    /* Workers with REQUEST frames not yet written (workers.c, fe_worker_flush_soon): written
+     * together at the end of this loop iteration's I/O (req_flush, a check handle), or before the
+     * frames of a worker's read are handled, whichever comes first. */
+    LIST_HEAD(, fe_worker) req_flush_list;
+    uv_check_t req_flush;
 };
 
 #define FE_MAX_THREADS 64
@@ -397,6 +404,14 @@ void fe_worker_quarantine(fe_worker *w, const char *why);
  * (docs/protocol.md, KV hand-off). */
 uint32_t fe_worker_send_request(fe_worker *w, fe_attempt *a, const char *payload, size_t len, uint64_t est_tokens);
 void fe_worker_send_cancel(fe_worker *w, uint32_t stream, bool kill);
+/* The REQUEST just put in w's write buffer goes out with every other REQUEST this loop iteration
+ * produces, in one write per worker: at the end of the iteration's I/O callbacks, or before the
+ * frames of any worker's read are handled (a fan-out of an engine step never delays it). A burst of
+ * client requests read in one iteration then reaches the worker in one read, so that its engine
+ * can take them into one step, as it does with a burst sent straight to it. */
+void fe_worker_flush_soon(fe_worker *w);
+/* Writes every REQUEST fe_worker_flush_soon holds back on this loop. */
+void fe_workers_flush_requests(fe *f);
 /* The attempt's KV relay ends unfinished (its request ended, or it was killed): nothing more of it
  * is written, and its REQUEST never is. No-op for an attempt with nothing held. */
 void fe_worker_relay_drop(fe_attempt *a);

@@ -522,6 +522,9 @@ static int shard_open(fe *f, int port, char *err, size_t errlen) {
     uv_timer_init(f->loop, &f->relay_timer); /* KV relays (workers.c); closed with the loop's handles */
     f->relay_timer.data = f;
     uv_unref((uv_handle_t *)&f->relay_timer);
+    uv_check_init(f->loop, &f->req_flush); /* REQUEST coalescing (workers.c); closed with the loop's handles */
+    f->req_flush.data = f;
+    uv_unref((uv_handle_t *)&f->req_flush);
     trim_start(f);
     /* last, so that no failure below leaves a connecting event plane behind */
     if (bt_proc_events_create(f->loop, &o->p, o->ns, "frontend", f->instance_id, &f->events, err, errlen) != BT_OK) {

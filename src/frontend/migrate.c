@@ -252,11 +252,14 @@ void fe_migrate_dispatch(fe_req *r) {
                  ", which preempts for it (victims of priority %d: %u, %u spoken for)",
                  r->rid, fe_admit_priority(r), w->id, vp, victims, w->preempt_pending);
     }
-    /* written now, not at the connection's flush in the next loop iteration: the rest of this
-     * iteration may be the fan-out of an engine step to every client (milliseconds at 1,000
-     * streams), and a REQUEST that waits behind it can miss the engine's next step, which adds a
-     * whole step to its time to first token. One write per request; a token costs one per chunk. */
-    if (w->conn) bt_rpc_flush(w->conn);
+    /* written at the end of this loop iteration's I/O together with the other REQUESTs it
+     * produces, or before the frames of a worker's read are handled, whichever comes first: not at
+     * the connection's flush in the next iteration, which could come after the fan-out of an engine
+     * step to every client (milliseconds at 1,000 streams) and make the REQUEST miss the engine's
+     * next step; and not one write per request either, which in a burst of requests read together
+     * wakes the worker on the first of them, so that its engine starts a step with a few and the
+     * rest wait a whole step more (docs/benchmarks.md, burst TTFT). */
+    fe_worker_flush_soon(w);
     a->t_sent_us = bt_now_us();
     /* nothing carried: this attempt's worker is the one whose numerics the stream follows */
     if (!r->nids) snprintf(r->exactness, sizeof r->exactness, "%s", w->exactness);

@@ -194,15 +194,19 @@ static void journal_open(fe_req *r) {
     free(dumped);
 }
 
-void fe_request_begin_stream(fe_req *r) {
+/* hold: the head goes out with the next bytes written (the caller writes at once, then flushes) */
+static void stream_head(fe_req *r, bool hold) {
     if (r->headers_sent || !r->http) return;
     journal_open(r);
     char hdr[200];
     if (r->jrec) snprintf(hdr, sizeof hdr, "X-Request-Id: %s\r\nX-Stream-Id: %s\r\n", r->rid, r->stream_id);
     else snprintf(hdr, sizeof hdr, "X-Request-Id: %s\r\n", r->rid);
-    bt_http_stream_begin(r->http, 200, "text/event-stream", hdr);
+    if (hold) bt_http_stream_begin_held(r->http, 200, "text/event-stream", hdr);
+    else bt_http_stream_begin(r->http, 200, "text/event-stream", hdr);
     r->headers_sent = true;
 }
+
+void fe_request_begin_stream(fe_req *r) { stream_head(r, false); }
 
 static void begin_stream(fe_req *r) { fe_request_begin_stream(r); }
 
@@ -604,8 +608,15 @@ void fe_request_deliver(fe_req *r, const uint32_t *ids, size_t n, const char *te
     r->nids += n;
     st->tokens_out += n;
     if (r->stream) {
-        begin_stream(r);
-        if (!write_chunk(r, ids, n, text, len)) {
+        /* the first token: the response's head and its chunk in one write (one syscall and one
+         * wakeup of the client per stream less in the fan-out of the step that made the first
+         * tokens of a burst: docs/benchmarks.md, burst TTFT); the head is written alone if no
+         * chunk was */
+        bool first = !r->headers_sent && r->http;
+        if (first) stream_head(r, true);
+        bool ok = write_chunk(r, ids, n, text, len);
+        if (first && r->http) bt_http_stream_flush_head(r->http);
+        if (!ok) {
             fail_request(r, BT_ERR_TOO_LARGE, "a chunk is larger than the frontend's output buffer");
             return;
         }

@@ -101,6 +101,10 @@ static void worker_forget(fe_worker *w) {
     f->nworkers--;
     if (find_by_id(f, w->id) == w) bt_map_del(&f->workers_by_id, w->id);
     model_remove_worker(w);
+    if (w->flush_pending) {
+        LIST_REMOVE(w, flush_link);
+        w->flush_pending = false;
+    }
     BT_INFO("worker %" PRIx64 " (%s) forgotten", w->id, w->transport);
     w->freeing = true;
     uv_close((uv_handle_t *)&w->retry_timer, free_worker_cb);
@@ -170,6 +174,7 @@ static bool event_plane_is_source(const fe_worker *w) {
 static void on_conn_peek(void *ud, bt_rpc_conn *c, const bt_frame *fr, size_t n) {
     (void)c;
     fe_worker *w = ud;
+    if (LIST_FIRST(&w->fe->req_flush_list)) fe_workers_flush_requests(w->fe); /* before the fan-out */
     fe_attempt *as[BT_RPC_BATCH];
     for (size_t i = 0; i < n; i++) {
         as[i] = fr[i].type == BT_FRAME_TOKENS ? bt_map_get(&w->streams, fr[i].stream) : NULL;
@@ -181,6 +186,7 @@ static void on_conn_peek(void *ud, bt_rpc_conn *c, const bt_frame *fr, size_t n)
 static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
     (void)c;
     fe_worker *w = ud;
+    if (LIST_FIRST(&w->fe->req_flush_list)) fe_workers_flush_requests(w->fe); /* a read of one frame */
     switch (f->type) {
     case BT_FRAME_TOKENS: {
         fe_attempt *a = bt_map_get(&w->streams, f->stream);
@@ -693,6 +699,30 @@ uint32_t fe_worker_send_request(fe_worker *w, fe_attempt *a, const char *payload
     uint64_t bs = w->block_size ? w->block_size : 16;
     w->pending_blocks += (est_tokens + bs - 1) / bs;
     return id;
+}
+
+static void on_req_flush(uv_check_t *h) { fe_workers_flush_requests(h->data); }
+
+void fe_worker_flush_soon(fe_worker *w) {
+    fe *f = w->fe;
+    if (w->flush_pending || !w->conn) return;
+    if (uv_is_closing((uv_handle_t *)&f->req_flush)) { /* the loop is closing: no later flush */
+        bt_rpc_flush(w->conn);
+        return;
+    }
+    w->flush_pending = true;
+    LIST_INSERT_HEAD(&f->req_flush_list, w, flush_link);
+    if (!uv_is_active((uv_handle_t *)&f->req_flush)) uv_check_start(&f->req_flush, on_req_flush);
+}
+
+void fe_workers_flush_requests(fe *f) {
+    fe_worker *w;
+    while ((w = LIST_FIRST(&f->req_flush_list)) != NULL) {
+        LIST_REMOVE(w, flush_link);
+        w->flush_pending = false;
+        if (w->conn) bt_rpc_flush(w->conn); /* a failed write closes the connection later, not here */
+    }
+    uv_check_stop(&f->req_flush);
 }
 
 void fe_worker_send_cancel(fe_worker *w, uint32_t stream, bool kill) {

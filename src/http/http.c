@@ -119,6 +119,8 @@ struct conn {
     bool req_active; /* the handler owns req: dispatched, not ended, not aborted */
     bool resp_started, streaming, raw_stream;
     size_t backlog; /* bytes handed to uv_write and not yet written */
+    char *held_head; /* a streamed response's head, written with the next bytes (stream_begin_held) */
+    size_t held_head_len;
     bool above_high;
     bt_http_req req;
 };
@@ -276,6 +278,17 @@ static void on_write(uv_write_t *r, int status) {
  * always accepted so a large whole response can still go out. */
 static bool conn_write(conn *c, const uv_buf_t *bufs, unsigned n) {
     if (c->closing) return false;
+    if (c->held_head) { /* a stream's held head (bt_http_stream_begin_held) goes first, same write */
+        uv_buf_t v[5];
+        unsigned k = n < 4 ? n : 0; /* more parts than fit here: the head goes in a write of its own */
+        v[0] = uv_buf_init(c->held_head, (unsigned)c->held_head_len);
+        if (k) memcpy(v + 1, bufs, k * sizeof *bufs);
+        char *head = c->held_head;
+        c->held_head = NULL;
+        bool ok = conn_write(c, v, k + 1); /* a part not written now is copied into the queue */
+        free(head);
+        if (!ok || k == n) return ok;
+    }
     size_t total = 0;
     for (unsigned i = 0; i < n; i++) total += bufs[i].len;
     if (total == 0) return true;
@@ -684,6 +697,7 @@ static void conn_free(conn *c) {
     bt_buf_free(&c->url);
     bt_buf_free(&c->body);
     bt_buf_free(&c->pending);
+    free(c->held_head);
     free(c);
 }
 
@@ -889,7 +903,7 @@ void bt_http_respond(bt_http_req *req, int status, const char *content_type, con
     conn_response_done(c, false);
 }
 
-void bt_http_stream_begin(bt_http_req *req, int status, const char *content_type, const char *headers) {
+static void stream_begin(bt_http_req *req, int status, const char *content_type, const char *headers, bool hold) {
     conn *c = REQ_CONN(req);
     if (!req_usable(c, "stream_begin")) return;
     if (c->resp_started) {
@@ -908,10 +922,26 @@ void bt_http_stream_begin(bt_http_req *req, int status, const char *content_type
     bt_buf_append_str(&h, "Cache-Control: no-cache\r\n");
     if (!c->raw_stream) bt_buf_append_str(&h, "Transfer-Encoding: chunked\r\n");
     if (head_end(c, &h, headers)) {
-        uv_buf_t b = uv_buf_init(h.data, (unsigned)h.len);
-        conn_write(c, &b, 1);
+        if (hold && !c->held_head) c->held_head = bt_buf_steal(&h, &c->held_head_len);
+        if (!c->held_head) { /* not held (or no memory to hold it): written now */
+            uv_buf_t b = uv_buf_init(h.data, (unsigned)h.len);
+            conn_write(c, &b, 1);
+        }
     }
     bt_buf_free(&h);
+}
+
+void bt_http_stream_begin(bt_http_req *req, int status, const char *content_type, const char *headers) {
+    stream_begin(req, status, content_type, headers, false);
+}
+
+void bt_http_stream_begin_held(bt_http_req *req, int status, const char *content_type, const char *headers) {
+    stream_begin(req, status, content_type, headers, true);
+}
+
+void bt_http_stream_flush_head(bt_http_req *req) {
+    conn *c = REQ_CONN(req);
+    if (c->held_head) conn_write(c, NULL, 0);
 }
 
 /* The chunk-size line of a chunk of len bytes ("1a3\r\n") into out (room for 18); its length. */

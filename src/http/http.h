@@ -109,6 +109,12 @@ void bt_http_respond_buf(bt_http_req *req, int status, const char *content_type,
                          const bt_buf *b);
 /* Starts a chunked response (e.g. text/event-stream). */
 void bt_http_stream_begin(bt_http_req *req, int status, const char *content_type, const char *headers);
+/* bt_http_stream_begin whose head is held back and goes out in the same write(2) as the next bytes
+ * written on the connection (the first chunk), saving a syscall and a wakeup of the client per
+ * stream; the caller writes at once after it, then calls bt_http_stream_flush_head, which writes
+ * the head if nothing took it (the bytes on the wire are the same either way). */
+void bt_http_stream_begin_held(bt_http_req *req, int status, const char *content_type, const char *headers);
+void bt_http_stream_flush_head(bt_http_req *req);
 /* Queues one chunk (copied). Returns false if the connection is already gone (write error or
  * backlog cap); on_abort then follows from the loop unless the handler ends the response first.
  * on_abort is never called from inside one of these calls. The process must ignore SIGPIPE. */

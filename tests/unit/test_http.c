@@ -186,6 +186,19 @@ static void h_request(void *ud, bt_http_req *req) {
         bt_http_stream_write(req, "a", 1);
         bt_http_stream_write(req, "bc", 2);
         bt_http_stream_end(req, false);
+    } else if (strcmp(p, "/held-stream") == 0) {
+        /* the head held and written with the first chunk; the flush after it finds nothing left */
+        bt_http_stream_begin_held(req, 200, "text/event-stream", "X-Sync: 1\r\n");
+        bt_http_stream_write(req, "a", 1);
+        bt_http_stream_flush_head(req);
+        bt_http_stream_write(req, "bc", 2);
+        bt_http_stream_end(req, false);
+    } else if (strcmp(p, "/held-alone") == 0) {
+        /* the head held, no chunk after it: the flush writes it by itself, before any chunk */
+        bt_http_stream_begin_held(req, 200, "text/event-stream", "X-Sync: 1\r\n");
+        bt_http_stream_flush_head(req);
+        bt_http_stream_write(req, "ab", 2);
+        bt_http_stream_finish(req, "c", 1);
     } else if (strcmp(p, "/finish-stream") == 0 || strcmp(p, "/finish-big") == 0) {
         /* bt_http_stream_finish: a small last chunk (framed in one buffer) or a large one (an iovec) */
         bt_http_stream_begin(req, 200, "text/event-stream", NULL);
@@ -737,6 +750,23 @@ static void cl_stream(fixture *f) {
     CHECK(f, cl_response(c) == 200);
     CHECK(f, body_is(c, "GET /after? rid=- auth=- ct=- body="));
 
+    /* A held head (bt_http_stream_begin_held): the same bytes, whether a chunk took it or the
+     * flush wrote it alone; keep-alive goes on. */
+    const char *held[] = {"/held-stream", "/held-alone"};
+    for (int i = 0; i < 2; i++) {
+        char line[64];
+        snprintf(line, sizeof line, "GET %s HTTP/1.1\r\nHost: t\r\n\r\n", held[i]);
+        CHECK(f, cl_sends(c, line));
+        CHECK(f, cl_response(c) == 200);
+        CHECK(f, body_is(c, "abc"));
+        CHECK(f, has_header(c, "transfer-encoding: chunked\n"));
+        CHECK(f, has_header(c, "x-sync: 1\n"));
+        CHECK(f, has_header(c, "content-type: text/event-stream\n"));
+    }
+    CHECK(f, cl_sends(c, "GET /after HTTP/1.1\r\nHost: t\r\n\r\n"));
+    CHECK(f, cl_response(c) == 200);
+    CHECK(f, body_is(c, "GET /after? rid=- auth=- ct=- body="));
+
     /* The last chunk and the end of the body in one write, small and large; keep-alive goes on. */
     CHECK(f, cl_sends(c, "GET /finish-stream HTTP/1.1\r\nHost: t\r\n\r\n"));
     CHECK(f, cl_response(c) == 200);
@@ -756,6 +786,13 @@ static void cl_stream(fixture *f) {
     CHECK(f, body_is(c10, "abc"));
     CHECK(f, !has_header(c10, "transfer-encoding"));
     cl_close(c10);
+    c10 = cl_open(f, 0); /* a held head too */
+    CHECK(f, c10);
+    CHECK(f, cl_sends(c10, "GET /held-stream HTTP/1.0\r\n\r\n"));
+    CHECK(f, cl_response(c10) == 200);
+    CHECK(f, body_is(c10, "abc"));
+    CHECK(f, !has_header(c10, "transfer-encoding"));
+    cl_close(c10);
     c10 = cl_open(f, 0); /* and bt_http_stream_finish falls back to raw bytes and a close */
     CHECK(f, c10);
     CHECK(f, cl_sends(c10, "GET /finish-stream HTTP/1.0\r\n\r\n"));
@@ -768,7 +805,7 @@ static void cl_stream(fixture *f) {
 
 static void test_stream(void **state) {
     (void)state;
-    run_counted(cl_stream, 8, 0);
+    run_counted(cl_stream, 12, 0);
 }
 
 /* The request, then PIPE_FLOOD bytes of pipelined requests: far past what the server buffers
