@@ -322,15 +322,17 @@ void fe_request_output(const fe_req *r, const uint32_t **ids, const char **text,
     *text_len = r->text_lost ? 0 : r->text.len;
 }
 
-/* One SSE event with new text (and ids): journaled, then one write to the client. False, with
- * nothing written or journaled, when the event did not fit the scratch buffer (the caller ends the
- * request). */
-static bool write_chunk(fe_req *r, const uint32_t *ids, size_t n, const char *text, size_t len) {
+/* One SSE event with new text (and ids): journaled, then one write to the client. Returns NULL, or
+ * why the request must end: the event did not fit the scratch buffer (nothing written or
+ * journaled), or it straddles the position of a client ahead of the journal. */
+static const char chunk_too_large[] = "a chunk is larger than the frontend's output buffer";
+
+static const char *write_chunk(fe_req *r, const uint32_t *ids, size_t n, const char *text, size_t len) {
     bt_buf *b = &r->fe->scratch;
     bt_buf_reset(b);
     append_id(b, r, r->nids, "");
     build_chunk(r, b, ids, n, text, len, NULL);
-    if (bt_buf_status(b) != BT_OK) return false;
+    if (bt_buf_status(b) != BT_OK) return chunk_too_large;
     if (r->jrec && !fe_journal_append(r->fe->grp->journal, r->jrec, ids, n, text, len)) {
         BT_WARN("request %s: stream journal full; stream %s is no longer resumable", r->rid, r->stream_id);
         if (r->out_in_rec) take_output(r);
@@ -338,12 +340,16 @@ static bool write_chunk(fe_req *r, const uint32_t *ids, size_t n, const char *te
         r->jrec = NULL;
     }
     if (r->skip_to) { /* a resume ahead of the journal: the client has these events (resume.c) */
-        if (r->nids <= r->skip_to) return true;
-        if (r->nids - n < r->skip_to) return false; /* its position falls inside this event */
+        if (r->nids <= r->skip_to) return NULL;
+        /* its position falls inside this event: the client cannot be given the part it lacks.
+         * A continuation stops at the position (migrate.c, the catch-up) and an orphan sends the
+         * batches the client got, so this takes an engine that breaks its own batches */
+        if (r->nids - n < r->skip_to)
+            return "the continuation's events do not line up with the client's position (Last-Event-ID)";
         r->skip_to = 0;
     }
     bt_http_stream_write(r->http, b->data, b->len);
-    return true;
+    return NULL;
 }
 
 void fe_request_write_replayed(fe_req *r, bt_buf *b, const uint32_t *ids, size_t n, const char *text, size_t len,
@@ -605,8 +611,9 @@ void fe_request_deliver(fe_req *r, const uint32_t *ids, size_t n, const char *te
     st->tokens_out += n;
     if (r->stream) {
         begin_stream(r);
-        if (!write_chunk(r, ids, n, text, len)) {
-            fail_request(r, BT_ERR_TOO_LARGE, "a chunk is larger than the frontend's output buffer");
+        const char *why = write_chunk(r, ids, n, text, len);
+        if (why) {
+            fail_request(r, why == chunk_too_large ? BT_ERR_TOO_LARGE : BT_ERR_INTERNAL, why);
             return;
         }
         if (in_rec && r->out_in_rec) return;
