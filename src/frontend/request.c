@@ -323,11 +323,16 @@ void fe_request_output(const fe_req *r, const uint32_t **ids, const char **text,
 }
 
 /* One SSE event with new text (and ids): journaled, then one write to the client. Returns NULL, or
- * why the request must end: the event did not fit the scratch buffer (nothing written or
- * journaled), or it straddles the position of a client ahead of the journal. */
+ * why not, with nothing written or journaled: the event did not fit the scratch buffer (the caller
+ * ends the request), or it straddles the position of a client ahead of the journal (the caller
+ * catches up, below). */
 static const char chunk_too_large[] = "a chunk is larger than the frontend's output buffer";
+static const char chunk_straddles[] = "the continuation's events do not line up with the client's position";
 
 static const char *write_chunk(fe_req *r, const uint32_t *ids, size_t n, const char *text, size_t len) {
+    /* a resume ahead of the journal (resume.c) whose client's position falls inside this event:
+     * the client cannot be given only the part it lacks */
+    if (r->skip_to && r->nids > r->skip_to && r->nids - n < r->skip_to) return chunk_straddles;
     bt_buf *b = &r->fe->scratch;
     bt_buf_reset(b);
     append_id(b, r, r->nids, "");
@@ -341,12 +346,8 @@ static const char *write_chunk(fe_req *r, const uint32_t *ids, size_t n, const c
     }
     if (r->skip_to) { /* a resume ahead of the journal: the client has these events (resume.c) */
         if (r->nids <= r->skip_to) return NULL;
-        /* its position falls inside this event: the client cannot be given the part it lacks.
-         * A continuation stops at the position (migrate.c, the catch-up) and an orphan sends the
-         * batches the client got, so this takes an engine that breaks its own batches */
-        if (r->nids - n < r->skip_to)
-            return "the continuation's events do not line up with the client's position (Last-Event-ID)";
         r->skip_to = 0;
+        r->catch_up = false;
     }
     bt_http_stream_write(r->http, b->data, b->len);
     return NULL;
@@ -612,6 +613,22 @@ void fe_request_deliver(fe_req *r, const uint32_t *ids, size_t n, const char *te
     if (r->stream) {
         begin_stream(r);
         const char *why = write_chunk(r, ids, n, text, len);
+        if (why == chunk_straddles && !r->catch_up && r->attempt) {
+            /* The continuation of a client ahead of the journal batched its tokens otherwise than
+             * the events the client got. The event is dropped (the ids stored above are past
+             * nids again), the attempt killed, and the next one only catches up: it stops at the
+             * client's position (migrate.c), and the rest follows from there. A catch-up that
+             * straddles too (an engine that breaks its own limit) ends the request below. */
+            r->nids -= n;
+            st->tokens_out -= n;
+            r->catch_up = true;
+            BT_INFO("request %s: stream %s: the continuation's event of tokens %zu-%zu straddles its client's "
+                    "position %" PRIu64 "; catching up to it first",
+                    r->rid, r->stream_id, r->nids, r->nids + n, r->skip_to);
+            fe_attempt_abandon(r->attempt); /* its KILL; r->attempt is NULL after it */
+            fe_migrate_dispatch(r);
+            return;
+        }
         if (why) {
             fail_request(r, why == chunk_too_large ? BT_ERR_TOO_LARGE : BT_ERR_INTERNAL, why);
             return;
