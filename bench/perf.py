@@ -17,7 +17,7 @@ usage (from the repository root; BATON_BIN defaults to build/baton):
          workers; only the proxy process is counted), same streams, tokens and token rate.
          --compare-bin adds a frontend of another build on the same workers (before/after).
   BATON_BIN=build/baton python3 bench/perf.py latency  [--concurrency 1,100,1000] [--tokens 30]
-        [--speedup 0.2] [--anchor nginx] [--pin 0:1] [--no-relay] [--compare-bin OTHER/baton]
+        [--speedup 0.2] [--anchor nginx] [--pin 0:1] [--no-relay] [--compare-bin OTHER/baton] [--jetstream]
       b. TTFT and per-token delay p50/p99 through the frontend and straight at the worker's
          request plane (the same engine, one worker), and the difference. The per-token delay is
          measured against a probe stream on the request plane that runs through every phase.
@@ -26,6 +26,8 @@ usage (from the repository root; BATON_BIN defaults to build/baton):
          (read the worker's multiplexed stream, write each chunk to its client socket), the floor.
          --pin puts baton on one CPU and the load generators on the other. --compare-bin adds
          a frontend of another build on the same worker, as the row "frontend, compared build".
+         --jetstream adds a frontend whose stream journal is shared through NATS JetStream (a
+         nats-server -js started here), as the row "frontend, journal in JetStream".
   BATON_BIN=build/baton python3 bench/perf.py burst    [--concurrency 100,1000] [--repeats 5]
         [--speedup 0.2] [--tokens 10] [--paths direct,relay,frontend] [--threads 2] [--batched-tokens N]
         [--compare-bin OTHER/baton]
@@ -63,6 +65,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "lib"))
 import batonlib as bl  # noqa: E402
+import natslib  # noqa: E402
 
 MAX_SEQS = 20000  # the mocker's sequence cap, raised so that the engine never queues here
 
@@ -490,9 +493,18 @@ def cmd_latency(a):
             extra += procs
             multi.append(f"{a.frontends} frontend processes")
             paths.append((multi[-1], ",".join([fe.url] + [f.url for f in procs]), False))
+        jsfe = None
+        if a.jetstream:  # a frontend whose stream journal is shared through NATS JetStream
+            nats = natslib.NatsServer(c.dir, config=f'jetstream {{ store_dir: "{os.path.join(c.dir, "js")}" }}').start()
+            jsfe = c.start_frontend(event_plane="nats", nats_server=nats.url, max_connections=30000,
+                                    max_concurrent_requests=100000, http_idle_timeout_ms=600000)
+            jsfe.proc.wait_log(r"journal shared through NATS JetStream", timeout=15)
+            c.wait_workers(jsfe, 1)
+            multi.append("frontend, journal in JetStream")
+            paths.append((multi[-1], jsfe.url, False))
         if a.pin:
             baton_cpu, CLIENT_CPU = (int(x) for x in a.pin.split(":"))
-            for p in ([fe.proc, w.proc] + [f.proc for f in extra] + ([anchor[0]] if anchor else [])
+            for p in ([fe.proc, w.proc] + [f.proc for f in extra] + ([jsfe.proc] if jsfe else []) + ([anchor[0]] if anchor else [])
                       + ([relay[0]] if relay else [])):
                 os.sched_setaffinity(p.pid, {baton_cpu})
         # the process(es) between the client and the worker on each path: their CPU per chunk
@@ -505,6 +517,8 @@ def cmd_latency(a):
             cpu_pids[f"frontend --threads {a.threads}"] = {"fe": extra[0].proc.pid}
         if a.compare_bin:
             cpu_pids["frontend, compared build"] = {"fe": extra[1 if a.threads > 1 else 0].proc.pid}
+        if jsfe:
+            cpu_pids["frontend, journal in JetStream"] = {"fe": jsfe.proc.pid}
         if a.frontends > 1:
             skip = (1 if a.threads > 1 else 0) + (1 if a.compare_bin else 0)
             cpu_pids[f"{a.frontends} frontend processes"] = {f"fe{i}": f.proc.pid for i, f in
@@ -905,6 +919,9 @@ def main():
     p.add_argument("--frontends", type=int, default=1,
                    help="also measure the load spread over this many frontend processes (one event loop each)")
     p.add_argument("--compare-bin", help="also measure a frontend of this baton binary (before/after in one run)")
+    p.add_argument("--jetstream", action="store_true",
+                   help="also measure a frontend whose stream journal is shared through NATS JetStream "
+                        "(a nats-server -js started here)")
     p.add_argument("--no-relay", dest="relay", action="store_false",
                    help="do not measure the minimal relay (bench/relay.c), the floor under the frontend")
     p = sub.add_parser("burst")

@@ -235,6 +235,7 @@ struct fe_req {
     fe_ticket *ticket;      /* admission (admit.h): priority, tenant, place in the queue; NULL for a resume */
     uint64_t adopt_worker;  /* a resume's first attempt re-attaches to this worker's orphan (0: none) */
     uint64_t skip_to;       /* a resume ahead of the journal: events up to this position are not written */
+    bool catch_up;          /* skip_to fell inside a continuation's event: attempts stop at skip_to (migrate.c) */
     LIST_ENTRY(fe_req) link; /* fe.reqs: all live requests */
 };
 

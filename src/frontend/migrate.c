@@ -105,6 +105,16 @@ static char *continuation_payload(const fe_req *r, bool adopt, bool kv, size_t *
     int64_t remaining = r->max_tokens - (int64_t)r->nids;
     if (remaining < 0) remaining = 0;
     bool limited = r->max_tokens >= 0; /* else the worker's default, less the carried tokens, bounds it */
+    /* A resume ahead of the journal (resume.c): the client holds tokens up to skip_to, which the
+     * journal lacks, and a continuation from the journal regenerates them in events of its own
+     * making. When one of them straddled the client's position (request.c: the engine batched
+     * tokens otherwise), the next attempt only catches up: it stops at the client's position,
+     * where its last event ends, and fe_attempt_on_finish continues from there. */
+    bool catch_up = r->catch_up && r->skip_to > r->nids;
+    if (catch_up && (!limited || (uint64_t)remaining > r->skip_to - r->nids)) {
+        limited = true;
+        remaining = (int64_t)(r->skip_to - r->nids);
+    }
     bt_request rq = {
         .request_id = r->rid,
         .api = r->api,
@@ -118,7 +128,9 @@ static char *continuation_payload(const fe_req *r, bool adopt, bool kv, size_t *
         .priority = fe_admit_priority(r),
         /* a stream another frontend can resume (the journal is shared) may outlive this frontend
          * on its worker, to be re-attached; otherwise nothing would ever adopt it */
-        .stream_key = r->stream && r->jrec && atomic_load(&r->fe->grp->journal->shared) ? r->stream_id : NULL,
+        .stream_key = r->stream && r->jrec && atomic_load(&r->fe->grp->journal->shared) && !catch_up
+                          ? r->stream_id
+                          : NULL, /* a catch-up is never orphaned: its early end would pass for the stream's */
         .adopt = adopt && r->jrec,
         .kv_state_bytes = kv ? r->kv.total : 0,
         /* the carried tokens' numerics: a worker with other ones refuses them (worker.c) */
@@ -416,6 +428,17 @@ void fe_attempt_on_finish(fe_attempt *a, uint8_t reason, uint32_t prompt_tokens,
     fe_req *r = a->req;
     attempt_detach(a);
     if (r->state == FE_REQ_DONE) return;
+    if (reason == BT_FINISH_LENGTH && r->catch_up && r->skip_to && r->nids == r->skip_to &&
+        !(r->max_tokens >= 0 && r->nids >= (size_t)r->max_tokens)) {
+        /* a catch-up (continuation_payload) reached the client's position: the rest follows from
+         * there, in a continuation whose first event begins where the client's last one ended */
+        BT_INFO("request %s: stream %s caught up with its client at position %zu; continuing it from there", r->rid,
+                r->stream_id, r->nids);
+        r->skip_to = 0;
+        r->catch_up = false;
+        fe_migrate_dispatch(r);
+        return;
+    }
     fe_request_finish(r, reason, prompt_tokens, completion_tokens);
 }
 

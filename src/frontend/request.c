@@ -326,15 +326,22 @@ void fe_request_output(const fe_req *r, const uint32_t **ids, const char **text,
     *text_len = r->text_lost ? 0 : r->text.len;
 }
 
-/* One SSE event with new text (and ids): journaled, then one write to the client. False, with
- * nothing written or journaled, when the event did not fit the scratch buffer (the caller ends the
- * request). */
-static bool write_chunk(fe_req *r, const uint32_t *ids, size_t n, const char *text, size_t len) {
+/* One SSE event with new text (and ids): journaled, then one write to the client. Returns NULL, or
+ * why not, with nothing written or journaled: the event did not fit the scratch buffer (the caller
+ * ends the request), or it straddles the position of a client ahead of the journal (the caller
+ * catches up, below). */
+static const char chunk_too_large[] = "a chunk is larger than the frontend's output buffer";
+static const char chunk_straddles[] = "the continuation's events do not line up with the client's position";
+
+static const char *write_chunk(fe_req *r, const uint32_t *ids, size_t n, const char *text, size_t len) {
+    /* a resume ahead of the journal (resume.c) whose client's position falls inside this event:
+     * the client cannot be given only the part it lacks */
+    if (r->skip_to && r->nids > r->skip_to && r->nids - n < r->skip_to) return chunk_straddles;
     bt_buf *b = &r->fe->scratch;
     bt_buf_reset(b);
     append_id(b, r, r->nids, "");
     build_chunk(r, b, ids, n, text, len, NULL);
-    if (bt_buf_status(b) != BT_OK) return false;
+    if (bt_buf_status(b) != BT_OK) return chunk_too_large;
     if (r->jrec && !fe_journal_append(r->fe->grp->journal, r->jrec, ids, n, text, len)) {
         BT_WARN("request %s: stream journal full; stream %s is no longer resumable", r->rid, r->stream_id);
         if (r->out_in_rec) take_output(r);
@@ -342,12 +349,12 @@ static bool write_chunk(fe_req *r, const uint32_t *ids, size_t n, const char *te
         r->jrec = NULL;
     }
     if (r->skip_to) { /* a resume ahead of the journal: the client has these events (resume.c) */
-        if (r->nids <= r->skip_to) return true;
-        if (r->nids - n < r->skip_to) return false; /* its position falls inside this event */
+        if (r->nids <= r->skip_to) return NULL;
         r->skip_to = 0;
+        r->catch_up = false;
     }
     bt_http_stream_write(r->http, b->data, b->len);
-    return true;
+    return NULL;
 }
 
 void fe_request_write_replayed(fe_req *r, bt_buf *b, const uint32_t *ids, size_t n, const char *text, size_t len,
@@ -614,10 +621,26 @@ void fe_request_deliver(fe_req *r, const uint32_t *ids, size_t n, const char *te
          * chunk was */
         bool first = !r->headers_sent && r->http;
         if (first) stream_head(r, true);
-        bool ok = write_chunk(r, ids, n, text, len);
+        const char *why = write_chunk(r, ids, n, text, len);
         if (first && r->http) bt_http_stream_flush_head(r->http);
-        if (!ok) {
-            fail_request(r, BT_ERR_TOO_LARGE, "a chunk is larger than the frontend's output buffer");
+        if (why == chunk_straddles && !r->catch_up && r->attempt) {
+            /* The continuation of a client ahead of the journal batched its tokens otherwise than
+             * the events the client got. The event is dropped (the ids stored above are past
+             * nids again), the attempt killed, and the next one only catches up: it stops at the
+             * client's position (migrate.c), and the rest follows from there. A catch-up that
+             * straddles too (an engine that breaks its own limit) ends the request below. */
+            r->nids -= n;
+            st->tokens_out -= n;
+            r->catch_up = true;
+            BT_INFO("request %s: stream %s: the continuation's event of tokens %zu-%zu straddles its client's "
+                    "position %" PRIu64 "; catching up to it first",
+                    r->rid, r->stream_id, r->nids, r->nids + n, r->skip_to);
+            fe_attempt_abandon(r->attempt); /* its KILL; r->attempt is NULL after it */
+            fe_migrate_dispatch(r);
+            return;
+        }
+        if (why) {
+            fail_request(r, why == chunk_too_large ? BT_ERR_TOO_LARGE : BT_ERR_INTERNAL, why);
             return;
         }
         if (in_rec && r->out_in_rec) return;

@@ -240,18 +240,46 @@ wk_stream *wk_orphan_take(wk_worker *w, const char *key, const char *rid, const 
     return s;
 }
 
+/* The engine's cap on sequences admitted at once (--max-num-seqs), or 0 for an engine without
+ * one (openai: the upstream queues, which its load's `waiting` shows). */
+static uint64_t max_seqs(const wk_worker *w) {
+    if (strcmp(w->o.engine, "mocker") == 0) return (uint64_t)w->o.mocker.max_num_seqs;
+    if (strcmp(w->o.engine, "llama") == 0) return (uint64_t)w->o.llama.max_num_seqs;
+    return 0;
+}
+
+static uint64_t minus(uint64_t a, uint64_t b) { return a > b ? a - b : 0; }
+
+/* Before a new sequence is submitted: kills live orphans, oldest first, while the new sequence
+ * would wait — something already waits, every sequence slot is taken, or the KV cache is full.
+ * An engine whose load is a snapshot made on its own thread (llama) shows a kill only later.
+ * Nothing enters the engine meanwhile (submits are made on this loop), so each kill made here is
+ * counted off the first load read: one slot, or one waiting sequence admitted in its place; the
+ * KV condition is trusted again only once the load has moved. (Reading the load alone, a llama
+ * worker at --max-num-seqs made the new request wait for the orphans to end, and would have
+ * killed every orphan for one request once it saw the engine full.) */
 void wk_orphan_make_room(wk_worker *w) {
+    uint64_t cap = max_seqs(w), killed = 0, busy0 = 0, waiting0 = 0;
+    bt_engine_load last;
     while (w->norphans) {
         bt_engine_load l;
         bt_engine_get_load(w->engine, &l);
-        bool full = l.waiting > 0 || l.active_decode_blocks >= l.total_blocks ||
-                    (strcmp(w->o.engine, "mocker") == 0 && l.running >= (uint64_t)w->o.mocker.max_num_seqs);
-        if (!full) return;
+        if (!killed) {
+            busy0 = l.running + l.waiting;
+            waiting0 = l.waiting;
+        }
+        uint64_t busy = l.running + l.waiting, waiting = l.waiting;
+        if (busy > minus(busy0, killed)) busy = minus(busy0, killed);
+        if (waiting > minus(waiting0, killed)) waiting = minus(waiting0, killed);
+        bool kv = l.active_decode_blocks >= l.total_blocks && (!killed || memcmp(&l, &last, sizeof l) != 0);
+        if (!(waiting > 0 || (cap && busy >= cap) || kv)) return;
         wk_stream *o;
         TAILQ_FOREACH(o, &w->orphans, olink)
             if (!o->done) break; /* a finished orphan holds no engine capacity */
         if (!o) return;
         orphan_end(w, o, WK_ORPHAN_EV_PREEMPTED);
+        killed++;
+        last = l;
     }
 }
 

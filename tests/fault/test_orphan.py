@@ -18,6 +18,8 @@ Scenarios, each against an uninterrupted reference run of the same payload:
   * preemption: with --max-num-seqs 2 and two orphans, a new request would have to wait: the
     oldest orphan is killed for it; the newer one is still adoptable;
   * --orphan-grace 0: the stream is killed with its connection, as before;
+  * the bounded history: an orphan whose history outgrows 1 MiB is ended at once (event
+    "overflow"), long before its grace, and leaves the engine;
   * reclaimed: a frontend that connects again (same instance id) lived on and continued its
     streams elsewhere: the orphans its earlier connection left are ended at once.
 """
@@ -205,6 +207,17 @@ with bl.Cluster() as cl:
     bl.wait_for(lambda: bl.metric_sum(m(w3), "dynamo_component_cancellation_total", kind="frontend_lost") == 1, 5,
                 what="grace 0 kills with the connection")
     assert ev(w3, "orphaned") == 0
+
+    # -- the bounded history: an orphan that outgrows it is ended ----------------------------------
+    w4 = cl.start_worker(system_port=True, wait=True, speedup_ratio=1000, orphan_grace=60)
+    big = payload("orphan eleven", 200000, key=next(KEYS))
+    start_stream(w4.rpc_port, big, 3)
+    bl.wait_for(lambda: ev(w4, "orphaned") == 1, 5, what="orphan eleven kept")
+    bl.wait_for(lambda: ev(w4, "overflow") == 1, 30, what="orphan eleven ended when its history outgrew its cap")
+    assert orphans(w4) == 0 and ev(w4, "expired") == 0, m(w4)
+    bl.wait_for(lambda: bl.metric_sum(m(w4), "baton_worker_active_sequences") == 0, 5,
+                what="the overflowed orphan gone from the engine")
+    assert w4.proc.wait_log(r"request rq-orphan eleven: its history outgrew 1048576 bytes", timeout=5)
 
     # -- reclaimed: the same frontend connects again ---------------------------------------------
     start_stream(w2.rpc_port, payload("orphan ten", 400, key=next(KEYS)), 5, instance_id=0x77)
