@@ -136,8 +136,11 @@ def main():
                                  headers={"X-Request-Id": "st-nonstream"})
         assert st == 200 and nb["choices"][0]["finish_reason"] == "length", (st, nb)
 
-        bl.wait_for(lambda: changes(fe.proc.log_text(), "st-cancel")[-1:] and
-                    changes(fe.proc.log_text(), "st-cancel")[-1][1] == "done", 10, what="the cancelled request ends")
+        # a request's last line is written as it ends, which may come just after its client has read
+        # the answer: wait for each one's end
+        for rid in ("st-plain", "st-cancel", "st-mig", "st-nonstream"):
+            bl.wait_for(lambda: any(ch[1] == "done" for ch in changes(fe.proc.log_text(), rid)), 10,
+                        what=f"the end of {rid} in the frontend's log")
         log = fe.proc.log_text()
         seq = [("admitted", "routing"), ("routing", "streaming"), ("streaming", "done")]
         for rid, worker in (("st-plain", served_by("st-plain")), ("st-nonstream", id_b)):
