@@ -430,20 +430,16 @@ static void on_timer_destroy(uv_timer_t *tm) {
     uv_close((uv_handle_t *)tm, NULL);
 }
 
-static void test_destroy_live(void **state) {
-    (void)state;
-    uv_loop_t loop;
-    uv_loop_init(&loop);
-    E = make_engine(&loop);
-    remaining = 1000; /* never reaches 0: the timer destroys the engine */
+/* Submits n endless (max_tokens 100000) normal completions as S[0..n) with request id rid. */
+static void submit_endless(int n, const char *rid) {
     json_t *body = json_pack("{s:s}", "prompt", "a prompt");
-    for (int i = 0; i < 8; i++) {
+    for (int i = 0; i < n; i++) {
         tseq *t = &S[i];
         memset(t, 0, sizeof *t);
         t->i = i;
         t->k = K_NORMAL;
         bt_engine_request rq = {0};
-        rq.request_id = "d";
+        rq.request_id = rid;
         rq.api = BT_API_COMPLETION;
         rq.body = body;
         rq.max_tokens = 100000;
@@ -451,6 +447,15 @@ static void test_destroy_live(void **state) {
         assert_int_equal(bt_engine_submit(E, &rq, &sink, t, &t->seq, err, sizeof err), BT_OK);
     }
     json_decref(body);
+}
+
+static void test_destroy_live(void **state) {
+    (void)state;
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    E = make_engine(&loop);
+    remaining = 1000; /* never reaches 0: the timer destroys the engine */
+    submit_endless(8, "d");
     uv_timer_t tm;
     uv_timer_init(&loop, &tm);
     uv_timer_start(&tm, on_timer_destroy, 30, 0);
@@ -472,21 +477,7 @@ static void test_destroy_hung(void **state) {
     uv_loop_init(&loop);
     E = make_engine_hang(&loop, 20);
     remaining = 1000;
-    json_t *body = json_pack("{s:s}", "prompt", "a prompt");
-    for (int i = 0; i < 2; i++) {
-        tseq *t = &S[i];
-        memset(t, 0, sizeof *t);
-        t->i = i;
-        t->k = K_NORMAL;
-        bt_engine_request rq = {0};
-        rq.request_id = "h";
-        rq.api = BT_API_COMPLETION;
-        rq.body = body;
-        rq.max_tokens = 100000;
-        char err[128];
-        assert_int_equal(bt_engine_submit(E, &rq, &sink, t, &t->seq, err, sizeof err), BT_OK);
-    }
-    json_decref(body);
+    submit_endless(2, "h");
     uv_timer_t tm;
     uv_timer_init(&loop, &tm);
     uv_timer_start(&tm, on_timer_destroy, 300, 0); /* the thread hung after 20 tokens by then */
