@@ -370,3 +370,49 @@ def start_all(fn, url, bodies, headers=None, timeout=60, started=None):
 def preemptions(w, reason):
     """Sequences the worker's engine preempted for `reason` ("kv" or "priority")."""
     return bl.metric_sum(bl.metrics(w.system_url), "baton_worker_preemptions_total", reason=reason)
+
+
+def run_all(fn, url, bodies, timeout=60, what="a reference stream", check=None):
+    """fn(url, body) for every body at once (start_all), waited for: the streams, each ended ok
+    (`what` names them in a failure) and passing check(s), when given."""
+    out, ts = start_all(fn, url, bodies, timeout=timeout)
+    for t in ts:
+        t.join(timeout)
+    for s in out:
+        assert s is not None, f"{what} did not finish"
+        s.assert_ok(what)
+        if check:
+            check(s)
+    return out
+
+
+def preemption_overload(fn, url, low_bodies, urgent_bodies, ready, timeout=60, urgent_timeout=30, check_urgent=None):
+    """The overload of a priority preemption test (test_priority_preempt, test_llama_priority_preempt):
+    every low-priority body at once with X-Priority 10; once ready(started) holds (started: one
+    threading.Event per low stream, set at its first token), the urgent bodies one at a time, each
+    ending ok (and passing check_urgent(s), when given). `timeout` bounds a low-priority stream,
+    `urgent_timeout` an urgent one. Returns (low, urgent) after every
+    low-priority stream has ended."""
+    started = [threading.Event() for _ in low_bodies]
+    low, ts = start_all(fn, url, low_bodies, headers={"X-Priority": "10"}, timeout=timeout, started=started)
+    bl.wait_for(lambda: ready(started), 30, interval=0.01, what="the worker full of low-priority streams")
+    urgent = []
+    for body in urgent_bodies:
+        s = fn(url, body, timeout=urgent_timeout)
+        s.assert_ok("an urgent request under overload")
+        if check_urgent:
+            check_urgent(s)
+        urgent.append(s)
+    for t in ts:
+        t.join(timeout + 30)
+    return low, urgent
+
+
+def assert_same_as_refs(low, ref):
+    """Every low-priority stream ended ok and equals its reference exactly (text, token ids,
+    finish_reason, usage): a preempted sequence recomputed from its tokens lost nothing."""
+    for i, s in enumerate(low):
+        assert s is not None, "a low-priority request did not finish"
+        s.assert_ok("a low-priority stream")
+        assert outcome(s) == outcome(ref[i]), \
+            f"low-priority stream {i} differs from its reference:\n  got {s.summary()}\n  ref {ref[i].summary()}"
