@@ -416,3 +416,21 @@ def assert_same_as_refs(low, ref):
         s.assert_ok("a low-priority stream")
         assert outcome(s) == outcome(ref[i]), \
             f"low-priority stream {i} differs from its reference:\n  got {s.summary()}\n  ref {ref[i].summary()}"
+
+
+def llama_test(name, seconds, body, workers=1, fe_flags=None):
+    """The frame of a llama test script: 77 (skipped) when this build has no llama.cpp; else,
+    within `seconds` (times SLOW), a cluster of a frontend (fe_flags) and `workers` llama workers
+    logging at debug level, each with its status port, all routable, handed to body(c, fe, ws);
+    prints ok and returns 0 when body returns."""
+    if skip("llama") is not None:  # scripts/setup was told not to fetch llama.cpp
+        return 77
+    with bl.deadline(seconds * SLOW, name):
+        with bl.Cluster() as c:
+            fe = c.start_frontend(**(fe_flags or {}))
+            ws = [c.start_worker(engine="llama", system_port=True, wait=True, env={"DYN_LOG": "debug"})
+                  for _ in range(workers)]
+            c.wait_workers(fe, workers)
+            body(c, fe, ws)
+    print("ok")
+    return 0
