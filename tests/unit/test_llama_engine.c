@@ -9,9 +9,12 @@
  * Covers: 32 sequences through 4 slots (queueing), greedy output equal to the model's, exact
  * usage; kills right after submit and from inside a token callback (no callback afterwards, KV
  * freed); stops (finish "cancelled"); continuations from carried tokens; destroying the engine
- * with sequences live (no callback after, every handle freed: ASan); load back to empty. */
+ * with sequences live (no callback after, every handle freed: ASan); load back to empty; decodes
+ * and KV edits (llama_decode, llama_memory_seq_rm) never on the loop's thread. */
+#include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -38,6 +41,13 @@ static float *rows;
 static int32_t nrows;
 static uint32_t f_n_ctx, f_n_batch, f_n_seq;
 static int decodes;
+/* The loop's thread (set by the harness before the engine starts) and how many decodes and KV
+ * edits ran on it: none may (llama.c decodes and edits the KV memory on its engine thread only). */
+static pthread_t loop_thread;
+static atomic_int on_loop_calls;
+static void note_thread(void) {
+    if (pthread_equal(pthread_self(), loop_thread)) atomic_fetch_add(&on_loop_calls, 1);
+}
 
 static uint32_t next_of(const int32_t *toks, int32_t n) {
     uint64_t h = 1469598103934665603ull;
@@ -101,6 +111,7 @@ static llama_memory_t f_get_memory(const struct llama_context *c) {
 }
 static bool f_memory_seq_rm(llama_memory_t m, llama_seq_id s, llama_pos p0, llama_pos p1) {
     (void)m;
+    note_thread();
     assert_true(s >= 0 && s < FSEQ);
     assert_true(p0 < 0 && p1 < 0); /* the engine only ever drops whole sequences */
     seqmax[s] = -1;
@@ -138,6 +149,7 @@ static void f_batch_free(struct llama_batch b) {
  * the sequence's whole history up to it. */
 static int32_t f_decode(struct llama_context *c, struct llama_batch b) {
     (void)c;
+    note_thread();
     decodes++;
     uv_sleep(0); /* a yield; the real decode takes a while too */
     struct timespec ts = {0, 200000};
@@ -333,6 +345,8 @@ static bt_engine *make_engine_hang(uv_loop_t *loop, int64_t hang_after) {
     cfg.max_num_seqs = 4;
     cfg.max_num_batched_tokens = 16;
     cfg.ctx_size = 4 * 1024;
+    loop_thread = pthread_self();
+    atomic_store(&on_loop_calls, 0);
     char err[256];
     bt_engine *e = bt_llama_create_with_api(loop, &cfg, NULL, NULL, &fake_api, "fake.gguf", err, sizeof err);
     if (!e) fprintf(stderr, "create: %s\n", err);
@@ -382,6 +396,8 @@ static void test_sequences(void **state) {
     }
     for (int i = 0; i < NS; i++) json_decref(bodies[i]); /* submit copied what it needs */
     uv_run(&loop, UV_RUN_DEFAULT); /* ends when the last callback destroyed the engine */
+    assert_true(decodes > 0);
+    assert_int_equal(atomic_load(&on_loop_calls), 0); /* every decode and KV edit on the engine thread */
 
     int checked = 0, stopped = 0;
     for (int i = 0; i < NS; i++) {
@@ -463,6 +479,7 @@ static void test_destroy_live(void **state) {
     uint64_t seen = 0;
     for (int i = 0; i < 8; i++) seen += S[i].seen;
     assert_true(seen > 0); /* they were running when the engine went */
+    assert_int_equal(atomic_load(&on_loop_calls), 0);
     assert_int_equal(uv_loop_close(&loop), 0);
 }
 
