@@ -9,7 +9,8 @@
  * Covers: 32 sequences through 4 slots (queueing), greedy output equal to the model's, exact
  * usage; kills right after submit and from inside a token callback (no callback afterwards, KV
  * freed); stops (finish "cancelled"); continuations from carried tokens; destroying the engine
- * with sequences live (no callback after, every handle freed: ASan); load back to empty; decodes
+ * with sequences live (no callback after, every handle freed: ASan); load back to empty; EOS and
+ * the context cap ending a sequence ("stop", "length", exact usage); decodes
  * and KV edits (llama_decode, llama_memory_seq_rm) never on the loop's thread. */
 #include <pthread.h>
 #include <setjmp.h>
@@ -45,6 +46,8 @@ static int decodes;
  * edits ran on it: none may (llama.c decodes and edits the KV memory on its engine thread only). */
 static pthread_t loop_thread;
 static atomic_int on_loop_calls;
+/* When > 0: the model's next token after position eos_at - 1 is EOS (token 2), whatever the history */
+static int32_t eos_at;
 static void note_thread(void) {
     if (pthread_equal(pthread_self(), loop_thread)) atomic_fetch_add(&on_loop_calls, 1);
 }
@@ -163,7 +166,7 @@ static int32_t f_decode(struct llama_context *c, struct llama_batch b) {
         seqmax[s] = b.pos[r];
         float *row = rows + (size_t)r * FV;
         for (int i = 0; i < FV; i++) row[i] = 0;
-        row[next_of(hist[s], b.pos[r] + 1)] = 5;
+        row[eos_at > 0 && b.pos[r] + 1 == eos_at ? 2 : next_of(hist[s], b.pos[r] + 1)] = 5;
     }
     return 0;
 }
@@ -465,6 +468,55 @@ static void submit_endless(int n, const char *rid) {
     json_decref(body);
 }
 
+/* Runs one greedy completion of "a prompt" (9 tokens) asking for max_tokens on a fresh engine
+ * until it ends; returns its record. */
+static tseq *run_one(uint32_t max_tokens) {
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    E = make_engine(&loop);
+    remaining = 1;
+    tseq *t = &S[0];
+    memset(t, 0, sizeof *t);
+    t->k = K_NORMAL;
+    expected_stream(t, "a prompt");
+    json_t *body = json_pack("{s:s}", "prompt", "a prompt");
+    bt_engine_request rq = {0};
+    rq.request_id = "e";
+    rq.api = BT_API_COMPLETION;
+    rq.body = body;
+    rq.max_tokens = max_tokens;
+    char err[128];
+    assert_int_equal(bt_engine_submit(E, &rq, &sink, t, &t->seq, err, sizeof err), BT_OK);
+    json_decref(body);
+    uv_run(&loop, UV_RUN_DEFAULT); /* ends when its end destroyed the engine */
+    assert_int_equal(uv_loop_close(&loop), 0);
+    assert_int_equal(t->finishes, 1);
+    assert_int_equal(t->errors, 0);
+    return t;
+}
+
+/* How a sequence ends besides max_tokens (docs/engines.md §3.3): EOS ends it with "stop", counted
+ * in usage and not delivered; the context cap (the model's trained context, 1,024 here) ends it
+ * with "length" whatever max_tokens says. */
+static void test_eos_and_context_cap(void **state) {
+    (void)state;
+    eos_at = 9 + 10; /* the prompt's 9 tokens, 10 generated, then EOS */
+    tseq *t = run_one(100);
+    eos_at = 0;
+    assert_int_equal(t->reason, BT_FINISH_STOP);
+    assert_int_equal(t->ngot, 10);
+    assert_memory_equal(t->got, t->expect, 10 * sizeof *t->got);
+    assert_int_equal(t->usage.prompt_tokens, 9);
+    assert_int_equal(t->usage.completion_tokens, 11); /* the EOS counted */
+
+    t = run_one(5000);
+    assert_int_equal(t->reason, BT_FINISH_LENGTH);
+    assert_int_equal(t->seen, 1024 - 9);
+    assert_memory_equal(t->got, t->expect, MAXG * sizeof *t->got);
+    assert_int_equal(t->usage.prompt_tokens, 9);
+    assert_int_equal(t->usage.completion_tokens, 1024 - 9);
+}
+
 static void test_destroy_live(void **state) {
     (void)state;
     uv_loop_t loop;
@@ -511,6 +563,7 @@ static void test_destroy_hung(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_sequences),
+        cmocka_unit_test(test_eos_and_context_cap),
         cmocka_unit_test(test_destroy_live),
         cmocka_unit_test(test_destroy_hung),
     };
