@@ -34,14 +34,6 @@ def req(i, max_tokens):
                      "stream": True}}
 
 
-def read_until_tokens(conn, sid, n):
-    got = 0
-    while got < n:
-        f = conn.read()
-        if f.type == rpclib.TOKENS and f.stream == sid:
-            got += struct.unpack(">H", f.payload[:2])[0]
-
-
 def frames_fast(conn, stop, timeout=20.0):
     """Reads frames as fast as the socket gives them (4 MiB at a time, payloads not kept beyond
     their first 16 bytes) until stop(type, stream) is true; returns [(type, stream, head)] in order."""
@@ -80,7 +72,7 @@ def main():
             # two long streams, both past 200 tokens: whichever the rebalance moves has a large state
             ids = [conn.request(req(i, 20000)) for i in (1, 2)]
             for sid in ids:
-                read_until_tokens(conn, sid, 200)
+                rpclib.read_until_tokens(conn, sid, 200)
             st, _, body = bl.request("POST", w.system_url + "/rebalance?streams=1")
             assert st == 200 and b'"moved":1' in body, (st, body)
             moved = []
