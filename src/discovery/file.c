@@ -31,6 +31,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/closer.h"
 #include "common/log.h"
 
 #define FILE_MAX_VALUE (64 * 1024)  /* larger values are refused on put and ignored on read */
@@ -160,7 +161,7 @@ typedef struct {
 
     /* Closing. */
     bool closing, handles_closing;
-    int handles_open;
+    bt_closer closer; /* the three handles' closes, then free_disc */
     void (*done)(void *ud);
     void *done_ud;
 } file_disc;
@@ -775,9 +776,8 @@ static void free_disc(file_disc *d) {
     free(d);
 }
 
-static void on_handle_closed(uv_handle_t *h) {
-    file_disc *d = h->data;
-    if (--d->handles_open > 0) return;
+static void on_handles_closed(void *arg) {
+    file_disc *d = arg;
     void (*done)(void *) = d->done;
     void *ud = d->done_ud;
     free_disc(d);
@@ -789,10 +789,11 @@ static void maybe_finish_close(file_disc *d) {
     if (!d->closing || d->handles_closing) return;
     if (d->op_busy || !STAILQ_EMPTY(&d->pend) || d->scan_busy) return;
     d->handles_closing = true;
-    d->handles_open = 3;
-    uv_close((uv_handle_t *)&d->refresh_timer, on_handle_closed);
-    uv_close((uv_handle_t *)&d->scan_timer, on_handle_closed);
-    uv_close((uv_handle_t *)&d->fs_event, on_handle_closed);
+    bt_closer_init(&d->closer, on_handles_closed, d);
+    bt_closer_close(&d->closer, (uv_handle_t *)&d->refresh_timer);
+    bt_closer_close(&d->closer, (uv_handle_t *)&d->scan_timer);
+    bt_closer_close(&d->closer, (uv_handle_t *)&d->fs_event);
+    bt_closer_seal(&d->closer);
 }
 
 static void file_close(bt_discovery *base, void (*done)(void *ud), void *ud) {

@@ -27,6 +27,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "common/closer.h"
 #include "common/log.h"
 #include "common/util.h"
 
@@ -95,7 +96,7 @@ struct conn {
     http_parser parser;
     conn_state state;
     timer_mode tmode;
-    int pending_closes;
+    bt_closer closer;  /* the two handles' closes, then conn_closed */
     bool closing;      /* uv_close issued; the connection is gone for every purpose but memory */
     bool reading;      /* uv_read_start is in effect */
     /* parsing of the current request */
@@ -701,10 +702,9 @@ static void conn_free(conn *c) {
     free(c);
 }
 
-/* Last close callback: deliver a pending abort, then free. */
-static void on_conn_closed(uv_handle_t *h) {
-    conn *c = h->data;
-    if (--c->pending_closes > 0) return;
+/* Both handles are closed: deliver a pending abort, then free. */
+static void conn_closed(void *arg) {
+    conn *c = arg;
     bt_http_server *s = c->srv;
     if (c->req_active) {
         c->req_active = false;
@@ -724,9 +724,10 @@ static void conn_close(conn *c) {
     if (c->closing) return;
     c->closing = true;
     c->reading = false;
-    c->pending_closes = 2;
-    uv_close((uv_handle_t *)&c->tcp, on_conn_closed);
-    uv_close((uv_handle_t *)&c->timer, on_conn_closed);
+    bt_closer_init(&c->closer, conn_closed, c);
+    bt_closer_close(&c->closer, (uv_handle_t *)&c->tcp);
+    bt_closer_close(&c->closer, (uv_handle_t *)&c->timer);
+    bt_closer_seal(&c->closer);
 }
 
 static void on_reject_closed(uv_handle_t *h) {

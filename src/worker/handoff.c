@@ -113,12 +113,16 @@ static int pump_one(wk_handoff *h) {
     return 0;
 }
 
-/* Rounds of one piece per hand-off (they take turns) until none can write; then again at the
- * next tick, while any waits. */
+/* Rounds of one piece per hand-off (they take turns) until none can write, or for WK_PUMP_BURST
+ * rounds; then again at the next tick, while any waits. The bound matters when the reader keeps
+ * up: the kernel then takes every piece at once, the room check never stops the rounds, and
+ * unbounded they would write a whole state (hundreds of MB for a large model) in one loop
+ * iteration, while the engine's tokens for every other stream wait behind them. */
+#define WK_PUMP_BURST 16
 static void on_pump_timer(uv_timer_t *t) {
     wk_worker *w = t->data;
     bool progress = true, waiting = false;
-    while (progress) {
+    for (int rounds = 0; progress && rounds < WK_PUMP_BURST; rounds++) {
         progress = waiting = false;
         wk_handoff *h = LIST_FIRST(&w->handoffs), *next;
         for (; h; h = next) {

@@ -669,7 +669,9 @@ static bool llama_preflight(const bt_llama_config *c, char *err, size_t errlen) 
 #ifdef BATON_HAVE_LLAMA
     return bt_llama_lib_open(c->lib_dir, err, errlen) != NULL;
 #else
-    return true; /* built without llama.cpp's headers: bt_llama_create says what to run */
+    /* built without llama.cpp's headers: no restart gives it an engine either. The engine's own
+     * create, in such a build, only says what to run (scripts/setup, then rebuild). */
+    return bt_llama_create(NULL, c, NULL, NULL, err, errlen) != NULL;
 #endif
 }
 

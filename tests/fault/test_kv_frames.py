@@ -36,15 +36,6 @@ def req(i):
                      "stream": True}}
 
 
-def read_until_tokens(conn, sid, n):
-    got = 0
-    while got < n:
-        f = conn.read()
-        if f.type == rpclib.TOKENS and f.stream == sid:
-            got += struct.unpack(">H", f.payload[:2])[0]
-    return got
-
-
 def main():
     with bl.deadline(60, "test_kv_frames"):
         with bl.Cluster() as c:
@@ -54,7 +45,7 @@ def main():
             # 1. no capability announced: no KVSTATE
             old = rpclib.Conn(w.rpc_port, hello_flags=0)
             sid = old.request(req(0))
-            read_until_tokens(old, sid, 20)
+            rpclib.read_until_tokens(old, sid, 20)
             st, _, body = bl.request("POST", w.system_url + "/rebalance?streams=1")
             assert st == 200 and b'"moved":1' in body, (st, body)
             while True:
@@ -69,9 +60,9 @@ def main():
             # 2. pieces, order, completeness, and token frames of another stream between them
             new = rpclib.Conn(w.rpc_port, hello_flags=rpclib.HELLO_KVSTATE)
             a = new.request(req(1))
-            read_until_tokens(new, a, 150)
+            rpclib.read_until_tokens(new, a, 150)
             b = new.request(req(2))
-            read_until_tokens(new, b, 5)
+            rpclib.read_until_tokens(new, b, 5)
             st, _, body = bl.request("POST", w.system_url + "/rebalance?streams=1")
             assert st == 200 and b'"moved":1' in body, (st, body)
             time.sleep(1.0)  # read nothing: the state backs up in the worker
@@ -109,7 +100,7 @@ def main():
             # an exported state of this very request, taken from a rebalance of a longer run of it
             longer = dict(req(3), body=dict(req(3)["body"], max_tokens=5000))
             sid = plain.request(longer)
-            read_until_tokens(plain, sid, 10)
+            rpclib.read_until_tokens(plain, sid, 10)
             st, _, body = bl.request("POST", w.system_url + "/rebalance?streams=1")
             assert st == 200 and b'"moved":1' in body, (st, body)
             state = b""

@@ -12,7 +12,7 @@ binaries: serving, and byte-exact migration of real model output under kill -9.
    (more tokens than cells) is tests/fault/test_llama_backpressure.py.
    Every stream must equal its reference byte for byte: text, token ids, finish_reason, usage; the
    frontend must report migrations, and greedy as well as seeded streams must have moved.
-Also: a worker pointed at a directory without the libraries exits 1 naming scripts/setup.
+Also: a worker pointed at a directory without the libraries exits 2 (a configuration error) naming scripts/setup.
 An unseeded stream's migration is tests/fault/test_llama_unseeded.py; cancellation freeing KV at
 once is tests/fault/test_llama_cancel_kv.py (each its own test, to stay well under 60 s).
 """

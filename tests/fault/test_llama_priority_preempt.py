@@ -15,8 +15,6 @@ One llama worker (the bundled stories260K model), --max-num-seqs 2.
    request.
 """
 
-import threading
-
 import batonlib as bl
 import faultlib as fl
 
@@ -39,10 +37,6 @@ def urgent_body(i):
                               temperature=0, priority=0)
 
 
-def run_all(url, bodies, headers=None, started=None):
-    return fl.start_all(bl.stream_completion, url, bodies, headers, timeout=90, started=started)
-
-
 preemptions = fl.preemptions
 
 
@@ -52,38 +46,23 @@ with bl.Cluster() as c:
     c.wait_workers(fe, 1)
 
     # --- 1. references, two at a time
+    def long_enough(s):
+        assert len(s.token_ids) > 20, f"a reference stream is too short to be preempted mid-way: {s.summary()}"
+
     ref = []
     for k in range(0, N_LOW, 2):
-        part, ts = run_all(fe.url, [low_body(i) for i in range(k, k + 2)])
-        for t in ts:
-            t.join(90)
-        ref += part
-    for s in ref:
-        assert s is not None, "a reference request did not finish"
-        s.assert_ok("a reference stream")
-        assert len(s.token_ids) > 20, f"a reference stream is too short to be preempted mid-way: {s.summary()}"
+        ref += fl.run_all(bl.stream_completion, fe.url, [low_body(i) for i in range(k, k + 2)], timeout=90,
+                          check=long_enough)
     assert preemptions(w, "priority") == 0, "a worker without urgent requests preempted for priority"
 
     # --- 2. the worker full of low-priority streams, then urgent ones one at a time
-    started = [threading.Event() for _ in range(N_LOW)]
-    low, ts = run_all(fe.url, [low_body(i) for i in range(N_LOW)], headers={"X-Priority": "10"}, started=started)
-    bl.wait_for(lambda: sum(e.is_set() for e in started) >= 2, 30, interval=0.01,
-                what="two low-priority streams to release tokens")
-    urgent = []
-    for i in range(N_URGENT):
-        s = bl.stream_completion(fe.url, urgent_body(i), timeout=60)
-        s.assert_ok("an urgent request")
-        urgent.append(s)
-    for t in ts:
-        t.join(90)
+    low, urgent = fl.preemption_overload(bl.stream_completion, fe.url, [low_body(i) for i in range(N_LOW)],
+                                         [urgent_body(i) for i in range(N_URGENT)],
+                                         lambda started: sum(e.is_set() for e in started) >= 2, timeout=90,
+                                         urgent_timeout=60)
 
     # --- 3. exact low-priority streams, counted preemptions
-    for i, s in enumerate(low):
-        assert s is not None, "a low-priority request did not finish"
-        s.assert_ok("a low-priority stream")
-        assert fl.outcome(s) == fl.outcome(ref[i]), \
-            f"low-priority stream {i} ({'seeded' if i % 2 else 'greedy'}) differs from its reference:\n" \
-            f"  got {s.summary()}\n  ref {ref[i].summary()}"
+    fl.assert_same_as_refs(low, ref)
     first_low_end = min(s.t_end for s in low)
     n_prio = preemptions(w, "priority")
     print(f"llama priority preemption: urgent TTFTs {[round(s.t_first - s.t_start, 3) for s in urgent]}, "

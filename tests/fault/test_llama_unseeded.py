@@ -24,45 +24,35 @@ SLOW = fl.SLOW
 worker_kv = fl.worker_kv
 
 
-def main():
-    if fl.skip("llama") is not None:  # scripts/setup was told not to fetch llama.cpp
-        return 77
-    with bl.deadline(40 * SLOW, "test_llama_unseeded"):
-        with bl.Cluster() as c:
-            fe = c.start_frontend(stream_stall_timeout=5)
-            dbg = {"DYN_LOG": "debug"}
-            w1 = c.start_worker(engine="llama", system_port=True, wait=True, env=dbg)
-            w2 = c.start_worker(engine="llama", system_port=True, wait=True, env=dbg)
-            c.wait_workers(fe, 2)
-            victim = {}
+def run(c, fe, ws):
+    w1, w2 = ws
+    victim = {}
 
-            def kill_serving(st, obj):
-                if len(st.token_ids) >= 200 and not victim:
-                    for w in (w1, w2):  # the worker holding the stream has KV in use
-                        if worker_kv(w) > 0:
-                            victim["w"] = w
-                            w.proc.kill()
-                            break
-                return False
+    def kill_serving(st, obj):
+        if len(st.token_ids) >= 200 and not victim:
+            for w in (w1, w2):  # the worker holding the stream has KV in use
+                if worker_kv(w) > 0:
+                    victim["w"] = w
+                    w.proc.kill()
+                    break
+        return False
 
-            noseed = bl.completion_body("Once upon a time", max_tokens=800, model=MODEL, temperature=0.8,
-                                        return_token_ids=True, stream_options={"include_usage": True})
-            s = bl.stream_completion(fe.url, noseed, timeout=30 * SLOW, on_event=kill_serving,
-                                     headers={"X-Request-Id": "noseed-0"})
-            assert victim, "the worker serving the unseeded stream was not found"
-            s.assert_ok("unseeded migrated stream")
-            assert len(s.token_ids) == 800 and s.finish_reason == "length", s.summary()
-            assert "request noseed-0 migrated" in fe.proc.log_text(), "the unseeded stream did not migrate"
-            alive = w2 if victim["w"] is w1 else w1
-            seeds = re.findall(r"request noseed-0: sampling seed (\d+) \((\w+)\)", alive.proc.log_text())
-            assert seeds and seeds[0][1] == "frontend", f"continuation sampled with {seeds}"
-            replay = bl.stream_completion(fe.url, dict(noseed, seed=int(seeds[0][0])), timeout=30 * SLOW)
-            replay.assert_ok("replay with the frontend's seed")
-            assert fl.outcome(replay) == fl.outcome(s), "the migrated unseeded stream differs from its replay"
-            print(f"unseeded stream: migrated, equal to a fault-free replay with the frontend's seed {seeds[0][0]}")
-    print("ok")
-    return 0
+    noseed = bl.completion_body("Once upon a time", max_tokens=800, model=MODEL, temperature=0.8,
+                                return_token_ids=True, stream_options={"include_usage": True})
+    s = bl.stream_completion(fe.url, noseed, timeout=30 * SLOW, on_event=kill_serving,
+                             headers={"X-Request-Id": "noseed-0"})
+    assert victim, "the worker serving the unseeded stream was not found"
+    s.assert_ok("unseeded migrated stream")
+    assert len(s.token_ids) == 800 and s.finish_reason == "length", s.summary()
+    assert "request noseed-0 migrated" in fe.proc.log_text(), "the unseeded stream did not migrate"
+    alive = w2 if victim["w"] is w1 else w1
+    seeds = re.findall(r"request noseed-0: sampling seed (\d+) \((\w+)\)", alive.proc.log_text())
+    assert seeds and seeds[0][1] == "frontend", f"continuation sampled with {seeds}"
+    replay = bl.stream_completion(fe.url, dict(noseed, seed=int(seeds[0][0])), timeout=30 * SLOW)
+    replay.assert_ok("replay with the frontend's seed")
+    assert fl.outcome(replay) == fl.outcome(s), "the migrated unseeded stream differs from its replay"
+    print(f"unseeded stream: migrated, equal to a fault-free replay with the frontend's seed {seeds[0][0]}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(fl.llama_test("test_llama_unseeded", 40, run, workers=2, fe_flags={"stream_stall_timeout": 5}))

@@ -17,7 +17,6 @@ its tokens, so its client sees only a pause.
 """
 
 import statistics
-import threading
 
 import batonlib as bl
 import faultlib as fl
@@ -36,10 +35,6 @@ def urgent_body(i):
     return bl.chat_body(f"vip {i}", max_tokens=URGENT_TOKENS, return_token_ids=True, priority=0)
 
 
-def run_all(url, bodies, headers=None):
-    return fl.start_all(bl.stream_chat, url, bodies, headers)
-
-
 preemptions = fl.preemptions
 
 
@@ -48,13 +43,11 @@ with bl.Cluster() as c:
     fe = c.start_frontend()
     c.start_worker(max_num_seqs=16, speedup_ratio=100)
     c.wait_workers(fe, 1)
-    ref, ts = run_all(fe.url, [low_body(i) for i in range(N_LOW)])
-    for t in ts:
-        t.join(60)
-    for s in ref:
-        assert s is not None, "a reference request did not finish"
-        s.assert_ok("a reference stream")
+
+    def full_length(s):
         assert len(s.token_ids) == LOW_TOKENS and s.finish_reason == "length", s.summary()
+
+    ref = fl.run_all(bl.stream_chat, fe.url, [low_body(i) for i in range(N_LOW)], check=full_length)
 
 with bl.Cluster() as c:
     fe = c.start_frontend()
@@ -69,25 +62,21 @@ with bl.Cluster() as c:
     assert preemptions(w, "priority") == 0, "an idle worker preempted"
 
     # --- 2. three times the worker's capacity of low-priority streams, then urgent ones one at a time
-    low, ts = run_all(fe.url, [low_body(i) for i in range(N_LOW)], headers={"X-Priority": "10"})
-    bl.wait_for(lambda: bl.metric_sum(bl.metrics(fe.url), "baton_frontend_worker_waiting_requests") >= N_LOW - 4, 20,
-                interval=0.02, what="the worker's waiting queue to hold the low-priority surplus")
-    urgent = []
-    for i in range(N_URGENT):
-        s = bl.stream_chat(fe.url, urgent_body(i), timeout=30)
-        s.assert_ok("an urgent request under overload")
+    def queue_full(started):
+        return bl.metric_sum(bl.metrics(fe.url), "baton_frontend_worker_waiting_requests") >= N_LOW - 4
+
+    def urgent_length(s):
         assert len(s.token_ids) == URGENT_TOKENS, s.summary()
-        urgent.append(s)
-    for t in ts:
-        t.join(60)
+
+    low, urgent = fl.preemption_overload(bl.stream_chat, fe.url, [low_body(i) for i in range(N_LOW)],
+                                         [urgent_body(i) for i in range(N_URGENT)], queue_full, timeout=60,
+                                         urgent_timeout=30,
+                                         check_urgent=urgent_length)
 
     # --- 3. the low-priority streams are byte-exact; the preemptions were counted
-    for i, s in enumerate(low):
-        assert s is not None, "a low-priority request did not finish"
-        s.assert_ok("a low-priority stream")
+    fl.assert_same_as_refs(low, ref)
+    for s in low:
         assert s.finish_reason == "length", s.summary()
-        assert s.token_ids == ref[i].token_ids, f"low-priority stream {i} differs from its reference: {s.summary()}"
-        assert s.text == ref[i].text, f"low-priority stream {i}: text differs from its reference"
     low_med = statistics.median(s.t_first - s.t_start for s in low)
     urg = [s.t_first - s.t_start for s in urgent]
     n_prio, n_kv = preemptions(w, "priority"), preemptions(w, "kv")

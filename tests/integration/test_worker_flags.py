@@ -4,7 +4,8 @@
      worker that runs the mocker or the llama engine: exit 2 at once with a message naming the
      setting and `--engine openai`, nothing registered in discovery. Each mocker setting (flag, and
      DYN_SPEEDUP_RATIO) given with --engine openai: exit 2 naming it. A setting both engines read
-     (--default-max-tokens) is accepted with either.
+     (--default-max-tokens) is accepted with either. A llama worker that cannot have an engine
+     (libraries missing; or a build without llama.cpp's headers) exits 2 naming scripts/setup.
   2. `baton run --engine openai --upstream URL` serves through that upstream: the launcher adds no
      mocker setting of its own.
   3. --namespace / DYN_NAMESPACE: the worker serves dyn://NS.backend.generate; the frontend of that
@@ -93,6 +94,16 @@ with bl.Cluster() as c:
     c.wait_workers(fe, 1)
 print(f"wrong engine: {len(OPENAI_ONLY) * 2 + 2} openai settings refused with the mocker, {len(OPENAI_ONLY) + 2} "
       f"with llama, {len(MOCKER_ONLY) + 1} mocker settings with openai, exit 2")
+
+# --- 1b. a llama worker that cannot have an engine is a configuration error (exit 2) naming what
+# to run: in a build with llama.cpp's headers, libraries missing from --llama-lib-dir; in a build
+# without them, any llama worker
+with bl.Cluster() as c:
+    out = refused(c, ["--engine", "llama", "--llama-lib-dir", os.path.join(c.dir, "no-such-dir")],
+                  rx=r"scripts/setup")
+    built_without = "built without llama.cpp's headers" in out
+    print("llama engine unavailable: exit 2 naming scripts/setup "
+          f"({'a build without the headers' if built_without else 'libraries missing'})")
 
 # --- 2. baton run in front of an openai-compatible upstream
 with bl.Cluster() as up:

@@ -7,7 +7,9 @@ continuation were not exact); the scenarios only use the profile. Each scenario 
 cluster: a frontend and two workers, a fault-free reference run of a mixed load (half greedy,
 half sampled at temperature 0.8 with a seed, so a continuation must reproduce the sampler too),
 then the same load with one fault, and checks every stream against its reference byte for byte
-(text, token ids, finish_reason, usage) and that the fault moved some of them:
+(text, token ids, finish_reason, usage) and that the fault moved some of them. The llama profile
+runs 16 such streams of 1,500+ tokens, and beside them in the fault run 6 unseeded ones that their
+clients cancel at 50-550 tokens (a busy, fragmented cache); the mocker's runs 6.
 
   kill9         kill -9 of one worker once a stream has TRIGGER tokens
   sigstop       SIGSTOP of one worker: the frontend's stall detection (--stream-stall-timeout 2)
@@ -46,8 +48,11 @@ PROFILES = {
     "mocker": {"worker": {"speedup_ratio": 0.6}, "base_tokens": 250, "trigger": 100, "die_after": 500,
                "hang": {"fault_stall_after_tokens": 500},
                "kv": {"speedup_ratio": 1, "num_gpu_blocks_override": 256, "block_size": 16, "max_num_seqs": 4}},
-    # streams of 1,500 tokens and more: where a continuation that is not exact drifts (docs/engines.md)
+    # streams of 1,500 tokens and more: where a continuation that is not exact drifts (docs/engines.md);
+    # 16 of them at once, beside 6 unseeded ones their clients cancel at 50-550 tokens: a busy,
+    # fragmented cache (the issue's oracle for this engine)
     "llama": {"worker": {"engine": "llama"}, "base_tokens": 1500, "trigger": 400, "die_after": 2000,
+              "streams": 16, "noise": 6,
               "hang": {"fault_hang_after_tokens": 2000}, "nan": {"fault_nan_after_tokens": 2000},
               "decode_error": {"fault_error_after_tokens": 2000},
               "kv": {"engine": "llama", "ctx_size": 4096, "max_num_seqs": 4}},
@@ -79,11 +84,34 @@ def body_for(p, i):
                               max_tokens=max_tokens(p, i), model=MODEL, **extra)
 
 
-def run_load(fe, p, tag, n=N, on_event=None):
+def streams(p):
+    """How many streams of the load are checked against their references (the profile's, or N)."""
+    return p.get("streams", N)
+
+
+def run_load(fe, p, tag, n=None, on_event=None, noise=None):
+    """The load: n streams (default streams(p)) of body_for(p, i % streams(p)), returned in order.
+    Beside them, except for the references, `noise` (default the profile's "noise", else none)
+    unseeded sampled streams that their clients cancel at 50, 150, ... tokens, to keep the engines'
+    caches busy and fragmented; each must have been cancelled by its client, nothing more is
+    checked of them, and they are not returned."""
+    n = streams(p) if n is None else n
+    k = (0 if tag == "ref" else p.get("noise", 0)) if noise is None else noise
+
     def one(i):
-        return bl.stream_completion(fe.url, body_for(p, i % N), timeout=60, headers={"X-Request-Id": f"{tag}-{i}"},
+        if i >= n:  # noise
+            j = i - n
+            body = bl.completion_body(f"Noise {j}: once upon a time", max_tokens=p["base_tokens"], model=MODEL,
+                                      temperature=0.8, return_token_ids=True)
+            return bl.stream_completion(fe.url, body, timeout=60, headers={"X-Request-Id": f"{tag}-noise-{j}"},
+                                        on_event=lambda st, obj: len(st.token_ids) >= 50 + 100 * j)
+        return bl.stream_completion(fe.url, body_for(p, i % streams(p)), timeout=60,
+                                    headers={"X-Request-Id": f"{tag}-{i}"},
                                     on_event=(lambda st, obj: on_event(i, st, obj)) if on_event else None)
-    return bl.run_concurrently(one, list(range(n)), max_workers=n)
+    runs = bl.run_concurrently(one, list(range(n + k)), max_workers=n + k)
+    for j, s in enumerate(runs[n:]):
+        assert s.aborted and 50 + 100 * j <= len(s.token_ids) < p["base_tokens"], f"noise stream {j}: {s.summary()}"
+    return runs[:n]
 
 
 def references(fe, p):
@@ -226,15 +254,15 @@ def worker_idle(w):
 
 def cancel_storm(c, p):
     f = Fleet(c, p)
-    n = 2 * N
+    n = 2 * streams(p)
     # every other stream closed by its client, each at another point of its first half
-    cut = {i: 10 + i * max_tokens(p, i % N) // (2 * n) for i in range(1, n, 2)}
+    cut = {i: 10 + i * max_tokens(p, i % streams(p)) // (2 * n) for i in range(1, n, 2)}
 
     def on_event(i, st, obj):
         return i in cut and len(st.token_ids) >= cut[i]
-    runs = run_load(f.fe, p, "cancel", n=n, on_event=on_event)
+    runs = run_load(f.fe, p, "cancel", n=n, on_event=on_event, noise=0)
     for i in cut:
-        assert runs[i].aborted and len(runs[i].token_ids) < max_tokens(p, i % N), runs[i].summary()
+        assert runs[i].aborted and len(runs[i].token_ids) < max_tokens(p, i % streams(p)), runs[i].summary()
     check(f.fe, "cancel", f.refs, runs, only=[i for i in range(n) if i not in cut], want_migrated=False)
     log = f.fe.proc.log_text()
     gone = [i for i in cut if re.search(rf"request cancel-{i}: client disconnected", log)]
@@ -370,3 +398,67 @@ def start_all(fn, url, bodies, headers=None, timeout=60, started=None):
 def preemptions(w, reason):
     """Sequences the worker's engine preempted for `reason` ("kv" or "priority")."""
     return bl.metric_sum(bl.metrics(w.system_url), "baton_worker_preemptions_total", reason=reason)
+
+
+def run_all(fn, url, bodies, timeout=60, what="a reference stream", check=None):
+    """fn(url, body) for every body at once (start_all), waited for: the streams, each ended ok
+    (`what` names them in a failure) and passing check(s), when given."""
+    out, ts = start_all(fn, url, bodies, timeout=timeout)
+    for t in ts:
+        t.join(timeout)
+    for s in out:
+        assert s is not None, f"{what} did not finish"
+        s.assert_ok(what)
+        if check:
+            check(s)
+    return out
+
+
+def preemption_overload(fn, url, low_bodies, urgent_bodies, ready, timeout=60, urgent_timeout=30, check_urgent=None):
+    """The overload of a priority preemption test (test_priority_preempt, test_llama_priority_preempt):
+    every low-priority body at once with X-Priority 10; once ready(started) holds (started: one
+    threading.Event per low stream, set at its first token), the urgent bodies one at a time, each
+    ending ok (and passing check_urgent(s), when given). `timeout` bounds a low-priority stream,
+    `urgent_timeout` an urgent one. Returns (low, urgent) after every
+    low-priority stream has ended."""
+    started = [threading.Event() for _ in low_bodies]
+    low, ts = start_all(fn, url, low_bodies, headers={"X-Priority": "10"}, timeout=timeout, started=started)
+    bl.wait_for(lambda: ready(started), 30, interval=0.01, what="the worker full of low-priority streams")
+    urgent = []
+    for body in urgent_bodies:
+        s = fn(url, body, timeout=urgent_timeout)
+        s.assert_ok("an urgent request under overload")
+        if check_urgent:
+            check_urgent(s)
+        urgent.append(s)
+    for t in ts:
+        t.join(timeout + 30)
+    return low, urgent
+
+
+def assert_same_as_refs(low, ref):
+    """Every low-priority stream ended ok and equals its reference exactly (text, token ids,
+    finish_reason, usage): a preempted sequence recomputed from its tokens lost nothing."""
+    for i, s in enumerate(low):
+        assert s is not None, "a low-priority request did not finish"
+        s.assert_ok("a low-priority stream")
+        assert outcome(s) == outcome(ref[i]), \
+            f"low-priority stream {i} differs from its reference:\n  got {s.summary()}\n  ref {ref[i].summary()}"
+
+
+def llama_test(name, seconds, body, workers=1, fe_flags=None):
+    """The frame of a llama test script: 77 (skipped) when this build has no llama.cpp; else,
+    within `seconds` (times SLOW), a cluster of a frontend (fe_flags) and `workers` llama workers
+    logging at debug level, each with its status port, all routable, handed to body(c, fe, ws);
+    prints ok and returns 0 when body returns."""
+    if skip("llama") is not None:  # scripts/setup was told not to fetch llama.cpp
+        return 77
+    with bl.deadline(seconds * SLOW, name):
+        with bl.Cluster() as c:
+            fe = c.start_frontend(**(fe_flags or {}))
+            ws = [c.start_worker(engine="llama", system_port=True, wait=True, env={"DYN_LOG": "debug"})
+                  for _ in range(workers)]
+            c.wait_workers(fe, workers)
+            body(c, fe, ws)
+    print("ok")
+    return 0

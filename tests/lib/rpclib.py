@@ -108,6 +108,16 @@ def decode_tokens(payload):
     return ids, payload[2 + 4 * n:]
 
 
+def read_until_tokens(conn, stream, n):
+    """Reads frames until `stream` has had n tokens in TOKENS frames (other frames are dropped)."""
+    got = 0
+    while got < n:
+        f = conn.read()
+        if f.type == TOKENS and f.stream == stream:
+            got += struct.unpack(">H", f.payload[:2])[0]
+    return got
+
+
 def read_stream(conn, stream, until_batches=None, timeout=30.0, result=None):
     """Reads frames of `stream` (frames of other streams are an error) until FINISH or ERROR, or
     until the result holds `until_batches` batches. Returns the Result."""

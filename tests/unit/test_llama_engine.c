@@ -9,9 +9,13 @@
  * Covers: 32 sequences through 4 slots (queueing), greedy output equal to the model's, exact
  * usage; kills right after submit and from inside a token callback (no callback afterwards, KV
  * freed); stops (finish "cancelled"); continuations from carried tokens; destroying the engine
- * with sequences live (no callback after, every handle freed: ASan); load back to empty. */
+ * with sequences live (no callback after, every handle freed: ASan); load back to empty; EOS and
+ * the context cap ending a sequence ("stop", "length", exact usage); decodes
+ * and KV edits (llama_decode, llama_memory_seq_rm) never on the loop's thread. */
+#include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -38,6 +42,15 @@ static float *rows;
 static int32_t nrows;
 static uint32_t f_n_ctx, f_n_batch, f_n_seq;
 static int decodes;
+/* The loop's thread (set by the harness before the engine starts) and how many decodes and KV
+ * edits ran on it: none may (llama.c decodes and edits the KV memory on its engine thread only). */
+static pthread_t loop_thread;
+static atomic_int on_loop_calls;
+/* When > 0: the model's next token after position eos_at - 1 is EOS (token 2), whatever the history */
+static int32_t eos_at;
+static void note_thread(void) {
+    if (pthread_equal(pthread_self(), loop_thread)) atomic_fetch_add(&on_loop_calls, 1);
+}
 
 static uint32_t next_of(const int32_t *toks, int32_t n) {
     uint64_t h = 1469598103934665603ull;
@@ -101,6 +114,7 @@ static llama_memory_t f_get_memory(const struct llama_context *c) {
 }
 static bool f_memory_seq_rm(llama_memory_t m, llama_seq_id s, llama_pos p0, llama_pos p1) {
     (void)m;
+    note_thread();
     assert_true(s >= 0 && s < FSEQ);
     assert_true(p0 < 0 && p1 < 0); /* the engine only ever drops whole sequences */
     seqmax[s] = -1;
@@ -138,6 +152,7 @@ static void f_batch_free(struct llama_batch b) {
  * the sequence's whole history up to it. */
 static int32_t f_decode(struct llama_context *c, struct llama_batch b) {
     (void)c;
+    note_thread();
     decodes++;
     uv_sleep(0); /* a yield; the real decode takes a while too */
     struct timespec ts = {0, 200000};
@@ -151,7 +166,7 @@ static int32_t f_decode(struct llama_context *c, struct llama_batch b) {
         seqmax[s] = b.pos[r];
         float *row = rows + (size_t)r * FV;
         for (int i = 0; i < FV; i++) row[i] = 0;
-        row[next_of(hist[s], b.pos[r] + 1)] = 5;
+        row[eos_at > 0 && b.pos[r] + 1 == eos_at ? 2 : next_of(hist[s], b.pos[r] + 1)] = 5;
     }
     return 0;
 }
@@ -333,6 +348,8 @@ static bt_engine *make_engine_hang(uv_loop_t *loop, int64_t hang_after) {
     cfg.max_num_seqs = 4;
     cfg.max_num_batched_tokens = 16;
     cfg.ctx_size = 4 * 1024;
+    loop_thread = pthread_self();
+    atomic_store(&on_loop_calls, 0);
     char err[256];
     bt_engine *e = bt_llama_create_with_api(loop, &cfg, NULL, NULL, &fake_api, "fake.gguf", err, sizeof err);
     if (!e) fprintf(stderr, "create: %s\n", err);
@@ -382,6 +399,8 @@ static void test_sequences(void **state) {
     }
     for (int i = 0; i < NS; i++) json_decref(bodies[i]); /* submit copied what it needs */
     uv_run(&loop, UV_RUN_DEFAULT); /* ends when the last callback destroyed the engine */
+    assert_true(decodes > 0);
+    assert_int_equal(atomic_load(&on_loop_calls), 0); /* every decode and KV edit on the engine thread */
 
     int checked = 0, stopped = 0;
     for (int i = 0; i < NS; i++) {
@@ -430,20 +449,16 @@ static void on_timer_destroy(uv_timer_t *tm) {
     uv_close((uv_handle_t *)tm, NULL);
 }
 
-static void test_destroy_live(void **state) {
-    (void)state;
-    uv_loop_t loop;
-    uv_loop_init(&loop);
-    E = make_engine(&loop);
-    remaining = 1000; /* never reaches 0: the timer destroys the engine */
+/* Submits n endless (max_tokens 100000) normal completions as S[0..n) with request id rid. */
+static void submit_endless(int n, const char *rid) {
     json_t *body = json_pack("{s:s}", "prompt", "a prompt");
-    for (int i = 0; i < 8; i++) {
+    for (int i = 0; i < n; i++) {
         tseq *t = &S[i];
         memset(t, 0, sizeof *t);
         t->i = i;
         t->k = K_NORMAL;
         bt_engine_request rq = {0};
-        rq.request_id = "d";
+        rq.request_id = rid;
         rq.api = BT_API_COMPLETION;
         rq.body = body;
         rq.max_tokens = 100000;
@@ -451,6 +466,64 @@ static void test_destroy_live(void **state) {
         assert_int_equal(bt_engine_submit(E, &rq, &sink, t, &t->seq, err, sizeof err), BT_OK);
     }
     json_decref(body);
+}
+
+/* Runs one greedy completion of "a prompt" (9 tokens) asking for max_tokens on a fresh engine
+ * until it ends; returns its record. */
+static tseq *run_one(uint32_t max_tokens) {
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    E = make_engine(&loop);
+    remaining = 1;
+    tseq *t = &S[0];
+    memset(t, 0, sizeof *t);
+    t->k = K_NORMAL;
+    expected_stream(t, "a prompt");
+    json_t *body = json_pack("{s:s}", "prompt", "a prompt");
+    bt_engine_request rq = {0};
+    rq.request_id = "e";
+    rq.api = BT_API_COMPLETION;
+    rq.body = body;
+    rq.max_tokens = max_tokens;
+    char err[128];
+    assert_int_equal(bt_engine_submit(E, &rq, &sink, t, &t->seq, err, sizeof err), BT_OK);
+    json_decref(body);
+    uv_run(&loop, UV_RUN_DEFAULT); /* ends when its end destroyed the engine */
+    assert_int_equal(uv_loop_close(&loop), 0);
+    assert_int_equal(t->finishes, 1);
+    assert_int_equal(t->errors, 0);
+    return t;
+}
+
+/* How a sequence ends besides max_tokens (docs/engines.md §3.3): EOS ends it with "stop", counted
+ * in usage and not delivered; the context cap (the model's trained context, 1,024 here) ends it
+ * with "length" whatever max_tokens says. */
+static void test_eos_and_context_cap(void **state) {
+    (void)state;
+    eos_at = 9 + 10; /* the prompt's 9 tokens, 10 generated, then EOS */
+    tseq *t = run_one(100);
+    eos_at = 0;
+    assert_int_equal(t->reason, BT_FINISH_STOP);
+    assert_int_equal(t->ngot, 10);
+    assert_memory_equal(t->got, t->expect, 10 * sizeof *t->got);
+    assert_int_equal(t->usage.prompt_tokens, 9);
+    assert_int_equal(t->usage.completion_tokens, 11); /* the EOS counted */
+
+    t = run_one(5000);
+    assert_int_equal(t->reason, BT_FINISH_LENGTH);
+    assert_int_equal(t->seen, 1024 - 9);
+    assert_memory_equal(t->got, t->expect, MAXG * sizeof *t->got);
+    assert_int_equal(t->usage.prompt_tokens, 9);
+    assert_int_equal(t->usage.completion_tokens, 1024 - 9);
+}
+
+static void test_destroy_live(void **state) {
+    (void)state;
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    E = make_engine(&loop);
+    remaining = 1000; /* never reaches 0: the timer destroys the engine */
+    submit_endless(8, "d");
     uv_timer_t tm;
     uv_timer_init(&loop, &tm);
     uv_timer_start(&tm, on_timer_destroy, 30, 0);
@@ -458,6 +531,7 @@ static void test_destroy_live(void **state) {
     uint64_t seen = 0;
     for (int i = 0; i < 8; i++) seen += S[i].seen;
     assert_true(seen > 0); /* they were running when the engine went */
+    assert_int_equal(atomic_load(&on_loop_calls), 0);
     assert_int_equal(uv_loop_close(&loop), 0);
 }
 
@@ -472,21 +546,7 @@ static void test_destroy_hung(void **state) {
     uv_loop_init(&loop);
     E = make_engine_hang(&loop, 20);
     remaining = 1000;
-    json_t *body = json_pack("{s:s}", "prompt", "a prompt");
-    for (int i = 0; i < 2; i++) {
-        tseq *t = &S[i];
-        memset(t, 0, sizeof *t);
-        t->i = i;
-        t->k = K_NORMAL;
-        bt_engine_request rq = {0};
-        rq.request_id = "h";
-        rq.api = BT_API_COMPLETION;
-        rq.body = body;
-        rq.max_tokens = 100000;
-        char err[128];
-        assert_int_equal(bt_engine_submit(E, &rq, &sink, t, &t->seq, err, sizeof err), BT_OK);
-    }
-    json_decref(body);
+    submit_endless(2, "h");
     uv_timer_t tm;
     uv_timer_init(&loop, &tm);
     uv_timer_start(&tm, on_timer_destroy, 300, 0); /* the thread hung after 20 tokens by then */
@@ -503,6 +563,7 @@ static void test_destroy_hung(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_sequences),
+        cmocka_unit_test(test_eos_and_context_cap),
         cmocka_unit_test(test_destroy_live),
         cmocka_unit_test(test_destroy_hung),
     };
