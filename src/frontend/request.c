@@ -147,7 +147,7 @@ static void req_free(fe_req *r) {
     bt_buf_free(&r->prefix);
     fe_kv_free(&r->kv);
     bt_ctx_free(r->ctx);
-    free(r);
+    bt_pool_put(&f->req_pool, r);
 }
 
 /* Ends the request: counts the outcome, releases the attempt, frees the request. */
@@ -993,7 +993,7 @@ fe_req *fe_request_new(fe *f, bt_http_req *http, bt_api api, json_t *body, const
         json_decref(body);
         return NULL;
     }
-    fe_req *r = calloc(1, sizeof *r);
+    fe_req *r = bt_pool_get(&f->req_pool); /* zeroed, like calloc */
     if (!r) {
         fe_reqs_release(f);
         fe_json_error(http, rid, 500, "out_of_memory", "out of memory");
@@ -1005,7 +1005,7 @@ fe_req *fe_request_new(fe *f, bt_http_req *http, bt_api api, json_t *body, const
         fe_reqs_release(f);
         fe_json_error(http, rid, 500, "out_of_memory", "out of memory");
         json_decref(body);
-        free(r);
+        bt_pool_put(&f->req_pool, r);
         return NULL;
     }
     r->fe = f;

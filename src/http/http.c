@@ -28,6 +28,7 @@
 #include <unistd.h>
 
 #include "common/log.h"
+#include "common/pool.h"
 #include "common/util.h"
 
 /* on_drain fires when the backlog falls under LOW_WATER after having exceeded HIGH_WATER. */
@@ -36,6 +37,9 @@
 /* Reads land in one server-wide buffer: callbacks run one at a time on the loop and every read is
  * consumed (parsed or copied) before the callback returns. */
 #define READ_BUF_SIZE (64u * 1024u)
+/* Closed connections kept for the next accepts (common/pool.h says why): enough for a burst of a
+ * few thousand connections, ~1.1 KiB each; bt_http_server_release_kept frees them. */
+#define CONN_POOL_CAP 4096u
 /* Pipelined bytes that arrive while a request is in flight are kept up to this much. Beyond it
  * the connection stops taking requests: what is buffered and everything that follows is read and
  * dropped, and the connection closes after the in-flight response (a pipelining client must be
@@ -83,6 +87,7 @@ struct bt_http_server {
     bool reject_logged;
     void (*done)(void *ud);
     void *done_ud;
+    bt_pool conn_pool; /* closed connections' memory, for the next accepts */
     char rbuf[READ_BUF_SIZE];
 };
 
@@ -698,7 +703,7 @@ static void conn_free(conn *c) {
     bt_buf_free(&c->body);
     bt_buf_free(&c->pending);
     free(c->held_head);
-    free(c);
+    bt_pool_put(&c->srv->conn_pool, c);
 }
 
 /* Last close callback: deliver a pending abort, then free. */
@@ -786,7 +791,7 @@ static void on_connection(uv_stream_t *server, int status) {
         server_reject(s);
         return;
     }
-    conn *c = calloc(1, sizeof *c);
+    conn *c = bt_pool_get(&s->conn_pool);
     if (!c) {
         if (s->cfg.shared_conns) atomic_fetch_sub(s->cfg.shared_conns, 1);
         BT_ERROR("http: out of memory accepting a connection");
@@ -1043,6 +1048,7 @@ static void server_maybe_finish(bt_http_server *s) {
     if (!s->closing || !s->listener_closed || !s->aux_closed || s->nconns || s->nrejecting) return;
     void (*done)(void *) = s->done;
     void *dud = s->done_ud;
+    bt_pool_destroy(&s->conn_pool);
     free(s);
     if (done) done(dud);
 }
@@ -1086,6 +1092,7 @@ bt_status bt_http_server_start(uv_loop_t *loop, const bt_http_config *cfg, const
         return BT_ERR_NOMEM;
     }
     s->loop = loop;
+    bt_pool_init(&s->conn_pool, sizeof(conn), CONN_POOL_CAP);
     s->cfg = *cfg;
     s->cfg.host = NULL; /* not kept: the caller's string need not outlive the call */
     /* Zero sizes mean the defaults; zero timeouts mean "no timeout". */
@@ -1157,6 +1164,8 @@ void bt_http_server_stop_accepting(bt_http_server *s) {
     s->listener_closing = true;
     uv_close((uv_handle_t *)&s->listener, on_listener_closed);
 }
+
+size_t bt_http_server_release_kept(bt_http_server *s) { return bt_pool_drain(&s->conn_pool); }
 
 size_t bt_http_server_connections(const bt_http_server *s) { return s ? s->nconns : 0; }
 

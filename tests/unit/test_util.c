@@ -14,7 +14,11 @@
  * Also the random values (bt_random64, bt_random_bytes, bt_uuid4), drawn through a per-thread pool of kernel random
  * bytes: UUIDs well formed and never repeated over more draws than several pool refills, two
  * threads never handed the same bytes, and a forked child never handed the bytes its parent hands
- * out next (the pool is emptied in the child). */
+ * out next (the pool is emptied in the child).
+ *
+ * And the object pool of src/common/pool.c: an object given back is the one handed out next, and
+ * handed out zeroed whatever was written into it; no more than `cap` objects are kept (the rest
+ * are freed at once); drain frees what is kept and the pool goes on working. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -28,6 +32,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "common/pool.h"
 #include "common/util.h"
 
 /* ---- the reference: one byte at a time, as JSON (RFC 8259) and the replacement rule say ---- */
@@ -357,6 +362,60 @@ static void test_random_fork(void **state) {
         for (int k = 0; k < 4; k++) assert_int_not_equal(mine[i], theirs[k]);
 }
 
+typedef struct {
+    char bytes[1100]; /* over glibc's small-chunk sizes, like the frontend's connections */
+} pooled;
+
+static void test_pool(void **state) {
+    (void)state;
+    bt_pool p;
+    bt_pool_init(&p, sizeof(pooled), 2);
+    pooled *a = bt_pool_get(&p), *b = bt_pool_get(&p), *c = bt_pool_get(&p);
+    assert_non_null(a);
+    assert_non_null(b);
+    assert_non_null(c);
+    assert_int_equal(p.n, 0);
+    memset(a, 0xa5, sizeof *a);
+    memset(b, 0x5a, sizeof *b);
+    bt_pool_put(&p, a);
+    bt_pool_put(&p, b);
+    bt_pool_put(&p, c); /* over the cap of 2: freed, not kept */
+    assert_int_equal(p.n, 2);
+    bt_pool_put(&p, NULL);
+    assert_int_equal(p.n, 2);
+    pooled *d = bt_pool_get(&p); /* the last kept first */
+    assert_ptr_equal(d, b);
+    pooled *e = bt_pool_get(&p);
+    assert_ptr_equal(e, a);
+    assert_int_equal(p.n, 0);
+    static const pooled zero;
+    assert_memory_equal(d, &zero, sizeof zero); /* zeroed, like calloc, whatever was written */
+    assert_memory_equal(e, &zero, sizeof zero);
+    bt_pool_put(&p, d);
+    bt_pool_put(&p, e);
+    assert_int_equal(bt_pool_drain(&p), 2);
+    assert_int_equal(p.n, 0);
+    assert_int_equal(bt_pool_drain(&p), 0);
+    pooled *f = bt_pool_get(&p); /* usable after a drain */
+    assert_non_null(f);
+    assert_memory_equal(f, &zero, sizeof zero);
+    bt_pool_put(&p, f);
+    bt_pool_destroy(&p);
+    assert_int_equal(p.n, 0);
+    assert_null(p.head);
+    bt_pool_destroy(NULL);
+    bt_pool tiny; /* objects smaller than the link are rounded up to hold it */
+    bt_pool_init(&tiny, 1, 4);
+    char *t1 = bt_pool_get(&tiny), *t2 = bt_pool_get(&tiny);
+    bt_pool_put(&tiny, t1);
+    bt_pool_put(&tiny, t2);
+    assert_ptr_equal(bt_pool_get(&tiny), t2);
+    assert_ptr_equal(bt_pool_get(&tiny), t1);
+    free(t1);
+    free(t2);
+    bt_pool_destroy(&tiny);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_each_class),
@@ -370,6 +429,7 @@ int main(void) {
         cmocka_unit_test(test_random_bytes),
         cmocka_unit_test(test_random_threads),
         cmocka_unit_test(test_random_fork),
+        cmocka_unit_test(test_pool),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
