@@ -276,8 +276,8 @@ void fe_migrate_dispatch(fe_req *r) {
     }
     bt_ctx_link(r->ctx, a->ctx); /* the request is live (checked above): no callback here */
     if (r->state == FE_REQ_ADMITTED) {
-        char why[64];
-        snprintf(why, sizeof why, "sent to worker %" PRIx64, w->id);
+        char why[64] = ""; /* the reason is only logged, at debug level: formatted only then */
+        if (bt_log_enabled(BT_LOG_DEBUG)) snprintf(why, sizeof why, "sent to worker %" PRIx64, w->id);
         fe_req_set_state(r, FE_REQ_ROUTING, why);
     }
     if (r->attempts > 1)
@@ -375,8 +375,8 @@ void fe_attempt_on_tokens(fe_attempt *a, const uint32_t *ids, size_t n, const ch
         fe_admit_migration_done(r); /* its --migration-concurrency slot frees */
     }
     if (r->state != FE_REQ_STREAMING) {
-        char why[64];
-        snprintf(why, sizeof why, "first token from worker %" PRIx64, a->worker->id);
+        char why[64] = ""; /* only logged, at debug level (above) */
+        if (bt_log_enabled(BT_LOG_DEBUG)) snprintf(why, sizeof why, "first token from worker %" PRIx64, a->worker->id);
         fe_req_set_state(r, FE_REQ_STREAMING, why);
     }
     fe_request_deliver(r, ids, n, text, len, t); /* may end the request (and free a) */
