@@ -90,6 +90,18 @@ bt_status bt_buf_append(bt_buf *b, const void *p, size_t n) {
 
 bt_status bt_buf_append_str(bt_buf *b, const char *s) { return bt_buf_append(b, s, strlen(s)); }
 
+bt_status bt_buf_append_i64(bt_buf *b, int64_t v) {
+    char tmp[24]; /* 19 digits and a sign */
+    char *p = tmp + sizeof tmp;
+    uint64_t u = v < 0 ? 0u - (uint64_t)v : (uint64_t)v; /* INT64_MIN included */
+    do {
+        *--p = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0) *--p = '-';
+    return bt_buf_append(b, p, (size_t)(tmp + sizeof tmp - p));
+}
+
 char *bt_prom_escape(const char *s, char *out, size_t cap) {
     size_t o = 0;
     for (; *s; s++) {

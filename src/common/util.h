@@ -47,6 +47,8 @@ bt_status bt_buf_reserve(bt_buf *b, size_t extra);
 bt_status bt_buf_append(bt_buf *b, const void *p, size_t n);
 bt_status bt_buf_appendf(bt_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 bt_status bt_buf_append_str(bt_buf *b, const char *s);
+/* Appends v in decimal, as printf's "%" PRId64 would, without printf (a hot path's numbers). */
+bt_status bt_buf_append_i64(bt_buf *b, int64_t v);
 /* Appends `s[0..n)` as the content of a JSON string (escaped, without quotes). Invalid UTF-8 bytes
  * are replaced with U+FFFD so the output is always valid JSON. */
 bt_status bt_buf_append_json_str(bt_buf *b, const char *s, size_t n);

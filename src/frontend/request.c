@@ -247,9 +247,13 @@ static void append_ids(bt_buf *b, const uint32_t *ids, size_t n) {
 static void build_prefix(fe_req *r) {
     bt_buf *p = &r->prefix;
     bt_buf_init(p, 4096);
-    bt_buf_appendf(p, "data: {\"id\":\"%s%s\",\"object\":\"%s\",\"created\":%" PRId64 ",\"model\":\"",
-                   r->api == BT_API_CHAT ? "chatcmpl-" : "cmpl-", r->rid,
-                   r->api == BT_API_CHAT ? "chat.completion.chunk" : "text_completion", r->created);
+    /* by pieces rather than one printf: this runs once per streamed request */
+    bt_buf_append_str(p, r->api == BT_API_CHAT ? "data: {\"id\":\"chatcmpl-" : "data: {\"id\":\"cmpl-");
+    bt_buf_append_str(p, r->rid);
+    bt_buf_append_str(p, r->api == BT_API_CHAT ? "\",\"object\":\"chat.completion.chunk\",\"created\":"
+                                               : "\",\"object\":\"text_completion\",\"created\":");
+    bt_buf_append_i64(p, r->created);
+    bt_buf_append_str(p, ",\"model\":\"");
     bt_buf_append_json_str(p, r->model->name, strlen(r->model->name));
     bt_buf_append_str(p, "\",\"choices\":[{\"index\":0,");
 }
@@ -271,8 +275,13 @@ static void build_chunk(fe_req *r, bt_buf *b, const uint32_t *ids, size_t n, con
         bt_buf_append_json_str(b, text, len);
         bt_buf_append_str(b, "\",\"logprobs\":null");
     }
-    if (finish) bt_buf_appendf(b, ",\"finish_reason\":\"%s\"", finish);
-    else bt_buf_append_str(b, ",\"finish_reason\":null");
+    if (finish) {
+        bt_buf_append_str(b, ",\"finish_reason\":\"");
+        bt_buf_append_str(b, finish);
+        bt_buf_append(b, "\"", 1);
+    } else {
+        bt_buf_append_str(b, ",\"finish_reason\":null");
+    }
     if (r->return_ids && !finish) {
         bt_buf_append_str(b, ",\"token_ids\":");
         append_ids(b, ids, n);
@@ -358,7 +367,13 @@ void fe_request_write_replayed(fe_req *r, bt_buf *b, const uint32_t *ids, size_t
 }
 
 static void usage_json(bt_buf *b, uint32_t pt, uint32_t ct) {
-    bt_buf_appendf(b, "{\"prompt_tokens\":%u,\"completion_tokens\":%u,\"total_tokens\":%u}", pt, ct, pt + ct);
+    bt_buf_append_str(b, "{\"prompt_tokens\":");
+    bt_buf_append_i64(b, pt);
+    bt_buf_append_str(b, ",\"completion_tokens\":");
+    bt_buf_append_i64(b, ct);
+    bt_buf_append_str(b, ",\"total_tokens\":");
+    bt_buf_append_i64(b, (uint32_t)(pt + ct)); /* as "%u" printed it: unsigned, wrapping */
+    bt_buf_append(b, "}", 1);
 }
 
 /* The events after the last token, from the one after `mark` (FE_MARK_NONE: all of them): the

@@ -859,10 +859,26 @@ static bool req_usable(conn *c, const char *what) {
     return true;
 }
 
+/* "HTTP/1.1 <status> <reason>\r\n" and "<name><value>\r\n", built without printf (once or twice
+ * per response: printf's parsing cost more than the rest of the head). */
+static void status_line(bt_buf *h, int status) {
+    bt_buf_append_str(h, "HTTP/1.1 ");
+    bt_buf_append_i64(h, status);
+    bt_buf_append(h, " ", 1);
+    bt_buf_append_str(h, bt_http_reason(status));
+    bt_buf_append(h, "\r\n", 2);
+}
+
+static void header_line(bt_buf *h, const char *name, const char *value) {
+    bt_buf_append_str(h, name);
+    bt_buf_append_str(h, value);
+    bt_buf_append(h, "\r\n", 2);
+}
+
 /* Ends a response head built in h: Connection, the caller's extra headers, the blank line. False,
  * with the connection closed, when the head does not fit its cap (nothing of it is sent). */
 static bool head_end(conn *c, bt_buf *h, const char *headers) {
-    bt_buf_appendf(h, "Connection: %s\r\n", c->keep_alive ? "keep-alive" : "close");
+    bt_buf_append_str(h, c->keep_alive ? "Connection: keep-alive\r\n" : "Connection: close\r\n");
     if (headers) bt_buf_append_str(h, headers);
     bt_buf_append(h, "\r\n", 2);
     if (bt_buf_status(h) == BT_OK) return true;
@@ -896,9 +912,13 @@ void bt_http_respond(bt_http_req *req, int status, const char *content_type, con
         bool no_body = status == 204 || status == 304 || (status >= 100 && status < 200);
         bt_buf h;
         bt_buf_init(&h, OUT_HEADER_CAP);
-        bt_buf_appendf(&h, "HTTP/1.1 %d %s\r\n", status, bt_http_reason(status));
-        if (content_type) bt_buf_appendf(&h, "Content-Type: %s\r\n", content_type);
-        if (!no_body) bt_buf_appendf(&h, "Content-Length: %zu\r\n", len);
+        status_line(&h, status);
+        if (content_type) header_line(&h, "Content-Type: ", content_type);
+        if (!no_body) {
+            bt_buf_append_str(&h, "Content-Length: ");
+            bt_buf_append_i64(&h, (int64_t)len);
+            bt_buf_append(&h, "\r\n", 2);
+        }
         if (head_end(c, &h, headers)) {
             uv_buf_t bufs[2] = {uv_buf_init(h.data, (unsigned)h.len), uv_buf_init((char *)body, (unsigned)len)};
             conn_write(c, bufs, (no_body || c->is_head || !body || !len) ? 1 : 2);
@@ -922,8 +942,8 @@ static void stream_begin(bt_http_req *req, int status, const char *content_type,
     if (c->raw_stream) c->keep_alive = false;
     bt_buf h;
     bt_buf_init(&h, OUT_HEADER_CAP);
-    bt_buf_appendf(&h, "HTTP/1.1 %d %s\r\n", status, bt_http_reason(status));
-    if (content_type) bt_buf_appendf(&h, "Content-Type: %s\r\n", content_type);
+    status_line(&h, status);
+    if (content_type) header_line(&h, "Content-Type: ", content_type);
     bt_buf_append_str(&h, "Cache-Control: no-cache\r\n");
     if (!c->raw_stream) bt_buf_append_str(&h, "Transfer-Encoding: chunked\r\n");
     if (head_end(c, &h, headers)) {

@@ -16,9 +16,13 @@
  * threads never handed the same bytes, and a forked child never handed the bytes its parent hands
  * out next (the pool is emptied in the child).
  *
+ * bt_buf_append_i64 writes exactly what printf's "%" PRId64 writes, at the edges (0, ±1, powers
+ * of ten and their neighbours, INT64_MIN/MAX) and for many random values.
+ *
  * And the object pool of src/common/pool.c: an object given back is the one handed out next, and
  * handed out zeroed whatever was written into it; no more than `cap` objects are kept (the rest
  * are freed at once); drain frees what is kept and the pool goes on working. */
+#include <inttypes.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -362,6 +366,46 @@ static void test_random_fork(void **state) {
         for (int k = 0; k < 4; k++) assert_int_not_equal(mine[i], theirs[k]);
 }
 
+static void check_i64(int64_t v) {
+    char want[32];
+    snprintf(want, sizeof want, "%" PRId64, v);
+    bt_buf b;
+    bt_buf_init(&b, 64);
+    bt_buf_append_str(&b, "x");
+    assert_int_equal(bt_buf_append_i64(&b, v), BT_OK);
+    assert_int_equal(b.len, 1 + strlen(want));
+    assert_memory_equal(b.data + 1, want, strlen(want));
+    bt_buf_free(&b);
+}
+
+static void test_append_i64(void **state) {
+    (void)state;
+    check_i64(0);
+    check_i64(1);
+    check_i64(-1);
+    check_i64(INT64_MAX);
+    check_i64(INT64_MIN);
+    check_i64(INT64_MIN + 1);
+    int64_t p = 1; /* 10^0 .. 10^18 */
+    for (int k = 0; k < 19; k++) {
+        check_i64(p);
+        check_i64(p - 1);
+        check_i64(p + 1);
+        check_i64(-p);
+        check_i64(-p + 1);
+        if (k < 18) p *= 10;
+    }
+    for (int i = 0; i < 20000; i++) {
+        int64_t v = (int64_t)bt_random64();
+        check_i64(v);
+        check_i64(v >> (i % 63));
+    }
+    bt_buf small; /* over the buffer's cap: the error, as for any append */
+    bt_buf_init(&small, 3);
+    assert_int_not_equal(bt_buf_append_i64(&small, 12345), BT_OK);
+    bt_buf_free(&small);
+}
+
 typedef struct {
     char bytes[1100]; /* over glibc's small-chunk sizes, like the frontend's connections */
 } pooled;
@@ -430,6 +474,7 @@ int main(void) {
         cmocka_unit_test(test_random_threads),
         cmocka_unit_test(test_random_fork),
         cmocka_unit_test(test_pool),
+        cmocka_unit_test(test_append_i64),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
