@@ -90,6 +90,14 @@ bt_status bt_buf_append(bt_buf *b, const void *p, size_t n) {
 
 bt_status bt_buf_append_str(bt_buf *b, const char *s) { return bt_buf_append(b, s, strlen(s)); }
 
+size_t bt_copy_str(char *dst, size_t cap, const char *src) {
+    size_t n = strlen(src);
+    size_t k = n < cap ? n : cap - 1;
+    memcpy(dst, src, k);
+    dst[k] = '\0';
+    return n;
+}
+
 bt_status bt_buf_append_i64(bt_buf *b, int64_t v) {
     char tmp[24]; /* 19 digits and a sign */
     char *p = tmp + sizeof tmp;

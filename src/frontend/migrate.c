@@ -262,7 +262,7 @@ void fe_migrate_dispatch(fe_req *r) {
     fe_worker_flush_soon(w);
     a->t_sent_us = bt_now_us();
     /* nothing carried: this attempt's worker is the one whose numerics the stream follows */
-    if (!r->nids) snprintf(r->exactness, sizeof r->exactness, "%s", w->exactness);
+    if (!r->nids) bt_copy_str(r->exactness, sizeof r->exactness, w->exactness);
     if (a->number == 1 && !r->resumed) fe_budget_started(f);
     r->attempt = a;
     if (r->jrec) fe_journal_note_worker(f->grp->journal, r->jrec, w->id, r->exactness);

@@ -183,8 +183,8 @@ static void journal_open(fe_req *r) {
                      .include_usage = r->include_usage,
                      .return_ids = r->return_ids};
     memcpy(meta.body_digest, r->body_digest, sizeof meta.body_digest);
-    snprintf(meta.rid, sizeof meta.rid, "%s", r->rid);
-    snprintf(meta.model, sizeof meta.model, "%s", r->model->name);
+    bt_copy_str(meta.rid, sizeof meta.rid, r->rid);
+    bt_copy_str(meta.model, sizeof meta.model, r->model->name);
     uint8_t mac[FE_KEY_MAC_LEN];
     fe_key_mac(r->fe, r->http, mac);
     r->jrec = fe_journal_open(j, &meta, mac, r->fe->shard);
@@ -410,7 +410,7 @@ static void finish_streaming(fe_req *r, const char *reason) {
         return;
     }
     r->jtail.kind = FE_JTAIL_FINISH;
-    snprintf(r->jtail.finish, sizeof r->jtail.finish, "%s", reason);
+    bt_copy_str(r->jtail.finish, sizeof r->jtail.finish, reason);
     r->jtail.prompt_tokens = r->prompt_tokens;
     r->jtail.completion_tokens = r->completion_tokens;
     bt_http_stream_finish(r->http, b->data, b->len);
@@ -1027,7 +1027,7 @@ fe_req *fe_request_new(fe *f, bt_http_req *http, bt_api api, json_t *body, const
     r->model = m;
     r->http = http;
     http->user = r;
-    snprintf(r->rid, sizeof r->rid, "%s", rid);
+    bt_copy_str(r->rid, sizeof r->rid, rid);
     r->api = api;
     r->body = body;
     r->stream = json_is_true(json_object_get(body, "stream"));

@@ -17,7 +17,9 @@
  * out next (the pool is emptied in the child).
  *
  * bt_buf_append_i64 writes exactly what printf's "%" PRId64 writes, at the edges (0, ±1, powers
- * of ten and their neighbours, INT64_MIN/MAX) and for many random values.
+ * of ten and their neighbours, INT64_MIN/MAX) and for many random values; bt_copy_str leaves
+ * exactly what snprintf(dst, cap, "%s", src) leaves (and returns the same length) for every source
+ * length around the capacity.
  *
  * And the object pool of src/common/pool.c: an object given back is the one handed out next, and
  * handed out zeroed whatever was written into it; no more than `cap` objects are kept (the rest
@@ -406,6 +408,24 @@ static void test_append_i64(void **state) {
     bt_buf_free(&small);
 }
 
+static void test_copy_str(void **state) {
+    (void)state;
+    char src[40];
+    for (size_t len = 0; len < sizeof src; len++) {
+        memset(src, 'a', len);
+        for (size_t k = 0; k < len; k++) src[k] = (char)('a' + k % 26);
+        src[len] = '\0';
+        for (size_t cap = 1; cap <= 24; cap++) {
+            char want[32], got[32];
+            memset(want, 'x', sizeof want);
+            memset(got, 'x', sizeof got);
+            int n = snprintf(want, cap, "%s", src);
+            assert_int_equal(bt_copy_str(got, cap, src), (size_t)n);
+            assert_memory_equal(got, want, sizeof want); /* the bytes past the terminator untouched too */
+        }
+    }
+}
+
 typedef struct {
     char bytes[1100]; /* over glibc's small-chunk sizes, like the frontend's connections */
 } pooled;
@@ -475,6 +495,7 @@ int main(void) {
         cmocka_unit_test(test_random_fork),
         cmocka_unit_test(test_pool),
         cmocka_unit_test(test_append_i64),
+        cmocka_unit_test(test_copy_str),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
