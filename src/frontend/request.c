@@ -236,10 +236,9 @@ static void append_id(bt_buf *b, const fe_req *r, size_t pos, const char *mark) 
 
 static void append_ids(bt_buf *b, const uint32_t *ids, size_t n) {
     bt_buf_append(b, "[", 1);
-    for (size_t i = 0; i < n; i++) {
-        char num[16];
-        int l = snprintf(num, sizeof num, i ? ",%u" : "%u", ids[i]);
-        bt_buf_append(b, num, (size_t)l);
+    for (size_t i = 0; i < n; i++) { /* per token with return_ids: no printf */
+        if (i) bt_buf_append(b, ",", 1);
+        bt_buf_append_i64(b, ids[i]);
     }
     bt_buf_append(b, "]", 1);
 }
