@@ -707,6 +707,12 @@ def cmd_burst(a):
             if name in serving:
                 v = [r["serving_cpu_s"] / n * 1e6 for r in runs[name]]
                 parts.append(f"{name} {median(v):.1f} us ({min(v):.1f}–{max(v):.1f})")
+        # ratios within a repeat (the paths of one repeat ran back to back), then the median
+        base = "frontend" if "frontend" in runs else None
+        for other in [x for x in names if x in serving and x != base] if base else []:
+            q = [x["serving_cpu_s"] / y["serving_cpu_s"] for x, y in zip(runs[base], runs[other]) if y["serving_cpu_s"]]
+            if q:
+                parts.append(f"frontend / {other} {median(q):.2f} ({min(q):.2f}–{max(q):.2f})")
         print(f"CPU per request of the process between client and worker, whole burst ({n} streams, "
               f"{a.tokens} tokens each; connects included): " + ", ".join(parts))
     return 0

@@ -15,6 +15,8 @@
 #include <stdlib.h>
 #include <sys/queue.h>
 
+#include "common/util.h"
+
 struct bt_ctx {
     bt_ctx_state state;
     bt_ctx_state reported; /* the last state the callback was told about */
@@ -44,7 +46,7 @@ bt_ctx *bt_ctx_new(const char *id, bt_ctx_cb cb, void *ud) {
     c->ud = ud;
     c->refs = 1;
     TAILQ_INIT(&c->children);
-    snprintf(c->id, sizeof c->id, "%s", id ? id : "");
+    bt_copy_str(c->id, sizeof c->id, id ? id : "");
     return c;
 }
 

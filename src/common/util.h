@@ -47,6 +47,12 @@ bt_status bt_buf_reserve(bt_buf *b, size_t extra);
 bt_status bt_buf_append(bt_buf *b, const void *p, size_t n);
 bt_status bt_buf_appendf(bt_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 bt_status bt_buf_append_str(bt_buf *b, const char *s);
+/* Copies src into dst[cap] (cap > 0) as snprintf(dst, cap, "%s", src) would: truncated to cap - 1
+ * bytes, always terminated; returns strlen(src). Without printf's format parsing, for the strings
+ * copied once or twice per request. */
+size_t bt_copy_str(char *dst, size_t cap, const char *src);
+/* Appends v in decimal, as printf's "%" PRId64 would, without printf (a hot path's numbers). */
+bt_status bt_buf_append_i64(bt_buf *b, int64_t v);
 /* Appends `s[0..n)` as the content of a JSON string (escaped, without quotes). Invalid UTF-8 bytes
  * are replaced with U+FFFD so the output is always valid JSON. */
 bt_status bt_buf_append_json_str(bt_buf *b, const char *s, size_t n);

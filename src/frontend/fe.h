@@ -24,6 +24,7 @@
 #include "common/cancel.h"
 #include "common/map.h"
 #include "common/metrics.h"
+#include "common/pool.h"
 #include "common/proc.h"
 #include "common/util.h"
 #include "discovery/discovery.h"
@@ -298,12 +299,13 @@ struct fe {
     LIST_HEAD(, fe_model) models;
     LIST_HEAD(, fe_req) reqs;
     size_t nreqs;
+    bt_pool req_pool; /* ended requests' memory, for the next ones (common/pool.h says why) */
     uint64_t rr;
     uint64_t instance_id;
     bool shutting_down;
     uv_signal_t sigs[2]; /* SIGTERM, SIGINT */
     uv_timer_t shutdown_timer;
-    uv_timer_t trim_timer; /* shard 0: memory back to the system once the process is idle */
+    uv_timer_t trim_timer; /* memory back to the system once the process is idle */
     bool trim_inited;
     uint64_t trim_admitted; /* grp->admitted at the last idle tick (UINT64_MAX: busy at the last tick) */
     uint64_t trimmed_admitted; /* grp->admitted at the last trim */

@@ -422,10 +422,15 @@ static void on_signal(uv_signal_t *h, int signum) {
  * connection, request, body and its SSE and token buffers) and glibc keeps what is freed for the
  * next burst: after 10,000 streams the frontend stayed at 56 MiB against 9 MiB idle before. So,
  * once no request has been in flight in any shard for two checks in a row (1 to 2 s) and some
- * were admitted since the last trim, shard 0 calls malloc_trim(0), which returns the free top of
- * each arena and the free pages inside them (madvise). It runs once per idle period, when the
- * loops have nothing to serve; its cost (a walk over the free chunks) is logged at debug level. */
+ * were admitted since the last trim, each shard frees the connections and requests it keeps for
+ * reuse (its HTTP server's and its own pools: their memory is the loop's, so each loop frees its
+ * own), and shard 0 calls malloc_trim(0), which returns the free top of each arena and the free
+ * pages inside them (madvise); another shard calls it too when it freed kept memory, which may
+ * come after shard 0's trim. It runs once per idle period, when the loops have nothing to
+ * serve; its cost (a walk over the free chunks) is logged at debug level. */
 #define TRIM_CHECK_MS 1000u
+/* Ended requests a shard keeps for the next ones (~1.3 KiB each), freed when idle (trim_tick). */
+#define REQ_POOL_CAP 4096u
 
 static void trim_tick(uv_timer_t *t) {
     fe *f = t->data;
@@ -438,15 +443,19 @@ static void trim_tick(uv_timer_t *t) {
     f->trim_admitted = admitted;
     if (!settled || admitted == f->trimmed_admitted) return;
     f->trimmed_admitted = admitted;
+    size_t kept = bt_pool_drain(&f->req_pool) + (f->http ? bt_http_server_release_kept(f->http) : 0);
 #ifdef __GLIBC__
+    if (f->shard != 0 && !kept) return; /* shard 0's trim covers every arena */
     uint64_t t0 = bt_now_us();
     int released = malloc_trim(0);
-    BT_DEBUG("idle: malloc_trim %s memory in %" PRIu64 " us", released ? "released" : "found no", bt_now_us() - t0);
+    BT_DEBUG("idle: malloc_trim %s memory in %" PRIu64 " us (%zu kept connections and requests freed before)",
+             released ? "released" : "found no", bt_now_us() - t0, kept);
+#else
+    (void)kept;
 #endif
 }
 
 static void trim_start(fe *f) {
-    if (f->shard != 0) return; /* one trim covers every arena of the process */
     uv_timer_init(f->loop, &f->trim_timer);
     f->trim_timer.data = f;
     f->trim_admitted = UINT64_MAX;
@@ -479,6 +488,8 @@ static int shard_open(fe *f, int port, char *err, size_t errlen) {
         BT_ERROR("cannot create an event loop");
         return 1;
     }
+    /* requests over 1 KiB: kept for reuse rather than through glibc's large-chunk path (pool.h) */
+    bt_pool_init(&f->req_pool, sizeof(fe_req), REQ_POOL_CAP);
     f->started_ms = bt_now_ms();
     f->instance_id = bt_random64() & 0x7fffffffffffffffull;
     bt_buf_init(&f->scratch, (size_t)64 << 20);
@@ -792,6 +803,7 @@ int bt_frontend_main(int argc, char **argv) {
         }
         bt_map_free(&s->workers_by_id);
         bt_buf_free(&s->scratch);
+        bt_pool_destroy(&s->req_pool);
         fe_mail_destroy(s);
         if (rc == 0 && s->exit_code) rc = s->exit_code;
         if (i > 0) free(s);

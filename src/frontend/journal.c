@@ -420,7 +420,7 @@ static void mem_note_worker(fe_journal *j, fe_jrec *rec, uint64_t worker_id, con
     mem_journal *m = (mem_journal *)j;
     uv_mutex_lock(&m->mu);
     rec->s.worker_id = worker_id;
-    snprintf(rec->s.exactness, sizeof rec->s.exactness, "%s", exactness ? exactness : "");
+    bt_copy_str(rec->s.exactness, sizeof rec->s.exactness, exactness ? exactness : "");
     uv_mutex_unlock(&m->mu);
 }
 

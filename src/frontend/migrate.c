@@ -274,7 +274,7 @@ void fe_migrate_dispatch(fe_req *r) {
     fe_worker_flush_soon(w);
     a->t_sent_us = bt_now_us();
     /* nothing carried: this attempt's worker is the one whose numerics the stream follows */
-    if (!r->nids) snprintf(r->exactness, sizeof r->exactness, "%s", w->exactness);
+    if (!r->nids) bt_copy_str(r->exactness, sizeof r->exactness, w->exactness);
     if (a->number == 1 && !r->resumed) fe_budget_started(f);
     r->attempt = a;
     if (r->jrec) fe_journal_note_worker(f->grp->journal, r->jrec, w->id, r->exactness);
@@ -288,8 +288,8 @@ void fe_migrate_dispatch(fe_req *r) {
     }
     bt_ctx_link(r->ctx, a->ctx); /* the request is live (checked above): no callback here */
     if (r->state == FE_REQ_ADMITTED) {
-        char why[64];
-        snprintf(why, sizeof why, "sent to worker %" PRIx64, w->id);
+        char why[64] = ""; /* the reason is only logged, at debug level: formatted only then */
+        if (bt_log_enabled(BT_LOG_DEBUG)) snprintf(why, sizeof why, "sent to worker %" PRIx64, w->id);
         fe_req_set_state(r, FE_REQ_ROUTING, why);
     }
     if (r->attempts > 1)
@@ -387,8 +387,8 @@ void fe_attempt_on_tokens(fe_attempt *a, const uint32_t *ids, size_t n, const ch
         fe_admit_migration_done(r); /* its --migration-concurrency slot frees */
     }
     if (r->state != FE_REQ_STREAMING) {
-        char why[64];
-        snprintf(why, sizeof why, "first token from worker %" PRIx64, a->worker->id);
+        char why[64] = ""; /* only logged, at debug level (above) */
+        if (bt_log_enabled(BT_LOG_DEBUG)) snprintf(why, sizeof why, "first token from worker %" PRIx64, a->worker->id);
         fe_req_set_state(r, FE_REQ_STREAMING, why);
     }
     fe_request_deliver(r, ids, n, text, len, t); /* may end the request (and free a) */

@@ -147,7 +147,7 @@ static void req_free(fe_req *r) {
     bt_buf_free(&r->prefix);
     fe_kv_free(&r->kv);
     bt_ctx_free(r->ctx);
-    free(r);
+    bt_pool_put(&f->req_pool, r);
 }
 
 /* Ends the request: counts the outcome, releases the attempt, frees the request. */
@@ -183,8 +183,8 @@ static void journal_open(fe_req *r) {
                      .include_usage = r->include_usage,
                      .return_ids = r->return_ids};
     memcpy(meta.body_digest, r->body_digest, sizeof meta.body_digest);
-    snprintf(meta.rid, sizeof meta.rid, "%s", r->rid);
-    snprintf(meta.model, sizeof meta.model, "%s", r->model->name);
+    bt_copy_str(meta.rid, sizeof meta.rid, r->rid);
+    bt_copy_str(meta.model, sizeof meta.model, r->model->name);
     uint8_t mac[FE_KEY_MAC_LEN];
     fe_key_mac(r->fe, r->http, mac);
     r->jrec = fe_journal_open(j, &meta, mac, r->fe->shard);
@@ -236,10 +236,9 @@ static void append_id(bt_buf *b, const fe_req *r, size_t pos, const char *mark) 
 
 static void append_ids(bt_buf *b, const uint32_t *ids, size_t n) {
     bt_buf_append(b, "[", 1);
-    for (size_t i = 0; i < n; i++) {
-        char num[16];
-        int l = snprintf(num, sizeof num, i ? ",%u" : "%u", ids[i]);
-        bt_buf_append(b, num, (size_t)l);
+    for (size_t i = 0; i < n; i++) { /* per token with return_ids: no printf */
+        if (i) bt_buf_append(b, ",", 1);
+        bt_buf_append_i64(b, ids[i]);
     }
     bt_buf_append(b, "]", 1);
 }
@@ -247,9 +246,13 @@ static void append_ids(bt_buf *b, const uint32_t *ids, size_t n) {
 static void build_prefix(fe_req *r) {
     bt_buf *p = &r->prefix;
     bt_buf_init(p, 4096);
-    bt_buf_appendf(p, "data: {\"id\":\"%s%s\",\"object\":\"%s\",\"created\":%" PRId64 ",\"model\":\"",
-                   r->api == BT_API_CHAT ? "chatcmpl-" : "cmpl-", r->rid,
-                   r->api == BT_API_CHAT ? "chat.completion.chunk" : "text_completion", r->created);
+    /* by pieces rather than one printf: this runs once per streamed request */
+    bt_buf_append_str(p, r->api == BT_API_CHAT ? "data: {\"id\":\"chatcmpl-" : "data: {\"id\":\"cmpl-");
+    bt_buf_append_str(p, r->rid);
+    bt_buf_append_str(p, r->api == BT_API_CHAT ? "\",\"object\":\"chat.completion.chunk\",\"created\":"
+                                               : "\",\"object\":\"text_completion\",\"created\":");
+    bt_buf_append_i64(p, r->created);
+    bt_buf_append_str(p, ",\"model\":\"");
     bt_buf_append_json_str(p, r->model->name, strlen(r->model->name));
     bt_buf_append_str(p, "\",\"choices\":[{\"index\":0,");
 }
@@ -271,8 +274,13 @@ static void build_chunk(fe_req *r, bt_buf *b, const uint32_t *ids, size_t n, con
         bt_buf_append_json_str(b, text, len);
         bt_buf_append_str(b, "\",\"logprobs\":null");
     }
-    if (finish) bt_buf_appendf(b, ",\"finish_reason\":\"%s\"", finish);
-    else bt_buf_append_str(b, ",\"finish_reason\":null");
+    if (finish) {
+        bt_buf_append_str(b, ",\"finish_reason\":\"");
+        bt_buf_append_str(b, finish);
+        bt_buf_append(b, "\"", 1);
+    } else {
+        bt_buf_append_str(b, ",\"finish_reason\":null");
+    }
     if (r->return_ids && !finish) {
         bt_buf_append_str(b, ",\"token_ids\":");
         append_ids(b, ids, n);
@@ -365,7 +373,13 @@ void fe_request_write_replayed(fe_req *r, bt_buf *b, const uint32_t *ids, size_t
 }
 
 static void usage_json(bt_buf *b, uint32_t pt, uint32_t ct) {
-    bt_buf_appendf(b, "{\"prompt_tokens\":%u,\"completion_tokens\":%u,\"total_tokens\":%u}", pt, ct, pt + ct);
+    bt_buf_append_str(b, "{\"prompt_tokens\":");
+    bt_buf_append_i64(b, pt);
+    bt_buf_append_str(b, ",\"completion_tokens\":");
+    bt_buf_append_i64(b, ct);
+    bt_buf_append_str(b, ",\"total_tokens\":");
+    bt_buf_append_i64(b, (uint32_t)(pt + ct)); /* as "%u" printed it: unsigned, wrapping */
+    bt_buf_append(b, "}", 1);
 }
 
 /* The events after the last token, from the one after `mark` (FE_MARK_NONE: all of them): the
@@ -402,7 +416,7 @@ static void finish_streaming(fe_req *r, const char *reason) {
         return;
     }
     r->jtail.kind = FE_JTAIL_FINISH;
-    snprintf(r->jtail.finish, sizeof r->jtail.finish, "%s", reason);
+    bt_copy_str(r->jtail.finish, sizeof r->jtail.finish, reason);
     r->jtail.prompt_tokens = r->prompt_tokens;
     r->jtail.completion_tokens = r->completion_tokens;
     bt_http_stream_finish(r->http, b->data, b->len);
@@ -1016,7 +1030,7 @@ fe_req *fe_request_new(fe *f, bt_http_req *http, bt_api api, json_t *body, const
         json_decref(body);
         return NULL;
     }
-    fe_req *r = calloc(1, sizeof *r);
+    fe_req *r = bt_pool_get(&f->req_pool); /* zeroed, like calloc */
     if (!r) {
         fe_reqs_release(f);
         fe_json_error(http, rid, 500, "out_of_memory", "out of memory");
@@ -1028,14 +1042,14 @@ fe_req *fe_request_new(fe *f, bt_http_req *http, bt_api api, json_t *body, const
         fe_reqs_release(f);
         fe_json_error(http, rid, 500, "out_of_memory", "out of memory");
         json_decref(body);
-        free(r);
+        bt_pool_put(&f->req_pool, r);
         return NULL;
     }
     r->fe = f;
     r->model = m;
     r->http = http;
     http->user = r;
-    snprintf(r->rid, sizeof r->rid, "%s", rid);
+    bt_copy_str(r->rid, sizeof r->rid, rid);
     r->api = api;
     r->body = body;
     r->stream = json_is_true(json_object_get(body, "stream"));

@@ -29,6 +29,7 @@
 
 #include "common/closer.h"
 #include "common/log.h"
+#include "common/pool.h"
 #include "common/util.h"
 
 /* on_drain fires when the backlog falls under LOW_WATER after having exceeded HIGH_WATER. */
@@ -37,6 +38,9 @@
 /* Reads land in one server-wide buffer: callbacks run one at a time on the loop and every read is
  * consumed (parsed or copied) before the callback returns. */
 #define READ_BUF_SIZE (64u * 1024u)
+/* Closed connections kept for the next accepts (common/pool.h says why): enough for a burst of a
+ * few thousand connections, ~1.1 KiB each; bt_http_server_release_kept frees them. */
+#define CONN_POOL_CAP 4096u
 /* Pipelined bytes that arrive while a request is in flight are kept up to this much. Beyond it
  * the connection stops taking requests: what is buffered and everything that follows is read and
  * dropped, and the connection closes after the in-flight response (a pipelining client must be
@@ -84,6 +88,7 @@ struct bt_http_server {
     bool reject_logged;
     void (*done)(void *ud);
     void *done_ud;
+    bt_pool conn_pool; /* closed connections' memory, for the next accepts */
     char rbuf[READ_BUF_SIZE];
 };
 
@@ -699,7 +704,7 @@ static void conn_free(conn *c) {
     bt_buf_free(&c->body);
     bt_buf_free(&c->pending);
     free(c->held_head);
-    free(c);
+    bt_pool_put(&c->srv->conn_pool, c);
 }
 
 /* Both handles are closed: deliver a pending abort, then free. */
@@ -787,7 +792,7 @@ static void on_connection(uv_stream_t *server, int status) {
         server_reject(s);
         return;
     }
-    conn *c = calloc(1, sizeof *c);
+    conn *c = bt_pool_get(&s->conn_pool);
     if (!c) {
         if (s->cfg.shared_conns) atomic_fetch_sub(s->cfg.shared_conns, 1);
         BT_ERROR("http: out of memory accepting a connection");
@@ -855,10 +860,26 @@ static bool req_usable(conn *c, const char *what) {
     return true;
 }
 
+/* "HTTP/1.1 <status> <reason>\r\n" and "<name><value>\r\n", built without printf (once or twice
+ * per response: printf's parsing cost more than the rest of the head). */
+static void status_line(bt_buf *h, int status) {
+    bt_buf_append_str(h, "HTTP/1.1 ");
+    bt_buf_append_i64(h, status);
+    bt_buf_append(h, " ", 1);
+    bt_buf_append_str(h, bt_http_reason(status));
+    bt_buf_append(h, "\r\n", 2);
+}
+
+static void header_line(bt_buf *h, const char *name, const char *value) {
+    bt_buf_append_str(h, name);
+    bt_buf_append_str(h, value);
+    bt_buf_append(h, "\r\n", 2);
+}
+
 /* Ends a response head built in h: Connection, the caller's extra headers, the blank line. False,
  * with the connection closed, when the head does not fit its cap (nothing of it is sent). */
 static bool head_end(conn *c, bt_buf *h, const char *headers) {
-    bt_buf_appendf(h, "Connection: %s\r\n", c->keep_alive ? "keep-alive" : "close");
+    bt_buf_append_str(h, c->keep_alive ? "Connection: keep-alive\r\n" : "Connection: close\r\n");
     if (headers) bt_buf_append_str(h, headers);
     bt_buf_append(h, "\r\n", 2);
     if (bt_buf_status(h) == BT_OK) return true;
@@ -892,9 +913,13 @@ void bt_http_respond(bt_http_req *req, int status, const char *content_type, con
         bool no_body = status == 204 || status == 304 || (status >= 100 && status < 200);
         bt_buf h;
         bt_buf_init(&h, OUT_HEADER_CAP);
-        bt_buf_appendf(&h, "HTTP/1.1 %d %s\r\n", status, bt_http_reason(status));
-        if (content_type) bt_buf_appendf(&h, "Content-Type: %s\r\n", content_type);
-        if (!no_body) bt_buf_appendf(&h, "Content-Length: %zu\r\n", len);
+        status_line(&h, status);
+        if (content_type) header_line(&h, "Content-Type: ", content_type);
+        if (!no_body) {
+            bt_buf_append_str(&h, "Content-Length: ");
+            bt_buf_append_i64(&h, (int64_t)len);
+            bt_buf_append(&h, "\r\n", 2);
+        }
         if (head_end(c, &h, headers)) {
             uv_buf_t bufs[2] = {uv_buf_init(h.data, (unsigned)h.len), uv_buf_init((char *)body, (unsigned)len)};
             conn_write(c, bufs, (no_body || c->is_head || !body || !len) ? 1 : 2);
@@ -918,8 +943,8 @@ static void stream_begin(bt_http_req *req, int status, const char *content_type,
     if (c->raw_stream) c->keep_alive = false;
     bt_buf h;
     bt_buf_init(&h, OUT_HEADER_CAP);
-    bt_buf_appendf(&h, "HTTP/1.1 %d %s\r\n", status, bt_http_reason(status));
-    if (content_type) bt_buf_appendf(&h, "Content-Type: %s\r\n", content_type);
+    status_line(&h, status);
+    if (content_type) header_line(&h, "Content-Type: ", content_type);
     bt_buf_append_str(&h, "Cache-Control: no-cache\r\n");
     if (!c->raw_stream) bt_buf_append_str(&h, "Transfer-Encoding: chunked\r\n");
     if (head_end(c, &h, headers)) {
@@ -1044,6 +1069,7 @@ static void server_maybe_finish(bt_http_server *s) {
     if (!s->closing || !s->listener_closed || !s->aux_closed || s->nconns || s->nrejecting) return;
     void (*done)(void *) = s->done;
     void *dud = s->done_ud;
+    bt_pool_destroy(&s->conn_pool);
     free(s);
     if (done) done(dud);
 }
@@ -1087,6 +1113,7 @@ bt_status bt_http_server_start(uv_loop_t *loop, const bt_http_config *cfg, const
         return BT_ERR_NOMEM;
     }
     s->loop = loop;
+    bt_pool_init(&s->conn_pool, sizeof(conn), CONN_POOL_CAP);
     s->cfg = *cfg;
     s->cfg.host = NULL; /* not kept: the caller's string need not outlive the call */
     /* Zero sizes mean the defaults; zero timeouts mean "no timeout". */
@@ -1158,6 +1185,8 @@ void bt_http_server_stop_accepting(bt_http_server *s) {
     s->listener_closing = true;
     uv_close((uv_handle_t *)&s->listener, on_listener_closed);
 }
+
+size_t bt_http_server_release_kept(bt_http_server *s) { return bt_pool_drain(&s->conn_pool); }
 
 size_t bt_http_server_connections(const bt_http_server *s) { return s ? s->nconns : 0; }
 

@@ -85,6 +85,10 @@ void bt_http_server_stop_accepting(bt_http_server *s);
  * ended or aborted). */
 size_t bt_http_server_connections(const bt_http_server *s);
 size_t bt_http_server_requests(const bt_http_server *s);
+/* The server keeps the memory of closed connections for the next accepts (a bounded number);
+ * this frees it and returns how many it freed. Loop thread; for an idle process giving memory
+ * back. */
+size_t bt_http_server_release_kept(bt_http_server *s);
 
 /* Limits hit since start: every refusal the server decides on its own is counted here. */
 typedef struct {

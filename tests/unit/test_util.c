@@ -14,7 +14,17 @@
  * Also the random values (bt_random64, bt_random_bytes, bt_uuid4), drawn through a per-thread pool of kernel random
  * bytes: UUIDs well formed and never repeated over more draws than several pool refills, two
  * threads never handed the same bytes, and a forked child never handed the bytes its parent hands
- * out next (the pool is emptied in the child). */
+ * out next (the pool is emptied in the child).
+ *
+ * bt_buf_append_i64 writes exactly what printf's "%" PRId64 writes, at the edges (0, ±1, powers
+ * of ten and their neighbours, INT64_MIN/MAX) and for many random values; bt_copy_str leaves
+ * exactly what snprintf(dst, cap, "%s", src) leaves (and returns the same length) for every source
+ * length around the capacity.
+ *
+ * And the object pool of src/common/pool.c: an object given back is the one handed out next, and
+ * handed out zeroed whatever was written into it; no more than `cap` objects are kept (the rest
+ * are freed at once); drain frees what is kept and the pool goes on working. */
+#include <inttypes.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -28,6 +38,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "common/pool.h"
 #include "common/util.h"
 
 /* ---- the reference: one byte at a time, as JSON (RFC 8259) and the replacement rule say ---- */
@@ -357,6 +368,118 @@ static void test_random_fork(void **state) {
         for (int k = 0; k < 4; k++) assert_int_not_equal(mine[i], theirs[k]);
 }
 
+static void check_i64(int64_t v) {
+    char want[32];
+    snprintf(want, sizeof want, "%" PRId64, v);
+    bt_buf b;
+    bt_buf_init(&b, 64);
+    bt_buf_append_str(&b, "x");
+    assert_int_equal(bt_buf_append_i64(&b, v), BT_OK);
+    assert_int_equal(b.len, 1 + strlen(want));
+    assert_memory_equal(b.data + 1, want, strlen(want));
+    bt_buf_free(&b);
+}
+
+static void test_append_i64(void **state) {
+    (void)state;
+    check_i64(0);
+    check_i64(1);
+    check_i64(-1);
+    check_i64(INT64_MAX);
+    check_i64(INT64_MIN);
+    check_i64(INT64_MIN + 1);
+    int64_t p = 1; /* 10^0 .. 10^18 */
+    for (int k = 0; k < 19; k++) {
+        check_i64(p);
+        check_i64(p - 1);
+        check_i64(p + 1);
+        check_i64(-p);
+        check_i64(-p + 1);
+        if (k < 18) p *= 10;
+    }
+    for (int i = 0; i < 20000; i++) {
+        int64_t v = (int64_t)bt_random64();
+        check_i64(v);
+        check_i64(v >> (i % 63));
+    }
+    bt_buf small; /* over the buffer's cap: the error, as for any append */
+    bt_buf_init(&small, 3);
+    assert_int_not_equal(bt_buf_append_i64(&small, 12345), BT_OK);
+    bt_buf_free(&small);
+}
+
+static void test_copy_str(void **state) {
+    (void)state;
+    char src[40];
+    for (size_t len = 0; len < sizeof src; len++) {
+        memset(src, 'a', len);
+        for (size_t k = 0; k < len; k++) src[k] = (char)('a' + k % 26);
+        src[len] = '\0';
+        for (size_t cap = 1; cap <= 24; cap++) {
+            char want[32], got[32];
+            memset(want, 'x', sizeof want);
+            memset(got, 'x', sizeof got);
+            int n = snprintf(want, cap, "%s", src);
+            assert_int_equal(bt_copy_str(got, cap, src), (size_t)n);
+            assert_memory_equal(got, want, sizeof want); /* the bytes past the terminator untouched too */
+        }
+    }
+}
+
+typedef struct {
+    char bytes[1100]; /* over glibc's small-chunk sizes, like the frontend's connections */
+} pooled;
+
+static void test_pool(void **state) {
+    (void)state;
+    bt_pool p;
+    bt_pool_init(&p, sizeof(pooled), 2);
+    pooled *a = bt_pool_get(&p), *b = bt_pool_get(&p), *c = bt_pool_get(&p);
+    assert_non_null(a);
+    assert_non_null(b);
+    assert_non_null(c);
+    assert_int_equal(p.n, 0);
+    memset(a, 0xa5, sizeof *a);
+    memset(b, 0x5a, sizeof *b);
+    bt_pool_put(&p, a);
+    bt_pool_put(&p, b);
+    bt_pool_put(&p, c); /* over the cap of 2: freed, not kept */
+    assert_int_equal(p.n, 2);
+    bt_pool_put(&p, NULL);
+    assert_int_equal(p.n, 2);
+    pooled *d = bt_pool_get(&p); /* the last kept first */
+    assert_ptr_equal(d, b);
+    pooled *e = bt_pool_get(&p);
+    assert_ptr_equal(e, a);
+    assert_int_equal(p.n, 0);
+    static const pooled zero;
+    assert_memory_equal(d, &zero, sizeof zero); /* zeroed, like calloc, whatever was written */
+    assert_memory_equal(e, &zero, sizeof zero);
+    bt_pool_put(&p, d);
+    bt_pool_put(&p, e);
+    assert_int_equal(bt_pool_drain(&p), 2);
+    assert_int_equal(p.n, 0);
+    assert_int_equal(bt_pool_drain(&p), 0);
+    pooled *f = bt_pool_get(&p); /* usable after a drain */
+    assert_non_null(f);
+    assert_memory_equal(f, &zero, sizeof zero);
+    bt_pool_put(&p, f);
+    bt_pool_destroy(&p);
+    assert_int_equal(p.n, 0);
+    assert_null(p.head);
+    bt_pool_destroy(NULL);
+    bt_pool tiny; /* objects smaller than the link are rounded up to hold it */
+    bt_pool_init(&tiny, 1, 4);
+    char *t1 = bt_pool_get(&tiny), *t2 = bt_pool_get(&tiny);
+    bt_pool_put(&tiny, t1);
+    bt_pool_put(&tiny, t2);
+    assert_ptr_equal(bt_pool_get(&tiny), t2);
+    assert_ptr_equal(bt_pool_get(&tiny), t1);
+    free(t1);
+    free(t2);
+    bt_pool_destroy(&tiny);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_each_class),
@@ -370,6 +493,9 @@ int main(void) {
         cmocka_unit_test(test_random_bytes),
         cmocka_unit_test(test_random_threads),
         cmocka_unit_test(test_random_fork),
+        cmocka_unit_test(test_pool),
+        cmocka_unit_test(test_append_i64),
+        cmocka_unit_test(test_copy_str),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,0 +1,49 @@
+/* pool.c — the free list of pool.h: a singly linked stack of kept objects, threaded through the
+ * objects themselves, so keeping one costs no memory beyond the object. */
+#include "common/pool.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+void bt_pool_init(bt_pool *p, size_t size, size_t cap) {
+    p->size = size < sizeof(void *) ? sizeof(void *) : size;
+    p->cap = cap;
+    p->n = 0;
+    p->head = NULL;
+}
+
+void *bt_pool_get(bt_pool *p) {
+    void *o = p->head;
+    if (!o) return calloc(1, p->size);
+    memcpy(&p->head, o, sizeof p->head); /* the next kept object */
+    p->n--;
+    memset(o, 0, p->size);
+    return o;
+}
+
+void bt_pool_put(bt_pool *p, void *obj) {
+    if (!obj) return;
+    if (p->n >= p->cap) {
+        free(obj);
+        return;
+    }
+    memcpy(obj, &p->head, sizeof p->head);
+    p->head = obj;
+    p->n++;
+}
+
+size_t bt_pool_drain(bt_pool *p) {
+    size_t freed = 0;
+    while (p->head) {
+        void *o = p->head;
+        memcpy(&p->head, o, sizeof p->head);
+        free(o);
+        freed++;
+    }
+    p->n = 0;
+    return freed;
+}
+
+void bt_pool_destroy(bt_pool *p) {
+    if (p) bt_pool_drain(p);
+}
