@@ -15,9 +15,6 @@ its REQUESTs name a stream_key), one mocker worker with --orphan-grace 30.
 """
 
 import os
-import signal
-import threading
-
 import batonlib as bl
 import natslib
 
@@ -26,10 +23,7 @@ bl.deadline(120, "test_journal_js_cancel")
 BODY = bl.chat_body("a stream its client leaves", max_tokens=400, return_token_ids=True,
                     stream_options={"include_usage": True})
 
-
-def wm(w, name, **labels):
-    return bl.metric_sum(bl.metrics(w.system_url), name, **labels)
-
+wm = bl.worker_metric
 
 with bl.Cluster() as c:
     nats = natslib.NatsServer(c.dir, name="nats-js", config=f'jetstream {{ store_dir: "{os.path.join(c.dir, "js")}" }}'
@@ -63,13 +57,7 @@ with bl.Cluster() as c:
     fe.proc.wait_log(r"resumed after \d+ journaled tokens; continuing it", timeout=5)
 
     # -- 3. contrast: the frontend's death does orphan the stream
-    events = []
-    t = threading.Thread(target=lambda: bl.stream_chat(fe.url, BODY, timeout=30,
-                                                       on_event=lambda st, ev: events.append(ev)))
-    t.start()
-    bl.wait_for(lambda: len(events) >= 5, 10, interval=0.005, what="the stream under way")
-    fe.proc.kill(signal.SIGKILL)
-    t.join(30)
+    bl.kill9_mid_stream(fe, BODY)
     bl.wait_for(lambda: wm(w, "baton_worker_orphan_events_total", event="orphaned") == 1, 5,
                 what="the stream of the killed frontend kept as an orphan")
 

@@ -15,9 +15,6 @@ nats-server without -js, one frontend (event plane NATS), one mocker worker (eve
 """
 
 import os
-import signal
-import threading
-
 import batonlib as bl
 import natslib
 
@@ -26,10 +23,7 @@ bl.deadline(90, "test_journal_nojs")
 BODY = bl.chat_body("a stream on a server without JetStream", max_tokens=300, return_token_ids=True,
                     stream_options={"include_usage": True})
 
-
-def wm(w, name, **labels):
-    return bl.metric_sum(bl.metrics(w.system_url), name, **labels)
-
+wm = bl.worker_metric
 
 with bl.Cluster() as c:
     nats = natslib.NatsServer(c.dir, name="nats-plain").start()
@@ -57,13 +51,7 @@ with bl.Cluster() as c:
     assert whole.ok and whole.token_ids == ref.token_ids and whole.text == ref.text, whole.summary()
 
     lost0 = wm(w, "dynamo_component_cancellation_total", kind="frontend_lost")
-    events = []
-    t = threading.Thread(target=lambda: bl.stream_chat(fe.url, BODY, timeout=30,
-                                                       on_event=lambda st, ev: events.append(ev)))
-    t.start()
-    bl.wait_for(lambda: len(events) >= 5, 10, interval=0.005, what="the stream under way")
-    fe.proc.kill(signal.SIGKILL)
-    t.join(30)
+    bl.kill9_mid_stream(fe, BODY)
     bl.wait_for(lambda: wm(w, "dynamo_component_cancellation_total", kind="frontend_lost") == lost0 + 1, 5,
                 what="the dead frontend's stream ended on the worker")
     assert wm(w, "baton_worker_active_sequences") == 0

@@ -872,6 +872,23 @@ def metric_sum(samples, name, **label_filter):
     return total
 
 
+def worker_metric(w, name, **label_filter):
+    """metric_sum of one sample family on worker w's system server (started with system_port=True)."""
+    return metric_sum(metrics(w.system_url), name, **label_filter)
+
+
+def kill9_mid_stream(fe, body, events=5, timeout=30):
+    """Streams `body` through frontend fe and kill -9s the frontend once `events` SSE events have
+    arrived; returns when the client has seen the connection end."""
+    got = []
+    t = threading.Thread(target=lambda: stream_chat(fe.url, body, timeout=timeout,
+                                                    on_event=lambda st, ev: got.append(ev)))
+    t.start()
+    wait_for(lambda: len(got) >= events, 10, interval=0.005, what="the stream under way")
+    fe.proc.kill(signal.SIGKILL)
+    t.join(timeout)
+
+
 # ---------------------------------------------------------------------------------------------
 # Concurrency.
 
