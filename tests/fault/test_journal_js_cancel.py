@@ -15,6 +15,7 @@ its REQUESTs name a stream_key), one mocker worker with --orphan-grace 30.
 """
 
 import os
+
 import batonlib as bl
 import natslib
 

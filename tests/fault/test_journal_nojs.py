@@ -14,7 +14,6 @@ nats-server without -js, one frontend (event plane NATS), one mocker worker (eve
    (dynamo_component_cancellation_total{kind="frontend_lost"}), with no orphan kept.
 """
 
-import os
 import batonlib as bl
 import natslib
 
