@@ -208,8 +208,6 @@ static void stream_head(fe_req *r, bool hold) {
 
 void fe_request_begin_stream(fe_req *r) { stream_head(r, false); }
 
-static void begin_stream(fe_req *r) { fe_request_begin_stream(r); }
-
 /* The SSE id line of an event: "<stream id>:<position>" for a token event, with ":end",
  * ":usage", ":done" or ":error" for the events after the last token (resume.c parses it). */
 static void append_id(bt_buf *b, const fe_req *r, size_t pos, const char *mark) {
@@ -405,7 +403,7 @@ static void build_tail(fe_req *r, bt_buf *b, const char *reason, int mark) {
 /* The final event, the usage event if asked for, [DONE] and the end of the chunked body go out
  * in one write (one HTTP chunk holding the three SSE events). */
 static void finish_streaming(fe_req *r, const char *reason) {
-    begin_stream(r);
+    stream_head(r, false);
     bt_buf *b = &r->fe->scratch;
     bt_buf_reset(b);
     build_tail(r, b, reason, FE_MARK_NONE);
