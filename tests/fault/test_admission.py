@@ -163,8 +163,11 @@ with bl.Cluster() as c:
     ta = [threading.Thread(target=a_send, args=(i,)) for i in range(len(a_jobs))]
     for t in ta:
         t.start()
-    bl.wait_for(lambda: queued(fe) == 6 and decisions(fe, "rejected_queue_full") >= 1, 20,
-                what="tenant A to fill the queue")
+    # every one of A's requests decided (routed, queued or refused) before B comes: a request of A
+    # still on its way (a slow, sanitized build) would otherwise meet B's share and get a 429
+    bl.wait_for(lambda: queued(fe) == 6 and decisions(fe, "rejected_queue_full") >= 1 and
+                routed() + queued(fe) + decisions(fe, "rejected_queue_full") == len(a_jobs), 20,
+                what="tenant A to fill the queue, every one of its requests decided")
     # B arrives at a full queue within its share: A's newest queued request makes room (429)
     b_stream = [None]
     tb = threading.Thread(target=lambda: b_stream.__setitem__(0, bl.stream_chat(fe.url, body("b0"), timeout=150,
