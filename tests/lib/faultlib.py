@@ -36,6 +36,7 @@ import os
 import re
 import signal
 import threading
+import time
 
 import batonlib as bl
 
@@ -204,19 +205,66 @@ def drain(c, p):
     check(f.fe, "term", f.refs, runs)
 
 
+class HealthWatch:
+    """Polls a worker's /live and /health every 20 ms from a thread until the process exits, and
+    checks what a failed engine must answer there: once /live has said "dead" (503) it never says
+    live again, and /health is never 200 from then on. `require_dead` (a worker that stays up for
+    a while after its engine failed: a hung llama.cpp thread is waited for 5 s) also requires that
+    both answers were seen: /live 503 "dead" and /health 503 "notready"."""
+
+    def __init__(self, w):
+        self.w, self.seen = w, []
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _get(self, path):
+        try:
+            st, _, body = bl.get_json(self.w.system_url + path, timeout=2)
+            return st, (body or {}).get("status")
+        except OSError:
+            return None  # not up, or gone
+
+    def _run(self):
+        while self.w.proc.alive():
+            for path in ("/live", "/health"):
+                r = self._get(path)
+                if r:
+                    self.seen.append((path, *r))
+            time.sleep(0.02)
+
+    def check(self, require_dead):
+        self.t.join(30)
+        dead_at = next((i for i, (path, st, status) in enumerate(self.seen)
+                        if path == "/live" and st == 503 and status == "dead"), None)
+        if require_dead:
+            assert dead_at is not None, f"/live never answered 503 dead after the engine failed: {self.seen[-6:]}"
+            assert any(path == "/health" and st == 503 and status == "notready"
+                       for path, st, status in self.seen[dead_at:]), \
+                f"/health did not answer 503 notready after the engine failed: {self.seen[dead_at:][:6]}"
+        if dead_at is not None:
+            after = self.seen[dead_at:]
+            assert not any(path == "/live" and st != 503 for path, st, _ in after), f"/live came back: {after}"
+            assert not any(path == "/health" and st == 200 for path, st, _ in after), f"/health ready again: {after}"
+
+
 def engine_failure(c, p):
     f = Fleet(c, p, second={"fault_die_after_tokens": p["die_after"]})
+    watch = HealthWatch(f.w1)
     runs = run_load(f.fe, p, "die")
     assert f.w1.proc.wait(10) == 1, f"the worker whose engine died exited {f.w1.proc.returncode}, not 1"
+    watch.check(require_dead=False)
     assert "Engine health check failed" in f.w1.proc.log_text(), "the worker did not report its engine dead"
     check(f.fe, "die", f.refs, runs)
 
 
 def engine_hang(c, p):
     f = Fleet(c, p, second=dict(p["hang"], engine_stuck_timeout=1))
+    watch = HealthWatch(f.w1)
     runs = run_load(f.fe, p, "hang")
     # a hung llama.cpp thread is left to the process's exit after 5 s (docs/engines.md §3)
     assert f.w1.proc.wait(20) == 1, f"the worker whose engine hung exited {f.w1.proc.returncode}, not 1"
+    # those 5 s are a window in which the worker still answers: it must say it is dead
+    watch.check(require_dead=p["worker"].get("engine") == "llama")
     log = f.w1.proc.log_text()
     assert "Engine health check failed" in log and "stuck scheduler" in log, \
         "the engine monitor did not fail the worker\n" + f.w1.proc.log_tail()
