@@ -11,7 +11,11 @@
  *
  * Bounds: at most `cap` objects are kept; a put beyond that frees. The owner empties the pool
  * with bt_pool_drain when it wants the memory back (the frontend does when idle, before
- * malloc_trim), and with bt_pool_destroy at its end. Not thread-safe: one loop's thread only. */
+ * malloc_trim), and with bt_pool_destroy at its end. Not thread-safe: one loop's thread only.
+ *
+ * Under AddressSanitizer a kept object is poisoned from its put until a get hands it out again, so
+ * a use after the put is reported as a use after free would be (the sanitizer cannot see that the
+ * object is dead while the pool holds its memory). */
 #ifndef BATON_COMMON_POOL_H
 #define BATON_COMMON_POOL_H
 

@@ -23,7 +23,8 @@
  *
  * And the object pool of src/common/pool.c: an object given back is the one handed out next, and
  * handed out zeroed whatever was written into it; no more than `cap` objects are kept (the rest
- * are freed at once); drain frees what is kept and the pool goes on working. */
+ * are freed at once); drain frees what is kept and the pool goes on working; under
+ * AddressSanitizer a kept object is poisoned until it is handed out again. */
 #include <inttypes.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -480,6 +481,48 @@ static void test_pool(void **state) {
     bt_pool_destroy(&tiny);
 }
 
+/* Under AddressSanitizer a kept object is poisoned, whole, from its put to its next get: a use of
+ * a connection or request after it went back to its pool is reported as a use after free would
+ * be (the pool keeps the memory allocated, so the sanitizer would otherwise see nothing). */
+#if defined(__SANITIZE_ADDRESS__)
+#define TEST_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define TEST_ASAN 1
+#endif
+#endif
+#ifdef TEST_ASAN
+#include <sanitizer/asan_interface.h>
+#endif
+
+static void test_pool_poisoned(void **state) {
+    (void)state;
+#ifdef TEST_ASAN
+    bt_pool p;
+    bt_pool_init(&p, sizeof(pooled), 4);
+    pooled *a = bt_pool_get(&p), *b = bt_pool_get(&p);
+    assert_non_null(a);
+    assert_non_null(b);
+    assert_null(__asan_region_is_poisoned(a, sizeof *a)); /* handed out: all usable */
+    bt_pool_put(&p, a);
+    /* kept: every byte poisoned, the link in its first bytes included */
+    assert_ptr_equal(__asan_region_is_poisoned(a, sizeof *a), a);
+    assert_true(__asan_address_is_poisoned(a->bytes + sizeof a->bytes - 1));
+    bt_pool_put(&p, b);
+    assert_ptr_equal(__asan_region_is_poisoned(b, sizeof *b), b);
+    assert_ptr_equal(__asan_region_is_poisoned(a, sizeof *a), a); /* the pool read a's link, left it poisoned */
+    pooled *c = bt_pool_get(&p);
+    assert_ptr_equal(c, b);
+    assert_null(__asan_region_is_poisoned(c, sizeof *c)); /* handed out again: usable, zeroed */
+    assert_ptr_equal(__asan_region_is_poisoned(a, sizeof *a), a); /* still kept */
+    bt_pool_put(&p, c);
+    assert_int_equal(bt_pool_drain(&p), 2); /* frees poisoned objects without a report */
+    bt_pool_destroy(&p);
+#else
+    skip(); /* nothing to check without the sanitizer */
+#endif
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_each_class),
@@ -494,6 +537,7 @@ int main(void) {
         cmocka_unit_test(test_random_threads),
         cmocka_unit_test(test_random_fork),
         cmocka_unit_test(test_pool),
+        cmocka_unit_test(test_pool_poisoned),
         cmocka_unit_test(test_append_i64),
         cmocka_unit_test(test_copy_str),
     };
