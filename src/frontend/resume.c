@@ -9,6 +9,7 @@
  *   POST /v1/chat/completions (or /v1/completions) with the same body and `Last-Event-ID: <id>`;
  *   GET  /v1/chat/completions/{stream id}?stream=true&starting_after={position}  (the EventSource
  *        form: it reconnects by itself with Last-Event-ID, which then wins over starting_after).
+ *        HEAD there is refused (405): a resume is not a read, it takes the stream over.
  *
  * Either way the frontend finds the journal record, writes the events after that id exactly as
  * they were first written (replayed from the journal, paced by the client's write backlog), and
@@ -429,6 +430,15 @@ void fe_resume_get(fe *f, bt_http_req *http, bt_api api, const char *stream_id) 
     char sid[FE_STREAM_ID_LEN + 1] = "", v[32];
     uint64_t pos = 0;
     int mark = FE_MARK_NONE;
+    if (http->method == BT_HTTP_HEAD) {
+        /* HEAD is safe (RFC 9110 §9.2.1) and a GET here is not: it takes the stream over,
+         * superseding the request still streaming it, and continues it on a worker. A HEAD
+         * would do all that for a response without a body, cutting the live client off and
+         * generating for no one; it is refused instead, with the stream left untouched. */
+        fe_json_error_ex(http, NULL, 405, "method_not_allowed", NULL, "Allow: GET\r\n",
+                         "HEAD is not supported on %s: a GET here resumes the stream", http->path);
+        return;
+    }
     char probe[FE_STREAM_ID_LEN + 8];
     snprintf(probe, sizeof probe, "%.*s:0", FE_STREAM_ID_LEN + 1, stream_id);
     if (strlen(stream_id) != FE_STREAM_ID_LEN || !fe_resume_parse_id(probe, sid, &pos, &mark)) {
