@@ -130,9 +130,9 @@ static json_t *threshold_json(const fe_model *m) {
 }
 
 /* GET/POST /busy_threshold with Dynamo's bodies and codes (400 out of range, 404 unknown model,
- * 422 bad JSON). */
+ * 422 bad JSON). HEAD is a GET (http.h): only a POST sets, whatever body a HEAD carries. */
 static void handle_busy_threshold(fe *f, bt_http_req *http) {
-    if (http->method == BT_HTTP_GET) {
+    if (http->method != BT_HTTP_POST) {
         json_t *arr = json_array();
         for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link))
             json_array_append_new(arr, threshold_json(m));

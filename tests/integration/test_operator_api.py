@@ -3,7 +3,8 @@
   * POST /busy_threshold: active_prefill_tokens_threshold is bounded as the command-line flag is,
     [0, 1e12]. 1e300 (whose conversion to an integer is undefined, and once echoed INT64_MIN), -1
     and 1e12 + 1 answer 400 and leave the threshold as it was (GET shows it); 0 and 1e12 are
-    accepted and echoed exactly.
+    accepted and echoed exactly. HEAD /busy_threshold is answered as GET (the same status and
+    headers, no body), even with a body that a POST would apply, and changes nothing.
   * POST /v1/requests/{id}/cancel: a body that is not {"mode":"stop"|"kill"} ({}, [], {"mode":5},
     {"mode":null}, "stop", ...) answers 400 and leaves the running request alone: it ends with
     finish_reason "length" and its whole output, byte-exact against a fault-free reference, and
@@ -47,7 +48,15 @@ def busy_threshold(fe):
     assert st == 400 and threshold(fe) == 4096, (st, b, threshold(fe))
     st, b = post_threshold(fe, None)
     assert st == 200 and b["active_prefill_tokens_threshold"] is None and threshold(fe) is None, (st, b)
-    print("busy_threshold: out-of-range prefill thresholds refused with 400, nothing changed")
+    # HEAD is answered as GET (its head, no body), never as the POST that sets: not even with a body
+    gst, gh, gbody = bl.request("GET", fe.url + "/busy_threshold")
+    for body in (None, json.dumps({"model": MODEL, "active_prefill_tokens_threshold": 7}).encode()):
+        hdrs = {"Content-Type": "application/json"} if body else {}
+        st, h, data = bl.request("HEAD", fe.url + "/busy_threshold", body, hdrs)
+        assert (st, data) == (gst, b"") and h.get("content-length") == str(len(gbody)), (st, h, data, gh)
+        assert h.get("content-type") == gh.get("content-type"), (h, gh)
+        assert threshold(fe) is None, f"a HEAD changed the threshold to {threshold(fe)}"
+    print("busy_threshold: out-of-range prefill thresholds refused with 400, nothing changed; HEAD answered as GET")
 
 
 def worker_cancels(w, kind):
