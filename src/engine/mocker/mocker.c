@@ -101,7 +101,7 @@ struct mk_engine {
     uv_poll_t gpoll;  /* the end of a batch gather: readable when gfd expires */
     int gfd;          /* a CLOCK_MONOTONIC timerfd, -1 when gathering is off */
     bt_engine_gather gather;
-    bt_closer closer; /* freed when both handles have closed */
+    bt_closer closer; /* freed when every handle has closed */
     bt_deliver dl;    /* pending sink events; the re-entrancy and liveness rules */
     bt_mocker_config cfg;
     bt_engine_hooks hooks;
