@@ -985,6 +985,16 @@ int bt_worker_main(int argc, char **argv) {
         bt_proc_error("worker", "%s", err);
         goto bad_usage;
     }
+    /* the engine monitor counts a gather's wait as no progress: it must outlast the longest one */
+    if (o->engine_stuck_timeout > 0 &&
+        o->engine_stuck_timeout * 1e6 <= (double)BT_GATHER_BOUND * (double)o->mocker.batch_gather_us) {
+        bt_proc_error("worker",
+                      "--engine-stuck-timeout %gs is not longer than the longest batch gather (%d x --batch-gather-us "
+                      "= %gs): the engine monitor would fail a worker that only waits for a burst",
+                      o->engine_stuck_timeout, BT_GATHER_BOUND,
+                      (double)BT_GATHER_BOUND * (double)o->mocker.batch_gather_us / 1e6);
+        goto bad_usage;
+    }
     if (strcmp(o->p.discovery, "file") != 0 && strcmp(o->p.discovery, "etcd") != 0) {
         bt_proc_error("worker", "unknown --discovery '%s' (file or etcd)", o->p.discovery);
         goto bad_usage;

@@ -26,7 +26,8 @@ beforehand; the window is 100 ms (bound 800 ms), the mocker at speedup 0.1 (a st
   7. The llama engine, if it is available: one gather of all 8 requests of a two-part burst, and
      every stream the same text as with the flag off (batching does not change its output).
   8. Validation: a negative, non-numeric or too large value (flag or BATON_BATCH_GATHER_US) is
-     refused at start-up, exit 2, with a message naming the flag.
+     refused at start-up, exit 2, with a message naming the flag; so is an --engine-stuck-timeout
+     not longer than the bound (the engine monitor would take a long gather for a stuck engine).
 """
 
 import json
@@ -295,7 +296,12 @@ def main():
                            capture_output=True, text=True, timeout=10)
         assert p.returncode == 2, (args, env, p.returncode, p.stderr)
         assert "invalid value" in p.stderr and "--batch-gather-us" in p.stderr, p.stderr
-    print("invalid values: exit 2 naming --batch-gather-us")
+    # the engine monitor must outlast the longest gather (8 x 500 ms = 4 s)
+    p = subprocess.run([BIN, "worker", "--system-port", "-1", "--batch-gather-us", "500000", "--engine-stuck-timeout",
+                        "3"], capture_output=True, text=True, timeout=10)
+    assert p.returncode == 2 and "--engine-stuck-timeout 3s is not longer than the longest batch gather" in p.stderr, \
+        (p.returncode, p.stderr)
+    print("invalid values: exit 2 naming --batch-gather-us; an engine monitor shorter than the bound refused")
     print("test_batch_gather: ok")
 
 
