@@ -24,7 +24,8 @@ beforehand; the window is 100 ms (bound 800 ms), the mocker at speedup 0.1 (a st
      step (no step, no gather counted, nothing waiting) and the next request is served.
   6. A drain (SIGTERM) during the gather: the request completes and the worker exits 0.
   7. The llama engine, if it is available: one gather of all 8 requests of a two-part burst, and
-     every stream the same text as with the flag off (batching does not change its output).
+     every stream the same text as with the flag off (batching does not change its output); of two
+     requests, the one cancelled during the gather is not in it.
   8. Validation: a negative, non-numeric or too large value (flag or BATON_BATCH_GATHER_US) is
      refused at start-up, exit 2, with a message naming the flag; so is an --engine-stuck-timeout
      not longer than the bound (the engine monitor would take a long gather for a stuck engine).
@@ -285,6 +286,16 @@ def main():
                       f"after {d['gather_s'] * 1000:.1f} ms, {d['steps']:.0f} steps")
                 if gather:
                     assert d["gathers"] == 1 and d["gathered"] == 8 and WINDOW <= d["gather_s"] <= BOUND, d
+                    # a cancel during the gather: the engine thread leaves that one out of the step
+                    settle(w)
+                    before = counters(w)
+                    cl = burst(fe, [2], max_tokens=4, base=600)
+                    time.sleep(0.02)
+                    cl[0].close()
+                    read_all(cl, timeout=60)
+                    d = delta(counters(w), before)
+                    print(f"llama: one of two cancelled during the gather: gathered {d['gathered']:.0f}")
+                    assert d["gathers"] == 1 and d["gathered"] == 1, d
                 else:
                     assert d["gathers"] == 0, d
         assert texts[0] == texts[WINDOW_US] and all(texts[0]), texts
