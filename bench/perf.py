@@ -30,13 +30,15 @@ usage (from the repository root; BATON_BIN defaults to build/baton):
          nats-server -js started here), as the row "frontend, journal in JetStream".
   BATON_BIN=build/baton python3 bench/perf.py burst    [--concurrency 100,1000] [--repeats 5]
         [--speedup 0.2] [--tokens 10] [--paths direct,relay,frontend] [--threads 2] [--batched-tokens N]
-        [--compare-bin OTHER/baton]
+        [--batch-gather-us N] [--compare-bin OTHER/baton]
       b'. burst TTFT: N streaming requests written at once (baton-sse-load --burst: the N connections
          are opened first, then one request is written on each in one pass; on the request plane the
          N REQUEST frames in one write), TTFT per request from its own write; p50/p99 straight at the
          worker, through the minimal relay and through the frontend, the paths in a rotating order,
          --repeats times; medians over the repeats, added over direct and ratios to direct.
          --compare-bin adds a frontend of another build on the same worker ("frontend, compared build").
+         --batch-gather-us gives the worker that flag (the first step of an idle engine waits for the
+         rest of a burst; docs/engines.md, "Batch gathering").
   BATON_BIN=build/baton python3 bench/perf.py scale    [--streams 10000] [--workers 4]
         [--tokens 50] [--speedup 0.02] [--repeat 1] [--idle 5]
       c. N concurrent slow streams; RSS growth of the frontend and of the workers per stream,
@@ -627,6 +629,8 @@ def cmd_burst(a):
     out = []
     with bl.Cluster() as c:
         wflags = {"max_num_batched_tokens": a.batched_tokens} if a.batched_tokens else {}
+        if a.batch_gather_us:
+            wflags["batch_gather_us"] = a.batch_gather_us
         fe, ws = start_cluster(c, 1, a.speedup, **wflags)
         rpc = f"127.0.0.1:{ws[0].rpc_port}"
         targets = {"direct": (rpc, True), "frontend": (fe.url, False)}
@@ -675,6 +679,7 @@ def cmd_burst(a):
     print()
     print(f"speedup={a.speedup} max_tokens={a.tokens}, one worker, {a.repeats} bursts per path and level"
           + (f", max_num_batched_tokens={a.batched_tokens}" if a.batched_tokens else "")
+          + (f", batch_gather_us={a.batch_gather_us}" if a.batch_gather_us else "")
           + "; every request complete and identical on every path")
     print("| streams | path | TTFT p50 | TTFT p99 | p50 added over direct | p99 added over direct "
           "| p50 / direct | client's write spread |")
@@ -940,6 +945,8 @@ def main():
     p.add_argument("--pause", type=float, default=0.3, help="seconds between two bursts")
     p.add_argument("--batched-tokens", type=int, default=0,
                    help="the worker's --max-num-batched-tokens (0: its default)")
+    p.add_argument("--batch-gather-us", type=int, default=0,
+                   help="the worker's --batch-gather-us (0: off, its default)")
     p.add_argument("--compare-bin", help="also measure a frontend of this baton binary (before/after in one run)")
     p = sub.add_parser("scale")
     p.add_argument("--streams", default="10000", help="concurrent streams; a comma-separated list is a curve")

@@ -1,5 +1,6 @@
-/* engine.c — helpers shared by every engine implementation, and the argument checks of
- * bt_engine_submit, made once here rather than in each engine. */
+/* engine.c — helpers shared by every engine implementation, the argument checks of
+ * bt_engine_submit, made once here rather than in each engine, and the batch-gathering policy
+ * (bt_engine_gather) of the engines that schedule steps. */
 #include "engine/engine.h"
 
 #include <stdio.h>
@@ -47,4 +48,34 @@ void bt_engine_handoff(bt_engine *e, bt_engine_seq *s, bt_engine_handoff_cb cb, 
 void bt_engine_kv_stats_get(bt_engine *e, bt_engine_kv_stats *out) {
     memset(out, 0, sizeof *out);
     if (e && e->ops->kv_stats) e->ops->kv_stats(e, out);
+}
+
+void bt_engine_gather_init(bt_engine_gather *g, int64_t window_us) {
+    memset(g, 0, sizeof *g);
+    if (window_us > 0 && window_us <= BT_GATHER_MAX_US) g->window_ns = (uint64_t)window_us * 1000u;
+}
+
+void bt_engine_gather_arrive(bt_engine_gather *g, uint64_t now_ns, bool idle) {
+    if (!g->window_ns) return;
+    if (g->active) {
+        if (now_ns > g->last_ns) g->last_ns = now_ns;
+    } else if (idle) {
+        g->active = true;
+        g->first_ns = g->last_ns = now_ns;
+    }
+}
+
+uint64_t bt_engine_gather_deadline(const bt_engine_gather *g) {
+    uint64_t quiet = g->last_ns + g->window_ns, bound = g->first_ns + BT_GATHER_BOUND * g->window_ns;
+    return quiet < bound ? quiet : bound;
+}
+
+bool bt_engine_gather_holds(const bt_engine_gather *g, uint64_t now_ns) {
+    return g->active && now_ns < bt_engine_gather_deadline(g);
+}
+
+uint64_t bt_engine_gather_end(bt_engine_gather *g, uint64_t now_ns) {
+    if (!g->active) return 0;
+    g->active = false;
+    return now_ns > g->first_ns ? now_ns - g->first_ns : 0;
 }

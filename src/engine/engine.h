@@ -107,7 +107,43 @@ typedef struct {
     /* Running sequences preempted (KV dropped, recomputed later from their tokens): because the KV
      * cache was full, or for a strictly more urgent waiting sequence (priority preemption). */
     uint64_t preempted_kv, preempted_priority;
+    /* Scheduler steps that computed something (a prefill chunk or a decoded token). */
+    uint64_t steps;
+    /* Batch gathering (bt_engine_gather below): first steps of an idle engine that waited, the
+     * sequences waiting when those steps began, and the time they waited in total (ns). */
+    uint64_t gathers, gathered_seqs, gather_ns;
 } bt_engine_kv_stats;
+
+/* Batch gathering (docs/engines.md, "Batch gathering"), shared by the engines that schedule
+ * steps (the mocker, llama). An engine that starts a step as soon as a request waits gives the
+ * first few requests of a burst that reached it over a fraction of a millisecond a step of their
+ * own, and the rest wait a whole step. With a window of N µs, the first step of an idle engine
+ * (no running sequence) waits until no request has arrived for N µs, and never longer than
+ * BT_GATHER_BOUND x N after the first arrival, so a steady trickle cannot postpone it. A running
+ * engine never waits: arrivals join at its next step boundary. A pure policy (no clock, no I/O):
+ * the engine gives it the time of each arrival and asks it until when to hold its first step. */
+#define BT_GATHER_BOUND 8
+#define BT_GATHER_MAX_US 1000000 /* the largest window accepted (1 s) */
+
+typedef struct {
+    uint64_t window_ns; /* 0: off, every arrival is stepped at once */
+    uint64_t first_ns;  /* the arrival that started the gather under way */
+    uint64_t last_ns;   /* the latest arrival since */
+    bool active;        /* a gather is under way: the engine holds its first step */
+} bt_engine_gather;
+
+/* window_us <= 0 (or more than BT_GATHER_MAX_US, which configuration checks refuse) turns it off. */
+void bt_engine_gather_init(bt_engine_gather *g, int64_t window_us);
+/* A sequence joined the waiting queue at now_ns; `idle`: the engine has no running sequence.
+ * Starts a gather on an idle engine, or extends the one under way; no-op when off or running. */
+void bt_engine_gather_arrive(bt_engine_gather *g, uint64_t now_ns, bool idle);
+/* While a gather is under way: when the first step may start, min(last + window, first + bound). */
+uint64_t bt_engine_gather_deadline(const bt_engine_gather *g);
+/* True while a gather is under way and its deadline is after now_ns: the first step waits. */
+bool bt_engine_gather_holds(const bt_engine_gather *g, uint64_t now_ns);
+/* Ends the gather under way (its step starts, or nothing waits any more: a kill or a stop during
+ * it); returns how long it lasted, now_ns - first (0 when none was under way). */
+uint64_t bt_engine_gather_end(bt_engine_gather *g, uint64_t now_ns);
 
 /* The result of bt_engine_handoff, on the loop: `state` (malloc'd, the callee owns it; NULL when
  * the engine had no state to give, e.g. the sequence was still waiting) of `len` bytes. */

@@ -340,6 +340,20 @@ void wk_handoff_collect(wk_worker *w, bt_metrics *r) {
                            "priority (for a more urgent waiting sequence)");
     bt_metrics_add(f, (double)k.preempted_kv, "model", m, "reason", "kv", NULL);
     bt_metrics_add(f, (double)k.preempted_priority, "model", m, "reason", "priority", NULL);
+    bt_metrics_add(bt_metrics_counter(r, "baton_worker_engine_steps_total",
+                                      "Scheduler steps of the engine that computed something (a prefill chunk or a "
+                                      "decoded token)"),
+                   (double)k.steps, "model", m, NULL);
+    bt_metrics_add(bt_metrics_counter(r, "baton_worker_engine_batch_gathers_total",
+                                      "First steps of an idle engine that waited for more requests "
+                                      "(--batch-gather-us)"),
+                   (double)k.gathers, "model", m, NULL);
+    bt_metrics_add(bt_metrics_counter(r, "baton_worker_engine_batch_gathered_sequences_total",
+                                      "Sequences waiting when those first steps began"),
+                   (double)k.gathered_seqs, "model", m, NULL);
+    bt_metrics_add(bt_metrics_counter(r, "baton_worker_engine_batch_gather_seconds_total",
+                                      "Time those first steps waited, from the first arrival"),
+                   (double)k.gather_ns / 1e9, "model", m, NULL);
     bt_metrics_add(bt_metrics_counter(r, "baton_worker_rebalanced_total",
                                       "Streams moved off this worker by the operator (POST /rebalance)"),
                    (double)w->rebalanced, "model", m, NULL);

@@ -580,7 +580,7 @@ static const char *const mocker_only[] = {"--num-gpu-blocks-override", "--block-
                                           "--max-num-batched-tokens", "--watermark", "--speedup-ratio",
                                           "--fault-die-after-tokens", "--fault-stall-after-tokens",
                                           "--fault-error-after-tokens", "--fault-signals", "--fault-slow-factor",
-                                          "--mocker-kv-bytes-per-token", NULL};
+                                          "--mocker-kv-bytes-per-token", "--batch-gather-us", NULL};
 
 static bool engine_settings_check(const wk_opts *o, const bt_opt *opts, int nopts, int argc, char **argv, char *err,
                                   size_t errlen) {
@@ -698,6 +698,7 @@ static int worker_run(wk_worker *w) {
         o->llama.default_max_tokens = o->mocker.default_max_tokens;
         o->llama.fault_die_after_tokens = o->mocker.fault_die_after_tokens;
         o->llama.fault_error_after_tokens = o->mocker.fault_error_after_tokens;
+        o->llama.batch_gather_us = o->mocker.batch_gather_us;
         if (bt_llama_config_check(&o->llama, err, sizeof err) != BT_OK) {
             BT_ERROR("invalid llama engine configuration: %s", err);
             return 2;
@@ -950,6 +951,10 @@ int bt_worker_main(int argc, char **argv) {
          "mocker prompt + max_tokens limit in tokens, advertised to frontends (0 = what the KV cache holds)"},
         {"--speedup-ratio", "DYN_SPEEDUP_RATIO", BT_OPT_DOUBLE, &o->mocker.speedup_ratio, 1e-6, 1e9,
          "mocker time scale"},
+        {"--batch-gather-us", "BATON_BATCH_GATHER_US", BT_OPT_INT, &o->mocker.batch_gather_us, 0, BT_GATHER_MAX_US,
+         "mocker and llama engines: the first step of an idle engine waits until no request has arrived for this "
+         "many microseconds (at most 8 times as long after the first), so that a burst that arrives spread over a "
+         "fraction of a millisecond is prefilled in one step (0 = off: a step starts as soon as a request waits)"},
         {"--default-max-tokens", "DYN_DEFAULT_MAX_TOKENS", BT_OPT_INT, &o->mocker.default_max_tokens, 0, 1e7,
          "max_tokens when a request sets none"},
         {"--fault-die-after-tokens", "BATON_FAULT_DIE_AFTER_TOKENS", BT_OPT_INT, &o->mocker.fault_die_after_tokens,
@@ -978,6 +983,16 @@ int bt_worker_main(int argc, char **argv) {
     if (!engine_settings_check(o, opts, nopts, argc, argv, err, sizeof err) ||
         !endpoint_from_opts(o, opts, nopts, argc, argv, err, sizeof err)) {
         bt_proc_error("worker", "%s", err);
+        goto bad_usage;
+    }
+    /* the engine monitor counts a gather's wait as no progress: it must outlast the longest one */
+    if (o->engine_stuck_timeout > 0 &&
+        o->engine_stuck_timeout * 1e6 <= (double)BT_GATHER_BOUND * (double)o->mocker.batch_gather_us) {
+        bt_proc_error("worker",
+                      "--engine-stuck-timeout %gs is not longer than the longest batch gather (%d x --batch-gather-us "
+                      "= %gs): the engine monitor would fail a worker that only waits for a burst",
+                      o->engine_stuck_timeout, BT_GATHER_BOUND,
+                      (double)BT_GATHER_BOUND * (double)o->mocker.batch_gather_us / 1e6);
         goto bad_usage;
     }
     if (strcmp(o->p.discovery, "file") != 0 && strcmp(o->p.discovery, "etcd") != 0) {

@@ -59,7 +59,7 @@ OPENAI_ONLY = [("--upstream", "http://127.0.0.1:9"), ("--upstream-model", "m"), 
 MOCKER_ONLY = [("--num-gpu-blocks-override", "100"), ("--block-size", "16"), ("--max-num-seqs", "4"),
                ("--max-num-batched-tokens", "100"), ("--watermark", "0.1"), ("--speedup-ratio", "2"),
                ("--fault-die-after-tokens", "5"), ("--fault-stall-after-tokens", "5"),
-               ("--fault-error-after-tokens", "5"), ("--fault-signals", None)]
+               ("--fault-error-after-tokens", "5"), ("--fault-signals", None), ("--batch-gather-us", "500")]
 with bl.Cluster() as c:
     for flag, value in OPENAI_ONLY:
         refused(c, [flag, value], rx=re.escape(flag) + r" is a setting of the openai engine, but this worker runs the "

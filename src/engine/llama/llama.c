@@ -66,6 +66,8 @@ bt_status bt_llama_config_check(const bt_llama_config *c, char *err, size_t errl
         return snprintf(err, errlen, "--ctx-size must be 0 (auto) .. 16777216"), BT_ERR_INVALID;
     if (c->threads < 1 || c->threads > 256)
         return snprintf(err, errlen, "--llama-threads must be 1..256"), BT_ERR_INVALID;
+    if (c->batch_gather_us < 0 || c->batch_gather_us > BT_GATHER_MAX_US)
+        return snprintf(err, errlen, "--batch-gather-us must be 0 (off) .. %d", BT_GATHER_MAX_US), BT_ERR_INVALID;
     return BT_OK;
 }
 
@@ -221,6 +223,7 @@ struct ll_engine {
     uint64_t total_emitted;
     bool dead;
     bool stalled; /* fault injection: no steps until resumed */
+    bt_engine_gather gather; /* --batch-gather-us: the first step of an idle engine waits (engine.h) */
     bt_llsample_cand *cand;
     char model_desc[128];
     ll_kv_ident kv_ident;     /* what a KV state must match to be imported here */
@@ -510,6 +513,8 @@ static void seq_arrive(ll_engine *e, ll_seq *s) {
         seq_end(e, s, END_ERROR, BT_FINISH_STOP, BT_ERR_TOO_LARGE, err);
         return;
     }
+    /* it waits: on an idle engine (nothing admitted) it starts or extends a batch gather */
+    bt_engine_gather_arrive(&e->gather, bt_now_ns(), TAILQ_EMPTY(&e->running.q));
 }
 
 /* ---- KV hand-off (engine thread; the format and checks are llama_kv.c's) ------------------- */
@@ -833,6 +838,7 @@ static bool step(ll_engine *e) {
         budget -= (int32_t)take;
     }
     if (!nsingle && !nchunk) return false;
+    kv_count(e, &e->kvs.steps, 1);
     if (exact) {
         for (int i = 0; i < nsingle; i++) {
             if (singles[i]->state != LS_RUNNING) continue; /* preempted by back-pressure just now */
@@ -891,14 +897,46 @@ static void run_cmd(ll_engine *e, ll_cmd *c) {
     free(c);
 }
 
+/* Whether the step may run now: false while a batch gather holds the first step of an idle engine.
+ * A gather whose sequences were all killed or stopped just ends; one that ends with sequences
+ * waiting is counted (kv_stats). Engine thread. */
+static bool gather_release(ll_engine *e) {
+    if (!e->gather.active) return true;
+    uint64_t now = bt_now_ns();
+    if (TAILQ_EMPTY(&e->waiting.q)) {
+        bt_engine_gather_end(&e->gather, now);
+        return true;
+    }
+    if (bt_engine_gather_holds(&e->gather, now)) return false;
+    uint64_t waited = bt_engine_gather_end(&e->gather, now);
+    pthread_mutex_lock(&e->mu);
+    e->kvs.gathers++;
+    e->kvs.gathered_seqs += e->waiting.n;
+    e->kvs.gather_ns += waited;
+    pthread_mutex_unlock(&e->mu);
+    BT_DEBUG("llama: batch gather: first step with %zu waiting sequences after %" PRIu64 " us", e->waiting.n,
+             waited / 1000u);
+    return true;
+}
+
 static void *engine_thread(void *arg) {
     ll_engine *e = arg;
     for (;;) {
         pthread_mutex_lock(&e->mu);
-        /* a dead engine too must first end what it holds (below), then wait */
-        while (!e->quit && STAILQ_EMPTY(&e->cmds) &&
-               ((TAILQ_EMPTY(&e->running.q) && TAILQ_EMPTY(&e->waiting.q)) || (e->stalled && !e->dead)))
-            pthread_cond_wait(&e->cv, &e->mu);
+        /* a dead engine too must first end what it holds (below), then wait; a batch gather waits
+         * for its deadline or the next command, whichever comes first (cv runs on CLOCK_MONOTONIC,
+         * bt_now_ns's clock) */
+        for (;;) {
+            if (e->quit || !STAILQ_EMPTY(&e->cmds)) break;
+            if ((TAILQ_EMPTY(&e->running.q) && TAILQ_EMPTY(&e->waiting.q)) || (e->stalled && !e->dead)) {
+                pthread_cond_wait(&e->cv, &e->mu);
+                continue;
+            }
+            if (e->dead || !bt_engine_gather_holds(&e->gather, bt_now_ns())) break;
+            uint64_t until = bt_engine_gather_deadline(&e->gather);
+            struct timespec ts = {.tv_sec = (time_t)(until / 1000000000u), .tv_nsec = (long)(until % 1000000000u)};
+            pthread_cond_timedwait(&e->cv, &e->mu, &ts);
+        }
         ll_cmd *cmds = STAILQ_FIRST(&e->cmds);
         STAILQ_INIT(&e->cmds);
         bool quit = e->quit;
@@ -918,7 +956,7 @@ static void *engine_thread(void *arg) {
             update_load(e);
             continue;
         }
-        if (!e->stalled) step(e);
+        if (!e->stalled && gather_release(e)) step(e);
         update_load(e);
     }
     return NULL;
@@ -1265,7 +1303,12 @@ bt_engine *bt_llama_create_with_api(uv_loop_t *loop, const bt_llama_config *cfg,
     if (hooks) e->hooks = *hooks;
     e->hooks_ud = hooks_ud;
     pthread_mutex_init(&e->mu, NULL);
-    pthread_cond_init(&e->cv, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC); /* the batch gather's timed wait (engine_thread) */
+    pthread_cond_init(&e->cv, &ca);
+    pthread_condattr_destroy(&ca);
+    bt_engine_gather_init(&e->gather, cfg->batch_gather_us);
     bt_deliver_init(&e->dl, &ll_deliver_ops, e);
     uv_async_init(loop, &e->async, on_async);
     e->async.data = e;

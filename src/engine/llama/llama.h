@@ -46,6 +46,8 @@ typedef struct {
                                        * that never returns, once N tokens were emitted (0 = off) */
     int64_t fault_nan_after_tokens;   /* test hook: the logits row the sampler reads gets a NaN once
                                        * N tokens were emitted (0 = off): the non-finite check fails */
+    int64_t batch_gather_us;          /* --batch-gather-us: an idle engine's first step waits for the
+                                       * rest of a burst (bt_engine_gather, engine.h); 0 = off */
 } bt_llama_config;
 
 void bt_llama_config_default(bt_llama_config *c);

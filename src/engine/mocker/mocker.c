@@ -18,15 +18,22 @@
  * one on_tokens call per sequence per tick. Sink and hook callbacks are only made from a tick, never from
  * submit, stop, kill or inject; the staged output, the endings and the rules that let a callback
  * submit, stop or kill any sequence (its own included) or destroy the engine are engine/deliver.h's.
+ * With --batch-gather-us, the first step of an idle engine waits for the rest of a burst
+ * (bt_engine_gather, engine.h): to the microsecond, on a timerfd polled by the loop, since a libuv
+ * timer counts whole milliseconds and the window is a fraction of one.
  * KV accounting is a counter of blocks per sequence:
  * there is no prefix caching, so no block is shared. */
 #include "engine/mocker/mocker.h"
 #include "engine/stops.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/timerfd.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "common/closer.h"
 #include "common/log.h"
@@ -91,7 +98,10 @@ struct mk_engine {
     uv_loop_t *loop;
     uv_timer_t timer; /* the next step's end, when it lies in the future */
     uv_idle_t idle;   /* an immediate tick (see arm) */
-    bt_closer closer; /* freed when both handles have closed */
+    uv_poll_t gpoll;  /* the end of a batch gather: readable when gfd expires */
+    int gfd;          /* a CLOCK_MONOTONIC timerfd, -1 when gathering is off */
+    bt_engine_gather gather;
+    bt_closer closer; /* freed when every handle has closed */
     bt_deliver dl;    /* pending sink events; the re-entrancy and liveness rules */
     bt_mocker_config cfg;
     bt_engine_hooks hooks;
@@ -484,10 +494,12 @@ static uint64_t step(mk_engine *e) {
 
     e->kvs.prefill_tokens += n_prefill;
     double ms = n_prefill ? prefill_ms(n_prefill) : 0.0;
-    if (last_decoding(e)) {
+    bool decoding = last_decoding(e) != NULL;
+    if (decoding) {
         double p = (double)e->used_blocks / (double)e->cfg.num_gpu_blocks;
         ms += decode_ms(p);
     }
+    if (n_prefill || decoding) e->kvs.steps++;
 
     uint64_t bs = (uint64_t)e->cfg.block_size, cap = (uint64_t)e->cfg.num_gpu_blocks;
     for (s = TAILQ_FIRST(&e->running.q); s; s = nx) {
@@ -556,15 +568,40 @@ static bool load_changed(const mk_engine *e) {
 static void on_timer(uv_timer_t *t);
 static void on_idle(uv_idle_t *h);
 
+static void on_gather(uv_poll_t *h, int status, int events);
+
+static void gather_timer_stop(mk_engine *e) {
+    if (e->gfd >= 0) uv_poll_stop(&e->gpoll);
+}
+
 static void disarm(mk_engine *e) {
     uv_timer_stop(&e->timer);
     uv_idle_stop(&e->idle);
+    gather_timer_stop(e);
+}
+
+/* Runs tick() at deadline_ns (bt_now_ns's clock). timerfd_settime resets the expirations a
+ * previous setting left unread, so an earlier deadline cannot fire this one early. */
+static void arm_gather(mk_engine *e, uint64_t deadline_ns) {
+    uv_timer_stop(&e->timer);
+    uv_idle_stop(&e->idle);
+    struct itimerspec its = {.it_value = {.tv_sec = (time_t)(deadline_ns / 1000000000u),
+                                          .tv_nsec = (long)(deadline_ns % 1000000000u)}};
+    if (its.it_value.tv_sec == 0 && its.it_value.tv_nsec == 0) its.it_value.tv_nsec = 1; /* 0 would disarm */
+    if (timerfd_settime(e->gfd, TFD_TIMER_ABSTIME, &its, NULL) != 0 ||
+        uv_poll_start(&e->gpoll, UV_READABLE, on_gather) != 0) {
+        BT_WARN("mocker: cannot arm the batch-gather timer (%s): the step starts now", strerror(errno));
+        bt_engine_gather_end(&e->gather, bt_now_ns());
+        uv_poll_stop(&e->gpoll);
+        uv_idle_start(&e->idle, on_idle);
+    }
 }
 
 /* Runs tick() after delay_ms, or on the next loop iteration when 0. An immediate tick uses the idle
  * handle, not a 0 ms timer: libuv (1.44) runs a timer re-armed with 0 from its own callback again in
  * the same pass, which would starve the loop's I/O while the engine catches up with real time. */
 static void arm(mk_engine *e, uint64_t delay_ms) {
+    gather_timer_stop(e);
     if (delay_ms == 0) {
         uv_timer_stop(&e->timer);
         if (!uv_is_active((uv_handle_t *)&e->idle)) uv_idle_start(&e->idle, on_idle);
@@ -576,7 +613,8 @@ static void arm(mk_engine *e, uint64_t delay_ms) {
 }
 
 static bool armed(mk_engine *e) {
-    return uv_is_active((uv_handle_t *)&e->timer) || uv_is_active((uv_handle_t *)&e->idle);
+    return uv_is_active((uv_handle_t *)&e->timer) || uv_is_active((uv_handle_t *)&e->idle) ||
+           (e->gfd >= 0 && uv_is_active((uv_handle_t *)&e->gpoll));
 }
 
 /* Arms the driver for the next thing to do, or stops it when there is nothing. */
@@ -593,8 +631,47 @@ static void schedule(mk_engine *e) {
         return;
     }
     uint64_t now = bt_now_ns(), delay = 0;
+    if (!e->stalled && bt_engine_gather_holds(&e->gather, now) && bt_engine_gather_deadline(&e->gather) >= e->vclock) {
+        arm_gather(e, bt_engine_gather_deadline(&e->gather));
+        return;
+    }
     if (e->vclock > now) delay = (e->vclock - now + 999999u) / 1000000u;
     arm(e, delay);
+}
+
+/* A sequence joined the waiting queue: on an idle engine (nothing admitted) it starts or extends
+ * a batch gather; a running engine takes it at its next step as always. */
+static void gather_arrive(mk_engine *e) {
+    bt_engine_gather_arrive(&e->gather, bt_now_ns(), e->running.n == 0);
+}
+
+/* A kill or stop emptied the waiting queue during a gather: the gather ends, and the tick armed
+ * for its deadline is dropped so that kick arms one now (an ending to deliver, the load). */
+static void gather_drop_if_empty(mk_engine *e) {
+    if (!e->gather.active || e->waiting.n) return;
+    bt_engine_gather_end(&e->gather, bt_now_ns());
+    if (!bt_deliver_busy(&e->dl) && !bt_deliver_closed(&e->dl)) disarm(e);
+}
+
+/* Whether the steps may run at now: false while a gather holds the first step. A gather that
+ * ends here counts (kv_stats), and its step starts now, not at the first arrival: the wait is real
+ * time the virtual clock must not make up for. */
+static bool gather_release(mk_engine *e, uint64_t now) {
+    bt_engine_gather *g = &e->gather;
+    if (!g->active) return true;
+    if (!e->waiting.n) {
+        bt_engine_gather_end(g, now);
+        return true;
+    }
+    if (bt_engine_gather_holds(g, now)) return false;
+    uint64_t waited = bt_engine_gather_end(g, now);
+    e->kvs.gathers++;
+    e->kvs.gathered_seqs += e->waiting.n;
+    e->kvs.gather_ns += waited;
+    BT_DEBUG("mocker: batch gather: first step with %llu waiting sequences after %llu us",
+             (unsigned long long)e->waiting.n, (unsigned long long)(waited / 1000u));
+    if (e->vclock < now) e->vclock = now;
+    return true;
 }
 
 /* Wakes the driver after submit/stop/kill/inject; a no-op while it is armed or running, since the
@@ -635,7 +712,8 @@ static void tick_run(mk_engine *e) {
         /* The steps run so far have all ended by now: their output is due before the next step. */
         if (!deliver_due(e)) return;
         uint64_t t0 = now;
-        for (int n = 0; n < MK_MAX_STEPS_PER_CB && !e->stalled && !e->dead; n++) {
+        bool go = gather_release(e, now);
+        for (int n = 0; go && n < MK_MAX_STEPS_PER_CB && !e->stalled && !e->dead; n++) {
             if (!e->waiting.n && !e->running.n) break;
             if (e->vclock > now) break; /* the last step has not ended yet */
             e->vclock += step(e);
@@ -665,6 +743,15 @@ static void tick(mk_engine *e) {
 
 static void on_timer(uv_timer_t *t) { tick(t->data); }
 static void on_idle(uv_idle_t *h) { tick(h->data); }
+
+static void on_gather(uv_poll_t *h, int status, int events) {
+    (void)status, (void)events;
+    mk_engine *e = h->data;
+    uint64_t expirations;
+    ssize_t r = read(e->gfd, &expirations, sizeof expirations); /* clears the readiness; EAGAIN is fine */
+    (void)r;
+    tick(e);
+}
 
 /* ---- prompts -------------------------------------------------------------------------------- */
 
@@ -896,6 +983,7 @@ static bt_status mk_submit(bt_engine *be, const bt_engine_request *req, const bt
     if (!bt_deliver_ended(&s->dl)) {
         s->phase = SEQ_WAITING;
         waiting_insert(&e->waiting, s, false);
+        gather_arrive(e);
     }
     BT_DEBUG("mocker: submitted %s: %u prompt + %u carried tokens, max_tokens %u", req->request_id ? req->request_id : "-",
              s->prompt_tokens, s->n_carried, max_new);
@@ -913,6 +1001,7 @@ static void mk_stop(bt_engine *be, bt_engine_seq *s) {
     mk_engine *e = (mk_engine *)be;
     if (!s || bt_deliver_ended(&s->dl) || e->dead) return;
     seq_end(e, s, END_FINISH, BT_FINISH_CANCELLED, BT_OK, NULL);
+    gather_drop_if_empty(e);
     kick(e);
 }
 
@@ -921,6 +1010,7 @@ static void mk_kill(bt_engine *be, bt_engine_seq *s) {
     if (!s || bt_deliver_dead(&s->dl)) return;
     seq_unschedule(e, s); /* the load shows its blocks free at once; its memory may go later */
     bt_deliver_kill(&e->dl, &s->dl);
+    gather_drop_if_empty(e);
     kick(e);
 }
 
@@ -969,7 +1059,11 @@ static void mk_card(bt_engine *be, json_t *card) {
     json_object_set_new(card, "max_num_batched_tokens", json_integer(e->cfg.max_num_batched_tokens));
 }
 
-static void engine_free(void *ud) { free(ud); }
+static void engine_free(void *ud) {
+    mk_engine *e = ud;
+    if (e->gfd >= 0) close(e->gfd);
+    free(e);
+}
 
 /* deliver's teardown: every sequence is gone; the handles close, the last close frees the engine. */
 static void teardown(void *owner) {
@@ -977,6 +1071,7 @@ static void teardown(void *owner) {
     disarm(e);
     bt_closer_close(&e->closer, (uv_handle_t *)&e->timer);
     bt_closer_close(&e->closer, (uv_handle_t *)&e->idle);
+    if (e->gfd >= 0) bt_closer_close(&e->closer, (uv_handle_t *)&e->gpoll);
     bt_closer_seal(&e->closer);
 }
 
@@ -1049,6 +1144,9 @@ bt_status bt_mocker_config_check(const bt_mocker_config *c, char *err, size_t er
                  (long long)c->num_gpu_blocks, (long long)c->block_size, c->watermark);
     } else if (!(c->fault_slow_factor >= 0.0 && c->fault_slow_factor <= 1000.0)) {
         snprintf(err, errlen, "fault_slow_factor must be from 1 to 1000 (0 = 1, off; got %g)", c->fault_slow_factor);
+    } else if (c->batch_gather_us < 0 || c->batch_gather_us > BT_GATHER_MAX_US) {
+        snprintf(err, errlen, "batch_gather_us must be from 0 (off) to %d (got %lld)", BT_GATHER_MAX_US,
+                 (long long)c->batch_gather_us);
     } else if (c->fault_die_after_tokens < 0 || c->fault_stall_after_tokens < 0 || c->fault_error_after_tokens < 0) {
         snprintf(err, errlen, "fault hook token counts must be >= 0 (0 = off)");
     } else {
@@ -1080,6 +1178,8 @@ bt_engine *bt_mocker_create(uv_loop_t *loop, const bt_mocker_config *cfg, const 
     TAILQ_INIT(&e->running.q);
     bt_deliver_init(&e->dl, &mk_deliver_ops, e);
     bt_closer_init(&e->closer, engine_free, e);
+    bt_engine_gather_init(&e->gather, cfg->batch_gather_us);
+    e->gfd = -1;
     if (uv_timer_init(loop, &e->timer) != 0) {
         free(e);
         return NULL;
@@ -1089,15 +1189,26 @@ bt_engine *bt_mocker_create(uv_loop_t *loop, const bt_mocker_config *cfg, const 
         bt_closer_seal(&e->closer);
         return NULL;
     }
+    if (cfg->batch_gather_us > 0) {
+        e->gfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+        if (e->gfd < 0 || uv_poll_init(loop, &e->gpoll, e->gfd) != 0) {
+            BT_ERROR("mocker: cannot create the batch-gather timer: %s", strerror(errno));
+            bt_closer_close(&e->closer, (uv_handle_t *)&e->timer);
+            bt_closer_close(&e->closer, (uv_handle_t *)&e->idle);
+            bt_closer_seal(&e->closer); /* engine_free closes gfd */
+            return NULL;
+        }
+        e->gpoll.data = e;
+    }
     e->timer.data = e;
     e->idle.data = e;
     load_snapshot(e, &e->last_load);
     bt_mocker_token_text(0, NULL); /* build the vocabulary now rather than on the first request */
     BT_INFO("mocker: %lld KV blocks of %lld tokens (watermark %g), context length %llu, %lld seqs, %lld batched "
-            "tokens, speedup %g",
+            "tokens, speedup %g, batch gather %lld us",
             (long long)cfg->num_gpu_blocks, (long long)cfg->block_size, cfg->watermark,
             (unsigned long long)e->context_length, (long long)cfg->max_num_seqs, (long long)cfg->max_num_batched_tokens,
-            cfg->speedup_ratio);
+            cfg->speedup_ratio, (long long)cfg->batch_gather_us);
     return &e->base;
 }
 

@@ -44,6 +44,9 @@ typedef struct {
      * bytes per token it holds (0 = it exports none); a continuation that brings a matching
      * state skips the prefill of the tokens it covers. */
     int64_t kv_bytes_per_token;
+    /* --batch-gather-us: the first step of an idle engine waits until no request has arrived for
+     * this many µs, at most BT_GATHER_BOUND times as long after the first (engine.h); 0 = off. */
+    int64_t batch_gather_us;
 } bt_mocker_config;
 
 typedef enum {
