@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/jcanon.h"
 #include "common/log.h"
 #include "frontend/fe.h"
 
@@ -170,7 +171,7 @@ static void journal_open(fe_req *r) {
     fe_journal *j = r->fe->grp->journal;
     if (!j || r->resumed || r->jrec) return;
     /* the canonical body made once at the start (fe_request_start); dumped here only without it */
-    char *dumped = r->canon ? NULL : json_dumps(r->body, JSON_COMPACT | JSON_SORT_KEYS);
+    char *dumped = r->canon ? NULL : bt_jcanon_dump(r->body, 0, NULL);
     const char *body = r->canon ? r->canon : dumped;
     if (!body) return;
     fe_jsnap meta = {.api = r->api,
@@ -962,8 +963,9 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
      * anything is added to it (resume.c) */
     /* serialized once, in canonical form: the digest, the journal record and every attempt's
      * REQUEST use this one string (NULL when out of memory: each makes its own then) */
-    char *canon = json_dumps(body, JSON_COMPACT | JSON_SORT_KEYS);
-    size_t canon_len = canon ? strlen(canon) : 0;
+    size_t canon_len = 0;
+    char *canon = bt_jcanon_dump(body, http->body_len, &canon_len); /* json_dumps' bytes (jcanon.h) */
+    if (!canon) canon_len = 0;
     char digest[65] = "";
     if (json_is_true(json_object_get(body, "stream")) && f->grp->journal) {
         if (canon) fe_body_digest_canon(canon, canon_len, digest);

@@ -33,6 +33,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/jcanon.h"
 #include "common/log.h"
 #include "common/metrics.h"
 #include "frontend/fe.h"
@@ -98,9 +99,10 @@ void fe_body_digest_canon(const char *canon, size_t len, char out[65]) {
 
 bool fe_body_digest(const json_t *body, char out[65]) {
     out[0] = '\0';
-    char *canon = json_dumps(body, JSON_COMPACT | JSON_SORT_KEYS);
+    size_t len;
+    char *canon = bt_jcanon_dump(body, 0, &len); /* the bytes of json_dumps(body, COMPACT | SORT_KEYS) */
     if (!canon) return false;
-    fe_body_digest_canon(canon, strlen(canon), out);
+    fe_body_digest_canon(canon, len, out);
     free(canon);
     return true;
 }
