@@ -256,35 +256,39 @@ static void build_prefix(fe_req *r) {
     bt_buf_append_str(p, "\",\"choices\":[{\"index\":0,");
 }
 
+/* A string literal appended with its length known at compile time: the per-token path's pieces. */
+#define APPEND_LIT(b, lit) bt_buf_append((b), (lit), sizeof(lit) - 1)
+
 /* Appends one SSE event with new text (and ids), or the final one when finish != NULL, to b. */
 static void build_chunk(fe_req *r, bt_buf *b, const uint32_t *ids, size_t n, const char *text, size_t len,
                         const char *finish) {
     bt_buf_append(b, r->prefix.data, r->prefix.len);
     if (r->api == BT_API_CHAT) {
-        if (finish) bt_buf_append_str(b, "\"delta\":{}");
+        if (finish) APPEND_LIT(b, "\"delta\":{}");
         else {
-            bt_buf_append_str(b, r->role_sent ? "\"delta\":{\"content\":\"" : "\"delta\":{\"role\":\"assistant\",\"content\":\"");
+            if (r->role_sent) APPEND_LIT(b, "\"delta\":{\"content\":\"");
+            else APPEND_LIT(b, "\"delta\":{\"role\":\"assistant\",\"content\":\"");
             r->role_sent = true;
             bt_buf_append_json_str(b, text, len);
-            bt_buf_append_str(b, "\"}");
+            APPEND_LIT(b, "\"}");
         }
     } else {
-        bt_buf_append_str(b, "\"text\":\"");
+        APPEND_LIT(b, "\"text\":\"");
         bt_buf_append_json_str(b, text, len);
-        bt_buf_append_str(b, "\",\"logprobs\":null");
+        APPEND_LIT(b, "\",\"logprobs\":null");
     }
     if (finish) {
-        bt_buf_append_str(b, ",\"finish_reason\":\"");
+        APPEND_LIT(b, ",\"finish_reason\":\"");
         bt_buf_append_str(b, finish);
         bt_buf_append(b, "\"", 1);
     } else {
-        bt_buf_append_str(b, ",\"finish_reason\":null");
+        APPEND_LIT(b, ",\"finish_reason\":null");
     }
     if (r->return_ids && !finish) {
-        bt_buf_append_str(b, ",\"token_ids\":");
+        APPEND_LIT(b, ",\"token_ids\":");
         append_ids(b, ids, n);
     }
-    bt_buf_append_str(b, "}]}\n\n");
+    APPEND_LIT(b, "}]}\n\n");
 }
 
 /* Stores n ids at position pos of the request's own copy of its output; false when out of memory. */
