@@ -79,7 +79,7 @@ bt_status bt_buf_reserve(bt_buf *b, size_t extra) {
     return st == BT_OK ? BT_OK : buf_fail(b, st);
 }
 
-bt_status bt_buf_append(bt_buf *b, const void *p, size_t n) {
+bt_status bt_buf_append_grow(bt_buf *b, const void *p, size_t n) {
     bt_status st = bt_buf_reserve(b, n);
     if (st != BT_OK) return st;
     if (n) memcpy(b->data + b->len, p, n);

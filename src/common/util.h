@@ -5,6 +5,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "common/status.h"
 
@@ -44,7 +45,21 @@ void bt_buf_fail(bt_buf *b, bt_status st);
  * the caller drops a message that did not fit and keeps what came before it. */
 void bt_buf_truncate(bt_buf *b, size_t mark);
 bt_status bt_buf_reserve(bt_buf *b, size_t extra);
-bt_status bt_buf_append(bt_buf *b, const void *p, size_t n);
+/* bt_buf_append when the bytes do not fit the storage as it is (or the buffer holds an error). */
+bt_status bt_buf_append_grow(bt_buf *b, const void *p, size_t n);
+/* Appends n bytes. Inline for the usual case, room already there (an SSE event is a handful of
+ * appends per token into a reused buffer): a compare and a copy, no call; the rest (growth, the
+ * cap, the sticky error) in bt_buf_append_grow, with the same outcome either way. */
+static inline bt_status bt_buf_append(bt_buf *b, const void *p, size_t n) {
+    /* len + n <= cap and len + n + 1 <= alloc, written so that nothing can wrap */
+    if (b->err == BT_OK && b->len <= b->cap && n <= b->cap - b->len && b->len < b->alloc && n < b->alloc - b->len) {
+        memcpy(b->data + b->len, p, n);
+        b->len += n;
+        b->data[b->len] = '\0';
+        return BT_OK;
+    }
+    return bt_buf_append_grow(b, p, n);
+}
 bt_status bt_buf_appendf(bt_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 bt_status bt_buf_append_str(bt_buf *b, const char *s);
 /* Copies src into dst[cap] (cap > 0) as snprintf(dst, cap, "%s", src) would: truncated to cap - 1

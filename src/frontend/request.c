@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/jcanon.h"
 #include "common/log.h"
 #include "frontend/fe.h"
 
@@ -170,7 +171,7 @@ static void journal_open(fe_req *r) {
     fe_journal *j = r->fe->grp->journal;
     if (!j || r->resumed || r->jrec) return;
     /* the canonical body made once at the start (fe_request_start); dumped here only without it */
-    char *dumped = r->canon ? NULL : json_dumps(r->body, JSON_COMPACT | JSON_SORT_KEYS);
+    char *dumped = r->canon ? NULL : bt_jcanon_dump(r->body, 0, NULL);
     const char *body = r->canon ? r->canon : dumped;
     if (!body) return;
     fe_jsnap meta = {.api = r->api,
@@ -255,35 +256,39 @@ static void build_prefix(fe_req *r) {
     bt_buf_append_str(p, "\",\"choices\":[{\"index\":0,");
 }
 
+/* A string literal appended with its length known at compile time: the per-token path's pieces. */
+#define APPEND_LIT(b, lit) bt_buf_append((b), (lit), sizeof(lit) - 1)
+
 /* Appends one SSE event with new text (and ids), or the final one when finish != NULL, to b. */
 static void build_chunk(fe_req *r, bt_buf *b, const uint32_t *ids, size_t n, const char *text, size_t len,
                         const char *finish) {
     bt_buf_append(b, r->prefix.data, r->prefix.len);
     if (r->api == BT_API_CHAT) {
-        if (finish) bt_buf_append_str(b, "\"delta\":{}");
+        if (finish) APPEND_LIT(b, "\"delta\":{}");
         else {
-            bt_buf_append_str(b, r->role_sent ? "\"delta\":{\"content\":\"" : "\"delta\":{\"role\":\"assistant\",\"content\":\"");
+            if (r->role_sent) APPEND_LIT(b, "\"delta\":{\"content\":\"");
+            else APPEND_LIT(b, "\"delta\":{\"role\":\"assistant\",\"content\":\"");
             r->role_sent = true;
             bt_buf_append_json_str(b, text, len);
-            bt_buf_append_str(b, "\"}");
+            APPEND_LIT(b, "\"}");
         }
     } else {
-        bt_buf_append_str(b, "\"text\":\"");
+        APPEND_LIT(b, "\"text\":\"");
         bt_buf_append_json_str(b, text, len);
-        bt_buf_append_str(b, "\",\"logprobs\":null");
+        APPEND_LIT(b, "\",\"logprobs\":null");
     }
     if (finish) {
-        bt_buf_append_str(b, ",\"finish_reason\":\"");
+        APPEND_LIT(b, ",\"finish_reason\":\"");
         bt_buf_append_str(b, finish);
         bt_buf_append(b, "\"", 1);
     } else {
-        bt_buf_append_str(b, ",\"finish_reason\":null");
+        APPEND_LIT(b, ",\"finish_reason\":null");
     }
     if (r->return_ids && !finish) {
-        bt_buf_append_str(b, ",\"token_ids\":");
+        APPEND_LIT(b, ",\"token_ids\":");
         append_ids(b, ids, n);
     }
-    bt_buf_append_str(b, "}]}\n\n");
+    APPEND_LIT(b, "}]}\n\n");
 }
 
 /* Stores n ids at position pos of the request's own copy of its output; false when out of memory. */
@@ -962,8 +967,9 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
      * anything is added to it (resume.c) */
     /* serialized once, in canonical form: the digest, the journal record and every attempt's
      * REQUEST use this one string (NULL when out of memory: each makes its own then) */
-    char *canon = json_dumps(body, JSON_COMPACT | JSON_SORT_KEYS);
-    size_t canon_len = canon ? strlen(canon) : 0;
+    size_t canon_len = 0;
+    char *canon = bt_jcanon_dump(body, http->body_len, &canon_len); /* json_dumps' bytes (jcanon.h) */
+    if (!canon) canon_len = 0;
     char digest[65] = "";
     if (json_is_true(json_object_get(body, "stream")) && f->grp->journal) {
         if (canon) fe_body_digest_canon(canon, canon_len, digest);

@@ -1,7 +1,9 @@
-/* request.c — the REQUEST payload codec (see request.h for the format). jansson does the JSON;
+/* request.c — the REQUEST payload codec (see request.h for the format). jansson does the JSON
+ * (the frontend's usual payload, a body given serialized, is written directly, to the same bytes);
  * this file fixes the members, their types and ranges in one place for both ends. */
 #include "proto/request.h"
 
+#include "common/jcanon.h"
 #include "proto/proto.h"
 
 #include <inttypes.h>
@@ -9,7 +11,88 @@
 #include <stdlib.h>
 #include <string.h>
 
+static bool ascii(const char *s, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)s[i] >= 0x80) return false;
+    return true;
+}
+
+/* The payload written directly, for a body given serialized and strings of ASCII only (then
+ * jansson could not refuse any of them as invalid UTF-8): the bytes of the jansson path below,
+ * the members in its order (its objects keep insertion order), strings escaped as it escapes them
+ * (common/jcanon.h), integers in decimal. A first attempt's payload is one buffer and a few
+ * appends instead of a jansson object built, dumped and spliced (~20,000 instructions). NULL when
+ * out of memory; *fallback when the jansson path must do it. */
+static char *encode_direct(const bt_request *rq, size_t *len, bool *fallback) {
+    *fallback = true;
+    size_t rid_len = strlen(rq->request_id);
+    size_t key_len = rq->stream_key ? strlen(rq->stream_key) : 0;
+    size_t ex_len = rq->exactness ? strlen(rq->exactness) : 0;
+    if (!ascii(rq->request_id, rid_len) || !ascii(rq->stream_key, key_len) || !ascii(rq->exactness, ex_len) ||
+        (rq->carried_text && !ascii(rq->carried_text, rq->carried_text_len)))
+        return NULL;
+    *fallback = false;
+    bt_buf b;
+    bt_buf_init(&b, (size_t)1 << 31);
+    /* one reserve for the usual payload: body, id, a few numbers; the rest grows as needed */
+    bt_buf_reserve(&b, rq->body_json_len + rid_len + key_len + ex_len + rq->carried_text_len + 11 * rq->n_carried + 256);
+    bt_buf_append(&b, "{\"body\":", 8);
+    bt_buf_append(&b, rq->body_json, rq->body_json_len);
+    bt_buf_append(&b, ",\"request_id\":", 14);
+    bt_jcanon_str(&b, rq->request_id, rid_len);
+    bt_buf_append_str(&b, rq->api == BT_API_CHAT ? ",\"api\":\"chat\",\"carried\":[" : ",\"api\":\"completion\",\"carried\":[");
+    for (size_t i = 0; i < rq->n_carried; i++) {
+        if (i) bt_buf_append(&b, ",", 1);
+        bt_buf_append_i64(&b, rq->carried[i]);
+    }
+    bt_buf_append(&b, "]", 1);
+    if (rq->has_max_tokens) {
+        bt_buf_append(&b, ",\"max_tokens\":", 14);
+        bt_buf_append_i64(&b, rq->max_tokens);
+    }
+    if (rq->seed) {
+        bt_buf_append(&b, ",\"seed\":", 8);
+        bt_buf_append_i64(&b, (int64_t)rq->seed); /* as json_integer((json_int_t)seed) */
+    }
+    if (rq->carried_text) {
+        bt_buf_append(&b, ",\"carried_text\":", 16);
+        bt_jcanon_str(&b, rq->carried_text, rq->carried_text_len);
+    }
+    if (rq->priority) {
+        bt_buf_append(&b, ",\"priority\":", 12);
+        bt_buf_append_i64(&b, rq->priority);
+    }
+    if (rq->stream_key) {
+        bt_buf_append(&b, ",\"stream_key\":", 14);
+        bt_jcanon_str(&b, rq->stream_key, key_len);
+        if (rq->adopt) bt_buf_append(&b, ",\"adopt\":true", 13);
+    }
+    if (rq->kv_state_bytes) {
+        bt_buf_append(&b, ",\"kv_state_bytes\":", 18);
+        bt_buf_append_i64(&b, (int64_t)rq->kv_state_bytes);
+    }
+    if (rq->exactness && rq->exactness[0]) {
+        bt_buf_append(&b, ",\"exactness\":", 13);
+        bt_jcanon_str(&b, rq->exactness, ex_len);
+    }
+    bt_buf_append(&b, "}", 1);
+    if (bt_buf_status(&b) != BT_OK) {
+        bt_buf_free(&b);
+        return NULL;
+    }
+    return bt_buf_steal(&b, len);
+}
+
 char *bt_request_encode(const bt_request *rq, size_t *len) {
+    if (rq->body_json && rq->request_id) {
+        bool fallback;
+        size_t n = 0;
+        char *p = encode_direct(rq, &n, &fallback);
+        if (!fallback) {
+            if (p && len) *len = n;
+            return p;
+        }
+    }
     char *out = NULL;
     json_t *carried = json_array();
     json_t *msg = json_object();

@@ -9,7 +9,8 @@
  * off with retention 0; stream ids are 32 hex digits and differ; and every accepted and refused
  * form of an event id. Also: the worker noted for a stream comes back with its claim, and a record
  * imported whole (as the shared journal does with a stream fetched from JetStream) is claimed
- * exactly as it was, bound to its credential, once only under its id. */
+ * exactly as it was, bound to its credential, once only under its id. And the body digest a resume
+ * compares (SHA-256 of the canonical body) against the standard's test vectors. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -300,10 +301,33 @@ static void test_parse_id(void **state) {
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) assert_false(fe_resume_parse_id(bad[i], got, &pos, &mark));
 }
 
+/* The body digest of a resume (fe_body_digest_canon): SHA-256 in lower-case hex, checked against
+ * the FIPS 180-2 vectors ("abc", the empty string, the two-block message), and fe_body_digest of a
+ * parsed body equal to the digest of its canonical text. */
+static void test_body_digest(void **state) {
+    (void)state;
+    char out[65];
+    fe_body_digest_canon("abc", 3, out);
+    assert_string_equal(out, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    fe_body_digest_canon("", 0, out);
+    assert_string_equal(out, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+    const char *two = "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
+    fe_body_digest_canon(two, strlen(two), out);
+    assert_string_equal(out, "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+    json_t *body = json_loads("{ \"model\": \"m\", \"a\": [1, \"x\"] }", 0, NULL);
+    char want[65];
+    const char *canon = "{\"a\":[1,\"x\"],\"model\":\"m\"}";
+    fe_body_digest_canon(canon, strlen(canon), want);
+    assert_true(fe_body_digest(body, out));
+    assert_string_equal(out, want);
+    json_decref(body);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_roundtrip), cmocka_unit_test(test_expiry), cmocka_unit_test(test_size_cap),
         cmocka_unit_test(test_off_and_ids), cmocka_unit_test(test_parse_id), cmocka_unit_test(test_worker_and_import),
+        cmocka_unit_test(test_body_digest),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -2,7 +2,8 @@
  *
  * Covers: a round trip of a first attempt (no carried tokens, no max_tokens) and of a
  * continuation (carried ids at the edges of their range, max_tokens, carried text with a NUL and
- * multi-byte UTF-8, the most urgent priority); a body given already serialized; the exact members the encoder writes; every malformed payload the decoder must
+ * multi-byte UTF-8, the most urgent priority); a body given already serialized, whose payload is written
+ * directly and must be the jansson path's bytes for every combination of members; the exact members the encoder writes; every malformed payload the decoder must
  * refuse, each with its reason; unknown members ignored; and a loop over truncations of a valid
  * payload, each in an exactly-sized heap block, so that AddressSanitizer catches a read past the
  * end. */
@@ -167,6 +168,77 @@ static void test_preserialized_body(void **state) {
     json_decref(body);
 }
 
+/* The payload of a body given serialized is written directly (request.c, encode_direct); it must
+ * be the bytes the jansson path wrote for it: the jansson payload without body_json (a body parsed
+ * from canonical text dumps back to that text) with the body moved to the front, as the splice
+ * did. Checked for every combination of members below, byte for byte. */
+static void test_direct_encoding(void **state) {
+    (void)state;
+    const char *canon = "{\"max_tokens\":7,\"messages\":[{\"content\":\"Hi \\\"there\\\" \\u001F\\n \u00e9\",\"role\":\"user\"}],"
+                        "\"model\":\"m\",\"stream\":true}";
+    json_t *body = json_loads(canon, 0, NULL);
+    assert_non_null(body);
+    char *check = json_dumps(body, JSON_COMPACT);
+    assert_string_equal(check, canon); /* the premise: the jansson path writes the same body */
+    free(check);
+    uint32_t ids[] = {0, 1, 4294967295u};
+    const char *texts[] = {NULL, "", "ab\"c\\\n\x01\x1f/\x7f", "caf\xc3\xa9" /* not ASCII: the jansson path */};
+    const size_t text_lens[] = {0, 0, 10, 5};
+    const char *rids[] = {"req-1", "r\"id\t\x02"};
+    const char *exacts[] = {NULL, "", "cpu-x86:threads=4 \"q\""};
+    int64_t prios[] = {0, -1000000, 17};
+    uint64_t seeds[] = {0, 1, 0x8000000000000001ull};
+    int n = 0;
+    for (int t = 0; t < 4; t++)
+        for (int ri = 0; ri < 2; ri++)
+            for (int e = 0; e < 3; e++)
+                for (int pi = 0; pi < 3; pi++)
+                    for (int si = 0; si < 3; si++)
+                        for (int k = 0; k < 8; k++) {
+                            bt_request rq = {.request_id = rids[ri],
+                                             .api = k & 1 ? BT_API_CHAT : BT_API_COMPLETION,
+                                             .body = body,
+                                             .body_json = canon,
+                                             .body_json_len = strlen(canon),
+                                             .carried = ids,
+                                             .n_carried = (size_t)(k % 4),
+                                             .has_max_tokens = k & 2,
+                                             .max_tokens = k * 1000,
+                                             .carried_text = texts[t],
+                                             .carried_text_len = text_lens[t],
+                                             .seed = seeds[si],
+                                             .priority = (int32_t)prios[pi],
+                                             .stream_key = k & 4 ? "0123456789abcdef0123456789abcdef" : NULL,
+                                             .adopt = k >= 6,
+                                             .kv_state_bytes = k == 5 ? 123456789 : 0,
+                                             .exactness = exacts[e]};
+                            size_t l1 = 0, l2 = 0;
+                            char *direct = bt_request_encode(&rq, &l1);
+                            rq.body_json = NULL;
+                            rq.body_json_len = 0;
+                            char *viaj = bt_request_encode(&rq, &l2);
+                            assert_non_null(direct);
+                            assert_non_null(viaj);
+                            /* the spliced payload the jansson path made with body_json: the body
+                             * first, then the members as jansson wrote them, in their order */
+                            char member[512], want[2048];
+                            snprintf(member, sizeof member, ",\"body\":%s", canon);
+                            char *at = strstr(viaj, member);
+                            assert_non_null(at);
+                            int wl = snprintf(want, sizeof want, "{\"body\":%s,%.*s%s", canon, (int)(at - viaj - 1),
+                                              viaj + 1, at + strlen(member));
+                            assert_int_equal((size_t)wl, l2);
+                            if (l1 != l2 || memcmp(direct, want, l1) != 0)
+                                fail_msg("direct:  %s\nspliced: %s", direct, want);
+                            assert_int_equal(l1, strlen(direct));
+                            free(direct);
+                            free(viaj);
+                            n++;
+                        }
+    assert_int_equal(n, 4 * 2 * 3 * 3 * 3 * 8);
+    json_decref(body);
+}
+
 static void expect_invalid(const char *payload, const char *reason) {
     bt_request_msg m;
     char err[256] = "";
@@ -259,6 +331,7 @@ int main(void) {
         cmocka_unit_test(test_first_attempt_roundtrip),
         cmocka_unit_test(test_continuation_roundtrip),
         cmocka_unit_test(test_preserialized_body),
+        cmocka_unit_test(test_direct_encoding),
         cmocka_unit_test(test_malformed),
         cmocka_unit_test(test_unknown_members_ignored),
         cmocka_unit_test(test_truncations),

@@ -523,6 +523,44 @@ static void test_pool_poisoned(void **state) {
 #endif
 }
 
+/* bt_buf_append's inline path (room already there) and its grow path give the same outcome at
+ * every edge: exactly the allocation's last byte (the terminator's room), exactly the cap, one
+ * byte over the cap (refused, sticky, nothing added), appends after a reset, and an empty append. */
+static void test_buf_append_edges(void **state) {
+    (void)state;
+    for (size_t cap = 1; cap < 600; cap += 7) {
+        bt_buf b;
+        bt_buf_init(&b, cap);
+        char ref[700];
+        size_t rl = 0;
+        uint64_t x = cap * 2654435761u;
+        for (int i = 0; i < 200; i++) {
+            x = x * 6364136223846793005ull + 1442695040888963407ull;
+            size_t n = (size_t)(x >> 33) % 40;
+            char piece[40];
+            for (size_t k = 0; k < n; k++) piece[k] = (char)('a' + (k + (size_t)i) % 26);
+            bt_status st = bt_buf_append(&b, piece, n);
+            if (rl + n <= cap) {
+                assert_int_equal(st, BT_OK);
+                memcpy(ref + rl, piece, n);
+                rl += n;
+            } else {
+                assert_int_equal(st, BT_ERR_TOO_LARGE);
+                assert_int_equal(bt_buf_append(&b, "", 0), BT_ERR_TOO_LARGE); /* sticky */
+                bt_buf_reset(&b);
+                rl = 0;
+            }
+            assert_int_equal(b.len, rl);
+            if (b.data) {
+                assert_memory_equal(b.data, ref, rl);
+                if (st == BT_OK) assert_int_equal(b.data[rl], '\0'); /* (a reset leaves the old bytes) */
+                assert_true(b.len < b.alloc);
+            }
+        }
+        bt_buf_free(&b);
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_each_class),
@@ -540,6 +578,7 @@ int main(void) {
         cmocka_unit_test(test_pool_poisoned),
         cmocka_unit_test(test_append_i64),
         cmocka_unit_test(test_copy_str),
+        cmocka_unit_test(test_buf_append_edges),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
