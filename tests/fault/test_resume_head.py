@@ -38,23 +38,11 @@ def read_until(s, pred, what):
     return data
 
 
-def read_to_close(s):
-    out = b""
-    while True:
-        try:
-            chunk = s.recv(65536)
-        except ConnectionResetError:
-            break
-        if not chunk:
-            break
-        out += chunk
-    return out
-
-
-def read_to_close_or_end(s):
-    """The rest of a chunked response: up to its last chunk, or until the server closes."""
+def read_to_close_or_end(s, end=b"\r\n0\r\n\r\n"):
+    """What the server sends: up to `end` (by default a chunked response's last chunk), or until
+    it closes the connection (end=None: only that)."""
     data = b""
-    while not data.endswith(b"\r\n0\r\n\r\n"):
+    while end is None or not data.endswith(end):
         try:
             chunk = s.recv(65536)
         except ConnectionResetError:
@@ -63,6 +51,10 @@ def read_to_close_or_end(s):
             break
         data += chunk
     return data
+
+
+def read_to_close(s):
+    return read_to_close_or_end(s, end=None)
 
 
 def split_responses(data, methods):
