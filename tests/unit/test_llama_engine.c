@@ -11,7 +11,13 @@
  * freed); stops (finish "cancelled"); continuations from carried tokens; destroying the engine
  * with sequences live (no callback after, every handle freed: ASan); load back to empty; EOS and
  * the context cap ending a sequence ("stop", "length", exact usage); decodes
- * and KV edits (llama_decode, llama_memory_seq_rm) never on the loop's thread. */
+ * and KV edits (llama_decode, llama_memory_seq_rm) never on the loop's thread. Batch gathering
+ * (--batch-gather-us), the engine thread's timed wait: a burst submitted during the wait is
+ * answered in one step (the kv_stats counters: one step, one gather of exactly the sequences not
+ * killed), a sequence killed during it hears nothing, the step waits the window after the last
+ * arrival, the process sleeps through the wait (the timed wait is on CLOCK_MONOTONIC, not spinning);
+ * a gather whose only sequence is killed ends without a step and leaves nothing behind for the
+ * next request; a destroy during the wait wakes the thread at once (no step, no callback). */
 #include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -281,11 +287,19 @@ typedef struct {
     bt_finish_reason reason;
     bt_usage usage;
     uint32_t prompt_len;
+    uint64_t first_ns; /* CLOCK_MONOTONIC when its first tokens arrived (0: none yet) */
 } tseq;
 
 static tseq S[NS];
 static bt_engine *E;
 static int remaining;
+static bt_engine_kv_stats last_kvs; /* the engine's counters just before the last end destroyed it */
+
+static uint64_t mono_ns(clockid_t clk) {
+    struct timespec ts;
+    clock_gettime(clk, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
 
 static void expected_stream(tseq *t, const char *prompt) {
     int32_t toks[1024];
@@ -299,7 +313,9 @@ static void expected_stream(tseq *t, const char *prompt) {
 }
 
 static void done_one(void) {
-    if (--remaining == 0) bt_engine_destroy(E); /* from inside a callback: deferred */
+    if (--remaining > 0) return;
+    bt_engine_kv_stats_get(E, &last_kvs);
+    bt_engine_destroy(E); /* from inside a callback: deferred */
 }
 
 static void on_tokens(void *ud, const uint32_t *ids, size_t n, const char *text, size_t len) {
@@ -307,6 +323,7 @@ static void on_tokens(void *ud, const uint32_t *ids, size_t n, const char *text,
     assert_false(t->dead);
     assert_int_equal(t->finishes + t->errors, 0);
     assert_int_equal(n, len); /* one letter per token */
+    if (!t->first_ns) t->first_ns = mono_ns(CLOCK_MONOTONIC);
     for (size_t i = 0; i < n; i++) {
         t->seen++;
         if (t->ngot == MAXG) continue; /* test_destroy_live: only counted */
@@ -341,12 +358,14 @@ static void on_error(void *ud, bt_status code, const char *msg) {
 
 static const bt_engine_sink sink = {on_tokens, on_finish, on_error};
 
-static bt_engine *make_engine_hang(uv_loop_t *loop, int64_t hang_after) {
+/* gather_us > 0: --batch-gather-us, with room for 8 prompts of "a prompt" (9 tokens) in one step */
+static bt_engine *make_engine_cfg(uv_loop_t *loop, int64_t hang_after, int64_t gather_us) {
     bt_llama_config cfg;
     bt_llama_config_default(&cfg);
     cfg.fault_hang_after_tokens = hang_after;
-    cfg.max_num_seqs = 4;
-    cfg.max_num_batched_tokens = 16;
+    cfg.max_num_seqs = gather_us ? 8 : 4;
+    cfg.max_num_batched_tokens = gather_us ? 128 : 16;
+    cfg.batch_gather_us = gather_us;
     cfg.ctx_size = 4 * 1024;
     loop_thread = pthread_self();
     atomic_store(&on_loop_calls, 0);
@@ -357,6 +376,7 @@ static bt_engine *make_engine_hang(uv_loop_t *loop, int64_t hang_after) {
     return e;
 }
 
+static bt_engine *make_engine_hang(uv_loop_t *loop, int64_t hang_after) { return make_engine_cfg(loop, hang_after, 0); }
 static bt_engine *make_engine(uv_loop_t *loop) { return make_engine_hang(loop, 0); }
 
 static void test_sequences(void **state) {
@@ -560,12 +580,194 @@ static void test_destroy_hung(void **state) {
     assert_int_equal(uv_loop_close(&loop), 0);
 }
 
+/* ---- batch gathering (--batch-gather-us) on the engine thread ------------------------------- */
+
+/* Submits S[i]: "a prompt" (9 tokens), greedy, max_tokens tokens, expected stream filled in. */
+static void submit_one(int i, uint32_t max_tokens) {
+    tseq *t = &S[i];
+    memset(t, 0, sizeof *t);
+    t->i = i;
+    t->k = K_NORMAL;
+    t->n_expect = max_tokens;
+    expected_stream(t, "a prompt");
+    json_t *body = json_pack("{s:s}", "prompt", "a prompt");
+    bt_engine_request rq = {0};
+    rq.request_id = "g";
+    rq.api = BT_API_COMPLETION;
+    rq.body = body;
+    rq.max_tokens = max_tokens;
+    char err[128];
+    assert_int_equal(bt_engine_submit(E, &rq, &sink, t, &t->seq, err, sizeof err), BT_OK);
+    json_decref(body);
+}
+
+#define GATHER_US 300000 /* 300 ms: the burst 30 ms in lands well inside the window, even under TSan */
+static uint64_t burst_ns;  /* CLOCK_MONOTONIC just before the last submit of the burst */
+static uint64_t cpu0, wall0, cpu_ns, wall_ns; /* process CPU and wall time across a wait */
+
+/* 30 ms into the gather (the engine thread in its timed wait): S[1..5] arrive, S[3] is killed. */
+static void on_timer_burst(uv_timer_t *tm) {
+    for (int i = 1; i <= 4; i++) submit_one(i, 1);
+    burst_ns = mono_ns(CLOCK_MONOTONIC); /* the last arrival (S[5]) is on the thread after this */
+    submit_one(5, 1);
+    bt_engine_kill(E, S[3].seq);
+    S[3].dead = true; /* any callback for it fails the test */
+    remaining += 4;
+    cpu0 = mono_ns(CLOCK_PROCESS_CPUTIME_ID);
+    wall0 = burst_ns;
+    uv_close((uv_handle_t *)tm, NULL);
+}
+
+/* 200 ms after the burst, still inside the window: how much CPU the process used meanwhile */
+static void on_timer_cpu(uv_timer_t *tm) {
+    cpu_ns = mono_ns(CLOCK_PROCESS_CPUTIME_ID) - cpu0;
+    wall_ns = mono_ns(CLOCK_MONOTONIC) - wall0;
+    uv_close((uv_handle_t *)tm, NULL);
+}
+
+/* A burst submitted during the gather of an idle engine is prefilled and answered in one step
+ * (max_tokens 1: a sequence is admitted, prefilled and sampled in the step that admits it, so the
+ * number of steps is the number of parts the burst was admitted in); a sequence killed during the
+ * gather is not in it and hears nothing; the step waits for the window after the last arrival;
+ * and the wait sleeps (a timed wait on the wrong clock would return at once and spin). */
+static void test_gather_burst_kill(void **state) {
+    (void)state;
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    decodes = 0;
+    E = make_engine_cfg(&loop, 0, GATHER_US);
+    memset(&last_kvs, 0, sizeof last_kvs);
+    remaining = 1;
+    submit_one(0, 1);
+    uv_timer_t tb, tc;
+    uv_timer_init(&loop, &tb);
+    uv_timer_init(&loop, &tc);
+    uv_timer_start(&tb, on_timer_burst, 30, 0);
+    uv_timer_start(&tc, on_timer_cpu, 230, 0);
+    uv_run(&loop, UV_RUN_DEFAULT); /* ends when the last end destroyed the engine */
+    assert_int_equal(uv_loop_close(&loop), 0);
+    assert_int_equal(atomic_load(&on_loop_calls), 0);
+
+    for (int i = 0; i <= 5; i++) {
+        tseq *t = &S[i];
+        assert_int_equal(t->errors, 0);
+        if (i == 3) {
+            assert_int_equal(t->ngot + (uint32_t)t->finishes, 0); /* killed: absent */
+            continue;
+        }
+        assert_int_equal(t->finishes, 1);
+        assert_int_equal(t->reason, BT_FINISH_LENGTH);
+        assert_int_equal(t->ngot, 1);
+        assert_int_equal(t->got[0], t->expect[0]);
+        /* held until no request had arrived for the window (the arrivals are on the engine
+         * thread, after the submits returned) */
+        assert_true(t->first_ns >= burst_ns + (uint64_t)GATHER_US * 1000u);
+    }
+    assert_int_equal(last_kvs.steps, 1);         /* one step held the whole burst */
+    assert_int_equal(last_kvs.gathers, 1);       /* one gather */
+    assert_int_equal(last_kvs.gathered_seqs, 5); /* the five not killed */
+    assert_true(last_kvs.gather_ns >= (uint64_t)GATHER_US * 1000u);
+    assert_int_equal(decodes, 5); /* ubatch 1: one prefill decode per sequence, nothing else */
+    /* the process slept through the wait (0.0 ms of CPU over 200 ms here): a timed wait whose
+     * deadline is read on the wrong clock returns at once and spins (199.7 ms over 199.7 ms, with
+     * pthread_condattr_setclock removed from llama.c) */
+    assert_true(wall_ns > 0);
+    fprintf(stderr, "gather: process CPU %.1f ms over %.1f ms of the wait\n", (double)cpu_ns / 1e6,
+            (double)wall_ns / 1e6);
+    assert_true(cpu_ns * 4 < wall_ns);
+}
+
+static void on_timer_kill0(uv_timer_t *tm) {
+    bt_engine_kill(E, S[0].seq);
+    S[0].dead = true;
+    uv_close((uv_handle_t *)tm, NULL);
+}
+
+/* well after the killed gather's bound: the engine is empty, and S[1] starts a gather of its own */
+static void on_timer_after(uv_timer_t *tm) {
+    bt_engine_load l;
+    bt_engine_get_load(E, &l);
+    assert_int_equal(l.waiting + l.running, 0);
+    assert_int_equal(decodes, 0); /* the killed gather ran no step */
+    burst_ns = mono_ns(CLOCK_MONOTONIC);
+    submit_one(1, 1);
+    uv_close((uv_handle_t *)tm, NULL);
+}
+
+#define GATHER_SHORT_US 50000 /* bound 400 ms */
+
+/* The only sequence of a gather killed during it: the gather ends with no step, the engine goes
+ * back to its untimed wait, and a request that comes after the dead gather's bound (8 x N after
+ * its first arrival) gets a full window of its own (a gather left under way would let it start at
+ * once, its bound long past). */
+static void test_gather_kill_only(void **state) {
+    (void)state;
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    decodes = 0;
+    E = make_engine_cfg(&loop, 0, GATHER_SHORT_US);
+    memset(&last_kvs, 0, sizeof last_kvs);
+    remaining = 1; /* S[1] */
+    memset(&S[1], 0, sizeof S[1]);
+    submit_one(0, 1);
+    uv_timer_t tk, ta;
+    uv_timer_init(&loop, &tk);
+    uv_timer_init(&loop, &ta);
+    uv_timer_start(&tk, on_timer_kill0, 10, 0);
+    uv_timer_start(&ta, on_timer_after, 10 + 8 * GATHER_SHORT_US / 1000 + 200, 0);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    assert_int_equal(uv_loop_close(&loop), 0);
+    assert_int_equal(S[0].ngot + (uint32_t)S[0].finishes + (uint32_t)S[0].errors, 0);
+    assert_int_equal(S[1].finishes, 1);
+    assert_int_equal(S[1].errors, 0);
+    assert_int_equal(S[1].got[0], S[1].expect[0]);
+    assert_true(S[1].first_ns >= burst_ns + (uint64_t)GATHER_SHORT_US * 1000u);
+    assert_int_equal(last_kvs.steps, 1);
+    assert_int_equal(last_kvs.gathers, 1); /* the killed gather is not counted */
+    assert_int_equal(last_kvs.gathered_seqs, 1);
+    assert_int_equal(decodes, 1);
+}
+
+static uint64_t destroy_ns;
+
+static void on_timer_destroy_gather(uv_timer_t *tm) {
+    uint64_t t0 = mono_ns(CLOCK_MONOTONIC);
+    bt_engine_destroy(E); /* joins the engine thread */
+    destroy_ns = mono_ns(CLOCK_MONOTONIC) - t0;
+    for (int i = 0; i < 4; i++) S[i].dead = true; /* any callback from here on fails the test */
+    uv_close((uv_handle_t *)tm, NULL);
+}
+
+/* A destroy during the gather wakes the engine thread out of its timed wait at once: it does not
+ * sleep to the deadline (1 s, the largest window), runs no step, and no callback comes. */
+static void test_gather_destroy(void **state) {
+    (void)state;
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    decodes = 0;
+    E = make_engine_cfg(&loop, 0, BT_GATHER_MAX_US);
+    remaining = 1000;
+    for (int i = 0; i < 4; i++) submit_one(i, 1);
+    uv_timer_t tm;
+    uv_timer_init(&loop, &tm);
+    uv_timer_start(&tm, on_timer_destroy_gather, 30, 0);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    assert_int_equal(uv_loop_close(&loop), 0);
+    for (int i = 0; i < 4; i++) assert_int_equal(S[i].ngot + (uint32_t)S[i].finishes + (uint32_t)S[i].errors, 0);
+    assert_int_equal(decodes, 0);
+    fprintf(stderr, "gather: destroy during the wait took %.1f ms\n", (double)destroy_ns / 1e6);
+    assert_true(destroy_ns < (uint64_t)BT_GATHER_MAX_US * 1000u / 2); /* woken, not timed out */
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_sequences),
         cmocka_unit_test(test_eos_and_context_cap),
         cmocka_unit_test(test_destroy_live),
-        cmocka_unit_test(test_destroy_hung),
+        cmocka_unit_test(test_gather_burst_kill),
+        cmocka_unit_test(test_gather_kill_only),
+        cmocka_unit_test(test_gather_destroy),
+        cmocka_unit_test(test_destroy_hung), /* last: it leaves a hung engine thread behind */
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
