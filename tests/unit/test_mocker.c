@@ -1,7 +1,9 @@
 /* test_mocker.c — unit tests of the mocker engine: vocabulary and tokenizer purity, the token
  * function, determinism and the continuation property (the oracle of migration), stop strings,
  * max_tokens and usage, KV accounting under pressure (waiting, preemption, chunked prefill,
- * max_num_seqs), kill/stop semantics, re-entrant callbacks, fault hooks, configuration checks.
+ * max_num_seqs), kill/stop semantics, re-entrant callbacks, fault hooks, configuration checks,
+ * batch gathering (--batch-gather-us: a burst and a kill during the timerfd's wait, the only
+ * sequence killed, a destroy while armed, no descriptor left behind by 200 engines).
  * Every test runs its own libuv loop to completion with a high speedup ratio so it is fast. */
 #include <math.h>
 #include <setjmp.h>
@@ -10,6 +12,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <dirent.h>
 #include <string.h>
 
 #include <cmocka.h>
@@ -41,6 +44,7 @@ struct run {
     void *arg;
     int after_end_calls; /* callbacks received after the seq ended: must stay 0 */
     int order;           /* 1 + the number of sequences that had finished before this one */
+    uint64_t first_ns;   /* bt_now_ns() at the first tokens (0: none) */
 };
 
 static int g_finished; /* finishes seen, for run_t.order */
@@ -51,6 +55,7 @@ static void s_tokens(void *ud, const uint32_t *ids, size_t n, const char *text, 
     assert_true(n > 0);
     assert_true(r->n + n <= MAXIDS);
     assert_true(r->tlen + len < MAXTEXT);
+    if (!r->first_ns) r->first_ns = bt_now_ns();
     memcpy(r->ids + r->n, ids, n * sizeof *ids);
     r->n += n;
     memcpy(r->text + r->tlen, text, len);
@@ -1327,6 +1332,184 @@ static void test_timing(void **st) {
     free(r);
 }
 
+/* ---- batch gathering (--batch-gather-us, the timerfd) ----------------------------------------- */
+
+typedef struct {
+    bt_engine *e;
+    run_t *r;          /* runs[0..4] */
+    uint64_t last_ns;  /* bt_now_ns() just before the last arrival of the burst */
+    uint64_t done_ns;  /* bt_now_ns() when the action ran */
+    req_t *q;
+} gather_t;
+
+/* 10 ms into the gather: four more arrive, the third of them (runs[3]) is killed at once */
+static void g_burst(uv_timer_t *t) {
+    gather_t *g = t->data;
+    char err[256];
+    for (int i = 1; i <= 4; i++) {
+        if (i == 4) g->last_ns = bt_now_ns();
+        assert_int_equal(submit_q(g->e, g->q, &g->r[i], err, sizeof err), BT_OK);
+    }
+    bt_engine_kill(g->e, g->r[3].seq);
+    uv_close((uv_handle_t *)t, NULL);
+}
+
+static void g_kill0(uv_timer_t *t) {
+    gather_t *g = t->data;
+    bt_engine_kill(g->e, g->r[0].seq);
+    g->done_ns = bt_now_ns();
+    uv_close((uv_handle_t *)t, NULL);
+}
+
+static void g_submit1(uv_timer_t *t) {
+    gather_t *g = t->data;
+    char err[256];
+    bt_engine_load l;
+    bt_engine_get_load(g->e, &l);
+    assert_int_equal(l.waiting + l.running, 0);
+    g->last_ns = bt_now_ns();
+    assert_int_equal(submit_q(g->e, g->q, &g->r[1], err, sizeof err), BT_OK);
+    uv_close((uv_handle_t *)t, NULL);
+}
+
+static void g_destroy(uv_timer_t *t) {
+    gather_t *g = t->data;
+    bt_engine_destroy(g->e);
+    g->done_ns = bt_now_ns();
+    uv_close((uv_handle_t *)t, NULL);
+}
+
+static int open_fds(void) {
+    DIR *d = opendir("/proc/self/fd");
+    assert_non_null(d);
+    int n = 0;
+    while (readdir(d)) n++;
+    closedir(d);
+    return n;
+}
+
+/* With --batch-gather-us the first step of an idle mocker waits on a timerfd: a burst that arrives
+ * during the wait is answered in one step (max_tokens 1: admitted, prefilled and answered in one
+ * step, so steps counts the parts the burst was admitted in) after the window that followed its
+ * last arrival; a sequence killed during the wait is not in it and hears nothing; a gather whose
+ * only sequence is killed ends at once (nothing stays armed: the loop ends long before the
+ * deadline) and the next request, after the dead gather's bound, waits a window of its own; a
+ * destroy while the timerfd is armed ends the loop at once with every handle closed; and engines
+ * destroyed while armed leave no descriptor open. */
+static void test_batch_gather(void **st) {
+    (void)st;
+    bt_mocker_config cfg = fast_cfg();
+    req_t q = {.api = BT_API_COMPLETION, .prompt = "hi", .max_tokens = 1};
+    run_t *r = calloc(5, sizeof *r);
+    char err[256];
+    uv_loop_t loop;
+    uv_timer_t t1, t2;
+    gather_t g = {.r = r, .q = &q};
+    bt_engine_kv_stats k;
+
+    /* a burst and a kill during the wait (50 ms window) */
+    cfg.batch_gather_us = 50000;
+    uv_loop_init(&loop);
+    g.e = bt_mocker_create(&loop, &cfg, NULL, NULL);
+    assert_non_null(g.e);
+    assert_int_equal(submit_q(g.e, &q, &r[0], err, sizeof err), BT_OK);
+    uv_timer_init(&loop, &t1);
+    t1.data = &g;
+    uv_timer_start(&t1, g_burst, 10, 0);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    for (int i = 0; i <= 4; i++) {
+        assert_int_equal(r[i].after_end_calls, 0);
+        assert_int_equal(r[i].errored, 0);
+        if (i == 3) {
+            assert_int_equal(r[i].n + (size_t)r[i].finished, 0); /* killed: absent */
+            continue;
+        }
+        assert_int_equal(r[i].finished, 1);
+        assert_int_equal(r[i].n, 1);
+        assert_true(r[i].first_ns >= g.last_ns + 50000u * 1000u);
+    }
+    bt_engine_kv_stats_get(g.e, &k);
+    assert_int_equal(k.steps, 1);
+    assert_int_equal(k.gathers, 1);
+    assert_int_equal(k.gathered_seqs, 4);
+    assert_true(k.gather_ns >= 50000u * 1000u);
+    bt_engine_destroy(g.e);
+    close_loop(&loop);
+
+    /* the only sequence killed during the wait (20 ms window, bound 160 ms); the next request 300 ms
+     * later gathers afresh */
+    memset(r, 0, 5 * sizeof *r);
+    cfg.batch_gather_us = 20000;
+    uv_loop_init(&loop);
+    g.e = bt_mocker_create(&loop, &cfg, NULL, NULL);
+    assert_int_equal(submit_q(g.e, &q, &r[0], err, sizeof err), BT_OK);
+    uv_timer_init(&loop, &t1);
+    uv_timer_init(&loop, &t2);
+    t1.data = t2.data = &g;
+    uv_timer_start(&t1, g_kill0, 5, 0);
+    uv_timer_start(&t2, g_submit1, 300, 0);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    assert_int_equal(r[0].n + (size_t)r[0].finished + (size_t)r[0].errored, 0);
+    assert_int_equal(r[1].finished, 1);
+    assert_true(r[1].first_ns >= g.last_ns + 20000u * 1000u);
+    bt_engine_kv_stats_get(g.e, &k);
+    assert_int_equal(k.steps, 1);
+    assert_int_equal(k.gathers, 1);
+    assert_int_equal(k.gathered_seqs, 1);
+    bt_engine_destroy(g.e);
+    close_loop(&loop);
+
+    /* ... and nothing stays armed after it (1 s window): the loop ends right after the kill */
+    memset(r, 0, 5 * sizeof *r);
+    cfg.batch_gather_us = 1000000;
+    uv_loop_init(&loop);
+    g.e = bt_mocker_create(&loop, &cfg, NULL, NULL);
+    assert_int_equal(submit_q(g.e, &q, &r[0], err, sizeof err), BT_OK);
+    uv_timer_init(&loop, &t1);
+    t1.data = &g;
+    uv_timer_start(&t1, g_kill0, 5, 0);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    uint64_t left = bt_now_ns() - g.done_ns;
+    assert_true(left < 500u * 1000000u); /* the deadline was ~1 s away */
+    assert_int_equal(r[0].calls + r[0].finished + r[0].errored, 0);
+    bt_engine_load l;
+    bt_engine_get_load(g.e, &l);
+    assert_int_equal(l.waiting + l.running, 0);
+    bt_engine_destroy(g.e);
+    close_loop(&loop);
+
+    /* a destroy while the timerfd is armed: no callback, the loop ends at once, every handle closed */
+    memset(r, 0, 5 * sizeof *r);
+    uv_loop_init(&loop);
+    g.e = bt_mocker_create(&loop, &cfg, NULL, NULL);
+    assert_int_equal(submit_q(g.e, &q, &r[0], err, sizeof err), BT_OK);
+    assert_int_equal(submit_q(g.e, &q, &r[1], err, sizeof err), BT_OK);
+    uv_timer_init(&loop, &t1);
+    t1.data = &g;
+    uv_timer_start(&t1, g_destroy, 10, 0);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    assert_true(bt_now_ns() - g.done_ns < 500u * 1000000u);
+    assert_int_equal(r[0].calls + r[1].calls + r[0].finished + r[1].finished + r[0].errored + r[1].errored, 0);
+    assert_int_equal(uv_loop_close(&loop), 0);
+
+    /* 200 engines destroyed while armed leave no descriptor behind */
+    uv_loop_init(&loop);
+    int fds = open_fds();
+    for (int i = 0; i < 200; i++) {
+        memset(r, 0, sizeof *r);
+        bt_engine *e = bt_mocker_create(&loop, &cfg, NULL, NULL);
+        assert_non_null(e);
+        assert_int_equal(submit_q(e, &q, r, err, sizeof err), BT_OK);
+        uv_run(&loop, UV_RUN_NOWAIT); /* the first tick arms the gather's timerfd */
+        bt_engine_destroy(e);
+        uv_run(&loop, UV_RUN_DEFAULT);
+        assert_int_equal(r->calls + r->finished + r->errored, 0);
+    }
+    assert_int_equal(open_fds(), fds);
+    close_loop(&loop);
+    free(r);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_vocab_readable),
@@ -1355,6 +1538,7 @@ int main(void) {
         cmocka_unit_test(test_config),
         cmocka_unit_test(test_card),
         cmocka_unit_test(test_timing),
+        cmocka_unit_test(test_batch_gather),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
