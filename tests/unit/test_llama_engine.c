@@ -15,7 +15,8 @@
  * (--batch-gather-us), the engine thread's timed wait: a burst submitted during the wait is
  * answered in one step (the kv_stats counters: one step, one gather of exactly the sequences not
  * killed), a sequence killed during it hears nothing, the step waits the window after the last
- * arrival, the process sleeps through the wait (the timed wait is on CLOCK_MONOTONIC, not spinning);
+ * arrival, the loop hears the load (the waiting sequences) during the wait, even when no sequence
+ * produced or ended anything, the process sleeps through the wait (the timed wait is on CLOCK_MONOTONIC, not spinning);
  * a gather whose only sequence is killed ends without a step and leaves nothing behind for the
  * next request; a destroy during the wait wakes the thread at once (no step, no callback). */
 #include <pthread.h>
@@ -358,6 +359,18 @@ static void on_error(void *ud, bt_status code, const char *msg) {
 
 static const bt_engine_sink sink = {on_tokens, on_finish, on_error};
 
+/* The load reports of the gather tests: how many, and the waiting count the last one read */
+static int loads;
+static uint64_t load_waiting;
+static void on_load_hook(void *ud) {
+    (void)ud;
+    bt_engine_load l;
+    bt_engine_get_load(E, &l);
+    loads++;
+    load_waiting = l.waiting;
+}
+static const bt_engine_hooks gather_hooks = {.on_load = on_load_hook};
+
 /* gather_us > 0: --batch-gather-us, with room for 8 prompts of "a prompt" (9 tokens) in one step */
 static bt_engine *make_engine_cfg(uv_loop_t *loop, int64_t hang_after, int64_t gather_us) {
     bt_llama_config cfg;
@@ -370,7 +383,8 @@ static bt_engine *make_engine_cfg(uv_loop_t *loop, int64_t hang_after, int64_t g
     loop_thread = pthread_self();
     atomic_store(&on_loop_calls, 0);
     char err[256];
-    bt_engine *e = bt_llama_create_with_api(loop, &cfg, NULL, NULL, &fake_api, "fake.gguf", err, sizeof err);
+    bt_engine *e = bt_llama_create_with_api(loop, &cfg, gather_us ? &gather_hooks : NULL, NULL, &fake_api,
+                                            "fake.gguf", err, sizeof err);
     if (!e) fprintf(stderr, "create: %s\n", err);
     assert_non_null(e);
     return e;
@@ -622,6 +636,11 @@ static void on_timer_burst(uv_timer_t *tm) {
 static void on_timer_cpu(uv_timer_t *tm) {
     cpu_ns = mono_ns(CLOCK_PROCESS_CPUTIME_ID) - cpu0;
     wall_ns = mono_ns(CLOCK_MONOTONIC) - wall0;
+    /* the loop heard of the waiting sequences while the step is held, not at its end (a gather may
+     * last 8 s): the last load reported so far shows the five waiting */
+    assert_true(loads >= 1);
+    assert_int_equal(load_waiting, 5);
+    assert_int_equal(S[0].ngot, 0); /* still inside the window */
     uv_close((uv_handle_t *)tm, NULL);
 }
 
@@ -629,12 +648,14 @@ static void on_timer_cpu(uv_timer_t *tm) {
  * (max_tokens 1: a sequence is admitted, prefilled and sampled in the step that admits it, so the
  * number of steps is the number of parts the burst was admitted in); a sequence killed during the
  * gather is not in it and hears nothing; the step waits for the window after the last arrival;
- * and the wait sleeps (a timed wait on the wrong clock would return at once and spin). */
+ * the waiting sequences are reported (on_load) during the wait, not at its end; and the wait sleeps (a timed wait on the wrong clock would return at once and spin). */
 static void test_gather_burst_kill(void **state) {
     (void)state;
     uv_loop_t loop;
     uv_loop_init(&loop);
     decodes = 0;
+    loads = 0;
+    load_waiting = 0;
     E = make_engine_cfg(&loop, 0, GATHER_US);
     memset(&last_kvs, 0, sizeof last_kvs);
     remaining = 1;
@@ -731,6 +752,10 @@ static void test_gather_kill_only(void **state) {
 static uint64_t destroy_ns;
 
 static void on_timer_destroy_gather(uv_timer_t *tm) {
+    /* 200 ms into the 1 s window: no sequence has produced or ended anything (no event of its own
+     * to carry the load), yet the loop was told of the four waiting */
+    assert_true(loads >= 1);
+    assert_int_equal(load_waiting, 4);
     uint64_t t0 = mono_ns(CLOCK_MONOTONIC);
     bt_engine_destroy(E); /* joins the engine thread */
     destroy_ns = mono_ns(CLOCK_MONOTONIC) - t0;
@@ -738,19 +763,23 @@ static void on_timer_destroy_gather(uv_timer_t *tm) {
     uv_close((uv_handle_t *)tm, NULL);
 }
 
-/* A destroy during the gather wakes the engine thread out of its timed wait at once: it does not
- * sleep to the deadline (1 s, the largest window), runs no step, and no callback comes. */
+/* During a gather with no other event (nothing killed, nothing ended) the loop still hears the
+ * load: the four waiting sequences. A destroy during the gather wakes the engine thread out of its
+ * timed wait at once: it does not sleep to the deadline (1 s, the largest window), runs no step,
+ * and no callback comes. */
 static void test_gather_destroy(void **state) {
     (void)state;
     uv_loop_t loop;
     uv_loop_init(&loop);
     decodes = 0;
+    loads = 0;
+    load_waiting = 0;
     E = make_engine_cfg(&loop, 0, BT_GATHER_MAX_US);
     remaining = 1000;
     for (int i = 0; i < 4; i++) submit_one(i, 1);
     uv_timer_t tm;
     uv_timer_init(&loop, &tm);
-    uv_timer_start(&tm, on_timer_destroy_gather, 30, 0);
+    uv_timer_start(&tm, on_timer_destroy_gather, 200, 0);
     uv_run(&loop, UV_RUN_DEFAULT);
     assert_int_equal(uv_loop_close(&loop), 0);
     for (int i = 0; i < 4; i++) assert_int_equal(S[i].ngot + (uint32_t)S[i].finishes + (uint32_t)S[i].errors, 0);

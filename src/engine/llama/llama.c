@@ -919,6 +919,16 @@ static bool gather_release(ll_engine *e) {
     return true;
 }
 
+/* The loop reads a changed load (on_async) when the thread posts an event, which a step does soon
+ * enough; a batch gather holds the step for up to BT_GATHER_BOUND x the window with nothing to
+ * post, so the arrivals it waits for (the waiting count) wake the loop themselves. Under mu, as
+ * post(). Engine thread. */
+static void wake_for_load(ll_engine *e) {
+    pthread_mutex_lock(&e->mu);
+    if (e->load_changed && !e->abandoned) uv_async_send(&e->async);
+    pthread_mutex_unlock(&e->mu);
+}
+
 static void *engine_thread(void *arg) {
     ll_engine *e = arg;
     for (;;) {
@@ -956,8 +966,13 @@ static void *engine_thread(void *arg) {
             update_load(e);
             continue;
         }
-        if (!e->stalled && gather_release(e)) step(e);
+        bool held = false; /* a batch gather holds the first step */
+        if (!e->stalled) {
+            if (gather_release(e)) step(e);
+            else held = true;
+        }
         update_load(e);
+        if (held) wake_for_load(e);
     }
     return NULL;
 }
