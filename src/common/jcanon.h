@@ -10,7 +10,7 @@
  * included, as it is), object members sorted by key as bytes (memcmp, then the shorter first),
  * integers as "%" JSON_INTEGER_FORMAT, and a real number is handed to json_dumps itself (there is
  * no real on the hot path, and its formatting rules are jansson's to keep). tests/unit/test_jcanon.c
- * holds it to json_dumps byte for byte.
+ * holds it to json_dumps byte for byte, and fuzz/fuzz_jcanon.c does on fuzzed JSON.
  *
  * bt_jcanon_str appends a string escaped the same way (with its quotes), for the hand-built REQUEST
  * payload (src/proto/request.c). */

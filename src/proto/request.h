@@ -31,7 +31,8 @@
  *                 docs/engines.md). A worker whose own fingerprint differs refuses to continue
  *                 the carried tokens (BT_ERR_NO_WORKER); absent or empty: no constraint
  * Unknown members are ignored, so that a newer frontend can add some. No I/O: unit-tested
- * (tests/unit/test_request.c) and fuzzed (fuzz/fuzz_request.c). */
+ * (tests/unit/test_request.c) and fuzzed (fuzz/fuzz_request.c; fuzz/fuzz_request_direct.c holds
+ * the payload written directly for a serialized body to the jansson path's bytes). */
 #ifndef BATON_PROTO_REQUEST_H
 #define BATON_PROTO_REQUEST_H
 
