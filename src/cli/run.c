@@ -4,7 +4,10 @@
  * file discovery in a private temporary directory. Everything they listen on is bound to the
  * launcher's --http-host (the workers' status servers included).
  *
- * Start-up is watched, not assumed: the launcher polls the frontend's GET /health and watches the
+ * The workers start only once the frontend answers on its port (any HTTP answer to GET /health):
+ * their status servers bind any free port, which could otherwise be the very port the user chose
+ * for the frontend if the frontend had not bound it yet (the frontend would then exit with the
+ * port taken). Start-up is watched, not assumed: the launcher polls the frontend's GET /health and watches the
  * discovery directory, and prints "serving ..." only once the frontend answers and lists every
  * worker (known by the pid in its discovery record) among the instances it routes to. (A /health
  * that lists none of them is not taken for the frontend's: another program may hold the port.) A child
@@ -44,6 +47,7 @@
 #define MAX_WORKERS 64
 #define MAX_ARGS 160
 #define RUN_PROBE_MS 200             /* GET /health while a child is not ready yet */
+#define RUN_BIND_PROBE_MS 10         /* GET /health until the frontend answers on its port at all */
 #define RUN_PROBE_TIMEOUT_MS 2000L   /* one probe */
 #define RUN_PROBE_MAX_BYTES (1 << 20) /* a /health body larger than this is not our frontend's */
 #define RUN_WAIT_REPORT_MS 10000     /* how often a slow start-up says what it is waiting for */
@@ -85,6 +89,7 @@ struct run_ctx {
     child w[MAX_WORKERS];
     bool stopping;
     bool serving; /* the group has been ready once ("serving" printed) */
+    bool workers_started; /* the frontend has answered on its port once: the workers may bind theirs */
     int exit_code;
     int signals;
     uint64_t started_ms, last_report_ms;
@@ -127,6 +132,7 @@ static const char *child_name(const child *c) { return c->is_frontend ? "fronten
 
 static void start_child(child *c);
 static void probe_arm(run_ctx *r);
+static void start_workers(run_ctx *r);
 
 static void on_restart_timer(uv_timer_t *t) {
     child *c = t->data;
@@ -474,6 +480,7 @@ static bool on_probe_done(void *ud, CURL *easy, CURLcode result) {
     bt_curl_uv_remove(r->cu, easy);
     curl_easy_cleanup(easy);
     if (easy == r->probe) r->probe = NULL;
+    if (result == CURLE_OK && !r->stopping && !r->workers_started) start_workers(r);
     if (result == CURLE_OK && code == 200 && !r->stopping) probe_result(r, r->probe_rx.data, r->probe_rx.len);
     bt_buf_reset(&r->probe_rx);
     return true;
@@ -507,10 +514,21 @@ static void on_probe_timer(uv_timer_t *t) {
     r->probe = c;
 }
 
-/* Polls /health until every child is ready; called whenever a child (re)starts. */
+/* Polls /health until every child is ready; called whenever a child (re)starts. Often at first,
+ * until the frontend answers on its port and the workers start (start_workers). */
 static void probe_arm(run_ctx *r) {
+    uint64_t ms = r->workers_started ? RUN_PROBE_MS : RUN_BIND_PROBE_MS;
     if (!r->stopping && !uv_is_active((uv_handle_t *)&r->probe_timer))
-        uv_timer_start(&r->probe_timer, on_probe_timer, RUN_PROBE_MS, RUN_PROBE_MS);
+        uv_timer_start(&r->probe_timer, on_probe_timer, ms, ms);
+}
+
+/* The frontend answered on its port: it holds it, so the workers' status servers, which bind any
+ * free port, can no longer take it. Starts them, and the probe goes back to its usual pace. */
+static void start_workers(run_ctx *r) {
+    r->workers_started = true;
+    uv_timer_stop(&r->probe_timer);
+    for (int i = 0; i < r->workers && !r->stopping; i++) start_child(&r->w[i]);
+    probe_arm(r);
 }
 
 /* A worker's discovery record carries its pid: that is how the launcher tells which instance in
@@ -720,10 +738,8 @@ int bt_run_main(int argc, char **argv) {
     r.started_ms = r.last_report_ms = bt_now_ms();
     BT_INFO("starting a frontend on %s and %lld workers (discovery in %s); \"serving\" follows once all are ready",
             r.shown, (long long)r.workers, r.dir);
-    /* the frontend first: it binds the port the user chose before the workers bind their own
-     * ports (their status servers take any free one, which could otherwise be that port) */
+    /* the frontend alone first: the workers start once it answers on its port (start_workers) */
     start_child(&r.frontend);
-    for (int i = 1; i <= r.workers && !r.stopping; i++) start_child(all[i]);
     uv_run(&loop, UV_RUN_DEFAULT);
     uv_loop_close(&loop);
     rc = r.exit_code;

@@ -53,7 +53,7 @@ bt_status bt_buf_append_grow(bt_buf *b, const void *p, size_t n);
 static inline bt_status bt_buf_append(bt_buf *b, const void *p, size_t n) {
     /* len + n <= cap and len + n + 1 <= alloc, written so that nothing can wrap */
     if (b->err == BT_OK && b->len <= b->cap && n <= b->cap - b->len && b->len < b->alloc && n < b->alloc - b->len) {
-        memcpy(b->data + b->len, p, n);
+        if (n) memcpy(b->data + b->len, p, n); /* p may be NULL when n is 0 (memcpy's contract) */
         b->len += n;
         b->data[b->len] = '\0';
         return BT_OK;

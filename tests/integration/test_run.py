@@ -27,6 +27,13 @@ with bl.Cluster() as c:
     assert m, "run did not print its discovery directory"
     ddir = m.group(1)
     assert os.path.isdir(ddir)
+    # the workers start only once the frontend holds its port: a worker's status server binds any
+    # free port and could otherwise take the one chosen for the frontend (which then exits)
+    listen = re.search(r"(?m)^.* frontend\[\d+\]: http: listening on .*$", log)
+    first_worker = re.search(r"(?m)^.* run\[\d+\]: started worker 0 .*$", log)
+    assert listen and first_worker, log
+    assert listen.start() < first_worker.start(), \
+        f"a worker was started before the frontend listened:\n{listen.group(0)}\n{first_worker.group(0)}"
     kids = children(fe.proc.pid)
     assert len(kids) == 3, f"expected a frontend and 2 workers, found {kids}"
     # a worker that dies is restarted
