@@ -123,7 +123,9 @@ with bl.Cluster() as c:
                      r"http://127\.0\.0\.1:%d" % port, log), log
     assert log.count("started frontend") == 1, f"the frontend was restarted:\n{log}"
     pids = started_pids(log)
-    assert len(pids) == 3, pids
+    # the workers start once something answers on the frontend's port: here only if the squatter
+    # answered the launcher's probe before the frontend exited; then they are stopped with it
+    assert len(pids) in (1, 3), pids
     bl.wait_for(lambda: all(gone(p) for p in pids), 5, what="every child of the failed baton run gone")
     assert not os.path.exists(run_dir(log)), "discovery directory left behind"
     st, _, body = bl.get_json(f"http://127.0.0.1:{port}/health")
