@@ -18,6 +18,7 @@ usage (from the repository root; BATON_BIN defaults to build/baton):
          --compare-bin adds a frontend of another build on the same workers (before/after).
   BATON_BIN=build/baton python3 bench/perf.py latency  [--concurrency 1,100,1000] [--tokens 30]
         [--speedup 0.2] [--anchor nginx] [--pin 0:1] [--no-relay] [--compare-bin OTHER/baton] [--jetstream]
+        [--interleave 2]
       b. TTFT and per-token delay p50/p99 through the frontend and straight at the worker's
          request plane (the same engine, one worker), and the difference. The per-token delay is
          measured against a probe stream on the request plane that runs through every phase.
@@ -28,6 +29,8 @@ usage (from the repository root; BATON_BIN defaults to build/baton):
          a frontend of another build on the same worker, as the row "frontend, compared build".
          --jetstream adds a frontend whose stream journal is shared through NATS JetStream (a
          nats-server -js started here), as the row "frontend, journal in JetStream".
+         --interleave N runs each path N times per level, taking turns (default 2); the percentiles
+         pool the N runs, and each run's added p99 and its ratio to the relay's are printed too.
   BATON_BIN=build/baton python3 bench/perf.py burst    [--concurrency 100,1000] [--repeats 5]
         [--speedup 0.2] [--tokens 10] [--paths direct,relay,frontend] [--threads 2] [--batched-tokens N]
         [--batch-gather-us N] [--compare-bin OTHER/baton]
@@ -89,6 +92,15 @@ def cpu_ns(pid):
         except (FileNotFoundError, ProcessLookupError):
             pass
     return total
+
+
+def minflt(pid):
+    """Minor page faults of pid so far (/proc/pid/stat field 10): memory touched for the first time."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[7])
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
 
 
 def rss_kib(pid):
@@ -187,8 +199,11 @@ class Meter:
     def __init__(self, pids):
         self.pids = dict(pids)
         self.t0 = {k: cpu_ns(p) for k, p in self.pids.items()}
+        self.f0 = {k: minflt(p) for k, p in self.pids.items()}
+        self.faults = 0  # minor page faults over the window, all the processes (set by stop)
 
     def stop(self):
+        self.faults = sum(minflt(p) - self.f0[k] for k, p in self.pids.items())
         return {k: (cpu_ns(p) - self.t0[k]) / 1e9 for k, p in self.pids.items()}
 
 
@@ -532,7 +547,9 @@ def cmd_latency(a):
             res = {"unmatched": 0}
             for name, _, _ in paths:
                 res[name], res["transit_" + name] = [], []
-            for rnd in range(2):  # direct, frontend, direct, frontend: drift shows as a difference
+            res["rounds"] = []  # per round: path -> its transit list (per-round p99s and their ratios)
+            for rnd in range(a.interleave):  # direct, frontend, direct, frontend: drift shows as a difference
+                res["rounds"].append({})
                 for name, target, is_rpc in paths:
                     # the probe: one request-plane stream on the same worker, running throughout
                     pts, lts, ready = (os.path.join(c.dir, x) for x in ("probe.ts", "load.ts", "probe.ready"))
@@ -549,6 +566,7 @@ def cmd_latency(a):
                     r = run_load(target, n, a.tokens, requests=requests // 2, rpc=is_rpc, rate=2000,
                                  timestamps=lts)
                     r["serving_cpu_s"] = sum(m.stop().values())
+                    r["serving_faults"] = m.faults
                     probe.send_signal(2)
                     pout, perr = probe.communicate(timeout=30)
                     if probe.returncode != 0:
@@ -558,9 +576,10 @@ def cmd_latency(a):
                     res[name].append(r)
                     tr, um = transit(read_ts(pts), read_ts(lts))
                     res["transit_" + name] += tr
+                    res["rounds"][-1][name] = tr
                     if name != "direct":
                         res["unmatched"] += um
-            out.append((n, requests, res))
+            out.append((n, requests // 2 * a.interleave, res))
             print(f"{n} streams done", flush=True)
     print()
     print(f"speedup={a.speedup} max_tokens={a.tokens}, one worker"
@@ -601,11 +620,33 @@ def cmd_latency(a):
             cpu = sum(r.get("serving_cpu_s", 0) for r in rs)
             chunks = sum(r["chunks"] for r in rs)
             if cpu and chunks:
-                parts.append(f"{name} {cpu / chunks * 1e6:.2f} us")
+                faults = sum(r.get("serving_faults", 0) for r in rs)
+                parts.append(f"{name} {cpu / chunks * 1e6:.2f} us ({faults / chunks:.3f} page faults)")
         if parts:
             print(f"CPU per chunk of the process(es) between client and worker at {n} streams: " + ", ".join(parts)
                   + (f" (the {a.anchor} path: nginx plus the frontend behind it)" if a.anchor else ""))
-    print("(TTFT: mean over two interleaved runs of each path. Per-token delay: arrival of each token chunk minus "
+    for n, requests, res in out:
+        if len(res["rounds"]) < 2:
+            continue
+        # each round's added p99 (path - direct, same round) and its ratio to the relay's: how much
+        # one run's figure moves with the machine, beside the pooled percentiles above
+        added = {}
+        for rd in res["rounds"]:
+            d99 = pctl(rd["direct"], 0.99)
+            for name, tr in rd.items():
+                if name != "direct":
+                    added.setdefault(name, []).append(pctl(tr, 0.99) - d99)
+        for name, xs in added.items():
+            print(f"added per-token p99 at {n} streams, per round, {name}: " + ", ".join(f"{x:+.0f}" for x in xs) + " us")
+        if "minimal relay" in added:
+            for name, xs in added.items():
+                if name == "minimal relay":
+                    continue
+                rs = [x / y for x, y in zip(xs, added["minimal relay"]) if y > 0]
+                if rs:
+                    print(f"  {name} / minimal relay, per round: median {median(rs):.3f} (range {min(rs):.3f}-{max(rs):.3f}), "
+                          f"above 1.1 in {sum(r > 1.1 for r in rs)} of {len(rs)}")
+    print(f"(TTFT: mean over {a.interleave} interleaved runs of each path. Per-token delay: arrival of each token chunk minus "
           "the arrival of the same engine step's token of a probe stream on the worker's request plane, over "
           + ", ".join(f"{len(res['transit_frontend'])} chunks at {n}" for n, _, res in out)
           + "; 'added' = frontend - direct)")
@@ -922,6 +963,8 @@ def main():
     p.add_argument("--tokens", type=int, default=30)
     p.add_argument("--speedup", type=float, default=0.2)
     p.add_argument("--rounds", type=int, default=2, help="requests per stream")
+    p.add_argument("--interleave", type=int, default=2,
+                   help="runs of each path per level, taking turns; percentiles pool them (more: steadier)")
     p.add_argument("--min-requests", type=int, default=40)
     p.add_argument("--anchor", default="nginx", help="also measure this proxy in front of the frontend ('' = none)")
     p.add_argument("--pin", help="BATON_CPU:CLIENT_CPU, e.g. 0:1: pin baton (and the anchor) and the clients")
