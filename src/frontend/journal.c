@@ -129,6 +129,33 @@ static void random_id(char out[FE_STREAM_ID_LEN + 1]) {
     out[FE_STREAM_ID_LEN] = '\0';
 }
 
+/* Initial room for the stream's events, sized from its max_tokens (at most REC_PRESIZE_TOKENS;
+ * 16 without a limit) and accounted with the record when it opens: a short stream appends every
+ * event without growing its arrays, so without the lock and without a realloc (mem_append),
+ * where doubling from 16 took ~6 locked reallocs for a stream of 30 tokens; a long one doubles
+ * from there. The text is guessed at REC_PRESIZE_TEXT bytes per token. What is not used is
+ * given back when the stream ends (shrink in mem_close). If an allocation fails nothing is
+ * reserved: the arrays grow on demand, as they would anyway. */
+#define REC_PRESIZE_TOKENS 64
+#define REC_PRESIZE_TEXT 8
+static void presize(fe_jrec *r, int64_t max_tokens) {
+    size_t n = max_tokens > 0 ? (size_t)(max_tokens < REC_PRESIZE_TOKENS ? max_tokens : REC_PRESIZE_TOKENS) : 16;
+    uint32_t *ids = malloc(n * sizeof *ids);
+    char *text = malloc(n * REC_PRESIZE_TEXT);
+    fe_jevent *ev = malloc(n * sizeof *ev);
+    if (!ids || !text || !ev) {
+        free(ids);
+        free(text);
+        free(ev);
+        return;
+    }
+    r->s.ids = ids;
+    r->s.text = text;
+    r->s.ev = ev;
+    r->ids_cap = r->ev_cap = n;
+    r->text_cap = n * REC_PRESIZE_TEXT;
+}
+
 /* A new LIVE record; its id is given_id (NULL: a fresh random one; a given id already held: NULL). */
 static fe_jrec *open_rec(fe_journal *j, fe_jsnap *meta, const uint8_t key_mac[FE_KEY_MAC_LEN], int shard,
                          const char *given_id) {
@@ -148,6 +175,7 @@ static fe_jrec *open_rec(fe_journal *j, fe_jsnap *meta, const uint8_t key_mac[FE
     r->s.ev = NULL;
     r->s.nids = r->s.text_len = r->s.nev = 0;
     memset(&r->s.tail, 0, sizeof r->s.tail);
+    presize(r, meta->max_tokens);
     memcpy(r->key_mac, key_mac, FE_KEY_MAC_LEN);
     r->shard = shard;
     r->state = REC_LIVE;
@@ -157,7 +185,7 @@ static fe_jrec *open_rec(fe_journal *j, fe_jsnap *meta, const uint8_t key_mac[FE
     if (!make_room(m, r->bytes)) {
         m->st.refused_full++;
         uv_mutex_unlock(&m->mu);
-        free(r->s.body);
+        fe_jsnap_free(&r->s);
         free(r);
         return NULL;
     }
@@ -167,7 +195,7 @@ static fe_jrec *open_rec(fe_journal *j, fe_jsnap *meta, const uint8_t key_mac[FE
     r->key = id_key(r->s.stream_id);
     if ((given_id && bt_map_get(&m->recs, r->key)) || bt_map_put(&m->recs, r->key, r) != 0) {
         uv_mutex_unlock(&m->mu);
-        free(r->s.body);
+        fe_jsnap_free(&r->s);
         free(r);
         return NULL;
     }

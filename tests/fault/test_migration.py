@@ -464,9 +464,14 @@ def scenario_journal_full(refs):
     seen = {}
 
     def at_kill(fe, load):
-        m = bl.metrics(fe.url)
-        seen["dropped"] = bl.metric_sum(m, "baton_frontend_stream_journal_evictions_total", reason="dropped_live")
-        seen["live"] = bl.metric_sum(m, "baton_frontend_stream_journal_streams", state="live")
+        # A record is dropped when its stream outgrows the room it opened with (64 tokens here)
+        # and the full journal has none to give: the kill waits for the first drops.
+        def sample():
+            m = bl.metrics(fe.url)
+            seen["dropped"] = bl.metric_sum(m, "baton_frontend_stream_journal_evictions_total", reason="dropped_live")
+            seen["live"] = bl.metric_sum(m, "baton_frontend_stream_journal_streams", state="live")
+            return seen["dropped"] > 0
+        bl.wait_for(sample, 60, 0.05, "a live record dropped by the full journal")
 
     scenario_kill_one(refs, prefix="jf", fe_flags={"stream_retention_bytes": 160 * 1024}, on_load=at_kill)
     print(f"journal full: at the kill {seen['dropped']:.0f} live records had been dropped, {seen['live']:.0f} live")

@@ -208,6 +208,47 @@ static void test_size_cap(void **state) {
     fe_journal_destroy(j);
 }
 
+/* A record opens with room for its max_tokens (up to 64 tokens, 8 bytes of text each), accounted
+ * at once: appends within it do not change the accounted bytes (no growth, no lock); past it the
+ * arrays grow and the growth is accounted; at the end what was not used is given back. */
+static void test_reserved_room(void **state) {
+    (void)state;
+    fe_journal *j = fe_journal_mem_new(60, 1 << 20);
+    fe_jsnap meta;
+    fe_journal_stats st0, st;
+    fe_jrec *r = open_rec(j, &meta, "{}"); /* max_tokens 100: room for 64 */
+    assert_non_null(r);
+    fe_journal_stats_get(j, &st0);
+    assert_true(st0.bytes >= 64 * (sizeof(uint32_t) + 8 + sizeof(fe_jevent)));
+    uint32_t id = 9;
+    for (int k = 0; k < 64; k++) assert_true(fe_journal_append(j, r, &id, 1, "abcdefgh", 8));
+    fe_journal_stats_get(j, &st);
+    assert_int_equal(st.bytes, st0.bytes); /* within the room: nothing grew */
+    assert_true(fe_journal_append(j, r, &id, 1, "x", 1));
+    fe_journal_stats_get(j, &st);
+    assert_true(st.bytes > st0.bytes); /* the 65th token: grown, and accounted */
+    fe_jtail none = {0};
+    fe_journal_close(j, r, &none);
+    fe_journal_stats_get(j, &st);
+    /* ended: exactly what it holds (65 ids, 513 bytes of text, 65 events), nothing reserved */
+    assert_int_equal(st.bytes, st0.bytes - 64 * (sizeof(uint32_t) + 8 + sizeof(fe_jevent)) +
+                                   65 * (sizeof(uint32_t) + sizeof(fe_jevent)) + 513);
+    /* a short stream: room for its max_tokens only */
+    fe_jsnap m2;
+    memset(&m2, 0, sizeof m2);
+    m2.body = "{}";
+    m2.body_len = 2;
+    m2.max_tokens = 3;
+    fe_jrec *r2 = fe_journal_open(j, &m2, key_a, 0);
+    assert_non_null(r2);
+    fe_journal_stats_get(j, &st0);
+    assert_true(fe_journal_append(j, r2, &id, 1, "ab", 2));
+    fe_journal_stats_get(j, &st);
+    assert_int_equal(st.bytes, st0.bytes);
+    fe_journal_close(j, r2, &none);
+    fe_journal_destroy(j);
+}
+
 static void test_off_and_ids(void **state) {
     (void)state;
     fe_journal *off = fe_journal_mem_new(0, 1 << 20);
@@ -325,7 +366,7 @@ static void test_body_digest(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_roundtrip), cmocka_unit_test(test_expiry), cmocka_unit_test(test_size_cap),
+        cmocka_unit_test(test_roundtrip), cmocka_unit_test(test_expiry), cmocka_unit_test(test_size_cap), cmocka_unit_test(test_reserved_room),
         cmocka_unit_test(test_off_and_ids), cmocka_unit_test(test_parse_id), cmocka_unit_test(test_worker_and_import),
         cmocka_unit_test(test_body_digest),
     };
