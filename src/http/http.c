@@ -577,6 +577,13 @@ static void conn_dispatch(conn *c) {
         r->path = u;
         r->query = q ? q + 1 : "";
     }
+    /* Trailing whitespace is not part of a field value (RFC 9110 §5.5); http_parser drops only the
+     * leading one. "Bearer KEY " is the key KEY, "3 " the priority 3. */
+    for (int i = 0; i < H_COUNT; i++) {
+        bt_buf *v = &c->hdr[i];
+        while (c->have_hdr[i] && v->len > 0 && (v->data[v->len - 1] == ' ' || v->data[v->len - 1] == '\t'))
+            v->data[--v->len] = '\0';
+    }
     bt_buf_append(&c->body, "", 0);
     r->body = c->body.data ? c->body.data : "";
     r->body_len = c->body.len;
