@@ -36,5 +36,8 @@ typedef enum {
 
 bt_route_result bt_http_route_find(const bt_http_route *table, size_t n, bt_http_method method, const char *path,
                                    const bt_http_route **out, const char **tail);
+/* The methods (BT_ROUTE_GET | BT_ROUTE_POST) of every route that has this path: what a 405's Allow
+ * header names (RFC 9110 15.5.6), GET implying HEAD. 0 when no route has it. */
+unsigned bt_http_route_allowed(const bt_http_route *table, size_t n, const char *path);
 
 #endif

@@ -3,7 +3,7 @@
  * Covers: exact and prefix routes with their tail; a prefix route needs at least one byte after
  * its prefix; HEAD matches a GET route and nothing else; a path with a route for other methods
  * gives BAD_METHOD (405), an unknown path NOT_FOUND (404); the first matching route wins; a
- * route taking several methods; an empty table. */
+ * route taking several methods; an empty table; the methods a path takes (a 405's Allow). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -69,10 +69,22 @@ static void test_methods(void **state) {
     assert_int_equal(bt_http_route_find(table, 0, BT_HTTP_GET, "/live", &r, &tail), BT_ROUTE_NOT_FOUND);
 }
 
+static void test_allowed(void **state) {
+    (void)state;
+    assert_int_equal(bt_http_route_allowed(table, N, "/live"), BT_ROUTE_GET);
+    assert_int_equal(bt_http_route_allowed(table, N, "/both"), BT_ROUTE_GET | BT_ROUTE_POST);
+    /* two routes of one path: the union */
+    assert_int_equal(bt_http_route_allowed(table, N, "/v1/chat/completions"), BT_ROUTE_GET | BT_ROUTE_POST);
+    assert_int_equal(bt_http_route_allowed(table, N, "/v1/models/x"), BT_ROUTE_GET);
+    assert_int_equal(bt_http_route_allowed(table, N, "/v1/models/"), 0);
+    assert_int_equal(bt_http_route_allowed(table, N, "/nowhere"), 0);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_exact_and_prefix),
         cmocka_unit_test(test_methods),
+        cmocka_unit_test(test_allowed),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
