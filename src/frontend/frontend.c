@@ -149,8 +149,13 @@ static void handle_busy_threshold(fe *f, bt_http_req *http) {
     }
     fe_model *m = fe_model_get(f, name, false);
     if (!m) {
+        /* the name cut between two characters: json_pack refuses a string cut inside one */
+        size_t nl = strlen(name);
+        if (nl > 200)
+            for (nl = 200; nl > 0 && ((unsigned char)name[nl] & 0xC0) == 0x80;) nl--;
         char msg[300];
-        snprintf(msg, sizeof msg, "Model '%s' not found. Thresholds can only be set for discovered models.", name);
+        snprintf(msg, sizeof msg, "Model '%.*s' not found. Thresholds can only be set for discovered models.", (int)nl,
+                 name);
         respond_json(http, 404, json_pack("{s:s}", "error", msg));
         json_decref(b);
         return;
