@@ -320,8 +320,8 @@ static const bt_http_route routes[] = {
     {"/busy_threshold", BT_ROUTE_GET | BT_ROUTE_POST, 0, route_busy_threshold},
     {"/admission", BT_ROUTE_GET | BT_ROUTE_POST, 0, route_admission},
     {"/v1/requests/", BT_ROUTE_POST, 0, route_request_op},
-    {"/v1/chat/completions/", BT_ROUTE_GET, 0, route_resume_chat},
-    {"/v1/completions/", BT_ROUTE_GET, 0, route_resume_completion},
+    {"/v1/chat/completions/", BT_ROUTE_GET, BT_ROUTE_NO_HEAD, route_resume_chat}, /* resume.c refuses HEAD */
+    {"/v1/completions/", BT_ROUTE_GET, BT_ROUTE_NO_HEAD, route_resume_completion},
 };
 
 static void on_http_request(void *ud, bt_http_req *http) {
@@ -342,8 +342,8 @@ static void on_http_request(void *ud, bt_http_req *http) {
         /* a 405 names what the path takes (RFC 9110 15.5.6: MUST) */
         unsigned m = bt_http_route_allowed(routes, sizeof routes / sizeof routes[0], http->path);
         char allow[48];
-        snprintf(allow, sizeof allow, "Allow: %s%s%s\r\n", (m & BT_ROUTE_GET) ? "GET, HEAD" : "",
-                 (m & BT_ROUTE_GET) && (m & BT_ROUTE_POST) ? ", " : "", (m & BT_ROUTE_POST) ? "POST" : "");
+        snprintf(allow, sizeof allow, "Allow: %s%s%s\r\n", (m & BT_ROUTE_GET) ? "GET" : "",
+                 (m & BT_ROUTE_HEAD) ? ", HEAD" : "", (m & BT_ROUTE_POST) ? ((m & BT_ROUTE_GET) ? ", POST" : "POST") : "");
         fe_json_error_ex(http, NULL, 405, "method_not_allowed", NULL, allow, "method not allowed on %s", http->path);
     } else {
         fe_json_error(http, NULL, 404, "unknown_url", "no route for %s", http->path);

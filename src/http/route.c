@@ -39,7 +39,9 @@ unsigned bt_http_route_allowed(const bt_http_route *table, size_t n, const char 
     unsigned methods = 0;
     for (size_t i = 0; i < n; i++) {
         const char *t;
-        if (path_matches(&table[i], path, &t)) methods |= table[i].methods;
+        if (!path_matches(&table[i], path, &t)) continue;
+        methods |= table[i].methods;
+        if ((table[i].methods & BT_ROUTE_GET) && !(table[i].flags & BT_ROUTE_NO_HEAD)) methods |= BT_ROUTE_HEAD;
     }
     return methods;
 }

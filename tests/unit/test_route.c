@@ -25,6 +25,7 @@ static const bt_http_route table[] = {
     {"/both", BT_ROUTE_GET | BT_ROUTE_POST, 0, h1},
     {"/v1/chat/completions", BT_ROUTE_POST, 0, h2},
     {"/v1/chat/completions", BT_ROUTE_GET, 0, h3}, /* shadowed for POST, found for GET */
+    {"/nohead", BT_ROUTE_GET, BT_ROUTE_NO_HEAD, h1},
 };
 #define N (sizeof table / sizeof table[0])
 
@@ -71,11 +72,14 @@ static void test_methods(void **state) {
 
 static void test_allowed(void **state) {
     (void)state;
-    assert_int_equal(bt_http_route_allowed(table, N, "/live"), BT_ROUTE_GET);
-    assert_int_equal(bt_http_route_allowed(table, N, "/both"), BT_ROUTE_GET | BT_ROUTE_POST);
+    const unsigned get = BT_ROUTE_GET | BT_ROUTE_HEAD;
+    assert_int_equal(bt_http_route_allowed(table, N, "/live"), get);
+    assert_int_equal(bt_http_route_allowed(table, N, "/both"), get | BT_ROUTE_POST);
     /* two routes of one path: the union */
-    assert_int_equal(bt_http_route_allowed(table, N, "/v1/chat/completions"), BT_ROUTE_GET | BT_ROUTE_POST);
-    assert_int_equal(bt_http_route_allowed(table, N, "/v1/models/x"), BT_ROUTE_GET);
+    assert_int_equal(bt_http_route_allowed(table, N, "/v1/chat/completions"), get | BT_ROUTE_POST);
+    assert_int_equal(bt_http_route_allowed(table, N, "/v1/models/x"), get);
+    /* a GET route that refuses HEAD */
+    assert_int_equal(bt_http_route_allowed(table, N, "/nohead"), BT_ROUTE_GET);
     assert_int_equal(bt_http_route_allowed(table, N, "/v1/models/"), 0);
     assert_int_equal(bt_http_route_allowed(table, N, "/nowhere"), 0);
 }
