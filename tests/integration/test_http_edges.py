@@ -13,7 +13,9 @@ wrong:
     while a proxy reads it another is open to request smuggling);
   * a 405 names the methods the path takes in an Allow header (RFC 9110 §15.5.6: MUST);
   * POST /busy_threshold with an unknown model whose long name is cut inside a UTF-8 character
-    answers its 404 error message (the body was "{}").
+    answers its 404 error message (the body was "{}");
+  * `top_p` (read by the llama engine) of the wrong type or outside [0, 1] is a 400 naming it, as
+    `temperature` is (it was ignored: "0.9" sampled as top_p 1); null and 0..1 pass.
 """
 
 import json
@@ -149,6 +151,14 @@ with bl.Cluster() as c:
     # ---- /busy_threshold: an unknown model's name cut inside a character still gets its message
     st, _, b = bl.post_json(fe.url + "/busy_threshold", {"model": "a" + "\u00e9" * 200})
     assert st == 404 and isinstance(b, dict) and "not found" in b.get("error", ""), (st, b)
+
+    # ---- top_p: a number from 0 to 1, or null
+    for bad in ("0.9", -0.1, 1.5, [0.5], True):
+        st, _, b = bl.post_json(fe.url + chat, bl.chat_body("tp", max_tokens=2, top_p=bad))
+        assert st == 400 and b["error"]["param"] == "top_p" and b["error"]["code"] == "invalid_value", (bad, st, b)
+    for good in (None, 0, 0.9, 1):
+        st, _, b = bl.post_json(fe.url + chat, bl.chat_body("tp", max_tokens=2, top_p=good))
+        assert st == 200, (good, st, b)
 
     # the frontends still serve
     for f in (fe, keyed):
