@@ -341,9 +341,10 @@ static void on_http_request(void *ud, bt_http_req *http) {
     if (res == BT_ROUTE_BAD_METHOD) {
         /* a 405 names what the path takes (RFC 9110 15.5.6: MUST) */
         unsigned m = bt_http_route_allowed(routes, sizeof routes / sizeof routes[0], http->path);
+        const char *post = !(m & BT_ROUTE_POST) ? "" : (m & BT_ROUTE_GET) ? ", POST" : "POST";
         char allow[48];
         snprintf(allow, sizeof allow, "Allow: %s%s%s\r\n", (m & BT_ROUTE_GET) ? "GET" : "",
-                 (m & BT_ROUTE_HEAD) ? ", HEAD" : "", (m & BT_ROUTE_POST) ? ((m & BT_ROUTE_GET) ? ", POST" : "POST") : "");
+                 (m & BT_ROUTE_HEAD) ? ", HEAD" : "", post);
         fe_json_error_ex(http, NULL, 405, "method_not_allowed", NULL, allow, "method not allowed on %s", http->path);
     } else {
         fe_json_error(http, NULL, 404, "unknown_url", "no route for %s", http->path);
