@@ -149,8 +149,13 @@ static void handle_busy_threshold(fe *f, bt_http_req *http) {
     }
     fe_model *m = fe_model_get(f, name, false);
     if (!m) {
+        /* the name cut between two characters: json_pack refuses a string cut inside one */
+        size_t nl = strlen(name);
+        if (nl > 200)
+            for (nl = 200; nl > 0 && ((unsigned char)name[nl] & 0xC0) == 0x80;) nl--;
         char msg[300];
-        snprintf(msg, sizeof msg, "Model '%s' not found. Thresholds can only be set for discovered models.", name);
+        snprintf(msg, sizeof msg, "Model '%.*s' not found. Thresholds can only be set for discovered models.", (int)nl,
+                 name);
         respond_json(http, 404, json_pack("{s:s}", "error", msg));
         json_decref(b);
         return;
@@ -315,8 +320,8 @@ static const bt_http_route routes[] = {
     {"/busy_threshold", BT_ROUTE_GET | BT_ROUTE_POST, 0, route_busy_threshold},
     {"/admission", BT_ROUTE_GET | BT_ROUTE_POST, 0, route_admission},
     {"/v1/requests/", BT_ROUTE_POST, 0, route_request_op},
-    {"/v1/chat/completions/", BT_ROUTE_GET, 0, route_resume_chat},
-    {"/v1/completions/", BT_ROUTE_GET, 0, route_resume_completion},
+    {"/v1/chat/completions/", BT_ROUTE_GET, BT_ROUTE_NO_HEAD, route_resume_chat}, /* resume.c refuses HEAD */
+    {"/v1/completions/", BT_ROUTE_GET, BT_ROUTE_NO_HEAD, route_resume_completion},
 };
 
 static void on_http_request(void *ud, bt_http_req *http) {
@@ -333,8 +338,17 @@ static void on_http_request(void *ud, bt_http_req *http) {
         return;
     }
     if (res == BT_ROUTE_FOUND) return r->handler(f, http, tail);
-    if (res == BT_ROUTE_BAD_METHOD) fe_json_error(http, NULL, 405, "method_not_allowed", "method not allowed on %s", http->path);
-    else fe_json_error(http, NULL, 404, "unknown_url", "no route for %s", http->path);
+    if (res == BT_ROUTE_BAD_METHOD) {
+        /* a 405 names what the path takes (RFC 9110 15.5.6: MUST) */
+        unsigned m = bt_http_route_allowed(routes, sizeof routes / sizeof routes[0], http->path);
+        const char *post = !(m & BT_ROUTE_POST) ? "" : (m & BT_ROUTE_GET) ? ", POST" : "POST";
+        char allow[48];
+        snprintf(allow, sizeof allow, "Allow: %s%s%s\r\n", (m & BT_ROUTE_GET) ? "GET" : "",
+                 (m & BT_ROUTE_HEAD) ? ", HEAD" : "", post);
+        fe_json_error_ex(http, NULL, 405, "method_not_allowed", NULL, allow, "method not allowed on %s", http->path);
+    } else {
+        fe_json_error(http, NULL, 404, "unknown_url", "no route for %s", http->path);
+    }
 }
 
 static void on_http_abort(void *ud, bt_http_req *http) {

@@ -354,7 +354,8 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
         bt_http_respond(http, 204, NULL, NULL, NULL, 0);
         return;
     }
-    json_t *body = json_loads(snap->body, 0, NULL);
+    /* the body was accepted with U+0000 in its strings (request.c): read back the same way */
+    json_t *body = json_loads(snap->body, JSON_ALLOW_NUL, NULL);
     fe_model *m = body ? fe_model_get(f, snap->model, true) : NULL;
     fe_req *r = m ? fe_request_new(f, http, api, body, snap->rid, m, snap->created) : NULL;
     if (!r) { /* answered by fe_request_new, unless the body or model could not be made */
@@ -409,7 +410,7 @@ void fe_resume_post(fe *f, bt_http_req *http, bt_api api) {
         return;
     }
     json_error_t jerr;
-    json_t *body = json_loadb(http->body, http->body_len, 0, &jerr);
+    json_t *body = json_loadb(http->body, http->body_len, JSON_ALLOW_NUL, &jerr); /* as fe_request_start */
     char digest[65];
     bool ok = body && fe_body_digest(body, digest);
     json_decref(body);

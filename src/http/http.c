@@ -110,7 +110,7 @@ struct conn {
     bool headers_done;
     bool hdr_in_value;
     bool keep_alive, is_head, http10;
-    int err_status; /* 413 / 431 chosen by a parser callback that failed on purpose */
+    int err_status; /* 400 / 413 / 431 chosen by a parser callback that failed on purpose */
     int cur_hdr;    /* index into interesting_headers of the header being read, or -1 */
     size_t hdr_bytes;
     char hdr_name[HDR_NAME_MAX];
@@ -432,6 +432,13 @@ static int cb_header_field(http_parser *p, const char *at, size_t len) {
         if (!count_header_bytes(c, 4)) return -1;
     }
     if (!count_header_bytes(c, len)) return -1;
+    /* http_parser (not strict) takes spaces into a name: "Content-Length : 5" would be honoured
+     * while a proxy in front may read that line otherwise, the start of request smuggling. A
+     * server must reject it (RFC 9112 5.1). */
+    if (memchr(at, ' ', len)) {
+        c->err_status = 400;
+        return -1;
+    }
     if (c->hdr_name_len + len >= HDR_NAME_MAX) {
         c->hdr_name_long = true; /* longer than anything we look at */
     } else {
@@ -540,7 +547,9 @@ static size_t conn_parse(conn *c, const char *data, size_t len) {
         conn_error_close(c, 431, msg);
     } else {
         snprintf(msg, sizeof msg, "malformed HTTP request: %s",
-                 e == HPE_OK ? "unexpected data" : http_errno_description(e));
+                 c->err_status == 400 ? "whitespace in a header name (before its colon)"
+                 : e == HPE_OK        ? "unexpected data"
+                                      : http_errno_description(e));
         conn_error_close(c, 400, msg);
     }
     return len;
@@ -576,6 +585,13 @@ static void conn_dispatch(conn *c) {
         if (q) *q = '\0';
         r->path = u;
         r->query = q ? q + 1 : "";
+    }
+    /* Trailing whitespace is not part of a field value (RFC 9110 §5.5); http_parser drops only the
+     * leading one. "Bearer KEY " is the key KEY, "3 " the priority 3. */
+    for (int i = 0; i < H_COUNT; i++) {
+        bt_buf *v = &c->hdr[i];
+        while (c->have_hdr[i] && v->len > 0 && (v->data[v->len - 1] == ' ' || v->data[v->len - 1] == '\t'))
+            v->data[--v->len] = '\0';
     }
     bt_buf_append(&c->body, "", 0);
     r->body = c->body.data ? c->body.data : "";

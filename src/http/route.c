@@ -34,3 +34,14 @@ bt_route_result bt_http_route_find(const bt_http_route *table, size_t n, bt_http
     }
     return path_known ? BT_ROUTE_BAD_METHOD : BT_ROUTE_NOT_FOUND;
 }
+
+unsigned bt_http_route_allowed(const bt_http_route *table, size_t n, const char *path) {
+    unsigned methods = 0;
+    for (size_t i = 0; i < n; i++) {
+        const char *t;
+        if (!path_matches(&table[i], path, &t)) continue;
+        methods |= table[i].methods;
+        if ((table[i].methods & BT_ROUTE_GET) && !(table[i].flags & BT_ROUTE_NO_HEAD)) methods |= BT_ROUTE_HEAD;
+    }
+    return methods;
+}

@@ -16,9 +16,11 @@
 
 #define BT_ROUTE_GET (1u << BT_HTTP_GET)
 #define BT_ROUTE_POST (1u << BT_HTTP_POST)
+#define BT_ROUTE_HEAD (1u << BT_HTTP_HEAD) /* in bt_http_route_allowed's answer only */
 
 enum {
-    BT_ROUTE_OPEN = 1u, /* answered without authentication (probes, metrics) */
+    BT_ROUTE_OPEN = 1u,    /* answered without authentication (probes, metrics) */
+    BT_ROUTE_NO_HEAD = 2u, /* a GET route whose handler refuses HEAD (not in its Allow) */
 };
 
 typedef struct {
@@ -36,5 +38,9 @@ typedef enum {
 
 bt_route_result bt_http_route_find(const bt_http_route *table, size_t n, bt_http_method method, const char *path,
                                    const bt_http_route **out, const char **tail);
+/* The methods of every route that has this path: what a 405's Allow header names (RFC 9110
+ * 15.5.6). BT_ROUTE_GET | BT_ROUTE_POST as the routes say, and BT_ROUTE_HEAD with a GET route that
+ * is not BT_ROUTE_NO_HEAD. 0 when no route has the path. */
+unsigned bt_http_route_allowed(const bt_http_route *table, size_t n, const char *path);
 
 #endif

@@ -3,7 +3,7 @@
  * Covers: exact and prefix routes with their tail; a prefix route needs at least one byte after
  * its prefix; HEAD matches a GET route and nothing else; a path with a route for other methods
  * gives BAD_METHOD (405), an unknown path NOT_FOUND (404); the first matching route wins; a
- * route taking several methods; an empty table. */
+ * route taking several methods; an empty table; the methods a path takes (a 405's Allow). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -25,6 +25,7 @@ static const bt_http_route table[] = {
     {"/both", BT_ROUTE_GET | BT_ROUTE_POST, 0, h1},
     {"/v1/chat/completions", BT_ROUTE_POST, 0, h2},
     {"/v1/chat/completions", BT_ROUTE_GET, 0, h3}, /* shadowed for POST, found for GET */
+    {"/nohead", BT_ROUTE_GET, BT_ROUTE_NO_HEAD, h1},
 };
 #define N (sizeof table / sizeof table[0])
 
@@ -69,10 +70,25 @@ static void test_methods(void **state) {
     assert_int_equal(bt_http_route_find(table, 0, BT_HTTP_GET, "/live", &r, &tail), BT_ROUTE_NOT_FOUND);
 }
 
+static void test_allowed(void **state) {
+    (void)state;
+    const unsigned get = BT_ROUTE_GET | BT_ROUTE_HEAD;
+    assert_int_equal(bt_http_route_allowed(table, N, "/live"), get);
+    assert_int_equal(bt_http_route_allowed(table, N, "/both"), get | BT_ROUTE_POST);
+    /* two routes of one path: the union */
+    assert_int_equal(bt_http_route_allowed(table, N, "/v1/chat/completions"), get | BT_ROUTE_POST);
+    assert_int_equal(bt_http_route_allowed(table, N, "/v1/models/x"), get);
+    /* a GET route that refuses HEAD */
+    assert_int_equal(bt_http_route_allowed(table, N, "/nohead"), BT_ROUTE_GET);
+    assert_int_equal(bt_http_route_allowed(table, N, "/v1/models/"), 0);
+    assert_int_equal(bt_http_route_allowed(table, N, "/nowhere"), 0);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_exact_and_prefix),
         cmocka_unit_test(test_methods),
+        cmocka_unit_test(test_allowed),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,0 +1,168 @@
+"""Edges of the frontend's HTTP surface, through the real binaries, each a case an earlier build got
+wrong:
+
+  * a stream whose body holds U+0000 (valid JSON, accepted: docs/security.md) resumes like any
+    other: by a re-POST with Last-Event-ID and by the GET form, with exactly the rest of its events
+    (the resume parsed the body without JSON_ALLOW_NUL: 400 "invalid JSON body" and 500
+    "out of memory");
+  * header values lose their trailing whitespace (RFC 9110 §5.5: it is not part of the value):
+    `X-Priority: 3 `, `X-Request-Id: id `, `Authorization: Bearer KEY ` and `Last-Event-ID: ID `
+    work as without it (they were a 400, a fresh id, a 401 and a 400);
+  * whitespace between a header's name and its colon is a 400 malformed_request with the
+    connection closed (RFC 9112 §5.1: a server MUST reject it; one that reads such a line one way
+    while a proxy reads it another is open to request smuggling);
+  * a 405 names the methods the path takes in an Allow header (RFC 9110 §15.5.6: MUST);
+  * POST /busy_threshold with an unknown model whose long name is cut inside a UTF-8 character
+    answers its 404 error message (the body was "{}");
+  * `top_p` (read by the llama engine) of the wrong type or outside [0, 1] is a 400 naming it, as
+    `temperature` is (it was ignored: "0.9" sampled as top_p 1); null and 0..1 pass.
+"""
+
+import json
+import socket
+
+import batonlib as bl
+
+bl.deadline(120, "test_http_edges")
+
+
+def raw(port, data, timeout=5.0):
+    """Sends data on a fresh connection; returns (status, headers, body bytes, closed by server)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    out, closed = b"", False
+    try:
+        s.sendall(data)
+        while True:
+            if b"\r\n\r\n" in out:
+                head, rest = out.split(b"\r\n\r\n", 1)
+                cl = [ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length:")]
+                if cl and len(rest) >= int(cl[0].split(b":")[1]):
+                    # the answer is whole: does the server close after it?
+                    s.settimeout(1.0)
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                closed = True
+                break
+            out += chunk
+    except ConnectionResetError:
+        closed = True
+    finally:
+        s.close()
+    head, _, body = out.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1]) if lines and len(lines[0].split()) > 1 else None
+    hdrs = {ln.split(":", 1)[0].strip().lower(): ln.split(":", 1)[1].strip() for ln in lines[1:] if ":" in ln}
+    return status, hdrs, body, closed
+
+
+def post(path, body, extra=b""):
+    data = json.dumps(body).encode()
+    return (b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + extra +
+            b"Content-Length: " + str(len(data)).encode() + b"\r\nConnection: close\r\n\r\n" + data)
+
+
+def sse_text(raw_body):
+    """The concatenated content of the chunked SSE body's data events, and whether [DONE] came."""
+    text, done, buf, rest = "", False, b"", raw_body
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        buf += rest[:size]
+        rest = rest[size + 2:]
+    for ln in buf.decode().split("\n"):
+        if not ln.startswith("data: "):
+            continue
+        if ln == "data: [DONE]":
+            done = True
+            continue
+        ch = json.loads(ln[6:])["choices"]
+        if ch:
+            text += ch[0]["delta"].get("content", "")
+    return text, done
+
+
+with bl.Cluster() as c:
+    fe = c.start_frontend()
+    keyed = c.start_frontend(api_key="sekrit")
+    c.start_worker(speedup_ratio=1000)
+    c.wait_workers(fe, 1)
+    c.wait_workers(keyed, 1, timeout=30)
+    chat = "/v1/chat/completions"
+
+    # ---- a stream whose body holds U+0000 resumes, in both forms
+    body = bl.chat_body("a\u0000b", max_tokens=8, stream=True)
+    s = bl.stream_chat(fe.url, body)
+    s.assert_ok("the stream with U+0000 in its prompt")
+    ids = s.event_ids
+    assert len(ids) >= 4 and s.text, s.summary()
+    sid = ids[0].split(":")[0]
+    rest = bl.stream_sse(fe.url, chat, body, headers={"Last-Event-ID": ids[0]})
+    assert rest.status == 200 and rest.done, f"re-POST resume of a U+0000 stream: {rest.summary()}"
+    first = s.text[:len(s.text) - len(rest.text)]
+    assert rest.text and s.text.endswith(rest.text) and first, (s.text, rest.text)
+    assert rest.event_ids == ids[1:], (rest.event_ids, ids)
+    full = bl.stream_sse(fe.url, f"{chat}/{sid}?starting_after=0", None, method="GET")
+    assert full.status == 200 and full.done, f"GET resume of a U+0000 stream: {full.summary()}"
+    assert full.text == s.text and full.event_ids == ids, (full.text, s.text, full.event_ids)
+
+    # ---- trailing whitespace is not part of a header's value
+    ok = bl.chat_body("ows", max_tokens=2)
+    st, hdrs, b, _ = raw(fe.port, post(chat, ok, b"X-Priority: 3 \t\r\n"))
+    assert st == 200, ("X-Priority with trailing whitespace", st, b[:200])
+    st, hdrs, b, _ = raw(fe.port, post(chat, ok, b"X-Request-Id: my-req-7  \r\n"))
+    assert st == 200 and hdrs.get("x-request-id") == "my-req-7", (st, hdrs)
+    assert json.loads(b)["id"] == "chatcmpl-my-req-7", b[:200]
+    st, hdrs, b, _ = raw(keyed.port, post(chat, ok, b"Authorization: Bearer sekrit \r\n"))
+    assert st == 200, ("Authorization with trailing whitespace", st, b[:200])
+    st, _, b, _ = raw(keyed.port, post(chat, ok, b"Authorization: Bearer sekri \r\n"))
+    assert st == 401, ("a wrong key with trailing whitespace", st, b[:200])
+    st, hdrs, b, _ = raw(fe.port, post(chat, body, b"Last-Event-ID: " + ids[-2].encode() + b" \r\n"))
+    text, done = sse_text(b)
+    assert st == 200 and done and text == "", ("Last-Event-ID with trailing whitespace", st, b[:300])
+    assert b"data: [DONE]" in b and ids[-1].encode() in b, b[:400]
+
+    # ---- whitespace between a header's name and its colon: 400, connection closed
+    for line in (b"X-Request-Id : abc\r\n", b"Content-Length : 5\r\n", b"Transfer-Encoding\t: chunked\r\n"):
+        st, _, b, closed = raw(fe.port, post(chat, ok, line))
+        assert st == 400 and closed, (line, st, b[:200], closed)
+        err = json.loads(b)["error"]
+        assert err["code"] == "malformed_request" and "header" in err["message"], (line, err)
+    # a smuggled request inside the body of one with such a line is never answered
+    smug = b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n"
+    st, _, b, closed = raw(fe.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length : " +
+                           str(len(smug)).encode() + b"\r\n\r\n" + smug)
+    assert st == 400 and closed and b"Service is live" not in b, (st, b)
+
+    # ---- 405 names the allowed methods
+    for method, path, allow in (("DELETE", chat, {"POST"}), ("POST", "/live", {"GET", "HEAD"}),
+                                ("PUT", "/busy_threshold", {"GET", "HEAD", "POST"}),
+                                ("POST", "/v1/models/mock-model", {"GET", "HEAD"}),
+                                ("POST", f"{chat}/{sid}", {"GET"})):  # HEAD is refused there (405)
+        st, hdrs, b = bl.request(method, fe.url + path, b"" if method != "GET" else None)
+        assert st == 405 and json.loads(b)["error"]["code"] == "method_not_allowed", (method, path, st, b)
+        got = {m.strip() for m in hdrs.get("allow", "").split(",") if m.strip()}
+        assert got == allow, (method, path, hdrs.get("allow"))
+
+    # ---- /busy_threshold: an unknown model's name cut inside a character still gets its message
+    st, _, b = bl.post_json(fe.url + "/busy_threshold", {"model": "a" + "\u00e9" * 200})
+    assert st == 404 and isinstance(b, dict) and "not found" in b.get("error", ""), (st, b)
+
+    # ---- top_p: a number from 0 to 1, or null
+    for bad in ("0.9", -0.1, 1.5, [0.5], True):
+        st, _, b = bl.post_json(fe.url + chat, bl.chat_body("tp", max_tokens=2, top_p=bad))
+        assert st == 400 and b["error"]["param"] == "top_p" and b["error"]["code"] == "invalid_value", (bad, st, b)
+    for good in (None, 0, 0.9, 1):
+        st, _, b = bl.post_json(fe.url + chat, bl.chat_body("tp", max_tokens=2, top_p=good))
+        assert st == 200, (good, st, b)
+
+    # the frontends still serve
+    for f in (fe, keyed):
+        st, _, b = bl.post_json(f.url + chat, bl.chat_body("still there?", max_tokens=3),
+                                headers={"Authorization": "Bearer sekrit"})
+        assert st == 200 and b["choices"][0]["message"]["content"], (st, b)
+print("test_http_edges: ok")
