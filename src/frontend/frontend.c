@@ -656,6 +656,9 @@ int bt_frontend_main(int argc, char **argv) {
         bt_proc_error("frontend", "unknown --router-mode '%s' (round-robin, random, least-loaded)", o->router_mode);
         goto bad_usage;
     }
+    if (!bt_proc_check_discovery("frontend", &o->p, opts, nopts, argc, argv) ||
+        !bt_proc_check_host("frontend", opts, nopts, argc, argv, "--http-host", o->http_host))
+        goto bad_usage;
     if (bt_proc_load_secret(&o->p, &f->rpc_secret, err, sizeof err) != BT_OK) {
         bt_proc_error("frontend", "%s", err);
         goto bad_usage;

@@ -995,10 +995,10 @@ int bt_worker_main(int argc, char **argv) {
                       (double)BT_GATHER_BOUND * (double)o->mocker.batch_gather_us / 1e6);
         goto bad_usage;
     }
-    if (strcmp(o->p.discovery, "file") != 0 && strcmp(o->p.discovery, "etcd") != 0) {
-        bt_proc_error("worker", "unknown --discovery '%s' (file or etcd)", o->p.discovery);
+    if (!bt_proc_check_discovery("worker", &o->p, opts, nopts, argc, argv) ||
+        !bt_proc_check_host("worker", opts, nopts, argc, argv, "--rpc-host", o->rpc_host) ||
+        !bt_proc_check_host("worker", opts, nopts, argc, argv, "--system-host", o->system_host))
         goto bad_usage;
-    }
     if (o->health_path[0] != '/' || o->live_path[0] != '/') {
         bt_proc_error("worker", "DYN_SYSTEM_HEALTH_PATH and DYN_SYSTEM_LIVE_PATH must start with '/'");
         goto bad_usage;

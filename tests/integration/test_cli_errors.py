@@ -11,7 +11,9 @@
   3. An invalid value reads "baton CMD: invalid value 'V' for --FLAG (expected ...)"; a DYN_LOG
      that names no level is reported (it used to leave the level at info in silence); `baton run
      --http-host localhost` is refused before any child starts (exit 2), as is a fixed worker port
-     (--system-port, --rpc-port, DYN_TCP_RPC_PORT) with more than one worker.
+     (--system-port, --rpc-port, DYN_TCP_RPC_PORT) with more than one worker. A frontend's or a
+     worker's listen address that is not numeric (--http-host, --rpc-host, --system-host) and an
+     unknown --discovery are usage errors (exit 2, the flag or its twin named), not failed starts.
      `baton run` also refuses, before it starts any child, every argument a child would refuse:
      an unknown flag (passed on to the workers), a bad value of a frontend flag, an unknown
      engine, an openai setting with --engine llama (exit 2, "nothing was started", no directory
@@ -125,6 +127,31 @@ for host in ("localhost", "10.0.0.300"):
     rc, out, took = baton(["run", "--http-host", host, "--http-port", str(port)])
     assert rc == 2 and f"baton run: --http-host '{host}' is not a numeric IPv4 or IPv6 address" in out, (host, rc, out)
     assert "started" not in out and took < 10, out
+
+# the listen addresses and the discovery backend of `baton frontend` and `baton worker` are usage
+# errors too (exit 2, naming the flag or its twin), not start-up failures (exit 1) that a supervisor
+# would restart forever; `baton run` refuses them before it starts anything
+for args, env, want in [
+        (["frontend", "--http-port", str(port), "--http-host", "localhost"], {},
+         "baton frontend: --http-host 'localhost' is not a numeric IPv4 or IPv6 address"),
+        (["frontend", "--http-port", str(port)], {"DYN_HTTP_HOST": "example.com"},
+         "baton frontend: DYN_HTTP_HOST (--http-host) 'example.com' is not a numeric IPv4 or IPv6 address"),
+        (["frontend", "--http-port", str(port), "--discovery", "consul"], {},
+         "baton frontend: unknown --discovery 'consul' (file or etcd)"),
+        (["frontend", "--http-port", str(port)], {"DYN_DISCOVERY_BACKEND": "consul"},
+         "baton frontend: unknown DYN_DISCOVERY_BACKEND (--discovery) 'consul' (file or etcd)"),
+        (["worker", "--system-port", "-1", "--rpc-host", "localhost"], {},
+         "baton worker: --rpc-host 'localhost' is not a numeric IPv4 or IPv6 address"),
+        (["worker", "--system-port", str(port)], {"DYN_SYSTEM_HOST": "localhost"},
+         "baton worker: DYN_SYSTEM_HOST (--system-host) 'localhost' is not a numeric IPv4 or IPv6 address"),
+        (["run", "--http-port", str(port), "--rpc-host", "localhost"], {},
+         "baton run: --rpc-host 'localhost' is not a numeric IPv4 or IPv6 address"),
+        (["run", "--http-port", str(port), "--system-host", "localhost"], {},
+         "baton run: --system-host 'localhost' is not a numeric IPv4 or IPv6 address")]:
+    rc, out, took = baton(args, env=dict(env, DYN_LOG="info"))
+    assert rc == 2 and want in out, (args, env, rc, out)
+    assert "start" not in out.replace("nothing was started", "") and took < 10, (args, env, out)
+    assert not listening(port), (args, env)
 
 # a fixed worker port given to `baton run` with several workers: refused before anything starts
 for args, env, want in [(["--system-port", "9090"], {}, "baton run: --system-port 9090 would give all 2 workers"),
