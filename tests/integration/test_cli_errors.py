@@ -19,7 +19,8 @@
      engine, an openai setting with --engine llama (exit 2, "nothing was started", no directory
      made, nothing listening).
   4. `baton run --help` says how to get llama.cpp workers (--engine llama). `baton help` prints
-     the usage `baton --help` prints; `baton help CMD` what `baton CMD --help` prints.
+     the usage `baton --help` prints; `baton help CMD` what `baton CMD --help` prints. `baton
+     chaos list` into a pipe whose reader is gone exits 1 without a traceback.
   5. A file discovery directory this user cannot read (frontend, worker) or write in (worker) is a
      start-up error (exit 1, the directory and the reason named), not a process that runs and
      never finds, or is never found by, anyone. Run as an unprivileged user (setpriv to nobody when
@@ -209,6 +210,20 @@ for cmd in ("run", "frontend", "worker"):
 rc, out, _ = baton(["help", "nope"])
 assert rc == 2 and "baton help: unknown command 'nope'" in out, (rc, out)
 print("cli: baton help prints the usage, baton help CMD the command's --help")
+
+# `baton chaos list | head`: a reader that stops early ends the listing without a Python traceback
+# (exit 1); the pipe's read end is closed before the tool writes anything
+rfd, wfd = os.pipe()
+os.close(rfd)
+p = subprocess.run([BIN, "chaos", "list"], stdout=wfd, stderr=subprocess.PIPE, text=True, env=CLEAN_ENV,
+                   stdin=subprocess.DEVNULL, timeout=30)
+os.close(wfd)
+assert p.returncode == 1 and "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, (p.returncode, p.stderr)
+rc, out, _ = baton(["chaos", "list"])
+assert rc == 0 and out.count("starts its own processes") >= 10, (rc, out[:300])
+rc, out, _ = baton(["chaos"])
+assert rc == 2 and "the following arguments are required: {run,list,validate}" in out, (rc, out)
+print("cli: baton chaos list into a closed pipe ends quietly; a missing chaos command is named")
 
 # --- 5. discovery directories this user cannot use
 base = bl.tmpdir("cli-perm")
