@@ -760,7 +760,7 @@ static int worker_run(wk_worker *w) {
     if (o->rpc_secret) BT_INFO("request plane: frontends must prove the shared secret");
     if (bt_rpc_listen(loop, o->rpc_host, (int)o->rpc_port, &rc, &peer_handlers, w, &w->listener, err, sizeof err) !=
         BT_OK) {
-        BT_ERROR("%s", err);
+        BT_ERROR("%s; choose another --rpc-port (DYN_TCP_RPC_PORT), or 0 for a free one", err);
         return 1;
     }
     snprintf(w->transport, sizeof w->transport, "%s:%d", o->rpc_host, bt_rpc_listener_port(w->listener));

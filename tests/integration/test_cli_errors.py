@@ -25,6 +25,8 @@
      start-up error (exit 1, the directory and the reason named), not a process that runs and
      never finds, or is never found by, anyone. Run as an unprivileged user (setpriv to nobody when
      the test runs as root, whom permissions do not stop).
+  6. A port held by another program (the frontend's, a worker's request plane) is a start-up error
+     (exit 1) naming the flag that chooses another.
 Each command must exit within 10 s and leave nothing listening."""
 
 import os
@@ -272,3 +274,19 @@ for args, want in [(["--model", os.path.join(base, "missing.gguf")], "missing.gg
     assert rc == 2 and want in out, (args, rc, out)
     assert took < 10, (args, took)
 print("cli: a llama worker without a usable model or libraries exits 2 at once")
+
+# A port held by another program is a start-up error (exit 1) that says which flag picks another
+with socket.socket() as held:
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    taken = held.getsockname()[1]
+    for args, want in [
+            (["frontend", "--http-host", "127.0.0.1", "--http-port", str(taken)],
+             f"cannot listen on 127.0.0.1:{taken}: address already in use; choose another --http-port (DYN_HTTP_PORT)"),
+            (["worker", "--system-port", "-1", "--rpc-port", str(taken), "--discovery-dir", bl.tmpdir("cli-rpc")],
+             f"cannot listen on 127.0.0.1:{taken}: address already in use; choose another --rpc-port "
+             "(DYN_TCP_RPC_PORT), or 0 for a free one")]:
+        rc, out, took = baton(args)
+        assert rc == 1 and want in out, (args, rc, out)
+        assert took < 10 and "serving model" not in out, (args, took, out)
+print("cli: a port in use names the flag that chooses another")

@@ -118,7 +118,8 @@ with bl.Cluster() as c:
     assert rc is not None, f"baton run still running 5 s after start with its port taken; log:\n{log}"
     assert rc != 0, f"baton run exited 0 with its port taken; log:\n{log}"
     assert "baton: serving" not in log, f"baton run claimed to serve at a port another program holds:\n{log}"
-    assert re.search(r"ERROR +frontend\[\d+\]: cannot listen on 127\.0\.0\.1:%d: address already in use" % port, log), log
+    assert re.search(r"ERROR +frontend\[\d+\]: cannot listen on 127\.0\.0\.1:%d: address already in use; choose "
+                     r"another --http-port \(DYN_HTTP_PORT\)" % port, log), log
     assert re.search(r"ERROR +run\[\d+\]: frontend 0 exited during start-up \(status 1; .*nothing is serving at "
                      r"http://127\.0\.0\.1:%d" % port, log), log
     assert log.count("started frontend") == 1, f"the frontend was restarted:\n{log}"
