@@ -73,13 +73,23 @@ bool bt_proc_check_host(const char *cmd, const bt_opt *opts, int nopts, int argc
     return false;
 }
 
-bool bt_proc_check_discovery(const char *cmd, const bt_proc_opts *p, const bt_opt *opts, int nopts, int argc,
-                             char **argv) {
-    if (p->discovery && (strcmp(p->discovery, "file") == 0 || strcmp(p->discovery, "etcd") == 0)) return true;
+bool bt_proc_check_choice(const char *cmd, const bt_opt *opts, int nopts, int argc, char **argv, const char *flag,
+                          const char *value, const char *const *choices, const char *listed) {
+    for (const char *const *c = choices; value && *c; c++)
+        if (strcmp(value, *c) == 0) return true;
     char name[160];
-    bt_proc_error(cmd, "unknown %s '%s' (file or etcd)", given_as(opts, nopts, argc, argv, "--discovery", name,
-                                                                  sizeof name), p->discovery ? p->discovery : "");
+    bt_proc_error(cmd, "unknown %s '%s' (%s)", given_as(opts, nopts, argc, argv, flag, name, sizeof name),
+                  value ? value : "", listed);
     return false;
+}
+
+bool bt_proc_check_planes(const char *cmd, const bt_proc_opts *p, const bt_opt *opts, int nopts, int argc,
+                          char **argv) {
+    static const char *const discovery[] = {"file", "etcd", NULL};
+    static const char *const planes[] = {"direct", "nats", NULL};
+    return bt_proc_check_choice(cmd, opts, nopts, argc, argv, "--discovery", p->discovery, discovery, "file or etcd") &&
+           bt_proc_check_choice(cmd, opts, nopts, argc, argv, "--event-plane", p->event_plane, planes,
+                                "direct or nats");
 }
 
 bt_status bt_proc_load_secret(const bt_proc_opts *p, char **out, char *err, size_t errlen) {

@@ -114,9 +114,13 @@ int bt_proc_error(const char *cmd, const char *fmt, ...) __attribute__((format(p
  * listeners accept); else prints the error through bt_proc_error and returns false. */
 bool bt_proc_check_host(const char *cmd, const bt_opt *opts, int nopts, int argc, char **argv, const char *flag,
                         const char *value);
-/* True when p->discovery is "file" or "etcd"; else prints the error and returns false. */
-bool bt_proc_check_discovery(const char *cmd, const bt_proc_opts *p, const bt_opt *opts, int nopts, int argc,
-                             char **argv);
+/* True when `value`, the value of row `flag`, is one of the NULL-terminated `choices`; else prints
+ * "unknown <flag> 'value' (<listed>)" through bt_proc_error and returns false. */
+bool bt_proc_check_choice(const char *cmd, const bt_opt *opts, int nopts, int argc, char **argv, const char *flag,
+                          const char *value, const char *const *choices, const char *listed);
+/* The choices of --discovery (file, etcd) and --event-plane (direct, nats) of a bt_proc_opts. */
+bool bt_proc_check_planes(const char *cmd, const bt_proc_opts *p, const bt_opt *opts, int nopts, int argc,
+                          char **argv);
 
 /* The request-plane secret from --rpc-secret-file, else $DYN_RPC_SECRET (bt_load_secret). */
 bt_status bt_proc_load_secret(const bt_proc_opts *p, char **out, char *err, size_t errlen);

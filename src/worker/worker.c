@@ -995,7 +995,7 @@ int bt_worker_main(int argc, char **argv) {
                       (double)BT_GATHER_BOUND * (double)o->mocker.batch_gather_us / 1e6);
         goto bad_usage;
     }
-    if (!bt_proc_check_discovery("worker", &o->p, opts, nopts, argc, argv) ||
+    if (!bt_proc_check_planes("worker", &o->p, opts, nopts, argc, argv) ||
         !bt_proc_check_host("worker", opts, nopts, argc, argv, "--rpc-host", o->rpc_host) ||
         !bt_proc_check_host("worker", opts, nopts, argc, argv, "--system-host", o->system_host))
         goto bad_usage;

@@ -13,7 +13,8 @@
      --http-host localhost` is refused before any child starts (exit 2), as is a fixed worker port
      (--system-port, --rpc-port, DYN_TCP_RPC_PORT) with more than one worker. A frontend's or a
      worker's listen address that is not numeric (--http-host, --rpc-host, --system-host) and an
-     unknown --discovery are usage errors (exit 2, the flag or its twin named), not failed starts.
+     unknown --discovery are usage errors (exit 2, the flag or its twin named), not failed starts;
+     a value from an environment twin is named by the variable (DYN_ROUTER_MODE, DYN_EVENT_PLANE).
      `baton run` also refuses, before it starts any child, every argument a child would refuse:
      an unknown flag (passed on to the workers), a bad value of a frontend flag, an unknown
      engine, an openai setting with --engine llama (exit 2, "nothing was started", no directory
@@ -131,8 +132,8 @@ for host in ("localhost", "10.0.0.300"):
     assert rc == 2 and f"baton run: --http-host '{host}' is not a numeric IPv4 or IPv6 address" in out, (host, rc, out)
     assert "started" not in out and took < 10, out
 
-# the listen addresses and the discovery backend of `baton frontend` and `baton worker` are usage
-# errors too (exit 2, naming the flag or its twin), not start-up failures (exit 1) that a supervisor
+# the listen addresses, the discovery backend and the event plane of `baton frontend` and `baton
+# worker` are usage errors too (exit 2, naming the flag or its twin), not start-up failures (exit 1) that a supervisor
 # would restart forever; `baton run` refuses them before it starts anything
 for args, env, want in [
         (["frontend", "--http-port", str(port), "--http-host", "localhost"], {},
@@ -150,7 +151,17 @@ for args, env, want in [
         (["run", "--http-port", str(port), "--rpc-host", "localhost"], {},
          "baton run: --rpc-host 'localhost' is not a numeric IPv4 or IPv6 address"),
         (["run", "--http-port", str(port), "--system-host", "localhost"], {},
-         "baton run: --system-host 'localhost' is not a numeric IPv4 or IPv6 address")]:
+         "baton run: --system-host 'localhost' is not a numeric IPv4 or IPv6 address"),
+        (["run", "--http-port", str(port)], {"DYN_HTTP_HOST": "localhost"},
+         "baton run: DYN_HTTP_HOST (--http-host) 'localhost' is not a numeric IPv4 or IPv6 address"),
+        (["run", "--http-port", str(port)], {"DYN_EVENT_PLANE": "kafka"},
+         "baton run: unknown DYN_EVENT_PLANE (--event-plane) 'kafka' (direct or nats)"),
+        (["frontend", "--http-port", str(port), "--event-plane", "kafka"], {},
+         "baton frontend: unknown --event-plane 'kafka' (direct or nats)"),
+        (["worker", "--system-port", "-1"], {"DYN_EVENT_PLANE": "kafka"},
+         "baton worker: unknown DYN_EVENT_PLANE (--event-plane) 'kafka' (direct or nats)"),
+        (["frontend", "--http-port", str(port)], {"DYN_ROUTER_MODE": "fastest"},
+         "baton frontend: unknown DYN_ROUTER_MODE (--router-mode) 'fastest' (round-robin, random, least-loaded)")]:
     rc, out, took = baton(args, env=dict(env, DYN_LOG="info"))
     assert rc == 2 and want in out, (args, env, rc, out)
     assert "start" not in out.replace("nothing was started", "") and took < 10, (args, env, out)
