@@ -24,7 +24,6 @@
  * the directory and exits 0; a second signal sends SIGKILL. */
 #include "cli/run.h"
 
-#include <arpa/inet.h>
 #include <curl/curl.h>
 #include <jansson.h>
 #include <limits.h>
