@@ -581,6 +581,11 @@ static const char *const mocker_only[] = {"--num-gpu-blocks-override", "--block-
                                           "--fault-die-after-tokens", "--fault-stall-after-tokens",
                                           "--fault-error-after-tokens", "--fault-signals", "--fault-slow-factor",
                                           "--mocker-kv-bytes-per-token", "--batch-gather-us", NULL};
+/* read by the llama engine alone: given to another engine (`baton run --model x.gguf` without
+ * --engine llama) the worker would serve the mocker's mock-model instead of the model named */
+static const char *const llama_only[] = {"--model", "--llama-lib-dir", "--ctx-size", "--llama-threads",
+                                         "--llama-ubatch", "--flash-attn", "--kv-unified", "--fault-hang-after-tokens",
+                                         "--fault-nan-after-tokens", "--fault-kv-corrupt", NULL};
 
 static bool engine_settings_check(const wk_opts *o, const bt_opt *opts, int nopts, int argc, char **argv, char *err,
                                   size_t errlen) {
@@ -603,6 +608,14 @@ static bool engine_settings_check(const wk_opts *o, const bt_opt *opts, int nopt
             snprintf(err, errlen, "%s is a setting of the openai engine, but this worker runs the %s: add "
                                   "--engine openai (or DYN_ENGINE=openai) to serve through an upstream",
                      given_as(origin, foreign[i]), llama ? "llama engine (--engine llama)" : "mocker");
+        return false;
+    }
+    for (int i = 0; !llama && llama_only[i]; i++) {
+        const char *origin = bt_opts_origin(opts, nopts, argc, argv, 1, llama_only[i]);
+        if (!origin) continue;
+        snprintf(err, errlen, "%s is a setting of the llama engine, but this worker runs the %s: add --engine llama "
+                              "(or DYN_ENGINE=llama) to serve a GGUF model with llama.cpp",
+                 given_as(origin, llama_only[i]), openai ? "openai engine (--engine openai)" : "mocker");
         return false;
     }
     return true;
@@ -920,7 +933,8 @@ int bt_worker_main(int argc, char **argv) {
          "(with their KV state) without stopping this one. Off by default: the status server has no "
          "authentication"},
         {"--fault-kv-corrupt", "BATON_FAULT_KV_CORRUPT", BT_OPT_BOOL, &o->llama.fault_kv_corrupt, 0, 0,
-         "test hook: every exported KV state has one byte flipped (the receiver must fall back to prefill)"},
+         "llama engine test hook: every exported KV state has one byte flipped (the receiver must fall back to "
+         "prefill)"},
         {"--fault-hang-after-tokens", "BATON_FAULT_HANG_AFTER_TOKENS", BT_OPT_INT, &o->llama.fault_hang_after_tokens, 0,
          1e15,
          "llama engine test hook: once N tokens were emitted, the engine thread blocks for good, as in a decode that "

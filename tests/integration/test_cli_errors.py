@@ -17,8 +17,8 @@
      a value from an environment twin is named by the variable (DYN_ROUTER_MODE, DYN_EVENT_PLANE).
      `baton run` also refuses, before it starts any child, every argument a child would refuse:
      an unknown flag (passed on to the workers), a bad value of a frontend flag, an unknown
-     engine, an openai setting with --engine llama (exit 2, "nothing was started", no directory
-     made, nothing listening).
+     engine, an openai setting with --engine llama, a llama setting (--model) without it (exit 2,
+     "nothing was started", no directory made, nothing listening).
   4. `baton run --help` says how to get llama.cpp workers (--engine llama). `baton help` prints
      the usage `baton --help` prints; `baton help CMD` what `baton CMD --help` prints. `baton
      chaos list` into a pipe whose reader is gone exits 1 without a traceback.
@@ -191,7 +191,11 @@ refusals = [(["--bogus"], "baton run: unknown argument '--bogus'", "baton worker
             (["--engine", "bogus"], "baton run: unknown --engine 'bogus' (mocker, openai or llama)", "baton worker"),
             (["--engine", "llama", "--upstream", "http://127.0.0.1:9"],
              "baton run: --upstream is a setting of the openai engine, but this worker runs the llama engine "
-             "(--engine llama): add --engine openai", "baton worker")]
+             "(--engine llama): add --engine openai", "baton worker"),
+            # a model file without --engine llama would serve the mocker's mock-model in silence
+            (["--model", "models/stories260K.gguf"],
+             "baton run: --model is a setting of the llama engine, but this worker runs the mocker: add --engine llama",
+             "baton worker")]
 refusals += [([f"{flag}=bogus"], f"baton run: invalid value 'bogus' for {flag}", "baton frontend")
              for flag in fe_checked]
 for args, want, child in refusals:
@@ -201,6 +205,13 @@ for args, want, child in refusals:
     assert "start" not in out.replace("nothing was started", ""), f"{args}: something started:\n{out}"
     assert os.listdir(run_tmp) == [], (args, os.listdir(run_tmp))
     assert took < 10 and not listening(port), (args, took)
+for env, want in [({"DYN_CTX_SIZE": "4096"}, "baton worker: DYN_CTX_SIZE is a setting of the llama engine, but this "
+                                           "worker runs the mocker: add --engine llama"),
+                  ({"DYN_ENGINE": "openai", "DYN_UPSTREAM_URL": "http://127.0.0.1:9", "DYN_LLAMA_THREADS": "2"},
+                   "baton worker: DYN_LLAMA_THREADS is a setting of the llama engine, but this worker runs the openai "
+                   "engine (--engine openai)")]:
+    rc, out, _ = baton(["worker", "--system-port", "-1"], env=env)
+    assert rc == 2 and want in out, (env, rc, out)
 rc, out, _ = baton(["worker", "--system-port", "-1"], env={"DYN_ENGINE": "vllm"})
 assert rc == 2 and "baton worker: unknown DYN_ENGINE 'vllm' (mocker, openai or llama)" in out, (rc, out)
 # the checks run in baton run's own process: a DYN_LOG typo is still reported once, not per check
