@@ -669,16 +669,27 @@ static bool endpoint_from_opts(wk_opts *o, const bt_opt *opts, int nopts, int ar
 /* What no restart can fix before a llama engine starts: its flags, a model file that is missing,
  * unreadable or not GGUF, the llama.cpp libraries not installed. These are configuration errors
  * (exit code 2), so that a supervisor does not restart the worker forever (docs/operations.md). */
-static bool llama_preflight(const bt_llama_config *c, char *err, size_t errlen) {
-    if (bt_llama_config_check(c, err, errlen) != BT_OK) return false;
+/* The model file of a llama worker exists, is readable and starts with the GGUF magic. `given`
+ * names where the path came from (the flag or its twin), NULL for the bundled default. Checked
+ * at parse time too, so that `baton run --engine llama --model typo.gguf` starts nothing. */
+static bool llama_model_check(const bt_llama_config *c, const char *given, char *err, size_t errlen) {
     const char *path = c->model_path && c->model_path[0] ? c->model_path : bt_llama_default_model();
+    char from[96];
+    if (given) snprintf(from, sizeof from, " (%s)", given);
+    else snprintf(from, sizeof from, " (the bundled model; --model names another)");
     FILE *f = fopen(path, "rb");
-    if (!f) return snprintf(err, errlen, "model file %s: %s", path, strerror(errno)), false;
+    if (!f) return snprintf(err, errlen, "model file %s%s: %s", path, from, strerror(errno)), false;
     char magic[4];
     size_t n = fread(magic, 1, sizeof magic, f);
     fclose(f);
     if (n != sizeof magic || memcmp(magic, "GGUF", sizeof magic) != 0)
-        return snprintf(err, errlen, "model file %s is not a GGUF file", path), false;
+        return snprintf(err, errlen, "model file %s%s is not a GGUF file", path, from), false;
+    return true;
+}
+
+static bool llama_preflight(const bt_llama_config *c, char *err, size_t errlen) {
+    if (bt_llama_config_check(c, err, errlen) != BT_OK) return false;
+    if (!llama_model_check(c, c->model_path && c->model_path[0] ? "--model" : NULL, err, errlen)) return false;
 #ifdef BATON_HAVE_LLAMA
     return bt_llama_lib_open(c->lib_dir, err, errlen) != NULL;
 #else
@@ -1020,6 +1031,13 @@ int bt_worker_main(int argc, char **argv) {
     if (!wk_health_config(o, err, sizeof err)) {
         bt_proc_error("worker", "%s", err);
         goto bad_usage;
+    }
+    if (strcmp(o->engine, "llama") == 0) {
+        const char *origin = bt_opts_origin(opts, nopts, argc, argv, 1, "--model");
+        if (!llama_model_check(&o->llama, origin ? given_as(origin, "--model") : NULL, err, sizeof err)) {
+            bt_proc_error("worker", "llama engine: %s", err);
+            goto bad_usage;
+        }
     }
     if (bt_proc_check_for) { /* `baton run` checks its workers' arguments before it starts them */
         free(w);

@@ -289,12 +289,24 @@ print("cli: unreadable and unwritable discovery directories are start-up errors"
 notgguf = os.path.join(base, "not-a-model.gguf")
 with open(notgguf, "w") as f:
     f.write("this is not a model\n")
-for args, want in [(["--model", os.path.join(base, "missing.gguf")], "missing.gguf: No such file or directory"),
-                   (["--model", notgguf], "is not a GGUF file"),
+for args, want in [(["--model", os.path.join(base, "missing.gguf")],
+                    "missing.gguf (--model): No such file or directory"),
+                   (["--model", notgguf], "not-a-model.gguf (--model) is not a GGUF file"),
                    (["--llama-lib-dir", base], "not found: run scripts/setup")]:
     rc, out, took = baton(["worker", "--engine", "llama", "--system-port", "-1"] + args)
     assert rc == 2 and want in out, (args, rc, out)
     assert took < 10, (args, took)
+# `baton run` checks its llama workers' model before it starts anything (a typo in --model used to
+# start the frontend, then the workers, then stop them all)
+port = bl.free_port()
+for args, env, want in [(["--model", os.path.join(base, "missing.gguf")], {},
+                         "baton run: llama engine: model file %s (--model): No such file or directory"
+                         % os.path.join(base, "missing.gguf")),
+                        ([], {"DYN_MODEL_PATH": notgguf},
+                         "baton run: llama engine: model file %s (DYN_MODEL_PATH) is not a GGUF file" % notgguf)]:
+    rc, out, took = baton(["run", "--engine", "llama", "--http-port", str(port)] + args, env=dict(env, DYN_LOG="info"))
+    assert rc == 2 and want in out and "nothing was started" in out, (args, env, rc, out)
+    assert "start" not in out.replace("nothing was started", "") and took < 10 and not listening(port), (args, out)
 print("cli: a llama worker without a usable model or libraries exits 2 at once")
 
 # A port held by another program is a start-up error (exit 1) that says which flag picks another
