@@ -1039,7 +1039,12 @@ int bt_worker_main(int argc, char **argv) {
             goto bad_usage;
         }
     }
+    if (!wk_canary_load(w, err, sizeof err)) {
+        bt_proc_error("worker", "health check: %s", err);
+        goto bad_usage;
+    }
     if (bt_proc_check_for) { /* `baton run` checks its workers' arguments before it starts them */
+        wk_canary_free(w);
         free(w);
         return 0;
     }
