@@ -27,7 +27,8 @@
      never finds, or is never found by, anyone. Run as an unprivileged user (setpriv to nobody when
      the test runs as root, whom permissions do not stop).
   6. A port held by another program (the frontend's, a worker's request plane) is a start-up error
-     (exit 1) naming the flag that chooses another.
+     (exit 1) naming the flag that chooses another. A NATS TLS file that cannot be read is named
+     with its flag and the reason (exit 2).
 Each command must exit within 10 s and leave nothing listening."""
 
 import os
@@ -327,3 +328,17 @@ with socket.socket() as held:
         assert rc == 1 and want in out, (args, rc, out)
         assert took < 10 and "serving model" not in out, (args, took, out)
 print("cli: a port in use names the flag that chooses another")
+
+# A NATS TLS file that cannot be read is named with its flag and the reason (nats.c alone says
+# "…: (null)"): exit 2, as for any configuration error
+for args, want in [(["worker", "--system-port", "-1", "--event-plane", "nats", "--nats-tls-ca", "/nonexistent/ca.pem"],
+                    "--nats-tls-ca '/nonexistent/ca.pem' cannot be read: No such file or directory"),
+                   (["worker", "--system-port", "-1", "--event-plane", "nats", "--nats-tls-ca", base],
+                    f"--nats-tls-ca '{base}' cannot be read: Is a directory"),
+                   (["frontend", "--http-port", str(bl.free_port()), "--event-plane", "nats", "--nats-tls-cert",
+                     "/nonexistent/c.pem", "--nats-tls-key", "/nonexistent/k.pem"],
+                    "--nats-tls-cert '/nonexistent/c.pem' cannot be read: No such file or directory")]:
+    rc, out, took = baton(args, env={"NATS_SERVER": "nats://127.0.0.1:1"})
+    assert rc == 2 and want in out and "(null)" not in out, (args, rc, out)
+    assert took < 10, (args, took)
+print("cli: an unreadable NATS TLS file is named with its flag and the reason")
