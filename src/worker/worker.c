@@ -699,6 +699,32 @@ static bool llama_preflight(const bt_llama_config *c, char *err, size_t errlen) 
 #endif
 }
 
+/* Completes and checks the engine's configuration: the llama engine takes the scheduler flags it
+ * shares with the mocker; each engine's own check. Run with the arguments' checks, so that `baton
+ * run` refuses (say) --engine openai without --upstream before it starts anything. */
+static bool engine_configs_check(wk_worker *w, char *err, size_t errlen) {
+    wk_opts *o = &w->o;
+    char why[256];
+    if (strcmp(o->engine, "llama") == 0) {
+        /* the scheduler flags the mocker shares, with the llama engine's own defaults */
+        if (o->mocker.max_num_seqs != w->mocker_defaults.max_num_seqs) o->llama.max_num_seqs = o->mocker.max_num_seqs;
+        if (o->mocker.max_num_batched_tokens != w->mocker_defaults.max_num_batched_tokens)
+            o->llama.max_num_batched_tokens = o->mocker.max_num_batched_tokens;
+        o->llama.default_max_tokens = o->mocker.default_max_tokens;
+        o->llama.fault_die_after_tokens = o->mocker.fault_die_after_tokens;
+        o->llama.fault_error_after_tokens = o->mocker.fault_error_after_tokens;
+        o->llama.batch_gather_us = o->mocker.batch_gather_us;
+        if (bt_llama_config_check(&o->llama, why, sizeof why) != BT_OK)
+            return snprintf(err, errlen, "invalid llama engine configuration: %s", why), false;
+    }
+    if (bt_mocker_config_check(&o->mocker, why, sizeof why) != BT_OK)
+        return snprintf(err, errlen, "invalid mocker configuration: %s", why), false;
+    o->openai.served_model = o->model_name;
+    if (strcmp(o->engine, "openai") == 0 && bt_openai_config_check(&o->openai, why, sizeof why) != BT_OK)
+        return snprintf(err, errlen, "invalid openai engine configuration: %s", why), false;
+    return true;
+}
+
 static int worker_run(wk_worker *w) {
     char err[256];
     uv_loop_t *loop = w->loop;
@@ -708,35 +734,9 @@ static int worker_run(wk_worker *w) {
     w->instance_id = bt_random64() & 0x7fffffffffffffffull;
     if (!w->instance_id) w->instance_id = 1;
 
+    /* the engines' configurations were checked (engine_configs_check) with the arguments */
     bool openai = strcmp(o->engine, "openai") == 0;
     bool llama = strcmp(o->engine, "llama") == 0;
-    if (!openai && !llama && strcmp(o->engine, "mocker") != 0) {
-        BT_ERROR("unknown engine '%s' (mocker, openai or llama)", o->engine);
-        return 2;
-    }
-    if (llama) {
-        /* the scheduler flags the mocker shares, with the llama engine's own defaults */
-        if (o->mocker.max_num_seqs != w->mocker_defaults.max_num_seqs) o->llama.max_num_seqs = o->mocker.max_num_seqs;
-        if (o->mocker.max_num_batched_tokens != w->mocker_defaults.max_num_batched_tokens)
-            o->llama.max_num_batched_tokens = o->mocker.max_num_batched_tokens;
-        o->llama.default_max_tokens = o->mocker.default_max_tokens;
-        o->llama.fault_die_after_tokens = o->mocker.fault_die_after_tokens;
-        o->llama.fault_error_after_tokens = o->mocker.fault_error_after_tokens;
-        o->llama.batch_gather_us = o->mocker.batch_gather_us;
-        if (bt_llama_config_check(&o->llama, err, sizeof err) != BT_OK) {
-            BT_ERROR("invalid llama engine configuration: %s", err);
-            return 2;
-        }
-    }
-    if (bt_mocker_config_check(&o->mocker, err, sizeof err) != BT_OK) {
-        BT_ERROR("invalid mocker configuration: %s", err);
-        return 2;
-    }
-    o->openai.served_model = o->model_name;
-    if (openai && bt_openai_config_check(&o->openai, err, sizeof err) != BT_OK) {
-        BT_ERROR("invalid openai engine configuration: %s", err);
-        return 2;
-    }
     if (!wk_canary_init(w, err, sizeof err)) {
         BT_ERROR("health check: %s", err);
         return 2;
@@ -1038,6 +1038,10 @@ int bt_worker_main(int argc, char **argv) {
             bt_proc_error("worker", "llama engine: %s", err);
             goto bad_usage;
         }
+    }
+    if (!engine_configs_check(w, err, sizeof err)) {
+        bt_proc_error("worker", "%s", err);
+        goto bad_usage;
     }
     if (!wk_canary_load(w, err, sizeof err)) {
         bt_proc_error("worker", "health check: %s", err);

@@ -17,8 +17,8 @@
      a value from an environment twin is named by the variable (DYN_ROUTER_MODE, DYN_EVENT_PLANE).
      `baton run` also refuses, before it starts any child, every argument a child would refuse:
      an unknown flag (passed on to the workers), a bad value of a frontend flag, an unknown
-     engine, an openai setting with --engine llama, a llama setting (--model) without it, a canary
-     payload that is not JSON (exit 2, "nothing was started", no directory made, nothing listening).
+     engine, an openai setting with --engine llama, a llama setting (--model) without it, the openai
+     engine without --upstream, a llama value out of range, a canary payload that is not JSON (exit 2, "nothing was started", no directory made, nothing listening).
   4. `baton run --help` says how to get llama.cpp workers (--engine llama). `baton help` prints
      the usage `baton --help` prints; `baton help CMD` what `baton CMD --help` prints. `baton
      chaos list` into a pipe whose reader is gone exits 1 without a traceback.
@@ -197,6 +197,12 @@ refusals = [(["--bogus"], "baton run: unknown argument '--bogus'", "baton worker
             (["--model", "models/stories260K.gguf"],
              "baton run: --model is a setting of the llama engine, but this worker runs the mocker: add --engine llama",
              "baton worker"),
+            # an engine's own configuration checks: the openai engine without an upstream, a llama
+            # setting out of the llama engine's range
+            (["--engine", "openai"], "baton run: invalid openai engine configuration: the openai engine needs "
+             "--upstream", "baton worker"),
+            (["--engine", "llama", "--max-num-seqs", "1000"], "baton run: invalid llama engine configuration: "
+             "--max-num-seqs must be 1..256 for the llama engine", "baton worker"),
             # a canary payload that is not usable: found before the workers start, not by each
             (["--health-check-enabled", "true", "--health-check-payload", "{bad"],
              "baton run: health check: DYN_HEALTH_CHECK_PAYLOAD (--health-check-payload) is not JSON", "baton worker")]
