@@ -87,9 +87,15 @@ bool bt_proc_check_planes(const char *cmd, const bt_proc_opts *p, const bt_opt *
                           char **argv) {
     static const char *const discovery[] = {"file", "etcd", NULL};
     static const char *const planes[] = {"direct", "nats", NULL};
-    return bt_proc_check_choice(cmd, opts, nopts, argc, argv, "--discovery", p->discovery, discovery, "file or etcd") &&
-           bt_proc_check_choice(cmd, opts, nopts, argc, argv, "--event-plane", p->event_plane, planes,
-                                "direct or nats");
+    if (!bt_proc_check_choice(cmd, opts, nopts, argc, argv, "--discovery", p->discovery, discovery, "file or etcd") ||
+        !bt_proc_check_choice(cmd, opts, nopts, argc, argv, "--event-plane", p->event_plane, planes, "direct or nats"))
+        return false;
+    char why[512], name[160];
+    if (strcmp(p->event_plane, "nats") == 0 && !bt_events_urls_ok(p->nats_server, why, sizeof why)) {
+        bt_proc_error(cmd, "%s: %s", given_as(opts, nopts, argc, argv, "--nats-server", name, sizeof name), why);
+        return false;
+    }
+    return true;
 }
 
 bt_status bt_proc_load_secret(const bt_proc_opts *p, char **out, char *err, size_t errlen) {

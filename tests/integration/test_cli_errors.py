@@ -14,7 +14,8 @@
      (--system-port, --rpc-port, DYN_TCP_RPC_PORT) with more than one worker. A frontend's or a
      worker's listen address that is not numeric (--http-host, --rpc-host, --system-host) and an
      unknown --discovery are usage errors (exit 2, the flag or its twin named), not failed starts;
-     a value from an environment twin is named by the variable (DYN_ROUTER_MODE, DYN_EVENT_PLANE).
+     a value from an environment twin is named by the variable (DYN_ROUTER_MODE, DYN_EVENT_PLANE);
+     so is a --nats-server that is not a nats:// or tls:// URL with the NATS event plane.
      `baton run` also refuses, before it starts any child, every argument a child would refuse:
      an unknown flag (passed on to the workers), a bad value of a frontend flag, an unknown
      engine, an openai setting with --engine llama, a llama setting (--model) without it, the openai
@@ -161,6 +162,10 @@ for args, env, want in [
          "baton frontend: unknown --event-plane 'kafka' (direct or nats)"),
         (["worker", "--system-port", "-1"], {"DYN_EVENT_PLANE": "kafka"},
          "baton worker: unknown DYN_EVENT_PLANE (--event-plane) 'kafka' (direct or nats)"),
+        (["run", "--http-port", str(port), "--event-plane", "nats", "--nats-server", "localhost:4222"], {},
+         "baton run: --nats-server: invalid NATS server URL 'localhost:4222'"),
+        (["worker", "--system-port", "-1", "--event-plane", "nats"], {"NATS_SERVER": "nats-host:4222"},
+         "baton worker: NATS_SERVER (--nats-server): invalid NATS server URL 'nats-host:4222'"),
         (["frontend", "--http-port", str(port)], {"DYN_ROUTER_MODE": "fastest"},
          "baton frontend: unknown DYN_ROUTER_MODE (--router-mode) 'fastest' (round-robin, random, least-loaded)")]:
     rc, out, took = baton(args, env=dict(env, DYN_LOG="info"))
