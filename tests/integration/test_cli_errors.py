@@ -22,7 +22,8 @@
      engine without --upstream, a llama value out of range, a canary payload that is not JSON (exit 2, "nothing was started", no directory made, nothing listening).
   4. `baton run --help` says how to get llama.cpp workers (--engine llama). `baton help` prints
      the usage `baton --help` prints; `baton help CMD` what `baton CMD --help` prints. `baton
-     chaos list` into a pipe whose reader is gone exits 1 without a traceback.
+     chaos list` into a pipe whose reader is gone exits 1 without a traceback; Ctrl-C during `baton
+     chaos run` exits 130 without one, its processes stopped.
   5. A file discovery directory this user cannot read (frontend, worker) or write in (worker) is a
      start-up error (exit 1, the directory and the reason named), not a process that runs and
      never finds, or is never found by, anyone. Run as an unprivileged user (setpriv to nobody when
@@ -35,6 +36,7 @@ Each command must exit within 10 s and leave nothing listening."""
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -263,6 +265,46 @@ assert rc == 0 and out.count("starts its own processes") >= 10, (rc, out[:300])
 rc, out, _ = baton(["chaos"])
 assert rc == 2 and "the following arguments are required: {run,list,validate}" in out, (rc, out)
 print("cli: baton chaos list into a closed pipe ends quietly; a missing chaos command is named")
+
+
+def descendants(pid):
+    kids = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for k in kids.get(todo.pop(), []):
+            out.append(k)
+            todo.append(k)
+    return out
+
+
+# Ctrl-C during `baton chaos run`: exit 130 with one line, no traceback, and every process the tool
+# started is gone (SIGINT is set to its default first: a background job inherits it ignored)
+out_dir = bl.tmpdir("cli-chaos-int")
+p = subprocess.Popen([BIN, "chaos", "run", "--only", "worker-kill9", "--out", out_dir], stdout=subprocess.PIPE,
+                     stderr=subprocess.STDOUT, text=True, env=CLEAN_ENV, stdin=subprocess.DEVNULL,
+                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+lines = []
+for line in p.stdout:
+    lines.append(line)
+    if "load:" in line:  # the topology runs and the load has started
+        break
+kids = descendants(p.pid)
+assert len(kids) >= 3, (kids, "".join(lines))
+p.send_signal(signal.SIGINT)
+rest, _ = p.communicate(timeout=60)
+out = "".join(lines) + rest
+assert p.returncode == 130 and "Traceback" not in out and "baton chaos: interrupted" in out, (p.returncode, out[-2000:])
+bl.wait_for(lambda: all(not os.path.exists(f"/proc/{k}") or open(f"/proc/{k}/stat").read().split()[2] == "Z"
+                        for k in kids), 10, what="every process baton chaos started gone")
+print(f"cli: Ctrl-C stops baton chaos run (exit 130, no traceback, its {len(kids)} processes gone)")
 
 # --- 5. discovery directories this user cannot use
 base = bl.tmpdir("cli-perm")

@@ -8,7 +8,7 @@
     baton chaos validate my-scenario.toml
 
 Exit status: 0 when every scenario passed (skipped ones too, unless --strict), 1 when one failed
-or could not run, 2 on a usage or scenario error. docs/chaos.md is the user guide.
+or could not run, 2 on a usage or scenario error, 130 on Ctrl-C. docs/chaos.md is the user guide.
 """
 
 import argparse
@@ -175,4 +175,9 @@ if __name__ == "__main__":
         # the interpreter's own flush at exit does not fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         rc = 1
+    except KeyboardInterrupt:
+        # Ctrl-C: the scenario's clean-up (its processes stopped) ran on the way here; no traceback
+        sys.stderr.write("baton chaos: interrupted: the processes it started are stopped; the scenario that was "
+                         "running has no verdict\n")
+        rc = 130
     sys.exit(rc)
