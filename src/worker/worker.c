@@ -666,9 +666,6 @@ static bool endpoint_from_opts(wk_opts *o, const bt_opt *opts, int nopts, int ar
     return true;
 }
 
-/* What no restart can fix before a llama engine starts: its flags, a model file that is missing,
- * unreadable or not GGUF, the llama.cpp libraries not installed. These are configuration errors
- * (exit code 2), so that a supervisor does not restart the worker forever (docs/operations.md). */
 /* The model file of a llama worker exists, is readable and starts with the GGUF magic. `given`
  * names where the path came from (the flag or its twin), NULL for the bundled default. Checked
  * at parse time too, so that `baton run --engine llama --model typo.gguf` starts nothing. */
@@ -687,6 +684,9 @@ static bool llama_model_check(const bt_llama_config *c, const char *given, char 
     return true;
 }
 
+/* What no restart can fix before a llama engine starts: its flags, a model file that is missing,
+ * unreadable or not GGUF, the llama.cpp libraries not installed. These are configuration errors
+ * (exit code 2), so that a supervisor does not restart the worker forever (docs/operations.md). */
 static bool llama_preflight(const bt_llama_config *c, char *err, size_t errlen) {
     if (bt_llama_config_check(c, err, errlen) != BT_OK) return false;
     if (!llama_model_check(c, c->model_path && c->model_path[0] ? "--model" : NULL, err, errlen)) return false;
