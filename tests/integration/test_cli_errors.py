@@ -9,7 +9,8 @@
      "--http-port" and nothing on P; likewise a string flag of the worker and a number of `baton
      run`. `--flag=--value` still passes a value that starts with "--".
   3. An invalid value reads "baton CMD: invalid value 'V' for --FLAG (expected ...)"; a DYN_LOG
-     that names no level is reported (it used to leave the level at info in silence); `baton run
+     that names no level is reported (it used to leave the level at info in silence), and so is a
+     DYN_LOGGING_JSONL that is neither 1/true nor 0/false; `baton run
      --http-host localhost` is refused before any child starts (exit 2), as is a fixed worker port
      (--system-port, --rpc-port, DYN_TCP_RPC_PORT) with more than one worker. A frontend's or a
      worker's listen address that is not numeric (--http-host, --rpc-host, --system-host) and an
@@ -128,6 +129,13 @@ assert rc == 2 and "baton frontend: DYN_LOG='verbose' names no level" in out, ou
 for ok in ("Debug", "warning", "info,baton=trace"):
     rc, out, _ = baton(["frontend", "--http-port", "-5"], env={"DYN_LOG": ok})
     assert rc == 2 and "DYN_LOG" not in out, (ok, out)
+# likewise DYN_LOGGING_JSONL: a value that is neither on nor off is said; 1/true/0/false are not
+rc, out, _ = baton(["frontend", "--http-port", "-5"], env={"DYN_LOGGING_JSONL": "yes"})
+assert rc == 2 and "baton frontend: DYN_LOGGING_JSONL='yes' is neither 1/true nor 0/false; logging plain text" in out, \
+    out
+for ok in ("1", "TRUE", "0", "false"):
+    rc, out, _ = baton(["frontend", "--http-port", "-5"], env={"DYN_LOGGING_JSONL": ok})
+    assert rc == 2 and "DYN_LOGGING_JSONL" not in out, (ok, out)
 
 # baton run's --http-host is checked before anything starts (each child would fail on its own bind,
 # a worker naming its status-server port as the culprit)
