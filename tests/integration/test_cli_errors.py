@@ -20,7 +20,8 @@
      `baton run` also refuses, before it starts any child, every argument a child would refuse:
      an unknown flag (passed on to the workers), a bad value of a frontend flag, an unknown
      engine, an openai setting with --engine llama, a llama setting (--model) without it, the openai
-     engine without --upstream, a llama value out of range, a canary payload that is not JSON (exit 2, "nothing was started", no directory made, nothing listening).
+     engine without --upstream, a llama value out of range, a canary payload that is not JSON
+     (exit 2, "nothing was started", no directory made, nothing listening).
   4. `baton run --help` says how to get llama.cpp workers (--engine llama). `baton help` prints
      the usage `baton --help` prints; `baton help CMD` what `baton CMD --help` prints. `baton
      chaos list` into a pipe whose reader is gone exits 1 without a traceback; Ctrl-C during `baton
@@ -131,8 +132,8 @@ for ok in ("Debug", "warning", "info,baton=trace"):
     assert rc == 2 and "DYN_LOG" not in out, (ok, out)
 # likewise DYN_LOGGING_JSONL: a value that is neither on nor off is said; 1/true/0/false are not
 rc, out, _ = baton(["frontend", "--http-port", "-5"], env={"DYN_LOGGING_JSONL": "yes"})
-assert rc == 2 and "baton frontend: DYN_LOGGING_JSONL='yes' is neither 1/true nor 0/false; logging plain text" in out, \
-    out
+assert rc == 2 and ("baton frontend: DYN_LOGGING_JSONL='yes' is neither 1/true nor 0/false; logging plain text"
+                    in out), out
 for ok in ("1", "TRUE", "0", "false"):
     rc, out, _ = baton(["frontend", "--http-port", "-5"], env={"DYN_LOGGING_JSONL": ok})
     assert rc == 2 and "DYN_LOGGING_JSONL" not in out, (ok, out)
@@ -145,8 +146,8 @@ for host in ("localhost", "10.0.0.300"):
     assert "started" not in out and took < 10, out
 
 # the listen addresses, the discovery backend and the event plane of `baton frontend` and `baton
-# worker` are usage errors too (exit 2, naming the flag or its twin), not start-up failures (exit 1) that a supervisor
-# would restart forever; `baton run` refuses them before it starts anything
+# worker` are usage errors too (exit 2, naming the flag or its twin), not start-up failures (exit 1)
+# that a supervisor would restart forever; `baton run` refuses them before it starts anything
 for args, env, want in [
         (["frontend", "--http-port", str(port), "--http-host", "localhost"], {},
          "baton frontend: --http-host 'localhost' is not a numeric IPv4 or IPv6 address"),
