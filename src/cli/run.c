@@ -24,7 +24,6 @@
  * the directory and exits 0; a second signal sends SIGKILL. */
 #include "cli/run.h"
 
-#include <arpa/inet.h>
 #include <curl/curl.h>
 #include <jansson.h>
 #include <limits.h>
@@ -611,16 +610,11 @@ int bt_run_main(int argc, char **argv) {
     r.speedup_given = bt_opts_origin(opts, nopts, argc, argv, 1, "--speedup-ratio") != NULL;
     /* every child listens on it: one check here says what is wrong, instead of each child's bind
      * error (a worker's naming its status-server port) */
-    unsigned char addr[sizeof(struct in6_addr)];
-    if (inet_pton(AF_INET, r.http_host, addr) != 1 && inet_pton(AF_INET6, r.http_host, addr) != 1) {
-        fprintf(stderr, "baton run: --http-host '%s' is not a numeric IPv4 or IPv6 address (e.g. 127.0.0.1, ::1 "
-                        "or 0.0.0.0 for every address)\n", r.http_host);
+    if (!bt_proc_check_host("run", opts, nopts, argc, argv, "--http-host", r.http_host)) return 2;
+    static const char *const planes[] = {"direct", "nats", NULL};
+    if (r.event_plane &&
+        !bt_proc_check_choice("run", opts, nopts, argc, argv, "--event-plane", r.event_plane, planes, "direct or nats"))
         return 2;
-    }
-    if (r.event_plane && strcmp(r.event_plane, "direct") != 0 && strcmp(r.event_plane, "nats") != 0) {
-        fprintf(stderr, "baton run: unknown event plane '%s' (direct or nats)\n", r.event_plane);
-        return 2;
-    }
     /* the workers inherit the environment (DYN_SYSTEM_PORT is overridden by each one's --system-port 0) */
     const char *env_rpc = getenv("DYN_TCP_RPC_PORT");
     if (r.workers > 1 && env_rpc && *env_rpc && strcmp(env_rpc, "0") != 0) {

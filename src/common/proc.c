@@ -52,6 +52,52 @@ int bt_proc_error(const char *cmd, const char *fmt, ...) {
     return 2;
 }
 
+/* "--flag", or "ENV (--flag)" when the value came from the environment twin */
+static const char *given_as(const bt_opt *opts, int nopts, int argc, char **argv, const char *flag, char *buf,
+                            size_t cap) {
+    const char *origin = bt_opts_origin(opts, nopts, argc, argv, 1, flag);
+    if (!origin || strcmp(origin, "argument") == 0) return flag;
+    snprintf(buf, cap, "%s (%s)", origin, flag);
+    return buf;
+}
+
+bool bt_proc_check_host(const char *cmd, const bt_opt *opts, int nopts, int argc, char **argv, const char *flag,
+                        const char *value) {
+    struct sockaddr_storage ss;
+    if (value && (uv_ip4_addr(value, 0, (struct sockaddr_in *)&ss) == 0 ||
+                  uv_ip6_addr(value, 0, (struct sockaddr_in6 *)&ss) == 0))
+        return true;
+    char name[160];
+    bt_proc_error(cmd, "%s '%s' is not a numeric IPv4 or IPv6 address (e.g. 127.0.0.1, ::1 or 0.0.0.0 for every "
+                       "address)", given_as(opts, nopts, argc, argv, flag, name, sizeof name), value ? value : "");
+    return false;
+}
+
+bool bt_proc_check_choice(const char *cmd, const bt_opt *opts, int nopts, int argc, char **argv, const char *flag,
+                          const char *value, const char *const *choices, const char *listed) {
+    for (const char *const *c = choices; value && *c; c++)
+        if (strcmp(value, *c) == 0) return true;
+    char name[160];
+    bt_proc_error(cmd, "unknown %s '%s' (%s)", given_as(opts, nopts, argc, argv, flag, name, sizeof name),
+                  value ? value : "", listed);
+    return false;
+}
+
+bool bt_proc_check_planes(const char *cmd, const bt_proc_opts *p, const bt_opt *opts, int nopts, int argc,
+                          char **argv) {
+    static const char *const discovery[] = {"file", "etcd", NULL};
+    static const char *const planes[] = {"direct", "nats", NULL};
+    if (!bt_proc_check_choice(cmd, opts, nopts, argc, argv, "--discovery", p->discovery, discovery, "file or etcd") ||
+        !bt_proc_check_choice(cmd, opts, nopts, argc, argv, "--event-plane", p->event_plane, planes, "direct or nats"))
+        return false;
+    char why[512], name[160];
+    if (strcmp(p->event_plane, "nats") == 0 && !bt_events_urls_ok(p->nats_server, why, sizeof why)) {
+        bt_proc_error(cmd, "%s: %s", given_as(opts, nopts, argc, argv, "--nats-server", name, sizeof name), why);
+        return false;
+    }
+    return true;
+}
+
 bt_status bt_proc_load_secret(const bt_proc_opts *p, char **out, char *err, size_t errlen) {
     return bt_load_secret(p->rpc_secret_file, getenv("DYN_RPC_SECRET"), out, err, errlen);
 }

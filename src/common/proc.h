@@ -106,6 +106,22 @@ bool bt_proc_parse(const char *cmd, const bt_opt *opts, int nopts, int argc, cha
  * process runs. Returns 2, the exit code of a usage error. */
 int bt_proc_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+/* Checks of values that the option table cannot express, made at parse time so that a wrong value
+ * is a usage error (exit 2, and refused by `baton run` before it starts anything) rather than a
+ * failed start-up that a supervisor would repeat. Each names the value as it was given: the flag
+ * itself, or "ENV (--flag)" when it came from the environment twin. */
+/* True when `value`, the value of row `flag`, is a numeric IPv4 or IPv6 address (what the
+ * listeners accept); else prints the error through bt_proc_error and returns false. */
+bool bt_proc_check_host(const char *cmd, const bt_opt *opts, int nopts, int argc, char **argv, const char *flag,
+                        const char *value);
+/* True when `value`, the value of row `flag`, is one of the NULL-terminated `choices`; else prints
+ * "unknown <flag> 'value' (<listed>)" through bt_proc_error and returns false. */
+bool bt_proc_check_choice(const char *cmd, const bt_opt *opts, int nopts, int argc, char **argv, const char *flag,
+                          const char *value, const char *const *choices, const char *listed);
+/* The choices of --discovery (file, etcd) and --event-plane (direct, nats) of a bt_proc_opts. */
+bool bt_proc_check_planes(const char *cmd, const bt_proc_opts *p, const bt_opt *opts, int nopts, int argc,
+                          char **argv);
+
 /* The request-plane secret from --rpc-secret-file, else $DYN_RPC_SECRET (bt_load_secret). */
 bt_status bt_proc_load_secret(const bt_proc_opts *p, char **out, char *err, size_t errlen);
 /* Creates discovery from the options; ttl_s > 0 sets the lease of what this process puts (0: the

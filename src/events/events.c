@@ -45,9 +45,7 @@ void bt_events_config_default(bt_events_config *c) {
     c->max_queued_msgs = 4096;
 }
 
-/* Every comma-separated element must be a nats:// or tls:// URL with something after the scheme
- * (Dynamo requires nats://; tls:// is what nats.c takes for a TLS server). */
-static bool urls_ok(const char *s, char *err, size_t errlen) {
+bool bt_events_urls_ok(const char *s, char *err, size_t errlen) {
     if (!s || !*s) {
         snprintf(err, errlen, "NATS_SERVER is empty");
         return false;
@@ -74,7 +72,7 @@ bt_status bt_events_create(uv_loop_t *loop, const bt_events_config *c, bt_events
         snprintf(err, errlen, "unknown event plane '%s' (direct or nats)", c->plane);
         return BT_ERR_INVALID;
     }
-    if (!urls_ok(c->nats_server, err, errlen)) return BT_ERR_INVALID;
+    if (!bt_events_urls_ok(c->nats_server, err, errlen)) return BT_ERR_INVALID;
     if (!c->ns || !*c->ns || strpbrk(c->ns, " .*>\t\r\n")) {
         snprintf(err, errlen, "namespace '%s' cannot be part of a NATS subject", c->ns ? c->ns : "");
         return BT_ERR_INVALID;

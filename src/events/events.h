@@ -60,6 +60,11 @@ typedef struct {
  * fields from the environment. */
 void bt_events_config_default(bt_events_config *c);
 
+/* True when every comma-separated element of `s` (NATS_SERVER, --nats-server) is a nats:// or
+ * tls:// URL with something after the scheme (Dynamo requires nats://; tls:// is what nats.c takes
+ * for a TLS server); else false with the reason in err. bt_events_create checks it too. */
+bool bt_events_urls_ok(const char *s, char *err, size_t errlen);
+
 /* Validates the configuration and, for the nats plane, starts connecting in the background.
  * *out is NULL for the direct plane. Errors (unknown plane, a URL that is not nats://, a
  * malformed nkey seed when it is the credential in use) go to err. */

@@ -730,6 +730,15 @@ void bt_nats_client_free(bt_nats_client *cl) {
         }                                                                                                              \
     } while (0)
 
+/* 0 when the file at `path` can be opened and read (a directory cannot), else the errno */
+static int file_unreadable(const char *path) {
+    FILE *f = fopen(path, "r");
+    if (!f) return errno;
+    int e = fgetc(f) == EOF && ferror(f) ? errno : 0;
+    fclose(f);
+    return e;
+}
+
 bt_nats_client *bt_nats_client_new(const bt_events_config *c, char *err, size_t errlen) {
     bt_nats_client *cl = calloc(1, sizeof *cl);
     if (!cl) {
@@ -752,6 +761,16 @@ bt_nats_client *bt_nats_client_new(const bt_events_config *c, char *err, size_t 
     }
     if (!c->tls_cert != !c->tls_key) {
         snprintf(err, errlen, "--nats-tls-cert and --nats-tls-key go together (one was given without the other)");
+        bt_nats_client_free(cl);
+        return NULL;
+    }
+    /* nats.c reports a file it cannot open without the reason ("…: (null)"): say it here */
+    const char *const tls_files[][2] = {{"--nats-tls-ca", c->tls_ca}, {"--nats-tls-cert", c->tls_cert},
+                                        {"--nats-tls-key", c->tls_key}};
+    for (size_t i = 0; i < sizeof tls_files / sizeof tls_files[0]; i++) {
+        int e = tls_files[i][1] ? file_unreadable(tls_files[i][1]) : 0;
+        if (!e) continue;
+        snprintf(err, errlen, "%s '%s' cannot be read: %s", tls_files[i][0], tls_files[i][1], strerror(e));
         bt_nats_client_free(cl);
         return NULL;
     }

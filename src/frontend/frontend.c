@@ -535,7 +535,7 @@ static int shard_open(fe *f, int port, char *err, size_t errlen) {
     }
     bt_http_handlers hh = {on_http_request, on_http_abort, on_http_drain};
     if (bt_http_server_start(f->loop, &hc, &hh, f, &f->http, err, errlen) != BT_OK) {
-        BT_ERROR("%s", err);
+        BT_ERROR("%s; choose another --http-port (DYN_HTTP_PORT)", err);
         return 1;
     }
     if (f->shard == 0) {
@@ -663,13 +663,16 @@ int bt_frontend_main(int argc, char **argv) {
         o->accept_window_ms = (int64_t)(secs * 1000.0 + 0.5);
     }
     if (!bt_proc_parse("frontend", opts, nopts, argc, argv)) goto bad_usage;
+    static const char *const modes[] = {"round-robin", "random", "least-loaded", NULL};
+    if (!bt_proc_check_choice("frontend", opts, nopts, argc, argv, "--router-mode", o->router_mode, modes,
+                              "round-robin, random, least-loaded"))
+        goto bad_usage;
     if (strcmp(o->router_mode, "round-robin") == 0) f->mode = ROUTE_ROUND_ROBIN;
     else if (strcmp(o->router_mode, "random") == 0) f->mode = ROUTE_RANDOM;
-    else if (strcmp(o->router_mode, "least-loaded") == 0) f->mode = ROUTE_LEAST_LOADED;
-    else {
-        bt_proc_error("frontend", "unknown --router-mode '%s' (round-robin, random, least-loaded)", o->router_mode);
+    else f->mode = ROUTE_LEAST_LOADED;
+    if (!bt_proc_check_planes("frontend", &o->p, opts, nopts, argc, argv) ||
+        !bt_proc_check_host("frontend", opts, nopts, argc, argv, "--http-host", o->http_host))
         goto bad_usage;
-    }
     if (bt_proc_load_secret(&o->p, &f->rpc_secret, err, sizeof err) != BT_OK) {
         bt_proc_error("frontend", "%s", err);
         goto bad_usage;

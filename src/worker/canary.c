@@ -201,19 +201,19 @@ static bool load_payload(wk_worker *w, char *err, size_t errlen) {
     if (src[0] == '@') {
         j = json_load_file(src + 1, 0, &jerr);
         if (!j) {
-            snprintf(err, errlen, "DYN_HEALTH_CHECK_PAYLOAD file %s: %s", src + 1, jerr.text);
+            snprintf(err, errlen, "DYN_HEALTH_CHECK_PAYLOAD (--health-check-payload) file %s: %s", src + 1, jerr.text);
             return false;
         }
     } else {
         j = json_loads(src, 0, &jerr);
         if (!j) {
-            snprintf(err, errlen, "DYN_HEALTH_CHECK_PAYLOAD is not JSON: %s", jerr.text);
+            snprintf(err, errlen, "DYN_HEALTH_CHECK_PAYLOAD (--health-check-payload) is not JSON: %s", jerr.text);
             return false;
         }
     }
     if (!json_is_object(j)) {
         json_decref(j);
-        snprintf(err, errlen, "DYN_HEALTH_CHECK_PAYLOAD must be a JSON object");
+        snprintf(err, errlen, "DYN_HEALTH_CHECK_PAYLOAD (--health-check-payload) must be a JSON object");
         return false;
     }
     json_t *ids = json_object_get(j, "token_ids");
@@ -229,7 +229,8 @@ static bool load_payload(wk_worker *w, char *err, size_t errlen) {
         c->api = BT_API_COMPLETION;
     } else {
         json_decref(j);
-        snprintf(err, errlen, "DYN_HEALTH_CHECK_PAYLOAD needs \"messages\", \"prompt\" or \"token_ids\"");
+        snprintf(err, errlen, "DYN_HEALTH_CHECK_PAYLOAD (--health-check-payload) needs \"messages\", \"prompt\" or "
+                              "\"token_ids\"");
         return false;
     }
     json_object_set_new(j, "max_tokens", json_integer(1)); /* a canary asks for one token */
@@ -237,9 +238,13 @@ static bool load_payload(wk_worker *w, char *err, size_t errlen) {
     return true;
 }
 
+bool wk_canary_load(wk_worker *w, char *err, size_t errlen) {
+    return !w->o.canary_enabled || w->canary.body || load_payload(w, err, errlen);
+}
+
 bool wk_canary_init(wk_worker *w, char *err, size_t errlen) {
     wk_canary *c = &w->canary;
-    if (w->o.canary_enabled && !load_payload(w, err, errlen)) return false;
+    if (!wk_canary_load(w, err, errlen)) return false;
     uv_timer_init(w->loop, &c->idle_timer);
     uv_timer_init(w->loop, &c->timeout_timer);
     uv_timer_init(w->loop, &c->monitor_timer);

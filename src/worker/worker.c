@@ -581,6 +581,11 @@ static const char *const mocker_only[] = {"--num-gpu-blocks-override", "--block-
                                           "--fault-die-after-tokens", "--fault-stall-after-tokens",
                                           "--fault-error-after-tokens", "--fault-signals", "--fault-slow-factor",
                                           "--mocker-kv-bytes-per-token", "--batch-gather-us", NULL};
+/* read by the llama engine alone: given to another engine (`baton run --model x.gguf` without
+ * --engine llama) the worker would serve the mocker's mock-model instead of the model named */
+static const char *const llama_only[] = {"--model", "--llama-lib-dir", "--ctx-size", "--llama-threads",
+                                         "--llama-ubatch", "--flash-attn", "--kv-unified", "--fault-hang-after-tokens",
+                                         "--fault-nan-after-tokens", "--fault-kv-corrupt", NULL};
 
 static bool engine_settings_check(const wk_opts *o, const bt_opt *opts, int nopts, int argc, char **argv, char *err,
                                   size_t errlen) {
@@ -603,6 +608,14 @@ static bool engine_settings_check(const wk_opts *o, const bt_opt *opts, int nopt
             snprintf(err, errlen, "%s is a setting of the openai engine, but this worker runs the %s: add "
                                   "--engine openai (or DYN_ENGINE=openai) to serve through an upstream",
                      given_as(origin, foreign[i]), llama ? "llama engine (--engine llama)" : "mocker");
+        return false;
+    }
+    for (int i = 0; !llama && llama_only[i]; i++) {
+        const char *origin = bt_opts_origin(opts, nopts, argc, argv, 1, llama_only[i]);
+        if (!origin) continue;
+        snprintf(err, errlen, "%s is a setting of the llama engine, but this worker runs the %s: add --engine llama "
+                              "(or DYN_ENGINE=llama) to serve a GGUF model with llama.cpp",
+                 given_as(origin, llama_only[i]), openai ? "openai engine (--engine openai)" : "mocker");
         return false;
     }
     return true;
@@ -653,19 +666,30 @@ static bool endpoint_from_opts(wk_opts *o, const bt_opt *opts, int nopts, int ar
     return true;
 }
 
+/* The model file of a llama worker exists, is readable and starts with the GGUF magic. `given`
+ * names where the path came from (the flag or its twin), NULL for the bundled default. Checked
+ * at parse time too, so that `baton run --engine llama --model typo.gguf` starts nothing. */
+static bool llama_model_check(const bt_llama_config *c, const char *given, char *err, size_t errlen) {
+    const char *path = c->model_path && c->model_path[0] ? c->model_path : bt_llama_default_model();
+    char from[96];
+    if (given) snprintf(from, sizeof from, " (%s)", given);
+    else snprintf(from, sizeof from, " (the bundled model; --model names another)");
+    FILE *f = fopen(path, "rb");
+    if (!f) return snprintf(err, errlen, "model file %s%s: %s", path, from, strerror(errno)), false;
+    char magic[4];
+    size_t n = fread(magic, 1, sizeof magic, f);
+    fclose(f);
+    if (n != sizeof magic || memcmp(magic, "GGUF", sizeof magic) != 0)
+        return snprintf(err, errlen, "model file %s%s is not a GGUF file", path, from), false;
+    return true;
+}
+
 /* What no restart can fix before a llama engine starts: its flags, a model file that is missing,
  * unreadable or not GGUF, the llama.cpp libraries not installed. These are configuration errors
  * (exit code 2), so that a supervisor does not restart the worker forever (docs/operations.md). */
 static bool llama_preflight(const bt_llama_config *c, char *err, size_t errlen) {
     if (bt_llama_config_check(c, err, errlen) != BT_OK) return false;
-    const char *path = c->model_path && c->model_path[0] ? c->model_path : bt_llama_default_model();
-    FILE *f = fopen(path, "rb");
-    if (!f) return snprintf(err, errlen, "model file %s: %s", path, strerror(errno)), false;
-    char magic[4];
-    size_t n = fread(magic, 1, sizeof magic, f);
-    fclose(f);
-    if (n != sizeof magic || memcmp(magic, "GGUF", sizeof magic) != 0)
-        return snprintf(err, errlen, "model file %s is not a GGUF file", path), false;
+    if (!llama_model_check(c, c->model_path && c->model_path[0] ? "--model" : NULL, err, errlen)) return false;
 #ifdef BATON_HAVE_LLAMA
     return bt_llama_lib_open(c->lib_dir, err, errlen) != NULL;
 #else
@@ -673,6 +697,32 @@ static bool llama_preflight(const bt_llama_config *c, char *err, size_t errlen) 
      * create, in such a build, only says what to run (scripts/setup, then rebuild). */
     return bt_llama_create(NULL, c, NULL, NULL, err, errlen) != NULL;
 #endif
+}
+
+/* Completes and checks the engine's configuration: the llama engine takes the scheduler flags it
+ * shares with the mocker; each engine's own check. Run with the arguments' checks, so that `baton
+ * run` refuses (say) --engine openai without --upstream before it starts anything. */
+static bool engine_configs_check(wk_worker *w, char *err, size_t errlen) {
+    wk_opts *o = &w->o;
+    char why[256];
+    if (strcmp(o->engine, "llama") == 0) {
+        /* the scheduler flags the mocker shares, with the llama engine's own defaults */
+        if (o->mocker.max_num_seqs != w->mocker_defaults.max_num_seqs) o->llama.max_num_seqs = o->mocker.max_num_seqs;
+        if (o->mocker.max_num_batched_tokens != w->mocker_defaults.max_num_batched_tokens)
+            o->llama.max_num_batched_tokens = o->mocker.max_num_batched_tokens;
+        o->llama.default_max_tokens = o->mocker.default_max_tokens;
+        o->llama.fault_die_after_tokens = o->mocker.fault_die_after_tokens;
+        o->llama.fault_error_after_tokens = o->mocker.fault_error_after_tokens;
+        o->llama.batch_gather_us = o->mocker.batch_gather_us;
+        if (bt_llama_config_check(&o->llama, why, sizeof why) != BT_OK)
+            return snprintf(err, errlen, "invalid llama engine configuration: %s", why), false;
+    }
+    if (bt_mocker_config_check(&o->mocker, why, sizeof why) != BT_OK)
+        return snprintf(err, errlen, "invalid mocker configuration: %s", why), false;
+    o->openai.served_model = o->model_name;
+    if (strcmp(o->engine, "openai") == 0 && bt_openai_config_check(&o->openai, why, sizeof why) != BT_OK)
+        return snprintf(err, errlen, "invalid openai engine configuration: %s", why), false;
+    return true;
 }
 
 static int worker_run(wk_worker *w) {
@@ -684,35 +734,9 @@ static int worker_run(wk_worker *w) {
     w->instance_id = bt_random64() & 0x7fffffffffffffffull;
     if (!w->instance_id) w->instance_id = 1;
 
+    /* the engines' configurations were checked (engine_configs_check) with the arguments */
     bool openai = strcmp(o->engine, "openai") == 0;
     bool llama = strcmp(o->engine, "llama") == 0;
-    if (!openai && !llama && strcmp(o->engine, "mocker") != 0) {
-        BT_ERROR("unknown engine '%s' (mocker, openai or llama)", o->engine);
-        return 2;
-    }
-    if (llama) {
-        /* the scheduler flags the mocker shares, with the llama engine's own defaults */
-        if (o->mocker.max_num_seqs != w->mocker_defaults.max_num_seqs) o->llama.max_num_seqs = o->mocker.max_num_seqs;
-        if (o->mocker.max_num_batched_tokens != w->mocker_defaults.max_num_batched_tokens)
-            o->llama.max_num_batched_tokens = o->mocker.max_num_batched_tokens;
-        o->llama.default_max_tokens = o->mocker.default_max_tokens;
-        o->llama.fault_die_after_tokens = o->mocker.fault_die_after_tokens;
-        o->llama.fault_error_after_tokens = o->mocker.fault_error_after_tokens;
-        o->llama.batch_gather_us = o->mocker.batch_gather_us;
-        if (bt_llama_config_check(&o->llama, err, sizeof err) != BT_OK) {
-            BT_ERROR("invalid llama engine configuration: %s", err);
-            return 2;
-        }
-    }
-    if (bt_mocker_config_check(&o->mocker, err, sizeof err) != BT_OK) {
-        BT_ERROR("invalid mocker configuration: %s", err);
-        return 2;
-    }
-    o->openai.served_model = o->model_name;
-    if (openai && bt_openai_config_check(&o->openai, err, sizeof err) != BT_OK) {
-        BT_ERROR("invalid openai engine configuration: %s", err);
-        return 2;
-    }
     if (!wk_canary_init(w, err, sizeof err)) {
         BT_ERROR("health check: %s", err);
         return 2;
@@ -760,7 +784,7 @@ static int worker_run(wk_worker *w) {
     if (o->rpc_secret) BT_INFO("request plane: frontends must prove the shared secret");
     if (bt_rpc_listen(loop, o->rpc_host, (int)o->rpc_port, &rc, &peer_handlers, w, &w->listener, err, sizeof err) !=
         BT_OK) {
-        BT_ERROR("%s", err);
+        BT_ERROR("%s; choose another --rpc-port (DYN_TCP_RPC_PORT), or 0 for a free one", err);
         return 1;
     }
     snprintf(w->transport, sizeof w->transport, "%s:%d", o->rpc_host, bt_rpc_listener_port(w->listener));
@@ -920,7 +944,8 @@ int bt_worker_main(int argc, char **argv) {
          "(with their KV state) without stopping this one. Off by default: the status server has no "
          "authentication"},
         {"--fault-kv-corrupt", "BATON_FAULT_KV_CORRUPT", BT_OPT_BOOL, &o->llama.fault_kv_corrupt, 0, 0,
-         "test hook: every exported KV state has one byte flipped (the receiver must fall back to prefill)"},
+         "llama engine test hook: every exported KV state has one byte flipped (the receiver must fall back to "
+         "prefill)"},
         {"--fault-hang-after-tokens", "BATON_FAULT_HANG_AFTER_TOKENS", BT_OPT_INT, &o->llama.fault_hang_after_tokens, 0,
          1e15,
          "llama engine test hook: once N tokens were emitted, the engine thread blocks for good, as in a decode that "
@@ -995,10 +1020,10 @@ int bt_worker_main(int argc, char **argv) {
                       (double)BT_GATHER_BOUND * (double)o->mocker.batch_gather_us / 1e6);
         goto bad_usage;
     }
-    if (strcmp(o->p.discovery, "file") != 0 && strcmp(o->p.discovery, "etcd") != 0) {
-        bt_proc_error("worker", "unknown --discovery '%s' (file or etcd)", o->p.discovery);
+    if (!bt_proc_check_planes("worker", &o->p, opts, nopts, argc, argv) ||
+        !bt_proc_check_host("worker", opts, nopts, argc, argv, "--rpc-host", o->rpc_host) ||
+        !bt_proc_check_host("worker", opts, nopts, argc, argv, "--system-host", o->system_host))
         goto bad_usage;
-    }
     if (o->health_path[0] != '/' || o->live_path[0] != '/') {
         bt_proc_error("worker", "DYN_SYSTEM_HEALTH_PATH and DYN_SYSTEM_LIVE_PATH must start with '/'");
         goto bad_usage;
@@ -1007,7 +1032,23 @@ int bt_worker_main(int argc, char **argv) {
         bt_proc_error("worker", "%s", err);
         goto bad_usage;
     }
+    if (strcmp(o->engine, "llama") == 0) {
+        const char *origin = bt_opts_origin(opts, nopts, argc, argv, 1, "--model");
+        if (!llama_model_check(&o->llama, origin ? given_as(origin, "--model") : NULL, err, sizeof err)) {
+            bt_proc_error("worker", "llama engine: %s", err);
+            goto bad_usage;
+        }
+    }
+    if (!engine_configs_check(w, err, sizeof err)) {
+        bt_proc_error("worker", "%s", err);
+        goto bad_usage;
+    }
+    if (!wk_canary_load(w, err, sizeof err)) {
+        bt_proc_error("worker", "health check: %s", err);
+        goto bad_usage;
+    }
     if (bt_proc_check_for) { /* `baton run` checks its workers' arguments before it starts them */
+        wk_canary_free(w);
         free(w);
         return 0;
     }

@@ -9,24 +9,36 @@
      "--http-port" and nothing on P; likewise a string flag of the worker and a number of `baton
      run`. `--flag=--value` still passes a value that starts with "--".
   3. An invalid value reads "baton CMD: invalid value 'V' for --FLAG (expected ...)"; a DYN_LOG
-     that names no level is reported (it used to leave the level at info in silence); `baton run
+     that names no level is reported (it used to leave the level at info in silence), and so is a
+     DYN_LOGGING_JSONL that is neither 1/true nor 0/false; `baton run
      --http-host localhost` is refused before any child starts (exit 2), as is a fixed worker port
-     (--system-port, --rpc-port, DYN_TCP_RPC_PORT) with more than one worker.
+     (--system-port, --rpc-port, DYN_TCP_RPC_PORT) with more than one worker. A frontend's or a
+     worker's listen address that is not numeric (--http-host, --rpc-host, --system-host) and an
+     unknown --discovery are usage errors (exit 2, the flag or its twin named), not failed starts;
+     a value from an environment twin is named by the variable (DYN_ROUTER_MODE, DYN_EVENT_PLANE);
+     so is a --nats-server that is not a nats:// or tls:// URL with the NATS event plane.
      `baton run` also refuses, before it starts any child, every argument a child would refuse:
      an unknown flag (passed on to the workers), a bad value of a frontend flag, an unknown
-     engine, an openai setting with --engine llama (exit 2, "nothing was started", no directory
-     made, nothing listening).
+     engine, an openai setting with --engine llama, a llama setting (--model) without it, the openai
+     engine without --upstream, a llama value out of range, a canary payload that is not JSON
+     (exit 2, "nothing was started", no directory made, nothing listening).
   4. `baton run --help` says how to get llama.cpp workers (--engine llama). `baton help` prints
-     the usage `baton --help` prints; `baton help CMD` what `baton CMD --help` prints.
+     the usage `baton --help` prints; `baton help CMD` what `baton CMD --help` prints. `baton
+     chaos list` into a pipe whose reader is gone exits 1 without a traceback; Ctrl-C during `baton
+     chaos run` exits 130 without one, its processes stopped.
   5. A file discovery directory this user cannot read (frontend, worker) or write in (worker) is a
      start-up error (exit 1, the directory and the reason named), not a process that runs and
      never finds, or is never found by, anyone. Run as an unprivileged user (setpriv to nobody when
      the test runs as root, whom permissions do not stop).
+  6. A port held by another program (the frontend's, a worker's request plane) is a start-up error
+     (exit 1) naming the flag that chooses another. A NATS TLS file that cannot be read is named
+     with its flag and the reason (exit 2).
 Each command must exit within 10 s and leave nothing listening."""
 
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -118,6 +130,13 @@ assert rc == 2 and "baton frontend: DYN_LOG='verbose' names no level" in out, ou
 for ok in ("Debug", "warning", "info,baton=trace"):
     rc, out, _ = baton(["frontend", "--http-port", "-5"], env={"DYN_LOG": ok})
     assert rc == 2 and "DYN_LOG" not in out, (ok, out)
+# likewise DYN_LOGGING_JSONL: a value that is neither on nor off is said; 1/true/0/false are not
+rc, out, _ = baton(["frontend", "--http-port", "-5"], env={"DYN_LOGGING_JSONL": "yes"})
+assert rc == 2 and ("baton frontend: DYN_LOGGING_JSONL='yes' is neither 1/true nor 0/false; logging plain text"
+                    in out), out
+for ok in ("1", "TRUE", "0", "false"):
+    rc, out, _ = baton(["frontend", "--http-port", "-5"], env={"DYN_LOGGING_JSONL": ok})
+    assert rc == 2 and "DYN_LOGGING_JSONL" not in out, (ok, out)
 
 # baton run's --http-host is checked before anything starts (each child would fail on its own bind,
 # a worker naming its status-server port as the culprit)
@@ -125,6 +144,45 @@ for host in ("localhost", "10.0.0.300"):
     rc, out, took = baton(["run", "--http-host", host, "--http-port", str(port)])
     assert rc == 2 and f"baton run: --http-host '{host}' is not a numeric IPv4 or IPv6 address" in out, (host, rc, out)
     assert "started" not in out and took < 10, out
+
+# the listen addresses, the discovery backend and the event plane of `baton frontend` and `baton
+# worker` are usage errors too (exit 2, naming the flag or its twin), not start-up failures (exit 1)
+# that a supervisor would restart forever; `baton run` refuses them before it starts anything
+for args, env, want in [
+        (["frontend", "--http-port", str(port), "--http-host", "localhost"], {},
+         "baton frontend: --http-host 'localhost' is not a numeric IPv4 or IPv6 address"),
+        (["frontend", "--http-port", str(port)], {"DYN_HTTP_HOST": "example.com"},
+         "baton frontend: DYN_HTTP_HOST (--http-host) 'example.com' is not a numeric IPv4 or IPv6 address"),
+        (["frontend", "--http-port", str(port), "--discovery", "consul"], {},
+         "baton frontend: unknown --discovery 'consul' (file or etcd)"),
+        (["frontend", "--http-port", str(port)], {"DYN_DISCOVERY_BACKEND": "consul"},
+         "baton frontend: unknown DYN_DISCOVERY_BACKEND (--discovery) 'consul' (file or etcd)"),
+        (["worker", "--system-port", "-1", "--rpc-host", "localhost"], {},
+         "baton worker: --rpc-host 'localhost' is not a numeric IPv4 or IPv6 address"),
+        (["worker", "--system-port", str(port)], {"DYN_SYSTEM_HOST": "localhost"},
+         "baton worker: DYN_SYSTEM_HOST (--system-host) 'localhost' is not a numeric IPv4 or IPv6 address"),
+        (["run", "--http-port", str(port), "--rpc-host", "localhost"], {},
+         "baton run: --rpc-host 'localhost' is not a numeric IPv4 or IPv6 address"),
+        (["run", "--http-port", str(port), "--system-host", "localhost"], {},
+         "baton run: --system-host 'localhost' is not a numeric IPv4 or IPv6 address"),
+        (["run", "--http-port", str(port)], {"DYN_HTTP_HOST": "localhost"},
+         "baton run: DYN_HTTP_HOST (--http-host) 'localhost' is not a numeric IPv4 or IPv6 address"),
+        (["run", "--http-port", str(port)], {"DYN_EVENT_PLANE": "kafka"},
+         "baton run: unknown DYN_EVENT_PLANE (--event-plane) 'kafka' (direct or nats)"),
+        (["frontend", "--http-port", str(port), "--event-plane", "kafka"], {},
+         "baton frontend: unknown --event-plane 'kafka' (direct or nats)"),
+        (["worker", "--system-port", "-1"], {"DYN_EVENT_PLANE": "kafka"},
+         "baton worker: unknown DYN_EVENT_PLANE (--event-plane) 'kafka' (direct or nats)"),
+        (["run", "--http-port", str(port), "--event-plane", "nats", "--nats-server", "localhost:4222"], {},
+         "baton run: --nats-server: invalid NATS server URL 'localhost:4222'"),
+        (["worker", "--system-port", "-1", "--event-plane", "nats"], {"NATS_SERVER": "nats-host:4222"},
+         "baton worker: NATS_SERVER (--nats-server): invalid NATS server URL 'nats-host:4222'"),
+        (["frontend", "--http-port", str(port)], {"DYN_ROUTER_MODE": "fastest"},
+         "baton frontend: unknown DYN_ROUTER_MODE (--router-mode) 'fastest' (round-robin, random, least-loaded)")]:
+    rc, out, took = baton(args, env=dict(env, DYN_LOG="info"))
+    assert rc == 2 and want in out, (args, env, rc, out)
+    assert "start" not in out.replace("nothing was started", "") and took < 10, (args, env, out)
+    assert not listening(port), (args, env)
 
 # a fixed worker port given to `baton run` with several workers: refused before anything starts
 for args, env, want in [(["--system-port", "9090"], {}, "baton run: --system-port 9090 would give all 2 workers"),
@@ -150,7 +208,20 @@ refusals = [(["--bogus"], "baton run: unknown argument '--bogus'", "baton worker
             (["--engine", "bogus"], "baton run: unknown --engine 'bogus' (mocker, openai or llama)", "baton worker"),
             (["--engine", "llama", "--upstream", "http://127.0.0.1:9"],
              "baton run: --upstream is a setting of the openai engine, but this worker runs the llama engine "
-             "(--engine llama): add --engine openai", "baton worker")]
+             "(--engine llama): add --engine openai", "baton worker"),
+            # a model file without --engine llama would serve the mocker's mock-model in silence
+            (["--model", "models/stories260K.gguf"],
+             "baton run: --model is a setting of the llama engine, but this worker runs the mocker: add --engine llama",
+             "baton worker"),
+            # an engine's own configuration checks: the openai engine without an upstream, a llama
+            # setting out of the llama engine's range
+            (["--engine", "openai"], "baton run: invalid openai engine configuration: the openai engine needs "
+             "--upstream", "baton worker"),
+            (["--engine", "llama", "--max-num-seqs", "1000"], "baton run: invalid llama engine configuration: "
+             "--max-num-seqs must be 1..256 for the llama engine", "baton worker"),
+            # a canary payload that is not usable: found before the workers start, not by each
+            (["--health-check-enabled", "true", "--health-check-payload", "{bad"],
+             "baton run: health check: DYN_HEALTH_CHECK_PAYLOAD (--health-check-payload) is not JSON", "baton worker")]
 refusals += [([f"{flag}=bogus"], f"baton run: invalid value 'bogus' for {flag}", "baton frontend")
              for flag in fe_checked]
 for args, want, child in refusals:
@@ -160,6 +231,13 @@ for args, want, child in refusals:
     assert "start" not in out.replace("nothing was started", ""), f"{args}: something started:\n{out}"
     assert os.listdir(run_tmp) == [], (args, os.listdir(run_tmp))
     assert took < 10 and not listening(port), (args, took)
+for env, want in [({"DYN_CTX_SIZE": "4096"}, "baton worker: DYN_CTX_SIZE is a setting of the llama engine, but this "
+                                           "worker runs the mocker: add --engine llama"),
+                  ({"DYN_ENGINE": "openai", "DYN_UPSTREAM_URL": "http://127.0.0.1:9", "DYN_LLAMA_THREADS": "2"},
+                   "baton worker: DYN_LLAMA_THREADS is a setting of the llama engine, but this worker runs the openai "
+                   "engine (--engine openai)")]:
+    rc, out, _ = baton(["worker", "--system-port", "-1"], env=env)
+    assert rc == 2 and want in out, (env, rc, out)
 rc, out, _ = baton(["worker", "--system-port", "-1"], env={"DYN_ENGINE": "vllm"})
 assert rc == 2 and "baton worker: unknown DYN_ENGINE 'vllm' (mocker, openai or llama)" in out, (rc, out)
 # the checks run in baton run's own process: a DYN_LOG typo is still reported once, not per check
@@ -182,6 +260,60 @@ for cmd in ("run", "frontend", "worker"):
 rc, out, _ = baton(["help", "nope"])
 assert rc == 2 and "baton help: unknown command 'nope'" in out, (rc, out)
 print("cli: baton help prints the usage, baton help CMD the command's --help")
+
+# `baton chaos list | head`: a reader that stops early ends the listing without a Python traceback
+# (exit 1); the pipe's read end is closed before the tool writes anything
+rfd, wfd = os.pipe()
+os.close(rfd)
+p = subprocess.run([BIN, "chaos", "list"], stdout=wfd, stderr=subprocess.PIPE, text=True, env=CLEAN_ENV,
+                   stdin=subprocess.DEVNULL, timeout=30)
+os.close(wfd)
+assert p.returncode == 1 and "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, (p.returncode, p.stderr)
+rc, out, _ = baton(["chaos", "list"])
+assert rc == 0 and out.count("starts its own processes") >= 10, (rc, out[:300])
+rc, out, _ = baton(["chaos"])
+assert rc == 2 and "the following arguments are required: {run,list,validate}" in out, (rc, out)
+print("cli: baton chaos list into a closed pipe ends quietly; a missing chaos command is named")
+
+
+def descendants(pid):
+    kids = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for k in kids.get(todo.pop(), []):
+            out.append(k)
+            todo.append(k)
+    return out
+
+
+# Ctrl-C during `baton chaos run`: exit 130 with one line, no traceback, and every process the tool
+# started is gone (SIGINT is set to its default first: a background job inherits it ignored)
+out_dir = bl.tmpdir("cli-chaos-int")
+p = subprocess.Popen([BIN, "chaos", "run", "--only", "worker-kill9", "--out", out_dir], stdout=subprocess.PIPE,
+                     stderr=subprocess.STDOUT, text=True, env=CLEAN_ENV, stdin=subprocess.DEVNULL,
+                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+lines = []
+for line in p.stdout:
+    lines.append(line)
+    if "load:" in line:  # the topology runs and the load has started
+        break
+kids = descendants(p.pid)
+assert len(kids) >= 3, (kids, "".join(lines))
+p.send_signal(signal.SIGINT)
+rest, _ = p.communicate(timeout=60)
+out = "".join(lines) + rest
+assert p.returncode == 130 and "Traceback" not in out and "baton chaos: interrupted" in out, (p.returncode, out[-2000:])
+bl.wait_for(lambda: all(not os.path.exists(f"/proc/{k}") or open(f"/proc/{k}/stat").read().split()[2] == "Z"
+                        for k in kids), 10, what="every process baton chaos started gone")
+print(f"cli: Ctrl-C stops baton chaos run (exit 130, no traceback, its {len(kids)} processes gone)")
 
 # --- 5. discovery directories this user cannot use
 base = bl.tmpdir("cli-perm")
@@ -223,10 +355,52 @@ print("cli: unreadable and unwritable discovery directories are start-up errors"
 notgguf = os.path.join(base, "not-a-model.gguf")
 with open(notgguf, "w") as f:
     f.write("this is not a model\n")
-for args, want in [(["--model", os.path.join(base, "missing.gguf")], "missing.gguf: No such file or directory"),
-                   (["--model", notgguf], "is not a GGUF file"),
+for args, want in [(["--model", os.path.join(base, "missing.gguf")],
+                    "missing.gguf (--model): No such file or directory"),
+                   (["--model", notgguf], "not-a-model.gguf (--model) is not a GGUF file"),
                    (["--llama-lib-dir", base], "not found: run scripts/setup")]:
     rc, out, took = baton(["worker", "--engine", "llama", "--system-port", "-1"] + args)
     assert rc == 2 and want in out, (args, rc, out)
     assert took < 10, (args, took)
+# `baton run` checks its llama workers' model before it starts anything (a typo in --model used to
+# start the frontend, then the workers, then stop them all)
+port = bl.free_port()
+for args, env, want in [(["--model", os.path.join(base, "missing.gguf")], {},
+                         "baton run: llama engine: model file %s (--model): No such file or directory"
+                         % os.path.join(base, "missing.gguf")),
+                        ([], {"DYN_MODEL_PATH": notgguf},
+                         "baton run: llama engine: model file %s (DYN_MODEL_PATH) is not a GGUF file" % notgguf)]:
+    rc, out, took = baton(["run", "--engine", "llama", "--http-port", str(port)] + args, env=dict(env, DYN_LOG="info"))
+    assert rc == 2 and want in out and "nothing was started" in out, (args, env, rc, out)
+    assert "start" not in out.replace("nothing was started", "") and took < 10 and not listening(port), (args, out)
 print("cli: a llama worker without a usable model or libraries exits 2 at once")
+
+# A port held by another program is a start-up error (exit 1) that says which flag picks another
+with socket.socket() as held:
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    taken = held.getsockname()[1]
+    for args, want in [
+            (["frontend", "--http-host", "127.0.0.1", "--http-port", str(taken)],
+             f"cannot listen on 127.0.0.1:{taken}: address already in use; choose another --http-port (DYN_HTTP_PORT)"),
+            (["worker", "--system-port", "-1", "--rpc-port", str(taken), "--discovery-dir", bl.tmpdir("cli-rpc")],
+             f"cannot listen on 127.0.0.1:{taken}: address already in use; choose another --rpc-port "
+             "(DYN_TCP_RPC_PORT), or 0 for a free one")]:
+        rc, out, took = baton(args)
+        assert rc == 1 and want in out, (args, rc, out)
+        assert took < 10 and "serving model" not in out, (args, took, out)
+print("cli: a port in use names the flag that chooses another")
+
+# A NATS TLS file that cannot be read is named with its flag and the reason (nats.c alone says
+# "…: (null)"): exit 2, as for any configuration error
+for args, want in [(["worker", "--system-port", "-1", "--event-plane", "nats", "--nats-tls-ca", "/nonexistent/ca.pem"],
+                    "--nats-tls-ca '/nonexistent/ca.pem' cannot be read: No such file or directory"),
+                   (["worker", "--system-port", "-1", "--event-plane", "nats", "--nats-tls-ca", base],
+                    f"--nats-tls-ca '{base}' cannot be read: Is a directory"),
+                   (["frontend", "--http-port", str(bl.free_port()), "--event-plane", "nats", "--nats-tls-cert",
+                     "/nonexistent/c.pem", "--nats-tls-key", "/nonexistent/k.pem"],
+                    "--nats-tls-cert '/nonexistent/c.pem' cannot be read: No such file or directory")]:
+    rc, out, took = baton(args, env={"NATS_SERVER": "nats://127.0.0.1:1"})
+    assert rc == 2 and want in out and "(null)" not in out, (args, rc, out)
+    assert took < 10, (args, took)
+print("cli: an unreadable NATS TLS file is named with its flag and the reason")

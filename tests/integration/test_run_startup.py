@@ -5,9 +5,9 @@
      "serving", starts the frontend once (no restart loop), leaves no child and no directory behind,
      and the other program still serves.
   2. A configuration error of a child (frontend: --router-mode nonsense; worker: --upstream
-     without --engine openai) makes `baton run` exit 2 before it starts anything; one the child
-     finds only once it runs (a llama worker's model file missing) makes it exit 2 without
-     "serving" and without a restart.
+     without --engine openai, a llama worker's model file missing) makes `baton run` exit 2 before
+     it starts anything; one the child finds only once it runs (llama.cpp's libraries missing)
+     makes it exit 2 without "serving" and without a restart.
   3. "baton: serving" is printed after the frontend has connected to every worker: at that moment
      GET /health lists exactly the workers `baton run` started (matched by pid through their
      discovery records), and in the shared log the line comes after the frontend's
@@ -118,7 +118,8 @@ with bl.Cluster() as c:
     assert rc is not None, f"baton run still running 5 s after start with its port taken; log:\n{log}"
     assert rc != 0, f"baton run exited 0 with its port taken; log:\n{log}"
     assert "baton: serving" not in log, f"baton run claimed to serve at a port another program holds:\n{log}"
-    assert re.search(r"ERROR +frontend\[\d+\]: cannot listen on 127\.0\.0\.1:%d: address already in use" % port, log), log
+    assert re.search(r"ERROR +frontend\[\d+\]: cannot listen on 127\.0\.0\.1:%d: address already in use; choose "
+                     r"another --http-port \(DYN_HTTP_PORT\)" % port, log), log
     assert re.search(r"ERROR +run\[\d+\]: frontend 0 exited during start-up \(status 1; .*nothing is serving at "
                      r"http://127\.0\.0\.1:%d" % port, log), log
     assert log.count("started frontend") == 1, f"the frontend was restarted:\n{log}"
@@ -137,7 +138,9 @@ print(f"port taken: baton run exited {rc} after {took:.2f} s, no 'serving', fron
 # refuse, `baton run` refuses before it starts any child (it runs those checks itself)
 for what, flags, rx in [
         ("frontend", {"router_mode": "nonsense"}, r"unknown --router-mode 'nonsense'"),
-        ("worker", {"upstream": "http://127.0.0.1:9"}, r"--upstream is a setting of the openai engine.*--engine openai")]:
+        ("worker", {"upstream": "http://127.0.0.1:9"}, r"--upstream is a setting of the openai engine.*--engine openai"),
+        ("worker", {"engine": "llama", "model": "/nonexistent/model.gguf"},
+         r"model file /nonexistent/model\.gguf \(--model\): No such file or directory")]:
     with bl.Cluster() as c:
         fe = c.start_run(wait=False, workers=2, speedup_ratio=50, **flags)
         rc = fe.proc.wait(10)
@@ -145,11 +148,11 @@ for what, flags, rx in [
         assert rc == 2 and re.search(rx, log), f"{what} configuration error: baton run exited {rc}; log:\n{log}"
         assert re.search(r"\(as passed on to `baton %s`, which refuses it\); nothing was started" % what, log), log
         assert "started" not in log.replace("nothing was started", ""), log
-# what a child finds only once it runs (a llama model file that does not exist: the worker exits 2
-# at start-up) stops the group the same way
+# what a child finds only once it runs (llama.cpp's libraries not where --llama-lib-dir says: the
+# worker exits 2 at start-up) stops the group the same way
 for what, flags, rx in [
-        ("worker", {"engine": "llama", "model": "/nonexistent/model.gguf"},
-         r"model file /nonexistent/model\.gguf: No such file or directory")]:
+        ("worker", {"engine": "llama", "llama_lib_dir": "/nonexistent"},
+         r"llama\.cpp library /nonexistent/\S+ not found")]:
     with bl.Cluster() as c:
         fe = c.start_run(wait=False, workers=2, speedup_ratio=50, **flags)
         rc = fe.proc.wait(10)

@@ -8,13 +8,14 @@
     baton chaos validate my-scenario.toml
 
 Exit status: 0 when every scenario passed (skipped ones too, unless --strict), 1 when one failed
-or could not run, 2 on a usage or scenario error. docs/chaos.md is the user guide.
+or could not run, 2 on a usage or scenario error, 130 on Ctrl-C. docs/chaos.md is the user guide.
 """
 
 import argparse
 import datetime
 import glob
 import os
+import select
 import sys
 import time
 
@@ -118,7 +119,8 @@ def cmd_validate(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="baton chaos", description="Fault scenarios against baton, checked "
                                  "byte for byte against fault-free references; see docs/chaos.md.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    # metavar: a missing command is reported as "required: {run,list,validate}", not by its dest
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{run,list,validate}")
     for name, helptext in (("run", "run scenarios and write a report"), ("list", "describe scenarios"),
                            ("validate", "check scenario files")):
         p = sub.add_parser(name, help=helptext)
@@ -151,5 +153,31 @@ def main(argv=None):
         return 2
 
 
+def _stdout_gone():
+    """True when stdout is a pipe whose reader has gone (`baton chaos list | head`): Linux reports
+    POLLERR on the write end of a pipe without readers."""
+    try:
+        p = select.poll()
+        p.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in p.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        rc = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise  # another pipe or socket: a real error
+        # the reader stopped early, as `head` does: no traceback; stdout goes to /dev/null so that
+        # the interpreter's own flush at exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        rc = 1
+    except KeyboardInterrupt:
+        # Ctrl-C: the scenario's clean-up (its processes stopped) ran on the way here; no traceback
+        sys.stderr.write("baton chaos: interrupted: the processes it started are stopped; the scenario that was "
+                         "running has no verdict\n")
+        rc = 130
+    sys.exit(rc)
