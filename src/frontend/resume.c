@@ -428,7 +428,7 @@ static bool query_param(const char *q, const char *name, char *out, size_t outle
         if (strncmp(p, name, n) == 0 && p[n] == '=') {
             const char *v = p + n + 1, *e = strchr(v, '&');
             size_t l = e ? (size_t)(e - v) : strlen(v);
-            if (l >= outlen) l = outlen - 1;
+            if (l >= outlen) l = 0; /* too long for any valid value: read as "", which no caller accepts */
             memcpy(out, v, l);
             out[l] = '\0';
             return true;

@@ -109,6 +109,11 @@ with bl.Cluster() as c:
     full = bl.stream_sse(fe.url, f"{chat}/{sid}?starting_after=0", None, method="GET")
     assert full.status == 200 and full.done, f"GET resume of a U+0000 stream: {full.summary()}"
     assert full.text == s.text and full.event_ids == ids, (full.text, s.text, full.event_ids)
+    # a starting_after too long for any position is refused, not cut: 40 digits ending in 1 would
+    # have been read as its first 31 zeros, the position 0 (the whole stream again)
+    long_pos = "0" * 39 + "1"
+    cut = bl.stream_sse(fe.url, f"{chat}/{sid}?starting_after={long_pos}", None, method="GET")
+    assert cut.status == 400 and not cut.text, f"a 40-digit starting_after: {cut.summary()}"
 
     # ---- trailing whitespace is not part of a header's value
     ok = bl.chat_body("ows", max_tokens=2)
