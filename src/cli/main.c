@@ -22,7 +22,8 @@ static void usage(void) {
            "  frontend   the OpenAI-compatible HTTP frontend and router\n"
            "  worker     one engine behind the request plane\n"
            "  chaos      fault scenarios against baton, checked byte for byte (docs/chaos.md)\n\n"
-           "`baton <command> --help` (or `baton help <command>`) lists a command's options.\n");
+           "`baton <command> --help` (or `baton help <command>`) lists a command's options;\n"
+           "`baton --version` prints the version.\n");
 }
 
 /* `baton chaos ...`: the fault-testing tool is a Python program, chaos.py. It is found through
@@ -89,6 +90,10 @@ int main(int argc, char **argv) {
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
         usage();
         return argc < 2 ? 2 : 0;
+    }
+    if (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "version") == 0) {
+        printf("baton %s\n", BATON_VERSION); /* the project's version in CMakeLists.txt */
+        return 0;
     }
     const char *cmd = argv[1];
     /* `baton help` prints the usage; `baton help <command>` that command's --help */

@@ -23,9 +23,10 @@
      engine without --upstream, a llama value out of range, a canary payload that is not JSON
      (exit 2, "nothing was started", no directory made, nothing listening).
   4. `baton run --help` says how to get llama.cpp workers (--engine llama). `baton help` prints
-     the usage `baton --help` prints; `baton help CMD` what `baton CMD --help` prints. `baton
-     chaos list` into a pipe whose reader is gone exits 1 without a traceback; Ctrl-C during `baton
-     chaos run` exits 130 without one, its processes stopped.
+     the usage `baton --help` prints; `baton help CMD` what `baton CMD --help` prints; `baton
+     --version` (or `baton version`) prints one line, the version. `baton chaos list` into a pipe
+     whose reader is gone exits 1 without a traceback; Ctrl-C during `baton chaos run` exits 130
+     without one, its processes stopped.
   5. A file discovery directory this user cannot read (frontend, worker) or write in (worker) is a
      start-up error (exit 1, the directory and the reason named), not a process that runs and
      never finds, or is never found by, anyone. Run as an unprivileged user (setpriv to nobody when
@@ -259,7 +260,10 @@ for cmd in ("run", "frontend", "worker"):
     assert rc == rc2 == 0 and out == want and f"usage: baton {cmd}" in out, (cmd, rc2, out[:200])
 rc, out, _ = baton(["help", "nope"])
 assert rc == 2 and "baton help: unknown command 'nope'" in out, (rc, out)
-print("cli: baton help prints the usage, baton help CMD the command's --help")
+for form in ("--version", "version"):
+    rc, out, _ = baton([form])  # stdout and stderr together: the version line and nothing else
+    assert rc == 0 and re.fullmatch(r"baton \d+\.\d+\.\d+\n", out), (form, rc, out)
+print("cli: baton help prints the usage, baton help CMD the command's --help; baton --version the version")
 
 # `baton chaos list | head`: a reader that stops early ends the listing without a Python traceback
 # (exit 1); the pipe's read end is closed before the tool writes anything
