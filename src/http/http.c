@@ -481,6 +481,14 @@ static int cb_headers_complete(http_parser *p) {
     c->headers_done = true;
     c->hdr_in_value = false;
     c->hdr_name_len = 0;
+    /* Trailing whitespace is not part of a field value (RFC 9110 §5.5); http_parser drops only the
+     * leading one. "Bearer KEY " is the key KEY, "3 " the priority 3. Here, before Expect is read:
+     * "100-continue " is 100-continue. */
+    for (int i = 0; i < H_COUNT; i++) {
+        bt_buf *v = &c->hdr[i];
+        while (c->have_hdr[i] && v->len > 0 && (v->data[v->len - 1] == ' ' || v->data[v->len - 1] == '\t'))
+            v->data[--v->len] = '\0';
+    }
     size_t max_body = c->srv->cfg.max_body_bytes;
     bool has_cl = (p->flags & F_CONTENTLENGTH) != 0;
     if (has_cl && p->content_length > max_body) {
@@ -585,13 +593,6 @@ static void conn_dispatch(conn *c) {
         if (q) *q = '\0';
         r->path = u;
         r->query = q ? q + 1 : "";
-    }
-    /* Trailing whitespace is not part of a field value (RFC 9110 §5.5); http_parser drops only the
-     * leading one. "Bearer KEY " is the key KEY, "3 " the priority 3. */
-    for (int i = 0; i < H_COUNT; i++) {
-        bt_buf *v = &c->hdr[i];
-        while (c->have_hdr[i] && v->len > 0 && (v->data[v->len - 1] == ' ' || v->data[v->len - 1] == '\t'))
-            v->data[--v->len] = '\0';
     }
     bt_buf_append(&c->body, "", 0);
     r->body = c->body.data ? c->body.data : "";

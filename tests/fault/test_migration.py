@@ -454,6 +454,11 @@ def scenario_kill_one(refs, prefix="k1", streams=range(N_STREAMS), unary=UNARY, 
         assert d["ongoing"] == len(migs) and d["new"] == 0 and d["exhausted"] == 0, d
         assert d["stall_count"] == len(migs), f"stall histogram counted {d['stall_count']}, want {len(migs)}"
         check_baseline(c, fe, refs, 2, prefix)
+    return reqs, migs
+
+
+# the frontend's warning when a stream's record is dropped (the journal full)
+DROP_RX = re.compile(r"request (\S+): stream journal full; stream [0-9a-f]+ is no longer resumable")
 
 
 def scenario_journal_full(refs):
@@ -465,18 +470,29 @@ def scenario_journal_full(refs):
 
     def at_kill(fe, load):
         # A record is dropped when its stream outgrows the room it opened with (64 tokens here)
-        # and the full journal has none to give: the kill waits for the first drops.
-        def sample():
-            m = bl.metrics(fe.url)
-            seen["dropped"] = bl.metric_sum(m, "baton_frontend_stream_journal_evictions_total", reason="dropped_live")
-            seen["live"] = bl.metric_sum(m, "baton_frontend_stream_journal_streams", state="live")
-            return seen["dropped"] > 0
-        bl.wait_for(sample, 60, 0.05, "a live record dropped by the full journal")
+        # and the full journal has none to give. At 70 tokens every journaled stream has passed
+        # that room: each record has grown or been dropped, on every worker, the victim's too.
+        load.wait_tokens(70)
+        m = bl.metrics(fe.url)
+        seen["dropped"] = bl.metric_sum(m, "baton_frontend_stream_journal_evictions_total", reason="dropped_live")
+        seen["live"] = bl.metric_sum(m, "baton_frontend_stream_journal_streams", state="live")
+        seen["dropped_rids"] = set(DROP_RX.findall(fe.proc.log_text()))
 
-    scenario_kill_one(refs, prefix="jf", fe_flags={"stream_retention_bytes": 160 * 1024}, on_load=at_kill)
-    print(f"journal full: at the kill {seen['dropped']:.0f} live records had been dropped, {seen['live']:.0f} live")
+    reqs, migs = scenario_kill_one(refs, prefix="jf", fe_flags={"stream_retention_bytes": 160 * 1024},
+                                   on_load=at_kill)
+    # of the victim's streams, one whose record was dropped before the kill and one that still had
+    # its record (journaled from its first event): both migrated, their output checked above
+    by_rid = {r.rid: r for r in reqs}
+    lost = [m["rid"] for m in migs if m["rid"] in seen["dropped_rids"]]
+    kept = [m["rid"] for m in migs if m["rid"] not in seen["dropped_rids"] and by_rid[m["rid"]].stream and
+            by_rid[m["rid"]].stream_obj.event_ids and by_rid[m["rid"]].stream_obj.event_ids[0] is not None]
+    print(f"journal full: at the kill {seen['dropped']:.0f} live records had been dropped, {seen['live']:.0f} live; "
+          f"of the {len(migs)} migrated, {len(lost)} had lost their record, {len(kept)} still had it")
     assert seen["dropped"] > 0, "no live record was dropped before the kill: the scenario tests nothing new"
+    assert len(seen["dropped_rids"]) == seen["dropped"], (seen["dropped_rids"], seen["dropped"])
     assert seen["live"] > 0, "no stream kept its record until the kill"
+    assert lost, "no stream whose record had been dropped migrated: the drop path's migration is untested"
+    assert kept, "no stream that still had its record migrated"
 
 
 def scenario_kill_until_one(refs):

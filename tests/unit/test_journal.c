@@ -220,6 +220,8 @@ static void test_reserved_room(void **state) {
     assert_non_null(r);
     fe_journal_stats_get(j, &st0);
     assert_true(st0.bytes >= 64 * (sizeof(uint32_t) + 8 + sizeof(fe_jevent)));
+    const uint64_t open64 = st0.bytes; /* the journal was empty: this record's bytes at open */
+    const size_t per_tok = sizeof(uint32_t) + 8 + sizeof(fe_jevent);
     uint32_t id = 9;
     for (int k = 0; k < 64; k++) assert_true(fe_journal_append(j, r, &id, 1, "abcdefgh", 8));
     fe_journal_stats_get(j, &st);
@@ -233,15 +235,25 @@ static void test_reserved_room(void **state) {
     /* ended: exactly what it holds (65 ids, 513 bytes of text, 65 events), nothing reserved */
     assert_int_equal(st.bytes, st0.bytes - 64 * (sizeof(uint32_t) + 8 + sizeof(fe_jevent)) +
                                    65 * (sizeof(uint32_t) + sizeof(fe_jevent)) + 513);
-    /* a short stream: room for its max_tokens only */
+    /* a short stream: room for its max_tokens only (the same record as above with 61 tokens
+     * less room); without a limit, room for 16 */
     fe_jsnap m2;
     memset(&m2, 0, sizeof m2);
     m2.body = "{}";
     m2.body_len = 2;
+    m2.max_tokens = 0;
+    fe_journal_stats_get(j, &st);
+    fe_jrec *r3 = fe_journal_open(j, &m2, key_a, 0);
+    assert_non_null(r3);
+    fe_journal_stats_get(j, &st0);
+    assert_int_equal(st0.bytes - st.bytes, open64 - 48 * per_tok);
+    fe_journal_close(j, r3, &none);
     m2.max_tokens = 3;
+    fe_journal_stats_get(j, &st);
     fe_jrec *r2 = fe_journal_open(j, &m2, key_a, 0);
     assert_non_null(r2);
     fe_journal_stats_get(j, &st0);
+    assert_int_equal(st0.bytes - st.bytes, open64 - 61 * per_tok);
     assert_true(fe_journal_append(j, r2, &id, 1, "ab", 2));
     fe_journal_stats_get(j, &st);
     assert_int_equal(st.bytes, st0.bytes);
