@@ -17,6 +17,7 @@
 
 #include <openssl/crypto.h>
 #include <openssl/rand.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,11 +26,20 @@
 
 #include "common/map.h"
 #include "common/util.h"
+#include "proto/request.h" /* BT_EXACTNESS_MAX */
 
 typedef enum { REC_LIVE, REC_ENDED, REC_DROPPED } rec_state;
 
+/* A record's fe_jsnap but its tail and fingerprint, which live out of line (journal.h). */
+typedef struct {
+    FE_JSNAP_FIELDS
+} rec_snap;
+_Static_assert(sizeof(rec_snap) == offsetof(fe_jsnap, tail), "rec_snap is the leading part of fe_jsnap");
+
 struct fe_jrec {
-    fe_jsnap s; /* ids/text/ev capacities below */
+    rec_snap s; /* ids/text/ev capacities below */
+    fe_jtail *tail;  /* ENDED (and after a claim): how it ended; NULL before its first close */
+    char *exactness; /* the fingerprint (fe_jsnap.exactness); NULL: none */
     size_t ids_cap, text_cap, ev_cap;
     uint8_t key_mac[FE_KEY_MAC_LEN];
     uint64_t key; /* map key: the id's first 64 bits */
@@ -44,6 +54,10 @@ struct fe_jrec {
     char *kept_text;
     size_t kept_nids, kept_text_len;
 };
+
+/* Under 1,000 bytes, a record is a small-bin allocation for glibc: over it, every record's
+ * calloc first consolidated the fast bins (docs/benchmarks.md, fifth round). */
+_Static_assert(sizeof(struct fe_jrec) <= 1000, "a journal record is a small-bin allocation");
 
 typedef struct {
     fe_journal pub;
@@ -73,8 +87,25 @@ static uint64_t id_key(const char *sid) {
     return k ? k : 1;
 }
 
+/* What a record is charged against --stream-retention-bytes. Its tail and fingerprint are
+ * charged at their largest whether set or not, so that setting them never needs room. */
 static size_t rec_bytes(const fe_jrec *r) {
-    return sizeof *r + r->s.body_len + 1 + r->ids_cap * sizeof(uint32_t) + r->text_cap + r->ev_cap * sizeof(fe_jevent);
+    return sizeof *r + sizeof(fe_jtail) + BT_EXACTNESS_MAX + 1 + r->s.body_len + 1 + r->ids_cap * sizeof(uint32_t) +
+           r->text_cap + r->ev_cap * sizeof(fe_jevent);
+}
+
+/* Frees what a record holds but its struct (and a DROPPED record's kept output). */
+static void rec_free_data(fe_jrec *r) {
+    free(r->s.body);
+    free(r->s.ids);
+    free(r->s.text);
+    free(r->s.ev);
+    free(r->tail);
+    free(r->exactness);
+    r->s.body = r->s.text = r->exactness = NULL;
+    r->s.ids = NULL;
+    r->s.ev = NULL;
+    r->tail = NULL;
 }
 
 static void ended_unlink(mem_journal *m, fe_jrec *r) { TAILQ_REMOVE(&m->ended, r, link); }
@@ -84,7 +115,7 @@ static void rec_release(mem_journal *m, fe_jrec *r) {
     if (r->state != REC_DROPPED) bt_map_del(&m->recs, r->key);
     m->st.bytes -= r->bytes;
     r->bytes = 0;
-    fe_jsnap_free(&r->s);
+    rec_free_data(r);
     r->ids_cap = r->text_cap = r->ev_cap = 0;
     if (r->state == REC_ENDED) {
         ended_unlink(m, r);
@@ -163,7 +194,7 @@ static fe_jrec *open_rec(fe_journal *j, fe_jsnap *meta, const uint8_t key_mac[FE
     if (j->retention_s <= 0) return NULL;
     fe_jrec *r = calloc(1, sizeof *r);
     if (!r) return NULL;
-    r->s = *meta;
+    memcpy(&r->s, meta, sizeof r->s); /* its tail and fingerprint stay NULL until set */
     r->s.body = malloc(meta->body_len + 1);
     if (!r->s.body) {
         free(r);
@@ -174,7 +205,6 @@ static fe_jrec *open_rec(fe_journal *j, fe_jsnap *meta, const uint8_t key_mac[FE
     r->s.text = NULL;
     r->s.ev = NULL;
     r->s.nids = r->s.text_len = r->s.nev = 0;
-    memset(&r->s.tail, 0, sizeof r->s.tail);
     presize(r, meta->max_tokens);
     memcpy(r->key_mac, key_mac, FE_KEY_MAC_LEN);
     r->shard = shard;
@@ -185,7 +215,7 @@ static fe_jrec *open_rec(fe_journal *j, fe_jsnap *meta, const uint8_t key_mac[FE
     if (!make_room(m, r->bytes)) {
         m->st.refused_full++;
         uv_mutex_unlock(&m->mu);
-        fe_jsnap_free(&r->s);
+        rec_free_data(r);
         free(r);
         return NULL;
     }
@@ -195,7 +225,7 @@ static fe_jrec *open_rec(fe_journal *j, fe_jsnap *meta, const uint8_t key_mac[FE
     r->key = id_key(r->s.stream_id);
     if ((given_id && bt_map_get(&m->recs, r->key)) || bt_map_put(&m->recs, r->key, r) != 0) {
         uv_mutex_unlock(&m->mu);
-        fe_jsnap_free(&r->s);
+        rec_free_data(r);
         free(r);
         return NULL;
     }
@@ -274,6 +304,22 @@ static void rec_put(fe_jrec *r, const uint32_t *ids, size_t n, const char *text,
     r->s.ev[r->s.nev++] = (fe_jevent){(uint32_t)r->s.nids, (uint32_t)r->s.text_len};
 }
 
+/* Under the mutex: a LIVE record is dropped (the cap, or no memory). What it held goes back to
+ * its owner, not freed (no longer accounted: it is the request's own output now, as with a stream
+ * that was never journaled); the record is DROPPED, and its owner closes it. */
+static void drop_live(mem_journal *m, fe_jrec *r) {
+    m->st.dropped_live++;
+    if (r->state == REC_LIVE) {
+        r->kept_ids = r->s.ids;
+        r->kept_nids = r->s.nids;
+        r->kept_text = r->s.text;
+        r->kept_text_len = r->s.text_len;
+        r->s.ids = NULL;
+        r->s.text = NULL;
+    }
+    rec_release(m, r);
+}
+
 static bool mem_append(fe_journal *j, fe_jrec *r, const uint32_t *ids, size_t n, const char *text, size_t len) {
     mem_journal *m = (mem_journal *)j;
     /* The per-event path takes no lock while the record has room: a live record's arrays and
@@ -307,20 +353,7 @@ static bool mem_append(fe_journal *j, fe_jrec *r, const uint32_t *ids, size_t n,
             m->st.bytes += b - r->bytes;
             r->bytes = b;
         }
-        if (!ok) {
-            m->st.dropped_live++;
-            /* what it held goes back to its owner, not freed (no longer accounted: it is the
-             * request's own output now, as with a stream that was never journaled) */
-            if (r->state == REC_LIVE) {
-                r->kept_ids = r->s.ids;
-                r->kept_nids = r->s.nids;
-                r->kept_text = r->s.text;
-                r->kept_text_len = r->s.text_len;
-                r->s.ids = NULL;
-                r->s.text = NULL;
-            }
-            rec_release(m, r); /* DROPPED: the owner closes it */
-        }
+        if (!ok) drop_live(m, r);
     }
     uv_mutex_unlock(&m->mu);
     return ok;
@@ -350,8 +383,11 @@ static void mem_close(fe_journal *j, fe_jrec *r, const fe_jtail *tail) {
         shrink((void **)&r->s.ev, &r->ev_cap, r->s.nev, sizeof(fe_jevent));
     }
     uv_mutex_lock(&m->mu);
+    /* no memory for how it ended: not resumable, rather than resumed as unfinished */
+    if (r->state == REC_LIVE && !r->tail && !(r->tail = malloc(sizeof *r->tail))) drop_live(m, r);
     if (r->state == REC_DROPPED) {
         uv_mutex_unlock(&m->mu);
+        rec_free_data(r); /* a fingerprint noted after the drop */
         free(r->kept_ids);
         free(r->kept_text);
         free(r);
@@ -360,7 +396,7 @@ static void mem_close(fe_journal *j, fe_jrec *r, const fe_jtail *tail) {
     size_t b = rec_bytes(r);
     m->st.bytes = m->st.bytes - r->bytes + b;
     r->bytes = b;
-    r->s.tail = *tail;
+    *r->tail = *tail;
     r->state = REC_ENDED;
     r->expires_ms = bt_now_ms() + (uint64_t)(j->retention_s * 1000.0);
     TAILQ_INSERT_TAIL(&m->ended, r, link);
@@ -371,7 +407,10 @@ static void mem_close(fe_journal *j, fe_jrec *r, const fe_jtail *tail) {
 }
 
 static bool copy_out(const fe_jrec *r, fe_jsnap *out) {
-    *out = r->s;
+    memcpy(out, &r->s, sizeof r->s);
+    if (r->tail) out->tail = *r->tail;
+    else memset(&out->tail, 0, sizeof out->tail);
+    bt_copy_str(out->exactness, sizeof out->exactness, r->exactness ? r->exactness : "");
     out->body = malloc(r->s.body_len + 1);
     out->ids = malloc((r->s.nids ? r->s.nids : 1) * sizeof(uint32_t));
     out->text = malloc(r->s.text_len + 1);
@@ -435,7 +474,7 @@ static void mem_destroy(fe_journal *j) {
     void *v;
     while (bt_map_next(&m->recs, &it, &k, &v)) { /* live records whose owner never closed them */
         fe_jrec *r = v;
-        fe_jsnap_free(&r->s);
+        rec_free_data(r);
         free(r);
     }
     bt_map_free(&m->recs);
@@ -448,7 +487,16 @@ static void mem_note_worker(fe_journal *j, fe_jrec *rec, uint64_t worker_id, con
     mem_journal *m = (mem_journal *)j;
     uv_mutex_lock(&m->mu);
     rec->s.worker_id = worker_id;
-    bt_copy_str(rec->s.exactness, sizeof rec->s.exactness, exactness ? exactness : "");
+    /* copied only when it changes (every attempt of a stream notes one, nearly always the same);
+     * without memory for it the record is dropped: a resume must not lose the constraint */
+    if (!exactness || !exactness[0]) {
+        free(rec->exactness);
+        rec->exactness = NULL;
+    } else if (!rec->exactness || strcmp(rec->exactness, exactness) != 0) {
+        free(rec->exactness);
+        rec->exactness = strndup(exactness, BT_EXACTNESS_MAX);
+        if (!rec->exactness && rec->state == REC_LIVE) drop_live(m, rec);
+    }
     uv_mutex_unlock(&m->mu);
 }
 

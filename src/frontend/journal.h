@@ -60,33 +60,45 @@ typedef struct {
 
 /* What a record holds. As the argument of fe_journal_open: the request's description (body,
  * rid, model, ...; ids, text, ev and tail empty). As the result of a claim: a copy of the whole
- * record, owned by the caller and freed with fe_jsnap_free. */
-typedef struct {
-    char stream_id[FE_STREAM_ID_LEN + 1];
-    char rid[80];
-    char model[128];
-    bt_api api;
-    char *body; /* the request as its attempts send it: canonical JSON (sorted keys, compact) */
-    size_t body_len;
-    /* SHA-256 (hex) of the body as the client sent it, canonical JSON: what a re-POST must match
-     * (the frontend may add to `body`, e.g. a seed it chose; the client's re-POST will not have it) */
-    char body_digest[65];
-    int64_t created, max_tokens;
-    uint64_t seed; /* the sampling seed the frontend chose (0: the body's own): a resume keeps it */
-    int32_t priority; /* the request's settled priority (admit.h, after the key's ceiling): a resume keeps it */
-    bool include_usage, return_ids;
-    uint32_t *ids;
-    size_t nids;
-    char *text;
-    size_t text_len;
-    fe_jevent *ev;
-    size_t nev;
-    fe_jtail tail;
-    /* The worker whose attempt streamed it last (0: none yet): a resume re-attaches there first,
-     * since the worker may keep the stream running after its frontend died (--orphan-grace). */
+ * record, owned by the caller and freed with fe_jsnap_free.
+ *
+ * FE_JSNAP_FIELDS are its members but the tail and the exactness fingerprint: the in-memory
+ * journal keeps those two out of line, allocated when they are set, so that a record is served
+ * from glibc's small bins (under 1,000 bytes: docs/benchmarks.md, fifth round). Of them:
+ *   body         the request as its attempts send it: canonical JSON (sorted keys, compact)
+ *   body_digest  SHA-256 (hex) of the body as the client sent it, canonical JSON: what a re-POST
+ *                must match (the frontend may add to `body`, e.g. a seed it chose; the client's
+ *                re-POST will not have it)
+ *   seed         the sampling seed the frontend chose (0: the body's own): a resume keeps it
+ *   priority     the request's settled priority (admit.h, after the key's ceiling): a resume keeps it
+ *   worker_id    the worker whose attempt streamed it last (0: none yet): a resume re-attaches
+ *                there first, since the worker may keep the stream running after its frontend died
+ *                (--orphan-grace)
+ * and `exactness` is the fingerprint its tokens follow ("" = none; docs/engines.md §3.4): a resume
+ * continues it only on a worker with the same one, as its first frontend would have. */
+#define FE_JSNAP_FIELDS                   \
+    char stream_id[FE_STREAM_ID_LEN + 1]; \
+    char rid[80];                         \
+    char model[128];                      \
+    bt_api api;                           \
+    char *body;                           \
+    size_t body_len;                      \
+    char body_digest[65];                 \
+    int64_t created, max_tokens;          \
+    uint64_t seed;                        \
+    int32_t priority;                     \
+    bool include_usage, return_ids;       \
+    uint32_t *ids;                        \
+    size_t nids;                          \
+    char *text;                           \
+    size_t text_len;                      \
+    fe_jevent *ev;                        \
+    size_t nev;                           \
     uint64_t worker_id;
-    /* The exactness fingerprint its tokens follow ("" = none; docs/engines.md §3.4): a resume
-     * continues it only on a worker with the same one, as its first frontend would have. */
+
+typedef struct {
+    FE_JSNAP_FIELDS
+    fe_jtail tail;
     char exactness[256];
 } fe_jsnap;
 

@@ -286,6 +286,10 @@ static void test_worker_and_import(void **state) {
     assert_non_null(r);
     uint32_t a[] = {5, 6}, b[] = {7};
     assert_true(fe_journal_append(j, r, a, 2, "ab", 2));
+    /* the record keeps the last fingerprint noted (kept out of line, replaced when it changes) */
+    fe_journal_note_worker(j, r, 0x99, "an earlier fingerprint, longer than the one after it");
+    fe_journal_note_worker(j, r, 0x98, "");
+    fe_journal_note_worker(j, r, 0x1234, "llama-0.4.0 cpu=x threads=1");
     fe_journal_note_worker(j, r, 0x1234, "llama-0.4.0 cpu=x threads=1");
     assert_true(fe_journal_append(j, r, b, 1, "cde", 3));
     fe_jtail none = {0};
