@@ -203,7 +203,8 @@ class Meter:
         self.faults = 0  # minor page faults over the window, all the processes (set by stop)
 
     def stop(self):
-        self.faults = sum(minflt(p) - self.f0[k] for k, p in self.pids.items())
+        # a process gone by now reads 0: counted as none rather than negative
+        self.faults = sum(max(0, minflt(p) - self.f0[k]) for k, p in self.pids.items())
         return {k: (cpu_ns(p) - self.t0[k]) / 1e9 for k, p in self.pids.items()}
 
 
@@ -469,6 +470,8 @@ def transit(probe, arrivals):
 
 def cmd_latency(a):
     global CLIENT_CPU
+    if a.interleave < 1:
+        raise SystemExit("perf latency: --interleave must be at least 1")
     bl.deadline(3600, "perf latency")
     levels = [int(x) for x in a.concurrency.split(",")]
     out = []
