@@ -90,7 +90,10 @@ def sse_text(raw_body):
 with bl.Cluster() as c:
     fe = c.start_frontend()
     keyed = c.start_frontend(api_key="sekrit")
-    c.start_worker(speedup_ratio=1000)
+    # tokens ~0.35 ms apart: each its own event, even with a sanitizer slowing the frontend (at a
+    # faster pace the worker sends the tokens of several steps in one frame, and the stream has
+    # fewer events than the resume checks below need)
+    c.start_worker(speedup_ratio=20)
     c.wait_workers(fe, 1)
     c.wait_workers(keyed, 1, timeout=30)
     chat = "/v1/chat/completions"
@@ -100,7 +103,7 @@ with bl.Cluster() as c:
     s = bl.stream_chat(fe.url, body)
     s.assert_ok("the stream with U+0000 in its prompt")
     ids = s.event_ids
-    assert len(ids) >= 4 and s.text, s.summary()
+    assert len(ids) >= 3 and s.text, s.summary()  # two with text at least, then the last
     sid = ids[0].split(":")[0]
     rest = bl.stream_sse(fe.url, chat, body, headers={"Last-Event-ID": ids[0]})
     assert rest.status == 200 and rest.done, f"re-POST resume of a U+0000 stream: {rest.summary()}"
