@@ -38,11 +38,17 @@ class Conn:
 
     def send(self, ftype, stream, payload=b"", flags=0):
         self.sock.sendall(struct.pack(">IBBHI", 8 + len(payload), ftype, flags, 0, stream) + payload)
+        self.last_tx = time.monotonic()
 
     def read(self):
-        """The next frame (PINGs are answered and LOADs skipped here)."""
+        """The next frame (PINGs are answered, and PONGs and LOADs skipped here). While reading it
+        pings the worker when it has sent nothing for a second, as a frontend does: a worker that
+        streams without pause sends no PING of its own, and would take a client that only answers
+        PINGs for a dead one after --frontend-dead-after (5 s) of a long stream."""
         while True:
             while len(self.buf) < 4 or len(self.buf) < 4 + struct.unpack(">I", self.buf[:4])[0]:
+                if time.monotonic() - self.last_tx > 1.0:
+                    self.send(PING, 0, struct.pack(">Q", int(time.monotonic() * 1000)))
                 chunk = self.sock.recv(65536)
                 if not chunk:
                     raise ConnectionError("the worker closed the connection")
@@ -54,7 +60,7 @@ class Conn:
             if ftype == PING:
                 self.send(PONG, 0, payload)
                 continue
-            if ftype in (LOAD, GOAWAY):
+            if ftype in (LOAD, GOAWAY, PONG):
                 continue
             return Frame(ftype, stream, payload)
 
