@@ -41,6 +41,10 @@ def run(budget):
         # half went to the victim: one runs there, the others wait for its only slot
         bl.wait_for(lambda: bl.metric_sum(bl.metrics(fe.url), "baton_frontend_worker_waiting_requests") >= 6, 20,
                     what="requests to wait on the victim")
+        # and the one running there has produced a token (the healthy worker's 10 have their first tokens
+        # at once), so that its re-route is a mid-stream migration and not one of the budget's retries
+        bl.wait_for(lambda: bl.metric_sum(bl.metrics(fe.url), "dynamo_frontend_time_to_first_token_seconds_count")
+                    >= 11, 20, what="the victim's running stream to produce a token")
         victim.proc.kill(signal.SIGKILL)
         for t in ts:
             t.join(120)
