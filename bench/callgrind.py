@@ -13,8 +13,13 @@ The load is small because valgrind is slow (~50x): 100 streams at speedup 0.05 (
 ~0.15 s per stream) keep the frontend under callgrind up with the engine; the counts are of
 instructions, which the shared machine does not blur.
 
+With --cache-sim, valgrind also simulates the caches (its first-level data cache and its last
+level, sized from the host's cpuid, or --ll-bytes: a core's own L2, say, where the host's last
+level is a large shared L3) and the report adds, per chunk, the data reads and writes that
+missed each level, by library and by function (self): where the memory a chunk touches is cold.
+
 usage: BATON_BIN=build/baton python3 bench/callgrind.py [--out DIR] [--streams 100] [--requests 400]
-       [--tokens 30] [--speedup 0.05] [--paths frontend,relay] [--top 40]
+       [--tokens 30] [--speedup 0.05] [--paths frontend,relay] [--top 40] [--cache-sim [--ll-bytes N]]
        python3 bench/callgrind.py --report DIR    (the report of an earlier run's dumps again)
 Needs valgrind (callgrind_control, callgrind_annotate). Leaves the dumps in --out."""
 import argparse
@@ -45,8 +50,8 @@ def ctl(pid, arg):
     subprocess.run(["callgrind_control", arg, str(pid)], capture_output=True, text=True, timeout=300)
 
 
-def annotate(path, inclusive):
-    out = subprocess.run(["callgrind_annotate", "--auto=no", "--threshold=100",
+def annotate(path, inclusive, event="Ir"):
+    out = subprocess.run(["callgrind_annotate", "--auto=no", "--threshold=100", f"--show={event}", f"--sort={event}",
                           f"--inclusive={'yes' if inclusive else 'no'}", path], capture_output=True, text=True).stdout
     total, fns = 0, {}
     for line in out.splitlines():
@@ -92,6 +97,21 @@ def report(name, path, chunks, requests, top):
             named[short] = max(ir, named.get(short, 0))  # an inlined copy is listed again, without its object
     for short, ir in sorted(named.items(), key=lambda x: -x[1])[:top]:
         print(f"  {ir / chunks:9.1f}  {short}")
+    for label, events in (("first-level data cache", ("D1mr", "D1mw")), ("last-level cache", ("DLmr", "DLmw"))):
+        fns = collections.Counter()
+        for ev in events:
+            for fn, n in annotate(path, False, ev)[1].items():
+                fns[fn] += n
+        if not fns:
+            continue  # a dump without the cache simulation
+        libs = collections.Counter()
+        for fn, n in fns.items():
+            libs[library(fn)] += n
+        print(f"  data misses in the {label}, per chunk: {sum(fns.values()) / chunks:.2f}; by library: "
+              + ", ".join(f"{k} {v / chunks:.2f}" for k, v in libs.most_common(8)))
+        for fn, n in fns.most_common(top // 2):
+            short = re.sub(r"\s*\[.*\]$", "", fn).split("/")[-1]
+            print(f"  {n / chunks:9.3f}  {short}")
 
 
 def main():
@@ -103,12 +123,17 @@ def main():
     p.add_argument("--speedup", type=float, default=0.05)
     p.add_argument("--paths", default="frontend,relay")
     p.add_argument("--top", type=int, default=40)
+    p.add_argument("--cache-sim", action="store_true", help="simulate the caches too: data misses per chunk")
+    p.add_argument("--ll-bytes", type=int, help="with --cache-sim: the simulated last level's size (16-way, 64 B lines)")
     p.add_argument("--report", metavar="DIR", help="only print the report of the dumps an earlier run left in DIR")
     a = p.parse_args()
     if a.report:
         for name, path, chunks, requests in json.load(open(os.path.join(a.report, "results.json"))):
             report(name, path, chunks, requests, a.top)
         return
+    global VG
+    if a.cache_sim:
+        VG = VG + ["--cache-sim=yes"] + ([f"--LL={a.ll_bytes},16,64"] if a.ll_bytes else [])
     out = os.path.abspath(a.out or tempfile.mkdtemp(prefix="baton-callgrind-"))
     os.makedirs(out, exist_ok=True)
     real = os.path.abspath(bl.baton_bin())

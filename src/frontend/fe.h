@@ -179,33 +179,49 @@ struct fe_attempt {
 };
 
 struct fe_req {
+    /* ---- What every token reads or writes (fe_attempt_on_tokens, fe_request_deliver,
+     * write_chunk), together in the first four cache lines. An engine step brings a token for
+     * each of hundreds of streams, and each stream's state has left the core's caches since the
+     * last step: spread over the struct, a token loaded ten of its lines; here, four, which
+     * fe_attempts_prefetch loads ahead (docs/benchmarks.md, a sixth round). ---- */
     fe *fe;
     fe_model *model;
-    bt_http_req *http; /* NULL once the client is gone */
-    char rid[80];
+    bt_http_req *http;   /* NULL once the client is gone */
+    fe_attempt *attempt; /* the running attempt, or NULL */
+    /* resumable streams (resume.c): the journal record of this stream (NULL = not journaled) */
+    fe_jrec *jrec;
+    fe_req_state state;
     bt_api api;
+    bool stream, include_usage, return_ids;
+    /* While out_in_rec, what was delivered lives only in the journal record `jrec` (below) */
+    bool out_in_rec;
+    bool text_lost; /* streaming: text went past the cap of `text`; no longer sent on migration */
+    bool headers_sent;
+    bool role_sent;
+    bool catch_up;      /* skip_to fell inside a continuation's event: attempts stop at skip_to (migrate.c) */
+    int64_t max_tokens; /* as the client asked, or -1: it set none, and the worker's engine
+                           default applies (the worker owns that default, --default-max-tokens) */
+    /* What was delivered to the client: nids token ids and their text (streaming too: a
+     * continuation carries them). While out_in_rec, they live only in the journal record
+     * (one copy for the journal and the request: fe_request_output reads them) and ids/text stay
+     * empty; otherwise, in ids and text. */
+    size_t nids;
+    uint32_t *ids;
+    size_t ids_cap;
+    uint64_t t_start_us, t_first_us, t_last_us;
+    uint64_t skip_to; /* a resume ahead of the journal: events up to this position are not written */
+    bt_buf prefix;    /* streaming: the constant head of every chunk, built once */
+    bt_buf text;
+    char stream_id[FE_STREAM_ID_LEN + 1]; /* the resumable stream's id (resume.c) */
+    /* ---- the rest: at a request's start and end, and on a failure ---- */
+    char rid[80];
     json_t *body;
     /* body as canonical JSON (sorted keys, compact), serialized once: the digest, the journal
      * record and every attempt's REQUEST use it (NULL: not made; the codec dumps body itself) */
     char *canon;
     size_t canon_len;
-    bool stream, include_usage, return_ids;
-    int64_t max_tokens; /* as the client asked, or -1: it set none, and the worker's engine
-                           default applies (the worker owns that default, --default-max-tokens) */
     uint64_t seed;      /* chosen here when the body has none, sent with every attempt (0 = body's) */
-    /* What was delivered to the client: nids token ids and their text (streaming too: a
-     * continuation carries them). While out_in_rec, they live only in the journal record `jrec`
-     * (one copy for the journal and the request: fe_request_output reads them) and ids/text stay
-     * empty; otherwise, in ids and text. */
-    uint32_t *ids;
-    size_t nids, ids_cap;
-    bt_buf text;
-    bool out_in_rec;
     fe_kv kv;      /* the KV state of the attempt that was given back, until the next one takes it */
-    bool text_lost; /* streaming: text went past the cap of `text`; no longer sent on migration */
-    bt_buf prefix; /* streaming: the constant head of every chunk, built once */
-    fe_req_state state;
-    fe_attempt *attempt;     /* the running attempt, or NULL */
     int attempts_left;       /* the budget: --migration-limit + 1, less each attempt charged */
     int attempts;            /* attempts made */
     int moves;               /* of them, ended by a rebalance (BT_ERR_MOVED): charged to no budget */
@@ -215,19 +231,12 @@ struct fe_req {
     char exactness[256];
     bt_status fail_code;     /* why the last attempt failed, for the migration log line */
     char fail_msg[128];
-    bool headers_sent;
-    bool role_sent;
     bt_ctx *ctx;          /* the request's cancellation context (the root) */
     uint64_t t_cancel_us; /* when a stop or kill was asked for (0 = never) */
-    uint64_t t_start_us, t_first_us, t_last_us;
     uint64_t t_fail_us; /* when the attempt that started the current migration failed */
     int64_t created;
     uint32_t prompt_tokens, completion_tokens;
-    /* resumable streams (resume.c): the journal record of this stream (NULL = not journaled),
-     * its id, and how the request ended, for the record */
-    fe_jrec *jrec;
-    char stream_id[FE_STREAM_ID_LEN + 1];
-    fe_jtail jtail;
+    fe_jtail jtail;         /* how the request ended, for its journal record */
     char body_digest[65];   /* of the client's body, before the frontend changes anything (resume.c) */
     bool resumed;           /* built from the journal by a resume: no new record, no admission */
     fe_jsnap *replay;       /* a resume's copy of the record while its events are being replayed */
@@ -235,10 +244,10 @@ struct fe_req {
     int replay_tail;        /* where the replay ends (resume.c) */
     fe_ticket *ticket;      /* admission (admit.h): priority, tenant, place in the queue; NULL for a resume */
     uint64_t adopt_worker;  /* a resume's first attempt re-attaches to this worker's orphan (0: none) */
-    uint64_t skip_to;       /* a resume ahead of the journal: events up to this position are not written */
-    bool catch_up;          /* skip_to fell inside a continuation's event: attempts stop at skip_to (migrate.c) */
     LIST_ENTRY(fe_req) link; /* fe.reqs: all live requests */
 };
+/* a token's part of the request within four cache lines (from a 16-byte aligned start: five) */
+_Static_assert(offsetof(fe_req, stream_id) + FE_STREAM_ID_LEN + 1 <= 256, "fe_req's per-token fields spread");
 
 /* ---- options and process ---- */
 typedef struct {

@@ -582,20 +582,10 @@ void fe_attempts_prefetch(fe_attempt *const *as, size_t n) {
     for (size_t i = 0; i < n; i++) {
         if (!as[i]) continue;
         const fe_req *r = as[i]->req;
-        __builtin_prefetch(r);
-        __builtin_prefetch(&r->api);
-        __builtin_prefetch(&r->max_tokens);
-        __builtin_prefetch(&r->ids);
-        __builtin_prefetch(&r->nids);
-        __builtin_prefetch(&r->text);
-        __builtin_prefetch(&r->text_lost);
-        __builtin_prefetch(&r->prefix);
-        __builtin_prefetch(&r->state);
-        __builtin_prefetch(&r->headers_sent);
-        __builtin_prefetch(&r->t_last_us);
-        __builtin_prefetch(&r->jrec);
-        __builtin_prefetch(&r->stream_id);
-        __builtin_prefetch(&r->skip_to);
+        /* what a token reads of the request: its first fields, through stream_id (fe.h) */
+        const char *p = (const char *)r, *end = (const char *)(&r->stream_id + 1);
+        for (; p < end; p += 64) __builtin_prefetch(p);
+        __builtin_prefetch(end - 1);
     }
     for (size_t i = 0; i < n; i++) {
         if (!as[i]) continue;
