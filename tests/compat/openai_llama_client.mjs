@@ -117,7 +117,8 @@ await check('completions.top_p_zero_greedy', async () => {
   const greedy = await chat({ temperature: 0 });
   for (const seed of [7, 8]) {
     const t = await chat({ temperature: 1.0, top_p: 0, seed });
-    expect(t === greedy, `chat at top_p 0, seed ${seed}: the greedy text ${JSON.stringify(greedy)}, got ${JSON.stringify(t)}`);
+    expect(t === greedy,
+      `chat at top_p 0, seed ${seed}: the greedy text ${JSON.stringify(greedy)}, got ${JSON.stringify(t)}`);
   }
   return { seeds: seeds.length, sampled_differently_at_top_p_1: sampled };
 });

@@ -113,10 +113,10 @@ with bl.Cluster() as c:
     error_of(st, b, 404, "unknown_url", None, "unknown route")
     st, _, body = split_response(raw(fe.port, b"NOT HTTP AT ALL\r\n\r\n"))
     error_of(st, json.loads(body), 400, "malformed_request", None, "not HTTP")
-    st, _, body = split_response(raw(fe.port, b"GET /live HTTP/1.1\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n"))
+    st, _, body = split_response(raw(fe.port, b"GET /live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n"))
     error_of(st, json.loads(body), 431, "headers_too_large", None, "huge header")
     big = b"x" * (5 << 20)
-    st, _, body = split_response(raw(fe.port, b"POST /v1/completions HTTP/1.1\r\nContent-Length: " +
+    st, _, body = split_response(raw(fe.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: " +
                                      str(len(big)).encode() + b"\r\n\r\n" + big))
     error_of(st, json.loads(body), 413, "request_too_large", None, "huge body")
 
