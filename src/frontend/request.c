@@ -288,7 +288,11 @@ static void build_chunk(fe_req *r, bt_buf *b, const uint32_t *ids, size_t n, con
         APPEND_LIT(b, ",\"token_ids\":");
         append_ids(b, ids, n);
     }
-    APPEND_LIT(b, "}]}\n\n");
+    /* With include_usage, OpenAI gives every chunk before the usage one "usage": null (the final
+     * event included); without it, no key. A replayed event (resume.c) is built here too, from the
+     * journaled body's include_usage, so a resumed stream repeats these bytes exactly. */
+    if (r->include_usage) APPEND_LIT(b, "}],\"usage\":null}\n\n");
+    else APPEND_LIT(b, "}]}\n\n");
 }
 
 /* Stores n ids at position pos of the request's own copy of its output; false when out of memory. */

@@ -111,6 +111,8 @@ struct conn {
     bool hdr_in_value;
     bool keep_alive, is_head, http10;
     int err_status; /* 400 / 413 / 431 chosen by a parser callback that failed on purpose */
+    const char *err_why; /* with err_status 400: what was malformed (a static string) */
+    unsigned n_host;     /* Host header lines of the current request (RFC 9112 §3.2) */
     int cur_hdr;    /* index into interesting_headers of the header being read, or -1 */
     size_t hdr_bytes;
     char hdr_name[HDR_NAME_MAX];
@@ -382,6 +384,8 @@ static void conn_error_close(conn *c, int status, const char *msg) {
 static void conn_reset_request(conn *c) {
     c->headers_done = c->hdr_in_value = false;
     c->err_status = 0;
+    c->err_why = NULL;
+    c->n_host = 0;
     c->cur_hdr = -1;
     c->hdr_bytes = 0;
     c->hdr_name_len = 0;
@@ -437,6 +441,7 @@ static int cb_header_field(http_parser *p, const char *at, size_t len) {
      * server must reject it (RFC 9112 5.1). */
     if (memchr(at, ' ', len)) {
         c->err_status = 400;
+        c->err_why = "whitespace in a header name (before its colon)";
         return -1;
     }
     if (c->hdr_name_len + len >= HDR_NAME_MAX) {
@@ -455,6 +460,7 @@ static int cb_header_value(http_parser *p, const char *at, size_t len) {
         c->cur_hdr = -1;
         if (!c->headers_done && !c->hdr_name_long) { /* trailers never override headers */
             c->hdr_name[c->hdr_name_len] = '\0';
+            if (strcasecmp(c->hdr_name, "host") == 0) c->n_host++;
             for (int i = 0; i < H_COUNT; i++) {
                 if (strcasecmp(c->hdr_name, interesting_headers[i]) == 0) {
                     c->cur_hdr = i;
@@ -497,6 +503,14 @@ static int cb_headers_complete(http_parser *p) {
     }
     c->is_head = p->method == HTTP_HEAD;
     c->http10 = p->http_major < 1 || (p->http_major == 1 && p->http_minor == 0);
+    /* RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without a Host header and to
+     * any request with more than one (a proxy and this server could each pick another). HTTP/1.0
+     * has no Host requirement: a 1.0 request without one is served. */
+    if (c->n_host > 1 || (c->n_host == 0 && !c->http10)) {
+        c->err_status = 400;
+        c->err_why = c->n_host ? "more than one Host header" : "an HTTP/1.1 request without a Host header";
+        return -1;
+    }
     bool has_body = (p->flags & F_CHUNKED) || (has_cl && p->content_length > 0);
     if (has_body && !c->http10 && c->have_hdr[H_EXPECT] && c->hdr[H_EXPECT].data &&
         strcasecmp(c->hdr[H_EXPECT].data, "100-continue") == 0) {
@@ -555,9 +569,9 @@ static size_t conn_parse(conn *c, const char *data, size_t len) {
         conn_error_close(c, 431, msg);
     } else {
         snprintf(msg, sizeof msg, "malformed HTTP request: %s",
-                 c->err_status == 400 ? "whitespace in a header name (before its colon)"
-                 : e == HPE_OK        ? "unexpected data"
-                                      : http_errno_description(e));
+                 c->err_status == 400 && c->err_why ? c->err_why
+                 : e == HPE_OK                      ? "unexpected data"
+                                                    : http_errno_description(e));
         conn_error_close(c, 400, msg);
     }
     return len;

@@ -93,7 +93,7 @@ size_t bt_http_server_release_kept(bt_http_server *s);
 /* Limits hit since start: every refusal the server decides on its own is counted here. */
 typedef struct {
     uint64_t max_connections; /* connections refused at the connection limit */
-    uint64_t bad_request;     /* 400: not HTTP */
+    uint64_t bad_request;     /* 400: not HTTP, a bad header line, Host missing or repeated */
     uint64_t body_too_large;  /* 413 */
     uint64_t header_too_large;/* 431 */
     uint64_t header_timeout;  /* a request not received whole in time (slowloris, idle opener) */

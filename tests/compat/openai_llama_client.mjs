@@ -86,4 +86,41 @@ await check('chat.stream_seeded', async () => {
   return { chars: a.length };
 });
 
+// top_p 0 is the smallest nucleus (OpenAI): only the most probable token, so at temperature 1 every
+// seed gives the greedy text; the same seeds at top_p 1 must not all give it (sampling is on).
+await check('completions.top_p_zero_greedy', async () => {
+  const seeds = [1, 2, 3, 4, 5];
+  const textOf = async (seed, top_p) => {
+    const r = await client.completions.create({
+      model, prompt: 'Once upon a time', max_tokens: 64, temperature: 1.0, top_p, seed,
+    });
+    return r.choices[0].text;
+  };
+  for (const seed of seeds) {
+    const t = await textOf(seed, 0);
+    expect(t === want, `top_p 0, seed ${seed}: the greedy text, got ${JSON.stringify(t)}`);
+  }
+  let sampled = 0;
+  for (const seed of seeds) if ((await textOf(seed, 1)) !== want) sampled++;
+  expect(sampled > 0, 'top_p 1 at temperature 1 to sample something else than the greedy text for some seed');
+  const chat = async (extra) => {
+    const stream = await client.chat.completions.create({
+      model, messages: [{ role: 'user', content: 'Tell me a story' }], max_tokens: 40, stream: true, ...extra,
+    });
+    let text = '';
+    for await (const chunk of stream) {
+      const d = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
+      if (d && d.content) text += d.content;
+    }
+    return text;
+  };
+  const greedy = await chat({ temperature: 0 });
+  for (const seed of [7, 8]) {
+    const t = await chat({ temperature: 1.0, top_p: 0, seed });
+    expect(t === greedy,
+      `chat at top_p 0, seed ${seed}: the greedy text ${JSON.stringify(greedy)}, got ${JSON.stringify(t)}`);
+  }
+  return { seeds: seeds.length, sampled_differently_at_top_p_1: sampled };
+});
+
 console.log(JSON.stringify({ sdk: sdkVersion, checks }));

@@ -99,7 +99,7 @@ with bl.Cluster() as c:
     # --- malformed request line and headers
     r = bl.raw_exchange(fe.port, b"THIS IS NOT HTTP\r\n\r\n")
     assert status_of(r) == 400 and json_body(r)["error"]["code"] == "malformed_request", r[:200]
-    r = bl.raw_exchange(fe.port, b"GET /live HTTP/1.1\r\nBad Header Line\r\n\r\n")
+    r = bl.raw_exchange(fe.port, b"GET /live HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n")
     assert status_of(r) == 400, r[:200]
     # --- oversized headers (431) and body (413)
     r = bl.raw_exchange(fe.port, b"GET /live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n")

@@ -12,6 +12,9 @@ wrong:
   * whitespace between a header's name and its colon is a 400 malformed_request with the
     connection closed (RFC 9112 §5.1: a server MUST reject it; one that reads such a line one way
     while a proxy reads it another is open to request smuggling);
+  * an HTTP/1.1 request without a Host header, or any request with more than one, is a 400
+    malformed_request with the connection closed (RFC 9112 §3.2: MUST; they were served); an
+    HTTP/1.0 request without Host is served, as is an empty Host (a target without an authority);
   * a 405 names the methods the path takes in an Allow header (RFC 9110 §15.5.6: MUST);
   * POST /busy_threshold with an unknown model whose long name is cut inside a UTF-8 character
     answers its 404 error message (the body was "{}");
@@ -172,6 +175,43 @@ with bl.Cluster() as c:
     st, _, b, closed = raw(fe.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length : " +
                            str(len(smug)).encode() + b"\r\n\r\n" + smug)
     assert st == 400 and closed and b"Service is live" not in b, (st, b)
+
+    # ---- Host (RFC 9112 §3.2): an HTTP/1.1 request without one, and any request with more than
+    # one, is a 400 malformed_request with the connection closed; HTTP/1.0 needs none
+    chat_req = post(chat, dict(ok, stream=True))
+    assert chat_req.count(b"Host: x\r\n") == 1
+    no_host = [b"GET /live HTTP/1.1\r\n\r\n", b"HEAD /live HTTP/1.1\r\nConnection: close\r\n\r\n",
+               chat_req.replace(b"Host: x\r\n", b"")]
+    two_hosts = [b"GET /live HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+                 b"GET /live HTTP/1.1\r\nHost: x\r\nhOST: x\r\n\r\n",  # names are case-insensitive
+                 b"GET /live HTTP/1.0\r\nHost: x\r\nHost: y\r\n\r\n",  # "any request message"
+                 chat_req.replace(b"Host: x\r\n", b"Host: x\r\nX-Other: 1\r\nHost: x\r\n")]
+    rejected0 = bl.metric_sum(bl.metrics(fe.url), "baton_frontend_http_rejections_total", reason="bad_request")
+    for req, why in [(r, "without a Host header") for r in no_host] + [(r, "more than one Host") for r in two_hosts]:
+        st, _, b, closed = raw(fe.port, req)
+        assert st == 400 and closed, (req[:60], st, b[:200], closed)
+        if req.startswith(b"HEAD"):
+            continue
+        err = json.loads(b)["error"]
+        assert err["code"] == "malformed_request" and why in err["message"], (req[:60], err)
+    rejected = bl.metric_sum(bl.metrics(fe.url), "baton_frontend_http_rejections_total", reason="bad_request")
+    assert rejected - rejected0 == len(no_host) + len(two_hosts), (rejected0, rejected)
+    # served: HTTP/1.0 without Host (a GET and a streamed chat), HTTP/1.1 with one Host (empty is
+    # allowed there: a target without an authority), and two requests with one Host each on one
+    # connection (the count is per request)
+    st, _, b, _ = raw(fe.port, b"GET /live HTTP/1.0\r\n\r\n")
+    assert st == 200, (st, b[:200])
+    st, _, b, _ = raw(fe.port, chat_req.replace(b"HTTP/1.1", b"HTTP/1.0", 1).replace(b"Host: x\r\n", b""))
+    assert st == 200 and b"data: [DONE]" in b, (st, b[:300])
+    for host in (b"Host: x\r\n", b"Host:\r\n", b"host: 127.0.0.1:1\r\n"):
+        st, _, b, _ = raw(fe.port, b"GET /live HTTP/1.1\r\n" + host + b"Connection: close\r\n\r\n")
+        assert st == 200, (host, st, b[:200])
+    both = bl.raw_exchange(fe.port, b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n"
+                                    b"GET /live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert both.count(b"HTTP/1.1 200 ") == 2 and b" 400 " not in both, both[:400]
+    # and a keep-alive connection's next request without Host is refused after the first is served
+    mixed = bl.raw_exchange(fe.port, b"GET /live HTTP/1.1\r\nHost: x\r\n\r\nGET /live HTTP/1.1\r\n\r\n")
+    assert mixed.startswith(b"HTTP/1.1 200 ") and mixed.count(b"HTTP/1.1 400 ") == 1, mixed[:400]
 
     # ---- 405 names the allowed methods
     for method, path, allow in (("DELETE", chat, {"POST"}), ("POST", "/live", {"GET", "HEAD"}),

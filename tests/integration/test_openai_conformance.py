@@ -7,6 +7,8 @@ the error table, docs/engines.md the context length):
     string code and the type that goes with the status, from the frontend's own checks, from the
     HTTP layer (400/413/431), from a worker (400), for a full frontend (503) and as the SSE event
     that ends a stream that failed mid-way;
+  * a stream with stream_options.include_usage has "usage": null in every chunk before the usage
+    chunk (as OpenAI's), and no "usage" key in any chunk without it;
   * parameters: only those that ask for a missing feature are refused (logprobs true, n > 1, tools,
     echo); their neutral values pass; U+0000 inside content reaches the engine whole;
   * prompt + max_tokens beyond the worker's --context-length is a 400 context_length_exceeded,
@@ -111,10 +113,10 @@ with bl.Cluster() as c:
     error_of(st, b, 404, "unknown_url", None, "unknown route")
     st, _, body = split_response(raw(fe.port, b"NOT HTTP AT ALL\r\n\r\n"))
     error_of(st, json.loads(body), 400, "malformed_request", None, "not HTTP")
-    st, _, body = split_response(raw(fe.port, b"GET /live HTTP/1.1\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n"))
+    st, _, body = split_response(raw(fe.port, b"GET /live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n"))
     error_of(st, json.loads(body), 431, "headers_too_large", None, "huge header")
     big = b"x" * (5 << 20)
-    st, _, body = split_response(raw(fe.port, b"POST /v1/completions HTTP/1.1\r\nContent-Length: " +
+    st, _, body = split_response(raw(fe.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: " +
                                      str(len(big)).encode() + b"\r\n\r\n" + big))
     error_of(st, json.loads(body), 413, "request_too_large", None, "huge body")
 
@@ -138,6 +140,22 @@ with bl.Cluster() as c:
         s = bl.stream_chat(u, bl.chat_body(max_tokens=2, stream=True, stream_options={"include_usage": ok}))
         assert s.status == 200 and s.done, (ok, s.status, s.raw[:300])
         assert (s.usage is not None) == (ok is True), (ok, s.usage)
+    # with include_usage, as OpenAI: "usage": null in every chunk but the last, which has "choices": []
+    # and the usage object; without it, no chunk has a "usage" key at all (chat and completions)
+    for fn, body in ((bl.stream_chat, bl.chat_body(max_tokens=6, stream=True)),
+                     (bl.stream_completion, bl.completion_body(max_tokens=6, stream=True))):
+        for ok in (True, False, None):
+            s = fn(u, dict(body, stream_options={"include_usage": ok}))
+            s.assert_ok(f"{fn.__name__} include_usage {ok!r}")
+            ev = s.events
+            assert len(ev) >= 3, (fn.__name__, ok, ev)  # token chunks, the finish chunk, the usage chunk
+            if ok is True:
+                bad = [e for e in ev[:-1] if "usage" not in e or e["usage"] is not None]
+                assert not bad, (fn.__name__, "chunks before the last without \"usage\": null", bad)
+                assert ev[-1]["choices"] == [] and ev[-1]["usage"]["completion_tokens"] == 6, (fn.__name__, ev[-1])
+            else:
+                bad = [e for e in ev if "usage" in e]
+                assert not bad, (fn.__name__, ok, "chunks with a usage key without include_usage", bad)
     st, _, b = bl.post_json(u + "/v1/chat/completions",
                             bl.chat_body(max_tokens=2, n=1, logprobs=False, top_logprobs=0, tools=[], tool_choice="none",
                                          user="u1", presence_penalty=0, frequency_penalty=0, logit_bias={}))

@@ -251,6 +251,19 @@ static void test_sampler(void **state) {
     /* top_p 0.5 keeps only the most likely of the two */
     bt_llsample_params tp = {1.0, 0.5, 0, 42};
     for (int n = 0; n < 200; n++) assert_int_equal(bt_llsample(two, 2, &tp, (uint64_t)n, cand), 1);
+    /* top_p 0 is the smallest nucleus: only the most probable token, i.e. the greedy pick (lowest id
+     * on ties: l has 2.0 at ids 1 and 3), for every seed, position and temperature */
+    for (uint64_t seed = 0; seed < 8; seed++) {
+        bt_llsample_params z = {2.0, 0, 0, seed};
+        for (int n = 0; n < 200; n++) assert_int_equal(bt_llsample(l, 8, &z, (uint64_t)n, cand), 1);
+        bt_llsample_params z2 = {1.0, 0, 0, seed};
+        for (int n = 0; n < 200; n++) assert_int_equal(bt_llsample(two, 2, &z2, (uint64_t)n, cand), 1);
+    }
+    /* and the same draws at top_p 1 do vary, so the loop above checks something */
+    bt_llsample_params full = {2.0, 1, 0, 5};
+    int other_ids = 0;
+    for (int n = 0; n < 200; n++) other_ids += bt_llsample(l, 8, &full, (uint64_t)n, cand) != 1;
+    assert_true(other_ids > 20);
 }
 
 int main(void) {

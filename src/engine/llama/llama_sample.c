@@ -43,7 +43,10 @@ int32_t bt_llsample(const float *logits, int32_t n_vocab, const bt_llsample_para
         c[i].p = exp(((double)c[i].logit - (double)c[0].logit) / p->temperature);
         sum += c[i].p;
     }
-    if (p->top_p > 0 && p->top_p < 1) {
+    /* top_p 0 (or below) is the smallest nucleus, as OpenAI defines it: only c[0], the most probable
+     * token (lowest id on ties, by cand_cmp), so the draw equals the greedy pick. The loop does that
+     * by itself: c[0] alone already reaches any cum >= top_p when top_p <= 0. NaN is treated as 1. */
+    if (p->top_p < 1) {
         double cum = 0;
         int32_t keep = k;
         for (int32_t i = 0; i < k; i++) {

@@ -1,7 +1,8 @@
 /* llama_sample.h — token sampling for the llama engine, keyed by position so it resumes exactly.
  *
  * Greedy (argmax, lowest id on ties) at temperature 0; otherwise top_k, then temperature and
- * softmax, then top_p over the tokens sorted by probability, then one draw. The draw for the
+ * softmax, then top_p over the tokens sorted by probability (top_p 0 keeps only the most probable
+ * one, so the draw is the greedy pick), then one draw. The draw for the
  * token at generated position n is a pure function of (seed, n): a counter-based generator
  * (splitmix64 of seed and n), not a stream. A sequence continued after a migration from n carried
  * tokens therefore draws exactly what the uninterrupted one would have, with no generator state
@@ -16,7 +17,7 @@
 
 typedef struct {
     double temperature; /* 0 = greedy */
-    double top_p;       /* (0, 1]; 1 = off */
+    double top_p;       /* [0, 1]; 1 = off, 0 = the most probable token only (greedy) */
     int32_t top_k;      /* 0 = off */
     uint64_t seed;
 } bt_llsample_params;
