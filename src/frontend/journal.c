@@ -44,6 +44,9 @@ struct fe_jrec {
     uint8_t key_mac[FE_KEY_MAC_LEN];
     uint64_t key; /* map key: the id's first 64 bits */
     rec_state state;
+    /* LIVE: the last fingerprint noted could not be copied (no memory); dropped at its close
+     * unless a later note succeeds (mem_note_worker) */
+    bool exactness_lost;
     int shard;   /* LIVE: the shard of the request that streams it */
     uint64_t expires_ms;     /* ENDED */
     TAILQ_ENTRY(fe_jrec) link; /* ENDED: the ended list */
@@ -383,8 +386,10 @@ static void mem_close(fe_journal *j, fe_jrec *r, const fe_jtail *tail) {
         shrink((void **)&r->s.ev, &r->ev_cap, r->s.nev, sizeof(fe_jevent));
     }
     uv_mutex_lock(&m->mu);
-    /* no memory for how it ended: not resumable, rather than resumed as unfinished */
-    if (r->state == REC_LIVE && !r->tail && !(r->tail = malloc(sizeof *r->tail))) drop_live(m, r);
+    /* no memory for how it ended, or for its fingerprint: not resumable, rather than resumed as
+     * unfinished or without its constraint */
+    if (r->state == REC_LIVE && (r->exactness_lost || (!r->tail && !(r->tail = malloc(sizeof *r->tail)))))
+        drop_live(m, r);
     if (r->state == REC_DROPPED) {
         uv_mutex_unlock(&m->mu);
         rec_free_data(r); /* a fingerprint noted after the drop */
@@ -487,15 +492,20 @@ static void mem_note_worker(fe_journal *j, fe_jrec *rec, uint64_t worker_id, con
     mem_journal *m = (mem_journal *)j;
     uv_mutex_lock(&m->mu);
     rec->s.worker_id = worker_id;
-    /* copied only when it changes (every attempt of a stream notes one, nearly always the same);
-     * without memory for it the record is dropped: a resume must not lose the constraint */
+    /* copied only when it changes (every attempt of a stream notes one, nearly always the same).
+     * Without memory for it the record must not be resumed (a resume must not lose the
+     * constraint), but it is not dropped here: while its stream runs it may hold the request's only
+     * copy of the output (out_in_rec), which the attempt being dispatched, or the next one,
+     * carries; its owner learns of a drop only from an append. It is dropped at its close
+     * (mem_close), and no claim copies a live record in between. */
     if (!exactness || !exactness[0]) {
         free(rec->exactness);
         rec->exactness = NULL;
+        rec->exactness_lost = false;
     } else if (!rec->exactness || strcmp(rec->exactness, exactness) != 0) {
         free(rec->exactness);
         rec->exactness = strndup(exactness, BT_EXACTNESS_MAX);
-        if (!rec->exactness && rec->state == REC_LIVE) drop_live(m, rec);
+        rec->exactness_lost = !rec->exactness;
     }
     uv_mutex_unlock(&m->mu);
 }

@@ -9,7 +9,8 @@
  * off with retention 0; stream ids are 32 hex digits and differ; and every accepted and refused
  * form of an event id. Also: the worker noted for a stream comes back with its claim, and a record
  * imported whole (as the shared journal does with a stream fetched from JetStream) is claimed
- * exactly as it was, bound to its credential, once only under its id. And the body digest a resume
+ * exactly as it was, bound to its credential, once only under its id; a fingerprint that cannot be
+ * copied leaves a running record its output and makes it unresumable at its close. And the body digest a resume
  * compares (SHA-256 of the canonical body) against the standard's test vectors. */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -23,6 +24,20 @@
 #include <cmocka.h>
 
 #include "frontend/fe.h"
+
+/* strndup made to fail on demand (the journal copies a stream's exactness fingerprint with it):
+ * this definition takes the place of the C library's in this program */
+static bool strndup_fails;
+char *strndup(const char *s, size_t n) {
+    if (strndup_fails) return NULL;
+    size_t l = strnlen(s, n);
+    char *p = malloc(l + 1);
+    if (p) {
+        memcpy(p, s, l);
+        p[l] = '\0';
+    }
+    return p;
+}
 
 static const uint8_t key_a[FE_KEY_MAC_LEN] = {1};
 static const uint8_t key_b[FE_KEY_MAC_LEN] = {2};
@@ -386,10 +401,67 @@ static void test_body_digest(void **state) {
     json_decref(body);
 }
 
+/* No memory for a stream's fingerprint (fe_journal_note_worker, at an attempt's dispatch): the
+ * record must not be resumed without it, but while its stream runs it still holds the request's
+ * only copy of the output, which the next migration carries (fe_request_output): it stays live
+ * until its owner closes it, and only then is dropped, accounted as such. A fingerprint noted
+ * successfully afterwards makes it resumable again. */
+static void test_fingerprint_nomem(void **state) {
+    (void)state;
+    fe_journal *j = fe_journal_mem_new(60, 1 << 20);
+    fe_jsnap meta;
+    fe_jrec *r = open_rec(j, &meta, "{}");
+    assert_non_null(r);
+    uint32_t a[] = {5, 6};
+    assert_true(fe_journal_append(j, r, a, 2, "ab", 2));
+    strndup_fails = true;
+    fe_journal_note_worker(j, r, 7, "llama-0.4.0 cpu=x threads=1");
+    strndup_fails = false;
+    const uint32_t *ids;
+    const char *text;
+    size_t nids, text_len;
+    assert_true(fe_jrec_output(r, &ids, &nids, &text, &text_len)); /* still the owner's output */
+    assert_int_equal(nids, 2);
+    assert_memory_equal(ids, a, sizeof a);
+    assert_memory_equal(text, "ab", 2);
+    uint32_t b[] = {7};
+    assert_true(fe_journal_append(j, r, b, 1, "c", 1));
+    fe_journal_stats st;
+    fe_journal_stats_get(j, &st);
+    assert_int_equal(st.live, 1);
+    assert_int_equal(st.dropped_live, 0);
+    fe_jtail none = {0};
+    fe_journal_close(j, r, &none);
+    fe_journal_stats_get(j, &st);
+    assert_int_equal(st.dropped_live, 1); /* dropped at its close: never resumable without it */
+    assert_int_equal(st.live, 0);
+    assert_int_equal(st.ended, 0);
+    assert_int_equal(st.bytes, 0);
+    fe_jsnap out;
+    fe_jrec *h = NULL;
+    int shard = -1;
+    assert_int_equal(fe_journal_claim(j, meta.stream_id, key_a, 0, &out, &h, &shard), FE_CLAIM_NOT_FOUND);
+    /* the copy failed, then a later attempt's note succeeded: resumable, with it */
+    r = open_rec(j, &meta, "{}");
+    assert_non_null(r);
+    strndup_fails = true;
+    fe_journal_note_worker(j, r, 7, "fp-1");
+    strndup_fails = false;
+    fe_journal_note_worker(j, r, 8, "fp-2");
+    assert_true(fe_journal_append(j, r, b, 1, "c", 1));
+    fe_journal_close(j, r, &none);
+    assert_int_equal(fe_journal_claim(j, meta.stream_id, key_a, 0, &out, &h, &shard), FE_CLAIM_OK);
+    assert_string_equal(out.exactness, "fp-2");
+    fe_journal_close(j, h, &out.tail);
+    fe_jsnap_free(&out);
+    fe_journal_destroy(j);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_roundtrip), cmocka_unit_test(test_expiry), cmocka_unit_test(test_size_cap), cmocka_unit_test(test_reserved_room),
         cmocka_unit_test(test_off_and_ids), cmocka_unit_test(test_parse_id), cmocka_unit_test(test_worker_and_import),
+        cmocka_unit_test(test_fingerprint_nomem),
         cmocka_unit_test(test_body_digest),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
