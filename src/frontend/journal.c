@@ -39,14 +39,11 @@ _Static_assert(sizeof(rec_snap) == offsetof(fe_jsnap, tail), "rec_snap is the le
 struct fe_jrec {
     rec_snap s; /* ids/text/ev capacities below */
     fe_jtail *tail;  /* ENDED (and after a claim): how it ended; NULL before its first close */
-    char *exactness; /* the fingerprint (fe_jsnap.exactness); NULL: none */
+    char *exactness; /* the fingerprint (fe_jsnap.exactness); NULL: none; EXACTNESS_LOST: see below */
     size_t ids_cap, text_cap, ev_cap;
     uint8_t key_mac[FE_KEY_MAC_LEN];
     uint64_t key; /* map key: the id's first 64 bits */
     rec_state state;
-    /* LIVE: the last fingerprint noted could not be copied (no memory); dropped at its close
-     * unless a later note succeeds (mem_note_worker) */
-    bool exactness_lost;
     int shard;   /* LIVE: the shard of the request that streams it */
     uint64_t expires_ms;     /* ENDED */
     TAILQ_ENTRY(fe_jrec) link; /* ENDED: the ended list */
@@ -90,6 +87,17 @@ static uint64_t id_key(const char *sid) {
     return k ? k : 1;
 }
 
+/* A LIVE record's `exactness` when the last fingerprint noted could not be copied (no memory):
+ * the record is dropped at its close unless a later note succeeds (mem_note_worker). A mark
+ * rather than a flag, which would take the record past 576 bytes. Never freed. */
+static char exactness_lost_mark[1];
+#define EXACTNESS_LOST exactness_lost_mark
+
+static void exactness_free(fe_jrec *r) {
+    if (r->exactness != EXACTNESS_LOST) free(r->exactness);
+    r->exactness = NULL;
+}
+
 /* What a record is charged against --stream-retention-bytes. Its tail and fingerprint are
  * charged at their largest whether set or not, so that setting them never needs room. */
 static size_t rec_bytes(const fe_jrec *r) {
@@ -104,8 +112,8 @@ static void rec_free_data(fe_jrec *r) {
     free(r->s.text);
     free(r->s.ev);
     free(r->tail);
-    free(r->exactness);
-    r->s.body = r->s.text = r->exactness = NULL;
+    exactness_free(r);
+    r->s.body = r->s.text = NULL;
     r->s.ids = NULL;
     r->s.ev = NULL;
     r->tail = NULL;
@@ -388,7 +396,7 @@ static void mem_close(fe_journal *j, fe_jrec *r, const fe_jtail *tail) {
     uv_mutex_lock(&m->mu);
     /* no memory for how it ended, or for its fingerprint: not resumable, rather than resumed as
      * unfinished or without its constraint */
-    if (r->state == REC_LIVE && (r->exactness_lost || (!r->tail && !(r->tail = malloc(sizeof *r->tail)))))
+    if (r->state == REC_LIVE && (r->exactness == EXACTNESS_LOST || (!r->tail && !(r->tail = malloc(sizeof *r->tail)))))
         drop_live(m, r);
     if (r->state == REC_DROPPED) {
         uv_mutex_unlock(&m->mu);
@@ -499,13 +507,11 @@ static void mem_note_worker(fe_journal *j, fe_jrec *rec, uint64_t worker_id, con
      * carries; its owner learns of a drop only from an append. It is dropped at its close
      * (mem_close), and no claim copies a live record in between. */
     if (!exactness || !exactness[0]) {
-        free(rec->exactness);
-        rec->exactness = NULL;
-        rec->exactness_lost = false;
-    } else if (!rec->exactness || strcmp(rec->exactness, exactness) != 0) {
-        free(rec->exactness);
+        exactness_free(rec);
+    } else if (!rec->exactness || strcmp(rec->exactness, exactness) != 0) { /* the mark is "" */
+        exactness_free(rec);
         rec->exactness = strndup(exactness, BT_EXACTNESS_MAX);
-        rec->exactness_lost = !rec->exactness;
+        if (!rec->exactness) rec->exactness = EXACTNESS_LOST;
     }
     uv_mutex_unlock(&m->mu);
 }
