@@ -535,7 +535,10 @@ static int shard_open(fe *f, int port, char *err, size_t errlen) {
     }
     bt_http_handlers hh = {on_http_request, on_http_abort, on_http_drain};
     if (bt_http_server_start(f->loop, &hc, &hh, f, &f->http, err, errlen) != BT_OK) {
-        BT_ERROR("%s; choose another --http-port (DYN_HTTP_PORT)", err);
+        /* the flag that fixes it: an address this machine does not have is not the port's fault */
+        if (strstr(err, uv_strerror(UV_EADDRNOTAVAIL)))
+            BT_ERROR("%s; this machine has no such address: choose another --http-host (DYN_HTTP_HOST)", err);
+        else BT_ERROR("%s; choose another --http-port (DYN_HTTP_PORT)", err);
         return 1;
     }
     if (f->shard == 0) {

@@ -784,7 +784,10 @@ static int worker_run(wk_worker *w) {
     if (o->rpc_secret) BT_INFO("request plane: frontends must prove the shared secret");
     if (bt_rpc_listen(loop, o->rpc_host, (int)o->rpc_port, &rc, &peer_handlers, w, &w->listener, err, sizeof err) !=
         BT_OK) {
-        BT_ERROR("%s; choose another --rpc-port (DYN_TCP_RPC_PORT), or 0 for a free one", err);
+        /* the flag that fixes it: an address this machine does not have is not the port's fault */
+        if (strstr(err, uv_strerror(UV_EADDRNOTAVAIL)))
+            BT_ERROR("%s; this machine has no such address: choose another --rpc-host (DYN_TCP_RPC_HOST)", err);
+        else BT_ERROR("%s; choose another --rpc-port (DYN_TCP_RPC_PORT), or 0 for a free one", err);
         return 1;
     }
     snprintf(w->transport, sizeof w->transport, "%s:%d", o->rpc_host, bt_rpc_listener_port(w->listener));

@@ -32,7 +32,8 @@
      never finds, or is never found by, anyone. Run as an unprivileged user (setpriv to nobody when
      the test runs as root, whom permissions do not stop).
   6. A port held by another program (the frontend's, a worker's request plane) is a start-up error
-     (exit 1) naming the flag that chooses another. A NATS TLS file that cannot be read is named
+     (exit 1) naming the flag that chooses another; a listen address this machine does not have
+     names the host flag instead. A NATS TLS file that cannot be read is named
      with its flag and the reason (exit 2).
 Each command must exit within 10 s and leave nothing listening."""
 
@@ -393,7 +394,20 @@ with socket.socket() as held:
         rc, out, took = baton(args)
         assert rc == 1 and want in out, (args, rc, out)
         assert took < 10 and "serving model" not in out, (args, took, out)
-print("cli: a port in use names the flag that chooses another")
+# an address this machine does not have (192.0.2.1, TEST-NET-1) is the host flag's fault, not the port's
+for args, want in [(["frontend", "--http-host", "192.0.2.1", "--http-port", str(bl.free_port()), "--discovery-dir",
+                     bl.tmpdir("cli-noaddr")],
+                    "address not available; this machine has no such address: choose another --http-host "
+                    "(DYN_HTTP_HOST)"),
+                   (["worker", "--system-port", "-1", "--rpc-host", "192.0.2.1", "--discovery-dir",
+                     bl.tmpdir("cli-noaddr-rpc")],
+                    "address not available; this machine has no such address: choose another --rpc-host "
+                    "(DYN_TCP_RPC_HOST)")]:
+    rc, out, took = baton(args)
+    assert rc == 1 and want in out and "choose another --http-port" not in out and "--rpc-port" not in out, \
+        (args, rc, out)
+    assert took < 10, (args, took)
+print("cli: a port in use names the flag that chooses another; an address not on this machine, the host flag")
 
 # A NATS TLS file that cannot be read is named with its flag and the reason (nats.c alone says
 # "…: (null)"): exit 2, as for any configuration error
