@@ -272,10 +272,18 @@ bt_status wk_status_start(wk_worker *w, char *err, size_t errlen) {
     char why[200];
     bt_status st = bt_http_server_start(w->loop, &hc, &hh, w, &w->status, why, sizeof why);
     if (st != BT_OK) {
-        snprintf(err, errlen,
-                 "cannot start the status server (DYN_SYSTEM_PORT=%lld): %s; choose another port, 0 for a free "
-                 "one, or -1 to turn the status server off",
-                 (long long)o->system_port, why);
+        /* the setting that fixes it: an address this machine does not have is not the port's fault */
+        if (strstr(why, uv_strerror(UV_EADDRNOTAVAIL)))
+            snprintf(err, errlen,
+                     "cannot start the status server (DYN_SYSTEM_HOST=%s): %s; this machine has no such address: "
+                     "choose another DYN_SYSTEM_HOST (--system-host), or -1 as DYN_SYSTEM_PORT to turn the status "
+                     "server off",
+                     o->system_host, why);
+        else
+            snprintf(err, errlen,
+                     "cannot start the status server (DYN_SYSTEM_PORT=%lld): %s; choose another port, 0 for a free "
+                     "one, or -1 to turn the status server off",
+                     (long long)o->system_port, why);
         return st;
     }
     BT_INFO("status server listening on %s:%d (%s, %s, /metrics)", o->system_host, bt_http_server_port(w->status),

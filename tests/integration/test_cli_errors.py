@@ -402,10 +402,15 @@ for args, want in [(["frontend", "--http-host", "192.0.2.1", "--http-port", str(
                    (["worker", "--system-port", "-1", "--rpc-host", "192.0.2.1", "--discovery-dir",
                      bl.tmpdir("cli-noaddr-rpc")],
                     "address not available; this machine has no such address: choose another --rpc-host "
-                    "(DYN_TCP_RPC_HOST)")]:
+                    "(DYN_TCP_RPC_HOST)"),
+                   (["worker", "--system-port", "0", "--system-host", "192.0.2.1", "--discovery-dir",
+                     bl.tmpdir("cli-noaddr-status")],
+                    "cannot start the status server (DYN_SYSTEM_HOST=192.0.2.1): cannot listen on 192.0.2.1:0: "
+                    "address not available; this machine has no such address: choose another DYN_SYSTEM_HOST "
+                    "(--system-host)")]:
     rc, out, took = baton(args)
-    assert rc == 1 and want in out and "choose another --http-port" not in out and "--rpc-port" not in out, \
-        (args, rc, out)
+    assert rc == 1 and want in out and "choose another --http-port" not in out and "--rpc-port" not in out \
+        and "choose another port" not in out, (args, rc, out)
     assert took < 10, (args, took)
 print("cli: a port in use names the flag that chooses another; an address not on this machine, the host flag")
 
