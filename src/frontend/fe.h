@@ -193,7 +193,7 @@ struct fe_req {
     fe_req_state state;
     bt_api api;
     bool stream, include_usage, return_ids;
-    /* While out_in_rec, what was delivered lives only in the journal record `jrec` (below) */
+    /* While out_in_rec, what was delivered lives only in the journal record `jrec` (above) */
     bool out_in_rec;
     bool text_lost; /* streaming: text went past the cap of `text`; no longer sent on migration */
     bool headers_sent;
