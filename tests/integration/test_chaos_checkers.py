@@ -12,6 +12,7 @@ No baton process is started.
 
 import copy
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ import batonlib as bl
 bl.deadline(60, "test_chaos_checkers")
 sys.path.insert(0, os.path.join(bl.repo_root(), "tools", "chaos"))
 
-from chaoslib import checks, faults, report, scenario  # noqa: E402
+from chaoslib import checks, faults, observe, report, scenario  # noqa: E402
 
 REF = [101, 7, 7, 42, 9, 13, 8, 77, 5, 3]
 TEXT = "".join(f"t{i} " for i in REF)
@@ -167,6 +168,21 @@ def test_baseline():
     expect_fail("leaked connection", lambda run: run["baseline"]["after"]["frontend[0]"].update(http_connections=2.0),
                 "baseline")
     expect_fail("descriptor leak", lambda run: run["baseline"]["after"]["frontend[0]"].update(fds=21), "baseline")
+
+    # with the descriptor tables, the failure names the new descriptor (same count, another
+    # connection in a reused slot, is no leak; a slot that now holds something else is named)
+    def leak_named(run):
+        fe = run["baseline"]
+        fe["before"]["frontend[0]"]["fd_table"] = {"3": "anon_inode:[eventpoll]",
+                                                   "12": "socket:[7] tcp 127.0.0.1:4000 -> 127.0.0.1:5000 ESTABLISHED"}
+        fe["before"]["frontend[0]"]["fds"] = 2
+        fe["after"]["frontend[0]"]["fd_table"] = {"3": "anon_inode:[eventpoll]",
+                                                  "12": "socket:[9] tcp 127.0.0.1:4001 -> 127.0.0.1:5000 ESTABLISHED",
+                                                  "13": "anon_inode:[timerfd]"}
+        fe["after"]["frontend[0]"]["fds"] = 3
+    r = expect_fail("descriptor leak, named", leak_named, "baseline")
+    assert "new: fd 12: socket:[9] tcp 127.0.0.1:4001 -> 127.0.0.1:5000 ESTABLISHED; fd 13: anon_inode:[timerfd]" \
+        in r["detail"], r["detail"]
     expect_fail("endpoint down after the run", lambda run: run["baseline"]["after"]["worker[0]"].update(up=False),
                 "baseline")
     expect_fail("gauge missing after the run", lambda run: run["baseline"]["after"]["worker[0]"].pop(
@@ -176,6 +192,37 @@ def test_baseline():
     run["baseline"]["expected_gone"] = ["worker[0]"]
     assert verdict(run)[1]["baseline"]["ok"] is True
     print("ok - baseline catches leaked gauges and descriptors")
+
+
+def test_fd_table():
+    """observe.fd_table on a real process (this one): a TCP connection is named by its endpoints
+    and state, and a connection to an excluded port (etcd, NATS) is not counted."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+    cli = socket.create_connection(("127.0.0.1", port))
+    acc, _ = srv.accept()
+    try:
+        t = observe.fd_table(os.getpid())
+        cport = cli.getsockname()[1]
+        assert t[str(cli.fileno())].endswith(f" tcp 127.0.0.1:{cport} -> 127.0.0.1:{port} ESTABLISHED"), t
+        assert t[str(acc.fileno())].endswith(f" tcp 127.0.0.1:{port} -> 127.0.0.1:{cport} ESTABLISHED"), t
+        assert t[str(srv.fileno())].endswith(f" tcp 127.0.0.1:{port} -> 0.0.0.0:0 LISTEN"), t
+        rd, wr = os.pipe()
+        t2 = observe.fd_table(os.getpid())
+        assert t2[str(rd)].startswith("pipe:["), t2
+        assert observe.new_descriptors(t, t2) == [f"fd {rd}: {t2[str(rd)]}", f"fd {wr}: {t2[str(wr)]}"], \
+            observe.new_descriptors(t, t2)
+        os.close(rd)
+        os.close(wr)
+        ex = observe.fd_table(os.getpid(), exclude_ports={port})
+        assert str(cli.fileno()) not in ex and str(acc.fileno()) in ex and len(ex) == len(t) - 1, (t, ex)
+        assert observe.fd_table(2 ** 22 + 1) is None  # no such process
+    finally:
+        for s in (cli, acc, srv):
+            s.close()
+    print("ok - fd_table names descriptors and leaves out excluded ports")
 
 
 def test_evidence():
@@ -386,6 +433,7 @@ test_good_run_passes()
 test_byte_exact()
 test_all_ended()
 test_baseline()
+test_fd_table()
 test_evidence()
 test_migrations_fresh_recovery_processes()
 test_resumes()

@@ -80,10 +80,29 @@ def proc_state(pid):
     return rest[0] if rest else None
 
 
-def _socket_ports(pid):
-    """{socket inode: (local port, remote port)} of the TCP sockets in pid's network namespace."""
+_TCP_STATES = {"01": "ESTABLISHED", "02": "SYN_SENT", "03": "SYN_RECV", "04": "FIN_WAIT1", "05": "FIN_WAIT2",
+               "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT", "09": "LAST_ACK", "0A": "LISTEN",
+               "0B": "CLOSING"}
+
+
+def _hex_addr(h):
+    """'0100007F:1F90' (or the 32-digit IPv6 form) of /proc/net/tcp as 'host:port'."""
+    addr, port = h.rsplit(":", 1)
+    raw = bytes.fromhex(addr)
+    # the kernel prints each 32-bit word in host (little-endian) order
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    if len(words) == 4:
+        host = ".".join(str(b) for b in words)
+    else:
+        host = "[" + socket.inet_ntop(socket.AF_INET6, words) + "]"
+    return f"{host}:{int(port, 16)}"
+
+
+def _sockets(pid):
+    """{socket inode: (remote port or None, description)} of the sockets in pid's network
+    namespace: TCP and UDP with endpoints and state, unix with its path."""
     out = {}
-    for fam in ("tcp", "tcp6"):
+    for fam in ("tcp", "tcp6", "udp", "udp6"):
         try:
             with open(f"/proc/{pid}/net/{fam}") as f:
                 next(f)
@@ -91,37 +110,59 @@ def _socket_ports(pid):
                     parts = line.split()
                     if len(parts) < 10:
                         continue
-                    lport = int(parts[1].rsplit(":", 1)[1], 16)
-                    rport = int(parts[2].rsplit(":", 1)[1], 16)
-                    out[parts[9]] = (lport, rport)
+                    state = _TCP_STATES.get(parts[3], parts[3]) if fam.startswith("tcp") else ""
+                    out[parts[9]] = (int(parts[2].rsplit(":", 1)[1], 16),
+                                     f"{fam} {_hex_addr(parts[1])} -> {_hex_addr(parts[2])} {state}".rstrip())
         except (OSError, StopIteration, ValueError):
             continue
+    try:
+        with open(f"/proc/{pid}/net/unix") as f:
+            next(f)
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 7:
+                    out[parts[6]] = (None, "unix " + (parts[7] if len(parts) > 7 else "(unnamed)"))
+    except (OSError, StopIteration):
+        pass
     return out
 
 
-def fd_count(pid, exclude_ports=()):
-    """Open descriptors of pid, not counting TCP connections to exclude_ports (etcd and NATS:
-    their clients keep a pool of connections that may legitimately reach another member after a
-    failover). None if the process is gone."""
+def fd_table(pid, exclude_ports=()):
+    """{descriptor number: what it is} of pid's open descriptors, not counting TCP connections to
+    exclude_ports (etcd and NATS: their clients keep a pool of connections that may legitimately
+    reach another member after a failover). A socket is named by its protocol, endpoints and
+    state; anything else by its /proc/<pid>/fd link (a path, pipe:[...], anon_inode:[eventfd]...).
+    None if the process is gone. The baseline check counts these and, when a process holds more
+    than before, names the new ones."""
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
         return None
-    if not exclude_ports:
-        return len(fds)
-    ports = _socket_ports(pid)
-    n = 0
+    socks = None
+    out = {}
     for fd in fds:
         try:
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
         if target.startswith("socket:["):
-            lr = ports.get(target[8:-1])
-            if lr is not None and lr[1] in exclude_ports:
+            if socks is None:
+                socks = _sockets(pid)
+            rport, desc = socks.get(target[8:-1], (None, None))
+            if rport is not None and rport in exclude_ports:
                 continue
-        n += 1
-    return n
+            if desc:
+                target = f"{target} {desc}"
+        out[fd] = target
+    return out
+
+
+def new_descriptors(before, after):
+    """The entries of fd table `after` that `before` does not hold (same number and same thing),
+    as 'fd N: what' strings."""
+    before = before or {}
+    return [f"fd {fd}: {what}" for fd, what in sorted((after or {}).items(), key=lambda kv: int(kv[0]))
+            if before.get(fd) != what]
 
 
 def port_reachable(host, port, timeout=1.0):
@@ -151,8 +192,9 @@ class Endpoint:
 
 
 def snapshot(endpoints, with_fds=True, timeout=1.0, exclude_ports=()):
-    """{endpoint name: {"pid", "up", gauge: value..., "fds"}} read now; exclude_ports as for
-    fd_count."""
+    """{endpoint name: {"pid", "up", gauge: value..., "fds", "fd_table"}} read now; exclude_ports
+    as for fd_table. "fds" is the number of entries of "fd_table" (not a gauge: never compared
+    for equality)."""
     snap = {}
     for ep in endpoints:
         gauges, _ = ep.tables()
@@ -162,7 +204,9 @@ def snapshot(endpoints, with_fds=True, timeout=1.0, exclude_ports=()):
         if s is not None:
             entry.update(extract(s, gauges))
         if with_fds and pid:
-            entry["fds"] = fd_count(pid, exclude_ports)
+            table = fd_table(pid, exclude_ports)
+            entry["fds"] = None if table is None else len(table)
+            entry["fd_table"] = table
         snap[ep.name] = entry
     return snap
 

@@ -59,7 +59,7 @@ def _first_model(url):
 
 
 def _gauges_only(snap):
-    return {n: {k: v for k, v in e.items() if k not in ("pid", "fds")} for n, e in snap.items()}
+    return {n: {k: v for k, v in e.items() if k not in ("pid", "fds", "fd_table")} for n, e in snap.items()}
 
 
 def _settle(endpoints, infra, timeout=10.0):
@@ -90,7 +90,7 @@ def _back_to_baseline(before, endpoints, infra, gone, timeout, fds_check):
                 ok = False
                 break
             for k, v in vals.items():
-                if k in ("pid", "up"):
+                if k in ("pid", "up", "fd_table"):
                     continue
                 if k == "fds":
                     if fds_check and vals.get("pid") == a.get("pid") and a.get("fds") is not None and v is not None \
