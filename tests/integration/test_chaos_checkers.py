@@ -11,10 +11,12 @@ No baton process is started.
 """
 
 import copy
+import http.server
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 
@@ -23,7 +25,7 @@ import batonlib as bl
 bl.deadline(60, "test_chaos_checkers")
 sys.path.insert(0, os.path.join(bl.repo_root(), "tools", "chaos"))
 
-from chaoslib import checks, faults, observe, report, scenario  # noqa: E402
+from chaoslib import checks, faults, observe, report, runner, scenario  # noqa: E402
 
 REF = [101, 7, 7, 42, 9, 13, 8, 77, 5, 3]
 TEXT = "".join(f"t{i} " for i in REF)
@@ -195,34 +197,83 @@ def test_baseline():
 
 
 def test_fd_table():
-    """observe.fd_table on a real process (this one): a TCP connection is named by its endpoints
-    and state, and a connection to an excluded port (etcd, NATS) is not counted."""
+    """observe.fd_table and new_descriptors on a real process (this one): descriptors opened since
+    a table are named, a TCP connection by its endpoints and state, and a connection to an
+    excluded port (etcd, NATS) is not counted."""
+    before = observe.fd_table(os.getpid())
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(1)
     port = srv.getsockname()[1]
     cli = socket.create_connection(("127.0.0.1", port))
     acc, _ = srv.accept()
+    rd, wr = os.pipe()
     try:
         t = observe.fd_table(os.getpid())
         cport = cli.getsockname()[1]
-        assert t[str(cli.fileno())].endswith(f" tcp 127.0.0.1:{cport} -> 127.0.0.1:{port} ESTABLISHED"), t
-        assert t[str(acc.fileno())].endswith(f" tcp 127.0.0.1:{port} -> 127.0.0.1:{cport} ESTABLISHED"), t
-        assert t[str(srv.fileno())].endswith(f" tcp 127.0.0.1:{port} -> 0.0.0.0:0 LISTEN"), t
-        rd, wr = os.pipe()
-        t2 = observe.fd_table(os.getpid())
-        assert t2[str(rd)].startswith("pipe:["), t2
-        assert observe.new_descriptors(t, t2) == [f"fd {rd}: {t2[str(rd)]}", f"fd {wr}: {t2[str(wr)]}"], \
-            observe.new_descriptors(t, t2)
-        os.close(rd)
-        os.close(wr)
+        assert len(t) == len(before) + 5, (before, t)
+        assert t[str(rd)].startswith("pipe:[") and t[str(srv.fileno())].startswith("socket:["), t
+        new = observe.new_descriptors(before, t, os.getpid())
+        want = {srv.fileno(): f" tcp 127.0.0.1:{port} -> 0.0.0.0:0 LISTEN",
+                cli.fileno(): f" tcp 127.0.0.1:{cport} -> 127.0.0.1:{port} ESTABLISHED",
+                acc.fileno(): f" tcp 127.0.0.1:{port} -> 127.0.0.1:{cport} ESTABLISHED",
+                rd: t[str(rd)], wr: t[str(wr)]}
+        assert len(new) == 5, new
+        for fd, tail in want.items():
+            assert any(n.startswith(f"fd {fd}: ") and n.endswith(tail) for n in new), (fd, tail, new)
+        # without a pid (the process is gone), the links alone
+        assert f"fd {cli.fileno()}: {t[str(cli.fileno())]}" in observe.new_descriptors(before, t), t
         ex = observe.fd_table(os.getpid(), exclude_ports={port})
         assert str(cli.fileno()) not in ex and str(acc.fileno()) in ex and len(ex) == len(t) - 1, (t, ex)
         assert observe.fd_table(2 ** 22 + 1) is None  # no such process
     finally:
         for s in (cli, acc, srv):
             s.close()
-    print("ok - fd_table names descriptors and leaves out excluded ports")
+        os.close(rd)
+        os.close(wr)
+    print("ok - fd_table and new_descriptors name the descriptors a process opened")
+
+
+def test_back_to_baseline_names_descriptors():
+    """The runner's wait for the baseline, against a metrics endpoint in this process: a pipe
+    opened after the baseline keeps it from being back, each poll records it by name, and the
+    after snapshot carries the names for the check; closed again, it is back."""
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"baton_worker_active_sequences 0\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        ep = [observe.Endpoint("worker[0]", "worker", lambda: f"http://127.0.0.1:{httpd.server_port}", os.getpid)]
+        before = observe.snapshot(ep)
+        assert before["worker[0]"]["up"] and before["worker[0]"]["active_sequences"] == 0.0, before
+        rd, wr = os.pipe()
+        try:
+            after, waited, polls = runner._back_to_baseline(before, ep, set(), set(), 0.6, True)
+        finally:
+            os.close(rd)
+            os.close(wr)
+        named = f"fd {rd}: pipe:["
+        assert waited >= 0.6 and polls, (waited, polls)
+        assert all(any(named in o for o in off) for _, off in polls), polls
+        assert any(n.startswith(named) for n in after["worker[0]"]["fd_new"]), after
+        run = {"baseline": {"before": before, "after": after, "waited": waited, "expected_gone": []}}
+        r = checks.check_baseline(run, CFG)
+        assert r["ok"] is False and named in r["detail"], r
+        # (a poll may still see the server thread's socket of its own request: it polls again)
+        after, waited, polls = runner._back_to_baseline(before, ep, set(), set(), 5.0, True)
+        assert waited < 5.0 and "fd_new" not in after["worker[0]"], (waited, polls, after)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    print("ok - the wait for the baseline names the descriptors that keep it from being back")
 
 
 def test_evidence():
@@ -434,6 +485,7 @@ test_byte_exact()
 test_all_ended()
 test_baseline()
 test_fd_table()
+test_back_to_baseline_names_descriptors()
 test_evidence()
 test_migrations_fresh_recovery_processes()
 test_resumes()

@@ -222,7 +222,7 @@ def check_baseline(run, cfg):
                 and vals.get("pid") == a.get("pid"):
             compared += 1
             if a["fds"] > vals["fds"]:
-                new = observe.new_descriptors(vals.get("fd_table"), a.get("fd_table"))
+                new = a.get("fd_new") or observe.new_descriptors(vals.get("fd_table"), a.get("fd_table"))
                 problems.append(f"{name} holds {a['fds']} descriptors, baseline {vals['fds']}"
                                 + (f" (new: {'; '.join(new)})" if new else ""))
     if compared == 0:

@@ -98,9 +98,11 @@ def _hex_addr(h):
     return f"{host}:{int(port, 16)}"
 
 
-def _sockets(pid):
+def _sockets(pid, wanted=None):
     """{socket inode: (remote port or None, description)} of the sockets in pid's network
-    namespace: TCP and UDP with endpoints and state, unix with its path."""
+    namespace (only the inodes in `wanted`, when given): TCP and UDP with endpoints and state, unix
+    with its path. Reading these tables costs tens of milliseconds on a busy machine (thousands of
+    sockets in TIME_WAIT), so callers ask only when they need it."""
     out = {}
     for fam in ("tcp", "tcp6", "udp", "udp6"):
         try:
@@ -108,7 +110,7 @@ def _sockets(pid):
                 next(f)
                 for line in f:
                     parts = line.split()
-                    if len(parts) < 10:
+                    if len(parts) < 10 or (wanted is not None and parts[9] not in wanted):
                         continue
                     state = _TCP_STATES.get(parts[3], parts[3]) if fam.startswith("tcp") else ""
                     out[parts[9]] = (int(parts[2].rsplit(":", 1)[1], 16),
@@ -120,7 +122,7 @@ def _sockets(pid):
             next(f)
             for line in f:
                 parts = line.split()
-                if len(parts) >= 7:
+                if len(parts) >= 7 and (wanted is None or parts[6] in wanted):
                     out[parts[6]] = (None, "unix " + (parts[7] if len(parts) > 7 else "(unnamed)"))
     except (OSError, StopIteration):
         pass
@@ -128,12 +130,11 @@ def _sockets(pid):
 
 
 def fd_table(pid, exclude_ports=()):
-    """{descriptor number: what it is} of pid's open descriptors, not counting TCP connections to
-    exclude_ports (etcd and NATS: their clients keep a pool of connections that may legitimately
-    reach another member after a failover). A socket is named by its protocol, endpoints and
-    state; anything else by its /proc/<pid>/fd link (a path, pipe:[...], anon_inode:[eventfd]...).
-    None if the process is gone. The baseline check counts these and, when a process holds more
-    than before, names the new ones."""
+    """{descriptor number: its /proc/<pid>/fd link} of pid's open descriptors (a path, pipe:[...],
+    anon_inode:[eventfd], socket:[inode]...), not counting TCP connections to exclude_ports (etcd
+    and NATS: their clients keep a pool of connections that may legitimately reach another member
+    after a failover). None if the process is gone. The baseline check counts these and, when a
+    process holds more than before, names the new ones (new_descriptors)."""
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
@@ -145,24 +146,31 @@ def fd_table(pid, exclude_ports=()):
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
-        if target.startswith("socket:["):
+        if exclude_ports and target.startswith("socket:["):
             if socks is None:
                 socks = _sockets(pid)
-            rport, desc = socks.get(target[8:-1], (None, None))
+            rport, _ = socks.get(target[8:-1], (None, None))
             if rport is not None and rport in exclude_ports:
                 continue
-            if desc:
-                target = f"{target} {desc}"
         out[fd] = target
     return out
 
 
-def new_descriptors(before, after):
-    """The entries of fd table `after` that `before` does not hold (same number and same thing),
-    as 'fd N: what' strings."""
+def new_descriptors(before, after, pid=None):
+    """The entries of fd table `after` that `before` does not hold (same number, same link), as
+    'fd N: what' strings; with the pid of a live process, a socket among them is named by its
+    protocol, endpoints and state (e.g. 'fd 21: socket:[4711] tcp 127.0.0.1:41590 ->
+    127.0.0.1:39491 ESTABLISHED')."""
     before = before or {}
-    return [f"fd {fd}: {what}" for fd, what in sorted((after or {}).items(), key=lambda kv: int(kv[0]))
-            if before.get(fd) != what]
+    new = [(fd, what) for fd, what in sorted((after or {}).items(), key=lambda kv: int(kv[0]))
+           if before.get(fd) != what]
+    inodes = {what[8:-1] for _, what in new if what.startswith("socket:[")}
+    socks = _sockets(pid, inodes) if pid and inodes else {}
+    out = []
+    for fd, what in new:
+        desc = socks.get(what[8:-1], (None, None))[1] if what.startswith("socket:[") else None
+        out.append(f"fd {fd}: {what} {desc}" if desc else f"fd {fd}: {what}")
+    return out
 
 
 def port_reachable(host, port, timeout=1.0):
