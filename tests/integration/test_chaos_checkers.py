@@ -276,6 +276,57 @@ def test_back_to_baseline_names_descriptors():
     print("ok - the wait for the baseline names the descriptors that keep it from being back")
 
 
+SLOW_METRICS = r"""
+import socket, threading, time
+# As baton's servers: one connection per thread; the request waits 0.2 s (a request of the tool is
+# in flight most of the time), the answer keeps the connection, which closes when the client's
+# close is read; a thread wakes a little late on a busy machine, as this one always does.
+def serve(c):
+    c.recv(65536)
+    time.sleep(0.2)
+    body = b"baton_worker_active_sequences 0\n"
+    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    while c.recv(65536):
+        pass
+    time.sleep(0.02)
+    c.close()
+srv = socket.create_server(("127.0.0.1", 0))
+print(srv.getsockname()[1], flush=True)
+while True:
+    threading.Thread(target=serve, args=(srv.accept()[0],), daemon=True).start()
+"""
+
+
+def test_snapshot_not_counting_sampler():
+    """A descriptor count after the run must not include the server's end of a request of the
+    tool's own Sampler (which runs then, and not when the baseline is read): against a metrics
+    server (a separate process) whose every request takes 0.2 s, with a Sampler polling it
+    continuously, no snapshot counts more descriptors in the server than the baseline did."""
+    p = subprocess.Popen([sys.executable, "-c", SLOW_METRICS], stdout=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{int(p.stdout.readline())}"
+        ep = [observe.Endpoint("worker[0]", "worker", lambda: url, lambda: p.pid)]
+        before = observe.snapshot(ep)
+        assert before["worker[0]"]["up"] and before["worker[0]"]["fds"], before
+        sampler = observe.Sampler(ep, time.monotonic(), interval=0.0)
+        sampler.start()
+        try:
+            snaps = []
+            for _ in range(8):
+                time.sleep(0.05)  # as the wait for the baseline pauses between polls: the Sampler starts one
+                snaps.append(observe.snapshot(ep)["worker[0]"])
+        finally:
+            sampler.stop()
+        assert len(sampler.samples) >= 8, len(sampler.samples)  # the Sampler did run meanwhile
+        above = [observe.new_descriptors(before["worker[0]"]["fd_table"], a["fd_table"], p.pid) for a in snaps
+                 if a["fds"] > before["worker[0]"]["fds"]]
+        assert not above, (before["worker[0]"], above)
+    finally:
+        p.kill()
+        p.wait()
+    print(f"ok - a snapshot does not count the Sampler's requests ({len(sampler.samples)} samples meanwhile)")
+
+
 def test_evidence():
     expect_fail("fault never happened", lambda run: run["faults"][0].update(t_inject=None, evidence=[],
                                                                               evidence_ok=None), "evidence")
@@ -486,6 +537,7 @@ test_all_ended()
 test_baseline()
 test_fd_table()
 test_back_to_baseline_names_descriptors()
+test_snapshot_not_counting_sampler()
 test_evidence()
 test_migrations_fresh_recovery_processes()
 test_resumes()

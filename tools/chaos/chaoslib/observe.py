@@ -6,10 +6,12 @@ A Sampler polls them during a run (for the timeline and the migration count, whi
 frontend being killed); snapshot() reads the gauges that must return to baseline after a fault.
 """
 
+import http.client
 import os
 import socket
 import threading
 import time
+import urllib.parse
 
 from .util import batonlib
 
@@ -44,12 +46,38 @@ WORKER_COUNTERS = {
 
 
 def read_metrics(url, timeout=1.0):
-    """Parsed samples of <url>/metrics, or None when it does not answer."""
+    """Parsed samples of <url>/metrics, or None when it does not answer. Returns once the server
+    has closed its end of the connection too (or `timeout` is over): after the response the
+    request is half-closed and the server's close awaited. A server closes a connection only when
+    its loop reads our close, so on a loaded machine its end can outlive ours by milliseconds; a
+    descriptor count taken meanwhile would include the tool's own connection."""
     bl = batonlib()
+    if not urllib.parse.urlsplit(url).path.rstrip("/").endswith("/metrics"):
+        url = url.rstrip("/") + "/metrics"
+    u = urllib.parse.urlsplit(url)
+    end = time.monotonic() + timeout
+    conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
     try:
-        return bl.metrics(url, timeout=timeout)
-    except (OSError, AssertionError, ValueError):
+        conn.request("GET", u.path or "/metrics")
+        resp = conn.getresponse()
+        data = resp.read()
+        if resp.status != 200:
+            return None
+        sock = conn.sock  # None when the response closed the connection
+        if sock is not None:
+            sock.shutdown(socket.SHUT_WR)
+            while True:
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                sock.settimeout(left)
+                if not sock.recv(4096):
+                    break  # the server closed its end
+        return bl.parse_metrics(data.decode("utf-8", "replace"))
+    except (OSError, http.client.HTTPException, ValueError):
         return None
+    finally:
+        conn.close()
 
 
 def has_metric(samples, name):
@@ -199,10 +227,22 @@ class Endpoint:
         return WORKER_GAUGES, WORKER_COUNTERS
 
 
+# Held by a snapshot and by each round of a Sampler, so that they take turns: a descriptor count
+# must not include the server's end of a Sampler request in flight (the baseline is read before the
+# Sampler starts, the after-run snapshots while it runs). Every read_metrics returns once the
+# server closed its end, so with this lock no connection of the tool's own is open at a count.
+_READING = threading.Lock()
+
+
 def snapshot(endpoints, with_fds=True, timeout=1.0, exclude_ports=()):
     """{endpoint name: {"pid", "up", gauge: value..., "fds", "fd_table"}} read now; exclude_ports
     as for fd_table. "fds" is the number of entries of "fd_table" (not a gauge: never compared
     for equality)."""
+    with _READING:
+        return _snapshot(endpoints, with_fds, timeout, exclude_ports)
+
+
+def _snapshot(endpoints, with_fds, timeout, exclude_ports):
     snap = {}
     for ep in endpoints:
         gauges, _ = ep.tables()
@@ -232,6 +272,10 @@ class Sampler:
         self.thread = None
 
     def sample_once(self):
+        with _READING:
+            self._sample_once()
+
+    def _sample_once(self):
         t = round(time.monotonic() - self.t0, 4)  # one time per round, so rows of a round add up
         for ep in self.endpoints:
             gauges, counters = ep.tables()
