@@ -5,9 +5,12 @@ ones (it must fail): a dropped token, a duplicated token, reordered tokens, chan
 output that is not a prefix, a hung request, a request over its bound, an error the scenario does
 not allow or no fault explains, a leaked gauge, a grown descriptor table, a fault that never
 happened, a fault without evidence, migrations out of bounds, a failed fresh request, no recovery,
-an unexpected process exit, a sanitizer report. The fault injectors are run against throw-away
-`sleep` processes to see that their evidence records a real effect and reports a missing one.
-No baton process is started.
+an unexpected process exit, a sanitizer report. The descriptor count is checked against real
+processes: the new descriptors are named, and the tool's own /metrics connections (the snapshot's,
+the Sampler's) are never counted, even from a server that closes its end late. The fault
+injectors are run against throw-away `sleep` processes to see that their evidence records a real
+effect and reports a missing one.
+No baton process is started (the metrics servers are small Python processes).
 """
 
 import copy
