@@ -5,15 +5,21 @@ ones (it must fail): a dropped token, a duplicated token, reordered tokens, chan
 output that is not a prefix, a hung request, a request over its bound, an error the scenario does
 not allow or no fault explains, a leaked gauge, a grown descriptor table, a fault that never
 happened, a fault without evidence, migrations out of bounds, a failed fresh request, no recovery,
-an unexpected process exit, a sanitizer report. The fault injectors are run against throw-away
-`sleep` processes to see that their evidence records a real effect and reports a missing one.
-No baton process is started.
+an unexpected process exit, a sanitizer report. The descriptor count is checked against real
+processes: the new descriptors are named, and the tool's own /metrics connections (the snapshot's,
+the Sampler's) are never counted, even from a server that closes its end late. The fault
+injectors are run against throw-away `sleep` processes to see that their evidence records a real
+effect and reports a missing one.
+No baton process is started (the metrics servers are small Python processes).
 """
 
 import copy
+import http.server
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 
@@ -22,7 +28,7 @@ import batonlib as bl
 bl.deadline(60, "test_chaos_checkers")
 sys.path.insert(0, os.path.join(bl.repo_root(), "tools", "chaos"))
 
-from chaoslib import checks, faults, report, scenario  # noqa: E402
+from chaoslib import checks, faults, observe, report, runner, scenario  # noqa: E402
 
 REF = [101, 7, 7, 42, 9, 13, 8, 77, 5, 3]
 TEXT = "".join(f"t{i} " for i in REF)
@@ -167,6 +173,21 @@ def test_baseline():
     expect_fail("leaked connection", lambda run: run["baseline"]["after"]["frontend[0]"].update(http_connections=2.0),
                 "baseline")
     expect_fail("descriptor leak", lambda run: run["baseline"]["after"]["frontend[0]"].update(fds=21), "baseline")
+
+    # with the descriptor tables, the failure names the new descriptor (same count, another
+    # connection in a reused slot, is no leak; a slot that now holds something else is named)
+    def leak_named(run):
+        fe = run["baseline"]
+        fe["before"]["frontend[0]"]["fd_table"] = {"3": "anon_inode:[eventpoll]",
+                                                   "12": "socket:[7] tcp 127.0.0.1:4000 -> 127.0.0.1:5000 ESTABLISHED"}
+        fe["before"]["frontend[0]"]["fds"] = 2
+        fe["after"]["frontend[0]"]["fd_table"] = {"3": "anon_inode:[eventpoll]",
+                                                  "12": "socket:[9] tcp 127.0.0.1:4001 -> 127.0.0.1:5000 ESTABLISHED",
+                                                  "13": "anon_inode:[timerfd]"}
+        fe["after"]["frontend[0]"]["fds"] = 3
+    r = expect_fail("descriptor leak, named", leak_named, "baseline")
+    assert "new: fd 12: socket:[9] tcp 127.0.0.1:4001 -> 127.0.0.1:5000 ESTABLISHED; fd 13: anon_inode:[timerfd]" \
+        in r["detail"], r["detail"]
     expect_fail("endpoint down after the run", lambda run: run["baseline"]["after"]["worker[0]"].update(up=False),
                 "baseline")
     expect_fail("gauge missing after the run", lambda run: run["baseline"]["after"]["worker[0]"].pop(
@@ -176,6 +197,137 @@ def test_baseline():
     run["baseline"]["expected_gone"] = ["worker[0]"]
     assert verdict(run)[1]["baseline"]["ok"] is True
     print("ok - baseline catches leaked gauges and descriptors")
+
+
+def test_fd_table():
+    """observe.fd_table and new_descriptors on a real process (this one): descriptors opened since
+    a table are named, a TCP connection by its endpoints and state, and a connection to an
+    excluded port (etcd, NATS) is not counted."""
+    before = observe.fd_table(os.getpid())
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+    cli = socket.create_connection(("127.0.0.1", port))
+    acc, _ = srv.accept()
+    rd, wr = os.pipe()
+    try:
+        t = observe.fd_table(os.getpid())
+        cport = cli.getsockname()[1]
+        assert len(t) == len(before) + 5, (before, t)
+        assert t[str(rd)].startswith("pipe:[") and t[str(srv.fileno())].startswith("socket:["), t
+        new = observe.new_descriptors(before, t, os.getpid())
+        want = {srv.fileno(): f" tcp 127.0.0.1:{port} -> 0.0.0.0:0 LISTEN",
+                cli.fileno(): f" tcp 127.0.0.1:{cport} -> 127.0.0.1:{port} ESTABLISHED",
+                acc.fileno(): f" tcp 127.0.0.1:{port} -> 127.0.0.1:{cport} ESTABLISHED",
+                rd: t[str(rd)], wr: t[str(wr)]}
+        assert len(new) == 5, new
+        for fd, tail in want.items():
+            assert any(n.startswith(f"fd {fd}: ") and n.endswith(tail) for n in new), (fd, tail, new)
+        # without a pid (the process is gone), the links alone
+        assert f"fd {cli.fileno()}: {t[str(cli.fileno())]}" in observe.new_descriptors(before, t), t
+        ex = observe.fd_table(os.getpid(), exclude_ports={port})
+        assert str(cli.fileno()) not in ex and str(acc.fileno()) in ex and len(ex) == len(t) - 1, (t, ex)
+        assert observe.fd_table(2 ** 22 + 1) is None  # no such process
+    finally:
+        for s in (cli, acc, srv):
+            s.close()
+        os.close(rd)
+        os.close(wr)
+    print("ok - fd_table and new_descriptors name the descriptors a process opened")
+
+
+def test_back_to_baseline_names_descriptors():
+    """The runner's wait for the baseline, against a metrics endpoint in this process: a pipe
+    opened after the baseline keeps it from being back, each poll records it by name, and the
+    after snapshot carries the names for the check; closed again, it is back."""
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"baton_worker_active_sequences 0\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        ep = [observe.Endpoint("worker[0]", "worker", lambda: f"http://127.0.0.1:{httpd.server_port}", os.getpid)]
+        before = observe.snapshot(ep)
+        assert before["worker[0]"]["up"] and before["worker[0]"]["active_sequences"] == 0.0, before
+        rd, wr = os.pipe()
+        try:
+            after, waited, polls = runner._back_to_baseline(before, ep, set(), set(), 0.6, True)
+        finally:
+            os.close(rd)
+            os.close(wr)
+        named = f"fd {rd}: pipe:["
+        assert waited >= 0.6 and polls, (waited, polls)
+        assert all(any(named in o for o in off) for _, off in polls), polls
+        assert any(n.startswith(named) for n in after["worker[0]"]["fd_new"]), after
+        run = {"baseline": {"before": before, "after": after, "waited": waited, "expected_gone": []}}
+        r = checks.check_baseline(run, CFG)
+        assert r["ok"] is False and named in r["detail"], r
+        # (a poll may still see the server thread's socket of its own request: it polls again)
+        after, waited, polls = runner._back_to_baseline(before, ep, set(), set(), 5.0, True)
+        assert waited < 5.0 and "fd_new" not in after["worker[0]"], (waited, polls, after)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    print("ok - the wait for the baseline names the descriptors that keep it from being back")
+
+
+SLOW_METRICS = r"""
+import socket, threading, time
+# As baton's servers: one connection per thread; the request waits 0.2 s (a request of the tool is
+# in flight most of the time), the answer keeps the connection, which closes when the client's
+# close is read; a thread wakes a little late on a busy machine, as this one always does.
+def serve(c):
+    c.recv(65536)
+    time.sleep(0.2)
+    body = b"baton_worker_active_sequences 0\n"
+    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    while c.recv(65536):
+        pass
+    time.sleep(0.02)
+    c.close()
+srv = socket.create_server(("127.0.0.1", 0))
+print(srv.getsockname()[1], flush=True)
+while True:
+    threading.Thread(target=serve, args=(srv.accept()[0],), daemon=True).start()
+"""
+
+
+def test_snapshot_not_counting_sampler():
+    """A descriptor count after the run must not include the server's end of a request of the
+    tool's own Sampler (which runs then, and not when the baseline is read): against a metrics
+    server (a separate process) whose every request takes 0.2 s, with a Sampler polling it
+    continuously, no snapshot counts more descriptors in the server than the baseline did."""
+    p = subprocess.Popen([sys.executable, "-c", SLOW_METRICS], stdout=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{int(p.stdout.readline())}"
+        ep = [observe.Endpoint("worker[0]", "worker", lambda: url, lambda: p.pid)]
+        before = observe.snapshot(ep)
+        assert before["worker[0]"]["up"] and before["worker[0]"]["fds"], before
+        sampler = observe.Sampler(ep, time.monotonic(), interval=0.0)
+        sampler.start()
+        try:
+            snaps = []
+            for _ in range(8):
+                time.sleep(0.05)  # as the wait for the baseline pauses between polls: the Sampler starts one
+                snaps.append(observe.snapshot(ep)["worker[0]"])
+        finally:
+            sampler.stop()
+        assert len(sampler.samples) >= 8, len(sampler.samples)  # the Sampler did run meanwhile
+        above = [observe.new_descriptors(before["worker[0]"]["fd_table"], a["fd_table"], p.pid) for a in snaps
+                 if a["fds"] > before["worker[0]"]["fds"]]
+        assert not above, (before["worker[0]"], above)
+    finally:
+        p.kill()
+        p.wait()
+    print(f"ok - a snapshot does not count the Sampler's requests ({len(sampler.samples)} samples meanwhile)")
 
 
 def test_evidence():
@@ -386,6 +538,9 @@ test_good_run_passes()
 test_byte_exact()
 test_all_ended()
 test_baseline()
+test_fd_table()
+test_back_to_baseline_names_descriptors()
+test_snapshot_not_counting_sampler()
 test_evidence()
 test_migrations_fresh_recovery_processes()
 test_resumes()

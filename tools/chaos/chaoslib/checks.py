@@ -12,6 +12,8 @@ and sees it fail.
 
 import difflib
 
+from . import observe
+
 
 def _result(name, ok, detail, **stats):
     return {"name": name, "ok": ok, "detail": detail, "stats": stats}
@@ -208,7 +210,7 @@ def check_baseline(run, cfg):
             problems.append(f"{name}: metrics unreachable after the run")
             continue
         for k, v in vals.items():
-            if k in ("pid", "up", "fds"):
+            if k in ("pid", "up", "fds", "fd_table"):
                 continue
             if k not in a:
                 problems.append(f"{name}.{k}: missing after the run")
@@ -220,7 +222,9 @@ def check_baseline(run, cfg):
                 and vals.get("pid") == a.get("pid"):
             compared += 1
             if a["fds"] > vals["fds"]:
-                problems.append(f"{name} holds {a['fds']} descriptors, baseline {vals['fds']}")
+                new = a.get("fd_new") or observe.new_descriptors(vals.get("fd_table"), a.get("fd_table"))
+                problems.append(f"{name} holds {a['fds']} descriptors, baseline {vals['fds']}"
+                                + (f" (new: {'; '.join(new)})" if new else ""))
     if compared == 0:
         return _result("baseline", False, "; ".join(problems) or "no gauge could be compared", compared=0)
     waited = b.get("waited")

@@ -6,10 +6,12 @@ A Sampler polls them during a run (for the timeline and the migration count, whi
 frontend being killed); snapshot() reads the gauges that must return to baseline after a fault.
 """
 
+import http.client
 import os
 import socket
 import threading
 import time
+import urllib.parse
 
 from .util import batonlib
 
@@ -44,12 +46,38 @@ WORKER_COUNTERS = {
 
 
 def read_metrics(url, timeout=1.0):
-    """Parsed samples of <url>/metrics, or None when it does not answer."""
+    """Parsed samples of <url>/metrics, or None when it does not answer. Returns once the server
+    has closed its end of the connection too (or `timeout` is over): after the response the
+    request is half-closed and the server's close awaited. A server closes a connection only when
+    its loop reads our close, so on a loaded machine its end can outlive ours by milliseconds; a
+    descriptor count taken meanwhile would include the tool's own connection."""
     bl = batonlib()
+    if not urllib.parse.urlsplit(url).path.rstrip("/").endswith("/metrics"):
+        url = url.rstrip("/") + "/metrics"
+    u = urllib.parse.urlsplit(url)
+    end = time.monotonic() + timeout
+    conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
     try:
-        return bl.metrics(url, timeout=timeout)
-    except (OSError, AssertionError, ValueError):
+        conn.request("GET", u.path or "/metrics")
+        resp = conn.getresponse()
+        data = resp.read()
+        if resp.status != 200:
+            return None
+        sock = conn.sock  # None when the response closed the connection
+        if sock is not None:
+            sock.shutdown(socket.SHUT_WR)
+            while True:
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                sock.settimeout(left)
+                if not sock.recv(4096):
+                    break  # the server closed its end
+        return bl.parse_metrics(data.decode("utf-8", "replace"))
+    except (OSError, http.client.HTTPException, ValueError):
         return None
+    finally:
+        conn.close()
 
 
 def has_metric(samples, name):
@@ -80,48 +108,97 @@ def proc_state(pid):
     return rest[0] if rest else None
 
 
-def _socket_ports(pid):
-    """{socket inode: (local port, remote port)} of the TCP sockets in pid's network namespace."""
+_TCP_STATES = {"01": "ESTABLISHED", "02": "SYN_SENT", "03": "SYN_RECV", "04": "FIN_WAIT1", "05": "FIN_WAIT2",
+               "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT", "09": "LAST_ACK", "0A": "LISTEN",
+               "0B": "CLOSING"}
+
+
+def _hex_addr(h):
+    """'0100007F:1F90' (or the 32-digit IPv6 form) of /proc/net/tcp as 'host:port'."""
+    addr, port = h.rsplit(":", 1)
+    raw = bytes.fromhex(addr)
+    # the kernel prints each 32-bit word in host (little-endian) order
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    if len(words) == 4:
+        host = ".".join(str(b) for b in words)
+    else:
+        host = "[" + socket.inet_ntop(socket.AF_INET6, words) + "]"
+    return f"{host}:{int(port, 16)}"
+
+
+def _sockets(pid, wanted=None):
+    """{socket inode: (remote port or None, description)} of the sockets in pid's network
+    namespace (only the inodes in `wanted`, when given): TCP and UDP with endpoints and state, unix
+    with its path. Reading these tables costs tens of milliseconds on a busy machine (thousands of
+    sockets in TIME_WAIT), so callers ask only when they need it."""
     out = {}
-    for fam in ("tcp", "tcp6"):
+    for fam in ("tcp", "tcp6", "udp", "udp6"):
         try:
             with open(f"/proc/{pid}/net/{fam}") as f:
                 next(f)
                 for line in f:
                     parts = line.split()
-                    if len(parts) < 10:
+                    if len(parts) < 10 or (wanted is not None and parts[9] not in wanted):
                         continue
-                    lport = int(parts[1].rsplit(":", 1)[1], 16)
-                    rport = int(parts[2].rsplit(":", 1)[1], 16)
-                    out[parts[9]] = (lport, rport)
+                    state = _TCP_STATES.get(parts[3], parts[3]) if fam.startswith("tcp") else ""
+                    out[parts[9]] = (int(parts[2].rsplit(":", 1)[1], 16),
+                                     f"{fam} {_hex_addr(parts[1])} -> {_hex_addr(parts[2])} {state}".rstrip())
         except (OSError, StopIteration, ValueError):
             continue
+    try:
+        with open(f"/proc/{pid}/net/unix") as f:
+            next(f)
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 7 and (wanted is None or parts[6] in wanted):
+                    out[parts[6]] = (None, "unix " + (parts[7] if len(parts) > 7 else "(unnamed)"))
+    except (OSError, StopIteration):
+        pass
     return out
 
 
-def fd_count(pid, exclude_ports=()):
-    """Open descriptors of pid, not counting TCP connections to exclude_ports (etcd and NATS:
-    their clients keep a pool of connections that may legitimately reach another member after a
-    failover). None if the process is gone."""
+def fd_table(pid, exclude_ports=()):
+    """{descriptor number: its /proc/<pid>/fd link} of pid's open descriptors (a path, pipe:[...],
+    anon_inode:[eventfd], socket:[inode]...), not counting TCP connections to exclude_ports (etcd
+    and NATS: their clients keep a pool of connections that may legitimately reach another member
+    after a failover). None if the process is gone. The baseline check counts these and, when a
+    process holds more than before, names the new ones (new_descriptors)."""
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
         return None
-    if not exclude_ports:
-        return len(fds)
-    ports = _socket_ports(pid)
-    n = 0
+    socks = None
+    out = {}
     for fd in fds:
         try:
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
-        if target.startswith("socket:["):
-            lr = ports.get(target[8:-1])
-            if lr is not None and lr[1] in exclude_ports:
+        if exclude_ports and target.startswith("socket:["):
+            if socks is None:
+                socks = _sockets(pid)
+            rport, _ = socks.get(target[8:-1], (None, None))
+            if rport is not None and rport in exclude_ports:
                 continue
-        n += 1
-    return n
+        out[fd] = target
+    return out
+
+
+def new_descriptors(before, after, pid=None):
+    """The entries of fd table `after` that `before` does not hold (same number, same link), as
+    'fd N: what' strings; with the pid of a live process, a socket among them is named by its
+    protocol, endpoints and state (e.g. 'fd 21: socket:[4711] tcp 127.0.0.1:41590 ->
+    127.0.0.1:39491 ESTABLISHED')."""
+    before = before or {}
+    new = [(fd, what) for fd, what in sorted((after or {}).items(), key=lambda kv: int(kv[0]))
+           if before.get(fd) != what]
+    inodes = {what[8:-1] for _, what in new if what.startswith("socket:[")}
+    socks = _sockets(pid, inodes) if pid and inodes else {}
+    out = []
+    for fd, what in new:
+        desc = socks.get(what[8:-1], (None, None))[1] if what.startswith("socket:[") else None
+        out.append(f"fd {fd}: {what} {desc}" if desc else f"fd {fd}: {what}")
+    return out
 
 
 def port_reachable(host, port, timeout=1.0):
@@ -150,9 +227,22 @@ class Endpoint:
         return WORKER_GAUGES, WORKER_COUNTERS
 
 
+# Held by a snapshot and by each round of a Sampler, so that they take turns: a descriptor count
+# must not include the server's end of a Sampler request in flight (the baseline is read before the
+# Sampler starts, the after-run snapshots while it runs). Every read_metrics returns once the
+# server closed its end, so with this lock no connection of the tool's own is open at a count.
+_READING = threading.Lock()
+
+
 def snapshot(endpoints, with_fds=True, timeout=1.0, exclude_ports=()):
-    """{endpoint name: {"pid", "up", gauge: value..., "fds"}} read now; exclude_ports as for
-    fd_count."""
+    """{endpoint name: {"pid", "up", gauge: value..., "fds", "fd_table"}} read now; exclude_ports
+    as for fd_table. "fds" is the number of entries of "fd_table" (not a gauge: never compared
+    for equality)."""
+    with _READING:
+        return _snapshot(endpoints, with_fds, timeout, exclude_ports)
+
+
+def _snapshot(endpoints, with_fds, timeout, exclude_ports):
     snap = {}
     for ep in endpoints:
         gauges, _ = ep.tables()
@@ -162,7 +252,9 @@ def snapshot(endpoints, with_fds=True, timeout=1.0, exclude_ports=()):
         if s is not None:
             entry.update(extract(s, gauges))
         if with_fds and pid:
-            entry["fds"] = fd_count(pid, exclude_ports)
+            table = fd_table(pid, exclude_ports)
+            entry["fds"] = None if table is None else len(table)
+            entry["fd_table"] = table
         snap[ep.name] = entry
     return snap
 
@@ -180,6 +272,10 @@ class Sampler:
         self.thread = None
 
     def sample_once(self):
+        with _READING:
+            self._sample_once()
+
+    def _sample_once(self):
         t = round(time.monotonic() - self.t0, 4)  # one time per round, so rows of a round add up
         for ep in self.endpoints:
             gauges, counters = ep.tables()

@@ -59,7 +59,7 @@ def _first_model(url):
 
 
 def _gauges_only(snap):
-    return {n: {k: v for k, v in e.items() if k not in ("pid", "fds")} for n, e in snap.items()}
+    return {n: {k: v for k, v in e.items() if k not in ("pid", "fds", "fd_table", "fd_new")} for n, e in snap.items()}
 
 
 def _settle(endpoints, infra, timeout=10.0):
@@ -77,30 +77,37 @@ def _settle(endpoints, infra, timeout=10.0):
 
 def _back_to_baseline(before, endpoints, infra, gone, timeout, fds_check):
     """Polls until every gauge equals its baseline (and descriptors are not above it) or timeout;
-    returns (after snapshot, seconds waited)."""
+    returns (after snapshot, seconds waited, what each poll that was not back found off: a list of
+    [seconds, ["name.key = value (baseline b)", ...]] — the descriptors named when above)."""
     start = time.monotonic()
+    polls = []
     while True:
         after = observe.snapshot(endpoints, exclude_ports=infra)
-        ok = True
+        off = []
         for name, vals in before.items():
             if name in gone:
                 continue
             a = after.get(name) or {}
             if not a.get("up"):
-                ok = False
-                break
+                off.append(f"{name} down")
+                continue
             for k, v in vals.items():
-                if k in ("pid", "up"):
+                if k in ("pid", "up", "fd_table"):
                     continue
                 if k == "fds":
                     if fds_check and vals.get("pid") == a.get("pid") and a.get("fds") is not None and v is not None \
                             and a["fds"] > v:
-                        ok = False
+                        # named now, while the process lives: the check reports them from here
+                        a["fd_new"] = observe.new_descriptors(vals.get("fd_table"), a.get("fd_table"), a.get("pid"))
+                        off.append(f"{name}.fds = {a['fds']} (baseline {v}; new: {'; '.join(a['fd_new'])})")
                 elif a.get(k) != v:
-                    ok = False
+                    off.append(f"{name}.{k} = {a.get(k)} (baseline {v})")
         waited = time.monotonic() - start
-        if ok or waited >= timeout:
-            return after, round(waited, 2)
+        if off:
+            polls.append([round(waited, 2), off])
+        if not off or waited >= timeout:
+            # a long wait keeps its first and last polls: how it began and how it ended
+            return after, round(waited, 2), polls if len(polls) <= 40 else polls[:20] + polls[-20:]
         time.sleep(0.25)
 
 
@@ -250,7 +257,8 @@ def _run_with(sc, topo, urls, model, endpoints, processes, run_dir):
                 topo.wait_routable(sc.checks["baseline_timeout"], n=sum(1 for w in topo.workers if w.alive()))
             except SetupError as e:
                 log(f"{sc.name}: {e}")
-    after, waited = _back_to_baseline(before, endpoints, infra, gone, sc.checks["baseline_timeout"], sc.checks["fds"])
+    after, waited, polls = _back_to_baseline(before, endpoints, infra, gone, sc.checks["baseline_timeout"],
+                                             sc.checks["fds"])
     fresh = []
     live = [m.url for m in topo.frontends if m.alive()] if topo is not None else urls
     for i in range(sc.checks["fresh_requests"] if live else 0):
@@ -266,7 +274,8 @@ def _run_with(sc, topo, urls, model, endpoints, processes, run_dir):
            "requests": [r.to_dict() for r in sorted(load.records, key=lambda r: r.seq)],
            "probes": [r.to_dict() for r in prober.records], "fresh": [r.to_dict() for r in fresh],
            "storm": [r.to_dict() for r in env.storm_records], "faults": [f.record for f in fts],
-           "baseline": {"before": before, "after": after, "waited": waited, "expected_gone": sorted(gone)},
+           "baseline": {"before": before, "after": after, "waited": waited, "expected_gone": sorted(gone),
+                        "polls": polls},
            "migrations": migrations, "migration_events": migration_events, "processes": proc_info, "samples": sampler.samples,
            "tokens_delivered": load.tokens, "resumes": resumes}
     return run
