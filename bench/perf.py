@@ -18,7 +18,7 @@ usage (from the repository root; BATON_BIN defaults to build/baton):
          --compare-bin adds a frontend of another build on the same workers (before/after).
   BATON_BIN=build/baton python3 bench/perf.py latency  [--concurrency 1,100,1000] [--tokens 30]
         [--speedup 0.2] [--anchor nginx] [--pin 0:1] [--no-relay] [--compare-bin OTHER/baton] [--jetstream]
-        [--interleave 2]
+        [--interleave 2] [--relay-frontend-bytes]
       b. TTFT and per-token delay p50/p99 through the frontend and straight at the worker's
          request plane (the same engine, one worker), and the difference. The per-token delay is
          measured against a probe stream on the request plane that runs through every phase.
@@ -31,6 +31,10 @@ usage (from the repository root; BATON_BIN defaults to build/baton):
          nats-server -js started here), as the row "frontend, journal in JetStream".
          --interleave N runs each path N times per level, taking turns (default 2); the percentiles
          pool the N runs, and each run's added p99 and its ratio to the relay's are printed too.
+         --relay-frontend-bytes adds the relay writing the frontend's bytes per event (its SSE id
+         line and the OpenAI chunk's id, object, created and model: ~300 bytes against ~100), as the
+         row "minimal relay, frontend's bytes". CPU per chunk is printed with the share of it spent
+         in the kernel.
   BATON_BIN=build/baton python3 bench/perf.py burst    [--concurrency 100,1000] [--repeats 5]
         [--speedup 0.2] [--tokens 10] [--paths direct,relay,frontend] [--threads 2] [--batched-tokens N]
         [--batch-gather-us N] [--compare-bin OTHER/baton]
@@ -101,6 +105,16 @@ def minflt(pid):
             return int(f.read().rsplit(")", 1)[1].split()[7])
     except (FileNotFoundError, ProcessLookupError):
         return 0
+
+
+def kernel_ticks(pid):
+    """(user, kernel) CPU clock ticks of pid so far, all its threads (/proc/pid/stat fields 14, 15)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]), int(fields[12])
+    except (FileNotFoundError, ProcessLookupError):
+        return 0, 0
 
 
 def rss_kib(pid):
@@ -200,11 +214,15 @@ class Meter:
         self.pids = dict(pids)
         self.t0 = {k: cpu_ns(p) for k, p in self.pids.items()}
         self.f0 = {k: minflt(p) for k, p in self.pids.items()}
+        self.k0 = {k: kernel_ticks(p) for k, p in self.pids.items()}
         self.faults = 0  # minor page faults over the window, all the processes (set by stop)
+        self.ticks = (0, 0)  # (user, kernel) clock ticks over the window, all the processes (set by stop)
 
     def stop(self):
         # a process gone by now reads 0: counted as none rather than negative
         self.faults = sum(max(0, minflt(p) - self.f0[k]) for k, p in self.pids.items())
+        now = {k: kernel_ticks(p) for k, p in self.pids.items()}
+        self.ticks = tuple(sum(max(0, now[k][i] - self.k0[k][i]) for k in self.pids) for i in (0, 1))
         return {k: (cpu_ns(p) - self.t0[k]) / 1e9 for k, p in self.pids.items()}
 
 
@@ -360,14 +378,16 @@ def start_anchor(kind, d, upstream):
     return p, f"http://127.0.0.1:{port}"
 
 
-def start_relay(d, rpc):
-    """bench/relay.c: the minimal relay (the frontend's unavoidable work only) on the worker `rpc`."""
+def start_relay(d, rpc, frontend_bytes=False):
+    """bench/relay.c: the minimal relay (the frontend's unavoidable work only) on the worker `rpc`;
+    frontend_bytes: its events carry the frontend's bytes (SSE id, the chunk's id/object/created/model)."""
     exe = os.path.join(os.path.dirname(bl.baton_bin()), "baton-relay")
     if not os.path.exists(exe):
         raise SystemExit(f"{exe} not found: build it (cmake --build <dir> --target baton-relay)")
     port = bl.free_port()
-    log = os.path.join(d, "relay.log")
-    p = bl.Proc([exe, "--listen", port, "--worker", rpc], name="relay", log=log)
+    log = os.path.join(d, "relay-fb.log" if frontend_bytes else "relay.log")
+    p = bl.Proc([exe, "--listen", port, "--worker", rpc] + (["--frontend-bytes"] if frontend_bytes else []),
+                name="relay", log=log)
     bl.wait_for(lambda: "connected to the worker" in open(log).read(), 20, what="the relay's worker connection")
     return p, f"http://127.0.0.1:{port}"
 
@@ -490,6 +510,11 @@ def cmd_latency(a):
             relay = start_relay(c.dir, rpc)
             multi.append("minimal relay")
             paths.append((multi[-1], relay[1], False))
+        relay_fb = None
+        if a.relay_frontend_bytes:  # the same floor writing the frontend's bytes per event
+            relay_fb = start_relay(c.dir, rpc, frontend_bytes=True)
+            multi.append("minimal relay, frontend's bytes")
+            paths.append((multi[-1], relay_fb[1], False))
         if a.threads > 1:  # one frontend process with N event loops
             t = c.start_frontend(max_connections=30000, max_concurrent_requests=100000, http_idle_timeout_ms=600000,
                                  threads=a.threads)
@@ -525,7 +550,7 @@ def cmd_latency(a):
         if a.pin:
             baton_cpu, CLIENT_CPU = (int(x) for x in a.pin.split(":"))
             for p in ([fe.proc, w.proc] + [f.proc for f in extra] + ([jsfe.proc] if jsfe else []) + ([anchor[0]] if anchor else [])
-                      + ([relay[0]] if relay else [])):
+                      + ([relay[0]] if relay else []) + ([relay_fb[0]] if relay_fb else [])):
                 os.sched_setaffinity(p.pid, {baton_cpu})
         # the process(es) between the client and the worker on each path: their CPU per chunk
         cpu_pids = {"frontend": {"fe": fe.proc.pid}}
@@ -533,6 +558,8 @@ def cmd_latency(a):
             cpu_pids[a.anchor] = {"anchor": anchor[0].pid, "fe": fe.proc.pid}
         if relay:
             cpu_pids["minimal relay"] = {"relay": relay[0].pid}
+        if relay_fb:
+            cpu_pids["minimal relay, frontend's bytes"] = {"relay": relay_fb[0].pid}
         if a.threads > 1:
             cpu_pids[f"frontend --threads {a.threads}"] = {"fe": extra[0].proc.pid}
         if a.compare_bin:
@@ -570,6 +597,7 @@ def cmd_latency(a):
                                  timestamps=lts)
                     r["serving_cpu_s"] = sum(m.stop().values())
                     r["serving_faults"] = m.faults
+                    r["serving_ticks"] = m.ticks
                     probe.send_signal(2)
                     pout, perr = probe.communicate(timeout=30)
                     if probe.returncode != 0:
@@ -624,7 +652,10 @@ def cmd_latency(a):
             chunks = sum(r["chunks"] for r in rs)
             if cpu and chunks:
                 faults = sum(r.get("serving_faults", 0) for r in rs)
-                parts.append(f"{name} {cpu / chunks * 1e6:.2f} us ({faults / chunks:.3f} page faults)")
+                user = sum(r.get("serving_ticks", (0, 0))[0] for r in rs)
+                kern = sum(r.get("serving_ticks", (0, 0))[1] for r in rs)
+                share = f", {100 * kern / (user + kern):.0f} % in the kernel" if user + kern else ""
+                parts.append(f"{name} {cpu / chunks * 1e6:.2f} us ({faults / chunks:.3f} page faults{share})")
         if parts:
             print(f"CPU per chunk of the process(es) between client and worker at {n} streams: " + ", ".join(parts)
                   + (f" (the {a.anchor} path: nginx plus the frontend behind it)" if a.anchor else ""))
@@ -641,13 +672,15 @@ def cmd_latency(a):
                     added.setdefault(name, []).append(pctl(tr, 0.99) - d99)
         for name, xs in added.items():
             print(f"added per-token p99 at {n} streams, per round, {name}: " + ", ".join(f"{x:+.0f}" for x in xs) + " us")
-        if "minimal relay" in added:
+        for floor in ("minimal relay", "minimal relay, frontend's bytes"):
+            if floor not in added:
+                continue
             for name, xs in added.items():
-                if name == "minimal relay":
+                if name.startswith("minimal relay"):
                     continue
-                rs = [x / y for x, y in zip(xs, added["minimal relay"]) if y > 0]
+                rs = [x / y for x, y in zip(xs, added[floor]) if y > 0]
                 if rs:
-                    print(f"  {name} / minimal relay, per round: median {median(rs):.3f} (range {min(rs):.3f}-{max(rs):.3f}), "
+                    print(f"  {name} / {floor}, per round: median {median(rs):.3f} (range {min(rs):.3f}-{max(rs):.3f}), "
                           f"above 1.1 in {sum(r > 1.1 for r in rs)} of {len(rs)}")
     print(f"(TTFT: mean over {a.interleave} interleaved runs of each path. Per-token delay: arrival of each token chunk minus "
           "the arrival of the same engine step's token of a probe stream on the worker's request plane, over "
@@ -979,6 +1012,9 @@ def main():
     p.add_argument("--jetstream", action="store_true",
                    help="also measure a frontend whose stream journal is shared through NATS JetStream "
                         "(a nats-server -js started here)")
+    p.add_argument("--relay-frontend-bytes", action="store_true",
+                   help="latency: also measure the minimal relay writing the frontend's bytes per event (baton-relay "
+                        "--frontend-bytes: SSE id line, the chunk's id/object/created/model, usage null)")
     p.add_argument("--no-relay", dest="relay", action="store_false",
                    help="do not measure the minimal relay (bench/relay.c), the floor under the frontend")
     p = sub.add_parser("burst")

@@ -9,8 +9,14 @@
  * migration, no limits. The chunks carry the same text as the frontend's (what baton-sse-load
  * hashes), so its digest proves the relay streamed the same tokens.
  *
+ * With --frontend-bytes every token's event carries what the frontend's does beyond the text: an
+ * SSE id line (a 32-hex stream id and the position) and the OpenAI chunk's id, object, created and
+ * model fields, the role on the first event, and "usage":null when the client asked for usage: the
+ * same bytes per event (~300 against ~100), built from a per-request prefix as the frontend builds
+ * them. The floor then writes what the API obliges any frontend to write.
+ *
  * It is a measuring tool, not part of baton.
- *   baton-relay --listen PORT --worker HOST:PORT */
+ *   baton-relay --listen PORT --worker HOST:PORT [--frontend-bytes] */
 #include <errno.h>
 #include <http_parser.h>
 #include <inttypes.h>
@@ -19,6 +25,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <uv.h>
 
 #include "common/map.h"
@@ -34,7 +41,15 @@ typedef struct client {
     uint32_t stream; /* the request-plane stream of the request in flight, 0 = none */
     uint64_t seq;
     bool closing;
+    /* --frontend-bytes: the request's constant head of each event, its SSE stream id, the next
+     * position, whether the role went out and whether "usage":null ends each event */
+    bt_buf prefix;
+    char sid[33];
+    uint64_t pos;
+    bool role_sent, usage_null;
 } client;
+
+static bool frontend_bytes;
 
 typedef struct {
     uv_write_t req;
@@ -81,6 +96,7 @@ static void client_write(client *c, const char *p, size_t n) {
 static void on_client_closed(uv_handle_t *h) {
     client *c = h->data;
     bt_buf_free(&c->body);
+    bt_buf_free(&c->prefix);
     free(c);
 }
 
@@ -121,9 +137,23 @@ static void on_frame(void *ud, bt_rpc_conn *conn, const bt_frame *f) {
         size_t n, tl;
         const char *text;
         if (bt_frame_get_tokens(f, ids, BT_TOKENS_MAX, &n, &text, &tl) != BT_OK) return;
-        bt_buf_append_str(&b, "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"");
+        if (frontend_bytes) {
+            bt_buf_append_str(&b, "id: ");
+            bt_buf_append(&b, c->sid, 32);
+            bt_buf_append(&b, ":", 1);
+            bt_buf_append_i64(&b, (int64_t)c->pos);
+            bt_buf_append(&b, "\n", 1);
+            c->pos += n;
+            bt_buf_append(&b, c->prefix.data, c->prefix.len);
+            bt_buf_append_str(&b, c->role_sent ? "\"delta\":{\"content\":\""
+                                               : "\"delta\":{\"role\":\"assistant\",\"content\":\"");
+            c->role_sent = true;
+        } else {
+            bt_buf_append_str(&b, "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"");
+        }
         bt_buf_append_json_str(&b, text, tl);
-        bt_buf_append_str(&b, "\"},\"finish_reason\":null}]}\n\n");
+        bt_buf_append_str(&b, frontend_bytes && c->usage_null ? "\"},\"finish_reason\":null}],\"usage\":null}\n\n"
+                                                              : "\"},\"finish_reason\":null}]}\n\n");
         write_chunked(c, b.data, b.len, false);
     } else if (f->type == BT_FRAME_FINISH) {
         uint8_t reason;
@@ -176,6 +206,24 @@ static int hp_on_message_complete(http_parser *p) {
     json_t *mt = json_object_get(body, "max_tokens");
     char rid[32];
     snprintf(rid, sizeof rid, "relay-%" PRIu64, ++next_seq);
+    if (frontend_bytes && body) { /* the frontend's head of each event (src/frontend/request.c) */
+        char uuid[37];
+        bt_uuid4(uuid);
+        snprintf(c->sid, sizeof c->sid, "%016" PRIx64 "%016" PRIx64, bt_random64(), bt_random64());
+        c->pos = 0;
+        c->role_sent = false;
+        c->usage_null = json_is_true(json_object_get(json_object_get(body, "stream_options"), "include_usage"));
+        const char *model = json_string_value(json_object_get(body, "model"));
+        if (!c->prefix.cap) bt_buf_init(&c->prefix, 4096);
+        bt_buf_reset(&c->prefix);
+        bt_buf_append_str(&c->prefix, "data: {\"id\":\"chatcmpl-");
+        bt_buf_append_str(&c->prefix, uuid);
+        bt_buf_append_str(&c->prefix, "\",\"object\":\"chat.completion.chunk\",\"created\":");
+        bt_buf_append_i64(&c->prefix, (int64_t)time(NULL));
+        bt_buf_append_str(&c->prefix, ",\"model\":\"");
+        bt_buf_append_json_str(&c->prefix, model ? model : "", model ? strlen(model) : 0);
+        bt_buf_append_str(&c->prefix, "\",\"choices\":[{\"index\":0,");
+    }
     bt_request rq = {.request_id = rid,
                      .api = BT_API_CHAT,
                      .body = body,
@@ -247,13 +295,16 @@ static void on_signal(uv_signal_t *s, int sig) {
 int main(int argc, char **argv) {
     int64_t port = 0, wport = 0;
     const char *wk = NULL;
-    for (int i = 1; i + 1 < argc; i += 2) {
-        if (strcmp(argv[i], "--listen") == 0 && !bt_parse_i64(argv[i + 1], 1, 65535, &port)) port = 0;
-        else if (strcmp(argv[i], "--worker") == 0) wk = argv[i + 1];
+    bool bad = false;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--frontend-bytes") == 0) frontend_bytes = true;
+        else if (strcmp(argv[i], "--listen") == 0 && i + 1 < argc && bt_parse_i64(argv[i + 1], 1, 65535, &port)) i++;
+        else if (strcmp(argv[i], "--worker") == 0 && i + 1 < argc) wk = argv[++i];
+        else bad = true;
     }
     const char *colon = wk ? strrchr(wk, ':') : NULL;
-    if (port <= 0 || !colon || !bt_parse_i64(colon + 1, 1, 65535, &wport)) {
-        fprintf(stderr, "usage: baton-relay --listen PORT --worker HOST:PORT\n");
+    if (bad || port <= 0 || !colon || !bt_parse_i64(colon + 1, 1, 65535, &wport)) {
+        fprintf(stderr, "usage: baton-relay --listen PORT --worker HOST:PORT [--frontend-bytes]\n");
         return 2;
     }
     char host[256];
