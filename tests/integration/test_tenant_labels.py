@@ -10,7 +10,7 @@ could test guessed keys against offline.
      given the same file labels the keys identically (several frontends and restarts agree); the
      environment twin BATON_TENANT_LABEL_SECRET_FILE works the same. A frontend with --threads 2
      and the file labels a key the same on both loops (one series, the expected value) once each
-     loop has served it.
+     loop has served it, and labels 48 concurrent requests of 6 keys exactly.
   2. Without the file each frontend draws a random secret: two such frontends label the same key
      differently, with labels that are neither the FNV-1a nor the labels of the shared secret.
   3. A secret file that does not exist, or is empty (or holds only a newline), is a start-up error
@@ -136,7 +136,14 @@ with bl.Cluster() as c:
         n += 1
     text = scrape(fe)
     assert tenant_labels(text) == {want[KEYS[0]]}, f"--threads 2: labels {tenant_labels(text)}, want {want[KEYS[0]]}"
-    print(f"--threads 2: {n} requests over both loops, one label {want[KEYS[0]]}")
+    # both loops labelling at once: 48 concurrent requests of 6 keys
+    many = [f"concurrent-key-{j}" for j in range(6)]
+    bl.run_concurrently(lambda i: call(fe, many[i % 6], i), [(i,) for i in range(48)], max_workers=16)
+    got = tenant_labels(scrape(fe))
+    need = {want[KEYS[0]]} | {expected(SECRET, k) for k in many}
+    assert got == need, f"--threads 2, concurrent: labels {sorted(got)}, expected {sorted(need)}"
+    print(f"--threads 2: {n} requests over both loops, one label {want[KEYS[0]]}; 48 concurrent requests of "
+          f"6 keys labelled exactly")
 
 # 3. bad secret files are usage errors
 empty = os.path.join(work, "empty")
