@@ -234,7 +234,8 @@ bool fe_admit_policy_label_key(fe_admit_policy *p, const char *secret, char *err
         klen = sizeof rnd;
     }
     char digest[] = "SHA256";
-    OSSL_PARAM params[] = {OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, digest, 0), OSSL_PARAM_construct_end()};
+    OSSL_PARAM params[] = {OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, digest, 0),
+                           OSSL_PARAM_construct_end()};
     mac = EVP_MAC_fetch(NULL, "HMAC", NULL);
     ctx = mac ? EVP_MAC_CTX_new(mac) : NULL;
     if (!ctx || EVP_MAC_init(ctx, key, klen, params) != 1) {
@@ -323,8 +324,8 @@ static bool tenant_name(const fe_admit_policy *pol, const bt_http_req *http, cha
     unsigned char mac[EVP_MAX_MD_SIZE];
     size_t ml = 0;
     EVP_MAC_CTX *c = pol->label_mac ? EVP_MAC_CTX_dup(pol->label_mac) : NULL;
-    bool ok = c && EVP_MAC_update(c, (const unsigned char *)k, kl) == 1 && EVP_MAC_final(c, mac, &ml, sizeof mac) == 1 &&
-              ml >= 8;
+    bool ok = c && EVP_MAC_update(c, (const unsigned char *)k, kl) == 1 &&
+              EVP_MAC_final(c, mac, &ml, sizeof mac) == 1 && ml >= 8;
     EVP_MAC_CTX_free(c);
     if (!ok) return false; /* out of memory: counted with the tenants past TENANTS_MAX ("other") */
     snprintf(out, cap, "key-%02x%02x%02x%02x%02x%02x%02x%02x", mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], mac[6],
