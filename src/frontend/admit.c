@@ -300,7 +300,7 @@ static const char *bearer(const bt_http_req *http, size_t *len) {
 /* The tenant's name as metrics and logs show it: a trusted header's value (only [A-Za-z0-9._-],
  * others become '_'), or "key-" and the first 16 hex digits of HMAC-SHA256(secret, key), or
  * "anonymous". /metrics is open by default: an unkeyed hash there (as FNV-1a was) would let
- * whoever scrapes it test guessed keys offline at billions per second; without the secret the
+ * whoever scrapes it test guessed keys offline, one cheap hash per guess; without the secret the
  * label says nothing of the key. The secret's context is duplicated per label, never changed, so
  * every shard's loop may use it at once. */
 static bool tenant_name(const fe_admit_policy *pol, const bt_http_req *http, char *out, size_t cap) {
