@@ -609,7 +609,7 @@ static void others_done_tick(uv_timer_t *t) {
     OPT("--active-prefill-tokens-threshold", "DYN_ACTIVE_PREFILL_TOKENS_THRESHOLD", DOUBLE, prefill_threshold, NAN, 0, FE_PREFILL_THRESHOLD_MAX, "busy above this many prefill tokens") \
     OPT("--stream-stall-timeout", "DYN_STREAM_STALL_TIMEOUT", DOUBLE, stall_timeout, 2.0, 0.1, 3600, "seconds of silence before a worker is declared dead") \
     OPT("--api-key", "DYN_API_KEY", STR, api_key, NULL, 0, 0, "require Authorization: Bearer KEY") \
-    OPT("--metrics-api-key-required", "BATON_METRICS_API_KEY_REQUIRED", BOOL, metrics_api_key_required, false, 0, 0, "GET /metrics needs the --api-key too (Authorization: Bearer KEY); without it /metrics is open, as /live and /health are") \
+    OPT("--metrics-api-key-required", "BATON_METRICS_API_KEY_REQUIRED", BOOL, metrics_api_key_required, false, 0, 0, "GET /metrics needs the --api-key as the API does (Authorization: Bearer KEY); off, /metrics is open like /live and /health") \
     OPT("--max-body-bytes", "DYN_HTTP_MAX_BODY_BYTES", INT, max_body, 4 << 20, 1024, 1 << 30, "request body cap") \
     OPT("--shutdown-drain-timeout", "DYN_HTTP_DRAIN_TIMEOUT", INT, drain_timeout, 30, 0, 86400, "seconds running streams get after SIGTERM") \
     OPT("--http-header-timeout-ms", "DYN_HTTP_HEADER_TIMEOUT_MS", INT, header_timeout_ms, 30000, 10, 3600000, "a request must arrive whole within this (slowloris guard)") \
