@@ -6,15 +6,15 @@
  * through json_loadb and fe_validate_body as the frontend does; the answer must be the same with a
  * tiny error buffer, a rejection must come with a NUL-terminated reason, and an accepted body must
  * satisfy the documented contract (a string model, non-empty messages of objects with a string
- * role, or a prompt of a string / one string / token ids, max_tokens in range, and so on). An
- * accepted body is then submitted to a mocker engine as a worker would (max_tokens capped at 16,
- * stop strings, carried_token_ids) and generated to the end: the engine must accept it unless the
- * prompt holds ids outside its vocabulary or it does not fit, finish exactly once, deliver text
- * that matches its token ids and contains no stop string, stay within max_tokens, and be idle with
- * every KV block free afterwards. The raw bytes also go through the mocker tokenizer, whose output
- * must re-tokenize to itself once turned back into text. A violated invariant aborts, so libFuzzer
- * reports it like a crash. Seeds are in fuzz/corpus/request_body/; build and run with
- * fuzz/build.sh. */
+ * role, or a prompt of a string / one string / token ids, max_tokens in range, stream_options only
+ * with stream true, and so on). An accepted body is then submitted to a mocker engine as a worker
+ * would (max_tokens capped at 16, stop strings, carried_token_ids) and generated to the end: the
+ * engine must accept it unless the prompt holds ids outside its vocabulary or it does not fit,
+ * finish exactly once, deliver text that matches its token ids and contains no stop string, stay
+ * within max_tokens, and be idle with every KV block free afterwards. The raw bytes also go through
+ * the mocker tokenizer, whose output must re-tokenize to itself once turned back into text. A
+ * violated invariant aborts, so libFuzzer reports it like a crash. Seeds are in
+ * fuzz/corpus/request_body/; build and run with fuzz/build.sh. */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE 1 /* memmem */
 #endif
@@ -107,6 +107,8 @@ static void check_accepted(const json_t *b, bt_api api) {
     if (t && !json_is_null(t)) CHECK(json_is_number(t) && json_number_value(t) >= 0 && json_number_value(t) <= 2);
     const json_t *st = json_object_get(b, "stream");
     if (st) CHECK(json_is_boolean(st) || json_is_null(st));
+    const json_t *so = json_object_get(b, "stream_options"); /* only on a stream, as OpenAI's */
+    if (so && !json_is_null(so)) CHECK(json_is_object(so) && json_is_true(st));
     const json_t *n = json_object_get(b, "n");
     if (n && !json_is_null(n)) CHECK(json_is_integer(n) && json_integer_value(n) == 1);
     const json_t *stop = json_object_get(b, "stop");

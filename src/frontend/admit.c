@@ -14,6 +14,10 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <math.h>
+#include <openssl/core_names.h>
+#include <openssl/evp.h>
+#include <openssl/params.h>
+#include <openssl/rand.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,6 +34,7 @@
 #define PUMP_MAX_PER_TICK 256   /* dispatches per pump run: bounded work per loop iteration */
 #define TENANTS_MAX 256         /* tenants with their own counters; more share "other" */
 #define TENANT_NAME_MAX 40
+#define LABEL_RANDOM_BYTES 32   /* the per-process label secret without --tenant-label-secret-file */
 #define MAX_TOKENS_GUESS 256u   /* a request with no max_tokens (as migrate.c assumes) */
 #define DRAIN_BUCKETS 10        /* seconds of drain history for Retry-After */
 #define RETRY_MIN_S 1
@@ -58,6 +63,9 @@ struct fe_admit_policy {
     bool has_default;
     int32_t default_ceiling;
     bool trust_tenant_header;
+    /* HMAC-SHA256 keyed with the tenant-label secret, set once before any shard starts and then
+     * only read: each label is computed on a duplicate (fe_admit_policy_label_key) */
+    EVP_MAC_CTX *label_mac;
     atomic_int_least64_t max_requests; /* 0 = the queue is off */
     atomic_int_least64_t max_tokens;   /* 0 = no bound on tokens */
     atomic_int_least64_t timeout_ms;
@@ -132,6 +140,7 @@ struct fe_admit {
 void fe_admit_policy_free(fe_admit_policy *p) {
     if (!p) return;
     if (p->tmu_ok) uv_mutex_destroy(&p->tmu);
+    EVP_MAC_CTX_free(p->label_mac);
     for (size_t i = 0; i < p->nceil; i++) free(p->ceil[i].key);
     free(p->ceil);
     free(p);
@@ -209,6 +218,41 @@ nomem:
     return NULL;
 }
 
+bool fe_admit_policy_label_key(fe_admit_policy *p, const char *secret, char *err, size_t errlen) {
+    unsigned char rnd[LABEL_RANDOM_BYTES];
+    const unsigned char *key = (const unsigned char *)secret;
+    size_t klen = secret ? strlen(secret) : 0;
+    bool ok = false;
+    EVP_MAC *mac = NULL;
+    EVP_MAC_CTX *ctx = NULL;
+    if (!secret) {
+        if (RAND_bytes(rnd, sizeof rnd) != 1) {
+            snprintf(err, errlen, "cannot draw a random tenant-label secret");
+            goto cleanup;
+        }
+        key = rnd;
+        klen = sizeof rnd;
+    }
+    char digest[] = "SHA256";
+    OSSL_PARAM params[] = {OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, digest, 0),
+                           OSSL_PARAM_construct_end()};
+    mac = EVP_MAC_fetch(NULL, "HMAC", NULL);
+    ctx = mac ? EVP_MAC_CTX_new(mac) : NULL;
+    if (!ctx || EVP_MAC_init(ctx, key, klen, params) != 1) {
+        snprintf(err, errlen, "cannot key HMAC-SHA256 for the tenant labels");
+        goto cleanup;
+    }
+    EVP_MAC_CTX_free(p->label_mac);
+    p->label_mac = ctx;
+    ctx = NULL;
+    ok = true;
+cleanup:
+    OPENSSL_cleanse(rnd, sizeof rnd);
+    EVP_MAC_CTX_free(ctx);
+    EVP_MAC_free(mac);
+    return ok;
+}
+
 /* ---- per shard ---- */
 
 static void timer_closed(uv_handle_t *h) {
@@ -254,9 +298,12 @@ static const char *bearer(const bt_http_req *http, size_t *len) {
 }
 
 /* The tenant's name as metrics and logs show it: a trusted header's value (only [A-Za-z0-9._-],
- * others become '_'), or "key-" and a 64-bit FNV-1a hash of the key (a key is never shown), or
- * "anonymous". */
-static void tenant_name(const fe_admit_policy *pol, const bt_http_req *http, char *out, size_t cap) {
+ * others become '_'), or "key-" and the first 16 hex digits of HMAC-SHA256(secret, key), or
+ * "anonymous". /metrics is open by default: an unkeyed hash there (as FNV-1a was) would let
+ * whoever scrapes it test guessed keys offline, one cheap hash per guess; without the secret the
+ * label says nothing of the key. The secret's context is duplicated per label, never changed, so
+ * every shard's loop may use it at once. */
+static bool tenant_name(const fe_admit_policy *pol, const bt_http_req *http, char *out, size_t cap) {
     if (pol->trust_tenant_header && http->tenant && *http->tenant) {
         size_t i = 0;
         for (const char *s = http->tenant; *s && i + 1 < cap; s++, i++) {
@@ -266,17 +313,24 @@ static void tenant_name(const fe_admit_policy *pol, const bt_http_req *http, cha
             out[i] = ok ? c : '_';
         }
         out[i] = '\0';
-        return;
+        return true;
     }
     size_t kl;
     const char *k = bearer(http, &kl);
     if (!k) {
         snprintf(out, cap, "anonymous");
-        return;
+        return true;
     }
-    uint64_t h = 1469598103934665603ull;
-    for (size_t i = 0; i < kl; i++) h = (h ^ (uint8_t)k[i]) * 1099511628211ull;
-    snprintf(out, cap, "key-%016" PRIx64, h);
+    unsigned char mac[EVP_MAX_MD_SIZE];
+    size_t ml = 0;
+    EVP_MAC_CTX *c = pol->label_mac ? EVP_MAC_CTX_dup(pol->label_mac) : NULL;
+    bool ok = c && EVP_MAC_update(c, (const unsigned char *)k, kl) == 1 &&
+              EVP_MAC_final(c, mac, &ml, sizeof mac) == 1 && ml >= 8;
+    EVP_MAC_CTX_free(c);
+    if (!ok) return false; /* out of memory: counted with the tenants past TENANTS_MAX ("other") */
+    snprintf(out, cap, "key-%02x%02x%02x%02x%02x%02x%02x%02x", mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], mac[6],
+             mac[7]);
+    return true;
 }
 
 /* The slot of `name` in the shared table, added if new (0, "other", when full). Only when a thread
@@ -348,8 +402,7 @@ fe_ticket *fe_admit_ticket(fe *f, const bt_http_req *http, const json_t *body, c
     }
     t->priority = prio;
     char name[TENANT_NAME_MAX];
-    tenant_name(pol, http, name, sizeof name);
-    t->tenant = a ? tenant_index(a, name) : 0;
+    t->tenant = a && tenant_name(pol, http, name, sizeof name) ? tenant_index(a, name) : 0;
     const json_t *mt = json_object_get(body, "max_completion_tokens");
     if (!json_is_integer(mt)) mt = json_object_get(body, "max_tokens");
     t->cost = http->body_len / 4 + (json_is_integer(mt) ? (uint64_t)json_integer_value(mt) : MAX_TOKENS_GUESS);

@@ -6,7 +6,7 @@
  * (--priority-ceiling): a key whose ceiling is 5 asking for 0 gets 5. It travels to the worker in
  * the REQUEST payload, where the engine admits its waiting sequences by (priority, arrival).
  *
- * Tenant: the API key (the Bearer token, kept only as a hash), or with --trust-tenant-header the
+ * Tenant: the API key (the Bearer token, shown only as a keyed hash), or with --trust-tenant-header the
  * X-Tenant header (a header can be spoofed: trust it only behind a gateway that sets it).
  *
  * The queue (off unless --queue-max-requests > 0): a first attempt that finds every worker of its
@@ -52,6 +52,11 @@ fe_admit_policy *fe_admit_policy_new(const char *spec, int64_t max_requests, int
                                      int64_t migration_concurrency, bool trust_tenant_header, char *err,
                                      size_t errlen);
 void fe_admit_policy_free(fe_admit_policy *p);
+/* Keys the tenant labels of API keys ("key-" + 16 hex digits of HMAC-SHA256(secret, key)) with
+ * secret, the content of --tenant-label-secret-file, or, when NULL, with 32 random bytes drawn
+ * here: then a key's label holds for this process's life only. Called once, before any shard
+ * starts (the shards only read it). False with a reason in err if OpenSSL fails. */
+bool fe_admit_policy_label_key(fe_admit_policy *p, const char *secret, char *err, size_t errlen);
 
 /* Per shard: created with the shard's loop, stopped (its timer closed, the memory freed by the
  * close callback) when the shard's HTTP server has closed. */

@@ -261,6 +261,7 @@ typedef struct {
     double prefill_threshold;
     double stall_timeout;
     const char *api_key;
+    bool metrics_api_key_required; /* /metrics needs the API key too (frontend.c: routes) */
     int64_t max_body;
     int64_t drain_timeout;
     int64_t accept_window_ms;
@@ -274,6 +275,7 @@ typedef struct {
     int64_t stream_retention_bytes; /* cap on the whole journal */
     const char *priority_ceiling;   /* --priority-ceiling KEY=N,...,*=N (admit.h) */
     bool trust_tenant_header;
+    const char *tenant_label_secret_file; /* keys the API keys' tenant labels (admit.h); NULL: random */
     int64_t queue_max_requests, queue_max_tokens;
     double queue_timeout;
     double outlier_factor, outlier_window, outlier_backoff, outlier_max_ejected; /* outlier.h */

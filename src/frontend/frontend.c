@@ -254,8 +254,16 @@ static void route_health(void *ud, bt_http_req *http, const char *tail) {
     handle_health(ud, http);
 }
 
+static void unauthorized(bt_http_req *http) {
+    fe_json_error_ex(http, NULL, 401, "invalid_api_key", NULL, "WWW-Authenticate: Bearer realm=\"baton\"\r\n",
+                     "missing or invalid API key");
+}
+
+/* Open unless --metrics-api-key-required: the label values say which tenants call and how much. */
 static void route_metrics(void *ud, bt_http_req *http, const char *tail) {
     (void)tail;
+    fe *f = ud;
+    if (f->o.metrics_api_key_required && !authorized(f, http)) return unauthorized(http);
     fe_shards_metrics(ud, http); /* every shard's */
 }
 
@@ -308,7 +316,8 @@ static void route_resume_completion(void *ud, bt_http_req *http, const char *tai
 }
 
 /* The frontend's routes, in order of precedence. Probes and metrics are open (a load balancer's
- * probe or Prometheus carries no API key); everything else needs the key when one is set. */
+ * probe or Prometheus carries no API key; /metrics checks it itself under
+ * --metrics-api-key-required); everything else needs the key when one is set. */
 static const bt_http_route routes[] = {
     {"/live", BT_ROUTE_GET, BT_ROUTE_OPEN, route_live},
     {"/health", BT_ROUTE_GET, BT_ROUTE_OPEN, route_health},
@@ -332,11 +341,7 @@ static void on_http_request(void *ud, bt_http_req *http) {
                                              &tail);
     if (res == BT_ROUTE_FOUND && (r->flags & BT_ROUTE_OPEN)) return r->handler(f, http, tail);
     /* past the open routes, nothing is said without the key, not even whether a path exists */
-    if (!authorized(f, http)) {
-        fe_json_error_ex(http, NULL, 401, "invalid_api_key", NULL, "WWW-Authenticate: Bearer realm=\"baton\"\r\n",
-                         "missing or invalid API key");
-        return;
-    }
+    if (!authorized(f, http)) return unauthorized(http);
     if (res == BT_ROUTE_FOUND) return r->handler(f, http, tail);
     if (res == BT_ROUTE_BAD_METHOD) {
         /* a 405 names what the path takes (RFC 9110 15.5.6: MUST) */
@@ -604,6 +609,7 @@ static void others_done_tick(uv_timer_t *t) {
     OPT("--active-prefill-tokens-threshold", "DYN_ACTIVE_PREFILL_TOKENS_THRESHOLD", DOUBLE, prefill_threshold, NAN, 0, FE_PREFILL_THRESHOLD_MAX, "busy above this many prefill tokens") \
     OPT("--stream-stall-timeout", "DYN_STREAM_STALL_TIMEOUT", DOUBLE, stall_timeout, 2.0, 0.1, 3600, "seconds of silence before a worker is declared dead") \
     OPT("--api-key", "DYN_API_KEY", STR, api_key, NULL, 0, 0, "require Authorization: Bearer KEY") \
+    OPT("--metrics-api-key-required", "BATON_METRICS_API_KEY_REQUIRED", BOOL, metrics_api_key_required, false, 0, 0, "GET /metrics needs the --api-key as the API does (Authorization: Bearer KEY); off, /metrics is open like /live and /health") \
     OPT("--max-body-bytes", "DYN_HTTP_MAX_BODY_BYTES", INT, max_body, 4 << 20, 1024, 1 << 30, "request body cap") \
     OPT("--shutdown-drain-timeout", "DYN_HTTP_DRAIN_TIMEOUT", INT, drain_timeout, 30, 0, 86400, "seconds running streams get after SIGTERM") \
     OPT("--http-header-timeout-ms", "DYN_HTTP_HEADER_TIMEOUT_MS", INT, header_timeout_ms, 30000, 10, 3600000, "a request must arrive whole within this (slowloris guard)") \
@@ -623,6 +629,7 @@ static void others_done_tick(uv_timer_t *t) {
     OPT("--stream-retention-bytes", "DYN_STREAM_RETENTION_BYTES", INT, stream_retention_bytes, (int64_t)256 << 20, 4096, (double)((int64_t)1 << 40), "memory cap of the stream journal (resumable streams)") \
     OPT("--priority-ceiling", "BATON_PRIORITY_CEILING", STR, priority_ceiling, NULL, 0, 0, "KEY=N,...,*=N: the most urgent priority each API key (* = any other caller) may ask for") \
     OPT("--trust-tenant-header", "BATON_TRUST_TENANT_HEADER", BOOL, trust_tenant_header, false, 0, 0, "the tenant is the X-Tenant header, not the API key (only behind a gateway that sets it)") \
+    OPT("--tenant-label-secret-file", "BATON_TENANT_LABEL_SECRET_FILE", STR, tenant_label_secret_file, NULL, 0, 0, "file whose content keys the API keys' tenant labels in metrics and logs (key- + HMAC-SHA256); give every frontend the same file for the same labels; unset, a random secret: labels hold for this process's life only") \
     OPT("--queue-max-requests", "BATON_QUEUE_MAX_REQUESTS", INT, queue_max_requests, 0, 0, 1e7, "requests that may wait for a worker that is not busy (0 = no queue: refuse at once)") \
     OPT("--queue-max-tokens", "BATON_QUEUE_MAX_TOKENS", INT, queue_max_tokens, 0, 0, 1e12, "estimated tokens that may wait in the queue (0 = no bound)") \
     OPT("--queue-timeout", "BATON_QUEUE_TIMEOUT", DOUBLE, queue_timeout, 30, 0, 3600, "seconds a request may wait in the queue before a 503 (0 = no limit)") \
@@ -676,14 +683,29 @@ int bt_frontend_main(int argc, char **argv) {
     if (!bt_proc_check_planes("frontend", &o->p, opts, nopts, argc, argv) ||
         !bt_proc_check_host("frontend", opts, nopts, argc, argv, "--http-host", o->http_host))
         goto bad_usage;
+    if (o->metrics_api_key_required && (!o->api_key || !*o->api_key)) {
+        bt_proc_error("frontend", "--metrics-api-key-required (BATON_METRICS_API_KEY_REQUIRED) needs --api-key "
+                                  "(DYN_API_KEY): the key /metrics would require");
+        goto bad_usage;
+    }
     if (bt_proc_load_secret(&o->p, &f->rpc_secret, err, sizeof err) != BT_OK) {
         bt_proc_error("frontend", "%s", err);
+        goto bad_usage;
+    }
+    /* the tenant-label secret, read as the request-plane one is; only the policy keeps it */
+    char *label_secret = NULL;
+    if (bt_load_secret(o->tenant_label_secret_file, NULL, &label_secret, err, sizeof err) != BT_OK) {
+        bt_proc_error("frontend", "--tenant-label-secret-file (BATON_TENANT_LABEL_SECRET_FILE): %s", err);
+        free(f->rpc_secret);
         goto bad_usage;
     }
     f->admit_policy = fe_admit_policy_new(o->priority_ceiling, o->queue_max_requests, o->queue_max_tokens,
                                           o->queue_timeout, o->migration_concurrency, o->trust_tenant_header, err,
                                           sizeof err);
-    if (!f->admit_policy) {
+    bool labels_keyed = f->admit_policy && fe_admit_policy_label_key(f->admit_policy, label_secret, err, sizeof err);
+    if (label_secret) OPENSSL_cleanse(label_secret, strlen(label_secret));
+    free(label_secret);
+    if (!labels_keyed) {
         bt_proc_error("frontend", "%s", err);
         free(f->rpc_secret);
         goto bad_usage;

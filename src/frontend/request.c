@@ -870,6 +870,11 @@ bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const cha
     json_t *iu = json_object_get(so, "include_usage");
     if (iu && !json_is_null(iu) && !json_is_boolean(iu)) /* "yes" or 1 would otherwise read as false */
         REJECT("stream_options.include_usage", "invalid_type", "'stream_options.include_usage' must be a boolean");
+    /* as OpenAI and vLLM: options of a stream on a request that does not stream are a mistake the
+     * client should hear of (include_usage would otherwise be dropped in silence); null is absent,
+     * as for every optional field here */
+    if (so && !json_is_null(so) && !json_is_true(st))
+        REJECT("stream_options", "invalid_value", "'stream_options' is only allowed when 'stream' is true");
     /* features baton does not have */
     json_t *n = json_object_get(body, "n");
     if (n && !json_is_null(n) && !(json_is_integer(n) && json_integer_value(n) == 1))

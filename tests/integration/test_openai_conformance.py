@@ -8,7 +8,9 @@ the error table, docs/engines.md the context length):
     HTTP layer (400/413/431), from a worker (400), for a full frontend (503) and as the SSE event
     that ends a stream that failed mid-way;
   * a stream with stream_options.include_usage has "usage": null in every chunk before the usage
-    chunk (as OpenAI's), and no "usage" key in any chunk without it;
+    chunk (as OpenAI's), and no "usage" key in any chunk without it; stream_options on a request
+    whose "stream" is not true is a 400 with param "stream_options" (as OpenAI's and vLLM's), and
+    "stream_options": null is absent;
   * parameters: only those that ask for a missing feature are refused (logprobs true, n > 1, tools,
     echo); their neutral values pass; U+0000 inside content reaches the engine whole;
   * prompt + max_tokens beyond the worker's --context-length is a 400 context_length_exceeded,
@@ -136,6 +138,21 @@ with bl.Cluster() as c:
                            ("/v1/completions", bl.completion_body(max_tokens=2, stream=True))):
             st, _, b = bl.post_json(u + path, dict(body, stream_options={"include_usage": bad}))
             error_of(st, b, 400, "invalid_type", "stream_options.include_usage", f"{path} include_usage {bad!r}")
+    # stream_options only with "stream": true (OpenAI and vLLM: 400, param "stream_options"); false,
+    # absent and null are not true; "stream_options": null is absent and passes, as every null here
+    for path, body in (("/v1/chat/completions", bl.chat_body(max_tokens=2)),
+                       ("/v1/completions", bl.completion_body(max_tokens=2))):
+        for stream in (False, None, "absent"):
+            b = dict(body) if stream == "absent" else dict(body, stream=stream)
+            for so in ({"include_usage": True}, {"include_usage": False}, {}):
+                st, _, r = bl.post_json(u + path, dict(b, stream_options=so))
+                err = error_of(st, r, 400, "invalid_value", "stream_options", f"{path} stream {stream} options {so}")
+                assert "'stream' is true" in err["message"], err
+            st, _, r = bl.post_json(u + path, dict(b, stream_options=None))
+            assert st == 200 and r["object"] in ("chat.completion", "text_completion"), (path, stream, st, r)
+        st, hdrs, data = bl.request("POST", u + path, dict(body, stream=True, stream_options={"include_usage": True}))
+        assert st == 200 and hdrs.get("content-type", "").startswith("text/event-stream"), (path, st, data[:200])
+        assert b'"usage":{' in data and data.rstrip().endswith(b"data: [DONE]"), (path, data[-300:])
     for ok in (True, False, None):  # a boolean (or null: not given) streams, with usage only for true
         s = bl.stream_chat(u, bl.chat_body(max_tokens=2, stream=True, stream_options={"include_usage": ok}))
         assert s.status == 200 and s.done, (ok, s.status, s.raw[:300])

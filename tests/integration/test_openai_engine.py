@@ -72,6 +72,8 @@ def outcome(fe_url, api, body, stream, **kw):
         return {"ok": s.ok, "text": s.text, "token_ids": s.token_ids, "finish_reason": s.finish_reason,
                 "usage": s.usage, "raw": s.summary(), "stream": s}
     path = "/v1/chat/completions" if api == "chat" else "/v1/completions"
+    # a whole answer has its usage anyway; stream_options are for streams only (400 otherwise)
+    body = {k: v for k, v in body.items() if k != "stream_options"}
     st, _, j = bl.post_json(fe_url + path, body, timeout=kw.get("timeout", 60))
     if st != 200 or not isinstance(j, dict):
         return {"ok": False, "raw": f"HTTP {st}: {j!r}"}
