@@ -36,6 +36,13 @@
      (exit 1) naming the flag that chooses another; a listen address this machine does not have
      names the host flag instead. A NATS TLS file that cannot be read is named
      with its flag and the reason (exit 2).
+  7. A worker with its status server off (DYN_SYSTEM_PORT -1) starts whatever DYN_SYSTEM_HOST says;
+     a canary payload that is given is checked with health checks off (exit 2 when malformed).
+  8. A FIFO (no writer: opening it would wait for ever), a device or a directory given where a file
+     is expected (--nats-tls-ca/-cert/-key, NATS_AUTH_CREDENTIALS_FILE, --rpc-secret-file,
+     --health-check-payload @file, --model, --etcd-ca) is refused at once, naming the setting, the
+     path and what it is; a regular secret file is still read.
+  9. `baton run` says what is wrong with DYN_LOG and DYN_LOGGING_JSONL once, not once per child.
 Each command must exit within 10 s and leave nothing listening."""
 
 import os
@@ -518,7 +525,23 @@ for args, env, code, want in [
         raise AssertionError(f"{args} {env}: still running after 10 s (blocked on the FIFO?)")
     assert rc == code and want in out, (args, env, rc, out)
     assert "serving model" not in out and not listening(fe_port), (args, out)
-print("cli: a FIFO, a device or a directory given as a file is refused at once, naming the flag and the path")
+# a regular secret file is still read, its trailing newline removed: the worker requires the
+# secret (a frontend without it is refused), and a frontend that proves it routes there
+secret_file = os.path.join(base, "rpc-secret")
+with open(secret_file, "w") as f:
+    f.write("shared-1\n")
+with bl.Cluster() as c:
+    c.start_worker(speedup_ratio=1000, rpc_secret_file=secret_file)
+    good = c.start_frontend(env={"DYN_RPC_SECRET": "shared-1"})
+    none = c.start_frontend()
+    c.wait_workers(good, 1)
+    st, _, body = bl.post_json(good.url + "/v1/chat/completions", bl.chat_body(max_tokens=3))
+    assert st == 200, (st, body)
+    none.proc.wait_log(r"requires a shared secret", timeout=10)
+    st, _, body = bl.get_json(none.url + "/health")
+    assert body["instances"] == [], body
+print("cli: a FIFO, a device or a directory given as a file is refused at once, naming the flag and the path; "
+      "a regular secret file is read")
 
 # --- 9. `baton run` says what is wrong with DYN_LOG and DYN_LOGGING_JSONL once, not once per process
 # Its frontend and workers inherit the environment; each used to repeat the launcher's warning.
