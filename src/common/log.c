@@ -40,8 +40,7 @@ void bt_log_init(const char *component) {
     g_jsonl = j && (strcmp(j, "1") == 0 || strcasecmp(j, "true") == 0);
     /* like DYN_LOG: a value that is neither on nor off (yes, json) is said, not ignored */
     static bool told_jsonl;
-    if (j && *j && !g_jsonl && strcmp(j, "0") != 0 && strcasecmp(j, "false") != 0 && !told_jsonl &&
-        !g_env_told) {
+    if (j && *j && !g_jsonl && strcmp(j, "0") != 0 && strcasecmp(j, "false") != 0 && !told_jsonl && !g_env_told) {
         told_jsonl = true;
         fprintf(stderr, "baton %s: DYN_LOGGING_JSONL='%.64s' is neither 1/true nor 0/false; logging plain text\n",
                 component ? component : "", j);

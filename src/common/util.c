@@ -389,8 +389,11 @@ bool bt_parse_double(const char *s, double min, double max, double *out) {
 
 /* The kind of a file that is not a regular one, for bt_open_regular's reason */
 static const char *file_kind(mode_t m) {
-    return S_ISFIFO(m) ? "a FIFO" : S_ISCHR(m) ? "a character device" : S_ISBLK(m) ? "a block device"
-         : S_ISSOCK(m) ? "a socket" : "not a file";
+    return S_ISFIFO(m)   ? "a FIFO"
+           : S_ISCHR(m)  ? "a character device"
+           : S_ISBLK(m)  ? "a block device"
+           : S_ISSOCK(m) ? "a socket"
+                         : "not a file";
 }
 
 int bt_open_regular(const char *path, char *why, size_t whylen) {
