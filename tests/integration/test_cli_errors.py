@@ -455,7 +455,8 @@ print("cli: an unreadable NATS TLS file is named with its flag and the reason")
 good_payload = os.path.join(base, "payload.json")
 with open(good_payload, "w") as f:
     f.write('{"prompt": "ping"}\n')
-for args, env in [(["--system-port", "-1", "--health-check-payload", "@" + good_payload], {"DYN_SYSTEM_HOST": "localhost"}),
+for args, env in [(["--system-port", "-1", "--health-check-payload", "@" + good_payload],
+                   {"DYN_SYSTEM_HOST": "localhost"}),
                   (["--system-port=-1", "--system-host", "not-an-address"], {})]:
     w = bl.Proc([BIN, "worker", "--discovery-dir", bl.tmpdir("cli-sys-off")] + args, env=dict(env, DYN_LOG="info"),
                 name="worker-status-off")
@@ -557,7 +558,8 @@ with bl.Cluster() as c:
     assert fe.proc.wait(30) == 0, fe.proc.log_tail()
     log = fe.proc.log_text()
     assert len(re.findall(r"run\[\d+\]: started worker", log)) == 2, log
-    for want in ("DYN_LOGGING_JSONL='yes' is neither 1/true nor 0/false", "DYN_LOG='verbose,baton=debug' names no level"):
+    for want in ("DYN_LOGGING_JSONL='yes' is neither 1/true nor 0/false",
+                 "DYN_LOG='verbose,baton=debug' names no level"):
         assert log.count(want) == 1, f"{want!r} said {log.count(want)} times:\n{log}"
         assert f"baton run: {want}" in log, log
 print("cli: baton run says what is wrong with DYN_LOG and DYN_LOGGING_JSONL once")
