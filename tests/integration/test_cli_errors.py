@@ -277,14 +277,21 @@ print("cli: baton help prints the usage, baton help CMD the command's --help; ba
 # `baton chaos list | head -1`: a reader that stops early ends a listing quietly, with exit 0 (it
 # got what it wanted), and no Python traceback; likewise the C commands' --help and --version.
 # The pipe's read end is closed before the command writes anything, so every write fails (EPIPE).
-for args in (["chaos", "list"], ["chaos", "validate"], ["chaos", "--help"], ["chaos", "list", "--help"],
-             ["--help"], ["help"], ["frontend", "--help"], ["worker", "--help"], ["run", "--help"], ["--version"]):
+# Python's stdout is buffered, or not with PYTHONUNBUFFERED (then argparse's --help meets the
+# error itself): both ways.
+for args, unbuffered in [(a, u) for a in (["chaos", "list"], ["chaos", "validate"], ["chaos", "--help"],
+                                          ["chaos", "list", "--help"]) for u in (False, True)] + \
+        [(a, False) for a in (["--help"], ["help"], ["frontend", "--help"], ["worker", "--help"], ["run", "--help"],
+                              ["--version"])]:
+    env = {k: v for k, v in CLEAN_ENV.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
     rfd, wfd = os.pipe()
     os.close(rfd)
-    p = subprocess.run([BIN] + args, stdout=wfd, stderr=subprocess.PIPE, text=True, env=CLEAN_ENV,
+    p = subprocess.run([BIN] + args, stdout=wfd, stderr=subprocess.PIPE, text=True, env=env,
                        stdin=subprocess.DEVNULL, timeout=30)
     os.close(wfd)
-    assert p.returncode == 0 and p.stderr == "", (args, p.returncode, p.stderr)
+    assert p.returncode == 0 and p.stderr == "", (args, unbuffered, p.returncode, p.stderr)
 # an output that cannot be written for another reason (a full device) is an error, not a success
 for args in (["--help"], ["frontend", "--help"], ["--version"]):
     with open("/dev/full", "w") as full:

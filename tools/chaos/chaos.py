@@ -176,7 +176,12 @@ def _stdout_gone():
 
 if __name__ == "__main__":
     try:
-        rc = main()
+        try:
+            rc = main()
+        except SystemExit as e:
+            # argparse's --help (0) and usage errors (2): its output may still sit in stdout's
+            # buffer, flushed below where a reader that went away is handled, not at exit
+            rc = e.code
         sys.stdout.flush()
     except BrokenPipeError:
         if not _stdout_gone():
