@@ -1,6 +1,7 @@
 /* main.c — the `baton` binary: dispatches to a subcommand. */
 #include <errno.h>
 #include <limits.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,6 +11,7 @@
 #include <unistd.h>
 
 #include "cli/run.h"
+#include "common/log.h"
 #include "common/paths.h"
 #include "common/proc.h"
 #include "frontend/frontend.h"
@@ -70,7 +72,28 @@ static int chaos_main(int argc, char **argv) {
     return 127;
 }
 
-int main(int argc, char **argv) {
+/* What a command printed on stdout reached it, or the exit status says it did not: an output that
+ * could not be written (a full disk: `baton frontend --help > /dev/full`) is an error (exit 1 if
+ * the command had succeeded), but a reader that went away (`baton --help | head -1`: EPIPE, SIGPIPE
+ * being ignored) only stopped reading what it did not want: the command's own status stands. An
+ * earlier failed write leaves the stream in error with errno long gone; a pipe without a reader
+ * is then told by poll's POLLERR on its write end. */
+static int finish_stdout(int rc) {
+    errno = 0;
+    if (fflush(stdout) == 0 && !ferror(stdout)) return rc;
+    int e = errno;
+    if (e == EPIPE) return rc;
+    struct pollfd p = {.fd = STDOUT_FILENO, .events = POLLOUT};
+    if (e == 0 && poll(&p, 1, 0) == 1 && (p.revents & POLLERR)) return rc;
+    fprintf(stderr, "baton: cannot write to standard output: %s\n", e ? strerror(e) : "write error");
+    return rc ? rc : 1;
+}
+
+static int dispatch(int argc, char **argv);
+
+int main(int argc, char **argv) { return finish_stdout(dispatch(argc, argv)); }
+
+static int dispatch(int argc, char **argv) {
     /* a peer that vanishes mid-write must be an error code, never a signal that kills the process */
     signal(SIGPIPE, SIG_IGN);
     /* a frontend holds one descriptor per client: use all the descriptors the system allows */
@@ -86,6 +109,7 @@ int main(int argc, char **argv) {
         if (strtol(ppid, NULL, 10) != (long)getppid()) return 1; /* the parent is already gone */
         unsetenv("BATON_PARENT_PID");
         bt_proc_supervised = true; /* repeated stop signals are the launcher's to escalate (proc.h) */
+        bt_log_env_reported();     /* `baton run` said what is wrong with DYN_LOG*: once for the group */
     }
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
         usage();

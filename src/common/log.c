@@ -13,6 +13,7 @@
 static bt_log_level g_level = BT_LOG_INFO;
 static bool g_jsonl = false;
 static char g_component[32] = "baton";
+static bool g_env_told; /* bt_log_env_reported: the launcher reported the variables' values */
 
 static const char *level_names[] = {"ERROR", "WARN", "INFO", "DEBUG", "TRACE"};
 
@@ -28,7 +29,7 @@ void bt_log_init(const char *component) {
         if (strncasecmp(lvl, "warning", 7) == 0) g_level = BT_LOG_WARN;
         /* a typo would otherwise leave the default in silence (the user asked for another level) */
         static bool told; /* once per process: `baton run` initializes the log more than once */
-        if (!known && !told) {
+        if (!known && !told && !g_env_told) {
             told = true;
             fprintf(stderr, "baton %s: DYN_LOG='%.64s' names no level (error, warn, info, debug or trace); logging "
                             "at %s\n",
@@ -39,13 +40,15 @@ void bt_log_init(const char *component) {
     g_jsonl = j && (strcmp(j, "1") == 0 || strcasecmp(j, "true") == 0);
     /* like DYN_LOG: a value that is neither on nor off (yes, json) is said, not ignored */
     static bool told_jsonl;
-    if (j && *j && !g_jsonl && strcmp(j, "0") != 0 && strcasecmp(j, "false") != 0 && !told_jsonl) {
+    if (j && *j && !g_jsonl && strcmp(j, "0") != 0 && strcasecmp(j, "false") != 0 && !told_jsonl && !g_env_told) {
         told_jsonl = true;
         fprintf(stderr, "baton %s: DYN_LOGGING_JSONL='%.64s' is neither 1/true nor 0/false; logging plain text\n",
                 component ? component : "", j);
     }
     if (component) snprintf(g_component, sizeof g_component, "%s", component);
 }
+
+void bt_log_env_reported(void) { g_env_told = true; }
 
 void bt_log_usage(void) {
     printf("\nlogging (environment only, every command):\n");

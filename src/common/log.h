@@ -10,8 +10,13 @@
 
 typedef enum { BT_LOG_ERROR = 0, BT_LOG_WARN, BT_LOG_INFO, BT_LOG_DEBUG, BT_LOG_TRACE } bt_log_level;
 
-/* Reads DYN_LOG and DYN_LOGGING_JSONL; `component` names the process role ("frontend"). */
+/* Reads DYN_LOG and DYN_LOGGING_JSONL; `component` names the process role ("frontend"). A value
+ * that names no level, or is neither on nor off, is said once per process on stderr. */
 void bt_log_init(const char *component);
+/* The launcher of this process (`baton run`, whose children inherit its environment) has said
+ * already what is wrong with DYN_LOG and DYN_LOGGING_JSONL: bt_log_init reads them as before but
+ * says nothing, so that a group of processes says it once. Call before bt_log_init. */
+void bt_log_env_reported(void);
 /* Prints the settings above for --help: a heading and one row per variable, in the layout of
  * bt_opts_usage without its environment column ("  NAME  meaning [default: value]"). */
 void bt_log_usage(void);

@@ -2,6 +2,7 @@
 #include "common/util.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -10,7 +11,9 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/random.h>
+#include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 uint64_t bt_now_ns(void) {
     struct timespec ts;
@@ -384,17 +387,79 @@ bool bt_parse_double(const char *s, double min, double max, double *out) {
     return true;
 }
 
+/* The kind of a file that is not a regular one, for bt_open_regular's reason */
+static const char *file_kind(mode_t m) {
+    return S_ISFIFO(m)   ? "a FIFO"
+           : S_ISCHR(m)  ? "a character device"
+           : S_ISBLK(m)  ? "a block device"
+           : S_ISSOCK(m) ? "a socket"
+                         : "not a file";
+}
+
+int bt_open_regular(const char *path, char *why, size_t whylen) {
+    struct stat st;
+    int fd = -1;
+    if (stat(path, &st) != 0) goto fail_errno;
+    if (S_ISDIR(st.st_mode)) {
+        errno = EISDIR;
+        goto fail_errno;
+    }
+    if (!S_ISREG(st.st_mode)) goto fail_kind;
+    fd = open(path, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+    if (fd < 0 || fstat(fd, &st) != 0) goto fail_errno;
+    if (S_ISDIR(st.st_mode)) {
+        errno = EISDIR;
+        goto fail_errno;
+    }
+    if (!S_ISREG(st.st_mode)) goto fail_kind;
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) != 0) goto fail_errno;
+    return fd;
+fail_errno:
+    snprintf(why, whylen, "%s", strerror(errno));
+    goto fail;
+fail_kind:
+    snprintf(why, whylen, "%s, not a regular file", file_kind(st.st_mode));
+fail:
+    if (fd >= 0) close(fd);
+    return -1;
+}
+
+bool bt_check_regular(const char *path, char *why, size_t whylen) {
+    int fd = bt_open_regular(path, why, whylen);
+    if (fd < 0) return false;
+    close(fd);
+    return true;
+}
+
 bt_status bt_load_secret(const char *file, const char *value, char **out, char *err, size_t errlen) {
     *out = NULL;
     if (file && *file) {
-        FILE *fp = fopen(file, "r");
-        if (!fp) {
-            snprintf(err, errlen, "cannot read the secret file %s: %s", file, strerror(errno));
+        char why[128];
+        int fd = bt_open_regular(file, why, sizeof why);
+        if (fd < 0) {
+            snprintf(err, errlen, "cannot read the secret file %s (DYN_RPC_SECRET_FILE, --rpc-secret-file): %s", file,
+                     why);
             return BT_ERR_IO;
         }
         char buf[4097];
-        size_t n = fread(buf, 1, sizeof buf - 1, fp);
-        fclose(fp);
+        size_t n = 0;
+        int rerr = 0;
+        while (n < sizeof buf - 1) {
+            ssize_t got = read(fd, buf + n, sizeof buf - 1 - n);
+            if (got > 0) n += (size_t)got;
+            else if (got == 0) break;
+            else if (errno != EINTR) {
+                rerr = errno;
+                break;
+            }
+        }
+        close(fd);
+        if (rerr) {
+            snprintf(err, errlen, "cannot read the secret file %s (DYN_RPC_SECRET_FILE, --rpc-secret-file): %s", file,
+                     strerror(rerr));
+            return BT_ERR_IO;
+        }
         buf[n] = '\0';
         while (n && (buf[n - 1] == '\n' || buf[n - 1] == '\r')) buf[--n] = '\0';
         if (n == 0) {

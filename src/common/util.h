@@ -108,8 +108,23 @@ bool bt_parse_i64(const char *s, int64_t min, int64_t max, int64_t *out);
 bool bt_parse_double(const char *s, double min, double max, double *out);
 bool bt_parse_bool(const char *s, bool *out);
 
+/* Opens the file an operator named where a file is expected (a TLS certificate or key, a secret,
+ * a model, a payload), for reading, and checks that it is a regular file. Anything else would block
+ * the start-up or never end it: a FIFO until some writer comes, /dev/zero read for ever, a
+ * directory read as an error much later. The type is checked before the open (a device is never
+ * opened), and again on the descriptor, which is opened with O_NONBLOCK so that a FIFO swapped in
+ * meanwhile does not block the open either. Returns the descriptor (O_CLOEXEC, back in blocking
+ * mode; the caller closes it), or -1 with the reason in why[whylen]: the system's ("No such file
+ * or directory", "Permission denied", "Is a directory"), or "a FIFO, not a regular file" and the
+ * like. Blocking file I/O: start-up only, never on an event loop. */
+int bt_open_regular(const char *path, char *why, size_t whylen);
+/* bt_open_regular, the descriptor closed at once: true when `path` is a regular file this process
+ * can open for reading (for a file that a library opens itself, such as a TLS file). */
+bool bt_check_regular(const char *path, char *why, size_t whylen);
+
 /* The request-plane shared secret: the contents of `file` (trailing newlines removed) if given,
- * else `value`, else none (*out = NULL). Read once at start-up. The caller frees *out. */
+ * else `value`, else none (*out = NULL). Read once at start-up, through bt_open_regular. The
+ * caller frees *out. */
 bt_status bt_load_secret(const char *file, const char *value, char **out, char *err, size_t errlen);
 
 #endif

@@ -16,8 +16,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "common/log.h"
+#include "common/util.h"
 
 static void free_disc(etcd_disc *d) {
     etcd__lease_free(d);
@@ -93,19 +95,22 @@ static const bt_discovery_ops etcd_ops = {
     .close = etcd_close,
 };
 
-/* A TLS file must be readable at start-up: a wrong path is reported now, not as TLS failures
- * retried for ever. Start-up only (before the loop runs): the read blocks. */
+/* A TLS file must be a readable regular file at start-up: a wrong path is reported now, not as
+ * TLS failures retried for ever (nor a FIFO waited on for ever: bt_open_regular). Start-up only
+ * (before the loop runs): the read blocks. */
 static bool tls_file_ok(const char *what, const char *path, char *err, size_t errlen) {
-    FILE *f = fopen(path, "rb");
-    int en = errno;
-    if (f) {
+    char why[128];
+    int fd = bt_open_regular(path, why, sizeof why);
+    if (fd >= 0) {
         char c;
-        size_t n = fread(&c, 1, 1, f);
-        en = ferror(f) ? errno : 0;
-        fclose(f);
+        ssize_t n;
+        while ((n = read(fd, &c, 1)) < 0 && errno == EINTR) {
+        }
+        snprintf(why, sizeof why, "%s", n < 0 ? strerror(errno) : "the file is empty");
+        close(fd);
         if (n == 1) return true;
     }
-    snprintf(err, errlen, "%s '%s' cannot be read: %s", what, path, en ? strerror(en) : "the file is empty");
+    snprintf(err, errlen, "%s '%s' cannot be read: %s", what, path, why);
     return false;
 }
 

@@ -730,15 +730,6 @@ void bt_nats_client_free(bt_nats_client *cl) {
         }                                                                                                              \
     } while (0)
 
-/* 0 when the file at `path` can be opened and read (a directory cannot), else the errno */
-static int file_unreadable(const char *path) {
-    FILE *f = fopen(path, "r");
-    if (!f) return errno;
-    int e = fgetc(f) == EOF && ferror(f) ? errno : 0;
-    fclose(f);
-    return e;
-}
-
 bt_nats_client *bt_nats_client_new(const bt_events_config *c, char *err, size_t errlen) {
     bt_nats_client *cl = calloc(1, sizeof *cl);
     if (!cl) {
@@ -764,17 +755,22 @@ bt_nats_client *bt_nats_client_new(const bt_events_config *c, char *err, size_t 
         bt_nats_client_free(cl);
         return NULL;
     }
-    /* nats.c reports a file it cannot open without the reason ("…: (null)"): say it here */
-    const char *const tls_files[][2] = {{"--nats-tls-ca", c->tls_ca}, {"--nats-tls-cert", c->tls_cert},
-                                        {"--nats-tls-key", c->tls_key}};
-    for (size_t i = 0; i < sizeof tls_files / sizeof tls_files[0]; i++) {
-        int e = tls_files[i][1] ? file_unreadable(tls_files[i][1]) : 0;
-        if (!e) continue;
-        snprintf(err, errlen, "%s '%s' cannot be read: %s", tls_files[i][0], tls_files[i][1], strerror(e));
+    bool use_nkey = cl->nkey && !(cl->user && cl->password) && !cl->token;
+    /* nats.c reports a file it cannot open without the reason ("…: (null)"), and would wait for
+     * ever on a FIFO: each file is checked here, named with its setting. The credentials file
+     * only when it is the credential in use (the first match below). */
+    bool use_creds = cl->creds && !(cl->user && cl->password) && !cl->token && !use_nkey;
+    const char *const files[][2] = {{"--nats-tls-ca", c->tls_ca},
+                                    {"--nats-tls-cert", c->tls_cert},
+                                    {"--nats-tls-key", c->tls_key},
+                                    {"NATS_AUTH_CREDENTIALS_FILE", use_creds ? cl->creds : NULL}};
+    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+        char why[128];
+        if (!files[i][1] || bt_check_regular(files[i][1], why, sizeof why)) continue;
+        snprintf(err, errlen, "%s '%s' cannot be read: %s", files[i][0], files[i][1], why);
         bt_nats_client_free(cl);
         return NULL;
     }
-    bool use_nkey = cl->nkey && !(cl->user && cl->password) && !cl->token;
     natsOptions *o = NULL;
     natsStatus s = natsOptions_Create(&o); /* also initializes the library, which nats_Sign needs */
     const char *what = "create options";

@@ -172,15 +172,18 @@ static void random_id(char out[FE_STREAM_ID_LEN + 1]) {
 }
 
 /* Initial room for the stream's events, sized from its max_tokens (at most REC_PRESIZE_TOKENS;
- * 16 without a limit) and accounted with the record when it opens: a short stream appends every
- * event without growing its arrays, so without the lock and without a realloc (mem_append),
- * where doubling from 16 took ~6 locked reallocs for a stream of 30 tokens; a long one doubles
- * from there. The text is guessed at REC_PRESIZE_TEXT bytes per token. What is not used is
- * given back when the stream ends (shrink in mem_close). If an allocation fails nothing is
- * reserved: the arrays grow on demand, as they would anyway. */
+ * 16 without a limit, max_tokens < 0; none for max_tokens 0, which request validation accepts and
+ * which produces no token: the arrays would grow on demand should an event come all the same) and
+ * accounted with the record when it opens: a short stream appends every event without growing
+ * its arrays, so without the lock and without a realloc (mem_append), where doubling from 16
+ * took ~6 locked reallocs for a stream of 30 tokens; a long one doubles from there. The text is
+ * guessed at REC_PRESIZE_TEXT bytes per token. What is not used is given back when the stream
+ * ends (shrink in mem_close). If an allocation fails nothing is reserved: the arrays grow on
+ * demand, as they would anyway. */
 #define REC_PRESIZE_TOKENS 64
 #define REC_PRESIZE_TEXT 8
 static void presize(fe_jrec *r, int64_t max_tokens) {
+    if (max_tokens == 0) return;
     size_t n = max_tokens > 0 ? (size_t)(max_tokens < REC_PRESIZE_TOKENS ? max_tokens : REC_PRESIZE_TOKENS) : 16;
     uint32_t *ids = malloc(n * sizeof *ids);
     char *text = malloc(n * REC_PRESIZE_TEXT);

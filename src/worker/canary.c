@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "common/log.h"
 #include "common/util.h"
@@ -199,7 +200,14 @@ static bool load_payload(wk_worker *w, char *err, size_t errlen) {
         return c->body != NULL;
     }
     if (src[0] == '@') {
-        j = json_load_file(src + 1, 0, &jerr);
+        char why[128];
+        int fd = bt_open_regular(src + 1, why, sizeof why); /* a FIFO here would block the start-up */
+        if (fd < 0) {
+            snprintf(err, errlen, "DYN_HEALTH_CHECK_PAYLOAD (--health-check-payload) file %s: %s", src + 1, why);
+            return false;
+        }
+        j = json_loadfd(fd, 0, &jerr);
+        close(fd);
         if (!j) {
             snprintf(err, errlen, "DYN_HEALTH_CHECK_PAYLOAD (--health-check-payload) file %s: %s", src + 1, jerr.text);
             return false;
@@ -238,8 +246,12 @@ static bool load_payload(wk_worker *w, char *err, size_t errlen) {
     return true;
 }
 
+/* A payload that is given is checked even with health checks off: the operator learns of a
+ * mistake in it now, not on the day the checks are turned on. Without checks and without a
+ * payload there is nothing to load. */
 bool wk_canary_load(wk_worker *w, char *err, size_t errlen) {
-    return !w->o.canary_enabled || w->canary.body || load_payload(w, err, errlen);
+    bool given = w->o.canary_payload && *w->o.canary_payload;
+    return (!w->o.canary_enabled && !given) || w->canary.body || load_payload(w, err, errlen);
 }
 
 bool wk_canary_init(wk_worker *w, char *err, size_t errlen) {

@@ -674,11 +674,17 @@ static bool llama_model_check(const bt_llama_config *c, const char *given, char 
     char from[96];
     if (given) snprintf(from, sizeof from, " (%s)", given);
     else snprintf(from, sizeof from, " (the bundled model; --model names another)");
-    FILE *f = fopen(path, "rb");
-    if (!f) return snprintf(err, errlen, "model file %s%s: %s", path, from, strerror(errno)), false;
+    char why[128];
+    int fd = bt_open_regular(path, why, sizeof why); /* not a FIFO or a device: it would block, or never end */
+    if (fd < 0) return snprintf(err, errlen, "model file %s%s: %s", path, from, why), false;
     char magic[4];
-    size_t n = fread(magic, 1, sizeof magic, f);
-    fclose(f);
+    size_t n = 0;
+    while (n < sizeof magic) {
+        ssize_t got = read(fd, magic + n, sizeof magic - n);
+        if (got > 0) n += (size_t)got;
+        else if (got == 0 || errno != EINTR) break;
+    }
+    close(fd);
     if (n != sizeof magic || memcmp(magic, "GGUF", sizeof magic) != 0)
         return snprintf(err, errlen, "model file %s%s is not a GGUF file", path, from), false;
     return true;
@@ -1023,9 +1029,12 @@ int bt_worker_main(int argc, char **argv) {
                       (double)BT_GATHER_BOUND * (double)o->mocker.batch_gather_us / 1e6);
         goto bad_usage;
     }
+    /* the status server's address matters only when it listens: with DYN_SYSTEM_PORT -1 (off) a
+     * DYN_SYSTEM_HOST left over from another deployment, or empty, is not a reason to refuse */
     if (!bt_proc_check_planes("worker", &o->p, opts, nopts, argc, argv) ||
         !bt_proc_check_host("worker", opts, nopts, argc, argv, "--rpc-host", o->rpc_host) ||
-        !bt_proc_check_host("worker", opts, nopts, argc, argv, "--system-host", o->system_host))
+        (o->system_port >= 0 &&
+         !bt_proc_check_host("worker", opts, nopts, argc, argv, "--system-host", o->system_host)))
         goto bad_usage;
     if (o->health_path[0] != '/' || o->live_path[0] != '/') {
         bt_proc_error("worker", "DYN_SYSTEM_HEALTH_PATH and DYN_SYSTEM_LIVE_PATH must start with '/'");

@@ -357,9 +357,9 @@ bt_status wk_status_start(wk_worker *w, char *err, size_t errlen);
 void wk_status_close(wk_worker *w, void (*done)(void *ud));
 
 /* canary.c */
-/* Builds the canary's payload when canaries are on (once: a later call keeps it); false with a
- * message on error. Called with the arguments' checks, before anything starts; free it with
- * wk_canary_free. */
+/* Builds the canary's payload when canaries are on or a payload is given (once: a later call
+ * keeps it); false with a message on error. Called with the arguments' checks, before anything
+ * starts; free it with wk_canary_free. */
 bool wk_canary_load(wk_worker *w, char *err, size_t errlen);
 /* Validates the canary options and builds its payload; false with a message on error. */
 bool wk_canary_init(wk_worker *w, char *err, size_t errlen);

@@ -24,9 +24,10 @@
      (exit 2, "nothing was started", no directory made, nothing listening).
   4. `baton run --help` says how to get llama.cpp workers (--engine llama). `baton help` prints
      the usage `baton --help` prints; `baton help CMD` what `baton CMD --help` prints; `baton
-     --version` (or `baton version`) prints one line, the version. `baton chaos list` into a pipe
-     whose reader is gone exits 1 without a traceback; Ctrl-C during `baton chaos run` exits 130
-     without one, its processes stopped.
+     --version` (or `baton version`) prints one line, the version. `baton chaos list` (validate,
+     --help) and the C commands' --help and --version into a pipe whose reader is gone exit 0,
+     saying nothing (`baton chaos list | head -1`); into a full device, the C commands exit 1 and
+     say so. Ctrl-C during `baton chaos run` exits 130 without a traceback, its processes stopped.
   5. A file discovery directory this user cannot read (frontend, worker) or write in (worker) is a
      start-up error (exit 1, the directory and the reason named), not a process that runs and
      never finds, or is never found by, anyone. Run as an unprivileged user (setpriv to nobody when
@@ -35,6 +36,13 @@
      (exit 1) naming the flag that chooses another; a listen address this machine does not have
      names the host flag instead. A NATS TLS file that cannot be read is named
      with its flag and the reason (exit 2).
+  7. A worker with its status server off (DYN_SYSTEM_PORT -1) starts whatever DYN_SYSTEM_HOST says;
+     a canary payload that is given is checked with health checks off (exit 2 when malformed).
+  8. A FIFO (no writer: opening it would wait for ever), a device or a directory given where a file
+     is expected (--nats-tls-ca/-cert/-key, NATS_AUTH_CREDENTIALS_FILE, --rpc-secret-file,
+     --health-check-payload @file, --model, --etcd-ca) is refused at once, naming the setting, the
+     path and what it is; a regular secret file is still read.
+  9. `baton run` says what is wrong with DYN_LOG and DYN_LOGGING_JSONL once, not once per child.
 Each command must exit within 10 s and leave nothing listening."""
 
 import os
@@ -266,19 +274,37 @@ for form in ("--version", "version"):
     assert rc == 0 and re.fullmatch(r"baton \d+\.\d+\.\d+\n", out), (form, rc, out)
 print("cli: baton help prints the usage, baton help CMD the command's --help; baton --version the version")
 
-# `baton chaos list | head`: a reader that stops early ends the listing without a Python traceback
-# (exit 1); the pipe's read end is closed before the tool writes anything
-rfd, wfd = os.pipe()
-os.close(rfd)
-p = subprocess.run([BIN, "chaos", "list"], stdout=wfd, stderr=subprocess.PIPE, text=True, env=CLEAN_ENV,
-                   stdin=subprocess.DEVNULL, timeout=30)
-os.close(wfd)
-assert p.returncode == 1 and "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, (p.returncode, p.stderr)
+# `baton chaos list | head -1`: a reader that stops early ends a listing quietly, with exit 0 (it
+# got what it wanted), and no Python traceback; likewise the C commands' --help and --version.
+# The pipe's read end is closed before the command writes anything, so every write fails (EPIPE).
+# Python's stdout is buffered, or not with PYTHONUNBUFFERED (then argparse's --help meets the
+# error itself): both ways.
+for args, unbuffered in [(a, u) for a in (["chaos", "list"], ["chaos", "validate"], ["chaos", "--help"],
+                                          ["chaos", "list", "--help"]) for u in (False, True)] + \
+        [(a, False) for a in (["--help"], ["help"], ["frontend", "--help"], ["worker", "--help"], ["run", "--help"],
+                              ["--version"])]:
+    env = {k: v for k, v in CLEAN_ENV.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    rfd, wfd = os.pipe()
+    os.close(rfd)
+    p = subprocess.run([BIN] + args, stdout=wfd, stderr=subprocess.PIPE, text=True, env=env,
+                       stdin=subprocess.DEVNULL, timeout=30)
+    os.close(wfd)
+    assert p.returncode == 0 and p.stderr == "", (args, unbuffered, p.returncode, p.stderr)
+# an output that cannot be written for another reason (a full device) is an error, not a success
+for args in (["--help"], ["frontend", "--help"], ["--version"]):
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([BIN] + args, stdout=full, stderr=subprocess.PIPE, text=True, env=CLEAN_ENV,
+                           stdin=subprocess.DEVNULL, timeout=30)
+    assert p.returncode == 1 and "baton: cannot write to standard output: No space left on device" in p.stderr, \
+        (args, p.returncode, p.stderr)
 rc, out, _ = baton(["chaos", "list"])
 assert rc == 0 and out.count("starts its own processes") >= 10, (rc, out[:300])
 rc, out, _ = baton(["chaos"])
 assert rc == 2 and "the following arguments are required: {run,list,validate}" in out, (rc, out)
-print("cli: baton chaos list into a closed pipe ends quietly; a missing chaos command is named")
+print("cli: listings into a closed pipe end quietly with exit 0, into a full device with exit 1; a missing chaos "
+      "command is named")
 
 
 def descendants(pid):
@@ -427,3 +453,120 @@ for args, want in [(["worker", "--system-port", "-1", "--event-plane", "nats", "
     assert rc == 2 and want in out and "(null)" not in out, (args, rc, out)
     assert took < 10, (args, took)
 print("cli: an unreadable NATS TLS file is named with its flag and the reason")
+
+# --- 7. settings that matter only to a part that is off are not refused; a payload is checked anyway
+# A worker whose status server is off (DYN_SYSTEM_PORT -1) does not listen on DYN_SYSTEM_HOST: a
+# host name there (left over from another deployment) is no reason to refuse to start. A canary
+# payload that is given is checked even with health checks off (the default), so that the mistake
+# shows now, not on the day the checks are turned on; a good one passes.
+good_payload = os.path.join(base, "payload.json")
+with open(good_payload, "w") as f:
+    f.write('{"prompt": "ping"}\n')
+for args, env in [(["--system-port", "-1", "--health-check-payload", "@" + good_payload],
+                   {"DYN_SYSTEM_HOST": "localhost"}),
+                  (["--system-port=-1", "--system-host", "not-an-address"], {})]:
+    w = bl.Proc([BIN, "worker", "--discovery-dir", bl.tmpdir("cli-sys-off")] + args, env=dict(env, DYN_LOG="info"),
+                name="worker-status-off")
+    w.wait_log(r"status server off", timeout=10)
+    w.wait_log(r"serving model", timeout=10)
+    assert w.stop(10) == 0, w.log_tail()
+for args, env, want in [
+        (["worker", "--system-port", "-1", "--health-check-payload", "{bad"], {},
+         "baton worker: health check: DYN_HEALTH_CHECK_PAYLOAD (--health-check-payload) is not JSON"),
+        (["worker", "--system-port", "-1"], {"DYN_HEALTH_CHECK_PAYLOAD": '{"max_tokens": 1}'},
+         "baton worker: health check: DYN_HEALTH_CHECK_PAYLOAD (--health-check-payload) needs \"messages\", "
+         "\"prompt\" or \"token_ids\""),
+        (["worker", "--system-port", "-1", "--health-check-payload", "@" + os.path.join(base, "missing.json")], {},
+         "DYN_HEALTH_CHECK_PAYLOAD (--health-check-payload) file %s: No such file or directory"
+         % os.path.join(base, "missing.json")),
+        (["run", "--http-port", str(port), "--health-check-payload", "[1]"], {},
+         "baton run: health check: DYN_HEALTH_CHECK_PAYLOAD (--health-check-payload) must be a JSON object")]:
+    rc, out, took = baton(args, env=env)
+    assert rc == 2 and want in out and "serving model" not in out, (args, env, rc, out)
+    assert took < 10 and not listening(port), (args, took)
+print("cli: DYN_SYSTEM_HOST is not checked with the status server off; a canary payload is checked with checks off")
+
+# --- 8. a file setting that names a FIFO, a device or a directory is refused at once
+# Opening a FIFO for reading waits for a writer (none comes here), and /dev/zero never ends: each
+# file a flag names must be a regular file, refused otherwise with the flag (or its variable), the
+# path and what it is. timeout=10 makes a start-up that blocks fail this test instead of hanging it.
+fifo = os.path.join(base, "fifo")
+os.mkfifo(fifo)
+regular = os.path.join(base, "regular.pem")
+with open(regular, "w") as f:
+    f.write("not checked before the type\n")
+nats_env = {"NATS_SERVER": "nats://127.0.0.1:1"}
+notreg = "cannot be read: a FIFO, not a regular file"
+secret_msg = "cannot read the secret file %s (DYN_RPC_SECRET_FILE, --rpc-secret-file): %s"
+fe_port = bl.free_port()
+for args, env, code, want in [
+        (["worker", "--system-port", "-1", "--event-plane", "nats", "--nats-tls-ca", fifo], nats_env, 2,
+         f"--nats-tls-ca '{fifo}' {notreg}"),
+        (["frontend", "--http-port", str(fe_port), "--event-plane", "nats", "--nats-tls-cert", regular,
+          "--nats-tls-key", fifo], nats_env, 2, f"--nats-tls-key '{fifo}' {notreg}"),
+        (["frontend", "--http-port", str(fe_port), "--event-plane", "nats", "--nats-tls-cert", "/dev/zero",
+          "--nats-tls-key", regular], nats_env, 2,
+         "--nats-tls-cert '/dev/zero' cannot be read: a character device, not a regular file"),
+        (["worker", "--system-port", "-1", "--event-plane", "nats"], dict(nats_env, NATS_AUTH_CREDENTIALS_FILE=fifo), 2,
+         f"NATS_AUTH_CREDENTIALS_FILE '{fifo}' {notreg}"),
+        (["frontend", "--http-port", str(fe_port), "--rpc-secret-file", fifo], {}, 2,
+         secret_msg % (fifo, "a FIFO, not a regular file")),
+        (["worker", "--system-port", "-1", "--rpc-secret-file", fifo], {}, 2,
+         secret_msg % (fifo, "a FIFO, not a regular file")),
+        # /dev/zero read as a secret was 4,096 NUL bytes: the empty string, taken as the secret
+        (["worker", "--system-port", "-1"], {"DYN_RPC_SECRET_FILE": "/dev/zero"}, 2,
+         secret_msg % ("/dev/zero", "a character device, not a regular file")),
+        (["frontend", "--http-port", str(fe_port), "--rpc-secret-file", base], {}, 2,
+         secret_msg % (base, "Is a directory")),
+        (["worker", "--system-port", "-1", "--health-check-payload", "@" + fifo], {}, 2,
+         f"DYN_HEALTH_CHECK_PAYLOAD (--health-check-payload) file {fifo}: a FIFO, not a regular file"),
+        (["worker", "--system-port", "-1", "--engine", "llama", "--model", fifo], {}, 2,
+         f"llama engine: model file {fifo} (--model): a FIFO, not a regular file"),
+        (["run", "--http-port", str(fe_port), "--engine", "llama", "--model", fifo], {}, 2,
+         f"baton run: llama engine: model file {fifo} (--model): a FIFO, not a regular file"),
+        # etcd's TLS files are found when discovery starts: a start-up error there (exit 1, test_etcd_tls)
+        (["frontend", "--http-port", str(fe_port), "--discovery", "etcd", "--etcd-endpoints", "https://127.0.0.1:1",
+          "--etcd-ca", fifo], {}, 1, f"ETCD_AUTH_CA (--etcd-ca) '{fifo}' {notreg}")]:
+    try:
+        rc, out, took = baton(args, env=dict(env, DYN_LOG="info"))
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{args} {env}: still running after 10 s (blocked on the FIFO?)")
+    assert rc == code and want in out, (args, env, rc, out)
+    assert "serving model" not in out and not listening(fe_port), (args, out)
+# a regular secret file is still read, its trailing newline removed: the worker requires the
+# secret (a frontend without it is refused), and a frontend that proves it routes there
+secret_file = os.path.join(base, "rpc-secret")
+with open(secret_file, "w") as f:
+    f.write("shared-1\n")
+with bl.Cluster() as c:
+    c.start_worker(speedup_ratio=1000, rpc_secret_file=secret_file)
+    good = c.start_frontend(env={"DYN_RPC_SECRET": "shared-1"})
+    none = c.start_frontend()
+    c.wait_workers(good, 1)
+    st, _, body = bl.post_json(good.url + "/v1/chat/completions", bl.chat_body(max_tokens=3))
+    assert st == 200, (st, body)
+    none.proc.wait_log(r"requires a shared secret", timeout=10)
+    st, _, body = bl.get_json(none.url + "/health")
+    assert body["instances"] == [], body
+print("cli: a FIFO, a device or a directory given as a file is refused at once, naming the flag and the path; "
+      "a regular secret file is read")
+
+# --- 9. `baton run` says what is wrong with DYN_LOG and DYN_LOGGING_JSONL once, not once per process
+# Its frontend and workers inherit the environment; each used to repeat the launcher's warning.
+# A standalone worker still says it (as the frontend does, section 3). With its status servers off,
+# the workers of this group do not care about the --system-host that is no address (section 7).
+rc, out, _ = baton(["worker", "--speedup-ratio", "0"], env={"DYN_LOGGING_JSONL": "json"})
+assert rc == 2 and "baton worker: DYN_LOGGING_JSONL='json' is neither 1/true nor 0/false" in out, (rc, out)
+with bl.Cluster() as c:
+    fe = c.start_run(workers=2, speedup_ratio=50, system_port=-1, system_host="localhost",
+                     env={"DYN_LOGGING_JSONL": "yes", "DYN_LOG": "verbose,baton=debug"})
+    c.wait_workers(fe, 2)
+    fe.proc.kill(signal.SIGINT)
+    assert fe.proc.wait(30) == 0, fe.proc.log_tail()
+    log = fe.proc.log_text()
+    assert len(re.findall(r"run\[\d+\]: started worker", log)) == 2, log
+    for want in ("DYN_LOGGING_JSONL='yes' is neither 1/true nor 0/false",
+                 "DYN_LOG='verbose,baton=debug' names no level"):
+        assert log.count(want) == 1, f"{want!r} said {log.count(want)} times:\n{log}"
+        assert f"baton run: {want}" in log, log
+print("cli: baton run says what is wrong with DYN_LOG and DYN_LOGGING_JSONL once")

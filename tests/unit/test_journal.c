@@ -262,14 +262,20 @@ static void test_reserved_room(void **state) {
     assert_int_equal(st.bytes, st0.bytes - 64 * (sizeof(uint32_t) + 8 + sizeof(fe_jevent)) +
                                    65 * (sizeof(uint32_t) + sizeof(fe_jevent)) + 513);
     /* a short stream: room for its max_tokens only (the same record as above with 61 tokens
-     * less room); without a limit, room for 16 */
+     * less room); without a limit (max_tokens -1, as the frontend passes it), room for 16 */
     fe_jsnap m2;
     memset(&m2, 0, sizeof m2);
     m2.body = "{}";
     m2.body_len = 2;
-    m2.max_tokens = 0;
+    m2.max_tokens = -1;
     fe_jrec *r3 = open_counted(j, &m2, &st0);
     assert_int_equal(st0.bytes, open64 - 48 * per_tok);
+    fe_journal_close(j, r3, &none);
+    /* max_tokens 0 is a request for no token (accepted, answered with finish_reason "length"):
+     * no room at all */
+    m2.max_tokens = 0;
+    r3 = open_counted(j, &m2, &st0);
+    assert_int_equal(st0.bytes, open64 - 64 * per_tok);
     fe_journal_close(j, r3, &none);
     m2.max_tokens = 3;
     fe_jrec *r2 = open_counted(j, &m2, &st0);

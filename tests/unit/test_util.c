@@ -24,7 +24,12 @@
  * And the object pool of src/common/pool.c: an object given back is the one handed out next, and
  * handed out zeroed whatever was written into it; no more than `cap` objects are kept (the rest
  * are freed at once); drain frees what is kept and the pool goes on working; under
- * AddressSanitizer a kept object is poisoned until it is handed out again. */
+ * AddressSanitizer a kept object is poisoned until it is handed out again.
+ *
+ * bt_open_regular opens a regular file (back in blocking mode) and refuses, at once and with what
+ * it is, a FIFO without a writer (which a plain open would wait on for ever), /dev/zero, a
+ * directory and a missing path; bt_load_secret reads a secret file through it (trailing newlines
+ * removed) and refuses the same, and an empty file. */
 #include <inttypes.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -35,7 +40,9 @@
 #include <string.h>
 
 #include <cmocka.h>
+#include <fcntl.h>
 #include <pthread.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -561,8 +568,67 @@ static void test_buf_append_edges(void **state) {
     }
 }
 
+/* ---- bt_open_regular and bt_load_secret ---- */
+
+static void test_open_regular(void **state) {
+    (void)state;
+    char dir[] = "/tmp/baton-test-util-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    char file[128], fifo[128], missing[128], empty[128];
+    snprintf(file, sizeof file, "%s/secret", dir);
+    snprintf(fifo, sizeof fifo, "%s/fifo", dir);
+    snprintf(missing, sizeof missing, "%s/missing", dir);
+    snprintf(empty, sizeof empty, "%s/empty", dir);
+    FILE *f = fopen(file, "w");
+    assert_non_null(f);
+    fputs("s3cret\n\n", f);
+    fclose(f);
+    f = fopen(empty, "w");
+    assert_non_null(f);
+    fclose(f);
+    assert_int_equal(mkfifo(fifo, 0600), 0);
+    char why[128];
+    int fd = bt_open_regular(file, why, sizeof why);
+    assert_true(fd >= 0);
+    assert_int_equal(fcntl(fd, F_GETFL) & O_NONBLOCK, 0); /* handed back blocking */
+    assert_true(fcntl(fd, F_GETFD) & FD_CLOEXEC);
+    close(fd);
+    const struct {
+        const char *path, *why;
+    } refused[] = {{fifo, "a FIFO, not a regular file"},
+                   {"/dev/zero", "a character device, not a regular file"},
+                   {dir, "Is a directory"},
+                   {missing, "No such file or directory"}};
+    for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) {
+        why[0] = '\0';
+        assert_int_equal(bt_open_regular(refused[i].path, why, sizeof why), -1);
+        assert_string_equal(why, refused[i].why);
+        assert_false(bt_check_regular(refused[i].path, why, sizeof why));
+    }
+    assert_true(bt_check_regular(file, why, sizeof why));
+    char *secret = NULL, err[256];
+    assert_int_equal(bt_load_secret(file, "ignored", &secret, err, sizeof err), BT_OK);
+    assert_string_equal(secret, "s3cret");
+    free(secret);
+    assert_int_equal(bt_load_secret(NULL, "from-env", &secret, err, sizeof err), BT_OK);
+    assert_string_equal(secret, "from-env");
+    free(secret);
+    assert_int_not_equal(bt_load_secret(fifo, NULL, &secret, err, sizeof err), BT_OK);
+    assert_null(secret);
+    assert_non_null(strstr(err, "a FIFO, not a regular file"));
+    assert_int_not_equal(bt_load_secret("/dev/zero", NULL, &secret, err, sizeof err), BT_OK);
+    assert_non_null(strstr(err, "/dev/zero (DYN_RPC_SECRET_FILE, --rpc-secret-file): a character device"));
+    assert_int_not_equal(bt_load_secret(empty, NULL, &secret, err, sizeof err), BT_OK);
+    assert_non_null(strstr(err, "is empty"));
+    unlink(file);
+    unlink(fifo);
+    unlink(empty);
+    rmdir(dir);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_open_regular),
         cmocka_unit_test(test_each_class),
         cmocka_unit_test(test_random_against_reference),
         cmocka_unit_test(test_piece_boundaries),

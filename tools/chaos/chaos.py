@@ -83,10 +83,12 @@ def cmd_run(args):
         results.append(r)
         report.write(out, results, _header(args, binp, start, done=False))
     path = report.write(out, results, _header(args, binp, start, done=True))
+    bad = [r for r in results if r["verdict"] in ("FAIL", "ERROR") or (args.strict and r["verdict"] == "SKIP")]
+    global _verdict
+    _verdict = 1 if bad else 0  # the exit status, even if the reader of the table goes away
     print(report.table(results))
     print(f"\nreport: {path}")
-    bad = [r for r in results if r["verdict"] in ("FAIL", "ERROR") or (args.strict and r["verdict"] == "SKIP")]
-    return 1 if bad else 0
+    return _verdict
 
 
 def _header(args, binp, start, done):
@@ -145,12 +147,20 @@ def main(argv=None):
             p.add_argument("--strict", action="store_true", help="a skipped scenario fails the run")
             p.add_argument("--quiet", action="store_true", help="no progress lines")
     args = ap.parse_args(argv)
+    global _command
+    _command = args.cmd
     set_quiet(getattr(args, "quiet", False))
     try:
         return {"run": cmd_run, "list": cmd_list, "validate": cmd_validate}[args.cmd](args)
     except scenario.ScenarioError as e:
         sys.stderr.write(f"baton chaos: {e}\n")
         return 2
+
+
+# The subcommand being run, once the arguments are parsed (None while argparse prints --help),
+# and a run's exit status once its verdicts are in (its report written, its table not yet printed).
+_command = None
+_verdict = None
 
 
 def _stdout_gone():
@@ -166,15 +176,23 @@ def _stdout_gone():
 
 if __name__ == "__main__":
     try:
-        rc = main()
+        try:
+            rc = main()
+        except SystemExit as e:
+            # argparse's --help (0) and usage errors (2): its output may still sit in stdout's
+            # buffer, flushed below where a reader that went away is handled, not at exit
+            rc = e.code
         sys.stdout.flush()
     except BrokenPipeError:
         if not _stdout_gone():
             raise  # another pipe or socket: a real error
         # the reader stopped early, as `head` does: no traceback; stdout goes to /dev/null so that
-        # the interpreter's own flush at exit does not fail again
+        # the interpreter's own flush at exit does not fail again. A listing (list, validate,
+        # --help) whose reader stopped reading did all that was asked of it: exit 0, as `baton
+        # --help | head -1` does. A run prints only its final table to stdout (progress goes to
+        # stderr): its report is written and its verdict stands; 1 if it had none yet.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        rc = 1
+        rc = 0 if _command != "run" else (_verdict if _verdict is not None else 1)
     except KeyboardInterrupt:
         # Ctrl-C: the scenario's clean-up (its processes stopped) ran on the way here; no traceback
         sys.stderr.write("baton chaos: interrupted: the processes it started are stopped; the scenario that was "
