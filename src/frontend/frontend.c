@@ -514,9 +514,10 @@ static int shard_open(fe *f, int port, char *err, size_t errlen) {
     bt_buf_init(&f->scratch, (size_t)64 << 20);
     bt_map_init(&f->workers_by_id);
     fe_mail_init(f);
-    if (bt_proc_discovery_create(f->loop, &o->p, 0, &f->disc, err, errlen) != BT_OK) {
+    bt_status dst = bt_proc_discovery_create(f->loop, &o->p, 0, &f->disc, err, errlen);
+    if (dst != BT_OK) {
         BT_ERROR("discovery: %s", err);
-        return 1;
+        return dst == BT_ERR_INVALID ? 2 : 1; /* a setting to fix (bad TLS file, endpoint, TTL), not to retry */
     }
     fe_workers_start(f);
     if (fe_admit_start(f) != BT_OK) {

@@ -798,9 +798,10 @@ static int worker_run(wk_worker *w) {
     }
     snprintf(w->transport, sizeof w->transport, "%s:%d", o->rpc_host, bt_rpc_listener_port(w->listener));
 
-    if (bt_proc_discovery_create(loop, &o->p, o->discovery_ttl, &w->disc, err, sizeof err) != BT_OK) {
+    bt_status dst = bt_proc_discovery_create(loop, &o->p, o->discovery_ttl, &w->disc, err, sizeof err);
+    if (dst != BT_OK) {
         BT_ERROR("discovery: %s", err);
-        return 1;
+        return dst == BT_ERR_INVALID ? 2 : 1; /* a setting to fix (bad TLS file, endpoint, TTL), not to retry */
     }
     bt_discovery_instance_key(w->key, sizeof w->key, o->ns, o->component, o->ep, w->instance_id);
     json_t *card = json_object();

@@ -14,7 +14,8 @@
      --http-host localhost` is refused before any child starts (exit 2), as is a fixed worker port
      (--system-port, --rpc-port, DYN_TCP_RPC_PORT) with more than one worker. A frontend's or a
      worker's listen address that is not numeric (--http-host, --rpc-host, --system-host) and an
-     unknown --discovery are usage errors (exit 2, the flag or its twin named), not failed starts;
+     unknown --discovery, an etcd endpoint that is not http:// or https://, are usage errors (exit
+     2, the flag or its twin named), not failed starts;
      a value from an environment twin is named by the variable (DYN_ROUTER_MODE, DYN_EVENT_PLANE);
      so is a --nats-server that is not a nats:// or tls:// URL with the NATS event plane.
      `baton run` also refuses, before it starts any child, every argument a child would refuse:
@@ -187,6 +188,11 @@ for args, env, want in [
          "baton run: --nats-server: invalid NATS server URL 'localhost:4222'"),
         (["worker", "--system-port", "-1", "--event-plane", "nats"], {"NATS_SERVER": "nats-host:4222"},
          "baton worker: NATS_SERVER (--nats-server): invalid NATS server URL 'nats-host:4222'"),
+        # a discovery setting found wrong when discovery starts is a usage error too (exit 2, not 1)
+        (["frontend", "--http-port", str(port), "--discovery", "etcd", "--etcd-endpoints", "ftp://x"], {},
+         "discovery: etcd endpoint 'ftp://x': only http:// and https:// are supported"),
+        (["worker", "--system-port", "-1", "--discovery", "etcd"], {"ETCD_ENDPOINTS": "unix:///run/etcd.sock"},
+         "discovery: etcd endpoint 'unix:///run/etcd.sock'"),
         (["frontend", "--http-port", str(port)], {"DYN_ROUTER_MODE": "fastest"},
          "baton frontend: unknown DYN_ROUTER_MODE (--router-mode) 'fastest' (round-robin, random, least-loaded)")]:
     rc, out, took = baton(args, env=dict(env, DYN_LOG="info"))
@@ -524,9 +530,9 @@ for args, env, code, want in [
          f"llama engine: model file {fifo} (--model): a FIFO, not a regular file"),
         (["run", "--http-port", str(fe_port), "--engine", "llama", "--model", fifo], {}, 2,
          f"baton run: llama engine: model file {fifo} (--model): a FIFO, not a regular file"),
-        # etcd's TLS files are found when discovery starts: a start-up error there (exit 1, test_etcd_tls)
+        # etcd's TLS files are checked when discovery starts: a setting to fix, exit 2 (test_etcd_tls)
         (["frontend", "--http-port", str(fe_port), "--discovery", "etcd", "--etcd-endpoints", "https://127.0.0.1:1",
-          "--etcd-ca", fifo], {}, 1, f"ETCD_AUTH_CA (--etcd-ca) '{fifo}' {notreg}")]:
+          "--etcd-ca", fifo], {}, 2, f"ETCD_AUTH_CA (--etcd-ca) '{fifo}' {notreg}")]:
     try:
         rc, out, took = baton(args, env=dict(env, DYN_LOG="info"))
     except subprocess.TimeoutExpired:

@@ -9,7 +9,7 @@ A real etcd serves its clients on https:// only, with a server certificate for 1
     and not, byte for byte alike; SIGTERM revokes the lease over TLS (the key goes at once);
   * a worker without a client certificate, and one that trusts another CA, never register: they
     stay up, retrying, and log why (etcd's TLS alert; libcurl's verification failure);
-  * start-up errors, exit code 1 and a message naming the variable: a CA file that does not exist,
+   * start-up errors, exit code 2 (a setting to fix) and a message naming the variable: a CA file that does not exist,
     a directory given as a certificate, a certificate without its key.
 """
 
@@ -109,7 +109,7 @@ def phase_startup_errors(c, etcd, certdir):
         else:
             p = c.start_frontend(discovery="etcd", etcd_endpoints=etcd.endpoints, env=env, wait=False).proc
         rc = p.wait(15)
-        assert rc == 1, f"{role} with {env}: exit {rc}, expected 1; log:\n{p.log_tail()}"
+        assert rc == 2, f"{role} with {env}: exit {rc}, expected 2; log:\n{p.log_tail()}"
         p.wait_log(r"discovery: " + pattern, timeout=1)
         failed.add(p.name)
     return failed
@@ -126,6 +126,6 @@ with bl.Cluster() as c:
     failed = phase_startup_errors(c, etcd, certdir)
     codes = c.close()
     etcd.stop()
-    bad = {k: v for k, v in codes.items() if v != (1 if k in failed else 0)}
+    bad = {k: v for k, v in codes.items() if v != (2 if k in failed else 0)}
     assert not bad, f"processes exited badly: {bad}"
 print("test_etcd_tls: OK")
