@@ -239,6 +239,7 @@ struct fe_req {
     fe_jtail jtail;         /* how the request ended, for its journal record */
     char body_digest[65];   /* of the client's body, before the frontend changes anything (resume.c) */
     bool resumed;           /* built from the journal by a resume: no new record, no admission */
+    bool overran;           /* a worker sent tokens past max_tokens (dropped; logged once) */
     fe_jsnap *replay;       /* a resume's copy of the record while its events are being replayed */
     size_t replay_ev;       /* the next event of `replay` to write */
     int replay_tail;        /* where the replay ends (resume.c) */
