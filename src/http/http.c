@@ -463,9 +463,19 @@ static int cb_header_value(http_parser *p, const char *at, size_t len) {
             if (strcasecmp(c->hdr_name, "host") == 0) c->n_host++;
             for (int i = 0; i < H_COUNT; i++) {
                 if (strcasecmp(c->hdr_name, interesting_headers[i]) == 0) {
+                    /* Authorization and X-Tenant say who the caller is. A second line of either
+                     * would be read by this server as the last one and by a proxy in front
+                     * perhaps as the first (the one it checked): a request that is one caller to
+                     * the proxy and another here. Both are singleton fields (RFC 9110 §5.3). */
+                    if (c->have_hdr[i] && (i == H_AUTHORIZATION || i == H_TENANT)) {
+                        c->err_status = 400;
+                        c->err_why = i == H_AUTHORIZATION ? "more than one Authorization header"
+                                                          : "more than one X-Tenant header";
+                        return -1;
+                    }
                     c->cur_hdr = i;
                     c->have_hdr[i] = true;
-                    bt_buf_reset(&c->hdr[i]); /* a repeated header: the last one wins */
+                    bt_buf_reset(&c->hdr[i]); /* another repeated header: the last one wins */
                     bt_buf_append(&c->hdr[i], "", 0);
                     break;
                 }

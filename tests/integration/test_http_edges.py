@@ -15,6 +15,9 @@ wrong:
   * an HTTP/1.1 request without a Host header, or any request with more than one, is a 400
     malformed_request with the connection closed (RFC 9112 §3.2: MUST; they were served); an
     HTTP/1.0 request without Host is served, as is an empty Host (a target without an authority);
+  * two Authorization or two X-Tenant lines in one request are a 400 malformed_request with the
+    connection closed (the last one was used: a proxy checking the first and the frontend reading
+    the last saw two different callers);
   * a 405 names the methods the path takes in an Allow header (RFC 9110 §15.5.6: MUST);
   * POST /busy_threshold with an unknown model whose long name is cut inside a UTF-8 character
     answers its 404 error message (the body was "{}");
@@ -212,6 +215,26 @@ with bl.Cluster() as c:
     # and a keep-alive connection's next request without Host is refused after the first is served
     mixed = bl.raw_exchange(fe.port, b"GET /live HTTP/1.1\r\nHost: x\r\n\r\nGET /live HTTP/1.1\r\n\r\n")
     assert mixed.startswith(b"HTTP/1.1 200 ") and mixed.count(b"HTTP/1.1 400 ") == 1, mixed[:400]
+
+    # ---- Authorization and X-Tenant say who calls: two lines of either (which a proxy may read as
+    # the first and this server as the last) are a 400 malformed_request, connection closed, even
+    # when the last one holds the right key; one line of each is served, and the count is per request
+    ok_key = b"Authorization: Bearer sekrit\r\n"
+    dups = [(b"Authorization: Bearer nope\r\n" + ok_key, "more than one Authorization header"),
+            (ok_key + b"authorization: Bearer sekrit\r\n", "more than one Authorization header"),
+            (ok_key + b"X-Tenant: a\r\nx-tenant: b\r\n", "more than one X-Tenant header")]
+    for hdrs, why in dups:
+        for path in (b"/v1/models", b"/metrics"):
+            st, _, b, closed = raw(keyed.port, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n" + hdrs + b"\r\n")
+            assert st == 400 and closed, (hdrs, path, st, b[:200], closed)
+            err = json.loads(b)["error"]
+            assert err["code"] == "malformed_request" and why in err["message"], (hdrs, err)
+    st, _, b, _ = raw(keyed.port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + ok_key +
+                      b"X-Tenant: a\r\nConnection: close\r\n\r\n")
+    assert st == 200 and b"mock-model" in b, (st, b[:200])
+    two = bl.raw_exchange(keyed.port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + ok_key + b"\r\n"
+                                      b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + ok_key + b"Connection: close\r\n\r\n")
+    assert two.count(b"HTTP/1.1 200 ") == 2 and b" 400 " not in two, two[:400]
 
     # ---- 405 names the allowed methods
     for method, path, allow in (("DELETE", chat, {"POST"}), ("POST", "/live", {"GET", "HEAD"}),
