@@ -8,6 +8,10 @@ frames of the test's choosing:
     client gets exactly the first 5 tokens and their text, streamed (one event per position, ids
     strictly increasing, then :5:end and :5:done) and whole; usage says 5; a replay of the
     journaled stream (the GET form) is the same 5 events. One WARN per request in the log.
+  * a worker that ends every attempt with ERROR BT_ERR_MOVED (what a rebalance sends): 8 moves are
+    free, later ones are charged to --migration-limit, so the request fails after 12 attempts
+    (503 worker_unavailable, or an error event) instead of bouncing between the frontend and the
+    worker for ever;
   * frames the frontend never asked for: TOKENS for a stream it never opened (the next odd id, and
     0xffffffff) and TOKENS and a second FINISH after the FINISH: the answer is exactly what came
     before the first FINISH, and the frontend keeps serving.
@@ -39,6 +43,14 @@ def strays(fw, stream, payload):
     fw.send(fk.finish(stream, fk.FINISH_STOP, 7, 2))
     fw.send(fk.tokens(stream, [3], " AFTER"))  # after its FINISH
     fw.send(fk.finish(stream, fk.FINISH_LENGTH, 7, 3))
+
+
+def always_moved(fw, stream, payload):
+    """Every attempt ends at once with ERROR BT_ERR_MOVED (20), as a rebalance would end it, after a
+    load report that shows the worker idle (so that it stays the frontend's choice for the next
+    attempt: without reports, the estimates of the attempts routed to it would make it busy)."""
+    fw.send(fk.load())
+    fw.send(fk.error(stream, 20, "moved away"))
 
 
 def positions(s, what):
@@ -105,6 +117,20 @@ with bl.Cluster() as c:
                                 bl.chat_body("strays", max_tokens=50, return_token_ids=True), timeout=20)
         assert st == 200 and b["choices"][0]["message"]["content"] == " a b", (st, b)
         assert b["choices"][0]["token_ids"] == [1, 2] and b["usage"]["completion_tokens"] == 2, b
+
+        # --- a worker that moves every attempt (BT_ERR_MOVED): 8 moves are free, then each is
+        # charged to --migration-limit (3): 12 attempts, then the request fails; it used to bounce
+        # for ever
+        behaviour["fn"] = always_moved
+        n0 = len(fw.requests)
+        st, _, b = bl.post_json(fe.url + "/v1/chat/completions", bl.chat_body("moved", max_tokens=50), timeout=15)
+        assert st == 503 and b["error"]["code"] == "worker_unavailable", (st, b)
+        assert "migration limit of 3 exhausted" in b["error"]["message"], b
+        assert len(fw.requests) - n0 == 12, f"{len(fw.requests) - n0} attempts"
+        n0 = len(fw.requests)
+        s = bl.stream_chat(fe.url, bl.chat_body("moved", max_tokens=50, stream=True), timeout=15)
+        assert s.status == 503 and s.error and s.error["code"] == "worker_unavailable", s.summary()
+        assert len(fw.requests) - n0 == 12, f"{len(fw.requests) - n0} attempts"
         assert fe.proc.alive(), "the frontend died"
         st, _, _ = bl.request("GET", fe.url + "/live")
         assert st == 200, st

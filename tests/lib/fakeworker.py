@@ -8,7 +8,7 @@ whatever frames it likes (tokens past max_tokens, frames for streams never opene
     fw.close()
 
 on_request runs on the fake worker's connection thread; it sends with fw.send(frame bytes), built
-with tokens(), finish(), error(). No request-plane secret (AUTH): use it with frontends that have
+with tokens(), finish(), error(), load(). No request-plane secret (AUTH): use it with frontends that have
 none."""
 
 import json
@@ -34,6 +34,12 @@ def tokens(stream, ids, text):
 
 def finish(stream, reason, prompt_tokens, completion_tokens):
     return frame(FINISH, stream, struct.pack(">BxxxII", reason, prompt_tokens, completion_tokens))
+
+
+def load(total_blocks=16384, active_blocks=0, waiting=0, running=0, ready=True):
+    """A LOAD frame (stream 0): the worker's load report, ready unless told."""
+    return frame(LOAD, 0, struct.pack(">QQQQQQI", active_blocks, total_blocks, 0, waiting, running, 8192,
+                                      1 if ready else 0))
 
 
 def error(stream, code, msg):
@@ -67,6 +73,17 @@ class FakeWorker:
             f.write(json.dumps(value))
         os.rename(tmp, self.path)
         threading.Thread(target=self._accept, daemon=True).start()
+        threading.Thread(target=self._keep_alive, daemon=True).start()
+
+    def _keep_alive(self):
+        """The file backend's readers expire a key whose mtime is older than its TTL (10 s by
+        default): touched every second, as a worker keeps its own keys alive."""
+        while not self._closed:
+            time.sleep(1.0)
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
 
     def send(self, data):
         with self._lock:
