@@ -18,6 +18,10 @@ wrong:
   * two Authorization or two X-Tenant lines in one request are a 400 malformed_request with the
     connection closed (the last one was used: a proxy checking the first and the frontend reading
     the last saw two different callers);
+  * request bodies held at once over all connections are capped (--max-body-bytes-total): past it a
+    body, declared or chunked, is a 503 too_many_request_bytes with Retry-After and the connection
+    closed; closes and finished responses give their charge back (each connection could hold up to
+    --max-body-bytes, 80 GB over 20,000 connections at the defaults);
   * a 405 names the methods the path takes in an Allow header (RFC 9110 §15.5.6: MUST);
   * POST /busy_threshold with an unknown model whose long name is cut inside a UTF-8 character
     answers its 404 error message (the body was "{}");
@@ -25,8 +29,10 @@ wrong:
     `temperature` is (it was ignored: "0.9" sampled as top_p 1); null and 0..1 pass.
 """
 
+import http.client
 import json
 import socket
+import time
 
 import batonlib as bl
 
@@ -257,6 +263,56 @@ with bl.Cluster() as c:
     for good in (None, 0, 0.9, 1):
         st, _, b = bl.post_json(fe.url + chat, bl.chat_body("tp", max_tokens=2, top_p=good))
         assert st == 200, (good, st, b)
+
+    # ---- request bodies held at once are capped over all connections (--max-body-bytes-total):
+    # each connection may send up to --max-body-bytes, which alone bounds nothing (20,000
+    # connections of 4 MiB); a body past the total is a 503 with the connection closed, and the
+    # charge goes back when a connection closes or its response ends
+    budget = c.start_frontend(max_body_bytes=1 << 20, max_body_bytes_total=2 << 20)
+    c.wait_workers(budget, 1)
+    big = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+
+    def hold(n):
+        """A connection that sends all of an n-byte body but its last byte, and waits."""
+        s = socket.create_connection(("127.0.0.1", budget.port), timeout=5)
+        s.sendall(big % n + b" " * (n - 1))
+        return s
+
+    def rejected():
+        return bl.metric_sum(bl.metrics(budget.url), "baton_frontend_http_rejections_total", reason="body_budget")
+
+    for rnd in range(2):  # twice: what the first round held was given back
+        held = [hold(1 << 20), hold(1 << 20)]
+        time.sleep(0.3)
+        r0 = rejected()
+        st, hdrs, b, closed = raw(budget.port, big % (1 << 20) + b" " * 100)
+        assert st == 503 and closed and hdrs.get("retry-after") == "1", (rnd, st, hdrs, b[:200], closed)
+        err = json.loads(b)["error"]
+        assert err["code"] == "too_many_request_bytes" and err["type"] == "server_error", err
+        # a chunked body is charged as it grows
+        st, _, b, closed = raw(budget.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                                            b"Transfer-Encoding: chunked\r\n\r\n10\r\n" + b" " * 16 + b"\r\n")
+        assert st == 503 and closed, (rnd, st, b[:200], closed)
+        assert rejected() - r0 == 2, (r0, rejected())
+        held.pop().close()
+        time.sleep(0.3)
+        # room for one body again: a request of the same size is read whole (and served)
+        one = json.dumps(bl.completion_body("budget", max_tokens=2)).encode()
+        one += b" " * ((1 << 20) - len(one))
+        st, _, b, _ = raw(budget.port, (big % len(one)).replace(b"Content-Type", b"Connection: close\r\nContent-Type")
+                          + one)
+        assert st == 200 and json.loads(b)["choices"][0]["text"], (rnd, st, b[:200])
+        # responses give their charge back: one after the other on one keep-alive connection, more
+        # bodies than the total (one body's room is left)
+        kc = http.client.HTTPConnection("127.0.0.1", budget.port, timeout=10)
+        for k in range(3):
+            kc.request("POST", "/v1/completions", body=one, headers={"Content-Type": "application/json"})
+            resp = kc.getresponse()
+            assert resp.status == 200 and json.loads(resp.read())["choices"][0]["text"], (rnd, k, resp.status)
+        kc.close()
+        for s in held:
+            s.close()
+        time.sleep(0.3)
 
     # the frontends still serve
     for f in (fe, keyed):
