@@ -394,7 +394,9 @@ static void conn_error_close(conn *c, int status, const char *msg) {
 /* Charges the connection's request body up to `want` bytes against max_body_total: false, with
  * nothing charged, when that would pass it. Bodies are what one client can make the server hold
  * by sending bytes: up to max_body_bytes on every connection, which alone is no bound (20,000
- * connections of 4 MiB are 80 GB); this one is over all connections (and servers sharing it). */
+ * connections of 4 MiB are 80 GB); this one is over all connections (and servers sharing it).
+ * A body is charged while it is being received (a declared Content-Length whole, from its
+ * headers), and given back when it is dispatched, refused, or its connection closes. */
 static bool body_charge(conn *c, size_t want) {
     bt_http_server *s = c->srv;
     if (!s->cfg.max_body_total || want <= c->body_charged) return true;
@@ -407,7 +409,7 @@ static bool body_charge(conn *c, size_t want) {
     return true;
 }
 
-/* The body is no longer held for the handler: its charge goes back. */
+/* The body is received (or dropped): its charge goes back. */
 static void body_release(conn *c) {
     if (c->body_charged) atomic_fetch_sub(c->srv->bodies, c->body_charged);
     c->body_charged = 0;
@@ -615,7 +617,7 @@ static size_t conn_parse(conn *c, const char *data, size_t len) {
         snprintf(msg, sizeof msg, "request body too large (limit %zu bytes)", c->srv->cfg.max_body_bytes);
         conn_error_close(c, 413, msg);
     } else if (c->err_status == 503) {
-        snprintf(msg, sizeof msg, "the server holds too many request bodies at once (limit %zu bytes); retry",
+        snprintf(msg, sizeof msg, "too many request bodies are being received at once (limit %zu bytes); retry",
                  c->srv->cfg.max_body_total);
         conn_error_close(c, 503, msg);
     } else if (c->err_status == 431 || e == HPE_HEADER_OVERFLOW) {
@@ -673,6 +675,9 @@ static void conn_dispatch(conn *c) {
     r->priority = c->have_hdr[H_PRIORITY] ? c->hdr[H_PRIORITY].data : NULL;
     r->tenant = c->have_hdr[H_TENANT] ? c->hdr[H_TENANT].data : NULL;
 
+    /* received: what the budget bounds is what a client holds by sending bytes slowly or not at
+     * all; a request in flight is bounded by the handler's own limits (requests in flight) */
+    body_release(c);
     c->state = CS_IN_FLIGHT;
     c->req_active = true;
     c->resp_started = c->streaming = c->raw_stream = false;
@@ -927,9 +932,9 @@ static void req_finish(conn *c) {
 /* The response ended: keep the connection for the next request or close it. */
 static void conn_response_done(conn *c, bool close) {
     req_finish(c);
-    /* the handler is done with the body (http.h): its charge goes back, and a large one's memory */
+    /* the handler is done with the body (http.h): a large one's memory goes back now, not when
+     * the connection's next request begins */
     if (c->body.alloc > 64u * 1024u) bt_buf_free(&c->body);
-    body_release(c);
     if (c->closing) return;
     c->state = CS_READING;
     if (close || !c->keep_alive) {

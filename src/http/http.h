@@ -71,11 +71,11 @@ typedef struct {
                                     (SO_REUSEPORT alone would join another process's listener) */
     atomic_size_t *shared_conns; /* if set, max_connections counts the connections of every
                                     server sharing this counter */
-    size_t max_body_total;       /* request body bytes held at once, being received or of a
-                                    request in flight (a declared Content-Length counts whole from
-                                    its headers): a body that would pass it is refused with 503
-                                    and the connection closed. 0 = no cap; else at least
-                                    max_body_bytes (raised to it) */
+    size_t max_body_total;       /* request body bytes being received at once (a declared
+                                    Content-Length counts whole from its headers; given back when
+                                    the request is dispatched): a body that would pass it is
+                                    refused with 503 and the connection closed. 0 = no cap; else
+                                    at least max_body_bytes (raised to it) */
     atomic_size_t *shared_bodies;/* if set, max_body_total counts the bodies of every server
                                     sharing this counter */
 } bt_http_config;               /* zero sizes mean the defaults; a zero timeout disables it */

@@ -18,9 +18,9 @@ wrong:
   * two Authorization or two X-Tenant lines in one request are a 400 malformed_request with the
     connection closed (the last one was used: a proxy checking the first and the frontend reading
     the last saw two different callers);
-  * request bodies held at once over all connections are capped (--max-body-bytes-total): past it a
-    body, declared or chunked, is a 503 too_many_request_bytes with Retry-After and the connection
-    closed; closes and finished responses give their charge back (each connection could hold up to
+  * request bodies being received at once over all connections are capped
+    (--max-body-bytes-total): past it a body, declared or chunked, is a 503 too_many_request_bytes
+    with Retry-After and the connection closed; closes and dispatched requests give their charge back (each connection could hold up to
     --max-body-bytes, 80 GB over 20,000 connections at the defaults);
   * a 405 names the methods the path takes in an Allow header (RFC 9110 §15.5.6: MUST);
   * POST /busy_threshold with an unknown model whose long name is cut inside a UTF-8 character
@@ -264,10 +264,10 @@ with bl.Cluster() as c:
         st, _, b = bl.post_json(fe.url + chat, bl.chat_body("tp", max_tokens=2, top_p=good))
         assert st == 200, (good, st, b)
 
-    # ---- request bodies held at once are capped over all connections (--max-body-bytes-total):
-    # each connection may send up to --max-body-bytes, which alone bounds nothing (20,000
-    # connections of 4 MiB); a body past the total is a 503 with the connection closed, and the
-    # charge goes back when a connection closes or its response ends
+    # ---- request bodies being received at once are capped over all connections
+    # (--max-body-bytes-total): each connection may send up to --max-body-bytes, which alone bounds
+    # nothing (20,000 connections of 4 MiB); a body past the total is a 503 with the connection
+    # closed, and the charge goes back when a connection closes or its request is dispatched
     budget = c.start_frontend(max_body_bytes=1 << 20, max_body_bytes_total=2 << 20)
     c.wait_workers(budget, 1)
     big = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
@@ -296,21 +296,32 @@ with bl.Cluster() as c:
         assert rejected() - r0 == 2, (r0, rejected())
         held.pop().close()
         time.sleep(0.3)
-        # room for one body again: a request of the same size is read whole (and served)
         one = json.dumps(bl.completion_body("budget", max_tokens=2)).encode()
         one += b" " * ((1 << 20) - len(one))
+        # a request in flight holds no charge: a stream of a body of the same size, running
+        long = json.dumps(bl.completion_body("budget", max_tokens=100000, stream=True)).encode()
+        long += b" " * ((1 << 20) - len(long))
+        inflight = socket.create_connection(("127.0.0.1", budget.port), timeout=5)
+        inflight.sendall(big % len(long) + long)
+        seen = b""
+        while b"data:" not in seen:
+            chunk = inflight.recv(65536)
+            assert chunk, seen[:300]
+            seen += chunk
+        assert seen.startswith(b"HTTP/1.1 200 "), seen[:300]
+        # room for one body again: a request of the same size is read whole (and served)
         st, _, b, _ = raw(budget.port, (big % len(one)).replace(b"Content-Type", b"Connection: close\r\nContent-Type")
                           + one)
         assert st == 200 and json.loads(b)["choices"][0]["text"], (rnd, st, b[:200])
-        # responses give their charge back: one after the other on one keep-alive connection, more
-        # bodies than the total (one body's room is left)
+        # dispatched requests give their charge back: one after the other on one keep-alive
+        # connection, more bodies than the total (one body's room is left)
         kc = http.client.HTTPConnection("127.0.0.1", budget.port, timeout=10)
         for k in range(3):
             kc.request("POST", "/v1/completions", body=one, headers={"Content-Type": "application/json"})
             resp = kc.getresponse()
             assert resp.status == 200 and json.loads(resp.read())["choices"][0]["text"], (rnd, k, resp.status)
         kc.close()
-        for s in held:
+        for s in held + [inflight]:
             s.close()
         time.sleep(0.3)
 
