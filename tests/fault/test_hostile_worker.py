@@ -12,6 +12,9 @@ frames of the test's choosing:
     free, later ones are charged to --migration-limit, so the request fails after 12 attempts
     (503 worker_unavailable, or an error event) instead of bouncing between the frontend and the
     worker for ever;
+  * ERROR frames on stream 0 (2,000 of them): the frontend closes the connection at the first
+    (docs/protocol.md §11) with one log line, reconnects and serves; it kept the connection and
+    logged a WARN line per frame;
   * frames the frontend never asked for: TOKENS for a stream it never opened (the next odd id, and
     0xffffffff) and TOKENS and a second FINISH after the FINISH: the answer is exactly what came
     before the first FINISH, and the frontend keeps serving.
@@ -131,6 +134,21 @@ with bl.Cluster() as c:
         s = bl.stream_chat(fe.url, bl.chat_body("moved", max_tokens=50, stream=True), timeout=15)
         assert s.status == 503 and s.error and s.error["code"] == "worker_unavailable", s.summary()
         assert len(fw.requests) - n0 == 12, f"{len(fw.requests) - n0} attempts"
+        # --- ERROR frames on stream 0 (the connection): the frontend closes the connection at the
+        # first, as docs/protocol.md §11 says, logging one line; it reconnects and serves. It used
+        # to keep the connection and log a WARN line per frame
+        behaviour["fn"] = strays
+        conns = fw.accepted
+        fw.send(fk.error(0, 5, "broken " * 20) * 2000)
+        bl.wait_for(lambda: fw.accepted > conns, 20, what="the frontend reconnected to the fake worker")
+        bl.wait_for(lambda: any(m["id"] == "mock-model" for m in bl.get_json(fe.url + "/v1/models")[2]["data"]),
+                    20, what="the fake worker's model listed again")
+        st, _, b = bl.post_json(fe.url + "/v1/chat/completions",
+                                bl.chat_body("after", max_tokens=50, return_token_ids=True), timeout=20)
+        assert st == 200 and b["choices"][0]["message"]["content"] == " a b", (st, b)
+        lines = [ln for ln in fe.proc.log_text().splitlines() if "reports a connection error" in ln]
+        assert len(lines) == 1 and "closing the connection" in lines[0], (len(lines), lines[:3])
+
         assert fe.proc.alive(), "the frontend died"
         st, _, _ = bl.request("GET", fe.url + "/live")
         assert st == 200, st

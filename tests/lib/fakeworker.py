@@ -54,6 +54,7 @@ class FakeWorker:
         self.control = []  # (frame type, stream id) of every STOP and KILL
         self._lock = threading.Lock()
         self._conns = []
+        self.accepted = 0  # connections the frontend opened, over time
         self._closed = False
         self._ls = socket.socket()
         self._ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -102,9 +103,18 @@ class FakeWorker:
                 return
             with self._lock:
                 self._conns.append(c)
+                self.accepted += 1
             threading.Thread(target=self._serve, args=(c,), daemon=True).start()
 
     def _serve(self, c):
+        try:
+            self._read(c)
+        finally:
+            with self._lock:
+                if c in self._conns:
+                    self._conns.remove(c)
+
+    def _read(self, c):
         buf = b""
         while True:
             try:
