@@ -240,6 +240,7 @@ struct fe_req {
     char body_digest[65];   /* of the client's body, before the frontend changes anything (resume.c) */
     bool resumed;           /* built from the journal by a resume: no new record, no admission */
     bool overran;           /* a worker sent tokens past max_tokens (dropped; logged once) */
+    bool kv_refused_logged; /* a KV state of it was not relayed, and that was logged (once) */
     fe_jsnap *replay;       /* a resume's copy of the record while its events are being replayed */
     size_t replay_ev;       /* the next event of `replay` to write */
     int replay_tail;        /* where the replay ends (resume.c) */

@@ -419,8 +419,12 @@ void fe_attempt_on_kvstate(fe_attempt *a, uint64_t total, uint64_t offset, const
         if (!k->bad && !(k->data = malloc(total))) k->bad = true;
         if (k->bad && total) {
             if (counted) atomic_fetch_sub(&kv_held, total);
-            BT_INFO("request %s: KV state of %" PRIu64 " bytes not relayed (cap %" PRIu64 " per state, %" PRIu64
-                    " for all)", a->req->rid, total, BT_KV_RELAY_MAX, FE_KV_TOTAL_MAX);
+            /* once per request: a worker that sends state after state (20,000 in one read) must not
+             * make a log line of each */
+            if (!a->req->kv_refused_logged)
+                BT_INFO("request %s: KV state of %" PRIu64 " bytes not relayed (cap %" PRIu64 " per state, %" PRIu64
+                        " for all)", a->req->rid, total, BT_KV_RELAY_MAX, FE_KV_TOTAL_MAX);
+            a->req->kv_refused_logged = true;
         }
     }
     if (k->bad || !k->data) return;

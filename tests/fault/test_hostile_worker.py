@@ -15,6 +15,8 @@ frames of the test's choosing:
   * ERROR frames on stream 0 (2,000 of them): the frontend closes the connection at the first
     (docs/protocol.md §11) with one log line, reconnects and serves; it kept the connection and
     logged a WARN line per frame;
+  * 5,000 first pieces of a KV state over the frontend's cap on one stream: refused, with one log
+    line for the request (there was one per piece);
   * frames the frontend never asked for: TOKENS for a stream it never opened (the next odd id, and
     0xffffffff) and TOKENS and a second FINISH after the FINISH: the answer is exactly what came
     before the first FINISH, and the frontend keeps serving.
@@ -54,6 +56,13 @@ def always_moved(fw, stream, payload):
     attempt: without reports, the estimates of the attempts routed to it would make it busy)."""
     fw.send(fk.load())
     fw.send(fk.error(stream, 20, "moved away"))
+
+
+def kv_flood(fw, stream, payload):
+    """5,000 first pieces of a KV state over the frontend's cap (2^32 bytes), then an answer."""
+    fw.send(fk.kvstate(stream, 1 << 32, 0) * 5000)
+    fw.send(fk.tokens(stream, [1], " a"))
+    fw.send(fk.finish(stream, fk.FINISH_STOP, 7, 1))
 
 
 def positions(s, what):
@@ -148,6 +157,14 @@ with bl.Cluster() as c:
         assert st == 200 and b["choices"][0]["message"]["content"] == " a b", (st, b)
         lines = [ln for ln in fe.proc.log_text().splitlines() if "reports a connection error" in ln]
         assert len(lines) == 1 and "closing the connection" in lines[0], (len(lines), lines[:3])
+
+        # --- KV states over the cap, 5,000 in a row on one stream: refused, logged once
+        behaviour["fn"] = kv_flood
+        st, _, b = bl.post_json(fe.url + "/v1/chat/completions", bl.chat_body("kv", max_tokens=50), timeout=20)
+        assert st == 200 and b["choices"][0]["message"]["content"] == " a", (st, b)
+        rid = b["id"].split("-", 1)[1]
+        lines = [ln for ln in fe.proc.log_text().splitlines() if "not relayed" in ln and rid in ln]
+        assert len(lines) == 1, (len(lines), lines[:3])
 
         assert fe.proc.alive(), "the frontend died"
         st, _, _ = bl.request("GET", fe.url + "/live")

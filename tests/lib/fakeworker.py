@@ -8,7 +8,7 @@ whatever frames it likes (tokens past max_tokens, frames for streams never opene
     fw.close()
 
 on_request runs on the fake worker's connection thread; it sends with fw.send(frame bytes), built
-with tokens(), finish(), error(), load(). No request-plane secret (AUTH): use it with frontends that have
+with tokens(), finish(), error(), load(), kvstate(). No request-plane secret (AUTH): use it with frontends that have
 none."""
 
 import json
@@ -20,6 +20,7 @@ import threading
 import time
 
 HELLO, REQUEST, TOKENS, FINISH, ERROR, STOP, KILL, PING, PONG, LOAD, GOAWAY = range(1, 12)
+KVSTATE = 13
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = 0, 1, 2
 
 
@@ -40,6 +41,11 @@ def load(total_blocks=16384, active_blocks=0, waiting=0, running=0, ready=True):
     """A LOAD frame (stream 0): the worker's load report, ready unless told."""
     return frame(LOAD, 0, struct.pack(">QQQQQQI", active_blocks, total_blocks, 0, waiting, running, 8192,
                                       1 if ready else 0))
+
+
+def kvstate(stream, total, offset, data=b""):
+    """A KVSTATE frame: one piece of a KV state of `total` bytes."""
+    return frame(KVSTATE, stream, struct.pack(">QQ", total, offset) + data)
 
 
 def error(stream, code, msg):
