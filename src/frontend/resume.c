@@ -126,7 +126,9 @@ bool fe_body_digest(const json_t *body, char out[65]) {
 static void refuse(fe *f, bt_http_req *http, fe_resume_outcome why, int status, const char *code, const char *msg,
                    const char *sid) {
     f->resumes[why]++;
-    BT_INFO("resume of stream %s refused (%d): %s", sid && *sid ? sid : "-", status, msg);
+    /* a client's error (4xx), at debug as every other (docs/security.md): a client sending guessed
+     * ids must not fill the log; the counter above shows them */
+    BT_DEBUG("resume of stream %s refused (%d): %s", sid && *sid ? sid : "-", status, msg);
     fe_json_error(http, NULL, status, code, "%s", msg);
 }
 

@@ -15,6 +15,8 @@ wrong:
   * an HTTP/1.1 request without a Host header, or any request with more than one, is a 400
     malformed_request with the connection closed (RFC 9112 §3.2: MUST; they were served); an
     HTTP/1.0 request without Host is served, as is an empty Host (a target without an authority);
+  * refused resumes (404 unknown id, 400 malformed Last-Event-ID) are not logged at the default
+    level, as every client error (they were an INFO line each);
   * two Authorization or two X-Tenant lines in one request are a 400 malformed_request with the
     connection closed (the last one was used: a proxy checking the first and the frontend reading
     the last saw two different callers);
@@ -221,6 +223,20 @@ with bl.Cluster() as c:
     # and a keep-alive connection's next request without Host is refused after the first is served
     mixed = bl.raw_exchange(fe.port, b"GET /live HTTP/1.1\r\nHost: x\r\n\r\nGET /live HTTP/1.1\r\n\r\n")
     assert mixed.startswith(b"HTTP/1.1 200 ") and mixed.count(b"HTTP/1.1 400 ") == 1, mixed[:400]
+
+    # ---- refused resumes are client errors: answered (and counted), never logged at the default
+    # level, so that a client guessing stream ids cannot fill the log (they were an INFO line each)
+    lines0 = fe.proc.log_text().count("\n")
+    for k in range(40):
+        st, _, b = bl.request("GET", fe.url + f"{chat}/{k:032x}")
+        assert st == 404 and json.loads(b)["error"]["code"] == "stream_not_found", (st, b)
+        st, _, b = bl.request("POST", fe.url + chat, json.dumps(bl.chat_body("x", stream=True)).encode(),
+                              {"Content-Type": "application/json", "Last-Event-ID": f"{k:032x}:not-a-position"})
+        assert st == 400 and json.loads(b)["error"]["code"] == "invalid_value", (st, b)
+    time.sleep(0.2)
+    new_lines = fe.proc.log_text().splitlines()[lines0:]
+    assert not [ln for ln in new_lines if "refused" in ln], [ln for ln in new_lines if "refused" in ln][:3]
+    assert bl.metric_sum(bl.metrics(fe.url), "baton_frontend_stream_resumes_total", outcome="not_found") >= 40
 
     # ---- Authorization and X-Tenant say who calls: two lines of either (which a proxy may read as
     # the first and this server as the last) are a 400 malformed_request, connection closed, even
