@@ -151,6 +151,7 @@ typedef struct {
 #define REQ_CONN(r) ((conn *)(void *)((char *)(r) - offsetof(conn, req)))
 
 static void conn_close(conn *c);
+static void body_release(conn *c);
 static void conn_linger(conn *c);
 static void conn_resume(conn *c);
 static void server_maybe_finish(bt_http_server *s);
@@ -377,6 +378,8 @@ static void conn_error_close(conn *c, int status, const char *msg) {
                    status, bt_http_reason(status), body.len, status == 503 ? "Retry-After: 1\r\n" : "");
     uv_buf_t bufs[2] = {uv_buf_init(head.data, (unsigned)head.len), uv_buf_init(body.data, (unsigned)body.len)};
     BT_DEBUG("http: %d: %s", status, msg);
+    body_release(c); /* nothing more of it is kept: the connection lingers only to be read out */
+    bt_buf_free(&c->body);
     if (status == 413) c->srv->stats.body_too_large++;
     else if (status == 431) c->srv->stats.header_too_large++;
     else if (status == 503) c->srv->stats.body_budget++;

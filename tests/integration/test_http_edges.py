@@ -341,6 +341,23 @@ with bl.Cluster() as c:
             s.close()
         time.sleep(0.3)
 
+    # a refused request gives its body back at once, not when its lingering connection closes: a
+    # chunked body of 1 MiB broken by a bad chunk size is a 400, its connection left open by the
+    # client, and the whole total is free again
+    bad = socket.create_connection(("127.0.0.1", budget.port), timeout=5)
+    bad.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" +
+                b"%x\r\n" % (1 << 20) + b" " * (1 << 20) + b"\r\nZZZ\r\n")
+    got = b""
+    while b"\r\n\r\n" not in got:
+        got += bad.recv(65536)
+    assert got.startswith(b"HTTP/1.1 400 "), got[:200]
+    r0 = rejected()
+    held = [hold(1 << 20), hold(1 << 20)]
+    time.sleep(0.3)
+    assert rejected() == r0, (r0, rejected())
+    for s in held + [bad]:
+        s.close()
+
     # the frontends still serve
     for f in (fe, keyed):
         st, _, b = bl.post_json(f.url + chat, bl.chat_body("still there?", max_tokens=3),
