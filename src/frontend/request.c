@@ -612,7 +612,7 @@ void fe_request_deliver(fe_req *r, const uint32_t *ids, size_t n, const char *te
          * client text past its limit in events that all repeat the last position's id (the
          * journal and a resume rely on positions growing), and a whole answer text its token ids
          * do not account for. The frame is dropped; the worker's FINISH still ends the request.
-         * A frame of text alone (n = 0) is a flush of held-back bytes of tokens already counted. */
+         * (A frame without ids never gets here: fe_attempt_on_tokens ignores it.) */
         if (!r->overran)
             BT_WARN("request %s: worker %" PRIx64 " sent tokens past max_tokens %" PRId64 "; dropping them", r->rid,
                     r->attempt && r->attempt->worker ? r->attempt->worker->id : 0, r->max_tokens);
