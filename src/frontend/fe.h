@@ -239,6 +239,8 @@ struct fe_req {
     fe_jtail jtail;         /* how the request ended, for its journal record */
     char body_digest[65];   /* of the client's body, before the frontend changes anything (resume.c) */
     bool resumed;           /* built from the journal by a resume: no new record, no admission */
+    bool overran;           /* a worker sent tokens past max_tokens (dropped; logged once) */
+    bool kv_refused_logged; /* a KV state of it was not relayed, and that was logged (once) */
     fe_jsnap *replay;       /* a resume's copy of the record while its events are being replayed */
     size_t replay_ev;       /* the next event of `replay` to write */
     int replay_tail;        /* where the replay ends (resume.c) */
@@ -263,6 +265,7 @@ typedef struct {
     const char *api_key;
     bool metrics_api_key_required; /* /metrics needs the API key too (frontend.c: routes) */
     int64_t max_body;
+    int64_t max_body_total; /* request body bytes being received at once by all connections; 0 = no cap */
     int64_t drain_timeout;
     int64_t accept_window_ms;
     int64_t header_timeout_ms;
@@ -367,6 +370,7 @@ struct fe_group {
     fe *shard[FE_MAX_THREADS];
     atomic_size_t nreqs; /* requests in flight in all shards (--max-concurrent-requests) */
     atomic_size_t nconns; /* client connections open in all shards (--max-connections) */
+    atomic_size_t nbodies; /* request body bytes being received in all shards (--max-body-bytes-total) */
     atomic_uint_fast64_t admitted; /* requests ever admitted in all shards (the idle trim's clock) */
     atomic_int running;   /* threads of shards 1..n-1 whose loop has not ended */
     int64_t started_wall_s; /* Unix time the process started: "created" of /v1/models */

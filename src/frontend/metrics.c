@@ -172,6 +172,7 @@ void fe_metrics_collect(fe *f, bt_metrics *r) {
     bt_metrics_add(fam, (double)hs.header_too_large, "reason", "header_too_large", NULL);
     bt_metrics_add(fam, (double)hs.header_timeout, "reason", "header_timeout", NULL);
     bt_metrics_add(fam, (double)hs.slow_reader, "reason", "slow_reader", NULL);
+    bt_metrics_add(fam, (double)hs.body_budget, "reason", "body_budget", NULL);
     bt_metrics_add(
         bt_metrics_counter(r, "baton_frontend_limit_rejections_total", "Requests refused by --max-concurrent-requests"),
         (double)f->limit_rejections, NULL);

@@ -34,6 +34,12 @@
 #define FE_KV_TOTAL_MAX ((uint64_t)4 << 30)
 static _Atomic uint64_t kv_held; /* bytes of states held, over every loop thread */
 
+/* Moves of one request (BT_ERR_MOVED) charged to no budget. A rebalance moves a stream once; a
+ * worker that answers every REQUEST with MOVED (broken, or hostile) would bounce a request between
+ * itself and the frontend for ever, at network speed and with a log line each time. Past these
+ * many, a move is charged as any migratable failure, so the budget ends it. */
+#define FE_MOVES_FREE 8
+
 /* The output a request with no max_tokens is assumed to take, for the worker's pending KV
  * estimate until its next load report (the worker's --default-max-tokens decides the real one). */
 #define MAX_TOKENS_GUESS 256u
@@ -331,10 +337,13 @@ static void attempt_failed(fe_req *r, bt_status code, const char *msg) {
      * requests a failure touched; the exhausted counter shows how many of them it cost */
     if (r->nids > 0) r->model->st.migrations_ongoing++;
     else r->model->st.migrations_new++;
-    if (code == BT_ERR_MOVED) {
+    if (code == BT_ERR_MOVED && r->moves >= FE_MOVES_FREE) /* at most once per charged attempt */
+        BT_WARN("request %s: moved %d times by its workers already; this move is charged to its migration budget",
+                r->rid, r->moves);
+    if (code == BT_ERR_MOVED && r->moves < FE_MOVES_FREE) {
         /* moved by its operator (POST /rebalance), not failed: neither --migration-limit nor the
          * retry budget is charged, so a request with migration off survives a rebalance, and one
-         * rebalanced before a real failure still has its whole budget for it */
+         * rebalanced before a real failure still has its whole budget for it (FE_MOVES_FREE times) */
         r->attempts_left++;
         r->moves++;
         if (r->state != FE_REQ_MIGRATING) r->t_fail_us = bt_now_us();
@@ -410,8 +419,12 @@ void fe_attempt_on_kvstate(fe_attempt *a, uint64_t total, uint64_t offset, const
         if (!k->bad && !(k->data = malloc(total))) k->bad = true;
         if (k->bad && total) {
             if (counted) atomic_fetch_sub(&kv_held, total);
-            BT_INFO("request %s: KV state of %" PRIu64 " bytes not relayed (cap %" PRIu64 " per state, %" PRIu64
-                    " for all)", a->req->rid, total, BT_KV_RELAY_MAX, FE_KV_TOTAL_MAX);
+            /* once per request: a worker that sends state after state (20,000 in one read) must not
+             * make a log line of each */
+            if (!a->req->kv_refused_logged)
+                BT_INFO("request %s: KV state of %" PRIu64 " bytes not relayed (cap %" PRIu64 " per state, %" PRIu64
+                        " for all)", a->req->rid, total, BT_KV_RELAY_MAX, FE_KV_TOTAL_MAX);
+            a->req->kv_refused_logged = true;
         }
     }
     if (k->bad || !k->data) return;

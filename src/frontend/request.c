@@ -606,6 +606,19 @@ void fe_attempts_prefetch(fe_attempt *const *as, size_t n) {
 
 void fe_request_deliver(fe_req *r, const uint32_t *ids, size_t n, const char *text, size_t len, uint64_t now) {
     fe_stats *st = &r->model->st;
+    if (n && r->max_tokens >= 0 && r->nids >= (size_t)r->max_tokens) {
+        /* A worker that goes on past max_tokens (a broken or hostile engine): its tokens, and the
+         * text that comes with them, are not part of the answer. Written, they would give the
+         * client text past its limit in events that all repeat the last position's id (the
+         * journal and a resume rely on positions growing), and a whole answer text its token ids
+         * do not account for. The frame is dropped; the worker's FINISH still ends the request.
+         * (A frame without ids never gets here: fe_attempt_on_tokens ignores it.) */
+        if (!r->overran)
+            BT_WARN("request %s: worker %" PRIx64 " sent tokens past max_tokens %" PRId64 "; dropping them", r->rid,
+                    r->attempt && r->attempt->worker ? r->attempt->worker->id : 0, r->max_tokens);
+        r->overran = true;
+        return;
+    }
     if (r->nids == 0) {
         r->t_first_us = now;
         fe_hist_observe(&st->ttft, (double)(now - r->t_start_us) / 1e6);
@@ -676,6 +689,9 @@ void fe_request_finish(fe_req *r, uint8_t reason, uint32_t prompt_tokens, uint32
         return;
     }
     r->prompt_tokens = prompt_tokens;
+    /* usage never counts more than the answer may hold: tokens a worker sent past max_tokens were
+     * dropped (fe_request_deliver) */
+    if (r->max_tokens >= 0 && completion_tokens > (uint64_t)r->max_tokens) completion_tokens = (uint32_t)r->max_tokens;
     r->completion_tokens = completion_tokens;
     const char *why = bt_finish_reason_name((bt_finish_reason)reason);
     if (r->stream) finish_streaming(r, why);

@@ -38,6 +38,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "common/jcanon.h"
 #include "common/log.h"
@@ -87,6 +88,12 @@ void fe_key_mac(fe *f, const bt_http_req *http, uint8_t out[FE_KEY_MAC_LEN]) {
     memset(out, 0, FE_KEY_MAC_LEN);
     if (!f->o.api_key || !*f->o.api_key) return;
     const char *a = http && http->authorization ? http->authorization : "";
+    /* the key, not the header's spelling: every form the API accepts for one key ("Bearer KEY",
+     * "bearer  KEY", ...: frontend.c, authorized) is the same credential, and resumes as it */
+    if (strncasecmp(a, "Bearer ", 7) == 0) {
+        a += 7;
+        while (*a == ' ') a++;
+    }
     unsigned int len = FE_KEY_MAC_LEN;
     HMAC(EVP_sha256(), f->grp->mac_secret, (int)sizeof f->grp->mac_secret, (const unsigned char *)a, strlen(a), out,
          &len);
@@ -119,7 +126,9 @@ bool fe_body_digest(const json_t *body, char out[65]) {
 static void refuse(fe *f, bt_http_req *http, fe_resume_outcome why, int status, const char *code, const char *msg,
                    const char *sid) {
     f->resumes[why]++;
-    BT_INFO("resume of stream %s refused (%d): %s", sid && *sid ? sid : "-", status, msg);
+    /* a client's error (4xx), at debug as every other (docs/security.md): a client sending guessed
+     * ids must not fill the log; the counter above shows them */
+    BT_DEBUG("resume of stream %s refused (%d): %s", sid && *sid ? sid : "-", status, msg);
     fe_json_error(http, NULL, status, code, "%s", msg);
 }
 

@@ -89,6 +89,8 @@ struct bt_http_server {
     void (*done)(void *ud);
     void *done_ud;
     bt_pool conn_pool; /* closed connections' memory, for the next accepts */
+    atomic_size_t own_bodies; /* body bytes charged (max_body_total) when no counter is shared */
+    atomic_size_t *bodies;    /* cfg.shared_bodies, or &own_bodies */
     char rbuf[READ_BUF_SIZE];
 };
 
@@ -121,6 +123,7 @@ struct conn {
     bool have_hdr[H_COUNT];
     bt_buf hdr[H_COUNT];
     bt_buf url, body;
+    size_t body_charged; /* bytes of this connection's body charged against max_body_total */
     bt_buf pending; /* pipelined bytes received while a request was in flight */
     bool discarding; /* pipelined input overflowed: drop all input, close after the response */
     /* the response */
@@ -148,6 +151,7 @@ typedef struct {
 #define REQ_CONN(r) ((conn *)(void *)((char *)(r) - offsetof(conn, req)))
 
 static void conn_close(conn *c);
+static void body_release(conn *c);
 static void conn_linger(conn *c);
 static void conn_resume(conn *c);
 static void server_maybe_finish(bt_http_server *s);
@@ -200,6 +204,8 @@ void bt_http_config_default(bt_http_config *c) {
     c->reuse_port = false;
     c->reuse_port_first = false;
     c->shared_conns = NULL;
+    c->max_body_total = 0;
+    c->shared_bodies = NULL;
 }
 
 static uint64_t timer_ms(const conn *c, timer_mode m) {
@@ -360,16 +366,23 @@ static void conn_error_close(conn *c, int status, const char *msg) {
     bt_buf_append_str(&body, "{\"error\":{\"message\":\"");
     bt_buf_append_json_str(&body, msg, strlen(msg));
     /* OpenAI's error shape, as the frontend's own errors (a string code) */
-    bt_buf_appendf(&body, "\",\"type\":\"invalid_request_error\",\"param\":null,\"code\":\"%s\"}}",
-                   status == 413 ? "request_too_large" : status == 431 ? "headers_too_large" : "malformed_request");
+    bt_buf_appendf(&body, "\",\"type\":\"%s\",\"param\":null,\"code\":\"%s\"}}",
+                   status >= 500 ? "server_error" : "invalid_request_error",
+                   status == 413   ? "request_too_large"
+                   : status == 431 ? "headers_too_large"
+                   : status == 503 ? "too_many_request_bytes"
+                                   : "malformed_request");
     bt_buf_appendf(&head,
                    "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n"
-                   "Connection: close\r\n\r\n",
-                   status, bt_http_reason(status), body.len);
+                   "%sConnection: close\r\n\r\n",
+                   status, bt_http_reason(status), body.len, status == 503 ? "Retry-After: 1\r\n" : "");
     uv_buf_t bufs[2] = {uv_buf_init(head.data, (unsigned)head.len), uv_buf_init(body.data, (unsigned)body.len)};
     BT_DEBUG("http: %d: %s", status, msg);
+    body_release(c); /* nothing more of it is kept: the connection lingers only to be read out */
+    bt_buf_free(&c->body);
     if (status == 413) c->srv->stats.body_too_large++;
     else if (status == 431) c->srv->stats.header_too_large++;
+    else if (status == 503) c->srv->stats.body_budget++;
     else c->srv->stats.bad_request++;
     conn_write(c, bufs, 2);
     bt_buf_free(&body);
@@ -380,6 +393,30 @@ static void conn_error_close(conn *c, int status, const char *msg) {
 /* ---------------------------------------------------------------------------------------------
  * Parser callbacks. They only collect; a complete message pauses the parser and is dispatched
  * after http_parser_execute returns, so the handler never runs inside the parser. */
+
+/* Charges the connection's request body up to `want` bytes against max_body_total: false, with
+ * nothing charged, when that would pass it. Bodies are what one client can make the server hold
+ * by sending bytes: up to max_body_bytes on every connection, which alone is no bound (20,000
+ * connections of 4 MiB are 80 GB); this one is over all connections (and servers sharing it).
+ * A body is charged while it is being received (a declared Content-Length whole, from its
+ * headers), and given back when it is dispatched, refused, or its connection closes. */
+static bool body_charge(conn *c, size_t want) {
+    bt_http_server *s = c->srv;
+    if (!s->cfg.max_body_total || want <= c->body_charged) return true;
+    size_t extra = want - c->body_charged;
+    if (atomic_fetch_add(s->bodies, extra) + extra > s->cfg.max_body_total) {
+        atomic_fetch_sub(s->bodies, extra);
+        return false;
+    }
+    c->body_charged = want;
+    return true;
+}
+
+/* The body is received (or dropped): its charge goes back. */
+static void body_release(conn *c) {
+    if (c->body_charged) atomic_fetch_sub(c->srv->bodies, c->body_charged);
+    c->body_charged = 0;
+}
 
 static void conn_reset_request(conn *c) {
     c->headers_done = c->hdr_in_value = false;
@@ -398,6 +435,7 @@ static void conn_reset_request(conn *c) {
     /* Do not let one large body pin memory on an idle keep-alive connection. */
     if (c->body.alloc > 64u * 1024u) bt_buf_free(&c->body);
     bt_buf_reset(&c->body);
+    body_release(c);
 }
 
 static bool count_header_bytes(conn *c, size_t n) {
@@ -463,9 +501,19 @@ static int cb_header_value(http_parser *p, const char *at, size_t len) {
             if (strcasecmp(c->hdr_name, "host") == 0) c->n_host++;
             for (int i = 0; i < H_COUNT; i++) {
                 if (strcasecmp(c->hdr_name, interesting_headers[i]) == 0) {
+                    /* Authorization and X-Tenant say who the caller is. A second line of either
+                     * would be read by this server as the last one and by a proxy in front
+                     * perhaps as the first (the one it checked): a request that is one caller to
+                     * the proxy and another here. Both are singleton fields (RFC 9110 §5.3). */
+                    if (c->have_hdr[i] && (i == H_AUTHORIZATION || i == H_TENANT)) {
+                        c->err_status = 400;
+                        c->err_why = i == H_AUTHORIZATION ? "more than one Authorization header"
+                                                          : "more than one X-Tenant header";
+                        return -1;
+                    }
                     c->cur_hdr = i;
                     c->have_hdr[i] = true;
-                    bt_buf_reset(&c->hdr[i]); /* a repeated header: the last one wins */
+                    bt_buf_reset(&c->hdr[i]); /* another repeated header: the last one wins */
                     bt_buf_append(&c->hdr[i], "", 0);
                     break;
                 }
@@ -501,6 +549,10 @@ static int cb_headers_complete(http_parser *p) {
         c->err_status = 413;
         return -1;
     }
+    if (has_cl && !body_charge(c, (size_t)p->content_length)) { /* before a 100 Continue asks for it */
+        c->err_status = 503;
+        return -1;
+    }
     c->is_head = p->method == HTTP_HEAD;
     c->http10 = p->http_major < 1 || (p->http_major == 1 && p->http_minor == 0);
     /* RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without a Host header and to
@@ -524,6 +576,10 @@ static int cb_headers_complete(http_parser *p) {
 
 static int cb_body(http_parser *p, const char *at, size_t len) {
     conn *c = p->data;
+    if (!body_charge(c, c->body.len + len)) { /* a chunked body, as it grows */
+        c->err_status = 503;
+        return -1;
+    }
     if (bt_buf_append(&c->body, at, len) != BT_OK) {
         c->err_status = 413;
         return -1;
@@ -563,6 +619,10 @@ static size_t conn_parse(conn *c, const char *data, size_t len) {
     if (c->err_status == 413) {
         snprintf(msg, sizeof msg, "request body too large (limit %zu bytes)", c->srv->cfg.max_body_bytes);
         conn_error_close(c, 413, msg);
+    } else if (c->err_status == 503) {
+        snprintf(msg, sizeof msg, "too many request bodies are being received at once (limit %zu bytes); retry",
+                 c->srv->cfg.max_body_total);
+        conn_error_close(c, 503, msg);
     } else if (c->err_status == 431 || e == HPE_HEADER_OVERFLOW) {
         snprintf(msg, sizeof msg, "request header section too large (limit %zu bytes)",
                  c->srv->cfg.max_header_bytes);
@@ -618,6 +678,9 @@ static void conn_dispatch(conn *c) {
     r->priority = c->have_hdr[H_PRIORITY] ? c->hdr[H_PRIORITY].data : NULL;
     r->tenant = c->have_hdr[H_TENANT] ? c->hdr[H_TENANT].data : NULL;
 
+    /* received: what the budget bounds is what a client holds by sending bytes slowly or not at
+     * all; a request in flight is bounded by the handler's own limits (requests in flight) */
+    body_release(c);
     c->state = CS_IN_FLIGHT;
     c->req_active = true;
     c->resp_started = c->streaming = c->raw_stream = false;
@@ -730,6 +793,7 @@ static void on_timer(uv_timer_t *t) {
 }
 
 static void conn_free(conn *c) {
+    body_release(c);
     for (int i = 0; i < H_COUNT; i++) bt_buf_free(&c->hdr[i]);
     bt_buf_free(&c->url);
     bt_buf_free(&c->body);
@@ -871,6 +935,9 @@ static void req_finish(conn *c) {
 /* The response ended: keep the connection for the next request or close it. */
 static void conn_response_done(conn *c, bool close) {
     req_finish(c);
+    /* the handler is done with the body (http.h): a large one's memory goes back now, not when
+     * the connection's next request begins */
+    if (c->body.alloc > 64u * 1024u) bt_buf_free(&c->body);
     if (c->closing) return;
     c->state = CS_READING;
     if (close || !c->keep_alive) {
@@ -1152,6 +1219,9 @@ bt_status bt_http_server_start(uv_loop_t *loop, const bt_http_config *cfg, const
     if (!s->cfg.max_body_bytes) s->cfg.max_body_bytes = def.max_body_bytes;
     if (!s->cfg.max_connections) s->cfg.max_connections = def.max_connections;
     if (!s->cfg.write_backlog_max) s->cfg.write_backlog_max = def.write_backlog_max;
+    if (s->cfg.max_body_total && s->cfg.max_body_total < s->cfg.max_body_bytes)
+        s->cfg.max_body_total = s->cfg.max_body_bytes; /* else a body within its own cap could never pass */
+    s->bodies = s->cfg.shared_bodies ? s->cfg.shared_bodies : &s->own_bodies;
     s->h = *h;
     s->ud = ud;
     int r = 0;

@@ -71,6 +71,13 @@ typedef struct {
                                     (SO_REUSEPORT alone would join another process's listener) */
     atomic_size_t *shared_conns; /* if set, max_connections counts the connections of every
                                     server sharing this counter */
+    size_t max_body_total;       /* request body bytes being received at once (a declared
+                                    Content-Length counts whole from its headers; given back when
+                                    the request is dispatched): a body that would pass it is
+                                    refused with 503 and the connection closed. 0 = no cap; else
+                                    at least max_body_bytes (raised to it) */
+    atomic_size_t *shared_bodies;/* if set, max_body_total counts the bodies of every server
+                                    sharing this counter */
 } bt_http_config;               /* zero sizes mean the defaults; a zero timeout disables it */
 
 void bt_http_config_default(bt_http_config *c);
@@ -98,6 +105,7 @@ typedef struct {
     uint64_t header_too_large;/* 431 */
     uint64_t header_timeout;  /* a request not received whole in time (slowloris, idle opener) */
     uint64_t slow_reader;     /* a client that stopped reading past the backlog cap */
+    uint64_t body_budget;     /* 503: a body past max_body_total */
 } bt_http_stats;
 void bt_http_server_stats(const bt_http_server *s, bt_http_stats *out);
 /* Closes every connection (in-flight requests get on_abort) and frees the server once all

@@ -426,7 +426,12 @@ def main():
         assert wrong.status == 401, wrong.summary()
         rest = stream(fe, api, b, headers={"Last-Event-ID": cut.last_event_id, **auth})
         assert check_exact(Joined([cut, rest]), ref) is None, rest.summary()
-        print("api key: a resume without the key or with a wrong one -> 401; with it, exact", flush=True)
+        # the same key in another spelling the API accepts (scheme case, spaces) is the same credential
+        cut = stream(fe, api, b, abort_after=4, headers=auth)
+        rest = stream(fe, api, b, headers={"Last-Event-ID": cut.last_event_id, "Authorization": "bEARER   sekrit"})
+        assert rest.status == 200 and check_exact(Joined([cut, rest]), ref) is None, rest.summary()
+        print("api key: a resume without the key or with a wrong one -> 401; with it, in any accepted spelling, "
+              "exact", flush=True)
 
         cut = stream(fe, api, b, abort_after=4, headers=auth)
         exp0 = jstat(fe, "baton_frontend_stream_journal_evictions_total", reason="expired")

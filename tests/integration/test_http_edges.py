@@ -15,6 +15,15 @@ wrong:
   * an HTTP/1.1 request without a Host header, or any request with more than one, is a 400
     malformed_request with the connection closed (RFC 9112 §3.2: MUST; they were served); an
     HTTP/1.0 request without Host is served, as is an empty Host (a target without an authority);
+  * refused resumes (404 unknown id, 400 malformed Last-Event-ID) are not logged at the default
+    level, as every client error (they were an INFO line each);
+  * two Authorization or two X-Tenant lines in one request are a 400 malformed_request with the
+    connection closed (the last one was used: a proxy checking the first and the frontend reading
+    the last saw two different callers);
+  * request bodies being received at once over all connections are capped
+    (--max-body-bytes-total): past it a body, declared or chunked, is a 503 too_many_request_bytes
+    with Retry-After and the connection closed; closes and dispatched requests give their charge back (each connection could hold up to
+    --max-body-bytes, 80 GB over 20,000 connections at the defaults);
   * a 405 names the methods the path takes in an Allow header (RFC 9110 §15.5.6: MUST);
   * POST /busy_threshold with an unknown model whose long name is cut inside a UTF-8 character
     answers its 404 error message (the body was "{}");
@@ -22,8 +31,10 @@ wrong:
     `temperature` is (it was ignored: "0.9" sampled as top_p 1); null and 0..1 pass.
 """
 
+import http.client
 import json
 import socket
+import time
 
 import batonlib as bl
 
@@ -213,6 +224,40 @@ with bl.Cluster() as c:
     mixed = bl.raw_exchange(fe.port, b"GET /live HTTP/1.1\r\nHost: x\r\n\r\nGET /live HTTP/1.1\r\n\r\n")
     assert mixed.startswith(b"HTTP/1.1 200 ") and mixed.count(b"HTTP/1.1 400 ") == 1, mixed[:400]
 
+    # ---- refused resumes are client errors: answered (and counted), never logged at the default
+    # level, so that a client guessing stream ids cannot fill the log (they were an INFO line each)
+    lines0 = fe.proc.log_text().count("\n")
+    for k in range(40):
+        st, _, b = bl.request("GET", fe.url + f"{chat}/{k:032x}")
+        assert st == 404 and json.loads(b)["error"]["code"] == "stream_not_found", (st, b)
+        st, _, b = bl.request("POST", fe.url + chat, json.dumps(bl.chat_body("x", stream=True)).encode(),
+                              {"Content-Type": "application/json", "Last-Event-ID": f"{k:032x}:not-a-position"})
+        assert st == 400 and json.loads(b)["error"]["code"] == "invalid_value", (st, b)
+    time.sleep(0.2)
+    new_lines = fe.proc.log_text().splitlines()[lines0:]
+    assert not [ln for ln in new_lines if "refused" in ln], [ln for ln in new_lines if "refused" in ln][:3]
+    assert bl.metric_sum(bl.metrics(fe.url), "baton_frontend_stream_resumes_total", outcome="not_found") >= 40
+
+    # ---- Authorization and X-Tenant say who calls: two lines of either (which a proxy may read as
+    # the first and this server as the last) are a 400 malformed_request, connection closed, even
+    # when the last one holds the right key; one line of each is served, and the count is per request
+    ok_key = b"Authorization: Bearer sekrit\r\n"
+    dups = [(b"Authorization: Bearer nope\r\n" + ok_key, "more than one Authorization header"),
+            (ok_key + b"authorization: Bearer sekrit\r\n", "more than one Authorization header"),
+            (ok_key + b"X-Tenant: a\r\nx-tenant: b\r\n", "more than one X-Tenant header")]
+    for hdrs, why in dups:
+        for path in (b"/v1/models", b"/metrics"):
+            st, _, b, closed = raw(keyed.port, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n" + hdrs + b"\r\n")
+            assert st == 400 and closed, (hdrs, path, st, b[:200], closed)
+            err = json.loads(b)["error"]
+            assert err["code"] == "malformed_request" and why in err["message"], (hdrs, err)
+    st, _, b, _ = raw(keyed.port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + ok_key +
+                      b"X-Tenant: a\r\nConnection: close\r\n\r\n")
+    assert st == 200 and b"mock-model" in b, (st, b[:200])
+    two = bl.raw_exchange(keyed.port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + ok_key + b"\r\n"
+                                      b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + ok_key + b"Connection: close\r\n\r\n")
+    assert two.count(b"HTTP/1.1 200 ") == 2 and b" 400 " not in two, two[:400]
+
     # ---- 405 names the allowed methods
     for method, path, allow in (("DELETE", chat, {"POST"}), ("POST", "/live", {"GET", "HEAD"}),
                                 ("PUT", "/busy_threshold", {"GET", "HEAD", "POST"}),
@@ -234,6 +279,84 @@ with bl.Cluster() as c:
     for good in (None, 0, 0.9, 1):
         st, _, b = bl.post_json(fe.url + chat, bl.chat_body("tp", max_tokens=2, top_p=good))
         assert st == 200, (good, st, b)
+
+    # ---- request bodies being received at once are capped over all connections
+    # (--max-body-bytes-total): each connection may send up to --max-body-bytes, which alone bounds
+    # nothing (20,000 connections of 4 MiB); a body past the total is a 503 with the connection
+    # closed, and the charge goes back when a connection closes or its request is dispatched
+    budget = c.start_frontend(max_body_bytes=1 << 20, max_body_bytes_total=2 << 20)
+    c.wait_workers(budget, 1)
+    big = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+
+    def hold(n):
+        """A connection that sends all of an n-byte body but its last byte, and waits."""
+        s = socket.create_connection(("127.0.0.1", budget.port), timeout=5)
+        s.sendall(big % n + b" " * (n - 1))
+        return s
+
+    def rejected():
+        return bl.metric_sum(bl.metrics(budget.url), "baton_frontend_http_rejections_total", reason="body_budget")
+
+    for rnd in range(2):  # twice: what the first round held was given back
+        held = [hold(1 << 20), hold(1 << 20)]
+        time.sleep(0.3)
+        r0 = rejected()
+        st, hdrs, b, closed = raw(budget.port, big % (1 << 20) + b" " * 100)
+        assert st == 503 and closed and hdrs.get("retry-after") == "1", (rnd, st, hdrs, b[:200], closed)
+        err = json.loads(b)["error"]
+        assert err["code"] == "too_many_request_bytes" and err["type"] == "server_error", err
+        # a chunked body is charged as it grows
+        st, _, b, closed = raw(budget.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                                            b"Transfer-Encoding: chunked\r\n\r\n10\r\n" + b" " * 16 + b"\r\n")
+        assert st == 503 and closed, (rnd, st, b[:200], closed)
+        assert rejected() - r0 == 2, (r0, rejected())
+        held.pop().close()
+        time.sleep(0.3)
+        one = json.dumps(bl.completion_body("budget", max_tokens=2)).encode()
+        one += b" " * ((1 << 20) - len(one))
+        # a request in flight holds no charge: a stream of a body of the same size, running
+        long = json.dumps(bl.completion_body("budget", max_tokens=100000, stream=True)).encode()
+        long += b" " * ((1 << 20) - len(long))
+        inflight = socket.create_connection(("127.0.0.1", budget.port), timeout=5)
+        inflight.sendall(big % len(long) + long)
+        seen = b""
+        while b"data:" not in seen:
+            chunk = inflight.recv(65536)
+            assert chunk, seen[:300]
+            seen += chunk
+        assert seen.startswith(b"HTTP/1.1 200 "), seen[:300]
+        # room for one body again: a request of the same size is read whole (and served)
+        st, _, b, _ = raw(budget.port, (big % len(one)).replace(b"Content-Type", b"Connection: close\r\nContent-Type")
+                          + one)
+        assert st == 200 and json.loads(b)["choices"][0]["text"], (rnd, st, b[:200])
+        # dispatched requests give their charge back: one after the other on one keep-alive
+        # connection, more bodies than the total (one body's room is left)
+        kc = http.client.HTTPConnection("127.0.0.1", budget.port, timeout=10)
+        for k in range(3):
+            kc.request("POST", "/v1/completions", body=one, headers={"Content-Type": "application/json"})
+            resp = kc.getresponse()
+            assert resp.status == 200 and json.loads(resp.read())["choices"][0]["text"], (rnd, k, resp.status)
+        kc.close()
+        for s in held + [inflight]:
+            s.close()
+        time.sleep(0.3)
+
+    # a refused request gives its body back at once, not when its lingering connection closes: a
+    # chunked body of 1 MiB broken by a bad chunk size is a 400, its connection left open by the
+    # client, and the whole total is free again
+    bad = socket.create_connection(("127.0.0.1", budget.port), timeout=5)
+    bad.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" +
+                b"%x\r\n" % (1 << 20) + b" " * (1 << 20) + b"\r\nZZZ\r\n")
+    got = b""
+    while b"\r\n\r\n" not in got:
+        got += bad.recv(65536)
+    assert got.startswith(b"HTTP/1.1 400 "), got[:200]
+    r0 = rejected()
+    held = [hold(1 << 20), hold(1 << 20)]
+    time.sleep(0.3)
+    assert rejected() == r0, (r0, rejected())
+    for s in held + [bad]:
+        s.close()
 
     # the frontends still serve
     for f in (fe, keyed):

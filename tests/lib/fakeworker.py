@@ -1,0 +1,167 @@
+"""A fake worker on the request plane (docs/protocol.md), for tests of what a frontend does with a
+broken or hostile worker: it registers itself in file discovery as a worker of a model, answers
+the frontend's HELLO and PINGs, and hands every REQUEST to a test-supplied function that sends
+whatever frames it likes (tokens past max_tokens, frames for streams never opened, ...).
+
+    fw = FakeWorker(cluster.discovery_dir, on_request=lambda fw, stream, payload: ...)
+    ...
+    fw.close()
+
+on_request runs on the fake worker's connection thread; it sends with fw.send(frame bytes), built
+with tokens(), finish(), error(), load(), kvstate(). No request-plane secret (AUTH): use it with frontends that have
+none."""
+
+import json
+import os
+import random
+import socket
+import struct
+import threading
+import time
+
+HELLO, REQUEST, TOKENS, FINISH, ERROR, STOP, KILL, PING, PONG, LOAD, GOAWAY = range(1, 12)
+KVSTATE = 13
+FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = 0, 1, 2
+
+
+def frame(ftype, stream, payload=b"", flags=0):
+    return struct.pack(">IBBHI", 8 + len(payload), ftype, flags, 0, stream) + payload
+
+
+def tokens(stream, ids, text):
+    body = struct.pack(">H", len(ids)) + b"".join(struct.pack(">I", i) for i in ids)
+    return frame(TOKENS, stream, body + (text.encode() if isinstance(text, str) else text))
+
+
+def finish(stream, reason, prompt_tokens, completion_tokens):
+    return frame(FINISH, stream, struct.pack(">BxxxII", reason, prompt_tokens, completion_tokens))
+
+
+def load(total_blocks=16384, active_blocks=0, waiting=0, running=0, ready=True):
+    """A LOAD frame (stream 0): the worker's load report, ready unless told."""
+    return frame(LOAD, 0, struct.pack(">QQQQQQI", active_blocks, total_blocks, 0, waiting, running, 8192,
+                                      1 if ready else 0))
+
+
+def kvstate(stream, total, offset, data=b""):
+    """A KVSTATE frame: one piece of a KV state of `total` bytes."""
+    return frame(KVSTATE, stream, struct.pack(">QQ", total, offset) + data)
+
+
+def error(stream, code, msg):
+    return frame(ERROR, stream, struct.pack(">H", code) + msg.encode())
+
+
+class FakeWorker:
+    def __init__(self, discovery_dir, on_request, model="mock-model", namespace="dynamo"):
+        self.on_request = on_request
+        self.instance_id = random.getrandbits(62) + 1
+        self.requests = []  # (stream id, payload bytes) of every REQUEST, in order
+        self.control = []  # (frame type, stream id) of every STOP and KILL
+        self._lock = threading.Lock()
+        self._conns = []
+        self.accepted = 0  # connections the frontend opened, over time
+        self._closed = False
+        self._ls = socket.socket()
+        self._ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._ls.bind(("127.0.0.1", 0))
+        self._ls.listen(16)
+        self.port = self._ls.getsockname()[1]
+        value = {"type": "Endpoint", "namespace": namespace, "component": "backend", "endpoint": "generate",
+                 "instance_id": self.instance_id, "transport": {"tcp": f"127.0.0.1:{self.port}"},
+                 "model": {"name": model, "total_kv_blocks": 16384, "block_size": 64, "context_length": 100000,
+                           "max_num_seqs": 256, "max_num_batched_tokens": 8192},
+                 "pid": os.getpid()}
+        # the file backend's key encoding ('/' as %2F), written atomically (temp file + rename)
+        name = f"v1%2Finstances%2F{namespace}%2Fbackend%2Fgenerate%2F{self.instance_id:x}"
+        self.path = os.path.join(discovery_dir, name)
+        tmp = os.path.join(discovery_dir, f".tmp.fake.{os.getpid()}.{self.instance_id:x}")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(value))
+        os.rename(tmp, self.path)
+        threading.Thread(target=self._accept, daemon=True).start()
+        threading.Thread(target=self._keep_alive, daemon=True).start()
+
+    def _keep_alive(self):
+        """The file backend's readers expire a key whose mtime is older than its TTL (10 s by
+        default): touched every second, as a worker keeps its own keys alive."""
+        while not self._closed:
+            time.sleep(1.0)
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def send(self, data):
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:  # one frontend in these tests: its one connection
+            try:
+                c.sendall(data)
+            except OSError:
+                pass
+
+    def _accept(self):
+        while not self._closed:
+            try:
+                c, _ = self._ls.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._conns.append(c)
+                self.accepted += 1
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c):
+        try:
+            self._read(c)
+        finally:
+            with self._lock:
+                if c in self._conns:
+                    self._conns.remove(c)
+
+    def _read(self, c):
+        buf = b""
+        while True:
+            try:
+                d = c.recv(65536)
+            except OSError:
+                return
+            if not d:
+                return
+            buf += d
+            while len(buf) >= 4 and len(buf) >= 4 + struct.unpack(">I", buf[:4])[0]:
+                n = struct.unpack(">I", buf[:4])[0]
+                ftype, _, _, stream = struct.unpack(">BBHI", buf[4:12])
+                payload = buf[12:4 + n]
+                buf = buf[4 + n:]
+                if ftype == HELLO:
+                    c.sendall(frame(HELLO, 0, struct.pack(">HHQ", 1, 2, self.instance_id)))
+                elif ftype == PING:
+                    c.sendall(frame(PONG, 0, payload))
+                elif ftype == REQUEST:
+                    self.requests.append((stream, payload))
+                    self.on_request(self, stream, payload)
+                elif ftype in (STOP, KILL):
+                    self.control.append((ftype, stream))
+
+    def close(self):
+        self._closed = True
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        self._ls.close()
+        with self._lock:
+            for c in self._conns:
+                c.close()
+            self._conns = []
+
+    def wait_connected(self, timeout=20.0):
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            with self._lock:
+                if self._conns:
+                    return
+            time.sleep(0.05)
+        raise AssertionError("the frontend never connected to the fake worker")
