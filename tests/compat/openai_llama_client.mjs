@@ -123,4 +123,36 @@ await check('completions.top_p_zero_greedy', async () => {
   return { seeds: seeds.length, sampled_differently_at_top_p_1: sampled };
 });
 
+// A prompt longer than the model's context (2,048 tokens for stories260K) is OpenAI's 400
+// context_length_exceeded, with `param` naming the prompt or the messages, unary and streamed: the
+// SDK raises BadRequestError and a client that trims its history on that code can do so.
+await check('context_length_exceeded', async () => {
+  const long = 'Once upon a time '.repeat(2000);
+  const attempts = [
+    ['completions', 'prompt', () => client.completions.create({ model, prompt: long, max_tokens: 3 })],
+    ['completions stream', 'prompt', async () => {
+      for await (const _ of await client.completions.create({ model, prompt: long, max_tokens: 3, stream: true }));
+    }],
+    ['chat', 'messages', () => client.chat.completions.create({
+      model, messages: [{ role: 'user', content: long }], max_tokens: 3 })],
+    ['chat stream', 'messages', async () => {
+      for await (const _ of await client.chat.completions.create({
+        model, messages: [{ role: 'user', content: long }], max_tokens: 3, stream: true }));
+    }],
+  ];
+  const seen = [];
+  for (const [what, param, call] of attempts) {
+    let err = null;
+    try { await call(); } catch (e) { err = e; }
+    expect(err instanceof OpenAI.BadRequestError, `${what}: BadRequestError, got ${err}`);
+    expect(err.status === 400 && err.code === 'context_length_exceeded' && err.param === param &&
+      err.type === 'invalid_request_error',
+      `${what}: 400 context_length_exceeded param ${param}, got ${err.status} ${JSON.stringify(err.error)}`);
+    expect(/^This model's maximum context length is 2048 tokens\. However, you requested \d+ tokens/.test(err.error && err.error.message),
+      `${what}: OpenAI's message, got ${JSON.stringify(err.error)}`);
+    seen.push(what);
+  }
+  return seen;
+});
+
 console.log(JSON.stringify({ sdk: sdkVersion, checks }));

@@ -130,7 +130,7 @@ typedef struct ll_ev {
     bt_finish_reason reason;
     bt_usage usage;
     bt_status code;
-    char msg[200];
+    char msg[320]; /* room for OpenAI's context-length message with large counts */
     bt_engine_handoff_cb hcb; /* EV_HANDOFF: the exported state (NULL: none) goes to hcb */
     void *hud;
     uint8_t *state;
@@ -462,7 +462,7 @@ static size_t piece(ll_engine *e, llama_token t, char *buf, size_t cap) {
 
 /* A new sequence arrives on the thread: render its prompt, append the carried tokens, queue it. */
 static void seq_arrive(ll_engine *e, ll_seq *s) {
-    char err[200] = "";
+    char err[320] = "";
     bt_status st = render_prompt(e, s, err, sizeof err);
     s->n_prompt = s->n_tok;
     list_insert_waiting(&e->waiting, s, false);
@@ -508,9 +508,17 @@ static void seq_arrive(ll_engine *e, ll_seq *s) {
         seq_end(e, s, END_FINISH, BT_FINISH_LENGTH, BT_OK, NULL);
         return;
     }
+    /* A prompt (with the carried tokens) that leaves no room for one token is OpenAI's and vLLM's
+     * 400 context_length_exceeded, in their words, so that a client trimming its history on that
+     * code works here too; a prompt that fits is capped instead ("length" at the context). */
     if (s->n_tok >= e->n_cap) {
-        snprintf(err, sizeof err, "prompt of %zu tokens does not fit the context (%u tokens)", s->n_tok, e->n_cap);
-        seq_end(e, s, END_ERROR, BT_FINISH_STOP, BT_ERR_TOO_LARGE, err);
+        const char *what = s->api == BT_API_CHAT ? "messages" : "prompt";
+        snprintf(err, sizeof err,
+                 "This model's maximum context length is %u tokens. However, you requested %llu tokens (%zu in "
+                 "the %s, %llu in the completion). Please reduce the length of the %s or completion.",
+                 e->n_cap, (unsigned long long)s->n_tok + s->max_new, s->n_prompt, what,
+                 (unsigned long long)(s->n_tok - s->n_prompt) + s->max_new, what);
+        seq_end(e, s, END_ERROR, BT_FINISH_STOP, BT_ERR_CONTEXT_LENGTH, err);
         return;
     }
     /* it waits: on an idle engine (nothing admitted) it starts or extends a batch gather */
