@@ -155,4 +155,39 @@ await check('context_length_exceeded', async () => {
   return seen;
 });
 
+// prompt + max_tokens over the context, the prompt fitting: the same 400 when the client asked for
+// max_tokens (as OpenAI, vLLM and the frontend's own check of token-id prompts answer); without
+// max_tokens the completion takes what is left of the context and ends with "length". The prompt's
+// size comes from the answers, so the bounds are exact: context - prompt passes, one more is refused.
+await check('context_length_max_tokens', async () => {
+  const ctx = 2048;
+  const prompt = 'Once upon a time '.repeat(500);
+  const free = await client.completions.create({ model, prompt, temperature: 0 });
+  const p = free.usage.prompt_tokens;
+  expect(p > 1900 && p < ctx, `a prompt of a little under ${ctx} tokens, got ${p}`);
+  expect(free.choices[0].finish_reason === 'length' && free.usage.completion_tokens === ctx - p,
+    `without max_tokens: "length" after ${ctx - p} tokens, got ${free.choices[0].finish_reason} ${JSON.stringify(free.usage)}`);
+  const fits = await client.completions.create({ model, prompt, temperature: 0, max_tokens: ctx - p });
+  expect(fits.usage.completion_tokens === ctx - p && fits.choices[0].text === free.choices[0].text,
+    `max_tokens ${ctx - p} fits exactly, got ${JSON.stringify(fits.usage)}`);
+  let err = null;
+  try { await client.completions.create({ model, prompt, max_tokens: ctx - p + 1 }); } catch (e) { err = e; }
+  expect(err instanceof OpenAI.BadRequestError && err.code === 'context_length_exceeded' && err.param === 'prompt',
+    `max_tokens ${ctx - p + 1}: 400 context_length_exceeded, got ${err} ${JSON.stringify(err && err.error)}`);
+  expect(err.error.message.includes(`you requested ${ctx + 1} tokens (${p} in the prompt, ${ctx - p + 1} in the completion)`),
+    `the counts in the message, got ${JSON.stringify(err.error.message)}`);
+  const messages = [{ role: 'user', content: prompt }];
+  const chatFree = await client.chat.completions.create({ model, messages, temperature: 0 });
+  const pc = chatFree.usage.prompt_tokens;
+  expect(chatFree.choices[0].finish_reason === 'length' && chatFree.usage.completion_tokens === ctx - pc,
+    `chat without max_tokens: "length" after ${ctx - pc} tokens, got ${JSON.stringify(chatFree.usage)}`);
+  err = null;
+  try {
+    for await (const _ of await client.chat.completions.create({ model, messages, max_tokens: ctx - pc + 1, stream: true }));
+  } catch (e) { err = e; }
+  expect(err instanceof OpenAI.BadRequestError && err.code === 'context_length_exceeded' && err.param === 'messages',
+    `chat stream, max_tokens ${ctx - pc + 1}: 400 context_length_exceeded, got ${err} ${JSON.stringify(err && err.error)}`);
+  return { prompt_tokens: p, chat_prompt_tokens: pc };
+});
+
 console.log(JSON.stringify({ sdk: sdkVersion, checks }));

@@ -168,6 +168,7 @@ struct ll_seq {
     size_t n_tok, cap_tok;
     size_t n_prompt;
     uint32_t n_carried, n_gen, max_new;
+    bool max_asked; /* the client's body sets max_tokens (or max_completion_tokens) */
     size_t n_past;
     bt_llsample_params sp;
     bt_lltext text;
@@ -508,10 +509,13 @@ static void seq_arrive(ll_engine *e, ll_seq *s) {
         seq_end(e, s, END_FINISH, BT_FINISH_LENGTH, BT_OK, NULL);
         return;
     }
-    /* A prompt (with the carried tokens) that leaves no room for one token is OpenAI's and vLLM's
+    /* The context length as OpenAI and vLLM apply it (and the mocker, and the frontend for prompts
+     * of token ids): a prompt (with the carried tokens, which count as completion) that leaves no
+     * room for one token, or that leaves less than the max_tokens the client asked for, is their
      * 400 context_length_exceeded, in their words, so that a client trimming its history on that
-     * code works here too; a prompt that fits is capped instead ("length" at the context). */
-    if (s->n_tok >= e->n_cap) {
+     * code works here too. Without an explicit max_tokens the default is cut to what is left: the
+     * sequence ends with "length" at the context. */
+    if (s->n_tok >= e->n_cap || (s->max_asked && (uint64_t)s->n_tok + s->max_new > e->n_cap)) {
         const char *what = s->api == BT_API_CHAT ? "messages" : "prompt";
         snprintf(err, sizeof err,
                  "This model's maximum context length is %u tokens. However, you requested %llu tokens (%zu in "
@@ -1087,6 +1091,8 @@ static bt_status ll_submit(bt_engine *be, const bt_engine_request *req, const bt
     if (bt_lltext_init(&s->text, req->stop, req->n_stop) != BT_OK) goto nomem;
     s->n_carried = req->n_carried;
     s->max_new = req->max_tokens;
+    s->max_asked = json_is_integer(json_object_get(req->body, "max_tokens")) ||
+                   json_is_integer(json_object_get(req->body, "max_completion_tokens"));
     s->priority = req->priority;
     s->sp.temperature = req->temperature;
     s->sp.top_p = body_number(req->body, "top_p", 1.0);
