@@ -486,7 +486,8 @@ static void fail_request(fe_req *r, bt_status code, const char *msg) {
             bt_status_name(code));
     if (r->http) {
         if (r->headers_sent) {
-            /* mid-stream: a final data event with an OpenAI error object, then close, no [DONE].
+            /* mid-stream: a final data event with an OpenAI error object and the end of the
+             * response (the connection stays open), no [DONE].
              * An operator's kill is an answer (a resume replays it); any other error leaves the
              * stream unfinished: a resume continues it. */
             if (code == BT_ERR_CANCELLED) {
