@@ -989,7 +989,7 @@ int bt_worker_main(int argc, char **argv) {
          "mocker and llama engines: the first step of an idle engine waits until no request has arrived for this "
          "many microseconds (at most 8 times as long after the first), so that a burst that arrives spread over a "
          "fraction of a millisecond is prefilled in one step (0 = off: a step starts as soon as a request waits)"},
-        {"--default-max-tokens", "DYN_DEFAULT_MAX_TOKENS", BT_OPT_INT, &o->mocker.default_max_tokens, 0, 1e7,
+        {"--default-max-tokens", "DYN_DEFAULT_MAX_TOKENS", BT_OPT_INT, &o->mocker.default_max_tokens, 1, 1e7,
          "max_tokens when a request sets none"},
         {"--fault-die-after-tokens", "BATON_FAULT_DIE_AFTER_TOKENS", BT_OPT_INT, &o->mocker.fault_die_after_tokens,
          0, 1e15, "mocker test hook"},

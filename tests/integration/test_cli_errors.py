@@ -20,7 +20,8 @@
      `baton run` also refuses, before it starts any child, every argument a child would refuse:
      an unknown flag (passed on to the workers), a bad value of a frontend flag, an unknown
      engine, an openai setting with --engine llama, a llama setting (--model) without it, the openai
-     engine without --upstream, a llama value out of range, a canary payload that is not JSON
+     engine without --upstream, a llama value out of range, a --ctx-size below --max-num-seqs
+     (which llama.cpp would abort on), --default-max-tokens 0, a canary payload that is not JSON
      (exit 2, "nothing was started", no directory made, nothing listening).
   4. `baton run --help` says how to get llama.cpp workers (--engine llama). `baton help` prints
      the usage `baton --help` prints; `baton help CMD` what `baton CMD --help` prints; `baton
@@ -229,6 +230,16 @@ refusals = [(["--bogus"], "baton run: unknown argument '--bogus'", "baton worker
              "--upstream", "baton worker"),
             (["--engine", "llama", "--max-num-seqs", "1000"], "baton run: invalid llama engine configuration: "
              "--max-num-seqs must be 1..256 for the llama engine", "baton worker"),
+            # fewer KV cells than sequences: llama.cpp asserts (SIGABRT, a backtrace) while creating
+            # the context; refused as configuration instead (16: the llama engine's own default)
+            (["--engine", "llama", "--ctx-size", "15"], "baton run: invalid llama engine configuration: "
+             "--ctx-size (15) must be 0 (auto) or at least --max-num-seqs (16)", "baton worker"),
+            (["--engine", "llama", "--ctx-size", "3", "--max-num-seqs", "4"], "baton run: invalid llama engine "
+             "configuration: --ctx-size (3) must be 0 (auto) or at least --max-num-seqs (4)", "baton worker"),
+            # refused by the flag's own range, which is the engines' (not as an "invalid mocker
+            # configuration" of a range the flag did not announce)
+            (["--engine", "llama", "--default-max-tokens", "0"], "baton run: invalid value '0' for --default-max-tokens "
+             "(expected an integer from 1 to 10000000)", "baton worker"),
             # a canary payload that is not usable: found before the workers start, not by each
             (["--health-check-enabled", "true", "--health-check-payload", "{bad"],
              "baton run: health check: DYN_HEALTH_CHECK_PAYLOAD (--health-check-payload) is not JSON", "baton worker")]

@@ -64,6 +64,12 @@ bt_status bt_llama_config_check(const bt_llama_config *c, char *err, size_t errl
                BT_ERR_INVALID;
     if (c->ctx_size < 0 || c->ctx_size > (1 << 24))
         return snprintf(err, errlen, "--ctx-size must be 0 (auto) .. 16777216"), BT_ERR_INVALID;
+    /* llama.cpp sizes a step's outputs by the cells (a batch holds at most n_ctx tokens) and
+     * asserts, aborting the process, when they cannot hold one output per sequence */
+    if (c->ctx_size > 0 && c->ctx_size < c->max_num_seqs)
+        return snprintf(err, errlen, "--ctx-size (%lld) must be 0 (auto) or at least --max-num-seqs (%lld)",
+                        (long long)c->ctx_size, (long long)c->max_num_seqs),
+               BT_ERR_INVALID;
     if (c->threads < 1 || c->threads > 256)
         return snprintf(err, errlen, "--llama-threads must be 1..256"), BT_ERR_INVALID;
     if (c->batch_gather_us < 0 || c->batch_gather_us > BT_GATHER_MAX_US)
