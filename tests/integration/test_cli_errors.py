@@ -20,8 +20,8 @@
      `baton run` also refuses, before it starts any child, every argument a child would refuse:
      an unknown flag (passed on to the workers), a bad value of a frontend flag, an unknown
      engine, an openai setting with --engine llama, a llama setting (--model) without it, the openai
-     engine without --upstream, a llama value out of range, a --ctx-size below --max-num-seqs
-     (which llama.cpp would abort on), --default-max-tokens 0, a canary payload that is not JSON
+     engine without --upstream, a llama value out of range, a --ctx-size below
+     --max-num-batched-tokens (which llama.cpp would abort on), --default-max-tokens 0, a canary payload that is not JSON
      (exit 2, "nothing was started", no directory made, nothing listening).
   4. `baton run --help` says how to get llama.cpp workers (--engine llama). `baton help` prints
      the usage `baton --help` prints; `baton help CMD` what `baton CMD --help` prints; `baton
@@ -230,12 +230,14 @@ refusals = [(["--bogus"], "baton run: unknown argument '--bogus'", "baton worker
              "--upstream", "baton worker"),
             (["--engine", "llama", "--max-num-seqs", "1000"], "baton run: invalid llama engine configuration: "
              "--max-num-seqs must be 1..256 for the llama engine", "baton worker"),
-            # fewer KV cells than sequences: llama.cpp asserts (SIGABRT, a backtrace) while creating
-            # the context; refused as configuration instead (16: the llama engine's own default)
+            # fewer KV cells than a step's batch: llama.cpp asserts (SIGABRT, a backtrace) while
+            # creating the context (fewer than --max-num-seqs) or at the first long prompt; refused
+            # as configuration instead (512: the llama engine's default --max-num-batched-tokens)
             (["--engine", "llama", "--ctx-size", "15"], "baton run: invalid llama engine configuration: "
-             "--ctx-size (15) must be 0 (auto) or at least --max-num-seqs (16)", "baton worker"),
-            (["--engine", "llama", "--ctx-size", "3", "--max-num-seqs", "4"], "baton run: invalid llama engine "
-             "configuration: --ctx-size (3) must be 0 (auto) or at least --max-num-seqs (4)", "baton worker"),
+             "--ctx-size (15) must be 0 (auto) or at least --max-num-batched-tokens (512)", "baton worker"),
+            (["--engine", "llama", "--ctx-size", "64", "--max-num-batched-tokens", "100"], "baton run: invalid llama "
+             "engine configuration: --ctx-size (64) must be 0 (auto) or at least --max-num-batched-tokens (100)",
+             "baton worker"),
             # refused by the flag's own range, which is the engines' (not as an "invalid mocker
             # configuration" of a range the flag did not announce)
             (["--engine", "llama", "--default-max-tokens", "0"], "baton run: invalid value '0' for --default-max-tokens "

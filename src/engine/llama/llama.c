@@ -64,11 +64,15 @@ bt_status bt_llama_config_check(const bt_llama_config *c, char *err, size_t errl
                BT_ERR_INVALID;
     if (c->ctx_size < 0 || c->ctx_size > (1 << 24))
         return snprintf(err, errlen, "--ctx-size must be 0 (auto) .. 16777216"), BT_ERR_INVALID;
-    /* llama.cpp sizes a step's outputs by the cells (a batch holds at most n_ctx tokens) and
-     * asserts, aborting the process, when they cannot hold one output per sequence */
-    if (c->ctx_size > 0 && c->ctx_size < c->max_num_seqs)
-        return snprintf(err, errlen, "--ctx-size (%lld) must be 0 (auto) or at least --max-num-seqs (%lld)",
-                        (long long)c->ctx_size, (long long)c->max_num_seqs),
+    /* llama.cpp cuts its batch to the cells asked for (n_batch = min(n_ctx, n_batch)) and asserts,
+     * aborting the process, on a decode larger than that (a step's batch of up to
+     * --max-num-batched-tokens) or, creating the context, when it cannot hold one output per
+     * sequence (fewer cells than --max-num-seqs) */
+    if (c->ctx_size > 0 && c->ctx_size < c->max_num_batched_tokens)
+        return snprintf(err, errlen,
+                        "--ctx-size (%lld) must be 0 (auto) or at least --max-num-batched-tokens (%lld): a step "
+                        "decodes up to that many tokens at once",
+                        (long long)c->ctx_size, (long long)c->max_num_batched_tokens),
                BT_ERR_INVALID;
     if (c->threads < 1 || c->threads > 256)
         return snprintf(err, errlen, "--llama-threads must be 1..256"), BT_ERR_INVALID;
