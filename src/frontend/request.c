@@ -482,8 +482,11 @@ static void finish_unary(fe_req *r, const char *reason) {
 static void fail_request(fe_req *r, bt_status code, const char *msg) {
     int status = status_for(code);
     fe_outcome out = code == BT_ERR_CANCELLED ? FE_OUT_CANCELLED : FE_OUT_ERROR;
-    BT_WARN("request %s failed after %zu tokens and %d attempts: %s (%s)", r->rid, r->nids, r->attempts, msg,
-            bt_status_name(code));
+    /* a prompt over the context is the client's 400 (the engine counted it): debug, as the
+     * frontend's own refusals of bad input are (docs/security.md) */
+    bt_log(code == BT_ERR_CONTEXT_LENGTH ? BT_LOG_DEBUG : BT_LOG_WARN,
+           "request %s failed after %zu tokens and %d attempts: %s (%s)", r->rid, r->nids, r->attempts, msg,
+           bt_status_name(code));
     if (r->http) {
         if (r->headers_sent) {
             /* mid-stream: a final data event with an OpenAI error object and the end of the

@@ -16,7 +16,8 @@ the error table, docs/engines.md the context length):
     echo); their neutral values pass; U+0000 inside content reaches the engine whole;
   * prompt + max_tokens beyond the worker's --context-length is a 400 context_length_exceeded,
     checked by the frontend where it can count (max_tokens alone, token-id prompts: the worker
-    sees nothing) and by the engine for text prompts; without max_tokens the answer fits the rest;
+    sees nothing) and by the engine for text prompts (logged below WARN by neither process); without
+    max_tokens the answer fits the rest;
   * HEAD /health and HEAD /live (frontend and worker) answer as GET without a body.
 """
 
@@ -213,6 +214,18 @@ with bl.Cluster() as c:
     s = bl.stream_chat(u, bl.chat_body(long_text, max_tokens=5, stream=True))
     assert s.status == 400 and s.error["code"] == "context_length_exceeded" and not s.events, s.summary()
     assert metric(w.system_url, "dynamo_component_errors_total") >= 2
+    # the engine's refusal is the client's 400, as the frontend's own refusals are: no warning per
+    # such request in the worker's or the frontend's log (a client could fill them); the refusal
+    # did happen in the worker (its error counter moved)
+    before = metric(w.system_url, "dynamo_component_errors_total")
+    st, _, b = bl.post_json(u + "/v1/chat/completions", bl.chat_body(long_text, max_tokens=5),
+                            headers={"X-Request-Id": "ctx-over-quiet"})
+    assert st == 400 and b["error"]["code"] == "context_length_exceeded", (st, b)
+    assert metric(w.system_url, "dynamo_component_errors_total") == before + 1
+    for p in (w.proc, fe.proc):
+        noisy = [line for line in p.log_text().splitlines() if " WARN " in line and
+                 ("ctx-over-quiet" in line or "maximum context length" in line)]
+        assert not noisy, noisy
     # without max_tokens the completion takes what is left of the context
     prompt = list(range(CTX - 7))
     st, _, b = bl.post_json(u + "/v1/completions", {"model": "mock-model", "prompt": prompt})
