@@ -1433,8 +1433,8 @@ bt_engine *bt_llama_create_with_api(uv_loop_t *loop, const bt_llama_config *cfg,
             e->chat_template ? "the model's" : "plain");
     BT_INFO("llama engine: exactness fingerprint \"%s\"", e->exactness);
     /* llama.cpp's threads spin at a barrier after every matrix product: more of them than CPUs
-     * this process may run on makes each step wait on preempted spinners (measured on 2 CPUs:
-     * 20 tokens in 16 s with 4 threads, docs/engines.md §3.2) */
+     * this process may run on makes each step wait on preempted spinners (measured: seconds per
+     * step on 2 CPUs, docs/engines.md §3.2) */
     cpu_set_t cpus;
     long ncpu = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? CPU_COUNT(&cpus) : sysconf(_SC_NPROCESSORS_ONLN);
     if (ncpu > 0 && cfg->threads > ncpu)
