@@ -21,13 +21,13 @@
  * so that `baton nosuch > out` leaves out empty and the message in front of the reader. */
 static void usage(FILE *to) {
     fprintf(to, "usage: baton <command> [options]\n\n"
-           "commands:\n"
-           "  run        a frontend and N workers on this machine, simulated or --engine llama (start here)\n"
-           "  frontend   the OpenAI-compatible HTTP frontend and router\n"
-           "  worker     one engine behind the request plane\n"
-           "  chaos      fault scenarios against baton, checked byte for byte (docs/chaos.md)\n\n"
-           "`baton <command> --help` (or `baton help <command>`) lists a command's options;\n"
-           "`baton --version` prints the version.\n");
+                "commands:\n"
+                "  run        a frontend and N workers on this machine, simulated or --engine llama (start here)\n"
+                "  frontend   the OpenAI-compatible HTTP frontend and router\n"
+                "  worker     one engine behind the request plane\n"
+                "  chaos      fault scenarios against baton, checked byte for byte (docs/chaos.md)\n\n"
+                "`baton <command> --help` (or `baton help <command>`) lists a command's options;\n"
+                "`baton --version` prints the version.\n");
 }
 
 /* `baton chaos ...`: the fault-testing tool is a Python program, chaos.py. It is found through

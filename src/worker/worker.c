@@ -154,8 +154,8 @@ static void on_seq_error(void *ud, bt_status code, const char *msg) {
     wk_monitor_progress(w);
     /* a prompt over the context is the client's 400, which the frontend cannot count for a text
      * prompt: not worth a warning per request (docs/security.md, bad input) */
-    bt_log(code == BT_ERR_CONTEXT_LENGTH ? BT_LOG_DEBUG : BT_LOG_WARN, "request %s failed after %u tokens: %s",
-           s->rid, s->tokens, msg);
+    bt_log(code == BT_ERR_CONTEXT_LENGTH ? BT_LOG_DEBUG : BT_LOG_WARN, "request %s failed after %u tokens: %s", s->rid,
+           s->tokens, msg);
     wk_stream_free(s);
 }
 

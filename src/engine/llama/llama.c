@@ -141,7 +141,7 @@ typedef struct ll_ev {
     bt_finish_reason reason;
     bt_usage usage;
     bt_status code;
-    char msg[320]; /* room for OpenAI's context-length message with large counts */
+    char msg[320];            /* room for OpenAI's context-length message with large counts */
     bt_engine_handoff_cb hcb; /* EV_HANDOFF: the exported state (NULL: none) goes to hcb */
     void *hud;
     uint8_t *state;
