@@ -17,15 +17,17 @@
 #include "frontend/frontend.h"
 #include "worker/worker.h"
 
-static void usage(void) {
-    printf("usage: baton <command> [options]\n\n"
-           "commands:\n"
-           "  run        a frontend and N workers on this machine, simulated or --engine llama (start here)\n"
-           "  frontend   the OpenAI-compatible HTTP frontend and router\n"
-           "  worker     one engine behind the request plane\n"
-           "  chaos      fault scenarios against baton, checked byte for byte (docs/chaos.md)\n\n"
-           "`baton <command> --help` (or `baton help <command>`) lists a command's options;\n"
-           "`baton --version` prints the version.\n");
+/* The usage goes to stdout when asked for (--help, help), to stderr after a usage error (exit 2),
+ * so that `baton nosuch > out` leaves out empty and the message in front of the reader. */
+static void usage(FILE *to) {
+    fprintf(to, "usage: baton <command> [options]\n\n"
+                "commands:\n"
+                "  run        a frontend and N workers on this machine, simulated or --engine llama (start here)\n"
+                "  frontend   the OpenAI-compatible HTTP frontend and router\n"
+                "  worker     one engine behind the request plane\n"
+                "  chaos      fault scenarios against baton, checked byte for byte (docs/chaos.md)\n\n"
+                "`baton <command> --help` (or `baton help <command>`) lists a command's options;\n"
+                "`baton --version` prints the version.\n");
 }
 
 /* `baton chaos ...`: the fault-testing tool is a Python program, chaos.py. It is found through
@@ -112,7 +114,7 @@ static int dispatch(int argc, char **argv) {
         bt_log_env_reported();     /* `baton run` said what is wrong with DYN_LOG*: once for the group */
     }
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
-        usage();
+        usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }
     if (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "version") == 0) {
@@ -123,7 +125,7 @@ static int dispatch(int argc, char **argv) {
     /* `baton help` prints the usage; `baton help <command>` that command's --help */
     if (strcmp(cmd, "help") == 0) {
         if (argc < 3) {
-            usage();
+            usage(stdout);
             return 0;
         }
         static char help_flag[] = "--help";
@@ -138,7 +140,7 @@ static int dispatch(int argc, char **argv) {
             cmd = argv[1];
         } else {
             fprintf(stderr, "baton help: unknown command '%s'\n", argv[2]);
-            usage();
+            usage(stderr);
             return 2;
         }
     }
@@ -147,6 +149,6 @@ static int dispatch(int argc, char **argv) {
     if (strcmp(cmd, "worker") == 0) return bt_worker_main(argc - 1, argv + 1);
     if (strcmp(cmd, "chaos") == 0) return chaos_main(argc - 1, argv + 1);
     fprintf(stderr, "baton: unknown command '%s'\n", cmd);
-    usage();
+    usage(stderr);
     return 2;
 }

@@ -264,8 +264,14 @@ static void build_chunk(fe_req *r, bt_buf *b, const uint32_t *ids, size_t n, con
                         const char *finish) {
     bt_buf_append(b, r->prefix.data, r->prefix.len);
     if (r->api == BT_API_CHAT) {
-        if (finish) APPEND_LIT(b, "\"delta\":{}");
-        else {
+        /* a stream that delivered no text (max_tokens 0, a stop or EOS at once, a stop before the
+         * first token) still names the role once, as OpenAI's first chunk does: SDK stream helpers
+         * (openai-node's finalChatCompletion) fail on a choice without one */
+        if (finish && r->role_sent) APPEND_LIT(b, "\"delta\":{}");
+        else if (finish) {
+            APPEND_LIT(b, "\"delta\":{\"role\":\"assistant\",\"content\":\"\"}");
+            r->role_sent = true;
+        } else {
             if (r->role_sent) APPEND_LIT(b, "\"delta\":{\"content\":\"");
             else APPEND_LIT(b, "\"delta\":{\"role\":\"assistant\",\"content\":\"");
             r->role_sent = true;
@@ -438,7 +444,10 @@ static void write_error_event(fe_req *r, int status, const char *code, const cha
     fe_error_body(b, status, code, NULL, msg);
     bt_buf_append_str(b, "\n\n");
     if (bt_buf_status(b) == BT_OK) bt_http_stream_write(r->http, b->data, b->len);
-    bt_http_stream_end(r->http, true);
+    /* The response ends whole (its last chunk) and the connection stays open: its head said
+     * keep-alive, so a client reuses it, and closing it now would fail that client's next request
+     * (a POST, which no client retries) whenever the close beats the request. */
+    bt_http_stream_end(r->http, false);
 }
 
 static void finish_unary(fe_req *r, const char *reason) {
@@ -473,11 +482,15 @@ static void finish_unary(fe_req *r, const char *reason) {
 static void fail_request(fe_req *r, bt_status code, const char *msg) {
     int status = status_for(code);
     fe_outcome out = code == BT_ERR_CANCELLED ? FE_OUT_CANCELLED : FE_OUT_ERROR;
-    BT_WARN("request %s failed after %zu tokens and %d attempts: %s (%s)", r->rid, r->nids, r->attempts, msg,
-            bt_status_name(code));
+    /* a prompt over the context is the client's 400 (the engine counted it): debug, as the
+     * frontend's own refusals of bad input are (docs/security.md) */
+    bt_log(code == BT_ERR_CONTEXT_LENGTH ? BT_LOG_DEBUG : BT_LOG_WARN,
+           "request %s failed after %zu tokens and %d attempts: %s (%s)", r->rid, r->nids, r->attempts, msg,
+           bt_status_name(code));
     if (r->http) {
         if (r->headers_sent) {
-            /* mid-stream: a final data event with an OpenAI error object, then close, no [DONE].
+            /* mid-stream: a final data event with an OpenAI error object and the end of the
+             * response (the connection stays open), no [DONE].
              * An operator's kill is an answer (a resume replays it); any other error leaves the
              * stream unfinished: a resume continues it. */
             if (code == BT_ERR_CANCELLED) {

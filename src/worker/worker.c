@@ -152,7 +152,10 @@ static void on_seq_error(void *ud, bt_status code, const char *msg) {
     if (b) bt_frame_put_error(b, s->id, (uint16_t)code, msg);
     w->requests_error++;
     wk_monitor_progress(w);
-    BT_WARN("request %s failed after %u tokens: %s", s->rid, s->tokens, msg);
+    /* a prompt over the context is the client's 400, which the frontend cannot count for a text
+     * prompt: not worth a warning per request (docs/security.md, bad input) */
+    bt_log(code == BT_ERR_CONTEXT_LENGTH ? BT_LOG_DEBUG : BT_LOG_WARN, "request %s failed after %u tokens: %s", s->rid,
+           s->tokens, msg);
     wk_stream_free(s);
 }
 
@@ -376,7 +379,8 @@ static void handle_request(wk_peer *p, uint32_t id, const bt_frame *f) {
 
 fail:
     w->requests_error++;
-    BT_WARN("request on stream %u rejected: %s", id, err[0] ? err : bt_status_msg(st));
+    bt_log(st == BT_ERR_CONTEXT_LENGTH ? BT_LOG_DEBUG : BT_LOG_WARN, "request on stream %u rejected: %s", id,
+           err[0] ? err : bt_status_msg(st));
     wk_send_stream_error(p, id, st, err[0] ? err : bt_status_msg(st));
     if (s) bt_ctx_free(s->ctx);
     free(s);
@@ -990,7 +994,7 @@ int bt_worker_main(int argc, char **argv) {
          "mocker and llama engines: the first step of an idle engine waits until no request has arrived for this "
          "many microseconds (at most 8 times as long after the first), so that a burst that arrives spread over a "
          "fraction of a millisecond is prefilled in one step (0 = off: a step starts as soon as a request waits)"},
-        {"--default-max-tokens", "DYN_DEFAULT_MAX_TOKENS", BT_OPT_INT, &o->mocker.default_max_tokens, 0, 1e7,
+        {"--default-max-tokens", "DYN_DEFAULT_MAX_TOKENS", BT_OPT_INT, &o->mocker.default_max_tokens, 1, 1e7,
          "max_tokens when a request sets none"},
         {"--fault-die-after-tokens", "BATON_FAULT_DIE_AFTER_TOKENS", BT_OPT_INT, &o->mocker.fault_die_after_tokens,
          0, 1e15, "mocker test hook"},

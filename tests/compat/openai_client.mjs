@@ -195,4 +195,30 @@ await check('stream_error.sse', async () => {
   throw new Error(`the stream ended without an error (text ${JSON.stringify(text)})`);
 });
 
+// The SDK's stream helper assembles the message from the chunks and fails ("missing role for
+// choice 0") on a stream that never named the role: one that delivers no text at all (max_tokens
+// 0; a stop string matching the first token, which starts with a space) must still carry it once,
+// as OpenAI's does; a stream with text carries it in its first chunk.
+await check('chat.stream_helper', async () => {
+  const seen = [];
+  for (const extra of [{ max_tokens: 0 }, { max_tokens: 10, stop: [' '] }, { max_tokens: 5 }]) {
+    const s = client.chat.completions.stream({ model, messages: [{ role: 'user', content: 'Hello' }], ...extra });
+    let roles = 0;
+    s.on('chunk', (chunk) => {
+      const c = chunk.choices && chunk.choices[0];
+      if (c && c.delta && c.delta.role !== undefined) roles++;
+    });
+    const r = await s.finalChatCompletion();
+    const ch = r.choices[0];
+    const want = extra.max_tokens === 0 ? 'length' : extra.stop ? 'stop' : 'length';
+    expect(ch.message.role === 'assistant', `${JSON.stringify(extra)}: role assistant, got ${ch.message.role}`);
+    expect(roles === 1, `${JSON.stringify(extra)}: the role in exactly one chunk, got ${roles}`);
+    expect(ch.finish_reason === want, `${JSON.stringify(extra)}: finish_reason ${want}, got ${ch.finish_reason}`);
+    expect(!ch.message.content === (extra.max_tokens !== 5),
+      `${JSON.stringify(extra)}: content empty (or null) exactly when nothing is generated, got ${JSON.stringify(ch.message.content)}`);
+    seen.push({ ...extra, content: ch.message.content, finish: ch.finish_reason });
+  }
+  return seen;
+});
+
 console.log(JSON.stringify({ sdk: sdkVersion, checks }));

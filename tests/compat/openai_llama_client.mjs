@@ -123,4 +123,71 @@ await check('completions.top_p_zero_greedy', async () => {
   return { seeds: seeds.length, sampled_differently_at_top_p_1: sampled };
 });
 
+// A prompt longer than the model's context (2,048 tokens for stories260K) is OpenAI's 400
+// context_length_exceeded, with `param` naming the prompt or the messages, unary and streamed: the
+// SDK raises BadRequestError and a client that trims its history on that code can do so.
+await check('context_length_exceeded', async () => {
+  const long = 'Once upon a time '.repeat(2000);
+  const attempts = [
+    ['completions', 'prompt', () => client.completions.create({ model, prompt: long, max_tokens: 3 })],
+    ['completions stream', 'prompt', async () => {
+      for await (const _ of await client.completions.create({ model, prompt: long, max_tokens: 3, stream: true }));
+    }],
+    ['chat', 'messages', () => client.chat.completions.create({
+      model, messages: [{ role: 'user', content: long }], max_tokens: 3 })],
+    ['chat stream', 'messages', async () => {
+      for await (const _ of await client.chat.completions.create({
+        model, messages: [{ role: 'user', content: long }], max_tokens: 3, stream: true }));
+    }],
+  ];
+  const seen = [];
+  for (const [what, param, call] of attempts) {
+    let err = null;
+    try { await call(); } catch (e) { err = e; }
+    expect(err instanceof OpenAI.BadRequestError, `${what}: BadRequestError, got ${err}`);
+    expect(err.status === 400 && err.code === 'context_length_exceeded' && err.param === param &&
+      err.type === 'invalid_request_error',
+      `${what}: 400 context_length_exceeded param ${param}, got ${err.status} ${JSON.stringify(err.error)}`);
+    expect(/^This model's maximum context length is 2048 tokens\. However, you requested \d+ tokens/.test(err.error && err.error.message),
+      `${what}: OpenAI's message, got ${JSON.stringify(err.error)}`);
+    seen.push(what);
+  }
+  return seen;
+});
+
+// prompt + max_tokens over the context, the prompt fitting: the same 400 when the client asked for
+// max_tokens (as OpenAI, vLLM and the frontend's own check of token-id prompts answer); without
+// max_tokens the completion takes what is left of the context and ends with "length". The prompt's
+// size comes from the answers, so the bounds are exact: context - prompt passes, one more is refused.
+await check('context_length_max_tokens', async () => {
+  const ctx = 2048;
+  const prompt = 'Once upon a time '.repeat(500);
+  const free = await client.completions.create({ model, prompt, temperature: 0 });
+  const p = free.usage.prompt_tokens;
+  expect(p > 1900 && p < ctx, `a prompt of a little under ${ctx} tokens, got ${p}`);
+  expect(free.choices[0].finish_reason === 'length' && free.usage.completion_tokens === ctx - p,
+    `without max_tokens: "length" after ${ctx - p} tokens, got ${free.choices[0].finish_reason} ${JSON.stringify(free.usage)}`);
+  const fits = await client.completions.create({ model, prompt, temperature: 0, max_tokens: ctx - p });
+  expect(fits.usage.completion_tokens === ctx - p && fits.choices[0].text === free.choices[0].text,
+    `max_tokens ${ctx - p} fits exactly, got ${JSON.stringify(fits.usage)}`);
+  let err = null;
+  try { await client.completions.create({ model, prompt, max_tokens: ctx - p + 1 }); } catch (e) { err = e; }
+  expect(err instanceof OpenAI.BadRequestError && err.code === 'context_length_exceeded' && err.param === 'prompt',
+    `max_tokens ${ctx - p + 1}: 400 context_length_exceeded, got ${err} ${JSON.stringify(err && err.error)}`);
+  expect(err.error.message.includes(`you requested ${ctx + 1} tokens (${p} in the prompt, ${ctx - p + 1} in the completion)`),
+    `the counts in the message, got ${JSON.stringify(err.error.message)}`);
+  const messages = [{ role: 'user', content: prompt }];
+  const chatFree = await client.chat.completions.create({ model, messages, temperature: 0 });
+  const pc = chatFree.usage.prompt_tokens;
+  expect(chatFree.choices[0].finish_reason === 'length' && chatFree.usage.completion_tokens === ctx - pc,
+    `chat without max_tokens: "length" after ${ctx - pc} tokens, got ${JSON.stringify(chatFree.usage)}`);
+  err = null;
+  try {
+    for await (const _ of await client.chat.completions.create({ model, messages, max_tokens: ctx - pc + 1, stream: true }));
+  } catch (e) { err = e; }
+  expect(err instanceof OpenAI.BadRequestError && err.code === 'context_length_exceeded' && err.param === 'messages',
+    `chat stream, max_tokens ${ctx - pc + 1}: 400 context_length_exceeded, got ${err} ${JSON.stringify(err && err.error)}`);
+  return { prompt_tokens: p, chat_prompt_tokens: pc };
+});
+
 console.log(JSON.stringify({ sdk: sdkVersion, checks }));

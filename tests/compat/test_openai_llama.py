@@ -6,7 +6,10 @@ Checks, through the SDK: the model is listed; the greedy completion of "Once upo
 tokens) is the model's known text (models/README.md) with exact usage, unary and streamed; a seeded
 chat at temperature 0.8 gives the same text twice; at temperature 1 and top_p 0 (the smallest nucleus:
 only the most probable token) every seed gives the greedy text, completions and a streamed chat,
-while the same seeds at top_p 1 do not all give it. Skipped (exit 77) only when scripts/setup was
+while the same seeds at top_p 1 do not all give it; a prompt longer than the context is OpenAI's 400
+context_length_exceeded (param prompt / messages), unary and streamed, and so is a prompt that fits
+with a max_tokens that does not (context - prompt passes exactly; without max_tokens the completion
+ends with "length" at the context). Skipped (exit 77) only when scripts/setup was
 told not to fetch llama.cpp (BATON_NO_LLAMA=1); otherwise a missing library fails the test.
 """
 
@@ -27,7 +30,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 STORIES_GREEDY = (", there was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, "
                   "red ball. She wanted to play with it, but it was too high.\nLily's mom said")
 EXPECTED = ["models.list", "completions.greedy_text", "completions.stream_greedy_text", "chat.stream_seeded",
-            "completions.top_p_zero_greedy"]
+            "completions.top_p_zero_greedy", "context_length_exceeded",
+            "context_length_max_tokens"]
 
 
 def main():

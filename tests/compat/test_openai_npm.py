@@ -7,7 +7,9 @@ chat completion, a non-streamed completion with exact usage, a streamed chat wit
 stream_options.include_usage, and the SDK's error class, status, type, code and param for each
 error class baton answers: 404 NotFoundError (unknown model, unknown model id), 400
 BadRequestError (an unsupported parameter, the context length), 401 AuthenticationError, 503
-InternalServerError, and the APIError a stream raises when it fails mid-way.
+InternalServerError, and the APIError a stream raises when it fails mid-way; the SDK's stream helper
+(finalChatCompletion) on chat streams with no text (max_tokens 0, a stop at the first token) and
+with text: the role named in exactly one chunk.
 If an SDK cannot be installed (no registry), the test fails: it never passes without running.
 """
 
@@ -47,7 +49,7 @@ def ensure_sdk(version):
 
 EXPECTED = ["models.list", "chat.stream", "completions.create", "chat.stream.include_usage", "unknown_model.404",
             "models.retrieve", "models.retrieve.404", "bad_request.400", "context_length.400", "neutral_parameters",
-            "authentication.401", "overloaded.503", "stream_error.sse"]
+            "authentication.401", "overloaded.503", "stream_error.sse", "chat.stream_helper"]
 
 
 def run_client(c, sdk_dir, version, env):

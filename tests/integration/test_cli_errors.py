@@ -21,10 +21,12 @@
      `baton run` also refuses, before it starts any child, every argument a child would refuse:
      an unknown flag (passed on to the workers), a bad value of a frontend flag, an unknown
      engine, an openai setting with --engine llama, a llama setting (--model) without it, the openai
-     engine without --upstream, a llama value out of range, a canary payload that is not JSON
+     engine without --upstream, a llama value out of range, a --ctx-size below
+     --max-num-batched-tokens (which llama.cpp would abort on), --default-max-tokens 0, a canary payload that is not JSON
      (exit 2, "nothing was started", no directory made, nothing listening).
   4. `baton run --help` says how to get llama.cpp workers (--engine llama). `baton help` prints
-     the usage `baton --help` prints; `baton help CMD` what `baton CMD --help` prints; `baton
+     the usage `baton --help` prints (on stdout; after a usage error, `baton nope`, `baton help
+     nope` or no command at all, on stderr with exit 2); `baton help CMD` what `baton CMD --help` prints; `baton
      --version` (or `baton version`) prints one line, the version. `baton chaos list` (validate,
      --help) and the C commands' --help and --version into a pipe whose reader is gone exit 0,
      saying nothing (`baton chaos list | head -1`); into a full device, the C commands exit 1 and
@@ -235,6 +237,18 @@ refusals = [(["--bogus"], "baton run: unknown argument '--bogus'", "baton worker
              "--upstream", "baton worker"),
             (["--engine", "llama", "--max-num-seqs", "1000"], "baton run: invalid llama engine configuration: "
              "--max-num-seqs must be 1..256 for the llama engine", "baton worker"),
+            # fewer KV cells than a step's batch: llama.cpp asserts (SIGABRT, a backtrace) while
+            # creating the context (fewer than --max-num-seqs) or at the first long prompt; refused
+            # as configuration instead (512: the llama engine's default --max-num-batched-tokens)
+            (["--engine", "llama", "--ctx-size", "15"], "baton run: invalid llama engine configuration: "
+             "--ctx-size (15) must be 0 (auto) or at least --max-num-batched-tokens (512)", "baton worker"),
+            (["--engine", "llama", "--ctx-size", "64", "--max-num-batched-tokens", "100"], "baton run: invalid llama "
+             "engine configuration: --ctx-size (64) must be 0 (auto) or at least --max-num-batched-tokens (100)",
+             "baton worker"),
+            # refused by the flag's own range, which is the engines' (not as an "invalid mocker
+            # configuration" of a range the flag did not announce)
+            (["--engine", "llama", "--default-max-tokens", "0"], "baton run: invalid value '0' for --default-max-tokens "
+             "(expected an integer from 1 to 10000000)", "baton worker"),
             # a canary payload that is not usable: found before the workers start, not by each
             (["--health-check-enabled", "true", "--health-check-payload", "{bad"],
              "baton run: health check: DYN_HEALTH_CHECK_PAYLOAD (--health-check-payload) is not JSON", "baton worker")]
@@ -275,6 +289,18 @@ for cmd in ("run", "frontend", "worker"):
     assert rc == rc2 == 0 and out == want and f"usage: baton {cmd}" in out, (cmd, rc2, out[:200])
 rc, out, _ = baton(["help", "nope"])
 assert rc == 2 and "baton help: unknown command 'nope'" in out, (rc, out)
+# after a usage error (exit 2) the usage goes to stderr with the message, stdout stays empty; asked
+# for (--help, help) it goes to stdout
+for args, msg in ((["nope"], "baton: unknown command 'nope'\n"), (["help", "nope"], "baton help: unknown command"),
+                  ([], "")):
+    p = subprocess.run([BIN] + args, capture_output=True, text=True, env=CLEAN_ENV, timeout=10,
+                       stdin=subprocess.DEVNULL)
+    assert p.returncode == 2 and p.stdout == "" and p.stderr.startswith(msg) and \
+        "usage: baton <command>" in p.stderr, (args, p.returncode, p.stdout[:200], p.stderr[:200])
+for args in (["--help"], ["-h"], ["help"]):
+    p = subprocess.run([BIN] + args, capture_output=True, text=True, env=CLEAN_ENV, timeout=10,
+                       stdin=subprocess.DEVNULL)
+    assert p.returncode == 0 and p.stdout.startswith("usage: baton <command>") and p.stderr == "", (args, p.stderr)
 for form in ("--version", "version"):
     rc, out, _ = baton([form])  # stdout and stderr together: the version line and nothing else
     assert rc == 0 and re.fullmatch(r"baton \d+\.\d+\.\d+\n", out), (form, rc, out)

@@ -6,7 +6,8 @@ the error table, docs/engines.md the context length):
   * every error body has OpenAI's shape {"error": {"message", "type", "param", "code"}} with a
     string code and the type that goes with the status, from the frontend's own checks, from the
     HTTP layer (400/413/431), from a worker (400), for a full frontend (503) and as the SSE event
-    that ends a stream that failed mid-way;
+    that ends a stream that failed mid-way, whose response ends whole on a connection that stays
+    open for the next request;
   * a stream with stream_options.include_usage has "usage": null in every chunk before the usage
     chunk (as OpenAI's), and no "usage" key in any chunk without it; stream_options on a request
     whose "stream" is not true is a 400 with param "stream_options" (as OpenAI's and vLLM's), and
@@ -15,11 +16,13 @@ the error table, docs/engines.md the context length):
     echo); their neutral values pass; U+0000 inside content reaches the engine whole;
   * prompt + max_tokens beyond the worker's --context-length is a 400 context_length_exceeded,
     checked by the frontend where it can count (max_tokens alone, token-id prompts: the worker
-    sees nothing) and by the engine for text prompts; without max_tokens the answer fits the rest;
+    sees nothing) and by the engine for text prompts (logged below WARN by neither process); without
+    max_tokens the answer fits the rest;
   * HEAD /health and HEAD /live (frontend and worker) answer as GET without a body.
 """
 
 import json
+import socket
 import threading
 import time
 import urllib.parse
@@ -211,6 +214,18 @@ with bl.Cluster() as c:
     s = bl.stream_chat(u, bl.chat_body(long_text, max_tokens=5, stream=True))
     assert s.status == 400 and s.error["code"] == "context_length_exceeded" and not s.events, s.summary()
     assert metric(w.system_url, "dynamo_component_errors_total") >= 2
+    # the engine's refusal is the client's 400, as the frontend's own refusals are: no warning per
+    # such request in the worker's or the frontend's log (a client could fill them); the refusal
+    # did happen in the worker (its error counter moved)
+    before = metric(w.system_url, "dynamo_component_errors_total")
+    st, _, b = bl.post_json(u + "/v1/chat/completions", bl.chat_body(long_text, max_tokens=5),
+                            headers={"X-Request-Id": "ctx-over-quiet"})
+    assert st == 400 and b["error"]["code"] == "context_length_exceeded", (st, b)
+    assert metric(w.system_url, "dynamo_component_errors_total") == before + 1
+    for p in (w.proc, fe.proc):
+        noisy = [line for line in p.log_text().splitlines() if " WARN " in line and
+                 ("ctx-over-quiet" in line or "maximum context length" in line)]
+        assert not noisy, noisy
     # without max_tokens the completion takes what is left of the context
     prompt = list(range(CTX - 7))
     st, _, b = bl.post_json(u + "/v1/completions", {"model": "mock-model", "prompt": prompt})
@@ -222,6 +237,33 @@ with bl.Cluster() as c:
     err = s.error
     assert set(err) == {"message", "type", "param", "code"}, err
     assert err["type"] == "server_error" and err["code"] == "engine_error" and err["param"] is None, err
+    # a failed stream's response ends whole (its last chunk) on a connection its head called
+    # keep-alive: the next request on that connection is answered (a client that reuses it, as
+    # node's fetch does, must not see its next POST fail). The fault above fires once; an operator
+    # kill ends a stream with the same error event.
+    body = json.dumps(bl.chat_body("run long", model=SLASHED, max_tokens=500000, stream=True)).encode()
+    with socket.create_connection(("127.0.0.1", fe.port), timeout=10) as sk:
+        sk.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"X-Request-Id: keepalive-after-error\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        got = sk.recv(65536)
+        st, _, b = bl.post_json(u + "/v1/requests/keepalive-after-error/cancel", {"mode": "kill"})
+        assert st == 200 and b["status"] == "cancelling", (st, b)
+        while not got.endswith(b"\r\n0\r\n\r\n"):
+            more = sk.recv(65536)
+            assert more, f"the connection closed before the killed stream's last chunk: {got[-300:]!r}"
+            got += more
+        assert b"Connection: keep-alive" in got.split(b"\r\n\r\n", 1)[0], got[:300]
+        assert b'"code":"request_cancelled"' in got[-400:] and b"[DONE]" not in got, got[-400:]
+        sk.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        nxt = b""
+        while b"\r\n\r\n" not in nxt:
+            try:
+                more = sk.recv(65536)
+            except ConnectionResetError:
+                more = b""
+            assert more, "the connection closed after a failed stream: the next request on it got no answer"
+            nxt += more
+        assert nxt.startswith(b"HTTP/1.1 200 "), nxt[:200]
 
     # ---- HEAD probes
     for path in ("/health", "/live"):

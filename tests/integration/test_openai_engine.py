@@ -7,7 +7,8 @@ stacks as a text-only upstream (`--upstream-kind sglang`: no token ids; `--upstr
   1. Streaming and non-streaming chat and completions through F0 and T0 equal the same requests
      sent to U1 directly: text byte for byte, finish reason, usage, and through F0 the token ids;
      through T0 the ids are text-mode ids (bit 31 set, consecutive positions). Finished requests
-     leave no disconnect behind upstream.
+     leave no disconnect behind upstream. The upstream's 400 context_length_exceeded reaches F0's
+     client as that error (param "prompt"), whole and streamed.
   2. A client that goes away closes the upstream request: the upstream frontend counts a
      disconnected client and the mocker's active sequences return to 0 (they were > 0 before).
      An operator stop on F0 ends the stream with finish_reason "cancelled" and the text delivered
@@ -257,6 +258,21 @@ def equality_phase(u1, f0, t0):
             n += 1
     if outcome(u1.url, "chat", dict(base, stop=[stop]), False)["finish_reason"] != "stop":
         fail("the stop-string case did not stop on its stop string")
+    # the upstream's 400 context_length_exceeded (prompt + max_tokens over the mocker's context of
+    # 1,038,080 tokens) reaches the client as that error, param "prompt", whole and streamed: not as
+    # a generic invalid_value, which a client that trims its prompt on that code would not recognise
+    big = bl.completion_body([7] * 40000, max_tokens=1000000)
+    st, _, ref = bl.post_json(u1.url + "/v1/completions", big)
+    if st != 400 or ref["error"]["code"] != "context_length_exceeded":
+        fail(f"the upstream did not refuse the over-long request: {st} {ref}")
+    st, _, j = bl.post_json(f0.url + "/v1/completions", big)
+    e = j.get("error") if isinstance(j, dict) else None
+    if st != 400 or not e or e["code"] != "context_length_exceeded" or e["param"] != "prompt" or \
+            e["type"] != "invalid_request_error" or ref["error"]["message"] not in e["message"]:
+        fail(f"F0: expected 400 context_length_exceeded with the upstream's message, got {st} {j}")
+    s = bl.stream_completion(f0.url, dict(big, stream=True))
+    if s.status != 400 or not s.error or s.error["code"] != "context_length_exceeded" or s.events:
+        fail(f"F0 streamed: expected 400 context_length_exceeded, got {s.summary()}")
     print(f"equality: {n} request shapes equal through F0 (ids) and T0 (text)")
 
 

@@ -16,7 +16,8 @@
      frontend and worker list DYN_LOG and DYN_LOGGING_JSONL, which do what the help says.
   5. A llama worker without --model-name serves its model file's name without .gguf (stories260K
      for the bundled model), under `baton worker` and `baton run --engine llama` alike: /v1/models
-     lists it, "baton: serving" names it, a request for it is served and "mock-model" is 404."""
+     lists it, "baton: serving" names it, a request for it is served and "mock-model" is 404. A
+     llama worker with more --llama-threads than the CPUs it may run on warns so at start."""
 
 import json
 import os
@@ -220,12 +221,19 @@ else:
         fe = c.start_frontend()
         w1 = c.start_worker(engine="llama", model_name=None)  # the harness names llama workers mock-model
         w2 = c.start_worker(engine="llama", model_name=None, model=renamed)
-        w3 = c.start_worker(engine="llama", model_name="my-name")
+        # more llama.cpp threads than CPUs: warned at start (its threads spin for each other)
+        ncpu = len(os.sched_getaffinity(0))
+        w3 = c.start_worker(engine="llama", model_name="my-name", llama_threads=min(ncpu + 1, 256))
         c.wait_workers(fe, 3)
         assert model_ids(fe.url) == ["my-name", "stories260K", "tiny-tales"], model_ids(fe.url)
         for w, name in ((w1, "stories260K"), (w2, "tiny-tales"), (w3, "my-name")):
             assert re.search(r"serving model '%s'" % name, w.proc.log_text()), (name, w.proc.log_tail())
         served(fe.url, "tiny-tales", True)
-    print("llama model name: the model file's name (baton run and baton worker), --model-name overrides")
+        over = r"WARN .*--llama-threads %d is more than the %d CPUs this process may use" % (ncpu + 1, ncpu)
+        if ncpu + 1 <= 256:
+            assert re.search(over, w3.proc.log_text()), w3.proc.log_tail()
+        assert "--llama-threads" not in w1.proc.log_text() + w2.proc.log_text(), w1.proc.log_tail()
+    print("llama model name: the model file's name (baton run and baton worker), --model-name overrides; "
+          "--llama-threads above the CPUs warned")
 
 print("test_worker_flags: ok")

@@ -64,6 +64,16 @@ bt_status bt_llama_config_check(const bt_llama_config *c, char *err, size_t errl
                BT_ERR_INVALID;
     if (c->ctx_size < 0 || c->ctx_size > (1 << 24))
         return snprintf(err, errlen, "--ctx-size must be 0 (auto) .. 16777216"), BT_ERR_INVALID;
+    /* llama.cpp cuts its batch to the cells asked for (n_batch = min(n_ctx, n_batch)) and asserts,
+     * aborting the process, on a decode larger than that (a step's batch of up to
+     * --max-num-batched-tokens) or, creating the context, when it cannot hold one output per
+     * sequence (fewer cells than --max-num-seqs) */
+    if (c->ctx_size > 0 && c->ctx_size < c->max_num_batched_tokens)
+        return snprintf(err, errlen,
+                        "--ctx-size (%lld) must be 0 (auto) or at least --max-num-batched-tokens (%lld): a step "
+                        "decodes up to that many tokens at once",
+                        (long long)c->ctx_size, (long long)c->max_num_batched_tokens),
+               BT_ERR_INVALID;
     if (c->threads < 1 || c->threads > 256)
         return snprintf(err, errlen, "--llama-threads must be 1..256"), BT_ERR_INVALID;
     if (c->batch_gather_us < 0 || c->batch_gather_us > BT_GATHER_MAX_US)
@@ -100,6 +110,7 @@ bt_engine *bt_llama_create(uv_loop_t *loop, const bt_llama_config *cfg, const bt
 #else
 
 #include <pthread.h>
+#include <sched.h>
 
 /* ---- messages ------------------------------------------------------------------------------- */
 
@@ -130,7 +141,7 @@ typedef struct ll_ev {
     bt_finish_reason reason;
     bt_usage usage;
     bt_status code;
-    char msg[200];
+    char msg[320];            /* room for OpenAI's context-length message with large counts */
     bt_engine_handoff_cb hcb; /* EV_HANDOFF: the exported state (NULL: none) goes to hcb */
     void *hud;
     uint8_t *state;
@@ -168,6 +179,7 @@ struct ll_seq {
     size_t n_tok, cap_tok;
     size_t n_prompt;
     uint32_t n_carried, n_gen, max_new;
+    bool max_asked; /* the client's body sets max_tokens (or max_completion_tokens) */
     size_t n_past;
     bt_llsample_params sp;
     bt_lltext text;
@@ -462,7 +474,7 @@ static size_t piece(ll_engine *e, llama_token t, char *buf, size_t cap) {
 
 /* A new sequence arrives on the thread: render its prompt, append the carried tokens, queue it. */
 static void seq_arrive(ll_engine *e, ll_seq *s) {
-    char err[200] = "";
+    char err[320] = "";
     bt_status st = render_prompt(e, s, err, sizeof err);
     s->n_prompt = s->n_tok;
     list_insert_waiting(&e->waiting, s, false);
@@ -508,9 +520,20 @@ static void seq_arrive(ll_engine *e, ll_seq *s) {
         seq_end(e, s, END_FINISH, BT_FINISH_LENGTH, BT_OK, NULL);
         return;
     }
-    if (s->n_tok >= e->n_cap) {
-        snprintf(err, sizeof err, "prompt of %zu tokens does not fit the context (%u tokens)", s->n_tok, e->n_cap);
-        seq_end(e, s, END_ERROR, BT_FINISH_STOP, BT_ERR_TOO_LARGE, err);
+    /* The context length as OpenAI and vLLM apply it (and the mocker, and the frontend for prompts
+     * of token ids): a prompt (with the carried tokens, which count as completion) that leaves no
+     * room for one token, or that leaves less than the max_tokens the client asked for, is their
+     * 400 context_length_exceeded, in their words, so that a client trimming its history on that
+     * code works here too. Without an explicit max_tokens the default is cut to what is left: the
+     * sequence ends with "length" at the context. */
+    if (s->n_tok >= e->n_cap || (s->max_asked && (uint64_t)s->n_tok + s->max_new > e->n_cap)) {
+        const char *what = s->api == BT_API_CHAT ? "messages" : "prompt";
+        snprintf(err, sizeof err,
+                 "This model's maximum context length is %u tokens. However, you requested %llu tokens (%zu in "
+                 "the %s, %llu in the completion). Please reduce the length of the %s or completion.",
+                 e->n_cap, (unsigned long long)s->n_tok + s->max_new, s->n_prompt, what,
+                 (unsigned long long)(s->n_tok - s->n_prompt) + s->max_new, what);
+        seq_end(e, s, END_ERROR, BT_FINISH_STOP, BT_ERR_CONTEXT_LENGTH, err);
         return;
     }
     /* it waits: on an idle engine (nothing admitted) it starts or extends a batch gather */
@@ -1079,6 +1102,8 @@ static bt_status ll_submit(bt_engine *be, const bt_engine_request *req, const bt
     if (bt_lltext_init(&s->text, req->stop, req->n_stop) != BT_OK) goto nomem;
     s->n_carried = req->n_carried;
     s->max_new = req->max_tokens;
+    s->max_asked = json_is_integer(json_object_get(req->body, "max_tokens")) ||
+                   json_is_integer(json_object_get(req->body, "max_completion_tokens"));
     s->priority = req->priority;
     s->sp.temperature = req->temperature;
     s->sp.top_p = body_number(req->body, "top_p", 1.0);
@@ -1407,6 +1432,15 @@ bt_engine *bt_llama_create_with_api(uv_loop_t *loop, const bt_llama_config *cfg,
             (long long)cfg->max_num_batched_tokens, (long long)cfg->threads,
             e->chat_template ? "the model's" : "plain");
     BT_INFO("llama engine: exactness fingerprint \"%s\"", e->exactness);
+    /* llama.cpp's threads spin at a barrier after every matrix product: more of them than CPUs
+     * this process may run on makes each step wait on preempted spinners (measured: seconds per
+     * step on 2 CPUs, docs/engines.md §3.2) */
+    cpu_set_t cpus;
+    long ncpu = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? CPU_COUNT(&cpus) : sysconf(_SC_NPROCESSORS_ONLN);
+    if (ncpu > 0 && cfg->threads > ncpu)
+        BT_WARN("llama engine: --llama-threads %lld is more than the %ld CPUs this process may use; its threads "
+                "wait for each other spinning, and each step can take seconds: use %ld or fewer",
+                (long long)cfg->threads, ncpu, ncpu);
     return &e->base;
 fail:
     ll_destroy_now(e);

@@ -557,11 +557,15 @@ static void stream_done(oa_engine *e, oa_xfer *x, CURLcode cc) {
         bt_oa_chunk c;
         char err[256];
         const char *what = "";
+        bt_status st = bt_oa_status_for_http(code);
         if (bt_oa_parse_chunk(x->rx.data ? x->rx.data : "", x->rx.len, true, &c, err, sizeof err) == BT_OK &&
-            c.is_error)
+            c.is_error) {
             what = c.err_msg;
-        seq_fail(s, bt_oa_status_for_http(code), "the upstream answered HTTP %ld%s%.200s", code, *what ? ": " : "",
-                 what);
+            /* OpenAI's (and a baton upstream's) 400 context_length_exceeded stays that error, so
+             * the client gets it with its code and param, as from the upstream itself */
+            if (code == 400 && c.err_code == BT_ERR_CONTEXT_LENGTH) st = BT_ERR_CONTEXT_LENGTH;
+        }
+        seq_fail(s, st, "the upstream answered HTTP %ld%s%.200s", code, *what ? ": " : "", what);
         bt_oa_chunk_free(&c);
         return;
     }
