@@ -222,7 +222,8 @@ with bl.Cluster() as c:
     twin = c.start_frontend(env={"DYN_API_KEY": KEY, "BATON_ADMIN_API_KEY": ADMIN, "BATON_METRICS_API_KEY_REQUIRED": "1"})
     legacy = c.start_frontend(api_key=KEY)
     admin_only = c.start_frontend(admin_api_key=ADMIN, metrics_api_key_required=True)
-    tenants = c.start_frontend(api_key=KEY, admin_api_key=ADMIN, trust_tenant_header=True)
+    # two threads: a cancel asks every shard (shards.c), with the caller it names
+    tenants = c.start_frontend(api_key=KEY, admin_api_key=ADMIN, trust_tenant_header=True, threads=2)
     for fe in (flag, twin, legacy, admin_only, tenants):
         c.wait_workers(fe, 1)
 
