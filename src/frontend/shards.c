@@ -101,8 +101,8 @@ struct fe_gather {
     atomic_bool found;       /* G_CANCEL: some shard held the request */
     char rid[80];
     bool kill;
-    bool any_caller;                /* G_CANCEL: the operator's (caller ignored) */
-    uint8_t caller[FE_CALLER_LEN];  /* G_CANCEL: only this caller's requests (fe_caller_tag) */
+    bool any_caller;               /* G_CANCEL: the operator's (caller ignored) */
+    uint8_t caller[FE_CALLER_LEN]; /* G_CANCEL: only this caller's requests (fe_caller_tag) */
 };
 
 static void gather_free(fe_gather *g) {
