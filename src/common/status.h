@@ -31,7 +31,8 @@
     X(BT_ERR_UNAUTHORIZED,  17, false, "unauthorized")                                 \
     X(BT_ERR_INTERNAL,      18, false, "internal error")                              \
     X(BT_ERR_CONTEXT_LENGTH, 19, false, "prompt + max_tokens exceed the model's context length") \
-    X(BT_ERR_MOVED,         20, true,  "stream moved to another worker")
+    X(BT_ERR_MOVED,         20, true,  "stream moved to another worker")                   \
+    X(BT_ERR_INVALID_PROMPT, 21, false, "the prompt is not valid for this model")
 
 typedef enum {
 #define BT_X(name, code, mig, msg) name = code,

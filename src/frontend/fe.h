@@ -38,6 +38,8 @@
 #include "proto/proto.h"
 #include "rpc/conn.h"
 
+#define FE_CALLER_LEN 16 /* fe_caller_tag: a SHA-256 prefix */
+
 typedef struct fe fe;
 typedef struct fe_worker fe_worker;
 typedef struct fe_req fe_req;
@@ -246,6 +248,7 @@ struct fe_req {
     int replay_tail;        /* where the replay ends (resume.c) */
     fe_ticket *ticket;      /* admission (admit.h): priority, tenant, place in the queue; NULL for a resume */
     uint64_t adopt_worker;  /* a resume's first attempt re-attaches to this worker's orphan (0: none) */
+    uint8_t caller[FE_CALLER_LEN]; /* who may cancel it besides the operator (fe_caller_tag) */
     LIST_ENTRY(fe_req) link; /* fe.reqs: all live requests */
 };
 /* a token's part of the request within four cache lines (from a 16-byte aligned start: five) */
@@ -263,7 +266,8 @@ typedef struct {
     double prefill_threshold;
     double stall_timeout;
     const char *api_key;
-    bool metrics_api_key_required; /* /metrics needs the API key too (frontend.c: routes) */
+    const char *admin_api_key;     /* the operator endpoints' key (frontend.c: routes); NULL: the API's */
+    bool metrics_api_key_required; /* /metrics needs the API key (or the admin key) too (frontend.c: routes) */
     int64_t max_body;
     int64_t max_body_total; /* request body bytes being received at once by all connections; 0 = no cap */
     int64_t drain_timeout;
@@ -481,7 +485,13 @@ void fe_request_begin_stream(fe_req *r);
 /* Ends a running request at once with an error the client can read; r is freed. */
 void fe_request_fail(fe_req *r, bt_status code, const char *msg);
 /* Operator cancel: stop (graceful) or kill. Returns false if no such request. */
-bool fe_request_cancel_by_id(fe *f, const char *rid, bool kill);
+/* caller: only requests with this tag (fe_caller_tag) are cancelled; NULL: any (the operator). */
+bool fe_request_cancel_by_id(fe *f, const char *rid, bool kill, const uint8_t *caller);
+/* The caller of a request or of a cancel, as far as the frontend can tell callers apart: the
+ * first FE_CALLER_LEN bytes of SHA-256 of the X-Tenant header under --trust-tenant-header (the
+ * gateway in front says who the caller is; no header hashes as an empty one), zeros otherwise.
+ * Without it every holder of the one --api-key (everyone, without a key) is the same caller. */
+void fe_caller_tag(const fe *f, const bt_http_req *http, uint8_t out[FE_CALLER_LEN]);
 /* Answers with OpenAI's error shape {"error":{"message","type","param","code"}}: `code` is a
  * string such as "model_not_found" (NULL gives null), the type follows from the status
  * (fe_error_type). rid may be NULL. */
@@ -558,7 +568,7 @@ void fe_mail_destroy(fe *f);
 /* /metrics of the whole process: this shard's registry merged with every other shard's. */
 void fe_shards_metrics(fe *f, bt_http_req *http);
 /* Operator cancel of request `rid` on whichever shards hold it; answers http. */
-void fe_shards_cancel(fe *f, bt_http_req *http, const char *rid, bool kill);
+void fe_shards_cancel(fe *f, bt_http_req *http, const char *rid, bool kill, const uint8_t *caller);
 /* The thresholds of m were changed on f: the same change on every other shard. */
 void fe_shards_set_threshold(fe *f, const fe_model *m, bool set_decode, bool set_prefill);
 /* f (shard 0) began shutting down: the others begin the same shutdown. */

@@ -195,6 +195,48 @@ static void handle_busy_threshold(fe *f, bt_http_req *http) {
     respond_json(http, 200, threshold_json(m));
 }
 
+/* a == b in a time that depends on their lengths only, never on where they first differ: a
+ * client timing 401s learns nothing of the key byte by byte. */
+static bool equal_ct(const char *a, size_t alen, const char *b, size_t blen) {
+    volatile unsigned char diff = alen != blen;
+    for (size_t i = 0; i < alen; i++) diff |= (unsigned char)(a[i] ^ (blen ? b[i % blen] : 0));
+    return diff == 0;
+}
+
+/* "Authorization: Bearer KEY", the scheme in any case (RFC 9110 §11.1), one or more spaces after
+ * it; the key compared in constant time. */
+static bool bearer_is(const bt_http_req *http, const char *key) {
+    const char *a = http->authorization;
+    if (!a || strncasecmp(a, "Bearer ", 7) != 0) return false;
+    a += 7;
+    while (*a == ' ') a++;
+    return equal_ct(a, strlen(a), key, strlen(key));
+}
+
+static bool has_key(const char *k) { return k && *k; }
+
+/* The API's check: the --api-key, or anyone without one. */
+static bool authorized(fe *f, bt_http_req *http) { return !has_key(f->o.api_key) || bearer_is(http, f->o.api_key); }
+
+/* The operator endpoints' check (/busy_threshold, /admission): with --admin-api-key that key
+ * only, so that an API client cannot change load shedding; without it the API's check, as
+ * before the flag existed (anyone holding the API key may change the thresholds). */
+static bool admin_authorized(fe *f, bt_http_req *http) {
+    return has_key(f->o.admin_api_key) ? bearer_is(http, f->o.admin_api_key) : authorized(f, http);
+}
+
+/* The operator cancel: whoever may use the API (its caller), or the operator. */
+static bool api_or_admin(fe *f, bt_http_req *http) {
+    return authorized(f, http) || (has_key(f->o.admin_api_key) && bearer_is(http, f->o.admin_api_key));
+}
+
+/* /metrics under --metrics-api-key-required: one of the keys that are set (a scrape job usually
+ * holds an operator's credential); with only --admin-api-key, that key, though the API is open. */
+static bool either_key(fe *f, bt_http_req *http) {
+    return (has_key(f->o.api_key) && bearer_is(http, f->o.api_key)) ||
+           (has_key(f->o.admin_api_key) && bearer_is(http, f->o.admin_api_key));
+}
+
 /* POST /v1/requests/{id}/cancel, body {"mode":"stop"|"kill"}; an empty body means stop. Any other
  * body ({}, [], a mode that is not one of the two strings) is a 400 and cancels nothing: an
  * operator's typo must not end a request. */
@@ -209,7 +251,12 @@ static void handle_cancel(fe *f, bt_http_req *http, const char *rid) {
     }
     bool kill = strcmp(mode, "kill") == 0;
     json_decref(b);
-    fe_shards_cancel(f, http, rid, kill); /* the request may live on another shard */
+    /* the operator (--admin-api-key) cancels any request; a caller only its own, as far as the
+     * frontend tells callers apart (fe_caller_tag: the trusted X-Tenant) */
+    uint8_t caller[FE_CALLER_LEN];
+    fe_caller_tag(f, http, caller);
+    bool admin = has_key(f->o.admin_api_key) && bearer_is(http, f->o.admin_api_key);
+    fe_shards_cancel(f, http, rid, kill, admin ? NULL : caller); /* it may live on another shard */
 }
 
 void fe_cancel_respond(bt_http_req *http, const char *rid, bool kill, bool found) {
@@ -219,25 +266,6 @@ void fe_cancel_respond(bt_http_req *http, const char *rid, bool kill, bool found
     }
     respond_json(http, 200, json_pack("{s:s, s:s, s:s}", "request_id", rid, "mode", kill ? "kill" : "stop", "status",
                                       "cancelling"));
-}
-
-/* a == b in a time that depends on their lengths only, never on where they first differ: a
- * client timing 401s learns nothing of the key byte by byte. */
-static bool equal_ct(const char *a, size_t alen, const char *b, size_t blen) {
-    volatile unsigned char diff = alen != blen;
-    for (size_t i = 0; i < alen; i++) diff |= (unsigned char)(a[i] ^ (blen ? b[i % blen] : 0));
-    return diff == 0;
-}
-
-/* "Authorization: Bearer KEY", the scheme in any case (RFC 9110 §11.1), one or more spaces after
- * it; the key compared in constant time. */
-static bool authorized(fe *f, bt_http_req *http) {
-    if (!f->o.api_key || !*f->o.api_key) return true;
-    const char *a = http->authorization;
-    if (!a || strncasecmp(a, "Bearer ", 7) != 0) return false;
-    a += 7;
-    while (*a == ' ') a++;
-    return equal_ct(a, strlen(a), f->o.api_key, strlen(f->o.api_key));
 }
 
 static void route_live(void *ud, bt_http_req *http, const char *tail) {
@@ -263,7 +291,7 @@ static void unauthorized(bt_http_req *http) {
 static void route_metrics(void *ud, bt_http_req *http, const char *tail) {
     (void)tail;
     fe *f = ud;
-    if (f->o.metrics_api_key_required && !authorized(f, http)) return unauthorized(http);
+    if (f->o.metrics_api_key_required && !either_key(f, http)) return unauthorized(http);
     fe_shards_metrics(ud, http); /* every shard's */
 }
 
@@ -315,9 +343,14 @@ static void route_resume_completion(void *ud, bt_http_req *http, const char *tai
     fe_resume_get(ud, http, BT_API_COMPLETION, tail);
 }
 
+/* Route flags of this table beside route.h's: which key opens the route (on_http_request). */
+#define FE_ROUTE_ADMIN (1u << 8)  /* operator endpoint: the --admin-api-key when set (admin_authorized) */
+#define FE_ROUTE_CANCEL (1u << 9) /* the API key or the --admin-api-key (api_or_admin) */
+
 /* The frontend's routes, in order of precedence. Probes and metrics are open (a load balancer's
  * probe or Prometheus carries no API key; /metrics checks it itself under
- * --metrics-api-key-required); everything else needs the key when one is set. */
+ * --metrics-api-key-required); the operator endpoints need the admin key when one is set;
+ * everything else needs the API key when one is set. */
 static const bt_http_route routes[] = {
     {"/live", BT_ROUTE_GET, BT_ROUTE_OPEN, route_live},
     {"/health", BT_ROUTE_GET, BT_ROUTE_OPEN, route_health},
@@ -326,9 +359,9 @@ static const bt_http_route routes[] = {
     {"/v1/completions", BT_ROUTE_POST, 0, route_completions},
     {"/v1/models", BT_ROUTE_GET, 0, route_models},
     {"/v1/models/", BT_ROUTE_GET, 0, route_model},
-    {"/busy_threshold", BT_ROUTE_GET | BT_ROUTE_POST, 0, route_busy_threshold},
-    {"/admission", BT_ROUTE_GET | BT_ROUTE_POST, 0, route_admission},
-    {"/v1/requests/", BT_ROUTE_POST, 0, route_request_op},
+    {"/busy_threshold", BT_ROUTE_GET | BT_ROUTE_POST, FE_ROUTE_ADMIN, route_busy_threshold},
+    {"/admission", BT_ROUTE_GET | BT_ROUTE_POST, FE_ROUTE_ADMIN, route_admission},
+    {"/v1/requests/", BT_ROUTE_POST, FE_ROUTE_CANCEL, route_request_op},
     {"/v1/chat/completions/", BT_ROUTE_GET, BT_ROUTE_NO_HEAD, route_resume_chat}, /* resume.c refuses HEAD */
     {"/v1/completions/", BT_ROUTE_GET, BT_ROUTE_NO_HEAD, route_resume_completion},
 };
@@ -340,6 +373,10 @@ static void on_http_request(void *ud, bt_http_req *http) {
     bt_route_result res = bt_http_route_find(routes, sizeof routes / sizeof routes[0], http->method, http->path, &r,
                                              &tail);
     if (res == BT_ROUTE_FOUND && (r->flags & BT_ROUTE_OPEN)) return r->handler(f, http, tail);
+    if (res == BT_ROUTE_FOUND && (r->flags & (FE_ROUTE_ADMIN | FE_ROUTE_CANCEL))) {
+        bool ok = (r->flags & FE_ROUTE_ADMIN) ? admin_authorized(f, http) : api_or_admin(f, http);
+        return ok ? r->handler(f, http, tail) : unauthorized(http);
+    }
     /* past the open routes, nothing is said without the key, not even whether a path exists */
     if (!authorized(f, http)) return unauthorized(http);
     if (res == BT_ROUTE_FOUND) return r->handler(f, http, tail);
@@ -612,7 +649,8 @@ static void others_done_tick(uv_timer_t *t) {
     OPT("--active-prefill-tokens-threshold", "DYN_ACTIVE_PREFILL_TOKENS_THRESHOLD", DOUBLE, prefill_threshold, NAN, 0, FE_PREFILL_THRESHOLD_MAX, "busy above this many prefill tokens") \
     OPT("--stream-stall-timeout", "DYN_STREAM_STALL_TIMEOUT", DOUBLE, stall_timeout, 2.0, 0.1, 3600, "seconds of silence before a worker is declared dead") \
     OPT("--api-key", "DYN_API_KEY", STR, api_key, NULL, 0, 0, "require Authorization: Bearer KEY") \
-    OPT("--metrics-api-key-required", "BATON_METRICS_API_KEY_REQUIRED", BOOL, metrics_api_key_required, false, 0, 0, "GET /metrics needs the --api-key as the API does (Authorization: Bearer KEY); off, /metrics is open like /live and /health") \
+    OPT("--admin-api-key", "BATON_ADMIN_API_KEY", STR, admin_api_key, NULL, 0, 0, "the operator endpoints (/busy_threshold, /admission) require Authorization: Bearer KEY with this key, and the --api-key no longer opens them; it does not open the API, and it may cancel any request; unset, whoever holds the --api-key (everyone without one) may change the load-shedding settings") \
+    OPT("--metrics-api-key-required", "BATON_METRICS_API_KEY_REQUIRED", BOOL, metrics_api_key_required, false, 0, 0, "GET /metrics needs the --api-key or the --admin-api-key (Authorization: Bearer KEY); off, /metrics is open like /live and /health") \
     OPT("--max-body-bytes", "DYN_HTTP_MAX_BODY_BYTES", INT, max_body, 4 << 20, 1024, 1 << 30, "request body cap") \
     OPT("--max-body-bytes-total", "BATON_HTTP_MAX_BODY_BYTES_TOTAL", INT, max_body_total, 1 << 30, 0, (int64_t)1 << 40, "request body bytes being received at once over all connections (a declared Content-Length counts whole); a body past it is refused with 503; at least --max-body-bytes; 0: no cap") \
     OPT("--shutdown-drain-timeout", "DYN_HTTP_DRAIN_TIMEOUT", INT, drain_timeout, 30, 0, 86400, "seconds running streams get after SIGTERM") \
@@ -687,9 +725,15 @@ int bt_frontend_main(int argc, char **argv) {
     if (!bt_proc_check_planes("frontend", &o->p, opts, nopts, argc, argv) ||
         !bt_proc_check_host("frontend", opts, nopts, argc, argv, "--http-host", o->http_host))
         goto bad_usage;
-    if (o->metrics_api_key_required && (!o->api_key || !*o->api_key)) {
+    if (o->metrics_api_key_required && !has_key(o->api_key) && !has_key(o->admin_api_key)) {
         bt_proc_error("frontend", "--metrics-api-key-required (BATON_METRICS_API_KEY_REQUIRED) needs --api-key "
-                                  "(DYN_API_KEY): the key /metrics would require");
+                                  "(DYN_API_KEY) or --admin-api-key (BATON_ADMIN_API_KEY): the key /metrics would "
+                                  "require");
+        goto bad_usage;
+    }
+    /* one key for both would let every API client change load shedding, which the flag is for */
+    if (has_key(o->admin_api_key) && has_key(o->api_key) && strcmp(o->admin_api_key, o->api_key) == 0) {
+        bt_proc_error("frontend", "--admin-api-key (BATON_ADMIN_API_KEY) must differ from --api-key (DYN_API_KEY)");
         goto bad_usage;
     }
     if (bt_proc_load_secret(&o->p, &f->rpc_secret, err, sizeof err) != BT_OK) {

@@ -16,6 +16,7 @@
  * line naming the stream and the position (tokens delivered) after it, and is journaled first
  * (journal.h), so that a client that loses its connection can resume after it (resume.c). */
 #include <inttypes.h>
+#include <openssl/sha.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -89,6 +90,7 @@ void fe_json_error_ex(bt_http_req *http, const char *rid, int status, const char
 static int status_for(bt_status code) {
     switch (code) {
     case BT_ERR_INVALID:
+    case BT_ERR_INVALID_PROMPT:
     case BT_ERR_TOO_LARGE:
     case BT_ERR_CONTEXT_LENGTH: return 400;
     case BT_ERR_NOT_FOUND: return 404;
@@ -102,7 +104,8 @@ static int status_for(bt_status code) {
 /* The OpenAI error code (a string) for a request that failed with `code`. */
 static const char *code_for(bt_status code) {
     switch (code) {
-    case BT_ERR_INVALID: return "invalid_value";
+    case BT_ERR_INVALID:
+    case BT_ERR_INVALID_PROMPT: return "invalid_value";
     case BT_ERR_TOO_LARGE: return "request_too_large";
     case BT_ERR_CONTEXT_LENGTH: return "context_length_exceeded";
     case BT_ERR_NOT_FOUND: return "not_found";
@@ -482,9 +485,9 @@ static void finish_unary(fe_req *r, const char *reason) {
 static void fail_request(fe_req *r, bt_status code, const char *msg) {
     int status = status_for(code);
     fe_outcome out = code == BT_ERR_CANCELLED ? FE_OUT_CANCELLED : FE_OUT_ERROR;
-    /* a prompt over the context is the client's 400 (the engine counted it): debug, as the
-     * frontend's own refusals of bad input are (docs/security.md) */
-    bt_log(code == BT_ERR_CONTEXT_LENGTH ? BT_LOG_DEBUG : BT_LOG_WARN,
+    /* a prompt over the context or of ids outside the vocabulary is the client's 400 (the engine
+     * counted it): debug, as the frontend's own refusals of bad input are (docs/security.md) */
+    bt_log(code == BT_ERR_CONTEXT_LENGTH || code == BT_ERR_INVALID_PROMPT ? BT_LOG_DEBUG : BT_LOG_WARN,
            "request %s failed after %zu tokens and %d attempts: %s (%s)", r->rid, r->nids, r->attempts, msg,
            bt_status_name(code));
     if (r->http) {
@@ -501,9 +504,10 @@ static void fail_request(fe_req *r, bt_status code, const char *msg) {
             }
             write_error_event(r, status, code_for(code), msg);
         } else {
+            /* the two refusals of the prompt itself name it, as OpenAI's do */
+            bool of_prompt = code == BT_ERR_CONTEXT_LENGTH || code == BT_ERR_INVALID_PROMPT;
             fe_json_error_ex(r->http, r->rid, status, code_for(code),
-                             code == BT_ERR_CONTEXT_LENGTH ? (r->api == BT_API_CHAT ? "messages" : "prompt") : NULL,
-                             NULL, "%s", msg);
+                             of_prompt ? (r->api == BT_API_CHAT ? "messages" : "prompt") : NULL, NULL, "%s", msg);
         }
         r->http->user = NULL;
         r->http = NULL;
@@ -764,14 +768,26 @@ bool fe_request_hand_off(fe_req *r) {
     return true;
 }
 
-/* Operator stop or kill of every running request with this id (client-chosen ids may repeat).
+void fe_caller_tag(const fe *f, const bt_http_req *http, uint8_t out[FE_CALLER_LEN]) {
+    memset(out, 0, FE_CALLER_LEN);
+    if (!f->o.trust_tenant_header) return;
+    const char *t = http && http->tenant ? http->tenant : "";
+    unsigned char md[SHA256_DIGEST_LENGTH];
+    SHA256((const unsigned char *)t, strlen(t), md);
+    memcpy(out, md, FE_CALLER_LEN);
+}
+
+/* Operator stop or kill of every running request with this id (client-chosen ids may repeat)
+ * and, unless caller is NULL, this caller's tag: a caller cannot end another's request by
+ * naming its id, and another's request is not even said to exist (404).
  * A stop lets the attempt finish with what it generated (finish_reason "cancelled"); a kill ends
  * the request with an error at once. Either way nothing is migrated any more. */
-bool fe_request_cancel_by_id(fe *f, const char *rid, bool kill) {
+bool fe_request_cancel_by_id(fe *f, const char *rid, bool kill, const uint8_t *caller) {
     bool found = false;
     for (fe_req *r = LIST_FIRST(&f->reqs), *next; r; r = next) {
         next = LIST_NEXT(r, link); /* a kill frees r, and only r */
         if (strcmp(r->rid, rid) != 0 || r->state == FE_REQ_DONE) continue;
+        if (caller && memcmp(caller, r->caller, FE_CALLER_LEN) != 0) continue;
         found = true;
         if (!bt_ctx_is_stopped(r->ctx)) r->model->st.cancellations[r->stream]++;
         BT_INFO("request %s: %s by the operator after %zu tokens (attempt %d)", r->rid, kill ? "killed" : "stopped",
@@ -1086,6 +1102,7 @@ fe_req *fe_request_new(fe *f, bt_http_req *http, bt_api api, json_t *body, const
     r->http = http;
     http->user = r;
     bt_copy_str(r->rid, sizeof r->rid, rid);
+    fe_caller_tag(f, http, r->caller);
     r->api = api;
     r->body = body;
     r->stream = json_is_true(json_object_get(body, "stream"));

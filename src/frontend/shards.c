@@ -101,6 +101,8 @@ struct fe_gather {
     atomic_bool found;       /* G_CANCEL: some shard held the request */
     char rid[80];
     bool kill;
+    bool any_caller;               /* G_CANCEL: the operator's (caller ignored) */
+    uint8_t caller[FE_CALLER_LEN]; /* G_CANCEL: only this caller's requests (fe_caller_tag) */
 };
 
 static void gather_free(fe_gather *g) {
@@ -122,7 +124,8 @@ static void gather_part_done(fe_gather *g) {
 static void gather_part(fe *f, void *arg) {
     fe_gather *g = arg;
     if (g->kind == G_METRICS) fe_metrics_collect(f, g->parts[f->shard]);
-    else if (fe_request_cancel_by_id(f, g->rid, g->kill)) atomic_store(&g->found, true);
+    else if (fe_request_cancel_by_id(f, g->rid, g->kill, g->any_caller ? NULL : g->caller))
+        atomic_store(&g->found, true);
     gather_part_done(g);
 }
 
@@ -221,14 +224,16 @@ void fe_shards_metrics(fe *f, bt_http_req *http) {
     gather_start(f, g);
 }
 
-void fe_shards_cancel(fe *f, bt_http_req *http, const char *rid, bool kill) {
+void fe_shards_cancel(fe *f, bt_http_req *http, const char *rid, bool kill, const uint8_t *caller) {
     fe_gather *g = f->grp->n > 1 ? gather_new(f, G_CANCEL, http) : NULL;
     if (!g) {
-        fe_cancel_respond(http, rid, kill, fe_request_cancel_by_id(f, rid, kill));
+        fe_cancel_respond(http, rid, kill, fe_request_cancel_by_id(f, rid, kill, caller));
         return;
     }
     snprintf(g->rid, sizeof g->rid, "%s", rid);
     g->kill = kill;
+    g->any_caller = caller == NULL;
+    if (caller) memcpy(g->caller, caller, FE_CALLER_LEN);
     gather_start(f, g);
 }
 

@@ -456,8 +456,10 @@ static bt_status render_prompt(ll_engine *e, ll_seq *s, char *err, size_t errlen
         if (tok_reserve(s, json_array_size(p)) != BT_OK) return snprintf(err, errlen, "out of memory"), BT_ERR_NOMEM;
         json_array_foreach(p, i, v) {
             json_int_t id = json_integer_value(v);
+            /* BT_ERR_INVALID_PROMPT: the frontend's 400 then names "prompt", as for a negative id */
             if (!json_is_integer(v) || id < 0 || id >= (json_int_t)e->n_vocab)
-                return snprintf(err, errlen, "prompt token %zu is not a token id of this model", i), BT_ERR_INVALID;
+                return snprintf(err, errlen, "prompt token %zu is not a token id of this model", i),
+                       BT_ERR_INVALID_PROMPT;
             s->tok[s->n_tok++] = (llama_token)id;
         }
         return BT_OK;

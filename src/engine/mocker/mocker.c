@@ -859,7 +859,7 @@ static bt_status prompt_ids(const bt_engine_request *req, uint32_t **ids, size_t
                 snprintf(err, errlen, "a prompt array must hold token ids or exactly one string");
             free(*ids);
             *ids = NULL;
-            return BT_ERR_INVALID;
+            return BT_ERR_INVALID_PROMPT; /* the frontend's 400 names "prompt" */
         }
         (*ids)[i] = (uint32_t)id;
     }
