@@ -58,6 +58,7 @@ struct fixture {
     bool write_failed;
     bool abort_matched;
     int aborts_at_done;
+    bt_http_stats at_abort; /* the server's counters when the last on_abort came */
 
     /* shared with the client thread */
     atomic_int requests, aborts, drains, done_called;
@@ -233,6 +234,7 @@ static void h_abort(void *ud, bt_http_req *req) {
         f->held = NULL;
         uv_timer_stop(&f->tick);
     }
+    bt_http_server_stats(f->srv, &f->at_abort);
     f->aborts++;
 }
 
@@ -949,6 +951,26 @@ static void test_backlog_cap(void **state) {
     assert_true(f.stream_bytes > (1u << 20));
 }
 
+/* The total over connections (max_output_total) binds before the connection's own cap: the
+ * client that does not read is cut as the largest backlog, counted as output_budget, and every
+ * byte charged is given back. */
+static void test_output_total(void **state) {
+    (void)state;
+    fixture f;
+    fixture_init(&f);
+    atomic_size_t queued = 0;
+    f.cfg.max_output_total = 1u << 20;
+    f.cfg.shared_output = &queued;
+    run(&f, cl_backlog);
+    assert_int_equal(f.aborts, 1);
+    assert_true(f.write_failed);
+    assert_true(f.abort_matched);
+    assert_int_equal(f.at_abort.output_budget, 1);
+    assert_int_equal(f.at_abort.slow_reader, 0); /* 8 MiB, the connection's own cap, never reached */
+    assert_true(f.stream_bytes > (1u << 20));
+    assert_int_equal(atomic_load(&queued), 0);
+}
+
 static void cl_drain(fixture *f) {
     client *c = cl_open(f, 8192);
     CHECK(f, c);
@@ -1125,6 +1147,7 @@ int main(void) {
         cmocka_unit_test(test_abort_stream),
         cmocka_unit_test(test_header_timeout),
         cmocka_unit_test(test_backlog_cap),
+        cmocka_unit_test(test_output_total),
         cmocka_unit_test(test_drain),
         cmocka_unit_test(test_max_connections),
         cmocka_unit_test(test_server_close_inflight),
