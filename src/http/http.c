@@ -325,7 +325,7 @@ static bool output_charge(conn *c, size_t n) {
         conn *hog = n > cap ? c : largest_backlog(s); /* more than the total at once: no room helps */
         if (!hog || hog->backlog <= c->backlog + n) hog = c;
         BT_WARN("http: %zu bytes queued for clients (limit %zu, --max-output-bytes-total); closing the connection "
-                "with the largest backlog (%zu bytes), a client that is not reading",
+                "with the largest backlog on this event loop (%zu bytes), the client furthest behind",
                 before, cap, hog == c ? c->backlog + n : hog->backlog);
         s->stats.output_budget++;
         conn_close(hog); /* gives its backlog's charge back at once */
