@@ -379,18 +379,19 @@ with bl.Cluster() as c:
 
     def sse_events(raw_bytes):
         """The whole SSE events (id, data) of a chunked body cut anywhere."""
-        buf, rest = b"", raw_bytes.partition(b"\r\n\r\n")[2]
-        while rest:
-            size_line, sep, after = rest.partition(b"\r\n")
-            if not sep:
+        parts, rest = [], raw_bytes.partition(b"\r\n\r\n")[2]
+        pos = 0
+        while pos < len(rest):
+            eol = rest.find(b"\r\n", pos)
+            if eol < 0:
                 break
-            size = int(size_line, 16)
+            size = int(rest[pos:eol], 16)
             if size == 0:
                 break
-            buf += after[:size]  # a chunk cut short: what came of it
-            rest = after[size + 2:]
+            parts.append(rest[eol + 2:eol + 2 + size])  # a chunk cut short: what came of it
+            pos = eol + 2 + size + 2
         out = []
-        for ev in buf.split(b"\n\n")[:-1]:  # the last piece is not known to be whole
+        for ev in b"".join(parts).split(b"\n\n")[:-1]:  # the last piece is not known to be whole
             eid = data = None
             for ln in ev.decode().split("\n"):
                 if ln.startswith("id: "):
@@ -449,8 +450,9 @@ with bl.Cluster() as c:
     assert HOGS - 1 <= cut <= HOGS, (cut, HOGS)
     assert ob_metric("baton_frontend_http_rejections_total", reason="slow_reader") == slow0
     assert queued_max <= 2 << 20, queued_max
-    # without the total, each held up to 8 MiB: 48 MiB over the baseline
-    assert peak - rss0 < 20 << 10, (rss0, peak)
+    # without the total, each held what it was sent (up to 8 MiB): 30 MB over the baseline was
+    # measured (AddressSanitizer keeps freed memory in a quarantine: no RSS bound there)
+    assert bl.sanitized_build() or peak - rss0 < 20 << 10, (rss0, peak)
     assert good and good[0].ok, good and good[0].summary()
     # (the events may batch differently under load: the text is what must be equal)
     assert good[0].text == good_ref.text and good[0].finish_reason == good_ref.finish_reason, good[0].summary()
@@ -461,7 +463,7 @@ with bl.Cluster() as c:
     for s in hogs:
         s.settimeout(5)
         got = b""
-        while b"data: [DONE]" not in got[-4096:]:
+        while b"data: [DONE]\n\n" not in got[-4096:]:
             try:
                 chunk = s.recv(1 << 20)
             except (ConnectionResetError, socket.timeout):
