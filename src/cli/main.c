@@ -87,6 +87,10 @@ static int finish_stdout(int rc) {
     if (e == EPIPE) return rc;
     struct pollfd p = {.fd = STDOUT_FILENO, .events = POLLOUT};
     if (e == 0 && poll(&p, 1, 0) == 1 && (p.revents & POLLERR)) return rc;
+    /* The failed write was an earlier one (an output longer than stdout's buffer: `baton frontend
+     * --help` passed 8 KiB) and its errno is gone: one more byte, after output already lost, asks
+     * the device again why (a full one says ENOSPC). */
+    if (e == 0 && write(STDOUT_FILENO, "\n", 1) < 0) e = errno;
     fprintf(stderr, "baton: cannot write to standard output: %s\n", e ? strerror(e) : "write error");
     return rc ? rc : 1;
 }

@@ -109,7 +109,7 @@ static const char *frontend_flags[] = {"--router-mode", "--active-decode-blocks-
                                        "--active-prefill-tokens-threshold", "--stream-stall-timeout", "--api-key",
                                        "--admin-api-key", "--metrics-api-key-required", "--tenant-label-secret-file",
                                        "--max-body-bytes", "--max-body-bytes-total", "--shutdown-drain-timeout",
-                                       "--shutdown-accept-window-ms",
+                                       "--shutdown-accept-window-ms", "--max-output-bytes-total",
                                        "--http-header-timeout-ms", "--http-idle-timeout-ms", "--max-connections",
                                        "--max-client-backlog-bytes", "--max-concurrent-requests", "--threads",
                                        "--stream-retention", "--stream-retention-bytes", "--priority-ceiling",

@@ -270,6 +270,7 @@ typedef struct {
     bool metrics_api_key_required; /* /metrics needs the API key (or the admin key) too (frontend.c: routes) */
     int64_t max_body;
     int64_t max_body_total; /* request body bytes being received at once by all connections; 0 = no cap */
+    int64_t max_output_total; /* response bytes queued for all clients at once; 0 = no cap */
     int64_t drain_timeout;
     int64_t accept_window_ms;
     int64_t header_timeout_ms;
@@ -375,6 +376,7 @@ struct fe_group {
     atomic_size_t nreqs; /* requests in flight in all shards (--max-concurrent-requests) */
     atomic_size_t nconns; /* client connections open in all shards (--max-connections) */
     atomic_size_t nbodies; /* request body bytes being received in all shards (--max-body-bytes-total) */
+    atomic_size_t noutput; /* response bytes queued for clients in all shards (--max-output-bytes-total) */
     atomic_uint_fast64_t admitted; /* requests ever admitted in all shards (the idle trim's clock) */
     atomic_int running;   /* threads of shards 1..n-1 whose loop has not ended */
     int64_t started_wall_s; /* Unix time the process started: "created" of /v1/models */

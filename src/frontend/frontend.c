@@ -569,6 +569,8 @@ static int shard_open(fe *f, int port, char *err, size_t errlen) {
     hc.max_body_bytes = (size_t)o->max_body;
     hc.max_body_total = (size_t)o->max_body_total;
     hc.shared_bodies = &f->grp->nbodies; /* one process-wide budget, however many shards */
+    hc.max_output_total = (size_t)o->max_output_total;
+    hc.shared_output = &f->grp->noutput;
     hc.header_timeout_ms = (uint32_t)o->header_timeout_ms;
     hc.idle_timeout_ms = (uint32_t)o->idle_timeout_ms;
     hc.max_connections = (size_t)o->max_connections;
@@ -653,6 +655,7 @@ static void others_done_tick(uv_timer_t *t) {
     OPT("--metrics-api-key-required", "BATON_METRICS_API_KEY_REQUIRED", BOOL, metrics_api_key_required, false, 0, 0, "GET /metrics needs the --api-key or the --admin-api-key (Authorization: Bearer KEY); off, /metrics is open like /live and /health") \
     OPT("--max-body-bytes", "DYN_HTTP_MAX_BODY_BYTES", INT, max_body, 4 << 20, 1024, 1 << 30, "request body cap") \
     OPT("--max-body-bytes-total", "BATON_HTTP_MAX_BODY_BYTES_TOTAL", INT, max_body_total, 1 << 30, 0, (int64_t)1 << 40, "request body bytes being received at once over all connections (a declared Content-Length counts whole); a body past it is refused with 503; at least --max-body-bytes; 0: no cap") \
+    OPT("--max-output-bytes-total", "BATON_HTTP_MAX_OUTPUT_BYTES_TOTAL", INT, max_output_total, 1 << 30, 0, (int64_t)1 << 40, "response bytes queued at once for all clients that read slower than they are sent to (each one bounded by --max-client-backlog-bytes); past it the connection with the largest backlog is closed (its stream stays resumable); 0: no cap") \
     OPT("--shutdown-drain-timeout", "DYN_HTTP_DRAIN_TIMEOUT", INT, drain_timeout, 30, 0, 86400, "seconds running streams get after SIGTERM") \
     OPT("--http-header-timeout-ms", "DYN_HTTP_HEADER_TIMEOUT_MS", INT, header_timeout_ms, 30000, 10, 3600000, "a request must arrive whole within this (slowloris guard)") \
     OPT("--http-idle-timeout-ms", "DYN_HTTP_IDLE_TIMEOUT_MS", INT, idle_timeout_ms, 60000, 10, 86400000, "idle keep-alive connections close after this") \

@@ -173,6 +173,7 @@ void fe_metrics_collect(fe *f, bt_metrics *r) {
     bt_metrics_add(fam, (double)hs.header_timeout, "reason", "header_timeout", NULL);
     bt_metrics_add(fam, (double)hs.slow_reader, "reason", "slow_reader", NULL);
     bt_metrics_add(fam, (double)hs.body_budget, "reason", "body_budget", NULL);
+    bt_metrics_add(fam, (double)hs.output_budget, "reason", "output_budget", NULL);
     bt_metrics_add(
         bt_metrics_counter(r, "baton_frontend_limit_rejections_total", "Requests refused by --max-concurrent-requests"),
         (double)f->limit_rejections, NULL);
@@ -190,6 +191,11 @@ void fe_metrics_collect(fe *f, bt_metrics *r) {
     bt_metrics_add(fam, (double)routable, "state", "routable", NULL);
     bt_metrics_gauge_value(r, "baton_frontend_http_connections", BT_MERGE_SUM, "Open client connections",
                            (double)bt_http_server_connections(f->http));
+    /* one counter shared by the shards: each reports the same value, the merge keeps it once */
+    bt_metrics_gauge_value(r, "baton_frontend_http_output_queued_bytes", BT_MERGE_MAX,
+                           "Response bytes queued for clients, not yet taken by the kernel (counted when "
+                           "--max-output-bytes-total is on)",
+                           (double)bt_http_server_output_queued(f->http));
     collect_workers(f, r);
     bt_events_stats es;
     bt_events_get_stats(f->events, &es);

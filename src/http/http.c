@@ -91,6 +91,8 @@ struct bt_http_server {
     bt_pool conn_pool; /* closed connections' memory, for the next accepts */
     atomic_size_t own_bodies; /* body bytes charged (max_body_total) when no counter is shared */
     atomic_size_t *bodies;    /* cfg.shared_bodies, or &own_bodies */
+    atomic_size_t own_output; /* queued response bytes (max_output_total) when none is shared */
+    atomic_size_t *output;    /* cfg.shared_output, or &own_output */
     char rbuf[READ_BUF_SIZE];
 };
 
@@ -206,6 +208,8 @@ void bt_http_config_default(bt_http_config *c) {
     c->shared_conns = NULL;
     c->max_body_total = 0;
     c->shared_bodies = NULL;
+    c->max_output_total = 0;
+    c->shared_output = NULL;
 }
 
 static uint64_t timer_ms(const conn *c, timer_mode m) {
@@ -271,6 +275,9 @@ static void on_write(uv_write_t *r, int status) {
     wreq *w = (wreq *)(void *)r;
     conn *c = w->c;
     c->backlog -= w->len;
+    /* the kernel took these bytes: their charge goes back (a closing connection gave back all of
+     * its backlog in conn_close) */
+    if (c->srv->cfg.max_output_total && !c->closing) atomic_fetch_sub(c->srv->output, w->len);
     free(w);
     if (c->closing) return; /* UV_ECANCELED while closing, or the connection already failed */
     if (status < 0) {
@@ -283,6 +290,46 @@ static void on_write(uv_write_t *r, int status) {
     if (c->above_high && c->backlog < LOW_WATER) {
         c->above_high = false;
         if (c->req_active && c->srv->h.on_drain) c->srv->h.on_drain(c->srv->ud, &c->req);
+    }
+}
+
+/* The connection of this server with the largest write backlog, or NULL if none has any. */
+static conn *largest_backlog(bt_http_server *s) {
+    conn *big = NULL;
+    for (conn *c = LIST_FIRST(&s->conns); c; c = LIST_NEXT(c, link))
+        if (!c->closing && c->backlog && (!big || c->backlog > big->backlog)) big = c;
+    return big;
+}
+
+/* Charges n more queued bytes of c against max_output_total. The per-connection cap
+ * (write_backlog_max) alone bounds nothing: every client that opens a long stream and never reads
+ * holds up to it, 20,000 of them 160 GB. When the charge would pass the total, a connection is
+ * closed to make room, and it is the one with the LARGEST backlog, not simply the writer: the
+ * writer may be a client that reads well and queued a few KiB in a burst while the budget is
+ * full of clients that read nothing; cutting it would let the hogs starve every good reader,
+ * whereas the largest backlog is the client furthest behind, the one a cut costs least (its
+ * stream stays journaled and resumable) and frees most. The scan covers this server's
+ * connections (one event loop: the others' are not ours to touch without a lock); a hog on
+ * another loop is cut at its own next write, which a running stream soon makes. The writer is
+ * cut when none here has more queued than it would have. False when c was closed. Runs only for
+ * bytes that are queued (never for writes the socket took at once): one atomic add, and the scan
+ * only at the limit. */
+static bool output_charge(conn *c, size_t n) {
+    bt_http_server *s = c->srv;
+    size_t cap = s->cfg.max_output_total;
+    if (!cap) return true;
+    for (;;) {
+        size_t before = atomic_fetch_add(s->output, n);
+        if (before + n <= cap && before + n >= n) return true;
+        atomic_fetch_sub(s->output, n);
+        conn *hog = n > cap ? c : largest_backlog(s); /* more than the total at once: no room helps */
+        if (!hog || hog->backlog <= c->backlog + n) hog = c;
+        BT_WARN("http: %zu bytes queued for clients (limit %zu, --max-output-bytes-total); closing the connection "
+                "with the largest backlog on this event loop (%zu bytes), the client furthest behind",
+                before, cap, hog == c ? c->backlog + n : hog->backlog);
+        s->stats.output_budget++;
+        conn_close(hog); /* gives its backlog's charge back at once */
+        if (hog == c) return false;
     }
 }
 
@@ -326,9 +373,11 @@ static bool conn_write(conn *c, const uv_buf_t *bufs, unsigned n) {
         conn_close(c);
         return false;
     }
+    if (!output_charge(c, rest)) return false;
     wreq *w = malloc(sizeof *w + rest);
     if (!w) {
         BT_ERROR("http: out of memory queueing %zu bytes", rest);
+        if (c->srv->cfg.max_output_total) atomic_fetch_sub(c->srv->output, rest);
         conn_close(c);
         return false;
     }
@@ -349,6 +398,7 @@ static bool conn_write(conn *c, const uv_buf_t *bufs, unsigned n) {
     int r = uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_write);
     if (r < 0) {
         free(w);
+        if (c->srv->cfg.max_output_total) atomic_fetch_sub(c->srv->output, rest);
         BT_DEBUG("http: write failed: %s", uv_strerror(r));
         conn_close(c);
         return false;
@@ -824,6 +874,9 @@ static void conn_close(conn *c) {
     if (c->closing) return;
     c->closing = true;
     c->reading = false;
+    /* the queued writes are cancelled and freed in this close: their charge goes back now, so
+     * that a connection cut to make room makes it at once (on_write skips a closing one's) */
+    if (c->backlog && c->srv->cfg.max_output_total) atomic_fetch_sub(c->srv->output, c->backlog);
     bt_closer_init(&c->closer, conn_closed, c);
     bt_closer_close(&c->closer, (uv_handle_t *)&c->tcp);
     bt_closer_close(&c->closer, (uv_handle_t *)&c->timer);
@@ -1222,6 +1275,7 @@ bt_status bt_http_server_start(uv_loop_t *loop, const bt_http_config *cfg, const
     if (s->cfg.max_body_total && s->cfg.max_body_total < s->cfg.max_body_bytes)
         s->cfg.max_body_total = s->cfg.max_body_bytes; /* else a body within its own cap could never pass */
     s->bodies = s->cfg.shared_bodies ? s->cfg.shared_bodies : &s->own_bodies;
+    s->output = s->cfg.shared_output ? s->cfg.shared_output : &s->own_output;
     s->h = *h;
     s->ud = ud;
     int r = 0;
@@ -1290,6 +1344,8 @@ void bt_http_server_stop_accepting(bt_http_server *s) {
 size_t bt_http_server_release_kept(bt_http_server *s) { return bt_pool_drain(&s->conn_pool); }
 
 size_t bt_http_server_connections(const bt_http_server *s) { return s ? s->nconns : 0; }
+
+size_t bt_http_server_output_queued(const bt_http_server *s) { return s ? atomic_load(s->output) : 0; }
 
 void bt_http_server_stats(const bt_http_server *s, bt_http_stats *out) {
     if (s) *out = s->stats;

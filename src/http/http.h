@@ -78,6 +78,13 @@ typedef struct {
                                     at least max_body_bytes (raised to it) */
     atomic_size_t *shared_bodies;/* if set, max_body_total counts the bodies of every server
                                     sharing this counter */
+    size_t max_output_total;     /* response bytes queued for clients at once (what the socket
+                                    did not take at once, until the kernel takes it): when a write
+                                    would pass it, the connection of this server with the largest
+                                    backlog is closed (on_abort), the writer's own if none is
+                                    larger. 0 = no cap */
+    atomic_size_t *shared_output;/* if set, max_output_total counts the backlogs of every server
+                                    sharing this counter */
 } bt_http_config;               /* zero sizes mean the defaults; a zero timeout disables it */
 
 void bt_http_config_default(bt_http_config *c);
@@ -96,6 +103,9 @@ size_t bt_http_server_requests(const bt_http_server *s);
  * this frees it and returns how many it freed. Loop thread; for an idle process giving memory
  * back. */
 size_t bt_http_server_release_kept(bt_http_server *s);
+/* Response bytes queued for clients and not yet taken by the kernel, over every server sharing
+ * the counter (max_output_total); 0 when that cap is off (nothing is counted then). */
+size_t bt_http_server_output_queued(const bt_http_server *s);
 
 /* Limits hit since start: every refusal the server decides on its own is counted here. */
 typedef struct {
@@ -106,6 +116,7 @@ typedef struct {
     uint64_t header_timeout;  /* a request not received whole in time (slowloris, idle opener) */
     uint64_t slow_reader;     /* a client that stopped reading past the backlog cap */
     uint64_t body_budget;     /* 503: a body past max_body_total */
+    uint64_t output_budget;   /* connections closed as the largest backlog at max_output_total */
 } bt_http_stats;
 void bt_http_server_stats(const bt_http_server *s, bt_http_stats *out);
 /* Closes every connection (in-flight requests get on_abort) and frees the server once all

@@ -58,6 +58,10 @@ struct fixture {
     bool write_failed;
     bool abort_matched;
     int aborts_at_done;
+    bt_http_stats at_abort; /* the server's counters when the last on_abort came */
+    size_t burst_bytes;     /* /burst: bytes written */
+    bool burst_failed;      /* /burst: a write was refused */
+    atomic_int hog_loaded;  /* /hog: its backlog is built */
 
     /* shared with the client thread */
     atomic_int requests, aborts, drains, done_called;
@@ -215,6 +219,25 @@ static void h_request(void *ud, bt_http_req *req) {
         f->held = req;
         f->mode = TICK_FLOOD;
         uv_timer_start(&f->tick, on_tick, 1, 1);
+    } else if (strcmp(p, "/hog") == 0) {
+        /* a backlog of 600 KiB, built at once (the client does not read) */
+        bt_http_stream_begin(req, 200, "application/octet-stream", NULL);
+        f->held = req;
+        for (int i = 0; i < 4096 && bt_http_backlog(req) < 600u * 1024u; i++)
+            if (!bt_http_stream_write(req, big_chunk, sizeof big_chunk)) break;
+        f->hog_loaded = 1;
+    } else if (strcmp(p, "/burst") == 0) {
+        /* a whole response whose last 500 KiB the socket does not take at once: it is answered
+         * whole, with keep-alive, and the client reads it afterwards */
+        bt_http_stream_begin(req, 200, "application/octet-stream", NULL);
+        for (int i = 0; i < 4096 && bt_http_backlog(req) < 500u * 1024u; i++) {
+            if (!bt_http_stream_write(req, big_chunk, sizeof big_chunk)) {
+                f->burst_failed = true;
+                break;
+            }
+            f->burst_bytes += sizeof big_chunk;
+        }
+        if (!f->burst_failed) bt_http_stream_end(req, false);
     } else if (strcmp(p, "/drain") == 0) {
         bt_http_stream_begin(req, 200, "application/octet-stream", NULL);
         f->held = req;
@@ -233,6 +256,7 @@ static void h_abort(void *ud, bt_http_req *req) {
         f->held = NULL;
         uv_timer_stop(&f->tick);
     }
+    bt_http_server_stats(f->srv, &f->at_abort);
     f->aborts++;
 }
 
@@ -949,6 +973,55 @@ static void test_backlog_cap(void **state) {
     assert_true(f.stream_bytes > (1u << 20));
 }
 
+/* The total over connections (max_output_total) binds before the connection's own cap: the
+ * client that does not read is cut as the largest backlog, counted as output_budget, and every
+ * byte charged is given back. */
+static void test_output_total(void **state) {
+    (void)state;
+    fixture f;
+    fixture_init(&f);
+    atomic_size_t queued = 0;
+    f.cfg.max_output_total = 1u << 20;
+    f.cfg.shared_output = &queued;
+    run(&f, cl_backlog);
+    assert_int_equal(f.aborts, 1);
+    assert_true(f.write_failed);
+    assert_true(f.abort_matched);
+    assert_int_equal(f.at_abort.output_budget, 1);
+    assert_int_equal(f.at_abort.slow_reader, 0); /* 8 MiB, the connection's own cap, never reached */
+    assert_true(f.stream_bytes > (1u << 20));
+    assert_int_equal(atomic_load(&queued), 0);
+}
+
+/* A hog holds 600 KiB queued; another client's response queues 500 KiB: together past the 1 MiB
+ * total, and the hog, the largest backlog, is the one cut. The other is served whole. */
+static void cl_largest_cut(fixture *f) {
+    client *hog = cl_open(f, 4096), *other = cl_open(f, 4096);
+    CHECK(f, hog && other);
+    CHECK(f, cl_sends(hog, "GET /hog HTTP/1.1\r\nHost: t\r\n\r\n"));
+    CHECK(f, wait_for(&f->hog_loaded, 1, 5000));
+    CHECK(f, cl_sends(other, "GET /burst HTTP/1.1\r\nHost: t\r\n\r\n"));
+    CHECK(f, wait_for(&f->aborts, 1, 5000));
+    CHECK(f, cl_response(other) == 200); /* whole: the chunked body ended with its last chunk */
+    f->measured_ms = (int)other->body.len;
+    CHECK(f, cl_wait_eof(hog) != -2);
+    cl_close(hog);
+    cl_close(other);
+}
+
+static void test_output_total_largest(void **state) {
+    (void)state;
+    fixture f;
+    fixture_init(&f);
+    f.cfg.max_output_total = 1u << 20;
+    run(&f, cl_largest_cut);
+    assert_int_equal(f.aborts, 1);
+    assert_true(f.abort_matched); /* the aborted request is the hog's */
+    assert_false(f.burst_failed);
+    assert_int_equal(f.at_abort.output_budget, 1);
+    assert_int_equal((size_t)f.measured_ms, f.burst_bytes);
+}
+
 static void cl_drain(fixture *f) {
     client *c = cl_open(f, 8192);
     CHECK(f, c);
@@ -1125,6 +1198,8 @@ int main(void) {
         cmocka_unit_test(test_abort_stream),
         cmocka_unit_test(test_header_timeout),
         cmocka_unit_test(test_backlog_cap),
+        cmocka_unit_test(test_output_total),
+        cmocka_unit_test(test_output_total_largest),
         cmocka_unit_test(test_drain),
         cmocka_unit_test(test_max_connections),
         cmocka_unit_test(test_server_close_inflight),
