@@ -107,9 +107,9 @@ env = {k: v for k, v in os.environ.items() if not k.startswith(("DYN_", "BATON_P
 early = None
 for attempt in range(1, 11):
     port = bl.free_port()
-    p = subprocess.Popen([bl.baton_bin(), "run", "--http-port", str(port), "--http-host", "127.0.0.1", "--workers", "2"],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                         start_new_session=True)
+    p = subprocess.Popen([bl.baton_bin(), "run", "--http-port", str(port), "--http-host", "127.0.0.1",
+                          "--workers", "2"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env, start_new_session=True)
     try:
         head = []
         for line in p.stderr:
