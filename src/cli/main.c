@@ -122,6 +122,11 @@ static int dispatch(int argc, char **argv) {
         return argc < 2 ? 2 : 0;
     }
     if (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "version") == 0) {
+        /* it takes no argument: a stray one is refused as the commands refuse theirs */
+        if (argc > 2) {
+            fprintf(stderr, "baton %s: unknown argument '%s' (see --help)\n", argv[1], argv[2]);
+            return 2;
+        }
         printf("baton %s\n", BATON_VERSION); /* the project's version in CMakeLists.txt */
         return 0;
     }

@@ -551,12 +551,31 @@ static void on_disc_delete(void *ud, const char *key) {
     (void)key; /* a worker that is gone is known from its exit, not from its record */
 }
 
+/* What a stop signal stops: the children running now, which before start-up ends (the workers
+ * start once the frontend answers) or while one waits for its restart are not all of them. */
+static void describe_running(const run_ctx *r, char *out, size_t n) {
+    int w = 0;
+    for (int i = 0; i < r->workers; i++) w += r->w[i].running;
+    char ws[64];
+    if (w == r->workers) snprintf(ws, sizeof ws, "%d worker%s", w, w == 1 ? "" : "s");
+    else snprintf(ws, sizeof ws, "%d of %lld workers", w, (long long)r->workers);
+    if (r->frontend.running && w) snprintf(out, n, "stopping the frontend and %s", ws);
+    else if (r->frontend.running)
+        snprintf(out, n, "stopping the frontend (%s)",
+                 r->workers_started ? "no worker running" : "no worker started yet");
+    else if (w) snprintf(out, n, "stopping %s (the frontend not running)", ws);
+    else snprintf(out, n, "nothing running to stop");
+}
+
 static void on_signal(uv_signal_t *h, int signum) {
     run_ctx *r = h->data;
     r->signals++;
-    if (r->signals == 1)
-        BT_INFO("%s received: stopping the frontend and %lld workers (again to force)",
-                signum == SIGINT ? "SIGINT" : "SIGTERM", (long long)r->workers);
+    if (r->signals == 1) {
+        char what[160];
+        describe_running(r, what, sizeof what);
+        BT_INFO("%s received: %s%s", signum == SIGINT ? "SIGINT" : "SIGTERM", what,
+                running_children(r) ? " (again to force)" : "");
+    }
     bool was_stopping = r->stopping;
     signal_children(r, r->signals > 1 ? SIGKILL : SIGTERM);
     if (!was_stopping && running_children(r) == 0) finish(r);

@@ -20,6 +20,8 @@
      gets 404 and A's request runs on; with no X-Tenant, 404 too; A's own cancel stops it. Two
      tenants running requests with the same id: A's cancel stops A's only, B's ends with its 300
      tokens (finish_reason "length"). The admin key, without X-Tenant, stops B's.
+  7. Without --trust-tenant-header an X-Tenant a client sends says nothing: a cancel with another
+     X-Tenant (and the API key) stops the request, and no tenant label in /metrics is the header's.
   5. The same key for both is a start-up error (exit 2) for `baton frontend` and `baton run`.
      --metrics-api-key-required with only --admin-api-key starts, and /metrics then needs that key.
 """
@@ -207,6 +209,29 @@ def tenant_cancels(fe):
     print("the same id in two tenants: A's cancel stopped A's only (B's ran to 300 tokens); the admin key stopped B's")
 
 
+def untrusted_tenant(fe):
+    """fe: without --trust-tenant-header. The header is ignored: one caller, labels by the key."""
+    marks = {}
+
+    def on_event(s, ev):
+        if len(s.token_ids) >= 3 and "st" not in marks:
+            marks["st"] = cancel(fe, "untrusted-1", {"X-Tenant": "tenant-b", **auth(KEY)})
+        return False
+
+    s = bl.stream_chat(fe.url, bl.chat_body("untrusted tenant", max_tokens=300, return_token_ids=True),
+                       on_event=on_event, headers={"X-Request-Id": "untrusted-1", "X-Tenant": "tenant-a", **auth(KEY)},
+                       timeout=30)
+    assert marks.get("st", (None,))[0] == 200, f"a cancel with another X-Tenant, untrusted: {marks}"
+    s.assert_ok("the request sent with an untrusted X-Tenant")
+    assert s.finish_reason == "cancelled" and len(s.token_ids) < 300, s.summary()
+    st, _, data = bl.request("GET", fe.url + "/metrics")
+    text = data.decode()
+    assert st == 200 and 'tenant="key-' in text and "tenant-a" not in text and "tenant-b" not in text, \
+        (st, [line for line in text.splitlines() if "tenant=" in line])
+    print("without --trust-tenant-header X-Tenant is ignored: another tenant's cancel stopped the request; "
+          "labels by the key")
+
+
 def metrics_either(fe):
     for k in (KEY, ADMIN):
         st, _, data = bl.request("GET", fe.url + "/metrics", None, auth(k))
@@ -231,6 +256,7 @@ with bl.Cluster() as c:
     both_keys(c, flag, w, "--admin-api-key")
     both_keys(c, twin, w, "BATON_ADMIN_API_KEY")
     admin_cancels(flag)
+    untrusted_tenant(flag)  # 7
     metrics_either(twin)
 
     # 3. without the admin key, the API key opens the operator endpoints (as before the flag)

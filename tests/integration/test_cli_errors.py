@@ -27,7 +27,9 @@
   4. `baton run --help` says how to get llama.cpp workers (--engine llama). `baton help` prints
      the usage `baton --help` prints (on stdout; after a usage error, `baton nope`, `baton help
      nope` or no command at all, on stderr with exit 2); `baton help CMD` what `baton CMD --help` prints; `baton
-     --version` (or `baton version`) prints one line, the version. `baton chaos list` (validate,
+     --version` (or `baton version`) prints one line, the version, and refuses an argument after it
+     (exit 2, naming it); `baton chaos --nosuch` (and `baton chaos run --nosuch`) names the unknown
+     flag (exit 2), not a missing command. `baton chaos list` (validate,
      --help) and the C commands' --help and --version into a pipe whose reader is gone exit 0,
      saying nothing (`baton chaos list | head -1`); into a full device, the C commands exit 1 and
      say so. Ctrl-C during `baton chaos run` exits 130 without a traceback, its processes stopped.
@@ -304,6 +306,11 @@ for args in (["--help"], ["-h"], ["help"]):
 for form in ("--version", "version"):
     rc, out, _ = baton([form])  # stdout and stderr together: the version line and nothing else
     assert rc == 0 and re.fullmatch(r"baton \d+\.\d+\.\d+\n", out), (form, rc, out)
+    # it takes no argument: a stray one is a usage error, as `baton frontend extra` is
+    p = subprocess.run([BIN, form, "extra"], capture_output=True, text=True, env=CLEAN_ENV, timeout=10,
+                       stdin=subprocess.DEVNULL)
+    assert p.returncode == 2 and p.stdout == "" and \
+        p.stderr == f"baton {form}: unknown argument 'extra' (see --help)\n", (form, p.returncode, p.stdout, p.stderr)
 print("cli: baton help prints the usage, baton help CMD the command's --help; baton --version the version")
 
 # `baton chaos list | head -1`: a reader that stops early ends a listing quietly, with exit 0 (it
@@ -335,8 +342,17 @@ rc, out, _ = baton(["chaos", "list"])
 assert rc == 0 and out.count("starts its own processes") >= 10, (rc, out[:300])
 rc, out, _ = baton(["chaos"])
 assert rc == 2 and "the following arguments are required: {run,list,validate}" in out, (rc, out)
+# an unknown flag is named as one, before a command too (not reported as the command missing),
+# with the usage of the command it came with
+for args, prog in ((["chaos", "--nosuch"], "baton chaos"), (["chaos", "run", "--nosuch"], "baton chaos run"),
+                   (["chaos", "list", "--nosuch"], "baton chaos list")):
+    p = subprocess.run([BIN] + args, capture_output=True, text=True, env=CLEAN_ENV, timeout=30,
+                       stdin=subprocess.DEVNULL)
+    assert p.returncode == 2 and p.stdout == "" and p.stderr.startswith(f"usage: {prog} ") and \
+        p.stderr.endswith(f"\n{prog}: error: unrecognized arguments: --nosuch\n") and "required" not in p.stderr, \
+        (args, p.returncode, p.stdout, p.stderr)
 print("cli: listings into a closed pipe end quietly with exit 0, into a full device with exit 1; a missing chaos "
-      "command is named")
+      "command is named, and so is an unknown flag")
 
 
 def descendants(pid):

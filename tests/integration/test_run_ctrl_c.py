@@ -8,10 +8,17 @@ signal goes to the launcher's process group while a stream runs, once with SIGIN
 SIGTERM: the stream must end whole (its text byte-identical to a reference run of the same request,
 `[DONE]`, `finish_reason` "length", every token counted), `baton run` must exit 0 with every child
 gone, and no process may log a second signal. A second Ctrl-C still forces the stop: `baton run`
-sends SIGKILL to its children (checked last, on a stream that the drain would otherwise wait for)."""
+sends SIGKILL to its children (checked on a stream that the drain would otherwise wait for).
+
+A Ctrl-C during start-up, before the workers have started (they start once the frontend answers
+on its port), names what `baton run` stops: the processes it started so far, not the frontend and
+the --workers it was asked for. It exits 0, as after any Ctrl-C (docs/operations.md, exit
+codes), starts nothing more, and every process it started is gone."""
 
 import os
+import re
 import signal
+import subprocess
 import time
 
 import batonlib as bl
@@ -90,3 +97,57 @@ with bl.Cluster() as c:
         bl.wait_for(lambda: gone(p), 5, what=f"child {p} to be gone after the second Ctrl-C")
     assert "SIGINT received: stopping" in fe.proc.log_text()
 print(f"run: a second Ctrl-C stopped everything at once (exit {rc})")
+
+# Ctrl-C during start-up. The signal goes as soon as "started frontend 0" is read from the
+# launcher's stderr (a pipe, read line by line: no polling delay), while the frontend is still
+# starting; if the workers started first all the same (a loaded machine), the attempt is repeated:
+# every attempt is checked, one must have caught the launcher before its workers.
+STARTED = re.compile(r"run\[\d+\]: started (frontend|worker) (\d+) \(pid (\d+)\)")
+env = {k: v for k, v in os.environ.items() if not k.startswith(("DYN_", "BATON_PARENT"))}
+early = None
+for attempt in range(1, 11):
+    port = bl.free_port()
+    p = subprocess.Popen([bl.baton_bin(), "run", "--http-port", str(port), "--http-host", "127.0.0.1",
+                          "--workers", "2"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env, start_new_session=True)
+    try:
+        head = []
+        for line in p.stderr:
+            head.append(line)
+            if "started frontend 0 (pid" in line:
+                p.send_signal(signal.SIGINT)
+                break
+        out, rest = p.communicate(timeout=40)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    log = "".join(head) + rest
+    lines = log.splitlines()
+    at = [i for i, line in enumerate(lines) if "SIGINT received: " in line]
+    assert len(at) == 1, f"attempt {attempt}: expected one 'SIGINT received' line:\n{log}"
+    before = [m for m in map(STARTED.search, lines[:at[0]]) if m]
+    after = [m for m in map(STARTED.search, lines[at[0]:]) if m]
+    assert not after, f"attempt {attempt}: a process was started after the SIGINT:\n{log}"
+    workers = [m for m in before if m.group(1) == "worker"]
+    if len(workers) == 2:
+        stopped = "stopping the frontend and 2 workers"
+    elif workers:
+        stopped = f"stopping the frontend and {len(workers)} of 2 workers"
+    else:
+        stopped = "stopping the frontend (no worker started yet)"
+    assert f"SIGINT received: {stopped} (again to force)" in lines[at[0]], \
+        f"attempt {attempt}: {len(workers)} worker(s) had started; the stop message says otherwise:\n{log}"
+    assert p.returncode == 0, f"attempt {attempt}: baton run exited with {p.returncode} after SIGINT:\n{log}"
+    assert "all processes stopped" in log, log
+    # every process it logged, and anything else left in its process group (its children's own)
+    pids = [int(m.group(3)) for m in before]
+    assert pids and not [q for q in pids if not gone(q)], f"attempt {attempt}: still running of {pids}:\n{log}"
+    left = bl._pgroup_members(p.pid)
+    assert not left, f"attempt {attempt}: processes left in the launcher's group: {left}"
+    if not workers:
+        assert "serving" not in out, out
+        early = attempt
+        break
+assert early, "in 10 attempts the workers always started before the SIGINT was handled"
+print(f"run: SIGINT during start-up (attempt {early}) stops only the frontend it started; exit 0, nothing left")

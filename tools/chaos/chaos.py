@@ -121,11 +121,13 @@ def cmd_validate(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="baton chaos", description="Fault scenarios against baton, checked "
                                  "byte for byte against fault-free references; see docs/chaos.md.")
-    # metavar: a missing command is reported as "required: {run,list,validate}", not by its dest
-    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{run,list,validate}")
+    # not required=True: argparse would then report a missing command before an unknown option
+    # (`baton chaos --nosuch`), hiding the real mistake; the command's absence is checked below
+    sub = ap.add_subparsers(dest="cmd", metavar="{run,list,validate}")
+    parsers = {}
     for name, helptext in (("run", "run scenarios and write a report"), ("list", "describe scenarios"),
                            ("validate", "check scenario files")):
-        p = sub.add_parser(name, help=helptext)
+        p = parsers[name] = sub.add_parser(name, help=helptext)
         p.add_argument("scenarios", nargs="*", help="scenario files (default: the shipped matrix)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a scenario value, e.g. load.concurrency=4 or faults.0.at=3s")
@@ -146,7 +148,11 @@ def main(argv=None):
             p.add_argument("--bin", help="baton binary (default $BATON_BIN, else <repo>/build/baton)")
             p.add_argument("--strict", action="store_true", help="a skipped scenario fails the run")
             p.add_argument("--quiet", action="store_true", help="no progress lines")
-    args = ap.parse_args(argv)
+    args, unknown = ap.parse_known_args(argv)
+    if unknown:  # exit 2, with the usage of the command they came with (`baton chaos run --nosuch`)
+        parsers.get(args.cmd, ap).error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.cmd is None:
+        ap.error("the following arguments are required: {run,list,validate}")
     global _command
     _command = args.cmd
     set_quiet(getattr(args, "quiet", False))
