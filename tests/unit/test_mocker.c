@@ -604,13 +604,15 @@ static void test_bad_requests(void **st) {
 
     uint32_t bad[2] = {5, BT_MOCKER_VOCAB};
     req_t b = {.api = BT_API_COMPLETION, .prompt_ids = bad, .n_prompt_ids = 2, .max_tokens = 3};
-    assert_int_equal(submit_q(e, &b, r, err, sizeof err), BT_ERR_INVALID);
+    /* an id past the vocabulary is the prompt's fault: the frontend names param "prompt" */
+    assert_int_equal(submit_q(e, &b, r, err, sizeof err), BT_ERR_INVALID_PROMPT);
     assert_non_null(strstr(err, "4096"));
 
     json_t *body = json_pack("{s:[s,s]}", "prompt", "a", "b");
     bt_engine_request req = {.api = BT_API_COMPLETION, .body = body, .max_tokens = 3};
     bt_engine_seq *s = NULL;
-    assert_int_equal(bt_engine_submit(e, &req, &k_sink, r, &s, err, sizeof err), BT_ERR_INVALID);
+    /* a prompt array of several strings is the prompt's fault too (param "prompt") */
+    assert_int_equal(bt_engine_submit(e, &req, &k_sink, r, &s, err, sizeof err), BT_ERR_INVALID_PROMPT);
     json_decref(body);
     body = json_pack("{s:i}", "max_tokens", 3);
     req.body = body;
