@@ -220,8 +220,9 @@ static void run_mocker(const json_t *body, bt_api api) {
         json_array_foreach(p, i, v) bad_ids = bad_ids || (json_is_integer(v) && json_integer_value(v) >= BT_MOCKER_VOCAB);
     if (st != BT_OK) {
         CHECK(seq == NULL && strlen(err) > 0);
-        /* a validated body is refused only for ids outside the vocabulary or for its size */
-        CHECK((st == BT_ERR_INVALID && bad_ids) || st == BT_ERR_TOO_LARGE || st == BT_ERR_CONTEXT_LENGTH);
+        /* a validated body is refused only for ids outside the vocabulary (the prompt's fault,
+         * BT_ERR_INVALID_PROMPT: a 400 naming "prompt") or for its size */
+        CHECK((st == BT_ERR_INVALID_PROMPT && bad_ids) || st == BT_ERR_TOO_LARGE || st == BT_ERR_CONTEXT_LENGTH);
     } else {
         CHECK(seq != NULL && !bad_ids);
         uv_run(&g_loop, UV_RUN_DEFAULT);
