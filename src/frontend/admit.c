@@ -287,8 +287,7 @@ void fe_admit_stop(fe *f) {
 
 /* ---- tickets ---- */
 
-/* The bearer token of the request, or NULL. */
-static const char *bearer(const bt_http_req *http, size_t *len) {
+const char *fe_bearer_key(const bt_http_req *http, size_t *len) {
     const char *a = http->authorization;
     if (!a || strncasecmp(a, "Bearer ", 7) != 0) return NULL;
     a += 7;
@@ -316,7 +315,7 @@ static bool tenant_name(const fe_admit_policy *pol, const bt_http_req *http, cha
         return true;
     }
     size_t kl;
-    const char *k = bearer(http, &kl);
+    const char *k = fe_bearer_key(http, &kl);
     if (!k) {
         snprintf(out, cap, "anonymous");
         return true;
@@ -384,7 +383,7 @@ fe_ticket *fe_admit_ticket(fe *f, const bt_http_req *http, const json_t *body, c
     }
     /* the key's ceiling: the most urgent priority it may ask for */
     size_t kl;
-    const char *k = bearer(http, &kl);
+    const char *k = fe_bearer_key(http, &kl);
     bool found = false;
     for (size_t i = 0; k && i < pol->nceil && !found; i++) {
         if (strlen(pol->ceil[i].key) == kl && memcmp(pol->ceil[i].key, k, kl) == 0) {

@@ -547,6 +547,10 @@ bool fe_resume_parse_id(const char *s, char sid[FE_STREAM_ID_LEN + 1], uint64_t 
 /* The caller's credential bound into a journal record: HMAC-SHA256 of its Authorization header
  * under the process's secret when --api-key is set, zeros otherwise. */
 void fe_key_mac(fe *f, const bt_http_req *http, uint8_t out[FE_KEY_MAC_LEN]);
+/* The key of "Authorization: Bearer KEY" (the scheme in any case, RFC 9110 §11.1, one or more
+ * spaces after it) and its length, or NULL when there is none: the one reading of the header for
+ * the API key check, tenant labels and the journal's credential MAC. */
+const char *fe_bearer_key(const bt_http_req *http, size_t *len);
 /* SHA-256, in hex, of body as canonical JSON (sorted keys, compact); false when out of memory. */
 bool fe_body_digest(const json_t *body, char out[65]);
 /* The same of a body already in canonical form (len bytes). */

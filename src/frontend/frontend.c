@@ -203,17 +203,19 @@ static bool equal_ct(const char *a, size_t alen, const char *b, size_t blen) {
     return diff == 0;
 }
 
-/* "Authorization: Bearer KEY", the scheme in any case (RFC 9110 §11.1), one or more spaces after
- * it; the key compared in constant time. */
+/* The request's bearer key (fe_bearer_key) is `key`, compared in constant time. */
 static bool bearer_is(const bt_http_req *http, const char *key) {
-    const char *a = http->authorization;
-    if (!a || strncasecmp(a, "Bearer ", 7) != 0) return false;
-    a += 7;
-    while (*a == ' ') a++;
-    return equal_ct(a, strlen(a), key, strlen(key));
+    size_t len;
+    const char *k = fe_bearer_key(http, &len);
+    return k && equal_ct(k, len, key, strlen(key));
 }
 
 static bool has_key(const char *k) { return k && *k; }
+
+/* The request carries the --admin-api-key (set). */
+static bool is_admin(fe *f, const bt_http_req *http) {
+    return has_key(f->o.admin_api_key) && bearer_is(http, f->o.admin_api_key);
+}
 
 /* The API's check: the --api-key, or anyone without one. */
 static bool authorized(fe *f, bt_http_req *http) { return !has_key(f->o.api_key) || bearer_is(http, f->o.api_key); }
@@ -222,19 +224,18 @@ static bool authorized(fe *f, bt_http_req *http) { return !has_key(f->o.api_key)
  * only, so that an API client cannot change load shedding; without it the API's check, as
  * before the flag existed (anyone holding the API key may change the thresholds). */
 static bool admin_authorized(fe *f, bt_http_req *http) {
-    return has_key(f->o.admin_api_key) ? bearer_is(http, f->o.admin_api_key) : authorized(f, http);
+    return has_key(f->o.admin_api_key) ? is_admin(f, http) : authorized(f, http);
 }
 
 /* The operator cancel: whoever may use the API (its caller), or the operator. */
 static bool api_or_admin(fe *f, bt_http_req *http) {
-    return authorized(f, http) || (has_key(f->o.admin_api_key) && bearer_is(http, f->o.admin_api_key));
+    return authorized(f, http) || is_admin(f, http);
 }
 
 /* /metrics under --metrics-api-key-required: one of the keys that are set (a scrape job usually
  * holds an operator's credential); with only --admin-api-key, that key, though the API is open. */
 static bool either_key(fe *f, bt_http_req *http) {
-    return (has_key(f->o.api_key) && bearer_is(http, f->o.api_key)) ||
-           (has_key(f->o.admin_api_key) && bearer_is(http, f->o.admin_api_key));
+    return (has_key(f->o.api_key) && bearer_is(http, f->o.api_key)) || is_admin(f, http);
 }
 
 /* POST /v1/requests/{id}/cancel, body {"mode":"stop"|"kill"}; an empty body means stop. Any other
@@ -255,8 +256,7 @@ static void handle_cancel(fe *f, bt_http_req *http, const char *rid) {
      * frontend tells callers apart (fe_caller_tag: the trusted X-Tenant) */
     uint8_t caller[FE_CALLER_LEN];
     fe_caller_tag(f, http, caller);
-    bool admin = has_key(f->o.admin_api_key) && bearer_is(http, f->o.admin_api_key);
-    fe_shards_cancel(f, http, rid, kill, admin ? NULL : caller); /* it may live on another shard */
+    fe_shards_cancel(f, http, rid, kill, is_admin(f, http) ? NULL : caller); /* it may live on another shard */
 }
 
 void fe_cancel_respond(bt_http_req *http, const char *rid, bool kill, bool found) {

@@ -38,7 +38,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 
 #include "common/jcanon.h"
 #include "common/log.h"
@@ -87,16 +86,16 @@ bool fe_resume_parse_id(const char *s, char sid[FE_STREAM_ID_LEN + 1], uint64_t 
 void fe_key_mac(fe *f, const bt_http_req *http, uint8_t out[FE_KEY_MAC_LEN]) {
     memset(out, 0, FE_KEY_MAC_LEN);
     if (!f->o.api_key || !*f->o.api_key) return;
-    const char *a = http && http->authorization ? http->authorization : "";
     /* the key, not the header's spelling: every form the API accepts for one key ("Bearer KEY",
-     * "bearer  KEY", ...: frontend.c, authorized) is the same credential, and resumes as it */
-    if (strncasecmp(a, "Bearer ", 7) == 0) {
-        a += 7;
-        while (*a == ' ') a++;
+     * "bearer  KEY", ...: fe_bearer_key) is the same credential, and resumes as it */
+    size_t kl = 0;
+    const char *a = http ? fe_bearer_key(http, &kl) : NULL;
+    if (!a) { /* no bearer key: the header as it is (the API refused such a request with a key set) */
+        a = http && http->authorization ? http->authorization : "";
+        kl = strlen(a);
     }
     unsigned int len = FE_KEY_MAC_LEN;
-    HMAC(EVP_sha256(), f->grp->mac_secret, (int)sizeof f->grp->mac_secret, (const unsigned char *)a, strlen(a), out,
-         &len);
+    HMAC(EVP_sha256(), f->grp->mac_secret, (int)sizeof f->grp->mac_secret, (const unsigned char *)a, kl, out, &len);
 }
 
 void fe_body_digest_canon(const char *canon, size_t len, char out[65]) {
