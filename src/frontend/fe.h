@@ -450,7 +450,9 @@ fe_model *fe_model_get(fe *f, const char *name, bool create);
  * Otherwise false with a one-line reason in err. Exposed for the fuzz driver. */
 bool fe_validate_body(json_t *body, bt_api api, char *err, size_t errlen);
 /* The same, and on a rejection *param names the offending field (NULL if none) and *code is the
- * OpenAI error code ("invalid_value", "unsupported_value", ...). param and code may be NULL. */
+ * OpenAI error code ("invalid_value", "unsupported_value", ...). param and code may be NULL; a
+ * param that names an element ("messages.[2].role") lives in a per-thread buffer until the next
+ * call on the same thread. */
 bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const char **param, const char **code);
 void fe_request_start(fe *f, bt_http_req *http, bt_api api);
 void fe_request_abort(fe *f, bt_http_req *http);

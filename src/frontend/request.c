@@ -830,11 +830,22 @@ static bool asks_nothing(const json_t *v) {
     return !v || json_is_null(v) || json_is_false(v) || (json_is_integer(v) && json_integer_value(v) == 0);
 }
 
+/* The roles OpenAI's chat API defines. */
+static bool known_role(const char *role) {
+    static const char *const roles[] = {"system", "developer", "user", "assistant", "tool", "function"};
+    for (size_t i = 0; i < sizeof roles / sizeof roles[0]; i++)
+        if (strcmp(role, roles[i]) == 0) return true;
+    return false;
+}
+
 /* Checks the OpenAI body (see fe.h). Fields baton does not read are ignored, except those that ask
  * for a feature baton cannot give (log probabilities, several choices, tool calls, echo): those
  * are refused with "unsupported_value" rather than silently answered without it. Their neutral
  * values (n 1, logprobs false or 0, tools []) pass. */
 bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const char **param, const char **code) {
+    /* a param that names an element (messages.[2].role) is written here; the caller reads it
+     * before its thread checks another body */
+    static _Thread_local char param_buf[96];
     if (param) *param = NULL;
     if (code) *code = NULL;
     if (!json_is_object(body)) REJECT(NULL, "invalid_type", "request body must be a JSON object");
@@ -852,6 +863,35 @@ bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const cha
             if (!json_is_object(m) || !json_is_string(json_object_get(m, "role")) ||
                 !(json_is_string(c) || json_is_array(c) || json_is_null(c)))
                 REJECT("messages", "invalid_value", "messages[%zu] must have a string 'role' and a 'content'", i);
+            /* a role OpenAI does not define would reach the template as an unknown speaker */
+            const char *role = json_string_value(json_object_get(m, "role"));
+            if (!known_role(role)) {
+                snprintf(param_buf, sizeof param_buf, "messages.[%zu].role", i);
+                REJECT(param_buf, "invalid_value",
+                       "Invalid value for messages[%zu].role: supported values are 'system', 'developer', 'user', "
+                       "'assistant', 'tool' and 'function'",
+                       i);
+            }
+            size_t j;
+            json_t *part;
+            json_array_foreach(c, j, part) {
+                /* the engines read the text parts only: an image, audio or file part would be
+                 * dropped and the model would answer without ever seeing it */
+                json_t *type = json_object_get(part, "type");
+                snprintf(param_buf, sizeof param_buf, "messages.[%zu].content.[%zu]", i, j);
+                if (!json_is_object(part) || (type && !json_is_string(type)))
+                    REJECT(param_buf, "invalid_type", "messages[%zu].content[%zu] must be an object with a string 'type'",
+                           i, j);
+                if (type && strcmp(json_string_value(type), "text") != 0) {
+                    snprintf(param_buf, sizeof param_buf, "messages.[%zu].content.[%zu].type", i, j);
+                    REJECT(param_buf, "unsupported_value",
+                           "content parts of type '%.64s' are not supported: the models served here take text only "
+                           "(messages[%zu].content[%zu])",
+                           json_string_value(type), i, j);
+                }
+                if (!json_is_string(json_object_get(part, "text")))
+                    REJECT(param_buf, "invalid_type", "messages[%zu].content[%zu] must have a string 'text'", i, j);
+            }
         }
     } else {
         json_t *p = json_object_get(body, "prompt");
@@ -936,6 +976,20 @@ bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const cha
         if (v && !json_is_null(v) && !json_is_array(v))
             REJECT(lists[i], "invalid_type", "'%s' must be an array", lists[i]);
         if (json_array_size(v) > 0) REJECT(lists[i], "unsupported_value", "tool and function calling are not supported");
+    }
+    /* Tools are refused above, so a choice that asks for a tool call names a tool that is not
+     * there (OpenAI: only allowed when tools are specified); "none" and "auto" ask for nothing. */
+    const char *choices[] = {"tool_choice", "function_call"};
+    for (int i = 0; i < 2; i++) {
+        json_t *v = json_object_get(body, choices[i]);
+        const char *sv = json_string_value(v);
+        if (v && !json_is_null(v) && !(sv && (strcmp(sv, "none") == 0 || strcmp(sv, "auto") == 0)))
+            REJECT(choices[i], "invalid_value", "'%s' is only allowed when '%s' are specified (\"none\" or \"auto\" otherwise)",
+                   choices[i], i == 0 ? "tools" : "functions");
+    }
+    if (api == BT_API_COMPLETION) {
+        json_t *sfx = json_object_get(body, "suffix");
+        if (sfx && !json_is_null(sfx)) REJECT("suffix", "unsupported_value", "suffix is not currently supported");
     }
     if (json_is_true(json_object_get(body, "echo"))) REJECT("echo", "unsupported_value", "'echo' is not supported");
     json_t *best = json_object_get(body, "best_of");
