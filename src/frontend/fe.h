@@ -54,6 +54,8 @@ typedef struct fe_pending_resume fe_pending_resume;
 /* The request path counts into fe_stats; metrics.c reads it into a registry when scraped. */
 typedef bt_hist fe_hist; /* over the frontend's latency buckets (metrics.c) */
 
+/* The model label of requests refused whose model is not served (metrics.c). */
+#define FE_MODEL_UNKNOWN "unknown"
 typedef enum { FE_OUT_SUCCESS = 0, FE_OUT_ERROR = 1, FE_OUT_CANCELLED = 2, FE_OUT_REJECTED = 3, FE_OUT_N_ } fe_outcome;
 
 typedef struct {
@@ -334,6 +336,9 @@ struct fe {
     uint64_t disconnected_clients;
     uint64_t handed_off; /* streams handed to other frontends at the shutdown bound */
     uint64_t limit_rejections; /* requests refused by --max-concurrent-requests */
+    /* requests refused before routing (400, 404) whose model no worker serves, or that name none:
+     * one series, model FE_MODEL_UNKNOWN, so that clients cannot add series [api][streaming] */
+    uint64_t refused_unknown[2][2];
     uint64_t requests_seen;
     uint64_t started_ms;
     int exit_code;

@@ -1040,6 +1040,17 @@ static bool context_fits(const fe *f, const fe_model *m, const json_t *body, bt_
     return false;
 }
 
+/* Counts a request refused before it was routed (a 400 or 404) in dynamo_frontend_requests_total
+ * with status "error": under its model when a worker serves it, else under FE_MODEL_UNKNOWN (the
+ * model name is the client's: counting it as given would let a client add series without bound). */
+static void count_refused(fe *f, bt_api api, const json_t *body) {
+    int streaming = json_is_true(json_object_get(body, "stream"));
+    const char *name = json_string_value(json_object_get(body, "model"));
+    fe_model *m = name ? fe_model_get(f, name, false) : NULL;
+    if (m) m->st.requests[api][streaming][FE_OUT_ERROR]++;
+    else f->refused_unknown[api][streaming]++;
+}
+
 void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
     if (http->last_event_id) { /* the same request again, after a lost connection */
         fe_resume_post(f, http, api);
@@ -1055,12 +1066,14 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
     /* U+0000 inside a string is valid JSON and OpenAI accepts it; jansson keeps the length */
     json_t *body = json_loadb(http->body, http->body_len, JSON_ALLOW_NUL, &jerr);
     if (!body) {
+        count_refused(f, api, NULL);
         fe_json_error(http, rid, 400, "invalid_json", "invalid JSON body: %s (line %d, column %d)", jerr.text,
                       jerr.line, jerr.column);
         return;
     }
     const char *param, *code;
     if (!fe_check_body(body, api, err, sizeof err, &param, &code)) {
+        count_refused(f, api, body);
         fe_json_error_ex(http, rid, 400, code, param, NULL, "%s", err);
         json_decref(body);
         return;
@@ -1080,6 +1093,7 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
     const char *model_name = json_string_value(json_object_get(body, "model"));
     fe_model *m = fe_model_get(f, model_name, false);
     if (!m) {
+        count_refused(f, api, body);
         fe_json_error_ex(http, rid, 404, "model_not_found", "model", NULL, "The model '%s' does not exist",
                          model_name);
         json_decref(body);
@@ -1087,6 +1101,7 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
         return;
     }
     if (!context_fits(f, m, body, api, err, sizeof err)) {
+        count_refused(f, api, body);
         fe_json_error_ex(http, rid, 400, "context_length_exceeded", api == BT_API_CHAT ? "messages" : "prompt", NULL,
                          "%s", err);
         json_decref(body);
@@ -1103,6 +1118,7 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
     bool nomem;
     fe_ticket *t = fe_admit_ticket(f, http, body, err, sizeof err, &param, &nomem);
     if (!t) {
+        if (!nomem) count_refused(f, api, body);
         fe_json_error_ex(http, rid, nomem ? 500 : 400, nomem ? "out_of_memory" : "invalid_value", param, NULL, "%s",
                          err);
         json_decref(body);
