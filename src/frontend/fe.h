@@ -269,6 +269,8 @@ typedef struct {
     double stall_timeout;
     const char *api_key;
     const char *admin_api_key;     /* the operator endpoints' key (frontend.c: routes); NULL: the API's */
+    const char *api_key_file;      /* the same keys read from files at start-up (key_from_file) */
+    const char *admin_api_key_file;
     bool metrics_api_key_required; /* /metrics needs the API key (or the admin key) too (frontend.c: routes) */
     int64_t max_body;
     int64_t max_body_total; /* request body bytes being received at once by all connections; 0 = no cap */
