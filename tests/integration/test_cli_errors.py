@@ -31,8 +31,8 @@
      (exit 2, naming it); `baton chaos --nosuch` (and `baton chaos run --nosuch`) names the unknown
      flag (exit 2), not a missing command. `baton chaos list` (validate,
      --help) and the C commands' --help and --version into a pipe whose reader is gone exit 0,
-     saying nothing (`baton chaos list | head -1`); into a full device, the C commands exit 1 and
-     say so. Ctrl-C during `baton chaos run` exits 130 without a traceback, its processes stopped.
+     saying nothing (`baton chaos list | head -1`); into a full device, the C commands and
+     `baton chaos` exit 1 and say so in one line (no traceback). Ctrl-C during `baton chaos run` exits 130 without a traceback, its processes stopped.
   5. A file discovery directory this user cannot read (frontend, worker) or write in (worker) is a
      start-up error (exit 1, the directory and the reason named), not a process that runs and
      never finds, or is never found by, anyone. Run as an unprivileged user (setpriv to nobody when
@@ -341,6 +341,17 @@ for args in (["--help"], ["frontend", "--help"], ["--version"]):
                            stdin=subprocess.DEVNULL, timeout=30)
     assert p.returncode == 1 and "baton: cannot write to standard output: No space left on device" in p.stderr, \
         (args, p.returncode, p.stderr)
+# and so for baton chaos (a Python program): one line, exit 1, no traceback; buffered or not
+for args, unbuffered in [(a, u) for a in (["chaos", "list"], ["chaos", "validate"], ["chaos", "--help"])
+                         for u in (False, True)]:
+    env = {k: v for k, v in CLEAN_ENV.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([BIN] + args, stdout=full, stderr=subprocess.PIPE, text=True, env=env,
+                           stdin=subprocess.DEVNULL, timeout=30)
+    assert p.returncode == 1 and p.stderr == "baton chaos: cannot write to standard output: No space left on device\n", \
+        (args, unbuffered, p.returncode, p.stderr)
 rc, out, _ = baton(["chaos", "list"])
 assert rc == 0 and out.count("starts its own processes") >= 10, (rc, out[:300])
 rc, out, _ = baton(["chaos"])
