@@ -839,9 +839,11 @@ static bool known_role(const char *role) {
 }
 
 /* Checks the OpenAI body (see fe.h). Fields baton does not read are ignored, except those that ask
- * for a feature baton cannot give (log probabilities, several choices, tool calls, echo): those
- * are refused with "unsupported_value" rather than silently answered without it. Their neutral
- * values (n 1, logprobs false or 0, tools []) pass. */
+ * for a feature baton cannot give (log probabilities, several choices, tool calls, echo, suffix,
+ * content parts other than text): those are refused with "unsupported_value" rather than silently
+ * answered without it. Their neutral values (n 1, logprobs false or 0, tools []) pass. A chat role
+ * OpenAI does not define, and a tool_choice that asks for a tool (none can be given), are
+ * "invalid_value" as OpenAI's. */
 bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const char **param, const char **code) {
     /* a param that names an element (messages.[2].role) is written here; the caller reads it
      * before its thread checks another body */
@@ -878,19 +880,20 @@ bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const cha
                 /* the engines read the text parts only: an image, audio or file part would be
                  * dropped and the model would answer without ever seeing it */
                 json_t *type = json_object_get(part, "type");
-                snprintf(param_buf, sizeof param_buf, "messages.[%zu].content.[%zu]", i, j);
-                if (!json_is_object(part) || (type && !json_is_string(type)))
-                    REJECT(param_buf, "invalid_type", "messages[%zu].content[%zu] must be an object with a string 'type'",
-                           i, j);
-                if (type && strcmp(json_string_value(type), "text") != 0) {
+                bool typed = json_is_string(type);
+                if (typed && strcmp(json_string_value(type), "text") != 0) {
                     snprintf(param_buf, sizeof param_buf, "messages.[%zu].content.[%zu].type", i, j);
                     REJECT(param_buf, "unsupported_value",
                            "content parts of type '%.64s' are not supported: the models served here take text only "
                            "(messages[%zu].content[%zu])",
                            json_string_value(type), i, j);
                 }
-                if (!json_is_string(json_object_get(part, "text")))
-                    REJECT(param_buf, "invalid_type", "messages[%zu].content[%zu] must have a string 'text'", i, j);
+                if (!json_is_object(part) || (type && !typed) || !json_is_string(json_object_get(part, "text"))) {
+                    snprintf(param_buf, sizeof param_buf, "messages.[%zu].content.[%zu]", i, j);
+                    REJECT(param_buf, "invalid_type",
+                           "messages[%zu].content[%zu] must be an object with a string 'text' (and 'type' \"text\")", i,
+                           j);
+                }
             }
         }
     } else {
@@ -984,8 +987,9 @@ bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const cha
         json_t *v = json_object_get(body, choices[i]);
         const char *sv = json_string_value(v);
         if (v && !json_is_null(v) && !(sv && (strcmp(sv, "none") == 0 || strcmp(sv, "auto") == 0)))
-            REJECT(choices[i], "invalid_value", "'%s' is only allowed when '%s' are specified (\"none\" or \"auto\" otherwise)",
-                   choices[i], i == 0 ? "tools" : "functions");
+            REJECT(choices[i], "invalid_value",
+                   "'%s' is only allowed when '%s' are specified (\"none\" or \"auto\" otherwise)", choices[i],
+                   i == 0 ? "tools" : "functions");
     }
     if (api == BT_API_COMPLETION) {
         json_t *sfx = json_object_get(body, "suffix");
