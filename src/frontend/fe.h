@@ -54,6 +54,8 @@ typedef struct fe_pending_resume fe_pending_resume;
 /* The request path counts into fe_stats; metrics.c reads it into a registry when scraped. */
 typedef bt_hist fe_hist; /* over the frontend's latency buckets (metrics.c) */
 
+/* The model label of requests refused whose model is not served (metrics.c). */
+#define FE_MODEL_UNKNOWN "unknown"
 typedef enum { FE_OUT_SUCCESS = 0, FE_OUT_ERROR = 1, FE_OUT_CANCELLED = 2, FE_OUT_REJECTED = 3, FE_OUT_N_ } fe_outcome;
 
 typedef struct {
@@ -267,6 +269,8 @@ typedef struct {
     double stall_timeout;
     const char *api_key;
     const char *admin_api_key;     /* the operator endpoints' key (frontend.c: routes); NULL: the API's */
+    const char *api_key_file;      /* the same keys read from files at start-up (key_from_file) */
+    const char *admin_api_key_file;
     bool metrics_api_key_required; /* /metrics needs the API key (or the admin key) too (frontend.c: routes) */
     int64_t max_body;
     int64_t max_body_total; /* request body bytes being received at once by all connections; 0 = no cap */
@@ -334,6 +338,9 @@ struct fe {
     uint64_t disconnected_clients;
     uint64_t handed_off; /* streams handed to other frontends at the shutdown bound */
     uint64_t limit_rejections; /* requests refused by --max-concurrent-requests */
+    /* requests refused before routing (400, 404) whose model no worker serves, or that name none:
+     * one series, model FE_MODEL_UNKNOWN, so that clients cannot add series [api][streaming] */
+    uint64_t refused_unknown[2][2];
     uint64_t requests_seen;
     uint64_t started_ms;
     int exit_code;
@@ -450,7 +457,9 @@ fe_model *fe_model_get(fe *f, const char *name, bool create);
  * Otherwise false with a one-line reason in err. Exposed for the fuzz driver. */
 bool fe_validate_body(json_t *body, bt_api api, char *err, size_t errlen);
 /* The same, and on a rejection *param names the offending field (NULL if none) and *code is the
- * OpenAI error code ("invalid_value", "unsupported_value", ...). param and code may be NULL. */
+ * OpenAI error code ("invalid_value", "unsupported_value", ...). param and code may be NULL; a
+ * param that names an element ("messages.[2].role") lives in a per-thread buffer until the next
+ * call on the same thread. */
 bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const char **param, const char **code);
 void fe_request_start(fe *f, bt_http_req *http, bt_api api);
 void fe_request_abort(fe *f, bt_http_req *http);

@@ -10,6 +10,7 @@
  * connection closes and the process exits 0. A second signal exits at once. */
 #include "frontend/frontend.h"
 
+#include <errno.h>
 #include <inttypes.h>
 #ifdef __GLIBC__
 #include <malloc.h>
@@ -211,6 +212,63 @@ static bool bearer_is(const bt_http_req *http, const char *key) {
 }
 
 static bool has_key(const char *k) { return k && *k; }
+
+/* Keys read by key_from_file: the process's for its whole life (every shard's fe_opts points here). */
+static char *file_keys[2];
+
+/* *key from the file named by *file (the --api-key-file form of a key, kept out of ps): the whole
+ * file, one trailing newline ("\n" or "\r\n") removed. False with the reason in err when the file
+ * is not a readable regular file (bt_open_regular), is empty, holds more than one line or a NUL (a
+ * key no Authorization header can carry), or is over 4 KiB, or when the key is given both ways.
+ * Start-up only: blocking reads. */
+static bool key_from_file(const char *flag, const char *env, const char *key_flag, const char *key_env,
+                          const char *file, const char **key, char **store, char *err, size_t errlen) {
+    if (!file) return true;
+    if (key && *key) {
+        snprintf(err, errlen, "%s (%s) and %s (%s) are both given: give the key one way", key_flag, key_env, flag,
+                 env);
+        return false;
+    }
+    char why[128], buf[4098];
+    int fd = bt_open_regular(file, why, sizeof why);
+    if (fd < 0) {
+        snprintf(err, errlen, "%s (%s): cannot read %s: %s", flag, env, file, why);
+        return false;
+    }
+    size_t n = 0;
+    while (n < sizeof buf - 1) {
+        ssize_t got = read(fd, buf + n, sizeof buf - 1 - n);
+        if (got > 0) n += (size_t)got;
+        else if (got == 0) break;
+        else if (errno != EINTR) {
+            snprintf(err, errlen, "%s (%s): cannot read %s: %s", flag, env, file, strerror(errno));
+            close(fd);
+            return false;
+        }
+    }
+    close(fd);
+    buf[n] = '\0';
+    if (n && buf[n - 1] == '\n') buf[--n] = '\0';
+    if (n && buf[n - 1] == '\r') buf[--n] = '\0';
+    const char *what = n == 0                     ? "is empty"
+                       : n > 4096                 ? "is over 4096 bytes"
+                       : strlen(buf) != n         ? "holds a NUL byte"
+                       : strpbrk(buf, "\r\n") ? "holds more than one line"
+                                                  : NULL;
+    if (what) {
+        snprintf(err, errlen, "%s (%s): %s %s: it must hold the key alone", flag, env, file, what);
+        OPENSSL_cleanse(buf, sizeof buf);
+        return false;
+    }
+    *store = strdup(buf);
+    OPENSSL_cleanse(buf, sizeof buf);
+    if (!*store) {
+        snprintf(err, errlen, "%s: out of memory", flag);
+        return false;
+    }
+    *key = *store;
+    return true;
+}
 
 /* The request carries the --admin-api-key (set). */
 static bool is_admin(fe *f, const bt_http_req *http) {
@@ -652,6 +710,8 @@ static void others_done_tick(uv_timer_t *t) {
     OPT("--stream-stall-timeout", "DYN_STREAM_STALL_TIMEOUT", DOUBLE, stall_timeout, 2.0, 0.1, 3600, "seconds of silence before a worker is declared dead") \
     OPT("--api-key", "DYN_API_KEY", STR, api_key, NULL, 0, 0, "require Authorization: Bearer KEY") \
     OPT("--admin-api-key", "BATON_ADMIN_API_KEY", STR, admin_api_key, NULL, 0, 0, "the operator endpoints (/busy_threshold, /admission) require Authorization: Bearer KEY with this key, and the --api-key no longer opens them; it does not open the API, and it may cancel any request; unset, whoever holds the --api-key (everyone without one) may change the load-shedding settings") \
+    OPT("--api-key-file", "DYN_API_KEY_FILE", STR, api_key_file, NULL, 0, 0, "read the --api-key from this file (one trailing newline removed), so that the key is not on the command line; not with --api-key") \
+    OPT("--admin-api-key-file", "BATON_ADMIN_API_KEY_FILE", STR, admin_api_key_file, NULL, 0, 0, "read the --admin-api-key from this file (one trailing newline removed); not with --admin-api-key") \
     OPT("--metrics-api-key-required", "BATON_METRICS_API_KEY_REQUIRED", BOOL, metrics_api_key_required, false, 0, 0, "GET /metrics needs the --api-key or the --admin-api-key (Authorization: Bearer KEY); off, /metrics is open like /live and /health") \
     OPT("--max-body-bytes", "DYN_HTTP_MAX_BODY_BYTES", INT, max_body, 4 << 20, 1024, 1 << 30, "request body cap") \
     OPT("--max-body-bytes-total", "BATON_HTTP_MAX_BODY_BYTES_TOTAL", INT, max_body_total, 1 << 30, 0, (int64_t)1 << 40, "request body bytes being received at once over all connections (a declared Content-Length counts whole); a body past it is refused with 503; at least --max-body-bytes; 0: no cap") \
@@ -728,6 +788,13 @@ int bt_frontend_main(int argc, char **argv) {
     if (!bt_proc_check_planes("frontend", &o->p, opts, nopts, argc, argv) ||
         !bt_proc_check_host("frontend", opts, nopts, argc, argv, "--http-host", o->http_host))
         goto bad_usage;
+    if (!key_from_file("--api-key-file", "DYN_API_KEY_FILE", "--api-key", "DYN_API_KEY", o->api_key_file, &o->api_key,
+                       &file_keys[0], err, sizeof err) ||
+        !key_from_file("--admin-api-key-file", "BATON_ADMIN_API_KEY_FILE", "--admin-api-key", "BATON_ADMIN_API_KEY",
+                       o->admin_api_key_file, &o->admin_api_key, &file_keys[1], err, sizeof err)) {
+        bt_proc_error("frontend", "%s", err);
+        goto bad_usage;
+    }
     if (o->metrics_api_key_required && !has_key(o->api_key) && !has_key(o->admin_api_key)) {
         bt_proc_error("frontend", "--metrics-api-key-required (BATON_METRICS_API_KEY_REQUIRED) needs --api-key "
                                   "(DYN_API_KEY) or --admin-api-key (BATON_ADMIN_API_KEY): the key /metrics would "

@@ -38,6 +38,11 @@ static void collect_models(fe *f, bt_metrics *r) {
                 for (int o = 0; o < FE_OUT_N_; o++)
                     bt_metrics_add(fam, (double)m->st.requests[a][s][o], "model", m->name, "endpoint", api_endpoint[a],
                                    "request_type", req_type[s], "status", outcome_name[o], NULL);
+    for (int a = 0; a < 2; a++) /* refused before routing, model not served: a fixed label (fe.h) */
+        for (int s = 0; s < 2; s++)
+            if (f->refused_unknown[a][s])
+                bt_metrics_add(fam, (double)f->refused_unknown[a][s], "model", FE_MODEL_UNKNOWN, "endpoint",
+                               api_endpoint[a], "request_type", req_type[s], "status", outcome_name[FE_OUT_ERROR], NULL);
     fam = bt_metrics_gauge(r, "dynamo_frontend_inflight_requests", BT_MERGE_SUM, "Requests in flight");
     for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link))
         bt_metrics_add(fam, (double)m->st.inflight, "model", m->name, NULL);

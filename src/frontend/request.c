@@ -830,11 +830,24 @@ static bool asks_nothing(const json_t *v) {
     return !v || json_is_null(v) || json_is_false(v) || (json_is_integer(v) && json_integer_value(v) == 0);
 }
 
+/* The roles OpenAI's chat API defines. */
+static bool known_role(const char *role) {
+    static const char *const roles[] = {"system", "developer", "user", "assistant", "tool", "function"};
+    for (size_t i = 0; i < sizeof roles / sizeof roles[0]; i++)
+        if (strcmp(role, roles[i]) == 0) return true;
+    return false;
+}
+
 /* Checks the OpenAI body (see fe.h). Fields baton does not read are ignored, except those that ask
- * for a feature baton cannot give (log probabilities, several choices, tool calls, echo): those
- * are refused with "unsupported_value" rather than silently answered without it. Their neutral
- * values (n 1, logprobs false or 0, tools []) pass. */
+ * for a feature baton cannot give (log probabilities, several choices, tool calls, echo, suffix,
+ * content parts other than text): those are refused with "unsupported_value" rather than silently
+ * answered without it. Their neutral values (n 1, logprobs false or 0, tools []) pass. A chat role
+ * OpenAI does not define, and a tool_choice that asks for a tool (none can be given), are
+ * "invalid_value" as OpenAI's. */
 bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const char **param, const char **code) {
+    /* a param that names an element (messages.[2].role) is written here; the caller reads it
+     * before its thread checks another body */
+    static _Thread_local char param_buf[96];
     if (param) *param = NULL;
     if (code) *code = NULL;
     if (!json_is_object(body)) REJECT(NULL, "invalid_type", "request body must be a JSON object");
@@ -852,6 +865,36 @@ bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const cha
             if (!json_is_object(m) || !json_is_string(json_object_get(m, "role")) ||
                 !(json_is_string(c) || json_is_array(c) || json_is_null(c)))
                 REJECT("messages", "invalid_value", "messages[%zu] must have a string 'role' and a 'content'", i);
+            /* a role OpenAI does not define would reach the template as an unknown speaker */
+            const char *role = json_string_value(json_object_get(m, "role"));
+            if (!known_role(role)) {
+                snprintf(param_buf, sizeof param_buf, "messages.[%zu].role", i);
+                REJECT(param_buf, "invalid_value",
+                       "Invalid value for messages[%zu].role: supported values are 'system', 'developer', 'user', "
+                       "'assistant', 'tool' and 'function'",
+                       i);
+            }
+            size_t j;
+            json_t *part;
+            json_array_foreach(c, j, part) {
+                /* the engines read the text parts only: an image, audio or file part would be
+                 * dropped and the model would answer without ever seeing it */
+                json_t *type = json_object_get(part, "type");
+                bool typed = json_is_string(type);
+                if (typed && strcmp(json_string_value(type), "text") != 0) {
+                    snprintf(param_buf, sizeof param_buf, "messages.[%zu].content.[%zu].type", i, j);
+                    REJECT(param_buf, "unsupported_value",
+                           "content parts of type '%.64s' are not supported: the models served here take text only "
+                           "(messages[%zu].content[%zu])",
+                           json_string_value(type), i, j);
+                }
+                if (!json_is_object(part) || (type && !typed) || !json_is_string(json_object_get(part, "text"))) {
+                    snprintf(param_buf, sizeof param_buf, "messages.[%zu].content.[%zu]", i, j);
+                    REJECT(param_buf, "invalid_type",
+                           "messages[%zu].content[%zu] must be an object with a string 'text' (and 'type' \"text\")", i,
+                           j);
+                }
+            }
         }
     } else {
         json_t *p = json_object_get(body, "prompt");
@@ -937,6 +980,21 @@ bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const cha
             REJECT(lists[i], "invalid_type", "'%s' must be an array", lists[i]);
         if (json_array_size(v) > 0) REJECT(lists[i], "unsupported_value", "tool and function calling are not supported");
     }
+    /* Tools are refused above, so a choice that asks for a tool call names a tool that is not
+     * there (OpenAI: only allowed when tools are specified); "none" and "auto" ask for nothing. */
+    const char *choices[] = {"tool_choice", "function_call"};
+    for (int i = 0; i < 2; i++) {
+        json_t *v = json_object_get(body, choices[i]);
+        const char *sv = json_string_value(v);
+        if (v && !json_is_null(v) && !(sv && (strcmp(sv, "none") == 0 || strcmp(sv, "auto") == 0)))
+            REJECT(choices[i], "invalid_value",
+                   "'%s' is only allowed when '%s' are specified (\"none\" or \"auto\" otherwise)", choices[i],
+                   i == 0 ? "tools" : "functions");
+    }
+    if (api == BT_API_COMPLETION) {
+        json_t *sfx = json_object_get(body, "suffix");
+        if (sfx && !json_is_null(sfx)) REJECT("suffix", "unsupported_value", "suffix is not currently supported");
+    }
     if (json_is_true(json_object_get(body, "echo"))) REJECT("echo", "unsupported_value", "'echo' is not supported");
     json_t *best = json_object_get(body, "best_of");
     if (best && !json_is_null(best) && !(json_is_integer(best) && json_integer_value(best) == 1))
@@ -986,6 +1044,17 @@ static bool context_fits(const fe *f, const fe_model *m, const json_t *body, bt_
     return false;
 }
 
+/* Counts a request refused before it was routed (a 400 or 404) in dynamo_frontend_requests_total
+ * with status "error": under its model when a worker serves it, else under FE_MODEL_UNKNOWN (the
+ * model name is the client's: counting it as given would let a client add series without bound). */
+static void count_refused(fe *f, bt_api api, const json_t *body) {
+    int streaming = json_is_true(json_object_get(body, "stream"));
+    const char *name = json_string_value(json_object_get(body, "model"));
+    fe_model *m = name ? fe_model_get(f, name, false) : NULL;
+    if (m) m->st.requests[api][streaming][FE_OUT_ERROR]++;
+    else f->refused_unknown[api][streaming]++;
+}
+
 void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
     if (http->last_event_id) { /* the same request again, after a lost connection */
         fe_resume_post(f, http, api);
@@ -1001,12 +1070,14 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
     /* U+0000 inside a string is valid JSON and OpenAI accepts it; jansson keeps the length */
     json_t *body = json_loadb(http->body, http->body_len, JSON_ALLOW_NUL, &jerr);
     if (!body) {
+        count_refused(f, api, NULL);
         fe_json_error(http, rid, 400, "invalid_json", "invalid JSON body: %s (line %d, column %d)", jerr.text,
                       jerr.line, jerr.column);
         return;
     }
     const char *param, *code;
     if (!fe_check_body(body, api, err, sizeof err, &param, &code)) {
+        count_refused(f, api, body);
         fe_json_error_ex(http, rid, 400, code, param, NULL, "%s", err);
         json_decref(body);
         return;
@@ -1026,6 +1097,7 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
     const char *model_name = json_string_value(json_object_get(body, "model"));
     fe_model *m = fe_model_get(f, model_name, false);
     if (!m) {
+        count_refused(f, api, body);
         fe_json_error_ex(http, rid, 404, "model_not_found", "model", NULL, "The model '%s' does not exist",
                          model_name);
         json_decref(body);
@@ -1033,6 +1105,7 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
         return;
     }
     if (!context_fits(f, m, body, api, err, sizeof err)) {
+        count_refused(f, api, body);
         fe_json_error_ex(http, rid, 400, "context_length_exceeded", api == BT_API_CHAT ? "messages" : "prompt", NULL,
                          "%s", err);
         json_decref(body);
@@ -1049,6 +1122,7 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
     bool nomem;
     fe_ticket *t = fe_admit_ticket(f, http, body, err, sizeof err, &param, &nomem);
     if (!t) {
+        if (!nomem) count_refused(f, api, body);
         fe_json_error_ex(http, rid, nomem ? 500 : 400, nomem ? "out_of_memory" : "invalid_value", param, NULL, "%s",
                          err);
         json_decref(body);

@@ -31,8 +31,8 @@
      (exit 2, naming it); `baton chaos --nosuch` (and `baton chaos run --nosuch`) names the unknown
      flag (exit 2), not a missing command. `baton chaos list` (validate,
      --help) and the C commands' --help and --version into a pipe whose reader is gone exit 0,
-     saying nothing (`baton chaos list | head -1`); into a full device, the C commands exit 1 and
-     say so. Ctrl-C during `baton chaos run` exits 130 without a traceback, its processes stopped.
+     saying nothing (`baton chaos list | head -1`); into a full device, the C commands and
+     `baton chaos` exit 1 and say so in one line (no traceback). Ctrl-C during `baton chaos run` exits 130 without a traceback, its processes stopped.
   5. A file discovery directory this user cannot read (frontend, worker) or write in (worker) is a
      start-up error (exit 1, the directory and the reason named), not a process that runs and
      never finds, or is never found by, anyone. Run as an unprivileged user (setpriv to nobody when
@@ -48,6 +48,9 @@
      --health-check-payload @file, --model, --etcd-ca) is refused at once, naming the setting, the
      path and what it is; a regular secret file is still read.
   9. `baton run` says what is wrong with DYN_LOG and DYN_LOGGING_JSONL once, not once per child.
+ 10. --api-key-file and --admin-api-key-file (DYN_API_KEY_FILE, BATON_ADMIN_API_KEY_FILE) read the
+     keys from files, one trailing newline removed; a missing, empty, several-line file or a key
+     given both ways is exit 2 (`baton frontend` and `baton run`); the keys read are enforced.
 Each command must exit within 10 s and leave nothing listening."""
 
 import os
@@ -338,6 +341,17 @@ for args in (["--help"], ["frontend", "--help"], ["--version"]):
                            stdin=subprocess.DEVNULL, timeout=30)
     assert p.returncode == 1 and "baton: cannot write to standard output: No space left on device" in p.stderr, \
         (args, p.returncode, p.stderr)
+# and so for baton chaos (a Python program): one line, exit 1, no traceback; buffered or not
+for args, unbuffered in [(a, u) for a in (["chaos", "list"], ["chaos", "validate"], ["chaos", "--help"])
+                         for u in (False, True)]:
+    env = {k: v for k, v in CLEAN_ENV.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([BIN] + args, stdout=full, stderr=subprocess.PIPE, text=True, env=env,
+                           stdin=subprocess.DEVNULL, timeout=30)
+    assert p.returncode == 1 and p.stderr == "baton chaos: cannot write to standard output: No space left on device\n", \
+        (args, unbuffered, p.returncode, p.stderr)
 rc, out, _ = baton(["chaos", "list"])
 assert rc == 0 and out.count("starts its own processes") >= 10, (rc, out[:300])
 rc, out, _ = baton(["chaos"])
@@ -618,3 +632,70 @@ with bl.Cluster() as c:
         assert log.count(want) == 1, f"{want!r} said {log.count(want)} times:\n{log}"
         assert f"baton run: {want}" in log, log
 print("cli: baton run says what is wrong with DYN_LOG and DYN_LOGGING_JSONL once")
+
+# --- 10. API keys from files (--api-key-file, --admin-api-key-file: a key on the command line
+# shows in ps). The file is read once at start-up, one trailing newline removed; a file that cannot
+# be read, an empty one, one of several lines, or a key given both ways is a usage error (exit 2)
+# naming the flag, its twin and the file, for `baton frontend` and (checked before any child
+# starts) `baton run`. A frontend started with the files requires exactly those keys.
+keys = bl.tmpdir("cli-keys")
+
+
+def key_file(name, content):
+    p = os.path.join(keys, name)
+    with open(p, "wb") as f:
+        f.write(content)
+    return p
+
+
+api_file, admin_file = key_file("api", b"sk-file-1\n"), key_file("admin", b"adm-2\r\n")
+same_file = key_file("same", b"sk-file-1")
+missing = os.path.join(keys, "missing")
+kfifo = os.path.join(keys, "fifo")
+os.mkfifo(kfifo)
+k_port = bl.free_port()
+api_flag, admin_flag = "--api-key-file (DYN_API_KEY_FILE)", "--admin-api-key-file (BATON_ADMIN_API_KEY_FILE)"
+for cmd in ("frontend", "run"):
+    for args, env, want in [
+            (["--api-key-file", missing], {}, f"{api_flag}: cannot read {missing}: No such file or directory"),
+            (["--api-key-file", keys], {}, f"{api_flag}: cannot read {keys}: Is a directory"),
+            ([], {"BATON_ADMIN_API_KEY_FILE": kfifo}, f"{admin_flag}: cannot read {kfifo}: a FIFO, not a regular file"),
+            (["--api-key-file", key_file("empty", b"")], {}, "is empty: it must hold the key alone"),
+            (["--admin-api-key-file", key_file("newline", b"\n")], {}, "is empty: it must hold the key alone"),
+            (["--api-key-file", key_file("two", b"k\n\n")], {}, "holds more than one line"),
+            (["--api-key-file", key_file("nul", b"k\x00k")], {}, "holds a NUL byte"),
+            (["--api-key", "k", "--api-key-file", api_file], {},
+             "--api-key (DYN_API_KEY) and --api-key-file (DYN_API_KEY_FILE) are both given"),
+            (["--api-key-file", api_file], {"DYN_API_KEY": "k"}, "are both given: give the key one way"),
+            (["--admin-api-key", "a"], {"BATON_ADMIN_API_KEY_FILE": admin_file},
+             "--admin-api-key (BATON_ADMIN_API_KEY) and --admin-api-key-file (BATON_ADMIN_API_KEY_FILE) are both given"),
+            # the keys read from the files are the keys: the same one twice is refused as on the command line
+            (["--api-key-file", api_file, "--admin-api-key-file", same_file], {},
+             "--admin-api-key (BATON_ADMIN_API_KEY) must differ from --api-key (DYN_API_KEY)")]:
+        try:
+            rc, out, took = baton([cmd, "--http-port", str(k_port)] + args, env=env)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{cmd} {args} {env}: still running after 10 s")
+        assert rc == 2 and want in out and f"baton {cmd}" in out, (cmd, args, env, rc, out)
+        assert "sk-file-1" not in out and "adm-2" not in out, f"a key was printed: {out}"
+        assert not listening(k_port), (cmd, args)
+for how in ("frontend", "run"):
+    with bl.Cluster() as c:
+        if how == "frontend":
+            c.start_worker(speedup_ratio=1000)
+            fe = c.start_frontend(api_key_file=api_file, env={"BATON_ADMIN_API_KEY_FILE": admin_file})
+        else:
+            fe = c.start_run(workers=1, speedup_ratio=1000, system_port=-1, api_key_file=api_file,
+                             admin_api_key_file=admin_file)
+        c.wait_workers(fe, 1)
+        # the newline that ends each file is not part of its key ("\r\n" for the admin key's)
+        for key, want in (("sk-file-1", 200), ("adm-2", 401), ("wrong", 401), (None, 401)):
+            hdrs = {"Authorization": f"Bearer {key}"} if key else {}
+            st, _, body = bl.post_json(fe.url + "/v1/completions", bl.completion_body(max_tokens=2), headers=hdrs)
+            assert st == want, (how, key, st, body)
+        for key, want in (("adm-2", 200), ("sk-file-1", 401)):
+            st, _, body = bl.get_json(fe.url + "/admission", {"Authorization": f"Bearer {key}"})
+            assert st == want, (how, "admission", key, st, body)
+        with open(f"/proc/{fe.proc.pid}/cmdline", "rb") as f:
+            assert b"sk-file-1" not in f.read(), how
+print("cli: --api-key-file and --admin-api-key-file (and their twins) give the keys; bad files are usage errors")

@@ -4,7 +4,9 @@ checker, `promtool check metrics`, with no error and no lint warning.
 The worker serves a model whose name holds a double quote, a backslash and a line feed: unescaped,
 such a label value breaks the whole text for a scraper. The test sends traffic for it and for a
 plain model, runs promtool on each /metrics text, and reads the counters back through the label
-values (which must round-trip to the exact name). A self-check first feeds promtool a broken text
+values (which must round-trip to the exact name). Requests refused before routing (400, 404) are
+counted with status "error", under the model "unknown" when no worker serves theirs, one loop and
+two merged. A self-check first feeds promtool a broken text
 to prove the check can fail. promtool comes from Debian's `prometheus` package (scripts/setup);
 without it the test fails, it never passes without running.
 """
@@ -51,6 +53,52 @@ def check_frontend(fe, n_weird, what):
     assert bl.metric_sum(m, "baton_frontend_worker_routed_total", model=WEIRD) == n_weird, what
 
 
+REQ = "dynamo_frontend_requests_total"
+
+
+def check_refused(fe, what, threads=1):
+    """Requests refused before routing (400, 404) count in dynamo_frontend_requests_total with
+    status "error": under their model when it is served, else under the one model "unknown" (the
+    names clients send never become series); exactly those, nothing else moves."""
+    before = bl.parse_metrics(scrape(fe.url))
+    sent = {}  # (model, endpoint, request_type) -> refused requests sent
+
+    def refuse(path, body, status, key, raw=None):
+        if raw is not None:
+            st, _, _ = bl.request("POST", fe.url + path, raw, {"Content-Type": "application/json"})
+        else:
+            st, _, _ = bl.post_json(fe.url + path, body)
+        assert st == status, (what, path, body, raw, st)
+        sent[key] = sent.get(key, 0) + 1
+
+    chat, comp = "/v1/chat/completions", "/v1/completions"
+    for i in range(4):  # fresh connections: with two loops the kernel spreads them
+        bad_role = {"model": "mock-model", "max_tokens": 2, "messages": [{"role": "bot", "content": "hi"}]}
+        refuse(chat, bad_role, 400, ("mock-model", "chat_completions", "unary"))
+        refuse(comp, bl.completion_body(max_tokens=2, suffix="x", stream=True), 400,
+               ("mock-model", "completions", "stream"))
+        refuse(chat, bl.chat_body(model=f"nobody-serves-{i}"), 404, ("unknown", "chat_completions", "unary"))
+        refuse(comp, {"prompt": "no model"}, 400, ("unknown", "completions", "unary"))
+        refuse(chat, None, 400, ("unknown", "chat_completions", "unary"), raw=b"{not json")
+        refuse(chat, bl.chat_body(model=f"nobody-serves-{i}", max_tokens=-1, stream=True), 400,
+               ("unknown", "chat_completions", "stream"))
+    text = scrape(fe.url)
+    assert_clean(text, what + " after refused requests")
+    after = bl.parse_metrics(text)
+    for (model, ep, rt), n in sent.items():
+        got = (bl.metric_sum(after, REQ, model=model, endpoint=ep, request_type=rt, status="error") -
+               bl.metric_sum(before, REQ, model=model, endpoint=ep, request_type=rt, status="error"))
+        assert got == n, f"{what}: {got} refused requests counted for {model} {ep} {rt}, expected {n}"
+    total = bl.metric_sum(after, REQ) - bl.metric_sum(before, REQ)
+    assert total == sum(sent.values()), f"{what}: requests_total moved by {total}, sent {sum(sent.values())}"
+    assert "nobody-serves" not in text, f"{what}: a client's model name became a series"
+    if threads > 1:  # both loops refused some, and the scrape merged them
+        moved = [bl.metric_sum(after, "baton_frontend_thread_requests_total", thread=str(t)) -
+                 bl.metric_sum(before, "baton_frontend_thread_requests_total", thread=str(t)) for t in range(threads)]
+        assert all(m > 0 for m in moved), f"{what}: refused requests per loop {moved}: one loop got none"
+    print(f"  refused requests counted: {what}: {sum(sent.values())}")
+
+
 def main():
     if not shutil.which("promtool"):
         raise AssertionError("promtool is not on the PATH; scripts/setup installs Debian's prometheus package")
@@ -81,6 +129,8 @@ def main():
             assert st == 400, st
         check_frontend(fe1, 3, "frontend, one event loop")
         check_frontend(fe2, 3, "frontend, --threads 2 (merged)")
+        check_refused(fe1, "frontend, one event loop")
+        check_refused(fe2, "frontend, --threads 2 (merged)", threads=2)
         text = scrape(w_odd.system_url)
         assert_clean(text, "worker")
         m = bl.parse_metrics(text)

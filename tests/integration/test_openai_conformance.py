@@ -13,7 +13,9 @@ the error table, docs/engines.md the context length):
     whose "stream" is not true is a 400 with param "stream_options" (as OpenAI's and vLLM's), and
     "stream_options": null is absent;
   * parameters: only those that ask for a missing feature are refused (logprobs true, n > 1, tools,
-    echo); their neutral values pass; U+0000 inside content reaches the engine whole;
+    echo, suffix, tool_choice "required" or a named function, content parts other than text: an
+    image would otherwise be dropped unseen); their neutral values pass; U+0000 inside content
+    reaches the engine whole; a chat role OpenAI does not define is a 400 "messages.[i].role";
   * prompt + max_tokens beyond the worker's --context-length is a 400 context_length_exceeded,
     checked by the frontend where it can count (max_tokens alone, token-id prompts: the worker
     sees nothing) and by the engine for text prompts (logged below WARN by neither process); without
@@ -190,6 +192,59 @@ with bl.Cluster() as c:
     assert with_nul["usage"]["prompt_tokens"] > cut["usage"]["prompt_tokens"], (with_nul["usage"], cut["usage"])
     st, _, b = bl.post_json(u + "/v1/chat/completions", bl.chat_body(model="mock-model\u0000x"))
     error_of(st, b, 400, "invalid_value", "model", "NUL in the model name")
+
+    # ---- roles, content parts, tool_choice, suffix
+    # a role OpenAI does not define is a 400 naming the message, as OpenAI's (streaming or not)
+    for role in ("bot", "User", "", "tools"):
+        for stream in (False, True):
+            body = {"model": "mock-model", "max_tokens": 2, "stream": stream,
+                    "messages": [{"role": "system", "content": "be brief"}, {"role": role, "content": "hi"}]}
+            st, _, b = bl.post_json(u + "/v1/chat/completions", body)
+            err = error_of(st, b, 400, "invalid_value", "messages.[1].role", f"role {role!r} stream {stream}")
+            assert "'developer'" in err["message"], err
+    # every role OpenAI defines passes, and text parts (typed or not) are read
+    msgs = [{"role": r, "content": "x"} for r in ("system", "developer", "user", "assistant", "tool", "function")]
+    msgs.append({"role": "user", "content": [{"type": "text", "text": "one"}, {"text": "two"}]})
+    st, _, b = bl.post_json(u + "/v1/chat/completions", {"model": "mock-model", "max_tokens": 2, "messages": msgs})
+    assert st == 200 and b["choices"][0]["message"]["content"], (st, b)
+    # parts that are not text would be dropped by every engine (the model would answer without
+    # seeing the image): refused, naming the part
+    for part in ({"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+                 {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+                 {"type": "file", "file": {"file_id": "file-1"}}):
+        for stream in (False, True):
+            body = {"model": "mock-model", "max_tokens": 2, "stream": stream,
+                    "messages": [{"role": "user", "content": [{"type": "text", "text": "what is this?"}, part]}]}
+            st, _, b = bl.post_json(u + "/v1/chat/completions", body)
+            err = error_of(st, b, 400, "unsupported_value", "messages.[0].content.[1].type", f"part {part['type']}")
+            assert f"'{part['type']}' are not supported" in err["message"], err
+    for part, code in (("text", "invalid_type"), ({"type": "text", "text": 3}, "invalid_type"),
+                       ({"type": 7, "text": "x"}, "invalid_type"), ({"image_url": {"url": "x"}}, "invalid_type")):
+        body = {"model": "mock-model", "max_tokens": 2, "messages": [{"role": "user", "content": [part]}]}
+        st, _, b = bl.post_json(u + "/v1/chat/completions", body)
+        error_of(st, b, 400, code, "messages.[0].content.[0]", f"part {part!r}")
+    # tool_choice asking for a tool call without tools (OpenAI: only allowed when tools are
+    # specified); baton refuses non-empty tools, so only "none", "auto" and null pass
+    for choice in ("required", {"type": "function", "function": {"name": "f"}}, "sometimes"):
+        for tools in ("absent", [], None):
+            extra = {} if tools == "absent" else {"tools": tools}
+            st, _, b = bl.post_json(u + "/v1/chat/completions", bl.chat_body(max_tokens=2, tool_choice=choice, **extra))
+            err = error_of(st, b, 400, "invalid_value", "tool_choice", f"tool_choice {choice!r} tools {tools!r}")
+            assert "only allowed when 'tools' are specified" in err["message"], err
+    st, _, b = bl.post_json(u + "/v1/chat/completions", bl.chat_body(max_tokens=2, function_call={"name": "f"}))
+    error_of(st, b, 400, "invalid_value", "function_call", "function_call without functions")
+    for choice in ("none", "auto", None):
+        st, _, b = bl.post_json(u + "/v1/chat/completions", bl.chat_body(max_tokens=2, tool_choice=choice,
+                                                                       function_call=choice))
+        assert st == 200 and b["choices"][0]["message"]["content"], (choice, st, b)
+    # suffix on /v1/completions (vLLM: not supported) instead of an answer that ignores it
+    for sfx in ("the end.", "", ["x"]):
+        for stream in (False, True):
+            st, _, b = bl.post_json(u + "/v1/completions", bl.completion_body(max_tokens=2, suffix=sfx, stream=stream))
+            err = error_of(st, b, 400, "unsupported_value", "suffix", f"suffix {sfx!r}")
+            assert err["message"] == "suffix is not currently supported", err
+    st, _, b = bl.post_json(u + "/v1/completions", bl.completion_body(max_tokens=2, suffix=None))
+    assert st == 200 and b["choices"][0]["text"], (st, b)
 
     # ---- context length (the worker's --context-length, from its model card)
     before = metric(w.system_url, "dynamo_component_requests_total")

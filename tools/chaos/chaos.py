@@ -180,7 +180,42 @@ def _stdout_gone():
         return False
 
 
+class _StdoutError(Exception):
+    """A write to stdout failed for a reason other than a reader that went away (a full device:
+    `baton chaos list > /dev/full`). Not an OSError, so that no handler meant for other files (nor
+    argparse, which drops OSErrors of its own output) takes it for theirs."""
+
+    def __init__(self, err):
+        super().__init__(err.strerror or str(err))
+
+
+class _GuardedStdout:
+    """stdout, whose failed writes and flushes raise _StdoutError (BrokenPipeError stays itself:
+    a reader that stopped early is handled on its own below)."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def _call(self, fn, *args):
+        try:
+            return fn(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise _StdoutError(e) from None
+
+    def write(self, s):
+        return self._call(self._f.write, s)
+
+    def flush(self):
+        return self._call(self._f.flush)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
 if __name__ == "__main__":
+    sys.stdout = _GuardedStdout(sys.stdout)
     try:
         try:
             rc = main()
@@ -199,6 +234,12 @@ if __name__ == "__main__":
         # stderr): its report is written and its verdict stands; 1 if it had none yet.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         rc = 0 if _command != "run" else (_verdict if _verdict is not None else 1)
+    except _StdoutError as e:
+        # the output is lost: say so in one line and fail, as `baton --help > /dev/full` does;
+        # stdout goes to /dev/null so that the interpreter's flush at exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.stderr.write(f"baton chaos: cannot write to standard output: {e}\n")
+        rc = 1
     except KeyboardInterrupt:
         # Ctrl-C: the scenario's clean-up (its processes stopped) ran on the way here; no traceback
         sys.stderr.write("baton chaos: interrupted: the processes it started are stopped; the scenario that was "
