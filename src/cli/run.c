@@ -106,7 +106,8 @@ struct run_ctx {
 /* Flags `baton run` forwards to the frontend only; the shared ones go to the frontend and to
  * every worker; everything else unknown goes to the workers. */
 static const char *frontend_flags[] = {"--router-mode", "--active-decode-blocks-threshold",
-                                       "--active-prefill-tokens-threshold", "--stream-stall-timeout", "--api-key",
+                                       "--active-prefill-tokens-threshold", "--stream-stall-timeout",
+                                       "--stream-token-timeout", "--api-key",
                                        "--admin-api-key", "--metrics-api-key-required", "--tenant-label-secret-file",
                                        "--max-body-bytes", "--max-body-bytes-total", "--shutdown-drain-timeout",
                                        "--shutdown-accept-window-ms", "--max-output-bytes-total",
