@@ -20,12 +20,15 @@ With the frontend at --stream-token-timeout 1 --threads 2:
     --migration-limit 1): 503 worker_unavailable with "migration limit of 1 exhausted", as any
     exhausted migration ends, after one timeout on each worker (both got their KILL);
   * with the flag off (the default), a request on the silent worker is still waiting, with no KILL
-    sent, after 4 times the would-be timeout; its client then gives up and the worker gets the KILL.
+    sent, after 4 times the would-be timeout; its client then gives up and the worker gets the KILL;
+  * a pause of the frontend itself (SIGSTOP for 2.5 times the bound, mid-stream, the mocker alone)
+    is not the workers' silence: every stream completes, none is given up.
 
-Run against a frontend without the option, the first check fails: the request waits until the
-client's bound."""
+Run against a frontend whose sweep does nothing, the first check fails (the request waits until
+the client's bound); with the sweep counting the frontend's own pause, the last one does."""
 
 import re
+import signal
 import threading
 import time
 
@@ -253,6 +256,36 @@ with bl.Cluster() as c:
         assert d == {"timeouts": 0, "new": 0, "ongoing": 0, "exhausted": 0}, d
         assert not warn_lines(fe_off, rid)
         print(f"flag off: {rid} still waiting after {4 * TIMEOUT:.0f} s, no KILL until its client left")
+
+        # --- 6. a pause of the frontend itself is not its workers' silence: SIGSTOP for 2.5x the
+        # bound while streams run on the mocker alone; their frames wait in the sockets and are read
+        # after the first sweep that follows the pause, which must not give up on them
+        fw.close()
+        c.wait_workers(fe, 1)
+        before = counters(fe)
+        paused = threading.Event()
+
+        def pause_once(s_, ev):
+            if len(s_.token_ids) >= 3 and not paused.is_set():
+                paused.set()
+                fe.proc.kill(signal.SIGSTOP)
+                time.sleep(2.5 * TIMEOUT)
+                fe.proc.kill(signal.SIGCONT)
+            return False
+
+        pb = bl.chat_body("A pause of the frontend", max_tokens=120, return_token_ids=True, seed=7)
+        res = bl.run_concurrently(
+            lambda i: bl.stream_chat(fe.url, pb, timeout=60, on_event=pause_once if i == 0 else None), range(4))
+        assert paused.is_set(), "the frontend was never stopped"
+        for i, s in enumerate(res):
+            s.assert_ok(f"paused stream {i}")
+            assert s.token_ids == res[0].token_ids and len(s.token_ids) == 120, (i, len(s.token_ids))
+        gap = max(b_ - a_ for a_, b_ in zip(res[0].t_tokens, res[0].t_tokens[1:]))
+        assert gap >= 2.5 * TIMEOUT * 0.9, f"the pause did not show: largest gap {gap:.2f} s"
+        d = delta(counters(fe), before)
+        assert d == {"timeouts": 0, "new": 0, "ongoing": 0, "exhausted": 0}, d
+        print(f"frontend stopped for {2.5 * TIMEOUT:.1f} s mid-stream (gap {gap:.2f} s): no stream timed out; "
+              f"counters {d}")
 
         for f in (fe, fe_ex, fe_off):
             assert f.proc.alive(), "a frontend died"
