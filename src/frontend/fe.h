@@ -168,8 +168,8 @@ struct fe_attempt {
     uint32_t stream_id;
     /* When a frame of its stream last arrived (TOKENS or KVSTATE; its REQUEST or a relayed KV piece
      * written, before any): the loop's clock (uv_now) in ms, low 32 bits, read only as a difference
-     * with that clock (--stream-token-timeout, fe_token_sweep). In the padding after stream_id: the
-     * token path touches no more cache lines for it. */
+     * with that clock (--stream-token-timeout, fe_token_sweep_start). In the padding after
+     * stream_id: the token path touches no more cache lines for it. */
     uint32_t t_heard_ms;
     bt_ctx *ctx;     /* a child of the request's context: its callback sends STOP or KILL */
     uint32_t tokens; /* tokens received on this attempt */
@@ -373,8 +373,9 @@ struct fe {
      * frames of a worker's read are handled, whichever comes first. */
     LIST_HEAD(, fe_worker) req_flush_list;
     uv_check_t req_flush;
-    /* --stream-token-timeout (migrate.c, fe_token_sweep): one repeating timer per loop checks every
-     * running attempt's t_heard_ms; token_sweep_ms is when it last ran (uv_now, low 32 bits) */
+    /* --stream-token-timeout (migrate.c, fe_token_sweep_start): one repeating timer per loop
+     * checks every running attempt's t_heard_ms; token_sweep_ms is when it last ran (uv_now, low
+     * 32 bits) */
     uv_timer_t token_sweep;
     uint32_t token_sweep_ms;
 };
