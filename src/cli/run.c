@@ -106,8 +106,9 @@ struct run_ctx {
 /* Flags `baton run` forwards to the frontend only; the shared ones go to the frontend and to
  * every worker; everything else unknown goes to the workers. */
 static const char *frontend_flags[] = {"--router-mode", "--active-decode-blocks-threshold",
-                                       "--active-prefill-tokens-threshold", "--stream-stall-timeout", "--api-key",
-                                       "--admin-api-key", "--api-key-file", "--admin-api-key-file", "--metrics-api-key-required", "--tenant-label-secret-file",
+                                       "--active-prefill-tokens-threshold", "--stream-stall-timeout",
+                                       "--stream-token-timeout", "--api-key", "--admin-api-key", "--api-key-file",
+                                       "--admin-api-key-file", "--metrics-api-key-required", "--tenant-label-secret-file",
                                        "--max-body-bytes", "--max-body-bytes-total", "--shutdown-drain-timeout",
                                        "--shutdown-accept-window-ms", "--max-output-bytes-total",
                                        "--http-header-timeout-ms", "--http-idle-timeout-ms", "--max-connections",

@@ -68,6 +68,7 @@ typedef struct {
     uint64_t rejections[2];    /* [api] */
     uint64_t tokens_out;
     uint64_t preempt_routed; /* new requests routed past the busy verdict to a worker that preempts for them */
+    uint64_t token_timeouts; /* attempts given up after --stream-token-timeout of silence on their stream */
 } fe_stats;
 
 struct fe_model {
@@ -167,6 +168,11 @@ struct fe_attempt {
     fe_req *req;
     fe_worker *worker;
     uint32_t stream_id;
+    /* When a frame of its stream last arrived (TOKENS or KVSTATE; its REQUEST or a relayed KV piece
+     * written, before any): the loop's clock (uv_now) in ms, low 32 bits, read only as a difference
+     * with that clock (--stream-token-timeout, fe_token_sweep_start). In the padding after
+     * stream_id: the token path touches no more cache lines for it. */
+    uint32_t t_heard_ms;
     bt_ctx *ctx;     /* a child of the request's context: its callback sends STOP or KILL */
     uint32_t tokens; /* tokens received on this attempt */
     int number;      /* 1 = the first attempt */
@@ -181,6 +187,8 @@ struct fe_attempt {
     bool held_stop;         /* a STOP asked for meanwhile: written right after the REQUEST */
     LIST_ENTRY(fe_attempt) relay_link; /* fe.relays, while held_req */
 };
+/* what a token touches of its attempt (up to t_last_us) stays in its first cache line */
+_Static_assert(offsetof(fe_attempt, t_last_us) + sizeof(uint64_t) <= 64, "fe_attempt's per-token fields spread");
 
 struct fe_req {
     /* ---- What every token reads or writes (fe_attempt_on_tokens, fe_request_deliver,
@@ -267,6 +275,7 @@ typedef struct {
     double decode_threshold;
     double prefill_threshold;
     double stall_timeout;
+    double token_timeout; /* --stream-token-timeout: seconds an attempt may hear nothing of its stream; 0 = off */
     const char *api_key;
     const char *admin_api_key;     /* the operator endpoints' key (frontend.c: routes); NULL: the API's */
     const char *api_key_file;      /* the same keys read from files at start-up (key_from_file) */
@@ -371,6 +380,11 @@ struct fe {
      * frames of a worker's read are handled, whichever comes first. */
     LIST_HEAD(, fe_worker) req_flush_list;
     uv_check_t req_flush;
+    /* --stream-token-timeout (migrate.c, fe_token_sweep_start): one repeating timer per loop
+     * checks every running attempt's t_heard_ms; token_sweep_ms is when it last ran (uv_now, low
+     * 32 bits) */
+    uv_timer_t token_sweep;
+    uint32_t token_sweep_ms;
 };
 
 #define FE_MAX_THREADS 64
@@ -539,6 +553,12 @@ void fe_kv_free(fe_kv *k);
 void fe_attempt_abandon(fe_attempt *a);
 /* The request is handed off to another frontend (shutdown): a is detached and freed with no KILL. */
 void fe_attempt_release(fe_attempt *a);
+/* --stream-token-timeout: starts f's sweep (a no-op when the option is 0). Every running attempt
+ * of the loop that has heard nothing of its stream for that long is given up: its worker gets a
+ * KILL for the stream, and the request migrates as after a worker's failure (BT_ERR_TIMEOUT),
+ * charged to its budget. The timer is f->token_sweep, initialised by the caller and closed with
+ * the loop's handles. */
+void fe_token_sweep_start(fe *f);
 
 /* resume.c */
 /* A POST with Last-Event-ID: the same request again, resumed after that event. */

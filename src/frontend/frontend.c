@@ -655,6 +655,8 @@ static int shard_open(fe *f, int port, char *err, size_t errlen) {
     uv_timer_init(f->loop, &f->relay_timer); /* KV relays (workers.c); closed with the loop's handles */
     f->relay_timer.data = f;
     uv_unref((uv_handle_t *)&f->relay_timer);
+    uv_timer_init(f->loop, &f->token_sweep); /* --stream-token-timeout (migrate.c); closed with the loop's handles */
+    fe_token_sweep_start(f);
     uv_check_init(f->loop, &f->req_flush); /* REQUEST coalescing (workers.c); closed with the loop's handles */
     f->req_flush.data = f;
     uv_unref((uv_handle_t *)&f->req_flush);
@@ -708,6 +710,7 @@ static void others_done_tick(uv_timer_t *t) {
     OPT("--active-decode-blocks-threshold", "DYN_ACTIVE_DECODE_BLOCKS_THRESHOLD", DOUBLE, decode_threshold, NAN, 0, 1, "busy above this fraction of KV blocks") \
     OPT("--active-prefill-tokens-threshold", "DYN_ACTIVE_PREFILL_TOKENS_THRESHOLD", DOUBLE, prefill_threshold, NAN, 0, FE_PREFILL_THRESHOLD_MAX, "busy above this many prefill tokens") \
     OPT("--stream-stall-timeout", "DYN_STREAM_STALL_TIMEOUT", DOUBLE, stall_timeout, 2.0, 0.1, 3600, "seconds of silence before a worker is declared dead") \
+    OPT("--stream-token-timeout", "BATON_STREAM_TOKEN_TIMEOUT", DOUBLE, token_timeout, 0, 0, 86400, "seconds an attempt may hear nothing of its stream from its worker (no token, first or next, and no other frame for it) before the worker is told to drop it and the request migrates, even while the worker's connection is alive (0 = off: a request may wait long in a worker's queue)") \
     OPT("--api-key", "DYN_API_KEY", STR, api_key, NULL, 0, 0, "require Authorization: Bearer KEY") \
     OPT("--admin-api-key", "BATON_ADMIN_API_KEY", STR, admin_api_key, NULL, 0, 0, "the operator endpoints (/busy_threshold, /admission) require Authorization: Bearer KEY with this key, and the --api-key no longer opens them; it does not open the API, and it may cancel any request; unset, whoever holds the --api-key (everyone without one) may change the load-shedding settings") \
     OPT("--api-key-file", "DYN_API_KEY_FILE", STR, api_key_file, NULL, 0, 0, "read the --api-key from this file (one trailing newline removed), so that the key is not on the command line; not with --api-key") \
@@ -901,6 +904,8 @@ int bt_frontend_main(int argc, char **argv) {
         BT_INFO("Request migration %s (limit: %lld); router %s; stall timeout %.1fs",
                 o->migration_limit ? "enabled" : "disabled", (long long)o->migration_limit, o->router_mode,
                 o->stall_timeout);
+        if (o->token_timeout > 0)
+            BT_INFO("stream token timeout %gs: a stream silent that long is dropped and migrated", o->token_timeout);
         if (g->journal && shared_journal)
             BT_INFO("resumable streams: event plane NATS: connecting the journal to JetStream at %s (kept %gs after "
                     "a stream ends, capped at %lld bytes)",

@@ -82,6 +82,11 @@ static void collect_models(fe *f, bt_metrics *r) {
                              "over the frontend's caps, or a worker without KVSTATE): re-prefilled");
     for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link))
         bt_metrics_add(fam, (double)m->st.kv_unrelayed, "model", m->name, NULL);
+    fam = bt_metrics_counter(r, "baton_frontend_stream_token_timeouts_total",
+                             "Attempts given up because their worker sent nothing for their stream for "
+                             "--stream-token-timeout (each then counts as a migration)");
+    for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link))
+        bt_metrics_add(fam, (double)m->st.token_timeouts, "model", m->name, NULL);
     fam = bt_metrics_gauge(r, "dynamo_frontend_model_migration_limit", BT_MERGE_MAX,
                            "Extra attempts a request may get (--migration-limit)");
     for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link))

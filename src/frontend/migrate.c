@@ -16,6 +16,10 @@
  * failure until the next attempt's first token) to STREAMING; request.c owns the output and the
  * end of the request.
  *
+ * --stream-token-timeout (fe_token_sweep_start) ends an attempt whose worker keeps its connection
+ * alive but sends nothing for its stream: the worker gets a KILL for it and the request migrates as
+ * after any failure of the worker (docs/fault-tolerance.md, "Silent streams").
+ *
  * Everything runs on the request's loop; the worker connection code (workers.c) only hands each
  * stream's frames to its attempt. */
 #include <inttypes.h>
@@ -279,6 +283,7 @@ void fe_migrate_dispatch(fe_req *r) {
      * rest wait a whole step more (docs/benchmarks.md, burst TTFT). */
     fe_worker_flush_soon(w);
     a->t_sent_us = bt_now_us();
+    a->t_heard_ms = (uint32_t)uv_now(f->loop); /* --stream-token-timeout counts from here */
     /* nothing carried: this attempt's worker is the one whose numerics the stream follows */
     if (!r->nids) bt_copy_str(r->exactness, sizeof r->exactness, w->exactness);
     if (a->number == 1 && !r->resumed) fe_budget_started(f);
@@ -461,4 +466,88 @@ void fe_attempt_on_error(fe_attempt *a, bt_status code, const char *msg) {
     attempt_detach(a);
     if (r->state == FE_REQ_DONE) return;
     attempt_failed(r, code, msg);
+}
+
+/* ---- --stream-token-timeout ---- */
+
+/* Expiries handled per sweep: each one starts the scan again (it may end or start requests other
+ * than its own), so a sweep's work stays bounded; the rest wait for the next sweep. */
+#define TOKEN_SWEEP_MAX_EXPIRED 64
+
+/* The sweep's period for a timeout: a quarter of it (an attempt is given up between timeout and
+ * timeout + period after its last frame), within [10 ms, 1 s]. */
+static uint32_t token_sweep_period_ms(const fe *f) {
+    double p = f->o.token_timeout * 1000.0 / 4.0;
+    return p < 10.0 ? 10u : p > 1000.0 ? 1000u : (uint32_t)p;
+}
+
+/* Attempt a heard nothing of its stream for silent_ms: its worker is told to drop the stream
+ * (KILL: the engine frees its KV blocks; a frame that still comes for it is for a stream this
+ * frontend no longer knows, and ignored), and the request migrates as after the worker's failure
+ * of that stream: charged to its budget and the retry budget, the same migration counters, the
+ * same error once the budget is spent. The worker is treated as after a migratable ERROR on one of
+ * its streams: quarantined until a fresh handshake (its connection is renewed once its other
+ * streams end), and the silence counts as one latency sample of at least silent_ms for outlier
+ * ejection, which would otherwise never see a worker that sends nothing. */
+static void attempt_timed_out(fe_attempt *a, uint32_t silent_ms) {
+    fe_req *r = a->req;
+    fe *f = r->fe;
+    fe_worker *w = a->worker;
+    double silent_s = (double)silent_ms / 1e3;
+    BT_WARN("request %s: no frame from worker %" PRIx64 " on stream %u for %.3f s (--stream-token-timeout %g s; %u "
+            "tokens on this attempt, %zu delivered); dropping the stream",
+            r->rid, w->id, a->stream_id, silent_s, f->o.token_timeout, a->tokens, r->nids);
+    r->model->st.token_timeouts++;
+    if (a->tokens == 0) fe_outlier_first_token(f, w, silent_s);
+    else fe_outlier_tokens(f, w, silent_s, 1);
+    fe_worker_send_cancel(w, a->stream_id, true);
+    if (w->conn) bt_rpc_flush(w->conn);
+    fe_worker_quarantine(w, "a stream timed out (--stream-token-timeout)");
+    char msg[128];
+    snprintf(msg, sizeof msg, "no token from the worker for %g s (--stream-token-timeout)", f->o.token_timeout);
+    r->failed_worker = w->id;
+    attempt_detach(a);
+    if (r->state == FE_REQ_DONE) return;
+    attempt_failed(r, BT_ERR_TIMEOUT, msg);
+}
+
+/* Each period: every running attempt of the loop whose stream has been silent for the timeout is
+ * given up. The loop's clock counts only time this process ran, as the request plane's heartbeat
+ * does (rpc/conn.c): a sweep that comes more than two periods after the last one means the process
+ * did not run in between (SIGSTOP, a blocked loop) and could read nothing, so the time past two
+ * periods is not the workers' silence and every attempt's last-heard time moves forward by it. */
+static void on_token_sweep(uv_timer_t *t) {
+    fe *f = t->data;
+    uint32_t now = (uint32_t)uv_now(f->loop);
+    uint32_t period = token_sweep_period_ms(f);
+    uint32_t gap = now - f->token_sweep_ms;
+    uint32_t skip = gap > 2 * period ? gap - 2 * period : 0;
+    uint32_t limit = (uint32_t)(f->o.token_timeout * 1000.0);
+    if (limit == 0) limit = 1; /* under a millisecond: the clock's resolution */
+    f->token_sweep_ms = now;
+    if (skip) {
+        BT_DEBUG("this loop did not run for %u ms; not counted as the silence of its streams", skip);
+        for (fe_req *r = LIST_FIRST(&f->reqs); r; r = LIST_NEXT(r, link)) {
+            fe_attempt *a = r->attempt;
+            if (a) a->t_heard_ms = now - a->t_heard_ms > skip ? a->t_heard_ms + skip : now;
+        }
+    }
+    int expired = 0;
+again:
+    for (fe_req *r = LIST_FIRST(&f->reqs); r; r = LIST_NEXT(r, link)) {
+        fe_attempt *a = r->attempt;
+        if (!a || now - a->t_heard_ms < limit) continue;
+        attempt_timed_out(a, now - a->t_heard_ms); /* may end r, or others: the scan starts again */
+        if (++expired < TOKEN_SWEEP_MAX_EXPIRED) goto again;
+        return;
+    }
+}
+
+void fe_token_sweep_start(fe *f) {
+    if (!(f->o.token_timeout > 0)) return;
+    uint32_t period = token_sweep_period_ms(f);
+    f->token_sweep.data = f;
+    f->token_sweep_ms = (uint32_t)uv_now(f->loop);
+    uv_timer_start(&f->token_sweep, on_token_sweep, period, period);
+    uv_unref((uv_handle_t *)&f->token_sweep); /* never what keeps the loop running */
 }

@@ -190,6 +190,7 @@ static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
     case BT_FRAME_TOKENS: {
         fe_attempt *a = bt_map_get(&w->streams, f->stream);
         if (!a) return;
+        a->t_heard_ms = (uint32_t)uv_now(w->fe->loop); /* the stream is alive (--stream-token-timeout) */
         uint32_t ids[BT_TOKENS_MAX];
         size_t n, tl;
         const char *text;
@@ -202,6 +203,7 @@ static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
         uint64_t total, off;
         const uint8_t *d;
         size_t n;
+        if (a) a->t_heard_ms = (uint32_t)uv_now(w->fe->loop); /* a stream given back piece by piece is alive */
         if (a && bt_frame_get_kvstate(f, &total, &off, &d, &n) == BT_OK) fe_attempt_on_kvstate(a, total, off, d, n);
         return;
     }
@@ -635,6 +637,8 @@ static int relay_step(fe_attempt *a) {
         if (a->kv_off == 0) w->kv_relaying++;
         a->kv_off += n;
         bt_rpc_flush(c);
+        /* the worker reads what is relayed to it: --stream-token-timeout counts from the last piece */
+        a->t_heard_ms = (uint32_t)uv_now(w->fe->loop);
         return 0;
     }
     if (bt_frame_put(b, BT_FRAME_REQUEST, a->stream_id, a->held_req, a->held_len) != BT_OK) return -1;
@@ -643,6 +647,7 @@ static int relay_step(fe_attempt *a) {
     BT_INFO("request %s: KV state of %zu bytes written to worker %" PRIx64 ", then its REQUEST", a->req->rid, len,
             w->id);
     a->t_sent_us = bt_now_us();
+    a->t_heard_ms = (uint32_t)uv_now(w->fe->loop); /* the first token is awaited from now */
     fe_worker_relay_drop(a);
     return 1;
 }

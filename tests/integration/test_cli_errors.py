@@ -101,7 +101,8 @@ twins = [("worker", "DYN_NUM_GPU_BLOCKS_OVERRIDE", "--num-gpu-blocks-override", 
          ("worker", "BATON_FAULT_STALL_AFTER_TOKENS", "--fault-stall-after-tokens", "x"),
          ("worker", "BATON_FAULT_ERROR_AFTER_TOKENS", "--fault-error-after-tokens", "x"),
          ("worker", "BATON_FAULT_IGNORE_KILL", "--fault-ignore-kill", "maybe"),
-         ("run", "BATON_WORKERS", "--workers", "0")]
+         ("run", "BATON_WORKERS", "--workers", "0"),
+         ("frontend", "BATON_STREAM_TOKEN_TIMEOUT", "--stream-token-timeout", "soon")]
 for cmd, env, flag, bad in twins:
     rc, out, took = baton([cmd], env={env: bad})
     assert rc == 2 and f"baton {cmd}: {env}: invalid value '{bad}' for {flag}" in out, (env, rc, out)
@@ -137,7 +138,11 @@ print("cli: a flag followed by a flag is refused; --flag=--value is a value")
 for args, want in [(["run", "--http-port", "-5"],
                     "baton run: invalid value '-5' for --http-port (expected an integer from 1 to 65535)"),
                    (["frontend", "--threads", "abc"], "baton frontend: invalid value 'abc' for --threads"),
-                   (["worker", "--speedup-ratio", "0"], "baton worker: invalid value '0' for --speedup-ratio")]:
+                   (["worker", "--speedup-ratio", "0"], "baton worker: invalid value '0' for --speedup-ratio"),
+                   (["frontend", "--stream-token-timeout", "-1"],
+                    "baton frontend: invalid value '-1' for --stream-token-timeout"),
+                   (["frontend", "--stream-token-timeout", "1s"],
+                    "baton frontend: invalid value '1s' for --stream-token-timeout")]:
     rc, out, took = baton(args)
     assert rc == 2 and want in out and "argument:" not in out, (args, rc, out)
 print("cli: invalid values name the flag and the range")

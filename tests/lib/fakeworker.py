@@ -8,8 +8,12 @@ whatever frames it likes (tokens past max_tokens, frames for streams never opene
     fw.close()
 
 on_request runs on the fake worker's connection thread; it sends with fw.send(frame bytes), built
-with tokens(), finish(), error(), load(), kvstate(). No request-plane secret (AUTH): use it with frontends that have
-none."""
+with tokens(), finish(), error(), load(), kvstate(); sent from on_request, frames go to the
+connection the REQUEST came on (several frontends, or one with --threads N, each have their own),
+sent from elsewhere to every connection. fw.silent is an on_request that sends nothing: the
+connection stays alive (PONGs) while the stream never hears a frame. fw.frames records the REQUEST,
+STOP and KILL frames with the connection they came on, and fw.request_of(request_id) finds a
+REQUEST by its request id. No request-plane secret (AUTH): use it with frontends that have none."""
 
 import json
 import os
@@ -58,6 +62,10 @@ class FakeWorker:
         self.instance_id = random.getrandbits(62) + 1
         self.requests = []  # (stream id, payload bytes) of every REQUEST, in order
         self.control = []  # (frame type, stream id) of every STOP and KILL
+        # (connection number, frame type, stream id, payload) of every REQUEST, STOP and KILL;
+        # connections are numbered from 1 in the order they were accepted
+        self.frames = []
+        self._local = threading.local()  # .conn: the connection whose on_request is running
         self._lock = threading.Lock()
         self._conns = []
         self.accepted = 0  # connections the frontend opened, over time
@@ -92,7 +100,34 @@ class FakeWorker:
             except OSError:
                 pass
 
+    @staticmethod
+    def silent(fw, stream, payload):
+        """An on_request that never answers: the stream hears nothing while PINGs still get PONGs."""
+
+    def request_of(self, request_id):
+        """(connection number, stream id, payload as JSON) of the last REQUEST with that request_id, or None."""
+        for conn, ftype, stream, payload in reversed(list(self.frames)):
+            if ftype == REQUEST:
+                try:
+                    body = json.loads(payload)
+                except ValueError:
+                    continue
+                if body.get("request_id") == request_id:
+                    return conn, stream, body
+        return None
+
+    def control_for(self, conn, stream):
+        """The STOP and KILL frame types received for that stream of that connection, in order."""
+        return [ftype for c, ftype, s, _ in list(self.frames) if c == conn and s == stream and ftype in (STOP, KILL)]
+
     def send(self, data):
+        own = getattr(self._local, "conn", None)
+        if own is not None:
+            try:
+                own.sendall(data)
+            except OSError:
+                pass
+            return
         with self._lock:
             conns = list(self._conns)
         for c in conns:  # one frontend in these tests: its one connection
@@ -110,9 +145,12 @@ class FakeWorker:
             with self._lock:
                 self._conns.append(c)
                 self.accepted += 1
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+                number = self.accepted
+            threading.Thread(target=self._serve, args=(c, number), daemon=True).start()
 
-    def _serve(self, c):
+    def _serve(self, c, number):
+        self._local.conn = c
+        self._local.number = number
         try:
             self._read(c)
         finally:
@@ -141,9 +179,11 @@ class FakeWorker:
                     c.sendall(frame(PONG, 0, payload))
                 elif ftype == REQUEST:
                     self.requests.append((stream, payload))
+                    self.frames.append((self._local.number, ftype, stream, payload))
                     self.on_request(self, stream, payload)
                 elif ftype in (STOP, KILL):
                     self.control.append((ftype, stream))
+                    self.frames.append((self._local.number, ftype, stream, payload))
 
     def close(self):
         self._closed = True
