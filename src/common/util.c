@@ -432,6 +432,17 @@ bool bt_check_regular(const char *path, char *why, size_t whylen) {
     return true;
 }
 
+ssize_t bt_read_full(int fd, void *buf, size_t cap) {
+    size_t n = 0;
+    while (n < cap) {
+        ssize_t got = read(fd, (char *)buf + n, cap - n);
+        if (got > 0) n += (size_t)got;
+        else if (got == 0) break;
+        else if (errno != EINTR) return -1;
+    }
+    return (ssize_t)n;
+}
+
 bt_status bt_load_secret(const char *file, const char *value, char **out, char *err, size_t errlen) {
     *out = NULL;
     if (file && *file) {
@@ -443,23 +454,15 @@ bt_status bt_load_secret(const char *file, const char *value, char **out, char *
             return BT_ERR_IO;
         }
         char buf[4097];
-        size_t n = 0;
-        int rerr = 0;
-        while (n < sizeof buf - 1) {
-            ssize_t got = read(fd, buf + n, sizeof buf - 1 - n);
-            if (got > 0) n += (size_t)got;
-            else if (got == 0) break;
-            else if (errno != EINTR) {
-                rerr = errno;
-                break;
-            }
-        }
+        ssize_t got = bt_read_full(fd, buf, sizeof buf - 1);
+        int rerr = errno;
         close(fd);
-        if (rerr) {
+        if (got < 0) {
             snprintf(err, errlen, "cannot read the secret file %s (DYN_RPC_SECRET_FILE, --rpc-secret-file): %s", file,
                      strerror(rerr));
             return BT_ERR_IO;
         }
+        size_t n = (size_t)got;
         buf[n] = '\0';
         while (n && (buf[n - 1] == '\n' || buf[n - 1] == '\r')) buf[--n] = '\0';
         if (n == 0) {

@@ -6,6 +6,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/types.h>
 
 #include "common/status.h"
 
@@ -121,6 +122,9 @@ int bt_open_regular(const char *path, char *why, size_t whylen);
 /* bt_open_regular, the descriptor closed at once: true when `path` is a regular file this process
  * can open for reading (for a file that a library opens itself, such as a TLS file). */
 bool bt_check_regular(const char *path, char *why, size_t whylen);
+/* Reads from fd until `cap` bytes or the end of the file, retrying EINTR: the number of bytes read
+ * (less than cap only at the end), or -1 with errno set. A blocking read: start-up only. */
+ssize_t bt_read_full(int fd, void *buf, size_t cap);
 
 /* The request-plane shared secret: the contents of `file` (trailing newlines removed) if given,
  * else `value`, else none (*out = NULL). Read once at start-up, through bt_open_regular. The

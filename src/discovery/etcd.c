@@ -103,9 +103,7 @@ static bool tls_file_ok(const char *what, const char *path, char *err, size_t er
     int fd = bt_open_regular(path, why, sizeof why);
     if (fd >= 0) {
         char c;
-        ssize_t n;
-        while ((n = read(fd, &c, 1)) < 0 && errno == EINTR) {
-        }
+        ssize_t n = bt_read_full(fd, &c, 1);
         snprintf(why, sizeof why, "%s", n < 0 ? strerror(errno) : "the file is empty");
         close(fd);
         if (n == 1) return true;

@@ -235,18 +235,14 @@ static bool key_from_file(const char *flag, const char *env, const char *key_fla
         snprintf(err, errlen, "%s (%s): cannot read %s: %s", flag, env, file, why);
         return false;
     }
-    size_t n = 0;
-    while (n < sizeof buf - 1) {
-        ssize_t got = read(fd, buf + n, sizeof buf - 1 - n);
-        if (got > 0) n += (size_t)got;
-        else if (got == 0) break;
-        else if (errno != EINTR) {
-            snprintf(err, errlen, "%s (%s): cannot read %s: %s", flag, env, file, strerror(errno));
-            close(fd);
-            return false;
-        }
-    }
+    ssize_t got = bt_read_full(fd, buf, sizeof buf - 1);
+    int rerr = errno;
     close(fd);
+    if (got < 0) {
+        snprintf(err, errlen, "%s (%s): cannot read %s: %s", flag, env, file, strerror(rerr));
+        return false;
+    }
+    size_t n = (size_t)got;
     buf[n] = '\0';
     if (n && buf[n - 1] == '\n') buf[--n] = '\0';
     if (n && buf[n - 1] == '\r') buf[--n] = '\0';

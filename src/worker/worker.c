@@ -683,14 +683,9 @@ static bool llama_model_check(const bt_llama_config *c, const char *given, char 
     int fd = bt_open_regular(path, why, sizeof why); /* not a FIFO or a device: it would block, or never end */
     if (fd < 0) return snprintf(err, errlen, "model file %s%s: %s", path, from, why), false;
     char magic[4];
-    size_t n = 0;
-    while (n < sizeof magic) {
-        ssize_t got = read(fd, magic + n, sizeof magic - n);
-        if (got > 0) n += (size_t)got;
-        else if (got == 0 || errno != EINTR) break;
-    }
+    ssize_t n = bt_read_full(fd, magic, sizeof magic);
     close(fd);
-    if (n != sizeof magic || memcmp(magic, "GGUF", sizeof magic) != 0)
+    if (n != (ssize_t)sizeof magic || memcmp(magic, "GGUF", sizeof magic) != 0)
         return snprintf(err, errlen, "model file %s%s is not a GGUF file", path, from), false;
     return true;
 }
