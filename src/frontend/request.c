@@ -1063,6 +1063,10 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
     }
     r->canon = canon;
     r->canon_len = canon_len;
+    if (canon) { /* the tree is not read again (fe.h): freed now, while it is still in the cache */
+        json_decref(r->body);
+        r->body = NULL;
+    }
     fe_admit_attach(r, t);
     memcpy(r->body_digest, digest, sizeof digest);
     BT_DEBUG("request %s: admitted (%s, %s, max_tokens %" PRId64 ")", r->rid, api == BT_API_CHAT ? "chat" : "completion",
@@ -1082,13 +1086,16 @@ fe_req *fe_request_new(fe *f, bt_http_req *http, bt_api api, json_t *body, const
         json_decref(body);
         return NULL;
     }
-    fe_req *r = bt_pool_get(&f->req_pool); /* zeroed, like calloc */
+    /* zeroed, like calloc, up to the strings at its end (fe.h), which start empty */
+    fe_req *r = bt_pool_get_head(&f->req_pool, offsetof(fe_req, exactness));
     if (!r) {
         fe_reqs_release(f);
         fe_json_error(http, rid, 500, "out_of_memory", "out of memory");
         json_decref(body);
         return NULL;
     }
+    r->exactness[0] = '\0';
+    r->fail_msg[0] = '\0';
     r->ctx = bt_ctx_new(rid, on_req_cancel, r);
     if (!r->ctx) {
         fe_reqs_release(f);
