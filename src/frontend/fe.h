@@ -38,6 +38,9 @@
 #include "proto/proto.h"
 #include "rpc/conn.h"
 
+/* A chunk head (fe_req.prefix) this long or shorter is kept in the request: ~160 bytes with a
+ * generated request id and a short model name */
+#define FE_PREFIX_INLINE 175
 #define FE_CALLER_LEN 16 /* fe_caller_tag: a SHA-256 prefix */
 
 typedef struct fe fe;
@@ -185,7 +188,8 @@ struct fe_req {
      * write_chunk), together in the first four cache lines. An engine step brings a token for
      * each of hundreds of streams, and each stream's state has left the core's caches since the
      * last step: spread over the struct, a token loaded ten of its lines; here, four, which
-     * fe_attempts_prefetch loads ahead (docs/benchmarks.md, a sixth round). ---- */
+     * fe_attempts_prefetch loads ahead (docs/benchmarks.md, a sixth round), and the chunk head
+     * after them, in the two lines that follow (a seventh round). ---- */
     fe *fe;
     fe_model *model;
     bt_http_req *http;   /* NULL once the client is gone */
@@ -212,9 +216,13 @@ struct fe_req {
     size_t ids_cap;
     uint64_t t_start_us, t_first_us, t_last_us;
     uint64_t skip_to; /* a resume ahead of the journal: events up to this position are not written */
-    bt_buf prefix;    /* streaming: the constant head of every chunk, built once */
+    /* streaming: the constant head of every chunk (prefix_len bytes), built once: prefix_in, or
+     * a heap copy when longer (a long request id or model name); NULL when it could not be made */
+    const char *prefix;
+    size_t prefix_len;
     bt_buf text;
     char stream_id[FE_STREAM_ID_LEN + 1]; /* the resumable stream's id (resume.c) */
+    char prefix_in[FE_PREFIX_INLINE];     /* the chunk head when it fits (see prefix) */
     /* ---- the rest: at a request's start and end, and on a failure ---- */
     char rid[80];
     /* The parsed body, only while canon is NULL (out of memory when it was to be made): the
@@ -262,6 +270,8 @@ struct fe_req {
 };
 /* a token's part of the request within four cache lines (from a 16-byte aligned start: five) */
 _Static_assert(offsetof(fe_req, stream_id) + FE_STREAM_ID_LEN + 1 <= 256, "fe_req's per-token fields spread");
+/* ... and the chunk head kept with them ends within six */
+_Static_assert(offsetof(fe_req, prefix_in) + FE_PREFIX_INLINE <= 384, "fe_req's chunk head spread");
 /* fe_request_new zeroes up to exactness: the strings not zeroed stay the struct's last members */
 _Static_assert(offsetof(fe_req, exactness) > offsetof(fe_req, link) && offsetof(fe_req, fail_msg) > offsetof(fe_req, link),
                "fe_req's unzeroed strings are its last members");
