@@ -40,7 +40,7 @@ static void ctx_unref(bt_ctx *c) {
 }
 
 bt_ctx *bt_ctx_new(const char *id, bt_ctx_cb cb, void *ud) {
-    bt_ctx *c = calloc(1, sizeof *c);
+    bt_ctx *c = bt_zalloc(sizeof *c); /* made at every request and attempt (util.h) */
     if (!c) return NULL;
     c->cb = cb;
     c->ud = ud;

@@ -32,15 +32,17 @@ void bt_pool_init(bt_pool *p, size_t size, size_t cap) {
     p->head = NULL;
 }
 
-void *bt_pool_get(bt_pool *p) {
+void *bt_pool_get_head(bt_pool *p, size_t zeroed) {
     void *o = p->head;
     if (!o) return calloc(1, p->size);
     UNPOISON(o, p->size);
     memcpy(&p->head, o, sizeof p->head); /* the next kept object */
     p->n--;
-    memset(o, 0, p->size);
+    memset(o, 0, zeroed < p->size ? zeroed : p->size);
     return o;
 }
+
+void *bt_pool_get(bt_pool *p) { return bt_pool_get_head(p, p->size); }
 
 void bt_pool_put(bt_pool *p, void *obj) {
     if (!obj) return;

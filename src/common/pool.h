@@ -35,6 +35,13 @@ void bt_pool_init(bt_pool *p, size_t size, size_t cap);
  * caller owns it until it gives it back with bt_pool_put (or free(): it is plain heap memory). */
 void *bt_pool_get(bt_pool *p);
 
+/* bt_pool_get, but only the object's first `zeroed` bytes (at most its size) are zeroed; the rest
+ * holds what its last user left there (zeros for a new object). For an owner whose object has
+ * large parts that it sets before reading (strings, given a terminator): zeroing the whole object
+ * writes every one of its cache lines, cold by the time a kept object is taken again, where the
+ * owner may touch only some of them (the frontend's request, docs/benchmarks.md). */
+void *bt_pool_get_head(bt_pool *p, size_t zeroed);
+
 /* Takes the object back: kept for the next get, or freed when the pool is full. NULL is a no-op. */
 void bt_pool_put(bt_pool *p, void *obj);
 

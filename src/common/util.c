@@ -93,6 +93,14 @@ bt_status bt_buf_append_grow(bt_buf *b, const void *p, size_t n) {
 
 bt_status bt_buf_append_str(bt_buf *b, const char *s) { return bt_buf_append(b, s, strlen(s)); }
 
+void *bt_zalloc(size_t size) {
+    void *p = malloc(size);
+    /* p made opaque: gcc would otherwise fold the malloc and the memset back into a calloc */
+    __asm__("" : "+r"(p));
+    if (p) memset(p, 0, size);
+    return p;
+}
+
 size_t bt_copy_str(char *dst, size_t cap, const char *src) {
     size_t n = strlen(src);
     size_t k = n < cap ? n : cap - 1;

@@ -63,6 +63,12 @@ static inline bt_status bt_buf_append(bt_buf *b, const void *p, size_t n) {
 }
 bt_status bt_buf_appendf(bt_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 bt_status bt_buf_append_str(bt_buf *b, const char *s);
+/* size zeroed bytes, as calloc(1, size) gives, but taken through malloc: glibc's calloc skips the
+ * thread cache and takes a chunk from the bins (or the top of the heap, after consolidating the
+ * fast bins), cold memory, where malloc first reuses a chunk of the size freed lately, likely
+ * still in the cache. For the small objects made at every request (docs/benchmarks.md, a
+ * seventh round). NULL when out of memory. */
+void *bt_zalloc(size_t size);
 /* Copies src into dst[cap] (cap > 0) as snprintf(dst, cap, "%s", src) would: truncated to cap - 1
  * bytes, always terminated; returns strlen(src). Without printf's format parsing, for the strings
  * copied once or twice per request. */

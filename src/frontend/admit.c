@@ -393,7 +393,7 @@ fe_ticket *fe_admit_ticket(fe *f, const bt_http_req *http, const json_t *body, c
     }
     if (!found && pol->has_default && prio < pol->default_ceiling) prio = pol->default_ceiling;
 
-    fe_ticket *t = calloc(1, sizeof *t);
+    fe_ticket *t = bt_zalloc(sizeof *t); /* rather than calloc (util.h) */
     if (!t) {
         *nomem = true;
         snprintf(err, errlen, "out of memory");

@@ -38,6 +38,9 @@
 #include "proto/proto.h"
 #include "rpc/conn.h"
 
+/* A chunk head (fe_req.prefix) this long or shorter is kept in the request: ~160 bytes with a
+ * generated request id and a short model name */
+#define FE_PREFIX_INLINE 175
 #define FE_CALLER_LEN 16 /* fe_caller_tag: a SHA-256 prefix */
 
 typedef struct fe fe;
@@ -195,7 +198,8 @@ struct fe_req {
      * write_chunk), together in the first four cache lines. An engine step brings a token for
      * each of hundreds of streams, and each stream's state has left the core's caches since the
      * last step: spread over the struct, a token loaded ten of its lines; here, four, which
-     * fe_attempts_prefetch loads ahead (docs/benchmarks.md, a sixth round). ---- */
+     * fe_attempts_prefetch loads ahead (docs/benchmarks.md, a sixth round), and the chunk head
+     * after them, in the two lines that follow (a seventh round). ---- */
     fe *fe;
     fe_model *model;
     bt_http_req *http;   /* NULL once the client is gone */
@@ -222,11 +226,20 @@ struct fe_req {
     size_t ids_cap;
     uint64_t t_start_us, t_first_us, t_last_us;
     uint64_t skip_to; /* a resume ahead of the journal: events up to this position are not written */
-    bt_buf prefix;    /* streaming: the constant head of every chunk, built once */
+    /* streaming: the constant head of every chunk (prefix_len bytes), built once: prefix_in, or
+     * a heap copy when longer (a long request id or model name); NULL when it could not be made */
+    const char *prefix;
+    size_t prefix_len;
     bt_buf text;
     char stream_id[FE_STREAM_ID_LEN + 1]; /* the resumable stream's id (resume.c) */
+    char prefix_in[FE_PREFIX_INLINE];     /* the chunk head when it fits (see prefix) */
     /* ---- the rest: at a request's start and end, and on a failure ---- */
     char rid[80];
+    /* The parsed body, only while canon is NULL (out of memory when it was to be made): the
+     * journal record and each attempt's REQUEST then dump it themselves. With canon, the tree is
+     * freed as soon as the request is admitted (fe_request_start), while its memory is still in
+     * the cache: freed at the request's end, its ~30 nodes had left the cache long before
+     * (docs/benchmarks.md, a seventh round). Nothing reads it after admission but those two. */
     json_t *body;
     /* body as canonical JSON (sorted keys, compact), serialized once: the digest, the journal
      * record and every attempt's REQUEST use it (NULL: not made; the codec dumps body itself) */
@@ -238,11 +251,7 @@ struct fe_req {
     int attempts;            /* attempts made */
     int moves;               /* of them, ended by a rebalance (BT_ERR_MOVED): charged to no budget */
     uint64_t failed_worker;  /* id of the worker that failed last, avoided for the retry */
-    /* The exactness fingerprint of the worker whose attempt produced the delivered tokens (that of
-     * the last attempt sent with nothing carried); "" = none. Sent with every continuation. */
-    char exactness[256];
     bt_status fail_code;     /* why the last attempt failed, for the migration log line */
-    char fail_msg[128];
     bt_ctx *ctx;          /* the request's cancellation context (the root) */
     uint64_t t_cancel_us; /* when a stop or kill was asked for (0 = never) */
     uint64_t t_fail_us; /* when the attempt that started the current migration failed */
@@ -260,9 +269,22 @@ struct fe_req {
     uint64_t adopt_worker;  /* a resume's first attempt re-attaches to this worker's orphan (0: none) */
     uint8_t caller[FE_CALLER_LEN]; /* who may cancel it besides the operator (fe_caller_tag) */
     LIST_ENTRY(fe_req) link; /* fe.reqs: all live requests */
+    /* ---- Not zeroed when a request is taken from the pool (fe_request_new makes each the empty
+     * string, and nothing reads past a terminator): ~6 cache lines that most requests never touch
+     * but for their first bytes, which zeroing them would write, cold, at every request
+     * (docs/benchmarks.md, a seventh round). Fields that must start zeroed go above. ---- */
+    /* The exactness fingerprint of the worker whose attempt produced the delivered tokens (that of
+     * the last attempt sent with nothing carried); "" = none. Sent with every continuation. */
+    char exactness[256];
+    char fail_msg[128]; /* why the last attempt failed ("" = none yet) */
 };
 /* a token's part of the request within four cache lines (from a 16-byte aligned start: five) */
 _Static_assert(offsetof(fe_req, stream_id) + FE_STREAM_ID_LEN + 1 <= 256, "fe_req's per-token fields spread");
+/* ... and the chunk head kept with them ends within six */
+_Static_assert(offsetof(fe_req, prefix_in) + FE_PREFIX_INLINE <= 384, "fe_req's chunk head spread");
+/* fe_request_new zeroes up to exactness: the strings not zeroed stay the struct's last members */
+_Static_assert(offsetof(fe_req, exactness) > offsetof(fe_req, link) && offsetof(fe_req, fail_msg) > offsetof(fe_req, link),
+               "fe_req's unzeroed strings are its last members");
 
 /* ---- options and process ---- */
 typedef struct {

@@ -226,7 +226,7 @@ void fe_migrate_dispatch(fe_req *r) {
         }
         return;
     }
-    fe_attempt *a = calloc(1, sizeof *a);
+    fe_attempt *a = bt_zalloc(sizeof *a); /* rather than calloc (util.h) */
     if (!a) {
         fe_request_fail(r, BT_ERR_NOMEM, "out of memory");
         return;

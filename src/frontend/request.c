@@ -148,7 +148,7 @@ static void req_free(fe_req *r) {
     free(r->canon);
     free(r->ids);
     bt_buf_free(&r->text);
-    bt_buf_free(&r->prefix);
+    if (r->prefix != r->prefix_in) free((char *)r->prefix);
     fe_kv_free(&r->kv);
     bt_ctx_free(r->ctx);
     bt_pool_put(&f->req_pool, r);
@@ -245,8 +245,10 @@ static void append_ids(bt_buf *b, const uint32_t *ids, size_t n) {
     bt_buf_append(b, "]", 1);
 }
 
+/* Makes r->prefix: in the request (prefix_in) when it fits, where a token finds it with the
+ * fields it reads; else in its own heap block. Left NULL when out of memory. */
 static void build_prefix(fe_req *r) {
-    bt_buf *p = &r->prefix;
+    bt_buf buf, *p = &buf;
     bt_buf_init(p, 4096);
     /* by pieces rather than one printf: this runs once per streamed request */
     bt_buf_append_str(p, r->api == BT_API_CHAT ? "data: {\"id\":\"chatcmpl-" : "data: {\"id\":\"cmpl-");
@@ -257,6 +259,18 @@ static void build_prefix(fe_req *r) {
     bt_buf_append_str(p, ",\"model\":\"");
     bt_buf_append_json_str(p, r->model->name, strlen(r->model->name));
     bt_buf_append_str(p, "\",\"choices\":[{\"index\":0,");
+    if (bt_buf_status(p) != BT_OK) {
+        bt_buf_free(p);
+        return;
+    }
+    if (p->len <= sizeof r->prefix_in) {
+        memcpy(r->prefix_in, p->data, p->len);
+        r->prefix = r->prefix_in;
+        r->prefix_len = p->len;
+        bt_buf_free(p);
+        return;
+    }
+    r->prefix = bt_buf_steal(p, &r->prefix_len);
 }
 
 /* A string literal appended with its length known at compile time: the per-token path's pieces. */
@@ -265,7 +279,7 @@ static void build_prefix(fe_req *r) {
 /* Appends one SSE event with new text (and ids), or the final one when finish != NULL, to b. */
 static void build_chunk(fe_req *r, bt_buf *b, const uint32_t *ids, size_t n, const char *text, size_t len,
                         const char *finish) {
-    bt_buf_append(b, r->prefix.data, r->prefix.len);
+    bt_buf_append(b, r->prefix, r->prefix_len);
     if (r->api == BT_API_CHAT) {
         /* a stream that delivered no text (max_tokens 0, a stop or EOS at once, a stop before the
          * first token) still names the role once, as OpenAI's first chunk does: SDK stream helpers
@@ -408,8 +422,8 @@ static void build_tail(fe_req *r, bt_buf *b, const char *reason, int mark) {
     if (r->include_usage && mark < FE_MARK_USAGE) {
         append_id(b, r, r->nids, ":usage");
         /* the prefix ends inside "choices":[{ — a usage chunk has an empty choices list */
-        size_t head = r->prefix.len - strlen("[{\"index\":0,");
-        bt_buf_append(b, r->prefix.data, head);
+        size_t tail = strlen("[{\"index\":0,");
+        bt_buf_append(b, r->prefix, r->prefix_len > tail ? r->prefix_len - tail : 0);
         bt_buf_append_str(b, "[],\"usage\":");
         usage_json(b, r->prompt_tokens, r->completion_tokens);
         bt_buf_append_str(b, "}\n\n");
@@ -603,8 +617,10 @@ void fe_attempts_prefetch(fe_attempt *const *as, size_t n) {
     for (size_t i = 0; i < n; i++) {
         if (!as[i]) continue;
         const fe_req *r = as[i]->req;
-        /* what a token reads of the request: its first fields, through stream_id (fe.h) */
-        const char *p = (const char *)r, *end = (const char *)(&r->stream_id + 1);
+        /* what a token reads of the request: its first fields, through stream_id, and the chunk
+         * head kept after them (fe.h) */
+        const char *p = (const char *)r,
+                   *end = r->prefix == r->prefix_in ? r->prefix_in + r->prefix_len : (const char *)(&r->stream_id + 1);
         for (; p < end; p += 64) __builtin_prefetch(p);
         __builtin_prefetch(end - 1);
     }
@@ -613,7 +629,8 @@ void fe_attempts_prefetch(fe_attempt *const *as, size_t n) {
         const fe_req *r = as[i]->req;
         if (r->ids) __builtin_prefetch(r->ids + r->nids, 1);
         if (r->text.data) __builtin_prefetch(r->text.data + r->text.len, 1);
-        for (size_t off = 0; off < r->prefix.len; off += 64) __builtin_prefetch(r->prefix.data + off);
+        if (r->prefix != r->prefix_in)
+            for (size_t off = 0; off < r->prefix_len; off += 64) __builtin_prefetch(r->prefix + off);
         if (r->http) bt_http_prefetch(r->http);
         if (r->jrec) fe_jrec_prefetch(r->jrec, 0);
     }
@@ -1137,6 +1154,10 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
     }
     r->canon = canon;
     r->canon_len = canon_len;
+    if (canon) { /* the tree is not read again (fe.h): freed now, while it is still in the cache */
+        json_decref(r->body);
+        r->body = NULL;
+    }
     fe_admit_attach(r, t);
     memcpy(r->body_digest, digest, sizeof digest);
     BT_DEBUG("request %s: admitted (%s, %s, max_tokens %" PRId64 ")", r->rid, api == BT_API_CHAT ? "chat" : "completion",
@@ -1156,13 +1177,16 @@ fe_req *fe_request_new(fe *f, bt_http_req *http, bt_api api, json_t *body, const
         json_decref(body);
         return NULL;
     }
-    fe_req *r = bt_pool_get(&f->req_pool); /* zeroed, like calloc */
+    /* zeroed, like calloc, up to the strings at its end (fe.h), which start empty */
+    fe_req *r = bt_pool_get_head(&f->req_pool, offsetof(fe_req, exactness));
     if (!r) {
         fe_reqs_release(f);
         fe_json_error(http, rid, 500, "out_of_memory", "out of memory");
         json_decref(body);
         return NULL;
     }
+    r->exactness[0] = '\0';
+    r->fail_msg[0] = '\0';
     r->ctx = bt_ctx_new(rid, on_req_cancel, r);
     if (!r->ctx) {
         fe_reqs_release(f);

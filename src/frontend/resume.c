@@ -385,6 +385,8 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
     r->canon = snap->body; /* the body in canonical form, as every attempt of the stream sent it */
     r->canon_len = snap->body_len;
     snap->body = NULL;
+    json_decref(r->body); /* not read again, with canon set (fe.h) */
+    r->body = NULL;
     r->jrec = rec;
     r->jtail = snap->tail; /* until the answer changes it: a resume that dies keeps what it had */
     memcpy(r->stream_id, snap->stream_id, sizeof r->stream_id);

@@ -53,6 +53,27 @@ def check_shapes(fe):
     st, hdrs, _ = bl.post_json(fe.url + "/v1/completions", bl.completion_body("x", max_tokens=2),
                                headers={"X-Request-Id": "client-id-42"})
     assert st == 200 and hdrs.get("x-request-id") == "client-id-42", hdrs
+    # ... and names every chunk of a stream, a short id and the longest one (64 characters: the
+    # chunks' constant head then outgrows the room the request keeps for it and goes to the heap)
+    for rid in ("c" * 8, "L" * 64):
+        for api in ("chat", "completion"):
+            ids = []
+            if api == "chat":
+                s = bl.stream_chat(fe.url, bl.chat_body("Hello there", max_tokens=5, stream_options={"include_usage": True}),
+                                   headers={"X-Request-Id": rid}).assert_ok(rid)
+                want_id, want_obj = "chatcmpl-" + rid, "chat.completion.chunk"
+            else:
+                s = bl.stream_completion(fe.url, bl.completion_body("Once", max_tokens=5,
+                                                                    stream_options={"include_usage": True}),
+                                         headers={"X-Request-Id": rid}).assert_ok(rid)
+                want_id, want_obj = "cmpl-" + rid, "text_completion"
+            assert s.headers.get("x-request-id") == rid, s.headers
+            for e in s.events:
+                ids.append((e["id"], e["object"], e["model"], e["created"]))
+            # the tokens' events, the final event, the usage event
+            assert len(s.events) >= 3 and s.events[-2]["choices"][0]["finish_reason"] == "length", s.summary()
+            assert set(ids) == {(want_id, want_obj, "mock-model", s.events[0]["created"])}, (rid, api, ids)
+            assert s.events[-1]["choices"] == [] and s.usage["completion_tokens"] == 5, s.events[-1]
 
 
 def check_determinism_and_continuation(fe):

@@ -488,6 +488,34 @@ static void test_pool(void **state) {
     bt_pool_destroy(&tiny);
 }
 
+/* bt_pool_get_head zeroes the object's first bytes only: the rest is what its last user left
+ * (zeros for a new one), and a count past the size zeroes the whole object. */
+static void test_pool_get_head(void **state) {
+    (void)state;
+    bt_pool p;
+    bt_pool_init(&p, sizeof(pooled), 2);
+    pooled *a = bt_pool_get_head(&p, 16); /* none kept: a new, zeroed object */
+    assert_non_null(a);
+    static const pooled zero;
+    assert_memory_equal(a, &zero, sizeof zero);
+    memset(a, 0xa5, sizeof *a);
+    bt_pool_put(&p, a);
+    pooled *b = bt_pool_get_head(&p, 16);
+    assert_ptr_equal(b, a);
+    for (size_t i = 0; i < sizeof b->bytes; i++) assert_int_equal((unsigned char)b->bytes[i], i < 16 ? 0 : 0xa5);
+    memset(b, 0x5a, sizeof *b);
+    bt_pool_put(&p, b);
+    pooled *c = bt_pool_get_head(&p, sizeof *c + 100); /* more than the size: all of it, no further */
+    assert_ptr_equal(c, a);
+    assert_memory_equal(c, &zero, sizeof zero);
+    memset(c, 0x5a, sizeof *c);
+    bt_pool_put(&p, c);
+    pooled *d = bt_pool_get(&p); /* bt_pool_get still zeroes the whole object */
+    assert_memory_equal(d, &zero, sizeof zero);
+    bt_pool_put(&p, d);
+    bt_pool_destroy(&p);
+}
+
 /* Under AddressSanitizer a kept object is poisoned, whole, from its put to its next get: a use of
  * a connection or request after it went back to its pool is reported as a use after free would
  * be (the pool keeps the memory allocated, so the sanitizer would otherwise see nothing). */
@@ -641,6 +669,7 @@ int main(void) {
         cmocka_unit_test(test_random_threads),
         cmocka_unit_test(test_random_fork),
         cmocka_unit_test(test_pool),
+        cmocka_unit_test(test_pool_get_head),
         cmocka_unit_test(test_pool_poisoned),
         cmocka_unit_test(test_append_i64),
         cmocka_unit_test(test_copy_str),
