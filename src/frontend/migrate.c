@@ -536,7 +536,10 @@ static void on_token_sweep(uv_timer_t *t) {
 again:
     for (fe_req *r = LIST_FIRST(&f->reqs); r; r = LIST_NEXT(r, link)) {
         fe_attempt *a = r->attempt;
-        if (!a || now - a->t_heard_ms < limit) continue;
+        /* an attempt whose KV state waits its turn to be relayed (held_req) has sent the worker
+         * nothing it could answer yet: the wait is this frontend's pacing, not the worker's
+         * silence (relay_step starts its clock when the REQUEST is written) */
+        if (!a || a->held_req || now - a->t_heard_ms < limit) continue;
         attempt_timed_out(a, now - a->t_heard_ms); /* may end r, or others: the scan starts again */
         if (++expired < TOKEN_SWEEP_MAX_EXPIRED) goto again;
         return;
