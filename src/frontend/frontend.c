@@ -820,14 +820,16 @@ int bt_frontend_main(int argc, char **argv) {
     /* the file replaces the flag rather than adding to it: one place holds every ceiling, so that
      * no key's ceiling is decided by which of two lists a lookup reads first */
     if (o->priority_ceiling_file && o->priority_ceiling && *o->priority_ceiling) {
-        snprintf(err, sizeof err, "--priority-ceiling (BATON_PRIORITY_CEILING) and --priority-ceiling-file "
-                                  "(BATON_PRIORITY_CEILING_FILE) are both given: give the ceilings one way");
+        snprintf(err, sizeof err,
+                 "--priority-ceiling (BATON_PRIORITY_CEILING) and --priority-ceiling-file "
+                 "(BATON_PRIORITY_CEILING_FILE) are both given: give the ceilings one way");
         f->admit_policy = NULL;
     } else {
-        f->admit_policy = fe_admit_policy_new(o->priority_ceiling, o->queue_max_requests, o->queue_max_tokens,
-                                              o->queue_timeout, o->migration_concurrency, o->trust_tenant_header, err,
-                                              sizeof err);
-        if (f->admit_policy && !fe_admit_policy_ceiling_file(f->admit_policy, o->priority_ceiling_file, err, sizeof err)) {
+        f->admit_policy =
+            fe_admit_policy_new(o->priority_ceiling, o->queue_max_requests, o->queue_max_tokens, o->queue_timeout,
+                                o->migration_concurrency, o->trust_tenant_header, err, sizeof err);
+        if (f->admit_policy &&
+            !fe_admit_policy_ceiling_file(f->admit_policy, o->priority_ceiling_file, err, sizeof err)) {
             fe_admit_policy_free(f->admit_policy);
             f->admit_policy = NULL;
         }
