@@ -114,7 +114,7 @@ static const char *frontend_flags[] = {"--router-mode", "--active-decode-blocks-
                                        "--http-header-timeout-ms", "--http-idle-timeout-ms", "--max-connections",
                                        "--max-client-backlog-bytes", "--max-concurrent-requests", "--threads",
                                        "--stream-retention", "--stream-retention-bytes", "--priority-ceiling",
-                                       "--trust-tenant-header", "--queue-max-requests", "--queue-max-tokens",
+                                       "--priority-ceiling-file", "--trust-tenant-header", "--queue-max-requests", "--queue-max-tokens",
                                        "--queue-timeout", "--outlier-factor", "--outlier-window",
                                        "--outlier-min-samples", "--outlier-backoff", "--outlier-max-ejected",
                                        "--retry-budget", "--retry-budget-min", "--migration-concurrency", NULL};

@@ -13,6 +13,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <math.h>
 #include <openssl/core_names.h>
 #include <openssl/evp.h>
@@ -24,9 +25,11 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/queue.h>
+#include <unistd.h>
 
 #include "common/log.h"
 #include "common/metrics.h"
+#include "common/util.h"
 #include "frontend/fe.h"
 #include "proto/request.h"
 
@@ -159,6 +162,43 @@ static bool parse_prio(const char *s, size_t len, int32_t *out) {
     return true;
 }
 
+/* One KEY=N entry (len bytes at s, split at its last '=') into p's ceilings. False with the reason
+ * in err, which names the entry as `where` says (never by its key: a key is a secret), or on out of
+ * memory. */
+static bool add_ceiling(fe_admit_policy *p, const char *s, size_t len, const char *where, char *err, size_t errlen) {
+    const char *eq = NULL;
+    for (size_t i = 0; i < len; i++)
+        if (s[i] == '=') eq = s + i;
+    int32_t v;
+    if (!eq || eq == s) {
+        snprintf(err, errlen, "%s is not KEY=N (no key, or no '=')", where);
+        return false;
+    }
+    if (!parse_prio(eq + 1, len - (size_t)(eq - s) - 1, &v)) {
+        snprintf(err, errlen, "%s: '%.*s' is not an integer from %d to %d", where, (int)(len - (size_t)(eq - s) - 1),
+                 eq + 1, -BT_PRIORITY_LIMIT, BT_PRIORITY_LIMIT);
+        return false;
+    }
+    size_t kl = (size_t)(eq - s);
+    if (kl == 1 && s[0] == '*') {
+        p->has_default = true;
+        p->default_ceiling = v;
+        return true;
+    }
+    ceiling_entry *c = realloc(p->ceil, (p->nceil + 1) * sizeof *c);
+    if (!c) goto nomem;
+    p->ceil = c;
+    char *k = malloc(kl + 1);
+    if (!k) goto nomem;
+    memcpy(k, s, kl);
+    k[kl] = '\0';
+    p->ceil[p->nceil++] = (ceiling_entry){.key = k, .ceiling = v};
+    return true;
+nomem:
+    snprintf(err, errlen, "out of memory");
+    return false;
+}
+
 fe_admit_policy *fe_admit_policy_new(const char *spec, int64_t max_requests, int64_t max_tokens, double timeout_s,
                                      int64_t migration_concurrency, bool trust_tenant_header, char *err,
                                      size_t errlen) {
@@ -179,34 +219,11 @@ fe_admit_policy *fe_admit_policy_new(const char *spec, int64_t max_requests, int
     while (*s) {
         const char *comma = strchr(s, ',');
         size_t len = comma ? (size_t)(comma - s) : strlen(s);
-        const char *eq = NULL;
-        for (size_t i = 0; i < len; i++)
-            if (s[i] == '=') eq = s + i;
-        int32_t v;
-        nentry++;
-        if (!eq || eq == s || !parse_prio(eq + 1, len - (size_t)(eq - s) - 1, &v)) {
-            /* the key is a secret: the message names the entry by its place and shows only N */
-            if (!eq || eq == s)
-                snprintf(err, errlen, "--priority-ceiling: entry %d is not KEY=N (no key, or no '=')", nentry);
-            else
-                snprintf(err, errlen, "--priority-ceiling: entry %d: '%.*s' is not an integer from %d to %d", nentry,
-                         (int)(len - (size_t)(eq - s) - 1), eq + 1, -BT_PRIORITY_LIMIT, BT_PRIORITY_LIMIT);
+        char where[48];
+        snprintf(where, sizeof where, "--priority-ceiling: entry %d", ++nentry);
+        if (!add_ceiling(p, s, len, where, err, errlen)) {
             fe_admit_policy_free(p);
             return NULL;
-        }
-        size_t kl = (size_t)(eq - s);
-        if (kl == 1 && s[0] == '*') {
-            p->has_default = true;
-            p->default_ceiling = v;
-        } else {
-            ceiling_entry *c = realloc(p->ceil, (p->nceil + 1) * sizeof *c);
-            if (!c) goto nomem;
-            p->ceil = c;
-            char *k = malloc(kl + 1);
-            if (!k) goto nomem;
-            memcpy(k, s, kl);
-            k[kl] = '\0';
-            p->ceil[p->nceil++] = (ceiling_entry){.key = k, .ceiling = v};
         }
         s += len;
         if (*s == ',') s++;
@@ -216,6 +233,60 @@ nomem:
     snprintf(err, errlen, "out of memory");
     fe_admit_policy_free(p);
     return NULL;
+}
+
+bool fe_admit_policy_ceiling_file(fe_admit_policy *p, const char *path, char *err, size_t errlen) {
+    if (!path) return true;
+    const char *flag = "--priority-ceiling-file (BATON_PRIORITY_CEILING_FILE)";
+    bool ok = false;
+    char why[128];
+    char *buf = NULL;
+    ssize_t got = -1;
+    int fd = bt_open_regular(path, why, sizeof why);
+    if (fd < 0) {
+        snprintf(err, errlen, "%s: cannot read %s: %s", flag, path, why);
+        goto cleanup;
+    }
+    if (!(buf = malloc(FE_CEILING_FILE_MAX + 1))) {
+        snprintf(err, errlen, "%s: out of memory", flag);
+        goto cleanup;
+    }
+    got = bt_read_full(fd, buf, FE_CEILING_FILE_MAX + 1);
+    if (got < 0) {
+        snprintf(err, errlen, "%s: cannot read %s: %s", flag, path, strerror(errno));
+        goto cleanup;
+    }
+    if (got > FE_CEILING_FILE_MAX) {
+        snprintf(err, errlen, "%s: %s is over %d bytes", flag, path, FE_CEILING_FILE_MAX);
+        goto cleanup;
+    }
+    if (memchr(buf, '\0', (size_t)got)) {
+        snprintf(err, errlen, "%s: %s holds a NUL byte", flag, path);
+        goto cleanup;
+    }
+    int line = 0;
+    for (size_t at = 0; at < (size_t)got;) {
+        const char *s = buf + at, *nl = memchr(s, '\n', (size_t)got - at);
+        size_t len = nl ? (size_t)(nl - s) : (size_t)got - at;
+        at += len + (nl ? 1 : 0);
+        line++;
+        /* a line's surrounding blanks (and the '\r' of a CRLF file) are not part of its entry: no
+         * Bearer token holds them */
+        while (len && (*s == ' ' || *s == '\t')) s++, len--;
+        while (len && (s[len - 1] == ' ' || s[len - 1] == '\t' || s[len - 1] == '\r')) len--;
+        if (len == 0 || *s == '#') continue;
+        char where[PATH_MAX + 128];
+        snprintf(where, sizeof where, "%s: %s line %d", flag, path, line);
+        if (!add_ceiling(p, s, len, where, err, errlen)) goto cleanup;
+    }
+    ok = true;
+cleanup:
+    if (fd >= 0) close(fd);
+    if (buf) {
+        OPENSSL_cleanse(buf, got > 0 ? (size_t)got : 0); /* it held keys */
+        free(buf);
+    }
+    return ok;
 }
 
 bool fe_admit_policy_label_key(fe_admit_policy *p, const char *secret, char *err, size_t errlen) {

@@ -317,6 +317,7 @@ typedef struct {
     double stream_retention;       /* seconds a stream's journal record is kept after it ends; 0 = off */
     int64_t stream_retention_bytes; /* cap on the whole journal */
     const char *priority_ceiling;   /* --priority-ceiling KEY=N,...,*=N (admit.h) */
+    const char *priority_ceiling_file; /* --priority-ceiling-file: the same, one KEY=N a line (admit.h) */
     bool trust_tenant_header;
     const char *tenant_label_secret_file; /* keys the API keys' tenant labels (admit.h); NULL: random */
     int64_t queue_max_requests, queue_max_tokens;

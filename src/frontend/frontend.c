@@ -732,6 +732,7 @@ static void others_done_tick(uv_timer_t *t) {
     OPT("--stream-retention", "DYN_STREAM_RETENTION", DOUBLE, stream_retention, 300, 0, 86400, "seconds a stream stays resumable after it ends (0 = streams are not resumable)") \
     OPT("--stream-retention-bytes", "DYN_STREAM_RETENTION_BYTES", INT, stream_retention_bytes, (int64_t)256 << 20, 4096, (double)((int64_t)1 << 40), "memory cap of the stream journal (resumable streams)") \
     OPT("--priority-ceiling", "BATON_PRIORITY_CEILING", STR, priority_ceiling, NULL, 0, 0, "KEY=N,...,*=N: the most urgent priority each API key (* = any other caller) may ask for") \
+    OPT("--priority-ceiling-file", "BATON_PRIORITY_CEILING_FILE", STR, priority_ceiling_file, NULL, 0, 0, "read the --priority-ceiling entries from this file, one KEY=N a line (blank lines and # comments skipped), so that the keys are not on the command line; not with --priority-ceiling") \
     OPT("--trust-tenant-header", "BATON_TRUST_TENANT_HEADER", BOOL, trust_tenant_header, false, 0, 0, "the tenant is the X-Tenant header, not the API key (only behind a gateway that sets it)") \
     OPT("--tenant-label-secret-file", "BATON_TENANT_LABEL_SECRET_FILE", STR, tenant_label_secret_file, NULL, 0, 0, "file whose content keys the API keys' tenant labels in metrics and logs (key- + HMAC-SHA256); give every frontend the same file for the same labels; unset, a random secret: labels hold for this process's life only") \
     OPT("--queue-max-requests", "BATON_QUEUE_MAX_REQUESTS", INT, queue_max_requests, 0, 0, 1e7, "requests that may wait for a worker that is not busy (0 = no queue: refuse at once)") \
@@ -816,9 +817,23 @@ int bt_frontend_main(int argc, char **argv) {
         free(f->rpc_secret);
         goto bad_usage;
     }
-    f->admit_policy = fe_admit_policy_new(o->priority_ceiling, o->queue_max_requests, o->queue_max_tokens,
-                                          o->queue_timeout, o->migration_concurrency, o->trust_tenant_header, err,
-                                          sizeof err);
+    /* the file replaces the flag rather than adding to it: one place holds every ceiling, so that
+     * no key's ceiling is decided by which of two lists a lookup reads first */
+    if (o->priority_ceiling_file && o->priority_ceiling && *o->priority_ceiling) {
+        snprintf(err, sizeof err,
+                 "--priority-ceiling (BATON_PRIORITY_CEILING) and --priority-ceiling-file "
+                 "(BATON_PRIORITY_CEILING_FILE) are both given: give the ceilings one way");
+        f->admit_policy = NULL;
+    } else {
+        f->admit_policy =
+            fe_admit_policy_new(o->priority_ceiling, o->queue_max_requests, o->queue_max_tokens, o->queue_timeout,
+                                o->migration_concurrency, o->trust_tenant_header, err, sizeof err);
+        if (f->admit_policy &&
+            !fe_admit_policy_ceiling_file(f->admit_policy, o->priority_ceiling_file, err, sizeof err)) {
+            fe_admit_policy_free(f->admit_policy);
+            f->admit_policy = NULL;
+        }
+    }
     bool labels_keyed = f->admit_policy && fe_admit_policy_label_key(f->admit_policy, label_secret, err, sizeof err);
     if (label_secret) OPENSSL_cleanse(label_secret, strlen(label_secret));
     free(label_secret);

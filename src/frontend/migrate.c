@@ -379,6 +379,28 @@ static void attempt_failed(fe_req *r, bt_status code, const char *msg) {
     fe_migrate_dispatch(r);
 }
 
+/* A TOKENS frame whose ids cross max_tokens (some of them within it, the rest past it): its one
+ * text belongs to all its ids and cannot be cut at the limit, so none of it can be written. baton's
+ * engines send one id per frame and stop at max_tokens themselves; such a frame comes only from a
+ * broken or hostile worker, which has broken the protocol for this stream. The frame is dropped
+ * whole and the attempt fails as after a migratable ERROR from the worker: its stream is killed,
+ * the worker quarantined until a fresh handshake, and the request migrates with the ids delivered
+ * before the frame (the next worker produces exactly the rest), charged to its budget. */
+static void attempt_overran(fe_attempt *a, size_t n) {
+    fe_req *r = a->req;
+    fe_worker *w = a->worker;
+    BT_WARN("request %s: worker %" PRIx64 " sent one frame of %zu tokens across max_tokens %" PRId64
+            " (%zu delivered before it); dropping the frame and failing the attempt",
+            r->rid, w->id, n, r->max_tokens, r->nids);
+    fe_worker_send_cancel(w, a->stream_id, true);
+    if (w->conn) bt_rpc_flush(w->conn);
+    fe_worker_quarantine(w, "a frame of tokens across a request's max_tokens");
+    r->failed_worker = w->id;
+    attempt_detach(a);
+    if (r->state == FE_REQ_DONE) return;
+    attempt_failed(r, BT_ERR_PROTOCOL, "the worker sent a frame of tokens across max_tokens");
+}
+
 void fe_attempt_on_tokens(fe_attempt *a, const uint32_t *ids, size_t n, const char *text, size_t len) {
     fe_req *r = a->req;
     if (r->state == FE_REQ_DONE || !r->http || n == 0) return;
@@ -404,6 +426,10 @@ void fe_attempt_on_tokens(fe_attempt *a, const uint32_t *ids, size_t n, const ch
         char why[64] = ""; /* only logged, at debug level (above) */
         if (bt_log_enabled(BT_LOG_DEBUG)) snprintf(why, sizeof why, "first token from worker %" PRIx64, a->worker->id);
         fe_req_set_state(r, FE_REQ_STREAMING, why);
+    }
+    if (r->max_tokens >= 0 && r->nids < (size_t)r->max_tokens && r->nids + n > (size_t)r->max_tokens) {
+        attempt_overran(a, n); /* checked after the state changes above, as an ERROR after tokens is */
+        return;
     }
     fe_request_deliver(r, ids, n, text, len, t); /* may end the request (and free a) */
 }

@@ -662,7 +662,9 @@ void fe_request_deliver(fe_req *r, const uint32_t *ids, size_t n, const char *te
     }
     r->t_last_us = now;
     /* the delivered ids are exactly what a continuation must carry; never more than max_tokens
-     * (with no limit from the client, the worker's default bounds the attempt) */
+     * (with no limit from the client, the worker's default bounds the attempt). A frame that
+     * crosses the limit fails its attempt before it gets here (migrate.c, attempt_overran); the
+     * cut stays as the bound of what is stored. */
     if (r->max_tokens >= 0 && r->nids + n > (size_t)r->max_tokens) n = (size_t)r->max_tokens - r->nids;
     /* a stream with a live record keeps its output there only: write_chunk appends it */
     bool in_rec = r->out_in_rec;

@@ -17,17 +17,25 @@ frames of the test's choosing:
     logged a WARN line per frame;
   * 5,000 first pieces of a KV state over the frontend's cap on one stream: refused, with one log
     line for the request (there was one per piece);
+  * one frame of several ids across max_tokens (3 one-token frames, then one frame of 5 ids and
+    one text, for max_tokens 6), with a real mocker worker beside the fake one: the frame's text
+    cannot be cut per id, so none of it is written; the attempt fails as after a worker error (a
+    WARN naming request and worker, the worker quarantined, an ongoing_request migration, a KILL
+    for the stream), and the continuation on the mocker carries the 3 ids delivered. Streamed and
+    whole, the client's answer equals the same request run on the mocker alone (text, ids, usage,
+    finish reason) and holds no text of that frame;
   * frames the frontend never asked for: TOKENS for a stream it never opened (the next odd id, and
     0xffffffff) and TOKENS and a second FINISH after the FINISH: the answer is exactly what came
     before the first FINISH, and the frontend keeps serving.
 """
 
 import re
+import time
 
 import batonlib as bl
 import fakeworker as fk
 
-bl.deadline(120, "test_hostile_worker")
+bl.deadline(240, "test_hostile_worker")
 
 ID_RX = re.compile(r"^([0-9a-f]{32}):(\d+)(?::(end|usage|done|error))?$")
 
@@ -169,6 +177,120 @@ with bl.Cluster() as c:
         assert fe.proc.alive(), "the frontend died"
         st, _, _ = bl.request("GET", fe.url + "/live")
         assert st == 200, st
+    finally:
+        fw.close()
+
+# --- one frame of several ids across max_tokens, beside a real mocker worker
+MT = 6  # max_tokens of these requests
+OVERRUN_TEXT = " OVERRUN-FRAME"
+
+
+def xbody(stream):
+    b = bl.chat_body("Tell me about frames that cross their limit", max_tokens=MT, return_token_ids=True,
+                     seed=777, temperature=0.7)
+    if stream:
+        b["stream"] = True
+        b["stream_options"] = {"include_usage": True}
+    return b
+
+
+def outcome(s):
+    return {"text": s.text, "token_ids": list(s.token_ids), "finish_reason": s.finish_reason, "usage": s.usage}
+
+
+def unary_outcome(b):
+    ch = b["choices"][0]
+    return {"text": ch["message"]["content"], "token_ids": ch.get("token_ids"), "finish_reason": ch["finish_reason"],
+            "usage": b["usage"]}
+
+
+with bl.Cluster() as c:
+    c.start_worker()
+    fe = c.start_frontend(migration_limit=3)
+    c.wait_workers(fe, 1)
+    ref_s = bl.stream_chat(fe.url, xbody(True), timeout=30).assert_ok("reference stream")
+    ref = outcome(ref_s)
+    st, _, b = bl.post_json(fe.url + "/v1/chat/completions", xbody(False), timeout=30)
+    assert st == 200, (st, b)
+    ref_u = unary_outcome(b)
+    assert len(ref["token_ids"]) == MT and ref["finish_reason"] == "length", ref
+    assert ref_u["text"] == ref["text"] and ref_u["token_ids"] == ref["token_ids"], (ref, ref_u)
+    first = []  # the reference's first 3 events: what the fake worker sends before its big frame
+    for ev in ref_s.events:
+        ch = (ev.get("choices") or [{}])[0]
+        if ch.get("token_ids"):
+            first.append((ch["token_ids"], ch["delta"].get("content") or ""))
+    first = first[:3]
+    assert [len(ids) for ids, _ in first] == [1, 1, 1], first
+
+    def crossing(fw_, stream, payload):
+        for ids, text in first:
+            fw_.send(fk.tokens(stream, ids, text))
+        fw_.send(fk.tokens(stream, [900001, 900002, 900003, 900004, 900005], OVERRUN_TEXT))
+        fw_.send(fk.finish(stream, fk.FINISH_LENGTH, 7, 8))
+
+    fw = fk.FakeWorker(c.discovery_dir, crossing)
+    try:
+        fw.wait_connected()
+        c.wait_workers(fe, 2)
+        counter = [0]
+
+        def on_fake(send):
+            """Requests until one's first attempt lands on the fake worker (routing spreads them);
+            returns (rid, its result, (conn, stream) on the fake worker, the others' results)."""
+            others = []
+            for _ in range(8):
+                counter[0] += 1
+                rid = f"cross-{counter[0]}-{int(time.time() * 1000)}"
+                res = send(rid)
+                got = fw.request_of(rid)
+                if got:
+                    conn, stream, p = got
+                    assert not p.get("carried"), f"{rid}: the fake worker got a continuation first: {p}"
+                    return rid, res, (conn, stream), others
+                others.append((rid, res))
+            raise AssertionError("8 requests and none was routed to the fake worker")
+
+        def ongoing():
+            return bl.metric_sum(bl.metrics(fe.url), "dynamo_frontend_model_migration_total",
+                                 migration_type="ongoing_request")
+
+        for mode in ("stream", "unary"):
+            # the fake worker is quarantined after each violation: back in once it reconnected
+            if mode != "stream":
+                bl.wait_for(lambda: any(f"worker {fw.instance_id:x} (" in ln and "out of quarantine" in ln
+                                        for ln in fe.proc.log_text().splitlines()), 20,
+                            what="the fake worker out of quarantine")
+            m0 = ongoing()
+            if mode == "stream":
+                rid, s, (conn, stream), others = on_fake(
+                    lambda rid: bl.stream_chat(fe.url, xbody(True), timeout=30, headers={"X-Request-Id": rid}))
+                s.assert_ok(f"{rid}: crossing frame, streamed")
+                got, want = outcome(s), ref
+                for orid, o in others:
+                    assert outcome(o.assert_ok(orid)) == ref, orid
+            else:
+                def unary(rid):
+                    st_, _, b_ = bl.post_json(fe.url + "/v1/chat/completions", xbody(False), timeout=30,
+                                              headers={"X-Request-Id": rid})
+                    assert st_ == 200, (rid, st_, b_)
+                    return b_
+                rid, b, (conn, stream), others = on_fake(unary)
+                got, want = unary_outcome(b), ref_u
+                for orid, ob in others:
+                    assert unary_outcome(ob) == ref_u, orid
+            assert OVERRUN_TEXT.strip() not in (got["text"] or ""), f"{rid} ({mode}): {got}"
+            assert got == want, f"{rid} ({mode}): {got} != reference {want}"
+            # the continuation went to the mocker carrying the 3 ids delivered before the frame
+            assert fw.control_for(conn, stream)[:1] == [fk.KILL], fw.control_for(conn, stream)
+            assert ongoing() - m0 == 1, f"{rid}: ongoing migrations moved by {ongoing() - m0}"
+            log = fe.proc.log_text().splitlines()
+            warns = [ln for ln in log if f"request {rid}: worker {fw.instance_id:x} sent one frame of 5 tokens "
+                     f"across max_tokens {MT}" in ln]
+            assert len(warns) == 1 and " WARN " in warns[0], warns
+            assert any(f"worker {fw.instance_id:x}" in ln and "quarantined" in ln for ln in log), "no quarantine"
+            print(f"crossing frame ({mode}): answer equals the reference; KILL, migration, WARN seen")
+        assert fe.proc.alive(), "the frontend died"
     finally:
         fw.close()
 

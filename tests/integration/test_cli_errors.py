@@ -51,6 +51,12 @@
  10. --api-key-file and --admin-api-key-file (DYN_API_KEY_FILE, BATON_ADMIN_API_KEY_FILE) read the
      keys from files, one trailing newline removed; a missing, empty, several-line file or a key
      given both ways is exit 2 (`baton frontend` and `baton run`); the keys read are enforced.
+ 11. --priority-ceiling-file (BATON_PRIORITY_CEILING_FILE) reads the ceilings, one KEY=N a line with
+     blank lines and # comments: a file that cannot be read, a malformed line (named by the file
+     and its line number, never by its key), a NUL byte, a file over 1 MiB, or the ceilings given
+     both ways (flag and file) is exit 2 for `baton frontend` and `baton run`; with a good file the
+     keys are not on either's command line, and the REQUEST a (fake) worker gets carries the
+     priority as the file's ceilings bound it.
 Each command must exit within 10 s and leave nothing listening."""
 
 import os
@@ -63,6 +69,7 @@ import subprocess
 import time
 
 import batonlib as bl
+import fakeworker as fk
 
 bl.deadline(120, "test_cli_errors")
 BIN = bl.baton_bin()
@@ -704,3 +711,70 @@ for how in ("frontend", "run"):
         with open(f"/proc/{fe.proc.pid}/cmdline", "rb") as f:
             assert b"sk-file-1" not in f.read(), how
 print("cli: --api-key-file and --admin-api-key-file (and their twins) give the keys; bad files are usage errors")
+
+# --- 11. priority ceilings from a file (--priority-ceiling-file: --priority-ceiling puts API keys on
+# the command line, where ps shows them)
+ceil_good = key_file("ceilings", b"# ceilings of the batch keys\n\nsk-ceil-a=10\r\n   # indented comment\n"
+                                 b"  sk-ceil-b=-5\t\n*=3\n")
+cflag = "--priority-ceiling-file (BATON_PRIORITY_CEILING_FILE)"
+for cmd in ("frontend", "run"):
+    for args, env, want in [
+            (["--priority-ceiling-file", missing], {}, f"{cflag}: cannot read {missing}: No such file or directory"),
+            (["--priority-ceiling-file", keys], {}, f"{cflag}: cannot read {keys}: Is a directory"),
+            ([], {"BATON_PRIORITY_CEILING_FILE": kfifo}, f"{cflag}: cannot read {kfifo}: a FIFO, not a regular file"),
+            (["--priority-ceiling-file", key_file("c-value", b"# c\nsecretk=1\n\nsecretk2=soon\n")], {},
+             f"{cflag}: {keys}/c-value line 4: 'soon' is not an integer from -1000000 to 1000000"),
+            (["--priority-ceiling-file", key_file("c-range", b"secretk=1\n*=2000000\n")], {},
+             f"{cflag}: {keys}/c-range line 2: '2000000' is not an integer"),
+            (["--priority-ceiling-file", key_file("c-noeq", b"\n\nsecretk\n")], {},
+             f"{cflag}: {keys}/c-noeq line 3 is not KEY=N"),
+            (["--priority-ceiling-file", key_file("c-nokey", b"=3\n")], {}, f"{keys}/c-nokey line 1 is not KEY=N"),
+            (["--priority-ceiling-file", key_file("c-nul", b"secretk=1\x00\n")], {}, "holds a NUL byte"),
+            (["--priority-ceiling-file", key_file("c-big", b"# secretk\n" * 120000)], {}, "is over 1048576 bytes"),
+            (["--priority-ceiling", "secretk=1", "--priority-ceiling-file", ceil_good], {},
+             "--priority-ceiling (BATON_PRIORITY_CEILING) and --priority-ceiling-file (BATON_PRIORITY_CEILING_FILE) "
+             "are both given: give the ceilings one way"),
+            (["--priority-ceiling", "secretk=1"], {"BATON_PRIORITY_CEILING_FILE": ceil_good}, "are both given")]:
+        try:
+            rc, out, took = baton([cmd, "--http-port", str(k_port)] + args, env=env)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{cmd} {args} {env}: still running after 10 s")
+        assert rc == 2 and want in out and f"baton {cmd}" in out, (cmd, args, env, rc, out)
+        assert "secretk" not in out and "sk-ceil" not in out, f"a key was printed: {out}"
+        assert not listening(k_port), (cmd, args)
+
+with bl.Cluster() as c:
+    fe = c.start_frontend(priority_ceiling_file=ceil_good)
+    fw = fk.FakeWorker(c.discovery_dir, lambda w, stream, p: (w.send(fk.tokens(stream, [1], " a")),
+                                                              w.send(fk.finish(stream, fk.FINISH_STOP, 3, 1))))
+    try:
+        fw.wait_connected()
+        c.wait_workers(fe, 1)
+        with open(f"/proc/{fe.proc.pid}/cmdline", "rb") as f:
+            assert b"sk-ceil" not in f.read(), "a key on the frontend's command line"
+        # (key, asked, settled): a key may ask for its ceiling or anything less urgent; asking for
+        # more urgent gets the ceiling; callers not listed (and callers with no key) get *=3's
+        for i, (key, asked, want) in enumerate((("sk-ceil-a", 0, 10), ("sk-ceil-a", 20, 20), ("sk-ceil-b", -100, -5),
+                                                 ("sk-ceil-b", -2, -2), (None, -1, 3), ("other-key", 0, 3),
+                                                 (None, 7, 7))):
+            rid = f"ceil-{i}-{int(time.time() * 1000)}"
+            hdrs = {"X-Request-Id": rid}
+            if key:
+                hdrs["Authorization"] = f"Bearer {key}"
+            st, _, body = bl.post_json(fe.url + "/v1/chat/completions", bl.chat_body("x", max_tokens=4, priority=asked),
+                                       headers=hdrs, timeout=20)
+            assert st == 200 and body["choices"][0]["message"]["content"] == " a", (key, asked, st, body)
+            got = fw.request_of(rid)
+            assert got, f"{rid}: no REQUEST reached the fake worker"
+            assert got[2].get("priority", 0) == want, (key, asked, want, got[2].get("priority"))
+    finally:
+        fw.close()
+with bl.Cluster() as c:  # `baton run` hands the file to its frontend, not to its workers
+    fe = c.start_run(workers=1, speedup_ratio=1000, system_port=-1, priority_ceiling_file=ceil_good)
+    c.wait_workers(fe, 1)
+    st, _, body = bl.post_json(fe.url + "/v1/completions", bl.completion_body(max_tokens=2, priority=0),
+                               headers={"Authorization": "Bearer sk-ceil-a"})
+    assert st == 200, body
+    with open(f"/proc/{fe.proc.pid}/cmdline", "rb") as f:
+        assert b"sk-ceil" not in f.read(), "a key on baton run's command line"
+print("cli: --priority-ceiling-file (and its twin) gives the ceilings; bad files are usage errors naming the line")
