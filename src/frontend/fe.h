@@ -577,7 +577,8 @@ void fe_attempt_abandon(fe_attempt *a);
 /* The request is handed off to another frontend (shutdown): a is detached and freed with no KILL. */
 void fe_attempt_release(fe_attempt *a);
 /* --stream-token-timeout: starts f's sweep (a no-op when the option is 0). Every running attempt
- * of the loop that has heard nothing of its stream for that long is given up: its worker gets a
+ * of the loop that has heard nothing of its stream for that long, on a worker whose last load
+ * report shows nothing waiting (a queued or preempted sequence is not a lost one), is given up: its worker gets a
  * KILL for the stream, and the request migrates as after a worker's failure (BT_ERR_TIMEOUT),
  * charged to its budget. The timer is f->token_sweep, initialised by the caller and closed with
  * the loop's handles. */

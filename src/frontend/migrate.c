@@ -566,6 +566,14 @@ again:
          * nothing it could answer yet: the wait is this frontend's pacing, not the worker's
          * silence (relay_step starts its clock when the REQUEST is written) */
         if (!a || a->held_req || now - a->t_heard_ms < limit) continue;
+        /* a worker whose last load report shows sequences waiting (queued, or preempted by a more
+         * urgent one and waiting to be recomputed) may be keeping this one waiting: its engine's
+         * scheduling, not a lost stream. Its silence counts only from when nothing waits there (a
+         * victim waits as long as the urgent sequence runs, however long that is). */
+        if (a->worker->load_ms && a->worker->load.waiting) {
+            a->t_heard_ms = now;
+            continue;
+        }
         attempt_timed_out(a, now - a->t_heard_ms); /* may end r, or others: the scan starts again */
         if (++expired < TOKEN_SWEEP_MAX_EXPIRED) goto again;
         return;

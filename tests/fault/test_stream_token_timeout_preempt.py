@@ -1,0 +1,91 @@
+"""--stream-token-timeout and priority preemption: a stream its worker preempted for a more urgent
+request is not a lost stream.
+
+One mocker worker (--max-num-seqs 1, real-time steps) runs a low-priority stream; an urgent
+request (priority 0, 600 tokens: several times the bound) arrives mid-stream and preempts it, so
+the low-priority stream hears nothing until the urgent one ends. The frontend runs at
+--stream-token-timeout 1. The worker reports the preempted sequence as waiting in its LOAD
+frames, and the sweep does not count a stream's silence while its worker reports sequences
+waiting (src/frontend/migrate.c, on_token_sweep):
+
+  * the fault happened: the worker counted a priority preemption, and the low-priority stream's
+    longest gap between two events is at least the bound;
+  * the low-priority stream completes byte for byte as the same request run alone (text, token
+    ids, finish reason), the urgent one completes, and no stream was given up
+    (baton_frontend_stream_token_timeouts_total and the migration counters unchanged, no
+    "no frame from worker" line);
+  * the worker was not quarantined: a request right after both succeeds.
+
+Without the waiting rule, the sweep KILLed the preempted stream after 1 s, quarantined the only
+worker, and the client got a 503 "no worker left to continue the request" after 137 of its 300
+tokens; the next request got a 503 "no worker available" too."""
+
+import threading
+import time
+
+import batonlib as bl
+import faultlib as fl
+
+bl.deadline(150, "test_stream_token_timeout_preempt")
+
+TIMEOUT = 1.0
+MODEL = "mock-model"
+
+
+def low_body():
+    b = bl.chat_body("bulk work that an urgent request preempts", max_tokens=300, return_token_ids=True,
+                     priority=10, seed=77, temperature=0.7)
+    b["stream"] = True
+    return b
+
+
+def urgent_body():
+    b = bl.chat_body("vip", max_tokens=600, return_token_ids=True, priority=0)
+    b["stream"] = True
+    return b
+
+
+def counters(fe):
+    m = bl.metrics(fe.url)
+    return {"timeouts": bl.metric_sum(m, "baton_frontend_stream_token_timeouts_total", model=MODEL),
+            "migrations": bl.metric_sum(m, "dynamo_frontend_model_migration_total")}
+
+
+with bl.Cluster() as c:
+    fe = c.start_frontend(stream_token_timeout=TIMEOUT)
+    w = c.start_worker(max_num_seqs=1, speedup_ratio=1, system_port=True, wait=True)
+    c.wait_workers(fe, 1)
+    ref = bl.stream_chat(fe.url, low_body(), timeout=60).assert_ok("the low-priority reference, alone")
+    assert ref.finish_reason == "length" and len(ref.token_ids) == 300, (ref.finish_reason, len(ref.token_ids))
+
+    before, pre_before = counters(fe), fl.preemptions(w, "priority")
+    out = {}
+    t = threading.Thread(target=lambda: out.__setitem__(
+        "low", bl.stream_chat(fe.url, low_body(), timeout=60, headers={"X-Request-Id": "pre-low"})))
+    t.start()
+    time.sleep(0.8)  # the low-priority stream is running (300 real-time steps take seconds)
+    urgent = bl.stream_chat(fe.url, urgent_body(), timeout=60, headers={"X-Request-Id": "pre-urgent"})
+    t.join(70)
+    assert not t.is_alive(), "the low-priority stream did not end"
+    low = out["low"]
+
+    urgent.assert_ok("the urgent stream")
+    assert urgent.finish_reason == "length" and len(urgent.token_ids) == 600, (urgent.finish_reason,
+                                                                              len(urgent.token_ids))
+    pre = fl.preemptions(w, "priority") - pre_before
+    gaps = [b - a for a, b in zip(low.t_tokens, low.t_tokens[1:])]
+    gap = max(gaps) if gaps else 0.0
+    print(f"priority preemptions {pre}; the low-priority stream's longest gap {gap:.2f} s (bound {TIMEOUT} s)")
+    assert pre >= 1, f"the urgent request preempted nothing ({pre}): the fault did not happen"
+    low.assert_ok("the preempted low-priority stream")
+    assert gap >= TIMEOUT, f"the preempted stream's longest gap {gap:.2f} s is under the bound: nothing to judge"
+    assert (low.text, list(low.token_ids), low.finish_reason) == (ref.text, list(ref.token_ids), ref.finish_reason), \
+        "the preempted stream differs from its reference"
+    d = {k: counters(fe)[k] - before[k] for k in before}
+    assert d == {"timeouts": 0, "migrations": 0}, d
+    log = fe.proc.log_text()
+    assert "no frame from worker" not in log and "quarantined" not in log, \
+        [ln for ln in log.splitlines() if "no frame" in ln or "quarantined" in ln]
+    st, _, b = bl.post_json(fe.url + "/v1/chat/completions", bl.chat_body("after", max_tokens=5), timeout=30)
+    assert st == 200, (st, b)
+    print("preempted stream kept: completed exactly, nothing given up, the worker still routable")
