@@ -194,14 +194,7 @@ def xbody(stream):
     return b
 
 
-def outcome(s):
-    return {"text": s.text, "token_ids": list(s.token_ids), "finish_reason": s.finish_reason, "usage": s.usage}
-
-
-def unary_outcome(b):
-    ch = b["choices"][0]
-    return {"text": ch["message"]["content"], "token_ids": ch.get("token_ids"), "finish_reason": ch["finish_reason"],
-            "usage": b["usage"]}
+outcome, unary_outcome = bl.stream_outcome, bl.unary_outcome
 
 
 with bl.Cluster() as c:

@@ -52,14 +52,7 @@ def body(stream):
     return b
 
 
-def outcome(s):
-    return {"text": s.text, "token_ids": list(s.token_ids), "finish_reason": s.finish_reason, "usage": s.usage}
-
-
-def unary_outcome(b):
-    ch = b["choices"][0]
-    return {"text": ch["message"]["content"], "token_ids": ch.get("token_ids"), "finish_reason": ch["finish_reason"],
-            "usage": b["usage"]}
+outcome, unary_outcome = bl.stream_outcome, bl.unary_outcome
 
 
 def counters(fe):

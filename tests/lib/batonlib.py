@@ -1302,3 +1302,16 @@ class Etcd:
         if len(leaders) != 1 or next(iter(leaders)) not in ids:
             raise AssertionError(f"no agreed leader among the live members: {out}")
         return self.urls.index(ids[next(iter(leaders))])
+
+
+def stream_outcome(s):
+    """What a stream must reproduce exactly against a reference run: text, token ids, finish reason,
+    usage (with the keys of a unary answer's, so that the two compare: unary_outcome)."""
+    return {"text": s.text, "token_ids": list(s.token_ids), "finish_reason": s.finish_reason, "usage": s.usage}
+
+
+def unary_outcome(b):
+    """stream_outcome of a non-streamed answer's parsed body (its first choice)."""
+    ch = b["choices"][0]
+    return {"text": ch["message"]["content"], "token_ids": ch.get("token_ids"), "finish_reason": ch["finish_reason"],
+            "usage": b["usage"]}
