@@ -379,6 +379,23 @@ static void attempt_failed(fe_req *r, bt_status code, const char *msg) {
     fe_migrate_dispatch(r);
 }
 
+/* The frontend ends attempt a on a worker that is alive but broke its stream (a frame across
+ * max_tokens, --stream-token-timeout): the worker gets a KILL for the stream (its engine frees the
+ * sequence; a frame that still comes for it is for a stream this frontend no longer knows, and
+ * ignored) and is quarantined until a fresh handshake, as after a migratable ERROR, and the request
+ * migrates as after that worker's failure: charged to its budget, `code` and `msg` in its log. */
+static void attempt_give_up(fe_attempt *a, const char *quarantine_why, bt_status code, const char *msg) {
+    fe_req *r = a->req;
+    fe_worker *w = a->worker;
+    fe_worker_send_cancel(w, a->stream_id, true);
+    if (w->conn) bt_rpc_flush(w->conn);
+    fe_worker_quarantine(w, quarantine_why);
+    r->failed_worker = w->id;
+    attempt_detach(a);
+    if (r->state == FE_REQ_DONE) return;
+    attempt_failed(r, code, msg);
+}
+
 /* A TOKENS frame whose ids cross max_tokens (some of them within it, the rest past it): its one
  * text belongs to all its ids and cannot be cut at the limit, so none of it can be written. baton's
  * engines send one id per frame and stop at max_tokens themselves; such a frame comes only from a
@@ -388,17 +405,11 @@ static void attempt_failed(fe_req *r, bt_status code, const char *msg) {
  * before the frame (the next worker produces exactly the rest), charged to its budget. */
 static void attempt_overran(fe_attempt *a, size_t n) {
     fe_req *r = a->req;
-    fe_worker *w = a->worker;
     BT_WARN("request %s: worker %" PRIx64 " sent one frame of %zu tokens across max_tokens %" PRId64
             " (%zu delivered before it); dropping the frame and failing the attempt",
-            r->rid, w->id, n, r->max_tokens, r->nids);
-    fe_worker_send_cancel(w, a->stream_id, true);
-    if (w->conn) bt_rpc_flush(w->conn);
-    fe_worker_quarantine(w, "a frame of tokens across a request's max_tokens");
-    r->failed_worker = w->id;
-    attempt_detach(a);
-    if (r->state == FE_REQ_DONE) return;
-    attempt_failed(r, BT_ERR_PROTOCOL, "the worker sent a frame of tokens across max_tokens");
+            r->rid, a->worker->id, n, r->max_tokens, r->nids);
+    attempt_give_up(a, "a frame of tokens across a request's max_tokens", BT_ERR_PROTOCOL,
+                    "the worker sent a frame of tokens across max_tokens");
 }
 
 void fe_attempt_on_tokens(fe_attempt *a, const uint32_t *ids, size_t n, const char *text, size_t len) {
@@ -507,14 +518,11 @@ static uint32_t token_sweep_period_ms(const fe *f) {
     return p < 10.0 ? 10u : p > 1000.0 ? 1000u : (uint32_t)p;
 }
 
-/* Attempt a heard nothing of its stream for silent_ms: its worker is told to drop the stream
- * (KILL: the engine frees its KV blocks; a frame that still comes for it is for a stream this
- * frontend no longer knows, and ignored), and the request migrates as after the worker's failure
- * of that stream: charged to its budget and the retry budget, the same migration counters, the
- * same error once the budget is spent. The worker is treated as after a migratable ERROR on one of
- * its streams: quarantined until a fresh handshake (its connection is renewed once its other
- * streams end), and the silence counts as one latency sample of at least silent_ms for outlier
- * ejection, which would otherwise never see a worker that sends nothing. */
+/* Attempt a heard nothing of its stream for silent_ms: given up (attempt_give_up: KILL,
+ * quarantine, migration charged to its budget and the retry budget, the same migration counters,
+ * the same error once the budget is spent), and the silence counts as one latency sample of at
+ * least silent_ms for outlier ejection, which would otherwise never see a worker that sends
+ * nothing. */
 static void attempt_timed_out(fe_attempt *a, uint32_t silent_ms) {
     fe_req *r = a->req;
     fe *f = r->fe;
@@ -526,15 +534,9 @@ static void attempt_timed_out(fe_attempt *a, uint32_t silent_ms) {
     r->model->st.token_timeouts++;
     if (a->tokens == 0) fe_outlier_first_token(f, w, silent_s);
     else fe_outlier_tokens(f, w, silent_s, 1);
-    fe_worker_send_cancel(w, a->stream_id, true);
-    if (w->conn) bt_rpc_flush(w->conn);
-    fe_worker_quarantine(w, "a stream timed out (--stream-token-timeout)");
     char msg[128];
     snprintf(msg, sizeof msg, "no token from the worker for %g s (--stream-token-timeout)", f->o.token_timeout);
-    r->failed_worker = w->id;
-    attempt_detach(a);
-    if (r->state == FE_REQ_DONE) return;
-    attempt_failed(r, BT_ERR_TIMEOUT, msg);
+    attempt_give_up(a, "a stream timed out (--stream-token-timeout)", BT_ERR_TIMEOUT, msg);
 }
 
 /* Each period: every running attempt of the loop whose stream has been silent for the timeout is
