@@ -1060,12 +1060,18 @@ int bt_worker_main(int argc, char **argv) {
         bt_proc_error("worker", "health check: %s", err);
         goto bad_usage;
     }
+    llama_model_name(o, opts, nopts, argc, argv);
+    if (!bt_discovery_model_name_ok(o->model_name, strlen(o->model_name), err, sizeof err)) {
+        const char *origin = bt_opts_origin(opts, nopts, argc, argv, 1, "--model-name");
+        bt_proc_error("worker", "%s: %s", origin ? given_as(origin, "--model-name") : "--model (its file name)", err);
+        wk_canary_free(w);
+        goto bad_usage;
+    }
     if (bt_proc_check_for) { /* `baton run` checks its workers' arguments before it starts them */
         wk_canary_free(w);
         free(w);
         return 0;
     }
-    llama_model_name(o, opts, nopts, argc, argv);
     uv_loop_t loop;
     uv_loop_init(&loop);
     w->loop = &loop;
