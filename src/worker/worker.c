@@ -908,7 +908,8 @@ int bt_worker_main(int argc, char **argv) {
         {"--upstream-startup-timeout", "DYN_UPSTREAM_STARTUP_TIMEOUT", BT_OPT_DOUBLE, &o->openai.startup_timeout,
          0.01, 86400, "openai engine: seconds the upstream may take to answer at first"},
         {"--model-name", "DYN_MODEL_NAME", BT_OPT_STR, &o->model_name, 0, 0,
-         "model name served (llama engine: the model file's name without .gguf, e.g. stories260K)"},
+         "model name served, 1 to 127 bytes, not 'unknown' (llama engine: the model file's name without .gguf, e.g. "
+         "stories260K)"},
         {"--namespace", "DYN_NAMESPACE", BT_OPT_STR, &o->namespace_name, 0, 0,
          "namespace; without --endpoint the worker serves dyn://NAMESPACE.backend.generate"},
         {"--endpoint", "DYN_ENDPOINT", BT_OPT_STR, &o->endpoint, 0, 0, "dyn://namespace.component.endpoint"},
