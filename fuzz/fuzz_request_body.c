@@ -74,7 +74,9 @@ static void check_tokenizer(const uint8_t *p, size_t n) {
 /* ---- the validator's contract ---- */
 
 /* s is a JSON string without U+0000 (a C string reads all of it) */
-static bool whole(const json_t *s) { return json_is_string(s) && strlen(json_string_value(s)) == json_string_length(s); }
+static bool whole(const json_t *s) {
+    return json_is_string(s) && strlen(json_string_value(s)) == json_string_length(s);
+}
 
 /* s is one of the NULL-ended list, compared over its whole length */
 static bool one_of(const json_t *s, const char *const *vals) {

@@ -116,8 +116,7 @@ bool bt_discovery_model_name_ok(const char *name, size_t len, char *err, size_t 
         return false;
     }
     if (len == strlen(BT_MODEL_NAME_RESERVED) && memcmp(name, BT_MODEL_NAME_RESERVED, len) == 0) {
-        snprintf(err, errlen,
-                 "model name '%s' is reserved (the model label of requests for models no worker serves)",
+        snprintf(err, errlen, "model name '%s' is reserved (the model label of requests for models no worker serves)",
                  BT_MODEL_NAME_RESERVED);
         return false;
     }

@@ -916,8 +916,8 @@ bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const cha
                 bool typed = json_is_string(type);
                 if (has_nul(type)) { /* the message below would print it as its prefix ("text") */
                     snprintf(param_buf, sizeof param_buf, "messages.[%zu].content.[%zu].type", i, j);
-                    REJECT(param_buf, "invalid_value", "messages[%zu].content[%zu].type must not contain U+0000",
-                           i, j);
+                    REJECT(param_buf, "invalid_value", "messages[%zu].content[%zu].type must not contain U+0000", i,
+                           j);
                 }
                 if (typed && !str_is(type, "text")) {
                     snprintf(param_buf, sizeof param_buf, "messages.[%zu].content.[%zu].type", i, j);
