@@ -7,7 +7,9 @@
  * tiny error buffer, a rejection must come with a NUL-terminated reason, and an accepted body must
  * satisfy the documented contract (a string model, non-empty messages of objects with a string
  * role, or a prompt of a string / one string / token ids, max_tokens in range, stream_options only
- * with stream true, and so on). An accepted body is then submitted to a mocker engine as a worker
+ * with stream true, and so on; a role, content part type or tool_choice one of its fixed values
+ * over its whole length, the model and stop strings free of U+0000, where a C string would stop).
+ * An accepted body is then submitted to a mocker engine as a worker
  * would (max_tokens capped at 16, stop strings, carried_token_ids) and generated to the end: the
  * engine must accept it unless the prompt holds ids outside its vocabulary or it does not fit,
  * finish exactly once, deliver text that matches its token ids and contains no stop string, stay
@@ -71,18 +73,36 @@ static void check_tokenizer(const uint8_t *p, size_t n) {
 
 /* ---- the validator's contract ---- */
 
+/* s is a JSON string without U+0000 (a C string reads all of it) */
+static bool whole(const json_t *s) {
+    return json_is_string(s) && strlen(json_string_value(s)) == json_string_length(s);
+}
+
+/* s is one of the NULL-ended list, compared over its whole length */
+static bool one_of(const json_t *s, const char *const *vals) {
+    for (; *vals; vals++)
+        if (whole(s) && strcmp(json_string_value(s), *vals) == 0) return true;
+    return false;
+}
+
 static void check_accepted(const json_t *b, bt_api api) {
     CHECK(json_is_object(b));
-    CHECK(json_is_string(json_object_get(b, "model")));
+    CHECK(whole(json_object_get(b, "model")));
     if (api == BT_API_CHAT) {
+        static const char *const roles[] = {"system", "developer", "user", "assistant", "tool", "function", NULL};
+        static const char *const text[] = {"text", NULL};
         const json_t *msgs = json_object_get(b, "messages");
         CHECK(json_is_array(msgs) && json_array_size(msgs) > 0);
-        size_t i;
-        const json_t *m;
+        size_t i, j;
+        const json_t *m, *part;
         json_array_foreach(msgs, i, m) {
-            CHECK(json_is_object(m) && json_is_string(json_object_get(m, "role")));
+            CHECK(json_is_object(m) && one_of(json_object_get(m, "role"), roles));
             const json_t *c = json_object_get(m, "content");
             CHECK(json_is_string(c) || json_is_array(c) || json_is_null(c));
+            json_array_foreach(c, j, part) {
+                const json_t *type = json_object_get(part, "type");
+                CHECK(!type || one_of(type, text)); /* "text\u0000image_url" is not a text part */
+            }
         }
     } else {
         const json_t *p = json_object_get(b, "prompt");
@@ -119,8 +139,15 @@ static void check_accepted(const json_t *b, bt_api api) {
             CHECK(json_is_array(stop) && json_array_size(stop) <= BT_MAX_STOP);
             size_t i;
             const json_t *v;
-            json_array_foreach(stop, i, v) CHECK(json_is_string(v) && json_string_length(v) > 0);
+            json_array_foreach(stop, i, v) CHECK(whole(v) && json_string_length(v) > 0);
         }
+        if (json_is_string(stop)) CHECK(whole(stop)); /* matched as C strings, whole */
+    }
+    static const char *const choices[] = {"none", "auto", NULL};
+    const char *choice[] = {"tool_choice", "function_call"};
+    for (int i = 0; i < 2; i++) {
+        const json_t *v = json_object_get(b, choice[i]);
+        CHECK(!v || json_is_null(v) || one_of(v, choices));
     }
 }
 

@@ -105,3 +105,20 @@ int bt_discovery_instance_key(char *out, size_t cap, const char *ns, const char 
     }
     return n;
 }
+
+bool bt_discovery_model_name_ok(const char *name, size_t len, char *err, size_t errlen) {
+    if (len == 0 || len > BT_MODEL_NAME_MAX) {
+        snprintf(err, errlen, "model name of %zu bytes (1 to %d allowed)", len, BT_MODEL_NAME_MAX);
+        return false;
+    }
+    if (memchr(name, '\0', len)) {
+        snprintf(err, errlen, "model name holds U+0000");
+        return false;
+    }
+    if (len == strlen(BT_MODEL_NAME_RESERVED) && memcmp(name, BT_MODEL_NAME_RESERVED, len) == 0) {
+        snprintf(err, errlen, "model name '%s' is reserved (the model label of requests for models no worker serves)",
+                 BT_MODEL_NAME_RESERVED);
+        return false;
+    }
+    return true;
+}

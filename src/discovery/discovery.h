@@ -14,6 +14,7 @@
 #define BATON_DISCOVERY_H
 
 #include <jansson.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <uv.h>
@@ -66,5 +67,15 @@ void bt_discovery_close(bt_discovery *d, void (*done)(void *ud), void *ud);
  * length, or -1 (and an empty string) if it does not fit in cap. */
 int bt_discovery_instance_key(char *out, size_t cap, const char *ns, const char *component, const char *endpoint,
                               uint64_t instance_id);
+
+/* The model name a worker announces (model.name, what clients send as "model"): 1 to
+ * BT_MODEL_NAME_MAX bytes, and not BT_MODEL_NAME_RESERVED, the model label under which a frontend
+ * counts the requests it refused for models no worker serves (docs/operations.md), which a model
+ * of that name would share. A worker refuses to start with another; a frontend does not register
+ * one it discovers (a longer name would be kept as its prefix and served to clients asking for
+ * that). False with the reason in err ("model name ..."). */
+#define BT_MODEL_NAME_MAX 127
+#define BT_MODEL_NAME_RESERVED "unknown"
+bool bt_discovery_model_name_ok(const char *name, size_t len, char *err, size_t errlen);
 
 #endif

@@ -57,8 +57,9 @@ typedef struct fe_pending_resume fe_pending_resume;
 /* The request path counts into fe_stats; metrics.c reads it into a registry when scraped. */
 typedef bt_hist fe_hist; /* over the frontend's latency buckets (metrics.c) */
 
-/* The model label of requests refused whose model is not served (metrics.c). */
-#define FE_MODEL_UNKNOWN "unknown"
+/* The model label of requests refused whose model is not served (metrics.c): a name no model may
+ * have (discovery.h), so that such requests never share a served model's series. */
+#define FE_MODEL_UNKNOWN BT_MODEL_NAME_RESERVED
 typedef enum { FE_OUT_SUCCESS = 0, FE_OUT_ERROR = 1, FE_OUT_CANCELLED = 2, FE_OUT_REJECTED = 3, FE_OUT_N_ } fe_outcome;
 
 typedef struct {
@@ -75,7 +76,7 @@ typedef struct {
 } fe_stats;
 
 struct fe_model {
-    char name[128];
+    char name[BT_MODEL_NAME_MAX + 1];
     fe_stats st;
     double decode_threshold;  /* NaN = unset */
     double prefill_threshold; /* NaN = unset */
@@ -97,7 +98,7 @@ struct fe_worker {
     char host[64];
     int port;
     char transport[96];
-    char model[128];
+    char model[BT_MODEL_NAME_MAX + 1]; /* checked to fit when discovered (fe_parse_instance) */
     char ns[64], component[64], endpoint[64];
     bt_rpc_conn *conn;
     fw_state state;
@@ -491,7 +492,10 @@ fe_model *fe_model_get(fe *f, const char *name, bool create);
 /* Checks an OpenAI request body for `api` (types and ranges of the fields baton reads). Accepted:
  * an object with a string "model"; chat: "messages" a non-empty array of objects with a string
  * "role"; completions: "prompt" a string, one string in an array, or token ids in [0, 2^32).
- * Otherwise false with a one-line reason in err. Exposed for the fuzz driver. */
+ * U+0000 (the body is parsed with JSON_ALLOW_NUL) passes in free text only (content, prompt): a
+ * field compared with fixed values (model, role, content part type, tool_choice, function_call) or
+ * matched as a C string (stop) that holds it is refused. Otherwise false with a one-line reason in
+ * err. Exposed for the fuzz driver. */
 bool fe_validate_body(json_t *body, bt_api api, char *err, size_t errlen);
 /* The same, and on a rejection *param names the offending field (NULL if none) and *code is the
  * OpenAI error code ("invalid_value", "unsupported_value", ...). param and code may be NULL; a

@@ -343,9 +343,12 @@ bool fe_parse_instance(const json_t *v, fe_worker *w, char *err, size_t errlen) 
         snprintf(err, errlen, "no usable instance (need instance_id, transport.tcp, model.name)");
         return false;
     }
+    /* a name cut to fit would be served to clients asking for its prefix; a reserved one would
+     * share the series of refused requests */
+    if (!bt_discovery_model_name_ok(json_string_value(jname), json_string_length(jname), err, errlen)) return false;
     w->id = (uint64_t)json_integer_value(jid);
     snprintf(w->transport, sizeof w->transport, "%s", json_string_value(jtr));
-    snprintf(w->model, sizeof w->model, "%s", json_string_value(jname));
+    memcpy(w->model, json_string_value(jname), json_string_length(jname) + 1);
     const char *s;
     if ((s = json_string_value(json_object_get(v, "namespace")))) snprintf(w->ns, sizeof w->ns, "%s", s);
     if ((s = json_string_value(json_object_get(v, "component")))) snprintf(w->component, sizeof w->component, "%s", s);

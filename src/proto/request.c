@@ -177,8 +177,11 @@ bt_status bt_request_decode(const void *payload, size_t len, bt_request_msg *out
     if (!json_is_string(rid) || json_string_length(rid) == 0 || json_string_length(rid) > BT_REQUEST_ID_MAX ||
         strlen(json_string_value(rid)) != json_string_length(rid))
         FAIL("malformed request payload: request_id must be a string of 1 to %d bytes", BT_REQUEST_ID_MAX);
+    /* by length: the payload is parsed with JSON_ALLOW_NUL, and "chat\u0000x" is not "chat" */
     const char *a = json_string_value(api);
-    if (!a || (strcmp(a, "chat") != 0 && strcmp(a, "completion") != 0))
+    size_t al = json_string_length(api);
+    bool chat = a && al == 4 && memcmp(a, "chat", 4) == 0;
+    if (!chat && !(a && al == 10 && memcmp(a, "completion", 10) == 0))
         FAIL("malformed request payload: api must be \"chat\" or \"completion\"");
     if (!json_is_object(body)) FAIL("malformed request payload: body must be an object");
     if (jcar && !json_is_array(jcar)) FAIL("malformed request payload: carried must be an array");
@@ -225,7 +228,7 @@ bt_status bt_request_decode(const void *payload, size_t len, bt_request_msg *out
     out->root = root;
     out->carried = carried;
     out->rq.request_id = json_string_value(rid);
-    out->rq.api = strcmp(a, "chat") == 0 ? BT_API_CHAT : BT_API_COMPLETION;
+    out->rq.api = chat ? BT_API_CHAT : BT_API_COMPLETION;
     out->rq.body = body;
     out->rq.carried = carried;
     out->rq.n_carried = n;

@@ -908,7 +908,8 @@ int bt_worker_main(int argc, char **argv) {
         {"--upstream-startup-timeout", "DYN_UPSTREAM_STARTUP_TIMEOUT", BT_OPT_DOUBLE, &o->openai.startup_timeout,
          0.01, 86400, "openai engine: seconds the upstream may take to answer at first"},
         {"--model-name", "DYN_MODEL_NAME", BT_OPT_STR, &o->model_name, 0, 0,
-         "model name served (llama engine: the model file's name without .gguf, e.g. stories260K)"},
+         "model name served, 1 to 127 bytes, not 'unknown' (llama engine: the model file's name without .gguf, e.g. "
+         "stories260K)"},
         {"--namespace", "DYN_NAMESPACE", BT_OPT_STR, &o->namespace_name, 0, 0,
          "namespace; without --endpoint the worker serves dyn://NAMESPACE.backend.generate"},
         {"--endpoint", "DYN_ENDPOINT", BT_OPT_STR, &o->endpoint, 0, 0, "dyn://namespace.component.endpoint"},
@@ -1060,12 +1061,18 @@ int bt_worker_main(int argc, char **argv) {
         bt_proc_error("worker", "health check: %s", err);
         goto bad_usage;
     }
+    llama_model_name(o, opts, nopts, argc, argv);
+    if (!bt_discovery_model_name_ok(o->model_name, strlen(o->model_name), err, sizeof err)) {
+        const char *origin = bt_opts_origin(opts, nopts, argc, argv, 1, "--model-name");
+        bt_proc_error("worker", "%s: %s", origin ? given_as(origin, "--model-name") : "--model (its file name)", err);
+        wk_canary_free(w);
+        goto bad_usage;
+    }
     if (bt_proc_check_for) { /* `baton run` checks its workers' arguments before it starts them */
         wk_canary_free(w);
         free(w);
         return 0;
     }
-    llama_model_name(o, opts, nopts, argc, argv);
     uv_loop_t loop;
     uv_loop_init(&loop);
     w->loop = &loop;

@@ -3,7 +3,7 @@ binaries: serving, and byte-exact migration of real model output under kill -9.
 
 1. Serving: the greedy continuation of "Once upon a time" is the model's known text (the oracle
    of models/README.md, measured with llama.cpp alone), with exact usage; a chat request and a stop
-   string end with the right finish_reason.
+   string end with the right finish_reason; chat content holding U+0000 is rendered whole.
 2. Migration: 16 concurrent streams of 1,500-1,700 tokens (half greedy, half sampled at
    temperature 0.8 with a seed; chat and completions) run once fault-free on two llama workers
    (the reference) and once on three, with kill -9 of one worker when every stream has at least
@@ -79,6 +79,15 @@ def check_serving(fe):
                                             return_token_ids=True))
     s.assert_ok("chat stream")
     assert len(s.token_ids) == 40 and s.finish_reason == "length" and len(s.text) > 40, s.summary()
+    # U+0000 in chat content reaches the model whole (baton's plain template: the model has none),
+    # not cut there: more prompt tokens than the text before the NUL alone
+    usage = {}
+    for content in ("Hello", "Hello\u0000 there, my friend"):
+        st, _, body = bl.post_json(fe.url + "/v1/chat/completions",
+                                   bl.chat_body(content, max_tokens=2, model=MODEL, temperature=0))
+        assert st == 200, body
+        usage[content] = body["usage"]["prompt_tokens"]
+    assert usage["Hello\u0000 there, my friend"] > usage["Hello"], usage
 
 
 def run_load(fe, tag, on_event_factory=None):

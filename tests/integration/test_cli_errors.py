@@ -22,7 +22,8 @@
      an unknown flag (passed on to the workers), a bad value of a frontend flag, an unknown
      engine, an openai setting with --engine llama, a llama setting (--model) without it, the openai
      engine without --upstream, a llama value out of range, a --ctx-size below
-     --max-num-batched-tokens (which llama.cpp would abort on), --default-max-tokens 0, a canary payload that is not JSON
+     --max-num-batched-tokens (which llama.cpp would abort on), --default-max-tokens 0, a --model-name
+     that is "unknown" (the metrics' reserved model label), empty or past 127 bytes, a canary payload that is not JSON
      (exit 2, "nothing was started", no directory made, nothing listening).
   4. `baton run --help` says how to get llama.cpp workers (--engine llama). `baton help` prints
      the usage `baton --help` prints (on stdout; after a usage error, `baton nope`, `baton help
@@ -149,7 +150,15 @@ for args, want in [(["run", "--http-port", "-5"],
                    (["frontend", "--stream-token-timeout", "-1"],
                     "baton frontend: invalid value '-1' for --stream-token-timeout"),
                    (["frontend", "--stream-token-timeout", "1s"],
-                    "baton frontend: invalid value '1s' for --stream-token-timeout")]:
+                    "baton frontend: invalid value '1s' for --stream-token-timeout"),
+                   # "unknown" is the metrics' label of requests for models no worker serves; a
+                   # name past 127 bytes would be registered by a frontend as its first 127
+                   (["worker", "--model-name", "unknown"],
+                    "baton worker: --model-name: model name 'unknown' is reserved (the model label of requests "
+                    "for models no worker serves)"),
+                   (["worker", "--model-name", "m" * 128],
+                    "baton worker: --model-name: model name of 128 bytes (1 to 127 allowed)"),
+                   (["worker", "--model-name", ""], "baton worker: --model-name: model name of 0 bytes (1 to 127 allowed)")]:
     rc, out, took = baton(args)
     assert rc == 2 and want in out and "argument:" not in out, (args, rc, out)
 print("cli: invalid values name the flag and the range")
@@ -241,6 +250,7 @@ assert len(fe_checked) >= 20, fe_checked
 refusals = [(["--bogus"], "baton run: unknown argument '--bogus'", "baton worker"),
             (["--bogus", "3", "--workers", "1"], "baton run: unknown argument '--bogus'", "baton worker"),
             (["--engine", "bogus"], "baton run: unknown --engine 'bogus' (mocker, openai or llama)", "baton worker"),
+            (["--model-name", "unknown"], "baton run: --model-name: model name 'unknown' is reserved", "baton worker"),
             (["--engine", "llama", "--upstream", "http://127.0.0.1:9"],
              "baton run: --upstream is a setting of the openai engine, but this worker runs the llama engine "
              "(--engine llama): add --engine openai", "baton worker"),

@@ -6,7 +6,10 @@ such a label value breaks the whole text for a scraper. The test sends traffic f
 plain model, runs promtool on each /metrics text, and reads the counters back through the label
 values (which must round-trip to the exact name). Requests refused before routing (400, 404) are
 counted with status "error", under the model "unknown" when no worker serves theirs, one loop and
-two merged. A self-check first feeds promtool a broken text
+two merged; a model name holding U+0000 counts there too, not under the model before the NUL. A
+worker announcing the model "unknown" (the reserved label) or a name longer than 127 bytes (which
+would be served as its first 127) is not registered: the frontend says so in its log and the name
+is a 404. A self-check first feeds promtool a broken text
 to prove the check can fail. promtool comes from Debian's `prometheus` package (scripts/setup);
 without it the test fails, it never passes without running.
 """
@@ -15,6 +18,7 @@ import shutil
 import subprocess
 
 import batonlib as bl
+import fakeworker as fk
 
 bl.deadline(150, "test_metrics_promtool")
 
@@ -54,6 +58,13 @@ def check_frontend(fe, n_weird, what):
 
 
 REQ = "dynamo_frontend_requests_total"
+LONG = "L" * 200  # longer than the 127 bytes a model name may have
+
+
+def answer(fw, stream, payload):
+    """A fake worker's whole answer: one token, then FINISH."""
+    fw.send(fk.tokens(stream, [1], "x"))
+    fw.send(fk.finish(stream, fk.FINISH_LENGTH, 1, 1))
 
 
 def check_refused(fe, what, threads=1):
@@ -82,6 +93,12 @@ def check_refused(fe, what, threads=1):
         refuse(chat, None, 400, ("unknown", "chat_completions", "unary"), raw=b"{not json")
         refuse(chat, bl.chat_body(model=f"nobody-serves-{i}", max_tokens=-1, stream=True), 400,
                ("unknown", "chat_completions", "stream"))
+        # not mock-model's: the name is not "mock-model"
+        refuse(chat, bl.chat_body(model="mock-model\u0000x"), 400, ("unknown", "chat_completions", "unary"))
+        # announced by a worker, refused by the frontend: never served, never its own series
+        refuse(chat, bl.chat_body(model="unknown"), 404, ("unknown", "chat_completions", "unary"))
+        refuse(chat, bl.chat_body(model=LONG), 404, ("unknown", "chat_completions", "unary"))
+        refuse(chat, bl.chat_body(model=LONG[:127]), 404, ("unknown", "chat_completions", "unary"))
     text = scrape(fe.url)
     assert_clean(text, what + " after refused requests")
     after = bl.parse_metrics(text)
@@ -113,8 +130,13 @@ def main():
         c.start_worker(speedup_ratio=1000)
         fe1 = c.start_frontend()
         fe2 = c.start_frontend(threads=2)
+        # workers of names the frontend must not register (another implementation's, or an older
+        # baton's: a baton worker refuses to start with them)
+        fakes = [fk.FakeWorker(c.discovery_dir, answer, model=name) for name in ("unknown", LONG)]
         for fe in (fe1, fe2):
             c.wait_workers(fe, 2)
+            fe.proc.wait_log(r"WARN .*discovery key \S+: model name 'unknown' is reserved")
+            fe.proc.wait_log(r"WARN .*discovery key \S+: model name of 200 bytes")
             # traffic on fresh connections (with two loops the kernel spreads them), an error, a 404
             for i in range(3):
                 st, _, b = bl.post_json(fe.url + "/v1/chat/completions", bl.chat_body(f"odd {i}", model=WEIRD,
@@ -131,6 +153,9 @@ def main():
         check_frontend(fe2, 3, "frontend, --threads 2 (merged)")
         check_refused(fe1, "frontend, one event loop")
         check_refused(fe2, "frontend, --threads 2 (merged)", threads=2)
+        for fw in fakes:
+            assert not fw.requests, f"a worker of a refused model name got {len(fw.requests)} requests"
+            fw.close()
         text = scrape(w_odd.system_url)
         assert_clean(text, "worker")
         m = bl.parse_metrics(text)

@@ -16,6 +16,9 @@ the error table, docs/engines.md the context length):
     echo, suffix, tool_choice "required" or a named function, content parts other than text: an
     image would otherwise be dropped unseen); their neutral values pass; U+0000 inside content
     reaches the engine whole; a chat role OpenAI does not define is a 400 "messages.[i].role";
+    a value compared with a fixed one (role, content part type, tool_choice, function_call, model)
+    and a stop string holding U+0000 are a 400 invalid_value naming the field, never read as the
+    part before the NUL;
   * prompt + max_tokens beyond the worker's --context-length is a 400 context_length_exceeded,
     checked by the frontend where it can count (max_tokens alone, token-id prompts: the worker
     sees nothing) and by the engine for text prompts (logged below WARN by neither process); without
@@ -192,6 +195,32 @@ with bl.Cluster() as c:
     assert with_nul["usage"]["prompt_tokens"] > cut["usage"]["prompt_tokens"], (with_nul["usage"], cut["usage"])
     st, _, b = bl.post_json(u + "/v1/chat/completions", bl.chat_body(model="mock-model\u0000x"))
     error_of(st, b, 400, "invalid_value", "model", "NUL in the model name")
+    # a field compared with a fixed value is compared whole: U+0000 does not make "user\u0000x" pass
+    # as "user", "text\u0000x" as a text part, or "none\u0000x" as "none" (streaming or not)
+    nul_cases = [
+        ({"messages": [{"role": "system", "content": "be brief"}, {"role": "user\u0000x", "content": "hi"}]},
+         "messages.[1].role"),
+        ({"messages": [{"role": "assistant\u0000", "content": "hi"}]}, "messages.[0].role"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                    {"type": "text\u0000image_url", "text": "b"}]}]},
+         "messages.[0].content.[1].type"),
+        ({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "none\u0000x"}, "tool_choice"),
+        ({"messages": [{"role": "user", "content": "hi"}], "function_call": "auto\u0000"}, "function_call"),
+        ({"messages": [{"role": "user", "content": "hi"}], "stop": ["ok", "a\u0000b"]}, "stop"),
+        ({"messages": [{"role": "user", "content": "hi"}], "stop": "\u0000"}, "stop"),
+    ]
+    for extra, param in nul_cases:
+        for stream in (False, True):
+            body = {"model": "mock-model", "max_tokens": 2, "stream": stream, **extra}
+            st, _, b = bl.post_json(u + "/v1/chat/completions", body)
+            err = error_of(st, b, 400, "invalid_value", param, f"U+0000 in {param} stream {stream}")
+            assert "U+0000" in err["message"], err
+    st, _, b = bl.post_json(u + "/v1/completions", bl.completion_body(model="mock-model\u0000", max_tokens=2))
+    error_of(st, b, 400, "invalid_value", "model", "NUL at the end of the model name")
+    # free text keeps it: a text part holding U+0000 is read whole, as string content is
+    st, _, parts = bl.post_json(u + "/v1/chat/completions", {"model": "mock-model", "max_tokens": 4, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "alpha\u0000beta gamma"}]}]})
+    assert st == 200 and parts["usage"]["prompt_tokens"] == with_nul["usage"]["prompt_tokens"], (st, parts, with_nul)
 
     # ---- roles, content parts, tool_choice, suffix
     # a role OpenAI does not define is a 400 naming the message, as OpenAI's (streaming or not)

@@ -259,6 +259,9 @@ static void test_malformed(void **state) {
     expect_invalid("{\"request_id\":\"a\\u0000b\",\"api\":\"chat\",\"body\":{}}", "request_id");
     expect_invalid("{\"request_id\":\"a\",\"api\":\"embeddings\",\"body\":{}}", "api");
     expect_invalid("{\"request_id\":\"a\",\"body\":{}}", "api");
+    /* compared over its length: "chat" then U+0000 is not "chat" */
+    expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\\u0000x\",\"body\":{}}", "api");
+    expect_invalid("{\"request_id\":\"a\",\"api\":\"completion\\u0000\",\"body\":{}}", "api");
     expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\"}", "body");
     expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":[]}", "body");
     expect_invalid("{\"request_id\":\"a\",\"api\":\"chat\",\"body\":{},\"carried\":{}}", "carried");

@@ -411,6 +411,17 @@ static bt_status render_chat(ll_engine *e, ll_seq *s, char *err, size_t errlen) 
         cm[i].role = role ? role : "user";
         cm[i].content = texts[i].data;
     }
+    /* Content keeps U+0000 (the frontend accepts it in free text). llama_chat_apply_template
+     * reads C strings and would cut a message there, so the model's template refuses it rather
+     * than answer a prompt the client did not send; the plain template writes it whole. */
+    for (size_t i = 0; e->chat_template && i < n; i++) {
+        if (memchr(texts[i].data, '\0', texts[i].len - 1)) {
+            snprintf(err, errlen,
+                     "messages[%zu].content holds U+0000, which this model's chat template cannot carry", i);
+            st = BT_ERR_INVALID_PROMPT;
+            goto out;
+        }
+    }
     bool special = false;
     if (e->chat_template) {
         int32_t need = e->L->llama_chat_apply_template(e->chat_template, cm, n, true, NULL, 0);
@@ -423,9 +434,12 @@ static bt_status render_chat(ll_engine *e, ll_seq *s, char *err, size_t errlen) 
             }
         }
     }
-    if (!special) { /* no template llama.cpp knows: the plain one */
-        for (size_t i = 0; i < n && st == BT_OK; i++)
-            st = bt_buf_appendf(&prompt, "%s: %s\n", cm[i].role, cm[i].content);
+    if (!special) { /* no template llama.cpp knows: the plain one, content by its length */
+        for (size_t i = 0; i < n && st == BT_OK; i++) {
+            st = bt_buf_appendf(&prompt, "%s: ", cm[i].role);
+            if (st == BT_OK) st = bt_buf_append(&prompt, texts[i].data, texts[i].len - 1);
+            if (st == BT_OK) st = bt_buf_append(&prompt, "\n", 1);
+        }
         if (st == BT_OK) st = bt_buf_append_str(&prompt, "assistant:");
         if (st != BT_OK) goto out;
     }
