@@ -23,12 +23,12 @@ with the mocker's own answer to the same request:
     rid, result, (conn, stream), others = fw.first_routed("x", lambda rid: ...)
 """
 
+import itertools
 import json
 import os
 import random
 import socket
 import struct
-import itertools
 import threading
 import time
 
