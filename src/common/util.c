@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
+#include <openssl/crypto.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -451,38 +452,75 @@ ssize_t bt_read_full(int fd, void *buf, size_t cap) {
     return (ssize_t)n;
 }
 
+bt_status bt_read_text_file(const char *path, size_t max, char **out, size_t *len, char *why, size_t whylen) {
+    bt_status st = BT_ERR_IO;
+    char *buf = NULL;
+    ssize_t got = -1;
+    *out = NULL;
+    *len = 0;
+    int fd = bt_open_regular(path, why, whylen);
+    if (fd < 0) return BT_ERR_IO;
+    /* one byte past max tells a file over max from one of max bytes, without reading the rest */
+    if (!(buf = malloc(max + 1))) {
+        st = BT_ERR_NOMEM;
+        snprintf(why, whylen, "out of memory");
+        goto out;
+    }
+    got = bt_read_full(fd, buf, max + 1);
+    if (got < 0) {
+        snprintf(why, whylen, "%s", strerror(errno));
+        goto out;
+    }
+    if ((size_t)got > max) {
+        st = BT_ERR_TOO_LARGE;
+        snprintf(why, whylen, "is over %zu bytes", max);
+        goto out;
+    }
+    if (memchr(buf, '\0', (size_t)got)) {
+        st = BT_ERR_INVALID;
+        snprintf(why, whylen, "holds a NUL byte");
+        goto out;
+    }
+    buf[got] = '\0';
+    *out = buf;
+    *len = (size_t)got;
+    buf = NULL;
+    st = BT_OK;
+out:
+    close(fd);
+    if (buf) {
+        OPENSSL_cleanse(buf, got > 0 ? (size_t)got : 0); /* what was read of a refused file may be a secret */
+        free(buf);
+    }
+    return st;
+}
+
 bt_status bt_load_secret(const char *file, const char *value, char **out, char *err, size_t errlen) {
     *out = NULL;
     if (file && *file) {
         char why[128];
-        int fd = bt_open_regular(file, why, sizeof why);
-        if (fd < 0) {
+        size_t n;
+        bt_status st = bt_read_text_file(file, BT_SECRET_FILE_MAX, out, &n, why, sizeof why);
+        if (st == BT_ERR_TOO_LARGE || st == BT_ERR_INVALID) {
+            snprintf(err, errlen, "the secret file %s %s", file, why);
+            return st;
+        }
+        if (st != BT_OK) {
             snprintf(err, errlen, "cannot read the secret file %s (DYN_RPC_SECRET_FILE, --rpc-secret-file): %s", file,
                      why);
-            return BT_ERR_IO;
+            return st;
         }
-        char buf[4097];
-        ssize_t got = bt_read_full(fd, buf, sizeof buf - 1);
-        int rerr = errno;
-        close(fd);
-        if (got < 0) {
-            snprintf(err, errlen, "cannot read the secret file %s (DYN_RPC_SECRET_FILE, --rpc-secret-file): %s", file,
-                     strerror(rerr));
-            return BT_ERR_IO;
-        }
-        size_t n = (size_t)got;
-        buf[n] = '\0';
-        while (n && (buf[n - 1] == '\n' || buf[n - 1] == '\r')) buf[--n] = '\0';
+        while (n && ((*out)[n - 1] == '\n' || (*out)[n - 1] == '\r')) (*out)[--n] = '\0';
         if (n == 0) {
+            free(*out);
+            *out = NULL;
             snprintf(err, errlen, "the secret file %s is empty", file);
             return BT_ERR_INVALID;
         }
-        *out = strdup(buf);
-    } else if (value && *value) {
-        *out = strdup(value);
-    } else {
         return BT_OK;
     }
+    if (!value || !*value) return BT_OK;
+    *out = strdup(value);
     return *out ? BT_OK : BT_ERR_NOMEM;
 }
 

@@ -132,9 +132,23 @@ bool bt_check_regular(const char *path, char *why, size_t whylen);
  * (less than cap only at the end), or -1 with errno set. A blocking read: start-up only. */
 ssize_t bt_read_full(int fd, void *buf, size_t cap);
 
+/* The whole of a small text file an operator named for a key, a secret or a list of keys, read
+ * once at start-up through bt_open_regular (a FIFO would block the start, /dev/zero never end it):
+ * at most `max` bytes, without a NUL byte (its content is used as a C string: a NUL would cut a
+ * key or a secret short, to nothing at worst). On BT_OK *out is the content, NUL-terminated, of
+ * *len bytes (an empty file gives "" and 0: whether that will do is the caller's to say); the
+ * caller frees it, cleansing it first when it held a secret. Otherwise *out is NULL, and why[whylen]
+ * says what is wrong, never quoting the content: for BT_ERR_TOO_LARGE ("is over MAX bytes") and
+ * BT_ERR_INVALID ("holds a NUL byte") in words that follow the file's name; for any other status
+ * (BT_ERR_IO, BT_ERR_NOMEM) the reason the file cannot be read ("No such file or directory", "a
+ * FIFO, not a regular file", "out of memory"). Blocking reads: start-up only. */
+bt_status bt_read_text_file(const char *path, size_t max, char **out, size_t *len, char *why, size_t whylen);
+/* The largest request-plane secret file (and --tenant-label-secret-file) bt_load_secret reads. */
+#define BT_SECRET_FILE_MAX 4096
 /* The request-plane shared secret: the contents of `file` (trailing newlines removed) if given,
- * else `value`, else none (*out = NULL). Read once at start-up, through bt_open_regular. The
- * caller frees *out. */
+ * else `value`, else none (*out = NULL). The file is read once at start-up by bt_read_text_file,
+ * at most BT_SECRET_FILE_MAX bytes; an empty one (or one of newlines only) is refused. The caller
+ * frees *out. */
 bt_status bt_load_secret(const char *file, const char *value, char **out, char *err, size_t errlen);
 
 #endif

@@ -239,35 +239,21 @@ bool fe_admit_policy_ceiling_file(fe_admit_policy *p, const char *path, char *er
     if (!path) return true;
     const char *flag = "--priority-ceiling-file (BATON_PRIORITY_CEILING_FILE)";
     bool ok = false;
-    char why[128];
-    char *buf = NULL;
-    ssize_t got = -1;
-    int fd = bt_open_regular(path, why, sizeof why);
-    if (fd < 0) {
+    char why[128], *buf;
+    size_t got;
+    bt_status st = bt_read_text_file(path, FE_CEILING_FILE_MAX, &buf, &got, why, sizeof why);
+    if (st == BT_ERR_TOO_LARGE || st == BT_ERR_INVALID) {
+        snprintf(err, errlen, "%s: %s %s", flag, path, why);
+        return false;
+    }
+    if (st != BT_OK) {
         snprintf(err, errlen, "%s: cannot read %s: %s", flag, path, why);
-        goto cleanup;
-    }
-    if (!(buf = malloc(FE_CEILING_FILE_MAX + 1))) {
-        snprintf(err, errlen, "%s: out of memory", flag);
-        goto cleanup;
-    }
-    got = bt_read_full(fd, buf, FE_CEILING_FILE_MAX + 1);
-    if (got < 0) {
-        snprintf(err, errlen, "%s: cannot read %s: %s", flag, path, strerror(errno));
-        goto cleanup;
-    }
-    if (got > FE_CEILING_FILE_MAX) {
-        snprintf(err, errlen, "%s: %s is over %d bytes", flag, path, FE_CEILING_FILE_MAX);
-        goto cleanup;
-    }
-    if (memchr(buf, '\0', (size_t)got)) {
-        snprintf(err, errlen, "%s: %s holds a NUL byte", flag, path);
-        goto cleanup;
+        return false;
     }
     int line = 0;
-    for (size_t at = 0; at < (size_t)got;) {
-        const char *s = buf + at, *nl = memchr(s, '\n', (size_t)got - at);
-        size_t len = nl ? (size_t)(nl - s) : (size_t)got - at;
+    for (size_t at = 0; at < got;) {
+        const char *s = buf + at, *nl = memchr(s, '\n', got - at);
+        size_t len = nl ? (size_t)(nl - s) : got - at;
         at += len + (nl ? 1 : 0);
         line++;
         /* a line's surrounding blanks (and the '\r' of a CRLF file) are not part of its entry: no
@@ -281,11 +267,8 @@ bool fe_admit_policy_ceiling_file(fe_admit_policy *p, const char *path, char *er
     }
     ok = true;
 cleanup:
-    if (fd >= 0) close(fd);
-    if (buf) {
-        OPENSSL_cleanse(buf, got > 0 ? (size_t)got : 0); /* it held keys */
-        free(buf);
-    }
+    OPENSSL_cleanse(buf, got); /* it held keys */
+    free(buf);
     return ok;
 }
 

@@ -56,7 +56,7 @@ fe_admit_policy *fe_admit_policy_new(const char *spec, int64_t max_requests, int
 /* Adds the ceilings of --priority-ceiling-file `path` (NULL: none) to p: one KEY=N a line, split at
  * the last '=' and checked as --priority-ceiling's entries are; blank lines and lines whose first
  * non-blank is '#' are skipped, a line's surrounding blanks are not part of it. Read once at
- * start-up through bt_open_regular (blocking). False with the reason in err, naming the file and
+ * start-up by bt_read_text_file (blocking). False with the reason in err, naming the file and
  * the line, never the key: the file is not a readable regular file, is over FE_CEILING_FILE_MAX,
  * holds a NUL, or a line is malformed. */
 bool fe_admit_policy_ceiling_file(fe_admit_policy *p, const char *path, char *err, size_t errlen);

@@ -216,11 +216,14 @@ static bool has_key(const char *k) { return k && *k; }
 /* Keys read by key_from_file: the process's for its whole life (every shard's fe_opts points here). */
 static char *file_keys[2];
 
+/* The longest key key_from_file takes (its file may hold 2 bytes more: the "\r\n" ending the line) */
+#define KEY_FILE_MAX 4096
+
 /* *key from the file named by *file (the --api-key-file form of a key, kept out of ps): the whole
  * file, one trailing newline ("\n" or "\r\n") removed. False with the reason in err when the file
- * is not a readable regular file (bt_open_regular), is empty, holds more than one line or a NUL (a
- * key no Authorization header can carry), or is over 4 KiB, or when the key is given both ways.
- * Start-up only: blocking reads. */
+ * is not a readable regular file, is empty, holds more than one line or a NUL (a key no
+ * Authorization header can carry), or is over KEY_FILE_MAX (bt_read_text_file), or when the key is
+ * given both ways. Start-up only: blocking reads. */
 static bool key_from_file(const char *flag, const char *env, const char *key_flag, const char *key_env,
                           const char *file, const char **key, char **store, char *err, size_t errlen) {
     if (!file) return true;
@@ -229,40 +232,29 @@ static bool key_from_file(const char *flag, const char *env, const char *key_fla
                  env);
         return false;
     }
-    char why[128], buf[4098];
-    int fd = bt_open_regular(file, why, sizeof why);
-    if (fd < 0) {
+    char why[128], *buf;
+    size_t n = 0;
+    bt_status st = bt_read_text_file(file, KEY_FILE_MAX + 2, &buf, &n, why, sizeof why);
+    if (st != BT_OK && st != BT_ERR_TOO_LARGE && st != BT_ERR_INVALID) {
         snprintf(err, errlen, "%s (%s): cannot read %s: %s", flag, env, file, why);
         return false;
     }
-    ssize_t got = bt_read_full(fd, buf, sizeof buf - 1);
-    int rerr = errno;
-    close(fd);
-    if (got < 0) {
-        snprintf(err, errlen, "%s (%s): cannot read %s: %s", flag, env, file, strerror(rerr));
-        return false;
-    }
-    size_t n = (size_t)got;
-    buf[n] = '\0';
     if (n && buf[n - 1] == '\n') buf[--n] = '\0';
     if (n && buf[n - 1] == '\r') buf[--n] = '\0';
-    const char *what = n == 0                     ? "is empty"
-                       : n > 4096                 ? "is over 4096 bytes"
-                       : strlen(buf) != n         ? "holds a NUL byte"
-                       : strpbrk(buf, "\r\n") ? "holds more than one line"
-                                                  : NULL;
+    char over[32];
+    snprintf(over, sizeof over, "is over %d bytes", KEY_FILE_MAX);
+    const char *what = st == BT_ERR_TOO_LARGE || n > KEY_FILE_MAX ? over
+                       : st != BT_OK                              ? why
+                       : n == 0                                   ? "is empty"
+                       : strpbrk(buf, "\r\n")                     ? "holds more than one line"
+                                                                  : NULL;
     if (what) {
         snprintf(err, errlen, "%s (%s): %s %s: it must hold the key alone", flag, env, file, what);
-        OPENSSL_cleanse(buf, sizeof buf);
+        if (buf) OPENSSL_cleanse(buf, n);
+        free(buf);
         return false;
     }
-    *store = strdup(buf);
-    OPENSSL_cleanse(buf, sizeof buf);
-    if (!*store) {
-        snprintf(err, errlen, "%s: out of memory", flag);
-        return false;
-    }
-    *key = *store;
+    *key = *store = buf;
     return true;
 }
 

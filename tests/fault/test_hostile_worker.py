@@ -30,7 +30,6 @@ frames of the test's choosing:
 """
 
 import re
-import time
 
 import batonlib as bl
 import fakeworker as fk
@@ -198,52 +197,18 @@ outcome, unary_outcome = bl.stream_outcome, bl.unary_outcome
 
 
 with bl.Cluster() as c:
-    c.start_worker()
-    fe = c.start_frontend(migration_limit=3)
-    c.wait_workers(fe, 1)
-    ref_s = bl.stream_chat(fe.url, xbody(True), timeout=30).assert_ok("reference stream")
-    ref = outcome(ref_s)
-    st, _, b = bl.post_json(fe.url + "/v1/chat/completions", xbody(False), timeout=30)
-    assert st == 200, (st, b)
-    ref_u = unary_outcome(b)
+    fe, ref, ref_u, first = fk.start_with_reference(c, xbody, 3, migration_limit=3)
     assert len(ref["token_ids"]) == MT and ref["finish_reason"] == "length", ref
-    assert ref_u["text"] == ref["text"] and ref_u["token_ids"] == ref["token_ids"], (ref, ref_u)
-    first = []  # the reference's first 3 events: what the fake worker sends before its big frame
-    for ev in ref_s.events:
-        ch = (ev.get("choices") or [{}])[0]
-        if ch.get("token_ids"):
-            first.append((ch["token_ids"], ch["delta"].get("content") or ""))
-    first = first[:3]
-    assert [len(ids) for ids, _ in first] == [1, 1, 1], first
 
     def crossing(fw_, stream, payload):
+        """The reference's first 3 events, then one frame of 5 ids across max_tokens."""
         for ids, text in first:
             fw_.send(fk.tokens(stream, ids, text))
         fw_.send(fk.tokens(stream, [900001, 900002, 900003, 900004, 900005], OVERRUN_TEXT))
         fw_.send(fk.finish(stream, fk.FINISH_LENGTH, 7, 8))
 
-    fw = fk.FakeWorker(c.discovery_dir, crossing)
+    fw = fk.FakeWorker.joined(c, fe, crossing, 2)
     try:
-        fw.wait_connected()
-        c.wait_workers(fe, 2)
-        counter = [0]
-
-        def on_fake(send):
-            """Requests until one's first attempt lands on the fake worker (routing spreads them);
-            returns (rid, its result, (conn, stream) on the fake worker, the others' results)."""
-            others = []
-            for _ in range(8):
-                counter[0] += 1
-                rid = f"cross-{counter[0]}-{int(time.time() * 1000)}"
-                res = send(rid)
-                got = fw.request_of(rid)
-                if got:
-                    conn, stream, p = got
-                    assert not p.get("carried"), f"{rid}: the fake worker got a continuation first: {p}"
-                    return rid, res, (conn, stream), others
-                others.append((rid, res))
-            raise AssertionError("8 requests and none was routed to the fake worker")
-
         def ongoing():
             return bl.metric_sum(bl.metrics(fe.url), "dynamo_frontend_model_migration_total",
                                  migration_type="ongoing_request")
@@ -256,8 +221,8 @@ with bl.Cluster() as c:
                             what="the fake worker out of quarantine")
             m0 = ongoing()
             if mode == "stream":
-                rid, s, (conn, stream), others = on_fake(
-                    lambda rid: bl.stream_chat(fe.url, xbody(True), timeout=30, headers={"X-Request-Id": rid}))
+                rid, s, (conn, stream), others = fw.first_routed("cross", lambda rid: bl.stream_chat(
+                    fe.url, xbody(True), timeout=30, headers={"X-Request-Id": rid}))
                 s.assert_ok(f"{rid}: crossing frame, streamed")
                 got, want = outcome(s), ref
                 for orid, o in others:
@@ -268,7 +233,7 @@ with bl.Cluster() as c:
                                               headers={"X-Request-Id": rid})
                     assert st_ == 200, (rid, st_, b_)
                     return b_
-                rid, b, (conn, stream), others = on_fake(unary)
+                rid, b, (conn, stream), others = fw.first_routed("cross", unary)
                 got, want = unary_outcome(b), ref_u
                 for orid, ob in others:
                     assert unary_outcome(ob) == ref_u, orid

@@ -79,60 +79,20 @@ def check_warn(fe, rid, worker_id):
     assert re.search(rx, lines[0]), lines[0]
 
 
-counter = [0]
-
-
-def on_fake(fw, send):
-    """Sends requests (send(rid) -> result) until one's first attempt lands on fake worker fw (the
-    frontend spreads them round-robin over its workers; the others are answered by the mocker and
-    are returned too, for checking). Returns (rid, result of that one, (conn, stream) on fw, others)."""
-    others = []
-    for _ in range(8):
-        counter[0] += 1
-        rid = f"tt-{counter[0]}-{int(time.time() * 1000)}"
-        res = send(rid)
-        got = fw.request_of(rid)
-        if got:
-            conn, stream, payload = got
-            assert not payload.get("carried"), f"{rid}: the fake worker got a continuation first: {payload}"
-            return rid, res, (conn, stream), others
-        others.append((rid, res))
-    raise AssertionError("8 requests and none was routed to the fake worker")
-
-
 with bl.Cluster() as c:
-    w = c.start_worker()
-    fe = c.start_frontend(stream_token_timeout=TIMEOUT, threads=2)
-    c.wait_workers(fe, 1)
-    # the references: the same requests on the mocker alone
-    ref_s = bl.stream_chat(fe.url, body(True), timeout=30).assert_ok("reference stream")
-    st, _, b = bl.post_json(fe.url + "/v1/chat/completions", body(False), timeout=30)
-    assert st == 200, (st, b)
-    ref_u = unary_outcome(b)
-    ref = outcome(ref_s)
-    assert ref["text"] == ref_u["text"] and ref["token_ids"] == ref_u["token_ids"], (ref, ref_u)
+    # the references: the same requests on the mocker alone, and its first K tokens, event by
+    # event: what the half-silent worker sends
+    fe, ref, ref_u, first = fk.start_with_reference(c, body, K, stream_token_timeout=TIMEOUT, threads=2)
     assert len(ref["token_ids"]) > K + 5, ref
-    # the reference's first K tokens, event by event: what the half-silent worker sends
-    first = []
-    for ev in ref_s.events:
-        ch = (ev.get("choices") or [{}])[0]
-        if ch.get("token_ids"):
-            first.append((ch["token_ids"], ch["delta"].get("content") or ""))
-    assert sum(len(ids) for ids, _ in first) == len(ref["token_ids"])
-    first = first[:K]
-    assert all(len(ids) == 1 for ids, _ in first), first
 
     behaviour = {"fn": fk.FakeWorker.silent}
-    fw = fk.FakeWorker(c.discovery_dir, lambda fw_, s, p: behaviour["fn"](fw_, s, p))
+    fw = fk.FakeWorker.joined(c, fe, lambda fw_, s, p: behaviour["fn"](fw_, s, p), 2)
     fa = fb = None
     try:
-        fw.wait_connected()
-        c.wait_workers(fe, 2)
-
         # --- 1. silent from the start, streamed
         before = counters(fe)
-        rid, s, (conn, stream), others = on_fake(
-            fw, lambda rid: bl.stream_chat(fe.url, body(True), timeout=30, headers={"X-Request-Id": rid}))
+        rid, s, (conn, stream), others = fw.first_routed(
+            "tt", lambda rid: bl.stream_chat(fe.url, body(True), timeout=30, headers={"X-Request-Id": rid}))
         s.assert_ok(f"{rid}: the stream on the silent worker")
         assert outcome(s) == ref, f"{rid}: {outcome(s)} != reference {ref}"
         ttft = s.t_first - s.t_start
@@ -155,8 +115,8 @@ with bl.Cluster() as c:
 
         behaviour["fn"] = half
         before = counters(fe)
-        rid, s, (conn, stream), others = on_fake(
-            fw, lambda rid: bl.stream_chat(fe.url, body(True), timeout=30, headers={"X-Request-Id": rid}))
+        rid, s, (conn, stream), others = fw.first_routed(
+            "tt", lambda rid: bl.stream_chat(fe.url, body(True), timeout=30, headers={"X-Request-Id": rid}))
         s.assert_ok(f"{rid}: the stream on the half-silent worker")
         assert outcome(s) == ref, f"{rid}: {outcome(s)} != reference {ref}"
         gap = s.t_tokens[K] - s.t_tokens[K - 1]
@@ -180,7 +140,7 @@ with bl.Cluster() as c:
                                       headers={"X-Request-Id": rid})
             return st_, b_, time.monotonic()
 
-        rid, (st, b, t1), (conn, stream), others = on_fake(fw, unary)
+        rid, (st, b, t1), (conn, stream), others = fw.first_routed("tt", unary)
         assert st == 200, (rid, st, b)
         assert unary_outcome(b) == ref_u, f"{rid}: {unary_outcome(b)} != reference {ref_u}"
         for orid, (ost, ob, _) in others:

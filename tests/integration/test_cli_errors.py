@@ -47,7 +47,8 @@
   8. A FIFO (no writer: opening it would wait for ever), a device or a directory given where a file
      is expected (--nats-tls-ca/-cert/-key, NATS_AUTH_CREDENTIALS_FILE, --rpc-secret-file,
      --health-check-payload @file, --model, --etcd-ca) is refused at once, naming the setting, the
-     path and what it is; a regular secret file is still read.
+     path and what it is; a regular secret file is still read, but not one that holds a NUL byte
+     or is over 4096 bytes (exit 2).
   9. `baton run` says what is wrong with DYN_LOG and DYN_LOGGING_JSONL once, not once per child.
  10. --api-key-file and --admin-api-key-file (DYN_API_KEY_FILE, BATON_ADMIN_API_KEY_FILE) read the
      keys from files, one trailing newline removed; a missing, empty, several-line file or a key
@@ -582,6 +583,15 @@ with open(regular, "w") as f:
 nats_env = {"NATS_SERVER": "nats://127.0.0.1:1"}
 notreg = "cannot be read: a FIFO, not a regular file"
 secret_msg = "cannot read the secret file %s (DYN_RPC_SECRET_FILE, --rpc-secret-file): %s"
+# a secret file is text of at most 4096 bytes: one holding a NUL was cut short there (to nothing
+# when the NUL came first: an empty key for the HMAC) and one over 4096 bytes cut to its first
+# 4096, a secret that no DYN_RPC_SECRET holding the whole could match
+secret_nul = os.path.join(base, "secret-nul")
+with open(secret_nul, "wb") as f:
+    f.write(b"\x00shared-1\n")
+secret_big = os.path.join(base, "secret-big")
+with open(secret_big, "wb") as f:
+    f.write(b"s" * 4097)
 fe_port = bl.free_port()
 for args, env, code, want in [
         (["worker", "--system-port", "-1", "--event-plane", "nats", "--nats-tls-ca", fifo], nats_env, 2,
@@ -602,6 +612,10 @@ for args, env, code, want in [
          secret_msg % ("/dev/zero", "a character device, not a regular file")),
         (["frontend", "--http-port", str(fe_port), "--rpc-secret-file", base], {}, 2,
          secret_msg % (base, "Is a directory")),
+        (["worker", "--system-port", "-1", "--rpc-secret-file", secret_nul], {}, 2,
+         f"the secret file {secret_nul} holds a NUL byte"),
+        (["frontend", "--http-port", str(fe_port)], {"DYN_RPC_SECRET_FILE": secret_big}, 2,
+         f"the secret file {secret_big} is over 4096 bytes"),
         (["worker", "--system-port", "-1", "--health-check-payload", "@" + fifo], {}, 2,
          f"DYN_HEALTH_CHECK_PAYLOAD (--health-check-payload) file {fifo}: a FIFO, not a regular file"),
         (["worker", "--system-port", "-1", "--engine", "llama", "--model", fifo], {}, 2,
@@ -617,6 +631,7 @@ for args, env, code, want in [
         raise AssertionError(f"{args} {env}: still running after 10 s (blocked on the FIFO?)")
     assert rc == code and want in out, (args, env, rc, out)
     assert "serving model" not in out and not listening(fe_port), (args, out)
+    assert "shared-1" not in out and "s" * 64 not in out, f"a secret was printed: {out}"
 # a regular secret file is still read, its trailing newline removed: the worker requires the
 # secret (a frontend without it is refused), and a frontend that proves it routes there
 secret_file = os.path.join(base, "rpc-secret")
@@ -633,7 +648,7 @@ with bl.Cluster() as c:
     st, _, body = bl.get_json(none.url + "/health")
     assert body["instances"] == [], body
 print("cli: a FIFO, a device or a directory given as a file is refused at once, naming the flag and the path; "
-      "a regular secret file is read")
+      "so is a secret file with a NUL byte or over 4096 bytes; a regular secret file is read")
 
 # --- 9. `baton run` says what is wrong with DYN_LOG and DYN_LOGGING_JSONL once, not once per process
 # Its frontend and workers inherit the environment; each used to repeat the launcher's warning.
@@ -656,10 +671,13 @@ with bl.Cluster() as c:
 print("cli: baton run says what is wrong with DYN_LOG and DYN_LOGGING_JSONL once")
 
 # --- 10. API keys from files (--api-key-file, --admin-api-key-file: a key on the command line
-# shows in ps). The file is read once at start-up, one trailing newline removed; a file that cannot
-# be read, an empty one, one of several lines, or a key given both ways is a usage error (exit 2)
-# naming the flag, its twin and the file, for `baton frontend` and (checked before any child
-# starts) `baton run`. A frontend started with the files requires exactly those keys.
+# shows in ps), and 11. priority ceilings from a file (--priority-ceiling-file: --priority-ceiling
+# puts API keys on the command line too). A key file is read once at start-up, one trailing newline
+# removed; a file that cannot be read, an empty one, one of several lines, or a key given both ways
+# is a usage error (exit 2) naming the flag, its twin and the file, for `baton frontend` and
+# (checked before any child starts) `baton run`; so is a ceiling file that cannot be read, holds a
+# NUL or a malformed line (named by its number, never by its key) or is over 1 MiB, or ceilings
+# given both ways. No key of any file is printed.
 keys = bl.tmpdir("cli-keys")
 
 
@@ -676,7 +694,10 @@ missing = os.path.join(keys, "missing")
 kfifo = os.path.join(keys, "fifo")
 os.mkfifo(kfifo)
 k_port = bl.free_port()
+ceil_good = key_file("ceilings", b"# ceilings of the batch keys\n\nsk-ceil-a=10\r\n   # indented comment\n"
+                                 b"  sk-ceil-b=-5\t\n*=3\n")
 api_flag, admin_flag = "--api-key-file (DYN_API_KEY_FILE)", "--admin-api-key-file (BATON_ADMIN_API_KEY_FILE)"
+cflag = "--priority-ceiling-file (BATON_PRIORITY_CEILING_FILE)"
 for cmd in ("frontend", "run"):
     for args, env, want in [
             (["--api-key-file", missing], {}, f"{api_flag}: cannot read {missing}: No such file or directory"),
@@ -693,42 +714,8 @@ for cmd in ("frontend", "run"):
              "--admin-api-key (BATON_ADMIN_API_KEY) and --admin-api-key-file (BATON_ADMIN_API_KEY_FILE) are both given"),
             # the keys read from the files are the keys: the same one twice is refused as on the command line
             (["--api-key-file", api_file, "--admin-api-key-file", same_file], {},
-             "--admin-api-key (BATON_ADMIN_API_KEY) must differ from --api-key (DYN_API_KEY)")]:
-        try:
-            rc, out, took = baton([cmd, "--http-port", str(k_port)] + args, env=env)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"{cmd} {args} {env}: still running after 10 s")
-        assert rc == 2 and want in out and f"baton {cmd}" in out, (cmd, args, env, rc, out)
-        assert "sk-file-1" not in out and "adm-2" not in out, f"a key was printed: {out}"
-        assert not listening(k_port), (cmd, args)
-for how in ("frontend", "run"):
-    with bl.Cluster() as c:
-        if how == "frontend":
-            c.start_worker(speedup_ratio=1000)
-            fe = c.start_frontend(api_key_file=api_file, env={"BATON_ADMIN_API_KEY_FILE": admin_file})
-        else:
-            fe = c.start_run(workers=1, speedup_ratio=1000, system_port=-1, api_key_file=api_file,
-                             admin_api_key_file=admin_file)
-        c.wait_workers(fe, 1)
-        # the newline that ends each file is not part of its key ("\r\n" for the admin key's)
-        for key, want in (("sk-file-1", 200), ("adm-2", 401), ("wrong", 401), (None, 401)):
-            hdrs = {"Authorization": f"Bearer {key}"} if key else {}
-            st, _, body = bl.post_json(fe.url + "/v1/completions", bl.completion_body(max_tokens=2), headers=hdrs)
-            assert st == want, (how, key, st, body)
-        for key, want in (("adm-2", 200), ("sk-file-1", 401)):
-            st, _, body = bl.get_json(fe.url + "/admission", {"Authorization": f"Bearer {key}"})
-            assert st == want, (how, "admission", key, st, body)
-        with open(f"/proc/{fe.proc.pid}/cmdline", "rb") as f:
-            assert b"sk-file-1" not in f.read(), how
-print("cli: --api-key-file and --admin-api-key-file (and their twins) give the keys; bad files are usage errors")
-
-# --- 11. priority ceilings from a file (--priority-ceiling-file: --priority-ceiling puts API keys on
-# the command line, where ps shows them)
-ceil_good = key_file("ceilings", b"# ceilings of the batch keys\n\nsk-ceil-a=10\r\n   # indented comment\n"
-                                 b"  sk-ceil-b=-5\t\n*=3\n")
-cflag = "--priority-ceiling-file (BATON_PRIORITY_CEILING_FILE)"
-for cmd in ("frontend", "run"):
-    for args, env, want in [
+             "--admin-api-key (BATON_ADMIN_API_KEY) must differ from --api-key (DYN_API_KEY)"),
+            # --priority-ceiling-file
             (["--priority-ceiling-file", missing], {}, f"{cflag}: cannot read {missing}: No such file or directory"),
             (["--priority-ceiling-file", keys], {}, f"{cflag}: cannot read {keys}: Is a directory"),
             ([], {"BATON_PRIORITY_CEILING_FILE": kfifo}, f"{cflag}: cannot read {kfifo}: a FIFO, not a regular file"),
@@ -750,9 +737,36 @@ for cmd in ("frontend", "run"):
         except subprocess.TimeoutExpired:
             raise AssertionError(f"{cmd} {args} {env}: still running after 10 s")
         assert rc == 2 and want in out and f"baton {cmd}" in out, (cmd, args, env, rc, out)
-        assert "secretk" not in out and "sk-ceil" not in out, f"a key was printed: {out}"
+        printed = [k for k in ("sk-file-1", "adm-2", "secretk", "sk-ceil") if k in out]
+        assert not printed, f"a key was printed: {out}"
         assert not listening(k_port), (cmd, args)
+print("cli: bad --api-key-file, --admin-api-key-file and --priority-ceiling-file files (and their twins) are "
+      "usage errors")
 
+# a frontend started with the key files requires exactly those keys
+for how in ("frontend", "run"):
+    with bl.Cluster() as c:
+        if how == "frontend":
+            c.start_worker(speedup_ratio=1000)
+            fe = c.start_frontend(api_key_file=api_file, env={"BATON_ADMIN_API_KEY_FILE": admin_file})
+        else:
+            fe = c.start_run(workers=1, speedup_ratio=1000, system_port=-1, api_key_file=api_file,
+                             admin_api_key_file=admin_file)
+        c.wait_workers(fe, 1)
+        # the newline that ends each file is not part of its key ("\r\n" for the admin key's)
+        for key, want in (("sk-file-1", 200), ("adm-2", 401), ("wrong", 401), (None, 401)):
+            hdrs = {"Authorization": f"Bearer {key}"} if key else {}
+            st, _, body = bl.post_json(fe.url + "/v1/completions", bl.completion_body(max_tokens=2), headers=hdrs)
+            assert st == want, (how, key, st, body)
+        for key, want in (("adm-2", 200), ("sk-file-1", 401)):
+            st, _, body = bl.get_json(fe.url + "/admission", {"Authorization": f"Bearer {key}"})
+            assert st == want, (how, "admission", key, st, body)
+        with open(f"/proc/{fe.proc.pid}/cmdline", "rb") as f:
+            assert b"sk-file-1" not in f.read(), how
+print("cli: --api-key-file and --admin-api-key-file (and their twins) give the keys")
+
+# --- 11. with a good ceiling file the keys are not on the command line, and the REQUEST a (fake)
+# worker gets carries the priority as the file's ceilings bound it
 with bl.Cluster() as c:
     fe = c.start_frontend(priority_ceiling_file=ceil_good)
     fw = fk.FakeWorker(c.discovery_dir, lambda w, stream, p: (w.send(fk.tokens(stream, [1], " a")),

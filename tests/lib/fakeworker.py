@@ -13,8 +13,17 @@ connection the REQUEST came on (several frontends, or one with --threads N, each
 sent from elsewhere to every connection. fw.silent is an on_request that sends nothing: the
 connection stays alive (PONGs) while the stream never hears a frame. fw.frames records the REQUEST,
 STOP and KILL frames with the connection they came on, and fw.request_of(request_id) finds a
-REQUEST by its request id. No request-plane secret (AUTH): use it with frontends that have none."""
+REQUEST by its request id. No request-plane secret (AUTH): use it with frontends that have none.
 
+Beside a real mocker worker, a test compares what the client gets when the fake worker misbehaves
+with the mocker's own answer to the same request:
+
+    fe, ref, ref_u, first = start_with_reference(cluster, body, 5, migration_limit=3)
+    fw = FakeWorker.joined(cluster, fe, on_request, 2)  # it may send `first`, then misbehave
+    rid, result, (conn, stream), others = fw.first_routed("x", lambda rid: ...)
+"""
+
+import itertools
 import json
 import os
 import random
@@ -22,6 +31,8 @@ import socket
 import struct
 import threading
 import time
+
+import batonlib as bl
 
 HELLO, REQUEST, TOKENS, FINISH, ERROR, STOP, KILL, PING, PONG, LOAD, GOAWAY = range(1, 12)
 KVSTATE = 13
@@ -54,6 +65,34 @@ def kvstate(stream, total, offset, data=b""):
 
 def error(stream, code, msg):
     return frame(ERROR, stream, struct.pack(">H", code) + msg.encode())
+
+
+def start_with_reference(cluster, body, first_n, **frontend_opts):
+    """A mocker worker and a frontend (frontend_opts) of cluster, and the mocker's answers to one
+    request, body(True) streamed and body(False) whole: what a test whose fake worker gets the same
+    request compares the client's answer with. Returns (frontend, stream outcome, unary outcome,
+    the stream's first first_n token events as (ids, text), each of one id: what a fake worker sends
+    to look like the mocker before it misbehaves). The stream and the whole answer agree."""
+    cluster.start_worker()
+    fe = cluster.start_frontend(**frontend_opts)
+    cluster.wait_workers(fe, 1)
+    s = bl.stream_chat(fe.url, body(True), timeout=30).assert_ok("reference stream")
+    st, _, b = bl.post_json(fe.url + "/v1/chat/completions", body(False), timeout=30)
+    assert st == 200, (st, b)
+    ref, ref_u = bl.stream_outcome(s), bl.unary_outcome(b)
+    assert ref["text"] == ref_u["text"] and ref["token_ids"] == ref_u["token_ids"], (ref, ref_u)
+    first = []
+    for ev in s.events:
+        ch = (ev.get("choices") or [{}])[0]
+        if ch.get("token_ids"):
+            first.append((ch["token_ids"], ch["delta"].get("content") or ""))
+    assert sum(len(ids) for ids, _ in first) == len(ref["token_ids"]), (first, ref)
+    first = first[:first_n]
+    assert [len(ids) for ids, _ in first] == [1] * first_n, first
+    return fe, ref, ref_u, first
+
+
+_rids = itertools.count(1)  # request ids of first_routed, unique in the test process
 
 
 class FakeWorker:
@@ -103,6 +142,36 @@ class FakeWorker:
     @staticmethod
     def silent(fw, stream, payload):
         """An on_request that never answers: the stream hears nothing while PINGs still get PONGs."""
+
+    @classmethod
+    def joined(cls, cluster, fe, on_request, listed, **kw):
+        """A FakeWorker(on_request) in cluster's discovery directory, once frontend fe is connected to
+        it and lists `listed` workers, this one among them (closed if that never comes)."""
+        fw = cls(cluster.discovery_dir, on_request, **kw)
+        try:
+            fw.wait_connected()
+            cluster.wait_workers(fe, listed)
+        except BaseException:
+            fw.close()
+            raise
+        return fw
+
+    def first_routed(self, prefix, send, tries=8):
+        """Sends requests (send(rid) -> result) until one's first attempt lands on this worker (the
+        frontend spreads them over its workers; the others are answered by the mocker and returned
+        too, for checking). Returns (rid, the result of that one, (conn, stream) here, [(rid,
+        result) of the others])."""
+        others = []
+        for _ in range(tries):
+            rid = f"{prefix}-{next(_rids)}-{int(time.time() * 1000)}"
+            res = send(rid)
+            got = self.request_of(rid)
+            if got:
+                conn, stream, payload = got
+                assert not payload.get("carried"), f"{rid}: the fake worker got a continuation first: {payload}"
+                return rid, res, (conn, stream), others
+            others.append((rid, res))
+        raise AssertionError(f"{tries} requests and none was routed to the fake worker")
 
     def request_of(self, request_id):
         """(connection number, stream id, payload as JSON) of the last REQUEST with that request_id, or None."""

@@ -29,7 +29,9 @@
  * bt_open_regular opens a regular file (back in blocking mode) and refuses, at once and with what
  * it is, a FIFO without a writer (which a plain open would wait on for ever), /dev/zero, a
  * directory and a missing path; bt_load_secret reads a secret file through it (trailing newlines
- * removed) and refuses the same, and an empty file. */
+ * removed) and refuses the same, and an empty file. bt_read_text_file reads a file of at most
+ * `max` bytes whole (an empty one too) and refuses, with a reason that quotes nothing of the
+ * content, one of max + 1 bytes, one holding a NUL, a directory, a FIFO (at once) and a device. */
 #include <inttypes.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -654,9 +656,83 @@ static void test_open_regular(void **state) {
     rmdir(dir);
 }
 
+/* ---- bt_read_text_file ---- */
+
+static void write_file(const char *path, const void *data, size_t n) {
+    FILE *f = fopen(path, "wb");
+    assert_non_null(f);
+    assert_int_equal(fwrite(data, 1, n, f), n);
+    assert_int_equal(fclose(f), 0);
+}
+
+static void test_read_text_file(void **state) {
+    (void)state;
+    char dir[] = "/tmp/baton-test-text-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    char ok[128], full[128], over[128], nul[128], empty[128], fifo[128];
+    snprintf(ok, sizeof ok, "%s/ok", dir);
+    snprintf(full, sizeof full, "%s/full", dir);
+    snprintf(over, sizeof over, "%s/over", dir);
+    snprintf(nul, sizeof nul, "%s/nul", dir);
+    snprintf(empty, sizeof empty, "%s/empty", dir);
+    snprintf(fifo, sizeof fifo, "%s/fifo", dir);
+    write_file(ok, "k=1\r\nk2=2\n", 10);
+    write_file(full, "0123456789abcdef", 16);  /* exactly max */
+    write_file(over, "0123456789abcdefg", 17); /* max + 1 */
+    write_file(nul, "sk-\0secret\n", 11);      /* a NUL inside a line */
+    write_file(empty, "", 0);
+    assert_int_equal(mkfifo(fifo, 0600), 0);
+    /* a FIFO without a writer that the read waited on would stop the test here, not fail it */
+    alarm(20);
+
+    char *out = (char *)1, why[128];
+    size_t len = 99;
+    assert_int_equal(bt_read_text_file(ok, 16, &out, &len, why, sizeof why), BT_OK);
+    assert_int_equal(len, 10);
+    assert_memory_equal(out, "k=1\r\nk2=2\n", 11); /* with its terminating NUL */
+    free(out);
+    assert_int_equal(bt_read_text_file(full, 16, &out, &len, why, sizeof why), BT_OK);
+    assert_int_equal(len, 16);
+    assert_string_equal(out, "0123456789abcdef");
+    free(out);
+    assert_int_equal(bt_read_text_file(empty, 16, &out, &len, why, sizeof why), BT_OK);
+    assert_int_equal(len, 0);
+    assert_string_equal(out, "");
+    free(out);
+
+    const struct {
+        const char *path;
+        bt_status st;
+        const char *why;
+    } refused[] = {{over, BT_ERR_TOO_LARGE, "is over 16 bytes"},
+                   {nul, BT_ERR_INVALID, "holds a NUL byte"},
+                   {dir, BT_ERR_IO, "Is a directory"},
+                   {fifo, BT_ERR_IO, "a FIFO, not a regular file"},
+                   {"/dev/zero", BT_ERR_IO, "a character device, not a regular file"}};
+    for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) {
+        out = (char *)1;
+        len = 99;
+        why[0] = '\0';
+        assert_int_equal(bt_read_text_file(refused[i].path, 16, &out, &len, why, sizeof why), refused[i].st);
+        assert_null(out);
+        assert_int_equal(len, 0);
+        assert_string_equal(why, refused[i].why);
+        assert_null(strstr(why, "secret")); /* never the content */
+    }
+    alarm(0);
+    unlink(ok);
+    unlink(full);
+    unlink(over);
+    unlink(nul);
+    unlink(empty);
+    unlink(fifo);
+    rmdir(dir);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_open_regular),
+        cmocka_unit_test(test_read_text_file),
         cmocka_unit_test(test_each_class),
         cmocka_unit_test(test_random_against_reference),
         cmocka_unit_test(test_piece_boundaries),
