@@ -80,7 +80,7 @@ static void on_error(void *ud, bt_status code, const char *msg) {
     if (s->action) s->action(s, EV_ERROR);
 }
 
-static const bt_engine_sink sink = {on_tokens, on_finish, on_error};
+static const bt_engine_sink sink = {on_tokens, on_finish, on_error, NULL};
 
 static void free_seq(void *owner, bt_deliver_seq *ds) {
     fake_engine *e = owner;

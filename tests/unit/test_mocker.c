@@ -82,7 +82,7 @@ static void s_error(void *ud, bt_status code, const char *msg) {
     snprintf(r->errmsg, sizeof r->errmsg, "%s", msg);
 }
 
-static const bt_engine_sink k_sink = {s_tokens, s_finish, s_error};
+static const bt_engine_sink k_sink = {s_tokens, s_finish, s_error, NULL};
 
 typedef struct {
     bt_api api;
