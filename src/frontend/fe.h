@@ -72,6 +72,7 @@ typedef struct {
     uint64_t tokens_out;
     uint64_t preempt_routed; /* new requests routed past the busy verdict to a worker that preempts for them */
     uint64_t token_timeouts; /* attempts given up after --stream-token-timeout of silence on their stream */
+    uint64_t stream_waits[2]; /* WAITING frames received, by reason (BT_WAIT_QUEUED, BT_WAIT_PREEMPTED) */
 } fe_stats;
 
 struct fe_model {

@@ -217,6 +217,7 @@ static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
         if (!a || bt_frame_get_waiting(f, &why) != BT_OK) return;
         a->t_heard_ms = (uint32_t)uv_now(w->fe->loop);
         a->waiting = true;
+        a->req->model->st.stream_waits[why]++; /* the codec admits only the two reasons */
         BT_DEBUG("request %s: worker %" PRIx64 " keeps stream %u waiting (%s)", a->req->rid, w->id, f->stream,
                  why == BT_WAIT_PREEMPTED ? "preempted" : "queued");
         return;
