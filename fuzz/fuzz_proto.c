@@ -64,6 +64,10 @@ static void typed_roundtrip(const bt_frame *f, bt_buf *out) {
         CHECK(bt_frame_get_load(f, &lr) == BT_OK);
         CHECK(bt_frame_put_load(out, &lr) == BT_OK);
         break;
+    case BT_FRAME_WAITING:
+        CHECK(bt_frame_get_waiting(f, &r) == BT_OK);
+        CHECK(bt_frame_put_waiting(out, f->stream, r) == BT_OK);
+        break;
     case BT_FRAME_KVSTATE: {
         uint64_t total, off;
         const uint8_t *d;

@@ -25,6 +25,7 @@ void bt_deliver_add(bt_deliver *d, bt_deliver_seq *s, const bt_engine_sink *sink
     s->ud = ud;
     s->state = BT_DELIVER_LIVE;
     s->queued = false;
+    s->wait_staged = false;
     s->end = BT_DELIVER_END_NONE;
     bt_buf_init(&s->text, text_cap);
     LIST_INSERT_HEAD(&d->seqs, s, all);
@@ -80,8 +81,16 @@ bt_status bt_deliver_stage(bt_deliver *d, bt_deliver_seq *s, const uint32_t *ids
     }
     if (n) memcpy(s->ids + s->n_ids, ids, n * sizeof *ids);
     s->n_ids += n;
+    if (n) s->wait_staged = false; /* it ran again since: that wait is over */
     enqueue(d, s);
     return BT_OK;
+}
+
+void bt_deliver_wait(bt_deliver *d, bt_deliver_seq *s, bt_engine_wait reason) {
+    if (s->state != BT_DELIVER_LIVE || !s->sink.on_wait) return;
+    s->wait_staged = true;
+    s->wait_reason = reason;
+    enqueue(d, s);
 }
 
 bool bt_deliver_now(bt_deliver *d, bt_deliver_seq *s, const uint32_t *ids, size_t n, const char *text,
@@ -154,6 +163,11 @@ void bt_deliver_drain(bt_deliver *d) {
             deliver_output(s);
             if (d->closed) goto out;
             dequeue(d, s); /* what the callback staged for s is delivered now, in order */
+        }
+        if (s->wait_staged && s->state == BT_DELIVER_LIVE) { /* after the output that came before it */
+            s->wait_staged = false;
+            s->sink.on_wait(s->ud, s->wait_reason);
+            if (d->closed) goto out;
         }
         if (s->state != BT_DELIVER_ENDING) continue;
         bury(d, s); /* the handle is dead once the sink hears the ending */

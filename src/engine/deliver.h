@@ -62,6 +62,9 @@ typedef struct bt_deliver_seq {
     uint32_t *ids;
     size_t n_ids, cap_ids;
     bt_buf text;
+    /* staged wait (bt_engine_sink.on_wait): told after the staged output, dropped by later output */
+    bool wait_staged;
+    bt_engine_wait wait_reason;
     /* staged ending */
     bt_deliver_end end;
     bt_finish_reason reason;
@@ -106,8 +109,9 @@ void bt_deliver_add(bt_deliver *d, bt_deliver_seq *s, const bt_engine_sink *sink
  * before bt_deliver_add finished: it may be called on a zeroed bt_deliver_seq). */
 void bt_deliver_seq_release(bt_deliver_seq *s);
 
-/* Appends output (ids and their text) to what s will receive at the next drain; queues s. A
- * no-op for a sequence that is not live. BT_ERR_NOMEM or BT_ERR_TOO_LARGE: nothing was added. */
+/* Appends output (ids and their text) to what s will receive at the next drain; queues s. Token
+ * ids end a staged wait (bt_deliver_wait): the sequence runs again. A no-op for a sequence that is
+ * not live. BT_ERR_NOMEM or BT_ERR_TOO_LARGE: nothing was added. */
 bt_status bt_deliver_stage(bt_deliver *d, bt_deliver_seq *s, const uint32_t *ids, size_t n, const char *text,
                            size_t text_len);
 
@@ -115,6 +119,12 @@ bt_status bt_deliver_stage(bt_deliver *d, bt_deliver_seq *s, const uint32_t *ids
  * callbacks (depth > 0) and stages none for s. False when s is dead or its ending is staged
  * afterwards, or the engine was closed, so that the caller stops working on it. */
 bool bt_deliver_now(bt_deliver *d, bt_deliver_seq *s, const uint32_t *ids, size_t n, const char *text, size_t text_len);
+
+/* The engine holds s without computing it (engine.h, bt_engine_sink.on_wait): its sink is told at
+ * the next drain, after the output staged before, unless output staged after this call ends the
+ * wait first or its ending is staged (then nothing is told). A no-op for a sequence that is not live
+ * or whose sink has no on_wait. */
+void bt_deliver_wait(bt_deliver *d, bt_deliver_seq *s, bt_engine_wait reason);
 
 /* Stages the ending (the first one counts; later ones and those of dead sequences are ignored);
  * delivered after the staged output at the next drain. msg may be NULL. */

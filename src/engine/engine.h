@@ -149,10 +149,22 @@ uint64_t bt_engine_gather_end(bt_engine_gather *g, uint64_t now_ns);
  * the engine had no state to give, e.g. the sequence was still waiting) of `len` bytes. */
 typedef void (*bt_engine_handoff_cb)(void *ud, uint8_t *state, size_t len);
 
+/* Why an engine holds a sequence without computing it (bt_engine_sink.on_wait). */
+typedef enum {
+    BT_ENGINE_WAIT_QUEUED = 0,    /* a scheduler step left it waiting: no sequence slot or KV blocks for it */
+    BT_ENGINE_WAIT_PREEMPTED = 1, /* its KV was dropped (KV full, or a more urgent sequence); to be recomputed */
+} bt_engine_wait;
+
 typedef struct {
     void (*on_tokens)(void *ud, const uint32_t *ids, size_t n, const char *text, size_t text_len);
     void (*on_finish)(void *ud, bt_finish_reason reason, const bt_usage *usage);
     void (*on_error)(void *ud, bt_status code, const char *msg);
+    /* Optional (NULL: not told). The sequence waits in the engine, computed by no step, until its
+     * next on_tokens or its ending: told once per wait, after the output produced before it, and
+     * only for a wait still on when the engine delivers (a wait that ended before is not told). An
+     * engine whose ops say tells_waits tells every wait of its sequences: queued at a scheduler step
+     * that could not admit them, preempted. */
+    void (*on_wait)(void *ud, bt_engine_wait reason);
 } bt_engine_sink;
 
 typedef struct {
@@ -199,6 +211,11 @@ typedef struct {
     void (*handoff)(bt_engine *e, bt_engine_seq *s, bt_engine_handoff_cb cb, void *ud);
     /* Optional: the engine's KV hand-off counters (zeros when NULL). */
     void (*kv_stats)(bt_engine *e, bt_engine_kv_stats *out);
+    /* The engine tells its sequences' every wait (bt_engine_sink.on_wait): a sequence it has not
+     * told about is being computed. False for an engine that cannot see its sequences wait (the
+     * OpenAI proxy: its upstream queues them), whose worker then does not announce
+     * BT_HELLO_WAITING (docs/protocol.md). */
+    bool tells_waits;
 } bt_engine_ops;
 
 struct bt_engine {
@@ -224,6 +241,7 @@ static inline void bt_engine_card(bt_engine *e, json_t *card) { e->ops->card(e, 
  * cb(ud, NULL, 0) before returning. */
 void bt_engine_handoff(bt_engine *e, bt_engine_seq *s, bt_engine_handoff_cb cb, void *ud);
 void bt_engine_kv_stats_get(bt_engine *e, bt_engine_kv_stats *out);
+static inline bool bt_engine_tells_waits(const bt_engine *e) { return e && e->ops->tells_waits; }
 static inline void bt_engine_destroy(bt_engine *e) {
     if (e) e->ops->destroy(e);
 }

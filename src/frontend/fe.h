@@ -73,6 +73,7 @@ typedef struct {
     uint64_t tokens_out;
     uint64_t preempt_routed; /* new requests routed past the busy verdict to a worker that preempts for them */
     uint64_t token_timeouts; /* attempts given up after --stream-token-timeout of silence on their stream */
+    uint64_t stream_waits[2]; /* WAITING frames received, by reason (BT_WAIT_QUEUED, BT_WAIT_PREEMPTED) */
 } fe_stats;
 
 struct fe_model {
@@ -108,6 +109,10 @@ struct fe_worker {
      * (the probe) or discovery re-announces the worker. No time limit: a worker that cannot prove
      * itself stays out. */
     bool quarantined;
+    /* Its HELLO announced BT_HELLO_WAITING: its engine reports every wait of a stream (a WAITING
+     * frame), so --stream-token-timeout judges each of its silent streams that was not told, whatever
+     * its LOAD says (an older worker: none of its streams while its LOAD shows sequences waiting). */
+    bool tells_waits;
     bt_load_report load;
     uint64_t load_ms; /* when the last LOAD arrived (0 = never) */
     /* Load reports: [0] LOAD frames applied, [1] event-plane reports applied, [2] LOAD frames not
@@ -181,6 +186,10 @@ struct fe_attempt {
     uint32_t tokens; /* tokens received on this attempt */
     int number;      /* 1 = the first attempt */
     bool preempting; /* routed past its worker's busy verdict: counted in its preempt_pending until its first token */
+    /* Its worker's engine keeps the stream waiting (a WAITING frame; its next TOKENS ends it):
+     * --stream-token-timeout does not judge its silence. In the padding after `preempting`: the
+     * first cache line keeps its layout. */
+    bool waiting;
     uint64_t t_sent_us, t_last_us; /* when its REQUEST was written; its last tokens (outlier.h) */
     /* A KV state relayed ahead of the REQUEST (workers.c): its pieces are written paced, and the
      * REQUEST payload waits in held_req until the last one is out (held_req NULL: written). */
@@ -581,10 +590,13 @@ void fe_attempt_abandon(fe_attempt *a);
 /* The request is handed off to another frontend (shutdown): a is detached and freed with no KILL. */
 void fe_attempt_release(fe_attempt *a);
 /* --stream-token-timeout: starts f's sweep (a no-op when the option is 0). Every running attempt
- * of the loop that has heard nothing of its stream for that long, on a worker whose last load
- * report shows nothing waiting (a queued or preempted sequence is not a lost one), is given up: its worker gets a
- * KILL for the stream, and the request migrates as after a worker's failure (BT_ERR_TIMEOUT),
- * charged to its budget. The timer is f->token_sweep, initialised by the caller and closed with
+ * of the loop that has heard nothing of its stream for that long is given up, unless its worker's
+ * engine keeps it waiting (a queued or preempted sequence is not a lost one): told by a WAITING
+ * frame for the stream, or, from a worker that does not send those (no BT_HELLO_WAITING), while its
+ * last load report shows sequences waiting. Its worker gets a KILL for the stream, and the request
+ * migrates as after a worker's failure (BT_ERR_TIMEOUT), charged to its budget; when no other
+ * worker could take the continuation, the worker is not quarantined and the continuation goes back
+ * to it. The timer is f->token_sweep, initialised by the caller and closed with
  * the loop's handles. */
 void fe_token_sweep_start(fe *f);
 

@@ -87,6 +87,14 @@ static void collect_models(fe *f, bt_metrics *r) {
                              "--stream-token-timeout (each then counts as a migration)");
     for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link))
         bt_metrics_add(fam, (double)m->st.token_timeouts, "model", m->name, NULL);
+    fam = bt_metrics_counter(r, "baton_frontend_stream_waits_total",
+                             "Streams whose worker's engine reported them waiting (WAITING frames): queued for a "
+                             "slot, or preempted to be recomputed; --stream-token-timeout does not judge them meanwhile");
+    for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link)) {
+        bt_metrics_add(fam, (double)m->st.stream_waits[BT_WAIT_QUEUED], "model", m->name, "reason", "queued", NULL);
+        bt_metrics_add(fam, (double)m->st.stream_waits[BT_WAIT_PREEMPTED], "model", m->name, "reason", "preempted",
+                       NULL);
+    }
     fam = bt_metrics_gauge(r, "dynamo_frontend_model_migration_limit", BT_MERGE_MAX,
                            "Extra attempts a request may get (--migration-limit)");
     for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link))

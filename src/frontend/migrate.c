@@ -379,17 +379,40 @@ static void attempt_failed(fe_req *r, bt_status code, const char *msg) {
     fe_migrate_dispatch(r);
 }
 
+/* Whether a worker of r's model other than w could take r's continuation: one routable and not
+ * ejected, with the exactness fingerprint of the tokens delivered (busy ones count: a continuation
+ * goes to a busy worker rather than fail). */
+static bool others_can_continue(const fe_req *r, const fe_worker *w) {
+    const char *exact = r->nids && r->exactness[0] ? r->exactness : NULL;
+    const fe_model *m = r->model;
+    for (size_t i = 0; i < m->nws; i++) {
+        fe_worker *o = m->ws[i];
+        if (o == w || !fe_worker_routable(o) || fe_outlier_ejected(r->fe, o)) continue;
+        if (!exact || strcmp(o->exactness, exact) == 0) return true;
+    }
+    return false;
+}
+
 /* The frontend ends attempt a on a worker that is alive but broke its stream (a frame across
  * max_tokens, --stream-token-timeout): the worker gets a KILL for the stream (its engine frees the
  * sequence; a frame that still comes for it is for a stream this frontend no longer knows, and
  * ignored) and is quarantined until a fresh handshake, as after a migratable ERROR, and the request
- * migrates as after that worker's failure: charged to its budget, `code` and `msg` in its log. */
-static void attempt_give_up(fe_attempt *a, const char *quarantine_why, bt_status code, const char *msg) {
+ * migrates as after that worker's failure: charged to its budget, `code` and `msg` in its log.
+ * may_return: when no other worker could take the continuation, the worker is not quarantined and
+ * the continuation goes back to it (routing hands back the worker that failed last when it is the
+ * only one left), still charged: quarantined, the model's only worker would fail the request at
+ * once with budget left, and every new request with it until its probe. */
+static void attempt_give_up(fe_attempt *a, const char *quarantine_why, bt_status code, const char *msg,
+                            bool may_return) {
     fe_req *r = a->req;
     fe_worker *w = a->worker;
     fe_worker_send_cancel(w, a->stream_id, true);
     if (w->conn) bt_rpc_flush(w->conn);
-    fe_worker_quarantine(w, quarantine_why);
+    if (may_return && !others_can_continue(r, w))
+        BT_INFO("request %s: no other worker can take its continuation: worker %" PRIx64
+                " (%s) is not quarantined, and the continuation may go back to it (%s)",
+                r->rid, w->id, w->transport, quarantine_why);
+    else fe_worker_quarantine(w, quarantine_why);
     r->failed_worker = w->id;
     attempt_detach(a);
     if (r->state == FE_REQ_DONE) return;
@@ -409,7 +432,7 @@ static void attempt_overran(fe_attempt *a, size_t n) {
             " (%zu delivered before it); dropping the frame and failing the attempt",
             r->rid, a->worker->id, n, r->max_tokens, r->nids);
     attempt_give_up(a, "a frame of tokens across a request's max_tokens", BT_ERR_PROTOCOL,
-                    "the worker sent a frame of tokens across max_tokens");
+                    "the worker sent a frame of tokens across max_tokens", false);
 }
 
 void fe_attempt_on_tokens(fe_attempt *a, const uint32_t *ids, size_t n, const char *text, size_t len) {
@@ -536,7 +559,9 @@ static void attempt_timed_out(fe_attempt *a, uint32_t silent_ms) {
     else fe_outlier_tokens(f, w, silent_s, 1);
     char msg[128];
     snprintf(msg, sizeof msg, "no token from the worker for %g s (--stream-token-timeout)", f->o.token_timeout);
-    attempt_give_up(a, "a stream timed out (--stream-token-timeout)", BT_ERR_TIMEOUT, msg);
+    /* a worker that answers pings and lost a stream may still serve the continuation: when nothing
+     * else can, it goes back there (charged, so a worker that loses every stream ends the request) */
+    attempt_give_up(a, "a stream timed out (--stream-token-timeout)", BT_ERR_TIMEOUT, msg, true);
 }
 
 /* Each period: every running attempt of the loop whose stream has been silent for the timeout is
@@ -568,11 +593,17 @@ again:
          * nothing it could answer yet: the wait is this frontend's pacing, not the worker's
          * silence (relay_step starts its clock when the REQUEST is written) */
         if (!a || a->held_req || now - a->t_heard_ms < limit) continue;
-        /* a worker whose last load report shows sequences waiting (queued, or preempted by a more
-         * urgent one and waiting to be recomputed) may be keeping this one waiting: its engine's
-         * scheduling, not a lost stream. Its silence counts only from when nothing waits there (a
-         * victim waits as long as the urgent sequence runs, however long that is). */
-        if (a->worker->load_ms && a->worker->load.waiting) {
+        /* its worker's engine keeps it waiting (queued, or preempted by a more urgent sequence and
+         * waiting to be recomputed: a WAITING frame for it, no TOKENS since): its engine's scheduling,
+         * not a lost stream, however long it lasts (a victim waits as long as the urgent sequence
+         * runs). Its next TOKENS starts its clock again. */
+        if (a->waiting) continue;
+        /* A worker that does not tell its streams' waits (no BT_HELLO_WAITING: an older build, or an
+         * engine that cannot see them) may be keeping this one waiting whenever its last load report
+         * shows sequences waiting: its silence then counts only from when nothing waits there. A
+         * worker that always has something waiting hides a lost stream from this rule; one that
+         * tells its waits has every other silent stream judged. */
+        if (!a->worker->tells_waits && a->worker->load_ms && a->worker->load.waiting) {
             a->t_heard_ms = now;
             continue;
         }

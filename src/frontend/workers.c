@@ -135,6 +135,7 @@ static void on_conn_open(void *ud, bt_rpc_conn *c) {
         return;
     }
     w->backoff_ms = 0;
+    w->tells_waits = bt_rpc_peer_flags(c) & BT_HELLO_WAITING; /* this connection's worker: it may be another build */
     if (w->quarantined) { /* it proved itself: a fresh handshake */
         w->quarantined = false;
         BT_INFO("worker %" PRIx64 " (%s) out of quarantine: reconnected", w->id, w->transport);
@@ -191,6 +192,7 @@ static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
         fe_attempt *a = bt_map_get(&w->streams, f->stream);
         if (!a) return;
         a->t_heard_ms = (uint32_t)uv_now(w->fe->loop); /* the stream is alive (--stream-token-timeout) */
+        a->waiting = false; /* and running again, if its engine had kept it waiting */
         uint32_t ids[BT_TOKENS_MAX];
         size_t n, tl;
         const char *text;
@@ -205,6 +207,19 @@ static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
         size_t n;
         if (a) a->t_heard_ms = (uint32_t)uv_now(w->fe->loop); /* a stream given back piece by piece is alive */
         if (a && bt_frame_get_kvstate(f, &total, &off, &d, &n) == BT_OK) fe_attempt_on_kvstate(a, total, off, d, n);
+        return;
+    }
+    case BT_FRAME_WAITING: {
+        /* the engine holds the stream (queued, or preempted to be recomputed): its silence until
+         * its next TOKENS is the engine's scheduling, not a lost stream (--stream-token-timeout) */
+        fe_attempt *a = bt_map_get(&w->streams, f->stream);
+        uint8_t why;
+        if (!a || bt_frame_get_waiting(f, &why) != BT_OK) return;
+        a->t_heard_ms = (uint32_t)uv_now(w->fe->loop);
+        a->waiting = true;
+        a->req->model->st.stream_waits[why]++; /* the codec admits only the two reasons */
+        BT_DEBUG("request %s: worker %" PRIx64 " keeps stream %u waiting (%s)", a->req->rid, w->id, f->stream,
+                 why == BT_WAIT_PREEMPTED ? "preempted" : "queued");
         return;
     }
     case BT_FRAME_FINISH: {

@@ -43,6 +43,7 @@ static uint8_t *wr64(uint8_t *p, uint64_t v) { return wr32(wr32(p, (uint32_t)(v 
 #define PING_LEN 8u
 #define LOAD_LEN 52u
 #define AUTH_PAYLOAD_LEN (1u + BT_AUTH_LEN)
+#define WAITING_LEN 1u
 
 static bool on_stream0(uint8_t type) {
     return type == BT_FRAME_HELLO || type == BT_FRAME_PING || type == BT_FRAME_PONG || type == BT_FRAME_LOAD ||
@@ -66,6 +67,7 @@ static const char *check_header(uint8_t type, uint32_t stream, uint64_t plen) {
     case BT_FRAME_AUTH: return plen == AUTH_PAYLOAD_LEN ? NULL : "bad AUTH payload size";
     case BT_FRAME_STOP:
     case BT_FRAME_KILL: return plen == 0 ? NULL : "STOP/KILL payload must be empty";
+    case BT_FRAME_WAITING: return plen == WAITING_LEN ? NULL : "bad WAITING payload size";
     case BT_FRAME_TOKENS: return plen >= 2 ? NULL : "TOKENS payload too short";
     case BT_FRAME_ERROR:
     case BT_FRAME_GOAWAY: return plen >= 2 ? NULL : "ERROR/GOAWAY payload too short";
@@ -90,6 +92,7 @@ static const char *check_payload(uint8_t type, const uint8_t *pl, uint32_t plen)
         if (pl[0] > 2) return "bad FINISH reason";
         if (pl[1] | pl[2] | pl[3]) return "FINISH padding not zero";
         return NULL;
+    case BT_FRAME_WAITING: return pl[0] > BT_WAIT_PREEMPTED ? "bad WAITING reason" : NULL;
     case BT_FRAME_KVSTATE: {
         uint64_t total = rd64(pl), off = rd64(pl + 8);
         if (total > BT_KV_STATE_MAX || off > total || plen - BT_KV_HEADER > total - off)
@@ -381,7 +384,7 @@ bt_status bt_frame_get_auth(const bt_frame *f, uint8_t *kind, const uint8_t **by
 const char *bt_frame_type_name(uint8_t type) {
     static const char *const names[] = {NULL,   "HELLO", "REQUEST", "TOKENS", "FINISH", "ERROR",
                                         "STOP", "KILL",  "PING",    "PONG",   "LOAD",   "GOAWAY",
-                                        "AUTH", "KVSTATE"};
+                                        "AUTH", "KVSTATE", "WAITING"};
     if (type >= 1 && type <= BT_FRAME_TYPE_MAX_) return names[type];
     return "UNKNOWN";
 }
@@ -410,5 +413,18 @@ bt_status bt_frame_get_kvstate(const bt_frame *f, uint64_t *total, uint64_t *off
     if (offset) *offset = o;
     if (data) *data = f->payload + BT_KV_HEADER;
     if (len) *len = n;
+    return BT_OK;
+}
+
+bt_status bt_frame_put_waiting(bt_buf *out, uint32_t stream, uint8_t reason) {
+    if (reason > BT_WAIT_PREEMPTED) return BT_ERR_INVALID;
+    return bt_frame_put(out, BT_FRAME_WAITING, stream, &reason, WAITING_LEN);
+}
+
+bt_status bt_frame_get_waiting(const bt_frame *f, uint8_t *reason) {
+    bt_status st = expect(f, BT_FRAME_WAITING, WAITING_LEN);
+    if (st != BT_OK) return st;
+    if (f->payload[0] > BT_WAIT_PREEMPTED) return BT_ERR_PROTOCOL;
+    if (reason) *reason = f->payload[0];
     return BT_OK;
 }

@@ -39,7 +39,8 @@ typedef enum {
     BT_FRAME_GOAWAY = 11,  /* W→FE, stream 0: u16 status code, then UTF-8 reason; route nothing new */
     BT_FRAME_AUTH = 12,    /* both ways, stream 0: u8 kind (1 challenge, 2 response), 32 bytes */
     BT_FRAME_KVSTATE = 13, /* both ways, stream != 0: u64 total, u64 offset, bytes: one piece of a KV state */
-    BT_FRAME_TYPE_MAX_ = 13
+    BT_FRAME_WAITING = 14, /* W→FE, stream != 0: u8 reason (BT_WAIT_*); the engine keeps the stream waiting */
+    BT_FRAME_TYPE_MAX_ = 14
 } bt_frame_type;
 
 typedef enum { BT_ROLE_FRONTEND = 1, BT_ROLE_WORKER = 2 } bt_role;
@@ -47,6 +48,10 @@ typedef enum { BT_ROLE_FRONTEND = 1, BT_ROLE_WORKER = 2 } bt_role;
 /* HELLO flags (the frame header's flags byte of a HELLO; a receiver ignores bits it does not know,
  * so a peer without them is simply one that lacks the capability) */
 #define BT_HELLO_KVSTATE 0x1u /* the sender understands KVSTATE frames (the KV hand-off) */
+/* A frontend: it understands WAITING frames. A worker: its engine reports every wait of a stream
+ * with a WAITING frame (to a frontend that announced the flag), so a silent stream that had none
+ * is not waiting in its engine (docs/protocol.md, WAITING). */
+#define BT_HELLO_WAITING 0x2u
 
 /* LOAD flags */
 #define BT_LOAD_READY 0x1u /* the worker's endpoint is ready (canary passing, not draining) */
@@ -149,6 +154,13 @@ bt_status bt_frame_put_kvstate(bt_buf *out, uint32_t stream, uint64_t total, uin
                                size_t len);
 bt_status bt_frame_get_kvstate(const bt_frame *f, uint64_t *total, uint64_t *offset, const uint8_t **data,
                                size_t *len);
+
+/* WAITING: the worker's engine holds the stream without computing it, until the stream's next
+ * TOKENS (or its FINISH or ERROR). The reason is informative; the frontend treats both alike. */
+#define BT_WAIT_QUEUED 0    /* not admitted yet: no sequence slot or KV blocks free */
+#define BT_WAIT_PREEMPTED 1 /* preempted (its KV dropped) for a more urgent sequence or a full KV cache; to be recomputed */
+bt_status bt_frame_put_waiting(bt_buf *out, uint32_t stream, uint8_t reason);
+bt_status bt_frame_get_waiting(const bt_frame *f, uint8_t *reason);
 
 const char *bt_frame_type_name(uint8_t type);
 

@@ -79,6 +79,7 @@ void bt_rpc_config_default(bt_rpc_config *c, uint16_t role, uint64_t instance_id
     c->dead_after_ms = 2000;
     c->connect_timeout_ms = 3000;
     c->max_out_bytes = 64u * 1024 * 1024;
+    c->hello_flags = BT_HELLO_KVSTATE | BT_HELLO_WAITING;
 }
 
 static void conn_fail(bt_rpc_conn *c, bt_status why, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
@@ -451,7 +452,7 @@ static void start_session(bt_rpc_conn *c) {
         return;
     }
     c->session_ms = c->last_rx_ms;
-    bt_frame_put_hello_flags(bt_rpc_wbuf(c), BT_HELLO_KVSTATE, c->cfg.role, c->cfg.instance_id);
+    bt_frame_put_hello_flags(bt_rpc_wbuf(c), c->cfg.hello_flags, c->cfg.role, c->cfg.instance_id);
     if (c->cfg.role == BT_ROLE_WORKER && c->cfg.secret && *c->cfg.secret) {
         for (size_t i = 0; i < BT_AUTH_LEN; i += 8) {
             uint64_t r = bt_random64();

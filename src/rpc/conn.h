@@ -60,6 +60,10 @@ typedef struct {
      * and accepts nothing until it proves the secret (HMAC-SHA256 of a fresh nonce; the secret
      * never crosses the wire). A frontend with a secret answers such challenges. */
     const char *secret;
+    /* The flags of this side's HELLO (BT_HELLO_*): what it understands or does. Default
+     * BT_HELLO_KVSTATE | BT_HELLO_WAITING; a worker whose engine does not report its streams' waits
+     * clears BT_HELLO_WAITING. */
+    uint8_t hello_flags;
 } bt_rpc_config;
 
 void bt_rpc_config_default(bt_rpc_config *c, uint16_t role, uint64_t instance_id);
@@ -81,7 +85,7 @@ void bt_rpc_flush(bt_rpc_conn *c);
 /* Bytes written by the owner and not yet taken by the kernel (corked plus queued in libuv). */
 size_t bt_rpc_unsent(const bt_rpc_conn *c);
 /* The flags of the peer's HELLO (BT_HELLO_*: what it understands); 0 before the handshake. This
- * side always announces BT_HELLO_KVSTATE. */
+ * side announces its config's hello_flags. */
 uint8_t bt_rpc_peer_flags(const bt_rpc_conn *c);
 bool bt_rpc_is_open(const bt_rpc_conn *c);   /* handshake done and not closing */
 uint64_t bt_rpc_peer_instance(const bt_rpc_conn *c);

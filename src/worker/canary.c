@@ -98,7 +98,7 @@ static void on_canary_error(void *ud, bt_status code, const char *msg) {
     canary_over(w);
 }
 
-static const bt_engine_sink canary_sink = {on_canary_tokens, on_canary_finish, on_canary_error};
+static const bt_engine_sink canary_sink = {on_canary_tokens, on_canary_finish, on_canary_error, NULL};
 
 static void on_canary_timeout(uv_timer_t *t) {
     wk_worker *w = t->data;

@@ -164,6 +164,7 @@ void wk_orphan_replay(wk_stream *s, uint32_t k) {
         }
         bt_frame_put_tokens(b, s->id, ids, n, h->text + x0, h->fr[k].text - x0);
     }
+    if (!s->done && s->waiting) wk_send_waiting(s, (uint8_t)(s->waiting - 1)); /* still waiting in the engine */
     if (s->done) {
         if (b) bt_frame_put_finish(b, s->id, s->fin_reason, s->fin_prompt, s->fin_completion);
         s->p->w->requests_ok++;

@@ -107,6 +107,7 @@ static void on_seq_tokens(void *ud, const uint32_t *ids, size_t n, const char *t
     wk_stream *s = ud;
     wk_worker *w = s->w;
     s->tokens += (uint32_t)n;
+    s->waiting = 0; /* its frontend ends the wait at this TOKENS frame too */
     w->tokens_total += n;
     wk_monitor_progress(w);
     if (s->key[0] && !wk_history_add(s, ids, n, text, text_len)) {
@@ -160,7 +161,22 @@ static void on_seq_error(void *ud, bt_status code, const char *msg) {
     wk_stream_free(s);
 }
 
-static const bt_engine_sink seq_sink = {on_seq_tokens, on_seq_finish, on_seq_error};
+void wk_send_waiting(wk_stream *s, uint8_t reason) {
+    if (s->orphaned || s->ignored_kill || !(bt_rpc_peer_flags(s->p->conn) & BT_HELLO_WAITING)) return;
+    bt_buf *b = bt_rpc_wbuf(s->p->conn);
+    if (b) bt_frame_put_waiting(b, s->id, reason);
+}
+
+/* The engine holds the sequence without computing it (queued, or preempted to be recomputed): its
+ * frontend does not take the stream's silence for a lost stream (--stream-token-timeout). */
+static void on_seq_wait(void *ud, bt_engine_wait why) {
+    wk_stream *s = ud;
+    uint8_t reason = why == BT_ENGINE_WAIT_PREEMPTED ? BT_WAIT_PREEMPTED : BT_WAIT_QUEUED;
+    s->waiting = (uint8_t)(1 + reason);
+    wk_send_waiting(s, reason);
+}
+
+static const bt_engine_sink seq_sink = {on_seq_tokens, on_seq_finish, on_seq_error, on_seq_wait};
 
 wk_stream *wk_find_stream(wk_worker *w, bool (*match)(const wk_stream *s, const void *ud), const void *ud,
                           wk_peer **peer) {
@@ -782,6 +798,10 @@ static int worker_run(wk_worker *w) {
     bt_rpc_config rc;
     bt_rpc_config_default(&rc, BT_ROLE_WORKER, w->instance_id);
     rc.dead_after_ms = (uint32_t)o->frontend_dead_after * 1000;
+    /* announced only when the engine tells every wait: a frontend then judges every silent stream
+     * that was not told (an OpenAI upstream's queue is invisible here: its LOAD's waiting count
+     * keeps the frontend's older, whole-worker rule) */
+    if (!bt_engine_tells_waits(w->engine)) rc.hello_flags &= (uint8_t)~BT_HELLO_WAITING;
     if (bt_proc_load_secret(&o->p, &o->rpc_secret, err, sizeof err) != BT_OK) {
         BT_ERROR("%s", err);
         return 2;

@@ -92,6 +92,9 @@ typedef struct wk_stream {
     bt_ctx *ctx;
     uint64_t t_kill_us; /* when the KILL frame arrived (0 = none) */
     bool ignored_kill;  /* --fault-ignore-kill: killed for the frontend, left running in the engine */
+    /* Its engine told a wait (bt_engine_sink.on_wait) and no token came since: 1 + its BT_WAIT_*
+     * reason, 0 when not waiting. An adopting frontend is told too (orphan.c). */
+    uint8_t waiting;
     /* orphan.c */
     char key[33];     /* the REQUEST's stream_key: "" = never orphaned */
     wk_history hist;  /* kept while key is set */
@@ -261,6 +264,9 @@ const char *wk_state_name(wk_state s);
 /* Sends a LOAD snapshot to every peer (only == NULL) or to one. */
 void wk_send_load(wk_worker *w, wk_peer *only);
 void wk_send_stream_error(wk_peer *p, uint32_t id, bt_status code, const char *msg);
+/* Tells s's frontend that its engine keeps it waiting (a WAITING frame), when that frontend's HELLO
+ * announced BT_HELLO_WAITING (an older one would reject the frame type). */
+void wk_send_waiting(wk_stream *s, uint8_t reason);
 /* Removes a stream from its peer and frees it (the engine sequence must be over or killed). */
 void wk_stream_free(wk_stream *s);
 /* The first stream attached to a frontend that match accepts (any, with match NULL), and its peer

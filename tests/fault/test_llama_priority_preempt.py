@@ -12,7 +12,9 @@ One llama worker (the bundled stories260K model), --max-num-seqs 2.
    waits until one of them ends).
 3. Every low-priority stream reproduces its reference exactly (text, token ids, finish reason,
    usage), and baton_worker_preemptions_total{reason="priority"} counted a preemption per urgent
-   request.
+   request; the worker told the frontend of the waits (WAITING frames, docs/protocol.md): the
+   streams queued behind the first two and a preempted one at least
+   (baton_frontend_stream_waits_total).
 """
 
 import batonlib as bl
@@ -73,4 +75,9 @@ with bl.Cluster() as c:
         assert s.t_end < first_low_end, \
             f"an urgent request ended ({s.t_end:.2f}) after a low-priority stream ({first_low_end:.2f}): it waited for it"
     assert n_prio >= N_URGENT, f"only {n_prio:.0f} priority preemptions for {N_URGENT} urgent requests"
+    m = bl.metrics(fe.url)
+    waits = {r: bl.metric_sum(m, "baton_frontend_stream_waits_total", reason=r) for r in ("queued", "preempted")}
+    print(f"WAITING frames: {waits}", flush=True)
+    # a wait over before the engine's events reach the loop is not told (engine.h): at least one of each
+    assert waits["queued"] >= 1 and waits["preempted"] >= 1, waits
 print("test_llama_priority_preempt: ok")

@@ -4,9 +4,10 @@ request is not a lost stream.
 One mocker worker (--max-num-seqs 1, real-time steps) runs a low-priority stream; an urgent
 request (priority 0, 600 tokens: several times the bound) arrives mid-stream and preempts it, so
 the low-priority stream hears nothing until the urgent one ends. The frontend runs at
---stream-token-timeout 1. The worker reports the preempted sequence as waiting in its LOAD
-frames, and the sweep does not count a stream's silence while its worker reports sequences
-waiting (src/frontend/migrate.c, on_token_sweep):
+--stream-token-timeout 1. The worker's engine tells it the sequence was preempted, the worker
+sends a WAITING frame for the stream (docs/protocol.md), and the sweep does not judge a stream
+whose worker keeps it waiting (src/frontend/migrate.c, on_token_sweep); the worker announces
+BT_HELLO_WAITING, so its LOAD's waiting count no longer shields its streams:
 
   * the fault happened: the worker counted a priority preemption, and the low-priority stream's
     longest gap between two events is at least the bound;
@@ -14,9 +15,12 @@ waiting (src/frontend/migrate.c, on_token_sweep):
     ids, finish reason), the urgent one completes, and no stream was given up
     (baton_frontend_stream_token_timeouts_total and the migration counters unchanged, no
     "no frame from worker" line);
+  * the frontend counted the WAITING frame (baton_frontend_stream_waits_total{reason="preempted"});
   * the worker was not quarantined: a request right after both succeeds.
 
-Without the waiting rule, the sweep KILLed the preempted stream after 1 s, quarantined the only
+With the mocker telling no preemption, the stream was given up after the bound (its worker
+announces BT_HELLO_WAITING, so the LOAD's waiting count no longer covers it). Without any waiting
+rule, the sweep KILLed the preempted stream after 1 s, quarantined the only
 worker, and the client got a 503 "no worker left to continue the request" after 137 of its 300
 tokens; the next request got a 503 "no worker available" too."""
 
@@ -48,7 +52,8 @@ def urgent_body():
 def counters(fe):
     m = bl.metrics(fe.url)
     return {"timeouts": bl.metric_sum(m, "baton_frontend_stream_token_timeouts_total", model=MODEL),
-            "migrations": bl.metric_sum(m, "dynamo_frontend_model_migration_total")}
+            "migrations": bl.metric_sum(m, "dynamo_frontend_model_migration_total"),
+            "preempted_waits": bl.metric_sum(m, "baton_frontend_stream_waits_total", model=MODEL, reason="preempted")}
 
 
 with bl.Cluster() as c:
@@ -82,7 +87,7 @@ with bl.Cluster() as c:
     assert (low.text, list(low.token_ids), low.finish_reason) == (ref.text, list(ref.token_ids), ref.finish_reason), \
         "the preempted stream differs from its reference"
     d = {k: counters(fe)[k] - before[k] for k in before}
-    assert d == {"timeouts": 0, "migrations": 0}, d
+    assert d["timeouts"] == 0 and d["migrations"] == 0 and d["preempted_waits"] >= 1, d
     log = fe.proc.log_text()
     assert "no frame from worker" not in log and "quarantined" not in log, \
         [ln for ln in log.splitlines() if "no frame" in ln or "quarantined" in ln]

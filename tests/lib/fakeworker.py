@@ -15,6 +15,11 @@ connection stays alive (PONGs) while the stream never hears a frame. fw.frames r
 STOP and KILL frames with the connection they came on, and fw.request_of(request_id) finds a
 REQUEST by its request id. No request-plane secret (AUTH): use it with frontends that have none.
 
+hello_flags are the flags of its HELLO (0 by default: a worker that announces nothing, as an
+older build; HELLO_WAITING says it tells its streams' waits with WAITING frames), and after_hello
+bytes it sends right behind its HELLO, in the same write (a LOAD, say). fw.frontend_flags() is the
+flags of the frontend's HELLO on the connection whose on_request runs.
+
 Beside a real mocker worker, a test compares what the client gets when the fake worker misbehaves
 with the mocker's own answer to the same request:
 
@@ -36,6 +41,9 @@ import batonlib as bl
 
 HELLO, REQUEST, TOKENS, FINISH, ERROR, STOP, KILL, PING, PONG, LOAD, GOAWAY = range(1, 12)
 KVSTATE = 13
+WAITING = 14
+HELLO_KVSTATE, HELLO_WAITING = 0x1, 0x2
+WAIT_QUEUED, WAIT_PREEMPTED = 0, 1
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = 0, 1, 2
 
 
@@ -61,6 +69,11 @@ def load(total_blocks=16384, active_blocks=0, waiting=0, running=0, ready=True):
 def kvstate(stream, total, offset, data=b""):
     """A KVSTATE frame: one piece of a KV state of `total` bytes."""
     return frame(KVSTATE, stream, struct.pack(">QQ", total, offset) + data)
+
+
+def waiting(stream, reason=WAIT_QUEUED):
+    """A WAITING frame: the worker's engine keeps the stream waiting until its next TOKENS."""
+    return frame(WAITING, stream, struct.pack(">B", reason))
 
 
 def error(stream, code, msg):
@@ -96,8 +109,12 @@ _rids = itertools.count(1)  # request ids of first_routed, unique in the test pr
 
 
 class FakeWorker:
-    def __init__(self, discovery_dir, on_request, model="mock-model", namespace="dynamo"):
+    def __init__(self, discovery_dir, on_request, model="mock-model", namespace="dynamo", hello_flags=0,
+                 after_hello=b""):
         self.on_request = on_request
+        self.hello_flags = hello_flags
+        self.after_hello = after_hello
+        self._fe_flags = {}  # connection number -> flags of the frontend's HELLO
         self.instance_id = random.getrandbits(62) + 1
         self.requests = []  # (stream id, payload bytes) of every REQUEST, in order
         self.control = []  # (frame type, stream id) of every STOP and KILL
@@ -185,6 +202,26 @@ class FakeWorker:
                     return conn, stream, body
         return None
 
+    def frontend_flags(self):
+        """The flags of the frontend's HELLO on the connection whose on_request is running."""
+        return self._fe_flags.get(getattr(self._local, "number", None), 0)
+
+    def sender(self):
+        """From on_request: a function that sends bytes on that request's connection, later and from
+        any thread (fw.send from another thread goes to every connection)."""
+        own = getattr(self._local, "conn", None)
+
+        def send(data):
+            try:
+                own.sendall(data)
+            except (OSError, AttributeError):
+                pass
+        return send
+
+    def handshaken(self):
+        """How many connections have received the frontend's HELLO (and sent this worker's)."""
+        return len(self._fe_flags)
+
     def control_for(self, conn, stream):
         """The STOP and KILL frame types received for that stream of that connection, in order."""
         return [ftype for c, ftype, s, _ in list(self.frames) if c == conn and s == stream and ftype in (STOP, KILL)]
@@ -239,11 +276,13 @@ class FakeWorker:
             buf += d
             while len(buf) >= 4 and len(buf) >= 4 + struct.unpack(">I", buf[:4])[0]:
                 n = struct.unpack(">I", buf[:4])[0]
-                ftype, _, _, stream = struct.unpack(">BBHI", buf[4:12])
+                ftype, flags, _, stream = struct.unpack(">BBHI", buf[4:12])
                 payload = buf[12:4 + n]
                 buf = buf[4 + n:]
                 if ftype == HELLO:
-                    c.sendall(frame(HELLO, 0, struct.pack(">HHQ", 1, 2, self.instance_id)))
+                    self._fe_flags[self._local.number] = flags
+                    c.sendall(frame(HELLO, 0, struct.pack(">HHQ", 1, 2, self.instance_id), flags=self.hello_flags) +
+                              self.after_hello)
                 elif ftype == PING:
                     c.sendall(frame(PONG, 0, payload))
                 elif ftype == REQUEST:

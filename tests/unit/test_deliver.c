@@ -80,7 +80,7 @@ static void on_error(void *ud, bt_status code, const char *msg) {
     if (s->action) s->action(s, EV_ERROR);
 }
 
-static const bt_engine_sink sink = {on_tokens, on_finish, on_error};
+static const bt_engine_sink sink = {on_tokens, on_finish, on_error, NULL};
 
 static void free_seq(void *owner, bt_deliver_seq *ds) {
     fake_engine *e = owner;
@@ -143,6 +143,49 @@ static void test_order_and_coalescing(void **st) {
     static const char *const want[] = {"1 tok 10,11,xz", "1 fin stop 2", "2 tok 20,y", "2 err BT_ERR_ENGINE boom"};
     assert_log(&e, want, 4);
     assert_int_equal(e.n_freed, 2); /* both dead: freed at the drain's own leave */
+    assert_false(bt_deliver_pending(&e.dl));
+    bt_deliver_close(&e.dl);
+    assert_int_equal(e.teardowns, 1);
+}
+
+static void on_wait(void *ud, bt_engine_wait why) {
+    fseq *s = ud;
+    logf_(s->e, "%d wait %s", s->id, why == BT_ENGINE_WAIT_PREEMPTED ? "preempted" : "queued");
+}
+
+static const bt_engine_sink wait_sink = {on_tokens, on_finish, on_error, on_wait};
+
+/* A wait is told after the output staged before it, once; output staged after it ends it (nothing
+ * told), and so does an ending; a sink without on_wait is never queued for one. */
+static void test_wait(void **st) {
+    (void)st;
+    fake_engine e;
+    engine_init(&e);
+    fseq *w[4];
+    for (int i = 0; i < 4; i++) {
+        w[i] = calloc(1, sizeof *w[i]);
+        assert_non_null(w[i]);
+        w[i]->e = &e;
+        w[i]->id = i + 1;
+        bt_deliver_add(&e.dl, &w[i]->dl, &wait_sink, w[i], 1024);
+    }
+    stage(&e, w[0], 10, "x"); /* tokens, then preempted */
+    bt_deliver_wait(&e.dl, &w[0]->dl, BT_ENGINE_WAIT_PREEMPTED);
+    bt_deliver_wait(&e.dl, &w[1]->dl, BT_ENGINE_WAIT_QUEUED); /* queued, then admitted and ran */
+    stage(&e, w[1], 20, "y");
+    bt_deliver_wait(&e.dl, &w[2]->dl, BT_ENGINE_WAIT_QUEUED); /* queued, then stopped */
+    finish(&e, w[2], 0);
+    bt_deliver_wait(&e.dl, &w[3]->dl, BT_ENGINE_WAIT_QUEUED);
+    assert_int_equal(e.n_log, 0); /* staging a wait calls no sink */
+    bt_deliver_drain(&e.dl);
+    static const char *const want[] = {"1 tok 10,x", "1 wait preempted", "2 tok 20,y", "3 fin stop 0", "4 wait queued"};
+    assert_log(&e, want, 5);
+    bt_deliver_drain(&e.dl); /* told once */
+    assert_int_equal(e.n_log, 5);
+    fseq *plain = seq_new(&e, 5); /* no on_wait */
+    int wakes = e.wakes;
+    bt_deliver_wait(&e.dl, &plain->dl, BT_ENGINE_WAIT_QUEUED);
+    assert_int_equal(e.wakes, wakes);
     assert_false(bt_deliver_pending(&e.dl));
     bt_deliver_close(&e.dl);
     assert_int_equal(e.teardowns, 1);
@@ -300,6 +343,7 @@ static void test_closer(void **st) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_order_and_coalescing),
+        cmocka_unit_test(test_wait),
         cmocka_unit_test(test_kill_inside_callbacks),
         cmocka_unit_test(test_stage_from_own_callback),
         cmocka_unit_test(test_close_inside_callback),

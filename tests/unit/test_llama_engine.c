@@ -357,7 +357,7 @@ static void on_error(void *ud, bt_status code, const char *msg) {
     done_one();
 }
 
-static const bt_engine_sink sink = {on_tokens, on_finish, on_error};
+static const bt_engine_sink sink = {on_tokens, on_finish, on_error, NULL};
 
 /* The load reports of the gather tests: how many, and the waiting count the last one read */
 static int loads;

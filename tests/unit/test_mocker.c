@@ -45,6 +45,8 @@ struct run {
     int after_end_calls; /* callbacks received after the seq ended: must stay 0 */
     int order;           /* 1 + the number of sequences that had finished before this one */
     uint64_t first_ns;   /* bt_now_ns() at the first tokens (0: none) */
+    int waits[2];        /* on_wait calls, by bt_engine_wait */
+    size_t wait_n;       /* tokens received before the last on_wait */
 };
 
 static int g_finished; /* finishes seen, for run_t.order */
@@ -82,7 +84,19 @@ static void s_error(void *ud, bt_status code, const char *msg) {
     snprintf(r->errmsg, sizeof r->errmsg, "%s", msg);
 }
 
-static const bt_engine_sink k_sink = {s_tokens, s_finish, s_error};
+static void s_wait(void *ud, bt_engine_wait why) {
+    run_t *r = ud;
+    if (r->finished || r->errored) r->after_end_calls++;
+    r->waits[why]++;
+    r->wait_n = r->n;
+}
+
+static const bt_engine_sink k_sink = {s_tokens, s_finish, s_error, NULL};
+/* With on_wait: a sequence told it waits is on the delivery queue from then on, so the sinks of one
+ * drain are called in the order the sequences were queued, not the order they finished in (which
+ * test_priority_order reads from its finish callbacks). */
+static const bt_engine_sink k_wait_sink = {s_tokens, s_finish, s_error, s_wait};
+static bool g_tell_waits; /* submit_q uses k_wait_sink */
 
 typedef struct {
     bt_api api;
@@ -132,7 +146,7 @@ static bt_status submit_q(bt_engine *e, const req_t *q, run_t *r, char *err, siz
     };
     for (int i = 0; i < q->n_stop; i++) req.stop[i] = q->stop[i];
     r->e = e;
-    bt_status st = bt_engine_submit(e, &req, &k_sink, r, &r->seq, err, errlen);
+    bt_status st = bt_engine_submit(e, &req, g_tell_waits ? &k_wait_sink : &k_sink, r, &r->seq, err, errlen);
     json_decref(body); /* submit copies what it needs */
     return st;
 }
@@ -820,13 +834,17 @@ static void test_priority_preempt(void **st) {
     run_t *a = calloc(1, sizeof *a);
     prio_arrivals pa = {.b = calloc(1, sizeof(run_t)), .c = calloc(1, sizeof(run_t))};
     pa.qb = (req_t){.api = BT_API_COMPLETION, .prompt = "equal", .max_tokens = 5, .priority = 10};
-    pa.qc = (req_t){.api = BT_API_COMPLETION, .prompt = "urgent", .max_tokens = 5, .priority = 0};
+    /* long enough to hold the victim off for more steps than a tick runs, so that its wait is
+     * delivered before it runs again (a wait over by the drain is not told) */
+    pa.qc = (req_t){.api = BT_API_COMPLETION, .prompt = "urgent", .max_tokens = 200, .priority = 0};
     a->on_tok = submit_arrivals_once;
     a->arg = &pa;
     char err[256];
     g_finished = 0;
+    g_tell_waits = true;
     assert_int_equal(submit_q(e, &qa, a, err, sizeof err), BT_OK);
     uv_run(&loop, UV_RUN_DEFAULT);
+    g_tell_waits = false;
     assert_true(pa.sent);
     assert_true(a->finished == 1 && pa.b->finished == 1 && pa.c->finished == 1);
     assert_true(a->after_end_calls == 0 && pa.b->after_end_calls == 0 && pa.c->after_end_calls == 0);
@@ -840,6 +858,16 @@ static void test_priority_preempt(void **st) {
     bt_engine_kv_stats_get(e, &k);
     assert_int_equal(k.preempted_priority, 1);
     assert_int_equal(k.preempted_kv, 0);
+    /* the waits its sinks were told: the victim once, preempted, after the tokens it had made and
+     * before the rest; the equal arrival once, queued behind it; the urgent one, admitted at its
+     * first step, never */
+    assert_int_equal(a->waits[BT_ENGINE_WAIT_PREEMPTED], 1);
+    assert_int_equal(a->waits[BT_ENGINE_WAIT_QUEUED], 0);
+    if (a->wait_n == 0 || a->wait_n >= ref->n) fail_msg("the victim was told its wait after %zu tokens", a->wait_n);
+    assert_int_equal(pa.b->waits[BT_ENGINE_WAIT_QUEUED], 1);
+    assert_int_equal(pa.b->waits[BT_ENGINE_WAIT_PREEMPTED], 0);
+    assert_int_equal(pa.b->wait_n, 0);
+    assert_int_equal(pa.c->waits[0] + pa.c->waits[1], 0);
     free(a);
     free(pa.b);
     free(pa.c);

@@ -80,6 +80,7 @@ static int put_all_types(bt_buf *b, uint32_t stream) {
     assert_int_equal(bt_frame_put_ping(b, BT_FRAME_PONG, 7), BT_OK), n++;
     assert_int_equal(bt_frame_put_load(b, &lr), BT_OK), n++;
     assert_int_equal(bt_frame_put_kvstate(b, stream ? stream : 1, 40, 8, "kv-piece", 8), BT_OK), n++;
+    assert_int_equal(bt_frame_put_waiting(b, stream ? stream : 1, BT_WAIT_PREEMPTED), BT_OK), n++;
     assert_int_equal(bt_frame_put_goaway(b, BT_ERR_DRAINING, "draining"), BT_OK), n++;
     return n;
 }
@@ -134,6 +135,56 @@ static void test_kvstate(void **state) {
     assert_int_equal(parse_raw(BT_FRAME_KVSTATE, 0, 0, pl, sizeof pl, &err), BT_ERR_PROTOCOL);
     assert_int_equal(parse_raw(BT_FRAME_KVSTATE, 0, 9, pl, BT_KV_HEADER - 1, &err), BT_ERR_PROTOCOL);
     free(piece);
+    bt_buf_free(&b);
+}
+
+/* WAITING: both reasons round-trip in 13 bytes; the encoder refuses, and the parser rejects written
+ * raw, stream 0, an unknown reason and any other payload size. */
+static void test_waiting(void **state) {
+    (void)state;
+    bt_buf b;
+    bt_buf_init(&b, 1024);
+    assert_int_equal(bt_frame_put_waiting(&b, 7, BT_WAIT_QUEUED), BT_OK);
+    assert_int_equal(bt_frame_put_waiting(&b, 9, BT_WAIT_PREEMPTED), BT_OK);
+    assert_int_equal(b.len, 26);
+    static const uint8_t wire[] = {0, 0, 0, 9, 14, 0, 0, 0, 0, 0, 0, 7, 0};
+    assert_memory_equal(b.data, wire, sizeof wire);
+    bt_frame f;
+    size_t used;
+    const char *err = NULL;
+    uint8_t reason = 99;
+    assert_int_equal(bt_frame_parse((uint8_t *)b.data, b.len, BT_FRAME_DEFAULT_MAX, &f, &used, &err), BT_OK);
+    assert_int_equal(used, 13);
+    assert_int_equal(f.type, BT_FRAME_WAITING);
+    assert_int_equal(f.stream, 7);
+    assert_int_equal(bt_frame_get_waiting(&f, &reason), BT_OK);
+    assert_int_equal(reason, BT_WAIT_QUEUED);
+    assert_int_equal(bt_frame_parse((uint8_t *)b.data + 13, b.len - 13, BT_FRAME_DEFAULT_MAX, &f, &used, &err), BT_OK);
+    assert_int_equal(bt_frame_get_waiting(&f, &reason), BT_OK);
+    assert_int_equal(reason, BT_WAIT_PREEMPTED);
+    assert_string_equal(bt_frame_type_name(BT_FRAME_WAITING), "WAITING");
+    size_t len0 = b.len;
+    assert_int_equal(bt_frame_put_waiting(&b, 0, BT_WAIT_QUEUED), BT_ERR_INVALID);
+    assert_int_equal(bt_frame_put_waiting(&b, 7, 2), BT_ERR_INVALID);
+    assert_int_equal(b.len, len0);
+    uint8_t pl[2] = {BT_WAIT_PREEMPTED, 0};
+    assert_int_equal(parse_raw(BT_FRAME_WAITING, 0, 7, pl, 1, &err), BT_OK);
+    assert_int_equal(parse_raw(BT_FRAME_WAITING, 0, 0, pl, 1, &err), BT_ERR_PROTOCOL);
+    assert_string_equal(err, "frame must not be on stream 0");
+    assert_int_equal(parse_raw(BT_FRAME_WAITING, 0, 7, pl, 2, &err), BT_ERR_PROTOCOL);
+    assert_string_equal(err, "bad WAITING payload size");
+    assert_int_equal(parse_raw(BT_FRAME_WAITING, 0, 7, pl, 0, &err), BT_ERR_PROTOCOL);
+    pl[0] = 2;
+    assert_int_equal(parse_raw(BT_FRAME_WAITING, 0, 7, pl, 1, &err), BT_ERR_PROTOCOL);
+    assert_string_equal(err, "bad WAITING reason");
+    /* a hand-built frame of the wrong size or reason is refused by the decoder too */
+    bt_frame h = {.type = BT_FRAME_WAITING, .stream = 7, .payload = pl, .len = 1};
+    assert_int_equal(bt_frame_get_waiting(&h, &reason), BT_ERR_PROTOCOL);
+    pl[0] = 0;
+    h.len = 2;
+    assert_int_equal(bt_frame_get_waiting(&h, &reason), BT_ERR_PROTOCOL);
+    h.type = BT_FRAME_FINISH;
+    assert_int_equal(bt_frame_get_waiting(&h, &reason), BT_ERR_INVALID);
     bt_buf_free(&b);
 }
 
@@ -456,6 +507,7 @@ static void test_malformed(void **state) {
     static const bad_case cases[] = {
         {"type 0", 0, 0, 0, 8, 0, 0, 0, 0, BT_ERR_PROTOCOL},
         {"type 12", 12, 0, 1, 0, 0, 0, 0, 0, BT_ERR_PROTOCOL},
+        {"type 15", 15, 0, 1, 1, 0, 0, 0, 0, BT_ERR_PROTOCOL},
         {"type 255", 255, 0, 1, 0, 0, 0, 0, 0, BT_ERR_PROTOCOL},
         {"reserved lo", BT_FRAME_STOP, 0x0001, 1, 0, 0, 0, 0, 0, BT_ERR_PROTOCOL},
         {"reserved hi", BT_FRAME_STOP, 0x8000, 1, 0, 0, 0, 0, 0, BT_ERR_PROTOCOL},
@@ -823,6 +875,7 @@ static void test_write_corpus(void **state) {
     SEED("pong", bt_frame_put_ping(&b, BT_FRAME_PONG, 1234567));
     SEED("load", bt_frame_put_load(&b, &lr));
     SEED("goaway", bt_frame_put_goaway(&b, BT_ERR_DRAINING, "worker is draining"));
+    SEED("waiting", bt_frame_put_waiting(&b, 9, BT_WAIT_PREEMPTED));
 #undef SEED
     bt_buf_reset(&b);
     assert_int_equal(bt_frame_put_hello(&b, BT_ROLE_FRONTEND, 0), BT_OK);
@@ -853,6 +906,7 @@ int main(void) {
         cmocka_unit_test(test_oversized_prefix),
         cmocka_unit_test(test_encoder_cap),
         cmocka_unit_test(test_kvstate),
+        cmocka_unit_test(test_waiting),
         cmocka_unit_test(test_encoder_rejects_invalid),
         cmocka_unit_test(test_decoders_defensive),
         cmocka_unit_test(test_fuzz_loop),

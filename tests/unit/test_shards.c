@@ -193,9 +193,9 @@ static void test_grouping(void **state) {
      * and no admission queue, so of their families only baton_frontend_stream_resumes_total is
      * there, with baton_frontend_streams_handed_off_total; the outlier (3), retry-budget (1), KV
      * hand-off relay (3), preempt-routed (1, docs/load-shedding.md), queued output bytes (1,
-     * --max-output-bytes-total) and stream token timeout (1, --stream-token-timeout) families
-     * always are */
-    assert_int_equal(types, 41);
+     * --max-output-bytes-total), stream token timeout (1, --stream-token-timeout) and stream
+     * waits (1, WAITING frames) families always are */
+    assert_int_equal(types, 42);
     free(m);
     shard_free(s[0]);
     shard_free(s[1]);

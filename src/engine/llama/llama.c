@@ -115,7 +115,7 @@ bt_engine *bt_llama_create(uv_loop_t *loop, const bt_llama_config *cfg, const bt
 /* ---- messages ------------------------------------------------------------------------------- */
 
 typedef enum { CMD_SUBMIT, CMD_STOP, CMD_KILL, CMD_DIE, CMD_STALL, CMD_RESUME, CMD_HANDOFF } ll_cmd_kind;
-typedef enum { EV_TOKENS, EV_END, EV_DEAD, EV_HANDOFF } ll_ev_kind;
+typedef enum { EV_TOKENS, EV_END, EV_DEAD, EV_HANDOFF, EV_WAIT } ll_ev_kind;
 typedef enum { END_FINISH, END_ERROR, END_KILLED } ll_end_kind;
 
 typedef struct ll_seq ll_seq;
@@ -139,6 +139,7 @@ typedef struct ll_ev {
     size_t text_len;
     ll_end_kind end;
     bt_finish_reason reason;
+    bt_engine_wait wait; /* EV_WAIT: why the sequence waits */
     bt_usage usage;
     bt_status code;
     char msg[320];            /* room for OpenAI's context-length message with large counts */
@@ -171,6 +172,7 @@ struct ll_seq {
     uint64_t admitted; /* admission order, for preemption (latest first) */
     int32_t priority;  /* lower is admitted sooner (engine.h) */
     bool prio_held;    /* preempted for priority and no token since: not preempted for priority again */
+    bool wait_told;    /* waiting, and an EV_WAIT was posted for it; cleared at admission */
     /* body, rendered on the thread */
     bt_api api;
     json_t *body;
@@ -312,6 +314,17 @@ static bool post_tokens(ll_engine *e, ll_seq *s) {
     t->out_n = t->out_cap = 0;
     post(e, ev);
     return true;
+}
+
+/* Tells the loop that s waits (bt_engine_sink.on_wait): posted after its output so far. */
+static void post_wait(ll_engine *e, ll_seq *s, bt_engine_wait why) {
+    s->wait_told = true;
+    ll_ev *ev = calloc(1, sizeof *ev);
+    if (!ev) return; /* its stream is judged as a silent one: no worse than an engine that tells nothing */
+    ev->kind = EV_WAIT;
+    ev->h = s->h;
+    ev->wait = why;
+    post(e, ev);
 }
 
 /* Ends a sequence: its output so far, then END; frees its state (engine thread). */
@@ -643,6 +656,7 @@ static void preempt(ll_engine *e, ll_seq *victim, bool for_priority) {
     list_remove(&e->running, victim);
     victim->state = LS_WAITING;
     list_insert_waiting(&e->waiting, victim, true);
+    post_wait(e, victim, BT_ENGINE_WAIT_PREEMPTED); /* its stream hears nothing until readmitted */
 }
 
 static bool preempt_one(ll_engine *e) {
@@ -675,6 +689,7 @@ static void admit(ll_engine *e) {
             continue;
         }
         list_remove(&e->waiting, s);
+        s->wait_told = false;
         e->slots[slot] = true;
         s->slot = slot;
         s->n_past = 0;
@@ -848,6 +863,9 @@ static bool run_batch(ll_engine *e, ll_seq **seqs, const size_t *take, int n) {
  * minus --max-num-seqs from the sequence's start), never where a step's budget happened to end. */
 static bool step(ll_engine *e) {
     admit(e);
+    /* arrivals this admit() left waiting are queued: their streams hear nothing until a later one */
+    for (ll_seq *s = TAILQ_FIRST(&e->waiting.q); s; s = TAILQ_NEXT(s, link))
+        if (!s->wait_told) post_wait(e, s, BT_ENGINE_WAIT_QUEUED);
     if (!TAILQ_FIRST(&e->running.q)) return false;
     bool exact = e->cfg.ubatch == 1;
     int32_t budget = (int32_t)e->cfg.max_num_batched_tokens;
@@ -1065,6 +1083,8 @@ static void on_async(uv_async_t *a) {
         } else if (ev->kind == EV_DEAD && open && e->hooks.on_dead) {
             bt_deliver_drain(&e->dl);
             if (!bt_deliver_closed(&e->dl)) e->hooks.on_dead(e->hooks_ud, ev->msg);
+        } else if (ev->kind == EV_WAIT && open) {
+            bt_deliver_wait(&e->dl, &h->ds, ev->wait); /* a no-op once h is dead */
         } else if (ev->kind == EV_HANDOFF && open) {
             bt_deliver_drain(&e->dl); /* the tokens before it reach the worker before its state */
             if (!bt_deliver_closed(&e->dl)) {
@@ -1327,7 +1347,7 @@ static void ll_kv_stats(bt_engine *be, bt_engine_kv_stats *out) {
 }
 
 static const bt_engine_ops ll_ops = {ll_submit, ll_stop, ll_kill, ll_get_load, ll_card, ll_destroy, ll_handoff,
-                                     ll_kv_stats};
+                                     ll_kv_stats, true};
 
 bt_engine *bt_llama_create(uv_loop_t *loop, const bt_llama_config *cfg, const bt_engine_hooks *hooks, void *hooks_ud,
                            char *err, size_t errlen) {

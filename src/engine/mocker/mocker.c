@@ -56,6 +56,7 @@ struct bt_engine_seq {
     mk_phase phase;
     int32_t priority; /* lower is admitted sooner; the waiting queue is sorted by it */
     bool prio_held;   /* preempted for priority and no token since: not preempted for priority again */
+    bool wait_told;   /* waiting, and its sink was told (bt_deliver_wait); cleared at admission */
     TAILQ_ENTRY(bt_engine_seq) link; /* waiting or running list, by phase */
 
     /* Token function. */
@@ -110,6 +111,7 @@ struct mk_engine {
     uint64_t context_length; /* tokens: cfg.context_length, or usable_blocks × block_size */
 
     mk_list waiting, running;
+    uint64_t untold; /* waiting sequences not told they wait (new arrivals): told after admit() */
     uint64_t used_blocks;
     uint64_t prefill_pending; /* prompt tokens of admitted sequences not yet prefilled */
     uint64_t total_emitted;   /* tokens generated since creation, for the fault hooks */
@@ -158,6 +160,7 @@ static void waiting_insert(mk_list *l, bt_engine_seq *s, bool first) {
 static void seq_unschedule(mk_engine *e, bt_engine_seq *s) {
     if (s->phase == SEQ_WAITING) {
         list_remove(&e->waiting, s);
+        if (!s->wait_told) e->untold--;
     } else if (s->phase == SEQ_PREFILL || s->phase == SEQ_DECODE) {
         if (s->phase == SEQ_PREFILL) e->prefill_pending -= s->seq_len - s->prefilled;
         list_remove(&e->running, s);
@@ -386,6 +389,8 @@ static void admit(mk_engine *e) {
             continue;
         }
         list_remove(&e->waiting, s);
+        if (!s->wait_told) e->untold--;
+        s->wait_told = false;
         list_push_tail(&e->running, s);
         s->phase = SEQ_PREFILL;
         s->prefilled = s->imported < s->seq_len ? s->imported : s->seq_len; /* an imported state's tokens */
@@ -416,6 +421,20 @@ static void preempt(mk_engine *e, bt_engine_seq *s, mk_preempt_reason why) {
     s->prefilled = 0;
     s->phase = SEQ_WAITING;
     waiting_insert(&e->waiting, s, true);
+    s->wait_told = true;
+    bt_deliver_wait(&e->dl, &s->dl, BT_ENGINE_WAIT_PREEMPTED); /* its stream hears nothing until readmitted */
+}
+
+/* The sequences that arrived since the last step and that its admit() left waiting (no slot, no
+ * blocks, or the prefill budget is spent) are told they are queued: their streams will hear nothing
+ * until a later step admits them. One walk of the queue, only in a step that left arrivals waiting. */
+static void tell_queued(mk_engine *e) {
+    for (bt_engine_seq *s = TAILQ_FIRST(&e->waiting.q); s && e->untold; s = TAILQ_NEXT(s, link)) {
+        if (s->wait_told) continue;
+        s->wait_told = true;
+        e->untold--;
+        bt_deliver_wait(&e->dl, &s->dl, BT_ENGINE_WAIT_QUEUED);
+    }
 }
 
 /* The victim of a preemption: the decoding sequence of the largest priority value (the least
@@ -479,6 +498,7 @@ static double decode_ms(double p) {
 static uint64_t step(mk_engine *e) {
     bt_engine_seq *s, *nx;
     admit(e);
+    if (e->untold) tell_queued(e);
 
     uint64_t budget = (uint64_t)e->cfg.max_num_batched_tokens, n_prefill = 0;
     TAILQ_FOREACH(s, &e->running.q, link) {
@@ -983,6 +1003,7 @@ static bt_status mk_submit(bt_engine *be, const bt_engine_request *req, const bt
     if (!bt_deliver_ended(&s->dl)) {
         s->phase = SEQ_WAITING;
         waiting_insert(&e->waiting, s, false);
+        e->untold++;
         gather_arrive(e);
     }
     BT_DEBUG("mocker: submitted %s: %u prompt + %u carried tokens, max_tokens %u", req->request_id ? req->request_id : "-",
@@ -1089,7 +1110,8 @@ static const bt_engine_ops mk_ops = {.submit = mk_submit,
                                      .card = mk_card,
                                      .destroy = mk_destroy,
                                      .handoff = mk_handoff,
-                                     .kv_stats = mk_kv_stats};
+                                     .kv_stats = mk_kv_stats,
+                                     .tells_waits = true};
 
 /* ---- public --------------------------------------------------------------------------------- */
 
