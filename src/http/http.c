@@ -234,6 +234,8 @@ void bt_http_config_default(bt_http_config *c) {
     c->shared_bodies = NULL;
     c->max_output_total = 0;
     c->shared_output = NULL;
+    c->output_peers = NULL;
+    c->output_peer = 0;
 }
 
 static uint64_t timer_ms(const conn *c, timer_mode m) {
