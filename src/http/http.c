@@ -337,8 +337,10 @@ static conn *largest_backlog(bt_http_server *s) {
  * rescanned only when the connection that set it falls under half of it or closes (peer_shrank),
  * so a connection draining its queue costs a scan each time it halves, not one per write. The
  * published value is thus at least the largest backlog and at most twice it: another loop may ask
- * for a cut that frees less than it counted on, and the cut then goes on to the next largest
- * while the total is still over (on_cut_async). */
+ * for a cut that frees less than it counted on (the cut then goes on to the next largest while
+ * the total is still over, on_cut_async), or ask this loop while its own largest is larger than
+ * ours (by less than a factor two). A writer is still cut when every byte another loop's pending cut will
+ * free is already spoken for (peer_cut_elsewhere): the total stays bounded first. */
 
 static void peer_publish(bt_http_server *s, conn *big) {
     s->big = big;
