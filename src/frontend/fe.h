@@ -431,6 +431,7 @@ struct fe_group {
     atomic_size_t nconns; /* client connections open in all shards (--max-connections) */
     atomic_size_t nbodies; /* request body bytes being received in all shards (--max-body-bytes-total) */
     atomic_size_t noutput; /* response bytes queued for clients in all shards (--max-output-bytes-total) */
+    bt_http_output_peers *output_peers; /* each shard's largest backlog, for that total's cuts (n > 1) */
     atomic_uint_fast64_t admitted; /* requests ever admitted in all shards (the idle trim's clock) */
     atomic_int running;   /* threads of shards 1..n-1 whose loop has not ended */
     int64_t started_wall_s; /* Unix time the process started: "created" of /v1/models */

@@ -625,6 +625,9 @@ static int shard_open(fe *f, int port, char *err, size_t errlen) {
         hc.reuse_port = true;
         hc.reuse_port_first = f->shard == 0;
         hc.shared_conns = &f->grp->nconns;
+        /* past the total, the largest backlog of every shard is closed, not only of the writer's */
+        hc.output_peers = f->grp->output_peers;
+        hc.output_peer = f->shard;
     }
     bt_http_handlers hh = {on_http_request, on_http_abort, on_http_drain};
     if (bt_http_server_start(f->loop, &hc, &hh, f, &f->http, err, errlen) != BT_OK) {
@@ -846,6 +849,11 @@ int bt_frontend_main(int argc, char **argv) {
     fe_group *g = calloc(1, sizeof *g);
     if (!g) goto bad_usage;
     g->n = (int)o->threads;
+    if (g->n > 1 && !(g->output_peers = bt_http_output_peers_new(g->n))) {
+        BT_ERROR("out of memory");
+        free(g);
+        goto bad_usage;
+    }
     g->started_wall_s = bt_wall_s();
     g->shard[0] = f;
     bool shared_journal = o->stream_retention > 0 && strcmp(o->p.event_plane, "nats") == 0;
@@ -877,6 +885,7 @@ int bt_frontend_main(int argc, char **argv) {
         if (!g->journal || !keyed) {
             BT_ERROR("cannot create the stream journal");
             fe_journal_destroy(g->journal);
+            bt_http_output_peers_free(g->output_peers);
             free(g);
             goto bad_usage;
         }
@@ -979,6 +988,7 @@ int bt_frontend_main(int argc, char **argv) {
     free(f->rpc_secret);
     fe_admit_policy_free(f->admit_policy);
     fe_journal_destroy(g->journal);
+    bt_http_output_peers_free(g->output_peers);
     free(g);
     free(f);
     return rc;

@@ -71,6 +71,23 @@ static const char *const interesting_headers[H_COUNT] = {"x-request-id", "author
 
 typedef struct conn conn;
 
+/* One server's place in bt_http_output_peers (http.h). largest and owed are written with plain
+ * atomics: the server's loop keeps largest, other loops read it and reserve in owed only when a
+ * write would pass the total; srv, under mu, is taken only to ask a cut, so that a server being
+ * closed on its own thread is never signalled after its handle is gone. */
+typedef struct {
+    atomic_size_t largest; /* at least the server's largest backlog, at most twice it (peer_shrank) */
+    atomic_size_t owed;    /* bytes other loops admitted past the total against a cut asked here */
+    atomic_int asker;      /* the loop that asked last, for the log */
+    uv_mutex_t mu;
+    bt_http_server *srv; /* under mu: NULL before start and from close on */
+} peer_slot;
+
+struct bt_http_output_peers {
+    int n;
+    peer_slot slot[];
+};
+
 struct bt_http_server {
     uv_loop_t *loop;
     uv_tcp_t listener;
@@ -93,6 +110,11 @@ struct bt_http_server {
     atomic_size_t *bodies;    /* cfg.shared_bodies, or &own_bodies */
     atomic_size_t own_output; /* queued response bytes (max_output_total) when none is shared */
     atomic_size_t *output;    /* cfg.shared_output, or &own_output */
+    peer_slot *peer;          /* this server's slot of cfg.output_peers, or NULL */
+    uv_async_t cut_async;     /* with peer: another loop asks for our largest backlog to be closed */
+    bool cut_async_closed;
+    conn *big;                /* with peer: the connection whose backlog peer->largest published */
+    size_t big_pub;           /* what it published */
     char rbuf[READ_BUF_SIZE];
 };
 
@@ -157,6 +179,8 @@ static void body_release(conn *c);
 static void conn_linger(conn *c);
 static void conn_resume(conn *c);
 static void server_maybe_finish(bt_http_server *s);
+static void peer_grew(conn *c);
+static void peer_shrank(conn *c);
 
 /* ---------------------------------------------------------------------------------------------
  * Small helpers */
@@ -210,6 +234,8 @@ void bt_http_config_default(bt_http_config *c) {
     c->shared_bodies = NULL;
     c->max_output_total = 0;
     c->shared_output = NULL;
+    c->output_peers = NULL;
+    c->output_peer = 0;
 }
 
 static uint64_t timer_ms(const conn *c, timer_mode m) {
@@ -277,7 +303,10 @@ static void on_write(uv_write_t *r, int status) {
     c->backlog -= w->len;
     /* the kernel took these bytes: their charge goes back (a closing connection gave back all of
      * its backlog in conn_close) */
-    if (c->srv->cfg.max_output_total && !c->closing) atomic_fetch_sub(c->srv->output, w->len);
+    if (c->srv->cfg.max_output_total && !c->closing) {
+        atomic_fetch_sub(c->srv->output, w->len);
+        peer_shrank(c);
+    }
     free(w);
     if (c->closing) return; /* UV_ECANCELED while closing, or the connection already failed */
     if (status < 0) {
@@ -301,6 +330,114 @@ static conn *largest_backlog(bt_http_server *s) {
     return big;
 }
 
+/* ---- the largest backlog of every loop (bt_http_output_peers) ----
+ *
+ * A server with peers publishes in its slot's largest a bound on its largest backlog: raised at
+ * once when a connection's backlog passes it (peer_grew, one compare on a write that queues), and
+ * rescanned only when the connection that set it falls under half of it or closes (peer_shrank),
+ * so a connection draining its queue costs a scan each time it halves, not one per write. The
+ * published value is thus at least the largest backlog and at most twice it: another loop may ask
+ * for a cut that frees less than it counted on (the cut then goes on to the next largest while
+ * the total is still over, on_cut_async), or ask this loop while its own largest is larger than
+ * ours (by less than a factor two). A writer is still cut when every byte another loop's pending cut will
+ * free is already spoken for (peer_cut_elsewhere): the total stays bounded first. */
+
+static void peer_publish(bt_http_server *s, conn *big) {
+    s->big = big;
+    s->big_pub = big ? big->backlog : 0;
+    atomic_store_explicit(&s->peer->largest, s->big_pub, memory_order_relaxed);
+}
+
+/* c's backlog grew. */
+static void peer_grew(conn *c) {
+    bt_http_server *s = c->srv;
+    if (s->peer && c->backlog > s->big_pub) peer_publish(s, c);
+}
+
+/* c's backlog shrank, or c is closing. */
+static void peer_shrank(conn *c) {
+    bt_http_server *s = c->srv;
+    if (!s->peer || c != s->big) return;
+    if (s->closing) peer_publish(s, NULL); /* every connection is closing: no scan for each */
+    else if (c->closing || c->backlog < s->big_pub / 2) peer_publish(s, largest_backlog(s));
+}
+
+/* The write of n bytes by c would pass the total and mine is the largest backlog this loop could
+ * close for it (c's own with n, or a larger one's): if another loop publishes a larger one, n is
+ * reserved against it and that loop asked to close it. True when n may be queued past the total. */
+static bool peer_cut_elsewhere(bt_http_server *s, size_t mine, size_t n) {
+    bt_http_output_peers *p = s->cfg.output_peers;
+    peer_slot *far = NULL;
+    size_t far_size = mine;
+    for (int i = 0; i < p->n; i++) {
+        size_t l = atomic_load_explicit(&p->slot[i].largest, memory_order_relaxed);
+        if (&p->slot[i] != s->peer && l > far_size) {
+            far = &p->slot[i];
+            far_size = l;
+        }
+    }
+    if (!far) return false;
+    /* what the loops asked admit against one cut stays within what it frees */
+    size_t owed = atomic_load(&far->owed);
+    do {
+        if (owed + n > far_size || owed + n < n) return false;
+    } while (!atomic_compare_exchange_weak(&far->owed, &owed, owed + n));
+    atomic_store_explicit(&far->asker, s->cfg.output_peer, memory_order_relaxed);
+    uv_mutex_lock(&far->mu);
+    bool open = far->srv != NULL;
+    if (open) uv_async_send(&far->srv->cut_async); /* under the lock: its close waits for it */
+    uv_mutex_unlock(&far->mu);
+    if (!open) { /* closing: its connections give their backlogs back, no cut is needed */
+        atomic_fetch_sub(&far->owed, n);
+        return false;
+    }
+    BT_DEBUG("http: %zu bytes queued for clients (limit %zu, --max-output-bytes-total); admitting %zu more until "
+             "event loop %d closes its largest backlog (%zu bytes), larger than any on this one (event loop %d)",
+             atomic_load(s->output), s->cfg.max_output_total, n, (int)(far - p->slot), far_size,
+             s->cfg.output_peer);
+    return true;
+}
+
+/* Another loop admitted bytes past the total against our largest backlog: it is closed, and the
+ * next largest after it while the total is still over, until the bytes owed are freed. Nothing is
+ * closed when the kernel took enough meanwhile (the total is back within the cap). */
+static void on_cut_async(uv_async_t *h) {
+    bt_http_server *s = h->data;
+    peer_slot *me = s->peer;
+    size_t cap = s->cfg.max_output_total, owed;
+    while ((owed = atomic_load(&me->owed)) > 0) {
+        size_t left = owed, before;
+        while (left && !s->closing && (before = atomic_load(s->output)) > cap) {
+            conn *hog = largest_backlog(s);
+            if (!hog) break;
+            size_t freed = hog->backlog;
+            BT_WARN("http: %zu bytes queued for clients (limit %zu, --max-output-bytes-total); closing the connection "
+                    "with the largest backlog of all event loops, on this one (event loop %d, %zu bytes), the client "
+                    "furthest behind, for a write on event loop %d",
+                    before, cap, s->cfg.output_peer, freed, atomic_load_explicit(&me->asker, memory_order_relaxed));
+            s->stats.output_budget++;
+            conn_close(hog); /* gives its backlog's charge back at once */
+            left = freed >= left ? 0 : left - freed;
+        }
+        atomic_fetch_sub(&me->owed, owed);
+    }
+}
+
+bt_http_output_peers *bt_http_output_peers_new(int n) {
+    if (n < 1) return NULL;
+    bt_http_output_peers *p = calloc(1, sizeof *p + (size_t)n * sizeof p->slot[0]);
+    if (!p) return NULL;
+    p->n = n;
+    for (int i = 0; i < n; i++) uv_mutex_init(&p->slot[i].mu);
+    return p;
+}
+
+void bt_http_output_peers_free(bt_http_output_peers *p) {
+    if (!p) return;
+    for (int i = 0; i < p->n; i++) uv_mutex_destroy(&p->slot[i].mu);
+    free(p);
+}
+
 /* Charges n more queued bytes of c against max_output_total. The per-connection cap
  * (write_backlog_max) alone bounds nothing: every client that opens a long stream and never reads
  * holds up to it, 20,000 of them 160 GB. When the charge would pass the total, a connection is
@@ -309,11 +446,12 @@ static conn *largest_backlog(bt_http_server *s) {
  * full of clients that read nothing; cutting it would let the hogs starve every good reader,
  * whereas the largest backlog is the client furthest behind, the one a cut costs least (its
  * stream stays journaled and resumable) and frees most. The scan covers this server's
- * connections (one event loop: the others' are not ours to touch without a lock); a hog on
- * another loop is cut at its own next write, which a running stream soon makes. The writer is
- * cut when none here has more queued than it would have. False when c was closed. Runs only for
- * bytes that are queued (never for writes the socket took at once): one atomic add, and the scan
- * only at the limit. */
+ * connections (one event loop: the others' are not ours to touch). With output_peers (several
+ * loops), a larger backlog another loop publishes is closed instead, by that loop on its next
+ * turn (peer_cut_elsewhere, on_cut_async): meanwhile this write is admitted past the total, by
+ * at most what that cut will free. The writer is cut when none here or there has more queued
+ * than it would have. False when c was closed. Runs only for bytes that are queued (never for
+ * writes the socket took at once): one atomic add, and the scans only at the limit. */
 static bool output_charge(conn *c, size_t n) {
     bt_http_server *s = c->srv;
     size_t cap = s->cfg.max_output_total;
@@ -324,9 +462,14 @@ static bool output_charge(conn *c, size_t n) {
         atomic_fetch_sub(s->output, n);
         conn *hog = n > cap ? c : largest_backlog(s); /* more than the total at once: no room helps */
         if (!hog || hog->backlog <= c->backlog + n) hog = c;
+        size_t mine = hog == c ? c->backlog + n : hog->backlog;
+        if (s->peer && n <= cap && peer_cut_elsewhere(s, mine, n)) {
+            atomic_fetch_add(s->output, n);
+            return true;
+        }
         BT_WARN("http: %zu bytes queued for clients (limit %zu, --max-output-bytes-total); closing the connection "
                 "with the largest backlog on this event loop (%zu bytes), the client furthest behind",
-                before, cap, hog == c ? c->backlog + n : hog->backlog);
+                before, cap, mine);
         s->stats.output_budget++;
         conn_close(hog); /* gives its backlog's charge back at once */
         if (hog == c) return false;
@@ -404,6 +547,7 @@ static bool conn_write(conn *c, const uv_buf_t *bufs, unsigned n) {
         return false;
     }
     c->backlog += rest;
+    peer_grew(c);
     if (c->backlog > HIGH_WATER) c->above_high = true;
     return true;
 }
@@ -877,6 +1021,7 @@ static void conn_close(conn *c) {
     /* the queued writes are cancelled and freed in this close: their charge goes back now, so
      * that a connection cut to make room makes it at once (on_write skips a closing one's) */
     if (c->backlog && c->srv->cfg.max_output_total) atomic_fetch_sub(c->srv->output, c->backlog);
+    peer_shrank(c);
     bt_closer_init(&c->closer, conn_closed, c);
     bt_closer_close(&c->closer, (uv_handle_t *)&c->tcp);
     bt_closer_close(&c->closer, (uv_handle_t *)&c->timer);
@@ -1217,7 +1362,8 @@ size_t bt_http_backlog(const bt_http_req *req) {
  * The server */
 
 static void server_maybe_finish(bt_http_server *s) {
-    if (!s->closing || !s->listener_closed || !s->aux_closed || s->nconns || s->nrejecting) return;
+    if (!s->closing || !s->listener_closed || !s->aux_closed || !s->cut_async_closed || s->nconns || s->nrejecting)
+        return;
     void (*done)(void *) = s->done;
     void *dud = s->done_ud;
     bt_pool_destroy(&s->conn_pool);
@@ -1234,6 +1380,12 @@ static void on_listener_closed(uv_handle_t *h) {
 static void on_aux_closed(uv_handle_t *h) {
     bt_http_server *s = h->data;
     s->aux_closed = true;
+    server_maybe_finish(s);
+}
+
+static void on_cut_async_closed(uv_handle_t *h) {
+    bt_http_server *s = h->data;
+    s->cut_async_closed = true;
     server_maybe_finish(s);
 }
 
@@ -1276,6 +1428,15 @@ bt_status bt_http_server_start(uv_loop_t *loop, const bt_http_config *cfg, const
         s->cfg.max_body_total = s->cfg.max_body_bytes; /* else a body within its own cap could never pass */
     s->bodies = s->cfg.shared_bodies ? s->cfg.shared_bodies : &s->own_bodies;
     s->output = s->cfg.shared_output ? s->cfg.shared_output : &s->own_output;
+    s->cut_async_closed = true; /* until there is one (peers) */
+    if (s->cfg.output_peers && (!s->cfg.shared_output || s->cfg.output_peer < 0 ||
+                                s->cfg.output_peer >= s->cfg.output_peers->n)) {
+        snprintf(err, errlen, "http server: output_peers without shared_output, or output_peer out of range");
+        bt_pool_destroy(&s->conn_pool);
+        free(s);
+        return BT_ERR_INVALID;
+    }
+    if (!s->cfg.max_output_total) s->cfg.output_peers = NULL; /* nothing is charged: nothing to cut */
     s->h = *h;
     s->ud = ud;
     int r = 0;
@@ -1328,6 +1489,15 @@ bt_status bt_http_server_start(uv_loop_t *loop, const bt_http_config *cfg, const
         uv_close((uv_handle_t *)&s->aux, on_aux_closed); /* the server is freed once both are closed */
         return BT_ERR_IO;
     }
+    if (s->cfg.output_peers) {
+        s->peer = &s->cfg.output_peers->slot[s->cfg.output_peer];
+        uv_async_init(loop, &s->cut_async, on_cut_async);
+        s->cut_async.data = s;
+        s->cut_async_closed = false;
+        uv_mutex_lock(&s->peer->mu);
+        s->peer->srv = s;
+        uv_mutex_unlock(&s->peer->mu);
+    }
     BT_INFO("http: listening on %s:%d", host, s->port);
     *out = s;
     return BT_OK;
@@ -1360,6 +1530,14 @@ void bt_http_server_close(bt_http_server *s, void (*done)(void *ud), void *ud) {
     s->done = done;
     s->done_ud = ud;
     bt_http_server_stop_accepting(s);
+    if (s->peer) {
+        /* no other loop signals the handle once it is closing; our backlogs all go back below */
+        uv_mutex_lock(&s->peer->mu);
+        s->peer->srv = NULL;
+        uv_mutex_unlock(&s->peer->mu);
+        atomic_store(&s->peer->largest, 0);
+        uv_close((uv_handle_t *)&s->cut_async, on_cut_async_closed);
+    }
     for (conn *c = LIST_FIRST(&s->conns); c; c = LIST_NEXT(c, link)) conn_close(c);
     uv_close((uv_handle_t *)&s->aux, on_aux_closed);
 }

@@ -25,6 +25,7 @@
 
 typedef struct bt_http_server bt_http_server;
 typedef struct bt_http_req bt_http_req;
+typedef struct bt_http_output_peers bt_http_output_peers;
 
 /* A HEAD request's response goes out without its body (the server drops it): a handler answers
  * HEAD as it answers GET. */
@@ -82,12 +83,29 @@ typedef struct {
                                     did not take at once, until the kernel takes it): when a write
                                     would pass it, the connection of this server with the largest
                                     backlog is closed (on_abort), the writer's own if none is
-                                    larger. 0 = no cap */
+                                    larger, or another loop's larger one (output_peers). 0 = no
+                                    cap */
     atomic_size_t *shared_output;/* if set, max_output_total counts the backlogs of every server
                                     sharing this counter */
+    bt_http_output_peers *output_peers; /* with shared_output, servers on other event loops: when
+                                    one of them has a larger backlog than any here, it is that
+                                    one that is closed (on its own loop), see below */
+    int output_peer;             /* this server's index in output_peers */
 } bt_http_config;               /* zero sizes mean the defaults; a zero timeout disables it */
 
 void bt_http_config_default(bt_http_config *c);
+
+/* Servers on several event loops (one each) sharing one max_output_total. Each publishes the size
+ * of its largest backlog here, in atomics its own loop keeps (only when queued bytes change); a
+ * write that would pass the total on one loop, when another loop's largest is larger than any of
+ * its own, is admitted past the total and that loop is asked (uv_async_send) to close its largest
+ * backlog on its next turn. Bytes so admitted are reserved against the asked loop's published
+ * largest, so the total passes max_output_total by at most the sum of the other servers' largest
+ * backlogs (each at most write_backlog_max, or one larger write onto an empty queue), and only
+ * until those loops run. n servers, indexes 0..n-1; NULL when out of memory. Freed (free(NULL) a
+ * no-op) once every server that used it is closed. */
+bt_http_output_peers *bt_http_output_peers_new(int n);
+void bt_http_output_peers_free(bt_http_output_peers *p);
 
 bt_status bt_http_server_start(uv_loop_t *loop, const bt_http_config *cfg, const bt_http_handlers *h, void *ud,
                                bt_http_server **out, char *err, size_t errlen);

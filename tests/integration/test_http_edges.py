@@ -28,7 +28,10 @@ wrong:
     (--max-output-bytes-total): streaming clients that never read are cut, the largest backlog
     first, as client disconnects (counted as output_budget), the frontend's RSS stays bounded, a
     reading client's stream meanwhile is exact, and a cut one resumes with Last-Event-ID (each
-    could queue --max-client-backlog-bytes, 8 MiB: 160 GB over 20,000 connections);
+    could queue --max-client-backlog-bytes, 8 MiB: 160 GB over 20,000 connections); with
+    --threads 2 the largest backlog of either event loop is cut: a client that reads late on one
+    loop, its backlog passing the total held by clients that never read on the other, is served
+    whole and one of theirs is cut (each loop saw only its own connections: the reader was cut);
   * a 405 names the methods the path takes in an Allow header (RFC 9110 §15.5.6: MUST);
   * POST /busy_threshold with an unknown model whose long name is cut inside a UTF-8 character
     answers its 404 error message (the body was "{}");
@@ -44,7 +47,7 @@ import time
 
 import batonlib as bl
 
-bl.deadline(240, "test_http_edges")
+bl.deadline(300, "test_http_edges")
 
 
 def raw(port, data, timeout=5.0):
@@ -105,6 +108,185 @@ def sse_text(raw_body):
         if ch:
             text += ch[0]["delta"].get("content", "")
     return text, done
+
+
+def sse_events(raw_bytes):
+    """The whole SSE events (id, data) of a chunked body cut anywhere."""
+    parts, rest = [], raw_bytes.partition(b"\r\n\r\n")[2]
+    pos = 0
+    while pos < len(rest):
+        eol = rest.find(b"\r\n", pos)
+        if eol < 0:
+            break
+        size = int(rest[pos:eol], 16)
+        if size == 0:
+            break
+        parts.append(rest[eol + 2:eol + 2 + size])  # a chunk cut short: what came of it
+        pos = eol + 2 + size + 2
+    out = []
+    for ev in b"".join(parts).split(b"\n\n")[:-1]:  # the last piece is not known to be whole
+        eid = data = None
+        for ln in ev.decode().split("\n"):
+            if ln.startswith("id: "):
+                eid = ln[4:]
+            elif ln.startswith("data: "):
+                data = ln[6:]
+        out.append((eid, data))
+    return out
+
+def texts(events):
+    t = ""
+    for _, d in events:
+        if d and d != "[DONE]":
+            ch = json.loads(d)["choices"]
+            if ch:
+                t += ch[0]["delta"].get("content") or ""
+    return t
+
+
+def loop_requests(f):
+    """Requests received by each event loop of a --threads frontend: {"0": n, "1": m}."""
+    m = bl.metrics(f.url)
+    return {bl.parse_labels(k[k.index("{"):])["thread"]: v for k, v in m.items()
+            if k.startswith("baton_frontend_thread_requests_total{")}
+
+
+def output_budget_threads(c):
+    """--max-output-bytes-total with --threads 2: each loop sees only its own connections, and a
+    client that reads, queueing a burst on one loop while the total is held by clients that do not
+    read on the other, was the one cut (the largest backlog of its own loop). The largest of every
+    loop is cut, by its own loop; the reader's stream is whole.
+
+    Two non-reading clients hold about 0.9 of the total on one loop (their streams end: what they
+    hold then stays put), and a client on the other loop leaves its stream unread until it has been
+    sent: its own backlog passes the total while it is smaller than either of theirs. The kernel
+    puts each connection on a loop by a hash of its addresses: connections are opened until two
+    are on one loop and one on the other, each told apart by a request the frontend refuses at once
+    (a 400 counted on the loop that received it)."""
+    CAP = 2 << 20
+    tf = c.start_frontend(threads=2, max_output_bytes_total=CAP)
+    c.wait_workers(tf, 1)
+
+    def tf_metric(name, **labels):
+        return bl.metric_sum(bl.metrics(tf.url), name, **labels)
+
+    def open_conn():
+        """A connection with a small receive window, and the loop that holds it."""
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
+        s.settimeout(10)
+        s.connect(("127.0.0.1", tf.port))
+        before = loop_requests(tf)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1\r\n\r\n{")
+        got = b""
+        while b"\r\n\r\n" not in got or len(got.partition(b"\r\n\r\n")[2]) < int(
+                got.lower().partition(b"content-length:")[2].split(b"\r\n")[0]):
+            chunk = s.recv(65536)
+            assert chunk, got
+            got += chunk
+        assert got.startswith(b"HTTP/1.1 400 "), got[:200]
+        after = loop_requests(tf)
+        grew = [k for k in after if after[k] > before.get(k, 0)]
+        assert len(grew) == 1, (before, after)
+        return s, grew[0]
+
+    HOG_CONNS = 5
+    hogs, hog_loop, reader, reader_loop = [], None, None, None
+    for _ in range(64):
+        s, k = open_conn()
+        if hog_loop is None:
+            hog_loop = k
+        if k == hog_loop and len(hogs) < HOG_CONNS:
+            hogs.append(s)
+        elif k != hog_loop and reader is None:
+            reader, reader_loop = s, k
+        else:
+            s.close()
+        if len(hogs) == HOG_CONNS and reader:
+            break
+    assert len(hogs) == HOG_CONNS and reader, "64 connections, and not 5 on one loop and 1 on the other"
+    cut0 = tf_metric("baton_frontend_http_rejections_total", reason="output_budget")
+
+    def send(s, max_tokens, prompt="a client that never reads"):
+        data = json.dumps(bl.chat_body(prompt, max_tokens=max_tokens, stream=True)).encode()
+        done = sent_all(1)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+        bl.wait_for(done, 90, 0.1, "a stream sent to its end (or cut)")
+        return tf_metric("baton_frontend_http_output_queued_bytes")
+
+    def sent_all(n):
+        """n more requests received than before, and none running."""
+        seen0 = sum(loop_requests(tf).values())
+        return lambda: (sum(loop_requests(tf).values()) >= seen0 + n and
+                        tf_metric("dynamo_frontend_inflight_requests") == 0)
+
+    # Non-reading clients on one loop fill the total to about CAP - B/2, each holding up to
+    # B = 0.35 of it. Bytes per token (the worker batches tokens into events by its pace) are
+    # measured by a reading stream, then by what a request adds on a connection whose kernel
+    # buffers are already full; a connection's first request also fills those (SEND_BUF or so:
+    # TCP_MAXSEG keeps them small, a 64 KiB loopback MSS made them megabytes)
+    B, SEND_BUF = 0.35 * CAP, 200_000
+    probe = bl.stream_chat(tf.url, bl.chat_body("how big is a token", max_tokens=400, stream=True), timeout=60)
+    probe.assert_ok("the probe stream")
+    per_token = len(probe.raw) / 400
+    held, hog_held, i = 0, [0] * HOG_CONNS, 0
+    for _ in range(16):
+        if held >= CAP - 0.6 * B or i == HOG_CONNS:
+            break
+        want = min(B - hog_held[i], CAP - 0.5 * B - held)
+        full = hog_held[i] > 0
+        tokens = max(50, int((want + (0 if full else SEND_BUF)) / per_token))
+        now = send(hogs[i], tokens)
+        hog_held[i] += now - held
+        if full:
+            per_token = (now - held) / tokens
+        held = now
+        if hog_held[i] >= 0.8 * B:
+            i += 1
+    used = i + (i < HOG_CONNS and hog_held[i] > 0)
+    for s in hogs[used:]:
+        s.close()
+    hogs = hogs[:used]
+    assert tf_metric("baton_frontend_http_rejections_total", reason="output_budget") == cut0
+    assert CAP - 0.7 * B < held < CAP - 0.3 * B and i >= 1, (held, hog_held, CAP, "the test measures nothing")
+    # the reader's stream leaves B or so queued: its backlog passes the total at under 0.7 B,
+    # smaller than a full hog's; once that one is cut, the rest fits
+    good_max = int((B + SEND_BUF) / per_token)
+    good_ref = bl.stream_chat(tf.url, bl.chat_body("a client that reads late", max_tokens=good_max, stream=True),
+                              timeout=90)
+    good_ref.assert_ok("the reading client's stream, alone")
+    send(reader, good_max, "a client that reads late")
+    cut = tf_metric("baton_frontend_http_rejections_total", reason="output_budget") - cut0
+
+    def read_all(s):
+        got = b""
+        while b"data: [DONE]\n\n" not in got[-4096:]:
+            try:
+                chunk = s.recv(1 << 20)
+            except (ConnectionResetError, socket.timeout):
+                break
+            if not chunk:
+                break
+            got += chunk
+        return sse_events(got)
+
+    good = read_all(reader)
+    hog_events = [read_all(s) for s in hogs]
+    for s in hogs + [reader]:
+        s.close()
+    print(f"test_http_edges: --threads 2: {held:.0f} bytes held on loop {hog_loop}, the reader on loop "
+          f"{reader_loop}; {cut:.0f} cut")
+    assert good and good[-1][1] == "[DONE]", ("the reader was cut", good[-3:])
+    assert texts(good) == good_ref.text, (len(texts(good)), len(good_ref.text))
+    assert cut == 1, cut
+    assert sum(evs[-1][1] != "[DONE]" for evs in hog_events) == 1, [e[-1] for e in hog_events]
+    assert (f"closing the connection with the largest backlog of all event loops, on this one (event loop "
+            f"{hog_loop}, ") in tf.proc.log_text() and f"for a write on event loop {reader_loop}" in tf.proc.log_text()
+    bl.wait_for(lambda: tf_metric("baton_frontend_http_output_queued_bytes") == 0, 10, what="the queued bytes given back")
+    tf.proc.stop()
 
 
 with bl.Cluster() as c:
@@ -377,39 +559,6 @@ with bl.Cluster() as c:
         with open(f"/proc/{pid}/status") as f:
             return int(next(ln for ln in f if ln.startswith("VmRSS:")).split()[1])
 
-    def sse_events(raw_bytes):
-        """The whole SSE events (id, data) of a chunked body cut anywhere."""
-        parts, rest = [], raw_bytes.partition(b"\r\n\r\n")[2]
-        pos = 0
-        while pos < len(rest):
-            eol = rest.find(b"\r\n", pos)
-            if eol < 0:
-                break
-            size = int(rest[pos:eol], 16)
-            if size == 0:
-                break
-            parts.append(rest[eol + 2:eol + 2 + size])  # a chunk cut short: what came of it
-            pos = eol + 2 + size + 2
-        out = []
-        for ev in b"".join(parts).split(b"\n\n")[:-1]:  # the last piece is not known to be whole
-            eid = data = None
-            for ln in ev.decode().split("\n"):
-                if ln.startswith("id: "):
-                    eid = ln[4:]
-                elif ln.startswith("data: "):
-                    data = ln[6:]
-            out.append((eid, data))
-        return out
-
-    def texts(events):
-        t = ""
-        for _, d in events:
-            if d and d != "[DONE]":
-                ch = json.loads(d)["choices"]
-                if ch:
-                    t += ch[0]["delta"].get("content") or ""
-        return t
-
     def ob_metric(name, **labels):
         return bl.metric_sum(bl.metrics(ob.url), name, **labels)
 
@@ -490,6 +639,9 @@ with bl.Cluster() as c:
         s.close()
     bl.wait_for(lambda: ob_metric("baton_frontend_http_output_queued_bytes") == 0 and
                 ob_metric("baton_frontend_http_connections") <= 1, 10, what="the queued bytes given back")
+
+    # the same with two event loops: the largest backlog of either is cut
+    output_budget_threads(c)
 
     # the frontends still serve
     for f in (fe, keyed):

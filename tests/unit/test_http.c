@@ -62,6 +62,7 @@ struct fixture {
     size_t burst_bytes;     /* /burst: bytes written */
     bool burst_failed;      /* /burst: a write was refused */
     atomic_int hog_loaded;  /* /hog: its backlog is built */
+    fixture *peer;          /* test_output_total_peers: the server on the other loop */
 
     /* shared with the client thread */
     atomic_int requests, aborts, drains, done_called;
@@ -304,8 +305,8 @@ static void fixture_init(fixture *f) {
     f->cfg.port = 0;
 }
 
-/* Runs the server until the client thread is done, then closes it and checks the client's result. */
-static void run(fixture *f, void (*client)(fixture *f)) {
+/* Starts the server and the fixture's handles on its loop (not yet run). */
+static void start_server(fixture *f) {
     assert_int_equal(uv_loop_init(&f->loop), 0);
     char err[256] = "";
     bt_http_handlers h = {h_request, h_abort, h_drain};
@@ -319,6 +320,11 @@ static void run(fixture *f, void (*client)(fixture *f)) {
     uv_timer_start(&f->watchdog, on_watchdog, 15000, 0);
     uv_timer_init(&f->loop, &f->tick);
     f->tick.data = f;
+}
+
+/* Runs the server until the client thread is done, then closes it and checks the client's result. */
+static void run(fixture *f, void (*client)(fixture *f)) {
+    start_server(f);
     f->client = client;
     assert_int_equal(pthread_create(&f->th, NULL, client_main, f), 0);
     uv_run(&f->loop, UV_RUN_DEFAULT);
@@ -1022,6 +1028,67 @@ static void test_output_total_largest(void **state) {
     assert_int_equal((size_t)f.measured_ms, f.burst_bytes);
 }
 
+/* With two servers on two loops sharing the total (output_peers): the hog holds 600 KiB on the
+ * other loop, and a response here queues 500 KiB past the 1 MiB total. The largest backlog is the
+ * other loop's: that loop closes it, and the response here is served whole. */
+static void cl_peer_cut(fixture *f) {
+    fixture *far = f->peer;
+    client *hog = cl_open(far, 4096), *other = cl_open(f, 4096);
+    CHECK(f, hog && other);
+    CHECK(f, cl_sends(hog, "GET /hog HTTP/1.1\r\nHost: t\r\n\r\n"));
+    CHECK(f, wait_for(&far->hog_loaded, 1, 5000));
+    CHECK(f, cl_sends(other, "GET /burst HTTP/1.1\r\nHost: t\r\n\r\n"));
+    CHECK(f, wait_for(&far->aborts, 1, 5000));
+    CHECK(f, cl_response(other) == 200);
+    f->measured_ms = (int)other->body.len;
+    CHECK(f, cl_wait_eof(hog) != -2);
+    cl_close(hog);
+    cl_close(other);
+}
+
+static void *loop_main(void *arg) {
+    fixture *f = arg;
+    uv_run(&f->loop, UV_RUN_DEFAULT);
+    return NULL;
+}
+
+static void test_output_total_peers(void **state) {
+    (void)state;
+    fixture far, near;
+    fixture_init(&far);
+    fixture_init(&near);
+    atomic_size_t queued = 0;
+    bt_http_output_peers *peers = bt_http_output_peers_new(2);
+    assert_non_null(peers);
+    fixture *both[2] = {&far, &near};
+    for (int i = 0; i < 2; i++) {
+        both[i]->cfg.max_output_total = 1u << 20;
+        both[i]->cfg.shared_output = &queued;
+        both[i]->cfg.output_peers = peers;
+        both[i]->cfg.output_peer = i;
+    }
+    start_server(&far); /* on a thread of its own, closed by its async once the client is done */
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, loop_main, &far), 0);
+    near.peer = &far;
+    run(&near, cl_peer_cut);
+    uv_async_send(&far.async);
+    pthread_join(th, NULL);
+    assert_int_equal(uv_loop_close(&far.loop), 0);
+    assert_false(far.timed_out);
+    assert_int_equal(far.done_called, 1);
+    /* the hog was cut, by its own loop, as the largest backlog of both */
+    assert_int_equal(far.aborts, 1);
+    assert_true(far.abort_matched);
+    assert_int_equal(far.at_abort.output_budget, 1);
+    /* the response that passed the total was admitted and served whole */
+    assert_int_equal(near.aborts, 0);
+    assert_false(near.burst_failed);
+    assert_int_equal((size_t)near.measured_ms, near.burst_bytes);
+    assert_int_equal(atomic_load(&queued), 0);
+    bt_http_output_peers_free(peers);
+}
+
 static void cl_drain(fixture *f) {
     client *c = cl_open(f, 8192);
     CHECK(f, c);
@@ -1200,6 +1267,7 @@ int main(void) {
         cmocka_unit_test(test_backlog_cap),
         cmocka_unit_test(test_output_total),
         cmocka_unit_test(test_output_total_largest),
+        cmocka_unit_test(test_output_total_peers),
         cmocka_unit_test(test_drain),
         cmocka_unit_test(test_max_connections),
         cmocka_unit_test(test_server_close_inflight),
