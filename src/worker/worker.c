@@ -856,6 +856,8 @@ static int worker_run(wk_worker *w) {
     return w->exit_code;
 }
 
+int64_t bt_worker_checked_llama_threads;
+
 int bt_worker_main(int argc, char **argv) {
     bt_log_init("worker");
     wk_worker *w = calloc(1, sizeof *w);
@@ -1089,6 +1091,7 @@ int bt_worker_main(int argc, char **argv) {
         goto bad_usage;
     }
     if (bt_proc_check_for) { /* `baton run` checks its workers' arguments before it starts them */
+        bt_worker_checked_llama_threads = strcmp(o->engine, "llama") == 0 ? o->llama.threads : 0;
         wk_canary_free(w);
         free(w);
         return 0;
