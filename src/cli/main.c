@@ -1,7 +1,6 @@
 /* main.c — the `baton` binary: dispatches to a subcommand. */
 #include <errno.h>
 #include <limits.h>
-#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -74,30 +73,58 @@ static int chaos_main(int argc, char **argv) {
     return 127;
 }
 
+/* stdout writes through stdout_write, a glibc cookie stream (fopencookie) in place of the C
+ * library's own: glibc keeps only that a write failed, and when it was not the last one (an output
+ * past the buffer: `baton frontend --help` is over 8 KiB) its errno is gone by the final flush.
+ * Here the first failure's errno is kept, and nothing is written after it: what the reader got is
+ * a prefix of the output, never one with a hole or with a byte written after the fact. */
+static int stdout_errno; /* of the first failed write to stdout, 0 while none failed */
+
+static ssize_t stdout_write(void *cookie, const char *buf, size_t n) {
+    (void)cookie;
+    size_t done = 0;
+    while (done < n && !stdout_errno) {
+        ssize_t w = write(STDOUT_FILENO, buf + done, n - done);
+        if (w > 0) done += (size_t)w;
+        else if (w < 0 && errno != EINTR) stdout_errno = errno;
+        else if (w == 0) stdout_errno = EIO;
+    }
+    return (ssize_t)done; /* short of n: glibc marks the stream in error */
+}
+
+/* Puts stdout_write under stdout (glibc lets a program assign stdout: its manual, "Standard
+ * Streams"), buffered as glibc buffers stdout: by line on a terminal, by block otherwise. Nothing
+ * has been written yet. Without memory for it, stdout stays glibc's and only the reason of a failed
+ * write may be lost ("write error"). */
+static void stdout_keep_errno(void) {
+    FILE *f = fopencookie(NULL, "w", (cookie_io_functions_t){.write = stdout_write});
+    if (!f) return;
+    if (setvbuf(f, NULL, isatty(STDOUT_FILENO) ? _IOLBF : _IOFBF, BUFSIZ) != 0) {
+        fclose(f);
+        return;
+    }
+    stdout = f;
+}
+
 /* What a command printed on stdout reached it, or the exit status says it did not: an output that
  * could not be written (a full disk: `baton frontend --help > /dev/full`) is an error (exit 1 if
  * the command had succeeded), but a reader that went away (`baton --help | head -1`: EPIPE, SIGPIPE
- * being ignored) only stopped reading what it did not want: the command's own status stands. An
- * earlier failed write leaves the stream in error with errno long gone; a pipe without a reader
- * is then told by poll's POLLERR on its write end. */
+ * being ignored) only stopped reading what it did not want: the command's own status stands. */
 static int finish_stdout(int rc) {
     errno = 0;
     if (fflush(stdout) == 0 && !ferror(stdout)) return rc;
-    int e = errno;
+    int e = stdout_errno ? stdout_errno : errno;
     if (e == EPIPE) return rc;
-    struct pollfd p = {.fd = STDOUT_FILENO, .events = POLLOUT};
-    if (e == 0 && poll(&p, 1, 0) == 1 && (p.revents & POLLERR)) return rc;
-    /* The failed write was an earlier one (an output longer than stdout's buffer: `baton frontend
-     * --help` passed 8 KiB) and its errno is gone: one more byte, after output already lost, asks
-     * the device again why (a full one says ENOSPC). */
-    if (e == 0 && write(STDOUT_FILENO, "\n", 1) < 0) e = errno;
     fprintf(stderr, "baton: cannot write to standard output: %s\n", e ? strerror(e) : "write error");
     return rc ? rc : 1;
 }
 
 static int dispatch(int argc, char **argv);
 
-int main(int argc, char **argv) { return finish_stdout(dispatch(argc, argv)); }
+int main(int argc, char **argv) {
+    stdout_keep_errno();
+    return finish_stdout(dispatch(argc, argv));
+}
 
 static int dispatch(int argc, char **argv) {
     /* a peer that vanishes mid-write must be an error code, never a signal that kills the process */

@@ -79,6 +79,7 @@ struct run_ctx {
     double speedup;
     bool speedup_given; /* --speedup-ratio / DYN_SPEEDUP_RATIO: passed on; else the workers' default */
     int64_t migration_limit;
+    int64_t llama_threads; /* each worker's llama decode threads (0: another engine), from check_child_args */
     const char *event_plane, *nats_server; /* NULL: not given (nor in the environment) */
     const char *fe_args[MAX_ARGS];
     int n_fe_args;
@@ -355,11 +356,29 @@ static bool check_child_args(run_ctx *r) {
     if (rc == 0) {
         n = child_args(r, false, args, &b);
         args[n] = NULL;
+        bt_worker_checked_llama_threads = 0;
         rc = bt_worker_main(n - 1, (char **)args + 1);
+        r->llama_threads = bt_worker_checked_llama_threads;
     }
     bt_proc_check_for = NULL;
     bt_log_init("run");
     return rc == 0;
+}
+
+/* llama.cpp's decode threads wait for each other spinning after every matrix product, so the
+ * threads of all the workers together beyond the CPUs they share stall every step of every
+ * worker (seconds a step measured on 2 CPUs, docs/engines.md §3.2). Each worker warns only about
+ * its own threads: the group's total is said here, with a split that fits. */
+static void warn_llama_cpus(const run_ctx *r) {
+    long ncpu = bt_cpus_usable();
+    int64_t total = r->workers * r->llama_threads;
+    if (total <= ncpu) return;
+    int64_t w = r->workers <= ncpu ? r->workers : ncpu, t = ncpu / w;
+    BT_WARN("%lld llama worker%s x %lld --llama-threads = %lld decode threads for the %ld CPU%s this process may "
+            "use: llama.cpp's threads wait for each other spinning, and each step can take seconds; keep --workers x "
+            "--llama-threads at most %ld (e.g. --workers %lld --llama-threads %lld)",
+            (long long)r->workers, r->workers == 1 ? "" : "s", (long long)r->llama_threads, (long long)total, ncpu,
+            ncpu == 1 ? "" : "s", ncpu, (long long)w, (long long)t);
 }
 
 static void start_child(child *c) {
@@ -694,6 +713,7 @@ int bt_run_main(int argc, char **argv) {
     const char *tmp = getenv("TMPDIR");
     snprintf(r.dir, sizeof r.dir, "%s/baton-run-XXXXXX", tmp && *tmp ? tmp : "/tmp");
     if (!check_child_args(&r)) return 2;
+    warn_llama_cpus(&r);
     if (!bt_curl_uv_global_init()) {
         fprintf(stderr, "baton run: libcurl cannot start\n");
         return 1;

@@ -6,6 +6,7 @@
 #include <math.h>
 #include <openssl/crypto.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -542,4 +543,10 @@ bt_status bt_u32_reserve(uint32_t **a, size_t *cap, size_t need) {
     *a = p;
     *cap = n;
     return BT_OK;
+}
+
+long bt_cpus_usable(void) {
+    cpu_set_t cpus;
+    long n = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? CPU_COUNT(&cpus) : sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? n : 1;
 }

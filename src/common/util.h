@@ -115,6 +115,11 @@ bool bt_parse_i64(const char *s, int64_t min, int64_t max, int64_t *out);
 bool bt_parse_double(const char *s, double min, double max, double *out);
 bool bt_parse_bool(const char *s, bool *out);
 
+/* The CPUs this process may run on: its affinity mask (sched_getaffinity, what taskset, cgroup
+ * cpusets and container CPU pinning restrict), else the CPUs online; at least 1. Children started
+ * later inherit the mask. */
+long bt_cpus_usable(void);
+
 /* Opens the file an operator named where a file is expected (a TLS certificate or key, a secret,
  * a model, a payload), for reading, and checks that it is a regular file. Anything else would block
  * the start-up or never end it: a FIFO until some writer comes, /dev/zero read for ever, a

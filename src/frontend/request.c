@@ -964,7 +964,7 @@ bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const cha
     json_t *t = json_object_get(body, "temperature");
     if (t && !json_is_null(t) && (!json_is_number(t) || json_number_value(t) < 0 || json_number_value(t) > 2))
         REJECT("temperature", "invalid_value", "'temperature' must be a number from 0 to 2");
-    /* read by the llama engine: a wrong type or range must not pass as "no nucleus sampling" */
+    /* read by the llama engine and the mocker: a wrong type or range must not pass as "no nucleus sampling" */
     json_t *tp = json_object_get(body, "top_p");
     if (tp && !json_is_null(tp) && (!json_is_number(tp) || json_number_value(tp) < 0 || json_number_value(tp) > 1))
         REJECT("top_p", "invalid_value", "'top_p' must be a number from 0 to 1");

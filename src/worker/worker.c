@@ -230,6 +230,30 @@ static bt_status sampling_from_body(const json_t *body, bt_engine_request *er, c
     return BT_OK;
 }
 
+/* The chat fields the engines read as C strings, a message's role and a content part's type: one
+ * that holds U+0000 (the payload is parsed with JSON_ALLOW_NUL) would be read as its prefix,
+ * "user\u0000x" as the role "user", a speaker the client did not send. The frontend refuses them
+ * (fe_check_body); a worker does not rely on it (a client may speak the request plane directly). */
+static bt_status chat_strings_check(const json_t *body, char *err, size_t errlen) {
+    size_t i, j;
+    json_t *m, *part;
+    json_array_foreach(json_object_get(body, "messages"), i, m) {
+        json_t *role = json_object_get(m, "role");
+        if (json_is_string(role) && strlen(json_string_value(role)) != json_string_length(role)) {
+            snprintf(err, errlen, "messages[%zu].role must not contain U+0000", i);
+            return BT_ERR_INVALID;
+        }
+        json_array_foreach(json_object_get(m, "content"), j, part) {
+            json_t *type = json_object_get(part, "type");
+            if (json_is_string(type) && strlen(json_string_value(type)) != json_string_length(type)) {
+                snprintf(err, errlen, "messages[%zu].content[%zu].type must not contain U+0000", i, j);
+                return BT_ERR_INVALID;
+            }
+        }
+    }
+    return BT_OK;
+}
+
 /* Files adopted orphan s under peer p's stream id: a fresh cancellation context under the peer's.
  * False (out of memory): s is ended. */
 static bool attach_adopted(wk_peer *p, uint32_t id, wk_stream *s, const char *rid) {
@@ -350,6 +374,7 @@ static void handle_request(wk_peer *p, uint32_t id, const bt_frame *f) {
     if (max_tokens < 0) max_tokens = 0;
     er.max_tokens = max_tokens > UINT32_MAX ? UINT32_MAX : (uint32_t)max_tokens;
     st = sampling_from_body(body, &er, err, sizeof err);
+    if (st == BT_OK && er.api == BT_API_CHAT) st = chat_strings_check(body, err, sizeof err);
     if (st != BT_OK) goto fail;
     er.attempt_seed = msg.rq.seed; /* chosen by the frontend when the body has none (0: none) */
 
@@ -856,6 +881,8 @@ static int worker_run(wk_worker *w) {
     return w->exit_code;
 }
 
+int64_t bt_worker_checked_llama_threads;
+
 int bt_worker_main(int argc, char **argv) {
     bt_log_init("worker");
     wk_worker *w = calloc(1, sizeof *w);
@@ -1089,6 +1116,7 @@ int bt_worker_main(int argc, char **argv) {
         goto bad_usage;
     }
     if (bt_proc_check_for) { /* `baton run` checks its workers' arguments before it starts them */
+        bt_worker_checked_llama_threads = strcmp(o->engine, "llama") == 0 ? o->llama.threads : 0;
         wk_canary_free(w);
         free(w);
         return 0;

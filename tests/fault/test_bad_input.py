@@ -3,8 +3,9 @@
 Every case checks the answer (status and JSON error body) and that the process keeps serving
 afterwards: malformed HTTP, oversized headers and bodies, invalid JSON and field types, unknown
 model, absurd max_tokens, invalid UTF-8, thousands of idle connections, a slowloris client, a
-client that never reads its stream, garbage and oversized frames on the request-plane port, the
-API key, and the request-plane shared secret.
+client that never reads its stream, garbage and oversized frames on the request-plane port, stop
+strings and chat roles or part types holding U+0000 sent straight to it, the API key, and the
+request-plane shared secret.
 """
 
 import json
@@ -209,6 +210,20 @@ with bl.Cluster() as c:
     assert errs and struct.unpack(">H", errs[0][:2])[0] == 1 and b"stop string" in errs[0], fr
     fr, _ = rpc_request(w.rpc_port, bl.chat_body(max_tokens=3, stop=["z" * 1024] * 4))
     assert any(t == 4 and st == 1 for t, st, _ in fr), f"a stop string of 1024 bytes was not served: {fr}"
+    # --- a chat role or content part type holding U+0000 would reach the engines as its prefix
+    # ("user\u0000x" as "user"): the worker refuses it, as the frontend does, and not migratable
+    nul_role = [{"role": "user\u0000x", "content": "hi"}]
+    nul_type = [{"role": "user", "content": [{"type": "text\u0000image", "text": "hi"}]}]
+    for msgs, what in ((nul_role, b"messages[0].role"), (nul_type, b"messages[0].content[0].type")):
+        fr, _ = rpc_request(w.rpc_port, bl.chat_body(max_tokens=3, messages=msgs))
+        errs = [p for t, st, p in fr if t == 5 and st == 1]
+        assert errs and not any(t == 4 for t, _, _ in fr), f"{what} with U+0000 was served: {fr}"
+        # code 1, BT_ERR_INVALID: not migratable, the frontend would not try another worker
+        assert struct.unpack(">H", errs[0][:2])[0] == 1 and what + b" must not contain U+0000" in errs[0], errs
+    assert "must not contain U+0000" in w.proc.log_text(), w.proc.log_tail()
+    for msgs in ([{"role": "user", "content": "hi"}], [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]):
+        fr, _ = rpc_request(w.rpc_port, bl.chat_body(max_tokens=3, messages=msgs))
+        assert any(t == 4 and st == 1 for t, st, _ in fr), f"{msgs} was not served: {fr}"
     # --- a HELLO must announce the opposite role: a worker takes frontends (1) only
     for role in (2, 3, 0xFFFF):
         fr, closed = rpc_request(w.rpc_port, bl.chat_body(max_tokens=3), role=role, timeout=5)

@@ -36,12 +36,17 @@ def max_tokens_for(i):
 
 
 def body_for(i, stream):
-    """Request i: chat for most, completions for every fourth; every fifth samples (temperature and
+    """Request i: chat for most, completions for every fourth; two in five sample (temperature and
     seed: the engine's randomness is a function of seed and position, so it must continue exactly
-    too); all return token ids."""
+    too), most of those with a nucleus (top_p < 1), which takes part in the choice; all return
+    token ids."""
     extra = {"return_token_ids": True}
     if i % 5 == 1:
         extra.update(temperature=0.9, seed=1000 + i)
+        if i % 10 == 1:
+            extra["top_p"] = 0.8
+    if i % 5 == 3:
+        extra.update(temperature=0.7, seed=2000 + i, top_p=0.5)
     if stream:
         extra["stream_options"] = {"include_usage": True}
     if i % 4 == 3:
@@ -451,6 +456,8 @@ def scenario_kill_one(refs, prefix="k1", streams=range(N_STREAMS), unary=UNARY, 
             assert m["from"] == vid and m["to"] != vid and m["to"] in ids.values(), m
             assert m["type"] == "ongoing_request" and m["carried"] > 0 and m["code"] == "BT_ERR_DISCONNECTED", m
         assert any(m["rid"].startswith(prefix + "u-") for m in migs), "no non-streaming request migrated"
+        by_rid = {r.rid: r for r in reqs}
+        assert any(by_rid[m["rid"]].body.get("top_p", 1) < 1 for m in migs), "no stream with a nucleus migrated"
         assert d["ongoing"] == len(migs) and d["new"] == 0 and d["exhausted"] == 0, d
         assert d["stall_count"] == len(migs), f"stall histogram counted {d['stall_count']}, want {len(migs)}"
         check_baseline(c, fe, refs, 2, prefix)

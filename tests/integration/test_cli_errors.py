@@ -33,7 +33,8 @@
      flag (exit 2), not a missing command. `baton chaos list` (validate,
      --help) and the C commands' --help and --version into a pipe whose reader is gone exit 0,
      saying nothing (`baton chaos list | head -1`); into a full device, the C commands and
-     `baton chaos` exit 1 and say so in one line (no traceback). Ctrl-C during `baton chaos run` exits 130 without a traceback, its processes stopped.
+     `baton chaos` exit 1 and say so in one line (no traceback). A write that fails before the
+     last one (strace injects EIO) is named by its reason, and nothing is written after it. Ctrl-C during `baton chaos run` exits 130 without a traceback, its processes stopped.
   5. A file discovery directory this user cannot read (frontend, worker) or write in (worker) is a
      start-up error (exit 1, the directory and the reason named), not a process that runs and
      never finds, or is never found by, anyone. Run as an unprivileged user (setpriv to nobody when
@@ -68,6 +69,7 @@ import signal
 import socket
 import stat
 import subprocess
+import tempfile
 import time
 
 import batonlib as bl
@@ -364,6 +366,28 @@ for args in (["--help"], ["frontend", "--help"], ["--version"]):
                            stdin=subprocess.DEVNULL, timeout=30)
     assert p.returncode == 1 and "baton: cannot write to standard output: No space left on device" in p.stderr, \
         (args, p.returncode, p.stderr)
+# A failed write that is not the last one (an output past stdout's buffer): its reason is named
+# (by the final flush its errno was gone: "write error"), and nothing is written after it (one more
+# byte was written to ask the device why, and the writes after the failed one went on, leaving a
+# hole): the reader got a prefix of the output. strace fails the process's Nth write(2) with EIO.
+strace = shutil.which("strace")
+if strace:
+    whole = subprocess.run([BIN, "frontend", "--help"], capture_output=True, env=CLEAN_ENV, timeout=30,
+                           stdin=subprocess.DEVNULL).stdout
+    assert len(whole) > 8192, f"`baton frontend --help` is {len(whole)} bytes: its first write is its last"
+    for n in (1, 2):
+        with tempfile.TemporaryFile() as out:
+            p = subprocess.run([strace, "-qq", "-o", "/dev/null", "-e", "trace=write", "-e",
+                                f"inject=write:error=EIO:when={n}", BIN, "frontend", "--help"], stdout=out,
+                               stderr=subprocess.PIPE, text=True, env=CLEAN_ENV, stdin=subprocess.DEVNULL, timeout=30)
+            out.seek(0)
+            got = out.read()
+        assert p.returncode == 1 and p.stderr == "baton: cannot write to standard output: Input/output error\n", \
+            (n, p.returncode, p.stderr)
+        assert len(got) < len(whole) and whole.startswith(got), \
+            f"write {n} failed, and the reader got {len(got)} bytes that are not a prefix of the output: {got[-40:]!r}"
+else:
+    print("cli: strace not installed (scripts/setup installs it): a failed write before the last one not checked")
 # and so for baton chaos (a Python program): one line, exit 1, no traceback; buffered or not
 for args, unbuffered in [(a, u) for a in (["chaos", "list"], ["chaos", "validate"], ["chaos", "--help"])
                          for u in (False, True)]:

@@ -35,7 +35,7 @@ wrong:
   * a 405 names the methods the path takes in an Allow header (RFC 9110 §15.5.6: MUST);
   * POST /busy_threshold with an unknown model whose long name is cut inside a UTF-8 character
     answers its 404 error message (the body was "{}");
-  * `top_p` (read by the llama engine) of the wrong type or outside [0, 1] is a 400 naming it, as
+  * `top_p` (read by the llama engine and the mocker) of the wrong type or outside [0, 1] is a 400 naming it, as
     `temperature` is (it was ignored: "0.9" sampled as top_p 1); null and 0..1 pass.
 """
 

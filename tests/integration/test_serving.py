@@ -1,8 +1,8 @@
 """Core serving path through the real binaries: one frontend, mocker workers, file discovery.
 
 Checks streaming and non-streaming responses of both APIs, the SSE and JSON shapes, usage,
-byte-identical output for identical requests, exact continuation from prompt + k generated
-tokens, JSON errors with the right status, /v1/models, /health, /live, /metrics, 200 concurrent
+byte-identical output for identical requests (another seed or top_p, another output: top_p is
+part of a sampled choice), exact continuation from prompt + k generated tokens, JSON errors with the right status, /v1/models, /health, /live, /metrics, 200 concurrent
 streams across two workers, and a worker added and removed while traffic flows.
 """
 
@@ -85,6 +85,25 @@ def check_determinism_and_continuation(fe):
     # a different seed or temperature gives another stream
     c = bl.stream_completion(fe.url, dict(body, seed=8)).assert_ok()
     assert c.token_ids != a.token_ids, "seed has no effect"
+    # top_p is part of a sampled choice (temperature 1, the default, here), as in a real sampler:
+    # another top_p, another stream; the same top_p, the same stream; top_p 1 is no nucleus (a);
+    # top_p 0 keeps the most probable token alone, as temperature 0 does, which ignores top_p
+    p9 = bl.stream_completion(fe.url, dict(body, top_p=0.9)).assert_ok()
+    assert p9.token_ids != a.token_ids, "top_p has no effect on a sampled stream"
+    assert bl.stream_completion(fe.url, dict(body, top_p=0.9)).assert_ok().text == p9.text, "the same top_p differs"
+    p5 = bl.stream_completion(fe.url, dict(body, top_p=0.5)).assert_ok()
+    assert p5.token_ids not in (a.token_ids, p9.token_ids), "top_p 0.5 and 0.9 give the same stream"
+    assert bl.stream_completion(fe.url, dict(body, top_p=1)).assert_ok().text == a.text, "top_p 1 is not the default"
+    greedy = bl.stream_completion(fe.url, dict(body, temperature=0)).assert_ok()
+    assert greedy.token_ids != a.token_ids
+    for t, p in ((0, 0.5), (0.7, 0), (1.5, 0)):
+        g = bl.stream_completion(fe.url, dict(body, temperature=t, top_p=p)).assert_ok()
+        assert g.text == greedy.text, f"temperature {t}, top_p {p} is not the greedy stream"
+    # a stream with a nucleus continues exactly from its prefix (what a migration sends)
+    for k in (1, 21):
+        cont = bl.stream_completion(fe.url, dict(body, top_p=0.9, prompt=[101, 202, 303, 404] + p9.token_ids[:k],
+                                                 max_tokens=40 - k)).assert_ok()
+        assert cont.token_ids == p9.token_ids[k:], f"top_p 0.9: continuation after {k} tokens differs"
     for k in (1, 13, 39):
         head = bl.stream_completion(fe.url, dict(body, max_tokens=k)).assert_ok()
         assert head.token_ids == a.token_ids[:k], f"prefix of length {k} differs"

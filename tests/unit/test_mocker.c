@@ -251,7 +251,7 @@ static void test_tokenizer(void **st) {
     uint64_t state = 0;
     uint32_t g[200];
     for (int i = 0; i < 200; i++) {
-        g[i] = bt_mocker_next_token(state, 42, 0.7);
+        g[i] = bt_mocker_next_token(state, 42, 0.7, 1.0);
         state = bt_mocker_state_push(state, g[i]);
     }
     static char text[4096];
@@ -263,8 +263,8 @@ static void test_tokenizer(void **st) {
 
 static void test_token_function(void **st) {
     (void)st;
-    assert_int_equal(bt_mocker_next_token(12345, 1, 0.0), bt_mocker_next_token(12345, 1, 0.0));
-    assert_int_equal(bt_mocker_next_token(12345, 1, 0.0), bt_mocker_next_token(12345, 1, -0.0));
+    assert_int_equal(bt_mocker_next_token(12345, 1, 0.0, 1.0), bt_mocker_next_token(12345, 1, 0.0, 1.0));
+    assert_int_equal(bt_mocker_next_token(12345, 1, 0.0, 1.0), bt_mocker_next_token(12345, 1, -0.0, 1.0));
     assert_int_equal(bt_mocker_state_push(99, 7), bt_mocker_state_push(99, 7));
     assert_true(bt_mocker_state_push(0, 1) != bt_mocker_state_push(0, 2));
     assert_true(bt_mocker_state_push(bt_mocker_state_push(0, 1), 2) !=
@@ -279,7 +279,7 @@ static void test_token_function(void **st) {
         bool prev_p = false;
         uint32_t prev = 0;
         for (int i = 0; i < 500; i++) {
-            uint32_t tok = bt_mocker_next_token(state, 7, temps[t]);
+            uint32_t tok = bt_mocker_next_token(state, 7, temps[t], 1.0);
             streams[t][i] = tok;
             state = bt_mocker_state_push(state, tok);
             const char *txt = bt_mocker_token_text(tok, NULL);
@@ -302,7 +302,50 @@ static void test_token_function(void **st) {
 
     uint64_t s0 = bt_mocker_state_push(0, 5);
     int same = 0;
-    for (uint64_t seed = 0; seed < 64; seed++) same += bt_mocker_next_token(s0, seed, 0.7) == bt_mocker_next_token(s0, seed + 1000, 0.7);
+    for (uint64_t seed = 0; seed < 64; seed++) same += bt_mocker_next_token(s0, seed, 0.7, 1.0) == bt_mocker_next_token(s0, seed + 1000, 0.7, 1.0);
+    assert_true(same < 8);
+}
+
+/* The first n tokens after the prefix [5] for seed 7. */
+static void chain(double temperature, double top_p, uint32_t *out, int n) {
+    uint64_t state = bt_mocker_state_push(0, 5);
+    for (int i = 0; i < n; i++) {
+        out[i] = bt_mocker_next_token(state, 7, temperature, top_p);
+        state = bt_mocker_state_push(state, out[i]);
+    }
+}
+
+/* top_p is part of a sampled choice, as it is of a real sampler's draw; greedy and top_p 1 choose
+ * what the mocker chose before it read top_p (the values below), so recorded outputs still hold */
+static void test_token_function_top_p(void **st) {
+    (void)st;
+    static const uint32_t greedy[12] = {1901, 4093, 3762, 1994, 3584, 3682, 588, 4093, 3644, 1958, 3697, 3961};
+    static const uint32_t sampled[12] = {734, 1173, 2173, 4093, 1307, 1834, 3992, 3019, 1357, 913, 3029, 859};
+    uint32_t a[12], b[12];
+    const double any_top_p[] = {1.0, 0.9, 0.5, 0.0, 1.5};
+    for (size_t i = 0; i < sizeof any_top_p / sizeof any_top_p[0]; i++) { /* greedy ignores it */
+        chain(0.0, any_top_p[i], a, 12);
+        assert_memory_equal(a, greedy, sizeof a);
+    }
+    chain(0.7, 1.0, a, 12);
+    assert_memory_equal(a, sampled, sizeof a);
+    chain(0.7, 1.5, a, 12); /* past 1 is no nucleus either (the frontend refuses it) */
+    assert_memory_equal(a, sampled, sizeof a);
+    /* top_p 0 keeps the most probable token alone: the greedy choice at any temperature */
+    chain(0.7, 0.0, a, 12);
+    assert_memory_equal(a, greedy, sizeof a);
+    chain(1.3, 0.0, a, 12);
+    assert_memory_equal(a, greedy, sizeof a);
+    /* a nucleus changes the draw, each top_p its own, the same one every time */
+    chain(0.7, 0.9, a, 12);
+    assert_memory_not_equal(a, sampled, sizeof a);
+    chain(0.7, 0.9, b, 12);
+    assert_memory_equal(a, b, sizeof a);
+    chain(0.7, 0.5, b, 12);
+    assert_memory_not_equal(a, b, sizeof a);
+    uint64_t s0 = bt_mocker_state_push(0, 5);
+    int same = 0;
+    for (int i = 1; i < 64; i++) same += bt_mocker_next_token(s0, 7, 0.7, i / 64.0) == bt_mocker_next_token(s0, 7, 0.7, 1.0);
     assert_true(same < 8);
 }
 
@@ -1554,6 +1597,7 @@ int main(void) {
         cmocka_unit_test(test_vocab_readable),
         cmocka_unit_test(test_tokenizer),
         cmocka_unit_test(test_token_function),
+        cmocka_unit_test(test_token_function_top_p),
         cmocka_unit_test(test_determinism),
         cmocka_unit_test(test_continuation),
         cmocka_unit_test(test_chat_prompt),

@@ -110,7 +110,6 @@ bt_engine *bt_llama_create(uv_loop_t *loop, const bt_llama_config *cfg, const bt
 #else
 
 #include <pthread.h>
-#include <sched.h>
 
 /* ---- messages ------------------------------------------------------------------------------- */
 
@@ -1471,9 +1470,8 @@ bt_engine *bt_llama_create_with_api(uv_loop_t *loop, const bt_llama_config *cfg,
     /* llama.cpp's threads spin at a barrier after every matrix product: more of them than CPUs
      * this process may run on makes each step wait on preempted spinners (measured: seconds per
      * step on 2 CPUs, docs/engines.md §3.2) */
-    cpu_set_t cpus;
-    long ncpu = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? CPU_COUNT(&cpus) : sysconf(_SC_NPROCESSORS_ONLN);
-    if (ncpu > 0 && cfg->threads > ncpu)
+    long ncpu = bt_cpus_usable();
+    if (cfg->threads > ncpu)
         BT_WARN("llama engine: --llama-threads %lld is more than the %ld CPUs this process may use; its threads "
                 "wait for each other spinning, and each step can take seconds: use %ld or fewer",
                 (long long)cfg->threads, ncpu, ncpu);

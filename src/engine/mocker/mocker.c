@@ -63,6 +63,7 @@ struct bt_engine_seq {
     uint64_t state; /* rolling state over prompt + carried + generated */
     uint64_t seed;
     double temperature;
+    double top_p; /* the body's top_p, 1 when absent */
 
     /* Accounting. */
     uint32_t prompt_tokens, n_carried;
@@ -448,7 +449,7 @@ static bt_engine_seq *last_decoding(mk_engine *e) {
 
 /* Generates one token for s; returns false when a fault says the step must stop now. */
 static bool generate(mk_engine *e, bt_engine_seq *s) {
-    uint32_t tok = bt_mocker_next_token(s->state, s->seed, s->temperature);
+    uint32_t tok = bt_mocker_next_token(s->state, s->seed, s->temperature, s->top_p);
     s->state = bt_mocker_state_push(s->state, tok);
     if (e->cfg.kv_bytes_per_token > 0) kv_note(s, tok);
     s->seq_len++;
@@ -959,6 +960,9 @@ static bt_status mk_submit(bt_engine *be, const bt_engine_request *req, const bt
     bt_deliver_add(&e->dl, &s->dl, sink, ud, MK_TEXT_CAP);
     s->seed = req->seed;
     s->temperature = req->temperature;
+    /* read from the body, as the llama engine reads it (the frontend checks it is in [0, 1]) */
+    json_t *top_p = json_object_get(req->body, "top_p");
+    s->top_p = json_is_number(top_p) ? json_number_value(top_p) : 1.0;
     s->priority = req->priority;
     s->prompt_tokens = (uint32_t)n_ids;
     s->n_carried = req->n_carried;

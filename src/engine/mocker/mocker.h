@@ -4,7 +4,7 @@
  * Scheduling follows Dynamo's mocker (waiting → prefill → decode, paged KV blocks with a
  * watermark, max sequences, max batched tokens, chunked prefill, preemption) and each step lasts
  * prefill_ms + decode_ms divided by the speedup ratio, on a libuv timer. The next token id is a
- * pure function of (seed, temperature, the whole token prefix): a continuation from
+ * pure function of (seed, temperature, top_p, the whole token prefix): a continuation from
  * prompt + first k generated tokens yields exactly the rest of an uninterrupted run.
  *
  * KV hand-off: the mocker models it like the llama engine (same counters, same fallbacks), with a
@@ -73,8 +73,11 @@ void bt_mocker_inject(bt_engine *e, bt_mocker_fault f);
 size_t bt_mocker_tokenize(const char *text, size_t len, uint32_t *out, size_t cap);
 /* The text of one token id (e.g. " fenlo", ",", "."); never NULL. */
 const char *bt_mocker_token_text(uint32_t id, size_t *len);
-/* The next token after a prefix whose rolling state is `state` (see bt_mocker_state_push). */
-uint32_t bt_mocker_next_token(uint64_t state, uint64_t seed, double temperature);
+/* The next token after a prefix whose rolling state is `state` (see bt_mocker_state_push), for a
+ * request's seed, temperature and top_p (1: no nucleus). top_p takes part only when temperature >
+ * 0 and top_p < 1 (then 0 chooses as temperature 0 does, the greedy choice); otherwise the choice
+ * is that of (state, seed, temperature) alone. */
+uint32_t bt_mocker_next_token(uint64_t state, uint64_t seed, double temperature, double top_p);
 /* Rolling prefix state: state' = push(state, token); the empty prefix has state 0. */
 uint64_t bt_mocker_state_push(uint64_t state, uint32_t token);
 

@@ -9,7 +9,7 @@
  * exact text of a token maps to that token, any other piece to FNV-1a(piece) mod VOCAB. It is
  * lossy for arbitrary text but exact for text the mocker produced, so a client that sends back
  * generated text gets the generated ids. The token function picks the next id as a hash of
- * (prefix state, seed, temperature bits); the prefix state also keeps the last token id in its
+ * (prefix state, seed, temperature bits, and top_p bits when sampling with top_p < 1); the prefix state also keeps the last token id in its
  * low 12 bits so that punctuation is never chosen twice in a row (except "\n" after "."). */
 #include <pthread.h>
 #include <string.h>
@@ -146,11 +146,21 @@ uint64_t bt_mocker_state_push(uint64_t state, uint32_t token) {
     return (h & ~(uint64_t)(BT_MOCKER_VOCAB - 1u)) | (token & (BT_MOCKER_VOCAB - 1u));
 }
 
-uint32_t bt_mocker_next_token(uint64_t state, uint64_t seed, double temperature) {
+uint32_t bt_mocker_next_token(uint64_t state, uint64_t seed, double temperature, double top_p) {
     if (temperature == 0) temperature = 0.0; /* -0.0 and 0.0 are the same request */
+    /* top_p changes the choice only where it changes a real sampler's draw: a sampled choice
+     * (temperature > 0) from a nucleus smaller than the whole vocabulary (top_p < 1). top_p 0 keeps
+     * the most probable token alone, which is the greedy choice whatever the temperature. Greedy
+     * and top_p 1 (the default) hash exactly what they hashed before top_p was read. */
+    uint64_t pbits = 0;
+    if (temperature > 0 && top_p < 1) {
+        if (top_p <= 0) temperature = 0.0;
+        else memcpy(&pbits, &top_p, sizeof pbits);
+    }
     uint64_t tbits;
     memcpy(&tbits, &temperature, sizeof tbits);
     uint64_t h = bt_mix64(state ^ bt_mix64(seed ^ bt_mix64(tbits ^ 0x74656d70ull)));
+    if (pbits) h = bt_mix64(h ^ bt_mix64(pbits ^ 0x746f7070ull));
     uint32_t prev = (uint32_t)(state & (BT_MOCKER_VOCAB - 1u));
     bool have_prev = state != 0;
     if (have_prev && prev == MK_TOK_PERIOD && ((h >> 40) & 3u) == 0) return MK_TOK_NEWLINE;
