@@ -189,7 +189,7 @@ static bool add_ceiling(fe_admit_policy *p, const char *s, size_t len, const cha
     const char *num = eq + 1;
     size_t nl = len - (size_t)(num - s);
     while (nl && is_blank(*num)) num++, nl--;
-    int32_t v;
+    int32_t v; /* strtoll would skip any other white space too (a '\r' inside a flag's entry) */
     if (!parse_prio(num, nl, &v) || !(*num == '-' || *num == '+' || (*num >= '0' && *num <= '9'))) {
         snprintf(err, errlen, "%s: '%.*s' is not an integer from %d to %d", where, (int)nl, num, -BT_PRIORITY_LIMIT,
                  BT_PRIORITY_LIMIT);
