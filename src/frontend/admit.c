@@ -51,6 +51,7 @@ static const char *const decision_names[D_N_] = {"queued",         "admitted", "
 typedef struct {
     char *key;
     int32_t ceiling;
+    int at; /* its entry's number (--priority-ceiling) or line (--priority-ceiling-file) */
 } ceiling_entry;
 
 /* A tenant as the whole frontend sees it, for the in-flight shares: every thread's requests of the
@@ -65,6 +66,7 @@ struct fe_admit_policy {
     size_t nceil;
     bool has_default;
     int32_t default_ceiling;
+    int default_at; /* as ceiling_entry.at, for the '*' entry */
     bool trust_tenant_header;
     /* HMAC-SHA256 keyed with the tenant-label secret, set once before any shard starts and then
      * only read: each label is computed on a duplicate (fe_admit_policy_label_key) */
@@ -162,27 +164,56 @@ static bool parse_prio(const char *s, size_t len, int32_t *out) {
     return true;
 }
 
-/* One KEY=N entry (len bytes at s, split at its last '=') into p's ceilings. False with the reason
- * in err, which names the entry as `where` says (never by its key: a key is a secret), or on out of
- * memory. */
-static bool add_ceiling(fe_admit_policy *p, const char *s, size_t len, const char *where, char *err, size_t errlen) {
+static bool is_blank(char c) { return c == ' ' || c == '\t'; }
+
+/* One KEY=N entry (len bytes at s, split at its last '=') into p's ceilings; `at` is its number as
+ * `unit` counts ("entry", "line"). Blanks around the key and the number are not part of them (an
+ * operator lines up "batch-key = 10"); whatever else the key holds must be a Bearer token
+ * (fe_bearer_token_ok), and a key (or '*') may be given once: an entry the lookup could never
+ * match, or a second one it would never read, would leave that caller silently at the '*' ceiling
+ * or at none. False with the reason in err, which names the entry as `where` says (never by its
+ * key: a key is a secret), or on out of memory. */
+static bool add_ceiling(fe_admit_policy *p, const char *s, size_t len, const char *where, int at, const char *unit,
+                        char *err, size_t errlen) {
+    while (len && is_blank(*s)) s++, len--;
+    while (len && is_blank(s[len - 1])) len--;
     const char *eq = NULL;
     for (size_t i = 0; i < len; i++)
         if (s[i] == '=') eq = s + i;
-    int32_t v;
-    if (!eq || eq == s) {
+    size_t kl = eq ? (size_t)(eq - s) : 0;
+    while (kl && is_blank(s[kl - 1])) kl--;
+    if (kl == 0) {
         snprintf(err, errlen, "%s is not KEY=N (no key, or no '=')", where);
         return false;
     }
-    if (!parse_prio(eq + 1, len - (size_t)(eq - s) - 1, &v)) {
-        snprintf(err, errlen, "%s: '%.*s' is not an integer from %d to %d", where, (int)(len - (size_t)(eq - s) - 1),
-                 eq + 1, -BT_PRIORITY_LIMIT, BT_PRIORITY_LIMIT);
+    const char *num = eq + 1;
+    size_t nl = len - (size_t)(num - s);
+    while (nl && is_blank(*num)) num++, nl--;
+    int32_t v; /* strtoll would skip any other white space too (a '\r' inside a flag's entry) */
+    if (!parse_prio(num, nl, &v) || !(*num == '-' || *num == '+' || (*num >= '0' && *num <= '9'))) {
+        snprintf(err, errlen, "%s: '%.*s' is not an integer from %d to %d", where, (int)nl, num, -BT_PRIORITY_LIMIT,
+                 BT_PRIORITY_LIMIT);
         return false;
     }
-    size_t kl = (size_t)(eq - s);
+    if (!fe_bearer_token_ok(s, kl)) {
+        snprintf(err, errlen,
+                 "%s: the key holds a blank, a control character or a byte outside ASCII, which no Bearer token "
+                 "carries",
+                 where);
+        return false;
+    }
+    int prev = 0;
+    if (kl == 1 && s[0] == '*') prev = p->has_default ? p->default_at : 0;
+    for (size_t i = 0; i < p->nceil && !prev; i++)
+        if (strlen(p->ceil[i].key) == kl && memcmp(p->ceil[i].key, s, kl) == 0) prev = p->ceil[i].at;
+    if (prev) {
+        snprintf(err, errlen, "%s repeats the key of %s %d: give each key once", where, unit, prev);
+        return false;
+    }
     if (kl == 1 && s[0] == '*') {
         p->has_default = true;
         p->default_ceiling = v;
+        p->default_at = at;
         return true;
     }
     ceiling_entry *c = realloc(p->ceil, (p->nceil + 1) * sizeof *c);
@@ -192,7 +223,7 @@ static bool add_ceiling(fe_admit_policy *p, const char *s, size_t len, const cha
     if (!k) goto nomem;
     memcpy(k, s, kl);
     k[kl] = '\0';
-    p->ceil[p->nceil++] = (ceiling_entry){.key = k, .ceiling = v};
+    p->ceil[p->nceil++] = (ceiling_entry){.key = k, .ceiling = v, .at = at};
     return true;
 nomem:
     snprintf(err, errlen, "out of memory");
@@ -221,7 +252,7 @@ fe_admit_policy *fe_admit_policy_new(const char *spec, int64_t max_requests, int
         size_t len = comma ? (size_t)(comma - s) : strlen(s);
         char where[48];
         snprintf(where, sizeof where, "--priority-ceiling: entry %d", ++nentry);
-        if (!add_ceiling(p, s, len, where, err, errlen)) {
+        if (!add_ceiling(p, s, len, where, nentry, "entry", err, errlen)) {
             fe_admit_policy_free(p);
             return NULL;
         }
@@ -251,19 +282,21 @@ bool fe_admit_policy_ceiling_file(fe_admit_policy *p, const char *path, char *er
         return false;
     }
     int line = 0;
-    for (size_t at = 0; at < got;) {
+    /* a UTF-8 byte order mark, which some editors write first, is not part of the first key */
+    size_t start = got >= 3 && memcmp(buf, "\xef\xbb\xbf", 3) == 0 ? 3 : 0;
+    for (size_t at = start; at < got;) {
         const char *s = buf + at, *nl = memchr(s, '\n', got - at);
         size_t len = nl ? (size_t)(nl - s) : got - at;
         at += len + (nl ? 1 : 0);
         line++;
         /* a line's surrounding blanks (and the '\r' of a CRLF file) are not part of its entry: no
          * Bearer token holds them */
-        while (len && (*s == ' ' || *s == '\t')) s++, len--;
-        while (len && (s[len - 1] == ' ' || s[len - 1] == '\t' || s[len - 1] == '\r')) len--;
+        while (len && is_blank(*s)) s++, len--;
+        while (len && (is_blank(s[len - 1]) || s[len - 1] == '\r')) len--;
         if (len == 0 || *s == '#') continue;
         char where[PATH_MAX + 128];
         snprintf(where, sizeof where, "%s: %s line %d", flag, path, line);
-        if (!add_ceiling(p, s, len, where, err, errlen)) goto cleanup;
+        if (!add_ceiling(p, s, len, where, line, "line", err, errlen)) goto cleanup;
     }
     ok = true;
 cleanup:
@@ -340,6 +373,12 @@ void fe_admit_stop(fe *f) {
 }
 
 /* ---- tickets ---- */
+
+bool fe_bearer_token_ok(const char *k, size_t len) {
+    for (size_t i = 0; i < len; i++)
+        if ((unsigned char)k[i] < 0x21 || (unsigned char)k[i] > 0x7e) return false;
+    return len > 0;
+}
 
 const char *fe_bearer_key(const bt_http_req *http, size_t *len) {
     const char *a = http->authorization;

@@ -211,7 +211,8 @@ static bool bearer_is(const bt_http_req *http, const char *key) {
     return k && equal_ct(k, len, key, strlen(key));
 }
 
-static bool has_key(const char *k) { return k && *k; }
+/* Set keys are never empty (key_given_ok): NULL is "no key". */
+static bool has_key(const char *k) { return k != NULL; }
 
 /* Keys read by key_from_file: the process's for its whole life (every shard's fe_opts points here). */
 static char *file_keys[2];
@@ -219,15 +220,43 @@ static char *file_keys[2];
 /* The longest key key_from_file takes (its file may hold 2 bytes more: the "\r\n" ending the line) */
 #define KEY_FILE_MAX 4096
 
+/* A key option (--api-key, --admin-api-key, or the file of one) as given: false with the reason in
+ * err when it is given empty, on the command line or as its environment twin (which option parsing
+ * otherwise takes as unset), the message saying to leave it out to run `without` the key; or, for
+ * a key itself (is_key), when it is not a Bearer token (fe_bearer_token_ok). An empty value is
+ * most often a template or a secret store that failed to fill it in: taking it as "no key" would
+ * serve an open API without a word. The error never quotes the key. */
+static bool key_given_ok(const char *flag, const char *env, const char *val, bool is_key, const char *without,
+                         char *err, size_t errlen) {
+    const char *ev = getenv(env);
+    if (val && !*val) {
+        snprintf(err, errlen, "%s (%s) is given empty: leave it out to run without %s", flag, env, without);
+        return false;
+    }
+    if (!val && ev && !*ev) {
+        snprintf(err, errlen, "%s (%s) is set but empty: unset it to run without %s", env, flag, without);
+        return false;
+    }
+    if (is_key && val && !fe_bearer_token_ok(val, strlen(val))) {
+        snprintf(err, errlen,
+                 "%s (%s): the key holds a blank, a control character or a byte outside ASCII, which no Bearer token "
+                 "carries (a client could never present it)",
+                 flag, env);
+        return false;
+    }
+    return true;
+}
+
 /* *key from the file named by *file (the --api-key-file form of a key, kept out of ps): the whole
- * file, one trailing newline ("\n" or "\r\n") removed. False with the reason in err when the file
- * is not a readable regular file, is empty, holds more than one line or a NUL (a key no
- * Authorization header can carry), or is over KEY_FILE_MAX (bt_read_text_file), or when the key is
- * given both ways. Start-up only: blocking reads. */
+ * file, one trailing newline ("\n" or "\r\n") and a leading UTF-8 byte order mark (which some
+ * editors write) removed. False with the reason in err when the file is not a readable regular
+ * file, is empty, holds more than one line, a NUL or anything else a Bearer token cannot carry (a
+ * blank before or after the key included: fe_bearer_token_ok), or is over KEY_FILE_MAX
+ * (bt_read_text_file), or when the key is given both ways. Start-up only: blocking reads. */
 static bool key_from_file(const char *flag, const char *env, const char *key_flag, const char *key_env,
                           const char *file, const char **key, char **store, char *err, size_t errlen) {
     if (!file) return true;
-    if (key && *key) {
+    if (*key) {
         snprintf(err, errlen, "%s (%s) and %s (%s) are both given: give the key one way", key_flag, key_env, flag,
                  env);
         return false;
@@ -241,13 +270,22 @@ static bool key_from_file(const char *flag, const char *env, const char *key_fla
     }
     if (n && buf[n - 1] == '\n') buf[--n] = '\0';
     if (n && buf[n - 1] == '\r') buf[--n] = '\0';
+    if (n >= 3 && memcmp(buf, "\xef\xbb\xbf", 3) == 0) {
+        memmove(buf, buf + 3, n - 3 + 1);
+        n -= 3;
+    }
     char over[32];
     snprintf(over, sizeof over, "is over %d bytes", KEY_FILE_MAX);
     const char *what = st == BT_ERR_TOO_LARGE || n > KEY_FILE_MAX ? over
                        : st != BT_OK                              ? why
                        : n == 0                                   ? "is empty"
                        : strpbrk(buf, "\r\n")                     ? "holds more than one line"
-                                                                  : NULL;
+                       : buf[0] == ' ' || buf[0] == '\t' || buf[n - 1] == ' ' || buf[n - 1] == '\t'
+                           ? "has a blank before or after the key, which no Authorization header carries"
+                       : !fe_bearer_token_ok(buf, n)
+                           ? "holds a blank, a control character or a byte outside ASCII in the key, which no Bearer "
+                             "token carries"
+                           : NULL;
     if (what) {
         snprintf(err, errlen, "%s (%s): %s %s: it must hold the key alone", flag, env, file, what);
         if (buf) OPENSSL_cleanse(buf, n);
@@ -702,10 +740,10 @@ static void others_done_tick(uv_timer_t *t) {
     OPT("--active-prefill-tokens-threshold", "DYN_ACTIVE_PREFILL_TOKENS_THRESHOLD", DOUBLE, prefill_threshold, NAN, 0, FE_PREFILL_THRESHOLD_MAX, "busy above this many prefill tokens") \
     OPT("--stream-stall-timeout", "DYN_STREAM_STALL_TIMEOUT", DOUBLE, stall_timeout, 2.0, 0.1, 3600, "seconds of silence before a worker is declared dead") \
     OPT("--stream-token-timeout", "BATON_STREAM_TOKEN_TIMEOUT", DOUBLE, token_timeout, 0, 0, 86400, "seconds an attempt may hear nothing of its stream from its worker (no token, first or next, and no other frame for it) before the worker is told to drop it and the request migrates, even while the worker's connection is alive; a stream the worker reports waiting in its engine (queued, preempted) is not judged (0 = off: a request may wait long in a worker's queue)") \
-    OPT("--api-key", "DYN_API_KEY", STR, api_key, NULL, 0, 0, "require Authorization: Bearer KEY") \
-    OPT("--admin-api-key", "BATON_ADMIN_API_KEY", STR, admin_api_key, NULL, 0, 0, "the operator endpoints (/busy_threshold, /admission) require Authorization: Bearer KEY with this key, and the --api-key no longer opens them; it does not open the API, and it may cancel any request; unset, whoever holds the --api-key (everyone without one) may change the load-shedding settings") \
-    OPT("--api-key-file", "DYN_API_KEY_FILE", STR, api_key_file, NULL, 0, 0, "read the --api-key from this file (one trailing newline removed), so that the key is not on the command line; not with --api-key") \
-    OPT("--admin-api-key-file", "BATON_ADMIN_API_KEY_FILE", STR, admin_api_key_file, NULL, 0, 0, "read the --admin-api-key from this file (one trailing newline removed); not with --admin-api-key") \
+    OPT("--api-key", "DYN_API_KEY", STR, api_key, NULL, 0, 0, "require Authorization: Bearer KEY (visible ASCII); an empty value, flag or twin, is refused: leave both out for an API without a key") \
+    OPT("--admin-api-key", "BATON_ADMIN_API_KEY", STR, admin_api_key, NULL, 0, 0, "the operator endpoints (/busy_threshold, /admission) require Authorization: Bearer KEY with this key, and the --api-key no longer opens them; it does not open the API, and it may cancel any request; unset, whoever holds the --api-key (everyone without one) may change the load-shedding settings; an empty value is refused as for --api-key") \
+    OPT("--api-key-file", "DYN_API_KEY_FILE", STR, api_key_file, NULL, 0, 0, "read the --api-key from this file (one trailing newline and a leading byte order mark removed), so that the key is not on the command line; not with --api-key") \
+    OPT("--admin-api-key-file", "BATON_ADMIN_API_KEY_FILE", STR, admin_api_key_file, NULL, 0, 0, "read the --admin-api-key from this file (one trailing newline and a leading byte order mark removed); not with --admin-api-key") \
     OPT("--metrics-api-key-required", "BATON_METRICS_API_KEY_REQUIRED", BOOL, metrics_api_key_required, false, 0, 0, "GET /metrics needs the --api-key or the --admin-api-key (Authorization: Bearer KEY); off, /metrics is open like /live and /health") \
     OPT("--max-body-bytes", "DYN_HTTP_MAX_BODY_BYTES", INT, max_body, 4 << 20, 1024, 1 << 30, "request body cap") \
     OPT("--max-body-bytes-total", "BATON_HTTP_MAX_BODY_BYTES_TOTAL", INT, max_body_total, 1 << 30, 0, (int64_t)1 << 40, "request body bytes being received at once over all connections (a declared Content-Length counts whole); a body past it is refused with 503; at least --max-body-bytes; 0: no cap") \
@@ -726,7 +764,7 @@ static void others_done_tick(uv_timer_t *t) {
     OPT("--threads", "DYN_HTTP_THREADS", INT, threads, 1, 1, FE_MAX_THREADS, "event loops, one per core to use; connections are spread over them (SO_REUSEPORT)") \
     OPT("--stream-retention", "DYN_STREAM_RETENTION", DOUBLE, stream_retention, 300, 0, 86400, "seconds a stream stays resumable after it ends (0 = streams are not resumable)") \
     OPT("--stream-retention-bytes", "DYN_STREAM_RETENTION_BYTES", INT, stream_retention_bytes, (int64_t)256 << 20, 4096, (double)((int64_t)1 << 40), "memory cap of the stream journal (resumable streams)") \
-    OPT("--priority-ceiling", "BATON_PRIORITY_CEILING", STR, priority_ceiling, NULL, 0, 0, "KEY=N,...,*=N: the most urgent priority each API key (* = any other caller) may ask for") \
+    OPT("--priority-ceiling", "BATON_PRIORITY_CEILING", STR, priority_ceiling, NULL, 0, 0, "KEY=N,...,*=N: the most urgent priority each API key (* = any other caller) may ask for; blanks around keys and numbers are dropped; each key once") \
     OPT("--priority-ceiling-file", "BATON_PRIORITY_CEILING_FILE", STR, priority_ceiling_file, NULL, 0, 0, "read the --priority-ceiling entries from this file, one KEY=N a line (blank lines and # comments skipped), so that the keys are not on the command line; not with --priority-ceiling") \
     OPT("--trust-tenant-header", "BATON_TRUST_TENANT_HEADER", BOOL, trust_tenant_header, false, 0, 0, "the tenant is the X-Tenant header, not the API key (only behind a gateway that sets it)") \
     OPT("--tenant-label-secret-file", "BATON_TENANT_LABEL_SECRET_FILE", STR, tenant_label_secret_file, NULL, 0, 0, "file whose content keys the API keys' tenant labels in metrics and logs (key- + HMAC-SHA256); give every frontend the same file for the same labels; unset, a random secret: labels hold for this process's life only") \
@@ -783,7 +821,13 @@ int bt_frontend_main(int argc, char **argv) {
     if (!bt_proc_check_planes("frontend", &o->p, opts, nopts, argc, argv) ||
         !bt_proc_check_host("frontend", opts, nopts, argc, argv, "--http-host", o->http_host))
         goto bad_usage;
-    if (!key_from_file("--api-key-file", "DYN_API_KEY_FILE", "--api-key", "DYN_API_KEY", o->api_key_file, &o->api_key,
+    const char *no_api = "an API key", *no_admin = "an operator key";
+    if (!key_given_ok("--api-key", "DYN_API_KEY", o->api_key, true, no_api, err, sizeof err) ||
+        !key_given_ok("--admin-api-key", "BATON_ADMIN_API_KEY", o->admin_api_key, true, no_admin, err, sizeof err) ||
+        !key_given_ok("--api-key-file", "DYN_API_KEY_FILE", o->api_key_file, false, no_api, err, sizeof err) ||
+        !key_given_ok("--admin-api-key-file", "BATON_ADMIN_API_KEY_FILE", o->admin_api_key_file, false, no_admin, err,
+                      sizeof err) ||
+        !key_from_file("--api-key-file", "DYN_API_KEY_FILE", "--api-key", "DYN_API_KEY", o->api_key_file, &o->api_key,
                        &file_keys[0], err, sizeof err) ||
         !key_from_file("--admin-api-key-file", "BATON_ADMIN_API_KEY_FILE", "--admin-api-key", "BATON_ADMIN_API_KEY",
                        o->admin_api_key_file, &o->admin_api_key, &file_keys[1], err, sizeof err)) {

@@ -9,7 +9,8 @@ mocker admits its waiting sequences by (priority, arrival).
 2. The same with the urgent ones sent under a key whose ceiling is 10: they are clamped to 10 and
    wait their turn (their TTFT is past the low-priority median), while X-Priority is honoured.
 3. A bad priority is a 400 naming it (body or header), and nothing is routed.
-4. A malformed --priority-ceiling stops the frontend at start-up (exit 2, naming the entry).
+4. A malformed --priority-ceiling stops the frontend at start-up (exit 2, naming the entry): so
+   does a key no Bearer token carries, or a key (or *) given twice.
 """
 
 import statistics
@@ -103,7 +104,9 @@ with bl.Cluster() as c:
     assert st == 200, b
 # --- 4. a malformed ceiling is a start-up error naming the entry by its place, never its key
 for spec, bad in (("secretk=soon", "entry 1: 'soon'"), ("=3", "entry 1 is not"),
-                  ("secretk=1,*=2000000", "entry 2: '2000000'"), ("secretk", "entry 1 is not")):
+                  ("secretk=1,*=2000000", "entry 2: '2000000'"), ("secretk", "entry 1 is not"),
+                  ("secret k=1", "entry 1: the key holds a blank"), ("*=1, *=2", "entry 2 repeats the key of entry 1"),
+                  ("secretk = 1, secretk=2", "entry 2 repeats the key of entry 1")):
     p = subprocess.run([bl.baton_bin(), "frontend", "--priority-ceiling", spec, "--http-port", "0"],
                        capture_output=True, text=True, timeout=10)
     assert p.returncode == 2 and "--priority-ceiling" in p.stderr and bad in p.stderr, (spec, p.returncode, p.stderr)

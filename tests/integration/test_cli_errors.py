@@ -52,14 +52,18 @@
      or is over 4096 bytes (exit 2).
   9. `baton run` says what is wrong with DYN_LOG and DYN_LOGGING_JSONL once, not once per child.
  10. --api-key-file and --admin-api-key-file (DYN_API_KEY_FILE, BATON_ADMIN_API_KEY_FILE) read the
-     keys from files, one trailing newline removed; a missing, empty, several-line file or a key
-     given both ways is exit 2 (`baton frontend` and `baton run`); the keys read are enforced.
+     keys from files, one trailing newline and a leading byte order mark removed; a missing, empty,
+     several-line file, a key with a blank, a control character or a non-ASCII byte (on the command
+     line too: no client could present it), a key given both ways, or a key or key file given
+     empty (flag or twin: that is not "no key") is exit 2 (`baton frontend` and `baton run`); the
+     keys read are enforced.
  11. --priority-ceiling-file (BATON_PRIORITY_CEILING_FILE) reads the ceilings, one KEY=N a line with
      blank lines and # comments: a file that cannot be read, a malformed line (named by the file
-     and its line number, never by its key), a NUL byte, a file over 1 MiB, or the ceilings given
-     both ways (flag and file) is exit 2 for `baton frontend` and `baton run`; with a good file the
-     keys are not on either's command line, and the REQUEST a (fake) worker gets carries the
-     priority as the file's ceilings bound it.
+     and its line number, never by its key), a key no Bearer token carries, a key given twice, a
+     NUL byte, a file over 1 MiB, or the ceilings given both ways (flag and file) is exit 2 for
+     `baton frontend` and `baton run` (the --priority-ceiling form alike, by entry number); with a
+     good file the keys are not on either's command line, and the REQUEST a (fake) worker gets
+     carries the priority as the ceilings bound it, whatever blanks surround keys and numbers.
 Each command must exit within 10 s and leave nothing listening."""
 
 import os
@@ -731,6 +735,28 @@ for cmd in ("frontend", "run"):
             (["--admin-api-key-file", key_file("newline", b"\n")], {}, "is empty: it must hold the key alone"),
             (["--api-key-file", key_file("two", b"k\n\n")], {}, "holds more than one line"),
             (["--api-key-file", key_file("nul", b"k\x00k")], {}, "holds a NUL byte"),
+            # a key no client can present: the Authorization parser drops blanks around a token, and
+            # the key is compared whole, so every request would get 401
+            (["--api-key-file", key_file("lead", b" sk-file-1\n")], {},
+             f"{api_flag}: {keys}/lead has a blank before or after the key, which no Authorization header carries"),
+            (["--admin-api-key-file", key_file("trail", b"adm-2\t\r\n")], {}, "has a blank before or after the key"),
+            (["--api-key-file", key_file("inner", b"sk-file 1\n")], {},
+             "holds a blank, a control character or a byte outside ASCII in the key"),
+            (["--api-key-file", key_file("utf8", "sk-file-1\u00e9\n".encode())], {}, "a byte outside ASCII"),
+            (["--api-key-file", key_file("bom-only", b"\xef\xbb\xbf\n")], {}, "is empty"),
+            (["--api-key", " sk-file-1"], {},
+             "--api-key (DYN_API_KEY): the key holds a blank, a control character or a byte outside ASCII"),
+            ([], {"BATON_ADMIN_API_KEY": "adm-2 "}, "--admin-api-key (BATON_ADMIN_API_KEY): the key holds a blank"),
+            # an empty key is not "no key": a template or secret store that left it empty would
+            # otherwise serve an open API without a word
+            (["--api-key", ""], {}, "--api-key (DYN_API_KEY) is given empty: leave it out to run without an API key"),
+            (["--admin-api-key="], {},
+             "--admin-api-key (BATON_ADMIN_API_KEY) is given empty: leave it out to run without an operator key"),
+            ([], {"DYN_API_KEY": ""}, "DYN_API_KEY (--api-key) is set but empty: unset it to run without an API key"),
+            ([], {"BATON_ADMIN_API_KEY": ""}, "BATON_ADMIN_API_KEY (--admin-api-key) is set but empty"),
+            ([], {"DYN_API_KEY_FILE": ""}, "DYN_API_KEY_FILE (--api-key-file) is set but empty"),
+            (["--admin-api-key-file", ""], {}, "--admin-api-key-file (BATON_ADMIN_API_KEY_FILE) is given empty"),
+            (["--api-key-file", api_file], {"DYN_API_KEY": ""}, "DYN_API_KEY (--api-key) is set but empty"),
             (["--api-key", "k", "--api-key-file", api_file], {},
              "--api-key (DYN_API_KEY) and --api-key-file (DYN_API_KEY_FILE) are both given"),
             (["--api-key-file", api_file], {"DYN_API_KEY": "k"}, "are both given: give the key one way"),
@@ -755,7 +781,24 @@ for cmd in ("frontend", "run"):
             (["--priority-ceiling", "secretk=1", "--priority-ceiling-file", ceil_good], {},
              "--priority-ceiling (BATON_PRIORITY_CEILING) and --priority-ceiling-file (BATON_PRIORITY_CEILING_FILE) "
              "are both given: give the ceilings one way"),
-            (["--priority-ceiling", "secretk=1"], {"BATON_PRIORITY_CEILING_FILE": ceil_good}, "are both given")]:
+            (["--priority-ceiling", "secretk=1"], {"BATON_PRIORITY_CEILING_FILE": ceil_good}, "are both given"),
+            # a key no Bearer token carries would never be matched, and a second entry for a key would
+            # never be read (or, for *, silently replace the first): either leaves a caller at another
+            # ceiling than the operator wrote
+            (["--priority-ceiling-file", key_file("c-inner", b"secretk x=1\n")], {},
+             f"{cflag}: {keys}/c-inner line 1: the key holds a blank, a control character or a byte outside ASCII"),
+            (["--priority-ceiling-file", key_file("c-utf8", "# c\nsecretk\u00e9=1\n".encode())], {},
+             f"{keys}/c-utf8 line 2: the key holds"),
+            (["--priority-ceiling-file", key_file("c-dup", b"secretk=1\n# c\n secretk = 2\n")], {},
+             f"{cflag}: {keys}/c-dup line 3 repeats the key of line 1: give each key once"),
+            (["--priority-ceiling-file", key_file("c-dup-star", b"*=1\nsecretk=0\n* = 4\n")], {},
+             f"{keys}/c-dup-star line 3 repeats the key of line 1"),
+            (["--priority-ceiling-file", key_file("c-blank-num", b"secretk = \n")], {},
+             f"{keys}/c-blank-num line 1: '' is not an integer"),
+            (["--priority-ceiling", "secretk=1, secretk =2"], {},
+             "--priority-ceiling: entry 2 repeats the key of entry 1: give each key once"),
+            ([], {"BATON_PRIORITY_CEILING": "*=1,secretk\tx=2"}, "--priority-ceiling: entry 2: the key holds a blank"),
+            ([], {"BATON_PRIORITY_CEILING": "secretk=1,*=0,*=2"}, "entry 3 repeats the key of entry 2")]:
         try:
             rc, out, took = baton([cmd, "--http-port", str(k_port)] + args, env=env)
         except subprocess.TimeoutExpired:
@@ -789,34 +832,52 @@ for how in ("frontend", "run"):
             assert b"sk-file-1" not in f.read(), how
 print("cli: --api-key-file and --admin-api-key-file (and their twins) give the keys")
 
-# --- 11. with a good ceiling file the keys are not on the command line, and the REQUEST a (fake)
-# worker gets carries the priority as the file's ceilings bound it
+# a byte order mark (which some editors write first) is not part of the key
 with bl.Cluster() as c:
-    fe = c.start_frontend(priority_ceiling_file=ceil_good)
-    fw = fk.FakeWorker(c.discovery_dir, lambda w, stream, p: (w.send(fk.tokens(stream, [1], " a")),
-                                                              w.send(fk.finish(stream, fk.FINISH_STOP, 3, 1))))
-    try:
-        fw.wait_connected()
-        c.wait_workers(fe, 1)
-        with open(f"/proc/{fe.proc.pid}/cmdline", "rb") as f:
-            assert b"sk-ceil" not in f.read(), "a key on the frontend's command line"
-        # (key, asked, settled): a key may ask for its ceiling or anything less urgent; asking for
-        # more urgent gets the ceiling; callers not listed (and callers with no key) get *=3's
-        for i, (key, asked, want) in enumerate((("sk-ceil-a", 0, 10), ("sk-ceil-a", 20, 20), ("sk-ceil-b", -100, -5),
-                                                 ("sk-ceil-b", -2, -2), (None, -1, 3), ("other-key", 0, 3),
-                                                 (None, 7, 7))):
-            rid = f"ceil-{i}-{int(time.time() * 1000)}"
-            hdrs = {"X-Request-Id": rid}
-            if key:
-                hdrs["Authorization"] = f"Bearer {key}"
-            st, _, body = bl.post_json(fe.url + "/v1/chat/completions", bl.chat_body("x", max_tokens=4, priority=asked),
-                                       headers=hdrs, timeout=20)
-            assert st == 200 and body["choices"][0]["message"]["content"] == " a", (key, asked, st, body)
-            got = fw.request_of(rid)
-            assert got, f"{rid}: no REQUEST reached the fake worker"
-            assert got[2].get("priority", 0) == want, (key, asked, want, got[2].get("priority"))
-    finally:
-        fw.close()
+    c.start_worker(speedup_ratio=1000)
+    fe = c.start_frontend(api_key_file=key_file("bom", b"\xef\xbb\xbfsk-bom-3\r\n"))
+    c.wait_workers(fe, 1)
+    for key, want in (("sk-bom-3", 200), ("\u00ef\u00bb\u00bfsk-bom-3", 401), (None, 401)):
+        hdrs = {"Authorization": f"Bearer {key}"} if key else {}
+        st, _, body = bl.post_json(fe.url + "/v1/completions", bl.completion_body(max_tokens=2), headers=hdrs)
+        assert st == want, (key, st, body)
+print("cli: a key file's byte order mark is not part of its key")
+
+# --- 11. with a good ceiling file the keys are not on the command line, and the REQUEST a (fake)
+# worker gets carries the priority as the file's ceilings bound it. Blanks around a key, its '=' and
+# its number are not part of them, nor is a byte order mark that starts the file; the same for the
+# --priority-ceiling form (given here as its environment twin, which keeps the keys out of ps too),
+# blanks after its commas included.
+ceil_spaced = key_file("ceilings-spaced", b"\xef\xbb\xbfsk-ceil-a = 10\n\tsk-ceil-b\t=\t-5\n* =3\n")
+for how, kw in (("file", {"priority_ceiling_file": ceil_good}),
+                ("spaced file", {"priority_ceiling_file": ceil_spaced}),
+                ("flag", {"env": {"BATON_PRIORITY_CEILING": "sk-ceil-a = 10, sk-ceil-b=-5 , *= 3"}})):
+    with bl.Cluster() as c:
+        fe = c.start_frontend(**kw)
+        fw = fk.FakeWorker(c.discovery_dir, lambda w, stream, p: (w.send(fk.tokens(stream, [1], " a")),
+                                                                  w.send(fk.finish(stream, fk.FINISH_STOP, 3, 1))))
+        try:
+            fw.wait_connected()
+            c.wait_workers(fe, 1)
+            with open(f"/proc/{fe.proc.pid}/cmdline", "rb") as f:
+                assert b"sk-ceil" not in f.read(), "a key on the frontend's command line"
+            # (key, asked, settled): a key may ask for its ceiling or anything less urgent; asking for
+            # more urgent gets the ceiling; callers not listed (and callers with no key) get *=3's
+            for i, (key, asked, want) in enumerate((("sk-ceil-a", 0, 10), ("sk-ceil-a", 20, 20),
+                                                     ("sk-ceil-b", -100, -5), ("sk-ceil-b", -2, -2), (None, -1, 3),
+                                                     ("other-key", 0, 3), (None, 7, 7))):
+                rid = f"ceil-{i}-{int(time.time() * 1000)}"
+                hdrs = {"X-Request-Id": rid}
+                if key:
+                    hdrs["Authorization"] = f"Bearer {key}"
+                st, _, body = bl.post_json(fe.url + "/v1/chat/completions",
+                                           bl.chat_body("x", max_tokens=4, priority=asked), headers=hdrs, timeout=20)
+                assert st == 200 and body["choices"][0]["message"]["content"] == " a", (how, key, asked, st, body)
+                got = fw.request_of(rid)
+                assert got, f"{rid}: no REQUEST reached the fake worker"
+                assert got[2].get("priority", 0) == want, (how, key, asked, want, got[2].get("priority"))
+        finally:
+            fw.close()
 with bl.Cluster() as c:  # `baton run` hands the file to its frontend, not to its workers
     fe = c.start_run(workers=1, speedup_ratio=1000, system_port=-1, priority_ceiling_file=ceil_good)
     c.wait_workers(fe, 1)
@@ -825,4 +886,5 @@ with bl.Cluster() as c:  # `baton run` hands the file to its frontend, not to it
     assert st == 200, body
     with open(f"/proc/{fe.proc.pid}/cmdline", "rb") as f:
         assert b"sk-ceil" not in f.read(), "a key on baton run's command line"
-print("cli: --priority-ceiling-file (and its twin) gives the ceilings; bad files are usage errors naming the line")
+print("cli: --priority-ceiling-file and --priority-ceiling (and their twins) give the ceilings, blanks around "
+      "keys and numbers and a byte order mark aside; bad files are usage errors naming the line")
