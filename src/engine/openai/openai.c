@@ -123,6 +123,9 @@ struct oa_engine {
     /* the upstream */
     bool detected, ever_up, dead, probe_failed, use_models_for_health;
     long auth_refused; /* the HTTP status (401, 403) of the upstream refusing the credentials, else 0 */
+    /* a request was refused with 401 or 403: the next polls ask GET /v1/models, which checks the
+     * credentials as GET /health (vLLM's, baton's) does not, until one is answered */
+    bool check_auth;
     bt_oa_kind kind;
     char model[256];
     unsigned failures;
@@ -574,6 +577,10 @@ static void stream_done(oa_engine *e, oa_xfer *x, CURLcode cc) {
             if (code == 400 && c.err_code == BT_ERR_CONTEXT_LENGTH) st = BT_ERR_CONTEXT_LENGTH;
         }
         seq_fail(s, st, "the upstream answered HTTP %ld%s%.200s", code, *what ? ": " : "", what);
+        if (code == 401 || code == 403) { /* the key may have been revoked: the poll decides readiness */
+            e->check_auth = true;
+            start_probe(e);
+        }
         bt_oa_chunk_free(&c);
         return;
     }
@@ -845,6 +852,7 @@ static void probe_done(oa_engine *e, oa_xfer *x, CURLcode cc) {
         upstream_failed(e, what, what, false);
         return;
     }
+    if (x->kind == X_MODELS) e->check_auth = false; /* the credentials are accepted */
     if (x->kind == X_MODELS && !e->detected) {
         bt_oa_kind k;
         char model[256], err[256];
@@ -862,7 +870,7 @@ static void probe_done(oa_engine *e, oa_xfer *x, CURLcode cc) {
 
 static void start_probe(oa_engine *e) {
     if (e->probe || e->dead || bt_deliver_closed(&e->dl)) return;
-    bool models = !e->detected || e->use_models_for_health;
+    bool models = !e->detected || e->use_models_for_health || e->check_auth || e->auth_refused;
     e->probe = xfer_start(e, models ? X_MODELS : X_HEALTH, models ? "/v1/models" : "/health", NULL,
                           OA_PROBE_TIMEOUT_MS, NULL);
 }
