@@ -102,7 +102,8 @@ static void check_accepted(const json_t *b, bt_api api) {
             bool calls = json_array_size(json_object_get(m, "tool_calls")) > 0 ||
                          json_is_object(json_object_get(m, "function_call"));
             const char *role = json_string_value(json_object_get(m, "role"));
-            if (!c || json_is_null(c)) CHECK((strcmp(role, "assistant") == 0 && calls) || strcmp(role, "function") == 0);
+            if (!c || json_is_null(c))
+                CHECK((strcmp(role, "assistant") == 0 && calls) || strcmp(role, "function") == 0);
             else CHECK(json_is_string(c) || (json_is_array(c) && json_array_size(c) > 0));
             json_array_foreach(c, j, part) {
                 const json_t *type = json_object_get(part, "type");

@@ -7,7 +7,8 @@
  * sink callbacks, ending transfers) runs after curl_multi_socket_action returns, where
  * curl_multi_remove_handle is allowed. Tokens go to the sink as they are parsed; endings are
  * staged and delivered after the libcurl step or, when they do not come from upstream data (stop,
- * errors found at submit time, a continuation with no tokens left), from a uv_idle, never from submit, stop or kill.
+ * errors found at submit time, a continuation with no tokens left), from a uv_idle, never from
+ * submit, stop or kill.
  * Which callbacks may kill, stop, submit or destroy what, and when memory goes, is
  * engine/deliver.h's: every loop callback of the engine is bracketed by enter/leave.
  *
@@ -15,7 +16,10 @@
  * continuation asks the upstream's /tokenize for the prompt's ids) → streaming → ended. The
  * upstream itself: unknown until GET /v1/models answers (which also tells its kind and model
  * name), then up; a refused connection after it was up, `health_failures` failed polls in a row,
- * or no answer at all within `startup_timeout` make it dead, which calls hooks.on_dead once. */
+ * or no answer at all within `startup_timeout` make it dead, which calls hooks.on_dead once. A poll
+ * answered 401 or 403 means the upstream refuses the credentials: hooks.on_serving(false) keeps the
+ * worker not ready until a poll is accepted (polling goes on; the same bounds apply). Messages a
+ * client can read never name the upstream's address: the URL and libcurl's detail go to the log. */
 #include "engine/openai/openai.h"
 
 #include <curl/curl.h>
@@ -788,6 +792,11 @@ static void upstream_up(oa_engine *e) {
         if (SEQ_OF(ds)->state == S_PENDING && !bt_deliver_ended(ds)) seq_start(SEQ_OF(ds));
 }
 
+/* Why requests are refused before the upstream answered once, for the client. */
+static const char *not_up_why(const oa_engine *e) {
+    return e->auth_refused ? "the upstream refuses this worker's credentials" : "the upstream is not reachable yet";
+}
+
 /* what: the failure as a client may read it (no address); detail: the same for the log. */
 static void upstream_failed(oa_engine *e, const char *what, const char *detail, bool refused) {
     snprintf(e->last_err, sizeof e->last_err, "%s", what);
@@ -815,7 +824,7 @@ static void upstream_failed(oa_engine *e, const char *what, const char *detail, 
     e->probe_failed = true;
     for (bt_deliver_seq *ds = bt_deliver_first(&e->dl); ds; ds = bt_deliver_next(ds))
         if (SEQ_OF(ds)->state == S_PENDING)
-            seq_fail(SEQ_OF(ds), BT_ERR_CANNOT_CONNECT, "the upstream is not reachable yet: %s", what);
+            seq_fail(SEQ_OF(ds), BT_ERR_CANNOT_CONNECT, "%s: %s", not_up_why(e), what);
     if ((double)(bt_now_ms() - e->created_ms) >= e->cfg.startup_timeout * 1000.0) {
         char why[300];
         snprintf(why, sizeof why, "no answer within the start-up bound of %gs (last: %s)", e->cfg.startup_timeout,
@@ -986,7 +995,7 @@ static bt_status oa_submit(bt_engine *be, const bt_engine_request *req, const bt
         return BT_ERR_CANNOT_CONNECT;
     }
     if (!e->ever_up && e->probe_failed) {
-        snprintf(err, errlen, "the upstream is not reachable yet (%s)", e->last_err);
+        snprintf(err, errlen, "%s (%s)", not_up_why(e), e->last_err);
         return BT_ERR_CANNOT_CONNECT;
     }
     if (!json_is_object(req->body)) {
