@@ -98,10 +98,16 @@ static void check_accepted(const json_t *b, bt_api api) {
         json_array_foreach(msgs, i, m) {
             CHECK(json_is_object(m) && one_of(json_object_get(m, "role"), roles));
             const json_t *c = json_object_get(m, "content");
-            CHECK(json_is_string(c) || json_is_array(c) || json_is_null(c));
+            /* null or absent only on an assistant message with its calls, or a function message */
+            bool calls = json_array_size(json_object_get(m, "tool_calls")) > 0 ||
+                         json_is_object(json_object_get(m, "function_call"));
+            const char *role = json_string_value(json_object_get(m, "role"));
+            if (!c || json_is_null(c))
+                CHECK((strcmp(role, "assistant") == 0 && calls) || strcmp(role, "function") == 0);
+            else CHECK(json_is_string(c) || (json_is_array(c) && json_array_size(c) > 0));
             json_array_foreach(c, j, part) {
                 const json_t *type = json_object_get(part, "type");
-                CHECK(!type || one_of(type, text)); /* "text\u0000image_url" is not a text part */
+                CHECK(one_of(type, text)); /* required; "text\u0000image_url" is not a text part */
             }
         }
     } else {
@@ -129,8 +135,13 @@ static void check_accepted(const json_t *b, bt_api api) {
     if (st) CHECK(json_is_boolean(st) || json_is_null(st));
     const json_t *so = json_object_get(b, "stream_options"); /* only on a stream, as OpenAI's */
     if (so && !json_is_null(so)) CHECK(json_is_object(so) && json_is_true(st));
+    /* an integral real (1.0) was written back as the integer: engines read integers only */
     const json_t *n = json_object_get(b, "n");
     if (n && !json_is_null(n)) CHECK(json_is_integer(n) && json_integer_value(n) == 1);
+    const json_t *tlp = json_object_get(b, "top_logprobs");
+    if (tlp && !json_is_null(tlp)) CHECK(json_is_integer(tlp) && json_integer_value(tlp) == 0);
+    const json_t *seed = json_object_get(b, "seed");
+    if (seed && !json_is_null(seed)) CHECK(json_is_integer(seed));
     const json_t *stop = json_object_get(b, "stop");
     if (stop && !json_is_null(stop)) {
         if (json_is_string(stop)) {
@@ -194,7 +205,7 @@ static void on_error(void *ud, bt_status code, const char *msg) {
     uv_stop(&g_loop);
 }
 
-static const bt_engine_sink g_sink = {on_tokens, on_finish, on_error};
+static const bt_engine_sink g_sink = {on_tokens, on_finish, on_error, NULL};
 
 static size_t mk_len(uint32_t id) {
     size_t l;

@@ -187,6 +187,10 @@ typedef struct {
 typedef struct {
     void (*on_load)(void *ud);                  /* load changed; read it with bt_engine_get_load */
     void (*on_dead)(void *ud, const char *why); /* the engine failed; the worker shuts down, exit 1 */
+    /* Optional (NULL: not told). The engine cannot serve for now, or can again (`why` says why
+     * not, NULL when serving): the openai engine while its upstream refuses its credentials. The
+     * worker is not ready meanwhile (docs/operations.md, Health). Engines start serving. */
+    void (*on_serving)(void *ud, bool serving, const char *why);
 } bt_engine_hooks;
 
 typedef struct bt_engine bt_engine;

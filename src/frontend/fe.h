@@ -512,6 +512,9 @@ bool fe_validate_body(json_t *body, bt_api api, char *err, size_t errlen);
  * param that names an element ("messages.[2].role") lives in a per-thread buffer until the next
  * call on the same thread. */
 bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const char **param, const char **code);
+/* Writes an integral number given as a real (1.0) in an integer parameter (max_tokens, n, seed, ...)
+ * back as that integer: fe_check_body does it first, and a resume's re-POST before its digest. */
+void fe_body_integers(json_t *body);
 void fe_request_start(fe *f, bt_http_req *http, bt_api api);
 void fe_request_abort(fe *f, bt_http_req *http);
 /* The one place a request's state changes; logs the change with its reason (debug level). */

@@ -16,6 +16,7 @@
  * line naming the stream and the position (tokens delivered) after it, and is journaled first
  * (journal.h), so that a client that loses its connection can resume after it (resume.c). */
 #include <inttypes.h>
+#include <math.h>
 #include <openssl/sha.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -864,6 +865,22 @@ static bool known_role(const json_t *role) {
     return false;
 }
 
+/* The integer parameters baton reads. JSON has one number type, and OpenAI's and vLLM's parsers
+ * take an integral 1.0 as 1: fe_body_integers writes such a value back as an integer, so that
+ * every reader (checks, engines, the digest a resume compares) sees one form. */
+static const char *const int_params[] = {"max_tokens", "max_completion_tokens", "seed", "n",
+                                         "best_of",    "logprobs",              "top_logprobs"};
+
+void fe_body_integers(json_t *body) {
+    for (size_t i = 0; i < sizeof int_params / sizeof int_params[0]; i++) {
+        json_t *v = json_object_get(body, int_params[i]);
+        double d = json_real_value(v);
+        /* within ±2^53 every double is exact, and far beyond any range checked below */
+        if (json_is_real(v) && d == trunc(d) && fabs(d) <= 9007199254740992.0)
+            json_object_set_new(body, int_params[i], json_integer((json_int_t)d));
+    }
+}
+
 /* Checks the OpenAI body (see fe.h). Fields baton does not read are ignored, except those that ask
  * for a feature baton cannot give (log probabilities, several choices, tool calls, echo, suffix,
  * content parts other than text): those are refused with "unsupported_value" rather than silently
@@ -879,6 +896,7 @@ bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const cha
     if (param) *param = NULL;
     if (code) *code = NULL;
     if (!json_is_object(body)) REJECT(NULL, "invalid_type", "request body must be a JSON object");
+    fe_body_integers(body);
     json_t *model = json_object_get(body, "model");
     if (!json_is_string(model)) REJECT("model", "invalid_type", "'model' is required and must be a string");
     if (has_nul(model)) REJECT("model", "invalid_value", "'model' must not contain U+0000");
@@ -890,8 +908,15 @@ bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const cha
         json_t *m;
         json_array_foreach(msgs, i, m) {
             json_t *c = json_object_get(m, "content");
+            /* as OpenAI's schema: content may be null or absent only on an assistant message that
+             * carries its tool or function calls instead (a conversation's history replayed), and
+             * on a function message */
+            bool may_omit = (str_is(json_object_get(m, "role"), "assistant") &&
+                             (json_array_size(json_object_get(m, "tool_calls")) > 0 ||
+                              json_is_object(json_object_get(m, "function_call")))) ||
+                            str_is(json_object_get(m, "role"), "function");
             if (!json_is_object(m) || !json_is_string(json_object_get(m, "role")) ||
-                !(json_is_string(c) || json_is_array(c) || json_is_null(c)))
+                !(json_is_string(c) || json_is_array(c) || json_is_null(c) || (!c && may_omit)))
                 REJECT("messages", "invalid_value", "messages[%zu] must have a string 'role' and a 'content'", i);
             /* a role OpenAI does not define would reach the template as an unknown speaker; the
              * engines read it as a C string, so one holding U+0000 is refused by name */
@@ -906,6 +931,20 @@ bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const cha
                        "Invalid value for messages[%zu].role: supported values are 'system', 'developer', 'user', "
                        "'assistant', 'tool' and 'function'",
                        i);
+            }
+            if (!c || json_is_null(c)) {
+                if (!may_omit) {
+                    snprintf(param_buf, sizeof param_buf, "messages.[%zu].content", i);
+                    REJECT(param_buf, "invalid_type",
+                           "messages[%zu].content must be a string or an array of content parts (null only on an "
+                           "assistant message with 'tool_calls' or 'function_call')",
+                           i);
+                }
+                continue;
+            }
+            if (json_is_array(c) && json_array_size(c) == 0) { /* OpenAI's schema: at least one part */
+                snprintf(param_buf, sizeof param_buf, "messages.[%zu].content", i);
+                REJECT(param_buf, "invalid_value", "messages[%zu].content must not be an empty array", i);
             }
             size_t j;
             json_t *part;
@@ -926,11 +965,12 @@ bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const cha
                            "(messages[%zu].content[%zu])",
                            json_string_value(type), i, j);
                 }
-                if (!json_is_object(part) || (type && !typed) || !json_is_string(json_object_get(part, "text"))) {
+                if (!json_is_object(part) || !typed || !json_is_string(json_object_get(part, "text"))) {
                     snprintf(param_buf, sizeof param_buf, "messages.[%zu].content.[%zu]", i, j);
                     REJECT(param_buf, "invalid_type",
-                           "messages[%zu].content[%zu] must be an object with a string 'text' (and 'type' \"text\")", i,
-                           j);
+                           "messages[%zu].content[%zu] must be an object with 'type' \"text\" (required) and a "
+                           "string 'text'",
+                           i, j);
                 }
             }
         }
@@ -1003,13 +1043,21 @@ bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const cha
         REJECT("stream_options", "invalid_value", "'stream_options' is only allowed when 'stream' is true");
     /* features baton does not have */
     json_t *n = json_object_get(body, "n");
-    if (n && !json_is_null(n) && !(json_is_integer(n) && json_integer_value(n) == 1))
-        REJECT("n", "unsupported_value", "only n = 1 is supported");
+    if (n && !json_is_null(n) && !json_is_integer(n)) REJECT("n", "invalid_type", "'n' must be an integer");
+    if (json_is_integer(n) && json_integer_value(n) < 1) REJECT("n", "invalid_value", "'n' must be at least 1");
+    if (json_is_integer(n) && json_integer_value(n) != 1) REJECT("n", "unsupported_value", "only n = 1 is supported");
     json_t *lp = json_object_get(body, "logprobs");
     if (lp && !json_is_null(lp) && !json_is_boolean(lp) && !json_is_integer(lp))
         REJECT("logprobs", "invalid_type", "'logprobs' must be a boolean (chat) or an integer (completions)");
+    if (json_is_integer(lp) && json_integer_value(lp) < 0)
+        REJECT("logprobs", "invalid_value", "'logprobs' must not be negative");
     if (!asks_nothing(lp)) REJECT("logprobs", "unsupported_value", "log probabilities are not supported");
+    /* OpenAI's range, checked before "not supported": -1 is a mistake, not a request for them */
     json_t *tlp = json_object_get(body, "top_logprobs");
+    if (tlp && !json_is_null(tlp) && !json_is_integer(tlp))
+        REJECT("top_logprobs", "invalid_type", "'top_logprobs' must be an integer");
+    if (json_is_integer(tlp) && (json_integer_value(tlp) < 0 || json_integer_value(tlp) > 20))
+        REJECT("top_logprobs", "invalid_value", "'top_logprobs' must be an integer from 0 to 20");
     if (!asks_nothing(tlp)) REJECT("top_logprobs", "unsupported_value", "log probabilities are not supported");
     const char *lists[] = {"tools", "functions"};
     for (int i = 0; i < 2; i++) {

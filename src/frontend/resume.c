@@ -422,6 +422,7 @@ void fe_resume_post(fe *f, bt_http_req *http, bt_api api) {
     json_error_t jerr;
     json_t *body = json_loadb(http->body, http->body_len, JSON_ALLOW_NUL, &jerr); /* as fe_request_start */
     char digest[65];
+    if (json_is_object(body)) fe_body_integers(body); /* the form fe_check_body gave the original */
     bool ok = body && fe_body_digest(body, digest);
     json_decref(body);
     if (!ok) {

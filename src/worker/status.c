@@ -148,8 +148,9 @@ bool wk_health_config(wk_opts *o, char *err, size_t errlen) {
 bool wk_health_ready(const wk_worker *w) {
     if (wk_ready(w)) return true;
     /* the endpoint's readiness alone, once it has been ready or when the list names it; never
-     * ready while draining or after an engine failure */
-    if (w->o.health_listed || w->was_ready || w->engine_failed || w->state == WK_DRAINING || w->state == WK_GONE)
+     * ready while draining, after an engine failure or while the engine cannot serve */
+    if (w->o.health_listed || w->was_ready || w->engine_failed || w->engine_unserving || w->state == WK_DRAINING ||
+        w->state == WK_GONE)
         return false;
     return w->o.starting_ready; /* registering, or waiting for the first canary */
 }

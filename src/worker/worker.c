@@ -44,7 +44,8 @@ void wk_set_state(wk_worker *w, wk_state s) {
 }
 
 bool wk_ready(const wk_worker *w) {
-    return w->state == WK_READY && !w->engine_failed && (!w->o.canary_enabled || w->canary.ready);
+    return w->state == WK_READY && !w->engine_failed && !w->engine_unserving &&
+           (!w->o.canary_enabled || w->canary.ready);
 }
 
 /* ---- load reports ------------------------------------------------------------------------ */
@@ -76,6 +77,18 @@ void wk_send_load(wk_worker *w, wk_peer *only) {
 }
 
 static void on_engine_load(void *ud) { wk_send_load(ud, NULL); }
+
+/* The engine cannot serve for now (its upstream refuses it), or can again: readiness follows, and
+ * the frontends hear of it now rather than at the next periodic report. */
+static void on_engine_serving(void *ud, bool serving, const char *why) {
+    wk_worker *w = ud;
+    if (w->engine_unserving == !serving) return;
+    w->engine_unserving = !serving;
+    if (wk_ready(w)) w->was_ready = true; /* ends the starting health status (status.c) */
+    if (serving) BT_INFO("endpoint %s: the engine serves again", w->o.ep);
+    else BT_WARN("endpoint %s: notready, the engine cannot serve (%s); frontends route nothing new here", w->o.ep, why);
+    wk_send_load(w, NULL);
+}
 
 #define LOAD_REFRESH_MS 1000u /* frontends treat reports older than 3 s as stale */
 
@@ -793,7 +806,7 @@ static int worker_run(wk_worker *w) {
     uv_timer_init(loop, &w->load_timer);
     w->drain_timer.data = w->dead_timer.data = w->load_timer.data = w;
     uv_timer_start(&w->load_timer, on_load_timer, LOAD_REFRESH_MS, LOAD_REFRESH_MS / 2);
-    bt_engine_hooks hooks = {on_engine_load, wk_engine_dead_hook};
+    bt_engine_hooks hooks = {on_engine_load, wk_engine_dead_hook, on_engine_serving};
     if (llama) {
         char lerr[1024];
         if (!llama_preflight(&o->llama, lerr, sizeof lerr)) {

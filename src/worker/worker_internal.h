@@ -219,6 +219,7 @@ struct wk_worker {
     bool was_ready; /* wk_ready has held once: the starting health status no longer applies */
     bool finishing;
     bool engine_failed;
+    bool engine_unserving; /* the engine said it cannot serve for now (bt_engine_hooks.on_serving) */
     char engine_failure[160];
     int signals_seen;
     bool stalled; /* fault signal SIGUSR2 toggles */

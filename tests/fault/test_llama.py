@@ -88,6 +88,14 @@ def check_serving(fe):
         assert st == 200, body
         usage[content] = body["usage"]["prompt_tokens"]
     assert usage["Hello\u0000 there, my friend"] > usage["Hello"], usage
+    # a token id outside the vocabulary: the 400 names its position and the id itself (1 is a
+    # valid id, BOS: the message must not read as blaming it)
+    st, _, body = bl.post_json(fe.url + "/v1/completions",
+                               bl.completion_body([1, 99999], max_tokens=2, model=MODEL, temperature=0))
+    assert st == 400, body
+    msg = body["error"]["message"]
+    assert re.search(r"prompt\[1\] = 99999 is not a token id of this model \(vocabulary 0\.\.\d+\)", msg), msg
+    assert body["error"]["param"] == "prompt", body
 
 
 def run_load(fe, tag, on_event_factory=None):

@@ -140,6 +140,23 @@ with bl.Cluster() as c:
         error_of(st, b, 400, "unsupported_value", param, f"completions {extra}")
     st, _, b = bl.post_json(u + "/v1/chat/completions", bl.chat_body(max_tokens=2, logprobs="yes"))
     error_of(st, b, 400, "invalid_type", "logprobs", "logprobs a string")
+    # an out-of-range value is a mistake (invalid_value), not a request for a missing feature
+    for extra, param in (({"top_logprobs": -1}, "top_logprobs"), ({"top_logprobs": 21}, "top_logprobs"),
+                         ({"n": 0}, "n")):
+        st, _, b = bl.post_json(u + "/v1/chat/completions", bl.chat_body(max_tokens=2, **extra))
+        error_of(st, b, 400, "invalid_value", param, f"chat {extra}")
+    st, _, b = bl.post_json(u + "/v1/completions", bl.completion_body(max_tokens=2, logprobs=-1))
+    error_of(st, b, 400, "invalid_value", "logprobs", "completions logprobs -1")
+    # JSON has one number type: an integral 1.0 is 1 for every integer parameter (as OpenAI's and
+    # vLLM's parsers), 1.5 is not an integer; 2.0 asks for two choices
+    st, _, b = bl.post_json(u + "/v1/chat/completions", bl.chat_body(max_tokens=3.0, n=1.0, seed=7.0, top_logprobs=0.0))
+    assert st == 200 and b["usage"]["completion_tokens"] == 3, (st, b)
+    st, _, b = bl.post_json(u + "/v1/completions", bl.completion_body(max_tokens=2.0, best_of=1.0, logprobs=0.0))
+    assert st == 200 and b["usage"]["completion_tokens"] == 2, (st, b)
+    for extra, code, param in (({"n": 1.5}, "invalid_type", "n"), ({"max_tokens": 2.5}, "invalid_value", "max_tokens"),
+                               ({"seed": 1.5}, "invalid_type", "seed"), ({"n": 2.0}, "unsupported_value", "n")):
+        st, _, b = bl.post_json(u + "/v1/chat/completions", dict(bl.chat_body(max_tokens=2), **extra))
+        error_of(st, b, 400, code, param, f"chat {extra}")
     # a non-boolean include_usage is refused (OpenAI: 400 invalid_type), never read as false
     for bad in ("yes", 1, 0, [], {}):
         for path, body in (("/v1/chat/completions", bl.chat_body(max_tokens=2, stream=True)),
@@ -231,11 +248,29 @@ with bl.Cluster() as c:
             st, _, b = bl.post_json(u + "/v1/chat/completions", body)
             err = error_of(st, b, 400, "invalid_value", "messages.[1].role", f"role {role!r} stream {stream}")
             assert "'developer'" in err["message"], err
-    # every role OpenAI defines passes, and text parts (typed or not) are read
+    # every role OpenAI defines passes, and text parts are read; content may be null (or absent) on
+    # an assistant message that carries its tool or function calls (a replayed conversation), and
+    # on a function message
     msgs = [{"role": r, "content": "x"} for r in ("system", "developer", "user", "assistant", "tool", "function")]
-    msgs.append({"role": "user", "content": [{"type": "text", "text": "one"}, {"text": "two"}]})
+    msgs.append({"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]})
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    msgs += [{"role": "assistant", "content": None, "tool_calls": [call]}, {"role": "assistant", "tool_calls": [call]},
+             {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}},
+             {"role": "tool", "tool_call_id": "call_1", "content": "42"}, {"role": "function", "name": "f",
+                                                                          "content": None}]
     st, _, b = bl.post_json(u + "/v1/chat/completions", {"model": "mock-model", "max_tokens": 2, "messages": msgs})
     assert st == 200 and b["choices"][0]["message"]["content"], (st, b)
+    # null content elsewhere, and an empty list of parts, are refused as OpenAI's schema does
+    for m, code in (({"role": "user", "content": None}, "invalid_type"),
+                    ({"role": "assistant", "content": None}, "invalid_type"),
+                    ({"role": "assistant", "content": None, "tool_calls": []}, "invalid_type"),
+                    ({"role": "system", "content": None}, "invalid_type"),
+                    ({"role": "user", "content": []}, "invalid_value")):
+        for stream in (False, True):
+            body = {"model": "mock-model", "max_tokens": 2, "stream": stream,
+                    "messages": [{"role": "user", "content": "hi"}, m]}
+            st, _, b = bl.post_json(u + "/v1/chat/completions", body)
+            error_of(st, b, 400, code, "messages.[1].content", f"message {m!r} stream {stream}")
     # parts that are not text would be dropped by every engine (the model would answer without
     # seeing the image): refused, naming the part
     for part in ({"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
@@ -247,11 +282,14 @@ with bl.Cluster() as c:
             st, _, b = bl.post_json(u + "/v1/chat/completions", body)
             err = error_of(st, b, 400, "unsupported_value", "messages.[0].content.[1].type", f"part {part['type']}")
             assert f"'{part['type']}' are not supported" in err["message"], err
+    # a part's type is required (OpenAI's schema): one without it is refused as a null one is
     for part, code in (("text", "invalid_type"), ({"type": "text", "text": 3}, "invalid_type"),
-                       ({"type": 7, "text": "x"}, "invalid_type"), ({"image_url": {"url": "x"}}, "invalid_type")):
+                       ({"type": 7, "text": "x"}, "invalid_type"), ({"image_url": {"url": "x"}}, "invalid_type"),
+                       ({"text": "hi"}, "invalid_type"), ({"type": None, "text": "hi"}, "invalid_type")):
         body = {"model": "mock-model", "max_tokens": 2, "messages": [{"role": "user", "content": [part]}]}
         st, _, b = bl.post_json(u + "/v1/chat/completions", body)
-        error_of(st, b, 400, code, "messages.[0].content.[0]", f"part {part!r}")
+        err = error_of(st, b, 400, code, "messages.[0].content.[0]", f"part {part!r}")
+        assert "'type' \"text\" (required)" in err["message"], err
     # tool_choice asking for a tool call without tools (OpenAI: only allowed when tools are
     # specified); baton refuses non-empty tools, so only "none", "auto" and null pass
     for choice in ("required", {"type": "function", "function": {"name": "f"}}, "sometimes"):

@@ -7,7 +7,8 @@ the rest of its answer.
    (the stream id also in X-Stream-Id); the cut kills the request on the engine (the frontend
    logs the disconnect); a re-POST of the same body with Last-Event-ID gets the rest, continued by
    migration from the journal's tokens, and the two pieces put together equal the reference
-   (text, token ids, finish reason) and end with [DONE].
+   (text, token ids, finish reason) and end with [DONE]; so do they for the body written with
+   `"max_tokens": 120.0` (an integral number, read as 120 by the first POST and the re-POST alike).
 3. The finished stream is kept after its end: the GET form from position 0 replays the whole
    answer, equal to the reference, and resuming at [DONE] answers 204.
 4. `baton run --stream-retention 0` (forwarded to its frontend) turns it off: no ids, and a resume
@@ -55,6 +56,14 @@ with bl.Cluster() as c:
     check_same([whole], ref, "GET replay of the finished stream")
     done = bl.stream_chat(fe.url, BODY, headers={"Last-Event-ID": f"{m.group(1)}:120:done"})
     assert done.status == 204, f"resume at [DONE]: {done.status}"
+
+    # max_tokens written 120.0 is 120 (an integral number): the re-POST of that same body matches
+    # the stream it started, and both pieces equal the reference
+    real = dict(BODY, max_tokens=120.0)
+    cut = bl.stream_chat(fe.url, real, abort_after=5)
+    assert cut.aborted and cut.last_event_id, cut.summary()
+    rest = bl.stream_chat(fe.url, real, headers={"Last-Event-ID": cut.last_event_id})
+    check_same([cut, rest], ref, "max_tokens 120.0, cut and resumed")
 
 with bl.Cluster() as c:
     fe = c.start_run(workers=1, speedup_ratio=1, stream_retention=0)

@@ -483,8 +483,11 @@ static bt_status render_prompt(ll_engine *e, ll_seq *s, char *err, size_t errlen
         json_array_foreach(p, i, v) {
             json_int_t id = json_integer_value(v);
             /* BT_ERR_INVALID_PROMPT: the frontend's 400 then names "prompt", as for a negative id */
-            if (!json_is_integer(v) || id < 0 || id >= (json_int_t)e->n_vocab)
-                return snprintf(err, errlen, "prompt token %zu is not a token id of this model", i),
+            if (!json_is_integer(v))
+                return snprintf(err, errlen, "prompt[%zu] is not an integer token id", i), BT_ERR_INVALID_PROMPT;
+            if (id < 0 || id >= (json_int_t)e->n_vocab)
+                return snprintf(err, errlen, "prompt[%zu] = %" JSON_INTEGER_FORMAT
+                                " is not a token id of this model (vocabulary 0..%u)", i, id, e->n_vocab - 1),
                        BT_ERR_INVALID_PROMPT;
             s->tok[s->n_tok++] = (llama_token)id;
         }
@@ -526,7 +529,8 @@ static void seq_arrive(ll_engine *e, ll_seq *s) {
         for (uint32_t i = 0; i < s->n_carried && st == BT_OK; i++) {
             if (s->car[i] < 0 || (uint32_t)s->car[i] >= e->n_vocab) {
                 st = BT_ERR_INVALID;
-                snprintf(err, sizeof err, "carried token %u is not a token id of this model", i);
+                snprintf(err, sizeof err, "carried token [%u] = %d is not a token id of this model (vocabulary 0..%u)",
+                         i, (int)s->car[i], e->n_vocab - 1);
                 break;
             }
             s->tok[s->n_tok++] = s->car[i];

@@ -7,7 +7,8 @@
  * sink callbacks, ending transfers) runs after curl_multi_socket_action returns, where
  * curl_multi_remove_handle is allowed. Tokens go to the sink as they are parsed; endings are
  * staged and delivered after the libcurl step or, when they do not come from upstream data (stop,
- * errors found at submit time, max_tokens 0), from a uv_idle, never from submit, stop or kill.
+ * errors found at submit time, a continuation with no tokens left), from a uv_idle, never from
+ * submit, stop or kill.
  * Which callbacks may kill, stop, submit or destroy what, and when memory goes, is
  * engine/deliver.h's: every loop callback of the engine is bracketed by enter/leave.
  *
@@ -15,7 +16,10 @@
  * continuation asks the upstream's /tokenize for the prompt's ids) → streaming → ended. The
  * upstream itself: unknown until GET /v1/models answers (which also tells its kind and model
  * name), then up; a refused connection after it was up, `health_failures` failed polls in a row,
- * or no answer at all within `startup_timeout` make it dead, which calls hooks.on_dead once. */
+ * or no answer at all within `startup_timeout` make it dead, which calls hooks.on_dead once. A poll
+ * answered 401 or 403 means the upstream refuses the credentials: hooks.on_serving(false) keeps the
+ * worker not ready until a poll is accepted (polling goes on; the same bounds apply). Messages a
+ * client can read never name the upstream's address: the URL and libcurl's detail go to the log. */
 #include "engine/openai/openai.h"
 
 #include <curl/curl.h>
@@ -122,6 +126,10 @@ struct oa_engine {
 
     /* the upstream */
     bool detected, ever_up, dead, probe_failed, use_models_for_health;
+    long auth_refused; /* the HTTP status (401, 403) of the upstream refusing the credentials, else 0 */
+    /* a request was refused with 401 or 403: the next polls ask GET /v1/models, which checks the
+     * credentials as GET /health (vLLM's, baton's) does not, until one is answered */
+    bool check_auth;
     bt_oa_kind kind;
     char model[256];
     unsigned failures;
@@ -142,6 +150,15 @@ static void start_probe(oa_engine *e);
 static void on_idle(uv_idle_t *h);
 static void on_metrics_timer(uv_timer_t *t);
 static void seq_fail(bt_engine_seq *s, bt_status code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* Why a transfer failed, in words a client may read: libcurl's generic text for cc. Its error
+ * buffer names the upstream's host and port ("Failed to connect to 10.0.0.7 port 8000"), which is
+ * this deployment's inside and goes to the log only, with the URL. */
+static const char *xfer_why(const oa_engine *e, const oa_xfer *x, CURLcode cc, const char *rid) {
+    BT_INFO("openai: %s: %s to upstream %s failed: %s", rid, xfer_names[x->kind], e->url,
+            x->errbuf[0] ? x->errbuf : curl_easy_strerror(cc));
+    return curl_easy_strerror(cc);
+}
 
 /* ---- libcurl on the loop ------------------------------------------------------------------ */
 
@@ -540,15 +557,13 @@ static void stream_done(oa_engine *e, oa_xfer *x, CURLcode cc) {
         if (x->overflow) {
             seq_fail(s, BT_ERR_TOO_LARGE, "the upstream's answer exceeds the engine's cap");
         } else if (cc == CURLE_COULDNT_CONNECT || cc == CURLE_COULDNT_RESOLVE_HOST) {
-            seq_fail(s, BT_ERR_CANNOT_CONNECT, "cannot connect to the upstream %s: %s", e->url,
-                     x->errbuf[0] ? x->errbuf : curl_easy_strerror(cc));
+            seq_fail(s, BT_ERR_CANNOT_CONNECT, "cannot connect to the upstream: %s", xfer_why(e, x, cc, s->rid));
             start_probe(e); /* find out now whether the upstream is gone */
         } else if (cc == CURLE_OPERATION_TIMEDOUT) {
-            seq_fail(s, BT_ERR_TIMEOUT, "the upstream timed out: %s",
-                     x->errbuf[0] ? x->errbuf : curl_easy_strerror(cc));
+            seq_fail(s, BT_ERR_TIMEOUT, "the upstream timed out: %s", xfer_why(e, x, cc, s->rid));
         } else {
             seq_fail(s, BT_ERR_DISCONNECTED, "the upstream stream broke after %llu ids: %s",
-                     (unsigned long long)s->emitted, x->errbuf[0] ? x->errbuf : curl_easy_strerror(cc));
+                     (unsigned long long)s->emitted, xfer_why(e, x, cc, s->rid));
             start_probe(e);
         }
         return;
@@ -566,6 +581,10 @@ static void stream_done(oa_engine *e, oa_xfer *x, CURLcode cc) {
             if (code == 400 && c.err_code == BT_ERR_CONTEXT_LENGTH) st = BT_ERR_CONTEXT_LENGTH;
         }
         seq_fail(s, st, "the upstream answered HTTP %ld%s%.200s", code, *what ? ": " : "", what);
+        if (code == 401 || code == 403) { /* the key may have been revoked: the poll decides readiness */
+            e->check_auth = true;
+            start_probe(e);
+        }
         bt_oa_chunk_free(&c);
         return;
     }
@@ -695,7 +714,7 @@ static void prepare_done(oa_xfer *x, CURLcode cc) {
     if (cc != CURLE_OK || code != 200) {
         bt_status st = cc != CURLE_OK ? BT_ERR_CANNOT_CONNECT : bt_oa_status_for_http(code);
         seq_fail(s, st, "the upstream's %s failed: %s", what,
-                 cc != CURLE_OK ? (x->errbuf[0] ? x->errbuf : curl_easy_strerror(cc)) : "non-200 answer");
+                 cc != CURLE_OK ? xfer_why(s->e, x, cc, s->rid) : "non-200 answer");
         return;
     }
     const char *body = x->rx.data ? x->rx.data : "";
@@ -727,7 +746,7 @@ static void upstream_dead(oa_engine *e, const char *why) {
     /* sequences still waiting for the upstream end now; running ones are the worker's to hand back */
     for (bt_deliver_seq *ds = bt_deliver_first(&e->dl); ds; ds = bt_deliver_next(ds))
         if (SEQ_OF(ds)->state == S_PENDING)
-            seq_fail(SEQ_OF(ds), BT_ERR_CANNOT_CONNECT, "upstream %s is dead: %s", e->url, why);
+            seq_fail(SEQ_OF(ds), BT_ERR_CANNOT_CONNECT, "the upstream is dead: %s", why);
     if (e->hooks.on_dead) {
         char msg[320];
         snprintf(msg, sizeof msg, "upstream %s: %s", e->url, why);
@@ -735,7 +754,29 @@ static void upstream_dead(oa_engine *e, const char *why) {
     }
 }
 
+/* The upstream refuses this engine's credentials (code 401 or 403), or accepts them again (0):
+ * the worker is not ready meanwhile. A key can be fixed upstream, so polling goes on, within the
+ * start-up bound before the upstream was ever up and within health_failures after. */
+static void set_auth_refused(oa_engine *e, long code) {
+    if (e->auth_refused == code) return;
+    bool was = e->auth_refused != 0;
+    e->auth_refused = code;
+    if (code) {
+        BT_ERROR("openai: upstream %s refused the credentials (HTTP %ld): %s", e->url, code,
+                 e->api_key ? "check --upstream-api-key (DYN_UPSTREAM_API_KEY), the upstream does not accept it"
+                            : "it requires an API key: set --upstream-api-key (DYN_UPSTREAM_API_KEY)");
+    } else if (was) {
+        BT_INFO("openai: upstream %s accepts the credentials now", e->url);
+    }
+    if (was != (code != 0) && e->hooks.on_serving) {
+        char why[96];
+        snprintf(why, sizeof why, "the upstream refused its credentials, HTTP %ld", code);
+        e->hooks.on_serving(e->hooks_ud, code == 0, code ? why : NULL);
+    }
+}
+
 static void upstream_up(oa_engine *e) {
+    set_auth_refused(e, 0);
     e->failures = 0;
     e->last_ok_ms = bt_now_ms();
     if (!e->ever_up) {
@@ -751,7 +792,13 @@ static void upstream_up(oa_engine *e) {
         if (SEQ_OF(ds)->state == S_PENDING && !bt_deliver_ended(ds)) seq_start(SEQ_OF(ds));
 }
 
-static void upstream_failed(oa_engine *e, const char *what, bool refused) {
+/* Why requests are refused before the upstream answered once, for the client. */
+static const char *not_up_why(const oa_engine *e) {
+    return e->auth_refused ? "the upstream refuses this worker's credentials" : "the upstream is not reachable yet";
+}
+
+/* what: the failure as a client may read it (no address); detail: the same for the log. */
+static void upstream_failed(oa_engine *e, const char *what, const char *detail, bool refused) {
     snprintf(e->last_err, sizeof e->last_err, "%s", what);
     e->failures++;
     if (e->ever_up) {
@@ -760,7 +807,7 @@ static void upstream_failed(oa_engine *e, const char *what, bool refused) {
             return;
         }
         BT_WARN("openai: upstream %s health check failed (%u of %lld in a row): %s", e->url, e->failures,
-                (long long)e->cfg.health_failures, what);
+                (long long)e->cfg.health_failures, detail);
         if (e->failures >= (unsigned)e->cfg.health_failures) {
             char why[300];
             snprintf(why, sizeof why, "%u health checks failed in a row (last: %s)", e->failures, what);
@@ -769,12 +816,15 @@ static void upstream_failed(oa_engine *e, const char *what, bool refused) {
         return;
     }
     /* not up yet: requests fail fast (migratable) instead of waiting; the startup bound applies */
-    if (!e->probe_failed || e->failures % 15 == 1)
-        BT_WARN("openai: upstream %s not reachable yet (%s); requests are refused until it answers", e->url, what);
+    if (e->auth_refused) { /* said when it began (set_auth_refused), then now and then */
+        if (e->failures % 15 == 0) BT_ERROR("openai: upstream %s still refuses the credentials (%s)", e->url, what);
+    } else if (!e->probe_failed || e->failures % 15 == 1) {
+        BT_WARN("openai: upstream %s not reachable yet (%s); requests are refused until it answers", e->url, detail);
+    }
     e->probe_failed = true;
     for (bt_deliver_seq *ds = bt_deliver_first(&e->dl); ds; ds = bt_deliver_next(ds))
         if (SEQ_OF(ds)->state == S_PENDING)
-            seq_fail(SEQ_OF(ds), BT_ERR_CANNOT_CONNECT, "upstream %s is not reachable yet: %s", e->url, what);
+            seq_fail(SEQ_OF(ds), BT_ERR_CANNOT_CONNECT, "%s: %s", not_up_why(e), what);
     if ((double)(bt_now_ms() - e->created_ms) >= e->cfg.startup_timeout * 1000.0) {
         char why[300];
         snprintf(why, sizeof why, "no answer within the start-up bound of %gs (last: %s)", e->cfg.startup_timeout,
@@ -786,11 +836,12 @@ static void upstream_failed(oa_engine *e, const char *what, bool refused) {
 static void probe_done(oa_engine *e, oa_xfer *x, CURLcode cc) {
     long code = 0;
     curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &code);
-    char what[300];
+    char what[300], detail[300];
+    const char *path = x->kind == X_MODELS ? "/v1/models" : "/health";
     if (cc != CURLE_OK) {
-        snprintf(what, sizeof what, "GET %s: %s", x->kind == X_MODELS ? "/v1/models" : "/health",
-                 x->errbuf[0] ? x->errbuf : curl_easy_strerror(cc));
-        upstream_failed(e, what, cc == CURLE_COULDNT_CONNECT);
+        snprintf(what, sizeof what, "GET %s: %s", path, curl_easy_strerror(cc));
+        snprintf(detail, sizeof detail, "GET %s: %s", path, x->errbuf[0] ? x->errbuf : curl_easy_strerror(cc));
+        upstream_failed(e, what, detail, cc == CURLE_COULDNT_CONNECT);
         return;
     }
     if (x->kind == X_HEALTH && (code == 404 || code == 405)) {
@@ -799,17 +850,24 @@ static void probe_done(oa_engine *e, oa_xfer *x, CURLcode cc) {
         start_probe(e);
         return;
     }
-    if (code < 200 || code > 299) {
-        snprintf(what, sizeof what, "GET %s answered HTTP %ld", x->kind == X_MODELS ? "/v1/models" : "/health", code);
-        upstream_failed(e, what, false);
+    if (code == 401 || code == 403) { /* not an upstream that is not up yet: one that refuses this engine */
+        snprintf(what, sizeof what, "GET %s answered HTTP %ld: the upstream refused the credentials", path, code);
+        set_auth_refused(e, code);
+        upstream_failed(e, what, what, false);
         return;
     }
+    if (code < 200 || code > 299) {
+        snprintf(what, sizeof what, "GET %s answered HTTP %ld", path, code);
+        upstream_failed(e, what, what, false);
+        return;
+    }
+    if (x->kind == X_MODELS) e->check_auth = false; /* the credentials are accepted */
     if (x->kind == X_MODELS && !e->detected) {
         bt_oa_kind k;
         char model[256], err[256];
         if (!bt_oa_read_models(x->rx.data ? x->rx.data : "", x->rx.len, e->model_cfg ? e->model_cfg : e->served,
                                e->served, &k, model, sizeof model, err, sizeof err)) {
-            upstream_failed(e, err, false);
+            upstream_failed(e, err, err, false);
             return;
         }
         e->kind = e->kind_cfg == BT_OA_KIND_AUTO ? k : e->kind_cfg;
@@ -821,7 +879,7 @@ static void probe_done(oa_engine *e, oa_xfer *x, CURLcode cc) {
 
 static void start_probe(oa_engine *e) {
     if (e->probe || e->dead || bt_deliver_closed(&e->dl)) return;
-    bool models = !e->detected || e->use_models_for_health;
+    bool models = !e->detected || e->use_models_for_health || e->check_auth || e->auth_refused;
     e->probe = xfer_start(e, models ? X_MODELS : X_HEALTH, models ? "/v1/models" : "/health", NULL,
                           OA_PROBE_TIMEOUT_MS, NULL);
 }
@@ -933,11 +991,11 @@ static bt_status oa_submit(bt_engine *be, const bt_engine_request *req, const bt
                            bt_engine_seq **out, char *err, size_t errlen) {
     oa_engine *e = (oa_engine *)be;
     if (e->dead) { /* migratable: the worker is about to shut down, another one serves it */
-        snprintf(err, errlen, "upstream %s is dead", e->url);
+        snprintf(err, errlen, "the upstream is dead");
         return BT_ERR_CANNOT_CONNECT;
     }
     if (!e->ever_up && e->probe_failed) {
-        snprintf(err, errlen, "upstream %s is not reachable yet (%s)", e->url, e->last_err);
+        snprintf(err, errlen, "%s (%s)", not_up_why(e), e->last_err);
         return BT_ERR_CANNOT_CONNECT;
     }
     if (!json_is_object(req->body)) {
@@ -992,7 +1050,10 @@ static bt_status oa_submit(bt_engine *be, const bt_engine_request *req, const bt
     bt_deliver_add(&e->dl, &s->dl, sink, ud, 0); /* tokens are delivered as parsed, never staged */
     seq_set_state(s, S_PENDING);
     *out = s;
-    if (s->max_tokens == 0) {
+    /* A client's max_tokens 0 goes upstream like any request: only the upstream can count the
+     * prompt's tokens for the usage (and an upstream that refuses 0 says so, as it would to the
+     * client itself). A continuation with nothing left to generate ends here. */
+    if (s->max_tokens == 0 && s->n_carried) {
         seq_finish(s, BT_FINISH_LENGTH, true);
     } else if (e->detected) {
         seq_start(s); /* failures here end it through the ready list, never with a callback now */
