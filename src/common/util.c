@@ -388,6 +388,9 @@ bool bt_parse_i64(const char *s, int64_t min, int64_t max, int64_t *out) {
 
 bool bt_parse_double(const char *s, double min, double max, double *out) {
     if (!s || !*s) return false;
+    /* decimal only: strtod also reads hex ("0x10" is 16), "inf", "nan" and leading blanks, none
+     * of which a person means by a number of seconds or bytes */
+    if (s[strspn(s, "0123456789.eE+-")] != '\0') return false;
     errno = 0;
     char *end;
     double v = strtod(s, &end);

@@ -112,6 +112,7 @@ void bt_uuid4(char out[37]);
 
 /* Strict number parsing: the whole string must be a number in range. */
 bool bt_parse_i64(const char *s, int64_t min, int64_t max, int64_t *out);
+/* bt_parse_double reads decimal only (digits, a point, an exponent, a sign): no hex, inf or nan */
 bool bt_parse_double(const char *s, double min, double max, double *out);
 bool bt_parse_bool(const char *s, bool *out);
 
