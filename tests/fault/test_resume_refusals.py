@@ -25,8 +25,22 @@ def error_of(status, body, want_status, what):
 
 def check_dropped(fe):
     body = bl.completion_body(prompt="journal2", max_tokens=2000, stream=True)
-    st = bl.stream_completion(fe.url, body, timeout=60)
+    during = {}
+
+    def resume_while_running(stream, obj):
+        # past the drop, while the stream still runs: told so, and the running stream is left alone
+        if len(stream.event_ids) == 600 and stream.event_ids[-1] is None:
+            during["answer"] = bl.request("POST", fe.url + "/v1/completions", body,
+                                          headers={"Last-Event-ID": stream.event_ids[1]})
+            during["inflight"] = bl.metric_sum(bl.metrics(fe.url), "dynamo_frontend_inflight_requests")
+        return False
+
+    st = bl.stream_completion(fe.url, body, timeout=60, on_event=resume_while_running)
     st.assert_ok("the long stream")
+    assert "answer" in during, "no resume was made while the stream ran"
+    err = error_of(*during["answer"][::2], 404, "a resume while the dropped stream runs")
+    assert "--stream-retention-bytes" in err["message"], err
+    assert during["inflight"] >= 1, "the stream had ended before the resume: not a resume of a running stream"
     ids = st.event_ids
     with_id = [i for i in ids if i]
     assert with_id and ids[-1] is None, f"expected the record dropped mid-stream: {len(with_id)} of {len(ids)} ids"
