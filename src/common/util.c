@@ -378,6 +378,7 @@ void bt_uuid4(char out[37]) {
 
 bool bt_parse_i64(const char *s, int64_t min, int64_t max, int64_t *out) {
     if (!s || !*s) return false;
+    if (*s != '-' && !(*s >= '0' && *s <= '9')) return false; /* strtoll also skips blanks, takes a '+' */
     errno = 0;
     char *end;
     long long v = strtoll(s, &end, 10);

@@ -166,6 +166,7 @@ for args, want in [(["run", "--http-port", "-5"],
                    (["frontend", "--stream-retention", "nan"],
                     "baton frontend: invalid value 'nan' for --stream-retention"),
                    (["worker", "--speedup-ratio", "0X1p4"], "baton worker: invalid value '0X1p4' for --speedup-ratio"),
+                   (["frontend", "--threads", " 2"], "baton frontend: invalid value ' 2' for --threads"),
                    # "unknown" is the metrics' label of requests for models no worker serves; a
                    # name past 127 bytes would be registered by a frontend as its first 127
                    (["worker", "--model-name", "unknown"],
