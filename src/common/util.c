@@ -379,6 +379,7 @@ void bt_uuid4(char out[37]) {
 
 bool bt_parse_i64(const char *s, int64_t min, int64_t max, int64_t *out) {
     if (!s || !*s) return false;
+    if (*s != '-' && !(*s >= '0' && *s <= '9')) return false; /* strtoll also skips blanks, takes a '+' */
     errno = 0;
     char *end;
     long long v = strtoll(s, &end, 10);
@@ -389,6 +390,9 @@ bool bt_parse_i64(const char *s, int64_t min, int64_t max, int64_t *out) {
 
 bool bt_parse_double(const char *s, double min, double max, double *out) {
     if (!s || !*s) return false;
+    /* decimal only: strtod also reads hex ("0x10" is 16), "inf", "nan" and leading blanks, none
+     * of which a person means by a number of seconds or bytes */
+    if (s[strspn(s, "0123456789.eE+-")] != '\0') return false;
     errno = 0;
     char *end;
     double v = strtod(s, &end);

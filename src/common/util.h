@@ -110,8 +110,10 @@ bool bt_random_bytes(void *out, size_t n);
 /* Writes a random UUID v4 string (37 bytes with NUL) into out. */
 void bt_uuid4(char out[37]);
 
-/* Strict number parsing: the whole string must be a number in range. */
+/* Strict number parsing: the whole string must be a number in range, in decimal (bt_parse_i64:
+ * an optional "-" and digits). */
 bool bt_parse_i64(const char *s, int64_t min, int64_t max, int64_t *out);
+/* bt_parse_double reads decimal only (digits, a point, an exponent, a sign): no hex, inf or nan */
 bool bt_parse_double(const char *s, double min, double max, double *out);
 bool bt_parse_bool(const char *s, bool *out);
 

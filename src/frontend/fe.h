@@ -277,6 +277,9 @@ struct fe_req {
     int replay_tail;        /* where the replay ends (resume.c) */
     fe_ticket *ticket;      /* admission (admit.h): priority, tenant, place in the queue; NULL for a resume */
     uint64_t adopt_worker;  /* a resume's first attempt re-attaches to this worker's orphan (0: none) */
+    /* its journal record once the journal dropped it (full): kept to the request's end, so that
+     * a resume from an id the client already holds is told the record was dropped (journal.c) */
+    fe_jrec *dropped_jrec;
     uint8_t caller[FE_CALLER_LEN]; /* who may cancel it besides the operator (fe_caller_tag) */
     LIST_ENTRY(fe_req) link; /* fe.reqs: all live requests */
     /* ---- Not zeroed when a request is taken from the pool (fe_request_new makes each the empty

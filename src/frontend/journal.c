@@ -12,7 +12,13 @@
  * text and event arrays); the sum is capped at max_bytes. Growth that would pass the cap first
  * evicts ended records (oldest first); if that is not enough, a new record is refused and a live
  * one is dropped: its stream goes on unjournaled, and its ids and text go back to the request that
- * streams it (whose only copy they may be: fe_jrec_output). */
+ * streams it (whose only copy they may be: fe_jrec_output).
+ *
+ * A dropped stream's client already holds ids for its first events. So that a resume from one of
+ * them is told what happened rather than "unknown", the dropped record stays in the map (holding
+ * nothing) until its request ends, and then leaves a tombstone (its id and credential, ~100 bytes)
+ * for `retention_s`, as long as the record would have been kept. Tombstones are not charged to the
+ * cap, which is what filled up; their number is bounded instead (TOMB_MAX, the oldest go first). */
 #include "frontend/journal.h"
 
 #include <openssl/crypto.h>
@@ -59,11 +65,25 @@ struct fe_jrec {
  * calloc first consolidated the fast bins (docs/benchmarks.md, fifth round). */
 _Static_assert(sizeof(struct fe_jrec) <= 1000, "a journal record is a small-bin allocation");
 
+/* What is left of a dropped record once its request has ended: enough to answer a resume from
+ * one of the ids its client received (FE_CLAIM_DROPPED) for retention_s. */
+#define TOMB_MAX 4096
+typedef struct tomb {
+    uint64_t key; /* as fe_jrec.key */
+    char stream_id[FE_STREAM_ID_LEN];
+    uint8_t key_mac[FE_KEY_MAC_LEN];
+    uint64_t expires_ms;
+    TAILQ_ENTRY(tomb) link; /* mem_journal.tombs, oldest first */
+} tomb;
+
 typedef struct {
     fe_journal pub;
     uv_mutex_t mu;
-    bt_map recs; /* key → fe_jrec (LIVE and ENDED; DROPPED ones are not in it) */
+    bt_map recs; /* key → fe_jrec (LIVE, ENDED, and DROPPED until their owner closes them) */
     TAILQ_HEAD(, fe_jrec) ended; /* oldest first */
+    bt_map tomb_map;             /* key → tomb */
+    TAILQ_HEAD(, tomb) tombs;    /* oldest first: one window for all, so sorted by expiry too */
+    size_t ntombs;
     fe_journal_stats st;
 } mem_journal;
 
@@ -121,9 +141,10 @@ static void rec_free_data(fe_jrec *r) {
 
 static void ended_unlink(mem_journal *m, fe_jrec *r) { TAILQ_REMOVE(&m->ended, r, link); }
 
-/* Frees a record's data; a LIVE record's struct stays with its owner (DROPPED) until close. */
+/* Frees a record's data; a LIVE record's struct stays with its owner (DROPPED), and in the map so
+ * that a claim can tell it was dropped, until close. */
 static void rec_release(mem_journal *m, fe_jrec *r) {
-    if (r->state != REC_DROPPED) bt_map_del(&m->recs, r->key);
+    if (r->state == REC_ENDED) bt_map_del(&m->recs, r->key);
     m->st.bytes -= r->bytes;
     r->bytes = 0;
     rec_free_data(r);
@@ -138,11 +159,39 @@ static void rec_release(mem_journal *m, fe_jrec *r) {
     }
 }
 
+static void tomb_free(mem_journal *m, tomb *t) {
+    bt_map_del(&m->tomb_map, t->key);
+    TAILQ_REMOVE(&m->tombs, t, link);
+    m->ntombs--;
+    free(t);
+}
+
+/* Under the mutex, at the close of a DROPPED record: its tombstone, for retention_s. Without
+ * memory for one, a resume from the stream's ids is answered as for an unknown stream. */
+static void tomb_add(mem_journal *m, const fe_jrec *r) {
+    tomb *old = bt_map_get(&m->tomb_map, r->key);
+    if (old) tomb_free(m, old);
+    if (m->ntombs >= TOMB_MAX) tomb_free(m, TAILQ_FIRST(&m->tombs));
+    tomb *t = malloc(sizeof *t);
+    if (!t) return;
+    t->key = r->key;
+    memcpy(t->stream_id, r->s.stream_id, FE_STREAM_ID_LEN);
+    memcpy(t->key_mac, r->key_mac, FE_KEY_MAC_LEN);
+    t->expires_ms = bt_now_ms() + (uint64_t)(m->pub.retention_s * 1000.0);
+    if (bt_map_put(&m->tomb_map, t->key, t) != 0) {
+        free(t);
+        return;
+    }
+    TAILQ_INSERT_TAIL(&m->tombs, t, link);
+    m->ntombs++;
+}
+
 static void sweep(mem_journal *m, uint64_t now) {
     while (!TAILQ_EMPTY(&m->ended) && TAILQ_FIRST(&m->ended)->expires_ms <= now) {
         m->st.evicted_expired++;
         rec_release(m, TAILQ_FIRST(&m->ended));
     }
+    while (!TAILQ_EMPTY(&m->tombs) && TAILQ_FIRST(&m->tombs)->expires_ms <= now) tomb_free(m, TAILQ_FIRST(&m->tombs));
 }
 
 /* Makes room for `extra` more bytes by evicting ended records; false if there is not enough. */
@@ -402,6 +451,8 @@ static void mem_close(fe_journal *j, fe_jrec *r, const fe_jtail *tail) {
     if (r->state == REC_LIVE && (r->exactness == EXACTNESS_LOST || (!r->tail && !(r->tail = malloc(sizeof *r->tail)))))
         drop_live(m, r);
     if (r->state == REC_DROPPED) {
+        bt_map_del(&m->recs, r->key);
+        tomb_add(m, r);
         uv_mutex_unlock(&m->mu);
         rec_free_data(r); /* a fingerprint noted after the drop */
         free(r->kept_ids);
@@ -454,7 +505,13 @@ static fe_claim_result mem_claim(fe_journal *j, const char *sid, const uint8_t k
     /* the id and the credential compared in constant time: neither leaks through timing */
     if (!r || CRYPTO_memcmp(r->s.stream_id, sid, FE_STREAM_ID_LEN) != 0 ||
         CRYPTO_memcmp(r->key_mac, key_mac, FE_KEY_MAC_LEN) != 0) {
-        res = FE_CLAIM_NOT_FOUND;
+        const tomb *t = bt_map_get(&m->tomb_map, id_key(sid));
+        res = t && CRYPTO_memcmp(t->stream_id, sid, FE_STREAM_ID_LEN) == 0 &&
+                      CRYPTO_memcmp(t->key_mac, key_mac, FE_KEY_MAC_LEN) == 0
+                  ? FE_CLAIM_DROPPED
+                  : FE_CLAIM_NOT_FOUND;
+    } else if (r->state == REC_DROPPED) {
+        res = FE_CLAIM_DROPPED;
     } else if (r->state == REC_LIVE) {
         *cur_shard = r->shard;
         res = FE_CLAIM_LIVE;
@@ -491,9 +548,13 @@ static void mem_destroy(fe_journal *j) {
     while (bt_map_next(&m->recs, &it, &k, &v)) { /* live records whose owner never closed them */
         fe_jrec *r = v;
         rec_free_data(r);
+        free(r->kept_ids);
+        free(r->kept_text);
         free(r);
     }
     bt_map_free(&m->recs);
+    while (!TAILQ_EMPTY(&m->tombs)) tomb_free(m, TAILQ_FIRST(&m->tombs));
+    bt_map_free(&m->tomb_map);
     uv_mutex_destroy(&m->mu);
     free(m);
 }
@@ -549,6 +610,8 @@ fe_journal *fe_journal_mem_new(double retention_s, uint64_t max_bytes) {
     m->pub.max_bytes = max_bytes;
     bt_map_init(&m->recs);
     TAILQ_INIT(&m->ended);
+    bt_map_init(&m->tomb_map);
+    TAILQ_INIT(&m->tombs);
     if (uv_mutex_init(&m->mu) != 0) {
         free(m);
         return NULL;

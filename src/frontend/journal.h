@@ -19,7 +19,8 @@
  * Records are kept while their stream runs and for `retention_s` seconds after it ends; all of
  * them together are capped at `max_bytes` (the journal's accounting of its own allocations).
  * At the cap, ended records are evicted oldest first; a running stream whose record cannot grow
- * any more loses its record (it is no longer resumable; the stream itself goes on). */
+ * any more loses its record (it is no longer resumable; the stream itself goes on), and a claim of
+ * it answers FE_CLAIM_DROPPED, not NOT_FOUND, while it runs and for retention_s after. */
 #ifndef BATON_JOURNAL_H
 #define BATON_JOURNAL_H
 
@@ -110,6 +111,8 @@ typedef enum {
     FE_CLAIM_LIVE,      /* a request still streams it, on shard *cur_shard */
     FE_CLAIM_NOMEM,
     FE_CLAIM_PENDING, /* the store is fetching the record from elsewhere: ask again in a few ms */
+    FE_CLAIM_DROPPED, /* the caller's stream, whose record was dropped while it ran (the cap, or no
+                       * memory): said while it runs and for retention_s after it ended */
 } fe_claim_result;
 
 typedef struct {

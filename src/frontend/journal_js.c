@@ -129,15 +129,15 @@ static uint64_t cut_key(const char *sid) {
     return k ? k : 1;
 }
 
-/* Under mu. */
-static void cut_add(js_journal *js, const char *sid) {
+/* Under mu. why: what happened to the stream's change ("did not reach JetStream"). */
+static void cut_add(js_journal *js, const char *sid, const char *why) {
     uint64_t key = cut_key(sid);
     if (bt_map_get(&js->cut, key)) return;
     uint64_t until = bt_now_ms() + (uint64_t)((js->pub.retention_s + MAX_STREAM_S) * 1000.0);
     if (bt_map_put(&js->cut, key, (void *)(uintptr_t)until) == 0) js->cut_streams++;
-    BT_WARN("stream journal: a change of stream %s did not reach JetStream; nothing more of it is published (its "
-            "record there stays a prefix: a resume elsewhere continues from its end)",
-            sid);
+    BT_WARN("stream journal: a change of stream %s %s; nothing more of it is published (its record there stays a "
+            "prefix: a resume elsewhere continues from its end)",
+            sid, why);
 }
 
 /* ---- the loops' side ------------------------------------------------------------------------ */
@@ -152,7 +152,7 @@ static void enqueue_op(js_journal *js, const char *sid, op *o) {
     if (!o || js->state == JS_OFF || js->state == JS_WAITING || js->qbytes + bytes > QUEUE_MAX) {
         if (js->state != JS_OFF && js->state != JS_WAITING) {
             js->dropped++;
-            cut_add(js, sid);
+            cut_add(js, sid, "did not reach JetStream");
         }
         uv_mutex_unlock(&js->mu);
         if (o) json_decref(o->j);
@@ -223,7 +223,17 @@ static bool js_append(fe_journal *j, fe_jrec *rec, const uint32_t *ids, size_t n
     const char *sid = fe_jrec_stream_id(rec);
     char sidc[FE_STREAM_ID_LEN + 1];
     memcpy(sidc, sid, sizeof sidc); /* before the append: a dropped record loses its data */
-    if (!fe_journal_append(js->mem, rec, ids, n, text, len)) return false;
+    if (!fe_journal_append(js->mem, rec, ids, n, text, len)) {
+        /* The working copy dropped the record (its cap). Its request goes on and closes it at its
+         * end with how it ended: published, that close would make the prefix on NATS a finished
+         * answer, and a resume elsewhere would end the client's answer short. Cut here, the record
+         * there stays an unfinished prefix, which a resume elsewhere continues from its end. */
+        uv_mutex_lock(&js->mu);
+        if (js->state != JS_OFF && js->state != JS_WAITING) /* as enqueue_op: nothing is published then */
+            cut_add(js, sidc, "was dropped by this frontend's journal (--stream-retention-bytes)");
+        uv_mutex_unlock(&js->mu);
+        return false;
+    }
     /* one allocation and two copies: the token path pays nothing more */
     op *o = malloc(sizeof *o + n * sizeof *ids + len);
     if (o) {
@@ -416,7 +426,7 @@ static void publish_batch(js_journal *js, natsConnection *nc, struct op_queue *l
         if (st == NATS_OK) js->published++;
         else {
             js->pub_errors++;
-            cut_add(js, sid);
+            cut_add(js, sid, "did not reach JetStream");
         }
         uv_mutex_unlock(&js->mu);
         if (st != NATS_OK) BT_WARN("stream journal: cannot publish to %s: %s", subj, natsStatus_GetText(st));

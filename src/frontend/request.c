@@ -135,6 +135,7 @@ void fe_req_set_state(fe_req *r, fe_req_state s, const char *reason) {
 static void req_free(fe_req *r) {
     fe *f = r->fe;
     if (r->jrec) fe_journal_close(f->grp->journal, r->jrec, &r->jtail);
+    if (r->dropped_jrec) fe_journal_close(f->grp->journal, r->dropped_jrec, &r->jtail);
     if (r->replay) {
         fe_jsnap_free(r->replay);
         free(r->replay);
@@ -384,7 +385,7 @@ static const char *write_chunk(fe_req *r, const uint32_t *ids, size_t n, const c
     if (r->jrec && !fe_journal_append(r->fe->grp->journal, r->jrec, ids, n, text, len)) {
         BT_WARN("request %s: stream journal full; stream %s is no longer resumable", r->rid, r->stream_id);
         if (r->out_in_rec) take_output(r);
-        fe_journal_close(r->fe->grp->journal, r->jrec, &r->jtail); /* frees the dropped record */
+        r->dropped_jrec = r->jrec; /* closed (and freed) at the request's end: req_free */
         r->jrec = NULL;
     }
     if (r->skip_to) { /* a resume ahead of the journal: the client has these events (resume.c) */

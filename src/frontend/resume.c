@@ -53,14 +53,11 @@ static const char *const mark_names[] = {"", "end", "usage", "done", "error"};
 static const char *const outcome_names[FE_RESUME_N_] = {"replayed",  "continued", "superseded",
                                                         "not_found", "invalid",   "conflict"};
 
-bool fe_resume_parse_id(const char *s, char sid[FE_STREAM_ID_LEN + 1], uint64_t *pos, int *mark) {
-    if (!s) return false;
-    for (int i = 0; i < FE_STREAM_ID_LEN; i++) {
-        char c = s[i];
-        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
-    }
-    if (s[FE_STREAM_ID_LEN] != ':') return false;
-    const char *p = s + FE_STREAM_ID_LEN + 1;
+/* A position as the server writes it: decimal digits, no sign, no leading zero but in "0", at
+ * most UINT32_MAX; *end is where it stops. The one rule of both forms (Last-Event-ID and
+ * starting_after), so that no position is read by one and refused by the other. Not strtoull,
+ * which takes a sign, leading blanks and zeros. */
+static bool parse_position(const char *p, const char **end, uint64_t *pos) {
     uint64_t v = 0;
     int digits = 0;
     for (; *p >= '0' && *p <= '9'; p++, digits++) {
@@ -68,6 +65,21 @@ bool fe_resume_parse_id(const char *s, char sid[FE_STREAM_ID_LEN + 1], uint64_t 
         v = v * 10 + (uint64_t)(*p - '0');
     }
     if (digits == 0 || v > UINT32_MAX || (digits > 1 && p[-digits] == '0')) return false;
+    *end = p;
+    *pos = v;
+    return true;
+}
+
+bool fe_resume_parse_id(const char *s, char sid[FE_STREAM_ID_LEN + 1], uint64_t *pos, int *mark) {
+    if (!s) return false;
+    for (int i = 0; i < FE_STREAM_ID_LEN; i++) {
+        char c = s[i];
+        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+    }
+    if (s[FE_STREAM_ID_LEN] != ':') return false;
+    const char *p;
+    uint64_t v;
+    if (!parse_position(s + FE_STREAM_ID_LEN + 1, &p, &v)) return false;
     int m = FE_MARK_NONE;
     if (*p == ':') {
         for (m = FE_MARK_END; m <= FE_MARK_ERROR; m++)
@@ -304,6 +316,13 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
                        "the stream is still attached to another connection, which is being closed; retry", sid);
         } else if (cr == FE_CLAIM_NOMEM) {
             fe_json_error(http, NULL, 500, "out_of_memory", "out of memory");
+        } else if (cr == FE_CLAIM_DROPPED) {
+            /* its client holds ids of its first events: it is told why they lead nowhere */
+            snprintf(msg, sizeof msg,
+                     "stream '%s' is no longer resumable: its journal record was dropped while it ran (the journal "
+                     "was full at --stream-retention-bytes, or out of memory)",
+                     sid);
+            refuse(f, http, FE_RESUME_NOT_FOUND, 404, "stream_not_found", msg, sid);
         } else {
             snprintf(msg, sizeof msg, "no stream with id '%s' (unknown, or expired after %gs)", sid, j ? j->retention_s : 0.0);
             refuse(f, http, FE_RESUME_NOT_FOUND, 404, "stream_not_found", msg, sid);
@@ -432,20 +451,21 @@ void fe_resume_post(fe *f, bt_http_req *http, bt_api api) {
     resume(f, http, api, sid, pos, mark, digest, 0);
 }
 
-/* The value of query parameter `name` in q ("a=1&b=2") into out; false if absent. */
-static bool query_param(const char *q, const char *name, char *out, size_t outlen) {
+/* How many times query parameter `name` is in q ("a=1&b=2"), its first value into out. A caller
+ * refuses a parameter given twice rather than pick one of its values. */
+static int query_param(const char *q, const char *name, char *out, size_t outlen) {
     size_t n = strlen(name);
+    int found = 0;
     for (const char *p = q; p && *p; p = strchr(p, '&') ? strchr(p, '&') + 1 : NULL) {
-        if (strncmp(p, name, n) == 0 && p[n] == '=') {
+        if (strncmp(p, name, n) == 0 && p[n] == '=' && found++ == 0) {
             const char *v = p + n + 1, *e = strchr(v, '&');
             size_t l = e ? (size_t)(e - v) : strlen(v);
             if (l >= outlen) l = 0; /* too long for any valid value: read as "", which no caller accepts */
             memcpy(out, v, l);
             out[l] = '\0';
-            return true;
         }
     }
-    return false;
+    return found;
 }
 
 void fe_resume_get(fe *f, bt_http_req *http, bt_api api, const char *stream_id) {
@@ -467,19 +487,25 @@ void fe_resume_get(fe *f, bt_http_req *http, bt_api api, const char *stream_id) 
         refuse(f, http, FE_RESUME_NOT_FOUND, 404, "stream_not_found", "no stream with this id", NULL);
         return;
     }
-    if (query_param(http->query, "stream", v, sizeof v) && strcmp(v, "true") != 0) {
+    /* `stream` absent counts as true: the GET form only ever streams */
+    int given = query_param(http->query, "stream", v, sizeof v);
+    if (given > 1 || (given == 1 && strcmp(v, "true") != 0)) {
         refuse(f, http, FE_RESUME_INVALID, 400, "invalid_value",
-               "only stream=true is supported: a stream is retrieved as server-sent events", sid);
+               given > 1 ? "the query parameter 'stream' is given more than once"
+                         : "only stream=true is supported: a stream is retrieved as server-sent events",
+               sid);
         return;
     }
-    if (query_param(http->query, "starting_after", v, sizeof v)) {
-        int64_t n;
-        if (!bt_parse_i64(v, 0, UINT32_MAX, &n)) {
+    given = query_param(http->query, "starting_after", v, sizeof v);
+    if (given > 0) {
+        const char *end;
+        if (given > 1 || !parse_position(v, &end, &pos) || *end) {
             refuse(f, http, FE_RESUME_INVALID, 400, "invalid_value",
-                   "starting_after must be a position (a number of tokens)", sid);
+                   given > 1 ? "the query parameter 'starting_after' is given more than once"
+                             : "starting_after must be a position (a number of tokens, in decimal digits)",
+                   sid);
             return;
         }
-        pos = (uint64_t)n;
     }
     if (http->last_event_id) { /* an EventSource reconnecting: it knows better than its URL */
         char hsid[FE_STREAM_ID_LEN + 1];

@@ -117,7 +117,8 @@ twins = [("worker", "DYN_NUM_GPU_BLOCKS_OVERRIDE", "--num-gpu-blocks-override", 
          ("worker", "BATON_FAULT_ERROR_AFTER_TOKENS", "--fault-error-after-tokens", "x"),
          ("worker", "BATON_FAULT_IGNORE_KILL", "--fault-ignore-kill", "maybe"),
          ("run", "BATON_WORKERS", "--workers", "0"),
-         ("frontend", "BATON_STREAM_TOKEN_TIMEOUT", "--stream-token-timeout", "soon")]
+         ("frontend", "BATON_STREAM_TOKEN_TIMEOUT", "--stream-token-timeout", "soon"),
+         ("frontend", "BATON_STREAM_TOKEN_TIMEOUT", "--stream-token-timeout", "0x10")]
 for cmd, env, flag, bad in twins:
     rc, out, took = baton([cmd], env={env: bad})
     assert rc == 2 and f"baton {cmd}: {env}: invalid value '{bad}' for {flag}" in out, (env, rc, out)
@@ -158,6 +159,20 @@ for args, want in [(["run", "--http-port", "-5"],
                     "baton frontend: invalid value '-1' for --stream-token-timeout"),
                    (["frontend", "--stream-token-timeout", "1s"],
                     "baton frontend: invalid value '1s' for --stream-token-timeout"),
+                   # a number is written in decimal: strtod's hex, infinity and NaN (and the blanks
+                   # it skips) are refused, not read as 16 seconds, or as no bound at all
+                   (["frontend", "--stream-token-timeout", "0x10"],
+                    "baton frontend: invalid value '0x10' for --stream-token-timeout"),
+                   (["frontend", "--stream-token-timeout", "1e1x"],
+                    "baton frontend: invalid value '1e1x' for --stream-token-timeout"),
+                   (["frontend", "--stream-token-timeout", " 5"],
+                    "baton frontend: invalid value ' 5' for --stream-token-timeout"),
+                   (["frontend", "--stream-retention", "infinity"],
+                    "baton frontend: invalid value 'infinity' for --stream-retention"),
+                   (["frontend", "--stream-retention", "nan"],
+                    "baton frontend: invalid value 'nan' for --stream-retention"),
+                   (["worker", "--speedup-ratio", "0X1p4"], "baton worker: invalid value '0X1p4' for --speedup-ratio"),
+                   (["frontend", "--threads", " 2"], "baton frontend: invalid value ' 2' for --threads"),
                    # "unknown" is the metrics' label of requests for models no worker serves; a
                    # name past 127 bytes would be registered by a frontend as its first 127
                    (["worker", "--model-name", "unknown"],

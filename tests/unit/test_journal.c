@@ -5,7 +5,8 @@
  * appended, with event boundaries and the tail); a claim while the stream is live reports its
  * shard; a claim with another credential or a wrong id finds nothing; expiry after the retention
  * window; the size cap (ended records evicted oldest first, the accounted bytes never above the
- * cap, a new record refused and a live record dropped when nothing can be evicted); journaling
+ * cap, a new record refused and a live record dropped when nothing can be evicted, and a claim of
+ * a dropped one told so, for the retention and within a bounded number of tombstones); journaling
  * off with retention 0; stream ids are 32 hex digits and differ; and every accepted and refused
  * form of an event id. Also: the worker noted for a stream comes back with its claim, and a record
  * imported whole (as the shared journal does with a stream fetched from JetStream) is claimed
@@ -140,6 +141,40 @@ static void test_expiry(void **state) {
     fe_journal_destroy(j);
 }
 
+/* A stream whose record the cap dropped, at its close: its tombstone answers FE_CLAIM_DROPPED for
+ * the retention, at most 4096 of them (TOMB_MAX in journal.c), the oldest going first. */
+static void test_tombstones(void **state) {
+    (void)state;
+    fe_journal *j = fe_journal_mem_new(0.3, 8192);
+    enum { N = 4096 + 1 };
+    static char sids[N][FE_STREAM_ID_LEN + 1];
+    uint32_t ids[64] = {0};
+    char text[256] = {0};
+    fe_jtail none = {0};
+    for (int k = 0; k < N; k++) {
+        fe_jsnap meta;
+        fe_jrec *r = open_rec(j, &meta, "{}");
+        assert_non_null(r);
+        memcpy(sids[k], meta.stream_id, sizeof sids[k]);
+        int n = 0;
+        while (fe_journal_append(j, r, ids, 64, text, sizeof text)) assert_true(++n < 100);
+        fe_journal_close(j, r, &none);
+    }
+    fe_journal_stats st;
+    fe_journal_stats_get(j, &st);
+    assert_int_equal(st.dropped_live, N);
+    assert_int_equal(st.bytes, 0);
+    fe_jsnap out;
+    fe_jrec *h;
+    int shard;
+    assert_int_equal(fe_journal_claim(j, sids[0], key_a, 0, &out, &h, &shard), FE_CLAIM_NOT_FOUND); /* the oldest */
+    assert_int_equal(fe_journal_claim(j, sids[1], key_a, 0, &out, &h, &shard), FE_CLAIM_DROPPED);
+    assert_int_equal(fe_journal_claim(j, sids[N - 1], key_a, 0, &out, &h, &shard), FE_CLAIM_DROPPED);
+    usleep(400 * 1000);
+    assert_int_equal(fe_journal_claim(j, sids[N - 1], key_a, 0, &out, &h, &shard), FE_CLAIM_NOT_FOUND);
+    fe_journal_destroy(j);
+}
+
 static void test_size_cap(void **state) {
     (void)state;
     const uint64_t cap = 8192;
@@ -210,8 +245,12 @@ static void test_size_cap(void **state) {
     fe_jrec *h;
     int shard;
     assert_int_equal(fe_journal_claim(j, m1.stream_id, key_a, 0, &out, &h, &shard), FE_CLAIM_NOT_FOUND);
-    assert_int_equal(fe_journal_claim(j, m3.stream_id, key_a, 0, &out, &h, &shard), FE_CLAIM_NOT_FOUND);
+    /* the dropped stream, while its request runs and after it ended: said to its own credential */
+    assert_int_equal(fe_journal_claim(j, m3.stream_id, key_a, 0, &out, &h, &shard), FE_CLAIM_DROPPED);
+    assert_int_equal(fe_journal_claim(j, m3.stream_id, key_b, 0, &out, &h, &shard), FE_CLAIM_NOT_FOUND);
     fe_journal_close(j, r3, &none); /* frees the dropped record */
+    assert_int_equal(fe_journal_claim(j, m3.stream_id, key_a, 0, &out, &h, &shard), FE_CLAIM_DROPPED);
+    assert_int_equal(fe_journal_claim(j, m3.stream_id, key_b, 0, &out, &h, &shard), FE_CLAIM_NOT_FOUND);
     fe_journal_stats_get(j, &st);
     assert_int_equal(st.bytes, 0);
     /* a cap too small for an empty record: refused */
@@ -446,7 +485,7 @@ static void test_fingerprint_nomem(void **state) {
     fe_jsnap out;
     fe_jrec *h = NULL;
     int shard = -1;
-    assert_int_equal(fe_journal_claim(j, meta.stream_id, key_a, 0, &out, &h, &shard), FE_CLAIM_NOT_FOUND);
+    assert_int_equal(fe_journal_claim(j, meta.stream_id, key_a, 0, &out, &h, &shard), FE_CLAIM_DROPPED);
     /* the copy failed, then a later attempt's note succeeded: resumable, with it */
     r = open_rec(j, &meta, "{}");
     assert_non_null(r);
@@ -465,7 +504,7 @@ static void test_fingerprint_nomem(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_roundtrip), cmocka_unit_test(test_expiry), cmocka_unit_test(test_size_cap), cmocka_unit_test(test_reserved_room),
+        cmocka_unit_test(test_roundtrip), cmocka_unit_test(test_expiry), cmocka_unit_test(test_size_cap), cmocka_unit_test(test_tombstones), cmocka_unit_test(test_reserved_room),
         cmocka_unit_test(test_off_and_ids), cmocka_unit_test(test_parse_id), cmocka_unit_test(test_worker_and_import),
         cmocka_unit_test(test_fingerprint_nomem),
         cmocka_unit_test(test_body_digest),
