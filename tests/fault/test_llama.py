@@ -38,7 +38,8 @@ KILL_AFTER = 600
 
 def seeded(i):
     """Streams 2, 3, 6, 7, ... sample (seeded, temperature 0.8), the others are greedy; with chat for
-    1, 2, 5, 6, ...: every kind lands on both workers whichever way the router alternates."""
+    1, 2, 5, 6, ...: sent in index order (run_load with routed), every kind lands on each worker
+    of a round-robin over two or three."""
     return i % 4 >= 2
 
 
@@ -54,8 +55,10 @@ def body_for(i):
                                             **extra)
 
 
-def stream(fe, i, rid, on_event=None):
+def stream(fe, i, rid, on_event=None, after=None):
     api, body = body_for(i)
+    if after is not None:  # the stream before it has been routed: this one is routed after it
+        assert after.wait(30 * SLOW), f"stream {i - 1} never started"
     fn = bl.stream_chat if api == "chat" else bl.stream_completion
     return fn(fe.url, body, timeout=50 * SLOW, on_event=on_event, headers={"X-Request-Id": rid})
 
@@ -98,10 +101,14 @@ def check_serving(fe):
     assert body["error"]["param"] == "prompt", body
 
 
-def run_load(fe, tag, on_event_factory=None):
+def run_load(fe, tag, on_event_factory=None, routed=None):
+    """The N streams at once, or with routed (N events, each set by stream i's first event) one
+    after another: stream i is sent once stream i - 1 has been routed, so a round-robin router
+    places them in index order (the worker killed then holds greedy and seeded streams alike)."""
     args = []
     for i in range(N):
-        args.append((fe, i, f"{tag}-{i}", on_event_factory(i) if on_event_factory else None))
+        after = routed[i - 1] if routed and i else None
+        args.append((fe, i, f"{tag}-{i}", on_event_factory(i) if on_event_factory else None, after))
     return bl.run_concurrently(stream, args, max_workers=N)
 
 
@@ -143,8 +150,11 @@ def main():
             lock = threading.Lock()
             killed = threading.Event()
 
+            routed = [threading.Event() for _ in range(N)]
+
             def factory(i):
                 def on_event(st, obj):
+                    routed[i].set()
                     with lock:
                         counts[i] = len(st.token_ids)
                         if not killed.is_set() and min(counts) >= KILL_AFTER:
@@ -156,6 +166,8 @@ def main():
             # noise: 6 more streams (sampled, no seed) cancelled by their clients at 50-550 tokens,
             # so the caches are busy and fragmented when the kill's continuations arrive
             def noise(j):
+                # after the fault streams are routed: they then alternate over the workers in order
+                assert routed[-1].wait(60 * SLOW), "the fault streams never all started"
                 body = bl.completion_body(f"Noise {j}: once upon a time", max_tokens=1500, model=MODEL,
                                           return_token_ids=True)
                 return bl.stream_completion(fe.url, body, timeout=50 * SLOW,
@@ -165,7 +177,7 @@ def main():
             noise_threads = [threading.Thread(target=noise, args=(j,)) for j in range(6)]
             for t in noise_threads:
                 t.start()
-            runs = run_load(fe, "fault", factory)
+            runs = run_load(fe, "fault", factory, routed)
             for t in noise_threads:
                 t.join()
             assert killed.is_set(), f"the kill never happened (counts {counts})"
