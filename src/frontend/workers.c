@@ -189,9 +189,12 @@ static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
     if (LIST_FIRST(&w->fe->req_flush_list)) fe_workers_flush_requests(w->fe); /* a read of one frame */
     switch (f->type) {
     case BT_FRAME_TOKENS: {
+        /* the worker's engine makes progress, whatever stream it is for (a just-killed one too):
+         * the streams it keeps waiting wait for a reason (--stream-token-timeout, on_token_sweep) */
+        w->tokens_ms = (uint32_t)uv_now(w->fe->loop);
         fe_attempt *a = bt_map_get(&w->streams, f->stream);
         if (!a) return;
-        a->t_heard_ms = (uint32_t)uv_now(w->fe->loop); /* the stream is alive (--stream-token-timeout) */
+        a->t_heard_ms = w->tokens_ms; /* the stream is alive (--stream-token-timeout) */
         a->waiting = false; /* and running again, if its engine had kept it waiting */
         uint32_t ids[BT_TOKENS_MAX];
         size_t n, tl;
@@ -217,6 +220,7 @@ static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
         if (!a || bt_frame_get_waiting(f, &why) != BT_OK) return;
         a->t_heard_ms = (uint32_t)uv_now(w->fe->loop);
         a->waiting = true;
+        a->wait_load = w->load_frames; /* a later LOAD showing nothing waiting ends the wait */
         a->req->model->st.stream_waits[why]++; /* the codec admits only the two reasons */
         BT_DEBUG("request %s: worker %" PRIx64 " keeps stream %u waiting (%s)", a->req->rid, w->id, f->stream,
                  why == BT_WAIT_PREEMPTED ? "preempted" : "queued");
@@ -262,6 +266,19 @@ static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
     case BT_FRAME_LOAD: {
         bt_load_report lr;
         if (bt_frame_get_load(f, &lr) != BT_OK) return;
+        /* Whichever source feeds the routing, a LOAD frame is ordered with the stream frames of its
+         * connection: one that shows nothing waiting, written after a stream's WAITING, says that
+         * the wait is over (the sequence ran again, or the worker lost it), and the sweep judges the
+         * stream's silence from here (on_token_sweep). The engines make this sound by counting a
+         * sequence in the load's `waiting` before its WAITING can be written: the mocker computes
+         * the load on the worker's loop from its live queue, where the sequence stays until a step
+         * admits it; llama refreshes the snapshot the loop reads before it posts a wait
+         * (llama.c post_wait). */
+        w->load_frames++;
+        if (lr.waiting == 0) {
+            w->idle_load = w->load_frames;
+            w->idle_ms = (uint32_t)uv_now(w->fe->loop);
+        }
         if (event_plane_is_source(w)) {
             w->load_reports[2]++;
             return;
