@@ -617,7 +617,7 @@ again:
                 a->waiting = false;
                 a->t_heard_ms = w->idle_ms;
                 if (now - a->t_heard_ms < limit) continue;
-            } else if (now - w->tokens_ms < limit) {
+            } else if (fe_worker_progressed(w, now, limit)) {
                 continue;
             }
         }
