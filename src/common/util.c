@@ -505,17 +505,28 @@ bt_status bt_load_secret(const char *file, const char *value, char **out, char *
     if (file && *file) {
         char why[128];
         size_t n;
-        bt_status st = bt_read_text_file(file, BT_SECRET_FILE_MAX, out, &n, why, sizeof why);
-        if (st == BT_ERR_TOO_LARGE || st == BT_ERR_INVALID) {
+        /* 2 bytes over the cap: the "\r\n" that ends the line of a secret of the largest size
+         * (`openssl rand -hex 2048 > file`) is not part of it */
+        bt_status st = bt_read_text_file(file, BT_SECRET_FILE_MAX + 2, out, &n, why, sizeof why);
+        if (st == BT_ERR_INVALID) {
             snprintf(err, errlen, "the secret file %s %s", file, why);
             return st;
         }
-        if (st != BT_OK) {
+        if (st != BT_OK && st != BT_ERR_TOO_LARGE) {
             snprintf(err, errlen, "cannot read the secret file %s (DYN_RPC_SECRET_FILE, --rpc-secret-file): %s", file,
                      why);
             return st;
         }
         while (n && ((*out)[n - 1] == '\n' || (*out)[n - 1] == '\r')) (*out)[--n] = '\0';
+        if (st == BT_ERR_TOO_LARGE || n > BT_SECRET_FILE_MAX) {
+            /* refused, not cut to the cap: a secret cut short is one no DYN_RPC_SECRET holding the
+             * whole could match */
+            if (*out) OPENSSL_cleanse(*out, n);
+            free(*out);
+            *out = NULL;
+            snprintf(err, errlen, "the secret file %s is over %d bytes", file, BT_SECRET_FILE_MAX);
+            return BT_ERR_TOO_LARGE;
+        }
         if (n == 0) {
             free(*out);
             *out = NULL;

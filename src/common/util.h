@@ -150,12 +150,12 @@ ssize_t bt_read_full(int fd, void *buf, size_t cap);
  * (BT_ERR_IO, BT_ERR_NOMEM) the reason the file cannot be read ("No such file or directory", "a
  * FIFO, not a regular file", "out of memory"). Blocking reads: start-up only. */
 bt_status bt_read_text_file(const char *path, size_t max, char **out, size_t *len, char *why, size_t whylen);
-/* The largest request-plane secret file (and --tenant-label-secret-file) bt_load_secret reads. */
+/* The largest request-plane secret (and --tenant-label-secret-file) bt_load_secret takes. */
 #define BT_SECRET_FILE_MAX 4096
 /* The request-plane shared secret: the contents of `file` (trailing newlines removed) if given,
- * else `value`, else none (*out = NULL). The file is read once at start-up by bt_read_text_file,
- * at most BT_SECRET_FILE_MAX bytes; an empty one (or one of newlines only) is refused. The caller
- * frees *out. */
+ * else `value`, else none (*out = NULL). The file is read once at start-up by bt_read_text_file;
+ * an empty one (or one of newlines only) is refused, and so is one whose secret is over
+ * BT_SECRET_FILE_MAX bytes (the "\r\n" ending its line is not counted). The caller frees *out. */
 bt_status bt_load_secret(const char *file, const char *value, char **out, char *err, size_t errlen);
 
 #endif

@@ -91,6 +91,12 @@ struct fe_model {
 /* ---- workers ---- */
 typedef enum { FW_CONNECTING, FW_READY, FW_DOWN } fw_state;
 
+/* When a worker last sent tokens on any connection of this process (workers.c). */
+typedef struct fe_progress fe_progress;
+/* Whether w's engine has sent tokens, on any shard's connection, within the last limit_ms of the
+ * clock `now` (the calling loop's uv_now, low 32 bits). */
+bool fe_worker_progressed(const fe_worker *w, uint32_t now, uint32_t limit_ms);
+
 struct fe_worker {
     fe *fe;
     fe_model *mdl; /* the model it serves (its entry in mdl->ws), NULL if it could not be filed */
@@ -113,6 +119,19 @@ struct fe_worker {
      * frame), so --stream-token-timeout judges each of its silent streams that was not told, whatever
      * its LOAD says (an older worker: none of its streams while its LOAD shows sequences waiting). */
     bool tells_waits;
+    /* When its last TOKENS frame arrived, for any stream (the loop's clock, uv_now, in ms, low 32
+     * bits; 0 = none yet): a stream its engine keeps waiting waits because others run, and those
+     * produce tokens. A waiting stream is exempt from --stream-token-timeout only while this is
+     * within the bound: an engine that hangs produces none, and its waiting streams are judged. */
+    uint32_t tokens_ms;
+    /* The same for every shard's connection to this worker (--threads N: a stream waits on one
+     * shard while the sequences that run are another shard's): shared by the shards' fe_worker of
+     * the instance, NULL when it could not be allocated (this shard's own clock alone). */
+    fe_progress *progress;
+    /* LOAD frames received on its connections (whichever source is applied, see
+     * event_plane_is_source), and the count and time (uv_now, ms) of the last one showing nothing
+     * waiting: such a LOAD written after a stream's WAITING ends that stream's wait (a->wait_load). */
+    uint32_t load_frames, idle_load, idle_ms;
     bt_load_report load;
     uint64_t load_ms; /* when the last LOAD arrived (0 = never) */
     /* Load reports: [0] LOAD frames applied, [1] event-plane reports applied, [2] LOAD frames not
@@ -190,6 +209,9 @@ struct fe_attempt {
      * --stream-token-timeout does not judge its silence. In the padding after `preempting`: the
      * first cache line keeps its layout. */
     bool waiting;
+    /* Its worker's load_frames when the WAITING came: a LOAD counted after it that shows nothing
+     * waiting ends the wait (the sweep reads fe_worker.idle_load). In the padding before t_sent_us. */
+    uint32_t wait_load;
     uint64_t t_sent_us, t_last_us; /* when its REQUEST was written; its last tokens (outlier.h) */
     /* A KV state relayed ahead of the REQUEST (workers.c): its pieces are written paced, and the
      * REQUEST payload waits in held_req until the last one is out (held_req NULL: written). */
@@ -599,8 +621,9 @@ void fe_attempt_release(fe_attempt *a);
 /* --stream-token-timeout: starts f's sweep (a no-op when the option is 0). Every running attempt
  * of the loop that has heard nothing of its stream for that long is given up, unless its worker's
  * engine keeps it waiting (a queued or preempted sequence is not a lost one): told by a WAITING
- * frame for the stream, or, from a worker that does not send those (no BT_HELLO_WAITING), while its
- * last load report shows sequences waiting. Its worker gets a KILL for the stream, and the request
+ * frame for the stream, while that worker sends tokens for other streams and no LOAD since the
+ * WAITING has shown nothing waiting; or, from a worker that does not send those frames (no
+ * BT_HELLO_WAITING), while its last load report shows sequences waiting. Its worker gets a KILL for the stream, and the request
  * migrates as after a worker's failure (BT_ERR_TIMEOUT), charged to its budget; when no other
  * worker could take the continuation, the worker is not quarantined and the continuation goes back
  * to it. The timer is f->token_sweep, initialised by the caller and closed with

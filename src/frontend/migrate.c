@@ -398,17 +398,17 @@ static bool others_can_continue(const fe_req *r, const fe_worker *w) {
  * sequence; a frame that still comes for it is for a stream this frontend no longer knows, and
  * ignored) and is quarantined until a fresh handshake, as after a migratable ERROR, and the request
  * migrates as after that worker's failure: charged to its budget, `code` and `msg` in its log.
- * may_return: when no other worker could take the continuation, the worker is not quarantined and
- * the continuation goes back to it (routing hands back the worker that failed last when it is the
- * only one left), still charged: quarantined, the model's only worker would fail the request at
- * once with budget left, and every new request with it until its probe. */
-static void attempt_give_up(fe_attempt *a, const char *quarantine_why, bt_status code, const char *msg,
-                            bool may_return) {
+ * keep: no other worker could take the continuation (others_can_continue, decided by the caller),
+ * so the worker is not quarantined and the continuation goes back to it (routing hands back the
+ * worker that failed last when it is the only one left), still charged: quarantined, the model's
+ * only worker would fail the request at once with budget left, and every new request with it until
+ * its probe. */
+static void attempt_give_up(fe_attempt *a, const char *quarantine_why, bt_status code, const char *msg, bool keep) {
     fe_req *r = a->req;
     fe_worker *w = a->worker;
     fe_worker_send_cancel(w, a->stream_id, true);
     if (w->conn) bt_rpc_flush(w->conn);
-    if (may_return && !others_can_continue(r, w))
+    if (keep)
         BT_INFO("request %s: no other worker can take its continuation: worker %" PRIx64
                 " (%s) is not quarantined, and the continuation may go back to it (%s)",
                 r->rid, w->id, w->transport, quarantine_why);
@@ -545,7 +545,9 @@ static uint32_t token_sweep_period_ms(const fe *f) {
  * quarantine, migration charged to its budget and the retry budget, the same migration counters,
  * the same error once the budget is spent), and the silence counts as one latency sample of at
  * least silent_ms for outlier ejection, which would otherwise never see a worker that sends
- * nothing. */
+ * nothing; except when the worker is kept for the continuation: routing skips an ejected worker,
+ * so that sample could eject the one worker the continuation may go to and fail the request with
+ * budget left (the budget still ends a worker that loses every stream). */
 static void attempt_timed_out(fe_attempt *a, uint32_t silent_ms) {
     fe_req *r = a->req;
     fe *f = r->fe;
@@ -555,13 +557,16 @@ static void attempt_timed_out(fe_attempt *a, uint32_t silent_ms) {
             "tokens on this attempt, %zu delivered); dropping the stream",
             r->rid, w->id, a->stream_id, silent_s, f->o.token_timeout, a->tokens, r->nids);
     r->model->st.token_timeouts++;
-    if (a->tokens == 0) fe_outlier_first_token(f, w, silent_s);
-    else fe_outlier_tokens(f, w, silent_s, 1);
-    char msg[128];
-    snprintf(msg, sizeof msg, "no token from the worker for %g s (--stream-token-timeout)", f->o.token_timeout);
     /* a worker that answers pings and lost a stream may still serve the continuation: when nothing
      * else can, it goes back there (charged, so a worker that loses every stream ends the request) */
-    attempt_give_up(a, "a stream timed out (--stream-token-timeout)", BT_ERR_TIMEOUT, msg, true);
+    bool keep = !others_can_continue(r, w);
+    if (!keep) { /* kept: no sample (above) */
+        if (a->tokens == 0) fe_outlier_first_token(f, w, silent_s);
+        else fe_outlier_tokens(f, w, silent_s, 1);
+    }
+    char msg[128];
+    snprintf(msg, sizeof msg, "no token from the worker for %g s (--stream-token-timeout)", f->o.token_timeout);
+    attempt_give_up(a, "a stream timed out (--stream-token-timeout)", BT_ERR_TIMEOUT, msg, keep);
 }
 
 /* Each period: every running attempt of the loop whose stream has been silent for the timeout is
@@ -584,6 +589,10 @@ static void on_token_sweep(uv_timer_t *t) {
             fe_attempt *a = r->attempt;
             if (a) a->t_heard_ms = now - a->t_heard_ms > skip ? a->t_heard_ms + skip : now;
         }
+        for (fe_worker *w = LIST_FIRST(&f->workers); w; w = LIST_NEXT(w, link)) { /* the same for their progress */
+            w->tokens_ms = now - w->tokens_ms > skip ? w->tokens_ms + skip : now;
+            w->idle_ms = now - w->idle_ms > skip ? w->idle_ms + skip : now;
+        }
     }
     int expired = 0;
 again:
@@ -595,9 +604,23 @@ again:
         if (!a || a->held_req || now - a->t_heard_ms < limit) continue;
         /* its worker's engine keeps it waiting (queued, or preempted by a more urgent sequence and
          * waiting to be recomputed: a WAITING frame for it, no TOKENS since): its engine's scheduling,
-         * not a lost stream, however long it lasts (a victim waits as long as the urgent sequence
-         * runs). Its next TOKENS starts its clock again. */
-        if (a->waiting) continue;
+         * not a lost stream, for as long as the engine visibly runs others (a victim waits as long as
+         * the urgent sequence runs): while the worker has sent TOKENS, for any stream, within the
+         * bound. Two things end the exemption: a LOAD after the WAITING that shows nothing waiting
+         * there (the wait is over: the stream, lost or readmitted, is judged from that LOAD, as a
+         * fresh prefill would be), and a worker that sends no tokens at all for the bound (a hung
+         * engine: it runs nothing, so its waiting streams wait for nothing). Its next TOKENS starts
+         * its clock again. */
+        if (a->waiting) {
+            fe_worker *w = a->worker;
+            if ((int32_t)(w->idle_load - a->wait_load) > 0) { /* serial numbers: wrap-safe */
+                a->waiting = false;
+                a->t_heard_ms = w->idle_ms;
+                if (now - a->t_heard_ms < limit) continue;
+            } else if (fe_worker_progressed(w, now, limit)) {
+                continue;
+            }
+        }
         /* A worker that does not tell its streams' waits (no BT_HELLO_WAITING: an older build, or an
          * engine that cannot see them) may be keeping this one waiting whenever its last load report
          * shows sequences waiting: its silence then counts only from when nothing waits there. A

@@ -381,6 +381,19 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
         bt_http_respond(http, 204, NULL, NULL, NULL, 0);
         return;
     }
+    /* A record in the shared journal may come from another frontend (an older build during a
+     * rolling upgrade): its model name is held to the rule discovery holds a worker's to, so that a
+     * resume never creates a model under a reserved name (the label of refused requests) */
+    char why[160];
+    if (!bt_discovery_model_name_ok(snap->model, strlen(snap->model), why, sizeof why)) {
+        fe_journal_close(j, rec, &snap->tail);
+        fe_jsnap_free(snap);
+        free(snap);
+        char msg[224];
+        snprintf(msg, sizeof msg, "the stream's record cannot be resumed: %s", why);
+        refuse(f, http, FE_RESUME_NOT_FOUND, 404, "stream_not_found", msg, sid);
+        return;
+    }
     /* the body was accepted with U+0000 in its strings (request.c): read back the same way */
     json_t *body = json_loads(snap->body, JSON_ALLOW_NUL, NULL);
     fe_model *m = body ? fe_model_get(f, snap->model, true) : NULL;

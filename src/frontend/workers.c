@@ -15,6 +15,8 @@
  * BT_KV_INFLIGHT states per connection in turns), its REQUEST held until the last piece is out,
  * so that the frames of other streams never queue behind a whole state. */
 #include <inttypes.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -88,8 +90,71 @@ static void model_remove_worker(fe_worker *w) {
 
 static void worker_connect(fe_worker *w);
 
+/* ---- the engine's progress, shared by the shards ---- */
+
+/* One per worker instance known to any shard, found by its id under progress_mu (taken when a
+ * shard discovers or forgets the worker, never on the token path). `ms` is the uv_now of the loop
+ * that stored it: every loop's clock is the same monotonic clock, cached at a different moment. */
+struct fe_progress {
+    uint64_t id;
+    unsigned refs; /* under progress_mu: the shards' fe_worker holding it */
+    _Atomic uint32_t ms;
+};
+
+static pthread_mutex_t progress_mu = PTHREAD_MUTEX_INITIALIZER;
+static bt_map progress_by_id; /* all zero: an empty map (bt_map_init) */
+
+static fe_progress *progress_get(uint64_t id) {
+    pthread_mutex_lock(&progress_mu);
+    fe_progress *p = bt_map_get(&progress_by_id, id);
+    if (!p && (p = calloc(1, sizeof *p)) != NULL) {
+        p->id = id;
+        if (bt_map_put(&progress_by_id, id, p) != 0) {
+            free(p);
+            p = NULL;
+        }
+    }
+    if (p) p->refs++;
+    pthread_mutex_unlock(&progress_mu);
+    return p;
+}
+
+static void progress_put(fe_progress *p) {
+    if (!p) return;
+    pthread_mutex_lock(&progress_mu);
+    if (--p->refs == 0) {
+        bt_map_del(&progress_by_id, p->id);
+        free(p);
+        if (!progress_by_id.len) bt_map_free(&progress_by_id);
+    }
+    pthread_mutex_unlock(&progress_mu);
+}
+
+/* The shared time moves in steps of this many ms at least: shards streaming from one worker do
+ * not write its cache line on every frame (the shard's own clock, tokens_ms, is exact). */
+#define PROGRESS_STEP_MS 16u
+
+static void progress_note(fe_worker *w, uint32_t now) {
+    if (!w->progress) return;
+    uint32_t was = atomic_load_explicit(&w->progress->ms, memory_order_relaxed);
+    if ((int32_t)(now - was) >= (int32_t)PROGRESS_STEP_MS)
+        atomic_store_explicit(&w->progress->ms, now, memory_order_relaxed);
+}
+
+/* Another loop's cached clock may be ahead of this one's, by about one turn of either loop: a
+ * time up to this far after `now` is a fresh one. */
+#define PROGRESS_SKEW_MS 1000u
+
+bool fe_worker_progressed(const fe_worker *w, uint32_t now, uint32_t limit_ms) {
+    if (now - w->tokens_ms < limit_ms) return true;
+    if (!w->progress) return false;
+    uint32_t ms = atomic_load_explicit(&w->progress->ms, memory_order_relaxed);
+    return now + PROGRESS_SKEW_MS - ms < limit_ms + PROGRESS_STEP_MS + PROGRESS_SKEW_MS;
+}
+
 static void free_worker_cb(uv_handle_t *h) {
     fe_worker *w = h->data;
+    progress_put(w->progress);
     bt_map_free(&w->streams);
     free(w);
 }
@@ -189,9 +254,13 @@ static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
     if (LIST_FIRST(&w->fe->req_flush_list)) fe_workers_flush_requests(w->fe); /* a read of one frame */
     switch (f->type) {
     case BT_FRAME_TOKENS: {
+        /* the worker's engine makes progress, whatever stream it is for (a just-killed one too):
+         * the streams it keeps waiting wait for a reason (--stream-token-timeout, on_token_sweep) */
+        w->tokens_ms = (uint32_t)uv_now(w->fe->loop);
+        progress_note(w, w->tokens_ms);
         fe_attempt *a = bt_map_get(&w->streams, f->stream);
         if (!a) return;
-        a->t_heard_ms = (uint32_t)uv_now(w->fe->loop); /* the stream is alive (--stream-token-timeout) */
+        a->t_heard_ms = w->tokens_ms; /* the stream is alive (--stream-token-timeout) */
         a->waiting = false; /* and running again, if its engine had kept it waiting */
         uint32_t ids[BT_TOKENS_MAX];
         size_t n, tl;
@@ -217,6 +286,7 @@ static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
         if (!a || bt_frame_get_waiting(f, &why) != BT_OK) return;
         a->t_heard_ms = (uint32_t)uv_now(w->fe->loop);
         a->waiting = true;
+        a->wait_load = w->load_frames; /* a later LOAD showing nothing waiting ends the wait */
         a->req->model->st.stream_waits[why]++; /* the codec admits only the two reasons */
         BT_DEBUG("request %s: worker %" PRIx64 " keeps stream %u waiting (%s)", a->req->rid, w->id, f->stream,
                  why == BT_WAIT_PREEMPTED ? "preempted" : "queued");
@@ -262,6 +332,19 @@ static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
     case BT_FRAME_LOAD: {
         bt_load_report lr;
         if (bt_frame_get_load(f, &lr) != BT_OK) return;
+        /* Whichever source feeds the routing, a LOAD frame is ordered with the stream frames of its
+         * connection: one that shows nothing waiting, written after a stream's WAITING, says that
+         * the wait is over (the sequence ran again, or the worker lost it), and the sweep judges the
+         * stream's silence from here (on_token_sweep). The engines make this sound by counting a
+         * sequence in the load's `waiting` before its WAITING can be written: the mocker computes
+         * the load on the worker's loop from its live queue, where the sequence stays until a step
+         * admits it; llama refreshes the snapshot the loop reads before it posts a wait
+         * (llama.c post_wait). */
+        w->load_frames++;
+        if (lr.waiting == 0) {
+            w->idle_load = w->load_frames;
+            w->idle_ms = (uint32_t)uv_now(w->fe->loop);
+        }
         if (event_plane_is_source(w)) {
             w->load_reports[2]++;
             return;
@@ -429,6 +512,7 @@ static void on_disc_put(void *ud, const char *key, const json_t *v) {
         return;
     }
     bt_map_init(&w->streams);
+    w->progress = progress_get(w->id); /* NULL when out of memory: this shard's clock alone */
     w->in_discovery = true;
     w->next_stream = 1;
     uv_timer_init(f->loop, &w->retry_timer);

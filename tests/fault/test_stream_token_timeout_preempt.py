@@ -17,6 +17,10 @@ BT_HELLO_WAITING, so its LOAD's waiting count no longer shields its streams:
     "no frame from worker" line);
   * the frontend counted the WAITING frame (baton_frontend_stream_waits_total{reason="preempted"});
   * the worker was not quarantined: a request right after both succeeds.
+  * the same with a frontend at --threads 2, three times: the two streams may come through different
+    shards, whose connections to the worker are their own; the worker is seen running the urgent
+    stream all the same (before, the preempted stream was given up after the bound when the urgent
+    one ran on the other shard).
 
 With the mocker telling no preemption, the stream was given up after the bound (its worker
 announces BT_HELLO_WAITING, so the LOAD's waiting count no longer covers it). Without any waiting
@@ -56,20 +60,16 @@ def counters(fe):
             "preempted_waits": bl.metric_sum(m, "baton_frontend_stream_waits_total", model=MODEL, reason="preempted")}
 
 
-with bl.Cluster() as c:
-    fe = c.start_frontend(stream_token_timeout=TIMEOUT)
-    w = c.start_worker(max_num_seqs=1, speedup_ratio=1, system_port=True, wait=True)
-    c.wait_workers(fe, 1)
-    ref = bl.stream_chat(fe.url, low_body(), timeout=60).assert_ok("the low-priority reference, alone")
-    assert ref.finish_reason == "length" and len(ref.token_ids) == 300, (ref.finish_reason, len(ref.token_ids))
-
+def preempted_kept(fe, w, ref, rid):
+    """The low-priority stream rid is preempted by an urgent one on fe and still completes exactly,
+    with nothing given up."""
     before, pre_before = counters(fe), fl.preemptions(w, "priority")
     out = {}
     t = threading.Thread(target=lambda: out.__setitem__(
-        "low", bl.stream_chat(fe.url, low_body(), timeout=60, headers={"X-Request-Id": "pre-low"})))
+        "low", bl.stream_chat(fe.url, low_body(), timeout=60, headers={"X-Request-Id": rid})))
     t.start()
     time.sleep(0.8)  # the low-priority stream is running (300 real-time steps take seconds)
-    urgent = bl.stream_chat(fe.url, urgent_body(), timeout=60, headers={"X-Request-Id": "pre-urgent"})
+    urgent = bl.stream_chat(fe.url, urgent_body(), timeout=60, headers={"X-Request-Id": rid + "-urgent"})
     t.join(70)
     assert not t.is_alive(), "the low-priority stream did not end"
     low = out["low"]
@@ -80,7 +80,7 @@ with bl.Cluster() as c:
     pre = fl.preemptions(w, "priority") - pre_before
     gaps = [b - a for a, b in zip(low.t_tokens, low.t_tokens[1:])]
     gap = max(gaps) if gaps else 0.0
-    print(f"priority preemptions {pre}; the low-priority stream's longest gap {gap:.2f} s (bound {TIMEOUT} s)")
+    print(f"{rid}: priority preemptions {pre}; the low-priority stream's longest gap {gap:.2f} s (bound {TIMEOUT} s)")
     assert pre >= 1, f"the urgent request preempted nothing ({pre}): the fault did not happen"
     low.assert_ok("the preempted low-priority stream")
     assert gap >= TIMEOUT, f"the preempted stream's longest gap {gap:.2f} s is under the bound: nothing to judge"
@@ -93,4 +93,21 @@ with bl.Cluster() as c:
         [ln for ln in log.splitlines() if "no frame" in ln or "quarantined" in ln]
     st, _, b = bl.post_json(fe.url + "/v1/chat/completions", bl.chat_body("after", max_tokens=5), timeout=30)
     assert st == 200, (st, b)
-    print("preempted stream kept: completed exactly, nothing given up, the worker still routable")
+
+
+with bl.Cluster() as c:
+    fe = c.start_frontend(stream_token_timeout=TIMEOUT)
+    w = c.start_worker(max_num_seqs=1, speedup_ratio=1, system_port=True, wait=True)
+    c.wait_workers(fe, 1)
+    ref = bl.stream_chat(fe.url, low_body(), timeout=60).assert_ok("the low-priority reference, alone")
+    assert ref.finish_reason == "length" and len(ref.token_ids) == 300, (ref.finish_reason, len(ref.token_ids))
+    preempted_kept(fe, w, ref, "pre-low")
+    # --threads 2: each shard has its own connection to the worker, and the urgent stream may run on
+    # the other one's (each new client connection lands on either); the preempted stream's worker
+    # is seen running all the same. Three rounds: at least one with the two apart, but for 1 in 8.
+    fe2 = c.start_frontend(stream_token_timeout=TIMEOUT, threads=2)
+    c.wait_workers(fe2, 1)
+    for i in range(3):
+        preempted_kept(fe2, w, ref, f"pre-low-t{i}")
+    print("preempted stream kept: completed exactly, nothing given up, the worker still routable (also with "
+          "--threads 2)")

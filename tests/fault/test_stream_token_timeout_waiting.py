@@ -6,11 +6,11 @@ Fake workers (tests/lib/fakeworker.py) answer with the mocker's own answer to th
 reference, taken first through a frontend with a real mocker worker), token by token, so every
 answer can be compared byte for byte. The frontends run at --stream-token-timeout 1.
 
-  1. A worker that announces BT_HELLO_WAITING and reports waiting=3 in its LOAD for good holds two
-     streams: one it reports WAITING (preempted) and answers only after 3 times the bound, and one
-     it never answers. The silent one is judged after the bound although the LOAD shows sequences
+  1. A worker that announces BT_HELLO_WAITING and reports waiting=3 in its LOAD for good holds three
+     streams: one it answers slowly all along (the engine visibly runs), one it reports WAITING
+     (preempted) and answers only after 3 times the bound, and one it never answers. The silent one is judged after the bound although the LOAD shows sequences
      waiting, gets its KILL, and completes exactly on a second worker; the waiting one is not
-     judged (no KILL) and completes exactly; the counters say one timeout, one new_request
+     judged (no KILL) and completes exactly, as does the slow one; the counters say one timeout, one new_request
      migration and one WAITING frame (preempted). Without the frame, the LOAD's waiting count hid
      the silent stream for good: its client gave up.
   2. The same LOAD from a worker that does not announce the flag (an older build): its silent
@@ -82,14 +82,16 @@ with bl.Cluster() as c:
     reason = {"length": fk.FINISH_LENGTH, "stop": fk.FINISH_STOP}[ref["finish_reason"]]
     usage = ref["usage"]
 
-    def answer(send, stream_id, payload, delay=0.0):
-        """The reference from where the payload's carried tokens end, event by event, then FINISH."""
+    def answer(send, stream_id, payload, delay=0.0, pace=0.0):
+        """The reference from where the payload's carried tokens end, event by event (pace seconds
+        apart), then FINISH."""
         carried = payload.get("carried") or []
         assert carried == ref["token_ids"][:len(carried)], f"carried {carried} is not the reference's start"
 
         def go():
             time.sleep(delay)
             for ids, text in events[len(carried):]:
+                time.sleep(pace)
                 send(fk.tokens(stream_id, ids, text))
             send(fk.finish(stream_id, reason, usage["prompt_tokens"], usage["completion_tokens"]))
         threading.Thread(target=go, daemon=True).start()
@@ -101,6 +103,8 @@ with bl.Cluster() as c:
 
         def on_a(fw, stream_id, raw):
             payload = json.loads(raw)
+            if payload["request_id"] == "tw-busy":  # what runs while tw-wait waits: 4.5 times the bound
+                answer(fw.sender(), stream_id, payload, pace=4.5 * TIMEOUT / len(events))
             if payload["request_id"] == "tw-wait":
                 if fw.frontend_flags() & fk.HELLO_WAITING:
                     fw.send(fk.waiting(stream_id, fk.WAIT_PREEMPTED))
@@ -117,6 +121,8 @@ with bl.Cluster() as c:
         bl.wait_for(lambda: fb.handshaken() >= 1, 20, what="the frontend's handshake with the second worker")
         time.sleep(0.3)  # its LOAD (not ready) came in the same write as its HELLO
         before = counters(fe1)
+        tb, bb = stream(fe1, "tw-busy")
+        bl.wait_for(lambda: fa.request_of("tw-busy"), 10, what="tw-busy on the worker that tells its waits")
         tw, bw = stream(fe1, "tw-wait")
         bl.wait_for(lambda: fa.request_of("tw-wait"), 10, what="tw-wait on the worker that tells its waits")
         tl, blost = stream(fe1, "tw-lost")
@@ -124,7 +130,10 @@ with bl.Cluster() as c:
         fb.send(fk.load())  # ready: the silent stream's continuation can go there
         tl.join(40)
         tw.join(40)
-        lost, wait = blost["s"], bw["s"]
+        tb.join(40)
+        lost, wait, busy = blost["s"], bw["s"], bb["s"]
+        busy.assert_ok("the stream that runs while another waits")
+        assert bl.stream_outcome(busy) == ref, f"{bl.stream_outcome(busy)} != reference {ref}"
         lost.assert_ok("the silent stream of a worker that reports sequences waiting")
         assert bl.stream_outcome(lost) == ref, f"{bl.stream_outcome(lost)} != reference {ref}"
         ttft = lost.t_first - lost.t_start

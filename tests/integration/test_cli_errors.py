@@ -635,6 +635,10 @@ with open(secret_nul, "wb") as f:
 secret_big = os.path.join(base, "secret-big")
 with open(secret_big, "wb") as f:
     f.write(b"s" * 4097)
+# the newline that ends a line is not part of the secret: 4097 bytes before it are still too many
+secret_big_nl = os.path.join(base, "secret-big-nl")
+with open(secret_big_nl, "wb") as f:
+    f.write(b"s" * 4097 + b"\n")
 fe_port = bl.free_port()
 for args, env, code, want in [
         (["worker", "--system-port", "-1", "--event-plane", "nats", "--nats-tls-ca", fifo], nats_env, 2,
@@ -659,6 +663,8 @@ for args, env, code, want in [
          f"the secret file {secret_nul} holds a NUL byte"),
         (["frontend", "--http-port", str(fe_port)], {"DYN_RPC_SECRET_FILE": secret_big}, 2,
          f"the secret file {secret_big} is over 4096 bytes"),
+        (["worker", "--system-port", "-1", "--rpc-secret-file", secret_big_nl], {}, 2,
+         f"the secret file {secret_big_nl} is over 4096 bytes"),
         (["worker", "--system-port", "-1", "--health-check-payload", "@" + fifo], {}, 2,
          f"DYN_HEALTH_CHECK_PAYLOAD (--health-check-payload) file {fifo}: a FIFO, not a regular file"),
         (["worker", "--system-port", "-1", "--engine", "llama", "--model", fifo], {}, 2,
@@ -690,8 +696,26 @@ with bl.Cluster() as c:
     none.proc.wait_log(r"requires a shared secret", timeout=10)
     st, _, body = bl.get_json(none.url + "/health")
     assert body["instances"] == [], body
+# a secret of the largest size (4096 bytes, `openssl rand -hex 2048 > file`) with the newline that
+# ends its line, "\n" or "\r\n": read as the 4096 bytes (both were refused as over 4096 bytes)
+secret_max_lf, secret_max_crlf = os.path.join(base, "secret-max-lf"), os.path.join(base, "secret-max-crlf")
+with open(secret_max_lf, "wb") as f:
+    f.write(b"m" * 4096 + b"\n")
+with open(secret_max_crlf, "wb") as f:
+    f.write(b"m" * 4096 + b"\r\n")
+with bl.Cluster() as c:
+    c.start_worker(speedup_ratio=1000, rpc_secret_file=secret_max_lf)
+    by_file = c.start_frontend(rpc_secret_file=secret_max_crlf)
+    by_env = c.start_frontend(env={"DYN_RPC_SECRET": "m" * 4096})
+    wrong = c.start_frontend(env={"DYN_RPC_SECRET": "m" * 4095})
+    for fe in (by_file, by_env):
+        c.wait_workers(fe, 1)
+        st, _, body = bl.post_json(fe.url + "/v1/chat/completions", bl.chat_body(max_tokens=3))
+        assert st == 200, (st, body)
+    c.workers[0].proc.wait_log(r"failed authentication", timeout=10)  # the secret is all 4096 bytes
 print("cli: a FIFO, a device or a directory given as a file is refused at once, naming the flag and the path; "
-      "so is a secret file with a NUL byte or over 4096 bytes; a regular secret file is read")
+      "so is a secret file with a NUL byte or over 4096 bytes; a regular secret file is read, one of 4096 bytes "
+      "and a newline too")
 
 # --- 9. `baton run` says what is wrong with DYN_LOG and DYN_LOGGING_JSONL once, not once per process
 # Its frontend and workers inherit the environment; each used to repeat the launcher's warning.

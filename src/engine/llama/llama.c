@@ -315,9 +315,16 @@ static bool post_tokens(ll_engine *e, ll_seq *s) {
     return true;
 }
 
-/* Tells the loop that s waits (bt_engine_sink.on_wait): posted after its output so far. */
+static void update_load(ll_engine *e);
+
+/* Tells the loop that s waits (bt_engine_sink.on_wait): posted after its output so far. The load
+ * snapshot the loop reads is refreshed first, so that it counts s as waiting before the loop can
+ * write the WAITING: a frontend takes a LOAD written after a stream's WAITING that shows nothing
+ * waiting as the end of the wait (docs/protocol.md §4), and the snapshot of the step before would
+ * show that while s waits. */
 static void post_wait(ll_engine *e, ll_seq *s, bt_engine_wait why) {
     s->wait_told = true;
+    update_load(e);
     ll_ev *ev = calloc(1, sizeof *ev);
     if (!ev) return; /* its stream is judged as a silent one: no worse than an engine that tells nothing */
     ev->kind = EV_WAIT;

@@ -428,7 +428,11 @@ static void preempt(mk_engine *e, bt_engine_seq *s, mk_preempt_reason why) {
 
 /* The sequences that arrived since the last step and that its admit() left waiting (no slot, no
  * blocks, or the prefill budget is spent) are told they are queued: their streams will hear nothing
- * until a later step admits them. One walk of the queue, only in a step that left arrivals waiting. */
+ * until a later step admits them. One walk of the queue, only in a step that left arrivals waiting.
+ * A told sequence (this or a preemption) is in the waiting queue until a step admits it, and the
+ * load is read from that queue on this loop (load_snapshot), so every LOAD written after its
+ * WAITING counts it until then: a frontend takes one that shows nothing waiting as the end of the
+ * wait (docs/protocol.md §4). */
 static void tell_queued(mk_engine *e) {
     for (bt_engine_seq *s = TAILQ_FIRST(&e->waiting.q); s && e->untold; s = TAILQ_NEXT(s, link)) {
         if (s->wait_told) continue;
