@@ -121,8 +121,9 @@ struct fe_worker {
     bool tells_waits;
     /* When its last TOKENS frame arrived, for any stream (the loop's clock, uv_now, in ms, low 32
      * bits; 0 = none yet): a stream its engine keeps waiting waits because others run, and those
-     * produce tokens. A waiting stream is exempt from --stream-token-timeout only while this is
-     * within the bound: an engine that hangs produces none, and its waiting streams are judged. */
+     * produce tokens. A waiting stream is exempt from --stream-token-timeout only while this, or
+     * running_ms below, is within the bound (fe_worker_progressed): an engine that runs nothing
+     * produces nothing, and its waiting streams are judged. */
     uint32_t tokens_ms;
     /* The same for every shard's connection to this worker (--threads N: a stream waits on one
      * shard while the sequences that run are another shard's): shared by the shards' fe_worker of
@@ -132,6 +133,10 @@ struct fe_worker {
      * event_plane_is_source), and the count and time (uv_now, ms) of the last one showing nothing
      * waiting: such a LOAD written after a stream's WAITING ends that stream's wait (a->wait_load). */
     uint32_t load_frames, idle_load, idle_ms;
+    /* When the last LOAD frame showing sequences running arrived (uv_now, ms, low 32 bits; 0 =
+     * none): the engine runs something, perhaps only another frontend's or another shard's streams,
+     * whose tokens this connection never sees (fe_worker_progressed). */
+    uint32_t running_ms;
     bt_load_report load;
     uint64_t load_ms; /* when the last LOAD arrived (0 = never) */
     /* Load reports: [0] LOAD frames applied, [1] event-plane reports applied, [2] LOAD frames not

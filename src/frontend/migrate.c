@@ -592,6 +592,7 @@ static void on_token_sweep(uv_timer_t *t) {
         for (fe_worker *w = LIST_FIRST(&f->workers); w; w = LIST_NEXT(w, link)) { /* the same for their progress */
             w->tokens_ms = now - w->tokens_ms > skip ? w->tokens_ms + skip : now;
             w->idle_ms = now - w->idle_ms > skip ? w->idle_ms + skip : now;
+            if (w->running_ms) w->running_ms = now - w->running_ms > skip ? w->running_ms + skip : now;
         }
     }
     int expired = 0;

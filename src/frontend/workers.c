@@ -145,8 +145,17 @@ static void progress_note(fe_worker *w, uint32_t now) {
  * time up to this far after `now` is a fresh one. */
 #define PROGRESS_SKEW_MS 1000u
 
+/* A worker reports its load at least once a second (LOAD_REFRESH_MS in worker.c): a report showing
+ * sequences running is fresh this long past the bound. */
+#define RUNNING_REPORT_SLACK_MS 3000u
+
 bool fe_worker_progressed(const fe_worker *w, uint32_t now, uint32_t limit_ms) {
     if (now - w->tokens_ms < limit_ms) return true;
+    /* Its engine says it runs sequences, which may all be another frontend's (each frontend has
+     * its own connection and sees only its own streams' tokens): a stream queued behind them waits
+     * for real. An engine that hangs with sequences running keeps saying so until the worker's own
+     * monitor fails it (--engine-stuck-timeout) and the connection ends. */
+    if (w->running_ms && now - w->running_ms < limit_ms + RUNNING_REPORT_SLACK_MS) return true;
     if (!w->progress) return false;
     uint32_t ms = atomic_load_explicit(&w->progress->ms, memory_order_relaxed);
     return now + PROGRESS_SKEW_MS - ms < limit_ms + PROGRESS_STEP_MS + PROGRESS_SKEW_MS;
@@ -341,6 +350,7 @@ static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
          * admits it; llama refreshes the snapshot the loop reads before it posts a wait
          * (llama.c post_wait). */
         w->load_frames++;
+        if (lr.running) w->running_ms = (uint32_t)uv_now(w->fe->loop);
         if (lr.waiting == 0) {
             w->idle_load = w->load_frames;
             w->idle_ms = (uint32_t)uv_now(w->fe->loop);

@@ -12,10 +12,14 @@ answer can be compared byte for byte. The frontends run at --stream-token-timeou
      bound after it (KILL) and completes exactly on a second worker, while the slow one completes
      untouched. Before, the WAITING exempted the stream for good: its client gave up.
   2. A worker that announces the flag answers one request with 5 tokens and another with WAITING,
-     then sends nothing at all while its LOAD shows a sequence waiting for good (a hung engine):
+     then sends nothing at all while its LOAD shows a sequence waiting and none running:
      both streams are given up about the bound after its last token and complete exactly on a
      second worker. Before, the waiting one was never judged.
-  3. Two workers of different exactness fingerprints, --outlier-factor 20 --outlier-min-samples 1:
+  2b. A worker that announces the flag answers with WAITING and then sends this frontend no token
+     for 4 times the bound while its LOAD reports, every 0.3 s, sequences running (another
+     frontend's): the stream is not judged, then completes exactly there. A rule that counted only
+     the tokens this frontend sees cut it.
+  3. Two workers of different exactness fingerprints, --outlier-factor 100 --outlier-min-samples 1:
      the stream's worker sends 5 tokens, then nothing. The other cannot continue the stream, so the
      continuation goes back to it; the timeout is not sampled, so the worker is not ejected and the
      client gets one exact stream. Before, that sample ejected it and the request failed at once
@@ -174,7 +178,8 @@ with bl.Cluster() as c:
             elif payload["request_id"] == "wb-queued":
                 fw.send(fk.waiting(stream_id, fk.WAIT_QUEUED))
 
-        fc = fk.FakeWorker(d2, on_c, hello_flags=fk.HELLO_WAITING, after_hello=fk.load(waiting=1, running=1))
+        # its load shows the queue and nothing running: an engine whose queue does not move
+        fc = fk.FakeWorker(d2, on_c, hello_flags=fk.HELLO_WAITING, after_hello=fk.load(waiting=1, running=0))
         fakes.append(fc)
         fd = fk.FakeWorker(d2, answers, after_hello=fk.load(ready=False))
         fakes.append(fd)
@@ -201,6 +206,35 @@ with bl.Cluster() as c:
         print(f"WAITING, then no token from the worker at all: the waiting stream judged {took:.2f} s after its "
               f"worker's last token, exact elsewhere")
 
+        # --- 2b. WAITING on a worker whose engine runs only another frontend's streams: this frontend
+        # hears no token from it, but its load reports show sequences running; the wait is real
+        d2b = bl.tmpdir("wb-other")
+        state = {"sid": None}
+
+        def on_o(fw, stream_id, raw):
+            if json.loads(raw)["request_id"] == "wb-behind":
+                fw.send(fk.waiting(stream_id, fk.WAIT_QUEUED))
+                state["sid"], state["send"] = stream_id, fw.sender()
+
+        fo = fk.FakeWorker(d2b, on_o, hello_flags=fk.HELLO_WAITING, after_hello=fk.load(waiting=1, running=1))
+        fakes.append(fo)
+        fe2b = c.start_frontend(discovery_dir=d2b, stream_token_timeout=TIMEOUT)
+        c.wait_workers(fe2b, 1)
+        tb, bb = stream(fe2b, "wb-behind", timeout=30)
+        bl.wait_for(lambda: state["sid"] is not None, 10, what="wb-behind on the busy worker")
+        t_end = time.monotonic() + 4 * TIMEOUT  # the other frontend's sequences run this long
+        while time.monotonic() < t_end:
+            fo.send(fk.load(waiting=1, running=1))  # as a worker reports while its engine runs
+            time.sleep(0.3)
+        answer(state["send"], state["sid"], {})
+        tb.join(30)
+        check_exact(bb["s"], "the stream queued behind another frontend's")
+        conn, sid, _ = fo.request_of("wb-behind")
+        assert fo.control_for(conn, sid) == [], "the queued stream was cut"
+        assert timeouts(fe2b) == 0, timeouts(fe2b)
+        print(f"WAITING behind sequences this frontend does not see: waited {4 * TIMEOUT:.0f} s while the "
+              f"worker reported them running, not judged, exact")
+
         # --- 3. the only worker of its fingerprint is not ejected by the timeout's own sample
         d3 = bl.tmpdir("wb-eject")
 
@@ -218,11 +252,11 @@ with bl.Cluster() as c:
         fakes.append(w2)
         set_exactness(w1, "fp-A")
         set_exactness(w2, "fp-B")
-        fe3 = c.start_frontend(discovery_dir=d3, stream_token_timeout=TIMEOUT, outlier_factor=20,
+        fe3 = c.start_frontend(discovery_dir=d3, stream_token_timeout=TIMEOUT, outlier_factor=100,
                                outlier_min_samples=1)
         c.wait_workers(fe3, 2)
         # latency samples on both workers, tokens all at once: few, so that one silence of the bound
-        # among them is far over 20 times the other worker's median (it ejected the worker before)
+        # among them is far over 100 times the other worker's median (it ejected the worker before)
         for i in range(2):
             check_exact(bl.stream_chat(fe3.url, body(), timeout=20, headers={"X-Request-Id": f"wb-warm-{i}"}),
                         "warm-up")
@@ -275,7 +309,7 @@ with bl.Cluster() as c:
         print(f"a hung mocker worker: the burst of 4 and 6 requests after it all exact, the slowest after it "
               f"{max(after):.2f} s; {timeouts(fe4):.0f} timeouts")
 
-        for f in (fe_ref, fe1, fe2, fe3, fe4):
+        for f in (fe_ref, fe1, fe2, fe2b, fe3, fe4):
             assert f.proc.alive(), "a frontend died"
     finally:
         for f in fakes:

@@ -68,7 +68,7 @@ def stream(fe, rid, timeout=30):
 
 
 with bl.Cluster() as c:
-    c.start_worker()
+    c.start_worker(speedup_ratio=0.3)  # slow enough that the client sees one event per token, even on a busy machine
     fe_ref = c.start_frontend()
     c.wait_workers(fe_ref, 1)
     ref_s = bl.stream_chat(fe_ref.url, body(), timeout=30).assert_ok("the reference, on the mocker")
