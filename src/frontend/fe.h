@@ -91,10 +91,9 @@ struct fe_model {
 /* ---- workers ---- */
 typedef enum { FW_CONNECTING, FW_READY, FW_DOWN } fw_state;
 
-/* When a worker last sent tokens on any connection of this process (workers.c). */
-typedef struct fe_progress fe_progress;
-/* Whether w's engine has sent tokens, on any shard's connection, within the last limit_ms of the
- * clock `now` (the calling loop's uv_now, low 32 bits). */
+/* Whether w's engine visibly runs sequences: it sent this connection tokens within the last
+ * limit_ms of the clock `now` (the calling loop's uv_now, low 32 bits), or a load report showing
+ * sequences running (perhaps another frontend's or another event loop's) a little longer ago. */
 bool fe_worker_progressed(const fe_worker *w, uint32_t now, uint32_t limit_ms);
 
 struct fe_worker {
@@ -125,10 +124,6 @@ struct fe_worker {
      * running_ms below, is within the bound (fe_worker_progressed): an engine that runs nothing
      * produces nothing, and its waiting streams are judged. */
     uint32_t tokens_ms;
-    /* The same for every shard's connection to this worker (--threads N: a stream waits on one
-     * shard while the sequences that run are another shard's): shared by the shards' fe_worker of
-     * the instance, NULL when it could not be allocated (this shard's own clock alone). */
-    fe_progress *progress;
     /* LOAD frames received on its connections (whichever source is applied, see
      * event_plane_is_source), and the count and time (uv_now, ms) of the last one showing nothing
      * waiting: such a LOAD written after a stream's WAITING ends that stream's wait (a->wait_load). */

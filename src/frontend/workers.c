@@ -15,8 +15,6 @@
  * BT_KV_INFLIGHT states per connection in turns), its REQUEST held until the last piece is out,
  * so that the frames of other streams never queue behind a whole state. */
 #include <inttypes.h>
-#include <pthread.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -90,80 +88,21 @@ static void model_remove_worker(fe_worker *w) {
 
 static void worker_connect(fe_worker *w);
 
-/* ---- the engine's progress, shared by the shards ---- */
-
-/* One per worker instance known to any shard, found by its id under progress_mu (taken when a
- * shard discovers or forgets the worker, never on the token path). `ms` is the uv_now of the loop
- * that stored it: every loop's clock is the same monotonic clock, cached at a different moment. */
-struct fe_progress {
-    uint64_t id;
-    unsigned refs; /* under progress_mu: the shards' fe_worker holding it */
-    _Atomic uint32_t ms;
-};
-
-static pthread_mutex_t progress_mu = PTHREAD_MUTEX_INITIALIZER;
-static bt_map progress_by_id; /* all zero: an empty map (bt_map_init) */
-
-static fe_progress *progress_get(uint64_t id) {
-    pthread_mutex_lock(&progress_mu);
-    fe_progress *p = bt_map_get(&progress_by_id, id);
-    if (!p && (p = calloc(1, sizeof *p)) != NULL) {
-        p->id = id;
-        if (bt_map_put(&progress_by_id, id, p) != 0) {
-            free(p);
-            p = NULL;
-        }
-    }
-    if (p) p->refs++;
-    pthread_mutex_unlock(&progress_mu);
-    return p;
-}
-
-static void progress_put(fe_progress *p) {
-    if (!p) return;
-    pthread_mutex_lock(&progress_mu);
-    if (--p->refs == 0) {
-        bt_map_del(&progress_by_id, p->id);
-        free(p);
-        if (!progress_by_id.len) bt_map_free(&progress_by_id);
-    }
-    pthread_mutex_unlock(&progress_mu);
-}
-
-/* The shared time moves in steps of this many ms at least: shards streaming from one worker do
- * not write its cache line on every frame (the shard's own clock, tokens_ms, is exact). */
-#define PROGRESS_STEP_MS 16u
-
-static void progress_note(fe_worker *w, uint32_t now) {
-    if (!w->progress) return;
-    uint32_t was = atomic_load_explicit(&w->progress->ms, memory_order_relaxed);
-    if ((int32_t)(now - was) >= (int32_t)PROGRESS_STEP_MS)
-        atomic_store_explicit(&w->progress->ms, now, memory_order_relaxed);
-}
-
-/* Another loop's cached clock may be ahead of this one's, by about one turn of either loop: a
- * time up to this far after `now` is a fresh one. */
-#define PROGRESS_SKEW_MS 1000u
-
 /* A worker reports its load at least once a second (LOAD_REFRESH_MS in worker.c): a report showing
  * sequences running is fresh this long past the bound. */
 #define RUNNING_REPORT_SLACK_MS 3000u
 
 bool fe_worker_progressed(const fe_worker *w, uint32_t now, uint32_t limit_ms) {
     if (now - w->tokens_ms < limit_ms) return true;
-    /* Its engine says it runs sequences, which may all be another frontend's (each frontend has
-     * its own connection and sees only its own streams' tokens): a stream queued behind them waits
-     * for real. An engine that hangs with sequences running keeps saying so until the worker's own
+    /* Its engine says it runs sequences, which may all be another frontend's or another event
+     * loop's (each has its own connection and sees only its own streams' tokens; every connection
+     * gets the load reports): a stream queued behind them waits for real. An engine that hangs with sequences running keeps saying so until the worker's own
      * monitor fails it (--engine-stuck-timeout) and the connection ends. */
-    if (w->running_ms && now - w->running_ms < limit_ms + RUNNING_REPORT_SLACK_MS) return true;
-    if (!w->progress) return false;
-    uint32_t ms = atomic_load_explicit(&w->progress->ms, memory_order_relaxed);
-    return now + PROGRESS_SKEW_MS - ms < limit_ms + PROGRESS_STEP_MS + PROGRESS_SKEW_MS;
+    return w->running_ms && now - w->running_ms < limit_ms + RUNNING_REPORT_SLACK_MS;
 }
 
 static void free_worker_cb(uv_handle_t *h) {
     fe_worker *w = h->data;
-    progress_put(w->progress);
     bt_map_free(&w->streams);
     free(w);
 }
@@ -266,7 +205,6 @@ static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
         /* the worker's engine makes progress, whatever stream it is for (a just-killed one too):
          * the streams it keeps waiting wait for a reason (--stream-token-timeout, on_token_sweep) */
         w->tokens_ms = (uint32_t)uv_now(w->fe->loop);
-        progress_note(w, w->tokens_ms);
         fe_attempt *a = bt_map_get(&w->streams, f->stream);
         if (!a) return;
         a->t_heard_ms = w->tokens_ms; /* the stream is alive (--stream-token-timeout) */
@@ -522,7 +460,6 @@ static void on_disc_put(void *ud, const char *key, const json_t *v) {
         return;
     }
     bt_map_init(&w->streams);
-    w->progress = progress_get(w->id); /* NULL when out of memory: this shard's clock alone */
     w->in_discovery = true;
     w->next_stream = 1;
     uv_timer_init(f->loop, &w->retry_timer);
