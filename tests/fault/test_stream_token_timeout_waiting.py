@@ -25,7 +25,6 @@ answer can be compared byte for byte. The frontends run at --stream-token-timeou
      bounds a worker that loses every stream)."""
 
 import json
-import threading
 import time
 
 import batonlib as bl
@@ -60,41 +59,15 @@ def delta(after, before):
 
 
 def stream(fe, rid, timeout=30):
-    box = {}
-    t = threading.Thread(target=lambda: box.setdefault(
-        "s", bl.stream_chat(fe.url, body(), timeout=timeout, headers={"X-Request-Id": rid})))
-    t.start()
-    return t, box
+    return fk.stream_async(fe, body(), rid, timeout)
 
 
 with bl.Cluster() as c:
     c.start_worker(speedup_ratio=0.3)  # slow enough that the client sees one event per token, even on a busy machine
     fe_ref = c.start_frontend()
     c.wait_workers(fe_ref, 1)
-    ref_s = bl.stream_chat(fe_ref.url, body(), timeout=30).assert_ok("the reference, on the mocker")
-    ref = bl.stream_outcome(ref_s)
-    events = []  # (ids, text) of each token event of the reference
-    for ev in ref_s.events:
-        ch = (ev.get("choices") or [{}])[0]
-        if ch.get("token_ids"):
-            events.append((ch["token_ids"], ch["delta"].get("content") or ""))
-    assert all(len(ids) == 1 for ids, _ in events) and len(events) == len(ref["token_ids"]) > K + 5, events
-    reason = {"length": fk.FINISH_LENGTH, "stop": fk.FINISH_STOP}[ref["finish_reason"]]
-    usage = ref["usage"]
-
-    def answer(send, stream_id, payload, delay=0.0, pace=0.0):
-        """The reference from where the payload's carried tokens end, event by event (pace seconds
-        apart), then FINISH."""
-        carried = payload.get("carried") or []
-        assert carried == ref["token_ids"][:len(carried)], f"carried {carried} is not the reference's start"
-
-        def go():
-            time.sleep(delay)
-            for ids, text in events[len(carried):]:
-                time.sleep(pace)
-                send(fk.tokens(stream_id, ids, text))
-            send(fk.finish(stream_id, reason, usage["prompt_tokens"], usage["completion_tokens"]))
-        threading.Thread(target=go, daemon=True).start()
+    rp = fk.Replay(fe_ref, body(), K + 5)
+    ref, events, answer = rp.outcome, rp.events, rp.answer
 
     fakes = []
     try:

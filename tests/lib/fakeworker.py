@@ -105,6 +105,51 @@ def start_with_reference(cluster, body, first_n, **frontend_opts):
     return fe, ref, ref_u, first
 
 
+class Replay:
+    """The mocker's streamed answer to one request, taken once through frontend fe (whose worker is
+    slow enough, e.g. speedup_ratio 0.3, that the client sees one event per token), for a fake
+    worker to send back event by event: .outcome (bl.stream_outcome), .events ((ids, text) of each
+    token event, every one of one id), and answer(), which sends it from where a REQUEST's carried
+    tokens end, so that a client's answer, migrated or not, compares byte for byte with .outcome."""
+
+    def __init__(self, fe, body, min_events):
+        s = bl.stream_chat(fe.url, body, timeout=30).assert_ok("the reference, on the mocker")
+        self.outcome = bl.stream_outcome(s)
+        self.events = []
+        for ev in s.events:
+            ch = (ev.get("choices") or [{}])[0]
+            if ch.get("token_ids"):
+                self.events.append((ch["token_ids"], ch["delta"].get("content") or ""))
+        assert all(len(ids) == 1 for ids, _ in self.events), self.events
+        assert len(self.events) == len(self.outcome["token_ids"]) > min_events, self.events
+        self.reason = {"length": FINISH_LENGTH, "stop": FINISH_STOP}[self.outcome["finish_reason"]]
+
+    def answer(self, send, stream_id, payload, delay=0.0, pace=0.0):
+        """On a thread: after delay seconds, the events after the payload's carried tokens, pace
+        seconds apart, then FINISH, each through send (FakeWorker.sender())."""
+        carried = payload.get("carried") or []
+        ref, usage = self.outcome, self.outcome["usage"]
+        assert carried == ref["token_ids"][:len(carried)], f"carried {carried} is not the reference's start"
+
+        def go():
+            time.sleep(delay)
+            for ids, text in self.events[len(carried):]:
+                time.sleep(pace)
+                send(tokens(stream_id, ids, text))
+            send(finish(stream_id, self.reason, usage["prompt_tokens"], usage["completion_tokens"]))
+        threading.Thread(target=go, daemon=True).start()
+
+
+def stream_async(fe, body, rid, timeout=30):
+    """bl.stream_chat(fe, body) with X-Request-Id rid on a thread: (thread, box), box["s"] its
+    result once the thread has ended."""
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault(
+        "s", bl.stream_chat(fe.url, body, timeout=timeout, headers={"X-Request-Id": rid})))
+    t.start()
+    return t, box
+
+
 _rids = itertools.count(1)  # request ids of first_routed, unique in the test process
 
 
