@@ -134,6 +134,21 @@ def sse_events(raw_bytes):
         out.append((eid, data))
     return out
 
+
+def recv_until_done(s):
+    """What socket s gives until the stream's data: [DONE], its end, a reset or its timeout."""
+    got = b""
+    while b"data: [DONE]\n\n" not in got[-4096:]:
+        try:
+            chunk = s.recv(1 << 20)
+        except (ConnectionResetError, socket.timeout):
+            break
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
 def texts(events):
     t = ""
     for _, d in events:
@@ -261,20 +276,8 @@ def output_budget_threads(c):
     send(reader, good_max, "a client that reads late")
     cut = tf_metric("baton_frontend_http_rejections_total", reason="output_budget") - cut0
 
-    def read_all(s):
-        got = b""
-        while b"data: [DONE]\n\n" not in got[-4096:]:
-            try:
-                chunk = s.recv(1 << 20)
-            except (ConnectionResetError, socket.timeout):
-                break
-            if not chunk:
-                break
-            got += chunk
-        return sse_events(got)
-
-    good = read_all(reader)
-    hog_events = [read_all(s) for s in hogs]
+    good = sse_events(recv_until_done(reader))
+    hog_events = [sse_events(recv_until_done(s)) for s in hogs]
     for s in hogs + [reader]:
         s.close()
     print(f"test_http_edges: --threads 2: {held:.0f} bytes held on loop {hog_loop}, the reader on loop "
@@ -611,15 +614,7 @@ with bl.Cluster() as c:
     got_all, ref_text = [], None
     for s in hogs:
         s.settimeout(5)
-        got = b""
-        while b"data: [DONE]\n\n" not in got[-4096:]:
-            try:
-                chunk = s.recv(1 << 20)
-            except (ConnectionResetError, socket.timeout):
-                break
-            if not chunk:
-                break
-            got += chunk
+        got = recv_until_done(s)
         evs = sse_events(got)
         assert got.startswith(b"HTTP/1.1 200 ") and len(evs) >= 2, got[:300]
         got_all.append(evs)
