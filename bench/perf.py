@@ -64,6 +64,7 @@ nginx and haproxy must be installed for `cost` and nginx for `latency`'s anchor,
 import argparse
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -680,7 +681,9 @@ def cmd_latency(a):
                     continue
                 rs = [x / y for x, y in zip(xs, added[floor]) if y > 0]
                 if rs:
-                    print(f"  {name} / {floor}, per round: median {median(rs):.3f} (range {min(rs):.3f}-{max(rs):.3f}), "
+                    lo, hi = median_ci(rs)
+                    print(f"  {name} / {floor}, per round: median {median(rs):.3f} (range {min(rs):.3f}-{max(rs):.3f}; "
+                          f"95 % bootstrap interval of the median {lo:.3f}-{hi:.3f}), "
                           f"above 1.1 in {sum(r > 1.1 for r in rs)} of {len(rs)}")
     print(f"(TTFT: mean over {a.interleave} interleaved runs of each path. Per-token delay: arrival of each token chunk minus "
           "the arrival of the same engine step's token of a probe stream on the worker's request plane, over "
@@ -696,6 +699,14 @@ def median(xs):
     xs = sorted(xs)
     n = len(xs)
     return (xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2) if xs else float("nan")
+
+
+def median_ci(xs, draws=10000, seed=1):
+    """A 95 % percentile-bootstrap interval of the median of xs (independent rounds): how far the
+    median of this many rounds can move with the machine's noise. The seed only fixes the resampling."""
+    rng = random.Random(seed)
+    ms = sorted(median(rng.choices(xs, k=len(xs))) for _ in range(draws))
+    return ms[int(0.025 * draws)], ms[int(0.975 * draws) - 1]
 
 
 def cmd_burst(a):
@@ -744,14 +755,17 @@ def cmd_burst(a):
                     target, is_rpc = targets[name]
                     time.sleep(a.pause)  # the engine idle, the previous burst's sockets closed
                     m = Meter({"p": serving[name]} if name in serving else {})
-                    r = run_load(target, n, a.tokens, rpc=is_rpc, rate=2000, extra=["--burst"])
+                    r = run_load(target, n, a.tokens, rpc=is_rpc, rate=2000,
+                                 extra=["--burst"] + (["--arrival"] if a.arrival else []))
                     r["serving_cpu_s"] = sum(m.stop().values())
                     check(r, f"{name}, burst of {n}, repeat {rep_i + 1}", digest)
                     digest = digest or r["digest"]
                     runs[name].append(r)
                     print(f"{n} streams, repeat {rep_i + 1}, {name:>10s}: TTFT p50 {r['ttft_us']['p50'] / 1000:8.2f} ms, "
                           f"p99 {r['ttft_us']['p99'] / 1000:8.2f} ms, max {r['ttft_us']['max'] / 1000:8.2f} ms; "
-                          f"the client's writes spread over {r['send_spread_us'] / 1000:.2f} ms", flush=True)
+                          + (f"to the client's read p50 {r['ttft_read_us']['p50'] / 1000:.2f} ms, "
+                             f"p99 {r['ttft_read_us']['p99'] / 1000:.2f} ms; " if a.arrival else "")
+                          + f"the client's writes spread over {r['send_spread_us'] / 1000:.2f} ms", flush=True)
             out.append((n, runs))
     print()
     print(f"speedup={a.speedup} max_tokens={a.tokens}, one worker, {a.repeats} bursts per path and level"
@@ -1030,6 +1044,8 @@ def main():
     p.add_argument("--batch-gather-us", type=int, default=0,
                    help="the worker's --batch-gather-us (0: off, its default)")
     p.add_argument("--compare-bin", help="also measure a frontend of this baton binary (before/after in one run)")
+    p.add_argument("--arrival", action="store_true",
+                   help="time each first token by its arrival at the client's socket, not by the client's read")
     p = sub.add_parser("scale")
     p.add_argument("--streams", default="10000", help="concurrent streams; a comma-separated list is a curve")
     p.add_argument("--repeat", type=int, default=1, help="runs of the load per level, in the same cluster")

@@ -34,6 +34,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
 #include <uv.h>
 
 #include "common/util.h"
@@ -76,6 +79,7 @@ static struct {
     const char *timestamps; /* file: one line per token-bearing chunk, CLOCK_MONOTONIC ns */
     bool quiet;
     bool burst;
+    bool arrival;
 } opt = {.path = "/v1/chat/completions", .model = "mock-model", .streams = 1, .requests = 0, .max_tokens = 100,
          .prompt_words = 8, .rate = 5000, .timeout_s = 600};
 
@@ -96,6 +100,7 @@ static FILE *ts_file;
 static uv_signal_t sig_int, sig_term;
 static uint64_t total_tokens, total_chunks, total_bytes, digest;
 static samples ttft_us, gap_us;
+static samples ttft_read_us; /* --arrival: TTFT to the read of the first token instead */
 static uint64_t burst_first_send, burst_last_send; /* --burst: the first and last request write */
 static char err_samples[MAX_ERR_SAMPLES][200];
 static int n_err_samples;
@@ -146,12 +151,15 @@ static void rq_begin(rq *r, int64_t index) {
     issued++;
 }
 
+static uint64_t read_now; /* when the bytes being handled were read (--arrival: now is when they arrived) */
+
 /* A chunk carrying text arrived at time now. */
 static void rq_token_chunk(rq *r, uint64_t now) {
     if (ts_file) fprintf(ts_file, "%" PRIu64 "\n", now);
     if (!r->got_first) {
         r->got_first = true;
         samples_add(&ttft_us, (now - r->t_sent) / 1000u);
+        if (opt.arrival) samples_add(&ttft_read_us, (read_now - r->t_sent) / 1000u);
         streaming_now++;
         maybe_ready();
     } else {
@@ -203,6 +211,8 @@ typedef struct client {
     int status;
     char *ev; /* SSE bytes not yet split into events */
     size_t ev_len, ev_cap, ev_scan;
+    uv_poll_t poll; /* --arrival: reads go through this, on rfd, a duplicate of the socket */
+    int rfd, open_handles;
     char wbuf[2048];
 } client;
 
@@ -368,6 +378,8 @@ static void on_alloc(uv_handle_t *h, size_t sz, uv_buf_t *b) {
 
 static void on_client_closed(uv_handle_t *h) {
     client *c = h->data;
+    if (--c->open_handles > 0) return; /* --arrival: the socket and its poll handle */
+    if (c->rfd >= 0) close(c->rfd);
     free(c->ev);
     free(c);
     open_clients--;
@@ -385,21 +397,17 @@ static void client_close(client *c) {
             if (c->r.got_first) streaming_now--;
         }
     }
+    if (c->open_handles > 1) uv_close((uv_handle_t *)&c->poll, on_client_closed);
     uv_close((uv_handle_t *)&c->tcp, on_client_closed);
 }
 
-static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
-    client *c = s->data;
-    if (nread < 0) {
-        client_close(c);
-        return;
-    }
-    if (nread == 0) return;
+/* Handles nread bytes of c's response that arrived at time now. */
+static void client_feed(client *c, const char *data, size_t nread, uint64_t now) {
     total_bytes += (uint64_t)nread;
-    body_now = bt_now_ns();
+    body_now = now;
     size_t off = 0;
-    while (off < (size_t)nread && !c->closing) {
-        size_t used = http_parser_execute(&c->parser, &hp_settings, buf->base + off, (size_t)nread - off);
+    while (off < nread && !c->closing) {
+        size_t used = http_parser_execute(&c->parser, &hp_settings, data + off, nread - off);
         off += used;
         if (HTTP_PARSER_ERRNO(&c->parser) == HPE_PAUSED) {
             http_parser_pause(&c->parser, 0);
@@ -415,6 +423,74 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
             return;
         }
         if (used == 0) break;
+    }
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+    client *c = s->data;
+    if (nread < 0) {
+        client_close(c);
+        return;
+    }
+    if (nread == 0) return;
+    read_now = bt_now_ns();
+    client_feed(c, buf->base, (size_t)nread, read_now);
+}
+
+/* --arrival: how many of the n bytes at p to read so that the read ends with the first event that
+ * carries text (a chunk holding "content":"...), or 0 when that event is not all there yet. A
+ * TCP read reports the arrival time of the last segment it took, so a read that stops there
+ * times the first token's own segment, not a later token's that came before the client read. */
+static size_t first_token_end(const char *p, size_t n) {
+    static const char ck[] = "\"content\":\"";
+    const char *q = memmem(p, n, ck, sizeof ck - 1);
+    const char *e = q ? memmem(q, n - (size_t)(q - p), "\n\n", 2) : NULL;
+    return e ? (size_t)(e + 2 - p) : 0;
+}
+
+/* --arrival: c's socket is readable. The bytes are read with recvmsg(2) and the kernel's receive
+ * time of their last segment (SO_TIMESTAMPNS), which libuv's reads do not return: the client's
+ * own delay in reading (a burst's client writes N requests in one pass before it reads anything)
+ * is then not counted in the server's TTFT. Until the first token, the read stops at the end of
+ * its event (first_token_end). */
+static void on_poll(uv_poll_t *h, int status, int events) {
+    client *c = h->data;
+    (void)events;
+    if (status < 0) {
+        client_close(c);
+        return;
+    }
+    static char buf[256 * 1024];
+    while (!c->closing) {
+        size_t want = sizeof buf;
+        if (c->in_request && !c->r.got_first) {
+            ssize_t k = recv(c->rfd, buf, sizeof buf, MSG_PEEK);
+            if (k > 0 && first_token_end(buf, (size_t)k)) want = first_token_end(buf, (size_t)k);
+        }
+        union {
+            char b[CMSG_SPACE(sizeof(struct timespec))];
+            struct cmsghdr align;
+        } ctl;
+        struct iovec iov = {buf, want};
+        struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.b, .msg_controllen = sizeof ctl.b};
+        ssize_t n = recvmsg(c->rfd, &mh, 0);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+        if (n <= 0) {
+            client_close(c);
+            return;
+        }
+        read_now = bt_now_ns();
+        uint64_t arrived = read_now;
+        for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm)) {
+            if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_TIMESTAMPNS) continue;
+            struct timespec ts, real;
+            memcpy(&ts, CMSG_DATA(cm), sizeof ts);
+            clock_gettime(CLOCK_REALTIME, &real); /* the stamp is on this clock; now is CLOCK_MONOTONIC */
+            int64_t ago = ((int64_t)real.tv_sec - ts.tv_sec) * 1000000000 + (real.tv_nsec - ts.tv_nsec);
+            if (ago > 0 && (uint64_t)ago < read_now) arrived = read_now - (uint64_t)ago;
+        }
+        client_feed(c, buf, (size_t)n, arrived);
     }
 }
 
@@ -470,7 +546,19 @@ static void on_connect(uv_connect_t *req, int status) {
         return;
     }
     uv_tcp_nodelay(&c->tcp, 1);
-    uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+    uv_os_fd_t fd;
+    int one = 1;
+    if (!opt.arrival) uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+    else if (uv_fileno((uv_handle_t *)&c->tcp, &fd) != 0 ||
+             setsockopt(fd, SOL_SOCKET, SO_TIMESTAMPNS, &one, sizeof one) != 0 || (c->rfd = dup(fd)) < 0 ||
+             uv_poll_init_socket(loop, &c->poll, c->rfd) != 0) {
+        note_error(issued, "--arrival: cannot watch the socket: %s", strerror(errno));
+        abort(); /* a measuring tool: no half-measured run */
+    } else {
+        c->poll.data = c;
+        c->open_handles = 2;
+        uv_poll_start(&c->poll, UV_READABLE, on_poll);
+    }
     if (!opt.burst) {
         client_next(c);
         return;
@@ -489,6 +577,8 @@ static void start_client(void) {
     }
     uv_tcp_init(loop, &c->tcp);
     c->tcp.data = c;
+    c->rfd = -1;
+    c->open_handles = 1;
     c->creq.data = c;
     open_clients++;
     c->t = &targets[clients_started % n_targets];
@@ -549,7 +639,7 @@ static void rpc_on_open(void *ud, bt_rpc_conn *c) {
 static void rpc_on_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
     (void)ud;
     (void)c;
-    uint64_t now = bt_now_ns();
+    uint64_t now = read_now = bt_now_ns(); /* one connection read as it comes: --arrival changes nothing */
     total_bytes += f->len + BT_FRAME_HEADER;
     rq *r = rpc_rq(f->stream);
     if (!r) return;
@@ -685,6 +775,9 @@ static void usage(void) {
             "  --timestamps F    write the arrival time (CLOCK_MONOTONIC ns) of every token chunk to F\n"
             "  --burst           one request per stream, all written at once (HTTP: once every\n"
             "                    connection is up; --requests is ignored)\n"
+            "  --arrival         HTTP: time each chunk by its arrival at the socket (the kernel's\n"
+            "                    receive time), not by when this client read it; ttft_read_us\n"
+            "                    gives the TTFT to the read as well\n"
             "SIGINT or SIGTERM stops the run and reports what was measured (\"interrupted\": true).\n"
             "Prints one JSON object; exit status 0 only if every request succeeded.\n");
 }
@@ -727,7 +820,7 @@ int main(int argc, char **argv) {
         {"url", 1, 0, 'u'},      {"rpc", 1, 0, 'c'},         {"streams", 1, 0, 'n'}, {"requests", 1, 0, 'r'},
         {"max-tokens", 1, 0, 't'}, {"prompt-words", 1, 0, 'w'}, {"rate", 1, 0, 'R'},  {"path", 1, 0, 'p'},
         {"model", 1, 0, 'm'},    {"ready-file", 1, 0, 'f'},  {"timeout", 1, 0, 'T'}, {"timestamps", 1, 0, 'S'},
-        {"burst", 0, 0, 'B'},    {0, 0, 0, 0}};
+        {"burst", 0, 0, 'B'},    {"arrival", 0, 0, 'A'}, {0, 0, 0, 0}};
     int ch;
     bool have_target = false;
     while ((ch = getopt_long(argc, argv, "", lo, NULL)) != -1) {
@@ -746,6 +839,7 @@ int main(int argc, char **argv) {
         case 'S': opt.timestamps = optarg; break;
         case 'T': ok = bt_parse_i64(optarg, 1, 86400, &opt.timeout_s); break;
         case 'B': opt.burst = true; break;
+        case 'A': opt.arrival = true; break;
         default: ok = false;
         }
         if (!ok) {
@@ -815,6 +909,10 @@ int main(int argc, char **argv) {
            total_chunks, total_bytes, wall, cpu, interrupted ? "true" : "false", digest);
     if (opt.burst) printf("\"send_spread_us\":%.1f,", (double)(burst_last_send - burst_first_send) / 1e3);
     print_pct("ttft_us", &ttft_us);
+    if (opt.arrival) {
+        printf(",");
+        print_pct("ttft_read_us", &ttft_read_us);
+    }
     printf(",");
     print_pct("gap_us", &gap_us);
     printf(",\"errors\":[");
