@@ -372,6 +372,7 @@ typedef enum {
     FE_RESUME_NOT_FOUND,  /* 404: unknown, expired or evicted id */
     FE_RESUME_INVALID,    /* 400: malformed id, a different body, a position it never sent */
     FE_RESUME_CONFLICT,   /* 409: still streamed by another thread's request after a second */
+    FE_RESUME_DROPPED,    /* 404: its journal record was dropped while it ran (a tombstone says so) */
     FE_RESUME_N_
 } fe_resume_outcome;
 

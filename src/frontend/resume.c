@@ -51,7 +51,8 @@
 
 static const char *const mark_names[] = {"", "end", "usage", "done", "error"};
 static const char *const outcome_names[FE_RESUME_N_] = {"replayed",  "continued", "superseded",
-                                                        "not_found", "invalid",   "conflict"};
+                                                        "not_found", "invalid",   "conflict",
+                                                        "dropped"};
 
 /* A position as the server writes it: decimal digits, no sign, no leading zero but in "0", at
  * most UINT32_MAX; *end is where it stops. The one rule of both forms (Last-Event-ID and
@@ -322,7 +323,7 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
                      "stream '%s' is no longer resumable: its journal record was dropped while it ran (the journal "
                      "was full at --stream-retention-bytes, or out of memory)",
                      sid);
-            refuse(f, http, FE_RESUME_NOT_FOUND, 404, "stream_not_found", msg, sid);
+            refuse(f, http, FE_RESUME_DROPPED, 404, "stream_not_found", msg, sid);
         } else {
             snprintf(msg, sizeof msg, "no stream with id '%s' (unknown, or expired after %gs)", sid, j ? j->retention_s : 0.0);
             refuse(f, http, FE_RESUME_NOT_FOUND, 404, "stream_not_found", msg, sid);

@@ -56,6 +56,8 @@ def check_dropped(fe):
     s, _, b = bl.request("GET", fe.url + f"/v1/completions/{sid}?stream=true&starting_after=1")
     err = error_of(s, b, 404, "GET of a dropped stream")
     assert "--stream-retention-bytes" in err["message"], err
+    # the three answers from the tombstone are counted apart from unknown ids
+    assert bl.metric_sum(bl.metrics(fe.url), "baton_frontend_stream_resumes_total", outcome="dropped") == 3
     # another stream id: unknown, said as before
     other = "0123456789abcdef0123456789abcdef:1"
     s, _, b = bl.request("POST", fe.url + "/v1/completions", body, headers={"Last-Event-ID": other})
