@@ -23,6 +23,7 @@
 #include <strings.h>
 #include <unistd.h>
 
+#include "common/jstr.h"
 #include "common/log.h"
 #include "common/opts.h"
 #include "common/proc.h"
@@ -235,7 +236,7 @@ static bt_status sampling_from_body(const json_t *body, bt_engine_request *er, c
     /* the frontend refuses these too; a worker does not rely on it (docs/security.md) */
     for (int i = 0; i < er->n_stop; i++) {
         json_t *v = json_is_string(stop) ? stop : json_array_get(stop, (size_t)i);
-        if (json_string_length(v) > BT_MAX_STOP_LEN || strlen(er->stop[i]) != json_string_length(v)) {
+        if (json_string_length(v) > BT_MAX_STOP_LEN || bt_jstr_has_nul(v)) {
             snprintf(err, errlen, "a stop string must be at most %d bytes and hold no U+0000", BT_MAX_STOP_LEN);
             return BT_ERR_INVALID;
         }
@@ -252,13 +253,13 @@ static bt_status chat_strings_check(const json_t *body, char *err, size_t errlen
     json_t *m, *part;
     json_array_foreach(json_object_get(body, "messages"), i, m) {
         json_t *role = json_object_get(m, "role");
-        if (json_is_string(role) && strlen(json_string_value(role)) != json_string_length(role)) {
+        if (bt_jstr_has_nul(role)) {
             snprintf(err, errlen, "messages[%zu].role must not contain U+0000", i);
             return BT_ERR_INVALID;
         }
         json_array_foreach(json_object_get(m, "content"), j, part) {
             json_t *type = json_object_get(part, "type");
-            if (json_is_string(type) && strlen(json_string_value(type)) != json_string_length(type)) {
+            if (bt_jstr_has_nul(type)) {
                 snprintf(err, errlen, "messages[%zu].content[%zu].type must not contain U+0000", i, j);
                 return BT_ERR_INVALID;
             }
