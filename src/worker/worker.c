@@ -781,6 +781,12 @@ static bool engine_configs_check(wk_worker *w, char *err, size_t errlen) {
     if (bt_mocker_config_check(&o->mocker, why, sizeof why) != BT_OK)
         return snprintf(err, errlen, "invalid mocker configuration: %s", why), false;
     o->openai.served_model = o->model_name;
+    /* an empty upstream key is not "no key", as an empty --api-key is not (the upstream's refusal
+     * would come only at the first request, and name a key the operator thought was set) */
+    if (strcmp(o->engine, "openai") == 0 &&
+        !bt_proc_given_nonempty("--upstream-api-key", "DYN_UPSTREAM_API_KEY", o->openai.api_key, "an upstream key",
+                                err, errlen))
+        return false;
     if (strcmp(o->engine, "openai") == 0 && bt_openai_config_check(&o->openai, why, sizeof why) != BT_OK)
         return snprintf(err, errlen, "invalid openai engine configuration: %s", why), false;
     return true;
@@ -956,7 +962,8 @@ int bt_worker_main(int argc, char **argv) {
         {"--upstream-kind", "DYN_UPSTREAM_KIND", BT_OPT_STR, &o->openai.kind, 0, 0,
          "openai engine: auto, baton, vllm, sglang, llamacpp or openai"},
         {"--upstream-api-key", "DYN_UPSTREAM_API_KEY", BT_OPT_STR, &o->openai.api_key, 0, 0,
-         "openai engine: bearer token for the upstream"},
+         "openai engine: bearer token for the upstream (visible ASCII); an empty value, flag or twin, is refused: "
+         "leave both out to send none"},
         {"--upstream-raw-completions", "DYN_UPSTREAM_RAW_COMPLETIONS", BT_OPT_BOOL, &o->openai.raw_completions, 0, 0,
          "openai engine: the upstream's /v1/completions continues a text prompt as it is (migrated text-only "
          "completions continue there; otherwise they end with an error)"},
