@@ -98,6 +98,20 @@ bool bt_proc_check_planes(const char *cmd, const bt_proc_opts *p, const bt_opt *
     return true;
 }
 
+bool bt_proc_given_nonempty(const char *flag, const char *env, const char *val, const char *without, char *err,
+                            size_t errlen) {
+    const char *ev = getenv(env);
+    if (val && !*val) {
+        snprintf(err, errlen, "%s (%s) is given empty: leave it out to run without %s", flag, env, without);
+        return false;
+    }
+    if (!val && ev && !*ev) {
+        snprintf(err, errlen, "%s (%s) is set but empty: unset it to run without %s", env, flag, without);
+        return false;
+    }
+    return true;
+}
+
 bt_status bt_proc_load_secret(const bt_proc_opts *p, char **out, char *err, size_t errlen) {
     return bt_load_secret(p->rpc_secret_file, getenv("DYN_RPC_SECRET"), out, err, errlen);
 }

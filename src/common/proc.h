@@ -122,6 +122,14 @@ bool bt_proc_check_choice(const char *cmd, const bt_opt *opts, int nopts, int ar
 bool bt_proc_check_planes(const char *cmd, const bt_proc_opts *p, const bt_opt *opts, int nopts, int argc,
                           char **argv);
 
+/* False with the reason in err when `flag` is given empty, on the command line (val is "") or as
+ * its environment twin `env` (set but empty, which option parsing otherwise takes as unset); the
+ * message says to leave it out to run without `without`. For a setting whose absence means
+ * "none" (a key, the priority ceilings): an empty value is most often a template or a secret store
+ * that failed to fill it in, and taking it as "none" would run, say, an open API without a word. */
+bool bt_proc_given_nonempty(const char *flag, const char *env, const char *val, const char *without, char *err,
+                            size_t errlen);
+
 /* The request-plane secret from --rpc-secret-file, else $DYN_RPC_SECRET (bt_load_secret). */
 bt_status bt_proc_load_secret(const bt_proc_opts *p, char **out, char *err, size_t errlen);
 /* Creates discovery from the options; ttl_s > 0 sets the lease of what this process puts (0: the

@@ -457,6 +457,17 @@ ssize_t bt_read_full(int fd, void *buf, size_t cap) {
     return (ssize_t)n;
 }
 
+bool bt_bearer_token_ok(const char *k, size_t len) {
+    for (size_t i = 0; i < len; i++)
+        if ((unsigned char)k[i] < 0x21 || (unsigned char)k[i] > 0x7e) return false;
+    return len > 0;
+}
+
+size_t bt_text_trim_end(const char *s, size_t n) {
+    while (n && (s[n - 1] == ' ' || s[n - 1] == '\t' || s[n - 1] == '\r' || s[n - 1] == '\n')) n--;
+    return n;
+}
+
 bt_status bt_read_text_file(const char *path, size_t max, char **out, size_t *len, char *why, size_t whylen) {
     bt_status st = BT_ERR_IO;
     char *buf = NULL;
@@ -465,20 +476,27 @@ bt_status bt_read_text_file(const char *path, size_t max, char **out, size_t *le
     *len = 0;
     int fd = bt_open_regular(path, why, whylen);
     if (fd < 0) return BT_ERR_IO;
-    /* one byte past max tells a file over max from one of max bytes, without reading the rest */
-    if (!(buf = malloc(max + 1))) {
+    /* room for max bytes of text and the blanks and line ends after it; one byte past both tells a
+     * file over them from one that fits, without reading the rest */
+    size_t room = max + BT_TEXT_TAIL_MAX;
+    if (!(buf = malloc(room + 1))) {
         st = BT_ERR_NOMEM;
         snprintf(why, whylen, "out of memory");
         goto out;
     }
-    got = bt_read_full(fd, buf, max + 1);
+    got = bt_read_full(fd, buf, room + 1);
     if (got < 0) {
         snprintf(why, whylen, "%s", strerror(errno));
         goto out;
     }
-    if ((size_t)got > max) {
+    if (bt_text_trim_end(buf, (size_t)got) > max) {
         st = BT_ERR_TOO_LARGE;
         snprintf(why, whylen, "is over %zu bytes", max);
+        goto out;
+    }
+    if ((size_t)got > room) { /* the text fits, and more than BT_TEXT_TAIL_MAX blank bytes follow it */
+        st = BT_ERR_TOO_LARGE;
+        snprintf(why, whylen, "ends in over %d bytes of blanks and line ends", BT_TEXT_TAIL_MAX);
         goto out;
     }
     if (memchr(buf, '\0', (size_t)got)) {
@@ -505,29 +523,23 @@ bt_status bt_load_secret(const char *file, const char *value, char **out, char *
     if (file && *file) {
         char why[128];
         size_t n;
-        /* 2 bytes over the cap: the "\r\n" that ends the line of a secret of the largest size
-         * (`openssl rand -hex 2048 > file`) is not part of it */
-        bt_status st = bt_read_text_file(file, BT_SECRET_FILE_MAX + 2, out, &n, why, sizeof why);
-        if (st == BT_ERR_INVALID) {
+        /* the newline ending the line of a secret of the largest size (`openssl rand -hex 2048 >
+         * file`), and any blank lines or blanks after it, are not part of it nor counted */
+        bt_status st = bt_read_text_file(file, BT_SECRET_FILE_MAX, out, &n, why, sizeof why);
+        if (st == BT_ERR_INVALID || st == BT_ERR_TOO_LARGE) {
+            /* refused, not cut to the cap: a secret cut short is one no DYN_RPC_SECRET holding the
+             * whole could match */
             snprintf(err, errlen, "the secret file %s %s", file, why);
             return st;
         }
-        if (st != BT_OK && st != BT_ERR_TOO_LARGE) {
+        if (st != BT_OK) {
             snprintf(err, errlen, "cannot read the secret file %s (DYN_RPC_SECRET_FILE, --rpc-secret-file): %s", file,
                      why);
             return st;
         }
-        while (n && ((*out)[n - 1] == '\n' || (*out)[n - 1] == '\r')) (*out)[--n] = '\0';
-        if (st == BT_ERR_TOO_LARGE || n > BT_SECRET_FILE_MAX) {
-            /* refused, not cut to the cap: a secret cut short is one no DYN_RPC_SECRET holding the
-             * whole could match */
-            if (*out) OPENSSL_cleanse(*out, n);
-            free(*out);
-            *out = NULL;
-            snprintf(err, errlen, "the secret file %s is over %d bytes", file, BT_SECRET_FILE_MAX);
-            return BT_ERR_TOO_LARGE;
-        }
-        if (n == 0) {
+        size_t text = bt_text_trim_end(*out, n);
+        (*out)[text] = '\0';
+        if (text == 0) {
             free(*out);
             *out = NULL;
             snprintf(err, errlen, "the secret file %s is empty", file);

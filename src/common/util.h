@@ -139,23 +139,43 @@ bool bt_check_regular(const char *path, char *why, size_t whylen);
  * (less than cap only at the end), or -1 with errno set. A blocking read: start-up only. */
 ssize_t bt_read_full(int fd, void *buf, size_t cap);
 
+/* True when the len bytes at k (len > 0) are a key that can travel as "Authorization: Bearer KEY":
+ * visible ASCII only (0x21-0x7e). An HTTP header parser drops blanks at either end of a field, so
+ * a key that begins or ends with one can never be matched; one inside, a control character (a CR
+ * LF would end the header) or a byte past ASCII is refused or mangled by most clients, and RFC
+ * 6750's token is visible ASCII. Every configured key is checked with it at start-up: the
+ * frontend's (--api-key, --admin-api-key, their files, the --priority-ceiling keys) and the one the
+ * openai engine sends upstream (--upstream-api-key). */
+bool bt_bearer_token_ok(const char *k, size_t len);
+
+/* The length of s[0..n) without the blanks (space, tab) and line ends (CR, LF) that end it: the
+ * tail an editor, `echo` or a template leaves after the text of a file. */
+size_t bt_text_trim_end(const char *s, size_t n);
+
 /* The whole of a small text file an operator named for a key, a secret or a list of keys, read
  * once at start-up through bt_open_regular (a FIFO would block the start, /dev/zero never end it):
- * at most `max` bytes, without a NUL byte (its content is used as a C string: a NUL would cut a
- * key or a secret short, to nothing at worst). On BT_OK *out is the content, NUL-terminated, of
- * *len bytes (an empty file gives "" and 0: whether that will do is the caller's to say); the
- * caller frees it, cleansing it first when it held a secret. Otherwise *out is NULL, and why[whylen]
- * says what is wrong, never quoting the content: for BT_ERR_TOO_LARGE ("is over MAX bytes") and
- * BT_ERR_INVALID ("holds a NUL byte") in words that follow the file's name; for any other status
- * (BT_ERR_IO, BT_ERR_NOMEM) the reason the file cannot be read ("No such file or directory", "a
- * FIFO, not a regular file", "out of memory"). Blocking reads: start-up only. */
+ * at most `max` bytes of text, without a NUL byte (its content is used as a C string: a NUL would
+ * cut a key or a secret short, to nothing at worst). The blanks and line ends that end the file
+ * (bt_text_trim_end) are not counted against `max`, so that a key or a secret of the largest size
+ * followed by a newline or a few blank lines is not refused for them; they are read and handed
+ * over with the rest (what they mean is the caller's to say: a key file refuses a second line),
+ * up to BT_TEXT_TAIL_MAX bytes of them. On BT_OK *out is the content, NUL-terminated, of *len
+ * bytes (an empty file gives "" and 0: whether that will do is the caller's to say); the caller
+ * frees it, cleansing it first when it held a secret. Otherwise *out is NULL, and why[whylen] says
+ * what is wrong, never quoting the content: for BT_ERR_TOO_LARGE ("is over MAX bytes", or "ends in
+ * over BT_TEXT_TAIL_MAX bytes of blanks and line ends") and BT_ERR_INVALID ("holds a NUL byte") in
+ * words that follow the file's name; for any other status (BT_ERR_IO, BT_ERR_NOMEM) the reason the
+ * file cannot be read ("No such file or directory", "a FIFO, not a regular file", "out of
+ * memory"). Blocking reads: start-up only. */
 bt_status bt_read_text_file(const char *path, size_t max, char **out, size_t *len, char *why, size_t whylen);
+/* The most blanks and line ends bt_read_text_file takes after a file's text (not counted in max). */
+#define BT_TEXT_TAIL_MAX 4096
 /* The largest request-plane secret (and --tenant-label-secret-file) bt_load_secret takes. */
 #define BT_SECRET_FILE_MAX 4096
-/* The request-plane shared secret: the contents of `file` (trailing newlines removed) if given,
- * else `value`, else none (*out = NULL). The file is read once at start-up by bt_read_text_file;
- * an empty one (or one of newlines only) is refused, and so is one whose secret is over
- * BT_SECRET_FILE_MAX bytes (the "\r\n" ending its line is not counted). The caller frees *out. */
+/* The request-plane shared secret: the contents of `file` without the blanks and line ends that end
+ * it (bt_text_trim_end) if given, else `value`, else none (*out = NULL). The file is read once at
+ * start-up by bt_read_text_file; an empty one (or one of blanks and newlines only) is refused, and
+ * so is one whose secret is over BT_SECRET_FILE_MAX bytes. The caller frees *out. */
 bt_status bt_load_secret(const char *file, const char *value, char **out, char *err, size_t errlen);
 
 #endif

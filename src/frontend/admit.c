@@ -169,7 +169,7 @@ static bool is_blank(char c) { return c == ' ' || c == '\t'; }
 /* One KEY=N entry (len bytes at s, split at its last '=') into p's ceilings; `at` is its number as
  * `unit` counts ("entry", "line"). Blanks around the key and the number are not part of them (an
  * operator lines up "batch-key = 10"); whatever else the key holds must be a Bearer token
- * (fe_bearer_token_ok), and a key (or '*') may be given once: an entry the lookup could never
+ * (bt_bearer_token_ok), and a key (or '*') may be given once: an entry the lookup could never
  * match, or a second one it would never read, would leave that caller silently at the '*' ceiling
  * or at none. False with the reason in err, which names the entry as `where` says (never by its
  * key: a key is a secret), or on out of memory. */
@@ -195,7 +195,7 @@ static bool add_ceiling(fe_admit_policy *p, const char *s, size_t len, const cha
                  BT_PRIORITY_LIMIT);
         return false;
     }
-    if (!fe_bearer_token_ok(s, kl)) {
+    if (!bt_bearer_token_ok(s, kl)) {
         snprintf(err, errlen,
                  "%s: the key holds a blank, a control character or a byte outside ASCII, which no Bearer token "
                  "carries",
@@ -373,12 +373,6 @@ void fe_admit_stop(fe *f) {
 }
 
 /* ---- tickets ---- */
-
-bool fe_bearer_token_ok(const char *k, size_t len) {
-    for (size_t i = 0; i < len; i++)
-        if ((unsigned char)k[i] < 0x21 || (unsigned char)k[i] > 0x7e) return false;
-    return len > 0;
-}
 
 const char *fe_bearer_key(const bt_http_req *http, size_t *len) {
     const char *a = http->authorization;

@@ -651,13 +651,6 @@ void fe_key_mac(fe *f, const bt_http_req *http, uint8_t out[FE_KEY_MAC_LEN]);
  * spaces after it) and its length, or NULL when there is none: the one reading of the header for
  * the API key check, tenant labels and the journal's credential MAC. */
 const char *fe_bearer_key(const bt_http_req *http, size_t *len);
-/* True when the len bytes at k (len > 0) are a key a client can present as "Bearer KEY": visible
- * ASCII only (0x21-0x7e). The header parser drops blanks at either end of a field, so a key that
- * begins or ends with one can never be matched; one inside, a control character or a byte past
- * ASCII reaches this frontend only from clients that send it verbatim (others refuse it or encode
- * it), and RFC 6750's token is visible ASCII. Every configured key (--api-key, --admin-api-key,
- * their files, the --priority-ceiling keys) is checked with it at start-up. */
-bool fe_bearer_token_ok(const char *k, size_t len);
 /* SHA-256, in hex, of body as canonical JSON (sorted keys, compact); false when out of memory. */
 bool fe_body_digest(const json_t *body, char out[65]);
 /* The same of a body already in canonical form (len bytes). */

@@ -217,27 +217,18 @@ static bool has_key(const char *k) { return k != NULL; }
 /* Keys read by key_from_file: the process's for its whole life (every shard's fe_opts points here). */
 static char *file_keys[2];
 
-/* The longest key key_from_file takes (its file may hold 2 bytes more: the "\r\n" ending the line) */
+/* The longest key key_from_file takes (the line end after it is not counted: bt_read_text_file) */
 #define KEY_FILE_MAX 4096
 
 /* A key option (--api-key, --admin-api-key, or the file of one) as given: false with the reason in
- * err when it is given empty, on the command line or as its environment twin (which option parsing
- * otherwise takes as unset), the message saying to leave it out to run `without` the key; or, for
- * a key itself (is_key), when it is not a Bearer token (fe_bearer_token_ok). An empty value is
- * most often a template or a secret store that failed to fill it in: taking it as "no key" would
- * serve an open API without a word. The error never quotes the key. */
+ * err when it is given empty, flag or twin (bt_proc_given_nonempty: taking it as "no key" would
+ * serve an open API without a word), the message saying to leave it out to run `without` the key;
+ * or, for a key itself (is_key), when it is not a Bearer token (bt_bearer_token_ok). The error
+ * never quotes the key. */
 static bool key_given_ok(const char *flag, const char *env, const char *val, bool is_key, const char *without,
                          char *err, size_t errlen) {
-    const char *ev = getenv(env);
-    if (val && !*val) {
-        snprintf(err, errlen, "%s (%s) is given empty: leave it out to run without %s", flag, env, without);
-        return false;
-    }
-    if (!val && ev && !*ev) {
-        snprintf(err, errlen, "%s (%s) is set but empty: unset it to run without %s", env, flag, without);
-        return false;
-    }
-    if (is_key && val && !fe_bearer_token_ok(val, strlen(val))) {
+    if (!bt_proc_given_nonempty(flag, env, val, without, err, errlen)) return false;
+    if (is_key && val && !bt_bearer_token_ok(val, strlen(val))) {
         snprintf(err, errlen,
                  "%s (%s): the key holds a blank, a control character or a byte outside ASCII, which no Bearer token "
                  "carries (a client could never present it)",
@@ -251,7 +242,7 @@ static bool key_given_ok(const char *flag, const char *env, const char *val, boo
  * file, one trailing newline ("\n" or "\r\n") and a leading UTF-8 byte order mark (which some
  * editors write) removed. False with the reason in err when the file is not a readable regular
  * file, is empty, holds more than one line, a NUL or anything else a Bearer token cannot carry (a
- * blank before or after the key included: fe_bearer_token_ok), or is over KEY_FILE_MAX
+ * blank before or after the key included: bt_bearer_token_ok), or is over KEY_FILE_MAX
  * (bt_read_text_file), or when the key is given both ways. Start-up only: blocking reads. */
 static bool key_from_file(const char *flag, const char *env, const char *key_flag, const char *key_env,
                           const char *file, const char **key, char **store, char *err, size_t errlen) {
@@ -263,7 +254,7 @@ static bool key_from_file(const char *flag, const char *env, const char *key_fla
     }
     char why[128], *buf;
     size_t n = 0;
-    bt_status st = bt_read_text_file(file, KEY_FILE_MAX + 2, &buf, &n, why, sizeof why);
+    bt_status st = bt_read_text_file(file, KEY_FILE_MAX, &buf, &n, why, sizeof why);
     if (st != BT_OK && st != BT_ERR_TOO_LARGE && st != BT_ERR_INVALID) {
         snprintf(err, errlen, "%s (%s): cannot read %s: %s", flag, env, file, why);
         return false;
@@ -274,15 +265,12 @@ static bool key_from_file(const char *flag, const char *env, const char *key_fla
         memmove(buf, buf + 3, n - 3 + 1);
         n -= 3;
     }
-    char over[32];
-    snprintf(over, sizeof over, "is over %d bytes", KEY_FILE_MAX);
-    const char *what = st == BT_ERR_TOO_LARGE || n > KEY_FILE_MAX ? over
-                       : st != BT_OK                              ? why
-                       : n == 0                                   ? "is empty"
-                       : strpbrk(buf, "\r\n")                     ? "holds more than one line"
+    const char *what = st != BT_OK            ? why
+                       : n == 0               ? "is empty"
+                       : strpbrk(buf, "\r\n") ? "holds more than one line"
                        : buf[0] == ' ' || buf[0] == '\t' || buf[n - 1] == ' ' || buf[n - 1] == '\t'
                            ? "has a blank before or after the key, which no Authorization header carries"
-                       : !fe_bearer_token_ok(buf, n)
+                       : !bt_bearer_token_ok(buf, n)
                            ? "holds a blank, a control character or a byte outside ASCII in the key, which no Bearer "
                              "token carries"
                            : NULL;
@@ -764,8 +752,8 @@ static void others_done_tick(uv_timer_t *t) {
     OPT("--threads", "DYN_HTTP_THREADS", INT, threads, 1, 1, FE_MAX_THREADS, "event loops, one per core to use; connections are spread over them (SO_REUSEPORT)") \
     OPT("--stream-retention", "DYN_STREAM_RETENTION", DOUBLE, stream_retention, 300, 0, 86400, "seconds a stream stays resumable after it ends (0 = streams are not resumable)") \
     OPT("--stream-retention-bytes", "DYN_STREAM_RETENTION_BYTES", INT, stream_retention_bytes, (int64_t)256 << 20, 4096, (double)((int64_t)1 << 40), "memory cap of the stream journal (resumable streams)") \
-    OPT("--priority-ceiling", "BATON_PRIORITY_CEILING", STR, priority_ceiling, NULL, 0, 0, "KEY=N,...,*=N: the most urgent priority each API key (* = any other caller) may ask for; blanks around keys and numbers are dropped; each key once") \
-    OPT("--priority-ceiling-file", "BATON_PRIORITY_CEILING_FILE", STR, priority_ceiling_file, NULL, 0, 0, "read the --priority-ceiling entries from this file, one KEY=N a line (blank lines and # comments skipped), so that the keys are not on the command line; not with --priority-ceiling") \
+    OPT("--priority-ceiling", "BATON_PRIORITY_CEILING", STR, priority_ceiling, NULL, 0, 0, "KEY=N,...,*=N: the most urgent priority each API key (* = any other caller) may ask for; blanks around keys and numbers are dropped; each key once; an empty value, flag or twin, is refused: leave both out for no ceilings") \
+    OPT("--priority-ceiling-file", "BATON_PRIORITY_CEILING_FILE", STR, priority_ceiling_file, NULL, 0, 0, "read the --priority-ceiling entries from this file, one KEY=N a line (blank lines and # comments skipped), so that the keys are not on the command line; not with --priority-ceiling; an empty value is refused as for --priority-ceiling") \
     OPT("--trust-tenant-header", "BATON_TRUST_TENANT_HEADER", BOOL, trust_tenant_header, false, 0, 0, "the tenant is the X-Tenant header, not the API key (only behind a gateway that sets it)") \
     OPT("--tenant-label-secret-file", "BATON_TENANT_LABEL_SECRET_FILE", STR, tenant_label_secret_file, NULL, 0, 0, "file whose content keys the API keys' tenant labels in metrics and logs (key- + HMAC-SHA256); give every frontend the same file for the same labels; unset, a random secret: labels hold for this process's life only") \
     OPT("--queue-max-requests", "BATON_QUEUE_MAX_REQUESTS", INT, queue_max_requests, 0, 0, 1e7, "requests that may wait for a worker that is not busy (0 = no queue: refuse at once)") \
@@ -830,7 +818,13 @@ int bt_frontend_main(int argc, char **argv) {
         !key_from_file("--api-key-file", "DYN_API_KEY_FILE", "--api-key", "DYN_API_KEY", o->api_key_file, &o->api_key,
                        &file_keys[0], err, sizeof err) ||
         !key_from_file("--admin-api-key-file", "BATON_ADMIN_API_KEY_FILE", "--admin-api-key", "BATON_ADMIN_API_KEY",
-                       o->admin_api_key_file, &o->admin_api_key, &file_keys[1], err, sizeof err)) {
+                       o->admin_api_key_file, &o->admin_api_key, &file_keys[1], err, sizeof err) ||
+        /* an empty list of ceilings is not "no ceilings" (every key could ask for any priority),
+         * as an empty key is not "no key" */
+        !bt_proc_given_nonempty("--priority-ceiling", "BATON_PRIORITY_CEILING", o->priority_ceiling,
+                                "priority ceilings", err, sizeof err) ||
+        !bt_proc_given_nonempty("--priority-ceiling-file", "BATON_PRIORITY_CEILING_FILE", o->priority_ceiling_file,
+                                "priority ceilings", err, sizeof err)) {
         bt_proc_error("frontend", "%s", err);
         goto bad_usage;
     }
@@ -858,7 +852,7 @@ int bt_frontend_main(int argc, char **argv) {
     }
     /* the file replaces the flag rather than adding to it: one place holds every ceiling, so that
      * no key's ceiling is decided by which of two lists a lookup reads first */
-    if (o->priority_ceiling_file && o->priority_ceiling && *o->priority_ceiling) {
+    if (o->priority_ceiling_file && o->priority_ceiling) {
         snprintf(err, sizeof err,
                  "--priority-ceiling (BATON_PRIORITY_CEILING) and --priority-ceiling-file "
                  "(BATON_PRIORITY_CEILING_FILE) are both given: give the ceilings one way");

@@ -24,6 +24,7 @@
 #include <string.h>
 
 #include "common/jcanon.h"
+#include "common/jstr.h"
 #include "common/log.h"
 #include "frontend/fe.h"
 
@@ -843,16 +844,6 @@ static bool valid_rid(const char *s) {
         return false;                                                                                              \
     } while (0)
 
-/* A JSON string that holds U+0000 (jansson keeps it, C strings would be cut there). */
-static bool has_nul(const json_t *s) { return json_is_string(s) && strlen(json_string_value(s)) != json_string_length(s); }
-
-/* True if s is the JSON string lit, compared by its length: with strcmp "user\u0000x" would pass
- * for "user" (the body is parsed with JSON_ALLOW_NUL). */
-static bool str_is(const json_t *s, const char *lit) {
-    size_t n = strlen(lit);
-    return json_is_string(s) && json_string_length(s) == n && memcmp(json_string_value(s), lit, n) == 0;
-}
-
 /* True if v is absent, null, false or 0: a field that asks for nothing. */
 static bool asks_nothing(const json_t *v) {
     return !v || json_is_null(v) || json_is_false(v) || (json_is_integer(v) && json_integer_value(v) == 0);
@@ -862,7 +853,7 @@ static bool asks_nothing(const json_t *v) {
 static bool known_role(const json_t *role) {
     static const char *const roles[] = {"system", "developer", "user", "assistant", "tool", "function"};
     for (size_t i = 0; i < sizeof roles / sizeof roles[0]; i++)
-        if (str_is(role, roles[i])) return true;
+        if (bt_jstr_is(role, roles[i])) return true;
     return false;
 }
 
@@ -887,7 +878,7 @@ void fe_body_integers(json_t *body) {
  * content parts other than text): those are refused with "unsupported_value" rather than silently
  * answered without it. Their neutral values (n 1, logprobs false or 0, tools []) pass. A chat role
  * OpenAI does not define, and a tool_choice that asks for a tool (none can be given), are
- * "invalid_value" as OpenAI's. Every fixed value is compared by length (str_is), and a field read
+ * "invalid_value" as OpenAI's. Every fixed value is compared by length (bt_jstr_is), and a field read
  * as a C string that holds U+0000 is "invalid_value" by name: read up to the NUL it would pass as
  * another value ("user\u0000x" as "user", a stop string as its prefix). */
 bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const char **param, const char **code) {
@@ -900,7 +891,7 @@ bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const cha
     fe_body_integers(body);
     json_t *model = json_object_get(body, "model");
     if (!json_is_string(model)) REJECT("model", "invalid_type", "'model' is required and must be a string");
-    if (has_nul(model)) REJECT("model", "invalid_value", "'model' must not contain U+0000");
+    if (bt_jstr_has_nul(model)) REJECT("model", "invalid_value", "'model' must not contain U+0000");
     if (api == BT_API_CHAT) {
         json_t *msgs = json_object_get(body, "messages");
         if (!json_is_array(msgs) || json_array_size(msgs) == 0)
@@ -912,17 +903,17 @@ bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const cha
             /* as OpenAI's schema: content may be null or absent only on an assistant message that
              * carries its tool or function calls instead (a conversation's history replayed), and
              * on a function message */
-            bool may_omit = (str_is(json_object_get(m, "role"), "assistant") &&
+            bool may_omit = (bt_jstr_is(json_object_get(m, "role"), "assistant") &&
                              (json_array_size(json_object_get(m, "tool_calls")) > 0 ||
                               json_is_object(json_object_get(m, "function_call")))) ||
-                            str_is(json_object_get(m, "role"), "function");
+                            bt_jstr_is(json_object_get(m, "role"), "function");
             if (!json_is_object(m) || !json_is_string(json_object_get(m, "role")) ||
                 !(json_is_string(c) || json_is_array(c) || json_is_null(c) || (!c && may_omit)))
                 REJECT("messages", "invalid_value", "messages[%zu] must have a string 'role' and a 'content'", i);
             /* a role OpenAI does not define would reach the template as an unknown speaker; the
              * engines read it as a C string, so one holding U+0000 is refused by name */
             json_t *role = json_object_get(m, "role");
-            if (has_nul(role)) {
+            if (bt_jstr_has_nul(role)) {
                 snprintf(param_buf, sizeof param_buf, "messages.[%zu].role", i);
                 REJECT(param_buf, "invalid_value", "messages[%zu].role must not contain U+0000", i);
             }
@@ -954,12 +945,12 @@ bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const cha
                  * dropped and the model would answer without ever seeing it */
                 json_t *type = json_object_get(part, "type");
                 bool typed = json_is_string(type);
-                if (has_nul(type)) { /* the message below would print it as its prefix ("text") */
+                if (bt_jstr_has_nul(type)) { /* the message below would print it as its prefix ("text") */
                     snprintf(param_buf, sizeof param_buf, "messages.[%zu].content.[%zu].type", i, j);
                     REJECT(param_buf, "invalid_value", "messages[%zu].content[%zu].type must not contain U+0000", i,
                            j);
                 }
-                if (typed && !str_is(type, "text")) {
+                if (typed && !bt_jstr_is(type, "text")) {
                     snprintf(param_buf, sizeof param_buf, "messages.[%zu].content.[%zu].type", i, j);
                     REJECT(param_buf, "unsupported_value",
                            "content parts of type '%.64s' are not supported: the models served here take text only "
@@ -1026,7 +1017,7 @@ bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const cha
             if (json_string_length(v) > BT_MAX_STOP_LEN)
                 REJECT("stop", "invalid_value", "a stop string may be at most %d bytes long (got %zu)", BT_MAX_STOP_LEN,
                        json_string_length(v));
-            if (has_nul(v)) REJECT("stop", "invalid_value", "stop strings must not contain U+0000");
+            if (bt_jstr_has_nul(v)) REJECT("stop", "invalid_value", "stop strings must not contain U+0000");
         }
     }
     json_t *st = json_object_get(body, "stream");
@@ -1072,8 +1063,8 @@ bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const cha
     const char *choices[] = {"tool_choice", "function_call"};
     for (int i = 0; i < 2; i++) {
         json_t *v = json_object_get(body, choices[i]);
-        if (has_nul(v)) REJECT(choices[i], "invalid_value", "'%s' must not contain U+0000", choices[i]);
-        if (v && !json_is_null(v) && !str_is(v, "none") && !str_is(v, "auto"))
+        if (bt_jstr_has_nul(v)) REJECT(choices[i], "invalid_value", "'%s' must not contain U+0000", choices[i]);
+        if (v && !json_is_null(v) && !bt_jstr_is(v, "none") && !bt_jstr_is(v, "auto"))
             REJECT(choices[i], "invalid_value",
                    "'%s' is only allowed when '%s' are specified (\"none\" or \"auto\" otherwise)", choices[i],
                    i == 0 ? "tools" : "functions");
@@ -1138,7 +1129,7 @@ static void count_refused(fe *f, bt_api api, const json_t *body) {
     int streaming = json_is_true(json_object_get(body, "stream"));
     /* a name holding U+0000 is not the served one before the NUL */
     json_t *jname = json_object_get(body, "model");
-    const char *name = has_nul(jname) ? NULL : json_string_value(jname);
+    const char *name = bt_jstr_has_nul(jname) ? NULL : json_string_value(jname);
     fe_model *m = name ? fe_model_get(f, name, false) : NULL;
     if (m) m->st.requests[api][streaming][FE_OUT_ERROR]++;
     else f->refused_unknown[api][streaming]++;

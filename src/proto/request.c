@@ -4,6 +4,7 @@
 #include "proto/request.h"
 
 #include "common/jcanon.h"
+#include "common/jstr.h"
 #include "proto/proto.h"
 
 #include <inttypes.h>
@@ -175,13 +176,11 @@ bt_status bt_request_decode(const void *payload, size_t len, bt_request_msg *out
     json_t *jkv = json_object_get(root, "kv_state_bytes");
     json_t *jexact = json_object_get(root, "exactness");
     if (!json_is_string(rid) || json_string_length(rid) == 0 || json_string_length(rid) > BT_REQUEST_ID_MAX ||
-        strlen(json_string_value(rid)) != json_string_length(rid))
+        bt_jstr_has_nul(rid))
         FAIL("malformed request payload: request_id must be a string of 1 to %d bytes", BT_REQUEST_ID_MAX);
     /* by length: the payload is parsed with JSON_ALLOW_NUL, and "chat\u0000x" is not "chat" */
-    const char *a = json_string_value(api);
-    size_t al = json_string_length(api);
-    bool chat = a && al == 4 && memcmp(a, "chat", 4) == 0;
-    if (!chat && !(a && al == 10 && memcmp(a, "completion", 10) == 0))
+    bool chat = bt_jstr_is(api, "chat");
+    if (!chat && !bt_jstr_is(api, "completion"))
         FAIL("malformed request payload: api must be \"chat\" or \"completion\"");
     if (!json_is_object(body)) FAIL("malformed request payload: body must be an object");
     if (jcar && !json_is_array(jcar)) FAIL("malformed request payload: carried must be an array");
@@ -208,7 +207,7 @@ bt_status bt_request_decode(const void *payload, size_t len, bt_request_msg *out
         FAIL("malformed request payload: kv_state_bytes must be an integer from 1 to %" PRIu64, BT_KV_STATE_MAX);
     if (jexact &&
         (!json_is_string(jexact) || json_string_length(jexact) == 0 || json_string_length(jexact) > BT_EXACTNESS_MAX ||
-         strlen(json_string_value(jexact)) != json_string_length(jexact)))
+         bt_jstr_has_nul(jexact)))
         FAIL("malformed request payload: exactness must be a string of 1 to %d bytes", BT_EXACTNESS_MAX);
     size_t n = jcar ? json_array_size(jcar) : 0;
     if (n) {

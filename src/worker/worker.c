@@ -23,6 +23,7 @@
 #include <strings.h>
 #include <unistd.h>
 
+#include "common/jstr.h"
 #include "common/log.h"
 #include "common/opts.h"
 #include "common/proc.h"
@@ -235,7 +236,7 @@ static bt_status sampling_from_body(const json_t *body, bt_engine_request *er, c
     /* the frontend refuses these too; a worker does not rely on it (docs/security.md) */
     for (int i = 0; i < er->n_stop; i++) {
         json_t *v = json_is_string(stop) ? stop : json_array_get(stop, (size_t)i);
-        if (json_string_length(v) > BT_MAX_STOP_LEN || strlen(er->stop[i]) != json_string_length(v)) {
+        if (json_string_length(v) > BT_MAX_STOP_LEN || bt_jstr_has_nul(v)) {
             snprintf(err, errlen, "a stop string must be at most %d bytes and hold no U+0000", BT_MAX_STOP_LEN);
             return BT_ERR_INVALID;
         }
@@ -252,13 +253,13 @@ static bt_status chat_strings_check(const json_t *body, char *err, size_t errlen
     json_t *m, *part;
     json_array_foreach(json_object_get(body, "messages"), i, m) {
         json_t *role = json_object_get(m, "role");
-        if (json_is_string(role) && strlen(json_string_value(role)) != json_string_length(role)) {
+        if (bt_jstr_has_nul(role)) {
             snprintf(err, errlen, "messages[%zu].role must not contain U+0000", i);
             return BT_ERR_INVALID;
         }
         json_array_foreach(json_object_get(m, "content"), j, part) {
             json_t *type = json_object_get(part, "type");
-            if (json_is_string(type) && strlen(json_string_value(type)) != json_string_length(type)) {
+            if (bt_jstr_has_nul(type)) {
                 snprintf(err, errlen, "messages[%zu].content[%zu].type must not contain U+0000", i, j);
                 return BT_ERR_INVALID;
             }
@@ -780,6 +781,12 @@ static bool engine_configs_check(wk_worker *w, char *err, size_t errlen) {
     if (bt_mocker_config_check(&o->mocker, why, sizeof why) != BT_OK)
         return snprintf(err, errlen, "invalid mocker configuration: %s", why), false;
     o->openai.served_model = o->model_name;
+    /* an empty upstream key is not "no key", as an empty --api-key is not (the upstream's refusal
+     * would come only at the first request, and name a key the operator thought was set) */
+    if (strcmp(o->engine, "openai") == 0 &&
+        !bt_proc_given_nonempty("--upstream-api-key", "DYN_UPSTREAM_API_KEY", o->openai.api_key, "an upstream key",
+                                err, errlen))
+        return false;
     if (strcmp(o->engine, "openai") == 0 && bt_openai_config_check(&o->openai, why, sizeof why) != BT_OK)
         return snprintf(err, errlen, "invalid openai engine configuration: %s", why), false;
     return true;
@@ -955,7 +962,8 @@ int bt_worker_main(int argc, char **argv) {
         {"--upstream-kind", "DYN_UPSTREAM_KIND", BT_OPT_STR, &o->openai.kind, 0, 0,
          "openai engine: auto, baton, vllm, sglang, llamacpp or openai"},
         {"--upstream-api-key", "DYN_UPSTREAM_API_KEY", BT_OPT_STR, &o->openai.api_key, 0, 0,
-         "openai engine: bearer token for the upstream"},
+         "openai engine: bearer token for the upstream (visible ASCII); an empty value, flag or twin, is refused: "
+         "leave both out to send none"},
         {"--upstream-raw-completions", "DYN_UPSTREAM_RAW_COMPLETIONS", BT_OPT_BOOL, &o->openai.raw_completions, 0, 0,
          "openai engine: the upstream's /v1/completions continues a text prompt as it is (migrated text-only "
          "completions continue there; otherwise they end with an error)"},

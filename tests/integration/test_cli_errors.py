@@ -24,7 +24,9 @@
      engine without --upstream, a llama value out of range, a --ctx-size below
      --max-num-batched-tokens (which llama.cpp would abort on), --default-max-tokens 0, a --model-name
      that is "unknown" (the metrics' reserved model label), empty or past 127 bytes, a canary payload that is not JSON
-     (exit 2, "nothing was started", no directory made, nothing listening).
+     (exit 2, "nothing was started", no directory made, nothing listening). An --upstream-api-key
+     (openai engine) given empty, flag or twin, or holding a blank, a control character or a
+     non-ASCII byte is exit 2 for `baton worker` and `baton run`, the key never printed.
   4. `baton run --help` says how to get llama.cpp workers (--engine llama). `baton help` prints
      the usage `baton --help` prints (on stdout; after a usage error, `baton nope`, `baton help
      nope` or no command at all, on stderr with exit 2); `baton help CMD` what `baton CMD --help` prints; `baton
@@ -49,18 +51,21 @@
      is expected (--nats-tls-ca/-cert/-key, NATS_AUTH_CREDENTIALS_FILE, --rpc-secret-file,
      --health-check-payload @file, --model, --etcd-ca) is refused at once, naming the setting, the
      path and what it is; a regular secret file is still read, but not one that holds a NUL byte
-     or is over 4096 bytes (exit 2).
+     or a secret over 4096 bytes (exit 2); the newline and the blank lines and blanks that end it
+     are not part of the secret nor counted against the 4096.
   9. `baton run` says what is wrong with DYN_LOG and DYN_LOGGING_JSONL once, not once per child.
  10. --api-key-file and --admin-api-key-file (DYN_API_KEY_FILE, BATON_ADMIN_API_KEY_FILE) read the
      keys from files, one trailing newline and a leading byte order mark removed; a missing, empty,
      several-line file, a key with a blank, a control character or a non-ASCII byte (on the command
      line too: no client could present it), a key given both ways, or a key or key file given
      empty (flag or twin: that is not "no key") is exit 2 (`baton frontend` and `baton run`); the
-     keys read are enforced.
+     keys read are enforced. The blank lines after a key of 4096 bytes are refused as lines, not
+     counted as bytes.
  11. --priority-ceiling-file (BATON_PRIORITY_CEILING_FILE) reads the ceilings, one KEY=N a line with
      blank lines and # comments: a file that cannot be read, a malformed line (named by the file
      and its line number, never by its key), a key no Bearer token carries, a key given twice, a
-     NUL byte, a file over 1 MiB, or the ceilings given both ways (flag and file) is exit 2 for
+     NUL byte, a file over 1 MiB, the ceilings given both ways (flag and file), or either form given
+     empty (flag or twin: that is not "no ceilings") is exit 2 for
      `baton frontend` and `baton run` (the --priority-ceiling form alike, by entry number); with a
      good file the keys are not on either's command line, and the REQUEST a (fake) worker gets
      carries the priority as the ceilings bound it, whatever blanks surround keys and numbers.
@@ -317,6 +322,29 @@ for env, want in [({"DYN_CTX_SIZE": "4096"}, "baton worker: DYN_CTX_SIZE is a se
                    "engine (--engine openai)")]:
     rc, out, _ = baton(["worker", "--system-port", "-1"], env=env)
     assert rc == 2 and want in out, (env, rc, out)
+# the openai engine sends --upstream-api-key as "Authorization: Bearer KEY": one given empty is not
+# "no key" (flag or twin, as --api-key), and one with a blank, a control character (a CR LF would end
+# the header and begin another) or a byte outside ASCII is no Bearer token; the key is never printed
+upstream = ["--engine", "openai", "--upstream", "http://127.0.0.1:9"]
+bad_token = ("invalid openai engine configuration: --upstream-api-key holds a blank, a control character or a "
+             "byte outside ASCII, which no Bearer token carries")
+for args, env, want in [
+        (["--upstream-api-key", ""], {},
+         "--upstream-api-key (DYN_UPSTREAM_API_KEY) is given empty: leave it out to run without an upstream key"),
+        (["--upstream-api-key="], {}, "--upstream-api-key (DYN_UPSTREAM_API_KEY) is given empty"),
+        ([], {"DYN_UPSTREAM_API_KEY": ""},
+         "DYN_UPSTREAM_API_KEY (--upstream-api-key) is set but empty: unset it to run without an upstream key"),
+        (["--upstream-api-key", "sk-up 1"], {}, bad_token),
+        ([], {"DYN_UPSTREAM_API_KEY": " sk-up-1"}, bad_token),
+        ([], {"DYN_UPSTREAM_API_KEY": "sk-up-1\r\nX-Extra: 1"}, bad_token),
+        (["--upstream-api-key", "sk-up-1\t"], {}, bad_token),
+        (["--upstream-api-key", "sk-up-1\u00e9"], {}, bad_token)]:
+    for cmd in ("worker", "run"):
+        where = ["--system-port", "-1"] if cmd == "worker" else ["--http-port", str(port)]
+        rc, out, _ = baton([cmd] + where + upstream + args, env=dict(env, TMPDIR=run_tmp))
+        assert rc == 2 and f"baton {cmd}: {want}" in out, (cmd, args, env, rc, out)
+        assert "sk-up" not in out, f"the key was printed: {out}"
+        assert os.listdir(run_tmp) == [] and not listening(port), (cmd, args)
 rc, out, _ = baton(["worker", "--system-port", "-1"], env={"DYN_ENGINE": "vllm"})
 assert rc == 2 and "baton worker: unknown DYN_ENGINE 'vllm' (mocker, openai or llama)" in out, (rc, out)
 # the checks run in baton run's own process: a DYN_LOG typo is still reported once, not per check
@@ -642,6 +670,10 @@ with open(secret_big, "wb") as f:
 secret_big_nl = os.path.join(base, "secret-big-nl")
 with open(secret_big_nl, "wb") as f:
     f.write(b"s" * 4097 + b"\n")
+# nor are the blank lines and blanks that end the file
+secret_big_blank = os.path.join(base, "secret-big-blank")
+with open(secret_big_blank, "wb") as f:
+    f.write(b"s" * 4097 + b"\n\n \t\r\n\n")
 fe_port = bl.free_port()
 for args, env, code, want in [
         (["worker", "--system-port", "-1", "--event-plane", "nats", "--nats-tls-ca", fifo], nats_env, 2,
@@ -668,6 +700,8 @@ for args, env, code, want in [
          f"the secret file {secret_big} is over 4096 bytes"),
         (["worker", "--system-port", "-1", "--rpc-secret-file", secret_big_nl], {}, 2,
          f"the secret file {secret_big_nl} is over 4096 bytes"),
+        (["frontend", "--http-port", str(fe_port), "--rpc-secret-file", secret_big_blank], {}, 2,
+         f"the secret file {secret_big_blank} is over 4096 bytes"),
         (["worker", "--system-port", "-1", "--health-check-payload", "@" + fifo], {}, 2,
          f"DYN_HEALTH_CHECK_PAYLOAD (--health-check-payload) file {fifo}: a FIFO, not a regular file"),
         (["worker", "--system-port", "-1", "--engine", "llama", "--model", fifo], {}, 2,
@@ -700,25 +734,31 @@ with bl.Cluster() as c:
     st, _, body = bl.get_json(none.url + "/health")
     assert body["instances"] == [], body
 # a secret of the largest size (4096 bytes, `openssl rand -hex 2048 > file`) with the newline that
-# ends its line, "\n" or "\r\n": read as the 4096 bytes (both were refused as over 4096 bytes)
+# ends its line, "\n" or "\r\n": read as the 4096 bytes (both were refused as over 4096 bytes); and
+# with more blank lines and blanks after it (an editor's, a template's), which are not part of the
+# secret either (they were counted against the 4096 bytes, and the file refused)
 secret_max_lf, secret_max_crlf = os.path.join(base, "secret-max-lf"), os.path.join(base, "secret-max-crlf")
+secret_max_blank = os.path.join(base, "secret-max-blank")
 with open(secret_max_lf, "wb") as f:
     f.write(b"m" * 4096 + b"\n")
 with open(secret_max_crlf, "wb") as f:
     f.write(b"m" * 4096 + b"\r\n")
+with open(secret_max_blank, "wb") as f:
+    f.write(b"m" * 4096 + b"\n\n \t\r\n\n\n")
 with bl.Cluster() as c:
     c.start_worker(speedup_ratio=1000, rpc_secret_file=secret_max_lf)
     by_file = c.start_frontend(rpc_secret_file=secret_max_crlf)
+    by_blank_file = c.start_frontend(rpc_secret_file=secret_max_blank)
     by_env = c.start_frontend(env={"DYN_RPC_SECRET": "m" * 4096})
     wrong = c.start_frontend(env={"DYN_RPC_SECRET": "m" * 4095})
-    for fe in (by_file, by_env):
+    for fe in (by_file, by_blank_file, by_env):
         c.wait_workers(fe, 1)
         st, _, body = bl.post_json(fe.url + "/v1/chat/completions", bl.chat_body(max_tokens=3))
         assert st == 200, (st, body)
     c.workers[0].proc.wait_log(r"failed authentication", timeout=10)  # the secret is all 4096 bytes
 print("cli: a FIFO, a device or a directory given as a file is refused at once, naming the flag and the path; "
       "so is a secret file with a NUL byte or over 4096 bytes; a regular secret file is read, one of 4096 bytes "
-      "and a newline too")
+      "and a newline or blank lines too")
 
 # --- 9. `baton run` says what is wrong with DYN_LOG and DYN_LOGGING_JSONL once, not once per process
 # Its frontend and workers inherit the environment; each used to repeat the launcher's warning.
@@ -776,6 +816,12 @@ for cmd in ("frontend", "run"):
             (["--api-key-file", key_file("empty", b"")], {}, "is empty: it must hold the key alone"),
             (["--admin-api-key-file", key_file("newline", b"\n")], {}, "is empty: it must hold the key alone"),
             (["--api-key-file", key_file("two", b"k\n\n")], {}, "holds more than one line"),
+            # the blank lines after a key of the largest size are what is wrong, not its size (they
+            # are not counted against the 4096 bytes)
+            (["--api-key-file", key_file("max-lines", b"k" * 4096 + b"\n\n\n")], {}, "holds more than one line"),
+            (["--admin-api-key-file", key_file("max-blank", b"k" * 4096 + b" \n")], {},
+             "has a blank before or after the key"),
+            (["--api-key-file", key_file("max-over", b"k" * 4097 + b"\n\n")], {}, "is over 4096 bytes"),
             (["--api-key-file", key_file("nul", b"k\x00k")], {}, "holds a NUL byte"),
             # a key no client can present: the Authorization parser drops blanks around a token, and
             # the key is compared whole, so every request would get 401
@@ -840,6 +886,21 @@ for cmd in ("frontend", "run"):
             (["--priority-ceiling", "secretk=1, secretk =2"], {},
              "--priority-ceiling: entry 2 repeats the key of entry 1: give each key once"),
             ([], {"BATON_PRIORITY_CEILING": "*=1,secretk\tx=2"}, "--priority-ceiling: entry 2: the key holds a blank"),
+            # an empty list is not "no ceilings": a template or secret store that left it empty
+            # would otherwise let every key ask for any priority without a word (as an empty key
+            # would open the API)
+            (["--priority-ceiling", ""], {},
+             "--priority-ceiling (BATON_PRIORITY_CEILING) is given empty: leave it out to run without priority "
+             "ceilings"),
+            (["--priority-ceiling="], {}, "--priority-ceiling (BATON_PRIORITY_CEILING) is given empty"),
+            ([], {"BATON_PRIORITY_CEILING": ""},
+             "BATON_PRIORITY_CEILING (--priority-ceiling) is set but empty: unset it to run without priority ceilings"),
+            (["--priority-ceiling-file", ""], {},
+             "--priority-ceiling-file (BATON_PRIORITY_CEILING_FILE) is given empty: leave it out"),
+            ([], {"BATON_PRIORITY_CEILING_FILE": ""},
+             "BATON_PRIORITY_CEILING_FILE (--priority-ceiling-file) is set but empty"),
+            (["--priority-ceiling", ""], {"BATON_PRIORITY_CEILING_FILE": ceil_good},
+             "--priority-ceiling (BATON_PRIORITY_CEILING) is given empty"),
             ([], {"BATON_PRIORITY_CEILING": "secretk=1,*=0,*=2"}, "entry 3 repeats the key of entry 2")]:
         try:
             rc, out, took = baton([cmd, "--http-port", str(k_port)] + args, env=env)

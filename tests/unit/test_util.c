@@ -28,10 +28,16 @@
  *
  * bt_open_regular opens a regular file (back in blocking mode) and refuses, at once and with what
  * it is, a FIFO without a writer (which a plain open would wait on for ever), /dev/zero, a
- * directory and a missing path; bt_load_secret reads a secret file through it (trailing newlines
- * removed) and refuses the same, and an empty file. bt_read_text_file reads a file of at most
- * `max` bytes whole (an empty one too) and refuses, with a reason that quotes nothing of the
- * content, one of max + 1 bytes, one holding a NUL, a directory, a FIFO (at once) and a device. */
+ * directory and a missing path; bt_load_secret reads a secret file through it (the blanks and line
+ * ends that end it removed, and not counted against its 4096 bytes) and refuses the same, an empty
+ * file, one of blanks and newlines only, and one whose secret is over 4096 bytes. bt_read_text_file
+ * reads a file of at most `max` bytes whole (an empty one too), and one of `max` bytes of text
+ * followed by blanks and line ends (handed over with them), and refuses, with a reason that quotes
+ * nothing of the content, one of max + 1 bytes of text (blanks and line ends after them or not),
+ * one whose text is followed by over BT_TEXT_TAIL_MAX bytes of them, one holding a NUL (in its
+ * trailing blank lines too), a directory, a FIFO (at once) and a device. bt_text_trim_end drops
+ * exactly the spaces, tabs, CRs and LFs that end a string; bt_bearer_token_ok takes visible ASCII
+ * only, and not the empty key. */
 #include <inttypes.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -600,6 +606,13 @@ static void test_buf_append_edges(void **state) {
 
 /* ---- bt_open_regular and bt_load_secret ---- */
 
+static void write_file(const char *path, const void *data, size_t n) {
+    FILE *f = fopen(path, "wb");
+    assert_non_null(f);
+    assert_int_equal(fwrite(data, 1, n, f), n);
+    assert_int_equal(fclose(f), 0);
+}
+
 static void test_open_regular(void **state) {
     (void)state;
     char dir[] = "/tmp/baton-test-util-XXXXXX";
@@ -650,6 +663,31 @@ static void test_open_regular(void **state) {
     assert_non_null(strstr(err, "/dev/zero (DYN_RPC_SECRET_FILE, --rpc-secret-file): a character device"));
     assert_int_not_equal(bt_load_secret(empty, NULL, &secret, err, sizeof err), BT_OK);
     assert_non_null(strstr(err, "is empty"));
+    /* the blanks and line ends that end the file are not part of the secret nor counted against its
+     * 4096 bytes; what is before them is, and is refused over 4096 */
+    static char big[BT_SECRET_FILE_MAX + 64];
+    memset(big, 'm', BT_SECRET_FILE_MAX);
+    memcpy(big + BT_SECRET_FILE_MAX, "\n\n \t\r\n\n", 7);
+    write_file(file, big, BT_SECRET_FILE_MAX + 7);
+    assert_int_equal(bt_load_secret(file, NULL, &secret, err, sizeof err), BT_OK);
+    assert_int_equal(strlen(secret), BT_SECRET_FILE_MAX);
+    assert_int_equal(strspn(secret, "m"), BT_SECRET_FILE_MAX);
+    free(secret);
+    memset(big, 'm', BT_SECRET_FILE_MAX + 1);
+    memcpy(big + BT_SECRET_FILE_MAX + 1, "\n\n", 2);
+    write_file(file, big, BT_SECRET_FILE_MAX + 3);
+    assert_int_equal(bt_load_secret(file, NULL, &secret, err, sizeof err), BT_ERR_TOO_LARGE);
+    assert_null(secret);
+    assert_non_null(strstr(err, "is over 4096 bytes"));
+    assert_null(strstr(err, "mmmm"));
+    write_file(file, "s3cret \t\r\n", 10);
+    assert_int_equal(bt_load_secret(file, NULL, &secret, err, sizeof err), BT_OK);
+    assert_string_equal(secret, "s3cret");
+    free(secret);
+    write_file(file, " \r\n\n\t", 5);
+    assert_int_equal(bt_load_secret(file, NULL, &secret, err, sizeof err), BT_ERR_INVALID);
+    assert_null(secret);
+    assert_non_null(strstr(err, "is empty"));
     unlink(file);
     unlink(fifo);
     unlink(empty);
@@ -658,18 +696,17 @@ static void test_open_regular(void **state) {
 
 /* ---- bt_read_text_file ---- */
 
-static void write_file(const char *path, const void *data, size_t n) {
-    FILE *f = fopen(path, "wb");
-    assert_non_null(f);
-    assert_int_equal(fwrite(data, 1, n, f), n);
-    assert_int_equal(fclose(f), 0);
-}
-
 static void test_read_text_file(void **state) {
     (void)state;
     char dir[] = "/tmp/baton-test-text-XXXXXX";
     assert_non_null(mkdtemp(dir));
-    char ok[128], full[128], over[128], nul[128], empty[128], fifo[128];
+    char ok[128], full[128], over[128], nul[128], empty[128], fifo[128], full_tail[128], over_tail[128],
+        nul_tail[128], tail_max[128], tail_over[128];
+    snprintf(full_tail, sizeof full_tail, "%s/full-tail", dir);
+    snprintf(over_tail, sizeof over_tail, "%s/over-tail", dir);
+    snprintf(nul_tail, sizeof nul_tail, "%s/nul-tail", dir);
+    snprintf(tail_max, sizeof tail_max, "%s/tail-max", dir);
+    snprintf(tail_over, sizeof tail_over, "%s/tail-over", dir);
     snprintf(ok, sizeof ok, "%s/ok", dir);
     snprintf(full, sizeof full, "%s/full", dir);
     snprintf(over, sizeof over, "%s/over", dir);
@@ -681,6 +718,15 @@ static void test_read_text_file(void **state) {
     write_file(over, "0123456789abcdefg", 17); /* max + 1 */
     write_file(nul, "sk-\0secret\n", 11);      /* a NUL inside a line */
     write_file(empty, "", 0);
+    write_file(full_tail, "0123456789abcdef\r\n\n \t\n", 22);
+    write_file(over_tail, "0123456789abcdefg\n\n", 19);
+    write_file(nul_tail, "secret\n\n\0\n", 10);
+    /* one byte of text, then blanks and line ends up to max + BT_TEXT_TAIL_MAX bytes in all, and one more */
+    static char tail[16 + BT_TEXT_TAIL_MAX + 1];
+    for (size_t i = 0; i < sizeof tail; i++) tail[i] = " \t\r\n"[i % 4];
+    tail[0] = 'k';
+    write_file(tail_max, tail, sizeof tail - 1);
+    write_file(tail_over, tail, sizeof tail);
     assert_int_equal(mkfifo(fifo, 0600), 0);
     /* a FIFO without a writer that the read waited on would stop the test here, not fail it */
     alarm(20);
@@ -699,12 +745,25 @@ static void test_read_text_file(void **state) {
     assert_int_equal(len, 0);
     assert_string_equal(out, "");
     free(out);
+    /* max bytes of text, then blanks and line ends: not counted, handed over with the rest */
+    assert_int_equal(bt_read_text_file(full_tail, 16, &out, &len, why, sizeof why), BT_OK);
+    assert_int_equal(len, 22);
+    assert_string_equal(out, "0123456789abcdef\r\n\n \t\n");
+    free(out);
+    /* the most blanks and line ends after the text that are taken */
+    assert_int_equal(bt_read_text_file(tail_max, 16, &out, &len, why, sizeof why), BT_OK);
+    assert_int_equal(len, 16 + BT_TEXT_TAIL_MAX);
+    assert_int_equal(bt_text_trim_end(out, len), 1);
+    free(out);
 
     const struct {
         const char *path;
         bt_status st;
         const char *why;
     } refused[] = {{over, BT_ERR_TOO_LARGE, "is over 16 bytes"},
+                   {over_tail, BT_ERR_TOO_LARGE, "is over 16 bytes"},
+                   {tail_over, BT_ERR_TOO_LARGE, "ends in over 4096 bytes of blanks and line ends"},
+                   {nul_tail, BT_ERR_INVALID, "holds a NUL byte"},
                    {nul, BT_ERR_INVALID, "holds a NUL byte"},
                    {dir, BT_ERR_IO, "Is a directory"},
                    {fifo, BT_ERR_IO, "a FIFO, not a regular file"},
@@ -726,13 +785,42 @@ static void test_read_text_file(void **state) {
     unlink(nul);
     unlink(empty);
     unlink(fifo);
+    unlink(full_tail);
+    unlink(over_tail);
+    unlink(nul_tail);
+    unlink(tail_max);
+    unlink(tail_over);
     rmdir(dir);
+}
+
+static void test_text_trim_end(void **state) {
+    (void)state;
+    static const struct {
+        const char *s;
+        size_t n, want;
+    } cases[] = {{"", 0, 0},           {"k", 1, 1},         {"k\n", 2, 1},        {"k\r\n", 3, 1},
+                 {"k \t\r\n\n", 6, 1}, {" \t\r\n", 4, 0},    {"a b\n", 4, 3},      {"a\nb\n", 4, 3},
+                 {"k\v", 2, 2},        {"k\f\n", 3, 2},      {"k\0\n", 3, 2},      {"\n\nk", 3, 3}};
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        assert_int_equal(bt_text_trim_end(cases[i].s, cases[i].n), cases[i].want);
+}
+
+static void test_bearer_token_ok(void **state) {
+    (void)state;
+    assert_true(bt_bearer_token_ok("sk-1", 4));
+    assert_true(bt_bearer_token_ok("!~", 2)); /* the ends of visible ASCII */
+    assert_false(bt_bearer_token_ok("", 0));
+    static const char *const bad[] = {" sk", "sk ", "s k", "sk\t", "sk\r\nX: 1", "sk\x7f", "sk\xc3\xa9", "\x01"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) assert_false(bt_bearer_token_ok(bad[i], strlen(bad[i])));
+    assert_false(bt_bearer_token_ok("sk\0x", 4)); /* the length is what is checked, not the C string */
 }
 
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_open_regular),
         cmocka_unit_test(test_read_text_file),
+        cmocka_unit_test(test_text_trim_end),
+        cmocka_unit_test(test_bearer_token_ok),
         cmocka_unit_test(test_each_class),
         cmocka_unit_test(test_random_against_reference),
         cmocka_unit_test(test_piece_boundaries),

@@ -1158,6 +1158,13 @@ bt_status bt_openai_config_check(const bt_openai_config *c, char *err, size_t er
         snprintf(err, errlen, "health_failures must be at least 1");
     } else if (c->api_key && strlen(c->api_key) > 400) {
         snprintf(err, errlen, "--upstream-api-key is longer than 400 characters");
+    } else if (c->api_key && !*c->api_key) {
+        snprintf(err, errlen, "--upstream-api-key is empty (leave it out for no key)");
+    } else if (c->api_key && !bt_bearer_token_ok(c->api_key, strlen(c->api_key))) {
+        /* it is sent as "Authorization: Bearer KEY": a CR LF would end the header and begin another,
+         * and a blank or a byte outside ASCII is no key the upstream could have been given */
+        snprintf(err, errlen, "--upstream-api-key holds a blank, a control character or a byte outside ASCII, which no "
+                              "Bearer token carries");
     } else {
         err[0] = '\0';
         return BT_OK;

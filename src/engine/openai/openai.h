@@ -24,7 +24,8 @@ typedef struct {
     const char *model;        /* --upstream-model: the model name the upstream serves; NULL = ask it */
     const char *served_model; /* the worker's --model-name, used upstream when the upstream lists it */
     const char *kind;         /* --upstream-kind: auto, baton, vllm, sglang, llamacpp, openai */
-    const char *api_key;      /* --upstream-api-key: sent as "Authorization: Bearer"; NULL = none */
+    const char *api_key;      /* --upstream-api-key: sent as "Authorization: Bearer"; NULL = none, else a
+                                 Bearer token (bt_bearer_token_ok: visible ASCII, not empty) */
     bool raw_completions;     /* --upstream-raw-completions: the operator declares that the upstream's
                                  /v1/completions continues a text prompt as it is (text continuation) */
     int64_t total_blocks;     /* --upstream-total-blocks: KV capacity reported in load and card (1000) */
