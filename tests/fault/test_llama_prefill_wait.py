@@ -21,10 +21,9 @@ seconds, while each prompt's own prefill takes 0.2 s.
      here take hundreds of steps);
    * the worker is still routable: a request right after succeeds.
 
-Before the engine told these waits, the streams left out for more than the bound were given up
-(five of ten given up and migrated, measured; their continuations were exact, so only the
-counters showed it), and with one worker their continuations went
-back to the quarantined worker's queue."""
+Before the engine told these waits, the streams left out for more than the bound were given up:
+five of ten timed out and migrated (measured), their worker quarantined; their continuations came
+out exact, so only the counters showed it."""
 
 import time
 
