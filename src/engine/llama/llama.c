@@ -873,9 +873,9 @@ static bool run_batch(ll_engine *e, ll_seq **seqs, const size_t *take, int n) {
  * once it has been left out of two steps in a row, so that a step that leaves a sequence out only
  * once (the budget before it shrinks and grows back as the sequences ahead start and finish their
  * prompts) makes no frame; told once per wait (wait_told), which lasts until a step computes it
- * again (starve_end). A new wait then needs the budget before it to shrink again, which only a
- * sequence ahead of it changing phase does, not the steps going by: a WAITING per wait, never one
- * per step. */
+ * again (starve_end). A new wait then needs the budget before it to shrink again, which only
+ * other sequences changing phase (admitted, or through a prompt) do, not the steps going by: a
+ * WAITING per wait, never one per step. */
 #define LL_STARVED_TELL 2
 static void starve(ll_engine *e, ll_seq *s) {
     if (s->starved < UINT32_MAX) s->starved++;
