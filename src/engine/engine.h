@@ -151,7 +151,9 @@ typedef void (*bt_engine_handoff_cb)(void *ud, uint8_t *state, size_t len);
 
 /* Why an engine holds a sequence without computing it (bt_engine_sink.on_wait). */
 typedef enum {
-    BT_ENGINE_WAIT_QUEUED = 0,    /* a scheduler step left it waiting: no sequence slot or KV blocks for it */
+    /* a scheduler step left it waiting: no sequence slot, KV blocks or prefill budget for it (an
+     * admitted sequence too, whose prefill the steps leave out while others take the budget) */
+    BT_ENGINE_WAIT_QUEUED = 0,
     BT_ENGINE_WAIT_PREEMPTED = 1, /* its KV was dropped (KV full, or a more urgent sequence); to be recomputed */
 } bt_engine_wait;
 
@@ -163,7 +165,8 @@ typedef struct {
      * next on_tokens or its ending: told once per wait, after the output produced before it, and
      * only for a wait still on when the engine delivers (a wait that ended before is not told). An
      * engine whose ops say tells_waits tells every wait of its sequences: queued at a scheduler step
-     * that could not admit them, preempted. */
+     * that could not admit them (or, for llama, at steps that left an admitted prefill out for want
+     * of budget), preempted. */
     void (*on_wait)(void *ud, bt_engine_wait reason);
 } bt_engine_sink;
 
@@ -171,8 +174,11 @@ typedef struct {
     uint64_t active_decode_blocks;  /* KV blocks in use */
     uint64_t total_blocks;          /* KV capacity */
     uint64_t active_prefill_tokens; /* prompt tokens admitted but not yet prefilled */
-    uint64_t waiting;               /* sequences queued, not yet admitted */
-    uint64_t running;               /* sequences admitted (prefill or decode) */
+    /* sequences queued, not yet admitted; and admitted ones told they wait (on_wait) until a step
+     * computes them again, which `running` then leaves out: every sequence told it waits is
+     * counted here from before the wait is delivered until it runs again (docs/protocol.md §4) */
+    uint64_t waiting;
+    uint64_t running; /* sequences admitted (prefill or decode), less those counted in waiting */
     uint64_t max_num_batched_tokens;
     /* Priority preemption (0 for an engine without it): the running sequences that a strictly more
      * urgent arrival would preempt now — those of the least urgent running priority that may be

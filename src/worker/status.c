@@ -89,7 +89,7 @@ static void status_collect(wk_worker *w, bt_metrics *r) {
     bt_metrics_gauge_value(r, "baton_worker_kv_total_blocks", BT_MERGE_SUM, "KV blocks of the engine",
                            (double)l.total_blocks);
     bt_metrics_gauge_value(r, "baton_worker_waiting_requests", BT_MERGE_SUM,
-                           "Sequences queued in the engine, not yet admitted", (double)l.waiting);
+                           "Sequences waiting in the engine: queued, or admitted but left out of its steps", (double)l.waiting);
     bt_metrics_gauge_value(r, "baton_worker_frontend_connections", BT_MERGE_SUM,
                            "Frontends connected on the request plane", (double)w->npeers);
     bt_events_stats es;

@@ -10,7 +10,8 @@
  * usage; kills right after submit and from inside a token callback (no callback afterwards, KV
  * freed); stops (finish "cancelled"); continuations from carried tokens; destroying the engine
  * with sequences live (no callback after, every handle freed: ASan); load back to empty; EOS and
- * the context cap ending a sequence ("stop", "length", exact usage); decodes
+ * the context cap ending a sequence ("stop", "length", exact usage); prompts that wait their turn
+ * for the prefill budget told so once each (on_wait), counted as waiting in the load; decodes
  * and KV edits (llama_decode, llama_memory_seq_rm) never on the loop's thread. Batch gathering
  * (--batch-gather-us), the engine thread's timed wait: a burst submitted during the wait is
  * answered in one step (the kv_stats counters: one step, one gather of exactly the sequences not
@@ -289,6 +290,9 @@ typedef struct {
     bt_usage usage;
     uint32_t prompt_len;
     uint64_t first_ns; /* CLOCK_MONOTONIC when its first tokens arrived (0: none yet) */
+    int waits;         /* on_wait calls (test_prefill_waits) */
+    bt_engine_wait wait_reason;
+    bool wait_counted; /* the load read in its on_wait counted a waiting sequence */
 } tseq;
 
 static tseq S[NS];
@@ -358,6 +362,21 @@ static void on_error(void *ud, bt_status code, const char *msg) {
 }
 
 static const bt_engine_sink sink = {on_tokens, on_finish, on_error, NULL};
+
+/* test_prefill_waits: the wait is told once, before any output, and the load the loop reads by
+ * then already counts it as waiting (docs/protocol.md §4: a LOAD showing nothing waiting after a
+ * WAITING ends that wait at the frontend) */
+static void on_wait_rec(void *ud, bt_engine_wait reason) {
+    tseq *t = ud;
+    assert_false(t->dead);
+    assert_int_equal(t->ngot, 0);
+    t->waits++;
+    t->wait_reason = reason;
+    bt_engine_load l;
+    bt_engine_get_load(E, &l);
+    t->wait_counted = l.waiting >= 1 && l.waiting + l.running == 4;
+}
+static const bt_engine_sink wait_sink = {on_tokens, on_finish, on_error, on_wait_rec};
 
 /* The load reports of the gather tests: how many, and the waiting count the last one read */
 static int loads;
@@ -788,11 +807,63 @@ static void test_gather_destroy(void **state) {
     assert_true(destroy_ns < (uint64_t)BT_GATHER_MAX_US * 1000u / 2); /* woken, not timed out */
 }
 
+/* Prefill budget (llama.c step, starve): four prompts of 62 tokens admitted together at
+ * --max-num-batched-tokens 16 and --max-num-seqs 4 are prefilled in chunks of 12, one prompt after
+ * the other; the three left out wait 5 to 15 steps each. Each is told once that it waits (queued),
+ * not once per step, with the load already counting it as waiting; the first is told nothing; every
+ * stream is the model's. (Without the waits told, none was: a frontend's --stream-token-timeout
+ * took the three for lost streams, tests/fault/test_llama_prefill_wait.py.) The engine is stalled
+ * while they are submitted, so that all four are admitted in one step. */
+static void test_prefill_waits(void **state) {
+    (void)state;
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    E = make_engine(&loop);
+    remaining = 4;
+    const char *prompt = "a prompt of sixty letters, long enough for five or six chunks";
+    bt_llama_inject(E, 2); /* commands are taken in order: no step before the resume below */
+    for (int i = 0; i < 4; i++) {
+        tseq *t = &S[i];
+        memset(t, 0, sizeof *t);
+        t->i = i;
+        t->k = K_NORMAL;
+        t->n_expect = 4;
+        expected_stream(t, prompt);
+        assert_int_equal(t->prompt_len, 62); /* BOS and one per letter */
+        json_t *body = json_pack("{s:s}", "prompt", prompt);
+        bt_engine_request rq = {0};
+        rq.request_id = "p";
+        rq.api = BT_API_COMPLETION;
+        rq.body = body;
+        rq.max_tokens = t->n_expect;
+        char err[128];
+        assert_int_equal(bt_engine_submit(E, &rq, &wait_sink, t, &t->seq, err, sizeof err), BT_OK);
+        json_decref(body);
+    }
+    bt_llama_inject(E, 3);
+    uv_run(&loop, UV_RUN_DEFAULT); /* ends when the last end destroyed the engine */
+    assert_int_equal(uv_loop_close(&loop), 0);
+    for (int i = 0; i < 4; i++) {
+        tseq *t = &S[i];
+        assert_int_equal(t->errors, 0);
+        assert_int_equal(t->finishes, 1);
+        assert_int_equal(t->ngot, 4);
+        for (uint32_t g = 0; g < t->ngot; g++) assert_int_equal(t->got[g], t->expect[g]);
+        assert_int_equal(t->waits, i ? 1 : 0);
+        if (i) {
+            assert_int_equal(t->wait_reason, BT_ENGINE_WAIT_QUEUED);
+            assert_true(t->wait_counted);
+        }
+    }
+    assert_true(last_kvs.steps >= 20); /* the prefills took their turns: 6 chunks each, then decodes */
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_sequences),
         cmocka_unit_test(test_eos_and_context_cap),
         cmocka_unit_test(test_destroy_live),
+        cmocka_unit_test(test_prefill_waits),
         cmocka_unit_test(test_gather_burst_kill),
         cmocka_unit_test(test_gather_kill_only),
         cmocka_unit_test(test_gather_destroy),

@@ -171,7 +171,11 @@ struct ll_seq {
     uint64_t admitted; /* admission order, for preemption (latest first) */
     int32_t priority;  /* lower is admitted sooner (engine.h) */
     bool prio_held;    /* preempted for priority and no token since: not preempted for priority again */
-    bool wait_told;    /* waiting, and an EV_WAIT was posted for it; cleared at admission */
+    /* held without being computed, and an EV_WAIT was posted for it: in the waiting queue (cleared
+     * at admission), or running but left out of the steps for want of budget (cleared at the step
+     * that computes it again); counted as waiting in the load either way (update_load) */
+    bool wait_told;
+    uint32_t starved; /* running: consecutive steps that left it out for want of budget (step) */
     /* body, rendered on the thread */
     bt_api api;
     json_t *body;
@@ -700,6 +704,7 @@ static void admit(ll_engine *e) {
         }
         list_remove(&e->waiting, s);
         s->wait_told = false;
+        s->starved = 0;
         e->slots[slot] = true;
         s->slot = slot;
         s->n_past = 0;
@@ -715,15 +720,20 @@ static void update_load(ll_engine *e) {
     bt_engine_load l = {0};
     llama_memory_t mem = e->L->llama_get_memory(e->ctx);
     uint64_t cells = 0;
+    /* a running sequence told it waits (starved of budget, step) is counted as waiting until a
+     * step computes it again: a LOAD written after its WAITING that shows nothing waiting would
+     * end its wait at the frontend (docs/protocol.md §4) */
+    uint64_t starved = 0;
     for (ll_seq *s = TAILQ_FIRST(&e->running.q); s; s = TAILQ_NEXT(s, link)) {
         llama_pos p = s->slot >= 0 ? e->L->llama_memory_seq_pos_max(mem, s->slot) : -1;
         cells += (uint64_t)(p + 1);
         if (s->n_past + 1 < s->n_tok) l.active_prefill_tokens += s->n_tok - s->n_past;
+        if (s->wait_told) starved++;
     }
     l.active_decode_blocks = (cells + LL_BLOCK - 1) / LL_BLOCK;
     l.total_blocks = e->n_ctx / LL_BLOCK;
-    l.waiting = e->waiting.n;
-    l.running = e->running.n;
+    l.waiting = e->waiting.n + starved;
+    l.running = e->running.n - starved;
     l.max_num_batched_tokens = (uint64_t)e->cfg.max_num_batched_tokens;
     for (ll_seq *s = TAILQ_FIRST(&e->waiting.q); s; s = TAILQ_NEXT(s, link)) l.active_prefill_tokens += s->n_tok;
     /* What pick_victim would offer a more urgent arrival (engine.h): the running sequences of the
@@ -854,6 +864,31 @@ static bool run_batch(ll_engine *e, ll_seq **seqs, const size_t *take, int n) {
     return true;
 }
 
+/* A running sequence is being prefilled in chunks and this step has no budget left for its next
+ * one: the sequences before it in the running list (admission order) take it, the first one
+ * always getting its chunk (step), so it waits until they are through their prompts. Its stream
+ * hears nothing meanwhile, for as long as their prefills take, and is computed by no step: a wait
+ * as a queued one's, told the same way (BT_ENGINE_WAIT_QUEUED, counted as waiting in the load),
+ * or a frontend's --stream-token-timeout would give up a stream that only waits its turn. Told
+ * once it has been left out of two steps in a row, so that a step that leaves a sequence out only
+ * once (the budget before it shrinks and grows back as the sequences ahead start and finish their
+ * prompts) makes no frame; told once per wait (wait_told), which lasts until a step computes it
+ * again (starve_end). A new wait then needs the budget before it to shrink again, which only
+ * other sequences changing phase (admitted, or through a prompt) do, not the steps going by: a
+ * WAITING per wait, never one per step. */
+#define LL_STARVED_TELL 2
+static void starve(ll_engine *e, ll_seq *s) {
+    if (s->starved < UINT32_MAX) s->starved++;
+    if (s->starved >= LL_STARVED_TELL && !s->wait_told) post_wait(e, s, BT_ENGINE_WAIT_QUEUED);
+}
+
+/* s is computed in this step: a budget wait it was told is over. Its stream's wait ends at its
+ * next TOKENS, or at the next LOAD showing nothing waiting (update_load no longer counts it). */
+static void starve_end(ll_seq *s) {
+    s->starved = 0;
+    s->wait_told = false;
+}
+
 /* One scheduler step: admit; then, within --max-num-batched-tokens, one token for every
  * sequence that is decoding and a chunk for every sequence being prefilled. Returns false when
  * idle or dead.
@@ -893,13 +928,20 @@ static bool step(ll_engine *e) {
         }
     }
     budget -= nsingle;
-    for (ll_seq *s = TAILQ_FIRST(&e->running.q); s && budget > 0; s = TAILQ_NEXT(s, link)) {
+    for (ll_seq *s = TAILQ_FIRST(&e->running.q); s; s = TAILQ_NEXT(s, link)) {
         size_t left = s->n_tok - s->n_past;
-        if (left <= 1 || (!exact && s->n_past >= s->n_prompt)) continue;
+        if (left <= 1 || (!exact && s->n_past >= s->n_prompt)) {
+            starve_end(s); /* decoding: one of the singles */
+            continue;
+        }
         size_t until = exact ? left : s->n_prompt - s->n_past;
         size_t to_boundary = chunk_max - s->n_past % chunk_max;
         size_t take = until < to_boundary ? until : to_boundary;
-        if (take > (size_t)budget) continue; /* the whole chunk in a later step */
+        if (take > (size_t)(budget > 0 ? budget : 0)) { /* the whole chunk in a later step */
+            starve(e, s);
+            continue;
+        }
+        starve_end(s);
         chunks[nchunk] = s;
         chunk_take[nchunk++] = take;
         budget -= (int32_t)take;
