@@ -266,6 +266,23 @@ nomem:
     return NULL;
 }
 
+bool fe_admit_policy_keys_check(const fe_admit_policy *p, const char *api_key, const char *where, char *err,
+                                size_t errlen, size_t *claimable) {
+    *claimable = 0;
+    for (size_t i = 0; i < p->nceil; i++) {
+        const ceiling_entry *c = &p->ceil[i];
+        if (api_key && strcmp(c->key, api_key) != 0) {
+            snprintf(err, errlen,
+                     "%s %d names a key other than the --api-key: only the --api-key opens the API, so no "
+                     "request could carry it",
+                     where, c->at);
+            return false;
+        }
+        if (!api_key && p->has_default && c->ceiling < p->default_ceiling) (*claimable)++; /* others get '*' */
+    }
+    return true;
+}
+
 bool fe_admit_policy_ceiling_file(fe_admit_policy *p, const char *path, char *err, size_t errlen) {
     if (!path) return true;
     const char *flag = "--priority-ceiling-file (BATON_PRIORITY_CEILING_FILE)";

@@ -61,6 +61,13 @@ fe_admit_policy *fe_admit_policy_new(const char *spec, int64_t max_requests, int
  * holds a NUL, or a line is malformed. */
 bool fe_admit_policy_ceiling_file(fe_admit_policy *p, const char *path, char *err, size_t errlen);
 void fe_admit_policy_free(fe_admit_policy *p);
+/* Checks p's ceilings against the API's key (--api-key; NULL: the API is open). With a key, only
+ * that key opens the API, so a ceiling for any other could never apply: false with the entry (or
+ * file line) named in err, never the key. Without one, callers choose their own Bearer token, so
+ * any caller may claim a key whose ceiling is more urgent than '*''s: *claimable is then the
+ * number of such entries, for a warning (with no '*', other callers have no ceiling at all). */
+bool fe_admit_policy_keys_check(const fe_admit_policy *p, const char *api_key, const char *where, char *err,
+                                size_t errlen, size_t *claimable);
 /* Keys the tenant labels of API keys ("key-" + 16 hex digits of HMAC-SHA256(secret, key)) with
  * secret, the content of --tenant-label-secret-file, or, when NULL, with 32 random bytes drawn
  * here: then a key's label holds for this process's life only. Called once, before any shard

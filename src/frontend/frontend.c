@@ -752,7 +752,7 @@ static void others_done_tick(uv_timer_t *t) {
     OPT("--threads", "DYN_HTTP_THREADS", INT, threads, 1, 1, FE_MAX_THREADS, "event loops, one per core to use; connections are spread over them (SO_REUSEPORT)") \
     OPT("--stream-retention", "DYN_STREAM_RETENTION", DOUBLE, stream_retention, 300, 0, 86400, "seconds a stream stays resumable after it ends (0 = streams are not resumable)") \
     OPT("--stream-retention-bytes", "DYN_STREAM_RETENTION_BYTES", INT, stream_retention_bytes, (int64_t)256 << 20, 4096, (double)((int64_t)1 << 40), "memory cap of the stream journal (resumable streams)") \
-    OPT("--priority-ceiling", "BATON_PRIORITY_CEILING", STR, priority_ceiling, NULL, 0, 0, "KEY=N,...,*=N: the most urgent priority each API key (* = any other caller) may ask for; blanks around keys and numbers are dropped; each key once; an empty value, flag or twin, is refused: leave both out for no ceilings") \
+    OPT("--priority-ceiling", "BATON_PRIORITY_CEILING", STR, priority_ceiling, NULL, 0, 0, "KEY=N,...,*=N: the most urgent priority each API key (* = any other caller) may ask for (with --api-key, a key other than it is refused: no request could carry it); blanks around keys and numbers are dropped; each key once; an empty value, flag or twin, is refused: leave both out for no ceilings") \
     OPT("--priority-ceiling-file", "BATON_PRIORITY_CEILING_FILE", STR, priority_ceiling_file, NULL, 0, 0, "read the --priority-ceiling entries from this file, one KEY=N a line (blank lines and # comments skipped), so that the keys are not on the command line; not with --priority-ceiling; an empty value is refused as for --priority-ceiling") \
     OPT("--trust-tenant-header", "BATON_TRUST_TENANT_HEADER", BOOL, trust_tenant_header, false, 0, 0, "the tenant is the X-Tenant header, not the API key (only behind a gateway that sets it)") \
     OPT("--tenant-label-secret-file", "BATON_TENANT_LABEL_SECRET_FILE", STR, tenant_label_secret_file, NULL, 0, 0, "file whose content keys the API keys' tenant labels in metrics and logs (key- + HMAC-SHA256); give every frontend the same file for the same labels; unset, a random secret: labels hold for this process's life only") \
@@ -867,6 +867,19 @@ int bt_frontend_main(int argc, char **argv) {
             f->admit_policy = NULL;
         }
     }
+    size_t claimable = 0;
+    if (f->admit_policy &&
+        !fe_admit_policy_keys_check(f->admit_policy, o->api_key,
+                                    o->priority_ceiling_file ? "--priority-ceiling-file: line" : "--priority-ceiling: entry",
+                                    err, sizeof err, &claimable)) {
+        fe_admit_policy_free(f->admit_policy);
+        f->admit_policy = NULL;
+    }
+    if (claimable)
+        BT_WARN("--priority-ceiling: %zu key(s) may ask for more urgent work than every other caller, but without "
+                "--api-key a caller sends whatever Bearer token it likes and may claim theirs (put an authenticating "
+                "gateway in front, or give the API a key)",
+                claimable);
     bool labels_keyed = f->admit_policy && fe_admit_policy_label_key(f->admit_policy, label_secret, err, sizeof err);
     if (label_secret) OPENSSL_cleanse(label_secret, strlen(label_secret));
     free(label_secret);

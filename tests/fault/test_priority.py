@@ -111,4 +111,12 @@ for spec, bad in (("secretk=soon", "entry 1: 'soon'"), ("=3", "entry 1 is not"),
                        capture_output=True, text=True, timeout=10)
     assert p.returncode == 2 and "--priority-ceiling" in p.stderr and bad in p.stderr, (spec, p.returncode, p.stderr)
     assert "secretk" not in p.stderr + p.stdout, p.stderr
+# with --api-key, only that key opens the API: a ceiling for another key is refused (test_cli_errors);
+# without one, a key allowed more urgent work than '*' can be claimed by any caller: said at start
+with bl.Cluster() as c:
+    open_fe = c.start_frontend(priority_ceiling="vipkey=-10,*=0")
+    open_fe.proc.wait_log(r"1 key\(s\) may ask for more urgent work than every other caller, but without --api-key")
+    keyed = c.start_frontend(priority_ceiling="vipkey=-10,*=0", api_key="vipkey")
+    assert "may ask for more urgent work" not in keyed.proc.log_text()
+    assert "vipkey" not in open_fe.proc.log_text() + keyed.proc.log_text(), "a key was logged"
 print("test_priority: ok")

@@ -901,7 +901,12 @@ for cmd in ("frontend", "run"):
              "BATON_PRIORITY_CEILING_FILE (--priority-ceiling-file) is set but empty"),
             (["--priority-ceiling", ""], {"BATON_PRIORITY_CEILING_FILE": ceil_good},
              "--priority-ceiling (BATON_PRIORITY_CEILING) is given empty"),
-            ([], {"BATON_PRIORITY_CEILING": "secretk=1,*=0,*=2"}, "entry 3 repeats the key of entry 2")]:
+            ([], {"BATON_PRIORITY_CEILING": "secretk=1,*=0,*=2"}, "entry 3 repeats the key of entry 2"),
+            # only the --api-key opens the API: a ceiling for any other key could never apply
+            (["--api-key", "sk-file-1", "--priority-ceiling", "sk-file-1=1,secretk=2,*=0"], {},
+             "--priority-ceiling: entry 2 names a key other than the --api-key: only the --api-key opens the API"),
+            (["--api-key-file", api_file, "--priority-ceiling-file", key_file("c-other", b"*=0\nsecretk=1\n")], {},
+             "--priority-ceiling-file: line 2 names a key other than the --api-key")]:
         try:
             rc, out, took = baton([cmd, "--http-port", str(k_port)] + args, env=env)
         except subprocess.TimeoutExpired:
