@@ -227,7 +227,8 @@ static bool on_user_signal(void *data, int signum) {
     wk_worker *w = data;
     bool llama = strcmp(w->o.engine, "llama") == 0;
     if (!w->o.fault_signals || !w->engine || (strcmp(w->o.engine, "mocker") != 0 && !llama)) return false;
-    BT_WARN("fault signal %s: %s", bt_proc_signal_name(signum), signum == SIGUSR1 ? "engine death" : "engine stall toggle");
+    BT_WARN("fault signal %s: %s", bt_proc_signal_name(signum),
+            signum == SIGUSR1 ? "engine death" : "engine stall toggle");
     if (signum == SIGUSR2) w->stalled = !w->stalled;
     bt_mocker_fault f = signum == SIGUSR1 ? BT_MOCKER_FAULT_DIE
                         : w->stalled      ? BT_MOCKER_FAULT_STALL
