@@ -142,6 +142,9 @@ static int dispatch(int argc, char **argv) {
         if (strtol(ppid, NULL, 10) != (long)getppid()) return 1; /* the parent is already gone */
         unsetenv("BATON_PARENT_PID");
         bt_proc_supervised = true; /* repeated stop signals are the launcher's to escalate (proc.h) */
+        /* a launcher started under nohup: its children ignore the hang-up as it does (run.c) */
+        if (getenv("BATON_SIGHUP_IGNORED")) signal(SIGHUP, SIG_IGN);
+        unsetenv("BATON_SIGHUP_IGNORED");
         bt_log_env_reported();     /* `baton run` said what is wrong with DYN_LOG*: once for the group */
     }
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
@@ -180,10 +183,15 @@ static int dispatch(int argc, char **argv) {
             return 2;
         }
     }
+    if (strcmp(cmd, "chaos") == 0) return chaos_main(argc - 1, argv + 1);
+    /* SIGUSR1/SIGUSR2 mean nothing to a server (bt_proc_signals_start logs and ignores them once
+     * its loop runs): ignored from here on, a stray one during start-up (a model loading) cannot
+     * kill it either */
+    signal(SIGUSR1, SIG_IGN);
+    signal(SIGUSR2, SIG_IGN);
     if (strcmp(cmd, "run") == 0) return bt_run_main(argc - 1, argv + 1);
     if (strcmp(cmd, "frontend") == 0) return bt_frontend_main(argc - 1, argv + 1);
     if (strcmp(cmd, "worker") == 0) return bt_worker_main(argc - 1, argv + 1);
-    if (strcmp(cmd, "chaos") == 0) return chaos_main(argc - 1, argv + 1);
     fprintf(stderr, "baton: unknown command '%s'\n", cmd);
     usage(stderr);
     return 2;

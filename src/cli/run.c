@@ -20,8 +20,9 @@
  * doubles with each (1 s, 2 s, 4 s, ...) and after RUN_MAX_START_FAILURES in a row the group
  * gives up and exits 1. A child that became ready again starts the count afresh.
  *
- * On SIGINT/SIGTERM every child gets SIGTERM (workers drain), the group waits for them, removes
- * the directory and exits 0; a second signal sends SIGKILL. */
+ * On SIGINT/SIGTERM/SIGHUP (a closed terminal) every child gets SIGTERM (workers drain), the
+ * group waits for them, removes the directory and exits 0; a second signal sends SIGKILL. A
+ * launcher started with SIGHUP ignored (nohup) has its children ignore it too. */
 #include "cli/run.h"
 
 #include <curl/curl.h>
@@ -95,7 +96,7 @@ struct run_ctx {
     uint64_t started_ms, last_report_ms;
     char shown[300];     /* http://host:port as printed to the user */
     char probe_url[320]; /* the frontend's /health, over loopback when it listens on every address */
-    uv_signal_t sig_int, sig_term;
+    bt_proc_signals sigs;
     uv_timer_t probe_timer, kill_timer;
     bt_curl_uv *cu;
     CURL *probe; /* the GET /health in flight, or NULL */
@@ -587,13 +588,13 @@ static void describe_running(const run_ctx *r, char *out, size_t n) {
     else snprintf(out, n, "nothing running to stop");
 }
 
-static void on_signal(uv_signal_t *h, int signum) {
-    run_ctx *r = h->data;
+static void on_signal(void *data, int signum) {
+    run_ctx *r = data;
     r->signals++;
     if (r->signals == 1) {
         char what[160];
         describe_running(r, what, sizeof what);
-        BT_INFO("%s received: %s%s", signum == SIGINT ? "SIGINT" : "SIGTERM", what,
+        BT_INFO("%s received: %s%s", bt_proc_signal_name(signum), what,
                 running_children(r) ? " (again to force)" : "");
     }
     bool was_stopping = r->stopping;
@@ -726,12 +727,18 @@ int bt_run_main(int argc, char **argv) {
     extern char **environ;
     size_t nenv = 0;
     while (environ[nenv]) nenv++;
-    r.env = calloc(nenv + 2, sizeof *r.env);
+    r.env = calloc(nenv + 3, sizeof *r.env);
     static char parent[48];
     snprintf(parent, sizeof parent, "BATON_PARENT_PID=%d", (int)getpid());
     if (!r.env) goto out;
-    for (size_t i = 0; i < nenv; i++) r.env[i] = environ[i];
-    r.env[nenv] = parent;
+    size_t ne = 0;
+    for (size_t i = 0; i < nenv; i++)
+        if (strncmp(environ[i], "BATON_SIGHUP_IGNORED=", 21) != 0) r.env[ne++] = environ[i];
+    r.env[ne++] = parent;
+    /* uv_spawn gives each child every signal's default action: a launcher under nohup says so, or
+     * its children would stop on the hang-up it was started to survive (main.c) */
+    static char hup_ignored[] = "BATON_SIGHUP_IGNORED=1";
+    if (bt_proc_sighup_ignored()) r.env[ne++] = hup_ignored;
     uv_loop_t loop;
     uv_loop_init(&loop);
     r.loop = &loop;
@@ -751,11 +758,7 @@ int bt_run_main(int argc, char **argv) {
         uv_loop_close(&loop);
         goto out;
     }
-    uv_signal_init(&loop, &r.sig_int);
-    uv_signal_init(&loop, &r.sig_term);
-    r.sig_int.data = r.sig_term.data = &r;
-    uv_signal_start(&r.sig_int, on_signal, SIGINT);
-    uv_signal_start(&r.sig_term, on_signal, SIGTERM);
+    bt_proc_signals_start(&loop, &r.sigs, on_signal, NULL, &r);
     uv_timer_init(&loop, &r.probe_timer);
     uv_timer_init(&loop, &r.kill_timer);
     r.probe_timer.data = r.kill_timer.data = &r;

@@ -2,6 +2,7 @@
 #include "common/proc.h"
 
 #include <inttypes.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -150,12 +151,60 @@ bt_status bt_proc_events_create(uv_loop_t *loop, const bt_proc_opts *p, const ch
     return bt_events_create(loop, &ec, out, err, errlen);
 }
 
-void bt_proc_signals_start(uv_loop_t *loop, uv_signal_t *handles, const int *signums, size_t n, uv_signal_cb cb,
+const char *bt_proc_signal_name(int signum) {
+    switch (signum) {
+    case SIGTERM: return "SIGTERM";
+    case SIGINT: return "SIGINT";
+    case SIGHUP: return "SIGHUP";
+    case SIGUSR1: return "SIGUSR1";
+    case SIGUSR2: return "SIGUSR2";
+    default: return "signal";
+    }
+}
+
+/* Read once, before any handle of ours is started: libuv puts SIG_DFL back when a signal's last
+ * handle closes, so a later look (the frontend starts its handles again after its first loop)
+ * would no longer see what the process was started with. */
+bool bt_proc_sighup_ignored(void) {
+    static int ignored = -1;
+    if (ignored < 0) {
+        struct sigaction sa;
+        ignored = sigaction(SIGHUP, NULL, &sa) == 0 && sa.sa_handler == SIG_IGN;
+    }
+    return ignored;
+}
+
+static void on_proc_signal(uv_signal_t *h, int signum) {
+    bt_proc_signals *s = h->data;
+    if (signum == SIGUSR1 || signum == SIGUSR2) {
+        if (s->on_user && s->on_user(s->data, signum)) return;
+        BT_INFO("%s received: ignored (baton gives it no meaning; SIGTERM, SIGINT or SIGHUP stop it)",
+                bt_proc_signal_name(signum));
+        return;
+    }
+    if (signum == SIGHUP) BT_INFO("SIGHUP: shutting down as for SIGTERM (baton has no configuration to reload)");
+    s->on_stop(s->data, signum);
+}
+
+void bt_proc_signals_start(uv_loop_t *loop, bt_proc_signals *s, bt_proc_stop_cb on_stop, bt_proc_user_cb on_user,
                            void *data) {
-    for (size_t i = 0; i < n; i++) {
-        uv_signal_init(loop, &handles[i]);
-        handles[i].data = data;
-        uv_signal_start(&handles[i], cb, signums[i]);
+    bool keep_hup_ignored = bt_proc_sighup_ignored();
+    static bool said;
+    if (keep_hup_ignored && !said) {
+        said = true;
+        BT_INFO("SIGHUP is ignored, as it was when the process started (nohup)");
+    }
+    s->on_stop = on_stop;
+    s->on_user = on_user;
+    s->data = data;
+    s->n = 0;
+    static const int signums[] = {SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2};
+    for (size_t i = 0; i < sizeof signums / sizeof signums[0]; i++) {
+        if (signums[i] == SIGHUP && keep_hup_ignored) continue;
+        uv_signal_t *h = &s->h[s->n++];
+        uv_signal_init(loop, h);
+        h->data = s;
+        uv_signal_start(h, on_proc_signal, signums[i]);
     }
 }
 

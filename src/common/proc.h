@@ -145,9 +145,35 @@ void bt_proc_events_config(const bt_proc_opts *p, const char *ns, bt_events_conf
 bt_status bt_proc_events_create(uv_loop_t *loop, const bt_proc_opts *p, const char *ns, const char *role,
                                 uint64_t id, bt_events **out, char *err, size_t errlen);
 
-/* Initializes and starts handles[i] for signums[i] (n of each), every one with cb and data. */
-void bt_proc_signals_start(uv_loop_t *loop, uv_signal_t *handles, const int *signums, size_t n, uv_signal_cb cb,
+/* The signals of a long-running command (`baton frontend`, `baton worker`, `baton run`), set up
+ * here so that all three answer alike (docs/operations.md, "Signals"):
+ *  - SIGTERM, SIGINT and SIGHUP call on_stop(data, signum): the graceful stop. SIGHUP is what a
+ *    closed terminal sends and what many tools send to mean "reload"; baton has no configuration
+ *    to reload, so it stops as for SIGTERM and says so in the log, rather than dying on the
+ *    signal's default action with its streams cut. A SIGHUP that was ignored when the process
+ *    started (nohup) stays ignored: that is what the one who started it asked for.
+ *  - SIGUSR1 and SIGUSR2 call on_user(data, signum), if given; when there is none or it returns
+ *    false the signal is ignored with a line at INFO: a stray `kill -USR1` must not kill a server.
+ * SIGPIPE is ignored for the whole process by main.c. The handles live on `loop` and close with
+ * its other handles (bt_proc_close_handles); s may be started again on a loop whose handles have
+ * all closed. */
+typedef void (*bt_proc_stop_cb)(void *data, int signum);
+typedef bool (*bt_proc_user_cb)(void *data, int signum);
+typedef struct {
+    uv_signal_t h[5]; /* SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2 */
+    int n;            /* handles started: 4 while SIGHUP stays ignored */
+    bt_proc_stop_cb on_stop;
+    bt_proc_user_cb on_user;
+    void *data;
+} bt_proc_signals;
+
+void bt_proc_signals_start(uv_loop_t *loop, bt_proc_signals *s, bt_proc_stop_cb on_stop, bt_proc_user_cb on_user,
                            void *data);
+/* "SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1" or "SIGUSR2"; "signal" for any other. */
+const char *bt_proc_signal_name(int signum);
+/* True when SIGHUP was ignored as the process started (nohup): bt_proc_signals_start leaves it so.
+ * `baton run` passes that on to its children, whose signals uv_spawn resets to their defaults. */
+bool bt_proc_sighup_ignored(void);
 
 /* Closing the planes at the end of a clean shutdown (bt_proc_close_planes). */
 typedef struct {

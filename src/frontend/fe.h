@@ -394,7 +394,7 @@ struct fe {
     uint64_t rr;
     uint64_t instance_id;
     bool shutting_down;
-    uv_signal_t sigs[2]; /* SIGTERM, SIGINT */
+    bt_proc_signals sigs; /* shard 0's (bt_proc_signals_start) */
     uv_timer_t shutdown_timer;
     uv_timer_t trim_timer; /* memory back to the system once the process is idle */
     bool trim_inited;

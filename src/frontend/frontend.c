@@ -1,7 +1,7 @@
 /* frontend.c — `baton frontend`: process set-up, HTTP routing, probes, models, operator
  * endpoints and shutdown.
  *
- * Shutdown (SIGTERM/SIGINT): /live turns 503 at once; new requests are still accepted for the
+ * Shutdown (SIGTERM/SIGINT/SIGHUP): /live turns 503 at once; new requests are still accepted for the
  * accept window (--shutdown-accept-window-ms, default 5 s as Dynamo's
  * DYN_HTTP_GRACEFUL_SHUTDOWN_TIMEOUT_SECS, which is honoured: a load balancer needs that long to
  * notice), then refused with 503 (the listener stays open so that late clients get an answer
@@ -532,8 +532,8 @@ static void shutdown_tick(uv_timer_t *t) {
     }
 }
 
-static void on_signal(uv_signal_t *h, int signum) {
-    fe *f = h->data;
+static void on_signal(void *data, int signum) {
+    fe *f = data;
     if (f->shutting_down) {
         if (bt_proc_supervised) return; /* the same stop reaching the whole group: `baton run` escalates */
         BT_WARN("second signal: exiting at once");
@@ -541,7 +541,7 @@ static void on_signal(uv_signal_t *h, int signum) {
     }
     BT_INFO("HTTP server shutdown requested (%s): /live answers 503; accepting for %lld ms more, then draining "
             "running requests for up to %llds",
-            signum == SIGINT ? "SIGINT" : "SIGTERM", (long long)f->o.accept_window_ms, (long long)f->o.drain_timeout);
+            bt_proc_signal_name(signum), (long long)f->o.accept_window_ms, (long long)f->o.drain_timeout);
     fe_shutdown_begin(f, bt_now_ms());
     fe_shards_shutdown(f);
 }
@@ -663,10 +663,7 @@ static int shard_open(fe *f, int port, char *err, size_t errlen) {
         else BT_ERROR("%s; choose another --http-port (DYN_HTTP_PORT)", err);
         return 1;
     }
-    if (f->shard == 0) {
-        static const int signums[] = {SIGTERM, SIGINT};
-        bt_proc_signals_start(f->loop, f->sigs, signums, 2, on_signal, f);
-    }
+    if (f->shard == 0) bt_proc_signals_start(f->loop, &f->sigs, on_signal, NULL, f);
     uv_timer_init(f->loop, &f->shutdown_timer);
     f->shutdown_timer.data = f;
     uv_timer_init(f->loop, &f->relay_timer); /* KV relays (workers.c); closed with the loop's handles */
@@ -994,8 +991,7 @@ int bt_frontend_main(int argc, char **argv) {
         }
         uv_run(f->loop, UV_RUN_DEFAULT);
         if (atomic_load(&g->running) > 0) {
-            static const int signums[] = {SIGTERM, SIGINT};
-            bt_proc_signals_start(f->loop, f->sigs, signums, 2, on_signal, f);
+            bt_proc_signals_start(f->loop, &f->sigs, on_signal, NULL, f);
             uv_timer_init(f->loop, &f->shutdown_timer); /* closed with the rest; serves again */
             f->shutdown_timer.data = f;
             uv_timer_start(&f->shutdown_timer, others_done_tick, 0, 20);

@@ -13,7 +13,7 @@
  *  - a gather asks every other shard for a part (its metrics registry, or whether it holds the
  *    request an operator cancels), and the origin answers its HTTP request once all parts are in;
  *  - the limits on connections and concurrent requests are process-wide atomic counters;
- *  - SIGTERM/SIGINT arrive on shard 0, which tells the others to begin the same shutdown.
+ *  - SIGTERM/SIGINT/SIGHUP arrive on shard 0, which tells the others to begin the same shutdown.
  *
  * /metrics: each shard fills a registry snapshot (fe_metrics_collect) on its own loop; the origin
  * merges them series by series by each family's declared rule (src/frontend/metrics.c: counters

@@ -1,6 +1,6 @@
 /* drain.c — the worker's shutdown sequence and its engine-failure path.
  *
- * SIGTERM/SIGINT: (1) delete the instance's discovery key, so that no frontend discovers or
+ * SIGTERM/SIGINT/SIGHUP: (1) delete the instance's discovery key, so that no frontend discovers or
  * picks this worker from now on; (2) send GOAWAY on every frontend connection and a LOAD without
  * BT_LOAD_READY, so that connected frontends route nothing new at once (discovery watches may lag;
  * the request plane does not); a REQUEST that crossed the GOAWAY is refused with the migratable
@@ -210,40 +210,51 @@ void wk_engine_dead_hook(void *ud, const char *why) { wk_engine_failed(ud, why);
 
 /* ---- signals ----------------------------------------------------------------------------- */
 
-static void on_signal(uv_signal_t *h, int signum) {
+/* The slow fault: off if on, else on at --fault-slow-factor (3 if unset). */
+static void on_sigwinch(uv_signal_t *h, int signum) {
+    (void)signum;
     wk_worker *w = h->data;
-    if (signum == SIGWINCH) { /* the slow fault: off if on, else on at --fault-slow-factor (3 if unset) */
-        if (!w->o.fault_signals || !w->engine || strcmp(w->o.engine, "mocker") != 0) return;
-        double f = w->o.mocker.fault_slow_factor > 1.0 ? w->o.mocker.fault_slow_factor : 3.0;
-        w->slowed = !w->slowed;
-        BT_WARN("fault signal SIGWINCH: slow fault %s", w->slowed ? "on" : "off");
-        bt_mocker_set_slow(w->engine, w->slowed ? f : 1.0);
-        return;
-    }
-    if (signum == SIGUSR1 || signum == SIGUSR2) {
-        bool llama = strcmp(w->o.engine, "llama") == 0;
-        if (!w->o.fault_signals || !w->engine || (strcmp(w->o.engine, "mocker") != 0 && !llama)) return;
-        BT_WARN("fault signal %s: %s", signum == SIGUSR1 ? "SIGUSR1" : "SIGUSR2",
-                signum == SIGUSR1 ? "engine death" : "engine stall toggle");
-        if (signum == SIGUSR2) w->stalled = !w->stalled;
-        bt_mocker_fault f = signum == SIGUSR1 ? BT_MOCKER_FAULT_DIE
-                            : w->stalled      ? BT_MOCKER_FAULT_STALL
-                                              : BT_MOCKER_FAULT_RESUME;
-        if (llama) bt_llama_inject(w->engine, (int)f);
-        else bt_mocker_inject(w->engine, f);
-        return;
-    }
-    const char *name = signum == SIGINT ? "SIGINT" : "SIGTERM";
+    if (!w->o.fault_signals || !w->engine || strcmp(w->o.engine, "mocker") != 0) return;
+    double f = w->o.mocker.fault_slow_factor > 1.0 ? w->o.mocker.fault_slow_factor : 3.0;
+    w->slowed = !w->slowed;
+    BT_WARN("fault signal SIGWINCH: slow fault %s", w->slowed ? "on" : "off");
+    bt_mocker_set_slow(w->engine, w->slowed ? f : 1.0);
+}
+
+/* SIGUSR1/SIGUSR2 with --fault-signals on the mocker or llama engine; false (the signal is
+ * ignored, bt_proc_signals_start) otherwise. */
+static bool on_user_signal(void *data, int signum) {
+    wk_worker *w = data;
+    bool llama = strcmp(w->o.engine, "llama") == 0;
+    if (!w->o.fault_signals || !w->engine || (strcmp(w->o.engine, "mocker") != 0 && !llama)) return false;
+    BT_WARN("fault signal %s: %s", bt_proc_signal_name(signum),
+            signum == SIGUSR1 ? "engine death" : "engine stall toggle");
+    if (signum == SIGUSR2) w->stalled = !w->stalled;
+    bt_mocker_fault f = signum == SIGUSR1 ? BT_MOCKER_FAULT_DIE
+                        : w->stalled      ? BT_MOCKER_FAULT_STALL
+                                          : BT_MOCKER_FAULT_RESUME;
+    if (llama) bt_llama_inject(w->engine, (int)f);
+    else bt_mocker_inject(w->engine, f);
+    return true;
+}
+
+static void on_stop_signal(void *data, int signum) {
+    wk_worker *w = data;
+    const char *name = bt_proc_signal_name(signum);
     if (++w->signals_seen > 1) {
         if (bt_proc_supervised) return; /* the same stop reaching the whole group: `baton run` escalates */
         BT_WARN("second signal (%s): exiting at once", name);
         _exit(w->exit_code);
     }
-    wk_drain_begin(w, signum == SIGINT ? "SIGINT received" : "SIGTERM received", false);
+    char why[32];
+    snprintf(why, sizeof why, "%s received", name);
+    wk_drain_begin(w, why, false);
 }
 
 void wk_drain_init(wk_worker *w) {
-    static const int signums[] = {SIGTERM, SIGINT, SIGUSR1, SIGUSR2, SIGWINCH};
     w->slowed = w->o.mocker.fault_slow_factor > 1.0; /* started slow: the first SIGWINCH heals it */
-    bt_proc_signals_start(w->loop, w->sigs, signums, 5, on_signal, w);
+    bt_proc_signals_start(w->loop, &w->sigs, on_stop_signal, on_user_signal, w);
+    uv_signal_init(w->loop, &w->sig_winch);
+    w->sig_winch.data = w;
+    uv_signal_start(&w->sig_winch, on_sigwinch, SIGWINCH);
 }

@@ -3,7 +3,7 @@
  * The worker registers its instance in discovery, accepts frontend connections, runs each
  * REQUEST as an engine sequence and streams TOKENS/FINISH/ERROR back, pushes LOAD reports when
  * the engine's load changes, serves a status server, checks its engine with canaries and a
- * monitor, and drains on SIGTERM/SIGINT (see docs/operations.md; the modules are listed in
+ * monitor, and drains on SIGTERM/SIGINT/SIGHUP (see docs/operations.md; the modules are listed in
  * worker_internal.h). */
 #ifndef BATON_WORKER_H
 #define BATON_WORKER_H

@@ -224,7 +224,8 @@ struct wk_worker {
     int signals_seen;
     bool stalled; /* fault signal SIGUSR2 toggles */
     bool slowed;  /* fault signal SIGWINCH toggles (the mocker's slow fault) */
-    uv_signal_t sigs[5]; /* SIGTERM, SIGINT, SIGUSR1, SIGUSR2, SIGWINCH */
+    bt_proc_signals sigs;  /* stop and user signals (bt_proc_signals_start) */
+    uv_signal_t sig_winch; /* the mocker's slow fault, with --fault-signals */
     bt_proc_closer closer; /* closes discovery and the event plane at the end */
     uv_timer_t drain_timer;
     uv_timer_t dead_timer;
