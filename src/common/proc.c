@@ -114,7 +114,18 @@ bool bt_proc_given_nonempty(const char *flag, const char *env, const char *val, 
 }
 
 bt_status bt_proc_load_secret(const bt_proc_opts *p, char **out, char *err, size_t errlen) {
-    return bt_load_secret(p->rpc_secret_file, getenv("DYN_RPC_SECRET"), out, err, errlen);
+    *out = NULL;
+    /* empty is not "no secret" (a template that failed to fill it in would leave the request
+     * plane open without a word), as for the API keys */
+    if (!bt_proc_given_nonempty("--rpc-secret-file", "DYN_RPC_SECRET_FILE", p->rpc_secret_file,
+                                "a request-plane secret", err, errlen))
+        return BT_ERR_INVALID;
+    const char *value = getenv("DYN_RPC_SECRET");
+    if (!p->rpc_secret_file && value && !*value) {
+        snprintf(err, errlen, "DYN_RPC_SECRET is set but empty: unset it to run without a request-plane secret");
+        return BT_ERR_INVALID;
+    }
+    return bt_load_secret(p->rpc_secret_file, value, out, err, errlen);
 }
 
 bt_status bt_proc_discovery_create(uv_loop_t *loop, const bt_proc_opts *p, int64_t ttl_s, bt_discovery **out,

@@ -842,6 +842,12 @@ int bt_frontend_main(int argc, char **argv) {
     }
     /* the tenant-label secret, read as the request-plane one is; only the policy keeps it */
     char *label_secret = NULL;
+    if (!bt_proc_given_nonempty("--tenant-label-secret-file", "BATON_TENANT_LABEL_SECRET_FILE",
+                                o->tenant_label_secret_file, "a tenant-label secret", err, sizeof err)) {
+        bt_proc_error("frontend", "%s", err);
+        free(f->rpc_secret);
+        goto bad_usage;
+    }
     if (bt_load_secret(o->tenant_label_secret_file, NULL, &label_secret, err, sizeof err) != BT_OK) {
         bt_proc_error("frontend", "--tenant-label-secret-file (BATON_TENANT_LABEL_SECRET_FILE): %s", err);
         free(f->rpc_secret);
@@ -872,11 +878,6 @@ int bt_frontend_main(int argc, char **argv) {
         fe_admit_policy_free(f->admit_policy);
         f->admit_policy = NULL;
     }
-    if (claimable)
-        BT_WARN("--priority-ceiling: %zu key(s) may ask for more urgent work than every other caller, but without "
-                "--api-key a caller sends whatever Bearer token it likes and may claim theirs (put an authenticating "
-                "gateway in front, or give the API a key)",
-                claimable);
     bool labels_keyed = f->admit_policy && fe_admit_policy_label_key(f->admit_policy, label_secret, err, sizeof err);
     if (label_secret) OPENSSL_cleanse(label_secret, strlen(label_secret));
     free(label_secret);
@@ -894,6 +895,11 @@ int bt_frontend_main(int argc, char **argv) {
         free(f);
         return 0;
     }
+    if (claimable) /* once: after `baton run`'s check of these arguments, by the frontend it starts */
+        BT_WARN("--priority-ceiling: %zu key(s) may ask for more urgent work than every other caller, but without "
+                "--api-key a caller sends whatever Bearer token it likes and may claim theirs (put an authenticating "
+                "gateway in front, or give the API a key)",
+                claimable);
     fe_group *g = calloc(1, sizeof *g);
     if (!g) goto bad_usage;
     g->n = (int)o->threads;

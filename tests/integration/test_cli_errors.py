@@ -838,6 +838,13 @@ for cmd in ("frontend", "run"):
             # an empty key is not "no key": a template or secret store that left it empty would
             # otherwise serve an open API without a word
             (["--api-key", ""], {}, "--api-key (DYN_API_KEY) is given empty: leave it out to run without an API key"),
+            # the same for the secrets: empty would mean an open request plane, random tenant labels
+            (["--rpc-secret-file", ""], {},
+             "--rpc-secret-file (DYN_RPC_SECRET_FILE) is given empty: leave it out to run without a request-plane secret"),
+            ([], {"DYN_RPC_SECRET_FILE": ""}, "DYN_RPC_SECRET_FILE (--rpc-secret-file) is set but empty"),
+            ([], {"DYN_RPC_SECRET": ""}, "DYN_RPC_SECRET is set but empty: unset it to run without a request-plane secret"),
+            (["--tenant-label-secret-file="], {},
+             "--tenant-label-secret-file (BATON_TENANT_LABEL_SECRET_FILE) is given empty"),
             (["--admin-api-key="], {},
              "--admin-api-key (BATON_ADMIN_API_KEY) is given empty: leave it out to run without an operator key"),
             ([], {"DYN_API_KEY": ""}, "DYN_API_KEY (--api-key) is set but empty: unset it to run without an API key"),
