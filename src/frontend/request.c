@@ -92,6 +92,7 @@ static int status_for(bt_status code) {
     switch (code) {
     case BT_ERR_INVALID:
     case BT_ERR_INVALID_PROMPT:
+    case BT_ERR_INVALID_LOGIT_BIAS:
     case BT_ERR_TOO_LARGE:
     case BT_ERR_CONTEXT_LENGTH: return 400;
     case BT_ERR_NOT_FOUND: return 404;
@@ -106,7 +107,8 @@ static int status_for(bt_status code) {
 static const char *code_for(bt_status code) {
     switch (code) {
     case BT_ERR_INVALID:
-    case BT_ERR_INVALID_PROMPT: return "invalid_value";
+    case BT_ERR_INVALID_PROMPT:
+    case BT_ERR_INVALID_LOGIT_BIAS: return "invalid_value";
     case BT_ERR_TOO_LARGE: return "request_too_large";
     case BT_ERR_CONTEXT_LENGTH: return "context_length_exceeded";
     case BT_ERR_NOT_FOUND: return "not_found";
@@ -501,9 +503,9 @@ static void finish_unary(fe_req *r, const char *reason) {
 static void fail_request(fe_req *r, bt_status code, const char *msg) {
     int status = status_for(code);
     fe_outcome out = code == BT_ERR_CANCELLED ? FE_OUT_CANCELLED : FE_OUT_ERROR;
-    /* a prompt over the context or of ids outside the vocabulary is the client's 400 (the engine
-     * counted it): debug, as the frontend's own refusals of bad input are (docs/security.md) */
-    bt_log(code == BT_ERR_CONTEXT_LENGTH || code == BT_ERR_INVALID_PROMPT ? BT_LOG_DEBUG : BT_LOG_WARN,
+    /* a prompt over the context or ids outside the vocabulary are the client's 400 (the engine
+     * counted them): debug, as the frontend's own refusals of bad input are (docs/security.md) */
+    bt_log(bt_status_client_input(code) ? BT_LOG_DEBUG : BT_LOG_WARN,
            "request %s failed after %zu tokens and %d attempts: %s (%s)", r->rid, r->nids, r->attempts, msg,
            bt_status_name(code));
     if (r->http) {
@@ -520,10 +522,12 @@ static void fail_request(fe_req *r, bt_status code, const char *msg) {
             }
             write_error_event(r, status, code_for(code), msg);
         } else {
-            /* the two refusals of the prompt itself name it, as OpenAI's do */
+            /* the engine's refusals of the client's input name the field, as OpenAI's do */
             bool of_prompt = code == BT_ERR_CONTEXT_LENGTH || code == BT_ERR_INVALID_PROMPT;
-            fe_json_error_ex(r->http, r->rid, status, code_for(code),
-                             of_prompt ? (r->api == BT_API_CHAT ? "messages" : "prompt") : NULL, NULL, "%s", msg);
+            const char *param = of_prompt ? (r->api == BT_API_CHAT ? "messages" : "prompt")
+                                : code == BT_ERR_INVALID_LOGIT_BIAS ? "logit_bias"
+                                                                    : NULL;
+            fe_json_error_ex(r->http, r->rid, status, code_for(code), param, NULL, "%s", msg);
         }
         r->http->user = NULL;
         r->http = NULL;

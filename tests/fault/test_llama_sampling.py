@@ -63,8 +63,11 @@ def bias_and_penalties(c, fe, ws):
     assert banned.token_ids[0] != plain[0], (plain[0], banned.token_ids[:4])
     st, _, b = bl.post_json(fe.url + "/v1/completions",
                             bl.completion_body(PROMPT, max_tokens=4, model=MODEL, logit_bias={"512": 1}))
-    assert st == 400 and b["error"]["code"] == "invalid_value", (st, b)
-    assert "logit_bias" in b["error"]["message"] and "512" in b["error"]["message"], b
+    assert st == 400 and b["error"]["code"] == "invalid_value" and b["error"]["param"] == "logit_bias", (st, b)
+    assert "512" in b["error"]["message"] and "vocabulary 0..511" in b["error"]["message"], b
+    for w in ws:  # the client's mistake: not a warning per request in either process
+        assert "logit_bias key" not in "".join(l for l in w.proc.log_text().splitlines(True) if " WARN " in l)
+    assert "logit_bias key" not in "".join(l for l in fe.proc.log_text().splitlines(True) if " WARN " in l)
     print("logit_bias: +100 forces token 264, -100 bans the greedy first token, id 512 refused (400)")
     # top_k written 1.0 is top_k 1 (the frontend's integral reals): a sampled stream is the greedy one
     for k in (1, 1.0):

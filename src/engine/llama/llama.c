@@ -1133,13 +1133,14 @@ static double body_number(const json_t *body, const char *key, double def) {
 /* The body's logit_bias into s->sp (the frontend checked its form, docs/security.md; a client of
  * the request plane may send anything): token ids of this model's vocabulary, numbers, at most
  * BT_MAX_LOGIT_BIAS, one entry per id (the last of "5" and "05"). A key outside the vocabulary is
- * the client's mistake: refused before any token, as a prompt token id outside it is. */
+ * the client's mistake: refused before any token (BT_ERR_INVALID_LOGIT_BIAS), as a prompt token id
+ * outside it is (BT_ERR_INVALID_PROMPT). */
 static bt_status read_logit_bias(ll_engine *e, const json_t *body, ll_seq *s, char *err, size_t errlen) {
     json_t *lb = json_object_get(body, "logit_bias");
     if (!lb || json_is_null(lb) || json_object_size(lb) == 0) return BT_OK;
     if (!json_is_object(lb) || json_object_size(lb) > BT_MAX_LOGIT_BIAS)
         return snprintf(err, errlen, "logit_bias must be an object of at most %d token ids", BT_MAX_LOGIT_BIAS),
-               BT_ERR_INVALID;
+               BT_ERR_INVALID_LOGIT_BIAS;
     bt_llsample_bias *b = calloc(json_object_size(lb), sizeof *b);
     if (!b) return snprintf(err, errlen, "out of memory"), BT_ERR_NOMEM;
     size_t n = 0, klen;
@@ -1152,7 +1153,7 @@ static bt_status read_logit_bias(ll_engine *e, const json_t *body, ll_seq *s, ch
             snprintf(err, errlen, "logit_bias key \"%.32s\" is not a token id of this model (vocabulary 0..%u)%s", key,
                      e->n_vocab - 1, json_is_number(v) ? "" : ", or its value is not a number");
             free(b);
-            return BT_ERR_INVALID;
+            return BT_ERR_INVALID_LOGIT_BIAS; /* the frontend's 400 names "logit_bias" */
         }
         size_t at = 0;
         while (at < n && b[at].id != (int32_t)id) at++;
