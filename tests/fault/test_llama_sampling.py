@@ -3,7 +3,8 @@
 
 1. logit_bias: +100 on token 264 makes every greedy token 264; -100 on the plain greedy run's first
    token makes the first token another; a key outside the model's vocabulary (512 tokens) is a 400
-   from the worker, before any token. top_k 1 (also written 1.0) at temperature 0.8 is the greedy text.
+   from the worker, before any token; out-of-range values sent to a worker's request plane
+   directly (no frontend) are refused by the engine too. top_k 1 (also written 1.0) at temperature 0.8 is the greedy text.
 2. Penalties change the greedy text, exactly as OpenAI defines them: token j's logit loses
    c[j] * frequency_penalty + (c[j] > 0) * presence_penalty, c[j] counting j among the tokens
    generated so far. The reference is built one token at a time: a request of max_tokens 1 whose
@@ -21,6 +22,7 @@ import sys
 
 import batonlib as bl
 import faultlib as fl
+import rpclib
 
 MODEL = "mock-model"
 PROMPT = [1, 403, 407, 261, 378]  # "Once upon a time" with BOS (models/README.md)
@@ -68,7 +70,19 @@ def bias_and_penalties(c, fe, ws):
     for w in ws:  # the client's mistake: not a warning per request in either process
         assert "logit_bias key" not in "".join(l for l in w.proc.log_text().splitlines(True) if " WARN " in l)
     assert "logit_bias key" not in "".join(l for l in fe.proc.log_text().splitlines(True) if " WARN " in l)
-    print("logit_bias: +100 forces token 264, -100 bans the greedy first token, id 512 refused (400)")
+    # straight to a worker's request plane (no frontend checks): the engine refuses what is out of
+    # range before any token (BT_ERR_INVALID_LOGIT_BIAS 22, BT_ERR_INVALID 1)
+    conn = rpclib.Conn(ws[0].rpc_port)
+    for extra, code in (({"logit_bias": {"512": 1}}, 22), ({"logit_bias": {"7": 1e300}}, 22),
+                        ({"logit_bias": {"-7": 1}}, 22), ({"frequency_penalty": 1e300}, 1),
+                        ({"presence_penalty": -3}, 1)):
+        body = dict(bl.completion_body(PROMPT, max_tokens=4, model=MODEL), **extra)
+        r = rpclib.read_stream(conn, conn.request({"request_id": "raw", "api": "completion", "body": body,
+                                                   "max_tokens": 4}))
+        assert r.error and r.error[0] == code and not r.ids, (extra, r.error, r.ids)
+    conn.close()
+    print("logit_bias: +100 forces token 264, -100 bans the greedy first token, id 512 refused (400); "
+          "out-of-range values sent to the worker directly refused")
     # top_k written 1.0 is top_k 1 (the frontend's integral reals): a sampled stream is the greedy one
     for k in (1, 1.0):
         s = complete(fe, PROMPT, N, top_k=k, temperature=0.8, seed=5)

@@ -1149,11 +1149,17 @@ static bt_status read_logit_bias(ll_engine *e, const json_t *body, ll_seq *s, ch
     json_object_keylen_foreach(lb, key, klen, v) {
         char *end = NULL;
         unsigned long long id = strtoull(key, &end, 10);
-        if (klen == 0 || end != key + klen || key[0] < '0' || key[0] > '9' || id >= e->n_vocab || !json_is_number(v)) {
-            snprintf(err, errlen, "logit_bias key \"%.32s\" is not a token id of this model (vocabulary 0..%u)%s", key,
-                     e->n_vocab - 1, json_is_number(v) ? "" : ", or its value is not a number");
+        if (klen == 0 || end != key + klen || key[0] < '0' || key[0] > '9' || id >= e->n_vocab) {
+            snprintf(err, errlen, "logit_bias key \"%.32s\" is not a token id of this model (vocabulary 0..%u)", key,
+                     e->n_vocab - 1);
             free(b);
             return BT_ERR_INVALID_LOGIT_BIAS; /* the frontend's 400 names "logit_bias" */
+        }
+        /* OpenAI's range, as the frontend checks it: a larger bias could make a logit infinite */
+        if (!json_is_number(v) || !(fabs(json_number_value(v)) <= 100)) {
+            snprintf(err, errlen, "logit_bias values must be numbers from -100 to 100 (token %.32s)", key);
+            free(b);
+            return BT_ERR_INVALID_LOGIT_BIAS;
         }
         size_t at = 0;
         while (at < n && b[at].id != (int32_t)id) at++;
@@ -1198,6 +1204,11 @@ static bt_status ll_submit(bt_engine *be, const bt_engine_request *req, const bt
     s->sp.frequency_penalty = body_number(req->body, "frequency_penalty", 0);
     s->sp.presence_penalty = body_number(req->body, "presence_penalty", 0);
     bt_status bst = read_logit_bias(e, req->body, s, err, errlen);
+    /* OpenAI's range, as the frontend checks it (a client of the request plane may skip it) */
+    if (bst == BT_OK && !(fabs(s->sp.frequency_penalty) <= 2 && fabs(s->sp.presence_penalty) <= 2)) {
+        snprintf(err, errlen, "frequency_penalty and presence_penalty must be numbers from -2 to 2");
+        bst = BT_ERR_INVALID;
+    }
     if (bst != BT_OK) {
         free(h);
         seq_free(s);

@@ -41,7 +41,7 @@ typedef struct {
     int32_t top_k;      /* 0 = off */
     uint64_t seed;
     double frequency_penalty, presence_penalty; /* 0 = off */
-    const bt_llsample_bias *bias;              /* n_bias entries, distinct ids < n_vocab */
+    const bt_llsample_bias *bias;               /* n_bias entries, distinct ids < n_vocab */
     size_t n_bias;
 } bt_llsample_params;
 
