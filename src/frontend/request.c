@@ -1034,7 +1034,7 @@ bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const cha
     if (tk && !json_is_null(tk) && !json_is_integer(tk)) REJECT("top_k", "invalid_type", "'top_k' must be an integer");
     if (json_is_integer(tk) && (json_integer_value(tk) < 0 || json_integer_value(tk) > INT32_MAX))
         REJECT("top_k", "invalid_value", "'top_k' must be an integer from 0 (off) to %d", INT32_MAX);
-    /* OpenAI's ranges; the llama engine applies them (docs/engines.md §3.3) */
+    /* OpenAI's ranges; the llama engine applies them (docs/engines.md §3.4) */
     const char *pens[] = {"frequency_penalty", "presence_penalty"};
     for (int i = 0; i < 2; i++) {
         json_t *v = json_object_get(body, pens[i]);

@@ -1,10 +1,11 @@
 """frequency_penalty, presence_penalty and logit_bias on the llama engine, through the real binaries
-(docs/engines.md §3.3), against references computed in the test:
+(docs/engines.md §3.4), against references computed in the test:
 
 1. logit_bias: +100 on token 264 makes every greedy token 264; -100 on the plain greedy run's first
    token makes the first token another; a key outside the model's vocabulary (512 tokens) is a 400
    from the worker, before any token; out-of-range values sent to a worker's request plane
-   directly (no frontend) are refused by the engine too. top_k 1 (also written 1.0) at temperature 0.8 is the greedy text.
+   directly (no frontend) are refused by the engine too. top_k 1 (also written 1.0) at
+   temperature 0.8 is the greedy text.
 2. Penalties change the greedy text, exactly as OpenAI defines them: token j's logit loses
    c[j] * frequency_penalty + (c[j] > 0) * presence_penalty, c[j] counting j among the tokens
    generated so far. The reference is built one token at a time: a request of max_tokens 1 whose

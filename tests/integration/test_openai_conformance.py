@@ -163,7 +163,7 @@ with bl.Cluster() as c:
     # top_k and priority are integer parameters too: 1.0 is 1, "1" and 1.5 are not integers
     st, _, b = bl.post_json(u + "/v1/chat/completions", bl.chat_body(max_tokens=2, top_k=1.0, priority=1.0))
     assert st == 200 and b["usage"]["completion_tokens"] == 2, (st, b)
-    # sampling parameters the llama engine applies (docs/engines.md §3.3): OpenAI's types and ranges,
+    # sampling parameters the llama engine applies (docs/engines.md §3.4): OpenAI's types and ranges,
     # never read as "off"; logit_bias keys are token ids in decimal, at most 300 of them
     sampling_cases = (({"top_k": "1"}, "invalid_type", "top_k"), ({"top_k": 1.5}, "invalid_type", "top_k"),
                       ({"top_k": -1}, "invalid_value", "top_k"), ({"top_k": 2 ** 31}, "invalid_value", "top_k"),
