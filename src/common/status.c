@@ -31,6 +31,10 @@ const char *bt_status_msg(int code) {
     return r ? r->msg : "unknown";
 }
 
+bool bt_status_client_input(int code) {
+    return code == BT_ERR_CONTEXT_LENGTH || code == BT_ERR_INVALID_PROMPT || code == BT_ERR_INVALID_LOGIT_BIAS;
+}
+
 bool bt_status_migratable(int code) {
     const status_row *r = row(code);
     return r ? r->migratable : false;

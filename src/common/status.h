@@ -32,7 +32,8 @@
     X(BT_ERR_INTERNAL,      18, false, "internal error")                              \
     X(BT_ERR_CONTEXT_LENGTH, 19, false, "prompt + max_tokens exceed the model's context length") \
     X(BT_ERR_MOVED,         20, true,  "stream moved to another worker")                   \
-    X(BT_ERR_INVALID_PROMPT, 21, false, "the prompt is not valid for this model")
+    X(BT_ERR_INVALID_PROMPT, 21, false, "the prompt is not valid for this model") \
+    X(BT_ERR_INVALID_LOGIT_BIAS, 22, false, "the logit_bias is not valid for this model")
 
 typedef enum {
 #define BT_X(name, code, mig, msg) name = code,
@@ -46,5 +47,9 @@ const char *bt_status_name(int code);
 const char *bt_status_msg(int code);
 /* True when a stream that failed with this status may be continued on another worker. */
 bool bt_status_migratable(int code);
+/* Whether an engine refused the client's request itself (its prompt over the context, or a token id
+ * outside the vocabulary in the prompt or logit_bias): the client's 400, which the frontend cannot
+ * check without the model, so not worth a warning per request in either process (docs/security.md). */
+bool bt_status_client_input(int code);
 
 #endif

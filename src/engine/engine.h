@@ -44,6 +44,9 @@ typedef struct {
 } bt_usage;
 
 #define BT_MAX_STOP 4 /* OpenAI allows up to 4 stop sequences */
+/* entries of a request's logit_bias: each is applied at every generated token; OpenAI's API refuses
+ * larger maps too (docs/security.md) */
+#define BT_MAX_LOGIT_BIAS 300
 /* Bytes in one stop string. Every stop string is matched against the text after each token, so
  * its length is work a client would otherwise choose: 4 stop strings of 1 MB slowed every other
  * stream of a worker 8x. The frontend refuses longer ones (400) and so does the worker. */

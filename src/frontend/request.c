@@ -93,6 +93,7 @@ static int status_for(bt_status code) {
     switch (code) {
     case BT_ERR_INVALID:
     case BT_ERR_INVALID_PROMPT:
+    case BT_ERR_INVALID_LOGIT_BIAS:
     case BT_ERR_TOO_LARGE:
     case BT_ERR_CONTEXT_LENGTH: return 400;
     case BT_ERR_NOT_FOUND: return 404;
@@ -107,7 +108,8 @@ static int status_for(bt_status code) {
 static const char *code_for(bt_status code) {
     switch (code) {
     case BT_ERR_INVALID:
-    case BT_ERR_INVALID_PROMPT: return "invalid_value";
+    case BT_ERR_INVALID_PROMPT:
+    case BT_ERR_INVALID_LOGIT_BIAS: return "invalid_value";
     case BT_ERR_TOO_LARGE: return "request_too_large";
     case BT_ERR_CONTEXT_LENGTH: return "context_length_exceeded";
     case BT_ERR_NOT_FOUND: return "not_found";
@@ -502,9 +504,9 @@ static void finish_unary(fe_req *r, const char *reason) {
 static void fail_request(fe_req *r, bt_status code, const char *msg) {
     int status = status_for(code);
     fe_outcome out = code == BT_ERR_CANCELLED ? FE_OUT_CANCELLED : FE_OUT_ERROR;
-    /* a prompt over the context or of ids outside the vocabulary is the client's 400 (the engine
-     * counted it): debug, as the frontend's own refusals of bad input are (docs/security.md) */
-    bt_log(code == BT_ERR_CONTEXT_LENGTH || code == BT_ERR_INVALID_PROMPT ? BT_LOG_DEBUG : BT_LOG_WARN,
+    /* a prompt over the context or ids outside the vocabulary are the client's 400 (the engine
+     * counted them): debug, as the frontend's own refusals of bad input are (docs/security.md) */
+    bt_log(bt_status_client_input(code) ? BT_LOG_DEBUG : BT_LOG_WARN,
            "request %s failed after %zu tokens and %d attempts: %s (%s)", r->rid, r->nids, r->attempts, msg,
            bt_status_name(code));
     if (r->http) {
@@ -521,10 +523,12 @@ static void fail_request(fe_req *r, bt_status code, const char *msg) {
             }
             write_error_event(r, status, code_for(code), msg);
         } else {
-            /* the two refusals of the prompt itself name it, as OpenAI's do */
+            /* the engine's refusals of the client's input name the field, as OpenAI's do */
             bool of_prompt = code == BT_ERR_CONTEXT_LENGTH || code == BT_ERR_INVALID_PROMPT;
-            fe_json_error_ex(r->http, r->rid, status, code_for(code),
-                             of_prompt ? (r->api == BT_API_CHAT ? "messages" : "prompt") : NULL, NULL, "%s", msg);
+            const char *param = of_prompt ? (r->api == BT_API_CHAT ? "messages" : "prompt")
+                                : code == BT_ERR_INVALID_LOGIT_BIAS ? "logit_bias"
+                                                                    : NULL;
+            fe_json_error_ex(r->http, r->rid, status, code_for(code), param, NULL, "%s", msg);
         }
         r->http->user = NULL;
         r->http = NULL;
@@ -857,11 +861,25 @@ static bool known_role(const json_t *role) {
     return false;
 }
 
+/* A logit_bias key of n bytes: a token id in decimal, as OpenAI's and vLLM's parsers take it ("0",
+ * "264"; not "-1", "+1", " 1", "1.0", "0x10" or one holding U+0000), at most INT32_MAX (llama.cpp's
+ * token type). */
+static bool token_id_key(const char *key, size_t n) {
+    if (n == 0 || n > 10) return false;
+    uint64_t v = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (key[i] < '0' || key[i] > '9') return false;
+        v = v * 10 + (uint64_t)(key[i] - '0');
+    }
+    return v <= INT32_MAX;
+}
+
 /* The integer parameters baton reads. JSON has one number type, and OpenAI's and vLLM's parsers
  * take an integral 1.0 as 1: fe_body_integers writes such a value back as an integer, so that
  * every reader (checks, engines, the digest a resume compares) sees one form. */
-static const char *const int_params[] = {"max_tokens", "max_completion_tokens", "seed", "n",
-                                         "best_of",    "logprobs",              "top_logprobs"};
+static const char *const int_params[] = {"max_tokens", "max_completion_tokens", "seed",    "n",
+                                         "best_of",    "logprobs",              "top_logprobs", "top_k",
+                                         "priority"};
 
 void fe_body_integers(json_t *body) {
     for (size_t i = 0; i < sizeof int_params / sizeof int_params[0]; i++) {
@@ -1002,6 +1020,44 @@ bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const cha
         REJECT("top_p", "invalid_value", "'top_p' must be a number from 0 to 1");
     json_t *seed = json_object_get(body, "seed");
     if (seed && !json_is_null(seed) && !json_is_integer(seed)) REJECT("seed", "invalid_type", "'seed' must be an integer");
+    /* vLLM's extension, read by the llama engine: "1" or 1.5 must not pass as "off" */
+    json_t *tk = json_object_get(body, "top_k");
+    if (tk && !json_is_null(tk) && !json_is_integer(tk)) REJECT("top_k", "invalid_type", "'top_k' must be an integer");
+    if (json_is_integer(tk) && (json_integer_value(tk) < 0 || json_integer_value(tk) > INT32_MAX))
+        REJECT("top_k", "invalid_value", "'top_k' must be an integer from 0 (off) to %d", INT32_MAX);
+    /* OpenAI's ranges; the llama engine applies them (docs/engines.md §3.4) */
+    const char *pens[] = {"frequency_penalty", "presence_penalty"};
+    for (int i = 0; i < 2; i++) {
+        json_t *v = json_object_get(body, pens[i]);
+        if (v && !json_is_null(v) && !json_is_number(v))
+            REJECT(pens[i], "invalid_type", "'%s' must be a number from -2 to 2", pens[i]);
+        if (json_is_number(v) && !(json_number_value(v) >= -2 && json_number_value(v) <= 2))
+            REJECT(pens[i], "invalid_value", "'%s' must be a number from -2 to 2", pens[i]);
+    }
+    json_t *lb = json_object_get(body, "logit_bias");
+    if (lb && !json_is_null(lb)) {
+        if (!json_is_object(lb))
+            REJECT("logit_bias", "invalid_type", "'logit_bias' must be an object of token ids to numbers");
+        /* bounded: every entry is applied to the logits of every token generated */
+        if (json_object_size(lb) > BT_MAX_LOGIT_BIAS)
+            REJECT("logit_bias", "invalid_value", "'logit_bias' may have at most %d entries (got %zu)", BT_MAX_LOGIT_BIAS,
+                   json_object_size(lb));
+        const char *key;
+        size_t klen;
+        json_t *v;
+        json_object_keylen_foreach(lb, key, klen, v) {
+            if (!token_id_key(key, klen))
+                REJECT("logit_bias", "invalid_value",
+                       "'logit_bias' keys must be token ids (decimal integers from 0 to %u), got \"%.32s\"", INT32_MAX,
+                       key);
+            if (!json_is_number(v))
+                REJECT("logit_bias", "invalid_type", "'logit_bias' values must be numbers from -100 to 100 (token %.32s)",
+                       key);
+            if (!(json_number_value(v) >= -100 && json_number_value(v) <= 100))
+                REJECT("logit_bias", "invalid_value", "'logit_bias' values must be numbers from -100 to 100 (token %.32s)",
+                       key);
+        }
+    }
     json_t *stop = json_object_get(body, "stop");
     if (stop && !json_is_null(stop)) {
         /* bounded: every stop string is matched against the text after each token */

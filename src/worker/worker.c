@@ -167,11 +167,11 @@ static void on_seq_error(void *ud, bt_status code, const char *msg) {
     if (b) bt_frame_put_error(b, s->id, (uint16_t)code, msg);
     w->requests_error++;
     wk_monitor_progress(w);
-    /* a prompt over the context (or of ids outside the vocabulary) is the client's 400, which the
+    /* a prompt over the context (or ids outside the vocabulary) is the client's 400, which the
      * frontend cannot count for a text prompt: not worth a warning per request (docs/security.md,
      * bad input) */
-    bt_log(code == BT_ERR_CONTEXT_LENGTH || code == BT_ERR_INVALID_PROMPT ? BT_LOG_DEBUG : BT_LOG_WARN,
-           "request %s failed after %u tokens: %s", s->rid, s->tokens, msg);
+    bt_log(bt_status_client_input(code) ? BT_LOG_DEBUG : BT_LOG_WARN, "request %s failed after %u tokens: %s", s->rid,
+           s->tokens, msg);
     wk_stream_free(s);
 }
 
@@ -435,8 +435,8 @@ static void handle_request(wk_peer *p, uint32_t id, const bt_frame *f) {
 
 fail:
     w->requests_error++;
-    bt_log(st == BT_ERR_CONTEXT_LENGTH || st == BT_ERR_INVALID_PROMPT ? BT_LOG_DEBUG : BT_LOG_WARN,
-           "request on stream %u rejected: %s", id, err[0] ? err : bt_status_msg(st));
+    bt_log(bt_status_client_input(st) ? BT_LOG_DEBUG : BT_LOG_WARN, "request on stream %u rejected: %s", id,
+           err[0] ? err : bt_status_msg(st));
     wk_send_stream_error(p, id, st, err[0] ? err : bt_status_msg(st));
     if (s) bt_ctx_free(s->ctx);
     free(s);

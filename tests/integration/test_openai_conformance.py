@@ -19,6 +19,9 @@ the error table, docs/engines.md the context length):
     a value compared with a fixed one (role, content part type, tool_choice, function_call, model)
     and a stop string holding U+0000 are a 400 invalid_value naming the field, never read as the
     part before the NUL;
+  * sampling parameters: top_k an integer >= 0, frequency_penalty and presence_penalty numbers in
+    [-2, 2], logit_bias an object of at most 300 decimal token ids to numbers in [-100, 100]; a
+    wrong type or range is a 400 naming the field; top_k and priority written 1.0 are integers;
   * prompt + max_tokens beyond the worker's --context-length is a 400 context_length_exceeded,
     checked by the frontend where it can count (max_tokens alone, token-id prompts: the worker
     sees nothing) and by the engine for text prompts (logged below WARN by neither process); without
@@ -157,6 +160,42 @@ with bl.Cluster() as c:
                                ({"seed": 1.5}, "invalid_type", "seed"), ({"n": 2.0}, "unsupported_value", "n")):
         st, _, b = bl.post_json(u + "/v1/chat/completions", dict(bl.chat_body(max_tokens=2), **extra))
         error_of(st, b, 400, code, param, f"chat {extra}")
+    # top_k and priority are integer parameters too: 1.0 is 1, "1" and 1.5 are not integers
+    st, _, b = bl.post_json(u + "/v1/chat/completions", bl.chat_body(max_tokens=2, top_k=1.0, priority=1.0))
+    assert st == 200 and b["usage"]["completion_tokens"] == 2, (st, b)
+    # sampling parameters the llama engine applies (docs/engines.md §3.4): OpenAI's types and ranges,
+    # never read as "off"; logit_bias keys are token ids in decimal, at most 300 of them
+    sampling_cases = (({"top_k": "1"}, "invalid_type", "top_k"), ({"top_k": 1.5}, "invalid_type", "top_k"),
+                      ({"top_k": -1}, "invalid_value", "top_k"), ({"top_k": 2 ** 31}, "invalid_value", "top_k"),
+                      ({"frequency_penalty": 5}, "invalid_value", "frequency_penalty"),
+                      ({"frequency_penalty": -2.5}, "invalid_value", "frequency_penalty"),
+                      ({"frequency_penalty": "1"}, "invalid_type", "frequency_penalty"),
+                      ({"presence_penalty": 2.01}, "invalid_value", "presence_penalty"),
+                      ({"presence_penalty": [1]}, "invalid_type", "presence_penalty"),
+                      ({"logit_bias": [1, 2]}, "invalid_type", "logit_bias"),
+                      ({"logit_bias": "x"}, "invalid_type", "logit_bias"),
+                      ({"logit_bias": {"x": 1}}, "invalid_value", "logit_bias"),
+                      ({"logit_bias": {"-1": 1}}, "invalid_value", "logit_bias"),
+                      ({"logit_bias": {"1.0": 1}}, "invalid_value", "logit_bias"),
+                      ({"logit_bias": {" 1": 1}}, "invalid_value", "logit_bias"),
+                      ({"logit_bias": {"": 1}}, "invalid_value", "logit_bias"),
+                      ({"logit_bias": {"99999999999": 1}}, "invalid_value", "logit_bias"),
+                      ({"logit_bias": {"264": 101}}, "invalid_value", "logit_bias"),
+                      ({"logit_bias": {"264": -100.5}}, "invalid_value", "logit_bias"),
+                      ({"logit_bias": {"264": "1"}}, "invalid_type", "logit_bias"),
+                      ({"logit_bias": {"264": None}}, "invalid_type", "logit_bias"),
+                      ({"logit_bias": {str(i): 1 for i in range(301)}}, "invalid_value", "logit_bias"))
+    for extra, code, param in sampling_cases:
+        for path, body in (("/v1/chat/completions", bl.chat_body(max_tokens=2)),
+                           ("/v1/completions", bl.completion_body(max_tokens=2))):
+            st, _, b = bl.post_json(u + path, dict(body, **extra))
+            error_of(st, b, 400, code, param, f"{path} {str(extra)[:60]}")
+    for extra in ({"top_k": 0}, {"top_k": 40}, {"top_k": None}, {"frequency_penalty": -2}, {"frequency_penalty": 2},
+                  {"presence_penalty": 0.5}, {"frequency_penalty": None, "presence_penalty": None},
+                  {"logit_bias": {}}, {"logit_bias": None}, {"logit_bias": {"0": -100, "7": 100, "264": 2.5}},
+                  {"logit_bias": {str(i): 1 for i in range(300)}}):
+        st, _, b = bl.post_json(u + "/v1/chat/completions", dict(bl.chat_body(max_tokens=2), **extra))
+        assert st == 200 and b["usage"]["completion_tokens"] == 2, (extra, st, b)
     # a non-boolean include_usage is refused (OpenAI: 400 invalid_type), never read as false
     for bad in ("yes", 1, 0, [], {}):
         for path, body in (("/v1/chat/completions", bl.chat_body(max_tokens=2, stream=True)),

@@ -25,7 +25,8 @@ worker whose upstream never answers refuses work at once and exits 1 after its s
 Part A also runs canaries on P2: its start-up canary must succeed through the engine.
 Part C runs a small vLLM-shaped server of this file's own (separate processes, deterministic
 tokens, vLLM's field names: return_token_ids, prompt_token_ids, /tokenize, vllm:* gauges) to
-cover the vLLM dialect: answers equal the server's own; its KV usage and queue feed the worker's
+cover the vLLM dialect: answers equal the server's own (also with frequency_penalty, presence_penalty,
+logit_bias and top_k, which change its answer: they reach it unchanged); its KV usage and queue feed the worker's
 load (and so shedding: a threshold below its usage makes the frontend answer 503); a client abort
 reaches it; and when one such server is killed mid-stream, the streams continue on the other
 through /tokenize + a token-id prompt, byte for byte.
@@ -690,6 +691,11 @@ def fake_vllm(port, kv_usage):
                 prompt = tokenize(body["prompt"])
             ids_on = body.get("return_token_ids") is True
             state = zlib.crc32(struct.pack("<q", int(body.get("seed") or 0)))
+            # sampling parameters take part in the choice, as in a real sampler: an engine that
+            # dropped one would answer otherwise than the server asked directly
+            samp = {k: body[k] for k in ("frequency_penalty", "presence_penalty", "logit_bias", "top_k") if k in body}
+            if samp:
+                state = zlib.crc32(json.dumps(samp, sort_keys=True).encode(), state)
             for t in prompt:
                 state = zlib.crc32(struct.pack("<I", t), state)
             n = int(body.get("max_tokens") or 16)
@@ -776,6 +782,12 @@ def part_c():
                                                    stream_options={"include_usage": True})),
                  ("completion", bl.completion_body([7, 8, 9], max_tokens=12, return_token_ids=True,
                                                    stream_options={"include_usage": True}))]
+        # the sampling parameters reach the server unchanged (they change its answer)
+        samp = {"frequency_penalty": 0.5, "presence_penalty": -1.25, "logit_bias": {"17": -100, "4": 2.5},
+                "top_k": 7}
+        cases += [("chat", dict(cases[0][1], **samp)), ("completion", dict(cases[1][1], **samp))]
+        if direct_fake(ua, "chat", cases[3][1], True)["token_ids"] == direct_fake(ua, "chat", cases[0][1], True)["token_ids"]:
+            fail("the fake vLLM ignores the sampling parameters")
         for api, body in cases:
             ref = direct_fake(ua, api, body, True)
             for stream in (True, False):
@@ -826,7 +838,7 @@ def part_c():
             fail(f"{moved} streams migrated and {tk} /tokenize calls: each continuation must tokenize once")
         if v1.proc.wait(20) != 1:
             fail(f"V1 did not exit 1 after its upstream died: {v1.proc.returncode}\n{v1.proc.log_tail()}")
-        print(f"vLLM dialect: 6 answers equal the server's; KV 50 % -> 500 of 1000 blocks, waiting 7; shed at "
+        print(f"vLLM dialect: 10 answers equal the server's (sampling parameters passed on); KV 50 % -> 500 of 1000 blocks, waiting 7; shed at "
               f"threshold 0.4; abort reached it; {moved:.0f} streams continued via /tokenize byte-exact; V1 exited 1")
 
 

@@ -222,55 +222,114 @@ static void test_migration_property(void **state) {
 static void test_sampler(void **state) {
     (void)state;
     bt_llsample_cand cand[8];
+    uint32_t counts[8] = {0};
     float l[8] = {0.5f, 2.0f, -1.0f, 2.0f, 0.0f, 1.0f, -3.0f, 0.25f};
-    bt_llsample_params greedy = {0, 1, 0, 7};
-    assert_int_equal(bt_llsample(l, 8, &greedy, 0, cand), 1); /* lowest id among the maxima */
-    bt_llsample_params k1 = {1.5, 1, 1, 7};
-    for (uint64_t n = 0; n < 50; n++) assert_int_equal(bt_llsample(l, 8, &k1, n, cand), 1);
+    bt_llsample_params greedy = {.temperature = 0, .top_p = 1, .top_k = 0, .seed = 7};
+    assert_int_equal(bt_llsample(l, 8, &greedy, NULL, 0, cand, counts), 1); /* lowest id among the maxima */
+    bt_llsample_params k1 = {.temperature = 1.5, .top_p = 1, .top_k = 1, .seed = 7};
+    for (uint64_t n = 0; n < 50; n++) assert_int_equal(bt_llsample(l, 8, &k1, NULL, n, cand, counts), 1);
     float bad[3] = {0, NAN, 1};
-    assert_int_equal(bt_llsample(bad, 3, &greedy, 0, cand), -1);
+    assert_int_equal(bt_llsample(bad, 3, &greedy, NULL, 0, cand, counts), -1);
     float inf[3] = {0, INFINITY, 1};
-    assert_int_equal(bt_llsample(inf, 3, &k1, 0, cand), -1);
+    assert_int_equal(bt_llsample(inf, 3, &k1, NULL, 0, cand, counts), -1);
 
     /* position-keyed: the same (seed, n) gives the same token whatever came before */
-    bt_llsample_params t1 = {1.0, 1, 0, 42};
+    bt_llsample_params t1 = {.temperature = 1.0, .top_p = 1, .top_k = 0, .seed = 42};
     int first[64];
-    for (int n = 0; n < 64; n++) first[n] = bt_llsample(l, 8, &t1, (uint64_t)n, cand);
-    for (int n = 63; n >= 0; n--) assert_int_equal(bt_llsample(l, 8, &t1, (uint64_t)n, cand), first[n]);
-    bt_llsample_params other = {1.0, 1, 0, 43};
+    for (int n = 0; n < 64; n++) first[n] = bt_llsample(l, 8, &t1, NULL, (uint64_t)n, cand, counts);
+    for (int n = 63; n >= 0; n--) assert_int_equal(bt_llsample(l, 8, &t1, NULL, (uint64_t)n, cand, counts), first[n]);
+    bt_llsample_params other = {.temperature = 1.0, .top_p = 1, .top_k = 0, .seed = 43};
     int same = 0;
-    for (int n = 0; n < 64; n++) same += bt_llsample(l, 8, &other, (uint64_t)n, cand) == first[n];
+    for (int n = 0; n < 64; n++) same += bt_llsample(l, 8, &other, NULL, (uint64_t)n, cand, counts) == first[n];
     assert_true(same < 50); /* another seed draws differently */
 
     /* frequencies follow the softmax: two logits, p(1) = 1/(1+e^-1) ~ 0.731 */
     float two[2] = {0.0f, 1.0f};
     int ones = 0, draws = 20000;
-    for (int n = 0; n < draws; n++) ones += bt_llsample(two, 2, &t1, (uint64_t)n, cand) == 1;
+    for (int n = 0; n < draws; n++) ones += bt_llsample(two, 2, &t1, NULL, (uint64_t)n, cand, counts) == 1;
     double p = (double)ones / draws;
     assert_true(p > 0.715 && p < 0.747);
     /* top_p 0.5 keeps only the most likely of the two */
-    bt_llsample_params tp = {1.0, 0.5, 0, 42};
-    for (int n = 0; n < 200; n++) assert_int_equal(bt_llsample(two, 2, &tp, (uint64_t)n, cand), 1);
+    bt_llsample_params tp = {.temperature = 1.0, .top_p = 0.5, .top_k = 0, .seed = 42};
+    for (int n = 0; n < 200; n++) assert_int_equal(bt_llsample(two, 2, &tp, NULL, (uint64_t)n, cand, counts), 1);
     /* top_p 0 is the smallest nucleus: only the most probable token, i.e. the greedy pick (lowest id
      * on ties: l has 2.0 at ids 1 and 3), for every seed, position and temperature */
     for (uint64_t seed = 0; seed < 8; seed++) {
-        bt_llsample_params z = {2.0, 0, 0, seed};
-        for (int n = 0; n < 200; n++) assert_int_equal(bt_llsample(l, 8, &z, (uint64_t)n, cand), 1);
-        bt_llsample_params z2 = {1.0, 0, 0, seed};
-        for (int n = 0; n < 200; n++) assert_int_equal(bt_llsample(two, 2, &z2, (uint64_t)n, cand), 1);
+        bt_llsample_params z = {.temperature = 2.0, .top_p = 0, .top_k = 0, .seed = seed};
+        for (int n = 0; n < 200; n++) assert_int_equal(bt_llsample(l, 8, &z, NULL, (uint64_t)n, cand, counts), 1);
+        bt_llsample_params z2 = {.temperature = 1.0, .top_p = 0, .top_k = 0, .seed = seed};
+        for (int n = 0; n < 200; n++) assert_int_equal(bt_llsample(two, 2, &z2, NULL, (uint64_t)n, cand, counts), 1);
     }
     /* and the same draws at top_p 1 do vary, so the loop above checks something */
-    bt_llsample_params full = {2.0, 1, 0, 5};
+    bt_llsample_params full = {.temperature = 2.0, .top_p = 1, .top_k = 0, .seed = 5};
     int other_ids = 0;
-    for (int n = 0; n < 200; n++) other_ids += bt_llsample(l, 8, &full, (uint64_t)n, cand) != 1;
+    for (int n = 0; n < 200; n++) other_ids += bt_llsample(l, 8, &full, NULL, (uint64_t)n, cand, counts) != 1;
     assert_true(other_ids > 20);
+}
+
+/* logit_bias and the OpenAI penalties (llama_sample.h): exact values, greedy and sampled, counts
+ * of the generated tokens only, and the bias that equals a penalty giving the same pick. */
+static void test_sampler_adjust(void **state) {
+    (void)state;
+    bt_llsample_cand cand[8];
+    uint32_t counts[8] = {0};
+    float l[8] = {0.5f, 2.0f, -1.0f, 2.0f, 0.0f, 1.0f, -3.0f, 0.25f};
+    /* a bias of +3 on id 6 (-3 + 3 = 0) is still below 2; +5.5 (2.5) makes it the argmax */
+    bt_llsample_bias b6 = {6, 3};
+    bt_llsample_params g = {.top_p = 1, .bias = &b6, .n_bias = 1};
+    assert_int_equal(bt_llsample(l, 8, &g, NULL, 0, cand, counts), 1);
+    b6.bias = 5.5;
+    assert_int_equal(bt_llsample(l, 8, &g, NULL, 0, cand, counts), 6);
+    /* -100 on the greedy pick: the tie partner (id 3) wins */
+    bt_llsample_bias ban = {1, -100};
+    bt_llsample_params gb = {.top_p = 1, .bias = &ban, .n_bias = 1};
+    assert_int_equal(bt_llsample(l, 8, &gb, NULL, 0, cand, counts), 3);
+    /* and at a temperature, +100 on id 6 is drawn at every position */
+    b6.bias = 100;
+    bt_llsample_params tb = {.temperature = 1, .top_p = 1, .seed = 9, .bias = &b6, .n_bias = 1};
+    for (uint64_t n = 0; n < 100; n++) assert_int_equal(bt_llsample(l, 8, &tb, NULL, n, cand, counts), 6);
+
+    /* penalties count generated tokens: ids 1 and 3 tie at 2.0; 1 generated once with presence 0.1
+     * gives 3; a frequency penalty of 0.6 on [3, 3, 5]: 3 -> 0.8, 5 -> 0.4; 1 (2.0) wins */
+    int32_t gen1[] = {1};
+    bt_llsample_params pp = {.top_p = 1, .presence_penalty = 0.1};
+    assert_int_equal(bt_llsample(l, 8, &pp, gen1, 1, cand, counts), 3);
+    assert_int_equal(bt_llsample(l, 8, &pp, gen1, 0, cand, counts), 1); /* nothing generated yet */
+    int32_t gen2[] = {3, 1, 3, 5};
+    bt_llsample_params fp = {.top_p = 1, .frequency_penalty = 0.6};
+    /* 1: 2.0 - 0.6 = 1.4; 3: 2.0 - 1.2 = 0.8; 5: 1.0 - 0.6 = 0.4: 1 still wins */
+    assert_int_equal(bt_llsample(l, 8, &fp, gen2, 4, cand, counts), 1);
+    fp.frequency_penalty = 1.1; /* 1: 0.9; 3: -0.2; 5: -0.1; 0 (0.5) ... 1 still */
+    assert_int_equal(bt_llsample(l, 8, &fp, gen2, 4, cand, counts), 1);
+    fp.presence_penalty = 1.6; /* 1: 2 - 1.1 - 1.6 = -0.7; 3, 5 lower; 0 (0.5) wins */
+    assert_int_equal(bt_llsample(l, 8, &fp, gen2, 4, cand, counts), 0);
+    for (int i = 0; i < 8; i++) assert_int_equal(counts[i], 0); /* left as it was given */
+    /* a negative penalty favours repetition */
+    int32_t gen3[] = {4};
+    bt_llsample_params neg = {.top_p = 1, .frequency_penalty = -2, .presence_penalty = -0.5};
+    assert_int_equal(bt_llsample(l, 8, &neg, gen3, 1, cand, counts), 4); /* 0 + 2.5 */
+
+    /* a bias of -x is the penalty x exactly: the same pick for ties broken by one ulp */
+    float near[3] = {1.0f, nextafterf(1.0f, 2.0f) - 0.7f + 0.7f, 0.3f};
+    int32_t gen4[] = {0, 0};
+    bt_llsample_params pen = {.top_p = 1, .frequency_penalty = 0.35, .presence_penalty = 0.3};
+    bt_llsample_bias eq = {0, -(2 * 0.35 + 0.3)};
+    bt_llsample_params as_bias = {.top_p = 1, .bias = &eq, .n_bias = 1};
+    float shifted[3];
+    for (int k = 0; k < 200; k++) {
+        for (int i = 0; i < 3; i++) shifted[i] = near[i] + (float)k * 0.001f;
+        shifted[2] = shifted[0] - 1.0f + (float)k * 0.0001f;
+        int32_t a = bt_llsample(shifted, 3, &pen, gen4, 2, cand, counts);
+        int32_t b = bt_llsample(shifted, 3, &as_bias, NULL, 2, cand, counts);
+        assert_int_equal(a, b);
+    }
 }
 
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_utf8_split), cmocka_unit_test(test_utf8_invalid),
         cmocka_unit_test(test_stop),       cmocka_unit_test(test_migration_property),
-        cmocka_unit_test(test_sampler),
+        cmocka_unit_test(test_sampler),    cmocka_unit_test(test_sampler_adjust),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

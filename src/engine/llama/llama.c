@@ -189,6 +189,7 @@ struct ll_seq {
     bt_llsample_params sp;
     bt_lltext text;
     llama_token *car; /* the carried ids until the thread puts them behind the prompt */
+    bt_llsample_bias *bias; /* sp.bias: the request's logit_bias, NULL when none */
     uint8_t *kv;      /* a KV state to import when admitted (llama_kv.h), NULL when none */
     size_t kv_len;
     char rid[80];     /* the request id, for the log */
@@ -242,6 +243,7 @@ struct ll_engine {
     bool stalled; /* fault injection: no steps until resumed */
     bt_engine_gather gather; /* --batch-gather-us: the first step of an idle engine waits (engine.h) */
     bt_llsample_cand *cand;
+    uint32_t *counts; /* n_vocab zeros: bt_llsample's scratch for the penalties */
     char model_desc[128];
     ll_kv_ident kv_ident;     /* what a KV state must match to be imported here */
     bt_engine_kv_stats kvs;   /* under mu */
@@ -287,6 +289,7 @@ static void seq_free(ll_seq *s) {
     json_decref(s->body);
     free(s->tok);
     free(s->car);
+    free(s->bias);
     free(s->kv);
     bt_lltext_free(&s->text);
     free(s);
@@ -850,7 +853,10 @@ static bool run_batch(ll_engine *e, ll_seq **seqs, const size_t *take, int n) {
          * every logit of the row (bt_llsample) is what finds it, as it would a broken kernel's */
         if (logits && e->cfg.fault_nan_after_tokens && e->total_emitted >= (uint64_t)e->cfg.fault_nan_after_tokens)
             logits[e->total_emitted % e->n_vocab] = NAN;
-        int32_t t = logits ? bt_llsample(logits, (int32_t)e->n_vocab, &s->sp, s->n_carried + s->n_gen, e->cand) : -1;
+        /* the tokens after the prompt are the carried and generated ones: what the penalties count */
+        int32_t t = logits ? bt_llsample(logits, (int32_t)e->n_vocab, &s->sp, s->tok + s->n_prompt,
+                                         s->n_carried + s->n_gen, e->cand, e->counts)
+                           : -1;
         if (t < 0) {
             engine_die(e, "non-finite logits");
             return false;
@@ -1166,6 +1172,48 @@ static double body_number(const json_t *body, const char *key, double def) {
     return json_is_number(v) ? json_number_value(v) : def;
 }
 
+/* The body's logit_bias into s->sp (the frontend checked its form, docs/security.md; a client of
+ * the request plane may send anything): token ids of this model's vocabulary, numbers, at most
+ * BT_MAX_LOGIT_BIAS, one entry per id (the last of "5" and "05"). A key outside the vocabulary is
+ * the client's mistake: refused before any token (BT_ERR_INVALID_LOGIT_BIAS), as a prompt token id
+ * outside it is (BT_ERR_INVALID_PROMPT). */
+static bt_status read_logit_bias(ll_engine *e, const json_t *body, ll_seq *s, char *err, size_t errlen) {
+    json_t *lb = json_object_get(body, "logit_bias");
+    if (!lb || json_is_null(lb) || json_object_size(lb) == 0) return BT_OK;
+    if (!json_is_object(lb) || json_object_size(lb) > BT_MAX_LOGIT_BIAS)
+        return snprintf(err, errlen, "logit_bias must be an object of at most %d token ids", BT_MAX_LOGIT_BIAS),
+               BT_ERR_INVALID_LOGIT_BIAS;
+    bt_llsample_bias *b = calloc(json_object_size(lb), sizeof *b);
+    if (!b) return snprintf(err, errlen, "out of memory"), BT_ERR_NOMEM;
+    size_t n = 0, klen;
+    const char *key;
+    json_t *v;
+    json_object_keylen_foreach(lb, key, klen, v) {
+        char *end = NULL;
+        unsigned long long id = strtoull(key, &end, 10);
+        if (klen == 0 || end != key + klen || key[0] < '0' || key[0] > '9' || id >= e->n_vocab) {
+            snprintf(err, errlen, "logit_bias key \"%.32s\" is not a token id of this model (vocabulary 0..%u)", key,
+                     e->n_vocab - 1);
+            free(b);
+            return BT_ERR_INVALID_LOGIT_BIAS; /* the frontend's 400 names "logit_bias" */
+        }
+        /* OpenAI's range, as the frontend checks it: a larger bias could make a logit infinite */
+        if (!json_is_number(v) || !(fabs(json_number_value(v)) <= 100)) {
+            snprintf(err, errlen, "logit_bias values must be numbers from -100 to 100 (token %.32s)", key);
+            free(b);
+            return BT_ERR_INVALID_LOGIT_BIAS;
+        }
+        size_t at = 0;
+        while (at < n && b[at].id != (int32_t)id) at++;
+        b[at] = (bt_llsample_bias){(int32_t)id, json_number_value(v)};
+        if (at == n) n++;
+    }
+    s->bias = b;
+    s->sp.bias = b;
+    s->sp.n_bias = n;
+    return BT_OK;
+}
+
 void bt_llama_inject(bt_engine *be, int fault) {
     ll_engine *e = (ll_engine *)be;
     ll_cmd *c = calloc(1, sizeof *c);
@@ -1195,6 +1243,20 @@ static bt_status ll_submit(bt_engine *be, const bt_engine_request *req, const bt
     s->priority = req->priority;
     s->sp.temperature = req->temperature;
     s->sp.top_p = body_number(req->body, "top_p", 1.0);
+    s->sp.frequency_penalty = body_number(req->body, "frequency_penalty", 0);
+    s->sp.presence_penalty = body_number(req->body, "presence_penalty", 0);
+    bt_status bst = read_logit_bias(e, req->body, s, err, errlen);
+    /* OpenAI's range, as the frontend checks it (a client of the request plane may skip it) */
+    if (bst == BT_OK && !(fabs(s->sp.frequency_penalty) <= 2 && fabs(s->sp.presence_penalty) <= 2)) {
+        snprintf(err, errlen, "frequency_penalty and presence_penalty must be numbers from -2 to 2");
+        bst = BT_ERR_INVALID;
+    }
+    if (bst != BT_OK) {
+        free(h);
+        seq_free(s);
+        free(c);
+        return bst;
+    }
     json_t *k = json_object_get(req->body, "top_k");
     s->sp.top_k = json_is_integer(k) && json_integer_value(k) > 0 && json_integer_value(k) < INT32_MAX
                       ? (int32_t)json_integer_value(k)
@@ -1362,6 +1424,7 @@ static void ll_destroy_now(ll_engine *e) {
     if (e->model) e->L->llama_model_free(e->model);
     free(e->chat_template);
     free(e->cand);
+    free(e->counts);
     pthread_mutex_destroy(&e->mu);
     pthread_cond_destroy(&e->cv);
     uv_close((uv_handle_t *)&e->async, on_async_closed);
@@ -1494,7 +1557,8 @@ bt_engine *bt_llama_create_with_api(uv_loop_t *loop, const bt_llama_config *cfg,
     e->batch = L->llama_batch_init((int32_t)cfg->max_num_batched_tokens, 0, 1);
     e->batch_ok = true;
     e->cand = calloc(e->n_vocab, sizeof *e->cand);
-    if (!e->cand) {
+    e->counts = calloc(e->n_vocab, sizeof *e->counts);
+    if (!e->cand || !e->counts) {
         snprintf(err, errlen, "out of memory");
         goto fail;
     }
@@ -1504,8 +1568,8 @@ bt_engine *bt_llama_create_with_api(uv_loop_t *loop, const bt_llama_config *cfg,
     char variant[96], ident[64];
     if (!bt_llama_lib_cpu_variant(variant, sizeof variant)) snprintf(variant, sizeof variant, "none");
     model_identity(path, ident, sizeof ident);
-    snprintf(e->exactness, sizeof e->exactness, "llama-0.4.0 cpu=%s threads=%lld ubatch=%u fa=%d model=%s", variant,
-             (long long)cfg->threads, cp.n_ubatch, cfg->flash_attn ? 1 : 0, ident);
+    snprintf(e->exactness, sizeof e->exactness, "llama-0.4.0 cpu=%s threads=%lld ubatch=%u fa=%d model=%s sampler=%d",
+             variant, (long long)cfg->threads, cp.n_ubatch, cfg->flash_attn ? 1 : 0, ident, BT_LLSAMPLE_VERSION);
     /* a KV state is checked against the same fingerprint: one description of the numerics */
     ll_kv_ident_init(&e->kv_ident, L, e->model, e->ctx, e->exactness, cfg);
     if (pthread_create(&e->thread, NULL, engine_thread, e) != 0) {

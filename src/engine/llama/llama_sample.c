@@ -2,6 +2,7 @@
 #include "engine/llama/llama_sample.h"
 
 #include <math.h>
+#include <stdbool.h>
 #include <stdlib.h>
 
 static uint64_t splitmix64(uint64_t x) {
@@ -24,17 +25,53 @@ static int cand_cmp(const void *a, const void *b) {
     return (x->id > y->id) - (x->id < y->id);
 }
 
-int32_t bt_llsample(const float *logits, int32_t n_vocab, const bt_llsample_params *p, uint64_t n,
-                    bt_llsample_cand *c) {
+static double penalty(const bt_llsample_params *p, uint32_t count) {
+    return count ? (double)count * p->frequency_penalty + p->presence_penalty : 0.0;
+}
+
+/* c[j].logit = logits[j] + bias[j] - penalty(c[j]) for every j with a bias or generated (llama_sample.h);
+ * c is in id order. counts is zero before and after. Two passes over the generated tokens per
+ * draw: at most the context length, no more than the pass over the vocabulary every draw makes. */
+static void adjust(const float *logits, const bt_llsample_params *p, const int32_t *gen, uint64_t n,
+                   bt_llsample_cand *c, uint32_t *counts) {
+    bool pen = gen && (p->frequency_penalty != 0 || p->presence_penalty != 0);
+    if (pen)
+        for (uint64_t i = 0; i < n; i++) counts[gen[i]]++;
+    for (size_t i = 0; i < p->n_bias; i++) {
+        int32_t j = p->bias[i].id;
+        c[j].logit = (float)((double)logits[j] + p->bias[i].bias - penalty(p, counts[j]));
+        counts[j] = 0; /* done: the loop below leaves it alone */
+    }
+    if (pen)
+        for (uint64_t i = 0; i < n; i++) {
+            int32_t j = gen[i];
+            if (!counts[j]) continue;
+            c[j].logit = (float)((double)logits[j] - penalty(p, counts[j]));
+            counts[j] = 0;
+        }
+}
+
+int32_t bt_llsample(const float *logits, int32_t n_vocab, const bt_llsample_params *p, const int32_t *gen, uint64_t n,
+                    bt_llsample_cand *c, uint32_t *counts) {
     if (n_vocab <= 0) return -1;
     int32_t best = 0;
     for (int32_t i = 0; i < n_vocab; i++) {
         if (!isfinite(logits[i])) return -1;
         if (logits[i] > logits[best]) best = i;
     }
-    if (p->temperature <= 0) return best;
+    bool adjusted = p->n_bias || (n && (p->frequency_penalty != 0 || p->presence_penalty != 0));
+    if (p->temperature <= 0 && !adjusted) return best;
 
     for (int32_t i = 0; i < n_vocab; i++) c[i] = (bt_llsample_cand){i, logits[i], 0};
+    if (adjusted) {
+        adjust(logits, p, gen, n, c, counts);
+        if (p->temperature <= 0) { /* argmax of the adjusted logits, lowest id on ties */
+            best = 0;
+            for (int32_t i = 1; i < n_vocab; i++)
+                if (c[i].logit > c[best].logit) best = i;
+            return best;
+        }
+    }
     qsort(c, (size_t)n_vocab, sizeof *c, cand_cmp);
     int32_t k = n_vocab;
     if (p->top_k > 0 && p->top_k < k) k = p->top_k;

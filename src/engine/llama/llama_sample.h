@@ -7,19 +7,42 @@
  * (splitmix64 of seed and n), not a stream. A sequence continued after a migration from n carried
  * tokens therefore draws exactly what the uninterrupted one would have, with no generator state
  * to carry or replay (llama.cpp's own dist sampler would have to be advanced by n draws). Pure C,
- * no llama.cpp dependency: unit-tested alone. */
+ * no llama.cpp dependency: unit-tested alone.
+ *
+ * Before any of that (greedy included) the logits are adjusted as OpenAI defines it: token j's
+ * logit + logit_bias[j] - (c[j] * frequency_penalty + (c[j] > 0) * presence_penalty), c[j] the
+ * count of j among the tokens generated so far (not the prompt), in double, rounded to float once.
+ * The counts are taken from the generated tokens at every draw, not kept: a continuation has them
+ * in its carried tokens, so it penalises exactly as the uninterrupted run did with nothing to
+ * rebuild. llama.cpp's penalties sampler keeps its own ring of the last penalty_last_n accepted
+ * tokens (a window, not "so far") and its logit-bias sampler rounds the bias to float apart from
+ * the penalty; one expression here keeps a bias of -x exactly equal to a penalty of x, which the
+ * tests use as their reference. */
 #ifndef BATON_LLAMA_SAMPLE_H
 #define BATON_LLAMA_SAMPLE_H
+
+/* The version of what this sampler computes, in the llama engine's exactness fingerprint (llama.h):
+ * raised whenever a request could draw another token from the same logits. 2: logit_bias and the
+ * penalties are applied (1 ignored them, so a penalised stream would continue otherwise there). */
+#define BT_LLSAMPLE_VERSION 2
 
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
 typedef struct {
+    int32_t id; /* a token of the vocabulary */
+    double bias;
+} bt_llsample_bias;
+
+typedef struct {
     double temperature; /* 0 = greedy */
     double top_p;       /* [0, 1]; 1 = off, 0 = the most probable token only (greedy) */
     int32_t top_k;      /* 0 = off */
     uint64_t seed;
+    double frequency_penalty, presence_penalty; /* 0 = off */
+    const bt_llsample_bias *bias;               /* n_bias entries, distinct ids < n_vocab */
+    size_t n_bias;
 } bt_llsample_params;
 
 typedef struct {
@@ -30,9 +53,11 @@ typedef struct {
 
 /* The uniform draw in [0, 1) for generated position n. */
 double bt_llsample_uniform(uint64_t seed, uint64_t n);
-/* Picks the next token from logits[0..n_vocab). `scratch` holds n_vocab candidates (caller-owned,
- * reused). Returns -1 when a logit is NaN or infinite (a broken engine: the caller fails). */
-int32_t bt_llsample(const float *logits, int32_t n_vocab, const bt_llsample_params *p, uint64_t n,
-                    bt_llsample_cand *scratch);
+/* Picks the next token from logits[0..n_vocab), the tokens generated so far being gen[0..n) (ids
+ * < n_vocab; read only when a penalty is set). `scratch` holds n_vocab candidates and `counts`
+ * n_vocab zeros, which it holds again on return (caller-owned, reused). Returns -1 when a logit is
+ * NaN or infinite (a broken engine: the caller fails). */
+int32_t bt_llsample(const float *logits, int32_t n_vocab, const bt_llsample_params *p, const int32_t *gen, uint64_t n,
+                    bt_llsample_cand *scratch, uint32_t *counts);
 
 #endif
