@@ -309,7 +309,7 @@ static void fixture_init(fixture *f) {
 static void start_server(fixture *f) {
     assert_int_equal(uv_loop_init(&f->loop), 0);
     char err[256] = "";
-    bt_http_handlers h = {h_request, h_abort, h_drain};
+    bt_http_handlers h = {h_request, h_abort, h_drain, NULL};
     assert_int_equal(bt_http_server_start(&f->loop, &f->cfg, &h, f, &f->srv, err, sizeof err), BT_OK);
     f->port = bt_http_server_port(f->srv);
     assert_true(f->port > 0);
@@ -1170,7 +1170,7 @@ static void test_server_close_inflight(void **state) {
     /* like run(), but the client signals the close itself while requests are in flight */
     assert_int_equal(uv_loop_init(&f.loop), 0);
     char err[256];
-    bt_http_handlers h = {h_request, h_abort, NULL};
+    bt_http_handlers h = {h_request, h_abort, NULL, NULL};
     assert_int_equal(bt_http_server_start(&f.loop, &f.cfg, &h, &f, &f.srv, err, sizeof err), BT_OK);
     f.port = bt_http_server_port(f.srv);
     uv_async_init(&f.loop, &f.async, on_async);
@@ -1202,7 +1202,7 @@ static void test_bind_error(void **state) {
     bt_http_config_default(&cfg);
     cfg.host = "127.0.0.1";
     cfg.port = 0;
-    bt_http_handlers h = {h_request, h_abort, NULL};
+    bt_http_handlers h = {h_request, h_abort, NULL, NULL};
     bt_http_server *a = NULL, *b = NULL;
     char err[256] = "";
     assert_int_equal(bt_http_server_start(&loop, &cfg, &h, NULL, &a, err, sizeof err), BT_OK);
