@@ -10,7 +10,8 @@
      served with Access-Control-Allow-Origin and Vary: Origin, and its preflights (OPTIONS with
      Access-Control-Request-Method) get a 204 with the methods and headers it may use, also
      without the API key (a browser sends none on a preflight), while its real requests still
-     need the key. An --allowed-origins that is not a list of origins is a start-up error (2).
+     need the key. An --allowed-origins that is not a list of origins is a start-up error (2);
+     `baton run` forwards the flag to its frontend.
      A worker's status server refuses POST /rebalance with an Origin (403), and serves its probes.
   2. Expect: 100-continue is answered only after the key and the Origin are checked: a client
      without the key gets its 401 (and one from an origin not listed its 403) at once, with the
@@ -152,6 +153,13 @@ with bl.Cluster() as c:
         r = subprocess.run([BIN, "frontend", "--http-port", "0", "--allowed-origins", bad], env=CLEAN_ENV,
                            capture_output=True, text=True, timeout=20)
         assert r.returncode == 2 and "--allowed-origins" in r.stderr, (bad, r.returncode, r.stderr[-400:])
+
+    # ---- `baton run` forwards the flag to its frontend
+    run = c.start_run(workers=1, speedup_ratio=50, allowed_origins=APP, system_port=-1)
+    st, hdrs, b, _ = exchange(run.port, text_post("/admission", '{"queue_timeout":4}', EVIL))
+    assert st == 403, ("baton run, an origin not listed", st, b[:200])
+    st, hdrs, b, _ = exchange(run.port, text_post("/admission", '{"queue_timeout":4}', APP))
+    assert st == 200 and hdrs.get("access-control-allow-origin") == APP, ("baton run, listed", st, hdrs)
 
     # ---- the worker's status server: no POST from a page
     wport = w.system_port
