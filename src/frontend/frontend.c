@@ -576,10 +576,15 @@ static bool origin_ok(fe *f, bt_http_req *http, bt_route_result res, const bt_ht
     }
     /* the origin itself, not "*", even under "*": the answer differs by Origin (Vary), and a page
      * that sends credentials needs its own origin named */
-    size_t n = strlen(origin) + 64;
+    /* X-Request-Id exposed: a page cancels its request by that id (/v1/requests/{id}/cancel) */
+    size_t n = strlen(origin) + 128;
     char *acao = malloc(n);
-    bool added = acao && snprintf(acao, n, "Access-Control-Allow-Origin: %s\r\nVary: Origin\r\n", origin) > 0 &&
-                 bt_http_add_headers(http, acao);
+    bool added = acao &&
+                 snprintf(acao, n,
+                          "Access-Control-Allow-Origin: %s\r\nVary: Origin\r\nAccess-Control-Expose-Headers: "
+                          "X-Request-Id\r\n",
+                          origin) > 0 &&
+                 bt_http_set_headers(http, acao);
     free(acao);
     if (!added) {
         fe_json_error(http, NULL, 500, "out_of_memory", "out of memory");

@@ -171,7 +171,7 @@ struct conn {
     char *held_head; /* a streamed response's head, written with the next bytes (stream_begin_held) */
     size_t held_head_len;
     bool above_high;
-    bt_buf resp_hdrs; /* bt_http_add_headers: every response to the current request carries these */
+    bt_buf resp_hdrs; /* bt_http_set_headers: every response to the current request carries these */
     bt_http_req req;
 };
 
@@ -1632,10 +1632,10 @@ void bt_http_server_close(bt_http_server *s, void (*done)(void *ud), void *ud) {
     uv_close((uv_handle_t *)&s->aux, on_aux_closed);
 }
 
-bool bt_http_add_headers(bt_http_req *req, const char *lines) {
+bool bt_http_set_headers(bt_http_req *req, const char *lines) {
     conn *c = REQ_CONN(req);
-    size_t before = c->resp_hdrs.len;
+    bt_buf_reset(&c->resp_hdrs);
     if (bt_buf_append_str(&c->resp_hdrs, lines) == BT_OK) return true;
-    bt_buf_truncate(&c->resp_hdrs, before); /* what was added before stays */
+    bt_buf_reset(&c->resp_hdrs);
     return false;
 }

@@ -151,9 +151,10 @@ void bt_http_server_stats(const bt_http_server *s, bt_http_stats *out);
 void bt_http_server_close(bt_http_server *s, void (*done)(void *ud), void *ud);
 
 /* Header lines ("Name: value\r\n" each) that every response to req carries, after the ones each
- * call gives (copied; appended to any added before). For headers a request's policy decides once
- * (CORS) while many code paths answer it. False when they do not fit (nothing added). */
-bool bt_http_add_headers(bt_http_req *req, const char *lines);
+ * call gives (copied; they replace any set before, so that a policy checked twice, in on_expect
+ * and in on_request, sets them once). For headers a request's policy decides once (CORS) while
+ * many code paths answer it. False when they do not fit (none set then). */
+bool bt_http_set_headers(bt_http_req *req, const char *lines);
 
 /* A whole response. `headers` is extra header lines, each ending in "\r\n", or NULL. Copies body. */
 void bt_http_respond(bt_http_req *req, int status, const char *content_type, const char *headers, const char *body,
