@@ -308,7 +308,7 @@ static void check_responses(void) {
         parsed *x = &g_got[i];
         CHECK(x->done);
         if (x->status == 100) continue;
-        if (x->status == 400 || x->status == 413 || x->status == 431) {
+        if (x->status == 400 || x->status == 413 || x->status == 431 || x->status == 501) {
             CHECK(i == g_ngot - 1); /* the server's own error answer ends the connection */
             CHECK(!x->keep_alive);
             continue;
