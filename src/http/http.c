@@ -79,8 +79,8 @@ enum {
     H_COUNT
 };
 static const char *const interesting_headers[H_COUNT] = {
-    "x-request-id", "authorization", "content-type",   "expect",        "last-event-id",
-    "x-priority",   "x-tenant",      "origin",         "access-control-request-method", "transfer-encoding"};
+    "x-request-id", "authorization", "content-type", "expect", "last-event-id", "x-priority", "x-tenant", "origin",
+    "access-control-request-method", "transfer-encoding"};
 
 typedef struct conn conn;
 

@@ -658,7 +658,8 @@ static void test_chunked_body_and_continue(void **state) {
 static void cl_expect_hook(fixture *f) {
     client *c = cl_open(f, 0);
     CHECK(f, c);
-    CHECK(f, cl_sends(c, "POST /deny?k=1 HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\nExpect: 100-continue\r\n\r\n"));
+    CHECK(f,
+          cl_sends(c, "POST /deny?k=1 HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\nExpect: 100-continue\r\n\r\n"));
     CHECK(f, cl_response(c) == 401);
     CHECK(f, body_is(c, "no key"));
     CHECK(f, has_header(c, "connection: close\n"));
