@@ -88,7 +88,7 @@ static int record(int status, bool sure, const char *body, size_t len) {
 
 static void check_request(const bt_http_req *r) {
     CHECK(r->method == BT_HTTP_GET || r->method == BT_HTTP_POST || r->method == BT_HTTP_OTHER ||
-          r->method == BT_HTTP_HEAD);
+          r->method == BT_HTTP_HEAD || r->method == BT_HTTP_OPTIONS);
     CHECK(r->path && r->query && r->body);
     CHECK(strlen(r->path) <= MAX_HEADER && strlen(r->query) <= MAX_HEADER);
     CHECK(!strchr(r->path, '?') && !strchr(r->path, '#'));
@@ -308,7 +308,7 @@ static void check_responses(void) {
         parsed *x = &g_got[i];
         CHECK(x->done);
         if (x->status == 100) continue;
-        if (x->status == 400 || x->status == 413 || x->status == 431) {
+        if (x->status == 400 || x->status == 413 || x->status == 431 || x->status == 501) {
             CHECK(i == g_ngot - 1); /* the server's own error answer ends the connection */
             CHECK(!x->keep_alive);
             continue;
@@ -350,7 +350,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     cfg.max_body_bytes = MAX_BODY;
     cfg.idle_timeout_ms = 0; /* every connection ends by the client's EOF, not by a timer */
     cfg.header_timeout_ms = 0;
-    static const bt_http_handlers h = {on_request, on_abort, NULL};
+    static const bt_http_handlers h = {on_request, on_abort, NULL, NULL};
     char err[256];
     CHECK(bt_http_server_start(&g_loop, &cfg, &h, NULL, &g_srv, err, sizeof err) == BT_OK);
     g_port = bt_http_server_port(g_srv);

@@ -110,7 +110,7 @@ struct run_ctx {
 static const char *frontend_flags[] = {"--router-mode", "--active-decode-blocks-threshold",
                                        "--active-prefill-tokens-threshold", "--stream-stall-timeout",
                                        "--stream-token-timeout", "--api-key", "--admin-api-key", "--api-key-file",
-                                       "--admin-api-key-file", "--metrics-api-key-required", "--tenant-label-secret-file",
+                                       "--admin-api-key-file", "--metrics-api-key-required", "--allowed-origins", "--tenant-label-secret-file",
                                        "--max-body-bytes", "--max-body-bytes-total", "--shutdown-drain-timeout",
                                        "--shutdown-accept-window-ms", "--max-output-bytes-total",
                                        "--http-header-timeout-ms", "--http-idle-timeout-ms", "--max-connections",

@@ -338,6 +338,7 @@ typedef struct {
     const char *api_key_file;      /* the same keys read from files at start-up (key_from_file) */
     const char *admin_api_key_file;
     bool metrics_api_key_required; /* /metrics needs the API key (or the admin key) too (frontend.c: routes) */
+    const char *allowed_origins;   /* --allowed-origins: the browser origins served (frontend.c: origin_ok) */
     int64_t max_body;
     int64_t max_body_total; /* request body bytes being received at once by all connections; 0 = no cap */
     int64_t max_output_total; /* response bytes queued for all clients at once; 0 = no cap */

@@ -10,6 +10,7 @@
  * connection closes and the process exits 0. A second signal exits at once. */
 #include "frontend/frontend.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <inttypes.h>
 #ifdef __GLIBC__
@@ -145,6 +146,25 @@ static void handle_busy_threshold(fe *f, bt_http_req *http) {
     const char *name = json_string_value(json_object_get(b, "model"));
     if (!json_is_object(b) || !name) {
         respond_json(http, 422, json_pack("{s:s}", "error", b ? "'model' (string) is required" : jerr.text));
+        json_decref(b);
+        return;
+    }
+    /* a field not known here (a typo) is refused rather than skipped, as on /admission: 422 */
+    const char *key;
+    json_t *val;
+    json_object_foreach(b, key, val) {
+        if (strcmp(key, "model") == 0 || strcmp(key, "active_decode_blocks_threshold") == 0 ||
+            strcmp(key, "active_prefill_tokens_threshold") == 0)
+            continue;
+        int kl = (int)strlen(key); /* cut between two characters, as the model name below */
+        if (kl > 100)
+            for (kl = 100; kl > 0 && ((unsigned char)key[kl] & 0xC0) == 0x80;) kl--;
+        char msg[256];
+        snprintf(msg, sizeof msg,
+                 "unknown field '%.*s'; the fields are model, active_decode_blocks_threshold, "
+                 "active_prefill_tokens_threshold",
+                 kl, key);
+        respond_json(http, 422, json_pack("{s:s}", "error", msg));
         json_decref(b);
         return;
     }
@@ -438,19 +458,177 @@ static const bt_http_route routes[] = {
     {"/v1/completions/", BT_ROUTE_GET, BT_ROUTE_NO_HEAD, route_resume_completion},
 };
 
-static void on_http_request(void *ud, bt_http_req *http) {
-    fe *f = ud;
-    const bt_http_route *r;
-    const char *tail;
-    bt_route_result res = bt_http_route_find(routes, sizeof routes / sizeof routes[0], http->method, http->path, &r,
-                                             &tail);
-    if (res == BT_ROUTE_FOUND && (r->flags & BT_ROUTE_OPEN)) return r->handler(f, http, tail);
+/* ---- browsers (Origin, CORS) ----
+ *
+ * A web page can make a browser send a POST to any address, this one included, without asking
+ * first: a "simple" request (text/plain body, no Authorization) goes out with no CORS preflight,
+ * and only its response is hidden from the page. On a frontend without --api-key that is enough
+ * to change load shedding (/admission, /busy_threshold), start generations or cancel them; the
+ * address need not be public (`baton run` listens on 0.0.0.0, and DNS rebinding reaches loopback).
+ * Browsers mark such requests with an Origin header, which no page can forge or leave out of a
+ * cross-origin POST, and which curl, the SDKs and other servers do not send. So a request with an
+ * Origin is served only when --allowed-origins lists that origin, and those origins get the CORS
+ * headers (and preflight answers) that let a browser app the operator allows use the API; a
+ * request without one is served as ever.
+ *
+ * GET and HEAD of the probes and /metrics (the open routes) are exempt: they change nothing, and a
+ * page on an origin not listed cannot read their answer anyway (no Access-Control-Allow-Origin);
+ * refusing them would only break a probe or a dashboard that happens to send an Origin. Every
+ * other route, reads included, follows the rule, so that a page is refused before its request
+ * runs and the answer says why. */
+
+/* origin (the Origin header's value) is listed in --allowed-origins: an entry equal to it (ASCII
+ * case ignored: browsers send scheme and host in lower case, an operator may not write them so),
+ * or "*". The list was checked at start-up (origins_valid); blanks around entries are dropped. */
+static bool origin_listed(const char *list, const char *origin) {
+    if (!list) return false;
+    size_t olen = strlen(origin);
+    for (const char *p = list; *p;) {
+        while (*p == ' ' || *p == '\t' || *p == ',') p++;
+        const char *e = p;
+        while (*e && *e != ',') e++;
+        const char *end = e;
+        while (end > p && (end[-1] == ' ' || end[-1] == '\t')) end--;
+        size_t n = (size_t)(end - p);
+        if ((n == 1 && *p == '*') || (n == olen && n > 0 && strncasecmp(p, origin, n) == 0)) return true;
+        p = e;
+    }
+    return false;
+}
+
+/* --allowed-origins holds only "*" and origins as a browser writes them: http or https, "://", a
+ * host, an optional ":port", nothing after (no path, not even "/": it would never match).
+ * "null" (what sandboxed frames and file: pages send) cannot be listed: any page can be one. */
+static bool origins_valid(const char *list, char *err, size_t errlen) {
+    if (!list) return true;
+    const char *p = list;
+    bool any = false;
+    while (*p) {
+        while (*p == ' ' || *p == '\t') p++;
+        const char *e = p;
+        while (*e && *e != ',') e++;
+        const char *end = e;
+        while (end > p && (end[-1] == ' ' || end[-1] == '\t')) end--;
+        int n = (int)(end - p);
+        const char *host = n > 7 && strncasecmp(p, "http://", 7) == 0    ? p + 7
+                           : n > 8 && strncasecmp(p, "https://", 8) == 0 ? p + 8
+                                                                          : NULL;
+        bool ok = n == 1 && *p == '*';
+        if (host && host < end) {
+            const char *colon = NULL;
+            ok = true;
+            for (const char *q = host; q < end && ok; q++) {
+                if (*q == ':' && !colon && q > host) colon = q;
+                else if (colon && !(*q >= '0' && *q <= '9')) ok = false;
+                else if (!colon && !(isalnum((unsigned char)*q) || *q == '-' || *q == '.' || *q == '[' ||
+                                     *q == ']' || (*q == ':' && host[0] == '['))) ok = false;
+            }
+            if (colon && colon + 1 == end) ok = false;
+        }
+        if (!ok) {
+            snprintf(err, errlen,
+                     "--allowed-origins (BATON_ALLOWED_ORIGINS): '%.*s' is not an origin: give scheme://host[:port] "
+                     "(http or https, no path, no trailing /) or *, comma-separated",
+                     n > 100 ? 100 : n, p);
+            return false;
+        }
+        any = true;
+        p = *e ? e + 1 : e;
+    }
+    if (!any) {
+        snprintf(err, errlen, "--allowed-origins (BATON_ALLOWED_ORIGINS) is given empty: leave it out to refuse every "
+                              "cross-origin browser request");
+        return false;
+    }
+    return true;
+}
+
+/* What a CORS preflight may ask to send: the request headers this API reads. */
+#define CORS_ALLOW_HEADERS "Authorization, Content-Type, X-Request-Id, Last-Event-ID, X-Priority, X-Tenant"
+
+/* The Origin rule (above) for a request that carries one: false when it has been answered (403,
+ * or a preflight's 204), true when it goes on, as a listed origin's with its CORS headers. */
+static bool origin_ok(fe *f, bt_http_req *http, bt_route_result res, const bt_http_route *r) {
+    const char *origin = http->origin;
+    if (!origin) return true;
+    bool listed = origin_listed(f->o.allowed_origins, origin);
+    if (!listed) {
+        bool probe = res == BT_ROUTE_FOUND && (r->flags & BT_ROUTE_OPEN) &&
+                     (http->method == BT_HTTP_GET || http->method == BT_HTTP_HEAD);
+        if (probe) return true;
+        fe_json_error_ex(http, NULL, 403, "origin_not_allowed", NULL, "Vary: Origin\r\n",
+                         "cross-origin request from %.200s refused: this frontend serves browser pages only of the "
+                         "origins listed in --allowed-origins (BATON_ALLOWED_ORIGINS)",
+                         origin);
+        return false;
+    }
+    /* the origin itself, not "*", even under "*": the answer differs by Origin (Vary), and a page
+     * that sends credentials needs its own origin named */
+    /* X-Request-Id exposed: a page cancels its request by that id (/v1/requests/{id}/cancel) */
+    size_t n = strlen(origin) + 128;
+    char *acao = malloc(n);
+    bool added = acao &&
+                 snprintf(acao, n,
+                          "Access-Control-Allow-Origin: %s\r\nVary: Origin\r\nAccess-Control-Expose-Headers: "
+                          "X-Request-Id\r\n",
+                          origin) > 0 &&
+                 bt_http_set_headers(http, acao);
+    free(acao);
+    if (!added) {
+        fe_json_error(http, NULL, 500, "out_of_memory", "out of memory");
+        return false;
+    }
+    if (http->method == BT_HTTP_OPTIONS && http->preflight) {
+        unsigned m = bt_http_route_allowed(routes, sizeof routes / sizeof routes[0], http->path);
+        if (!m) return true; /* no such path: the 404 (or 401) it gets without asking */
+        char h[256];
+        snprintf(h, sizeof h,
+                 "Access-Control-Allow-Methods: %s%s%s\r\nAccess-Control-Allow-Headers: " CORS_ALLOW_HEADERS
+                 "\r\nAccess-Control-Max-Age: 600\r\n",
+                 (m & BT_ROUTE_GET) ? "GET, HEAD" : "", (m & BT_ROUTE_GET) && (m & BT_ROUTE_POST) ? ", " : "",
+                 (m & BT_ROUTE_POST) ? "POST" : "");
+        bt_http_respond(http, 204, NULL, h, NULL, 0);
+        return false;
+    }
+    return true;
+}
+
+/* Everything a request passes before its handler runs: the Origin rule, then the key its route
+ * needs. False when it has been answered. *rp and *tailp are the route found (res). */
+static bool request_gate(fe *f, bt_http_req *http, bt_route_result *resp, const bt_http_route **rp,
+                         const char **tailp) {
+    *resp = bt_http_route_find(routes, sizeof routes / sizeof routes[0], http->method, http->path, rp, tailp);
+    bt_route_result res = *resp;
+    const bt_http_route *r = *rp;
+    if (!origin_ok(f, http, res, r)) return false;
+    if (res == BT_ROUTE_FOUND && (r->flags & BT_ROUTE_OPEN)) return true;
     if (res == BT_ROUTE_FOUND && (r->flags & (FE_ROUTE_ADMIN | FE_ROUTE_CANCEL))) {
         bool ok = (r->flags & FE_ROUTE_ADMIN) ? admin_authorized(f, http) : api_or_admin(f, http);
-        return ok ? r->handler(f, http, tail) : unauthorized(http);
+        if (!ok) unauthorized(http);
+        return ok;
     }
     /* past the open routes, nothing is said without the key, not even whether a path exists */
-    if (!authorized(f, http)) return unauthorized(http);
+    if (!authorized(f, http)) {
+        unauthorized(http);
+        return false;
+    }
+    return true;
+}
+
+/* Expect: 100-continue: a request the gate refuses is answered before its body is sent. */
+static bool on_http_expect(void *ud, bt_http_req *http) {
+    bt_route_result res;
+    const bt_http_route *r;
+    const char *tail;
+    return request_gate(ud, http, &res, &r, &tail);
+}
+
+static void on_http_request(void *ud, bt_http_req *http) {
+    fe *f = ud;
+    const bt_http_route *r = NULL;
+    const char *tail = NULL;
+    bt_route_result res;
+    if (!request_gate(f, http, &res, &r, &tail)) return;
     if (res == BT_ROUTE_FOUND) return r->handler(f, http, tail);
     if (res == BT_ROUTE_BAD_METHOD) {
         /* a 405 names what the path takes (RFC 9110 15.5.6: MUST) */
@@ -655,7 +833,7 @@ static int shard_open(fe *f, int port, char *err, size_t errlen) {
         hc.output_peers = f->grp->output_peers;
         hc.output_peer = f->shard;
     }
-    bt_http_handlers hh = {on_http_request, on_http_abort, on_http_drain};
+    bt_http_handlers hh = {on_http_request, on_http_abort, on_http_drain, on_http_expect};
     if (bt_http_server_start(f->loop, &hc, &hh, f, &f->http, err, errlen) != BT_OK) {
         /* the flag that fixes it: an address this machine does not have is not the port's fault */
         if (strstr(err, uv_strerror(UV_EADDRNOTAVAIL)))
@@ -730,6 +908,7 @@ static void others_done_tick(uv_timer_t *t) {
     OPT("--api-key-file", "DYN_API_KEY_FILE", STR, api_key_file, NULL, 0, 0, "read the --api-key from this file (one trailing newline and a leading byte order mark removed), so that the key is not on the command line; not with --api-key") \
     OPT("--admin-api-key-file", "BATON_ADMIN_API_KEY_FILE", STR, admin_api_key_file, NULL, 0, 0, "read the --admin-api-key from this file (one trailing newline and a leading byte order mark removed); not with --admin-api-key") \
     OPT("--metrics-api-key-required", "BATON_METRICS_API_KEY_REQUIRED", BOOL, metrics_api_key_required, false, 0, 0, "GET /metrics needs the --api-key or the --admin-api-key (Authorization: Bearer KEY); off, /metrics is open like /live and /health") \
+    OPT("--allowed-origins", "BATON_ALLOWED_ORIGINS", STR, allowed_origins, NULL, 0, 0, "browser origins (scheme://host[:port], comma-separated, matched exactly; * for any) whose cross-origin requests are served, with CORS headers and preflights; a request with an Origin header not listed is refused with 403 (GETs of /live, /health and /metrics excepted); requests without Origin (curl, SDKs, servers) are not concerned") \
     OPT("--max-body-bytes", "DYN_HTTP_MAX_BODY_BYTES", INT, max_body, 4 << 20, 1024, 1 << 30, "request body cap") \
     OPT("--max-body-bytes-total", "BATON_HTTP_MAX_BODY_BYTES_TOTAL", INT, max_body_total, 1 << 30, 0, (int64_t)1 << 40, "request body bytes being received at once over all connections (a declared Content-Length counts whole); a body past it is refused with 503; at least --max-body-bytes; 0: no cap") \
     OPT("--max-output-bytes-total", "BATON_HTTP_MAX_OUTPUT_BYTES_TOTAL", INT, max_output_total, 1 << 30, 0, (int64_t)1 << 40, "response bytes queued at once for all clients that read slower than they are sent to (each one bounded by --max-client-backlog-bytes); past it the connection with the largest backlog is closed (its stream stays resumable); 0: no cap") \
@@ -822,6 +1001,10 @@ int bt_frontend_main(int argc, char **argv) {
                                 "priority ceilings", err, sizeof err) ||
         !bt_proc_given_nonempty("--priority-ceiling-file", "BATON_PRIORITY_CEILING_FILE", o->priority_ceiling_file,
                                 "priority ceilings", err, sizeof err)) {
+        bt_proc_error("frontend", "%s", err);
+        goto bad_usage;
+    }
+    if (!origins_valid(o->allowed_origins, err, sizeof err)) {
         bt_proc_error("frontend", "%s", err);
         goto bad_usage;
     }

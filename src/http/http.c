@@ -65,9 +65,22 @@ typedef enum { CS_READING = 0, CS_IN_FLIGHT, CS_LINGER } conn_state;
 typedef enum { TM_NONE = 0, TM_IDLE, TM_HEADER, TM_RESUME, TM_LINGER } timer_mode;
 
 /* The request headers baton looks at. */
-enum { H_REQUEST_ID = 0, H_AUTHORIZATION, H_CONTENT_TYPE, H_EXPECT, H_LAST_EVENT_ID, H_PRIORITY, H_TENANT, H_COUNT };
-static const char *const interesting_headers[H_COUNT] = {"x-request-id", "authorization", "content-type",
-                                                         "expect", "last-event-id", "x-priority", "x-tenant"};
+enum {
+    H_REQUEST_ID = 0,
+    H_AUTHORIZATION,
+    H_CONTENT_TYPE,
+    H_EXPECT,
+    H_LAST_EVENT_ID,
+    H_PRIORITY,
+    H_TENANT,
+    H_ORIGIN,
+    H_AC_REQUEST_METHOD,
+    H_TRANSFER_ENCODING,
+    H_COUNT
+};
+static const char *const interesting_headers[H_COUNT] = {
+    "x-request-id", "authorization", "content-type", "expect", "last-event-id", "x-priority", "x-tenant", "origin",
+    "access-control-request-method", "transfer-encoding"};
 
 typedef struct conn conn;
 
@@ -136,8 +149,9 @@ struct conn {
     bool headers_done;
     bool hdr_in_value;
     bool keep_alive, is_head, http10;
-    int err_status; /* 400 / 413 / 431 chosen by a parser callback that failed on purpose */
+    int err_status; /* 400 / 413 / 431 / 501 chosen by a parser callback that failed on purpose */
     const char *err_why; /* with err_status 400: what was malformed (a static string) */
+    bool req_filled; /* req holds this request's method, path and headers (req_fill) */
     unsigned n_host;     /* Host header lines of the current request (RFC 9112 §3.2) */
     int cur_hdr;    /* index into interesting_headers of the header being read, or -1 */
     size_t hdr_bytes;
@@ -157,6 +171,7 @@ struct conn {
     char *held_head; /* a streamed response's head, written with the next bytes (stream_begin_held) */
     size_t held_head_len;
     bool above_high;
+    bt_buf resp_hdrs; /* bt_http_set_headers: every response to the current request carries these */
     bt_http_req req;
 };
 
@@ -178,6 +193,8 @@ static void conn_close(conn *c);
 static void body_release(conn *c);
 static void conn_linger(conn *c);
 static void conn_resume(conn *c);
+static bool conn_ask_expect(conn *c);
+static void req_finish(conn *c);
 static void server_maybe_finish(bt_http_server *s);
 static void peer_grew(conn *c);
 static void peer_shrank(conn *c);
@@ -205,6 +222,7 @@ const char *bt_http_reason(int status) {
     case 413: return "Payload Too Large";
     case 414: return "URI Too Long";
     case 415: return "Unsupported Media Type";
+    case 417: return "Expectation Failed";
     case 422: return "Unprocessable Entity";
     case 429: return "Too Many Requests";
     case 431: return "Request Header Fields Too Large";
@@ -552,7 +570,7 @@ static bool conn_write(conn *c, const uv_buf_t *bufs, unsigned n) {
     return true;
 }
 
-/* Answers a request we could not accept (400/413/431) with a JSON error body and closes. */
+/* Answers a request we could not accept (400/413/431/501) with a JSON error body and closes. */
 static void conn_error_close(conn *c, int status, const char *msg) {
     bt_buf body, head;
     bt_buf_init(&body, 4096);
@@ -564,6 +582,7 @@ static void conn_error_close(conn *c, int status, const char *msg) {
                    status >= 500 ? "server_error" : "invalid_request_error",
                    status == 413   ? "request_too_large"
                    : status == 431 ? "headers_too_large"
+                   : status == 501 ? "not_implemented"
                    : status == 503 ? "too_many_request_bytes"
                                    : "malformed_request");
     bt_buf_appendf(&head,
@@ -616,6 +635,8 @@ static void conn_reset_request(conn *c) {
     c->headers_done = c->hdr_in_value = false;
     c->err_status = 0;
     c->err_why = NULL;
+    c->req_filled = false;
+    bt_buf_reset(&c->resp_hdrs);
     c->n_host = 0;
     c->cur_hdr = -1;
     c->hdr_bytes = 0;
@@ -706,9 +727,15 @@ static int cb_header_value(http_parser *p, const char *at, size_t len) {
                         return -1;
                     }
                     c->cur_hdr = i;
+                    /* Transfer-Encoding lines make one list (RFC 9110 §5.3): "gzip" then "chunked"
+                     * is "gzip, chunked"; of any other repeated header the last one wins */
+                    if (i == H_TRANSFER_ENCODING && c->have_hdr[i]) {
+                        bt_buf_append(&c->hdr[i], ", ", 2);
+                    } else {
+                        bt_buf_reset(&c->hdr[i]);
+                        bt_buf_append(&c->hdr[i], "", 0);
+                    }
                     c->have_hdr[i] = true;
-                    bt_buf_reset(&c->hdr[i]); /* another repeated header: the last one wins */
-                    bt_buf_append(&c->hdr[i], "", 0);
                     break;
                 }
             }
@@ -757,10 +784,20 @@ static int cb_headers_complete(http_parser *p) {
         c->err_why = c->n_host ? "more than one Host header" : "an HTTP/1.1 request without a Host header";
         return -1;
     }
+    /* A transfer coding other than chunked alone (gzip, deflate, ...) would have to be decoded
+     * before the body means anything; http_parser only takes the chunked framing off, and would
+     * hand the handler the still-coded bytes. RFC 9112 §6.1: a server that does not understand a
+     * transfer coding answers 501 (and closes: it cannot tell where the body ends). */
+    if (c->have_hdr[H_TRANSFER_ENCODING] &&
+        !(c->hdr[H_TRANSFER_ENCODING].data && strcasecmp(c->hdr[H_TRANSFER_ENCODING].data, "chunked") == 0)) {
+        c->err_status = 501;
+        return -1;
+    }
     bool has_body = (p->flags & F_CHUNKED) || (has_cl && p->content_length > 0);
     if (has_body && !c->http10 && c->have_hdr[H_EXPECT] && c->hdr[H_EXPECT].data &&
         strcasecmp(c->hdr[H_EXPECT].data, "100-continue") == 0) {
         static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+        if (c->srv->h.on_expect && !conn_ask_expect(c)) return -1;
         uv_buf_t b = uv_buf_init((char *)cont, sizeof cont - 1);
         if (!conn_write(c, &b, 1)) return -1;
     }
@@ -817,13 +854,23 @@ static size_t conn_parse(conn *c, const char *data, size_t len) {
         snprintf(msg, sizeof msg, "too many request bodies are being received at once (limit %zu bytes); retry",
                  c->srv->cfg.max_body_total);
         conn_error_close(c, 503, msg);
+    } else if (c->err_status == 501) {
+        snprintf(msg, sizeof msg,
+                 "Transfer-Encoding '%.60s' is not supported: send the body as is (Content-Length) or with "
+                 "Transfer-Encoding: chunked alone",
+                 c->hdr[H_TRANSFER_ENCODING].data ? c->hdr[H_TRANSFER_ENCODING].data : "");
+        conn_error_close(c, 501, msg);
     } else if (c->err_status == 431 || e == HPE_HEADER_OVERFLOW) {
         snprintf(msg, sizeof msg, "request header section too large (limit %zu bytes)",
                  c->srv->cfg.max_header_bytes);
         conn_error_close(c, 431, msg);
     } else {
+        /* http_parser reports a chunk size past 2^64 as a bad Content-Length (it keeps both in one
+         * field): past the headers of a chunked body, it can only be the chunk size */
+        bool chunk_size = e == HPE_INVALID_CONTENT_LENGTH && c->headers_done && (c->parser.flags & F_CHUNKED);
         snprintf(msg, sizeof msg, "malformed HTTP request: %s",
                  c->err_status == 400 && c->err_why ? c->err_why
+                 : chunk_size                       ? "chunk size too large (more than 64 bits)"
                  : e == HPE_OK                      ? "unexpected data"
                                                     : http_errno_description(e));
         conn_error_close(c, 400, msg);
@@ -831,18 +878,18 @@ static size_t conn_parse(conn *c, const char *data, size_t len) {
     return len;
 }
 
-/* Hands the complete request to the handler. */
-static void conn_dispatch(conn *c) {
-    bt_http_server *s = c->srv;
-    c->msg_complete = false;
-    conn_timer(c, TM_NONE);
-
+/* Fills c->req from the parsed request line and headers (its body is set at dispatch). Once per
+ * request: the URL is cut in place (path, query), which cannot be done twice. */
+static void req_fill(conn *c) {
     bt_http_req *r = &c->req;
+    if (c->req_filled) return;
+    c->req_filled = true;
     memset(r, 0, sizeof *r);
     switch (c->parser.method) {
     case HTTP_GET: r->method = BT_HTTP_GET; break;
     case HTTP_POST: r->method = BT_HTTP_POST; break;
     case HTTP_HEAD: r->method = BT_HTTP_HEAD; break;
+    case HTTP_OPTIONS: r->method = BT_HTTP_OPTIONS; break;
     default: r->method = BT_HTTP_OTHER; break;
     }
     if (bt_buf_append(&c->url, "", 0) != BT_OK || !c->url.data) { /* ensures storage and a NUL */
@@ -862,15 +909,55 @@ static void conn_dispatch(conn *c) {
         r->path = u;
         r->query = q ? q + 1 : "";
     }
-    bt_buf_append(&c->body, "", 0);
-    r->body = c->body.data ? c->body.data : "";
-    r->body_len = c->body.len;
+    r->body = "";
     r->request_id = c->have_hdr[H_REQUEST_ID] ? c->hdr[H_REQUEST_ID].data : NULL;
     r->authorization = c->have_hdr[H_AUTHORIZATION] ? c->hdr[H_AUTHORIZATION].data : NULL;
     r->content_type = c->have_hdr[H_CONTENT_TYPE] ? c->hdr[H_CONTENT_TYPE].data : NULL;
     r->last_event_id = c->have_hdr[H_LAST_EVENT_ID] ? c->hdr[H_LAST_EVENT_ID].data : NULL;
     r->priority = c->have_hdr[H_PRIORITY] ? c->hdr[H_PRIORITY].data : NULL;
     r->tenant = c->have_hdr[H_TENANT] ? c->hdr[H_TENANT].data : NULL;
+    r->origin = c->have_hdr[H_ORIGIN] ? c->hdr[H_ORIGIN].data : NULL;
+    r->preflight = c->have_hdr[H_AC_REQUEST_METHOD] ? c->hdr[H_AC_REQUEST_METHOD].data : NULL;
+}
+
+/* Expect: 100-continue, from cb_headers_complete: the handler's on_expect sees the request before
+ * its body. True: send the 100 and read on. False: the handler answered (or, had it not, a 417
+ * goes out here), Connection: close, and the connection lingers: the caller stops the parser. */
+static bool conn_ask_expect(conn *c) {
+    bt_http_server *s = c->srv;
+    req_fill(c);
+    c->is_head = c->parser.method == HTTP_HEAD;
+    c->keep_alive = false; /* an answer now is the last one: the body that follows is never read */
+    c->req_active = true;
+    c->resp_started = c->streaming = c->raw_stream = false;
+    s->ninflight++;
+    bool go = s->h.on_expect(s->ud, &c->req);
+    if (go && !c->resp_started) {
+        req_finish(c);
+        return true;
+    }
+    if (c->req_active && !c->resp_started) {
+        static const char m[] = "{\"error\":{\"message\":\"expectation refused\",\"type\":\"invalid_request_error\","
+                                "\"param\":null,\"code\":\"expectation_failed\"}}";
+        bt_http_respond(&c->req, 417, "application/json", NULL, m, sizeof m - 1);
+    } else if (c->req_active) { /* a stream begun here: it cannot be; end it */
+        bt_http_stream_end(&c->req, true);
+    }
+    body_release(c);
+    return false;
+}
+
+/* Hands the complete request to the handler. */
+static void conn_dispatch(conn *c) {
+    bt_http_server *s = c->srv;
+    c->msg_complete = false;
+    conn_timer(c, TM_NONE);
+
+    bt_http_req *r = &c->req;
+    req_fill(c);
+    bt_buf_append(&c->body, "", 0);
+    r->body = c->body.data ? c->body.data : "";
+    r->body_len = c->body.len;
 
     /* received: what the budget bounds is what a client holds by sending bytes slowly or not at
      * all; a request in flight is bounded by the handler's own limits (requests in flight) */
@@ -989,6 +1076,7 @@ static void on_timer(uv_timer_t *t) {
 static void conn_free(conn *c) {
     body_release(c);
     for (int i = 0; i < H_COUNT; i++) bt_buf_free(&c->hdr[i]);
+    bt_buf_free(&c->resp_hdrs);
     bt_buf_free(&c->url);
     bt_buf_free(&c->body);
     bt_buf_free(&c->pending);
@@ -1102,6 +1190,7 @@ static void on_connection(uv_stream_t *server, int status) {
     c->cur_hdr = -1;
     for (int i = 0; i < H_COUNT; i++) bt_buf_init(&c->hdr[i], s->cfg.max_header_bytes);
     bt_buf_init(&c->url, s->cfg.max_header_bytes);
+    bt_buf_init(&c->resp_hdrs, OUT_HEADER_CAP / 2);
     bt_buf_init(&c->body, s->cfg.max_body_bytes);
     bt_buf_init(&c->pending, PIPELINE_SOFT_CAP + READ_BUF_SIZE);
     http_parser_init(&c->parser, HTTP_REQUEST);
@@ -1177,6 +1266,7 @@ static void header_line(bt_buf *h, const char *name, const char *value) {
 static bool head_end(conn *c, bt_buf *h, const char *headers) {
     bt_buf_append_str(h, c->keep_alive ? "Connection: keep-alive\r\n" : "Connection: close\r\n");
     if (headers) bt_buf_append_str(h, headers);
+    if (c->resp_hdrs.len) bt_buf_append(h, c->resp_hdrs.data, c->resp_hdrs.len);
     bt_buf_append(h, "\r\n", 2);
     if (bt_buf_status(h) == BT_OK) return true;
     BT_ERROR("http: response headers exceed %u bytes; closing the connection", OUT_HEADER_CAP);
@@ -1540,4 +1630,12 @@ void bt_http_server_close(bt_http_server *s, void (*done)(void *ud), void *ud) {
     }
     for (conn *c = LIST_FIRST(&s->conns); c; c = LIST_NEXT(c, link)) conn_close(c);
     uv_close((uv_handle_t *)&s->aux, on_aux_closed);
+}
+
+bool bt_http_set_headers(bt_http_req *req, const char *lines) {
+    conn *c = REQ_CONN(req);
+    bt_buf_reset(&c->resp_hdrs);
+    if (bt_buf_append_str(&c->resp_hdrs, lines) == BT_OK) return true;
+    bt_buf_reset(&c->resp_hdrs);
+    return false;
 }

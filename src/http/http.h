@@ -29,7 +29,7 @@ typedef struct bt_http_output_peers bt_http_output_peers;
 
 /* A HEAD request's response goes out without its body (the server drops it): a handler answers
  * HEAD as it answers GET. */
-typedef enum { BT_HTTP_GET = 1, BT_HTTP_POST = 2, BT_HTTP_OTHER = 3, BT_HTTP_HEAD = 4 } bt_http_method;
+typedef enum { BT_HTTP_GET = 1, BT_HTTP_POST = 2, BT_HTTP_OTHER = 3, BT_HTTP_HEAD = 4, BT_HTTP_OPTIONS = 5 } bt_http_method;
 
 struct bt_http_req {
     bt_http_method method;
@@ -43,6 +43,8 @@ struct bt_http_req {
     const char *last_event_id;/* Last-Event-ID header value (an SSE client resuming), or NULL */
     const char *priority;     /* X-Priority header value, or NULL */
     const char *tenant;       /* X-Tenant header value, or NULL (trusted only if the frontend says so) */
+    const char *origin;       /* Origin header value (a browser's cross-origin or POST request), or NULL */
+    const char *preflight;    /* Access-Control-Request-Method header value (a CORS preflight), or NULL */
     void *user;               /* free for the handler */
 };
 
@@ -55,6 +57,13 @@ typedef struct {
     /* Optional: the connection's write backlog fell below the low-water mark after having
      * exceeded the high-water mark (for SSE backpressure). */
     void (*on_drain)(void *ud, bt_http_req *req);
+    /* Optional: a request announced its body with Expect: 100-continue. Called once its headers are
+     * in, before the 100 is sent, with req whole but its body (empty). True: the 100 goes out, the
+     * body is read and on_request follows as for any request. False: the handler has answered req
+     * within this call (bt_http_respond), and that final answer goes out instead of the 100, with
+     * the connection closed after it (the body is never read: RFC 9110 §10.1.1). A client without
+     * the right key is so refused before it uploads its body. */
+    bool (*on_expect)(void *ud, bt_http_req *req);
 } bt_http_handlers;
 
 typedef struct {
@@ -140,6 +149,12 @@ void bt_http_server_stats(const bt_http_server *s, bt_http_stats *out);
 /* Closes every connection (in-flight requests get on_abort) and frees the server once all
  * handles are closed, then calls done(ud). */
 void bt_http_server_close(bt_http_server *s, void (*done)(void *ud), void *ud);
+
+/* Header lines ("Name: value\r\n" each) that every response to req carries, after the ones each
+ * call gives (copied; they replace any set before, so that a policy checked twice, in on_expect
+ * and in on_request, sets them once). For headers a request's policy decides once (CORS) while
+ * many code paths answer it. False when they do not fit (none set then). */
+bool bt_http_set_headers(bt_http_req *req, const char *lines);
 
 /* A whole response. `headers` is extra header lines, each ending in "\r\n", or NULL. Copies body. */
 void bt_http_respond(bt_http_req *req, int status, const char *content_type, const char *headers, const char *body,

@@ -244,6 +244,15 @@ static void on_status_request(void *ud, bt_http_req *req) {
         {w->o.live_path, BT_ROUTE_GET, BT_ROUTE_OPEN, route_live},
         {"/rebalance", BT_ROUTE_POST, BT_ROUTE_OPEN, route_rebalance},
     };
+    /* A browser page may POST here as to any address (no preflight for a simple request): only
+     * the operator's scripts have business with /rebalance, and they send no Origin. GETs change
+     * nothing and their answers stay hidden from other origins (no CORS headers), so probes that
+     * carry an Origin are still served (docs/security.md). */
+    if (req->origin && req->method != BT_HTTP_GET && req->method != BT_HTTP_HEAD) {
+        const char *m = "{\"error\":\"cross-origin browser requests are refused by the status server\"}";
+        bt_http_respond(req, 403, "application/json", NULL, m, strlen(m));
+        return;
+    }
     const bt_http_route *r;
     const char *tail;
     size_t nroutes = sizeof routes / sizeof routes[0] - (w->o.rebalance_endpoint ? 0 : 1);
@@ -269,7 +278,7 @@ bt_status wk_status_start(wk_worker *w, char *err, size_t errlen) {
     hc.host = o->system_host;
     hc.port = (int)o->system_port;
     hc.max_body_bytes = 64 << 10;
-    bt_http_handlers hh = {on_status_request, on_status_abort, NULL};
+    bt_http_handlers hh = {on_status_request, on_status_abort, NULL, NULL};
     char why[200];
     bt_status st = bt_http_server_start(w->loop, &hc, &hh, w, &w->status, why, sizeof why);
     if (st != BT_OK) {

@@ -63,6 +63,8 @@ struct fixture {
     bool burst_failed;      /* /burst: a write was refused */
     atomic_int hog_loaded;  /* /hog: its backlog is built */
     fixture *peer;          /* test_output_total_peers: the server on the other loop */
+    bool expect_hook;       /* test_expect_hook: the server gets h_expect as on_expect */
+    atomic_int expects;     /* h_expect calls */
 
     /* shared with the client thread */
     atomic_int requests, aborts, drains, done_called;
@@ -246,8 +248,22 @@ static void h_request(void *ud, bt_http_req *req) {
         f->stream_bytes = 0;
         uv_timer_start(&f->tick, on_tick, 1, 0);
     } else {
+        if (f->expect_hook && strcmp(p, "/ok") == 0) bt_http_set_headers(req, "X-Hook: seen\r\n"); /* again */
         respond_echo(req);
     }
+}
+
+/* on_expect of test_expect_hook: /deny is answered 401 before its body, /mute refused without an
+ * answer (the server's 417), anything else goes on; every answer carries X-Hook (added here). */
+static bool h_expect(void *ud, bt_http_req *req) {
+    fixture *f = ud;
+    f->expects++;
+    bt_http_set_headers(req, "X-Hook: seen\r\n");
+    if (strcmp(req->path, "/deny") == 0 && strcmp(req->query, "k=1") == 0) {
+        bt_http_respond(req, 401, "text/plain", NULL, "no key", 6);
+        return false;
+    }
+    return strcmp(req->path, "/mute") != 0;
 }
 
 static void h_abort(void *ud, bt_http_req *req) {
@@ -309,7 +325,7 @@ static void fixture_init(fixture *f) {
 static void start_server(fixture *f) {
     assert_int_equal(uv_loop_init(&f->loop), 0);
     char err[256] = "";
-    bt_http_handlers h = {h_request, h_abort, h_drain};
+    bt_http_handlers h = {h_request, h_abort, h_drain, f->expect_hook ? h_expect : NULL};
     assert_int_equal(bt_http_server_start(&f->loop, &f->cfg, &h, f, &f->srv, err, sizeof err), BT_OK);
     f->port = bt_http_server_port(f->srv);
     assert_true(f->port > 0);
@@ -633,6 +649,79 @@ static void cl_chunked_body(fixture *f) {
 static void test_chunked_body_and_continue(void **state) {
     (void)state;
     run_counted(cl_chunked_body, 2, -1);
+}
+
+/* on_expect sees the request before its body: a refusal is the final answer, no 100, and the
+ * connection closes; a request let through gets its 100 and is served with its query intact and
+ * the headers the hook added. Transfer codings other than chunked alone are a 501; a chunk size
+ * past 64 bits is named as such. */
+static void cl_expect_hook(fixture *f) {
+    client *c = cl_open(f, 0);
+    CHECK(f, c);
+    CHECK(f,
+          cl_sends(c, "POST /deny?k=1 HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\nExpect: 100-continue\r\n\r\n"));
+    CHECK(f, cl_response(c) == 401);
+    CHECK(f, body_is(c, "no key"));
+    CHECK(f, has_header(c, "connection: close\n"));
+    CHECK(f, has_header(c, "x-hook: seen\n"));
+    CHECK(f, cl_wait_eof(c) == 0);
+    cl_close(c);
+
+    c = cl_open(f, 0);
+    CHECK(f, c);
+    CHECK(f, cl_sends(c, "POST /mute HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"));
+    CHECK(f, cl_response(c) == 417);
+    CHECK(f, cl_wait_eof(c) == 0);
+    cl_close(c);
+
+    c = cl_open(f, 0);
+    CHECK(f, c);
+    CHECK(f, cl_sends(c, "POST /ok?q=2 HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"));
+    CHECK(f, cl_response(c) == 100);
+    CHECK(f, cl_sends(c, "12345"));
+    CHECK(f, cl_response(c) == 200);
+    CHECK(f, body_is(c, "POST /ok?q=2 rid=- auth=- ct=- body=12345"));
+    CHECK(f, has_header(c, "x-hook: seen\n"));
+    /* set in on_expect and again in on_request: once in the answer */
+    CHECK(f, strstr(strstr(c->hdrs, "x-hook: seen\n") + 1, "x-hook:") == NULL);
+    /* the next request on the connection carries no header of the previous one */
+    CHECK(f, cl_sends(c, "GET /plain HTTP/1.1\r\nHost: t\r\n\r\n"));
+    CHECK(f, cl_response(c) == 200);
+    CHECK(f, !has_header(c, "x-hook: seen\n"));
+    cl_close(c);
+
+    const char *codings[] = {"Transfer-Encoding: gzip, chunked\r\n",
+                             "Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n"};
+    for (int i = 0; i < 2; i++) {
+        c = cl_open(f, 0);
+        CHECK(f, c);
+        CHECK(f, cl_sends(c, "POST /x HTTP/1.1\r\nHost: t\r\n"));
+        CHECK(f, cl_sends(c, codings[i]));
+        CHECK(f, cl_sends(c, "\r\n2\r\n{}\r\n0\r\n\r\n"));
+        CHECK(f, cl_response(c) == 501);
+        CHECK(f, strstr(c->body.data, "Transfer-Encoding 'gzip, chunked' is not supported") != NULL);
+        CHECK(f, strstr(c->body.data, "\"code\":\"not_implemented\"") != NULL);
+        CHECK(f, cl_wait_eof(c) == 0);
+        cl_close(c);
+    }
+
+    c = cl_open(f, 0);
+    CHECK(f, c);
+    CHECK(f, cl_sends(c, "POST /x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nFFFFFFFFFFFFFFFFFF\r\n"));
+    CHECK(f, cl_response(c) == 400);
+    CHECK(f, strstr(c->body.data, "malformed HTTP request: chunk size too large") != NULL);
+    CHECK(f, cl_wait_eof(c) == 0);
+    cl_close(c);
+}
+
+static void test_expect_hook(void **state) {
+    (void)state;
+    fixture f;
+    fixture_init(&f);
+    f.expect_hook = true;
+    run(&f, cl_expect_hook);
+    assert_int_equal(f.requests, 2); /* /ok and /plain: the refused ones never reached on_request */
+    assert_int_equal(f.expects, 3);
 }
 
 static void cl_too_large(fixture *f) {
@@ -1170,7 +1259,7 @@ static void test_server_close_inflight(void **state) {
     /* like run(), but the client signals the close itself while requests are in flight */
     assert_int_equal(uv_loop_init(&f.loop), 0);
     char err[256];
-    bt_http_handlers h = {h_request, h_abort, NULL};
+    bt_http_handlers h = {h_request, h_abort, NULL, NULL};
     assert_int_equal(bt_http_server_start(&f.loop, &f.cfg, &h, &f, &f.srv, err, sizeof err), BT_OK);
     f.port = bt_http_server_port(f.srv);
     uv_async_init(&f.loop, &f.async, on_async);
@@ -1202,7 +1291,7 @@ static void test_bind_error(void **state) {
     bt_http_config_default(&cfg);
     cfg.host = "127.0.0.1";
     cfg.port = 0;
-    bt_http_handlers h = {h_request, h_abort, NULL};
+    bt_http_handlers h = {h_request, h_abort, NULL, NULL};
     bt_http_server *a = NULL, *b = NULL;
     char err[256] = "";
     assert_int_equal(bt_http_server_start(&loop, &cfg, &h, NULL, &a, err, sizeof err), BT_OK);
@@ -1259,6 +1348,7 @@ int main(void) {
         cmocka_unit_test(test_abort_pending_flood),
         cmocka_unit_test(test_pipeline_overflow_answer),
         cmocka_unit_test(test_chunked_body_and_continue),
+        cmocka_unit_test(test_expect_hook),
         cmocka_unit_test(test_limits_and_errors),
         cmocka_unit_test(test_stream),
         cmocka_unit_test(test_abort_pending),
