@@ -50,6 +50,12 @@ static float *rows;
 static int32_t nrows;
 static uint32_t f_n_ctx, f_n_batch, f_n_seq;
 static int decodes;
+/* test_prefill_waits: the decode numbered gate_at holds the engine thread until the loop has
+ * delivered gate_waits waits (at most 5 s). Without it, a loop thread that runs late (a loaded
+ * machine, a sanitizer build) gets the waits together with the tokens that follow them, which end
+ * them before they are told (bt_deliver_wait), and reads a load from after the waits. */
+static int gate_at, gate_waits;
+static atomic_int waits_delivered;
 /* The loop's thread (set by the harness before the engine starts) and how many decodes and KV
  * edits ran on it: none may (llama.c decodes and edits the KV memory on its engine thread only). */
 static pthread_t loop_thread;
@@ -162,6 +168,8 @@ static int32_t f_decode(struct llama_context *c, struct llama_batch b) {
     (void)c;
     note_thread();
     decodes++;
+    for (int ms = 0; gate_at && decodes == gate_at && atomic_load(&waits_delivered) < gate_waits && ms < 5000; ms++)
+        uv_sleep(1);
     uv_sleep(0); /* a yield; the real decode takes a while too */
     struct timespec ts = {0, 200000};
     nanosleep(&ts, NULL);
@@ -371,6 +379,7 @@ static void on_wait_rec(void *ud, bt_engine_wait reason) {
     assert_false(t->dead);
     assert_int_equal(t->ngot, 0);
     t->waits++;
+    atomic_fetch_add(&waits_delivered, 1);
     t->wait_reason = reason;
     bt_engine_load l;
     bt_engine_get_load(E, &l);
@@ -820,6 +829,12 @@ static void test_prefill_waits(void **state) {
     uv_loop_init(&loop);
     E = make_engine(&loop);
     remaining = 4;
+    /* the three held prompts are each skipped in steps 1 and 2 and told at step 2: the third decode
+     * waits for the three waits to reach the loop, while the engine's state is still that of the
+     * waits (one running, three waiting) */
+    gate_at = decodes + 3;
+    gate_waits = 3;
+    atomic_store(&waits_delivered, 0);
     const char *prompt = "a prompt of sixty letters, long enough for five or six chunks";
     bt_llama_inject(E, 2); /* commands are taken in order: no step before the resume below */
     for (int i = 0; i < 4; i++) {
@@ -843,6 +858,7 @@ static void test_prefill_waits(void **state) {
     bt_llama_inject(E, 3);
     uv_run(&loop, UV_RUN_DEFAULT); /* ends when the last end destroyed the engine */
     assert_int_equal(uv_loop_close(&loop), 0);
+    gate_at = 0;
     for (int i = 0; i < 4; i++) {
         tseq *t = &S[i];
         assert_int_equal(t->errors, 0);
