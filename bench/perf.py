@@ -44,6 +44,10 @@ usage (from the repository root; BATON_BIN defaults to build/baton):
          worker, through the minimal relay and through the frontend, the paths in a rotating order,
          --repeats times; medians over the repeats, added over direct and ratios to direct.
          --compare-bin adds a frontend of another build on the same worker ("frontend, compared build").
+         --arrival times each first token on the HTTP paths by its arrival at the client's socket
+         (the kernel's receive time) rather than by the client's read, which comes only after the
+         client has written the whole burst; an upper bound (segments merged in the socket keep the
+         newest time). Direct is read as it arrives on its one connection and is timed as before.
          --batch-gather-us gives the worker that flag (the first step of an idle engine waits for the
          rest of a burst; docs/engines.md, "Batch gathering").
   BATON_BIN=build/baton python3 bench/perf.py scale    [--streams 10000] [--workers 4]

@@ -440,7 +440,10 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
 /* --arrival: how many of the n bytes at p to read so that the read ends with the first event that
  * carries text (a chunk holding "content":"...), or 0 when that event is not all there yet. A
  * TCP read reports the arrival time of the last segment it took, so a read that stops there
- * times the first token's own segment, not a later token's that came before the client read. */
+ * times the first token's own segment rather than a later token's. Not always: segments that wait
+ * in the socket together may be merged by the kernel (tcp_try_coalesce), and a merged one keeps the
+ * newest arrival time, so a first token that waited with the next is timed at the next's arrival.
+ * The TTFT by arrival is thus an upper bound, never below the true one. */
 static size_t first_token_end(const char *p, size_t n) {
     static const char ck[] = "\"content\":\"";
     const char *q = memmem(p, n, ck, sizeof ck - 1);

@@ -494,9 +494,10 @@ bt_status bt_read_text_file(const char *path, size_t max, char **out, size_t *le
         snprintf(why, whylen, "is over %zu bytes", max);
         goto out;
     }
-    if ((size_t)got > room) { /* the text fits, and more than BT_TEXT_TAIL_MAX blank bytes follow it */
+    if ((size_t)got > room) { /* what was read ends in blanks, but what follows it was not read */
         st = BT_ERR_TOO_LARGE;
-        snprintf(why, whylen, "ends in over %d bytes of blanks and line ends", BT_TEXT_TAIL_MAX);
+        snprintf(why, whylen, "is over %zu bytes, or ends in over %d bytes of blanks and line ends", max,
+                 BT_TEXT_TAIL_MAX);
         goto out;
     }
     if (memchr(buf, '\0', (size_t)got)) {
