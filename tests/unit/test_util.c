@@ -762,7 +762,7 @@ static void test_read_text_file(void **state) {
         const char *why;
     } refused[] = {{over, BT_ERR_TOO_LARGE, "is over 16 bytes"},
                    {over_tail, BT_ERR_TOO_LARGE, "is over 16 bytes"},
-                   {tail_over, BT_ERR_TOO_LARGE, "ends in over 4096 bytes of blanks and line ends"},
+                   {tail_over, BT_ERR_TOO_LARGE, "is over 16 bytes, or ends in over 4096 bytes of blanks and line ends"},
                    {nul_tail, BT_ERR_INVALID, "holds a NUL byte"},
                    {nul, BT_ERR_INVALID, "holds a NUL byte"},
                    {dir, BT_ERR_IO, "Is a directory"},
