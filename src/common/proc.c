@@ -189,8 +189,24 @@ static void on_proc_signal(uv_signal_t *h, int signum) {
     bt_proc_signals *s = h->data;
     if (signum == SIGUSR1 || signum == SIGUSR2) {
         if (s->on_user && s->on_user(s->data, signum)) return;
-        BT_INFO("%s received: ignored (baton gives it no meaning; SIGTERM, SIGINT or SIGHUP stop it)",
-                bt_proc_signal_name(signum));
+        /* a line a second at most for each: a loop sending them must not fill the log */
+        static uint64_t last_ms[2];
+        static unsigned unsaid;
+        int k = signum == SIGUSR2;
+        uint64_t now = uv_now(h->loop);
+        if (last_ms[k] && now - last_ms[k] < 1000) {
+            unsaid++;
+            return;
+        }
+        last_ms[k] = now;
+        if (unsaid)
+            BT_INFO("%s received: ignored (baton gives it no meaning; SIGTERM, SIGINT or SIGHUP stop it); %u more "
+                    "SIGUSR1/SIGUSR2 before it, not logged",
+                    bt_proc_signal_name(signum), unsaid);
+        else
+            BT_INFO("%s received: ignored (baton gives it no meaning; SIGTERM, SIGINT or SIGHUP stop it)",
+                    bt_proc_signal_name(signum));
+        unsaid = 0;
         return;
     }
     if (signum == SIGHUP) BT_INFO("SIGHUP: shutting down as for SIGTERM (baton has no configuration to reload)");
@@ -223,7 +239,13 @@ void bt_proc_signals_start(uv_loop_t *loop, bt_proc_signals *s, bt_proc_stop_cb 
 
 static void close_one(uv_handle_t *h, void *arg) {
     (void)arg;
-    if (!uv_is_closing(h)) uv_close(h, NULL);
+    if (uv_is_closing(h)) return;
+    int sig = h->type == UV_SIGNAL ? ((uv_signal_t *)h)->signum : 0;
+    uv_close(h, NULL);
+    /* libuv puts back SIG_DFL when the last handle of a signal closes: a SIGHUP, SIGUSR1 or SIGUSR2
+     * during the rest of the teardown (or before a loop started again sets its handles) would then
+     * kill a process that is stopping cleanly, and exit with the signal instead of its status */
+    if (sig == SIGHUP || sig == SIGUSR1 || sig == SIGUSR2) signal(sig, SIG_IGN);
 }
 
 void bt_proc_close_handles(uv_loop_t *loop) { uv_walk(loop, close_one, NULL); }

@@ -496,9 +496,10 @@ static bool origin_listed(const char *list, const char *origin) {
     return false;
 }
 
-/* --allowed-origins holds only "*" and origins as a browser writes them: http or https, "://", a
- * host, an optional ":port", nothing after (no path, not even "/": it would never match).
- * "null" (what sandboxed frames and file: pages send) cannot be listed: any page can be one. */
+/* --allowed-origins holds only "*" and origins as a browser writes them: a scheme (http, https, or
+ * another a browser sends: chrome-extension, moz-extension, tauri, capacitor...), "://", a host,
+ * an optional ":port", nothing after (no path, not even "/": it would never match). "null" (what
+ * sandboxed frames and file: pages send) cannot be listed: any page can be one. */
 static bool origins_valid(const char *list, char *err, size_t errlen) {
     if (!list) return true;
     const char *p = list;
@@ -510,9 +511,12 @@ static bool origins_valid(const char *list, char *err, size_t errlen) {
         const char *end = e;
         while (end > p && (end[-1] == ' ' || end[-1] == '\t')) end--;
         int n = (int)(end - p);
-        const char *host = n > 7 && strncasecmp(p, "http://", 7) == 0    ? p + 7
-                           : n > 8 && strncasecmp(p, "https://", 8) == 0 ? p + 8
-                                                                          : NULL;
+        const char *host = NULL; /* past "scheme://", RFC 3986's scheme syntax */
+        if (n > 0 && isalpha((unsigned char)*p)) {
+            const char *q = p + 1;
+            while (q < end && (isalnum((unsigned char)*q) || *q == '+' || *q == '-' || *q == '.')) q++;
+            if (end - q > 3 && strncmp(q, "://", 3) == 0) host = q + 3;
+        }
         bool ok = n == 1 && *p == '*';
         if (host && host < end) {
             const char *colon = NULL;
@@ -528,7 +532,7 @@ static bool origins_valid(const char *list, char *err, size_t errlen) {
         if (!ok) {
             snprintf(err, errlen,
                      "--allowed-origins (BATON_ALLOWED_ORIGINS): '%.*s' is not an origin: give scheme://host[:port] "
-                     "(http or https, no path, no trailing /) or *, comma-separated",
+                     "(no path, no trailing /) or *, comma-separated",
                      n > 100 ? 100 : n, p);
             return false;
         }
@@ -543,14 +547,48 @@ static bool origins_valid(const char *list, char *err, size_t errlen) {
     return true;
 }
 
-/* What a CORS preflight may ask to send: the request headers this API reads. */
+/* What a CORS preflight may ask to send when it names nothing it needs: the request headers this
+ * API reads. A preflight that names its headers gets them back (cors_requested_headers). */
 #define CORS_ALLOW_HEADERS "Authorization, Content-Type, X-Request-Id, Last-Event-ID, X-Priority, X-Tenant"
+/* The largest Access-Control-Request-Headers echoed */
+#define CORS_REQUEST_HEADERS_MAX 2048
+
+/* A preflight's Access-Control-Request-Headers, when it is a well-formed list of header names
+ * (RFC 9110 tokens, comma-separated, blanks around them) no longer than CORS_REQUEST_HEADERS_MAX:
+ * then the listed origin may send them all. Clients add their own headers (the openai SDKs send
+ * X-Stainless-*, OpenAI-Organization, ...), which this server ignores, so a fixed list would make
+ * the browser block them; the origin is trusted already. NULL otherwise (the fixed list). */
+static const char *cors_requested_headers(const char *v) {
+    if (!v || strlen(v) > CORS_REQUEST_HEADERS_MAX) return NULL;
+    enum { BEFORE, IN_NAME, AFTER } st = BEFORE; /* of the list element being read */
+    bool any = false;
+    for (const char *p = v; *p; p++) {
+        unsigned char ch = (unsigned char)*p;
+        if (isalnum(ch) || strchr("!#$%&'*+-.^_`|~", ch)) {
+            if (st == AFTER) return NULL; /* two names without a comma */
+            st = IN_NAME;
+            any = true;
+        } else if (ch == ' ' || ch == '\t') {
+            if (st == IN_NAME) st = AFTER;
+        } else if (ch == ',') {
+            st = BEFORE;
+        } else {
+            return NULL;
+        }
+    }
+    return any ? v : NULL;
+}
 
 /* The Origin rule (above) for a request that carries one: false when it has been answered (403,
  * or a preflight's 204), true when it goes on, as a listed origin's with its CORS headers. */
 static bool origin_ok(fe *f, bt_http_req *http, bt_route_result res, const bt_http_route *r) {
     const char *origin = http->origin;
-    if (!origin) return true;
+    /* with origins listed, every answer depends on Origin, also one to a request without it: a
+     * shared cache must not hand it to a page (Fetch, "CORS protocol and HTTP caches") */
+    if (!origin) {
+        if (f->o.allowed_origins) (void)bt_http_set_headers(http, "Vary: Origin\r\n"); /* no memory: none */
+        return true;
+    }
     bool listed = origin_listed(f->o.allowed_origins, origin);
     if (!listed) {
         bool probe = res == BT_ROUTE_FOUND && (r->flags & BT_ROUTE_OPEN) &&
@@ -564,29 +602,32 @@ static bool origin_ok(fe *f, bt_http_req *http, bt_route_result res, const bt_ht
     }
     /* the origin itself, not "*", even under "*": the answer differs by Origin (Vary), and a page
      * that sends credentials needs its own origin named */
-    /* X-Request-Id exposed: a page cancels its request by that id (/v1/requests/{id}/cancel) */
-    size_t n = strlen(origin) + 128;
+    /* X-Request-Id exposed: a page cancels its request by that id (/v1/requests/{id}/cancel);
+     * Retry-After: how long a shed request should wait (docs/load-shedding.md) */
+    bool preflight = http->method == BT_HTTP_OPTIONS && http->preflight; /* its answer varies by both */
+    size_t n = strlen(origin) + 160;
     char *acao = malloc(n);
     bool added = acao &&
                  snprintf(acao, n,
-                          "Access-Control-Allow-Origin: %s\r\nVary: Origin\r\nAccess-Control-Expose-Headers: "
-                          "X-Request-Id\r\n",
-                          origin) > 0 &&
+                          "Access-Control-Allow-Origin: %s\r\nVary: %s\r\nAccess-Control-Expose-Headers: "
+                          "X-Request-Id, Retry-After\r\n",
+                          origin, preflight ? "Origin, Access-Control-Request-Headers" : "Origin") > 0 &&
                  bt_http_set_headers(http, acao);
     free(acao);
     if (!added) {
         fe_json_error(http, NULL, 500, "out_of_memory", "out of memory");
         return false;
     }
-    if (http->method == BT_HTTP_OPTIONS && http->preflight) {
+    if (preflight) {
         unsigned m = bt_http_route_allowed(routes, sizeof routes / sizeof routes[0], http->path);
         if (!m) return true; /* no such path: the 404 (or 401) it gets without asking */
-        char h[256];
+        const char *asked = cors_requested_headers(http->preflight_headers);
+        char h[CORS_REQUEST_HEADERS_MAX + 256];
         snprintf(h, sizeof h,
-                 "Access-Control-Allow-Methods: %s%s%s\r\nAccess-Control-Allow-Headers: " CORS_ALLOW_HEADERS
-                 "\r\nAccess-Control-Max-Age: 600\r\n",
+                 "Access-Control-Allow-Methods: %s%s%s\r\nAccess-Control-Allow-Headers: %s\r\n"
+                 "Access-Control-Max-Age: 600\r\n",
                  (m & BT_ROUTE_GET) ? "GET, HEAD" : "", (m & BT_ROUTE_GET) && (m & BT_ROUTE_POST) ? ", " : "",
-                 (m & BT_ROUTE_POST) ? "POST" : "");
+                 (m & BT_ROUTE_POST) ? "POST" : "", asked ? asked : CORS_ALLOW_HEADERS);
         bt_http_respond(http, 204, NULL, h, NULL, 0);
         return false;
     }

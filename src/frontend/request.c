@@ -1023,8 +1023,9 @@ bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const cha
     /* vLLM's extension, read by the llama engine: "1" or 1.5 must not pass as "off" */
     json_t *tk = json_object_get(body, "top_k");
     if (tk && !json_is_null(tk) && !json_is_integer(tk)) REJECT("top_k", "invalid_type", "'top_k' must be an integer");
-    if (json_is_integer(tk) && (json_integer_value(tk) < 0 || json_integer_value(tk) > INT32_MAX))
-        REJECT("top_k", "invalid_value", "'top_k' must be an integer from 0 (off) to %d", INT32_MAX);
+    /* -1 is vLLM's and SGLang's "off", which their clients send; 0 is off too */
+    if (json_is_integer(tk) && (json_integer_value(tk) < -1 || json_integer_value(tk) > INT32_MAX))
+        REJECT("top_k", "invalid_value", "'top_k' must be an integer from -1 or 0 (off) to %d", INT32_MAX);
     /* OpenAI's ranges; the llama engine applies them (docs/engines.md §3.4) */
     const char *pens[] = {"frequency_penalty", "presence_penalty"};
     for (int i = 0; i < 2; i++) {

@@ -75,12 +75,13 @@ enum {
     H_TENANT,
     H_ORIGIN,
     H_AC_REQUEST_METHOD,
+    H_AC_REQUEST_HEADERS,
     H_TRANSFER_ENCODING,
     H_COUNT
 };
 static const char *const interesting_headers[H_COUNT] = {
     "x-request-id", "authorization", "content-type", "expect", "last-event-id", "x-priority", "x-tenant", "origin",
-    "access-control-request-method", "transfer-encoding"};
+    "access-control-request-method", "access-control-request-headers", "transfer-encoding"};
 
 typedef struct conn conn;
 
@@ -728,8 +729,9 @@ static int cb_header_value(http_parser *p, const char *at, size_t len) {
                     }
                     c->cur_hdr = i;
                     /* Transfer-Encoding lines make one list (RFC 9110 §5.3): "gzip" then "chunked"
-                     * is "gzip, chunked"; of any other repeated header the last one wins */
-                    if (i == H_TRANSFER_ENCODING && c->have_hdr[i]) {
+                     * is "gzip, chunked", and so do a preflight's requested headers; of any other
+                     * repeated header the last one wins */
+                    if ((i == H_TRANSFER_ENCODING || i == H_AC_REQUEST_HEADERS) && c->have_hdr[i]) {
                         bt_buf_append(&c->hdr[i], ", ", 2);
                     } else {
                         bt_buf_reset(&c->hdr[i]);
@@ -918,6 +920,7 @@ static void req_fill(conn *c) {
     r->tenant = c->have_hdr[H_TENANT] ? c->hdr[H_TENANT].data : NULL;
     r->origin = c->have_hdr[H_ORIGIN] ? c->hdr[H_ORIGIN].data : NULL;
     r->preflight = c->have_hdr[H_AC_REQUEST_METHOD] ? c->hdr[H_AC_REQUEST_METHOD].data : NULL;
+    r->preflight_headers = c->have_hdr[H_AC_REQUEST_HEADERS] ? c->hdr[H_AC_REQUEST_HEADERS].data : NULL;
 }
 
 /* Expect: 100-continue, from cb_headers_complete: the handler's on_expect sees the request before

@@ -45,6 +45,7 @@ struct bt_http_req {
     const char *tenant;       /* X-Tenant header value, or NULL (trusted only if the frontend says so) */
     const char *origin;       /* Origin header value (a browser's cross-origin or POST request), or NULL */
     const char *preflight;    /* Access-Control-Request-Method header value (a CORS preflight), or NULL */
+    const char *preflight_headers; /* Access-Control-Request-Headers header value (a preflight's), or NULL */
     void *user;               /* free for the handler */
 };
 

@@ -76,7 +76,8 @@ def thresholds(fe):
 
 with bl.Cluster() as c:
     fe = c.start_frontend()
-    app = c.start_frontend(allowed_origins=f"{APP}, http://localhost:3000", api_key="sekrit")
+    app = c.start_frontend(allowed_origins=f"{APP}, http://localhost:3000, chrome-extension://abcdefghij",
+                           api_key="sekrit")
     star = c.start_frontend(env={"BATON_ALLOWED_ORIGINS": "*"})
     w = c.start_worker(speedup_ratio=20, system_port=True, wait=True, rebalance_endpoint=True)
     c.wait_workers(fe, 1)
@@ -127,13 +128,31 @@ with bl.Cluster() as c:
     assert "POST" in hdrs.get("access-control-allow-methods", ""), hdrs
     allow_h = hdrs.get("access-control-allow-headers", "").lower()
     assert "authorization" in allow_h and "content-type" in allow_h, hdrs
+    assert "Access-Control-Request-Headers" in hdrs.get("vary", ""), hdrs
+    # the headers a client library adds (the openai SDK's X-Stainless-*, OpenAI-Organization) are
+    # allowed as asked: a fixed list would make the browser block the SDK's every request
+    sdk = "authorization, content-type, x-stainless-retry-count, x-stainless-lang, openai-organization"
+    pre_sdk = pre.replace(b"authorization, content-type", sdk.encode())
+    st, hdrs, b, _ = exchange(app.port, pre_sdk)
+    assert st == 204 and hdrs.get("access-control-allow-headers") == sdk, (st, hdrs)
+    # a list that is not header names gets the fixed list instead of an echo
+    st, hdrs, b, _ = exchange(app.port, pre.replace(b"authorization, content-type", b"x-a x-b, (bad)"))
+    assert st == 204 and hdrs.get("access-control-allow-headers", "").startswith("Authorization, Content-Type"), hdrs
+    # with origins listed, an answer to a request without Origin says it varies by Origin too
+    st, hdrs, b = bl.request("GET", app.url + "/v1/models", headers={"Authorization": "Bearer sekrit"})
+    assert st == 200 and hdrs.get("vary") == "Origin" and "access-control-allow-origin" not in hdrs, (st, hdrs)
+    st, hdrs, b = bl.request("GET", fe.url + "/v1/models")
+    assert st == 200 and "vary" not in hdrs, (st, hdrs)
+    # an extension's (or a desktop app's) origin may be listed: any scheme a browser sends
+    st, hdrs, b, _ = exchange(app.port, pre.replace(APP.encode(), b"chrome-extension://abcdefghij"))
+    assert st == 204 and hdrs.get("access-control-allow-origin") == "chrome-extension://abcdefghij", (st, hdrs)
     st, hdrs, b = bl.request("POST", app.url + chat, bl.chat_body("cors", max_tokens=2),
                              headers={"Origin": APP})
     assert st == 401 and hdrs.get("access-control-allow-origin") == APP, (st, hdrs, b[:200])
     st, hdrs, b = bl.request("POST", app.url + chat, bl.chat_body("cors", max_tokens=2),
                              headers={"Origin": APP, "Authorization": "Bearer sekrit"})
     assert st == 200 and hdrs.get("access-control-allow-origin") == APP, (st, hdrs, b[:200])
-    assert "Origin" in hdrs.get("vary", "") and hdrs.get("access-control-expose-headers") == "X-Request-Id", hdrs
+    assert "Origin" in hdrs.get("vary", "") and hdrs.get("access-control-expose-headers") == "X-Request-Id, Retry-After", hdrs
     # a streamed answer carries them too
     st, hdrs, b = bl.request("POST", app.url + chat, bl.chat_body("cors", max_tokens=2, stream=True),
                              headers={"Origin": "http://localhost:3000", "Authorization": "Bearer sekrit"})

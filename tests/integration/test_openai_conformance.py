@@ -19,7 +19,7 @@ the error table, docs/engines.md the context length):
     a value compared with a fixed one (role, content part type, tool_choice, function_call, model)
     and a stop string holding U+0000 are a 400 invalid_value naming the field, never read as the
     part before the NUL;
-  * sampling parameters: top_k an integer >= 0, frequency_penalty and presence_penalty numbers in
+  * sampling parameters: top_k an integer >= -1 (-1 and 0 are off), frequency_penalty and presence_penalty numbers in
     [-2, 2], logit_bias an object of at most 300 decimal token ids to numbers in [-100, 100]; a
     wrong type or range is a 400 naming the field; top_k and priority written 1.0 are integers;
   * prompt + max_tokens beyond the worker's --context-length is a 400 context_length_exceeded,
@@ -166,7 +166,7 @@ with bl.Cluster() as c:
     # sampling parameters the llama engine applies (docs/engines.md §3.4): OpenAI's types and ranges,
     # never read as "off"; logit_bias keys are token ids in decimal, at most 300 of them
     sampling_cases = (({"top_k": "1"}, "invalid_type", "top_k"), ({"top_k": 1.5}, "invalid_type", "top_k"),
-                      ({"top_k": -1}, "invalid_value", "top_k"), ({"top_k": 2 ** 31}, "invalid_value", "top_k"),
+                      ({"top_k": -2}, "invalid_value", "top_k"), ({"top_k": 2 ** 31}, "invalid_value", "top_k"),
                       ({"frequency_penalty": 5}, "invalid_value", "frequency_penalty"),
                       ({"frequency_penalty": -2.5}, "invalid_value", "frequency_penalty"),
                       ({"frequency_penalty": "1"}, "invalid_type", "frequency_penalty"),
@@ -190,7 +190,7 @@ with bl.Cluster() as c:
                            ("/v1/completions", bl.completion_body(max_tokens=2))):
             st, _, b = bl.post_json(u + path, dict(body, **extra))
             error_of(st, b, 400, code, param, f"{path} {str(extra)[:60]}")
-    for extra in ({"top_k": 0}, {"top_k": 40}, {"top_k": None}, {"frequency_penalty": -2}, {"frequency_penalty": 2},
+    for extra in ({"top_k": 0}, {"top_k": -1}, {"top_k": 40}, {"top_k": None}, {"frequency_penalty": -2}, {"frequency_penalty": 2},
                   {"presence_penalty": 0.5}, {"frequency_penalty": None, "presence_penalty": None},
                   {"logit_bias": {}}, {"logit_bias": None}, {"logit_bias": {"0": -100, "7": 100, "264": 2.5}},
                   {"logit_bias": {str(i): 1 for i in range(300)}}):
