@@ -126,6 +126,7 @@ typedef struct {
     uint64_t js_dropped;                   /* changes never sent: the queue to the publisher was full */
     uint64_t js_purged, js_purge_failed;   /* finished streams purged by subject after their retention */
     uint64_t js_fetched, js_fetch_missing; /* resumes of other frontends' streams: read back, or not there */
+    uint64_t js_fetch_gaps; /* of js_fetched: read only up to a change lost on its way to JetStream */
     uint64_t js_cut;                       /* streams whose record on NATS stops short: a change was lost */
 } fe_journal_stats;
 

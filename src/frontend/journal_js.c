@@ -26,7 +26,8 @@
  * more published (its record on NATS stays a prefix, which a resume elsewhere continues from).
  *
  * Message: a JSON array of operations, in order: {"o":"open", the request's description},
- * {"o":"ev","i":base64 of the ids (u32 little-endian),"t":base64 of the text},
+ * {"o":"ev","p":tokens before it,"b":text bytes before it,"i":base64 of the ids (u32
+ * little-endian),"t":base64 of the text},
  * {"o":"worker","id":N}, {"o":"close", the tail}. */
 #include <inttypes.h>
 #include <openssl/evp.h>
@@ -60,8 +61,10 @@ typedef struct op {
     char sid[FE_STREAM_ID_LEN + 1];
     json_t *j; /* OPEN, WORKER, CLOSE: the operation as JSON */
     size_t bytes;
-    /* EV: copied as they are on the token path; the thread turns them into JSON */
-    size_t n, len;
+    /* EV: copied as they are on the token path; the thread turns them into JSON. at_tok, at_text:
+     * the record's tokens and text bytes before them, published with them so that a reader sees a
+     * change lost on the way (apply_msg) */
+    size_t n, len, at_tok, at_text;
     uint32_t *ids; /* points into data */
     char *text;    /* points into data */
     uint32_t data[];
@@ -114,7 +117,7 @@ typedef struct {
     struct purge_list purges;
     bool stop;
     js_state state;
-    uint64_t dropped, published, pub_errors, purged, purge_errors, fetched, fetch_missing, cut_streams;
+    uint64_t dropped, published, pub_errors, purged, purge_errors, fetched, fetch_missing, fetch_gaps, cut_streams;
     /* Streams a change of which was lost on its way to NATS (a full queue, a failed publish): key
      * cut_key(sid), value the time (bt_now_ms) after which the entry may go. Nothing more of them
      * is published, so that their record on NATS stays a prefix of what they sent — a resume
@@ -223,6 +226,10 @@ static bool js_append(fe_journal *j, fe_jrec *rec, const uint32_t *ids, size_t n
     const char *sid = fe_jrec_stream_id(rec);
     char sidc[FE_STREAM_ID_LEN + 1];
     memcpy(sidc, sid, sizeof sidc); /* before the append: a dropped record loses its data */
+    const uint32_t *had_ids = NULL;
+    const char *had_text = NULL;
+    size_t at_tok = 0, at_text = 0;
+    (void)fe_jrec_output(rec, &had_ids, &at_tok, &had_text, &at_text); /* where these go in it */
     if (!fe_journal_append(js->mem, rec, ids, n, text, len)) {
         /* The working copy dropped the record (its cap). Its request goes on and closes it at its
          * end with how it ended: published, that close would make the prefix on NATS a finished
@@ -242,6 +249,8 @@ static bool js_append(fe_journal *j, fe_jrec *rec, const uint32_t *ids, size_t n
         memcpy(o->sid, sidc, sizeof o->sid);
         o->n = n;
         o->len = len;
+        o->at_tok = at_tok;
+        o->at_text = at_text;
         o->ids = o->data;
         o->text = (char *)(o->data + n);
         if (n) memcpy(o->ids, ids, n * sizeof *ids);
@@ -340,6 +349,7 @@ static void js_stats(fe_journal *j, fe_journal_stats *out) {
     out->js_purge_failed = js->purge_errors;
     out->js_fetched = js->fetched;
     out->js_fetch_missing = js->fetch_missing;
+    out->js_fetch_gaps = js->fetch_gaps;
     out->js_cut = js->cut_streams;
     uv_mutex_unlock(&js->mu);
 }
@@ -400,7 +410,9 @@ static void publish_batch(js_journal *js, natsConnection *nc, struct op_queue *l
             if (!first) bt_buf_append(&b, ",", 1);
             first = false;
             if (o->kind == OP_EV) {
-                bt_buf_append_str(&b, "{\"o\":\"ev\",\"i\":\"");
+                char at[64];
+                snprintf(at, sizeof at, "{\"o\":\"ev\",\"p\":%zu,\"b\":%zu,\"i\":\"", o->at_tok, o->at_text);
+                bt_buf_append_str(&b, at);
                 put_b64(&b, o->ids, o->n * sizeof *o->ids); /* the host is little-endian (x86-64, arm64) */
                 bt_buf_append_str(&b, "\",\"t\":\"");
                 put_b64(&b, o->text, o->len);
@@ -419,7 +431,10 @@ static void publish_batch(js_journal *js, natsConnection *nc, struct op_queue *l
         char subj[160];
         subject(js, sid, subj, sizeof subj);
         /* a plain publish: the stream stores it all the same, and no PubAck comes back to parse (the
-         * journal does nothing with one: what a dead frontend did not get stored is regenerated) */
+         * journal does nothing with one: what a dead frontend did not get stored at the end is
+         * regenerated). A change lost in the middle (a connection that went stale with bytes in
+         * flight, then reconnected) shows to the reader by the positions each "ev" carries, and
+         * the record is read up to it (apply_msg) */
         natsStatus st =
             bt_buf_status(&b) == BT_OK ? natsConnection_Publish(nc, subj, b.data, (int)b.len) : NATS_NO_MEMORY;
         uv_mutex_lock(&js->mu);
@@ -471,9 +486,13 @@ static bool grow(void **p, size_t *cap, size_t need, size_t elem) {
     return true;
 }
 
-/* Applies one message's operations to the record being rebuilt; false if it is malformed. */
-static bool apply_msg(fe_jsnap *s, uint8_t mac[FE_KEY_MAC_LEN], bool *opened, size_t caps[3], const char *data,
-                      int len) {
+/* Applies one message's operations to the record being rebuilt; false if it is malformed. An "ev"
+ * that does not start where the record has got to (its "p" and "b", absent in records of older
+ * frontends) follows a change that was lost on its way: *gap is then set, and nothing from there
+ * on is applied, so that the record stays a prefix of what was streamed, unfinished (a resume
+ * continues it from its end, regenerating the rest). */
+static bool apply_msg(fe_jsnap *s, uint8_t mac[FE_KEY_MAC_LEN], bool *opened, bool *gap, size_t caps[3],
+                      const char *data, int len) {
     json_t *arr = json_loadb(data, (size_t)len, 0, NULL);
     bool ok = json_is_array(arr);
     size_t i;
@@ -507,6 +526,13 @@ static bool apply_msg(fe_jsnap *s, uint8_t mac[FE_KEY_MAC_LEN], bool *opened, si
             s->priority = prio >= -BT_PRIORITY_LIMIT && prio <= BT_PRIORITY_LIMIT ? (int32_t)prio : 0;
             *opened = true;
         } else if (strcmp(k, "ev") == 0) {
+            json_t *at_tok = json_object_get(o, "p"), *at_text = json_object_get(o, "b");
+            if ((at_tok && (!json_is_integer(at_tok) || (uint64_t)json_integer_value(at_tok) != s->nids)) ||
+                (at_text && (!json_is_integer(at_text) || (uint64_t)json_integer_value(at_text) != s->text_len))) {
+                *gap = true;
+                s->tail.kind = FE_JTAIL_NONE;
+                break;
+            }
             const char *i64 = json_string_value(json_object_get(o, "i"));
             const char *t64 = json_string_value(json_object_get(o, "t"));
             size_t il = i64 ? strlen(i64) : 0, tl = t64 ? strlen(t64) : 0;
@@ -548,7 +574,7 @@ static void fetch_one(js_journal *js, jsCtx *ctx, fetch *f) {
     memset(&s, 0, sizeof s);
     memcpy(s.stream_id, f->sid, sizeof s.stream_id);
     uint8_t mac[FE_KEY_MAC_LEN] = {0};
-    bool opened = false, ok = true;
+    bool opened = false, ok = true, gap = false;
     size_t caps[3] = {0, 0, 0};
     uint64_t seq = 1;
     jsOptions jo;
@@ -570,10 +596,14 @@ static void fetch_one(js_journal *js, jsCtx *ctx, fetch *f) {
         const char *sq = NULL;
         if (natsMsgHeader_Get(m, "Nats-Sequence", &sq) != NATS_OK || !sq) ok = false;
         else seq = strtoull(sq, NULL, 10) + 1;
-        if (ok) ok = apply_msg(&s, mac, &opened, caps, natsMsg_GetData(m), natsMsg_GetDataLength(m));
+        if (ok) ok = apply_msg(&s, mac, &opened, &gap, caps, natsMsg_GetData(m), natsMsg_GetDataLength(m));
         natsMsg_Destroy(m);
-        if (!ok) break;
+        if (!ok || gap) break;
     }
+    if (ok && opened && gap)
+        BT_WARN("stream journal: the record of stream %s in JetStream misses a change after %zu tokens (lost on its "
+                "way, as in a NATS outage): it is read up to there, and a resume continues it from that point",
+                f->sid, s.nids);
     if (ok && opened && !s.text) s.text = calloc(1, 1);
     uv_mutex_lock(&js->mu);
     if (ok && opened && s.text) {
@@ -581,6 +611,7 @@ static void fetch_one(js_journal *js, jsCtx *ctx, fetch *f) {
         memcpy(f->mac, mac, sizeof mac);
         f->state = F_FOUND;
         js->fetched++;
+        js->fetch_gaps += gap;
     } else {
         f->state = F_NONE;
         js->fetch_missing++;

@@ -576,7 +576,8 @@ void fe_resume_collect(fe *f, bt_metrics *r) {
     bt_metrics_add(fam, (double)st.js_purge_failed, "result", "failed", NULL);
     fam = bt_metrics_counter(r, "baton_frontend_stream_journal_jetstream_fetches_total",
                              "Streams of other frontends read back from JetStream for a resume, by result");
-    bt_metrics_add(fam, (double)st.js_fetched, "result", "found", NULL);
+    bt_metrics_add(fam, (double)(st.js_fetched - st.js_fetch_gaps), "result", "found", NULL);
+    bt_metrics_add(fam, (double)st.js_fetch_gaps, "result", "truncated", NULL); /* up to a lost change */
     bt_metrics_add(fam, (double)st.js_fetch_missing, "result", "not_found", NULL);
     bt_metrics_add(bt_metrics_counter(r, "baton_frontend_stream_journal_jetstream_streams_cut_total",
                                       "Streams whose record in JetStream stops short: a change was lost on its way "
