@@ -147,7 +147,9 @@ static void on_conn_open(void *ud, bt_rpc_conn *c) {
         bt_rpc_conn_close(c, BT_ERR_PROTOCOL, "instance id mismatch");
         return;
     }
-    w->backoff_ms = 0;
+    /* the back-off is not reset here but at the first load report: a worker that requires a
+     * secret this frontend does not prove answers HELLO, then closes, and a reset at every HELLO
+     * would reconnect every 50 ms forever (each attempt a WARN on the worker) */
     w->tells_waits = bt_rpc_peer_flags(c) & BT_HELLO_WAITING; /* this connection's worker: it may be another build */
     if (w->quarantined) { /* it proved itself: a fresh handshake */
         w->quarantined = false;
@@ -288,6 +290,7 @@ static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
          * admits it; llama refreshes the snapshot the loop reads before it posts a wait
          * (llama.c post_wait). */
         w->load_frames++;
+        w->backoff_ms = 0; /* the connection works (on_conn_open) */
         if (lr.running) w->running_ms = (uint32_t)uv_now(w->fe->loop);
         if (lr.waiting == 0) {
             w->idle_load = w->load_frames;

@@ -273,6 +273,12 @@ with bl.Cluster() as c:
         st, _, b = bl.post_json(fe_bad.url + "/v1/chat/completions", bl.chat_body(max_tokens=3))
         assert st == 503, (st, b)
     assert "requires a shared secret" in none.proc.log_text(), none.proc.log_tail()
+    # the refused frontends back off (50 ms doubling to 2 s): a few attempts, not 20 a second
+    before = w.proc.log_text().count("failed authentication")
+    time.sleep(4)
+    tries = w.proc.log_text().count("failed authentication") - before
+    assert tries <= 6, f"the frontend with the wrong secret tried {tries} times in 4 s"
+    print(f"a frontend with the wrong secret tried {tries} times in 4 s")
     assert "failed authentication" in w.proc.log_text(), w.proc.log_tail()
     # a raw client that skips the challenge and sends a REQUEST is cut off
     g = socket.create_connection(("127.0.0.1", w.rpc_port), timeout=5)
