@@ -108,3 +108,18 @@ void bt_log(bt_log_level lvl, const char *fmt, ...) {
     ssize_t w = write(STDERR_FILENO, line, len);
     (void)w;
 }
+
+bool bt_log_limit_take(bt_log_limit *l, uint64_t now_ms, unsigned burst, unsigned *unsaid) {
+    if (now_ms - l->window_ms >= 1000) {
+        l->window_ms = now_ms;
+        l->n = 0;
+    }
+    if (l->n >= burst) {
+        l->unsaid++;
+        return false;
+    }
+    l->n++;
+    *unsaid = l->unsaid;
+    l->unsaid = 0;
+    return true;
+}

@@ -7,6 +7,7 @@
 #define BATON_LOG_H
 
 #include <stdbool.h>
+#include <stdint.h>
 
 typedef enum { BT_LOG_ERROR = 0, BT_LOG_WARN, BT_LOG_INFO, BT_LOG_DEBUG, BT_LOG_TRACE } bt_log_level;
 
@@ -28,5 +29,19 @@ void bt_log(bt_log_level lvl, const char *fmt, ...) __attribute__((format(printf
 #define BT_INFO(...)  bt_log(BT_LOG_INFO, __VA_ARGS__)
 #define BT_DEBUG(...) do { if (bt_log_enabled(BT_LOG_DEBUG)) bt_log(BT_LOG_DEBUG, __VA_ARGS__); } while (0)
 #define BT_TRACE(...) do { if (bt_log_enabled(BT_LOG_TRACE)) bt_log(BT_LOG_TRACE, __VA_ARGS__); } while (0)
+
+/* A bound on how often one kind of line is written: at most `burst` in a second; past that the
+ * lines are counted instead, and the next one written says how many were not. For lines a client
+ * or a signal sender can provoke at will (the counters in /metrics still count every event).
+ * Zero-initialized; one per call site (and per thread where several threads share the site). */
+typedef struct {
+    uint64_t window_ms; /* start of the current second */
+    unsigned n;         /* lines written in it */
+    unsigned unsaid;    /* lines held back since the last one written */
+} bt_log_limit;
+
+/* True when a line may be written at now_ms (a millisecond clock); *unsaid is then the number held
+ * back before it (and the count starts again). */
+bool bt_log_limit_take(bt_log_limit *l, uint64_t now_ms, unsigned burst, unsigned *unsaid);
 
 #endif

@@ -190,23 +190,16 @@ static void on_proc_signal(uv_signal_t *h, int signum) {
     if (signum == SIGUSR1 || signum == SIGUSR2) {
         if (s->on_user && s->on_user(s->data, signum)) return;
         /* a line a second at most for each: a loop sending them must not fill the log */
-        static uint64_t last_ms[2];
-        static unsigned unsaid;
-        int k = signum == SIGUSR2;
-        uint64_t now = uv_now(h->loop);
-        if (last_ms[k] && now - last_ms[k] < 1000) {
-            unsaid++;
-            return;
-        }
-        last_ms[k] = now;
+        static bt_log_limit lim[2];
+        unsigned unsaid;
+        if (!bt_log_limit_take(&lim[signum == SIGUSR2], uv_now(h->loop), 1, &unsaid)) return;
         if (unsaid)
             BT_INFO("%s received: ignored (baton gives it no meaning; SIGTERM, SIGINT or SIGHUP stop it); %u more "
-                    "SIGUSR1/SIGUSR2 before it, not logged",
+                    "before it, not logged",
                     bt_proc_signal_name(signum), unsaid);
         else
             BT_INFO("%s received: ignored (baton gives it no meaning; SIGTERM, SIGINT or SIGHUP stop it)",
                     bt_proc_signal_name(signum));
-        unsaid = 0;
         return;
     }
     if (signum == SIGHUP) BT_INFO("SIGHUP: shutting down as for SIGTERM (baton has no configuration to reload)");

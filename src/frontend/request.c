@@ -56,9 +56,18 @@ static void json_error_v(bt_http_req *http, const char *rid, int status, const c
                          const char *headers, const char *fmt, va_list ap) {
     char msg[512];
     vsnprintf(msg, sizeof msg, fmt, ap);
-    /* client mistakes at debug level (a hostile client must not flood the log), the rest at info */
-    if (status >= 500) BT_INFO("request %s answered %d: %s", rid ? rid : "-", status, msg);
-    else BT_DEBUG("request %s answered %d: %s", rid ? rid : "-", status, msg);
+    /* client mistakes at debug level (a hostile client must not flood the log), the rest at info,
+     * ten a second at most per event loop: under the overload that sheds requests with 503, a line
+     * per request would be a flood (baton_frontend_requests_total counts them all) */
+    static _Thread_local bt_log_limit lim;
+    unsigned unsaid = 0;
+    if (status < 500) BT_DEBUG("request %s answered %d: %s", rid ? rid : "-", status, msg);
+    else if (bt_log_enabled(BT_LOG_INFO) && bt_log_limit_take(&lim, bt_now_ms(), 10, &unsaid)) {
+        if (unsaid)
+            BT_INFO("request %s answered %d: %s (%u more answers of 5xx in the second before, not logged)",
+                    rid ? rid : "-", status, msg, unsaid);
+        else BT_INFO("request %s answered %d: %s", rid ? rid : "-", status, msg);
+    }
     bt_buf b;
     bt_buf_init(&b, 4096);
     fe_error_body(&b, status, code, param, msg);

@@ -174,4 +174,30 @@ with bl.Cluster() as c:
     a.proc.kill(signal.SIGCONT)
     for t in bg:
         t.join(120)
+
+# --- under a flood of refusals the log keeps its head: ten lines of 5xx a second at most per event
+# loop, the next one saying how many were not written (the counters count them all)
+with bl.Cluster() as c:
+    fe = c.start_frontend(max_concurrent_requests=1)  # one long stream held: every other request a 503
+    c.start_worker(speedup_ratio=0.5)
+    c.wait_workers(fe, 1)
+    held = threading.Thread(target=bl.stream_chat, args=(fe.url, dict(body(0), max_tokens=5000)),
+                            kwargs=dict(timeout=120))
+    held.start()
+    bl.wait_for(lambda: bl.metric_sum(bl.metrics(fe.url), "dynamo_frontend_inflight_requests") == 1, 10,
+                what="the held stream")
+    t0 = time.monotonic()
+    for i in range(120):
+        st, _, _ = bl.post_json(fe.url + "/v1/chat/completions", body(i), timeout=10)
+        assert st == 503, st
+    took = time.monotonic() - t0
+    time.sleep(1.1)
+    st, _, _ = bl.post_json(fe.url + "/v1/chat/completions", body(0), timeout=10)  # after the second
+    assert st == 503, st
+    text = fe.proc.log_text()
+    lines = text.count(" answered 503: ")
+    assert lines <= 10 * (int(took) + 2) + 1, f"{lines} log lines for 121 refusals in {took:.1f} s"
+    assert lines >= 2 and "more answers of 5xx in the second before, not logged" in text, text[-2000:]
+    print(f"121 refusals in {took:.1f} s: {lines} log lines")
+held.join(30)  # its stream ended with the cluster
 print("test_shedding: ok")

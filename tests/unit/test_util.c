@@ -55,6 +55,7 @@
 #include <unistd.h>
 
 #include "common/pool.h"
+#include "common/log.h"
 #include "common/util.h"
 
 /* ---- the reference: one byte at a time, as JSON (RFC 8259) and the replacement rule say ---- */
@@ -422,6 +423,25 @@ static void test_append_i64(void **state) {
     bt_buf_init(&small, 3);
     assert_int_not_equal(bt_buf_append_i64(&small, 12345), BT_OK);
     bt_buf_free(&small);
+}
+
+/* bt_log_limit_take: `burst` lines a second, the next allowed one told how many were held back */
+static void test_log_limit(void **state) {
+    (void)state;
+    bt_log_limit l = {0};
+    unsigned unsaid = 99;
+    assert_true(bt_log_limit_take(&l, 5000, 2, &unsaid));
+    assert_int_equal(unsaid, 0);
+    assert_true(bt_log_limit_take(&l, 5100, 2, &unsaid));
+    assert_false(bt_log_limit_take(&l, 5200, 2, &unsaid));
+    assert_false(bt_log_limit_take(&l, 5999, 2, &unsaid));
+    assert_true(bt_log_limit_take(&l, 6000, 2, &unsaid)); /* a new second */
+    assert_int_equal(unsaid, 2);
+    assert_true(bt_log_limit_take(&l, 6001, 2, &unsaid));
+    assert_int_equal(unsaid, 0);
+    bt_log_limit z = {0};
+    assert_true(bt_log_limit_take(&z, 10, 1, &unsaid)); /* a clock that starts near 0 */
+    assert_false(bt_log_limit_take(&z, 20, 1, &unsaid));
 }
 
 static void test_copy_str(void **state) {
@@ -837,6 +857,7 @@ int main(void) {
         cmocka_unit_test(test_pool_poisoned),
         cmocka_unit_test(test_append_i64),
         cmocka_unit_test(test_copy_str),
+        cmocka_unit_test(test_log_limit),
         cmocka_unit_test(test_buf_append_edges),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
