@@ -5,11 +5,11 @@
  *   baton-llsample-bench [--vocab 512,32000] [--top-k 0,40] [--top-p 1] [--temperature 1]
  *                        [--ms 300]
  *
- * Logits: 16 vectors of normally distributed values (sd 3, as a model's spread), drawn from in
- * turn at rising positions; each side runs for about --ms milliseconds. Every draw of the timed
- * sampler is checked against the reference's on the same inputs first (a difference exits 1).
+ * Logits: 16 vectors of normally distributed values (sd 3), drawn from in turn at rising
+ * positions; each side runs for about --ms milliseconds. Before the timing, 64 draws of each
+ * setting are checked against the reference's on the same inputs (a difference exits 1).
  * Prints one line per vocabulary and top_k: "vocab=V top_k=K: reference R us/draw, bt_llsample
- * B us/draw (xS)". */
+ * B us/draw (xS)", S = R / B. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -83,7 +83,8 @@ int main(int argc, char **argv) {
         uint64_t st = 7;
         for (size_t i = 0; i < (size_t)v * N_VEC; i++) logits[i] = (float)(3 * normal(&st));
         for (int ki = 0; ki < n_top_ks; ki++) {
-            bt_llsample_params p = {.temperature = temperature, .top_p = top_p, .top_k = (int32_t)top_ks[ki], .seed = 1};
+            bt_llsample_params p = {
+                .temperature = temperature, .top_p = top_p, .top_k = (int32_t)top_ks[ki], .seed = 1};
             for (uint64_t n = 0; n < 64; n++) {
                 const float *l = logits + (n % N_VEC) * (size_t)v;
                 if (bt_llsample(l, v, &p, NULL, n, s) != ref_llsample(l, v, &p, NULL, n, ref_c, ref_counts)) {
@@ -107,7 +108,7 @@ int main(int argc, char **argv) {
                 per[side] = (t - t0) / (double)n * 1e6;
                 if (sink == UINT64_MAX) puts(""); /* keeps the draws from being optimised away */
             }
-            printf("vocab=%d top_k=%ld: reference %.1f us/draw, bt_llsample %.1f us/draw (x%.0f)\n", (int)v, top_ks[ki],
+            printf("vocab=%d top_k=%ld: reference %.1f us/draw, bt_llsample %.1f us/draw (x%.1f)\n", (int)v, top_ks[ki],
                    per[0], per[1], per[0] / per[1]);
             fflush(stdout);
         }

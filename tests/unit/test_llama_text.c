@@ -338,9 +338,7 @@ static uint64_t rng_next(uint64_t *st) {
     return x ^ (x >> 31);
 }
 
-static double rng_unit(uint64_t *st) {
-    return (double)(rng_next(st) >> 11) * (1.0 / 9007199254740992.0);
-}
+static double rng_unit(uint64_t *st) { return (double)(rng_next(st) >> 11) * (1.0 / 9007199254740992.0); }
 
 /* The kinds of logit vectors the order has to get right, tie order above all. */
 enum { L_SPREAD, L_FEW, L_QUARTERS, L_ZEROS, L_MAGNITUDES, L_EQUAL, L_RISING, L_FALLING, L_KINDS };
@@ -410,7 +408,7 @@ static void test_sampler_equals_reference(void **state) {
                                     for (int32_t i = 0; i < nb; i++) {
                                         int32_t id = (int32_t)((uint64_t)i * (uint64_t)v / (uint64_t)nb);
                                         double b = rng_next(&st) % 3 ? rng_unit(&st) * 200 - 100
-                                                                        : (double)l[0] - (double)l[id];
+                                                                     : (double)l[0] - (double)l[id];
                                         bias[i] = (bt_llsample_bias){id, fabs(b) <= 100 ? b : 0};
                                     }
                                     p.bias = bias;
