@@ -242,8 +242,7 @@ struct ll_engine {
     bool dead;
     bool stalled; /* fault injection: no steps until resumed */
     bt_engine_gather gather; /* --batch-gather-us: the first step of an idle engine waits (engine.h) */
-    bt_llsample_cand *cand;
-    uint32_t *counts; /* n_vocab zeros: bt_llsample's scratch for the penalties */
+    bt_llsample_scratch *sample; /* the engine thread's, for every draw */
     char model_desc[128];
     ll_kv_ident kv_ident;     /* what a KV state must match to be imported here */
     bt_engine_kv_stats kvs;   /* under mu */
@@ -855,7 +854,7 @@ static bool run_batch(ll_engine *e, ll_seq **seqs, const size_t *take, int n) {
             logits[e->total_emitted % e->n_vocab] = NAN;
         /* the tokens after the prompt are the carried and generated ones: what the penalties count */
         int32_t t = logits ? bt_llsample(logits, (int32_t)e->n_vocab, &s->sp, s->tok + s->n_prompt,
-                                         s->n_carried + s->n_gen, e->cand, e->counts)
+                                         s->n_carried + s->n_gen, e->sample)
                            : -1;
         if (t < 0) {
             engine_die(e, "non-finite logits");
@@ -1423,8 +1422,7 @@ static void ll_destroy_now(ll_engine *e) {
     if (e->ctx) e->L->llama_free(e->ctx);
     if (e->model) e->L->llama_model_free(e->model);
     free(e->chat_template);
-    free(e->cand);
-    free(e->counts);
+    bt_llsample_scratch_free(e->sample);
     pthread_mutex_destroy(&e->mu);
     pthread_cond_destroy(&e->cv);
     uv_close((uv_handle_t *)&e->async, on_async_closed);
@@ -1556,9 +1554,8 @@ bt_engine *bt_llama_create_with_api(uv_loop_t *loop, const bt_llama_config *cfg,
     e->n_batch = L->llama_n_batch(e->ctx);
     e->batch = L->llama_batch_init((int32_t)cfg->max_num_batched_tokens, 0, 1);
     e->batch_ok = true;
-    e->cand = calloc(e->n_vocab, sizeof *e->cand);
-    e->counts = calloc(e->n_vocab, sizeof *e->counts);
-    if (!e->cand || !e->counts) {
+    e->sample = bt_llsample_scratch_new((int32_t)e->n_vocab);
+    if (!e->sample) {
         snprintf(err, errlen, "out of memory");
         goto fail;
     }

@@ -17,7 +17,12 @@
  * rebuild. llama.cpp's penalties sampler keeps its own ring of the last penalty_last_n accepted
  * tokens (a window, not "so far") and its logit-bias sampler rounds the bias to float apart from
  * the penalty; one expression here keeps a bias of -x exactly equal to a penalty of x, which the
- * tests use as their reference. */
+ * tests use as their reference.
+ *
+ * The order is descending (adjusted) logit, then ascending id: a total order, and the probabilities
+ * are summed in it, so it alone fixes every rounding. How it is found does not change a draw: the
+ * first top_k by a bounded heap when top_k is small, otherwise every token by a radix sort (the
+ * unit tests compare both with a plain qsort by that order on many random vocabularies). */
 #ifndef BATON_LLAMA_SAMPLE_H
 #define BATON_LLAMA_SAMPLE_H
 
@@ -51,13 +56,28 @@ typedef struct {
     double p;
 } bt_llsample_cand;
 
+/* What bt_llsample works in for a vocabulary of up to n_vocab tokens, made once and reused from
+ * draw to draw (the engine keeps one for its thread; one draw at a time). The fields are the
+ * sampler's own between draws; counts is all zeros then. */
+typedef struct {
+    int32_t n_vocab;
+    bt_llsample_cand *cand; /* n_vocab: the candidates kept, in order, with their probabilities */
+    float *adj;             /* n_vocab: the adjusted logits, when a bias or a penalty applies */
+    uint64_t *key;          /* 2 × n_vocab: the order's keys, and the radix sort's second array */
+    uint32_t *counts;       /* n_vocab: each token's count among the generated ones, during a draw */
+} bt_llsample_scratch;
+
+/* NULL when out of memory (or n_vocab <= 0); bt_llsample_scratch_free(NULL) is a no-op. */
+bt_llsample_scratch *bt_llsample_scratch_new(int32_t n_vocab);
+void bt_llsample_scratch_free(bt_llsample_scratch *s);
+
 /* The uniform draw in [0, 1) for generated position n. */
 double bt_llsample_uniform(uint64_t seed, uint64_t n);
 /* Picks the next token from logits[0..n_vocab), the tokens generated so far being gen[0..n) (ids
- * < n_vocab; read only when a penalty is set). `scratch` holds n_vocab candidates and `counts`
- * n_vocab zeros, which it holds again on return (caller-owned, reused). Returns -1 when a logit is
- * NaN or infinite (a broken engine: the caller fails). */
+ * < n_vocab; read only when a penalty is set), working in s (made for at least n_vocab tokens).
+ * Returns -1 when a logit is NaN or infinite (a broken engine: the caller fails), or when s is too
+ * small. */
 int32_t bt_llsample(const float *logits, int32_t n_vocab, const bt_llsample_params *p, const int32_t *gen, uint64_t n,
-                    bt_llsample_cand *scratch, uint32_t *counts);
+                    bt_llsample_scratch *s);
 
 #endif
