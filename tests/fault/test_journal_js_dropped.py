@@ -25,17 +25,6 @@ BODY = bl.completion_body("a stream whose record is dropped", max_tokens=600, re
                           stream_options={"include_usage": True})
 
 
-def events_up_to(st, last_id):
-    """Token ids and text of st's events up to and including the one with id last_id."""
-    k = st.event_ids.index(last_id)
-    ids, text = [], ""
-    for ev in st.events[:k + 1]:
-        ch = (ev.get("choices") or [{}])[0]
-        ids += ch.get("token_ids") or []
-        text += ch.get("text") or ""
-    return ids, text
-
-
 with bl.Cluster() as c:
     nats = natslib.NatsServer(c.dir, config=f'jetstream {{ store_dir: "{os.path.join(c.dir, "js")}" }}').start()
     plane = dict(event_plane="nats", nats_server=nats.url)
@@ -63,7 +52,7 @@ with bl.Cluster() as c:
 
     rest = bl.stream_completion(fb.url, BODY, headers={"Last-Event-ID": early}, timeout=60)
     assert rest.ok and rest.done, rest.summary()
-    ids, text = events_up_to(first, early)
+    ids, text = bl.events_up_to(first, early)
     ids += rest.token_ids
     text += rest.text
     assert ids == ref.token_ids, (f"token ids differ at {next((k for k, (a, b) in enumerate(zip(ids, ref.token_ids)) if a != b), min(len(ids), len(ref.token_ids)))}: "

@@ -59,16 +59,6 @@ class JsApi:
         self.s.close()
 
 
-def events_up_to(st, last_id):
-    k = st.event_ids.index(last_id)
-    ids, text = [], ""
-    for ev in st.events[:k + 1]:
-        ch = (ev.get("choices") or [{}])[0]
-        ids += ch.get("token_ids") or []
-        text += ch.get("text") or ""
-    return ids, text
-
-
 with bl.Cluster() as c:
     nats = natslib.NatsServer(c.dir, config=f'jetstream {{ store_dir: "{os.path.join(c.dir, "js")}" }}').start()
     plane = dict(event_plane="nats", nats_server=nats.url, namespace=NS)
@@ -118,7 +108,7 @@ with bl.Cluster() as c:
     assert early, "no event before the hole has an id"
     rest = bl.stream_completion(fb.url, BODY, headers={"Last-Event-ID": early}, timeout=60)
     assert rest.ok and rest.done, rest.summary()
-    ids, text = events_up_to(first, early)
+    ids, text = bl.events_up_to(first, early)
     ids += rest.token_ids
     text += rest.text
     assert ids == ref.token_ids, (f"token ids differ at {next((k for k, (a, b) in enumerate(zip(ids, ref.token_ids)) if a != b), min(len(ids), len(ref.token_ids)))}"

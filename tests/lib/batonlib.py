@@ -793,6 +793,18 @@ def stream_chat(url, body, timeout=60.0, **kw):
     return stream_sse(base, path, body, timeout, **kw)
 
 
+def events_up_to(st, last_id):
+    """Token ids and text of a /v1/completions stream's events up to and including the one whose
+    event id is last_id: what its client holds when it resumes from that id."""
+    k = st.event_ids.index(last_id)
+    ids, text = [], ""
+    for ev in st.events[:k + 1]:
+        ch = (ev.get("choices") or [{}])[0]
+        ids += ch.get("token_ids") or []
+        text += ch.get("text") or ""
+    return ids, text
+
+
 def stream_completion(url, body, timeout=60.0, **kw):
     """Streams a text completion (`stream` defaults to true). url: the frontend base URL."""
     body = dict(body)
