@@ -119,7 +119,7 @@ static const char *frontend_flags[] = {"--router-mode", "--active-decode-blocks-
                                        "--priority-ceiling-file", "--trust-tenant-header", "--queue-max-requests", "--queue-max-tokens",
                                        "--queue-timeout", "--outlier-factor", "--outlier-window",
                                        "--outlier-min-samples", "--outlier-backoff", "--outlier-max-ejected",
-                                       "--retry-budget", "--retry-budget-min", "--migration-concurrency", NULL};
+                                       "--retry-budget", "--retry-budget-min", "--migration-concurrency", "--access-log", NULL};
 /* the NATS TLS settings go with the event plane (event_plane_args): the whole group's */
 static const char *shared_flags[] = {"--rpc-secret-file", "--namespace", "--nats-tls-ca", "--nats-tls-cert", "--nats-tls-key",
                                      NULL};

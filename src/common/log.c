@@ -76,6 +76,16 @@ static size_t json_escape_into(char *out, size_t len, size_t cap, const char *s)
     return len;
 }
 
+size_t bt_log_time(char *out, size_t cap) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    struct tm tm;
+    gmtime_r(&ts.tv_sec, &tm);
+    size_t n = strftime(out, cap, "%Y-%m-%dT%H:%M:%S", &tm);
+    int k = snprintf(out + n, cap - n, ".%03ldZ", ts.tv_nsec / 1000000);
+    return k > 0 && (size_t)k < cap - n ? n + (size_t)k : n;
+}
+
 void bt_log(bt_log_level lvl, const char *fmt, ...) {
     if (lvl > g_level) return;
     char msg[2048];
@@ -84,13 +94,8 @@ void bt_log(bt_log_level lvl, const char *fmt, ...) {
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
 
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    struct tm tm;
-    gmtime_r(&ts.tv_sec, &tm);
     char when[40];
-    size_t n = strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%S", &tm);
-    snprintf(when + n, sizeof when - n, ".%03ldZ", ts.tv_nsec / 1000000);
+    bt_log_time(when, sizeof when);
 
     char line[4608];
     size_t len;

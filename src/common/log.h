@@ -7,6 +7,7 @@
 #define BATON_LOG_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 typedef enum { BT_LOG_ERROR = 0, BT_LOG_WARN, BT_LOG_INFO, BT_LOG_DEBUG, BT_LOG_TRACE } bt_log_level;
@@ -22,6 +23,9 @@ void bt_log_env_reported(void);
  * bt_opts_usage without its environment column ("  NAME  meaning [default: value]"). */
 void bt_log_usage(void);
 bool bt_log_enabled(bt_log_level lvl);
+/* The wall clock now, as every line shows it: "2026-11-26T10:00:00.123Z" (UTC, milliseconds).
+ * `cap` of at least 25 bytes; returns the length written. */
+size_t bt_log_time(char *out, size_t cap);
 void bt_log(bt_log_level lvl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 #define BT_ERROR(...) bt_log(BT_LOG_ERROR, __VA_ARGS__)

@@ -520,6 +520,12 @@ void fe_admit_attach(fe_req *r, fe_ticket *t) {
 
 int32_t fe_admit_priority(const fe_req *r) { return r->ticket ? r->ticket->priority : 0; }
 
+const char *fe_admit_tenant(const fe_req *r) {
+    const fe_admit *a = r->fe->admit;
+    if (!r->ticket || !a || r->ticket->tenant < 0 || r->ticket->tenant >= a->ntenants) return NULL;
+    return a->tenants[r->ticket->tenant].name;
+}
+
 bool fe_admit_resume(fe_req *r, int32_t priority) {
     fe_ticket *t = r->ticket;
     if (!t) {

@@ -87,6 +87,9 @@ fe_ticket *fe_admit_ticket(fe *f, const bt_http_req *http, const json_t *body, c
 void fe_admit_attach(fe_req *r, fe_ticket *t);
 /* The request's priority (0 without a ticket). */
 int32_t fe_admit_priority(const fe_req *r);
+/* The request's tenant label as metrics show it ("anonymous", "key-…", a trusted X-Tenant, or
+ * "other" past the table's size); NULL without a ticket. */
+const char *fe_admit_tenant(const fe_req *r);
 /* A resumed stream (resume.c) continues at the priority its request was admitted with, kept in
  * the journal: r gets a ticket that carries it (never queued: a resume was admitted already).
  * False when out of memory (r then continues at the default priority). */

@@ -22,6 +22,7 @@
 #include <uv.h>
 
 #include "common/cancel.h"
+#include "common/linelog.h"
 #include "common/map.h"
 #include "common/metrics.h"
 #include "common/pool.h"
@@ -294,6 +295,11 @@ struct fe_req {
     bool resumed;           /* built from the journal by a resume: no new record, no admission */
     bool overran;           /* a worker sent tokens past max_tokens (dropped; logged once) */
     bool kv_refused_logged; /* a KV state of it was not relayed, and that was logged (once) */
+    /* ---- how it was answered, for its access-log line (access.c) ---- */
+    bool client_gone;       /* the client went away (or was superseded) before its answer ended */
+    uint16_t http_status;   /* the status its answer carries; 0 = none was sent */
+    const char *finish;     /* its finish_reason (a static name, or the journal tail's), or NULL */
+    const char *err_code;   /* the error code it was answered with (a static name), or NULL */
     fe_jsnap *replay;       /* a resume's copy of the record while its events are being replayed */
     size_t replay_ev;       /* the next event of `replay` to write */
     int replay_tail;        /* where the replay ends (resume.c) */
@@ -363,6 +369,7 @@ typedef struct {
     double retry_budget; /* budget.h; 0 = off */
     int64_t retry_budget_min;
     int64_t migration_concurrency; /* admit.h; 0 = no cap */
+    const char *access_log;        /* --access-log: a file, "-" (standard output) or NULL (access.c) */
 } fe_opts;
 
 /* What became of a resume (resume.c; baton_frontend_stream_resumes_total{outcome}). */
@@ -587,6 +594,21 @@ void fe_caller_tag(const fe *f, const bt_http_req *http, uint8_t out[FE_CALLER_L
 /* Answers with OpenAI's error shape {"error":{"message","type","param","code"}}: `code` is a
  * string such as "model_not_found" (NULL gives null), the type follows from the status
  * (fe_error_type). rid may be NULL. */
+/* access.c: the --access-log (one per process, shared by the shards). fe_access_start takes l
+ * (NULL: no access log) before any shard runs; fe_access_stop closes it after every shard ended. */
+#define FE_ACCESS_LOG_BUFFER ((size_t)4 << 20) /* bytes of lines waiting for the writer thread */
+void fe_access_start(bt_linelog *l);
+void fe_access_stop(void);
+bool fe_access_on(void);
+/* The line of an inference request as it ends (req_done, before its ticket is freed). */
+void fe_access_request(const fe_req *r, fe_outcome out);
+/* The line of a request the API refused without making it a request (no fe_req): the error body's
+ * status and code. rid NULL: the client's X-Request-Id if any. */
+void fe_access_refusal(const bt_http_req *http, const char *rid, int status, const char *code);
+/* Lines dropped since start (the writer fell behind, or writing failed), for /metrics. */
+uint64_t fe_access_dropped(void);
+uint64_t fe_access_written(void);
+
 void fe_json_error(bt_http_req *http, const char *rid, int status, const char *code, const char *fmt, ...)
     __attribute__((format(printf, 5, 6)));
 /* The same with the offending parameter (NULL gives null) and extra header lines (each ending in

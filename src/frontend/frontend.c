@@ -26,6 +26,7 @@
 #include <strings.h>
 #include <unistd.h>
 
+#include "common/linelog.h"
 #include "common/log.h"
 #include "common/opts.h"
 #include "common/proc.h"
@@ -983,7 +984,8 @@ static void others_done_tick(uv_timer_t *t) {
     OPT("--outlier-max-ejected", "BATON_OUTLIER_MAX_EJECTED", DOUBLE, outlier_max_ejected, 0.5, 0, 1, "largest share of a model's workers ejected at once (at least one, with two or more)") \
     OPT("--retry-budget", "BATON_RETRY_BUDGET", DOUBLE, retry_budget, 0, 0, 100, "re-routes before the first token and repeat migrations allowed per request started, over 10 s (0 = off)") \
     OPT("--retry-budget-min", "BATON_RETRY_BUDGET_MIN", INT, retry_budget_min, 10, 0, 1e9, "retries always allowed per 10 s, whatever the traffic") \
-    OPT("--migration-concurrency", "BATON_MIGRATION_CONCURRENCY", INT, migration_concurrency, 0, 0, 1e7, "migrations sent at once (from a failure to their first token); more wait, never fail (0 = no cap)")
+    OPT("--migration-concurrency", "BATON_MIGRATION_CONCURRENCY", INT, migration_concurrency, 0, 0, 1e7, "migrations sent at once (from a failure to their first token); more wait, never fail (0 = no cap)") \
+    OPT("--access-log", "BATON_ACCESS_LOG", STR, access_log, NULL, 0, 0, "append one JSON line per API request to this file (- for the standard output): each inference request when it ends (status, model, tenant label, tokens, TTFT, duration, attempts) and each request the API refuses; written by a thread of its own, a line dropped and counted when the disk falls behind; a file renamed or removed (logrotate) is opened again within a second")
 /* clang-format on */
 #define FE_OPT_DEFAULT(flag, env, type, field, def, min, max, help) o->field = (def);
 #define FE_OPT_ROW(flag, env, type, field, def, min, max, help) {flag, env, BT_OPT_##type, &o->field, min, max, help},
@@ -1041,7 +1043,8 @@ int bt_frontend_main(int argc, char **argv) {
         !bt_proc_given_nonempty("--priority-ceiling", "BATON_PRIORITY_CEILING", o->priority_ceiling,
                                 "priority ceilings", err, sizeof err) ||
         !bt_proc_given_nonempty("--priority-ceiling-file", "BATON_PRIORITY_CEILING_FILE", o->priority_ceiling_file,
-                                "priority ceilings", err, sizeof err)) {
+                                "priority ceilings", err, sizeof err) ||
+        !bt_proc_given_nonempty("--access-log", "BATON_ACCESS_LOG", o->access_log, "an access log", err, sizeof err)) {
         bt_proc_error("frontend", "%s", err);
         goto bad_usage;
     }
@@ -1124,11 +1127,27 @@ int bt_frontend_main(int argc, char **argv) {
                 "--api-key a caller sends whatever Bearer token it likes and may claim theirs (put an authenticating "
                 "gateway in front, or give the API a key)",
                 claimable);
+    /* opened before any shard runs (a path it cannot write is the operator's mistake: exit 2), and
+     * by the frontend itself, not `baton run`'s check above, which must not create the file */
+    bt_linelog *access_log = NULL;
+    if (o->access_log) {
+        access_log = bt_linelog_open(o->access_log, FE_ACCESS_LOG_BUFFER, err, sizeof err);
+        if (!access_log) {
+            bt_proc_error("frontend", "--access-log (BATON_ACCESS_LOG): %s", err);
+            free(f->rpc_secret);
+            goto bad_usage;
+        }
+    }
     fe_group *g = calloc(1, sizeof *g);
-    if (!g) goto bad_usage;
+    if (!g) {
+        bt_linelog_close(access_log);
+        goto bad_usage;
+    }
+    fe_access_start(access_log);
     g->n = (int)o->threads;
     if (g->n > 1 && !(g->output_peers = bt_http_output_peers_new(g->n))) {
         BT_ERROR("out of memory");
+        fe_access_stop();
         free(g);
         goto bad_usage;
     }
@@ -1164,6 +1183,7 @@ int bt_frontend_main(int argc, char **argv) {
             BT_ERROR("cannot create the stream journal");
             fe_journal_destroy(g->journal);
             bt_http_output_peers_free(g->output_peers);
+            fe_access_stop();
             free(g);
             goto bad_usage;
         }
@@ -1266,6 +1286,7 @@ int bt_frontend_main(int argc, char **argv) {
     fe_admit_policy_free(f->admit_policy);
     fe_journal_destroy(g->journal);
     bt_http_output_peers_free(g->output_peers);
+    fe_access_stop(); /* after every shard: their last lines are written */
     free(g);
     free(f);
     return rc;

@@ -195,6 +195,13 @@ void fe_metrics_collect(fe *f, bt_metrics *r) {
     bt_metrics_add(
         bt_metrics_counter(r, "baton_frontend_limit_rejections_total", "Requests refused by --max-concurrent-requests"),
         (double)f->limit_rejections, NULL);
+    if (f->shard == 0 && fe_access_on()) { /* one log for the process: its counts once, not per thread */
+        fam = bt_metrics_counter(r, "baton_frontend_access_log_lines_total",
+                                 "Lines of the --access-log written, and dropped (the writer fell behind, or a write "
+                                 "failed)");
+        bt_metrics_add(fam, (double)fe_access_written(), "result", "written", NULL);
+        bt_metrics_add(fam, (double)fe_access_dropped(), "result", "dropped", NULL);
+    }
     char thread[16];
     snprintf(thread, sizeof thread, "%d", f->shard);
     /* per event loop (--threads): how the kernel spread the load; the merge keeps one series each */

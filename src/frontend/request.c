@@ -56,6 +56,8 @@ static void json_error_v(bt_http_req *http, const char *rid, int status, const c
                          const char *headers, const char *fmt, va_list ap) {
     char msg[512];
     vsnprintf(msg, sizeof msg, fmt, ap);
+    /* a request's own failure is written with the request (req_done); here, what never became one */
+    if (!http->user) fe_access_refusal(http, rid, status, code);
     /* client mistakes at debug level (a hostile client must not flood the log), the rest at info,
      * ten a second at most per event loop: under the overload that sheds requests with 503, a line
      * per request would be a flood (baton_frontend_requests_total counts them all) */
@@ -173,6 +175,7 @@ static void req_done(fe_req *r, fe_outcome out) {
     static const char *const outcome_names[] = {"answered", "failed", "cancelled", "rejected: every worker is busy"};
     fe_req_set_state(r, FE_REQ_DONE, outcome_names[out]);
     if (r->attempt) fe_attempt_abandon(r->attempt);
+    fe_access_request(r, out); /* before req_free: it reads the ticket */
     if (r->model) {
         r->model->st.requests[r->api][r->stream][out]++;
         fe_hist_observe(&r->model->st.duration, (double)(bt_now_us() - r->t_start_us) / 1e6);
@@ -219,6 +222,7 @@ static void stream_head(fe_req *r, bool hold) {
     char hdr[200];
     if (r->jrec) snprintf(hdr, sizeof hdr, "X-Request-Id: %s\r\nX-Stream-Id: %s\r\n", r->rid, r->stream_id);
     else snprintf(hdr, sizeof hdr, "X-Request-Id: %s\r\n", r->rid);
+    r->http_status = 200;
     if (hold) bt_http_stream_begin_held(r->http, 200, "text/event-stream", hdr);
     else bt_http_stream_begin(r->http, 200, "text/event-stream", hdr);
     r->headers_sent = true;
@@ -503,6 +507,7 @@ static void finish_unary(fe_req *r, const char *reason) {
     bt_buf_append_str(&b, "}");
     char hdr[128];
     snprintf(hdr, sizeof hdr, "X-Request-Id: %s\r\n", r->rid);
+    r->http_status = bt_buf_status(&b) == BT_OK ? 200 : 500;
     if (bt_buf_status(&b) == BT_OK) bt_http_respond(r->http, 200, "application/json", hdr, b.data, b.len);
     else fe_json_error_ex(r->http, r->rid, 500, "internal_error", NULL, NULL, "cannot build the response: %s",
                           bt_status_msg(bt_buf_status(&b)));
@@ -518,6 +523,8 @@ static void fail_request(fe_req *r, bt_status code, const char *msg) {
     bt_log(bt_status_client_input(code) ? BT_LOG_DEBUG : BT_LOG_WARN,
            "request %s failed after %zu tokens and %d attempts: %s (%s)", r->rid, r->nids, r->attempts, msg,
            bt_status_name(code));
+    r->err_code = code_for(code);
+    if (r->http && !r->headers_sent) r->http_status = (uint16_t)status;
     if (r->http) {
         if (r->headers_sent) {
             /* mid-stream: a final data event with an OpenAI error object and the end of the
@@ -550,6 +557,8 @@ void fe_request_fail(fe_req *r, bt_status code, const char *msg) { fail_request(
 
 void fe_request_replay_tail(fe_req *r, const fe_jtail *tail, int mark) {
     r->jtail = *tail;
+    if (tail->kind == FE_JTAIL_ERROR) r->err_code = r->jtail.code;
+    else r->finish = r->jtail.finish;
     if (tail->kind == FE_JTAIL_ERROR) {
         write_error_event(r, tail->status, tail->code, tail->message);
     } else {
@@ -581,6 +590,7 @@ void fe_request_end_cancelled(fe_req *r) {
         return;
     }
     r->completion_tokens = (uint32_t)r->nids;
+    r->finish = "cancelled";
     if (r->stream) finish_streaming(r, "cancelled");
     else finish_unary(r, "cancelled");
     r->http->user = NULL;
@@ -602,7 +612,9 @@ static void on_req_cancel(bt_ctx *c, bt_ctx_state s, void *ud) {
 
 void fe_request_refuse(fe_req *r, int status, const char *code, int retry_after_s, const char *msg) {
     r->model->st.rejections[r->api]++;
+    r->err_code = code;
     if (r->http) {
+        r->http_status = (uint16_t)status;
         char hdr[160];
         snprintf(hdr, sizeof hdr, "X-Request-Id: %s\r\nRetry-After: %d\r\n", r->rid, retry_after_s);
         bt_buf body;
@@ -746,6 +758,7 @@ void fe_request_finish(fe_req *r, uint8_t reason, uint32_t prompt_tokens, uint32
     if (r->max_tokens >= 0 && completion_tokens > (uint64_t)r->max_tokens) completion_tokens = (uint32_t)r->max_tokens;
     r->completion_tokens = completion_tokens;
     const char *why = bt_finish_reason_name((bt_finish_reason)reason);
+    r->finish = why;
     if (r->stream) finish_streaming(r, why);
     else finish_unary(r, why);
     r->http->user = NULL;
@@ -766,6 +779,7 @@ void fe_request_abort(fe *f, bt_http_req *http) {
             r->stream ? "streaming" : "unary", r->attempts);
     http->user = NULL;
     r->http = NULL;
+    r->client_gone = true;
     r->t_cancel_us = bt_now_us();
     bt_ctx_kill(r->ctx); /* r is freed by the time this returns */
 }
@@ -781,6 +795,7 @@ void fe_request_supersede(fe_req *r) {
         r->http->user = NULL;
         r->http = NULL;
     }
+    r->client_gone = true;
     r->fe->disconnected_clients++;
     r->t_cancel_us = bt_now_us();
     bt_ctx_kill(r->ctx); /* r is freed by the time this returns */
@@ -794,6 +809,7 @@ bool fe_request_hand_off(fe_req *r) {
             "another frontend (Last-Event-ID)%s",
             r->rid, r->stream_id, r->nids, r->attempt ? "; its worker keeps the stream to be re-attached" : "");
     if (r->attempt) fe_attempt_release(r->attempt);
+    r->err_code = "handed_off"; /* its access-log line says where it went */
     bt_http_stream_end(r->http, true); /* a clean end without [DONE]: nothing the client must repeat */
     r->http->user = NULL;
     r->http = NULL;

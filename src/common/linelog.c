@@ -1,0 +1,211 @@
+/* linelog.c — see linelog.h. */
+#include "common/linelog.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include "common/log.h"
+#include "common/util.h"
+
+#define REOPEN_CHECK_NS 1000000000ull /* how often the writer looks for a rotated file */
+
+struct bt_linelog {
+    uv_mutex_t mu;
+    uv_cond_t cv;
+    char *buf;   /* the lines queued (under mu) */
+    size_t len, cap;
+    char *spare; /* the writer's: the lines being written, swapped with buf */
+    bool stop;   /* under mu */
+    uv_thread_t th;
+    int fd;        /* the writer's only */
+    bool is_stdout;
+    char *path;
+    dev_t dev; /* of the file held, to see a rename */
+    ino_t ino;
+    atomic_uint_fast64_t dropped, written;
+};
+
+static int open_append(const char *path) { return open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640); }
+
+static size_t count_lines(const char *p, size_t n) {
+    size_t k = 0;
+    for (const char *e = p + n; (p = memchr(p, '\n', (size_t)(e - p))) != NULL; p++) k++;
+    return k;
+}
+
+/* Writes n bytes; false on an error other than EINTR (a full disk, a closed pipe). */
+static bool write_all(int fd, const char *p, size_t n) {
+    while (n) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            return false;
+        }
+        p += w;
+        n -= (size_t)w;
+    }
+    return true;
+}
+
+/* The path names another file than the one held (rotated: renamed, then a new one made, or not
+ * yet): the path is opened again. An open that fails keeps the old file and is tried again at the
+ * next check. */
+static void reopen_if_moved(bt_linelog *l) {
+    struct stat st;
+    if (stat(l->path, &st) == 0 && st.st_dev == l->dev && st.st_ino == l->ino) return;
+    int fd = open_append(l->path);
+    if (fd < 0 || fstat(fd, &st) != 0) {
+        static bt_log_limit lim; /* the writer thread's only */
+        unsigned unsaid;
+        if (bt_log_limit_take(&lim, bt_now_ms(), 1, &unsaid))
+            BT_WARN("access log: %s was moved or removed and cannot be opened again (%s); still writing to the "
+                    "file it was",
+                    l->path, strerror(errno));
+        if (fd >= 0) close(fd);
+        return;
+    }
+    close(l->fd);
+    l->fd = fd;
+    l->dev = st.st_dev;
+    l->ino = st.st_ino;
+    BT_INFO("access log: %s opened again (the file it had was moved or removed)", l->path);
+}
+
+static void writer(void *arg) {
+    bt_linelog *l = arg;
+    uint64_t next_check = uv_hrtime() + REOPEN_CHECK_NS;
+    uv_mutex_lock(&l->mu);
+    for (;;) {
+        while (!l->len && !l->stop) {
+            uint64_t now = uv_hrtime();
+            if (now >= next_check) break;
+            (void)uv_cond_timedwait(&l->cv, &l->mu, next_check - now);
+        }
+        if (!l->len && l->stop) break;
+        char *p = l->buf;
+        size_t n = l->len;
+        l->buf = l->spare;
+        l->spare = p;
+        l->len = 0;
+        uv_mutex_unlock(&l->mu);
+        if (n) {
+            size_t lines = count_lines(p, n);
+            if (write_all(l->fd, p, n)) {
+                atomic_fetch_add(&l->written, lines);
+            } else {
+                atomic_fetch_add(&l->dropped, lines);
+                static bt_log_limit lim;
+                unsigned unsaid;
+                if (bt_log_limit_take(&lim, bt_now_ms(), 1, &unsaid))
+                    BT_WARN("access log: writing %zu lines to %s failed (%s); they are lost", lines,
+                            l->is_stdout ? "the standard output" : l->path, strerror(errno));
+            }
+        }
+        if (!l->is_stdout && uv_hrtime() >= next_check) {
+            reopen_if_moved(l);
+            next_check = uv_hrtime() + REOPEN_CHECK_NS;
+        }
+        uv_mutex_lock(&l->mu);
+    }
+    uv_mutex_unlock(&l->mu);
+}
+
+bt_linelog *bt_linelog_open(const char *path, size_t cap, char *err, size_t errlen) {
+    if (cap < 4096) cap = 4096;
+    bt_linelog *l = calloc(1, sizeof *l);
+    if (!l || !(l->buf = malloc(cap)) || !(l->spare = malloc(cap)) || !(l->path = strdup(path))) {
+        snprintf(err, errlen, "out of memory");
+        goto fail;
+    }
+    l->fd = -1;
+    l->cap = cap;
+    l->is_stdout = strcmp(path, "-") == 0;
+    if (l->is_stdout) {
+        l->fd = dup(STDOUT_FILENO);
+        if (l->fd < 0) {
+            snprintf(err, errlen, "cannot use the standard output: %s", strerror(errno));
+            goto fail;
+        }
+    } else {
+        struct stat st;
+        l->fd = open_append(path);
+        if (l->fd < 0 || fstat(l->fd, &st) != 0) {
+            snprintf(err, errlen, "cannot open %s for appending: %s", path, strerror(errno));
+            goto fail;
+        }
+        if (!S_ISREG(st.st_mode) && !S_ISFIFO(st.st_mode) && !S_ISCHR(st.st_mode)) {
+            snprintf(err, errlen, "%s is not a file", path);
+            goto fail;
+        }
+        l->dev = st.st_dev;
+        l->ino = st.st_ino;
+    }
+    if (uv_mutex_init(&l->mu) != 0) {
+        snprintf(err, errlen, "cannot make a mutex");
+        goto fail;
+    }
+    if (uv_cond_init(&l->cv) != 0) {
+        uv_mutex_destroy(&l->mu);
+        snprintf(err, errlen, "cannot make a condition variable");
+        goto fail;
+    }
+    if (uv_thread_create(&l->th, writer, l) != 0) {
+        uv_cond_destroy(&l->cv);
+        uv_mutex_destroy(&l->mu);
+        snprintf(err, errlen, "cannot start the access log's writer thread");
+        goto fail;
+    }
+    return l;
+fail:
+    if (l) {
+        if (l->fd >= 0) close(l->fd);
+        free(l->buf);
+        free(l->spare);
+        free(l->path);
+        free(l);
+    }
+    return NULL;
+}
+
+bool bt_linelog_put(bt_linelog *l, const char *line, size_t len) {
+    uv_mutex_lock(&l->mu);
+    if (len > l->cap - l->len) {
+        uv_mutex_unlock(&l->mu);
+        atomic_fetch_add(&l->dropped, 1);
+        return false;
+    }
+    bool was_empty = l->len == 0;
+    memcpy(l->buf + l->len, line, len);
+    l->len += len;
+    uv_mutex_unlock(&l->mu);
+    /* the writer waits only on an empty buffer: one wake-up a batch, not a line */
+    if (was_empty) uv_cond_signal(&l->cv);
+    return true;
+}
+
+void bt_linelog_drop(bt_linelog *l) { atomic_fetch_add(&l->dropped, 1); }
+
+uint64_t bt_linelog_dropped(const bt_linelog *l) { return atomic_load(&((bt_linelog *)l)->dropped); }
+uint64_t bt_linelog_written(const bt_linelog *l) { return atomic_load(&((bt_linelog *)l)->written); }
+
+void bt_linelog_close(bt_linelog *l) {
+    if (!l) return;
+    uv_mutex_lock(&l->mu);
+    l->stop = true;
+    uv_mutex_unlock(&l->mu);
+    uv_cond_signal(&l->cv);
+    uv_thread_join(&l->th);
+    uv_cond_destroy(&l->cv);
+    uv_mutex_destroy(&l->mu);
+    close(l->fd);
+    free(l->buf);
+    free(l->spare);
+    free(l->path);
+    free(l);
+}
