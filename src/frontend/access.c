@@ -101,6 +101,8 @@ void fe_access_request(const fe_req *r, fe_outcome out) {
     put_str(&b, "error", r->err_code);
     put_ms(&b, "ttft_ms", r->t_start_us, r->t_first_us ? r->t_first_us : 0);
     put_ms(&b, "duration_ms", r->t_start_us, now);
+    if (r->last_worker) bt_buf_appendf(&b, ",\"worker\":\"%" PRIx64 "\"", r->last_worker);
+    else bt_buf_append_str(&b, ",\"worker\":null");
     bt_buf_appendf(&b, ",\"attempts\":%d,\"migrations\":%d", r->attempts,
                    r->attempts > 1 + r->moves ? r->attempts - 1 - r->moves : 0);
     bt_buf_appendf(&b, ",\"resumed\":%s,\"client_gone\":%s", r->resumed ? "true" : "false",

@@ -300,6 +300,7 @@ struct fe_req {
     uint16_t http_status;   /* the status its answer carries; 0 = none was sent */
     const char *finish;     /* its finish_reason (a static name, or the journal tail's), or NULL */
     const char *err_code;   /* the error code it was answered with (a static name), or NULL */
+    uint64_t last_worker;   /* the instance id of the worker of its last attempt (0: none) */
     fe_jsnap *replay;       /* a resume's copy of the record while its events are being replayed */
     size_t replay_ev;       /* the next event of `replay` to write */
     int replay_tail;        /* where the replay ends (resume.c) */

@@ -288,6 +288,7 @@ void fe_migrate_dispatch(fe_req *r) {
     if (!r->nids) bt_copy_str(r->exactness, sizeof r->exactness, w->exactness);
     if (a->number == 1 && !r->resumed) fe_budget_started(f);
     r->attempt = a;
+    r->last_worker = w->id;
     if (r->jrec) fe_journal_note_worker(f->grp->journal, r->jrec, w->id, r->exactness);
     if (adopt)
         BT_INFO("request %s: stream %s sent back to worker %" PRIx64 " to re-attach after %zu tokens", r->rid,

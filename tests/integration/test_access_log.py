@@ -65,7 +65,7 @@ def check_success(ln, stream, max_tokens):
     assert ln["completion_tokens"] == max_tokens and ln["prompt_tokens"] > 0, ln
     assert ln["finish_reason"] == "length" and ln["error"] is None, ln
     assert 0 < ln["ttft_ms"] <= ln["duration_ms"], ln
-    assert ln["attempts"] == 1 and ln["migrations"] == 0, ln
+    assert ln["attempts"] == 1 and ln["migrations"] == 0 and len(ln["worker"]) > 0, ln
     assert ln["client_gone"] is False and ln["resumed"] is False, ln
     assert ln["time"].endswith("Z") and ln["path"] == "/v1/chat/completions", ln
     assert (ln["stream_id"] is not None) is stream, ln
@@ -124,6 +124,9 @@ def part1_and_2(c):
     ln = wait_line(log, by_id(s.headers["x-request-id"]), "a migrated stream")
     assert ln["status"] == 200 and ln["outcome"] == "success", ln
     assert ln["attempts"] == 2 and ln["migrations"] == 1 and ln["completion_tokens"] == 300, ln
+    # the worker that finished it: the one started second, not the one killed
+    ids = {format(i["instance_id"], "x") for i in c.wait_workers(fe, 1)}
+    assert ln["worker"] in ids, (ln, ids)
 
     # every line whole, each request once; /metrics counts them
     every = lines_of(log)
