@@ -993,7 +993,7 @@ static void host_refused(conn *c) {
     }
     char msg[400];
     snprintf(msg, sizeof msg,
-             "Host '%s' is not served here: this server answers requests for its IP addresses, localhost and the "
+             "Host '%s' is not served here: this server answers requests for an IP address, localhost and the "
              "names listed in --allowed-hosts (BATON_ALLOWED_HOSTS) only, so that a web page whose name was pointed "
              "at it (DNS rebinding) cannot read it",
              name);
