@@ -210,8 +210,7 @@ static void peer_shrank(conn *c);
  * Small helpers */
 
 static bool addr_loopback(const struct sockaddr *sa) {
-    if (sa->sa_family == AF_INET)
-        return (ntohl(((const struct sockaddr_in *)sa)->sin_addr.s_addr) >> 24) == 127;
+    if (sa->sa_family == AF_INET) return (ntohl(((const struct sockaddr_in *)sa)->sin_addr.s_addr) >> 24) == 127;
     if (sa->sa_family != AF_INET6) return false;
     const struct in6_addr *a = &((const struct sockaddr_in6 *)sa)->sin6_addr;
     return IN6_IS_ADDR_LOOPBACK(a) || (IN6_IS_ADDR_V4MAPPED(a) && a->s6_addr[12] == 127);
@@ -220,8 +219,8 @@ static bool addr_loopback(const struct sockaddr *sa) {
 bool bt_http_addr_loopback(const char *addr) {
     struct sockaddr_storage ss;
     memset(&ss, 0, sizeof ss);
-    if (!addr || (uv_ip4_addr(addr, 0, (struct sockaddr_in *)&ss) != 0 &&
-                  uv_ip6_addr(addr, 0, (struct sockaddr_in6 *)&ss) != 0))
+    if (!addr ||
+        (uv_ip4_addr(addr, 0, (struct sockaddr_in *)&ss) != 0 && uv_ip6_addr(addr, 0, (struct sockaddr_in6 *)&ss) != 0))
         return false;
     return addr_loopback((const struct sockaddr *)&ss);
 }

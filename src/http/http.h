@@ -150,7 +150,7 @@ typedef struct {
     uint64_t slow_reader;     /* a client that stopped reading past the backlog cap */
     uint64_t body_budget;     /* 503: a body past max_body_total */
     uint64_t output_budget;   /* connections closed as the largest backlog at max_output_total */
-    uint64_t host_not_allowed;/* 403: a Host the server does not answer (allowed_hosts) */
+    uint64_t host_not_allowed; /* 403: a Host the server does not answer (allowed_hosts) */
 } bt_http_stats;
 void bt_http_server_stats(const bt_http_server *s, bt_http_stats *out);
 /* Closes every connection (in-flight requests get on_abort) and frees the server once all
