@@ -67,7 +67,7 @@ IDS_RX = re.compile(rb'"token_ids":\[([0-9,]*)\]')
 
 def request_bytes(b, rid):
     data = json.dumps(b).encode()
-    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             f"X-Request-Id: {rid}\r\nContent-Length: {len(data)}\r\n\r\n").encode() + data
 
 

@@ -121,8 +121,8 @@ static const char *frontend_flags[] = {"--router-mode", "--active-decode-blocks-
                                        "--outlier-min-samples", "--outlier-backoff", "--outlier-max-ejected",
                                        "--retry-budget", "--retry-budget-min", "--migration-concurrency", "--access-log", NULL};
 /* the NATS TLS settings go with the event plane (event_plane_args): the whole group's */
-static const char *shared_flags[] = {"--rpc-secret-file", "--namespace", "--nats-tls-ca", "--nats-tls-cert", "--nats-tls-key",
-                                     NULL};
+static const char *shared_flags[] = {
+    "--rpc-secret-file", "--namespace", "--nats-tls-ca", "--nats-tls-cert", "--nats-tls-key", "--allowed-hosts", NULL};
 
 static bool flag_in(const char *a, const char **list) {
     for (int i = 0; list[i]; i++) {

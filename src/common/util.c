@@ -457,6 +457,19 @@ ssize_t bt_read_full(int fd, void *buf, size_t cap) {
     return (ssize_t)n;
 }
 
+bool bt_list_next(const char **pos, const char **item, size_t *len) {
+    const char *p = *pos;
+    if (!p || !*p) return false;
+    const char *e = p;
+    while (*e && *e != ',') e++;
+    *pos = *e ? e + 1 : e;
+    while (p < e && (*p == ' ' || *p == '\t')) p++;
+    while (e > p && (e[-1] == ' ' || e[-1] == '\t')) e--;
+    *item = p;
+    *len = (size_t)(e - p);
+    return true;
+}
+
 bool bt_bearer_token_ok(const char *k, size_t len) {
     for (size_t i = 0; i < len; i++)
         if ((unsigned char)k[i] < 0x21 || (unsigned char)k[i] > 0x7e) return false;

@@ -139,6 +139,15 @@ bool bt_check_regular(const char *path, char *why, size_t whylen);
  * (less than cap only at the end), or -1 with errno set. A blocking read: start-up only. */
 ssize_t bt_read_full(int fd, void *buf, size_t cap);
 
+/* Steps through a comma-separated list, as the list flags give them (--allowed-origins,
+ * --allowed-hosts, --priority-ceiling): true with the next element in *item and *len, false at the
+ * end. Blanks (space, tab) around an element are not part of it. Every element is given, empty
+ * ones too ("a,,b" and "a, ,b" are three, the middle one empty: a caller that refuses them says
+ * so), except after a trailing comma: "a," is one element, and "" (or a NULL list) none. *pos
+ * starts at the list and is moved on; nothing is copied or changed. One splitter for every list,
+ * so that all of them read blanks and commas alike. */
+bool bt_list_next(const char **pos, const char **item, size_t *len);
+
 /* True when the len bytes at k (len > 0) are a key that can travel as "Authorization: Bearer KEY":
  * visible ASCII only (0x21-0x7e). An HTTP header parser drops blanks at either end of a field, so
  * a key that begins or ends with one can never be matched; one inside, a control character (a CR

@@ -98,14 +98,10 @@ bt_status bt_etcd_parse_endpoints(const char *list, char ***out, size_t *nout, c
         return BT_ERR_NOMEM;
     }
     size_t n = 0;
-    const char *p = list;
-    while (*p) {
-        const char *comma = strchr(p, ',');
-        const char *end = comma ? comma : p + strlen(p);
-        const char *a = p, *b = end;
-        while (a < b && (*a == ' ' || *a == '\t')) a++;
-        while (b > a && (b[-1] == ' ' || b[-1] == '\t')) b--;
-        p = comma ? comma + 1 : end;
+    const char *a;
+    size_t alen;
+    for (const char *pos = list; bt_list_next(&pos, &a, &alen);) {
+        const char *b = a + alen;
         if (a == b) continue;
         const char *sep = NULL;
         for (const char *q = a; q + 2 < b; q++)

@@ -50,6 +50,8 @@ bool bt_events_urls_ok(const char *s, char *err, size_t errlen) {
         snprintf(err, errlen, "NATS_SERVER is empty");
         return false;
     }
+    /* split here by hand, not with bt_list_next: the list goes whole to the NATS library, which
+     * splits it itself, and a trailing comma (an empty URL to it) must be refused, not dropped */
     const char *p = s;
     for (;;) {
         const char *end = strchr(p, ',');

@@ -245,19 +245,16 @@ fe_admit_policy *fe_admit_policy_new(const char *spec, int64_t max_requests, int
     atomic_init(&p->nshared, 1);
     if (uv_mutex_init(&p->tmu) != 0) goto nomem;
     p->tmu_ok = true;
-    const char *s = spec ? spec : "";
+    const char *s;
+    size_t len;
     int nentry = 0;
-    while (*s) {
-        const char *comma = strchr(s, ',');
-        size_t len = comma ? (size_t)(comma - s) : strlen(s);
+    for (const char *pos = spec; bt_list_next(&pos, &s, &len);) {
         char where[48];
         snprintf(where, sizeof where, "--priority-ceiling: entry %d", ++nentry);
         if (!add_ceiling(p, s, len, where, nentry, "entry", err, errlen)) {
             fe_admit_policy_free(p);
             return NULL;
         }
-        s += len;
-        if (*s == ',') s++;
     }
     return p;
 nomem:

@@ -346,6 +346,7 @@ typedef struct {
     const char *admin_api_key_file;
     bool metrics_api_key_required; /* /metrics needs the API key (or the admin key) too (frontend.c: routes) */
     const char *allowed_origins;   /* --allowed-origins: the browser origins served (frontend.c: origin_ok) */
+    const char *allowed_hosts;     /* --allowed-hosts: the Host names served (http.h: bt_http_host_allowed) */
     int64_t max_body;
     int64_t max_body_total; /* request body bytes being received at once by all connections; 0 = no cap */
     int64_t max_output_total; /* response bytes queued for all clients at once; 0 = no cap */

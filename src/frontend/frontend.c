@@ -482,18 +482,11 @@ static const bt_http_route routes[] = {
  * case ignored: browsers send scheme and host in lower case, an operator may not write them so),
  * or "*". The list was checked at start-up (origins_valid); blanks around entries are dropped. */
 static bool origin_listed(const char *list, const char *origin) {
-    if (!list) return false;
     size_t olen = strlen(origin);
-    for (const char *p = list; *p;) {
-        while (*p == ' ' || *p == '\t' || *p == ',') p++;
-        const char *e = p;
-        while (*e && *e != ',') e++;
-        const char *end = e;
-        while (end > p && (end[-1] == ' ' || end[-1] == '\t')) end--;
-        size_t n = (size_t)(end - p);
+    const char *p;
+    size_t n;
+    for (const char *pos = list; bt_list_next(&pos, &p, &n);)
         if ((n == 1 && *p == '*') || (n == olen && n > 0 && strncasecmp(p, origin, n) == 0)) return true;
-        p = e;
-    }
     return false;
 }
 
@@ -503,15 +496,12 @@ static bool origin_listed(const char *list, const char *origin) {
  * sandboxed frames and file: pages send) cannot be listed: any page can be one. */
 static bool origins_valid(const char *list, char *err, size_t errlen) {
     if (!list) return true;
-    const char *p = list;
+    const char *p;
+    size_t len;
     bool any = false;
-    while (*p) {
-        while (*p == ' ' || *p == '\t') p++;
-        const char *e = p;
-        while (*e && *e != ',') e++;
-        const char *end = e;
-        while (end > p && (end[-1] == ' ' || end[-1] == '\t')) end--;
-        int n = (int)(end - p);
+    for (const char *pos = list; bt_list_next(&pos, &p, &len);) {
+        const char *end = p + len;
+        int n = (int)len;
         const char *host = NULL; /* past "scheme://", RFC 3986's scheme syntax */
         if (n > 0 && isalpha((unsigned char)*p)) {
             const char *q = p + 1;
@@ -538,7 +528,6 @@ static bool origins_valid(const char *list, char *err, size_t errlen) {
             return false;
         }
         any = true;
-        p = *e ? e + 1 : e;
     }
     if (!any) {
         snprintf(err, errlen, "--allowed-origins (BATON_ALLOWED_ORIGINS) is given empty: leave it out to refuse every "
@@ -867,6 +856,7 @@ static int shard_open(fe *f, int port, char *err, size_t errlen) {
     hc.idle_timeout_ms = (uint32_t)o->idle_timeout_ms;
     hc.max_connections = (size_t)o->max_connections;
     hc.write_backlog_max = (size_t)o->max_backlog;
+    hc.allowed_hosts = o->allowed_hosts;
     if (f->grp->n > 1) {
         hc.reuse_port = true;
         hc.reuse_port_first = f->shard == 0;
@@ -951,6 +941,7 @@ static void others_done_tick(uv_timer_t *t) {
     OPT("--admin-api-key-file", "BATON_ADMIN_API_KEY_FILE", STR, admin_api_key_file, NULL, 0, 0, "read the --admin-api-key from this file (one trailing newline and a leading byte order mark removed); not with --admin-api-key") \
     OPT("--metrics-api-key-required", "BATON_METRICS_API_KEY_REQUIRED", BOOL, metrics_api_key_required, false, 0, 0, "GET /metrics needs the --api-key or the --admin-api-key (Authorization: Bearer KEY); off, /metrics is open like /live and /health") \
     OPT("--allowed-origins", "BATON_ALLOWED_ORIGINS", STR, allowed_origins, NULL, 0, 0, "browser origins (scheme://host[:port], comma-separated, matched exactly; * for any) whose cross-origin requests are served, with CORS headers and preflights; a request with an Origin header not listed is refused with 403 (GETs of /live, /health and /metrics excepted); requests without Origin (curl, SDKs, servers) are not concerned") \
+    OPT("--allowed-hosts", "BATON_ALLOWED_HOSTS", STR, allowed_hosts, NULL, 0, 0, "Host header names served besides IP addresses and localhost (comma-separated, ASCII case and port ignored; .example.com for it and every name under it; * for any): a request for another is refused with 403 host_not_allowed, against DNS rebinding. Not given: on a loopback --http-host only IP addresses, localhost and *.localhost are served, on any other address every name") \
     OPT("--max-body-bytes", "DYN_HTTP_MAX_BODY_BYTES", INT, max_body, 4 << 20, 1024, 1 << 30, "request body cap") \
     OPT("--max-body-bytes-total", "BATON_HTTP_MAX_BODY_BYTES_TOTAL", INT, max_body_total, 1 << 30, 0, (int64_t)1 << 40, "request body bytes being received at once over all connections (a declared Content-Length counts whole); a body past it is refused with 503; at least --max-body-bytes; 0: no cap") \
     OPT("--max-output-bytes-total", "BATON_HTTP_MAX_OUTPUT_BYTES_TOTAL", INT, max_output_total, 1 << 30, 0, (int64_t)1 << 40, "response bytes queued at once for all clients that read slower than they are sent to (each one bounded by --max-client-backlog-bytes); past it the connection with the largest backlog is closed (its stream stays resumable); 0: no cap") \
@@ -1048,7 +1039,8 @@ int bt_frontend_main(int argc, char **argv) {
         bt_proc_error("frontend", "%s", err);
         goto bad_usage;
     }
-    if (!origins_valid(o->allowed_origins, err, sizeof err)) {
+    if (!origins_valid(o->allowed_origins, err, sizeof err) ||
+        !bt_http_hosts_valid("--allowed-hosts (BATON_ALLOWED_HOSTS)", o->allowed_hosts, err, sizeof err)) {
         bt_proc_error("frontend", "%s", err);
         goto bad_usage;
     }

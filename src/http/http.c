@@ -15,9 +15,11 @@
  * on_request itself, and means on_abort is never re-entered from inside a handler's own call. */
 #include "http/http.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <http_parser.h>
+#include <netinet/in.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -77,11 +79,12 @@ enum {
     H_AC_REQUEST_METHOD,
     H_AC_REQUEST_HEADERS,
     H_TRANSFER_ENCODING,
+    H_HOST,
     H_COUNT
 };
 static const char *const interesting_headers[H_COUNT] = {
     "x-request-id", "authorization", "content-type", "expect", "last-event-id", "x-priority", "x-tenant", "origin",
-    "access-control-request-method", "access-control-request-headers", "transfer-encoding"};
+    "access-control-request-method", "access-control-request-headers", "transfer-encoding", "host"};
 
 typedef struct conn conn;
 
@@ -129,6 +132,9 @@ struct bt_http_server {
     bool cut_async_closed;
     conn *big;                /* with peer: the connection whose backlog peer->largest published */
     size_t big_pub;           /* what it published */
+    char *allowed_hosts;      /* cfg.allowed_hosts, copied (bt_http_host_allowed) */
+    bool loopback;            /* listening on a loopback address */
+    bt_log_limit host_log;    /* the log lines of Host refusals */
     char rbuf[READ_BUF_SIZE];
 };
 
@@ -203,6 +209,122 @@ static void peer_shrank(conn *c);
 /* ---------------------------------------------------------------------------------------------
  * Small helpers */
 
+static bool addr_loopback(const struct sockaddr *sa) {
+    if (sa->sa_family == AF_INET) return (ntohl(((const struct sockaddr_in *)sa)->sin_addr.s_addr) >> 24) == 127;
+    if (sa->sa_family != AF_INET6) return false;
+    const struct in6_addr *a = &((const struct sockaddr_in6 *)sa)->sin6_addr;
+    return IN6_IS_ADDR_LOOPBACK(a) || (IN6_IS_ADDR_V4MAPPED(a) && a->s6_addr[12] == 127);
+}
+
+bool bt_http_addr_loopback(const char *addr) {
+    struct sockaddr_storage ss;
+    memset(&ss, 0, sizeof ss);
+    if (!addr ||
+        (uv_ip4_addr(addr, 0, (struct sockaddr_in *)&ss) != 0 && uv_ip6_addr(addr, 0, (struct sockaddr_in6 *)&ss) != 0))
+        return false;
+    return addr_loopback((const struct sockaddr *)&ss);
+}
+
+/* Reads a Host value as host[:port] (RFC 9110 §7.2; the port may be empty): its name, without the
+ * port, and without a final dot unless it is an IP literal; *ip when it is an IPv4 address or an
+ * IPv6 one in brackets. False when it is not that shape ("::1" without brackets, "a:b"). */
+static bool host_split(const char *host, const char **name, size_t *nlen, bool *ip) {
+    const char *port;
+    char buf[INET6_ADDRSTRLEN + 1];
+    *ip = false;
+    if (host[0] == '[') {
+        const char *close = strchr(host, ']');
+        size_t n = close ? (size_t)(close - host - 1) : 0;
+        struct in6_addr a6;
+        if (n == 0 || n >= sizeof buf) return false;
+        memcpy(buf, host + 1, n);
+        buf[n] = '\0';
+        if (inet_pton(AF_INET6, buf, &a6) != 1) return false;
+        *ip = true;
+        *name = host + 1;
+        *nlen = n;
+        port = close + 1;
+    } else {
+        size_t n = strcspn(host, ":");
+        struct in_addr a4;
+        *name = host;
+        *nlen = n;
+        port = host + n;
+        if (n < sizeof buf) {
+            memcpy(buf, host, n);
+            buf[n] = '\0';
+            *ip = inet_pton(AF_INET, buf, &a4) == 1; /* dotted quad only, as browsers write it */
+        }
+        if (!*ip && n > 1 && host[n - 1] == '.') (*nlen)--; /* "example.com." is example.com */
+    }
+    if (*port && *port++ != ':') return false;
+    for (; *port; port++)
+        if (*port < '0' || *port > '9') return false;
+    return true;
+}
+
+/* name[0..n) is `suffix` or a name under it (ASCII case ignored) */
+static bool name_under(const char *name, size_t n, const char *suffix, size_t slen, bool subdomains) {
+    if (n == slen && strncasecmp(name, suffix, n) == 0) return true;
+    return subdomains && n > slen + 1 && name[n - slen - 1] == '.' && strncasecmp(name + n - slen, suffix, slen) == 0;
+}
+
+bool bt_http_host_allowed(const char *allowed, bool loopback, const char *host) {
+    if (!host || !*host) return true; /* HTTP/1.0 without one: no browser leaves it out */
+    if (!allowed && !loopback) return true;
+    const char *e;
+    size_t elen;
+    for (const char *pos = allowed; bt_list_next(&pos, &e, &elen);)
+        if (elen == 1 && *e == '*') return true;
+    const char *name;
+    size_t n;
+    bool ip;
+    if (!host_split(host, &name, &n, &ip)) return false;
+    /* an address names this machine, not a page's origin; *.localhost resolves to loopback in the
+     * browser itself (RFC 6761 §6.3), never through a DNS answer a page's owner could change */
+    if (ip || name_under(name, n, "localhost", 9, true)) return true;
+    for (const char *pos = allowed; bt_list_next(&pos, &e, &elen);) {
+        bool sub = elen > 1 && *e == '.';
+        if (sub) e++, elen--;
+        if (elen > 1 && e[elen - 1] == '.') elen--;
+        if (name_under(name, n, e, elen, sub)) return true;
+    }
+    return false;
+}
+
+bool bt_http_hosts_valid(const char *flag, const char *list, char *err, size_t errlen) {
+    if (!list) return true;
+    const char *e;
+    size_t n;
+    bool any = false;
+    for (const char *pos = list; bt_list_next(&pos, &e, &n);) {
+        bool ok = n == 1 && *e == '*';
+        if (!ok && n > 0 && !(n == 1 && *e == '.')) {
+            ok = true;
+            for (size_t i = 0; i < n && ok; i++)
+                ok = (e[i] >= 'a' && e[i] <= 'z') || (e[i] >= 'A' && e[i] <= 'Z') || (e[i] >= '0' && e[i] <= '9') ||
+                     e[i] == '-' || e[i] == '_' || e[i] == '.';
+        }
+        if (!ok) {
+            snprintf(err, errlen,
+                     "%s: '%.*s' is not a host name: give names (api.example.com, or .example.com for it and every "
+                     "name under it) without scheme, port or path, or *, comma-separated; IP addresses are always "
+                     "served and need not be listed",
+                     flag, n > 100 ? 100 : (int)n, e);
+            return false;
+        }
+        any = true;
+    }
+    if (!any) {
+        snprintf(err, errlen,
+                 "%s is given empty: leave it out for the default (on a loopback address, localhost and IP addresses "
+                 "only; on any other, every name)",
+                 flag);
+        return false;
+    }
+    return true;
+}
+
 const char *bt_http_reason(int status) {
     switch (status) {
     case 100: return "Continue";
@@ -255,6 +377,7 @@ void bt_http_config_default(bt_http_config *c) {
     c->shared_output = NULL;
     c->output_peers = NULL;
     c->output_peer = 0;
+    c->allowed_hosts = NULL;
 }
 
 static uint64_t timer_ms(const conn *c, timer_mode m) {
@@ -585,6 +708,7 @@ static void conn_error_close(conn *c, int status, const char *msg) {
                    : status == 431 ? "headers_too_large"
                    : status == 501 ? "not_implemented"
                    : status == 503 ? "too_many_request_bytes"
+                   : status == 403 ? "host_not_allowed"
                                    : "malformed_request");
     bt_buf_appendf(&head,
                    "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n"
@@ -597,6 +721,7 @@ static void conn_error_close(conn *c, int status, const char *msg) {
     if (status == 413) c->srv->stats.body_too_large++;
     else if (status == 431) c->srv->stats.header_too_large++;
     else if (status == 503) c->srv->stats.body_budget++;
+    else if (status == 403) c->srv->stats.host_not_allowed++;
     else c->srv->stats.bad_request++;
     conn_write(c, bufs, 2);
     bt_buf_free(&body);
@@ -786,6 +911,13 @@ static int cb_headers_complete(http_parser *p) {
         c->err_why = c->n_host ? "more than one Host header" : "an HTTP/1.1 request without a Host header";
         return -1;
     }
+    /* before anything else is said about the request: a page that reached this server by DNS
+     * rebinding learns nothing, not even whether its body would have fitted */
+    if (!bt_http_host_allowed(c->srv->allowed_hosts, c->srv->loopback,
+                              c->have_hdr[H_HOST] ? c->hdr[H_HOST].data : NULL)) {
+        c->err_status = 403;
+        return -1;
+    }
     /* A transfer coding other than chunked alone (gzip, deflate, ...) would have to be decoded
      * before the body means anything; http_parser only takes the chunked framing off, and would
      * hand the handler the still-coded bytes. RFC 9112 §6.1: a server that does not understand a
@@ -839,6 +971,34 @@ static const http_parser_settings parser_settings = {
     .on_message_complete = cb_message_complete,
 };
 
+/* The 403 of a Host the server does not answer (cb_headers_complete), logged at warn, five lines a
+ * second at most: it is what an attack looks like, and also what a proxy on this machine that
+ * passes its clients' Host on looks like until --allowed-hosts lists it. */
+static void host_refused(conn *c) {
+    bt_http_server *s = c->srv;
+    /* the name as the client sent it, printable ASCII only: it goes to the log and the answer */
+    char name[104];
+    size_t n = 0;
+    const char *h = c->hdr[H_HOST].data ? c->hdr[H_HOST].data : "";
+    for (; h[n] && n < 100; n++) name[n] = h[n] >= 0x20 && h[n] < 0x7f ? h[n] : '?';
+    snprintf(name + n, sizeof name - n, "%s", h[n] ? "..." : "");
+    unsigned unsaid = 0;
+    if (bt_log_limit_take(&s->host_log, uv_now(s->loop), 5, &unsaid)) {
+        char more[80] = "";
+        if (unsaid) snprintf(more, sizeof more, " (%u more refused in the second before, not logged)", unsaid);
+        BT_WARN("http: refused a request for Host '%s' (port %d): not a name this server answers; a proxy or a name "
+                "of this server's own goes in --allowed-hosts (BATON_ALLOWED_HOSTS)%s",
+                name, s->port, more);
+    }
+    char msg[400];
+    snprintf(msg, sizeof msg,
+             "Host '%s' is not served here: this server answers requests for an IP address, localhost and the "
+             "names listed in --allowed-hosts (BATON_ALLOWED_HOSTS) only, so that a web page whose name was pointed "
+             "at it (DNS rebinding) cannot read it",
+             name);
+    conn_error_close(c, 403, msg);
+}
+
 /* Runs the parser over data and returns how many bytes it consumed. Afterwards either the
  * connection is answered-and-lingering / closed (parse error or cap), or c->msg_complete is set
  * (parser paused right after the message), or all bytes were consumed. */
@@ -849,7 +1009,9 @@ static size_t conn_parse(conn *c, const char *data, size_t len) {
     if (e == HPE_PAUSED && c->msg_complete) return n;
     char msg[160];
     if (e == HPE_OK && n == len) return n;
-    if (c->err_status == 413) {
+    if (c->err_status == 403) {
+        host_refused(c);
+    } else if (c->err_status == 413) {
         snprintf(msg, sizeof msg, "request body too large (limit %zu bytes)", c->srv->cfg.max_body_bytes);
         conn_error_close(c, 413, msg);
     } else if (c->err_status == 503) {
@@ -1460,6 +1622,7 @@ static void server_maybe_finish(bt_http_server *s) {
     void (*done)(void *) = s->done;
     void *dud = s->done_ud;
     bt_pool_destroy(&s->conn_pool);
+    free(s->allowed_hosts);
     free(s);
     if (done) done(dud);
 }
@@ -1532,6 +1695,14 @@ bt_status bt_http_server_start(uv_loop_t *loop, const bt_http_config *cfg, const
     if (!s->cfg.max_output_total) s->cfg.output_peers = NULL; /* nothing is charged: nothing to cut */
     s->h = *h;
     s->ud = ud;
+    s->cfg.allowed_hosts = NULL; /* the copy below is the server's */
+    s->loopback = addr_loopback((const struct sockaddr *)&ss);
+    if (cfg->allowed_hosts && !(s->allowed_hosts = strdup(cfg->allowed_hosts))) {
+        snprintf(err, errlen, "cannot listen on %s:%d: out of memory", host, cfg->port);
+        bt_pool_destroy(&s->conn_pool);
+        free(s);
+        return BT_ERR_NOMEM;
+    }
     int r = 0;
     if (cfg->reuse_port && cfg->reuse_port_first && cfg->port != 0) {
         /* A listener of the same user with SO_REUSEPORT (another frontend) would let our bind
@@ -1592,6 +1763,9 @@ bt_status bt_http_server_start(uv_loop_t *loop, const bt_http_config *cfg, const
         uv_mutex_unlock(&s->peer->mu);
     }
     BT_INFO("http: listening on %s:%d", host, s->port);
+    if (!s->allowed_hosts && s->loopback)
+        BT_INFO("http: on a loopback address, requests are answered for Host localhost, *.localhost or an IP address "
+                "only (--allowed-hosts adds names)");
     *out = s;
     return BT_OK;
 }

@@ -101,6 +101,11 @@ typedef struct {
                                     one of them has a larger backlog than any here, it is that
                                     one that is closed (on its own loop), see below */
     int output_peer;             /* this server's index in output_peers */
+    const char *allowed_hosts;   /* the Host names served (bt_http_host_allowed; copied), or NULL:
+                                    then a server on a loopback address serves only IP literals,
+                                    localhost and *.localhost, and one on any other address every
+                                    Host. A request refused is a 403 host_not_allowed, and its
+                                    connection closes */
 } bt_http_config;               /* zero sizes mean the defaults; a zero timeout disables it */
 
 void bt_http_config_default(bt_http_config *c);
@@ -145,6 +150,7 @@ typedef struct {
     uint64_t slow_reader;     /* a client that stopped reading past the backlog cap */
     uint64_t body_budget;     /* 503: a body past max_body_total */
     uint64_t output_budget;   /* connections closed as the largest backlog at max_output_total */
+    uint64_t host_not_allowed; /* 403: a Host the server does not answer (allowed_hosts) */
 } bt_http_stats;
 void bt_http_server_stats(const bt_http_server *s, bt_http_stats *out);
 /* Closes every connection (in-flight requests get on_abort) and frees the server once all
@@ -187,6 +193,28 @@ size_t bt_http_backlog(const bt_http_req *req);
  * will read (the socket handle and the response flags), so that a caller about to write to many
  * connections can overlap those cache misses (the frontend does, one engine step at a time). */
 void bt_http_prefetch(const bt_http_req *req);
+
+/* The Host rule, against DNS rebinding (docs/security.md). A page on evil.example whose name its
+ * owner re-points to 127.0.0.1 makes the browser send requests to a server on this machine that
+ * the browser takes for same-origin: it sends no Origin with a GET and lets the page read the
+ * answer. Only the Host header still names evil.example, so a server answers only the names it
+ * knows for its own.
+ *
+ * True when a request whose Host header is `host` (NULL: none, as HTTP/1.0 may send; "" too) is
+ * served. `allowed` is a comma-separated list (bt_http_hosts_valid) or NULL, `loopback` whether
+ * the server listens on a loopback address. Without a list, a server not on loopback serves every
+ * Host (behind a load balancer it gets any name), one on loopback only these: an IP literal (IPv4,
+ * or IPv6 in brackets), localhost and its subdomains, which browsers resolve to loopback
+ * themselves and no page can re-point. With a list, those and the names listed (ASCII case
+ * ignored; ".example.com" is example.com and every name under it); "*" serves every Host. The
+ * port is not part of the match, nor a final dot of a name. A Host that is no host[:port] at all
+ * is refused wherever a check applies. */
+bool bt_http_host_allowed(const char *allowed, bool loopback, const char *host);
+/* An allowed_hosts list as an operator gives it, named `flag` in the message: "*", or host names
+ * ("api.example.com", ".example.com"), comma-separated, no scheme, port or path; none empty. */
+bool bt_http_hosts_valid(const char *flag, const char *list, char *err, size_t errlen);
+/* The numeric address `addr` is a loopback one: 127.0.0.0/8, ::1, or ::ffff:127.x.y.z. */
+bool bt_http_addr_loopback(const char *addr);
 
 /* Reason phrase of a status code ("Service Unavailable"). */
 const char *bt_http_reason(int status);

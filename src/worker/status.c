@@ -278,6 +278,7 @@ bt_status wk_status_start(wk_worker *w, char *err, size_t errlen) {
     hc.host = o->system_host;
     hc.port = (int)o->system_port;
     hc.max_body_bytes = 64 << 10;
+    hc.allowed_hosts = o->allowed_hosts;
     bt_http_handlers hh = {on_status_request, on_status_abort, NULL, NULL};
     char why[200];
     bt_status st = bt_http_server_start(w->loop, &hc, &hh, w, &w->status, why, sizeof why);

@@ -995,6 +995,11 @@ int bt_worker_main(int argc, char **argv) {
         {"--system-port", "DYN_SYSTEM_PORT", BT_OPT_INT, &o->system_port, -1, 65535,
          "status server port (-1 off, 0 any)"},
         {"--system-host", "DYN_SYSTEM_HOST", BT_OPT_STR, &o->system_host, 0, 0, "status server address"},
+        {"--allowed-hosts", "BATON_ALLOWED_HOSTS", BT_OPT_STR, &o->allowed_hosts, 0, 0,
+         "Host header names the status server serves besides IP addresses and localhost (comma-separated, ASCII case "
+         "and port ignored; .example.com for it and every name under it; * for any); another gets 403 "
+         "host_not_allowed, against DNS rebinding. Not given: on a loopback --system-host only IP addresses, "
+         "localhost and *.localhost are served, on any other address every name"},
         {"--system-health-path", "DYN_SYSTEM_HEALTH_PATH", BT_OPT_STR, &o->health_path, 0, 0,
          "readiness probe path"},
         {"--system-live-path", "DYN_SYSTEM_LIVE_PATH", BT_OPT_STR, &o->live_path, 0, 0, "liveness probe path"},
@@ -1106,6 +1111,11 @@ int bt_worker_main(int argc, char **argv) {
         (o->system_port >= 0 &&
          !bt_proc_check_host("worker", opts, nopts, argc, argv, "--system-host", o->system_host)))
         goto bad_usage;
+    if (o->system_port >= 0 &&
+        !bt_http_hosts_valid("--allowed-hosts (BATON_ALLOWED_HOSTS)", o->allowed_hosts, err, sizeof err)) {
+        bt_proc_error("worker", "%s", err);
+        goto bad_usage;
+    }
     if (o->health_path[0] != '/' || o->live_path[0] != '/') {
         bt_proc_error("worker", "DYN_SYSTEM_HEALTH_PATH and DYN_SYSTEM_LIVE_PATH must start with '/'");
         goto bad_usage;

@@ -138,6 +138,7 @@ typedef struct {
     int64_t graceful_timeout; /* seconds of drain before the rest is handed back */
     int64_t system_port;      /* -1 off, 0 any */
     const char *system_host;
+    const char *allowed_hosts; /* --allowed-hosts: the status server's Host names (http.h: bt_http_host_allowed) */
     const char *health_path; /* DYN_SYSTEM_HEALTH_PATH */
     const char *live_path;   /* DYN_SYSTEM_LIVE_PATH */
     const char *starting_health; /* DYN_SYSTEM_STARTING_HEALTH_STATUS: "ready" or "notready" */

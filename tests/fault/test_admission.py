@@ -206,7 +206,7 @@ with bl.Cluster() as c:
     gone0, qd0 = decisions(fe, "dropped_client_gone"), decisions(fe, "queued")
     raw = json.dumps(body("leaver")).encode()
     sk = socket.create_connection(("127.0.0.1", fe.port))
-    sk.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sk.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                b"Content-Length: " + str(len(raw)).encode() + b"\r\n\r\n" + raw)
     bl.wait_for(lambda: decisions(fe, "queued") == qd0 + 1, 5, what="the leaver to queue")
     assert queued(fe) == 1

@@ -100,13 +100,13 @@ with bl.Cluster() as c:
     # --- malformed request line and headers
     r = bl.raw_exchange(fe.port, b"THIS IS NOT HTTP\r\n\r\n")
     assert status_of(r) == 400 and json_body(r)["error"]["code"] == "malformed_request", r[:200]
-    r = bl.raw_exchange(fe.port, b"GET /live HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n")
+    r = bl.raw_exchange(fe.port, b"GET /live HTTP/1.1\r\nHost: localhost\r\nBad Header Line\r\n\r\n")
     assert status_of(r) == 400, r[:200]
     # --- oversized headers (431) and body (413)
-    r = bl.raw_exchange(fe.port, b"GET /live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n")
+    r = bl.raw_exchange(fe.port, b"GET /live HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n")
     assert status_of(r) == 431, r[:200]
     big = b'{"model":"mock-model","messages":[{"role":"user","content":"' + b"x" * (5 << 20) + b'"}]}'
-    r = bl.raw_exchange(fe.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    r = bl.raw_exchange(fe.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                  b"Content-Length: " + str(len(big)).encode() + b"\r\n\r\n" + big)
     assert status_of(r) == 413 and json_body(r)["error"]["code"] == "request_too_large", r[:200]
     # --- JSON and field errors
@@ -147,7 +147,7 @@ with bl.Cluster() as c:
     still_serving(fe)
     # --- slowloris: a request that never completes is cut after the header timeout (500 ms here)
     slow = socket.create_connection(("127.0.0.1", fe.port), timeout=10)
-    slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+    slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n")
     t0 = time.monotonic()
     got = slow.recv(100)  # b"" when the server closes
     waited = time.monotonic() - t0
@@ -180,7 +180,7 @@ with bl.Cluster() as c:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.connect(("127.0.0.1", fe.port))
     body = json.dumps(bl.chat_body("flood", max_tokens=400000, stream=True)).encode()
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     bl.wait_for(lambda: bl.metric_sum(bl.metrics(fe.url), "dynamo_frontend_disconnected_clients") > before, 60,
                 what="the non-reading client to be disconnected")
@@ -308,7 +308,7 @@ with bl.Cluster() as c:
         if len(held) == 4:
             break
         h = socket.create_connection(("127.0.0.1", fe.port), timeout=5)
-        h.sendall(b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n")
+        h.sendall(b"GET /live HTTP/1.1\r\nHost: localhost\r\n\r\n")
         got = h.recv(4096)
         if status_of(got) == 200:
             held.append(h)
@@ -318,7 +318,7 @@ with bl.Cluster() as c:
     t0 = time.monotonic()
     n_refused = 150
     for _ in range(n_refused):
-        r = bl.raw_exchange(fe.port, b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n")
+        r = bl.raw_exchange(fe.port, b"GET /live HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert status_of(r) == 503 and json_body(r)["error"]["code"] == "too_many_connections", r[:200]
     elapsed = time.monotonic() - t0
     for s in held:

@@ -59,7 +59,7 @@ def held_stream(fe, b, headers=None, events=3):
     s = socket.create_connection(("127.0.0.1", fe.port), timeout=10)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-    s.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra}"
+    s.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n{extra}"
                f"Content-Length: {len(data)}\r\n\r\n").encode() + data)
     got = b""
     while got.count(b"\nid: ") < events + 1:

@@ -171,7 +171,7 @@ def silent_client(fe, api, b):
     path = "/v1/chat/completions" if api == "chat" else "/v1/completions"
     s = socket.create_connection(("127.0.0.1", fe.port), timeout=10)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    s.sendall((f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    s.sendall((f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                f"Content-Length: {len(data)}\r\n\r\n").encode() + data)
     got = b""
     while got.count(b"\nid: ") < 3:

@@ -24,7 +24,7 @@ MAX_TOKENS = 200
 def chat_request():
     body = json.dumps({"model": "mock-model", "messages": [{"role": "user", "content": "head resume"}],
                        "stream": True, "max_tokens": MAX_TOKENS}).encode()
-    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
@@ -78,8 +78,8 @@ def split_responses(data, methods):
 def head_pipelined(port, path):
     s = socket.create_connection(("127.0.0.1", port), timeout=20)
     try:
-        s.sendall(f"HEAD {path} HTTP/1.1\r\nHost: t\r\n\r\n"
-                  "GET /v1/models HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+        s.sendall(f"HEAD {path} HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                  "GET /v1/models HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
         return split_responses(read_to_close(s), ["HEAD", "GET"])
     finally:
         s.close()

@@ -73,7 +73,7 @@ class Client:
         # greedy: the llama engine's streams are then the same whatever they are batched with
         body = json.dumps({"model": "mock-model", "prompt": f"burst {i}: once upon a time", "stream": True,
                            "temperature": 0, "max_tokens": max_tokens}).encode()
-        self.req = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        self.req = (b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         self.data = b""
         self.t_sent = self.t_first = None

@@ -52,7 +52,7 @@ def exchange(port, data, timeout=5.0):
 def text_post(path, body, origin=None, extra=b""):
     """What a page's fetch(url, {method: "POST", body}) sends: text/plain, no preflight."""
     data = body.encode() if isinstance(body, str) else body
-    return (b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain;charset=UTF-8\r\n" +
+    return (b"POST " + path.encode() + b" HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain;charset=UTF-8\r\n" +
             (b"Origin: " + origin.encode() + b"\r\n" if origin else b"") + extra +
             b"Content-Length: " + str(len(data)).encode() + b"\r\nConnection: close\r\n\r\n" + data)
 
@@ -107,7 +107,7 @@ with bl.Cluster() as c:
         st, hdrs, b = bl.request("GET", fe.url + path, headers={"Origin": EVIL})
         assert st == 200 and "access-control-allow-origin" not in hdrs, (path, st, hdrs)
     # a preflight from it gets the 403 as well (no allow headers)
-    pre = b"OPTIONS /admission HTTP/1.1\r\nHost: x\r\nOrigin: " + EVIL.encode() + \
+    pre = b"OPTIONS /admission HTTP/1.1\r\nHost: localhost\r\nOrigin: " + EVIL.encode() + \
         b"\r\nAccess-Control-Request-Method: POST\r\nConnection: close\r\n\r\n"
     st, hdrs, b, _ = exchange(fe.port, pre)
     assert st == 403 and "access-control-allow-methods" not in hdrs, (st, hdrs)
@@ -119,7 +119,7 @@ with bl.Cluster() as c:
     assert st == 200 and json.loads(b)["choices"], (st, b[:200])
 
     # ---- a listed origin: CORS headers, preflights, and the key still needed
-    pre = b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\nOrigin: " + APP.encode() + \
+    pre = b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nOrigin: " + APP.encode() + \
         b"\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization, content-type" \
         b"\r\nConnection: close\r\n\r\n"
     st, hdrs, b, _ = exchange(app.port, pre)
@@ -194,7 +194,7 @@ with bl.Cluster() as c:
         """Headers only, announcing a 1 MiB body; what the server says before any of it."""
         s = socket.create_connection(("127.0.0.1", port), timeout=5.0)
         try:
-            s.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" +
+            s.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n" +
                       extra + b"Expect: 100-continue\r\nContent-Length: 1048576\r\n\r\n")
             s.settimeout(3.0)
             out = b""
@@ -224,7 +224,7 @@ with bl.Cluster() as c:
     data = json.dumps(bl.chat_body("expect", max_tokens=2)).encode()
     s = socket.create_connection(("127.0.0.1", app.port), timeout=5.0)
     try:
-        s.sendall(b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sekrit\r\n"
+        s.sendall(b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer sekrit\r\n"
                   b"Origin: " + APP.encode() + b"\r\nExpect: 100-continue\r\nContent-Length: " +
                   str(len(data)).encode() + b"\r\nConnection: close\r\n\r\n")
         interim = s.recv(65536)
@@ -244,15 +244,15 @@ with bl.Cluster() as c:
     gz = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03\xab\xae\x05\x00\x43\xbf\xa6\xa3\x02\x00\x00\x00"  # "{}"
     chunked_gz = f"{len(gz):x}".encode() + b"\r\n" + gz + b"\r\n0\r\n\r\n"
     for te in (b"Transfer-Encoding: gzip, chunked\r\n", b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n"):
-        st, hdrs, b, _ = exchange(fe.port, b"POST /admission HTTP/1.1\r\nHost: x\r\n" + te +
+        st, hdrs, b, _ = exchange(fe.port, b"POST /admission HTTP/1.1\r\nHost: localhost\r\n" + te +
                                   b"Connection: close\r\n\r\n" + chunked_gz)
         assert st == 501, (te, st, b[:300])
         e = error_of(b)
         assert e["code"] == "not_implemented" and "gzip" in e["message"], e
-    st, _, b, _ = exchange(fe.port, b"POST /admission HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+    st, _, b, _ = exchange(fe.port, b"POST /admission HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
                                     b"Connection: close\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
     assert st == 200, (st, b[:200])
-    st, _, b, _ = exchange(fe.port, b"POST /admission HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+    st, _, b, _ = exchange(fe.port, b"POST /admission HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
                                     b"Connection: close\r\n\r\nFFFFFFFFFFFFFFFFFF\r\n{}\r\n0\r\n\r\n")
     assert st == 400, (st, b[:200])
     msg = error_of(b)["message"]

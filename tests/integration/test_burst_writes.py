@@ -78,7 +78,7 @@ def main():
             for i, s in enumerate(socks):
                 body = (f'{{"model":"mock-model","messages":[{{"role":"user","content":"burst {i}"}}],'
                         f'"stream":true,"max_tokens":4}}').encode()
-                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                           + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
             time.sleep(0.3)
             os.kill(pid, signal.SIGCONT)

@@ -84,7 +84,7 @@ def raw(port, data, timeout=5.0):
 
 def post(path, body, extra=b""):
     data = json.dumps(body).encode()
-    return (b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + extra +
+    return (b"POST " + path.encode() + b" HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n" + extra +
             b"Content-Length: " + str(len(data)).encode() + b"\r\nConnection: close\r\n\r\n" + data)
 
 
@@ -193,7 +193,7 @@ def output_budget_threads(c):
         s.settimeout(10)
         s.connect(("127.0.0.1", tf.port))
         before = loop_requests(tf)
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 1\r\n\r\n{")
         got = b""
         while b"\r\n\r\n" not in got or len(got.partition(b"\r\n\r\n")[2]) < int(
@@ -227,7 +227,7 @@ def output_budget_threads(c):
     def send(s, max_tokens, prompt="a client that never reads"):
         data = json.dumps(bl.chat_body(prompt, max_tokens=max_tokens, stream=True)).encode()
         done = sent_all(1)
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                   b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
         bl.wait_for(done, 90, 0.1, "a stream sent to its end (or cut)")
         return tf_metric("baton_frontend_http_output_queued_bytes")
@@ -344,7 +344,7 @@ with bl.Cluster() as c:
     data = json.dumps(ok).encode()
     s = socket.create_connection(("127.0.0.1", fe.port), timeout=5.0)
     try:
-        s.sendall(b"POST " + chat.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST " + chat.encode() + b" HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                   b"Expect: 100-continue \r\nContent-Length: " + str(len(data)).encode() +
                   b"\r\nConnection: close\r\n\r\n")
         s.settimeout(3.0)
@@ -373,21 +373,21 @@ with bl.Cluster() as c:
         err = json.loads(b)["error"]
         assert err["code"] == "malformed_request" and "header" in err["message"], (line, err)
     # a smuggled request inside the body of one with such a line is never answered
-    smug = b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n"
-    st, _, b, closed = raw(fe.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length : " +
+    smug = b"GET /live HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    st, _, b, closed = raw(fe.port, b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length : " +
                            str(len(smug)).encode() + b"\r\n\r\n" + smug)
     assert st == 400 and closed and b"Service is live" not in b, (st, b)
 
     # ---- Host (RFC 9112 §3.2): an HTTP/1.1 request without one, and any request with more than
     # one, is a 400 malformed_request with the connection closed; HTTP/1.0 needs none
     chat_req = post(chat, dict(ok, stream=True))
-    assert chat_req.count(b"Host: x\r\n") == 1
+    assert chat_req.count(b"Host: localhost\r\n") == 1
     no_host = [b"GET /live HTTP/1.1\r\n\r\n", b"HEAD /live HTTP/1.1\r\nConnection: close\r\n\r\n",
-               chat_req.replace(b"Host: x\r\n", b"")]
-    two_hosts = [b"GET /live HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
-                 b"GET /live HTTP/1.1\r\nHost: x\r\nhOST: x\r\n\r\n",  # names are case-insensitive
-                 b"GET /live HTTP/1.0\r\nHost: x\r\nHost: y\r\n\r\n",  # "any request message"
-                 chat_req.replace(b"Host: x\r\n", b"Host: x\r\nX-Other: 1\r\nHost: x\r\n")]
+               chat_req.replace(b"Host: localhost\r\n", b"")]
+    two_hosts = [b"GET /live HTTP/1.1\r\nHost: localhost\r\nHost: localhost\r\n\r\n",
+                 b"GET /live HTTP/1.1\r\nHost: localhost\r\nhOST: x\r\n\r\n",  # names are case-insensitive
+                 b"GET /live HTTP/1.0\r\nHost: localhost\r\nHost: localhost\r\n\r\n",  # "any request message"
+                 chat_req.replace(b"Host: localhost\r\n", b"Host: localhost\r\nX-Other: 1\r\nHost: localhost\r\n")]
     rejected0 = bl.metric_sum(bl.metrics(fe.url), "baton_frontend_http_rejections_total", reason="bad_request")
     for req, why in [(r, "without a Host header") for r in no_host] + [(r, "more than one Host") for r in two_hosts]:
         st, _, b, closed = raw(fe.port, req)
@@ -403,16 +403,16 @@ with bl.Cluster() as c:
     # connection (the count is per request)
     st, _, b, _ = raw(fe.port, b"GET /live HTTP/1.0\r\n\r\n")
     assert st == 200, (st, b[:200])
-    st, _, b, _ = raw(fe.port, chat_req.replace(b"HTTP/1.1", b"HTTP/1.0", 1).replace(b"Host: x\r\n", b""))
+    st, _, b, _ = raw(fe.port, chat_req.replace(b"HTTP/1.1", b"HTTP/1.0", 1).replace(b"Host: localhost\r\n", b""))
     assert st == 200 and b"data: [DONE]" in b, (st, b[:300])
-    for host in (b"Host: x\r\n", b"Host:\r\n", b"host: 127.0.0.1:1\r\n"):
+    for host in (b"Host: localhost\r\n", b"Host:\r\n", b"host: 127.0.0.1:1\r\n"):
         st, _, b, _ = raw(fe.port, b"GET /live HTTP/1.1\r\n" + host + b"Connection: close\r\n\r\n")
         assert st == 200, (host, st, b[:200])
-    both = bl.raw_exchange(fe.port, b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n"
-                                    b"GET /live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    both = bl.raw_exchange(fe.port, b"GET /live HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                                    b"GET /live HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
     assert both.count(b"HTTP/1.1 200 ") == 2 and b" 400 " not in both, both[:400]
     # and a keep-alive connection's next request without Host is refused after the first is served
-    mixed = bl.raw_exchange(fe.port, b"GET /live HTTP/1.1\r\nHost: x\r\n\r\nGET /live HTTP/1.1\r\n\r\n")
+    mixed = bl.raw_exchange(fe.port, b"GET /live HTTP/1.1\r\nHost: localhost\r\n\r\nGET /live HTTP/1.1\r\n\r\n")
     assert mixed.startswith(b"HTTP/1.1 200 ") and mixed.count(b"HTTP/1.1 400 ") == 1, mixed[:400]
 
     # ---- refused resumes are client errors: answered (and counted), never logged at the default
@@ -438,15 +438,15 @@ with bl.Cluster() as c:
             (ok_key + b"X-Tenant: a\r\nx-tenant: b\r\n", "more than one X-Tenant header")]
     for hdrs, why in dups:
         for path in (b"/v1/models", b"/metrics"):
-            st, _, b, closed = raw(keyed.port, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n" + hdrs + b"\r\n")
+            st, _, b, closed = raw(keyed.port, b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\n" + hdrs + b"\r\n")
             assert st == 400 and closed, (hdrs, path, st, b[:200], closed)
             err = json.loads(b)["error"]
             assert err["code"] == "malformed_request" and why in err["message"], (hdrs, err)
-    st, _, b, _ = raw(keyed.port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + ok_key +
+    st, _, b, _ = raw(keyed.port, b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n" + ok_key +
                       b"X-Tenant: a\r\nConnection: close\r\n\r\n")
     assert st == 200 and b"mock-model" in b, (st, b[:200])
-    two = bl.raw_exchange(keyed.port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + ok_key + b"\r\n"
-                                      b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + ok_key + b"Connection: close\r\n\r\n")
+    two = bl.raw_exchange(keyed.port, b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n" + ok_key + b"\r\n"
+                                      b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n" + ok_key + b"Connection: close\r\n\r\n")
     assert two.count(b"HTTP/1.1 200 ") == 2 and b" 400 " not in two, two[:400]
 
     # ---- 405 names the allowed methods
@@ -477,7 +477,7 @@ with bl.Cluster() as c:
     # closed, and the charge goes back when a connection closes or its request is dispatched
     budget = c.start_frontend(max_body_bytes=1 << 20, max_body_bytes_total=2 << 20)
     c.wait_workers(budget, 1)
-    big = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    big = b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
 
     def hold(n):
         """A connection that sends all of an n-byte body but its last byte, and waits."""
@@ -497,7 +497,7 @@ with bl.Cluster() as c:
         err = json.loads(b)["error"]
         assert err["code"] == "too_many_request_bytes" and err["type"] == "server_error", err
         # a chunked body is charged as it grows
-        st, _, b, closed = raw(budget.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+        st, _, b, closed = raw(budget.port, b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
                                             b"Transfer-Encoding: chunked\r\n\r\n10\r\n" + b" " * 16 + b"\r\n")
         assert st == 503 and closed, (rnd, st, b[:200], closed)
         assert rejected() - r0 == 2, (r0, rejected())
@@ -536,7 +536,7 @@ with bl.Cluster() as c:
     # chunked body of 1 MiB broken by a bad chunk size is a 400, its connection left open by the
     # client, and the whole total is free again
     bad = socket.create_connection(("127.0.0.1", budget.port), timeout=5)
-    bad.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" +
+    bad.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n" +
                 b"%x\r\n" % (1 << 20) + b" " * (1 << 20) + b"\r\nZZZ\r\n")
     got = b""
     while b"\r\n\r\n" not in got:
@@ -578,7 +578,7 @@ with bl.Cluster() as c:
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s.connect(("127.0.0.1", ob.port))
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                   b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
         hogs.append(s)
     # a reading client meanwhile: its stream is whole and exact

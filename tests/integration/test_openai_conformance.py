@@ -70,9 +70,9 @@ def split_response(resp):
 
 def check_head(port, path, what):
     """HEAD answers as GET (status, type, length) and sends no body."""
-    g_status, g_hdrs, g_body = split_response(raw(port, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    g_status, g_hdrs, g_body = split_response(raw(port, f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
                                                   .encode()))
-    h_status, h_hdrs, h_body = split_response(raw(port, f"HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    h_status, h_hdrs, h_body = split_response(raw(port, f"HEAD {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
                                                   .encode()))
     assert g_status == 200 and h_status == 200, f"{what} {path}: GET {g_status}, HEAD {h_status}"
     assert h_body == b"", f"{what} HEAD {path} sent a body: {h_body[:100]!r}"
@@ -126,10 +126,10 @@ with bl.Cluster() as c:
     error_of(st, b, 404, "unknown_url", None, "unknown route")
     st, _, body = split_response(raw(fe.port, b"NOT HTTP AT ALL\r\n\r\n"))
     error_of(st, json.loads(body), 400, "malformed_request", None, "not HTTP")
-    st, _, body = split_response(raw(fe.port, b"GET /live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n"))
+    st, _, body = split_response(raw(fe.port, b"GET /live HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n"))
     error_of(st, json.loads(body), 431, "headers_too_large", None, "huge header")
     big = b"x" * (5 << 20)
-    st, _, body = split_response(raw(fe.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: " +
+    st, _, body = split_response(raw(fe.port, b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: " +
                                      str(len(big)).encode() + b"\r\n\r\n" + big))
     error_of(st, json.loads(body), 413, "request_too_large", None, "huge body")
 
@@ -404,7 +404,7 @@ with bl.Cluster() as c:
     # kill ends a stream with the same error event.
     body = json.dumps(bl.chat_body("run long", model=SLASHED, max_tokens=500000, stream=True)).encode()
     with socket.create_connection(("127.0.0.1", fe.port), timeout=10) as sk:
-        sk.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sk.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                    b"X-Request-Id: keepalive-after-error\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
         got = sk.recv(65536)
         st, _, b = bl.post_json(u + "/v1/requests/keepalive-after-error/cancel", {"mode": "kill"})
@@ -415,7 +415,7 @@ with bl.Cluster() as c:
             got += more
         assert b"Connection: keep-alive" in got.split(b"\r\n\r\n", 1)[0], got[:300]
         assert b'"code":"request_cancelled"' in got[-400:] and b"[DONE]" not in got, got[-400:]
-        sk.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        sk.sendall(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n")
         nxt = b""
         while b"\r\n\r\n" not in nxt:
             try:

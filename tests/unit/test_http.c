@@ -319,6 +319,9 @@ static void fixture_init(fixture *f) {
     bt_http_config_default(&f->cfg);
     f->cfg.host = "127.0.0.1";
     f->cfg.port = 0;
+    /* the scripts send "Host: t", a name a loopback server refuses by default: the Host rule has
+     * tests of its own (test_host_rule, test_host_allowed) */
+    f->cfg.allowed_hosts = "*";
 }
 
 /* Starts the server and the fixture's handles on its loop (not yet run). */
@@ -1283,6 +1286,154 @@ static void test_server_close_inflight(void **state) {
 
 static void on_done_flag(void *ud) { *(int *)ud += 1; }
 
+/* The Host rule as the matcher applies it: defaults by the listening address, the list, "*". */
+static void test_host_allowed(void **state) {
+    (void)state;
+    /* on loopback, no list: addresses and localhost only */
+    static const char *const served[] = {"127.0.0.1", "127.0.0.1:8000", "10.1.2.3:80", "[::1]", "[::1]:8000",
+                                         "[2001:db8::7]:1", "localhost", "LOCALHOST:8000", "localhost.",
+                                         "app.localhost:3000", "a.b.localhost", "127.0.0.1:", NULL, ""};
+    for (size_t i = 0; i < sizeof served / sizeof served[0]; i++)
+        if (!bt_http_host_allowed(NULL, true, served[i])) fail_msg("refused '%s' on loopback", served[i]);
+    static const char *const refused[] = {"evil.example", "evil.example:8000", "localhost.evil.example",
+                                          "evillocalhost", "127.0.0.1.evil.example", "0x7f.1", "2130706433",
+                                          "::1", "[::1", "[evil.example]", "[::1]x", "localhost:80x",
+                                          "localhost:8000:1", "[]:80", ":80", "x"};
+    for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) {
+        if (bt_http_host_allowed(NULL, true, refused[i])) fail_msg("served '%s' on loopback", refused[i]);
+        /* not on loopback and no list: no check at all */
+        if (!bt_http_host_allowed(NULL, false, refused[i])) fail_msg("refused '%s' off loopback", refused[i]);
+    }
+    /* a list, on loopback or not: the names listed, addresses and localhost */
+    const char *list = " API.example.com ,.corp.example., other.example";
+    for (int lo = 0; lo < 2; lo++) {
+        assert_true(bt_http_host_allowed(list, lo, "api.example.com"));
+        assert_true(bt_http_host_allowed(list, lo, "Api.Example.Com:443"));
+        assert_true(bt_http_host_allowed(list, lo, "api.example.com."));
+        assert_true(bt_http_host_allowed(list, lo, "corp.example"));
+        assert_true(bt_http_host_allowed(list, lo, "x.y.corp.example:8000"));
+        assert_true(bt_http_host_allowed(list, lo, "other.example"));
+        assert_true(bt_http_host_allowed(list, lo, "192.0.2.1:8000"));
+        assert_true(bt_http_host_allowed(list, lo, "localhost:8000"));
+        assert_true(bt_http_host_allowed(list, lo, NULL));
+        assert_false(bt_http_host_allowed(list, lo, "x.api.example.com")); /* no leading dot: that name only */
+        assert_false(bt_http_host_allowed(list, lo, "xcorp.example"));
+        assert_false(bt_http_host_allowed(list, lo, "sub.other.example"));
+        assert_false(bt_http_host_allowed(list, lo, "evil.example"));
+        assert_false(bt_http_host_allowed(list, lo, "example.com"));
+        assert_false(bt_http_host_allowed(list, lo, "api.example.com:x"));
+        assert_true(bt_http_host_allowed("a.example, *", lo, "evil.example"));
+        assert_true(bt_http_host_allowed("*", lo, "not a host at all"));
+    }
+}
+
+static void test_hosts_valid(void **state) {
+    (void)state;
+    char err[400];
+    const char *flag = "--allowed-hosts (BATON_ALLOWED_HOSTS)";
+    assert_true(bt_http_hosts_valid(flag, NULL, err, sizeof err));
+    assert_true(bt_http_hosts_valid(flag, "*", err, sizeof err));
+    assert_true(bt_http_hosts_valid(flag, "api.example.com, .corp.example,my_host,", err, sizeof err));
+    static const char *const bad[] = {"", " ", "a,,b", "http://api.example.com", "api.example.com:8000",
+                                      "api.example.com/", "[::1]", ".", "a b", "*.example.com"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        err[0] = '\0';
+        if (bt_http_hosts_valid(flag, bad[i], err, sizeof err)) fail_msg("took '%s'", bad[i]);
+        assert_non_null(strstr(err, flag));
+    }
+    assert_true(bt_http_hosts_valid(flag, "ok.example, http://x", err, sizeof err) == false);
+    assert_non_null(strstr(err, "'http://x' is not a host name"));
+}
+
+static void test_addr_loopback(void **state) {
+    (void)state;
+    assert_true(bt_http_addr_loopback("127.0.0.1"));
+    assert_true(bt_http_addr_loopback("127.8.9.10"));
+    assert_true(bt_http_addr_loopback("::1"));
+    assert_true(bt_http_addr_loopback("::ffff:127.0.0.1"));
+    assert_false(bt_http_addr_loopback("0.0.0.0"));
+    assert_false(bt_http_addr_loopback("::"));
+    assert_false(bt_http_addr_loopback("10.0.0.1"));
+    assert_false(bt_http_addr_loopback("128.0.0.1"));
+    assert_false(bt_http_addr_loopback("::ffff:10.0.0.1"));
+    assert_false(bt_http_addr_loopback("localhost")); /* not numeric: listeners are */
+    assert_false(bt_http_addr_loopback(NULL));
+}
+
+/* A server on loopback with no list: a request for another name is a 403 host_not_allowed in
+ * OpenAI's error shape, before its handler or a 100 Continue, and its connection closes; the
+ * names of this machine, HTTP/1.0 without Host, are served; HTTP/1.1 without Host stays a 400. */
+static void cl_host_rule(fixture *f) {
+    client *c = cl_open(f, 0);
+    CHECK(f, c);
+    CHECK(f, cl_sends(c, "GET /v1/models HTTP/1.1\r\nHost: evil.example:8000\r\n\r\n"));
+    CHECK(f, cl_response(c) == 403);
+    CHECK(f, strstr(c->body.data, "\"code\":\"host_not_allowed\""));
+    CHECK(f, strstr(c->body.data, "\"type\":\"invalid_request_error\""));
+    CHECK(f, strstr(c->body.data, "Host 'evil.example:8000' is not served here"));
+    CHECK(f, has_header(c, "connection: close\n"));
+    CHECK(f, cl_wait_eof(c) == 0);
+    cl_close(c);
+    /* a body announced with Expect: the refusal comes instead of the 100 */
+    c = cl_open(f, 0);
+    CHECK(f, c);
+    CHECK(f, cl_sends(c, "POST /p HTTP/1.1\r\nHost: EVIL.example\r\nContent-Length: 5\r\n"
+                         "Expect: 100-continue\r\n\r\n"));
+    CHECK(f, cl_response(c) == 403);
+    cl_close(c);
+    c = cl_open(f, 0);
+    CHECK(f, c);
+    static const char *const ok[] = {"localhost:8000", "127.0.0.1:8000", "[::1]:8000", "app.localhost"};
+    for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
+        char req[128];
+        snprintf(req, sizeof req, "GET /a HTTP/1.1\r\nHost: %s\r\n\r\n", ok[i]);
+        CHECK(f, cl_sends(c, req));
+        CHECK(f, cl_response(c) == 200);
+    }
+    cl_close(c);
+    c = cl_open(f, 0);
+    CHECK(f, c);
+    CHECK(f, cl_sends(c, "GET /b HTTP/1.0\r\n\r\n"));
+    CHECK(f, cl_response(c) == 200);
+    cl_close(c);
+    c = cl_open(f, 0);
+    CHECK(f, c);
+    CHECK(f, cl_sends(c, "GET /c HTTP/1.1\r\n\r\n"));
+    CHECK(f, cl_response(c) == 400);
+    cl_close(c);
+}
+
+/* The same server with the name listed serves it; on 0.0.0.0 with no list, any name is served. */
+static void cl_host_listed(fixture *f) {
+    client *c = cl_open(f, 0);
+    CHECK(f, c);
+    CHECK(f, cl_sends(c, "GET /a HTTP/1.1\r\nHost: evil.example:8000\r\n\r\n"));
+    CHECK(f, cl_response(c) == 200);
+    CHECK(f, cl_sends(c, "GET /a HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"));
+    CHECK(f, cl_response(c) == 200);
+    cl_close(c);
+}
+
+static void test_host_rule(void **state) {
+    (void)state;
+    fixture f;
+    fixture_init(&f);
+    f.cfg.allowed_hosts = NULL;
+    f.expect_hook = true;
+    run(&f, cl_host_rule);
+    assert_int_equal(f.requests, 5); /* the four names of this machine and the HTTP/1.0 request */
+    assert_int_equal(f.expects, 0);  /* the refused Expect never reached the hook */
+    fixture_init(&f);
+    f.cfg.allowed_hosts = "other.example, Evil.Example";
+    run(&f, cl_host_listed);
+    assert_int_equal(f.requests, 2);
+    fixture_init(&f);
+    f.cfg.allowed_hosts = NULL;
+    f.cfg.host = "0.0.0.0";
+    run(&f, cl_host_listed);
+    assert_int_equal(f.requests, 2);
+}
+
 static void test_bind_error(void **state) {
     (void)state;
     uv_loop_t loop;
@@ -1342,6 +1493,10 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_reason_and_defaults),
         cmocka_unit_test(test_bind_error),
+        cmocka_unit_test(test_host_allowed),
+        cmocka_unit_test(test_hosts_valid),
+        cmocka_unit_test(test_addr_loopback),
+        cmocka_unit_test(test_host_rule),
         cmocka_unit_test(test_get_post),
         cmocka_unit_test(test_keepalive),
         cmocka_unit_test(test_pipelined),

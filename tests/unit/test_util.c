@@ -835,11 +835,54 @@ static void test_bearer_token_ok(void **state) {
     assert_false(bt_bearer_token_ok("sk\0x", 4)); /* the length is what is checked, not the C string */
 }
 
+/* The one comma splitter: every element, blanks around it dropped, empty ones given (a caller
+ * refuses them), none after a trailing comma. */
+static void list_items(const char *list, char out[][16], int *n) {
+    const char *e;
+    size_t len;
+    *n = 0;
+    for (const char *pos = list; bt_list_next(&pos, &e, &len); (*n)++) {
+        assert_true(*n < 8 && len < 16);
+        memcpy(out[*n], e, len);
+        out[*n][len] = '\0';
+    }
+}
+
+static void test_list_next(void **state) {
+    (void)state;
+    char it[8][16];
+    int n;
+    list_items(NULL, it, &n);
+    assert_int_equal(n, 0);
+    list_items("", it, &n);
+    assert_int_equal(n, 0);
+    list_items("a", it, &n);
+    assert_int_equal(n, 1);
+    assert_string_equal(it[0], "a");
+    list_items(" a b ,\tc\t,d,", it, &n);
+    assert_int_equal(n, 3);
+    assert_string_equal(it[0], "a b");
+    assert_string_equal(it[1], "c");
+    assert_string_equal(it[2], "d");
+    list_items("a,, ,b", it, &n);
+    assert_int_equal(n, 4);
+    assert_string_equal(it[1], "");
+    assert_string_equal(it[2], "");
+    assert_string_equal(it[3], "b");
+    list_items(",", it, &n); /* an empty element, then the trailing comma's end */
+    assert_int_equal(n, 1);
+    assert_string_equal(it[0], "");
+    list_items("a, ", it, &n); /* blanks after the last comma are an element, empty */
+    assert_int_equal(n, 2);
+    assert_string_equal(it[1], "");
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_open_regular),
         cmocka_unit_test(test_read_text_file),
         cmocka_unit_test(test_text_trim_end),
+        cmocka_unit_test(test_list_next),
         cmocka_unit_test(test_bearer_token_ok),
         cmocka_unit_test(test_each_class),
         cmocka_unit_test(test_random_against_reference),
