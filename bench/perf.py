@@ -339,6 +339,7 @@ http {{
             proxy_pass http://baton;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
+            proxy_set_header Host $http_host;  # the client's 127.0.0.1:port: a loopback frontend refuses a name
             proxy_buffering off;
             proxy_read_timeout 600s;
         }}
