@@ -1591,7 +1591,10 @@ bt_status bt_http_server_start(uv_loop_t *loop, const bt_http_config *cfg, const
         s->peer->srv = s;
         uv_mutex_unlock(&s->peer->mu);
     }
-    BT_INFO("http: listening on %s:%d", host, s->port);
+    /* at debug: the caller says what listens there, once (the frontend's address with its
+     * settings, the worker's status server with its paths); a frontend's --threads servers share
+     * one port */
+    BT_DEBUG("http: listening on %s:%d", host, s->port);
     *out = s;
     return BT_OK;
 }
