@@ -18,11 +18,10 @@
  * answers it refuses: 404 for an id it does not hold (unknown, expired, evicted, or bound to
  * another API key: the record's credential MAC must match), never a fresh generation; 400 for a
  * malformed id, a re-POST whose body differs from the original (below), a position the stream
- * never sent. A request still streaming the record is superseded: its client
- * is taken to be gone (a connection that died silently), it is killed on its worker at once, and
- * the resume continues from the journal. When that request lives on another shard (--threads),
- * that shard is asked to end it and the resume waits for the record (a 409 only if it is still
- * held after a second).
+ * never sent. A request still streaming the record is superseded: its client is taken to be gone
+ * (a connection that died silently), it is killed on its worker at once, and the resume continues
+ * from the journal. When that request lives on another shard (--threads), that shard is asked
+ * to end it and the resume waits for the record (a 409 only if it is still held after a second).
  *
  * A re-POST's body is the original when its canonical JSON has the SHA-256 the record holds (the
  * same bytes, whatever key order and spacing the client used), or else when the two are equal as
