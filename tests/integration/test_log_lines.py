@@ -47,7 +47,7 @@ with bl.Cluster() as c:
     disc = lines(fe.proc, r"frontend\[\d+\]: discovery\(etcd\): endpoints ")
     assert len(disc) == 1 and "TTL" not in disc[0], disc
     w.proc.wait_log(r"etcd: lease [0-9a-f]+ granted via \S+ \(TTL 10 s, refreshed every \d+ ms\)", timeout=10)
-    assert not lines(fe.proc, r"lease"), lines(fe.proc, r"lease")
+    assert not lines(fe.proc, r"TTL"), lines(fe.proc, r"TTL")
     status = lines(w.proc, rf"listening on \S+:{w.system_url.rsplit(':', 1)[1]}\b")
     assert len(status) == 1 and "status server listening on" in status[0], status
     front = lines(fe.proc, rf"listening on \S+:{fe.port}\b")
