@@ -16,9 +16,13 @@
  *     that the key sort sees arbitrary bytes;
  *   bit 4: the size hint bt_jcanon_dump gets is the input's length (as fe_request_start passes
  *     the body's), else 0.
+ * Every value dumped is also dumped by value (bt_jcanon_dump_values, what a resume compares
+ * re-POSTed bodies by): it must be exactly json_dumps of the same value with each integral real
+ * within ±2^53 replaced by the integer it equals, and refused exactly when bt_jcanon_dump is.
  * A difference prints both outputs and aborts, so libFuzzer reports it like a crash. Seeds are in
  * fuzz/corpus/jcanon/; build and run with fuzz/build.sh. */
 #include <jansson.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,8 +39,54 @@ static void same_bytes(const char *what, const char *want, const char *got, size
     abort();
 }
 
-/* v dumped both ways: the same bytes, or both refused. */
+/* v with every integral real within ±2^53 made the integer it equals (a new reference): the value
+ * whose json_dumps bt_jcanon_dump_values must give. */
+static json_t *integral_reals_as_integers(json_t *v) {
+    if (json_is_real(v)) {
+        double d = json_real_value(v);
+        if (d == trunc(d) && fabs(d) <= 9007199254740992.0) return json_integer((json_int_t)d);
+    }
+    if (json_is_array(v)) {
+        json_t *a = json_array();
+        CHECK(a != NULL);
+        size_t i;
+        json_t *x;
+        json_array_foreach(v, i, x) CHECK(json_array_append_new(a, integral_reals_as_integers(x)) == 0);
+        return a;
+    }
+    if (json_is_object(v)) {
+        json_t *o = json_object();
+        CHECK(o != NULL);
+        const char *k;
+        size_t kl;
+        json_t *x;
+        json_object_keylen_foreach(v, k, kl, x)
+            CHECK(json_object_setn_new_nocheck(o, k, kl, integral_reals_as_integers(x)) == 0);
+        return o;
+    }
+    return json_incref(v);
+}
+
+static void check_values(const json_t *v, size_t hint) {
+    json_t *ints = integral_reals_as_integers((json_t *)v);
+    char *want = json_dumps(ints, JSON_COMPACT | JSON_SORT_KEYS);
+    size_t len = 0;
+    char *got = bt_jcanon_dump_values(v, hint, &len);
+    if (!want) {
+        CHECK(got == NULL);
+    } else {
+        CHECK(got != NULL);
+        CHECK(got[len] == '\0');
+        same_bytes("bt_jcanon_dump_values", want, got, len);
+    }
+    free(want);
+    free(got);
+    json_decref(ints);
+}
+
+/* v dumped both ways: the same bytes, or both refused; and by value (check_values). */
 static void check_dump(const json_t *v, size_t hint) {
+    check_values(v, hint);
     char *want = json_dumps(v, JSON_COMPACT | JSON_SORT_KEYS);
     size_t len = 0;
     char *got = bt_jcanon_dump(v, hint, &len);

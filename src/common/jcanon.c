@@ -1,6 +1,7 @@
 /* jcanon.c — jansson's canonical serialization, without jansson's dumper (see jcanon.h). */
 #include "common/jcanon.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -66,9 +67,9 @@ bt_status bt_jcanon_str(bt_buf *b, const char *s, size_t n) {
     return BT_OK;
 }
 
-static void dump(bt_buf *b, const json_t *v);
+static void dump(bt_buf *b, const json_t *v, bool by_value);
 
-static void dump_object(bt_buf *b, const json_t *v) {
+static void dump_object(bt_buf *b, const json_t *v, bool by_value) {
     size_t n = json_object_size(v);
     member stack[KEYS_ON_STACK];
     member *m = n <= KEYS_ON_STACK ? stack : malloc(n * sizeof *m);
@@ -102,22 +103,28 @@ static void dump_object(bt_buf *b, const json_t *v) {
         if (i) bt_buf_append(b, ",", 1);
         bt_jcanon_str(b, m[i].key, m[i].len);
         bt_buf_append(b, ":", 1);
-        dump(b, m[i].value);
+        dump(b, m[i].value, by_value);
     }
     bt_buf_append(b, "}", 1);
     if (m != stack) free(m);
 }
 
-static void dump(bt_buf *b, const json_t *v) {
+/* Within ±2^53 every integer is a double and every integral double is an exact integer: there a
+ * real and an integer are the same number exactly when their values are equal. Beyond it a real
+ * has already lost digits to rounding (9007199254740993.0 reads as ...992), so it is never taken
+ * for an integer, which is exact there. */
+#define EXACT_INTEGRAL 9007199254740992.0
+
+static void dump(bt_buf *b, const json_t *v, bool by_value) {
     if (bt_buf_status(b) != BT_OK) return;
     switch (json_typeof(v)) {
-    case JSON_OBJECT: dump_object(b, v); return;
+    case JSON_OBJECT: dump_object(b, v, by_value); return;
     case JSON_ARRAY: {
         bt_buf_append(b, "[", 1);
         size_t n = json_array_size(v);
         for (size_t i = 0; i < n; i++) {
             if (i) bt_buf_append(b, ",", 1);
-            dump(b, json_array_get(v, i));
+            dump(b, json_array_get(v, i), by_value);
         }
         bt_buf_append(b, "]", 1);
         return;
@@ -125,6 +132,11 @@ static void dump(bt_buf *b, const json_t *v) {
     case JSON_STRING: bt_jcanon_str(b, json_string_value(v), json_string_length(v)); return;
     case JSON_INTEGER: bt_buf_append_i64(b, (int64_t)json_integer_value(v)); return;
     case JSON_REAL: {
+        double d = json_real_value(v);
+        if (by_value && d == trunc(d) && fabs(d) <= EXACT_INTEGRAL) { /* 1.0, 1e0, 10E-1, -0.0 */
+            bt_buf_append_i64(b, (int64_t)d);
+            return;
+        }
         /* jansson's own formatting ("%.17g", its locale and exponent fix-ups): not on the hot path */
         char *s = json_dumps(v, JSON_COMPACT | JSON_SORT_KEYS | JSON_ENCODE_ANY);
         if (!s) {
@@ -141,15 +153,19 @@ static void dump(bt_buf *b, const json_t *v) {
     }
 }
 
-char *bt_jcanon_dump(const json_t *v, size_t hint, size_t *len) {
+static char *dump_root(const json_t *v, size_t hint, size_t *len, bool by_value) {
     if (!json_is_object(v) && !json_is_array(v)) return NULL; /* json_dumps needs JSON_ENCODE_ANY */
     bt_buf b;
     bt_buf_init(&b, (size_t)1 << 30);
     if (hint) bt_buf_reserve(&b, hint);
-    dump(&b, v);
+    dump(&b, v, by_value);
     if (bt_buf_status(&b) != BT_OK) {
         bt_buf_free(&b);
         return NULL;
     }
     return bt_buf_steal(&b, len);
 }
+
+char *bt_jcanon_dump(const json_t *v, size_t hint, size_t *len) { return dump_root(v, hint, len, false); }
+
+char *bt_jcanon_dump_values(const json_t *v, size_t hint, size_t *len) { return dump_root(v, hint, len, true); }

@@ -192,9 +192,10 @@ bt_status bt_discovery_etcd_create(uv_loop_t *loop, const bt_discovery_config *c
         off += (size_t)snprintf(eplist + off, sizeof eplist - off, "%s%s", i ? "," : "", d->eps[i]);
     bool https = false;
     for (size_t i = 0; i < d->neps; i++) https = https || strncmp(d->eps[i], "https://", 8) == 0;
-    BT_INFO("discovery(etcd): endpoints %s, lease TTL %lld s%s%s%s%s", eplist, (long long)d->ttl_s,
-            d->user ? ", auth as " : "", d->user ? d->user : "", https && d->ca ? ", CA " : "",
-            https && d->ca ? d->ca : "");
+    /* no lease TTL here: only a process that registers keys (a worker) holds a lease, and it says
+     * its TTL when the lease is granted (etcd_lease.c); a frontend only reads */
+    BT_INFO("discovery(etcd): endpoints %s%s%s%s%s", eplist, d->user ? ", auth as " : "", d->user ? d->user : "",
+            https && d->ca ? ", CA " : "", https && d->ca ? d->ca : "");
     if (https && d->cert) BT_INFO("discovery(etcd): TLS client certificate %s", d->cert);
     if (!https && (d->ca || d->cert))
         BT_WARN("discovery(etcd): ETCD_AUTH_CA / ETCD_AUTH_CLIENT_CERT are set but no endpoint is https://: "

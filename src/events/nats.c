@@ -47,6 +47,7 @@
 #define RECONNECT_BUF (64 * 1024)
 #define SUB_PENDING_MSGS 65536 /* nats.c's own per-subscription cap before our queue */
 #define SUB_PENDING_BYTES (16 * 1024 * 1024)
+#define MAX_PINGS_OUT 2 /* unanswered pings before nats.c declares the connection stale */
 
 /* ---- requests from nats.c to the loop ---- */
 
@@ -55,7 +56,8 @@ typedef enum { OP_ATTACH, OP_READ, OP_WRITE, OP_DETACH } op_type;
 typedef struct op {
     op_type type;
     bool add;
-    int fd; /* OP_ATTACH: our dup() of the socket, owned by the op until applied */
+    bool stale; /* OP_READ removed because the server stopped answering pings */
+    int fd;     /* OP_ATTACH: our dup() of the socket, owned by the op until applied */
     natsConnection *nc;
     STAILQ_ENTRY(op) link; /* bt_events.ops */
 } op;
@@ -220,13 +222,13 @@ static void run_ops(bt_events *e) {
 
 /* Applies the request now when on the loop thread with nothing queued before it (the common case:
  * nats.c reacting to a read or write event we gave it), else queues it for the loop, in order. */
-static natsStatus submit(bt_events *e, op_type t, bool add, int fd, natsConnection *nc) {
+static natsStatus submit(bt_events *e, op_type t, bool add, bool stale, int fd, natsConnection *nc) {
     uv_thread_t self = uv_thread_self();
     uv_mutex_lock(&e->op_mu);
     bool direct = uv_thread_equal(&self, &e->loop_thread) && STAILQ_EMPTY(&e->ops);
     if (direct) {
         uv_mutex_unlock(&e->op_mu);
-        op o = {t, add, fd, nc, {NULL}};
+        op o = {t, add, stale, fd, nc, {NULL}};
         apply_op(e, &o);
         return NATS_OK;
     }
@@ -235,7 +237,7 @@ static natsStatus submit(bt_events *e, op_type t, bool add, int fd, natsConnecti
         uv_mutex_unlock(&e->op_mu);
         return NATS_NO_MEMORY;
     }
-    *o = (op){t, add, fd, nc, {NULL}};
+    *o = (op){t, add, stale, fd, nc, {NULL}};
     STAILQ_INSERT_TAIL(&e->ops, o, link);
     uv_mutex_unlock(&e->op_mu);
     uv_async_send(&e->async);
@@ -248,7 +250,7 @@ static natsStatus ev_attach(void **user, void *loop, natsConnection *nc, natsSoc
     if (fd < 0) return NATS_SYS_ERROR;
     *user = e;
     atomic_store(&e->up, true);
-    natsStatus s = submit(e, OP_ATTACH, true, fd, nc);
+    natsStatus s = submit(e, OP_ATTACH, true, false, fd, nc);
     if (s != NATS_OK) {
         close(fd);
         atomic_store(&e->up, false);
@@ -256,18 +258,28 @@ static natsStatus ev_attach(void **user, void *loop, natsConnection *nc, natsSoc
     return s;
 }
 
+/* nats.c stops reading when the socket is done. It finds that out on our loop, inside the read or
+ * write event we hand it (an error, or the server closing the socket), or on its ping timer's
+ * thread, when MAX_PINGS_OUT pings in a row went unanswered: the connection is stale (a server
+ * paused, a partition that drops packets without a reset). The thread tells the two apart; nats.c
+ * keeps no error for the second (it reconnects at once), and the log should say which it was. */
 static natsStatus ev_read(void *user, bool add) {
     bt_events *e = user;
-    if (!add) atomic_store(&e->up, false);
-    return submit(e, OP_READ, add, -1, NULL);
+    bool stale = false;
+    if (!add) {
+        atomic_store(&e->up, false);
+        uv_thread_t self = uv_thread_self();
+        stale = !uv_thread_equal(&self, &e->loop_thread);
+    }
+    return submit(e, OP_READ, add, stale, -1, NULL);
 }
 
-static natsStatus ev_write(void *user, bool add) { return submit(user, OP_WRITE, add, -1, NULL); }
+static natsStatus ev_write(void *user, bool add) { return submit(user, OP_WRITE, add, false, -1, NULL); }
 
 static natsStatus ev_detach(void *user) {
     bt_events *e = user;
     atomic_store(&e->up, false);
-    return submit(e, OP_DETACH, false, -1, NULL);
+    return submit(e, OP_DETACH, false, false, -1, NULL);
 }
 
 static void lost(bt_events *e, const char *why) {
@@ -298,8 +310,15 @@ static void apply_op(bt_events *e, const op *o) {
             poll_set(e, UV_READABLE, true);
             return;
         }
-        /* nats.c stops reading only when the socket is done (lost, or closing) */
-        lost(e, "socket closed");
+        /* nats.c stops reading only when the socket is done (lost, or closing): ev_read */
+        if (o->stale) {
+            char why[96];
+            snprintf(why, sizeof why, "stale: no answer to %d pings in %g s", MAX_PINGS_OUT,
+                     MAX_PINGS_OUT * e->c.ping_interval_ms / 1000.0);
+            lost(e, why);
+        } else {
+            lost(e, "socket closed");
+        }
         poll_close(e);
         return;
     case OP_WRITE:
@@ -784,7 +803,7 @@ bt_nats_client *bt_nats_client_new(const bt_events_config *c, char *err, size_t 
     TRY(natsOptions_SetName(o, cl->name), "name");
     TRY(natsOptions_SetTimeout(o, c->connect_timeout_ms), "connect timeout");
     TRY(natsOptions_SetPingInterval(o, c->ping_interval_ms), "ping interval");
-    TRY(natsOptions_SetMaxPingsOut(o, 2), "max pings out");
+    TRY(natsOptions_SetMaxPingsOut(o, MAX_PINGS_OUT), "max pings out");
     TRY(natsOptions_SetAllowReconnect(o, true), "allow reconnect");
     TRY(natsOptions_SetMaxReconnect(o, -1), "max reconnect");
     TRY(natsOptions_SetReconnectWait(o, c->reconnect_min_ms), "reconnect wait");

@@ -255,6 +255,9 @@ static fe_jrec *open_rec(fe_journal *j, fe_jsnap *meta, const uint8_t key_mac[FE
                          const char *given_id) {
     mem_journal *m = (mem_journal *)j;
     if (j->retention_s <= 0) return NULL;
+    /* calloc, not the frontend's object pool: a record outlives its loop's use of it (it is freed
+     * by whichever shard expires it, under the journal's mutex), it is a small-bin size, and it
+     * is cold when reused; measured in docs/benchmarks.md ("Not done, and why") */
     fe_jrec *r = calloc(1, sizeof *r);
     if (!r) return NULL;
     memcpy(&r->s, meta, sizeof r->s); /* its tail and fingerprint stay NULL until set */

@@ -67,9 +67,9 @@ typedef struct {
  * journal keeps those two out of line, allocated when they are set, so that a record is served
  * from glibc's small bins (under 1,000 bytes: docs/benchmarks.md, fifth round). Of them:
  *   body         the request as its attempts send it: canonical JSON (sorted keys, compact)
- *   body_digest  SHA-256 (hex) of the body as the client sent it, canonical JSON: what a re-POST
- *                must match (the frontend may add to `body`, e.g. a seed it chose; the client's
- *                re-POST will not have it)
+ *   body_digest  SHA-256 (hex) of `body`, the client's body in canonical JSON: what a re-POST
+ *                matches when it is the same bytes; one that writes its numbers otherwise (1.0 for
+ *                1) is compared with `body` by value instead (resume.c)
  *   seed         the sampling seed the frontend chose (0: the body's own): a resume keeps it
  *   priority     the request's settled priority (admit.h, after the key's ceiling): a resume keeps it
  *   worker_id    the worker whose attempt streamed it last (0: none yet): a resume re-attaches

@@ -17,12 +17,19 @@
  * migration mechanism (migrate.c) carrying every journaled token, whose events follow live. The
  * answers it refuses: 404 for an id it does not hold (unknown, expired, evicted, or bound to
  * another API key: the record's credential MAC must match), never a fresh generation; 400 for a
- * malformed id, a re-POST whose body differs from the original (the SHA-256 of canonical JSON), a
- * position the stream never sent. A request still streaming the record is superseded: its client
- * is taken to be gone (a connection that died silently), it is killed on its worker at once, and
- * the resume continues from the journal. When that request lives on another shard (--threads),
- * that shard is asked to end it and the resume waits for the record (a 409 only if it is still
- * held after a second).
+ * malformed id, a re-POST whose body differs from the original (below), a position the stream
+ * never sent. A request still streaming the record is superseded: its client is taken to be gone
+ * (a connection that died silently), it is killed on its worker at once, and the resume continues
+ * from the journal. When that request lives on another shard (--threads), that shard is asked
+ * to end it and the resume waits for the record (a 409 only if it is still held after a second).
+ *
+ * A re-POST's body is the original when its canonical JSON has the SHA-256 the record holds (the
+ * same bytes, whatever key order and spacing the client used), or else when the two are equal as
+ * values: the numbers compared by value (jcanon.h, bt_jcanon_dump_values), so that "temperature":
+ * 1 sent first and 1.0 on the resume are one request, as they are to every reader of the body.
+ * The record keeps the digest of json_dumps' form, as every build has: the second comparison is
+ * made from the body the record holds, only when the first fails, so a record written by any
+ * build resumes under either rule.
  *
  * Cancellation keeps its guarantees: a disconnect kills the request on the engine at once
  * (request.c); nothing generates while no client is connected. */
@@ -135,6 +142,33 @@ bool fe_body_digest(const json_t *body, char out[65]) {
     return true;
 }
 
+/* The digest of body's value form (bt_jcanon_dump_values); false when out of memory. */
+static bool body_digest_values(const json_t *body, char out[65]) {
+    out[0] = '\0';
+    size_t len;
+    char *v = bt_jcanon_dump_values(body, 0, &len);
+    if (!v) return false;
+    fe_body_digest_canon(v, len, out);
+    free(v);
+    return true;
+}
+
+/* What a re-POST's body is compared by: the digest of its canonical JSON, and of its value form. */
+typedef struct {
+    char canon[65];
+    char values[65];
+} body_digests;
+
+/* Whether the re-POSTed body (d) is the one the record was created with (the rule at the top). */
+static bool same_body(const body_digests *d, const fe_jsnap *snap) {
+    if (snap->body_digest[0] && strcmp(d->canon, snap->body_digest) == 0) return true;
+    json_t *orig = snap->body ? json_loads(snap->body, JSON_ALLOW_NUL, NULL) : NULL; /* as it was accepted */
+    char values[65];
+    bool same = orig && body_digest_values(orig, values) && strcmp(values, d->values) == 0;
+    json_decref(orig);
+    return same;
+}
+
 static void refuse(fe *f, bt_http_req *http, fe_resume_outcome why, int status, const char *code, const char *msg,
                    const char *sid) {
     f->resumes[why]++;
@@ -209,20 +243,17 @@ struct fe_pending_resume {
     char sid[FE_STREAM_ID_LEN + 1];
     uint64_t pos;
     int mark;
-    char *canon;
+    bool has_digests; /* a re-POST, not the GET form */
+    body_digests digests;
     int tries;
     uv_timer_t timer;
     LIST_ENTRY(fe_pending_resume) link; /* fe.pending_resumes */
 };
 
-static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64_t pos, int mark, const char *canon,
-                   int tries);
+static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64_t pos, int mark,
+                   const body_digests *digests, int tries);
 
-static void pending_closed(uv_handle_t *h) {
-    fe_pending_resume *p = h->data;
-    free(p->canon);
-    free(p);
-}
+static void pending_closed(uv_handle_t *h) { free(h->data); }
 
 static void pending_unlink(fe_pending_resume *p) {
     LIST_REMOVE(p, link);
@@ -233,7 +264,7 @@ static void pending_unlink(fe_pending_resume *p) {
 static void pending_tick(uv_timer_t *t) {
     fe_pending_resume *p = t->data;
     pending_unlink(p); /* freed on the next loop iteration: its fields stay valid below */
-    resume(p->f, p->http, p->api, p->sid, p->pos, p->mark, p->canon, p->tries + 1);
+    resume(p->f, p->http, p->api, p->sid, p->pos, p->mark, p->has_digests ? &p->digests : NULL, p->tries + 1);
 }
 
 bool fe_resume_abort(fe *f, bt_http_req *http) {
@@ -247,13 +278,13 @@ bool fe_resume_abort(fe *f, bt_http_req *http) {
 
 /* Defers the resume; false if it cannot (out of memory, or waited long enough). */
 static bool pending_add(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64_t pos, int mark,
-                        const char *canon, int tries) {
+                        const body_digests *digests, int tries) {
     if (tries >= RETRY_MAX) return false;
     fe_pending_resume *p = calloc(1, sizeof *p);
     if (!p) return false;
-    if (canon && !(p->canon = strdup(canon))) {
-        free(p);
-        return false;
+    if (digests) {
+        p->has_digests = true;
+        p->digests = *digests;
     }
     p->f = f;
     p->http = http;
@@ -269,10 +300,10 @@ static bool pending_add(fe *f, bt_http_req *http, bt_api api, const char *sid, u
     return true;
 }
 
-/* The resume itself, once the id is parsed: canon is the digest of the re-POSTed body
- * (fe_body_digest), or NULL for the GET form; tries counts the times it waited for another shard. */
-static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64_t pos, int mark, const char *canon,
-                   int tries) {
+/* The resume itself, once the id is parsed: digests are those of the re-POSTed body, or NULL for
+ * the GET form; tries counts the times it waited for another shard. */
+static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64_t pos, int mark,
+                   const body_digests *digests, int tries) {
     fe_journal *j = f->grp->journal;
     if (f->shutting_down && f->o.accept_window_ms >= 0 &&
         bt_now_ms() - f->shutdown_started_ms > (uint64_t)f->o.accept_window_ms) {
@@ -299,7 +330,7 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
         free(snap);
         if (cr == FE_CLAIM_PENDING) {
             /* a shared journal is fetching the record (journal_js.c): ask again shortly */
-            if (!pending_add(f, http, api, sid, pos, mark, canon, tries))
+            if (!pending_add(f, http, api, sid, pos, mark, digests, tries))
                 refuse(f, http, FE_RESUME_NOT_FOUND, 404, "stream_not_found",
                        "the stream could not be read from the shared journal in time", sid);
         } else if (cr == FE_CLAIM_LIVE) {
@@ -312,7 +343,7 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
                             !fe_shard_post(f->grp->shard[cur_shard], supersede_job, arg)))
                     free(arg);
             }
-            if (!pending_add(f, http, api, sid, pos, mark, canon, tries))
+            if (!pending_add(f, http, api, sid, pos, mark, digests, tries))
                 refuse(f, http, FE_RESUME_CONFLICT, 409, "stream_busy",
                        "the stream is still attached to another connection, which is being closed; retry", sid);
         } else if (cr == FE_CLAIM_NOMEM) {
@@ -334,7 +365,7 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
     const char *bad = NULL;
     size_t start = 0;
     uint64_t skip_to = 0;
-    if (snap->api != api && canon) bad = "this stream was not created on this endpoint";
+    if (snap->api != api && digests) bad = "this stream was not created on this endpoint";
     else if (snap->api != api) { /* the GET form on the other endpoint: no such stream there */
         fe_journal_close(j, rec, &snap->tail);
         fe_jsnap_free(snap);
@@ -343,7 +374,7 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
         refuse(f, http, FE_RESUME_NOT_FOUND, 404, "stream_not_found", msg, sid);
         return;
     }
-    if (!bad && canon && (!snap->body_digest[0] || strcmp(canon, snap->body_digest) != 0))
+    if (!bad && digests && !same_body(digests, snap))
         bad = "the request body differs from the one the stream was created with";
     if (!bad && mark != FE_MARK_NONE) {
         /* after the last token: only the events that ended this stream */
@@ -437,7 +468,7 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
     f->resumes[snap->tail.kind != FE_JTAIL_NONE ? FE_RESUME_REPLAYED
                                                 : superseded ? FE_RESUME_SUPERSEDED : FE_RESUME_CONTINUED]++;
     BT_INFO("request %s: stream %s resumed (%s) at position %" PRIu64 "%s%s of %zu journaled tokens, %s", r->rid,
-            r->stream_id, canon ? "POST" : "GET", pos, mark ? ":" : "", mark_names[mark], snap->nids,
+            r->stream_id, digests ? "POST" : "GET", pos, mark ? ":" : "", mark_names[mark], snap->nids,
             snap->tail.kind == FE_JTAIL_NONE ? "unfinished" : "finished");
     fe_request_begin_stream(r);
     replay_step(r); /* may free r */
@@ -454,15 +485,15 @@ void fe_resume_post(fe *f, bt_http_req *http, bt_api api) {
     }
     json_error_t jerr;
     json_t *body = json_loadb(http->body, http->body_len, JSON_ALLOW_NUL, &jerr); /* as fe_request_start */
-    char digest[65];
+    body_digests d;
     if (json_is_object(body)) fe_body_integers(body); /* the form fe_check_body gave the original */
-    bool ok = body && fe_body_digest(body, digest);
+    bool ok = body && fe_body_digest(body, d.canon) && body_digest_values(body, d.values);
     json_decref(body);
     if (!ok) {
         refuse(f, http, FE_RESUME_INVALID, 400, "invalid_value", "invalid JSON body", sid);
         return;
     }
-    resume(f, http, api, sid, pos, mark, digest, 0);
+    resume(f, http, api, sid, pos, mark, &d, 0);
 }
 
 /* How many times query parameter `name` is in q ("a=1&b=2"), its first value into out. A caller

@@ -1762,8 +1762,11 @@ bt_status bt_http_server_start(uv_loop_t *loop, const bt_http_config *cfg, const
         s->peer->srv = s;
         uv_mutex_unlock(&s->peer->mu);
     }
-    BT_INFO("http: listening on %s:%d", host, s->port);
-    if (!s->allowed_hosts && s->loopback)
+    /* at debug: the caller says what listens there, once (the frontend's address with its
+     * settings, the worker's status server with its paths); a frontend's --threads servers share
+     * one port, and the first of them says what the Host rule is */
+    BT_DEBUG("http: listening on %s:%d", host, s->port);
+    if (!s->allowed_hosts && s->loopback && (!cfg->reuse_port || cfg->reuse_port_first))
         BT_INFO("http: on a loopback address, requests are answered for Host localhost, *.localhost or an IP address "
                 "only (--allowed-hosts adds names)");
     *out = s;

@@ -566,8 +566,13 @@ static void on_peer_close(void *ud, bt_rpc_conn *c, bt_status why, const char *r
     wk_peer *p = ud;
     wk_worker *w = p->w;
     bt_map_del(&w->conns, (uint64_t)(uintptr_t)c);
-    BT_INFO("frontend %s disconnected (%s): %zu of its streams stop", bt_rpc_peer_name(c), reason,
-            p->streams.len);
+    /* what becomes of its streams is said after it happens: each stream's own line (kept as an
+     * orphan, or killed), then the count of each */
+    size_t running = p->streams.len;
+    if (running)
+        BT_INFO("frontend %s disconnected (%s) with %zu stream%s running", bt_rpc_peer_name(c), reason, running,
+                running == 1 ? "" : "s");
+    else BT_INFO("frontend %s disconnected (%s)", bt_rpc_peer_name(c), reason);
     uint64_t k;
     void *v;
     size_t it = 0;
@@ -584,7 +589,7 @@ static void on_peer_close(void *ud, bt_rpc_conn *c, bt_status why, const char *r
         }
     }
     it = 0;
-    if (kept) BT_INFO("frontend %s: %zu streams kept as orphans, %zu killed", bt_rpc_peer_name(c), kept, p->streams.len);
+    size_t killed = p->streams.len;
     /* nothing generates for nobody: the peer's context kills every stream's context, in the
      * order the streams arrived; streams whose KILL was ignored on purpose go too */
     p->lost = true;
@@ -593,6 +598,9 @@ static void on_peer_close(void *ud, bt_rpc_conn *c, bt_status why, const char *r
         kill_stream(w, v, "frontend connection lost");
         it = 0;
     }
+    if (running)
+        BT_INFO("frontend %s: of its %zu stream%s, %zu kept as orphan%s, %zu killed", bt_rpc_peer_name(c), running,
+                running == 1 ? "" : "s", kept, kept == 1 ? "" : "s", killed);
     bt_map_free(&p->streams);
     bt_ctx_free(p->ctx);
     wk_handoff_peer_gone(p);

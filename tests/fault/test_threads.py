@@ -292,7 +292,8 @@ def scenario_startup_failure():
     with bl.Cluster() as c:
         args = ["sh", "-c", 'ulimit -n 40 && exec "$@"', "sh", c.bin, "frontend", "--http-host", "127.0.0.1",
                 "--http-port", bl.free_port(), "--threads", 16, "--discovery-dir", c.discovery_dir]
-        proc = bl.Proc(args, env=c.env, log=c._log("frontend"), name="frontend:40-fds")
+        # at debug, each loop's HTTP server says it listens: the first does, the failure comes later
+        proc = bl.Proc(args, env=dict(c.env, DYN_LOG="debug"), log=c._log("frontend"), name="frontend:40-fds")
         rc = proc.wait(20)
         log = proc.log_text()
         assert rc == 1, f"exit status {rc} with 40 descriptors for 16 loops: {log[-1500:]}"

@@ -29,7 +29,7 @@ with bl.Cluster() as c:
     assert os.path.isdir(ddir)
     # the workers start only once the frontend holds its port: a worker's status server binds any
     # free port and could otherwise take the one chosen for the frontend (which then exits)
-    listen = re.search(r"(?m)^.* frontend\[\d+\]: http: listening on .*$", log)
+    listen = re.search(r"(?m)^.* frontend\[\d+\]: frontend listening on .*$", log)
     first_worker = re.search(r"(?m)^.* run\[\d+\]: started worker 0 .*$", log)
     assert listen and first_worker, log
     assert listen.start() < first_worker.start(), \

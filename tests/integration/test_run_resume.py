@@ -9,12 +9,18 @@ the rest of its answer.
    migration from the journal's tokens, and the two pieces put together equal the reference
    (text, token ids, finish reason) and end with [DONE]; so do they for the body written with
    `"max_tokens": 120.0` (an integral number, read as 120 by the first POST and the re-POST alike).
+   A real-valued parameter is compared by value: a stream started with `"temperature": 1.0,
+   "top_p": 0.5` resumes from a re-POST that writes them `1` and `5e-1`, and again (replayed from
+   the journal) from one that writes `10E-1` and `0.50`; a re-POST with `"temperature": 0.5` is
+   another request (400). Integers stay exact: a stream with seed 2^53+1 is not resumed by a
+   re-POST with seed 2^53 or with `9007199254740993.0` (a real, read as 2^53).
 3. The finished stream is kept after its end: the GET form from position 0 replays the whole
    answer, equal to the reference, and resuming at [DONE] answers 204.
 4. `baton run --stream-retention 0` (forwarded to its frontend) turns it off: no ids, and a resume
    is 404 (never a fresh generation).
 """
 
+import json
 import re
 
 import batonlib as bl
@@ -64,6 +70,42 @@ with bl.Cluster() as c:
     assert cut.aborted and cut.last_event_id, cut.summary()
     rest = bl.stream_chat(fe.url, real, headers={"Last-Event-ID": cut.last_event_id})
     check_same([cut, rest], ref, "max_tokens 120.0, cut and resumed")
+
+    # numbers compared by value: the same request, whichever way its numbers are written
+    temp = dict(BODY, temperature=1.0, top_p=0.5, stream=True)
+    ref_t = bl.stream_chat(fe.url, temp).assert_ok("the reference with temperature 1.0")
+    cut = bl.stream_chat(fe.url, temp, abort_after=5)
+    assert cut.aborted and cut.last_event_id, cut.summary()
+    text = json.dumps(temp)
+    assert '"temperature": 1.0' in text and '"top_p": 0.5' in text, text
+
+    def respelled(temperature, top_p):
+        return text.replace('"temperature": 1.0', f'"temperature": {temperature}').replace(
+            '"top_p": 0.5', f'"top_p": {top_p}')
+
+    def repost(raw, **kw):
+        return bl.stream_sse(fe.url, "/v1/chat/completions", respelled(*raw),
+                             headers={"Content-Type": "application/json", "Last-Event-ID": cut.last_event_id}, **kw)
+
+    check_same([cut, repost(("1", "5e-1"))], ref_t, "temperature 1.0 resumed as 1")
+    check_same([cut, repost(("10E-1", "0.50"))], ref_t, "temperature 1.0 replayed as 10E-1")
+    other = repost(("0.5", "0.5"))
+    assert other.status == 400 and "differs" in (other.error or {}).get("message", ""), \
+        f"a re-POST with another temperature: {other.status} {other.body[:300]!r}"
+
+    # integers are exact: 2^53 + 1 is not 2^53, nor the real 9007199254740993.0 (read as 2^53)
+    seeded = dict(BODY, seed=2**53 + 1, stream=True)
+    cut = bl.stream_chat(fe.url, seeded, abort_after=5)
+    assert cut.aborted and cut.last_event_id, cut.summary()
+    for seed in (str(2**53), "9007199254740993.0"):
+        raw = json.dumps(seeded).replace(f'"seed": {2**53 + 1}', f'"seed": {seed}')
+        assert seed in raw, raw
+        r = bl.stream_sse(fe.url, "/v1/chat/completions", raw,
+                          headers={"Content-Type": "application/json", "Last-Event-ID": cut.last_event_id})
+        assert r.status == 400 and "differs" in (r.error or {}).get("message", ""), \
+            f"a re-POST with seed {seed}: {r.status} {r.body[:300]!r}"
+    rest = bl.stream_chat(fe.url, seeded, headers={"Last-Event-ID": cut.last_event_id})
+    assert rest.done and not rest.error, f"the re-POST with the same seed: {rest.summary()}"
 
 with bl.Cluster() as c:
     fe = c.start_run(workers=1, speedup_ratio=1, stream_retention=0)

@@ -9,7 +9,14 @@
  * random nested values (objects of up to 40 members, so the sort's both paths, with random keys
  * and values of every type), each compared with json_dumps byte for byte; bt_jcanon_str against
  * json_dumps of the same string; and what bt_jcanon_dump refuses (a bare scalar, as json_dumps
- * without JSON_ENCODE_ANY does). */
+ * without JSON_ENCODE_ANY does).
+ *
+ * bt_jcanon_dump_values, the form the resume digest compares: bodies whose numbers are equal as
+ * values give the same bytes (1, 1.0, 1e0, 10E-1; -0.0, -0 and 0; 0.1 and 1e-1; 2^53 as an integer
+ * and as a real), and bodies whose numbers differ give different bytes (0.5 and 0.25; integers past
+ * 2^53 that differ in their last digit; an integer past 2^53 and the real it rounds to; 1e300 and
+ * -2^63 as reals stay reals); then random values against the same value with every integral real
+ * within 2^53 made an integer, and against bt_jcanon_dump where the value holds no such real. */
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -160,11 +167,145 @@ static void test_str(void **state) {
     bt_buf_free(&b);
 }
 
+/* The value form of a JSON text (parsed as the frontend parses a body). */
+static char *values_of(const char *text) {
+    json_error_t e;
+    json_t *v = json_loads(text, JSON_ALLOW_NUL, &e);
+    if (!v) fprintf(stderr, "%s: %s\n", text, e.text);
+    assert_non_null(v);
+    size_t len;
+    char *s = bt_jcanon_dump_values(v, 0, &len);
+    assert_non_null(s);
+    assert_int_equal(strlen(s), len);
+    json_decref(v);
+    return s;
+}
+
+static void same_values(const char *a, const char *b) {
+    char *x = values_of(a), *y = values_of(b);
+    if (strcmp(x, y) != 0) {
+        fprintf(stderr, "%s -> %s\n%s -> %s\nexpected the same\n", a, x, b, y);
+        fail();
+    }
+    free(x);
+    free(y);
+}
+
+static void different_values(const char *a, const char *b) {
+    char *x = values_of(a), *y = values_of(b);
+    if (strcmp(x, y) == 0) {
+        fprintf(stderr, "%s and %s both -> %s\nexpected different\n", a, b, x);
+        fail();
+    }
+    free(x);
+    free(y);
+}
+
+static void values_are(const char *text, const char *want) {
+    char *x = values_of(text);
+    if (strcmp(x, want) != 0) {
+        fprintf(stderr, "%s -> %s, want %s\n", text, x, want);
+        fail();
+    }
+    free(x);
+}
+
+static void test_values_fixed(void **state) {
+    (void)state;
+    values_are("{\"temperature\":1.0}", "{\"temperature\":1}");
+    values_are("{\"t\":[1e0,10E-1,-0.0,-0,0.0,2.5,-3e2,1e300]}", "{\"t\":[1,1,0,0,0,2.5,-300,1.0000000000000001e300]}");
+    same_values("{\"temperature\":1,\"top_p\":0.5}", "{\"top_p\":5e-1,\"temperature\":1.0}");
+    same_values("{\"t\":0.1}", "{\"t\":1e-1}");
+    same_values("{\"t\":-0.0}", "{\"t\":0}");
+    same_values("{\"a\":{\"b\":[{\"c\":2}]}}", "{\"a\":{\"b\":[{\"c\":2.0}]}}"); /* at any depth */
+    same_values("{\"seed\":9007199254740992}", "{\"seed\":9007199254740992.0}"); /* 2^53: exact */
+    same_values("{\"seed\":-9007199254740992}", "{\"seed\":-9.007199254740992e15}");
+    different_values("{\"temperature\":0.5}", "{\"temperature\":0.25}");
+    different_values("{\"temperature\":1}", "{\"temperature\":1.5}");
+    different_values("{\"t\":1}", "{\"t\":\"1\"}");
+    different_values("{\"t\":0}", "{\"t\":false}");
+    /* integers are exact at every size; a real past 2^53 is never one of them */
+    different_values("{\"seed\":9007199254740993}", "{\"seed\":9007199254740992}");
+    different_values("{\"seed\":9223372036854775807}", "{\"seed\":9223372036854775806}");
+    different_values("{\"seed\":9007199254740993}", "{\"seed\":9007199254740993.0}");
+    different_values("{\"seed\":9007199254740994}", "{\"seed\":9007199254740994.0}");
+    values_are("{\"n\":[-9223372036854775808,9223372036854775807]}",
+               "{\"n\":[-9223372036854775808,9223372036854775807]}");
+    values_are("{\"r\":-9223372036854775808.0}", "{\"r\":-9.2233720368547758e18}");
+    /* strings and keys are as bt_jcanon_dump writes them */
+    values_are("{\"b\":\"1.0\",\"a\":\"x\\n\"}", "{\"a\":\"x\\n\",\"b\":\"1.0\"}");
+}
+
+/* v with every integral real within ±2^53 replaced by the integer it equals (a new reference),
+ * counted in `replaced`. */
+static int replaced;
+static json_t *integral_reals_as_integers(json_t *v) {
+    if (json_is_real(v)) {
+        double d = json_real_value(v);
+        if (d == trunc(d) && fabs(d) <= 9007199254740992.0) {
+            replaced++;
+            return json_integer((json_int_t)d);
+        }
+    }
+    if (json_is_array(v)) {
+        json_t *a = json_array();
+        size_t i;
+        json_t *x;
+        json_array_foreach(v, i, x) json_array_append_new(a, integral_reals_as_integers(x));
+        return a;
+    }
+    if (json_is_object(v)) {
+        json_t *o = json_object();
+        const char *k;
+        size_t kl;
+        json_t *x;
+        json_object_keylen_foreach(v, k, kl, x) json_object_setn_new_nocheck(o, k, kl, integral_reals_as_integers(x));
+        return o;
+    }
+    return json_incref(v);
+}
+
+static void test_values_random(void **state) {
+    (void)state;
+    int with_reals = 0;
+    for (int i = 0; i < 3000; i++) {
+        json_t *o = json_object();
+        json_object_set_new(o, "v", rand_value(0));
+        json_object_set_new(o, "w", rand_value(2));
+        json_object_set_new(o, "x", json_real((double)((int64_t)(next() % 2000) - 1000))); /* integral */
+        if (i % 2) json_object_del(o, "x");
+        replaced = 0;
+        json_t *ints = integral_reals_as_integers(o);
+        size_t la, lb, lc;
+        char *a = bt_jcanon_dump_values(o, 0, &la), *b = bt_jcanon_dump_values(ints, 0, &lb);
+        char *c = bt_jcanon_dump(o, 0, &lc);
+        assert_non_null(a);
+        assert_non_null(b);
+        assert_non_null(c);
+        assert_int_equal(la, lb);
+        assert_memory_equal(a, b, la);
+        if (replaced) {
+            with_reals++;
+            assert_true(la != lc || memcmp(a, c, la) != 0);
+        } else { /* no integral real: the value form is json_dumps' form */
+            assert_int_equal(la, lc);
+            assert_memory_equal(a, c, la);
+        }
+        free(a);
+        free(b);
+        free(c);
+        json_decref(ints);
+        json_decref(o);
+    }
+    assert_true(with_reals >= 1500); /* the "x" member at least */
+}
+
 static void test_refused(void **state) {
     (void)state;
     json_t *i = json_integer(1);
     size_t len;
     assert_null(bt_jcanon_dump(i, 0, &len));
+    assert_null(bt_jcanon_dump_values(i, 0, &len));
     assert_null(json_dumps(i, JSON_COMPACT | JSON_SORT_KEYS)); /* as jansson without JSON_ENCODE_ANY */
     json_decref(i);
 }
@@ -174,6 +315,8 @@ int main(void) {
         cmocka_unit_test(test_fixed),
         cmocka_unit_test(test_random),
         cmocka_unit_test(test_str),
+        cmocka_unit_test(test_values_fixed),
+        cmocka_unit_test(test_values_random),
         cmocka_unit_test(test_refused),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
