@@ -20,6 +20,7 @@ missed each level, by library and by function (self): where the memory a chunk t
 
 usage: BATON_BIN=build/baton python3 bench/callgrind.py [--out DIR] [--streams 100] [--requests 400]
        [--tokens 30] [--speedup 0.05] [--paths frontend,relay] [--top 40] [--cache-sim [--ll-bytes N]]
+       [--frontend-flags '--access-log /tmp/access.log']
        python3 bench/callgrind.py --report DIR    (the report of an earlier run's dumps again)
 Needs valgrind (callgrind_control, callgrind_annotate). Leaves the dumps in --out."""
 import argparse
@@ -27,6 +28,7 @@ import collections
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -123,6 +125,8 @@ def main():
     p.add_argument("--speedup", type=float, default=0.05)
     p.add_argument("--paths", default="frontend,relay")
     p.add_argument("--top", type=int, default=40)
+    p.add_argument("--frontend-flags", default="",
+                   help="more flags for the frontend, as on its command line ('--access-log /tmp/a.log')")
     p.add_argument("--cache-sim", action="store_true", help="simulate the caches too: data misses per chunk")
     p.add_argument("--ll-bytes", type=int, help="with --cache-sim: the simulated last level's size (16-way, 64 B lines)")
     p.add_argument("--report", metavar="DIR", help="only print the report of the dumps an earlier run left in DIR")
@@ -146,8 +150,12 @@ def main():
     load = os.path.join(bindir, "baton-sse-load")
     results = []
     with bl.Cluster(bin=wrap) as c:
+        words = shlex.split(a.frontend_flags)
+        if any(not w.startswith("--") for w in words[::2]) or len(words) % 2:
+            raise SystemExit("--frontend-flags: give '--flag value' pairs")
+        more = {k[2:].replace("-", "_"): v for k, v in zip(words[::2], words[1::2])}
         fe = c.start_frontend(timeout=120, max_connections=30000, max_concurrent_requests=100000,
-                              http_idle_timeout_ms=600000)
+                              http_idle_timeout_ms=600000, **more)
         w = c.start_worker(speedup_ratio=a.speedup, max_num_seqs=20000)
         c.wait_workers(fe, 1, timeout=120)
         for name in a.paths.split(","):

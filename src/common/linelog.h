@@ -1,7 +1,8 @@
 /* linelog.h — lines appended to a file by a thread of their own (the frontend's access log).
  *
  * An event loop must not wait on a disk: bt_linelog_put copies the line into a bounded buffer
- * and returns; a writer thread empties the buffer into the file with write(2). When the buffer is
+ * and returns; a writer thread empties the buffer into the file with one write(2) every 100 ms (or
+ * at once when the buffer is half full), so a line waits 100 ms at most. When the buffer is
  * full (the disk slower than the lines), the line is dropped and counted, never waited for.
  * The file is opened with O_APPEND; once a second the writer compares the path with the file it
  * holds and reopens the path when the file was renamed or removed, so that logrotate works

@@ -77,13 +77,32 @@ static size_t json_escape_into(char *out, size_t len, size_t cap, const char *s)
 }
 
 size_t bt_log_time(char *out, size_t cap) {
+    /* the date and time of day change once a second: made then (gmtime_r and strftime cost more
+     * than the rest of an access-log line), per thread */
+    static _Thread_local time_t sec = -1;
+    static _Thread_local char day[24];
+    static _Thread_local size_t dn;
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
-    struct tm tm;
-    gmtime_r(&ts.tv_sec, &tm);
-    size_t n = strftime(out, cap, "%Y-%m-%dT%H:%M:%S", &tm);
-    int k = snprintf(out + n, cap - n, ".%03ldZ", ts.tv_nsec / 1000000);
-    return k > 0 && (size_t)k < cap - n ? n + (size_t)k : n;
+    if (ts.tv_sec != sec) {
+        struct tm tm;
+        gmtime_r(&ts.tv_sec, &tm);
+        dn = strftime(day, sizeof day, "%Y-%m-%dT%H:%M:%S", &tm);
+        sec = ts.tv_sec;
+    }
+    if (cap < dn + 6) {
+        if (cap) out[0] = '\0';
+        return 0;
+    }
+    memcpy(out, day, dn);
+    long ms = ts.tv_nsec / 1000000;
+    out[dn] = '.';
+    out[dn + 1] = (char)('0' + ms / 100);
+    out[dn + 2] = (char)('0' + ms / 10 % 10);
+    out[dn + 3] = (char)('0' + ms % 10);
+    out[dn + 4] = 'Z';
+    out[dn + 5] = '\0';
+    return dn + 5;
 }
 
 void bt_log(bt_log_level lvl, const char *fmt, ...) {

@@ -413,6 +413,7 @@ struct fe {
     uint64_t shutdown_started_ms;
     uint64_t shutdown_close_deadline_ms; /* after shutdown_started_ms: stop waiting for connections */
     bt_buf scratch; /* reused for building SSE chunks */
+    bt_buf access_line; /* reused for the access log's lines (access.c) */
     uint64_t disconnected_clients;
     uint64_t handed_off; /* streams handed to other frontends at the shutdown bound */
     uint64_t limit_rejections; /* requests refused by --max-concurrent-requests */
@@ -599,6 +600,7 @@ void fe_caller_tag(const fe *f, const bt_http_req *http, uint8_t out[FE_CALLER_L
 /* access.c: the --access-log (one per process, shared by the shards). fe_access_start takes l
  * (NULL: no access log) before any shard runs; fe_access_stop closes it after every shard ended. */
 #define FE_ACCESS_LOG_BUFFER ((size_t)4 << 20) /* bytes of lines waiting for the writer thread */
+#define FE_ACCESS_LINE_MAX 8192 /* a line's fields are cut below it; one past it is counted as dropped */
 void fe_access_start(bt_linelog *l);
 void fe_access_stop(void);
 bool fe_access_on(void);

@@ -830,6 +830,7 @@ static int shard_open(fe *f, int port, char *err, size_t errlen) {
     f->started_ms = bt_now_ms();
     f->instance_id = bt_random64() & 0x7fffffffffffffffull;
     bt_buf_init(&f->scratch, (size_t)64 << 20);
+    bt_buf_init(&f->access_line, FE_ACCESS_LINE_MAX);
     bt_map_init(&f->workers_by_id);
     fe_mail_init(f);
     bt_status dst = bt_proc_discovery_create(f->loop, &o->p, 0, &f->disc, err, errlen);
@@ -1269,6 +1270,7 @@ int bt_frontend_main(int argc, char **argv) {
         }
         bt_map_free(&s->workers_by_id);
         bt_buf_free(&s->scratch);
+        bt_buf_free(&s->access_line);
         bt_pool_destroy(&s->req_pool);
         fe_mail_destroy(s);
         if (rc == 0 && s->exit_code) rc = s->exit_code;
