@@ -156,9 +156,9 @@ typedef struct {
     entry *snap; /* the last snapshot, sorted by key */
     size_t nsnap;
     int last_scan_err;
-    bool scanned;         /* a listing succeeded: the last one, unless last_scan_err says otherwise */
-    bool write_failing;   /* the last write or refresh of an owned key failed */
-    uint64_t rewrites;    /* refreshes that found an owned key's file gone and wrote it again */
+    bool scanned;       /* a listing succeeded: the last one, unless last_scan_err says otherwise */
+    bool write_failing; /* the last write or refresh of an owned key failed */
+    uint64_t rewrites;  /* refreshes that found an owned key's file gone and wrote it again */
     int last_read_err; /* scan_read_err of the last scan: a run of failures is logged once */
     bool warned_cap, warned_fs_event;
 
@@ -300,11 +300,11 @@ static void op_done(uv_work_t *req, int status) {
         if (o->kind != OP_UNLINK) d->write_failing = o->err != 0;
         if (o->err)
             BT_WARN("discovery(file): %s of key %s failed: %s", names[o->kind], o->key, strerror(o->err));
-        else if (o->rewrote) {
-            d->rewrites++;
+        else if (o->rewrote)
             BT_INFO("discovery(file): key %s had vanished; written again", o->key);
-        } else
+        else
             BT_TRACE("discovery(file): %s %s", names[o->kind], o->key);
+        if (o->rewrote && !o->err) d->rewrites++;
     }
     free_ops(&d->op_running);
     d->op_busy = false;

@@ -155,8 +155,9 @@ static void grace_end(fe_worker *w, fe_grace_result how, const char *why) {
     else if (how == FE_GRACE_EXPIRED)
         BT_WARN("worker %" PRIx64 " (%s) did not register again within the %.1f s discovery grace: dropping it", w->id,
                 w->transport, held);
-    else BT_INFO("worker %" PRIx64 " (%s): discovery grace ended after %.1f s (%s): dropping it", w->id, w->transport,
-                 held, why);
+    else
+        BT_INFO("worker %" PRIx64 " (%s): discovery grace ended after %.1f s (%s): dropping it", w->id, w->transport,
+                held, why);
 }
 
 /* Out of discovery for good: nothing new is routed to w; it is forgotten once its last stream ends
