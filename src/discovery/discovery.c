@@ -89,6 +89,11 @@ bt_status bt_discovery_watch(bt_discovery *d, const char *prefix, const bt_disco
     return d->ops->watch(d, prefix ? prefix : "", w, ud);
 }
 
+void bt_discovery_get_stats(const bt_discovery *d, bt_discovery_stats *out) {
+    memset(out, 0, sizeof *out);
+    if (d) d->ops->stats(d, out);
+}
+
 void bt_discovery_close(bt_discovery *d, void (*done)(void *ud), void *ud) {
     if (!d) return;
     d->ops->close(d, done, ud);

@@ -59,6 +59,23 @@ bt_status bt_discovery_delete(bt_discovery *d, const char *key);
  * call fails with BT_ERR_INVALID). The keys that exist are delivered later from the loop, never
  * from inside this call. */
 bt_status bt_discovery_watch(bt_discovery *d, const char *prefix, const bt_discovery_watcher *w, void *ud);
+/* How the store looks from this handle, for metrics an operator can alert on. */
+typedef struct {
+    /* The watch is established and the store answers: etcd, the watch stream is created and its
+     * member answered the last liveness probe; file, the last listing of the directory succeeded.
+     * False before the first listing, while the store cannot be reached, and without a watch. */
+    bool watching;
+    /* Every key this process put is in the store: etcd, written under the current live lease;
+     * file, written and refreshed without error. True when it put none. */
+    bool registered;
+    /* Times this process found its keys gone and wrote them again: etcd, a lease found expired
+     * (after an etcd pause or a partition longer than the TTL); file, a key file that had vanished. */
+    uint64_t reregistrations;
+} bt_discovery_stats;
+
+/* Fills *out (zeroed for a NULL handle). */
+void bt_discovery_get_stats(const bt_discovery *d, bt_discovery_stats *out);
+
 /* Removes this process's keys, stops watching, closes handles, then calls done(ud) from the loop
  * and frees the handle. Safe to call once; d must not be used afterwards. */
 void bt_discovery_close(bt_discovery *d, void (*done)(void *ud), void *ud);

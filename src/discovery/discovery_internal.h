@@ -18,6 +18,7 @@ typedef struct bt_discovery_ops {
     bt_status (*del)(bt_discovery *d, const char *key);
     bt_status (*watch)(bt_discovery *d, const char *prefix, const bt_discovery_watcher *w, void *ud);
     void (*close)(bt_discovery *d, void (*done)(void *ud), void *ud);
+    void (*stats)(const bt_discovery *d, bt_discovery_stats *out);
 } bt_discovery_ops;
 
 /* The common head of every backend handle. */

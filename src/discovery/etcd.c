@@ -87,12 +87,22 @@ static void etcd_close(bt_discovery *base, void (*done)(void *ud), void *ud) {
     }
 }
 
+static void etcd_stats(const bt_discovery *base, bt_discovery_stats *out) {
+    const etcd_disc *d = (const etcd_disc *)base;
+    /* a stream that stops answering stays "streaming" until the probe moves it (etcd_watch.c),
+     * at most ETCD_PROBE_INTERVAL_MS + ETCD_PROBE_TIMEOUT_MS after etcd went quiet */
+    out->watching = d->watch_state == ETCD_WATCH_STREAMING;
+    out->registered = etcd__lease_registered(d);
+    out->reregistrations = d->lease_losses;
+}
+
 static const bt_discovery_ops etcd_ops = {
     .name = "etcd",
     .put = etcd__put,
     .del = etcd__del,
     .watch = etcd__watch,
     .close = etcd_close,
+    .stats = etcd_stats,
 };
 
 /* A TLS file must be a readable regular file at start-up: a wrong path is reported now, not as

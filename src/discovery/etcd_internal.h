@@ -150,6 +150,7 @@ struct etcd_disc {
     int64_t lease_ttl_s;
     unsigned leases_granted;
     bool reregistering;
+    uint64_t lease_losses; /* leases found gone while they held keys: each means a registration again */
     uint64_t lease_ok_ms;
 
     /* keep-alive */
@@ -224,6 +225,8 @@ void etcd__start_revoke(etcd_disc *d);
 bt_status etcd__put(bt_discovery *base, const char *key, const json_t *value);
 bt_status etcd__del(bt_discovery *base, const char *key);
 void etcd__lease_free(etcd_disc *d); /* the owned keys and queued deletes */
+/* Every key this process put is written under the live lease (true when it put none). */
+bool etcd__lease_registered(const etcd_disc *d);
 
 /* ---- etcd_watch.c ---- */
 void etcd__watch_set_state(etcd_disc *d, etcd_watch_state s, const char *why);

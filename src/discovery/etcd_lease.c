@@ -27,7 +27,7 @@ static void ka_done(etcd_disc *d, ereq *r, bt_etcd_result res, const json_t *bod
 static void revoke_done(etcd_disc *d, ereq *r, bt_etcd_result res, const json_t *body, const char *why);
 
 /* The first key still to be written with the current lease, or NULL. */
-static bt_owned_key *first_dirty(etcd_disc *d) {
+static bt_owned_key *first_dirty(const etcd_disc *d) {
     bt_owned_key *o;
     BT_KEYSET_FOREACH(o, &d->owned)
     if (o->flags & ETCD_OWNED_DIRTY) return o;
@@ -62,6 +62,7 @@ static void lease_lost(etcd_disc *d, int64_t id, const char *why) {
     d->lease_id = 0;
     etcd__lease_set_state(d, ETCD_LEASE_NONE, why);
     d->reregistering = n > 0;
+    if (n > 0) d->lease_losses++;
     uv_timer_stop(&d->ka_timer);
     if (d->ka_req) {
         etcd__call_abort(d, d->ka_req);
@@ -301,6 +302,11 @@ static void revoke_done(etcd_disc *d, ereq *r, bt_etcd_result res, const json_t 
     d->lease_id = 0;
     etcd__lease_set_state(d, ETCD_LEASE_CLOSED, "revoked or given up");
     etcd__finish_close(d);
+}
+
+bool etcd__lease_registered(const etcd_disc *d) {
+    if (d->owned.n == 0) return true;
+    return d->lease_state == ETCD_LEASE_LIVE && !first_dirty(d);
 }
 
 void etcd__lease_free(etcd_disc *d) {

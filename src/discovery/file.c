@@ -156,6 +156,9 @@ typedef struct {
     entry *snap; /* the last snapshot, sorted by key */
     size_t nsnap;
     int last_scan_err;
+    bool scanned;       /* a listing succeeded: the last one, unless last_scan_err says otherwise */
+    bool write_failing; /* the last write or refresh of an owned key failed */
+    uint64_t rewrites;  /* refreshes that found an owned key's file gone and wrote it again */
     int last_read_err; /* scan_read_err of the last scan: a run of failures is logged once */
     bool warned_cap, warned_fs_event;
 
@@ -294,12 +297,14 @@ static void op_done(uv_work_t *req, int status) {
     (void)status; /* never cancelled */
     for (op *o = STAILQ_FIRST(&d->op_running); o; o = STAILQ_NEXT(o, link)) {
         static const char *names[] = {"write", "refresh", "unlink"};
+        if (o->kind != OP_UNLINK) d->write_failing = o->err != 0;
         if (o->err)
             BT_WARN("discovery(file): %s of key %s failed: %s", names[o->kind], o->key, strerror(o->err));
         else if (o->rewrote)
             BT_INFO("discovery(file): key %s had vanished; written again", o->key);
         else
             BT_TRACE("discovery(file): %s %s", names[o->kind], o->key);
+        if (o->rewrote && !o->err) d->rewrites++;
     }
     free_ops(&d->op_running);
     d->op_busy = false;
@@ -677,6 +682,7 @@ static void scan_done(uv_work_t *req, int status) {
         free_entries(nv, nn);
     } else {
         d->last_scan_err = 0;
+        d->scanned = true;
         if (d->scan_truncated && !d->warned_cap) {
             BT_WARN("discovery(file): more than %d keys under %s; the rest are ignored", FILE_MAX_KEYS, d->dir);
             d->warned_cap = true;
@@ -817,12 +823,20 @@ static void file_close(bt_discovery *base, void (*done)(void *ud), void *ud) {
     maybe_finish_close(d); /* never completes here: handle close callbacks run on a later turn */
 }
 
+static void file_stats(const bt_discovery *base, bt_discovery_stats *out) {
+    const file_disc *d = (const file_disc *)base;
+    out->watching = d->watching && d->scanned && !d->last_scan_err;
+    out->registered = !d->write_failing;
+    out->reregistrations = d->rewrites;
+}
+
 static const bt_discovery_ops file_ops = {
     .name = "file",
     .put = file_put,
     .del = file_del,
     .watch = file_watch,
     .close = file_close,
+    .stats = file_stats,
 };
 
 bt_status bt_discovery_file_create(uv_loop_t *loop, const bt_discovery_config *cfg, bt_discovery **out, char *err,

@@ -92,6 +92,11 @@ struct fe_model {
 /* ---- workers ---- */
 typedef enum { FW_CONNECTING, FW_READY, FW_DOWN } fw_state;
 
+/* How a worker's discovery grace began or ended (the result label of
+ * baton_frontend_discovery_grace_total): kept when its key vanished, then reregistered, expired
+ * (the grace ran out), or dropped (its connection ended, or it said it was draining). */
+typedef enum { FE_GRACE_KEPT, FE_GRACE_REREGISTERED, FE_GRACE_EXPIRED, FE_GRACE_DROPPED, FE_GRACE_N_ } fe_grace_result;
+
 /* Whether w's engine visibly runs sequences: it sent this connection tokens within the last
  * limit_ms of the clock `now` (the calling loop's uv_now, low 32 bits), or a load report showing
  * sequences running (perhaps another frontend's or another event loop's) a little longer ago. */
@@ -110,6 +115,12 @@ struct fe_worker {
     bt_rpc_conn *conn;
     fw_state state;
     bool in_discovery; /* false once its key is gone: finish streams, then forget */
+    /* Its key is gone, but its connection was healthy when that was seen (workers.c, on_disc_delete):
+     * still routable until grace_until_ms (uv_now) while it registers again (--discovery-grace).
+     * in_discovery is false meanwhile; a put of its key ends the grace, and so do its expiry, a
+     * GOAWAY and the connection's end, which drop it as a deletion would have. */
+    bool in_grace;
+    uint64_t grace_since_ms, grace_until_ms;
     bool goaway;       /* the worker is draining: route nothing new */
     /* Skipped for new attempts after a failure, until a fresh connection completes its handshake
      * (the probe) or discovery re-announces the worker. No time limit: a worker that cannot prove
@@ -133,6 +144,10 @@ struct fe_worker {
      * none): the engine runs something, perhaps only another frontend's or another shard's streams,
      * whose tokens this connection never sees (fe_worker_progressed). */
     uint32_t running_ms;
+    /* When the last LOAD frame of any kind arrived (uv_now, ms, low 32 bits; 0 = none): the worker
+     * sends one at least every second, so a recent one says the worker itself is alive and talking
+     * (the discovery grace asks it). */
+    uint32_t load_frame_ms;
     bt_load_report load;
     uint64_t load_ms; /* when the last LOAD arrived (0 = never) */
     /* Load reports: [0] LOAD frames applied, [1] event-plane reports applied, [2] LOAD frames not
@@ -340,6 +355,7 @@ typedef struct {
     double prefill_threshold;
     double stall_timeout;
     double token_timeout; /* --stream-token-timeout: seconds an attempt may hear nothing of its stream; 0 = off */
+    double discovery_grace; /* --discovery-grace: seconds a healthy worker whose key vanished stays routable; 0 = off */
     const char *api_key;
     const char *admin_api_key;     /* the operator endpoints' key (frontend.c: routes); NULL: the API's */
     const char *api_key_file;      /* the same keys read from files at start-up (key_from_file) */
@@ -445,6 +461,10 @@ struct fe {
     LIST_HEAD(, fe_pending_resume) pending_resumes; /* resume.c: resumes waiting for another shard */
     LIST_HEAD(, fe_attempt) relays; /* attempts whose KV state is being written (workers.c) */
     uv_timer_t relay_timer;          /* paces them while any waits for room */
+    /* The discovery grace (workers.c): fires at the earliest grace_until_ms of a worker in grace.
+     * grace_counts: workers kept by it, and how each grace ended (fe_grace_result). */
+    uv_timer_t grace_timer;
+    uint64_t grace_counts[FE_GRACE_N_];
     /* Workers with REQUEST frames not yet written (workers.c, fe_worker_flush_soon): written
      * together at the end of this loop iteration's I/O (req_flush, a check handle), or before the
      * frames of a worker's read are handled, whichever comes first. */
@@ -485,6 +505,8 @@ struct fe_group {
  * cut. Nothing else of w is touched. False with a reason in err if the value is unusable. */
 bool fe_parse_instance(const json_t *v, fe_worker *w, char *err, size_t errlen);
 void fe_workers_start(fe *f);
+/* Workers kept routable by their discovery grace now (workers.c). */
+size_t fe_workers_in_grace(const fe *f);
 void fe_workers_stop(fe *f);
 /* A load report for worker `id` from the event plane; false if no such worker is known. */
 bool fe_workers_apply_load(fe *f, uint64_t id, const bt_load_report *r);

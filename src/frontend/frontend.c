@@ -838,6 +838,10 @@ static int shard_open(fe *f, int port, char *err, size_t errlen) {
         BT_ERROR("discovery: %s", err);
         return dst == BT_ERR_INVALID ? 2 : 1; /* a setting to fix (bad TLS file, endpoint, TTL), not to retry */
     }
+    /* the discovery grace (workers.c): before the watch; closed with the loop's handles */
+    uv_timer_init(f->loop, &f->grace_timer);
+    f->grace_timer.data = f;
+    uv_unref((uv_handle_t *)&f->grace_timer);
     fe_workers_start(f);
     if (fe_admit_start(f) != BT_OK) {
         BT_ERROR("out of memory");
@@ -935,6 +939,7 @@ static void others_done_tick(uv_timer_t *t) {
     OPT("--active-decode-blocks-threshold", "DYN_ACTIVE_DECODE_BLOCKS_THRESHOLD", DOUBLE, decode_threshold, NAN, 0, 1, "busy above this fraction of KV blocks") \
     OPT("--active-prefill-tokens-threshold", "DYN_ACTIVE_PREFILL_TOKENS_THRESHOLD", DOUBLE, prefill_threshold, NAN, 0, FE_PREFILL_THRESHOLD_MAX, "busy above this many prefill tokens") \
     OPT("--stream-stall-timeout", "DYN_STREAM_STALL_TIMEOUT", DOUBLE, stall_timeout, 2.0, 0.1, 3600, "seconds of silence before a worker is declared dead") \
+    OPT("--discovery-grace", "BATON_DISCOVERY_GRACE", DOUBLE, discovery_grace, 10, 0, 3600, "seconds a worker whose discovery key vanished stays routable while its connection is healthy (connected, reporting its load, not draining), so that it can register again: a lease lost to an etcd pause or partition; a worker that drains, whose connection ends, or that does not register again within this is dropped (0 = dropped at once)") \
     OPT("--stream-token-timeout", "BATON_STREAM_TOKEN_TIMEOUT", DOUBLE, token_timeout, 0, 0, 86400, "seconds an attempt may hear nothing of its stream from its worker (no token, first or next, and no other frame for it) before the worker is told to drop it and the request migrates, even while the worker's connection is alive; a stream the worker reports waiting in its engine (queued, preempted) is not judged while that worker runs others (0 = off: a request may wait long in a worker's queue)") \
     OPT("--api-key", "DYN_API_KEY", STR, api_key, NULL, 0, 0, "require Authorization: Bearer KEY (visible ASCII); an empty value, flag or twin, is refused: leave both out for an API without a key") \
     OPT("--admin-api-key", "BATON_ADMIN_API_KEY", STR, admin_api_key, NULL, 0, 0, "the operator endpoints (/busy_threshold, /admission) require Authorization: Bearer KEY with this key, and the --api-key no longer opens them; it does not open the API, and it may cancel any request; unset, whoever holds the --api-key (everyone without one) may change the load-shedding settings; an empty value is refused as for --api-key") \

@@ -215,6 +215,22 @@ void fe_metrics_collect(fe *f, bt_metrics *r) {
                            "Workers known from discovery, and those new requests can go to");
     bt_metrics_add(fam, (double)f->nworkers, "state", "known", NULL);
     bt_metrics_add(fam, (double)routable, "state", "routable", NULL);
+    bt_discovery_stats ds;
+    bt_discovery_get_stats(f->disc, &ds);
+    bt_metrics_gauge_value(r, "baton_frontend_discovery_up", BT_MERGE_MIN,
+                           "1 while the discovery watch is established and its store answers (etcd: the watch stream "
+                           "is up and its member answers; file: the directory can be listed)",
+                           ds.watching ? 1.0 : 0.0);
+    bt_metrics_gauge_value(r, "baton_frontend_discovery_grace_workers", BT_MERGE_MAX,
+                           "Workers whose discovery key vanished, kept routable while they register again "
+                           "(--discovery-grace)",
+                           (double)fe_workers_in_grace(f));
+    static const char *grace_result[FE_GRACE_N_] = {"kept", "reregistered", "expired", "dropped"};
+    fam = bt_metrics_counter(r, "baton_frontend_discovery_grace_total",
+                             "Workers kept routable after their discovery key vanished (kept), and how each grace "
+                             "ended: registered again, expired, or dropped (connection ended, or draining)");
+    for (int i = 0; i < FE_GRACE_N_; i++)
+        bt_metrics_add(fam, (double)f->grace_counts[i], "result", grace_result[i], NULL);
     bt_metrics_gauge_value(r, "baton_frontend_http_connections", BT_MERGE_SUM, "Open client connections",
                            (double)bt_http_server_connections(f->http));
     /* one counter shared by the shards: each reports the same value, the merge keeps it once */

@@ -8,7 +8,14 @@
  * there is no time limit, so a worker that keeps failing its probe is never routed to.
  *
  * When the key disappears the worker is draining or dead: nothing new is routed to it, running
- * streams continue, and it is forgotten once the last one ends.
+ * streams continue, and it is forgotten once the last one ends. Unless its connection is healthy
+ * then (open, handshaken, load reports current, no GOAWAY, not quarantined): a key also vanishes
+ * when etcd expires the lease of a worker that could not renew it (etcd paused or cut off for
+ * longer than the TTL), and a frontend that dropped every such worker at once answered 503 until
+ * they had registered again. Such a worker is kept routable for --discovery-grace seconds (its
+ * grace); a put of its key keeps it, and the grace's end, a GOAWAY or the connection's end drops it
+ * as the deletion would have. A draining worker sends its GOAWAY before it deletes its key
+ * (src/worker/drain.c), so it is never kept: routing to it stops at the GOAWAY, as before.
  *
  * A continuation that carries a KV state (docs/protocol.md, "KV hand-off") is written here too:
  * its pieces go out paced by a timer of the frontend's loop (below BT_KV_WATERMARK unsent bytes,
@@ -132,6 +139,75 @@ static void fail_streams(fe_worker *w, bt_status code, const char *msg) {
         fe_attempt_on_error(v, code, msg); /* detaches it: the map loses k */
         it = 0;
     }
+}
+
+/* ---- the discovery grace ---- */
+
+/* Ends w's grace (result: how), logging why. The caller decides what becomes of w. */
+static void grace_end(fe_worker *w, fe_grace_result how, const char *why) {
+    if (!w->in_grace) return;
+    w->in_grace = false;
+    w->fe->grace_counts[how]++;
+    double held = (double)(uv_now(w->fe->loop) - w->grace_since_ms) / 1000.0;
+    if (how == FE_GRACE_REREGISTERED)
+        BT_INFO("worker %" PRIx64 " (%s) registered again after %.1f s in its discovery grace: kept", w->id,
+                w->transport, held);
+    else if (how == FE_GRACE_EXPIRED)
+        BT_WARN("worker %" PRIx64 " (%s) did not register again within the %.1f s discovery grace: dropping it", w->id,
+                w->transport, held);
+    else
+        BT_INFO("worker %" PRIx64 " (%s): discovery grace ended after %.1f s (%s): dropping it", w->id, w->transport,
+                held, why);
+}
+
+/* Out of discovery for good: nothing new is routed to w; it is forgotten once its last stream ends
+ * (now, if it has none). */
+static void worker_leave(fe_worker *w, const char *why) {
+    if (w->streams.len) return; /* fe_worker_stream_done closes it after the last one */
+    if (w->conn) bt_rpc_conn_close(w->conn, BT_OK, why);
+    else worker_forget(w);
+}
+
+/* Whether w's key may vanish without w being dropped at once: it is routable by its connection
+ * (open, handshaken, no GOAWAY, not quarantined, its load says ready) and has sent a load report
+ * within the staleness bound, so the worker itself is known to be alive and serving. */
+static bool grace_healthy(const fe_worker *w) {
+    uint32_t now = (uint32_t)uv_now(w->fe->loop);
+    return fe_worker_routable(w) && w->load_frame_ms && now - w->load_frame_ms < LOAD_STALE_MS;
+}
+
+static void on_grace_timer(uv_timer_t *t);
+
+/* Arms the grace timer for the earliest end of a grace, or stops it when none is running. */
+static void grace_timer_arm(fe *f) {
+    uint64_t first = 0;
+    for (fe_worker *w = LIST_FIRST(&f->workers); w; w = LIST_NEXT(w, link))
+        if (w->in_grace && (!first || w->grace_until_ms < first)) first = w->grace_until_ms;
+    if (uv_is_closing((uv_handle_t *)&f->grace_timer)) return;
+    if (!first) {
+        uv_timer_stop(&f->grace_timer);
+        return;
+    }
+    uint64_t now = uv_now(f->loop);
+    uv_timer_start(&f->grace_timer, on_grace_timer, first > now ? first - now : 0, 0);
+}
+
+static void on_grace_timer(uv_timer_t *t) {
+    fe *f = t->data;
+    uint64_t now = uv_now(f->loop);
+    for (fe_worker *w = LIST_FIRST(&f->workers), *next; w; w = next) {
+        next = LIST_NEXT(w, link); /* worker_leave may forget w (never another) */
+        if (!w->in_grace || w->grace_until_ms > now) continue;
+        grace_end(w, FE_GRACE_EXPIRED, "expired");
+        worker_leave(w, "left discovery, grace over");
+    }
+    grace_timer_arm(f);
+}
+
+size_t fe_workers_in_grace(const fe *f) {
+    size_t n = 0;
+    for (const fe_worker *w = LIST_FIRST(&f->workers); w; w = LIST_NEXT(w, link)) n += w->in_grace;
+    return n;
 }
 
 static void on_retry_timer(uv_timer_t *t) {
@@ -290,6 +366,7 @@ static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
          * admits it; llama refreshes the snapshot the loop reads before it posts a wait
          * (llama.c post_wait). */
         w->load_frames++;
+        w->load_frame_ms = (uint32_t)uv_now(w->fe->loop);
         w->backoff_ms = 0; /* the connection works (on_conn_open) */
         if (lr.running) w->running_ms = (uint32_t)uv_now(w->fe->loop);
         if (lr.waiting == 0) {
@@ -309,6 +386,10 @@ static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
     case BT_FRAME_GOAWAY: {
         if (!w->goaway) BT_INFO("worker %" PRIx64 " (%s) is draining: routing nothing new to it", w->id, w->transport);
         w->goaway = true;
+        if (w->in_grace) { /* it is leaving, not registering again */
+            grace_end(w, FE_GRACE_DROPPED, "the worker is draining");
+            worker_leave(w, "draining after it left discovery");
+        }
         return;
     }
     default:
@@ -322,6 +403,7 @@ static void on_conn_close(void *ud, bt_rpc_conn *c, bt_status why, const char *r
     w->conn = NULL;
     bool was_ready = w->state == FW_READY;
     set_state(w, FW_DOWN, reason);
+    grace_end(w, FE_GRACE_DROPPED, "its connection ended"); /* forgotten below: its key is gone */
     if (why != BT_OK && !w->goaway) fe_worker_quarantine(w, reason);
     if (w->streams.len) {
         BT_WARN("worker %" PRIx64 " lost with %zu streams in flight: %s", w->id, w->streams.len, reason);
@@ -431,6 +513,10 @@ static void on_disc_put(void *ud, const char *key, const json_t *v) {
     if (known) {
         free(w);
         /* re-announced (e.g. it re-registered): it proves itself again */
+        if (known->in_grace) {
+            grace_end(known, FE_GRACE_REREGISTERED, "registered again");
+            grace_timer_arm(f);
+        }
         known->in_discovery = true;
         if (known->quarantined) {
             known->quarantined = false;
@@ -477,13 +563,22 @@ static void on_disc_delete(void *ud, const char *key) {
     fe *f = ud;
     fe_worker *w = find_by_key(f, key);
     if (!w || !w->in_discovery) return;
+    if (f->o.discovery_grace > 0 && !f->shutting_down && grace_healthy(w)) {
+        w->in_discovery = false;
+        w->in_grace = true;
+        w->grace_since_ms = uv_now(f->loop);
+        w->grace_until_ms = w->grace_since_ms + (uint64_t)(f->o.discovery_grace * 1000.0);
+        f->grace_counts[FE_GRACE_KEPT]++;
+        BT_INFO("worker %" PRIx64 " (%s) left discovery with a healthy connection: kept routable for up to %.1f s "
+                "while it registers again (--discovery-grace)",
+                w->id, w->transport, f->o.discovery_grace);
+        grace_timer_arm(f);
+        return;
+    }
     w->in_discovery = false;
     BT_INFO("worker %" PRIx64 " (%s) left discovery with %zu streams in flight", w->id, w->transport,
             w->streams.len);
-    if (w->streams.len == 0) {
-        if (w->conn) bt_rpc_conn_close(w->conn, BT_OK, "left discovery");
-        else worker_forget(w);
-    }
+    worker_leave(w, "left discovery");
 }
 
 static const bt_discovery_watcher disc_watcher = {on_disc_put, on_disc_delete};
@@ -495,6 +590,7 @@ void fe_workers_start(fe *f) {
 }
 
 void fe_workers_stop(fe *f) {
+    uv_timer_stop(&f->grace_timer); /* every connection closes: no grace is left to end */
     for (fe_worker *w = LIST_FIRST(&f->workers), *next; w; w = next) {
         next = LIST_NEXT(w, link);
         uv_timer_stop(&w->retry_timer);
@@ -549,7 +645,8 @@ int fe_retry_after_s(fe *f, const fe_model *m) {
 }
 
 bool fe_worker_routable(const fe_worker *w) {
-    if (w->state != FW_READY || !w->in_discovery || w->goaway || !bt_rpc_is_open(w->conn)) return false;
+    if (w->state != FW_READY || !(w->in_discovery || w->in_grace) || w->goaway || !bt_rpc_is_open(w->conn))
+        return false;
     if (w->quarantined) return false;
     if (w->load_ms && !(w->load.flags & BT_LOAD_READY)) return false;
     return true;
@@ -797,7 +894,7 @@ void fe_worker_send_cancel(fe_worker *w, uint32_t stream, bool kill) {
 void fe_worker_stream_done(fe_worker *w, uint32_t stream) {
     bt_map_del(&w->streams, stream);
     if (w->streams.len || w->freeing || !w->conn) return;
-    if (!w->in_discovery) {
+    if (!w->in_discovery && !w->in_grace) {
         bt_rpc_conn_close(w->conn, BT_OK, "left discovery, last stream ended");
     } else if (w->quarantined && !w->goaway) {
         /* quarantined on an open connection (a stream failed but the connection lives on): once

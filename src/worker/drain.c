@@ -1,10 +1,13 @@
 /* drain.c — the worker's shutdown sequence and its engine-failure path.
  *
- * SIGTERM/SIGINT/SIGHUP: (1) delete the instance's discovery key, so that no frontend discovers or
- * picks this worker from now on; (2) send GOAWAY on every frontend connection and a LOAD without
+ * SIGTERM/SIGINT/SIGHUP: (1) send GOAWAY on every frontend connection and a LOAD without
  * BT_LOAD_READY, so that connected frontends route nothing new at once (discovery watches may lag;
  * the request plane does not); a REQUEST that crossed the GOAWAY is refused with the migratable
- * BT_ERR_DRAINING and retried elsewhere; (3) let running streams finish for up to
+ * BT_ERR_DRAINING and retried elsewhere; (2) delete the instance's discovery key, so that no
+ * frontend discovers or picks this worker from now on. The GOAWAY goes first, written to the
+ * sockets before the delete is even queued: a frontend keeps a worker whose key vanished while its
+ * connection is healthy for a grace (a lease lost to an etcd pause looks the same as a delete), and
+ * it is the GOAWAY that tells it this one is leaving; (3) let running streams finish for up to
  * --graceful-shutdown-timeout seconds; (4) end the streams still running with the migratable
  * BT_ERR_SHUTDOWN ("engine shutting down") so that the frontends continue them on other workers
  * with their tokens carried; (5) no sooner than 200 ms after the GOAWAY (so that requests still
@@ -161,24 +164,25 @@ void wk_drain_begin(wk_worker *w, const char *why, bool immediate) {
     BT_INFO("Received shutdown signal (%s); unregistering endpoints from discovery, then draining %zu streams "
             "(bound %llds)",
             why, w->nstreams, immediate ? 0LL : (long long)w->o.graceful_timeout);
-    /* 1. out of discovery first, so no frontend picks this worker from now on */
-    if (w->disc && w->key[0]) {
-        bt_status st = bt_discovery_delete(w->disc, w->key);
-        if (st == BT_OK)
-            BT_INFO("Successfully unregistered endpoint instance from discovery - worker removed from routing pool");
-        else BT_WARN("cannot unregister %s from discovery (%s); GOAWAY still stops routing", w->key, bt_status_msg(st));
-    }
     wk_set_state(w, WK_DRAINING);
     wk_canary_stop(w);
     wk_orphan_kill_all(w, WK_ORPHAN_EV_DRAINED); /* no frontend can adopt them from a draining worker */
-    /* 2. tell every connected frontend at once, and flush now rather than at the end of the
-     * loop iteration: this is what makes routing stop within milliseconds */
+    /* 1. tell every connected frontend at once, and flush now rather than at the end of the
+     * loop iteration: this is what makes routing stop within milliseconds, and it reaches each
+     * frontend before the deletion below can (see the top of this file) */
     for (wk_peer *p = LIST_FIRST(&w->peers); p; p = LIST_NEXT(p, link)) {
         bt_buf *b = bt_rpc_wbuf(p->conn);
         if (b) bt_frame_put_goaway(b, BT_ERR_DRAINING, why);
     }
     wk_send_load(w, NULL);
     for (wk_peer *p = LIST_FIRST(&w->peers); p; p = LIST_NEXT(p, link)) bt_rpc_flush(p->conn);
+    /* 2. out of discovery, so no frontend discovers or picks this worker from now on */
+    if (w->disc && w->key[0]) {
+        bt_status st = bt_discovery_delete(w->disc, w->key);
+        if (st == BT_OK)
+            BT_INFO("Successfully unregistered endpoint instance from discovery - worker removed from routing pool");
+        else BT_WARN("cannot unregister %s from discovery (%s); GOAWAY still stops routing", w->key, bt_status_msg(st));
+    }
     /* 3. let running streams finish, within the bound */
     if (immediate || w->o.graceful_timeout == 0) hand_back_all(w, immediate ? why : "drain bound is 0");
     if (w->nstreams == 0) {

@@ -72,6 +72,15 @@ static void status_collect(wk_worker *w, bt_metrics *r) {
         wk_ready(w) ? 1 : 0, NULL);
     bt_metrics_gauge_value(r, "baton_worker_draining", BT_MERGE_MAX, "1 while the worker drains",
                            w->state == WK_DRAINING ? 1 : 0);
+    bt_discovery_stats ds;
+    bt_discovery_get_stats(w->disc, &ds);
+    bt_metrics_gauge_value(r, "baton_worker_discovery_registered", BT_MERGE_MIN,
+                           "1 while the worker's discovery key is in the store (etcd: written under its live lease)",
+                           ds.registered ? 1 : 0);
+    bt_metrics_add(bt_metrics_counter(r, "baton_worker_discovery_reregistrations_total",
+                                      "Times the worker found its discovery key gone (etcd: its lease expired) and "
+                                      "registered again"),
+                   (double)ds.reregistrations, NULL);
     bt_metrics_gauge_value(r, "baton_worker_uptime_seconds", BT_MERGE_MAX, "Seconds since the worker started",
                            (double)(bt_now_ms() - w->started_ms) / 1000.0);
     f = bt_metrics_counter(r, "baton_worker_canary_total", "Canary requests, by result");

@@ -382,7 +382,12 @@ static void test_put_seen_by_watch(void **state) {
     bt_discovery *d = make(f, 10);
     rec r = {0};
     write_key(f, "v1/mdc/dynamo/backend/generate/1a", "{\"card\":1}"); /* outside the prefix */
+    bt_discovery_stats st;
+    bt_discovery_get_stats(d, &st);
+    assert_false(st.watching); /* no watch yet */
     assert_int_equal(bt_discovery_watch(d, "v1/instances/", &rec_watcher, &r), BT_OK);
+    bt_discovery_get_stats(d, &st);
+    assert_false(st.watching); /* nothing listed yet: the first scan runs from the loop */
     json_t *v = json_pack("{s:s,s:s,s:s,s:s,s:I,s:{s:s},s:{s:s,s:i}}", "type", "Endpoint", "namespace", "dynamo",
                           "component", "backend", "endpoint", "generate", "instance_id", (json_int_t)26, "transport",
                           "tcp", "127.0.0.1:5000", "model", "name", "mock", "total_kv_blocks", 16384);
@@ -391,6 +396,10 @@ static void test_put_seen_by_watch(void **state) {
     assert_int_equal(r.n, 0); /* never called back from inside put or watch */
     assert_true(wait_for(f, &r, 'P', K1, 1, 2000));
     printf("    put-to-notice (same handle): %.2f ms\n", (last(&r, 'P', K1)->at_us - t0) / 1000.0);
+    bt_discovery_get_stats(d, &st);
+    assert_true(st.watching);
+    assert_true(st.registered);
+    assert_int_equal(st.reregistrations, 0);
     char *want = json_dumps(v, JSON_COMPACT | JSON_SORT_KEYS);
     assert_string_equal(last(&r, 'P', K1)->value, want);
     free(want);
@@ -527,6 +536,12 @@ static void test_expiry(void **state) {
     rec_free(&rr);
 }
 
+static bool rewrite_counted(void *p) {
+    bt_discovery_stats st;
+    bt_discovery_get_stats(p, &st);
+    return st.reregistrations > 0;
+}
+
 static void test_refresh_keeps_key_alive(void **state) {
     fx *f = *state;
     duo h;
@@ -547,6 +562,15 @@ static void test_refresh_keeps_key_alive(void **state) {
     assert_true(wait_for(f, &h.rr, 'P', K1, 2, 2000));
     printf("    vanished key rewritten and seen after %.0f ms\n", (last(&h.rr, 'P', K1)->at_us - t0) / 1000.0);
     assert_true(key_exists(f, K1));
+    /* the rewrite is counted when its job's result reaches the loop, which may come after the
+     * reader's scan has seen the file again */
+    assert_true(run_until(&f->loop, rewrite_counted, h.w, 1000));
+    bt_discovery_stats st;
+    bt_discovery_get_stats(h.w, &st);
+    assert_int_equal(st.reregistrations, 1); /* the rewrite is counted, once */
+    assert_true(st.registered);
+    bt_discovery_get_stats(NULL, &st); /* a process without discovery: all zero */
+    assert_false(st.watching || st.registered || st.reregistrations);
     duo_close(f, &h);
 }
 
