@@ -3,6 +3,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +21,7 @@
  * requests a second, it made a wake-up and a write per line: the access log's cost was 1.5x the
  * frontend's CPU per short request (bench/access_log.py). */
 #define FLUSH_NS 100000000ull
+#define CLOSE_WAIT_NS 3000000000ull /* how long a close waits for the last lines to be written */
 
 struct bt_linelog {
     uv_mutex_t mu;
@@ -27,14 +30,20 @@ struct bt_linelog {
     size_t len, cap;
     char *spare; /* the writer's: the lines being written, swapped with buf */
     bool stop;   /* under mu */
+    bool done;   /* under mu: the writer has ended (close waits for it, for a while) */
+    uv_cond_t done_cv;
     uv_thread_t th;
     int fd;        /* the writer's only */
+    bool cut;      /* the writer's: the file ends inside a line (a write failed part-way) */
     bool is_stdout;
     char *path;
     dev_t dev; /* of the file held, to see a rename */
     ino_t ino;
     atomic_uint_fast64_t dropped, written;
 };
+
+/* A log whose writer was stuck at close (bt_linelog_close): its memory stays the writer's. */
+static bt_linelog *abandoned;
 
 static int open_append(const char *path) { return open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640); }
 
@@ -44,18 +53,50 @@ static size_t count_lines(const char *p, size_t n) {
     return k;
 }
 
-/* Writes n bytes; false on an error other than EINTR (a full disk, a closed pipe). */
-static bool write_all(int fd, const char *p, size_t n) {
-    while (n) {
-        ssize_t w = write(fd, p, n);
-        if (w < 0) {
-            if (errno == EINTR) continue;
-            return false;
+#define WRITABLE_WAIT_MS 5000 /* a non-blocking output (an inherited stdout) that takes nothing this long fails */
+
+/* Writes n bytes; returns how many were written, fewer on an error (a full disk, a closed pipe,
+ * errno set). A non-blocking output (a standard output inherited with O_NONBLOCK, which the dup
+ * shares) is waited for, a while. */
+static size_t write_all(int fd, const char *p, size_t n) {
+    size_t done = 0;
+    while (done < n) {
+        ssize_t w = write(fd, p + done, n - done);
+        if (w >= 0) {
+            done += (size_t)w;
+        } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            struct pollfd pf = {.fd = fd, .events = POLLOUT};
+            int r = poll(&pf, 1, WRITABLE_WAIT_MS);
+            if (r == 0) errno = EAGAIN;
+            if (r <= 0 && errno != EINTR) return done;
+        } else if (errno != EINTR) {
+            return done;
         }
-        p += w;
-        n -= (size_t)w;
     }
-    return true;
+    return done;
+}
+
+/* Writes a batch of whole lines. A write that fails part-way leaves the file inside a line: the
+ * next batch starts with a line feed, so that the cut line stays alone (malformed, but no good
+ * line is joined to it). Lines count as written when their line feed was. */
+static void write_batch(bt_linelog *l, const char *p, size_t n) {
+    size_t lines = count_lines(p, n);
+    size_t w = 0;
+    if (!l->cut || write_all(l->fd, "\n", 1) == 1) {
+        l->cut = false;
+        w = write_all(l->fd, p, n);
+    }
+    size_t whole = count_lines(p, w);
+    atomic_fetch_add(&l->written, whole);
+    if (w == n) return;
+    int e = errno;
+    if (w > 0 && p[w - 1] != '\n') l->cut = true;
+    atomic_fetch_add(&l->dropped, lines - whole);
+    static bt_log_limit lim; /* the writer thread's only */
+    unsigned unsaid;
+    if (bt_log_limit_take(&lim, bt_now_ms(), 1, &unsaid))
+        BT_WARN("access log: writing to %s failed (%s); %zu lines lost", l->is_stdout ? "the standard output" : l->path,
+                strerror(e), lines - whole);
 }
 
 /* The path names another file than the one held (rotated: renamed, then a new one made, or not
@@ -97,25 +138,15 @@ static void writer(void *arg) {
         l->spare = p;
         l->len = 0;
         uv_mutex_unlock(&l->mu);
-        if (n) {
-            size_t lines = count_lines(p, n);
-            if (write_all(l->fd, p, n)) {
-                atomic_fetch_add(&l->written, lines);
-            } else {
-                atomic_fetch_add(&l->dropped, lines);
-                static bt_log_limit lim;
-                unsigned unsaid;
-                if (bt_log_limit_take(&lim, bt_now_ms(), 1, &unsaid))
-                    BT_WARN("access log: writing %zu lines to %s failed (%s); they are lost", lines,
-                            l->is_stdout ? "the standard output" : l->path, strerror(errno));
-            }
-        }
+        if (n) write_batch(l, p, n);
         if (!l->is_stdout && uv_hrtime() >= next_check) {
             reopen_if_moved(l);
             next_check = uv_hrtime() + REOPEN_CHECK_NS;
         }
         uv_mutex_lock(&l->mu);
     }
+    l->done = true;
+    uv_cond_signal(&l->done_cv);
     uv_mutex_unlock(&l->mu);
 }
 
@@ -158,7 +189,14 @@ bt_linelog *bt_linelog_open(const char *path, size_t cap, char *err, size_t errl
         snprintf(err, errlen, "cannot make a condition variable");
         goto fail;
     }
+    if (uv_cond_init(&l->done_cv) != 0) {
+        uv_cond_destroy(&l->cv);
+        uv_mutex_destroy(&l->mu);
+        snprintf(err, errlen, "cannot make a condition variable");
+        goto fail;
+    }
     if (uv_thread_create(&l->th, writer, l) != 0) {
+        uv_cond_destroy(&l->done_cv);
         uv_cond_destroy(&l->cv);
         uv_mutex_destroy(&l->mu);
         snprintf(err, errlen, "cannot start the access log's writer thread");
@@ -201,9 +239,24 @@ void bt_linelog_close(bt_linelog *l) {
     if (!l) return;
     uv_mutex_lock(&l->mu);
     l->stop = true;
-    uv_mutex_unlock(&l->mu);
     uv_cond_signal(&l->cv);
+    /* the writer ends once what is queued is written; an output that takes nothing (a pipe no one
+     * reads, a hung network file system) must not keep the process from exiting */
+    uint64_t deadline = uv_hrtime() + CLOSE_WAIT_NS;
+    while (!l->done && uv_hrtime() < deadline) (void)uv_cond_timedwait(&l->done_cv, &l->mu, deadline - uv_hrtime());
+    bool done = l->done;
+    uv_mutex_unlock(&l->mu);
+    if (!done) {
+        /* left to the process's exit, with its memory: it may still be inside write(2) */
+        BT_WARN("access log: %s takes no more lines (a write has waited over %llu s); the lines not yet written "
+                "are lost",
+                l->is_stdout ? "the standard output" : l->path, (unsigned long long)(CLOSE_WAIT_NS / 1000000000ull));
+        (void)pthread_detach(l->th);
+        abandoned = l; /* still the writer's: kept reachable, never freed */
+        return;
+    }
     uv_thread_join(&l->th);
+    uv_cond_destroy(&l->done_cv);
     uv_cond_destroy(&l->cv);
     uv_mutex_destroy(&l->mu);
     close(l->fd);

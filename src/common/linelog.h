@@ -8,6 +8,9 @@
  * holds and reopens the path when the file was renamed or removed, so that logrotate works
  * without copytruncate and without a signal. "-" is the standard output (never reopened).
  *
+ * The process ignores SIGPIPE (baton's main does): an output whose reader went away is a failed
+ * write, counted, not the process's end.
+ *
  * A logging library (zlog, log4c) would bring configuration files and formats of its own for
  * what is a buffer, a thread and a rename check; these are written here. */
 #ifndef BATON_LINELOG_H
@@ -32,7 +35,9 @@ void bt_linelog_drop(bt_linelog *l);
 uint64_t bt_linelog_dropped(const bt_linelog *l);
 /* Lines written so far. */
 uint64_t bt_linelog_written(const bt_linelog *l);
-/* Writes what is queued, stops the writer and closes the file. NULL is a no-op. */
+/* Writes what is queued, stops the writer and closes the file. A writer still inside a write
+ * after 3 s (an output that takes nothing) is left behind with its memory, and the lines it held
+ * are lost (logged). NULL is a no-op. */
 void bt_linelog_close(bt_linelog *l);
 
 #endif

@@ -57,7 +57,7 @@ static void put_text(bt_buf *b, const char *v) {
 /* A string of this frontend's own making that needs no escape: a request id that passed valid_rid
  * (letters, digits, - _ . :) or a UUID, a stream id and a worker id (hex), a tenant label (key-
  * and hex, "anonymous", "other", or an X-Tenant reduced to letters, digits, . _ -), a finish
- * reason or error code (literals, or the journal's copy of one). */
+ * reason or error code (literals). */
 static void put_plain(bt_buf *b, const char *v) {
     if (!v) {
         bt_buf_append(b, "null", 4);
@@ -115,8 +115,7 @@ void fe_access_request(const fe_req *r, fe_outcome out) {
     bt_buf_reset(b);
     begin(b);
     PUT_KEY(b, ",\"request_id\":");
-    if (r->resumed) put_text(b, r->rid); /* read from a journal record, maybe another frontend's */
-    else put_plain(b, r->rid);
+    put_plain(b, r->rid); /* fe_valid_rid's, or one made here (a journal record's too: resume.c) */
     PUT_KEY(b, ",\"path\":");
     put_plain(b, r->api == BT_API_CHAT ? "/v1/chat/completions" : "/v1/completions");
     /* a client gone before any answer has none: 499, as proxies log it */
@@ -139,10 +138,11 @@ void fe_access_request(const fe_req *r, fe_outcome out) {
     bt_buf_append_i64(b, r->prompt_tokens);
     PUT_KEY(b, ",\"completion_tokens\":");
     bt_buf_append_i64(b, r->completion_tokens ? r->completion_tokens : (int64_t)r->nids);
+    /* escaped: a replayed stream's are its journal record's, maybe another frontend's */
     PUT_KEY(b, ",\"finish_reason\":");
-    put_plain(b, r->finish);
+    put_text(b, r->finish);
     PUT_KEY(b, ",\"error\":");
-    put_plain(b, r->err_code);
+    put_text(b, r->err_code);
     PUT_KEY(b, ",\"ttft_ms\":");
     put_ms(b, r->t_start_us, r->t_first_us);
     PUT_KEY(b, ",\"duration_ms\":");
@@ -171,7 +171,7 @@ void fe_access_request(const fe_req *r, fe_outcome out) {
     end(b);
 }
 
-void fe_access_refusal(const bt_http_req *http, const char *rid, int status, const char *code) {
+void fe_access_answer(const bt_http_req *http, const char *rid, int status, const char *code) {
     if (!access_log) return;
     bt_buf b;
     bt_buf_init(&b, FE_ACCESS_LINE_MAX);
@@ -191,7 +191,7 @@ void fe_access_refusal(const bt_http_req *http, const char *rid, int status, con
     PUT_KEY(&b, ",\"status\":");
     bt_buf_append_i64(&b, status);
     PUT_KEY(&b, ",\"outcome\":");
-    put_plain(&b, status >= 500 ? "error" : "refused");
+    put_plain(&b, status >= 500 ? "error" : status >= 400 ? "refused" : "success");
     PUT_KEY(&b, ",\"error\":");
     put_plain(&b, code);
     end(&b);

@@ -628,12 +628,17 @@ void fe_access_stop(void);
 bool fe_access_on(void);
 /* The line of an inference request as it ends (req_done, before its ticket is freed). */
 void fe_access_request(const fe_req *r, fe_outcome out);
-/* The line of a request the API refused without making it a request (no fe_req): the error body's
- * status and code. rid NULL: the client's X-Request-Id if any. */
-void fe_access_refusal(const bt_http_req *http, const char *rid, int status, const char *code);
+/* The line of an API request answered without being made a request (no fe_req): a refusal, with
+ * its error body's status and code, or a resume that had nothing left to send (204). rid NULL:
+ * the client's X-Request-Id if any. */
+void fe_access_answer(const bt_http_req *http, const char *rid, int status, const char *code);
 /* Lines dropped since start (the writer fell behind, or writing failed), for /metrics. */
 uint64_t fe_access_dropped(void);
 uint64_t fe_access_written(void);
+
+/* A client's X-Request-Id this frontend takes as the request's id: 1 to RID_MAX of letters, digits,
+ * - _ . : (it goes into a response header and the logs as it is). */
+bool fe_valid_rid(const char *s);
 
 void fe_json_error(bt_http_req *http, const char *rid, int status, const char *code, const char *fmt, ...)
     __attribute__((format(printf, 5, 6)));

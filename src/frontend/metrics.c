@@ -225,12 +225,16 @@ void fe_metrics_collect(fe *f, bt_metrics *r) {
                            "Workers whose discovery key vanished, kept routable while they register again "
                            "(--discovery-grace)",
                            (double)fe_workers_in_grace(f));
-    static const char *grace_result[FE_GRACE_N_] = {"kept", "reregistered", "expired", "dropped"};
-    fam = bt_metrics_counter(r, "baton_frontend_discovery_grace_total",
-                             "Workers kept routable after their discovery key vanished (kept), and how each grace "
-                             "ended: registered again, expired, or dropped (connection ended, or draining)");
-    for (int i = 0; i < FE_GRACE_N_; i++)
-        bt_metrics_add(fam, (double)f->grace_counts[i], "result", grace_result[i], NULL);
+    /* every event loop keeps its own view of every worker, and its own grace of each: the first
+     * loop's count is the process's (summed over the loops, one key lost would count N times) */
+    if (f->shard == 0) {
+        static const char *grace_result[FE_GRACE_N_] = {"kept", "reregistered", "expired", "dropped"};
+        fam = bt_metrics_counter(r, "baton_frontend_discovery_grace_total",
+                                 "Workers kept routable after their discovery key vanished (kept), and how each grace "
+                                 "ended: registered again, expired, or dropped (connection ended, or draining)");
+        for (int i = 0; i < FE_GRACE_N_; i++)
+            bt_metrics_add(fam, (double)f->grace_counts[i], "result", grace_result[i], NULL);
+    }
     bt_metrics_gauge_value(r, "baton_frontend_http_connections", BT_MERGE_SUM, "Open client connections",
                            (double)bt_http_server_connections(f->http));
     /* one counter shared by the shards: each reports the same value, the merge keeps it once */

@@ -57,7 +57,7 @@ static void json_error_v(bt_http_req *http, const char *rid, int status, const c
     char msg[512];
     vsnprintf(msg, sizeof msg, fmt, ap);
     /* a request's own failure is written with the request (req_done); here, what never became one */
-    if (!http->user) fe_access_refusal(http, rid, status, code);
+    if (!http->user) fe_access_answer(http, rid, status, code);
     /* client mistakes at debug level (a hostile client must not flood the log), the rest at info,
      * ten a second at most per event loop: under the overload that sheds requests with 503, a line
      * per request would be a flood (baton_frontend_requests_total counts them all) */
@@ -852,7 +852,7 @@ bool fe_request_cancel_by_id(fe *f, const char *rid, bool kill, const uint8_t *c
 
 /* ---- validation ---- */
 
-static bool valid_rid(const char *s) {
+bool fe_valid_rid(const char *s) {
     size_t n = strlen(s);
     if (n == 0 || n > RID_MAX) return false;
     for (size_t i = 0; i < n; i++) {
@@ -1224,7 +1224,7 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
     }
     char err[256];
     char rid[RID_MAX + 8];
-    if (http->request_id && valid_rid(http->request_id)) snprintf(rid, sizeof rid, "%s", http->request_id);
+    if (http->request_id && fe_valid_rid(http->request_id)) snprintf(rid, sizeof rid, "%s", http->request_id);
     else bt_uuid4(rid);
     f->requests_seen++;
 

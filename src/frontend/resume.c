@@ -410,6 +410,7 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
         fe_jsnap_free(snap);
         free(snap);
         f->resumes[FE_RESUME_REPLAYED]++;
+        fe_access_answer(http, NULL, 204, NULL);
         bt_http_respond(http, 204, NULL, NULL, NULL, 0);
         return;
     }
@@ -429,7 +430,12 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
     /* the body was accepted with U+0000 in its strings (request.c): read back the same way */
     json_t *body = json_loads(snap->body, JSON_ALLOW_NUL, NULL);
     fe_model *m = body ? fe_model_get(f, snap->model, true) : NULL;
-    fe_req *r = m ? fe_request_new(f, http, api, body, snap->rid, m, snap->created) : NULL;
+    /* the id goes into a response header and the logs: a record (another frontend's, read from
+     * JetStream) whose id this frontend would not have taken gets a new one */
+    char rid[80];
+    if (fe_valid_rid(snap->rid)) bt_copy_str(rid, sizeof rid, snap->rid);
+    else bt_uuid4(rid);
+    fe_req *r = m ? fe_request_new(f, http, api, body, rid, m, snap->created) : NULL;
     if (!r) { /* answered by fe_request_new, unless the body or model could not be made */
         if (!m) {
             json_decref(body);

@@ -263,6 +263,22 @@ static bool host_split(const char *host, const char **name, size_t *nlen, bool *
     return true;
 }
 
+/* The authority of an absolute-form request target ("http://evil.example/v1/models"): RFC 9112
+ * §3.2.2 has a server take the request's host from it, not from Host, so the Host rule reads it
+ * too. False for any other form; an authority longer than `cap` is cut (and then refused, unless
+ * the rule is off). */
+static bool target_authority(const bt_buf *url, char *out, size_t cap) {
+    const char *u = url->data;
+    if (!u || !url->len) return false;
+    size_t skip = strncasecmp(u, "http://", 7) == 0 ? 7 : strncasecmp(u, "https://", 8) == 0 ? 8 : 0;
+    if (!skip) return false;
+    size_t n = strcspn(u + skip, "/?#");
+    if (n >= cap) n = cap - 1;
+    memcpy(out, u + skip, n);
+    out[n] = '\0';
+    return true;
+}
+
 /* name[0..n) is `suffix` or a name under it (ASCII case ignored) */
 static bool name_under(const char *name, size_t n, const char *suffix, size_t slen, bool subdomains) {
     if (n == slen && strncasecmp(name, suffix, n) == 0) return true;
@@ -913,8 +929,11 @@ static int cb_headers_complete(http_parser *p) {
     }
     /* before anything else is said about the request: a page that reached this server by DNS
      * rebinding learns nothing, not even whether its body would have fitted */
+    char authority[256];
+    bool absolute = target_authority(&c->url, authority, sizeof authority);
     if (!bt_http_host_allowed(c->srv->allowed_hosts, c->srv->loopback,
-                              c->have_hdr[H_HOST] ? c->hdr[H_HOST].data : NULL)) {
+                              c->have_hdr[H_HOST] ? c->hdr[H_HOST].data : NULL) ||
+        (absolute && !bt_http_host_allowed(c->srv->allowed_hosts, c->srv->loopback, authority))) {
         c->err_status = 403;
         return -1;
     }
@@ -980,6 +999,10 @@ static void host_refused(conn *c) {
     char name[104];
     size_t n = 0;
     const char *h = c->hdr[H_HOST].data ? c->hdr[H_HOST].data : "";
+    char authority[256];
+    /* the Host header passed: the name refused was an absolute-form target's */
+    if (target_authority(&c->url, authority, sizeof authority) && bt_http_host_allowed(s->allowed_hosts, s->loopback, h))
+        h = authority;
     for (; h[n] && n < 100; n++) name[n] = h[n] >= 0x20 && h[n] < 0x7f ? h[n] : '?';
     snprintf(name + n, sizeof name - n, "%s", h[n] ? "..." : "");
     unsigned unsaid = 0;

@@ -8,7 +8,8 @@ API refuses.
      tokens, finish_reason, ttft_ms <= duration_ms, one attempt; a request without the key (401),
      bad JSON (400), an unknown model (404), an unknown path (404) each give a refusal line with
      method, path, status and error code; a client that closes its stream mid-way gives
-     client_gone and outcome cancelled; a stream whose worker is killed with kill -9 mid-way ends
+     client_gone and outcome cancelled; a resume of a finished stream whose client has every
+     event (204) gives a line too; a stream whose worker is killed with kill -9 mid-way ends
      whole with attempts 2 and migrations 1; /metrics counts the lines written.
   2. The file renamed away (logrotate's move, no copytruncate, no signal): the next lines go to a
      new file at the path within about a second, the old lines stay in the moved file.
@@ -83,7 +84,16 @@ def part1_and_2(c):
     check_success(wait_line(log, by_id(hdrs["x-request-id"]), "a unary request"), False, 7)
     s = bl.stream_chat(fe.url, bl.chat_body(max_tokens=9, stream=True), headers=AUTH)
     s.assert_ok("stream")
-    check_success(wait_line(log, by_id(s.headers["x-request-id"]), "a stream"), True, 9)
+    ln = wait_line(log, by_id(s.headers["x-request-id"]), "a stream")
+    check_success(ln, True, 9)
+    # a resume with nothing left to send (its client has [DONE]) is answered 204, and written
+    sid = ln["stream_id"]
+    assert s.last_event_id.startswith(sid) and s.last_event_id.endswith(":done"), s.last_event_id
+    st, _, _ = bl.request("GET", f"{fe.url}/v1/chat/completions/{sid}", None,
+                          dict(AUTH, **{"Last-Event-ID": s.last_event_id, "X-Request-Id": "resume-done"}))
+    assert st == 204, st
+    ln = wait_line(log, by_id("resume-done"), "a resume answered 204")
+    assert (ln["method"], ln["status"], ln["outcome"]) == ("GET", 204, "success"), ln
 
     # refusals
     cases = [("POST", "/v1/chat/completions", bl.chat_body(), {}, 401, "invalid_api_key"),
@@ -130,9 +140,9 @@ def part1_and_2(c):
 
     # every line whole, each request once; /metrics counts them
     every = lines_of(log)
-    assert len(every) == 8, every
+    assert len(every) == 9, every
     samples = bl.metrics(fe.url)
-    assert bl.metric_sum(samples, "baton_frontend_access_log_lines_total", result="written") == 8, samples
+    assert bl.metric_sum(samples, "baton_frontend_access_log_lines_total", result="written") == 9, samples
     assert bl.metric_sum(samples, "baton_frontend_access_log_lines_total", result="dropped") == 0
 
     # 2. rotation by rename
@@ -144,7 +154,7 @@ def part1_and_2(c):
     bl.wait_for(lambda: bl.request("POST", fe.url + "/v1/chat/completions", bl.chat_body(max_tokens=1), AUTH)[0] == 200
                 and len(lines_of(log)) > 0, 5, interval=0.2, what="a new file at the access log's path")
     old = lines_of(log + ".1")
-    assert len(old) >= 8 and all(ln["request_id"] != "x" for ln in old)
+    assert len(old) >= 9 and all(ln["request_id"] != "x" for ln in old)
     assert sum(ln["request_id"] == rid for ln in old + lines_of(log)) == 1
     fe.proc.stop()
     assert fe.proc.returncode == 0

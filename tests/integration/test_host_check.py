@@ -10,7 +10,8 @@ Now:
      path, /live /health /metrics included, logs it at warn and counts it in
      baton_frontend_http_rejections_total{reason="host_not_allowed"}; Host localhost:PORT,
      127.0.0.1:PORT and [::1]:PORT are served, and so is HTTP/1.0 without Host (HTTP/1.1 without
-     one stays a 400).
+     one stays a 400). An absolute-form target (GET http://evil.example/... with Host: localhost)
+     is checked by its authority too.
   2. --allowed-hosts (or BATON_ALLOWED_HOSTS) lists names served besides those, ".example" a
      domain with its subdomains, "*" any; a list that is not host names is a start-up error (2).
   3. A frontend on 0.0.0.0 checks nothing unless the flag is given (behind a load balancer it gets
@@ -74,6 +75,11 @@ with bl.Cluster() as c:
         for path in PATHS:
             served(p, path, host)
     served(p, "/v1/models", None, "HTTP/1.0")  # no browser leaves Host out
+    # an absolute-form target names the host too (RFC 9112 §3.2.2: it wins over Host): checked alike
+    st, body = get(p, "http://evil.example/v1/models", "localhost")
+    assert st == 403 and "Host 'evil.example' is not served here" in json.loads(body)["error"]["message"], (st, body)
+    served(p, f"http://localhost:{p}/v1/models", "localhost")
+    served(p, f"http://127.0.0.1:{p}/v1/models", "localhost")
     st, body = get(p, "/v1/models", None)
     assert st == 400 and b"without a Host header" in body, (st, body[:200])
     # a POST too: refused before its body counts or the route is looked at
@@ -83,7 +89,7 @@ with bl.Cluster() as c:
     fe.proc.wait_log(r"WARN .*refused a request for Host 'evil\.example' \(port %d\)" % p)
     m = bl.metrics(fe.url)
     n = bl.metric_sum(m, "baton_frontend_http_rejections_total", reason="host_not_allowed")
-    assert n == 2 * len(PATHS) + 3, n
+    assert n == 2 * len(PATHS) + 4, n
 
     # 4. the worker's status server on loopback
     wp = w.system_port

@@ -7,7 +7,9 @@
  * followed by a new file at the path within the writer's one-second check, the lines before the
  * move staying in the moved file; the file removed likewise; open refuses a path in a directory
  * that does not exist and a directory, saying why; close writes what is queued; the written and
- * dropped counts. */
+ * dropped counts; a write that fails part-way (the file size limit) leaves one cut line alone on
+ * its line, the lines after it whole, and the counts add up; close returns within its bound when
+ * the output takes nothing (a FIFO no one reads). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -15,6 +17,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <uv.h>
 
@@ -160,6 +166,78 @@ static void test_rotation(void **state) {
     free(s);
 }
 
+/* A write that fails part-way (the file size limit, as a full disk would) leaves a cut line; the
+ * next batch starts on a line of its own, and the counts add up. */
+static void test_write_fails_part_way(void **state) {
+    (void)state;
+    char path[128], err[256];
+    snprintf(path, sizeof path, "%s/cut.log", dir);
+    struct rlimit old;
+    assert_int_equal(getrlimit(RLIMIT_FSIZE, &old), 0);
+    signal(SIGXFSZ, SIG_IGN);
+    struct rlimit small = {1000, old.rlim_max};
+    bt_linelog *l = bt_linelog_open(path, 65536, err, sizeof err);
+    assert_non_null(l);
+    assert_int_equal(setrlimit(RLIMIT_FSIZE, &small), 0);
+    char line[128];
+    for (int i = 0; i < 30; i++) {
+        int k = snprintf(line, sizeof line, "{\"n\":%d,\"pad\":\"%040d\"}\n", i, i);
+        assert_true(bt_linelog_put(l, line, (size_t)k));
+    }
+    for (int i = 0; i < 200 && bt_linelog_written(l) + bt_linelog_dropped(l) < 30; i++) usleep(10000);
+    assert_int_equal(setrlimit(RLIMIT_FSIZE, &old), 0);
+    for (int i = 100; i < 110; i++) {
+        int k = snprintf(line, sizeof line, "{\"n\":%d,\"pad\":\"%040d\"}\n", i, i);
+        assert_true(bt_linelog_put(l, line, (size_t)k));
+    }
+    for (int i = 0; i < 200 && bt_linelog_written(l) + bt_linelog_dropped(l) < 40; i++) usleep(10000);
+    uint64_t written = bt_linelog_written(l), dropped = bt_linelog_dropped(l);
+    bt_linelog_close(l);
+    signal(SIGXFSZ, SIG_DFL);
+    assert_int_equal(written + dropped, 40);
+    assert_true(dropped > 0 && written >= 10);
+    size_t len;
+    char *s = slurp(path, &len);
+    size_t good = 0, cut = 0;
+    int after = 0;
+    for (char *ln = strtok(s, "\n"); ln; ln = strtok(NULL, "\n")) {
+        int n = -1, pad = -1, end = 0;
+        if (sscanf(ln, "{\"n\":%d,\"pad\":\"%d\"}%n", &n, &pad, &end) == 2 && end == (int)strlen(ln) && n == pad) {
+            good++;
+            after += n >= 100;
+        } else {
+            cut++; /* the line the limit cut: alone on its line */
+            assert_true(strlen(ln) < 60);
+        }
+    }
+    assert_int_equal(good, written);
+    assert_true(cut <= 1);
+    assert_int_equal(after, 10); /* the lines after the failure all whole */
+    free(s);
+}
+
+/* An output that takes nothing (a FIFO no one reads) does not keep close from returning. */
+static void test_close_stuck_output(void **state) {
+    (void)state;
+    char path[128], err[256];
+    snprintf(path, sizeof path, "%s/fifo", dir);
+    assert_int_equal(mkfifo(path, 0600), 0);
+    int keep = open(path, O_RDWR | O_NONBLOCK); /* a reader that never reads: the open does not block */
+    assert_true(keep >= 0);
+    bt_linelog *l = bt_linelog_open(path, 1 << 20, err, sizeof err);
+    assert_non_null(l);
+    char line[1024];
+    memset(line, 'x', sizeof line);
+    line[sizeof line - 1] = '\n';
+    for (int i = 0; i < 200; i++) assert_true(bt_linelog_put(l, line, sizeof line)); /* 200 KiB > the pipe's 64 */
+    usleep(300000);                                                                    /* the writer is in write(2) */
+    uint64_t t0 = uv_hrtime();
+    bt_linelog_close(l);
+    double s = (double)(uv_hrtime() - t0) / 1e9;
+    assert_true(s >= 2.5 && s < 6.0); /* it waited its bound, no more */
+    close(keep);
+}
+
 static void test_open_errors(void **state) {
     (void)state;
     char path[128], err[256] = "";
@@ -172,10 +250,13 @@ static void test_open_errors(void **state) {
 }
 
 int main(void) {
+    signal(SIGPIPE, SIG_IGN); /* as baton's main does: a reader gone is EPIPE, not the end */
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_two_threads),
         cmocka_unit_test(test_too_long_dropped),
         cmocka_unit_test(test_rotation),
+        cmocka_unit_test(test_write_fails_part_way),
+        cmocka_unit_test(test_close_stuck_output),
         cmocka_unit_test(test_open_errors),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
