@@ -138,7 +138,7 @@ void fe_access_request(const fe_req *r, fe_outcome out) {
     PUT_KEY(b, ",\"prompt_tokens\":");
     bt_buf_append_i64(b, r->prompt_tokens);
     PUT_KEY(b, ",\"completion_tokens\":");
-    bt_buf_append_i64(b, r->completion_tokens ? r->completion_tokens : (int64_t)r->nids);
+    bt_buf_append_i64(b, r->completion_tokens ? r->completion_tokens : (int64_t)r->nids + r->body_carried);
     PUT_KEY(b, ",\"finish_reason\":");
     put_plain(b, r->finish);
     PUT_KEY(b, ",\"error\":");
