@@ -311,7 +311,7 @@ struct fe_req {
     /* ids the client's body names in carried_token_ids: part of the completion it is billed for
      * (usage counts them) but not of nids, and not limited by max_tokens, which counts new ones */
     uint32_t body_carried;
-    bool mig_pending; /* a failure was counted as a migration and no continuation was sent yet */
+    bool mig_pending;       /* a failure was counted as a migration and no continuation was sent yet */
     fe_jtail jtail;         /* how the request ended, for its journal record */
     char body_digest[65];   /* of the client's body, before the frontend changes anything (resume.c) */
     bool resumed;           /* built from the journal by a resume: no new record, no admission */
