@@ -137,7 +137,9 @@ void fe_access_request(const fe_req *r, fe_outcome out) {
     PUT_KEY(b, ",\"prompt_tokens\":");
     bt_buf_append_i64(b, r->prompt_tokens);
     PUT_KEY(b, ",\"completion_tokens\":");
-    bt_buf_append_i64(b, r->completion_tokens ? r->completion_tokens : (int64_t)r->nids);
+    bt_buf_append_i64(b, r->completion_tokens ? r->completion_tokens : (int64_t)r->nids + r->body_carried);
+    PUT_KEY(b, ",\"carried_tokens\":"); /* the client's carried_token_ids (usage.carried_tokens) */
+    bt_buf_append_i64(b, (int64_t)r->body_carried);
     /* escaped: a replayed stream's are its journal record's, maybe another frontend's */
     PUT_KEY(b, ",\"finish_reason\":");
     put_text(b, r->finish);

@@ -68,6 +68,9 @@ typedef struct {
     int64_t inflight;
     fe_hist ttft, itl, migration_stall, duration;
     uint64_t migrations_new, migrations_ongoing, migrations_exhausted;
+    /* failures counted in migrations_new/ongoing, with budget left, whose continuation was never
+     * sent: no worker could take it, the retry budget refused it, or the request ended first */
+    uint64_t migrations_unserved;
     uint64_t kv_relayed, kv_relayed_bytes, kv_unrelayed; /* KV states a continuation took / could not */
     uint64_t cancellations[2]; /* [streaming] */
     uint64_t rejections[2];    /* [api] */
@@ -305,6 +308,10 @@ struct fe_req {
     uint64_t t_fail_us; /* when the attempt that started the current migration failed */
     int64_t created;
     uint32_t prompt_tokens, completion_tokens;
+    /* ids the client's body names in carried_token_ids: part of the completion it is billed for
+     * (usage counts them) but not of nids, and not limited by max_tokens, which counts new ones */
+    uint32_t body_carried;
+    bool mig_pending;       /* a failure was counted as a migration and no continuation was sent yet */
     fe_jtail jtail;         /* how the request ended, for its journal record */
     char body_digest[65];   /* of the client's body, before the frontend changes anything (resume.c) */
     bool resumed;           /* built from the journal by a resume: no new record, no admission */

@@ -103,6 +103,12 @@ static void collect_models(fe *f, bt_metrics *r) {
                              "Requests that failed because their migration budget was spent");
     for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link))
         bt_metrics_add(fam, (double)m->st.migrations_exhausted, "model", m->name, NULL);
+    fam = bt_metrics_counter(r, "baton_frontend_model_migration_unserved_total",
+                             "Failures counted in dynamo_frontend_model_migration_total, with budget left, whose "
+                             "continuation was never sent (no worker could take it, the retry budget refused it, or "
+                             "the request ended first)");
+    for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link))
+        bt_metrics_add(fam, (double)m->st.migrations_unserved, "model", m->name, NULL);
     fam = bt_metrics_counter(r, "dynamo_frontend_model_cancellation_total",
                              "Requests cancelled by their client or by the operator");
     for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link))

@@ -264,6 +264,7 @@ void fe_migrate_dispatch(fe_req *r) {
         return;
     }
     a->stream_id = id;
+    r->mig_pending = false; /* the migration counted at the failure is performed */
     if (preempting) {
         uint32_t victims;
         int32_t vp;
@@ -343,6 +344,10 @@ static void attempt_failed(fe_req *r, bt_status code, const char *msg) {
      * requests a failure touched; the exhausted counter shows how many of them it cost */
     if (r->nids > 0) r->model->st.migrations_ongoing++;
     else r->model->st.migrations_new++;
+    /* performed once a continuation is sent; a request that ends before (no worker left, the
+     * retry budget) counts in migrations_unserved at its end, so that total − exhausted − unserved
+     * is the migrations performed */
+    r->mig_pending = true;
     if (code == BT_ERR_MOVED && r->moves >= FE_MOVES_FREE) /* at most once per charged attempt */
         BT_WARN("request %s: moved %d times by its workers already; this move is charged to its migration budget",
                 r->rid, r->moves);
@@ -359,6 +364,7 @@ static void attempt_failed(fe_req *r, bt_status code, const char *msg) {
         return;
     }
     if (r->attempts_left <= 0) {
+        r->mig_pending = false; /* no budget: counted as exhausted (or migration is off), not unserved */
         if (r->fe->o.migration_limit > 0) r->model->st.migrations_exhausted++;
         char m[256];
         if (r->fe->o.migration_limit > 0)

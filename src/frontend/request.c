@@ -175,6 +175,7 @@ static void req_done(fe_req *r, fe_outcome out) {
     static const char *const outcome_names[] = {"answered", "failed", "cancelled", "rejected: every worker is busy"};
     fe_req_set_state(r, FE_REQ_DONE, outcome_names[out]);
     if (r->attempt) fe_attempt_abandon(r->attempt);
+    if (r->mig_pending && r->model) r->model->st.migrations_unserved++;
     fe_access_request(r, out); /* before req_free: it reads the ticket */
     if (r->model) {
         r->model->st.requests[r->api][r->stream][out]++;
@@ -420,13 +421,20 @@ void fe_request_write_replayed(fe_req *r, bt_buf *b, const uint32_t *ids, size_t
     build_chunk(r, b, ids, n, text, len, NULL);
 }
 
-static void usage_json(bt_buf *b, uint32_t pt, uint32_t ct) {
+/* OpenAI's three fields; a request whose body carried tokens in (carried_token_ids) also gets
+ * carried_tokens: how many of completion_tokens it did not generate but was given, so that an
+ * operator can bill them as the prefill work they were (docs/engines.md §2.6). */
+static void usage_json(bt_buf *b, const fe_req *r, uint32_t pt, uint32_t ct) {
     bt_buf_append_str(b, "{\"prompt_tokens\":");
     bt_buf_append_i64(b, pt);
     bt_buf_append_str(b, ",\"completion_tokens\":");
     bt_buf_append_i64(b, ct);
     bt_buf_append_str(b, ",\"total_tokens\":");
     bt_buf_append_i64(b, (uint32_t)(pt + ct)); /* as "%u" printed it: unsigned, wrapping */
+    if (r->body_carried) {
+        bt_buf_append_str(b, ",\"carried_tokens\":");
+        bt_buf_append_i64(b, r->body_carried);
+    }
     bt_buf_append(b, "}", 1);
 }
 
@@ -443,7 +451,7 @@ static void build_tail(fe_req *r, bt_buf *b, const char *reason, int mark) {
         size_t tail = strlen("[{\"index\":0,");
         bt_buf_append(b, r->prefix, r->prefix_len > tail ? r->prefix_len - tail : 0);
         bt_buf_append_str(b, "[],\"usage\":");
-        usage_json(b, r->prompt_tokens, r->completion_tokens);
+        usage_json(b, r, r->prompt_tokens, r->completion_tokens);
         bt_buf_append_str(b, "}\n\n");
     }
     append_id(b, r, r->nids, ":done");
@@ -503,7 +511,7 @@ static void finish_unary(fe_req *r, const char *reason) {
         append_ids(&b, r->ids, r->nids);
     }
     bt_buf_append_str(&b, "}],\"usage\":");
-    usage_json(&b, r->prompt_tokens, r->completion_tokens);
+    usage_json(&b, r, r->prompt_tokens, r->completion_tokens);
     bt_buf_append_str(&b, "}");
     char hdr[128];
     snprintf(hdr, sizeof hdr, "X-Request-Id: %s\r\n", r->rid);
@@ -589,7 +597,7 @@ void fe_request_end_cancelled(fe_req *r) {
         fail_request(r, BT_ERR_CANCELLED, "request cancelled");
         return;
     }
-    r->completion_tokens = (uint32_t)r->nids;
+    r->completion_tokens = (uint32_t)(r->nids + r->body_carried);
     r->finish = "cancelled";
     if (r->stream) finish_streaming(r, "cancelled");
     else finish_unary(r, "cancelled");
@@ -754,8 +762,10 @@ void fe_request_finish(fe_req *r, uint8_t reason, uint32_t prompt_tokens, uint32
     }
     r->prompt_tokens = prompt_tokens;
     /* usage never counts more than the answer may hold: tokens a worker sent past max_tokens were
-     * dropped (fe_request_deliver) */
-    if (r->max_tokens >= 0 && completion_tokens > (uint64_t)r->max_tokens) completion_tokens = (uint32_t)r->max_tokens;
+     * dropped (fe_request_deliver). The worker counts the body's carried ids as completion
+     * (docs/protocol.md §6), and max_tokens limits only the new ones. */
+    if (r->max_tokens >= 0 && completion_tokens > (uint64_t)r->max_tokens + r->body_carried)
+        completion_tokens = (uint32_t)((uint64_t)r->max_tokens + r->body_carried);
     r->completion_tokens = completion_tokens;
     const char *why = bt_finish_reason_name((bt_finish_reason)reason);
     r->finish = why;
@@ -1186,7 +1196,10 @@ static bool context_fits(const fe *f, const fe_model *m, const json_t *body, bt_
     if (!ctx) return true;
     json_t *mt = json_object_get(body, "max_completion_tokens");
     if (!json_is_integer(mt)) mt = json_object_get(body, "max_tokens");
-    uint64_t want = json_is_integer(mt) ? (uint64_t)json_integer_value(mt) : 0;
+    /* without the client's max_tokens the engine cuts its default to what is left of the context,
+     * so the least the request asks for is one completion token: a prompt that fills the context
+     * is refused naming that one, as the engines do */
+    uint64_t want = json_is_integer(mt) ? (uint64_t)json_integer_value(mt) : 1;
     json_t *p = api == BT_API_COMPLETION ? json_object_get(body, "prompt") : NULL;
     uint64_t prompt = json_is_array(p) && json_is_integer(json_array_get(p, 0)) ? json_array_size(p) : 0;
     if (prompt + want <= ctx) return true;
@@ -1355,6 +1368,8 @@ fe_req *fe_request_new(fe *f, bt_http_req *http, bt_api api, json_t *body, const
     if (!json_is_integer(mt)) mt = json_object_get(body, "max_tokens");
     /* No limit from the client: none is sent, and the worker applies its --default-max-tokens */
     r->max_tokens = json_is_integer(mt) ? json_integer_value(mt) : -1;
+    json_t *bcar = json_object_get(body, "carried_token_ids");
+    r->body_carried = json_is_array(bcar) ? (uint32_t)json_array_size(bcar) : 0;
     /* One seed for every attempt of a request without one, so an engine that samples for real
      * continues a migrated stream exactly (docs/protocol.md, "seed"). */
     if (!json_is_integer(json_object_get(body, "seed")))

@@ -573,11 +573,15 @@ static void seq_arrive(ll_engine *e, ll_seq *s) {
      * sequence ends with "length" at the context. */
     if (s->n_tok >= e->n_cap || (s->max_asked && (uint64_t)s->n_tok + s->max_new > e->n_cap)) {
         const char *what = s->api == BT_API_CHAT ? "messages" : "prompt";
+        /* Without a max_tokens of the client's the default would have been cut to what is left:
+         * the request asked for the least completion, one new token, and the message says so
+         * rather than the default it never got. */
+        uint64_t want = s->max_asked ? s->max_new : 1;
         snprintf(err, sizeof err,
                  "This model's maximum context length is %u tokens. However, you requested %llu tokens (%zu in "
                  "the %s, %llu in the completion). Please reduce the length of the %s or completion.",
-                 e->n_cap, (unsigned long long)s->n_tok + s->max_new, s->n_prompt, what,
-                 (unsigned long long)(s->n_tok - s->n_prompt) + s->max_new, what);
+                 e->n_cap, (unsigned long long)(s->n_tok + want), s->n_prompt, what,
+                 (unsigned long long)((s->n_tok - s->n_prompt) + want), what);
         seq_end(e, s, END_ERROR, BT_FINISH_STOP, BT_ERR_CONTEXT_LENGTH, err);
         return;
     }

@@ -930,9 +930,12 @@ static bt_status mk_submit(bt_engine *be, const bt_engine_request *req, const bt
     uint64_t used = (uint64_t)n_ids + req->n_carried;
     const json_t *body_mt = json_object_get(req->body, "max_tokens");
     const json_t *body_mct = json_object_get(req->body, "max_completion_tokens");
-    if (!json_is_integer(body_mt) && !json_is_integer(body_mct) && used < e->context_length &&
-        used + max_new > e->context_length)
+    bool asked = json_is_integer(body_mt) || json_is_integer(body_mct);
+    if (!asked && used < e->context_length && used + max_new > e->context_length)
         max_new = (uint32_t)(e->context_length - used);
+    /* without the client's max_tokens a full context refuses the least completion, one new token:
+     * the message names that, not the default it would have been cut from */
+    if (!asked && used >= e->context_length && max_new > 0) max_new = 1;
     if (used + max_new > e->context_length) {
         snprintf(err, errlen,
                  "This model's maximum context length is %llu tokens. However, you requested %llu tokens (%zu in "

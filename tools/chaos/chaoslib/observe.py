@@ -32,6 +32,7 @@ WORKER_GAUGES = {
 FRONTEND_COUNTERS = {
     "migrations": ("dynamo_frontend_model_migration_total", {}),
     "migrations_exhausted": ("dynamo_frontend_model_migration_exhausted_total", {}),
+    "migrations_unserved": ("baton_frontend_model_migration_unserved_total", {}),
     "migration_limit": ("dynamo_frontend_model_migration_limit", {}),
     "disconnected_clients": ("dynamo_frontend_disconnected_clients", {}),
     "cancellations": ("dynamo_frontend_model_cancellation_total", {}),
@@ -334,15 +335,18 @@ class Sampler:
     def migrations_performed(self, baseline_pids=None):
         """Migrations the frontends actually attempted: dynamo_frontend_model_migration_total counts
         every failure that could have migrated, even with no budget left (as Dynamo does), so the
-        exhausted ones are taken off, and a frontend whose migration limit is 0 performed none."""
+        exhausted ones are taken off, and so are the unserved ones (budget left, but no continuation
+        was sent: no worker left, the retry budget); a frontend whose migration limit is 0 performed
+        none."""
         total, _ = self._deltas("migrations", "frontend", baseline_pids)
         if not total:
             return None
         exhausted, _ = self._deltas("migrations_exhausted", "frontend", baseline_pids)
+        unserved, _ = self._deltas("migrations_unserved", "frontend", baseline_pids)
         _, limit = self._deltas("migration_limit", "frontend", baseline_pids)
         out = 0.0
         for k, v in total.items():
             if limit.get(k, 1) <= 0:
                 continue
-            out += v - exhausted.get(k, 0.0)
+            out += v - exhausted.get(k, 0.0) - unserved.get(k, 0.0)
         return out
