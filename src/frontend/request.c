@@ -556,8 +556,9 @@ static void fail_request(fe_req *r, bt_status code, const char *msg) {
              * its worker (bounded: a client is not sent away for longer than a minute) */
             char ra[48] = "";
             if (bt_status_upstream_busy(code)) {
-                int s = r->busy_retry_after < 1 ? 1 : r->busy_retry_after;
-                snprintf(ra, sizeof ra, "Retry-After: %d\r\n", s > UPSTREAM_RETRY_AFTER_MAX_S ? UPSTREAM_RETRY_AFTER_MAX_S : s);
+                int secs = r->busy_retry_after < 1 ? 1 : r->busy_retry_after;
+                if (secs > UPSTREAM_RETRY_AFTER_MAX_S) secs = UPSTREAM_RETRY_AFTER_MAX_S;
+                snprintf(ra, sizeof ra, "Retry-After: %d\r\n", secs);
             }
             fe_json_error_ex(r->http, r->rid, status, code_for(code), param, ra, "%s", msg);
         }

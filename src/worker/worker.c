@@ -163,9 +163,8 @@ static void on_seq_finish(void *ud, bt_finish_reason reason, const bt_usage *u) 
  * announce BT_HELLO_UPSTREAM_BUSY (an older build, which would take the unknown code for a
  * failure not worth another worker) as BT_ERR_CANNOT_CONNECT, which it retries elsewhere. */
 static uint16_t wire_code(bt_rpc_conn *c, bt_status code) {
-    if (bt_status_upstream_busy(code) && !(bt_rpc_peer_flags(c) & BT_HELLO_UPSTREAM_BUSY))
-        return BT_ERR_CANNOT_CONNECT;
-    return (uint16_t)code;
+    bool knows = bt_rpc_peer_flags(c) & BT_HELLO_UPSTREAM_BUSY;
+    return bt_status_upstream_busy(code) && !knows ? BT_ERR_CANNOT_CONNECT : (uint16_t)code;
 }
 
 static void on_seq_error(void *ud, bt_status code, const char *msg) {

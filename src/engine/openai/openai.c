@@ -736,10 +736,8 @@ static void prepare_done(oa_xfer *x, CURLcode cc) {
     if (cc != CURLE_OK || code != 200) {
         bt_status st = cc != CURLE_OK ? BT_ERR_CANNOT_CONNECT : bt_oa_status_for_http(code);
         char head[48];
-        if (cc != CURLE_OK)
-            seq_fail(s, st, "the upstream's %s failed: %s", what, xfer_why(s->e, x, cc, s->rid));
-        else
-            seq_fail(s, st, "%sthe upstream's %s answered HTTP %ld", retry_head(x, st, head, sizeof head), what, code);
+        if (cc != CURLE_OK) seq_fail(s, st, "the upstream's %s failed: %s", what, xfer_why(s->e, x, cc, s->rid));
+        else seq_fail(s, st, "%sthe upstream's %s answered HTTP %ld", retry_head(x, st, head, sizeof head), what, code);
         return;
     }
     const char *body = x->rx.data ? x->rx.data : "";
