@@ -2,6 +2,7 @@
 #include "common/status.h"
 
 #include <stddef.h>
+#include <string.h>
 
 typedef struct {
     const char *name;
@@ -33,6 +34,19 @@ const char *bt_status_msg(int code) {
 
 bool bt_status_client_input(int code) {
     return code == BT_ERR_CONTEXT_LENGTH || code == BT_ERR_INVALID_PROMPT || code == BT_ERR_INVALID_LOGIT_BIAS;
+}
+
+bool bt_status_upstream_busy(int code) { return code == BT_ERR_UPSTREAM_BUSY || code == BT_ERR_UPSTREAM_RATE_LIMITED; }
+
+int bt_status_retry_after(const char *msg, size_t len) {
+    static const char head[] = "retry after ";
+    size_t hl = sizeof head - 1;
+    if (!msg || len <= hl || memcmp(msg, head, hl) != 0) return 0;
+    long n = 0;
+    size_t i = hl;
+    for (; i < len && msg[i] >= '0' && msg[i] <= '9' && n <= 86400; i++) n = n * 10 + (msg[i] - '0');
+    if (i == hl || n < 1 || n > 86400 || len - i < 2 || msg[i] != ' ' || msg[i + 1] != 's') return 0;
+    return (int)n;
 }
 
 bool bt_status_migratable(int code) {

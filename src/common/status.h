@@ -8,6 +8,7 @@
 #define BATON_STATUS_H
 
 #include <stdbool.h>
+#include <stddef.h>
 
 /*   name                 code  migratable  message */
 #define BT_STATUS_TABLE(X)                                                             \
@@ -33,7 +34,9 @@
     X(BT_ERR_CONTEXT_LENGTH, 19, false, "prompt + max_tokens exceed the model's context length") \
     X(BT_ERR_MOVED,         20, true,  "stream moved to another worker")                   \
     X(BT_ERR_INVALID_PROMPT, 21, false, "the prompt is not valid for this model") \
-    X(BT_ERR_INVALID_LOGIT_BIAS, 22, false, "the logit_bias is not valid for this model")
+    X(BT_ERR_INVALID_LOGIT_BIAS, 22, false, "the logit_bias is not valid for this model") \
+    X(BT_ERR_UPSTREAM_BUSY, 23, true, "the upstream is busy, please retry later")         \
+    X(BT_ERR_UPSTREAM_RATE_LIMITED, 24, true, "the upstream is rate limiting, please retry later")
 
 typedef enum {
 #define BT_X(name, code, mig, msg) name = code,
@@ -51,5 +54,12 @@ bool bt_status_migratable(int code);
  * outside the vocabulary in the prompt or logit_bias): the client's 400, which the frontend cannot
  * check without the model, so not worth a warning per request in either process (docs/security.md). */
 bool bt_status_client_input(int code);
+/* Whether an engine's upstream refused the sequence as busy (HTTP 503 or 504) or rate limited
+ * (429) before it began: the attempt may be retried on another worker, but the worker is not at
+ * fault and is not quarantined (docs/engines.md §2.4). The message of such an error may begin with
+ * "retry after N s: ", the upstream's Retry-After in whole seconds (docs/protocol.md §12). */
+bool bt_status_upstream_busy(int code);
+/* The N of a message that begins "retry after N s: " (N from 1 to 86400), else 0. */
+int bt_status_retry_after(const char *msg, size_t len);
 
 #endif

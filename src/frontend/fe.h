@@ -301,6 +301,8 @@ struct fe_req {
     int attempts_left;       /* the budget: --migration-limit + 1, less each attempt charged */
     int attempts;            /* attempts made */
     int moves;               /* of them, ended by a rebalance (BT_ERR_MOVED): charged to no budget */
+    int busy_refusals;       /* of them, refused by a busy upstream (bt_status_upstream_busy) */
+    int busy_retry_after;    /* the shortest Retry-After those refusals carried, in seconds (0: none) */
     uint64_t failed_worker;  /* id of the worker that failed last, avoided for the retry */
     bt_status fail_code;     /* why the last attempt failed, for the migration log line */
     bt_ctx *ctx;          /* the request's cancellation context (the root) */

@@ -316,6 +316,24 @@ void fe_migrate_dispatch(fe_req *r) {
                  r->t_fail_us, bt_now_us());
 }
 
+/* An attempt was refused by its worker's busy upstream (bt_status_upstream_busy): the worker is
+ * not at fault (workers.c does not quarantine it), and another worker's upstream may take the
+ * request, so it goes on as any migratable failure (charged to its budget and the retry budget)
+ * until it has been refused as many times as its model has workers to route to: then the client
+ * gets the refusal, 429 or 503 with the shortest Retry-After the upstreams gave (request.c). True
+ * when the request ended here. */
+static bool busy_refused(fe_req *r, bt_status code, const char *msg) {
+    r->busy_refusals++;
+    int ra = bt_status_retry_after(msg, strlen(msg));
+    if (ra && (!r->busy_retry_after || ra < r->busy_retry_after)) r->busy_retry_after = ra;
+    size_t n = 0;
+    for (size_t i = 0; i < r->model->nws; i++)
+        n += fe_worker_routable(r->model->ws[i]) && !fe_outlier_ejected(r->fe, r->model->ws[i]);
+    if ((size_t)r->busy_refusals < n) return false;
+    fe_request_fail(r, code, msg);
+    return true;
+}
+
 /* The failed attempt is detached: a cancellation or a non-migratable error ends the request; a
  * migratable one counts a migration (new_request before the first token reached the client,
  * ongoing_request after) and starts the next attempt while the budget lasts. */
@@ -328,6 +346,7 @@ static void attempt_failed(fe_req *r, bt_status code, const char *msg) {
         fe_request_fail(r, code, msg);
         return;
     }
+    if (bt_status_upstream_busy(code) && busy_refused(r, code, msg)) return;
     r->fail_code = code;
     snprintf(r->fail_msg, sizeof r->fail_msg, "%s", msg);
     if (code == BT_ERR_DRAINING && r->state != FE_REQ_STREAMING) {

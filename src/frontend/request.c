@@ -76,7 +76,8 @@ static void json_error_v(bt_http_req *http, const char *rid, int status, const c
     char hdr[320] = "";
     size_t hl = 0;
     if (rid) hl += (size_t)snprintf(hdr, sizeof hdr, "X-Request-Id: %s\r\n", rid);
-    if (status == 503 && hl < sizeof hdr) hl += (size_t)snprintf(hdr + hl, sizeof hdr - hl, "Retry-After: 1\r\n");
+    if (status == 503 && !(headers && strstr(headers, "Retry-After:")) && hl < sizeof hdr)
+        hl += (size_t)snprintf(hdr + hl, sizeof hdr - hl, "Retry-After: 1\r\n");
     if (headers && hl < sizeof hdr) snprintf(hdr + hl, sizeof hdr - hl, "%s", headers);
     static const char fallback[] = "{\"error\":{\"message\":\"error\",\"type\":\"server_error\",\"param\":null,"
                                    "\"code\":null}}"; /* the body could not be built (out of memory) */
@@ -100,6 +101,9 @@ void fe_json_error_ex(bt_http_req *http, const char *rid, int status, const char
     va_end(ap);
 }
 
+/* The longest Retry-After passed on from a busy upstream's refusal. */
+#define UPSTREAM_RETRY_AFTER_MAX_S 60
+
 static int status_for(bt_status code) {
     switch (code) {
     case BT_ERR_INVALID:
@@ -109,6 +113,8 @@ static int status_for(bt_status code) {
     case BT_ERR_CONTEXT_LENGTH: return 400;
     case BT_ERR_NOT_FOUND: return 404;
     case BT_ERR_CANCELLED: return 499;
+    case BT_ERR_UPSTREAM_RATE_LIMITED: return 429;
+    case BT_ERR_UPSTREAM_BUSY:
     case BT_ERR_OVERLOADED:
     case BT_ERR_NO_WORKER: return 503;
     default: return bt_status_migratable(code) ? 503 : 500;
@@ -125,7 +131,9 @@ static const char *code_for(bt_status code) {
     case BT_ERR_CONTEXT_LENGTH: return "context_length_exceeded";
     case BT_ERR_NOT_FOUND: return "not_found";
     case BT_ERR_CANCELLED: return "request_cancelled";
+    case BT_ERR_UPSTREAM_BUSY:
     case BT_ERR_OVERLOADED: return "overloaded";
+    case BT_ERR_UPSTREAM_RATE_LIMITED: return "rate_limit_exceeded";
     case BT_ERR_NO_WORKER: return "no_worker_available";
     case BT_ERR_SHUTDOWN: return "shutting_down";
     case BT_ERR_ENGINE: return "engine_error";
@@ -552,7 +560,15 @@ static void fail_request(fe_req *r, bt_status code, const char *msg) {
             const char *param = of_prompt ? (r->api == BT_API_CHAT ? "messages" : "prompt")
                                 : code == BT_ERR_INVALID_LOGIT_BIAS ? "logit_bias"
                                                                     : NULL;
-            fe_json_error_ex(r->http, r->rid, status, code_for(code), param, NULL, "%s", msg);
+            /* a busy upstream's refusal tells the client when to come back, as the upstream told
+             * its worker (bounded: a client is not sent away for longer than a minute) */
+            char ra[48] = "";
+            if (bt_status_upstream_busy(code)) {
+                int secs = r->busy_retry_after < 1 ? 1 : r->busy_retry_after;
+                if (secs > UPSTREAM_RETRY_AFTER_MAX_S) secs = UPSTREAM_RETRY_AFTER_MAX_S;
+                snprintf(ra, sizeof ra, "Retry-After: %d\r\n", secs);
+            }
+            fe_json_error_ex(r->http, r->rid, status, code_for(code), param, ra, "%s", msg);
         }
         r->http->user = NULL;
         r->http = NULL;

@@ -349,8 +349,12 @@ static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
         fe_attempt *a = bt_map_get(&w->streams, f->stream);
         if (!a) return;
         if (code == BT_ERR_DRAINING || code == BT_ERR_SHUTDOWN) w->goaway = true;
-        /* moved off by its operator (rebalance): the worker is fine, only this stream goes elsewhere */
-        else if (bt_status_migratable(code) && code != BT_ERR_MOVED) fe_worker_quarantine(w, m); /* the probe follows below */
+        /* moved off by its operator (rebalance), or refused by the worker's busy upstream: the
+         * worker is fine, only this stream goes elsewhere. Quarantined for a busy upstream, every
+         * worker in front of it would stay out until its last stream ended, long after the
+         * upstream had recovered. */
+        else if (bt_status_migratable(code) && code != BT_ERR_MOVED && !bt_status_upstream_busy(code))
+            fe_worker_quarantine(w, m); /* the probe follows below */
         fe_attempt_on_error(a, (bt_status)code, m);
         return;
     }

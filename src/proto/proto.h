@@ -52,6 +52,10 @@ typedef enum { BT_ROLE_FRONTEND = 1, BT_ROLE_WORKER = 2 } bt_role;
  * with a WAITING frame (to a frontend that announced the flag), so a silent stream that had none
  * is not waiting in its engine (docs/protocol.md, WAITING). */
 #define BT_HELLO_WAITING 0x2u
+/* A frontend: it understands BT_ERR_UPSTREAM_BUSY and BT_ERR_UPSTREAM_RATE_LIMITED (an upstream's
+ * refusal, retried elsewhere without quarantining the worker). A worker sends an older frontend
+ * BT_ERR_CANNOT_CONNECT instead, which that frontend retries as before (docs/protocol.md §12). */
+#define BT_HELLO_UPSTREAM_BUSY 0x4u
 
 /* LOAD flags */
 #define BT_LOAD_READY 0x1u /* the worker's endpoint is ready (canary passing, not draining) */

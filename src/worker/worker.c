@@ -159,12 +159,20 @@ static void on_seq_finish(void *ud, bt_finish_reason reason, const bt_usage *u) 
     wk_stream_free(s);
 }
 
+/* The code of an ERROR to a frontend: an upstream's busy refusal goes to a frontend that did not
+ * announce BT_HELLO_UPSTREAM_BUSY (an older build, which would take the unknown code for a
+ * failure not worth another worker) as BT_ERR_CANNOT_CONNECT, which it retries elsewhere. */
+static uint16_t wire_code(bt_rpc_conn *c, bt_status code) {
+    bool knows = bt_rpc_peer_flags(c) & BT_HELLO_UPSTREAM_BUSY;
+    return bt_status_upstream_busy(code) && !knows ? BT_ERR_CANNOT_CONNECT : (uint16_t)code;
+}
+
 static void on_seq_error(void *ud, bt_status code, const char *msg) {
     wk_stream *s = ud;
     wk_worker *w = s->w;
     if (s->orphaned) w->orphan_events[WK_ORPHAN_EV_FAILED]++;
     bt_buf *b = s->ignored_kill || s->orphaned ? NULL : bt_rpc_wbuf(s->p->conn);
-    if (b) bt_frame_put_error(b, s->id, (uint16_t)code, msg);
+    if (b) bt_frame_put_error(b, s->id, wire_code(s->p->conn, code), msg);
     w->requests_error++;
     wk_monitor_progress(w);
     /* a prompt over the context (or ids outside the vocabulary) is the client's 400, which the
@@ -209,7 +217,7 @@ wk_stream *wk_find_stream(wk_worker *w, bool (*match)(const wk_stream *s, const 
 
 void wk_send_stream_error(wk_peer *p, uint32_t id, bt_status code, const char *msg) {
     bt_buf *b = bt_rpc_wbuf(p->conn);
-    if (b) bt_frame_put_error(b, id, (uint16_t)code, msg);
+    if (b) bt_frame_put_error(b, id, wire_code(p->conn, code), msg);
 }
 
 /* Reads the sampling fields of an OpenAI body into the engine request. */

@@ -117,12 +117,16 @@ static void test_errors(void **state) {
         const char *msg; /* NULL: not checked */
     } errs[] = {
         {"{\"error\":{\"message\":\"All workers are busy\",\"type\":\"Service Unavailable\",\"code\":503}}",
-         BT_ERR_CANNOT_CONNECT, true, "All workers are busy"},
+         BT_ERR_UPSTREAM_BUSY, true, "All workers are busy"},
+        {"{\"error\":{\"message\":\"slow down\",\"type\":\"requests\",\"code\":\"rate_limit_exceeded\"}}",
+         BT_ERR_UPSTREAM_RATE_LIMITED, true, "slow down"},
         {"{\"error\":{\"message\":\"bad\",\"type\":\"invalid_request_error\",\"code\":null}}", BT_ERR_INVALID, false,
          NULL},
         /* OpenAI's string codes, as a baton frontend upstream sends them */
         {"{\"error\":{\"message\":\"busy\",\"type\":\"server_error\",\"param\":null,\"code\":\"worker_unavailable\"}}",
-         BT_ERR_CANNOT_CONNECT, true, NULL},
+         BT_ERR_UPSTREAM_BUSY, true, NULL},
+        {"{\"error\":{\"message\":\"busy\",\"type\":\"server_error\",\"param\":null,\"code\":\"overloaded\"}}",
+         BT_ERR_UPSTREAM_BUSY, true, NULL},
         {"{\"error\":{\"message\":\"x\",\"type\":\"server_error\",\"param\":null,\"code\":\"engine_error\"}}",
          BT_ERR_ENGINE, false, NULL},
         {"{\"error\":{\"message\":\"long\",\"type\":\"invalid_request_error\",\"param\":\"messages\","
@@ -154,6 +158,23 @@ static void test_errors(void **state) {
     for (size_t i = 0; i < 5; i++) assert_true(bt_status_migratable(bt_oa_status_for_http(mig[i])));
     long not_mig[] = {400, 401, 403, 404, 413, 422, 500, 501};
     for (size_t i = 0; i < 8; i++) assert_false(bt_status_migratable(bt_oa_status_for_http(not_mig[i])));
+    /* a busy upstream is not a dead worker: its refusals have codes of their own, which the
+     * frontend retries without quarantining the worker; a refused connection stays a dead upstream */
+    assert_int_equal(bt_oa_status_for_http(429), BT_ERR_UPSTREAM_RATE_LIMITED);
+    assert_int_equal(bt_oa_status_for_http(503), BT_ERR_UPSTREAM_BUSY);
+    assert_int_equal(bt_oa_status_for_http(504), BT_ERR_UPSTREAM_BUSY);
+    assert_int_equal(bt_oa_status_for_http(502), BT_ERR_CANNOT_CONNECT);
+    assert_true(bt_status_upstream_busy(BT_ERR_UPSTREAM_BUSY) && bt_status_upstream_busy(BT_ERR_UPSTREAM_RATE_LIMITED));
+    assert_false(bt_status_upstream_busy(BT_ERR_CANNOT_CONNECT));
+    /* the upstream's Retry-After, as the engine writes it at the head of the message */
+    static const char ok[] = "retry after 20 s: the upstream answered HTTP 429";
+    assert_int_equal(bt_status_retry_after(ok, sizeof ok - 1), 20);
+    assert_int_equal(bt_status_retry_after(ok, 16), 20); /* "retry after 20 s" */
+    assert_int_equal(bt_status_retry_after(ok, 15), 0);  /* cut before the unit */
+    const char *none[] = {"the upstream answered HTTP 503", "retry after s: x", "retry after 0 s: x",
+                          "retry after 86401 s: x", "retry after 99999999999999999999 s: x", "retry after 5s", ""};
+    for (size_t i = 0; i < sizeof none / sizeof none[0]; i++)
+        assert_int_equal(bt_status_retry_after(none[i], strlen(none[i])), 0);
 }
 
 /* ---- requests ------------------------------------------------------------------------------- */

@@ -160,6 +160,23 @@ static const char *xfer_why(const oa_engine *e, const oa_xfer *x, CURLcode cc, c
     return curl_easy_strerror(cc);
 }
 
+/* The upstream's Retry-After on a finished transfer, in whole seconds (libcurl reads both the
+ * delay and the HTTP-date form), capped at a day; 0 when it gave none. */
+static long xfer_retry_after(const oa_xfer *x) {
+    curl_off_t ra = 0;
+    if (curl_easy_getinfo(x->easy, CURLINFO_RETRY_AFTER, &ra) != CURLE_OK || ra <= 0) return 0;
+    return ra > 86400 ? 86400 : (long)ra;
+}
+
+/* The head of an upstream refusal's message: "retry after N s: " when the upstream is busy and
+ * said for how long (bt_status_retry_after reads it back at the frontend), else "". */
+static const char *retry_head(const oa_xfer *x, bt_status st, char *buf, size_t len) {
+    long ra = bt_status_upstream_busy(st) ? xfer_retry_after(x) : 0;
+    if (!ra) return "";
+    snprintf(buf, len, "retry after %ld s: ", ra);
+    return buf;
+}
+
 /* ---- libcurl on the loop ------------------------------------------------------------------ */
 
 static void engine_free(void *ud) {
@@ -491,7 +508,10 @@ static bool seq_event(bt_engine_seq *s, const char *data, size_t len) {
         seq_complete(s);
         live = false;
     } else if (c.is_error) {
-        seq_fail(s, c.err_code, "upstream error: %s", c.err_msg);
+        /* a busy upstream's error after this attempt's tokens is a stream broken mid-way: it moves
+         * as it always did, its worker quarantined until it proves itself */
+        bt_status code = bt_status_upstream_busy(c.err_code) && s->emitted ? BT_ERR_CANNOT_CONNECT : c.err_code;
+        seq_fail(s, code, "upstream error: %s", c.err_msg);
         live = false;
     } else {
         if (c.has_usage) {
@@ -583,7 +603,9 @@ static void stream_done(oa_engine *e, oa_xfer *x, CURLcode cc) {
              * the client gets it with its code and param, as from the upstream itself */
             if (code == 400 && c.err_code == BT_ERR_CONTEXT_LENGTH) st = BT_ERR_CONTEXT_LENGTH;
         }
-        seq_fail(s, st, "the upstream answered HTTP %ld%s%.200s", code, *what ? ": " : "", what);
+        char head[48];
+        seq_fail(s, st, "%sthe upstream answered HTTP %ld%s%.200s", retry_head(x, st, head, sizeof head), code,
+                 *what ? ": " : "", what);
         if (code == 401 || code == 403) { /* the key may have been revoked: the poll decides readiness */
             e->check_auth = true;
             start_probe(e);
@@ -716,8 +738,9 @@ static void prepare_done(oa_xfer *x, CURLcode cc) {
     }
     if (cc != CURLE_OK || code != 200) {
         bt_status st = cc != CURLE_OK ? BT_ERR_CANNOT_CONNECT : bt_oa_status_for_http(code);
-        seq_fail(s, st, "the upstream's %s failed: %s", what,
-                 cc != CURLE_OK ? xfer_why(s->e, x, cc, s->rid) : "non-200 answer");
+        char head[48];
+        if (cc != CURLE_OK) seq_fail(s, st, "the upstream's %s failed: %s", what, xfer_why(s->e, x, cc, s->rid));
+        else seq_fail(s, st, "%sthe upstream's %s answered HTTP %ld", retry_head(x, st, head, sizeof head), what, code);
         return;
     }
     const char *body = x->rx.data ? x->rx.data : "";

@@ -112,11 +112,13 @@ bt_status bt_oa_status_for_http(long code) {
     case 404: return BT_ERR_NOT_FOUND;
     case 413: return BT_ERR_TOO_LARGE;
     case 499: return BT_ERR_CANCELLED;
-    case 408:
-    case 429:
-    case 502:
+    /* an upstream that says it is busy is overloaded, not gone: the attempt may go to another
+     * worker, and its worker stays in service (a gateway's timeout is that attempt's failure) */
+    case 429: return BT_ERR_UPSTREAM_RATE_LIMITED;
     case 503:
-    case 504: return BT_ERR_CANNOT_CONNECT;
+    case 504: return BT_ERR_UPSTREAM_BUSY;
+    case 408:
+    case 502: return BT_ERR_CANNOT_CONNECT;
     default: return BT_ERR_ENGINE;
     }
 }
@@ -172,6 +174,7 @@ bt_status bt_oa_parse_chunk(const char *data, size_t len, bool unary, bt_oa_chun
                                                   "shutting_down", "too_many_connections"};
         if (json_is_integer(code)) out->err_code = bt_oa_status_for_http((long)json_integer_value(code));
         else if (scode && strcmp(scode, "context_length_exceeded") == 0) out->err_code = BT_ERR_CONTEXT_LENGTH;
+        else if (scode && strcmp(scode, "rate_limit_exceeded") == 0) out->err_code = bt_oa_status_for_http(429);
         else if (type && strcmp(type, "invalid_request_error") == 0) out->err_code = BT_ERR_INVALID;
         for (size_t i = 0; scode && i < sizeof unavailable / sizeof unavailable[0]; i++)
             if (strcmp(scode, unavailable[i]) == 0) out->err_code = bt_oa_status_for_http(503);

@@ -109,8 +109,9 @@ bt_status bt_oa_parse_chunk(const char *data, size_t len, bool unary, bt_oa_chun
 void bt_oa_chunk_free(bt_oa_chunk *c);
 
 /* The status an upstream HTTP error maps to: 400/422 invalid, 404 not found, 413 too large,
- * 401/403 unauthorized, 408/429/502/503/504 cannot connect (migratable: another worker's upstream
- * may serve it), anything else an engine error. */
+ * 401/403 unauthorized, 429 upstream rate limited and 503/504 upstream busy (retried on another
+ * worker; the worker is not at fault), 408/502 cannot connect (migratable), anything else an engine
+ * error. */
 bt_status bt_oa_status_for_http(long code);
 
 /* ---- upstream requests --------------------------------------------------------------------- */
