@@ -114,6 +114,10 @@ static uint32_t f_n_ctx_fn(const struct llama_context *c) {
     (void)c;
     return f_n_ctx;
 }
+static uint32_t f_n_ctx_seq_fn(const struct llama_context *c) {
+    (void)c;
+    return f_n_ctx / f_n_seq; /* one KV stream per sequence (the configurations here are not unified) */
+}
 static uint32_t f_n_batch_fn(const struct llama_context *c) {
     (void)c;
     return f_n_batch;
@@ -270,6 +274,7 @@ static const bt_llama_api fake_api = {
     .llama_model_desc = f_model_desc,
     .llama_model_size = f_model_size,
     .llama_n_threads = f_n_threads,
+    .llama_n_ctx_seq = f_n_ctx_seq_fn,
 };
 
 /* ---- the test harness (loop thread) --------------------------------------------------------- */
