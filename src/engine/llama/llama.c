@@ -68,7 +68,6 @@ static bool ll_kv_layout_of(uint64_t cells, uint32_t n_seq, bool unified, ll_kv_
     return true;
 }
 
-
 void bt_llama_config_default(bt_llama_config *c) {
     memset(c, 0, sizeof *c);
     c->max_num_seqs = 16;
@@ -102,8 +101,10 @@ bt_status bt_llama_config_check(const bt_llama_config *c, char *err, size_t errl
     ll_kv_layout kv = {0, 0};
     if (c->ctx_size > 0 && !ll_kv_layout_of((uint64_t)c->ctx_size, (uint32_t)c->max_num_seqs, c->kv_unified, &kv)) {
         if (c->kv_unified)
-            return snprintf(err, errlen, "--ctx-size (%lld) must be 0 (auto) or at least %u: llama.cpp allocates KV "
-                            "cells in multiples of %u", (long long)c->ctx_size, LL_KV_PAD, LL_KV_PAD),
+            return snprintf(err, errlen,
+                            "--ctx-size (%lld) must be 0 (auto) or at least %u: llama.cpp allocates KV cells in "
+                            "multiples of %u",
+                            (long long)c->ctx_size, LL_KV_PAD, LL_KV_PAD),
                    BT_ERR_INVALID;
         return snprintf(err, errlen,
                         "--ctx-size (%lld) is too small for --max-num-seqs (%lld): llama.cpp gives each sequence its "
@@ -1647,10 +1648,8 @@ bt_engine *bt_llama_create_with_api(uv_loop_t *loop, const bt_llama_config *cfg,
     }
     e->thread_started = true;
     char layout[96];
-    if (cfg->kv_unified)
-        snprintf(layout, sizeof layout, "shared by up to %u sequences", n_seq);
-    else
-        snprintf(layout, sizeof layout, "%u for each of up to %u sequences", n_ctx_seq, n_seq);
+    if (cfg->kv_unified) snprintf(layout, sizeof layout, "shared by up to %u sequences", n_seq);
+    else snprintf(layout, sizeof layout, "%u for each of up to %u sequences", n_ctx_seq, n_seq);
     BT_INFO("llama engine: %s (%s), %u KV cells (%s), a context of %u tokens per sequence, %lld tokens per step, "
             "%lld thread(s), chat template: %s",
             path, e->model_desc, e->n_ctx, layout, e->n_cap, (long long)cfg->max_num_batched_tokens,
