@@ -6,8 +6,8 @@
  *                    [--ubatch 1] [--max-num-batched-tokens 512]
  *
  * N greedy sequences ("Once upon a time <i>") of up to T new tokens each, in one context built as
- * the engine builds it (llama.c: n_ctx = N × the trained context, at most 65,536 cells; one KV
- * stream per sequence; n_batch 512; n_ubatch --ubatch; flash attention off; --threads threads),
+ * the engine builds it (llama.c: N streams of the trained context, at most 65,536 cells in all,
+ * each a multiple of 256; n_batch 512; n_ubatch --ubatch; flash attention off; --threads threads),
  * and fed as the engine feeds it: with --ubatch 1 each sequence gets its own llama_decode per step
  * (its prompt in one call, then one token per step); with more, one llama_decode per step holds the
  * next token of every sequence. A sequence ends at an end-of-generation token or at T tokens.
@@ -95,8 +95,12 @@ int main(int argc, char **argv) {
     }
     const struct llama_vocab *vocab = L->llama_model_get_vocab(m);
     int32_t n_vocab = L->llama_vocab_n_tokens(vocab);
-    uint64_t n_ctx = (uint64_t)streams * (uint64_t)L->llama_model_n_ctx_train(m);
-    if (n_ctx > 65536) n_ctx = 65536;
+    /* the engine's automatic layout (llama.c, ll_kv_layout_auto): a stream of the trained context
+     * rounded up to 256 cells per sequence, at most 65,536 cells in all, each stream a multiple of
+     * 256 (what llama.cpp keeps as it is) */
+    uint64_t per = ((uint64_t)L->llama_model_n_ctx_train(m) + 255) / 256 * 256;
+    if (per * (uint64_t)streams > 65536) per = 65536 / (uint64_t)streams / 256 * 256;
+    uint64_t n_ctx = per * (uint64_t)streams;
     struct llama_context_params cp = L->llama_context_default_params();
     cp.n_ctx = (uint32_t)n_ctx;
     cp.n_batch = (uint32_t)nbatch;

@@ -962,7 +962,8 @@ int bt_worker_main(int argc, char **argv) {
         {"--llama-lib-dir", "BATON_LLAMA_LIB_DIR", BT_OPT_STR, &o->llama.lib_dir, 0, 0,
          "llama engine: directory of libllama/libggml (none: ~/.cache/baton/llama.cpp-0.4.0/lib, from scripts/setup)"},
         {"--ctx-size", "DYN_CTX_SIZE", BT_OPT_INT, &o->llama.ctx_size, 0, 16777216,
-         "llama engine: KV cells shared by all sequences (0: max-num-seqs x the model's context, at most 65536)"},
+         "llama engine: KV cells in all, each sequence a stream of a multiple of 256 unless --kv-unified (0: the "
+         "model's context per sequence, at most 65536 in all)"},
         {"--llama-threads", "DYN_LLAMA_THREADS", BT_OPT_INT, &o->llama.threads, 1, 256,
          "llama engine: CPU threads per decode"},
         {"--llama-ubatch", "DYN_LLAMA_UBATCH", BT_OPT_INT, &o->llama.ubatch, 1, 1e6,

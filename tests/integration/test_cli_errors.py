@@ -22,7 +22,8 @@
      an unknown flag (passed on to the workers), a bad value of a frontend flag, an unknown
      engine, an openai setting with --engine llama, a llama setting (--model) without it, the openai
      engine without --upstream, a llama value out of range, a --ctx-size below
-     --max-num-batched-tokens (which llama.cpp would abort on), --default-max-tokens 0, a --model-name
+     --max-num-batched-tokens (which llama.cpp would abort on) or below 256 cells per sequence
+     (which llama.cpp would round up), --default-max-tokens 0, a --model-name
      that is "unknown" (the metrics' reserved model label), empty or past 127 bytes, a canary payload that is not JSON
      (exit 2, "nothing was started", no directory made, nothing listening). An --upstream-api-key
      (openai engine) given empty, flag or twin, or holding a blank, a control character or a
@@ -299,6 +300,11 @@ refusals = [(["--bogus"], "baton run: unknown argument '--bogus'", "baton worker
             (["--engine", "llama", "--ctx-size", "64", "--max-num-batched-tokens", "100"], "baton run: invalid llama "
              "engine configuration: --ctx-size (64) must be 0 (auto) or at least --max-num-batched-tokens (100)",
              "baton worker"),
+            # fewer than 256 cells per sequence: llama.cpp would round every sequence's stream up to
+            # 256 and allocate 4x what was asked
+            (["--engine", "llama", "--ctx-size", "1024"], "baton run: invalid llama engine configuration: "
+             "--ctx-size (1024) is too small for --max-num-seqs (16): llama.cpp gives each sequence its own "
+             "multiple of 256 KV cells, so at least 4096", "baton worker"),
             # refused by the flag's own range, which is the engines' (not as an "invalid mocker
             # configuration" of a range the flag did not announce)
             (["--engine", "llama", "--default-max-tokens", "0"], "baton run: invalid value '0' for --default-max-tokens "

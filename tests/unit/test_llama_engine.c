@@ -48,7 +48,8 @@ static int32_t hist[FSEQ][FPOS];
 static int32_t seqmax[FSEQ];
 static float *rows;
 static int32_t nrows;
-static uint32_t f_n_ctx, f_n_batch, f_n_seq;
+static uint32_t f_n_ctx, f_n_ctx_seq, f_n_batch, f_n_seq;
+static bool f_unified;
 static int decodes;
 /* test_prefill_waits: the decode numbered gate_at holds the engine thread until the loop has
  * delivered gate_waits waits (at most 5 s). Without it, a loop thread that runs late (a loaded
@@ -89,10 +90,17 @@ static struct llama_model *f_model_load_from_file(const char *path, struct llama
     return (struct llama_model *)(void *)&fake_model;
 }
 static void f_model_free(struct llama_model *m) { (void)m; }
+/* llama.cpp's KV sizing (llama_context's constructor, the version baton loads): the cells asked
+ * for padded up to a multiple of 256; with one stream per sequence, every stream padded up to 256
+ * as well, and the cells made streams x that */
+static uint32_t pad256(uint32_t n) { return (n + 255) / 256 * 256; }
 static struct llama_context *f_init_from_model(struct llama_model *m, struct llama_context_params p) {
     (void)m;
-    f_n_ctx = p.n_ctx;
-    f_n_batch = p.n_batch;
+    f_unified = p.kv_unified;
+    f_n_ctx = pad256(p.n_ctx);
+    f_n_ctx_seq = f_unified ? f_n_ctx : pad256(f_n_ctx / p.n_seq_max);
+    if (!f_unified) f_n_ctx = f_n_ctx_seq * p.n_seq_max;
+    f_n_batch = p.n_batch < f_n_ctx ? p.n_batch : f_n_ctx;
     f_n_seq = p.n_seq_max;
     for (int s = 0; s < FSEQ; s++) seqmax[s] = -1;
     return (struct llama_context *)(void *)&fake_ctx;
@@ -113,6 +121,10 @@ static const char *f_model_chat_template(const struct llama_model *m, const char
 static uint32_t f_n_ctx_fn(const struct llama_context *c) {
     (void)c;
     return f_n_ctx;
+}
+static uint32_t f_n_ctx_seq_fn(const struct llama_context *c) {
+    (void)c;
+    return f_n_ctx_seq;
 }
 static uint32_t f_n_batch_fn(const struct llama_context *c) {
     (void)c;
@@ -270,6 +282,7 @@ static const bt_llama_api fake_api = {
     .llama_model_desc = f_model_desc,
     .llama_model_size = f_model_size,
     .llama_n_threads = f_n_threads,
+    .llama_n_ctx_seq = f_n_ctx_seq_fn,
 };
 
 /* ---- the test harness (loop thread) --------------------------------------------------------- */
@@ -579,6 +592,59 @@ static void test_eos_and_context_cap(void **state) {
     assert_int_equal(t->usage.completion_tokens, 1024 - 9);
 }
 
+/* The KV cells llama.cpp allocates are what the configuration allows, never more (llama.c,
+ * ll_kv_layout): the fake sizes its cache by llama.cpp's rule, which pads up, and the engine must ask
+ * for a size it keeps as it is. The model card advertises what a sequence really gets. */
+static void test_kv_layout(void **state) {
+    (void)state;
+    struct {
+        int64_t ctx_size, seqs;
+        bool unified;
+        uint32_t cells, context; /* expected */
+    } cases[] = {
+        {3000, 4, false, 2048, 512},  /* llama.cpp alone: 3,072 */
+        {0, 8, false, 8192, 1024},    /* the model's 1,024 for each */
+        {0, 255, false, 65280, 256},  /* the automatic cap, 65,536 (llama.cpp alone: 130,560) */
+        {1000, 4, true, 768, 768},    /* one pool (llama.cpp alone: 1,024) */
+        {0, 255, true, 65536, 1024},  /* one pool at the cap, the model's context per sequence */
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        uv_loop_t loop;
+        uv_loop_init(&loop);
+        bt_llama_config cfg;
+        bt_llama_config_default(&cfg);
+        cfg.ctx_size = cases[i].ctx_size;
+        cfg.max_num_seqs = cases[i].seqs;
+        cfg.max_num_batched_tokens = 512;
+        cfg.kv_unified = cases[i].unified;
+        char err[256];
+        assert_int_equal(bt_llama_config_check(&cfg, err, sizeof err), BT_OK);
+        bt_engine *e = bt_llama_create_with_api(&loop, &cfg, NULL, NULL, &fake_api, "fake.gguf", err, sizeof err);
+        if (!e) fprintf(stderr, "create: %s\n", err);
+        assert_non_null(e);
+        json_t *card = json_object();
+        bt_engine_card(e, card);
+        fprintf(stderr, "kv layout %zu: %u cells, context %lld\n", i, f_n_ctx,
+                (long long)json_integer_value(json_object_get(card, "context_length")));
+        assert_int_equal(f_n_ctx, cases[i].cells);
+        assert_int_equal(json_integer_value(json_object_get(card, "context_length")), cases[i].context);
+        assert_int_equal(json_integer_value(json_object_get(card, "total_kv_blocks")), cases[i].cells / 16);
+        json_decref(card);
+        bt_engine_destroy(e);
+        uv_run(&loop, UV_RUN_DEFAULT);
+        assert_int_equal(uv_loop_close(&loop), 0);
+    }
+    /* fewer than 256 cells per sequence: refused, naming both flags */
+    bt_llama_config cfg;
+    bt_llama_config_default(&cfg);
+    cfg.ctx_size = 1024;
+    char err[256];
+    assert_int_equal(bt_llama_config_check(&cfg, err, sizeof err), BT_ERR_INVALID);
+    assert_non_null(strstr(err, "--ctx-size (1024) is too small for --max-num-seqs (16)"));
+    cfg.kv_unified = true; /* one pool of 1,024 is whole */
+    assert_int_equal(bt_llama_config_check(&cfg, err, sizeof err), BT_OK);
+}
+
 static void test_destroy_live(void **state) {
     (void)state;
     uv_loop_t loop;
@@ -878,6 +944,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_sequences),
         cmocka_unit_test(test_eos_and_context_cap),
+        cmocka_unit_test(test_kv_layout),
         cmocka_unit_test(test_destroy_live),
         cmocka_unit_test(test_prefill_waits),
         cmocka_unit_test(test_gather_burst_kill),

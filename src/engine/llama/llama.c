@@ -43,7 +43,30 @@
 
 #define LL_BLOCK 16        /* KV cells per reported block */
 #define LL_MAX_SEQS 256    /* llama.cpp's sequence limit (LLAMA_MAX_SEQ) */
-#define LL_AUTO_CTX 65536u /* --ctx-size 0: at most this many cells (about 40 MB for stories260K) */
+#define LL_AUTO_CTX 65536u /* --ctx-size 0: at most this many cells (40 MiB for stories260K) */
+#define LL_KV_PAD 256u     /* llama.cpp's KV granularity: a KV stream holds a multiple of this many cells */
+
+/* The KV cells the context holds and each sequence's share of them. llama.cpp (llama_context's
+ * constructor, in the version baton loads) rounds the cells asked for UP to a multiple of 256 and,
+ * with one KV stream per sequence (not kv_unified), rounds every stream UP to a multiple of 256 as
+ * well and allocates n_seq_max such streams: --ctx-size 1024 for 16 sequences became 4,096 cells,
+ * the automatic 65,536 for 255 sequences 130,560. So the layout is decided here, rounding DOWN, and
+ * handed over already whole (n_seq_max x a multiple of 256, or a multiple of 256 when unified), a
+ * size llama.cpp keeps as it is: the memory is what the flags allow, never more. */
+typedef struct {
+    uint32_t n_ctx;     /* KV cells in all */
+    uint32_t n_ctx_seq; /* cells one sequence may fill: its stream, or the whole pool when unified */
+} ll_kv_layout;
+
+/* At most `cells` cells in all for n_seq sequences; false when not even 256 per stream fit. */
+static bool ll_kv_layout_of(uint64_t cells, uint32_t n_seq, bool unified, ll_kv_layout *out) {
+    uint64_t per = unified ? cells : cells / n_seq;
+    per -= per % LL_KV_PAD;
+    if (per == 0) return false;
+    out->n_ctx_seq = (uint32_t)per;
+    out->n_ctx = (uint32_t)(unified ? per : per * n_seq);
+    return true;
+}
 
 void bt_llama_config_default(bt_llama_config *c) {
     memset(c, 0, sizeof *c);
@@ -73,6 +96,29 @@ bt_status bt_llama_config_check(const bt_llama_config *c, char *err, size_t errl
                         "--ctx-size (%lld) must be 0 (auto) or at least --max-num-batched-tokens (%lld): a step "
                         "decodes up to that many tokens at once",
                         (long long)c->ctx_size, (long long)c->max_num_batched_tokens),
+               BT_ERR_INVALID;
+    /* what llama.cpp would make of it (ll_kv_layout): a stream of 256 cells per sequence at least */
+    ll_kv_layout kv = {0, 0};
+    if (c->ctx_size > 0 && !ll_kv_layout_of((uint64_t)c->ctx_size, (uint32_t)c->max_num_seqs, c->kv_unified, &kv)) {
+        if (c->kv_unified)
+            return snprintf(err, errlen,
+                            "--ctx-size (%lld) must be 0 (auto) or at least %u: llama.cpp allocates KV cells in "
+                            "multiples of %u",
+                            (long long)c->ctx_size, LL_KV_PAD, LL_KV_PAD),
+                   BT_ERR_INVALID;
+        return snprintf(err, errlen,
+                        "--ctx-size (%lld) is too small for --max-num-seqs (%lld): llama.cpp gives each sequence its "
+                        "own multiple of %u KV cells, so at least %lld (or fewer sequences, or --kv-unified)",
+                        (long long)c->ctx_size, (long long)c->max_num_seqs, LL_KV_PAD,
+                        (long long)c->max_num_seqs * LL_KV_PAD),
+               BT_ERR_INVALID;
+    }
+    if (c->ctx_size > 0 && kv.n_ctx < c->max_num_batched_tokens)
+        return snprintf(err, errlen,
+                        "--ctx-size (%lld) holds %u KV cells once rounded down to %s of %u cells, fewer than "
+                        "--max-num-batched-tokens (%lld)",
+                        (long long)c->ctx_size, kv.n_ctx, c->kv_unified ? "a multiple" : "a stream per sequence",
+                        LL_KV_PAD, (long long)c->max_num_batched_tokens),
                BT_ERR_INVALID;
     if (c->threads < 1 || c->threads > 256)
         return snprintf(err, errlen, "--llama-threads must be 1..256"), BT_ERR_INVALID;
@@ -110,6 +156,18 @@ bt_engine *bt_llama_create(uv_loop_t *loop, const bt_llama_config *cfg, const bt
 #else
 
 #include <pthread.h>
+
+/* --ctx-size 0: the model's trained context for every sequence, at most LL_AUTO_CTX cells in all
+ * (a multiple of 256 x LL_MAX_SEQS, so that every sequence count gets its 256 cells at least). */
+static ll_kv_layout ll_kv_layout_auto(uint32_t n_ctx_train, uint32_t n_seq, bool unified) {
+    uint64_t per = n_ctx_train ? n_ctx_train : LL_AUTO_CTX;
+    per = (per + LL_KV_PAD - 1) / LL_KV_PAD * LL_KV_PAD;
+    uint64_t cells = per * n_seq;
+    if (cells > LL_AUTO_CTX) cells = LL_AUTO_CTX;
+    ll_kv_layout l = {0, 0};
+    ll_kv_layout_of(cells, n_seq, unified, &l);
+    return l;
+}
 
 /* ---- messages ------------------------------------------------------------------------------- */
 
@@ -1524,13 +1582,15 @@ bt_engine *bt_llama_create_with_api(uv_loop_t *loop, const bt_llama_config *cfg,
         if (L->llama_chat_apply_template(tmpl, &m, 1, true, NULL, 0) >= 0) e->chat_template = strdup(tmpl);
     }
 
-    uint64_t n_ctx = (uint64_t)cfg->ctx_size;
-    if (!n_ctx) {
-        n_ctx = (uint64_t)cfg->max_num_seqs * e->n_ctx_train;
-        if (n_ctx > LL_AUTO_CTX) n_ctx = LL_AUTO_CTX;
+    uint32_t n_seq = (uint32_t)cfg->max_num_seqs;
+    ll_kv_layout kv = ll_kv_layout_auto(e->n_ctx_train, n_seq, cfg->kv_unified);
+    if (cfg->ctx_size && !ll_kv_layout_of((uint64_t)cfg->ctx_size, n_seq, cfg->kv_unified, &kv)) {
+        /* bt_llama_config_check refuses it; a caller that skipped the check gets the same answer */
+        bt_llama_config_check(cfg, err, errlen);
+        goto fail;
     }
     struct llama_context_params cp = L->llama_context_default_params();
-    cp.n_ctx = (uint32_t)n_ctx;
+    cp.n_ctx = kv.n_ctx;
     cp.n_batch = (uint32_t)cfg->max_num_batched_tokens;
     /* n_ubatch 1 (the default): llama.cpp computes every token of a batch alone, the only way its
      * output does not depend on which tokens share a physical batch (see step()) */
@@ -1548,13 +1608,26 @@ bt_engine *bt_llama_create_with_api(uv_loop_t *loop, const bt_llama_config *cfg,
                  (long long)cfg->max_num_seqs);
         goto fail;
     }
+    /* what llama.cpp made of it, which is what the checks and the model card go by */
     e->n_ctx = L->llama_n_ctx(e->ctx);
-    /* each sequence's cap: the model's trained context, and its share of the cells when every
-     * sequence has its own KV stream (not unified) */
-    e->n_cap = e->n_ctx_train;
-    if (!cfg->kv_unified && e->n_ctx / (uint32_t)cfg->max_num_seqs < e->n_cap)
-        e->n_cap = e->n_ctx / (uint32_t)cfg->max_num_seqs;
-    if (cfg->kv_unified && e->n_ctx < e->n_cap) e->n_cap = e->n_ctx;
+    uint32_t n_ctx_seq = L->llama_n_ctx_seq(e->ctx);
+    if (e->n_ctx != kv.n_ctx || n_ctx_seq != kv.n_ctx_seq)
+        BT_WARN("llama engine: llama.cpp allocated %u KV cells, %u per sequence, where %u and %u were asked for: "
+                "this llama.cpp sizes its KV cache by another rule than the one baton knows",
+                e->n_ctx, n_ctx_seq, kv.n_ctx, kv.n_ctx_seq);
+    else if (cfg->ctx_size && kv.n_ctx != (uint64_t)cfg->ctx_size)
+        BT_WARN("llama engine: --ctx-size %lld rounded down to %u KV cells: llama.cpp allocates %s in multiples of "
+                "%u cells",
+                (long long)cfg->ctx_size, kv.n_ctx, cfg->kv_unified ? "the shared pool" : "each sequence's stream",
+                LL_KV_PAD);
+    /* each sequence's cap: the model's trained context, and the cells it may fill (its own stream,
+     * or the whole pool when unified) */
+    e->n_cap = e->n_ctx_train && e->n_ctx_train < n_ctx_seq ? e->n_ctx_train : n_ctx_seq;
+    if (!cfg->kv_unified && n_ctx_seq >= e->n_cap + LL_KV_PAD)
+        BT_WARN("llama engine: each sequence's %u KV cells are more than the model's context (%u tokens): %u cells "
+                "of every stream are never used (--ctx-size %llu would do)",
+                n_ctx_seq, e->n_ctx_train, n_ctx_seq - e->n_cap,
+                (unsigned long long)(e->n_cap + LL_KV_PAD - 1) / LL_KV_PAD * LL_KV_PAD * n_seq);
     e->n_batch = L->llama_n_batch(e->ctx);
     e->batch = L->llama_batch_init((int32_t)cfg->max_num_batched_tokens, 0, 1);
     e->batch_ok = true;
@@ -1578,12 +1651,13 @@ bt_engine *bt_llama_create_with_api(uv_loop_t *loop, const bt_llama_config *cfg,
         goto fail;
     }
     e->thread_started = true;
-    BT_INFO("llama engine: %s (%s), %u KV cells %s by up to %lld sequences (each at most %u), %lld tokens per "
-            "step, %lld thread(s), chat template: %s",
-            path, e->model_desc, e->n_ctx, cfg->kv_unified ? "shared" : "split evenly", (long long)cfg->max_num_seqs,
-            e->n_cap,
-            (long long)cfg->max_num_batched_tokens, (long long)cfg->threads,
-            e->chat_template ? "the model's" : "plain");
+    char layout[96];
+    if (cfg->kv_unified) snprintf(layout, sizeof layout, "shared by up to %u sequences", n_seq);
+    else snprintf(layout, sizeof layout, "%u for each of up to %u sequences", n_ctx_seq, n_seq);
+    BT_INFO("llama engine: %s (%s), %u KV cells (%s), a context of %u tokens per sequence, %lld tokens per step, "
+            "%lld thread(s), chat template: %s",
+            path, e->model_desc, e->n_ctx, layout, e->n_cap, (long long)cfg->max_num_batched_tokens,
+            (long long)cfg->threads, e->chat_template ? "the model's" : "plain");
     BT_INFO("llama engine: exactness fingerprint \"%s\"", e->exactness);
     /* llama.cpp's threads spin at a barrier after every matrix product: more of them than CPUs
      * this process may run on makes each step wait on preempted spinners (measured: seconds per

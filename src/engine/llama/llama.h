@@ -1,8 +1,9 @@
 /* llama.h — the `llama` engine: llama.cpp in the worker process, continuous batching on an
  * engine thread.
  *
- * One llama context per engine holds every sequence (kv_unified: all sequences share one pool of
- * --ctx-size KV cells, each capped at the model's trained context). A dedicated engine thread
+ * One llama context per engine holds every sequence: each has its own KV stream, an even share of
+ * --ctx-size in whole multiples of 256 cells, or (kv_unified) all share one pool; each is capped at
+ * the model's trained context. A dedicated engine thread
  * owns the context: it takes commands (submit, stop, kill) from a mutex-protected queue, admits
  * waiting sequences while their tokens fit in free cells and --max-num-seqs allows, builds one
  * batch per step (one token per decoding sequence, then prompt chunks up to
@@ -33,7 +34,7 @@
 typedef struct {
     const char *model_path;         /* --model: a GGUF file; NULL = the bundled stories260K */
     const char *lib_dir;            /* --llama-lib-dir: NULL = the cache scripts/setup fills */
-    int64_t ctx_size;               /* --ctx-size: KV cells shared by all sequences; 0 = auto */
+    int64_t ctx_size;               /* --ctx-size: KV cells in all, at most (llama.c: ll_kv_layout); 0 = auto */
     int64_t max_num_seqs;           /* sequences decoding at once (<= 256, llama.cpp's limit) */
     int64_t max_num_batched_tokens; /* tokens per decode step (> max_num_seqs) */
     int64_t threads;                /* --llama-threads: CPU threads of the decode (1) */

@@ -32,7 +32,7 @@ bool bt_llama_default_lib_dir(char *buf, size_t len);
     X(llama_memory_clear) X(llama_batch_init) X(llama_batch_free) X(llama_decode) X(llama_get_logits_ith)     \
     X(llama_vocab_n_tokens) X(llama_vocab_is_eog) X(llama_tokenize) X(llama_token_to_piece)                    \
     X(llama_chat_apply_template) X(llama_vocab_get_add_bos) X(llama_model_desc) X(llama_model_size)            \
-    X(llama_n_threads)                                                                                          \
+    X(llama_n_threads) X(llama_n_ctx_seq)                                                                       \
     X(llama_state_seq_get_size) X(llama_state_seq_get_data) X(llama_state_seq_set_data) X(llama_model_n_params)  \
     X(llama_model_n_layer) X(llama_model_n_embd)
 
