@@ -43,30 +43,24 @@ uint64_t fe_access_written(void) { return access_log ? bt_linelog_written(access
  * --frontend-flags '--access-log FILE'). KEY is a literal: `,"name":`. */
 #define PUT_KEY(b, lit) bt_buf_append((b), lit, sizeof lit - 1)
 
-/* A string a client or an operator chose (a model name, a path, a client's request id): escaped. */
-static void put_text(bt_buf *b, const char *v) {
+/* A string as a JSON string, or null. `escape`: one a client or an operator chose (a model name, a
+ * path, a client's request id, a journal record's finish reason or error code). Without: one of
+ * this frontend's own making that needs no escape, written as it is: a request id that passed
+ * fe_valid_rid (letters, digits, - _ . :) or a UUID, a stream id and a worker id (hex), a tenant
+ * label (key- and hex, "anonymous", "other", or an X-Tenant reduced to letters, digits, . _ -),
+ * a literal. */
+static void put_str(bt_buf *b, const char *v, bool escape) {
     if (!v) {
         bt_buf_append(b, "null", 4);
         return;
     }
     bt_buf_append(b, "\"", 1);
-    bt_buf_append_json_str(b, v, strlen(v));
+    if (escape) bt_buf_append_json_str(b, v, strlen(v));
+    else bt_buf_append(b, v, strlen(v));
     bt_buf_append(b, "\"", 1);
 }
-
-/* A string of this frontend's own making that needs no escape: a request id that passed valid_rid
- * (letters, digits, - _ . :) or a UUID, a stream id and a worker id (hex), a tenant label (key-
- * and hex, "anonymous", "other", or an X-Tenant reduced to letters, digits, . _ -), a finish
- * reason or error code (literals). */
-static void put_plain(bt_buf *b, const char *v) {
-    if (!v) {
-        bt_buf_append(b, "null", 4);
-        return;
-    }
-    bt_buf_append(b, "\"", 1);
-    bt_buf_append(b, v, strlen(v));
-    bt_buf_append(b, "\"", 1);
-}
+#define put_text(b, v) put_str((b), (v), true)
+#define put_plain(b, v) put_str((b), (v), false)
 
 static void put_bool(bt_buf *b, bool v) { bt_buf_append(b, v ? "true" : "false", v ? 4 : 5); }
 
