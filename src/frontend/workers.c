@@ -490,6 +490,8 @@ bool fe_parse_instance(const json_t *v, fe_worker *w, char *err, size_t errlen) 
     if (json_is_integer(bsz) && json_integer_value(bsz) > 0) w->block_size = (uint64_t)json_integer_value(bsz);
     json_t *ctx = json_object_get(jmodel, "context_length");
     if (json_is_integer(ctx) && json_integer_value(ctx) > 0) w->context_length = (uint64_t)json_integer_value(ctx);
+    json_t *mtb = json_object_get(jmodel, "max_token_bytes");
+    if (json_is_integer(mtb) && json_integer_value(mtb) > 0) w->max_token_bytes = (uint64_t)json_integer_value(mtb);
     if ((s = json_string_value(json_object_get(jmodel, "exactness"))))
         snprintf(w->exactness, sizeof w->exactness, "%s", s);
     if (!parse_transport(w->transport, w->host, sizeof w->host, &w->port)) {

@@ -233,6 +233,7 @@ struct ll_engine {
     char *chat_template; /* the model's, NULL when it has none */
     uint32_t n_ctx, n_ctx_train, n_batch, n_vocab;
     uint32_t n_cap; /* tokens one sequence may hold (prompt + carried + generated) */
+    uint32_t max_piece; /* bytes of the longest vocabulary entry (special tokens' text included) */
     struct llama_batch batch;
     bool batch_ok;
     bool slots[LL_MAX_SEQS];
@@ -396,6 +397,20 @@ static bt_status tokenize_append(ll_engine *e, ll_seq *s, const char *text, size
     return BT_OK;
 }
 
+/* No token covers more bytes of the text than the longest vocabulary entry, so a prompt longer
+ * than n_cap such entries holds more than n_cap tokens: refused as the context check below would,
+ * without tokenizing it (megabytes take llama_tokenize seconds, on the thread every stream steps
+ * on). Runs before each tokenization of a prompt; false with the 400's message. */
+static bool prompt_may_fit(const ll_engine *e, const ll_seq *s, size_t len, char *err, size_t errlen) {
+    if (!e->max_piece || (uint64_t)len <= (uint64_t)e->n_cap * e->max_piece) return true;
+    const char *what = s->api == BT_API_CHAT ? "messages" : "prompt";
+    snprintf(err, errlen,
+             "This model's maximum context length is %u tokens. However, %zu bytes of %s hold more than %u tokens "
+             "(a token covers at most %u bytes). Please reduce the length of the %s.",
+             e->n_cap, len, what, e->n_cap, e->max_piece, what);
+    return false;
+}
+
 /* Content of a chat message: a string, or the text parts of an array of parts. */
 static bt_status message_text(json_t *content, bt_buf *out) {
     if (json_is_string(content)) return bt_buf_append(out, json_string_value(content), json_string_length(content));
@@ -468,6 +483,10 @@ static bt_status render_chat(ll_engine *e, ll_seq *s, char *err, size_t errlen) 
         if (st == BT_OK) st = bt_buf_append_str(&prompt, "assistant:");
         if (st != BT_OK) goto out;
     }
+    if (!prompt_may_fit(e, s, prompt.len, err, errlen)) {
+        st = BT_ERR_CONTEXT_LENGTH;
+        goto out;
+    }
     st = tokenize_append(e, s, prompt.data ? prompt.data : "", prompt.len, special);
     if (st != BT_OK) snprintf(err, errlen, "cannot tokenize the chat prompt");
 out:
@@ -485,6 +504,7 @@ static bt_status render_prompt(ll_engine *e, ll_seq *s, char *err, size_t errlen
     json_t *p = json_object_get(s->body, "prompt");
     if (json_is_array(p) && json_array_size(p) == 1 && json_is_string(json_array_get(p, 0))) p = json_array_get(p, 0);
     if (json_is_string(p)) {
+        if (!prompt_may_fit(e, s, json_string_length(p), err, errlen)) return BT_ERR_CONTEXT_LENGTH;
         bt_status st = tokenize_append(e, s, json_string_value(p), json_string_length(p), false);
         if (st != BT_OK) snprintf(err, errlen, "cannot tokenize the prompt");
         return st;
@@ -1331,6 +1351,7 @@ static void ll_card(bt_engine *be, json_t *card) {
     json_object_set_new(card, "max_num_seqs", json_integer(e->cfg.max_num_seqs));
     json_object_set_new(card, "max_num_batched_tokens", json_integer(e->cfg.max_num_batched_tokens));
     json_object_set_new(card, "context_length", json_integer(e->n_cap));
+    json_object_set_new(card, "max_token_bytes", json_integer(e->max_piece));
     json_object_set_new(card, "engine", json_string("llama"));
     json_object_set_new(card, "llama_model", json_string(e->model_desc));
     json_object_set_new(card, "exactness", json_string(e->exactness));
@@ -1512,6 +1533,14 @@ bt_engine *bt_llama_create_with_api(uv_loop_t *loop, const bt_llama_config *cfg,
     e->vocab = L->llama_model_get_vocab(e->model);
     e->n_vocab = (uint32_t)L->llama_vocab_n_tokens(e->vocab);
     e->n_ctx_train = (uint32_t)L->llama_model_n_ctx_train(e->model);
+    /* the longest entry, as text (special tokens too: a chat template's markers are parsed as
+     * such), for the byte bound of prompt_may_fit and the model card: one pass over the vocabulary */
+    for (uint32_t t = 0; t < e->n_vocab; t++) {
+        char buf[256];
+        int32_t n = L->llama_token_to_piece(e->vocab, (llama_token)t, buf, (int32_t)sizeof buf, 0, true);
+        uint32_t len = (uint32_t)(n < 0 ? -n : n); /* negative: the size it needs */
+        if (len > e->max_piece) e->max_piece = len;
+    }
     L->llama_model_desc(e->model, e->model_desc, sizeof e->model_desc);
     const char *tmpl = L->llama_model_chat_template(e->model, NULL);
     if (tmpl) {
