@@ -38,9 +38,9 @@ struct bt_rpc_conn {
     bt_buf rbuf;
     bt_buf wbuf;
     size_t queued; /* bytes handed to uv_write and not yet written */
-    /* Whether the peer takes what is written: the bytes libuv has written of what it was handed
-     * (handed minus its write queue) at the last heartbeat, and since when that count has not
-     * grown while bytes waited (heartbeat clock, as last_rx_ms). */
+    /* Whether the peer takes what is written: of the bytes written to the socket or handed to
+     * uv_write (handed), those the peer's TCP has acknowledged at the last heartbeat (out_progress),
+     * and since when that count has not grown while bytes waited (heartbeat clock, as last_rx_ms). */
     uint64_t handed, taken_seen;
     uint64_t out_stuck_ms;
     /* last_rx_ms and session_ms are on the heartbeat clock: wall time minus the pauses of this
@@ -153,6 +153,7 @@ void bt_rpc_flush(bt_rpc_conn *c) {
             return;
         }
     }
+    c->handed += off;
     c->last_tx_ms = bt_now_ms();
     if (off == c->wbuf.len) {
         c->wbuf.len = 0;
@@ -426,7 +427,15 @@ static void heartbeat_skip_pause(bt_rpc_conn *c, uint64_t now) {
  * bounded by max_out_bytes and by the owner's backpressure. False when the connection failed. */
 static bool out_progress(bt_rpc_conn *c, uint64_t now) {
     size_t waiting = c->queued ? uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) : 0;
-    uint64_t taken = c->handed - waiting;
+    /* What the kernel holds unacknowledged counts as waiting too: libuv's queue moves only when the
+     * socket's send buffer (megabytes, autotuned) has drained to its low mark, so alone it would
+     * show a steady slow reader no progress for seconds. The peer's TCP acknowledges what reaches
+     * its receive buffer, which stays full while its process reads nothing. */
+    uv_os_fd_t fd;
+    int outq = 0;
+    if (waiting && uv_fileno((const uv_handle_t *)&c->tcp, &fd) == 0 && ioctl(fd, TIOCOUTQ, &outq) == 0 && outq > 0)
+        waiting += (size_t)outq;
+    uint64_t taken = c->handed > waiting ? c->handed - waiting : 0;
     if (waiting == 0 || taken != c->taken_seen) {
         c->taken_seen = taken;
         c->out_stuck_ms = now;

@@ -3,7 +3,8 @@
  * A connection frames and unframes (proto.h), handshakes with HELLO, keeps itself alive with
  * PING/PONG and declares the peer dead when nothing arrives for `dead_after_ms`, counted on a
  * clock that leaves out the time this process did not run, and only once the bytes waiting on
- * the socket have been read (docs/protocol.md §8). Outgoing frames are appended to a corked
+ * the socket have been read (docs/protocol.md §8); and closes it as not reading when it takes none
+ * of the bytes waiting for it (acknowledged by its TCP) for as long. Outgoing frames are appended to a corked
  * buffer and written once per loop iteration (one syscall for every token frame produced in a
  * scheduler step), with uv_try_write first.
  *
