@@ -442,8 +442,8 @@ static bool out_progress(bt_rpc_conn *c, uint64_t now) {
         return true;
     }
     if (now - c->out_stuck_ms < c->cfg.dead_after_ms) return true;
-    conn_fail(c, BT_ERR_TIMEOUT, "peer %s is not reading: none of %zu unsent bytes taken for %llu ms", c->peer,
-              waiting, (unsigned long long)(now - c->out_stuck_ms));
+    conn_fail(c, BT_ERR_TIMEOUT, "peer %s is not reading: none of %zu unsent bytes taken for %llu ms", c->peer, waiting,
+              (unsigned long long)(now - c->out_stuck_ms));
     return false;
 }
 
