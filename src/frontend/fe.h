@@ -160,6 +160,7 @@ struct fe_worker {
     uint64_t total_blocks_card;
     uint64_t block_size; /* tokens per KV block, from the model card (0 = unknown) */
     uint64_t context_length; /* prompt + completion tokens the model takes, from the card (0 = unknown) */
+    uint64_t max_token_bytes; /* the longest vocabulary entry in bytes, from the card (0 = unknown) */
     /* The card's exactness fingerprint ("" = none: its engine makes no exactness promise). A
      * continuation of a stream begun on a worker with a fingerprint goes only to a worker with the
      * same one (docs/engines.md §3.4). */
@@ -508,8 +509,8 @@ struct fe_group {
 /* workers.c */
 /* Parses a discovery instance value (instance_id, transport.tcp "host:port", model.name and the
  * optional namespace, component, endpoint, model.total_kv_blocks, model.block_size,
- * model.context_length, model.exactness) into the identity fields of a zeroed w: id, transport,
- * model, ns, component, endpoint, total_blocks_card, block_size, context_length, exactness, host
+ * model.context_length, model.max_token_bytes, model.exactness) into the identity fields of a zeroed w: id, transport,
+ * model, ns, component, endpoint, total_blocks_card, block_size, context_length, max_token_bytes, exactness, host
  * and port (1..65535). Strings longer than their field are
  * cut. Nothing else of w is touched. False with a reason in err if the value is unusable. */
 bool fe_parse_instance(const json_t *v, fe_worker *w, char *err, size_t errlen);

@@ -1204,12 +1204,73 @@ static uint64_t model_context(const fe *f, const fe_model *m) {
     return ctx;
 }
 
+/* The most prompt bytes that can fit m: the smallest context_length x max_token_bytes among the
+ * workers whose card has both (0 when none has). A worker without max_token_bytes (the mocker,
+ * whose words are one token however long) sets no bound; the others are what the request may be
+ * routed or migrated to, as model_context's smallest context is. */
+static uint64_t model_prompt_bytes(const fe_model *m) {
+    uint64_t best = 0;
+    for (size_t i = 0; i < m->nws; i++) {
+        const fe_worker *w = m->ws[i];
+        if (!w->context_length || !w->max_token_bytes) continue;
+        uint64_t b = w->context_length * w->max_token_bytes;
+        if (!best || b < best) best = b;
+    }
+    return best;
+}
+
+/* Bytes that certainly reach the model's prompt, whatever the chat template does with them: a
+ * string prompt whole; a chat's non-assistant message contents (text parts included), each without
+ * the blanks at its ends (a template may trim them, and some drop parts of earlier assistant turns,
+ * such as their reasoning). The template's own text only adds to it. */
+static size_t content_bytes(const json_t *c) {
+    const char *s = json_string_value(c);
+    size_t n = json_string_length(c);
+    if (!s) return 0;
+    while (n && (s[n - 1] == ' ' || s[n - 1] == '\n' || s[n - 1] == '\t' || s[n - 1] == '\r')) n--;
+    size_t i = 0;
+    while (i < n && (s[i] == ' ' || s[i] == '\n' || s[i] == '\t' || s[i] == '\r')) i++;
+    return n - i;
+}
+
+static uint64_t prompt_text_bytes(const json_t *body, bt_api api) {
+    if (api == BT_API_COMPLETION) {
+        const json_t *p = json_object_get(body, "prompt");
+        if (json_is_array(p) && json_array_size(p) == 1) p = json_array_get(p, 0);
+        return json_is_string(p) ? json_string_length(p) : 0;
+    }
+    uint64_t n = 0;
+    size_t i, j;
+    const json_t *msg, *part;
+    json_array_foreach(json_object_get(body, "messages"), i, msg) {
+        const char *role = json_string_value(json_object_get(msg, "role"));
+        if (role && strcmp(role, "assistant") == 0) continue;
+        const json_t *c = json_object_get(msg, "content");
+        if (json_is_string(c)) n += content_bytes(c);
+        else json_array_foreach(c, j, part) n += content_bytes(json_object_get(part, "text"));
+    }
+    return n;
+}
+
 /* What the frontend can check of prompt + max_tokens against the context length without a
- * tokenizer: max_tokens alone, and a prompt given as token ids. A text prompt is counted by the
- * engine, which refuses with BT_ERR_CONTEXT_LENGTH (the same 400). False with a message. */
+ * tokenizer: max_tokens alone, a prompt given as token ids, and a text prompt longer than the
+ * context's worth of the longest token (model_prompt_bytes), which holds more tokens than the
+ * context whatever the tokenizer makes of it. Any other text prompt is counted by the engine,
+ * which refuses with BT_ERR_CONTEXT_LENGTH (the same 400). False with a message. */
 static bool context_fits(const fe *f, const fe_model *m, const json_t *body, bt_api api, char *err, size_t errlen) {
     uint64_t ctx = model_context(f, m);
     if (!ctx) return true;
+    uint64_t max_bytes = model_prompt_bytes(m);
+    uint64_t text = max_bytes ? prompt_text_bytes(body, api) : 0;
+    if (text > max_bytes) {
+        const char *what = api == BT_API_CHAT ? "messages" : "prompt";
+        snprintf(err, errlen,
+                 "This model's maximum context length is %" PRIu64 " tokens. However, %" PRIu64
+                 " bytes of %s hold more tokens than that (more than %" PRIu64 " bytes cannot fit). Please "
+                 "reduce the length of the %s.",
+                 ctx, text, what, max_bytes, what);
+        return false;
+    }
     json_t *mt = json_object_get(body, "max_completion_tokens");
     if (!json_is_integer(mt)) mt = json_object_get(body, "max_tokens");
     /* without the client's max_tokens the engine cuts its default to what is left of the context,

@@ -494,6 +494,8 @@ bool fe_parse_instance(const json_t *v, fe_worker *w, char *err, size_t errlen) 
     if (json_is_integer(bsz) && json_integer_value(bsz) > 0) w->block_size = (uint64_t)json_integer_value(bsz);
     json_t *ctx = json_object_get(jmodel, "context_length");
     if (json_is_integer(ctx) && json_integer_value(ctx) > 0) w->context_length = (uint64_t)json_integer_value(ctx);
+    json_t *mtb = json_object_get(jmodel, "max_token_bytes");
+    if (json_is_integer(mtb) && json_integer_value(mtb) > 0) w->max_token_bytes = (uint64_t)json_integer_value(mtb);
     if ((s = json_string_value(json_object_get(jmodel, "exactness"))))
         snprintf(w->exactness, sizeof w->exactness, "%s", s);
     if (!parse_transport(w->transport, w->host, sizeof w->host, &w->port)) {
@@ -615,8 +617,12 @@ bool fe_workers_apply_load(fe *f, uint64_t id, const bt_load_report *r) {
 
 /* ---- routing ---- */
 
-/* Busy when a fresh load report, plus what was routed since it, exceeds a threshold. */
+/* Busy when a fresh load report, plus what was routed since it, exceeds a threshold; or, whatever
+ * the thresholds, while its connection holds BT_RPC_BACKLOG_BUSY unsent bytes: a burst of large
+ * bodies then waits for the worker to take what it was sent (or is queued or refused with 503 as
+ * for any other busy verdict) instead of piling up towards the connection's memory cap. */
 bool fe_worker_busy(const fe_worker *w, const fe_model *m) {
+    if (w->conn && bt_rpc_unsent(w->conn) >= BT_RPC_BACKLOG_BUSY) return true;
     if (isnan(m->decode_threshold) && isnan(m->prefill_threshold)) return false;
     if (!w->load_ms || bt_now_ms() - w->load_ms > LOAD_STALE_MS) return false;
     const bt_load_report *l = &w->load;
@@ -744,6 +750,7 @@ fe_worker *fe_route_preempt(fe *f, fe_model *m, int32_t prio) {
     for (size_t i = 0; i < m->nws; i++) {
         fe_worker *w = m->ws[i];
         if (!fe_worker_routable(w) || fe_outlier_ejected(f, w)) continue;
+        if (bt_rpc_unsent(w->conn) >= BT_RPC_BACKLOG_BUSY) continue;   /* preempting frees KV, not the link */
         if (!w->load_ms || now - w->load_ms > LOAD_STALE_MS) continue; /* says nothing (and is not busy) */
         uint32_t victims;
         int32_t vp;

@@ -38,6 +38,11 @@ struct bt_rpc_conn {
     bt_buf rbuf;
     bt_buf wbuf;
     size_t queued; /* bytes handed to uv_write and not yet written */
+    /* Whether the peer takes what is written: of the bytes written to the socket or handed to
+     * uv_write (handed), those the peer's TCP has acknowledged at the last heartbeat (out_progress),
+     * and since when that count has not grown while bytes waited (heartbeat clock, as last_rx_ms). */
+    uint64_t handed, taken_seen;
+    uint64_t out_stuck_ms;
     /* last_rx_ms and session_ms are on the heartbeat clock: wall time minus the pauses of this
      * process that on_heartbeat found (they move forward by each pause). */
     uint64_t last_rx_ms, last_tx_ms;
@@ -78,7 +83,7 @@ void bt_rpc_config_default(bt_rpc_config *c, uint16_t role, uint64_t instance_id
     c->ping_interval_ms = 500;
     c->dead_after_ms = 2000;
     c->connect_timeout_ms = 3000;
-    c->max_out_bytes = 64u * 1024 * 1024;
+    c->max_out_bytes = BT_RPC_MAX_OUT_DEFAULT;
     c->hello_flags = BT_HELLO_KVSTATE | BT_HELLO_WAITING | BT_HELLO_UPSTREAM_BUSY;
 }
 
@@ -148,6 +153,7 @@ void bt_rpc_flush(bt_rpc_conn *c) {
             return;
         }
     }
+    c->handed += off;
     c->last_tx_ms = bt_now_ms();
     if (off == c->wbuf.len) {
         c->wbuf.len = 0;
@@ -174,18 +180,25 @@ void bt_rpc_flush(bt_rpc_conn *c) {
     w->data = data;
     w->len = len;
     w->c = c;
+    if (c->queued == 0) c->out_stuck_ms = c->last_tick_ms; /* waiting starts now, not at the last write */
     c->queued += len;
+    c->handed += len;
     uv_buf_t b = uv_buf_init(data, (unsigned)len);
     int rc = uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_write);
     if (rc < 0) {
         c->queued -= len;
+        c->handed -= len;
         free(data);
         free(w);
         conn_fail(c, BT_ERR_DISCONNECTED, "write to %s failed: %s", c->peer, uv_strerror(rc));
         return;
     }
+    /* The memory bound, not the liveness check (that is on_heartbeat's: no byte taken for
+     * dead_after_ms). Owners keep below it by backpressure: bt_rpc_unsent() past
+     * BT_RPC_BACKLOG_BUSY makes a frontend route new requests elsewhere. */
     if (c->queued > c->cfg.max_out_bytes)
-        conn_fail(c, BT_ERR_TIMEOUT, "peer %s is not reading (%zu bytes unsent)", c->peer, c->queued);
+        conn_fail(c, BT_ERR_TOO_LARGE, "%zu bytes unsent to %s: past the cap of %zu", c->queued, c->peer,
+                  c->cfg.max_out_bytes);
 }
 
 static void on_flush_idle(uv_idle_t *h) { bt_rpc_flush(h->data); }
@@ -402,9 +415,36 @@ static void heartbeat_skip_pause(bt_rpc_conn *c, uint64_t now) {
     if (gap <= counted) return;
     uint64_t skip = gap - counted;
     c->last_rx_ms = c->last_rx_ms + skip < now ? c->last_rx_ms + skip : now;
+    c->out_stuck_ms = c->out_stuck_ms + skip < now ? c->out_stuck_ms + skip : now;
     c->session_ms = c->session_ms + skip < now ? c->session_ms + skip : now;
     BT_DEBUG("request plane %s: this process did not run for %llu ms; not counted as the peer's silence", c->peer,
              (unsigned long long)skip);
+}
+
+/* "Not reading" is no progress: bytes wait for the peer and it has taken none of them for
+ * dead_after_ms. How many wait says nothing about the peer (a burst of large requests queues many
+ * megabytes for a worker that reads them as fast as the network allows); that is a memory matter,
+ * bounded by max_out_bytes and by the owner's backpressure. False when the connection failed. */
+static bool out_progress(bt_rpc_conn *c, uint64_t now) {
+    size_t waiting = c->queued ? uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) : 0;
+    /* What the kernel holds unacknowledged counts as waiting too: libuv's queue moves only when the
+     * socket's send buffer (megabytes, autotuned) has drained to its low mark, so alone it would
+     * show a steady slow reader no progress for seconds. The peer's TCP acknowledges what reaches
+     * its receive buffer, which stays full while its process reads nothing. */
+    uv_os_fd_t fd;
+    int outq = 0;
+    if (waiting && uv_fileno((const uv_handle_t *)&c->tcp, &fd) == 0 && ioctl(fd, TIOCOUTQ, &outq) == 0 && outq > 0)
+        waiting += (size_t)outq;
+    uint64_t taken = c->handed > waiting ? c->handed - waiting : 0;
+    if (waiting == 0 || taken != c->taken_seen) {
+        c->taken_seen = taken;
+        c->out_stuck_ms = now;
+        return true;
+    }
+    if (now - c->out_stuck_ms < c->cfg.dead_after_ms) return true;
+    conn_fail(c, BT_ERR_TIMEOUT, "peer %s is not reading: none of %zu unsent bytes taken for %llu ms", c->peer, waiting,
+              (unsigned long long)(now - c->out_stuck_ms));
+    return false;
 }
 
 static void on_heartbeat(uv_timer_t *t) {
@@ -435,6 +475,7 @@ static void on_heartbeat(uv_timer_t *t) {
         BT_DEBUG("request plane %s: silent for %llu ms but %zu bytes are waiting: reading them first", c->peer,
                  (unsigned long long)(now - c->last_rx_ms), waiting);
     }
+    if (!out_progress(c, now)) return;
     if (now - c->last_tx_ms >= c->cfg.ping_interval_ms) {
         bt_buf *w = bt_rpc_wbuf(c);
         if (w) bt_frame_put_ping(w, BT_FRAME_PING, now);
@@ -451,7 +492,7 @@ static void start_session(bt_rpc_conn *c) {
         conn_fail(c, BT_ERR_DISCONNECTED, "read from %s failed: %s", c->peer, uv_strerror(rc));
         return;
     }
-    c->session_ms = c->last_rx_ms;
+    c->session_ms = c->out_stuck_ms = c->last_rx_ms;
     bt_frame_put_hello_flags(bt_rpc_wbuf(c), c->cfg.hello_flags, c->cfg.role, c->cfg.instance_id);
     if (c->cfg.role == BT_ROLE_WORKER && c->cfg.secret && *c->cfg.secret) {
         for (size_t i = 0; i < BT_AUTH_LEN; i += 8) {

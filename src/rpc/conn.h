@@ -3,7 +3,8 @@
  * A connection frames and unframes (proto.h), handshakes with HELLO, keeps itself alive with
  * PING/PONG and declares the peer dead when nothing arrives for `dead_after_ms`, counted on a
  * clock that leaves out the time this process did not run, and only once the bytes waiting on
- * the socket have been read (docs/protocol.md §8). Outgoing frames are appended to a corked
+ * the socket have been read (docs/protocol.md §8); and closes it as not reading when it takes none
+ * of the bytes waiting for it (acknowledged by its TCP) for as long. Outgoing frames are appended to a corked
  * buffer and written once per loop iteration (one syscall for every token frame produced in a
  * scheduler step), with uv_try_write first.
  *
@@ -24,6 +25,15 @@
 #include "proto/proto.h"
 
 typedef struct bt_rpc_conn bt_rpc_conn;
+
+/* Unsent bytes per connection. A peer that takes none of them for dead_after_ms is not reading
+ * and is closed, however few they are; the count itself is a memory bound. Past
+ * BT_RPC_BACKLOG_BUSY a frontend gives the worker no new request (it counts as busy) so that a
+ * burst of large bodies waits in the HTTP layer or is refused there, and the hard cap
+ * (max_out_bytes, BT_RPC_MAX_OUT_DEFAULT) stays out of reach of anything but a peer that stops
+ * reading: it must exceed the busy mark by more than a few frames of the largest size. */
+#define BT_RPC_BACKLOG_BUSY (8u * 1024 * 1024)
+#define BT_RPC_MAX_OUT_DEFAULT (64u * 1024 * 1024)
 
 typedef struct {
     /* The peer's HELLO arrived: the connection is usable. */
@@ -55,7 +65,7 @@ typedef struct {
     uint32_t dead_after_ms;   /* peer declared dead after this long without receiving anything
                                * (pauses of this process beyond two heartbeat ticks not counted) */
     uint32_t connect_timeout_ms;
-    size_t max_out_bytes;     /* unsent bytes beyond this close the connection (a stuck peer) */
+    size_t max_out_bytes;     /* hard cap on unsent bytes (memory): past it the connection closes */
     /* Shared secret (NULL = none). A worker with a secret challenges every frontend after HELLO
      * and accepts nothing until it proves the secret (HMAC-SHA256 of a fresh nonce; the secret
      * never crosses the wire). A frontend with a secret answers such challenges. */

@@ -16,7 +16,11 @@
  * And the batched dispatch of a read (on_peek): 200 frames sent in one write reach on_frame all,
  * in order, and each was shown to on_peek first, in order, in batches of at most BT_RPC_BATCH; a
  * malformed frame after valid ones fails the connection only once the valid ones are handled; a
- * connection closed from on_frame mid-batch hands over no frame after that one. */
+ * connection closed from on_frame mid-batch hands over no frame after that one.
+ *
+ * And what "not reading" means: a peer that keeps sending (PINGs) but takes none of the bytes
+ * waiting for it is closed after dead_after, though they are far below the memory cap; a peer
+ * that reads slowly, megabytes waiting for it for many times dead_after, is never closed. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -50,6 +54,7 @@ typedef struct {
     uint32_t got[512], peeked[512];
     size_t ngot, npeeked, max_peek;
     uint32_t close_at; /* on_frame closes the connection on this stream (0: never) */
+    bool pings;        /* the peer sends PINGs, which on_peek may show and on_frame never gets */
 } fixture;
 
 static void on_accept(void *ud, bt_rpc_conn *c) { ((fixture *)ud)->conn = c; }
@@ -66,6 +71,7 @@ static void on_peek(void *ud, bt_rpc_conn *c, const bt_frame *fr, size_t n) {
     (void)c;
     fixture *x = ud;
     if (n > x->max_peek) x->max_peek = n;
+    if (x->pings) return;
     /* a peek comes before the frames it shows are handed over, and shows the next ones */
     assert_int_equal(x->npeeked, x->ngot);
     for (size_t i = 0; i < n && x->npeeked < 512; i++) x->peeked[x->npeeked++] = fr[i].stream;
@@ -220,6 +226,80 @@ static void test_silent_peer_dead_through_pauses(void **state) {
     teardown(&f);
 }
 
+/* Queues `mib` MiB for the peer on the accepted connection (REQUEST frames of 1 MiB), with its
+ * receive buffer shrunk so that the kernel holds little of it. Returns the bytes queued. */
+static size_t queue_for_peer(fixture *f, size_t mib) {
+    size_t len = 0;
+    int small = 64 * 1024;
+    assert_int_equal(setsockopt(f->fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small), 0);
+    static char chunk[1 << 20];
+    memset(chunk, 'x', sizeof chunk);
+    for (size_t i = 0; i < mib; i++) {
+        bt_buf *w = bt_rpc_wbuf(f->conn);
+        assert_non_null(w);
+        assert_int_equal(bt_frame_put(w, BT_FRAME_REQUEST, 1 + 2 * (uint32_t)i, chunk, sizeof chunk), BT_OK);
+        len = w->len;
+    }
+    bt_rpc_flush(f->conn);
+    return len;
+}
+
+/* dead_after 400 ms, tick 50 ms. 8 MiB wait for a peer that PINGs every 50 ms (so it is not
+ * silent) and never reads: closed as not reading within a few ticks past dead_after. The bytes are
+ * an eighth of the 64 MiB cap, which alone would have kept it forever. */
+static void test_not_reading_is_no_progress(void **state) {
+    (void)state;
+    fixture f;
+    setup(&f, 50, 400);
+    f.pings = true;
+    queue_for_peer(&f, 8);
+    assert_true(bt_rpc_unsent(f.conn) > (size_t)4 << 20);
+    uint64_t t0 = bt_now_ms(), last_ping = 0;
+    while (!f.closed && bt_now_ms() - t0 < 3000) {
+        if (bt_now_ms() - last_ping >= 50) {
+            peer_ping(&f);
+            last_ping = bt_now_ms();
+        }
+        uv_run(&f.loop, UV_RUN_NOWAIT);
+        usleep(1000);
+    }
+    uint64_t took = bt_now_ms() - t0;
+    if (!f.closed) fail_msg("a peer that took no byte for 3 s (dead_after 400 ms) is still connected");
+    assert_int_equal(f.why, BT_ERR_TIMEOUT);
+    if (!strstr(f.reason, "not reading")) fail_msg("closed for another reason: %s", f.reason);
+    /* waiting is counted from the tick before the bytes were queued: dead_after less one tick */
+    if (took < 350 || took >= 1000) fail_msg("closed after %llu ms, not within [350, 1000)", (unsigned long long)took);
+    printf("peer that does not read closed after %llu ms: %s\n", (unsigned long long)took, f.reason);
+    teardown(&f);
+}
+
+/* dead_after 400 ms, tick 50 ms. 8 MiB wait for a peer that reads 64 KiB every 20 ms (about 3 MB/s):
+ * bytes wait for it for more than 2 s, five times dead_after, and it is never closed. */
+static void test_slow_reader_not_dead(void **state) {
+    (void)state;
+    fixture f;
+    setup(&f, 50, 400);
+    f.pings = true;
+    size_t total = queue_for_peer(&f, 8), got = 0;
+    static char sink[64 * 1024];
+    uint64_t t0 = bt_now_ms(), last_read = 0;
+    while (!f.closed && got < total && bt_now_ms() - t0 < 20000) {
+        if (bt_now_ms() - last_read >= 20) {
+            ssize_t n = recv(f.fd, sink, sizeof sink, MSG_DONTWAIT);
+            if (n > 0) got += (size_t)n;
+            peer_ping(&f);
+            last_read = bt_now_ms();
+        }
+        uv_run(&f.loop, UV_RUN_NOWAIT);
+        usleep(1000);
+    }
+    if (f.closed) fail_msg("a peer reading steadily was closed after %zu of %zu bytes: %s", got, total, f.reason);
+    assert_true(got >= total);
+    assert_true(bt_now_ms() - t0 > 5 * 400);
+    printf("slow reader took %zu bytes in %llu ms, still connected\n", got, (unsigned long long)(bt_now_ms() - t0));
+    teardown(&f);
+}
+
 /* Appends KILL frames for streams first..last (odd: the frontend's) to b. */
 static void put_kills(bt_buf *b, uint32_t first, uint32_t last) {
     for (uint32_t s = first; s <= last; s += 2) assert_int_equal(bt_frame_put(b, BT_FRAME_KILL, s, NULL, 0), BT_OK);
@@ -305,6 +385,8 @@ int main(void) {
         cmocka_unit_test(test_batch_in_order),
         cmocka_unit_test(test_batch_then_malformed),
         cmocka_unit_test(test_batch_closed_midway),
+        cmocka_unit_test(test_not_reading_is_no_progress),
+        cmocka_unit_test(test_slow_reader_not_dead),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

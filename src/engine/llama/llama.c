@@ -13,7 +13,15 @@
  * thread may name a killed handle until then. A kill of a sequence that already ended is ignored
  * by the thread (its END is on its way), and commands are processed in order, so a handle
  * address is never confused with a later one. KV edits (llama_memory_seq_rm) happen only on the
- * engine thread, between decodes. */
+ * engine thread, between decodes.
+ *
+ * A third thread, the prompt thread, renders and tokenizes each new sequence's prompt before the
+ * engine thread sees it: llama_tokenize takes about half a second per megabyte, and on the engine
+ * thread that is a pause of every running stream. A SUBMIT goes to the prompt queue (under the
+ * same mutex) and on to the commands once its tokens are ready; a later command for that handle
+ * follows it through the prompt queue until then (bt_engine_seq.prepped), so a handle's commands
+ * still reach the engine thread in order. The prompt thread reads only what is fixed at creation
+ * (vocabulary, chat template, context cap) and the sequence it holds. */
 #include "engine/llama/llama.h"
 
 #include <inttypes.h>
@@ -217,6 +225,7 @@ struct bt_engine_seq {
     bool stop_sent;
     bool released;    /* the delivery module let go of it (ops.free_seq) */
     bool thread_done; /* its END event was taken off the queue: the thread no longer names it */
+    bool prepped;     /* under mu: its SUBMIT left the prompt queue for the commands */
 };
 
 /* Engine-thread state of one sequence. */
@@ -251,6 +260,9 @@ struct ll_seq {
     uint8_t *kv;      /* a KV state to import when admitted (llama_kv.h), NULL when none */
     size_t kv_len;
     char rid[80];     /* the request id, for the log */
+    /* the prompt thread's outcome: tokens in tok (n_tok), or why not (seq_arrive ends it) */
+    bt_status prompt_st;
+    char prompt_err[320];
 };
 
 typedef struct {
@@ -272,6 +284,9 @@ struct ll_engine {
     pthread_cond_t cv;
     STAILQ_HEAD(, ll_cmd) cmds;
     STAILQ_HEAD(, ll_ev) evs;
+    STAILQ_HEAD(, ll_cmd) prompts; /* SUBMITs for the prompt thread, and the commands behind them */
+    pthread_cond_t prompt_cv;
+    bool prompt_quit;
     bool quit;
     bool abandoned; /* the loop gave up waiting for the thread (ll_destroy_now): no more wake-ups */
     bt_engine_load load;
@@ -279,6 +294,8 @@ struct ll_engine {
 
     pthread_t thread;
     bool thread_started;
+    pthread_t prompt_thread;
+    bool prompt_started;
 
     /* loop side */
     bt_deliver dl;
@@ -291,6 +308,7 @@ struct ll_engine {
     char *chat_template; /* the model's, NULL when it has none */
     uint32_t n_ctx, n_ctx_train, n_batch, n_vocab;
     uint32_t n_cap; /* tokens one sequence may hold (prompt + carried + generated) */
+    uint32_t max_piece; /* bytes of the longest vocabulary entry (special tokens' text included) */
     struct llama_batch batch;
     bool batch_ok;
     bool slots[LL_MAX_SEQS];
@@ -454,6 +472,20 @@ static bt_status tokenize_append(ll_engine *e, ll_seq *s, const char *text, size
     return BT_OK;
 }
 
+/* No token covers more bytes of the text than the longest vocabulary entry, so a prompt longer
+ * than n_cap such entries holds more than n_cap tokens: refused as the context check below would,
+ * without tokenizing it (megabytes take llama_tokenize seconds, on the thread every stream steps
+ * on). Runs before each tokenization of a prompt; false with the 400's message. */
+static bool prompt_may_fit(const ll_engine *e, const ll_seq *s, size_t len, char *err, size_t errlen) {
+    if (!e->max_piece || (uint64_t)len <= (uint64_t)e->n_cap * e->max_piece) return true;
+    const char *what = s->api == BT_API_CHAT ? "messages" : "prompt";
+    snprintf(err, errlen,
+             "This model's maximum context length is %u tokens. However, %zu bytes of %s hold more than %u tokens "
+             "(a token covers at most %u bytes). Please reduce the length of the %s.",
+             e->n_cap, len, what, e->n_cap, e->max_piece, what);
+    return false;
+}
+
 /* Content of a chat message: a string, or the text parts of an array of parts. */
 static bt_status message_text(json_t *content, bt_buf *out) {
     if (json_is_string(content)) return bt_buf_append(out, json_string_value(content), json_string_length(content));
@@ -526,6 +558,10 @@ static bt_status render_chat(ll_engine *e, ll_seq *s, char *err, size_t errlen) 
         if (st == BT_OK) st = bt_buf_append_str(&prompt, "assistant:");
         if (st != BT_OK) goto out;
     }
+    if (!prompt_may_fit(e, s, prompt.len, err, errlen)) {
+        st = BT_ERR_CONTEXT_LENGTH;
+        goto out;
+    }
     st = tokenize_append(e, s, prompt.data ? prompt.data : "", prompt.len, special);
     if (st != BT_OK) snprintf(err, errlen, "cannot tokenize the chat prompt");
 out:
@@ -543,6 +579,7 @@ static bt_status render_prompt(ll_engine *e, ll_seq *s, char *err, size_t errlen
     json_t *p = json_object_get(s->body, "prompt");
     if (json_is_array(p) && json_array_size(p) == 1 && json_is_string(json_array_get(p, 0))) p = json_array_get(p, 0);
     if (json_is_string(p)) {
+        if (!prompt_may_fit(e, s, json_string_length(p), err, errlen)) return BT_ERR_CONTEXT_LENGTH;
         bt_status st = tokenize_append(e, s, json_string_value(p), json_string_length(p), false);
         if (st != BT_OK) snprintf(err, errlen, "cannot tokenize the prompt");
         return st;
@@ -576,8 +613,9 @@ static size_t piece(ll_engine *e, llama_token t, char *buf, size_t cap) {
 
 /* A new sequence arrives on the thread: render its prompt, append the carried tokens, queue it. */
 static void seq_arrive(ll_engine *e, ll_seq *s) {
-    char err[320] = "";
-    bt_status st = render_prompt(e, s, err, sizeof err);
+    char err[320];
+    memcpy(err, s->prompt_err, sizeof err);
+    bt_status st = s->prompt_st; /* rendered on the prompt thread (prompt_thread) */
     s->n_prompt = s->n_tok;
     list_insert_waiting(&e->waiting, s, false);
     s->state = LS_WAITING;
@@ -1228,6 +1266,45 @@ static void send_cmd(ll_engine *e, ll_cmd *c) {
     pthread_mutex_unlock(&e->mu);
 }
 
+/* A command for c->h: behind its SUBMIT in the prompt queue while that is there, else straight to
+ * the engine thread (where the SUBMIT is then ahead of it). */
+static void send_seq_cmd(ll_engine *e, ll_cmd *c) {
+    pthread_mutex_lock(&e->mu);
+    if (c->kind == CMD_SUBMIT || !c->h->prepped) {
+        STAILQ_INSERT_TAIL(&e->prompts, c, link);
+        pthread_cond_signal(&e->prompt_cv);
+    } else {
+        STAILQ_INSERT_TAIL(&e->cmds, c, link);
+        pthread_cond_signal(&e->cv);
+    }
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* The prompt thread: each SUBMIT's prompt rendered and tokenized (render_prompt, bounded by
+ * prompt_may_fit), then the SUBMIT and whatever followed it for its handle passed on, in order. */
+static void *prompt_thread(void *arg) {
+    ll_engine *e = arg;
+    pthread_mutex_lock(&e->mu);
+    for (;;) {
+        while (!e->prompt_quit && STAILQ_EMPTY(&e->prompts)) pthread_cond_wait(&e->prompt_cv, &e->mu);
+        if (e->prompt_quit) break;
+        ll_cmd *c = STAILQ_FIRST(&e->prompts);
+        STAILQ_REMOVE_HEAD(&e->prompts, link);
+        if (c->kind == CMD_SUBMIT) {
+            pthread_mutex_unlock(&e->mu);
+            ll_seq *s = c->seq;
+            s->prompt_err[0] = '\0';
+            s->prompt_st = render_prompt(e, s, s->prompt_err, sizeof s->prompt_err);
+            pthread_mutex_lock(&e->mu);
+            c->h->prepped = true;
+        }
+        STAILQ_INSERT_TAIL(&e->cmds, c, link);
+        pthread_cond_signal(&e->cv);
+    }
+    pthread_mutex_unlock(&e->mu);
+    return NULL;
+}
+
 static double body_number(const json_t *body, const char *key, double def) {
     json_t *v = json_object_get(body, key);
     return json_is_number(v) ? json_number_value(v) : def;
@@ -1345,7 +1422,7 @@ static bt_status ll_submit(bt_engine *be, const bt_engine_request *req, const bt
     c->h = h;
     c->seq = s;
     bt_deliver_add(&e->dl, &h->ds, sink, ud, LL_TEXT_CAP);
-    send_cmd(e, c);
+    send_seq_cmd(e, c);
     *out = h;
     return BT_OK;
 nomem:
@@ -1364,7 +1441,7 @@ static void ll_stop(bt_engine *be, bt_engine_seq *h) {
     h->stop_sent = true;
     c->kind = CMD_STOP;
     c->h = h;
-    send_cmd(e, c);
+    send_seq_cmd(e, c);
 }
 
 static void ll_kill(bt_engine *be, bt_engine_seq *h) {
@@ -1374,7 +1451,7 @@ static void ll_kill(bt_engine *be, bt_engine_seq *h) {
     if (c) { /* else the sequence runs to its end unseen; its END still frees the handle */
         c->kind = CMD_KILL;
         c->h = h;
-        send_cmd(e, c);
+        send_seq_cmd(e, c);
     }
     bt_deliver_kill(&e->dl, &h->ds); /* no more callbacks; the memory waits for its END */
 }
@@ -1393,6 +1470,7 @@ static void ll_card(bt_engine *be, json_t *card) {
     json_object_set_new(card, "max_num_seqs", json_integer(e->cfg.max_num_seqs));
     json_object_set_new(card, "max_num_batched_tokens", json_integer(e->cfg.max_num_batched_tokens));
     json_object_set_new(card, "context_length", json_integer(e->n_cap));
+    json_object_set_new(card, "max_token_bytes", json_integer(e->max_piece));
     json_object_set_new(card, "engine", json_string("llama"));
     json_object_set_new(card, "llama_model", json_string(e->model_desc));
     json_object_set_new(card, "exactness", json_string(e->exactness));
@@ -1428,6 +1506,20 @@ static void on_async_closed(uv_handle_t *h) {
 static void ll_destroy_now(ll_engine *e) {
     if (e->destroyed) return;
     e->destroyed = true;
+    if (e->prompt_started) { /* first, so that nothing more reaches the commands; it ends within one prompt */
+        pthread_mutex_lock(&e->mu);
+        e->prompt_quit = true;
+        pthread_cond_signal(&e->prompt_cv);
+        pthread_mutex_unlock(&e->mu);
+        pthread_join(e->prompt_thread, NULL);
+    }
+    while (!STAILQ_EMPTY(&e->prompts)) {
+        ll_cmd *c = STAILQ_FIRST(&e->prompts);
+        STAILQ_REMOVE_HEAD(&e->prompts, link);
+        if (c->kind == CMD_SUBMIT) free(c->h);
+        seq_free(c->seq);
+        free(c);
+    }
     if (e->thread_started) {
         pthread_mutex_lock(&e->mu);
         e->quit = true;
@@ -1487,6 +1579,7 @@ static void ll_destroy_now(ll_engine *e) {
     bt_llsample_scratch_free(e->sample);
     pthread_mutex_destroy(&e->mu);
     pthread_cond_destroy(&e->cv);
+    pthread_cond_destroy(&e->prompt_cv);
     uv_close((uv_handle_t *)&e->async, on_async_closed);
 }
 
@@ -1510,7 +1603,7 @@ static void ll_handoff(bt_engine *be, bt_engine_seq *h, bt_engine_handoff_cb cb,
     c->h = h;
     c->hcb = cb;
     c->hud = ud;
-    send_cmd(e, c);
+    send_seq_cmd(e, c);
     bt_deliver_kill(&e->dl, &h->ds); /* no more sink callbacks; the memory waits for its END */
 }
 
@@ -1547,6 +1640,7 @@ bt_engine *bt_llama_create_with_api(uv_loop_t *loop, const bt_llama_config *cfg,
     TAILQ_INIT(&e->running.q);
     STAILQ_INIT(&e->cmds);
     STAILQ_INIT(&e->evs);
+    STAILQ_INIT(&e->prompts);
     e->base.ops = &ll_ops;
     e->loop = loop;
     e->cfg = *cfg;
@@ -1558,6 +1652,7 @@ bt_engine *bt_llama_create_with_api(uv_loop_t *loop, const bt_llama_config *cfg,
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC); /* the batch gather's timed wait (engine_thread) */
     pthread_cond_init(&e->cv, &ca);
+    pthread_cond_init(&e->prompt_cv, NULL);
     pthread_condattr_destroy(&ca);
     bt_engine_gather_init(&e->gather, cfg->batch_gather_us);
     bt_deliver_init(&e->dl, &ll_deliver_ops, e);
@@ -1574,6 +1669,14 @@ bt_engine *bt_llama_create_with_api(uv_loop_t *loop, const bt_llama_config *cfg,
     e->vocab = L->llama_model_get_vocab(e->model);
     e->n_vocab = (uint32_t)L->llama_vocab_n_tokens(e->vocab);
     e->n_ctx_train = (uint32_t)L->llama_model_n_ctx_train(e->model);
+    /* the longest entry, as text (special tokens too: a chat template's markers are parsed as
+     * such), for the byte bound of prompt_may_fit and the model card: one pass over the vocabulary */
+    for (uint32_t t = 0; t < e->n_vocab; t++) {
+        char buf[256];
+        int32_t n = L->llama_token_to_piece(e->vocab, (llama_token)t, buf, (int32_t)sizeof buf, 0, true);
+        uint32_t len = (uint32_t)(n < 0 ? -n : n); /* negative: the size it needs */
+        if (len > e->max_piece) e->max_piece = len;
+    }
     L->llama_model_desc(e->model, e->model_desc, sizeof e->model_desc);
     const char *tmpl = L->llama_model_chat_template(e->model, NULL);
     if (tmpl) {
@@ -1651,6 +1754,11 @@ bt_engine *bt_llama_create_with_api(uv_loop_t *loop, const bt_llama_config *cfg,
         goto fail;
     }
     e->thread_started = true;
+    if (pthread_create(&e->prompt_thread, NULL, prompt_thread, e) != 0) {
+        snprintf(err, errlen, "cannot start the prompt thread");
+        goto fail;
+    }
+    e->prompt_started = true;
     char layout[96];
     if (cfg->kv_unified) snprintf(layout, sizeof layout, "shared by up to %u sequences", n_seq);
     else snprintf(layout, sizeof layout, "%u for each of up to %u sequences", n_ctx_seq, n_seq);
