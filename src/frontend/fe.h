@@ -43,6 +43,7 @@
  * generated request id and a short model name */
 #define FE_PREFIX_INLINE 175
 #define FE_CALLER_LEN 16 /* fe_caller_tag: a SHA-256 prefix */
+#define FE_BUSY_IDS_MAX 8 /* workers a request remembers as having refused it busy (migrate.c) */
 
 typedef struct fe fe;
 typedef struct fe_worker fe_worker;
@@ -303,6 +304,8 @@ struct fe_req {
     int attempts;            /* attempts made */
     int moves;               /* of them, ended by a rebalance (BT_ERR_MOVED): charged to no budget */
     int busy_refusals;       /* of them, refused by a busy upstream (bt_status_upstream_busy) */
+    uint64_t busy_ids[FE_BUSY_IDS_MAX]; /* the workers that so refused it: not routed to again */
+    uint8_t nbusy_ids;
     int busy_retry_after;    /* the shortest Retry-After those refusals carried, in seconds (0: none) */
     uint64_t failed_worker;  /* id of the worker that failed last, avoided for the retry */
     bt_status fail_code;     /* why the last attempt failed, for the migration log line */
@@ -524,7 +527,10 @@ bool fe_workers_apply_load(fe *f, uint64_t id, const bt_load_report *r);
  * all_busy, busy workers (shedding thresholds) are skipped and *all_busy says whether that is why
  * none was found; without it (a migration: the request was admitted already) they are eligible.
  * exact (NULL or "" = any): only workers whose exactness fingerprint is that string. */
-fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, bool *all_busy, const char *exact);
+/* skip[0..nskip): workers never to take (a request's busy upstreams, migrate.c); avoid: one taken
+ * only when no other is eligible (the worker that failed last). */
+fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, const uint64_t *skip, size_t nskip, bool *all_busy,
+                    const char *exact);
 /* For a continuation when every worker is busy: the routable worker with the smallest share of its
  * KV blocks in use (reported plus routed since), `avoid` only if it is the only one; only those of
  * fingerprint `exact` unless it is NULL or "". NULL if none. */

@@ -183,7 +183,7 @@ void fe_migrate_dispatch(fe_req *r) {
      * same one (docs/engines.md §3.4): another would continue them with other logits */
     const char *exact = r->nids && r->exactness[0] ? r->exactness : NULL;
     if (!adopt) {
-        w = fe_route(f, r->model, r->failed_worker, &all_busy, exact);
+        w = fe_route(f, r->model, r->failed_worker, r->busy_ids, r->nbusy_ids, &all_busy, exact);
         if (!w && all_busy && first) {
             /* every worker is busy, but one may preempt a less urgent running sequence for this
              * request: it goes there instead of waiting behind that work (docs/load-shedding.md) */
@@ -326,10 +326,21 @@ static bool busy_refused(fe_req *r, bt_status code, const char *msg) {
     r->busy_refusals++;
     int ra = bt_status_retry_after(msg, strlen(msg));
     if (ra && (!r->busy_retry_after || ra < r->busy_retry_after)) r->busy_retry_after = ra;
-    size_t n = 0;
-    for (size_t i = 0; i < r->model->nws; i++)
-        n += fe_worker_routable(r->model->ws[i]) && !fe_outlier_ejected(r->fe, r->model->ws[i]);
-    if ((size_t)r->busy_refusals < n) return false;
+    /* the worker is not tried again for this request: a busy one answers at once and holds no
+     * streams, so least-loaded routing would send the retry straight back to it (or to another busy
+     * one) while a free worker waits */
+    bool listed = false;
+    for (size_t i = 0; i < r->nbusy_ids; i++) listed |= r->busy_ids[i] == r->failed_worker;
+    if (!listed && r->nbusy_ids < FE_BUSY_IDS_MAX) r->busy_ids[r->nbusy_ids++] = r->failed_worker;
+    size_t n = 0; /* workers left to try */
+    for (size_t i = 0; i < r->model->nws; i++) {
+        fe_worker *w = r->model->ws[i];
+        bool tried = false;
+        for (size_t k = 0; k < r->nbusy_ids; k++) tried |= r->busy_ids[k] == w->id;
+        n += fe_worker_routable(w) && !fe_outlier_ejected(r->fe, w) && !tried;
+    }
+    /* past FE_BUSY_IDS_MAX refusals the list no longer grows: the count of refusals bounds them */
+    if (n > 0 && (r->nbusy_ids < FE_BUSY_IDS_MAX || (size_t)r->busy_refusals < r->model->nws)) return false;
     fe_request_fail(r, code, msg);
     return true;
 }

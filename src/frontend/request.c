@@ -1220,7 +1220,7 @@ static uint64_t model_prompt_bytes(const fe_model *m) {
 }
 
 /* Bytes that certainly reach the model's prompt, whatever the chat template does with them: a
- * string prompt whole; a chat's non-assistant message contents (text parts included), each without
+ * string prompt whole; a chat's system and user message contents (text parts included), each without
  * the blanks at its ends (a template may trim them, and some drop parts of earlier assistant turns,
  * such as their reasoning). The template's own text only adds to it. */
 static size_t content_bytes(const json_t *c) {
@@ -1243,8 +1243,10 @@ static uint64_t prompt_text_bytes(const json_t *body, bt_api api) {
     size_t i, j;
     const json_t *msg, *part;
     json_array_foreach(json_object_get(body, "messages"), i, msg) {
+        /* system and user only: every template renders those; some (llama.cpp's DeepSeek-V3 and
+         * EXAONE 3 ones) drop tool, developer and function messages, and parts of assistant turns */
         const char *role = json_string_value(json_object_get(msg, "role"));
-        if (role && strcmp(role, "assistant") == 0) continue;
+        if (!role || (strcmp(role, "system") != 0 && strcmp(role, "user") != 0)) continue;
         const json_t *c = json_object_get(msg, "content");
         if (json_is_string(c)) n += content_bytes(c);
         else json_array_foreach(c, j, part) n += content_bytes(json_object_get(part, "text"));

@@ -670,9 +670,16 @@ static bool exact_match(const fe_worker *w, const char *exact) {
     return !exact || !exact[0] || strcmp(w->exactness, exact) == 0;
 }
 
-static bool eligible(fe_worker *w, fe_model *m, uint64_t avoid, bool *all_busy, size_t *nbusy, fe_worker **avoided,
-                     const char *exact) {
+static bool skipped(const fe_worker *w, const uint64_t *skip, size_t nskip) {
+    for (size_t i = 0; i < nskip; i++)
+        if (skip[i] == w->id) return true;
+    return false;
+}
+
+static bool eligible(fe_worker *w, fe_model *m, uint64_t avoid, const uint64_t *skip, size_t nskip, bool *all_busy,
+                     size_t *nbusy, fe_worker **avoided, const char *exact) {
     if (!fe_worker_routable(w) || fe_outlier_ejected(w->fe, w)) return false; /* ejected: outlier.h */
+    if (skipped(w, skip, nskip)) return false; /* its upstream refused this request busy (migrate.c) */
     if (!exact_match(w, exact)) return false; /* it would not continue the stream bit for bit */
     if (all_busy && fe_worker_busy(w, m)) {
         (*nbusy)++;
@@ -688,7 +695,8 @@ static bool eligible(fe_worker *w, fe_model *m, uint64_t avoid, bool *all_busy, 
 /* Looks only at m's own workers (m->ws), however many there are. Round-robin and random take the
  * first eligible worker from a rotating (or random) start, so a request usually costs one look;
  * least-loaded scans them all. */
-fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, bool *all_busy, const char *exact) {
+fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, const uint64_t *skip, size_t nskip, bool *all_busy,
+                    const char *exact) {
     size_t n = m->nws, nbusy = 0;
     fe_worker *avoided = NULL;
     if (all_busy) *all_busy = false;
@@ -698,7 +706,7 @@ fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, bool *all_busy, const ch
         double best_score = 0;
         for (size_t i = 0; i < n; i++) {
             fe_worker *w = m->ws[i];
-            if (!eligible(w, m, avoid, all_busy, &nbusy, &avoided, exact)) continue;
+            if (!eligible(w, m, avoid, skip, nskip, all_busy, &nbusy, &avoided, exact)) continue;
             double blocks = w->load_ms && w->load.total_blocks
                                 ? (double)w->load.active_decode_blocks / (double)w->load.total_blocks
                                 : 0.0;
@@ -710,7 +718,7 @@ fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, bool *all_busy, const ch
         size_t start = f->mode == ROUTE_RANDOM ? (size_t)(bt_random64() % n) : (size_t)(f->rr % n);
         for (size_t i = 0; i < n; i++) {
             fe_worker *w = m->ws[(start + i) % n];
-            if (!eligible(w, m, avoid, all_busy, &nbusy, &avoided, exact)) continue;
+            if (!eligible(w, m, avoid, skip, nskip, all_busy, &nbusy, &avoided, exact)) continue;
             /* the rotation resumes after the worker taken, not after the start: a skipped (busy,
              * dead) worker's turns are shared by all the others instead of all going to the one
              * that follows it (a migration storm would pile onto the dead worker's neighbour) */

@@ -18,6 +18,10 @@ upstream has refused it the client gets the refusal with the upstream's Retry-Af
    server serving again, succeeds at once, and F logs no quarantine. On the request plane a worker
    sends the new code (24) only to a frontend whose HELLO announced BT_HELLO_UPSTREAM_BUSY, and
    BT_ERR_CANNOT_CONNECT (7) to one that did not, the Retry-After at the head of the message.
+3. Least-loaded routing, two workers with refusing upstreams and a third serving a long answer: a
+   request refused by both goes to the third, each busy upstream asked once (a busy worker holds
+   no streams and scores lowest: the retry went back to the first, and three refusals for three
+   workers gave the client a 503 with a worker free).
 """
 
 import http.server
@@ -64,11 +68,14 @@ class Busy(http.server.BaseHTTPRequestHandler):
         else:
             self.send_json(404, {"error": {"message": "not found"}})
 
+    delay = 0.0  # seconds between the chunks of an answer
+
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        with Busy.lock:
-            Busy.requests += 1
-            mode = Busy.mode
+        cls = type(self)
+        with cls.lock:
+            cls.requests += 1
+            mode = cls.mode
         if mode is not None:
             status, retry_after = mode
             code = "rate_limit_exceeded" if status == 429 else "overloaded"
@@ -81,6 +88,7 @@ class Busy(http.server.BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         for k in range(3):
+            time.sleep(type(self).delay)
             c = {"index": 0, "text": f" w{k}", "finish_reason": "length" if k == 2 else None}
             self.chunk(json.dumps({"id": "b", "object": "text_completion", "model": MODEL, "choices": [c]}).encode())
         self.chunk(b"[DONE]")
@@ -203,10 +211,54 @@ def own_upstream():
         srv.shutdown()
 
 
+def serve(mode, delay=0.0):
+    """A server of its own (a Busy of its own class: its own mode and count); returns (server, class, url)."""
+    cls = type("Own", (Busy,), {"mode": mode, "requests": 0, "lock": threading.Lock(), "delay": delay})
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), cls)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, cls, f"http://127.0.0.1:{srv.server_address[1]}"
+
+
+def two_busy_one_free():
+    """3. Least-loaded routing, two workers whose upstreams refuse (503) and one whose upstream
+    serves, busy with a long answer: a busy worker answers at once and holds no streams, so it
+    scores lowest; a request refused by both must go to the third, not back to the first (before:
+    A, B, A, three refusals for three workers, and the client got 503 with a worker free)."""
+    servers = [serve((503, None)), serve((503, None))]
+    slow = serve(None, delay=3.0)
+    try:
+        with bl.Cluster() as c:
+            fe = c.start_frontend(router_mode="least-loaded")
+            for _, _, url in servers + [slow]:
+                c.start_worker(engine="openai", upstream=url, upstream_kind="openai")
+            c.wait_workers(fe, 3)
+            body = bl.completion_body("hello", max_tokens=3, model=MODEL)
+            # the free worker holds a long answer: its score is above the busy ones'
+            long = threading.Thread(target=lambda: bl.post_json(fe.url + "/v1/completions", body, timeout=60))
+            # the busy ones refuse it too: it lands on the slow one, which then holds it
+            long.start()
+            bl.wait_for(lambda: slow[1].requests >= 1, 10, what="the long answer on the free worker")
+            slow[1].delay = 0.0  # the next answers come at once
+            for i in range(4):
+                n0 = [s[1].requests for s in servers]
+                st, _, b = bl.post_json(fe.url + "/v1/completions", body, timeout=30)
+                asked = [s[1].requests - n for s, n in zip(servers, n0)]
+                assert st == 200, f"request {i}: {st} {b}: a worker was free (busy upstreams asked {asked})"
+                assert all(a <= 1 for a in asked), f"request {i}: a busy upstream was asked again: {asked}"
+            long.join(60)
+            no_quarantine(fe)
+            print("least-loaded: refused by both busy upstreams, each once, then served by the free worker")
+    finally:
+        for s in servers + [slow]:
+            s[0].shutdown()
+
+
 def main():
     with bl.deadline(150, "test_openai_upstream_busy"):
         own_upstream()
         baton_upstream()
+        two_busy_one_free()
     print("ok")
 
 

@@ -420,10 +420,15 @@ static void seq_usage(const bt_engine_seq *s, bt_usage *u) {
     if (s->carried_in_prompt && s->have_prompt_ids) pt = (uint32_t)s->n_prompt_ids;
     uint64_t ct;
     /* A baton upstream counts the carried_token_ids it was given in completion_tokens
-     * (docs/engines.md §2.6); one that reports fewer than those and the ids it streamed left them
-     * out (older versions capped the count at the max_tokens of new ones), and they are added. */
-    if (s->carried_in_body && s->usage_seen && s->up_completion >= s->n_carried + s->emitted) ct = s->up_completion;
-    else ct = s->n_carried + (s->usage_seen ? s->up_completion : s->emitted);
+     * (docs/engines.md §2.6). Older versions capped that count at max_tokens, so it may fall short
+     * of the carried ids and the ids streamed here: those are then the count (never the upstream's
+     * count plus the carried ones, which it may already hold in part). */
+    if (s->carried_in_body) {
+        uint64_t known = s->n_carried + s->emitted;
+        ct = s->usage_seen && s->up_completion > known ? s->up_completion : known;
+    } else {
+        ct = s->n_carried + (s->usage_seen ? s->up_completion : s->emitted);
+    }
     u->prompt_tokens = pt;
     u->completion_tokens = ct > UINT32_MAX ? UINT32_MAX : (uint32_t)ct;
 }
