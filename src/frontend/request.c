@@ -1208,6 +1208,14 @@ static uint64_t model_context(const fe *f, const fe_model *m) {
  * workers whose card has both (0 when none has). A worker without max_token_bytes (the mocker,
  * whose words are one token however long) sets no bound; the others are what the request may be
  * routed or migrated to, as model_context's smallest context is. */
+/* The longest token's bytes among m's workers that say (1 when none does): the weakest bound. */
+static uint64_t model_max_token_bytes(const fe_model *m) {
+    uint64_t most = 1;
+    for (size_t i = 0; i < m->nws; i++)
+        if (m->ws[i]->max_token_bytes > most) most = m->ws[i]->max_token_bytes;
+    return most;
+}
+
 static uint64_t model_prompt_bytes(const fe_model *m) {
     uint64_t best = 0;
     for (size_t i = 0; i < m->nws; i++) {
@@ -1262,23 +1270,27 @@ static uint64_t prompt_text_bytes(const json_t *body, bt_api api) {
 static bool context_fits(const fe *f, const fe_model *m, const json_t *body, bt_api api, char *err, size_t errlen) {
     uint64_t ctx = model_context(f, m);
     if (!ctx) return true;
-    uint64_t max_bytes = model_prompt_bytes(m);
-    uint64_t text = max_bytes ? prompt_text_bytes(body, api) : 0;
-    if (text > max_bytes) {
-        const char *what = api == BT_API_CHAT ? "messages" : "prompt";
-        snprintf(err, errlen,
-                 "This model's maximum context length is %" PRIu64 " tokens. However, %" PRIu64
-                 " bytes of %s hold more tokens than that (more than %" PRIu64 " bytes cannot fit). Please "
-                 "reduce the length of the %s.",
-                 ctx, text, what, max_bytes, what);
-        return false;
-    }
     json_t *mt = json_object_get(body, "max_completion_tokens");
     if (!json_is_integer(mt)) mt = json_object_get(body, "max_tokens");
     /* without the client's max_tokens the engine cuts its default to what is left of the context,
      * so the least the request asks for is one completion token: a prompt that fills the context
      * is refused naming that one, as the engines do */
     uint64_t want = json_is_integer(mt) ? (uint64_t)json_integer_value(mt) : 1;
+    uint64_t max_bytes = model_prompt_bytes(m);
+    uint64_t text = max_bytes ? prompt_text_bytes(body, api) : 0;
+    if (text > max_bytes) {
+        /* in OpenAI's words (clients match them), with the least number of tokens the text can be:
+         * no token covers more than the longest vocabulary entry's bytes */
+        const char *what = api == BT_API_CHAT ? "messages" : "prompt";
+        uint64_t tb = model_max_token_bytes(m), least = (text + tb - 1) / tb;
+        snprintf(err, errlen,
+                 "This model's maximum context length is %" PRIu64 " tokens. However, you requested %" PRIu64
+                 " tokens or more (%" PRIu64 " or more in the %s, %" PRIu64 " in the completion): %" PRIu64
+                 " bytes hold at least %" PRIu64 " tokens, none longer than %" PRIu64 " bytes. Please reduce the "
+                 "length of the %s.",
+                 ctx, least + want, least, what, want, text, least, tb, what);
+        return false;
+    }
     json_t *p = api == BT_API_COMPLETION ? json_object_get(body, "prompt") : NULL;
     uint64_t prompt = json_is_array(p) && json_is_integer(json_array_get(p, 0)) ? json_array_size(p) : 0;
     if (prompt + want <= ctx) return true;
@@ -1314,7 +1326,7 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
         fe_resume_post(f, http, api);
         return;
     }
-    char err[256];
+    char err[512]; /* the context message names five numbers */
     char rid[RID_MAX + 8];
     if (http->request_id && fe_valid_rid(http->request_id)) snprintf(rid, sizeof rid, "%s", http->request_id);
     else bt_uuid4(rid);

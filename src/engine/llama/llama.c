@@ -478,11 +478,15 @@ static bt_status tokenize_append(ll_engine *e, ll_seq *s, const char *text, size
  * on). Runs before each tokenization of a prompt; false with the 400's message. */
 static bool prompt_may_fit(const ll_engine *e, const ll_seq *s, size_t len, char *err, size_t errlen) {
     if (!e->max_piece || (uint64_t)len <= (uint64_t)e->n_cap * e->max_piece) return true;
+    /* in OpenAI's words (clients match them), with the least number of tokens the text can be */
     const char *what = s->api == BT_API_CHAT ? "messages" : "prompt";
+    uint64_t least = ((uint64_t)len + e->max_piece - 1) / e->max_piece, want = s->max_asked ? s->max_new : 1;
     snprintf(err, errlen,
-             "This model's maximum context length is %u tokens. However, %zu bytes of %s hold more than %u tokens "
-             "(a token covers at most %u bytes). Please reduce the length of the %s.",
-             e->n_cap, len, what, e->n_cap, e->max_piece, what);
+             "This model's maximum context length is %u tokens. However, you requested %llu tokens or more (%llu or "
+             "more in the %s, %llu in the completion): %zu bytes hold at least %llu tokens, none longer than %u "
+             "bytes. Please reduce the length of the %s.",
+             e->n_cap, (unsigned long long)(least + want), (unsigned long long)least, what, (unsigned long long)want,
+             len, (unsigned long long)least, e->max_piece, what);
     return false;
 }
 
