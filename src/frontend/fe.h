@@ -125,6 +125,7 @@ struct fe_worker {
      * GOAWAY and the connection's end, which drop it as a deletion would have. */
     bool in_grace;
     uint64_t grace_since_ms, grace_until_ms;
+    TAILQ_ENTRY(fe_worker) grace_link; /* in fe.grace_workers while in_grace */
     bool goaway;       /* the worker is draining: route nothing new */
     /* Skipped for new attempts after a failure, until a fresh connection completes its handshake
      * (the probe) or discovery re-announces the worker. No time limit: a worker that cannot prove
@@ -475,8 +476,13 @@ struct fe {
     LIST_HEAD(, fe_attempt) relays; /* attempts whose KV state is being written (workers.c) */
     uv_timer_t relay_timer;          /* paces them while any waits for room */
     /* The discovery grace (workers.c): fires at the earliest grace_until_ms of a worker in grace.
+     * grace_workers: the workers in grace, in the order their graces began, which with one
+     * --discovery-grace for all is the order they end (the head ends first), so a fleet whose keys
+     * all vanish at once (etcd paused) costs O(1) a worker, never a scan of the fleet per event.
      * grace_counts: workers kept by it, and how each grace ended (fe_grace_result). */
     uv_timer_t grace_timer;
+    TAILQ_HEAD(, fe_worker) grace_workers;
+    size_t n_grace;
     uint64_t grace_counts[FE_GRACE_N_];
     /* Workers with REQUEST frames not yet written (workers.c, fe_worker_flush_soon): written
      * together at the end of this loop iteration's I/O (req_flush, a check handle), or before the

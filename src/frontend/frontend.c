@@ -840,6 +840,7 @@ static int shard_open(fe *f, int port, char *err, size_t errlen) {
     }
     /* the discovery grace (workers.c): before the watch; closed with the loop's handles */
     uv_timer_init(f->loop, &f->grace_timer);
+    TAILQ_INIT(&f->grace_workers);
     f->grace_timer.data = f;
     uv_unref((uv_handle_t *)&f->grace_timer);
     fe_workers_start(f);

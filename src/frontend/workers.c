@@ -147,6 +147,8 @@ static void fail_streams(fe_worker *w, bt_status code, const char *msg) {
 static void grace_end(fe_worker *w, fe_grace_result how, const char *why) {
     if (!w->in_grace) return;
     w->in_grace = false;
+    TAILQ_REMOVE(&w->fe->grace_workers, w, grace_link);
+    w->fe->n_grace--;
     w->fe->grace_counts[how]++;
     double held = (double)(uv_now(w->fe->loop) - w->grace_since_ms) / 1000.0;
     if (how == FE_GRACE_REREGISTERED)
@@ -180,34 +182,29 @@ static void on_grace_timer(uv_timer_t *t);
 
 /* Arms the grace timer for the earliest end of a grace, or stops it when none is running. */
 static void grace_timer_arm(fe *f) {
-    uint64_t first = 0;
-    for (fe_worker *w = LIST_FIRST(&f->workers); w; w = LIST_NEXT(w, link))
-        if (w->in_grace && (!first || w->grace_until_ms < first)) first = w->grace_until_ms;
     if (uv_is_closing((uv_handle_t *)&f->grace_timer)) return;
+    const fe_worker *first = TAILQ_FIRST(&f->grace_workers);
     if (!first) {
         uv_timer_stop(&f->grace_timer);
         return;
     }
     uint64_t now = uv_now(f->loop);
-    uv_timer_start(&f->grace_timer, on_grace_timer, first > now ? first - now : 0, 0);
+    uv_timer_start(&f->grace_timer, on_grace_timer, first->grace_until_ms > now ? first->grace_until_ms - now : 0, 0);
 }
 
 static void on_grace_timer(uv_timer_t *t) {
     fe *f = t->data;
     uint64_t now = uv_now(f->loop);
-    for (fe_worker *w = LIST_FIRST(&f->workers), *next; w; w = next) {
-        next = LIST_NEXT(w, link); /* worker_leave may forget w (never another) */
-        if (!w->in_grace || w->grace_until_ms > now) continue;
-        grace_end(w, FE_GRACE_EXPIRED, "expired");
+    fe_worker *w;
+    while ((w = TAILQ_FIRST(&f->grace_workers)) && w->grace_until_ms <= now) {
+        grace_end(w, FE_GRACE_EXPIRED, "expired"); /* unlinks it */
         worker_leave(w, "left discovery, grace over");
     }
     grace_timer_arm(f);
 }
 
 size_t fe_workers_in_grace(const fe *f) {
-    size_t n = 0;
-    for (const fe_worker *w = LIST_FIRST(&f->workers); w; w = LIST_NEXT(w, link)) n += w->in_grace;
-    return n;
+    return f->n_grace;
 }
 
 static void on_retry_timer(uv_timer_t *t) {
@@ -574,6 +571,8 @@ static void on_disc_delete(void *ud, const char *key) {
         w->in_grace = true;
         w->grace_since_ms = uv_now(f->loop);
         w->grace_until_ms = w->grace_since_ms + (uint64_t)(f->o.discovery_grace * 1000.0);
+        TAILQ_INSERT_TAIL(&f->grace_workers, w, grace_link); /* ends last: see fe.grace_workers */
+        f->n_grace++;
         f->grace_counts[FE_GRACE_KEPT]++;
         BT_INFO("worker %" PRIx64 " (%s) left discovery with a healthy connection: kept routable for up to %.1f s "
                 "while it registers again (--discovery-grace)",
