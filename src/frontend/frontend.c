@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "common/linelog.h"
@@ -990,6 +991,38 @@ static void others_done_tick(uv_timer_t *t) {
 #define FE_PROC_NONE(row)
 #define FE_PROC_ROW(row) row,
 
+/* Each client connection is a descriptor. Over the process's descriptor limit accept(2) fails,
+ * and libuv then resets the connections waiting (its EMFILE fallback) with no answer, no count and
+ * nothing in the log, while a connection over --max-connections gets a 503 and is counted. So the
+ * limit is kept under the descriptors left once the frontend's own are set aside: a connection to
+ * every worker per event loop, discovery, the event plane, logs (an eighth of the limit, at least
+ * 256: 2,500 of 20,000 covers 1,000 workers on two loops). The soft limit was already raised to
+ * the hard one at start (cli/main.c). */
+static void fit_connections_to_descriptors(fe_opts *o, int argc, char **argv) {
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY) return;
+    uint64_t nofile = (uint64_t)rl.rlim_cur;
+    uint64_t reserve = nofile / 8 < 256 ? 256 : nofile / 8;
+    uint64_t room = nofile > reserve + 16 ? nofile - reserve : 16;
+    if ((uint64_t)o->max_connections <= room) return;
+    bool given = getenv("DYN_HTTP_MAX_CONNECTIONS") != NULL;
+    for (int i = 1; i < argc && !given; i++)
+        given = strncmp(argv[i], "--max-connections", 17) == 0 && (argv[i][17] == '\0' || argv[i][17] == '=');
+    /* the default over a small limit is the limit's business, said once; a value asked for is not
+     * what it gets, which is worth a warning */
+    if (given)
+        BT_WARN("--max-connections %" PRId64 " is more than the descriptor limit allows (ulimit -n %" PRIu64
+                ", of which %" PRIu64 " are kept for worker connections, discovery and logs): serving at most %" PRIu64
+                " client connections, the rest get 503 too_many_connections; raise the limit (ulimit -n, systemd "
+                "LimitNOFILE=) for more",
+                o->max_connections, nofile, reserve, room);
+    else
+        BT_INFO("at most %" PRIu64 " client connections (--max-connections %" PRId64 " by default, but ulimit -n is %" PRIu64
+                " and %" PRIu64 " descriptors are kept for worker connections, discovery and logs)",
+                room, o->max_connections, nofile, reserve);
+    o->max_connections = (int64_t)room;
+}
+
 int bt_frontend_main(int argc, char **argv) {
     bt_log_init("frontend");
     fe *f = calloc(1, sizeof *f);
@@ -1137,6 +1170,7 @@ int bt_frontend_main(int argc, char **argv) {
             goto bad_usage;
         }
     }
+    fit_connections_to_descriptors(o, argc, argv);
     fe_group *g = calloc(1, sizeof *g);
     if (!g) {
         bt_linelog_close(access_log);

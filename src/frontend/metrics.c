@@ -199,6 +199,7 @@ void fe_metrics_collect(fe *f, bt_metrics *r) {
     bt_metrics_add(fam, (double)hs.body_budget, "reason", "body_budget", NULL);
     bt_metrics_add(fam, (double)hs.output_budget, "reason", "output_budget", NULL);
     bt_metrics_add(fam, (double)hs.host_not_allowed, "reason", "host_not_allowed", NULL);
+    bt_metrics_add(fam, (double)hs.no_descriptors, "reason", "no_descriptors", NULL);
     bt_metrics_add(
         bt_metrics_counter(r, "baton_frontend_limit_rejections_total", "Requests refused by --max-concurrent-requests"),
         (double)f->limit_rejections, NULL);

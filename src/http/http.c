@@ -118,6 +118,8 @@ struct bt_http_server {
     bt_http_stats stats;
     bool listener_closing, listener_closed, aux_closed, closing;
     uint64_t reject_logged_ms; /* when the last max_connections WARN was logged */
+    bool nofd_logged;          /* the same for accept failures for want of descriptors */
+    uint64_t nofd_logged_ms, nofd_quiet;
     uint64_t reject_quiet;     /* refusals since then that were counted but not logged */
     bool reject_logged;
     void (*done)(void *ud);
@@ -1338,7 +1340,26 @@ static void server_reject(bt_http_server *s) {
 static void on_connection(uv_stream_t *server, int status) {
     bt_http_server *s = server->data;
     if (status < 0) {
-        BT_WARN("http: accept failed: %s", uv_strerror(status));
+        /* Out of descriptors, libuv has already closed the connections waiting (its EMFILE
+         * fallback frees a descriptor it keeps, accepts and closes): said at most once per
+         * REJECT_LOG_MS with a count, as a connection flood would otherwise flood the log. */
+        bool nofd = status == UV_EMFILE || status == UV_ENFILE;
+        if (nofd) s->stats.no_descriptors++;
+        uint64_t now = uv_now(s->loop);
+        if (!nofd || !s->nofd_logged || now - s->nofd_logged_ms >= REJECT_LOG_MS) {
+            BT_WARN("http: accept failed: %s%s (%" PRIu64 " more since the last such message)", uv_strerror(status),
+                    nofd ? ": waiting connections were closed unanswered; lower --max-connections or raise the "
+                           "descriptor limit (ulimit -n, LimitNOFILE=)"
+                         : "",
+                    nofd ? s->nofd_quiet : 0);
+            if (nofd) {
+                s->nofd_logged = true;
+                s->nofd_logged_ms = now;
+                s->nofd_quiet = 0;
+            }
+        } else {
+            s->nofd_quiet++;
+        }
         return;
     }
     if (s->closing) return;
