@@ -231,18 +231,18 @@ void fe_migrate_dispatch(fe_req *r) {
         } else if (short_left || r->fail_code == BT_ERR_CONTEXT_LENGTH) {
             /* workers are left, but none can hold what the stream holds by now: their cards say so, or
              * they refused it (context_refused) */
-            char m[640];
+            char m[640], last[160] = ""; /* a first attempt has no last one */
+            if (r->fail_msg[0]) snprintf(last, sizeof last, " (last attempt: %s)", r->fail_msg);
             if (short_left)
                 snprintf(m, sizeof m,
                          "no worker left can hold this request after %zu tokens: it needs a context of %" PRIu64
-                         " tokens or more, and the largest among the workers left is %" PRIu64
-                         " tokens (last attempt: %s)",
-                         r->nids, need, largest, r->fail_msg);
+                         " tokens or more, and the largest among the workers left is %" PRIu64 " tokens%s",
+                         r->nids, need, largest, last);
             else
                 snprintf(m, sizeof m,
                          "no worker left can hold this request after %zu tokens: every other worker refused it for "
-                         "its context length (last attempt: %s)",
-                         r->nids, r->fail_msg);
+                         "its context length%s",
+                         r->nids, last);
             BT_WARN("request %s: %s", r->rid, m);
             fe_request_fail(r, BT_ERR_CONTEXT_LENGTH, m);
         } else if (exact && others_routable(r->model, r->failed_worker)) {

@@ -98,6 +98,7 @@ def on_a_then(c, fe, kinds, prefix, joiners):
     for ctx in joiners:  # in this order: round-robin routing offers B first
         ws.append(worker(c, ctx))
         ids = worker_ids(c.wait_workers(fe, 1 + len(ws)))
+    print(f"{prefix}: workers joined after {[r.n for r in runs]} tokens")
     for r in runs:
         kill_at = SMALL - REFS[r.kind][1] + 20
         bl.wait_for(lambda: r.n >= kill_at, 60, 0.01, f"{r.rid} to reach {kill_at} tokens")
