@@ -815,7 +815,7 @@ static void pump(fe_admit *a) {
         /* every worker busy: it still leaves when one would preempt less urgent work for it
          * (fe_route_preempt; fe_migrate_dispatch then picks that worker). The test is monotone in
          * priority, so the model is blocked for the less urgent entries behind it too. */
-        if (!fe_route(a->f, r->model, 0, NULL, 0, &all_busy, NULL) && all_busy &&
+        if (!fe_route(a->f, r->model, 0, NULL, 0, &all_busy, NULL, 0) && all_busy &&
             !fe_route_preempt(a->f, r->model, t->priority)) {
             if (nblocked == BLOCKED_MAX) break;
             blocked[nblocked++] = r->model;

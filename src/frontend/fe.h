@@ -43,7 +43,8 @@
  * generated request id and a short model name */
 #define FE_PREFIX_INLINE 175
 #define FE_CALLER_LEN 16 /* fe_caller_tag: a SHA-256 prefix */
-#define FE_BUSY_IDS_MAX 8 /* workers a request remembers as having refused it busy (migrate.c) */
+/* workers a request remembers as having refused it, busy or short of context (migrate.c) */
+#define FE_SKIP_IDS_MAX 8
 
 typedef struct fe fe;
 typedef struct fe_worker fe_worker;
@@ -305,8 +306,10 @@ struct fe_req {
     int attempts;            /* attempts made */
     int moves;               /* of them, ended by a rebalance (BT_ERR_MOVED): charged to no budget */
     int busy_refusals;       /* of them, refused by a busy upstream (bt_status_upstream_busy) */
-    uint64_t busy_ids[FE_BUSY_IDS_MAX]; /* the workers that so refused it: not routed to again */
-    uint8_t nbusy_ids;
+    /* the workers that refused it busy, or refused its continuation for their context length
+     * (migrate.c): not routed to again */
+    uint64_t skip_ids[FE_SKIP_IDS_MAX];
+    uint8_t nskip_ids;
     int busy_retry_after;    /* the shortest Retry-After those refusals carried, in seconds (0: none) */
     uint64_t failed_worker;  /* id of the worker that failed last, avoided for the retry */
     bt_status fail_code;     /* why the last attempt failed, for the migration log line */
@@ -318,6 +321,9 @@ struct fe_req {
     /* ids the client's body names in carried_token_ids: part of the completion it is billed for
      * (usage counts them) but not of nids, and not limited by max_tokens, which counts new ones */
     uint32_t body_carried;
+    /* the prompt's size as the frontend sees it, for fe_request_context_need: its token ids when it
+     * is an array of them, else the bytes of its text that reach the model (request.c) */
+    uint64_t prompt_ids_len, prompt_bytes;
     bool mig_pending;       /* a failure was counted as a migration and no continuation was sent yet */
     fe_jtail jtail;         /* how the request ended, for its journal record */
     char body_digest[65];   /* of the client's body, before the frontend changes anything (resume.c) */
@@ -533,14 +539,21 @@ bool fe_workers_apply_load(fe *f, uint64_t id, const bt_load_report *r);
  * all_busy, busy workers (shedding thresholds) are skipped and *all_busy says whether that is why
  * none was found; without it (a migration: the request was admitted already) they are eligible.
  * exact (NULL or "" = any): only workers whose exactness fingerprint is that string. */
-/* skip[0..nskip): workers never to take (a request's busy upstreams, migrate.c); avoid: one taken
- * only when no other is eligible (the worker that failed last). */
+/* skip[0..nskip): workers never to take (a request's busy upstreams and the workers that refused its
+ * continuation for their context, migrate.c); avoid: one taken only when no other is eligible (the
+ * worker that failed last). need (0 = any): the context, in tokens, the attempt takes at least
+ * (fe_request_context_need); a worker whose card advertises a smaller context_length is not taken,
+ * one whose card says none is. */
 fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, const uint64_t *skip, size_t nskip, bool *all_busy,
-                    const char *exact);
+                    const char *exact, uint64_t need);
 /* For a continuation when every worker is busy: the routable worker with the smallest share of its
  * KV blocks in use (reported plus routed since), `avoid` only if it is the only one; only those of
- * fingerprint `exact` unless it is NULL or "". NULL if none. */
-fe_worker *fe_route_least_busy(fe_model *m, uint64_t avoid, const char *exact);
+ * fingerprint `exact` unless it is NULL or "", and whose context holds `need` (as fe_route), that
+ * have not refused it (skip). NULL if none. */
+fe_worker *fe_route_least_busy(fe_model *m, uint64_t avoid, const uint64_t *skip, size_t nskip, const char *exact,
+                               uint64_t need);
+/* Whether w's card says its context is too small for `need` tokens (an unknown one is not). */
+bool fe_worker_context_short(const fe_worker *w, uint64_t need);
 /* For a new request of priority `prio` when every worker of m is busy: a worker whose engine would
  * preempt a strictly less urgent running sequence for it (its fresh LOAD offers victims of a
  * priority value above prio, BT_LOAD_PREEMPT) and that has victims left once the requests already
@@ -607,6 +620,11 @@ void fe_request_deliver(fe_req *r, const uint32_t *ids, size_t n, const char *te
 /* What was delivered so far (for a continuation): the r->nids token ids and their text, wherever
  * they are kept; *text NULL when the text outgrew its cap (it is then not carried). */
 void fe_request_output(const fe_req *r, const uint32_t **ids, const char **text, size_t *text_len);
+/* The context, in tokens, r's next attempt takes at least, as far as the frontend can count without
+ * a tokenizer (the check before the first routing, request.c, counts the same way): the prompt's
+ * tokens when it is token ids (or the least a text prompt can be, when the workers tell their
+ * longest token), the carried ones, and what is left of max_tokens (one token without it). */
+uint64_t fe_request_context_need(const fe_req *r);
 void fe_request_finish(fe_req *r, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens);
 void fe_request_reject_busy(fe_req *r);
 /* Refuses a request that has not started (no attempt, no header sent): `status` with Retry-After

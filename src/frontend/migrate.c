@@ -165,6 +165,23 @@ static bool others_routable(const fe_model *m, uint64_t avoid) {
     return false;
 }
 
+/* Whether a routable, not ejected worker of r's model that has not refused r, with the fingerprint
+ * `exact` (NULL = any), is left out by its card's context alone (fe_worker_context_short); *largest
+ * is the largest context among those. */
+static bool context_short_left(const fe_req *r, uint64_t need, const char *exact, uint64_t *largest) {
+    bool any = false;
+    for (size_t i = 0; i < r->model->nws; i++) {
+        fe_worker *w = r->model->ws[i];
+        bool refused = false;
+        for (size_t k = 0; k < r->nskip_ids; k++) refused |= r->skip_ids[k] == w->id;
+        if (refused || !fe_worker_routable(w) || fe_outlier_ejected(r->fe, w)) continue;
+        if ((exact && strcmp(w->exactness, exact) != 0) || !fe_worker_context_short(w, need)) continue;
+        any = true;
+        if (w->context_length > *largest) *largest = w->context_length;
+    }
+    return any;
+}
+
 void fe_migrate_dispatch(fe_req *r) {
     fe *f = r->fe;
     if (bt_ctx_is_stopped(r->ctx)) { /* a stopped or killed request never gets another attempt */
@@ -182,8 +199,9 @@ void fe_migrate_dispatch(fe_req *r) {
     /* tokens delivered on a worker with an exactness fingerprint continue only on a worker with the
      * same one (docs/engines.md §3.4): another would continue them with other logits */
     const char *exact = r->nids && r->exactness[0] ? r->exactness : NULL;
+    uint64_t need = fe_request_context_need(r); /* a worker whose card advertises less would refuse it */
     if (!adopt) {
-        w = fe_route(f, r->model, r->failed_worker, r->busy_ids, r->nbusy_ids, &all_busy, exact);
+        w = fe_route(f, r->model, r->failed_worker, r->skip_ids, r->nskip_ids, &all_busy, exact, need);
         if (!w && all_busy && first) {
             /* every worker is busy, but one may preempt a less urgent running sequence for this
              * request: it goes there instead of waiting behind that work (docs/load-shedding.md) */
@@ -198,7 +216,7 @@ void fe_migrate_dispatch(fe_req *r) {
              * turn busy one by one and the storm spreads by free capacity; past that, each goes to the
              * least used of the busy ones. (fe_route hands back the failed worker only when nothing
              * else is eligible: a busy other one is still better.) */
-            fe_worker *busy = fe_route_least_busy(r->model, r->failed_worker, exact);
+            fe_worker *busy = fe_route_least_busy(r->model, r->failed_worker, r->skip_ids, r->nskip_ids, exact, need);
             if (busy && busy != w)
                 BT_INFO("request %s: every worker is busy; its continuation goes to busy worker %" PRIx64, r->rid,
                         busy->id);
@@ -206,8 +224,27 @@ void fe_migrate_dispatch(fe_req *r) {
         }
     }
     if (!w) {
+        uint64_t largest = 0; /* the largest context among the workers left too short for it */
+        bool short_left = context_short_left(r, need, exact, &largest);
         if (all_busy && !r->attempts) {
             if (!fe_admit_all_busy(r)) fe_request_reject_busy(r); /* queued, or refused by the queue */
+        } else if (short_left || r->fail_code == BT_ERR_CONTEXT_LENGTH) {
+            /* workers are left, but none can hold what the stream holds by now: their cards say so, or
+             * they refused it (context_refused) */
+            char m[640], last[160] = ""; /* a first attempt has no last one */
+            if (r->fail_msg[0]) snprintf(last, sizeof last, " (last attempt: %s)", r->fail_msg);
+            if (short_left)
+                snprintf(m, sizeof m,
+                         "no worker left can hold this request after %zu tokens: it needs a context of %" PRIu64
+                         " tokens or more, and the largest among the workers left is %" PRIu64 " tokens%s",
+                         r->nids, need, largest, last);
+            else
+                snprintf(m, sizeof m,
+                         "no worker left can hold this request after %zu tokens: every other worker refused it for "
+                         "its context length%s",
+                         r->nids, last);
+            BT_WARN("request %s: %s", r->rid, m);
+            fe_request_fail(r, BT_ERR_CONTEXT_LENGTH, m);
         } else if (exact && others_routable(r->model, r->failed_worker)) {
             /* workers are left, but none computes what the one that began the stream did */
             char m[512];
@@ -316,6 +353,28 @@ void fe_migrate_dispatch(fe_req *r) {
                  r->t_fail_us, bt_now_us());
 }
 
+/* Worker id is not routed to again for r (fe_route's skip list), while the list has room. */
+static void skip_worker(fe_req *r, uint64_t id) {
+    for (size_t i = 0; i < r->nskip_ids; i++)
+        if (r->skip_ids[i] == id) return;
+    if (r->nskip_ids < FE_SKIP_IDS_MAX) r->skip_ids[r->nskip_ids++] = id;
+}
+
+/* A continuation (tokens carried, or an earlier attempt made) was refused by its worker for its
+ * context length: the worker's card did not tell it was too small (none, or a stale one), while
+ * another worker took the request before. The refusal is that worker's, not the client's: it is
+ * not tried again for this request (as a busy upstream) and the refusal goes on as a migratable
+ * failure, charged to the budget; when no worker is left, fe_migrate_dispatch ends the request
+ * with the reason. False for a first attempt: its refusal is the client's answer. */
+static bool context_refused(fe_req *r, const char *msg) {
+    if (!r->nids && r->attempts < 2 && !r->resumed) return false;
+    skip_worker(r, r->failed_worker);
+    BT_WARN("request %s: worker %" PRIx64 " refused its continuation after %zu tokens for its context length (%s); "
+            "trying another worker",
+            r->rid, r->failed_worker, r->nids, msg);
+    return true;
+}
+
 /* An attempt was refused by its worker's busy upstream (bt_status_upstream_busy): the worker is
  * not at fault (workers.c does not quarantine it), and another worker's upstream may take the
  * request, so it goes on as any migratable failure (charged to its budget and the retry budget)
@@ -329,18 +388,16 @@ static bool busy_refused(fe_req *r, bt_status code, const char *msg) {
     /* the worker is not tried again for this request: a busy one answers at once and holds no
      * streams, so least-loaded routing would send the retry straight back to it (or to another busy
      * one) while a free worker waits */
-    bool listed = false;
-    for (size_t i = 0; i < r->nbusy_ids; i++) listed |= r->busy_ids[i] == r->failed_worker;
-    if (!listed && r->nbusy_ids < FE_BUSY_IDS_MAX) r->busy_ids[r->nbusy_ids++] = r->failed_worker;
+    skip_worker(r, r->failed_worker);
     size_t n = 0; /* workers left to try */
     for (size_t i = 0; i < r->model->nws; i++) {
         fe_worker *w = r->model->ws[i];
         bool tried = false;
-        for (size_t k = 0; k < r->nbusy_ids; k++) tried |= r->busy_ids[k] == w->id;
+        for (size_t k = 0; k < r->nskip_ids; k++) tried |= r->skip_ids[k] == w->id;
         n += fe_worker_routable(w) && !fe_outlier_ejected(r->fe, w) && !tried;
     }
-    /* past FE_BUSY_IDS_MAX refusals the list no longer grows: the count of refusals bounds them */
-    if (n > 0 && (r->nbusy_ids < FE_BUSY_IDS_MAX || (size_t)r->busy_refusals < r->model->nws)) return false;
+    /* past FE_SKIP_IDS_MAX refusals the list no longer grows: the count of refusals bounds them */
+    if (n > 0 && (r->nskip_ids < FE_SKIP_IDS_MAX || (size_t)r->busy_refusals < r->model->nws)) return false;
     fe_request_fail(r, code, msg);
     return true;
 }
@@ -353,7 +410,7 @@ static void attempt_failed(fe_req *r, bt_status code, const char *msg) {
         fe_request_end_cancelled(r);
         return;
     }
-    if (!bt_status_migratable(code)) {
+    if (!bt_status_migratable(code) && !(code == BT_ERR_CONTEXT_LENGTH && context_refused(r, msg))) {
         fe_request_fail(r, code, msg);
         return;
     }
@@ -417,14 +474,16 @@ static void attempt_failed(fe_req *r, bt_status code, const char *msg) {
 }
 
 /* Whether a worker of r's model other than w could take r's continuation: one routable and not
- * ejected, with the exactness fingerprint of the tokens delivered (busy ones count: a continuation
- * goes to a busy worker rather than fail). */
+ * ejected, with the exactness fingerprint of the tokens delivered and a context that holds them
+ * (busy ones count: a continuation goes to a busy worker rather than fail). */
 static bool others_can_continue(const fe_req *r, const fe_worker *w) {
     const char *exact = r->nids && r->exactness[0] ? r->exactness : NULL;
+    uint64_t need = fe_request_context_need(r);
     const fe_model *m = r->model;
     for (size_t i = 0; i < m->nws; i++) {
         fe_worker *o = m->ws[i];
         if (o == w || !fe_worker_routable(o) || fe_outlier_ejected(r->fe, o)) continue;
+        if (fe_worker_context_short(o, need)) continue;
         if (!exact || strcmp(o->exactness, exact) == 0) return true;
     }
     return false;

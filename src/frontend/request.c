@@ -1308,6 +1308,20 @@ static bool context_fits(const fe *f, const fe_model *m, const json_t *body, bt_
     return false;
 }
 
+uint64_t fe_request_context_need(const fe_req *r) {
+    uint64_t prompt = r->prompt_ids_len;
+    if (!prompt && r->prompt_bytes && model_prompt_bytes(r->model)) { /* context_fits' least tokens */
+        uint64_t tb = model_max_token_bytes(r->model);
+        prompt = (r->prompt_bytes + tb - 1) / tb;
+    }
+    /* with max_tokens, the carried tokens are part of it; without, the engine cuts its default to
+     * what is left of the context, and the least the continuation asks for is one more token */
+    uint64_t done = r->body_carried + r->nids;
+    uint64_t more = 1;
+    if (r->max_tokens >= 0 && (uint64_t)r->max_tokens > r->nids) more = (uint64_t)r->max_tokens - r->nids;
+    return prompt + done + more;
+}
+
 /* Counts a request refused before it was routed (a 400 or 404) in dynamo_frontend_requests_total
  * with status "error": under its model when a worker serves it, else under FE_MODEL_UNKNOWN (the
  * model name is the client's: counting it as given would let a client add series without bound). */
@@ -1461,6 +1475,11 @@ fe_req *fe_request_new(fe *f, bt_http_req *http, bt_api api, json_t *body, const
     r->max_tokens = json_is_integer(mt) ? json_integer_value(mt) : -1;
     json_t *bcar = json_object_get(body, "carried_token_ids");
     r->body_carried = json_is_array(bcar) ? (uint32_t)json_array_size(bcar) : 0;
+    /* what context_fits counted of the prompt, kept for the continuations' routing (the tree may be
+     * freed before them); the text only when a worker's card bounds its tokens' length */
+    json_t *p = api == BT_API_COMPLETION ? json_object_get(body, "prompt") : NULL;
+    if (json_is_array(p) && json_is_integer(json_array_get(p, 0))) r->prompt_ids_len = json_array_size(p);
+    else if (model_prompt_bytes(m)) r->prompt_bytes = prompt_text_bytes(body, api);
     /* One seed for every attempt of a request without one, so an engine that samples for real
      * continues a migrated stream exactly (docs/protocol.md, "seed"). */
     if (!json_is_integer(json_object_get(body, "seed")))

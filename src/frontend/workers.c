@@ -675,11 +675,18 @@ static bool skipped(const fe_worker *w, const uint64_t *skip, size_t nskip) {
     return false;
 }
 
+bool fe_worker_context_short(const fe_worker *w, uint64_t need) {
+    return need && w->context_length && w->context_length < need;
+}
+
 static bool eligible(fe_worker *w, fe_model *m, uint64_t avoid, const uint64_t *skip, size_t nskip, bool *all_busy,
-                     size_t *nbusy, fe_worker **avoided, const char *exact) {
+                     size_t *nbusy, fe_worker **avoided, const char *exact, uint64_t need) {
     if (!fe_worker_routable(w) || fe_outlier_ejected(w->fe, w)) return false; /* ejected: outlier.h */
-    if (skipped(w, skip, nskip)) return false; /* its upstream refused this request busy (migrate.c) */
+    if (skipped(w, skip, nskip)) return false; /* it refused this request, busy or short (migrate.c) */
     if (!exact_match(w, exact)) return false; /* it would not continue the stream bit for bit */
+    /* it would refuse the attempt (context_length_exceeded): workers of one model may advertise
+     * different contexts (a rolling upgrade), and a continuation carries more than its first attempt */
+    if (fe_worker_context_short(w, need)) return false;
     if (all_busy && fe_worker_busy(w, m)) {
         (*nbusy)++;
         return false;
@@ -695,7 +702,7 @@ static bool eligible(fe_worker *w, fe_model *m, uint64_t avoid, const uint64_t *
  * first eligible worker from a rotating (or random) start, so a request usually costs one look;
  * least-loaded scans them all. */
 fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, const uint64_t *skip, size_t nskip, bool *all_busy,
-                    const char *exact) {
+                    const char *exact, uint64_t need) {
     size_t n = m->nws, nbusy = 0;
     fe_worker *avoided = NULL;
     if (all_busy) *all_busy = false;
@@ -705,7 +712,7 @@ fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, const uint64_t *skip, si
         double best_score = 0;
         for (size_t i = 0; i < n; i++) {
             fe_worker *w = m->ws[i];
-            if (!eligible(w, m, avoid, skip, nskip, all_busy, &nbusy, &avoided, exact)) continue;
+            if (!eligible(w, m, avoid, skip, nskip, all_busy, &nbusy, &avoided, exact, need)) continue;
             double blocks = w->load_ms && w->load.total_blocks
                                 ? (double)w->load.active_decode_blocks / (double)w->load.total_blocks
                                 : 0.0;
@@ -717,7 +724,7 @@ fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, const uint64_t *skip, si
         size_t start = f->mode == ROUTE_RANDOM ? (size_t)(bt_random64() % n) : (size_t)(f->rr % n);
         for (size_t i = 0; i < n; i++) {
             fe_worker *w = m->ws[(start + i) % n];
-            if (!eligible(w, m, avoid, skip, nskip, all_busy, &nbusy, &avoided, exact)) continue;
+            if (!eligible(w, m, avoid, skip, nskip, all_busy, &nbusy, &avoided, exact, need)) continue;
             /* the rotation resumes after the worker taken, not after the start: a skipped (busy,
              * dead) worker's turns are shared by all the others instead of all going to the one
              * that follows it (a migration storm would pile onto the dead worker's neighbour) */
@@ -730,12 +737,14 @@ fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, const uint64_t *skip, si
     return avoided; /* only the failed one is left: better than nothing (or NULL) */
 }
 
-fe_worker *fe_route_least_busy(fe_model *m, uint64_t avoid, const char *exact) {
+fe_worker *fe_route_least_busy(fe_model *m, uint64_t avoid, const uint64_t *skip, size_t nskip, const char *exact,
+                               uint64_t need) {
     fe_worker *best = NULL, *avoided = NULL;
     double best_use = 0;
     for (size_t i = 0; i < m->nws; i++) {
         fe_worker *w = m->ws[i];
         if (!fe_worker_routable(w) || !exact_match(w, exact)) continue;
+        if (skipped(w, skip, nskip) || fe_worker_context_short(w, need)) continue;
         if (avoid && w->id == avoid) {
             avoided = w;
             continue;
