@@ -30,7 +30,8 @@ bool bt_gen_params_check(const json_t *body, const char **param, const char **co
         FAIL("repetition_penalty", "invalid_type", "'repetition_penalty' must be a number greater than 0");
     /* vLLM's range; 1e6 keeps x / penalty and x * penalty finite for any finite logit that matters */
     if (given(rp) && !(json_number_value(rp) > 0 && json_number_value(rp) <= 1e6))
-        FAIL("repetition_penalty", "invalid_value", "'repetition_penalty' must be a number greater than 0 (at most 1e6)");
+        FAIL("repetition_penalty", "invalid_value",
+             "'repetition_penalty' must be a number greater than 0 (at most 1e6)");
     const char *bools[] = {"ignore_eos", "continue_final_message"};
     for (int i = 0; i < 2; i++) {
         json_t *v = json_object_get(body, bools[i]);
@@ -68,8 +69,8 @@ static bt_status refuse_unsupported(const json_t *body, char *err, size_t errlen
                    BT_ERR_UNSUPPORTED_PARAM;
     }
     /* vLLM's guided decoding, old and new spellings: constrained output the engines cannot give */
-    static const char *const guided[] = {"guided_json",    "guided_regex",       "guided_choice",
-                                         "guided_grammar", "structured_outputs"};
+    static const char *const guided[] = {"guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                                         "structured_outputs"};
     for (size_t i = 0; i < sizeof guided / sizeof guided[0]; i++)
         if (given(json_object_get(body, guided[i])))
             return snprintf(err, errlen, "'%s' is not supported by this engine: it has no guided decoding", guided[i]),
