@@ -33,7 +33,8 @@ const char *bt_status_msg(int code) {
 }
 
 bool bt_status_client_input(int code) {
-    return code == BT_ERR_CONTEXT_LENGTH || code == BT_ERR_INVALID_PROMPT || code == BT_ERR_INVALID_LOGIT_BIAS;
+    return code == BT_ERR_CONTEXT_LENGTH || code == BT_ERR_INVALID_PROMPT || code == BT_ERR_INVALID_LOGIT_BIAS ||
+           code == BT_ERR_UNSUPPORTED_PARAM || code == BT_ERR_INVALID_PARAM;
 }
 
 bool bt_status_upstream_busy(int code) { return code == BT_ERR_UPSTREAM_BUSY || code == BT_ERR_UPSTREAM_RATE_LIMITED; }

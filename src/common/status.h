@@ -36,7 +36,9 @@
     X(BT_ERR_INVALID_PROMPT, 21, false, "the prompt is not valid for this model") \
     X(BT_ERR_INVALID_LOGIT_BIAS, 22, false, "the logit_bias is not valid for this model") \
     X(BT_ERR_UPSTREAM_BUSY, 23, true, "the upstream is busy, please retry later")         \
-    X(BT_ERR_UPSTREAM_RATE_LIMITED, 24, true, "the upstream is rate limiting, please retry later")
+    X(BT_ERR_UPSTREAM_RATE_LIMITED, 24, true, "the upstream is rate limiting, please retry later") \
+    X(BT_ERR_UNSUPPORTED_PARAM, 25, false, "a request field asks for output this engine cannot give") \
+    X(BT_ERR_INVALID_PARAM, 26, false, "a request field is not valid")
 
 typedef enum {
 #define BT_X(name, code, mig, msg) name = code,
@@ -51,7 +53,8 @@ const char *bt_status_msg(int code);
 /* True when a stream that failed with this status may be continued on another worker. */
 bool bt_status_migratable(int code);
 /* Whether an engine refused the client's request itself (its prompt over the context, or a token id
- * outside the vocabulary in the prompt or logit_bias): the client's 400, which the frontend cannot
+ * outside the vocabulary in the prompt or logit_bias, a field it cannot honour or that is malformed,
+ * engine/params.h): the client's 400, which the frontend cannot
  * check without the model, so not worth a warning per request in either process (docs/security.md). */
 bool bt_status_client_input(int code);
 /* Whether an engine's upstream refused the sequence as busy (HTTP 503 or 504) or rate limited

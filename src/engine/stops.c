@@ -38,6 +38,17 @@ size_t bt_stops_find(const bt_stops *st, const char *p, size_t n) {
     return best;
 }
 
+size_t bt_stops_find_after(const bt_stops *st, const char *p, size_t n, size_t from) {
+    size_t best = SIZE_MAX;
+    for (int i = 0; i < st->n; i++) {
+        size_t at = from + 1 > st->len[i] ? from + 1 - st->len[i] : 0; /* the first start ending past from */
+        if (at >= n) continue;
+        const char *m = memmem(p + at, n - at, st->s[i], st->len[i]);
+        if (m && (size_t)(m - p) < best) best = (size_t)(m - p);
+    }
+    return best;
+}
+
 size_t bt_stops_partial(const bt_stops *st, const char *p, size_t n) {
     size_t best = 0;
     for (int i = 0; i < st->n; i++) {

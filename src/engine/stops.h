@@ -24,6 +24,9 @@ bt_status bt_stops_init(bt_stops *st, const char *const *stop, int n);
 void bt_stops_free(bt_stops *st);
 /* The start of the earliest match of any stop string in p[0..n), or SIZE_MAX. */
 size_t bt_stops_find(const bt_stops *st, const char *p, size_t n);
+/* As bt_stops_find, among the matches that end after p[from]: those of text a stop string was not
+ * yet looked for in (text before min_tokens is final without being matched, llama_text.h). */
+size_t bt_stops_find_after(const bt_stops *st, const char *p, size_t n, size_t from);
 /* The length of the longest suffix of p[0..n) that is a proper prefix of some stop string. */
 size_t bt_stops_partial(const bt_stops *st, const char *p, size_t n);
 /* win starts with *ctx_len bytes of final text (delivered or carried): keeps only the last

@@ -26,6 +26,7 @@
 #include "common/jcanon.h"
 #include "common/jstr.h"
 #include "common/log.h"
+#include "engine/params.h"
 #include "frontend/fe.h"
 
 #define MAX_TOKENS_LIMIT 1000000
@@ -109,6 +110,8 @@ static int status_for(bt_status code) {
     case BT_ERR_INVALID:
     case BT_ERR_INVALID_PROMPT:
     case BT_ERR_INVALID_LOGIT_BIAS:
+    case BT_ERR_UNSUPPORTED_PARAM:
+    case BT_ERR_INVALID_PARAM:
     case BT_ERR_TOO_LARGE:
     case BT_ERR_CONTEXT_LENGTH: return 400;
     case BT_ERR_NOT_FOUND: return 404;
@@ -126,7 +129,9 @@ static const char *code_for(bt_status code) {
     switch (code) {
     case BT_ERR_INVALID:
     case BT_ERR_INVALID_PROMPT:
-    case BT_ERR_INVALID_LOGIT_BIAS: return "invalid_value";
+    case BT_ERR_INVALID_LOGIT_BIAS:
+    case BT_ERR_INVALID_PARAM: return "invalid_value";
+    case BT_ERR_UNSUPPORTED_PARAM: return "unsupported_value";
     case BT_ERR_TOO_LARGE: return "request_too_large";
     case BT_ERR_CONTEXT_LENGTH: return "context_length_exceeded";
     case BT_ERR_NOT_FOUND: return "not_found";
@@ -560,6 +565,10 @@ static void fail_request(fe_req *r, bt_status code, const char *msg) {
             const char *param = of_prompt ? (r->api == BT_API_CHAT ? "messages" : "prompt")
                                 : code == BT_ERR_INVALID_LOGIT_BIAS ? "logit_bias"
                                                                     : NULL;
+            char field[64]; /* an engine's refusal of a field names it first (engine/params.h) */
+            if ((code == BT_ERR_UNSUPPORTED_PARAM || code == BT_ERR_INVALID_PARAM) &&
+                bt_gen_params_field(msg, field, sizeof field))
+                param = field;
             /* a busy upstream's refusal tells the client when to come back, as the upstream told
              * its worker (bounded: a client is not sent away for longer than a minute) */
             char ra[48] = "";
@@ -1085,6 +1094,14 @@ bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const cha
             REJECT(pens[i], "invalid_type", "'%s' must be a number from -2 to 2", pens[i]);
         if (json_is_number(v) && !(json_number_value(v) >= -2 && json_number_value(v) <= 2))
             REJECT(pens[i], "invalid_value", "'%s' must be a number from -2 to 2", pens[i]);
+    }
+    /* vLLM's generation fields (engine/params.h): their form is checked here for every engine, as
+     * vLLM checks it; whether an engine can honour them is its own answer */
+    const char *gp_param, *gp_code;
+    if (!bt_gen_params_check(body, &gp_param, &gp_code, err, errlen)) {
+        if (param) *param = gp_param;
+        if (code) *code = gp_code;
+        return false;
     }
     json_t *lb = json_object_get(body, "logit_bias");
     if (lb && !json_is_null(lb)) {

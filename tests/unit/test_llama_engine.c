@@ -114,9 +114,12 @@ static int32_t f_model_n_ctx_train(const struct llama_model *m) {
     (void)m;
     return 1024;
 }
+/* test_continue_final: a model template, "[role]content</>" per message, "[assistant]" to come;
+ * with fake_trims it drops the content's trailing blanks, as some real templates do */
+static bool fake_template, fake_trims;
 static const char *f_model_chat_template(const struct llama_model *m, const char *name) {
     (void)m, (void)name;
-    return NULL;
+    return fake_template ? "fake" : NULL;
 }
 static uint32_t f_n_ctx_fn(const struct llama_context *c) {
     (void)c;
@@ -230,8 +233,17 @@ static int32_t f_token_to_piece(const struct llama_vocab *v, llama_token t, char
 }
 static int32_t f_chat_apply_template(const char *tmpl, const struct llama_chat_message *chat, size_t n, bool add_ass,
                                      char *buf, int32_t len) {
-    (void)tmpl, (void)chat, (void)n, (void)add_ass, (void)buf, (void)len;
-    return -1;
+    if (!tmpl || strcmp(tmpl, "fake") != 0) return -1;
+    char out[4096];
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        size_t cl = strlen(chat[i].content);
+        while (fake_trims && cl && chat[i].content[cl - 1] == ' ') cl--;
+        k += (size_t)snprintf(out + k, sizeof out - k, "[%s]%.*s</>", chat[i].role, (int)cl, chat[i].content);
+    }
+    if (add_ass) k += (size_t)snprintf(out + k, sizeof out - k, "[assistant]");
+    if (buf && len > 0) snprintf(buf, (size_t)len, "%s", out);
+    return (int32_t)k;
 }
 static bool f_vocab_get_add_bos(const struct llama_vocab *v) {
     (void)v;
@@ -592,6 +604,65 @@ static void test_eos_and_context_cap(void **state) {
     assert_int_equal(t->usage.completion_tokens, 1024 - 9);
 }
 
+/* continue_final_message under a model's template (docs/engines.md §3.3): rendered without the
+ * assistant turn to come and cut right after the final content, its end of turn dropped; a
+ * template that does not write that content as sent is refused (BT_ERR_INVALID_PARAM), as is
+ * a continuation after a user message. The prompt's tokens are its bytes (and BOS) here. */
+static tseq *run_chat(const char *last, bool cont, bt_status *st) {
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    E = make_engine(&loop);
+    remaining = 1;
+    tseq *t = &S[0];
+    memset(t, 0, sizeof *t);
+    json_t *body = json_pack("{s:[{s:s,s:s},{s:s,s:s}],s:b}", "messages", "role", "user", "content", "hi", "role",
+                             last ? "assistant" : "user", "content", last ? last : "more", "continue_final_message",
+                             cont);
+    bt_engine_request rq = {0};
+    rq.request_id = "c";
+    rq.api = BT_API_CHAT;
+    rq.body = body;
+    rq.max_tokens = 3;
+    char err[256];
+    *st = bt_engine_submit(E, &rq, &sink, t, &t->seq, err, sizeof err);
+    json_decref(body);
+    if (*st != BT_OK) bt_engine_destroy(E);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    assert_int_equal(uv_loop_close(&loop), 0);
+    return t;
+}
+
+static void test_continue_final(void **state) {
+    (void)state;
+    fake_template = true;
+    bt_status st;
+    tseq *t = run_chat("abc", true, &st);
+    assert_int_equal(st, BT_OK);
+    assert_int_equal(t->finishes, 1);
+    assert_int_equal(t->usage.prompt_tokens, 1 + strlen("[user]hi</>[assistant]abc"));
+    t = run_chat("abc", false, &st);
+    assert_int_equal(t->finishes, 1);
+    assert_int_equal(t->usage.prompt_tokens, 1 + strlen("[user]hi</>[assistant]abc</>[assistant]"));
+    /* "hi" occurs earlier too: the cut is after its last occurrence, the final message's */
+    t = run_chat("hi", true, &st);
+    assert_int_equal(t->finishes, 1);
+    assert_int_equal(t->usage.prompt_tokens, 1 + strlen("[user]hi</>[assistant]hi"));
+    fake_trims = true; /* "abc " written as "abc": not the content as sent */
+    t = run_chat("abc ", true, &st);
+    assert_int_equal(t->finishes, 0);
+    assert_int_equal(t->errors, 1);
+    t = run_chat("", true, &st); /* nothing to cut after */
+    assert_int_equal(t->errors, 1);
+    fake_trims = false;
+    t = run_chat(NULL, true, &st); /* after a user message: refused at submit */
+    assert_int_equal(st, BT_ERR_INVALID_PARAM);
+    fake_template = false;
+    /* the plain template: the final message open, no line end and no "assistant:" */
+    t = run_chat("abc", true, &st);
+    assert_int_equal(t->finishes, 1);
+    assert_int_equal(t->usage.prompt_tokens, 1 + strlen("user: hi\nassistant: abc"));
+}
+
 /* The KV cells llama.cpp allocates are what the configuration allows, never more (llama.c,
  * ll_kv_layout): the fake sizes its cache by llama.cpp's rule, which pads up, and the engine must ask
  * for a size it keeps as it is. The model card advertises what a sequence really gets. */
@@ -947,6 +1018,7 @@ int main(void) {
         cmocka_unit_test(test_kv_layout),
         cmocka_unit_test(test_destroy_live),
         cmocka_unit_test(test_prefill_waits),
+        cmocka_unit_test(test_continue_final),
         cmocka_unit_test(test_gather_burst_kill),
         cmocka_unit_test(test_gather_kill_only),
         cmocka_unit_test(test_gather_destroy),

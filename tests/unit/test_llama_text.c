@@ -119,6 +119,49 @@ static void test_stop(void **state) {
     bt_lltext_free(&t);
 }
 
+/* min_tokens: the text of tokens numbered below it is final as it comes, a stop string in it kept;
+ * a match that begins there and ends in a later token's text still stops; a continuation numbers
+ * its first token after the carried ones. */
+static void test_stop_min_tokens(void **state) {
+    (void)state;
+    const char *stop[] = {",", "END"};
+    bt_lltext t;
+    assert_int_equal(bt_lltext_init(&t, stop, 2), BT_OK);
+    bt_lltext_min_tokens(&t, 3, 0);
+    assert_int_equal(bt_lltext_push(&t, 1, "a, b", 4), BT_OK); /* token 1 */
+    assert_false(t.stopped);
+    assert_int_equal(t.out_n, 1);
+    assert_int_equal(bt_lltext_push(&t, 2, " E", 2), BT_OK); /* token 2: final though "E" could start END */
+    assert_int_equal(t.out_n, 2);
+    assert_int_equal(bt_lltext_push(&t, 3, "ND!", 3), BT_OK); /* token 3: "END" ends in it */
+    assert_true(t.stopped);
+    assert_int_equal(t.out_n, 2);
+    assert_memory_equal(t.out_text.data, "a, b E", 6);
+    bt_lltext_free(&t);
+
+    /* a match wholly inside the text before min_tokens does not stop a later token */
+    assert_int_equal(bt_lltext_init(&t, stop, 2), BT_OK);
+    bt_lltext_min_tokens(&t, 2, 0);
+    assert_int_equal(bt_lltext_push(&t, 1, "x,", 2), BT_OK);
+    assert_int_equal(bt_lltext_push(&t, 2, "y", 1), BT_OK);
+    assert_false(t.stopped);
+    assert_int_equal(bt_lltext_push(&t, 3, "z,", 2), BT_OK);
+    assert_true(t.stopped);
+    assert_memory_equal(t.out_text.data, "x,yz", 4);
+    bt_lltext_free(&t);
+
+    /* continued after 2 carried tokens: the first pushed is token 3, the last one held off */
+    assert_int_equal(bt_lltext_init(&t, stop, 2), BT_OK);
+    bt_lltext_min_tokens(&t, 4, 2);
+    assert_int_equal(bt_lltext_push(&t, 3, "p,", 2), BT_OK);
+    assert_false(t.stopped);
+    assert_int_equal(bt_lltext_push(&t, 4, "q,", 2), BT_OK);
+    assert_true(t.stopped);
+    assert_int_equal(t.out_text.len, 3);
+    assert_memory_equal(t.out_text.data, "p,q", 3);
+    bt_lltext_free(&t);
+}
+
 /* Random pieces: ASCII, whole and cut multi-byte characters, now and then an invalid byte. */
 static size_t rand_piece(char *p) {
     static const char *chars[] = {"a", "b", " ", "\n", "\xC3\xA9", "\xE2\x82\xAC", "\xF0\x9F\x98\x80", "EN", "D"};
@@ -331,6 +374,59 @@ static void test_sampler_adjust(void **state) {
     bt_llsample_scratch_free(s);
 }
 
+/* vLLM's repetition_penalty (the prompt's tokens and the generated ones, x / r above 0, x * r below),
+ * min_p after temperature, and the end-of-generation ids excluded before min_tokens. */
+static void test_sampler_vllm(void **state) {
+    (void)state;
+    bt_llsample_scratch *s = bt_llsample_scratch_new(8);
+    assert_non_null(s);
+    float l[8] = {0.5f, 2.0f, -1.0f, 1.9f, 0.0f, 1.0f, -3.0f, 0.25f};
+    /* 1 in the prompt: 2.0 / 1.1 = 1.82 < 1.9, so 3 wins; a penalty of 0 or 1 is off */
+    int32_t prompt[] = {1, 6};
+    bt_llsample_params rp = {.top_p = 1, .repetition_penalty = 1.1, .prompt = prompt, .n_prompt = 2};
+    assert_int_equal(bt_llsample(l, 8, &rp, NULL, 0, s), 3);
+    rp.repetition_penalty = 1;
+    assert_int_equal(bt_llsample(l, 8, &rp, NULL, 0, s), 1);
+    /* generated too, and a negative logit is multiplied: -1 * 0.1 = -0.1 for id 2, below 0 (id 4) */
+    int32_t gen[] = {3, 2};
+    bt_llsample_params rg = {.top_p = 1, .repetition_penalty = 1.1, .prompt = prompt, .n_prompt = 2};
+    assert_int_equal(bt_llsample(l, 8, &rg, gen, 2, s), 1); /* 1: 1.818..., 3: 1.727... */
+    rg.repetition_penalty = 0.1; /* below 1 favours them: 1 -> 20, 2 -> -0.1 */
+    assert_int_equal(bt_llsample(l, 8, &rg, gen, 2, s), 1);
+    float neg[3] = {-1.0f, -0.5f, -0.2f};
+    int32_t g2[] = {2};
+    bt_llsample_params rn = {.top_p = 1, .repetition_penalty = 3};
+    assert_int_equal(bt_llsample(neg, 3, &rn, g2, 1, s), 1); /* 2: -0.6 < -0.5 */
+    for (int i = 0; i < 8; i++) assert_int_equal(s->counts[i], 0);
+    /* min_p 1 keeps the most probable token only: every draw at a high temperature is the greedy one */
+    bt_llsample_params mp = {.temperature = 2, .top_p = 1, .seed = 4, .min_p = 1};
+    int other = 0;
+    for (uint64_t n = 0; n < 200; n++) {
+        assert_int_equal(bt_llsample(l, 8, &mp, NULL, n, s), 1);
+        bt_llsample_params hot = {.temperature = 2, .top_p = 1, .seed = 4};
+        other += bt_llsample(l, 8, &hot, NULL, n, s) != 1;
+    }
+    assert_true(other > 0);
+    /* min_p 0.9 at temperature 1: exp(1.9 - 2.0) = 0.905 keeps 3 beside 1, nothing else */
+    mp = (bt_llsample_params){.temperature = 1, .top_p = 1, .seed = 4, .min_p = 0.9};
+    for (uint64_t n = 0; n < 200; n++) {
+        int32_t t = bt_llsample(l, 8, &mp, NULL, n, s);
+        assert_true(t == 1 || t == 3);
+    }
+    /* eog ids are excluded at draws before min_tokens, greedy or sampled */
+    int32_t eog[] = {1, 3};
+    bt_llsample_params mt = {.top_p = 1, .min_tokens = 2, .eog = eog, .n_eog = 2};
+    assert_int_equal(bt_llsample(l, 8, &mt, NULL, 0, s), 5);
+    assert_int_equal(bt_llsample(l, 8, &mt, NULL, 1, s), 5);
+    assert_int_equal(bt_llsample(l, 8, &mt, NULL, 2, s), 1);
+    mt.temperature = 1;
+    for (uint64_t n = 0; n < 2; n++) {
+        int32_t t = bt_llsample(l, 8, &mt, NULL, n, s);
+        assert_true(t != 1 && t != 3);
+    }
+    bt_llsample_scratch_free(s);
+}
+
 static uint64_t rng_next(uint64_t *st) {
     uint64_t x = (*st += 0x9E3779B97F4A7C15ull);
     x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -452,7 +548,8 @@ int main(void) {
         cmocka_unit_test(test_utf8_split), cmocka_unit_test(test_utf8_invalid),
         cmocka_unit_test(test_stop),       cmocka_unit_test(test_migration_property),
         cmocka_unit_test(test_sampler),    cmocka_unit_test(test_sampler_adjust),
-        cmocka_unit_test(test_sampler_equals_reference),
+        cmocka_unit_test(test_sampler_equals_reference), cmocka_unit_test(test_stop_min_tokens),
+        cmocka_unit_test(test_sampler_vllm),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -44,6 +44,7 @@
 #include "engine/llama/llama_lib.h"
 #include "engine/llama/llama_sample.h"
 #include "engine/llama/llama_text.h"
+#include "engine/params.h"
 
 #ifndef BATON_MODELS_DIR
 #define BATON_MODELS_DIR "models"
@@ -257,6 +258,7 @@ struct ll_seq {
     bt_lltext text;
     llama_token *car; /* the carried ids until the thread puts them behind the prompt */
     bt_llsample_bias *bias; /* sp.bias: the request's logit_bias, NULL when none */
+    bt_gen_params gp;       /* min_p, repetition_penalty, ignore_eos, min_tokens, continue_final_message */
     uint8_t *kv;      /* a KV state to import when admitted (llama_kv.h), NULL when none */
     size_t kv_len;
     char rid[80];     /* the request id, for the log */
@@ -319,6 +321,8 @@ struct ll_engine {
     bool stalled; /* fault injection: no steps until resumed */
     bt_engine_gather gather; /* --batch-gather-us: the first step of an idle engine waits (engine.h) */
     bt_llsample_scratch *sample; /* the engine thread's, for every draw */
+    int32_t *eog;                /* the vocabulary's end-of-generation ids, excluded before min_tokens */
+    size_t n_eog;
     char model_desc[128];
     ll_kv_ident kv_ident;     /* what a KV state must match to be imported here */
     bt_engine_kv_stats kvs;   /* under mu */
@@ -508,7 +512,13 @@ static bt_status message_text(json_t *content, bt_buf *out) {
 }
 
 /* The prompt tokens of a chat: the model's template through llama_chat_apply_template when it
- * has one llama.cpp knows, else the plain template "role: content\n" per message + "assistant:". */
+ * has one llama.cpp knows, else the plain template "role: content\n" per message + "assistant:".
+ * continue_final_message (the final message is an assistant's, engine/params.c) leaves that
+ * message open: the plain template ends with its content; the model's is rendered without the
+ * assistant's turn to come (add_ass false) and cut right after the final content, dropping the
+ * end of turn the template writes behind it, as vLLM does. A template that does not write that
+ * content as sent (it trims or rewrites it), or an empty one, cannot be cut there: refused rather
+ * than continued from some other text. */
 static bt_status render_chat(ll_engine *e, ll_seq *s, char *err, size_t errlen) {
     json_t *msgs = json_object_get(s->body, "messages");
     size_t n = json_array_size(msgs);
@@ -541,25 +551,42 @@ static bt_status render_chat(ll_engine *e, ll_seq *s, char *err, size_t errlen) 
             goto out;
         }
     }
-    bool special = false;
+    bool special = false, open_last = s->gp.continue_final && n > 0;
     if (e->chat_template) {
-        int32_t need = e->L->llama_chat_apply_template(e->chat_template, cm, n, true, NULL, 0);
+        int32_t need = e->L->llama_chat_apply_template(e->chat_template, cm, n, !open_last, NULL, 0);
         if (need >= 0) {
             if ((st = bt_buf_reserve(&prompt, (size_t)need + 1)) != BT_OK) goto out;
-            int32_t got = e->L->llama_chat_apply_template(e->chat_template, cm, n, true, prompt.data, need + 1);
+            int32_t got =
+                e->L->llama_chat_apply_template(e->chat_template, cm, n, !open_last, prompt.data, need + 1);
             if (got == need) {
                 prompt.len = (size_t)need;
                 special = true;
             }
         }
     }
+    if (special && open_last) {
+        const bt_buf *last = &texts[n - 1];
+        size_t cl = last->len - 1;
+        const char *at = NULL;
+        for (const char *p = prompt.data; cl && (p = memmem(p, prompt.len - (size_t)(p - prompt.data), last->data, cl));
+             p++)
+            at = p;
+        if (!at) {
+            snprintf(err, errlen,
+                     "'continue_final_message': this model's chat template does not write the final message as "
+                     "sent, so it cannot be continued");
+            st = BT_ERR_INVALID_PARAM;
+            goto out;
+        }
+        prompt.len = (size_t)(at - prompt.data) + cl;
+    }
     if (!special) { /* no template llama.cpp knows: the plain one, content by its length */
         for (size_t i = 0; i < n && st == BT_OK; i++) {
             st = bt_buf_appendf(&prompt, "%s: ", cm[i].role);
             if (st == BT_OK) st = bt_buf_append(&prompt, texts[i].data, texts[i].len - 1);
-            if (st == BT_OK) st = bt_buf_append(&prompt, "\n", 1);
+            if (st == BT_OK && !(open_last && i + 1 == n)) st = bt_buf_append(&prompt, "\n", 1);
         }
-        if (st == BT_OK) st = bt_buf_append_str(&prompt, "assistant:");
+        if (st == BT_OK && !open_last) st = bt_buf_append_str(&prompt, "assistant:");
         if (st != BT_OK) goto out;
     }
     if (!prompt_may_fit(e, s, prompt.len, err, errlen)) {
@@ -868,7 +895,8 @@ static bool seq_take(ll_engine *e, ll_seq *s, llama_token t) {
     s->n_gen++;
     s->prio_held = false;
     e->total_emitted++;
-    if (e->L->llama_vocab_is_eog(e->vocab, t)) { /* counted in usage, not delivered */
+    /* counted in usage, not delivered; with ignore_eos an ordinary token (its piece is empty) */
+    if (!s->gp.ignore_eos && e->L->llama_vocab_is_eog(e->vocab, t)) {
         if (bt_lltext_finish(&s->text) != BT_OK) goto nomem;
         seq_end(e, s, END_FINISH, BT_FINISH_STOP, BT_OK, NULL);
         return false;
@@ -956,7 +984,10 @@ static bool run_batch(ll_engine *e, ll_seq **seqs, const size_t *take, int n) {
          * every logit of the row (bt_llsample) is what finds it, as it would a broken kernel's */
         if (logits && e->cfg.fault_nan_after_tokens && e->total_emitted >= (uint64_t)e->cfg.fault_nan_after_tokens)
             logits[e->total_emitted % e->n_vocab] = NAN;
-        /* the tokens after the prompt are the carried and generated ones: what the penalties count */
+        /* the tokens after the prompt are the carried and generated ones: what the penalties count;
+         * the prompt is seen by repetition_penalty (tok may have moved since the last draw) */
+        s->sp.prompt = s->tok;
+        s->sp.n_prompt = s->n_prompt;
         int32_t t = logits ? bt_llsample(logits, (int32_t)e->n_vocab, &s->sp, s->tok + s->n_prompt,
                                          s->n_carried + s->n_gen, e->sample)
                            : -1;
@@ -1387,7 +1418,14 @@ static bt_status ll_submit(bt_engine *be, const bt_engine_request *req, const bt
     s->sp.top_p = body_number(req->body, "top_p", 1.0);
     s->sp.frequency_penalty = body_number(req->body, "frequency_penalty", 0);
     s->sp.presence_penalty = body_number(req->body, "presence_penalty", 0);
-    bt_status bst = read_logit_bias(e, req->body, s, err, errlen);
+    bt_status bst = bt_gen_params_read(req->body, &s->gp, err, errlen);
+    if (bst == BT_OK) bst = read_logit_bias(e, req->body, s, err, errlen);
+    s->sp.min_p = s->gp.min_p;
+    s->sp.repetition_penalty = s->gp.repetition_penalty;
+    s->sp.min_tokens = s->gp.min_tokens;
+    s->sp.eog = e->eog;
+    s->sp.n_eog = e->n_eog;
+    bt_lltext_min_tokens(&s->text, s->gp.min_tokens, req->n_carried);
     /* OpenAI's range, as the frontend checks it (a client of the request plane may skip it) */
     if (bst == BT_OK && !(fabs(s->sp.frequency_penalty) <= 2 && fabs(s->sp.presence_penalty) <= 2)) {
         snprintf(err, errlen, "frequency_penalty and presence_penalty must be numbers from -2 to 2");
@@ -1581,6 +1619,7 @@ static void ll_destroy_now(ll_engine *e) {
     if (e->model) e->L->llama_model_free(e->model);
     free(e->chat_template);
     bt_llsample_scratch_free(e->sample);
+    free(e->eog);
     pthread_mutex_destroy(&e->mu);
     pthread_cond_destroy(&e->cv);
     pthread_cond_destroy(&e->prompt_cv);
@@ -1739,7 +1778,10 @@ bt_engine *bt_llama_create_with_api(uv_loop_t *loop, const bt_llama_config *cfg,
     e->batch = L->llama_batch_init((int32_t)cfg->max_num_batched_tokens, 0, 1);
     e->batch_ok = true;
     e->sample = bt_llsample_scratch_new((int32_t)e->n_vocab);
-    if (!e->sample) {
+    e->eog = calloc(e->n_vocab, sizeof *e->eog);
+    for (uint32_t t = 0; e->eog && t < e->n_vocab; t++)
+        if (L->llama_vocab_is_eog(e->vocab, (llama_token)t)) e->eog[e->n_eog++] = (int32_t)t;
+    if (!e->sample || !e->eog) {
         snprintf(err, errlen, "out of memory");
         goto fail;
     }

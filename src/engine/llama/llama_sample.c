@@ -112,27 +112,52 @@ static double penalty(const bt_llsample_params *p, uint32_t count) {
     return count ? (double)count * p->frequency_penalty + p->presence_penalty : 0.0;
 }
 
-/* adj[j] = logits[j] + bias[j] - penalty(c[j]) for every j with a bias or generated (llama_sample.h);
- * adj holds logits[j] elsewhere. counts is zero before and after. Two passes over the generated
+/* counts[j] during a draw: j's count among the generated tokens, with this bit when j is in the
+ * prompt and repetition_penalty applies (a prompt token is seen, not counted) */
+#define SEEN 0x80000000u
+
+/* 0 (a zeroed params) is off, as 1 is */
+static bool rep_on(const bt_llsample_params *p) { return p->repetition_penalty > 0 && p->repetition_penalty != 1; }
+
+/* The adjusted logit of a token with count word c (llama_sample.h), in double, rounded once. */
+static float adjusted(const bt_llsample_params *p, float logit, double bias, uint32_t c) {
+    double x = logit;
+    if (c && rep_on(p)) x = x > 0 ? x / p->repetition_penalty : x * p->repetition_penalty;
+    return (float)(x + bias - penalty(p, c & ~SEEN));
+}
+
+/* adj[j] = the adjusted logit for every j with a bias, generated, or in the prompt under a
+ * repetition penalty (llama_sample.h); adj holds logits[j] elsewhere, and -inf for the eog ids
+ * before min_tokens. counts is zero before and after. Two passes over the prompt and the generated
  * tokens per draw: at most the context length, no more than the pass over the vocabulary every
  * draw makes. */
 static void adjust(const float *logits, const bt_llsample_params *p, const int32_t *gen, uint64_t n, float *adj,
                    uint32_t *counts) {
-    bool pen = gen && (p->frequency_penalty != 0 || p->presence_penalty != 0);
+    bool rep = rep_on(p);
+    bool pen = gen && (p->frequency_penalty != 0 || p->presence_penalty != 0 || rep);
+    bool seen = p->prompt && rep;
     if (pen)
         for (uint64_t i = 0; i < n; i++) counts[gen[i]]++;
+    if (seen)
+        for (uint64_t i = 0; i < p->n_prompt; i++) counts[p->prompt[i]] |= SEEN;
     for (size_t i = 0; i < p->n_bias; i++) {
         int32_t j = p->bias[i].id;
-        adj[j] = (float)((double)logits[j] + p->bias[i].bias - penalty(p, counts[j]));
-        counts[j] = 0; /* done: the loop below leaves it alone */
+        adj[j] = adjusted(p, logits[j], p->bias[i].bias, counts[j]);
+        counts[j] = 0; /* done: the loops below leave it alone */
     }
-    if (pen)
-        for (uint64_t i = 0; i < n; i++) {
-            int32_t j = gen[i];
+    for (int pass = 0; pass < 2; pass++) {
+        const int32_t *ids = pass ? p->prompt : gen;
+        uint64_t m = pass ? p->n_prompt : n;
+        if (!(pass ? seen : pen)) continue;
+        for (uint64_t i = 0; i < m; i++) {
+            int32_t j = ids[i];
             if (!counts[j]) continue;
-            adj[j] = (float)((double)logits[j] - penalty(p, counts[j]));
+            adj[j] = adjusted(p, logits[j], 0, counts[j]);
             counts[j] = 0;
         }
+    }
+    if (n < p->min_tokens)
+        for (size_t i = 0; i < p->n_eog; i++) adj[p->eog[i]] = -INFINITY;
 }
 
 /* The lowest id among the largest logits. */
@@ -178,11 +203,12 @@ int32_t bt_llsample(const float *logits, int32_t n_vocab, const bt_llsample_para
     bool finite = true; /* one pass the compiler can vectorise, no exit at the first */
     for (int32_t i = 0; i < n_vocab; i++) finite &= isfinite(logits[i]);
     if (!finite) return -1;
-    bool adjusted = p->n_bias || (n && (p->frequency_penalty != 0 || p->presence_penalty != 0));
-    if (p->temperature <= 0 && !adjusted) return argmax(logits, n_vocab);
+    bool adj = p->n_bias || (n && (p->frequency_penalty != 0 || p->presence_penalty != 0)) ||
+               (rep_on(p) && (n || (p->prompt && p->n_prompt))) || (n < p->min_tokens && p->n_eog);
+    if (p->temperature <= 0 && !adj) return argmax(logits, n_vocab);
 
     const float *l = logits;
-    if (adjusted) {
+    if (adj) {
         memcpy(s->adj, logits, (size_t)n_vocab * sizeof *s->adj);
         adjust(logits, p, gen, n, s->adj, s->counts);
         l = s->adj;
@@ -209,6 +235,15 @@ int32_t bt_llsample(const float *logits, int32_t n_vocab, const bt_llsample_para
     for (int32_t i = 0; i < k; i++) {
         c[i].p = exp(((double)c[i].logit - (double)c[0].logit) / p->temperature);
         sum += c[i].p;
+    }
+    /* min_p: c[0].p is exp(0) = 1, the largest, so the tokens kept are those with c[i].p >= min_p,
+     * a prefix of the order (c[0] always) */
+    if (p->min_p > 0) {
+        int32_t keep = 1;
+        while (keep < k && c[keep].p >= p->min_p) keep++;
+        sum = 0;
+        for (int32_t i = 0; i < keep; i++) sum += c[i].p;
+        k = keep;
     }
     /* top_p 0 (or below) is the smallest nucleus, as OpenAI defines it: only c[0], the most probable
      * token (lowest id on ties), so the draw equals the greedy pick. The loop does that

@@ -19,6 +19,14 @@
  * the penalty; one expression here keeps a bias of -x exactly equal to a penalty of x, which the
  * tests use as their reference.
  *
+ * vLLM's repetition_penalty r comes first: the logit x of a token that is in the prompt or among the
+ * generated ones becomes x / r when x > 0, x * r otherwise, in the same double expression (a token
+ * of the prompt is counted as seen, never in c[j]). Its prompt is the rendered prompt, which a
+ * continuation renders the same, so it too penalises as the uninterrupted run did. While fewer than
+ * min_tokens tokens are generated, the end-of-generation ids (eog) are excluded (their logit
+ * -inf), as vLLM's min_tokens. min_p keeps, after temperature, the tokens whose probability is at
+ * least min_p times the most probable one's, before top_p.
+ *
  * The order is descending (adjusted) logit, then ascending id: a total order, and the probabilities
  * are summed in it, so it alone fixes every rounding. How it is found does not change a draw: the
  * first top_k by a bounded heap when top_k is small, otherwise every token by a radix sort (the
@@ -29,7 +37,7 @@
 /* The version of what this sampler computes, in the llama engine's exactness fingerprint (llama.h):
  * raised whenever a request could draw another token from the same logits. 2: logit_bias and the
  * penalties are applied (1 ignored them, so a penalised stream would continue otherwise there). */
-#define BT_LLSAMPLE_VERSION 2
+#define BT_LLSAMPLE_VERSION 3 /* 3: min_p, repetition_penalty and min_tokens are applied */
 
 #include <stdbool.h>
 #include <stddef.h>
@@ -48,6 +56,13 @@ typedef struct {
     double frequency_penalty, presence_penalty; /* 0 = off */
     const bt_llsample_bias *bias;               /* n_bias entries, distinct ids < n_vocab */
     size_t n_bias;
+    double min_p;              /* [0, 1]; 0 = off */
+    double repetition_penalty; /* > 0; 1 (or 0) = off */
+    const int32_t *prompt;     /* n_prompt ids < n_vocab: the prompt, read only for repetition_penalty */
+    uint64_t n_prompt;
+    uint64_t min_tokens;       /* the eog ids are excluded at draws n < min_tokens */
+    const int32_t *eog;        /* n_eog distinct ids < n_vocab */
+    size_t n_eog;
 } bt_llsample_params;
 
 typedef struct {

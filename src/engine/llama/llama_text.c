@@ -98,7 +98,10 @@ static bt_status out_add(bt_lltext *t, uint32_t id, const char *text, size_t len
     return st;
 }
 
-static size_t stop_find(const bt_lltext *t) { return bt_stops_find(&t->stops, t->win.data, t->win.len); }
+/* The context was looked in already, or was final before min_tokens: a match ends after it. */
+static size_t stop_find(const bt_lltext *t) {
+    return bt_stops_find_after(&t->stops, t->win.data, t->win.len, t->ctx_len);
+}
 
 static size_t stop_partial(const bt_lltext *t) { return bt_stops_partial(&t->stops, t->win.data, t->win.len); }
 
@@ -106,6 +109,14 @@ static size_t stop_partial(const bt_lltext *t) { return bt_stops_partial(&t->sto
 static bt_status stop_push(bt_lltext *t, uint32_t id, const char *text, size_t len) {
     if (t->stopped) return BT_OK;
     if (t->stops.n == 0) return out_add(t, id, text, len);
+    if (t->n_pushed < t->min_tokens) { /* final as it comes: context for later matches only (held_n is 0) */
+        bt_status st = out_add(t, id, text, len);
+        if (st == BT_OK) st = bt_buf_append(&t->win, text, len);
+        if (st != BT_OK) return st;
+        t->ctx_len = t->win.len;
+        bt_stops_trim_ctx(&t->stops, &t->win, &t->ctx_len);
+        return BT_OK;
+    }
     if (t->held_n + 1 > t->held_cap) {
         size_t n = t->held_cap ? t->held_cap * 2 : 16;
         uint32_t *h = realloc(t->held, n * sizeof *h);
@@ -172,8 +183,14 @@ static bt_status u8_flush(bt_lltext *t, bool final) {
     return BT_OK;
 }
 
+void bt_lltext_min_tokens(bt_lltext *t, uint64_t min_tokens, uint64_t n_carried) {
+    t->min_tokens = min_tokens;
+    t->n_pushed = n_carried;
+}
+
 bt_status bt_lltext_push(bt_lltext *t, uint32_t id, const char *piece, size_t len) {
     if (t->stopped) return BT_OK;
+    t->n_pushed++;
     bt_status st = bt_u32_reserve(&t->u8_ids, &t->u8_cap, t->u8_n + 1);
     if (st == BT_OK) st = bt_buf_append(&t->u8_raw, piece, len);
     if (st != BT_OK) return st;

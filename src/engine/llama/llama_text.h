@@ -41,6 +41,10 @@ typedef struct {
     size_t out_n, out_cap;
     bt_buf out_text;
     bool stopped; /* a stop string matched: nothing more is released */
+    /* min_tokens: the text of generated tokens numbered below it (carried ones counted, from 1) is
+     * final at once, stop strings not looked for in it, as vLLM's; a match may still begin there
+     * and end in the text of later tokens */
+    uint64_t min_tokens, n_pushed;
 } bt_lltext;
 
 /* Sets up with the request's stop strings (copied; empty ones ignored). */
@@ -48,6 +52,9 @@ bt_status bt_lltext_init(bt_lltext *t, const char *const *stop, int n_stop);
 void bt_lltext_free(bt_lltext *t);
 /* Text already delivered (a migration's carried text): context for stop-string matching only. */
 bt_status bt_lltext_context(bt_lltext *t, const char *text, size_t len);
+/* Stop strings are not looked for in the text of tokens numbered below min_tokens, the first
+ * token pushed being number n_carried + 1. */
+void bt_lltext_min_tokens(bt_lltext *t, uint64_t min_tokens, uint64_t n_carried);
 /* One generated token and its piece bytes. After it, t->stopped tells whether a stop string
  * matched (the sequence then ends with finish_reason "stop"). */
 bt_status bt_lltext_push(bt_lltext *t, uint32_t id, const char *piece, size_t len);

@@ -40,6 +40,7 @@
 #include "common/util.h"
 #include "engine/deliver.h"
 #include "engine/mocker/mocker_internal.h"
+#include "engine/params.h"
 
 #define MK_MAX_STEPS_PER_CB 64
 #define MK_MAX_NS_PER_CB 2000000ull
@@ -915,6 +916,19 @@ static bt_status mk_submit(bt_engine *be, const bt_engine_request *req, const bt
     if (req->n_carried && !req->carried) {
         snprintf(err, errlen, "n_carried is %u but carried is NULL", req->n_carried);
         return BT_ERR_INVALID;
+    }
+    /* Fields asking for output the mocker cannot give are refused, not ignored. It has no end of
+     * sequence, so ignore_eos holds by itself, and so does min_tokens without stop strings (every
+     * completion runs to max_tokens, which is at least min_tokens); with stop strings it would need
+     * them held off, which the mocker does not do: refused rather than stopped early. */
+    bt_gen_params gp;
+    bt_status gst = bt_gen_params_read(req->body, &gp, err, errlen);
+    if (gst != BT_OK) return gst;
+    bool has_stop = false;
+    for (int i = 0; i < req->n_stop && i < BT_MAX_STOP; i++) has_stop = has_stop || (req->stop[i] && req->stop[i][0]);
+    if (gp.min_tokens > 0 && has_stop) {
+        snprintf(err, errlen, "'min_tokens' with stop strings is not supported by the mocker");
+        return BT_ERR_UNSUPPORTED_PARAM;
     }
 
     uint32_t *ids = NULL;
