@@ -426,15 +426,16 @@ static void on_closed(natsConnection *nc, void *closure) {
         const char *why = txt && *txt ? txt : natsStatus_GetText(s);
         char esc[128];
         bt__events_log_text(why, strlen(why), esc, sizeof esc);
-        /* nats.c also gives up, for good, on an -ERR it has no other answer to (it keeps the text) */
-        if (s == NATS_CONNECTION_AUTH_FAILED)
+        /* nats.c also gives up, for good, on an -ERR it has no other answer to: NATS_ERR, its text kept
+         * (a refusal of the credentials ends as that refusal, or as no server left to try) */
+        if (s == NATS_ERR)
+            BT_ERROR("NATS event plane: the client gave up on %s after the server's -ERR '%s'; load reports go on the "
+                     "request plane only until this process restarts",
+                     e->url, esc);
+        else
             BT_ERROR("NATS event plane: the client gave up on %s (%s) after the server refused its credentials (%s); "
                      "load reports go on the request plane only until this process restarts",
                      e->url, esc, e->cl->auth);
-        else
-            BT_ERROR("NATS event plane: the client gave up on %s after the server's -ERR '%s' (%s); load reports go "
-                     "on the request plane only until this process restarts",
-                     e->url, esc, natsStatus_GetText(s));
     }
     uv_mutex_unlock(&reg_mu);
 }
