@@ -318,6 +318,9 @@ struct fe_req {
      * (usage counts them) but not of nids, and not limited by max_tokens, which counts new ones */
     uint32_t body_carried;
     bool mig_pending;       /* a failure was counted as a migration and no continuation was sent yet */
+    bool link_waiting;      /* in fe.link_waits: every link that could take its continuation is full */
+    bool link_wait_logged;
+    TAILQ_ENTRY(fe_req) link_wait; /* fe.link_waits, while link_waiting */
     fe_jtail jtail;         /* how the request ended, for its journal record */
     char body_digest[65];   /* of the client's body, before the frontend changes anything (resume.c) */
     bool resumed;           /* built from the journal by a resume: no new record, no admission */
@@ -474,6 +477,11 @@ struct fe {
     LIST_HEAD(, fe_pending_resume) pending_resumes; /* resume.c: resumes waiting for another shard */
     LIST_HEAD(, fe_attempt) relays; /* attempts whose KV state is being written (workers.c) */
     uv_timer_t relay_timer;          /* paces them while any waits for room */
+    /* Continuations waiting for a request-plane link under BT_RPC_BACKLOG_CONTINUATION (migrate.c),
+     * oldest first, retried by link_timer while any waits. */
+    TAILQ_HEAD(, fe_req) link_waits;
+    size_t nlink_waits;
+    uv_timer_t link_timer;
     /* The discovery grace (workers.c): fires at the earliest grace_until_ms of a worker in grace.
      * grace_counts: workers kept by it, and how each grace ended (fe_grace_result). */
     uv_timer_t grace_timer;
@@ -533,7 +541,9 @@ fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, const uint64_t *skip, si
                     const char *exact);
 /* For a continuation when every worker is busy: the routable worker with the smallest share of its
  * KV blocks in use (reported plus routed since), `avoid` only if it is the only one; only those of
- * fingerprint `exact` unless it is NULL or "". NULL if none. */
+ * fingerprint `exact` unless it is NULL or "". A worker whose request-plane link holds
+ * BT_RPC_BACKLOG_BUSY unsent bytes comes after every one whose link does not (the least backlogged
+ * first), and one holding BT_RPC_BACKLOG_CONTINUATION is never chosen. NULL if none. */
 fe_worker *fe_route_least_busy(fe_model *m, uint64_t avoid, const char *exact);
 /* For a new request of priority `prio` when every worker of m is busy: a worker whose engine would
  * preempt a strictly less urgent running sequence for it (its fresh LOAD offers victims of a
@@ -672,6 +682,8 @@ void fe_error_body(bt_buf *b, int status, const char *code, const char *param, c
 /* Starts the request's next attempt on a routable worker (the first, or a continuation carrying
  * every token delivered), or ends the request when there is none or it was cancelled. */
 void fe_migrate_dispatch(fe_req *r);
+/* r leaves the continuations waiting for link room (migrate.c), if it was there: at its end. */
+void fe_migrate_unwait(fe_req *r);
 /* Frames of an attempt's stream, from the worker connection. on_finish and on_error end the
  * attempt (it is detached from its worker and freed); on_error decides whether the request
  * migrates (a migratable error, budget left, not cancelled) or ends. */
