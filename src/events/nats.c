@@ -120,7 +120,7 @@ struct bt_events {
     natsConnection *poll_nc;
     bool live;           /* the loop has attached a connected socket and not lost it */
     char parting[160];   /* the -ERR text the last read ended with, "" if none: why the server closed */
-    char peek[READ_BYTES]; /* a copy of what nats.c is about to read (peek_parting) */
+    char peek[READ_BYTES]; /* what nats.c is about to read, peeked at (peek_parting) */
     bool shutting;       /* finish_close has begun: attaches are refused */
     atomic_bool up;      /* nats.c says the socket is attached (set from any thread) */
     /* queued requests */
