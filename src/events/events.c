@@ -175,3 +175,44 @@ out:
     json_decref(o);
     return st;
 }
+
+char *bt__events_log_text(const char *s, size_t n, char *out, size_t cap) {
+    static const char hex[] = "0123456789abcdef";
+    size_t total = 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        total += c == '\\' ? 2 : c >= 0x20 && c < 0x7f ? 1 : 4;
+    }
+    bool cut = total + 1 > cap;
+    size_t room = cut ? cap - 4 : cap - 1, o = 0; /* cap >= 4: room for "..." and the NUL */
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        char esc[4];
+        size_t k = 0;
+        if (c == '\\') esc[k++] = '\\', esc[k++] = '\\';
+        else if (c >= 0x20 && c < 0x7f) esc[k++] = (char)c;
+        else esc[k++] = '\\', esc[k++] = 'x', esc[k++] = hex[c >> 4], esc[k++] = hex[c & 15];
+        if (o + k > room) break; /* an escape goes whole or not at all */
+        memcpy(out + o, esc, k);
+        o += k;
+    }
+    if (cut) {
+        memcpy(out + o, "...", 3);
+        o += 3;
+    }
+    out[o] = '\0';
+    return out;
+}
+
+bool bt__events_parting_err(const char *buf, size_t n, char *out, size_t cap) {
+    out[0] = '\0';
+    if (n < 2 || buf[n - 2] != '\r' || buf[n - 1] != '\n') return false;
+    size_t end = n - 2, start = end;
+    while (start > 0 && buf[start - 1] != '\n') start--;
+    if (end - start < 4 || memcmp(buf + start, "-ERR", 4) != 0) return false;
+    start += 4;
+    while (start < end && (buf[start] == ' ' || buf[start] == '\t')) start++;
+    while (end > start && (buf[end - 1] == ' ' || buf[end - 1] == '\t')) end--;
+    bt__events_log_text(buf + start, end - start, out, cap);
+    return true;
+}

@@ -31,6 +31,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/queue.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <nats/nats.h>
@@ -48,6 +49,7 @@
 #define SUB_PENDING_MSGS 65536 /* nats.c's own per-subscription cap before our queue */
 #define SUB_PENDING_BYTES (16 * 1024 * 1024)
 #define MAX_PINGS_OUT 2 /* unanswered pings before nats.c declares the connection stale */
+#define READ_BYTES (32 * 1024) /* nats.c's read size (its I/O buffer), and so what one peek sees */
 
 /* ---- requests from nats.c to the loop ---- */
 
@@ -117,6 +119,8 @@ struct bt_events {
     int poll_events;
     natsConnection *poll_nc;
     bool live;           /* the loop has attached a connected socket and not lost it */
+    char parting[160];   /* the -ERR text the last read ended with, "" if none: why the server closed */
+    char peek[READ_BYTES]; /* what nats.c is about to read, peeked at (peek_parting) */
     bool shutting;       /* finish_close has begun: attaches are refused */
     atomic_bool up;      /* nats.c says the socket is attached (set from any thread) */
     /* queued requests */
@@ -167,11 +171,27 @@ static void poll_close(bt_events *e) {
     uv_close((uv_handle_t *)&p->h, on_poll_closed);
 }
 
+/* nats-server says why it drops a client in an -ERR line just before it closes the socket
+ * ('Stale Connection' for a client that left its pings unanswered, a paused or overloaded
+ * process; 'Authorization Violation'; 'Maximum Payload Violation'), and nats.c reads and
+ * handles that line without keeping its text (for a stale connection it reconnects at once and
+ * keeps nothing), so that all the loss would show is a closed socket, the same as a server
+ * restart. So each read is peeked at first, on our dup() of the socket, and an -ERR line that ends
+ * it is kept until the next read: the reason if the connection is lost by that read or the end of
+ * the stream that follows. One recv per read event of a low-rate connection; over TLS the bytes
+ * peeked are encrypted, never match, and the loss is told as a closed socket. */
+static void peek_parting(bt_events *e, int fd) {
+    ssize_t n = recv(fd, e->peek, READ_BYTES, MSG_PEEK | MSG_DONTWAIT);
+    if (n > 0) bt__events_parting_err(e->peek, (size_t)n, e->parting, sizeof e->parting);
+    /* 0 (the end of the stream) or an error: the -ERR of the read before, if any, stays the reason */
+}
+
 static void on_poll(uv_poll_t *h, int status, int events) {
     pollw *p = h->data;
     bt_events *e = p->e;
     natsConnection *nc = e->poll_nc;
     if (!nc || e->poll != p) return;
+    if (status == 0 && (events & (UV_READABLE | UV_DISCONNECT))) peek_parting(e, p->fd);
     /* an error is handed to the read side, which fails and starts nats.c's reconnect */
     if (status < 0 || (events & (UV_READABLE | UV_DISCONNECT))) natsConnection_ProcessReadEvent(nc);
     if (e->poll != p) return; /* the read closed the connection (and this poll) */
@@ -282,10 +302,16 @@ static natsStatus ev_detach(void *user) {
     return submit(e, OP_DETACH, false, false, -1, NULL);
 }
 
+/* `why` names what nats.c saw; an -ERR the server sent before it closed (peek_parting) says more */
 static void lost(bt_events *e, const char *why) {
     if (!e->live) return;
     e->live = false;
     e->st.disconnects++;
+    char said[sizeof e->parting + 48];
+    if (e->parting[0]) {
+        snprintf(said, sizeof said, "closed by the server after -ERR %s", e->parting);
+        why = said;
+    }
     if (e->state != ST_CLOSING)
         BT_WARN("NATS connection to %s lost (%s); reconnecting in the background — load reports go on the "
                 "request plane only until then",
@@ -302,6 +328,7 @@ static void apply_op(bt_events *e, const op *o) {
         }
         e->poll_nc = o->nc;
         e->live = true;
+        e->parting[0] = '\0';
         e->st.connects++;
         BT_INFO("NATS connected to %s (%s %s)", e->url, e->cb ? "subscribed to" : "publishing on", e->subject);
         return;
@@ -339,11 +366,19 @@ static void on_connected(natsConnection *nc, void *closure) {
     (void)closure;
 }
 
+/* nats.c keeps the text of the -ERR behind a refusal (a permissions or authorization violation):
+ * the log line gives it, escaped, after nats.c's name for the status. */
 static void on_async_error(natsConnection *nc, natsSubscription *sub, natsStatus err, void *closure) {
-    (void)nc;
     (void)sub;
     (void)closure;
-    BT_WARN("NATS: asynchronous error: %s", natsStatus_GetText(err));
+    const char *txt = NULL;
+    char said[160] = "";
+    if ((err == NATS_NOT_PERMITTED || err == NATS_CONNECTION_AUTH_FAILED) &&
+        natsConnection_GetLastError(nc, &txt) == err && txt && *txt) {
+        char esc[128];
+        snprintf(said, sizeof said, " (server: -ERR '%s')", bt__events_log_text(txt, strlen(txt), esc, sizeof esc));
+    }
+    BT_WARN("NATS: asynchronous error: %s%s", natsStatus_GetText(err), said);
 }
 
 /* nats.c posts the closed callback to its own callback thread, which may run it after
@@ -388,9 +423,19 @@ static void on_closed(natsConnection *nc, void *closure) {
     if (e) {
         const char *txt = NULL;
         natsStatus s = natsConnection_GetLastError(nc, &txt);
-        BT_ERROR("NATS event plane: the client gave up on %s (%s) after the server refused its credentials (%s); "
-                 "load reports go on the request plane only until this process restarts",
-                 e->url, txt && *txt ? txt : natsStatus_GetText(s), e->cl->auth);
+        const char *why = txt && *txt ? txt : natsStatus_GetText(s);
+        char esc[128];
+        bt__events_log_text(why, strlen(why), esc, sizeof esc);
+        /* nats.c also gives up, for good, on an -ERR it has no other answer to: NATS_ERR, its text kept
+         * (a refusal of the credentials ends as that refusal, or as no server left to try) */
+        if (s == NATS_ERR)
+            BT_ERROR("NATS event plane: the client gave up on %s after the server's -ERR '%s'; load reports go on the "
+                     "request plane only until this process restarts",
+                     e->url, esc);
+        else
+            BT_ERROR("NATS event plane: the client gave up on %s (%s) after the server refused its credentials (%s); "
+                     "load reports go on the request plane only until this process restarts",
+                     e->url, esc, e->cl->auth);
     }
     uv_mutex_unlock(&reg_mu);
 }
@@ -865,6 +910,7 @@ static bool make_options(bt_events *e, char *err, size_t errlen) {
     const char *what = "";
     TRY(natsOptions_SetCustomReconnectDelay(o, reconnect_delay, e), "reconnect delay");
     TRY(natsOptions_SetReconnectBufSize(o, RECONNECT_BUF), "reconnect buffer");
+    TRY(natsOptions_SetIOBufSize(o, READ_BYTES), "I/O buffer");
     TRY(natsOptions_SetRetryOnFailedConnect(o, true, on_connected, NULL), "retry on failed connect");
     TRY(natsOptions_SetSendAsap(o, true), "send asap");
     TRY(natsOptions_SetErrorHandler(o, on_async_error, NULL), "error handler");

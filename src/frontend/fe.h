@@ -325,6 +325,9 @@ struct fe_req {
      * is an array of them, else the bytes of its text that reach the model (request.c) */
     uint64_t prompt_ids_len, prompt_bytes;
     bool mig_pending;       /* a failure was counted as a migration and no continuation was sent yet */
+    bool link_waiting;      /* in fe.link_waits: every link that could take its continuation is full */
+    bool link_wait_logged;
+    TAILQ_ENTRY(fe_req) link_wait; /* fe.link_waits, while link_waiting */
     fe_jtail jtail;         /* how the request ended, for its journal record */
     char body_digest[65];   /* of the client's body, before the frontend changes anything (resume.c) */
     bool resumed;           /* built from the journal by a resume: no new record, no admission */
@@ -481,6 +484,11 @@ struct fe {
     LIST_HEAD(, fe_pending_resume) pending_resumes; /* resume.c: resumes waiting for another shard */
     LIST_HEAD(, fe_attempt) relays; /* attempts whose KV state is being written (workers.c) */
     uv_timer_t relay_timer;          /* paces them while any waits for room */
+    /* Continuations waiting for a request-plane link under BT_RPC_BACKLOG_CONTINUATION (migrate.c),
+     * oldest first, retried by link_timer while any waits. */
+    TAILQ_HEAD(, fe_req) link_waits;
+    size_t nlink_waits;
+    uv_timer_t link_timer;
     /* The discovery grace (workers.c): fires at the earliest grace_until_ms of a worker in grace.
      * grace_workers: the workers in grace, in the order their graces began, which with one
      * --discovery-grace for all is the order they end (the head ends first), so a fleet whose keys
@@ -549,7 +557,9 @@ fe_worker *fe_route(fe *f, fe_model *m, uint64_t avoid, const uint64_t *skip, si
 /* For a continuation when every worker is busy: the routable worker with the smallest share of its
  * KV blocks in use (reported plus routed since), `avoid` only if it is the only one; only those of
  * fingerprint `exact` unless it is NULL or "", and whose context holds `need` (as fe_route), that
- * have not refused it (skip). NULL if none. */
+ * have not refused it (skip). A worker whose request-plane link holds BT_RPC_BACKLOG_BUSY unsent
+ * bytes comes after every one whose link does not (the least backlogged first), and one holding
+ * BT_RPC_BACKLOG_CONTINUATION is never chosen. NULL if none. */
 fe_worker *fe_route_least_busy(fe_model *m, uint64_t avoid, const uint64_t *skip, size_t nskip, const char *exact,
                                uint64_t need);
 /* Whether w's card says its context is too small for `need` tokens (an unknown one is not). */
@@ -696,6 +706,8 @@ void fe_error_body(bt_buf *b, int status, const char *code, const char *param, c
 /* Starts the request's next attempt on a routable worker (the first, or a continuation carrying
  * every token delivered), or ends the request when there is none or it was cancelled. */
 void fe_migrate_dispatch(fe_req *r);
+/* r leaves the continuations waiting for link room (migrate.c), if it was there: at its end. */
+void fe_migrate_unwait(fe_req *r);
 /* Frames of an attempt's stream, from the worker connection. on_finish and on_error end the
  * attempt (it is detached from its worker and freed); on_error decides whether the request
  * migrates (a migratable error, budget left, not cancelled) or ends. */

@@ -886,6 +886,10 @@ static int shard_open(fe *f, int port, char *err, size_t errlen) {
     uv_timer_init(f->loop, &f->relay_timer); /* KV relays (workers.c); closed with the loop's handles */
     f->relay_timer.data = f;
     uv_unref((uv_handle_t *)&f->relay_timer);
+    TAILQ_INIT(&f->link_waits); /* continuations waiting for link room (migrate.c) */
+    uv_timer_init(f->loop, &f->link_timer); /* closed with the loop's handles */
+    f->link_timer.data = f;
+    uv_unref((uv_handle_t *)&f->link_timer);
     uv_timer_init(f->loop, &f->token_sweep); /* --stream-token-timeout (migrate.c); closed with the loop's handles */
     fe_token_sweep_start(f);
     uv_check_init(f->loop, &f->req_flush); /* REQUEST coalescing (workers.c); closed with the loop's handles */

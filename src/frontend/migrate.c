@@ -158,6 +158,53 @@ static char *continuation_payload(const fe_req *r, bool adopt, bool kv, size_t *
     return payload;
 }
 
+/* ---- continuations waiting for link room ----
+ *
+ * A continuation goes to a busy worker rather than fail, and may pass the request-plane backlog
+ * mark that holds new requests back (BT_RPC_BACKLOG_BUSY), but not BT_RPC_BACKLOG_CONTINUATION:
+ * when every worker that could take it holds that much unsent, it waits here and is dispatched
+ * again every LINK_WAIT_MS until a link has drained (its worker reads) or is gone (a worker that
+ * reads nothing is closed after the dead-peer time, and routing then skips it). A migration storm
+ * onto workers that read slowly thus waits in this list instead of pushing their connections past
+ * their memory cap, which would close them and migrate their streams in turn. */
+#define LINK_WAIT_MS 5
+
+void fe_migrate_unwait(fe_req *r) {
+    if (!r->link_waiting) return;
+    fe *f = r->fe;
+    TAILQ_REMOVE(&f->link_waits, r, link_wait);
+    r->link_waiting = false;
+    f->nlink_waits--;
+}
+
+static void on_link_timer(uv_timer_t *t) {
+    fe *f = t->data;
+    /* those waiting now, oldest first; one that must wait again goes back to the end */
+    for (size_t n = f->nlink_waits; n > 0 && !TAILQ_EMPTY(&f->link_waits); n--) {
+        fe_req *r = TAILQ_FIRST(&f->link_waits);
+        fe_migrate_unwait(r);
+        fe_migrate_dispatch(r); /* may end r */
+    }
+    if (TAILQ_EMPTY(&f->link_waits)) uv_timer_stop(t);
+}
+
+static void link_wait(fe_req *r, const char *whose) {
+    fe *f = r->fe;
+    if (!r->link_wait_logged) {
+        r->link_wait_logged = true;
+        BT_WARN("request %s: %s %u MiB or more unsent on its request-plane link; its continuation waits for "
+                "one to drain (%zu tokens carried)",
+                r->rid, whose, BT_RPC_BACKLOG_CONTINUATION >> 20, r->nids);
+    }
+    if (!r->link_waiting) {
+        TAILQ_INSERT_TAIL(&f->link_waits, r, link_wait);
+        r->link_waiting = true;
+        f->nlink_waits++;
+    }
+    if (!uv_is_active((uv_handle_t *)&f->link_timer) && !uv_is_closing((uv_handle_t *)&f->link_timer))
+        uv_timer_start(&f->link_timer, on_link_timer, LINK_WAIT_MS, LINK_WAIT_MS);
+}
+
 /* Whether m has a routable worker other than `avoid` (whatever its fingerprint). */
 static bool others_routable(const fe_model *m, uint64_t avoid) {
     for (size_t i = 0; i < m->nws; i++)
@@ -195,6 +242,10 @@ void fe_migrate_dispatch(fe_req *r) {
      * run it as an orphan (its frontend died), and re-attaching costs no prefill */
     fe_worker *w = r->adopt_worker ? bt_map_get(&f->workers_by_id, r->adopt_worker) : NULL;
     bool adopt = w && fe_worker_routable(w) && strcmp(w->model, r->model->name) == 0;
+    if (adopt && bt_rpc_unsent(w->conn) >= BT_RPC_BACKLOG_CONTINUATION) {
+        link_wait(r, "the worker that streamed it holds"); /* adopt_worker kept: it is tried again */
+        return;
+    }
     r->adopt_worker = 0;
     /* tokens delivered on a worker with an exactness fingerprint continue only on a worker with the
      * same one (docs/engines.md §3.4): another would continue them with other logits */
@@ -221,6 +272,10 @@ void fe_migrate_dispatch(fe_req *r) {
                 BT_INFO("request %s: every worker is busy; its continuation goes to busy worker %" PRIx64, r->rid,
                         busy->id);
             if (busy) w = busy;
+            else if (!w) { /* fe_route_least_busy passes over no routable worker but those with full links */
+                link_wait(r, "every worker that could continue it holds");
+                return;
+            }
         }
     }
     if (!w) {

@@ -170,6 +170,7 @@ static void req_free(fe_req *r) {
     LIST_REMOVE(r, link);
     f->nreqs--;
     fe_admit_forget(r); /* a queued request leaves the queue at once */
+    fe_migrate_unwait(r);
     fe_reqs_release(f);
     if (r->model) r->model->st.inflight--;
     if (r->http) r->http->user = NULL;

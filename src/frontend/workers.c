@@ -741,19 +741,29 @@ fe_worker *fe_route_least_busy(fe_model *m, uint64_t avoid, const uint64_t *skip
                                uint64_t need) {
     fe_worker *best = NULL, *avoided = NULL;
     double best_use = 0;
+    bool best_backlogged = false;
     for (size_t i = 0; i < m->nws; i++) {
         fe_worker *w = m->ws[i];
         if (!fe_worker_routable(w) || !exact_match(w, exact)) continue;
         if (skipped(w, skip, nskip) || fe_worker_context_short(w, need)) continue;
+        size_t unsent = bt_rpc_unsent(w->conn);
+        if (unsent >= BT_RPC_BACKLOG_CONTINUATION) continue; /* the continuation waits (migrate.c) */
         if (avoid && w->id == avoid) {
             avoided = w;
             continue;
         }
-        /* what fe_worker_busy compares with the threshold, as a share of the worker's blocks */
-        uint64_t total = w->load.total_blocks ? w->load.total_blocks : w->total_blocks_card;
-        double used = (double)(w->load_ms ? w->load.active_decode_blocks : 0) + (double)w->pending_blocks;
-        double use = total ? used / (double)total : used;
-        if (!best || use < best_use) best = w, best_use = use;
+        /* a backlogged link would hold the continuation behind megabytes that its worker has yet
+         * to take (and nears the memory cap): any other worker first, then the least backlogged */
+        bool backlogged = unsent >= BT_RPC_BACKLOG_BUSY;
+        double use = (double)unsent;
+        if (!backlogged) {
+            /* what fe_worker_busy compares with the threshold, as a share of the worker's blocks */
+            uint64_t total = w->load.total_blocks ? w->load.total_blocks : w->total_blocks_card;
+            double used = (double)(w->load_ms ? w->load.active_decode_blocks : 0) + (double)w->pending_blocks;
+            use = total ? used / (double)total : used;
+        }
+        if (!best || (best_backlogged && !backlogged) || (best_backlogged == backlogged && use < best_use))
+            best = w, best_use = use, best_backlogged = backlogged;
     }
     return best ? best : avoided;
 }

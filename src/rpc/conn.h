@@ -34,6 +34,12 @@ typedef struct bt_rpc_conn bt_rpc_conn;
  * reading: it must exceed the busy mark by more than a few frames of the largest size. */
 #define BT_RPC_BACKLOG_BUSY (8u * 1024 * 1024)
 #define BT_RPC_MAX_OUT_DEFAULT (64u * 1024 * 1024)
+/* A continuation (a stream already running, moved off a failed worker) may pass the busy mark,
+ * since failing a stream that has tokens is worse than queueing it behind a backlog; but not this
+ * one, which keeps the hard cap out of its reach too (this mark plus one frame of at most
+ * BT_FRAME_DEFAULT_MAX, 16 MiB, is 48 MiB). Past it on every worker, continuations wait in the
+ * frontend, holding nothing they did not hold already. */
+#define BT_RPC_BACKLOG_CONTINUATION (32u * 1024 * 1024)
 
 typedef struct {
     /* The peer's HELLO arrived: the connection is usable. */

@@ -4,7 +4,8 @@
  * publisher sends (nulls, missing baton fields) decoding to "free and ready"; every malformed
  * payload the decoder must reject; the encoder's buffer bound; plane and URL validation; the
  * direct plane giving a NULL object on which every call is a harmless no-op; and a deterministic
- * fuzz loop feeding mutated payloads to the decoder in exactly-sized heap blocks. */
+ * fuzz loop feeding mutated payloads to the decoder in exactly-sized heap blocks; the -ERR line a
+ * read from a NATS server ends with (why it closed), and the escaping of such text for the log. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -17,6 +18,7 @@
 
 #include "common/util.h"
 #include "events/events.h"
+#include "events/events_internal.h"
 
 static bt_load_report sample(void) {
     bt_load_report r = {0};
@@ -307,6 +309,48 @@ static void test_fuzz(void **state) {
     }
 }
 
+static void test_parting_err(void **state) {
+    (void)state;
+    char out[64];
+    const char *reads[][2] = {
+        {"-ERR 'Stale Connection'\r\n", "'Stale Connection'"},
+        {"PING\r\nPING\r\n-ERR 'Stale Connection'\r\n", "'Stale Connection'"},
+        {"MSG a 1 2\r\n{}\r\n-ERR  'Authorization Violation' \r\n", "'Authorization Violation'"},
+        {"-ERR 'a\\b\x01\xff'\r\n", "'a\\\\b\\x01\\xff'"},
+    };
+    for (size_t i = 0; i < sizeof reads / sizeof reads[0]; i++) {
+        assert_true(bt__events_parting_err(reads[i][0], strlen(reads[i][0]), out, sizeof out));
+        assert_string_equal(out, reads[i][1]);
+    }
+    /* not the last line, not a whole line, not an -ERR, nothing */
+    const char *none[] = {"-ERR 'Stale Connection'\r\nPING\r\n", "-ERR 'Stale Connection'", "+OK\r\n",
+                          "PING\r\n", "", "\r\n", "MSG a 1 9\r\nxx-ERR 'x'\r\n"};
+    for (size_t i = 0; i < sizeof none / sizeof none[0]; i++) {
+        strcpy(out, "left over");
+        assert_false(bt__events_parting_err(none[i], strlen(none[i]), out, sizeof out));
+        assert_string_equal(out, "");
+    }
+    /* a long line is cut, marked, and never overruns: every cap from the smallest */
+    char line[600];
+    memcpy(line, "-ERR '", 6);
+    memset(line + 6, 'x', 500);
+    memcpy(line + 506, "'\r\n", 3);
+    for (size_t cap = 4; cap <= 520; cap++) {
+        char *o = malloc(cap);
+        assert_non_null(o);
+        assert_true(bt__events_parting_err(line, 509, o, cap));
+        size_t n = strlen(o);
+        assert_true(n < cap);
+        if (cap > 502) assert_int_equal(n, 502); /* the whole quoted text */
+        else assert_string_equal(o + n - 3, "...");
+        free(o);
+    }
+    /* escapes are cut whole */
+    char esc[8];
+    bt__events_log_text("\x01\x02\x03", 3, esc, sizeof esc);
+    assert_string_equal(esc, "\\x01...");
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_encode_exact),   cmocka_unit_test(test_round_trip),
@@ -314,6 +358,7 @@ int main(void) {
         cmocka_unit_test(test_preempt_fields),
         cmocka_unit_test(test_encode_bound),   cmocka_unit_test(test_config),
         cmocka_unit_test(test_nats_unreachable), cmocka_unit_test(test_fuzz),
+        cmocka_unit_test(test_parting_err),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
