@@ -1571,7 +1571,9 @@ static void ll_get_load(bt_engine *be, bt_engine_load *out) {
     ll_engine *e = (ll_engine *)be;
     pthread_mutex_lock(&e->mu);
     *out = e->load;
-    out->waiting += e->n_prompts; /* queued for the prompt thread: waiting as much as those queued after it */
+    /* queued for the prompt thread: waiting as much as those queued after it (engine.h) */
+    out->waiting += e->n_prompts;
+    out->preparing = e->n_prompts;
     pthread_mutex_unlock(&e->mu);
 }
 
