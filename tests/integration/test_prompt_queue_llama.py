@@ -13,14 +13,25 @@ one after the other, so that one is being tokenized and three wait behind it:
   worker log line is timed on the monotonic clock the test reads), while the prompts ahead of it
   are still being tokenized, and the waiting count drops by one. Before, the kill waited behind
   every prompt ahead of it and behind its own tokenization: about 10 s here;
-- the three others complete normally.
+- the three others complete normally;
+- the worker is stopped (SIGTERM, drain bound 0) while a fifth prompt is being tokenized. The
+  stream is handed back (with its KV state, --kv-handoff): that hand-off does not wait for the
+  tokenization either (nothing to export: the worker is drained in 0.2 s, 2.5 s before). Its
+  engine's destroy then does not wait for the tokenization on the loop: the worker closes down (its
+  log's `draining -> gone`, written once the event loop has closed its connections and planes)
+  right after `closing`, and the process exits 0 once the tokenization is over;
+- the same with a second worker handing streams back without KV state (--kv-handoff false), whose
+  drain does not wait for the engine: before, its loop was blocked in destroy until the
+  tokenization was over (about 2.5 s between the two lines).
 
 Skipped when scripts/setup was told not to fetch llama.cpp (BATON_NO_LLAMA=1).
 """
 
+import datetime
 import json
 import os
 import re
+import signal
 import socket
 import threading
 import time
@@ -42,6 +53,35 @@ def waiting(w):
     return bl.worker_metric(w, "baton_worker_waiting_requests")
 
 
+def log_time(w, pattern):
+    m = w.proc.wait_log(r"(?m)^(\S+Z) .*" + pattern, timeout=30)
+    return datetime.datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def stop_during_tokenization(w, fe):
+    """SIGTERM while a prompt is on the prompt thread: the drain, the destroy and the loop's closing
+    do not wait for the tokenization; the process exits 0 once it is over."""
+    late = threading.Thread(target=bl.stream_completion, args=(fe.url, bl.completion_body("Once more", max_tokens=8)),
+                            kwargs={"timeout": 30})
+    late.start()
+    bl.wait_for(lambda: waiting(w) == 1, DELAY_MS / 1000.0 * 0.5, interval=0.02, what="a prompt queued")
+    t_term = time.monotonic()
+    os.kill(w.proc.pid, signal.SIGTERM)
+    m = w.proc.wait_log(r"drained in ([\d.]+) ms; closing", timeout=30)
+    drained = float(m.group(1)) / 1000.0
+    closing = log_time(w, r"drained in [\d.]+ ms; closing")
+    gone = log_time(w, r"draining -> gone")
+    gap = (gone - closing).total_seconds()
+    print(f"drained in {drained * 1000:.0f} ms, closing -> gone in {gap * 1000:.0f} ms, while the prompt thread "
+          f"was tokenizing")
+    assert drained < 1.0, f"the drain waited {drained:.2f}s for the prompt thread"
+    assert gap < 1.0, f"the worker's loop waited {gap:.2f}s for the prompt thread at destroy"
+    w.proc.popen.wait(30)
+    print(f"the worker exited {w.proc.popen.returncode} {time.monotonic() - t_term:.2f}s after SIGTERM")
+    assert w.proc.popen.returncode == 0
+    late.join(30)
+
+
 def main():
     if os.environ.get("BATON_NO_LLAMA") == "1":
         print("BATON_NO_LLAMA=1: the llama engine was not fetched; skipped")
@@ -50,7 +90,7 @@ def main():
     with bl.Cluster() as c:
         fe = c.start_frontend()
         w = c.start_worker(engine="llama", system_port=True, wait=True, fault_prompt_delay_ms=DELAY_MS,
-                           env={"DYN_LOG": "debug"})
+                           graceful_shutdown_timeout=0, env={"DYN_LOG": "debug"})
         c.wait_workers(fe, 1)
 
         streams = [None] * (N - 1)
@@ -98,6 +138,13 @@ def main():
             s.assert_ok(f"stream {i}")
             assert s.text, f"stream {i} produced no text: {s.summary()}"
         assert waiting(w) == 0
+
+        stop_during_tokenization(w, fe)
+        # the same without KV hand-off: the drain hands the stream back with a kill
+        w2 = c.start_worker(engine="llama", system_port=True, wait=True, fault_prompt_delay_ms=DELAY_MS,
+                            graceful_shutdown_timeout=0, env={"DYN_LOG": "debug", "DYN_KV_HANDOFF": "false"})
+        c.wait_workers(fe, 1)
+        stop_during_tokenization(w2, fe)
 
     print("ok")
 

@@ -37,6 +37,7 @@
 
 #include <cmocka.h>
 
+#include "common/proc.h"
 #include "engine/llama/llama_internal.h"
 
 #ifdef BATON_HAVE_LLAMA
@@ -1064,9 +1065,17 @@ static void test_prompt_queue(void **state) {
     assert_int_equal(atomic_load(&on_loop_calls), 0);
 }
 
-static void on_timer_open_gate(uv_timer_t *tm) {
+static pthread_t gate_opener;
+static uint64_t gate_open_ns; /* CLOCK_MONOTONIC when the opener opened the gate */
+
+/* 200 ms after the destroy, the tokenization ends */
+static void *open_gate_later(void *arg) {
+    (void)arg;
+    struct timespec d = {0, 200000000L};
+    nanosleep(&d, NULL);
+    gate_open_ns = mono_ns(CLOCK_MONOTONIC);
     tok_gate_set(false);
-    uv_close((uv_handle_t *)tm, NULL);
+    return NULL;
 }
 
 static void on_tick_destroy(uv_timer_t *tm) {
@@ -1075,14 +1084,15 @@ static void on_tick_destroy(uv_timer_t *tm) {
     bt_engine_destroy(E);
     destroy_ns2 = mono_ns(CLOCK_MONOTONIC) - t0;
     S[0].dead = true; /* any callback from here on fails the test */
-    uv_timer_stop(tm);
-    uv_timer_start(tm, on_timer_open_gate, 200, 0); /* the loop runs on meanwhile */
+    assert_int_equal(pthread_create(&gate_opener, NULL, open_gate_later, NULL), 0);
+    bt_proc_close_handles(tm->loop); /* as the worker does next: every handle left, the timer too */
 }
 
 /* A destroy while the prompt thread is inside a tokenization (seconds for a long prompt) does not
- * wait for it on the loop: destroy returns at once, the loop goes on (its timer ends the
- * tokenization 200 ms later), and the teardown ends once the prompt thread is out of it (the loop
- * then ends: the engine's handle is closed; ASan: everything freed). Joining the prompt thread in
+ * wait for it on the loop: destroy returns at once, and the teardown ends once the prompt thread
+ * is out of it (200 ms later here). The loop runs until then even when, as the worker does right
+ * after destroying its engine, every handle left is closed (bt_proc_close_handles): the process
+ * does not exit under a tokenization, and everything is freed (ASan). Joining the prompt thread in
  * destroy blocked the loop for the whole tokenization (here the gate's 5 s). No callback comes. */
 static void test_prompt_destroy(void **state) {
     (void)state;
@@ -1099,12 +1109,14 @@ static void test_prompt_destroy(void **state) {
     uv_timer_start(&tm, on_tick_destroy, 5, 5);
     uint64_t t0 = mono_ns(CLOCK_MONOTONIC);
     uv_run(&loop, UV_RUN_DEFAULT);
-    uint64_t total_ns = mono_ns(CLOCK_MONOTONIC) - t0;
+    uint64_t end_ns = mono_ns(CLOCK_MONOTONIC), total_ns = end_ns - t0;
+    assert_int_equal(pthread_join(gate_opener, NULL), 0);
     assert_int_equal(uv_loop_close(&loop), 0);
     fprintf(stderr, "prompt thread: destroy took %.1f ms, the loop ended after %.1f ms\n", (double)destroy_ns2 / 1e6,
             (double)total_ns / 1e6);
     assert_true(destroy_ns2 < 1000000000ull); /* not the tokenization's 5 s */
-    assert_true(total_ns < 4000000000ull);    /* the gate opened by the loop's timer, not timed out */
+    assert_true(end_ns >= gate_open_ns);      /* the loop lasted until the tokenization ended */
+    assert_true(total_ns < 4000000000ull);    /* and no longer: the gate opened, not timed out */
     assert_int_equal(S[0].ngot + (uint32_t)S[0].finishes + (uint32_t)S[0].errors, 0);
     assert_int_equal(S[1].ngot + (uint32_t)S[1].finishes + (uint32_t)S[1].errors, 0);
     tok_gate_set(false);

@@ -303,10 +303,10 @@ struct ll_engine {
      * adds them to the waiting ones) */
     uint64_t n_prompts;
     bool prompt_quit;
-    bool prompt_exited; /* the prompt thread is past its last prompt (ll_destroy_now) */
-    bool prompt_awaited; /* the loop's teardown waits for prompt_exited (ll_destroy_now) */
     bool quit;
-    bool abandoned; /* the loop gave up waiting for the thread (ll_destroy_now): no more wake-ups */
+    /* no more wake-ups: the loop gave up waiting for the engine thread, or closed the async handle
+     * before the prompt thread's join (ll_destroy_now) */
+    bool abandoned;
     bt_engine_load load;
     bool load_changed;
 
@@ -318,7 +318,11 @@ struct ll_engine {
     /* loop side */
     bt_deliver dl;
     bool destroyed;
-    bool torn_down; /* ll_destroy_finish ran */
+    /* a destroy during a tokenization (ll_destroy_now): the prompt thread is joined on the thread
+     * pool (join_req), and the teardown ends once that and the async handle's close are done */
+    uv_work_t join_req;
+    int teardown_parts;
+    bool prompt_joined;
 
     /* engine thread only */
     uint64_t n_arrived; /* SUBMITs run since the load was last published (update_load) */
@@ -1225,7 +1229,6 @@ static void *engine_thread(void *arg) {
 /* ---- loop side ------------------------------------------------------------------------------ */
 
 static void ll_destroy_now(ll_engine *e);
-static void ll_destroy_finish(ll_engine *e);
 
 static void free_handle_if_done(bt_engine_seq *h) {
     if (h->released && h->thread_done) free(h);
@@ -1249,13 +1252,6 @@ static const bt_deliver_ops ll_deliver_ops = {.free_seq = dl_free_seq, .wake = N
  * handed to the worker after everything before it was delivered, as it was posted. */
 static void on_async(uv_async_t *a) {
     ll_engine *e = a->data;
-    if (e->destroyed) { /* the teardown waits for the prompt thread (ll_destroy_now); nothing is delivered */
-        pthread_mutex_lock(&e->mu);
-        bool exited = e->prompt_exited;
-        pthread_mutex_unlock(&e->mu);
-        if (exited && !e->torn_down) ll_destroy_finish(e);
-        return;
-    }
     pthread_mutex_lock(&e->mu);
     ll_ev *evs = STAILQ_FIRST(&e->evs);
     STAILQ_INIT(&e->evs);
@@ -1402,8 +1398,6 @@ static void *prompt_thread(void *arg) {
         STAILQ_INSERT_TAIL(&e->cmds, c, link);
         pthread_cond_signal(&e->cv);
     }
-    e->prompt_exited = true;
-    if (e->prompt_awaited) uv_async_send(&e->async); /* the teardown goes on (ll_destroy_now) */
     pthread_mutex_unlock(&e->mu);
     return NULL;
 }
@@ -1629,10 +1623,11 @@ static void free_cmds(struct ll_cmd_q *q) {
     }
 }
 
-/* The rest of the teardown, once the prompt thread holds no prompt: it is joined at once. */
-static void ll_destroy_finish(ll_engine *e) {
-    e->torn_down = true;
-    if (e->prompt_started) pthread_join(e->prompt_thread, NULL);
+/* The rest of the teardown, once the prompt thread holds no prompt (joined at once here) or was
+ * joined (prompt_joined); async_closed: the async handle was closed already (the deferred case). */
+static void ll_destroy_finish(ll_engine *e, bool async_closed) {
+    if (e->prompt_started && !e->prompt_joined) pthread_join(e->prompt_thread, NULL);
+    e->prompt_joined = true;
     free_cmds(&e->prompts);
     if (e->thread_started) {
         /* The thread stops between two steps (ll_destroy_now told it to). One that has not stopped
@@ -1650,7 +1645,7 @@ static void ll_destroy_finish(ll_engine *e) {
             pthread_detach(e->thread);
             BT_ERROR("llama engine: the engine thread did not stop within %d s (hung); leaving it to the process's "
                      "exit", LL_JOIN_WAIT_S);
-            uv_close((uv_handle_t *)&e->async, NULL);
+            if (!async_closed) uv_close((uv_handle_t *)&e->async, NULL);
             return;
         }
     }
@@ -1684,26 +1679,61 @@ static void ll_destroy_finish(ll_engine *e) {
     pthread_mutex_destroy(&e->mu);
     pthread_cond_destroy(&e->cv);
     pthread_cond_destroy(&e->prompt_cv);
-    uv_close((uv_handle_t *)&e->async, on_async_closed);
+    if (async_closed) free(e);
+    else uv_close((uv_handle_t *)&e->async, on_async_closed);
+}
+
+/* The two parts of a deferred teardown (ll_destroy_now), on the loop: the last one finishes it. */
+static void teardown_part_done(ll_engine *e) {
+    if (--e->teardown_parts == 0) ll_destroy_finish(e, true);
+}
+
+static void on_async_closed_deferred(uv_handle_t *h) { teardown_part_done(h->data); }
+
+/* Thread pool: waits for the prompt thread to come out of its tokenization and end. */
+static void join_prompt_work(uv_work_t *req) {
+    ll_engine *e = req->data;
+    pthread_join(e->prompt_thread, NULL);
+}
+
+static void after_join_prompt(uv_work_t *req, int status) {
+    (void)status; /* never cancelled: nothing calls uv_cancel on it */
+    ll_engine *e = req->data;
+    e->prompt_joined = true;
+    teardown_part_done(e);
 }
 
 /* Both threads are told to stop at once. The engine thread stops between two steps; the prompt
- * thread cannot stop inside llama_tokenize, seconds for a long prompt: while it is in one, the
- * teardown waits for it off the loop (prompt_awaited; its exit wakes on_async, which finishes),
- * so that the loop goes on closing the worker's connections meanwhile. Idle, it exits at once
- * and is joined here. */
+ * thread cannot stop inside llama_tokenize, seconds for a long prompt. Idle, it exits at once and
+ * is joined here. In a tokenization it is joined on the thread pool instead, so that the loop goes
+ * on closing the worker's connections meanwhile: a request (uv_work_t) keeps the loop running
+ * until then, which a handle would not (the worker closes every handle left, bt_proc_close_handles),
+ * and the process does not exit while llama.cpp's tokenizer runs. The async handle is closed now
+ * (no thread sends on it any more: abandoned), and the teardown ends once both are done. */
 static void ll_destroy_now(ll_engine *e) {
     if (e->destroyed) return;
     e->destroyed = true;
-    bool awaited = false;
+    bool busy;
     pthread_mutex_lock(&e->mu);
     e->prompt_quit = true;
     e->quit = true;
     pthread_cond_signal(&e->prompt_cv);
     pthread_cond_signal(&e->cv);
-    if (e->prompt_started && e->prompt_cur) awaited = e->prompt_awaited = true;
+    busy = e->prompt_started && e->prompt_cur;
+    if (busy) e->abandoned = true;
     pthread_mutex_unlock(&e->mu);
-    if (!awaited) ll_destroy_finish(e);
+    if (!busy) {
+        ll_destroy_finish(e, false);
+        return;
+    }
+    e->join_req.data = e;
+    e->teardown_parts = 2;
+    uv_close((uv_handle_t *)&e->async, on_async_closed_deferred);
+    if (uv_queue_work(e->loop, &e->join_req, join_prompt_work, after_join_prompt) != 0) {
+        pthread_join(e->prompt_thread, NULL); /* cannot happen with a callback given; joined here then */
+        e->prompt_joined = true;
+        teardown_part_done(e);
+    }
 }
 
 /* Drops every sequence without callbacks. Handles of live sequences are freed here too. Safe
