@@ -244,7 +244,7 @@ static void tok_hold(const char *text, int32_t len) {
     until.tv_sec += 5;
     pthread_mutex_lock(&tok_mu);
     tok_inside = true;
-    while (tok_gate && pthread_cond_timedwait(&tok_cv, &tok_mu, &until) == 0) {}
+    while (tok_gate && pthread_cond_timedwait(&tok_cv, &tok_mu, &until) == 0) continue;
     tok_inside = false;
     pthread_mutex_unlock(&tok_mu);
 }
@@ -452,7 +452,8 @@ static void on_load_hook(void *ud) {
 static const bt_engine_hooks gather_hooks = {.on_load = on_load_hook};
 
 /* gather_us > 0: --batch-gather-us, with room for 8 prompts of "a prompt" (9 tokens) in one step */
-static bt_engine *make_engine_with(uv_loop_t *loop, int64_t hang_after, int64_t gather_us, const bt_engine_hooks *hooks) {
+static bt_engine *make_engine_with(uv_loop_t *loop, int64_t hang_after, int64_t gather_us,
+                                   const bt_engine_hooks *hooks) {
     bt_llama_config cfg;
     bt_llama_config_default(&cfg);
     cfg.fault_hang_after_tokens = hang_after;

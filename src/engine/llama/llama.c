@@ -229,11 +229,11 @@ STAILQ_HEAD(ll_cmd_q, ll_cmd);
 struct bt_engine_seq {
     bt_deliver_seq ds; /* sink and liveness (deliver.h) */
     bool stop_sent;
-    bool released;    /* the delivery module let go of it (ops.free_seq) */
-    bool thread_done; /* its END event was taken off the queue, or it never reached the engine
-                       * thread (withdrawn): no thread names it any more */
-    bool prepped;     /* under mu: its SUBMIT left the prompt queue for the commands */
-    bool withdrawn;   /* its SUBMIT was withdrawn before it was prepped (ll_withdraw) */
+    bool released;      /* the delivery module let go of it (ops.free_seq) */
+    bool thread_done;   /* its END event was taken off the queue, or it never reached the engine
+                         * thread (withdrawn): no thread names it any more */
+    bool prepped;       /* under mu: its SUBMIT left the prompt queue for the commands */
+    bool withdrawn;     /* its SUBMIT was withdrawn before it was prepped (ll_withdraw) */
     uint32_t n_carried; /* the request's carried tokens: the usage of a withdrawn sequence's stop */
 };
 
@@ -1323,7 +1323,7 @@ static void send_submit(ll_engine *e, ll_cmd *c) {
 static bool ll_withdraw(ll_engine *e, bt_engine_seq *h) {
     if (h->withdrawn) return true;
     ll_cmd *c = NULL;
-    char rid[sizeof ((ll_seq *)0)->rid] = "";
+    char rid[sizeof((ll_seq *)0)->rid] = "";
     bool held = false;
     pthread_mutex_lock(&e->mu);
     if (!h->prepped) {
@@ -1332,8 +1332,9 @@ static bool ll_withdraw(ll_engine *e, bt_engine_seq *h) {
             e->prompt_cur->h = NULL; /* the prompt thread drops it when its render returns */
             held = true;
         } else {
-            STAILQ_FOREACH(c, &e->prompts, link)
+            STAILQ_FOREACH(c, &e->prompts, link) {
                 if (c->h == h) break;
+            }
             if (c) {
                 STAILQ_REMOVE(&e->prompts, c, ll_cmd, link);
                 memcpy(rid, c->seq->rid, sizeof rid);
@@ -1352,7 +1353,8 @@ static bool ll_withdraw(ll_engine *e, bt_engine_seq *h) {
     h->thread_done = true;
     /* CLOCK_MONOTONIC, as the engine thread's "freed the sequence's KV cells" of a running one */
     BT_DEBUG("request %s: llama engine dropped the sequence before its prompt reached the engine thread (t=%" PRIu64
-             " us)", rid, bt_now_us());
+             " us)",
+             rid, bt_now_us());
     if (c) {
         seq_free(c->seq);
         free(c);
@@ -1379,7 +1381,7 @@ static void *prompt_thread(void *arg) {
         if (e->cfg.fault_prompt_delay_ms > 0) { /* a tokenization as long as a long prompt's on a large model */
             struct timespec d = {.tv_sec = (time_t)(e->cfg.fault_prompt_delay_ms / 1000),
                                  .tv_nsec = (long)(e->cfg.fault_prompt_delay_ms % 1000) * 1000000L};
-            while (nanosleep(&d, &d) != 0) {}
+            while (nanosleep(&d, &d) != 0) continue;
         }
         pthread_mutex_lock(&e->mu);
         e->prompt_cur = NULL;
@@ -1631,10 +1633,10 @@ static void ll_destroy_finish(ll_engine *e, bool async_closed) {
     free_cmds(&e->prompts);
     if (e->thread_started) {
         /* The thread stops between two steps (ll_destroy_now told it to). One that has not stopped
-         * within LL_JOIN_WAIT_S is hung (inside llama.cpp, or injected: --fault-hang-after-tokens); joining it would keep
-         * this process from ever exiting (the engine monitor failed the worker to get it
-         * restarted). It is left to the process's exit, with everything it may still touch: the
-         * engine is not freed, and it wakes the loop no more. */
+         * within LL_JOIN_WAIT_S is hung (inside llama.cpp, or injected: --fault-hang-after-tokens);
+         * joining it would keep this process from ever exiting (the engine monitor failed the
+         * worker to get it restarted). It is left to the process's exit, with everything it may
+         * still touch: the engine is not freed, and it wakes the loop no more. */
         struct timespec until;
         clock_gettime(CLOCK_REALTIME, &until);
         until.tv_sec += LL_JOIN_WAIT_S;
