@@ -181,6 +181,10 @@ typedef struct {
      * computes them again, which `running` then leaves out: every sequence told it waits is
      * counted here from before the wait is delivered until it runs again (docs/protocol.md §4) */
     uint64_t waiting;
+    /* of those waiting, the ones not yet ready for admission: their prompt still queued for
+     * tokenization (llama's prompt thread, docs/engines.md §3.2); 0 for the other engines. They
+     * will take a slot, but one freed now does not let them in sooner. */
+    uint64_t preparing;
     uint64_t running; /* sequences admitted (prefill or decode), less those counted in waiting */
     uint64_t max_num_batched_tokens;
     /* Priority preemption (0 for an engine without it): the running sequences that a strictly more

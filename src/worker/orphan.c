@@ -265,11 +265,14 @@ void wk_orphan_make_room(wk_worker *w) {
     while (w->norphans) {
         bt_engine_load l;
         bt_engine_get_load(w->engine, &l);
+        /* sequences still preparing (llama: prompts being tokenized) will take slots, counted in
+         * busy; but they do not wait for one, and a kill would not let them in sooner */
+        uint64_t ready = minus(l.waiting, l.preparing);
         if (!killed) {
             busy0 = l.running + l.waiting;
-            waiting0 = l.waiting;
+            waiting0 = ready;
         }
-        uint64_t busy = l.running + l.waiting, waiting = l.waiting;
+        uint64_t busy = l.running + l.waiting, waiting = ready;
         if (busy > minus(busy0, killed)) busy = minus(busy0, killed);
         if (waiting > minus(waiting0, killed)) waiting = minus(waiting0, killed);
         bool kv = l.active_decode_blocks >= l.total_blocks && (!killed || memcmp(&l, &last, sizeof l) != 0);

@@ -661,7 +661,8 @@ static const char *const mocker_only[] = {"--num-gpu-blocks-override", "--block-
  * --engine llama) the worker would serve the mocker's mock-model instead of the model named */
 static const char *const llama_only[] = {"--model", "--llama-lib-dir", "--ctx-size", "--llama-threads",
                                          "--llama-ubatch", "--flash-attn", "--kv-unified", "--fault-hang-after-tokens",
-                                         "--fault-nan-after-tokens", "--fault-kv-corrupt", NULL};
+                                         "--fault-nan-after-tokens", "--fault-kv-corrupt", "--fault-prompt-delay-ms",
+                                         NULL};
 
 static bool engine_settings_check(const wk_opts *o, const bt_opt *opts, int nopts, int argc, char **argv, char *err,
                                   size_t errlen) {
@@ -1055,6 +1056,10 @@ int bt_worker_main(int argc, char **argv) {
          1e15,
          "llama engine test hook: once N tokens were emitted, a NaN in the logits row the sampler reads (the engine "
          "must fail: its streams migrate, the worker exits 1; 0 = off)"},
+        {"--fault-prompt-delay-ms", "BATON_FAULT_PROMPT_DELAY_MS", BT_OPT_INT, &o->llama.fault_prompt_delay_ms, 0,
+         60000,
+         "llama engine test hook: every prompt takes N ms longer to tokenize, as a long prompt does on a large model "
+         "(prompts queue for the prompt thread; 0 = off)"},
         {"--orphan-grace", "DYN_ORPHAN_GRACE", BT_OPT_DOUBLE, &o->orphan_grace, 0, 3600,
          "seconds a resumable stream keeps running after its frontend's connection ends, for another frontend to "
          "re-attach to (0 = kill it at once)"},

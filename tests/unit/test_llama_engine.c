@@ -19,7 +19,11 @@
  * arrival, the loop hears the load (the waiting sequences) during the wait, even when no sequence
  * produced or ended anything, the process sleeps through the wait (the timed wait is on CLOCK_MONOTONIC, not spinning);
  * a gather whose only sequence is killed ends without a step and leaves nothing behind for the
- * next request; a destroy during the wait wakes the thread at once (no step, no callback). */
+ * next request; a destroy during the wait wakes the thread at once (no step, no callback). The
+ * prompt thread, held inside one tokenization: the prompts queued behind it count as waiting in
+ * the load; a stop or kill of a queued one, or of the one being tokenized, is delivered at once
+ * (not after the prompts ahead), the queued ones never tokenized; a destroy does not wait for the
+ * tokenization (the loop goes on, the teardown ends once it returns). */
 #include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -33,6 +37,7 @@
 
 #include <cmocka.h>
 
+#include "common/proc.h"
 #include "engine/llama/llama_internal.h"
 
 #ifdef BATON_HAVE_LLAMA
@@ -214,9 +219,43 @@ static bool f_vocab_is_eog(const struct llama_vocab *v, llama_token t) {
     (void)v;
     return t == 2;
 }
+/* The prompt tests: while tok_gate is closed, tokenizing a prompt that starts with "slow" blocks
+ * (at most 5 s), as llama_tokenize does for seconds over a long prompt; prompts that start with
+ * "queued" are counted when tokenized off the loop (on the prompt thread). */
+static pthread_mutex_t tok_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t tok_cv = PTHREAD_COND_INITIALIZER;
+static bool tok_gate, tok_inside;
+static atomic_int tok_queued;
+static void tok_gate_set(bool closed) {
+    pthread_mutex_lock(&tok_mu);
+    tok_gate = closed;
+    pthread_cond_broadcast(&tok_cv);
+    pthread_mutex_unlock(&tok_mu);
+}
+static bool tok_gate_inside(void) {
+    pthread_mutex_lock(&tok_mu);
+    bool in = tok_inside;
+    pthread_mutex_unlock(&tok_mu);
+    return in;
+}
+static void tok_hold(const char *text, int32_t len) {
+    bool off_loop = !pthread_equal(pthread_self(), loop_thread);
+    if (off_loop && len >= 6 && memcmp(text, "queued", 6) == 0) atomic_fetch_add(&tok_queued, 1);
+    if (!off_loop || len < 4 || memcmp(text, "slow", 4) != 0) return;
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += 5;
+    pthread_mutex_lock(&tok_mu);
+    tok_inside = true;
+    while (tok_gate && pthread_cond_timedwait(&tok_cv, &tok_mu, &until) == 0) continue;
+    tok_inside = false;
+    pthread_mutex_unlock(&tok_mu);
+}
+
 static int32_t f_tokenize(const struct llama_vocab *v, const char *text, int32_t len, llama_token *out, int32_t max,
                           bool add_special, bool parse_special) {
     (void)v, (void)parse_special;
+    tok_hold(text, len);
     int32_t n = len + (add_special ? 1 : 0);
     if (n > max) return -n;
     int32_t k = 0;
@@ -425,7 +464,8 @@ static void on_load_hook(void *ud) {
 static const bt_engine_hooks gather_hooks = {.on_load = on_load_hook};
 
 /* gather_us > 0: --batch-gather-us, with room for 8 prompts of "a prompt" (9 tokens) in one step */
-static bt_engine *make_engine_cfg(uv_loop_t *loop, int64_t hang_after, int64_t gather_us) {
+static bt_engine *make_engine_with(uv_loop_t *loop, int64_t hang_after, int64_t gather_us,
+                                   const bt_engine_hooks *hooks) {
     bt_llama_config cfg;
     bt_llama_config_default(&cfg);
     cfg.fault_hang_after_tokens = hang_after;
@@ -436,11 +476,14 @@ static bt_engine *make_engine_cfg(uv_loop_t *loop, int64_t hang_after, int64_t g
     loop_thread = pthread_self();
     atomic_store(&on_loop_calls, 0);
     char err[256];
-    bt_engine *e = bt_llama_create_with_api(loop, &cfg, gather_us ? &gather_hooks : NULL, NULL, &fake_api,
-                                            "fake.gguf", err, sizeof err);
+    bt_engine *e = bt_llama_create_with_api(loop, &cfg, hooks, NULL, &fake_api, "fake.gguf", err, sizeof err);
     if (!e) fprintf(stderr, "create: %s\n", err);
     assert_non_null(e);
     return e;
+}
+
+static bt_engine *make_engine_cfg(uv_loop_t *loop, int64_t hang_after, int64_t gather_us) {
+    return make_engine_with(loop, hang_after, gather_us, gather_us ? &gather_hooks : NULL);
 }
 
 static bt_engine *make_engine_hang(uv_loop_t *loop, int64_t hang_after) { return make_engine_cfg(loop, hang_after, 0); }
@@ -761,15 +804,15 @@ static void test_destroy_hung(void **state) {
 
 /* ---- batch gathering (--batch-gather-us) on the engine thread ------------------------------- */
 
-/* Submits S[i]: "a prompt" (9 tokens), greedy, max_tokens tokens, expected stream filled in. */
-static void submit_one(int i, uint32_t max_tokens) {
+/* Submits S[i]: the completion of `prompt`, greedy, max_tokens tokens, expected stream filled in. */
+static void submit_prompt(int i, const char *prompt, uint32_t max_tokens) {
     tseq *t = &S[i];
     memset(t, 0, sizeof *t);
     t->i = i;
     t->k = K_NORMAL;
     t->n_expect = max_tokens;
-    expected_stream(t, "a prompt");
-    json_t *body = json_pack("{s:s}", "prompt", "a prompt");
+    expected_stream(t, prompt);
+    json_t *body = json_pack("{s:s}", "prompt", prompt);
     bt_engine_request rq = {0};
     rq.request_id = "g";
     rq.api = BT_API_COMPLETION;
@@ -779,6 +822,9 @@ static void submit_one(int i, uint32_t max_tokens) {
     assert_int_equal(bt_engine_submit(E, &rq, &sink, t, &t->seq, err, sizeof err), BT_OK);
     json_decref(body);
 }
+
+/* S[i]: "a prompt" (9 tokens) */
+static void submit_one(int i, uint32_t max_tokens) { submit_prompt(i, "a prompt", max_tokens); }
 
 #define GATHER_US 300000 /* 300 ms: the burst 30 ms in lands well inside the window, even under TSan */
 static uint64_t burst_ns;  /* CLOCK_MONOTONIC just before the last submit of the burst */
@@ -1011,6 +1057,143 @@ static void test_prefill_waits(void **state) {
     assert_true(last_kvs.steps >= 20); /* the prefills took their turns: 6 chunks each, then decodes */
 }
 
+/* ---- the prompt thread ---------------------------------------------------------------------- */
+
+static int prompt_phase;
+static uint64_t destroy_ns2;
+
+/* Each tick until the prompt thread is inside S[0]'s tokenization (the gate holds it there). */
+static void on_tick_queue(uv_timer_t *tm) {
+    bt_engine_load l;
+    if (prompt_phase == 0) {
+        if (!tok_gate_inside()) return;
+        /* S[0] on the prompt thread, S[1..3] queued behind it: four waiting, and the loop heard it */
+        bt_engine_get_load(E, &l);
+        assert_int_equal(l.waiting, 4);
+        assert_int_equal(l.running, 0);
+        assert_true(loads >= 1);
+        assert_int_equal(load_waiting, 4);
+        bt_engine_stop(E, S[3].seq); /* queued */
+        bt_engine_kill(E, S[2].seq); /* queued */
+        S[2].dead = true;
+        bt_engine_stop(E, S[0].seq); /* being tokenized */
+        prompt_phase = 1;
+        return;
+    }
+    if (prompt_phase == 1) {
+        if (!(S[0].finishes && S[3].finishes)) return; /* the async wake-up is on its way */
+        /* the prompt thread is still inside S[0]'s tokenization: the stops did not wait for it */
+        assert_true(tok_gate_inside());
+        for (int i = 0; i < 4; i += 3) {
+            assert_int_equal(S[i].reason, BT_FINISH_CANCELLED);
+            assert_int_equal(S[i].ngot, 0);
+            assert_int_equal(S[i].usage.prompt_tokens, 0); /* never tokenized */
+            assert_int_equal(S[i].usage.completion_tokens, 0);
+        }
+        bt_engine_get_load(E, &l);
+        assert_int_equal(l.waiting, 1); /* S[1] alone */
+        assert_int_equal(load_waiting, 1);
+        assert_int_equal(atomic_load(&tok_queued), 0);
+        prompt_phase = 2;
+        tok_gate_set(false);
+        uv_close((uv_handle_t *)tm, NULL);
+    }
+}
+
+/* The prompt thread held inside one long tokenization (S[0]'s) with three prompts queued behind
+ * it: the load counts all four as waiting (and the worker hears it: on_load). A stop of a queued
+ * one (S[3]) and of the one being tokenized (S[0]) end them at once with "cancelled" and no
+ * prompt tokens, a kill of a queued one (S[2]) at once with no callback, all while the
+ * tokenization goes on; the queued two are never tokenized, and the load drops to the one left.
+ * Once the tokenization returns, S[1] runs as the model says. Without the withdrawal the stops
+ * waited behind S[0]'s tokenization and S[1]'s and S[2]'s, and the load showed nothing waiting. */
+static void test_prompt_queue(void **state) {
+    (void)state;
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    loads = 0;
+    load_waiting = 0;
+    prompt_phase = 0;
+    atomic_store(&tok_queued, 0);
+    E = make_engine_with(&loop, 0, 0, &gather_hooks);
+    tok_gate_set(true);
+    remaining = 3; /* S[0] and S[3] stopped, S[1] finished; the last end destroys the engine */
+    submit_prompt(0, "slow prompt", 4);
+    submit_prompt(1, "queued prompt one", 4);
+    submit_prompt(2, "queued prompt two", 4);
+    submit_prompt(3, "queued prompt three", 4);
+    uv_timer_t tm;
+    uv_timer_init(&loop, &tm);
+    uv_timer_start(&tm, on_tick_queue, 5, 5);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    assert_int_equal(uv_loop_close(&loop), 0);
+    assert_int_equal(prompt_phase, 2);
+    assert_int_equal(S[1].errors, 0);
+    assert_int_equal(S[1].finishes, 1);
+    assert_int_equal(S[1].ngot, 4);
+    for (uint32_t g = 0; g < S[1].ngot; g++) assert_int_equal(S[1].got[g], S[1].expect[g]);
+    assert_int_equal(S[2].finishes + S[2].errors, 0);
+    assert_int_equal(atomic_load(&tok_queued), 1); /* S[1]'s prompt alone */
+    assert_int_equal(atomic_load(&on_loop_calls), 0);
+}
+
+static pthread_t gate_opener;
+static uint64_t gate_open_ns; /* CLOCK_MONOTONIC when the opener opened the gate */
+
+/* 200 ms after the destroy, the tokenization ends */
+static void *open_gate_later(void *arg) {
+    (void)arg;
+    struct timespec d = {0, 200000000L};
+    nanosleep(&d, NULL);
+    gate_open_ns = mono_ns(CLOCK_MONOTONIC);
+    tok_gate_set(false);
+    return NULL;
+}
+
+static void on_tick_destroy(uv_timer_t *tm) {
+    if (!tok_gate_inside()) return;
+    uint64_t t0 = mono_ns(CLOCK_MONOTONIC);
+    bt_engine_destroy(E);
+    destroy_ns2 = mono_ns(CLOCK_MONOTONIC) - t0;
+    S[0].dead = true; /* any callback from here on fails the test */
+    assert_int_equal(pthread_create(&gate_opener, NULL, open_gate_later, NULL), 0);
+    bt_proc_close_handles(tm->loop); /* as the worker does next: every handle left, the timer too */
+}
+
+/* A destroy while the prompt thread is inside a tokenization (seconds for a long prompt) does not
+ * wait for it on the loop: destroy returns at once, and the teardown ends once the prompt thread
+ * is out of it (200 ms later here). The loop runs until then even when, as the worker does right
+ * after destroying its engine, every handle left is closed (bt_proc_close_handles): the process
+ * does not exit under a tokenization, and everything is freed (ASan). Joining the prompt thread in
+ * destroy blocked the loop for the whole tokenization (here the gate's 5 s). No callback comes. */
+static void test_prompt_destroy(void **state) {
+    (void)state;
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    E = make_engine(&loop);
+    tok_gate_set(true);
+    remaining = 1000;
+    submit_prompt(0, "slow prompt", 4);
+    submit_prompt(1, "queued prompt", 4);
+    S[1].dead = true; /* destroyed before its turn: no callback */
+    uv_timer_t tm;
+    uv_timer_init(&loop, &tm);
+    uv_timer_start(&tm, on_tick_destroy, 5, 5);
+    uint64_t t0 = mono_ns(CLOCK_MONOTONIC);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    uint64_t end_ns = mono_ns(CLOCK_MONOTONIC), total_ns = end_ns - t0;
+    assert_int_equal(pthread_join(gate_opener, NULL), 0);
+    assert_int_equal(uv_loop_close(&loop), 0);
+    fprintf(stderr, "prompt thread: destroy took %.1f ms, the loop ended after %.1f ms\n", (double)destroy_ns2 / 1e6,
+            (double)total_ns / 1e6);
+    assert_true(destroy_ns2 < 1000000000ull); /* not the tokenization's 5 s */
+    assert_true(end_ns >= gate_open_ns);      /* the loop lasted until the tokenization ended */
+    assert_true(total_ns < 4000000000ull);    /* and no longer: the gate opened, not timed out */
+    assert_int_equal(S[0].ngot + (uint32_t)S[0].finishes + (uint32_t)S[0].errors, 0);
+    assert_int_equal(S[1].ngot + (uint32_t)S[1].finishes + (uint32_t)S[1].errors, 0);
+    tok_gate_set(false);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_sequences),
@@ -1022,6 +1205,8 @@ int main(void) {
         cmocka_unit_test(test_gather_burst_kill),
         cmocka_unit_test(test_gather_kill_only),
         cmocka_unit_test(test_gather_destroy),
+        cmocka_unit_test(test_prompt_queue),
+        cmocka_unit_test(test_prompt_destroy),
         cmocka_unit_test(test_destroy_hung), /* last: it leaves a hung engine thread behind */
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

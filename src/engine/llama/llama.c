@@ -18,10 +18,14 @@
  * A third thread, the prompt thread, renders and tokenizes each new sequence's prompt before the
  * engine thread sees it: llama_tokenize takes about half a second per megabyte, and on the engine
  * thread that is a pause of every running stream. A SUBMIT goes to the prompt queue (under the
- * same mutex) and on to the commands once its tokens are ready; a later command for that handle
- * follows it through the prompt queue until then (bt_engine_seq.prepped), so a handle's commands
- * still reach the engine thread in order. The prompt thread reads only what is fixed at creation
- * (vocabulary, chat template, context cap) and the sequence it holds. */
+ * same mutex) and on to the commands once its tokens are ready (bt_engine_seq.prepped). A stop,
+ * kill or hand-off of a handle whose SUBMIT has not gone on yet withdraws it instead (ll_withdraw):
+ * the SUBMIT leaves the queue, or the prompt thread drops the one it holds, and the ending (if
+ * any) is delivered from the loop at once, not after every prompt queued ahead of it. So only
+ * SUBMITs are in the prompt queue, and a handle's commands reach the engine thread after its
+ * SUBMIT. Queued prompts count as waiting sequences in the load (ll_get_load). The prompt thread
+ * reads only what is fixed at creation (vocabulary, chat template, context cap) and the sequence
+ * it holds; at destroy the loop does not wait for the prompt it is tokenizing (ll_destroy_now). */
 #include "engine/llama/llama.h"
 
 #include <inttypes.h>
@@ -217,6 +221,8 @@ typedef struct ll_ev {
 
 typedef struct ll_engine ll_engine;
 
+STAILQ_HEAD(ll_cmd_q, ll_cmd);
+
 #define LL_TEXT_CAP ((size_t)1 << 30) /* hard cap on a sequence's staged text */
 #define LL_JOIN_WAIT_S 5 /* seconds the engine thread has to stop at destroy before it counts as hung */
 
@@ -224,9 +230,12 @@ typedef struct ll_engine ll_engine;
 struct bt_engine_seq {
     bt_deliver_seq ds; /* sink and liveness (deliver.h) */
     bool stop_sent;
-    bool released;    /* the delivery module let go of it (ops.free_seq) */
-    bool thread_done; /* its END event was taken off the queue: the thread no longer names it */
-    bool prepped;     /* under mu: its SUBMIT left the prompt queue for the commands */
+    bool released;      /* the delivery module let go of it (ops.free_seq) */
+    bool thread_done;   /* its END event was taken off the queue, or it never reached the engine
+                         * thread (withdrawn): no thread names it any more */
+    bool prepped;       /* under mu: its SUBMIT left the prompt queue for the commands */
+    bool withdrawn;     /* its SUBMIT was withdrawn before it was prepped (ll_withdraw) */
+    uint32_t n_carried; /* the request's carried tokens: the usage of a withdrawn sequence's stop */
 };
 
 /* Engine-thread state of one sequence. */
@@ -284,13 +293,22 @@ struct ll_engine {
     /* shared, under mu */
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    STAILQ_HEAD(, ll_cmd) cmds;
+    struct ll_cmd_q cmds;
     STAILQ_HEAD(, ll_ev) evs;
-    STAILQ_HEAD(, ll_cmd) prompts; /* SUBMITs for the prompt thread, and the commands behind them */
+    struct ll_cmd_q prompts; /* SUBMITs for the prompt thread */
     pthread_cond_t prompt_cv;
+    /* the SUBMIT whose prompt the prompt thread is preparing (NULL: none); its h is set to NULL
+     * when it is withdrawn meanwhile, and the prompt thread then drops it */
+    ll_cmd *prompt_cur;
+    /* SUBMITs that the published load does not count yet: in the prompt queue, on the prompt
+     * thread, or in the commands and not yet in a load the engine thread published (ll_get_load
+     * adds them to the waiting ones) */
+    uint64_t n_prompts;
     bool prompt_quit;
     bool quit;
-    bool abandoned; /* the loop gave up waiting for the thread (ll_destroy_now): no more wake-ups */
+    /* no more wake-ups: the loop gave up waiting for the engine thread, or closed the async handle
+     * before the prompt thread's join (ll_destroy_now) */
+    bool abandoned;
     bt_engine_load load;
     bool load_changed;
 
@@ -302,8 +320,14 @@ struct ll_engine {
     /* loop side */
     bt_deliver dl;
     bool destroyed;
+    /* a destroy during a tokenization (ll_destroy_now): the prompt thread is joined on the thread
+     * pool (join_req), and the teardown ends once that and the async handle's close are done */
+    uv_work_t join_req;
+    int teardown_parts;
+    bool prompt_joined;
 
     /* engine thread only */
+    uint64_t n_arrived; /* SUBMITs run since the load was last published (update_load) */
     struct llama_model *model;
     struct llama_context *ctx;
     const struct llama_vocab *vocab;
@@ -886,6 +910,12 @@ static void update_load(ll_engine *e) {
         e->load = l;
         e->load_changed = true;
     }
+    /* the SUBMITs run since the last one are in this load (waiting) or ended: no longer added to it */
+    if (e->n_arrived) {
+        e->n_prompts -= e->n_arrived;
+        e->n_arrived = 0;
+        e->load_changed = true;
+    }
     pthread_mutex_unlock(&e->mu);
 }
 
@@ -1115,6 +1145,7 @@ static void run_cmd(ll_engine *e, ll_cmd *c) {
     ll_seq *s;
     switch (c->kind) {
     case CMD_SUBMIT:
+        e->n_arrived++;
         if (e->dead) {
             c->seq->slot = -1;
             list_push_back(&e->waiting, c->seq);
@@ -1301,22 +1332,70 @@ static void send_cmd(ll_engine *e, ll_cmd *c) {
     pthread_mutex_unlock(&e->mu);
 }
 
-/* A command for c->h: behind its SUBMIT in the prompt queue while that is there, else straight to
- * the engine thread (where the SUBMIT is then ahead of it). */
-static void send_seq_cmd(ll_engine *e, ll_cmd *c) {
+/* A SUBMIT goes to the prompt thread; until the engine thread has it, it is counted as waiting in
+ * the load (n_prompts), which the worker hears from on_async, never from inside submit. */
+static void send_submit(ll_engine *e, ll_cmd *c) {
     pthread_mutex_lock(&e->mu);
-    if (c->kind == CMD_SUBMIT || !c->h->prepped) {
-        STAILQ_INSERT_TAIL(&e->prompts, c, link);
-        pthread_cond_signal(&e->prompt_cv);
-    } else {
-        STAILQ_INSERT_TAIL(&e->cmds, c, link);
-        pthread_cond_signal(&e->cv);
-    }
+    STAILQ_INSERT_TAIL(&e->prompts, c, link);
+    e->n_prompts++;
+    e->load_changed = true;
+    pthread_cond_signal(&e->prompt_cv);
+    uv_async_send(&e->async);
     pthread_mutex_unlock(&e->mu);
 }
 
+/* A stop, kill or hand-off of h (loop). While h's SUBMIT has not gone on to the engine thread, the
+ * command would wait behind every prompt queued ahead of it, seconds each for long ones: instead
+ * the SUBMIT is withdrawn, out of the prompt queue, or left for the prompt thread to drop if it is
+ * preparing that prompt now. No thread names h afterwards (thread_done), and the caller delivers
+ * the ending itself; on_async, woken here, drains it and reports the load without it. True when
+ * h's sequence is withdrawn (now or before), false when the engine thread has it: the command goes
+ * there, behind the SUBMIT. */
+static bool ll_withdraw(ll_engine *e, bt_engine_seq *h) {
+    if (h->withdrawn) return true;
+    ll_cmd *c = NULL;
+    char rid[sizeof((ll_seq *)0)->rid] = "";
+    bool held = false;
+    pthread_mutex_lock(&e->mu);
+    if (!h->prepped) {
+        if (e->prompt_cur && e->prompt_cur->h == h) {
+            memcpy(rid, e->prompt_cur->seq->rid, sizeof rid);
+            e->prompt_cur->h = NULL; /* the prompt thread drops it when its render returns */
+            held = true;
+        } else {
+            STAILQ_FOREACH(c, &e->prompts, link) {
+                if (c->h == h) break;
+            }
+            if (c) {
+                STAILQ_REMOVE(&e->prompts, c, ll_cmd, link);
+                memcpy(rid, c->seq->rid, sizeof rid);
+                held = true;
+            }
+        }
+    }
+    if (held) {
+        e->n_prompts--;
+        e->load_changed = true;
+        uv_async_send(&e->async);
+    }
+    pthread_mutex_unlock(&e->mu);
+    if (!held) return false;
+    h->withdrawn = true;
+    h->thread_done = true;
+    /* CLOCK_MONOTONIC, as the engine thread's "freed the sequence's KV cells" of a running one */
+    BT_DEBUG("request %s: llama engine dropped the sequence before its prompt reached the engine thread (t=%" PRIu64
+             " us)",
+             rid, bt_now_us());
+    if (c) {
+        seq_free(c->seq);
+        free(c);
+    }
+    return true;
+}
+
 /* The prompt thread: each SUBMIT's prompt rendered and tokenized (render_prompt, bounded by
- * prompt_may_fit), then the SUBMIT and whatever followed it for its handle passed on, in order. */
+ * prompt_may_fit), then the SUBMIT passed on to the engine thread. One withdrawn meanwhile
+ * (ll_withdraw) is dropped; at destroy the one it holds goes back to the queue, freed with it. */
 static void *prompt_thread(void *arg) {
     ll_engine *e = arg;
     pthread_mutex_lock(&e->mu);
@@ -1325,14 +1404,30 @@ static void *prompt_thread(void *arg) {
         if (e->prompt_quit) break;
         ll_cmd *c = STAILQ_FIRST(&e->prompts);
         STAILQ_REMOVE_HEAD(&e->prompts, link);
-        if (c->kind == CMD_SUBMIT) {
-            pthread_mutex_unlock(&e->mu);
-            ll_seq *s = c->seq;
-            s->prompt_err[0] = '\0';
-            s->prompt_st = render_prompt(e, s, s->prompt_err, sizeof s->prompt_err);
-            pthread_mutex_lock(&e->mu);
-            c->h->prepped = true;
+        e->prompt_cur = c;
+        pthread_mutex_unlock(&e->mu);
+        ll_seq *s = c->seq;
+        s->prompt_err[0] = '\0';
+        s->prompt_st = render_prompt(e, s, s->prompt_err, sizeof s->prompt_err);
+        if (e->cfg.fault_prompt_delay_ms > 0) { /* a tokenization as long as a long prompt's on a large model */
+            struct timespec d = {.tv_sec = (time_t)(e->cfg.fault_prompt_delay_ms / 1000),
+                                 .tv_nsec = (long)(e->cfg.fault_prompt_delay_ms % 1000) * 1000000L};
+            while (nanosleep(&d, &d) != 0) continue;
         }
+        pthread_mutex_lock(&e->mu);
+        e->prompt_cur = NULL;
+        if (!c->h) { /* withdrawn meanwhile: the loop has delivered its ending */
+            pthread_mutex_unlock(&e->mu);
+            seq_free(c->seq);
+            free(c);
+            pthread_mutex_lock(&e->mu);
+            continue;
+        }
+        if (e->prompt_quit) { /* destroyed meanwhile */
+            STAILQ_INSERT_HEAD(&e->prompts, c, link);
+            break;
+        }
+        c->h->prepped = true;
         STAILQ_INSERT_TAIL(&e->cmds, c, link);
         pthread_cond_signal(&e->cv);
     }
@@ -1463,8 +1558,9 @@ static bt_status ll_submit(bt_engine *be, const bt_engine_request *req, const bt
     c->kind = CMD_SUBMIT;
     c->h = h;
     c->seq = s;
+    h->n_carried = req->n_carried;
     bt_deliver_add(&e->dl, &h->ds, sink, ud, LL_TEXT_CAP);
-    send_seq_cmd(e, c);
+    send_submit(e, c);
     *out = h;
     return BT_OK;
 nomem:
@@ -1478,22 +1574,29 @@ nomem:
 static void ll_stop(bt_engine *be, bt_engine_seq *h) {
     ll_engine *e = (ll_engine *)be;
     if (bt_deliver_ended(&h->ds) || h->stop_sent) return;
+    if (ll_withdraw(e, h)) {
+        /* its prompt was never counted in tokens: the usage has the carried ones alone */
+        bt_usage u = {.prompt_tokens = 0, .completion_tokens = h->n_carried};
+        h->stop_sent = true;
+        bt_deliver_finish(&e->dl, &h->ds, BT_FINISH_CANCELLED, &u); /* delivered by on_async */
+        return;
+    }
     ll_cmd *c = calloc(1, sizeof *c);
     if (!c) return;
     h->stop_sent = true;
     c->kind = CMD_STOP;
     c->h = h;
-    send_seq_cmd(e, c);
+    send_cmd(e, c);
 }
 
 static void ll_kill(bt_engine *be, bt_engine_seq *h) {
     ll_engine *e = (ll_engine *)be;
     if (bt_deliver_dead(&h->ds)) return;
-    ll_cmd *c = calloc(1, sizeof *c);
-    if (c) { /* else the sequence runs to its end unseen; its END still frees the handle */
+    ll_cmd *c = ll_withdraw(e, h) ? NULL : calloc(1, sizeof *c);
+    if (c) { /* else withdrawn, or the sequence runs to its end unseen; its END still frees the handle */
         c->kind = CMD_KILL;
         c->h = h;
-        send_seq_cmd(e, c);
+        send_cmd(e, c);
     }
     bt_deliver_kill(&e->dl, &h->ds); /* no more callbacks; the memory waits for its END */
 }
@@ -1502,6 +1605,9 @@ static void ll_get_load(bt_engine *be, bt_engine_load *out) {
     ll_engine *e = (ll_engine *)be;
     pthread_mutex_lock(&e->mu);
     *out = e->load;
+    /* queued for the prompt thread: waiting as much as those queued after it (engine.h) */
+    out->waiting += e->n_prompts;
+    out->preparing = e->n_prompts;
     pthread_mutex_unlock(&e->mu);
 }
 
@@ -1545,33 +1651,30 @@ static void on_async_closed(uv_handle_t *h) {
     free(e);
 }
 
-static void ll_destroy_now(ll_engine *e) {
-    if (e->destroyed) return;
-    e->destroyed = true;
-    if (e->prompt_started) { /* first, so that nothing more reaches the commands; it ends within one prompt */
-        pthread_mutex_lock(&e->mu);
-        e->prompt_quit = true;
-        pthread_cond_signal(&e->prompt_cv);
-        pthread_mutex_unlock(&e->mu);
-        pthread_join(e->prompt_thread, NULL);
-    }
-    while (!STAILQ_EMPTY(&e->prompts)) {
-        ll_cmd *c = STAILQ_FIRST(&e->prompts);
-        STAILQ_REMOVE_HEAD(&e->prompts, link);
+/* Frees the commands of a queue once no thread runs: a SUBMIT's handle with it, which nothing
+ * else names by then (a withdrawn one's h is NULL: the loop had it). */
+static void free_cmds(struct ll_cmd_q *q) {
+    ll_cmd *c;
+    while ((c = STAILQ_FIRST(q)) != NULL) {
+        STAILQ_REMOVE_HEAD(q, link);
         if (c->kind == CMD_SUBMIT) free(c->h);
         seq_free(c->seq);
         free(c);
     }
+}
+
+/* The rest of the teardown, once the prompt thread holds no prompt (joined at once here) or was
+ * joined (prompt_joined); async_closed: the async handle was closed already (the deferred case). */
+static void ll_destroy_finish(ll_engine *e, bool async_closed) {
+    if (e->prompt_started && !e->prompt_joined) pthread_join(e->prompt_thread, NULL);
+    e->prompt_joined = true;
+    free_cmds(&e->prompts);
     if (e->thread_started) {
-        pthread_mutex_lock(&e->mu);
-        e->quit = true;
-        pthread_cond_signal(&e->cv);
-        pthread_mutex_unlock(&e->mu);
-        /* The thread stops between two steps. One that has not stopped within LL_JOIN_WAIT_S is
-         * hung (inside llama.cpp, or injected: --fault-hang-after-tokens); joining it would keep
-         * this process from ever exiting (the engine monitor failed the worker to get it
-         * restarted). It is left to the process's exit, with everything it may still touch: the
-         * engine is not freed, and it wakes the loop no more. */
+        /* The thread stops between two steps (ll_destroy_now told it to). One that has not stopped
+         * within LL_JOIN_WAIT_S is hung (inside llama.cpp, or injected: --fault-hang-after-tokens);
+         * joining it would keep this process from ever exiting (the engine monitor failed the
+         * worker to get it restarted). It is left to the process's exit, with everything it may
+         * still touch: the engine is not freed, and it wakes the loop no more. */
         struct timespec until;
         clock_gettime(CLOCK_REALTIME, &until);
         until.tv_sec += LL_JOIN_WAIT_S;
@@ -1582,7 +1685,7 @@ static void ll_destroy_now(ll_engine *e) {
             pthread_detach(e->thread);
             BT_ERROR("llama engine: the engine thread did not stop within %d s (hung); leaving it to the process's "
                      "exit", LL_JOIN_WAIT_S);
-            uv_close((uv_handle_t *)&e->async, NULL);
+            if (!async_closed) uv_close((uv_handle_t *)&e->async, NULL);
             return;
         }
     }
@@ -1598,13 +1701,7 @@ static void ll_destroy_now(ll_engine *e) {
         free(s->h);
         seq_free(s);
     }
-    while (!STAILQ_EMPTY(&e->cmds)) {
-        ll_cmd *c = STAILQ_FIRST(&e->cmds);
-        STAILQ_REMOVE_HEAD(&e->cmds, link);
-        if (c->kind == CMD_SUBMIT) free(c->h);
-        seq_free(c->seq);
-        free(c);
-    }
+    free_cmds(&e->cmds);
     while (!STAILQ_EMPTY(&e->evs)) {
         ll_ev *ev = STAILQ_FIRST(&e->evs);
         STAILQ_REMOVE_HEAD(&e->evs, link);
@@ -1623,7 +1720,61 @@ static void ll_destroy_now(ll_engine *e) {
     pthread_mutex_destroy(&e->mu);
     pthread_cond_destroy(&e->cv);
     pthread_cond_destroy(&e->prompt_cv);
-    uv_close((uv_handle_t *)&e->async, on_async_closed);
+    if (async_closed) free(e);
+    else uv_close((uv_handle_t *)&e->async, on_async_closed);
+}
+
+/* The two parts of a deferred teardown (ll_destroy_now), on the loop: the last one finishes it. */
+static void teardown_part_done(ll_engine *e) {
+    if (--e->teardown_parts == 0) ll_destroy_finish(e, true);
+}
+
+static void on_async_closed_deferred(uv_handle_t *h) { teardown_part_done(h->data); }
+
+/* Thread pool: waits for the prompt thread to come out of its tokenization and end. */
+static void join_prompt_work(uv_work_t *req) {
+    ll_engine *e = req->data;
+    pthread_join(e->prompt_thread, NULL);
+}
+
+static void after_join_prompt(uv_work_t *req, int status) {
+    (void)status; /* never cancelled: nothing calls uv_cancel on it */
+    ll_engine *e = req->data;
+    e->prompt_joined = true;
+    teardown_part_done(e);
+}
+
+/* Both threads are told to stop at once. The engine thread stops between two steps; the prompt
+ * thread cannot stop inside llama_tokenize, seconds for a long prompt. Idle, it exits at once and
+ * is joined here. In a tokenization it is joined on the thread pool instead, so that the loop goes
+ * on closing the worker's connections meanwhile: a request (uv_work_t) keeps the loop running
+ * until then, which a handle would not (the worker closes every handle left, bt_proc_close_handles),
+ * and the process does not exit while llama.cpp's tokenizer runs. The async handle is closed now
+ * (no thread sends on it any more: abandoned), and the teardown ends once both are done. */
+static void ll_destroy_now(ll_engine *e) {
+    if (e->destroyed) return;
+    e->destroyed = true;
+    bool busy;
+    pthread_mutex_lock(&e->mu);
+    e->prompt_quit = true;
+    e->quit = true;
+    pthread_cond_signal(&e->prompt_cv);
+    pthread_cond_signal(&e->cv);
+    busy = e->prompt_started && e->prompt_cur;
+    if (busy) e->abandoned = true;
+    pthread_mutex_unlock(&e->mu);
+    if (!busy) {
+        ll_destroy_finish(e, false);
+        return;
+    }
+    e->join_req.data = e;
+    e->teardown_parts = 2;
+    uv_close((uv_handle_t *)&e->async, on_async_closed_deferred);
+    if (uv_queue_work(e->loop, &e->join_req, join_prompt_work, after_join_prompt) != 0) {
+        pthread_join(e->prompt_thread, NULL); /* cannot happen with a callback given; joined here then */
+        e->prompt_joined = true;
+        teardown_part_done(e);
+    }
 }
 
 /* Drops every sequence without callbacks. Handles of live sequences are freed here too. Safe
@@ -1636,7 +1787,8 @@ static void ll_destroy(bt_engine *be) {
 /* Like ll_kill, after the thread exported the sequence's state (kv_handoff). */
 static void ll_handoff(bt_engine *be, bt_engine_seq *h, bt_engine_handoff_cb cb, void *ud) {
     ll_engine *e = (ll_engine *)be;
-    ll_cmd *c = bt_deliver_dead(&h->ds) ? NULL : calloc(1, sizeof *c);
+    /* withdrawn: its prompt not even tokenized, there is no state to give */
+    ll_cmd *c = bt_deliver_dead(&h->ds) || ll_withdraw(e, h) ? NULL : calloc(1, sizeof *c);
     if (!c) {
         ll_kill(be, h);
         cb(ud, NULL, 0);
@@ -1646,7 +1798,7 @@ static void ll_handoff(bt_engine *be, bt_engine_seq *h, bt_engine_handoff_cb cb,
     c->h = h;
     c->hcb = cb;
     c->hud = ud;
-    send_seq_cmd(e, c);
+    send_cmd(e, c);
     bt_deliver_kill(&e->dl, &h->ds); /* no more sink callbacks; the memory waits for its END */
 }
 

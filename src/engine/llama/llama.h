@@ -49,6 +49,9 @@ typedef struct {
                                        * that never returns, once N tokens were emitted (0 = off) */
     int64_t fault_nan_after_tokens;   /* test hook: the logits row the sampler reads gets a NaN once
                                        * N tokens were emitted (0 = off): the non-finite check fails */
+    int64_t fault_prompt_delay_ms;    /* test hook: the prompt thread takes N ms longer over each
+                                       * prompt, as a long prompt's tokenization does on a large
+                                       * model (0 = off) */
     int64_t batch_gather_us;          /* --batch-gather-us: an idle engine's first step waits for the
                                        * rest of a burst (bt_engine_gather, engine.h); 0 = off */
 } bt_llama_config;

@@ -567,6 +567,7 @@ static void load_snapshot(const mk_engine *e, bt_engine_load *l) {
     l->total_blocks = (uint64_t)e->cfg.num_gpu_blocks;
     l->active_prefill_tokens = e->prefill_pending;
     l->waiting = e->waiting.n;
+    l->preparing = 0; /* prompts are counted in tokens at submit */
     l->running = e->running.n;
     l->max_num_batched_tokens = (uint64_t)e->cfg.max_num_batched_tokens;
     /* What priority_victim would offer a more urgent arrival: the preemptible decoding sequences
