@@ -4,7 +4,8 @@ wrong:
   * a stream whose body holds U+0000 (valid JSON, accepted: docs/security.md) resumes like any
     other: by a re-POST with Last-Event-ID and by the GET form, with exactly the rest of its events
     (the resume parsed the body without JSON_ALLOW_NUL: 400 "invalid JSON body" and 500
-    "out of memory");
+    "out of memory"); a re-POST whose body has a key twice is a 400 invalid_json naming it, as the
+    first POST would be (it resumed when the last value matched the original's);
   * header values lose their trailing whitespace (RFC 9110 §5.5: it is not part of the value):
     `X-Priority: 3 `, `X-Request-Id: id `, `Authorization: Bearer KEY ` and `Last-Event-ID: ID `
     work as without it (they were a 400, a fresh id, a 401 and a 400), and so does
@@ -326,6 +327,15 @@ with bl.Cluster() as c:
     full = bl.stream_sse(fe.url, f"{chat}/{sid}?starting_after=0", None, method="GET")
     assert full.status == 200 and full.done, f"GET resume of a U+0000 stream: {full.summary()}"
     assert full.text == s.text and full.event_ids == ids, (full.text, s.text, full.event_ids)
+    # a re-POST with a key given twice is refused as the first POST would be, though its last
+    # value is the original's (it resumed: the first value, which a proxy may have read, differs)
+    dup = json.dumps(body).encode().replace(b'"max_tokens": 8', b'"max_tokens": 2, "max_tokens": 8')
+    assert dup.count(b"max_tokens") == 2, dup
+    st, _, b = bl.request("POST", fe.url + chat, dup, {"Content-Type": "application/json",
+                                                      "Last-Event-ID": ids[0]})
+    assert st == 400 and b"data:" not in b, (st, b[:300])
+    err = json.loads(b)["error"]
+    assert err["code"] == "invalid_json" and '"max_tokens"' in err["message"], err
     # a starting_after too long for any position is refused, not cut: 40 digits ending in 1 would
     # have been read as its first 31 zeros, the position 0 (the whole stream again)
     long_pos = "0" * 39 + "1"
