@@ -1392,10 +1392,9 @@ static const char *too_big_field(const bt_http_req *http) {
     json_t *loose = json_loadb(http->body, http->body_len, FE_BODY_JSON_FLAGS | JSON_DECODE_INT_AS_REAL, NULL);
     const char *name = NULL;
     for (size_t i = 0; loose && !name && i < sizeof int_params / sizeof int_params[0]; i++) {
-        json_t *v = json_object_get(loose, int_params[i]);
-        /* -2^63 itself fits; a double at or past ±2^63 does not */
-        if (json_is_real(v) && (json_real_value(v) >= 9223372036854775808.0 || json_real_value(v) < -9223372036854775808.0))
-            name = int_params[i];
+        double d = json_real_value(json_object_get(loose, int_params[i])); /* 0 when not a real */
+        /* -2^63 itself fits; a double past it, or at or past 2^63, does not */
+        if (d >= 9223372036854775808.0 || d < -9223372036854775808.0) name = int_params[i];
     }
     json_decref(loose);
     return name;

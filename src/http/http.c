@@ -909,8 +909,8 @@ static int cb_headers_complete(http_parser *p) {
      * whose answer would be a bare body. This server speaks HTTP/1.0 and 1.1: another major or
      * minor version is a 505 (RFC 9110 §15.6.6), a request line without a version a 400. */
     if (p->http_major != 1 || p->http_minor > 1) {
-        c->err_status = p->http_major == 0 ? 400 : 505;
-        c->err_why = "a request line without an HTTP version (HTTP/0.9)";
+        c->err_status = p->http_major == 0 ? 400 : 505; /* err_why is read with a 400 only */
+        c->err_why = "HTTP/0.9 (a request line without a version) is not served";
         return -1;
     }
     /* Trailing whitespace is not part of a field value (RFC 9110 §5.5); http_parser drops only the
