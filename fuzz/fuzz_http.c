@@ -8,7 +8,7 @@
  * the server is idle); the rest is what a client sends on one connection. After the server closes
  * the connection, the bytes the client received are parsed as HTTP/1.1 responses, and checked:
  * they start with "HTTP/1.1 ", parse without error, each answered request appears in order with
- * the status and body the handler gave it, a 400/413/431 can only be the last response, and
+ * the status and body the handler gave it, a 400/413/431/501/505 can only be the last response, and
  * nothing follows a "Connection: close" response. The handler checks every request it gets
  * (NUL-terminated fields within the caps, a path without query or fragment) and the server must
  * return to no connections and no requests in flight after every input. A violated invariant
@@ -308,7 +308,7 @@ static void check_responses(void) {
         parsed *x = &g_got[i];
         CHECK(x->done);
         if (x->status == 100) continue;
-        if (x->status == 400 || x->status == 413 || x->status == 431 || x->status == 501) {
+        if (x->status == 400 || x->status == 413 || x->status == 431 || x->status == 501 || x->status == 505) {
             CHECK(i == g_ngot - 1); /* the server's own error answer ends the connection */
             CHECK(!x->keep_alive);
             continue;

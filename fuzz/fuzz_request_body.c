@@ -29,6 +29,7 @@
 #include <uv.h>
 
 #include "check.h"
+#include "common/jstr.h"
 #include "common/log.h"
 #include "common/util.h"
 #include "engine/mocker/mocker.h"
@@ -90,7 +91,7 @@ static void check_accepted(const json_t *b, bt_api api) {
     CHECK(whole(json_object_get(b, "model")));
     if (api == BT_API_CHAT) {
         static const char *const roles[] = {"system", "developer", "user", "assistant", "tool", "function", NULL};
-        static const char *const text[] = {"text", NULL};
+        static const char *const text[] = {"text", NULL}, *const refusal[] = {"refusal", NULL};
         const json_t *msgs = json_object_get(b, "messages");
         CHECK(json_is_array(msgs) && json_array_size(msgs) > 0);
         size_t i, j;
@@ -107,7 +108,9 @@ static void check_accepted(const json_t *b, bt_api api) {
             else CHECK(json_is_string(c) || (json_is_array(c) && json_array_size(c) > 0));
             json_array_foreach(c, j, part) {
                 const json_t *type = json_object_get(part, "type");
-                CHECK(one_of(type, text)); /* required; "text\u0000image_url" is not a text part */
+                /* required; "text\u0000image_url" is not a text part; a refusal is an assistant's */
+                CHECK(one_of(type, text) || (one_of(type, refusal) && strcmp(role, "assistant") == 0));
+                CHECK(bt_jstr_part_text(part)); /* the words every engine renders */
             }
         }
     } else {
@@ -329,7 +332,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     check_tokenizer(data + 1, len);
 
     json_error_t jerr;
-    json_t *body = json_loadb(text, len, JSON_ALLOW_NUL, &jerr); /* as the frontend parses */
+    json_t *body = json_loadb(text, len, FE_BODY_JSON_FLAGS, &jerr); /* as the frontend parses */
     if (!body) {
         CHECK(jerr.text[0] != '\0');
         return 0;

@@ -20,4 +20,10 @@ bool bt_jstr_has_nul(const json_t *s);
  * "user". False for NULL or another type. lit is a C string (so holds no U+0000 itself). */
 bool bt_jstr_is(const json_t *s, const char *lit);
 
+/* The words a chat message's content part carries, as a JSON string: a text part's "text" (a part
+ * without a type is read as one), an assistant's refusal part's "refusal"; NULL for any other part
+ * (an image carries none) or one whose field is not a string. Every engine that renders parts
+ * reads them through this, so that a refusal is the same prompt on each. */
+const json_t *bt_jstr_part_text(const json_t *part);
+
 #endif

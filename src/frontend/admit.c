@@ -1065,7 +1065,8 @@ void fe_admit_handle(fe *f, bt_http_req *http) {
         return;
     }
     json_error_t jerr;
-    json_t *b = json_loadb(http->body, http->body_len, 0, &jerr);
+    /* a field given twice is refused as a typo is: which of the two took would be a guess */
+    json_t *b = json_loadb(http->body, http->body_len, JSON_REJECT_DUPLICATES, &jerr);
     if (!json_is_object(b)) {
         respond(http, 422, json_pack("{s:s}", "error", b ? "the body must be a JSON object" : jerr.text));
         json_decref(b);

@@ -616,6 +616,11 @@ bool fe_validate_body(json_t *body, bt_api api, char *err, size_t errlen);
  * param that names an element ("messages.[2].role") lives in a per-thread buffer until the next
  * call on the same thread. */
 bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const char **param, const char **code);
+/* How a client's JSON body is parsed (an API request, a resume's re-POST, an admin POST): U+0000
+ * inside strings kept (OpenAI accepts it), a key given twice refused (a proxy in front may read
+ * the first where jansson keeps the last). The frontend's own stored bodies, written by
+ * json_dumps, are read without the second: they cannot hold one. */
+#define FE_BODY_JSON_FLAGS (JSON_ALLOW_NUL | JSON_REJECT_DUPLICATES)
 /* Writes an integral number given as a real (1.0) in an integer parameter (max_tokens, n, seed, ...)
  * back as that integer: fe_check_body does it first, and a resume's re-POST before its digest. */
 void fe_body_integers(json_t *body);

@@ -144,7 +144,7 @@ static void handle_busy_threshold(fe *f, bt_http_req *http) {
         return;
     }
     json_error_t jerr;
-    json_t *b = json_loadb(http->body, http->body_len, 0, &jerr);
+    json_t *b = json_loadb(http->body, http->body_len, JSON_REJECT_DUPLICATES, &jerr); /* as fe_admit_handle */
     const char *name = json_string_value(json_object_get(b, "model"));
     if (!json_is_object(b) || !name) {
         respond_json(http, 422, json_pack("{s:s}", "error", b ? "'model' (string) is required" : jerr.text));
@@ -336,7 +336,7 @@ static bool either_key(fe *f, bt_http_req *http) {
  * body ({}, [], a mode that is not one of the two strings) is a 400 and cancels nothing: an
  * operator's typo must not end a request. */
 static void handle_cancel(fe *f, bt_http_req *http, const char *rid) {
-    json_t *b = http->body_len ? json_loadb(http->body, http->body_len, 0, NULL)
+    json_t *b = http->body_len ? json_loadb(http->body, http->body_len, JSON_REJECT_DUPLICATES, NULL)
                                : json_pack("{s:s}", "mode", "stop");
     const char *mode = json_string_value(json_object_get(b, "mode"));
     if (!json_is_object(b) || !mode || (strcmp(mode, "stop") != 0 && strcmp(mode, "kill") != 0)) {

@@ -31,6 +31,10 @@
 
 #define MAX_TOKENS_LIMIT 1000000
 #define RID_MAX 64
+/* OpenAI's documented bounds on `metadata` (characters, not bytes) */
+#define MAX_METADATA 16
+#define MAX_METADATA_KEY 64
+#define MAX_METADATA_VALUE 512
 
 const char *fe_error_type(int status) {
     if (status == 499) return "cancelled";
@@ -914,6 +918,53 @@ static bool asks_nothing(const json_t *v) {
     return !v || json_is_null(v) || json_is_false(v) || (json_is_integer(v) && json_integer_value(v) == 0);
 }
 
+/* Characters (code points) in a JSON string: jansson holds valid UTF-8, so every byte but a
+ * continuation byte starts one. */
+static size_t utf8_chars(const char *s, size_t n) {
+    size_t c = 0;
+    for (size_t i = 0; i < n; i++) c += ((unsigned char)s[i] & 0xc0) != 0x80;
+    return c;
+}
+
+/* `metadata` as OpenAI documents it: an object of at most 16 string values, keys of at most 64
+ * characters, values of at most 512. Not read by baton, but a client that sends another shape
+ * would be refused by OpenAI, and should hear of it here too. */
+static bool check_metadata(const json_t *md, char *err, size_t errlen, const char **code) {
+    if (!md || json_is_null(md)) return true;
+    if (code) *code = "invalid_type";
+    if (!json_is_object(md)) {
+        snprintf(err, errlen, "'metadata' must be an object of strings");
+        return false;
+    }
+    if (code) *code = "invalid_value";
+    if (json_object_size(md) > MAX_METADATA) {
+        snprintf(err, errlen, "'metadata' may have at most %d pairs (got %zu)", MAX_METADATA, json_object_size(md));
+        return false;
+    }
+    const char *key;
+    size_t klen;
+    json_t *v;
+    json_object_keylen_foreach((json_t *)md, key, klen, v) {
+        if (utf8_chars(key, klen) > MAX_METADATA_KEY) {
+            snprintf(err, errlen, "'metadata' keys may be at most %d characters long (\"%.32s...\")",
+                     MAX_METADATA_KEY, key);
+            return false;
+        }
+        if (!json_is_string(v)) {
+            if (code) *code = "invalid_type";
+            snprintf(err, errlen, "'metadata' values must be strings (key \"%.64s\")", key);
+            return false;
+        }
+        if (utf8_chars(json_string_value(v), json_string_length(v)) > MAX_METADATA_VALUE) {
+            snprintf(err, errlen, "'metadata' values may be at most %d characters long (key \"%.64s\")",
+                     MAX_METADATA_VALUE, key);
+            return false;
+        }
+    }
+    if (code) *code = NULL;
+    return true;
+}
+
 /* The roles OpenAI's chat API defines. */
 static bool known_role(const json_t *role) {
     static const char *const roles[] = {"system", "developer", "user", "assistant", "tool", "function"};
@@ -1029,19 +1080,29 @@ bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const cha
                     REJECT(param_buf, "invalid_value", "messages[%zu].content[%zu].type must not contain U+0000", i,
                            j);
                 }
-                if (typed && !bt_jstr_is(type, "text")) {
+                /* OpenAI's schema has a refusal part on assistant messages only (a conversation's
+                 * history replayed): its text is the refusal string, which every engine renders as
+                 * it would a text part's (bt_jstr_part_text) */
+                bool refusal = bt_jstr_is(type, "refusal") && bt_jstr_is(role, "assistant");
+                if (typed && !bt_jstr_is(type, "text") && !refusal) {
                     snprintf(param_buf, sizeof param_buf, "messages.[%zu].content.[%zu].type", i, j);
+                    if (bt_jstr_is(type, "refusal"))
+                        REJECT(param_buf, "invalid_value",
+                               "content parts of type 'refusal' are allowed on assistant messages only "
+                               "(messages[%zu].content[%zu])",
+                               i, j);
                     REJECT(param_buf, "unsupported_value",
                            "content parts of type '%.64s' are not supported: the models served here take text only "
                            "(messages[%zu].content[%zu])",
                            json_string_value(type), i, j);
                 }
-                if (!json_is_object(part) || !typed || !json_is_string(json_object_get(part, "text"))) {
+                const char *field = refusal ? "refusal" : "text";
+                if (!json_is_object(part) || !typed || !json_is_string(json_object_get(part, field))) {
                     snprintf(param_buf, sizeof param_buf, "messages.[%zu].content.[%zu]", i, j);
                     REJECT(param_buf, "invalid_type",
-                           "messages[%zu].content[%zu] must be an object with 'type' \"text\" (required) and a "
-                           "string 'text'",
-                           i, j);
+                           "messages[%zu].content[%zu] must be an object with 'type' \"%s\" (required) and a "
+                           "string '%s'",
+                           i, j, field, field);
                 }
             }
         }
@@ -1199,7 +1260,22 @@ bool fe_check_body(json_t *body, bt_api api, char *err, size_t errlen, const cha
         json_t *sfx = json_object_get(body, "suffix");
         if (sfx && !json_is_null(sfx)) REJECT("suffix", "unsupported_value", "suffix is not currently supported");
     }
+    /* a flag of another type ("true", 1) is not absent: read by json_is_true it would be false,
+     * and the client would get an answer it did not ask for without a word. return_token_ids and
+     * continue_final_message are vLLM's extensions, read by the frontend and the mocker. */
+    const char *flags[] = {"echo", "return_token_ids", "continue_final_message"};
+    for (int i = 0; i < 3; i++) {
+        json_t *v = json_object_get(body, flags[i]);
+        if (v && !json_is_null(v) && !json_is_boolean(v))
+            REJECT(flags[i], "invalid_type", "'%s' must be a boolean", flags[i]);
+    }
     if (json_is_true(json_object_get(body, "echo"))) REJECT("echo", "unsupported_value", "'echo' is not supported");
+    json_t *user = json_object_get(body, "user");
+    if (user && !json_is_null(user) && !json_is_string(user)) REJECT("user", "invalid_type", "'user' must be a string");
+    if (!check_metadata(json_object_get(body, "metadata"), err, errlen, code)) {
+        if (param) *param = "metadata";
+        return false;
+    }
     json_t *best = json_object_get(body, "best_of");
     if (best && !json_is_null(best) && !(json_is_integer(best) && json_integer_value(best) == 1))
         REJECT("best_of", "unsupported_value", "only best_of = 1 is supported");
@@ -1340,6 +1416,22 @@ uint64_t fe_request_context_need(const fe_req *r) {
     return prompt + done + more;
 }
 
+/* The integer parameter (int_params) of a body jansson refused for an integer past 64 bits, or
+ * NULL. jansson holds integers in 64 bits and says only "too big integer": read again with every
+ * number as a double, the body shows which field held it. Only on that error, so the cost of a
+ * second parse is the client's mistake's. */
+static const char *too_big_field(const bt_http_req *http) {
+    json_t *loose = json_loadb(http->body, http->body_len, FE_BODY_JSON_FLAGS | JSON_DECODE_INT_AS_REAL, NULL);
+    const char *name = NULL;
+    for (size_t i = 0; loose && !name && i < sizeof int_params / sizeof int_params[0]; i++) {
+        double d = json_real_value(json_object_get(loose, int_params[i])); /* 0 when not a real */
+        /* -2^63 itself fits; a double past it, or at or past 2^63, does not */
+        if (d >= 9223372036854775808.0 || d < -9223372036854775808.0) name = int_params[i];
+    }
+    json_decref(loose);
+    return name;
+}
+
 /* Counts a request refused before it was routed (a 400 or 404) in dynamo_frontend_requests_total
  * with status "error": under its model when a worker serves it, else under FE_MODEL_UNKNOWN (the
  * model name is the client's: counting it as given would let a client add series without bound). */
@@ -1365,12 +1457,20 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
     f->requests_seen++;
 
     json_error_t jerr;
-    /* U+0000 inside a string is valid JSON and OpenAI accepts it; jansson keeps the length */
-    json_t *body = json_loadb(http->body, http->body_len, JSON_ALLOW_NUL, &jerr);
+    /* U+0000 inside a string is valid JSON and OpenAI accepts it; jansson keeps the length. A key
+     * given twice is refused: jansson would keep the last, and a gateway in front may have read
+     * the first ("model" or "max_tokens" one thing to it and another here). */
+    json_t *body = json_loadb(http->body, http->body_len, FE_BODY_JSON_FLAGS, &jerr);
     if (!body) {
         count_refused(f, api, NULL);
-        fe_json_error(http, rid, 400, "invalid_json", "invalid JSON body: %s (line %d, column %d)", jerr.text,
-                      jerr.line, jerr.column);
+        const char *big = json_error_code(&jerr) == json_error_numeric_overflow ? too_big_field(http) : NULL;
+        if (big)
+            fe_json_error_ex(http, rid, 400, "invalid_value", big, NULL,
+                             "'%s' must be an integer from %" PRId64 " to %" PRId64 " (line %d, column %d)", big,
+                             INT64_MIN, INT64_MAX, jerr.line, jerr.column);
+        else
+            fe_json_error(http, rid, 400, "invalid_json", "invalid JSON body: %s (line %d, column %d)", jerr.text,
+                          jerr.line, jerr.column);
         return;
     }
     const char *param, *code;

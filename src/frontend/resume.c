@@ -490,11 +490,17 @@ void fe_resume_post(fe *f, bt_http_req *http, bt_api api) {
         return;
     }
     json_error_t jerr;
-    json_t *body = json_loadb(http->body, http->body_len, JSON_ALLOW_NUL, &jerr); /* as fe_request_start */
+    json_t *body = json_loadb(http->body, http->body_len, FE_BODY_JSON_FLAGS, &jerr); /* as fe_request_start */
     body_digests d;
     if (json_is_object(body)) fe_body_integers(body); /* the form fe_check_body gave the original */
     bool ok = body && fe_body_digest(body, d.canon) && body_digest_values(body, d.values);
     json_decref(body);
+    if (!body) { /* as fe_request_start answers it: a key given twice is named */
+        char msg[224];
+        snprintf(msg, sizeof msg, "invalid JSON body: %s (line %d, column %d)", jerr.text, jerr.line, jerr.column);
+        refuse(f, http, FE_RESUME_INVALID, 400, "invalid_json", msg, sid);
+        return;
+    }
     if (!ok) {
         refuse(f, http, FE_RESUME_INVALID, 400, "invalid_value", "invalid JSON body", sid);
         return;

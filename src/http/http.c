@@ -140,6 +140,9 @@ struct bt_http_server {
     char rbuf[READ_BUF_SIZE];
 };
 
+/* Where fold_scan's line scan is in a request's header section. */
+enum { FS_START, FS_REQUEST_LINE, FS_LINE_START, FS_LINE_START_CR, FS_LINE, FS_DONE };
+
 struct conn {
     uv_tcp_t tcp;
     uv_timer_t timer;
@@ -158,7 +161,8 @@ struct conn {
     bool headers_done;
     bool hdr_in_value;
     bool keep_alive, is_head, http10;
-    int err_status; /* 400 / 413 / 431 / 501 chosen by a parser callback that failed on purpose */
+    int err_status; /* 400 / 413 / 431 / 501 / 505 chosen by a parser callback that failed on purpose */
+    uint8_t fold_scan; /* fold_scan's state in the current request's header section (FS_*) */
     const char *err_why; /* with err_status 400: what was malformed (a static string) */
     bool req_filled; /* req holds this request's method, path and headers (req_fill) */
     unsigned n_host;     /* Host header lines of the current request (RFC 9112 §3.2) */
@@ -373,6 +377,7 @@ const char *bt_http_reason(int status) {
     case 502: return "Bad Gateway";
     case 503: return "Service Unavailable";
     case 504: return "Gateway Timeout";
+    case 505: return "HTTP Version Not Supported";
     default: return status >= 500 ? "Server Error" : status >= 400 ? "Client Error" : "Unknown";
     }
 }
@@ -712,7 +717,7 @@ static bool conn_write(conn *c, const uv_buf_t *bufs, unsigned n) {
     return true;
 }
 
-/* Answers a request we could not accept (400/413/431/501) with a JSON error body and closes. */
+/* Answers a request we could not accept (400/413/431/501/505) with a JSON error body and closes. */
 static void conn_error_close(conn *c, int status, const char *msg) {
     bt_buf body, head;
     bt_buf_init(&body, 4096);
@@ -725,6 +730,7 @@ static void conn_error_close(conn *c, int status, const char *msg) {
                    status == 413   ? "request_too_large"
                    : status == 431 ? "headers_too_large"
                    : status == 501 ? "not_implemented"
+                   : status == 505 ? "http_version_not_supported"
                    : status == 503 ? "too_many_request_bytes"
                    : status == 403 ? "host_not_allowed"
                                    : "malformed_request");
@@ -901,6 +907,14 @@ static int cb_headers_complete(http_parser *p) {
     c->headers_done = true;
     c->hdr_in_value = false;
     c->hdr_name_len = 0;
+    /* http_parser takes any digits as a version, and a request line without one as HTTP/0.9,
+     * whose answer would be a bare body. This server speaks HTTP/1.0 and 1.1: another major or
+     * minor version is a 505 (RFC 9110 §15.6.6), a request line without a version a 400. */
+    if (p->http_major != 1 || p->http_minor > 1) {
+        c->err_status = p->http_major == 0 ? 400 : 505; /* err_why is read with a 400 only */
+        c->err_why = "HTTP/0.9 (a request line without a version) is not served";
+        return -1;
+    }
     /* Trailing whitespace is not part of a field value (RFC 9110 §5.5); http_parser drops only the
      * leading one. "Bearer KEY " is the key KEY, "3 " the priority 3. Here, before Expect is read:
      * "100-continue " is 100-continue. */
@@ -939,10 +953,18 @@ static int cb_headers_complete(http_parser *p) {
         c->err_status = 403;
         return -1;
     }
-    /* A transfer coding other than chunked alone (gzip, deflate, ...) would have to be decoded
-     * before the body means anything; http_parser only takes the chunked framing off, and would
-     * hand the handler the still-coded bytes. RFC 9112 §6.1: a server that does not understand a
-     * transfer coding answers 501 (and closes: it cannot tell where the body ends). */
+    /* Transfer codings. Without chunked last ("gzip", "identity", "chunked, gzip") where the body
+     * ends cannot be known: RFC 9112 §6.3 says 400 and close. With chunked last and another coding
+     * before it ("gzip, chunked") the framing is known, but the body would have to be decoded
+     * before it means anything; http_parser only takes the chunked framing off, and would hand
+     * the handler the still-coded bytes: a coding the server does not implement, 501 (RFC 9112
+     * §6.1), closed. A Content-Length beside either is refused by http_parser before this runs
+     * (conn_parse names it). */
+    if (c->have_hdr[H_TRANSFER_ENCODING] && !(p->flags & F_CHUNKED)) {
+        c->err_status = 400;
+        c->err_why = "Transfer-Encoding does not end in chunked: the body's length cannot be known";
+        return -1;
+    }
     if (c->have_hdr[H_TRANSFER_ENCODING] &&
         !(c->hdr[H_TRANSFER_ENCODING].data && strcasecmp(c->hdr[H_TRANSFER_ENCODING].data, "chunked") == 0)) {
         c->err_status = 501;
@@ -978,6 +1000,7 @@ static int cb_message_complete(http_parser *p) {
     c->keep_alive = http_should_keep_alive(p) && !p->upgrade;
     c->in_message = false;
     c->msg_complete = true;
+    c->fold_scan = FS_START; /* the next bytes parsed are the next request's */
     http_parser_pause(p, 1);
     return 0;
 }
@@ -1024,10 +1047,50 @@ static void host_refused(conn *c) {
     conn_error_close(c, 403, msg);
 }
 
+/* True if data, the next bytes of the current request, hold a header line that starts with a
+ * space or tab (RFC 9112 §5.2, obsolete line folding; or §2.2, whitespace before the first
+ * header line). http_parser unfolds such a line into the one before it ("Transfer-Encoding:" then
+ * " chunked" is chunked), while a proxy in front may take it as a line of its own or drop it: two
+ * readings of one request, the stuff of request smuggling. The callbacks cannot tell a folded
+ * value from one split across reads, so the bytes are scanned here, before the parser sees them,
+ * up to the blank line that ends the header section; the state carries over reads, and is
+ * reset when a request completes (the parser pauses there: the next call starts at the next
+ * request). */
+static bool fold_scan(conn *c, const char *data, size_t len) {
+    uint8_t s = c->fold_scan;
+    for (size_t i = 0; i < len && s != FS_DONE; i++) {
+        char ch = data[i];
+        switch (s) {
+        case FS_START: /* blank lines before a request line are skipped, as http_parser does */
+            if (ch != '\r' && ch != '\n') s = FS_REQUEST_LINE;
+            break;
+        case FS_REQUEST_LINE:
+        case FS_LINE:
+            if (ch == '\n') s = FS_LINE_START;
+            break;
+        case FS_LINE_START:
+            if (ch == ' ' || ch == '\t') return true;
+            s = ch == '\r' ? FS_LINE_START_CR : ch == '\n' ? FS_DONE : FS_LINE;
+            break;
+        case FS_LINE_START_CR:
+            s = ch == '\n' ? FS_DONE : FS_LINE;
+            break;
+        }
+    }
+    c->fold_scan = s;
+    return false;
+}
+
 /* Runs the parser over data and returns how many bytes it consumed. Afterwards either the
  * connection is answered-and-lingering / closed (parse error or cap), or c->msg_complete is set
  * (parser paused right after the message), or all bytes were consumed. */
 static size_t conn_parse(conn *c, const char *data, size_t len) {
+    if (fold_scan(c, data, len)) {
+        conn_error_close(c, 400,
+                         "malformed HTTP request: a header line that starts with whitespace (obsolete line folding, "
+                         "refused as RFC 9112 §5.2 allows: a proxy may read the line otherwise)");
+        return len;
+    }
     size_t n = http_parser_execute(&c->parser, &parser_settings, data, len);
     if (c->closing || c->state != CS_READING) return len;
     enum http_errno e = HTTP_PARSER_ERRNO(&c->parser);
@@ -1049,6 +1112,10 @@ static size_t conn_parse(conn *c, const char *data, size_t len) {
                  "Transfer-Encoding: chunked alone",
                  c->hdr[H_TRANSFER_ENCODING].data ? c->hdr[H_TRANSFER_ENCODING].data : "");
         conn_error_close(c, 501, msg);
+    } else if (c->err_status == 505) {
+        snprintf(msg, sizeof msg, "HTTP/%u.%u is not supported: this server speaks HTTP/1.1 and HTTP/1.0",
+                 c->parser.http_major, c->parser.http_minor);
+        conn_error_close(c, 505, msg);
     } else if (c->err_status == 431 || e == HPE_HEADER_OVERFLOW) {
         snprintf(msg, sizeof msg, "request header section too large (limit %zu bytes)",
                  c->srv->cfg.max_header_bytes);
@@ -1057,11 +1124,16 @@ static size_t conn_parse(conn *c, const char *data, size_t len) {
         /* http_parser reports a chunk size past 2^64 as a bad Content-Length (it keeps both in one
          * field): past the headers of a chunked body, it can only be the chunk size */
         bool chunk_size = e == HPE_INVALID_CONTENT_LENGTH && c->headers_done && (c->parser.flags & F_CHUNKED);
+        /* http_parser's "unexpected content-length" is a second Content-Length line, or one beside
+         * a Transfer-Encoding (RFC 9112 §6.1: the server may refuse it, and must close) */
+        bool cl_te = e == HPE_UNEXPECTED_CONTENT_LENGTH && c->have_hdr[H_TRANSFER_ENCODING];
         snprintf(msg, sizeof msg, "malformed HTTP request: %s",
                  c->err_status == 400 && c->err_why ? c->err_why
                  : chunk_size                       ? "chunk size too large (more than 64 bits)"
-                 : e == HPE_OK                      ? "unexpected data"
-                                                    : http_errno_description(e));
+                 : cl_te                            ? "both Transfer-Encoding and Content-Length"
+                 : e == HPE_UNEXPECTED_CONTENT_LENGTH ? "more than one Content-Length"
+                 : e == HPE_OK                        ? "unexpected data"
+                                                      : http_errno_description(e));
         conn_error_close(c, 400, msg);
     }
     return len;
@@ -1397,6 +1469,7 @@ static void on_connection(uv_stream_t *server, int status) {
     LIST_INSERT_HEAD(&s->conns, c, link);
     s->nconns++;
     c->cur_hdr = -1;
+    c->fold_scan = FS_START;
     for (int i = 0; i < H_COUNT; i++) bt_buf_init(&c->hdr[i], s->cfg.max_header_bytes);
     bt_buf_init(&c->url, s->cfg.max_header_bytes);
     bt_buf_init(&c->resp_hdrs, OUT_HEADER_CAP / 2);

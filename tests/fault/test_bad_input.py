@@ -5,7 +5,9 @@ afterwards: malformed HTTP, oversized headers and bodies, invalid JSON and field
 model, absurd max_tokens, invalid UTF-8, thousands of idle connections, a slowloris client, a
 client that never reads its stream, garbage and oversized frames on the request-plane port, stop
 strings and chat roles or part types holding U+0000 sent straight to it, the API key, and the
-request-plane shared secret.
+request-plane shared secret; a JSON key given twice (an API or an operator's body), a flag, `user`
+or `metadata` of the wrong type, a refusal part on an assistant message (accepted, read as its
+words) and a seed past 64 bits (named).
 """
 
 import json
@@ -131,6 +133,71 @@ with bl.Cluster() as c:
     # invalid UTF-8 inside a JSON string: rejected as invalid JSON, never crashes
     expect_error(fe, b'{"model":"mock-model","messages":[{"role":"user","content":"\xff\xfe\xc3"}]}', 400,
                  code="invalid_json")
+    # a key given twice: jansson kept the last one, a gateway in front may read the first (a
+    # request that is one thing to it and another here); refused, naming the key
+    dup_model = b'{"model":"nope","model":"mock-model","messages":[{"role":"user","content":"hi"}],"max_tokens":3}'
+    err = expect_error(fe, dup_model, 400, code="invalid_json")
+    assert "duplicate" in err["message"] and '"model"' in err["message"], err
+    dup_max = b'{"model":"mock-model","messages":[{"role":"user","content":"hi"}],"max_tokens":3,"max_tokens":5}'
+    err = expect_error(fe, dup_max, 400, code="invalid_json")
+    assert '"max_tokens"' in err["message"], err
+    dup_role = b'{"model":"mock-model","messages":[{"role":"system","role":"user","content":"hi"}]}'
+    expect_error(fe, dup_role, 400, code="invalid_json")
+    # a wrong type is not absent: echo 1 or "true" was served without echo, user and metadata
+    # were not looked at (OpenAI answers each with invalid_type)
+    for echo in (1, "true", [True]):
+        expect_error(fe, json.dumps({"model": "mock-model", "prompt": "hi", "echo": echo}).encode(), 400,
+                     "/v1/completions", code="invalid_type", param="echo")
+    expect_error(fe, json.dumps({"model": "mock-model", "prompt": "hi", "echo": True}).encode(), 400,
+                 "/v1/completions", code="unsupported_value", param="echo")
+    for fld, val in (("user", 5), ("user", {"id": "u"}), ("metadata", "k=v"), ("metadata", {"k": 1}),
+                     ("return_token_ids", "yes"), ("continue_final_message", 1)):
+        expect_error(fe, json.dumps(bl.chat_body(max_tokens=3, **{fld: val})).encode(), 400, code="invalid_type",
+                     param=fld)
+    # OpenAI's documented bounds: at most 16 pairs, keys of at most 64 characters, values of 512
+    for md in ({f"k{i}": "v" for i in range(17)}, {"k" * 65: "v"}, {"k": "v" * 513}):
+        expect_error(fe, json.dumps(bl.chat_body(max_tokens=3, metadata=md)).encode(), 400, code="invalid_value",
+                     param="metadata")
+    for extra in ({"user": "u-1", "metadata": {f"k{i}": "v" for i in range(16)}},
+                  {"metadata": {"k" * 64: "é" * 512}}, {"user": None, "metadata": None, "echo": None}):
+        st, _, b = bl.post_json(fe.url + "/v1/chat/completions", bl.chat_body(max_tokens=3, **extra))
+        assert st == 200, (extra, st, b)
+    for echo in (False, None):
+        st, _, b = bl.post_json(fe.url + "/v1/completions", {"model": "mock-model", "prompt": "hi", "max_tokens": 3,
+                                                            "echo": echo})
+        assert st == 200, (echo, st, b)
+    # an assistant's refusal part (OpenAI's schema) is its text: read as the same words in a text
+    # part would be (it was a 400); on another role it is not in the schema
+    def prompt_tokens(part):
+        msgs = [{"role": "user", "content": "tell me"}, {"role": "assistant", "content": [part]},
+                {"role": "user", "content": "please"}]
+        st, _, b = bl.post_json(fe.url + "/v1/chat/completions",
+                                {"model": "mock-model", "messages": msgs, "max_tokens": 2})
+        assert st == 200, (part, st, b)
+        return b["usage"]["prompt_tokens"]
+    words = "I cannot help with that one"
+    refused = prompt_tokens({"type": "refusal", "refusal": words})
+    assert refused == prompt_tokens({"type": "text", "text": words}) > prompt_tokens({"type": "text", "text": ""}), \
+        refused
+    user_refusal = {"model": "mock-model", "messages": [{"role": "user", "content": [
+        {"type": "refusal", "refusal": "no"}]}]}
+    expect_error(fe, json.dumps(user_refusal).encode(), 400, param="messages.[0].content.[0].type")
+    bad_refusal = {"model": "mock-model", "messages": [{"role": "assistant", "content": [{"type": "refusal"}]},
+                                                       {"role": "user", "content": "hi"}]}
+    expect_error(fe, json.dumps(bad_refusal).encode(), 400, code="invalid_type", param="messages.[0].content.[0]")
+    # a seed past 2^63 - 1 cannot be held: named, not "invalid JSON"
+    err = expect_error(fe, json.dumps(bl.chat_body(max_tokens=3, seed=2 ** 64)).encode(), 400, param="seed")
+    assert "'seed'" in err["message"], err
+    # the operator's bodies too: which of two values would take is a guess
+    for path, raw_body in (("/admission", b'{"queue_max_requests":5,"queue_max_requests":6}'),
+                           ("/busy_threshold", b'{"model":"mock-model","model":"other",'
+                                               b'"active_prefill_tokens_threshold":7}')):
+        st, _, data = post_raw(fe, raw_body, path)
+        assert st == 422 and "duplicate" in json.loads(data)["error"], (path, st, data)
+    st, _, g = bl.get_json(fe.url + "/admission")
+    assert st == 200 and g["queue_max_requests"] != 5 and g["queue_max_requests"] != 6, g
+    st, _, data = post_raw(fe, b'{"mode":"kill","mode":"stop"}', "/v1/requests/nope/cancel")
+    assert st == 400 and json.loads(data)["error"]["param"] == "mode", (st, data)
     st, _, _ = bl.request("DELETE", fe.url + "/v1/chat/completions")
     assert st == 405, st
     still_serving(fe)

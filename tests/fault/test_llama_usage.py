@@ -9,7 +9,9 @@ real binaries (a frontend and one llama worker serving the bundled stories260K):
 2. A prompt that fills the context without max_tokens is refused naming the least completion it
    asked for, one token: as ids (the frontend's check) and as text (the engine's), and one token
    less is served with one token.
-3. kill -9 of the only worker mid-stream: the failure counts in migration_total
+3. An assistant message's refusal content part is read as its words: the same prompt tokens as
+   the same words in a text part (the engine read text parts only: it was dropped).
+4. kill -9 of the only worker mid-stream: the failure counts in migration_total
    (ongoing_request) and, with no worker left to continue it, in
    baton_frontend_model_migration_unserved_total: total − exhausted − unserved is 0 migrations
    performed.
@@ -107,6 +109,22 @@ def check_context(fe):
     print(f"context: 2047 ids served with 1 token; refusals say prompt + 1 ({msg[:120]}...)")
 
 
+def check_refusal_part(fe):
+    # an assistant's refusal part is its words, as the same words in a text part: the same prompt
+    def prompt_tokens(part):
+        msgs = [{"role": "user", "content": "Tell me a story"}, {"role": "assistant", "content": [part]},
+                {"role": "user", "content": "Please"}]
+        st, _, b = bl.post_json(fe.url + "/v1/chat/completions", {"model": MODEL, "messages": msgs, "max_tokens": 1},
+                                timeout=30 * SLOW)
+        assert st == 200, (part, st, b)
+        return b["usage"]["prompt_tokens"]
+    words = "Once upon a time there was a little girl"
+    refused, text = prompt_tokens({"type": "refusal", "refusal": words}), prompt_tokens({"type": "text", "text": words})
+    empty = prompt_tokens({"type": "text", "text": ""})
+    assert refused == text > empty, (refused, text, empty)
+    print(f"refusal part: {refused} prompt tokens, as the same words in a text part ({empty} without them)")
+
+
 def check_no_worker_left(fe, w):
     ongoing0 = msum(fe.url, "dynamo_frontend_model_migration_total", migration_type="ongoing_request")
     killed = {}
@@ -135,6 +153,7 @@ def run(c, fe, ws):
     (w,) = ws
     check_carried(fe, w)
     check_context(fe)
+    check_refusal_part(fe)
     check_no_worker_left(fe, w)
 
 

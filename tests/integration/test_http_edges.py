@@ -4,7 +4,8 @@ wrong:
   * a stream whose body holds U+0000 (valid JSON, accepted: docs/security.md) resumes like any
     other: by a re-POST with Last-Event-ID and by the GET form, with exactly the rest of its events
     (the resume parsed the body without JSON_ALLOW_NUL: 400 "invalid JSON body" and 500
-    "out of memory");
+    "out of memory"); a re-POST whose body has a key twice is a 400 invalid_json naming it, as the
+    first POST would be (it resumed when the last value matched the original's);
   * header values lose their trailing whitespace (RFC 9110 §5.5: it is not part of the value):
     `X-Priority: 3 `, `X-Request-Id: id `, `Authorization: Bearer KEY ` and `Last-Event-ID: ID `
     work as without it (they were a 400, a fresh id, a 401 and a 400), and so does
@@ -15,6 +16,14 @@ wrong:
   * an HTTP/1.1 request without a Host header, or any request with more than one, is a 400
     malformed_request with the connection closed (RFC 9112 §3.2: MUST; they were served); an
     HTTP/1.0 request without Host is served, as is an empty Host (a target without an authority);
+  * a request line of another version than HTTP/1.0 or 1.1 (HTTP/2.0, HTTP/1.2) is a 505 with the
+    connection closed, and one without a version (HTTP/0.9) a 400 (both were served as 1.1);
+  * a header line that starts with a space or tab (obsolete line folding, RFC 9112 §5.2) is a 400
+    with the connection closed, however the bytes arrive: `Transfer-Encoding:` folded onto
+    ` chunked` was read as chunked, where a proxy may read it otherwise;
+  * a Transfer-Encoding without chunked last (`identity`, `gzip`, `chunked, gzip`) is a 400 (RFC
+    9112 §6.3: the body's length cannot be known), and one beside a Content-Length a 400 saying
+    so (it said "unexpected content-length header");
   * refused resumes (404 unknown id, 400 malformed Last-Event-ID) are not logged at the default
     level, as every client error (they were an INFO line each);
   * two Authorization or two X-Tenant lines in one request are a 400 malformed_request with the
@@ -318,6 +327,15 @@ with bl.Cluster() as c:
     full = bl.stream_sse(fe.url, f"{chat}/{sid}?starting_after=0", None, method="GET")
     assert full.status == 200 and full.done, f"GET resume of a U+0000 stream: {full.summary()}"
     assert full.text == s.text and full.event_ids == ids, (full.text, s.text, full.event_ids)
+    # a re-POST with a key given twice is refused as the first POST would be, though its last
+    # value is the original's (it resumed: the first value, which a proxy may have read, differs)
+    dup = json.dumps(body).encode().replace(b'"max_tokens": 8', b'"max_tokens": 2, "max_tokens": 8')
+    assert dup.count(b"max_tokens") == 2, dup
+    st, _, b = bl.request("POST", fe.url + chat, dup, {"Content-Type": "application/json",
+                                                      "Last-Event-ID": ids[0]})
+    assert st == 400 and b"data:" not in b, (st, b[:300])
+    err = json.loads(b)["error"]
+    assert err["code"] == "invalid_json" and '"max_tokens"' in err["message"], err
     # a starting_after too long for any position is refused, not cut: 40 digits ending in 1 would
     # have been read as its first 31 zeros, the position 0 (the whole stream again)
     long_pos = "0" * 39 + "1"
@@ -414,6 +432,50 @@ with bl.Cluster() as c:
     # and a keep-alive connection's next request without Host is refused after the first is served
     mixed = bl.raw_exchange(fe.port, b"GET /live HTTP/1.1\r\nHost: localhost\r\n\r\nGET /live HTTP/1.1\r\n\r\n")
     assert mixed.startswith(b"HTTP/1.1 200 ") and mixed.count(b"HTTP/1.1 400 ") == 1, mixed[:400]
+
+    # ---- the request line's version: HTTP/1.0 and 1.1 only (others were served as 1.1); a line
+    # without one (HTTP/0.9) is refused, not answered in full
+    for version in (b"HTTP/2.0", b"HTTP/1.2", b"HTTP/3.0"):
+        st, _, b, closed = raw(fe.port, b"GET /live " + version + b"\r\nHost: localhost\r\n\r\n")
+        assert st == 505 and closed, (version, st, b[:200], closed)
+        err = json.loads(b)["error"]
+        assert err["code"] == "http_version_not_supported" and version.decode() in err["message"], err
+    for line in (b"GET /live\r\n\r\n", b"GET /live\r\nHost: localhost\r\n\r\n"):
+        st, _, b, closed = raw(fe.port, line)
+        assert st == 400 and closed and "HTTP/0.9" in json.loads(b)["error"]["message"], (line, st, b[:200])
+    # ---- obsolete line folding (RFC 9112 §5.2: a server may reject it with 400): a folded
+    # Transfer-Encoding was read as chunked, a proxy may read it otherwise (request smuggling)
+    folded = [b"POST /admission HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding:\r\n chunked\r\n"
+              b"Connection: close\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+              b"GET /live HTTP/1.1\r\nHost: localhost\r\nX-Other: a\r\n\tb\r\nConnection: close\r\n\r\n",
+              b"GET /live HTTP/1.1\r\n Host: localhost\r\nConnection: close\r\n\r\n"]
+    for req in folded:
+        st, _, b, closed = raw(fe.port, req)
+        assert st == 400 and closed, (req[:80], st, b[:200], closed)
+        assert "folding" in json.loads(b)["error"]["message"], b
+    # split anywhere, as it may arrive: still refused; the same bytes without the fold are served
+    s = socket.create_connection(("127.0.0.1", fe.port), timeout=5)
+    for piece in (b"GET /live HTTP/1.1\r\nHost: localhost\r\nX-Other: a\r", b"\n", b" b\r\n\r\n"):
+        s.sendall(piece)
+        time.sleep(0.05)
+    got = s.recv(65536)
+    s.close()
+    assert got.startswith(b"HTTP/1.1 400 ") and b"folding" in got, got[:200]
+    st, _, b, _ = raw(fe.port, folded[1].replace(b"\r\n\tb", b""))
+    assert st == 200, (st, b[:200])
+    # two requests on one connection, the second folded: the first is served, the second refused
+    st, _, b, closed = raw(fe.port, b"GET /live HTTP/1.1\r\nHost: localhost\r\n\r\n" + folded[1])
+    assert st == 200 and closed and b"HTTP/1.1 400 " in b and b"folding" in b, (st, b[:400], closed)
+    # ---- transfer codings without chunked last: the body's length cannot be known (RFC 9112
+    # §6.3: 400); with a Content-Length too (§6.1: refused, and closed)
+    for te, cl, why in ((b"identity", b"Content-Length: 2\r\n", "Content-Length"), (b"identity", b"", "chunked"),
+                        (b"gzip", b"", "chunked"), (b"chunked, gzip", b"", "chunked"),
+                        (b"chunked", b"Content-Length: 2\r\n", "Content-Length")):
+        st, _, b, closed = raw(fe.port, b"POST /admission HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: " + te +
+                               b"\r\n" + cl + b"Connection: close\r\n\r\n{}")
+        err = json.loads(b)["error"] if b.startswith(b"{") else {}
+        assert st == 400 and closed and "Transfer-Encoding" in err.get("message", "") and \
+            why in err["message"], (te, cl, st, b[:300])
 
     # ---- refused resumes are client errors: answered (and counted), never logged at the default
     # level, so that a client guessing stream ids cannot fill the log (they were an INFO line each)

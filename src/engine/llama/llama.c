@@ -39,6 +39,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/jstr.h"
 #include "common/log.h"
 #include "common/paths.h"
 #include "common/util.h"
@@ -518,15 +519,16 @@ static bool prompt_may_fit(const ll_engine *e, const ll_seq *s, size_t len, char
     return false;
 }
 
-/* Content of a chat message: a string, or the text parts of an array of parts. */
+/* Content of a chat message: a string, or the words of an array of parts (bt_jstr_part_text: text
+ * and refusal parts). */
 static bt_status message_text(json_t *content, bt_buf *out) {
     if (json_is_string(content)) return bt_buf_append(out, json_string_value(content), json_string_length(content));
     if (json_is_array(content)) {
         size_t i;
         json_t *part;
         json_array_foreach(content, i, part) {
-            json_t *t = json_object_get(part, "text");
-            if (json_is_string(t)) {
+            const json_t *t = bt_jstr_part_text(part);
+            if (t) {
                 bt_status st = bt_buf_append(out, json_string_value(t), json_string_length(t));
                 if (st != BT_OK) return st;
             }

@@ -36,6 +36,7 @@
 #include <unistd.h>
 
 #include "common/closer.h"
+#include "common/jstr.h"
 #include "common/log.h"
 #include "common/util.h"
 #include "engine/deliver.h"
@@ -792,9 +793,8 @@ static bt_status append_content(bt_buf *b, const json_t *content, char *err, siz
     size_t i;
     const json_t *part;
     json_array_foreach(content, i, part) {
-        const json_t *text = json_object_get(part, "text");
-        const char *type = json_string_value(json_object_get(part, "type"));
-        if (!json_is_string(text) || (type && strcmp(type, "text") != 0)) continue; /* images etc. carry no text */
+        const json_t *text = bt_jstr_part_text(part);
+        if (!text) continue; /* images etc. carry no text */
         bt_status st = bt_buf_append(b, json_string_value(text), json_string_length(text));
         if (st != BT_OK) return st;
     }
