@@ -814,8 +814,10 @@ static void pump(fe_admit *a) {
         bool all_busy = false;
         /* every worker busy: it still leaves when one would preempt less urgent work for it
          * (fe_route_preempt; fe_migrate_dispatch then picks that worker). The test is monotone in
-         * priority, so the model is blocked for the less urgent entries behind it too. */
-        if (!fe_route(a->f, r->model, 0, NULL, 0, &all_busy, NULL, 0) && all_busy &&
+         * priority, so the model is blocked for the less urgent entries behind it too. The
+         * context it needs is asked as fe_migrate_dispatch asks it: a free worker too small for it
+         * would let it leave only to be queued again at the head, over and over, each tick. */
+        if (!fe_route(a->f, r->model, 0, NULL, 0, &all_busy, NULL, fe_request_context_need(r)) && all_busy &&
             !fe_route_preempt(a->f, r->model, t->priority)) {
             if (nblocked == BLOCKED_MAX) break;
             blocked[nblocked++] = r->model;

@@ -1412,9 +1412,10 @@ static void server_reject(bt_http_server *s) {
 static void on_connection(uv_stream_t *server, int status) {
     bt_http_server *s = server->data;
     if (status < 0) {
-        /* Out of descriptors, libuv has already closed the connections waiting (its EMFILE
-         * fallback frees a descriptor it keeps, accepts and closes): said at most once per
-         * REJECT_LOG_MS with a count, as a connection flood would otherwise flood the log. */
+        /* Out of descriptors, libuv closes the connections waiting itself (its EMFILE fallback
+         * frees a descriptor it keeps, accepts and closes) and calls here only when that fails
+         * too, so this counts such events, not connections: said at most once per REJECT_LOG_MS
+         * with a count, as a connection flood would otherwise flood the log. */
         bool nofd = status == UV_EMFILE || status == UV_ENFILE;
         if (nofd) s->stats.no_descriptors++;
         uint64_t now = uv_now(s->loop);

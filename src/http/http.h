@@ -151,7 +151,7 @@ typedef struct {
     uint64_t body_budget;     /* 503: a body past max_body_total */
     uint64_t output_budget;   /* connections closed as the largest backlog at max_output_total */
     uint64_t host_not_allowed; /* 403: a Host the server does not answer (allowed_hosts) */
-    uint64_t no_descriptors;   /* accept(2) failed for want of a descriptor: libuv reset the waiting ones */
+    uint64_t no_descriptors;   /* accept(2) failed for want of a descriptor and libuv's fallback too */
 } bt_http_stats;
 void bt_http_server_stats(const bt_http_server *s, bt_http_stats *out);
 /* Closes every connection (in-flight requests get on_abort) and frees the server once all
