@@ -2,7 +2,11 @@
 request-plane memory bound (docs/load-shedding.md, "The request-plane backlog"):
 
 - a frontend and worker C; 22 streams run on C, each request carrying 3.9 MB in its body (a field
-  the engine ignores: a continuation sends the client's body whole, whatever it holds);
+  the engine ignores: a continuation sends the client's body whole, whatever it holds). C is slow
+  (a token every ~0.6 s): the burst's 86 MB take the client and the frontend a few seconds to
+  upload and parse (tens of seconds on a loaded machine or under a sanitizer), and a stream that
+  ended on C before the last one started would never migrate. The kill waits until every stream
+  runs on C and has tokens, and the migration counters show that all 22 moved;
 - worker A joins and is paused (SIGSTOP, well within --stream-stall-timeout: a host that stops
   reading for a while), then C is killed: the 22 streams migrate to A, about 86 MB of REQUEST
   frames for one connection whose cap is 64 MiB (67 MB);
@@ -24,6 +28,11 @@ import batonlib as bl
 STREAMS = 22
 PAD = "x" * (3900 * 1000)
 MAX_TOKENS = 300
+# The mocker's decode step is ~5.7 ms at speedup 1: at 0.01 a stream on C takes ~170 s for its
+# MAX_TOKENS, longer than BURST_S and the survivor's start together, so none ends before the kill
+# however slowly the burst arrives; on the survivor (speedup 8) the rest takes well under a second.
+SLOW_SPEEDUP = 0.01
+BURST_S = 90  # bound on the burst reaching C and each stream's first token
 
 
 def body(i):
@@ -36,7 +45,7 @@ def main():
     with bl.Cluster() as c:
         # the queue takes the initial burst, whose bodies fill C's link past the busy mark too
         fe = c.start_frontend(stream_stall_timeout=20, queue_max_requests=100)
-        c.start_worker(speedup_ratio=0.5)
+        c.start_worker(speedup_ratio=SLOW_SPEEDUP)
         c.wait_workers(fe, 1)
 
         streams = [None] * STREAMS
@@ -48,9 +57,17 @@ def main():
         for t in threads:
             t.start()
         victim = c.workers[0]
-        bl.wait_for(lambda: bl.metric_sum(bl.metrics(fe.url), "dynamo_frontend_inflight_requests") >= STREAMS, 60,
-                    what=f"{STREAMS} streams on worker C")
-        time.sleep(1)  # each has streamed tokens: its continuation carries them
+
+        def all_on_c():
+            m = bl.metrics(fe.url)
+            # each stream runs on C (not in the admission queue) and has streamed tokens: its
+            # continuation carries them
+            return (bl.metric_sum(m, "baton_frontend_worker_inflight") >= STREAMS
+                    and bl.metric_sum(m, "dynamo_frontend_time_to_first_token_seconds_count") >= STREAMS)
+
+        t0 = time.monotonic()
+        bl.wait_for(all_on_c, BURST_S, what=f"{STREAMS} streams on worker C, each with its first token")
+        print(f"{STREAMS} streams on C with tokens after {time.monotonic() - t0:.1f} s")
         survivor = c.start_worker(speedup_ratio=8)
         c.wait_workers(fe, 2)
         os.kill(survivor.proc.pid, signal.SIGSTOP)
@@ -70,6 +87,10 @@ def main():
         assert "past the cap" not in log and "not reading" not in log, "the frontend dropped the worker"
         assert "its continuation waits for one to drain" in log, "no continuation waited for link room"
         assert len(c.wait_workers(fe, 1)) == 1
+        m = bl.metrics(fe.url)
+        moved = bl.metric_sum(m, "dynamo_frontend_model_migration_total", migration_type="ongoing_request")
+        assert moved == STREAMS, f"{moved:.0f} streams migrated with tokens, not {STREAMS}"
+        assert bl.metric_sum(m, "dynamo_frontend_model_migration_total", migration_type="new_request") == 0
 
         # the same streams alone on the survivor: the same tokens
         for i in (0, STREAMS - 1):
