@@ -21,7 +21,8 @@
  * gives up and exits 1. A child that became ready again starts the count afresh.
  *
  * On SIGINT/SIGTERM/SIGHUP (a closed terminal) every child gets SIGTERM (workers drain), the
- * group waits for them, removes the directory and exits 0; a second signal sends SIGKILL. A
+ * group waits for them, removes the directory and exits 0; a second signal sends SIGKILL, which
+ * cuts what still ran, and the group exits 128 + that signal's number (130 for Ctrl-C). A
  * launcher started with SIGHUP ignored (nohup) has its children ignore it too. */
 #include "cli/run.h"
 
@@ -439,11 +440,11 @@ static int routable_workers(const run_ctx *r) {
 
 static void print_serving(run_ctx *r) {
     const char *model = r->served[0] ? r->served : r->model ? r->model : "mock-model";
-    printf("baton: serving '%s' with %lld workers at %s/v1 (discovery in %s); Ctrl-C stops\n"
+    printf("baton: serving '%s' with %lld worker%s at %s/v1 (discovery in %s); Ctrl-C stops\n"
            "try:   curl -N %s/v1/chat/completions -H 'Content-Type: application/json' "
            "-d '{\"model\":\"%s\",\"messages\":[{\"role\":\"user\",\"content\":\"Hello\"}],\"stream\":true,"
            "\"max_tokens\":20}'\n",
-           model, (long long)r->workers, r->shown, r->dir, r->shown, model);
+           model, (long long)r->workers, r->workers == 1 ? "" : "s", r->shown, r->dir, r->shown, model);
     fflush(stdout);
 }
 
@@ -516,9 +517,9 @@ static void on_probe_timer(uv_timer_t *t) {
     uint64_t now = bt_now_ms();
     if (!r->serving && now - r->last_report_ms >= RUN_WAIT_REPORT_MS) {
         r->last_report_ms = now;
-        BT_INFO("still starting after %llu s: frontend %s, %d of %lld workers routable",
-                (unsigned long long)((now - r->started_ms) / 1000),
-                r->frontend.ready ? "ready" : "not ready yet", routable_workers(r), (long long)r->workers);
+        BT_INFO("still starting after %llu s: frontend %s, %d of %lld worker%s routable",
+                (unsigned long long)((now - r->started_ms) / 1000), r->frontend.ready ? "ready" : "not ready yet",
+                routable_workers(r), (long long)r->workers, r->workers == 1 ? "" : "s");
     }
     if (r->probe || !r->frontend.running) return;
     CURL *c = curl_easy_init();
@@ -579,7 +580,7 @@ static void describe_running(const run_ctx *r, char *out, size_t n) {
     for (int i = 0; i < r->workers; i++) w += r->w[i].running;
     char ws[64];
     if (w == r->workers) snprintf(ws, sizeof ws, "%d worker%s", w, w == 1 ? "" : "s");
-    else snprintf(ws, sizeof ws, "%d of %lld workers", w, (long long)r->workers);
+    else snprintf(ws, sizeof ws, "%d of %lld worker%s", w, (long long)r->workers, r->workers == 1 ? "" : "s");
     if (r->frontend.running && w) snprintf(out, n, "stopping the frontend and %s", ws);
     else if (r->frontend.running)
         snprintf(out, n, "stopping the frontend (%s)",
@@ -598,6 +599,9 @@ static void on_signal(void *data, int signum) {
                 running_children(r) ? " (again to force)" : "");
     }
     bool was_stopping = r->stopping;
+    /* a forced stop cuts running streams: not the clean drain that exit 0 reports. 128 + the
+     * signal, as a shell reports a command the signal ended; a failure's own code stays */
+    if (r->signals > 1 && running_children(r) > 0 && r->exit_code == 0) r->exit_code = 128 + signum;
     signal_children(r, r->signals > 1 ? SIGKILL : SIGTERM);
     if (!was_stopping && running_children(r) == 0) finish(r);
 }
@@ -775,8 +779,8 @@ int bt_run_main(int argc, char **argv) {
         all[i]->restart.data = all[i];
     }
     r.started_ms = r.last_report_ms = bt_now_ms();
-    BT_INFO("starting a frontend on %s and %lld workers (discovery in %s); \"serving\" follows once all are ready",
-            r.shown, (long long)r.workers, r.dir);
+    BT_INFO("starting a frontend on %s and %lld worker%s (discovery in %s); \"serving\" follows once all are ready",
+            r.shown, (long long)r.workers, r.workers == 1 ? "" : "s", r.dir);
     /* the frontend alone first: the workers start once it answers on its port (start_workers) */
     start_child(&r.frontend);
     uv_run(&loop, UV_RUN_DEFAULT);

@@ -62,12 +62,41 @@ static bool apply(const bt_opt *o, const char *val, const char *origin, char *er
     return false;
 }
 
+/* Whether argv[first..argc) gives `want`, read as bt_opts_parse reads it (a value that looks like a
+ * flag is still a value; an unknown flag is skipped with its value, as it is forwarded). */
+static bool on_command_line(const bt_opt *opts, int nopts, int argc, char **argv, int first, const bt_opt *want) {
+    for (int i = first; i < argc; i++) {
+        const char *a = argv[i];
+        char name[128];
+        const char *eq = strchr(a, '=');
+        bool inline_val = strncmp(a, "--", 2) == 0 && eq && (size_t)(eq - a) < sizeof name;
+        if (inline_val) {
+            memcpy(name, a, (size_t)(eq - a));
+            name[eq - a] = '\0';
+        } else {
+            snprintf(name, sizeof name, "%s", a);
+        }
+        const bt_opt *o = bt_opts_find(opts, nopts, name);
+        if (!o) {
+            if (strncmp(a, "--", 2) == 0 && !eq && i + 1 < argc && strncmp(argv[i + 1], "--", 2) != 0) i++;
+            continue;
+        }
+        if (o == want) return true;
+        /* a flag never takes the next flag as its value (bt_opts_parse refuses that for a non-boolean) */
+        if (!inline_val && i + 1 < argc && strncmp(argv[i + 1], "--", 2) != 0) i++;
+    }
+    return false;
+}
+
 bool bt_opts_parse(const bt_opt *opts, int nopts, int argc, char **argv, int first, const char **rest,
                    int rest_cap, int *nrest, char *err, int errlen) {
     if (nrest) *nrest = 0;
     for (int i = 0; i < nopts; i++) {
         const char *v = opts[i].env ? getenv(opts[i].env) : NULL;
-        if (v && *v && !apply(&opts[i], v, opts[i].env, err, errlen)) return false;
+        /* the flag wins: a variable it overrides is not read, so a bad value there is no error (a
+         * shell's exported default does not stop a command that says what it wants) */
+        if (!v || !*v || on_command_line(opts, nopts, argc, argv, first, &opts[i])) continue;
+        if (!apply(&opts[i], v, opts[i].env, err, errlen)) return false;
     }
     for (int i = first; i < argc; i++) {
         const char *a = argv[i];
@@ -116,26 +145,7 @@ bool bt_opts_parse(const bt_opt *opts, int nopts, int argc, char **argv, int fir
 const char *bt_opts_origin(const bt_opt *opts, int nopts, int argc, char **argv, int first, const char *flag) {
     const bt_opt *want = bt_opts_find(opts, nopts, flag);
     if (!want) return NULL;
-    for (int i = first; i < argc; i++) {
-        const char *a = argv[i];
-        char name[128];
-        const char *eq = strchr(a, '=');
-        bool inline_val = strncmp(a, "--", 2) == 0 && eq && (size_t)(eq - a) < sizeof name;
-        if (inline_val) {
-            memcpy(name, a, (size_t)(eq - a));
-            name[eq - a] = '\0';
-        } else {
-            snprintf(name, sizeof name, "%s", a);
-        }
-        const bt_opt *o = bt_opts_find(opts, nopts, name);
-        if (!o) { /* skipped as bt_opts_parse forwards it: with its value, when it has one */
-            if (strncmp(a, "--", 2) == 0 && !eq && i + 1 < argc && strncmp(argv[i + 1], "--", 2) != 0) i++;
-            continue;
-        }
-        if (o == want) return "argument";
-        /* a flag never takes the next flag as its value (bt_opts_parse refuses that for a non-boolean) */
-        if (!inline_val && i + 1 < argc && strncmp(argv[i + 1], "--", 2) != 0) i++;
-    }
+    if (on_command_line(opts, nopts, argc, argv, first, want)) return "argument";
     const char *v = want->env ? getenv(want->env) : NULL;
     return v && *v ? want->env : NULL;
 }

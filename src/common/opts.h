@@ -1,8 +1,8 @@
 /* opts.h — command-line flags with environment twins.
  *
  * A subcommand declares a table of bt_opt rows. bt_opts_parse() first applies each row's
- * environment variable, then the command line (the flag wins), validating every value against
- * the row's type and range. Unknown flags and bad values are errors with a message naming the
+ * environment variable, then the command line (the flag wins: the variable of a flag the command
+ * line gives is not read at all), validating every value against the row's type and range. Unknown flags and bad values are errors with a message naming the
  * flag, the value and what was expected. Flags take `--name value` or `--name=value`. */
 #ifndef BATON_OPTS_H
 #define BATON_OPTS_H

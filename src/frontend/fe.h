@@ -325,6 +325,7 @@ struct fe_req {
      * is an array of them, else the bytes of its text that reach the model (request.c) */
     uint64_t prompt_ids_len, prompt_bytes;
     bool mig_pending;       /* a failure was counted as a migration and no continuation was sent yet */
+    bool mig_stall;         /* such a failure since the last token: the stall goes to migration_stall */
     bool link_waiting;      /* in fe.link_waits: every link that could take its continuation is full */
     bool link_wait_logged;
     TAILQ_ENTRY(fe_req) link_wait; /* fe.link_waits, while link_waiting */

@@ -356,6 +356,7 @@ void fe_migrate_dispatch(fe_req *r) {
         return;
     }
     a->stream_id = id;
+    bool counted = r->mig_pending;
     r->mig_pending = false; /* the migration counted at the failure is performed */
     if (preempting) {
         uint32_t victims;
@@ -397,11 +398,16 @@ void fe_migrate_dispatch(fe_req *r) {
         if (bt_log_enabled(BT_LOG_DEBUG)) snprintf(why, sizeof why, "sent to worker %" PRIx64, w->id);
         fe_req_set_state(r, FE_REQ_ROUTING, why);
     }
-    if (r->attempts > 1)
+    if (r->attempts > 1 && counted)
         BT_WARN("request %s migrated from worker %" PRIx64 " to worker %" PRIx64
                 " with %zu tokens carried (%s after %s: %s; attempt %d of %d)",
                 r->rid, r->failed_worker, w->id, r->nids, r->nids ? "ongoing_request" : "new_request",
                 bt_status_name(r->fail_code), r->fail_msg, r->attempts, r->attempts + r->attempts_left);
+    else if (r->attempts > 1) /* a move or a refusal before the stream ran: not a failure, not counted */
+        BT_INFO("request %s migrated from worker %" PRIx64 " to worker %" PRIx64
+                " with %zu tokens carried (not a failure: %s: %s; attempt %d of %d)",
+                r->rid, r->failed_worker, w->id, r->nids, bt_status_name(r->fail_code), r->fail_msg, r->attempts,
+                r->attempts + r->attempts_left);
     /* for bench/migration_recovery.py: CLOCK_MONOTONIC, comparable across local processes */
     if (r->attempts > 1 && r->t_fail_us)
         BT_DEBUG("request %s: failure seen at t=%" PRIu64 " us, re-dispatched at t=%" PRIu64 " us", r->rid,
@@ -482,21 +488,12 @@ static void attempt_failed(fe_req *r, bt_status code, const char *msg) {
         fe_migrate_dispatch(r);
         return;
     }
-    /* counted whether or not budget is left, as Dynamo does: the counters show how many
-     * requests a failure touched; the exhausted counter shows how many of them it cost */
-    if (r->nids > 0) r->model->st.migrations_ongoing++;
-    else r->model->st.migrations_new++;
-    /* performed once a continuation is sent; a request that ends before (no worker left, the
-     * retry budget) counts in migrations_unserved at its end, so that total − exhausted − unserved
-     * is the migrations performed */
-    r->mig_pending = true;
-    if (code == BT_ERR_MOVED && r->moves >= FE_MOVES_FREE) /* at most once per charged attempt */
-        BT_WARN("request %s: moved %d times by its workers already; this move is charged to its migration budget",
-                r->rid, r->moves);
     if (code == BT_ERR_MOVED && r->moves < FE_MOVES_FREE) {
         /* moved by its operator (POST /rebalance), not failed: neither --migration-limit nor the
          * retry budget is charged, so a request with migration off survives a rebalance, and one
-         * rebalanced before a real failure still has its whole budget for it (FE_MOVES_FREE times) */
+         * rebalanced before a real failure still has its whole budget for it (FE_MOVES_FREE times).
+         * Nor is it counted as a migration, which counts failures (docs/fault-tolerance.md): the
+         * worker counts its moves (baton_worker_rebalanced_total) */
         r->attempts_left++;
         r->moves++;
         if (r->state != FE_REQ_MIGRATING) r->t_fail_us = bt_now_us();
@@ -505,6 +502,18 @@ static void attempt_failed(fe_req *r, bt_status code, const char *msg) {
         fe_migrate_dispatch(r);
         return;
     }
+    /* counted whether or not budget is left, as Dynamo does: the counters show how many
+     * requests a failure touched; the exhausted counter shows how many of them it cost */
+    if (r->nids > 0) r->model->st.migrations_ongoing++;
+    else r->model->st.migrations_new++;
+    /* performed once a continuation is sent; a request that ends before (no worker left, the
+     * retry budget) counts in migrations_unserved at its end, so that total − exhausted − unserved
+     * is the migrations performed */
+    r->mig_pending = true;
+    r->mig_stall = true;
+    if (code == BT_ERR_MOVED) /* past FE_MOVES_FREE: at most once per charged attempt */
+        BT_WARN("request %s: moved %d times by its workers already; this move is charged to its migration budget",
+                r->rid, r->moves);
     if (r->attempts_left <= 0) {
         r->mig_pending = false; /* no budget: counted as exhausted (or migration is off), not unserved */
         if (r->fe->o.migration_limit > 0) r->model->st.migrations_exhausted++;
@@ -600,9 +609,13 @@ void fe_attempt_on_tokens(fe_attempt *a, const uint32_t *ids, size_t n, const ch
     a->tokens += (uint32_t)n;
     if (r->state == FE_REQ_MIGRATING) {
         /* the stall the client saw: from the last token before the failure (or the request's
-         * start, if none had come) to this one; it includes the detection time */
+         * start, if none had come) to this one; it includes the detection time. A stall that no
+         * counted failure caused (a rebalance's move) is not a migration's. */
         uint64_t now = bt_now_us();
-        fe_hist_observe(&r->model->st.migration_stall, (double)(now - (r->nids ? r->t_last_us : r->t_start_us)) / 1e6);
+        if (r->mig_stall)
+            fe_hist_observe(&r->model->st.migration_stall,
+                            (double)(now - (r->nids ? r->t_last_us : r->t_start_us)) / 1e6);
+        r->mig_stall = false;
         BT_DEBUG("request %s: first token after the migration at t=%" PRIu64 " us", r->rid, now);
         r->t_fail_us = 0;
         fe_admit_migration_done(r); /* its --migration-concurrency slot frees */

@@ -376,6 +376,11 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
     }
     if (!bad && digests && !same_body(digests, snap))
         bad = "the request body differs from the one the stream was created with";
+    /* An error event is the stream's last only when an operator's kill ended it there (its tail).
+     * Any other one stopped the stream at its position, and a resume went on from there: that id
+     * names the position, whatever the stream did after it (the journal does not keep those error
+     * events, which are not replayed; a resume from one gets the same as from the position). */
+    if (mark == FE_MARK_ERROR && !(snap->tail.kind == FE_JTAIL_ERROR && pos == snap->nids)) mark = FE_MARK_NONE;
     if (!bad && mark != FE_MARK_NONE) {
         /* after the last token: only the events that ended this stream */
         if (pos != snap->nids) bad = "Last-Event-ID names a position this stream never sent";

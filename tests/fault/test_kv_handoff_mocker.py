@@ -12,6 +12,9 @@ sized like a real one.
    exactly 2 of its running streams to the other worker with their states (imported there, no
    prefill) while it keeps serving the rest; everything stays byte-exact, the frontend keeps
    routing to it (GET /health lists both), and without the flag the route does not exist (404).
+The frontend's migration counters: a stream a drain hands back is a migration (each counted once in
+dynamo_frontend_model_migration_total and in the stall histogram), a rebalanced one is not (neither
+moves).
 """
 
 import json
@@ -44,6 +47,13 @@ def worker(c, bpt, **flags):
                           mocker_kv_bytes_per_token=bpt, **flags)
 
 
+def migration_counts(fe):
+    """(dynamo_frontend_model_migration_total, migrations in the stall histogram) of the frontend."""
+    m = bl.metrics(fe.url)
+    return (bl.metric_sum(m, "dynamo_frontend_model_migration_total"),
+            bl.metric_sum(m, "dynamo_frontend_model_migration_stall_seconds_count"))
+
+
 def main():
     with bl.deadline(60, "test_kv_handoff_mocker"):
         with bl.Cluster() as c:
@@ -63,6 +73,7 @@ def main():
             assert after["imports"] - before["imports"] == len(moved), (before, after, moved)
             assert sum(after["fallbacks"].values()) == 0, after
             assert after["prefill"] == before["prefill"], (before, after)
+            assert migration_counts(fe) == (len(moved), len(moved)), (migration_counts(fe), moved)
             print(f"mocker SIGTERM: {len(moved)} streams moved with states of {min(sent)}-{max(sent)} bytes, "
                   f"imported, 0 prefill tokens, byte-exact")
 
@@ -84,6 +95,7 @@ def main():
             st, _, _ = bl.request("POST", y.system_url + "/rebalance?streams=1")
             assert st == 404, f"POST /rebalance without --rebalance-endpoint answered {st}"
             answer = {}
+            counts = migration_counts(fe)
 
             def rebalance():
                 st, _, body = bl.request("POST", x.system_url + "/rebalance?streams=2")
@@ -98,6 +110,7 @@ def main():
             assert bl.metric_sum(bl.metrics(x.system_url), "baton_worker_rebalanced_total") == 2
             assert x.proc.alive(), "the rebalanced worker stopped"
             assert len(c.wait_workers(fe, 2)) == 2
+            assert migration_counts(fe) == counts, f"the moves counted as migrations: {counts} -> {migration_counts(fe)}"
             print(f"rebalance: 2 streams moved off a live worker with their states, imported, byte-exact; "
                   f"{got['running']} kept running there")
     print("ok")

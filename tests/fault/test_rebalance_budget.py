@@ -8,9 +8,14 @@ charged neither to the request's --migration-limit nor to the retry budget.
    on X, byte-exact. The loss is its first real migration mid-stream, which the budget never
    refuses; had the rebalance counted, it would be a repeat migration and be refused.
 Both check the evidence: the rebalance answered moved=1 and the frontend logged the migrations.
+And both check that the move is counted as what it is: not in dynamo_frontend_model_migration_total
+or the migration stall histogram (which count failures), its log line at INFO (a migration's is a
+WARN), and the access log's "migrations" leaving it out (case 2: the kill's migration alone).
 """
 
 import json
+import os
+import re
 import signal
 import sys
 import threading
@@ -53,6 +58,18 @@ def moved_stream(c, fe, x, rid, after=None):
     return got["s"], y
 
 
+def migration_counts(fe):
+    """(dynamo_frontend_model_migration_total, migrations in the stall histogram) of the frontend."""
+    m = bl.metrics(fe.url)
+    return (bl.metric_sum(m, "dynamo_frontend_model_migration_total"),
+            bl.metric_sum(m, "dynamo_frontend_model_migration_stall_seconds_count"))
+
+
+def migration_lines(fe, rid):
+    """The levels of the frontend's "request <rid> migrated" lines, in order."""
+    return re.findall(rf"^\S+ (\w+) +frontend\[\d+\]: request {rid} migrated from", fe.proc.log_text(), re.M)
+
+
 def exact(ref, s, what):
     s.assert_ok(what)
     assert s.token_ids == ref.token_ids and s.text == ref.text, f"{what}: differs\n{s.summary()}\n{ref.summary()}"
@@ -71,18 +88,27 @@ def main():
             s, y = moved_stream(c, fe, x, "reb0")
             exact(ref, s, "rebalanced with --migration-limit 0")
             assert "request reb0 migrated" in fe.proc.log_text(), "the stream did not move"
+            assert migration_counts(fe) == (0, 0), f"the move counted as a migration: {migration_counts(fe)}"
+            assert migration_lines(fe, "reb0") == ["INFO"], migration_lines(fe, "reb0")
             print("--migration-limit 0: a rebalanced stream continued on the other worker, byte-exact")
             y.proc.stop()
             fe.proc.stop()
 
             # 2. a retry budget that refuses every retry; the loss after a rebalance is a first migration
-            fe = c.start_frontend(migration_limit=3, retry_budget=0.001, retry_budget_min=0)
+            access = os.path.join(c.dir, "access-reb1.log")
+            fe = c.start_frontend(migration_limit=3, retry_budget=0.001, retry_budget_min=0, access_log=access)
             c.wait_workers(fe, 1)
             s, y = moved_stream(c, fe, x, "reb1", after=lambda y: y.proc.kill(signal.SIGKILL))
             exact(ref, s, "rebalanced, then its worker killed")
             log = fe.proc.log_text()
             assert log.count("request reb1 migrated") == 2, "expected two moves (rebalance, kill)\n" + fe.proc.log_tail()
             assert "retry refused" not in log, fe.proc.log_tail()
+            # the kill is a migration, counted once; the rebalance before it is not
+            assert migration_counts(fe) == (1, 1), f"expected the kill's migration alone: {migration_counts(fe)}"
+            assert migration_lines(fe, "reb1") == ["INFO", "WARN"], migration_lines(fe, "reb1")
+            bl.wait_for(lambda: os.path.exists(access) and "reb1" in open(access).read(), 5, what="the access log")
+            line = next(json.loads(x) for x in open(access) if '"reb1"' in x)
+            assert line["attempts"] == 3 and line["migrations"] == 1, line
             print("retry budget of 0: rebalance then kill -9 of the new worker, continued byte-exact")
     print("ok")
 

@@ -323,8 +323,11 @@ def main():
             ("different body", 400, lambda: stream(fe, api, dict(b, max_tokens=b["max_tokens"] + 1),
                                                    headers={"Last-Event-ID": refs[0][1].event_ids[2]})),
             ("position never sent", 400, lambda: stream(fe, api, b, headers={"Last-Event-ID": f"{sid0}:999999"})),
+            # body_for(0) does not ask for usage: its stream never had a :usage event
             ("a tail the stream never had", 400, lambda: stream(fe, api, b, headers={
-                "Last-Event-ID": f"{sid0}:{len(refs[0][1].token_ids)}:error"})),
+                "Last-Event-ID": f"{sid0}:{len(refs[0][1].token_ids)}:usage"})),
+            ("an error past the end", 400, lambda: stream(fe, api, b, headers={
+                "Last-Event-ID": f"{sid0}:{len(refs[0][1].token_ids) + 1}:error"})),
         ]
         for what, status, fn in cases:
             s = fn()

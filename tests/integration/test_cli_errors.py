@@ -3,7 +3,10 @@
   1. Every flag of `baton run`, `baton frontend` and `baton worker` --help has an environment
      twin (README: "every flag has an environment twin"), and the twins added for the mocker's,
      the default-max-tokens and the test-hook flags and for `baton run --workers` are read: an
-     invalid value in each is refused naming the variable (exit 2).
+     invalid value in each is refused naming the variable (exit 2). The flag wins: with the flag
+     given a valid value on the command line, the same invalid variable is not read, and the
+     command goes on to the next check (an unknown --discovery, or `baton run --http-host
+     localhost`: exit 2 naming that instead).
   2. A flag followed by another flag has no value: `baton frontend --api-key --http-port P` is
      refused ("--api-key needs a value", exit 2) instead of starting with the API key
      "--http-port" and nothing on P; likewise a string flag of the worker and a number of `baton
@@ -129,7 +132,23 @@ for cmd, env, flag, bad in twins:
     rc, out, took = baton([cmd], env={env: bad})
     assert rc == 2 and f"baton {cmd}: {env}: invalid value '{bad}' for {flag}" in out, (env, rc, out)
     assert took < 10, (env, took)
-print(f"cli: every flag has an environment twin; {len(twins)} new twins read")
+good = {"--num-gpu-blocks-override": "64", "--block-size": "16", "--watermark": "0.01",
+        "--default-max-tokens": "100", "--fault-die-after-tokens": "0", "--fault-stall-after-tokens": "0",
+        "--fault-error-after-tokens": "0", "--fault-ignore-kill": "false", "--workers": "1",
+        "--stream-token-timeout": "0"}
+overridden = [t for t in twins if t[1] != "BATON_STREAM_TOKEN_TIMEOUT" or t[3] == "soon"] + \
+    [("run", "DYN_MIGRATION_LIMIT", "--migration-limit", "abc"),
+     ("frontend", "DYN_MIGRATION_LIMIT", "--migration-limit", "abc"),
+     ("frontend", "DYN_HTTP_PORT", "--http-port", "http")]
+good.update({"--migration-limit": "2", "--http-port": str(bl.free_port())})
+# the next check each command makes once its flags are read: a refusal that names its value
+later = {"run": ("--http-host", "localhost"), "frontend": ("--discovery", "consul"), "worker": ("--discovery", "consul")}
+for cmd, env, flag, bad in overridden:
+    for given in ([flag, good[flag]], [f"{flag}={good[flag]}"]):
+        rc, out, took = baton([cmd] + given + list(later[cmd]), env={env: bad})
+        assert rc == 2 and env not in out and later[cmd][1] in out, (env, given, rc, out)
+print(f"cli: every flag has an environment twin; {len(twins)} new twins read; "
+      f"{len(overridden)} invalid twins overridden by their flag are not read")
 
 # --- 2. a flag is not the value of the flag before it
 port = bl.free_port()

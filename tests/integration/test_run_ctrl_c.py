@@ -8,7 +8,8 @@ signal goes to the launcher's process group while a stream runs, once with SIGIN
 SIGTERM: the stream must end whole (its text byte-identical to a reference run of the same request,
 `[DONE]`, `finish_reason` "length", every token counted), `baton run` must exit 0 with every child
 gone, and no process may log a second signal. A second Ctrl-C still forces the stop: `baton run`
-sends SIGKILL to its children (checked on a stream that the drain would otherwise wait for).
+sends SIGKILL to its children (checked on a stream that the drain would otherwise wait for), and,
+having cut what ran, exits 130 (128 + SIGINT), not 0 as after a drain.
 
 A Ctrl-C during start-up, before the workers have started (they start once the frontend answers
 on its port), names what `baton run` stops: the processes it started so far, not the frontend and
@@ -92,6 +93,7 @@ with bl.Cluster() as c:
     assert not s.done and s.closed_early, "a second Ctrl-C did not cut the stream"
     rc = fe.proc.wait(20)
     assert rc is not None, "baton run did not exit after a second Ctrl-C"
+    assert rc == 130, f"baton run exited {rc} after a forced stop, not 130"
     assert time.monotonic() - sent[0] < 10, "the forced stop took more than 10 s"
     for p in kids:
         bl.wait_for(lambda: gone(p), 5, what=f"child {p} to be gone after the second Ctrl-C")

@@ -54,7 +54,7 @@ assert ("2 llama workers x 1 --llama-threads = 2 decode threads for the 1 CPU th
         and "each step can take seconds" in w[0] and "(e.g. --workers 1 --llama-threads 1)" in w[0]), w[0]
 assert "is more than the" not in log, "a worker warned about its own threads, which fit"
 log = run_log({CPUS[0]}, workers=1)
-assert not warnings(log) and "serving 'stories260K' with 1 workers" in log, warnings(log) or log
+assert not warnings(log) and "serving 'stories260K' with 1 worker at" in log, warnings(log) or log
 print("run: 2 llama workers on 1 CPU are warned about, 1 is not")
 
 if len(CPUS) >= 2:

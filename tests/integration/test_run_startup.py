@@ -16,7 +16,10 @@
      frontend and of each worker (request plane and status server) is on 127.0.0.1.
   5. Restarts are bounded: once serving, the frontend is killed and another program takes its port;
      the restarted frontend fails 4 times in a row (delays 1, 2, 4, 8 s) and `baton run` gives up
-     with exit 1, stopping every child."""
+     with exit 1, stopping every child. That group is started with BATON_WORKERS=1 and an invalid
+     DYN_MIGRATION_LIMIT that --migration-limit 2 overrides: the flag wins, so the bad variable is
+     not an error (for `baton run`, nor for its frontend, which inherits it), the frontend's limit
+     is 2, and the lines say "1 worker", not "1 workers"."""
 
 import http.client
 import http.server
@@ -169,6 +172,7 @@ print("configuration errors: baton run exited 2 without serving or restarting")
 # --- 3 and 4. "serving" only once every worker is routable; everything on --http-host
 with bl.Cluster() as c:
     fe = c.start_run(workers=3, speedup_ratio=50)  # waits for the "baton: serving" line
+    assert re.search(r"(?m)^baton: serving '[^']+' with 3 workers at ", fe.proc.log_text())
     st, _, body = bl.get_json(fe.url + "/health")
     assert st == 200, (st, body)
     listed = {i["instance_id"] for i in body["instances"]}
@@ -216,7 +220,14 @@ print("serving: printed after the frontend connected to all 3 workers; every lis
 
 # --- 5. bounded restarts: a frontend that cannot start again is given up on
 with bl.Cluster() as c:
-    fe = c.start_run(workers=1, speedup_ratio=50)
+    fe = c.start_run(env={"BATON_WORKERS": "1", "DYN_MIGRATION_LIMIT": "abc"}, migration_limit=2, speedup_ratio=50)
+    c.wait_workers(fe, 1)
+    lim = bl.metric_sum(bl.metrics(fe.url), "dynamo_frontend_model_migration_limit")
+    assert lim == 2, f"--migration-limit 2 over DYN_MIGRATION_LIMIT=abc: the frontend's limit is {lim}"
+    log = fe.proc.log_text()
+    assert "starting a frontend on http://127.0.0.1:" in log and " and 1 worker (discovery in " in log, log
+    assert re.search(r"(?m)^baton: serving '[^']+' with 1 worker at ", log), log
+    assert "1 workers" not in log, log
     fpid = [p for p in children(fe.proc.pid) if "\0frontend\0" in open(f"/proc/{p}/cmdline").read()]
     assert len(fpid) == 1, fpid
     os.kill(fpid[0], signal.SIGKILL)

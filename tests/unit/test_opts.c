@@ -6,7 +6,8 @@
  * "--http-port"), while `--name=--value` is a value, and then a flag name in value position is not
  * "given"; a
  * bare boolean flag before another flag; the environment twin when the command line lacks the
- * flag (and not when the variable is empty); unknown flags skipped with their values as
+ * flag (and not when the variable is empty), and an invalid variable that the flag overrides is not
+ * read (an error only without the flag); unknown flags skipped with their values as
  * bt_opts_parse forwards them; an unknown row name. Each case also runs bt_opts_parse over the
  * same arguments, so that the two readings are seen to agree. */
 #include <setjmp.h>
@@ -105,6 +106,17 @@ static void test_environment(void **state) {
     parse_ok(3, a, false);
     assert_null(s_up);
     assert_null(bt_opts_origin(opts, NOPTS, 3, a, 1, "--upstream"));
+    /* a variable the flag overrides is not read: an invalid one is no error then, and still one
+     * without the flag */
+    setenv("TEST_OPTS_BLOCKS", "abc", 1);
+    parse_ok(3, a, false);
+    assert_int_equal(s_blocks, 3);
+    char *b[] = {"cmd", "--blocks=4"};
+    parse_ok(2, b, false);
+    assert_int_equal(s_blocks, 4);
+    char *none[] = {"cmd", "--upstream", "http://x"}, err[256] = "";
+    assert_false(bt_opts_parse(opts, NOPTS, 3, none, 1, NULL, 0, NULL, err, sizeof err));
+    assert_non_null(strstr(err, "TEST_OPTS_BLOCKS: invalid value 'abc' for --blocks"));
     unsetenv("TEST_OPTS_UPSTREAM");
     unsetenv("TEST_OPTS_BLOCKS");
 }
