@@ -746,8 +746,10 @@ static void on_signal(void *data, int signum) {
     fe *f = data;
     if (f->shutting_down) {
         if (bt_proc_supervised) return; /* the same stop reaching the whole group: `baton run` escalates */
-        BT_WARN("second signal: exiting at once");
-        _exit(0);
+        /* forced: running streams are cut, which a script must be able to tell from a drain (as
+         * `baton run` does) */
+        BT_WARN("second signal: exiting at once (status %d)", 128 + signum);
+        _exit(128 + signum);
     }
     BT_INFO("HTTP server shutdown requested (%s): /live answers 503; accepting for %lld ms more, then draining "
             "running requests for up to %llds",

@@ -247,8 +247,11 @@ static void on_stop_signal(void *data, int signum) {
     const char *name = bt_proc_signal_name(signum);
     if (++w->signals_seen > 1) {
         if (bt_proc_supervised) return; /* the same stop reaching the whole group: `baton run` escalates */
-        BT_WARN("second signal (%s): exiting at once", name);
-        _exit(w->exit_code);
+        /* forced: a failure already decided keeps its status, else 128 + the signal, which a
+         * script must be able to tell from a drain (as `baton run` does) */
+        int code = w->exit_code ? w->exit_code : 128 + signum;
+        BT_WARN("second signal (%s): exiting at once (status %d)", name, code);
+        _exit(code);
     }
     char why[32];
     snprintf(why, sizeof why, "%s received", name);

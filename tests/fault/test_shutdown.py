@@ -8,7 +8,7 @@
 2. SIGTERM when everything can finish: the frontend exits 0 as soon as the last stream ends,
    without waiting for the bound, and every stream is complete.
 3. The accept window follows Dynamo's DYN_HTTP_GRACEFUL_SHUTDOWN_TIMEOUT_SECS (default 5 s) and a
-   second signal exits at once.
+   second signal exits at once, with 143 (a forced stop), as does a draining worker's.
 
 The checkers are run once more against doctored input and must fail.
 """
@@ -192,6 +192,23 @@ with bl.Cluster() as c:
     fe2.proc.kill(signal.SIGTERM)
     fe2.proc.wait_log(r"accepting for 5000 ms more")
     fe2.proc.kill(signal.SIGTERM)
-    assert fe2.proc.wait(3) == 0, "a second signal did not exit at once"
+    assert fe2.proc.wait(3) == 128 + signal.SIGTERM, "a second signal did not exit at once, with 143"
     fe2.proc.wait_log(r"second signal: exiting at once")
+    # a worker draining a stream: the second signal cuts it, and says so in its status
+    w = c.start_worker(speedup_ratio=0.05, graceful_shutdown_timeout=60)
+    fe3 = c.start_frontend()
+    c.wait_workers(fe3, 1)
+    res = {}
+    t = threading.Thread(target=lambda: res.update(s=bl.stream_completion(
+        fe3.url, bl.completion_body("a long one", max_tokens=2000, stream=True), timeout=30)))
+    t.start()
+    bl.wait_for(lambda: bl.metric_sum(bl.metrics(fe3.url), "dynamo_frontend_inflight_requests") >= 1, 10,
+                what="the stream to run")
+    w.proc.kill(signal.SIGTERM)
+    w.proc.wait_log(r"draining", 5)
+    assert w.proc.alive(), "the worker did not wait for its stream"
+    w.proc.kill(signal.SIGTERM)
+    assert w.proc.wait(5) == 128 + signal.SIGTERM, "a worker's second signal is a forced stop: 143"
+    w.proc.wait_log(r"second signal \(SIGTERM\): exiting at once \(status 143\)", 1)
+    t.join(30)
 print("test_shutdown: ok")
