@@ -159,7 +159,9 @@ void fe_access_request(const fe_req *r, fe_outcome out) {
     PUT_KEY(b, ",\"attempts\":");
     bt_buf_append_i64(b, r->attempts);
     PUT_KEY(b, ",\"migrations\":");
-    bt_buf_append_i64(b, r->attempts > 1 + r->moves ? r->attempts - 1 - r->moves : 0);
+    /* a move and a draining worker's refusal before it ran are attempts, not migrations */
+    int migrations = r->attempts - 1 - r->moves - r->declined;
+    bt_buf_append_i64(b, migrations > 0 ? migrations : 0);
     PUT_KEY(b, ",\"resumed\":");
     put_bool(b, r->resumed);
     PUT_KEY(b, ",\"client_gone\":");

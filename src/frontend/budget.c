@@ -30,8 +30,9 @@ void fe_budget_started(fe *f) {
 bool fe_budget_allow(fe_req *r, char *why, size_t whylen) {
     fe *f = r->fe;
     bool reroute = r->nids == 0;          /* nothing reached the client yet */
-    /* it has moved mid-stream before, other than by a rebalance (which is not a failure) */
-    bool repeat = !reroute && r->attempts - r->moves >= 2;
+    /* it has moved mid-stream before, other than by a rebalance or a draining worker's refusal
+     * before it ran (neither is a failure) */
+    bool repeat = !reroute && r->attempts - r->moves - r->declined >= 2;
     double share = fe_admit_retry_budget(f); /* changed at run time by POST /admission */
     int64_t floor_n = fe_admit_retry_budget_min(f);
     if (share <= 0 || (!reroute && !repeat)) return true;

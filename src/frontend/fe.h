@@ -305,6 +305,7 @@ struct fe_req {
     int attempts_left;       /* the budget: --migration-limit + 1, less each attempt charged */
     int attempts;            /* attempts made */
     int moves;               /* of them, ended by a rebalance (BT_ERR_MOVED): charged to no budget */
+    int declined;            /* of them, refused by a draining worker before they ran: no failure either */
     int busy_refusals;       /* of them, refused by a busy upstream (bt_status_upstream_busy) */
     /* the workers that refused it busy, or refused its continuation for their context length
      * (migrate.c): not routed to again */

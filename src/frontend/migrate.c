@@ -483,6 +483,7 @@ static void attempt_failed(fe_req *r, bt_status code, const char *msg) {
          * Not a migration and not charged to the budget, so it holds with migration off too; the
          * worker is marked draining, so the retry goes elsewhere and cannot repeat there. */
         r->attempts_left++;
+        r->declined++;
         BT_INFO("request %s refused by draining worker %" PRIx64 " before it started; routing it elsewhere", r->rid,
                 r->failed_worker);
         fe_migrate_dispatch(r);
