@@ -283,7 +283,8 @@ static int32_t f_chat_apply_template(const char *tmpl, const struct llama_chat_m
         k += (size_t)snprintf(out + k, sizeof out - k, fake_chatml ? "<|im_start|>%s\n%.*s<|im_end|>\n" : "[%s]%.*s</>",
                               chat[i].role, (int)cl, chat[i].content);
     }
-    if (add_ass) k += (size_t)snprintf(out + k, sizeof out - k, fake_chatml ? "<|im_start|>assistant\n" : "[assistant]");
+    if (add_ass)
+        k += (size_t)snprintf(out + k, sizeof out - k, fake_chatml ? "<|im_start|>assistant\n" : "[assistant]");
     if (buf && len > 0) snprintf(buf, (size_t)len, "%s", out);
     return (int32_t)k;
 }
@@ -716,7 +717,8 @@ static void test_continue_final(void **state) {
     /* ChatML: the final content is cut at its own place, the one after the messages before it and
      * the final message's header, whatever of it the markers around it also hold */
     fake_chatml = true;
-    static const char *const chatml[] = {"<", "|", "\n", ">\n", "im_end", "assistant", "hi", "<|im_start|>", "a<|im_end|>"};
+    static const char *const chatml[] = {"<",         "|",  "\n",           ">\n",        "im_end",
+                                         "assistant", "hi", "<|im_start|>", "a<|im_end|>"};
     for (size_t i = 0; i < sizeof chatml / sizeof *chatml; i++) {
         char want[128];
         snprintf(want, sizeof want, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n%s", chatml[i]);

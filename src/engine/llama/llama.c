@@ -549,7 +549,7 @@ static bool apply_template(ll_engine *e, const struct llama_chat_message *cm, si
 /* Stands for the final message's content in a second rendering: text none of llama.cpp's
  * built-in templates writes (control characters), with no blank at either end that a trimming
  * template would drop, so that where it appears is where the template writes the content. */
-#define FINAL_MARK "\x01" "baton-final-message" "\x02"
+#define FINAL_MARK "\001baton-final-message\002"
 
 /* continue_final_message under the model's template: the length of the prompt cut right after the
  * final message's content, or 0 when that place is not known. The content cannot be looked for
