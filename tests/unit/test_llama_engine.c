@@ -701,7 +701,7 @@ static void test_continue_final(void **state) {
     t = run_chat("abc", false, &st);
     assert_int_equal(t->finishes, 1);
     assert_int_equal(t->usage.prompt_tokens, 1 + strlen("[user]hi</>[assistant]abc</>[assistant]"));
-    /* "hi" occurs earlier too: the cut is after its last occurrence, the final message's */
+    /* "hi" is the user's message too: the cut is after the final message's "hi" */
     t = run_chat("hi", true, &st);
     assert_int_equal(t->finishes, 1);
     assert_int_equal(t->usage.prompt_tokens, 1 + strlen("[user]hi</>[assistant]hi"));
