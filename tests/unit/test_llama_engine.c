@@ -120,8 +120,10 @@ static int32_t f_model_n_ctx_train(const struct llama_model *m) {
     return 1024;
 }
 /* test_continue_final: a model template, "[role]content</>" per message, "[assistant]" to come;
- * with fake_trims it drops the content's trailing blanks, as some real templates do */
-static bool fake_template, fake_trims;
+ * with fake_trims it drops the content's trailing blanks, as some real templates do; with
+ * fake_chatml it writes llama.cpp's ChatML instead ("<|im_start|>role\ncontent<|im_end|>\n",
+ * "<|im_start|>assistant\n" to come), whose markers hold short contents such as "<" or "\n" */
+static bool fake_template, fake_trims, fake_chatml;
 static const char *f_model_chat_template(const struct llama_model *m, const char *name) {
     (void)m, (void)name;
     return fake_template ? "fake" : NULL;
@@ -278,9 +280,11 @@ static int32_t f_chat_apply_template(const char *tmpl, const struct llama_chat_m
     for (size_t i = 0; i < n; i++) {
         size_t cl = strlen(chat[i].content);
         while (fake_trims && cl && chat[i].content[cl - 1] == ' ') cl--;
-        k += (size_t)snprintf(out + k, sizeof out - k, "[%s]%.*s</>", chat[i].role, (int)cl, chat[i].content);
+        k += (size_t)snprintf(out + k, sizeof out - k, fake_chatml ? "<|im_start|>%s\n%.*s<|im_end|>\n" : "[%s]%.*s</>",
+                              chat[i].role, (int)cl, chat[i].content);
     }
-    if (add_ass) k += (size_t)snprintf(out + k, sizeof out - k, "[assistant]");
+    if (add_ass)
+        k += (size_t)snprintf(out + k, sizeof out - k, fake_chatml ? "<|im_start|>assistant\n" : "[assistant]");
     if (buf && len > 0) snprintf(buf, (size_t)len, "%s", out);
     return (int32_t)k;
 }
@@ -675,6 +679,17 @@ static tseq *run_chat(const char *last, bool cont, bt_status *st) {
     return t;
 }
 
+/* The prompt run_chat's sequence was given is `text`: as many tokens (and BOS), and the model's
+ * greedy tokens after exactly that text (the fake's next token hashes every prompt token). */
+static void assert_prompt(const tseq *t, const char *text) {
+    assert_int_equal(t->finishes, 1);
+    assert_int_equal(t->usage.prompt_tokens, 1 + strlen(text));
+    static tseq ref;
+    expected_stream(&ref, text);
+    assert_int_equal(t->ngot, 3);
+    assert_memory_equal(t->got, ref.expect, 3 * sizeof *t->got);
+}
+
 static void test_continue_final(void **state) {
     (void)state;
     fake_template = true;
@@ -686,7 +701,7 @@ static void test_continue_final(void **state) {
     t = run_chat("abc", false, &st);
     assert_int_equal(t->finishes, 1);
     assert_int_equal(t->usage.prompt_tokens, 1 + strlen("[user]hi</>[assistant]abc</>[assistant]"));
-    /* "hi" occurs earlier too: the cut is after its last occurrence, the final message's */
+    /* "hi" is the user's message too: the cut is after the final message's "hi" */
     t = run_chat("hi", true, &st);
     assert_int_equal(t->finishes, 1);
     assert_int_equal(t->usage.prompt_tokens, 1 + strlen("[user]hi</>[assistant]hi"));
@@ -699,6 +714,24 @@ static void test_continue_final(void **state) {
     fake_trims = false;
     t = run_chat(NULL, true, &st); /* after a user message: refused at submit */
     assert_int_equal(st, BT_ERR_INVALID_PARAM);
+    /* ChatML: the final content is cut at its own place, the one after the messages before it and
+     * the final message's header, whatever of it the markers around it also hold */
+    fake_chatml = true;
+    static const char *const chatml[] = {"<",         "|",  "\n",           ">\n",        "im_end",
+                                         "assistant", "hi", "<|im_start|>", "a<|im_end|>"};
+    for (size_t i = 0; i < sizeof chatml / sizeof *chatml; i++) {
+        char want[128];
+        snprintf(want, sizeof want, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n%s", chatml[i]);
+        t = run_chat(chatml[i], true, &st);
+        assert_int_equal(st, BT_OK);
+        assert_prompt(t, want);
+    }
+    fake_trims = true; /* the trailing blank dropped: refused, not cut elsewhere */
+    t = run_chat("< ", true, &st);
+    assert_int_equal(t->finishes, 0);
+    assert_int_equal(t->errors, 1);
+    fake_trims = false;
+    fake_chatml = false;
     fake_template = false;
     /* the plain template: the final message open, no line end and no "assistant:" */
     t = run_chat("abc", true, &st);

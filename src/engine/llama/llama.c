@@ -537,14 +537,67 @@ static bt_status message_text(json_t *content, bt_buf *out) {
     return BT_OK;
 }
 
+/* The chat rendered with the model's template into out (emptied first): false when it is not,
+ * out then holding no text and, when the buffer could not grow, its error. */
+static bool apply_template(ll_engine *e, const struct llama_chat_message *cm, size_t n, bool add_ass, bt_buf *out) {
+    bt_buf_reset(out);
+    int32_t need = e->L->llama_chat_apply_template(e->chat_template, cm, n, add_ass, NULL, 0);
+    if (need < 0 || bt_buf_reserve(out, (size_t)need + 1) != BT_OK) return false;
+    if (e->L->llama_chat_apply_template(e->chat_template, cm, n, add_ass, out->data, need + 1) != need) return false;
+    out->len = (size_t)need;
+    return true;
+}
+
+/* Stands for the final message's content in a second rendering: text none of llama.cpp's
+ * built-in templates writes (control characters), with no blank at either end that a trimming
+ * template would drop, so that where it appears is where the template writes the content. */
+#define FINAL_MARK "\001baton-final-message\002"
+
+/* continue_final_message under the model's template: the length of the prompt cut right after the
+ * final message's content, or 0 when that place is not known. The content cannot be looked for
+ * in the rendering itself: the end of turn and the final message's own header hold short text
+ * too ("<" and "|" in "<|im_end|>", "\n" and "assistant" before ChatML's content), so that a last
+ * or a first occurrence lands in a marker, a prompt no error shows. The chat is rendered once
+ * more with FINAL_MARK as the final content: the template writes everything before that mark
+ * (the earlier messages, the header) and after it (the end of turn) for any content, so the
+ * rendering with the real content must be exactly that text with the content where the mark
+ * was, and the cut goes right after it. A template that trims or rewrites the content fails
+ * that comparison. */
+static size_t final_content_end(ll_engine *e, struct llama_chat_message *cm, size_t n, const bt_buf *full,
+                                const bt_buf *last, bt_status *st) {
+    size_t cl = last->len - 1, ml = sizeof FINAL_MARK - 1, cut = 0;
+    const char *content = cm[n - 1].content;
+    bt_buf marked;
+    bt_buf_init(&marked, (size_t)64 << 20);
+    cm[n - 1].content = FINAL_MARK;
+    bool ok = apply_template(e, cm, n, false, &marked);
+    cm[n - 1].content = content;
+    if (!ok) {
+        *st = bt_buf_status(&marked);
+        goto out;
+    }
+    /* the last mark: the earlier messages come before the final one and may hold its text */
+    const char *at = NULL;
+    for (const char *p = marked.data; (p = memmem(p, marked.len - (size_t)(p - marked.data), FINAL_MARK, ml)); p++)
+        at = p;
+    if (!at) goto out;
+    size_t before = (size_t)(at - marked.data), after = marked.len - before - ml;
+    if (cl && full->len == before + cl + after && !memcmp(full->data, marked.data, before) &&
+        !memcmp(full->data + before, last->data, cl) && !memcmp(full->data + before + cl, at + ml, after))
+        cut = before + cl;
+out:
+    bt_buf_free(&marked);
+    return cut;
+}
+
 /* The prompt tokens of a chat: the model's template through llama_chat_apply_template when it
  * has one llama.cpp knows, else the plain template "role: content\n" per message + "assistant:".
  * continue_final_message (the final message is an assistant's, engine/params.c) leaves that
  * message open: the plain template ends with its content; the model's is rendered without the
- * assistant's turn to come (add_ass false) and cut right after the final content, dropping the
- * end of turn the template writes behind it, as vLLM does. A template that does not write that
- * content as sent (it trims or rewrites it), or an empty one, cannot be cut there: refused rather
- * than continued from some other text. */
+ * assistant's turn to come (add_ass false) and cut right after the final content, where the
+ * template writes it (final_content_end), dropping the end of turn it writes behind it, as vLLM
+ * does. A template that does not write that content as sent (it trims or rewrites it), or an
+ * empty one, cannot be cut there: refused rather than continued from some other text. */
 static bt_status render_chat(ll_engine *e, ll_seq *s, char *err, size_t errlen) {
     json_t *msgs = json_object_get(s->body, "messages");
     size_t n = json_array_size(msgs);
@@ -578,33 +631,20 @@ static bt_status render_chat(ll_engine *e, ll_seq *s, char *err, size_t errlen) 
         }
     }
     bool special = false, open_last = s->gp.continue_final && n > 0;
-    if (e->chat_template) {
-        int32_t need = e->L->llama_chat_apply_template(e->chat_template, cm, n, !open_last, NULL, 0);
-        if (need >= 0) {
-            if ((st = bt_buf_reserve(&prompt, (size_t)need + 1)) != BT_OK) goto out;
-            int32_t got =
-                e->L->llama_chat_apply_template(e->chat_template, cm, n, !open_last, prompt.data, need + 1);
-            if (got == need) {
-                prompt.len = (size_t)need;
-                special = true;
-            }
-        }
-    }
+    if (e->chat_template && !(special = apply_template(e, cm, n, !open_last, &prompt)) &&
+        (st = bt_buf_status(&prompt)) != BT_OK)
+        goto out;
     if (special && open_last) {
-        const bt_buf *last = &texts[n - 1];
-        size_t cl = last->len - 1;
-        const char *at = NULL;
-        for (const char *p = prompt.data; cl && (p = memmem(p, prompt.len - (size_t)(p - prompt.data), last->data, cl));
-             p++)
-            at = p;
-        if (!at) {
+        size_t cut = final_content_end(e, cm, n, &prompt, &texts[n - 1], &st);
+        if (st != BT_OK) goto out;
+        if (!cut) {
             snprintf(err, errlen,
                      "'continue_final_message': this model's chat template does not write the final message as "
                      "sent, so it cannot be continued");
             st = BT_ERR_INVALID_PARAM;
             goto out;
         }
-        prompt.len = (size_t)(at - prompt.data) + cl;
+        prompt.len = cut;
     }
     if (!special) { /* no template llama.cpp knows: the plain one, content by its length */
         for (size_t i = 0; i < n && st == BT_OK; i++) {
