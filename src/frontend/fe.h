@@ -80,6 +80,7 @@ typedef struct {
     uint64_t preempt_routed; /* new requests routed past the busy verdict to a worker that preempts for them */
     uint64_t token_timeouts; /* attempts given up after --stream-token-timeout of silence on their stream */
     uint64_t stream_waits[2]; /* WAITING frames received, by reason (BT_WAIT_QUEUED, BT_WAIT_PREEMPTED) */
+    uint64_t link_wait_retries; /* dispatches of continuations that waited for link room (migrate.c) */
 } fe_stats;
 
 struct fe_model {
@@ -487,10 +488,12 @@ struct fe {
     LIST_HEAD(, fe_attempt) relays; /* attempts whose KV state is being written (workers.c) */
     uv_timer_t relay_timer;          /* paces them while any waits for room */
     /* Continuations waiting for a request-plane link under BT_RPC_BACKLOG_CONTINUATION (migrate.c),
-     * oldest first, retried by link_timer while any waits. */
+     * oldest first, retried by link_timer while any waits: a few at a time, after link_woken. */
     TAILQ_HEAD(, fe_req) link_waits;
     size_t nlink_waits;
     uv_timer_t link_timer;
+    bool link_woken;         /* a link drained, or a worker came or went, since the last retry */
+    uint32_t link_idle_ticks; /* ticks since the last retry */
     /* The discovery grace (workers.c): fires at the earliest grace_until_ms of a worker in grace.
      * grace_workers: the workers in grace, in the order their graces began, which with one
      * --discovery-grace for all is the order they end (the head ends first), so a fleet whose keys
@@ -715,6 +718,9 @@ void fe_error_body(bt_buf *b, int status, const char *code, const char *param, c
 void fe_migrate_dispatch(fe_req *r);
 /* r leaves the continuations waiting for link room (migrate.c), if it was there: at its end. */
 void fe_migrate_unwait(fe_req *r);
+/* A request-plane link drained below BT_RPC_BACKLOG_CONTINUATION, or a worker's connection opened
+ * or closed: continuations waiting for link room are retried at the next tick. */
+void fe_migrate_link_wake(fe *f);
 /* Frames of an attempt's stream, from the worker connection. on_finish and on_error end the
  * attempt (it is detached from its worker and freed); on_error decides whether the request
  * migrates (a migratable error, budget left, not cancelled) or ends. */

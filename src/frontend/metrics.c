@@ -95,6 +95,11 @@ static void collect_models(fe *f, bt_metrics *r) {
         bt_metrics_add(fam, (double)m->st.stream_waits[BT_WAIT_PREEMPTED], "model", m->name, "reason", "preempted",
                        NULL);
     }
+    fam = bt_metrics_counter(r, "baton_frontend_link_wait_retries_total",
+                             "Dispatches of continuations waiting for request-plane link room (each routes over the "
+                             "model's workers): at most 32 a tick, after a link drained or a worker came or went");
+    for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link))
+        bt_metrics_add(fam, (double)m->st.link_wait_retries, "model", m->name, NULL);
     fam = bt_metrics_gauge(r, "dynamo_frontend_model_migration_limit", BT_MERGE_MAX,
                            "Extra attempts a request may get (--migration-limit)");
     for (fe_model *m = LIST_FIRST(&f->models); m; m = LIST_NEXT(m, link))

@@ -162,12 +162,25 @@ static char *continuation_payload(const fe_req *r, bool adopt, bool kv, size_t *
  *
  * A continuation goes to a busy worker rather than fail, and may pass the request-plane backlog
  * mark that holds new requests back (BT_RPC_BACKLOG_BUSY), but not BT_RPC_BACKLOG_CONTINUATION:
- * when every worker that could take it holds that much unsent, it waits here and is dispatched
- * again every LINK_WAIT_MS until a link has drained (its worker reads) or is gone (a worker that
- * reads nothing is closed after the dead-peer time, and routing then skips it). A migration storm
- * onto workers that read slowly thus waits in this list instead of pushing their connections past
- * their memory cap, which would close them and migrate their streams in turn. */
+ * when every worker that could take it holds that much unsent, it waits here until a link has
+ * drained (its worker reads) or is gone (a worker that reads nothing is closed after the dead-peer
+ * time, and routing then skips it). A migration storm onto workers that read slowly thus waits in
+ * this list instead of pushing their connections past their memory cap, which would close them
+ * and migrate their streams in turn.
+ *
+ * Each retry routes over the model's workers, on the loop that must write those links out: the
+ * retries go at most LINK_WAIT_MAX_PER_TICK a tick, and only after a link fell below the mark or a
+ * worker's connection opened or closed (fe_migrate_link_wake). A tick whose retries sent some keeps
+ * going at the next one; one whose retries all waited again stops until the next wake. Anything
+ * else that makes a worker routable again (a quarantine or an ejection ending) is found by the
+ * oldest waiting continuation, retried alone every LINK_WAIT_IDLE_TICKS ticks. */
 #define LINK_WAIT_MS 5
+#define LINK_WAIT_MAX_PER_TICK 32 /* retries per tick: bounded work per loop iteration */
+#define LINK_WAIT_IDLE_TICKS 20   /* 100 ms */
+
+void fe_migrate_link_wake(fe *f) {
+    if (f->nlink_waits) f->link_woken = true;
+}
 
 void fe_migrate_unwait(fe_req *r) {
     if (!r->link_waiting) return;
@@ -179,12 +192,23 @@ void fe_migrate_unwait(fe_req *r) {
 
 static void on_link_timer(uv_timer_t *t) {
     fe *f = t->data;
-    /* those waiting now, oldest first; one that must wait again goes back to the end */
-    for (size_t n = f->nlink_waits; n > 0 && !TAILQ_EMPTY(&f->link_waits); n--) {
+    size_t n = LINK_WAIT_MAX_PER_TICK;
+    if (!f->link_woken) {
+        if (++f->link_idle_ticks < LINK_WAIT_IDLE_TICKS) return;
+        n = 1;
+    }
+    f->link_woken = false;
+    f->link_idle_ticks = 0;
+    /* the oldest first; one that must wait again goes back to the end */
+    if (n > f->nlink_waits) n = f->nlink_waits;
+    size_t left = f->nlink_waits; /* those that stay if every retry waits again */
+    for (size_t i = 0; i < n && !TAILQ_EMPTY(&f->link_waits); i++) {
         fe_req *r = TAILQ_FIRST(&f->link_waits);
         fe_migrate_unwait(r);
+        r->model->st.link_wait_retries++;
         fe_migrate_dispatch(r); /* may end r */
     }
+    if (f->nlink_waits < left) f->link_woken = true; /* some went: the rest may follow */
     if (TAILQ_EMPTY(&f->link_waits)) uv_timer_stop(t);
 }
 

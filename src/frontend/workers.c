@@ -229,6 +229,7 @@ static void on_conn_open(void *ud, bt_rpc_conn *c) {
         BT_INFO("worker %" PRIx64 " (%s) out of quarantine: reconnected", w->id, w->transport);
     }
     set_state(w, FW_READY, "connected");
+    fe_migrate_link_wake(w->fe); /* room for continuations waiting for a link */
 }
 
 /* A request finished on w and gave back the KV blocks of its prompt and output. */
@@ -402,6 +403,7 @@ static void on_conn_close(void *ud, bt_rpc_conn *c, bt_status why, const char *r
     (void)c;
     fe_worker *w = ud;
     w->conn = NULL;
+    fe_migrate_link_wake(w->fe); /* a continuation waiting for this link goes elsewhere, or ends */
     bool was_ready = w->state == FW_READY;
     set_state(w, FW_DOWN, reason);
     grace_end(w, FE_GRACE_DROPPED, "its connection ended"); /* forgotten below: its key is gone */
@@ -420,7 +422,15 @@ static void on_conn_close(void *ud, bt_rpc_conn *c, bt_status why, const char *r
     uv_timer_start(&w->retry_timer, on_retry_timer, w->backoff_ms, 0);
 }
 
-static const bt_rpc_handlers conn_handlers = {on_conn_open, on_conn_frame, on_conn_close, NULL, on_conn_peek};
+/* The worker's link fell below BT_RPC_BACKLOG_CONTINUATION (bt_rpc on_drain). */
+static void on_conn_drain(void *ud, bt_rpc_conn *c) {
+    (void)c;
+    fe_worker *w = ud;
+    fe_migrate_link_wake(w->fe);
+}
+
+static const bt_rpc_handlers conn_handlers = {on_conn_open, on_conn_frame, on_conn_close, NULL, on_conn_peek,
+                                              on_conn_drain};
 
 static void worker_connect(fe_worker *w) {
     bt_rpc_config rc;

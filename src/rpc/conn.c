@@ -38,6 +38,7 @@ struct bt_rpc_conn {
     bt_buf rbuf;
     bt_buf wbuf;
     size_t queued; /* bytes handed to uv_write and not yet written */
+    bool backlogged; /* unsent reached BT_RPC_BACKLOG_CONTINUATION: on_drain when it falls below */
     /* Whether the peer takes what is written: of the bytes written to the socket or handed to
      * uv_write (handed), those the peer's TCP has acknowledged at the last heartbeat (out_progress),
      * and since when that count has not grown while bytes waited (heartbeat clock, as last_rx_ms). */
@@ -129,6 +130,15 @@ static void conn_fail(bt_rpc_conn *c, bt_status why, const char *fmt, ...) {
     bt_rpc_conn_close(c, why, msg);
 }
 
+/* Unsent bytes only grow by the owner's appends, all of which pass through bt_rpc_flush, whose
+ * entry marks the backlog; they fall in on_write and in bt_rpc_flush's uv_try_write, which call
+ * this. */
+static void drain_check(bt_rpc_conn *c) {
+    if (!c->backlogged || bt_rpc_unsent(c) >= BT_RPC_BACKLOG_CONTINUATION || c->state == CONN_CLOSING) return;
+    c->backlogged = false;
+    if (c->h.on_drain) c->h.on_drain(c->ud, c);
+}
+
 static void on_write(uv_write_t *req, int status) {
     write_req *w = (write_req *)req;
     bt_rpc_conn *c = w->c;
@@ -137,12 +147,14 @@ static void on_write(uv_write_t *req, int status) {
     free(w);
     if (status < 0 && status != UV_ECANCELED)
         conn_fail(c, BT_ERR_DISCONNECTED, "write to %s failed: %s", c->peer, uv_strerror(status));
+    else drain_check(c);
 }
 
 void bt_rpc_flush(bt_rpc_conn *c) {
     c->flush_scheduled = false;
     uv_idle_stop(&c->flusher);
     if (c->state == CONN_CLOSING || c->state == CONN_CONNECTING || c->wbuf.len == 0) return;
+    if (bt_rpc_unsent(c) >= BT_RPC_BACKLOG_CONTINUATION) c->backlogged = true;
     size_t off = 0;
     if (c->queued == 0) {
         uv_buf_t b = uv_buf_init(c->wbuf.data, (unsigned)c->wbuf.len);
@@ -157,6 +169,7 @@ void bt_rpc_flush(bt_rpc_conn *c) {
     c->last_tx_ms = bt_now_ms();
     if (off == c->wbuf.len) {
         c->wbuf.len = 0;
+        drain_check(c);
         return;
     }
     /* hand the unwritten rest to libuv; the request owns its copy */
@@ -199,6 +212,7 @@ void bt_rpc_flush(bt_rpc_conn *c) {
     if (c->queued > c->cfg.max_out_bytes)
         conn_fail(c, BT_ERR_TOO_LARGE, "%zu bytes unsent to %s: past the cap of %zu", c->queued, c->peer,
                   c->cfg.max_out_bytes);
+    else drain_check(c); /* uv_try_write may have taken enough */
 }
 
 static void on_flush_idle(uv_idle_t *h) { bt_rpc_flush(h->data); }

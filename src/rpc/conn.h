@@ -59,6 +59,11 @@ typedef struct {
      * frame after frame each wait for memory. It must not change any state or act on the frames
      * (on_frame does, after it, for each of them unless the connection closes first). */
     void (*on_peek)(void *ud, bt_rpc_conn *c, const bt_frame *frames, size_t n);
+    /* Optional: the unsent bytes (bt_rpc_unsent) fell below BT_RPC_BACKLOG_CONTINUATION after
+     * reaching it, so that an owner holding work back for link room learns when there is some
+     * rather than polling. Called from the write path (inside bt_rpc_flush too): it must not write
+     * to or close the connection. */
+    void (*on_drain)(void *ud, bt_rpc_conn *c);
 } bt_rpc_handlers;
 
 #define BT_RPC_BATCH 32 /* frames per on_peek: their state stays in the core's caches until used */

@@ -615,7 +615,7 @@ static void on_peer_close(void *ud, bt_rpc_conn *c, bt_status why, const char *r
     free(p);
 }
 
-static const bt_rpc_handlers peer_handlers = {on_peer_open, on_peer_frame, on_peer_close, on_peer_accept, NULL};
+static const bt_rpc_handlers peer_handlers = {on_peer_open, on_peer_frame, on_peer_close, on_peer_accept, NULL, NULL};
 
 /* ---- start-up ---------------------------------------------------------------------------- */
 

@@ -9,6 +9,10 @@ pings), one frontend and one worker on the NATS event plane.
 2. The server's configuration reloaded (SIGHUP) with a token the processes do not have: it drops
    them with -ERR 'Authorization Violation', and each logs the loss with that text; nats.c then
    gives up on the server, and the line saying so names the refusal.
+3. A worker whose user may not publish gets -ERR 'Permissions Violation for Publish …' for each
+   load report, and stays connected (the server does not close for it). Its server then killed and
+   started again: the loss reads "socket closed", not "closed by the server after -ERR
+   'Permissions Violation …'": an -ERR names a loss only when the end of the stream follows it.
 """
 
 import json
@@ -75,5 +79,20 @@ with bl.Cluster() as c:
     st, _, b = bl.post_json(fe.url + "/v1/completions", bl.completion_body("after NATS", max_tokens=8))
     assert st == 200, (st, b)
     print("test_nats_server_errors: a stale eviction and a revoked authorization each logged with the server's -ERR")
+
+    # --- 3. a non-fatal -ERR, then an unrelated close
+    perms = natslib.NatsServer(c.dir, name="nats-perms", config=(
+        'authorization { users = [ { user: "baton", password: "pw", permissions: { publish: { deny: ">" } } } ] }\n'
+    )).start()
+    wp = c.start_worker(env={"NATS_AUTH_USERNAME": "baton", "NATS_AUTH_PASSWORD": "pw"}, event_plane="nats",
+                        nats_server=perms.url)
+    wp.proc.wait_log(r"NATS connected to ", timeout=10)
+    wp.proc.wait_log(r"Permissions Violation for Publish", timeout=10)
+    perms.kill()
+    wp.proc.wait_log(r"NATS connection to \S+ lost \(", timeout=10)
+    lost = lines(wp.proc, r"NATS connection to \S+ lost \(")
+    assert len(lost) == 1 and "socket closed" in lost[0] and "Permissions" not in lost[0], lost
+    perms.start()
+    wp.proc.wait_log(r"NATS connected to .*\n(?s:.*)NATS connected to ", timeout=15)
 
 print("test_nats_server_errors: ok")

@@ -20,7 +20,8 @@
  *
  * And what "not reading" means: a peer that keeps sending (PINGs) but takes none of the bytes
  * waiting for it is closed after dead_after, though they are far below the memory cap; a peer
- * that reads slowly, megabytes waiting for it for many times dead_after, is never closed. */
+ * that reads slowly, megabytes waiting for it for many times dead_after, is never closed. And the
+ * drain notice (on_drain): once, when the unsent bytes fall below BT_RPC_BACKLOG_CONTINUATION. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -55,6 +56,8 @@ typedef struct {
     size_t ngot, npeeked, max_peek;
     uint32_t close_at; /* on_frame closes the connection on this stream (0: never) */
     bool pings;        /* the peer sends PINGs, which on_peek may show and on_frame never gets */
+    size_t peer_got;   /* bytes the peer read */
+    size_t drains, drain_unsent, drain_got; /* on_drain calls; the unsent bytes and peer_got at the last */
 } fixture;
 
 static void on_accept(void *ud, bt_rpc_conn *c) { ((fixture *)ud)->conn = c; }
@@ -84,7 +87,13 @@ static void on_close(void *ud, bt_rpc_conn *c, bt_status why, const char *reason
     f->why = why;
     snprintf(f->reason, sizeof f->reason, "%s", reason ? reason : "");
 }
-static const bt_rpc_handlers handlers = {on_open, on_frame, on_close, on_accept, on_peek};
+static void on_drain(void *ud, bt_rpc_conn *c) {
+    fixture *f = ud;
+    f->drains++;
+    f->drain_unsent = bt_rpc_unsent(c);
+    f->drain_got = f->peer_got;
+}
+static const bt_rpc_handlers handlers = {on_open, on_frame, on_close, on_accept, on_peek, on_drain};
 
 static void on_stopper(uv_check_t *h) {
     uv_check_stop(h);
@@ -376,6 +385,38 @@ static void test_batch_closed_midway(void **state) {
     teardown(&f);
 }
 
+/* 40 MiB in 1 MiB writes wait for a peer that does not read, past BT_RPC_BACKLOG_CONTINUATION: no on_drain. The
+ * peer then reads, and on_drain comes once, as soon as the unsent bytes fall below the mark (while
+ * most of them still wait), not again when the rest go. */
+static void test_drain_below_mark(void **state) {
+    (void)state;
+    fixture f;
+    setup(&f, 50, 10000);
+    f.pings = true;
+    size_t total = 0;
+    for (int i = 0; i < 40; i++) total += queue_for_peer(&f, 1); /* 40 writes, as over 40 loop iterations */
+    assert_true(bt_rpc_unsent(f.conn) >= BT_RPC_BACKLOG_CONTINUATION);
+    run_for(&f, 100);
+    assert_int_equal(f.drains, 0);
+    static char sink[256 * 1024];
+    uint64_t t0 = bt_now_ms();
+    while (!f.closed && f.peer_got < total && bt_now_ms() - t0 < 20000) {
+        ssize_t n = recv(f.fd, sink, sizeof sink, MSG_DONTWAIT);
+        if (n > 0) f.peer_got += (size_t)n;
+        uv_run(&f.loop, UV_RUN_NOWAIT);
+    }
+    if (f.closed) fail_msg("closed while the peer read: %s", f.reason);
+    assert_true(f.peer_got >= total);
+    run_for(&f, 50);
+    assert_int_equal(f.drains, 1);
+    assert_true(f.drain_unsent < BT_RPC_BACKLOG_CONTINUATION);
+    /* the mark is 32 of the 40 MiB: it fell below with some 8 MiB read (the kernel's buffers hold a
+     * few more), far from all of it */
+    if (f.drain_got > (size_t)20 << 20) fail_msg("on_drain came only after %zu bytes read", f.drain_got);
+    printf("on_drain once, %zu bytes unsent, after the peer read %zu of %zu\n", f.drain_unsent, f.drain_got, total);
+    teardown(&f);
+}
+
 int main(void) {
     signal(SIGPIPE, SIG_IGN);
     const struct CMUnitTest tests[] = {
@@ -387,6 +428,7 @@ int main(void) {
         cmocka_unit_test(test_batch_closed_midway),
         cmocka_unit_test(test_not_reading_is_no_progress),
         cmocka_unit_test(test_slow_reader_not_dead),
+        cmocka_unit_test(test_drain_below_mark),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

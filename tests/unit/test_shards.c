@@ -204,9 +204,9 @@ static void test_grouping(void **state) {
      * there, with baton_frontend_streams_handed_off_total; the outlier (3), retry-budget (1), KV
      * hand-off relay (3), preempt-routed (1, docs/load-shedding.md), queued output bytes (1,
      * --max-output-bytes-total), stream token timeout (1, --stream-token-timeout), stream
-     * waits (1, WAITING frames), unserved migrations (1) and discovery (3: up, grace workers,
-     * grace outcomes) families always are */
-    assert_int_equal(types, 46);
+     * waits (1, WAITING frames), unserved migrations (1), link-wait retries (1) and discovery (3:
+     * up, grace workers, grace outcomes) families always are */
+    assert_int_equal(types, 47);
     free(m);
     shard_free(s[0]);
     shard_free(s[1]);
