@@ -190,7 +190,7 @@ def output_budget_threads(c):
     (a 400 counted on the loop that received it)."""
     CAP = 2 << 20
     # the clients that come last wait through the fill, which takes minutes on a loaded machine:
-    # the default idle timeout (60 s) closed them before their request
+    # the default idle timeout (60 s) would close them first, and their request wait in vain
     tf = c.start_frontend(threads=2, max_output_bytes_total=CAP, http_idle_timeout_ms=600_000)
     c.wait_workers(tf, 1)
 
