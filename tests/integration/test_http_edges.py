@@ -50,6 +50,7 @@ wrong:
 
 import http.client
 import json
+import math
 import socket
 import threading
 import time
@@ -181,14 +182,16 @@ def output_budget_threads(c):
     read on the other, was the one cut (the largest backlog of its own loop). The largest of every
     loop is cut, by its own loop; the reader's stream is whole.
 
-    Two non-reading clients hold about 0.9 of the total on one loop (their streams end: what they
+    Non-reading clients hold 0.8 of the total or so on one loop (their streams end: what they
     hold then stays put), and a client on the other loop leaves its stream unread until it has been
-    sent: its own backlog passes the total while it is smaller than either of theirs. The kernel
-    puts each connection on a loop by a hash of its addresses: connections are opened until two
+    sent: its own backlog passes the total while it is smaller than the largest of theirs. The kernel
+    puts each connection on a loop by a hash of its addresses: connections are opened until five
     are on one loop and one on the other, each told apart by a request the frontend refuses at once
     (a 400 counted on the loop that received it)."""
     CAP = 2 << 20
-    tf = c.start_frontend(threads=2, max_output_bytes_total=CAP)
+    # the clients that come last wait through the fill, which takes minutes on a loaded machine:
+    # the default idle timeout (60 s) would close them first, and their request wait in vain
+    tf = c.start_frontend(threads=2, max_output_bytes_total=CAP, http_idle_timeout_ms=600_000)
     c.wait_workers(tf, 1)
 
     def tf_metric(name, **labels):
@@ -247,38 +250,54 @@ def output_budget_threads(c):
         return lambda: (sum(loop_requests(tf).values()) >= seen0 + n and
                         tf_metric("dynamo_frontend_inflight_requests") == 0)
 
-    # Non-reading clients on one loop fill the total to about CAP - B/2, each holding up to
-    # B = 0.35 of it. Bytes per token (the worker batches tokens into events by its pace) are
-    # measured by a reading stream, then by what a request adds on a connection whose kernel
-    # buffers are already full; a connection's first request also fills those (SEND_BUF or so:
-    # TCP_MAXSEG keeps them small, a 64 KiB loopback MSS made them megabytes)
+    # Non-reading clients on one loop fill the total to between CAP - 0.7 B and CAP - 0.3 B, each
+    # holding up to B = 0.35 of it. What a request of n tokens adds is not known in advance: the
+    # worker sends the tokens due at each of its ticks in one frame, an SSE event each with its own
+    # overhead, so bytes per token follow the machine's pace (on a loaded machine a probe's figure
+    # was a quarter low at the next requests, which filled 2.0 MB for a 1.73 MB aim). The fill
+    # goes in steps, each at most half of what is left below CAP - 0.3 B, so that it passes that
+    # only if a step's bytes per token were twice the estimate, which each step on a connection
+    # whose kernel buffers are already full measures again. A connection's first request fills
+    # those (SEND_BUF or so: TCP_MAXSEG keeps them small, a 64 KiB loopback MSS made them
+    # megabytes) and adds what they did not take, so it is kept as small as the next step.
     B, SEND_BUF = 0.35 * CAP, 200_000
+    LOW, HIGH = CAP - 0.6 * B, CAP - 0.3 * B
     probe = bl.stream_chat(tf.url, bl.chat_body("how big is a token", max_tokens=400, stream=True), timeout=60)
     probe.assert_ok("the probe stream")
     per_token = len(probe.raw) / 400
-    held, hog_held, i = 0, [0] * HOG_CONNS, 0
-    for _ in range(16):
-        if held >= CAP - 0.6 * B or i == HOG_CONNS:
+    held, hog_held, i, steps, seen = 0, [0] * HOG_CONNS, 0, [], []
+    for _ in range(40):
+        if held >= LOW or i == HOG_CONNS:
             break
-        want = min(B - hog_held[i], CAP - 0.5 * B - held)
         full = hog_held[i] > 0
-        tokens = max(50, int((want + (0 if full else SEND_BUF)) / per_token))
+        want = min(B - hog_held[i] if full else SEND_BUF, (HIGH - held) / 2)
+        tokens = max(20, int(want / per_token))
         now = send(hogs[i], tokens)
         hog_held[i] += now - held
         if full:
             per_token = (now - held) / tokens
+            seen.append(per_token)
+        steps.append(f"{i}:{tokens}:{now - held:.0f}")
         held = now
+        # a hog cut here is a closed connection, where the next request would wait in vain
+        assert tf_metric("baton_frontend_http_rejections_total", reason="output_budget") == cut0, steps
         if hog_held[i] >= 0.8 * B:
             i += 1
     used = i + (i < HOG_CONNS and hog_held[i] > 0)
     for s in hogs[used:]:
         s.close()
     hogs = hogs[:used]
-    assert tf_metric("baton_frontend_http_rejections_total", reason="output_budget") == cut0
-    assert CAP - 0.7 * B < held < CAP - 0.3 * B and i >= 1, (held, hog_held, CAP, "the test measures nothing")
-    # the reader's stream leaves B or so queued: its backlog passes the total at under 0.7 B,
-    # smaller than a full hog's; once that one is cut, the rest fits
-    good_max = int((B + SEND_BUF) / per_token)
+    assert CAP - 0.7 * B < held < CAP - 0.3 * B and i >= 1, (held, hog_held, CAP, steps, "the test measures nothing")
+    # the reader's stream passes the total when its backlog is CAP - held, under 0.6 B, smaller than
+    # the largest hog's (at least 0.8 B): that one is cut. The rest then fits while the reader's
+    # backlog stays under CAP - held + the largest. Its tokens are the geometric mean of the
+    # fewest that pass the first at the lowest bytes per token seen and the most that stay under
+    # the second at the highest (a factor 1.9 apart at least, when the bytes per token seen in the
+    # fill differed by 1.7 at most on a loaded machine)
+    largest, seen = max(hog_held), seen or [per_token]
+    fewest = (CAP - held + SEND_BUF) / min(seen)
+    most = (CAP - held + largest + SEND_BUF) / max(seen)
+    good_max = int(math.sqrt(fewest * most))
     good_ref = bl.stream_chat(tf.url, bl.chat_body("a client that reads late", max_tokens=good_max, stream=True),
                               timeout=90)
     good_ref.assert_ok("the reading client's stream, alone")
@@ -289,8 +308,9 @@ def output_budget_threads(c):
     hog_events = [sse_events(recv_until_done(s)) for s in hogs]
     for s in hogs + [reader]:
         s.close()
-    print(f"test_http_edges: --threads 2: {held:.0f} bytes held on loop {hog_loop}, the reader on loop "
-          f"{reader_loop}; {cut:.0f} cut")
+    print(f"test_http_edges: --threads 2: {held:.0f} bytes held on loop {hog_loop} (hog:tokens:bytes "
+          f"{' '.join(steps)}), the reader on loop {reader_loop} ({good_max} tokens of {fewest:.0f} to {most:.0f}); "
+          f"{cut:.0f} cut")
     assert good and good[-1][1] == "[DONE]", ("the reader was cut", good[-3:])
     assert texts(good) == good_ref.text, (len(texts(good)), len(good_ref.text))
     assert cut == 1, cut
