@@ -487,7 +487,7 @@ def apply_overrides(raw, overrides, where="--set"):
         key, eq, val = ov.partition("=")
         parts = key.strip().split(".")
         if not eq or not all(parts):
-            raise ScenarioError(f"{where} {ov!r}: expected key=value, e.g. load.concurrency=4 or faults.0.at=3s")
+            raise ScenarioError(f"{where} {ov}: expected key=value, e.g. load.concurrency=4 or faults.0.at=3s")
         try:
             value = _toml_value(val.strip())
             what, ok = _override_kind(raw, parts)
