@@ -1,9 +1,9 @@
 """The self-check of `baton chaos`: a run that should fail is failed, and its report tells the truth.
 
 The worker kill -9 scenario with migration turned off (`--set topology.migration_limit=0`) must
-FAIL: the streams the killed worker carried end cut, which the scenario does not allow, and no
+FAIL: the streams the killed worker carried end early, which the scenario does not allow, and no
 migration happens. The report must say what happened: the summary table's lost tokens are every
-reference token the cut streams never delivered (recomputed here from run.json's outputs and
+reference token the failed streams never delivered (recomputed here from run.json's outputs and
 references), and the migrations check names migration being off, not a fault that hit nothing.
 """
 
