@@ -2,9 +2,8 @@
 
 Runs the scenarios marked `quick = true` in tools/chaos/scenarios (worker kill -9, worker
 SIGSTOP past the stall timeout, a client disconnect storm) with `baton chaos run --quick`, and
-asserts that each passes every check of the oracle. Then the self-check: the kill -9 scenario again
-with migration turned off must FAIL (its streams end in errors the scenario does not allow, and no
-migration happens), so the run cannot pass whatever the system does.
+asserts that each passes every check of the oracle. The self-check, that the kill -9 scenario
+with migration turned off FAILs, is test_chaos_no_migration.py.
 """
 
 import json
@@ -16,7 +15,6 @@ import batonlib as bl
 bl.deadline(170, "test_chaos_quick")
 
 BIN = bl.baton_bin()
-SCEN = os.path.join(bl.repo_root(), "tools", "chaos", "scenarios")
 
 
 def chaos(args, timeout):
@@ -52,15 +50,4 @@ with open(os.path.join(out, "report.md")) as f:
 assert "| scenario | requests | completed | errors | lost / dup tokens | migrations | worst stall | recovery" in md
 assert md.count("**PASS**") == 3, md
 
-# Self-check: the same kill with migration off must be caught.
-bad = bl.tmpdir()
-rc, stdout, stderr = chaos(["run", os.path.join(SCEN, "worker-kill9.toml"), "--set", "topology.migration_limit=0",
-                            "--out", bad, "--quiet"], 60)
-assert rc == 1, f"a run with migration off was not failed (exit {rc})\n{stdout}\n{stderr[-3000:]}"
-r = read_run(bad, "worker-kill9")
-by = {c["name"]: c for c in r["checks"]}
-assert r["verdict"] == "FAIL", r["verdict"]
-assert by["all_ended"]["ok"] is False and by["migrations"]["ok"] is False, (by["all_ended"], by["migrations"])
-assert by["evidence"]["ok"] is True, by["evidence"]  # the fault did happen: the failure is the system's
-print(f"ok - with migration off the run fails: {by['all_ended']['detail'][:160]}")
 print("test_chaos_quick: all passed")

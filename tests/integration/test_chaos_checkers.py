@@ -133,6 +133,29 @@ def test_byte_exact():
     print("ok - byte_exact counts lost and duplicated tokens")
 
 
+def test_token_accounting():
+    """The table's lost / dup: every reference token an output never received, counted once."""
+    assert checks.token_accounting(good_run()) == (0, 0)
+    run = good_run()
+    run["requests"][2] = rec(2, outcome="cut", ids=REF[:3], t_send=1.9, t_end=2.1)  # a cut stream: its tail is lost
+    run["requests"][3] = rec(3, outcome="error", ids=REF[:2] + [55], t_send=1.9, t_end=2.1)  # a wrong token, then cut
+    run["requests"][4] = rec(4, outcome="timeout", ids=[], t_send=1.9, t_end=61.0)  # hung before its first token
+    run["probes"][5] = rec(5, "probe", outcome="cut", ids=REF[:1], shape=-1, t_send=2.5, t_end=2.6)
+    assert checks.token_accounting(run) == (7 + 8 + 10 + 2, 1), checks.token_accounting(run)
+    # nothing the client did not ask for or that never reached a server is lost: a storm stream
+    # it dropped on purpose (only what it read is compared), a refused connection with no output
+    run = good_run()
+    run["storm"].append(rec(0, "storm", outcome="aborted", ids=REF[:2]))
+    run["requests"][6] = rec(6, outcome="refused", ids=[], text="", t_send=2.0, t_end=2.0)
+    assert checks.token_accounting(run) == (0, 0), checks.token_accounting(run)
+    run["storm"].append(rec(1, "storm", outcome="aborted", ids=[REF[0], 55]))
+    assert checks.token_accounting(run) == (1, 1), checks.token_accounting(run)
+    # a resumed stream is one output: complete, it lost nothing; resumed with a repeated token, dup
+    run["requests"][0]["token_ids"].insert(4, REF[3])
+    assert checks.token_accounting(run) == (1, 2), checks.token_accounting(run)
+    print("ok - lost / dup count a cut stream's undelivered tail once, and no client-dropped or refused output")
+
+
 def test_all_ended():
     expect_fail("hung request", lambda run: run["requests"][4].update(outcome="timeout", t_end=61.0), "all_ended")
     expect_fail("over its bound", lambda run: run["requests"][4].update(t_end=run["requests"][4]["t_send"] + 31),
@@ -344,6 +367,20 @@ def test_migrations_fresh_recovery_processes():
     expect_fail("no migration where one is needed", lambda run: run.update(migrations=0), "migrations")
     expect_fail("migration counter unreadable", lambda run: run.update(migrations=None), "migrations")
     expect_fail("migrations where none may happen", lambda run: None, "migrations", dict(CFG, max_migrations=0))
+    # why a migration is missing, from what the run saw: migration off, streams failed, or nothing hit
+    r = expect_fail("migration off", lambda run: run.update(migrations=0, migration_limit=0), "migrations")
+    assert "migration is off" in r["detail"] and "hit no stream" not in r["detail"], r["detail"]
+
+    def cut_at_fault(run, limit):
+        run.update(migrations=0, migration_limit=limit)
+        for i in (2, 3):
+            run["requests"][i] = rec(i, outcome="cut", ids=REF[:3], t_send=1.9, t_end=2.2)
+    r = expect_fail("migration off, streams cut", lambda run: cut_at_fault(run, 0), "migrations")
+    assert "migration is off" in r["detail"] and "2 load requests failed at the fault" in r["detail"], r["detail"]
+    r = expect_fail("streams cut, not migrated", lambda run: cut_at_fault(run, 3), "migrations")
+    assert "2 load requests failed at the fault instead of migrating" in r["detail"], r["detail"]
+    r = expect_fail("the fault hit nothing", lambda run: run.update(migrations=0, migration_limit=3), "migrations")
+    assert "hit no stream" in r["detail"], r["detail"]
     expect_fail("fresh request failed", lambda run: run["fresh"][0].update(outcome="error"), "fresh_request")
     expect_fail("fresh request missing", lambda run: run["fresh"].pop(), "fresh_request")
 
@@ -518,6 +555,48 @@ def test_scenario_parser():
     print("ok - scenario parser: one-liners, overrides, --engine and every shipped scenario")
 
 
+def test_set_errors():
+    """A --set that names nothing a scenario has, or gives a value of the wrong kind, is a usage
+    error (exit 2, one line naming the override and what it takes), under run and validate alike."""
+    scen = os.path.join(bl.repo_root(), "tools", "chaos", "scenarios", "worker-kill9.toml")
+    env = dict(os.environ, BATON_CHAOS_DIR=os.path.join(bl.repo_root(), "tools", "chaos"))
+    cases = [("faults.3.at=3s", "no fault '3': the scenario has 1 fault (faults.0)"),
+             ("load.concurrency=abc", "expected an integer, got 'abc'"),
+             ("load.concurrency=2.5", "expected an integer, got 2.5"),
+             ("faults.0.at=soon", "expected a duration"),
+             ("faults.0.restart=yes", "expected true or false, got 'yes'"),
+             ("checks.max_errors=lots", "expected a count, a fraction below 1, or a percentage"),
+             ("load.concurency=4", "load has no key 'concurency'"),
+             ("faults.0.when=2s", "a fault has no key 'when'"),
+             ("load.concurrency.x=1", "load.concurrency has no keys below it"),
+             ("nosuch=1", "unknown key 'nosuch'"),
+             ("load.concurrency", "expected key=value")]
+    for cmd in ("validate", "run"):
+        for ov, want in cases:
+            args = [bl.baton_bin(), "chaos", cmd, scen, "--set", ov]
+            if cmd == "run":
+                args += ["--out", bl.tmpdir("chaos-set"), "--quiet"]
+            p = subprocess.run(args, capture_output=True, text=True, timeout=30, env=env)
+            assert p.returncode == 2 and "Traceback" not in p.stderr, (cmd, ov, p.returncode, p.stderr[-2000:])
+            assert p.stderr.startswith(f"baton chaos: --set {ov}") and want in p.stderr, (cmd, ov, p.stderr)
+            assert p.stderr.count("\n") == 1, p.stderr
+    print(f"ok - bad --set values exit 2 naming the key: {p.stderr.strip()}")
+    # the same kinds hold in a scenario file and in the one-liners of a deployment
+    try:
+        scenario.build({"load": {"concurrency": "abc"}})
+        raise AssertionError("accepted concurrency = \"abc\"")
+    except scenario.ScenarioError as e:
+        assert str(e) == "load.concurrency: expected an integer, got 'abc'", e
+    p = subprocess.run([bl.baton_bin(), "chaos", "validate", "--url", "http://127.0.0.1:9", "--load", "duration=soon"],
+                       capture_output=True, text=True, timeout=30, env=env)
+    assert p.returncode == 2 and "load.duration: expected a duration" in p.stderr, (p.returncode, p.stderr)
+    # good overrides still apply, a fault's key by its index included
+    sc = scenario.load_file(scen, ["faults.0.at=3s", "load.concurrency=4", "checks.allow=[cut,refused]",
+                                   "topology.worker_flags.llama_threads=1"])
+    assert sc.faults[0]["at"] == 3.0 and sc.load["concurrency"] == 4 and sc.checks["allow"] == ["cut", "refused"]
+    print("ok - scenario files and --load one-liners are held to the same kinds")
+
+
 def test_report():
     run = good_run()
     run["requests"][2] = rec(2, outcome="cut", ids=REF[:3], t_send=1.9, t_end=2.1)
@@ -530,12 +609,14 @@ def test_report():
     md = report.table([row, {"name": "etcd", "verdict": "SKIP", "reason": "etcd is not installed"}])
     lines = md.splitlines()
     assert lines[0].startswith("| scenario | requests | completed | errors | lost / dup tokens | migrations |"), md
-    assert "| demo | 8 | 7 | 1 | 0 / 0 | 3 |" in md and "**FAIL**" in md and "**SKIP**" in md, md
+    # the cut stream is counted once in errors and its 7 undelivered reference tokens in lost
+    assert "| demo | 8 | 7 | 1 | 7 / 0 | 3 |" in md and "**FAIL**" in md and "**SKIP**" in md, md
     print("ok - report: table row and well-formed SVG with fault markers")
 
 
 test_good_run_passes()
 test_byte_exact()
+test_token_accounting()
 test_all_ended()
 test_baseline()
 test_fd_table()
@@ -546,5 +627,6 @@ test_migrations_fresh_recovery_processes()
 test_resumes()
 test_injector_evidence()
 test_scenario_parser()
+test_set_errors()
 test_report()
 print("test_chaos_checkers: all passed")

@@ -82,6 +82,30 @@ def _outputs(run):
             yield kind, rec
 
 
+def token_accounting(run):
+    """(lost, duplicated) tokens over every output, as the report's table counts them: tokens of
+    the reference the client never received, and tokens it received that the reference does not
+    have there. An output that ended early (error, cut, hang) is compared with its whole reference,
+    so the tokens after the cut are lost, and each reference token counts once (a wrong token
+    before the cut and the missing tail are one diff, not two). Two outputs lose nothing they were
+    not sent: a stream the client dropped on purpose (a storm stream: only the part it read is
+    compared) and a refused connection with no output (the request never reached a server)."""
+    lost = dup = 0
+    for _, rec in _outputs(run):
+        ref = _ref_for(run, rec)
+        if ref is None:
+            continue
+        ids, rids = rec["token_ids"] or [], ref["token_ids"] or []
+        if rec["outcome"] == "refused" and not ids:
+            continue
+        if rec["outcome"] == "aborted":
+            rids = rids[:len(ids)]
+        l, d = token_diff(rids, ids)
+        lost += l
+        dup += d
+    return lost, dup
+
+
 def check_byte_exact(run, cfg):
     """Every output equals the fault-free reference of its shape (completed ones entirely, ones
     that ended early as a prefix): no lost, duplicated or reordered token, text or id."""
@@ -287,8 +311,18 @@ def check_migrations(run, cfg):
     if m is None:
         return _result("migrations", False, "no migration counter readable", migrations=None)
     if m < lo:
-        return _result("migrations", False, f"{m:g} migrations, at least {lo} expected: the fault hit no stream?",
-                       migrations=m)
+        # say why, from what the run saw: a guess that the fault hit nothing would mislead when
+        # streams failed at the fault, or when the frontends could not migrate at all
+        hit = sum(1 for r in run.get("requests") or [] if r["outcome"] not in ("ok", "refused")
+                  and fault_for_error(run, r) is not None)
+        if run.get("migration_limit") == 0:
+            why = "migration is off (every frontend's --migration-limit is 0)"
+            why += f"; {hit} load request{'s' if hit > 1 else ''} failed at the fault" if hit else ""
+        elif hit:
+            why = f"{hit} load request{'s' if hit > 1 else ''} failed at the fault instead of migrating"
+        else:
+            why = "no load request failed either: the fault hit no stream?"
+        return _result("migrations", False, f"{m:g} migrations, at least {lo} expected: {why}", migrations=m)
     if 0 <= hi < m:
         return _result("migrations", False, f"{m:g} migrations, at most {hi} expected", migrations=m)
     return _result("migrations", True, f"{m:g} migrations (bounds {lo}..{hi if hi >= 0 else 'any'})", migrations=m)
@@ -450,12 +484,11 @@ def evaluate(run, cfg):
 def summarize(run, results):
     """The numbers of the report's table for one run."""
     reqs = run.get("requests") or []
-    by = {r["name"]: r for r in results}
-    be = by.get("byte_exact", {}).get("stats", {})
     w, _ = worst_stall(run)
     rts = [r["recovery"] for r in recovery_times(run)]
     rec = None if not rts or any(r is None for r in rts) else max(rts)
+    lost, dup = token_accounting(run)
     return {"requests": len(reqs), "completed": sum(1 for r in reqs if r["outcome"] == "ok"),
-            "errors": sum(1 for r in reqs if r["outcome"] != "ok"), "lost": be.get("lost", 0) or 0,
-            "duplicated": be.get("duplicated", 0) or 0, "migrations": run.get("migrations"), "worst_stall": w,
+            "errors": sum(1 for r in reqs if r["outcome"] != "ok"), "lost": lost,
+            "duplicated": dup, "migrations": run.get("migrations"), "worst_stall": w,
             "recovery": rec, "recovery_known": bool(rts)}

@@ -332,6 +332,13 @@ class Sampler:
         d, _ = self._deltas(counter, role, baseline_pids)
         return sum(d.values()) if d else None
 
+    def migration_limit(self, baseline_pids=None):
+        """The largest --migration-limit of the frontends (their
+        dynamo_frontend_model_migration_limit gauge): 0 when migration is off on every frontend;
+        None when no frontend exposes it."""
+        _, limit = self._deltas("migration_limit", "frontend", baseline_pids)
+        return max(limit.values()) if limit else None
+
     def migrations_performed(self, baseline_pids=None):
         """Migrations the frontends actually attempted: dynamo_frontend_model_migration_total counts
         every failure that could have migrated, even with no budget left (as Dynamo does), so the

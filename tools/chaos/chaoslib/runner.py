@@ -266,6 +266,7 @@ def _run_with(sc, topo, urls, model, endpoints, processes, run_dir):
     sampler.stop()
     migrations = sampler.migrations_performed(baseline_pids)
     migration_events = sampler.counter_delta("migrations", "frontend", baseline_pids)
+    migration_limit = sampler.migration_limit(baseline_pids)
     resumes = sampler.counter_delta("resumes", "frontend", baseline_pids)
     proc_info = None
     if topo is not None:
@@ -276,7 +277,8 @@ def _run_with(sc, topo, urls, model, endpoints, processes, run_dir):
            "storm": [r.to_dict() for r in env.storm_records], "faults": [f.record for f in fts],
            "baseline": {"before": before, "after": after, "waited": waited, "expected_gone": sorted(gone),
                         "polls": polls},
-           "migrations": migrations, "migration_events": migration_events, "processes": proc_info, "samples": sampler.samples,
+           "migrations": migrations, "migration_events": migration_events,
+           "migration_limit": migration_limit, "processes": proc_info, "samples": sampler.samples,
            "tokens_delivered": load.tokens, "resumes": resumes}
     return run
 

@@ -116,6 +116,84 @@ class ScenarioError(ValueError):
     pass
 
 
+# What each key holds, so that a value of the wrong type, in a file or a --set, is an error that
+# names the key and what it takes, not a traceback from deep in build(). A kind is (what the
+# message says it expects, a test of a given value). TOML has no null: a key left at a None
+# default is never tested.
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_duration(v):
+    try:
+        return seconds(v) is not None
+    except ValueError:
+        return False
+
+
+def _is_scalar(v):
+    return isinstance(v, (str, int, float, bool))
+
+
+INT = ("an integer", _is_int)
+NUMBER = ("a number", _is_num)
+DURATION = ("a duration (seconds, or a string such as \"2s\", \"500ms\", \"1m\")", _is_duration)
+BOOL = ("true or false", lambda v: isinstance(v, bool))
+STRING = ("a string", lambda v: isinstance(v, str))
+RANGE = ("[min, max] (two integers), one integer, or \"min-max\"", lambda v: _is_int(v) or isinstance(v, str) or (
+    isinstance(v, list) and len(v) == 2 and all(_is_int(x) for x in v)))
+STRINGS = ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v))
+INTS = ("a list of integers", lambda v: isinstance(v, list) and all(_is_int(x) for x in v))
+FLAGS = ("a table of flag values, e.g. { graceful_shutdown_timeout = 1 }",
+         lambda v: isinstance(v, dict) and all(_is_scalar(x) for x in v.values()))
+TABLE = ("a table", lambda v: isinstance(v, dict))
+ONE_OF_STREAM = ("true, false or \"mixed\"", lambda v: isinstance(v, bool) or v == "mixed")
+MAX_ERRORS = ("a count, a fraction below 1, or a percentage such as \"25%\"",
+              lambda v: (_is_int(v) and v >= 0) or (isinstance(v, float) and 0 < v < 1)
+              or (isinstance(v, str) and v.endswith("%") and _is_num_text(v[:-1])))
+
+
+def _is_num_text(t):
+    try:
+        return float(t) >= 0
+    except ValueError:
+        return False
+
+
+LOAD_KINDS = {"duration": DURATION, "requests": INT, "concurrency": INT, "distinct": INT, "api": STRING,
+              "stream": ONE_OF_STREAM, "prompt_words": RANGE, "output_tokens": RANGE, "request_timeout": DURATION,
+              "probe_interval": DURATION, "model": STRING, "resume": BOOL, "resume_attempts": INT,
+              "client_cuts": NUMBER, "client_cut_events": RANGE, "resume_elsewhere": BOOL}
+TOPOLOGY_KINDS = {"workers": INT, "frontends": INT, "speedup": NUMBER, "migration_limit": INT,
+                  "stream_stall_timeout": NUMBER, "router_mode": STRING, "active_decode_blocks_threshold": NUMBER,
+                  "active_prefill_tokens_threshold": NUMBER, "discovery": STRING, "etcd_members": INT,
+                  "event_plane": STRING, "jetstream": BOOL, "netns_workers": INTS, "model": STRING,
+                  "worker_flags": FLAGS, "frontend_flags": FLAGS, "start_timeout": DURATION}
+CHECK_KINDS = {"byte_exact": BOOL, "all_ended": BOOL, "request_bound": DURATION, "allow": STRINGS,
+               "max_errors": MAX_ERRORS, "baseline": BOOL, "baseline_timeout": DURATION, "fds": BOOL,
+               "fresh_requests": INT, "evidence": BOOL, "min_migrations": INT, "max_migrations": INT,
+               "min_resumes": INT, "max_stall": DURATION, "max_recovery": DURATION}
+FAULT_KINDS_OF_KEYS = {"what": STRING, "target": STRING, "at": DURATION, "after_tokens": INT, "duration": DURATION,
+                       "restart": BOOL, "restart_after": DURATION, "expect_exit": INT, "exit_within": DURATION,
+                       "count": INT, "abort_after": RANGE, "output_tokens": INT, "pid": INT, "run": STRING,
+                       "restore": STRING, "unreachable": STRING, "label": STRING}
+TARGET_KINDS = {"url": STRING, "urls": STRINGS, "model": STRING, "worker_metrics": STRINGS, "processes": TABLE}
+TOP_KINDS = {"name": STRING, "description": STRING, "seed": INT, "quick": BOOL, "load": TABLE, "topology": TABLE,
+             "target": TABLE, "checks": TABLE,
+             "faults": ("a list of tables", lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v))}
+_SECTION_KINDS = {"load": LOAD_KINDS, "topology": TOPOLOGY_KINDS, "checks": CHECK_KINDS, "target": TARGET_KINDS}
+
+
+def _check_kind(key, value, kind):
+    what, ok = kind
+    if not ok(value):
+        raise ScenarioError(f"{key}: expected {what}, got {value!r}")
+
+
 class Scenario:
     """A validated scenario. Attributes: name, description, seed, path, load, topology (dict or
     None), target (dict or None), faults (list of dicts), checks (dict)."""
@@ -143,11 +221,14 @@ class Scenario:
                 "path": self.path}
 
 
-def _merge(defaults, given, where):
+def _merge(defaults, given, where, kinds):
+    if given is not None and not isinstance(given, dict):
+        raise ScenarioError(f"{where}: expected a table, got {given!r}")
     out = copy.deepcopy(defaults)
     for k, v in (given or {}).items():
         if k not in defaults:
             raise ScenarioError(f"{where}: unknown key {k!r} (known: {', '.join(sorted(defaults))})")
+        _check_kind(f"{where}.{k}", v, kinds[k])
         out[k] = v
     return out
 
@@ -157,7 +238,10 @@ def _range(v, where):
         return [v, v]
     if isinstance(v, str) and "-" in v:
         a, _, b = v.partition("-")
-        v = [int(a), int(b)]
+        try:
+            v = [int(a), int(b)]
+        except ValueError:
+            raise ScenarioError(f"{where}: expected [min, max] with 0 < min <= max, got {v!r}") from None
     if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) for x in v) and 0 < v[0] <= v[1]):
         raise ScenarioError(f"{where}: expected [min, max] with 0 < min <= max, got {v!r}")
     return v
@@ -192,7 +276,7 @@ def parse_target(t):
 
 def _fault(f, i, managed, topology):
     where = f"faults[{i}]"
-    f = _merge(FAULT_DEFAULTS, f, where)
+    f = _merge(FAULT_DEFAULTS, f, where, FAULT_KINDS_OF_KEYS)
     if f["what"] not in FAULT_KINDS:
         raise ScenarioError(f"{where}: what = {f['what']!r}; one of {', '.join(FAULT_KINDS)}")
     what = f["what"]
@@ -250,11 +334,13 @@ def build(raw, path=None, name=None):
     unknown = set(raw) - _TOP
     if unknown:
         raise ScenarioError(f"unknown top-level keys: {', '.join(sorted(unknown))}")
+    for k, v in raw.items():
+        _check_kind(k, v, TOP_KINDS[k])
     name = raw.get("name") or name or (os.path.splitext(os.path.basename(path))[0] if path else "scenario")
     if "topology" in raw and "target" in raw:
         raise ScenarioError("give [topology] (the tool starts processes) or [target] (an existing deployment), "
                             "not both")
-    load = _merge(LOAD_DEFAULTS, raw.get("load"), "load")
+    load = _merge(LOAD_DEFAULTS, raw.get("load"), "load", LOAD_KINDS)
     for k in ("duration", "request_timeout", "probe_interval"):
         load[k] = seconds(load[k], f"load.{k}")
     load["prompt_words"] = _range(load["prompt_words"], "load.prompt_words")
@@ -278,7 +364,7 @@ def build(raw, path=None, name=None):
         raise ScenarioError("load: give duration or requests")
     topology = target = None
     if "target" in raw:
-        target = _merge(TARGET_DEFAULTS, raw["target"], "target")
+        target = _merge(TARGET_DEFAULTS, raw["target"], "target", TARGET_KINDS)
         urls = list(target["urls"]) + ([target["url"]] if target["url"] else [])
         if not urls:
             raise ScenarioError("target: url (or urls) of the frontend(s) is required")
@@ -290,7 +376,7 @@ def build(raw, path=None, name=None):
             if bad:
                 raise ScenarioError(f"target.processes.{pname}: unknown keys {', '.join(sorted(bad))}")
     else:
-        topology = _merge(TOPOLOGY_DEFAULTS, raw.get("topology"), "topology")
+        topology = _merge(TOPOLOGY_DEFAULTS, raw.get("topology"), "topology", TOPOLOGY_KINDS)
         if topology["discovery"] not in ("file", "etcd"):
             raise ScenarioError("topology.discovery: file or etcd")
         if topology["event_plane"] not in ("direct", "nats"):
@@ -305,7 +391,7 @@ def build(raw, path=None, name=None):
         topology["netns_workers"] = sorted(nets)
         if any(f["what"] in ("engine_death", "engine_stall") for f in faults):
             topology["worker_flags"].setdefault("fault_signals", True)
-    checks = _merge(CHECK_DEFAULTS, raw.get("checks"), "checks")
+    checks = _merge(CHECK_DEFAULTS, raw.get("checks"), "checks", CHECK_KINDS)
     for k in ("request_bound", "baseline_timeout", "max_stall", "max_recovery"):
         checks[k] = seconds(checks[k], f"checks.{k}")
     bad = set(checks["allow"]) - {"error", "cut", "refused"}
@@ -339,7 +425,7 @@ def load_file(path, overrides=(), engine=None):
             raise ScenarioError(f"--engine {engine!r}: one of {', '.join(ENGINES)}")
         if "target" not in raw:
             raw.setdefault("topology", {}).setdefault("worker_flags", {})["engine"] = engine
-            apply_overrides(raw, (per_engine.get(engine) or {}).get("set") or ())
+            apply_overrides(raw, (per_engine.get(engine) or {}).get("set") or (), f"{path}: [engines.{engine}] set")
     apply_overrides(raw, overrides)
     try:
         return build(raw, path=path)
@@ -356,24 +442,68 @@ def _toml_value(text):
         return text  # a bare word is a string
 
 
-def apply_overrides(raw, overrides):
-    """'topology.workers=3', 'checks.max_errors=2', 'faults.0.at=3s', 'seed=7' edit raw in place."""
+def _override_kind(raw, parts):
+    """The kind of value the override path `parts` (['faults', '0', 'at']) takes, or a
+    ScenarioError naming the path and what would be right. Checked before raw is touched, so that
+    a path that leads nowhere (a fault the scenario does not have, a key no section knows) is a
+    usage error, not an IndexError or a silently ignored key."""
+    top = parts[0]
+    if top not in TOP_KINDS:
+        raise ScenarioError(f"unknown key {top!r} (known: {', '.join(sorted(TOP_KINDS))})")
+    if len(parts) == 1:
+        return TOP_KINDS[top]
+    if top in _SECTION_KINDS:
+        kinds = _SECTION_KINDS[top]
+        if parts[1] not in kinds:
+            raise ScenarioError(f"{top} has no key {parts[1]!r} (known: {', '.join(sorted(kinds))})")
+        if len(parts) == 2:
+            return kinds[parts[1]]
+        if top == "topology" and parts[1] in ("worker_flags", "frontend_flags") and len(parts) == 3:
+            return ("a flag value (a string, a number or true)", _is_scalar)
+        if top == "target" and parts[1] == "processes" and len(parts) in (3, 4):
+            return TABLE if len(parts) == 3 else ("a string or a number", lambda v: isinstance(v, (str, int)))
+        raise ScenarioError(f"{top}.{parts[1]} has no keys below it")
+    if top == "faults":
+        faults = raw.get("faults") or []
+        n = len(faults) if isinstance(faults, list) else 0
+        if not parts[1].isdigit() or int(parts[1]) >= n:
+            have = "the scenario has no faults" if n == 0 else \
+                f"the scenario has {n} fault{'s' if n > 1 else ''} (faults.0" + (f" to faults.{n - 1})" if n > 1 else ")")
+            raise ScenarioError(f"no fault {parts[1]!r}: {have}")
+        if len(parts) == 2:
+            return TABLE
+        if len(parts) == 3 and parts[2] in FAULT_KINDS_OF_KEYS:
+            return FAULT_KINDS_OF_KEYS[parts[2]]
+        raise ScenarioError(f"a fault has no key {'.'.join(parts[2:])!r} "
+                            f"(known: {', '.join(sorted(FAULT_KINDS_OF_KEYS))})")
+    raise ScenarioError(f"{top} has no keys below it")
+
+
+def apply_overrides(raw, overrides, where="--set"):
+    """'topology.workers=3', 'checks.max_errors=2', 'faults.0.at=3s', 'seed=7' edit raw in place.
+    The path must name a key a scenario has (a fault by the index it has in the scenario) and the
+    value must be of that key's kind: a ScenarioError names the override and what it takes."""
     for ov in overrides or ():
         key, eq, val = ov.partition("=")
-        if not eq:
-            raise ScenarioError(f"--set {ov!r}: expected key=value")
         parts = key.strip().split(".")
+        if not eq or not all(parts):
+            raise ScenarioError(f"{where} {ov}: expected key=value, e.g. load.concurrency=4 or faults.0.at=3s")
+        try:
+            value = _toml_value(val.strip())
+            what, ok = _override_kind(raw, parts)
+            if not ok(value):
+                raise ScenarioError(f"expected {what}, got {value!r}")
+        except ScenarioError as e:
+            raise ScenarioError(f"{where} {ov}: {e}") from None
         node = raw
         for p in parts[:-1]:
-            if isinstance(node, list):
-                node = node[int(p)]
-            else:
-                node = node.setdefault(p, {})
-        last = parts[-1]
+            node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+            if not isinstance(node, (dict, list)):
+                raise ScenarioError(f"{where} {ov}: {p} is not a table in the scenario")
         if isinstance(node, list):
-            node[int(last)] = _toml_value(val.strip())
+            node[int(parts[-1])] = value
         else:
-            node[last] = _toml_value(val.strip())
+            node[parts[-1]] = value
 
 
 def parse_kv_words(text, where):
@@ -421,4 +551,7 @@ def from_cli(urls, fault_specs, load_spec, checks_spec, worker_metrics, model, n
         if head:
             raise ScenarioError(f"--checks {checks_spec!r}: key=value words only")
         raw["checks"] = kv
-    return build(raw, name=name)
+    try:
+        return build(raw, name=name)
+    except (ScenarioError, ValueError) as e:  # seconds() says ValueError: a usage error all the same
+        raise ScenarioError(str(e)) from e
