@@ -91,6 +91,21 @@ static void test_chunks(void **state) {
     assert_true(c.done);
     bt_oa_chunk_free(&c);
 
+    /* U+0000 is valid JSON in a string: kept, with the length that counts it */
+    c = parse("{\"choices\":[{\"index\":0,\"text\":\"a\\u0000b\"}]}", false, BT_OK);
+    assert_int_equal(c.text_len, 3);
+    assert_memory_equal(c.text, "a\0b", 3);
+    bt_oa_chunk_free(&c);
+
+    /* an error's param and string code are kept for the client */
+    c = parse("{\"error\":{\"message\":\"too hot\",\"type\":\"invalid_request_error\",\"param\":\"temperature\","
+              "\"code\":\"invalid_value\"}}",
+              true, BT_OK);
+    assert_true(c.is_error);
+    assert_string_equal(c.err_param, "temperature");
+    assert_string_equal(c.err_scode, "invalid_value");
+    bt_oa_chunk_free(&c);
+
     /* choices other than index 0 are not ours */
     c = parse("{\"choices\":[{\"index\":1,\"text\":\"no\"},{\"index\":0,\"text\":\"yes\"}]}", false, BT_OK);
     assert_memory_equal(c.text, "yes", 3);

@@ -47,6 +47,13 @@
 #define OA_ORPHAN_MS 5000u                    /* a finished stream's transfer may drain this long */
 #define OA_METRICS_ABSENT_RETRY_MS 30000u     /* /metrics without vLLM gauges: look again this late */
 
+/* An upstream whose answer is not the API (invalid JSON, a broken event stream) is at fault, not
+ * this worker: the attempt ends with an engine error, which is not migratable (the next worker
+ * before the same upstream would be handed the same answer) and does not quarantine the worker,
+ * which keeps serving other requests. BT_ERR_PROTOCOL, migratable, would quarantine each worker
+ * in turn as the stream moved along them, leaving the model with none to route to. */
+#define UPSTREAM_MALFORMED BT_ERR_ENGINE
+
 typedef struct oa_engine oa_engine;
 typedef enum { X_SEQ, X_TOKENIZE, X_RENDER, X_MODELS, X_HEALTH, X_METRICS } xfer_kind;
 static const char *xfer_names[] = {"stream", "tokenize", "render", "models", "health", "metrics"};
@@ -158,6 +165,15 @@ static const char *xfer_why(const oa_engine *e, const oa_xfer *x, CURLcode cc, c
     BT_INFO("openai: %s: %s to upstream %s failed: %s", rid, xfer_names[x->kind], e->url,
             x->errbuf[0] ? x->errbuf : curl_easy_strerror(cc));
     return curl_easy_strerror(cc);
+}
+
+/* Whether an upstream error's "param" can be passed on as the field a refusal names: a short
+ * name without the quote that delimits it in the message, nor a control character. */
+static bool param_ok(const char *p) {
+    if (!p || !*p || strlen(p) > 64) return false;
+    for (; *p; p++)
+        if (*p == '\'' || (unsigned char)*p < 0x20 || *p == 0x7f) return false;
+    return true;
 }
 
 /* The upstream's Retry-After on a finished transfer, in whole seconds (libcurl reads both the
@@ -418,6 +434,12 @@ static void seq_usage(const bt_engine_seq *s, bt_usage *u) {
     uint32_t pt = s->usage_seen ? s->up_prompt : 0;
     if (s->carried_in_prompt && pt >= s->n_carried) pt -= (uint32_t)s->n_carried;
     if (s->carried_in_prompt && s->have_prompt_ids) pt = (uint32_t)s->n_prompt_ids;
+    /* A raw completion's prompt is the prompt text + the delivered text, which the upstream counts
+     * as prompt; the delivered chunks are counted as completion below (one per chunk, as the
+     * frontend's budget counts them), so they leave the prompt here: the usage is the run's, not
+     * the delivered text twice, and its total stays the upstream's own. */
+    if (s->carried_kind == BT_OA_CARRIED_TEXT)
+        pt = pt > s->n_carried ? pt - (uint32_t)s->n_carried : 0;
     uint64_t ct;
     /* A baton upstream counts the carried_token_ids it was given in completion_tokens
      * (docs/engines.md §2.6). Older versions capped that count at max_tokens, so it may fall short
@@ -464,7 +486,7 @@ static bool seq_emit(bt_engine_seq *s, const bt_oa_chunk *c) {
     if (s->mode == MODE_IDS) {
         if (!c->has_ids) {
             if (tl == 0) return true;
-            seq_fail(s, BT_ERR_PROTOCOL, "the upstream sent text without token ids after sending token ids");
+            seq_fail(s, UPSTREAM_MALFORMED, "the upstream sent text without token ids after sending token ids");
             return false;
         }
         if (c->n_ids == 0) { /* text ahead of its ids: it goes with the next ids */
@@ -506,8 +528,8 @@ static bool seq_event(bt_engine_seq *s, const char *data, size_t len) {
     char err[256];
     bt_status st = bt_oa_parse_chunk(data, len, false, &c, err, sizeof err);
     bool live = true;
-    if (st != BT_OK) {
-        seq_fail(s, st == BT_ERR_NOMEM ? st : BT_ERR_PROTOCOL, "%s", err);
+    if (st != BT_OK) { /* not migratable, no quarantine: see UPSTREAM_MALFORMED */
+        seq_fail(s, st == BT_ERR_NOMEM ? st : UPSTREAM_MALFORMED, "%s", err);
         live = false;
     } else if (c.done) {
         seq_complete(s);
@@ -560,7 +582,8 @@ static void xfer_process(oa_engine *e, oa_xfer *x) {
         off += used;
         if (st == BT_ERR_AGAIN) break;
         if (st != BT_OK) {
-            seq_fail(s, st, "upstream event stream: %s", perr ? perr : bt_status_msg(st));
+            seq_fail(s, st == BT_ERR_PROTOCOL ? UPSTREAM_MALFORMED : st, "upstream event stream: %s",
+                     perr ? perr : bt_status_msg(st));
             return;
         }
         if (ev.event_len == 5 && memcmp(ev.event, "error", 5) == 0) {
@@ -600,6 +623,7 @@ static void stream_done(oa_engine *e, oa_xfer *x, CURLcode cc) {
         bt_oa_chunk c;
         char err[256];
         const char *what = "";
+        char field[72] = ""; /* "'param': " when the upstream's error names a request field */
         bt_status st = bt_oa_status_for_http(code);
         if (bt_oa_parse_chunk(x->rx.data ? x->rx.data : "", x->rx.len, true, &c, err, sizeof err) == BT_OK &&
             c.is_error) {
@@ -607,10 +631,18 @@ static void stream_done(oa_engine *e, oa_xfer *x, CURLcode cc) {
             /* OpenAI's (and a baton upstream's) 400 context_length_exceeded stays that error, so
              * the client gets it with its code and param, as from the upstream itself */
             if (code == 400 && c.err_code == BT_ERR_CONTEXT_LENGTH) st = BT_ERR_CONTEXT_LENGTH;
+            /* a 400 or 422 that names the field goes on as a refusal of that field: the message
+             * begins with its quoted name, which the frontend answers as `param` (engine/params.h),
+             * and an upstream's "unsupported_value" keeps its code */
+            else if ((code == 400 || code == 422) && param_ok(c.err_param)) {
+                bool unsup = c.err_scode && strcmp(c.err_scode, "unsupported_value") == 0;
+                st = unsup ? BT_ERR_UNSUPPORTED_PARAM : BT_ERR_INVALID_PARAM;
+                snprintf(field, sizeof field, "'%s': ", c.err_param);
+            }
         }
         char head[48];
-        seq_fail(s, st, "%sthe upstream answered HTTP %ld%s%.200s", retry_head(x, st, head, sizeof head), code,
-                 *what ? ": " : "", what);
+        seq_fail(s, st, "%s%sthe upstream answered HTTP %ld%s%.200s", field, retry_head(x, st, head, sizeof head),
+                 code, *what ? ": " : "", what);
         if (code == 401 || code == 403) { /* the key may have been revoked: the poll decides readiness */
             e->check_auth = true;
             start_probe(e);
@@ -632,7 +664,7 @@ static void stream_done(oa_engine *e, oa_xfer *x, CURLcode cc) {
     bt_oa_chunk c;
     char err[256];
     bt_status st = bt_oa_parse_chunk(x->rx.data ? x->rx.data : "", x->rx.len, true, &c, err, sizeof err);
-    if (st != BT_OK) seq_fail(s, BT_ERR_PROTOCOL, "%s", err);
+    if (st != BT_OK) seq_fail(s, st == BT_ERR_NOMEM ? st : UPSTREAM_MALFORMED, "%s", err);
     else if (c.is_error) seq_fail(s, c.err_code, "upstream error: %s", c.err_msg);
     else {
         if (c.has_usage) {

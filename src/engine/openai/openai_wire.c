@@ -155,7 +155,9 @@ bt_status bt_oa_parse_chunk(const char *data, size_t len, bool unary, bt_oa_chun
         return BT_OK;
     }
     json_error_t jerr;
-    out->root = json_loadb(data, len, 0, &jerr);
+    /* a content string may hold U+0000 (valid JSON, and a model may generate it): it is kept, with
+     * the text's length carried alongside it all the way to the client, which gets it back as \u0000 */
+    out->root = json_loadb(data, len, JSON_ALLOW_NUL, &jerr);
     if (!json_is_object(out->root)) {
         snprintf(err, errlen, "upstream sent %s: %.120s",
                  out->root ? "a JSON value that is not an object" : "invalid JSON", out->root ? "" : jerr.text);
@@ -179,6 +181,8 @@ bt_status bt_oa_parse_chunk(const char *data, size_t len, bool unary, bt_oa_chun
         for (size_t i = 0; scode && i < sizeof unavailable / sizeof unavailable[0]; i++)
             if (strcmp(scode, unavailable[i]) == 0) out->err_code = bt_oa_status_for_http(503);
         out->err_msg = json_is_string(e) ? json_string_value(e) : json_string_value(json_object_get(e, "message"));
+        out->err_param = json_string_value(json_object_get(e, "param"));
+        out->err_scode = scode;
         if (!out->err_msg) out->err_msg = "upstream error without a message";
         return BT_OK;
     }
@@ -363,7 +367,7 @@ json_t *bt_oa_render_body(const bt_oa_build *b) {
 bt_status bt_oa_read_rendered(const char *body, size_t len, char **prompt, size_t *n, char *err, size_t errlen) {
     *prompt = NULL;
     *n = 0;
-    json_t *root = json_loadb(body, len, 0, NULL);
+    json_t *root = json_loadb(body, len, JSON_ALLOW_NUL, NULL); /* a chat's content may hold U+0000 */
     json_t *p = root ? json_object_get(root, "prompt") : NULL;
     if (!json_is_string(p)) {
         snprintf(err, errlen, "the upstream's chat rendering did not answer {\"prompt\": \"...\"}");

@@ -90,6 +90,8 @@ typedef struct {
     bool is_error;      /* an {"error": ...} object */
     bt_status err_code; /* mapped from the error's code or type */
     const char *err_msg;
+    const char *err_param; /* the error's "param" (the request field it names), when a string */
+    const char *err_scode; /* the error's "code", when a string (OpenAI's "invalid_value", ...) */
     const char *text; /* choices[0].text or choices[0].delta.content / message.content; may be NULL */
     size_t text_len;
     bool has_ids; /* choices[0].token_ids was an array */
