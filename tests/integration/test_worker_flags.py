@@ -207,7 +207,7 @@ else:
 
     with bl.Cluster() as c:
         fe = c.start_run(workers=1, engine="llama")
-        assert re.search(r"(?m)^baton: serving 'stories260K' with 1 workers", fe.proc.log_text()), fe.proc.log_tail()
+        assert re.search(r"(?m)^baton: serving 'stories260K' with 1 worker at", fe.proc.log_text()), fe.proc.log_tail()
         assert model_ids(fe.url) == ["stories260K"], model_ids(fe.url)
         served(fe.url, "stories260K", True)
         served(fe.url, "mock-model", False)
