@@ -89,7 +89,7 @@ static const char *check_payload(uint8_t type, const uint8_t *pl, uint32_t plen)
         return NULL;
     }
     case BT_FRAME_FINISH:
-        if (pl[0] > 2) return "bad FINISH reason";
+        if (pl[0] > BT_FRAME_FINISH_MAX) return "bad FINISH reason";
         if (pl[1] | pl[2] | pl[3]) return "FINISH padding not zero";
         return NULL;
     case BT_FRAME_WAITING: return pl[0] > BT_WAIT_PREEMPTED ? "bad WAITING reason" : NULL;
@@ -212,7 +212,7 @@ bt_status bt_frame_put_tokens(bt_buf *out, uint32_t stream, const uint32_t *ids,
 
 bt_status bt_frame_put_finish(bt_buf *out, uint32_t stream, uint8_t reason, uint32_t prompt_tokens,
                               uint32_t completion_tokens) {
-    if (reason > 2) return BT_ERR_INVALID;
+    if (reason > BT_FRAME_FINISH_MAX) return BT_ERR_INVALID;
     bt_status st;
     uint8_t *pl = begin_frame(out, BT_FRAME_FINISH, stream, FINISH_LEN, &st);
     if (!pl) return st;
@@ -304,7 +304,7 @@ bt_status bt_frame_get_finish(const bt_frame *f, uint8_t *reason, uint32_t *prom
                               uint32_t *completion_tokens) {
     bt_status st = expect(f, BT_FRAME_FINISH, FINISH_LEN);
     if (st != BT_OK) return st;
-    if (f->payload[0] > 2) return BT_ERR_PROTOCOL;
+    if (f->payload[0] > BT_FRAME_FINISH_MAX) return BT_ERR_PROTOCOL;
     if (reason) *reason = f->payload[0];
     if (prompt_tokens) *prompt_tokens = rd32(f->payload + 4);
     if (completion_tokens) *completion_tokens = rd32(f->payload + 8);

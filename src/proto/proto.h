@@ -56,6 +56,10 @@ typedef enum { BT_ROLE_FRONTEND = 1, BT_ROLE_WORKER = 2 } bt_role;
  * refusal, retried elsewhere without quarantining the worker). A worker sends an older frontend
  * BT_ERR_CANNOT_CONNECT instead, which that frontend retries as before (docs/protocol.md §12). */
 #define BT_HELLO_UPSTREAM_BUSY 0x4u
+/* A frontend: it understands FINISH reasons 3-5 (content_filter, tool_calls, function_call, an
+ * upstream's own). A worker sends an older frontend, which rejects them, reason 0 (stop). */
+#define BT_HELLO_FINISH_REASONS 0x8u
+#define BT_FRAME_FINISH_MAX 5 /* the highest FINISH reason (bt_finish_reason) */
 
 /* LOAD flags */
 #define BT_LOAD_READY 0x1u /* the worker's endpoint is ready (canary passing, not draining) */

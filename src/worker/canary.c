@@ -169,6 +169,9 @@ void wk_monitor_busy(wk_worker *w) {
 static void on_monitor_tick(uv_timer_t *t) {
     wk_worker *w = t->data;
     if (!w->engine || w->engine_failed || w->finishing) return;
+    /* an engine that times its sequences itself fails a stalled one alone (the openai engine,
+     * given --engine-stuck-timeout as its per-request stall timeout) */
+    if (bt_engine_times_own_streams(w->engine)) return;
     uint64_t now = bt_now_ms();
     size_t seqs = w->nstreams + (w->canary.in_flight ? 1 : 0);
     if (seqs == 0) {

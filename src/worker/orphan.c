@@ -166,7 +166,8 @@ void wk_orphan_replay(wk_stream *s, uint32_t k) {
     }
     if (!s->done && s->waiting) wk_send_waiting(s, (uint8_t)(s->waiting - 1)); /* still waiting in the engine */
     if (s->done) {
-        if (b) bt_frame_put_finish(b, s->id, s->fin_reason, s->fin_prompt, s->fin_completion);
+        if (b) bt_frame_put_finish(b, s->id, wk_wire_finish(s->p->conn, (bt_finish_reason)s->fin_reason), s->fin_prompt,
+                                   s->fin_completion);
         s->p->w->requests_ok++;
         wk_stream_free(s);
     }

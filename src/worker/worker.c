@@ -141,6 +141,14 @@ static void on_seq_tokens(void *ud, const uint32_t *ids, size_t n, const char *t
     bt_frame_put_tokens(b, s->id, ids, n, text, text_len);
 }
 
+/* The FINISH reason for a frontend: an upstream's own reason (content_filter, tool_calls,
+ * function_call) goes to a frontend that did not announce BT_HELLO_FINISH_REASONS (an older build,
+ * which would take it for a protocol error) as stop, as that build always had it. */
+uint8_t wk_wire_finish(bt_rpc_conn *c, bt_finish_reason reason) {
+    bool knows = bt_rpc_peer_flags(c) & BT_HELLO_FINISH_REASONS;
+    return reason > BT_FINISH_CANCELLED && !knows ? (uint8_t)BT_FINISH_STOP : (uint8_t)reason;
+}
+
 static void on_seq_finish(void *ud, bt_finish_reason reason, const bt_usage *u) {
     wk_stream *s = ud;
     wk_worker *w = s->w;
@@ -150,7 +158,7 @@ static void on_seq_finish(void *ud, bt_finish_reason reason, const bt_usage *u) 
         return;
     }
     bt_buf *b = s->ignored_kill ? NULL : bt_rpc_wbuf(s->p->conn);
-    if (b) bt_frame_put_finish(b, s->id, (uint8_t)reason, u->prompt_tokens, u->completion_tokens);
+    if (b) bt_frame_put_finish(b, s->id, wk_wire_finish(s->p->conn, reason), u->prompt_tokens, u->completion_tokens);
     w->requests_ok++;
     wk_monitor_progress(w);
     if (reason != BT_FINISH_CANCELLED) wk_canary_activity(w);
@@ -798,6 +806,7 @@ static bool engine_configs_check(wk_worker *w, char *err, size_t errlen) {
     if (bt_mocker_config_check(&o->mocker, why, sizeof why) != BT_OK)
         return snprintf(err, errlen, "invalid mocker configuration: %s", why), false;
     o->openai.served_model = o->model_name;
+    o->openai.stall_timeout = o->engine_stuck_timeout;
     /* an empty upstream key is not "no key", as an empty --api-key is not (the upstream's refusal
      * would come only at the first request, and name a key the operator thought was set) */
     if (strcmp(o->engine, "openai") == 0 &&

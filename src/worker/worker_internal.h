@@ -372,6 +372,9 @@ void wk_status_close(wk_worker *w, void (*done)(void *ud));
 bool wk_canary_load(wk_worker *w, char *err, size_t errlen);
 /* Validates the canary options and builds its payload; false with a message on error. */
 bool wk_canary_init(wk_worker *w, char *err, size_t errlen);
+/* The FINISH reason to put on the wire to the frontend of c (worker.c): what it understands. */
+uint8_t wk_wire_finish(bt_rpc_conn *c, bt_finish_reason reason);
+
 /* Starts canaries (the first one at once) and the engine monitor; call when the worker is ready. */
 void wk_canary_start(wk_worker *w);
 /* Stops canaries and the monitor and drops an in-flight canary (drain, exit). */
