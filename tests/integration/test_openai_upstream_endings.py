@@ -118,6 +118,8 @@ def stream(fe, prompt, max_tokens=50, timeout=60):
 
 
 def main():
+    # the sections to run (1-5, all by default), so that one can be run on its own
+    only = {int(a) for a in sys.argv[1:]} or {1, 2, 3, 4, 5}
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
     srv.daemon_threads = True
     threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -129,69 +131,74 @@ def main():
             c.wait_workers(fe, 1)
             bl.wait_for(lambda: stream(fe, "reason=stop hi").ok, 15, what="the proxy serves")
 
-            # 1. the budget ends the stream with "length" and closes the upstream's request
-            t0 = time.monotonic()
-            s = stream(fe, "budget please", max_tokens=10)
-            took = time.monotonic() - t0
-            s.assert_ok("budget stream")
-            assert s.text == "".join(f" w{k}" for k in range(10)), s.summary()
-            assert s.finish_reason == "length", f"at the budget: finish {s.finish_reason!r}, want 'length'"
-            assert took < 4, f"the budget stream took {took:.1f} s: the worker read the upstream to its end"
-            bl.wait_for(lambda: "budget" in Scripted.closed, 5, what="the upstream's request closed")
-            assert Scripted.closed["budget"] < 4, f"the upstream request was closed after {Scripted.closed['budget']:.1f} s"
-            print(f"budget: 10 pieces, 'length', in {took:.2f} s; upstream closed after {Scripted.closed['budget']:.2f} s")
+            if 1 in only:
+                # 1. the budget ends the stream with "length" and closes the upstream's request
+                t0 = time.monotonic()
+                s = stream(fe, "budget please", max_tokens=10)
+                took = time.monotonic() - t0
+                s.assert_ok("budget stream")
+                assert s.text == "".join(f" w{k}" for k in range(10)), s.summary()
+                assert s.finish_reason == "length", f"at the budget: finish {s.finish_reason!r}, want 'length'"
+                assert took < 4, f"the budget stream took {took:.1f} s: the worker read the upstream to its end"
+                bl.wait_for(lambda: "budget" in Scripted.closed, 5, what="the upstream's request closed")
+                assert Scripted.closed["budget"] < 4, f"the upstream request was closed after {Scripted.closed['budget']:.1f} s"
+                print(f"budget: 10 pieces, 'length', in {took:.2f} s; upstream closed after {Scripted.closed['budget']:.2f} s")
 
-            # 2. the upstream's finish reasons pass through; an unknown one is "stop"
-            for sent, want in (("content_filter", "content_filter"), ("tool_calls", "tool_calls"),
-                               ("function_call", "function_call"), ("stop", "stop"), ("length", "length"),
-                               ("eos_of_some_server", "stop")):
-                s = stream(fe, f"reason={sent} hi")
-                s.assert_ok(f"finish {sent}")
-                assert s.text == " a b" and s.finish_reason == want, f"upstream {sent}: {s.summary()}, want {want}"
-                st, _, b = bl.post_json(fe.url + "/v1/completions",
-                                        bl.completion_body(f"reason={sent} hi", max_tokens=50, model=MODEL), timeout=30)
-                assert st == 200 and b["choices"][0]["finish_reason"] == want, (sent, st, b)
-            print("finish reasons: content_filter, tool_calls, function_call, stop, length as sent; unknown -> stop")
+            if 2 in only:
+                # 2. the upstream's finish reasons pass through; an unknown one is "stop"
+                for sent, want in (("content_filter", "content_filter"), ("tool_calls", "tool_calls"),
+                                   ("function_call", "function_call"), ("stop", "stop"), ("length", "length"),
+                                   ("eos_of_some_server", "stop")):
+                    s = stream(fe, f"reason={sent} hi")
+                    s.assert_ok(f"finish {sent}")
+                    assert s.text == " a b" and s.finish_reason == want, f"upstream {sent}: {s.summary()}, want {want}"
+                    st, _, b = bl.post_json(fe.url + "/v1/completions",
+                                            bl.completion_body(f"reason={sent} hi", max_tokens=50, model=MODEL), timeout=30)
+                    assert st == 200 and b["choices"][0]["finish_reason"] == want, (sent, st, b)
+                print("finish reasons: content_filter, tool_calls, function_call, stop, length as sent; unknown -> stop")
 
-            # 3. [DONE] without a finish is no success
-            for script in ("doneonly", "nofinish"):
-                s = stream(fe, f"{script} hi")
-                assert s.error is not None and s.finish_reason is None, f"{script}: {s.summary()}"
-                st, _, b = bl.post_json(fe.url + "/v1/completions",
-                                        bl.completion_body(f"{script} hi", max_tokens=50, model=MODEL), timeout=30)
-                assert st != 200, f"{script}: whole answer {st} {b}"
-                print(f"{script}: stream error {s.error.get('message')!r}; whole answer {st}")
+            if 3 in only:
+                # 3. [DONE] without a finish is no success
+                for script in ("doneonly", "nofinish"):
+                    s = stream(fe, f"{script} hi")
+                    assert s.error is not None and s.finish_reason is None, f"{script}: {s.summary()}"
+                    st, _, b = bl.post_json(fe.url + "/v1/completions",
+                                            bl.completion_body(f"{script} hi", max_tokens=50, model=MODEL), timeout=30)
+                    assert st != 200, f"{script}: whole answer {st} {b}"
+                    print(f"{script}: stream error {s.error.get('message')!r}; whole answer {st}")
 
-            # a cut stream quarantines its worker for a while, as a broken connection does
-            bl.wait_for(lambda: stream(fe, "reason=stop again").ok, 30, what="the worker serves again")
+                # a cut stream quarantines its worker for a while, as a broken connection does
+                bl.wait_for(lambda: stream(fe, "reason=stop again").ok, 30, what="the worker serves again")
 
-            # 4. a finish with its usage ends the stream, without [DONE] or a close
-            t0 = time.monotonic()
-            s = stream(fe, "held hi", timeout=20)
-            took = time.monotonic() - t0
-            s.assert_ok("finish without [DONE]")
-            assert s.text == " a b" and s.finish_reason == "stop", s.summary()
-            assert s.usage and s.usage["prompt_tokens"] == 7 and s.usage["completion_tokens"] == 3, s.usage
-            assert took < 3, f"a finished answer was held {took:.1f} s"
-            print(f"finish + usage without [DONE]: complete in {took:.2f} s, usage {s.usage}")
+            if 4 in only:
+                # 4. a finish with its usage ends the stream, without [DONE] or a close
+                t0 = time.monotonic()
+                s = stream(fe, "held hi", timeout=20)
+                took = time.monotonic() - t0
+                s.assert_ok("finish without [DONE]")
+                assert s.text == " a b" and s.finish_reason == "stop", s.summary()
+                assert s.usage and s.usage["prompt_tokens"] == 7 and s.usage["completion_tokens"] == 3, s.usage
+                assert took < 3, f"a finished answer was held {took:.1f} s"
+                print(f"finish + usage without [DONE]: complete in {took:.2f} s, usage {s.usage}")
 
-            # 5. a stalled upstream request fails alone; the worker and its other stream go on
-            bl.wait_for(lambda: stream(fe, "reason=stop again").ok, 30, what="the worker serves again")
-            slow = {}
-            th = threading.Thread(target=lambda: slow.update(s=stream(fe, "slow hi", timeout=30)), daemon=True)
-            th.start()
-            time.sleep(0.3)
-            t0 = time.monotonic()
-            s = stream(fe, "stall hi", timeout=30)
-            took = time.monotonic() - t0
-            assert s.error is not None and s.text.startswith(" a b"), f"stalled: {s.summary()}"
-            th.join(30)
-            slow["s"].assert_ok("the other stream on the worker")
-            assert slow["s"].text == "".join(f" s{k}" for k in range(8)), slow["s"].summary()
-            assert w.proc.alive(), f"the worker exited:\n{w.proc.log_tail()}"
-            bl.wait_for(lambda: stream(fe, "reason=stop again").ok, 10, what="the worker serves after the stall")
-            print(f"stalled request: error after {took:.1f} s ({s.error.get('message')!r}); the other stream whole, "
-                  "the worker serving")
+            if 5 in only:
+                # 5. a stalled upstream request fails alone; the worker and its other stream go on
+                bl.wait_for(lambda: stream(fe, "reason=stop again").ok, 30, what="the worker serves again")
+                slow = {}
+                th = threading.Thread(target=lambda: slow.update(s=stream(fe, "slow hi", timeout=30)), daemon=True)
+                th.start()
+                time.sleep(0.3)
+                t0 = time.monotonic()
+                s = stream(fe, "stall hi", timeout=30)
+                took = time.monotonic() - t0
+                assert s.error is not None and s.text.startswith(" a b"), f"stalled: {s.summary()}"
+                th.join(30)
+                slow["s"].assert_ok("the other stream on the worker")
+                assert slow["s"].text == "".join(f" s{k}" for k in range(8)), slow["s"].summary()
+                assert w.proc.alive(), f"the worker exited:\n{w.proc.log_tail()}"
+                bl.wait_for(lambda: stream(fe, "reason=stop again").ok, 10, what="the worker serves after the stall")
+                print(f"stalled request: error after {took:.1f} s ({s.error.get('message')!r}); the other stream whole, "
+                      "the worker serving")
     finally:
         srv.shutdown()
     print("ok")

@@ -265,7 +265,7 @@ static void test_roundtrip_finish_error_goaway(void **state) {
     (void)state;
     bt_buf b;
     bt_buf_init(&b, 1024);
-    for (uint8_t r = 0; r <= 2; r++) {
+    for (uint8_t r = 0; r <= BT_FRAME_FINISH_MAX; r++) {
         bt_buf_reset(&b);
         assert_int_equal(bt_frame_put_finish(&b, 5, r, 0xFFFFFFFFu, 123), BT_OK);
         bt_frame f = parse_one(&b);
@@ -538,7 +538,7 @@ static void test_malformed(void **state) {
         {"TOKENS n=65535", BT_FRAME_TOKENS, 0, 1, 2 + 4 * 4097, 0xFF, 0xFF, 0, 0, BT_ERR_PROTOCOL},
         {"TOKENS n=3 in 13", BT_FRAME_TOKENS, 0, 1, 13, 0, 3, 0, 0, BT_ERR_PROTOCOL},
         {"TOKENS n=1 in 5", BT_FRAME_TOKENS, 0, 1, 5, 0, 1, 0, 0, BT_ERR_PROTOCOL},
-        {"FINISH reason 3", BT_FRAME_FINISH, 0, 1, 12, 3, 0, 0, 0, BT_ERR_PROTOCOL},
+        {"FINISH reason 6", BT_FRAME_FINISH, 0, 1, 12, 6, 0, 0, 0, BT_ERR_PROTOCOL},
         {"FINISH reason 255", BT_FRAME_FINISH, 0, 1, 12, 255, 0, 0, 0, BT_ERR_PROTOCOL},
         {"FINISH pad", BT_FRAME_FINISH, 0, 1, 12, 0, 0, 1, 0, BT_ERR_PROTOCOL},
         {"ERROR 0", BT_FRAME_ERROR, 0, 1, 0, 0, 0, 0, 0, BT_ERR_PROTOCOL},
@@ -660,7 +660,7 @@ static void test_encoder_rejects_invalid(void **state) {
     assert_int_equal(bt_frame_put_tokens(&b, 1, ids, BT_TOKENS_MAX + 1, NULL, 0), BT_ERR_INVALID);
     assert_int_equal(bt_frame_put_tokens(&b, 0, ids, 1, NULL, 0), BT_ERR_INVALID);
     assert_int_equal(bt_frame_put_tokens(&b, 1, NULL, 1, NULL, 0), BT_ERR_INVALID);
-    assert_int_equal(bt_frame_put_finish(&b, 1, 3, 0, 0), BT_ERR_INVALID);
+    assert_int_equal(bt_frame_put_finish(&b, 1, 6, 0, 0), BT_ERR_INVALID);
     assert_int_equal(bt_frame_put_finish(&b, 0, 0, 0, 0), BT_ERR_INVALID);
     assert_int_equal(bt_frame_put_ping(&b, BT_FRAME_HELLO, 0), BT_ERR_INVALID);
     assert_int_equal(bt_frame_put(&b, 0, 1, NULL, 0), BT_ERR_INVALID);
