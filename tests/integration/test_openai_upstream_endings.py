@@ -12,6 +12,8 @@ in front of a scripted OpenAI-compatible server of this file's own (docs/engines
    never a 200 success with "stop".
 4. A finish chunk with its usage, then neither [DONE] nor a close: the client gets the whole
    answer, its finish and that usage at once (before: an error after 30 s), and the worker stays.
+   A finish and [DONE] without usage: the usage is the engine's own count (prompt_tokens 0, the
+   delivered chunks), and the worker's log says the upstream gave none.
 5. A stalled upstream request (two pieces, then nothing, the connection open) with
    --engine-stuck-timeout 2: that request alone fails (an error event after about 2 s per
    attempt), while another stream on the same worker completes whole and the worker keeps serving
@@ -85,6 +87,11 @@ class Scripted(http.server.BaseHTTPRequestHandler):
                 self.piece(" a")
                 self.piece(" b", script[len("reason="):])
                 self.piece("", None, usage)
+                self.chunk(b"[DONE]")
+            elif script == "nousage":  # a finish and [DONE], no usage although it was asked for
+                assert body.get("stream_options") == {"include_usage": True}, body
+                self.piece(" a")
+                self.piece(" b", "stop")
                 self.chunk(b"[DONE]")
             elif script == "doneonly":
                 self.chunk(b"[DONE]")
@@ -180,6 +187,13 @@ def main():
                 assert s.usage and s.usage["prompt_tokens"] == 7 and s.usage["completion_tokens"] == 3, s.usage
                 assert took < 3, f"a finished answer was held {took:.1f} s"
                 print(f"finish + usage without [DONE]: complete in {took:.2f} s, usage {s.usage}")
+                # no usage from the upstream: what the engine measured, said in the log (the prompt
+                # was never counted)
+                s = stream(fe, "nousage hi")
+                s.assert_ok("finish without usage")
+                assert s.usage and s.usage["prompt_tokens"] == 0 and s.usage["completion_tokens"] == 2, s.usage
+                assert "finished a stream without usage" in w.proc.log_text(), w.proc.log_tail()
+                print(f"no usage upstream: usage {s.usage}, the worker's log says it was not the upstream's")
 
             if 5 in only:
                 # 5. a stalled upstream request fails alone; the worker and its other stream go on

@@ -132,6 +132,7 @@ struct oa_engine {
 
     /* the upstream */
     bool detected, ever_up, dead, probe_failed, use_models_for_health;
+    bool warned_no_usage; /* a stream finished without the upstream's usage: said once in the log */
     long auth_refused; /* the HTTP status (401, 403) of the upstream refusing the credentials, else 0 */
     /* a request was refused with 401 or 403: the next polls ask GET /v1/models, which checks the
      * credentials as GET /health (vLLM's, baton's) does not, until one is answered */
@@ -417,6 +418,14 @@ static void seq_finish(bt_engine_seq *s, bt_finish_reason reason, bool cut) {
              bt_finish_reason_name(reason));
     bt_usage u;
     seq_usage(s, &u);
+    if (!s->usage_seen && reason != BT_FINISH_CANCELLED && !s->e->warned_no_usage) {
+        /* asked for (stream_options.include_usage) but not given: the usage passed on is what
+         * this engine measured, not the upstream's count (docs/engines.md §2.1) */
+        s->e->warned_no_usage = true;
+        BT_WARN("openai: %s: upstream %s finished a stream without usage: prompt_tokens are reported as 0 and "
+                "completion_tokens as the %s delivered (said once)", s->rid, s->e->url,
+                s->mode == MODE_IDS ? "token ids" : "text chunks");
+    }
     bt_deliver_finish(&s->e->dl, &s->dl, reason, &u);
 }
 
