@@ -6,7 +6,8 @@ in front of a scripted OpenAI-compatible server of this file's own (docs/engines
    request is closed at once (its 12th chunk at the latest finds the connection gone), not read to
    its end 10 s later.
 2. Finish reasons: "content_filter", "tool_calls" and "function_call" reach the client as the
-   upstream sent them (before: all "stop"); an unknown reason is "stop".
+   upstream sent them (before: all "stop"); an unknown reason is "stop". On the request plane a
+   frontend whose HELLO lacks BT_HELLO_FINISH_REASONS (an older build) gets reason 0 (stop).
 3. Endings that are not a finish: a stream of `data: [DONE]` alone, and text then [DONE] without
    any finish_reason, are incomplete streams (an error event, as the same stream ended by EOF is),
    never a 200 success with "stop".
@@ -27,6 +28,7 @@ import threading
 import time
 
 import batonlib as bl
+import rpclib
 
 MODEL = "mock-model"
 
@@ -163,6 +165,16 @@ def main():
                                             bl.completion_body(f"reason={sent} hi", max_tokens=50, model=MODEL), timeout=30)
                     assert st == 200 and b["choices"][0]["finish_reason"] == want, (sent, st, b)
                 print("finish reasons: content_filter, tool_calls, function_call, stop, length as sent; unknown -> stop")
+                # on the request plane: reasons 3-5 only to a frontend that announced it knows them
+                for flags, want in ((0, "stop"), (rpclib.HELLO_FINISH_REASONS, "content_filter")):
+                    conn = rpclib.Conn(w.rpc_port, hello_flags=flags)
+                    body = bl.completion_body("reason=content_filter hi", max_tokens=50, model=MODEL)
+                    sid = conn.request({"request_id": f"reason-{flags}", "api": "completion", "body": body})
+                    r = rpclib.read_stream(conn, sid)
+                    conn.close()
+                    assert r.error is None and r.finish[0] == want, f"HELLO flags {flags}: {r.finish} {r.error}"
+                print("request plane: FINISH content_filter (3) to a frontend with BT_HELLO_FINISH_REASONS, stop (0) "
+                      "to one without")
 
             if 3 in only:
                 # 3. [DONE] without a finish is no success
