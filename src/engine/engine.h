@@ -47,6 +47,10 @@ const char *bt_finish_reason_name(bt_finish_reason r);
 typedef struct {
     uint32_t prompt_tokens;     /* the original prompt (carried tokens not included) */
     uint32_t completion_tokens; /* every generated token, carried ones included */
+    /* the counts are not the model server's: an OpenAI upstream that reported no usage leaves the
+     * openai engine with its own count of what it delivered and no prompt count; the client is
+     * told that no usage was reported instead of given them (docs/engines.md §2.1) */
+    bool unreported;
 } bt_usage;
 
 #define BT_MAX_STOP 4 /* OpenAI allows up to 4 stop sequences */

@@ -149,16 +149,25 @@ uint8_t wk_wire_finish(bt_rpc_conn *c, bt_finish_reason reason) {
     return reason > BT_FINISH_CANCELLED && !knows ? (uint8_t)BT_FINISH_STOP : (uint8_t)reason;
 }
 
+/* FINISH's flags for the frontend of c: none to an older build, whose codec wants the byte 0. */
+uint8_t wk_wire_finish_flags(bt_rpc_conn *c, bool usage_unreported) {
+    bool knows = bt_rpc_peer_flags(c) & BT_HELLO_FINISH_REASONS;
+    return knows && usage_unreported ? (uint8_t)BT_FINISH_F_USAGE_UNREPORTED : 0;
+}
+
 static void on_seq_finish(void *ud, bt_finish_reason reason, const bt_usage *u) {
     wk_stream *s = ud;
     wk_worker *w = s->w;
     if (s->orphaned) {
         wk_monitor_progress(w);
-        wk_orphan_finished(s, (uint8_t)reason, u->prompt_tokens, u->completion_tokens);
+        wk_orphan_finished(s, (uint8_t)reason, u);
         return;
     }
     bt_buf *b = s->ignored_kill ? NULL : bt_rpc_wbuf(s->p->conn);
-    if (b) bt_frame_put_finish(b, s->id, wk_wire_finish(s->p->conn, reason), u->prompt_tokens, u->completion_tokens);
+    if (b)
+        bt_frame_put_finish_flags(b, s->id, wk_wire_finish(s->p->conn, reason),
+                                  wk_wire_finish_flags(s->p->conn, u->unreported), u->prompt_tokens,
+                                  u->completion_tokens);
     w->requests_ok++;
     wk_monitor_progress(w);
     if (reason != BT_FINISH_CANCELLED) wk_canary_activity(w);

@@ -13,8 +13,8 @@ in front of a scripted OpenAI-compatible server of this file's own (docs/engines
    never a 200 success with "stop".
 4. A finish chunk with its usage, then neither [DONE] nor a close: the client gets the whole
    answer, its finish and that usage at once (before: an error after 30 s), and the worker stays.
-   A finish and [DONE] without usage: the usage is the engine's own count (prompt_tokens 0, the
-   delivered chunks), and the worker's log says the upstream gave none.
+   A finish and [DONE] without usage (include_usage was asked for): the client's usage is null,
+   streamed and whole, not a prompt_tokens 0 and a chunk count made up as if measured.
 5. A stalled upstream request (two pieces, then nothing, the connection open) with
    --engine-stuck-timeout 2: that request alone fails (an error event after about 2 s per
    attempt), while another stream on the same worker completes whole and the worker keeps serving
@@ -199,13 +199,18 @@ def main():
                 assert s.usage and s.usage["prompt_tokens"] == 7 and s.usage["completion_tokens"] == 3, s.usage
                 assert took < 3, f"a finished answer was held {took:.1f} s"
                 print(f"finish + usage without [DONE]: complete in {took:.2f} s, usage {s.usage}")
-                # no usage from the upstream: what the engine measured, said in the log (the prompt
-                # was never counted)
+                # no usage from the upstream: none is made up (before: prompt_tokens 0 and the chunk
+                # count, as if measured); the usage chunk says null, and so does a whole answer
                 s = stream(fe, "nousage hi")
                 s.assert_ok("finish without usage")
-                assert s.usage and s.usage["prompt_tokens"] == 0 and s.usage["completion_tokens"] == 2, s.usage
+                assert s.text == " a b" and s.finish_reason == "stop", s.summary()
+                tail = [e for e in s.events if isinstance(e, dict) and "usage" in e and not e.get("choices")]
+                assert len(tail) == 1 and tail[0]["usage"] is None, f"usage events {tail}"
+                st, _, b = bl.post_json(fe.url + "/v1/completions",
+                                        bl.completion_body("nousage hi", max_tokens=50, model=MODEL), timeout=30)
+                assert st == 200 and b["choices"][0]["text"] == " a b" and b["usage"] is None, (st, b)
                 assert "finished a stream without usage" in w.proc.log_text(), w.proc.log_tail()
-                print(f"no usage upstream: usage {s.usage}, the worker's log says it was not the upstream's")
+                print("no usage upstream: the answer's usage is null (streamed and whole), the worker's log says so")
 
             if 5 in only:
                 # 5. a stalled upstream request fails alone; the worker and its other stream go on

@@ -455,6 +455,7 @@ static void seq_usage(const bt_engine_seq *s, bt_usage *u) {
     }
     u->prompt_tokens = pt;
     u->completion_tokens = ct > UINT32_MAX ? UINT32_MAX : (uint32_t)ct;
+    u->unreported = !s->usage_seen;
 }
 
 /* A continuation this upstream cannot make exactly. BT_ERR_NO_WORKER is not migratable, so the
