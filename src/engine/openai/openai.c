@@ -419,12 +419,11 @@ static void seq_finish(bt_engine_seq *s, bt_finish_reason reason, bool cut) {
     bt_usage u;
     seq_usage(s, &u);
     if (!s->usage_seen && reason != BT_FINISH_CANCELLED && !s->e->warned_no_usage) {
-        /* asked for (stream_options.include_usage) but not given: the usage passed on is what
-         * this engine measured, not the upstream's count (docs/engines.md §2.1) */
+        /* asked for (stream_options.include_usage) but not given: the usage is marked unreported
+         * (a client's answer says null; an older frontend gets this engine's own count) */
         s->e->warned_no_usage = true;
-        BT_WARN("openai: %s: upstream %s finished a stream without usage: prompt_tokens are reported as 0 and "
-                "completion_tokens as the %s delivered (said once)", s->rid, s->e->url,
-                s->mode == MODE_IDS ? "token ids" : "text chunks");
+        BT_WARN("openai: %s: upstream %s finished a stream without usage although it was asked for: its usage is "
+                "reported as unknown (said once)", s->rid, s->e->url);
     }
     bt_deliver_finish(&s->e->dl, &s->dl, reason, &u);
 }
