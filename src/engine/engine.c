@@ -27,6 +27,9 @@ const char *bt_finish_reason_name(bt_finish_reason r) {
     case BT_FINISH_STOP: return "stop";
     case BT_FINISH_LENGTH: return "length";
     case BT_FINISH_CANCELLED: return "cancelled";
+    case BT_FINISH_CONTENT_FILTER: return "content_filter";
+    case BT_FINISH_TOOL_CALLS: return "tool_calls";
+    case BT_FINISH_FUNCTION_CALL: return "function_call";
     }
     return "stop";
 }

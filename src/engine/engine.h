@@ -34,13 +34,23 @@ typedef enum {
     BT_FINISH_STOP = 0,      /* a stop string or end of sequence */
     BT_FINISH_LENGTH = 1,    /* max_tokens reached */
     BT_FINISH_CANCELLED = 2, /* stopped on request */
+    /* an upstream's own reasons, passed through by the openai engine (OpenAI's names) */
+    BT_FINISH_CONTENT_FILTER = 3, /* the upstream withheld content */
+    BT_FINISH_TOOL_CALLS = 4,     /* the answer is tool calls */
+    BT_FINISH_FUNCTION_CALL = 5,  /* the answer is a function call (OpenAI's older form) */
+    BT_FINISH_MAX_ = 5
 } bt_finish_reason;
 
-const char *bt_finish_reason_name(bt_finish_reason r); /* "stop", "length", "cancelled" */
+/* "stop", "length", "cancelled", "content_filter", "tool_calls", "function_call" */
+const char *bt_finish_reason_name(bt_finish_reason r);
 
 typedef struct {
     uint32_t prompt_tokens;     /* the original prompt (carried tokens not included) */
     uint32_t completion_tokens; /* every generated token, carried ones included */
+    /* the counts are not the model server's: an OpenAI upstream that reported no usage leaves the
+     * openai engine with its own count of what it delivered and no prompt count; the client is
+     * told that no usage was reported instead of given them (docs/engines.md §2.1) */
+    bool unreported;
 } bt_usage;
 
 #define BT_MAX_STOP 4 /* OpenAI allows up to 4 stop sequences */
@@ -233,6 +243,10 @@ typedef struct {
      * OpenAI proxy: its upstream queues them), whose worker then does not announce
      * BT_HELLO_WAITING (docs/protocol.md). */
     bool tells_waits;
+    /* The engine fails a sequence that makes no progress on its own (the OpenAI proxy: each one is
+     * an upstream request with its own stall timeout), so the worker's engine monitor, which fails
+     * the whole worker, does not watch it (docs/engines.md). */
+    bool times_own_streams;
 } bt_engine_ops;
 
 struct bt_engine {
@@ -259,6 +273,7 @@ static inline void bt_engine_card(bt_engine *e, json_t *card) { e->ops->card(e, 
 void bt_engine_handoff(bt_engine *e, bt_engine_seq *s, bt_engine_handoff_cb cb, void *ud);
 void bt_engine_kv_stats_get(bt_engine *e, bt_engine_kv_stats *out);
 static inline bool bt_engine_tells_waits(const bt_engine *e) { return e && e->ops->tells_waits; }
+static inline bool bt_engine_times_own_streams(const bt_engine *e) { return e && e->ops->times_own_streams; }
 static inline void bt_engine_destroy(bt_engine *e) {
     if (e) e->ops->destroy(e);
 }

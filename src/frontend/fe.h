@@ -320,6 +320,7 @@ struct fe_req {
     uint64_t t_fail_us; /* when the attempt that started the current migration failed */
     int64_t created;
     uint32_t prompt_tokens, completion_tokens;
+    bool usage_unreported; /* the worker's upstream reported no usage: the answer says so (usage null) */
     /* ids the client's body names in carried_token_ids: part of the completion it is billed for
      * (usage counts them) but not of nids, and not limited by max_tokens, which counts new ones */
     uint32_t body_carried;
@@ -645,7 +646,9 @@ void fe_request_output(const fe_req *r, const uint32_t **ids, const char **text,
  * tokens when it is token ids (or the least a text prompt can be, when the workers tell their
  * longest token), the carried ones, and what is left of max_tokens (one token without it). */
 uint64_t fe_request_context_need(const fe_req *r);
-void fe_request_finish(fe_req *r, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens);
+/* usage_unreported: the FINISH said its counts are not the model server's (BT_FINISH_F_USAGE_UNREPORTED) */
+void fe_request_finish(fe_req *r, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens,
+                       bool usage_unreported);
 void fe_request_reject_busy(fe_req *r);
 /* Refuses a request that has not started (no attempt, no header sent): `status` with Retry-After
  * and an OpenAI error body; counted as rejected. r is freed on return. */
@@ -729,7 +732,8 @@ void fe_attempt_on_tokens(fe_attempt *a, const uint32_t *ids, size_t n, const ch
  * of all n, what the next tokens of these attempts will touch (attempt, request, its buffers,
  * client connection, journal record). NULL entries are skipped. */
 void fe_attempts_prefetch(fe_attempt *const *as, size_t n);
-void fe_attempt_on_finish(fe_attempt *a, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens);
+void fe_attempt_on_finish(fe_attempt *a, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens,
+                          bool usage_unreported);
 void fe_attempt_on_error(fe_attempt *a, bt_status code, const char *msg);
 /* A KVSTATE piece on the attempt's stream (its worker is giving the stream back). */
 void fe_attempt_on_kvstate(fe_attempt *a, uint64_t total, uint64_t offset, const uint8_t *data, size_t len);

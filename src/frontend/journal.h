@@ -48,6 +48,7 @@ typedef struct {
     fe_jtail_kind kind;
     char finish[24]; /* FINISH: the finish_reason */
     uint32_t prompt_tokens, completion_tokens;
+    bool usage_unreported; /* FINISH: the answer's usage was null (no usage from the upstream) */
     int status;        /* ERROR: the error event's HTTP status */
     char code[32];     /* ERROR: its code string (fe_error_body) */
     char message[200]; /* ERROR: its message */

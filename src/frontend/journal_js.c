@@ -266,6 +266,7 @@ static void tail_json(json_t *o, const fe_jtail *t) {
     json_object_set_new(o, "finish", json_string(t->finish));
     json_object_set_new(o, "pt", json_integer(t->prompt_tokens));
     json_object_set_new(o, "ct", json_integer(t->completion_tokens));
+    if (t->usage_unreported) json_object_set_new(o, "nu", json_true());
     json_object_set_new(o, "status", json_integer(t->status));
     json_object_set_new(o, "code", json_string(t->code));
     json_object_set_new(o, "msg", json_string(t->message));
@@ -470,6 +471,7 @@ static void apply_tail(fe_jtail *t, json_t *o) {
     snprintf(t->finish, sizeof t->finish, "%s", sv(o, "finish"));
     t->prompt_tokens = (uint32_t)json_integer_value(json_object_get(o, "pt"));
     t->completion_tokens = (uint32_t)json_integer_value(json_object_get(o, "ct"));
+    t->usage_unreported = json_is_true(json_object_get(o, "nu"));
     t->status = (int)json_integer_value(json_object_get(o, "status"));
     snprintf(t->code, sizeof t->code, "%s", sv(o, "code"));
     snprintf(t->message, sizeof t->message, "%s", sv(o, "msg"));

@@ -691,7 +691,8 @@ void fe_attempt_on_kvstate(fe_attempt *a, uint64_t total, uint64_t offset, const
     k->have += len;
 }
 
-void fe_attempt_on_finish(fe_attempt *a, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens) {
+void fe_attempt_on_finish(fe_attempt *a, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens,
+                          bool usage_unreported) {
     fe_req *r = a->req;
     attempt_detach(a);
     if (r->state == FE_REQ_DONE) return;
@@ -706,7 +707,7 @@ void fe_attempt_on_finish(fe_attempt *a, uint8_t reason, uint32_t prompt_tokens,
         fe_migrate_dispatch(r);
         return;
     }
-    fe_request_finish(r, reason, prompt_tokens, completion_tokens);
+    fe_request_finish(r, reason, prompt_tokens, completion_tokens, usage_unreported);
 }
 
 void fe_attempt_on_error(fe_attempt *a, bt_status code, const char *msg) {

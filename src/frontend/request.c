@@ -443,6 +443,10 @@ void fe_request_write_replayed(fe_req *r, bt_buf *b, const uint32_t *ids, size_t
  * carried_tokens: how many of completion_tokens it did not generate but was given, so that an
  * operator can bill them as the prefill work they were (docs/engines.md §2.6). */
 static void usage_json(bt_buf *b, const fe_req *r, uint32_t pt, uint32_t ct) {
+    if (r->usage_unreported) { /* the upstream gave none: no counts are made up (docs/engines.md §2.1) */
+        bt_buf_append_str(b, "null");
+        return;
+    }
     bt_buf_append_str(b, "{\"prompt_tokens\":");
     bt_buf_append_i64(b, pt);
     bt_buf_append_str(b, ",\"completion_tokens\":");
@@ -493,6 +497,7 @@ static void finish_streaming(fe_req *r, const char *reason) {
     bt_copy_str(r->jtail.finish, sizeof r->jtail.finish, reason);
     r->jtail.prompt_tokens = r->prompt_tokens;
     r->jtail.completion_tokens = r->completion_tokens;
+    r->jtail.usage_unreported = r->usage_unreported;
     bt_http_stream_finish(r->http, b->data, b->len);
 }
 
@@ -602,6 +607,7 @@ void fe_request_replay_tail(fe_req *r, const fe_jtail *tail, int mark) {
     } else {
         r->prompt_tokens = tail->prompt_tokens;
         r->completion_tokens = tail->completion_tokens;
+        r->usage_unreported = tail->usage_unreported;
         bt_buf *b = &r->fe->scratch;
         bt_buf_reset(b);
         build_tail(r, b, tail->finish, mark);
@@ -785,12 +791,14 @@ void fe_request_deliver(fe_req *r, const uint32_t *ids, size_t n, const char *te
     }
 }
 
-void fe_request_finish(fe_req *r, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens) {
+void fe_request_finish(fe_req *r, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens,
+                       bool usage_unreported) {
     if (!r->http) {
         req_done(r, FE_OUT_CANCELLED);
         return;
     }
     r->prompt_tokens = prompt_tokens;
+    r->usage_unreported = usage_unreported;
     /* usage never counts more than the answer may hold: tokens a worker sent past max_tokens were
      * dropped (fe_request_deliver). The worker counts the body's carried ids as completion
      * (docs/protocol.md §6), and max_tokens limits only the new ones. */

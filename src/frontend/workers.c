@@ -318,11 +318,12 @@ static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
     case BT_FRAME_FINISH: {
         fe_attempt *a = bt_map_get(&w->streams, f->stream);
         if (!a) return;
-        uint8_t reason;
+        uint8_t reason, flags = 0;
         uint32_t pt, ct;
         bt_frame_get_finish(f, &reason, &pt, &ct);
+        bt_frame_get_finish_flags(f, &flags);
         worker_note_release(w, pt, ct);
-        fe_attempt_on_finish(a, reason, pt, ct);
+        fe_attempt_on_finish(a, reason, pt, ct, flags & BT_FINISH_F_USAGE_UNREPORTED);
         return;
     }
     case BT_FRAME_ERROR: {

@@ -89,8 +89,8 @@ static const char *check_payload(uint8_t type, const uint8_t *pl, uint32_t plen)
         return NULL;
     }
     case BT_FRAME_FINISH:
-        if (pl[0] > 2) return "bad FINISH reason";
-        if (pl[1] | pl[2] | pl[3]) return "FINISH padding not zero";
+        if (pl[0] > BT_FRAME_FINISH_MAX) return "bad FINISH reason";
+        if ((pl[1] & ~BT_FINISH_F_USAGE_UNREPORTED) | pl[2] | pl[3]) return "FINISH padding not zero";
         return NULL;
     case BT_FRAME_WAITING: return pl[0] > BT_WAIT_PREEMPTED ? "bad WAITING reason" : NULL;
     case BT_FRAME_KVSTATE: {
@@ -212,12 +212,18 @@ bt_status bt_frame_put_tokens(bt_buf *out, uint32_t stream, const uint32_t *ids,
 
 bt_status bt_frame_put_finish(bt_buf *out, uint32_t stream, uint8_t reason, uint32_t prompt_tokens,
                               uint32_t completion_tokens) {
-    if (reason > 2) return BT_ERR_INVALID;
+    return bt_frame_put_finish_flags(out, stream, reason, 0, prompt_tokens, completion_tokens);
+}
+
+bt_status bt_frame_put_finish_flags(bt_buf *out, uint32_t stream, uint8_t reason, uint8_t flags,
+                                    uint32_t prompt_tokens, uint32_t completion_tokens) {
+    if (reason > BT_FRAME_FINISH_MAX || (flags & ~BT_FINISH_F_USAGE_UNREPORTED)) return BT_ERR_INVALID;
     bt_status st;
     uint8_t *pl = begin_frame(out, BT_FRAME_FINISH, stream, FINISH_LEN, &st);
     if (!pl) return st;
     pl[0] = reason;
-    pl[1] = pl[2] = pl[3] = 0;
+    pl[1] = flags;
+    pl[2] = pl[3] = 0;
     wr32(wr32(pl + 4, prompt_tokens), completion_tokens);
     return end_frame(out, FINISH_LEN);
 }
@@ -304,10 +310,17 @@ bt_status bt_frame_get_finish(const bt_frame *f, uint8_t *reason, uint32_t *prom
                               uint32_t *completion_tokens) {
     bt_status st = expect(f, BT_FRAME_FINISH, FINISH_LEN);
     if (st != BT_OK) return st;
-    if (f->payload[0] > 2) return BT_ERR_PROTOCOL;
+    if (f->payload[0] > BT_FRAME_FINISH_MAX) return BT_ERR_PROTOCOL;
     if (reason) *reason = f->payload[0];
     if (prompt_tokens) *prompt_tokens = rd32(f->payload + 4);
     if (completion_tokens) *completion_tokens = rd32(f->payload + 8);
+    return BT_OK;
+}
+
+bt_status bt_frame_get_finish_flags(const bt_frame *f, uint8_t *flags) {
+    bt_status st = expect(f, BT_FRAME_FINISH, FINISH_LEN);
+    if (st != BT_OK) return st;
+    if (flags) *flags = f->payload[1];
     return BT_OK;
 }
 

@@ -56,6 +56,14 @@ typedef enum { BT_ROLE_FRONTEND = 1, BT_ROLE_WORKER = 2 } bt_role;
  * refusal, retried elsewhere without quarantining the worker). A worker sends an older frontend
  * BT_ERR_CANNOT_CONNECT instead, which that frontend retries as before (docs/protocol.md §12). */
 #define BT_HELLO_UPSTREAM_BUSY 0x4u
+/* A frontend: it understands FINISH reasons 3-5 (content_filter, tool_calls, function_call, an
+ * upstream's own) and FINISH flags. A worker sends an older frontend, which rejects both, reason 0
+ * (stop) and no flags. */
+#define BT_HELLO_FINISH_REASONS 0x8u
+#define BT_FRAME_FINISH_MAX 5 /* the highest FINISH reason (bt_finish_reason) */
+/* FINISH flags (payload byte 1, sent only to a frontend with BT_HELLO_FINISH_REASONS, 0 to any
+ * other): the usage counts are not the model server's (an upstream reported none) */
+#define BT_FINISH_F_USAGE_UNREPORTED 0x1u
 
 /* LOAD flags */
 #define BT_LOAD_READY 0x1u /* the worker's endpoint is ready (canary passing, not draining) */
@@ -113,6 +121,9 @@ bt_status bt_frame_put_tokens(bt_buf *out, uint32_t stream, const uint32_t *ids,
                               size_t text_len);
 bt_status bt_frame_put_finish(bt_buf *out, uint32_t stream, uint8_t reason, uint32_t prompt_tokens,
                               uint32_t completion_tokens);
+/* FINISH with flags (BT_FINISH_F_*): to a frontend that announced BT_HELLO_FINISH_REASONS only. */
+bt_status bt_frame_put_finish_flags(bt_buf *out, uint32_t stream, uint8_t reason, uint8_t flags,
+                                    uint32_t prompt_tokens, uint32_t completion_tokens);
 bt_status bt_frame_put_error(bt_buf *out, uint32_t stream, uint16_t code, const char *msg);
 bt_status bt_frame_put_ping(bt_buf *out, uint8_t type /* PING or PONG */, uint64_t opaque);
 bt_status bt_frame_put_load(bt_buf *out, const bt_load_report *r);
@@ -128,6 +139,8 @@ bt_status bt_frame_get_tokens(const bt_frame *f, uint32_t *ids, size_t cap, size
                               size_t *text_len);
 bt_status bt_frame_get_finish(const bt_frame *f, uint8_t *reason, uint32_t *prompt_tokens,
                               uint32_t *completion_tokens);
+/* FINISH's flags byte (BT_FINISH_F_*); 0 from a worker of an older build. */
+bt_status bt_frame_get_finish_flags(const bt_frame *f, uint8_t *flags);
 bt_status bt_frame_get_error(const bt_frame *f, uint16_t *code, const char **msg, size_t *msg_len);
 bt_status bt_frame_get_ping(const bt_frame *f, uint64_t *opaque);
 bt_status bt_frame_get_load(const bt_frame *f, bt_load_report *r);

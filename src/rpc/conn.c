@@ -85,7 +85,7 @@ void bt_rpc_config_default(bt_rpc_config *c, uint16_t role, uint64_t instance_id
     c->dead_after_ms = 2000;
     c->connect_timeout_ms = 3000;
     c->max_out_bytes = BT_RPC_MAX_OUT_DEFAULT;
-    c->hello_flags = BT_HELLO_KVSTATE | BT_HELLO_WAITING | BT_HELLO_UPSTREAM_BUSY;
+    c->hello_flags = BT_HELLO_KVSTATE | BT_HELLO_WAITING | BT_HELLO_UPSTREAM_BUSY | BT_HELLO_FINISH_REASONS;
 }
 
 static void conn_fail(bt_rpc_conn *c, bt_status why, const char *fmt, ...) __attribute__((format(printf, 3, 4)));

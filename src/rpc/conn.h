@@ -82,7 +82,7 @@ typedef struct {
      * never crosses the wire). A frontend with a secret answers such challenges. */
     const char *secret;
     /* The flags of this side's HELLO (BT_HELLO_*): what it understands or does. Default
-     * BT_HELLO_KVSTATE | BT_HELLO_WAITING | BT_HELLO_UPSTREAM_BUSY; a worker whose engine does not report its streams' waits
+     * BT_HELLO_KVSTATE | BT_HELLO_WAITING | BT_HELLO_UPSTREAM_BUSY | BT_HELLO_FINISH_REASONS; a worker whose engine does not report its streams' waits
      * clears BT_HELLO_WAITING. */
     uint8_t hello_flags;
 } bt_rpc_config;

@@ -268,7 +268,13 @@ bool wk_canary_init(wk_worker *w, char *err, size_t errlen) {
 
 void wk_canary_start(wk_worker *w) {
     wk_canary *c = &w->canary;
-    if (w->o.engine_stuck_timeout > 0) {
+    if (w->o.engine_stuck_timeout > 0 && bt_engine_times_own_streams(w->engine)) {
+        /* the engine fails a stalled sequence alone (the openai engine, given
+         * --engine-stuck-timeout as its per-request stall timeout): one stalled upstream request
+         * is no reason to take the worker's other streams down */
+        BT_INFO("engine monitor off: the engine fails a sequence without progress for %.3gs by itself",
+                w->o.engine_stuck_timeout);
+    } else if (w->o.engine_stuck_timeout > 0) {
         uint64_t tick = (uint64_t)(w->o.engine_stuck_timeout * 1000.0 / 4.0);
         if (tick > MONITOR_TICK_MS) tick = MONITOR_TICK_MS;
         if (tick < 10) tick = 10;

@@ -132,12 +132,13 @@ bool wk_orphan_keep(wk_worker *w, wk_stream *s) {
     return true;
 }
 
-void wk_orphan_finished(wk_stream *s, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens) {
+void wk_orphan_finished(wk_stream *s, uint8_t reason, const bt_usage *u) {
     s->done = true;
     s->seq = NULL;
     s->fin_reason = reason;
-    s->fin_prompt = prompt_tokens;
-    s->fin_completion = completion_tokens;
+    s->fin_prompt = u->prompt_tokens;
+    s->fin_completion = u->completion_tokens;
+    s->fin_unreported = u->unreported;
     BT_INFO("request %s: orphaned stream finished (%s) after %u new tokens; kept for its adopter", s->rid,
             bt_finish_reason_name((bt_finish_reason)reason), s->tokens);
 }
@@ -166,7 +167,9 @@ void wk_orphan_replay(wk_stream *s, uint32_t k) {
     }
     if (!s->done && s->waiting) wk_send_waiting(s, (uint8_t)(s->waiting - 1)); /* still waiting in the engine */
     if (s->done) {
-        if (b) bt_frame_put_finish(b, s->id, s->fin_reason, s->fin_prompt, s->fin_completion);
+        if (b) bt_frame_put_finish_flags(b, s->id, wk_wire_finish(s->p->conn, (bt_finish_reason)s->fin_reason),
+                                         wk_wire_finish_flags(s->p->conn, s->fin_unreported), s->fin_prompt,
+                                         s->fin_completion);
         s->p->w->requests_ok++;
         wk_stream_free(s);
     }

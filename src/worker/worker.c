@@ -141,16 +141,33 @@ static void on_seq_tokens(void *ud, const uint32_t *ids, size_t n, const char *t
     bt_frame_put_tokens(b, s->id, ids, n, text, text_len);
 }
 
+/* The FINISH reason for a frontend: an upstream's own reason (content_filter, tool_calls,
+ * function_call) goes to a frontend that did not announce BT_HELLO_FINISH_REASONS (an older build,
+ * which would take it for a protocol error) as stop, as that build always had it. */
+uint8_t wk_wire_finish(bt_rpc_conn *c, bt_finish_reason reason) {
+    bool knows = bt_rpc_peer_flags(c) & BT_HELLO_FINISH_REASONS;
+    return reason > BT_FINISH_CANCELLED && !knows ? (uint8_t)BT_FINISH_STOP : (uint8_t)reason;
+}
+
+/* FINISH's flags for the frontend of c: none to an older build, whose codec wants the byte 0. */
+uint8_t wk_wire_finish_flags(bt_rpc_conn *c, bool usage_unreported) {
+    bool knows = bt_rpc_peer_flags(c) & BT_HELLO_FINISH_REASONS;
+    return knows && usage_unreported ? (uint8_t)BT_FINISH_F_USAGE_UNREPORTED : 0;
+}
+
 static void on_seq_finish(void *ud, bt_finish_reason reason, const bt_usage *u) {
     wk_stream *s = ud;
     wk_worker *w = s->w;
     if (s->orphaned) {
         wk_monitor_progress(w);
-        wk_orphan_finished(s, (uint8_t)reason, u->prompt_tokens, u->completion_tokens);
+        wk_orphan_finished(s, (uint8_t)reason, u);
         return;
     }
     bt_buf *b = s->ignored_kill ? NULL : bt_rpc_wbuf(s->p->conn);
-    if (b) bt_frame_put_finish(b, s->id, (uint8_t)reason, u->prompt_tokens, u->completion_tokens);
+    if (b)
+        bt_frame_put_finish_flags(b, s->id, wk_wire_finish(s->p->conn, reason),
+                                  wk_wire_finish_flags(s->p->conn, u->unreported), u->prompt_tokens,
+                                  u->completion_tokens);
     w->requests_ok++;
     wk_monitor_progress(w);
     if (reason != BT_FINISH_CANCELLED) wk_canary_activity(w);
@@ -798,6 +815,7 @@ static bool engine_configs_check(wk_worker *w, char *err, size_t errlen) {
     if (bt_mocker_config_check(&o->mocker, why, sizeof why) != BT_OK)
         return snprintf(err, errlen, "invalid mocker configuration: %s", why), false;
     o->openai.served_model = o->model_name;
+    o->openai.stall_timeout = o->engine_stuck_timeout;
     /* an empty upstream key is not "no key", as an empty --api-key is not (the upstream's refusal
      * would come only at the first request, and name a key the operator thought was set) */
     if (strcmp(o->engine, "openai") == 0 &&
@@ -1034,7 +1052,8 @@ int bt_worker_main(int argc, char **argv) {
         {"--health-check-payload", "DYN_HEALTH_CHECK_PAYLOAD", BT_OPT_STR, &o->canary_payload, 0, 0,
          "canary request body: JSON object or @file"},
         {"--engine-stuck-timeout", "DYN_ENGINE_STUCK_TIMEOUT", BT_OPT_DOUBLE, &o->engine_stuck_timeout, 0, 86400,
-         "seconds without engine progress while busy before the engine counts as failed (0 = off)"},
+         "seconds without engine progress while busy before the engine counts as failed; the openai engine "
+         "fails a stream whose upstream request sent nothing for that long instead (0 = off)"},
         BT_PROC_OPT_RPC_SECRET_FILE(&o->p),
         {"--frontend-dead-after", "DYN_FRONTEND_DEAD_AFTER", BT_OPT_INT, &o->frontend_dead_after, 1, 3600,
          "seconds of silence before a frontend connection is dropped"},

@@ -103,6 +103,7 @@ typedef struct wk_stream {
     bool overflow;    /* an orphan whose history outgrew its cap: ended by the orphan timer */
     uint8_t fin_reason;
     uint32_t fin_prompt, fin_completion;
+    bool fin_unreported; /* the usage was not the engine's upstream's (bt_usage.unreported) */
     uint64_t orphan_deadline_ms;
     uint64_t origin; /* instance id of the frontend whose connection it outlived */
     TAILQ_ENTRY(wk_stream) olink; /* w->orphans, oldest first */
@@ -319,7 +320,7 @@ bool wk_orphan_keep(wk_worker *w, wk_stream *s);
 /* Ends orphan s from the orphan timer, outside the engine callback that found it useless. */
 void wk_orphan_end_soon(wk_worker *w, wk_stream *s);
 /* An orphan's engine sequence finished or failed (from the engine sink). */
-void wk_orphan_finished(wk_stream *s, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens);
+void wk_orphan_finished(wk_stream *s, uint8_t reason, const bt_usage *u);
 /* A REQUEST with adopt: the orphan of key, taken off the orphan list, when it continues exactly
  * after the carried tokens; *from_batch is the first batch of its history the adopter lacks. The
  * caller files it under its new peer and stream, then calls wk_orphan_replay. NULL: there was no
@@ -372,6 +373,10 @@ void wk_status_close(wk_worker *w, void (*done)(void *ud));
 bool wk_canary_load(wk_worker *w, char *err, size_t errlen);
 /* Validates the canary options and builds its payload; false with a message on error. */
 bool wk_canary_init(wk_worker *w, char *err, size_t errlen);
+/* The FINISH reason to put on the wire to the frontend of c (worker.c): what it understands. */
+uint8_t wk_wire_finish(bt_rpc_conn *c, bt_finish_reason reason);
+uint8_t wk_wire_finish_flags(bt_rpc_conn *c, bool usage_unreported);
+
 /* Starts canaries (the first one at once) and the engine monitor; call when the worker is ready. */
 void wk_canary_start(wk_worker *w);
 /* Stops canaries and the monitor and drops an in-flight canary (drain, exit). */

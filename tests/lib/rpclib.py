@@ -13,7 +13,8 @@ import time
 HELLO, REQUEST, TOKENS, FINISH, ERROR, STOP, KILL, PING, PONG, LOAD, GOAWAY = range(1, 12)
 KVSTATE = 13
 HELLO_KVSTATE = 0x1  # HELLO flag: this side understands KVSTATE frames
-FINISH_REASONS = {0: "stop", 1: "length", 2: "cancelled"}
+HELLO_FINISH_REASONS = 0x8  # HELLO flag: this frontend understands FINISH reasons 3 to 5
+FINISH_REASONS = {0: "stop", 1: "length", 2: "cancelled", 3: "content_filter", 4: "tool_calls", 5: "function_call"}
 
 
 class Frame:

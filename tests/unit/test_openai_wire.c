@@ -79,6 +79,21 @@ static void test_chunks(void **state) {
     c = parse("{\"choices\":[{\"text\":\"\",\"finish_reason\":\"cancelled\"}]}", false, BT_OK);
     assert_int_equal(c.finish, BT_FINISH_CANCELLED);
     bt_oa_chunk_free(&c);
+    /* OpenAI's reasons pass through; a server's own is the answer's end it chose: stop */
+    static const struct {
+        const char *name;
+        int want;
+    } reasons[] = {{"content_filter", BT_FINISH_CONTENT_FILTER},
+                   {"tool_calls", BT_FINISH_TOOL_CALLS},
+                   {"function_call", BT_FINISH_FUNCTION_CALL},
+                   {"eos", BT_FINISH_STOP}};
+    for (size_t i = 0; i < sizeof reasons / sizeof reasons[0]; i++) {
+        char js[128];
+        snprintf(js, sizeof js, "{\"choices\":[{\"text\":\"\",\"finish_reason\":\"%s\"}]}", reasons[i].name);
+        c = parse(js, false, BT_OK);
+        assert_int_equal(c.finish, reasons[i].want);
+        bt_oa_chunk_free(&c);
+    }
 
     c = parse("{\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":20,\"total_tokens\":27}}",
               false, BT_OK);

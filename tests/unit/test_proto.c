@@ -265,7 +265,7 @@ static void test_roundtrip_finish_error_goaway(void **state) {
     (void)state;
     bt_buf b;
     bt_buf_init(&b, 1024);
-    for (uint8_t r = 0; r <= 2; r++) {
+    for (uint8_t r = 0; r <= BT_FRAME_FINISH_MAX; r++) {
         bt_buf_reset(&b);
         assert_int_equal(bt_frame_put_finish(&b, 5, r, 0xFFFFFFFFu, 123), BT_OK);
         bt_frame f = parse_one(&b);
@@ -276,6 +276,14 @@ static void test_roundtrip_finish_error_goaway(void **state) {
         assert_int_equal(reason, r);
         assert_true(pt == 0xFFFFFFFFu);
         assert_int_equal(ct, 123);
+    }
+    for (uint8_t fl = 0; fl <= BT_FINISH_F_USAGE_UNREPORTED; fl++) {
+        bt_buf_reset(&b);
+        assert_int_equal(bt_frame_put_finish_flags(&b, 5, 0, fl, 0, 2), BT_OK);
+        bt_frame f = parse_one(&b);
+        uint8_t got = 0xFF;
+        assert_int_equal(bt_frame_get_finish_flags(&f, &got), BT_OK);
+        assert_int_equal(got, fl);
     }
     uint32_t streams[] = {0, 1, 77};
     for (int i = 0; i < 3; i++) {
@@ -538,9 +546,10 @@ static void test_malformed(void **state) {
         {"TOKENS n=65535", BT_FRAME_TOKENS, 0, 1, 2 + 4 * 4097, 0xFF, 0xFF, 0, 0, BT_ERR_PROTOCOL},
         {"TOKENS n=3 in 13", BT_FRAME_TOKENS, 0, 1, 13, 0, 3, 0, 0, BT_ERR_PROTOCOL},
         {"TOKENS n=1 in 5", BT_FRAME_TOKENS, 0, 1, 5, 0, 1, 0, 0, BT_ERR_PROTOCOL},
-        {"FINISH reason 3", BT_FRAME_FINISH, 0, 1, 12, 3, 0, 0, 0, BT_ERR_PROTOCOL},
+        {"FINISH reason 6", BT_FRAME_FINISH, 0, 1, 12, 6, 0, 0, 0, BT_ERR_PROTOCOL},
         {"FINISH reason 255", BT_FRAME_FINISH, 0, 1, 12, 255, 0, 0, 0, BT_ERR_PROTOCOL},
         {"FINISH pad", BT_FRAME_FINISH, 0, 1, 12, 0, 0, 1, 0, BT_ERR_PROTOCOL},
+        {"FINISH flag 0x2", BT_FRAME_FINISH, 0, 1, 12, 0, 2, 0, 0, BT_ERR_PROTOCOL},
         {"ERROR 0", BT_FRAME_ERROR, 0, 1, 0, 0, 0, 0, 0, BT_ERR_PROTOCOL},
         {"ERROR 1 on 0", BT_FRAME_ERROR, 0, 0, 1, 0, 0, 0, 0, BT_ERR_PROTOCOL},
         {"GOAWAY 1", BT_FRAME_GOAWAY, 0, 0, 1, 0, 0, 0, 0, BT_ERR_PROTOCOL},
@@ -660,7 +669,8 @@ static void test_encoder_rejects_invalid(void **state) {
     assert_int_equal(bt_frame_put_tokens(&b, 1, ids, BT_TOKENS_MAX + 1, NULL, 0), BT_ERR_INVALID);
     assert_int_equal(bt_frame_put_tokens(&b, 0, ids, 1, NULL, 0), BT_ERR_INVALID);
     assert_int_equal(bt_frame_put_tokens(&b, 1, NULL, 1, NULL, 0), BT_ERR_INVALID);
-    assert_int_equal(bt_frame_put_finish(&b, 1, 3, 0, 0), BT_ERR_INVALID);
+    assert_int_equal(bt_frame_put_finish(&b, 1, 6, 0, 0), BT_ERR_INVALID);
+    assert_int_equal(bt_frame_put_finish_flags(&b, 1, 0, 0x2, 0, 0), BT_ERR_INVALID);
     assert_int_equal(bt_frame_put_finish(&b, 0, 0, 0, 0), BT_ERR_INVALID);
     assert_int_equal(bt_frame_put_ping(&b, BT_FRAME_HELLO, 0), BT_ERR_INVALID);
     assert_int_equal(bt_frame_put(&b, 0, 1, NULL, 0), BT_ERR_INVALID);

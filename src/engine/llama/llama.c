@@ -1852,7 +1852,7 @@ static void ll_kv_stats(bt_engine *be, bt_engine_kv_stats *out) {
 }
 
 static const bt_engine_ops ll_ops = {ll_submit, ll_stop, ll_kill, ll_get_load, ll_card, ll_destroy, ll_handoff,
-                                     ll_kv_stats, true};
+                                     ll_kv_stats, true, false};
 
 bt_engine *bt_llama_create(uv_loop_t *loop, const bt_llama_config *cfg, const bt_engine_hooks *hooks, void *hooks_ud,
                            char *err, size_t errlen) {

@@ -46,6 +46,10 @@
 #define OA_TOKENIZE_TIMEOUT_MS 30000L         /* a /tokenize call before a continuation */
 #define OA_ORPHAN_MS 5000u                    /* a finished stream's transfer may drain this long */
 #define OA_METRICS_ABSENT_RETRY_MS 30000u     /* /metrics without vLLM gauges: look again this late */
+/* After the upstream's finish chunk (or the request's token budget) the answer is complete: a
+ * trailing usage chunk or [DONE] is waited for this long, no more, since an upstream that neither
+ * sends them nor closes would otherwise hold a finished answer back from its client. */
+#define OA_FINISH_GRACE_MS 500u
 
 /* An upstream whose answer is not the API (invalid JSON, a broken event stream) is at fault, not
  * this worker: the attempt ends with an engine error, which is not migratable (the next worker
@@ -108,6 +112,8 @@ struct bt_engine_seq {
     bool usage_seen;
     uint32_t up_prompt, up_completion;
     int finish; /* from the upstream: a bt_finish_reason or BT_OA_FINISH_NONE */
+    bool at_budget; /* max_tokens ids were delivered: anything more the upstream sends is dropped */
+    uint64_t grace_ms; /* when the finish grace ends (OA_FINISH_GRACE_MS); 0: not in it */
 };
 
 #define SEQ_OF(ds) BT_DELIVER_OWNER(ds, bt_engine_seq, dl)
@@ -122,7 +128,7 @@ struct oa_engine {
     void *hooks_ud;
 
     bt_curl_uv *cu; /* libcurl on the loop; NULL once torn down */
-    uv_timer_t health_timer, metrics_timer;
+    uv_timer_t health_timer, metrics_timer, grace_timer;
     uv_idle_t idle;
     bt_closer closer; /* the timers, the idle and cu, until their close callbacks */
     LIST_HEAD(, oa_xfer) xfers;
@@ -133,6 +139,7 @@ struct oa_engine {
 
     /* the upstream */
     bool detected, ever_up, dead, probe_failed, use_models_for_health;
+    bool warned_no_usage; /* a stream finished without the upstream's usage: said once in the log */
     long auth_refused; /* the HTTP status (401, 403) of the upstream refusing the credentials, else 0 */
     /* a request was refused with 401 or 403: the next polls ask GET /v1/models, which checks the
      * credentials as GET /health (vLLM's, baton's) does not, until one is answered */
@@ -155,6 +162,8 @@ static void enter(oa_engine *e) { bt_deliver_enter(&e->dl); }
 static void leave(oa_engine *e);
 static void start_probe(oa_engine *e);
 static void on_idle(uv_idle_t *h);
+static void on_grace_timer(uv_timer_t *t);
+static void seq_complete(bt_engine_seq *s);
 static void on_metrics_timer(uv_timer_t *t);
 static void seq_fail(bt_engine_seq *s, bt_status code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
@@ -306,6 +315,13 @@ static oa_xfer *xfer_start(oa_engine *e, xfer_kind kind, const char *path, char 
     curl_easy_setopt(c, CURLOPT_TCP_KEEPIDLE, 10L);
     curl_easy_setopt(c, CURLOPT_TCP_KEEPINTVL, 5L);
     curl_easy_setopt(c, CURLOPT_TCP_NODELAY, 1L);
+    if (kind == X_SEQ && e->cfg.stall_timeout > 0) {
+        /* a stalled upstream request is that request's failure (a timeout, migratable), not the
+         * worker's: libcurl's low-speed limit aborts a transfer that received nothing for this long */
+        long stall = (long)ceil(e->cfg.stall_timeout);
+        curl_easy_setopt(c, CURLOPT_LOW_SPEED_LIMIT, 1L);
+        curl_easy_setopt(c, CURLOPT_LOW_SPEED_TIME, stall > 0 ? stall : 1L);
+    }
     if (bt_curl_uv_add(e->cu, c) != BT_OK) goto fail;
     return x;
 fail:
@@ -418,6 +434,13 @@ static void seq_finish(bt_engine_seq *s, bt_finish_reason reason, bool cut) {
              bt_finish_reason_name(reason));
     bt_usage u;
     seq_usage(s, &u);
+    if (!s->usage_seen && reason != BT_FINISH_CANCELLED && !s->e->warned_no_usage) {
+        /* asked for (stream_options.include_usage) but not given: the usage is marked unreported
+         * (a client's answer says null; an older frontend gets this engine's own count) */
+        s->e->warned_no_usage = true;
+        BT_WARN("openai: %s: upstream %s finished a stream without usage although it was asked for: its usage is "
+                "reported as unknown (said once)", s->rid, s->e->url);
+    }
     bt_deliver_finish(&s->e->dl, &s->dl, reason, &u);
 }
 
@@ -453,6 +476,7 @@ static void seq_usage(const bt_engine_seq *s, bt_usage *u) {
     }
     u->prompt_tokens = pt;
     u->completion_tokens = ct > UINT32_MAX ? UINT32_MAX : (uint32_t)ct;
+    u->unreported = !s->usage_seen;
 }
 
 /* A continuation this upstream cannot make exactly. BT_ERR_NO_WORKER is not migratable, so the
@@ -463,6 +487,23 @@ static void seq_refuse(bt_engine_seq *s, const char *why) {
     BT_WARN("openai: %s: refusing to continue a stream after %zu delivered tokens: %s", s->rid, s->n_carried, why);
     seq_fail(s, BT_ERR_NO_WORKER, "no worker can continue this stream exactly after %zu tokens: %s", s->n_carried,
              why);
+}
+
+/* Ends the sequences whose finish grace is over, with what the upstream gave, and waits for the
+ * next one. */
+static void on_grace_timer(uv_timer_t *t) {
+    oa_engine *e = t->data;
+    enter(e);
+    uint64_t now = bt_now_ms(), next = 0;
+    for (bt_deliver_seq *d = bt_deliver_first(&e->dl), *nx; d && !bt_deliver_closed(&e->dl); d = nx) {
+        nx = bt_deliver_next(d);
+        bt_engine_seq *s = SEQ_OF(d);
+        if (!s->grace_ms || bt_deliver_ended(&s->dl)) continue;
+        if (now >= s->grace_ms) seq_complete(s);
+        else if (!next || s->grace_ms < next) next = s->grace_ms;
+    }
+    if (next && !bt_deliver_closed(&e->dl)) uv_timer_start(&e->grace_timer, on_grace_timer, next - now, 0);
+    leave(e);
 }
 
 static void on_idle(uv_idle_t *h) {
@@ -515,11 +556,23 @@ static bool seq_emit(bt_engine_seq *s, const bt_oa_chunk *c) {
     return bt_deliver_now(&s->e->dl, &s->dl, &id, 1, text, tl);
 }
 
-/* The upstream's finish: delivered when [DONE] or the end of the transfer comes. The transfer
- * is not cut: it may read the rest of the response, so the upstream sees no client disconnect. */
+/* The upstream's finish, or the token budget reached: delivered when the usage, [DONE] or the
+ * end of the transfer comes, or when the finish grace ends. After the upstream's own finish the
+ * transfer is not cut: it may read the rest of the response, so the upstream sees no client
+ * disconnect; at the budget without one, the upstream is still generating and its request is
+ * closed. */
 static void seq_complete(bt_engine_seq *s) {
-    bt_finish_reason r = s->finish == BT_OA_FINISH_NONE ? BT_FINISH_STOP : (bt_finish_reason)s->finish;
-    seq_finish(s, r, false);
+    if (s->finish != BT_OA_FINISH_NONE) seq_finish(s, (bt_finish_reason)s->finish, false);
+    else seq_finish(s, BT_FINISH_LENGTH, true);
+}
+
+/* The answer is complete (the upstream's finish or the budget): what may still come is a usage
+ * chunk or [DONE], waited for until the grace ends (on_grace_timer). */
+static void seq_grace(bt_engine_seq *s) {
+    oa_engine *e = s->e;
+    if (s->grace_ms) return;
+    s->grace_ms = bt_now_ms() + OA_FINISH_GRACE_MS;
+    if (!uv_is_active((uv_handle_t *)&e->grace_timer)) uv_timer_start(&e->grace_timer, on_grace_timer, OA_FINISH_GRACE_MS, 0);
 }
 
 /* One SSE data payload. Returns false when the sequence is gone or ended. */
@@ -532,7 +585,11 @@ static bool seq_event(bt_engine_seq *s, const char *data, size_t len) {
         seq_fail(s, st == BT_ERR_NOMEM ? st : UPSTREAM_MALFORMED, "%s", err);
         live = false;
     } else if (c.done) {
-        seq_complete(s);
+        /* [DONE] without a finish is a stream cut short, as the end of the transfer is */
+        if (s->finish != BT_OA_FINISH_NONE || s->at_budget) seq_complete(s);
+        else
+            seq_fail(s, BT_ERR_DISCONNECTED, "the upstream sent [DONE] after %llu ids without finishing the stream",
+                     (unsigned long long)s->emitted);
         live = false;
     } else if (c.is_error) {
         /* a busy upstream's error after this attempt's tokens is a stream broken mid-way: it moves
@@ -546,13 +603,33 @@ static bool seq_event(bt_engine_seq *s, const char *data, size_t len) {
             s->up_prompt = c.prompt_tokens;
             s->up_completion = c.completion_tokens;
         }
-        live = seq_emit(s, &c);
-        if (live && c.finish != BT_OA_FINISH_NONE) {
-            if (c.finish == BT_OA_FINISH_ABORT) {
-                seq_fail(s, BT_ERR_DISCONNECTED, "the upstream aborted the request");
-                live = false;
-            } else {
-                s->finish = c.finish;
+        bool tail = s->finish != BT_OA_FINISH_NONE || s->at_budget;
+        bool content = (c.text && c.text_len > 0) || (c.has_ids && c.n_ids > 0);
+        if (tail && content) {
+            /* past the budget (or the finish): the answer is complete, and an upstream that goes
+             * on generating is told to stop by closing its request */
+            seq_finish(s, s->finish != BT_OA_FINISH_NONE ? (bt_finish_reason)s->finish : BT_FINISH_LENGTH, true);
+            live = false;
+        } else {
+            live = tail || seq_emit(s, &c);
+            if (live && c.finish != BT_OA_FINISH_NONE && s->finish == BT_OA_FINISH_NONE) {
+                if (c.finish == BT_OA_FINISH_ABORT) {
+                    seq_fail(s, BT_ERR_DISCONNECTED, "the upstream aborted the request");
+                    live = false;
+                } else {
+                    s->finish = c.finish;
+                }
+            }
+            if (live && s->finish == BT_OA_FINISH_NONE && !s->at_budget && s->max_tokens &&
+                s->emitted >= s->max_tokens)
+                s->at_budget = true;
+            if (live && (s->finish != BT_OA_FINISH_NONE || s->at_budget)) {
+                if (c.has_usage && s->finish != BT_OA_FINISH_NONE) { /* the usage came with or after the finish */
+                    seq_complete(s);
+                    live = false;
+                } else {
+                    seq_grace(s);
+                }
             }
         }
     }
@@ -611,7 +688,8 @@ static void stream_done(oa_engine *e, oa_xfer *x, CURLcode cc) {
             seq_fail(s, BT_ERR_CANNOT_CONNECT, "cannot connect to the upstream: %s", xfer_why(e, x, cc, s->rid));
             start_probe(e); /* find out now whether the upstream is gone */
         } else if (cc == CURLE_OPERATION_TIMEDOUT) {
-            seq_fail(s, BT_ERR_TIMEOUT, "the upstream timed out: %s", xfer_why(e, x, cc, s->rid));
+            seq_fail(s, BT_ERR_TIMEOUT, "the upstream sent nothing for %gs after %llu ids: %s", e->cfg.stall_timeout,
+                     (unsigned long long)s->emitted, xfer_why(e, x, cc, s->rid));
         } else {
             seq_fail(s, BT_ERR_DISCONNECTED, "the upstream stream broke after %llu ids: %s",
                      (unsigned long long)s->emitted, xfer_why(e, x, cc, s->rid));
@@ -654,7 +732,7 @@ static void stream_done(oa_engine *e, oa_xfer *x, CURLcode cc) {
         bt_sse_event ev;
         if (bt_sse_end(&s->sse, &ev, NULL) == BT_OK && !seq_event(s, ev.data, ev.data_len)) return;
         if (s->x != x || bt_deliver_ended(&s->dl)) return;
-        if (s->finish != BT_OA_FINISH_NONE) seq_complete(s);
+        if (s->finish != BT_OA_FINISH_NONE || s->at_budget) seq_complete(s);
         else
             seq_fail(s, BT_ERR_DISCONNECTED, "the upstream ended the stream after %llu ids without finishing it",
                      (unsigned long long)s->emitted);
@@ -1172,7 +1250,9 @@ static void teardown(void *owner) {
     uv_idle_stop(&e->idle);
     uv_timer_stop(&e->health_timer);
     uv_timer_stop(&e->metrics_timer);
+    uv_timer_stop(&e->grace_timer);
     bt_closer_close(&e->closer, (uv_handle_t *)&e->health_timer);
+    bt_closer_close(&e->closer, (uv_handle_t *)&e->grace_timer);
     bt_closer_close(&e->closer, (uv_handle_t *)&e->metrics_timer);
     bt_closer_close(&e->closer, (uv_handle_t *)&e->idle);
     bt_closer_seal(&e->closer);
@@ -1183,7 +1263,15 @@ static void oa_destroy(bt_engine *be) { bt_deliver_close(&((oa_engine *)be)->dl)
 
 static const bt_deliver_ops oa_deliver_ops = {.free_seq = free_seq, .wake = idle_arm, .teardown = teardown};
 
-static const bt_engine_ops oa_ops = BT_ENGINE_OPS(oa);
+/* Each sequence is its own upstream request, timed on its own (stall_timeout): one stalled
+ * request fails alone instead of the worker's engine monitor taking every stream down. */
+static const bt_engine_ops oa_ops = {.submit = oa_submit,
+                                     .stop = oa_stop,
+                                     .kill = oa_kill,
+                                     .get_load = oa_get_load,
+                                     .card = oa_card,
+                                     .destroy = oa_destroy,
+                                     .times_own_streams = true};
 
 /* ---- public --------------------------------------------------------------------------------- */
 
@@ -1290,6 +1378,8 @@ bt_engine *bt_openai_create(uv_loop_t *loop, const bt_openai_config *cfg, const 
     e->created_ms = bt_now_ms();
     snprintf(e->last_err, sizeof e->last_err, "no answer yet");
     uv_timer_init(loop, &e->health_timer);
+    uv_timer_init(loop, &e->grace_timer);
+    e->grace_timer.data = e;
     uv_timer_init(loop, &e->metrics_timer);
     uv_idle_init(loop, &e->idle);
     e->health_timer.data = e->metrics_timer.data = e;

@@ -130,12 +130,24 @@ void bt_oa_chunk_free(bt_oa_chunk *c) {
     c->finish = BT_OA_FINISH_NONE;
 }
 
+/* OpenAI's finish reasons pass through as they are, so that a client can tell a filtered answer
+ * or a tool call from a plain stop. Any other reason (a server's own: "eos", "stop_sequence", ...)
+ * is the end of the answer the upstream chose: "stop" (docs/engines.md §2.4). */
 static int finish_from(const char *s) {
+    static const struct {
+        const char *name;
+        int reason;
+    } known[] = {{"stop", BT_FINISH_STOP},
+                 {"length", BT_FINISH_LENGTH},
+                 {"cancelled", BT_FINISH_CANCELLED},
+                 {"content_filter", BT_FINISH_CONTENT_FILTER},
+                 {"tool_calls", BT_FINISH_TOOL_CALLS},
+                 {"function_call", BT_FINISH_FUNCTION_CALL},
+                 {"abort", BT_OA_FINISH_ABORT}};
     if (!s) return BT_OA_FINISH_NONE;
-    if (strcmp(s, "length") == 0) return BT_FINISH_LENGTH;
-    if (strcmp(s, "cancelled") == 0) return BT_FINISH_CANCELLED;
-    if (strcmp(s, "abort") == 0) return BT_OA_FINISH_ABORT;
-    return BT_FINISH_STOP; /* stop, eos, tool_calls, content_filter, ... */
+    for (size_t i = 0; i < sizeof known / sizeof known[0]; i++)
+        if (strcmp(s, known[i].name) == 0) return known[i].reason;
+    return BT_FINISH_STOP;
 }
 
 static bool get_u32(const json_t *v, uint32_t *out) {

@@ -1,0 +1,240 @@
+"""How the `openai` engine ends a stream from what its upstream sends, through the real binaries,
+in front of a scripted OpenAI-compatible server of this file's own (docs/engines.md §2.4):
+
+1. Budget: the upstream streams 100 chunks (0.1 s apart) to a client that asked for 10. The client
+   gets 10 pieces and finish_reason "length" (not "stop"), in about a second, and the upstream's
+   request is closed at once (its 12th chunk at the latest finds the connection gone), not read to
+   its end 10 s later.
+2. Finish reasons: "content_filter", "tool_calls" and "function_call" reach the client as the
+   upstream sent them (before: all "stop"); an unknown reason is "stop". On the request plane a
+   frontend whose HELLO lacks BT_HELLO_FINISH_REASONS (an older build) gets reason 0 (stop).
+3. Endings that are not a finish: a stream of `data: [DONE]` alone, and text then [DONE] without
+   any finish_reason, are incomplete streams (an error event, as the same stream ended by EOF is),
+   never a 200 success with "stop".
+4. A finish chunk with its usage, then neither [DONE] nor a close: the client gets the whole
+   answer, its finish and that usage at once (before: an error after 30 s), and the worker stays.
+   A finish and [DONE] without usage (include_usage was asked for): the client's usage is null,
+   streamed and whole, not a prompt_tokens 0 and a chunk count made up as if measured.
+5. A stalled upstream request (two pieces, then nothing, the connection open) with
+   --engine-stuck-timeout 2: that request alone fails (an error event after about 2 s per
+   attempt), while another stream on the same worker completes whole and the worker keeps serving
+   (before: the engine monitor shut the worker down, exit 1, with every stream on it).
+"""
+
+import http.server
+import json
+import sys
+import threading
+import time
+
+import batonlib as bl
+import rpclib
+
+MODEL = "mock-model"
+
+
+class Scripted(http.server.BaseHTTPRequestHandler):
+    """Answers a completion by the script named at the head of its prompt."""
+    protocol_version = "HTTP/1.1"
+    closed = {}  # script -> seconds from the request to the write that found the connection closed
+    lock = threading.Lock()
+
+    def log_message(self, *a):
+        pass
+
+    def send_json(self, code, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path == "/health":
+            self.send_json(200, {})
+        elif self.path == "/v1/models":
+            self.send_json(200, {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "acme"}]})
+        else:
+            self.send_json(404, {"error": {"message": "not found"}})
+
+    def chunk(self, payload):
+        data = b"data: " + payload + b"\n\n"
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def piece(self, text, finish=None, usage=None):
+        obj = {"id": "x", "object": "text_completion", "model": MODEL,
+               "choices": [{"index": 0, "text": text, "finish_reason": finish}]}
+        if usage:
+            obj["usage"] = usage
+        self.chunk(json.dumps(obj).encode())
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+        script = body.get("prompt", "").split()[0]
+        t0 = time.monotonic()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+        try:
+            if script == "budget":
+                for k in range(100):
+                    self.piece(f" w{k}", "stop" if k == 99 else None)
+                    time.sleep(0.1)
+                self.chunk(b"[DONE]")
+            elif script.startswith("reason="):
+                self.piece(" a")
+                self.piece(" b", script[len("reason="):])
+                self.piece("", None, usage)
+                self.chunk(b"[DONE]")
+            elif script == "nousage":  # a finish and [DONE], no usage although it was asked for
+                assert body.get("stream_options") == {"include_usage": True}, body
+                self.piece(" a")
+                self.piece(" b", "stop")
+                self.chunk(b"[DONE]")
+            elif script == "doneonly":
+                self.chunk(b"[DONE]")
+            elif script == "nofinish":
+                self.piece(" a")
+                self.piece(" b")
+                self.chunk(b"[DONE]")
+            elif script == "held":  # a finish with its usage, then silence with the connection open
+                self.piece(" a")
+                self.piece(" b", "stop", usage)
+                time.sleep(40)
+            elif script == "stall":  # two pieces, then silence with the connection open
+                self.piece(" a")
+                self.piece(" b")
+                time.sleep(40)
+            elif script == "slow":
+                for k in range(8):
+                    self.piece(f" s{k}", "length" if k == 7 else None, usage if k == 7 else None)
+                    time.sleep(0.5)
+                self.chunk(b"[DONE]")
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            with Scripted.lock:
+                Scripted.closed[script] = time.monotonic() - t0
+
+
+def stream(fe, prompt, max_tokens=50, timeout=60):
+    body = bl.completion_body(prompt, max_tokens=max_tokens, model=MODEL)
+    return bl.stream_completion(fe.url, dict(body, stream_options={"include_usage": True}), timeout=timeout)
+
+
+def main():
+    # the sections to run (1-5, all by default), so that one can be run on its own
+    only = {int(a) for a in sys.argv[1:]} or {1, 2, 3, 4, 5}
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        with bl.Cluster() as c:
+            fe = c.start_frontend(migration_limit=1)
+            w = c.start_worker(engine="openai", upstream=url, upstream_kind="openai", engine_stuck_timeout=2)
+            c.wait_workers(fe, 1)
+            bl.wait_for(lambda: stream(fe, "reason=stop hi").ok, 15, what="the proxy serves")
+
+            if 1 in only:
+                # 1. the budget ends the stream with "length" and closes the upstream's request
+                t0 = time.monotonic()
+                s = stream(fe, "budget please", max_tokens=10)
+                took = time.monotonic() - t0
+                s.assert_ok("budget stream")
+                assert s.text == "".join(f" w{k}" for k in range(10)), s.summary()
+                assert s.finish_reason == "length", f"at the budget: finish {s.finish_reason!r}, want 'length'"
+                assert took < 4, f"the budget stream took {took:.1f} s: the worker read the upstream to its end"
+                bl.wait_for(lambda: "budget" in Scripted.closed, 5, what="the upstream's request closed")
+                assert Scripted.closed["budget"] < 4, f"the upstream request was closed after {Scripted.closed['budget']:.1f} s"
+                print(f"budget: 10 pieces, 'length', in {took:.2f} s; upstream closed after {Scripted.closed['budget']:.2f} s")
+
+            if 2 in only:
+                # 2. the upstream's finish reasons pass through; an unknown one is "stop"
+                for sent, want in (("content_filter", "content_filter"), ("tool_calls", "tool_calls"),
+                                   ("function_call", "function_call"), ("stop", "stop"), ("length", "length"),
+                                   ("eos_of_some_server", "stop")):
+                    s = stream(fe, f"reason={sent} hi")
+                    s.assert_ok(f"finish {sent}")
+                    assert s.text == " a b" and s.finish_reason == want, f"upstream {sent}: {s.summary()}, want {want}"
+                    st, _, b = bl.post_json(fe.url + "/v1/completions",
+                                            bl.completion_body(f"reason={sent} hi", max_tokens=50, model=MODEL), timeout=30)
+                    assert st == 200 and b["choices"][0]["finish_reason"] == want, (sent, st, b)
+                print("finish reasons: content_filter, tool_calls, function_call, stop, length as sent; unknown -> stop")
+                # on the request plane: reasons 3-5 only to a frontend that announced it knows them
+                for flags, want in ((0, "stop"), (rpclib.HELLO_FINISH_REASONS, "content_filter")):
+                    conn = rpclib.Conn(w.rpc_port, hello_flags=flags)
+                    body = bl.completion_body("reason=content_filter hi", max_tokens=50, model=MODEL)
+                    sid = conn.request({"request_id": f"reason-{flags}", "api": "completion", "body": body})
+                    r = rpclib.read_stream(conn, sid)
+                    conn.close()
+                    assert r.error is None and r.finish[0] == want, f"HELLO flags {flags}: {r.finish} {r.error}"
+                print("request plane: FINISH content_filter (3) to a frontend with BT_HELLO_FINISH_REASONS, stop (0) "
+                      "to one without")
+
+            if 3 in only:
+                # 3. [DONE] without a finish is no success
+                for script in ("doneonly", "nofinish"):
+                    s = stream(fe, f"{script} hi")
+                    assert s.error is not None and s.finish_reason is None, f"{script}: {s.summary()}"
+                    st, _, b = bl.post_json(fe.url + "/v1/completions",
+                                            bl.completion_body(f"{script} hi", max_tokens=50, model=MODEL), timeout=30)
+                    assert st != 200, f"{script}: whole answer {st} {b}"
+                    print(f"{script}: stream error {s.error.get('message')!r}; whole answer {st}")
+
+                # a cut stream quarantines its worker for a while, as a broken connection does
+                bl.wait_for(lambda: stream(fe, "reason=stop again").ok, 30, what="the worker serves again")
+
+            if 4 in only:
+                # 4. a finish with its usage ends the stream, without [DONE] or a close
+                t0 = time.monotonic()
+                s = stream(fe, "held hi", timeout=20)
+                took = time.monotonic() - t0
+                s.assert_ok("finish without [DONE]")
+                assert s.text == " a b" and s.finish_reason == "stop", s.summary()
+                assert s.usage and s.usage["prompt_tokens"] == 7 and s.usage["completion_tokens"] == 3, s.usage
+                assert took < 3, f"a finished answer was held {took:.1f} s"
+                print(f"finish + usage without [DONE]: complete in {took:.2f} s, usage {s.usage}")
+                # no usage from the upstream: none is made up (before: prompt_tokens 0 and the chunk
+                # count, as if measured); the usage chunk says null, and so does a whole answer
+                s = stream(fe, "nousage hi")
+                s.assert_ok("finish without usage")
+                assert s.text == " a b" and s.finish_reason == "stop", s.summary()
+                tail = [e for e in s.events if isinstance(e, dict) and "usage" in e and not e.get("choices")]
+                assert len(tail) == 1 and tail[0]["usage"] is None, f"usage events {tail}"
+                st, _, b = bl.post_json(fe.url + "/v1/completions",
+                                        bl.completion_body("nousage hi", max_tokens=50, model=MODEL), timeout=30)
+                assert st == 200 and b["choices"][0]["text"] == " a b" and b["usage"] is None, (st, b)
+                assert "finished a stream without usage" in w.proc.log_text(), w.proc.log_tail()
+                print("no usage upstream: the answer's usage is null (streamed and whole), the worker's log says so")
+
+            if 5 in only:
+                # 5. a stalled upstream request fails alone; the worker and its other stream go on
+                bl.wait_for(lambda: stream(fe, "reason=stop again").ok, 30, what="the worker serves again")
+                slow = {}
+                th = threading.Thread(target=lambda: slow.update(s=stream(fe, "slow hi", timeout=30)), daemon=True)
+                th.start()
+                time.sleep(0.3)
+                t0 = time.monotonic()
+                s = stream(fe, "stall hi", timeout=30)
+                took = time.monotonic() - t0
+                assert s.error is not None and s.text.startswith(" a b"), f"stalled: {s.summary()}"
+                th.join(30)
+                slow["s"].assert_ok("the other stream on the worker")
+                assert slow["s"].text == "".join(f" s{k}" for k in range(8)), slow["s"].summary()
+                assert w.proc.alive(), f"the worker exited:\n{w.proc.log_tail()}"
+                bl.wait_for(lambda: stream(fe, "reason=stop again").ok, 10, what="the worker serves after the stall")
+                print(f"stalled request: error after {took:.1f} s ({s.error.get('message')!r}); the other stream whole, "
+                      "the worker serving")
+    finally:
+        srv.shutdown()
+    print("ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
