@@ -908,10 +908,12 @@ static int cb_headers_complete(http_parser *p) {
     c->hdr_in_value = false;
     c->hdr_name_len = 0;
     /* http_parser takes any digits as a version, and a request line without one as HTTP/0.9,
-     * whose answer would be a bare body. This server speaks HTTP/1.0 and 1.1: another major or
-     * minor version is a 505 (RFC 9110 §15.6.6), a request line without a version a 400. */
-    if (p->http_major != 1 || p->http_minor > 1) {
-        c->err_status = p->http_major == 0 ? 400 : 505; /* err_why is read with a 400 only */
+     * whose answer would be a bare body. This server speaks HTTP/1.0 and 1.1: another major
+     * version is a 505 (RFC 9110 §15.6.6), a request line without a version a 400; a later 1.x is
+     * served as 1.1, the highest minor version of its major this server implements (RFC 9110
+     * §2.5). */
+    if (p->http_major != 1) {
+        c->err_status = p->http_major == 0 && p->http_minor == 9 ? 400 : 505; /* err_why: a 400 only */
         c->err_why = "HTTP/0.9 (a request line without a version) is not served";
         return -1;
     }

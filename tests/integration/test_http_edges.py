@@ -16,7 +16,7 @@ wrong:
   * an HTTP/1.1 request without a Host header, or any request with more than one, is a 400
     malformed_request with the connection closed (RFC 9112 §3.2: MUST; they were served); an
     HTTP/1.0 request without Host is served, as is an empty Host (a target without an authority);
-  * a request line of another version than HTTP/1.0 or 1.1 (HTTP/2.0, HTTP/1.2) is a 505 with the
+  * a request line of another major version than HTTP/1 (HTTP/2.0, HTTP/0.5) is a 505 with the
     connection closed, and one without a version (HTTP/0.9) a 400 (both were served as 1.1);
   * a header line that starts with a space or tab (obsolete line folding, RFC 9112 §5.2) is a 400
     with the connection closed, however the bytes arrive: `Transfer-Encoding:` folded onto
@@ -453,13 +453,15 @@ with bl.Cluster() as c:
     mixed = bl.raw_exchange(fe.port, b"GET /live HTTP/1.1\r\nHost: localhost\r\n\r\nGET /live HTTP/1.1\r\n\r\n")
     assert mixed.startswith(b"HTTP/1.1 200 ") and mixed.count(b"HTTP/1.1 400 ") == 1, mixed[:400]
 
-    # ---- the request line's version: HTTP/1.0 and 1.1 only (others were served as 1.1); a line
-    # without one (HTTP/0.9) is refused, not answered in full
-    for version in (b"HTTP/2.0", b"HTTP/1.2", b"HTTP/3.0"):
+    # ---- the request line's version: HTTP/1.x only (other majors were served as 1.1), a later
+    # 1.x served as 1.1 (RFC 9110 §2.5); a line without one (HTTP/0.9) is refused, not answered in full
+    for version in (b"HTTP/2.0", b"HTTP/3.0", b"HTTP/0.5"):
         st, _, b, closed = raw(fe.port, b"GET /live " + version + b"\r\nHost: localhost\r\n\r\n")
         assert st == 505 and closed, (version, st, b[:200], closed)
         err = json.loads(b)["error"]
         assert err["code"] == "http_version_not_supported" and version.decode() in err["message"], err
+    st, _, b, _ = raw(fe.port, b"GET /live HTTP/1.2\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    assert st == 200, ("HTTP/1.2 is served as 1.1", st, b[:200])
     for line in (b"GET /live\r\n\r\n", b"GET /live\r\nHost: localhost\r\n\r\n"):
         st, _, b, closed = raw(fe.port, line)
         assert st == 400 and closed and "HTTP/0.9" in json.loads(b)["error"]["message"], (line, st, b[:200])

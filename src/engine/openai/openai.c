@@ -585,10 +585,13 @@ static bool seq_event(bt_engine_seq *s, const char *data, size_t len) {
         seq_fail(s, st == BT_ERR_NOMEM ? st : UPSTREAM_MALFORMED, "%s", err);
         live = false;
     } else if (c.done) {
-        /* [DONE] without a finish is a stream cut short, as the end of the transfer is */
+        /* [DONE] without a finish: the answer may be cut short, so it is no success; but it is the
+         * upstream's way of answering (a server that never sends finish_reason would answer the
+         * same on every worker), so it is UPSTREAM_MALFORMED, not a cut to migrate: no worker is
+         * quarantined for it */
         if (s->finish != BT_OA_FINISH_NONE || s->at_budget) seq_complete(s);
         else
-            seq_fail(s, BT_ERR_DISCONNECTED, "the upstream sent [DONE] after %llu ids without finishing the stream",
+            seq_fail(s, UPSTREAM_MALFORMED, "the upstream sent [DONE] after %llu ids without a finish_reason",
                      (unsigned long long)s->emitted);
         live = false;
     } else if (c.is_error) {
