@@ -22,7 +22,7 @@ static uint32_t ids[BT_TOKENS_MAX];
 static void typed_roundtrip(const bt_frame *f, bt_buf *out) {
     uint16_t a, b;
     uint64_t v;
-    uint8_t r;
+    uint8_t r, fl;
     uint32_t x, y;
     size_t n, tl;
     const char *t;
@@ -39,7 +39,8 @@ static void typed_roundtrip(const bt_frame *f, bt_buf *out) {
         break;
     case BT_FRAME_FINISH:
         CHECK(bt_frame_get_finish(f, &r, &x, &y) == BT_OK);
-        CHECK(bt_frame_put_finish(out, f->stream, r, x, y) == BT_OK);
+        CHECK(bt_frame_get_finish_flags(f, &fl) == BT_OK); /* the usage-unreported flag, kept */
+        CHECK(bt_frame_put_finish_flags(out, f->stream, r, fl, x, y) == BT_OK);
         break;
     case BT_FRAME_ERROR:
     case BT_FRAME_GOAWAY:
