@@ -455,10 +455,10 @@ static void skip_worker(fe_req *r, uint64_t id) {
  * another worker took the request before. The refusal is that worker's, not the client's: it is
  * not tried again for this request (as a busy upstream) and the refusal goes on as a migratable
  * failure, charged to the budget; when no worker is left, fe_migrate_dispatch ends the request
- * with the reason. False for a first attempt: its refusal is the client's answer. */
+ * with the reason. False for a first attempt, and for one with nothing delivered after the workers
+ * larger than an earlier refusing one were tried (context_declined): the refusal is the client's
+ * answer. */
 static bool context_refused(fe_req *r, const char *msg) {
-    /* nothing delivered, and the workers larger than one that refused it before refused it too
-     * (context_floor): the request does not fit, the client is told why in the worker's words */
     if (!r->nids && !r->resumed && (r->attempts < 2 || r->context_floor)) return false;
     skip_worker(r, r->failed_worker);
     BT_WARN("request %s: worker %" PRIx64 " refused its continuation after %zu tokens for its context length (%s); "

@@ -811,7 +811,7 @@ fe_worker *fe_route_preempt(fe *f, fe_model *m, int32_t prio, uint64_t need) {
     for (size_t i = 0; i < m->nws; i++) {
         fe_worker *w = m->ws[i];
         if (!fe_worker_routable(w) || fe_outlier_ejected(f, w)) continue;
-        if (fe_worker_context_short(w, need)) continue; /* a preemption makes no context larger */
+        if (fe_worker_context_short(w, need)) continue;                /* a preemption makes no context larger */
         if (bt_rpc_unsent(w->conn) >= BT_RPC_BACKLOG_BUSY) continue;   /* preempting frees KV, not the link */
         if (!w->load_ms || now - w->load_ms > LOAD_STALE_MS) continue; /* says nothing (and is not busy) */
         uint32_t victims;

@@ -16,6 +16,8 @@ routes the request only to a worker whose card holds it:
     admitted once, not spinning between the queue and routing; L killed while it waits: 400
     context_length_exceeded, and the stream on L ends with a clear error, not a wrong or truncated
     answer;
+  * both busy, S running a less urgent stream than L: an urgent request that fits only L is routed
+    past the busy verdict to L, which preempts for it, never to S;
   * L killed (kill -9) mid-stream with only S left: a clear context_length_exceeded error event,
     the text so far an exact prefix of the undisturbed answer.
 """
@@ -58,7 +60,8 @@ def post(fe, body):
     return bl.post_json(fe.url + "/v1/completions", body, timeout=30)
 
 
-def too_large(st, b, what):
+def too_large(fe, body, what):
+    st, _, b = post(fe, body)
     assert st == 400, (what, st, b)
     err = b["error"]
     assert err["code"] == "context_length_exceeded" and err["param"] == "prompt", (what, err)
@@ -86,10 +89,10 @@ def served_by_larger():
             migrated = bl.metric_sum(bl.metrics(fe.url), "dynamo_frontend_model_migration_total")
             assert migrated == 0, f"{mode}: S's refusal counted as {migrated:.0f} migrations"
             # larger than both: refused before routing, naming the largest context
-            too_large(*post(fe, ids_body(prompt=IDS * 5))[:3:2], f"{mode}: 5,000 ids")
-            too_large(*post(fe, ids_body(max_tokens=5000))[:3:2], f"{mode}: max_tokens 5,000")
+            too_large(fe, ids_body(prompt=IDS * 5), f"{mode}: 5,000 ids")
+            too_large(fe, ids_body(max_tokens=5000), f"{mode}: max_tokens 5,000")
             # text the frontend cannot count: S refuses, then L, whose words the client gets
-            too_large(*post(fe, text_body(prompt=" ".join([TEXT] * 5)))[:3:2], f"{mode}: 5,000 words")
+            too_large(fe, text_body(prompt=" ".join([TEXT] * 5)), f"{mode}: 5,000 words")
             # a request that fits S still goes anywhere (both engines take it)
             for _ in range(4):
                 st, _, b = post(fe, ids_body(prompt=IDS[:100]))
@@ -183,7 +186,52 @@ def killed_mid_stream():
         assert submits(s) == 0
 
 
+def preempts_on_larger():
+    """Both workers busy (one sequence at a time), L running priority 5 and S priority 10: an urgent
+    request that fits only L is routed past the busy verdict to L, which preempts for it, not to S,
+    whose victim is less urgent but whose context cannot hold it."""
+    with bl.Cluster() as c:
+        fe = c.start_frontend(active_decode_blocks_threshold=0.0, queue_max_requests=64, queue_timeout=60)
+        s = c.start_worker(system_port=True, wait=True, context_length=SMALL, max_num_seqs=1, speedup_ratio=1)
+        big = c.start_worker(system_port=True, wait=True, context_length=LARGE, max_num_seqs=1, speedup_ratio=1)
+        c.wait_workers(fe, 2)
+        res, ts = {}, []
+
+        def start(name, body):
+            ev = threading.Event()
+
+            def on_event(st, e):
+                if st.t_first is not None:
+                    ev.set()
+                return False
+
+            def run():
+                res[name] = bl.stream_completion(fe.url, dict(body, stream=True), timeout=60, on_event=on_event)
+            ts.append(threading.Thread(target=run))
+            ts[-1].start()
+            assert ev.wait(20), f"the {name} request got no first token"
+
+        start("mid", ids_body(max_tokens=300, priority=5))  # only L holds it
+        start("bulk", ids_body(prompt=IDS[:50], max_tokens=300, priority=10))  # L is busy: S
+        time.sleep(0.3)  # both decoding: each worker's report offers its running sequence as a victim
+        urgent = bl.stream_completion(fe.url, ids_body(max_tokens=8, priority=0, stream=True), timeout=30)
+        for t in ts:
+            t.join(60)
+        urgent.assert_ok("the urgent request")
+        for name in ("mid", "bulk"):
+            res[name].assert_ok(f"the {name} stream")
+        assert urgent.t_first < res["mid"].t_end, "the urgent request waited for L's stream to end"
+        routed = bl.metric_sum(bl.metrics(fe.url), "baton_frontend_preempt_routed_total")
+        p_s, p_big = (bl.metric_sum(bl.metrics(w.system_url), "baton_worker_preemptions_total", reason="priority")
+                      for w in (s, big))
+        assert "refused it for its context length" not in fe.proc.log_text(), "the urgent request went to S first"
+        assert routed == 1 and p_big == 1 and p_s == 0, (routed, p_big, p_s)
+        print(f"preemption: the urgent request went to L past its busy verdict (TTFT "
+              f"{urgent.t_first - urgent.t_start:.3f}s); preemptions: L {p_big:.0f}, S {p_s:.0f}")
+
+
 served_by_larger()
 queue_waits_for_larger()
+preempts_on_larger()
 killed_mid_stream()
 print("test_context_routing: ok")
