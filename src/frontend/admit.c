@@ -817,8 +817,9 @@ static void pump(fe_admit *a) {
          * priority, so the model is blocked for the less urgent entries behind it too. The
          * context it needs is asked as fe_migrate_dispatch asks it: a free worker too small for it
          * would let it leave only to be queued again at the head, over and over, each tick. */
-        if (!fe_route(a->f, r->model, 0, NULL, 0, &all_busy, NULL, fe_request_context_need(r)) && all_busy &&
-            !fe_route_preempt(a->f, r->model, t->priority)) {
+        uint64_t need = fe_request_context_need(r);
+        if (!fe_route(a->f, r->model, 0, NULL, 0, &all_busy, NULL, need) && all_busy &&
+            !fe_route_preempt(a->f, r->model, t->priority, need)) {
             if (nblocked == BLOCKED_MAX) break;
             blocked[nblocked++] = r->model;
             t = TAILQ_NEXT(t, link);

@@ -92,6 +92,19 @@ struct fe_model {
      * at its model's workers, with no cap on their number. Order is not meaningful. */
     fe_worker **ws;
     size_t nws, capws;
+    /* What the cards of ws allow, kept by workers.c as workers are filed and forgotten (a worker's
+     * card does not change while it is known), so that a request reads them instead of scanning
+     * ws. The largest, not the smallest: workers may advertise different contexts (a rolling
+     * upgrade, a mixed fleet), routing takes only a worker whose card holds the request
+     * (fe_request_context_need), so what a request may ask is what the largest of them holds.
+     *   context_max: the largest context_length, 0 when a worker advertises none (it bounds
+     *                nothing, and routing takes it whatever the request needs) or there is none;
+     *   prompt_bytes_max: the largest context_length x max_token_bytes, the text that some worker
+     *                could still hold; 0 when a worker lacks either (the mocker: its words are one
+     *                token however long, so no text is too long for it);
+     *   token_bytes_max: the longest token's bytes among the cards that say (1 when none does),
+     *                the weakest bound on how many tokens a text is at least. */
+    uint64_t context_max, prompt_bytes_max, token_bytes_max;
     LIST_ENTRY(fe_model) link; /* fe.models */
 };
 
@@ -306,7 +319,8 @@ struct fe_req {
     int attempts_left;       /* the budget: --migration-limit + 1, less each attempt charged */
     int attempts;            /* attempts made */
     int moves;               /* of them, ended by a rebalance (BT_ERR_MOVED): charged to no budget */
-    int declined;            /* of them, refused by a draining worker before they ran: no failure either */
+    int declined;            /* of them, refused before they ran by a draining worker, or by a worker too
+                              * small for them while a larger one was left: no failure either */
     int busy_refusals;       /* of them, refused by a busy upstream (bt_status_upstream_busy) */
     /* the workers that refused it busy, or refused its continuation for their context length
      * (migrate.c): not routed to again */
@@ -327,6 +341,10 @@ struct fe_req {
     /* the prompt's size as the frontend sees it, for fe_request_context_need: its token ids when it
      * is an array of them, else the bytes of its text that reach the model (request.c) */
     uint64_t prompt_ids_len, prompt_bytes;
+    /* the least context it needs because a worker whose card advertised one less refused it for its
+     * length (a text prompt the frontend cannot count, migrate.c): rules out that worker and every
+     * one no larger (0 = none refused it) */
+    uint64_t context_floor;
     bool mig_pending;       /* a failure was counted as a migration and no continuation was sent yet */
     bool mig_stall;         /* such a failure since the last token: the stall goes to migration_stall */
     bool link_waiting;      /* in fe.link_waits: every link that could take its continuation is full */
@@ -575,8 +593,8 @@ bool fe_worker_context_short(const fe_worker *w, uint64_t need);
  * priority value above prio, BT_LOAD_PREEMPT) and that has victims left once the requests already
  * sent past its busy verdict (preempt_pending) are counted; among those, the one whose victims are
  * the least urgent, then the one with the most left. NULL if none: the request waits or is refused
- * as before. Routable, not ejected workers only. */
-fe_worker *fe_route_preempt(fe *f, fe_model *m, int32_t prio);
+ * as before. Routable, not ejected workers only, whose context holds `need` (as fe_route). */
+fe_worker *fe_route_preempt(fe *f, fe_model *m, int32_t prio, uint64_t need);
 /* Attempt a was routed with fe_route_preempt: it counts in its worker's preempt_pending until
  * fe_attempt_preempt_done (its first token, or its end). */
 void fe_attempt_preempt_start(fe_attempt *a);
@@ -644,7 +662,8 @@ void fe_request_output(const fe_req *r, const uint32_t **ids, const char **text,
 /* The context, in tokens, r's next attempt takes at least, as far as the frontend can count without
  * a tokenizer (the check before the first routing, request.c, counts the same way): the prompt's
  * tokens when it is token ids (or the least a text prompt can be, when the workers tell their
- * longest token), the carried ones, and what is left of max_tokens (one token without it). */
+ * longest token), the carried ones, and what is left of max_tokens (one token without it); and
+ * more than the context of a worker that refused it for its length (context_floor). */
 uint64_t fe_request_context_need(const fe_req *r);
 /* usage_unreported: the FINISH said its counts are not the model server's (BT_FINISH_F_USAGE_UNREPORTED) */
 void fe_request_finish(fe_req *r, uint8_t reason, uint32_t prompt_tokens, uint32_t completion_tokens,

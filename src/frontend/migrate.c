@@ -280,7 +280,7 @@ void fe_migrate_dispatch(fe_req *r) {
         if (!w && all_busy && first) {
             /* every worker is busy, but one may preempt a less urgent running sequence for this
              * request: it goes there instead of waiting behind that work (docs/load-shedding.md) */
-            w = fe_route_preempt(f, r->model, fe_admit_priority(r));
+            w = fe_route_preempt(f, r->model, fe_admit_priority(r), need);
             preempting = w != NULL;
         }
         if ((r->attempts || r->resumed) && ((!w && all_busy) || (w && w->id == r->failed_worker))) {
@@ -312,7 +312,12 @@ void fe_migrate_dispatch(fe_req *r) {
              * they refused it (context_refused) */
             char m[640], last[160] = ""; /* a first attempt has no last one */
             if (r->fail_msg[0]) snprintf(last, sizeof last, " (last attempt: %s)", r->fail_msg);
-            if (short_left)
+            if (short_left && !r->attempts)
+                snprintf(m, sizeof m,
+                         "no worker can hold this request: it needs a context of %" PRIu64
+                         " tokens or more, and the largest among the live workers is %" PRIu64 " tokens",
+                         need, largest);
+            else if (short_left)
                 snprintf(m, sizeof m,
                          "no worker left can hold this request after %zu tokens: it needs a context of %" PRIu64
                          " tokens or more, and the largest among the workers left is %" PRIu64 " tokens%s",
@@ -450,13 +455,46 @@ static void skip_worker(fe_req *r, uint64_t id) {
  * another worker took the request before. The refusal is that worker's, not the client's: it is
  * not tried again for this request (as a busy upstream) and the refusal goes on as a migratable
  * failure, charged to the budget; when no worker is left, fe_migrate_dispatch ends the request
- * with the reason. False for a first attempt: its refusal is the client's answer. */
+ * with the reason. False for a first attempt, and for one with nothing delivered after the workers
+ * larger than an earlier refusing one were tried (context_declined): the refusal is the client's
+ * answer. */
 static bool context_refused(fe_req *r, const char *msg) {
-    if (!r->nids && r->attempts < 2 && !r->resumed) return false;
+    if (!r->nids && !r->resumed && (r->attempts < 2 || r->context_floor)) return false;
     skip_worker(r, r->failed_worker);
     BT_WARN("request %s: worker %" PRIx64 " refused its continuation after %zu tokens for its context length (%s); "
             "trying another worker",
             r->rid, r->failed_worker, r->nids, msg);
+    return true;
+}
+
+/* An attempt with nothing delivered yet was refused by its worker for its context length: the
+ * frontend could not count the prompt (text, and cards without max_token_bytes), so routing could
+ * not tell that worker was too small. When the model has a routable worker whose card advertises
+ * a larger context, the request now needs more than the refusing card says (context_floor, which
+ * rules out that worker and every one no larger) and goes on to it, as a draining worker's refusal
+ * does: nothing ran, so nothing is charged. Each such refusal raises the floor, so there are at
+ * most as many as the contexts the workers advertise. False when no larger worker is left (or the
+ * refusing one advertises no context): the refusal is then the client's answer (context_refused). */
+static bool context_declined(fe_req *r, const char *msg) {
+    if (r->nids || r->resumed) return false;
+    const fe_worker *by = bt_map_get(&r->fe->workers_by_id, r->failed_worker);
+    if (!by || !by->context_length || r->context_floor > by->context_length) return false;
+    uint64_t floor = by->context_length + 1;
+    uint64_t need = fe_request_context_need(r);
+    if (need < floor) need = floor;
+    const fe_worker *larger = NULL;
+    for (size_t i = 0; i < r->model->nws && !larger; i++) {
+        fe_worker *w = r->model->ws[i];
+        bool skipped = false;
+        for (size_t k = 0; k < r->nskip_ids; k++) skipped |= r->skip_ids[k] == w->id;
+        if (!skipped && fe_worker_routable(w) && !fe_outlier_ejected(r->fe, w) && !fe_worker_context_short(w, need))
+            larger = w;
+    }
+    if (!larger) return false;
+    r->context_floor = floor;
+    BT_INFO("request %s: worker %" PRIx64 " (context %" PRIu64 " tokens) refused it for its context length (%s); "
+            "trying a worker of a larger context",
+            r->rid, by->id, by->context_length, msg);
     return true;
 }
 
@@ -493,6 +531,14 @@ static bool busy_refused(fe_req *r, bt_status code, const char *msg) {
 static void attempt_failed(fe_req *r, bt_status code, const char *msg) {
     if (!r->http || bt_ctx_is_stopped(r->ctx)) { /* cancelled: never migrated */
         fe_request_end_cancelled(r);
+        return;
+    }
+    if (code == BT_ERR_CONTEXT_LENGTH && context_declined(r, msg)) {
+        r->attempts_left++; /* not a failure: charged to no budget, counted as no migration */
+        r->declined++;
+        r->fail_code = code;
+        snprintf(r->fail_msg, sizeof r->fail_msg, "%s", msg);
+        fe_migrate_dispatch(r);
         return;
     }
     if (!bt_status_migratable(code) && !(code == BT_ERR_CONTEXT_LENGTH && context_refused(r, msg))) {

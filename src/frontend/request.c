@@ -1294,41 +1294,6 @@ bool fe_validate_body(json_t *body, bt_api api, char *err, size_t errlen) {
     return fe_check_body(body, api, err, errlen, NULL, NULL);
 }
 
-/* The context length of m as its workers advertise it: the smallest, so that a request that
- * passes fits every worker it may be routed or migrated to (0 when none advertises one). */
-static uint64_t model_context(const fe *f, const fe_model *m) {
-    (void)f;
-    uint64_t ctx = 0;
-    for (size_t i = 0; i < m->nws; i++) { /* the model's own workers (fe_route's list) */
-        const fe_worker *w = m->ws[i];
-        if (w->context_length && (ctx == 0 || w->context_length < ctx)) ctx = w->context_length;
-    }
-    return ctx;
-}
-
-/* The most prompt bytes that can fit m: the smallest context_length x max_token_bytes among the
- * workers whose card has both (0 when none has). A worker without max_token_bytes (the mocker,
- * whose words are one token however long) sets no bound; the others are what the request may be
- * routed or migrated to, as model_context's smallest context is. */
-/* The longest token's bytes among m's workers that say (1 when none does): the weakest bound. */
-static uint64_t model_max_token_bytes(const fe_model *m) {
-    uint64_t most = 1;
-    for (size_t i = 0; i < m->nws; i++)
-        if (m->ws[i]->max_token_bytes > most) most = m->ws[i]->max_token_bytes;
-    return most;
-}
-
-static uint64_t model_prompt_bytes(const fe_model *m) {
-    uint64_t best = 0;
-    for (size_t i = 0; i < m->nws; i++) {
-        const fe_worker *w = m->ws[i];
-        if (!w->context_length || !w->max_token_bytes) continue;
-        uint64_t b = w->context_length * w->max_token_bytes;
-        if (!best || b < best) best = b;
-    }
-    return best;
-}
-
 /* Bytes that certainly reach the model's prompt, whatever the chat template does with them: a
  * string prompt whole; a chat's system and user message contents (text parts included), each without
  * the blanks at its ends (a template may trim them, and some drop parts of earlier assistant turns,
@@ -1366,11 +1331,14 @@ static uint64_t prompt_text_bytes(const json_t *body, bt_api api) {
 
 /* What the frontend can check of prompt + max_tokens against the context length without a
  * tokenizer: max_tokens alone, a prompt given as token ids, and a text prompt longer than the
- * context's worth of the longest token (model_prompt_bytes), which holds more tokens than the
+ * context's worth of the longest token (prompt_bytes_max), which holds more tokens than the
  * context whatever the tokenizer makes of it. Any other text prompt is counted by the engine,
- * which refuses with BT_ERR_CONTEXT_LENGTH (the same 400). False with a message. */
-static bool context_fits(const fe *f, const fe_model *m, const json_t *body, bt_api api, char *err, size_t errlen) {
-    uint64_t ctx = model_context(f, m);
+ * which refuses with BT_ERR_CONTEXT_LENGTH (the same 400). The context is the largest that m's
+ * workers advertise (fe_model.context_max): a request that fits it is routed only to a worker
+ * whose card holds it (fe_request_context_need), and refused there when none that does is left
+ * (migrate.c). False with a message. */
+static bool context_fits(const fe_model *m, const json_t *body, bt_api api, char *err, size_t errlen) {
+    uint64_t ctx = m->context_max;
     if (!ctx) return true;
     json_t *mt = json_object_get(body, "max_completion_tokens");
     if (!json_is_integer(mt)) mt = json_object_get(body, "max_tokens");
@@ -1378,13 +1346,13 @@ static bool context_fits(const fe *f, const fe_model *m, const json_t *body, bt_
      * so the least the request asks for is one completion token: a prompt that fills the context
      * is refused naming that one, as the engines do */
     uint64_t want = json_is_integer(mt) ? (uint64_t)json_integer_value(mt) : 1;
-    uint64_t max_bytes = model_prompt_bytes(m);
+    uint64_t max_bytes = m->prompt_bytes_max;
     uint64_t text = max_bytes ? prompt_text_bytes(body, api) : 0;
     if (text > max_bytes) {
         /* in OpenAI's words (clients match them), with the least number of tokens the text can be:
          * no token covers more than the longest vocabulary entry's bytes */
         const char *what = api == BT_API_CHAT ? "messages" : "prompt";
-        uint64_t tb = model_max_token_bytes(m), least = (text + tb - 1) / tb;
+        uint64_t tb = m->token_bytes_max, least = (text + tb - 1) / tb;
         snprintf(err, errlen,
                  "This model's maximum context length is %" PRIu64 " tokens. However, you requested %" PRIu64
                  " tokens or more (%" PRIu64 " or more in the %s, %" PRIu64 " in the completion): %" PRIu64
@@ -1412,8 +1380,8 @@ static bool context_fits(const fe *f, const fe_model *m, const json_t *body, bt_
 
 uint64_t fe_request_context_need(const fe_req *r) {
     uint64_t prompt = r->prompt_ids_len;
-    if (!prompt && r->prompt_bytes && model_prompt_bytes(r->model)) { /* context_fits' least tokens */
-        uint64_t tb = model_max_token_bytes(r->model);
+    if (!prompt && r->prompt_bytes && r->model->prompt_bytes_max) { /* context_fits' least tokens */
+        uint64_t tb = r->model->token_bytes_max;
         prompt = (r->prompt_bytes + tb - 1) / tb;
     }
     /* with max_tokens, the carried tokens are part of it; without, the engine cuts its default to
@@ -1421,7 +1389,8 @@ uint64_t fe_request_context_need(const fe_req *r) {
     uint64_t done = r->body_carried + r->nids;
     uint64_t more = 1;
     if (r->max_tokens >= 0 && (uint64_t)r->max_tokens > r->nids) more = (uint64_t)r->max_tokens - r->nids;
-    return prompt + done + more;
+    uint64_t need = prompt + done + more;
+    return need > r->context_floor ? need : r->context_floor;
 }
 
 /* The integer parameter (int_params) of a body jansson refused for an integer past 64 bits, or
@@ -1510,7 +1479,7 @@ void fe_request_start(fe *f, bt_http_req *http, bt_api api) {
         free(canon);
         return;
     }
-    if (!context_fits(f, m, body, api, err, sizeof err)) {
+    if (!context_fits(m, body, api, err, sizeof err)) {
         count_refused(f, api, body);
         fe_json_error_ex(http, rid, 400, "context_length_exceeded", api == BT_API_CHAT ? "messages" : "prompt", NULL,
                          "%s", err);
@@ -1605,7 +1574,7 @@ fe_req *fe_request_new(fe *f, bt_http_req *http, bt_api api, json_t *body, const
      * freed before them); the text only when a worker's card bounds its tokens' length */
     json_t *p = api == BT_API_COMPLETION ? json_object_get(body, "prompt") : NULL;
     if (json_is_array(p) && json_is_integer(json_array_get(p, 0))) r->prompt_ids_len = json_array_size(p);
-    else if (model_prompt_bytes(m)) r->prompt_bytes = prompt_text_bytes(body, api);
+    else if (m->prompt_bytes_max) r->prompt_bytes = prompt_text_bytes(body, api);
     /* One seed for every attempt of a request without one, so an engine that samples for real
      * continues a migrated stream exactly (docs/protocol.md, "seed"). */
     if (!json_is_integer(json_object_get(body, "seed")))

@@ -68,6 +68,28 @@ static fe_worker *find_by_key(fe *f, const char *key) {
 
 static fe_worker *find_by_id(fe *f, uint64_t id) { return bt_map_get(&f->workers_by_id, id); }
 
+/* Recomputes what the cards of m's workers allow (fe_model.context_max and the others): once per
+ * worker filed or forgotten, not per request. */
+static void model_card_bounds(fe_model *m) {
+    uint64_t ctx = 0, bytes = 0, tb = 1;
+    bool ctx_unbounded = false, bytes_unbounded = false;
+    for (size_t i = 0; i < m->nws; i++) {
+        const fe_worker *w = m->ws[i];
+        ctx_unbounded |= !w->context_length;
+        bytes_unbounded |= !w->context_length || !w->max_token_bytes;
+        if (w->context_length > ctx) ctx = w->context_length;
+        if (w->context_length && w->max_token_bytes) { /* a card's numbers are the worker's: no wrap */
+            uint64_t b = w->context_length > UINT64_MAX / w->max_token_bytes ? UINT64_MAX
+                                                                             : w->context_length * w->max_token_bytes;
+            if (b > bytes) bytes = b;
+        }
+        if (w->max_token_bytes > tb) tb = w->max_token_bytes;
+    }
+    m->context_max = ctx_unbounded ? 0 : ctx;
+    m->prompt_bytes_max = bytes_unbounded ? 0 : bytes;
+    m->token_bytes_max = tb;
+}
+
 /* Files w under its model for routing; false when out of memory. */
 static bool model_add_worker(fe_model *m, fe_worker *w) {
     if (m->nws == m->capws) {
@@ -79,6 +101,7 @@ static bool model_add_worker(fe_model *m, fe_worker *w) {
     }
     m->ws[m->nws++] = w;
     w->mdl = m;
+    model_card_bounds(m);
     return true;
 }
 
@@ -91,6 +114,7 @@ static void model_remove_worker(fe_worker *w) {
             break;
         }
     w->mdl = NULL;
+    model_card_bounds(m);
 }
 
 static void worker_connect(fe_worker *w);
@@ -779,7 +803,7 @@ fe_worker *fe_route_least_busy(fe_model *m, uint64_t avoid, const uint64_t *skip
     return best ? best : avoided;
 }
 
-fe_worker *fe_route_preempt(fe *f, fe_model *m, int32_t prio) {
+fe_worker *fe_route_preempt(fe *f, fe_model *m, int32_t prio, uint64_t need) {
     fe_worker *best = NULL;
     int32_t best_vp = 0;
     uint32_t best_left = 0;
@@ -787,6 +811,7 @@ fe_worker *fe_route_preempt(fe *f, fe_model *m, int32_t prio) {
     for (size_t i = 0; i < m->nws; i++) {
         fe_worker *w = m->ws[i];
         if (!fe_worker_routable(w) || fe_outlier_ejected(f, w)) continue;
+        if (fe_worker_context_short(w, need)) continue;                /* a preemption makes no context larger */
         if (bt_rpc_unsent(w->conn) >= BT_RPC_BACKLOG_BUSY) continue;   /* preempting frees KV, not the link */
         if (!w->load_ms || now - w->load_ms > LOAD_STALE_MS) continue; /* says nothing (and is not busy) */
         uint32_t victims;
