@@ -202,6 +202,23 @@ static void on_proc_signal(uv_signal_t *h, int signum) {
                     bt_proc_signal_name(signum));
         return;
     }
+    /* The same stop signal again within BT_PROC_REPEAT_MS is the one stop delivered twice, not a
+     * second one: GNU timeout sends its signal to the command and then to the whole process
+     * group (the command included), and `kill -- -PGID` beside a launcher's own signal does the
+     * same, so a drain would be cut at once as if forced. No one presses Ctrl-C twice that fast;
+     * a second stop that is meant comes later and still forces. One record for the process: the
+     * handles live on one loop at a time (the frontend starts them again after its first). */
+    static int last_signum;
+    static uint64_t last_ns;
+    uint64_t now = bt_now_ns();
+    if (signum == last_signum && now - last_ns < BT_PROC_REPEAT_MS * 1000000ull) {
+        BT_INFO("%s received again %.1f ms after the first: taken as the same stop delivered twice (the command "
+                "and its process group both signalled), not a second one",
+                bt_proc_signal_name(signum), (double)(now - last_ns) / 1e6);
+        return;
+    }
+    last_signum = signum;
+    last_ns = now;
     if (signum == SIGHUP) BT_INFO("SIGHUP: shutting down as for SIGTERM (baton has no configuration to reload)");
     s->on_stop(s->data, signum);
 }

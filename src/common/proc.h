@@ -152,11 +152,15 @@ bt_status bt_proc_events_create(uv_loop_t *loop, const bt_proc_opts *p, const ch
  *    to reload, so it stops as for SIGTERM and says so in the log, rather than dying on the
  *    signal's default action with its streams cut. A SIGHUP that was ignored when the process
  *    started (nohup) stays ignored: that is what the one who started it asked for.
+ *    The same stop signal again within BT_PROC_REPEAT_MS is ignored (one stop delivered twice).
  *  - SIGUSR1 and SIGUSR2 call on_user(data, signum), if given; when there is none or it returns
  *    false the signal is ignored with a line at INFO: a stray `kill -USR1` must not kill a server.
  * SIGPIPE is ignored for the whole process by main.c. The handles live on `loop` and close with
  * its other handles (bt_proc_close_handles); s may be started again on a loop whose handles have
  * all closed. */
+/* A stop signal repeated within this many ms of the same one is taken as that stop delivered twice
+ * (`timeout`, a process group's signal beside the command's own) and not passed to on_stop. */
+#define BT_PROC_REPEAT_MS 100
 typedef void (*bt_proc_stop_cb)(void *data, int signum);
 typedef bool (*bt_proc_user_cb)(void *data, int signum);
 typedef struct {

@@ -8,7 +8,8 @@
 2. SIGTERM when everything can finish: the frontend exits 0 as soon as the last stream ends,
    without waiting for the bound, and every stream is complete.
 3. The accept window follows Dynamo's DYN_HTTP_GRACEFUL_SHUTDOWN_TIMEOUT_SECS (default 5 s) and a
-   second signal exits at once, with 143 (a forced stop), as does a draining worker's.
+   second signal exits at once, with 143 (a forced stop), as does a draining worker's; the same
+   SIGTERM again 20 ms after the first (as GNU timeout delivers it) is one stop: exit 0.
 
 The checkers are run once more against doctored input and must fail.
 """
@@ -191,6 +192,7 @@ with bl.Cluster() as c:
     fe2 = c.start_frontend(shutdown_accept_window_ms=None)
     fe2.proc.kill(signal.SIGTERM)
     fe2.proc.wait_log(r"accepting for 5000 ms more")
+    time.sleep(0.2)  # a second stop: the same signal within 100 ms would be the first delivered twice
     fe2.proc.kill(signal.SIGTERM)
     assert fe2.proc.wait(3) == 128 + signal.SIGTERM, "a second signal did not exit at once, with 143"
     fe2.proc.wait_log(r"second signal: exiting at once")
@@ -207,8 +209,18 @@ with bl.Cluster() as c:
     w.proc.kill(signal.SIGTERM)
     w.proc.wait_log(r"draining", 5)
     assert w.proc.alive(), "the worker did not wait for its stream"
+    time.sleep(0.2)
     w.proc.kill(signal.SIGTERM)
     assert w.proc.wait(5) == 128 + signal.SIGTERM, "a worker's second signal is a forced stop: 143"
     w.proc.wait_log(r"second signal \(SIGTERM\): exiting at once \(status 143\)", 1)
     t.join(30)
+    # the same stop delivered twice in a row (GNU timeout signals the command, then its whole
+    # process group) is one stop: the drain runs and the exit is 0, not a forced 143
+    fe4 = c.start_frontend(shutdown_accept_window_ms=300)
+    fe4.proc.kill(signal.SIGTERM)
+    time.sleep(0.02)
+    fe4.proc.kill(signal.SIGTERM)
+    assert fe4.proc.wait(10) == 0, "a SIGTERM repeated after 20 ms was taken as a forced stop"
+    fe4.proc.wait_log(r"SIGTERM received again [0-9.]+ ms after the first: taken as the same stop", 1)
+    assert "second signal" not in fe4.proc.log_text(), "the repeated SIGTERM forced the stop"
 print("test_shutdown: ok")
