@@ -22,7 +22,6 @@ in front of a scripted OpenAI-compatible server of this file's own (docs/engines
    (before: the engine monitor shut the worker down, exit 1, with every stream on it).
 """
 
-import http.server
 import json
 import sys
 import threading
@@ -30,57 +29,51 @@ import time
 
 import batonlib as bl
 import rpclib
+from fakeupstream import FakeHandler, serve_in_thread
 
 MODEL = "mock-model"
+FIRST_BYTE = 5  # the worker's --upstream-first-byte-timeout (its --engine-stuck-timeout is 2)
+USAGE = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
 
 
-class Scripted(http.server.BaseHTTPRequestHandler):
+class Scripted(FakeHandler):
     """Answers a completion by the script named at the head of its prompt."""
-    protocol_version = "HTTP/1.1"
     closed = {}  # script -> seconds from the request to the write that found the connection closed
     lock = threading.Lock()
-
-    def log_message(self, *a):
-        pass
-
-    def send_json(self, code, obj):
-        data = json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):
-        if self.path == "/health":
-            self.send_json(200, {})
-        elif self.path == "/v1/models":
-            self.send_json(200, {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "acme"}]})
-        else:
-            self.send_json(404, {"error": {"message": "not found"}})
-
-    def chunk(self, payload):
-        data = b"data: " + payload + b"\n\n"
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-        self.wfile.flush()
 
     def piece(self, text, finish=None, usage=None):
         obj = {"id": "x", "object": "text_completion", "model": MODEL,
                "choices": [{"index": 0, "text": text, "finish_reason": finish}]}
         if usage:
             obj["usage"] = usage
-        self.chunk(json.dumps(obj).encode())
+        self.chunk(obj)
+
+    def whole(self, finish):
+        """A whole text_completion (not SSE), as from a server that ignores "stream": true; finish
+        "missing" leaves finish_reason out, "null" sends null."""
+        choice = {"index": 0, "text": " a b"}
+        if finish != "missing":
+            choice["finish_reason"] = None if finish == "null" else finish
+        self.send_json(200, {"id": "x", "object": "text_completion", "model": MODEL, "choices": [choice],
+                             "usage": USAGE})
 
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+        body = self.read_json()
         script = body.get("prompt", "").split()[0]
         t0 = time.monotonic()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+        usage = USAGE
         try:
+            if script.startswith("whole="):
+                return self.whole(script[len("whole="):])
+            if script == "queue":  # the request is queued: no byte, not even the head, for 40 s
+                time.sleep(40)
+                return
+            if script == "queue3":  # queued for 3 s, then answered
+                time.sleep(3)
+            self.start_sse()
+            if script == "queuehead":  # the head at once (as vLLM), then the request waits in its queue
+                time.sleep(40)
+                return
             if script == "budget":
                 for k in range(100):
                     self.piece(f" w{k}", "stop" if k == 99 else None)
@@ -110,13 +103,16 @@ class Scripted(http.server.BaseHTTPRequestHandler):
                 self.piece(" a")
                 self.piece(" b")
                 time.sleep(40)
+            elif script == "queue3":
+                self.piece(" q")
+                self.piece(" r", "stop", usage)
+                self.chunk(b"[DONE]")
             elif script == "slow":
                 for k in range(8):
                     self.piece(f" s{k}", "length" if k == 7 else None, usage if k == 7 else None)
                     time.sleep(0.5)
                 self.chunk(b"[DONE]")
-            self.wfile.write(b"0\r\n\r\n")
-            self.wfile.flush()
+            self.end_chunks()
         except (BrokenPipeError, ConnectionResetError):
             with Scripted.lock:
                 Scripted.closed[script] = time.monotonic() - t0
@@ -128,16 +124,14 @@ def stream(fe, prompt, max_tokens=50, timeout=60):
 
 
 def main():
-    # the sections to run (1-5, all by default), so that one can be run on its own
-    only = {int(a) for a in sys.argv[1:]} or {1, 2, 3, 4, 5}
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
-    srv.daemon_threads = True
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    # the sections to run (1-7, all by default), so that one can be run on its own
+    only = {int(a) for a in sys.argv[1:]} or {1, 2, 3, 4, 5, 6, 7}
+    srv, url = serve_in_thread(Scripted)
     try:
         with bl.Cluster() as c:
             fe = c.start_frontend(migration_limit=1)
-            w = c.start_worker(engine="openai", upstream=url, upstream_kind="openai", engine_stuck_timeout=2)
+            w = c.start_worker(engine="openai", upstream=url, upstream_kind="openai", engine_stuck_timeout=2,
+                               env={"DYN_UPSTREAM_FIRST_BYTE_TIMEOUT": str(FIRST_BYTE)})
             c.wait_workers(fe, 1)
             bl.wait_for(lambda: stream(fe, "reason=stop hi").ok, 15, what="the proxy serves")
 
@@ -234,6 +228,65 @@ def main():
                 bl.wait_for(lambda: stream(fe, "reason=stop again").ok, 10, what="the worker serves after the stall")
                 print(f"stalled request: error after {took:.1f} s ({s.error.get('message')!r}); the other stream whole, "
                       "the worker serving")
+
+            if 6 in only:
+                # 6. a whole (non-SSE) answer to the streaming request follows the rule of [DONE]: no
+                # finish_reason is no success (before: "stop"); with one, it is the answer
+                log0 = len(fe.proc.log_text())
+                for finish in ("null", "missing"):
+                    s = stream(fe, f"whole={finish} hi")
+                    assert s.error is not None and s.finish_reason is None, f"whole, finish {finish}: {s.summary()}"
+                    assert "without a finish_reason" in (s.error.get("message") or ""), s.error
+                    st, _, b = bl.post_json(fe.url + "/v1/completions",
+                                            bl.completion_body(f"whole={finish} hi", max_tokens=50, model=MODEL),
+                                            timeout=30)
+                    assert st == 500 and b["error"]["code"] == "engine_error", f"whole, finish {finish}: {st} {b}"
+                    print(f"whole answer, finish_reason {finish}: stream error {s.error.get('message')!r}; whole {st}")
+                assert "quarantined" not in fe.proc.log_text()[log0:], fe.proc.log_tail()
+                for finish in ("stop", "length"):
+                    s = stream(fe, f"whole={finish} hi")
+                    s.assert_ok(f"whole answer, finish {finish}")
+                    assert s.text == " a b" and s.finish_reason == finish and s.usage == USAGE, s.summary()
+                print("whole answers with stop and length: served as sent, with their usage")
+
+            if 7 in only:
+                # 7. an upstream that queues a request: it has its own bound (FIRST_BYTE), longer than
+                # the stall bound; past it that request alone fails, 504 upstream_timeout, without a
+                # migration or a quarantine, while another stream on the worker goes on (before:
+                # the stall bound, 2 s, failed a request queued 3 s, migrated it and quarantined the
+                # worker until its streams ended)
+                log0 = len(fe.proc.log_text())
+                mig0 = bl.metric_sum(bl.metrics(fe.url), "dynamo_frontend_model_migration_total")
+                s = stream(fe, "queue3 hi")
+                s.assert_ok("a request queued 3 s")
+                assert s.text == " q r", s.summary()
+                print("a request queued 3 s upstream (stall bound 2 s): served")
+                for script in ("queue", "queuehead"):
+                    slow = {}
+                    th = threading.Thread(target=lambda: slow.update(s=stream(fe, "slow hi", timeout=30)), daemon=True)
+                    th.start()
+                    time.sleep(0.3)
+                    t0 = time.monotonic()
+                    s = stream(fe, f"{script} hi", timeout=30)
+                    took = time.monotonic() - t0
+                    err = s.error or {}
+                    assert s.status == 504 and err.get("code") == "upstream_timeout", f"{script}: {s.summary()}"
+                    assert "upstream" in err.get("message", "") and not s.text, s.summary()
+                    assert FIRST_BYTE - 0.5 < took < FIRST_BYTE + 3, f"{script}: failed after {took:.1f} s"
+                    # meanwhile the worker serves the other stream, and new requests are routed to it
+                    assert stream(fe, "reason=stop meanwhile").ok, "the worker does not serve at once"
+                    th.join(30)
+                    slow["s"].assert_ok(f"{script}: the other stream on the worker")
+                    print(f"{script}: stream 504 {err.get('message')!r} after {took:.1f} s; the other stream whole")
+                st, _, b = bl.post_json(fe.url + "/v1/completions",
+                                        bl.completion_body("queue hi", max_tokens=50, model=MODEL), timeout=30)
+                assert st == 504 and b["error"]["code"] == "upstream_timeout", (st, b)
+                mig = bl.metric_sum(bl.metrics(fe.url), "dynamo_frontend_model_migration_total") - mig0
+                assert mig == 0, f"{mig} migrations for queued requests"
+                assert "quarantined" not in fe.proc.log_text()[log0:], fe.proc.log_tail()
+                assert stream(fe, "reason=stop again").ok, "the worker does not serve at once"
+                print("queued past the first-byte bound: 504 upstream_timeout, streamed and whole; not migrated, "
+                      "no worker quarantined")
     finally:
         srv.shutdown()
     print("ok")
