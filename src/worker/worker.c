@@ -1057,7 +1057,7 @@ int bt_worker_main(int argc, char **argv) {
          "canary request body: JSON object or @file"},
         {"--engine-stuck-timeout", "DYN_ENGINE_STUCK_TIMEOUT", BT_OPT_DOUBLE, &o->engine_stuck_timeout, 0, 86400,
          "seconds without engine progress while busy before the engine counts as failed; the openai engine "
-         "fails a stream whose upstream request sent nothing for that long instead (0 = off)"},
+         "fails a stream whose upstream answer, once begun, sent nothing for that long instead (0 = off)"},
         BT_PROC_OPT_RPC_SECRET_FILE(&o->p),
         {"--frontend-dead-after", "DYN_FRONTEND_DEAD_AFTER", BT_OPT_INT, &o->frontend_dead_after, 1, 3600,
          "seconds of silence before a frontend connection is dropped"},

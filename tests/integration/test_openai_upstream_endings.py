@@ -20,6 +20,15 @@ in front of a scripted OpenAI-compatible server of this file's own (docs/engines
    --engine-stuck-timeout 2: that request alone fails (an error event after about 2 s per
    attempt), while another stream on the same worker completes whole and the worker keeps serving
    (before: the engine monitor shut the worker down, exit 1, with every stream on it).
+6. A whole (non-SSE) JSON answer to the streaming request, as from a server that ignores "stream":
+   with finish_reason null or missing it is an error (500 engine_error, no quarantine), as [DONE]
+   without a finish is (before: "stop"); with stop or length it is served as sent, usage included.
+7. An upstream that queues a request (nothing at all, or the head and then nothing) has its own
+   bound, --upstream-first-byte-timeout 5 (longer than the stall bound, 2): a request queued 3 s is
+   served; one queued past 5 s fails alone with 504 upstream_timeout, streamed and whole, without a
+   migration or a quarantine, while another stream on the worker completes and new requests are
+   served (before: the stall bound failed it as a cut stream, the worker was quarantined and the
+   client got 503 no_worker_available).
 """
 
 import json

@@ -1317,8 +1317,8 @@ static void oa_destroy(bt_engine *be) { bt_deliver_close(&((oa_engine *)be)->dl)
 
 static const bt_deliver_ops oa_deliver_ops = {.free_seq = free_seq, .wake = idle_arm, .teardown = teardown};
 
-/* Each sequence is its own upstream request, timed on its own (stall_timeout): one stalled
- * request fails alone instead of the worker's engine monitor taking every stream down. */
+/* Each sequence is its own upstream request, timed on its own (on_wait_timer): one stalled or
+ * queued request fails alone instead of the worker's engine monitor taking every stream down. */
 static const bt_engine_ops oa_ops = {.submit = oa_submit,
                                      .stop = oa_stop,
                                      .kill = oa_kill,
