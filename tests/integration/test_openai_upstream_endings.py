@@ -50,9 +50,11 @@ class Scripted(FakeHandler):
     closed = {}  # script -> seconds from the request to the write that found the connection closed
     lock = threading.Lock()
 
-    def piece(self, text, finish=None, usage=None):
+    def piece(self, text, finish=None, usage=None, ids=None):
         obj = {"id": "x", "object": "text_completion", "model": MODEL,
                "choices": [{"index": 0, "text": text, "finish_reason": finish}]}
+        if ids is not None:
+            obj["choices"][0]["token_ids"] = ids
         if usage:
             obj["usage"] = usage
         self.chunk(obj)
@@ -68,6 +70,8 @@ class Scripted(FakeHandler):
 
     def do_POST(self):
         body = self.read_json()
+        if self.path == "/tokenize":  # vLLM's: the prompt is 7 tokens
+            return self.send_json(200, {"count": 7, "max_model_len": 4096, "tokens": list(range(1, 8))})
         script = body.get("prompt", "").split()[0]
         t0 = time.monotonic()
         usage = USAGE
@@ -112,6 +116,17 @@ class Scripted(FakeHandler):
                 self.piece(" a")
                 self.piece(" b")
                 time.sleep(40)
+            elif script == "spent":
+                carried = body.get("carried_token_ids")
+                if carried is not None:  # a baton upstream's continuation: its usage counts the carried ids
+                    self.piece("", "length", {"prompt_tokens": 7, "completion_tokens": len(carried) + body["max_tokens"],
+                                              "total_tokens": 7 + len(carried) + body["max_tokens"]}, [])
+                    self.chunk(b"[DONE]")
+                else:  # max_tokens pieces, then nothing: the budget is reached, the finish not sent yet
+                    ids_on = body.get("return_token_ids") is True
+                    for k in range(body["max_tokens"]):
+                        self.piece(f" i{k}", None, None, [100 + k] if ids_on else None)
+                    time.sleep(40)
             elif script == "queue3":
                 self.piece(" q")
                 self.piece(" r", "stop", usage)
@@ -132,9 +147,40 @@ def stream(fe, prompt, max_tokens=50, timeout=60):
     return bl.stream_completion(fe.url, dict(body, stream_options={"include_usage": True}), timeout=timeout)
 
 
+def msum(url, name):
+    return bl.metric_sum(bl.metrics(url), name)
+
+
+def spent_continuation(url, kind):
+    """Two workers before the upstream; the one serving a stream is killed (-9) once the client has
+    every token of its budget but not yet its finish (the worker waits up to 0.5 s for the
+    upstream's), so the continuation on the other worker has nothing left to generate. Returns the
+    stream."""
+    with bl.Cluster() as c:
+        fe = c.start_frontend(migration_limit=2)
+        ws = [c.start_worker(engine="openai", upstream=url, upstream_kind=kind, system_port=True, wait=True)
+              for _ in range(2)]
+        c.wait_workers(fe, 2)
+        killed = []
+
+        def kill(st, obj):
+            if len(st.t_tokens) >= 6 and not killed:
+                busy = [w for w in ws if msum(w.system_url, "baton_worker_active_sequences") > 0]
+                if len(busy) == 1:
+                    killed.append(busy[0])
+                    busy[0].proc.kill(9)
+            return False
+
+        body = bl.completion_body("spent hi", max_tokens=6, model=MODEL, stream_options={"include_usage": True})
+        s = bl.stream_completion(fe.url, body, timeout=30, on_event=kill)
+        assert killed, f"{kind}: the serving worker was not killed at the budget: {s.summary()}"
+        assert msum(fe.url, "dynamo_frontend_model_migration_total") == 1, f"{kind}: no migration"
+        return s
+
+
 def main():
-    # the sections to run (1-7, all by default), so that one can be run on its own
-    only = {int(a) for a in sys.argv[1:]} or {1, 2, 3, 4, 5, 6, 7}
+    # the sections to run (1-8, all by default), so that one can be run on its own
+    only = {int(a) for a in sys.argv[1:]} or {1, 2, 3, 4, 5, 6, 7, 8}
     srv, url = serve_in_thread(Scripted)
     try:
         with bl.Cluster() as c:
@@ -296,6 +342,17 @@ def main():
                 assert stream(fe, "reason=stop again").ok, "the worker does not serve at once"
                 print("queued past the first-byte bound: 504 upstream_timeout, streamed and whole; not migrated, "
                       "no worker quarantined")
+        if 8 in only:
+            # 8. a continuation with nothing left to generate: its usage is the upstream's count where
+            # its kind gives one without generating (before: null for every kind)
+            want = {"prompt_tokens": 7, "completion_tokens": 6, "total_tokens": 13}
+            for kind, usage in (("baton", want), ("vllm", want), ("openai", None)):
+                s = spent_continuation(url, kind)
+                s.assert_ok(f"{kind}: the spent continuation")
+                assert s.text == "".join(f" i{k}" for k in range(6)) and s.finish_reason == "length", s.summary()
+                got = {k: s.usage[k] for k in want} if s.usage else None
+                assert got == usage, f"{kind}: usage {s.usage}, want {usage}"
+                print(f"kind {kind}: a continuation with nothing left to generate has usage {s.usage}")
     finally:
         srv.shutdown()
     print("ok")

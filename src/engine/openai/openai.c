@@ -434,7 +434,8 @@ static void seq_finish(bt_engine_seq *s, bt_finish_reason reason, bool cut) {
              bt_finish_reason_name(reason));
     bt_usage u;
     seq_usage(s, &u);
-    if (!s->usage_seen && reason != BT_FINISH_CANCELLED && !s->e->warned_no_usage) {
+    bool asked = s->max_tokens || !s->n_carried; /* a spent continuation may have asked nothing */
+    if (!s->usage_seen && asked && reason != BT_FINISH_CANCELLED && !s->e->warned_no_usage) {
         /* asked for (stream_options.include_usage) but not given: the usage is marked unreported
          * (a client's answer says null; an older frontend gets this engine's own count) */
         s->e->warned_no_usage = true;
@@ -865,6 +866,31 @@ static void seq_start_stream(bt_engine_seq *s) {
     BT_DEBUG("openai: %s: POST %s%s (%zu carried, max_tokens %u)", s->rid, e->url, path, s->n_carried, s->max_tokens);
 }
 
+/* A continuation with nothing left to generate (its whole budget was delivered before the stream
+ * moved): its answer is the carried tokens, ending with length, and what is left to learn is its
+ * usage, which is the upstream's count wherever one can be had without generating:
+ * - a baton upstream given the carried ids and max_tokens 0 counts the prompt and the carried ids,
+ *   as for the whole run: the request goes upstream as any other (false);
+ * - a token-id continuation (vLLM's): the prompt's ids are the prompt itself or what /tokenize
+ *   answers (plan's step first: false), the completion is the carried ids (vLLM refuses
+ *   max_tokens 0, so nothing goes to its completions);
+ * - otherwise the upstream never counted any of this answer (text-mode ids are chunks, not
+ *   tokens, and the prompt's count is the upstream's alone): its usage is unreported.
+ * True when the sequence ended here. */
+static bool seq_spent(bt_engine_seq *s, bt_oa_plan plan) {
+    const bt_oa_caps *caps = bt_oa_kind_caps(s->e->kind);
+    if (s->carried_kind == BT_OA_CARRIED_IDS && caps->ids == BT_OA_CONT_CARRIED_IDS) return false;
+    if (s->carried_kind == BT_OA_CARRIED_IDS && caps->ids == BT_OA_CONT_TOKEN_PROMPT) {
+        if (plan != BT_OA_PLAN_DIRECT) return false;
+        s->usage_seen = true;
+        s->up_prompt = (uint32_t)(s->have_prompt_ids ? s->n_prompt_ids
+                                                     : json_array_size(json_object_get(s->body, "prompt")));
+        s->up_completion = 0;
+    }
+    seq_finish(s, BT_FINISH_LENGTH, true);
+    return true;
+}
+
 /* Starts the sequence once the upstream is known: a continuation that needs the prompt's token
  * ids asks /tokenize first, one that needs a chat rendered asks the kind's render path first. */
 static void seq_start(bt_engine_seq *s) {
@@ -873,6 +899,7 @@ static void seq_start(bt_engine_seq *s) {
     fill_build(e, s, &b);
     char err[256];
     bt_oa_plan plan = bt_oa_plan_for(&b, err, sizeof err);
+    if (s->max_tokens == 0 && s->n_carried && seq_spent(s, plan)) return;
     switch (plan) {
     case BT_OA_PLAN_IMPOSSIBLE: seq_refuse(s, err); return;
     case BT_OA_PLAN_DIRECT: seq_start_stream(s); return;
@@ -925,7 +952,7 @@ static void prepare_done(oa_xfer *x, CURLcode cc) {
     }
     s->x = NULL; /* this transfer is over (on_curl_done frees it); the stream's starts now */
     x->seq = NULL;
-    seq_start_stream(s);
+    seq_start(s); /* planned again, with what came: the stream, or the end of a spent continuation */
 }
 
 /* ---- the upstream's health ------------------------------------------------------------------ */
@@ -1245,12 +1272,9 @@ static bt_status oa_submit(bt_engine *be, const bt_engine_request *req, const bt
     *out = s;
     /* A client's max_tokens 0 goes upstream like any request: only the upstream can count the
      * prompt's tokens for the usage (and an upstream that refuses 0 says so, as it would to the
-     * client itself). A continuation with nothing left to generate ends here. */
-    if (s->max_tokens == 0 && s->n_carried) {
-        seq_finish(s, BT_FINISH_LENGTH, true);
-    } else if (e->detected) {
-        seq_start(s); /* failures here end it through the ready list, never with a callback now */
-    }
+     * client itself). A continuation with nothing left to generate too, when the upstream's kind
+     * can count it (seq_spent). */
+    if (e->detected) seq_start(s); /* failures here end it through the ready list, never with a callback now */
     BT_DEBUG("openai: submitted %s: %s, %zu carried (%s), max_tokens %u%s", s->rid,
              s->api == BT_API_CHAT ? "chat" : "completion", s->n_carried,
              ck == BT_OA_CARRIED_IDS ? "ids" : ck == BT_OA_CARRIED_TEXT ? "text" : "none", s->max_tokens,
