@@ -102,6 +102,16 @@ class Scripted(FakeHandler):
                 self.piece(" a")
                 self.piece(" b", "stop")
                 self.chunk(b"[DONE]")
+            elif script == "stoplate":  # a stop string hit; the usage chunk 1.2 s after the finish
+                self.piece(" a")
+                self.piece(" b", "stop")
+                time.sleep(1.2)
+                self.piece("", None, usage)
+                self.chunk(b"[DONE]")
+            elif script == "finhold":  # a finish, then silence with the connection open: no usage
+                self.piece(" a")
+                self.piece(" b", "stop")
+                time.sleep(40)
             elif script == "doneonly":
                 self.chunk(b"[DONE]")
             elif script == "nofinish":
@@ -264,6 +274,23 @@ def main():
                 assert st == 200 and b["choices"][0]["text"] == " a b" and b["usage"] is None, (st, b)
                 assert "finished a stream without usage" in w.proc.log_text(), w.proc.log_tail()
                 print("no usage upstream: the answer's usage is null (streamed and whole), the worker's log says so")
+                # the usage after a finish is waited for while the response goes on (before: null
+                # once 0.5 s had passed); a response that goes silent after its finish ends whole
+                # at the stall bound (2 s), its usage null
+                body = bl.completion_body("stoplate hi", max_tokens=50, model=MODEL, stop=[" c"])
+                s = bl.stream_completion(fe.url, dict(body, stream_options={"include_usage": True}), timeout=20)
+                s.assert_ok("usage 1.2 s after the finish")
+                assert s.text == " a b" and s.finish_reason == "stop" and s.usage == USAGE, (s.summary(), s.usage)
+                st, _, b = bl.post_json(fe.url + "/v1/completions", body, timeout=30)
+                assert st == 200 and b["usage"] == USAGE and b["choices"][0]["finish_reason"] == "stop", (st, b)
+                t0 = time.monotonic()
+                s = stream(fe, "finhold hi", timeout=20)
+                took = time.monotonic() - t0
+                s.assert_ok("a finish, then silence")
+                assert s.text == " a b" and s.finish_reason == "stop" and s.usage is None, (s.summary(), s.usage)
+                assert took < 5, f"a finished answer without usage was held {took:.1f} s"
+                print(f"usage 1.2 s after a stop: passed on (streamed and whole); a finish then silence: whole, usage "
+                      f"null, after {took:.1f} s")
 
             if 5 in only:
                 # 5. a stalled upstream request fails alone; the worker and its other stream go on

@@ -46,9 +46,10 @@
 #define OA_TOKENIZE_TIMEOUT_MS 30000L         /* a /tokenize call before a continuation */
 #define OA_ORPHAN_MS 5000u                    /* a finished stream's transfer may drain this long */
 #define OA_METRICS_ABSENT_RETRY_MS 30000u     /* /metrics without vLLM gauges: look again this late */
-/* After the upstream's finish chunk (or the request's token budget) the answer is complete: a
- * trailing usage chunk or [DONE] is waited for this long, no more, since an upstream that neither
- * sends them nor closes would otherwise hold a finished answer back from its client. */
+/* At the request's token budget without the upstream's finish the answer is complete: the
+ * upstream's own finish and usage are waited for this long, no more, since it is still generating
+ * and its request is closed then. (After the upstream's finish its usage is waited for as long as
+ * the response goes on, within the stall bound: on_wait_timer.) */
 #define OA_FINISH_GRACE_MS 500u
 
 /* An upstream whose answer is not the API (invalid JSON, a broken event stream) is at fault, not
@@ -526,7 +527,7 @@ static uint64_t wait_period_ms(const oa_engine *e) {
  *   client wait again from the start, so the request fails with BT_ERR_UPSTREAM_TIMEOUT (504 to
  *   the client), not migrated, and no worker is quarantined.
  * - once the answer began, stall_timeout without a byte: a stream broken mid-way, BT_ERR_TIMEOUT,
- *   migrated as a cut one.
+ *   migrated as a cut one; after the upstream's finish, the end of the wait for its usage.
  * Either way the request is closed, which makes the upstream drop it. */
 static void on_wait_timer(uv_timer_t *t) {
     oa_engine *e = t->data;
@@ -546,8 +547,11 @@ static void on_wait_timer(uv_timer_t *t) {
                      "the upstream did not begin its answer within %gs (--upstream-first-byte-timeout): it may be "
                      "queueing the request", fb);
         } else if (x->rx_ms && st > 0 && (double)(now - x->rx_ms) >= st * 1000.0) {
-            seq_fail(s, BT_ERR_TIMEOUT, "the upstream sent nothing for %gs after %llu ids (--engine-stuck-timeout)",
-                     st, (unsigned long long)s->emitted);
+            if (s->finish != BT_OA_FINISH_NONE) /* the answer is whole: only its usage did not come */
+                seq_complete(s);
+            else
+                seq_fail(s, BT_ERR_TIMEOUT, "the upstream sent nothing for %gs after %llu ids (--engine-stuck-timeout)",
+                         st, (unsigned long long)s->emitted);
         }
     }
     if (!any) uv_timer_stop(&e->wait_timer);
@@ -620,8 +624,8 @@ static void seq_complete(bt_engine_seq *s) {
     else seq_finish(s, BT_FINISH_LENGTH, true);
 }
 
-/* The answer is complete (the upstream's finish or the budget): what may still come is a usage
- * chunk or [DONE], waited for until the grace ends (on_grace_timer). */
+/* The answer is complete at the budget: what may still come is the upstream's finish and usage,
+ * waited for until the grace ends (on_grace_timer). */
 static void seq_grace(bt_engine_seq *s) {
     oa_engine *e = s->e;
     if (s->grace_ms) return;
@@ -673,7 +677,13 @@ static bool seq_chunk(bt_engine_seq *s, const bt_oa_chunk *c) {
             seq_complete(s);
             return false;
         }
-        seq_grace(s);
+        /* After the upstream's own finish its usage chunk is waited for while the response goes
+         * on: the usage is the client's bill, and an upstream that sends it late has still
+         * reported it. It ends at [DONE] or the end of the response,
+         * and a response that goes silent is ended by the stall bound (on_wait_timer), with the
+         * answer complete and the usage unreported. */
+        if (s->finish == BT_OA_FINISH_NONE) seq_grace(s);
+        else s->grace_ms = 0;
     }
     return live;
 }
