@@ -15,7 +15,9 @@ in front of a scripted OpenAI-compatible server of this file's own (docs/engines
 4. A finish chunk with its usage, then neither [DONE] nor a close: the client gets the whole
    answer, its finish and that usage at once (before: an error after 30 s), and the worker stays.
    A finish and [DONE] without usage (include_usage was asked for): the client's usage is null,
-   streamed and whole, not a prompt_tokens 0 and a chunk count made up as if measured.
+   streamed and whole, not a prompt_tokens 0 and a chunk count made up as if measured. A usage
+   chunk 1.2 s after a stop string's finish is passed on (before: null after 0.5 s); a finish and
+   then silence ends whole at the stall bound, usage null.
 5. A stalled upstream request (two pieces, then nothing, the connection open) with
    --engine-stuck-timeout 2: that request alone fails (an error event after about 2 s per
    attempt), while another stream on the same worker completes whole and the worker keeps serving
@@ -29,6 +31,10 @@ in front of a scripted OpenAI-compatible server of this file's own (docs/engines
    migration or a quarantine, while another stream on the worker completes and new requests are
    served (before: the stall bound failed it as a cut stream, the worker was quarantined and the
    client got 503 no_worker_available).
+8. A continuation with nothing left to generate (the serving worker killed once the client had its
+   whole budget, before the finish): its usage is the upstream's count for kinds baton (the
+   carried ids sent with max_tokens 0) and vllm (/tokenize), null for a text-only kind (before:
+   null for every kind).
 """
 
 import json

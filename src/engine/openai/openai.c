@@ -528,7 +528,7 @@ static uint64_t wait_period_ms(const oa_engine *e) {
  *   the client), not migrated, and no worker is quarantined.
  * - once the answer began, stall_timeout without a byte: a stream broken mid-way, BT_ERR_TIMEOUT,
  *   migrated as a cut one; after the upstream's finish, the end of the wait for its usage.
- * Either way the request is closed, which makes the upstream drop it. */
+ * A request that fails is closed, which makes the upstream drop it. */
 static void on_wait_timer(uv_timer_t *t) {
     oa_engine *e = t->data;
     enter(e);
@@ -547,7 +547,7 @@ static void on_wait_timer(uv_timer_t *t) {
                      "the upstream did not begin its answer within %gs (--upstream-first-byte-timeout): it may be "
                      "queueing the request", fb);
         } else if (x->rx_ms && st > 0 && (double)(now - x->rx_ms) >= st * 1000.0) {
-            if (s->finish != BT_OA_FINISH_NONE) /* the answer is whole: only its usage did not come */
+            if (s->finish != BT_OA_FINISH_NONE || s->at_budget) /* the answer is whole: only its usage is missing */
                 seq_complete(s);
             else
                 seq_fail(s, BT_ERR_TIMEOUT, "the upstream sent nothing for %gs after %llu ids (--engine-stuck-timeout)",
@@ -679,9 +679,9 @@ static bool seq_chunk(bt_engine_seq *s, const bt_oa_chunk *c) {
         }
         /* After the upstream's own finish its usage chunk is waited for while the response goes
          * on: the usage is the client's bill, and an upstream that sends it late has still
-         * reported it. It ends at [DONE] or the end of the response,
-         * and a response that goes silent is ended by the stall bound (on_wait_timer), with the
-         * answer complete and the usage unreported. */
+         * reported it. The wait ends at [DONE] or the end of the response, and a response that
+         * goes silent is ended by the stall bound (on_wait_timer), the answer whole and its usage
+         * unreported. */
         if (s->finish == BT_OA_FINISH_NONE) seq_grace(s);
         else s->grace_ms = 0;
     }
