@@ -38,7 +38,8 @@
     X(BT_ERR_UPSTREAM_BUSY, 23, true, "the upstream is busy, please retry later")         \
     X(BT_ERR_UPSTREAM_RATE_LIMITED, 24, true, "the upstream is rate limiting, please retry later") \
     X(BT_ERR_UNSUPPORTED_PARAM, 25, false, "a request field asks for output this engine cannot give") \
-    X(BT_ERR_INVALID_PARAM, 26, false, "a request field is not valid")
+    X(BT_ERR_INVALID_PARAM, 26, false, "a request field is not valid")                   \
+    X(BT_ERR_UPSTREAM_TIMEOUT, 27, false, "the upstream did not begin its answer in time")
 
 typedef enum {
 #define BT_X(name, code, mig, msg) name = code,

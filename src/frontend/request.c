@@ -124,6 +124,7 @@ static int status_for(bt_status code) {
     case BT_ERR_UPSTREAM_BUSY:
     case BT_ERR_OVERLOADED:
     case BT_ERR_NO_WORKER: return 503;
+    case BT_ERR_UPSTREAM_TIMEOUT: return 504;
     default: return bt_status_migratable(code) ? 503 : 500;
     }
 }
@@ -146,6 +147,7 @@ static const char *code_for(bt_status code) {
     case BT_ERR_NO_WORKER: return "no_worker_available";
     case BT_ERR_SHUTDOWN: return "shutting_down";
     case BT_ERR_ENGINE: return "engine_error";
+    case BT_ERR_UPSTREAM_TIMEOUT: return "upstream_timeout";
     case BT_ERR_NOMEM: return "out_of_memory";
     default: return bt_status_migratable(code) ? "worker_unavailable" : "internal_error";
     }

@@ -668,7 +668,7 @@ static const char *given_as(const char *origin, const char *flag) {
 static const char *const openai_only[] = {"--upstream", "--upstream-model", "--upstream-kind", "--upstream-api-key",
                                           "--upstream-total-blocks", "--upstream-health-interval",
                                           "--upstream-health-failures", "--upstream-startup-timeout",
-                                          "--upstream-raw-completions", NULL};
+                                          "--upstream-first-byte-timeout", "--upstream-raw-completions", NULL};
 static const char *const mocker_only[] = {"--num-gpu-blocks-override", "--block-size", "--max-num-seqs",
                                           "--max-num-batched-tokens", "--watermark", "--speedup-ratio",
                                           "--fault-die-after-tokens", "--fault-stall-after-tokens",
@@ -1011,6 +1011,10 @@ int bt_worker_main(int argc, char **argv) {
          1000, "openai engine: failed polls in a row that make the upstream dead"},
         {"--upstream-startup-timeout", "DYN_UPSTREAM_STARTUP_TIMEOUT", BT_OPT_DOUBLE, &o->openai.startup_timeout,
          0.01, 86400, "openai engine: seconds the upstream may take to answer at first"},
+        {"--upstream-first-byte-timeout", "DYN_UPSTREAM_FIRST_BYTE_TIMEOUT", BT_OPT_DOUBLE,
+         &o->openai.first_byte_timeout, 0, 86400,
+         "openai engine: seconds the upstream may take to begin a stream's answer (its queue, its prefill) before "
+         "that request alone fails with a 504, not migrated (0 = never)"},
         {"--model-name", "DYN_MODEL_NAME", BT_OPT_STR, &o->model_name, 0, 0,
          "model name served, 1 to 127 bytes, not 'unknown' (llama engine: the model file's name without .gguf, e.g. "
          "stories260K)"},
@@ -1053,7 +1057,7 @@ int bt_worker_main(int argc, char **argv) {
          "canary request body: JSON object or @file"},
         {"--engine-stuck-timeout", "DYN_ENGINE_STUCK_TIMEOUT", BT_OPT_DOUBLE, &o->engine_stuck_timeout, 0, 86400,
          "seconds without engine progress while busy before the engine counts as failed; the openai engine "
-         "fails a stream whose upstream request sent nothing for that long instead (0 = off)"},
+         "fails a stream whose upstream answer, once begun, sent nothing for that long instead (0 = off)"},
         BT_PROC_OPT_RPC_SECRET_FILE(&o->p),
         {"--frontend-dead-after", "DYN_FRONTEND_DEAD_AFTER", BT_OPT_INT, &o->frontend_dead_after, 1, 3600,
          "seconds of silence before a frontend connection is dropped"},

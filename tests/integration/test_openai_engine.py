@@ -41,7 +41,6 @@ token. If the npm package cannot be installed the test fails: it never passes wi
 """
 
 import contextlib
-import http.server
 import json
 import os
 import signal
@@ -51,6 +50,7 @@ import time
 
 import batonlib as bl
 import npmlib
+from fakeupstream import FakeHandler, serve
 
 MOCK_PKG = "@dwmkerr/mock-llm"
 MOCK_VERSION = "0.1.29"
@@ -596,43 +596,6 @@ def part_b():
 # Part C: a vLLM-shaped upstream.
 
 
-class FakeHandler(http.server.BaseHTTPRequestHandler):
-    """What the fake engine servers below share: HTTP/1.1, no access log, JSON (or text) answers,
-    and streams as SSE events on a chunked response."""
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *a):
-        pass
-
-    def read_json(self):
-        return json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))) or b"{}")
-
-    def send_json(self, code, obj, ctype="application/json"):
-        data = (json.dumps(obj) if not isinstance(obj, str) else obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def start_sse(self):
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-
-    def chunk(self, obj):
-        """One SSE event: a JSON object, or raw bytes (b"[DONE]")."""
-        data = b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-        self.wfile.flush()
-
-    def end_sse(self):
-        self.chunk(b"[DONE]")
-        self.wfile.write(b"0\r\n\r\n")
-        self.wfile.flush()
-
-
 def fake_vllm(port, kv_usage):
     """A deterministic stand-in for vLLM's OpenAI server (one process). Token i has the text " w<i>";
     the next token is a hash of the whole prefix (prompt ids + generated ids) and the seed, so a
@@ -737,9 +700,7 @@ def fake_vllm(port, kv_usage):
                 with lock:
                     stats["running"] -= 1
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), H)
-    srv.daemon_threads = True
-    srv.serve_forever()
+    serve(H, port)
 
 
 def start_fake(kv):
@@ -930,9 +891,7 @@ def plain_server(port, flavour):
             except (BrokenPipeError, ConnectionResetError):
                 self.close_connection = True
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), H)
-    srv.daemon_threads = True
-    srv.serve_forever()
+    serve(H, port)
 
 
 def plain_round(flavour, n_chat, n_comp):

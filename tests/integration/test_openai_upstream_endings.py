@@ -15,14 +15,28 @@ in front of a scripted OpenAI-compatible server of this file's own (docs/engines
 4. A finish chunk with its usage, then neither [DONE] nor a close: the client gets the whole
    answer, its finish and that usage at once (before: an error after 30 s), and the worker stays.
    A finish and [DONE] without usage (include_usage was asked for): the client's usage is null,
-   streamed and whole, not a prompt_tokens 0 and a chunk count made up as if measured.
+   streamed and whole, not a prompt_tokens 0 and a chunk count made up as if measured. A usage
+   chunk 1.2 s after a stop string's finish is passed on (before: null after 0.5 s); a finish and
+   then silence ends whole at the stall bound, usage null.
 5. A stalled upstream request (two pieces, then nothing, the connection open) with
    --engine-stuck-timeout 2: that request alone fails (an error event after about 2 s per
    attempt), while another stream on the same worker completes whole and the worker keeps serving
    (before: the engine monitor shut the worker down, exit 1, with every stream on it).
+6. A whole (non-SSE) JSON answer to the streaming request, as from a server that ignores "stream":
+   with finish_reason null or missing it is an error (500 engine_error, no quarantine), as [DONE]
+   without a finish is (before: "stop"); with stop or length it is served as sent, usage included.
+7. An upstream that queues a request (nothing at all, or the head and then nothing) has its own
+   bound, --upstream-first-byte-timeout 5 (longer than the stall bound, 2): a request queued 3 s is
+   served; one queued past 5 s fails alone with 504 upstream_timeout, streamed and whole, without a
+   migration or a quarantine, while another stream on the worker completes and new requests are
+   served (before: the stall bound failed it as a cut stream, the worker was quarantined and the
+   client got 503 no_worker_available).
+8. A continuation with nothing left to generate (the serving worker killed once the client had its
+   whole budget, before the finish): its usage is the upstream's count for kinds baton (the
+   carried ids sent with max_tokens 0) and vllm (/tokenize), null for a text-only kind (before:
+   null for every kind).
 """
 
-import http.server
 import json
 import sys
 import threading
@@ -30,57 +44,55 @@ import time
 
 import batonlib as bl
 import rpclib
+from fakeupstream import FakeHandler, serve_in_thread
 
 MODEL = "mock-model"
+FIRST_BYTE = 5  # the worker's --upstream-first-byte-timeout (its --engine-stuck-timeout is 2)
+USAGE = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
 
 
-class Scripted(http.server.BaseHTTPRequestHandler):
+class Scripted(FakeHandler):
     """Answers a completion by the script named at the head of its prompt."""
-    protocol_version = "HTTP/1.1"
     closed = {}  # script -> seconds from the request to the write that found the connection closed
     lock = threading.Lock()
 
-    def log_message(self, *a):
-        pass
-
-    def send_json(self, code, obj):
-        data = json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):
-        if self.path == "/health":
-            self.send_json(200, {})
-        elif self.path == "/v1/models":
-            self.send_json(200, {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "acme"}]})
-        else:
-            self.send_json(404, {"error": {"message": "not found"}})
-
-    def chunk(self, payload):
-        data = b"data: " + payload + b"\n\n"
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-        self.wfile.flush()
-
-    def piece(self, text, finish=None, usage=None):
+    def piece(self, text, finish=None, usage=None, ids=None):
         obj = {"id": "x", "object": "text_completion", "model": MODEL,
                "choices": [{"index": 0, "text": text, "finish_reason": finish}]}
+        if ids is not None:
+            obj["choices"][0]["token_ids"] = ids
         if usage:
             obj["usage"] = usage
-        self.chunk(json.dumps(obj).encode())
+        self.chunk(obj)
+
+    def whole(self, finish):
+        """A whole text_completion (not SSE), as from a server that ignores "stream": true; finish
+        "missing" leaves finish_reason out, "null" sends null."""
+        choice = {"index": 0, "text": " a b"}
+        if finish != "missing":
+            choice["finish_reason"] = None if finish == "null" else finish
+        self.send_json(200, {"id": "x", "object": "text_completion", "model": MODEL, "choices": [choice],
+                             "usage": USAGE})
 
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+        body = self.read_json()
+        if self.path == "/tokenize":  # vLLM's: the prompt is 7 tokens
+            return self.send_json(200, {"count": 7, "max_model_len": 4096, "tokens": list(range(1, 8))})
         script = body.get("prompt", "").split()[0]
         t0 = time.monotonic()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+        usage = USAGE
         try:
+            if script.startswith("whole="):
+                return self.whole(script[len("whole="):])
+            if script == "queue":  # the request is queued: no byte, not even the head, for 40 s
+                time.sleep(40)
+                return
+            if script == "queue3":  # queued for 3 s, then answered
+                time.sleep(3)
+            self.start_sse()
+            if script == "queuehead":  # the head at once (as vLLM), then the request waits in its queue
+                time.sleep(40)
+                return
             if script == "budget":
                 for k in range(100):
                     self.piece(f" w{k}", "stop" if k == 99 else None)
@@ -96,6 +108,16 @@ class Scripted(http.server.BaseHTTPRequestHandler):
                 self.piece(" a")
                 self.piece(" b", "stop")
                 self.chunk(b"[DONE]")
+            elif script == "stoplate":  # a stop string hit; the usage chunk 1.2 s after the finish
+                self.piece(" a")
+                self.piece(" b", "stop")
+                time.sleep(1.2)
+                self.piece("", None, usage)
+                self.chunk(b"[DONE]")
+            elif script == "finhold":  # a finish, then silence with the connection open: no usage
+                self.piece(" a")
+                self.piece(" b", "stop")
+                time.sleep(40)
             elif script == "doneonly":
                 self.chunk(b"[DONE]")
             elif script == "nofinish":
@@ -110,13 +132,27 @@ class Scripted(http.server.BaseHTTPRequestHandler):
                 self.piece(" a")
                 self.piece(" b")
                 time.sleep(40)
+            elif script == "spent":
+                carried = body.get("carried_token_ids")
+                if carried is not None:  # a baton upstream's continuation: its usage counts the carried ids
+                    self.piece("", "length", {"prompt_tokens": 7, "completion_tokens": len(carried) + body["max_tokens"],
+                                              "total_tokens": 7 + len(carried) + body["max_tokens"]}, [])
+                    self.chunk(b"[DONE]")
+                else:  # max_tokens pieces, then nothing: the budget is reached, the finish not sent yet
+                    ids_on = body.get("return_token_ids") is True
+                    for k in range(body["max_tokens"]):
+                        self.piece(f" i{k}", None, None, [100 + k] if ids_on else None)
+                    time.sleep(40)
+            elif script == "queue3":
+                self.piece(" q")
+                self.piece(" r", "stop", usage)
+                self.chunk(b"[DONE]")
             elif script == "slow":
                 for k in range(8):
                     self.piece(f" s{k}", "length" if k == 7 else None, usage if k == 7 else None)
                     time.sleep(0.5)
                 self.chunk(b"[DONE]")
-            self.wfile.write(b"0\r\n\r\n")
-            self.wfile.flush()
+            self.end_chunks()
         except (BrokenPipeError, ConnectionResetError):
             with Scripted.lock:
                 Scripted.closed[script] = time.monotonic() - t0
@@ -127,17 +163,46 @@ def stream(fe, prompt, max_tokens=50, timeout=60):
     return bl.stream_completion(fe.url, dict(body, stream_options={"include_usage": True}), timeout=timeout)
 
 
+def msum(url, name):
+    return bl.metric_sum(bl.metrics(url), name)
+
+
+def spent_continuation(url, kind):
+    """Two workers before the upstream; the one serving a stream is killed (-9) once the client has
+    every token of its budget but not yet its finish (the worker waits up to 0.5 s for the
+    upstream's), so the continuation on the other worker has nothing left to generate. Returns the
+    stream."""
+    with bl.Cluster() as c:
+        fe = c.start_frontend(migration_limit=2)
+        ws = [c.start_worker(engine="openai", upstream=url, upstream_kind=kind, system_port=True, wait=True)
+              for _ in range(2)]
+        c.wait_workers(fe, 2)
+        killed = []
+
+        def kill(st, obj):
+            if len(st.t_tokens) >= 6 and not killed:
+                busy = [w for w in ws if msum(w.system_url, "baton_worker_active_sequences") > 0]
+                if len(busy) == 1:
+                    killed.append(busy[0])
+                    busy[0].proc.kill(9)
+            return False
+
+        body = bl.completion_body("spent hi", max_tokens=6, model=MODEL, stream_options={"include_usage": True})
+        s = bl.stream_completion(fe.url, body, timeout=30, on_event=kill)
+        assert killed, f"{kind}: the serving worker was not killed at the budget: {s.summary()}"
+        assert msum(fe.url, "dynamo_frontend_model_migration_total") == 1, f"{kind}: no migration"
+        return s
+
+
 def main():
-    # the sections to run (1-5, all by default), so that one can be run on its own
-    only = {int(a) for a in sys.argv[1:]} or {1, 2, 3, 4, 5}
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
-    srv.daemon_threads = True
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    # the sections to run (1-8, all by default), so that one can be run on its own
+    only = {int(a) for a in sys.argv[1:]} or {1, 2, 3, 4, 5, 6, 7, 8}
+    srv, url = serve_in_thread(Scripted)
     try:
         with bl.Cluster() as c:
             fe = c.start_frontend(migration_limit=1)
-            w = c.start_worker(engine="openai", upstream=url, upstream_kind="openai", engine_stuck_timeout=2)
+            w = c.start_worker(engine="openai", upstream=url, upstream_kind="openai", engine_stuck_timeout=2,
+                               env={"DYN_UPSTREAM_FIRST_BYTE_TIMEOUT": str(FIRST_BYTE)})
             c.wait_workers(fe, 1)
             bl.wait_for(lambda: stream(fe, "reason=stop hi").ok, 15, what="the proxy serves")
 
@@ -215,6 +280,23 @@ def main():
                 assert st == 200 and b["choices"][0]["text"] == " a b" and b["usage"] is None, (st, b)
                 assert "finished a stream without usage" in w.proc.log_text(), w.proc.log_tail()
                 print("no usage upstream: the answer's usage is null (streamed and whole), the worker's log says so")
+                # the usage after a finish is waited for while the response goes on (before: null
+                # once 0.5 s had passed); a response that goes silent after its finish ends whole
+                # at the stall bound (2 s), its usage null
+                body = bl.completion_body("stoplate hi", max_tokens=50, model=MODEL, stop=[" c"])
+                s = bl.stream_completion(fe.url, dict(body, stream_options={"include_usage": True}), timeout=20)
+                s.assert_ok("usage 1.2 s after the finish")
+                assert s.text == " a b" and s.finish_reason == "stop" and s.usage == USAGE, (s.summary(), s.usage)
+                st, _, b = bl.post_json(fe.url + "/v1/completions", body, timeout=30)
+                assert st == 200 and b["usage"] == USAGE and b["choices"][0]["finish_reason"] == "stop", (st, b)
+                t0 = time.monotonic()
+                s = stream(fe, "finhold hi", timeout=20)
+                took = time.monotonic() - t0
+                s.assert_ok("a finish, then silence")
+                assert s.text == " a b" and s.finish_reason == "stop" and s.usage is None, (s.summary(), s.usage)
+                assert took < 5, f"a finished answer without usage was held {took:.1f} s"
+                print(f"usage 1.2 s after a stop: passed on (streamed and whole); a finish then silence: whole, usage "
+                      f"null, after {took:.1f} s")
 
             if 5 in only:
                 # 5. a stalled upstream request fails alone; the worker and its other stream go on
@@ -234,6 +316,76 @@ def main():
                 bl.wait_for(lambda: stream(fe, "reason=stop again").ok, 10, what="the worker serves after the stall")
                 print(f"stalled request: error after {took:.1f} s ({s.error.get('message')!r}); the other stream whole, "
                       "the worker serving")
+
+            if 6 in only:
+                # 6. a whole (non-SSE) answer to the streaming request follows the rule of [DONE]: no
+                # finish_reason is no success (before: "stop"); with one, it is the answer
+                log0 = len(fe.proc.log_text())
+                for finish in ("null", "missing"):
+                    s = stream(fe, f"whole={finish} hi")
+                    assert s.error is not None and s.finish_reason is None, f"whole, finish {finish}: {s.summary()}"
+                    assert "without a finish_reason" in (s.error.get("message") or ""), s.error
+                    st, _, b = bl.post_json(fe.url + "/v1/completions",
+                                            bl.completion_body(f"whole={finish} hi", max_tokens=50, model=MODEL),
+                                            timeout=30)
+                    assert st == 500 and b["error"]["code"] == "engine_error", f"whole, finish {finish}: {st} {b}"
+                    print(f"whole answer, finish_reason {finish}: stream error {s.error.get('message')!r}; whole {st}")
+                assert "quarantined" not in fe.proc.log_text()[log0:], fe.proc.log_tail()
+                for finish in ("stop", "length"):
+                    s = stream(fe, f"whole={finish} hi")
+                    s.assert_ok(f"whole answer, finish {finish}")
+                    assert s.text == " a b" and s.finish_reason == finish and s.usage == USAGE, s.summary()
+                print("whole answers with stop and length: served as sent, with their usage")
+
+            if 7 in only:
+                # 7. an upstream that queues a request: it has its own bound (FIRST_BYTE), longer than
+                # the stall bound; past it that request alone fails, 504 upstream_timeout, without a
+                # migration or a quarantine, while another stream on the worker goes on (before:
+                # the stall bound, 2 s, failed a request queued 3 s, migrated it and quarantined the
+                # worker until its streams ended)
+                log0 = len(fe.proc.log_text())
+                mig0 = bl.metric_sum(bl.metrics(fe.url), "dynamo_frontend_model_migration_total")
+                s = stream(fe, "queue3 hi")
+                s.assert_ok("a request queued 3 s")
+                assert s.text == " q r", s.summary()
+                print("a request queued 3 s upstream (stall bound 2 s): served")
+                for script in ("queue", "queuehead"):
+                    slow = {}
+                    th = threading.Thread(target=lambda: slow.update(s=stream(fe, "slow hi", timeout=30)), daemon=True)
+                    th.start()
+                    time.sleep(0.3)
+                    t0 = time.monotonic()
+                    s = stream(fe, f"{script} hi", timeout=30)
+                    took = time.monotonic() - t0
+                    err = s.error or {}
+                    assert s.status == 504 and err.get("code") == "upstream_timeout", f"{script}: {s.summary()}"
+                    assert "upstream" in err.get("message", "") and not s.text, s.summary()
+                    assert FIRST_BYTE - 0.5 < took < FIRST_BYTE + 3, f"{script}: failed after {took:.1f} s"
+                    # meanwhile the worker serves the other stream, and new requests are routed to it
+                    assert stream(fe, "reason=stop meanwhile").ok, "the worker does not serve at once"
+                    th.join(30)
+                    slow["s"].assert_ok(f"{script}: the other stream on the worker")
+                    print(f"{script}: stream 504 {err.get('message')!r} after {took:.1f} s; the other stream whole")
+                st, _, b = bl.post_json(fe.url + "/v1/completions",
+                                        bl.completion_body("queue hi", max_tokens=50, model=MODEL), timeout=30)
+                assert st == 504 and b["error"]["code"] == "upstream_timeout", (st, b)
+                mig = bl.metric_sum(bl.metrics(fe.url), "dynamo_frontend_model_migration_total") - mig0
+                assert mig == 0, f"{mig} migrations for queued requests"
+                assert "quarantined" not in fe.proc.log_text()[log0:], fe.proc.log_tail()
+                assert stream(fe, "reason=stop again").ok, "the worker does not serve at once"
+                print("queued past the first-byte bound: 504 upstream_timeout, streamed and whole; not migrated, "
+                      "no worker quarantined")
+        if 8 in only:
+            # 8. a continuation with nothing left to generate: its usage is the upstream's count where
+            # its kind gives one without generating (before: null for every kind)
+            want = {"prompt_tokens": 7, "completion_tokens": 6, "total_tokens": 13}
+            for kind, usage in (("baton", want), ("vllm", want), ("openai", None)):
+                s = spent_continuation(url, kind)
+                s.assert_ok(f"{kind}: the spent continuation")
+                assert s.text == "".join(f" i{k}" for k in range(6)) and s.finish_reason == "length", s.summary()
+                got = {k: s.usage[k] for k in want} if s.usage else None
+                assert got == usage, f"{kind}: usage {s.usage}, want {usage}"
+                print(f"kind {kind}: a continuation with nothing left to generate has usage {s.usage}")
     finally:
         srv.shutdown()
     print("ok")

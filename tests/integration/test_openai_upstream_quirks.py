@@ -22,8 +22,7 @@ import threading
 import time
 
 import batonlib as bl
-from test_openai_engine import FakeHandler
-import http.server
+from fakeupstream import FakeHandler, serve
 
 DELAY = 0.02  # seconds between chunks
 HOLD = 3.0  # seconds the server holds a connection open after [DONE] ("hold" prompts)
@@ -41,14 +40,8 @@ def quirk_server(port):
         return "".join(f"{m.get('role')}: {m.get('content')}\n" for m in msgs) + "assistant:"
 
     class H(FakeHandler):
-        def do_GET(self):
-            if self.path == "/health":
-                self.send_json(200, "", "text/plain")
-            elif self.path == "/v1/models":
-                self.send_json(200, {"object": "list", "data": [{"id": "quirk", "object": "model",
-                                                                 "owned_by": "llamacpp"}]})
-            else:
-                self.send_json(404, {"error": {"message": "not found"}})
+        model_id = "quirk"
+        owned_by = "llamacpp"
 
         def do_POST(self):
             body = self.read_json()
@@ -71,8 +64,7 @@ def quirk_server(port):
                     if "nul" in words and k == 2:
                         w = " a\u0000b"
                     if "malformed" in words and k == 5:
-                        self.wfile.write(b"%x\r\n%s\r\n" % (len(b"data: {not json\n\n"), b"data: {not json\n\n"))
-                        self.wfile.flush()
+                        self.chunk(b"{not json")
                     c = {"index": 0, "finish_reason": None if k < n - 1 else "length"}
                     if chat:
                         c["delta"] = {"content": w}
@@ -91,9 +83,7 @@ def quirk_server(port):
             except (BrokenPipeError, ConnectionResetError):
                 self.close_connection = True
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), H)
-    srv.daemon_threads = True
-    srv.serve_forever()
+    serve(H, port)
 
 
 def msum(url, name):

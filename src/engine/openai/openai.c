@@ -46,9 +46,10 @@
 #define OA_TOKENIZE_TIMEOUT_MS 30000L         /* a /tokenize call before a continuation */
 #define OA_ORPHAN_MS 5000u                    /* a finished stream's transfer may drain this long */
 #define OA_METRICS_ABSENT_RETRY_MS 30000u     /* /metrics without vLLM gauges: look again this late */
-/* After the upstream's finish chunk (or the request's token budget) the answer is complete: a
- * trailing usage chunk or [DONE] is waited for this long, no more, since an upstream that neither
- * sends them nor closes would otherwise hold a finished answer back from its client. */
+/* At the request's token budget without the upstream's finish the answer is complete: the
+ * upstream's own finish and usage are waited for this long, no more, since it is still generating
+ * and its request is closed then. (After the upstream's finish its usage is waited for as long as
+ * the response goes on, within the stall bound: on_wait_timer.) */
 #define OA_FINISH_GRACE_MS 500u
 
 /* An upstream whose answer is not the API (invalid JSON, a broken event stream) is at fault, not
@@ -73,6 +74,7 @@ typedef struct oa_xfer {
     bool overflow, head_checked, sse, dirty;
     bool completing; /* libcurl reported it done: on_curl_done frees it, nothing else does */
     uint64_t orphan_ms; /* when it became an orphan */
+    uint64_t start_ms, rx_ms; /* X_SEQ: when it started, when a byte of its body last came (0: none yet) */
     char errbuf[CURL_ERROR_SIZE];
     LIST_ENTRY(oa_xfer) link;   /* every transfer */
     TAILQ_ENTRY(oa_xfer) dlink; /* transfers with new bytes, while `dirty` */
@@ -128,7 +130,7 @@ struct oa_engine {
     void *hooks_ud;
 
     bt_curl_uv *cu; /* libcurl on the loop; NULL once torn down */
-    uv_timer_t health_timer, metrics_timer, grace_timer;
+    uv_timer_t health_timer, metrics_timer, grace_timer, wait_timer;
     uv_idle_t idle;
     bt_closer closer; /* the timers, the idle and cu, until their close callbacks */
     LIST_HEAD(, oa_xfer) xfers;
@@ -163,6 +165,7 @@ static void leave(oa_engine *e);
 static void start_probe(oa_engine *e);
 static void on_idle(uv_idle_t *h);
 static void on_grace_timer(uv_timer_t *t);
+static void wait_timer_arm(oa_engine *e);
 static void seq_complete(bt_engine_seq *s);
 static void on_metrics_timer(uv_timer_t *t);
 static void seq_fail(bt_engine_seq *s, bt_status code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
@@ -223,6 +226,7 @@ static size_t on_write(char *ptr, size_t size, size_t nmemb, void *ud) {
         x->overflow = true;
         return 0; /* aborts the transfer */
     }
+    if (x->kind == X_SEQ && n) x->rx_ms = bt_now_ms();
     if (x->kind == X_SEQ && !x->dirty) {
         x->dirty = true;
         TAILQ_INSERT_TAIL(&x->e->dirty, x, dlink);
@@ -315,13 +319,10 @@ static oa_xfer *xfer_start(oa_engine *e, xfer_kind kind, const char *path, char 
     curl_easy_setopt(c, CURLOPT_TCP_KEEPIDLE, 10L);
     curl_easy_setopt(c, CURLOPT_TCP_KEEPINTVL, 5L);
     curl_easy_setopt(c, CURLOPT_TCP_NODELAY, 1L);
-    if (kind == X_SEQ && e->cfg.stall_timeout > 0) {
-        /* a stalled upstream request is that request's failure (a timeout, migratable), not the
-         * worker's: libcurl's low-speed limit aborts a transfer that received nothing for this long */
-        long stall = (long)ceil(e->cfg.stall_timeout);
-        curl_easy_setopt(c, CURLOPT_LOW_SPEED_LIMIT, 1L);
-        curl_easy_setopt(c, CURLOPT_LOW_SPEED_TIME, stall > 0 ? stall : 1L);
-    }
+    /* A stream's silences are timed by on_wait_timer, not by libcurl's low-speed limit: that limit
+     * runs from the request on, so the upstream's queue and prefill before the first byte would
+     * count as a stall, and a transfer's options cannot be changed once it runs. */
+    x->start_ms = bt_now_ms();
     if (bt_curl_uv_add(e->cu, c) != BT_OK) goto fail;
     return x;
 fail:
@@ -434,7 +435,8 @@ static void seq_finish(bt_engine_seq *s, bt_finish_reason reason, bool cut) {
              bt_finish_reason_name(reason));
     bt_usage u;
     seq_usage(s, &u);
-    if (!s->usage_seen && reason != BT_FINISH_CANCELLED && !s->e->warned_no_usage) {
+    bool asked = s->max_tokens || !s->n_carried; /* a spent continuation may have asked nothing */
+    if (!s->usage_seen && asked && reason != BT_FINISH_CANCELLED && !s->e->warned_no_usage) {
         /* asked for (stream_options.include_usage) but not given: the usage is marked unreported
          * (a client's answer says null; an older frontend gets this engine's own count) */
         s->e->warned_no_usage = true;
@@ -506,6 +508,62 @@ static void on_grace_timer(uv_timer_t *t) {
     leave(e);
 }
 
+/* The period of the sweep that times the streams' upstream requests: a quarter of the shorter
+ * bound, within [50 ms, 1 s], so a request fails within a quarter of its bound past it. 0: no
+ * bound is set. */
+static uint64_t wait_period_ms(const oa_engine *e) {
+    double b = e->cfg.stall_timeout > 0 ? e->cfg.stall_timeout : 0;
+    if (e->cfg.first_byte_timeout > 0 && (b == 0 || e->cfg.first_byte_timeout < b)) b = e->cfg.first_byte_timeout;
+    if (b <= 0) return 0;
+    double p = b * 1000.0 / 4.0;
+    return p < 50.0 ? 50u : p > 1000.0 ? 1000u : (uint64_t)p;
+}
+
+/* Each stream's upstream request is timed on its own, so that one slow request fails alone (the
+ * worker-wide engine monitor does not watch this engine):
+ * - before the first byte of its answer's body, first_byte_timeout. The upstream holds the request
+ *   in its queue or its prefill (vLLM sends its headers at once and its first event only then):
+ *   neither the worker nor the upstream is broken, and another worker's upstream would make the
+ *   client wait again from the start, so the request fails with BT_ERR_UPSTREAM_TIMEOUT (504 to
+ *   the client), not migrated, and no worker is quarantined.
+ * - once the answer began, stall_timeout without a byte: a stream broken mid-way, BT_ERR_TIMEOUT,
+ *   migrated as a cut one; after the upstream's finish, the end of the wait for its usage.
+ * A request that fails is closed, which makes the upstream drop it. */
+static void on_wait_timer(uv_timer_t *t) {
+    oa_engine *e = t->data;
+    enter(e);
+    uint64_t now = bt_now_ms();
+    double fb = e->cfg.first_byte_timeout, st = e->cfg.stall_timeout;
+    bool any = false;
+    for (oa_xfer *x = LIST_FIRST(&e->xfers), *next; x && !bt_deliver_closed(&e->dl); x = next) {
+        next = LIST_NEXT(x, link); /* seq_fail frees x, and nothing else */
+        bt_engine_seq *s = x->seq;
+        if (x->kind != X_SEQ || !s || s->x != x || x->completing || bt_deliver_ended(&s->dl)) continue;
+        any = true;
+        if (!x->rx_ms && fb > 0 && (double)(now - x->start_ms) >= fb * 1000.0) {
+            BT_WARN("openai: %s: upstream %s has not begun its answer within %gs (--upstream-first-byte-timeout); "
+                    "failing that request alone", s->rid, e->url, fb);
+            seq_fail(s, BT_ERR_UPSTREAM_TIMEOUT,
+                     "the upstream did not begin its answer within %gs (--upstream-first-byte-timeout): it may be "
+                     "queueing the request", fb);
+        } else if (x->rx_ms && st > 0 && (double)(now - x->rx_ms) >= st * 1000.0) {
+            if (s->finish != BT_OA_FINISH_NONE || s->at_budget) /* the answer is whole: only its usage is missing */
+                seq_complete(s);
+            else
+                seq_fail(s, BT_ERR_TIMEOUT, "the upstream sent nothing for %gs after %llu ids (--engine-stuck-timeout)",
+                         st, (unsigned long long)s->emitted);
+        }
+    }
+    if (!any) uv_timer_stop(&e->wait_timer);
+    leave(e);
+}
+
+static void wait_timer_arm(oa_engine *e) {
+    uint64_t p = wait_period_ms(e);
+    if (p && !bt_deliver_closed(&e->dl) && !uv_is_active((uv_handle_t *)&e->wait_timer))
+        uv_timer_start(&e->wait_timer, on_wait_timer, p, p);
+}
+
 static void on_idle(uv_idle_t *h) {
     oa_engine *e = h->data;
     enter(e);
@@ -566,8 +624,8 @@ static void seq_complete(bt_engine_seq *s) {
     else seq_finish(s, BT_FINISH_LENGTH, true);
 }
 
-/* The answer is complete (the upstream's finish or the budget): what may still come is a usage
- * chunk or [DONE], waited for until the grace ends (on_grace_timer). */
+/* The answer is complete at the budget: what may still come is the upstream's finish and usage,
+ * waited for until the grace ends (on_grace_timer). */
 static void seq_grace(bt_engine_seq *s) {
     oa_engine *e = s->e;
     if (s->grace_ms) return;
@@ -575,66 +633,78 @@ static void seq_grace(bt_engine_seq *s) {
     if (!uv_is_active((uv_handle_t *)&e->grace_timer)) uv_timer_start(&e->grace_timer, on_grace_timer, OA_FINISH_GRACE_MS, 0);
 }
 
+/* The upstream's answer is over: [DONE], or the end of a whole (non-streamed) answer. Without a
+ * finish (or the budget reached) the answer may be cut short, so it is no success; but it is the
+ * upstream's way of answering (a server that never sends finish_reason would answer the same on
+ * every worker), so it is UPSTREAM_MALFORMED, not a cut to migrate: no worker is quarantined for
+ * it. The same rule for both shapes of answer: a server that ignores "stream": true is not
+ * believed more than one that streams. */
+static void seq_answer_end(bt_engine_seq *s, const char *how) {
+    if (s->finish != BT_OA_FINISH_NONE || s->at_budget) seq_complete(s);
+    else
+        seq_fail(s, UPSTREAM_MALFORMED, "the upstream %s after %llu ids without a finish_reason", how,
+                 (unsigned long long)s->emitted);
+}
+
+/* One chunk of the answer (an SSE event's, or a whole answer's) that is neither [DONE] nor an
+ * error: its usage, its tokens, its finish. Returns false when the sequence is gone or ended. */
+static bool seq_chunk(bt_engine_seq *s, const bt_oa_chunk *c) {
+    if (c->has_usage) {
+        s->usage_seen = true;
+        s->up_prompt = c->prompt_tokens;
+        s->up_completion = c->completion_tokens;
+    }
+    bool tail = s->finish != BT_OA_FINISH_NONE || s->at_budget;
+    bool content = (c->text && c->text_len > 0) || (c->has_ids && c->n_ids > 0);
+    if (tail && content) {
+        /* past the budget (or the finish): the answer is complete, and an upstream that goes on
+         * generating is told to stop by closing its request */
+        seq_finish(s, s->finish != BT_OA_FINISH_NONE ? (bt_finish_reason)s->finish : BT_FINISH_LENGTH, true);
+        return false;
+    }
+    bool live = tail || seq_emit(s, c);
+    if (live && c->finish != BT_OA_FINISH_NONE && s->finish == BT_OA_FINISH_NONE) {
+        if (c->finish == BT_OA_FINISH_ABORT) {
+            seq_fail(s, BT_ERR_DISCONNECTED, "the upstream aborted the request");
+            return false;
+        }
+        s->finish = c->finish;
+    }
+    if (live && s->finish == BT_OA_FINISH_NONE && !s->at_budget && s->max_tokens && s->emitted >= s->max_tokens)
+        s->at_budget = true;
+    if (live && (s->finish != BT_OA_FINISH_NONE || s->at_budget)) {
+        if (c->has_usage && s->finish != BT_OA_FINISH_NONE) { /* the usage came with or after the finish */
+            seq_complete(s);
+            return false;
+        }
+        /* After the upstream's own finish its usage chunk is waited for while the response goes
+         * on: the usage is the client's bill, and an upstream that sends it late has still
+         * reported it. The wait ends at [DONE] or the end of the response, and a response that
+         * goes silent is ended by the stall bound (on_wait_timer), the answer whole and its usage
+         * unreported. */
+        if (s->finish == BT_OA_FINISH_NONE) seq_grace(s);
+        else s->grace_ms = 0;
+    }
+    return live;
+}
+
 /* One SSE data payload. Returns false when the sequence is gone or ended. */
 static bool seq_event(bt_engine_seq *s, const char *data, size_t len) {
     bt_oa_chunk c;
     char err[256];
     bt_status st = bt_oa_parse_chunk(data, len, false, &c, err, sizeof err);
-    bool live = true;
+    bool live = false;
     if (st != BT_OK) { /* not migratable, no quarantine: see UPSTREAM_MALFORMED */
         seq_fail(s, st == BT_ERR_NOMEM ? st : UPSTREAM_MALFORMED, "%s", err);
-        live = false;
     } else if (c.done) {
-        /* [DONE] without a finish: the answer may be cut short, so it is no success; but it is the
-         * upstream's way of answering (a server that never sends finish_reason would answer the
-         * same on every worker), so it is UPSTREAM_MALFORMED, not a cut to migrate: no worker is
-         * quarantined for it */
-        if (s->finish != BT_OA_FINISH_NONE || s->at_budget) seq_complete(s);
-        else
-            seq_fail(s, UPSTREAM_MALFORMED, "the upstream sent [DONE] after %llu ids without a finish_reason",
-                     (unsigned long long)s->emitted);
-        live = false;
+        seq_answer_end(s, "sent [DONE]");
     } else if (c.is_error) {
         /* a busy upstream's error after this attempt's tokens is a stream broken mid-way: it moves
          * as it always did, its worker quarantined until it proves itself */
         bt_status code = bt_status_upstream_busy(c.err_code) && s->emitted ? BT_ERR_CANNOT_CONNECT : c.err_code;
         seq_fail(s, code, "upstream error: %s", c.err_msg);
-        live = false;
     } else {
-        if (c.has_usage) {
-            s->usage_seen = true;
-            s->up_prompt = c.prompt_tokens;
-            s->up_completion = c.completion_tokens;
-        }
-        bool tail = s->finish != BT_OA_FINISH_NONE || s->at_budget;
-        bool content = (c.text && c.text_len > 0) || (c.has_ids && c.n_ids > 0);
-        if (tail && content) {
-            /* past the budget (or the finish): the answer is complete, and an upstream that goes
-             * on generating is told to stop by closing its request */
-            seq_finish(s, s->finish != BT_OA_FINISH_NONE ? (bt_finish_reason)s->finish : BT_FINISH_LENGTH, true);
-            live = false;
-        } else {
-            live = tail || seq_emit(s, &c);
-            if (live && c.finish != BT_OA_FINISH_NONE && s->finish == BT_OA_FINISH_NONE) {
-                if (c.finish == BT_OA_FINISH_ABORT) {
-                    seq_fail(s, BT_ERR_DISCONNECTED, "the upstream aborted the request");
-                    live = false;
-                } else {
-                    s->finish = c.finish;
-                }
-            }
-            if (live && s->finish == BT_OA_FINISH_NONE && !s->at_budget && s->max_tokens &&
-                s->emitted >= s->max_tokens)
-                s->at_budget = true;
-            if (live && (s->finish != BT_OA_FINISH_NONE || s->at_budget)) {
-                if (c.has_usage && s->finish != BT_OA_FINISH_NONE) { /* the usage came with or after the finish */
-                    seq_complete(s);
-                    live = false;
-                } else {
-                    seq_grace(s);
-                }
-            }
-        }
+        live = seq_chunk(s, &c);
     }
     bt_oa_chunk_free(&c);
     return live;
@@ -687,12 +757,10 @@ static void stream_done(oa_engine *e, oa_xfer *x, CURLcode cc) {
     if (cc != CURLE_OK) {
         if (x->overflow) {
             seq_fail(s, BT_ERR_TOO_LARGE, "the upstream's answer exceeds the engine's cap");
-        } else if (cc == CURLE_COULDNT_CONNECT || cc == CURLE_COULDNT_RESOLVE_HOST) {
+        } else if (cc == CURLE_COULDNT_CONNECT || cc == CURLE_COULDNT_RESOLVE_HOST || cc == CURLE_OPERATION_TIMEDOUT) {
+            /* a stream's only libcurl time limit is the connect timeout (on_wait_timer times the rest) */
             seq_fail(s, BT_ERR_CANNOT_CONNECT, "cannot connect to the upstream: %s", xfer_why(e, x, cc, s->rid));
             start_probe(e); /* find out now whether the upstream is gone */
-        } else if (cc == CURLE_OPERATION_TIMEDOUT) {
-            seq_fail(s, BT_ERR_TIMEOUT, "the upstream sent nothing for %gs after %llu ids: %s", e->cfg.stall_timeout,
-                     (unsigned long long)s->emitted, xfer_why(e, x, cc, s->rid));
         } else {
             seq_fail(s, BT_ERR_DISCONNECTED, "the upstream stream broke after %llu ids: %s",
                      (unsigned long long)s->emitted, xfer_why(e, x, cc, s->rid));
@@ -747,17 +815,8 @@ static void stream_done(oa_engine *e, oa_xfer *x, CURLcode cc) {
     bt_status st = bt_oa_parse_chunk(x->rx.data ? x->rx.data : "", x->rx.len, true, &c, err, sizeof err);
     if (st != BT_OK) seq_fail(s, st == BT_ERR_NOMEM ? st : UPSTREAM_MALFORMED, "%s", err);
     else if (c.is_error) seq_fail(s, c.err_code, "upstream error: %s", c.err_msg);
-    else {
-        if (c.has_usage) {
-            s->usage_seen = true;
-            s->up_prompt = c.prompt_tokens;
-            s->up_completion = c.completion_tokens;
-        }
-        if (seq_emit(s, &c)) {
-            s->finish = c.finish == BT_OA_FINISH_NONE || c.finish == BT_OA_FINISH_ABORT ? BT_FINISH_STOP : c.finish;
-            seq_complete(s);
-        }
-    }
+    else if (seq_chunk(s, &c) && s->x == x && !bt_deliver_ended(&s->dl))
+        seq_answer_end(s, "ended its whole (non-streamed) answer"); /* as [DONE] after that one chunk */
     bt_oa_chunk_free(&c);
 }
 
@@ -813,7 +872,33 @@ static void seq_start_stream(bt_engine_seq *s) {
     json_decref(body);
     oa_xfer *x = text ? xfer_start(e, X_SEQ, path, text, 0, s->rid) : NULL;
     if (!seq_attach(s, x, S_STREAMING, "the upstream request")) return;
+    wait_timer_arm(e);
     BT_DEBUG("openai: %s: POST %s%s (%zu carried, max_tokens %u)", s->rid, e->url, path, s->n_carried, s->max_tokens);
+}
+
+/* A continuation with nothing left to generate (its whole budget was delivered before the stream
+ * moved): its answer is the carried tokens, ending with length, and what is left to learn is its
+ * usage, which is the upstream's count wherever one can be had without generating:
+ * - a baton upstream given the carried ids and max_tokens 0 counts the prompt and the carried ids,
+ *   as for the whole run: the request goes upstream as any other (false);
+ * - a token-id continuation (vLLM's): the prompt's ids are the prompt itself or what /tokenize
+ *   answers (plan's step first: false), the completion is the carried ids (vLLM refuses
+ *   max_tokens 0, so nothing goes to its completions);
+ * - otherwise the upstream never counted any of this answer (text-mode ids are chunks, not
+ *   tokens, and the prompt's count is the upstream's alone): its usage is unreported.
+ * True when the sequence ended here. */
+static bool seq_spent(bt_engine_seq *s, bt_oa_plan plan) {
+    const bt_oa_caps *caps = bt_oa_kind_caps(s->e->kind);
+    if (s->carried_kind == BT_OA_CARRIED_IDS && caps->ids == BT_OA_CONT_CARRIED_IDS) return false;
+    if (s->carried_kind == BT_OA_CARRIED_IDS && caps->ids == BT_OA_CONT_TOKEN_PROMPT) {
+        if (plan != BT_OA_PLAN_DIRECT) return false;
+        s->usage_seen = true;
+        s->up_prompt = (uint32_t)(s->have_prompt_ids ? s->n_prompt_ids
+                                                     : json_array_size(json_object_get(s->body, "prompt")));
+        s->up_completion = 0;
+    }
+    seq_finish(s, BT_FINISH_LENGTH, true);
+    return true;
 }
 
 /* Starts the sequence once the upstream is known: a continuation that needs the prompt's token
@@ -824,6 +909,7 @@ static void seq_start(bt_engine_seq *s) {
     fill_build(e, s, &b);
     char err[256];
     bt_oa_plan plan = bt_oa_plan_for(&b, err, sizeof err);
+    if (s->max_tokens == 0 && s->n_carried && seq_spent(s, plan)) return;
     switch (plan) {
     case BT_OA_PLAN_IMPOSSIBLE: seq_refuse(s, err); return;
     case BT_OA_PLAN_DIRECT: seq_start_stream(s); return;
@@ -876,7 +962,7 @@ static void prepare_done(oa_xfer *x, CURLcode cc) {
     }
     s->x = NULL; /* this transfer is over (on_curl_done frees it); the stream's starts now */
     x->seq = NULL;
-    seq_start_stream(s);
+    seq_start(s); /* planned again, with what came: the stream, or the end of a spent continuation */
 }
 
 /* ---- the upstream's health ------------------------------------------------------------------ */
@@ -1196,12 +1282,9 @@ static bt_status oa_submit(bt_engine *be, const bt_engine_request *req, const bt
     *out = s;
     /* A client's max_tokens 0 goes upstream like any request: only the upstream can count the
      * prompt's tokens for the usage (and an upstream that refuses 0 says so, as it would to the
-     * client itself). A continuation with nothing left to generate ends here. */
-    if (s->max_tokens == 0 && s->n_carried) {
-        seq_finish(s, BT_FINISH_LENGTH, true);
-    } else if (e->detected) {
-        seq_start(s); /* failures here end it through the ready list, never with a callback now */
-    }
+     * client itself). A continuation with nothing left to generate too, when the upstream's kind
+     * can count it (seq_spent). */
+    if (e->detected) seq_start(s); /* failures here end it through the ready list, never with a callback now */
     BT_DEBUG("openai: submitted %s: %s, %zu carried (%s), max_tokens %u%s", s->rid,
              s->api == BT_API_CHAT ? "chat" : "completion", s->n_carried,
              ck == BT_OA_CARRIED_IDS ? "ids" : ck == BT_OA_CARRIED_TEXT ? "text" : "none", s->max_tokens,
@@ -1254,7 +1337,9 @@ static void teardown(void *owner) {
     uv_timer_stop(&e->health_timer);
     uv_timer_stop(&e->metrics_timer);
     uv_timer_stop(&e->grace_timer);
+    uv_timer_stop(&e->wait_timer);
     bt_closer_close(&e->closer, (uv_handle_t *)&e->health_timer);
+    bt_closer_close(&e->closer, (uv_handle_t *)&e->wait_timer);
     bt_closer_close(&e->closer, (uv_handle_t *)&e->grace_timer);
     bt_closer_close(&e->closer, (uv_handle_t *)&e->metrics_timer);
     bt_closer_close(&e->closer, (uv_handle_t *)&e->idle);
@@ -1266,8 +1351,8 @@ static void oa_destroy(bt_engine *be) { bt_deliver_close(&((oa_engine *)be)->dl)
 
 static const bt_deliver_ops oa_deliver_ops = {.free_seq = free_seq, .wake = idle_arm, .teardown = teardown};
 
-/* Each sequence is its own upstream request, timed on its own (stall_timeout): one stalled
- * request fails alone instead of the worker's engine monitor taking every stream down. */
+/* Each sequence is its own upstream request, timed on its own (on_wait_timer): one stalled or
+ * queued request fails alone instead of the worker's engine monitor taking every stream down. */
 static const bt_engine_ops oa_ops = {.submit = oa_submit,
                                      .stop = oa_stop,
                                      .kill = oa_kill,
@@ -1285,7 +1370,8 @@ void bt_openai_config_default(bt_openai_config *c) {
                             .health_failures = 3,
                             .metrics_interval = 1.0,
                             .connect_timeout = 5.0,
-                            .startup_timeout = 600.0}; /* the upstream, model and key: none */
+                            .startup_timeout = 600.0,
+                            .first_byte_timeout = 300.0}; /* the upstream, model and key: none */
 }
 
 bt_status bt_openai_config_check(const bt_openai_config *c, char *err, size_t errlen) {
@@ -1308,6 +1394,8 @@ bt_status bt_openai_config_check(const bt_openai_config *c, char *err, size_t er
     } else if (!(c->health_interval > 0) || !(c->metrics_interval > 0) || !(c->connect_timeout > 0) ||
                !(c->startup_timeout > 0)) {
         snprintf(err, errlen, "the openai engine's intervals and timeouts must be positive");
+    } else if (!(c->stall_timeout >= 0) || !(c->first_byte_timeout >= 0)) {
+        snprintf(err, errlen, "the openai engine's stall and first-byte bounds must not be negative (0 = none)");
     } else if (c->health_failures < 1) {
         snprintf(err, errlen, "health_failures must be at least 1");
     } else if (c->api_key && strlen(c->api_key) > 400) {
@@ -1383,6 +1471,8 @@ bt_engine *bt_openai_create(uv_loop_t *loop, const bt_openai_config *cfg, const 
     uv_timer_init(loop, &e->health_timer);
     uv_timer_init(loop, &e->grace_timer);
     e->grace_timer.data = e;
+    uv_timer_init(loop, &e->wait_timer);
+    e->wait_timer.data = e;
     uv_timer_init(loop, &e->metrics_timer);
     uv_idle_init(loop, &e->idle);
     e->health_timer.data = e->metrics_timer.data = e;

@@ -34,8 +34,12 @@ typedef struct {
     double metrics_interval;  /* seconds between /metrics polls (1) */
     double connect_timeout;   /* seconds to connect to the upstream (5) */
     double startup_timeout;   /* seconds an upstream may take to answer at all before it is dead (600) */
-    double stall_timeout;     /* seconds a stream's upstream request may send nothing before that request
-                                 alone fails, migratable (the worker's --engine-stuck-timeout; 0 = never) */
+    double stall_timeout;     /* seconds a stream's upstream request may send nothing, once its answer
+                                 began, before that request alone fails, migratable (the worker's
+                                 --engine-stuck-timeout; 0 = never) */
+    double first_byte_timeout; /* --upstream-first-byte-timeout: seconds the upstream may take to begin
+                                  a stream's answer (its queue, its prefill) before that request alone
+                                  fails with BT_ERR_UPSTREAM_TIMEOUT, not migrated (300; 0 = never) */
 } bt_openai_config;
 
 void bt_openai_config_default(bt_openai_config *c);
