@@ -249,9 +249,11 @@ struct ll_seq {
     uint64_t admitted; /* admission order, for preemption (latest first) */
     int32_t priority;  /* lower is admitted sooner (engine.h) */
     bool prio_held;    /* preempted for priority and no token since: not preempted for priority again */
-    /* held without being computed, and an EV_WAIT was posted for it: in the waiting queue (cleared
-     * at admission), or running but left out of the steps for want of budget (cleared at the step
-     * that computes it again); counted as waiting in the load either way (update_load) */
+    /* held without being computed, and its wait was told (an EV_WAIT posted, or staged at submit
+     * for a prompt queued behind another, send_submit): in the prompt queue or the waiting queue
+     * (cleared at admission), or running but left out of the steps for want of budget (cleared at
+     * the step that computes it again); counted as waiting in the load throughout (update_load,
+     * ll_get_load) */
     bool wait_told;
     uint32_t starved; /* running: consecutive steps that left it out for want of budget (step) */
     /* body, rendered on the thread */
@@ -1375,15 +1377,23 @@ static void send_cmd(ll_engine *e, ll_cmd *c) {
 }
 
 /* A SUBMIT goes to the prompt thread; until the engine thread has it, it is counted as waiting in
- * the load (n_prompts), which the worker hears from on_async, never from inside submit. */
-static void send_submit(ll_engine *e, ll_cmd *c) {
+ * the load (n_prompts), which the worker hears from on_async, never from inside submit. True when
+ * it queues behind another prompt (one being prepared, or queued): its stream then hears nothing
+ * for as long as the tokenizations ahead of it take, seconds each for long prompts on a large
+ * model, a wait of the engine's as a queued sequence's at a step. It is marked told (wait_told)
+ * here, before any other thread sees it, so that the step that finds it still waiting does not
+ * tell the same wait again (one WAITING per wait); the caller tells it. */
+static bool send_submit(ll_engine *e, ll_cmd *c) {
     pthread_mutex_lock(&e->mu);
+    bool behind = e->prompt_cur || !STAILQ_EMPTY(&e->prompts);
+    c->seq->wait_told = behind;
     STAILQ_INSERT_TAIL(&e->prompts, c, link);
     e->n_prompts++;
     e->load_changed = true;
     pthread_cond_signal(&e->prompt_cv);
     uv_async_send(&e->async);
     pthread_mutex_unlock(&e->mu);
+    return behind;
 }
 
 /* A stop, kill or hand-off of h (loop). While h's SUBMIT has not gone on to the engine thread, the
@@ -1602,7 +1612,13 @@ static bt_status ll_submit(bt_engine *be, const bt_engine_request *req, const bt
     c->seq = s;
     h->n_carried = req->n_carried;
     bt_deliver_add(&e->dl, &h->ds, sink, ud, LL_TEXT_CAP);
-    send_submit(e, c);
+    /* Queued behind another prompt: told now, from the loop, drained by the on_async that
+     * send_submit woke (staged here rather than posted as an event, so that no event names a
+     * handle that ll_withdraw may free first). The load counts the sequence as waiting from
+     * send_submit on (n_prompts) until a load the engine thread published counts it, waiting or
+     * admitted: no LOAD written after this WAITING shows it not waiting before it is admitted
+     * (docs/protocol.md §4). Its first tokens end the wait (or its ending, which tells nothing). */
+    if (send_submit(e, c)) bt_deliver_wait(&e->dl, &h->ds, BT_ENGINE_WAIT_QUEUED);
     *out = h;
     return BT_OK;
 nomem:
