@@ -250,10 +250,9 @@ struct ll_seq {
     int32_t priority;  /* lower is admitted sooner (engine.h) */
     bool prio_held;    /* preempted for priority and no token since: not preempted for priority again */
     /* held without being computed, and its wait was told (an EV_WAIT posted, or staged at submit
-     * for a prompt queued behind another, send_submit): in the prompt queue or the waiting queue
-     * (cleared at admission), or running but left out of the steps for want of budget (cleared at
-     * the step that computes it again); counted as waiting in the load throughout (update_load,
-     * ll_get_load) */
+     * for a prompt queued behind another, send_submit): in the prompt queue, in the waiting queue,
+     * or admitted but left out of the steps for want of budget; cleared by the step that computes
+     * it (starve_end), and counted as waiting in the load until then (update_load, ll_get_load) */
     bool wait_told;
     uint32_t starved; /* running: consecutive steps that left it out for want of budget (step) */
     /* body, rendered on the thread */
@@ -904,7 +903,10 @@ static void admit(ll_engine *e) {
             continue;
         }
         list_remove(&e->waiting, s);
-        s->wait_told = false;
+        /* A wait it was told (queued, here or on the prompt queue; preempted) goes on until a step
+         * computes it (starve_end, in this very step unless the budget leaves it out): admitted and
+         * left out, it is still the same wait, neither told again nor shown running in the load
+         * meanwhile (update_load). */
         s->starved = 0;
         e->slots[slot] = true;
         s->slot = slot;
@@ -1096,8 +1098,9 @@ static void starve(ll_engine *e, ll_seq *s) {
     if (s->starved >= LL_STARVED_TELL && !s->wait_told) post_wait(e, s, BT_ENGINE_WAIT_QUEUED);
 }
 
-/* s is computed in this step: a budget wait it was told is over. Its stream's wait ends at its
- * next TOKENS, or at the next LOAD showing nothing waiting (update_load no longer counts it). */
+/* s is computed in this step: a wait it was told (for budget, or queued before its admission) is
+ * over. Its stream's wait ends at its next TOKENS, or at the next LOAD showing nothing waiting
+ * (update_load no longer counts it). */
 static void starve_end(ll_seq *s) {
     s->starved = 0;
     s->wait_told = false;
