@@ -652,9 +652,10 @@ static void test_eos_and_context_cap(void **state) {
 }
 
 /* continue_final_message under a model's template (docs/engines.md §3.3): rendered without the
- * assistant turn to come and cut right after the final content, its end of turn dropped; a
- * template that does not write that content as sent is refused (BT_ERR_INVALID_PARAM), as is
- * a continuation after a user message. The prompt's tokens are its bytes (and BOS) here. */
+ * assistant turn to come and cut right after the final content, its end of turn dropped (after
+ * the content trimmed of white space, when the template trims it); a template that writes
+ * nothing of that content, or rewrites it otherwise, is refused (BT_ERR_INVALID_PARAM), as is a
+ * continuation after a user message. The prompt's tokens are its bytes (and BOS) here. */
 static tseq *run_chat(const char *last, bool cont, bt_status *st) {
     uv_loop_t loop;
     uv_loop_init(&loop);
@@ -705,8 +706,14 @@ static void test_continue_final(void **state) {
     t = run_chat("hi", true, &st);
     assert_int_equal(t->finishes, 1);
     assert_int_equal(t->usage.prompt_tokens, 1 + strlen("[user]hi</>[assistant]hi"));
-    fake_trims = true; /* "abc " written as "abc": not the content as sent */
+    fake_trims = true; /* "abc " written as "abc", the content trimmed: cut after what is written */
     t = run_chat("abc ", true, &st);
+    assert_int_equal(t->finishes, 1);
+    assert_int_equal(t->usage.prompt_tokens, 1 + strlen("[user]hi</>[assistant]abc"));
+    t = run_chat(" abc ", true, &st); /* written " abc": neither as sent nor trimmed, refused */
+    assert_int_equal(t->finishes, 0);
+    assert_int_equal(t->errors, 1);
+    t = run_chat("  ", true, &st); /* written as nothing: nothing to cut after */
     assert_int_equal(t->finishes, 0);
     assert_int_equal(t->errors, 1);
     t = run_chat("", true, &st); /* nothing to cut after */
@@ -726,8 +733,10 @@ static void test_continue_final(void **state) {
         assert_int_equal(st, BT_OK);
         assert_prompt(t, want);
     }
-    fake_trims = true; /* the trailing blank dropped: refused, not cut elsewhere */
+    fake_trims = true; /* the trailing blank dropped: cut after the "<" written, not in a marker */
     t = run_chat("< ", true, &st);
+    assert_prompt(t, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<");
+    t = run_chat("< \n ", true, &st); /* written "< \n": neither as sent nor trimmed, refused */
     assert_int_equal(t->finishes, 0);
     assert_int_equal(t->errors, 1);
     fake_trims = false;

@@ -554,6 +554,10 @@ static bool apply_template(ll_engine *e, const struct llama_chat_message *cm, si
  * template would drop, so that where it appears is where the template writes the content. */
 #define FINAL_MARK "\001baton-final-message\002"
 
+/* What llama.cpp's templates trim off a message's content: isspace() of the C locale, written out
+ * so that no locale of the process changes where a final message is cut */
+static bool trimmed_blank(char c) { return c == ' ' || (c >= '\t' && c <= '\r'); }
+
 /* continue_final_message under the model's template: the length of the prompt cut right after the
  * final message's content, or 0 when that place is not known. The content cannot be looked for
  * in the rendering itself: the end of turn and the final message's own header hold short text
@@ -562,11 +566,20 @@ static bool apply_template(ll_engine *e, const struct llama_chat_message *cm, si
  * more with FINAL_MARK as the final content: the template writes everything before that mark
  * (the earlier messages, the header) and after it (the end of turn) for any content, so the
  * rendering with the real content must be exactly that text with the content where the mark
- * was, and the cut goes right after it. A template that trims or rewrites the content fails
- * that comparison. */
+ * was, and the cut goes right after it. What the template wrote there must be the content as sent
+ * or, for a template that trims it (llama.cpp's Llama 3, Gemma, Command R: white space at both
+ * ends dropped, as their Jinja's `| trim`), the content trimmed, not empty: the cut then goes
+ * after the text as written, where vLLM (Hugging Face's continue_final_message) cuts such a
+ * rendering, so that a final message ending in a blank ("The answer is ") continues there rather
+ * than being refused. A template that rewrites the content fails the comparison. */
 static size_t final_content_end(ll_engine *e, struct llama_chat_message *cm, size_t n, const bt_buf *full,
                                 const bt_buf *last, bt_status *st) {
     size_t cl = last->len - 1, ml = sizeof FINAL_MARK - 1, cut = 0;
+    /* the content trimmed as llama.cpp's trim() does it: isspace() of the C locale, both ends */
+    size_t lead = 0, tl = cl;
+    while (lead < tl && trimmed_blank(last->data[lead])) lead++;
+    while (tl > lead && trimmed_blank(last->data[tl - 1])) tl--;
+    tl -= lead;
     const char *content = cm[n - 1].content;
     bt_buf marked;
     bt_buf_init(&marked, (size_t)64 << 20);
@@ -583,9 +596,13 @@ static size_t final_content_end(ll_engine *e, struct llama_chat_message *cm, siz
         at = p;
     if (!at) goto out;
     size_t before = (size_t)(at - marked.data), after = marked.len - before - ml;
-    if (cl && full->len == before + cl + after && !memcmp(full->data, marked.data, before) &&
-        !memcmp(full->data + before, last->data, cl) && !memcmp(full->data + before + cl, at + ml, after))
-        cut = before + cl;
+    if (full->len < before + after || memcmp(full->data, marked.data, before) ||
+        memcmp(full->data + full->len - after, at + ml, after))
+        goto out;
+    size_t wl = full->len - before - after; /* what the template wrote for the content */
+    const char *w = full->data + before;
+    if ((wl == cl && cl && !memcmp(w, last->data, cl)) || (wl == tl && tl && !memcmp(w, last->data + lead, tl)))
+        cut = before + wl;
 out:
     bt_buf_free(&marked);
     return cut;
@@ -640,8 +657,8 @@ static bt_status render_chat(ll_engine *e, ll_seq *s, char *err, size_t errlen) 
         if (st != BT_OK) goto out;
         if (!cut) {
             snprintf(err, errlen,
-                     "'continue_final_message': this model's chat template does not write the final message as "
-                     "sent, so it cannot be continued");
+                     "'continue_final_message': this model's chat template writes nothing of the final message, "
+                     "or rewrites it, so it cannot be continued");
             st = BT_ERR_INVALID_PARAM;
             goto out;
         }
