@@ -1635,9 +1635,10 @@ static bt_status ll_submit(bt_engine *be, const bt_engine_request *req, const bt
     /* Queued behind another prompt: told now, from the loop, drained by the on_async that
      * send_submit woke (staged here rather than posted as an event, so that no event names a
      * handle that ll_withdraw may free first). The load counts the sequence as waiting from
-     * send_submit on (n_prompts) until a load the engine thread published counts it, waiting or
-     * admitted: no LOAD written after this WAITING shows it not waiting before it is admitted
-     * (docs/protocol.md §4). Its first tokens end the wait (or its ending, which tells nothing). */
+     * send_submit on (n_prompts), then in the engine thread's loads (waiting, or admitted and
+     * still told: update_load) until a step computes it: no LOAD written after this WAITING shows
+     * it not waiting before it runs (docs/protocol.md §4). Its first tokens end the wait (or its
+     * ending, which tells nothing). */
     if (send_submit(e, c)) bt_deliver_wait(&e->dl, &h->ds, BT_ENGINE_WAIT_QUEUED);
     *out = h;
     return BT_OK;
