@@ -3,9 +3,8 @@ thread behind other prompts is kept waiting by the engine, not lost.
 
 One llama worker runs with --fault-prompt-delay-ms 600: every prompt takes 0.6 s on the prompt
 thread, as a long prompt's tokenization does on a large model (docs/engines.md §3.2). The frontend
-runs at --stream-token-timeout 1. Five streaming completions arrive at once: one is tokenized, the
-others queue behind it, the last for about 2.4 s before its own tokenization, more than twice the
-bound. The engine tells each prompt queued behind another that it waits (a WAITING frame,
+runs at --stream-token-timeout 1.5. Six streaming completions arrive at once: one is tokenized, the
+others queue behind it, the last for about 3 s before its own tokenization, twice the bound. The engine tells each prompt queued behind another that it waits (a WAITING frame,
 `queued`), and the sweep does not judge a waiting stream while its worker visibly runs others
 (each prompt, once tokenized, runs and streams its tokens):
 
@@ -20,7 +19,9 @@ bound. The engine tells each prompt queued behind another that it waits (a WAITI
 
 Before, a prompt on the prompt queue got no WAITING: the worker announces BT_HELLO_WAITING, so
 its silence was judged like a lost stream's, and the queued streams were given up after the bound
-and migrated (back to the model's only worker, where they queued again).
+and migrated back to the model's only worker, where they queued again: 7 timeouts and migrations,
+no WAITING counted (at --stream-token-timeout 1 with five streams, one client got the
+exhausted-migration 503 after four).
 
 Skipped when scripts/setup was told not to fetch llama.cpp (BATON_NO_LLAMA=1)."""
 
@@ -29,9 +30,9 @@ import threading
 
 import batonlib as bl
 
-TIMEOUT = 1.0
+TIMEOUT = 1.5
 DELAY_MS = 600
-N = 5
+N = 6
 MODEL = "mock-model"
 
 
