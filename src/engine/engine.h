@@ -179,7 +179,8 @@ typedef struct {
      * only for a wait still on when the engine delivers (a wait that ended before is not told). An
      * engine whose ops say tells_waits tells every wait of its sequences: queued at a scheduler step
      * that could not admit them (or, for llama, at steps that left an admitted prefill out for want
-     * of budget), preempted. */
+     * of budget, and at submit for a prompt queued behind another for its prompt thread),
+     * preempted. */
     void (*on_wait)(void *ud, bt_engine_wait reason);
 } bt_engine_sink;
 

@@ -1,17 +1,29 @@
 """continue_final_message under a model's own chat template, through the real binaries and
 llama.cpp's own template code (docs/engines.md §3.3).
 
-The bundled stories260K has no chat template, so the test writes a copy of it whose metadata adds
-`tokenizer.chat_template`: the ChatML template, which llama.cpp recognises and renders as
-"<|im_start|>role\\ncontent<|im_end|>\\n" per message, "<|im_start|>assistant\\n" for the turn to
-come. `baton run --engine llama` serves the copy (its start-up line names the model's template).
-  1. A chat answered anew is the completion of exactly that rendering (the template is ChatML).
+The bundled stories260K has no chat template, so the test writes copies of it whose metadata adds
+`tokenizer.chat_template`, each served by `baton run --engine llama` in turn (its start-up line
+names the model's template):
+  - ChatML, which llama.cpp renders as "<|im_start|>role\ncontent<|im_end|>\n" per message,
+    "<|im_start|>assistant\n" for the turn to come: the content as sent;
+  - Meta-Llama-3-8B-Instruct's, rendered as
+    "<|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>": the content trimmed of white
+    space at both ends, the turn ended by "<|eot_id|>" with no line end;
+  - gemma-7b-it's, rendered as "<start_of_turn>role\ncontent<end_of_turn>\n" with the assistant
+    called "model": the content trimmed too.
+For each:
+  1. A chat answered anew is the completion of exactly that rendering (the template is the one
+     named).
   2. With continue_final_message, for final assistant messages that also occur in the markers
-     around them ("<" and "|" and ">\\n" in "<|im_end|>\\n", a line end, "assistant" and "im_start" in
-     the final message's own header) and for one that also is the user's message, the answer is
-     the completion of the chat rendered up to the end of the final message's content and no
-     further (the same text and prompt_tokens, greedy).
-  3. An empty final message is refused with 400 invalid_value naming continue_final_message.
+     around them ("<" and "|" and ">\n" in "<|im_end|>\n", "eot_id", "end_of_turn", a line end,
+     "assistant" and "im_start" in the final message's own header), for one that also is the
+     user's message, and for ones with white space at their ends, the answer is the completion of
+     the chat rendered up to the end of the final message's content as the template writes it and
+     no further (the same text and prompt_tokens, greedy): under Llama 3 and Gemma, after the
+     content trimmed, as vLLM cuts it. Before, a final message with white space at an end (">\n",
+     "Once upon a time ") was refused under those two.
+  3. An empty final message, and under the trimming templates one of white space only, is refused
+     with 400 invalid_value naming continue_final_message.
 """
 
 import os
@@ -24,6 +36,19 @@ import faultlib as fl
 MODEL = "mock-model"
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# Meta-Llama-3-8B-Instruct's and gemma-7b-it's templates, which llama.cpp recognises by their
+# markers and renders with its own code, each message's content trimmed
+LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+          "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+          "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+          "{% endif %}")
+GEMMA = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+         "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+         "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+         "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+         "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+         "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
 USER = "Tell me a story."
 
 if fl.skip("llama") is not None:
@@ -112,22 +137,51 @@ def same(fe, got, prompt, what):
     assert answer == (text, tokens), f"{what}: answered {answer}, the completion of {prompt!r} is {(text, tokens)}"
 
 
-with bl.Cluster() as c:
-    model = os.path.join(c.dir, "chatml.gguf")
+def serve(c, name, template):
+    """A `baton run` of a copy of stories260K given template; its frontend."""
+    model = os.path.join(c.dir, f"{name}.gguf")
     with_chat_template(os.path.join(os.path.dirname(__file__), "..", "..", "models", "stories260K.gguf"), model,
-                       CHATML)
+                       template)
     fe = c.start_run(engine="llama", model=model, model_name=MODEL)
     fe.proc.wait_log(r"chat template: the model's", timeout=5)
-    head = f"<|im_start|>user\n{USER}<|im_end|>\n<|im_start|>assistant\n"
-    # 1. the real template is ChatML, the turn to come written
-    same(fe, chat(fe, None, False), head, "a chat answered anew")
-    # 2. the final message left open, cut after its own content
-    for final in ("Once upon a time", "<", "|", ">\n", "\n", "assistant", "im_start", USER):
-        same(fe, chat(fe, final, True), head + final, f"final message {final!r} continued")
-    print("continue_final_message under ChatML: each final message cut right after its own content")
+    return fe
+
+
+def check(c, name, template, head, finals, written):
+    """The template's rendering of a chat answered anew is head; each final message continued is
+    the completion of head + written(final); a final message the template writes as nothing, and an
+    empty one, are refused."""
+    fe = serve(c, name, template)
+    # 1. the real template is the one named, the turn to come written
+    same(fe, chat(fe, None, False), head, f"{name}: a chat answered anew")
+    # 2. the final message left open, cut right after its own content as the template writes it
+    for final in finals:
+        same(fe, chat(fe, final, True), head + written(final), f"{name}: final message {final!r} continued")
+    print(f"continue_final_message under {name}: each final message cut right after its own content")
     # 3. nothing to cut after
-    st, _, r = chat(fe, "", True)
-    assert st == 400 and r["error"]["param"] == "continue_final_message", (st, r)
-    assert r["error"]["code"] == "invalid_value", r
-    print("an empty final message: 400 invalid_value")
+    for final in ["", " \n "] if written(" \n ") == "" else [""]:
+        st, _, r = chat(fe, final, True)
+        assert st == 400 and r["error"]["param"] == "continue_final_message", (name, final, st, r)
+        assert r["error"]["code"] == "invalid_value", r
+    print(f"{name}: an empty final message: 400 invalid_value")
+    fe.proc.stop()
+
+
+with bl.Cluster() as c:
+    # ChatML writes the content as sent, and ends a turn with "<|im_end|>\n"
+    check(c, "chatml", CHATML, f"<|im_start|>user\n{USER}<|im_end|>\n<|im_start|>assistant\n",
+          ("Once upon a time", "<", "|", ">\n", "\n", "assistant", "im_start", USER, "Once upon a time "),
+          lambda final: final)
+    # Llama 3 and Gemma write the content trimmed of white space at both ends, and end a turn with
+    # "<|eot_id|>" and "<end_of_turn>\n": the cut goes after the content as written, as vLLM cuts
+    # it (the whole final message when it has no white space at its ends)
+    check(c, "llama3", LLAMA3,
+          f"<|start_header_id|>user<|end_header_id|>\n\n{USER}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+          ("Once upon a time", "<", "|", "eot_id", "<|eot_id|>", "assistant", "end_header_id", ">\n",
+           "Once upon a time ", "\n\nOnce upon a time\n", USER),
+          lambda final: final.strip(" \t\n\r\v\f"))
+    check(c, "gemma", GEMMA, f"<start_of_turn>user\n{USER}<end_of_turn>\n<start_of_turn>model\n",
+          ("Once upon a time", "<", "_", "end_of_turn", "<end_of_turn>\n", "model", ">\n", "Once upon a time ",
+           " Once upon a time", USER),
+          lambda final: final.strip(" \t\n\r\v\f"))
 print("ok")

@@ -21,7 +21,7 @@
  * a gather whose only sequence is killed ends without a step and leaves nothing behind for the
  * next request; a destroy during the wait wakes the thread at once (no step, no callback). The
  * prompt thread, held inside one tokenization: the prompts queued behind it count as waiting in
- * the load; a stop or kill of a queued one, or of the one being tokenized, is delivered at once
+ * the load and are told once that they wait (queued); a stop or kill of a queued one, or of the one being tokenized, is delivered at once
  * (not after the prompts ahead), the queued ones never tokenized; a destroy does not wait for the
  * tokenization (the loop goes on, the teardown ends once it returns). */
 #include <pthread.h>
@@ -439,7 +439,7 @@ static void on_error(void *ud, bt_status code, const char *msg) {
 
 static const bt_engine_sink sink = {on_tokens, on_finish, on_error, NULL};
 
-/* test_prefill_waits: the wait is told once, before any output, and the load the loop reads by
+/* test_prefill_waits, test_prompt_queue: the wait is told once, before any output, and the load the loop reads by
  * then already counts it as waiting (docs/protocol.md §4: a LOAD showing nothing waiting after a
  * WAITING ends that wait at the frontend) */
 static void on_wait_rec(void *ud, bt_engine_wait reason) {
@@ -652,9 +652,10 @@ static void test_eos_and_context_cap(void **state) {
 }
 
 /* continue_final_message under a model's template (docs/engines.md §3.3): rendered without the
- * assistant turn to come and cut right after the final content, its end of turn dropped; a
- * template that does not write that content as sent is refused (BT_ERR_INVALID_PARAM), as is
- * a continuation after a user message. The prompt's tokens are its bytes (and BOS) here. */
+ * assistant turn to come and cut right after the final content, its end of turn dropped (after
+ * the content trimmed of white space, when the template trims it); a template that writes
+ * nothing of that content, or rewrites it otherwise, is refused (BT_ERR_INVALID_PARAM), as is a
+ * continuation after a user message. The prompt's tokens are its bytes (and BOS) here. */
 static tseq *run_chat(const char *last, bool cont, bt_status *st) {
     uv_loop_t loop;
     uv_loop_init(&loop);
@@ -705,8 +706,14 @@ static void test_continue_final(void **state) {
     t = run_chat("hi", true, &st);
     assert_int_equal(t->finishes, 1);
     assert_int_equal(t->usage.prompt_tokens, 1 + strlen("[user]hi</>[assistant]hi"));
-    fake_trims = true; /* "abc " written as "abc": not the content as sent */
+    fake_trims = true; /* "abc " written as "abc", the content trimmed: cut after what is written */
     t = run_chat("abc ", true, &st);
+    assert_int_equal(t->finishes, 1);
+    assert_int_equal(t->usage.prompt_tokens, 1 + strlen("[user]hi</>[assistant]abc"));
+    t = run_chat(" abc ", true, &st); /* written " abc": neither as sent nor trimmed, refused */
+    assert_int_equal(t->finishes, 0);
+    assert_int_equal(t->errors, 1);
+    t = run_chat("  ", true, &st); /* written as nothing: nothing to cut after */
     assert_int_equal(t->finishes, 0);
     assert_int_equal(t->errors, 1);
     t = run_chat("", true, &st); /* nothing to cut after */
@@ -726,8 +733,10 @@ static void test_continue_final(void **state) {
         assert_int_equal(st, BT_OK);
         assert_prompt(t, want);
     }
-    fake_trims = true; /* the trailing blank dropped: refused, not cut elsewhere */
+    fake_trims = true; /* the trailing blank dropped: cut after the "<" written, not in a marker */
     t = run_chat("< ", true, &st);
+    assert_prompt(t, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<");
+    t = run_chat("< \n ", true, &st); /* written "< \n": neither as sent nor trimmed, refused */
     assert_int_equal(t->finishes, 0);
     assert_int_equal(t->errors, 1);
     fake_trims = false;
@@ -838,7 +847,7 @@ static void test_destroy_hung(void **state) {
 /* ---- batch gathering (--batch-gather-us) on the engine thread ------------------------------- */
 
 /* Submits S[i]: the completion of `prompt`, greedy, max_tokens tokens, expected stream filled in. */
-static void submit_prompt(int i, const char *prompt, uint32_t max_tokens) {
+static void submit_prompt_to(int i, const char *prompt, uint32_t max_tokens, const bt_engine_sink *sk) {
     tseq *t = &S[i];
     memset(t, 0, sizeof *t);
     t->i = i;
@@ -852,8 +861,12 @@ static void submit_prompt(int i, const char *prompt, uint32_t max_tokens) {
     rq.body = body;
     rq.max_tokens = max_tokens;
     char err[128];
-    assert_int_equal(bt_engine_submit(E, &rq, &sink, t, &t->seq, err, sizeof err), BT_OK);
+    assert_int_equal(bt_engine_submit(E, &rq, sk, t, &t->seq, err, sizeof err), BT_OK);
     json_decref(body);
+}
+
+static void submit_prompt(int i, const char *prompt, uint32_t max_tokens) {
+    submit_prompt_to(i, prompt, max_tokens, &sink);
 }
 
 /* S[i]: "a prompt" (9 tokens) */
@@ -1036,7 +1049,9 @@ static void test_gather_destroy(void **state) {
  * --max-num-batched-tokens 16 and --max-num-seqs 4 are prefilled in chunks of 12, one prompt after
  * the other; the three left out wait 5 to 15 steps each. Each is told once that it waits (queued),
  * not once per step, with the load already counting it as waiting; the first is told nothing; every
- * stream is the model's. (Without the waits told, none was: a frontend's --stream-token-timeout
+ * stream is the model's. Submitted one after the other, the three may also queue behind the first
+ * on the prompt thread and be told there: that wait goes on through their admission and the steps
+ * that leave them out, still one (a wait ended at admission was told twice). (Without the waits told, none was: a frontend's --stream-token-timeout
  * took the three for lost streams, tests/fault/test_llama_prefill_wait.py.) The engine is stalled
  * while they are submitted, so that all four are admitted in one step. */
 static void test_prefill_waits(void **state) {
@@ -1106,6 +1121,12 @@ static void on_tick_queue(uv_timer_t *tm) {
         assert_int_equal(l.running, 0);
         assert_true(loads >= 1);
         assert_int_equal(load_waiting, 4);
+        /* the three queued behind S[0] were told they wait, once, with the load counting them */
+        for (int i = 0; i < 4; i++) assert_int_equal(S[i].waits, i ? 1 : 0);
+        for (int i = 1; i < 4; i++) {
+            assert_int_equal(S[i].wait_reason, BT_ENGINE_WAIT_QUEUED);
+            assert_true(S[i].wait_counted);
+        }
         bt_engine_stop(E, S[3].seq); /* queued */
         bt_engine_kill(E, S[2].seq); /* queued */
         S[2].dead = true;
@@ -1134,12 +1155,15 @@ static void on_tick_queue(uv_timer_t *tm) {
 }
 
 /* The prompt thread held inside one long tokenization (S[0]'s) with three prompts queued behind
- * it: the load counts all four as waiting (and the worker hears it: on_load). A stop of a queued
- * one (S[3]) and of the one being tokenized (S[0]) end them at once with "cancelled" and no
- * prompt tokens, a kill of a queued one (S[2]) at once with no callback, all while the
- * tokenization goes on; the queued two are never tokenized, and the load drops to the one left.
- * Once the tokenization returns, S[1] runs as the model says. Without the withdrawal the stops
- * waited behind S[0]'s tokenization and S[1]'s and S[2]'s, and the load showed nothing waiting. */
+ * it: the load counts all four as waiting (and the worker hears it: on_load), and the three queued
+ * are told they wait (queued) once each, the load already counting them, S[1] not told again when
+ * the engine thread admits it (before, no prompt queued there was told: a frontend's
+ * --stream-token-timeout took them for lost streams). A stop of a queued one (S[3]) and of the one
+ * being tokenized (S[0]) end them at once with "cancelled" and no prompt tokens, a kill of a queued
+ * one (S[2]) at once with no callback, all while the tokenization goes on; the queued two are
+ * never tokenized, and the load drops to the one left. Once the tokenization returns, S[1] runs as
+ * the model says. Without the withdrawal the stops waited behind S[0]'s tokenization and S[1]'s
+ * and S[2]'s, and the load showed nothing waiting. */
 static void test_prompt_queue(void **state) {
     (void)state;
     uv_loop_t loop;
@@ -1151,10 +1175,10 @@ static void test_prompt_queue(void **state) {
     E = make_engine_with(&loop, 0, 0, &gather_hooks);
     tok_gate_set(true);
     remaining = 3; /* S[0] and S[3] stopped, S[1] finished; the last end destroys the engine */
-    submit_prompt(0, "slow prompt", 4);
-    submit_prompt(1, "queued prompt one", 4);
-    submit_prompt(2, "queued prompt two", 4);
-    submit_prompt(3, "queued prompt three", 4);
+    submit_prompt_to(0, "slow prompt", 4, &wait_sink);
+    submit_prompt_to(1, "queued prompt one", 4, &wait_sink);
+    submit_prompt_to(2, "queued prompt two", 4, &wait_sink);
+    submit_prompt_to(3, "queued prompt three", 4, &wait_sink);
     uv_timer_t tm;
     uv_timer_init(&loop, &tm);
     uv_timer_start(&tm, on_tick_queue, 5, 5);
@@ -1165,6 +1189,7 @@ static void test_prompt_queue(void **state) {
     assert_int_equal(S[1].finishes, 1);
     assert_int_equal(S[1].ngot, 4);
     for (uint32_t g = 0; g < S[1].ngot; g++) assert_int_equal(S[1].got[g], S[1].expect[g]);
+    assert_int_equal(S[1].waits, 1); /* not told again by the step that admitted it */
     assert_int_equal(S[2].finishes + S[2].errors, 0);
     assert_int_equal(atomic_load(&tok_queued), 1); /* S[1]'s prompt alone */
     assert_int_equal(atomic_load(&on_loop_calls), 0);

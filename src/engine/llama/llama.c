@@ -249,9 +249,10 @@ struct ll_seq {
     uint64_t admitted; /* admission order, for preemption (latest first) */
     int32_t priority;  /* lower is admitted sooner (engine.h) */
     bool prio_held;    /* preempted for priority and no token since: not preempted for priority again */
-    /* held without being computed, and an EV_WAIT was posted for it: in the waiting queue (cleared
-     * at admission), or running but left out of the steps for want of budget (cleared at the step
-     * that computes it again); counted as waiting in the load either way (update_load) */
+    /* held without being computed, and its wait was told (an EV_WAIT posted, or staged at submit
+     * for a prompt queued behind another, send_submit): in the prompt queue, in the waiting queue,
+     * or admitted but left out of the steps for want of budget; cleared by the step that computes
+     * it (starve_end), and counted as waiting in the load until then (update_load, ll_get_load) */
     bool wait_told;
     uint32_t starved; /* running: consecutive steps that left it out for want of budget (step) */
     /* body, rendered on the thread */
@@ -553,6 +554,10 @@ static bool apply_template(ll_engine *e, const struct llama_chat_message *cm, si
  * template would drop, so that where it appears is where the template writes the content. */
 #define FINAL_MARK "\001baton-final-message\002"
 
+/* What llama.cpp's templates trim off a message's content: isspace() of the C locale, written out
+ * so that no locale of the process changes where a final message is cut */
+static bool trimmed_blank(char c) { return c == ' ' || (c >= '\t' && c <= '\r'); }
+
 /* continue_final_message under the model's template: the length of the prompt cut right after the
  * final message's content, or 0 when that place is not known. The content cannot be looked for
  * in the rendering itself: the end of turn and the final message's own header hold short text
@@ -561,11 +566,20 @@ static bool apply_template(ll_engine *e, const struct llama_chat_message *cm, si
  * more with FINAL_MARK as the final content: the template writes everything before that mark
  * (the earlier messages, the header) and after it (the end of turn) for any content, so the
  * rendering with the real content must be exactly that text with the content where the mark
- * was, and the cut goes right after it. A template that trims or rewrites the content fails
- * that comparison. */
+ * was, and the cut goes right after it. What the template wrote there must be the content as sent
+ * or, for a template that trims it (llama.cpp's Llama 3, Gemma, Command R: white space at both
+ * ends dropped, as their Jinja's `| trim`), the content trimmed, not empty: the cut then goes
+ * after the text as written, where vLLM (Hugging Face's continue_final_message) cuts such a
+ * rendering, so that a final message ending in a blank ("The answer is ") continues there rather
+ * than being refused. A template that rewrites the content fails the comparison. */
 static size_t final_content_end(ll_engine *e, struct llama_chat_message *cm, size_t n, const bt_buf *full,
                                 const bt_buf *last, bt_status *st) {
     size_t cl = last->len - 1, ml = sizeof FINAL_MARK - 1, cut = 0;
+    /* the content trimmed as llama.cpp's trim() does it: isspace() of the C locale, both ends */
+    size_t lead = 0, tl = cl;
+    while (lead < tl && trimmed_blank(last->data[lead])) lead++;
+    while (tl > lead && trimmed_blank(last->data[tl - 1])) tl--;
+    tl -= lead;
     const char *content = cm[n - 1].content;
     bt_buf marked;
     bt_buf_init(&marked, (size_t)64 << 20);
@@ -582,9 +596,13 @@ static size_t final_content_end(ll_engine *e, struct llama_chat_message *cm, siz
         at = p;
     if (!at) goto out;
     size_t before = (size_t)(at - marked.data), after = marked.len - before - ml;
-    if (cl && full->len == before + cl + after && !memcmp(full->data, marked.data, before) &&
-        !memcmp(full->data + before, last->data, cl) && !memcmp(full->data + before + cl, at + ml, after))
-        cut = before + cl;
+    if (full->len < before + after || memcmp(full->data, marked.data, before) ||
+        memcmp(full->data + full->len - after, at + ml, after))
+        goto out;
+    size_t wl = full->len - before - after; /* what the template wrote for the content */
+    const char *w = full->data + before;
+    if ((wl == cl && cl && !memcmp(w, last->data, cl)) || (wl == tl && tl && !memcmp(w, last->data + lead, tl)))
+        cut = before + wl;
 out:
     bt_buf_free(&marked);
     return cut;
@@ -639,8 +657,8 @@ static bt_status render_chat(ll_engine *e, ll_seq *s, char *err, size_t errlen) 
         if (st != BT_OK) goto out;
         if (!cut) {
             snprintf(err, errlen,
-                     "'continue_final_message': this model's chat template does not write the final message as "
-                     "sent, so it cannot be continued");
+                     "'continue_final_message': this model's chat template writes nothing of the final message, "
+                     "or rewrites it, so it cannot be continued");
             st = BT_ERR_INVALID_PARAM;
             goto out;
         }
@@ -902,7 +920,10 @@ static void admit(ll_engine *e) {
             continue;
         }
         list_remove(&e->waiting, s);
-        s->wait_told = false;
+        /* A wait it was told (queued, here or on the prompt queue; preempted) goes on until a step
+         * computes it (starve_end, in this very step unless the budget leaves it out): admitted and
+         * left out, it is still the same wait, neither told again nor shown running in the load
+         * meanwhile (update_load). */
         s->starved = 0;
         e->slots[slot] = true;
         s->slot = slot;
@@ -1094,8 +1115,9 @@ static void starve(ll_engine *e, ll_seq *s) {
     if (s->starved >= LL_STARVED_TELL && !s->wait_told) post_wait(e, s, BT_ENGINE_WAIT_QUEUED);
 }
 
-/* s is computed in this step: a budget wait it was told is over. Its stream's wait ends at its
- * next TOKENS, or at the next LOAD showing nothing waiting (update_load no longer counts it). */
+/* s is computed in this step: a wait it was told (for budget, or queued before its admission) is
+ * over. Its stream's wait ends at its next TOKENS, or at the next LOAD showing nothing waiting
+ * (update_load no longer counts it). */
 static void starve_end(ll_seq *s) {
     s->starved = 0;
     s->wait_told = false;
@@ -1375,15 +1397,23 @@ static void send_cmd(ll_engine *e, ll_cmd *c) {
 }
 
 /* A SUBMIT goes to the prompt thread; until the engine thread has it, it is counted as waiting in
- * the load (n_prompts), which the worker hears from on_async, never from inside submit. */
-static void send_submit(ll_engine *e, ll_cmd *c) {
+ * the load (n_prompts), which the worker hears from on_async, never from inside submit. True when
+ * it queues behind another prompt (one being prepared, or queued): its stream then hears nothing
+ * for as long as the tokenizations ahead of it take, seconds each for long prompts on a large
+ * model, a wait of the engine's as a queued sequence's at a step. It is marked told (wait_told)
+ * here, before any other thread sees it, so that the step that finds it still waiting does not
+ * tell the same wait again (one WAITING per wait); the caller tells it. */
+static bool send_submit(ll_engine *e, ll_cmd *c) {
     pthread_mutex_lock(&e->mu);
+    bool behind = e->prompt_cur || !STAILQ_EMPTY(&e->prompts);
+    c->seq->wait_told = behind;
     STAILQ_INSERT_TAIL(&e->prompts, c, link);
     e->n_prompts++;
     e->load_changed = true;
     pthread_cond_signal(&e->prompt_cv);
     uv_async_send(&e->async);
     pthread_mutex_unlock(&e->mu);
+    return behind;
 }
 
 /* A stop, kill or hand-off of h (loop). While h's SUBMIT has not gone on to the engine thread, the
@@ -1602,7 +1632,14 @@ static bt_status ll_submit(bt_engine *be, const bt_engine_request *req, const bt
     c->seq = s;
     h->n_carried = req->n_carried;
     bt_deliver_add(&e->dl, &h->ds, sink, ud, LL_TEXT_CAP);
-    send_submit(e, c);
+    /* Queued behind another prompt: told now, from the loop, drained by the on_async that
+     * send_submit woke (staged here rather than posted as an event, so that no event names a
+     * handle that ll_withdraw may free first). The load counts the sequence as waiting from
+     * send_submit on (n_prompts), then in the engine thread's loads (waiting, or admitted and
+     * still told: update_load) until a step computes it: no LOAD written after this WAITING shows
+     * it not waiting before it runs (docs/protocol.md §4). Its first tokens end the wait (or its
+     * ending, which tells nothing). */
+    if (send_submit(e, c)) bt_deliver_wait(&e->dl, &h->ds, BT_ENGINE_WAIT_QUEUED);
     *out = h;
     return BT_OK;
 nomem:
