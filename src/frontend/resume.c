@@ -194,7 +194,9 @@ static void refuse(fe *f, bt_http_req *http, fe_resume_outcome why, int status, 
  * retrying, an EventSource closes for good) while the same resume succeeds once NATS answers. */
 static void unavailable(fe *f, bt_http_req *http, const char *why, const char *sid) {
     f->resumes[FE_RESUME_UNAVAILABLE]++;
-    BT_WARN("resume of stream %s answered 503: %s", sid, why);
+    /* not a warning: the journal's thread has warned of the read that failed, and an outage of NATS
+     * would repeat this line for every client retrying */
+    BT_INFO("resume of stream %s answered 503: %s", sid, why);
     fe_json_error_ex(http, NULL, 503, "journal_unavailable", NULL, "Retry-After: 1\r\n",
                      "stream '%s' cannot be resumed right now: %s; retry", sid, why);
 }
@@ -384,7 +386,7 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
              * that claimed it meanwhile (concurrent resumes of one stream), and each is taken over
              * as on one thread, the last to claim keeping the stream. A resume that claimed after
              * this ask is newer than what this one saw, and is spared (supersede_local). */
-            if (tries == 0)
+            if (!superseding)
                 BT_INFO("resume of stream %s waits for thread %d to end the request that streams it", sid,
                         cur_shard);
             supersede_ask *a = malloc(sizeof *a);
