@@ -353,6 +353,7 @@ struct fe_req {
     fe_jtail jtail;         /* how the request ended, for its journal record */
     char body_digest[65];   /* of the client's body, before the frontend changes anything (resume.c) */
     bool resumed;           /* built from the journal by a resume: no new record, no admission */
+    uint64_t claim_seq;     /* a resume's place among the process's claims (fe_group.claims); 0 otherwise */
     bool overran;           /* a worker sent tokens past max_tokens (dropped; logged once) */
     bool kv_refused_logged; /* a KV state of it was not relayed, and that was logged (once) */
     /* ---- how it was answered, for its access-log line (access.c) ---- */
@@ -444,6 +445,7 @@ typedef enum {
     FE_RESUME_INVALID,    /* 400: malformed id, a different body, a position it never sent */
     FE_RESUME_CONFLICT,   /* 409: still streamed by another thread's request after a second */
     FE_RESUME_DROPPED,    /* 404: its journal record was dropped while it ran (a tombstone says so) */
+    FE_RESUME_UNAVAILABLE, /* 503: the shared journal did not answer in time (NATS down or stopped): retry */
     FE_RESUME_N_
 } fe_resume_outcome;
 
@@ -551,6 +553,9 @@ struct fe_group {
     int64_t started_wall_s; /* Unix time the process started: "created" of /v1/models */
     fe_journal *journal;  /* the stream journal of the process (NULL = resumable streams off) */
     uint8_t mac_secret[32]; /* binds journal records to the caller's credential (random, per process) */
+    /* resume.c: claims of journal records by resumes, counted; a resume that asks another shard to
+     * end the request streaming its record names the count it saw, so that a newer resume is spared */
+    atomic_uint_fast64_t claims;
 };
 
 /* workers.c */

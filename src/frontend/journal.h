@@ -114,6 +114,8 @@ typedef enum {
     FE_CLAIM_PENDING, /* the store is fetching the record from elsewhere: ask again in a few ms */
     FE_CLAIM_DROPPED, /* the caller's stream, whose record was dropped while it ran (the cap, or no
                        * memory): said while it runs and for retention_s after it ended */
+    FE_CLAIM_UNAVAILABLE, /* the store could not tell: reading it from elsewhere failed (a timeout, a
+                           * server down or stopped); the same claim may succeed once it answers */
 } fe_claim_result;
 
 typedef struct {
@@ -128,6 +130,7 @@ typedef struct {
     uint64_t js_purged, js_purge_failed;   /* finished streams purged by subject after their retention */
     uint64_t js_fetched, js_fetch_missing; /* resumes of other frontends' streams: read back, or not there */
     uint64_t js_fetch_gaps; /* of js_fetched: read only up to a change lost on its way to JetStream */
+    uint64_t js_fetch_failed; /* fetches that got no answer (timeout, no connection): not "not found" */
     uint64_t js_cut;                       /* streams whose record on NATS stops short: a change was lost */
 } fe_journal_stats;
 

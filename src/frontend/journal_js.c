@@ -71,7 +71,9 @@ typedef struct op {
 } op;
 STAILQ_HEAD(op_queue, op);
 
-typedef enum { F_WAIT, F_FOUND, F_NONE } fetch_state;
+/* F_NONE: JetStream answered that the stream is not there (or its record is unreadable);
+ * F_FAILED: it did not answer (a timeout, no connection): the stream may well be there */
+typedef enum { F_WAIT, F_FOUND, F_NONE, F_FAILED } fetch_state;
 
 typedef struct fetch {
     LIST_ENTRY(fetch) link; /* js_journal.fetches */
@@ -117,7 +119,8 @@ typedef struct {
     struct purge_list purges;
     bool stop;
     js_state state;
-    uint64_t dropped, published, pub_errors, purged, purge_errors, fetched, fetch_missing, fetch_gaps, cut_streams;
+    uint64_t dropped, published, pub_errors, purged, purge_errors, fetched, fetch_missing, fetch_gaps, fetch_failed,
+        cut_streams;
     /* Streams a change of which was lost on its way to NATS (a full queue, a failed publish): key
      * cut_key(sid), value the time (bt_now_ms) after which the entry may go. Nothing more of them
      * is published, so that their record on NATS stays a prefix of what they sent — a resume
@@ -302,6 +305,9 @@ static fe_claim_result js_claim(fe_journal *j, const char *sid, const uint8_t ke
     if (res != FE_CLAIM_NOT_FOUND || strlen(sid) != FE_STREAM_ID_LEN) return res;
     uv_mutex_lock(&js->mu);
     if (js->state != JS_READY) {
+        /* not connected yet (the server unreachable since start): the stream may be there, and a
+         * 404 would end a client that can resume once the journal connects */
+        if (js->state != JS_OFF) res = FE_CLAIM_UNAVAILABLE;
         uv_mutex_unlock(&js->mu);
         return res;
     }
@@ -333,6 +339,7 @@ static fe_claim_result js_claim(fe_journal *j, const char *sid, const uint8_t ke
                      f->snap.tail.kind == FE_JTAIL_NONE ? "unfinished" : "finished");
         res = fe_journal_claim(js->mem, sid, key_mac, shard, out, rec, cur_shard);
     }
+    else if (f->state == F_FAILED) res = FE_CLAIM_UNAVAILABLE;
     fe_jsnap_free(&f->snap);
     free(f);
     return res;
@@ -351,6 +358,7 @@ static void js_stats(fe_journal *j, fe_journal_stats *out) {
     out->js_fetched = js->fetched;
     out->js_fetch_missing = js->fetch_missing;
     out->js_fetch_gaps = js->fetch_gaps;
+    out->js_fetch_failed = js->fetch_failed;
     out->js_cut = js->cut_streams;
     uv_mutex_unlock(&js->mu);
 }
@@ -576,7 +584,7 @@ static void fetch_one(js_journal *js, jsCtx *ctx, fetch *f) {
     memset(&s, 0, sizeof s);
     memcpy(s.stream_id, f->sid, sizeof s.stream_id);
     uint8_t mac[FE_KEY_MAC_LEN] = {0};
-    bool opened = false, ok = true, gap = false;
+    bool opened = false, ok = true, gap = false, failed = false;
     size_t caps[3] = {0, 0, 0};
     uint64_t seq = 1;
     jsOptions jo;
@@ -591,8 +599,13 @@ static void fetch_one(js_journal *js, jsCtx *ctx, fetch *f) {
         natsStatus st = js_DirectGetMsg(&m, ctx, js->stream, &jo, &dg);
         if (st == NATS_NOT_FOUND) break; /* no more */
         if (st != NATS_OK) {
-            BT_WARN("stream journal: reading stream %s from JetStream failed: %s", f->sid, natsStatus_GetText(st));
+            /* no answer is not "not there": the resume is told to come back (503), not that the
+             * stream is unknown (404), which ends an EventSource or an SDK's retries for good */
+            BT_WARN("stream journal: reading stream %s from JetStream failed: %s; its resume is answered 503 "
+                    "(retry)",
+                    f->sid, natsStatus_GetText(st));
             ok = false;
+            failed = true;
             break;
         }
         const char *sq = NULL;
@@ -614,6 +627,10 @@ static void fetch_one(js_journal *js, jsCtx *ctx, fetch *f) {
         f->state = F_FOUND;
         js->fetched++;
         js->fetch_gaps += gap;
+    } else if (failed) {
+        f->state = F_FAILED;
+        js->fetch_failed++;
+        fe_jsnap_free(&s);
     } else {
         f->state = F_NONE;
         js->fetch_missing++;
@@ -666,11 +683,102 @@ static void do_purges(js_journal *js, jsCtx *ctx, bool all) {
     }
 }
 
+/* A limit of the stream, the larger of two: n <= 0 is none (MaxAge 0, MaxBytes -1: unlimited). */
+static int64_t larger_limit(int64_t have, int64_t want) {
+    if (have <= 0) return have;
+    return want > have ? want : have;
+}
+
+/* Creates the JetStream stream, or takes it as other frontends made it. Its limits only ever grow:
+ * the stream holds every frontend's records under one MaxBytes and one MaxAge, so a frontend whose
+ * own settings are smaller (a test instance, a typo) must not cut the others' records — lowering
+ * MaxBytes deletes the oldest messages of every frontend at once, and their streams would no longer
+ * resume anywhere. A frontend whose settings are larger raises them, as a rolling restart with a
+ * larger --stream-retention-bytes means to; lowering them is an operator's deliberate act (`nats
+ * stream edit`, docs/operations.md). *max_age_ns and *max_bytes: the stream's limits from here on.
+ * Blocking: this thread only. */
+static natsStatus ensure_stream(js_journal *js, jsCtx *ctx, jsErrCode *je, int64_t *max_age_ns, int64_t *max_bytes) {
+    jsStreamConfig cfg;
+    jsStreamConfig_Init(&cfg);
+    char subj[128];
+    snprintf(subj, sizeof subj, "%s.>", js->prefix);
+    const char *subjects[] = {subj};
+    cfg.Name = js->stream;
+    cfg.Subjects = subjects;
+    cfg.SubjectsLen = 1;
+    cfg.Storage = js_FileStorage;
+    cfg.Discard = js_DiscardOld;
+    cfg.MaxAge = (int64_t)((js->pub.retention_s + MAX_STREAM_S) * 1e9);
+    cfg.MaxBytes = (int64_t)js->pub.max_bytes;
+    cfg.AllowDirect = true;
+    jsStreamInfo *si = NULL;
+    natsStatus st = js_GetStreamInfo(&si, ctx, js->stream, NULL, je);
+    if (st == NATS_NOT_FOUND || *je == JSStreamNotFoundErr) {
+        *je = 0;
+        st = js_AddStream(&si, ctx, &cfg, NULL, je);
+        if (st == NATS_OK) {
+            BT_INFO("resumable streams: created the JetStream stream %s (MaxAge %gs, MaxBytes %" PRId64 ")",
+                    js->stream, (double)cfg.MaxAge / 1e9, cfg.MaxBytes);
+            *max_age_ns = cfg.MaxAge;
+            *max_bytes = cfg.MaxBytes;
+            jsStreamInfo_Destroy(si);
+            return NATS_OK;
+        }
+        if (*je != JSStreamNameExistErr) return st;
+        *je = 0; /* another frontend created it meanwhile: take it as it made it */
+        st = js_GetStreamInfo(&si, ctx, js->stream, NULL, je);
+    }
+    if (st != NATS_OK) return st;
+    if (!si || !si->Config) {
+        jsStreamInfo_Destroy(si);
+        return NATS_ERR;
+    }
+    jsStreamConfig *have = si->Config;
+    int64_t age0 = have->MaxAge, bytes0 = have->MaxBytes;
+    int64_t age = larger_limit(age0, cfg.MaxAge), bytes = larger_limit(bytes0, cfg.MaxBytes);
+    if (age > age0 || bytes > bytes0 || !have->AllowDirect) {
+        have->MaxAge = age;
+        have->MaxBytes = bytes;
+        have->AllowDirect = true; /* resumes read it with direct gets */
+        jsStreamInfo *upd = NULL;
+        jsErrCode uje = 0;
+        natsStatus ust = js_UpdateStream(&upd, ctx, have, NULL, &uje);
+        jsStreamInfo_Destroy(upd);
+        if (ust == NATS_OK) {
+            BT_WARN("resumable streams: raised the limits of the JetStream stream %s, shared by every frontend of "
+                    "namespace %s, from MaxAge %gs, MaxBytes %" PRId64 " to this frontend's MaxAge %gs "
+                    "(--stream-retention + %ds), MaxBytes %" PRId64 " (--stream-retention-bytes); a frontend never "
+                    "lowers them (docs/operations.md)",
+                    js->stream, js->ns, (double)age0 / 1e9, bytes0, (double)age / 1e9, MAX_STREAM_S, bytes);
+        } else {
+            /* the stream as it is still serves: its records resume, under its own limits */
+            BT_WARN("resumable streams: cannot raise the limits of the JetStream stream %s (MaxAge %gs, MaxBytes %" PRId64
+                    ") to this frontend's (MaxAge %gs, MaxBytes %" PRId64 "): %s, error %d; it is used as it is",
+                    js->stream, (double)age0 / 1e9, bytes0, (double)cfg.MaxAge / 1e9, cfg.MaxBytes,
+                    natsStatus_GetText(ust), (int)uje);
+            age = age0;
+            bytes = bytes0;
+        }
+    }
+    bool larger = age <= 0 || age > cfg.MaxAge || bytes <= 0 || bytes > cfg.MaxBytes;
+    if (larger)
+        BT_INFO("resumable streams: the JetStream stream %s keeps its MaxAge %gs and MaxBytes %" PRId64 " (0 and -1: "
+                "none), not this frontend's %gs (--stream-retention + %ds) and %" PRId64 " (--stream-retention-bytes): "
+                "it holds every frontend's records, and a frontend never lowers its limits; to lower them, lower the "
+                "flags on every frontend and run `nats stream edit %s --max-age ... --max-bytes ...` "
+                "(docs/operations.md)",
+                js->stream, (double)age / 1e9, bytes, (double)cfg.MaxAge / 1e9, MAX_STREAM_S, cfg.MaxBytes,
+                js->stream);
+    *max_age_ns = age;
+    *max_bytes = bytes;
+    jsStreamInfo_Destroy(si);
+    return NATS_OK;
+}
+
 static void thread_main(void *arg) {
     js_journal *js = arg;
     natsConnection *nc = NULL;
     jsCtx *ctx = NULL;
-    jsStreamInfo *si = NULL;
     jsErrCode je = 0;
     natsStatus st = bt_nats_client_connect(js->cl, &nc);
     /* A server not reachable yet (started after this frontend, or down for a while) is retried
@@ -703,25 +811,8 @@ static void thread_main(void *arg) {
         st = bt_nats_client_connect(js->cl, &nc);
     }
     if (st == NATS_OK) st = natsConnection_JetStream(&ctx, nc, NULL);
-    if (st == NATS_OK) {
-        jsStreamConfig cfg;
-        jsStreamConfig_Init(&cfg);
-        char subj[128];
-        snprintf(subj, sizeof subj, "%s.>", js->prefix);
-        const char *subjects[] = {subj};
-        cfg.Name = js->stream;
-        cfg.Subjects = subjects;
-        cfg.SubjectsLen = 1;
-        cfg.Storage = js_FileStorage;
-        cfg.Discard = js_DiscardOld;
-        cfg.MaxAge = (int64_t)((js->pub.retention_s + MAX_STREAM_S) * 1e9);
-        cfg.MaxBytes = (int64_t)js->pub.max_bytes;
-        cfg.AllowDirect = true;
-        st = js_AddStream(&si, ctx, &cfg, NULL, &je);
-        if (st != NATS_OK && je == JSStreamNameExistErr) {
-            st = js_UpdateStream(&si, ctx, &cfg, NULL, &je);
-        }
-    }
+    int64_t max_age_ns = 0, max_bytes = 0; /* the stream's, as found or set */
+    if (st == NATS_OK) st = ensure_stream(js, ctx, &je, &max_age_ns, &max_bytes);
     uv_mutex_lock(&js->mu);
     js->state = st == NATS_OK ? JS_READY : JS_OFF;
     uv_mutex_unlock(&js->mu);
@@ -744,11 +835,10 @@ static void thread_main(void *arg) {
                     js->url, natsStatus_GetText(st), (int)je, bt_nats_client_auth(js->cl));
     } else {
         BT_INFO("resumable streams: journal shared through NATS JetStream at %s (stream %s, subjects %s.*, MaxAge "
-                "%gs, MaxBytes %" PRIu64 ", credentials: %s); a stream resumes on any frontend of namespace %s",
-                js->url, js->stream, js->prefix, js->pub.retention_s + MAX_STREAM_S, js->pub.max_bytes,
-                bt_nats_client_auth(js->cl), js->ns);
+                "%gs, MaxBytes %" PRId64 ", credentials: %s); a stream resumes on any frontend of namespace %s",
+                js->url, js->stream, js->prefix, (double)max_age_ns / 1e9, max_bytes, bt_nats_client_auth(js->cl),
+                js->ns);
     }
-    jsStreamInfo_Destroy(si);
     uv_mutex_lock(&js->mu);
     while (st == NATS_OK) {
         if (!js->stop) { /* a batch is what BATCH_MS gathers; a resume's fetch cuts the wait short */

@@ -57,9 +57,8 @@
 #define REPLAY_WRITE_BYTES (64u * 1024u)
 
 static const char *const mark_names[] = {"", "end", "usage", "done", "error"};
-static const char *const outcome_names[FE_RESUME_N_] = {"replayed",  "continued", "superseded",
-                                                        "not_found", "invalid",   "conflict",
-                                                        "dropped"};
+static const char *const outcome_names[FE_RESUME_N_] = {"replayed", "continued", "superseded", "not_found",
+                                                        "invalid",  "conflict",  "dropped",    "unavailable"};
 
 /* A position as the server writes it: decimal digits, no sign, no leading zero but in "0", at
  * most UINT32_MAX; *end is where it stops. The one rule of both forms (Last-Event-ID and
@@ -105,17 +104,35 @@ bool fe_resume_parse_id(const char *s, char sid[FE_STREAM_ID_LEN + 1], uint64_t 
 
 void fe_key_mac(fe *f, const bt_http_req *http, uint8_t out[FE_KEY_MAC_LEN]) {
     memset(out, 0, FE_KEY_MAC_LEN);
-    if (!f->o.api_key || !*f->o.api_key) return;
-    /* the key, not the header's spelling: every form the API accepts for one key ("Bearer KEY",
-     * "bearer  KEY", ...: fe_bearer_key) is the same credential, and resumes as it */
-    size_t kl = 0;
-    const char *a = http ? fe_bearer_key(http, &kl) : NULL;
-    if (!a) { /* no bearer key: the header as it is (the API refused such a request with a key set) */
-        a = http && http->authorization ? http->authorization : "";
-        kl = strlen(a);
-    }
+    bool keyed = f->o.api_key && *f->o.api_key;
+    if (!keyed && !f->o.trust_tenant_header) return;
     unsigned int len = FE_KEY_MAC_LEN;
-    HMAC(EVP_sha256(), f->grp->mac_secret, (int)sizeof f->grp->mac_secret, (const unsigned char *)a, kl, out, &len);
+    if (keyed) {
+        /* the key, not the header's spelling: every form the API accepts for one key ("Bearer KEY",
+         * "bearer  KEY", ...: fe_bearer_key) is the same credential, and resumes as it */
+        size_t kl = 0;
+        const char *a = http ? fe_bearer_key(http, &kl) : NULL;
+        if (!a) { /* no bearer key: the header as it is (the API refused such a request with a key set) */
+            a = http && http->authorization ? http->authorization : "";
+            kl = strlen(a);
+        }
+        HMAC(EVP_sha256(), f->grp->mac_secret, (int)sizeof f->grp->mac_secret, (const unsigned char *)a, kl, out,
+             &len);
+    }
+    if (!f->o.trust_tenant_header) return; /* the MAC of the key alone, as records of every build have it */
+    /* Behind a gateway that names the caller (X-Tenant), one API key is shared by many tenants: the
+     * record is bound to the tenant too, as the cancel endpoint binds a request to it
+     * (fe_caller_tag; no header is the tenant ""). Over the key's MAC and the tenant's digest, both
+     * of fixed length: no two (key, tenant) pairs give one input. */
+    const char *t = http && http->tenant ? http->tenant : "";
+    unsigned char in[FE_KEY_MAC_LEN + SHA256_DIGEST_LENGTH];
+    memcpy(in, out, FE_KEY_MAC_LEN);
+    SHA256_CTX ctx; /* on the stack, as fe_body_digest_canon's */
+    SHA256_Init(&ctx);
+    SHA256_Update(&ctx, t, strlen(t));
+    SHA256_Final(in + FE_KEY_MAC_LEN, &ctx);
+    len = FE_KEY_MAC_LEN;
+    HMAC(EVP_sha256(), f->grp->mac_secret, (int)sizeof f->grp->mac_secret, in, sizeof in, out, &len);
 }
 
 void fe_body_digest_canon(const char *canon, size_t len, char out[65]) {
@@ -170,6 +187,21 @@ static bool same_body(const body_digests *d, const fe_jsnap *snap) {
 }
 
 static void refuse(fe *f, bt_http_req *http, fe_resume_outcome why, int status, const char *code, const char *msg,
+                   const char *sid);
+
+/* The shared journal could not say whether it holds the stream (NATS down, stopped, or slower than
+ * the wait): 503 with Retry-After, never a 404, which a client takes as final (an SDK stops
+ * retrying, an EventSource closes for good) while the same resume succeeds once NATS answers. */
+static void unavailable(fe *f, bt_http_req *http, const char *why, const char *sid) {
+    f->resumes[FE_RESUME_UNAVAILABLE]++;
+    /* not a warning: the journal's thread has warned of the read that failed, and an outage of NATS
+     * would repeat this line for every client retrying */
+    BT_INFO("resume of stream %s answered 503: %s", sid, why);
+    fe_json_error_ex(http, NULL, 503, "journal_unavailable", NULL, "Retry-After: 1\r\n",
+                     "stream '%s' cannot be resumed right now: %s; retry", sid, why);
+}
+
+static void refuse(fe *f, bt_http_req *http, fe_resume_outcome why, int status, const char *code, const char *msg,
                    const char *sid) {
     f->resumes[why]++;
     /* a client's error (4xx), at debug as every other (docs/security.md): a client sending guessed
@@ -215,19 +247,27 @@ void fe_resume_on_drain(fe *f, bt_http_req *http) {
     if (r && r->replay) replay_step(r);
 }
 
-/* Ends the request on this shard that streams `sid`, if any; true if there was one. */
-static bool supersede_local(fe *f, const char *sid) {
+/* Ends the request on this shard that streams `sid`, if any, unless it is a resume that claimed
+ * the record after claim `upto` (fe_group.claims): true if one was ended. */
+static bool supersede_local(fe *f, const char *sid, uint64_t upto) {
     for (fe_req *r = LIST_FIRST(&f->reqs); r; r = LIST_NEXT(r, link))
-        if (r->jrec && strcmp(r->stream_id, sid) == 0 && r->state != FE_REQ_DONE) {
+        if (r->jrec && strcmp(r->stream_id, sid) == 0 && r->state != FE_REQ_DONE && r->claim_seq <= upto) {
             fe_request_supersede(r);
             return true;
         }
     return false;
 }
 
+/* Another shard's resume asks this shard to end the request that streams sid. */
+typedef struct {
+    char sid[FE_STREAM_ID_LEN + 1];
+    uint64_t upto; /* the claims counted when it asked: a resume that claimed since is newer, and stays */
+} supersede_ask;
+
 static void supersede_job(fe *f, void *arg) {
-    supersede_local(f, arg);
-    free(arg);
+    supersede_ask *a = arg;
+    supersede_local(f, a->sid, a->upto);
+    free(a);
 }
 
 /* A resume waiting for another shard to end the request that still streams its record (its
@@ -246,12 +286,13 @@ struct fe_pending_resume {
     bool has_digests; /* a re-POST, not the GET form */
     body_digests digests;
     int tries;
+    bool superseding; /* it waits for another shard to end the request streaming the record */
     uv_timer_t timer;
     LIST_ENTRY(fe_pending_resume) link; /* fe.pending_resumes */
 };
 
 static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64_t pos, int mark,
-                   const body_digests *digests, int tries);
+                   const body_digests *digests, int tries, bool superseding);
 
 static void pending_closed(uv_handle_t *h) { free(h->data); }
 
@@ -264,7 +305,8 @@ static void pending_unlink(fe_pending_resume *p) {
 static void pending_tick(uv_timer_t *t) {
     fe_pending_resume *p = t->data;
     pending_unlink(p); /* freed on the next loop iteration: its fields stay valid below */
-    resume(p->f, p->http, p->api, p->sid, p->pos, p->mark, p->has_digests ? &p->digests : NULL, p->tries + 1);
+    resume(p->f, p->http, p->api, p->sid, p->pos, p->mark, p->has_digests ? &p->digests : NULL, p->tries + 1,
+           p->superseding);
 }
 
 bool fe_resume_abort(fe *f, bt_http_req *http) {
@@ -278,7 +320,7 @@ bool fe_resume_abort(fe *f, bt_http_req *http) {
 
 /* Defers the resume; false if it cannot (out of memory, or waited long enough). */
 static bool pending_add(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64_t pos, int mark,
-                        const body_digests *digests, int tries) {
+                        const body_digests *digests, int tries, bool superseding) {
     if (tries >= RETRY_MAX) return false;
     fe_pending_resume *p = calloc(1, sizeof *p);
     if (!p) return false;
@@ -293,6 +335,7 @@ static bool pending_add(fe *f, bt_http_req *http, bt_api api, const char *sid, u
     p->pos = pos;
     p->mark = mark;
     p->tries = tries;
+    p->superseding = superseding;
     uv_timer_init(f->loop, &p->timer);
     p->timer.data = p;
     LIST_INSERT_HEAD(&f->pending_resumes, p, link);
@@ -301,9 +344,10 @@ static bool pending_add(fe *f, bt_http_req *http, bt_api api, const char *sid, u
 }
 
 /* The resume itself, once the id is parsed: digests are those of the re-POSTed body, or NULL for
- * the GET form; tries counts the times it waited for another shard. */
+ * the GET form; tries counts the times it waited (for another shard, or for the shared journal's
+ * fetch), superseding whether it waited for another shard to end a request streaming the record. */
 static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64_t pos, int mark,
-                   const body_digests *digests, int tries) {
+                   const body_digests *digests, int tries, bool superseding) {
     fe_journal *j = f->grp->journal;
     if (f->shutting_down && f->o.accept_window_ms >= 0 &&
         bt_now_ms() - f->shutdown_started_ms > (uint64_t)f->o.accept_window_ms) {
@@ -319,9 +363,11 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
     }
     fe_jrec *rec = NULL;
     int cur_shard = -1;
-    bool superseded = tries > 0; /* it waited for another shard to end the request */
+    bool superseded = superseding; /* it waited for another shard to end the request (not for a fetch) */
+    /* counted before the claim: a request seen streaming the record below claimed it no later */
+    uint64_t seq = atomic_fetch_add(&f->grp->claims, 1) + 1;
     fe_claim_result cr = fe_journal_claim(j, sid, mac, f->shard, snap, &rec, &cur_shard);
-    if (cr == FE_CLAIM_LIVE && cur_shard == f->shard && supersede_local(f, sid)) {
+    if (cr == FE_CLAIM_LIVE && cur_shard == f->shard && supersede_local(f, sid, UINT64_MAX)) {
         superseded = true;
         cr = fe_journal_claim(j, sid, mac, f->shard, snap, &rec, &cur_shard);
     }
@@ -330,20 +376,28 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
         free(snap);
         if (cr == FE_CLAIM_PENDING) {
             /* a shared journal is fetching the record (journal_js.c): ask again shortly */
-            if (!pending_add(f, http, api, sid, pos, mark, digests, tries))
-                refuse(f, http, FE_RESUME_NOT_FOUND, 404, "stream_not_found",
-                       "the stream could not be read from the shared journal in time", sid);
+            if (!pending_add(f, http, api, sid, pos, mark, digests, tries, superseding))
+                unavailable(f, http, "the stream could not be read from the shared journal in time", sid);
+        } else if (cr == FE_CLAIM_UNAVAILABLE) {
+            unavailable(f, http, "the shared journal (NATS JetStream) did not answer", sid);
         } else if (cr == FE_CLAIM_LIVE) {
-            /* another shard's request streams it: that shard ends it, and this resume waits */
-            if (tries == 0) {
+            /* Another shard's request streams it: that shard ends it, and this resume waits. Asked
+             * at every try, not only the first: the request streaming it may be another resume
+             * that claimed it meanwhile (concurrent resumes of one stream), and each is taken over
+             * as on one thread, the last to claim keeping the stream. A resume that claimed after
+             * this ask is newer than what this one saw, and is spared (supersede_local). */
+            if (!superseding)
                 BT_INFO("resume of stream %s waits for thread %d to end the request that streams it", sid,
                         cur_shard);
-                char *arg = strdup(sid);
-                if (arg && (cur_shard < 0 || cur_shard >= f->grp->n ||
-                            !fe_shard_post(f->grp->shard[cur_shard], supersede_job, arg)))
-                    free(arg);
+            supersede_ask *a = malloc(sizeof *a);
+            if (a) {
+                memcpy(a->sid, sid, sizeof a->sid);
+                a->upto = seq;
             }
-            if (!pending_add(f, http, api, sid, pos, mark, digests, tries))
+            if (a && (cur_shard < 0 || cur_shard >= f->grp->n ||
+                      !fe_shard_post(f->grp->shard[cur_shard], supersede_job, a)))
+                free(a);
+            if (!pending_add(f, http, api, sid, pos, mark, digests, tries, true))
                 refuse(f, http, FE_RESUME_CONFLICT, 409, "stream_busy",
                        "the stream is still attached to another connection, which is being closed; retry", sid);
         } else if (cr == FE_CLAIM_NOMEM) {
@@ -452,6 +506,7 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
         return;
     }
     r->resumed = true;
+    r->claim_seq = seq;
     r->seed = snap->seed; /* the continuation samples as the original did (an engine that samples) */
     if (!fe_admit_resume(r, snap->priority))
         BT_WARN("request %s: out of memory for its admission ticket; it continues at priority 0", r->rid);
@@ -510,7 +565,7 @@ void fe_resume_post(fe *f, bt_http_req *http, bt_api api) {
         refuse(f, http, FE_RESUME_INVALID, 400, "invalid_value", "invalid JSON body", sid);
         return;
     }
-    resume(f, http, api, sid, pos, mark, &d, 0);
+    resume(f, http, api, sid, pos, mark, &d, 0, false);
 }
 
 /* How many times query parameter `name` is in q ("a=1&b=2"), its first value into out. A caller
@@ -577,7 +632,7 @@ void fe_resume_get(fe *f, bt_http_req *http, bt_api api, const char *stream_id) 
             return;
         }
     }
-    resume(f, http, api, sid, pos, mark, NULL, 0);
+    resume(f, http, api, sid, pos, mark, NULL, 0, false);
 }
 
 void fe_resume_collect(fe *f, bt_metrics *r) {
@@ -627,6 +682,7 @@ void fe_resume_collect(fe *f, bt_metrics *r) {
     bt_metrics_add(fam, (double)(st.js_fetched - st.js_fetch_gaps), "result", "found", NULL);
     bt_metrics_add(fam, (double)st.js_fetch_gaps, "result", "truncated", NULL); /* up to a lost change */
     bt_metrics_add(fam, (double)st.js_fetch_missing, "result", "not_found", NULL);
+    bt_metrics_add(fam, (double)st.js_fetch_failed, "result", "unavailable", NULL); /* no answer: a 503 */
     bt_metrics_add(bt_metrics_counter(r, "baton_frontend_stream_journal_jetstream_streams_cut_total",
                                       "Streams whose record in JetStream stops short: a change was lost on its way "
                                       "(nothing more of them is published)"),

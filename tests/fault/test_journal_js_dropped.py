@@ -29,7 +29,7 @@ with bl.Cluster() as c:
     nats = natslib.NatsServer(c.dir, config=f'jetstream {{ store_dir: "{os.path.join(c.dir, "js")}" }}').start()
     plane = dict(event_plane="nats", nats_server=nats.url)
     c.start_worker(**plane)
-    # A first: the JetStream stream's MaxBytes is set by the last frontend to connect, B's 256 MiB
+    # A first: it creates the JetStream stream with MaxBytes 4096, which B, with 256 MiB, raises (the limits only grow)
     fa = c.start_frontend(stream_retention_bytes=4096, **plane)
     fa.proc.wait_log(r"journal shared through NATS JetStream", timeout=15)
     fb = c.start_frontend(**plane)
