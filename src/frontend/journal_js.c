@@ -25,10 +25,20 @@
  * dropped and counted; a stream that lost a change that way, or in a failed publish, has nothing
  * more published (its record on NATS stays a prefix, which a resume elsewhere continues from).
  *
+ * Writers: a stream has one writer at a time, but a frontend that was superseded (stopped, or its
+ * client vanished silently, while its client resumed elsewhere) may still publish after its
+ * successor: its late events and its close. So that such records never override the successor's,
+ * every writer after the first has an epoch, one more than the highest its fetch read: its first
+ * change is {"o":"own","e":epoch,"p":tokens,"b":text bytes} (it writes from that position of the
+ * record on), and each of its operations carries "e". A reader follows the highest epoch it has
+ * seen: an "own" cuts the record back to its position (what an older writer published after the
+ * new one had read the record is not the new one's), and operations of a lower epoch are ignored.
+ * The first writer's operations carry no "e" (epoch 0), as every older frontend's.
+ *
  * Message: a JSON array of operations, in order: {"o":"open", the request's description},
  * {"o":"ev","p":tokens before it,"b":text bytes before it,"i":base64 of the ids (u32
  * little-endian),"t":base64 of the text},
- * {"o":"worker","id":N}, {"o":"close", the tail}. */
+ * {"o":"worker","id":N}, {"o":"close", the tail}, {"o":"own", ...} (above). */
 #include <inttypes.h>
 #include <openssl/evp.h>
 #include <stdio.h>
@@ -53,11 +63,12 @@
 #define FETCH_WAIT_MS 700                /* per JetStream request of a fetch (claims retry for 1 s) */
 #define MAX_FETCHES 256                  /* resumes of remote streams being fetched at once */
 
-typedef enum { OP_OPEN, OP_EV, OP_WORKER, OP_CLOSE } op_kind;
+typedef enum { OP_OPEN, OP_EV, OP_WORKER, OP_CLOSE, OP_OWN } op_kind;
 
 typedef struct op {
     STAILQ_ENTRY(op) link; /* js_journal.ops, then the thread's batch */
     op_kind kind;
+    uint32_t epoch; /* its writer's (above), stamped when queued */
     char sid[FE_STREAM_ID_LEN + 1];
     json_t *j; /* OPEN, WORKER, CLOSE: the operation as JSON */
     size_t bytes;
@@ -79,7 +90,19 @@ typedef struct fetch {
     fetch_state state;
     fe_jsnap snap; /* F_FOUND */
     uint8_t mac[FE_KEY_MAC_LEN];
+    uint32_t epoch; /* F_FOUND: the highest writer's epoch read */
 } fetch;
+
+/* This frontend's epoch as the writer of a stream it took over from another frontend (a record
+ * it fetched and claimed). `owned`: its "own" has been queued; until then (a resume that was
+ * refused, or a finished answer replayed) the other writer's record stands and nothing of this
+ * one's is published. */
+typedef struct {
+    uint32_t epoch;
+    bool owned;
+    size_t at_tok, at_text; /* where it took over */
+    uint64_t until_ms;      /* kept as long as the stream may run and be retained */
+} owner;
 
 typedef struct purge {
     LIST_ENTRY(purge) link; /* js_journal.purges, then the due ones */
@@ -124,6 +147,8 @@ typedef struct {
      * handles a journal behind the client (it continues from its end) but not one with a hole. */
     bt_map cut;
     uint64_t cut_swept_ms;
+    /* Streams this frontend writes as a later writer (owner, above), by cut_key(sid); owned. */
+    bt_map owners;
 } js_journal;
 
 static uint64_t cut_key(const char *sid) {
@@ -145,6 +170,23 @@ static void cut_add(js_journal *js, const char *sid, const char *why) {
 
 /* ---- the loops' side ------------------------------------------------------------------------ */
 
+/* An operation given as JSON (OPEN, WORKER, CLOSE, OWN; j taken over); NULL when out of memory. */
+static op *json_op(op_kind kind, const char *sid, json_t *j) {
+    if (!j) return NULL;
+    op *o = calloc(1, sizeof *o);
+    if (!o) {
+        json_decref(j);
+        return NULL;
+    }
+    char *dump = json_dumps(j, JSON_COMPACT);
+    o->kind = kind;
+    memcpy(o->sid, sid, sizeof o->sid);
+    o->j = j;
+    o->bytes = sizeof *o + (dump ? strlen(dump) : 0);
+    free(dump);
+    return o;
+}
+
 /* Queues o (built by the caller; NULL: out of memory, the change is lost like a full queue's). */
 static void enqueue_op(js_journal *js, const char *sid, op *o) {
     size_t bytes = o ? o->bytes : 0;
@@ -162,6 +204,33 @@ static void enqueue_op(js_journal *js, const char *sid, op *o) {
         free(o);
         return;
     }
+    owner *w = js->owners.len ? bt_map_get(&js->owners, cut_key(sid)) : NULL;
+    if (w && !w->owned && o->kind == OP_CLOSE) {
+        /* a stream taken over that this frontend never wrote to (a refused resume, a finished
+         * answer replayed): the record its writer left stands as it is */
+        uv_mutex_unlock(&js->mu);
+        json_decref(o->j);
+        free(o);
+        return;
+    }
+    if (w && !w->owned) { /* its first change: the takeover goes ahead of it (the top of the file) */
+        w->owned = true;
+        op *own = json_op(OP_OWN, sid,
+                          json_pack("{s:s, s:I, s:I, s:I}", "o", "own", "e", (json_int_t)w->epoch, "p",
+                                    (json_int_t)w->at_tok, "b", (json_int_t)w->at_text));
+        if (!own) { /* without it a reader would take this writer's changes for a hole: none go */
+            js->dropped++;
+            cut_add(js, sid, "(its takeover by this frontend) did not reach JetStream");
+            uv_mutex_unlock(&js->mu);
+            json_decref(o->j);
+            free(o);
+            return;
+        }
+        own->epoch = w->epoch;
+        STAILQ_INSERT_TAIL(&js->ops, own, link);
+        js->qbytes += own->bytes;
+    }
+    o->epoch = w ? w->epoch : 0;
     STAILQ_INSERT_TAIL(&js->ops, o, link);
     js->qbytes += bytes;
     uv_mutex_unlock(&js->mu);
@@ -170,16 +239,7 @@ static void enqueue_op(js_journal *js, const char *sid, op *o) {
 
 static void enqueue(js_journal *js, op_kind kind, const char *sid, json_t *j) {
     if (!j) return;
-    op *o = calloc(1, sizeof *o);
-    if (o) {
-        char *dump = json_dumps(j, JSON_COMPACT);
-        o->kind = kind;
-        memcpy(o->sid, sid, sizeof o->sid);
-        o->j = j;
-        o->bytes = sizeof *o + (dump ? strlen(dump) : 0);
-        free(dump);
-    } else json_decref(j);
-    enqueue_op(js, sid, o);
+    enqueue_op(js, sid, json_op(kind, sid, j));
 }
 
 static void hex(const uint8_t *b, size_t n, char *out) {
@@ -295,6 +355,30 @@ static void js_note_worker(fe_journal *j, fe_jrec *rec, uint64_t worker_id, cons
     enqueue(js, OP_WORKER, fe_jrec_stream_id(rec), o);
 }
 
+/* A record fetched from JetStream was claimed: this frontend becomes the stream's writer of `epoch`
+ * from the claimed record's end on, announced with its first change (enqueue_op). */
+static void take_over(js_journal *js, const char *sid, uint32_t epoch, const fe_jsnap *at) {
+    uint64_t key = cut_key(sid);
+    uv_mutex_lock(&js->mu);
+    owner *w = bt_map_get(&js->owners, key);
+    if (!w && (w = calloc(1, sizeof *w)) != NULL && bt_map_put(&js->owners, key, w) != 0) {
+        free(w);
+        w = NULL;
+    }
+    if (w) {
+        w->epoch = epoch;
+        w->owned = false;
+        w->at_tok = at->nids;
+        w->at_text = at->text_len;
+        w->until_ms = bt_now_ms() + (uint64_t)((js->pub.retention_s + MAX_STREAM_S) * 1000.0);
+    } else {
+        /* its changes would carry the first writer's epoch, and a reader could take a late change
+         * of that writer for one of this: nothing of this stream is published from here */
+        cut_add(js, sid, "(its takeover: out of memory) is not published");
+    }
+    uv_mutex_unlock(&js->mu);
+}
+
 static fe_claim_result js_claim(fe_journal *j, const char *sid, const uint8_t key_mac[FE_KEY_MAC_LEN], int shard,
                                 fe_jsnap *out, fe_jrec **rec, int *cur_shard) {
     js_journal *js = (js_journal *)j;
@@ -332,6 +416,7 @@ static fe_claim_result js_claim(fe_journal *j, const char *sid, const uint8_t ke
         else BT_INFO("stream journal: stream %s fetched from JetStream (%zu tokens, %s)", sid, f->snap.nids,
                      f->snap.tail.kind == FE_JTAIL_NONE ? "unfinished" : "finished");
         res = fe_journal_claim(js->mem, sid, key_mac, shard, out, rec, cur_shard);
+        if (res == FE_CLAIM_OK) take_over(js, sid, f->epoch + 1, out);
     }
     fe_jsnap_free(&f->snap);
     free(f);
@@ -411,14 +496,18 @@ static void publish_batch(js_journal *js, natsConnection *nc, struct op_queue *l
             if (!first) bt_buf_append(&b, ",", 1);
             first = false;
             if (o->kind == OP_EV) {
-                char at[64];
-                snprintf(at, sizeof at, "{\"o\":\"ev\",\"p\":%zu,\"b\":%zu,\"i\":\"", o->at_tok, o->at_text);
+                char at[96];
+                if (o->epoch)
+                    snprintf(at, sizeof at, "{\"o\":\"ev\",\"e\":%" PRIu32 ",\"p\":%zu,\"b\":%zu,\"i\":\"",
+                             o->epoch, o->at_tok, o->at_text);
+                else snprintf(at, sizeof at, "{\"o\":\"ev\",\"p\":%zu,\"b\":%zu,\"i\":\"", o->at_tok, o->at_text);
                 bt_buf_append_str(&b, at);
                 put_b64(&b, o->ids, o->n * sizeof *o->ids); /* the host is little-endian (x86-64, arm64) */
                 bt_buf_append_str(&b, "\",\"t\":\"");
                 put_b64(&b, o->text, o->len);
                 bt_buf_append_str(&b, "\"}");
             } else {
+                if (o->epoch) json_object_set_new(o->j, "e", json_integer(o->epoch));
                 char *d = json_dumps(o->j, JSON_COMPACT);
                 if (d) bt_buf_append_str(&b, d);
                 free(d);
@@ -492,9 +581,11 @@ static bool grow(void **p, size_t *cap, size_t need, size_t elem) {
  * that does not start where the record has got to (its "p" and "b", absent in records of older
  * frontends) follows a change that was lost on its way: *gap is then set, and nothing from there
  * on is applied, so that the record stays a prefix of what was streamed, unfinished (a resume
- * continues it from its end, regenerating the rest). */
-static bool apply_msg(fe_jsnap *s, uint8_t mac[FE_KEY_MAC_LEN], bool *opened, bool *gap, size_t caps[3],
-                      const char *data, int len) {
+ * continues it from its end, regenerating the rest). *epoch is the writer followed (the top of the
+ * file): operations of an earlier one are ignored, and an "own" of a later one cuts the record
+ * back to where that writer took it over. */
+static bool apply_msg(fe_jsnap *s, uint8_t mac[FE_KEY_MAC_LEN], bool *opened, bool *gap, uint32_t *epoch,
+                      size_t caps[3], const char *data, int len) {
     json_t *arr = json_loadb(data, (size_t)len, 0, NULL);
     bool ok = json_is_array(arr);
     size_t i;
@@ -502,8 +593,32 @@ static bool apply_msg(fe_jsnap *s, uint8_t mac[FE_KEY_MAC_LEN], bool *opened, bo
     json_array_foreach(arr, i, o) {
         if (!ok) break;
         const char *k = json_string_value(json_object_get(o, "o"));
-        if (!k) ok = false;
-        else if (strcmp(k, "open") == 0) {
+        json_int_t e = json_integer_value(json_object_get(o, "e")); /* 0 when absent: the first writer */
+        if (!k || e < 0 || e > UINT32_MAX) {
+            ok = false;
+            break;
+        }
+        if ((uint32_t)e < *epoch) continue; /* a superseded writer's late change */
+        if ((uint32_t)e > *epoch) *epoch = (uint32_t)e;
+        if (strcmp(k, "own") == 0) {
+            /* a new writer took the stream over at this position: what was published after it read
+             * the record is not part of its stream. The position must be an event boundary of what
+             * was read, or the record is read up to here (as after a lost change) */
+            json_int_t p = json_integer_value(json_object_get(o, "p")), b = json_integer_value(json_object_get(o, "b"));
+            size_t k2 = 0;
+            while (k2 < s->nev && s->ev[k2].end_tok < (uint64_t)p) k2++;
+            bool at_event = p == 0 ? b == 0 : k2 < s->nev && s->ev[k2].end_tok == (uint64_t)p &&
+                                                    s->ev[k2].end_text == (uint64_t)b;
+            if (p < 0 || b < 0 || (uint64_t)p > s->nids || !at_event) {
+                *gap = true;
+                s->tail.kind = FE_JTAIL_NONE;
+                break;
+            }
+            s->nev = p == 0 ? 0 : k2 + 1;
+            s->nids = (size_t)p;
+            s->text_len = (size_t)b;
+            s->tail.kind = FE_JTAIL_NONE; /* whatever the earlier writer said of its end */
+        } else if (strcmp(k, "open") == 0) {
             const char *body = json_string_value(json_object_get(o, "body"));
             ok = body && unhex(json_string_value(json_object_get(o, "mac")), mac, FE_KEY_MAC_LEN);
             if (!ok) break;
@@ -577,6 +692,7 @@ static void fetch_one(js_journal *js, jsCtx *ctx, fetch *f) {
     memcpy(s.stream_id, f->sid, sizeof s.stream_id);
     uint8_t mac[FE_KEY_MAC_LEN] = {0};
     bool opened = false, ok = true, gap = false;
+    uint32_t epoch = 0;
     size_t caps[3] = {0, 0, 0};
     uint64_t seq = 1;
     jsOptions jo;
@@ -598,7 +714,7 @@ static void fetch_one(js_journal *js, jsCtx *ctx, fetch *f) {
         const char *sq = NULL;
         if (natsMsgHeader_Get(m, "Nats-Sequence", &sq) != NATS_OK || !sq) ok = false;
         else seq = strtoull(sq, NULL, 10) + 1;
-        if (ok) ok = apply_msg(&s, mac, &opened, &gap, caps, natsMsg_GetData(m), natsMsg_GetDataLength(m));
+        if (ok) ok = apply_msg(&s, mac, &opened, &gap, &epoch, caps, natsMsg_GetData(m), natsMsg_GetDataLength(m));
         natsMsg_Destroy(m);
         if (!ok || gap) break;
     }
@@ -610,6 +726,7 @@ static void fetch_one(js_journal *js, jsCtx *ctx, fetch *f) {
     uv_mutex_lock(&js->mu);
     if (ok && opened && s.text) {
         f->snap = s;
+        f->epoch = epoch;
         memcpy(f->mac, mac, sizeof mac);
         f->state = F_FOUND;
         js->fetched++;
@@ -634,6 +751,11 @@ static void do_purges(js_journal *js, jsCtx *ctx, bool all) {
             if ((uint64_t)(uintptr_t)v > now) continue;
             bt_map_del(&js->cut, k);
             it = 0; /* no deleting during an iteration: start again */
+        }
+        for (it = 0; bt_map_next(&js->owners, &it, &k, &v);) {
+            if (((owner *)v)->until_ms > now) continue;
+            free(bt_map_del(&js->owners, k));
+            it = 0;
         }
     }
     struct purge_list due = LIST_HEAD_INITIALIZER(due);
@@ -803,6 +925,11 @@ static void js_destroy(fe_journal *j) {
     }
     fe_journal_destroy(js->mem);
     bt_map_free(&js->cut);
+    size_t it = 0;
+    uint64_t k;
+    void *v;
+    while (bt_map_next(&js->owners, &it, &k, &v)) free(v);
+    bt_map_free(&js->owners);
     bt_nats_client_free(js->cl);
     uv_cond_destroy(&js->cv);
     uv_mutex_destroy(&js->mu);
@@ -835,6 +962,7 @@ fe_journal *fe_journal_js_new(fe_journal *mem, const bt_events_config *c, char *
     snprintf(js->prefix, sizeof js->prefix, "baton.journal.%s", c->ns);
     js->state = JS_CONNECTING;
     bt_map_init(&js->cut);
+    bt_map_init(&js->owners);
     js->cl = bt_nats_client_new(c, err, errlen);
     if (!js->url || !js->cl || uv_mutex_init(&js->mu) != 0) {
         if (!js->url) snprintf(err, errlen, "out of memory");
