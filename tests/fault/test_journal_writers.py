@@ -16,8 +16,8 @@ worker (--fault-signals: SIGUSR2 stalls and resumes its engine).
 2. A superseded frontend's late records. The worker's engine stalls mid-stream, A is stopped with
    SIGSTOP, the client resumes on B (which takes the stream over on the worker: the worker tells A
    with an error), the engine goes on and B's answer ends with [DONE], exactly; then A is woken with
-   SIGCONT and handles its late frames: the tokens it had not read, the takeover's error, its
-   record's close. A GET of the whole stream on C, which reads it from JetStream, must replay the
+   SIGCONT and handles its late frames: the tokens the engine made while A slept (it runs for 0.3 s
+   before B's resume), the takeover's error, its record's close. A GET of the whole stream on C, which reads it from JetStream, must replay the
    answer B finished (every token, `:end`, `[DONE]`, no error event), counted as a found fetch, not
    a truncated one, and with no "misses a change" warning: before the fix it ended with
    `…:error` ("the stream was resumed through another frontend"), or was read as a hole and its
@@ -138,6 +138,12 @@ with bl.Cluster() as c:
     fa.proc.kill(signal.SIGSTOP)
     time.sleep(0.1)
     last = held[-1]
+    # the engine runs a moment while A sleeps: the tokens it makes wait in A's socket, unread, and
+    # A journals them when it wakes, after B has taken the stream over from the journal's position
+    w.proc.kill(signal.SIGUSR2)
+    time.sleep(0.3)
+    w.proc.kill(signal.SIGUSR2)
+    time.sleep(0.1)
     sid = last.split(":")[0]
     resumed = {}
     tb = threading.Thread(target=lambda: resumed.setdefault(
