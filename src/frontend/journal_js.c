@@ -33,7 +33,10 @@
  * record on), and each of its operations carries "e". A reader follows the highest epoch it has
  * seen: an "own" cuts the record back to its position (what an older writer published after the
  * new one had read the record is not the new one's), and operations of a lower epoch are ignored.
- * The first writer's operations carry no "e" (epoch 0), as every older frontend's.
+ * The first writer's operations carry no "e" (epoch 0), as every older frontend's. The "own" is
+ * also published alone on <subject>.own, so that a frontend can ask in one read whether a stream
+ * it writes has a later writer (js_check_writer: one that was away, stopped, and migrates its
+ * stream on waking learns there that it was superseded, and stops).
  *
  * Message: a JSON array of operations, in order: {"o":"open", the request's description},
  * {"o":"ev","p":tokens before it,"b":text bytes before it,"i":base64 of the ids (u32
@@ -108,7 +111,18 @@ typedef struct purge {
     LIST_ENTRY(purge) link; /* js_journal.purges, then the due ones */
     char sid[FE_STREAM_ID_LEN + 1];
     uint64_t due_ms;
+    bool own; /* a later writer's: its <subject>.own goes too */
 } purge;
+
+/* A check_writer question, queued for the thread. */
+typedef struct wcheck {
+    STAILQ_ENTRY(wcheck) link; /* js_journal.checks, then the thread's list */
+    char sid[FE_STREAM_ID_LEN + 1];
+    uint32_t epoch; /* this frontend's as the stream's writer */
+    void (*done)(void *arg, bool taken);
+    void *arg;
+} wcheck;
+STAILQ_HEAD(wcheck_queue, wcheck);
 LIST_HEAD(purge_list, purge);
 
 /* CONNECTING: the first attempt; WAITING: the server was unreachable, retried in the background,
@@ -149,6 +163,8 @@ typedef struct {
     uint64_t cut_swept_ms;
     /* Streams this frontend writes as a later writer (owner, above), by cut_key(sid); owned. */
     bt_map owners;
+    struct wcheck_queue checks;
+    bool checks_stopped;
 } js_journal;
 
 static uint64_t cut_key(const char *sid) {
@@ -379,6 +395,43 @@ static void take_over(js_journal *js, const char *sid, uint32_t epoch, const fe_
     uv_mutex_unlock(&js->mu);
 }
 
+static bool js_check_writer(fe_journal *j, fe_jrec *rec, void (*done)(void *arg, bool taken), void *arg) {
+    js_journal *js = (js_journal *)j;
+    const char *sid = fe_jrec_stream_id(rec);
+    wcheck *c = calloc(1, sizeof *c);
+    if (!c) return false;
+    memcpy(c->sid, sid, sizeof c->sid);
+    c->done = done;
+    c->arg = arg;
+    uv_mutex_lock(&js->mu);
+    if (js->state != JS_READY || js->checks_stopped) {
+        uv_mutex_unlock(&js->mu);
+        free(c);
+        return false;
+    }
+    const owner *w = js->owners.len ? bt_map_get(&js->owners, cut_key(sid)) : NULL;
+    c->epoch = w ? w->epoch : 0;
+    STAILQ_INSERT_TAIL(&js->checks, c, link);
+    uv_cond_signal(&js->cv);
+    uv_mutex_unlock(&js->mu);
+    return true;
+}
+
+static void js_checks_stop(fe_journal *j) {
+    js_journal *js = (js_journal *)j;
+    uv_mutex_lock(&js->mu);
+    js->checks_stopped = true;
+    struct wcheck_queue left = STAILQ_HEAD_INITIALIZER(left);
+    STAILQ_CONCAT(&left, &js->checks);
+    uv_mutex_unlock(&js->mu);
+    wcheck *c;
+    while ((c = STAILQ_FIRST(&left)) != NULL) {
+        STAILQ_REMOVE_HEAD(&left, link);
+        c->done(c->arg, false);
+        free(c);
+    }
+}
+
 static fe_claim_result js_claim(fe_journal *j, const char *sid, const uint8_t key_mac[FE_KEY_MAC_LEN], int shard,
                                 fe_jsnap *out, fe_jrec **rec, int *cur_shard) {
     js_journal *js = (js_journal *)j;
@@ -471,6 +524,7 @@ static void publish_batch(js_journal *js, natsConnection *nc, struct op_queue *l
         bt_buf_reset(&b);
         bt_buf_append(&b, "[", 1);
         bool first = true;
+        uint32_t own = 0; /* the epoch of an "own" in this message (0: none) */
         op *o;
         while ((o = STAILQ_FIRST(list)) != NULL) {
             STAILQ_REMOVE_HEAD(list, link);
@@ -487,6 +541,7 @@ static void publish_batch(js_journal *js, natsConnection *nc, struct op_queue *l
                 purge *p = calloc(1, sizeof *p); /* the stream's messages go once its retention has passed */
                 if (p) {
                     memcpy(p->sid, sid, sizeof p->sid);
+                    p->own = o->epoch > 0;
                     p->due_ms = now + (uint64_t)(js->pub.retention_s * 1000.0) + 1000;
                     uv_mutex_lock(&js->mu);
                     LIST_INSERT_HEAD(&js->purges, p, link);
@@ -495,6 +550,7 @@ static void publish_batch(js_journal *js, natsConnection *nc, struct op_queue *l
             }
             if (!first) bt_buf_append(&b, ",", 1);
             first = false;
+            if (o->kind == OP_OWN) own = o->epoch;
             if (o->kind == OP_EV) {
                 char at[96];
                 if (o->epoch)
@@ -535,6 +591,13 @@ static void publish_batch(js_journal *js, natsConnection *nc, struct op_queue *l
         }
         uv_mutex_unlock(&js->mu);
         if (st != NATS_OK) BT_WARN("stream journal: cannot publish to %s: %s", subj, natsStatus_GetText(st));
+        if (st == NATS_OK && own) { /* after the record's own: js_check_writer reads it alone */
+            char osubj[168], e[32];
+            snprintf(osubj, sizeof osubj, "%s.own", subj);
+            int n = snprintf(e, sizeof e, "{\"e\":%" PRIu32 "}", own);
+            st = natsConnection_Publish(nc, osubj, e, n);
+            if (st != NATS_OK) BT_WARN("stream journal: cannot publish to %s: %s", osubj, natsStatus_GetText(st));
+        }
     }
     bt_buf_free(&b);
 }
@@ -739,6 +802,40 @@ static void fetch_one(js_journal *js, jsCtx *ctx, fetch *f) {
     uv_mutex_unlock(&js->mu);
 }
 
+/* Answers the check_writer questions of `list` (blocking reads: this thread only): a stream has a
+ * later writer when its <subject>.own names an epoch above the asker's. A read that fails answers
+ * "not taken": the stream goes on as it would have without the question. */
+static void do_checks(js_journal *js, jsCtx *ctx, struct wcheck_queue *list) {
+    wcheck *c;
+    while ((c = STAILQ_FIRST(list)) != NULL) {
+        STAILQ_REMOVE_HEAD(list, link);
+        char subj[168];
+        snprintf(subj, sizeof subj, "%s.%s.own", js->prefix, c->sid);
+        jsOptions jo;
+        jsOptions_Init(&jo);
+        jo.Wait = FETCH_WAIT_MS;
+        jsDirectGetMsgOptions dg;
+        jsDirectGetMsgOptions_Init(&dg);
+        dg.LastBySubject = subj;
+        natsMsg *m = NULL;
+        natsStatus st = js_DirectGetMsg(&m, ctx, js->stream, &jo, &dg);
+        json_int_t e = 0;
+        if (st == NATS_OK) {
+            json_t *o = json_loadb(natsMsg_GetData(m), (size_t)natsMsg_GetDataLength(m), 0, NULL);
+            e = json_integer_value(json_object_get(o, "e"));
+            json_decref(o);
+        } else if (st != NATS_NOT_FOUND) {
+            BT_WARN("stream journal: cannot read %s: %s; stream %s is taken to be still this frontend's", subj,
+                    natsStatus_GetText(st), c->sid);
+        }
+        natsMsg_Destroy(m);
+        uv_mutex_lock(&js->mu); /* held through done: checks_stop waits for it */
+        c->done(c->arg, e > (json_int_t)c->epoch && !js->checks_stopped);
+        uv_mutex_unlock(&js->mu);
+        free(c);
+    }
+}
+
 static void do_purges(js_journal *js, jsCtx *ctx, bool all) {
     uint64_t now = bt_now_ms();
     uv_mutex_lock(&js->mu);
@@ -778,6 +875,12 @@ static void do_purges(js_journal *js, jsCtx *ctx, bool all) {
             jo.Stream.Purge.Subject = subj;
             jsErrCode je = 0;
             natsStatus st = js_PurgeStream(ctx, js->stream, &jo, &je);
+            if (st == NATS_OK && p->own) {
+                char osubj[168];
+                snprintf(osubj, sizeof osubj, "%s.own", subj);
+                jo.Stream.Purge.Subject = osubj;
+                st = js_PurgeStream(ctx, js->stream, &jo, &je);
+            }
             if (st != NATS_OK) BT_DEBUG("stream journal: purge of %s failed: %s", subj, natsStatus_GetText(st));
             uv_mutex_lock(&js->mu);
             if (st == NATS_OK) js->purged++;
@@ -876,10 +979,13 @@ static void thread_main(void *arg) {
         if (!js->stop) { /* a batch is what BATCH_MS gathers; a resume's fetch cuts the wait short */
             bool waiting = false;
             for (fetch *f = LIST_FIRST(&js->fetches); f; f = LIST_NEXT(f, link)) waiting |= f->state == F_WAIT;
+            waiting |= !STAILQ_EMPTY(&js->checks);
             if (!waiting) uv_cond_timedwait(&js->cv, &js->mu, (uint64_t)BATCH_MS * 1000000u);
         }
         struct op_queue list = STAILQ_HEAD_INITIALIZER(list);
         STAILQ_CONCAT(&list, &js->ops);
+        struct wcheck_queue checks = STAILQ_HEAD_INITIALIZER(checks);
+        STAILQ_CONCAT(&checks, &js->checks);
         js->qbytes = 0;
         bool stop = js->stop;
         fetch *todo[MAX_FETCHES];
@@ -889,6 +995,7 @@ static void thread_main(void *arg) {
         uv_mutex_unlock(&js->mu);
         publish_batch(js, nc, &list);
         for (size_t i = 0; i < nt; i++) fetch_one(js, ctx, todo[i]); /* f stays listed: only claims unlink it */
+        do_checks(js, ctx, &checks);
         do_purges(js, ctx, false);
         if (stop) {
             natsConnection_FlushTimeout(nc, 2000); /* what was published reaches the server */
@@ -923,6 +1030,7 @@ static void js_destroy(fe_journal *j) {
         fe_jsnap_free(&f->snap);
         free(f);
     }
+    js_checks_stop(j); /* those the thread did not answer */
     fe_journal_destroy(js->mem);
     bt_map_free(&js->cut);
     size_t it = 0;
@@ -943,7 +1051,9 @@ static const fe_journal_ops js_ops = {.open = js_open,
                                       .claim = js_claim,
                                       .stats = js_stats,
                                       .note_worker = js_note_worker,
-                                      .destroy = js_destroy};
+                                      .destroy = js_destroy,
+                                      .check_writer = js_check_writer,
+                                      .checks_stop = js_checks_stop};
 
 fe_journal *fe_journal_js_new(fe_journal *mem, const bt_events_config *c, char *err, size_t errlen) {
     js_journal *js = calloc(1, sizeof *js);
@@ -952,6 +1062,7 @@ fe_journal *fe_journal_js_new(fe_journal *mem, const bt_events_config *c, char *
         return NULL;
     }
     STAILQ_INIT(&js->ops);
+    STAILQ_INIT(&js->checks);
     js->pub.ops = &js_ops;
     js->pub.retention_s = mem->retention_s;
     js->pub.max_bytes = mem->max_bytes;

@@ -23,6 +23,14 @@ worker (--fault-signals: SIGUSR2 stalls and resumes its engine).
    `…:error` ("the stream was resumed through another frontend"), or was read as a hole and its
    tail generated again. A second GET on D (a frontend that has not read the stream yet) once
    A's records have certainly been published gives the same.
+
+3. A superseded frontend whose worker died. A3's stream runs on worker W, a second worker W2 joins,
+   A3 is stopped with SIGSTOP and W killed with SIGKILL; the client resumes on B, which continues
+   the stream on W2 to [DONE]. Woken with SIGCONT, A3 sees W's connection lost and migrates its
+   request to W2, as after any worker death; nothing on a worker tells it of the takeover. It must
+   learn from the journal that the stream has a later writer and stop: its stale client gets no
+   second answer (before the fix it got all 300 tokens again, generated a second time), W2 kills
+   A3's continuation, and a GET on another frontend still replays B's answer exactly.
 """
 
 import os
@@ -189,5 +197,49 @@ with bl.Cluster() as c:
     check_replay(fd, "D")
     print(f"test_journal_writers: stream {sid} resumed on B after A was stopped; A woke and was ignored; "
           "C and D replay B's answer exactly")
+
+    # ---- 3. a superseded frontend whose worker died learns it on waking, and stops ----
+    ref3 = bl.stream_chat(fb.url, body(11, 300), timeout=60).assert_ok("reference 3")
+    fa3 = frontend()
+    held3, got3 = [], {}
+    ten3 = threading.Event()
+
+    def on_a3(st, ev):
+        held3.append(st.last_event_id)
+        if len(held3) >= 10:
+            ten3.set()
+        return False
+
+    def run_a3():
+        got3["s"] = bl.stream_chat(fa3.url, body(11, 300), timeout=120, on_event=on_a3)
+        ten3.set()
+
+    ta3 = threading.Thread(target=run_a3)
+    ta3.start()
+    assert ten3.wait(30) and len(held3) >= 10, f"A3's stream did not get under way: {got3}"
+    w2 = c.start_worker(system_port=True, wait=True, speedup_ratio=2, orphan_grace=30, **plane)  # A3's is on w
+    for fe in (fa3, fb):
+        c.wait_workers(fe, 2)
+    fa3.proc.kill(signal.SIGSTOP)
+    time.sleep(0.1)
+    w.proc.kill(signal.SIGKILL)  # A3's worker dies while A3 sleeps: nothing will tell A3 of the takeover
+    w.proc.wait(10)
+    last3 = held3[-1]
+    sid3 = last3.split(":")[0]
+    rest3 = bl.stream_chat(fb.url, body(11, 300), headers={"Last-Event-ID": last3}, timeout=90)
+    assert rest3.ok, f"the resume on B after A3 stopped and its worker died: {rest3.summary()}"
+    assert ref3.token_ids[:pos_of(last3)] + rest3.token_ids == ref3.token_ids, "A3 up to its id + B's rest differ"
+    fa3.proc.kill(signal.SIGCONT)  # A3 sees its worker's connection lost, as if it had just died
+    ta3.join(60)
+    a3 = got3["s"]
+    assert not a3.done, f"A3 generated the answer a second time for its stale client: {a3.summary()}"
+    fa3.proc.wait_log(rf"stream {sid3} was taken over by another frontend", timeout=10)
+    print(f"test_journal_writers: A3 woke, migrated, learned it was superseded and stopped after "
+          f"{len(a3.events) - len(held3)} more events")
+    w2.proc.wait_log(r"killed \(kill from the frontend\)", timeout=10)  # the continuation A3 sent
+    fe4 = frontend()
+    g = bl.stream_sse(fe4.url, f"/v1/chat/completions/{sid3}?stream=true", None, method="GET", timeout=60)
+    assert g.ok and g.token_ids == ref3.token_ids and g.usage == ref3.usage, \
+        f"GET of stream 3 after A3 woke: {g.summary()}"
 
 print("test_journal_writers: ok")
