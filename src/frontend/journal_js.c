@@ -554,8 +554,8 @@ static void publish_batch(js_journal *js, natsConnection *nc, struct op_queue *l
             if (o->kind == OP_EV) {
                 char at[96];
                 if (o->epoch)
-                    snprintf(at, sizeof at, "{\"o\":\"ev\",\"e\":%" PRIu32 ",\"p\":%zu,\"b\":%zu,\"i\":\"",
-                             o->epoch, o->at_tok, o->at_text);
+                    snprintf(at, sizeof at, "{\"o\":\"ev\",\"e\":%" PRIu32 ",\"p\":%zu,\"b\":%zu,\"i\":\"", o->epoch,
+                             o->at_tok, o->at_text);
                 else snprintf(at, sizeof at, "{\"o\":\"ev\",\"p\":%zu,\"b\":%zu,\"i\":\"", o->at_tok, o->at_text);
                 bt_buf_append_str(&b, at);
                 put_b64(&b, o->ids, o->n * sizeof *o->ids); /* the host is little-endian (x86-64, arm64) */
@@ -670,8 +670,8 @@ static bool apply_msg(fe_jsnap *s, uint8_t mac[FE_KEY_MAC_LEN], bool *opened, bo
             json_int_t p = json_integer_value(json_object_get(o, "p")), b = json_integer_value(json_object_get(o, "b"));
             size_t k2 = 0;
             while (k2 < s->nev && s->ev[k2].end_tok < (uint64_t)p) k2++;
-            bool at_event = p == 0 ? b == 0 : k2 < s->nev && s->ev[k2].end_tok == (uint64_t)p &&
-                                                    s->ev[k2].end_text == (uint64_t)b;
+            bool at_event =
+                p == 0 ? b == 0 : k2 < s->nev && s->ev[k2].end_tok == (uint64_t)p && s->ev[k2].end_text == (uint64_t)b;
             if (p < 0 || b < 0 || (uint64_t)p > s->nids || !at_event) {
                 *gap = true;
                 s->tail.kind = FE_JTAIL_NONE;

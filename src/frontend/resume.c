@@ -387,7 +387,8 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
     bool ahead = snap->tail.kind == FE_JTAIL_NONE && j->shared && pos >= snap->nids &&
                  (snap->max_tokens < 0 || pos <= (uint64_t)snap->max_tokens);
     bool nothing_left = mark == FE_MARK_DONE || (mark == FE_MARK_ERROR && snap->tail.kind == FE_JTAIL_ERROR);
-    if (!bad && ahead && (mark == FE_MARK_END || mark == FE_MARK_DONE || (mark == FE_MARK_USAGE && snap->include_usage))) {
+    if (!bad && ahead &&
+        (mark == FE_MARK_END || mark == FE_MARK_DONE || (mark == FE_MARK_USAGE && snap->include_usage))) {
         /* ahead with one of the events after the last token: the journal lacks how the stream
          * ended. As from a token position (below), the stream continues from the journal's end (the
          * orphan, or the same tokens regenerated), nothing up to the client's position is written,
