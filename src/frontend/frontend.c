@@ -1297,6 +1297,7 @@ int bt_frontend_main(int argc, char **argv) {
             bt_proc_unwind(s->loop, &s->disc, &s->events);
         }
     }
+    fe_journal_checks_stop(g->journal); /* its answers go to the shards' mailboxes, freed below */
     for (int i = 0; i < opened; i++) {
         fe *s = g->shard[i];
         if (!s) continue;

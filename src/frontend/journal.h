@@ -159,6 +159,13 @@ typedef struct {
      * close: it is never resumed without its constraint. */
     void (*note_worker)(fe_journal *j, fe_jrec *rec, uint64_t worker_id, const char *exactness);
     void (*destroy)(fe_journal *j);
+    /* Whether another frontend has taken the record's stream over (a client resumed it there:
+     * journal_js.c, "Writers"), asked of the shared store in the background. False when the store
+     * cannot tell (NULL here: the in-process one; or not connected): done is never called, and arg
+     * stays the caller's. True: done(arg, taken) is called exactly once, on another thread; after
+     * checks_stop it is called with taken false (and at once for the checks still queued). */
+    bool (*check_writer)(fe_journal *j, fe_jrec *rec, void (*done)(void *arg, bool taken), void *arg);
+    void (*checks_stop)(fe_journal *j);
 } fe_journal_ops;
 
 struct fe_journal {
@@ -215,6 +222,14 @@ static inline void fe_journal_note_worker(fe_journal *j, fe_jrec *rec, uint64_t 
     j->ops->note_worker(j, rec, worker_id, exactness);
 }
 static inline void fe_journal_stats_get(fe_journal *j, fe_journal_stats *out) { j->ops->stats(j, out); }
+static inline bool fe_journal_check_writer(fe_journal *j, fe_jrec *rec, void (*done)(void *arg, bool taken),
+                                           void *arg) {
+    return j && j->ops->check_writer && j->ops->check_writer(j, rec, done, arg);
+}
+/* Before the loops that asked check_writer go away: no done is called with taken true after it. */
+static inline void fe_journal_checks_stop(fe_journal *j) {
+    if (j && j->ops->checks_stop) j->ops->checks_stop(j);
+}
 static inline void fe_journal_destroy(fe_journal *j) {
     if (j) j->ops->destroy(j);
 }

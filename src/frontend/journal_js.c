@@ -25,10 +25,23 @@
  * dropped and counted; a stream that lost a change that way, or in a failed publish, has nothing
  * more published (its record on NATS stays a prefix, which a resume elsewhere continues from).
  *
+ * Writers: a stream has one writer at a time, but a frontend that was superseded (stopped, or its
+ * client vanished silently, while its client resumed elsewhere) may still publish after its
+ * successor: its late events and its close. So that such records never override the successor's,
+ * every writer after the first has an epoch, one more than the highest its fetch read: its first
+ * change is {"o":"own","e":epoch,"p":tokens,"b":text bytes} (it writes from that position of the
+ * record on), and each of its operations carries "e". A reader follows the highest epoch it has
+ * seen: an "own" cuts the record back to its position (what an older writer published after the
+ * new one had read the record is not the new one's), and operations of a lower epoch are ignored.
+ * The first writer's operations carry no "e" (epoch 0), as every older frontend's. The "own" is
+ * also published alone on <subject>.own, so that a frontend can ask in one read whether a stream
+ * it writes has a later writer (js_check_writer: one that was away, stopped, and migrates its
+ * stream on waking learns there that it was superseded, and stops).
+ *
  * Message: a JSON array of operations, in order: {"o":"open", the request's description},
  * {"o":"ev","p":tokens before it,"b":text bytes before it,"i":base64 of the ids (u32
  * little-endian),"t":base64 of the text},
- * {"o":"worker","id":N}, {"o":"close", the tail}. */
+ * {"o":"worker","id":N}, {"o":"close", the tail}, {"o":"own", ...} (above). */
 #include <inttypes.h>
 #include <openssl/evp.h>
 #include <stdio.h>
@@ -53,11 +66,12 @@
 #define FETCH_WAIT_MS 700                /* per JetStream request of a fetch (claims retry for 1 s) */
 #define MAX_FETCHES 256                  /* resumes of remote streams being fetched at once */
 
-typedef enum { OP_OPEN, OP_EV, OP_WORKER, OP_CLOSE } op_kind;
+typedef enum { OP_OPEN, OP_EV, OP_WORKER, OP_CLOSE, OP_OWN } op_kind;
 
 typedef struct op {
     STAILQ_ENTRY(op) link; /* js_journal.ops, then the thread's batch */
     op_kind kind;
+    uint32_t epoch; /* its writer's (above), stamped when queued */
     char sid[FE_STREAM_ID_LEN + 1];
     json_t *j; /* OPEN, WORKER, CLOSE: the operation as JSON */
     size_t bytes;
@@ -81,13 +95,36 @@ typedef struct fetch {
     fetch_state state;
     fe_jsnap snap; /* F_FOUND */
     uint8_t mac[FE_KEY_MAC_LEN];
+    uint32_t epoch; /* F_FOUND: the highest writer's epoch read */
 } fetch;
+
+/* This frontend's epoch as the writer of a stream it took over from another frontend (a record
+ * it fetched and claimed). `owned`: its "own" has been queued; until then (a resume that was
+ * refused, or a finished answer replayed) the other writer's record stands and nothing of this
+ * one's is published. */
+typedef struct {
+    uint32_t epoch;
+    bool owned;
+    size_t at_tok, at_text; /* where it took over */
+    uint64_t until_ms;      /* kept as long as the stream may run and be retained */
+} owner;
 
 typedef struct purge {
     LIST_ENTRY(purge) link; /* js_journal.purges, then the due ones */
     char sid[FE_STREAM_ID_LEN + 1];
     uint64_t due_ms;
+    bool own; /* a later writer's: its <subject>.own goes too */
 } purge;
+
+/* A check_writer question, queued for the thread. */
+typedef struct wcheck {
+    STAILQ_ENTRY(wcheck) link; /* js_journal.checks, then the thread's list */
+    char sid[FE_STREAM_ID_LEN + 1];
+    uint32_t epoch; /* this frontend's as the stream's writer */
+    void (*done)(void *arg, bool taken);
+    void *arg;
+} wcheck;
+STAILQ_HEAD(wcheck_queue, wcheck);
 LIST_HEAD(purge_list, purge);
 
 /* CONNECTING: the first attempt; WAITING: the server was unreachable, retried in the background,
@@ -127,6 +164,10 @@ typedef struct {
      * handles a journal behind the client (it continues from its end) but not one with a hole. */
     bt_map cut;
     uint64_t cut_swept_ms;
+    /* Streams this frontend writes as a later writer (owner, above), by cut_key(sid); owned. */
+    bt_map owners;
+    struct wcheck_queue checks;
+    bool checks_stopped;
 } js_journal;
 
 static uint64_t cut_key(const char *sid) {
@@ -148,6 +189,23 @@ static void cut_add(js_journal *js, const char *sid, const char *why) {
 
 /* ---- the loops' side ------------------------------------------------------------------------ */
 
+/* An operation given as JSON (OPEN, WORKER, CLOSE, OWN; j taken over); NULL when out of memory. */
+static op *json_op(op_kind kind, const char *sid, json_t *j) {
+    if (!j) return NULL;
+    op *o = calloc(1, sizeof *o);
+    if (!o) {
+        json_decref(j);
+        return NULL;
+    }
+    char *dump = json_dumps(j, JSON_COMPACT);
+    o->kind = kind;
+    memcpy(o->sid, sid, sizeof o->sid);
+    o->j = j;
+    o->bytes = sizeof *o + (dump ? strlen(dump) : 0);
+    free(dump);
+    return o;
+}
+
 /* Queues o (built by the caller; NULL: out of memory, the change is lost like a full queue's). */
 static void enqueue_op(js_journal *js, const char *sid, op *o) {
     size_t bytes = o ? o->bytes : 0;
@@ -165,6 +223,33 @@ static void enqueue_op(js_journal *js, const char *sid, op *o) {
         free(o);
         return;
     }
+    owner *w = js->owners.len ? bt_map_get(&js->owners, cut_key(sid)) : NULL;
+    if (w && !w->owned && o->kind == OP_CLOSE) {
+        /* a stream taken over that this frontend never wrote to (a refused resume, a finished
+         * answer replayed): the record its writer left stands as it is */
+        uv_mutex_unlock(&js->mu);
+        json_decref(o->j);
+        free(o);
+        return;
+    }
+    if (w && !w->owned) { /* its first change: the takeover goes ahead of it (the top of the file) */
+        w->owned = true;
+        op *own = json_op(OP_OWN, sid,
+                          json_pack("{s:s, s:I, s:I, s:I}", "o", "own", "e", (json_int_t)w->epoch, "p",
+                                    (json_int_t)w->at_tok, "b", (json_int_t)w->at_text));
+        if (!own) { /* without it a reader would take this writer's changes for a hole: none go */
+            js->dropped++;
+            cut_add(js, sid, "(its takeover by this frontend) did not reach JetStream");
+            uv_mutex_unlock(&js->mu);
+            json_decref(o->j);
+            free(o);
+            return;
+        }
+        own->epoch = w->epoch;
+        STAILQ_INSERT_TAIL(&js->ops, own, link);
+        js->qbytes += own->bytes;
+    }
+    o->epoch = w ? w->epoch : 0;
     STAILQ_INSERT_TAIL(&js->ops, o, link);
     js->qbytes += bytes;
     uv_mutex_unlock(&js->mu);
@@ -173,16 +258,7 @@ static void enqueue_op(js_journal *js, const char *sid, op *o) {
 
 static void enqueue(js_journal *js, op_kind kind, const char *sid, json_t *j) {
     if (!j) return;
-    op *o = calloc(1, sizeof *o);
-    if (o) {
-        char *dump = json_dumps(j, JSON_COMPACT);
-        o->kind = kind;
-        memcpy(o->sid, sid, sizeof o->sid);
-        o->j = j;
-        o->bytes = sizeof *o + (dump ? strlen(dump) : 0);
-        free(dump);
-    } else json_decref(j);
-    enqueue_op(js, sid, o);
+    enqueue_op(js, sid, json_op(kind, sid, j));
 }
 
 static void hex(const uint8_t *b, size_t n, char *out) {
@@ -298,6 +374,67 @@ static void js_note_worker(fe_journal *j, fe_jrec *rec, uint64_t worker_id, cons
     enqueue(js, OP_WORKER, fe_jrec_stream_id(rec), o);
 }
 
+/* A record fetched from JetStream was claimed: this frontend becomes the stream's writer of `epoch`
+ * from the claimed record's end on, announced with its first change (enqueue_op). */
+static void take_over(js_journal *js, const char *sid, uint32_t epoch, const fe_jsnap *at) {
+    uint64_t key = cut_key(sid);
+    uv_mutex_lock(&js->mu);
+    owner *w = bt_map_get(&js->owners, key);
+    if (!w && (w = calloc(1, sizeof *w)) != NULL && bt_map_put(&js->owners, key, w) != 0) {
+        free(w);
+        w = NULL;
+    }
+    if (w) {
+        w->epoch = epoch;
+        w->owned = false;
+        w->at_tok = at->nids;
+        w->at_text = at->text_len;
+        w->until_ms = bt_now_ms() + (uint64_t)((js->pub.retention_s + MAX_STREAM_S) * 1000.0);
+    } else {
+        /* its changes would carry the first writer's epoch, and a reader could take a late change
+         * of that writer for one of this: nothing of this stream is published from here */
+        cut_add(js, sid, "(its takeover: out of memory) is not published");
+    }
+    uv_mutex_unlock(&js->mu);
+}
+
+static bool js_check_writer(fe_journal *j, fe_jrec *rec, void (*done)(void *arg, bool taken), void *arg) {
+    js_journal *js = (js_journal *)j;
+    const char *sid = fe_jrec_stream_id(rec);
+    wcheck *c = calloc(1, sizeof *c);
+    if (!c) return false;
+    memcpy(c->sid, sid, sizeof c->sid);
+    c->done = done;
+    c->arg = arg;
+    uv_mutex_lock(&js->mu);
+    if (js->state != JS_READY || js->checks_stopped) {
+        uv_mutex_unlock(&js->mu);
+        free(c);
+        return false;
+    }
+    const owner *w = js->owners.len ? bt_map_get(&js->owners, cut_key(sid)) : NULL;
+    c->epoch = w ? w->epoch : 0;
+    STAILQ_INSERT_TAIL(&js->checks, c, link);
+    uv_cond_signal(&js->cv);
+    uv_mutex_unlock(&js->mu);
+    return true;
+}
+
+static void js_checks_stop(fe_journal *j) {
+    js_journal *js = (js_journal *)j;
+    uv_mutex_lock(&js->mu);
+    js->checks_stopped = true;
+    struct wcheck_queue left = STAILQ_HEAD_INITIALIZER(left);
+    STAILQ_CONCAT(&left, &js->checks);
+    uv_mutex_unlock(&js->mu);
+    wcheck *c;
+    while ((c = STAILQ_FIRST(&left)) != NULL) {
+        STAILQ_REMOVE_HEAD(&left, link);
+        c->done(c->arg, false);
+        free(c);
+    }
+}
+
 static fe_claim_result js_claim(fe_journal *j, const char *sid, const uint8_t key_mac[FE_KEY_MAC_LEN], int shard,
                                 fe_jsnap *out, fe_jrec **rec, int *cur_shard) {
     js_journal *js = (js_journal *)j;
@@ -338,6 +475,7 @@ static fe_claim_result js_claim(fe_journal *j, const char *sid, const uint8_t ke
         else BT_INFO("stream journal: stream %s fetched from JetStream (%zu tokens, %s)", sid, f->snap.nids,
                      f->snap.tail.kind == FE_JTAIL_NONE ? "unfinished" : "finished");
         res = fe_journal_claim(js->mem, sid, key_mac, shard, out, rec, cur_shard);
+        if (res == FE_CLAIM_OK) take_over(js, sid, f->epoch + 1, out);
     }
     else if (f->state == F_FAILED) res = FE_CLAIM_UNAVAILABLE;
     fe_jsnap_free(&f->snap);
@@ -394,6 +532,7 @@ static void publish_batch(js_journal *js, natsConnection *nc, struct op_queue *l
         bt_buf_reset(&b);
         bt_buf_append(&b, "[", 1);
         bool first = true;
+        uint32_t own = 0; /* the epoch of an "own" in this message (0: none) */
         op *o;
         while ((o = STAILQ_FIRST(list)) != NULL) {
             STAILQ_REMOVE_HEAD(list, link);
@@ -410,6 +549,7 @@ static void publish_batch(js_journal *js, natsConnection *nc, struct op_queue *l
                 purge *p = calloc(1, sizeof *p); /* the stream's messages go once its retention has passed */
                 if (p) {
                     memcpy(p->sid, sid, sizeof p->sid);
+                    p->own = o->epoch > 0;
                     p->due_ms = now + (uint64_t)(js->pub.retention_s * 1000.0) + 1000;
                     uv_mutex_lock(&js->mu);
                     LIST_INSERT_HEAD(&js->purges, p, link);
@@ -418,15 +558,20 @@ static void publish_batch(js_journal *js, natsConnection *nc, struct op_queue *l
             }
             if (!first) bt_buf_append(&b, ",", 1);
             first = false;
+            if (o->kind == OP_OWN) own = o->epoch;
             if (o->kind == OP_EV) {
-                char at[64];
-                snprintf(at, sizeof at, "{\"o\":\"ev\",\"p\":%zu,\"b\":%zu,\"i\":\"", o->at_tok, o->at_text);
+                char at[96];
+                if (o->epoch)
+                    snprintf(at, sizeof at, "{\"o\":\"ev\",\"e\":%" PRIu32 ",\"p\":%zu,\"b\":%zu,\"i\":\"", o->epoch,
+                             o->at_tok, o->at_text);
+                else snprintf(at, sizeof at, "{\"o\":\"ev\",\"p\":%zu,\"b\":%zu,\"i\":\"", o->at_tok, o->at_text);
                 bt_buf_append_str(&b, at);
                 put_b64(&b, o->ids, o->n * sizeof *o->ids); /* the host is little-endian (x86-64, arm64) */
                 bt_buf_append_str(&b, "\",\"t\":\"");
                 put_b64(&b, o->text, o->len);
                 bt_buf_append_str(&b, "\"}");
             } else {
+                if (o->epoch) json_object_set_new(o->j, "e", json_integer(o->epoch));
                 char *d = json_dumps(o->j, JSON_COMPACT);
                 if (d) bt_buf_append_str(&b, d);
                 free(d);
@@ -454,6 +599,13 @@ static void publish_batch(js_journal *js, natsConnection *nc, struct op_queue *l
         }
         uv_mutex_unlock(&js->mu);
         if (st != NATS_OK) BT_WARN("stream journal: cannot publish to %s: %s", subj, natsStatus_GetText(st));
+        if (st == NATS_OK && own) { /* after the record's own: js_check_writer reads it alone */
+            char osubj[168], e[32];
+            snprintf(osubj, sizeof osubj, "%s.own", subj);
+            int n = snprintf(e, sizeof e, "{\"e\":%" PRIu32 "}", own);
+            st = natsConnection_Publish(nc, osubj, e, n);
+            if (st != NATS_OK) BT_WARN("stream journal: cannot publish to %s: %s", osubj, natsStatus_GetText(st));
+        }
     }
     bt_buf_free(&b);
 }
@@ -500,9 +652,11 @@ static bool grow(void **p, size_t *cap, size_t need, size_t elem) {
  * that does not start where the record has got to (its "p" and "b", absent in records of older
  * frontends) follows a change that was lost on its way: *gap is then set, and nothing from there
  * on is applied, so that the record stays a prefix of what was streamed, unfinished (a resume
- * continues it from its end, regenerating the rest). */
-static bool apply_msg(fe_jsnap *s, uint8_t mac[FE_KEY_MAC_LEN], bool *opened, bool *gap, size_t caps[3],
-                      const char *data, int len) {
+ * continues it from its end, regenerating the rest). *epoch is the writer followed (the top of the
+ * file): operations of an earlier one are ignored, and an "own" of a later one cuts the record
+ * back to where that writer took it over. */
+static bool apply_msg(fe_jsnap *s, uint8_t mac[FE_KEY_MAC_LEN], bool *opened, bool *gap, uint32_t *epoch,
+                      size_t caps[3], const char *data, int len) {
     json_t *arr = json_loadb(data, (size_t)len, 0, NULL);
     bool ok = json_is_array(arr);
     size_t i;
@@ -510,8 +664,32 @@ static bool apply_msg(fe_jsnap *s, uint8_t mac[FE_KEY_MAC_LEN], bool *opened, bo
     json_array_foreach(arr, i, o) {
         if (!ok) break;
         const char *k = json_string_value(json_object_get(o, "o"));
-        if (!k) ok = false;
-        else if (strcmp(k, "open") == 0) {
+        json_int_t e = json_integer_value(json_object_get(o, "e")); /* 0 when absent: the first writer */
+        if (!k || e < 0 || e > UINT32_MAX) {
+            ok = false;
+            break;
+        }
+        if ((uint32_t)e < *epoch) continue; /* a superseded writer's late change */
+        if ((uint32_t)e > *epoch) *epoch = (uint32_t)e;
+        if (strcmp(k, "own") == 0) {
+            /* a new writer took the stream over at this position: what was published after it read
+             * the record is not part of its stream. The position must be an event boundary of what
+             * was read, or the record is read up to here (as after a lost change) */
+            json_int_t p = json_integer_value(json_object_get(o, "p")), b = json_integer_value(json_object_get(o, "b"));
+            size_t k2 = 0;
+            while (k2 < s->nev && s->ev[k2].end_tok < (uint64_t)p) k2++;
+            bool at_event =
+                p == 0 ? b == 0 : k2 < s->nev && s->ev[k2].end_tok == (uint64_t)p && s->ev[k2].end_text == (uint64_t)b;
+            if (p < 0 || b < 0 || (uint64_t)p > s->nids || !at_event) {
+                *gap = true;
+                s->tail.kind = FE_JTAIL_NONE;
+                break;
+            }
+            s->nev = p == 0 ? 0 : k2 + 1;
+            s->nids = (size_t)p;
+            s->text_len = (size_t)b;
+            s->tail.kind = FE_JTAIL_NONE; /* whatever the earlier writer said of its end */
+        } else if (strcmp(k, "open") == 0) {
             const char *body = json_string_value(json_object_get(o, "body"));
             ok = body && unhex(json_string_value(json_object_get(o, "mac")), mac, FE_KEY_MAC_LEN);
             if (!ok) break;
@@ -585,6 +763,7 @@ static void fetch_one(js_journal *js, jsCtx *ctx, fetch *f) {
     memcpy(s.stream_id, f->sid, sizeof s.stream_id);
     uint8_t mac[FE_KEY_MAC_LEN] = {0};
     bool opened = false, ok = true, gap = false, failed = false;
+    uint32_t epoch = 0;
     size_t caps[3] = {0, 0, 0};
     uint64_t seq = 1;
     jsOptions jo;
@@ -611,7 +790,7 @@ static void fetch_one(js_journal *js, jsCtx *ctx, fetch *f) {
         const char *sq = NULL;
         if (natsMsgHeader_Get(m, "Nats-Sequence", &sq) != NATS_OK || !sq) ok = false;
         else seq = strtoull(sq, NULL, 10) + 1;
-        if (ok) ok = apply_msg(&s, mac, &opened, &gap, caps, natsMsg_GetData(m), natsMsg_GetDataLength(m));
+        if (ok) ok = apply_msg(&s, mac, &opened, &gap, &epoch, caps, natsMsg_GetData(m), natsMsg_GetDataLength(m));
         natsMsg_Destroy(m);
         if (!ok || gap) break;
     }
@@ -623,6 +802,7 @@ static void fetch_one(js_journal *js, jsCtx *ctx, fetch *f) {
     uv_mutex_lock(&js->mu);
     if (ok && opened && s.text) {
         f->snap = s;
+        f->epoch = epoch;
         memcpy(f->mac, mac, sizeof mac);
         f->state = F_FOUND;
         js->fetched++;
@@ -639,6 +819,40 @@ static void fetch_one(js_journal *js, jsCtx *ctx, fetch *f) {
     uv_mutex_unlock(&js->mu);
 }
 
+/* Answers the check_writer questions of `list` (blocking reads: this thread only): a stream has a
+ * later writer when its <subject>.own names an epoch above the asker's. A read that fails answers
+ * "not taken": the stream goes on as it would have without the question. */
+static void do_checks(js_journal *js, jsCtx *ctx, struct wcheck_queue *list) {
+    wcheck *c;
+    while ((c = STAILQ_FIRST(list)) != NULL) {
+        STAILQ_REMOVE_HEAD(list, link);
+        char subj[168];
+        snprintf(subj, sizeof subj, "%s.%s.own", js->prefix, c->sid);
+        jsOptions jo;
+        jsOptions_Init(&jo);
+        jo.Wait = FETCH_WAIT_MS;
+        jsDirectGetMsgOptions dg;
+        jsDirectGetMsgOptions_Init(&dg);
+        dg.LastBySubject = subj;
+        natsMsg *m = NULL;
+        natsStatus st = js_DirectGetMsg(&m, ctx, js->stream, &jo, &dg);
+        json_int_t e = 0;
+        if (st == NATS_OK) {
+            json_t *o = json_loadb(natsMsg_GetData(m), (size_t)natsMsg_GetDataLength(m), 0, NULL);
+            e = json_integer_value(json_object_get(o, "e"));
+            json_decref(o);
+        } else if (st != NATS_NOT_FOUND) {
+            BT_WARN("stream journal: cannot read %s: %s; stream %s is taken to be still this frontend's", subj,
+                    natsStatus_GetText(st), c->sid);
+        }
+        natsMsg_Destroy(m);
+        uv_mutex_lock(&js->mu); /* held through done: checks_stop waits for it */
+        c->done(c->arg, e > (json_int_t)c->epoch && !js->checks_stopped);
+        uv_mutex_unlock(&js->mu);
+        free(c);
+    }
+}
+
 static void do_purges(js_journal *js, jsCtx *ctx, bool all) {
     uint64_t now = bt_now_ms();
     uv_mutex_lock(&js->mu);
@@ -651,6 +865,11 @@ static void do_purges(js_journal *js, jsCtx *ctx, bool all) {
             if ((uint64_t)(uintptr_t)v > now) continue;
             bt_map_del(&js->cut, k);
             it = 0; /* no deleting during an iteration: start again */
+        }
+        for (it = 0; bt_map_next(&js->owners, &it, &k, &v);) {
+            if (((owner *)v)->until_ms > now) continue;
+            free(bt_map_del(&js->owners, k));
+            it = 0;
         }
     }
     struct purge_list due = LIST_HEAD_INITIALIZER(due);
@@ -673,6 +892,12 @@ static void do_purges(js_journal *js, jsCtx *ctx, bool all) {
             jo.Stream.Purge.Subject = subj;
             jsErrCode je = 0;
             natsStatus st = js_PurgeStream(ctx, js->stream, &jo, &je);
+            if (st == NATS_OK && p->own) {
+                char osubj[168];
+                snprintf(osubj, sizeof osubj, "%s.own", subj);
+                jo.Stream.Purge.Subject = osubj;
+                st = js_PurgeStream(ctx, js->stream, &jo, &je);
+            }
             if (st != NATS_OK) BT_DEBUG("stream journal: purge of %s failed: %s", subj, natsStatus_GetText(st));
             uv_mutex_lock(&js->mu);
             if (st == NATS_OK) js->purged++;
@@ -844,10 +1069,13 @@ static void thread_main(void *arg) {
         if (!js->stop) { /* a batch is what BATCH_MS gathers; a resume's fetch cuts the wait short */
             bool waiting = false;
             for (fetch *f = LIST_FIRST(&js->fetches); f; f = LIST_NEXT(f, link)) waiting |= f->state == F_WAIT;
+            waiting |= !STAILQ_EMPTY(&js->checks);
             if (!waiting) uv_cond_timedwait(&js->cv, &js->mu, (uint64_t)BATCH_MS * 1000000u);
         }
         struct op_queue list = STAILQ_HEAD_INITIALIZER(list);
         STAILQ_CONCAT(&list, &js->ops);
+        struct wcheck_queue checks = STAILQ_HEAD_INITIALIZER(checks);
+        STAILQ_CONCAT(&checks, &js->checks);
         js->qbytes = 0;
         bool stop = js->stop;
         fetch *todo[MAX_FETCHES];
@@ -857,6 +1085,7 @@ static void thread_main(void *arg) {
         uv_mutex_unlock(&js->mu);
         publish_batch(js, nc, &list);
         for (size_t i = 0; i < nt; i++) fetch_one(js, ctx, todo[i]); /* f stays listed: only claims unlink it */
+        do_checks(js, ctx, &checks);
         do_purges(js, ctx, false);
         if (stop) {
             natsConnection_FlushTimeout(nc, 2000); /* what was published reaches the server */
@@ -891,8 +1120,14 @@ static void js_destroy(fe_journal *j) {
         fe_jsnap_free(&f->snap);
         free(f);
     }
+    js_checks_stop(j); /* those the thread did not answer */
     fe_journal_destroy(js->mem);
     bt_map_free(&js->cut);
+    size_t it = 0;
+    uint64_t k;
+    void *v;
+    while (bt_map_next(&js->owners, &it, &k, &v)) free(v);
+    bt_map_free(&js->owners);
     bt_nats_client_free(js->cl);
     uv_cond_destroy(&js->cv);
     uv_mutex_destroy(&js->mu);
@@ -906,7 +1141,9 @@ static const fe_journal_ops js_ops = {.open = js_open,
                                       .claim = js_claim,
                                       .stats = js_stats,
                                       .note_worker = js_note_worker,
-                                      .destroy = js_destroy};
+                                      .destroy = js_destroy,
+                                      .check_writer = js_check_writer,
+                                      .checks_stop = js_checks_stop};
 
 fe_journal *fe_journal_js_new(fe_journal *mem, const bt_events_config *c, char *err, size_t errlen) {
     js_journal *js = calloc(1, sizeof *js);
@@ -915,6 +1152,7 @@ fe_journal *fe_journal_js_new(fe_journal *mem, const bt_events_config *c, char *
         return NULL;
     }
     STAILQ_INIT(&js->ops);
+    STAILQ_INIT(&js->checks);
     js->pub.ops = &js_ops;
     js->pub.retention_s = mem->retention_s;
     js->pub.max_bytes = mem->max_bytes;
@@ -925,6 +1163,7 @@ fe_journal *fe_journal_js_new(fe_journal *mem, const bt_events_config *c, char *
     snprintf(js->prefix, sizeof js->prefix, "baton.journal.%s", c->ns);
     js->state = JS_CONNECTING;
     bt_map_init(&js->cut);
+    bt_map_init(&js->owners);
     js->cl = bt_nats_client_new(c, err, errlen);
     if (!js->url || !js->cl || uv_mutex_init(&js->mu) != 0) {
         if (!js->url) snprintf(err, errlen, "out of memory");

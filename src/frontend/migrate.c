@@ -525,6 +525,56 @@ static bool busy_refused(fe_req *r, bt_status code, const char *msg) {
     return true;
 }
 
+/* ---- a writer superseded while it was away ----
+ *
+ * A frontend that was stopped (SIGSTOP, a paused VM) while its client resumed the stream on another
+ * frontend is superseded: the other one took the stream over, on its worker when it could. When
+ * that worker is gone too, nothing tells this frontend, which on waking sees its worker's
+ * connection lost and would migrate the stream, generating for a client that left an answer its
+ * successor is generating too. So every migration of a stream in a shared journal asks the
+ * journal whether the stream has a later writer (fe_journal_check_writer: one JetStream read on
+ * the journal's thread). The continuation is not held back meanwhile (not taken over is the
+ * common case), and a stream that was taken over is ended when the answer comes, as a superseded
+ * request is (killed on its worker, its response closed without [DONE]). Nothing tells whether
+ * the loop was away: it wakes in its I/O poll, and handles the lost connection before any timer
+ * could see the gap; nor does the stream's silence, since the frames its worker sent before dying
+ * are read first. */
+
+typedef struct {
+    fe *f;
+    char sid[FE_STREAM_ID_LEN + 1];
+} writer_check;
+
+/* On the request's loop: the stream has a later writer elsewhere. */
+static void writer_taken_job(fe *f, void *arg) {
+    writer_check *c = arg;
+    for (fe_req *r = LIST_FIRST(&f->reqs); r; r = LIST_NEXT(r, link)) {
+        if (!r->jrec || r->state == FE_REQ_DONE || strcmp(r->stream_id, c->sid) != 0) continue;
+        BT_WARN("request %s: stream %s was taken over by another frontend (its client resumed it there while this "
+                "one was away); ending it here",
+                r->rid, r->stream_id);
+        fe_request_supersede(r); /* frees r */
+        break;
+    }
+    free(c);
+}
+
+/* On the journal's thread (journal.h: check_writer). */
+static void on_writer_checked(void *arg, bool taken) {
+    writer_check *c = arg;
+    if (!taken || !fe_shard_post(c->f, writer_taken_job, c)) free(c);
+}
+
+static void check_writer(fe_req *r) {
+    fe_journal *j = r->fe->grp->journal;
+    if (!r->stream || !r->jrec || !r->nids || !j || !atomic_load(&j->shared)) return;
+    writer_check *c = malloc(sizeof *c);
+    if (!c) return;
+    c->f = r->fe;
+    memcpy(c->sid, r->stream_id, sizeof c->sid);
+    if (!fe_journal_check_writer(j, r->jrec, on_writer_checked, c)) free(c);
+}
+
 /* The failed attempt is detached: a cancellation or a non-migratable error ends the request; a
  * migratable one counts a migration (new_request before the first token reached the client,
  * ongoing_request after) and starts the next attempt while the budget lasts. */
@@ -604,6 +654,7 @@ static void attempt_failed(fe_req *r, bt_status code, const char *msg) {
     }
     if (r->state != FE_REQ_MIGRATING) r->t_fail_us = bt_now_us(); /* kept across back-to-back failures */
     fe_req_set_state(r, FE_REQ_MIGRATING, msg);
+    check_writer(r);
     if (fe_admit_migration_hold(r)) return; /* past --migration-concurrency: it waits (admit.h) */
     fe_migrate_dispatch(r);
 }

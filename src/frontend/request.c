@@ -488,7 +488,9 @@ static void finish_streaming(fe_req *r, const char *reason) {
     stream_head(r, false);
     bt_buf *b = &r->fe->scratch;
     bt_buf_reset(b);
-    build_tail(r, b, reason, FE_MARK_NONE);
+    /* a resume from one of these events whose record lacked them (resume.c: the client was ahead
+     * of a shared journal) writes only those after it; any other request has FE_MARK_NONE here */
+    build_tail(r, b, reason, r->replay_tail);
     if (bt_buf_status(b) != BT_OK) { /* out of memory: end the stream short rather than malformed */
         BT_ERROR("request %s: cannot build its last events (%s); closing the stream", r->rid,
                  bt_status_msg(bt_buf_status(b)));
@@ -563,8 +565,10 @@ static void fail_request(fe_req *r, bt_status code, const char *msg) {
             /* mid-stream: a final data event with an OpenAI error object and the end of the
              * response (the connection stays open), no [DONE].
              * An operator's kill is an answer (a resume replays it); any other error leaves the
-             * stream unfinished: a resume continues it. */
-            if (code == BT_ERR_CANCELLED) {
+             * stream unfinished: a resume continues it. The kill is this request's own context
+             * killed: a worker's cancelled error is not one (its stream was taken over by a
+             * resume through another frontend, orphan.c), and must not end the stream's record. */
+            if (code == BT_ERR_CANCELLED && bt_ctx_is_killed(r->ctx)) {
                 r->jtail.kind = FE_JTAIL_ERROR;
                 r->jtail.status = status;
                 snprintf(r->jtail.code, sizeof r->jtail.code, "%s", code_for(code));

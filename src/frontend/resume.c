@@ -435,7 +435,22 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
      * names the position, whatever the stream did after it (the journal does not keep those error
      * events, which are not replayed; a resume from one gets the same as from the position). */
     if (mark == FE_MARK_ERROR && !(snap->tail.kind == FE_JTAIL_ERROR && pos == snap->nids)) mark = FE_MARK_NONE;
-    if (!bad && mark != FE_MARK_NONE) {
+    /* The client may be ahead of a shared journal: its frontend died before its last events
+     * reached JetStream (a batch, 20 ms). Then the record is unfinished, and the client's position
+     * is at or past its end, within the stream's max_tokens. */
+    bool ahead = snap->tail.kind == FE_JTAIL_NONE && j->shared && pos >= snap->nids &&
+                 (snap->max_tokens < 0 || pos <= (uint64_t)snap->max_tokens);
+    bool nothing_left = mark == FE_MARK_DONE || (mark == FE_MARK_ERROR && snap->tail.kind == FE_JTAIL_ERROR);
+    if (!bad && ahead &&
+        (mark == FE_MARK_END || mark == FE_MARK_DONE || (mark == FE_MARK_USAGE && snap->include_usage))) {
+        /* ahead with one of the events after the last token: the journal lacks how the stream
+         * ended. As from a token position (below), the stream continues from the journal's end (the
+         * orphan, or the same tokens regenerated), nothing up to the client's position is written,
+         * and of the events after the last token only those after the client's (r->replay_tail,
+         * request.c); a client that had [DONE] has everything (204, below). */
+        skip_to = pos;
+        start = snap->nev;
+    } else if (!bad && mark != FE_MARK_NONE) {
         /* after the last token: only the events that ended this stream */
         if (pos != snap->nids) bad = "Last-Event-ID names a position this stream never sent";
         else if ((mark == FE_MARK_ERROR) == (snap->tail.kind == FE_JTAIL_FINISH))
@@ -443,8 +458,7 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
         else if (mark == FE_MARK_USAGE && !snap->include_usage)
             bad = "Last-Event-ID names an event this stream never sent";
         start = snap->nev;
-    } else if (!bad && pos > snap->nids && snap->tail.kind == FE_JTAIL_NONE && j->shared &&
-               (snap->max_tokens < 0 || pos <= (uint64_t)snap->max_tokens)) {
+    } else if (!bad && ahead && pos > snap->nids) {
         /* The client is ahead of the journal: its frontend died before its last events reached a
          * shared journal. The continuation from the journal's tokens produces them again (or the
          * worker's orphan sends them), the same bytes: they are skipped up to the client's position. */
@@ -463,7 +477,6 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
         refuse(f, http, FE_RESUME_INVALID, 400, "invalid_value", bad, sid);
         return;
     }
-    bool nothing_left = mark == FE_MARK_DONE || (mark == FE_MARK_ERROR && snap->tail.kind == FE_JTAIL_ERROR);
     if (nothing_left) { /* the client has every event: 204 also tells an EventSource to stop */
         fe_journal_close(j, rec, &snap->tail);
         fe_jsnap_free(snap);
