@@ -167,9 +167,30 @@ bt_engine *bt_llama_create(uv_loop_t *loop, const bt_llama_config *cfg, const bt
     return NULL;
 }
 
+bool bt_llama_model_loads(const bt_llama_config *cfg, char *err, size_t errlen) {
+    (void)cfg, (void)err, (void)errlen;
+    return true;
+}
+
 #else
 
 #include <pthread.h>
+
+bool bt_llama_model_loads(const bt_llama_config *cfg, char *err, size_t errlen) {
+    char why[512];
+    const bt_llama_api *L = bt_llama_lib_open(cfg->lib_dir, why, sizeof why);
+    if (!L) return true;
+    const char *path = cfg->model_path && cfg->model_path[0] ? cfg->model_path : bt_llama_default_model();
+    /* vocab_only: llama.cpp still reads every tensor's description and checks that its data lies
+     * within the file, but maps and reads no weights */
+    struct llama_model_params mp = L->llama_model_default_params();
+    mp.n_gpu_layers = 0;
+    mp.vocab_only = true;
+    struct llama_model *m = L->llama_model_load_from_file(path, mp);
+    if (!m) return snprintf(err, errlen, "llama.cpp cannot load the model %s (cut short, or not a model it reads)", path), false;
+    L->llama_model_free(m);
+    return true;
+}
 
 /* --ctx-size 0: the model's trained context for every sequence, at most LL_AUTO_CTX cells in all
  * (a multiple of 256 x LL_MAX_SEQS, so that every sequence count gets its 256 cells at least). */
