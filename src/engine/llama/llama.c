@@ -775,7 +775,9 @@ static void seq_arrive(ll_engine *e, ll_seq *s) {
             return;
         }
     }
-    if (s->max_new == 0) {
+    /* max_tokens 0 (or a continuation with nothing left): the prompt's usage and no completion,
+     * as the mocker answers it, for a prompt the context holds; a longer one is refused below */
+    if (s->max_new == 0 && s->n_tok <= e->n_cap) {
         seq_end(e, s, END_FINISH, BT_FINISH_LENGTH, BT_OK, NULL);
         return;
     }
