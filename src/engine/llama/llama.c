@@ -1004,6 +1004,11 @@ static bool seq_take(ll_engine *e, ll_seq *s, llama_token t) {
         seq_end(e, s, END_FINISH, BT_FINISH_STOP, BT_OK, NULL);
         return false;
     }
+    if (bt_gen_params_stops_at(&s->gp, (uint32_t)t)) { /* stop_token_ids: the token is delivered, as vLLM's */
+        if (bt_lltext_finish(&s->text) != BT_OK) goto nomem;
+        seq_end(e, s, END_FINISH, BT_FINISH_STOP, BT_OK, NULL);
+        return false;
+    }
     if (s->n_gen >= s->max_new || s->n_tok >= e->n_cap) {
         if (bt_lltext_finish(&s->text) != BT_OK) goto nomem;
         seq_end(e, s, END_FINISH, BT_FINISH_LENGTH, BT_OK, NULL);

@@ -66,6 +66,7 @@ struct bt_engine_seq {
     uint64_t seed;
     double temperature;
     double top_p; /* the body's top_p, 1 when absent */
+    bt_gen_params gp; /* its stop_token_ids end the completion */
 
     /* Accounting. */
     uint32_t prompt_tokens, n_carried;
@@ -464,6 +465,9 @@ static bool generate(mk_engine *e, bt_engine_seq *s) {
     e->total_emitted++;
     if (emit(e, s, tok) != BT_OK) {
         seq_end(e, s, END_ERROR, BT_FINISH_STOP, BT_ERR_NOMEM, "mocker: out of memory for output");
+    } else if (!bt_deliver_ended(&s->dl) && bt_gen_params_stops_at(&s->gp, tok)) {
+        /* delivered with its text (held-back text too: no stop string can complete now) */
+        seq_end(e, s, END_FINISH, BT_FINISH_STOP, BT_OK, NULL);
     } else if (!bt_deliver_ended(&s->dl) && s->generated >= s->max_new) {
         seq_end(e, s, END_FINISH, BT_FINISH_LENGTH, BT_OK, NULL);
     }
@@ -981,6 +985,7 @@ static bt_status mk_submit(bt_engine *be, const bt_engine_request *req, const bt
     }
     bt_deliver_add(&e->dl, &s->dl, sink, ud, MK_TEXT_CAP);
     s->seed = req->seed;
+    s->gp = gp;
     s->temperature = req->temperature;
     /* read from the body, as the llama engine reads it (the frontend checks it is in [0, 1]) */
     json_t *top_p = json_object_get(req->body, "top_p");
