@@ -20,7 +20,7 @@
  * attention setting and model file, and the same sampler (llama_sample.h, by its version). The
  * engine writes them as one string into its model card ("exactness": "llama-0.4.0
  * cpu=libggml-cpu-haswell.so threads=1 ubatch=1 fa=0 model=<bytes>:<fnv64 of the first MiB>
- * sampler=3"); the
+ * sampler=4"); the
  * frontend continues a stream only on a worker with the fingerprint of the one that began it, and
  * the worker refuses a continuation that names another (docs/engines.md §3.4). */
 #ifndef BATON_LLAMA_ENGINE_H
