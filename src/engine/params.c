@@ -130,13 +130,6 @@ static bt_status refuse_unsupported(const json_t *body, char *err, size_t errlen
         return snprintf(err, errlen, "'truncate_prompt_tokens' is not supported by this engine: a prompt longer "
                                      "than the context is refused, never cut"),
                BT_ERR_UNSUPPORTED_PARAM;
-    /* the stop string kept in the output: without stop strings there is none to keep */
-    json_t *stop = json_object_get(body, "stop");
-    bool stops = (json_is_string(stop) && json_string_length(stop)) || json_array_size(stop);
-    if (json_is_true(json_object_get(body, "include_stop_str_in_output")) && stops)
-        return snprintf(err, errlen, "'include_stop_str_in_output' with stop strings is not supported by this "
-                                     "engine: a stop string ends the text before it"),
-               BT_ERR_UNSUPPORTED_PARAM;
     /* before min_tokens vLLM keeps stop tokens from being sampled; the engines do so for the end
      * of sequence only */
     json_t *mt = json_object_get(body, "min_tokens");
@@ -166,6 +159,7 @@ bt_status bt_gen_params_read(const json_t *body, bt_gen_params *out, char *err, 
     v = json_object_get(body, "min_tokens");
     if (json_is_integer(v)) out->min_tokens = (uint32_t)json_integer_value(v);
     out->continue_final = json_is_true(json_object_get(body, "continue_final_message"));
+    out->include_stop = json_is_true(json_object_get(body, "include_stop_str_in_output"));
     size_t i;
     json_array_foreach(json_object_get(body, "stop_token_ids"), i, v) out->stop_ids[out->n_stop_ids++] =
         (uint32_t)json_integer_value(v);

@@ -1,10 +1,10 @@
 /* params.h — the request fields that change what the engines generating text themselves (the
  * mocker, the llama engine) produce, beyond OpenAI's sampling fields: vLLM's min_p,
- * repetition_penalty, ignore_eos, min_tokens and continue_final_message, read and checked in one
- * place, with stop_token_ids; and the fields asking for output neither engine can give
- * (structured output, audio, vLLM's bad_words, truncate_prompt_tokens and
- * include_stop_str_in_output with stop strings), which they refuse before any token rather than answer in plain text (docs/engines.md, "Request
- * fields"). The openai engine passes every one of them to its upstream and reads none here.
+ * repetition_penalty, ignore_eos, min_tokens, continue_final_message, stop_token_ids and
+ * include_stop_str_in_output, read and checked in one place; and the fields asking for output
+ * neither engine can give (structured output, audio, vLLM's bad_words and
+ * truncate_prompt_tokens), which they refuse before any token rather than answer in plain text
+ * (docs/engines.md, "Request fields"). The openai engine passes every one of them to its upstream and reads none here.
  *
  * The form checks (type, range) are the frontend's too: it refuses a malformed field with a 400
  * before routing, whatever engine serves the model, as vLLM would. The refusals of unsupported
@@ -36,6 +36,7 @@ typedef struct {
      * and its text delivered (vLLM's output keeps a stop token that is not a special token) */
     uint32_t stop_ids[BT_GP_MAX_STOP_IDS];
     size_t n_stop_ids;
+    bool include_stop; /* vLLM's include_stop_str_in_output: a stop string ends the text after it */
 } bt_gen_params;
 
 /* Whether generating token id ends the completion (stop_token_ids). */
@@ -48,8 +49,8 @@ bool bt_gen_params_check(const json_t *body, const char **param, const char **co
 /* Reads the fields into out after checking them and refusing the unsupported ones: BT_OK, or
  * BT_ERR_UNSUPPORTED_PARAM (response_format other than {"type":"text"}, guided_json,
  * guided_regex, guided_choice, guided_grammar, structured_outputs, modalities other than
- * ["text"], audio, a non-empty bad_words, truncate_prompt_tokens, include_stop_str_in_output true
- * with stop strings, min_tokens with stop_token_ids) or BT_ERR_INVALID_PARAM, err beginning with the field's name in quotes. */
+ * ["text"], audio, a non-empty bad_words, truncate_prompt_tokens, min_tokens with stop_token_ids)
+ * or BT_ERR_INVALID_PARAM, err beginning with the field's name in quotes. */
 bt_status bt_gen_params_read(const json_t *body, bt_gen_params *out, char *err, size_t errlen);
 
 /* The field an engine's refusal names ('name' at the start of msg) into buf; false when none. */

@@ -4,10 +4,10 @@ response_format other than {"type": "text"}, vLLM's guided_json / guided_regex /
 guided_grammar / structured_outputs, modalities other than ["text"], audio. Each is a 400 with
 code unsupported_value (invalid_value for a malformed response_format or modalities) naming the
 field, unary and streamed, for chat and completions, before any token; {"type": "text"} and
-["text"] are served. vLLM's bad_words (non-empty), truncate_prompt_tokens,
-include_stop_str_in_output with stop strings and min_tokens with stop_token_ids are refused the same
-way; stop_token_ids is served: the completion ends with "stop" at the first token named, that token
-delivered with its text. The form of vLLM's generation fields (min_p, repetition_penalty, ignore_eos,
+["text"] are served. vLLM's bad_words (non-empty), truncate_prompt_tokens and
+min_tokens with stop_token_ids are refused the same way; stop_token_ids is served (the completion
+ends with "stop" at the first token named, that token delivered with its text), and so is
+include_stop_str_in_output (the text ends after the stop string, not before it). The form of vLLM's generation fields (min_p, repetition_penalty, ignore_eos,
 min_tokens, continue_final_message, stop_token_ids, include_stop_str_in_output, bad_words,
 truncate_prompt_tokens) is the frontend's 400 (invalid_type / invalid_value, the field
 named) whatever the engine; continue_final_message after a user message is the engine's 400. The
@@ -86,14 +86,9 @@ def engine(c, fe, w, name):
     for field, value, code in MALFORMED:
         for path, body in bodies(field, value):
             refused(fe, path, body, field, code, f"{name}: {field}={value!r}")
-    # include_stop_str_in_output keeps a stop string, which the engines do not: refused with one;
     # min_tokens holds off stop tokens in vLLM, which the engines do not: refused with them
-    for path, body in bodies("include_stop_str_in_output", True):
-        refused(fe, path, dict(body, stop=["was"]), "include_stop_str_in_output", "unsupported_value",
-                f"{name}: include_stop_str_in_output with a stop string")
-        st, _, b = bl.post_json(fe.url + "/v1/" + path, body)  # without one it changes nothing
-        assert st == 200, f"{name}: include_stop_str_in_output without stop strings {path}: {st} {b}"
-        refused(fe, path, dict(body, stop_token_ids=[5], min_tokens=2), "min_tokens", "unsupported_value",
+    for path, body in bodies("stop_token_ids", [5]):
+        refused(fe, path, dict(body, min_tokens=2), "min_tokens", "unsupported_value",
                 f"{name}: min_tokens with stop_token_ids")
     # stop_token_ids: the completion ends at the first token named, delivered with its text
     plain = bl.stream_completion(fe.url, bl.completion_body("Once upon a time", max_tokens=12, temperature=0,
@@ -115,6 +110,18 @@ def engine(c, fe, w, name):
             assert b["usage"]["completion_tokens"] == k + 1, (name, b, ids)
             text = b["choices"][0]["text"]
         assert plain.text.startswith(text) and len(text) < len(plain.text), (name, text, plain.text)
+    # include_stop_str_in_output: the text ends after the stop string instead of before it
+    txt = plain.text
+    at = next(i for i in range(4, len(txt) - 3) if txt.find(txt[i:i + 3]) == i)
+    for include, want in ((False, txt[:at]), (True, txt[:at + 3])):
+        body = bl.completion_body("Once upon a time", max_tokens=12, temperature=0, stop=[txt[at:at + 3]],
+                                  include_stop_str_in_output=include)
+        st, _, b = bl.post_json(fe.url + "/v1/completions", body)
+        assert st == 200 and b["choices"][0]["text"] == want and b["choices"][0]["finish_reason"] == "stop", \
+            (name, include, st, b, txt)
+        got = bl.stream_completion(fe.url, dict(body, stream=True))
+        got.assert_ok(f"{name}: include_stop_str_in_output={include}")
+        assert got.text == want and got.finish_reason == "stop", (name, include, got.summary(), txt)
     body = bl.chat_body("Tell me a story", max_tokens=8, continue_final_message=True)
     refused(fe, "chat/completions", body, "continue_final_message", "invalid_value", f"{name}: continue after user")
     # straight to the worker's request plane: the engine refuses before any token

@@ -1591,6 +1591,7 @@ static bt_status ll_submit(bt_engine *be, const bt_engine_request *req, const bt
     s->sp.eog = e->eog;
     s->sp.n_eog = e->n_eog;
     bt_lltext_min_tokens(&s->text, s->gp.min_tokens, req->n_carried);
+    s->text.stops.keep = s->gp.include_stop; /* include_stop_str_in_output */
     /* OpenAI's range, as the frontend checks it (a client of the request plane may skip it) */
     if (bst == BT_OK && !(fabs(s->sp.frequency_penalty) <= 2 && fabs(s->sp.presence_penalty) <= 2)) {
         snprintf(err, errlen, "frequency_penalty and presence_penalty must be numbers from -2 to 2");

@@ -238,7 +238,7 @@ static void ctx_trim(bt_engine_seq *s) { bt_stops_trim_ctx(&s->stops, &s->win, &
 /* Passes a newly generated token through stop-string matching: whole tokens are held back while
  * the text could still be the start of a stop string and released (ids with their text) once it
  * cannot. On a match the sequence finishes with BT_FINISH_STOP and only the text before the stop
- * string is delivered. When the stop string begins inside a token, that token's id is delivered
+ * string is delivered (through its end with include_stop_str_in_output). When the stop string begins inside a token, that token's id is delivered
  * with just the text before the stop; tokens wholly inside or after it are not delivered. */
 static bt_status emit(mk_engine *e, bt_engine_seq *s, uint32_t id) {
     size_t tl = mk_token_len(id);
@@ -252,6 +252,7 @@ static bt_status emit(mk_engine *e, bt_engine_seq *s, uint32_t id) {
     size_t m = stop_find(s);
     size_t off = s->ctx_len;
     if (m != SIZE_MAX) {
+        m = bt_stops_cut(&s->stops, s->win.data, s->win.len, m); /* past the stop string when it is kept */
         for (size_t i = 0; i < s->held_n && off < m; i++) {
             size_t l = mk_token_len(s->held[i]);
             st = out_add(e, s, s->held[i], off + l <= m ? l : m - off);
@@ -1016,6 +1017,7 @@ static bt_status mk_submit(bt_engine *be, const bt_engine_request *req, const bt
 
     if (bt_stops_init(&s->stops, req->stop, req->n_stop < BT_MAX_STOP ? req->n_stop : BT_MAX_STOP) != BT_OK)
         goto nomem;
+    s->stops.keep = gp.include_stop;
 
     if (s->stops.n) {
         /* Carried text was delivered by an earlier attempt: it is context for matching. A stop
