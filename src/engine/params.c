@@ -42,6 +42,40 @@ bool bt_gen_params_check(const json_t *body, const char **param, const char **co
         FAIL("min_tokens", "invalid_type", "'min_tokens' must be an integer from 0 to max_tokens");
     if (json_is_integer(mt) && (json_integer_value(mt) < 0 || json_integer_value(mt) > GP_MAX_TOKENS))
         FAIL("min_tokens", "invalid_value", "'min_tokens' must be an integer from 0 to %d", GP_MAX_TOKENS);
+    /* vLLM's: honoured (stop_token_ids) or refused by the engines, their form checked here */
+    json_t *sti = json_object_get(body, "stop_token_ids");
+    if (given(sti)) {
+        size_t i;
+        json_t *v;
+        if (!json_is_array(sti))
+            FAIL("stop_token_ids", "invalid_type", "'stop_token_ids' must be an array of token ids");
+        json_array_foreach(sti, i, v) {
+            if (!json_is_integer(v))
+                FAIL("stop_token_ids", "invalid_type", "'stop_token_ids' must be an array of token ids");
+            if (json_integer_value(v) < 0 || json_integer_value(v) > UINT32_MAX)
+                FAIL("stop_token_ids", "invalid_value", "'stop_token_ids' must hold token ids from 0 to %u",
+                     UINT32_MAX);
+        }
+        if (json_array_size(sti) > BT_GP_MAX_STOP_IDS)
+            FAIL("stop_token_ids", "invalid_value", "'stop_token_ids' holds at most %d token ids",
+                 BT_GP_MAX_STOP_IDS);
+    }
+    json_t *isio = json_object_get(body, "include_stop_str_in_output");
+    if (given(isio) && !json_is_boolean(isio))
+        FAIL("include_stop_str_in_output", "invalid_type", "'include_stop_str_in_output' must be a boolean");
+    json_t *bw = json_object_get(body, "bad_words");
+    if (given(bw)) {
+        bool strings = json_is_array(bw);
+        size_t i;
+        json_t *v;
+        json_array_foreach(bw, i, v) strings = strings && json_is_string(v);
+        if (!strings) FAIL("bad_words", "invalid_type", "'bad_words' must be an array of strings");
+    }
+    json_t *tpt = json_object_get(body, "truncate_prompt_tokens");
+    if (given(tpt) && !json_is_integer(tpt))
+        FAIL("truncate_prompt_tokens", "invalid_type", "'truncate_prompt_tokens' must be an integer");
+    if (json_is_integer(tpt) && json_integer_value(tpt) < 1 && json_integer_value(tpt) != -1)
+        FAIL("truncate_prompt_tokens", "invalid_value", "'truncate_prompt_tokens' must be -1 or at least 1");
     const char *limits[] = {"max_tokens", "max_completion_tokens"};
     for (int i = 0; i < 2 && json_is_integer(mt); i++) {
         json_t *lim = json_object_get(body, limits[i]);
@@ -89,7 +123,26 @@ static bt_status refuse_unsupported(const json_t *body, char *err, size_t errlen
     if (given(json_object_get(body, "audio")))
         return snprintf(err, errlen, "'audio' is not supported by this engine: it generates text only"),
                BT_ERR_UNSUPPORTED_PARAM;
+    /* vLLM's: an empty list bans nothing; a prompt cut to its last tokens would change the answer */
+    if (json_array_size(json_object_get(body, "bad_words")))
+        return snprintf(err, errlen, "'bad_words' is not supported by this engine"), BT_ERR_UNSUPPORTED_PARAM;
+    if (given(json_object_get(body, "truncate_prompt_tokens")))
+        return snprintf(err, errlen, "'truncate_prompt_tokens' is not supported by this engine: a prompt longer "
+                                     "than the context is refused, never cut"),
+               BT_ERR_UNSUPPORTED_PARAM;
+    /* before min_tokens vLLM keeps stop tokens from being sampled; the engines do so for the end
+     * of sequence only */
+    json_t *mt = json_object_get(body, "min_tokens");
+    if (json_array_size(json_object_get(body, "stop_token_ids")) && json_is_integer(mt) && json_integer_value(mt) > 0)
+        return snprintf(err, errlen, "'min_tokens' with stop_token_ids is not supported by this engine"),
+               BT_ERR_UNSUPPORTED_PARAM;
     return BT_OK;
+}
+
+bool bt_gen_params_stops_at(const bt_gen_params *gp, uint32_t id) {
+    for (size_t i = 0; i < gp->n_stop_ids; i++)
+        if (gp->stop_ids[i] == id) return true;
+    return false;
 }
 
 bt_status bt_gen_params_read(const json_t *body, bt_gen_params *out, char *err, size_t errlen) {
@@ -106,6 +159,10 @@ bt_status bt_gen_params_read(const json_t *body, bt_gen_params *out, char *err, 
     v = json_object_get(body, "min_tokens");
     if (json_is_integer(v)) out->min_tokens = (uint32_t)json_integer_value(v);
     out->continue_final = json_is_true(json_object_get(body, "continue_final_message"));
+    out->include_stop = json_is_true(json_object_get(body, "include_stop_str_in_output"));
+    size_t i;
+    json_array_foreach(json_object_get(body, "stop_token_ids"), i, v) out->stop_ids[out->n_stop_ids++] =
+        (uint32_t)json_integer_value(v);
     /* continued is the final message, as the assistant's: any other would be answered anew */
     json_t *msgs = json_object_get(body, "messages");
     size_t n = json_array_size(msgs);

@@ -49,6 +49,13 @@ size_t bt_stops_find_after(const bt_stops *st, const char *p, size_t n, size_t f
     return best;
 }
 
+size_t bt_stops_cut(const bt_stops *st, const char *p, size_t n, size_t at) {
+    if (!st->keep) return at;
+    for (int i = 0; i < st->n; i++)
+        if (at + st->len[i] <= n && memcmp(p + at, st->s[i], st->len[i]) == 0) return at + st->len[i];
+    return at;
+}
+
 size_t bt_stops_partial(const bt_stops *st, const char *p, size_t n) {
     size_t best = 0;
     for (int i = 0; i < st->n; i++) {

@@ -312,11 +312,17 @@ void fe_migrate_dispatch(fe_req *r) {
              * they refused it (context_refused) */
             char m[640], last[160] = ""; /* a first attempt has no last one */
             if (r->fail_msg[0]) snprintf(last, sizeof last, " (last attempt: %s)", r->fail_msg);
-            if (short_left && !r->attempts)
+            /* Nothing delivered: the request is larger than every worker left, which is the client's
+             * to fix, in OpenAI's words (clients match them), and logged at debug as every client
+             * error is (docs/security.md), so that no client fills the log. A stream cut short after
+             * tokens went out is the operator's to know of. */
+            bool clients = short_left && !r->nids && !r->resumed;
+            if (clients)
                 snprintf(m, sizeof m,
-                         "no worker can hold this request: it needs a context of %" PRIu64
-                         " tokens or more, and the largest among the live workers is %" PRIu64 " tokens",
-                         need, largest);
+                         "This model's maximum context length is %" PRIu64 " tokens (the largest among its live "
+                         "workers). However, you requested %" PRIu64 " tokens or more (the prompt and the "
+                         "completion). Please reduce the length of the %s or completion.",
+                         largest, need, r->api == BT_API_CHAT ? "messages" : "prompt");
             else if (short_left)
                 snprintf(m, sizeof m,
                          "no worker left can hold this request after %zu tokens: it needs a context of %" PRIu64
@@ -327,7 +333,8 @@ void fe_migrate_dispatch(fe_req *r) {
                          "no worker left can hold this request after %zu tokens: every other worker refused it for "
                          "its context length%s",
                          r->nids, last);
-            BT_WARN("request %s: %s", r->rid, m);
+            if (clients) BT_DEBUG("request %s: %s", r->rid, m);
+            else BT_WARN("request %s: %s", r->rid, m);
             fe_request_fail(r, BT_ERR_CONTEXT_LENGTH, m);
         } else if (exact && others_routable(r->model, r->failed_worker)) {
             /* workers are left, but none computes what the one that began the stream did */

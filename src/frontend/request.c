@@ -1391,10 +1391,14 @@ uint64_t fe_request_context_need(const fe_req *r) {
         prompt = (r->prompt_bytes + tb - 1) / tb;
     }
     /* with max_tokens, the carried tokens are part of it; without, the engine cuts its default to
-     * what is left of the context, and the least the continuation asks for is one more token */
+     * what is left of the context, and the least the continuation asks for is one more token. A
+     * max_tokens of 0 (or one the stream has reached) asks for none: the engines answer it with the
+     * prompt's usage and no completion when the prompt fits, a prompt that fills the context too
+     * (context_fits counts it the same way). */
     uint64_t done = r->body_carried + r->nids;
     uint64_t more = 1;
-    if (r->max_tokens >= 0 && (uint64_t)r->max_tokens > r->nids) more = (uint64_t)r->max_tokens - r->nids;
+    if (r->max_tokens >= 0)
+        more = (uint64_t)r->max_tokens > r->nids ? (uint64_t)r->max_tokens - r->nids : 0;
     uint64_t need = prompt + done + more;
     return need > r->context_floor ? need : r->context_floor;
 }

@@ -417,6 +417,9 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
     }
     /* From here the record is this resume's; every refusal gives it back unchanged. */
     const char *bad = NULL;
+    /* the refusal names what the client sent: the GET form without the header gave starting_after */
+    const char *unsent = !http->last_event_id ? "starting_after names a position this stream never sent"
+                                  : "Last-Event-ID names a position this stream never sent";
     size_t start = 0;
     uint64_t skip_to = 0;
     if (snap->api != api && digests) bad = "this stream was not created on this endpoint";
@@ -452,7 +455,7 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
         start = snap->nev;
     } else if (!bad && mark != FE_MARK_NONE) {
         /* after the last token: only the events that ended this stream */
-        if (pos != snap->nids) bad = "Last-Event-ID names a position this stream never sent";
+        if (pos != snap->nids) bad = unsent;
         else if ((mark == FE_MARK_ERROR) == (snap->tail.kind == FE_JTAIL_FINISH))
             bad = "Last-Event-ID names an event this stream never sent";
         else if (mark == FE_MARK_USAGE && !snap->include_usage)
@@ -467,7 +470,7 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
     } else if (!bad && pos > 0) {
         size_t k = 0;
         while (k < snap->nev && snap->ev[k].end_tok < pos) k++;
-        if (k == snap->nev || snap->ev[k].end_tok != pos) bad = "Last-Event-ID names a position this stream never sent";
+        if (k == snap->nev || snap->ev[k].end_tok != pos) bad = unsent;
         start = k + 1;
     }
     if (bad) {

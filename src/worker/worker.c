@@ -1171,7 +1171,8 @@ int bt_worker_main(int argc, char **argv) {
     }
     if (strcmp(o->engine, "llama") == 0) {
         const char *origin = bt_opts_origin(opts, nopts, argc, argv, 1, "--model");
-        if (!llama_model_check(&o->llama, origin ? given_as(origin, "--model") : NULL, err, sizeof err)) {
+        if (!llama_model_check(&o->llama, origin ? given_as(origin, "--model") : NULL, err, sizeof err) ||
+            !bt_llama_model_loads(&o->llama, err, sizeof err)) {
             bt_proc_error("worker", "llama engine: %s", err);
             goto bad_usage;
         }

@@ -17,7 +17,10 @@
    min_tokens 200 and a stop string that fires before it, whose worker is killed with SIGKILL
    after 100 tokens continue on a second worker and equal the uninterrupted run byte for byte
    (text, token ids, finish_reason, usage): the continuation counts the carried tokens for the
-   penalty and for min_tokens.
+   penalty and for min_tokens. So is one with stop_token_ids naming a token the greedy text first
+   generates past its 120th: it stops there, the token delivered, on the second worker too; and one
+   with include_stop_str_in_output and a stop string first found past the 120th token: its text
+   ends with the stop string.
 """
 
 import sys
@@ -91,13 +94,44 @@ def migrated(c, fe, ws):
     cases = (("rep", {"repetition_penalty": 1.3}),
              ("rep-minp-seeded", {"repetition_penalty": 1.2, "min_p": 0.1, "temperature": 0.9, "seed": 41}),
              ("min-tokens", {"repetition_penalty": 1.1, "min_tokens": 200, "stop": [","]}))
+    # stop_token_ids: a token the greedy text first generates past the 120th token stops it there;
+    # the continuation must stop at the same token (it reads the ids from the body it carries)
+    probe = bl.stream_completion(fe.url, bl.completion_body(
+        "Once upon a time, a little fox", max_tokens=400, model=MODEL, return_token_ids=True, temperature=0,
+        repetition_penalty=1.3), timeout=40)
+    probe.assert_ok("stop_token_ids probe")
+    ids = probe.token_ids
+    late = next((t for i, t in enumerate(ids) if i >= 120 and t not in ids[:i]), None)
+    assert late is not None, f"no token first generated past the 120th: {probe.summary()}"
+    # include_stop_str_in_output: a stop string first found in the text of the tokens past the 120th
+    # ends it there, kept in the text, on the second worker too
+    head, n = "", 0
+    for ev in probe.events:
+        ch = (ev.get("choices") or [{}])[0]
+        if n >= 120:
+            break
+        head += ch.get("text") or ""
+        n += len(ch.get("token_ids") or [])
+    txt = probe.text
+    at = next((i for i in range(len(head), len(txt) - 4) if txt.find(txt[i:i + 4]) == i), None)
+    assert at is not None, f"no new 4 bytes past the 120th token: {probe.summary()}"
+    kept = txt[at:at + 4]
+    cases += (("stop-ids", {"repetition_penalty": 1.3, "stop_token_ids": [late]}),
+              ("stop-kept", {"repetition_penalty": 1.3, "stop": [kept], "include_stop_str_in_output": True}))
     for name, extra in cases:
         body = bl.completion_body("Once upon a time, a little fox", max_tokens=400, model=MODEL,
                                   **dict({"return_token_ids": True, "stream_options": {"include_usage": True},
                                           "temperature": 0}, **extra))
         ref = bl.stream_completion(fe.url, body, timeout=40)
         ref.assert_ok(f"{name} reference")
-        assert len(ref.token_ids) >= 200, ref.summary()
+        if "stop_token_ids" in extra:  # ends with the stop token, delivered
+            assert ref.finish_reason == "stop" and ref.token_ids[-1] == late and len(ref.token_ids) > 120, \
+                ref.summary()
+        elif "include_stop_str_in_output" in extra:  # ends with the stop string
+            assert ref.finish_reason == "stop" and ref.text == txt[:at + 4] and len(ref.token_ids) > 100, \
+                ref.summary()
+        else:
+            assert len(ref.token_ids) >= 200, ref.summary()
         rid = f"gen-{name}"
         killed = []
 

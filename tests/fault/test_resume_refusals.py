@@ -7,7 +7,8 @@
   --stream-retention after the stream ended; then the stream is forgotten like any other.
 - A position is plain decimal digits, without a sign or a leading zero, in `starting_after` as in
   `Last-Event-ID`; a query parameter given twice is refused, not read as its first value; a GET
-  without `stream` streams (absent counts as true), `stream=false` is refused.
+  without `stream` streams (absent counts as true), `stream=false` is refused. A position the
+  stream never sent is refused naming the one the client gave (`starting_after` or `Last-Event-ID`).
 """
 
 import json
@@ -93,6 +94,13 @@ def check_ids(fe):
         assert error_of(s, b, 400, lid)["code"] == "invalid_value"
         s, _, b = bl.request("GET", base, headers={"Last-Event-ID": lid})
         assert error_of(s, b, 400, "GET " + lid)["code"] == "invalid_value"
+    # a position the stream never reached: the refusal names the parameter the client used
+    s, _, b = bl.request("GET", base + "?starting_after=4294967295")
+    msg = error_of(s, b, 400, "starting_after past the end")["message"]
+    assert "starting_after" in msg and "Last-Event-ID" not in msg, msg
+    s, _, b = bl.request("GET", base + "?starting_after=1", headers={"Last-Event-ID": f"{sid}:4294967295"})
+    msg = error_of(s, b, 400, "Last-Event-ID past the end")["message"]
+    assert "Last-Event-ID" in msg, msg
     s, _, b = bl.request("GET", base + "?starting_after=3")
     assert s == 200 and f"id: {sid}:3".encode() not in b and b.count(b"data: [DONE]") == 1, (s, b[:300])
     print("test_resume_refusals: positions read by one rule; repeated parameters refused")

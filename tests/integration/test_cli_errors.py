@@ -566,13 +566,19 @@ os.chmod(noread, 0o755)
 print("cli: unreadable and unwritable discovery directories are start-up errors")
 
 # A llama worker that cannot start for a reason no restart fixes is a configuration error (exit 2,
-# docs/operations.md): a missing model, a file that is not GGUF, libraries that are not there.
+# docs/operations.md): a missing model, a file that is not GGUF or is cut short, libraries that are
+# not there.
 notgguf = os.path.join(base, "not-a-model.gguf")
 with open(notgguf, "w") as f:
     f.write("this is not a model\n")
+# a GGUF file cut short (a copy interrupted): its magic is right, its tensors run past its end
+cut = os.path.join(base, "cut-short.gguf")
+with open(os.path.join(bl.repo_root(), "models", "stories260K.gguf"), "rb") as src, open(cut, "wb") as f:
+    f.write(src.read(100000))
 for args, want in [(["--model", os.path.join(base, "missing.gguf")],
                     "missing.gguf (--model): No such file or directory"),
                    (["--model", notgguf], "not-a-model.gguf (--model) is not a GGUF file"),
+                   (["--model", cut], "llama.cpp cannot load the model %s" % cut),
                    (["--llama-lib-dir", base], "not found: run scripts/setup")]:
     rc, out, took = baton(["worker", "--engine", "llama", "--system-port", "-1"] + args)
     assert rc == 2 and want in out, (args, rc, out)
@@ -584,7 +590,8 @@ for args, env, want in [(["--model", os.path.join(base, "missing.gguf")], {},
                          "baton run: llama engine: model file %s (--model): No such file or directory"
                          % os.path.join(base, "missing.gguf")),
                         ([], {"DYN_MODEL_PATH": notgguf},
-                         "baton run: llama engine: model file %s (DYN_MODEL_PATH) is not a GGUF file" % notgguf)]:
+                         "baton run: llama engine: model file %s (DYN_MODEL_PATH) is not a GGUF file" % notgguf),
+                        (["--model", cut], {}, "baton run: llama engine: llama.cpp cannot load the model %s" % cut)]:
     rc, out, took = baton(["run", "--engine", "llama", "--http-port", str(port)] + args, env=dict(env, DYN_LOG="info"))
     assert rc == 2 and want in out and "nothing was started" in out, (args, env, rc, out)
     assert "start" not in out.replace("nothing was started", "") and took < 10 and not listening(port), (args, out)

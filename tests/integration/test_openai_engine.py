@@ -6,7 +6,9 @@ stacks U1 and U2; an outer frontend F0 whose workers P1, P2 run `--engine openai
 stacks as a text-only upstream (`--upstream-kind sglang`: no token ids; `--upstream-raw-completions` declared).
   1. Streaming and non-streaming chat and completions through F0 and T0 equal the same requests
      sent to U1 directly: text byte for byte, finish reason, usage, and through F0 the token ids;
-     through T0 the ids are text-mode ids (bit 31 set, consecutive positions). Finished requests
+     through T0 the ids are text-mode ids (bit 31 set, consecutive positions); with a stop string,
+     with it and vLLM's include_stop_str_in_output, and with stop_token_ids (passed upstream as
+     given, the upstream's mocker applying them). Finished requests
      leave no disconnect behind upstream. The upstream's 400 context_length_exceeded reaches F0's
      client as that error (param "prompt"), whole and streamed.
   2. A client that goes away closes the upstream request: the upstream frontend counts a
@@ -244,6 +246,10 @@ def equality_phase(u1, f0, t0):
     words = full["text"].split(" ")
     stop = " " + words[len(words) // 2]
     cases.append(("chat", dict(base, stop=[stop])))
+    # vLLM's stop fields go upstream as given: the outer answer stops where the direct one does
+    cases.append(("chat", dict(base, stop=[stop], include_stop_str_in_output=True)))
+    mid = full["token_ids"][len(full["token_ids"]) // 2]
+    cases.append(("chat", dict(base, stop_token_ids=[mid])))
     n = 0
     for api, body in cases:
         for stream in (True, False):
@@ -259,6 +265,11 @@ def equality_phase(u1, f0, t0):
             n += 1
     if outcome(u1.url, "chat", dict(base, stop=[stop]), False)["finish_reason"] != "stop":
         fail("the stop-string case did not stop on its stop string")
+    kept = outcome(u1.url, "chat", dict(base, stop=[stop], include_stop_str_in_output=True), False)
+    if not kept["text"].endswith(stop):
+        fail(f"include_stop_str_in_output did not keep the stop string: {kept['raw']}")
+    if outcome(u1.url, "chat", dict(base, stop_token_ids=[mid]), False)["token_ids"][-1:] != [mid]:
+        fail("the stop_token_ids case did not stop on its token")
     # the upstream's 400 context_length_exceeded (prompt + max_tokens over the mocker's context of
     # 1,038,080 tokens) reaches the client as that error, param "prompt", whole and streamed: not as
     # a generic invalid_value, which a client that trims its prompt on that code would not recognise

@@ -119,6 +119,35 @@ static void test_stop(void **state) {
     bt_lltext_free(&t);
 }
 
+/* include_stop_str_in_output (keep): the text ends after the stop string; the token in which it
+ * ends is released with the text through it, tokens after it not at all; a stop string begun in
+ * carried text delivers only its rest. */
+static void test_stop_kept(void **state) {
+    (void)state;
+    const char *stop[] = {"park", "END"};
+    bt_lltext t;
+    assert_int_equal(bt_lltext_init(&t, stop, 2), BT_OK);
+    t.stops.keep = true;
+    assert_int_equal(bt_lltext_push(&t, 1, " in the p", 9), BT_OK);
+    assert_int_equal(bt_lltext_push(&t, 2, "ar", 2), BT_OK);
+    assert_int_equal(bt_lltext_push(&t, 3, "k.", 2), BT_OK);
+    assert_true(t.stopped);
+    assert_int_equal(t.out_n, 3);
+    assert_int_equal(t.out_text.len, 12);
+    assert_memory_equal(t.out_text.data, " in the park", 12);
+    bt_lltext_free(&t);
+
+    assert_int_equal(bt_lltext_init(&t, stop, 2), BT_OK);
+    t.stops.keep = true;
+    assert_int_equal(bt_lltext_context(&t, "THE EN", 6), BT_OK);
+    assert_int_equal(bt_lltext_push(&t, 7, "D and", 5), BT_OK);
+    assert_true(t.stopped);
+    assert_int_equal(t.out_n, 1);
+    assert_int_equal(t.out_text.len, 1);
+    assert_memory_equal(t.out_text.data, "D", 1);
+    bt_lltext_free(&t);
+}
+
 /* min_tokens: the text of tokens numbered below it is final as it comes, a stop string in it kept;
  * a match that begins there and ends in a later token's text still stops; a continuation numbers
  * its first token after the carried ones. */
@@ -549,7 +578,7 @@ int main(void) {
         cmocka_unit_test(test_stop),       cmocka_unit_test(test_migration_property),
         cmocka_unit_test(test_sampler),    cmocka_unit_test(test_sampler_adjust),
         cmocka_unit_test(test_sampler_equals_reference), cmocka_unit_test(test_stop_min_tokens),
-        cmocka_unit_test(test_sampler_vllm),
+        cmocka_unit_test(test_sampler_vllm), cmocka_unit_test(test_stop_kept),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

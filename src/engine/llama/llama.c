@@ -167,9 +167,30 @@ bt_engine *bt_llama_create(uv_loop_t *loop, const bt_llama_config *cfg, const bt
     return NULL;
 }
 
+bool bt_llama_model_loads(const bt_llama_config *cfg, char *err, size_t errlen) {
+    (void)cfg, (void)err, (void)errlen;
+    return true;
+}
+
 #else
 
 #include <pthread.h>
+
+bool bt_llama_model_loads(const bt_llama_config *cfg, char *err, size_t errlen) {
+    char why[512];
+    const bt_llama_api *L = bt_llama_lib_open(cfg->lib_dir, why, sizeof why);
+    if (!L) return true;
+    const char *path = cfg->model_path && cfg->model_path[0] ? cfg->model_path : bt_llama_default_model();
+    /* vocab_only: llama.cpp still reads every tensor's description and checks that its data lies
+     * within the file, but maps and reads no weights */
+    struct llama_model_params mp = L->llama_model_default_params();
+    mp.n_gpu_layers = 0;
+    mp.vocab_only = true;
+    struct llama_model *m = L->llama_model_load_from_file(path, mp);
+    if (!m) return snprintf(err, errlen, "llama.cpp cannot load the model %s (cut short, or not a model it reads)", path), false;
+    L->llama_model_free(m);
+    return true;
+}
 
 /* --ctx-size 0: the model's trained context for every sequence, at most LL_AUTO_CTX cells in all
  * (a multiple of 256 x LL_MAX_SEQS, so that every sequence count gets its 256 cells at least). */
@@ -772,7 +793,9 @@ static void seq_arrive(ll_engine *e, ll_seq *s) {
             return;
         }
     }
-    if (s->max_new == 0) {
+    /* max_tokens 0 (or a continuation with nothing left): the prompt's usage and no completion,
+     * as the mocker answers it, for a prompt the context holds; a longer one is refused below */
+    if (s->max_new == 0 && s->n_tok <= e->n_cap) {
         seq_end(e, s, END_FINISH, BT_FINISH_LENGTH, BT_OK, NULL);
         return;
     }
@@ -999,6 +1022,11 @@ static bool seq_take(ll_engine *e, ll_seq *s, llama_token t) {
     size_t n = piece(e, t, buf, sizeof buf);
     if (bt_lltext_push(&s->text, (uint32_t)t, buf, n) != BT_OK) goto nomem;
     if (s->text.stopped) {
+        seq_end(e, s, END_FINISH, BT_FINISH_STOP, BT_OK, NULL);
+        return false;
+    }
+    if (bt_gen_params_stops_at(&s->gp, (uint32_t)t)) { /* stop_token_ids: the token is delivered, as vLLM's */
+        if (bt_lltext_finish(&s->text) != BT_OK) goto nomem;
         seq_end(e, s, END_FINISH, BT_FINISH_STOP, BT_OK, NULL);
         return false;
     }
@@ -1593,6 +1621,7 @@ static bt_status ll_submit(bt_engine *be, const bt_engine_request *req, const bt
     s->sp.eog = e->eog;
     s->sp.n_eog = e->n_eog;
     bt_lltext_min_tokens(&s->text, s->gp.min_tokens, req->n_carried);
+    s->text.stops.keep = s->gp.include_stop; /* include_stop_str_in_output */
     /* OpenAI's range, as the frontend checks it (a client of the request plane may skip it) */
     if (bst == BT_OK && !(fabs(s->sp.frequency_penalty) <= 2 && fabs(s->sp.presence_penalty) <= 2)) {
         snprintf(err, errlen, "frequency_penalty and presence_penalty must be numbers from -2 to 2");

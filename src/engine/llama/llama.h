@@ -20,7 +20,7 @@
  * attention setting and model file, and the same sampler (llama_sample.h, by its version). The
  * engine writes them as one string into its model card ("exactness": "llama-0.4.0
  * cpu=libggml-cpu-haswell.so threads=1 ubatch=1 fa=0 model=<bytes>:<fnv64 of the first MiB>
- * sampler=3"); the
+ * sampler=4"); the
  * frontend continues a stream only on a worker with the fingerprint of the one that began it, and
  * the worker refuses a continuation that names another (docs/engines.md §3.4). */
 #ifndef BATON_LLAMA_ENGINE_H
@@ -63,6 +63,13 @@ bt_status bt_llama_config_check(const bt_llama_config *c, char *err, size_t errl
  * writes why (naming what to run when the libraries are missing) into err. */
 bt_engine *bt_llama_create(uv_loop_t *loop, const bt_llama_config *cfg, const bt_engine_hooks *hooks, void *hooks_ud,
                            char *err, size_t errlen);
+
+/* Whether llama.cpp reads the model file (the default one when cfg names none) as a whole: its
+ * header, its vocabulary and every tensor's place within the file, without reading the weights. A
+ * file that passes the magic check but is cut short or corrupt fails here, in a moment, so that it
+ * is refused as the configuration error it is (exit code 2) and by `baton run` before anything
+ * starts. True, and nothing checked, when the libraries cannot be opened: that is said apart. */
+bool bt_llama_model_loads(const bt_llama_config *cfg, char *err, size_t errlen);
 
 /* Fault injection for tests (the worker's --fault-signals): 1 = the engine dies now (as after a
  * failed decode), 2 = the engine thread stops stepping (a hung engine), 3 = it resumes. The same

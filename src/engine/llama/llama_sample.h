@@ -37,7 +37,7 @@
 /* The version of what this sampler computes, in the llama engine's exactness fingerprint (llama.h):
  * raised whenever a request could draw another token from the same logits. 2: logit_bias and the
  * penalties are applied (1 ignored them, so a penalised stream would continue otherwise there). */
-#define BT_LLSAMPLE_VERSION 3 /* 3: min_p, repetition_penalty and min_tokens are applied */
+#define BT_LLSAMPLE_VERSION 4 /* 3: min_p, repetition_penalty and min_tokens are applied; 4: stop_token_ids */
 
 #include <stdbool.h>
 #include <stddef.h>

@@ -135,7 +135,9 @@ static bt_status stop_push(bt_lltext *t, uint32_t id, const char *text, size_t l
     size_t m = stop_find(t);
     size_t off = t->ctx_len;
     if (m != SIZE_MAX) {
-        /* the token in which the stop string begins is released with the text before it */
+        /* the token in which the stop string begins is released with the text before it (or the
+         * one in which it ends with the text through it, when it is kept: bt_stops_cut) */
+        m = bt_stops_cut(&t->stops, t->win.data, t->win.len, m);
         for (size_t i = 0; i < t->held_n && off < m; i++) {
             size_t l = t->held_len[i];
             st = out_add(t, t->held[i], t->win.data + off, off + l <= m ? l : m - off);

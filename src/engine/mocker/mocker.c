@@ -66,6 +66,7 @@ struct bt_engine_seq {
     uint64_t seed;
     double temperature;
     double top_p; /* the body's top_p, 1 when absent */
+    bt_gen_params gp; /* its stop_token_ids end the completion */
 
     /* Accounting. */
     uint32_t prompt_tokens, n_carried;
@@ -237,7 +238,7 @@ static void ctx_trim(bt_engine_seq *s) { bt_stops_trim_ctx(&s->stops, &s->win, &
 /* Passes a newly generated token through stop-string matching: whole tokens are held back while
  * the text could still be the start of a stop string and released (ids with their text) once it
  * cannot. On a match the sequence finishes with BT_FINISH_STOP and only the text before the stop
- * string is delivered. When the stop string begins inside a token, that token's id is delivered
+ * string is delivered (through its end with include_stop_str_in_output). When the stop string begins inside a token, that token's id is delivered
  * with just the text before the stop; tokens wholly inside or after it are not delivered. */
 static bt_status emit(mk_engine *e, bt_engine_seq *s, uint32_t id) {
     size_t tl = mk_token_len(id);
@@ -251,6 +252,7 @@ static bt_status emit(mk_engine *e, bt_engine_seq *s, uint32_t id) {
     size_t m = stop_find(s);
     size_t off = s->ctx_len;
     if (m != SIZE_MAX) {
+        m = bt_stops_cut(&s->stops, s->win.data, s->win.len, m); /* past the stop string when it is kept */
         for (size_t i = 0; i < s->held_n && off < m; i++) {
             size_t l = mk_token_len(s->held[i]);
             st = out_add(e, s, s->held[i], off + l <= m ? l : m - off);
@@ -464,6 +466,9 @@ static bool generate(mk_engine *e, bt_engine_seq *s) {
     e->total_emitted++;
     if (emit(e, s, tok) != BT_OK) {
         seq_end(e, s, END_ERROR, BT_FINISH_STOP, BT_ERR_NOMEM, "mocker: out of memory for output");
+    } else if (!bt_deliver_ended(&s->dl) && bt_gen_params_stops_at(&s->gp, tok)) {
+        /* delivered with its text (held-back text too: no stop string can complete now) */
+        seq_end(e, s, END_FINISH, BT_FINISH_STOP, BT_OK, NULL);
     } else if (!bt_deliver_ended(&s->dl) && s->generated >= s->max_new) {
         seq_end(e, s, END_FINISH, BT_FINISH_LENGTH, BT_OK, NULL);
     }
@@ -981,6 +986,7 @@ static bt_status mk_submit(bt_engine *be, const bt_engine_request *req, const bt
     }
     bt_deliver_add(&e->dl, &s->dl, sink, ud, MK_TEXT_CAP);
     s->seed = req->seed;
+    s->gp = gp;
     s->temperature = req->temperature;
     /* read from the body, as the llama engine reads it (the frontend checks it is in [0, 1]) */
     json_t *top_p = json_object_get(req->body, "top_p");
@@ -1011,6 +1017,7 @@ static bt_status mk_submit(bt_engine *be, const bt_engine_request *req, const bt
 
     if (bt_stops_init(&s->stops, req->stop, req->n_stop < BT_MAX_STOP ? req->n_stop : BT_MAX_STOP) != BT_OK)
         goto nomem;
+    s->stops.keep = gp.include_stop;
 
     if (s->stops.n) {
         /* Carried text was delivered by an earlier attempt: it is context for matching. A stop
