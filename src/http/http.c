@@ -1,6 +1,7 @@
 /* http.c — baton's HTTP/1.1 server (see http.h): a libuv TCP listener, one http_parser per
- * connection, capped request collection, whole and chunked responses with write-backlog
- * accounting, and per-connection timeouts driven by a single uv_timer.
+ * connection with a strict scan of the framing beside it (frame_scan), capped request collection,
+ * whole and chunked responses with write-backlog accounting, and per-connection timeouts driven
+ * by a single uv_timer.
  *
  * A connection is a small state machine: READING (parsing the next request, or idle between
  * requests), IN_FLIGHT (the handler owns the request; bytes that arrive are buffered unparsed up
