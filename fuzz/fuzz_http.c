@@ -12,7 +12,9 @@
  * nothing follows a "Connection: close" response; and when the first request's head (the request
  * line and header section, or the blank lines before them) holds a bare CR, a CR followed by
  * anything but LF, which http_parser's lenient build took for a CRLF, the handler gets no request
- * at all. The handler checks every request it gets
+ * at all; when it is an HTTP/1.0 request with a Transfer-Encoding line, the handler gets no
+ * request after it (the connection closes after its answer). The handler checks every request it
+ * gets
  * (NUL-terminated fields within the caps, a path without query or fragment) and the server must
  * return to no connections and no requests in flight after every input. A violated invariant
  * aborts, so libFuzzer reports it like a crash. Seeds are in fuzz/corpus/http/; build and run
@@ -26,6 +28,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <unistd.h>
 #include <uv.h>
@@ -302,8 +305,29 @@ static bool first_head_bare_cr(const uint8_t *in, size_t len) {
     return false;
 }
 
+/* True when the first request of the input is HTTP/1.0 (its request line ends in " HTTP/1.0") and
+ * has a Transfer-Encoding line in its header section: served at most, never followed by another
+ * (RFC 9112 §6.1: the connection closes after it). */
+static bool first_http10_te(const uint8_t *in, size_t len) {
+    size_t i = 0;
+    while (i < len && (in[i] == '\r' || in[i] == '\n')) i++;
+    bool http10 = false;
+    for (int line = 0; i < len; line++) {
+        const uint8_t *lf = memchr(in + i, '\n', len - i);
+        if (!lf) return false; /* the head never ends: nothing is served */
+        size_t n = (size_t)(lf - (in + i));
+        if (n && in[i + n - 1] == '\r') n--;
+        if (line > 0 && n == 0) return false; /* the blank line: no Transfer-Encoding */
+        if (line == 0) http10 = n >= 9 && memcmp(in + i + n - 9, " HTTP/1.0", 9) == 0;
+        else if (http10 && n >= 18 && strncasecmp((const char *)in + i, "transfer-encoding:", 18) == 0) return true;
+        i += (size_t)(lf - (in + i)) + 1;
+    }
+    return false;
+}
+
 static void check_responses(void) {
     if (first_head_bare_cr(g_in, g_in_len)) CHECK(g_seq == 0);
+    if (first_http10_te(g_in, g_in_len)) CHECK(g_seq <= 1);
     if (g_resp.len == 0) return; /* e.g. blank input, or a request never completed */
     CHECK(g_resp.len >= 9 && memcmp(g_resp.data, "HTTP/1.1 ", 9) == 0);
     if (g_reset) { /* the tail may be lost with a reset; the start was checked */
