@@ -13,8 +13,10 @@
  * line and header section, or the blank lines before them) holds a bare CR, a CR followed by
  * anything but LF, which http_parser's lenient build took for a CRLF, the handler gets no request
  * at all; when it is an HTTP/1.0 request with a Transfer-Encoding line, the handler gets no
- * request after it (the connection closes after its answer). The handler checks every request it
- * gets
+ * request after it (the connection closes after its answer); when it has a chunked body whose
+ * framing breaks (a chunk-size line or the CRLF after chunk data not as RFC 9112 §7.1 writes them,
+ * a bare CR or a folded line in the trailers), the handler gets no request at all. The handler
+ * checks every request it gets
  * (NUL-terminated fields within the caps, a path without query or fragment) and the server must
  * return to no connections and no requests in flight after every input. A violated invariant
  * aborts, so libFuzzer reports it like a crash. Seeds are in fuzz/corpus/http/; build and run
@@ -325,7 +327,87 @@ static bool first_http10_te(const uint8_t *in, size_t len) {
     return false;
 }
 
+static int hex_digit(uint8_t ch) {
+    return ch >= '0' && ch <= '9' ? ch - '0' : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10 : ch >= 'A' && ch <= 'F' ? ch - 'A' + 10 : -1;
+}
+
+/* True when the first request of the input has a Transfer-Encoding line of "chunked" alone and its
+ * body, read strictly, breaks within the input: the server refuses it (or refuses it earlier for
+ * something else) and so hands no request to the handler. Worked out independently of the
+ * server; no claim (false) where the server could read otherwise without being wrong: a head with
+ * a bare CR (first_head_bare_cr's), more than one Transfer-Encoding line, CONNECT (http_parser
+ * reads no body after it), chunks larger than the input could hold, an input that stops before
+ * the break is certain. */
+static bool first_chunked_broken(const uint8_t *in, size_t len) {
+    size_t i = 0;
+    while (i < len && (in[i] == '\r' || in[i] == '\n')) i++;
+    if (len - i >= 8 && memcmp(in + i, "CONNECT ", 8) == 0) return false;
+    int te_lines = 0;
+    bool chunked = false;
+    for (int line = 0;; line++) {
+        const uint8_t *lf = i < len ? memchr(in + i, '\n', len - i) : NULL;
+        if (!lf) return false;
+        size_t n = (size_t)(lf - (in + i)), next = i + n + 1;
+        if (n && in[i + n - 1] == '\r') n--;
+        if (memchr(in + i, '\r', n)) return false;
+        if (line > 0 && n == 0) {
+            i = next;
+            break;
+        }
+        if (line > 0 && n >= 18 && strncasecmp((const char *)in + i, "transfer-encoding:", 18) == 0) {
+            size_t a = i + 18, b = i + n;
+            while (a < b && (in[a] == ' ' || in[a] == '\t')) a++;
+            while (b > a && (in[b - 1] == ' ' || in[b - 1] == '\t')) b--;
+            chunked = b - a == 7 && strncasecmp((const char *)in + a, "chunked", 7) == 0;
+            te_lines++;
+        }
+        i = next;
+    }
+    if (!chunked || te_lines != 1) return false;
+    for (;;) { /* chunks */
+        uint64_t size = 0;
+        size_t digits = 0;
+        for (; i < len && hex_digit(in[i]) >= 0; i++, digits++) {
+            size = size * 16 + (uint64_t)hex_digit(in[i]);
+            if (size > len) return false;
+        }
+        if (i >= len) return false;
+        if (!digits) return true;
+        if (in[i] == ' ' || in[i] == '\t' || in[i] == ';')
+            for (; i < len && in[i] != '\r'; i++)
+                if ((in[i] < 0x20 && in[i] != '\t') || in[i] == 0x7f) return true;
+        if (i >= len) return false;
+        if (in[i] != '\r') return true;
+        if (i + 1 >= len) return false;
+        if (in[i + 1] != '\n') return true;
+        i += 2;
+        if (size == 0) break;
+        if (len - i < size + 1) return false;
+        i += size;
+        if (in[i] != '\r') return true;
+        if (i + 1 >= len) return false;
+        if (in[i + 1] != '\n') return true;
+        i += 2;
+    }
+    for (bool start = true; i < len; i++) { /* the trailer section */
+        if (in[i] == '\r') {
+            if (i + 1 >= len) return false;
+            if (in[i + 1] != '\n') return true;
+            continue;
+        }
+        if (in[i] == '\n') {
+            if (start) return false; /* its blank line: the body is whole */
+            start = true;
+            continue;
+        }
+        if (start && (in[i] == ' ' || in[i] == '\t')) return true;
+        start = false;
+    }
+    return false;
+}
+
 static void check_responses(void) {
+    if (first_chunked_broken(g_in, g_in_len)) CHECK(g_seq == 0);
     if (first_head_bare_cr(g_in, g_in_len)) CHECK(g_seq == 0);
     if (first_http10_te(g_in, g_in_len)) CHECK(g_seq <= 1);
     if (g_resp.len == 0) return; /* e.g. blank input, or a request never completed */
