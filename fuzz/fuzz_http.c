@@ -328,7 +328,10 @@ static bool first_http10_te(const uint8_t *in, size_t len) {
 }
 
 static int hex_digit(uint8_t ch) {
-    return ch >= '0' && ch <= '9' ? ch - '0' : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10 : ch >= 'A' && ch <= 'F' ? ch - 'A' + 10 : -1;
+    return ch >= '0' && ch <= '9'   ? ch - '0'
+           : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10
+           : ch >= 'A' && ch <= 'F' ? ch - 'A' + 10
+                                    : -1;
 }
 
 /* True when the first request of the input has a Transfer-Encoding line of "chunked" alone and its

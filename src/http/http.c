@@ -157,8 +157,8 @@ enum {
     FS_SIZE_LF,       /* the CR of a chunk-size line seen: LF */
     FS_DATA,          /* chunk_left bytes of chunk data: not scanned */
     FS_DATA_CR,       /* the CRLF after chunk data */
-    FS_DATA_LF,
-    FS_MSG_END        /* the message ended: what follows is the next one's, scanned when the parser is there */
+    FS_DATA_LF,       /* and its LF */
+    FS_MSG_END,       /* the message ended: the next one is scanned once the parser is there */
 };
 
 struct conn {
@@ -180,7 +180,7 @@ struct conn {
     bool hdr_in_value;
     bool keep_alive, is_head, http10;
     int err_status; /* 400 / 413 / 431 / 501 / 505 chosen by a parser callback that failed on purpose */
-    uint8_t frame;     /* frame_scan's place in the current request's framing (FS_*) */
+    uint8_t frame;  /* frame_scan's place in the current request's framing (FS_*) */
     bool frame_trailers; /* frame_scan's lines are the trailer section's */
     uint64_t chunk_left; /* frame_scan: the chunk size being read (FS_SIZE), or its data bytes left (FS_DATA) */
     const char *err_why; /* with err_status 400: what was malformed (a static string) */
