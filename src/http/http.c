@@ -1083,8 +1083,10 @@ static void host_refused(conn *c) {
  *     line of its own or drop it;
  *   - a CR not followed by LF, in the request line, the blank lines before it, the header section,
  *     a chunk-size line or the trailer section (RFC 9112 §2.2 lets a recipient reject a bare CR):
- *     http_parser takes whatever byte follows a CR as its LF, so that "\r\n\rX" ends a header
- *     section, the X swallowed;
+ *     where a header section, a trailer section or a chunk-size line ends, http_parser takes
+ *     whatever byte follows a CR for its LF ("\r\n\rX" ends a header section, the X swallowed);
+ *     before the request line it skips a lone CR as a blank line; in the request and header lines
+ *     it wants the LF, and the scan names the fault the same way;
  *   - a chunk-size line other than hex digits, an optional extension without control characters,
  *     and CRLF; chunk data not followed by exactly CRLF: http_parser takes any two bytes there for
  *     the CRLF ("{...}XY0\r\n\r\n" is a whole body to it).
