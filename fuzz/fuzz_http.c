@@ -9,7 +9,14 @@
  * the connection, the bytes the client received are parsed as HTTP/1.1 responses, and checked:
  * they start with "HTTP/1.1 ", parse without error, each answered request appears in order with
  * the status and body the handler gave it, a 400/413/431/501/505 can only be the last response, and
- * nothing follows a "Connection: close" response. The handler checks every request it gets
+ * nothing follows a "Connection: close" response; and when the first request's head (the request
+ * line and header section, or the blank lines before them) holds a bare CR, a CR followed by
+ * anything but LF, which http_parser's lenient build took for a CRLF, the handler gets no request
+ * at all; when it is an HTTP/1.0 request with a Transfer-Encoding line, the handler gets no
+ * request after it (the connection closes after its answer); when it has a chunked body whose
+ * framing breaks (a chunk-size line or the CRLF after chunk data not as RFC 9112 §7.1 writes them,
+ * a bare CR or a folded line in the trailers), the handler gets no request at all. The handler
+ * checks every request it gets
  * (NUL-terminated fields within the caps, a path without query or fragment) and the server must
  * return to no connections and no requests in flight after every input. A violated invariant
  * aborts, so libFuzzer reports it like a crash. Seeds are in fuzz/corpus/http/; build and run
@@ -23,6 +30,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <unistd.h>
 #include <uv.h>
@@ -276,7 +284,135 @@ static const http_parser_settings rp_settings = {
     .on_message_complete = rp_complete,
 };
 
+/* True when the first request of the input holds a bare CR (one followed by a byte other than LF)
+ * before its header section ends: the server refuses it (frame_scan in http.c) and so can have
+ * handed no request to the handler. Worked out here independently of the server: the head ends
+ * at the first blank line after the request line (LF, or CRLF, right after an LF). A CR as the
+ * input's last byte is not bare (the server still waits for what follows). */
+static bool first_head_bare_cr(const uint8_t *in, size_t len) {
+    bool started = false, line_start = false;
+    for (size_t i = 0; i < len; i++) {
+        if (in[i] == '\r') {
+            if (i + 1 < len && in[i + 1] != '\n') return true;
+            continue; /* its LF comes next */
+        }
+        if (in[i] == '\n') {
+            if (started && line_start) return false; /* the blank line: the head ended whole */
+            line_start = started;
+            continue;
+        }
+        started = true;
+        line_start = false;
+    }
+    return false;
+}
+
+/* True when the first request of the input is HTTP/1.0 (its request line ends in " HTTP/1.0") and
+ * has a Transfer-Encoding line in its header section: served at most, never followed by another
+ * (RFC 9112 §6.1: the connection closes after it). */
+static bool first_http10_te(const uint8_t *in, size_t len) {
+    size_t i = 0;
+    while (i < len && (in[i] == '\r' || in[i] == '\n')) i++;
+    bool http10 = false;
+    for (int line = 0; i < len; line++) {
+        const uint8_t *lf = memchr(in + i, '\n', len - i);
+        if (!lf) return false; /* the head never ends: nothing is served */
+        size_t n = (size_t)(lf - (in + i));
+        if (n && in[i + n - 1] == '\r') n--;
+        if (line > 0 && n == 0) return false; /* the blank line: no Transfer-Encoding */
+        if (line == 0) http10 = n >= 9 && memcmp(in + i + n - 9, " HTTP/1.0", 9) == 0;
+        else if (http10 && n >= 18 && strncasecmp((const char *)in + i, "transfer-encoding:", 18) == 0) return true;
+        i += (size_t)(lf - (in + i)) + 1;
+    }
+    return false;
+}
+
+static int hex_digit(uint8_t ch) {
+    return ch >= '0' && ch <= '9'   ? ch - '0'
+           : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10
+           : ch >= 'A' && ch <= 'F' ? ch - 'A' + 10
+                                    : -1;
+}
+
+/* True when the first request of the input has a Transfer-Encoding line of "chunked" alone and its
+ * body, read strictly, breaks within the input: the server refuses it (or refuses it earlier for
+ * something else) and so hands no request to the handler. Worked out independently of the
+ * server; no claim (false) where the server could read otherwise without being wrong: a head with
+ * a bare CR (first_head_bare_cr's), more than one Transfer-Encoding line, CONNECT (http_parser
+ * reads no body after it), chunks larger than the input could hold, an input that stops before
+ * the break is certain. */
+static bool first_chunked_broken(const uint8_t *in, size_t len) {
+    size_t i = 0;
+    while (i < len && (in[i] == '\r' || in[i] == '\n')) i++;
+    if (len - i >= 8 && memcmp(in + i, "CONNECT ", 8) == 0) return false;
+    int te_lines = 0;
+    bool chunked = false;
+    for (int line = 0;; line++) {
+        const uint8_t *lf = i < len ? memchr(in + i, '\n', len - i) : NULL;
+        if (!lf) return false;
+        size_t n = (size_t)(lf - (in + i)), next = i + n + 1;
+        if (n && in[i + n - 1] == '\r') n--;
+        if (memchr(in + i, '\r', n)) return false;
+        if (line > 0 && n == 0) {
+            i = next;
+            break;
+        }
+        if (line > 0 && n >= 18 && strncasecmp((const char *)in + i, "transfer-encoding:", 18) == 0) {
+            size_t a = i + 18, b = i + n;
+            while (a < b && (in[a] == ' ' || in[a] == '\t')) a++;
+            while (b > a && (in[b - 1] == ' ' || in[b - 1] == '\t')) b--;
+            chunked = b - a == 7 && strncasecmp((const char *)in + a, "chunked", 7) == 0;
+            te_lines++;
+        }
+        i = next;
+    }
+    if (!chunked || te_lines != 1) return false;
+    for (;;) { /* chunks */
+        uint64_t size = 0;
+        size_t digits = 0;
+        for (; i < len && hex_digit(in[i]) >= 0; i++, digits++) {
+            size = size * 16 + (uint64_t)hex_digit(in[i]);
+            if (size > len) return false;
+        }
+        if (i >= len) return false;
+        if (!digits) return true;
+        if (in[i] == ' ' || in[i] == '\t' || in[i] == ';')
+            for (; i < len && in[i] != '\r'; i++)
+                if ((in[i] < 0x20 && in[i] != '\t') || in[i] == 0x7f) return true;
+        if (i >= len) return false;
+        if (in[i] != '\r') return true;
+        if (i + 1 >= len) return false;
+        if (in[i + 1] != '\n') return true;
+        i += 2;
+        if (size == 0) break;
+        if (len - i < size + 1) return false;
+        i += size;
+        if (in[i] != '\r') return true;
+        if (i + 1 >= len) return false;
+        if (in[i + 1] != '\n') return true;
+        i += 2;
+    }
+    for (bool start = true; i < len; i++) { /* the trailer section */
+        if (in[i] == '\r') {
+            if (i + 1 >= len) return false;
+            if (in[i + 1] != '\n') return true;
+            continue;
+        }
+        if (in[i] == '\n') {
+            if (start) return false; /* its blank line: the body is whole */
+            start = true;
+            continue;
+        }
+        if (start && (in[i] == ' ' || in[i] == '\t')) return true;
+        start = false;
+    }
+    return false;
+}
+
 static void check_responses(void) {
+    if (first_chunked_broken(g_in, g_in_len)) CHECK(g_seq == 0);
+    if (first_head_bare_cr(g_in, g_in_len)) CHECK(g_seq == 0);
+    if (first_http10_te(g_in, g_in_len)) CHECK(g_seq <= 1);
     if (g_resp.len == 0) return; /* e.g. blank input, or a request never completed */
     CHECK(g_resp.len >= 9 && memcmp(g_resp.data, "HTTP/1.1 ", 9) == 0);
     if (g_reset) { /* the tail may be lost with a reset; the start was checked */

@@ -1,6 +1,7 @@
 /* http.c — baton's HTTP/1.1 server (see http.h): a libuv TCP listener, one http_parser per
- * connection, capped request collection, whole and chunked responses with write-backlog
- * accounting, and per-connection timeouts driven by a single uv_timer.
+ * connection with a strict scan of the framing beside it (frame_scan), capped request collection,
+ * whole and chunked responses with write-backlog accounting, and per-connection timeouts driven
+ * by a single uv_timer.
  *
  * A connection is a small state machine: READING (parsing the next request, or idle between
  * requests), IN_FLIGHT (the handler owns the request; bytes that arrive are buffered unparsed up
@@ -140,8 +141,25 @@ struct bt_http_server {
     char rbuf[READ_BUF_SIZE];
 };
 
-/* Where fold_scan's line scan is in a request's header section. */
-enum { FS_START, FS_REQUEST_LINE, FS_LINE_START, FS_LINE_START_CR, FS_LINE, FS_DONE };
+/* Where frame_scan is in a request's framing bytes (frame_scan says what it checks). */
+enum {
+    FS_START,         /* before the request line, where blank lines are skipped */
+    FS_START_CR,      /* a CR there: LF must follow */
+    FS_LINE,          /* in the request line, a header line or a trailer line */
+    FS_LINE_CR,       /* a CR in it: LF must follow */
+    FS_LINE_START,    /* at the start of a header or trailer line, or of the blank line after them */
+    FS_LINE_START_CR, /* a CR there: the blank line, if LF follows */
+    FS_HEAD_END,      /* the header section ended: what follows is framed as the parser read the headers */
+    FS_BODY,          /* a body of Content-Length bytes: not scanned */
+    FS_SIZE_START,    /* the first hex digit of a chunk size */
+    FS_SIZE,          /* its further digits */
+    FS_EXT,           /* a chunk extension, up to its CR */
+    FS_SIZE_LF,       /* the CR of a chunk-size line seen: LF */
+    FS_DATA,          /* chunk_left bytes of chunk data: not scanned */
+    FS_DATA_CR,       /* the CRLF after chunk data */
+    FS_DATA_LF,       /* and its LF */
+    FS_MSG_END,       /* the message ended: the next one is scanned once the parser is there */
+};
 
 struct conn {
     uv_tcp_t tcp;
@@ -162,7 +180,9 @@ struct conn {
     bool hdr_in_value;
     bool keep_alive, is_head, http10;
     int err_status; /* 400 / 413 / 431 / 501 / 505 chosen by a parser callback that failed on purpose */
-    uint8_t fold_scan; /* fold_scan's state in the current request's header section (FS_*) */
+    uint8_t frame;  /* frame_scan's place in the current request's framing (FS_*) */
+    bool frame_trailers; /* frame_scan's lines are the trailer section's */
+    uint64_t chunk_left; /* frame_scan: the chunk size being read (FS_SIZE), or its data bytes left (FS_DATA) */
     const char *err_why; /* with err_status 400: what was malformed (a static string) */
     bool req_filled; /* req holds this request's method, path and headers (req_fill) */
     unsigned n_host;     /* Host header lines of the current request (RFC 9112 §3.2) */
@@ -999,10 +1019,14 @@ static int cb_body(http_parser *p, const char *at, size_t len) {
 
 static int cb_message_complete(http_parser *p) {
     conn *c = p->data;
-    c->keep_alive = http_should_keep_alive(p) && !p->upgrade;
+    /* HTTP/1.0 has no Transfer-Encoding: a recipient along the way may have read this body
+     * otherwise, so after it the connection is not trusted with another (RFC 9112 §6.1: MUST
+     * close), whatever its Connection header says */
+    c->keep_alive = http_should_keep_alive(p) && !p->upgrade && !(c->http10 && c->have_hdr[H_TRANSFER_ENCODING]);
     c->in_message = false;
     c->msg_complete = true;
-    c->fold_scan = FS_START; /* the next bytes parsed are the next request's */
+    c->frame = FS_START; /* the next bytes parsed are the next request's */
+    c->frame_trailers = false;
     http_parser_pause(p, 1);
     return 0;
 }
@@ -1049,56 +1073,144 @@ static void host_refused(conn *c) {
     conn_error_close(c, 403, msg);
 }
 
-/* True if data, the next bytes of the current request, hold a header line that starts with a
- * space or tab (RFC 9112 §5.2, obsolete line folding; or §2.2, whitespace before the first
- * header line). http_parser unfolds such a line into the one before it ("Transfer-Encoding:" then
- * " chunked" is chunked), while a proxy in front may take it as a line of its own or drop it: two
- * readings of one request, the stuff of request smuggling. The callbacks cannot tell a folded
- * value from one split across reads, so the bytes are scanned here, before the parser sees them,
- * up to the blank line that ends the header section; the state carries over reads, and is
- * reset when a request completes (the parser pauses there: the next call starts at the next
- * request). */
-static bool fold_scan(conn *c, const char *data, size_t len) {
-    uint8_t s = c->fold_scan;
-    for (size_t i = 0; i < len && s != FS_DONE; i++) {
-        char ch = data[i];
+/* Framing that http_parser accepts in the build Debian ships (without its strict checks) while a
+ * proxy in front may read it otherwise: two readings of where a line, a chunk or a message ends,
+ * the stuff of request smuggling. frame_scan reads a request's framing bytes before the parser
+ * does and refuses, with a 400 and the connection closed:
+ *   - a header or trailer line that starts with a space or tab (RFC 9112 §5.2, obsolete line
+ *     folding; or §2.2, whitespace before the first header line): http_parser unfolds it into the
+ *     line before it ("Transfer-Encoding:" then " chunked" is chunked), a proxy may take it as a
+ *     line of its own or drop it;
+ *   - a CR not followed by LF, in the request line, the blank lines before it, the header section,
+ *     a chunk-size line or the trailer section (RFC 9112 §2.2 lets a recipient reject a bare CR):
+ *     where a header section, a trailer section or a chunk-size line ends, http_parser takes
+ *     whatever byte follows a CR for its LF ("\r\n\rX" ends a header section, the X swallowed);
+ *     before the request line it skips a lone CR as a blank line; in the request and header lines
+ *     it wants the LF, and the scan names the fault the same way;
+ *   - a chunk-size line other than hex digits, an optional extension without control characters,
+ *     and CRLF; chunk data not followed by exactly CRLF: http_parser takes any two bytes there for
+ *     the CRLF ("{...}XY0\r\n\r\n" is a whole body to it).
+ * A bare LF still ends the request line and a header or trailer line, as http_parser reads it and
+ * RFC 9112 §2.2 allows; it ends no chunk line (§7.1 has CRLF there and no such latitude).
+ *
+ * Bodies are not read: a Content-Length body is skipped whole and chunk data by its size, so what
+ * is looked at byte by byte is what the parser itself reads byte by byte. The scan runs ahead of
+ * the parser over the same bytes and stops where a header section ends (FS_HEAD_END): only the
+ * parser knows then how the body is framed, and conn_parse, having run the parser up to there,
+ * says so (frame_body). At the end of a message the scan waits (FS_MSG_END) for the parser to
+ * complete it (cb_message_complete starts the scan again), so that a request pipelined behind
+ * another is scanned, and refused, as its own once the one before it is answered. The state
+ * carries over reads: the bytes may be split anywhere.
+ *
+ * A stricter parser instead of this scan: llhttp, whose default is strict, is not packaged by
+ * Debian 12, and bringing its sources in is a larger change than checking the few bytes that the
+ * lenient build misreads.
+ *
+ * Returns NULL when data holds nothing malformed, with *used the bytes scanned: all of them, or
+ * those up to the end of a header section (the scan then waits in FS_HEAD_END); else what is
+ * malformed. */
+static const char *frame_scan(conn *c, const char *data, size_t len, size_t *used) {
+    static const char fold[] = "a header line that starts with whitespace (obsolete line folding, refused as RFC "
+                               "9112 §5.2 allows: a proxy may read the line otherwise)";
+    static const char bare_cr[] = "a CR not followed by LF (refused as RFC 9112 §2.2 allows: a proxy may read "
+                                  "where the line ends otherwise)";
+    static const char bad_size[] = "a chunk-size line that is not a hexadecimal size, an optional extension and CRLF";
+    static const char bad_data_end[] = "chunk data not followed by CRLF";
+    static const char too_large[] = "chunk size too large (more than 64 bits)";
+    uint8_t s = c->frame;
+    const char *why = NULL;
+    size_t i = 0;
+    while (i < len && !why && s != FS_HEAD_END) {
+        if (s == FS_BODY || s == FS_MSG_END) {
+            i = len;
+            break;
+        }
+        if (s == FS_DATA) { /* chunk_left > 0 */
+            size_t n = len - i < c->chunk_left ? len - i : (size_t)c->chunk_left;
+            i += n;
+            c->chunk_left -= n;
+            if (!c->chunk_left) s = FS_DATA_CR;
+            continue;
+        }
+        unsigned char ch = (unsigned char)data[i++];
+        int hex = ch >= '0' && ch <= '9'   ? ch - '0'
+                  : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10
+                  : ch >= 'A' && ch <= 'F' ? ch - 'A' + 10
+                                           : -1;
         switch (s) {
         case FS_START: /* blank lines before a request line are skipped, as http_parser does */
-            if (ch != '\r' && ch != '\n') s = FS_REQUEST_LINE;
+            s = ch == '\r' ? FS_START_CR : ch == '\n' ? FS_START : FS_LINE;
             break;
-        case FS_REQUEST_LINE:
+        case FS_START_CR:
+            if (ch != '\n') why = bare_cr;
+            s = FS_START;
+            break;
         case FS_LINE:
-            if (ch == '\n') s = FS_LINE_START;
+            /* the line's other bytes are the parser's to judge: on to its end */
+            while (ch != '\r' && ch != '\n' && i < len) ch = (unsigned char)data[i++];
+            s = ch == '\r' ? FS_LINE_CR : ch == '\n' ? FS_LINE_START : FS_LINE;
+            break;
+        case FS_LINE_CR:
+            if (ch != '\n') why = bare_cr;
+            s = FS_LINE_START;
             break;
         case FS_LINE_START:
-            if (ch == ' ' || ch == '\t') return true;
-            s = ch == '\r' ? FS_LINE_START_CR : ch == '\n' ? FS_DONE : FS_LINE;
+            if (ch == ' ' || ch == '\t') why = fold;
+            else if (ch == '\r') s = FS_LINE_START_CR;
+            else if (ch == '\n') s = c->frame_trailers ? FS_MSG_END : FS_HEAD_END;
+            else s = FS_LINE;
             break;
         case FS_LINE_START_CR:
-            s = ch == '\n' ? FS_DONE : FS_LINE;
+            if (ch != '\n') why = bare_cr;
+            s = c->frame_trailers ? FS_MSG_END : FS_HEAD_END;
+            break;
+        case FS_SIZE_START:
+            if (hex < 0) why = bad_size;
+            c->chunk_left = (uint64_t)(hex < 0 ? 0 : hex);
+            s = FS_SIZE;
+            break;
+        case FS_SIZE:
+            if (hex >= 0 && c->chunk_left > UINT64_MAX >> 4) why = too_large;
+            else if (hex >= 0) c->chunk_left = c->chunk_left << 4 | (uint64_t)hex;
+            else if (ch == ';' || ch == ' ' || ch == '\t') s = FS_EXT; /* whitespace before ';' (RFC 9112 §7.1.1) */
+            else if (ch == '\r') s = FS_SIZE_LF;
+            else why = bad_size;
+            break;
+        case FS_EXT: /* names, values, quoted strings: no control character but HTAB */
+            if (ch == '\r') s = FS_SIZE_LF;
+            else if ((ch < 0x20 && ch != '\t') || ch == 0x7f) why = bad_size;
+            break;
+        case FS_SIZE_LF:
+            if (ch != '\n') why = bare_cr;
+            c->frame_trailers = c->chunk_left == 0; /* the last chunk: the trailer section follows */
+            s = c->chunk_left ? FS_DATA : FS_LINE_START;
+            break;
+        case FS_DATA_CR:
+            if (ch != '\r') why = bad_data_end;
+            s = FS_DATA_LF;
+            break;
+        case FS_DATA_LF:
+            if (ch != '\n') why = bad_data_end;
+            s = FS_SIZE_START;
             break;
         }
     }
-    c->fold_scan = s;
-    return false;
+    c->frame = s;
+    *used = i;
+    return why;
 }
 
-/* Runs the parser over data and returns how many bytes it consumed. Afterwards either the
- * connection is answered-and-lingering / closed (parse error or cap), or c->msg_complete is set
- * (parser paused right after the message), or all bytes were consumed. */
-static size_t conn_parse(conn *c, const char *data, size_t len) {
-    if (fold_scan(c, data, len)) {
-        conn_error_close(c, 400,
-                         "malformed HTTP request: a header line that starts with whitespace (obsolete line folding, "
-                         "refused as RFC 9112 §5.2 allows: a proxy may read the line otherwise)");
-        return len;
-    }
-    size_t n = http_parser_execute(&c->parser, &parser_settings, data, len);
-    if (c->closing || c->state != CS_READING) return len;
-    enum http_errno e = HTTP_PARSER_ERRNO(&c->parser);
-    if (e == HPE_PAUSED && c->msg_complete) return n;
-    char msg[160];
-    if (e == HPE_OK && n == len) return n;
+/* The parser has read the header section frame_scan stopped at, and a body follows: the scan goes
+ * on in it as the parser frames it. */
+static void frame_body(conn *c) {
+    c->frame = (c->parser.flags & F_CHUNKED) ? FS_SIZE_START : FS_BODY;
+    c->chunk_left = 0;
+}
+
+/* The parser stopped on an error (e) or a callback that failed on purpose: the answer, and the
+ * connection closed. */
+static void conn_parse_failed(conn *c, enum http_errno e) {
+    char msg[256];
     if (c->err_status == 403) {
         host_refused(c);
     } else if (c->err_status == 413) {
@@ -1137,6 +1249,43 @@ static size_t conn_parse(conn *c, const char *data, size_t len) {
                  : e == HPE_OK                        ? "unexpected data"
                                                       : http_errno_description(e));
         conn_error_close(c, 400, msg);
+    }
+}
+
+/* Runs the scan and the parser over data and returns how many bytes the parser consumed.
+ * Afterwards either the connection is answered-and-lingering / closed (malformed framing, a parse
+ * error or a cap), or c->msg_complete is set (parser paused right after the message), or all
+ * bytes were consumed. The parser is run up to the end of a header section first and then on, so
+ * that the scan learns from it how the body that follows is framed. */
+static size_t conn_parse(conn *c, const char *data, size_t len) {
+    size_t off = 0;
+    while (off < len) {
+        size_t used;
+        const char *bad = frame_scan(c, data + off, len - off, &used);
+        if (bad) {
+            char msg[256];
+            snprintf(msg, sizeof msg, "malformed HTTP request: %s", bad);
+            conn_error_close(c, 400, msg);
+            return len;
+        }
+        /* used > 0: the scan stops only after a header section's last byte (a length of 0 would
+         * tell the parser the input ended) */
+        size_t n = http_parser_execute(&c->parser, &parser_settings, data + off, used);
+        if (c->closing || c->state != CS_READING) return len;
+        enum http_errno e = HTTP_PARSER_ERRNO(&c->parser);
+        if (e == HPE_PAUSED && c->msg_complete) return off + n;
+        if (e != HPE_OK || n != used) {
+            conn_parse_failed(c, e);
+            return len;
+        }
+        off += n;
+        if (c->frame == FS_HEAD_END) {
+            if (!c->headers_done) { /* the two readings of where the headers end differ: never seen */
+                conn_parse_failed(c, HPE_OK);
+                return len;
+            }
+            frame_body(c);
+        }
     }
     return len;
 }
@@ -1472,7 +1621,8 @@ static void on_connection(uv_stream_t *server, int status) {
     LIST_INSERT_HEAD(&s->conns, c, link);
     s->nconns++;
     c->cur_hdr = -1;
-    c->fold_scan = FS_START;
+    c->frame = FS_START;
+    c->frame_trailers = false;
     for (int i = 0; i < H_COUNT; i++) bt_buf_init(&c->hdr[i], s->cfg.max_header_bytes);
     bt_buf_init(&c->url, s->cfg.max_header_bytes);
     bt_buf_init(&c->resp_hdrs, OUT_HEADER_CAP / 2);

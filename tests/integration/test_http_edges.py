@@ -21,6 +21,13 @@ wrong:
   * a header line that starts with a space or tab (obsolete line folding, RFC 9112 §5.2) is a 400
     with the connection closed, however the bytes arrive: `Transfer-Encoding:` folded onto
     ` chunked` was read as chunked, where a proxy may read it otherwise;
+  * a bare CR in the framing (ending the header section, a chunk-size line or the trailers, before
+    the request line), chunk data followed by two bytes other than CRLF, a bare LF in a chunk
+    extension: a 400 malformed_request with the connection closed, on the frontend and a
+    worker's status server (http-parser took any byte after a CR for its LF, any two after chunk
+    data for CRLF, and served the request pipelined behind); an HTTP/1.0 request with
+    Transfer-Encoding is answered with Connection: close and its connection closed (RFC 9112
+    §6.1: MUST; it was kept open and the request behind served);
   * a Transfer-Encoding without chunked last (`identity`, `gzip`, `chunked, gzip`) is a 400 (RFC
     9112 §6.3: the body's length cannot be known), and one beside a Content-Length a 400 saying
     so (it said "unexpected content-length header");
@@ -176,6 +183,59 @@ def loop_requests(f):
             if k.startswith("baton_frontend_thread_requests_total{")}
 
 
+def framing(port, post_path, body, post_status):
+    """Framing of port's HTTP server that http-parser's lenient build misread, each followed by a
+    pipelined GET /live: a bare CR, or any two bytes in place of a CRLF, in the header section,
+    a chunk-size line, after chunk data, in the trailers or before the request line, which it
+    took for the CRLF, and served what followed as a request of its own (a proxy in front may
+    read those bytes otherwise: request smuggling). Each is a 400 malformed_request naming it,
+    the connection closed and the request behind it never answered; split across reads too. The
+    same bytes framed right are served, the request behind too. An HTTP/1.0 request with
+    Transfer-Encoding is answered with Connection: close and its connection closed (RFC 9112
+    §6.1: MUST; it was kept open and the next request served), one with Content-Length is not."""
+    get = b"GET /live HTTP/1.1\r\nHost: localhost\r\n"
+    nxt = get + b"Connection: close\r\n\r\n"
+    te = (b"POST " + post_path + b" HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+          b"Transfer-Encoding: chunked\r\n\r\n")
+    size = b"%x" % len(body)
+    bare_cr = "a CR not followed by LF"
+    cases = [(te + size + b"\r\n" + body + b"XY0\r\n\r\n", "chunk data not followed by CRLF"),
+             (get + b"\rX", bare_cr),
+             (te + size + b"\rX" + body + b"\r\n0\r\n\r\n", bare_cr),
+             (te + size + b"\r\n" + body + b"\r\n0\r\n\rX", bare_cr),
+             (get + b"X-A: 1\rX-B: 2\r\n\r\n", bare_cr),
+             (b"\r" + get + b"\r\n", bare_cr),
+             (te + size + b";a\nb\r\n" + body + b"\r\n0\r\n\r\n", "chunk-size line")]
+    for req, why in cases:
+        st, _, b, closed = raw(port, req + nxt)
+        assert st == 400 and closed and b"HTTP/1." not in b, (port, req[-40:], st, b[:300], closed)
+        err = json.loads(b)["error"]
+        assert err["code"] == "malformed_request" and why in err["message"], (port, req[-40:], err)
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    for piece in (te + size + b"\r", b"\n" + body + b"\r", b"\n0\r\n\r", b"X" + nxt):
+        s.sendall(piece)
+        time.sleep(0.05)
+    got = b""
+    while chunk := s.recv(65536):
+        got += chunk
+    s.close()
+    assert got.startswith(b"HTTP/1.1 400 ") and got.count(b"HTTP/1.") == 1 and bare_cr.encode() in got, got[:300]
+    good = bl.raw_exchange(port, te + size + b"\r\n" + body + b"\r\n0\r\nX-T: 1\r\n\r\n" + nxt)
+    answers = good.split(b"HTTP/1.1 ")[1:]
+    assert len(answers) == 2 and answers[0].startswith(b"%d " % post_status) and answers[1].startswith(b"200 "), \
+        (port, good[:600])
+    h10 = (b"POST " + post_path + b" HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+           b"Connection: keep-alive\r\n")
+    st, hdrs, b, closed = raw(port, h10 + b"Transfer-Encoding: chunked\r\n\r\n" + size + b"\r\n" + body +
+                              b"\r\n0\r\n\r\n" + nxt)
+    assert st == post_status and hdrs.get("connection") == "close" and closed and b"HTTP/1." not in b, \
+        (port, st, hdrs, b[:300], closed)
+    kept = bl.raw_exchange(port, h10 + b"Content-Length: %d\r\n\r\n" % len(body) + body + nxt)
+    answers = kept.split(b"HTTP/1.1 ")[1:]
+    assert len(answers) == 2 and b"Connection: keep-alive" in answers[0] and answers[1].startswith(b"200 "), \
+        (port, kept[:600])
+
+
 def output_budget_threads(c):
     """--max-output-bytes-total with --threads 2: each loop sees only its own connections, and a
     client that reads, queueing a burst on one loop while the total is held by clients that do not
@@ -327,7 +387,7 @@ with bl.Cluster() as c:
     # tokens ~0.35 ms apart: each its own event, even with a sanitizer slowing the frontend (at a
     # faster pace the worker sends the tokens of several steps in one frame, and the stream has
     # fewer events than the resume checks below need)
-    c.start_worker(speedup_ratio=20)
+    worker = c.start_worker(speedup_ratio=20, system_port=True)
     c.wait_workers(fe, 1)
     c.wait_workers(keyed, 1, timeout=30)
     chat = "/v1/chat/completions"
@@ -498,6 +558,13 @@ with bl.Cluster() as c:
         err = json.loads(b)["error"] if b.startswith(b"{") else {}
         assert st == 400 and closed and "Transfer-Encoding" in err.get("message", "") and \
             why in err["message"], (te, cl, st, b[:300])
+
+    # ---- framing http-parser misread: a bare CR, two bytes for a CRLF; HTTP/1.0 with
+    # Transfer-Encoding. The frontend and a worker's status server (the same HTTP server; POST /live
+    # is a 404 there, its body read all the same)
+    bl.wait_http(worker.system_url + "/live", worker.proc)
+    framing(fe.port, b"/v1/completions", json.dumps(bl.completion_body("Once", max_tokens=3)).encode(), 200)
+    framing(worker.system_port, b"/live", b'{"a": 1}', 404)
 
     # ---- refused resumes are client errors: answered (and counted), never logged at the default
     # level, so that a client guessing stream ids cannot fill the log (they were an INFO line each)

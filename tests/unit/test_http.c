@@ -654,6 +654,95 @@ static void test_chunked_body_and_continue(void **state) {
     run_counted(cl_chunked_body, 2, -1);
 }
 
+/* Sends s one byte at a time, each in its own segment as far as the kernel keeps them apart. */
+static bool cl_sends_bytewise(client *c, const char *s) {
+    int one = 1;
+    setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    for (; *s; s++) {
+        if (!cl_send(c, s, 1)) return false;
+        sleep_ms(1);
+    }
+    return true;
+}
+
+/* Framing that http_parser's lenient build took (a bare CR or any two bytes for a CRLF, in the
+ * start line, the headers, a chunk-size line, after chunk data, in the trailers): a 400 naming
+ * it, the connection closed and the request pipelined behind never served, whole or split at
+ * every byte; the same requests framed right are served, split at every byte too. An HTTP/1.0
+ * request with Transfer-Encoding is served and the connection closed after it (RFC 9112 §6.1). */
+#define CHUNKED_HEAD "POST /c HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+static void cl_strict_framing(fixture *f) {
+    static const struct {
+        const char *req, *why;
+    } bad[] = {
+        {CHUNKED_HEAD "5\r\nhelloXY0\r\n\r\n", "chunk data not followed by CRLF"},
+        {CHUNKED_HEAD "5\r\nhello\n\n0\r\n\r\n", "chunk data not followed by CRLF"},
+        {CHUNKED_HEAD "5\rXhello\r\n0\r\n\r\n", "a CR not followed by LF"},
+        {CHUNKED_HEAD "5;a=b\rXhello\r\n0\r\n\r\n", "a CR not followed by LF"},
+        {CHUNKED_HEAD "5;a\nb\r\nhello\r\n0\r\n\r\n", "a chunk-size line that is not"},
+        {CHUNKED_HEAD "5\nhello\r\n0\r\n\r\n", "a chunk-size line that is not"},
+        {CHUNKED_HEAD "5;a=\x01\r\nhello\r\n0\r\n\r\n", "a chunk-size line that is not"},
+        {CHUNKED_HEAD "5\r\nhello\r\n0\r\n\rX", "a CR not followed by LF"},
+        {CHUNKED_HEAD "5\r\nhello\r\n0\r\nX-T: 1\rX: 2\r\n\r\n", "a CR not followed by LF"},
+        {CHUNKED_HEAD "5\r\nhello\r\n0\r\n X-T: 1\r\n\r\n", "obsolete line folding"},
+        {CHUNKED_HEAD "FFFFFFFFFFFFFFFFF\r\n", "chunk size too large"},
+        {"GET /a HTTP/1.1\r\nHost: t\r\n\rX", "a CR not followed by LF"},
+        {"GET /a HTTP/1.1\r\nHost: t\rX-A: 1\r\n\r\n", "a CR not followed by LF"},
+        {"GET /a HTTP/1.1\r\nHost: t\r\nX-A: 1\r\rX-B: 2\r\n\r\n", "a CR not followed by LF"},
+        {"\rGET /a HTTP/1.1\r\nHost: t\r\n\r\n", "a CR not followed by LF"},
+    };
+    static const char next[] = "GET /next HTTP/1.1\r\nHost: t\r\n\r\n";
+    char req[512];
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        for (int split = 0; split < 2; split++) {
+            snprintf(req, sizeof req, "%s%s", bad[i].req, next);
+            client *c = cl_open(f, 0);
+            CHECK(f, c);
+            CHECK(f, split ? cl_sends_bytewise(c, req) : cl_sends(c, req));
+            CHECK(f, cl_response(c) == 400);
+            CHECK(f, strstr(c->body.data, "malformed HTTP request: ") && strstr(c->body.data, bad[i].why));
+            CHECK(f, has_header(c, "connection: close\n"));
+            CHECK(f, cl_response(c) == -1); /* closed, and /next never answered */
+            cl_close(c);
+        }
+    }
+    /* framed right: chunk extensions (with whitespace before them), trailers, bare LF ending
+     * header and trailer lines, blank lines before the request line; then the next request */
+    static const char *const good[] = {
+        CHUNKED_HEAD "5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+        CHUNKED_HEAD "005 ;a=b;c=\"d\te\"\r\nhello\r\n6 ;x\r\n world\r\n0;last\r\nX-T: 1\r\nX-U: 2\n\r\n",
+        "\r\n\nPOST /c HTTP/1.1\nHost: t\nTransfer-Encoding: chunked\n\n5\r\nhello\r\n6\r\n world\r\n0\r\n\n",
+    };
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
+        for (int split = 0; split < 2; split++) {
+            snprintf(req, sizeof req, "%s%s", good[i], next);
+            client *c = cl_open(f, 0);
+            CHECK(f, c);
+            CHECK(f, split ? cl_sends_bytewise(c, req) : cl_sends(c, req));
+            CHECK(f, cl_response(c) == 200);
+            CHECK(f, body_is(c, "POST /c? rid=- auth=- ct=- body=hello world"));
+            CHECK(f, cl_response(c) == 200);
+            CHECK(f, body_is(c, "GET /next? rid=- auth=- ct=- body="));
+            cl_close(c);
+        }
+    }
+    /* HTTP/1.0 with Transfer-Encoding: served, then closed, keep-alive or not */
+    client *c = cl_open(f, 0);
+    CHECK(f, c);
+    CHECK(f, cl_sends(c, "POST /c HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         "5\r\nhello\r\n0\r\n\r\nGET /next HTTP/1.1\r\nHost: t\r\n\r\n"));
+    CHECK(f, cl_response(c) == 200);
+    CHECK(f, body_is(c, "POST /c? rid=- auth=- ct=- body=hello"));
+    CHECK(f, has_header(c, "connection: close\n"));
+    CHECK(f, cl_response(c) == -1);
+    cl_close(c);
+}
+
+static void test_strict_framing(void **state) {
+    (void)state;
+    run_counted(cl_strict_framing, 3 * 2 * 2 + 1, -1);
+}
+
 /* on_expect sees the request before its body: a refusal is the final answer, no 100, and the
  * connection closes; a request let through gets its 100 and is served with its query intact and
  * the headers the hook added. Transfer codings other than chunked alone are a 501; a chunk size
@@ -1503,6 +1592,7 @@ int main(void) {
         cmocka_unit_test(test_abort_pending_flood),
         cmocka_unit_test(test_pipeline_overflow_answer),
         cmocka_unit_test(test_chunked_body_and_continue),
+        cmocka_unit_test(test_strict_framing),
         cmocka_unit_test(test_expect_hook),
         cmocka_unit_test(test_limits_and_errors),
         cmocka_unit_test(test_stream),
