@@ -118,6 +118,14 @@ class Scripted(FakeHandler):
                 self.piece(" a")
                 self.piece(" b", "stop")
                 time.sleep(40)
+            elif script == "finping":  # a finish, then SSE keep-alive comments: never usage nor [DONE]
+                self.piece(" a")
+                self.piece(" b", "stop")
+                for _ in range(80):
+                    time.sleep(0.5)
+                    ping = b": ping\n\n"
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(ping), ping))
+                    self.wfile.flush()
             elif script == "doneonly":
                 self.chunk(b"[DONE]")
             elif script == "nofinish":
@@ -295,8 +303,16 @@ def main():
                 s.assert_ok("a finish, then silence")
                 assert s.text == " a b" and s.finish_reason == "stop" and s.usage is None, (s.summary(), s.usage)
                 assert took < 5, f"a finished answer without usage was held {took:.1f} s"
+                # keep-alive comments after the finish are no usage: the wait for it is bounded
+                # (5 s), not renewed by every byte (before: held for as long as the pings came)
+                t0 = time.monotonic()
+                s = stream(fe, "finping hi", timeout=40)
+                took_ping = time.monotonic() - t0
+                s.assert_ok("a finish, then keep-alive comments")
+                assert s.text == " a b" and s.finish_reason == "stop" and s.usage is None, (s.summary(), s.usage)
+                assert 4 < took_ping < 9, f"a finished answer followed by pings was held {took_ping:.1f} s"
                 print(f"usage 1.2 s after a stop: passed on (streamed and whole); a finish then silence: whole, usage "
-                      f"null, after {took:.1f} s")
+                      f"null, after {took:.1f} s; a finish then pings: whole after {took_ping:.1f} s")
 
             if 5 in only:
                 # 5. a stalled upstream request fails alone; the worker and its other stream go on

@@ -48,9 +48,13 @@
 #define OA_METRICS_ABSENT_RETRY_MS 30000u     /* /metrics without vLLM gauges: look again this late */
 /* At the request's token budget without the upstream's finish the answer is complete: the
  * upstream's own finish and usage are waited for this long, no more, since it is still generating
- * and its request is closed then. (After the upstream's finish its usage is waited for as long as
- * the response goes on, within the stall bound: on_wait_timer.) */
+ * and its request is closed then. */
 #define OA_FINISH_GRACE_MS 500u
+/* After the upstream's finish its usage is waited for this long at most (and less when the
+ * response goes silent for the stall bound, on_wait_timer): the usage is the client's bill and an
+ * upstream may send it late, but a finished answer is not held back for good by an upstream that
+ * never sends it (nor [DONE]) and keeps its response open, or sends only keep-alive comments. */
+#define OA_USAGE_WAIT_MS 5000u
 
 /* An upstream whose answer is not the API (invalid JSON, a broken event stream) is at fault, not
  * this worker: the attempt ends with an engine error, which is not migratable (the next worker
@@ -624,13 +628,15 @@ static void seq_complete(bt_engine_seq *s) {
     else seq_finish(s, BT_FINISH_LENGTH, true);
 }
 
-/* The answer is complete at the budget: what may still come is the upstream's finish and usage,
- * waited for until the grace ends (on_grace_timer). */
-static void seq_grace(bt_engine_seq *s) {
+/* The answer is complete (at the budget, or the upstream's finish): what may still come is the
+ * upstream's finish and usage, waited for ms at most (on_grace_timer ends the wait). */
+static void seq_grace(bt_engine_seq *s, uint64_t ms) {
     oa_engine *e = s->e;
     if (s->grace_ms) return;
-    s->grace_ms = bt_now_ms() + OA_FINISH_GRACE_MS;
-    if (!uv_is_active((uv_handle_t *)&e->grace_timer)) uv_timer_start(&e->grace_timer, on_grace_timer, OA_FINISH_GRACE_MS, 0);
+    s->grace_ms = bt_now_ms() + ms;
+    /* the timer is armed for the earliest grace: a shorter one restarts it */
+    if (!uv_is_active((uv_handle_t *)&e->grace_timer) || uv_timer_get_due_in(&e->grace_timer) > ms)
+        uv_timer_start(&e->grace_timer, on_grace_timer, ms, 0);
 }
 
 /* The upstream's answer is over: [DONE], or the end of a whole (non-streamed) answer. Without a
@@ -677,13 +683,12 @@ static bool seq_chunk(bt_engine_seq *s, const bt_oa_chunk *c) {
             seq_complete(s);
             return false;
         }
-        /* After the upstream's own finish its usage chunk is waited for while the response goes
-         * on: the usage is the client's bill, and an upstream that sends it late has still
-         * reported it. The wait ends at [DONE] or the end of the response, and a response that
-         * goes silent is ended by the stall bound (on_wait_timer), the answer whole and its usage
-         * unreported. */
-        if (s->finish == BT_OA_FINISH_NONE) seq_grace(s);
-        else s->grace_ms = 0;
+        /* After the upstream's own finish its usage chunk is waited for: the usage is the
+         * client's bill, and an upstream that sends it late has still reported it. The wait ends
+         * at [DONE] or the end of the response, and at the latest after OA_USAGE_WAIT_MS or the
+         * stall bound's silence (on_wait_timer), the answer whole and its usage unreported. At
+         * the budget without a finish, the upstream is still generating: OA_FINISH_GRACE_MS. */
+        seq_grace(s, s->finish == BT_OA_FINISH_NONE ? OA_FINISH_GRACE_MS : OA_USAGE_WAIT_MS);
     }
     return live;
 }
