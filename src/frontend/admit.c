@@ -43,6 +43,7 @@
 #define DRAIN_BUCKETS 10        /* seconds of drain history for Retry-After */
 #define RETRY_MIN_S 1
 #define RETRY_MAX_S 60
+#define REFUSE_LOG_BURST 5      /* refusal lines per second and decision (bt_log_limit) */
 #define BLOCKED_MAX 32          /* models with entries that could not leave within one pump run */
 
 typedef enum { D_QUEUED, D_ADMITTED, D_OVER_SHARE, D_QUEUE_FULL, D_TIMEOUT, D_CLIENT_GONE, D_N_ } decision;
@@ -139,6 +140,7 @@ struct fe_admit {
      * for it. mig_inflight counts the slots taken: migrations sent, not yet at their first token. */
     struct ticket_q mwait;
     uint64_t mwaiting, mig_inflight, mig_waited_total;
+    bt_log_limit refuse_log[D_N_]; /* the lines of refusals, by decision (refuse) */
 };
 
 /* ---- policy ---- */
@@ -733,8 +735,18 @@ static void refuse(fe_admit *a, fe_req *r, decision d) {
                  (double)atomic_load(&a->pol->timeout_ms) / 1000.0);
         break;
     }
-    BT_INFO("request %s: %s (tenant %s, priority %d); Retry-After %d s", r->rid, decision_names[d], tn->name,
-            t->priority, ra);
+    /* a full queue lasts while its clients send at their own rate: a few lines a second per
+     * decision, each saying how many were not written (baton_frontend_admission_total counts all) */
+    unsigned unsaid = 0;
+    if (bt_log_enabled(BT_LOG_INFO) && bt_log_limit_take(&a->refuse_log[d], bt_now_ms(), REFUSE_LOG_BURST, &unsaid)) {
+        if (unsaid)
+            BT_INFO("request %s: %s (tenant %s, priority %d); Retry-After %d s (%u more %s since the last such line, "
+                    "not logged)",
+                    r->rid, decision_names[d], tn->name, t->priority, ra, unsaid, decision_names[d]);
+        else
+            BT_INFO("request %s: %s (tenant %s, priority %d); Retry-After %d s", r->rid, decision_names[d], tn->name,
+                    t->priority, ra);
+    }
     fe_request_refuse(r, status, code, ra, msg);
 }
 
