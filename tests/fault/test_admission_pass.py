@@ -103,9 +103,9 @@ with bl.Cluster() as c:
 
     before, q0 = admissions("admitted"), admissions("queued")
     on_l, on_s = threading.Event(), threading.Event()
-    start("long", body(IDS, 800), on_l)
+    start("long", body(IDS, 1200), on_l)
     assert on_l.wait(20), "the long stream got no first token"
-    start("s-run", body(IDS[:100], 150), on_s)
+    start("s-run", body(IDS[:100], 400), on_s)
     assert on_s.wait(20), "S's stream got no first token"
     time.sleep(0.5)  # both reports show their workers busy
     start_ordered("large", body(IDS, 20))
@@ -114,6 +114,7 @@ with bl.Cluster() as c:
     bl.wait_for(lambda: admissions("queued") >= q0 + 2, 10, what="the bulk request to queue")
     start_ordered("urgent", body(IDS[:100], 10, priority=5))
     bl.wait_for(lambda: admissions("queued") >= q0 + 3, 10, what="the urgent request to queue")
+    assert "s-run" not in res and not order, f"S freed before both small requests queued: {order}"
     for t in ts:
         t.join(90)
     for name in ("long", "s-run", "large", "bulk", "urgent"):
