@@ -8,7 +8,8 @@
  * have requests waiting, whatever their request counts. Leaving is driven by the pump: at once
  * when a request is queued, and every PUMP_MS while the queue is not empty (worker load reports
  * and finished requests change what is busy; the timer is what notices). The pump routes the
- * head of each model's entries while a worker of that model is not busy. */
+ * head of each model's entries while a worker of that model that holds it is not busy, and past a
+ * head that waits for a worker of a larger context, the entries a free smaller worker holds. */
 #include "frontend/admit.h"
 
 #include <errno.h>
@@ -42,7 +43,8 @@
 #define DRAIN_BUCKETS 10        /* seconds of drain history for Retry-After */
 #define RETRY_MIN_S 1
 #define RETRY_MAX_S 60
-#define BLOCKED_MAX 32          /* models found all-busy within one pump run */
+#define REFUSE_LOG_BURST 5      /* refusal lines per second and decision (bt_log_limit) */
+#define BLOCKED_MAX 32          /* models with entries that could not leave within one pump run */
 
 typedef enum { D_QUEUED, D_ADMITTED, D_OVER_SHARE, D_QUEUE_FULL, D_TIMEOUT, D_CLIENT_GONE, D_N_ } decision;
 static const char *const decision_names[D_N_] = {"queued",         "admitted", "rejected_over_share",
@@ -138,6 +140,7 @@ struct fe_admit {
      * for it. mig_inflight counts the slots taken: migrations sent, not yet at their first token. */
     struct ticket_q mwait;
     uint64_t mwaiting, mig_inflight, mig_waited_total;
+    bt_log_limit refuse_log[D_N_]; /* the lines of refusals, by decision (refuse) */
 };
 
 /* ---- policy ---- */
@@ -732,8 +735,18 @@ static void refuse(fe_admit *a, fe_req *r, decision d) {
                  (double)atomic_load(&a->pol->timeout_ms) / 1000.0);
         break;
     }
-    BT_INFO("request %s: %s (tenant %s, priority %d); Retry-After %d s", r->rid, decision_names[d], tn->name,
-            t->priority, ra);
+    /* a full queue lasts while its clients send at their own rate: a few lines a second per
+     * decision, each saying how many were not written (baton_frontend_admission_total counts all) */
+    unsigned unsaid = 0;
+    if (bt_log_enabled(BT_LOG_INFO) && bt_log_limit_take(&a->refuse_log[d], bt_now_ms(), REFUSE_LOG_BURST, &unsaid)) {
+        if (unsaid)
+            BT_INFO("request %s: %s (tenant %s, priority %d); Retry-After %d s (%u more %s since the last such line, "
+                    "not logged)",
+                    r->rid, decision_names[d], tn->name, t->priority, ra, unsaid, decision_names[d]);
+        else
+            BT_INFO("request %s: %s (tenant %s, priority %d); Retry-After %d s", r->rid, decision_names[d], tn->name,
+                    t->priority, ra);
+    }
     fe_request_refuse(r, status, code, ra, msg);
 }
 
@@ -789,7 +802,17 @@ static void pump(fe_admit *a) {
                 t->req->rid, a->mig_inflight, a->mwaiting);
         fe_migrate_dispatch(t->req); /* may end the request (and free t) */
     }
-    fe_model *blocked[BLOCKED_MAX];
+    /* Each model whose entries could not leave in this run, with the smallest context any of them
+     * needs: every worker that holds that much is busy (and would preempt nothing for them, a test
+     * monotone in priority, and the queue is in priority order). An entry behind that needs as much
+     * or more cannot leave either. One that needs less may still leave for a worker too small for
+     * all of them: none of them could have used it, so taking it passes no one it could starve,
+     * while waiting behind them would leave that worker idle until the larger ones free (a model's
+     * workers may advertise different contexts). */
+    struct {
+        fe_model *m;
+        uint64_t need;
+    } blocked[BLOCKED_MAX];
     int nblocked = 0;
     bool held = false;
     int32_t held_prio = 0;
@@ -798,8 +821,13 @@ static void pump(fe_admit *a) {
         /* a request held for its tenant's share lets others of its priority pass, never less
          * urgent ones: priority comes before fairness */
         if (held && t->priority > held_prio) break;
-        bool skip = false;
-        for (int i = 0; i < nblocked && !skip; i++) skip = blocked[i] == r->model;
+        /* the context it needs is asked as fe_migrate_dispatch asks it: a free worker too small for
+         * it would let it leave only to be queued again at the head, over and over, each tick */
+        uint64_t need = fe_request_context_need(r);
+        int b = -1;
+        for (int i = 0; i < nblocked && b < 0; i++)
+            if (blocked[i].m == r->model) b = i;
+        bool skip = b >= 0 && need >= blocked[b].need;
         if (!skip && hold(a, t)) {
             if (!t->held) a->held_total++;
             t->held = true;
@@ -813,18 +841,30 @@ static void pump(fe_admit *a) {
         }
         bool all_busy = false;
         /* every worker busy: it still leaves when one would preempt less urgent work for it
-         * (fe_route_preempt; fe_migrate_dispatch then picks that worker). The test is monotone in
-         * priority, so the model is blocked for the less urgent entries behind it too. The
-         * context it needs is asked as fe_migrate_dispatch asks it: a free worker too small for it
-         * would let it leave only to be queued again at the head, over and over, each tick. */
-        uint64_t need = fe_request_context_need(r);
-        if (!fe_route(a->f, r->model, 0, NULL, 0, &all_busy, NULL, need) && all_busy &&
-            !fe_route_preempt(a->f, r->model, t->priority, need)) {
-            if (nblocked == BLOCKED_MAX) break;
-            blocked[nblocked++] = r->model;
+         * (fe_route_preempt; fe_migrate_dispatch then picks that worker) */
+        fe_worker *w = fe_route(a->f, r->model, 0, NULL, 0, &all_busy, NULL, need);
+        if (!w && all_busy) w = fe_route_preempt(a->f, r->model, t->priority, need);
+        /* Past entries of its model that could not leave, the worker it takes must be one they
+         * could not use. It always is while nothing changes within the run (any worker that holds
+         * them was found busy); should a report turn stale meanwhile, the entry waits for the next
+         * run, where those before it are asked first. */
+        bool passes = !w || b < 0 || fe_worker_context_short(w, blocked[b].need);
+        if ((!w && all_busy) || !passes) {
+            if (b < 0) {
+                if (nblocked == BLOCKED_MAX) break;
+                b = nblocked++;
+                blocked[b].m = r->model;
+                blocked[b].need = need;
+            } else if (need < blocked[b].need) {
+                blocked[b].need = need;
+            }
             t = TAILQ_NEXT(t, link);
             continue;
         }
+        if (b >= 0 && w)
+            BT_DEBUG("request %s: leaves the admission queue ahead of requests of its model that need a context of "
+                     "%" PRIu64 " tokens or more: it needs %" PRIu64 ", and the worker free for it holds %" PRIu64,
+                     r->rid, blocked[b].need, need, w->context_length);
         q_remove(a, t);
         t->left = true;
         if (t->tag > a->vtime) a->vtime = t->tag;

@@ -48,7 +48,16 @@ bool fe_budget_allow(fe_req *r, char *why, size_t whylen) {
         snprintf(why, whylen, "retry budget exhausted: %" PRIu64 " retries for %" PRIu64 " requests in the last %d s "
                  "(budget %g of requests, at least %lld)",
                  retries, started, FE_BUDGET_BUCKETS, share, (long long)floor_n);
-        BT_WARN("request %s: %s retry refused: %s", r->rid, kind_names[kind], why);
+        /* a retry storm is many requests at once: a few lines a second, each saying how many were
+         * not written (baton_frontend_retry_budget_total counts every refusal) */
+        static _Thread_local bt_log_limit lim[2];
+        unsigned unsaid = 0;
+        if (bt_log_limit_take(&lim[kind], bt_now_ms(), 5, &unsaid)) {
+            if (unsaid)
+                BT_WARN("request %s: %s retry refused: %s (%u more refused since the last such line, not logged)",
+                        r->rid, kind_names[kind], why, unsaid);
+            else BT_WARN("request %s: %s retry refused: %s", r->rid, kind_names[kind], why);
+        }
         return false;
     }
     b->count[kind][0]++;

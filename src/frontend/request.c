@@ -550,14 +550,37 @@ static void finish_unary(fe_req *r, const char *reason) {
 }
 
 /* Ends the request with an error the client can read. */
+/* Lines of one kind of request refusal or failure written per second and event loop (past them,
+ * counted and said with the next one written: bt_log_limit). */
+#define REFUSAL_LOG_BURST 5
+
+/* The line of a request's failure. A prompt over the context or ids outside the vocabulary are the
+ * client's 400 (the engine counted them): debug, as the frontend's own refusals of bad input are
+ * (docs/security.md). The rest is the server's, at warn; but a request that ends before any token
+ * reached its client ends so for a condition of the service (no worker for its model, every
+ * upstream busy, the retry budget spent, an engine that fails every request) that lasts while
+ * clients send requests at their own rate, so those lines are rate-limited per status, each
+ * saying how many like it were not written (dynamo_frontend_requests_total counts every one). A
+ * stream cut short after tokens went out keeps its own line. */
+static void log_failure(const fe_req *r, bt_status code, const char *msg) {
+    bt_log_level lvl = bt_status_client_input(code) ? BT_LOG_DEBUG : BT_LOG_WARN;
+    if (!bt_log_enabled(lvl)) return;
+    static _Thread_local bt_log_limit lim[BT_STATUS_COUNT_];
+    unsigned unsaid = 0;
+    if (lvl == BT_LOG_WARN && r->nids == 0 && (unsigned)code < BT_STATUS_COUNT_ &&
+        !bt_log_limit_take(&lim[code], bt_now_ms(), REFUSAL_LOG_BURST, &unsaid))
+        return;
+    char more[96] = "";
+    if (unsaid)
+        snprintf(more, sizeof more, " (%u more requests ended so since the last such line, not logged)", unsaid);
+    bt_log(lvl, "request %s failed after %zu tokens and %d attempts: %s (%s)%s", r->rid, r->nids, r->attempts, msg,
+           bt_status_name(code), more);
+}
+
 static void fail_request(fe_req *r, bt_status code, const char *msg) {
     int status = status_for(code);
     fe_outcome out = code == BT_ERR_CANCELLED ? FE_OUT_CANCELLED : FE_OUT_ERROR;
-    /* a prompt over the context or ids outside the vocabulary are the client's 400 (the engine
-     * counted them): debug, as the frontend's own refusals of bad input are (docs/security.md) */
-    bt_log(bt_status_client_input(code) ? BT_LOG_DEBUG : BT_LOG_WARN,
-           "request %s failed after %zu tokens and %d attempts: %s (%s)", r->rid, r->nids, r->attempts, msg,
-           bt_status_name(code));
+    log_failure(r, code, msg);
     r->err_code = code_for(code);
     if (r->http && !r->headers_sent) r->http_status = (uint16_t)status;
     if (r->http) {
@@ -680,7 +703,16 @@ void fe_request_refuse(fe_req *r, int status, const char *code, int retry_after_
 
 /* Every worker of the model is over its busy thresholds: 503 with a Retry-After. */
 void fe_request_reject_busy(fe_req *r) {
-    BT_WARN("rejecting request %s: all workers are busy", r->rid);
+    /* an overload that lasts while clients send at their own rate: rate-limited as a failure's line */
+    static _Thread_local bt_log_limit lim;
+    unsigned unsaid = 0;
+    if (bt_log_limit_take(&lim, bt_now_ms(), REFUSAL_LOG_BURST, &unsaid)) {
+        if (unsaid)
+            BT_WARN("rejecting request %s: all workers are busy (%u more rejected so since the last such line, not "
+                    "logged)",
+                    r->rid, unsaid);
+        else BT_WARN("rejecting request %s: all workers are busy", r->rid);
+    }
     fe_request_refuse(r, 503, "overloaded", fe_retry_after_s(r->fe, r->model),
                       "Service temporarily unavailable: All workers are busy, please retry later");
 }
