@@ -38,7 +38,9 @@
 #define FE_PREFILL_THRESHOLD_MAX 1e12
 
 static void respond_json(bt_http_req *http, int status, json_t *j) {
-    char *s = json_dumps(j, JSON_COMPACT);
+    /* 15 significant digits, as a double holds any decimal of that many: an operator who set 0.1
+     * reads 0.1, not jansson's default 17 digits (0.10000000000000001) */
+    char *s = json_dumps(j, JSON_COMPACT | JSON_REAL_PRECISION(15));
     bt_http_respond(http, status, "application/json", NULL, s ? s : "{}", s ? strlen(s) : 2);
     free(s);
     json_decref(j);

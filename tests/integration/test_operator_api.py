@@ -56,7 +56,17 @@ def busy_threshold(fe):
         assert (st, data) == (gst, b"") and h.get("content-length") == str(len(gbody)), (st, h, data, gh)
         assert h.get("content-type") == gh.get("content-type"), (h, gh)
         assert threshold(fe) is None, f"a HEAD changed the threshold to {threshold(fe)}"
-    print("busy_threshold: out-of-range prefill thresholds refused with 400, nothing changed; HEAD answered as GET")
+    # a fraction is echoed as the operator wrote it (jansson's default wrote 0.10000000000000001)
+    raw = json.dumps({"model": MODEL, "active_decode_blocks_threshold": 0.1}).encode()
+    st, _, data = bl.request("POST", fe.url + "/busy_threshold", raw, {"Content-Type": "application/json"})
+    assert st == 200 and b'"active_decode_blocks_threshold":0.1' in data and b"0.1000" not in data, (st, data)
+    st, _, data = bl.request("GET", fe.url + "/busy_threshold")
+    assert st == 200 and b'"active_decode_blocks_threshold":0.1' in data and b"0.1000" not in data, (st, data)
+    raw = json.dumps({"model": MODEL, "active_decode_blocks_threshold": None}).encode()
+    st, _, data = bl.request("POST", fe.url + "/busy_threshold", raw, {"Content-Type": "application/json"})
+    assert st == 200, (st, data)
+    print("busy_threshold: out-of-range prefill thresholds refused with 400, nothing changed; HEAD answered as GET; "
+          "0.1 echoed as 0.1")
 
 
 def worker_cancels(w, kind):
