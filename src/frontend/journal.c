@@ -597,6 +597,30 @@ bool fe_journal_mem_import(fe_journal *j, const fe_jsnap *s, const uint8_t key_m
     return ok;
 }
 
+/* The ended record of stream sid, whatever its credential; NULL if none. Under the mutex. */
+static fe_jrec *ended_rec(mem_journal *m, const char *sid) {
+    if (strlen(sid) != FE_STREAM_ID_LEN) return NULL;
+    sweep(m, bt_now_ms());
+    fe_jrec *r = bt_map_get(&m->recs, id_key(sid));
+    return r && r->state == REC_ENDED && memcmp(r->s.stream_id, sid, FE_STREAM_ID_LEN) == 0 ? r : NULL;
+}
+
+bool fe_journal_mem_holds(fe_journal *j, const char *sid) {
+    mem_journal *m = (mem_journal *)j;
+    uv_mutex_lock(&m->mu);
+    bool held = ended_rec(m, sid) != NULL;
+    uv_mutex_unlock(&m->mu);
+    return held;
+}
+
+void fe_journal_mem_forget(fe_journal *j, const char *sid) {
+    mem_journal *m = (mem_journal *)j;
+    uv_mutex_lock(&m->mu);
+    fe_jrec *r = ended_rec(m, sid);
+    if (r) rec_release(m, r);
+    uv_mutex_unlock(&m->mu);
+}
+
 static const fe_journal_ops mem_ops = {.open = mem_open,
                                        .append = mem_append,
                                        .close = mem_close,

@@ -161,8 +161,9 @@ typedef struct {
     void (*destroy)(fe_journal *j);
     /* Whether another frontend has taken the record's stream over (a client resumed it there:
      * journal_js.c, "Writers"), asked of the shared store in the background. False when the store
-     * cannot tell (NULL here: the in-process one; or not connected): done is never called, and arg
-     * stays the caller's. True: done(arg, taken) is called exactly once, on another thread; after
+     * cannot tell (NULL here: the in-process one; or not connected), and when a question about
+     * the same stream is waiting (its answer ends the stream if it was taken over): done is never
+     * called, and arg stays the caller's. True: done(arg, taken) is called exactly once, on another thread; after
      * checks_stop it is called with taken false (and at once for the checks still queued). */
     bool (*check_writer)(fe_journal *j, fe_jrec *rec, void (*done)(void *arg, bool taken), void *arg);
     void (*checks_stop)(fe_journal *j);
@@ -183,6 +184,12 @@ fe_journal *fe_journal_mem_new(double retention_s, uint64_t max_bytes);
  * in-process store as an ended record, bound to key_mac; false if the store holds that id
  * already, is full or out of memory. For a store that fetched the record from elsewhere. */
 bool fe_journal_mem_import(fe_journal *mem, const fe_jsnap *s, const uint8_t key_mac[FE_KEY_MAC_LEN]);
+/* Whether an in-process store holds an ended record of stream `sid` (whatever its credential),
+ * one a claim would take at once. */
+bool fe_journal_mem_holds(fe_journal *mem, const char *sid);
+/* Drops the ended record of stream `sid` from an in-process store, if it holds one: its copy is
+ * behind the shared one, which is imported in its place. A live record is left to its owner. */
+void fe_journal_mem_forget(fe_journal *mem, const char *sid);
 /* A record's stream id. */
 const char *fe_jrec_stream_id(const fe_jrec *r);
 /* What the record's owner has appended to a live record so far: its token ids and text, read in

@@ -36,7 +36,10 @@
  * The first writer's operations carry no "e" (epoch 0), as every older frontend's. The "own" is
  * also published alone on <subject>.own, so that a frontend can ask in one read whether a stream
  * it writes has a later writer (js_check_writer: one that was away, stopped, and migrates its
- * stream on waking learns there that it was superseded, and stops).
+ * stream on waking learns there that it was superseded, and stops). A frontend asked to resume a
+ * stream it still holds reads that subject first too (js_claim): its copy is claimed only when no
+ * later writer took the stream over, and is otherwise replaced by the shared record, whose next
+ * writer it becomes.
  *
  * Message: a JSON array of operations, in order: {"o":"open", the request's description},
  * {"o":"ev","p":tokens before it,"b":text bytes before it,"i":base64 of the ids (u32
@@ -65,6 +68,8 @@
 #define MAX_STREAM_S 3600                /* MaxAge beyond the retention: the longest a stream runs */
 #define FETCH_WAIT_MS 700                /* per JetStream request of a fetch (claims retry for 1 s) */
 #define MAX_FETCHES 256                  /* resumes of remote streams being fetched at once */
+#define FETCH_FRESH_MS 1000              /* a fetch's answer older than this is read again */
+#define CHECKS_MS BATCH_MS               /* the reads of check_writer questions in one pass */
 
 typedef enum { OP_OPEN, OP_EV, OP_WORKER, OP_CLOSE, OP_OWN } op_kind;
 
@@ -86,8 +91,9 @@ typedef struct op {
 STAILQ_HEAD(op_queue, op);
 
 /* F_NONE: JetStream answered that the stream is not there (or its record is unreadable);
- * F_FAILED: it did not answer (a timeout, no connection): the stream may well be there */
-typedef enum { F_WAIT, F_FOUND, F_NONE, F_FAILED } fetch_state;
+ * F_FAILED: it did not answer (a timeout, no connection): the stream may well be there;
+ * F_CURRENT: the record held here is the latest writer's (no later epoch in JetStream) */
+typedef enum { F_WAIT, F_FOUND, F_NONE, F_FAILED, F_CURRENT } fetch_state;
 
 typedef struct fetch {
     LIST_ENTRY(fetch) link; /* js_journal.fetches */
@@ -96,6 +102,11 @@ typedef struct fetch {
     fe_jsnap snap; /* F_FOUND */
     uint8_t mac[FE_KEY_MAC_LEN];
     uint32_t epoch; /* F_FOUND: the highest writer's epoch read */
+    /* The working copy held an ended record of the stream when it was asked, written by this
+     * frontend as `local_epoch`: the record is read only if JetStream has a later writer */
+    bool local;
+    uint32_t local_epoch;
+    uint64_t done_ms; /* when the thread answered */
 } fetch;
 
 /* This frontend's epoch as the writer of a stream it took over from another frontend (a record
@@ -167,6 +178,7 @@ typedef struct {
     /* Streams this frontend writes as a later writer (owner, above), by cut_key(sid); owned. */
     bt_map owners;
     struct wcheck_queue checks;
+    bt_map checking; /* the streams of `checks` and of the one being read, by cut_key(sid) */
     bool checks_stopped;
 } js_journal;
 
@@ -412,7 +424,16 @@ static bool js_check_writer(fe_journal *j, fe_jrec *rec, void (*done)(void *arg,
         free(c);
         return false;
     }
-    const owner *w = js->owners.len ? bt_map_get(&js->owners, cut_key(sid)) : NULL;
+    /* One question per stream at a time: in a worker's death every stream it ran migrates at
+     * once, and one stream may migrate again before its answer comes; the answer to the question
+     * asked already ends the stream (the caller finds it by its id) if it was taken over. */
+    uint64_t key = cut_key(sid);
+    if (bt_map_get(&js->checking, key) || bt_map_put(&js->checking, key, (void *)1) != 0) {
+        uv_mutex_unlock(&js->mu);
+        free(c);
+        return false;
+    }
+    const owner *w = js->owners.len ? bt_map_get(&js->owners, key) : NULL;
     c->epoch = w ? w->epoch : 0;
     STAILQ_INSERT_TAIL(&js->checks, c, link);
     uv_cond_signal(&js->cv);
@@ -435,31 +456,61 @@ static void js_checks_stop(fe_journal *j) {
     }
 }
 
+/* A claim when JetStream is connected. Another frontend may have taken over a stream whose record
+ * is held here too (its client resumed there, then came back): the copy here is then behind, and
+ * writing on from it under this frontend's epoch, which readers no longer follow, would leave the
+ * shared record behind the live stream, and this frontend's next check_writer would end its own
+ * stream as taken over. So a record held here is claimed only once the thread has read the
+ * stream's <subject>.own (one direct get) and found no writer later than this frontend; otherwise
+ * the shared record is read and replaces it, and this frontend becomes its next writer, as for a
+ * record it did not hold. A record not held here is fetched whole. */
 static fe_claim_result js_claim(fe_journal *j, const char *sid, const uint8_t key_mac[FE_KEY_MAC_LEN], int shard,
                                 fe_jsnap *out, fe_jrec **rec, int *cur_shard) {
     js_journal *js = (js_journal *)j;
-    fe_claim_result res = fe_journal_claim(js->mem, sid, key_mac, shard, out, rec, cur_shard);
-    if (res != FE_CLAIM_NOT_FOUND || strlen(sid) != FE_STREAM_ID_LEN) return res;
+    if (strlen(sid) != FE_STREAM_ID_LEN) return fe_journal_claim(js->mem, sid, key_mac, shard, out, rec, cur_shard);
     uv_mutex_lock(&js->mu);
-    if (js->state != JS_READY) {
+    js_state state = js->state;
+    uv_mutex_unlock(&js->mu);
+    fe_claim_result res;
+    if (state != JS_READY) {
+        res = fe_journal_claim(js->mem, sid, key_mac, shard, out, rec, cur_shard);
         /* not connected yet (the server unreachable since start): the stream may be there, and a
          * 404 would end a client that can resume once the journal connects */
-        if (js->state != JS_OFF) res = FE_CLAIM_UNAVAILABLE;
-        uv_mutex_unlock(&js->mu);
+        if (res == FE_CLAIM_NOT_FOUND && state != JS_OFF) res = FE_CLAIM_UNAVAILABLE;
         return res;
     }
+    bool held = fe_journal_mem_holds(js->mem, sid);
+    if (!held) { /* live here (another shard's request streams it), dropped, or not here */
+        res = fe_journal_claim(js->mem, sid, key_mac, shard, out, rec, cur_shard);
+        if (res != FE_CLAIM_NOT_FOUND) return res;
+    }
+    uv_mutex_lock(&js->mu);
     fetch *f = LIST_FIRST(&js->fetches);
     while (f && strcmp(f->sid, sid) != 0) f = LIST_NEXT(f, link);
-    if (!f) { /* the first ask: the thread fetches it */
+    if (f && f->state != F_WAIT && (bt_now_ms() - f->done_ms > FETCH_FRESH_MS || f->local != held)) {
+        /* an answer nobody took in time, or to another question: the record may have moved on */
+        LIST_REMOVE(f, link);
+        js->nfetches--;
+        fe_jsnap_free(&f->snap);
+        free(f);
+        f = NULL;
+    }
+    if (!f) { /* the first ask: the thread reads it */
         res = FE_CLAIM_NOT_FOUND;
         if (js->nfetches < MAX_FETCHES && (f = calloc(1, sizeof *f))) {
             memcpy(f->sid, sid, sizeof f->sid);
+            f->local = held;
+            const owner *w = held && js->owners.len ? bt_map_get(&js->owners, cut_key(sid)) : NULL;
+            f->local_epoch = w ? w->epoch : 0;
             LIST_INSERT_HEAD(&js->fetches, f, link);
             js->nfetches++;
             uv_cond_signal(&js->cv);
             res = FE_CLAIM_PENDING;
         }
         uv_mutex_unlock(&js->mu);
+        /* too many reads under way: a record held here is claimed as it is */
+        if (res == FE_CLAIM_NOT_FOUND && held)
+            res = fe_journal_claim(js->mem, sid, key_mac, shard, out, rec, cur_shard);
         return res;
     }
     if (f->state == F_WAIT) {
@@ -470,14 +521,30 @@ static fe_claim_result js_claim(fe_journal *j, const char *sid, const uint8_t ke
     js->nfetches--;
     uv_mutex_unlock(&js->mu);
     if (f->state == F_FOUND) {
+        if (f->local) {
+            BT_INFO("stream journal: stream %s was written by another frontend after this one (epoch %" PRIu32
+                    "): its record here is replaced by the shared one",
+                    sid, f->epoch);
+            fe_journal_mem_forget(js->mem, sid);
+        }
         if (!fe_journal_mem_import(js->mem, &f->snap, f->mac))
             BT_WARN("stream journal: stream %s fetched from JetStream but not kept (journal full?)", sid);
         else BT_INFO("stream journal: stream %s fetched from JetStream (%zu tokens, %s)", sid, f->snap.nids,
                      f->snap.tail.kind == FE_JTAIL_NONE ? "unfinished" : "finished");
         res = fe_journal_claim(js->mem, sid, key_mac, shard, out, rec, cur_shard);
         if (res == FE_CLAIM_OK) take_over(js, sid, f->epoch + 1, out);
+    } else if (f->state == F_FAILED && !f->local) {
+        res = FE_CLAIM_UNAVAILABLE;
+    } else {
+        /* F_CURRENT; F_NONE (not in JetStream: the copy here is all there is); F_FAILED with a
+         * record held here: JetStream did not answer, and the resume goes on from this copy as
+         * without a shared journal rather than wait for it */
+        if (f->state == F_FAILED)
+            BT_WARN("stream journal: stream %s is resumed from this frontend's record without knowing whether "
+                    "another frontend wrote it since (JetStream did not answer)",
+                    sid);
+        res = fe_journal_claim(js->mem, sid, key_mac, shard, out, rec, cur_shard);
     }
-    else if (f->state == F_FAILED) res = FE_CLAIM_UNAVAILABLE;
     fe_jsnap_free(&f->snap);
     free(f);
     return res;
@@ -754,8 +821,53 @@ static bool apply_msg(fe_jsnap *s, uint8_t mac[FE_KEY_MAC_LEN], bool *opened, bo
     return ok;
 }
 
-/* Reads every message of stream `sid` (blocking: this thread only) into f. */
+/* Reads the epoch of the latest writer that took stream `sid` over (its <subject>.own; 0 when none
+ * did: NATS_NOT_FOUND) into *epoch. Blocking: this thread only. */
+static natsStatus read_own(js_journal *js, jsCtx *ctx, const char *sid, uint32_t *epoch) {
+    char subj[168];
+    snprintf(subj, sizeof subj, "%s.%s.own", js->prefix, sid);
+    jsOptions jo;
+    jsOptions_Init(&jo);
+    jo.Wait = FETCH_WAIT_MS;
+    jsDirectGetMsgOptions dg;
+    jsDirectGetMsgOptions_Init(&dg);
+    dg.LastBySubject = subj;
+    natsMsg *m = NULL;
+    natsStatus st = js_DirectGetMsg(&m, ctx, js->stream, &jo, &dg);
+    *epoch = 0;
+    if (st == NATS_OK) {
+        json_t *o = json_loadb(natsMsg_GetData(m), (size_t)natsMsg_GetDataLength(m), 0, NULL);
+        json_int_t e = json_integer_value(json_object_get(o, "e"));
+        *epoch = e > 0 && e <= UINT32_MAX ? (uint32_t)e : 0;
+        json_decref(o);
+    } else if (st != NATS_NOT_FOUND) {
+        BT_WARN("stream journal: cannot read %s: %s", subj, natsStatus_GetText(st));
+    }
+    natsMsg_Destroy(m);
+    return st;
+}
+
+/* Reads every message of stream `sid` (blocking: this thread only) into f; for a record held here
+ * (f->local), only when JetStream has a writer later than this frontend. */
 static void fetch_one(js_journal *js, jsCtx *ctx, fetch *f) {
+    uint32_t own = 0;
+    if (f->local) {
+        natsStatus st = read_own(js, ctx, f->sid, &own);
+        if (st != NATS_OK && st != NATS_NOT_FOUND) {
+            uv_mutex_lock(&js->mu);
+            f->state = F_FAILED; /* not counted in fetch_failed: the resume goes on here, no 503 */
+            f->done_ms = bt_now_ms();
+            uv_mutex_unlock(&js->mu);
+            return;
+        }
+        if (own <= f->local_epoch) {
+            uv_mutex_lock(&js->mu);
+            f->state = F_CURRENT;
+            f->done_ms = bt_now_ms();
+            uv_mutex_unlock(&js->mu);
+            return;
+        }
+    }
     char subj[160];
     subject(js, f->sid, subj, sizeof subj);
     fe_jsnap s;
@@ -800,9 +912,10 @@ static void fetch_one(js_journal *js, jsCtx *ctx, fetch *f) {
                 f->sid, s.nids);
     if (ok && opened && !s.text) s.text = calloc(1, 1);
     uv_mutex_lock(&js->mu);
+    f->done_ms = bt_now_ms();
     if (ok && opened && s.text) {
         f->snap = s;
-        f->epoch = epoch;
+        f->epoch = epoch > own ? epoch : own; /* its own is stored after the record's */
         memcpy(f->mac, mac, sizeof mac);
         f->state = F_FOUND;
         js->fetched++;
@@ -819,38 +932,70 @@ static void fetch_one(js_journal *js, jsCtx *ctx, fetch *f) {
     uv_mutex_unlock(&js->mu);
 }
 
-/* Answers the check_writer questions of `list` (blocking reads: this thread only): a stream has a
- * later writer when its <subject>.own names an epoch above the asker's. A read that fails answers
- * "not taken": the stream goes on as it would have without the question. */
-static void do_checks(js_journal *js, jsCtx *ctx, struct wcheck_queue *list) {
-    wcheck *c;
-    while ((c = STAILQ_FIRST(list)) != NULL) {
-        STAILQ_REMOVE_HEAD(list, link);
-        char subj[168];
-        snprintf(subj, sizeof subj, "%s.%s.own", js->prefix, c->sid);
-        jsOptions jo;
-        jsOptions_Init(&jo);
-        jo.Wait = FETCH_WAIT_MS;
-        jsDirectGetMsgOptions dg;
-        jsDirectGetMsgOptions_Init(&dg);
-        dg.LastBySubject = subj;
-        natsMsg *m = NULL;
-        natsStatus st = js_DirectGetMsg(&m, ctx, js->stream, &jo, &dg);
-        json_int_t e = 0;
-        if (st == NATS_OK) {
-            json_t *o = json_loadb(natsMsg_GetData(m), (size_t)natsMsg_GetDataLength(m), 0, NULL);
-            e = json_integer_value(json_object_get(o, "e"));
-            json_decref(o);
-        } else if (st != NATS_NOT_FOUND) {
-            BT_WARN("stream journal: cannot read %s: %s; stream %s is taken to be still this frontend's", subj,
-                    natsStatus_GetText(st), c->sid);
+/* Answers check_writer questions (blocking reads: this thread only): a stream has a later writer
+ * when its <subject>.own names an epoch above the asker's. A read that fails answers "not taken":
+ * the stream goes on as it would have without the question.
+ *
+ * A worker's death migrates every stream it ran at once, and a thousand questions read one by one
+ * would keep this thread from publishing for as long (each read may wait FETCH_WAIT_MS on a slow
+ * server): the queue to it fills and streams are cut, and resumes' fetches wait behind. So a pass
+ * reads for CHECKS_MS at most (one read at least), and the rest wait for the next pass, after the
+ * next batch is published; a question is asked once per stream at a time (js_check_writer). One
+ * read that gets no answer (a timeout, no connection) answers every question queued then "not
+ * taken" without reading: the server that did not answer it would keep each waiting as long. The
+ * questions are not batched into one request: a direct get reads one subject's last message
+ * (multi_last needs nats-server 2.11), and a reply subscription of our own would be a second
+ * reader to keep in step with nats.c's. */
+static void do_checks(js_journal *js, jsCtx *ctx) {
+    uint64_t t0 = bt_now_ms();
+    bool answering = true;
+    size_t unread = 0;
+    for (bool first = true;; first = false) {
+        uv_mutex_lock(&js->mu);
+        wcheck *c = STAILQ_FIRST(&js->checks);
+        if (!c || (!first && answering && bt_now_ms() - t0 >= CHECKS_MS)) {
+            uv_mutex_unlock(&js->mu);
+            break;
         }
-        natsMsg_Destroy(m);
+        STAILQ_REMOVE_HEAD(&js->checks, link);
+        uv_mutex_unlock(&js->mu);
+        uint32_t e = 0;
+        if (answering) {
+            natsStatus st = read_own(js, ctx, c->sid, &e);
+            answering = st == NATS_OK || st == NATS_NOT_FOUND;
+            if (!answering) BT_WARN("stream journal: stream %s is taken to be still this frontend's", c->sid);
+        } else {
+            unread++;
+        }
         uv_mutex_lock(&js->mu); /* held through done: checks_stop waits for it */
-        c->done(c->arg, e > (json_int_t)c->epoch && !js->checks_stopped);
+        bt_map_del(&js->checking, cut_key(c->sid));
+        c->done(c->arg, e > c->epoch && !js->checks_stopped);
         uv_mutex_unlock(&js->mu);
         free(c);
     }
+    if (unread)
+        BT_WARN("stream journal: %zu more streams that migrated are taken to be still this frontend's without "
+                "reading JetStream (it did not answer)",
+                unread);
+}
+
+/* Deletes the entries of m whose time has passed: a cut's value is its time; an owner's (owners
+ * true) is in it, freed with the entry. The expired keys are gathered first and deleted after (no
+ * deleting during an iteration): one scan, under js->mu, which every loop takes for every token
+ * journaled. Out of memory for the list, the entries wait for the next sweep. */
+static void sweep_map(bt_map *m, uint64_t now, bool owners) {
+    uint64_t *dead = m->len ? malloc(m->len * sizeof *dead) : NULL;
+    if (!dead) return;
+    size_t n = 0, it = 0;
+    uint64_t k;
+    void *v;
+    while (n < m->len && bt_map_next(m, &it, &k, &v))
+        if ((owners ? ((owner *)v)->until_ms : (uint64_t)(uintptr_t)v) <= now) dead[n++] = k;
+    for (size_t i = 0; i < n; i++) {
+        void *gone = bt_map_del(m, dead[i]);
+        if (owners) free(gone);
+    }
+    free(dead);
 }
 
 static void do_purges(js_journal *js, jsCtx *ctx, bool all) {
@@ -858,19 +1003,8 @@ static void do_purges(js_journal *js, jsCtx *ctx, bool all) {
     uv_mutex_lock(&js->mu);
     if (now - js->cut_swept_ms >= 60000) { /* cut streams are forgotten once NATS has dropped them (MaxAge) */
         js->cut_swept_ms = now;
-        size_t it = 0;
-        uint64_t k;
-        void *v;
-        while (bt_map_next(&js->cut, &it, &k, &v)) {
-            if ((uint64_t)(uintptr_t)v > now) continue;
-            bt_map_del(&js->cut, k);
-            it = 0; /* no deleting during an iteration: start again */
-        }
-        for (it = 0; bt_map_next(&js->owners, &it, &k, &v);) {
-            if (((owner *)v)->until_ms > now) continue;
-            free(bt_map_del(&js->owners, k));
-            it = 0;
-        }
+        sweep_map(&js->cut, now, false);
+        sweep_map(&js->owners, now, true);
     }
     struct purge_list due = LIST_HEAD_INITIALIZER(due);
     for (purge *p = LIST_FIRST(&js->purges), *next; p; p = next) {
@@ -1074,8 +1208,6 @@ static void thread_main(void *arg) {
         }
         struct op_queue list = STAILQ_HEAD_INITIALIZER(list);
         STAILQ_CONCAT(&list, &js->ops);
-        struct wcheck_queue checks = STAILQ_HEAD_INITIALIZER(checks);
-        STAILQ_CONCAT(&checks, &js->checks);
         js->qbytes = 0;
         bool stop = js->stop;
         fetch *todo[MAX_FETCHES];
@@ -1085,7 +1217,7 @@ static void thread_main(void *arg) {
         uv_mutex_unlock(&js->mu);
         publish_batch(js, nc, &list);
         for (size_t i = 0; i < nt; i++) fetch_one(js, ctx, todo[i]); /* f stays listed: only claims unlink it */
-        do_checks(js, ctx, &checks);
+        do_checks(js, ctx);
         do_purges(js, ctx, false);
         if (stop) {
             natsConnection_FlushTimeout(nc, 2000); /* what was published reaches the server */
@@ -1123,6 +1255,7 @@ static void js_destroy(fe_journal *j) {
     js_checks_stop(j); /* those the thread did not answer */
     fe_journal_destroy(js->mem);
     bt_map_free(&js->cut);
+    bt_map_free(&js->checking);
     size_t it = 0;
     uint64_t k;
     void *v;
@@ -1164,6 +1297,7 @@ fe_journal *fe_journal_js_new(fe_journal *mem, const bt_events_config *c, char *
     js->state = JS_CONNECTING;
     bt_map_init(&js->cut);
     bt_map_init(&js->owners);
+    bt_map_init(&js->checking);
     js->cl = bt_nats_client_new(c, err, errlen);
     if (!js->url || !js->cl || uv_mutex_init(&js->mu) != 0) {
         if (!js->url) snprintf(err, errlen, "out of memory");

@@ -375,8 +375,10 @@ static void resume(fe *f, bt_http_req *http, bt_api api, const char *sid, uint64
     if (cr != FE_CLAIM_OK) {
         free(snap);
         if (cr == FE_CLAIM_PENDING) {
-            /* a shared journal is fetching the record (journal_js.c): ask again shortly */
-            if (!pending_add(f, http, api, sid, pos, mark, digests, tries, superseding))
+            /* a shared journal is fetching the record, or asking whether the copy here is still
+             * the latest (journal_js.c): ask again shortly; a request of this shard it superseded
+             * for it is still counted so */
+            if (!pending_add(f, http, api, sid, pos, mark, digests, tries, superseded))
                 unavailable(f, http, "the stream could not be read from the shared journal in time", sid);
         } else if (cr == FE_CLAIM_UNAVAILABLE) {
             unavailable(f, http, "the shared journal (NATS JetStream) did not answer", sid);

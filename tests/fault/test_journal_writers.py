@@ -31,6 +31,17 @@ worker (--fault-signals: SIGUSR2 stalls and resumes its engine).
    learn from the journal that the stream has a later writer and stop: its stale client gets no
    second answer (before the fix it got all 300 tokens again, generated a second time), W2 kills
    A3's continuation, and a GET on another frontend still replays B's answer exactly.
+
+4. A stream that comes back to a frontend that holds it. A4's stream is stalled, A4 stopped, the
+   client resumes on B4 (which takes the stream over: epoch 1); A4 is woken, the stream goes on
+   on B4, stalls again, and the client comes back to A4 with B4's last id. A4 still holds the
+   record in its own journal, behind B4's, at epoch 0: it must continue from the shared record as
+   its latest writer (epoch 2). Then a second worker joins and A4's worker is killed: A4 migrates
+   the stream, asks the journal whether it was taken over, and must not be told so: its client
+   gets the whole answer ([DONE]). Before the fix A4 claimed its own copy without reading the
+   shared record, kept writing at epoch 0 (which readers skip once B4's own is read), and ended its
+   own live stream as "taken over by another frontend". A GET on another frontend then replays
+   what the client got through A4, B4 and A4 again.
 """
 
 import os
@@ -42,7 +53,7 @@ import time
 import batonlib as bl
 import natslib
 
-bl.deadline(200, "test_journal_writers")
+bl.deadline(300, "test_journal_writers")
 
 
 def body(i, max_tokens):
@@ -241,5 +252,68 @@ with bl.Cluster() as c:
     g = bl.stream_sse(fe4.url, f"/v1/chat/completions/{sid3}?stream=true", None, method="GET", timeout=60)
     assert g.ok and g.token_ids == ref3.token_ids and g.usage == ref3.usage, \
         f"GET of stream 3 after A3 woke: {g.summary()}"
+
+    # ---- 4. back to a frontend that holds the stream, behind the writer that took it over ----
+    w4 = c.start_worker(system_port=True, wait=True, speedup_ratio=2, orphan_grace=30, fault_signals=True, **plane)
+    w2.proc.kill(signal.SIGKILL)  # w4 alone: the engine that stalls is the one streaming
+    w2.proc.wait(10)
+    fa4 = frontend()
+    fb4 = frontend()
+    streams4, marks4 = {}, {}
+
+    def start4(key, fe, n, headers=None):
+        ids, ready = [], threading.Event()
+        marks4[key] = (ids, ready)
+
+        def on_ev(st, ev):
+            ids.append(st.last_event_id)
+            if len(ids) >= n:
+                ready.set()
+            return False
+
+        t = threading.Thread(target=lambda: streams4.setdefault(
+            key, bl.stream_chat(fe.url, body(13, 3000), headers=headers or {}, timeout=150, on_event=on_ev)))
+        t.start()
+        return t
+
+    t1 = start4("a", fa4, 10)
+    assert marks4["a"][1].wait(30), "A4's stream did not get under way"
+    w4.proc.kill(signal.SIGUSR2)  # stall
+    time.sleep(0.3)
+    fa4.proc.kill(signal.SIGSTOP)
+    time.sleep(0.1)
+    last_a = marks4["a"][0][-1]
+    sid4 = last_a.split(":")[0]
+    t2 = start4("b", fb4, 10, {"Last-Event-ID": last_a})
+    fb4.proc.wait_log(rf"re-attached|stream {sid4} resumed", timeout=15)
+    fa4.proc.kill(signal.SIGCONT)
+    w4.proc.kill(signal.SIGUSR2)  # go: B4's stream runs
+    assert marks4["b"][1].wait(30), "B4's stream did not go on"
+    w4.proc.kill(signal.SIGUSR2)  # stall again
+    time.sleep(0.5)
+    last_b = marks4["b"][0][-1]
+    t3 = start4("a2", fa4, 5, {"Last-Event-ID": last_b})  # the client comes back to A4
+    fa4.proc.wait_log(rf"stream {sid4} resumed|resume of stream {sid4}", timeout=15)
+    time.sleep(0.5)
+    w4.proc.kill(signal.SIGUSR2)  # go
+    assert marks4["a2"][1].wait(30), f"A4's second stream did not go on: {marks4['a2'][0]}"
+    assert re.search(rf"stream {sid4} was written by another frontend after this one", fa4.proc.log_text()), \
+        "A4 resumed its own copy without reading the shared record"
+    w5 = c.start_worker(system_port=True, wait=True, speedup_ratio=2, orphan_grace=30, **plane)
+    c.wait_workers(fa4, 2)
+    w4.proc.kill(signal.SIGKILL)  # A4 migrates its stream and asks whether it was taken over
+    for t in (t1, t2, t3):
+        t.join(150)
+    a2 = streams4["a2"]
+    assert not re.search(rf"stream {sid4} was taken over by another frontend", fa4.proc.log_text()), \
+        "A4 ended its own live stream as taken over"
+    assert a2.ok, f"A4's second stream after its worker died: {a2.summary()}"
+    whole = (streams4["a"].token_ids[:pos_of(last_a)] + streams4["b"].token_ids[:pos_of(last_b) - pos_of(last_a)] +
+             a2.token_ids)
+    g = bl.stream_sse(frontend().url, f"/v1/chat/completions/{sid4}?stream=true", None, method="GET", timeout=90)
+    assert g.ok and g.token_ids == whole and g.usage == a2.usage, \
+        f"GET of stream 4: {g.summary()} ({len(g.token_ids)} tokens, the client got {len(whole)})"
+    print(f"test_journal_writers: stream {sid4} came back to A4 from B4, went on through a worker's death "
+          f"({len(whole)} tokens), replayed exactly")
 
 print("test_journal_writers: ok")
