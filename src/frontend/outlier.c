@@ -172,7 +172,7 @@ bool fe_outlier_ejected(fe *f, fe_worker *w) {
 
 void fe_outlier_fleet_changed(fe *f, fe_worker *w, const char *why) {
     fe_model *m = w->mdl;
-    if (!m) return;
+    if (!m || f->shutting_down) return; /* every connection closes then: nothing is routed again */
     size_t routable, nejected;
     count(m, &routable, &nejected);
     if (!nejected) return;
