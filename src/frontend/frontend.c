@@ -988,7 +988,7 @@ static void others_done_tick(uv_timer_t *t) {
     OPT("--outlier-window", "BATON_OUTLIER_WINDOW", DOUBLE, outlier_window, 10, 1, FE_OUTLIER_BUCKETS, "seconds of latency samples a worker is judged on") \
     OPT("--outlier-min-samples", "BATON_OUTLIER_MIN_SAMPLES", INT, outlier_min_samples, 50, 1, 1e9, "samples of a signal a worker (and each worker it is compared with) needs in the window") \
     OPT("--outlier-backoff", "BATON_OUTLIER_BACKOFF", DOUBLE, outlier_backoff, 5, 0.1, 3600, "seconds an ejected worker stays out, doubled for each ejection in a row (at most 16x)") \
-    OPT("--outlier-max-ejected", "BATON_OUTLIER_MAX_EJECTED", DOUBLE, outlier_max_ejected, 0.5, 0, 1, "largest share of a model's workers ejected at once (at least one, with two or more)") \
+    OPT("--outlier-max-ejected", "BATON_OUTLIER_MAX_EJECTED", DOUBLE, outlier_max_ejected, 0.5, 0, 1, "largest share of a model's routable workers ejected at once (at least one, with two or more; none with one)") \
     OPT("--retry-budget", "BATON_RETRY_BUDGET", DOUBLE, retry_budget, 0, 0, 100, "re-routes before the first token and repeat migrations allowed per request started, over 10 s (0 = off)") \
     OPT("--retry-budget-min", "BATON_RETRY_BUDGET_MIN", INT, retry_budget_min, 10, 0, 1e9, "retries always allowed per 10 s, whatever the traffic") \
     OPT("--migration-concurrency", "BATON_MIGRATION_CONCURRENCY", INT, migration_concurrency, 0, 0, 1e7, "migrations sent at once (from a failure to their first token); more wait, never fail (0 = no cap)") \

@@ -52,12 +52,44 @@ static int cmp_double(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
+/* How many of m's workers may be ejected at once with `routable` of them routable: the share
+ * --outlier-max-ejected of those, at least one with two or more, none with fewer. Counted over the
+ * routable ones, not every worker filed: a dead worker serves nobody, so it cannot stand in for
+ * the ones taken out of rotation. */
+static size_t cap_of(const fe *f, size_t routable) {
+    if (routable < 2) return 0;
+    size_t cap = (size_t)floor(fe_admit_outlier_max_ejected(f) * (double)routable + 1e-9);
+    return cap < 1 ? 1 : cap;
+}
+
+/* Of m's workers, how many are routable and how many of those are ejected. */
+static void count(const fe_model *m, size_t *routable, size_t *ejected) {
+    *routable = *ejected = 0;
+    for (size_t i = 0; i < m->nws; i++) {
+        const fe_worker *x = m->ws[i];
+        if (!fe_worker_routable(x)) continue;
+        (*routable)++;
+        *ejected += x->outlier.ejected_until_ms != 0;
+    }
+}
+
+/* Puts w back in rotation with an empty window: the requests routed to it are its probe. */
+static void readmit(fe_worker *w) {
+    fe_outlier *o = &w->outlier;
+    o->ejected_until_ms = 0;
+    o->readmissions++;
+    o->probation = true;
+    memset(o->sum, 0, sizeof o->sum);
+    memset(o->n, 0, sizeof o->n);
+}
+
 static void judge(fe *f, fe_worker *w, uint64_t now) {
     fe_model *m = w->mdl;
-    if (!m || m->nws < 2 || w->outlier.ejected_until_ms) return;
+    if (!m || w->outlier.ejected_until_ms) return;
+    size_t routable, nejected;
+    count(m, &routable, &nejected);
+    if (routable < 2) return; /* the only worker left is never ejected, however slow */
     uint64_t min = (uint64_t)fe_admit_outlier_min_samples(f);
-    size_t nejected = 0;
-    for (size_t i = 0; i < m->nws; i++) nejected += m->ws[i]->outlier.ejected_until_ms != 0;
     double factor = fe_admit_outlier_factor(f); /* changed at run time by POST /admission */
     for (int k = 0; k < 2; k++) {
         uint64_t n;
@@ -78,12 +110,11 @@ static void judge(fe *f, fe_worker *w, uint64_t now) {
         qsort(others, no, sizeof *others, cmp_double);
         double med = no % 2 ? others[no / 2] : (others[no / 2 - 1] + others[no / 2]) / 2;
         if (!(mine > factor * med && mine - med > 0.001)) continue; /* 1 ms: below is noise */
-        size_t cap = (size_t)floor(fe_admit_outlier_max_ejected(f) * (double)m->nws + 1e-9);
-        if (cap < 1) cap = 1;
+        size_t cap = cap_of(f, routable);
         if (nejected + 1 > cap) {
-            BT_WARN("worker %" PRIx64 ": %s %.1f ms is %.1fx the fleet's median %.1f ms, but %zu of %zu workers "
-                    "are ejected already (cap %zu): it stays in rotation",
-                    w->id, signal_names[k], mine * 1e3, mine / med, med * 1e3, nejected, m->nws, cap);
+            BT_WARN("worker %" PRIx64 ": %s %.1f ms is %.1fx the fleet's median %.1f ms, but %zu of %zu routable "
+                    "workers are ejected already (cap %zu): it stays in rotation",
+                    w->id, signal_names[k], mine * 1e3, mine / med, med * 1e3, nejected, routable, cap);
             return;
         }
         uint32_t streak = w->outlier.streak < STREAK_MAX ? w->outlier.streak : STREAK_MAX;
@@ -132,15 +163,40 @@ bool fe_outlier_ejected(fe *f, fe_worker *w) {
     fe_outlier *o = &w->outlier;
     if (!o->ejected_until_ms) return false;
     if (!on(f) || bt_now_ms() >= o->ejected_until_ms) { /* back in rotation, judged afresh */
-        o->ejected_until_ms = 0;
-        o->readmissions++;
-        o->probation = true;
-        memset(o->sum, 0, sizeof o->sum);
-        memset(o->n, 0, sizeof o->n);
+        readmit(w);
         BT_INFO("worker %" PRIx64 " (%s) readmitted to routing after its back-off; on probation", w->id, w->transport);
         return false;
     }
     return true;
+}
+
+void fe_outlier_fleet_changed(fe *f, fe_worker *w, const char *why) {
+    fe_model *m = w->mdl;
+    if (!m || f->shutting_down) return; /* every connection closes then: nothing is routed again */
+    size_t routable, nejected;
+    count(m, &routable, &nejected);
+    if (!nejected) return;
+    size_t cap = cap_of(f, routable);
+    /* the ejected may be all that is left routable (a cap of 1.0, or the last one standing): one
+     * of them serves rather than none */
+    size_t keep = nejected >= routable ? routable - 1 : nejected;
+    if (keep > cap) keep = cap;
+    while (nejected > keep) { /* the one whose back-off ends first was due back soonest */
+        fe_worker *first = NULL;
+        for (size_t i = 0; i < m->nws; i++) {
+            fe_worker *x = m->ws[i];
+            if (!x->outlier.ejected_until_ms || !fe_worker_routable(x)) continue;
+            if (!first || x->outlier.ejected_until_ms < first->outlier.ejected_until_ms) first = x;
+        }
+        if (!first) break;
+        uint64_t now = bt_now_ms();
+        double left = first->outlier.ejected_until_ms > now ? (double)(first->outlier.ejected_until_ms - now) / 1e3 : 0;
+        readmit(first);
+        nejected--;
+        BT_WARN("worker %" PRIx64 " (%s) readmitted to routing %.1f s before the end of its back-off: worker %" PRIx64
+                " of '%s' %s, leaving %zu routable, of which %zu may be ejected and %zu were; on probation",
+                first->id, first->transport, left, w->id, m->name, why, routable, cap, nejected + 1);
+    }
 }
 
 void fe_outlier_collect(fe *f, bt_metrics *r) {

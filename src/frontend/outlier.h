@@ -9,8 +9,9 @@
  * factor × the median of the other workers' means (those not ejected, with enough samples of their
  * own) is ejected: routing skips it for --outlier-backoff seconds, doubled for each consecutive
  * ejection (at most 16x). Streams already on it go on (ejection only affects new attempts). Never
- * more than --outlier-max-ejected of a model's workers are ejected at once (at least one may be,
- * with two or more workers). When its back-off ends the worker is readmitted with an empty window:
+ * more than --outlier-max-ejected of a model's routable workers are ejected at once (at least one
+ * may be, with two or more; none with one): when workers die or leave, ejected ones are readmitted
+ * early to keep it so (fe_outlier_fleet_changed). When its back-off ends the worker is readmitted with an empty window:
  * the requests routed to it are the probe, and it is judged again once it has enough samples; a
  * probe that passes resets the back-off. Everything runs on the shard's loop; the worker's window
  * lives in its fe_worker. */
@@ -46,6 +47,11 @@ void fe_outlier_first_token(fe *f, fe_worker *w, double ttft_s);
 void fe_outlier_tokens(fe *f, fe_worker *w, double gap_s, size_t n);
 /* Whether routing must skip w now; readmits it when its back-off has ended. */
 bool fe_outlier_ejected(fe *f, fe_worker *w);
+/* w stopped or started being routable (why: what happened to it, for the log line). Readmits
+ * ejected workers of its model, the earliest back-off end first, while more are ejected than the
+ * cap allows of the routable ones, or while no routable worker of the model is left in rotation:
+ * the cap holds at every moment, not only when a worker is ejected. O(workers of the model). */
+void fe_outlier_fleet_changed(fe *f, fe_worker *w, const char *why);
 /* Per-worker families for /metrics (metrics.c). */
 void fe_outlier_collect(fe *f, bt_metrics *r);
 

@@ -44,7 +44,13 @@ static void set_state(fe_worker *w, fw_state s, const char *why) {
     if (w->state == s) return;
     BT_INFO("worker %" PRIx64 " (%s): %s -> %s (%s)", w->id, w->transport, fw_state_names[w->state],
             fw_state_names[s], why);
+    bool was_ready = w->state == FW_READY;
     w->state = s;
+    if (was_ready || s == FW_READY) { /* routable only when ready: the ejection cap's count changed */
+        char what[160];
+        snprintf(what, sizeof what, "is %s (%s)", fw_state_names[s], why);
+        fe_outlier_fleet_changed(w->fe, w, what);
+    }
 }
 
 fe_model *fe_model_get(fe *f, const char *name, bool create) {
@@ -222,6 +228,7 @@ static void on_grace_timer(uv_timer_t *t) {
     fe_worker *w;
     while ((w = TAILQ_FIRST(&f->grace_workers)) && w->grace_until_ms <= now) {
         grace_end(w, FE_GRACE_EXPIRED, "expired"); /* unlinks it */
+        fe_outlier_fleet_changed(f, w, "left discovery (its grace is over)");
         worker_leave(w, "left discovery, grace over");
     }
     grace_timer_arm(f);
@@ -371,7 +378,12 @@ static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
         }
         fe_attempt *a = bt_map_get(&w->streams, f->stream);
         if (!a) return;
-        if (code == BT_ERR_DRAINING || code == BT_ERR_SHUTDOWN) w->goaway = true;
+        if (code == BT_ERR_DRAINING || code == BT_ERR_SHUTDOWN) {
+            if (!w->goaway) {
+                w->goaway = true;
+                fe_outlier_fleet_changed(w->fe, w, "is draining");
+            }
+        }
         /* moved off by its operator (rebalance), or refused by the worker's busy upstream: the
          * worker is fine, only this stream goes elsewhere. Quarantined for a busy upstream, every
          * worker in front of it would stay out until its last stream ended, long after the
@@ -404,15 +416,20 @@ static void on_conn_frame(void *ud, bt_rpc_conn *c, const bt_frame *f) {
             w->load_reports[2]++;
             return;
         }
+        bool was_routable = fe_worker_routable(w);
         w->load = lr;
         w->load_ms = bt_now_ms();
+        if (was_routable != fe_worker_routable(w)) fe_outlier_fleet_changed(w->fe, w, "reports its engine's readiness");
         w->pending_blocks = 0; /* the report now covers what was routed before it */
         w->load_reports[0]++;
         return;
     }
     case BT_FRAME_GOAWAY: {
-        if (!w->goaway) BT_INFO("worker %" PRIx64 " (%s) is draining: routing nothing new to it", w->id, w->transport);
-        w->goaway = true;
+        if (!w->goaway) {
+            BT_INFO("worker %" PRIx64 " (%s) is draining: routing nothing new to it", w->id, w->transport);
+            w->goaway = true;
+            fe_outlier_fleet_changed(w->fe, w, "is draining");
+        }
         if (w->in_grace) { /* it is leaving, not registering again */
             grace_end(w, FE_GRACE_DROPPED, "the worker is draining");
             worker_leave(w, "draining after it left discovery");
@@ -560,6 +577,7 @@ static void on_disc_put(void *ud, const char *key, const json_t *v) {
             known->quarantined = false;
             BT_INFO("worker %" PRIx64 " (%s) out of quarantine: re-announced by discovery", known->id,
                     known->transport);
+            fe_outlier_fleet_changed(f, known, "was re-announced");
         }
         return;
     }
@@ -618,6 +636,7 @@ static void on_disc_delete(void *ud, const char *key) {
     w->in_discovery = false;
     BT_INFO("worker %" PRIx64 " (%s) left discovery with %zu streams in flight", w->id, w->transport,
             w->streams.len);
+    fe_outlier_fleet_changed(f, w, "left discovery");
     worker_leave(w, "left discovery");
 }
 
@@ -642,10 +661,12 @@ void fe_workers_stop(fe *f) {
 bool fe_workers_apply_load(fe *f, uint64_t id, const bt_load_report *r) {
     fe_worker *w = find_by_id(f, id);
     if (!w) return false;
+    bool was_routable = fe_worker_routable(w);
     w->load = *r;
     w->load_ms = w->event_load_ms = bt_now_ms();
     w->pending_blocks = 0; /* as for a LOAD frame: the report covers what was routed before it */
     w->load_reports[1]++;
+    if (was_routable != fe_worker_routable(w)) fe_outlier_fleet_changed(f, w, "reports its engine's readiness");
     return true;
 }
 
@@ -839,6 +860,7 @@ void fe_worker_quarantine(fe_worker *w, const char *why) {
     if (w->quarantined) return;
     w->quarantined = true;
     BT_INFO("worker %" PRIx64 " (%s) quarantined until it reconnects or is re-announced: %s", w->id, w->transport, why);
+    fe_outlier_fleet_changed(w->fe, w, "was quarantined");
 }
 
 /* One step of a's relay: a piece if its connection has room (and a turn is free), or, after the
