@@ -1116,7 +1116,8 @@ static const char *frame_scan(conn *c, const char *data, size_t len, size_t *use
                                   "where the line ends otherwise)";
     static const char bad_size[] = "a chunk-size line that is not a hexadecimal size, an optional extension and CRLF";
     static const char bad_data_end[] = "chunk data not followed by CRLF";
-    static const char too_large[] = "chunk size too large (more than 64 bits)";
+    /* the bound http_parser keeps ((2^64 - 17) / 16), so that both refuse alike */
+    static const char too_large[] = "chunk size too large (at most 2^60 - 2 bytes)";
     uint8_t s = c->frame;
     const char *why = NULL;
     size_t i = 0;
@@ -1170,7 +1171,7 @@ static const char *frame_scan(conn *c, const char *data, size_t len, size_t *use
             s = FS_SIZE;
             break;
         case FS_SIZE:
-            if (hex >= 0 && c->chunk_left > UINT64_MAX >> 4) why = too_large;
+            if (hex >= 0 && c->chunk_left > ((UINT64_MAX - 16) / 16 - (uint64_t)hex) / 16) why = too_large;
             else if (hex >= 0) c->chunk_left = c->chunk_left << 4 | (uint64_t)hex;
             else if (ch == ';' || ch == ' ' || ch == '\t') s = FS_EXT; /* whitespace before ';' (RFC 9112 §7.1.1) */
             else if (ch == '\r') s = FS_SIZE_LF;
@@ -1235,7 +1236,7 @@ static void conn_parse_failed(conn *c, enum http_errno e) {
                  c->srv->cfg.max_header_bytes);
         conn_error_close(c, 431, msg);
     } else {
-        /* http_parser reports a chunk size past 2^64 as a bad Content-Length (it keeps both in one
+        /* http_parser reports a chunk size past (2^64 - 17) / 16 as a bad Content-Length (it keeps both in one
          * field): past the headers of a chunked body, it can only be the chunk size */
         bool chunk_size = e == HPE_INVALID_CONTENT_LENGTH && c->headers_done && (c->parser.flags & F_CHUNKED);
         /* http_parser's "unexpected content-length" is a second Content-Length line, or one beside
@@ -1243,7 +1244,7 @@ static void conn_parse_failed(conn *c, enum http_errno e) {
         bool cl_te = e == HPE_UNEXPECTED_CONTENT_LENGTH && c->have_hdr[H_TRANSFER_ENCODING];
         snprintf(msg, sizeof msg, "malformed HTTP request: %s",
                  c->err_status == 400 && c->err_why ? c->err_why
-                 : chunk_size                       ? "chunk size too large (more than 64 bits)"
+                 : chunk_size                       ? "chunk size too large (at most 2^60 - 2 bytes)"
                  : cl_te                            ? "both Transfer-Encoding and Content-Length"
                  : e == HPE_UNEXPECTED_CONTENT_LENGTH ? "more than one Content-Length"
                  : e == HPE_OK                        ? "unexpected data"

@@ -686,6 +686,9 @@ static void cl_strict_framing(fixture *f) {
         {CHUNKED_HEAD "5\r\nhello\r\n0\r\nX-T: 1\rX: 2\r\n\r\n", "a CR not followed by LF"},
         {CHUNKED_HEAD "5\r\nhello\r\n0\r\n X-T: 1\r\n\r\n", "obsolete line folding"},
         {CHUNKED_HEAD "FFFFFFFFFFFFFFFFF\r\n", "chunk size too large"},
+        /* 64 bits, past http_parser's bound of 2^60 - 2: the same words, not "more than 64 bits" */
+        {CHUNKED_HEAD "FFFFFFFFFFFFFFFF\r\n", "chunk size too large (at most 2^60 - 2 bytes)"},
+        {CHUNKED_HEAD "1000000000000000\r\n", "chunk size too large (at most 2^60 - 2 bytes)"},
         {"GET /a HTTP/1.1\r\nHost: t\r\n\rX", "a CR not followed by LF"},
         {"GET /a HTTP/1.1\r\nHost: t\rX-A: 1\r\n\r\n", "a CR not followed by LF"},
         {"GET /a HTTP/1.1\r\nHost: t\r\nX-A: 1\r\rX-B: 2\r\n\r\n", "a CR not followed by LF"},
