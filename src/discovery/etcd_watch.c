@@ -252,10 +252,10 @@ static void list_done(etcd_disc *d, ereq *r, bt_etcd_result res, const json_t *b
                         : term > 0 && term < d->raft_term                            ? "its raft term went back"
                                                                                      : NULL;
     if (other)
-        BT_WARN("etcd: %s is another store than before (%s: cluster %s, revision %" PRId64 ", raft term %" PRId64
-                "; we had cluster %s, revision %" PRId64 ", raft term %" PRId64 ")",
-                d->eps[r->ep], other, cid[0] ? cid : "?", rev, term, d->cluster_id[0] ? d->cluster_id : "?",
-                d->last_rev, d->raft_term);
+        BT_WARN("etcd: %s is another store (cluster %s at revision %" PRId64 "; we had cluster %s at revision %" PRId64
+                "; raft term %" PRId64 ", we had %" PRId64 "): %s",
+                d->eps[r->ep], cid[0] ? cid : "?", rev, d->cluster_id[0] ? d->cluster_id : "?", d->last_rev, term,
+                d->raft_term, other);
     bool again = d->listed;
     int64_t prev_rev = d->last_rev;
     d->listed = true;
@@ -307,7 +307,7 @@ static bool watch_msg(etcd_disc *d, const char *text, size_t len) {
         etcd__watch_set_state(d, ETCD_WATCH_STREAMING, "created");
         d->watch_fails = 0;
         if (d->watch_was_up)
-            BT_INFO("etcd: watch on %s back from revision %" PRId64 " via %s after %.1f s", d->prefix, d->start_rev,
+            BT_INFO("etcd: watch on %s resumed from revision %" PRId64 " via %s after %.1f s", d->prefix, d->start_rev,
                     d->eps[r->ep], (double)(bt_now_ms() - d->watch_broken_ms) / 1000.0);
         else BT_INFO("etcd: watching %s from revision %" PRId64 " via %s", d->prefix, d->start_rev, d->eps[r->ep]);
         break;
