@@ -144,8 +144,7 @@ static void watch_broke(etcd_disc *d, bool member_failed, const char *why) {
     if (d->watch_state == ETCD_WATCH_STREAMING) {
         d->watch_was_up = true;
         d->watch_broken_ms = bt_now_ms();
-        BT_WARN("etcd: watch on %s via %s broke (%s); listing it again when etcd answers", d->prefix, d->eps[ep],
-                why);
+        BT_WARN("etcd: watch on %s via %s broke (%s); listing it again when etcd answers", d->prefix, d->eps[ep], why);
     }
     /* Whatever the store went through meanwhile (events missed, compacted, recreated empty,
      * restored from a backup), only a listing tells what it holds now: see the top of the file. */
@@ -246,11 +245,10 @@ static void list_done(etcd_disc *d, ereq *r, bt_etcd_result res, const json_t *b
     const char *cid = bt_etcd_cluster_id(body);
     int64_t term = 0;
     bt_etcd_json_i64(json_object_get(json_object_get(body, "header"), "raft_term"), &term);
-    const char *other = !d->listed ? NULL
-                        : cid[0] && d->cluster_id[0] && strcmp(cid, d->cluster_id) != 0 ? "a new cluster id"
-                        : rev < d->last_rev                                          ? "its revision went back"
-                        : term > 0 && term < d->raft_term                            ? "its raft term went back"
-                                                                                     : NULL;
+    const char *other = NULL;
+    if (d->listed && cid[0] && d->cluster_id[0] && strcmp(cid, d->cluster_id) != 0) other = "a new cluster id";
+    else if (d->listed && rev < d->last_rev) other = "its revision went back";
+    else if (d->listed && term > 0 && term < d->raft_term) other = "its raft term went back";
     if (other)
         BT_WARN("etcd: %s is another store (cluster %s at revision %" PRId64 "; we had cluster %s at revision %" PRId64
                 "; raft term %" PRId64 ", we had %" PRId64 "): %s",
@@ -258,6 +256,7 @@ static void list_done(etcd_disc *d, ereq *r, bt_etcd_result res, const json_t *b
                 d->raft_term, other);
     bool again = d->listed;
     int64_t prev_rev = d->last_rev;
+    size_t ep = r->ep;
     d->listed = true;
     d->last_rev = rev;
     d->raft_term = term;
@@ -270,7 +269,7 @@ static void list_done(etcd_disc *d, ereq *r, bt_etcd_result res, const json_t *b
     if (again && !d->closing)
         BT_INFO("etcd: listed %s again via %s: %zu key(s) at revision %" PRId64 " (we had revision %" PRId64
                 "); %zu new or changed, %zu gone",
-                d->prefix, d->eps[r->ep], nn, rev, prev_rev, ld.puts, ld.deletes);
+                d->prefix, d->eps[ep], nn, rev, prev_rev, ld.puts, ld.deletes);
     for (size_t k = 0; k < nn; k++) json_decref(vals[k]);
     free(vals);
     known_free(ov, on);

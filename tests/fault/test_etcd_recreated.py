@@ -6,11 +6,13 @@ and its data directory removed; while it is down B is killed with -9 and a new w
 etcd then starts again, empty, from the same flags, so the new store has the same cluster id as the
 old one, and the workers' registrations again soon bring its revision up to the old one's: neither
 a new cluster id nor a revision that went back can tell the frontend it talks to another store.
-A and C register in the new store, B never does. The frontend must list again when its watch comes
-back after the outage: C discovered and routed to, B (whose connection is refused) dropped, A kept
-throughout (its key, missing until it registers again, is covered by the discovery grace). Before
-the listing after each outage, the frontend resumed its watch from its old revision + 1, missed
-every event below it, never saw C and kept dialling B forever.
+A and C register in the new store, B never does. The frontend reaches etcd through a proxy cut for
+the outage and restored once A and C registered and the new store's revision reached the old one
+(the timing under which the frontend's watch came back in the field, made certain). The frontend
+must list again when its watch comes back: C discovered and routed to, B (whose connection is
+refused) dropped and no longer dialled, A kept throughout, and one log line saying what the listing
+changed. Before the listing after each break, the frontend resumed its watch from its old
+revision + 1, missed every event below it, never saw C and kept dialling B forever.
 """
 
 import json
@@ -78,6 +80,7 @@ with bl.Cluster() as c:
     bl.wait_for(lambda: metric(fe, "baton_frontend_workers", state="known") == 2, 10,
                 what="the frontend to forget B (2 workers known)")
     fe.proc.wait_log(rf"worker {b} \(.*\) forgotten", 5)
+    forgotten_at = len(fe.proc.log_text())
     # routable, not just listed: a request reaches C
     def route_one():
         st, _, body = bl.post_json(fe.url + "/v1/chat/completions", el.body(el.PROMPTS[0]))
@@ -89,8 +92,10 @@ with bl.Cluster() as c:
     # the log says what happened, once: the listing and what it changed
     assert len(re.findall(r"etcd: listed \S+ again via .*: 2 key\(s\) at revision \d+ .*; \d+ new or changed, 1 gone",
                           after)) == 1, after
+    assert not re.search(rf"worker {a} \(.*\) (left discovery|forgotten)", after), "A was dropped"
     assert metric(fe, "baton_frontend_discovery_up") == 1
     time.sleep(3)  # no dial of the dead worker goes on
+    assert f"worker {b}" not in fe.proc.log_text()[forgotten_at:], "B is still dialled"
     assert metric(fe, "baton_frontend_workers", state="known") == 2
     assert el.health_ids(fe) == sorted([a, cid])
 print("test_etcd_recreated: ok")
