@@ -168,11 +168,13 @@ struct etcd_disc {
     uv_timer_t watch_timer, probe_timer;
     unsigned watch_fails;
     bool need_list;
+    bool listed;          /* a listing answered once: any later one follows a break */
     bool watch_was_up;    /* a stream was up before the current break */
     uint64_t watch_broken_ms;
     int64_t last_rev;     /* every event up to here was delivered */
     int64_t start_rev;    /* the current stream's start revision */
     char cluster_id[24];  /* of the store last listed */
+    int64_t raft_term;    /* of the store last listed (0: not told); a store's term never decreases */
     kent *known;
     size_t nknown, capknown;
 

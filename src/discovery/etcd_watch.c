@@ -1,11 +1,15 @@
 /* etcd_watch.c — the etcd backend's watcher: it lists the prefix, then watches from the listed
- * revision + 1. A broken stream is resumed from the last revision seen + 1 on the next member; a
- * compacted resume revision, another store answering (a new cluster id, a revision that went
- * back) or a lost event (a message over the cap) means a fresh listing, diffed against what the
- * watcher was told so that it hears only what changed. While etcd cannot be reached the watcher
- * reports nothing, so the caller keeps its last view. A periodic probe on the watch's member
- * catches a member that stopped answering without closing the stream. The watcher's life is
- * etcd_watch_state (etcd_internal.h), changed only in etcd__watch_set_state. */
+ * revision + 1. A broken stream (its member died or went quiet, etcd went away, a compacted resume
+ * revision, a lost event) is followed by a fresh listing on the next member that answers, diffed
+ * against what the watcher was told so that it hears only what changed, and the watch goes on from
+ * that listing's revision + 1. Resuming from the last revision seen would be cheaper, but it is
+ * exact only on the same store: etcd recreated empty from the same flags has the same cluster id,
+ * and once its writers registered again its revisions reach the old ones, so nothing in a watch
+ * answer tells that every event below the resume revision was lost. A listing is exact on any store
+ * for one range per break. While etcd cannot be reached the watcher reports nothing, so the caller
+ * keeps its last view. A periodic probe on the watch's member catches a member that stopped
+ * answering without closing the stream. The watcher's life is etcd_watch_state (etcd_internal.h),
+ * changed only in etcd__watch_set_state. */
 #include "discovery/etcd_internal.h"
 #include "discovery/keyset.h"
 
@@ -140,9 +144,11 @@ static void watch_broke(etcd_disc *d, bool member_failed, const char *why) {
     if (d->watch_state == ETCD_WATCH_STREAMING) {
         d->watch_was_up = true;
         d->watch_broken_ms = bt_now_ms();
-        BT_WARN("etcd: watch on %s via %s broke (%s); resuming from revision %" PRId64, d->prefix, d->eps[ep], why,
-                d->last_rev + 1);
+        BT_WARN("etcd: watch on %s via %s broke (%s); listing it again when etcd answers", d->prefix, d->eps[ep], why);
     }
+    /* Whatever the store went through meanwhile (events missed, compacted, recreated empty,
+     * restored from a backup), only a listing tells what it holds now: see the top of the file. */
+    d->need_list = true;
     d->watch_fails++;
     if (member_failed) etcd__ep_failed(d, ep, RQ_WATCH, why);
     watch_retry(d, etcd__backoff_ms(d, d->watch_fails, ETCD_BACKOFF_MAX_MS));
@@ -172,6 +178,7 @@ struct list_diff {
     etcd_disc *d;
     kent *nv;
     json_t **vals;
+    size_t puts, deletes;
 };
 
 static bool list_visit(void *ud, void *old_entry, void *new_entry) {
@@ -179,8 +186,10 @@ static bool list_visit(void *ud, void *old_entry, void *new_entry) {
     etcd_disc *d = ld->d;
     kent *o = old_entry, *n = new_entry;
     if (!n) {
+        ld->deletes++;
         if (d->w.on_delete) d->w.on_delete(d->wud, o->key);
     } else if (!o || o->len != n->len || memcmp(o->text, n->text, n->len) != 0) {
+        ld->puts++;
         if (d->w.on_put) d->w.on_put(d->wud, n->key, ld->vals[n - ld->nv]);
     }
     return !d->closing; /* a callback may close the handle: stop telling */
@@ -229,13 +238,38 @@ static void list_done(etcd_disc *d, ereq *r, bt_etcd_result res, const json_t *b
     size_t on = d->nknown;
     d->known = nv;
     d->nknown = d->capknown = nn;
+    /* Another store (recreated, restored from a backup, another cluster) is said so in the log;
+     * the listing corrects the view either way, so this is evidence for the reader only. Each
+     * sign can miss: a store recreated from the same flags keeps its cluster id, and its
+     * revision and raft term can reach the old ones. */
+    const char *cid = bt_etcd_cluster_id(body);
+    int64_t term = 0;
+    bt_etcd_json_i64(json_object_get(json_object_get(body, "header"), "raft_term"), &term);
+    const char *other = NULL;
+    if (d->listed && cid[0] && d->cluster_id[0] && strcmp(cid, d->cluster_id) != 0) other = "a new cluster id";
+    else if (d->listed && rev < d->last_rev) other = "its revision went back";
+    else if (d->listed && term > 0 && term < d->raft_term) other = "its raft term went back";
+    if (other)
+        BT_WARN("etcd: %s is another store (cluster %s at revision %" PRId64 "; we had cluster %s at revision %" PRId64
+                "; raft term %" PRId64 ", we had %" PRId64 "): %s",
+                d->eps[r->ep], cid[0] ? cid : "?", rev, d->cluster_id[0] ? d->cluster_id : "?", d->last_rev, term,
+                d->raft_term, other);
+    bool again = d->listed;
+    int64_t prev_rev = d->last_rev;
+    size_t ep = r->ep;
+    d->listed = true;
     d->last_rev = rev;
+    d->raft_term = term;
     d->need_list = false;
-    snprintf(d->cluster_id, sizeof d->cluster_id, "%s", bt_etcd_cluster_id(body));
+    snprintf(d->cluster_id, sizeof d->cluster_id, "%s", cid);
     BT_DEBUG("etcd: listed %zu key(s) under %s at revision %" PRId64 " via %s", nn, d->prefix, rev, d->eps[r->ep]);
     etcd__ep_ok(d, r->ep);
-    struct list_diff ld = {d, nv, vals};
+    struct list_diff ld = {d, nv, vals, 0, 0};
     bt_view_diff(ov, on, nv, nn, sizeof *nv, list_visit, &ld);
+    if (again && !d->closing)
+        BT_INFO("etcd: listed %s again via %s: %zu key(s) at revision %" PRId64 " (we had revision %" PRId64
+                "); %zu new or changed, %zu gone",
+                d->prefix, d->eps[ep], nn, rev, prev_rev, ld.puts, ld.deletes);
     for (size_t k = 0; k < nn; k++) json_decref(vals[k]);
     free(vals);
     known_free(ov, on);
