@@ -320,7 +320,13 @@ def output_budget_threads(c):
     # whose kernel buffers are already full measures again. A connection's first request fills
     # those (SEND_BUF or so: TCP_MAXSEG keeps them small, a 64 KiB loopback MSS made them
     # megabytes) and adds what they did not take, so it is kept as small as the next step.
-    B, SEND_BUF = 0.35 * CAP, 200_000
+    # The estimate can be more than twice too low (a probe read while the machine was busiest
+    # batched more tokens per event than the step after it: a hog was cut in the fill), so no step
+    # asks for more tokens than could fill what is left below CAP - 0.3 B at the most bytes a token
+    # can cost, whatever the batching: an SSE event of its own (its id line, the JSON around the
+    # text and the framing come to some 250 bytes, the longest token to 7), and once a request its
+    # first and last events and [DONE].
+    B, SEND_BUF, MOST_PER_TOKEN, MOST_PER_REQUEST = 0.35 * CAP, 200_000, 280, 1000
     LOW, HIGH = CAP - 0.6 * B, CAP - 0.3 * B
     probe = bl.stream_chat(tf.url, bl.chat_body("how big is a token", max_tokens=400, stream=True), timeout=60)
     probe.assert_ok("the probe stream")
@@ -331,7 +337,7 @@ def output_budget_threads(c):
             break
         full = hog_held[i] > 0
         want = min(B - hog_held[i] if full else SEND_BUF, (HIGH - held) / 2)
-        tokens = max(20, int(want / per_token))
+        tokens = max(20, min(int(want / per_token), int((HIGH - held - MOST_PER_REQUEST) / MOST_PER_TOKEN)))
         now = send(hogs[i], tokens)
         hog_held[i] += now - held
         if full:
@@ -751,7 +757,7 @@ with bl.Cluster() as c:
         peak = max(peak, rss_kib(ob.proc.pid))
         m = bl.metrics(ob.url)
         queued_max = max(queued_max, bl.metric_sum(m, "baton_frontend_http_output_queued_bytes"))
-        # every hog but the last is cut; the last, alone, may finish its stream within the total
+        # every hog but the last is cut (the last one too, as its stream passes the whole total)
         if (bl.metric_sum(m, "baton_frontend_http_rejections_total", reason="output_budget") - cut0 >= HOGS - 1
                 and bl.metric_sum(m, "dynamo_frontend_inflight_requests") == 0):
             break
