@@ -320,7 +320,13 @@ def output_budget_threads(c):
     # whose kernel buffers are already full measures again. A connection's first request fills
     # those (SEND_BUF or so: TCP_MAXSEG keeps them small, a 64 KiB loopback MSS made them
     # megabytes) and adds what they did not take, so it is kept as small as the next step.
-    B, SEND_BUF = 0.35 * CAP, 200_000
+    # The estimate can be more than twice too low (a probe read while the machine was busiest
+    # batched more tokens per event than the step after it: a hog was cut in the fill), so no step
+    # asks for more tokens than could fill what is left below CAP - 0.3 B at the most bytes a token
+    # can cost, whatever the batching: an SSE event of its own (its id line, the JSON around the
+    # text and the framing come to some 250 bytes, the longest token to 7), and once a request its
+    # first and last events and [DONE].
+    B, SEND_BUF, MOST_PER_TOKEN, MOST_PER_REQUEST = 0.35 * CAP, 200_000, 280, 1000
     LOW, HIGH = CAP - 0.6 * B, CAP - 0.3 * B
     probe = bl.stream_chat(tf.url, bl.chat_body("how big is a token", max_tokens=400, stream=True), timeout=60)
     probe.assert_ok("the probe stream")
@@ -331,7 +337,7 @@ def output_budget_threads(c):
             break
         full = hog_held[i] > 0
         want = min(B - hog_held[i] if full else SEND_BUF, (HIGH - held) / 2)
-        tokens = max(20, int(want / per_token))
+        tokens = max(20, min(int(want / per_token), int((HIGH - held - MOST_PER_REQUEST) / MOST_PER_TOKEN)))
         now = send(hogs[i], tokens)
         hog_held[i] += now - held
         if full:
@@ -704,9 +710,18 @@ with bl.Cluster() as c:
     # (--max-output-bytes-total): each connection may queue up to --max-client-backlog-bytes
     # (8 MiB), which alone bounds nothing (160 GB over 20,000 connections). Past the total, the
     # connection with the largest backlog is cut; a client that reads is served to the end, and a
-    # cut one resumes its stream from the journal with Last-Event-ID
-    HOGS = 6
-    ob = c.start_frontend(max_output_bytes_total=2 << 20)
+    # cut one resumes its stream from the journal with Last-Event-ID.
+    # At most one hog may finish uncut only if each hog's whole stream, less what the kernel holds
+    # for it (which the frontend does not count), passes half the total: two such backlogs then
+    # cannot both fit. That must hold however the tokens are batched, which follows the machine's
+    # pace: the worker sends the tokens of each of its ticks (64 steps at most) in one frame, an SSE
+    # event each, so a token costs its text (5.1 bytes on average for this prompt) and 1/64 of an
+    # event (200 bytes or more) at least, 8.2 bytes: 246 KB for 30,000 tokens. The kernel took
+    # 2.8 MB per connection at the loopback's 64 KiB MSS (a loaded machine, batching more, then let
+    # two hogs finish within a 2 MiB total); at an MSS of 536 it takes 138 KB, at any load. Against
+    # a total of 64 KiB a hog's stream needs 171 KB: past it by 40% at the least bytes per token
+    HOGS, TOTAL, HOG_TOKENS = 6, 64 << 10, 30000
+    ob = c.start_frontend(max_output_bytes_total=TOTAL)
     c.wait_workers(ob, 1)
 
     def rss_kib(pid):
@@ -716,7 +731,7 @@ with bl.Cluster() as c:
     def ob_metric(name, **labels):
         return bl.metric_sum(bl.metrics(ob.url), name, **labels)
 
-    hog_body = bl.chat_body("a client that never reads", max_tokens=40000, stream=True)
+    hog_body = bl.chat_body("a client that never reads", max_tokens=HOG_TOKENS, stream=True)
     good_body = bl.chat_body("a client that reads", max_tokens=6000, stream=True)
     good_ref = bl.stream_chat(ob.url, good_body, timeout=90)
     good_ref.assert_ok("the reading client's stream, alone")
@@ -728,6 +743,7 @@ with bl.Cluster() as c:
     for k in range(HOGS):
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
         s.connect(("127.0.0.1", ob.port))
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                   b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
@@ -741,7 +757,7 @@ with bl.Cluster() as c:
         peak = max(peak, rss_kib(ob.proc.pid))
         m = bl.metrics(ob.url)
         queued_max = max(queued_max, bl.metric_sum(m, "baton_frontend_http_output_queued_bytes"))
-        # every hog but the last is cut; the last, alone, may finish its stream within the total
+        # every hog but the last is cut (the last one too, as its stream passes the whole total)
         if (bl.metric_sum(m, "baton_frontend_http_rejections_total", reason="output_budget") - cut0 >= HOGS - 1
                 and bl.metric_sum(m, "dynamo_frontend_inflight_requests") == 0):
             break
@@ -752,7 +768,7 @@ with bl.Cluster() as c:
           f"{rss0} -> {peak} KiB, at most {queued_max:.0f} bytes queued")
     assert HOGS - 1 <= cut <= HOGS, (cut, HOGS)
     assert ob_metric("baton_frontend_http_rejections_total", reason="slow_reader") == slow0
-    assert queued_max <= 2 << 20, queued_max
+    assert queued_max <= TOTAL, queued_max
     # without the total, each held what it was sent (up to 8 MiB): 30 MB over the baseline was
     # measured (AddressSanitizer keeps freed memory in a quarantine: no RSS bound there)
     assert bl.sanitized_build() or peak - rss0 < 20 << 10, (rss0, peak)
